@@ -1,1 +1,57 @@
-//! kernels
+//! kernels: custom CUDA kernels, compiled at run time by NVRTC from sources embedded in the binary,
+//! launched with cudarc on libtorch's current stream. Every kernel has a slow reference.
+//!
+//! Module index:
+//! - `cuda_libs`:  finds NVRTC / the CUDA driver (torch wheel folders) and loads them without panics
+//! - `compile`:    NVRTC -> PTX, cached on disk by (source hash, arch, NVRTC version)
+//! - `runtime`:    CUDA context, modules, libtorch's current stream, kernel launch
+//! - `attention`:  FlashAttention-2 style forward/backward (`attention::fused_*`) and the fp64 reference
+//! - `rmsnorm`:    fused RMSNorm forward/backward and its reference
+pub mod attention;
+pub mod compile;
+pub mod cuda_libs;
+pub mod rmsnorm;
+pub mod runtime;
+
+/// Everything that can go wrong in this crate. Messages name what was searched or what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("{lib} was not found (searched: {searched}); run `make setup` (the torch wheel ships it) or set LLAVA_SCO_CUDA_LIB_DIRS")]
+    LibraryMissing { lib: &'static str, searched: String },
+    #[error("NVRTC failed to compile {source_name} for {arch}:\n{log}")]
+    Compile { source_name: String, arch: String, log: String },
+    #[error("CUDA driver error in {what}: {detail}")]
+    Driver { what: String, detail: String },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    #[error("kernel cache at {path}: {detail}")]
+    Cache { path: String, detail: String },
+}
+
+pub type Result<T> = std::result::Result<T, KernelError>;
+
+/// One CUDA source file: its name and full text (common helpers prepended).
+pub struct KernelSource {
+    pub name: &'static str,
+    pub text: String,
+}
+
+const COMMON: &str = include_str!("../cuda/common.cuh");
+
+/// Every kernel source, exactly as NVRTC compiles it.
+pub fn sources() -> Vec<KernelSource> {
+    [("attention.cu", include_str!("../cuda/attention.cu")), ("rmsnorm.cu", include_str!("../cuda/rmsnorm.cu"))]
+        .into_iter()
+        .map(|(name, body)| KernelSource { name, text: format!("{COMMON}\n{body}") })
+        .collect()
+}
+
+/// The source with the given file name.
+pub fn source(name: &str) -> Result<KernelSource> {
+    sources()
+        .into_iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| KernelError::Invalid(format!("no kernel source named {name}")))
+}

@@ -1,0 +1,34 @@
+//! `make kernels-check`: NVRTC compiles every kernel to PTX for compute_80 and compute_90, with
+//! warnings as errors. Needs no GPU (NVRTC comes from the torch wheel), so CI catches kernel errors.
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let version = match kernels::compile::nvrtc_version() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("kernels-check: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failed = 0;
+    for src in kernels::sources() {
+        for arch in kernels::compile::CHECK_ARCHES {
+            let started = std::time::Instant::now();
+            match kernels::compile::compile_ptx(&src, arch) {
+                Ok(ptx) => {
+                    let entries = ptx.lines().filter(|l| l.contains(".entry")).count();
+                    println!("ok   {:<14} {arch}  {entries:>3} kernels  {:>5.1} s  (NVRTC {}.{})", src.name, started.elapsed().as_secs_f64(), version.0, version.1);
+                }
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("FAIL {} {arch}: {e}", src.name);
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

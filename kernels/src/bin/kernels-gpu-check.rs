@@ -1,0 +1,300 @@
+//! `make gpu-check` (on a GPU host): every fused kernel against its fp64 reference on fresh random
+//! inputs, then TFLOP/s and GB/s next to libtorch (SDPA, rms_norm) in the same run. Prints a table
+//! last; with `--out DIR` also writes DIR/kernels-gpu.jsonl. Without a GPU it prints `SKIP (no GPU)`.
+use std::io::Write;
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use kernels::attention::{self, AttentionMask};
+use kernels::rmsnorm;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Clone, Copy, Debug)]
+enum MaskKind {
+    None,
+    Causal,
+    KeyPadding,
+    Vision,
+    CrossBlocks(i64),
+}
+
+struct Case {
+    kind: Kind,
+    d: i64,
+    b: i64,
+    h: i64,
+    hk: i64,
+    sq: i64,
+    sk: i64,
+    mask: MaskKind,
+}
+
+fn rel_err(a: &Tensor, reference: &Tensor) -> f64 {
+    let a = a.to_kind(Kind::Double);
+    let num = (&a - reference).norm().double_value(&[]);
+    let den = reference.norm().double_value(&[]).max(1e-30);
+    if a.isnan().any().int64_value(&[]) != 0 {
+        return f64::NAN;
+    }
+    num / den
+}
+
+struct Masks {
+    key_keep: Option<Tensor>,
+    q_flags: Option<Tensor>,
+    block: Option<(Tensor, i64)>,
+    causal: bool,
+}
+
+impl Masks {
+    fn new(c: &Case, dev: Device) -> Masks {
+        let mut m = Masks { key_keep: None, q_flags: None, block: None, causal: false };
+        match c.mask {
+            MaskKind::None => {}
+            MaskKind::Causal => m.causal = true,
+            MaskKind::KeyPadding => m.key_keep = Some(Tensor::rand([c.b, c.sk], (Kind::Float, dev)).gt(0.2)),
+            MaskKind::Vision => {
+                // the last 7 of every 64 positions are padding (as Mllama pads each tile's patches)
+                let pad = |s: i64| (Tensor::arange(s, (Kind::Int64, dev)).remainder(64).ge(57)).unsqueeze(0).expand([c.b, s], true);
+                m.key_keep = Some(pad(c.sk).logical_not());
+                m.q_flags = Some(pad(c.sq));
+            }
+            MaskKind::CrossBlocks(kb) => {
+                let nblk = (c.sk + kb - 1) / kb;
+                let bm = Tensor::rand([c.b, c.sq, nblk], (Kind::Float, dev)).gt(0.3);
+                // the first rows see no tile at all (text before the image): output must be 0, not NaN
+                let _ = bm.narrow(1, 0, c.sq.min(3)).fill_(0);
+                m.block = Some((bm, kb));
+            }
+        }
+        m
+    }
+    fn view(&self) -> AttentionMask<'_> {
+        AttentionMask { causal: self.causal, key_keep: self.key_keep.as_ref(), query_flags: self.q_flags.as_ref(), block_mask: self.block.as_ref().map(|(t, k)| (t, *k)) }
+    }
+}
+
+/// Returns (fwd err, dq err, dk err, dv err).
+fn check_attention(c: &Case) -> Result<[f64; 4], String> {
+    let dev = Device::Cuda(0);
+    let scale = 1.0 / (c.d as f64).sqrt();
+    let q = Tensor::randn([c.b, c.sq, c.h, c.d], (c.kind, dev)).permute([0, 2, 1, 3]); // strided view, as the model makes
+    let k = Tensor::randn([c.b, c.hk, c.sk, c.d], (c.kind, dev));
+    let v = Tensor::randn([c.b, c.hk, c.sk, c.d], (c.kind, dev));
+    let dout = Tensor::randn([c.b, c.h, c.sq, c.d], (c.kind, dev));
+    let masks = Masks::new(c, dev);
+    let mask = masks.view();
+    let mut fwd = attention::forward_outputs(&q);
+    let _ = fwd.out.fill_(f64::NAN);
+    let _ = fwd.lse.fill_(f64::NAN);
+    attention::fused_forward_into(&fwd, &q, &k, &v, &mask, scale).map_err(|e| e.to_string())?;
+    let grads = attention::fused_backward(&dout, &q, &k, &v, &fwd, &mask, scale).map_err(|e| e.to_string())?;
+
+    let q64 = q.to_kind(Kind::Double).detach().set_requires_grad(true);
+    let k64 = k.to_kind(Kind::Double).detach().set_requires_grad(true);
+    let v64 = v.to_kind(Kind::Double).detach().set_requires_grad(true);
+    let out64 = attention::reference(&q64, &k64, &v64, &mask, scale);
+    let loss = (&out64 * dout.to_kind(Kind::Double)).sum(Kind::Double);
+    let g = Tensor::run_backward(&[loss], &[&q64, &k64, &v64], false, false);
+    if fwd.lse.isnan().any().int64_value(&[]) != 0 {
+        return Err("lse has unwritten (NaN) elements".into());
+    }
+    Ok([rel_err(&fwd.out, &out64), rel_err(&grads.dq, &g[0]), rel_err(&grads.dk, &g[1]), rel_err(&grads.dv, &g[2])])
+}
+
+fn check_rmsnorm(kind: Kind, n: i64, c: i64) -> Result<[f64; 3], String> {
+    let dev = Device::Cuda(0);
+    let x = Tensor::randn([n, c], (kind, dev));
+    let w = (Tensor::randn([c], (kind, dev)) * 0.1 + 1.0).to_kind(kind);
+    let dy = Tensor::randn([n, c], (kind, dev));
+    let (y, rstd) = rmsnorm::fused_forward(&x, &w, 1e-5).map_err(|e| e.to_string())?;
+    let (dx, dw) = rmsnorm::fused_backward(&dy, &x, &w, &rstd).map_err(|e| e.to_string())?;
+    let x64 = x.to_kind(Kind::Double).set_requires_grad(true);
+    let w64 = w.to_kind(Kind::Double).set_requires_grad(true);
+    let y64 = rmsnorm::reference(&x64, &w64, 1e-5);
+    let g = Tensor::run_backward(&[(&y64 * dy.to_kind(Kind::Double)).sum(Kind::Double)], &[&x64, &w64], false, false);
+    Ok([rel_err(&y, &y64), rel_err(&dx, &g[0]), rel_err(&dw, &g[1])])
+}
+
+/// Median seconds per call of `f` (synchronized; warm-up first).
+fn time_it(mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    tch::Cuda::synchronize(0);
+    let mut samples = Vec::new();
+    for _ in 0..7 {
+        let t = Instant::now();
+        for _ in 0..5 {
+            f();
+        }
+        tch::Cuda::synchronize(0);
+        samples.push(t.elapsed().as_secs_f64() / 5.0);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[samples.len() / 2]
+}
+
+struct Row {
+    name: String,
+    ours: f64,
+    peer: f64,
+    unit: &'static str,
+}
+
+fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>) {
+    let dev = Device::Cuda(0);
+    for &(d, h) in &[(128i64, 16i64), (64, 32)] {
+        for &s in &[512i64, 1024, 2048, 4096, 8192] {
+            for &causal in &[false, true] {
+                let b = 16384 / s;
+                let q = Tensor::randn([b, s, h, d], (Kind::BFloat16, dev)).permute([0, 2, 1, 3]);
+                let k = Tensor::randn([b, s, h, d], (Kind::BFloat16, dev)).permute([0, 2, 1, 3]);
+                let v = Tensor::randn([b, s, h, d], (Kind::BFloat16, dev)).permute([0, 2, 1, 3]);
+                let dout = Tensor::randn([b, h, s, d], (Kind::BFloat16, dev));
+                let scale = 1.0 / (d as f64).sqrt();
+                let mask = AttentionMask { causal, ..Default::default() };
+                let flops_fwd = 4.0 * (b * s * s * h * d) as f64 / if causal { 2.0 } else { 1.0 };
+                let flops_fb = flops_fwd * 3.5;
+                let ours_f = time_it(|| {
+                    attention::fused_forward(&q, &k, &v, &mask, scale).expect("fused forward");
+                });
+                let sdpa_f = time_it(|| {
+                    let _ = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, causal, scale, false);
+                });
+                let ours_fb = time_it(|| {
+                    let fwd = attention::fused_forward(&q, &k, &v, &mask, scale).expect("fused forward");
+                    attention::fused_backward(&dout, &q, &k, &v, &fwd, &mask, scale).expect("fused backward");
+                });
+                let (qg, kg, vg) = (q.detach().set_requires_grad(true), k.detach().set_requires_grad(true), v.detach().set_requires_grad(true));
+                let sdpa_fb = time_it(|| {
+                    let o = Tensor::scaled_dot_product_attention(&qg, &kg, &vg, None::<Tensor>, 0.0, causal, scale, false);
+                    let _ = Tensor::run_backward(&[(o * &dout).sum(Kind::Float)], &[&qg, &kg, &vg], false, false);
+                });
+                let tag = format!("attn d{d} s{s} {}", if causal { "causal" } else { "full" });
+                for (what, ours, peer, fl) in [("fwd", ours_f, sdpa_f, flops_fwd), ("fwd+bwd", ours_fb, sdpa_fb, flops_fb)] {
+                    let (t_ours, t_peer) = (fl / ours / 1e12, fl / peer / 1e12);
+                    rows.push(Row { name: format!("{tag} {what}"), ours: t_ours, peer: t_peer, unit: "TFLOP/s" });
+                    json.push(format!(
+                        "{{\"bench\":\"attention\",\"pass\":\"{what}\",\"d\":{d},\"heads\":{h},\"seq\":{s},\"batch\":{b},\"causal\":{causal},\"seconds\":{ours:.6e},\"tflops\":{t_ours:.2},\"sdpa_seconds\":{peer:.6e},\"sdpa_tflops\":{t_peer:.2},\"ratio\":{:.3}}}",
+                        t_ours / t_peer
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn bench_rmsnorm(rows: &mut Vec<Row>, json: &mut Vec<String>) {
+    let dev = Device::Cuda(0);
+    let (n, c) = (16384i64, 4096i64);
+    let x = Tensor::randn([n, c], (Kind::BFloat16, dev));
+    let w = Tensor::randn([c], (Kind::BFloat16, dev));
+    let bytes = (2 * n * c * 2) as f64; // read x, write y
+    let ours = time_it(|| {
+        let _ = rmsnorm::fused_forward(&x, &w, 1e-5).expect("rmsnorm");
+    });
+    let peer = time_it(|| {
+        let _ = x.rms_norm([c], Some(&w), 1e-5);
+    });
+    let (g_ours, g_peer) = (bytes / ours / 1e9, bytes / peer / 1e9);
+    rows.push(Row { name: format!("rmsnorm fwd {n}x{c} bf16"), ours: g_ours, peer: g_peer, unit: "GB/s" });
+    json.push(format!("{{\"bench\":\"rmsnorm\",\"pass\":\"fwd\",\"rows\":{n},\"cols\":{c},\"seconds\":{ours:.6e},\"gbps\":{g_ours:.1},\"torch_seconds\":{peer:.6e},\"torch_gbps\":{g_peer:.1},\"ratio\":{:.3}}}", g_ours / g_peer));
+}
+
+fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => Err(p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into())),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let out_dir = std::env::args().skip_while(|a| a != "--out").nth(1);
+    if !kernels::runtime::cuda_available() {
+        println!("SKIP (no GPU): libtorch sees no CUDA device or the driver is missing");
+        return std::process::ExitCode::SUCCESS;
+    }
+    let gpu = match kernels::runtime::gpu(0) {
+        Ok(g) => g,
+        Err(e) => {
+            println!("FAIL: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    println!("device: {} ({}, {} SMs)", gpu.name, gpu.arch, gpu.multiprocessors);
+    tch::manual_seed(0);
+    let t0 = Instant::now();
+    let mut failures = 0;
+    let mut json = Vec::new();
+    use MaskKind::*;
+    let cases = [
+        Case { kind: Kind::BFloat16, d: 64, b: 2, h: 4, hk: 4, sq: 1, sk: 1, mask: Causal },
+        Case { kind: Kind::BFloat16, d: 128, b: 1, h: 8, hk: 2, sq: 17, sk: 17, mask: Causal },
+        Case { kind: Kind::Half, d: 128, b: 2, h: 4, hk: 1, sq: 127, sk: 127, mask: Causal },
+        Case { kind: Kind::BFloat16, d: 80, b: 2, h: 4, hk: 4, sq: 1000, sk: 1000, mask: Vision },
+        Case { kind: Kind::Half, d: 80, b: 1, h: 2, hk: 2, sq: 127, sk: 127, mask: None },
+        Case { kind: Kind::BFloat16, d: 128, b: 2, h: 8, hk: 2, sq: 300, sk: 4 * 17, mask: CrossBlocks(17) },
+        Case { kind: Kind::Half, d: 64, b: 1, h: 8, hk: 2, sq: 4097, sk: 4097, mask: Causal },
+        Case { kind: Kind::BFloat16, d: 128, b: 2, h: 8, hk: 2, sq: 1, sk: 1000, mask: Causal },
+        Case { kind: Kind::BFloat16, d: 64, b: 2, h: 4, hk: 4, sq: 1000, sk: 1000, mask: KeyPadding },
+        Case { kind: Kind::Half, d: 128, b: 1, h: 4, hk: 4, sq: 4097, sk: 4097, mask: None },
+    ];
+    println!("{:<46} {:>9} {:>9} {:>9} {:>9}  result", "attention case", "out", "dq", "dk", "dv");
+    for c in &cases {
+        let tol = if c.kind == Kind::BFloat16 { 1e-2 } else { 2e-3 };
+        let name = format!("{:?} d{} b{} h{}/{} sq{} sk{} {:?}", c.kind, c.d, c.b, c.h, c.hk, c.sq, c.sk, c.mask);
+        match guarded(|| check_attention(c)) {
+            Ok(errs) => {
+                let ok = errs.iter().all(|e| *e < tol);
+                failures += usize::from(!ok);
+                println!("{name:<46} {:>9.2e} {:>9.2e} {:>9.2e} {:>9.2e}  {}", errs[0], errs[1], errs[2], errs[3], if ok { "PASS" } else { "FAIL" });
+                json.push(format!("{{\"check\":\"attention\",\"case\":\"{name}\",\"errors\":[{:e},{:e},{:e},{:e}],\"tol\":{tol},\"pass\":{ok}}}", errs[0], errs[1], errs[2], errs[3]));
+            }
+            Err(e) => {
+                failures += 1;
+                println!("{name:<46} ERROR {e}");
+            }
+        }
+    }
+    for &(kind, n, c) in &[(Kind::BFloat16, 1i64, 8i64), (Kind::BFloat16, 37, 4096), (Kind::Half, 1000, 1280)] {
+        let tol = if kind == Kind::BFloat16 { 1e-2 } else { 2e-3 };
+        let name = format!("rmsnorm {kind:?} {n}x{c}");
+        match guarded(|| check_rmsnorm(kind, n, c)) {
+            Ok(errs) => {
+                let ok = errs.iter().all(|e| *e < tol);
+                failures += usize::from(!ok);
+                println!("{name:<46} {:>9.2e} {:>9.2e} {:>9.2e} {:>9}  {}", errs[0], errs[1], errs[2], "", if ok { "PASS" } else { "FAIL" });
+            }
+            Err(e) => {
+                failures += 1;
+                println!("{name:<46} ERROR {e}");
+            }
+        }
+    }
+    println!("checks done in {:.1} s; benchmarking", t0.elapsed().as_secs_f64());
+    let mut rows = Vec::new();
+    if let Err(e) = guarded(|| {
+        bench_attention(&mut rows, &mut json);
+        bench_rmsnorm(&mut rows, &mut json);
+        Ok(())
+    }) {
+        println!("benchmark ERROR {e}");
+        failures += 1;
+    }
+    if let Some(dir) = out_dir {
+        if let Ok(mut f) = std::fs::File::create(std::path::Path::new(&dir).join("kernels-gpu.jsonl")) {
+            let _ = writeln!(f, "{}", json.join("\n"));
+        }
+    }
+    println!("\n{:<34} {:>10} {:>10} {:>7}  unit   ({}, {:.0} s)", "benchmark", "ours", "libtorch", "ratio", gpu.name, t0.elapsed().as_secs_f64());
+    for r in &rows {
+        println!("{:<34} {:>10.1} {:>10.1} {:>7.2}  {}", r.name, r.ours, r.peer, r.ours / r.peer, r.unit);
+    }
+    println!("{}", if failures == 0 { "ALL CHECKS PASSED" } else { "SOME CHECKS FAILED" });
+    if failures == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,96 @@
+//! NVRTC: kernel source -> PTX for one virtual arch, with warnings treated as errors, and a disk
+//! cache keyed by (source hash, arch, NVRTC version) so a process compiles each kernel at most once
+//! per machine.
+use std::ffi::{CStr, CString};
+use std::path::PathBuf;
+
+use cudarc::nvrtc::result as nvrtc;
+use sha2::{Digest, Sha256};
+
+use crate::{cuda_libs, KernelError, KernelSource, Result};
+
+/// The arches CI compiles every kernel for (`make kernels-check`).
+pub const CHECK_ARCHES: [&str; 2] = ["compute_80", "compute_90"];
+
+fn options(arch: &str) -> Vec<String> {
+    vec![format!("--gpu-architecture={arch}"), "--std=c++17".into(), "-lineinfo".into()]
+}
+
+/// NVRTC's (major, minor) version.
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    cuda_libs::ensure_nvrtc()?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: plain out-parameters; the library is loaded (checked above).
+    let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    status.result().map_err(|e| KernelError::Compile { source_name: "-".into(), arch: "-".into(), log: format!("nvrtcVersion: {e:?}") })?;
+    Ok((major, minor))
+}
+
+fn c_text(raw: &[std::ffi::c_char]) -> String {
+    if raw.is_empty() {
+        return String::new();
+    }
+    // SAFETY: NVRTC returns NUL-terminated buffers.
+    unsafe { CStr::from_ptr(raw.as_ptr()) }.to_string_lossy().trim().to_string()
+}
+
+/// Compiles `src` to PTX for `arch` (e.g. "compute_90"). A non-empty log with a warning is an error.
+pub fn compile_ptx(src: &KernelSource, arch: &str) -> Result<String> {
+    cuda_libs::ensure_nvrtc()?;
+    let fail = |log: String| KernelError::Compile { source_name: src.name.to_string(), arch: arch.to_string(), log };
+    let text = CString::new(src.text.as_bytes()).map_err(|_| fail("source contains a NUL byte".into()))?;
+    let name = CString::new(src.name).map_err(|_| fail("name contains a NUL byte".into()))?;
+    let prog = nvrtc::create_program(&text, Some(&name)).map_err(|e| fail(format!("{e:?}")))?;
+    // SAFETY: `prog` is valid until destroy_program below; buffers are owned Vecs.
+    let outcome = unsafe {
+        let compiled = nvrtc::compile_program(prog, &options(arch));
+        let log = nvrtc::get_program_log(prog).map(|l| c_text(&l)).unwrap_or_default();
+        let ptx = match compiled {
+            Ok(()) if log.contains("warning") => Err(fail(format!("warnings are errors:\n{log}"))),
+            Ok(()) => nvrtc::get_ptx(prog).map(|p| c_text(&p)).map_err(|e| fail(format!("get_ptx: {e:?}"))),
+            Err(e) => Err(fail(format!("{e:?}\n{log}"))),
+        };
+        let _ = nvrtc::destroy_program(prog);
+        ptx
+    };
+    outcome
+}
+
+/// Where compiled PTX is kept: `LLAVA_SCO_KERNEL_CACHE`, else `$XDG_CACHE_HOME` or `~/.cache`
+/// + `/llava-sco/kernels`, else the temp dir.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LLAVA_SCO_KERNEL_CACHE") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("llava-sco").join("kernels")
+}
+
+/// The cache file name for (source, arch, NVRTC version).
+pub fn cache_key(src: &KernelSource, arch: &str, version: (i32, i32)) -> String {
+    let mut h = Sha256::new();
+    h.update(src.text.as_bytes());
+    h.update(options(arch).join(" ").as_bytes());
+    let hex: String = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("{}-{arch}-nvrtc{}.{}-{hex}.ptx", src.name.trim_end_matches(".cu"), version.0, version.1)
+}
+
+/// PTX from the disk cache, compiling (and caching atomically) on a miss. A cache that cannot be
+/// written is not fatal: the PTX is still returned and a warning logged once.
+pub fn cached_ptx(src: &KernelSource, arch: &str) -> Result<String> {
+    let dir = cache_dir();
+    let path = dir.join(cache_key(src, arch, nvrtc_version()?));
+    if let Ok(ptx) = std::fs::read_to_string(&path) {
+        return Ok(ptx);
+    }
+    let ptx = compile_ptx(src, arch)?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let written = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&tmp, &ptx)).and_then(|_| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!("kernel cache {} not writable ({e}); compiling on every start", dir.display());
+    }
+    Ok(ptx)
+}

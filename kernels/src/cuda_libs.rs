@@ -1,0 +1,100 @@
+//! Finding the CUDA libraries without panics.
+//!
+//! cudarc loads libraries by name and panics when none is found, so we check first and, where the
+//! system loader cannot see them, load them ourselves by absolute path from the torch wheel's
+//! `nvidia/*/lib` folders: once a library is loaded, cudarc's later `dlopen` by the same soname
+//! finds it. Search order: `LLAVA_SCO_CUDA_LIB_DIRS` (colon-separated), the wheel next to the
+//! libtorch this process has loaded (read from /proc/self/maps), then the `.venv` of the checkout
+//! this crate was built in (`make setup` writes `.venv/cuda-lib-dirs.txt`).
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use crate::{KernelError, Result};
+
+/// Candidate folders holding libnvrtc / libnccl, in search order, deduplicated.
+pub fn cuda_lib_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(v) = std::env::var_os("LLAVA_SCO_CUDA_LIB_DIRS") {
+        dirs.extend(std::env::split_paths(&v));
+    }
+    if let Some(torch_lib) = loaded_libtorch_dir() {
+        // torch/lib -> site-packages -> nvidia/<pkg>/lib
+        if let Some(site) = torch_lib.parent().and_then(Path::parent) {
+            if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+                let mut found: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("lib")).filter(|p| p.is_dir()).collect();
+                found.sort();
+                dirs.extend(found);
+            }
+        }
+    }
+    if let Some(venv) = option_env!("LLAVA_SCO_VENV") {
+        if let Ok(text) = std::fs::read_to_string(Path::new(venv).join("cuda-lib-dirs.txt")) {
+            dirs.extend(text.lines().filter(|l| !l.is_empty()).map(PathBuf::from));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    dirs.retain(|d| seen.insert(d.clone()));
+    dirs
+}
+
+/// The folder of the libtorch this process has mapped, if any.
+fn loaded_libtorch_dir() -> Option<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libtorch_cpu.so") || p.ends_with("/libc10.so"))
+        .and_then(|p| Path::new(p).parent().map(Path::to_path_buf))
+}
+
+fn dlopen_global(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: dlopen with a valid C string; the handle is intentionally never closed.
+    !unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) }.is_null()
+}
+
+/// Loads `soname` from the search folders unless the system loader already finds it.
+/// Returns the folders searched on failure.
+/// `companions` are loaded first from the same folder (libnvrtc opens libnvrtc-builtins by soname).
+fn ensure_loaded(soname: &str, companions: &[&str], system_visible: impl Fn() -> bool) -> std::result::Result<(), String> {
+    if system_visible() {
+        return Ok(());
+    }
+    let dirs = cuda_lib_dirs();
+    for d in &dirs {
+        let candidate = d.join(soname);
+        if !candidate.exists() {
+            continue;
+        }
+        for companion in companions {
+            dlopen_global(&d.join(companion));
+        }
+        if dlopen_global(&candidate) && system_visible() {
+            return Ok(());
+        }
+    }
+    let mut searched: Vec<String> = vec!["the system library path".into()];
+    searched.extend(dirs.iter().map(|d| d.display().to_string()));
+    Err(searched.join(", "))
+}
+
+/// NVRTC (from the torch wheel's nvidia/cu13/lib when the system has none).
+pub fn ensure_nvrtc() -> Result<()> {
+    static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        // SAFETY: is_culib_present only tries dlopen on candidate names.
+        ensure_loaded("libnvrtc.so.13", &["libnvrtc-builtins.so.13.0"], || unsafe { cudarc::nvrtc::sys::is_culib_present() })
+    })
+    .clone()
+    .map_err(|searched| KernelError::LibraryMissing { lib: "libnvrtc (NVRTC)", searched })
+}
+
+/// The CUDA driver (libcuda.so.1, installed with the NVIDIA driver; never in a wheel).
+pub fn ensure_driver() -> Result<()> {
+    // SAFETY: as above.
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(KernelError::LibraryMissing { lib: "libcuda.so.1 (the NVIDIA driver)", searched: "the system library path".into() })
+    }
+}

@@ -1,0 +1,165 @@
+//! CUDA runtime side: one context per device (the primary context, the one libtorch uses), modules
+//! compiled on first use, and launches on libtorch's *current* stream so kernels are ordered with
+//! libtorch's own work without host syncs.
+//!
+//! The stream: libtorch_cuda exports the C shim `aoti_torch_get_current_cuda_stream(device, &stream)`
+//! (torch 2.11). We look it up with dlsym at run time, so a CPU-only libtorch still links; when it
+//! is absent we fall back to the legacy NULL stream, which synchronizes with every blocking stream
+//! libtorch uses by default.
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Mutex, OnceLock};
+
+use cudarc::driver::result as drv;
+use cudarc::driver::sys;
+
+use crate::{compile, cuda_libs, KernelError, Result};
+
+fn driver_err(what: &str) -> impl Fn(drv::DriverError) -> KernelError + '_ {
+    move |e| KernelError::Driver { what: what.to_string(), detail: format!("{e:?}") }
+}
+
+/// A loaded function handle. Driver handles may be used from any thread.
+#[derive(Clone, Copy)]
+pub struct Function(sys::CUfunction);
+// SAFETY: CUfunction handles are process-wide and thread-safe in the driver API.
+unsafe impl Send for Function {}
+unsafe impl Sync for Function {}
+
+/// Per-device state: the primary context, its compute arch and the functions loaded so far.
+pub struct Gpu {
+    pub ordinal: i32,
+    pub arch: String,
+    pub name: String,
+    pub multiprocessors: i32,
+    ctx: usize, // sys::CUcontext as an integer, so the struct is Send + Sync
+    functions: Mutex<HashMap<(String, String), Function>>,
+    modules: Mutex<HashMap<String, usize>>,
+}
+
+/// The GPU with this ordinal (initializing the driver and its primary context once).
+pub fn gpu(ordinal: i32) -> Result<&'static Gpu> {
+    static GPUS: OnceLock<Mutex<HashMap<i32, &'static Gpu>>> = OnceLock::new();
+    let map = GPUS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = map.lock().map_err(|_| KernelError::Unsupported("GPU registry poisoned".into()))?;
+    if let Some(g) = map.get(&ordinal) {
+        return Ok(g);
+    }
+    cuda_libs::ensure_driver()?;
+    drv::init().map_err(driver_err("cuInit"))?;
+    let dev = drv::device::get(ordinal).map_err(driver_err("cuDeviceGet"))?;
+    // SAFETY: valid device handle; the retained primary context lives for the process.
+    let (ctx, major, minor, sms) = unsafe {
+        let ctx = drv::primary_ctx::retain(dev).map_err(driver_err("cuDevicePrimaryCtxRetain"))?;
+        let attr = |a| drv::device::get_attribute(dev, a).map_err(driver_err("cuDeviceGetAttribute"));
+        (
+            ctx,
+            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+        )
+    };
+    if major < 8 {
+        return Err(KernelError::Unsupported(format!("GPU {ordinal} has compute capability {major}.{minor}; the fused kernels need 8.0+ (use attention: sdpa)")));
+    }
+    let name = drv::device::get_name(dev).unwrap_or_else(|_| "unknown GPU".into());
+    let g: &'static Gpu = Box::leak(Box::new(Gpu {
+        ordinal,
+        arch: format!("compute_{major}{minor}"),
+        name,
+        multiprocessors: sms,
+        ctx: ctx as usize,
+        functions: Mutex::new(HashMap::new()),
+        modules: Mutex::new(HashMap::new()),
+    }));
+    map.insert(ordinal, g);
+    Ok(g)
+}
+
+impl Gpu {
+    fn make_current(&self) -> Result<()> {
+        // SAFETY: the context was retained in `gpu()` and is never released.
+        unsafe { drv::ctx::set_current(self.ctx as sys::CUcontext) }.map_err(driver_err("cuCtxSetCurrent"))
+    }
+
+    /// The kernel `name` from source file `source` (compiled and loaded on first use).
+    pub fn function(&self, source: &str, name: &str) -> Result<Function> {
+        let key = (source.to_string(), name.to_string());
+        if let Some(f) = self.functions.lock().map_err(|_| poisoned())?.get(&key) {
+            return Ok(*f);
+        }
+        self.make_current()?;
+        let module = {
+            let mut modules = self.modules.lock().map_err(|_| poisoned())?;
+            match modules.get(source) {
+                Some(m) => *m as sys::CUmodule,
+                None => {
+                    let ptx = compile::cached_ptx(&crate::source(source)?, &self.arch)?;
+                    let c = std::ffi::CString::new(ptx).map_err(|_| KernelError::Invalid("PTX contains NUL".into()))?;
+                    // SAFETY: NUL-terminated PTX image; the module stays loaded for the process.
+                    let m = unsafe { drv::module::load_data(c.as_ptr() as *const c_void) }.map_err(driver_err("cuModuleLoadData"))?;
+                    modules.insert(source.to_string(), m as usize);
+                    m
+                }
+            }
+        };
+        let cname = std::ffi::CString::new(name).map_err(|_| KernelError::Invalid("kernel name contains NUL".into()))?;
+        // SAFETY: valid module and name.
+        let f = unsafe { drv::module::get_function(module, cname) }.map_err(driver_err("cuModuleGetFunction"))?;
+        let f = Function(f);
+        self.functions.lock().map_err(|_| poisoned())?.insert(key, f);
+        Ok(f)
+    }
+
+    /// Launches `f` on libtorch's current stream for this device.
+    ///
+    /// # Safety
+    /// `params` must point to values whose types and order match the kernel's signature, and every
+    /// device pointer in them must stay valid until the kernel has run (libtorch's caching
+    /// allocator guarantees this for tensors kept alive until the launch returns, since later
+    /// frees are ordered on the same stream).
+    pub unsafe fn launch(&self, f: Function, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, params: &mut [*mut c_void]) -> Result<()> {
+        self.make_current()?;
+        if shared_bytes > 48 * 1024 {
+            drv::function::set_function_attribute(f.0, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes as i32)
+                .map_err(driver_err("cuFuncSetAttribute(max dynamic shared memory)"))?;
+        }
+        let stream = torch_current_stream(self.ordinal);
+        drv::launch_kernel(f.0, grid, block, shared_bytes, stream, params).map_err(driver_err("cuLaunchKernel"))
+    }
+}
+
+fn poisoned() -> KernelError {
+    KernelError::Unsupported("kernel registry poisoned by an earlier panic".into())
+}
+
+type GetStreamFn = unsafe extern "C" fn(i32, *mut *mut c_void) -> i32;
+
+/// libtorch's current CUDA stream for `device`, or the NULL stream when the shim is unavailable.
+pub fn torch_current_stream(device: i32) -> sys::CUstream {
+    static SHIM: OnceLock<Option<GetStreamFn>> = OnceLock::new();
+    let shim = SHIM.get_or_init(|| {
+        // SAFETY: dlsym on the global namespace with a static NUL-terminated name.
+        let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"aoti_torch_get_current_cuda_stream".as_ptr()) };
+        if sym.is_null() {
+            tracing::warn!("libtorch does not export aoti_torch_get_current_cuda_stream; kernels run on the NULL stream");
+            None
+        } else {
+            // SAFETY: the symbol has this C signature in torch 2.11 (torch/csrc/inductor/aoti_torch/c/shim.h).
+            Some(unsafe { std::mem::transmute::<*mut c_void, GetStreamFn>(sym) })
+        }
+    });
+    let mut stream: *mut c_void = std::ptr::null_mut();
+    if let Some(f) = shim {
+        // SAFETY: out-parameter of the documented signature.
+        if unsafe { f(device, &mut stream) } != 0 {
+            stream = std::ptr::null_mut();
+        }
+    }
+    stream as sys::CUstream
+}
+
+/// Whether a CUDA GPU is usable by both libtorch and the driver API.
+pub fn cuda_available() -> bool {
+    tch::Cuda::is_available() && cuda_libs::ensure_driver().is_ok()
+}
