@@ -38,9 +38,10 @@ demo: $(SETUP_STAMP)
 bench: $(SETUP_STAMP)
 	@echo "benchmarks land with their issues (collectives, data, checkpoint, step); none is built yet" >&2; exit 2
 
-# GPU: build release binaries here, then run scripts/gpu-check.sh on the device machine.
-gpu-build: $(SETUP_STAMP)
-	$(CARGO) build --release -p kernels --bin kernels-gpu-check
+# GPU: build the check binaries here (make gpu-bin), then run scripts/gpu-check.sh on the GPU host.
+gpu-bin: $(SETUP_STAMP)
+	$(CARGO) build -p kernels --bin kernels-gpu-check
+	mkdir -p .gpu-bin && cp target/debug/kernels-gpu-check .gpu-bin/ && strip .gpu-bin/kernels-gpu-check
 
 gpu-check:
 	@./scripts/gpu-check.sh

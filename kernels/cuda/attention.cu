@@ -41,6 +41,14 @@ __device__ __forceinline__ bool allowed(const AttnParams& p, int b, int i, int j
     return true;
 }
 
+// True when every key of [k0, k0+64) is visible to every query of [q0, q0+64): no per-element mask
+// work at all (the common case; masking costs more instructions than the tile's MMAs). Rows past Sq
+// are never stored, so they need no mask.
+__device__ __forceinline__ bool tile_unmasked(const AttnParams& p, int q0, int k0) {
+    if (p.key_keep || p.block_mask || k0 + BC > p.Sk) return false;
+    return !p.causal || k0 + BC - 1 <= q0 + (p.Sk - p.Sq);
+}
+
 // Copies rows [row0, row0+64) of one head into shared memory (stride D+8); rows past S are zeros.
 template <int D>
 __device__ __forceinline__ void load_tile(u16* dst, const u16* src, i64 row_stride, int row0, int S) {
@@ -53,13 +61,28 @@ __device__ __forceinline__ void load_tile(u16* dst, const u16* src, i64 row_stri
     }
 }
 
+// Asynchronous version (cp.async, zero-fill past S): the copy overlaps the previous tile's math.
+// The caller commits the group and waits for it before reading.
+template <int D>
+__device__ __forceinline__ void load_tile_async(u16* dst, const u16* src, i64 row_stride, int row0, int S) {
+    constexpr int CH = D / 8;
+    for (int c = threadIdx.x; c < 64 * CH; c += NWARPS * 32) {
+        const int r = c / CH, cc = c % CH;
+        const bool in = row0 + r < S;
+        const u16* g = in ? src + (i64)(row0 + r) * row_stride + cc * 8 : src;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst + r * (D + 8) + cc * 8)), "l"(g), "r"(in ? 16 : 0));
+    }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
 template <bool BF16, int D>
 __device__ void attn_fwd(const AttnParams& p) {
     extern __shared__ __align__(16) u16 smem[];
     constexpr int LD = D + 8, NTD = D / 8;
     u16* Qs = smem;
-    u16* Ks = Qs + BR * LD;
-    u16* Vs = Ks + BC * LD;
+    u16* Kbuf = Qs + BR * LD;      // 2 stages of K, then 2 of V: tile kt+1 loads while kt computes
+    u16* Vbuf = Kbuf + 2 * BC * LD;
 
     const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int hk = h / (p.H / p.Hk);
@@ -69,7 +92,7 @@ __device__ void attn_fwd(const AttnParams& p) {
     const u16* kbase = p.k + b * p.k_bs + hk * p.k_hs;
     const u16* vbase = p.v + b * p.v_bs + hk * p.v_hs;
 
-    load_tile<D>(Qs, qbase, p.q_ss, q0, p.Sq);
+    load_tile_async<D>(Qs, qbase, p.q_ss, q0, p.Sq);
 
     int n_tiles = (p.Sk + BC - 1) / BC;
     if (p.causal) {
@@ -83,11 +106,23 @@ __device__ void attn_fwd(const AttnParams& p) {
     float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};  // rows g and g+8 of this warp
     const int row_a = q0 + warp * 16 + g, rows[2] = {row_a, row_a + 8};
 
+    if (n_tiles > 0) {
+        load_tile_async<D>(Kbuf, kbase, p.k_ss, 0, p.Sk);
+        load_tile_async<D>(Vbuf, vbase, p.v_ss, 0, p.Sk);
+    }
+    cp_async_commit();
     for (int kt = 0; kt < n_tiles; ++kt) {
         const int k0 = kt * BC;
-        __syncthreads();  // previous tile fully consumed
-        load_tile<D>(Ks, kbase, p.k_ss, k0, p.Sk);
-        load_tile<D>(Vs, vbase, p.v_ss, k0, p.Sk);
+        const u16* Ks = Kbuf + (kt & 1) * BC * LD;
+        const u16* Vs = Vbuf + (kt & 1) * BC * LD;
+        if (kt + 1 < n_tiles) {  // prefetch the next tile into the other stage (freed by the last barrier)
+            load_tile_async<D>(Kbuf + ((kt + 1) & 1) * BC * LD, kbase, p.k_ss, k0 + BC, p.Sk);
+            load_tile_async<D>(Vbuf + ((kt + 1) & 1) * BC * LD, vbase, p.v_ss, k0 + BC, p.Sk);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
 
         float s[8][4];  // (16 rows, 64 keys) of S = Q K^T for this warp
@@ -96,15 +131,25 @@ __device__ void attn_fwd(const AttnParams& p) {
         warp_gemm<BF16, false, false, 8, D>(s, Qs, LD, warp * 16, Ks, LD, 0);
 
         float mx[2] = {NEG_INF, NEG_INF};
+        if (tile_unmasked(p, q0, k0)) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+            for (int j = 0; j < 8; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int col = k0 + j * 8 + 2 * t + (e & 1);
-                const float v = allowed(p, b, rows[e >> 1], col) ? s[j][e] * p.scale_log2 : NEG_INF;
-                s[j][e] = v;
-                mx[e >> 1] = fmaxf(mx[e >> 1], v);
-            }
+                for (int e = 0; e < 4; ++e) {
+                    s[j][e] *= p.scale_log2;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+                }
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int col = k0 + j * 8 + 2 * t + (e & 1);
+                    const float v = allowed(p, b, rows[e >> 1], col) ? s[j][e] * p.scale_log2 : NEG_INF;
+                    s[j][e] = v;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                }
+        }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
@@ -131,7 +176,9 @@ __device__ void attn_fwd(const AttnParams& p) {
             }
         // O += P V: P (16 x 64) from registers, V stored [key][d].
         warp_gemm_areg<BF16, true, NTD, 4>(acc_o, s, Vs, LD, 0);
+        __syncthreads();  // this stage may be overwritten by the next prefetch
     }
+    cp_async_wait<0>();
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -207,7 +254,7 @@ __device__ void attn_bwd(const AttnParams& p) {
             for (int r = threadIdx.x; r < BR; r += NWARPS * 32) {
                 const bool in = q0 + r < p.Sq;
                 const i64 idx = ((i64)b * p.H + h) * p.Sq + q0 + r;
-                lse_s[r] = in ? p.lse[idx] : NEG_INF;
+                lse_s[r] = in ? p.lse[idx] : -NEG_INF;  // +inf: P = 0 for rows past Sq
                 delta_s[r] = in ? p.delta[idx] : 0.f;
             }
             __syncthreads();
@@ -220,13 +267,14 @@ __device__ void attn_bwd(const AttnParams& p) {
                 for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
             warp_gemm<BF16, false, false, 8, D>(s, Ks, LD, warp * 16, Qs, LD, 0);
             warp_gemm<BF16, false, false, 8, D>(dp, Vs, LD, warp * 16, dOs, LD, 0);
+            const bool unmasked = tile_unmasked(p, q0, k0);
 #pragma unroll
             for (int j = 0; j < 8; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = j * 8 + 2 * t + (e & 1);
                     const float lse = lse_s[qi];
-                    const bool ok = lse != NEG_INF && allowed(p, b, q0 + qi, keys[e >> 1]);
+                    const bool ok = unmasked || (lse != NEG_INF && allowed(p, b, q0 + qi, keys[e >> 1]));
                     const float pv = ok ? exp2f(s[j][e] * p.scale_log2 - lse) : 0.f;
                     s[j][e] = pv;                              // P^T
                     dp[j][e] = pv * (dp[j][e] - delta_s[qi]);  // dS^T (w.r.t. the scaled scores)

@@ -42,15 +42,45 @@ pub struct Backward {
 /// Mirrors `AttnParams` in attention.cu field for field.
 #[repr(C)]
 struct AttnParams {
-    q: u64, k: u64, v: u64, o: u64, lse: u64,
-    dout: u64, dq: u64, dk: u64, dv: u64, dq_acc: u64, delta: u64,
-    key_keep: u64, q_flags: u64, block_mask: u64,
-    q_bs: i64, q_ss: i64, q_hs: i64, k_bs: i64, k_ss: i64, k_hs: i64,
-    v_bs: i64, v_ss: i64, v_hs: i64, o_bs: i64, o_ss: i64, o_hs: i64,
-    do_bs: i64, do_ss: i64, do_hs: i64,
-    b: i32, h: i32, hk: i32, sq: i32, sk: i32,
-    causal: i32, kblock: i32, nblk: i32,
-    scale: f32, scale_log2: f32,
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    lse: u64,
+    dout: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    dq_acc: u64,
+    delta: u64,
+    key_keep: u64,
+    q_flags: u64,
+    block_mask: u64,
+    q_bs: i64,
+    q_ss: i64,
+    q_hs: i64,
+    k_bs: i64,
+    k_ss: i64,
+    k_hs: i64,
+    v_bs: i64,
+    v_ss: i64,
+    v_hs: i64,
+    o_bs: i64,
+    o_ss: i64,
+    o_hs: i64,
+    do_bs: i64,
+    do_ss: i64,
+    do_hs: i64,
+    b: i32,
+    h: i32,
+    hk: i32,
+    sq: i32,
+    sk: i32,
+    causal: i32,
+    kblock: i32,
+    nblk: i32,
+    scale: f32,
+    scale_log2: f32,
 }
 
 const TILE: i64 = 64;
@@ -60,7 +90,9 @@ fn dtype_name(kind: Kind) -> Result<&'static str> {
     match kind {
         Kind::BFloat16 => Ok("bf16"),
         Kind::Half => Ok("f16"),
-        other => Err(KernelError::Unsupported(format!("fused attention takes bf16 or fp16, got {other:?}"))),
+        other => Err(KernelError::Unsupported(format!(
+            "fused attention takes bf16 or fp16, got {other:?}"
+        ))),
     }
 }
 
@@ -71,15 +103,27 @@ fn loadable(t: &Tensor) -> (Tensor, [i64; 3]) {
         let s = t.stride();
         s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && (t.data_ptr() as usize) % 16 == 0
     };
-    let t = if ok(t) { t.shallow_clone() } else { t.contiguous() };
+    let t = if ok(t) {
+        t.shallow_clone()
+    } else {
+        t.contiguous()
+    };
     let s = t.stride();
     (t, [s[0], s[2], s[1]])
 }
 
-fn mask_ptr(t: Option<&Tensor>, shape: &[i64], what: &str, device: Device) -> Result<(Option<Tensor>, u64)> {
+fn mask_ptr(
+    t: Option<&Tensor>,
+    shape: &[i64],
+    what: &str,
+    device: Device,
+) -> Result<(Option<Tensor>, u64)> {
     let Some(t) = t else { return Ok((None, 0)) };
     if t.size() != shape {
-        return Err(KernelError::Invalid(format!("{what} has shape {:?}, expected {shape:?}", t.size())));
+        return Err(KernelError::Invalid(format!(
+            "{what} has shape {:?}, expected {shape:?}",
+            t.size()
+        )));
     }
     let t = t.to_device(device).to_kind(Kind::Uint8).contiguous();
     let p = t.data_ptr() as u64;
@@ -88,23 +132,47 @@ fn mask_ptr(t: Option<&Tensor>, shape: &[i64], what: &str, device: Device) -> Re
 
 /// Checked problem sizes of one call.
 struct Dims {
-    b: i64, h: i64, hk: i64, sq: i64, sk: i64, d: i64,
+    b: i64,
+    h: i64,
+    hk: i64,
+    sq: i64,
+    sk: i64,
+    d: i64,
 }
 
 fn dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
     let (qs, ks, vs) = (q.size(), k.size(), v.size());
     if qs.len() != 4 || ks.len() != 4 || ks != vs {
-        return Err(KernelError::Invalid(format!("expected q (B,H,Sq,D) and k, v (B,Hk,Sk,D); got q {qs:?}, k {ks:?}, v {vs:?}")));
+        return Err(KernelError::Invalid(format!(
+            "expected q (B,H,Sq,D) and k, v (B,Hk,Sk,D); got q {qs:?}, k {ks:?}, v {vs:?}"
+        )));
     }
-    let d = Dims { b: qs[0], h: qs[1], hk: ks[1], sq: qs[2], sk: ks[2], d: qs[3] };
+    let d = Dims {
+        b: qs[0],
+        h: qs[1],
+        hk: ks[1],
+        sq: qs[2],
+        sk: ks[2],
+        d: qs[3],
+    };
     if ks[0] != d.b || ks[3] != d.d || d.hk == 0 || d.h % d.hk != 0 {
-        return Err(KernelError::Invalid(format!("q {qs:?} and k {ks:?} disagree (batch, head dim, or H not a multiple of Hk)")));
+        return Err(KernelError::Invalid(format!(
+            "q {qs:?} and k {ks:?} disagree (batch, head dim, or H not a multiple of Hk)"
+        )));
     }
     if ![64, 80, 128].contains(&d.d) {
-        return Err(KernelError::Unsupported(format!("fused attention supports head dims 64, 80, 128; got {}", d.d)));
+        return Err(KernelError::Unsupported(format!(
+            "fused attention supports head dims 64, 80, 128; got {}",
+            d.d
+        )));
     }
     if q.kind() != k.kind() || q.kind() != v.kind() {
-        return Err(KernelError::Invalid(format!("q, k, v dtypes differ: {:?} {:?} {:?}", q.kind(), k.kind(), v.kind())));
+        return Err(KernelError::Invalid(format!(
+            "q, k, v dtypes differ: {:?} {:?} {:?}",
+            q.kind(),
+            k.kind(),
+            v.kind()
+        )));
     }
     if d.sq > i32::MAX as i64 || d.sk > i32::MAX as i64 {
         return Err(KernelError::Unsupported("sequence longer than 2^31".into()));
@@ -115,12 +183,21 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
 fn device_gpu(q: &Tensor) -> Result<&'static Gpu> {
     match q.device() {
         Device::Cuda(i) => runtime::gpu(i as i32),
-        other => Err(KernelError::Unsupported(format!("fused attention needs CUDA tensors, got {other:?} (use attention: sdpa on CPU)"))),
+        other => Err(KernelError::Unsupported(format!(
+            "fused attention needs CUDA tensors, got {other:?} (use attention: sdpa on CPU)"
+        ))),
     }
 }
 
 /// Base parameters shared by forward and backward; masks are kept alive in `keep`.
-fn base_params(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale: f64, keep: &mut Vec<Tensor>) -> Result<(Dims, AttnParams)> {
+fn base_params(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+    keep: &mut Vec<Tensor>,
+) -> Result<(Dims, AttnParams)> {
     let d = dims(q, k, v)?;
     let device = q.device();
     let (q, qs) = loadable(q);
@@ -130,22 +207,66 @@ fn base_params(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale: 
     let (qf, qf_p) = mask_ptr(mask.query_flags, &[d.b, d.sq], "query_flags", device)?;
     let (kblock, nblk) = match mask.block_mask {
         Some((t, kb)) if kb > 0 => (kb, t.size().get(2).copied().unwrap_or(0)),
-        Some((_, kb)) => return Err(KernelError::Invalid(format!("block size must be positive, got {kb}"))),
+        Some((_, kb)) => {
+            return Err(KernelError::Invalid(format!(
+                "block size must be positive, got {kb}"
+            )))
+        }
         None => (1, 0),
     };
     if mask.block_mask.is_some() && nblk * kblock < d.sk {
-        return Err(KernelError::Invalid(format!("block_mask covers {} keys ({nblk} blocks of {kblock}) but Sk = {}", nblk * kblock, d.sk)));
+        return Err(KernelError::Invalid(format!(
+            "block_mask covers {} keys ({nblk} blocks of {kblock}) but Sk = {}",
+            nblk * kblock,
+            d.sk
+        )));
     }
-    let (bm, bm_p) = mask_ptr(mask.block_mask.map(|(t, _)| t), &[d.b, d.sq, nblk], "block_mask", device)?;
+    let (bm, bm_p) = mask_ptr(
+        mask.block_mask.map(|(t, _)| t),
+        &[d.b, d.sq, nblk],
+        "block_mask",
+        device,
+    )?;
     let p = AttnParams {
-        q: q.data_ptr() as u64, k: k.data_ptr() as u64, v: v.data_ptr() as u64, o: 0, lse: 0,
-        dout: 0, dq: 0, dk: 0, dv: 0, dq_acc: 0, delta: 0,
-        key_keep: kk_p, q_flags: qf_p, block_mask: bm_p,
-        q_bs: qs[0], q_ss: qs[1], q_hs: qs[2], k_bs: ks[0], k_ss: ks[1], k_hs: ks[2],
-        v_bs: vs[0], v_ss: vs[1], v_hs: vs[2], o_bs: 0, o_ss: 0, o_hs: 0, do_bs: 0, do_ss: 0, do_hs: 0,
-        b: d.b as i32, h: d.h as i32, hk: d.hk as i32, sq: d.sq as i32, sk: d.sk as i32,
-        causal: mask.causal as i32, kblock: kblock as i32, nblk: nblk as i32,
-        scale: scale as f32, scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+        q: q.data_ptr() as u64,
+        k: k.data_ptr() as u64,
+        v: v.data_ptr() as u64,
+        o: 0,
+        lse: 0,
+        dout: 0,
+        dq: 0,
+        dk: 0,
+        dv: 0,
+        dq_acc: 0,
+        delta: 0,
+        key_keep: kk_p,
+        q_flags: qf_p,
+        block_mask: bm_p,
+        q_bs: qs[0],
+        q_ss: qs[1],
+        q_hs: qs[2],
+        k_bs: ks[0],
+        k_ss: ks[1],
+        k_hs: ks[2],
+        v_bs: vs[0],
+        v_ss: vs[1],
+        v_hs: vs[2],
+        o_bs: 0,
+        o_ss: 0,
+        o_hs: 0,
+        do_bs: 0,
+        do_ss: 0,
+        do_hs: 0,
+        b: d.b as i32,
+        h: d.h as i32,
+        hk: d.hk as i32,
+        sq: d.sq as i32,
+        sk: d.sk as i32,
+        causal: mask.causal as i32,
+        kblock: kblock as i32,
+        nblk: nblk as i32,
+        scale: scale as f32,
+        scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
     };
     keep.extend([q, k, v]);
     keep.extend([kk, qf, bm].into_iter().flatten());
@@ -161,21 +282,40 @@ pub fn forward_outputs(q: &Tensor) -> Forward {
 }
 
 /// Fused forward. `scale` is the softmax scale (usually 1/sqrt(D)).
-pub fn fused_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale: f64) -> Result<Forward> {
+pub fn fused_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<Forward> {
     let fwd = forward_outputs(q);
     fused_forward_into(&fwd, q, k, v, mask, scale)?;
     Ok(fwd)
 }
 
 /// Fused forward into preallocated outputs from `forward_outputs` (tests poison them first).
-pub fn fused_forward_into(outputs: &Forward, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale: f64) -> Result<()> {
+pub fn fused_forward_into(
+    outputs: &Forward,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<()> {
     dims(q, k, v)?;
     let gpu = device_gpu(q)?;
     let mut keep = Vec::new();
     let (d, mut p) = base_params(q, k, v, mask, scale, &mut keep)?;
     let os = outputs.out.stride();
-    if outputs.out.size() != q.size() || os[3] != 1 || outputs.lse.size() != [d.b, d.h, d.sq] || !outputs.lse.is_contiguous() {
-        return Err(KernelError::Invalid("forward outputs must come from forward_outputs(q)".into()));
+    if outputs.out.size() != q.size()
+        || os[3] != 1
+        || outputs.lse.size() != [d.b, d.h, d.sq]
+        || !outputs.lse.is_contiguous()
+    {
+        return Err(KernelError::Invalid(
+            "forward outputs must come from forward_outputs(q)".into(),
+        ));
     }
     p.o = outputs.out.data_ptr() as u64;
     p.lse = outputs.lse.data_ptr() as u64;
@@ -183,22 +323,47 @@ pub fn fused_forward_into(outputs: &Forward, q: &Tensor, k: &Tensor, v: &Tensor,
     if d.sq == 0 || d.b == 0 || d.h == 0 {
         return Ok(());
     }
-    let f = gpu.function("attention.cu", &format!("attn_fwd_{}_d{}", dtype_name(q.kind())?, d.d))?;
-    let smem = (3 * TILE * (d.d + 8) * 2) as u32;
+    let f = gpu.function(
+        "attention.cu",
+        &format!("attn_fwd_{}_d{}", dtype_name(q.kind())?, d.d),
+    )?;
+    let smem = (5 * TILE * (d.d + 8) * 2) as u32; // Q + 2 stages of K and V
     let grid = (((d.sq + TILE - 1) / TILE) as u32, d.h as u32, d.b as u32);
     let mut arg: *mut c_void = &mut p as *mut AttnParams as *mut c_void;
     // SAFETY: one AttnParams argument matching the kernel; tensors kept alive in `keep`/`outputs`.
-    unsafe { gpu.launch(f, grid, (THREADS, 1, 1), smem, std::slice::from_mut(&mut arg)) }
+    unsafe {
+        gpu.launch(
+            f,
+            grid,
+            (THREADS, 1, 1),
+            smem,
+            std::slice::from_mut(&mut arg),
+        )
+    }
 }
 
 /// Fused backward: recomputes P from `lse`; returns dq, dk, dv shaped like q, k, v.
-pub fn fused_backward(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, fwd: &Forward, mask: &AttentionMask, scale: f64) -> Result<Backward> {
+pub fn fused_backward(
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    fwd: &Forward,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<Backward> {
     dims(q, k, v)?;
     let gpu = device_gpu(q)?;
     let mut keep = Vec::new();
     let (d, mut p) = base_params(q, k, v, mask, scale, &mut keep)?;
     if dout.size() != q.size() || dout.kind() != q.kind() {
-        return Err(KernelError::Invalid(format!("dout {:?} {:?} must match q {:?} {:?}", dout.size(), dout.kind(), q.size(), q.kind())));
+        return Err(KernelError::Invalid(format!(
+            "dout {:?} {:?} must match q {:?} {:?}",
+            dout.size(),
+            dout.kind(),
+            q.size(),
+            q.kind()
+        )));
     }
     let (dout, ds) = loadable(dout);
     let (out, os) = loadable(&fwd.out);
@@ -219,7 +384,11 @@ pub fn fused_backward(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, fwd: &F
     p.dv = dv.data_ptr() as u64;
     p.dq_acc = dq_acc.data_ptr() as u64;
     p.delta = delta.data_ptr() as u64;
-    let mut result = Backward { dq: dq.permute([0, 2, 1, 3]), dk: dk.permute([0, 2, 1, 3]), dv: dv.permute([0, 2, 1, 3]) };
+    let mut result = Backward {
+        dq: dq.permute([0, 2, 1, 3]),
+        dk: dk.permute([0, 2, 1, 3]),
+        dv: dv.permute([0, 2, 1, 3]),
+    };
     if d.b == 0 || d.h == 0 || (d.sq == 0 && d.sk == 0) {
         return Ok(result);
     }
@@ -236,15 +405,30 @@ pub fn fused_backward(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, fwd: &F
     let f_dq = gpu.function("attention.cu", &format!("attn_bwd_dq_{name}"))?;
     let smem = ((4 * TILE * (d.d + 8) + TILE * (TILE + 8)) * 2 + 2 * TILE * 4) as u32;
     let mut d_arg = d.d as i32;
-    let mut dq_args: [*mut c_void; 2] = [&mut p as *mut AttnParams as *mut c_void, &mut d_arg as *mut i32 as *mut c_void];
+    let mut dq_args: [*mut c_void; 2] = [
+        &mut p as *mut AttnParams as *mut c_void,
+        &mut d_arg as *mut i32 as *mut c_void,
+    ];
     let n = (d.b * d.sq * d.h * d.d) as u64;
     let dq_blocks = n.div_ceil(256).min(65_535 * 8) as u32;
     // SAFETY: argument lists match the kernels; every tensor outlives the launches (same stream).
     unsafe {
-        gpu.launch(f_delta, (rows.div_ceil(4) as u32, 1, 1), (THREADS, 1, 1), 0, std::slice::from_mut(&mut arg))?;
+        gpu.launch(
+            f_delta,
+            (rows.div_ceil(4) as u32, 1, 1),
+            (THREADS, 1, 1),
+            0,
+            std::slice::from_mut(&mut arg),
+        )?;
         if d.sk > 0 {
             let grid = (((d.sk + TILE - 1) / TILE) as u32, d.hk as u32, d.b as u32);
-            gpu.launch(f_main, grid, (THREADS, 1, 1), smem, std::slice::from_mut(&mut arg))?;
+            gpu.launch(
+                f_main,
+                grid,
+                (THREADS, 1, 1),
+                smem,
+                std::slice::from_mut(&mut arg),
+            )?;
         }
         gpu.launch(f_dq, (dq_blocks, 1, 1), (256, 1, 1), 0, &mut dq_args)?;
     }
@@ -261,16 +445,28 @@ pub fn dense_mask(mask: &AttentionMask, b: i64, sq: i64, sk: i64, device: Device
         allowed = allowed.logical_and(&j.le_tensor(&(i + (sk - sq))));
     }
     if let Some(keep) = mask.key_keep {
-        let keep = keep.to_device(device).to_kind(Kind::Bool).view([b, 1, 1, sk]);
+        let keep = keep
+            .to_device(device)
+            .to_kind(Kind::Bool)
+            .view([b, 1, 1, sk]);
         let rule = match mask.query_flags {
             // flagged rows need the key kept; other rows see every key
-            Some(f) => keep.logical_or(&f.to_device(device).to_kind(Kind::Bool).logical_not().view([b, 1, sq, 1])),
+            Some(f) => keep.logical_or(
+                &f.to_device(device)
+                    .to_kind(Kind::Bool)
+                    .logical_not()
+                    .view([b, 1, sq, 1]),
+            ),
             None => keep,
         };
         allowed = allowed.logical_and(&rule);
     }
     if let Some((bm, kblock)) = mask.block_mask {
-        let per_key = bm.to_device(device).to_kind(Kind::Bool).repeat_interleave_self_int(kblock, 2, None).narrow(2, 0, sk);
+        let per_key = bm
+            .to_device(device)
+            .to_kind(Kind::Bool)
+            .repeat_interleave_self_int(kblock, 2, None)
+            .narrow(2, 0, sk);
         allowed = allowed.logical_and(&per_key.view([b, 1, sq, sk]));
     }
     allowed
@@ -290,6 +486,9 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale
     let any = allowed.any_dim(-1, true); // (B, 1, Sq, 1)
     let zero = Tensor::zeros([1], (q.kind(), q.device()));
     // Rows that see no key: softmax over zeros (finite, so gradients stay finite), then output 0.
-    let probs = scores.where_self(&any, &zero).softmax(-1, q.kind()).where_self(&any, &zero);
+    let probs = scores
+        .where_self(&any, &zero)
+        .softmax(-1, q.kind())
+        .where_self(&any, &zero);
     probs.matmul(&v)
 }

@@ -13,7 +13,11 @@ use crate::{cuda_libs, KernelError, KernelSource, Result};
 pub const CHECK_ARCHES: [&str; 2] = ["compute_80", "compute_90"];
 
 fn options(arch: &str) -> Vec<String> {
-    vec![format!("--gpu-architecture={arch}"), "--std=c++17".into(), "-lineinfo".into()]
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".into(),
+        "-lineinfo".into(),
+    ]
 }
 
 /// NVRTC's (major, minor) version.
@@ -22,7 +26,11 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     let (mut major, mut minor) = (0, 0);
     // SAFETY: plain out-parameters; the library is loaded (checked above).
     let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
-    status.result().map_err(|e| KernelError::Compile { source_name: "-".into(), arch: "-".into(), log: format!("nvrtcVersion: {e:?}") })?;
+    status.result().map_err(|e| KernelError::Compile {
+        source_name: "-".into(),
+        arch: "-".into(),
+        log: format!("nvrtcVersion: {e:?}"),
+    })?;
     Ok((major, minor))
 }
 
@@ -31,23 +39,35 @@ fn c_text(raw: &[std::ffi::c_char]) -> String {
         return String::new();
     }
     // SAFETY: NVRTC returns NUL-terminated buffers.
-    unsafe { CStr::from_ptr(raw.as_ptr()) }.to_string_lossy().trim().to_string()
+    unsafe { CStr::from_ptr(raw.as_ptr()) }
+        .to_string_lossy()
+        .trim()
+        .to_string()
 }
 
 /// Compiles `src` to PTX for `arch` (e.g. "compute_90"). A non-empty log with a warning is an error.
 pub fn compile_ptx(src: &KernelSource, arch: &str) -> Result<String> {
     cuda_libs::ensure_nvrtc()?;
-    let fail = |log: String| KernelError::Compile { source_name: src.name.to_string(), arch: arch.to_string(), log };
-    let text = CString::new(src.text.as_bytes()).map_err(|_| fail("source contains a NUL byte".into()))?;
+    let fail = |log: String| KernelError::Compile {
+        source_name: src.name.to_string(),
+        arch: arch.to_string(),
+        log,
+    };
+    let text =
+        CString::new(src.text.as_bytes()).map_err(|_| fail("source contains a NUL byte".into()))?;
     let name = CString::new(src.name).map_err(|_| fail("name contains a NUL byte".into()))?;
     let prog = nvrtc::create_program(&text, Some(&name)).map_err(|e| fail(format!("{e:?}")))?;
     // SAFETY: `prog` is valid until destroy_program below; buffers are owned Vecs.
     let outcome = unsafe {
         let compiled = nvrtc::compile_program(prog, &options(arch));
-        let log = nvrtc::get_program_log(prog).map(|l| c_text(&l)).unwrap_or_default();
+        let log = nvrtc::get_program_log(prog)
+            .map(|l| c_text(&l))
+            .unwrap_or_default();
         let ptx = match compiled {
             Ok(()) if log.contains("warning") => Err(fail(format!("warnings are errors:\n{log}"))),
-            Ok(()) => nvrtc::get_ptx(prog).map(|p| c_text(&p)).map_err(|e| fail(format!("get_ptx: {e:?}"))),
+            Ok(()) => nvrtc::get_ptx(prog)
+                .map(|p| c_text(&p))
+                .map_err(|e| fail(format!("get_ptx: {e:?}"))),
             Err(e) => Err(fail(format!("{e:?}\n{log}"))),
         };
         let _ = nvrtc::destroy_program(prog);
@@ -74,8 +94,18 @@ pub fn cache_key(src: &KernelSource, arch: &str, version: (i32, i32)) -> String 
     let mut h = Sha256::new();
     h.update(src.text.as_bytes());
     h.update(options(arch).join(" ").as_bytes());
-    let hex: String = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
-    format!("{}-{arch}-nvrtc{}.{}-{hex}.ptx", src.name.trim_end_matches(".cu"), version.0, version.1)
+    let hex: String = h
+        .finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!(
+        "{}-{arch}-nvrtc{}.{}-{hex}.ptx",
+        src.name.trim_end_matches(".cu"),
+        version.0,
+        version.1
+    )
 }
 
 /// PTX from the disk cache, compiling (and caching atomically) on a miss. A cache that cannot be
@@ -88,9 +118,14 @@ pub fn cached_ptx(src: &KernelSource, arch: &str) -> Result<String> {
     }
     let ptx = compile_ptx(src, arch)?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let written = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&tmp, &ptx)).and_then(|_| std::fs::rename(&tmp, &path));
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|_| std::fs::write(&tmp, &ptx))
+        .and_then(|_| std::fs::rename(&tmp, &path));
     if let Err(e) = written {
-        tracing::warn!("kernel cache {} not writable ({e}); compiling on every start", dir.display());
+        tracing::warn!(
+            "kernel cache {} not writable ({e}); compiling on every start",
+            dir.display()
+        );
     }
     Ok(ptx)
 }

@@ -22,7 +22,11 @@ pub fn cuda_lib_dirs() -> Vec<PathBuf> {
         // torch/lib -> site-packages -> nvidia/<pkg>/lib
         if let Some(site) = torch_lib.parent().and_then(Path::parent) {
             if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
-                let mut found: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("lib")).filter(|p| p.is_dir()).collect();
+                let mut found: Vec<PathBuf> = entries
+                    .flatten()
+                    .map(|e| e.path().join("lib"))
+                    .filter(|p| p.is_dir())
+                    .collect();
                 found.sort();
                 dirs.extend(found);
             }
@@ -48,7 +52,9 @@ fn loaded_libtorch_dir() -> Option<PathBuf> {
 }
 
 fn dlopen_global(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
     // SAFETY: dlopen with a valid C string; the handle is intentionally never closed.
     !unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) }.is_null()
 }
@@ -56,7 +62,11 @@ fn dlopen_global(path: &Path) -> bool {
 /// Loads `soname` from the search folders unless the system loader already finds it.
 /// Returns the folders searched on failure.
 /// `companions` are loaded first from the same folder (libnvrtc opens libnvrtc-builtins by soname).
-fn ensure_loaded(soname: &str, companions: &[&str], system_visible: impl Fn() -> bool) -> std::result::Result<(), String> {
+fn ensure_loaded(
+    soname: &str,
+    companions: &[&str],
+    system_visible: impl Fn() -> bool,
+) -> std::result::Result<(), String> {
     if system_visible() {
         return Ok(());
     }
@@ -83,10 +93,17 @@ pub fn ensure_nvrtc() -> Result<()> {
     static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     DONE.get_or_init(|| {
         // SAFETY: is_culib_present only tries dlopen on candidate names.
-        ensure_loaded("libnvrtc.so.13", &["libnvrtc-builtins.so.13.0"], || unsafe { cudarc::nvrtc::sys::is_culib_present() })
+        ensure_loaded(
+            "libnvrtc.so.13",
+            &["libnvrtc-builtins.so.13.0"],
+            || unsafe { cudarc::nvrtc::sys::is_culib_present() },
+        )
     })
     .clone()
-    .map_err(|searched| KernelError::LibraryMissing { lib: "libnvrtc (NVRTC)", searched })
+    .map_err(|searched| KernelError::LibraryMissing {
+        lib: "libnvrtc (NVRTC)",
+        searched,
+    })
 }
 
 /// The CUDA driver (libcuda.so.1, installed with the NVIDIA driver; never in a wheel).
@@ -95,6 +112,9 @@ pub fn ensure_driver() -> Result<()> {
     if unsafe { cudarc::driver::sys::is_culib_present() } {
         Ok(())
     } else {
-        Err(KernelError::LibraryMissing { lib: "libcuda.so.1 (the NVIDIA driver)", searched: "the system library path".into() })
+        Err(KernelError::LibraryMissing {
+            lib: "libcuda.so.1 (the NVIDIA driver)",
+            searched: "the system library path".into(),
+        })
     }
 }

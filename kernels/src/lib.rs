@@ -19,7 +19,11 @@ pub enum KernelError {
     #[error("{lib} was not found (searched: {searched}); run `make setup` (the torch wheel ships it) or set LLAVA_SCO_CUDA_LIB_DIRS")]
     LibraryMissing { lib: &'static str, searched: String },
     #[error("NVRTC failed to compile {source_name} for {arch}:\n{log}")]
-    Compile { source_name: String, arch: String, log: String },
+    Compile {
+        source_name: String,
+        arch: String,
+        log: String,
+    },
     #[error("CUDA driver error in {what}: {detail}")]
     Driver { what: String, detail: String },
     #[error("{0}")]
@@ -42,10 +46,16 @@ const COMMON: &str = include_str!("../cuda/common.cuh");
 
 /// Every kernel source, exactly as NVRTC compiles it.
 pub fn sources() -> Vec<KernelSource> {
-    [("attention.cu", include_str!("../cuda/attention.cu")), ("rmsnorm.cu", include_str!("../cuda/rmsnorm.cu"))]
-        .into_iter()
-        .map(|(name, body)| KernelSource { name, text: format!("{COMMON}\n{body}") })
-        .collect()
+    [
+        ("attention.cu", include_str!("../cuda/attention.cu")),
+        ("rmsnorm.cu", include_str!("../cuda/rmsnorm.cu")),
+    ]
+    .into_iter()
+    .map(|(name, body)| KernelSource {
+        name,
+        text: format!("{COMMON}\n{body}"),
+    })
+    .collect()
 }
 
 /// The source with the given file name.

@@ -12,12 +12,20 @@ const ROWS_PER_BLOCK: i64 = 32;
 fn check(x: &Tensor, w: &Tensor) -> Result<(&'static runtime::Gpu, &'static str, i64, i64)> {
     let gpu = match x.device() {
         Device::Cuda(i) => runtime::gpu(i as i32)?,
-        other => return Err(KernelError::Unsupported(format!("fused RMSNorm needs CUDA tensors, got {other:?}"))),
+        other => {
+            return Err(KernelError::Unsupported(format!(
+                "fused RMSNorm needs CUDA tensors, got {other:?}"
+            )))
+        }
     };
     let name = match x.kind() {
         Kind::BFloat16 => "bf16",
         Kind::Half => "f16",
-        other => return Err(KernelError::Unsupported(format!("fused RMSNorm takes bf16 or fp16, got {other:?}"))),
+        other => {
+            return Err(KernelError::Unsupported(format!(
+                "fused RMSNorm takes bf16 or fp16, got {other:?}"
+            )))
+        }
     };
     let c = *x.size().last().unwrap_or(&0);
     if c == 0 || c % 8 != 0 || w.size() != [c] || w.kind() != x.kind() {
@@ -36,29 +44,77 @@ pub fn fused_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor
         return Ok((y, rstd));
     }
     let f = gpu.function("rmsnorm.cu", &format!("rmsnorm_fwd_{name}"))?;
-    let (mut xp, mut wp, mut yp, mut rp) = (x.data_ptr() as u64, w.data_ptr() as u64, y.data_ptr() as u64, rstd.data_ptr() as u64);
+    let (mut xp, mut wp, mut yp, mut rp) = (
+        x.data_ptr() as u64,
+        w.data_ptr() as u64,
+        y.data_ptr() as u64,
+        rstd.data_ptr() as u64,
+    );
     let (mut ni, mut ci, mut e) = (n as i32, c as i32, eps as f32);
-    let mut args: [*mut c_void; 7] = [ptr(&mut xp), ptr(&mut wp), ptr(&mut yp), ptr(&mut rp), ptr(&mut ni), ptr(&mut ci), ptr(&mut e)];
+    let mut args: [*mut c_void; 7] = [
+        ptr(&mut xp),
+        ptr(&mut wp),
+        ptr(&mut yp),
+        ptr(&mut rp),
+        ptr(&mut ni),
+        ptr(&mut ci),
+        ptr(&mut e),
+    ];
     // SAFETY: arguments match rmsnorm_fwd_*; tensors live until after the launch on the same stream.
     unsafe { gpu.launch(f, (n as u32, 1, 1), (THREADS, 1, 1), 0, &mut args)? };
     Ok((y, rstd))
 }
 
 /// Returns (dx, dw) with dw in the weight's dtype (accumulated in fp32).
-pub fn fused_backward(dy: &Tensor, x: &Tensor, w: &Tensor, rstd: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn fused_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    rstd: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let (gpu, name, n, c) = check(x, w)?;
-    let (x, w, dy, rstd) = (x.contiguous(), w.contiguous(), dy.contiguous(), rstd.contiguous());
+    let (x, w, dy, rstd) = (
+        x.contiguous(),
+        w.contiguous(),
+        dy.contiguous(),
+        rstd.contiguous(),
+    );
     let dx = x.empty_like();
     let dw = Tensor::zeros([c], (Kind::Float, x.device()));
     if n > 0 {
         let f = gpu.function("rmsnorm.cu", &format!("rmsnorm_bwd_{name}"))?;
-        let mut p = [x.data_ptr() as u64, w.data_ptr() as u64, dy.data_ptr() as u64, rstd.data_ptr() as u64, dx.data_ptr() as u64, dw.data_ptr() as u64];
+        let mut p = [
+            x.data_ptr() as u64,
+            w.data_ptr() as u64,
+            dy.data_ptr() as u64,
+            rstd.data_ptr() as u64,
+            dx.data_ptr() as u64,
+            dw.data_ptr() as u64,
+        ];
         let (mut ni, mut ci, mut rpb) = (n as i32, c as i32, ROWS_PER_BLOCK as i32);
         let [a, b, cc, d, e, f6] = &mut p;
-        let mut args: [*mut c_void; 9] = [ptr(a), ptr(b), ptr(cc), ptr(d), ptr(e), ptr(f6), ptr(&mut ni), ptr(&mut ci), ptr(&mut rpb)];
+        let mut args: [*mut c_void; 9] = [
+            ptr(a),
+            ptr(b),
+            ptr(cc),
+            ptr(d),
+            ptr(e),
+            ptr(f6),
+            ptr(&mut ni),
+            ptr(&mut ci),
+            ptr(&mut rpb),
+        ];
         let blocks = ((n + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK) as u32;
         // SAFETY: arguments match rmsnorm_bwd_*; dynamic shared memory holds C floats.
-        unsafe { gpu.launch(f, (blocks, 1, 1), (THREADS, 1, 1), (c * 4) as u32, &mut args)? };
+        unsafe {
+            gpu.launch(
+                f,
+                (blocks, 1, 1),
+                (THREADS, 1, 1),
+                (c * 4) as u32,
+                &mut args,
+            )?
+        };
     }
     Ok((dx, dw.to_kind(x.kind())))
 }

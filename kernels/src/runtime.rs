@@ -16,7 +16,10 @@ use cudarc::driver::sys;
 use crate::{compile, cuda_libs, KernelError, Result};
 
 fn driver_err(what: &str) -> impl Fn(drv::DriverError) -> KernelError + '_ {
-    move |e| KernelError::Driver { what: what.to_string(), detail: format!("{e:?}") }
+    move |e| KernelError::Driver {
+        what: what.to_string(),
+        detail: format!("{e:?}"),
+    }
 }
 
 /// A loaded function handle. Driver handles may be used from any thread.
@@ -41,7 +44,9 @@ pub struct Gpu {
 pub fn gpu(ordinal: i32) -> Result<&'static Gpu> {
     static GPUS: OnceLock<Mutex<HashMap<i32, &'static Gpu>>> = OnceLock::new();
     let map = GPUS.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut map = map.lock().map_err(|_| KernelError::Unsupported("GPU registry poisoned".into()))?;
+    let mut map = map
+        .lock()
+        .map_err(|_| KernelError::Unsupported("GPU registry poisoned".into()))?;
     if let Some(g) = map.get(&ordinal) {
         return Ok(g);
     }
@@ -51,7 +56,8 @@ pub fn gpu(ordinal: i32) -> Result<&'static Gpu> {
     // SAFETY: valid device handle; the retained primary context lives for the process.
     let (ctx, major, minor, sms) = unsafe {
         let ctx = drv::primary_ctx::retain(dev).map_err(driver_err("cuDevicePrimaryCtxRetain"))?;
-        let attr = |a| drv::device::get_attribute(dev, a).map_err(driver_err("cuDeviceGetAttribute"));
+        let attr =
+            |a| drv::device::get_attribute(dev, a).map_err(driver_err("cuDeviceGetAttribute"));
         (
             ctx,
             attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
@@ -79,7 +85,8 @@ pub fn gpu(ordinal: i32) -> Result<&'static Gpu> {
 impl Gpu {
     fn make_current(&self) -> Result<()> {
         // SAFETY: the context was retained in `gpu()` and is never released.
-        unsafe { drv::ctx::set_current(self.ctx as sys::CUcontext) }.map_err(driver_err("cuCtxSetCurrent"))
+        unsafe { drv::ctx::set_current(self.ctx as sys::CUcontext) }
+            .map_err(driver_err("cuCtxSetCurrent"))
     }
 
     /// The kernel `name` from source file `source` (compiled and loaded on first use).
@@ -95,19 +102,26 @@ impl Gpu {
                 Some(m) => *m as sys::CUmodule,
                 None => {
                     let ptx = compile::cached_ptx(&crate::source(source)?, &self.arch)?;
-                    let c = std::ffi::CString::new(ptx).map_err(|_| KernelError::Invalid("PTX contains NUL".into()))?;
+                    let c = std::ffi::CString::new(ptx)
+                        .map_err(|_| KernelError::Invalid("PTX contains NUL".into()))?;
                     // SAFETY: NUL-terminated PTX image; the module stays loaded for the process.
-                    let m = unsafe { drv::module::load_data(c.as_ptr() as *const c_void) }.map_err(driver_err("cuModuleLoadData"))?;
+                    let m = unsafe { drv::module::load_data(c.as_ptr() as *const c_void) }
+                        .map_err(driver_err("cuModuleLoadData"))?;
                     modules.insert(source.to_string(), m as usize);
                     m
                 }
             }
         };
-        let cname = std::ffi::CString::new(name).map_err(|_| KernelError::Invalid("kernel name contains NUL".into()))?;
+        let cname = std::ffi::CString::new(name)
+            .map_err(|_| KernelError::Invalid("kernel name contains NUL".into()))?;
         // SAFETY: valid module and name.
-        let f = unsafe { drv::module::get_function(module, cname) }.map_err(driver_err("cuModuleGetFunction"))?;
+        let f = unsafe { drv::module::get_function(module, cname) }
+            .map_err(driver_err("cuModuleGetFunction"))?;
         let f = Function(f);
-        self.functions.lock().map_err(|_| poisoned())?.insert(key, f);
+        self.functions
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(key, f);
         Ok(f)
     }
 
@@ -118,14 +132,26 @@ impl Gpu {
     /// device pointer in them must stay valid until the kernel has run (libtorch's caching
     /// allocator guarantees this for tensors kept alive until the launch returns, since later
     /// frees are ordered on the same stream).
-    pub unsafe fn launch(&self, f: Function, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, params: &mut [*mut c_void]) -> Result<()> {
+    pub unsafe fn launch(
+        &self,
+        f: Function,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
         self.make_current()?;
         if shared_bytes > 48 * 1024 {
-            drv::function::set_function_attribute(f.0, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes as i32)
-                .map_err(driver_err("cuFuncSetAttribute(max dynamic shared memory)"))?;
+            drv::function::set_function_attribute(
+                f.0,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_bytes as i32,
+            )
+            .map_err(driver_err("cuFuncSetAttribute(max dynamic shared memory)"))?;
         }
         let stream = torch_current_stream(self.ordinal);
-        drv::launch_kernel(f.0, grid, block, shared_bytes, stream, params).map_err(driver_err("cuLaunchKernel"))
+        drv::launch_kernel(f.0, grid, block, shared_bytes, stream, params)
+            .map_err(driver_err("cuLaunchKernel"))
     }
 }
 

@@ -17,9 +17,13 @@ fn reference_matches_sdpa_causal_gqa() {
     let q = Tensor::randn([b, h, s, d], F64);
     let k = Tensor::randn([b, hk, s, d], F64);
     let v = Tensor::randn([b, hk, s, d], F64);
-    let mask = AttentionMask { causal: true, ..Default::default() };
+    let mask = AttentionMask {
+        causal: true,
+        ..Default::default()
+    };
     let ours = attention::reference(&q, &k, &v, &mask, 0.25);
-    let sdpa = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, 0.25, true);
+    let sdpa =
+        Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, 0.25, true);
     assert!(max_abs_diff(&ours, &sdpa) < 1e-12);
 }
 
@@ -34,28 +38,61 @@ fn reference_matches_sdpa_with_key_padding_and_blocks() {
     let _ = keep.narrow(1, 0, 1).fill_(1); // every row keeps at least key 0 for the SDPA comparison
     let blocks = Tensor::rand([b, sq, 3], F64).gt(0.4);
     let _ = blocks.narrow(2, 0, 1).fill_(1);
-    let mask = AttentionMask { key_keep: Some(&keep), block_mask: Some((&blocks, 4)), ..Default::default() };
+    let mask = AttentionMask {
+        key_keep: Some(&keep),
+        block_mask: Some((&blocks, 4)),
+        ..Default::default()
+    };
     let dense = attention::dense_mask(&mask, b, sq, sk, Device::Cpu);
     let ours = attention::reference(&q, &k, &v, &mask, 0.3);
-    let sdpa = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&dense), 0.0, false, 0.3, false);
+    let sdpa =
+        Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&dense), 0.0, false, 0.3, false);
     assert!(max_abs_diff(&ours, &sdpa) < 1e-12);
 }
 
 #[test]
 fn dense_mask_spells_out_each_rule() {
     // causal, bottom-right aligned: with Sq=2, Sk=4 row 0 sees keys 0..=2, row 1 all keys
-    let m = attention::dense_mask(&AttentionMask { causal: true, ..Default::default() }, 1, 2, 4, Device::Cpu);
+    let m = attention::dense_mask(
+        &AttentionMask {
+            causal: true,
+            ..Default::default()
+        },
+        1,
+        2,
+        4,
+        Device::Cpu,
+    );
     let got: Vec<i64> = Vec::try_from(m.to_kind(Kind::Int64).flatten(0, -1)).unwrap();
     assert_eq!(got, vec![1, 1, 1, 0, 1, 1, 1, 1]);
     // Mllama vision rule: padded queries (flag set) do not see padded keys; real queries see all
     let keep = Tensor::from_slice(&[1u8, 1, 0]).view([1, 3]);
     let flags = Tensor::from_slice(&[0u8, 0, 1]).view([1, 3]);
-    let m = attention::dense_mask(&AttentionMask { key_keep: Some(&keep), query_flags: Some(&flags), ..Default::default() }, 1, 3, 3, Device::Cpu);
+    let m = attention::dense_mask(
+        &AttentionMask {
+            key_keep: Some(&keep),
+            query_flags: Some(&flags),
+            ..Default::default()
+        },
+        1,
+        3,
+        3,
+        Device::Cpu,
+    );
     let got: Vec<i64> = Vec::try_from(m.to_kind(Kind::Int64).flatten(0, -1)).unwrap();
     assert_eq!(got, vec![1, 1, 1, 1, 1, 1, 1, 1, 0]);
     // block mask: query 0 sees block 1 only (keys 2, 3)
     let bm = Tensor::from_slice(&[0u8, 1]).view([1, 1, 2]);
-    let m = attention::dense_mask(&AttentionMask { block_mask: Some((&bm, 2)), ..Default::default() }, 1, 1, 4, Device::Cpu);
+    let m = attention::dense_mask(
+        &AttentionMask {
+            block_mask: Some((&bm, 2)),
+            ..Default::default()
+        },
+        1,
+        1,
+        4,
+        Device::Cpu,
+    );
     let got: Vec<i64> = Vec::try_from(m.to_kind(Kind::Int64).flatten(0, -1)).unwrap();
     assert_eq!(got, vec![0, 0, 1, 1]);
 }
@@ -67,14 +104,30 @@ fn fully_masked_rows_give_zero_output_and_finite_gradients() {
     let k = Tensor::randn([b, h, sk, d], F64).set_requires_grad(true);
     let v = Tensor::randn([b, h, sk, d], F64).set_requires_grad(true);
     let bm = Tensor::from_slice(&[0u8, 1, 1]).view([1, 3, 1]); // row 0 sees nothing
-    let mask = AttentionMask { block_mask: Some((&bm, 4)), ..Default::default() };
+    let mask = AttentionMask {
+        block_mask: Some((&bm, 4)),
+        ..Default::default()
+    };
     let out = attention::reference(&q, &k, &v, &mask, 0.5);
-    assert_eq!(out.narrow(2, 0, 1).abs().sum(Kind::Double).double_value(&[]), 0.0);
+    assert_eq!(
+        out.narrow(2, 0, 1)
+            .abs()
+            .sum(Kind::Double)
+            .double_value(&[]),
+        0.0
+    );
     out.sum(Kind::Double).backward();
     for t in [&q, &k, &v] {
         assert_eq!(t.grad().isfinite().all().int64_value(&[]), 1);
     }
-    assert_eq!(q.grad().narrow(2, 0, 1).abs().sum(Kind::Double).double_value(&[]), 0.0);
+    assert_eq!(
+        q.grad()
+            .narrow(2, 0, 1)
+            .abs()
+            .sum(Kind::Double)
+            .double_value(&[]),
+        0.0
+    );
 }
 
 #[test]
@@ -89,18 +142,24 @@ fn rmsnorm_reference_matches_libtorch() {
 #[test]
 fn fused_entry_points_refuse_cpu_tensors() {
     let q = Tensor::randn([1, 1, 4, 64], (Kind::BFloat16, Device::Cpu));
-    let err = attention::fused_forward(&q, &q, &q, &AttentionMask::default(), 0.125).err().expect("CPU must be refused");
+    let err = attention::fused_forward(&q, &q, &q, &AttentionMask::default(), 0.125)
+        .err()
+        .expect("CPU must be refused");
     assert!(err.to_string().contains("needs CUDA tensors"), "{err}");
     let x = Tensor::randn([2, 8], (Kind::BFloat16, Device::Cpu));
     let w = Tensor::ones([8], (Kind::BFloat16, Device::Cpu));
-    let err = rmsnorm::fused_forward(&x, &w, 1e-5).err().expect("CPU must be refused");
+    let err = rmsnorm::fused_forward(&x, &w, 1e-5)
+        .err()
+        .expect("CPU must be refused");
     assert!(err.to_string().contains("needs CUDA tensors"), "{err}");
 }
 
 #[test]
 fn unsupported_head_dim_is_an_error_not_a_panic() {
     let q = Tensor::randn([1, 1, 4, 96], (Kind::BFloat16, Device::Cpu));
-    let err = attention::fused_forward(&q, &q, &q, &AttentionMask::default(), 0.1).err().expect("d=96 unsupported");
+    let err = attention::fused_forward(&q, &q, &q, &AttentionMask::default(), 0.1)
+        .err()
+        .expect("d=96 unsupported");
     assert!(err.to_string().contains("head dims 64, 80, 128"), "{err}");
 }
 
@@ -110,13 +169,21 @@ fn nvrtc_compiles_rmsnorm_and_cache_keys_differ_by_arch() {
     let ptx = compile::compile_ptx(&src, "compute_80").expect("NVRTC from the torch wheel");
     assert!(ptx.contains(".entry rmsnorm_fwd_bf16"));
     let v = compile::nvrtc_version().unwrap();
-    assert_ne!(compile::cache_key(&src, "compute_80", v), compile::cache_key(&src, "compute_90", v));
+    assert_ne!(
+        compile::cache_key(&src, "compute_80", v),
+        compile::cache_key(&src, "compute_90", v)
+    );
 }
 
 #[test]
 fn nvrtc_reports_errors_with_the_log() {
-    let bad = kernels::KernelSource { name: "bad.cu", text: "extern \"C\" __global__ void k() { int x = ; }".into() };
-    let err = compile::compile_ptx(&bad, "compute_80").err().expect("syntax error");
+    let bad = kernels::KernelSource {
+        name: "bad.cu",
+        text: "extern \"C\" __global__ void k() { int x = ; }".into(),
+    };
+    let err = compile::compile_ptx(&bad, "compute_80")
+        .err()
+        .expect("syntax error");
     let msg = err.to_string();
     assert!(msg.contains("bad.cu") && msg.contains("error"), "{msg}");
 }
