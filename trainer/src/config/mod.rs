@@ -1,21 +1,116 @@
-//! Placeholder: replaced by the config helper (schema, overrides, validation).
+//! Run configuration: the YAML schema, `--set` overrides, and validation into a resolved config.
+//!
+//! Module index:
+//! - `schema`:    the resolved `Config` the trainer reads, its enums, derived facts, `to_yaml`
+//! - `raw`:       the serde layer: unknown keys refused, defaults (llama-recipes'), checked leaves
+//! - `values`:    leaf types that check themselves (ranged numbers, paths, lists of names)
+//! - `de`:        a deserializer over a YAML value that names the key path in every error
+//! - `overrides`: `--set KEY=VALUE`
+//! - `validate`:  raw -> resolved: required keys, rules that span several keys
+//! - `error`:     `ConfigError` (the user-facing messages) and key suggestions
+//!
+//! Loading goes: file text -> YAML value -> overrides applied to the value -> raw config
+//! (types, ranges, unknown keys) -> validated `Config`. Overrides act on the value, not on the
+//! typed config, so that a `--set` is checked, and its errors worded, exactly like the file.
 use std::path::Path;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{0}")]
-    Io(String),
+use serde_yaml::{Mapping, Value};
+
+mod de;
+mod error;
+mod overrides;
+mod raw;
+mod schema;
+mod validate;
+mod values;
+
+pub use error::ConfigError;
+pub use schema::{
+    Attention, Backend, BadRecords, CheckpointConfig, Config, DType, DataConfig, FsdpConfig,
+    LengthPolicy, ModelConfig, PeftConfig, PeftMethod, Resume, Schedule, ScheduleKind, TextOnly,
+    TrainConfig,
+};
+
+use de::{DeError, DeErrorKind};
+use overrides::Override;
+
+/// Read the config file at `path`, apply `--set KEY=VALUE` overrides in order, and validate.
+pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            ConfigError::NotFound {
+                path: path.to_path_buf(),
+            }
+        } else {
+            ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })?;
+    parse_named(&path.display().to_string(), &text, overrides)
 }
 
-pub struct Config;
+/// `load` for YAML text already in memory; errors name the file as `<string>`.
+pub fn parse(yaml: &str, overrides: &[String]) -> Result<Config, ConfigError> {
+    parse_named("<string>", yaml, overrides)
+}
 
-impl Config {
-    pub fn to_yaml(&self) -> Result<String, ConfigError> {
-        Ok(String::new())
+fn parse_named(file: &str, text: &str, overrides: &[String]) -> Result<Config, ConfigError> {
+    let overrides = overrides
+        .iter()
+        .map(|arg| Override::parse(arg))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut root = match serde_yaml::from_str::<Value>(text) {
+        // An empty file is an empty config: the missing required keys are then named.
+        Ok(Value::Null) => Mapping::new(),
+        Ok(Value::Mapping(map)) => map,
+        Ok(other) => {
+            return Err(ConfigError::NotAMapping {
+                file: file.to_string(),
+                got: de::describe_value(&other),
+            })
+        }
+        Err(e) => {
+            return Err(ConfigError::Syntax {
+                file: file.to_string(),
+                message: e.to_string(),
+            })
+        }
+    };
+    for o in &overrides {
+        o.apply(&mut root)?;
     }
+    let raw: raw::RawConfig =
+        de::from_value(&Value::Mapping(root)).map_err(|e| user_error(e, &overrides))?;
+    validate::validate(raw)
 }
 
-pub fn load(path: &Path, _overrides: &[String]) -> Result<Config, ConfigError> {
-    std::fs::read_to_string(path).map_err(|e| ConfigError::Io(format!("{}: {e}", path.display())))?;
-    Ok(Config)
+/// Word a deserialization error for the user: suggestions for unknown keys, and the full key
+/// of the `--set` that introduced an unknown section (`--set pef.r=8` -> `pef.r: ...`).
+fn user_error(e: DeError, overrides: &[Override]) -> ConfigError {
+    let path = e.path.unwrap_or_else(|| "config".to_string());
+    match e.kind {
+        DeErrorKind::UnknownKey { key, valid } => {
+            let below = format!("{path}.");
+            let path = overrides
+                .iter()
+                .rev()
+                .map(Override::key_path)
+                .find(|k| *k == path || k.starts_with(&below))
+                .unwrap_or(path);
+            ConfigError::UnknownKey {
+                path,
+                suggestion: error::suggest(&key, valid).map(str::to_string),
+                valid: valid.iter().map(|v| v.to_string()).collect(),
+                key,
+            }
+        }
+        DeErrorKind::Invalid { expected, got } => ConfigError::Invalid {
+            path,
+            expected,
+            got,
+        },
+        DeErrorKind::Other(message) => ConfigError::Malformed { path, message },
+    }
 }

@@ -1,0 +1,150 @@
+//! `ConfigError`: every way a config can be wrong, each with the full message a user sees.
+//!
+//! Messages lead with what the user wrote (a file, a key path, a `--set` argument), then what was
+//! found and what is allowed, so that the fix is obvious without reading the source.
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: config file does not exist", path.display())]
+    NotFound { path: PathBuf },
+
+    #[error("{}: cannot read config file: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    /// `file` is a path, or `<string>` for text parsed directly; the parser's message says
+    /// where (`... at line 3 column 2, while parsing a block mapping`).
+    #[error("{file}: invalid YAML: {message}")]
+    Syntax { file: String, message: String },
+
+    #[error("{file}: expected a mapping of sections (model, peft, data, train, fsdp, checkpoint), got {got}")]
+    NotAMapping { file: String, got: String },
+
+    #[error("--set {arg:?}: expected KEY=VALUE")]
+    OverrideSyntax { arg: String },
+
+    #[error("--set {arg:?}: VALUE is not a YAML value: {message}")]
+    OverrideValue { arg: String, message: String },
+
+    #[error("--set {arg:?}: {parent} is a value, not a section, so it has no key {key:?}")]
+    OverrideNotSection {
+        arg: String,
+        parent: String,
+        key: String,
+    },
+
+    /// `path` names where the key sits (for a `--set`, the whole overridden key).
+    #[error("{path}: unknown key {key:?} ({})", hint(suggestion.as_deref(), valid))]
+    UnknownKey {
+        path: String,
+        key: String,
+        suggestion: Option<String>,
+        valid: Vec<String>,
+    },
+
+    /// Wrong type or out of range: `expected` says what is allowed, `got` is the value as written.
+    #[error("{path}: expected {expected}, got {got}")]
+    Invalid {
+        path: String,
+        expected: String,
+        got: String,
+    },
+
+    #[error("{path}: required key is missing ({what})")]
+    Missing { path: String, what: &'static str },
+
+    /// Keys that are fine alone but not together.
+    #[error("{path}: {message}")]
+    Conflict { path: String, message: String },
+
+    /// Anything else serde reports, with its key path.
+    #[error("{path}: {message}")]
+    Malformed { path: String, message: String },
+
+    #[error("cannot print the config as YAML: {0}")]
+    Serialize(String),
+}
+
+fn hint(suggestion: Option<&str>, valid: &[String]) -> String {
+    match suggestion {
+        Some(s) => format!("did you mean {s:?}?"),
+        None if valid.is_empty() => "this section takes no keys".to_string(),
+        None => format!("valid keys: {}", valid.join(", ")),
+    }
+}
+
+/// The valid key `key` was most likely meant to be: the closest by edit distance if it is close
+/// enough to be a typo (at most a third of the longer word, at least one edit), otherwise a key
+/// it abbreviates (`warmup` -> `warmup_steps`) or extends (`dropout_rate` -> `dropout`).
+pub(crate) fn suggest<'a>(key: &str, valid: &[&'a str]) -> Option<&'a str> {
+    let typo = valid
+        .iter()
+        .map(|v| (edit_distance(key, v), *v))
+        .filter(|(d, v)| *d <= (key.chars().count().max(v.chars().count()) / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, v)| v);
+    typo.or_else(|| {
+        valid
+            .iter()
+            .copied()
+            .find(|v| (key.len() >= 3 && v.starts_with(key)) || key.starts_with(&format!("{v}_")))
+    })
+}
+
+/// Edit distance where inserting, deleting or substituting a char, or swapping two adjacent
+/// chars, costs 1 (optimal string alignment), so that "trian" is one typo away from "train".
+/// Keys are short: a full table is plenty, and it saves a dependency for twenty lines.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    // d[i][j]: distance between the first i chars of a and the first j chars of b.
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_distance_counts_edits() {
+        assert_eq!(edit_distance("pef", "peft"), 1);
+        assert_eq!(edit_distance("lrr", "lr"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("trian", "train"), 1);
+    }
+
+    #[test]
+    fn suggests_only_close_keys() {
+        let valid = ["model", "peft", "data", "train", "fsdp", "checkpoint"];
+        assert_eq!(suggest("pef", &valid), Some("peft"));
+        assert_eq!(suggest("trian", &valid), Some("train"));
+        assert_eq!(suggest("checkpoints", &valid), Some("checkpoint"));
+        assert_eq!(suggest("optimizer", &valid), None);
+        let valid = ["kind", "gamma", "warmup_steps", "min_lr_ratio"];
+        assert_eq!(suggest("warmup", &valid), Some("warmup_steps"));
+        assert_eq!(suggest("min_lr", &valid), Some("min_lr_ratio"));
+        assert_eq!(suggest("kind_of", &valid), Some("kind"));
+    }
+}

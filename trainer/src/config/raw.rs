@@ -1,0 +1,248 @@
+//! The raw layer: the YAML file as serde reads it. Unknown keys are refused, absent keys take
+//! the defaults below, and every leaf is already checked for type and range (`values.rs`). What
+//! is left for `validate.rs`: required keys and rules that span several keys.
+//!
+//! Defaults follow llama-recipes' `train_config`, `fsdp_config` and `lora_config` where those
+//! have one (the llama-recipes name is in the comment), and DESIGN.md elsewhere.
+use serde::Deserialize;
+
+use super::schema::{
+    Attention, Backend, BadRecords, DType, LengthPolicy, PeftMethod, Resume, ScheduleKind, TextOnly,
+};
+use super::values::{
+    ClipNorm, Count, Decay, Dropout, FilePath, Int, Names, NonNegative, Num, Positive, PositiveInt,
+    Ratio,
+};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub model: RawModel,
+    pub peft: RawPeft,
+    pub data: RawData,
+    pub train: RawTrain,
+    pub fsdp: RawFsdp,
+    pub checkpoint: RawCheckpoint,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawModel {
+    /// Required (llama-recipes `model_name`).
+    pub path: Option<FilePath>,
+    pub dtype: DType,
+    pub attention: Attention,
+}
+
+impl Default for RawModel {
+    fn default() -> Self {
+        RawModel {
+            path: None,
+            // The released checkpoints are bf16, and llama-recipes loads them as stored.
+            dtype: DType::Bf16,
+            // `use_fast_kernels` (the seed passes it) selects sdpa.
+            attention: Attention::Sdpa,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawPeft {
+    pub method: PeftMethod,
+    pub r: Int<PositiveInt>,
+    pub alpha: Num<Positive>,
+    pub dropout: Num<Dropout>,
+    pub target_modules: Names,
+    pub init_from: Option<FilePath>,
+}
+
+impl Default for RawPeft {
+    fn default() -> Self {
+        // lora_config: r 8, lora_alpha 32, target_modules [q_proj, v_proj], lora_dropout 0.05.
+        RawPeft {
+            method: PeftMethod::Lora,
+            r: Int::new(8),
+            alpha: Num::new(32.0),
+            dropout: Num::new(0.05),
+            target_modules: Names(vec!["q_proj".into(), "v_proj".into()]),
+            init_from: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawData {
+    /// Required.
+    pub train: Option<FilePath>,
+    pub eval: Option<FilePath>,
+    pub image_root: Option<FilePath>,
+    pub max_seq_len: Int<PositiveInt>,
+    pub max_seq_len_policy: LengthPolicy,
+    pub num_workers: Int<Count>,
+    pub bad_records: BadRecords,
+    pub text_only: TextOnly,
+    pub double_bos: bool,
+}
+
+impl Default for RawData {
+    fn default() -> Self {
+        RawData {
+            train: None,
+            eval: None,
+            image_root: None,
+            // context_length 4096.
+            max_seq_len: Int::new(4096),
+            // The seed never truncates; dropping an over-long sample (and counting it) keeps
+            // its supervision intact where truncation could cut the answer off.
+            max_seq_len_policy: LengthPolicy::Skip,
+            num_workers: Int::new(2),
+            bad_records: BadRecords::Error,
+            // cot_dataset.py skips records without an image.
+            text_only: TextOnly::Skip,
+            double_bos: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawTrain {
+    pub epochs: Int<PositiveInt>,
+    pub batch_size: Int<PositiveInt>,
+    pub grad_accum: Int<PositiveInt>,
+    pub lr: Num<Positive>,
+    pub weight_decay: Num<NonNegative>,
+    pub schedule: RawSchedule,
+    pub grad_clip: Option<Num<ClipNorm>>,
+    pub max_steps: Int<Count>,
+    pub seed: Int<Count>,
+    pub validate: bool,
+    pub log_every: Int<PositiveInt>,
+    pub output_dir: FilePath,
+    pub skip_nonfinite: Int<Count>,
+}
+
+impl Default for RawTrain {
+    fn default() -> Self {
+        RawTrain {
+            // num_epochs 3, batch_size_training 4, gradient_accumulation_steps 1.
+            epochs: Int::new(3),
+            batch_size: Int::new(4),
+            grad_accum: Int::new(1),
+            // llama-recipes' default is 1e-4; the seed (and LLaVA-CoT) train at 1e-5.
+            lr: Num::new(1e-5),
+            weight_decay: Num::new(0.0),
+            schedule: RawSchedule::default(),
+            // gradient_clipping False.
+            grad_clip: None,
+            // max_train_step 0: no limit.
+            max_steps: Int::new(0),
+            seed: Int::new(42),
+            // run_validation is True in llama-recipes, but there is no eval split unless
+            // data.eval names one, so validation is opt-in here.
+            validate: false,
+            log_every: Int::new(1),
+            output_dir: FilePath::new("./finetuned_model"),
+            skip_nonfinite: Int::new(0),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawSchedule {
+    pub kind: ScheduleKind,
+    pub gamma: Num<Decay>,
+    pub warmup_steps: Int<Count>,
+    pub min_lr_ratio: Num<Ratio>,
+}
+
+impl Default for RawSchedule {
+    fn default() -> Self {
+        // StepLR(step_size=1, gamma=0.85) stepped once per epoch.
+        RawSchedule {
+            kind: ScheduleKind::Step,
+            gamma: Num::new(0.85),
+            warmup_steps: Int::new(0),
+            min_lr_ratio: Num::new(0.0),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawFsdp {
+    pub enabled: bool,
+    pub backend: Backend,
+    pub mixed_precision: DType,
+    pub activation_checkpointing: bool,
+    pub prefetch: bool,
+}
+
+impl Default for RawFsdp {
+    fn default() -> Self {
+        // enable_fsdp (the seed passes it); mixed_precision True with bf16;
+        // fsdp_activation_checkpointing True.
+        RawFsdp {
+            enabled: true,
+            backend: Backend::Auto,
+            mixed_precision: DType::Bf16,
+            activation_checkpointing: true,
+            prefetch: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawCheckpoint {
+    pub dir: FilePath,
+    pub every_steps: Int<Count>,
+    pub keep_last: Int<Count>,
+    pub resume: Resume,
+    #[serde(rename = "async")]
+    pub async_save: bool,
+}
+
+impl Default for RawCheckpoint {
+    fn default() -> Self {
+        RawCheckpoint {
+            // dist_checkpoint_root_folder / dist_checkpoint_folder as the seed sets them.
+            dir: FilePath::new("./finetuned_model/fine-tuned"),
+            // llama-recipes saves once per epoch.
+            every_steps: Int::new(0),
+            keep_last: Int::new(2),
+            resume: Resume::Auto,
+            async_save: true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::values::{IntRule, NumRule};
+    use super::*;
+
+    /// Defaults bypass the rules (they are constants), so check them against the rules here.
+    #[test]
+    fn defaults_obey_their_rules() {
+        let (p, t, s) = (
+            RawPeft::default(),
+            RawTrain::default(),
+            RawSchedule::default(),
+        );
+        assert!(PositiveInt::allows(p.r.get()));
+        assert!(Positive::allows(p.alpha.get()));
+        assert!(Dropout::allows(p.dropout.get()));
+        assert!(PositiveInt::allows(RawData::default().max_seq_len.get()));
+        for v in [t.epochs, t.batch_size, t.grad_accum, t.log_every] {
+            assert!(PositiveInt::allows(v.get()));
+        }
+        assert!(Positive::allows(t.lr.get()));
+        assert!(NonNegative::allows(t.weight_decay.get()));
+        assert!(Decay::allows(s.gamma.get()));
+        assert!(Ratio::allows(s.min_lr_ratio.get()));
+    }
+}

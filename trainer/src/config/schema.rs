@@ -1,0 +1,286 @@
+//! The resolved config: what the rest of the trainer reads. Every value here has been checked;
+//! defaults are filled in (see `raw.rs` for them and the llama-recipes flag each mirrors).
+//!
+//! Paths are kept exactly as written in the YAML: a relative path is relative to the working
+//! directory of the run (as with llama-recipes and torchrun), not to the config file's folder.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A whole run: the six sections of the YAML file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub peft: PeftConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub fsdp: FsdpConfig,
+    pub checkpoint: CheckpointConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelConfig {
+    /// Hugging Face model folder (config.json, safetensors, tokenizer, processor config).
+    pub path: PathBuf,
+    /// Storage dtype of the weights on load.
+    pub dtype: DType,
+    pub attention: Attention,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    Bf16,
+    Fp16,
+    Fp32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attention {
+    /// Plain matmul + softmax, the reference for numerics.
+    Eager,
+    /// libtorch's scaled_dot_product_attention (llama-recipes `--use_fast_kernels`).
+    Sdpa,
+    /// Our fused NVRTC kernels (GPU only).
+    Fused,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeftConfig {
+    pub method: PeftMethod,
+    /// LoRA rank.
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module names matched as suffixes, as PEFT does: `q_proj` wraps the vision attention,
+    /// the text self-attention and the text cross-attention projections alike.
+    pub target_modules: Vec<String>,
+    /// A PEFT adapter folder to start from (llama-recipes `--from_peft_checkpoint`).
+    pub init_from: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeftMethod {
+    Lora,
+    /// Full finetuning: every weight trains.
+    None,
+}
+
+impl PeftConfig {
+    pub fn is_lora(&self) -> bool {
+        self.method == PeftMethod::Lora
+    }
+
+    /// The factor on the LoRA update, `B A x * alpha / r` (PEFT's `scaling`); only LoRA
+    /// reads it.
+    pub fn lora_scaling(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DataConfig {
+    /// JSONL records in the LLaVA-CoT conversation format.
+    pub train: PathBuf,
+    pub eval: Option<PathBuf>,
+    /// Folder that image paths in the records are relative to; null: used as written.
+    pub image_root: Option<PathBuf>,
+    /// Longest sample in tokens (llama-recipes `context_length`).
+    pub max_seq_len: usize,
+    /// What to do with a sample longer than `max_seq_len`.
+    pub max_seq_len_policy: LengthPolicy,
+    /// Background workers that decode images and tokenize.
+    pub num_workers: usize,
+    /// What to do with a record that cannot be parsed or whose image cannot be read.
+    pub bad_records: BadRecords,
+    /// What to do with a record that has no image (the seed's cot_dataset.py skips them).
+    pub text_only: TextOnly,
+    /// Keep the second `<|begin_of_text|>` that a chat template plus tokenizer BOS produce.
+    pub double_bos: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LengthPolicy {
+    /// Cut the sample at `max_seq_len` tokens.
+    Truncate,
+    /// Drop the sample (counted and reported).
+    Skip,
+    /// Stop with an error naming the record.
+    Error,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BadRecords {
+    Error,
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TextOnly {
+    Skip,
+    Keep,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Samples per rank per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub schedule: Schedule,
+    /// Max global gradient norm; None: no clipping.
+    pub grad_clip: Option<f64>,
+    /// Stop after this many optimizer steps; 0: no limit (run all epochs).
+    pub max_steps: u64,
+    pub seed: u64,
+    /// Run validation on `data.eval` after each epoch.
+    pub validate: bool,
+    /// Log and write metrics every this many optimizer steps.
+    pub log_every: u64,
+    /// Where metrics.jsonl and exported adapters go.
+    pub output_dir: PathBuf,
+    /// How many steps with a non-finite loss or gradient norm may be skipped (update dropped,
+    /// warning logged) before the run fails; 0: fail on the first.
+    pub skip_nonfinite: u64,
+}
+
+impl TrainConfig {
+    /// Samples per optimizer step: independent of how they are split across ranks and
+    /// micro-batches, which is what makes runs at different world sizes comparable.
+    pub fn global_batch(&self, world_size: usize) -> usize {
+        self.batch_size * world_size * self.grad_accum
+    }
+
+    /// The optimizer-step limit, if any.
+    pub fn step_limit(&self) -> Option<u64> {
+        (self.max_steps > 0).then_some(self.max_steps)
+    }
+}
+
+/// Learning-rate schedule. Every key is always present (so printed configs load back); each
+/// kind reads its own: `step` reads `gamma`, `cosine` reads `warmup_steps` and `min_lr_ratio`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Schedule {
+    pub kind: ScheduleKind,
+    /// step: lr *= gamma after each epoch (llama-recipes' StepLR).
+    pub gamma: f64,
+    /// cosine: linear warmup from 0 over this many optimizer steps.
+    pub warmup_steps: u64,
+    /// cosine: the final lr as a fraction of `train.lr`.
+    pub min_lr_ratio: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    Step,
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FsdpConfig {
+    /// Shard parameters, gradients and optimizer state across ranks.
+    pub enabled: bool,
+    pub backend: Backend,
+    /// Dtype of gathered parameters and of gradient reduction.
+    pub mixed_precision: DType,
+    /// Recompute each unit in backward instead of keeping its activations.
+    pub activation_checkpointing: bool,
+    /// Gather the next unit's parameters while the current one computes.
+    pub prefetch: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// nccl when CUDA is available, cpu otherwise.
+    Auto,
+    Nccl,
+    Cpu,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckpointConfig {
+    /// Folder holding the `step-N/` checkpoints.
+    pub dir: PathBuf,
+    /// Save every this many optimizer steps; 0: only at the end of each epoch.
+    pub every_steps: u64,
+    /// How many checkpoints to keep, oldest deleted first; 0: keep all.
+    pub keep_last: usize,
+    pub resume: Resume,
+    /// Write checkpoints in the background while training goes on.
+    #[serde(rename = "async")]
+    pub async_save: bool,
+}
+
+/// Where a run starts from. In YAML: `auto`, `never`, or a checkpoint folder path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// From the newest complete checkpoint in `checkpoint.dir`, if there is one.
+    Auto,
+    /// From scratch, even if checkpoints exist.
+    Never,
+    /// From this checkpoint folder; an error if it is missing.
+    From(PathBuf),
+}
+
+impl Resume {
+    fn from_text(text: &str) -> Option<Resume> {
+        match text {
+            "" => None,
+            "auto" => Some(Resume::Auto),
+            "never" => Some(Resume::Never),
+            path => Some(Resume::From(PathBuf::from(path))),
+        }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Resume::From(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+impl Serialize for Resume {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Resume::Auto => s.serialize_str("auto"),
+            Resume::Never => s.serialize_str("never"),
+            Resume::From(p) => p.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Resume {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Resume;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("auto, never, or a checkpoint folder")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Resume, E> {
+                Resume::from_text(v)
+                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_string(V)
+    }
+}
+
+impl Config {
+    /// The resolved config as YAML: every key, defaults filled in. Loading it back gives the
+    /// same config.
+    pub fn to_yaml(&self) -> Result<String, super::ConfigError> {
+        serde_yaml::to_string(self).map_err(|e| super::ConfigError::Serialize(e.to_string()))
+    }
+}

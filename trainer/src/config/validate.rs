@@ -1,0 +1,145 @@
+//! The validation pass: raw config -> resolved config. Leaves were checked while parsing
+//! (`values.rs`); this pass adds required keys and the rules that involve several keys.
+use super::raw::{RawCheckpoint, RawConfig, RawData, RawFsdp, RawModel, RawPeft, RawTrain};
+use super::schema::{
+    CheckpointConfig, Config, DataConfig, FsdpConfig, ModelConfig, PeftConfig, PeftMethod,
+    Schedule, ScheduleKind, TrainConfig,
+};
+use super::values::FilePath;
+use super::ConfigError;
+
+pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    // Sections in file order, so that the first error reported is the first one in the file.
+    let config = Config {
+        model: model(raw.model)?,
+        peft: peft(raw.peft)?,
+        data: data(raw.data)?,
+        train: train(raw.train)?,
+        fsdp: fsdp(raw.fsdp),
+        checkpoint: checkpoint(raw.checkpoint),
+    };
+    if config.train.validate && config.data.eval.is_none() {
+        return Err(ConfigError::Conflict {
+            path: "train.validate".into(),
+            message: "validation needs data.eval (a JSONL file of validation records); \
+                      set data.eval or train.validate: false"
+                .into(),
+        });
+    }
+    Ok(config)
+}
+
+fn required(
+    value: Option<FilePath>,
+    path: &str,
+    what: &'static str,
+) -> Result<FilePath, ConfigError> {
+    value.ok_or_else(|| ConfigError::Missing {
+        path: path.into(),
+        what,
+    })
+}
+
+fn model(raw: RawModel) -> Result<ModelConfig, ConfigError> {
+    Ok(ModelConfig {
+        path: required(raw.path, "model.path", "the Hugging Face model folder")?.0,
+        dtype: raw.dtype,
+        attention: raw.attention,
+    })
+}
+
+fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
+    let lora = raw.method == PeftMethod::Lora;
+    if lora && raw.target_modules.0.is_empty() {
+        return Err(ConfigError::Invalid {
+            path: "peft.target_modules".into(),
+            expected: "at least one module name for LoRA, like [q_proj, v_proj]".into(),
+            got: "[]".into(),
+        });
+    }
+    if !lora && raw.init_from.is_some() {
+        return Err(ConfigError::Conflict {
+            path: "peft.init_from".into(),
+            message: "starting from an adapter needs peft.method: lora \
+                      (method none trains every weight and has no adapter)"
+                .into(),
+        });
+    }
+    Ok(PeftConfig {
+        method: raw.method,
+        r: raw.r.size(),
+        alpha: raw.alpha.get(),
+        dropout: raw.dropout.get(),
+        target_modules: raw.target_modules.0,
+        init_from: raw.init_from.map(|p| p.0),
+    })
+}
+
+fn data(raw: RawData) -> Result<DataConfig, ConfigError> {
+    Ok(DataConfig {
+        train: required(raw.train, "data.train", "a JSONL file of training records")?.0,
+        eval: raw.eval.map(|p| p.0),
+        image_root: raw.image_root.map(|p| p.0),
+        max_seq_len: raw.max_seq_len.size(),
+        max_seq_len_policy: raw.max_seq_len_policy,
+        num_workers: raw.num_workers.size(),
+        bad_records: raw.bad_records,
+        text_only: raw.text_only,
+        double_bos: raw.double_bos,
+    })
+}
+
+fn train(raw: RawTrain) -> Result<TrainConfig, ConfigError> {
+    let s = raw.schedule;
+    // A warmup the step schedule would ignore is refused rather than dropped silently.
+    if s.kind == ScheduleKind::Step && s.warmup_steps.get() > 0 {
+        return Err(ConfigError::Conflict {
+            path: "train.schedule.warmup_steps".into(),
+            message: format!(
+                "{} warmup steps, but only kind cosine warms up; \
+                 set train.schedule.kind: cosine or warmup_steps: 0",
+                s.warmup_steps.get()
+            ),
+        });
+    }
+    Ok(TrainConfig {
+        epochs: raw.epochs.size(),
+        batch_size: raw.batch_size.size(),
+        grad_accum: raw.grad_accum.size(),
+        lr: raw.lr.get(),
+        weight_decay: raw.weight_decay.get(),
+        schedule: Schedule {
+            kind: s.kind,
+            gamma: s.gamma.get(),
+            warmup_steps: s.warmup_steps.get(),
+            min_lr_ratio: s.min_lr_ratio.get(),
+        },
+        grad_clip: raw.grad_clip.map(|c| c.get()),
+        max_steps: raw.max_steps.get(),
+        seed: raw.seed.get(),
+        validate: raw.validate,
+        log_every: raw.log_every.get(),
+        output_dir: raw.output_dir.0,
+        skip_nonfinite: raw.skip_nonfinite.get(),
+    })
+}
+
+fn fsdp(raw: RawFsdp) -> FsdpConfig {
+    FsdpConfig {
+        enabled: raw.enabled,
+        backend: raw.backend,
+        mixed_precision: raw.mixed_precision,
+        activation_checkpointing: raw.activation_checkpointing,
+        prefetch: raw.prefetch,
+    }
+}
+
+fn checkpoint(raw: RawCheckpoint) -> CheckpointConfig {
+    CheckpointConfig {
+        dir: raw.dir.0,
+        every_steps: raw.every_steps.get(),
+        keep_last: raw.keep_last.size(),
+        resume: raw.resume,
+        async_save: raw.async_save,
+    }
+}

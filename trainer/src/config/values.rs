@@ -1,0 +1,245 @@
+//! Checked leaf values of the raw layer: numbers with a range, non-empty paths, lists of names.
+//!
+//! Each type says in words what it allows (`EXPECTED`), and that one phrase serves both the wrong
+//! type and the out-of-range case, so `lr: fast` and `lr: -1` read `expected a positive number`.
+//! Checking while deserializing keeps the key path in the error for free (see `de.rs`).
+use std::fmt;
+use std::marker::PhantomData;
+use std::path::PathBuf;
+
+use serde::de::{self, Deserialize, Deserializer, SeqAccess, Unexpected, Visitor};
+
+/// A rule for a floating-point value.
+pub(crate) trait NumRule {
+    const EXPECTED: &'static str;
+    fn allows(v: f64) -> bool;
+}
+
+/// A rule for an integer value (always >= 0: no key of the schema takes a negative integer).
+pub(crate) trait IntRule {
+    const EXPECTED: &'static str;
+    fn allows(v: u64) -> bool;
+}
+
+macro_rules! num_rule {
+    ($name:ident, $expected:literal, |$v:ident| $check:expr) => {
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        pub(crate) struct $name;
+        impl NumRule for $name {
+            const EXPECTED: &'static str = $expected;
+            fn allows($v: f64) -> bool {
+                $check
+            }
+        }
+    };
+}
+
+macro_rules! int_rule {
+    ($name:ident, $expected:literal, |$v:ident| $check:expr) => {
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        pub(crate) struct $name;
+        impl IntRule for $name {
+            const EXPECTED: &'static str = $expected;
+            fn allows($v: u64) -> bool {
+                $check
+            }
+        }
+    };
+}
+
+// NaN fails every comparison, and the infinities are excluded explicitly, so `.nan`/`.inf` in
+// YAML are rejected by every rule.
+num_rule!(Positive, "a positive number", |v| v.is_finite() && v > 0.0);
+num_rule!(NonNegative, "a number >= 0", |v| v.is_finite() && v >= 0.0);
+num_rule!(Dropout, "a number in [0, 1)", |v| (0.0..1.0).contains(&v));
+num_rule!(Decay, "a number in (0, 1]", |v| v > 0.0 && v <= 1.0);
+num_rule!(Ratio, "a number in [0, 1]", |v| (0.0..=1.0).contains(&v));
+num_rule!(ClipNorm, "a positive number (or null: no clipping)", |v| v
+    .is_finite()
+    && v > 0.0);
+
+int_rule!(PositiveInt, "a positive integer", |v| v >= 1);
+int_rule!(Count, "an integer >= 0", |_v| true);
+
+/// A float checked by rule `R`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Num<R>(f64, PhantomData<R>);
+
+impl<R> Num<R> {
+    /// Defaults are written in code and trusted (a test checks each against its rule).
+    pub(crate) const fn new(v: f64) -> Self {
+        Num(v, PhantomData)
+    }
+    pub(crate) fn get(self) -> f64 {
+        self.0
+    }
+}
+
+/// An integer checked by rule `R`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Int<R>(u64, PhantomData<R>);
+
+impl<R> Int<R> {
+    pub(crate) const fn new(v: u64) -> Self {
+        Int(v, PhantomData)
+    }
+    pub(crate) fn get(self) -> u64 {
+        self.0
+    }
+    /// As a size. Saturates on 32-bit targets, where such a count could never be met anyway.
+    pub(crate) fn size(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+struct NumVisitor<R>(PhantomData<R>);
+
+impl<R: NumRule> Visitor<'_> for NumVisitor<R> {
+    type Value = Num<R>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(R::EXPECTED)
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        if R::allows(v) {
+            Ok(Num::new(v))
+        } else {
+            Err(E::invalid_value(Unexpected::Float(v), &self))
+        }
+    }
+    // Integers are numbers too (`alpha: 32`); the error repeats them as written.
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        let f = v as f64;
+        if R::allows(f) {
+            Ok(Num::new(f))
+        } else {
+            Err(E::invalid_value(Unexpected::Unsigned(v), &self))
+        }
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        let f = v as f64;
+        if R::allows(f) {
+            Ok(Num::new(f))
+        } else {
+            Err(E::invalid_value(Unexpected::Signed(v), &self))
+        }
+    }
+}
+
+impl<'de, R: NumRule> Deserialize<'de> for Num<R> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_f64(NumVisitor(PhantomData))
+    }
+}
+
+struct IntVisitor<R>(PhantomData<R>);
+
+impl<R: IntRule> Visitor<'_> for IntVisitor<R> {
+    type Value = Int<R>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(R::EXPECTED)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        if R::allows(v) {
+            Ok(Int::new(v))
+        } else {
+            Err(E::invalid_value(Unexpected::Unsigned(v), &self))
+        }
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        match u64::try_from(v) {
+            Ok(u) => self.visit_u64(u),
+            Err(_) => Err(E::invalid_value(Unexpected::Signed(v), &self)),
+        }
+    }
+}
+
+impl<'de, R: IntRule> Deserialize<'de> for Int<R> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_u64(IntVisitor(PhantomData))
+    }
+}
+
+/// A file or folder path, kept exactly as written: relative paths stay relative to the working
+/// directory of the run (as with llama-recipes), not to the config file.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct FilePath(pub(crate) PathBuf);
+
+impl FilePath {
+    pub(crate) fn new(p: &str) -> Self {
+        FilePath(PathBuf::from(p))
+    }
+}
+
+struct PathVisitor;
+
+impl Visitor<'_> for PathVisitor {
+    type Value = FilePath;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a path")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<FilePath, E> {
+        if v.is_empty() {
+            Err(E::invalid_value(Unexpected::Str(v), &self))
+        } else {
+            Ok(FilePath::new(v))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FilePath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_string(PathVisitor)
+    }
+}
+
+/// A list of names (LoRA target modules). A bare string is refused rather than taken as a
+/// one-element list, since `q_proj,v_proj` written without brackets would silently be one name.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Names(pub(crate) Vec<String>);
+
+struct NamesVisitor;
+
+impl<'de> Visitor<'de> for NamesVisitor {
+    type Value = Names;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of names, like [q_proj, v_proj]")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Names, A::Error> {
+        let mut names = Vec::new();
+        while let Some(Name(name)) = seq.next_element()? {
+            names.push(name);
+        }
+        Ok(Names(names))
+    }
+}
+
+impl<'de> Deserialize<'de> for Names {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_seq(NamesVisitor)
+    }
+}
+
+/// One non-empty name of a `Names` list.
+struct Name(String);
+
+struct NameVisitor;
+
+impl Visitor<'_> for NameVisitor {
+    type Value = Name;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a module name")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Name, E> {
+        if v.is_empty() {
+            Err(E::invalid_value(Unexpected::Str(v), &self))
+        } else {
+            Ok(Name(v.to_string()))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_string(NameVisitor)
+    }
+}

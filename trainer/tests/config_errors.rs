@@ -1,0 +1,417 @@
+//! Config errors: each names the key path, the value and what is allowed, in full.
+use std::path::Path;
+
+use trainer::config;
+
+const MINIMAL: &str = "model: {path: m}\ndata: {train: t.jsonl}\n";
+
+/// The message for MINIMAL with one `--set`.
+fn set_error(set: &str) -> String {
+    match config::parse(MINIMAL, &[set.to_string()]) {
+        Ok(_) => panic!("--set {set} was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The message for MINIMAL plus `extra` YAML text.
+fn yaml_error(extra: &str) -> String {
+    match config::parse(&format!("{MINIMAL}{extra}"), &[]) {
+        Ok(_) => panic!("accepted:\n{extra}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn wrong_types_name_key_value_and_what_is_allowed() {
+    let cases = [
+        (
+            "train.lr=fast",
+            r#"train.lr: expected a positive number, got "fast""#,
+        ),
+        (
+            "train.epochs=three",
+            r#"train.epochs: expected a positive integer, got "three""#,
+        ),
+        (
+            "train.epochs=2.5",
+            "train.epochs: expected a positive integer, got 2.5",
+        ),
+        (
+            "train.validate=yes",
+            r#"train.validate: expected a boolean, got "yes""#,
+        ),
+        (
+            "train.seed=[1]",
+            "train.seed: expected an integer >= 0, got a list",
+        ),
+        (
+            "peft.target_modules=q_proj",
+            r#"peft.target_modules: expected a list of names, like [q_proj, v_proj], got "q_proj""#,
+        ),
+        (
+            "peft.target_modules=[q_proj, {a: 1}]",
+            "peft.target_modules[1]: expected a module name, got a mapping",
+        ),
+        (
+            "peft.target_modules=[q_proj, '']",
+            r#"peft.target_modules[1]: expected a module name, got """#,
+        ),
+        (
+            "model.path=[a, b]",
+            "model.path: expected a path, got a list",
+        ),
+        ("model.path=''", r#"model.path: expected a path, got """#),
+        (
+            "train.output_dir=null",
+            "train.output_dir: expected a path, got null",
+        ),
+        (
+            "model.dtype=16",
+            "model.dtype: expected one of bf16, fp16, fp32, got 16",
+        ),
+        (
+            "train.schedule=cosine",
+            r#"train.schedule: expected a section (a mapping of keys), got "cosine""#,
+        ),
+        (
+            "checkpoint.resume=''",
+            r#"checkpoint.resume: expected auto, never, or a checkpoint folder, got """#,
+        ),
+    ];
+    for (set, message) in cases {
+        assert_eq!(set_error(set), message, "--set {set}");
+    }
+}
+
+#[test]
+fn ranges_name_key_value_and_what_is_allowed() {
+    let cases = [
+        ("peft.r=0", "peft.r: expected a positive integer, got 0"),
+        (
+            "peft.alpha=0",
+            "peft.alpha: expected a positive number, got 0",
+        ),
+        (
+            "peft.dropout=1.5",
+            "peft.dropout: expected a number in [0, 1), got 1.5",
+        ),
+        (
+            "peft.dropout=1",
+            "peft.dropout: expected a number in [0, 1), got 1",
+        ),
+        (
+            "peft.dropout=-0.1",
+            "peft.dropout: expected a number in [0, 1), got -0.1",
+        ),
+        (
+            "data.max_seq_len=0",
+            "data.max_seq_len: expected a positive integer, got 0",
+        ),
+        (
+            "data.num_workers=-1",
+            "data.num_workers: expected an integer >= 0, got -1",
+        ),
+        (
+            "train.epochs=0",
+            "train.epochs: expected a positive integer, got 0",
+        ),
+        (
+            "train.batch_size=0",
+            "train.batch_size: expected a positive integer, got 0",
+        ),
+        (
+            "train.grad_accum=0",
+            "train.grad_accum: expected a positive integer, got 0",
+        ),
+        (
+            "train.lr=-1e-5",
+            "train.lr: expected a positive number, got -1e-5",
+        ),
+        ("train.lr=0", "train.lr: expected a positive number, got 0"),
+        (
+            "train.lr=.inf",
+            "train.lr: expected a positive number, got inf",
+        ),
+        (
+            "train.lr=.nan",
+            "train.lr: expected a positive number, got NaN",
+        ),
+        (
+            "train.weight_decay=-0.5",
+            "train.weight_decay: expected a number >= 0, got -0.5",
+        ),
+        (
+            "train.schedule.gamma=0",
+            "train.schedule.gamma: expected a number in (0, 1], got 0",
+        ),
+        (
+            "train.schedule.gamma=1.5",
+            "train.schedule.gamma: expected a number in (0, 1], got 1.5",
+        ),
+        (
+            "train.schedule.warmup_steps=-3",
+            "train.schedule.warmup_steps: expected an integer >= 0, got -3",
+        ),
+        (
+            "train.schedule.min_lr_ratio=2",
+            "train.schedule.min_lr_ratio: expected a number in [0, 1], got 2",
+        ),
+        (
+            "train.grad_clip=0",
+            "train.grad_clip: expected a positive number (or null: no clipping), got 0",
+        ),
+        (
+            "train.grad_clip=-1.0",
+            "train.grad_clip: expected a positive number (or null: no clipping), got -1.0",
+        ),
+        (
+            "train.max_steps=-1",
+            "train.max_steps: expected an integer >= 0, got -1",
+        ),
+        (
+            "train.seed=-42",
+            "train.seed: expected an integer >= 0, got -42",
+        ),
+        (
+            "train.log_every=0",
+            "train.log_every: expected a positive integer, got 0",
+        ),
+        (
+            "train.skip_nonfinite=-2",
+            "train.skip_nonfinite: expected an integer >= 0, got -2",
+        ),
+        (
+            "checkpoint.every_steps=-5",
+            "checkpoint.every_steps: expected an integer >= 0, got -5",
+        ),
+        (
+            "checkpoint.keep_last=-1",
+            "checkpoint.keep_last: expected an integer >= 0, got -1",
+        ),
+    ];
+    for (set, message) in cases {
+        assert_eq!(set_error(set), message, "--set {set}");
+    }
+}
+
+#[test]
+fn enums_list_their_values() {
+    let cases = [
+        (
+            "model.dtype=f32",
+            r#"model.dtype: expected one of bf16, fp16, fp32, got "f32""#,
+        ),
+        (
+            "model.attention=flash",
+            r#"model.attention: expected one of eager, sdpa, fused, got "flash""#,
+        ),
+        (
+            "peft.method=qlora",
+            r#"peft.method: expected one of lora, none, got "qlora""#,
+        ),
+        (
+            "data.max_seq_len_policy=cut",
+            r#"data.max_seq_len_policy: expected one of truncate, skip, error, got "cut""#,
+        ),
+        (
+            "data.bad_records=warn",
+            r#"data.bad_records: expected one of error, skip, got "warn""#,
+        ),
+        (
+            "data.text_only=drop",
+            r#"data.text_only: expected one of skip, keep, got "drop""#,
+        ),
+        (
+            "train.schedule.kind=linear",
+            r#"train.schedule.kind: expected one of step, cosine, got "linear""#,
+        ),
+        (
+            "fsdp.backend=gloo",
+            r#"fsdp.backend: expected one of auto, nccl, cpu, got "gloo""#,
+        ),
+        (
+            "fsdp.mixed_precision=fp8",
+            r#"fsdp.mixed_precision: expected one of bf16, fp16, fp32, got "fp8""#,
+        ),
+        (
+            "fsdp.enabled=on",
+            r#"fsdp.enabled: expected a boolean, got "on""#,
+        ),
+    ];
+    for (set, message) in cases {
+        assert_eq!(set_error(set), message, "--set {set}");
+    }
+}
+
+#[test]
+fn unknown_keys_suggest_the_closest_valid_key() {
+    assert_eq!(
+        yaml_error("pef:\n  r: 8\n"),
+        r#"pef: unknown key "pef" (did you mean "peft"?)"#
+    );
+    assert_eq!(
+        yaml_error("train:\n  lrr: 1.0e-4\n"),
+        r#"train.lrr: unknown key "lrr" (did you mean "lr"?)"#
+    );
+    assert_eq!(
+        yaml_error("train:\n  schedule: {kind: cosine, warmup: 10}\n"),
+        r#"train.schedule.warmup: unknown key "warmup" (did you mean "warmup_steps"?)"#
+    );
+    assert_eq!(
+        yaml_error("checkpoint: {asynch: false}\n"),
+        r#"checkpoint.asynch: unknown key "asynch" (did you mean "async"?)"#
+    );
+    // Nothing close: list what is valid at that level.
+    assert_eq!(
+        yaml_error("optimizer: {name: adamw}\n"),
+        r#"optimizer: unknown key "optimizer" (valid keys: model, peft, data, train, fsdp, checkpoint)"#
+    );
+}
+
+#[test]
+fn unknown_keys_from_overrides_name_the_whole_key() {
+    assert_eq!(
+        set_error("pef.r=8"),
+        r#"pef.r: unknown key "pef" (did you mean "peft"?)"#
+    );
+    assert_eq!(
+        set_error("train.lrr=2e-5"),
+        r#"train.lrr: unknown key "lrr" (did you mean "lr"?)"#
+    );
+    assert_eq!(
+        set_error("fsdp.mixed_precison=bf16"),
+        r#"fsdp.mixed_precison: unknown key "mixed_precison" (did you mean "mixed_precision"?)"#
+    );
+}
+
+#[test]
+fn required_keys_name_what_they_are() {
+    assert_eq!(
+        config::parse("data: {train: t}\n", &[])
+            .unwrap_err()
+            .to_string(),
+        "model.path: required key is missing (the Hugging Face model folder)"
+    );
+    assert_eq!(
+        config::parse("model: {path: m}\n", &[])
+            .unwrap_err()
+            .to_string(),
+        "data.train: required key is missing (a JSONL file of training records)"
+    );
+    // null is "not given"; an empty file names the first missing key.
+    assert_eq!(
+        config::parse("model: {path: null}\ndata: {train: t}\n", &[])
+            .unwrap_err()
+            .to_string(),
+        "model.path: required key is missing (the Hugging Face model folder)"
+    );
+    assert_eq!(
+        config::parse("", &[]).unwrap_err().to_string(),
+        "model.path: required key is missing (the Hugging Face model folder)"
+    );
+}
+
+#[test]
+fn rules_across_keys() {
+    assert_eq!(
+        set_error("train.validate=true"),
+        "train.validate: validation needs data.eval (a JSONL file of validation records); \
+         set data.eval or train.validate: false"
+    );
+    assert_eq!(
+        set_error("train.schedule.warmup_steps=100"),
+        "train.schedule.warmup_steps: 100 warmup steps, but only kind cosine warms up; \
+         set train.schedule.kind: cosine or warmup_steps: 0"
+    );
+    assert_eq!(
+        set_error("peft.target_modules=[]"),
+        "peft.target_modules: expected at least one module name for LoRA, like [q_proj, v_proj], got []"
+    );
+    let err = config::parse(
+        MINIMAL,
+        &["peft.method=none".into(), "peft.init_from=adapter/".into()],
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "peft.init_from: starting from an adapter needs peft.method: lora \
+         (method none trains every weight and has no adapter)"
+    );
+    // The same keys are fine where the rule holds.
+    config::parse(
+        MINIMAL,
+        &["peft.method=none".into(), "peft.target_modules=[]".into()],
+    )
+    .expect("full finetuning needs no target modules");
+    config::parse(
+        MINIMAL,
+        &[
+            "train.schedule.kind=cosine".into(),
+            "train.schedule.warmup_steps=100".into(),
+        ],
+    )
+    .expect("cosine warms up");
+}
+
+#[test]
+fn files() {
+    let missing = Path::new("no/such/config.yaml");
+    assert_eq!(
+        config::load(missing, &[]).unwrap_err().to_string(),
+        "no/such/config.yaml: config file does not exist"
+    );
+
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("config_errors");
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+
+    let broken = dir.join("broken.yaml");
+    std::fs::write(&broken, "model:\n  path: m\n data: oops\n").expect("write");
+    let message = config::load(&broken, &[]).unwrap_err().to_string();
+    assert!(
+        message.starts_with(&format!("{}: invalid YAML: ", broken.display()))
+            && message.contains("at line 3 column 2"),
+        "{message}"
+    );
+
+    let list = dir.join("list.yaml");
+    std::fs::write(&list, "- model\n- data\n").expect("write");
+    assert_eq!(
+        config::load(&list, &[]).unwrap_err().to_string(),
+        format!(
+            "{}: expected a mapping of sections (model, peft, data, train, fsdp, checkpoint), got a list",
+            list.display()
+        )
+    );
+
+    // A folder exists but is not a readable file.
+    let message = config::load(&dir, &[]).unwrap_err().to_string();
+    assert!(
+        message.starts_with(&format!("{}: cannot read config file: ", dir.display())),
+        "{message}"
+    );
+}
+
+#[test]
+fn yaml_oddities() {
+    assert_eq!(
+        yaml_error("train: {lr: !fast 1}\n"),
+        "train.lr: YAML tags are not supported (found !fast)"
+    );
+    assert_eq!(
+        yaml_error("train: {1: 2}\n"),
+        "train.1: unknown key \"1\" (valid keys: epochs, batch_size, grad_accum, lr, weight_decay, \
+         schedule, grad_clip, max_steps, seed, validate, log_every, output_dir, skip_nonfinite)"
+    );
+    assert_eq!(
+        yaml_error("train: {null: 1}\n"),
+        "train: expected text keys, got the key null"
+    );
+    assert_eq!(
+        yaml_error("train: {lr: 1.0e-5, lr: 2.0e-5}\n"),
+        r#"<string>: invalid YAML: train: duplicate entry with key "lr" at line 3 column 8"#
+    );
+    assert_eq!(
+        yaml_error("fsdp: [a]\n"),
+        "fsdp: expected a section (a mapping of keys), got a list"
+    );
+}
