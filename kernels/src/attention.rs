@@ -101,7 +101,7 @@ fn dtype_name(kind: Kind) -> Result<&'static str> {
 fn loadable(t: &Tensor) -> (Tensor, [i64; 3]) {
     let ok = |t: &Tensor| {
         let s = t.stride();
-        s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && (t.data_ptr() as usize) % 16 == 0
+        s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && (t.data_ptr() as usize).is_multiple_of(16)
     };
     let t = if ok(t) {
         t.shallow_clone()

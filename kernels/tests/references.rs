@@ -148,9 +148,7 @@ fn fused_entry_points_refuse_cpu_tensors() {
     assert!(err.to_string().contains("needs CUDA tensors"), "{err}");
     let x = Tensor::randn([2, 8], (Kind::BFloat16, Device::Cpu));
     let w = Tensor::ones([8], (Kind::BFloat16, Device::Cpu));
-    let err = rmsnorm::fused_forward(&x, &w, 1e-5)
-        .err()
-        .expect("CPU must be refused");
+    let err = rmsnorm::fused_forward(&x, &w, 1e-5).expect_err("CPU must be refused");
     assert!(err.to_string().contains("needs CUDA tensors"), "{err}");
 }
 
@@ -181,9 +179,7 @@ fn nvrtc_reports_errors_with_the_log() {
         name: "bad.cu",
         text: "extern \"C\" __global__ void k() { int x = ; }".into(),
     };
-    let err = compile::compile_ptx(&bad, "compute_80")
-        .err()
-        .expect("syntax error");
+    let err = compile::compile_ptx(&bad, "compute_80").expect_err("syntax error");
     let msg = err.to_string();
     assert!(msg.contains("bad.cu") && msg.contains("error"), "{msg}");
 }

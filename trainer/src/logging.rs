@@ -13,7 +13,10 @@ use tracing_subscriber::EnvFilter;
 
 /// The global rank from torchrun's environment (`RANK`), or 0 when run alone.
 pub fn env_rank() -> usize {
-    std::env::var("RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(0)
+    std::env::var("RANK")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Whether this process prints progress (rank 0 only).
@@ -37,7 +40,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         if let Some(prefix) = &self.prefix {
             write!(writer, "{prefix} ")?;
         }

@@ -4,7 +4,10 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let emit = std::env::args().skip_while(|a| a != "--emit").nth(1).map(std::path::PathBuf::from);
+    let emit = std::env::args()
+        .skip_while(|a| a != "--emit")
+        .nth(1)
+        .map(std::path::PathBuf::from);
     let version = match kernels::compile::nvrtc_version() {
         Ok(v) => v,
         Err(e) => {
@@ -19,8 +22,11 @@ fn main() -> ExitCode {
             match kernels::compile::compile_ptx(&src, arch) {
                 Ok(ptx) => {
                     if let Some(dir) = &emit {
-                        let path = dir.join(format!("{}.{arch}.ptx", src.name.trim_end_matches(".cu")));
-                        if let Err(e) = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&path, &ptx)) {
+                        let path =
+                            dir.join(format!("{}.{arch}.ptx", src.name.trim_end_matches(".cu")));
+                        if let Err(e) =
+                            std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&path, &ptx))
+                        {
                             eprintln!("FAIL writing {}: {e}", path.display());
                             failed += 1;
                         }

@@ -34,7 +34,10 @@ struct Case {
 fn rel_err(a: &Tensor, reference: &Tensor) -> f64 {
     let a = a.to_kind(Kind::Double);
     let num = (&a - reference).norm().double_value(&[]);
-    let den = reference.norm().double_value(&[]).max(1e-3 * (reference.numel() as f64).sqrt());
+    let den = reference
+        .norm()
+        .double_value(&[])
+        .max(1e-3 * (reference.numel() as f64).sqrt());
     if a.isnan().any().int64_value(&[]) != 0 {
         return f64::NAN;
     }
