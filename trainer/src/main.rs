@@ -35,24 +35,26 @@ struct ConfigArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train one rank (reads torchrun's RANK/WORLD_SIZE; world size 1 without a launcher).
+    /// Train one rank (reads torchrun's RANK/WORLD_SIZE; world size 1 without a launcher). [not built yet: issue 7]
     /// Example: trainer train configs/demo.yaml --set train.max_steps=10
     Train(ConfigArgs),
     /// Inspect configs. Example: trainer config show configs/llava-sco.yaml --set train.lr=2e-5
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Data tools: check, dump, build-sco. Example: trainer data check configs/demo.yaml
+    /// Data tools: check, dump, build-sco. Example: trainer data check configs/demo.yaml [not built yet: issue 6]
     #[command(subcommand)]
     Data(DataCommand),
-    /// Generate with self-correction turns.
+    /// Generate with self-correction turns. [not built yet: issue 9]
     /// Example: trainer infer --model M --adapter A --image x.jpg --question "..." --turns 2
     Infer(PendingArgs),
-    /// Score a benchmark turn by turn. Example: trainer eval --model M --data b.jsonl --image-root i --turns 3 --out r/
+    /// Score a benchmark turn by turn. [not built yet: issue 9]
+    /// Example: trainer eval --model M --data b.jsonl --image-root i --turns 3 --out r/
     Eval(PendingArgs),
-    /// Export a checkpoint as a PEFT adapter or merged HF folder.
+    /// Export a checkpoint as a PEFT adapter or merged HF folder. [not built yet: issue 8]
     /// Example: trainer export --checkpoint ckpt/step-00000500 --out adapter/ --format peft
     Export(PendingArgs),
-    /// Benchmarks: collectives, data, checkpoint, step. Example: trainer bench collectives --json
+    /// Benchmarks: collectives, data, checkpoint, step. [not built yet: issues 4, 6, 7, 8]
+    /// Example: trainer bench collectives --json
     Bench(PendingArgs),
 }
 

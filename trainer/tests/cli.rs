@@ -1,0 +1,71 @@
+//! The trainer binary's contract: config show works, unbuilt subcommands fail loudly (exit 2),
+//! bad configs give one clear line and a non-zero exit.
+use std::process::Command;
+
+fn trainer(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .expect("run trainer");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn config_show_prints_the_resolved_config_with_overrides() {
+    let (code, stdout, _) = trainer(&[
+        "config",
+        "show",
+        "configs/llava-sco.yaml",
+        "--set",
+        "train.lr=2e-5",
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("lr: 2.0e-5") || stdout.contains("lr: 0.00002"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("target_modules:"), "{stdout}");
+}
+
+#[test]
+fn bad_override_is_one_clear_error() {
+    let (code, _, stderr) = trainer(&[
+        "config",
+        "show",
+        "configs/llava-sco.yaml",
+        "--set",
+        "pef.r=3",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains(r#"pef.r: unknown key "pef" (did you mean "peft"?)"#),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_config_names_the_file() {
+    let (code, _, stderr) = trainer(&["train", "no/such.yaml"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no/such.yaml"), "{stderr}");
+}
+
+#[test]
+fn unbuilt_subcommands_exit_2_and_say_so() {
+    for args in [
+        &["infer", "--model", "m"][..],
+        &["eval"],
+        &["export"],
+        &["bench", "collectives"],
+        &["data", "check", "x"],
+    ] {
+        let (code, _, stderr) = trainer(args);
+        assert_eq!(code, 2, "{args:?}");
+        assert!(stderr.contains("not implemented yet"), "{args:?}: {stderr}");
+    }
+}
