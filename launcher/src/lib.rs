@@ -1,3 +1,22 @@
-//! launcher: the rank environment contract (torchrun's variable names) and, later, the
-//! rendezvous store. This crate never links libtorch so the launcher starts in milliseconds.
+//! launcher: a torchrun-compatible process launcher, as a library the thin `launcher` binary
+//! drives and the trainer links (for [`env::RankEnv`] and [`store::StoreClient`]). It never links
+//! libtorch, so it starts in milliseconds and runs anywhere.
+//!
+//! - [`env`]: the rank environment contract (torchrun's variable names + the store token).
+//! - [`store`]: the rendezvous store (protocol, server, client).
+//! - [`supervise`]: start, watch, stop and restart ranks; multi-node coordination.
+//! - [`outcome`]: exit codes and the root-cause summary.
+//! - [`slurm`]: SLURM allocations and node lists.
+//! - [`gpus`]: `--nproc-per-node auto`.
+//! - [`token`]: random run ids and tokens.
 pub mod env;
+pub mod gpus;
+pub mod outcome;
+pub mod slurm;
+pub mod store;
+pub mod supervise;
+pub mod token;
+
+pub use env::RankEnv;
+pub use outcome::{exit, Outcome};
+pub use store::{StoreClient, StoreError, StoreServer};

@@ -1,1 +1,521 @@
-fn main() {}
+//! `launcher`: torchrun's interface for LLaVA-SCo. Thin over the library: parse the command line,
+//! resolve it (flags > SLURM > defaults) into a `LaunchSpec`, run, print the root cause, and map
+//! the outcome to the exit code (`launcher::exit`).
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::EnvFilter;
+
+use launcher::env::{DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, STORE_TOKEN_VAR};
+use launcher::outcome::{exit, Outcome};
+use launcher::supervise::{self, LaunchSpec, OutputOptions, RankCommand};
+use launcher::{gpus, slurm, token};
+
+const EXAMPLES: &str = "\
+Examples:
+  launcher --nproc-per-node 2 configs/llava-sco.yaml             # `trainer train` on 2 ranks
+  launcher --nproc-per-node auto configs/llava-sco.yaml --set train.lr=2e-5
+  launcher --standalone --nproc-per-node 4 -- python train.py    # any program (torchrun --no-python)
+  launcher --nnodes 2 --node-rank 0 --master-addr gpu01 --run-id exp1 configs/llava-sco.yaml   # on gpu01
+  launcher --nnodes 2 --node-rank 1 --master-addr gpu01 --run-id exp1 configs/llava-sco.yaml   # on gpu02
+  srun launcher --nproc-per-node 8 configs/llava-sco.yaml        # SLURM: layout from SLURM_* (configs/slurm.sbatch)
+
+Every rank gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...).
+Exit code: 0 on success; the first failed rank's code (128+N for signal N); 143/130/129 when the
+launcher is stopped by SIGTERM/SIGINT/SIGHUP; 124 for --finish-timeout; 1 for launcher errors.";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "launcher",
+    version,
+    about = "torchrun-compatible launcher: one process per rank, rendezvous store, restarts",
+    after_help = EXAMPLES
+)]
+struct Cli {
+    /// Ranks on this node: a number, `auto` (visible GPUs, else 1), `gpu` (visible GPUs, error if
+    /// none) or `cpu` (one per core)
+    #[arg(
+        long = "nproc-per-node",
+        alias = "nproc_per_node",
+        value_name = "N|auto",
+        default_value = "1"
+    )]
+    nproc_per_node: String,
+    /// Number of nodes (`N`, or `N:N`; elastic ranges are not supported) [default: 1, or SLURM_NNODES]
+    #[arg(long, value_name = "N")]
+    nnodes: Option<String>,
+    /// This node's rank in 0..nnodes [default: 0, or SLURM_NODEID]
+    #[arg(long = "node-rank", alias = "node_rank", value_name = "R")]
+    node_rank: Option<usize>,
+    /// Node 0's address, where the rendezvous store runs [default: 127.0.0.1, or the first SLURM node]
+    #[arg(long = "master-addr", alias = "master_addr", value_name = "HOST")]
+    master_addr: Option<String>,
+    /// Port of the rendezvous store on node 0 [default: 29500]
+    #[arg(long = "master-port", alias = "master_port", value_name = "PORT")]
+    master_port: Option<u16>,
+    /// torchrun's spelling of --master-addr/--master-port (`HOST[:PORT]`)
+    #[arg(
+        long = "rdzv-endpoint",
+        alias = "rdzv_endpoint",
+        value_name = "HOST[:PORT]"
+    )]
+    rdzv_endpoint: Option<String>,
+    /// Accepted for torchrun compatibility (`static` or `c10d`): the store is always node 0's
+    #[arg(long = "rdzv-backend", alias = "rdzv_backend", value_name = "NAME")]
+    rdzv_backend: Option<String>,
+    /// Single node on a free localhost port (no --master-* needed; several runs can share a machine)
+    #[arg(long)]
+    standalone: bool,
+    /// Restart the whole group this many times after a rank fails
+    #[arg(
+        long = "max-restarts",
+        alias = "max_restarts",
+        value_name = "K",
+        default_value_t = 0
+    )]
+    max_restarts: u32,
+    /// Seconds between checks of the other nodes (local ranks are checked every 10 ms)
+    #[arg(
+        long = "monitor-interval",
+        alias = "monitor_interval",
+        value_name = "S",
+        default_value_t = 0.1
+    )]
+    monitor_interval: f64,
+    /// Seconds between SIGTERM and SIGKILL when stopping ranks
+    #[arg(
+        long = "grace-period",
+        alias = "grace_period",
+        value_name = "S",
+        default_value_t = 30.0
+    )]
+    grace_period: f64,
+    /// Seconds ranks may keep running after another rank finished successfully (0: forever)
+    #[arg(
+        long = "finish-timeout",
+        alias = "finish_timeout",
+        value_name = "S",
+        default_value_t = 900.0
+    )]
+    finish_timeout: f64,
+    /// Seconds to reach node 0's store and for all nodes to join
+    #[arg(
+        long = "rdzv-timeout",
+        alias = "rdzv_timeout",
+        value_name = "S",
+        default_value_t = 600.0
+    )]
+    rdzv_timeout: f64,
+    /// Write each rank's output to DIR/RUN_ID/attempt_N/LOCAL_RANK/{stdout,stderr}.log
+    #[arg(long = "log-dir", alias = "log_dir", value_name = "DIR")]
+    log_dir: Option<PathBuf>,
+    /// Also show rank output on the console, prefixed `[rank r]` (`--tee=1` stdout, `=2` stderr, `=3` both)
+    #[arg(short = 't', long, value_name = "STREAMS", num_args = 0..=1, require_equals = true, default_missing_value = "3")]
+    tee: Option<u8>,
+    /// Only these local ranks' output reaches the console, e.g. `0` or `0,1` (log files keep all)
+    #[arg(
+        long = "local-ranks-filter",
+        alias = "local_ranks_filter",
+        value_name = "R,..",
+        value_delimiter = ','
+    )]
+    local_ranks_filter: Option<Vec<usize>>,
+    /// Run id shared by all nodes (TORCHELASTIC_RUN_ID; for multi-node runs also the store secret
+    /// unless LLAVA_SCO_STORE_TOKEN is set) [default: SLURM_JOB_ID, or random]
+    #[arg(long = "run-id", aliases = ["run_id", "rdzv-id", "rdzv_id"], value_name = "ID")]
+    run_id: Option<String>,
+    /// The trainer binary for CONFIG mode [default: `trainer` next to this launcher]
+    #[arg(long, value_name = "PATH")]
+    trainer: Option<PathBuf>,
+    /// Override a config key for `trainer train`, e.g. `--set train.lr=2e-5` (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Training config: every rank runs `trainer train CONFIG [--set ...]`
+    #[arg(value_name = "CONFIG.yaml")]
+    config: Option<PathBuf>,
+    /// Any program to run once per rank instead of the trainer (after `--`)
+    #[arg(last = true, value_name = "PROGRAM [ARGS]")]
+    program: Vec<OsString>,
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(outcome) => ExitCode::from(outcome.exit_code()),
+        Err(err) => {
+            eprintln!("launcher: error: {err:#}");
+            ExitCode::from(exit::LAUNCH_ERROR)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<Outcome> {
+    let spec = resolve(cli)?;
+    let (max_restarts, node_rank) = (spec.max_restarts, spec.node_rank);
+    let outcome = supervise::run(&spec)?;
+    match &outcome {
+        Outcome::Success { restarts: 0 } => tracing::info!("all ranks finished successfully"),
+        Outcome::Success { restarts } => {
+            tracing::info!("all ranks finished successfully after {restarts} restart(s)")
+        }
+        Outcome::Failed(failure) => eprint!("{}", failure.summary(max_restarts, node_rank)),
+    }
+    Ok(outcome)
+}
+
+/// Turns the command line (plus SLURM's variables) into a validated launch.
+fn resolve(cli: Cli) -> Result<LaunchSpec> {
+    let command = rank_command(&cli)?;
+    let slurm = if cli.standalone {
+        None
+    } else {
+        slurm::layout_from(|k| std::env::var(k).ok()).map_err(|e| anyhow!(e))?
+    };
+
+    let nnodes = match (&cli.nnodes, &slurm) {
+        (Some(n), _) => parse_nnodes(n)?,
+        (None, Some(s)) => s.nnodes,
+        (None, None) => 1,
+    };
+    let (mut master_addr, mut master_port) = (cli.master_addr.clone(), cli.master_port);
+    if let Some(endpoint) = &cli.rdzv_endpoint {
+        if master_addr.is_some() || master_port.is_some() {
+            bail!("give either --rdzv-endpoint or --master-addr/--master-port, not both");
+        }
+        let (host, port) = match endpoint.rsplit_once(':') {
+            Some((host, port)) => (
+                host.to_string(),
+                Some(
+                    port.parse()
+                        .with_context(|| format!("--rdzv-endpoint {endpoint:?}: bad port"))?,
+                ),
+            ),
+            None => (endpoint.clone(), None),
+        };
+        master_addr = Some(host);
+        master_port = port;
+    }
+    if let Some(backend) = &cli.rdzv_backend {
+        if !matches!(backend.as_str(), "static" | "c10d") {
+            bail!("--rdzv-backend {backend:?} is not supported (use static or c10d; both mean node 0's store)");
+        }
+    }
+    let mut node_rank = cli
+        .node_rank
+        .or(slurm.as_ref().map(|s| s.node_rank))
+        .unwrap_or(0);
+    let mut master_addr = master_addr
+        .or(slurm.as_ref().map(|s| s.master_addr.clone()))
+        .unwrap_or_else(|| DEFAULT_MASTER_ADDR.to_string());
+    let mut master_port = master_port.unwrap_or(DEFAULT_MASTER_PORT);
+    let mut nnodes = nnodes;
+    if cli.standalone {
+        if nnodes != 1 || node_rank != 0 {
+            bail!(
+                "--standalone runs a single node: drop --nnodes/--node-rank, or drop --standalone"
+            );
+        }
+        (nnodes, node_rank, master_addr, master_port) = (1, 0, DEFAULT_MASTER_ADDR.to_string(), 0);
+    }
+    if nnodes == 0 {
+        bail!("--nnodes must be at least 1");
+    }
+    if node_rank >= nnodes {
+        bail!(
+            "node rank {node_rank} is out of range for {nnodes} node(s) (valid: 0..={}); check --node-rank and --nnodes",
+            nnodes - 1
+        );
+    }
+    if master_port == 0 && !cli.standalone {
+        bail!("--master-port 0 is not a port other processes can reach; use --standalone to pick a free one");
+    }
+    if let Some(s) = &slurm {
+        tracing::info!(
+            "SLURM job {}: {nnodes} node(s), this is node {node_rank}, master {master_addr} (flags override SLURM)",
+            s.job_id
+        );
+    }
+
+    let nproc = nproc_per_node(&cli.nproc_per_node)?;
+    let explicit_run_id = cli
+        .run_id
+        .clone()
+        .or(slurm.as_ref().map(|s| s.job_id.clone()));
+    let run_id = match &explicit_run_id {
+        Some(id) if id.is_empty() || id.contains(['/', '\n']) => {
+            bail!("--run-id {id:?} must be non-empty without '/'")
+        }
+        Some(id) => id.clone(),
+        None => token::random_hex(6).context("cannot read /dev/urandom for a run id")?,
+    };
+    let token = store_token(nnodes, explicit_run_id.as_deref())?;
+
+    let mut command = command;
+    default_omp_threads(&mut command, nproc);
+
+    let seconds = |name: &str, s: f64| -> Result<Duration> {
+        Duration::try_from_secs_f64(s)
+            .map_err(|_| anyhow!("--{name} {s} is not a number of seconds >= 0"))
+    };
+    let finish = seconds("finish-timeout", cli.finish_timeout)?;
+    let tee = cli.tee.unwrap_or(0);
+    if tee > 3 {
+        bail!("--tee={tee}: use 1 (stdout), 2 (stderr) or 3 (both)");
+    }
+    if let Some(filter) = &cli.local_ranks_filter {
+        if let Some(bad) = filter.iter().find(|&&r| r >= nproc) {
+            bail!("--local-ranks-filter {bad} is not a local rank (0..{nproc})");
+        }
+    }
+    if let Some(dir) = &cli.log_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create --log-dir {}", dir.display()))?;
+        if cli.tee.is_none() {
+            tracing::info!(
+                "rank output goes to {}/{run_id}/attempt_N/<local_rank>/ (add --tee to see it here too)",
+                dir.display()
+            );
+        }
+    }
+    Ok(LaunchSpec {
+        command,
+        nproc,
+        nnodes,
+        node_rank,
+        master_addr,
+        master_port,
+        max_restarts: cli.max_restarts,
+        monitor_interval: seconds("monitor-interval", cli.monitor_interval)?
+            .max(Duration::from_millis(5)),
+        grace_period: seconds("grace-period", cli.grace_period)?,
+        finish_timeout: (!finish.is_zero()).then_some(finish),
+        rdzv_timeout: seconds("rdzv-timeout", cli.rdzv_timeout)?,
+        run_id,
+        token,
+        output: OutputOptions {
+            log_dir: cli.log_dir.clone(),
+            tee_stdout: tee & 1 != 0,
+            tee_stderr: tee & 2 != 0,
+            local_ranks_filter: cli.local_ranks_filter.clone(),
+        },
+    })
+}
+
+/// What each rank runs: `trainer train CONFIG --set ...`, or `PROGRAM ARGS` after `--`.
+fn rank_command(cli: &Cli) -> Result<RankCommand> {
+    // torchrun's `--tee 3` (with a space) would leave `3` as the CONFIG positional.
+    if let (Some(_), Some(config)) = (cli.tee, cli.config.as_deref().and_then(|c| c.to_str())) {
+        if matches!(config, "0" | "1" | "2" | "3") {
+            bail!("write --tee={config} (with '='): a bare --tee takes no separate value");
+        }
+    }
+    match (&cli.config, cli.program.split_first()) {
+        (Some(_), Some(_)) => bail!("give either CONFIG.yaml or `-- PROGRAM ARGS`, not both"),
+        (None, None) => {
+            bail!("nothing to run: give CONFIG.yaml (runs `trainer train`) or `-- PROGRAM [ARGS]`")
+        }
+        (None, Some((program, args))) => {
+            if !cli.overrides.is_empty() {
+                bail!(
+                    "--set applies to CONFIG.yaml mode; pass options to PROGRAM after `--` instead"
+                );
+            }
+            Ok(RankCommand {
+                program: find_program(Path::new(program))?,
+                args: args.to_vec(),
+                extra_env: Vec::new(),
+            })
+        }
+        (Some(config), None) => {
+            let is_yaml = matches!(
+                config.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml")
+            );
+            if !is_yaml {
+                bail!(
+                    "{} is not a YAML config; to run a program on every rank use `launcher [OPTIONS] -- PROGRAM ARGS`",
+                    config.display()
+                );
+            }
+            if !config.is_file() {
+                bail!("config file {} not found", config.display());
+            }
+            for o in &cli.overrides {
+                if !o.contains('=') {
+                    bail!("--set {o:?} needs KEY=VALUE, e.g. --set train.lr=2e-5");
+                }
+            }
+            let trainer = match &cli.trainer {
+                Some(path) => path.clone(),
+                None => std::env::current_exe()
+                    .context("cannot locate the launcher executable")?
+                    .with_file_name("trainer"),
+            };
+            if !trainer.is_file() {
+                bail!(
+                    "trainer binary not found at {} (build it with `cargo build -p trainer`, or pass --trainer PATH)",
+                    trainer.display()
+                );
+            }
+            let mut args: Vec<OsString> = vec!["train".into(), config.clone().into()];
+            for o in &cli.overrides {
+                args.push("--set".into());
+                args.push(o.into());
+            }
+            Ok(RankCommand {
+                program: trainer,
+                args,
+                extra_env: Vec::new(),
+            })
+        }
+    }
+}
+
+/// Fails early, in one line, when the program cannot be found (rather than once per rank).
+fn find_program(program: &Path) -> Result<PathBuf> {
+    if program.components().count() > 1 {
+        if program.is_file() {
+            return Ok(program.to_path_buf());
+        }
+        bail!("program {} not found", program.display());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+        .ok_or_else(|| anyhow!("program {:?} not found in PATH", program))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn parse_nnodes(text: &str) -> Result<usize> {
+    let parse = |s: &str| {
+        s.trim()
+            .parse::<usize>()
+            .map_err(|_| anyhow!("--nnodes {text:?} is not a node count"))
+    };
+    match text.split_once(':') {
+        None => parse(text),
+        Some((lo, hi)) if parse(lo)? == parse(hi)? => parse(lo),
+        Some(_) => {
+            bail!("--nnodes {text}: elastic node ranges are not supported; give a fixed count")
+        }
+    }
+}
+
+fn nproc_per_node(text: &str) -> Result<usize> {
+    let cores = || std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = match text {
+        "auto" => match gpus::visible_gpus() {
+            Some(g) if g.count > 0 => {
+                tracing::info!("--nproc-per-node auto: {} GPU(s) ({})", g.count, g.source);
+                g.count
+            }
+            _ => {
+                tracing::info!("--nproc-per-node auto: no GPU visible, running 1 rank");
+                1
+            }
+        },
+        "gpu" => match gpus::visible_gpus() {
+            Some(g) if g.count > 0 => g.count,
+            _ => bail!("--nproc-per-node gpu: no GPU visible (nvidia-smi, /proc/driver/nvidia); use a number or auto"),
+        },
+        "cpu" => cores(),
+        n => n
+            .parse()
+            .map_err(|_| anyhow!("--nproc-per-node {n:?}: give a number, auto, gpu or cpu"))?,
+    };
+    if n == 0 {
+        bail!("--nproc-per-node must be at least 1");
+    }
+    Ok(n)
+}
+
+/// The store's secret: LLAVA_SCO_STORE_TOKEN if exported; a fresh random one for a single node;
+/// for several nodes derived from the shared run id (all nodes must agree without talking first).
+fn store_token(nnodes: usize, explicit_run_id: Option<&str>) -> Result<String> {
+    if let Some(token) = std::env::var(STORE_TOKEN_VAR)
+        .ok()
+        .filter(|t| !t.is_empty())
+    {
+        return Ok(token);
+    }
+    if nnodes == 1 {
+        return token::random_hex(16).context("cannot read /dev/urandom for the store token");
+    }
+    match explicit_run_id {
+        Some(id) => {
+            tracing::info!("store token derived from the run id; export {STORE_TOKEN_VAR} on every node for a real secret");
+            Ok(format!("run-id:{id}"))
+        }
+        None => bail!(
+            "a multi-node run needs a secret shared by all nodes: pass the same --run-id to every node's launcher \
+             (or export {STORE_TOKEN_VAR})"
+        ),
+    }
+}
+
+/// torchrun's courtesy: without OMP_NUM_THREADS, ranks would each start one thread per core.
+fn default_omp_threads(command: &mut RankCommand, nproc: usize) {
+    if std::env::var_os("OMP_NUM_THREADS").is_some() {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / nproc).max(1);
+    tracing::info!(
+        "OMP_NUM_THREADS is not set: using {threads} per rank ({cores} cores / {nproc} local ranks); export it to choose"
+    );
+    command
+        .extra_env
+        .push(("OMP_NUM_THREADS".into(), threads.to_string()));
+}
+
+/// `launcher: message` lines on stderr (`launcher: warning: ...` for warnings); level from
+/// LAUNCHER_LOG (default info).
+struct LauncherFormat;
+
+impl<S, N> FormatEvent<S, N> for LauncherFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let level = match *event.metadata().level() {
+            Level::ERROR => "error: ",
+            Level::WARN => "warning: ",
+            Level::INFO => "",
+            Level::DEBUG => "debug: ",
+            Level::TRACE => "trace: ",
+        };
+        write!(writer, "launcher: {level}")?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_env("LAUNCHER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .event_format(LauncherFormat)
+        .try_init();
+}

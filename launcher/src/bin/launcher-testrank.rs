@@ -1,0 +1,175 @@
+//! `launcher-testrank`: a scriptable rank for the launcher's end-to-end tests. It records what it
+//! saw (environment, pid, process group, signals, store results) as files in `--out DIR`, then
+//! behaves as asked (fail, kill itself, sleep, hang on to a child process).
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use launcher::env::RankEnv;
+use launcher::store::StoreClient;
+
+#[derive(Parser)]
+#[command(
+    name = "launcher-testrank",
+    about = "test helper rank for the launcher's tests"
+)]
+struct Args {
+    /// Folder for the record files
+    #[arg(long)]
+    out: PathBuf,
+    /// Exit with this code (on --rank, or every rank)
+    #[arg(long)]
+    exit_code: Option<u8>,
+    /// SIGKILL itself (on --rank, or every rank)
+    #[arg(long)]
+    kill_self: bool,
+    /// Only this global rank fails (--exit-code / --kill-self)
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Only fail on this attempt (TORCHELASTIC_RESTART_COUNT)
+    #[arg(long)]
+    attempt: Option<u32>,
+    /// Sleep this many seconds before exiting 0 (failing ranks do not sleep)
+    #[arg(long, default_value_t = 0.0)]
+    sleep: f64,
+    /// Only this rank sleeps
+    #[arg(long)]
+    sleep_rank: Option<usize>,
+    /// Record SIGTERM/SIGINT/SIGHUP in `signal-RANK` and exit 128+sig
+    #[arg(long)]
+    trap: bool,
+    /// Start a `sleep 1000` child in the rank's process group (to test that none survives)
+    #[arg(long)]
+    child: bool,
+    /// Use the rendezvous store: add to a counter, barrier over the world, record the total
+    #[arg(long)]
+    store: bool,
+    /// Print this line on stderr before failing
+    #[arg(long)]
+    stderr: Option<String>,
+}
+
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    SIGNAL.store(sig, Ordering::SeqCst);
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    // Write then rename, so a test polling for the file never reads half of it.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).expect("write record");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename record");
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let env = match RankEnv::from_env() {
+        Ok(env) => env,
+        Err(err) => {
+            eprintln!("testrank: {err}");
+            return ExitCode::from(3);
+        }
+    };
+    let tag = format!("{}-{}", env.rank, env.restart_count);
+    let pid = std::process::id();
+    // SAFETY: plain syscall.
+    let pgid = unsafe { libc::getpgid(0) };
+    let mut record = String::new();
+    for var in [
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "GROUP_WORLD_SIZE",
+        "ROLE_RANK",
+        "ROLE_WORLD_SIZE",
+        "ROLE_NAME",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_RESTART_COUNT",
+        "TORCHELASTIC_MAX_RESTARTS",
+        "TORCHELASTIC_RUN_ID",
+        "LLAVA_SCO_STORE_TOKEN",
+        "OMP_NUM_THREADS",
+    ] {
+        record.push_str(&format!(
+            "{var}={}\n",
+            std::env::var(var).unwrap_or_default()
+        ));
+    }
+    record.push_str(&format!("PID={pid}\nPGID={pgid}\n"));
+
+    if args.trap {
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            // SAFETY: the handler only stores an atomic.
+            unsafe {
+                libc::signal(
+                    sig,
+                    on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+                );
+            }
+        }
+    }
+    if args.child {
+        let child = Command::new("sleep")
+            .arg("1000")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        record.push_str(&format!("CHILD={}\n", child.id()));
+        std::mem::forget(child);
+    }
+    write(&args.out, &format!("env-{tag}"), &record);
+
+    if args.store {
+        let result = (|| -> Result<i64, launcher::StoreError> {
+            let mut client = StoreClient::from_rank_env(&env)?;
+            client.add("counter", 1)?;
+            client.barrier("all", env.world_size, Duration::from_secs(20))?;
+            let total = client.get("counter")?;
+            Ok(String::from_utf8_lossy(&total).parse().unwrap_or(-1))
+        })();
+        match result {
+            Ok(total) => write(&args.out, &format!("store-{tag}"), &total.to_string()),
+            Err(err) => {
+                eprintln!("testrank: store: {err}");
+                return ExitCode::from(4);
+            }
+        }
+    }
+    write(&args.out, &format!("ready-{tag}"), "");
+
+    let chosen = args.rank.is_none_or(|r| r == env.rank)
+        && args.attempt.is_none_or(|a| a == env.restart_count);
+    if chosen && (args.kill_self || args.exit_code.is_some()) {
+        if let Some(line) = &args.stderr {
+            eprintln!("{line}");
+        }
+        if args.kill_self {
+            // SAFETY: plain syscall.
+            unsafe {
+                libc::raise(libc::SIGKILL);
+            }
+        }
+        return ExitCode::from(args.exit_code.unwrap_or(0));
+    }
+
+    if args.sleep_rank.is_none_or(|r| r == env.rank) && args.sleep > 0.0 {
+        let until = Instant::now() + Duration::from_secs_f64(args.sleep);
+        while Instant::now() < until {
+            let sig = SIGNAL.load(Ordering::SeqCst);
+            if sig != 0 {
+                write(&args.out, &format!("signal-{tag}"), &sig.to_string());
+                return ExitCode::from(128 + sig as u8);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,241 @@
+//! SLURM support: reading the node layout of an allocation and expanding Slurm's compressed host
+//! lists (`gpu[01-04,07],cpu3` -> gpu01 gpu02 gpu03 gpu04 gpu07 cpu3).
+use thiserror::Error;
+
+/// Longest host list we expand (a typo like `n[1-999999999]` must not eat the memory).
+const MAX_HOSTS: usize = 100_000;
+
+/// A host list that cannot be expanded.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("cannot parse SLURM node list {list:?}: {reason}")]
+pub struct NodeListError {
+    pub list: String,
+    pub reason: String,
+}
+
+/// Expands a Slurm host list. Several bracket groups in one name (`r[1-2]n[1-2]`) expand to their
+/// product, in Slurm's order; zero padding follows the width of the range's first number.
+pub fn expand_nodelist(list: &str) -> Result<Vec<String>, NodeListError> {
+    let fail = |reason: String| NodeListError {
+        list: list.to_string(),
+        reason,
+    };
+    let mut hosts = Vec::new();
+    for item in split_top_level(list).map_err(fail)? {
+        let item = item.trim();
+        if item.is_empty() {
+            return Err(fail("empty host name".into()));
+        }
+        expand_item(item, &mut hosts).map_err(fail)?;
+    }
+    if hosts.is_empty() {
+        return Err(fail("no hosts".into()));
+    }
+    Ok(hosts)
+}
+
+/// Splits on commas that are outside brackets.
+fn split_top_level(list: &str) -> Result<Vec<&str>, String> {
+    let mut items = Vec::new();
+    let (mut depth, mut start) = (0usize, 0usize);
+    for (i, c) in list.char_indices() {
+        match c {
+            '[' if depth > 0 => return Err("nested '['".into()),
+            '[' => depth = 1,
+            ']' if depth == 0 => return Err("']' without '['".into()),
+            ']' => depth = 0,
+            ',' if depth == 0 => {
+                items.push(&list[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return Err("'[' without ']'".into());
+    }
+    items.push(&list[start..]);
+    Ok(items)
+}
+
+/// Expands one name with zero or more bracket groups, appending to `out`.
+fn expand_item(item: &str, out: &mut Vec<String>) -> Result<(), String> {
+    let Some(open) = item.find('[') else {
+        push(out, item.to_string())?;
+        return Ok(());
+    };
+    let close = open + item[open..].find(']').ok_or("'[' without ']'")?;
+    let (prefix, body, rest) = (&item[..open], &item[open + 1..close], &item[close + 1..]);
+    for index in expand_ranges(body)? {
+        // The rest may hold more bracket groups: expand it for each choice here.
+        let mut tails = Vec::new();
+        expand_item(&format!("{prefix}{index}{rest}"), &mut tails)?;
+        for t in tails {
+            push(out, t)?;
+        }
+    }
+    Ok(())
+}
+
+/// `01-04,07` -> ["01", "02", "03", "04", "07"].
+fn expand_ranges(body: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for part in body.split(',') {
+        let part = part.trim();
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(lo) || !digits(hi) {
+            return Err(format!(
+                "bad range {part:?} (expected N or N-M with digits)"
+            ));
+        }
+        let parse = |s: &str| {
+            s.parse::<u64>()
+                .map_err(|_| format!("number {s:?} too large"))
+        };
+        let (a, b) = (parse(lo)?, parse(hi)?);
+        if a > b {
+            return Err(format!("range {part:?} runs backwards"));
+        }
+        if b - a >= MAX_HOSTS as u64 {
+            return Err(format!("range {part:?} has more than {MAX_HOSTS} hosts"));
+        }
+        let width = lo.len();
+        for i in a..=b {
+            if out.len() >= MAX_HOSTS {
+                return Err(format!("more than {MAX_HOSTS} hosts"));
+            }
+            out.push(format!("{i:0width$}"));
+        }
+    }
+    Ok(out)
+}
+
+fn push(out: &mut Vec<String>, host: String) -> Result<(), String> {
+    if out.len() >= MAX_HOSTS {
+        return Err(format!("more than {MAX_HOSTS} hosts"));
+    }
+    out.push(host);
+    Ok(())
+}
+
+/// What an allocation tells a launcher about the node layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlurmLayout {
+    pub job_id: String,
+    pub nnodes: usize,
+    pub node_rank: usize,
+    /// First host of the node list: node 0, which serves the rendezvous store.
+    pub master_addr: String,
+}
+
+/// Reads the layout when running inside an allocation (`SLURM_JOB_ID` set); `Ok(None)` outside.
+///
+/// Prefers the job step's variables (what `srun` sets) over the allocation's, so `srun -N2` inside
+/// a larger allocation rendezvous among its own nodes.
+pub fn layout_from(lookup: impl Fn(&str) -> Option<String>) -> Result<Option<SlurmLayout>, String> {
+    let get = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| lookup(n).filter(|v| !v.trim().is_empty()))
+    };
+    let Some(job_id) = get(&["SLURM_JOB_ID", "SLURM_JOBID"]) else {
+        return Ok(None);
+    };
+    let nnodes = get(&["SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES"])
+        .ok_or("SLURM_JOB_ID is set but SLURM_NNODES is not (run the launcher through srun, or pass --nnodes)")?;
+    let nnodes: usize = nnodes
+        .trim()
+        .parse()
+        .map_err(|_| format!("SLURM_NNODES={nnodes:?} is not a node count"))?;
+    let node_rank = get(&["SLURM_NODEID"])
+        .ok_or("SLURM_NODEID is not set (run the launcher through srun, or pass --node-rank)")?;
+    let node_rank: usize = node_rank
+        .trim()
+        .parse()
+        .map_err(|_| format!("SLURM_NODEID={node_rank:?} is not a node rank"))?;
+    let list = get(&[
+        "SLURM_STEP_NODELIST",
+        "SLURM_JOB_NODELIST",
+        "SLURM_NODELIST",
+    ])
+    .ok_or("SLURM_JOB_NODELIST is not set (pass --master-addr)")?;
+    let hosts = expand_nodelist(&list).map_err(|e| e.to_string())?;
+    Ok(Some(SlurmLayout {
+        job_id,
+        nnodes,
+        node_rank,
+        master_addr: hosts[0].clone(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hosts(list: &str) -> Vec<String> {
+        expand_nodelist(list).unwrap()
+    }
+
+    #[test]
+    fn expands_slurm_lists() {
+        assert_eq!(hosts("node1"), ["node1"]);
+        assert_eq!(
+            hosts("gpu[01-04,07],cpu3"),
+            ["gpu01", "gpu02", "gpu03", "gpu04", "gpu07", "cpu3"]
+        );
+        assert_eq!(hosts("a[8-11]"), ["a8", "a9", "a10", "a11"]);
+        assert_eq!(hosts("n[098-101]"), ["n098", "n099", "n100", "n101"]);
+        assert_eq!(hosts("r[1-2]n[1-2]"), ["r1n1", "r1n2", "r2n1", "r2n2"]);
+        assert_eq!(hosts("x[1]-ib,y"), ["x1-ib", "y"]);
+        assert_eq!(
+            hosts("h-a.example.com,h-b.example.com"),
+            ["h-a.example.com", "h-b.example.com"]
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_lists() {
+        for bad in [
+            "",
+            "a,,b",
+            "gpu[01-04",
+            "gpu01]",
+            "gpu[4-1]",
+            "gpu[a-b]",
+            "gpu[1-]",
+            "g[[1]]",
+            "n[1-9999999999]",
+        ] {
+            let err = expand_nodelist(bad).unwrap_err();
+            assert!(
+                err.to_string().contains("cannot parse SLURM node list"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn reads_an_allocation() {
+        let env = |k: &str| match k {
+            "SLURM_JOB_ID" => Some("77".to_string()),
+            "SLURM_NNODES" => Some("2".to_string()),
+            "SLURM_NODEID" => Some("1".to_string()),
+            "SLURM_JOB_NODELIST" => Some("gpu[07-08]".to_string()),
+            _ => None,
+        };
+        let layout = layout_from(env).unwrap().unwrap();
+        assert_eq!(
+            layout,
+            SlurmLayout {
+                job_id: "77".into(),
+                nnodes: 2,
+                node_rank: 1,
+                master_addr: "gpu07".into()
+            }
+        );
+        assert_eq!(layout_from(|_| None).unwrap(), None);
+        let broken = |k: &str| (k == "SLURM_JOB_ID").then(|| "1".to_string());
+        assert!(layout_from(broken).unwrap_err().contains("SLURM_NNODES"));
+    }
+}

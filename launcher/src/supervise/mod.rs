@@ -1,0 +1,526 @@
+//! The supervisor: serve the store (node 0), meet the other nodes, start this node's ranks,
+//! watch them, stop them all on the first failure or signal, restart the group while restarts
+//! are left, and return the [`Outcome`].
+//!
+//! - [`process`]: one rank's process (own process group, dies with the launcher).
+//! - [`output`]: relaying rank output to log files and the console; stderr tails.
+//! - [`peers`]: coordination with the other nodes' launchers through the store.
+//! - [`signals`]: the launcher's own SIGINT/SIGTERM/SIGHUP/SIGQUIT handling.
+//! - [`watchdog`]: kills the ranks' process groups if the launcher itself is SIGKILLed.
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::env::{RankEnv, DEFAULT_ROLE};
+use crate::outcome::{Failure, FailureKind, Outcome};
+use crate::store::{StoreClient, StoreError, StoreServer};
+
+pub mod output;
+pub mod peers;
+pub mod process;
+pub mod signals;
+pub mod watchdog;
+
+pub use output::OutputOptions;
+pub use process::RankCommand;
+
+use peers::{JoinError, NodeLayout, Peers};
+use process::RankProcess;
+use watchdog::Watchdog;
+
+/// Everything one launcher needs to run its node's share of the job. (No `Debug`: it holds the
+/// store's secret.)
+#[derive(Clone)]
+pub struct LaunchSpec {
+    pub command: RankCommand,
+    /// Ranks on this node (`--nproc-per-node`).
+    pub nproc: usize,
+    pub nnodes: usize,
+    pub node_rank: usize,
+    pub master_addr: String,
+    /// 0 on node 0 of a single-node run picks a free port (`--standalone`).
+    pub master_port: u16,
+    pub max_restarts: u32,
+    /// How often the other nodes are polled (local ranks are checked every 10 ms).
+    pub monitor_interval: Duration,
+    /// Time between the polite signal and SIGKILL.
+    pub grace_period: Duration,
+    /// Bound on how long ranks may run after another rank (or node) finished successfully.
+    pub finish_timeout: Option<Duration>,
+    /// Bound on reaching the store and on all nodes joining.
+    pub rdzv_timeout: Duration,
+    pub run_id: String,
+    pub token: String,
+    pub output: OutputOptions,
+}
+
+/// Failures of the launcher itself (as opposed to its ranks).
+#[derive(Debug, Error)]
+pub enum LaunchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("rendezvous failed: {0}")]
+    Rendezvous(String),
+    #[error("cannot install the launcher's signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs the job on this node until it succeeds or gives up. Call it from the main thread: ranks
+/// die with the thread that started them (PR_SET_PDEATHSIG).
+pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
+    signals::install().map_err(LaunchError::Signals)?;
+    let host = hostname();
+    // Node 0 serves the store: on every interface for a multi-node run (the master address may be
+    // any of them), only on the master address for a single node.
+    let server = if spec.node_rank == 0 {
+        let bind_host = if spec.nnodes > 1 {
+            "0.0.0.0"
+        } else {
+            spec.master_addr.as_str()
+        };
+        Some(StoreServer::bind(
+            (bind_host, spec.master_port),
+            &spec.token,
+        )?)
+    } else {
+        None
+    };
+    let port = server
+        .as_ref()
+        .map_or(spec.master_port, |s| s.local_addr().port());
+    let mut peers = if spec.nnodes > 1 {
+        if spec.node_rank != 0 {
+            tracing::info!(
+                "node {} of {}: joining the rendezvous store at {}:{port}",
+                spec.node_rank,
+                spec.nnodes,
+                spec.master_addr
+            );
+        }
+        match connect_interruptible(&spec.master_addr, port, &spec.token, spec.rdzv_timeout)? {
+            Ok(client) => Peers::multi(client, spec.node_rank, spec.nnodes),
+            Err(sig) => return Ok(interrupted(spec, &host, 0, sig)),
+        }
+    } else {
+        Peers::Single
+    };
+    let run_id = match peers.agree_run_id(&spec.run_id, spec.rdzv_timeout) {
+        Ok(id) => id,
+        Err(err) => return join_failed(spec, &host, 0, err),
+    };
+
+    let mut watchdog = match Watchdog::start() {
+        Ok(w) => Some(w),
+        Err(err) => {
+            tracing::warn!("cannot start the orphan watchdog (/bin/sh): {err}; ranks still die with the launcher");
+            None
+        }
+    };
+    let mut attempt = 0u32;
+    loop {
+        let layout = match peers.join(attempt, spec.nproc, &host, spec.rdzv_timeout) {
+            Ok(layout) => layout,
+            Err(err) => return join_failed(spec, &host, attempt, err),
+        };
+        if attempt == 0 {
+            tracing::info!(
+                "starting {} rank(s) on {host} (ranks {}..{} of world size {}), run id {run_id}, store {}:{port}",
+                spec.nproc,
+                layout.rank_offset,
+                layout.rank_offset + spec.nproc - 1,
+                layout.world_size,
+                spec.master_addr
+            );
+        }
+        let attempt_run = Attempt {
+            spec,
+            run_id: &run_id,
+            host: &host,
+            port,
+            attempt,
+            layout,
+        };
+        match attempt_run.run(&mut peers, watchdog.as_mut()) {
+            Ok(()) => {
+                peers.finish(attempt);
+                return Ok(Outcome::Success { restarts: attempt });
+            }
+            Err(failure) if failure.kind.restartable() && attempt < spec.max_restarts => {
+                tracing::warn!(
+                    "{} {} on attempt {attempt}; restarting every rank (restart {} of {})",
+                    who(&failure),
+                    failure.kind.describe(),
+                    attempt + 1,
+                    spec.max_restarts
+                );
+                attempt += 1;
+            }
+            Err(failure) => {
+                peers.finish(attempt);
+                return Ok(Outcome::Failed(*failure));
+            }
+        }
+    }
+}
+
+fn who(f: &Failure) -> String {
+    match f.rank {
+        Some(rank) => format!("rank {rank} (node {}, {})", f.node_rank, f.host),
+        None => format!("node {} ({})", f.node_rank, f.host),
+    }
+}
+
+/// Connects to the store, giving up at the timeout or when the launcher gets a signal
+/// (`Ok(Err(sig))`).
+fn connect_interruptible(
+    host: &str,
+    port: u16,
+    token: &str,
+    timeout: Duration,
+) -> Result<Result<StoreClient, i32>, StoreError> {
+    let start = Instant::now();
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        match StoreClient::connect(host, port, token, left.min(Duration::from_millis(500))) {
+            Ok(client) => return Ok(Ok(client)),
+            Err(StoreError::Unreachable { endpoint, last, .. }) => {
+                if let Some(sig) = signals::take() {
+                    return Ok(Err(sig));
+                }
+                if start.elapsed() >= timeout {
+                    return Err(StoreError::Unreachable {
+                        endpoint,
+                        waited: start.elapsed(),
+                        last,
+                    });
+                }
+            }
+            Err(other) => return Err(other),
+        }
+    }
+}
+
+fn interrupted(spec: &LaunchSpec, host: &str, attempt: u32, sig: i32) -> Outcome {
+    Outcome::Failed(Failure {
+        kind: FailureKind::LauncherSignal(sig),
+        rank: None,
+        local_rank: None,
+        node_rank: spec.node_rank,
+        host: host.to_string(),
+        attempt,
+        log: None,
+        stderr_tail: Vec::new(),
+    })
+}
+
+fn join_failed(
+    spec: &LaunchSpec,
+    host: &str,
+    attempt: u32,
+    err: JoinError,
+) -> Result<Outcome, LaunchError> {
+    match err {
+        JoinError::Interrupted(sig) => Ok(interrupted(spec, host, attempt, sig)),
+        JoinError::Store(e) => Err(e.into()),
+        JoinError::Rendezvous(msg) => Err(LaunchError::Rendezvous(msg)),
+    }
+}
+
+/// One attempt: this node's ranks from start to the last exit.
+struct Attempt<'a> {
+    spec: &'a LaunchSpec,
+    run_id: &'a str,
+    host: &'a str,
+    port: u16,
+    attempt: u32,
+    layout: NodeLayout,
+}
+
+/// The stop in progress: ranks were signalled and get SIGKILL at `deadline`.
+struct Stop {
+    deadline: Instant,
+    killed: bool,
+}
+
+/// How often local ranks and the launcher's signals are checked: `waitpid(WNOHANG)` per rank is
+/// cheap, and a short tick means an exit is acted on within milliseconds. The other nodes (a
+/// network round trip) are polled every `--monitor-interval`.
+const TICK: Duration = Duration::from_millis(10);
+
+/// How long to wait for SIGKILLed ranks to be reaped before giving up on them (a process stuck in
+/// uninterruptible I/O cannot die until the I/O ends; the launcher must still end).
+const REAP_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Attempt<'_> {
+    fn rank_env(&self, local_rank: usize) -> RankEnv {
+        let spec = self.spec;
+        let rank = self.layout.rank_offset + local_rank;
+        RankEnv {
+            rank,
+            local_rank,
+            world_size: self.layout.world_size,
+            local_world_size: spec.nproc,
+            group_rank: spec.node_rank,
+            group_world_size: spec.nnodes,
+            role_rank: rank,
+            role_world_size: self.layout.world_size,
+            role_name: DEFAULT_ROLE.to_string(),
+            master_addr: spec.master_addr.clone(),
+            master_port: self.port,
+            restart_count: self.attempt,
+            max_restarts: spec.max_restarts,
+            run_id: self.run_id.to_string(),
+            store_token: Some(spec.token.clone()),
+        }
+    }
+
+    fn failure(&self, kind: FailureKind, rank: Option<&RankProcess>) -> Failure {
+        Failure {
+            kind,
+            rank: rank.map(|r| r.env.rank),
+            local_rank: rank.map(|r| r.env.local_rank),
+            node_rank: self.spec.node_rank,
+            host: self.host.to_string(),
+            attempt: self.attempt,
+            log: rank.and_then(|r| r.output.stderr_log.clone()),
+            stderr_tail: rank.map(|r| r.output.tail()).unwrap_or_default(),
+        }
+    }
+
+    /// Runs the attempt; `Err` carries the root cause.
+    fn run(
+        &self,
+        peers: &mut Peers,
+        mut watchdog: Option<&mut Watchdog>,
+    ) -> Result<(), Box<Failure>> {
+        let spec = self.spec;
+        let mut ranks: Vec<RankProcess> = Vec::with_capacity(spec.nproc);
+        let mut root: Option<Failure> = None;
+        // Local rank whose failure is the root cause (its stderr tail is refreshed at the end).
+        let mut root_local: Option<usize> = None;
+        let mut stop: Option<Stop> = None;
+
+        for local_rank in 0..spec.nproc {
+            let env = self.rank_env(local_rank);
+            let dir = spec.output.rank_dir(self.run_id, self.attempt, local_rank);
+            match RankProcess::spawn(&spec.command, env.clone(), &spec.output, dir.as_deref()) {
+                Ok(rank) => {
+                    if let Some(w) = watchdog.as_deref_mut() {
+                        w.watch(rank.pgid);
+                    }
+                    ranks.push(rank)
+                }
+                Err(err) => {
+                    let mut failure = self.failure(
+                        FailureKind::SpawnFailed(format!(
+                            "{}: {err}",
+                            spec.command.program.display()
+                        )),
+                        None,
+                    );
+                    failure.rank = Some(env.rank);
+                    failure.local_rank = Some(local_rank);
+                    root = Some(peers.report_failure(self.attempt, failure));
+                    stop = Some(self.begin_stop(&ranks, libc::SIGTERM));
+                    break;
+                }
+            }
+        }
+
+        let mut first_success: Option<Instant> = None;
+        let mut last_peer_poll = Instant::now();
+        loop {
+            // The launcher's own signals: forward the same signal; a second one kills at once.
+            if let Some(sig) = signals::take() {
+                if stop.is_some() {
+                    tracing::warn!(
+                        "received {} again: killing every rank now",
+                        crate::outcome::signal_name(sig)
+                    );
+                    kill_running(&ranks);
+                    if let Some(s) = stop.as_mut() {
+                        s.killed = true;
+                        s.deadline = s.deadline.min(Instant::now());
+                    }
+                } else {
+                    tracing::warn!(
+                        "received {}: forwarding it to every rank (again to kill them at once)",
+                        crate::outcome::signal_name(sig)
+                    );
+                    // Our own signal decides our exit code (128+sig) even if a peer failed first.
+                    let failure = self.failure(FailureKind::LauncherSignal(sig), None);
+                    peers.report_failure(self.attempt, failure.clone());
+                    root = Some(failure);
+                    stop = Some(self.begin_stop(&ranks, sig));
+                }
+            }
+
+            for (i, rank) in ranks.iter_mut().enumerate() {
+                let Some(exit) = rank.poll() else { continue };
+                if exit.success() {
+                    first_success.get_or_insert_with(Instant::now);
+                } else if stop.is_none() && root.is_none() {
+                    rank.output.settle_stderr(Duration::from_millis(250));
+                    let failure = self.failure(exit.failure_kind(), Some(rank));
+                    root_local = Some(i);
+                    root = Some(peers.report_failure(self.attempt, failure));
+                }
+            }
+            if root.is_some() && stop.is_none() {
+                stop = Some(self.begin_stop(&ranks, libc::SIGTERM));
+            }
+            if ranks.iter().all(|r| !r.running()) {
+                break;
+            }
+
+            if stop.is_none() && last_peer_poll.elapsed() >= spec.monitor_interval {
+                last_peer_poll = Instant::now();
+                if let Some(failure) = peers.poll_failure(self.attempt) {
+                    tracing::warn!("stopping: {} {}", who(&failure), failure.kind.describe());
+                    root = Some(failure);
+                    stop = Some(self.begin_stop(&ranks, libc::SIGTERM));
+                }
+            }
+
+            if let (None, Some(t), Some(since)) = (&stop, spec.finish_timeout, first_success) {
+                if since.elapsed() >= t {
+                    let stuck: Vec<usize> = ranks
+                        .iter()
+                        .filter(|r| r.running())
+                        .map(|r| r.env.rank)
+                        .collect();
+                    let what = format!(
+                        "rank(s) {stuck:?} still running {} s after other ranks finished \
+                         (hung? raise --finish-timeout, or 0 to wait forever)",
+                        t.as_secs()
+                    );
+                    let first_stuck = ranks.iter().find(|r| r.running());
+                    let failure = self.failure(FailureKind::FinishTimeout(what), first_stuck);
+                    root = Some(peers.report_failure(self.attempt, failure));
+                    stop = Some(self.begin_stop(&ranks, libc::SIGTERM));
+                }
+            }
+
+            if let Some(s) = stop.as_mut() {
+                if s.killed && Instant::now() >= s.deadline + REAP_TIMEOUT {
+                    let stuck: Vec<usize> = ranks
+                        .iter()
+                        .filter(|r| r.running())
+                        .map(|r| r.env.rank)
+                        .collect();
+                    tracing::error!(
+                        "rank(s) {stuck:?} survived SIGKILL for {} s (stuck in the kernel, e.g. on a dead \
+                         filesystem or GPU driver); giving up on them",
+                        REAP_TIMEOUT.as_secs()
+                    );
+                    break;
+                }
+                if !s.killed && Instant::now() >= s.deadline {
+                    let stuck: Vec<usize> = ranks
+                        .iter()
+                        .filter(|r| r.running())
+                        .map(|r| r.env.rank)
+                        .collect();
+                    tracing::warn!(
+                        "rank(s) {stuck:?} still running after the {} s grace period: sending SIGKILL",
+                        spec.grace_period.as_secs_f64()
+                    );
+                    kill_running(&ranks);
+                    s.killed = true;
+                }
+            }
+            std::thread::sleep(TICK.min(spec.monitor_interval));
+        }
+
+        // Children the ranks left behind in their groups go too: no orphans.
+        for rank in &ranks {
+            rank.signal(libc::SIGKILL);
+        }
+        if let Some(w) = watchdog {
+            w.clear();
+        }
+        let drain_deadline = Instant::now() + Duration::from_secs(2);
+        for rank in &mut ranks {
+            rank.output.finish(drain_deadline);
+        }
+
+        if let Some(mut failure) = root {
+            if let Some(i) = root_local {
+                if failure.rank == Some(ranks[i].env.rank) && failure.node_rank == spec.node_rank {
+                    failure.stderr_tail = ranks[i].output.tail();
+                }
+            }
+            return Err(Box::new(failure));
+        }
+        self.wait_for_other_nodes(peers)
+    }
+
+    /// Sends `sig` to every running rank and starts the grace period.
+    fn begin_stop(&self, ranks: &[RankProcess], sig: i32) -> Stop {
+        for rank in ranks.iter().filter(|r| r.running()) {
+            rank.signal(sig);
+        }
+        Stop {
+            deadline: Instant::now() + self.spec.grace_period,
+            killed: false,
+        }
+    }
+
+    fn lost_node0(&self, err: StoreError) -> Box<Failure> {
+        let kind = FailureKind::PeerLost(format!("lost contact with node 0: {err}"));
+        Box::new(self.failure(kind, None))
+    }
+
+    /// After this node's ranks all succeeded: wait until every node's did, or a failure appears.
+    fn wait_for_other_nodes(&self, peers: &mut Peers) -> Result<(), Box<Failure>> {
+        if let Err(err) = peers.report_done(self.attempt) {
+            return Err(self.lost_node0(err));
+        }
+        let since = Instant::now();
+        loop {
+            match peers.all_done(self.attempt) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(err) => return Err(self.lost_node0(err)),
+            }
+            if let Some(failure) = peers.poll_failure(self.attempt) {
+                return Err(Box::new(failure));
+            }
+            if let Some(sig) = signals::take() {
+                let failure = self.failure(FailureKind::LauncherSignal(sig), None);
+                peers.report_failure(self.attempt, failure.clone());
+                return Err(Box::new(failure));
+            }
+            if let Some(t) = self.spec.finish_timeout {
+                if since.elapsed() >= t {
+                    let what = format!(
+                        "other nodes still running {} s after this node's ranks finished \
+                         (hung? raise --finish-timeout, or 0 to wait forever)",
+                        t.as_secs()
+                    );
+                    let failure = self.failure(FailureKind::FinishTimeout(what), None);
+                    return Err(Box::new(peers.report_failure(self.attempt, failure)));
+                }
+            }
+            std::thread::sleep(self.spec.monitor_interval);
+        }
+    }
+}
+
+fn kill_running(ranks: &[RankProcess]) {
+    for rank in ranks.iter().filter(|r| r.running()) {
+        rank.signal(libc::SIGKILL);
+    }
+}
+
+/// This machine's host name (for reports).
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match ok {
+        true if end > 0 => String::from_utf8_lossy(&buf[..end]).into_owned(),
+        _ => "localhost".to_string(),
+    }
+}

@@ -1,0 +1,243 @@
+//! Rank output: every rank's stdout and stderr come through a pipe to a relay thread that writes
+//! the per-rank log file (`--log-dir`), echoes to the console (optionally `[rank r]`-prefixed),
+//! and keeps the last lines of stderr for the root-cause summary.
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Lines of stderr kept per rank for the summary.
+pub const TAIL_LINES: usize = 20;
+/// Longest line kept in the tail (a progress bar without newlines must not fill the report).
+const TAIL_LINE_CHARS: usize = 400;
+
+/// Where rank output goes.
+#[derive(Debug, Clone, Default)]
+pub struct OutputOptions {
+    /// Root of per-attempt log folders: `<log_dir>/<run_id>/attempt_N/<local_rank>/{stdout,stderr}.log`.
+    pub log_dir: Option<PathBuf>,
+    /// Echo stdout / stderr to the console with a `[rank r]` prefix (torchrun's `--tee`).
+    pub tee_stdout: bool,
+    pub tee_stderr: bool,
+    /// Local ranks whose output reaches the console (None: all).
+    pub local_ranks_filter: Option<Vec<usize>>,
+}
+
+impl OutputOptions {
+    /// Log folder of one rank in one attempt.
+    pub fn rank_dir(&self, run_id: &str, attempt: u32, local_rank: usize) -> Option<PathBuf> {
+        self.log_dir.as_ref().map(|d| {
+            d.join(run_id)
+                .join(format!("attempt_{attempt}"))
+                .join(local_rank.to_string())
+        })
+    }
+
+    /// How one stream of one rank reaches the console: `None` (silent), or with an optional prefix.
+    fn console(&self, local_rank: usize, rank: usize, tee: bool) -> Option<Option<String>> {
+        if let Some(filter) = &self.local_ranks_filter {
+            if !filter.contains(&local_rank) {
+                return None;
+            }
+        }
+        match (self.log_dir.is_some(), tee) {
+            // Logging to files: the console sees the stream only when teed.
+            (true, false) => None,
+            (_, true) => Some(Some(format!("[rank {rank}] "))),
+            (false, false) => Some(None),
+        }
+    }
+}
+
+/// Last lines of a stream.
+#[derive(Debug, Default)]
+pub struct Tail(VecDeque<String>);
+
+impl Tail {
+    fn push(&mut self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        let text: String = match text.char_indices().nth(TAIL_LINE_CHARS) {
+            Some((cut, _)) => format!("{}...", &text[..cut]),
+            None => text.to_string(),
+        };
+        if self.0.len() == TAIL_LINES {
+            self.0.pop_front();
+        }
+        self.0.push_back(text);
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0.iter().cloned().collect()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Console {
+    Stdout,
+    Stderr,
+}
+
+/// The relay threads of one rank.
+pub struct RankOutput {
+    threads: Vec<JoinHandle<()>>,
+    pub stderr_tail: Arc<Mutex<Tail>>,
+    pub stderr_log: Option<PathBuf>,
+}
+
+impl RankOutput {
+    /// Starts relaying `stdout`/`stderr` of a rank. Log files are created here, so a bad
+    /// `--log-dir` fails before the rank does any work.
+    pub fn start(
+        options: &OutputOptions,
+        dir: Option<&Path>,
+        local_rank: usize,
+        rank: usize,
+        stdout: impl Read + Send + 'static,
+        stderr: impl Read + Send + 'static,
+    ) -> io::Result<Self> {
+        let (out_file, err_file, stderr_log) = match dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                let err_path = dir.join("stderr.log");
+                (
+                    Some(File::create(dir.join("stdout.log"))?),
+                    Some(File::create(&err_path)?),
+                    Some(err_path),
+                )
+            }
+            None => (None, None, None),
+        };
+        let stderr_tail = Arc::new(Mutex::new(Tail::default()));
+        let out_console = options.console(local_rank, rank, options.tee_stdout);
+        let err_console = options.console(local_rank, rank, options.tee_stderr);
+        let threads = vec![
+            spawn_relay(
+                stdout,
+                out_file,
+                out_console.map(|p| (Console::Stdout, p)),
+                None,
+            )?,
+            spawn_relay(
+                stderr,
+                err_file,
+                err_console.map(|p| (Console::Stderr, p)),
+                Some(stderr_tail.clone()),
+            )?,
+        ];
+        Ok(RankOutput {
+            threads,
+            stderr_tail,
+            stderr_log,
+        })
+    }
+
+    /// Waits for the relays to drain, at most until `deadline`: a grandchild that escaped the
+    /// process group may hold the pipe open forever, and must not hang the launcher.
+    pub fn finish(&mut self, deadline: Instant) {
+        while self.threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for t in std::mem::take(&mut self.threads) {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Gives the stderr relay up to `limit` to reach the end of a rank that just exited, so the
+    /// failure report carries its last words (a child still holding the pipe can delay EOF).
+    pub fn settle_stderr(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.threads.get(1).is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn tail(&self) -> Vec<String> {
+        self.stderr_tail
+            .lock()
+            .map(|t| t.lines())
+            .unwrap_or_default()
+    }
+}
+
+fn spawn_relay(
+    source: impl Read + Send + 'static,
+    mut file: Option<File>,
+    console: Option<(Console, Option<String>)>,
+    tail: Option<Arc<Mutex<Tail>>>,
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("rank-output".into())
+        .spawn(move || {
+            let mut reader = BufReader::new(source);
+            let mut line = Vec::with_capacity(256);
+            loop {
+                line.clear();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                if let Some(f) = file.as_mut() {
+                    // A full disk must not stop the rank: drop the file, keep relaying.
+                    if f.write_all(&line).is_err() {
+                        file = None;
+                    }
+                }
+                if let Some((which, prefix)) = &console {
+                    let mut buf = Vec::with_capacity(line.len() + 16);
+                    if let Some(p) = prefix {
+                        buf.extend_from_slice(p.as_bytes());
+                    }
+                    buf.extend_from_slice(&line);
+                    if !buf.ends_with(b"\n") {
+                        buf.push(b'\n');
+                    }
+                    // One write per line under the lock, so ranks' lines never interleave mid-line.
+                    let _ = match which {
+                        Console::Stdout => io::stdout().lock().write_all(&buf),
+                        Console::Stderr => io::stderr().lock().write_all(&buf),
+                    };
+                }
+                if let Some(t) = &tail {
+                    if let Ok(mut t) = t.lock() {
+                        t.push(&line);
+                    }
+                }
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_lines_and_cuts_long_ones() {
+        let mut t = Tail::default();
+        for i in 0..30 {
+            t.push(format!("line {i}\n").as_bytes());
+        }
+        let lines = t.lines();
+        assert_eq!(lines.len(), TAIL_LINES);
+        assert_eq!(lines[0], "line 10");
+        t.push("x".repeat(1000).as_bytes());
+        assert!(t.lines().last().unwrap().len() < 500);
+    }
+
+    #[test]
+    fn console_routing() {
+        let mut o = OutputOptions::default();
+        assert_eq!(o.console(0, 0, false), Some(None));
+        assert_eq!(o.console(1, 5, true), Some(Some("[rank 5] ".into())));
+        o.log_dir = Some("/tmp/x".into());
+        assert_eq!(o.console(0, 0, false), None);
+        o.local_ranks_filter = Some(vec![0]);
+        assert_eq!(o.console(1, 1, true), None);
+        assert_eq!(o.console(0, 0, true), Some(Some("[rank 0] ".into())));
+    }
+}

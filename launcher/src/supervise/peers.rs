@@ -1,0 +1,378 @@
+//! Coordination between the launchers of a multi-node run, through node 0's store.
+//!
+//! Keys (all under `launcher/`, per attempt `a<k>/`):
+//! - `run_id`                 node 0's run id (the others adopt it)
+//! - `a<k>/node/<r>`          "host pid nproc" of node r; compare-set, so a duplicate node rank is caught
+//! - `a<k>/joined`, `a<k>/open`   join counter and the gate opened by the last node to join
+//! - `a<k>/failed`            the first failure of the attempt (compare-set: exactly one root cause)
+//! - `a<k>/done`              nodes whose ranks all exited 0
+//! - `a<k>/acks`              nodes that learned the attempt's outcome (node 0 waits for them before
+//!   its store goes away)
+//! - `a<k>/hb/<r>`            heartbeat counter of node r (node 0 notices a node that vanished)
+use std::time::{Duration, Instant};
+
+use super::signals;
+use crate::outcome::{Failure, FailureKind};
+use crate::store::{CompareSet, StoreClient, StoreError};
+
+/// How often a node bumps its heartbeat.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// Node 0 declares a node lost after this long without a heartbeat.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long node 0 keeps its store up for the other nodes to learn the outcome.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// Where this node's ranks sit in the world of one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeLayout {
+    /// Global rank of this node's local rank 0.
+    pub rank_offset: usize,
+    pub world_size: usize,
+}
+
+/// Why joining an attempt did not work.
+#[derive(Debug)]
+pub enum JoinError {
+    /// The launcher got a signal while waiting.
+    Interrupted(i32),
+    Store(StoreError),
+    Rendezvous(String),
+}
+
+impl From<StoreError> for JoinError {
+    fn from(e: StoreError) -> Self {
+        JoinError::Store(e)
+    }
+}
+
+/// The other nodes, as seen from this one.
+pub enum Peers {
+    /// Single-node run: nothing to coordinate.
+    Single,
+    Multi(MultiNode),
+}
+
+pub struct MultiNode {
+    client: StoreClient,
+    node_rank: usize,
+    nnodes: usize,
+    last_heartbeat: Instant,
+    /// Node 0's view of every node's heartbeat: (last value, when it last changed).
+    heartbeats: Vec<(i64, Instant)>,
+    /// The attempt whose outcome this node has acknowledged.
+    acked: Option<u32>,
+}
+
+impl Peers {
+    pub fn multi(client: StoreClient, node_rank: usize, nnodes: usize) -> Self {
+        let now = Instant::now();
+        Peers::Multi(MultiNode {
+            client,
+            node_rank,
+            nnodes,
+            last_heartbeat: now - HEARTBEAT_EVERY,
+            heartbeats: vec![(-1, now); nnodes],
+            acked: None,
+        })
+    }
+
+    /// Node 0 publishes its run id; the others adopt it (so TORCHELASTIC_RUN_ID agrees everywhere).
+    pub fn agree_run_id(&mut self, run_id: &str, timeout: Duration) -> Result<String, JoinError> {
+        let Peers::Multi(m) = self else {
+            return Ok(run_id.to_string());
+        };
+        if m.node_rank == 0 {
+            m.client.set("launcher/run_id", run_id.as_bytes())?;
+            return Ok(run_id.to_string());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match m
+                .client
+                .get_timeout("launcher/run_id", Duration::from_secs(1))
+            {
+                Ok(v) => return Ok(String::from_utf8_lossy(&v).into_owned()),
+                Err(StoreError::Timeout { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            check_signal_and_deadline(deadline, || "node 0 to publish the run id".to_string())?;
+        }
+    }
+
+    /// Waits until every node has joined attempt `attempt`; returns this node's place in the world.
+    pub fn join(
+        &mut self,
+        attempt: u32,
+        nproc: usize,
+        host: &str,
+        timeout: Duration,
+    ) -> Result<NodeLayout, JoinError> {
+        let Peers::Multi(m) = self else {
+            return Ok(NodeLayout {
+                rank_offset: 0,
+                world_size: nproc,
+            });
+        };
+        let a = format!("launcher/a{attempt}");
+        let me = format!("{host} {} {nproc}", std::process::id());
+        if let CompareSet::Mismatch(Some(other)) =
+            m.client
+                .compare_set(&format!("{a}/node/{}", m.node_rank), None, me.as_bytes())?
+        {
+            let other = String::from_utf8_lossy(&other);
+            let other_host = other.split(' ').next().unwrap_or("?");
+            return Err(JoinError::Rendezvous(format!(
+                "node rank {} is already taken by a launcher on {other_host} (give every node a distinct --node-rank)",
+                m.node_rank
+            )));
+        }
+        let joined = m.client.add(&format!("{a}/joined"), 1)?;
+        if joined == m.nnodes as i64 {
+            m.client.set(&format!("{a}/open"), b"1")?;
+        } else if joined > m.nnodes as i64 {
+            return Err(JoinError::Rendezvous(format!(
+                "more than {} launchers joined (is --nnodes the same on every node?)",
+                m.nnodes
+            )));
+        }
+        let deadline = Instant::now() + timeout;
+        let open = format!("{a}/open");
+        loop {
+            match m.client.wait(&[&open], Duration::from_secs(1)) {
+                Ok(()) => break,
+                Err(StoreError::Timeout { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if let Err(err) = check_signal_and_deadline(deadline, String::new) {
+                if let JoinError::Rendezvous(_) = err {
+                    let missing = m.missing_nodes(&a);
+                    return Err(JoinError::Rendezvous(format!(
+                        "only {} of {} nodes joined within {} s; missing node ranks {missing:?} \
+                         (start one launcher per node with the same --nnodes, --master-addr and --master-port)",
+                        m.nnodes - missing.len(),
+                        m.nnodes,
+                        timeout.as_secs()
+                    )));
+                }
+                return Err(err);
+            }
+        }
+        // Ranks are numbered node by node; nodes may run different numbers of ranks.
+        let mut layout = NodeLayout {
+            rank_offset: 0,
+            world_size: 0,
+        };
+        for node in 0..m.nnodes {
+            let value = m
+                .client
+                .get_timeout(&format!("{a}/node/{node}"), Duration::from_secs(10))?;
+            let text = String::from_utf8_lossy(&value);
+            let n: usize = text
+                .rsplit(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| {
+                    JoinError::Rendezvous(format!(
+                        "node {node} registered an unreadable entry {text:?}"
+                    ))
+                })?;
+            if node < m.node_rank {
+                layout.rank_offset += n;
+            }
+            layout.world_size += n;
+        }
+        m.heartbeats = vec![(-1, Instant::now()); m.nnodes];
+        Ok(layout)
+    }
+
+    /// Records `failure` as the attempt's root cause unless another node was first; returns the
+    /// root cause that won.
+    pub fn report_failure(&mut self, attempt: u32, failure: Failure) -> Failure {
+        let Peers::Multi(m) = self else {
+            return failure;
+        };
+        let key = format!("launcher/a{attempt}/failed");
+        let winner = match m.client.compare_set(&key, None, &failure.encode()) {
+            Ok(CompareSet::Mismatch(Some(first))) => Failure::decode(&first).unwrap_or(failure),
+            Ok(_) => failure,
+            Err(err) => {
+                tracing::warn!("cannot tell the other nodes about the failure: {err}");
+                failure
+            }
+        };
+        m.ack(attempt);
+        winner
+    }
+
+    /// Checks for a failure reported by another node, keeps the heartbeat going, and (node 0)
+    /// watches the other nodes' heartbeats. A lost store is itself a failure.
+    pub fn poll_failure(&mut self, attempt: u32) -> Option<Failure> {
+        let Peers::Multi(m) = self else {
+            return None;
+        };
+        match m.poll(attempt) {
+            Ok(found) => found,
+            Err(err) => Some(m.lost(attempt, format!("lost contact with the other nodes: {err}"))),
+        }
+    }
+
+    /// Marks this node's ranks as all successful.
+    pub fn report_done(&mut self, attempt: u32) -> Result<(), StoreError> {
+        match self {
+            Peers::Single => Ok(()),
+            Peers::Multi(m) => m
+                .client
+                .add(&format!("launcher/a{attempt}/done"), 1)
+                .map(|_| ()),
+        }
+    }
+
+    /// Whether every node reported done.
+    pub fn all_done(&mut self, attempt: u32) -> Result<bool, StoreError> {
+        match self {
+            Peers::Single => Ok(true),
+            Peers::Multi(m) => {
+                let done = m.client.try_get(&format!("launcher/a{attempt}/done"))?;
+                let done: i64 = done
+                    .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+                    .unwrap_or(0);
+                Ok(done >= m.nnodes as i64)
+            }
+        }
+    }
+
+    /// Acknowledges the final outcome; node 0 waits (briefly) for every other node's ack so its
+    /// store stays up until they have read the outcome.
+    pub fn finish(&mut self, attempt: u32) {
+        let Peers::Multi(m) = self else {
+            return;
+        };
+        m.ack(attempt);
+        if m.node_rank != 0 {
+            return;
+        }
+        let acks = format!("launcher/a{attempt}/acks");
+        let deadline = Instant::now() + ACK_WAIT;
+        while Instant::now() < deadline {
+            let count = m
+                .client
+                .try_get(&acks)
+                .ok()
+                .flatten()
+                .and_then(|v| String::from_utf8(v).ok()?.parse::<i64>().ok())
+                .unwrap_or(0);
+            if count >= m.nnodes as i64 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::warn!(
+            "not every node acknowledged the end of the run within {} s",
+            ACK_WAIT.as_secs()
+        );
+    }
+}
+
+impl MultiNode {
+    /// Counts this node once per attempt in `a<k>/acks`.
+    fn ack(&mut self, attempt: u32) {
+        if self.acked != Some(attempt)
+            && self
+                .client
+                .add(&format!("launcher/a{attempt}/acks"), 1)
+                .is_ok()
+        {
+            self.acked = Some(attempt);
+        }
+    }
+
+    fn poll(&mut self, attempt: u32) -> Result<Option<Failure>, StoreError> {
+        if let Some(first) = self
+            .client
+            .try_get(&format!("launcher/a{attempt}/failed"))?
+        {
+            self.ack(attempt);
+            return Ok(Some(Failure::decode(&first).unwrap_or_else(|| Failure {
+                kind: FailureKind::PeerLost("another node failed (unreadable report)".into()),
+                rank: None,
+                local_rank: None,
+                node_rank: 0,
+                host: "?".into(),
+                attempt,
+                log: None,
+                stderr_tail: Vec::new(),
+            })));
+        }
+        if self.last_heartbeat.elapsed() < HEARTBEAT_EVERY {
+            return Ok(None);
+        }
+        self.last_heartbeat = Instant::now();
+        self.client
+            .add(&format!("launcher/a{attempt}/hb/{}", self.node_rank), 1)?;
+        if self.node_rank != 0 {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        for node in 1..self.nnodes {
+            let beat = self
+                .client
+                .try_get(&format!("launcher/a{attempt}/hb/{node}"))?
+                .and_then(|v| String::from_utf8(v).ok()?.parse::<i64>().ok())
+                .unwrap_or(0);
+            let (last, since) = &mut self.heartbeats[node];
+            if beat != *last {
+                *last = beat;
+                *since = now;
+            } else if now.duration_since(*since) > HEARTBEAT_TIMEOUT {
+                let reason = format!(
+                    "node {node} stopped sending heartbeats for {} s (its launcher was killed, or the network is down)",
+                    HEARTBEAT_TIMEOUT.as_secs()
+                );
+                let failure = self.lost(attempt, reason);
+                let _ = self.client.compare_set(
+                    &format!("launcher/a{attempt}/failed"),
+                    None,
+                    &failure.encode(),
+                );
+                return Ok(Some(failure));
+            }
+        }
+        Ok(None)
+    }
+
+    fn lost(&self, attempt: u32, reason: String) -> Failure {
+        Failure {
+            kind: FailureKind::PeerLost(reason),
+            rank: None,
+            local_rank: None,
+            node_rank: self.node_rank,
+            host: super::hostname(),
+            attempt,
+            log: None,
+            stderr_tail: Vec::new(),
+        }
+    }
+
+    fn missing_nodes(&mut self, a: &str) -> Vec<usize> {
+        (0..self.nnodes)
+            .filter(|n| !matches!(self.client.try_get(&format!("{a}/node/{n}")), Ok(Some(_))))
+            .collect()
+    }
+}
+
+/// Interrupts a wait on a signal (the launcher should react to Ctrl-C at once) or at the deadline.
+fn check_signal_and_deadline(
+    deadline: Instant,
+    what: impl Fn() -> String,
+) -> Result<(), JoinError> {
+    if let Some(sig) = signals::take() {
+        return Err(JoinError::Interrupted(sig));
+    }
+    if Instant::now() >= deadline {
+        return Err(JoinError::Rendezvous(format!(
+            "timed out waiting for {}",
+            what()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! One rank's process: spawned in its own process group (so a signal reaches the rank and every
+//! child it starts) with `PR_SET_PDEATHSIG` (so it dies with the launcher, even a SIGKILLed one).
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use super::output::{OutputOptions, RankOutput};
+use crate::env::RankEnv;
+use crate::outcome::FailureKind;
+
+/// What every rank runs.
+#[derive(Debug, Clone)]
+pub struct RankCommand {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    /// Extra variables for every rank (e.g. a defaulted OMP_NUM_THREADS).
+    pub extra_env: Vec<(String, String)>,
+}
+
+/// How a rank ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankExit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl RankExit {
+    pub fn success(self) -> bool {
+        self == RankExit::Code(0)
+    }
+
+    pub fn failure_kind(self) -> FailureKind {
+        match self {
+            RankExit::Code(c) => FailureKind::Exited(c),
+            RankExit::Signal(s) => FailureKind::Signaled(s),
+        }
+    }
+}
+
+/// A running (or finished) rank.
+pub struct RankProcess {
+    pub env: RankEnv,
+    child: Child,
+    /// Process group id (= the rank's pid).
+    pub pgid: i32,
+    pub exit: Option<RankExit>,
+    pub exited_at: Option<Instant>,
+    pub output: RankOutput,
+}
+
+impl RankProcess {
+    /// Starts one rank. Must be called from a thread that outlives the rank (the main thread):
+    /// Linux delivers PDEATHSIG when the *thread* that forked exits.
+    pub fn spawn(
+        command: &RankCommand,
+        env: RankEnv,
+        output: &OutputOptions,
+        log_dir: Option<&Path>,
+    ) -> io::Result<Self> {
+        let mut cmd = Command::new(&command.program);
+        cmd.args(&command.args)
+            .envs(
+                command
+                    .extra_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .envs(env.to_env_vars())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let launcher_pid = std::process::id() as libc::pid_t;
+        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
+        // (prctl, getppid, _exit).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                // The launcher may have died before prctl took effect: then no signal will come.
+                if libc::getppid() != launcher_pid {
+                    libc::_exit(137);
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        let pgid = child.id() as i32;
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(io::Error::other("rank pipes missing"));
+        };
+        let output =
+            match RankOutput::start(output, log_dir, env.local_rank, env.rank, stdout, stderr) {
+                Ok(output) => output,
+                Err(err) => {
+                    signal_group(pgid, libc::SIGKILL);
+                    let _ = child.wait();
+                    return Err(err);
+                }
+            };
+        Ok(RankProcess {
+            env,
+            child,
+            pgid,
+            exit: None,
+            exited_at: None,
+            output,
+        })
+    }
+
+    /// Reaps the rank if it has exited; returns the exit when it happened just now.
+    pub fn poll(&mut self) -> Option<RankExit> {
+        if self.exit.is_some() {
+            return None;
+        }
+        let status = match self.child.try_wait() {
+            Ok(Some(status)) => status,
+            Ok(None) => return None,
+            // ECHILD cannot happen for our own child; treat any error as "lost" rather than loop.
+            Err(_) => std::process::ExitStatus::from_raw(libc::SIGKILL),
+        };
+        let exit = match (status.code(), status.signal()) {
+            (Some(code), _) => RankExit::Code(code),
+            (None, Some(sig)) => RankExit::Signal(sig),
+            (None, None) => RankExit::Code(1),
+        };
+        self.exit = Some(exit);
+        self.exited_at = Some(Instant::now());
+        Some(exit)
+    }
+
+    pub fn running(&self) -> bool {
+        self.exit.is_none()
+    }
+
+    /// Sends `sig` to the rank's whole process group.
+    pub fn signal(&self, sig: i32) {
+        signal_group(self.pgid, sig);
+    }
+}
+
+/// `killpg`, ignoring "no such group" (it already ended).
+pub fn signal_group(pgid: i32, sig: i32) {
+    if pgid > 1 {
+        // SAFETY: plain syscall; pgid > 1 never addresses init or our own group by accident.
+        unsafe {
+            libc::killpg(pgid, sig);
+        }
+    }
+}

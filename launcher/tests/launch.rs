@@ -1,0 +1,895 @@
+//! End-to-end tests of the `launcher` binary with real processes (`launcher-testrank` ranks).
+//! Each test uses its own scratch folder and free ports, so they run in parallel.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn every_rank_gets_torchruns_environment_for_world_1_to_4() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    for n in 1..=4usize {
+        let dir = Scratch::new("env");
+        let port = free_port();
+        let nproc = n.to_string();
+        // World 3 uses a fixed --master-port, the others --standalone (a free port).
+        let args: Vec<&str> = if n == 3 {
+            vec![
+                "--nproc-per-node",
+                &nproc,
+                "--run-id",
+                "envtest",
+                "--master-port",
+                "PORT",
+            ]
+        } else {
+            vec![
+                "--standalone",
+                "--nproc-per-node",
+                &nproc,
+                "--run-id",
+                "envtest",
+            ]
+        };
+        let port_s = port.to_string();
+        let args: Vec<&str> = args
+            .into_iter()
+            .map(|a| if a == "PORT" { port_s.as_str() } else { a })
+            .collect();
+        let run = run(launch_testrank(&args, dir.path(), &[]), LIMIT);
+        assert_eq!(run.code(), 0, "world {n}: {}", run.stderr);
+        let first = read_env(dir.path(), 0, 0);
+        let token = first["LLAVA_SCO_STORE_TOKEN"].clone();
+        assert_eq!(token.len(), 32, "token should be 16 random bytes in hex");
+        let master_port: u16 = first["MASTER_PORT"].parse().unwrap();
+        assert_ne!(master_port, 0);
+        if n == 3 {
+            assert_eq!(master_port, port);
+        }
+        let mut groups = vec![run.pgid];
+        for rank in 0..n {
+            let env = read_env(dir.path(), rank, 0);
+            let r = rank.to_string();
+            let expect = [
+                ("RANK", r.as_str()),
+                ("LOCAL_RANK", &r),
+                ("WORLD_SIZE", &nproc),
+                ("LOCAL_WORLD_SIZE", &nproc),
+                ("GROUP_RANK", "0"),
+                ("GROUP_WORLD_SIZE", "1"),
+                ("ROLE_RANK", &r),
+                ("ROLE_WORLD_SIZE", &nproc),
+                ("ROLE_NAME", "default"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", &master_port.to_string()),
+                ("TORCHELASTIC_RESTART_COUNT", "0"),
+                ("TORCHELASTIC_MAX_RESTARTS", "0"),
+                ("TORCHELASTIC_RUN_ID", "envtest"),
+                ("LLAVA_SCO_STORE_TOKEN", &token),
+                ("OMP_NUM_THREADS", &(cores / n).max(1).to_string()),
+            ];
+            for (var, value) in expect {
+                assert_eq!(env[var], value, "world {n} rank {rank}: {var}");
+            }
+            groups.push(env["PGID"].parse().unwrap());
+        }
+        assert!(
+            run.stderr.contains("OMP_NUM_THREADS is not set"),
+            "{}",
+            run.stderr
+        );
+        assert_no_survivors(&groups);
+    }
+}
+
+#[test]
+fn ranks_meet_through_the_store() {
+    let dir = Scratch::new("store");
+    let run = run(
+        launch_testrank(
+            &["--standalone", "--nproc-per-node", "4"],
+            dir.path(),
+            &["--store"],
+        ),
+        LIMIT,
+    );
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    for rank in 0..4 {
+        let total = std::fs::read_to_string(dir.path().join(format!("store-{rank}-0"))).unwrap();
+        assert_eq!(total, "4", "rank {rank} saw the counter after the barrier");
+    }
+}
+
+#[test]
+fn two_launchers_form_one_world_of_four() {
+    let dir = Scratch::new("twonodes");
+    let port = free_port().to_string();
+    let node = |rank: &str| {
+        launch_testrank(
+            &[
+                "--nnodes",
+                "2",
+                "--node-rank",
+                rank,
+                "--nproc-per-node",
+                "2",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                &port,
+                "--run-id",
+                "two-nodes",
+                "--rdzv-timeout",
+                "15",
+            ],
+            dir.path(),
+            &["--store"],
+        )
+    };
+    // Node 1 first: it must wait for node 0's store to appear.
+    let started = Instant::now();
+    let node1 = node("1").spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let node0 = node("0").spawn().unwrap();
+    let run1 = wait(node1, started, LIMIT);
+    let run0 = wait(node0, started, LIMIT);
+    assert_eq!(run0.code(), 0, "node 0: {}", run0.stderr);
+    assert_eq!(run1.code(), 0, "node 1: {}", run1.stderr);
+    let mut groups = vec![run0.pgid, run1.pgid];
+    for rank in 0..4usize {
+        let env = read_env(dir.path(), rank, 0);
+        let (node, local) = (rank / 2, rank % 2);
+        assert_eq!(env["RANK"], rank.to_string());
+        assert_eq!(env["LOCAL_RANK"], local.to_string());
+        assert_eq!(env["WORLD_SIZE"], "4");
+        assert_eq!(env["LOCAL_WORLD_SIZE"], "2");
+        assert_eq!(env["GROUP_RANK"], node.to_string());
+        assert_eq!(env["GROUP_WORLD_SIZE"], "2");
+        assert_eq!(env["ROLE_RANK"], rank.to_string());
+        assert_eq!(env["ROLE_WORLD_SIZE"], "4");
+        assert_eq!(env["MASTER_PORT"], port);
+        assert_eq!(env["TORCHELASTIC_RUN_ID"], "two-nodes");
+        let total = std::fs::read_to_string(dir.path().join(format!("store-{rank}-0"))).unwrap();
+        assert_eq!(total, "4", "rank {rank}: all four ranks used one store");
+        groups.push(env["PGID"].parse().unwrap());
+    }
+    assert_no_survivors(&groups);
+}
+
+#[test]
+fn a_failing_rank_stops_the_others_and_sets_the_exit_code() {
+    let dir = Scratch::new("exit7");
+    let run = run(
+        launch_testrank(
+            &[
+                "--standalone",
+                "--nproc-per-node",
+                "3",
+                "--grace-period",
+                "2",
+            ],
+            dir.path(),
+            &[
+                "--rank",
+                "1",
+                "--exit-code",
+                "7",
+                "--stderr",
+                "boom: bad batch",
+                "--sleep",
+                "30",
+                "--trap",
+                "--child",
+            ],
+        ),
+        LIMIT,
+    );
+    assert_eq!(run.code(), 7, "{}", run.stderr);
+    assert!(
+        run.elapsed < Duration::from_secs(8),
+        "took {:?}",
+        run.elapsed
+    );
+    assert!(
+        run.stderr
+            .contains("rank       : 1 (local rank 1 on node 0)"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("exit code 7"), "{}", run.stderr);
+    assert!(run.stderr.contains("| boom: bad batch"), "{}", run.stderr);
+    for rank in [0, 2] {
+        let sig = std::fs::read_to_string(dir.path().join(format!("signal-{rank}-0"))).unwrap();
+        assert_eq!(
+            sig,
+            libc::SIGTERM.to_string(),
+            "rank {rank} was asked to stop with SIGTERM"
+        );
+    }
+    let mut groups = recorded_groups(dir.path());
+    groups.push(run.pgid);
+    assert_no_survivors(&groups);
+}
+
+#[test]
+fn a_rank_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let dir = Scratch::new("grace");
+    let mut cmd = launcher(&[
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--grace-period",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        // Rank 1 fails; rank 0 ignores SIGTERM and would sleep for a minute.
+        r#"echo $$ > "$0/pid-$RANK"; if [ "$RANK" = 1 ]; then exit 5; fi; trap '' TERM; sleep 60"#,
+        dir.path().to_str().unwrap(),
+    ]);
+    cmd.env("PATH", std::env::var("PATH").unwrap());
+    let run = run(cmd, LIMIT);
+    assert_eq!(run.code(), 5, "{}", run.stderr);
+    assert!(
+        run.elapsed >= Duration::from_secs(1),
+        "grace period honoured: {:?}",
+        run.elapsed
+    );
+    assert!(
+        run.elapsed < Duration::from_secs(6),
+        "took {:?}",
+        run.elapsed
+    );
+    assert!(run.stderr.contains("sending SIGKILL"), "{}", run.stderr);
+    let groups: Vec<i32> = (0..2)
+        .map(|r| {
+            std::fs::read_to_string(dir.path().join(format!("pid-{r}")))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_no_survivors(&groups);
+}
+
+#[test]
+fn a_killed_rank_restarts_the_group_when_restarts_are_left() {
+    let dir = Scratch::new("restart");
+    let run = run(
+        launch_testrank(
+            &[
+                "--standalone",
+                "--nproc-per-node",
+                "3",
+                "--max-restarts",
+                "1",
+                "--grace-period",
+                "2",
+            ],
+            dir.path(),
+            &[
+                "--rank",
+                "1",
+                "--kill-self",
+                "--attempt",
+                "0",
+                "--sleep",
+                "1",
+                "--trap",
+            ],
+        ),
+        LIMIT,
+    );
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("restarting every rank (restart 1 of 1)"),
+        "{}",
+        run.stderr
+    );
+    for rank in 0..3 {
+        let env = read_env(dir.path(), rank, 1);
+        assert_eq!(env["TORCHELASTIC_RESTART_COUNT"], "1");
+        assert_eq!(env["TORCHELASTIC_MAX_RESTARTS"], "1");
+        assert_eq!(env["RANK"], rank.to_string());
+    }
+    let mut groups = recorded_groups(dir.path());
+    groups.push(run.pgid);
+    assert_no_survivors(&groups);
+}
+
+#[test]
+fn a_killed_rank_fails_the_run_without_restarts() {
+    let dir = Scratch::new("norestart");
+    let run = run(
+        launch_testrank(
+            &[
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "--grace-period",
+                "2",
+            ],
+            dir.path(),
+            &["--rank", "0", "--kill-self", "--sleep", "30", "--trap"],
+        ),
+        LIMIT,
+    );
+    assert_eq!(run.code(), 128 + libc::SIGKILL, "{}", run.stderr);
+    assert!(run.stderr.contains("signal 9 (SIGKILL)"), "{}", run.stderr);
+    assert!(!dir.path().join("env-0-1").exists(), "no second attempt");
+    let mut groups = recorded_groups(dir.path());
+    groups.push(run.pgid);
+    assert_no_survivors(&groups);
+}
+
+/// Starts 3 sleeping ranks, waits until all run, sends `sig` to the launcher.
+fn signal_launcher(sig: i32, name: &str) {
+    let dir = Scratch::new(name);
+    let started = Instant::now();
+    let child = launch_testrank(
+        &[
+            "--standalone",
+            "--nproc-per-node",
+            "3",
+            "--grace-period",
+            "2",
+        ],
+        dir.path(),
+        &["--sleep", "30", "--trap", "--child"],
+    )
+    .spawn()
+    .unwrap();
+    for rank in 0..3 {
+        wait_for_file(&dir.path().join(format!("ready-{rank}-0")), LIMIT);
+    }
+    // SAFETY: plain syscall to our own child.
+    unsafe { libc::kill(child.id() as i32, sig) };
+    let run = wait(child, started, LIMIT);
+    assert_eq!(run.code(), 128 + sig, "{}", run.stderr);
+    for rank in 0..3 {
+        let got = std::fs::read_to_string(dir.path().join(format!("signal-{rank}-0"))).unwrap();
+        assert_eq!(
+            got,
+            sig.to_string(),
+            "rank {rank} observed the launcher's signal"
+        );
+    }
+    let mut groups = recorded_groups(dir.path());
+    groups.push(run.pgid);
+    assert_no_survivors(&groups);
+}
+
+#[test]
+fn sigterm_to_the_launcher_reaches_every_rank_and_exits_143() {
+    signal_launcher(libc::SIGTERM, "sigterm");
+}
+
+#[test]
+fn sigint_and_sighup_are_forwarded_too() {
+    signal_launcher(libc::SIGINT, "sigint");
+    signal_launcher(libc::SIGHUP, "sighup");
+}
+
+#[test]
+fn ranks_and_their_children_die_with_a_sigkilled_launcher() {
+    let dir = Scratch::new("pdeathsig");
+    let started = Instant::now();
+    let child = launch_testrank(
+        &["--standalone", "--nproc-per-node", "2"],
+        dir.path(),
+        &["--sleep", "30", "--child"],
+    )
+    .spawn()
+    .unwrap();
+    for rank in 0..2 {
+        wait_for_file(&dir.path().join(format!("ready-{rank}-0")), LIMIT);
+    }
+    // SAFETY: plain syscall to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let run = wait(child, started, LIMIT);
+    assert_eq!(run.signal, Some(libc::SIGKILL));
+    let mut groups = recorded_groups(dir.path());
+    groups.push(run.pgid);
+    assert_no_survivors(&groups);
+}
+
+#[test]
+fn a_rank_still_running_after_the_others_finished_times_out() {
+    let dir = Scratch::new("finish");
+    let run = run(
+        launch_testrank(
+            &[
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "--finish-timeout",
+                "1",
+                "--grace-period",
+                "2",
+            ],
+            dir.path(),
+            &["--sleep", "30", "--sleep-rank", "0", "--trap"],
+        ),
+        LIMIT,
+    );
+    assert_eq!(run.code(), 124, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("still running 1 s after other ranks finished"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.elapsed < Duration::from_secs(6),
+        "took {:?}",
+        run.elapsed
+    );
+}
+
+#[test]
+fn a_failure_on_one_node_stops_the_other_node() {
+    let dir = Scratch::new("nodefail");
+    let port = free_port().to_string();
+    let node = |rank: &str| {
+        launch_testrank(
+            &[
+                "--nnodes",
+                "2",
+                "--node-rank",
+                rank,
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                &port,
+                "--run-id",
+                "nodefail",
+                "--grace-period",
+                "2",
+                "--rdzv-timeout",
+                "15",
+            ],
+            dir.path(),
+            &[
+                "--rank",
+                "3",
+                "--exit-code",
+                "7",
+                "--stderr",
+                "rank three broke",
+                "--sleep",
+                "30",
+                "--trap",
+            ],
+        )
+    };
+    let started = Instant::now();
+    let node0 = node("0").spawn().unwrap();
+    let node1 = node("1").spawn().unwrap();
+    let run0 = wait(node0, started, LIMIT);
+    let run1 = wait(node1, started, LIMIT);
+    assert_eq!(run1.code(), 7, "node 1: {}", run1.stderr);
+    assert_eq!(
+        run0.code(),
+        7,
+        "node 0 reports the root cause's code: {}",
+        run0.stderr
+    );
+    assert!(
+        run0.stderr
+            .contains("rank       : 3 (local rank 1 on node 1)"),
+        "{}",
+        run0.stderr
+    );
+    assert!(
+        run0.stderr.contains("| rank three broke"),
+        "{}",
+        run0.stderr
+    );
+    for rank in [0, 1, 2] {
+        let sig = std::fs::read_to_string(dir.path().join(format!("signal-{rank}-0"))).unwrap();
+        assert_eq!(sig, libc::SIGTERM.to_string(), "rank {rank}");
+    }
+    let mut groups = recorded_groups(dir.path());
+    groups.extend([run0.pgid, run1.pgid]);
+    assert_no_survivors(&groups);
+}
+
+#[test]
+fn log_dir_keeps_per_attempt_per_rank_files_and_tee_prefixes() {
+    let dir = Scratch::new("logs");
+    let logs = dir.path().join("logs");
+    let script =
+        r#"echo "out of $RANK"; echo "err of $RANK" >&2; [ "$RANK" = 1 ] && exit 3; exit 0"#;
+    let run1 = run(
+        launcher(&[
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--log-dir",
+            logs.to_str().unwrap(),
+            "--run-id",
+            "logged",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]),
+        LIMIT,
+    );
+    assert_eq!(run1.code(), 3, "{}", run1.stderr);
+    let attempt = logs.join("logged").join("attempt_0");
+    for rank in 0..2 {
+        let out =
+            std::fs::read_to_string(attempt.join(rank.to_string()).join("stdout.log")).unwrap();
+        let err =
+            std::fs::read_to_string(attempt.join(rank.to_string()).join("stderr.log")).unwrap();
+        assert_eq!(out, format!("out of {rank}\n"));
+        assert_eq!(err, format!("err of {rank}\n"));
+    }
+    assert!(
+        !run1.stdout.contains("out of"),
+        "without --tee the console stays quiet: {}",
+        run1.stdout
+    );
+    let log_line = format!(
+        "stderr log : {}",
+        attempt.join("1").join("stderr.log").display()
+    );
+    assert!(run1.stderr.contains(&log_line), "{}", run1.stderr);
+
+    let run2 = run(
+        launcher(&[
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--log_dir",
+            logs.to_str().unwrap(),
+            "--tee",
+            "--local-ranks-filter",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]),
+        LIMIT,
+    );
+    assert_eq!(run2.code(), 3);
+    assert!(run2.stdout.contains("[rank 1] out of 1"), "{}", run2.stdout);
+    assert!(
+        !run2.stdout.contains("out of 0"),
+        "filtered: {}",
+        run2.stdout
+    );
+    assert!(run2.stderr.contains("[rank 1] err of 1"), "{}", run2.stderr);
+}
+
+#[test]
+fn config_mode_runs_trainer_train_with_overrides() {
+    let dir = Scratch::new("config");
+    let config = dir.path().join("run.yaml");
+    std::fs::write(&config, "train: {}\n").unwrap();
+    let trainer = dir.path().join("fake-trainer");
+    std::fs::write(
+        &trainer,
+        "#!/bin/sh\necho \"$RANK $*\" > \"$(dirname \"$0\")/args-$RANK\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &trainer,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let run = run(
+        launcher(&[
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "--trainer",
+            trainer.to_str().unwrap(),
+            config.to_str().unwrap(),
+            "--set",
+            "train.lr=2e-5",
+            "--set",
+            "train.max_steps=3",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    for rank in 0..2 {
+        let args = std::fs::read_to_string(dir.path().join(format!("args-{rank}"))).unwrap();
+        assert_eq!(
+            args.trim(),
+            format!(
+                "{rank} train {} --set train.lr=2e-5 --set train.max_steps=3",
+                config.display()
+            )
+        );
+    }
+}
+
+#[test]
+fn setup_errors_are_one_clear_line() {
+    let dir = Scratch::new("errors");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port().to_string();
+    let missing_cfg = dir.path().join("missing.yaml");
+    let free = free_port().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--master-port", &busy_port, "--", "true"],
+            "already in use",
+        ),
+        (
+            vec![
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "2",
+                "--run-id",
+                "x",
+                "--",
+                "true",
+            ],
+            "node rank 2 is out of range",
+        ),
+        (
+            vec!["--standalone", "--", "/no/such/program"],
+            "program /no/such/program not found",
+        ),
+        (
+            vec!["--standalone", "--", "no-such-program-xyz"],
+            "not found in PATH",
+        ),
+        (
+            vec!["--standalone", missing_cfg.to_str().unwrap()],
+            "not found",
+        ),
+        (vec!["--standalone", "train.py"], "is not a YAML config"),
+        (
+            vec!["--nnodes", "2", "--", "true"],
+            "pass the same --run-id",
+        ),
+        (
+            vec!["--nnodes", "1:4", "--", "true"],
+            "elastic node ranges are not supported",
+        ),
+        (vec!["--standalone"], "nothing to run"),
+        (
+            vec![
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "1",
+                "--master-port",
+                &free,
+                "--run-id",
+                "x",
+                "--rdzv-timeout",
+                "1",
+                "--",
+                "true",
+            ],
+            "cannot reach rendezvous store at 127.0.0.1:",
+        ),
+    ];
+    for (args, expected) in cases {
+        let run = run(launcher(&args), LIMIT);
+        assert_eq!(run.code(), 1, "{args:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains(expected),
+            "{args:?}: expected {expected:?} in:\n{}",
+            run.stderr
+        );
+        let errors: Vec<&str> = run
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("launcher: error:"))
+            .collect();
+        assert_eq!(errors.len(), 1, "{args:?}: one error line:\n{}", run.stderr);
+    }
+    drop(busy);
+}
+
+#[test]
+fn unreachable_store_message_names_the_endpoint_and_the_fix() {
+    let port = free_port();
+    let run = run(
+        launcher(&[
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "1",
+            "--master-port",
+            &port.to_string(),
+            "--run-id",
+            "x",
+            "--rdzv-timeout",
+            "1",
+            "--",
+            "true",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(run.code(), 1);
+    let expected = format!("cannot reach rendezvous store at 127.0.0.1:{port} after 1 s (is node 0 running? firewall?)");
+    assert!(run.stderr.contains(&expected), "{}", run.stderr);
+}
+
+#[test]
+fn nodes_with_different_run_ids_are_refused() {
+    let port = free_port().to_string();
+    let node = |rank: &str, id: &str| {
+        launcher(&[
+            "--nnodes",
+            "2",
+            "--node-rank",
+            rank,
+            "--master-port",
+            &port,
+            "--run-id",
+            id,
+            "--rdzv-timeout",
+            "2",
+            "--",
+            "true",
+        ])
+    };
+    let started = Instant::now();
+    let node0 = node("0", "alpha").spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let node1 = node("1", "beta").spawn().unwrap();
+    let run1 = wait(node1, started, LIMIT);
+    let run0 = wait(node0, started, LIMIT);
+    assert_eq!(run1.code(), 1);
+    assert!(run1.stderr.contains("wrong token"), "{}", run1.stderr);
+    assert_eq!(run0.code(), 1);
+    assert!(
+        run0.stderr.contains("only 1 of 2 nodes joined"),
+        "{}",
+        run0.stderr
+    );
+    assert!(
+        run0.stderr.contains("missing node ranks [1]"),
+        "{}",
+        run0.stderr
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let run = run(launcher(&["--no-such-flag"]), LIMIT);
+    assert_eq!(run.code(), 2);
+}
+
+#[test]
+fn a_multi_node_group_restarts_together() {
+    let dir = Scratch::new("noderestart");
+    let port = free_port().to_string();
+    let node = |rank: &str| {
+        launch_testrank(
+            &[
+                "--nnodes",
+                "2",
+                "--node-rank",
+                rank,
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                &port,
+                "--run-id",
+                "noderestart",
+                "--grace-period",
+                "2",
+                "--max-restarts",
+                "1",
+                "--rdzv-timeout",
+                "15",
+            ],
+            dir.path(),
+            &[
+                "--rank",
+                "3",
+                "--kill-self",
+                "--attempt",
+                "0",
+                "--sleep",
+                "1",
+                "--trap",
+                "--store",
+            ],
+        )
+    };
+    let started = Instant::now();
+    let node0 = node("0").spawn().unwrap();
+    let node1 = node("1").spawn().unwrap();
+    let run0 = wait(node0, started, LIMIT);
+    let run1 = wait(node1, started, LIMIT);
+    assert_eq!(run0.code(), 0, "node 0: {}", run0.stderr);
+    assert_eq!(run1.code(), 0, "node 1: {}", run1.stderr);
+    for rank in 0..4usize {
+        let env = read_env(dir.path(), rank, 1);
+        assert_eq!(env["TORCHELASTIC_RESTART_COUNT"], "1");
+        assert_eq!(env["RANK"], rank.to_string());
+        // The second attempt's barrier is not confused by the first attempt's keys.
+        let total = std::fs::read_to_string(dir.path().join(format!("store-{rank}-1"))).unwrap();
+        assert_eq!(total, "4");
+    }
+    let mut groups = recorded_groups(dir.path());
+    groups.extend([run0.pgid, run1.pgid]);
+    assert_no_survivors(&groups);
+}
+
+#[test]
+fn nproc_auto_counts_visible_gpus() {
+    for (visible, expected) in [("0,1", "2"), ("", "1"), ("3", "1")] {
+        let dir = Scratch::new("auto");
+        let mut cmd = launch_testrank(
+            &["--standalone", "--nproc-per-node", "auto"],
+            dir.path(),
+            &[],
+        );
+        cmd.env("CUDA_VISIBLE_DEVICES", visible);
+        let run = run(cmd, LIMIT);
+        assert_eq!(run.code(), 0, "{}", run.stderr);
+        assert_eq!(
+            read_env(dir.path(), 0, 0)["WORLD_SIZE"],
+            expected,
+            "CUDA_VISIBLE_DEVICES={visible:?}"
+        );
+    }
+}
+
+#[test]
+fn a_slurm_allocation_provides_the_layout_and_nodes_may_differ_in_size() {
+    let dir = Scratch::new("slurm");
+    let port = free_port().to_string();
+    let node = |node_id: &str, nproc: &str| {
+        let mut cmd = launch_testrank(
+            &["--nproc-per-node", nproc, "--master-port", &port],
+            dir.path(),
+            &["--store"],
+        );
+        cmd.env("SLURM_JOB_ID", "4242")
+            .env("SLURM_NNODES", "2")
+            .env("SLURM_NODEID", node_id)
+            .env("SLURM_JOB_NODELIST", "localhost,node[2-3]");
+        cmd
+    };
+    let started = Instant::now();
+    let node0 = node("0", "1").spawn().unwrap();
+    let node1 = node("1", "3").spawn().unwrap();
+    let run0 = wait(node0, started, LIMIT);
+    let run1 = wait(node1, started, LIMIT);
+    assert_eq!(run0.code(), 0, "node 0: {}", run0.stderr);
+    assert_eq!(run1.code(), 0, "node 1: {}", run1.stderr);
+    assert!(
+        run0.stderr
+            .contains("SLURM job 4242: 2 node(s), this is node 0, master localhost"),
+        "{}",
+        run0.stderr
+    );
+    for rank in 0..4usize {
+        let env = read_env(dir.path(), rank, 0);
+        let (group, local, local_world) = if rank == 0 {
+            (0, 0, 1)
+        } else {
+            (1, rank - 1, 3)
+        };
+        assert_eq!(env["GROUP_RANK"], group.to_string());
+        assert_eq!(env["LOCAL_RANK"], local.to_string());
+        assert_eq!(env["LOCAL_WORLD_SIZE"], local_world.to_string());
+        assert_eq!(env["WORLD_SIZE"], "4");
+        assert_eq!(env["MASTER_ADDR"], "localhost");
+        assert_eq!(env["TORCHELASTIC_RUN_ID"], "4242");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(format!("store-{rank}-0"))).unwrap(),
+            "4"
+        );
+    }
+}
