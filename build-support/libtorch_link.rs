@@ -12,6 +12,15 @@ fn link_libtorch() {
     let lib = lib.canonicalize().unwrap_or(lib);
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    // cudarc loads NCCL as `libnccl.so`, a name the NCCL wheel lacks: `make setup` makes the link in
+    // .venv/nccl, and this rpath lets cudarc's dlopen (called from this binary) find it.
+    println!("cargo:rerun-if-env-changed=LLAVA_SCO_VENV");
+    if let Some(venv) = std::env::var_os("LLAVA_SCO_VENV") {
+        let nccl = std::path::Path::new(&venv).join("nccl");
+        if let Ok(nccl) = nccl.canonicalize() {
+            println!("cargo:rustc-link-arg=-Wl,-rpath,{}", nccl.display());
+        }
+    }
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");

@@ -83,7 +83,8 @@ pub fn gpu(ordinal: i32) -> Result<&'static Gpu> {
 }
 
 impl Gpu {
-    fn make_current(&self) -> Result<()> {
+    /// Makes this device's primary context current on the calling thread (driver API calls need it).
+    pub fn make_current(&self) -> Result<()> {
         // SAFETY: the context was retained in `gpu()` and is never released.
         unsafe { drv::ctx::set_current(self.ctx as sys::CUcontext) }
             .map_err(driver_err("cuCtxSetCurrent"))

@@ -1,5 +1,7 @@
 //! trainer library. Module index:
 //! - `config`:  YAML schema, `--set` overrides, validation into a resolved config
+//! - `dist`:    ProcessGroup (all_gather, reduce_scatter, all_reduce, broadcast, barrier) on cpu/nccl
 //! - `logging`: tracing with a `[rank r]` prefix, progress only on rank 0
 pub mod config;
+pub mod dist;
 pub mod logging;

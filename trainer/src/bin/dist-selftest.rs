@@ -1,0 +1,196 @@
+//! `dist-selftest`: one rank of the collective layer's end-to-end tests, run under the launcher.
+//!
+//! `--mode ops`: every op x dtype x size against a reference computed locally from all ranks'
+//! inputs (each rank can regenerate every rank's input from the seed), written as
+//! `OUT/result-RANK.txt` (a digest of every output, for bitwise comparison across ranks and runs).
+//! `--mode death --die-rank R`: rank R exits 3 after one barrier; the others try an all_reduce and
+//! write the error they get to `OUT/error-RANK.txt` (they ignore SIGTERM from the launcher so they
+//! live long enough to report).
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tch::{Kind, Tensor};
+use trainer::dist::{Backend, ProcessGroup, ReduceOp};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "ops")]
+    mode: String,
+    #[arg(long, default_value_t = 1)]
+    die_rank: usize,
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Include the 16 MiB f32 cases (chunked rounds)
+    #[arg(long)]
+    large: bool,
+}
+
+/// Rank `r`'s input for case `case`: deterministic, different per rank and case.
+fn input(r: usize, case: u64, n: i64, kind: Kind) -> Tensor {
+    tch::manual_seed((case * 1000 + r as u64) as i64);
+    match kind {
+        Kind::Int64 => Tensor::randint_low(-1000, 1000, [n], (Kind::Int64, tch::Device::Cpu)),
+        k => Tensor::randn([n], (Kind::Float, tch::Device::Cpu)).to_kind(k),
+    }
+}
+
+/// The reduction in rank order, accumulating like the backend (f32 for 16-bit floats).
+fn reference_reduce(parts: &[Tensor], op: ReduceOp, kind: Kind) -> Tensor {
+    let acc_kind = match kind {
+        Kind::BFloat16 | Kind::Half => Kind::Float,
+        k => k,
+    };
+    let mut acc = parts[0].to_kind(acc_kind);
+    for p in &parts[1..] {
+        let p = p.to_kind(acc_kind);
+        acc = match op {
+            ReduceOp::Max => acc.maximum(&p),
+            _ => acc + p,
+        };
+    }
+    if op == ReduceOp::Avg {
+        acc *= 1.0 / parts.len() as f64;
+    }
+    acc.to_kind(kind)
+}
+
+fn digest(t: &Tensor) -> String {
+    let bytes = t.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
+    format!("{bytes:.17e}")
+}
+
+fn same(a: &Tensor, b: &Tensor) -> bool {
+    a.size() == b.size()
+        && a.kind() == b.kind()
+        && a.to_kind(Kind::Double).equal(&b.to_kind(Kind::Double))
+}
+
+fn run_ops(pg: &ProcessGroup, large: bool) -> Result<String> {
+    let (rank, world) = (pg.rank(), pg.world_size());
+    let mut log = String::new();
+    let mut case = 0u64;
+    let kinds = [
+        Kind::Float,
+        Kind::BFloat16,
+        Kind::Half,
+        Kind::Int64,
+        Kind::Double,
+    ];
+    let mut sizes = vec![0i64, 1, 7, 4097, (1 << 20) + 3];
+    if large {
+        sizes.push((16 << 20) / 4);
+    }
+    for &kind in &kinds {
+        for &n in &sizes {
+            if n > (1 << 20) + 3 && kind != Kind::Float {
+                continue;
+            }
+            case += 1;
+            let inputs: Vec<Tensor> = (0..world).map(|r| input(r, case, n, kind)).collect();
+            let mine = &inputs[rank];
+            // all_gather
+            let out = Tensor::zeros([n * world as i64], (kind, tch::Device::Cpu));
+            pg.all_gather_into(&out, mine)
+                .with_context(|| format!("all_gather {kind:?} n={n}"))?;
+            if !same(&out, &Tensor::cat(&inputs, 0)) {
+                bail!("all_gather {kind:?} n={n}: wrong result");
+            }
+            writeln!(log, "all_gather {kind:?} {n} {}", digest(&out))?;
+            // broadcast from the last rank
+            let b = mine.copy();
+            pg.broadcast(&b, world - 1)?;
+            if !same(&b, &inputs[world - 1]) {
+                bail!("broadcast {kind:?} n={n}: wrong result");
+            }
+            let ops: &[ReduceOp] = match kind {
+                Kind::Int64 => &[ReduceOp::Sum, ReduceOp::Max],
+                Kind::Float | Kind::Double => &[ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max],
+                _ => &[ReduceOp::Sum, ReduceOp::Avg],
+            };
+            for &op in ops {
+                // all_reduce
+                let t = mine.copy();
+                pg.all_reduce(&t, op)
+                    .with_context(|| format!("all_reduce {op:?} {kind:?} n={n}"))?;
+                if !same(&t, &reference_reduce(&inputs, op, kind)) {
+                    bail!("all_reduce {op:?} {kind:?} n={n}: differs from the reference");
+                }
+                writeln!(log, "all_reduce {op:?} {kind:?} {n} {}", digest(&t))?;
+                // reduce_scatter: input (W * m), rank r gets the reduction of slice r
+                let m = n / world as i64;
+                if m > 0 {
+                    let big: Vec<Tensor> = (0..world)
+                        .map(|r| input(r, case + 10_000, m * world as i64, kind))
+                        .collect();
+                    let out = Tensor::zeros([m], (kind, tch::Device::Cpu));
+                    pg.reduce_scatter(&out, &big[rank], op)
+                        .with_context(|| format!("reduce_scatter {op:?} {kind:?} m={m}"))?;
+                    let slices: Vec<Tensor> = big
+                        .iter()
+                        .map(|t| t.narrow(0, rank as i64 * m, m))
+                        .collect();
+                    if !same(&out, &reference_reduce(&slices, op, kind)) {
+                        bail!("reduce_scatter {op:?} {kind:?} m={m}: differs from the reference");
+                    }
+                    writeln!(log, "reduce_scatter {op:?} {kind:?} {m} {}", digest(&out))?;
+                }
+            }
+        }
+    }
+    // async forms: two in flight, waited in order
+    let a = Tensor::ones([1000], (Kind::Float, tch::Device::Cpu));
+    let b = Tensor::ones([10], (Kind::Float, tch::Device::Cpu));
+    let wa = pg.all_reduce_async(&a, ReduceOp::Sum)?;
+    let wb = pg.all_reduce_async(&b, ReduceOp::Sum)?;
+    wa.wait()?;
+    wb.wait()?;
+    if a.double_value(&[0]) != world as f64 || b.double_value(&[9]) != world as f64 {
+        bail!("async all_reduce: wrong result");
+    }
+    pg.barrier()?;
+    Ok(log)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let backend = match args.backend.as_str() {
+        "cpu" => Backend::Cpu,
+        "nccl" => Backend::Nccl,
+        _ => Backend::Auto,
+    };
+    let rank: usize = std::env::var("RANK")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
+    match args.mode.as_str() {
+        "ops" => {
+            let pg = ProcessGroup::from_env(backend, Duration::from_secs(60))?;
+            let log = run_ops(&pg, args.large)?;
+            std::fs::write(args.out.join(format!("result-{rank}.txt")), log)?;
+        }
+        "death" => {
+            // SAFETY: ignoring SIGTERM so this rank outlives the launcher's stop long enough to report.
+            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+            let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
+            pg.barrier()?;
+            if rank == args.die_rank {
+                std::process::exit(3);
+            }
+            let t = Tensor::ones([1 << 16], (Kind::Float, tch::Device::Cpu));
+            let err = match pg.all_reduce(&t, ReduceOp::Sum) {
+                Ok(()) => "no error".to_string(),
+                Err(e) => e.to_string(),
+            };
+            std::fs::write(args.out.join(format!("error-{rank}.txt")), &err)?;
+            eprintln!("rank {rank}: {err}");
+            std::process::exit(1);
+        }
+        other => bail!("unknown mode {other}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! The collective layer: one `ProcessGroup` API over two backends (DESIGN.md decisions 2, 4, 5).
+//!
+//! - `cpu`:  ranks on one host share a memory segment; reductions are done once per element in
+//!   rank order, so every rank gets bitwise the same result, run after run.
+//! - `nccl`: NCCL through cudarc on CUDA tensors, ordered with libtorch's stream by events.
+//!
+//! Ops take contiguous tensors of f32, f64, bf16, f16 or i64. Every op has an async form returning
+//! a `Work` whose `wait()` returns the op's error, so FSDP can prefetch while it computes. A dead
+//! peer or a timeout is an error that names the rank, never a hang or a panic.
+mod cpu;
+mod elem;
+mod nccl;
+mod shm;
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use launcher::env::RankEnv;
+use launcher::store::StoreClient;
+use tch::{Device, Kind, Tensor};
+
+pub use elem::Elem;
+
+/// The reduction applied by all_reduce and reduce_scatter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    /// Sum divided by the world size (floating-point dtypes only).
+    Avg,
+    /// Element-wise maximum (f32, f64, i64).
+    Max,
+}
+
+/// Which backend `from_env` sets up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// NCCL when CUDA and NCCL are present, else CPU.
+    Auto,
+    Nccl,
+    Cpu,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    #[error("rank environment: {0}")]
+    Env(#[from] launcher::env::EnvError),
+    #[error("rendezvous store: {0}")]
+    Store(#[from] launcher::store::StoreError),
+    #[error("rank {rank} stopped answering during {op}: {detail}")]
+    PeerLost {
+        rank: usize,
+        op: String,
+        detail: String,
+    },
+    #[error("{op} timed out after {secs} s waiting for rank(s) {ranks:?} (raise the timeout or check those ranks' logs)")]
+    Timeout {
+        op: String,
+        secs: u64,
+        ranks: Vec<usize>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("backend {backend} requested but {what}")]
+    Unavailable { backend: &'static str, what: String },
+    #[error("shared memory segment {path}: {detail}")]
+    Shm { path: String, detail: String },
+    #[error("NCCL: {0}")]
+    Nccl(String),
+    #[error("the communication thread is gone (an earlier error or panic closed it)")]
+    WorkerGone,
+}
+
+pub type Result<T> = std::result::Result<T, DistError>;
+
+/// One collective, as queued to a backend's communication thread.
+pub(crate) enum Op {
+    AllGather {
+        out: Tensor,
+        input: Tensor,
+    },
+    ReduceScatter {
+        out: Tensor,
+        input: Tensor,
+        op: ReduceOp,
+    },
+    AllReduce {
+        tensor: Tensor,
+        op: ReduceOp,
+    },
+    Broadcast {
+        tensor: Tensor,
+        root: usize,
+    },
+    Barrier,
+}
+
+impl Op {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Op::AllGather { .. } => "all_gather",
+            Op::ReduceScatter { .. } => "reduce_scatter",
+            Op::AllReduce { .. } => "all_reduce",
+            Op::Broadcast { .. } => "broadcast",
+            Op::Barrier => "barrier",
+        }
+    }
+}
+
+/// A queued collective; `wait()` blocks until it completed (CPU) or until libtorch's current stream
+/// is ordered after it (NCCL), and returns its error if it failed.
+#[must_use = "a collective's result is only known after wait()"]
+pub struct Work {
+    done: mpsc::Receiver<Result<()>>,
+    op: &'static str,
+    finish: Option<Finish>,
+}
+
+/// Runs on the waiting thread once the backend reported success (NCCL: order libtorch's stream).
+pub(crate) type Finish = Box<dyn FnOnce() -> Result<()> + Send>;
+
+impl Work {
+    pub fn wait(self) -> Result<()> {
+        match self.done.recv() {
+            Ok(Ok(())) => self.finish.map_or(Ok(()), |f| f()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(DistError::Invalid(format!(
+                "{}: the communication thread ended before answering",
+                self.op
+            ))),
+        }
+    }
+}
+
+/// A backend runs ops in submission order on its own thread and reports each result.
+pub(crate) trait Engine: Send {
+    fn submit(&self, op: Op, done: mpsc::Sender<Result<()>>) -> Result<Option<Finish>>;
+    fn name(&self) -> &'static str;
+}
+
+/// The process group of all ranks of the run.
+pub struct ProcessGroup {
+    rank: usize,
+    world: usize,
+    engine: Box<dyn Engine>,
+}
+
+impl ProcessGroup {
+    /// Reads torchrun's environment (world size 1 without a launcher), connects to the launcher's
+    /// store, and sets up the backend. `timeout` bounds every wait on a peer.
+    pub fn from_env(backend: Backend, timeout: Duration) -> Result<ProcessGroup> {
+        let env = RankEnv::from_env()?;
+        let store = if env.is_single() {
+            None
+        } else {
+            Some(StoreClient::from_rank_env(&env)?)
+        };
+        Self::new(&env, store, backend, timeout)
+    }
+
+    pub(crate) fn new(
+        env: &RankEnv,
+        store: Option<StoreClient>,
+        backend: Backend,
+        timeout: Duration,
+    ) -> Result<ProcessGroup> {
+        let (rank, world) = (env.rank, env.world_size);
+        let use_nccl = match backend {
+            Backend::Cpu => false,
+            Backend::Nccl => true,
+            Backend::Auto => nccl::available(),
+        };
+        let engine: Box<dyn Engine> = if use_nccl {
+            Box::new(nccl::NcclEngine::start(env, store, timeout)?)
+        } else {
+            Box::new(cpu::CpuEngine::start(env, store, timeout)?)
+        };
+        Ok(ProcessGroup {
+            rank,
+            world,
+            engine,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+    pub fn backend_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    fn submit(&self, op: Op) -> Result<Work> {
+        let name = op.name();
+        let (tx, rx) = mpsc::channel();
+        let finish = self.engine.submit(op, tx)?;
+        Ok(Work {
+            done: rx,
+            op: name,
+            finish,
+        })
+    }
+
+    /// out (W * n) = concat over ranks of input (n), in rank order.
+    pub fn all_gather_into_async(&self, out: &Tensor, input: &Tensor) -> Result<Work> {
+        check_pair(out, input, self.world, "all_gather_into", "out", "input")?;
+        self.submit(Op::AllGather {
+            out: out.shallow_clone(),
+            input: input.shallow_clone(),
+        })
+    }
+    pub fn all_gather_into(&self, out: &Tensor, input: &Tensor) -> Result<()> {
+        self.all_gather_into_async(out, input)?.wait()
+    }
+
+    /// out (n) on rank r = reduction over ranks of input[r*n .. (r+1)*n] (input has W * n elements).
+    pub fn reduce_scatter_async(&self, out: &Tensor, input: &Tensor, op: ReduceOp) -> Result<Work> {
+        check_pair(input, out, self.world, "reduce_scatter", "input", "out")?;
+        check_op(input.kind(), op)?;
+        self.submit(Op::ReduceScatter {
+            out: out.shallow_clone(),
+            input: input.shallow_clone(),
+            op,
+        })
+    }
+    pub fn reduce_scatter(&self, out: &Tensor, input: &Tensor, op: ReduceOp) -> Result<()> {
+        self.reduce_scatter_async(out, input, op)?.wait()
+    }
+
+    /// In place: every rank's tensor becomes the reduction over ranks.
+    pub fn all_reduce_async(&self, tensor: &Tensor, op: ReduceOp) -> Result<Work> {
+        check_tensor(tensor, "all_reduce")?;
+        check_op(tensor.kind(), op)?;
+        self.submit(Op::AllReduce {
+            tensor: tensor.shallow_clone(),
+            op,
+        })
+    }
+    pub fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
+        self.all_reduce_async(tensor, op)?.wait()
+    }
+
+    /// In place: every rank's tensor becomes `root`'s.
+    pub fn broadcast_async(&self, tensor: &Tensor, root: usize) -> Result<Work> {
+        check_tensor(tensor, "broadcast")?;
+        if root >= self.world {
+            return Err(DistError::Invalid(format!(
+                "broadcast root {root} is not a rank of a world of {}",
+                self.world
+            )));
+        }
+        self.submit(Op::Broadcast {
+            tensor: tensor.shallow_clone(),
+            root,
+        })
+    }
+    pub fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<()> {
+        self.broadcast_async(tensor, root)?.wait()
+    }
+
+    pub fn barrier(&self) -> Result<()> {
+        self.submit(Op::Barrier)?.wait()
+    }
+}
+
+fn check_tensor(t: &Tensor, what: &str) -> Result<()> {
+    Elem::of(t.kind()).ok_or_else(|| {
+        DistError::Invalid(format!(
+            "{what}: dtype {:?} is not supported (f32, f64, bf16, f16, i64)",
+            t.kind()
+        ))
+    })?;
+    if !t.is_contiguous() {
+        return Err(DistError::Invalid(format!(
+            "{what}: tensor must be contiguous (call .contiguous())"
+        )));
+    }
+    Ok(())
+}
+
+/// `big` must hold W times the elements of `small`, same dtype and device.
+fn check_pair(
+    big: &Tensor,
+    small: &Tensor,
+    world: usize,
+    what: &str,
+    big_name: &str,
+    small_name: &str,
+) -> Result<()> {
+    check_tensor(big, what)?;
+    check_tensor(small, what)?;
+    if big.kind() != small.kind() || big.device() != small.device() {
+        return Err(DistError::Invalid(format!("{what}: {big_name} and {small_name} differ in dtype or device ({:?} {:?} vs {:?} {:?})", big.kind(), big.device(), small.kind(), small.device())));
+    }
+    if big.numel() != small.numel() * world {
+        return Err(DistError::Invalid(format!(
+            "{what}: {big_name} has {} elements, expected world size {world} x {} = {}",
+            big.numel(),
+            small.numel(),
+            small.numel() * world
+        )));
+    }
+    Ok(())
+}
+
+fn check_op(kind: Kind, op: ReduceOp) -> Result<()> {
+    let ok = match op {
+        ReduceOp::Sum => true,
+        ReduceOp::Avg => kind != Kind::Int64,
+        ReduceOp::Max => matches!(kind, Kind::Float | Kind::Double | Kind::Int64),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(DistError::Invalid(format!("reduction {op:?} is not supported for {kind:?} (Avg: floating point; Max: f32, f64, i64)")))
+    }
+}
+
+/// The device a backend expects: CPU tensors for `cpu`, CUDA tensors for `nccl`.
+pub(crate) fn expect_device(t: &Tensor, cuda: bool, what: &str) -> Result<()> {
+    match (t.device(), cuda) {
+        (Device::Cpu, false) | (Device::Cuda(_), true) => Ok(()),
+        (d, _) => Err(DistError::Invalid(format!(
+            "{what}: the {} backend takes {} tensors, got one on {d:?}",
+            if cuda { "nccl" } else { "cpu" },
+            if cuda { "CUDA" } else { "CPU" }
+        ))),
+    }
+}

@@ -1,0 +1,195 @@
+//! A shared memory segment for the ranks of one host, with a barrier that notices dead peers.
+//!
+//! Layout: a header page (magic, then one 64-byte line per rank: barrier epoch, pid), then the data
+//! area. Rank 0 creates the file under /dev/shm (removing a stale one left by a crashed run with the
+//! same run id), the others open it once the store says it is ready, and after every rank has mapped
+//! it rank 0 unlinks it: the mapping lives on, and no crash can leak the segment.
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use launcher::env::RankEnv;
+use launcher::store::StoreClient;
+use memmap2::MmapMut;
+
+use super::{DistError, Result};
+
+const MAGIC: u64 = 0x4c4c_4156_4153_434f; // "LLAVASCO"
+const LINE: usize = 64;
+
+pub struct Segment {
+    map: MmapMut,
+    header: usize,
+    pub rank: usize,
+    pub world: usize,
+    timeout: Duration,
+    pids: Vec<i32>,
+    epoch: u64,
+}
+
+fn shm_dir() -> PathBuf {
+    let dev_shm = PathBuf::from("/dev/shm");
+    if dev_shm.is_dir() {
+        dev_shm
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+fn shm_err(path: &std::path::Path, detail: impl std::fmt::Display) -> DistError {
+    DistError::Shm {
+        path: path.display().to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+impl Segment {
+    /// Creates (rank 0) or opens (others) the segment `name` with `data_bytes` of data.
+    pub fn open(
+        env: &RankEnv,
+        store: &mut StoreClient,
+        name: &str,
+        data_bytes: usize,
+        timeout: Duration,
+    ) -> Result<Segment> {
+        let (rank, world) = (env.rank, env.world_size);
+        let header = (LINE * (1 + world)).div_ceil(4096) * 4096;
+        let len = header + data_bytes;
+        let safe_run: String = env
+            .run_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = shm_dir().join(format!(
+            "llava-sco-{safe_run}-a{}-{name}",
+            env.restart_count
+        ));
+        let key = format!("dist/shm/{name}/a{}", env.restart_count);
+        let file = if rank == 0 {
+            let _ = std::fs::remove_file(&path); // stale segment of a crashed run with this run id
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| shm_err(&path, e))?;
+            f.set_len(len as u64)
+                .map_err(|e| shm_err(&path, format!("{e} (is /dev/shm large enough?)")))?;
+            f
+        } else {
+            store.get_timeout(&format!("{key}/ready"), timeout)?;
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| {
+                    shm_err(
+                        &path,
+                        format!("{e} (are all ranks of this group on one host?)"),
+                    )
+                })?
+        };
+        // SAFETY: the file is private to this run; every rank maps the same length.
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| shm_err(&path, e))?;
+        if map.len() != len {
+            return Err(shm_err(
+                &path,
+                format!("size {} but expected {len}", map.len()),
+            ));
+        }
+        if rank == 0 {
+            map[..8].copy_from_slice(&MAGIC.to_le_bytes());
+            store.set(&format!("{key}/ready"), path.to_string_lossy().as_bytes())?;
+        } else if map[..8] != MAGIC.to_le_bytes() {
+            return Err(shm_err(&path, "not a segment of this run (bad magic)"));
+        }
+        let mut seg = Segment {
+            map,
+            header,
+            rank,
+            world,
+            timeout,
+            pids: vec![0; world],
+            epoch: 0,
+        };
+        seg.line(rank, 1)
+            .store(std::process::id() as u64, Ordering::Release);
+        store.barrier(&format!("{key}/mapped"), world, timeout)?;
+        if rank == 0 {
+            let _ = std::fs::remove_file(&path);
+        }
+        for r in 0..world {
+            seg.pids[r] = seg.line(r, 1).load(Ordering::Acquire) as i32;
+        }
+        Ok(seg)
+    }
+
+    /// Word `word` of rank `r`'s header line (0: barrier epoch, 1: pid).
+    fn line(&self, r: usize, word: usize) -> &AtomicU64 {
+        let off = LINE * (1 + r) + 8 * word;
+        // SAFETY: in bounds of the header, 8-aligned (the map is page-aligned); shared with peers.
+        unsafe { &*(self.map.as_ptr().add(off) as *const AtomicU64) }
+    }
+
+    /// Pointer to `offset` in the data area.
+    pub fn data(&self, offset: usize) -> *mut u8 {
+        // SAFETY: callers stay within the data area they sized the segment for.
+        unsafe { self.map.as_ptr().add(self.header + offset) as *mut u8 }
+    }
+
+    /// Waits until every rank has reached this barrier. Checks peers' pids while waiting, so a
+    /// dead rank is reported within about 100 ms, and gives up after the timeout.
+    pub fn barrier(&mut self, op: &str) -> Result<()> {
+        self.epoch += 1;
+        let target = self.epoch;
+        self.line(self.rank, 0).store(target, Ordering::Release);
+        let started = Instant::now();
+        let mut last_check = started;
+        let mut spins = 0u32;
+        loop {
+            let behind: Vec<usize> = (0..self.world)
+                .filter(|&r| self.line(r, 0).load(Ordering::Acquire) < target)
+                .collect();
+            if behind.is_empty() {
+                return Ok(());
+            }
+            spins += 1;
+            if spins < 200 {
+                std::hint::spin_loop();
+            } else if spins < 2000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            if last_check.elapsed() > Duration::from_millis(100) {
+                last_check = Instant::now();
+                for &r in &behind {
+                    // SAFETY: kill with signal 0 only checks that the process exists.
+                    let gone = unsafe { libc::kill(self.pids[r], 0) } != 0
+                        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+                    if gone {
+                        return Err(DistError::PeerLost {
+                            rank: r,
+                            op: op.to_string(),
+                            detail: format!("process {} exited", self.pids[r]),
+                        });
+                    }
+                }
+                if started.elapsed() > self.timeout {
+                    return Err(DistError::Timeout {
+                        op: op.to_string(),
+                        secs: self.timeout.as_secs(),
+                        ranks: behind,
+                    });
+                }
+            }
+        }
+    }
+}
