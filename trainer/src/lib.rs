@@ -1,7 +1,9 @@
 //! trainer library. Module index:
 //! - `config`:  YAML schema, `--set` overrides, validation into a resolved config
+//! - `data`:    records, Mllama image processor, chat template, labels, collate, sampler, loader
 //! - `dist`:    ProcessGroup (all_gather, reduce_scatter, all_reduce, broadcast, barrier) on cpu/nccl
 //! - `logging`: tracing with a `[rank r]` prefix, progress only on rank 0
 pub mod config;
+pub mod data;
 pub mod dist;
 pub mod logging;

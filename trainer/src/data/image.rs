@@ -1,0 +1,510 @@
+//! The Mllama image processor, in parity with transformers 5.24's `MllamaImageProcessorPil` fed
+//! as the seed feeds it (`Image.open(path).convert("RGB")`):
+//! decode -> RGB as PIL's `convert("RGB")` -> canvas (`optimal_tiled_canvas`) -> aspect-keeping
+//! size (`fit_to_canvas`) -> PIL's fixed-point bilinear resize (`resize_bilinear`) -> zero pad
+//! right/bottom -> rescale, normalize (f32 as numpy) -> tiles.
+//!
+//! EXIF orientation is NOT applied: PIL's `Image.open` does not apply it and transformers only
+//! transposes images it loads from a path or URL itself, never PIL images handed to it (the
+//! seed's case). Checked by the `exif_rot.jpg` fixture.
+use std::path::Path;
+
+use serde_json::Value;
+
+/// An 8-bit RGB image, row-major (H, W, 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+/// The image-processor settings of a model folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageProcessorConfig {
+    /// Tile side in pixels (`size.height`; Mllama requires height == width).
+    pub tile: usize,
+    pub max_image_tiles: usize,
+    pub rescale_factor: f64,
+    pub do_rescale: bool,
+    pub do_normalize: bool,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+}
+
+impl ImageProcessorConfig {
+    /// Read `preprocessor_config.json` (released layout) or `processor_config.json` with a
+    /// nested `image_processor` (transformers 5 layout).
+    pub fn from_model_dir(dir: &Path) -> Result<Self, String> {
+        let flat = dir.join("preprocessor_config.json");
+        let nested = dir.join("processor_config.json");
+        let (path, v) = if flat.is_file() {
+            (flat.clone(), read_json(&flat)?)
+        } else if nested.is_file() {
+            let v = read_json(&nested)?;
+            let inner = v
+                .get("image_processor")
+                .cloned()
+                .ok_or_else(|| format!("{}: no \"image_processor\" section", nested.display()))?;
+            (nested.clone(), inner)
+        } else {
+            return Err(format!(
+                "{}: neither preprocessor_config.json nor processor_config.json found (is this a Hugging Face Mllama model folder?)",
+                dir.display()
+            ));
+        };
+        Self::from_json(&v).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parse the image-processor JSON object; defaults are transformers' class defaults.
+    pub fn from_json(v: &Value) -> Result<Self, String> {
+        let b = |k: &str, d: bool| v.get(k).and_then(Value::as_bool).unwrap_or(d);
+        for (k, what) in [("do_resize", "resize"), ("do_pad", "pad")] {
+            if !b(k, true) {
+                return Err(format!(
+                    "{k}=false is not supported (MllamaImageProcessor always {what}s)"
+                ));
+            }
+        }
+        if !b("do_convert_rgb", true) {
+            return Err("do_convert_rgb=false is not supported".into());
+        }
+        let resample = v.get("resample").and_then(Value::as_u64).unwrap_or(2);
+        if resample != 2 {
+            return Err(format!(
+                "resample={resample} is not supported: only 2 (bilinear, Mllama's) is implemented"
+            ));
+        }
+        let size = v.get("size");
+        let h = size.and_then(|s| s.get("height")).and_then(Value::as_u64);
+        let w = size.and_then(|s| s.get("width")).and_then(Value::as_u64);
+        let tile = match (h, w) {
+            (Some(h), Some(w)) if h == w && h > 0 => h as usize,
+            (None, None) => 224,
+            _ => {
+                return Err(format!(
+                    "size must have equal positive height and width, got {size:?}"
+                ))
+            }
+        };
+        let max_image_tiles = v
+            .get("max_image_tiles")
+            .and_then(Value::as_u64)
+            .unwrap_or(4) as usize;
+        if max_image_tiles == 0 {
+            return Err("max_image_tiles must be positive".into());
+        }
+        let triple = |k: &str, d: [f32; 3]| -> Result<[f32; 3], String> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(d),
+                Some(Value::Number(n)) => {
+                    let x = n.as_f64().unwrap_or(0.0) as f32;
+                    Ok([x; 3])
+                }
+                Some(Value::Array(a)) if a.len() == 3 => {
+                    let mut o = [0f32; 3];
+                    for (i, x) in a.iter().enumerate() {
+                        o[i] = x
+                            .as_f64()
+                            .ok_or_else(|| format!("{k}[{i}] is not a number"))?
+                            as f32;
+                    }
+                    Ok(o)
+                }
+                Some(other) => Err(format!("{k} must be a number or 3 numbers, got {other}")),
+            }
+        };
+        Ok(Self {
+            tile,
+            max_image_tiles,
+            rescale_factor: v
+                .get("rescale_factor")
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0 / 255.0),
+            do_rescale: b("do_rescale", true),
+            do_normalize: b("do_normalize", true),
+            // IMAGENET_STANDARD_* are transformers' class defaults
+            image_mean: triple("image_mean", [0.5; 3])?,
+            image_std: triple("image_std", [0.5; 3])?,
+        })
+    }
+}
+
+fn read_json(p: &Path) -> Result<Value, String> {
+    let t = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    serde_json::from_str(&t).map_err(|e| format!("{}: malformed JSON: {e}", p.display()))
+}
+
+/// Decode an image file and convert it to RGB as PIL's `Image.open(p).convert("RGB")` does:
+/// alpha dropped (not composited), palette expanded, 16-bit RGB keeps the high byte, 16-bit
+/// grayscale clips at 255 (PIL's `I;16 -> RGB`). Errors name the file and suggest the cause.
+pub fn load_rgb(path: &Path) -> Result<RgbImage, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read image: {e}"))?;
+    decode_rgb(&bytes).map_err(|e| format!("{e} ({})", path.display()))
+}
+
+/// `load_rgb` over bytes in memory.
+pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
+    use image::DynamicImage as D;
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read image: {e}"))?;
+    if reader.format().is_none() {
+        return Err("unknown image format (supported: JPEG, PNG, WebP, GIF, BMP)".into());
+    }
+    let mut reader = reader;
+    reader.no_limits();
+    let img = reader
+        .decode()
+        .map_err(|e| format!("corrupt or truncated image: {e}"))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        return Err(format!("zero-sized image ({w}x{h})"));
+    }
+    let n = w * h;
+    let mut data = Vec::with_capacity(n * 3);
+    match img {
+        D::ImageRgb8(b) => data = b.into_raw(),
+        D::ImageRgba8(b) => {
+            for p in b.as_raw().chunks_exact(4) {
+                data.extend_from_slice(&p[..3]);
+            }
+        }
+        D::ImageLuma8(b) => {
+            for &l in b.as_raw() {
+                data.extend_from_slice(&[l, l, l]);
+            }
+        }
+        D::ImageLumaA8(b) => {
+            for p in b.as_raw().chunks_exact(2) {
+                data.extend_from_slice(&[p[0], p[0], p[0]]);
+            }
+        }
+        D::ImageLuma16(b) => {
+            for &l in b.as_raw() {
+                let v = l.min(255) as u8;
+                data.extend_from_slice(&[v, v, v]);
+            }
+        }
+        D::ImageLumaA16(b) => {
+            for p in b.as_raw().chunks_exact(2) {
+                let v = (p[0] >> 8) as u8;
+                data.extend_from_slice(&[v, v, v]);
+            }
+        }
+        D::ImageRgb16(b) => data.extend(b.as_raw().iter().map(|&v| (v >> 8) as u8)),
+        D::ImageRgba16(b) => {
+            for p in b.as_raw().chunks_exact(4) {
+                data.extend(p[..3].iter().map(|&v| (v >> 8) as u8));
+            }
+        }
+        other => {
+            return Err(format!(
+                "unsupported pixel format {:?} (only 8/16-bit images are supported)",
+                other.color()
+            ))
+        }
+    }
+    Ok(RgbImage {
+        width: w,
+        height: h,
+        data,
+    })
+}
+
+/// Tile arrangements `(tiles_high, tiles_wide)` with at most `max_image_tiles` tiles, in
+/// transformers' order; `aspect_ratio_id` = index + 1.
+pub fn supported_aspect_ratios(max_image_tiles: usize) -> Vec<(usize, usize)> {
+    let mut v = Vec::new();
+    for a in 1..=max_image_tiles {
+        for b in 1..=max_image_tiles {
+            if a * b <= max_image_tiles {
+                v.push((a, b));
+            }
+        }
+    }
+    v
+}
+
+/// transformers' `get_optimal_tiled_canvas`: the canvas `(height, width)` in pixels.
+pub fn optimal_tiled_canvas(
+    image_height: usize,
+    image_width: usize,
+    max_image_tiles: usize,
+    tile: usize,
+) -> (usize, usize) {
+    let canvases: Vec<(usize, usize)> = supported_aspect_ratios(max_image_tiles)
+        .into_iter()
+        .map(|(a, b)| (a * tile, b * tile))
+        .collect();
+    let scales: Vec<f64> = canvases
+        .iter()
+        .map(|&(th, tw)| {
+            let sh = th as f64 / image_height as f64;
+            let sw = tw as f64 / image_width as f64;
+            if sw > sh {
+                sh
+            } else {
+                sw
+            }
+        })
+        .collect();
+    let up = scales.iter().copied().filter(|&s| s >= 1.0);
+    let selected = match up.clone().reduce(f64::min) {
+        Some(s) => s,
+        None => scales
+            .iter()
+            .copied()
+            .filter(|&s| s < 1.0)
+            .reduce(f64::max)
+            .unwrap_or(1.0),
+    };
+    let mut best: Option<(usize, usize)> = None;
+    for (c, &s) in canvases.iter().zip(&scales) {
+        if s == selected && best.is_none_or(|b| c.0 * c.1 < b.0 * b.1) {
+            best = Some(*c);
+        }
+    }
+    best.unwrap_or((tile, tile))
+}
+
+/// transformers' `get_image_size_fit_to_canvas`: the resized `(height, width)`.
+pub fn fit_to_canvas(
+    image_height: usize,
+    image_width: usize,
+    canvas_height: usize,
+    canvas_width: usize,
+    tile: usize,
+) -> (usize, usize) {
+    let target_w = image_width.clamp(tile, canvas_width.max(tile));
+    let target_h = image_height.clamp(tile, canvas_height.max(tile));
+    let scale_h = target_h as f64 / image_height as f64;
+    let scale_w = target_w as f64 / image_width as f64;
+    let or1 = |x: f64| {
+        let f = x.floor() as usize;
+        if f == 0 {
+            1
+        } else {
+            f
+        }
+    };
+    if scale_w < scale_h {
+        (or1(image_height as f64 * scale_w).min(target_h), target_w)
+    } else {
+        (target_h, or1(image_width as f64 * scale_h).min(target_w))
+    }
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Pillow's `precompute_coeffs` for the bilinear (triangle) filter, normalized to fixed point
+/// as `normalize_coeffs_8bpc`: returns (ksize, bounds (xmin, count) per output, coefficients).
+fn precompute_coeffs(in_size: usize, out_size: usize) -> (usize, Vec<(usize, usize)>, Vec<i32>) {
+    let support_base = 1.0f64; // bilinear filter support
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = support_base * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut kk = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        let mut xmin = (center - support + 0.5) as i64; // C (int) truncation
+        if xmin < 0 {
+            xmin = 0;
+        }
+        let mut xmax = (center + support + 0.5) as i64;
+        if xmax > in_size as i64 {
+            xmax = in_size as i64;
+        }
+        let xmax = (xmax - xmin).max(0) as usize;
+        let xmin = xmin as usize;
+        let mut ww = 0.0;
+        for (x, kx) in k.iter_mut().enumerate().take(xmax) {
+            let t = ((x + xmin) as f64 - center + 0.5) * ss;
+            let t = t.abs();
+            let w = if t < 1.0 { 1.0 - t } else { 0.0 };
+            *kx = w;
+            ww += w;
+        }
+        for x in 0..ksize {
+            let v = if x < xmax {
+                if ww != 0.0 {
+                    k[x] / ww
+                } else {
+                    k[x]
+                }
+            } else {
+                0.0
+            };
+            let f = v * (1u64 << PRECISION_BITS) as f64;
+            kk[xx * ksize + x] = if v < 0.0 {
+                (-0.5 + f) as i32
+            } else {
+                (0.5 + f) as i32
+            };
+        }
+        bounds.push((xmin, xmax));
+    }
+    (ksize, bounds, kk)
+}
+
+#[inline]
+fn clip8(v: i32) -> u8 {
+    let s = v >> PRECISION_BITS;
+    s.clamp(0, 255) as u8
+}
+
+/// PIL's `Image.resize((w, h), resample=BILINEAR)` on an RGB image, bit-exact with Pillow's
+/// 8-bit fixed-point two-pass resampler (horizontal, then vertical over the used rows).
+#[allow(clippy::needless_range_loop)] // index loops mirror Pillow's C
+pub fn resize_bilinear(src: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
+    if out_w == src.width && out_h == src.height {
+        return src.clone();
+    }
+    let need_h = out_w != src.width;
+    let need_v = out_h != src.height;
+    let (ks_h, b_h, kk_h) = precompute_coeffs(src.width, out_w);
+    let (ks_v, mut b_v, kk_v) = precompute_coeffs(src.height, out_h);
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let mut cur = src.clone();
+    if need_h {
+        let ybox_first = b_v[0].0;
+        let ybox_last = b_v[out_h - 1].0 + b_v[out_h - 1].1;
+        for b in b_v.iter_mut() {
+            b.0 -= ybox_first;
+        }
+        let rows = ybox_last - ybox_first;
+        let mut out = vec![0u8; rows * out_w * 3];
+        for y in 0..rows {
+            let row = &src.data[(y + ybox_first) * src.width * 3..][..src.width * 3];
+            for (xx, &(xmin, xmax)) in b_h.iter().enumerate() {
+                let k = &kk_h[xx * ks_h..][..ks_h];
+                let (mut s0, mut s1, mut s2) = (half, half, half);
+                for x in 0..xmax {
+                    let p = &row[(x + xmin) * 3..];
+                    s0 += p[0] as i32 * k[x];
+                    s1 += p[1] as i32 * k[x];
+                    s2 += p[2] as i32 * k[x];
+                }
+                let o = &mut out[(y * out_w + xx) * 3..];
+                o[0] = clip8(s0);
+                o[1] = clip8(s1);
+                o[2] = clip8(s2);
+            }
+        }
+        cur = RgbImage {
+            width: out_w,
+            height: rows,
+            data: out,
+        };
+    }
+    if need_v {
+        let w = cur.width;
+        let mut out = vec![0u8; out_h * w * 3];
+        for (yy, &(ymin, ymax)) in b_v.iter().enumerate() {
+            let k = &kk_v[yy * ks_v..][..ks_v];
+            for xx in 0..w {
+                let (mut s0, mut s1, mut s2) = (half, half, half);
+                for y in 0..ymax {
+                    let p = &cur.data[((y + ymin) * w + xx) * 3..];
+                    s0 += p[0] as i32 * k[y];
+                    s1 += p[1] as i32 * k[y];
+                    s2 += p[2] as i32 * k[y];
+                }
+                let o = &mut out[(yy * w + xx) * 3..];
+                o[0] = clip8(s0);
+                o[1] = clip8(s1);
+                o[2] = clip8(s2);
+            }
+        }
+        cur = RgbImage {
+            width: w,
+            height: out_h,
+            data: out,
+        };
+    }
+    cur
+}
+
+/// One processed image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessedImage {
+    /// (max_image_tiles, 3, tile, tile); tiles past `num_tiles` are zeros (as `pack_images`).
+    pub pixel_values: Vec<f32>,
+    pub num_tiles: usize,
+    /// `(tiles_high, tiles_wide)`.
+    pub aspect_ratio: (usize, usize),
+    /// Index in `supported_aspect_ratios` + 1 (0 is batch padding).
+    pub aspect_ratio_id: i64,
+    /// (max_image_tiles,): 1 for the image's tiles (and always for tile 0).
+    pub aspect_ratio_mask: Vec<i64>,
+}
+
+/// Resize, pad, rescale, normalize and tile one RGB image.
+#[allow(clippy::needless_range_loop)]
+pub fn process(cfg: &ImageProcessorConfig, img: &RgbImage) -> ProcessedImage {
+    let t = cfg.tile;
+    let (ch, cw) = optimal_tiled_canvas(img.height, img.width, cfg.max_image_tiles, t);
+    let (nth, ntw) = (ch / t, cw / t);
+    let (nh, nw) = fit_to_canvas(img.height, img.width, ch, cw, t);
+    let resized = resize_bilinear(img, nw, nh);
+    // per-value lookup: u8 -> rescaled, normalized f32, exactly numpy's arithmetic
+    let mut lut = [[0f32; 256]; 3];
+    for (c, l) in lut.iter_mut().enumerate() {
+        for (v, o) in l.iter_mut().enumerate() {
+            let mut x = if cfg.do_rescale {
+                (v as f64 * cfg.rescale_factor) as f32
+            } else {
+                v as f32
+            };
+            if cfg.do_normalize {
+                x = (x - cfg.image_mean[c]) / cfg.image_std[c];
+            }
+            *o = x;
+        }
+    }
+    let num_tiles = nth * ntw;
+    let mut pv = vec![0f32; cfg.max_image_tiles * 3 * t * t];
+    for th in 0..nth {
+        for tw in 0..ntw {
+            let tile_idx = th * ntw + tw;
+            for c in 0..3 {
+                let base = (tile_idx * 3 + c) * t * t;
+                for y in 0..t {
+                    let gy = th * t + y;
+                    let dst = &mut pv[base + y * t..][..t];
+                    for (x, d) in dst.iter_mut().enumerate() {
+                        let gx = tw * t + x;
+                        let v = if gy < resized.height && gx < resized.width {
+                            resized.data[(gy * resized.width + gx) * 3 + c]
+                        } else {
+                            0
+                        };
+                        *d = lut[c][v as usize];
+                    }
+                }
+            }
+        }
+    }
+    let ratios = supported_aspect_ratios(cfg.max_image_tiles);
+    let id = ratios
+        .iter()
+        .position(|&r| r == (nth, ntw))
+        .map(|i| i as i64 + 1)
+        .unwrap_or(0);
+    let mut mask = vec![0i64; cfg.max_image_tiles];
+    mask[0] = 1;
+    for m in mask.iter_mut().take(num_tiles) {
+        *m = 1;
+    }
+    ProcessedImage {
+        pixel_values: pv,
+        num_tiles,
+        aspect_ratio: (nth, ntw),
+        aspect_ratio_id: id,
+        aspect_ratio_mask: mask,
+    }
+}

@@ -1,0 +1,19 @@
+//! Training data: JSONL records -> the exact tensors transformers' MllamaProcessor and the seed's
+//! collator would make.
+//!
+//! Module index:
+//! - `records`:  JSONL parsing with `FILE:LINE: reason` problems, `<image>` placeholder removal,
+//!   text-only skip/keep, `build_sco` converter and `DEFAULT_CORRECTION_PROMPT`
+//! - `image`:    decode + RGB as PIL, canvas choice, PIL-exact bilinear resize, pad, normalize, tiles
+//! - `template`: the chat template (minijinja with Hugging Face's jinja semantics)
+//! - `tokenize`: tokenizer + special ids, BOS handling, the seed's label masking, length policy
+//! - `collate`:  right padding, pixel values, aspect ratio ids/mask, cross-attention mask
+//! - `sampler`:  length-grouped global batches split rank-contiguously, per-epoch shuffle, position
+//! - `loader`:   dataset (pre-scan) + parallel workers with a bounded queue, deterministic order
+pub mod collate;
+pub mod image;
+pub mod loader;
+pub mod records;
+pub mod sampler;
+pub mod template;
+pub mod tokenize;

@@ -1,0 +1,392 @@
+//! JSONL records in the LLaVA-CoT / LLaVA-SCo conversation format, and the SCo converter.
+//!
+//! A line is `{"id": ..., "image": "rel/path.jpg", "conversations": [{"from": "human"|"gpt", "value": "..."}, ...]}`.
+//! Consecutive human/gpt pairs become user/assistant turns (the seed's `cot_dataset.py`); the
+//! image belongs to the first user turn. A leading or trailing `<image>` placeholder in a human
+//! value is removed (the chat template places `<|image|>`), and every value is `.strip()`ped as
+//! the seed's collator does. Every problem is reported as `FILE:LINE: reason`.
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::config::TextOnly;
+
+/// The LLaVA placeholder that marks where the image goes in a human turn.
+pub const IMAGE_PLACEHOLDER: &str = "<image>";
+
+/// One user question and the assistant's answer, both stripped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    pub user: String,
+    pub assistant: String,
+}
+
+/// A parsed record: where it came from, its image (resolved against `image_root`), its turns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub file: PathBuf,
+    /// 1-based line number in `file`.
+    pub line: usize,
+    pub id: String,
+    /// None: a text-only record kept under `data.text_only: keep`.
+    pub image: Option<PathBuf>,
+    pub turns: Vec<Turn>,
+}
+
+/// A bad record or image: printed as `FILE:LINE: reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub line: usize,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.file.display(), self.line, self.reason)
+    }
+}
+
+impl std::error::Error for Problem {}
+
+/// What parsing a JSONL file found.
+#[derive(Debug, Clone, Default)]
+pub struct ParseReport {
+    pub records: Vec<Record>,
+    /// Bad lines, in file order.
+    pub problems: Vec<Problem>,
+    /// Records without an image dropped under `text_only: skip`.
+    pub skipped_text_only: usize,
+    /// Records without an image kept under `text_only: keep`.
+    pub kept_text_only: usize,
+    /// Blank lines (ignored).
+    pub blank_lines: usize,
+}
+
+/// How to parse: where images live, what to do with text-only records, whether to check that
+/// image files exist (the pre-scan does; it never decodes).
+#[derive(Debug, Clone)]
+pub struct ParseOptions {
+    pub image_root: Option<PathBuf>,
+    pub text_only: TextOnly,
+    pub check_image_exists: bool,
+}
+
+/// Parse a whole JSONL file. Only failing to read the file itself is an `Err`; bad lines are
+/// collected in `ParseReport::problems`.
+pub fn parse_jsonl(path: &Path, opts: &ParseOptions) -> Result<ParseReport, Problem> {
+    let text = std::fs::read_to_string(path).map_err(|e| Problem {
+        file: path.to_path_buf(),
+        line: 0,
+        reason: format!("cannot read the data file: {e}"),
+    })?;
+    Ok(parse_jsonl_str(path, &text, opts))
+}
+
+/// `parse_jsonl` over text already in memory; `path` names the file in problems.
+pub fn parse_jsonl_str(path: &Path, text: &str, opts: &ParseOptions) -> ParseReport {
+    let mut report = ParseReport::default();
+    for (i, line) in text.lines().enumerate() {
+        let lineno = i + 1;
+        if line.trim().is_empty() {
+            report.blank_lines += 1;
+            continue;
+        }
+        match parse_line(line, opts) {
+            Ok(mut rec) => {
+                if rec.image.is_none() {
+                    match opts.text_only {
+                        TextOnly::Skip => {
+                            report.skipped_text_only += 1;
+                            continue;
+                        }
+                        TextOnly::Keep => report.kept_text_only += 1,
+                    }
+                }
+                rec.file = path.to_path_buf();
+                rec.line = lineno;
+                report.records.push(rec);
+            }
+            Err(reason) => report.problems.push(Problem {
+                file: path.to_path_buf(),
+                line: lineno,
+                reason,
+            }),
+        }
+    }
+    report
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Parse one line; the error is the reason (without the location).
+pub fn parse_line(line: &str, opts: &ParseOptions) -> Result<Record, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| format!("a record must be a JSON object, got {}", type_name(&v)))?;
+    let id = match obj.get("id") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(other) => {
+            return Err(format!(
+                "field \"id\" must be a string or a number, got {}",
+                type_name(other)
+            ))
+        }
+    };
+    let image = match obj.get("image") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            return Err("field \"image\" is an empty string".into())
+        }
+        Some(Value::String(s)) => Some(resolve_image(s, opts.image_root.as_deref())?),
+        Some(Value::Array(_)) => return Err(
+            "field \"image\" is a list: only one image per record is supported (as in the seed)"
+                .into(),
+        ),
+        Some(other) => {
+            return Err(format!(
+                "field \"image\" must be a string (a path), got {}",
+                type_name(other)
+            ))
+        }
+    };
+    let convs = match obj.get("conversations") {
+        None => return Err("missing field \"conversations\"".into()),
+        Some(Value::Array(a)) => a,
+        Some(other) => {
+            return Err(format!(
+                "field \"conversations\" must be a list, got {}",
+                type_name(other)
+            ))
+        }
+    };
+    if convs.is_empty() {
+        return Err("empty conversation".into());
+    }
+    let mut turns = Vec::new();
+    let mut pending_user: Option<String> = None;
+    for (k, c) in convs.iter().enumerate() {
+        let c = c.as_object().ok_or_else(|| {
+            format!(
+                "conversations[{k}] must be an object with \"from\" and \"value\", got {}",
+                type_name(c)
+            )
+        })?;
+        let from = match c.get("from") {
+            Some(Value::String(s)) => s.as_str(),
+            None => return Err(format!("conversations[{k}]: missing field \"from\"")),
+            Some(other) => {
+                return Err(format!(
+                    "conversations[{k}].from must be a string, got {}",
+                    type_name(other)
+                ))
+            }
+        };
+        let value = match c.get("value") {
+            Some(Value::String(s)) => s.as_str(),
+            None => return Err(format!("conversations[{k}]: missing field \"value\"")),
+            Some(other) => {
+                return Err(format!(
+                    "conversations[{k}].value must be a string, got {}",
+                    type_name(other)
+                ))
+            }
+        };
+        match from {
+            "human" | "user" => {
+                if pending_user.is_some() {
+                    return Err(format!(
+                        "roles out of order: conversations[{k}] is a second \"human\" turn in a row (expected \"gpt\")"
+                    ));
+                }
+                pending_user = Some(strip_placeholder(value));
+            }
+            "gpt" | "assistant" => match pending_user.take() {
+                Some(user) => turns.push(Turn {
+                    user,
+                    assistant: value.trim().to_string(),
+                }),
+                None => {
+                    return Err(format!(
+                        "roles out of order: conversations[{k}] is a \"gpt\" turn without a \"human\" turn before it"
+                    ))
+                }
+            },
+            other => {
+                return Err(format!(
+                    "unknown role {other:?} in conversations[{k}].from (expected \"human\" or \"gpt\")"
+                ))
+            }
+        }
+    }
+    if pending_user.is_some() {
+        return Err(
+            "the conversation ends with a \"human\" turn that has no \"gpt\" answer".to_string(),
+        );
+    }
+    if let (Some(p), true) = (&image, opts.check_image_exists) {
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(format!("image {} is not a file", p.display())),
+            Err(e) => return Err(format!("image {} cannot be read: {e}", p.display())),
+        }
+    }
+    Ok(Record {
+        file: PathBuf::new(),
+        line: 0,
+        id,
+        image,
+        turns,
+    })
+}
+
+/// Remove a leading and a trailing `<image>` placeholder, then strip whitespace (the seed
+/// strips every value). A placeholder in the middle of the text is left as text.
+pub fn strip_placeholder(text: &str) -> String {
+    let mut t = text.trim();
+    if let Some(rest) = t.strip_prefix(IMAGE_PLACEHOLDER) {
+        t = rest;
+    }
+    if let Some(rest) = t.strip_suffix(IMAGE_PLACEHOLDER) {
+        t = rest;
+    }
+    t.trim().to_string()
+}
+
+/// Join `path` onto `root`, refusing absolute paths and `..` that would leave the root.
+/// Without a root, the path is used as written.
+pub fn resolve_image(path: &str, root: Option<&Path>) -> Result<PathBuf, String> {
+    let p = Path::new(path);
+    let Some(root) = root else {
+        return Ok(p.to_path_buf());
+    };
+    let mut depth = 0usize;
+    for c in p.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if depth == 0 {
+                    return Err(format!(
+                        "image path {path:?} escapes image_root {} (\"..\" above the root)",
+                        root.display()
+                    ));
+                }
+                depth -= 1;
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!(
+                    "image path {path:?} is absolute but data.image_root is set ({}): write it relative to the root",
+                    root.display()
+                ))
+            }
+        }
+    }
+    Ok(root.join(p))
+}
+
+/// The second-turn prompt of the self-correction format written by `build_sco` unless the user
+/// gives another. The seed's converter to `llava-sco-100k.jsonl` is not public (REFERENCE.md),
+/// so this wording is ours: it asks the model to revisit every stage of its staged answer.
+pub const DEFAULT_CORRECTION_PROMPT: &str = "Please review your previous answer carefully. Check the summary, the caption, the reasoning and the conclusion for mistakes, then give a corrected answer in the same format.";
+
+/// What `build_sco` made.
+#[derive(Debug, Clone, Default)]
+pub struct ScoReport {
+    /// One JSON object per output line.
+    pub lines: Vec<String>,
+    /// Entries whose `refined_answer` is empty (the refinement failed).
+    pub skipped_empty_refined: usize,
+    /// Entries that are not objects with string fields; `index: reason`.
+    pub problems: Vec<String>,
+}
+
+/// Convert the seed's refinement output (a JSON list of `{question, original_answer,
+/// refined_answer, image_path}`) into two-turn self-correction records:
+/// human question -> gpt original answer -> human `correction_prompt` -> gpt refined answer.
+/// The question gets the `<image>` placeholder in front, as LLaVA-CoT's records have it.
+pub fn build_sco(refined_json: &str, correction_prompt: &str) -> Result<ScoReport, String> {
+    let v: Value =
+        serde_json::from_str(refined_json).map_err(|e| format!("malformed JSON: {e}"))?;
+    let list = v.as_array().ok_or_else(|| {
+        format!(
+            "expected a JSON list of {{question, original_answer, refined_answer, image_path}}, got {}",
+            type_name(&v)
+        )
+    })?;
+    let mut report = ScoReport::default();
+    for (i, e) in list.iter().enumerate() {
+        let field = |name: &str| -> Result<String, String> {
+            match e.get(name) {
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(Value::Null) | None => Ok(String::new()),
+                Some(other) => Err(format!(
+                    "entry {i}: field {name:?} must be a string, got {}",
+                    type_name(other)
+                )),
+            }
+        };
+        if !e.is_object() {
+            report.problems.push(format!(
+                "entry {i}: expected an object, got {}",
+                type_name(e)
+            ));
+            continue;
+        }
+        let fields = (|| {
+            Ok::<_, String>((
+                field("question")?,
+                field("original_answer")?,
+                field("refined_answer")?,
+                field("image_path")?,
+            ))
+        })();
+        let (q, orig, refined, image) = match fields {
+            Ok(f) => f,
+            Err(reason) => {
+                report.problems.push(reason);
+                continue;
+            }
+        };
+        if refined.trim().is_empty() {
+            report.skipped_empty_refined += 1;
+            continue;
+        }
+        if q.trim().is_empty() || orig.trim().is_empty() {
+            report.problems.push(format!(
+                "entry {i}: empty \"question\" or \"original_answer\""
+            ));
+            continue;
+        }
+        let mut rec = serde_json::Map::new();
+        rec.insert("id".into(), Value::String(format!("sco-{i}")));
+        if !image.is_empty() {
+            rec.insert("image".into(), Value::String(image));
+        }
+        let turn = |from: &str, value: String| serde_json::json!({"from": from, "value": value});
+        rec.insert(
+            "conversations".into(),
+            Value::Array(vec![
+                turn("human", format!("{IMAGE_PLACEHOLDER}\n{}", q.trim())),
+                turn("gpt", orig.trim().to_string()),
+                turn("human", correction_prompt.to_string()),
+                turn("gpt", refined.trim().to_string()),
+            ]),
+        );
+        report.lines.push(Value::Object(rec).to_string());
+    }
+    Ok(report)
+}

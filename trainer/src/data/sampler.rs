@@ -1,0 +1,82 @@
+//! Length-grouped distributed batch sampler (llama-recipes' DistributedLengthBasedBatchSampler,
+//! fixed): per epoch, indices are shuffled from (seed, epoch), stably sorted by length, cut
+//! into global batches of `batch_size * world_size` (the last incomplete one dropped), and the
+//! global batches are shuffled. Rank r takes the contiguous part `[r*batch_size, (r+1)*batch_size)`
+//! of each global batch, so the samples of a step do not depend on the world size, and a
+//! `Position` (epoch, batch index) resumes exactly, at any world size with the same global batch.
+use serde::{Deserialize, Serialize};
+
+/// Where the loader stands: the next global batch to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Position {
+    pub epoch: u64,
+    pub batch: u64,
+}
+
+/// The sampler over a dataset's token lengths.
+#[derive(Debug, Clone)]
+pub struct LengthGroupedSampler {
+    lengths: Vec<usize>,
+    global_batch: usize,
+    seed: u64,
+}
+
+/// splitmix64: a small, well-mixed deterministic generator.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn shuffle<T>(v: &mut [T], rng: &mut SplitMix) {
+    for i in (1..v.len()).rev() {
+        let j = rng.below(i + 1);
+        v.swap(i, j);
+    }
+}
+
+impl LengthGroupedSampler {
+    /// `global_batch` = batch_size x world_size (samples per micro-step over all ranks).
+    pub fn new(lengths: Vec<usize>, global_batch: usize, seed: u64) -> Self {
+        assert!(global_batch > 0, "global batch must be positive");
+        Self {
+            lengths,
+            global_batch,
+            seed,
+        }
+    }
+
+    /// Global batches per epoch (drop_last).
+    pub fn batches_per_epoch(&self) -> usize {
+        self.lengths.len() / self.global_batch
+    }
+
+    /// All global batches of an epoch, in order.
+    pub fn epoch_batches(&self, epoch: u64) -> Vec<Vec<usize>> {
+        let mut rng = SplitMix(self.seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let mut idx: Vec<usize> = (0..self.lengths.len()).collect();
+        shuffle(&mut idx, &mut rng);
+        idx.sort_by_key(|&i| self.lengths[i]);
+        let mut batches: Vec<Vec<usize>> = idx
+            .chunks_exact(self.global_batch)
+            .map(|c| c.to_vec())
+            .collect();
+        shuffle(&mut batches, &mut rng);
+        batches
+    }
+
+    /// Rank `rank`'s part of global batch `pos` (`batch_size` = global / world).
+    pub fn rank_part(global: &[usize], rank: usize, world: usize) -> &[usize] {
+        let per = global.len() / world;
+        &global[rank * per..(rank + 1) * per]
+    }
+}

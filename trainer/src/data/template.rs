@@ -1,0 +1,265 @@
+//! The chat template, rendered with minijinja the way transformers renders it: trim_blocks and
+//! lstrip_blocks on, `raise_exception(msg)`, `strftime_now(fmt)`, Python string methods
+//! (pycompat), `tojson` as Python's `json.dumps`, and the tokenizer's special tokens
+//! (`bos_token`, `eos_token`, `pad_token`, `unk_token`) as variables.
+//!
+//! Source, in order: `chat_template.jinja`, `chat_template.json` (`{"chat_template": ...}`),
+//! `tokenizer_config.json` `chat_template` (a string, or a list of `{name, template}` where
+//! `default` is used).
+use std::path::Path;
+
+use minijinja::{Environment, Error, ErrorKind, Value as JValue};
+use serde_json::Value;
+
+use super::records::Turn;
+
+/// A compiled chat template plus the variables transformers passes to it.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    special_tokens: serde_json::Map<String, Value>,
+}
+
+const NAME: &str = "chat_template";
+
+impl ChatTemplate {
+    /// Find and compile the template of a model folder; special tokens come from
+    /// `tokenizer_config.json`.
+    pub fn from_model_dir(dir: &Path) -> Result<Self, String> {
+        let tc_path = dir.join("tokenizer_config.json");
+        let tc: Value = match std::fs::read_to_string(&tc_path) {
+            Ok(t) => serde_json::from_str(&t)
+                .map_err(|e| format!("{}: malformed JSON: {e}", tc_path.display()))?,
+            Err(_) => Value::Null,
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let json = dir.join("chat_template.json");
+        let source = if jinja.is_file() {
+            std::fs::read_to_string(&jinja).map_err(|e| format!("{}: {e}", jinja.display()))?
+        } else if json.is_file() {
+            let v: Value = serde_json::from_str(
+                &std::fs::read_to_string(&json).map_err(|e| format!("{}: {e}", json.display()))?,
+            )
+            .map_err(|e| format!("{}: malformed JSON: {e}", json.display()))?;
+            template_of(&v)
+                .ok_or_else(|| format!("{}: no \"chat_template\" string", json.display()))?
+        } else {
+            template_of(&tc).ok_or_else(|| {
+                format!(
+                    "{}: no chat template (looked for chat_template.jinja, chat_template.json and \"chat_template\" in tokenizer_config.json)",
+                    dir.display()
+                )
+            })?
+        };
+        let mut special = serde_json::Map::new();
+        for k in ["bos_token", "eos_token", "pad_token", "unk_token"] {
+            if let Some(tok) = token_string(tc.get(k)) {
+                special.insert(k.to_string(), Value::String(tok));
+            }
+        }
+        Self::from_source(source, special)
+    }
+
+    /// Compile template text; `special_tokens` become template variables.
+    pub fn from_source(
+        source: String,
+        special_tokens: serde_json::Map<String, Value>,
+    ) -> Result<Self, String> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<JValue, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |fmt: String| -> Result<JValue, Error> {
+            Ok(JValue::from(strftime_now(&fmt)))
+        });
+        env.add_filter(
+            "tojson",
+            |v: JValue, kwargs: minijinja::value::Kwargs| -> Result<String, Error> {
+                let indent: Option<usize> = kwargs.get("indent")?;
+                kwargs.assert_all_used()?;
+                let j: Value = serde_json::to_value(&v)
+                    .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+                Ok(py_json_dumps(&j, indent))
+            },
+        );
+        env.add_template_owned(NAME, source)
+            .map_err(|e| format!("chat template does not compile: {e:#}"))?;
+        Ok(Self {
+            env,
+            special_tokens,
+        })
+    }
+
+    /// Render `messages` (HF chat format). `extra` adds variables (e.g. `date_string`).
+    pub fn render(
+        &self,
+        messages: &Value,
+        add_generation_prompt: bool,
+        extra: Option<&serde_json::Map<String, Value>>,
+    ) -> Result<String, String> {
+        let mut ctx = self.special_tokens.clone();
+        ctx.insert("messages".into(), messages.clone());
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::Bool(add_generation_prompt),
+        );
+        ctx.insert("tools".into(), Value::Null);
+        ctx.insert("documents".into(), Value::Null);
+        if let Some(extra) = extra {
+            for (k, v) in extra {
+                ctx.insert(k.clone(), v.clone());
+            }
+        }
+        let t = self.env.get_template(NAME).map_err(|e| e.to_string())?;
+        t.render(JValue::from_serialize(&ctx))
+            .map_err(|e| format!("chat template: {e:#}"))
+    }
+}
+
+fn template_of(v: &Value) -> Option<String> {
+    match v.get("chat_template")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+        _ => None,
+    }
+}
+
+/// A special token in tokenizer_config.json: a string or `{"content": ...}`.
+pub fn token_string(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The HF messages for one record, as the seed's collator builds them: the image on the first
+/// user turn, text contents.
+pub fn dialog_messages(turns: &[Turn], has_image: bool) -> Value {
+    let mut msgs = Vec::new();
+    for (i, t) in turns.iter().enumerate() {
+        let mut user = Vec::new();
+        if i == 0 && has_image {
+            user.push(serde_json::json!({"type": "image"}));
+        }
+        user.push(serde_json::json!({"type": "text", "text": t.user}));
+        msgs.push(serde_json::json!({"role": "user", "content": user}));
+        msgs.push(serde_json::json!({"role": "assistant", "content": [{"type": "text", "text": t.assistant}]}));
+    }
+    Value::Array(msgs)
+}
+
+/// Python's `json.dumps(v, ensure_ascii=False, indent=indent)` (HF's `tojson`).
+pub fn py_json_dumps(v: &Value, indent: Option<usize>) -> String {
+    fn go(v: &Value, indent: Option<usize>, level: usize, out: &mut String) {
+        let nl = |out: &mut String, level: usize| {
+            if let Some(n) = indent {
+                out.push('\n');
+                out.push_str(&" ".repeat(n * level));
+            }
+        };
+        let item_sep = if indent.is_some() { "," } else { ", " };
+        match v {
+            Value::Array(a) if !a.is_empty() => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(item_sep);
+                    }
+                    nl(out, level + 1);
+                    go(x, indent, level + 1, out);
+                }
+                nl(out, level);
+                out.push(']');
+            }
+            Value::Object(o) if !o.is_empty() => {
+                out.push('{');
+                for (i, (k, x)) in o.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(item_sep);
+                    }
+                    nl(out, level + 1);
+                    out.push_str(&Value::String(k.clone()).to_string());
+                    out.push_str(": ");
+                    go(x, indent, level + 1, out);
+                }
+                nl(out, level);
+                out.push('}');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut s = String::new();
+    go(v, indent, 0, &mut s);
+    s
+}
+
+/// `datetime.now().strftime(fmt)` in UTC for the common directives (%d %m %Y %y %b %B %H %M %S %%).
+pub fn strftime_now(fmt: &str) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    strftime(fmt, secs)
+}
+
+/// `strftime` for a Unix time in seconds (UTC).
+pub fn strftime(fmt: &str, unix_secs: i64) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    let days = unix_secs.div_euclid(86_400);
+    let sod = unix_secs.rem_euclid(86_400);
+    // civil_from_days (Howard Hinnant)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    let mut out = String::new();
+    let mut it = fmt.chars();
+    while let Some(c) = it.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match it.next() {
+            Some('d') => out.push_str(&format!("{d:02}")),
+            Some('m') => out.push_str(&format!("{m:02}")),
+            Some('Y') => out.push_str(&format!("{y}")),
+            Some('y') => out.push_str(&format!("{:02}", y % 100)),
+            Some('b') => out.push_str(&MONTHS[(m - 1) as usize][..3]),
+            Some('B') => out.push_str(MONTHS[(m - 1) as usize]),
+            Some('H') => out.push_str(&format!("{:02}", sod / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", sod % 3600 / 60)),
+            Some('S') => out.push_str(&format!("{:02}", sod % 60)),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}

@@ -1,0 +1,279 @@
+//! Tokenization of a rendered dialog, BOS handling, the seed's label masking, the length policy.
+//!
+//! BOS: the template writes `<|begin_of_text|>`; MllamaProcessor leaves a prompt that already
+//! holds the BOS text alone, and the seed then tokenizes with special tokens on, so the Llama 3
+//! post-processor adds a second BOS. `double_bos: false` (default) tokenizes without special
+//! tokens (one BOS, as at inference); `true` reproduces the seed.
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use super::records::Turn;
+use super::template::{dialog_messages, token_string, ChatTemplate};
+use crate::config::LengthPolicy;
+
+/// Ignored label value (PyTorch's cross-entropy `ignore_index`).
+pub const IGNORE: i64 = -100;
+
+/// Token ids the pipeline needs, all read from the tokenizer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecialIds {
+    pub bos: i64,
+    pub bos_token: String,
+    pub eot: i64,
+    pub pad: i64,
+    pub image: i64,
+    pub image_token: String,
+    /// `<|start_header_id|>system<|end_header_id|>` etc., tokenized.
+    pub system_header: Vec<i64>,
+    pub user_header: Vec<i64>,
+    pub assistant_header: Vec<i64>,
+}
+
+/// Template + tokenizer + ids: text side of the processor.
+pub struct TextProcessor {
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub ids: SpecialIds,
+    pub double_bos: bool,
+}
+
+/// One tokenized sample (unpadded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub input_ids: Vec<i64>,
+    /// Same length as `input_ids`, unshifted; `IGNORE` where not supervised.
+    pub labels: Vec<i64>,
+}
+
+impl Encoded {
+    pub fn supervised(&self) -> usize {
+        self.labels.iter().filter(|&&l| l != IGNORE).count()
+    }
+}
+
+impl TextProcessor {
+    /// Load `tokenizer.json`, the chat template and the special ids of a model folder.
+    pub fn from_model_dir(dir: &Path, double_bos: bool) -> Result<Self, String> {
+        let tpath = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tpath)
+            .map_err(|e| format!("{}: cannot load tokenizer: {e}", tpath.display()))?;
+        let template = ChatTemplate::from_model_dir(dir)?;
+        let tc_path = dir.join("tokenizer_config.json");
+        let tc: serde_json::Value = std::fs::read_to_string(&tc_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let id = |tok: &str| -> Result<i64, String> {
+            tokenizer.token_to_id(tok).map(|i| i as i64).ok_or_else(|| {
+                format!(
+                    "{}: token {tok:?} is not in the vocabulary",
+                    tpath.display()
+                )
+            })
+        };
+        let bos_token =
+            token_string(tc.get("bos_token")).unwrap_or_else(|| "<|begin_of_text|>".into());
+        let pad_token = token_string(tc.get("pad_token"))
+            .or_else(|| token_string(tc.get("eos_token")))
+            .ok_or_else(|| {
+                format!(
+                    "{}: neither pad_token nor eos_token is set",
+                    tc_path.display()
+                )
+            })?;
+        let image_token = tc
+            .get("image_token")
+            .and_then(|v| v.as_str())
+            .unwrap_or("<|image|>")
+            .to_string();
+        let header = |role: &str| -> Result<Vec<i64>, String> {
+            let enc = tokenizer
+                .encode(format!("<|start_header_id|>{role}<|end_header_id|>"), false)
+                .map_err(|e| e.to_string())?;
+            Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+        };
+        let ids = SpecialIds {
+            bos: id(&bos_token)?,
+            bos_token,
+            eot: id("<|eot_id|>")?,
+            pad: id(&pad_token)?,
+            image: id(&image_token)?,
+            image_token,
+            system_header: header("system")?,
+            user_header: header("user")?,
+            assistant_header: header("assistant")?,
+        };
+        Ok(Self {
+            tokenizer,
+            template,
+            ids,
+            double_bos,
+        })
+    }
+
+    /// The text the seed tokenizes for these turns.
+    pub fn render(&self, turns: &[Turn], has_image: bool) -> Result<String, String> {
+        let text = self
+            .template
+            .render(&dialog_messages(turns, has_image), false, None)?;
+        Ok(build_string_from_input(
+            &text,
+            &self.ids.bos_token,
+            &self.ids.image_token,
+        ))
+    }
+
+    /// Tokenize rendered text (one or two BOS as configured).
+    pub fn tokenize(&self, text: &str) -> Result<Vec<i64>, String> {
+        let enc = self
+            .tokenizer
+            .encode(text, self.double_bos)
+            .map_err(|e| format!("tokenizer: {e}"))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// Render, tokenize and mask one record's turns.
+    pub fn encode(&self, turns: &[Turn], has_image: bool) -> Result<Encoded, String> {
+        let text = self.render(turns, has_image)?;
+        let input_ids = self.tokenize(&text)?;
+        let labels = seed_labels(&input_ids, &self.ids);
+        Ok(Encoded { input_ids, labels })
+    }
+}
+
+/// MllamaProcessor's `build_string_from_input`: add the BOS text unless present, after any
+/// leading image tokens.
+pub fn build_string_from_input(prompt: &str, bos: &str, image: &str) -> String {
+    if prompt.contains(bos) {
+        return prompt.to_string();
+    }
+    let mut rest = prompt;
+    let mut n = 0;
+    while let Some(r) = rest.strip_prefix(image) {
+        rest = r;
+        n += 1;
+    }
+    format!("{}{bos}{rest}", image.repeat(n))
+}
+
+fn contains_at_any(seq: &[i64], target: &[i64]) -> bool {
+    // the seed scans `range(len(seq) - 3)`: the last possible start is skipped; kept as is
+    let n = target.len();
+    seq.len() > n && (0..seq.len() - n).any(|i| &seq[i..i + n] == target)
+}
+
+/// The seed's label masking (cot_dataset.py `tokenize_dialogs`), ids from the tokenizer:
+/// every `<|eot_id|>`-terminated segment that holds a system or user header is ignored; the
+/// assistant header tokens are ignored; pad and image tokens are ignored. What remains is the
+/// assistant turns (with the `\n\n` after their header) and their `<|eot_id|>`.
+pub fn seed_labels(input_ids: &[i64], ids: &SpecialIds) -> Vec<i64> {
+    let mut labels = input_ids.to_vec();
+    let mut last = 0usize;
+    let eots: Vec<usize> = labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == ids.eot)
+        .map(|(i, _)| i)
+        .collect();
+    for idx in eots {
+        let seg = &labels[last..=idx];
+        if contains_at_any(seg, &ids.system_header) || contains_at_any(seg, &ids.user_header) {
+            for l in &mut labels[last..=idx] {
+                *l = IGNORE;
+            }
+        } else {
+            last = idx + 1;
+        }
+    }
+    let a = &ids.assistant_header;
+    let n = a.len();
+    if labels.len() > n {
+        for i in 0..labels.len() - n {
+            if &labels[i..i + n] == a.as_slice() {
+                for l in &mut labels[i..i + n] {
+                    *l = IGNORE;
+                }
+            }
+        }
+    }
+    for l in labels.iter_mut() {
+        if *l == ids.pad || *l == ids.image {
+            *l = IGNORE;
+        }
+    }
+    labels
+}
+
+/// What the length policy did to one sample.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LengthOutcome {
+    Fits,
+    Truncated {
+        from: usize,
+    },
+    /// Dropped: too long under `skip`, or nothing supervised left after truncation.
+    Skipped {
+        reason: String,
+    },
+}
+
+/// Apply `data.max_seq_len` / `max_seq_len_policy`. `Err` under `error`.
+pub fn apply_length_policy(
+    enc: &mut Encoded,
+    max_len: usize,
+    policy: LengthPolicy,
+) -> Result<LengthOutcome, String> {
+    let n = enc.input_ids.len();
+    if n <= max_len {
+        return Ok(LengthOutcome::Fits);
+    }
+    match policy {
+        LengthPolicy::Error => Err(format!(
+            "{n} tokens > data.max_seq_len {max_len} (set data.max_seq_len_policy to truncate or skip, or raise data.max_seq_len)"
+        )),
+        LengthPolicy::Skip => Ok(LengthOutcome::Skipped {
+            reason: format!("{n} tokens > data.max_seq_len {max_len}"),
+        }),
+        LengthPolicy::Truncate => {
+            enc.input_ids.truncate(max_len);
+            enc.labels.truncate(max_len);
+            if enc.supervised() == 0 {
+                Ok(LengthOutcome::Skipped {
+                    reason: format!(
+                        "no supervised token left after truncating {n} tokens to {max_len}"
+                    ),
+                })
+            } else {
+                Ok(LengthOutcome::Truncated { from: n })
+            }
+        }
+    }
+}
+
+/// MllamaProcessor's `get_cross_attention_token_mask`: per image token, the `[start, end)`
+/// token range that attends to it; `end == -1` means "to the end of the (padded) sequence".
+pub fn cross_attention_token_mask(input_ids: &[i64], image_id: i64) -> Vec<(usize, i64)> {
+    let locs: Vec<usize> = input_ids
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == image_id)
+        .map(|(i, _)| i)
+        .collect();
+    match locs.len() {
+        0 => vec![],
+        1 => vec![(locs[0], -1)],
+        _ => {
+            let mut m: Vec<(usize, i64)> = locs.windows(2).map(|w| (w[0], w[1] as i64)).collect();
+            m.push((*locs.last().unwrap(), input_ids.len() as i64));
+            let mut last_end = m.last().unwrap().1;
+            for v in m.iter_mut().rev() {
+                if v.0 as i64 == v.1 - 1 {
+                    v.1 = last_end;
+                }
+                last_end = v.1;
+            }
+            m
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! JSONL records: every bad-input case gives `FILE:LINE: reason`; SCo conversion.
+use std::path::{Path, PathBuf};
+
+use trainer::config::TextOnly;
+use trainer::data::records::{
+    build_sco, parse_jsonl_str, resolve_image, strip_placeholder, ParseOptions,
+    DEFAULT_CORRECTION_PROMPT,
+};
+
+fn opts(text_only: TextOnly) -> ParseOptions {
+    ParseOptions {
+        image_root: Some(PathBuf::from("/data/imgs")),
+        text_only,
+        check_image_exists: false,
+    }
+}
+
+#[test]
+fn good_multi_turn_record() {
+    let line = r#"{"id": 7, "image": "a/b.jpg", "conversations": [{"from": "human", "value": "<image>\n Q1 "}, {"from": "gpt", "value": " A1\n"}, {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]}"#;
+    let r = parse_jsonl_str(Path::new("d.jsonl"), line, &opts(TextOnly::Skip));
+    assert!(r.problems.is_empty());
+    let rec = &r.records[0];
+    assert_eq!((rec.id.as_str(), rec.line), ("7", 1));
+    assert_eq!(rec.image.as_deref(), Some(Path::new("/data/imgs/a/b.jpg")));
+    assert_eq!(rec.turns.len(), 2);
+    assert_eq!(
+        (rec.turns[0].user.as_str(), rec.turns[0].assistant.as_str()),
+        ("Q1", "A1")
+    );
+}
+
+#[test]
+fn every_bad_case_is_file_line_reason() {
+    let cases = [
+        ("{not json", "malformed JSON"),
+        ("[1,2]", "must be a JSON object"),
+        (r#"{"image": "x.jpg"}"#, "missing field \"conversations\""),
+        (
+            r#"{"image": "x.jpg", "conversations": {}}"#,
+            "must be a list",
+        ),
+        (
+            r#"{"image": "x.jpg", "conversations": []}"#,
+            "empty conversation",
+        ),
+        (
+            r#"{"image": 5, "conversations": [{"from":"human","value":"q"},{"from":"gpt","value":"a"}]}"#,
+            "field \"image\" must be a string",
+        ),
+        (
+            r#"{"image": ["a","b"], "conversations": [{"from":"human","value":"q"},{"from":"gpt","value":"a"}]}"#,
+            "only one image",
+        ),
+        (
+            r#"{"id": [1], "image": "x", "conversations": [{"from":"human","value":"q"},{"from":"gpt","value":"a"}]}"#,
+            "field \"id\"",
+        ),
+        (
+            r#"{"image": "x.jpg", "conversations": [{"from":"robot","value":"q"}]}"#,
+            "unknown role \"robot\"",
+        ),
+        (
+            r#"{"image": "x.jpg", "conversations": [{"from":"gpt","value":"a"},{"from":"human","value":"q"}]}"#,
+            "roles out of order",
+        ),
+        (
+            r#"{"image": "x.jpg", "conversations": [{"from":"human","value":"q"},{"from":"human","value":"q"}]}"#,
+            "roles out of order",
+        ),
+        (
+            r#"{"image": "x.jpg", "conversations": [{"from":"human","value":"q"}]}"#,
+            "no \"gpt\" answer",
+        ),
+        (
+            r#"{"image": "x.jpg", "conversations": [{"from":"human","value":3},{"from":"gpt","value":"a"}]}"#,
+            "value must be a string",
+        ),
+        (
+            r#"{"image": "x.jpg", "conversations": ["hi"]}"#,
+            "must be an object",
+        ),
+        (
+            r#"{"image": "../../etc/passwd", "conversations": [{"from":"human","value":"q"},{"from":"gpt","value":"a"}]}"#,
+            "escapes image_root",
+        ),
+        (
+            r#"{"image": "/abs/x.jpg", "conversations": [{"from":"human","value":"q"},{"from":"gpt","value":"a"}]}"#,
+            "is absolute",
+        ),
+    ];
+    let text: String = cases.iter().map(|(l, _)| format!("{l}\n")).collect();
+    let r = parse_jsonl_str(Path::new("train.jsonl"), &text, &opts(TextOnly::Skip));
+    assert_eq!(r.problems.len(), cases.len(), "{:#?}", r.problems);
+    for (i, (p, (_, want))) in r.problems.iter().zip(cases.iter()).enumerate() {
+        let s = p.to_string();
+        assert!(s.starts_with(&format!("train.jsonl:{}: ", i + 1)), "{s}");
+        assert!(s.contains(want), "line {}: {s:?} lacks {want:?}", i + 1);
+    }
+}
+
+#[test]
+fn missing_image_is_reported_by_the_prescan() {
+    let o = ParseOptions {
+        image_root: Some(std::env::temp_dir()),
+        text_only: TextOnly::Skip,
+        check_image_exists: true,
+    };
+    let line = r#"{"image": "surely-missing-8731.jpg", "conversations": [{"from":"human","value":"q"},{"from":"gpt","value":"a"}]}"#;
+    let r = parse_jsonl_str(Path::new("t.jsonl"), line, &o);
+    assert!(
+        r.problems[0].to_string().contains("cannot be read"),
+        "{}",
+        r.problems[0]
+    );
+}
+
+#[test]
+fn text_only_skip_or_keep_is_counted() {
+    let line = "{\"conversations\": [{\"from\":\"human\",\"value\":\"q\"},{\"from\":\"gpt\",\"value\":\"a\"}]}\n\n";
+    let r = parse_jsonl_str(Path::new("t.jsonl"), line, &opts(TextOnly::Skip));
+    assert_eq!(
+        (r.records.len(), r.skipped_text_only, r.blank_lines),
+        (0, 1, 1)
+    );
+    let r = parse_jsonl_str(Path::new("t.jsonl"), line, &opts(TextOnly::Keep));
+    assert_eq!((r.records.len(), r.kept_text_only), (1, 1));
+    assert!(r.records[0].image.is_none());
+}
+
+#[test]
+fn placeholder_and_paths() {
+    assert_eq!(strip_placeholder("<image>\nWhat?"), "What?");
+    assert_eq!(strip_placeholder("What?\n<image>"), "What?");
+    assert_eq!(strip_placeholder("a <image> b"), "a <image> b");
+    assert_eq!(
+        resolve_image("a/../b.jpg", Some(Path::new("/r"))).unwrap(),
+        Path::new("/r/a/../b.jpg")
+    );
+    assert!(resolve_image("a/../../b.jpg", Some(Path::new("/r"))).is_err());
+    assert_eq!(resolve_image("/x.jpg", None).unwrap(), Path::new("/x.jpg"));
+}
+
+#[test]
+fn build_sco_makes_two_turn_records_and_counts_failures() {
+    let refined = r#"[
+        {"question": "Q?", "original_answer": "<SUMMARY> s </SUMMARY>", "refined_answer": "<SUMMARY> better </SUMMARY>", "image_path": "i/1.jpg"},
+        {"question": "Q2", "original_answer": "A", "refined_answer": "", "image_path": "i/2.jpg"},
+        {"question": 3, "original_answer": "A", "refined_answer": "B", "image_path": "i/3.jpg"}
+    ]"#;
+    let rep = build_sco(refined, DEFAULT_CORRECTION_PROMPT).unwrap();
+    assert_eq!(
+        (
+            rep.lines.len(),
+            rep.skipped_empty_refined,
+            rep.problems.len()
+        ),
+        (1, 1, 1)
+    );
+    let r = parse_jsonl_str(Path::new("sco.jsonl"), &rep.lines[0], &opts(TextOnly::Skip));
+    let rec = &r.records[0];
+    assert_eq!(rec.turns.len(), 2);
+    assert_eq!(rec.turns[0].user, "Q?");
+    assert_eq!(rec.turns[1].user, DEFAULT_CORRECTION_PROMPT);
+    assert_eq!(rec.turns[1].assistant, "<SUMMARY> better </SUMMARY>");
+    assert!(build_sco("{}", "x").is_err());
+}

@@ -1,0 +1,209 @@
+//! Chat template, tokenization, labels, collate: golden tests against transformers'
+//! MllamaProcessor + the seed's collator (tests/fixtures/data/make_fixtures.py).
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use trainer::config::LengthPolicy;
+use trainer::config::TextOnly;
+use trainer::data::collate::{collate, Sample};
+use trainer::data::image::{self, ImageProcessorConfig};
+use trainer::data::records::{parse_jsonl, ParseOptions};
+use trainer::data::template::{strftime, ChatTemplate};
+use trainer::data::tokenize::{apply_length_policy, LengthOutcome, TextProcessor, IGNORE};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/data")
+}
+
+fn golden() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("text_golden.json")).unwrap())
+        .unwrap()
+}
+
+fn ints(v: &Value) -> Vec<i64> {
+    fn go(v: &Value, out: &mut Vec<i64>) {
+        match v {
+            Value::Array(a) => a.iter().for_each(|x| go(x, out)),
+            Value::Number(n) => out.push(n.as_i64().unwrap()),
+            _ => panic!("not an int array"),
+        }
+    }
+    let mut out = Vec::new();
+    go(v, &mut out);
+    out
+}
+
+fn samples(dir: &Path, double_bos: bool) -> (TextProcessor, Vec<Sample>, ImageProcessorConfig) {
+    let tp = TextProcessor::from_model_dir(dir, double_bos).unwrap();
+    let ic = ImageProcessorConfig::from_model_dir(dir).unwrap();
+    let opts = ParseOptions {
+        image_root: Some(fixtures().join("images")),
+        text_only: TextOnly::Skip,
+        check_image_exists: true,
+    };
+    let rep = parse_jsonl(&fixtures().join("records.jsonl"), &opts).unwrap();
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+    let s = rep
+        .records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Sample {
+            index: i,
+            text: tp.encode(&r.turns, true).unwrap(),
+            image: Some(image::process(
+                &ic,
+                &image::load_rgb(r.image.as_ref().unwrap()).unwrap(),
+            )),
+        })
+        .collect();
+    (tp, s, ic)
+}
+
+#[test]
+fn rendered_text_matches_transformers() {
+    let g = golden();
+    for dir in ["tok", "tok_v5"] {
+        let (tp, _, _) = samples(&fixtures().join(dir), false);
+        let opts = ParseOptions {
+            image_root: None,
+            text_only: TextOnly::Keep,
+            check_image_exists: false,
+        };
+        let rep = parse_jsonl(&fixtures().join("records.jsonl"), &opts).unwrap();
+        for (r, want) in rep.records.iter().zip(g["texts"].as_array().unwrap()) {
+            assert_eq!(
+                tp.render(&r.turns, true).unwrap(),
+                want.as_str().unwrap(),
+                "{dir} {}",
+                r.id
+            );
+        }
+    }
+}
+
+#[test]
+fn text_only_render_with_system_block_and_generation_prompt() {
+    let t = ChatTemplate::from_model_dir(&fixtures().join("tok")).unwrap();
+    let msgs =
+        serde_json::json!([{"role": "user", "content": [{"type": "text", "text": "Hi there"}]}]);
+    let mut extra = serde_json::Map::new();
+    extra.insert("date_string".into(), Value::String("26 Jul 2024".into()));
+    let got = t.render(&msgs, true, Some(&extra)).unwrap();
+    assert_eq!(got, golden()["text_only_render"].as_str().unwrap());
+    // without date_string the template calls strftime_now
+    let today = t.render(&msgs, false, None).unwrap();
+    assert!(today.contains("Today Date: "));
+}
+
+#[test]
+fn raise_exception_in_template_is_an_error() {
+    let t = ChatTemplate::from_model_dir(&fixtures().join("tok")).unwrap();
+    let msgs = serde_json::json!([
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}
+    ]);
+    let e = t.render(&msgs, false, None).unwrap_err();
+    assert!(e.contains("incompatible with system messages"), "{e}");
+}
+
+#[test]
+fn strftime_formats_like_python() {
+    // 2024-07-26 00:00:00 UTC
+    assert_eq!(strftime("%d %b %Y", 1_721_952_000), "26 Jul 2024");
+    assert_eq!(
+        strftime("%Y-%m-%d %H:%M:%S %B", 1_721_952_000 + 3661),
+        "2024-07-26 01:01:01 July"
+    );
+}
+
+#[test]
+fn padded_batch_matches_processor_and_seed_collator_single_and_double_bos() {
+    let g = golden();
+    for (key, double) in [("single_bos", false), ("double_bos", true)] {
+        let (tp, s, ic) = samples(&fixtures().join("tok"), double);
+        let b = collate(&s, tp.ids.pad, tp.ids.image, ic.max_image_tiles, ic.tile);
+        let want = &g[key];
+        assert_eq!(b.input_ids, ints(&want["input_ids"]), "{key} input_ids");
+        assert_eq!(
+            b.attention_mask,
+            ints(&want["attention_mask"]),
+            "{key} attention_mask"
+        );
+        assert_eq!(b.labels, ints(&want["labels"]), "{key} labels");
+        assert_eq!(
+            b.cross_attention_mask,
+            ints(&want["cross_attention_mask"]),
+            "{key} cross_attention_mask"
+        );
+        assert_eq!(b.aspect_ratio_ids, ints(&want["aspect_ratio_ids"]), "{key}");
+        assert_eq!(
+            b.aspect_ratio_mask,
+            ints(&want["aspect_ratio_mask"]),
+            "{key}"
+        );
+        let shape: Vec<usize> = ints(&want["pixel_values_shape"])
+            .iter()
+            .map(|&x| x as usize)
+            .collect();
+        assert_eq!(
+            shape,
+            vec![b.batch, b.num_images, b.max_tiles, 3, b.tile, b.tile]
+        );
+        let bos_count = b.input_ids[..2]
+            .iter()
+            .filter(|&&t| t == tp.ids.bos)
+            .count();
+        assert_eq!(bos_count, if double { 2 } else { 1 });
+    }
+}
+
+#[test]
+fn only_assistant_text_and_eot_are_supervised() {
+    let (tp, s, _) = samples(&fixtures().join("tok"), false);
+    let multi = &s[1].text;
+    let sup: Vec<u32> = multi
+        .input_ids
+        .iter()
+        .zip(&multi.labels)
+        .filter(|(_, &l)| l != IGNORE)
+        .map(|(&t, _)| t as u32)
+        .collect();
+    let text = tp.tokenizer.decode(&sup, false).unwrap();
+    assert!(
+        text.contains("There are three objects.<|eot_id|>"),
+        "{text}"
+    );
+    assert!(text.contains("I count again"), "{text}");
+    assert!(!text.contains("How many"), "{text}");
+    assert!(!text.contains("assistant"), "{text}");
+}
+
+#[test]
+fn length_policy_truncate_skip_error() {
+    let (_, s, _) = samples(&fixtures().join("tok"), false);
+    let e = s[1].text.clone();
+    let n = e.input_ids.len();
+    let mut a = e.clone();
+    assert_eq!(
+        apply_length_policy(&mut a, n, LengthPolicy::Error).unwrap(),
+        LengthOutcome::Fits
+    );
+    assert!(apply_length_policy(&mut a.clone(), n - 1, LengthPolicy::Error).is_err());
+    assert!(matches!(
+        apply_length_policy(&mut a.clone(), n - 1, LengthPolicy::Skip).unwrap(),
+        LengthOutcome::Skipped { .. }
+    ));
+    let mut t = e.clone();
+    assert_eq!(
+        apply_length_policy(&mut t, n - 5, LengthPolicy::Truncate).unwrap(),
+        LengthOutcome::Truncated { from: n }
+    );
+    assert_eq!(t.input_ids.len(), n - 5);
+    assert_eq!(t.labels[..], e.labels[..n - 5]);
+    // cut inside the first user turn: nothing supervised left -> skipped
+    let mut u = e.clone();
+    assert!(matches!(
+        apply_length_policy(&mut u, 8, LengthPolicy::Truncate).unwrap(),
+        LengthOutcome::Skipped { .. }
+    ));
+}
