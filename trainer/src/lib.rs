@@ -3,7 +3,9 @@
 //! - `data`:    records, Mllama image processor, chat template, labels, collate, sampler, loader
 //! - `dist`:    ProcessGroup (all_gather, reduce_scatter, all_reduce, broadcast, barrier) on cpu/nccl
 //! - `logging`: tracing with a `[rank r]` prefix, progress only on rank 0
+//! - `model`:   Mllama (Llama 3.2 Vision) in tch: config, safetensors weights, vision, text, LoRA/PEFT, KV cache
 pub mod config;
 pub mod data;
 pub mod dist;
 pub mod logging;
+pub mod model;

@@ -1,0 +1,295 @@
+//! LoRA on the model with PEFT semantics and PEFT adapter folders (`adapter_config.json` +
+//! `adapter_model.safetensors`, keys `base_model.model.<module path>.lora_{A,B}.weight`).
+//! Reads transformers-4 (`base_model.model.language_model.model.layers...`) and transformers-5
+//! (`base_model.model.model.language_model.layers...`) naming; writes the transformers-5 naming current peft writes.
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde_json::{json, Value};
+use tch::{Kind, Tensor};
+
+use super::lora::{LoraConfig, TargetModules};
+use super::weights::{legacy_to_canonical, WeightSource};
+use super::{MllamaModel, ModelError};
+
+const PEFT_PREFIX: &str = "base_model.model.";
+
+/// Module path of an adapter key in either naming, and which factor: ("model.language_model.layers.0.self_attn.q_proj", "A").
+fn parse_adapter_key(key: &str) -> Option<(String, &'static str)> {
+    let rest = key.strip_prefix(PEFT_PREFIX)?;
+    let (module, ab) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+        (m, "A")
+    } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+        (m, "B")
+    } else {
+        return None;
+    };
+    Some((legacy_to_canonical(module), ab))
+}
+
+fn parse_config(v: &Value) -> Result<LoraConfig, ModelError> {
+    let bad = |m: String| ModelError::Adapter(format!("adapter_config.json: {m}"));
+    if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
+        if t != "LORA" {
+            return Err(bad(format!("peft_type {t} is not supported (only LORA)")));
+        }
+    }
+    let r = v
+        .get("r")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| bad("missing `r`".into()))?;
+    let alpha = v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+    let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
+    let target_modules = match v.get("target_modules") {
+        Some(Value::String(s)) => TargetModules::Regex(s.clone()),
+        Some(Value::Array(a)) => TargetModules::Names(
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect(),
+        ),
+        _ => return Err(bad("missing `target_modules`".into())),
+    };
+    for key in ["rank_pattern", "alpha_pattern"] {
+        if v.get(key)
+            .and_then(Value::as_object)
+            .is_some_and(|o| !o.is_empty())
+        {
+            return Err(bad(format!("`{key}` is not supported yet")));
+        }
+    }
+    if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
+        return Err(bad("use_dora is not supported".into()));
+    }
+    if v.get("bias")
+        .and_then(Value::as_str)
+        .is_some_and(|b| b != "none")
+    {
+        return Err(bad("only bias=\"none\" is supported".into()));
+    }
+    if v.get("modules_to_save").is_some_and(|m| !m.is_null()) {
+        return Err(bad("modules_to_save is not supported".into()));
+    }
+    let use_rslora = v
+        .get("use_rslora")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(LoraConfig {
+        r,
+        alpha,
+        dropout,
+        target_modules,
+        use_rslora,
+    })
+}
+
+impl MllamaModel {
+    /// Wraps every linear layer whose module path matches `cfg.target_modules` with a fresh LoRA branch (PEFT init;
+    /// `seed` seeds libtorch's generator first). Returns the number of wrapped layers.
+    pub fn apply_lora(&mut self, cfg: &LoraConfig, seed: Option<i64>) -> Result<usize, ModelError> {
+        if let Some(s) = seed {
+            tch::manual_seed(s);
+        }
+        let matcher = cfg.target_modules.compile()?;
+        let mut n = 0;
+        self.visit_linears(&mut |l| {
+            if matcher.matches(&l.path) {
+                let br = cfg.new_branch(l);
+                l.lora = Some(br);
+                n += 1;
+            }
+        });
+        if n == 0 {
+            return Err(ModelError::Adapter(format!(
+                "target_modules {:?} match no linear layer (names are module paths like \
+                 model.language_model.layers.0.self_attn.q_proj)",
+                cfg.target_modules
+            )));
+        }
+        self.lora = Some(cfg.clone());
+        self.set_lora_requires_grad(true);
+        Ok(n)
+    }
+
+    fn set_lora_requires_grad(&mut self, on: bool) {
+        self.visit_linears(&mut |l| {
+            if let Some(br) = &mut l.lora {
+                br.a = br.a.detach().set_requires_grad(on);
+                br.b = br.b.detach().set_requires_grad(on);
+            }
+        });
+    }
+
+    /// Training mode switches LoRA dropout on.
+    pub fn set_training(&mut self, training: bool) {
+        self.visit_linears(&mut |l| {
+            if let Some(br) = &mut l.lora {
+                br.training = training;
+            }
+        });
+    }
+
+    /// Loads a PEFT adapter folder onto the model (either naming). Every targeted layer must have both factors with
+    /// the right shapes, and every adapter tensor must belong to a targeted layer; all problems in one error.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<LoraConfig, ModelError> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Adapter(format!("{}: {e}", cfg_path.display())))?;
+        let cfg = parse_config(&v)?;
+        let src = WeightSource::open_files(&[dir.join("adapter_model.safetensors")])?;
+        let mut tensors: BTreeMap<(String, &'static str), String> = BTreeMap::new();
+        let mut problems = vec![];
+        for (name, _) in src.names_and_shapes() {
+            match parse_adapter_key(name) {
+                Some(k) => {
+                    tensors.insert(k, name.to_string());
+                }
+                None => problems.push(format!("unexpected {name}: not a LoRA factor")),
+            }
+        }
+        let matcher = cfg.target_modules.compile()?;
+        let (kind, device) = (self.options.dtype, self.options.device);
+        let mut used = BTreeSet::new();
+        let mut n = 0;
+        self.visit_linears(&mut |l| {
+            if !matcher.matches(&l.path) {
+                return;
+            }
+            let mut ab = vec![];
+            for (which, shape) in [
+                ("A", [cfg.r, l.in_features()]),
+                ("B", [l.out_features(), cfg.r]),
+            ] {
+                match tensors.get(&(l.path.clone(), which)) {
+                    None => problems.push(format!(
+                        "missing    {PEFT_PREFIX}{}.lora_{which}.weight: expected {shape:?}",
+                        l.path
+                    )),
+                    Some(file) => {
+                        used.insert(file.clone());
+                        let found = src.entry(file).map(|e| e.shape.clone()).unwrap_or_default();
+                        if found != shape {
+                            problems.push(format!(
+                                "mis-shaped {file}: expected {shape:?}, found {found:?}"
+                            ));
+                        } else {
+                            match src.get(file, kind) {
+                                Ok(t) => ab.push(t.to_device(device)),
+                                Err(e) => problems.push(e.to_string()),
+                            }
+                        }
+                    }
+                }
+            }
+            if let [a, b] = &ab[..] {
+                let mut br = cfg.new_branch(l);
+                br.a = a.shallow_clone();
+                br.b = b.shallow_clone();
+                l.lora = Some(br);
+                n += 1;
+            }
+        });
+        for file in tensors.values() {
+            if !used.contains(file) {
+                problems.push(format!(
+                    "unexpected {file}: no targeted linear layer of that name"
+                ));
+            }
+        }
+        if !problems.is_empty() || n == 0 {
+            return Err(ModelError::Adapter(format!(
+                "{} does not match the model ({} problems):\n  {}",
+                dir.display(),
+                problems.len(),
+                problems.join("\n  ")
+            )));
+        }
+        self.lora = Some(cfg.clone());
+        self.set_lora_requires_grad(true);
+        Ok(cfg)
+    }
+
+    /// LoRA factors as (PEFT key, tensor) in module order: the trainable parameters. The tensors share storage with
+    /// the model (an optimizer updating them in place updates the model).
+    pub fn trainable_parameters(&mut self) -> Vec<(String, Tensor)> {
+        let mut v = vec![];
+        self.visit_linears(&mut |l| {
+            if let Some(br) = &l.lora {
+                v.push((
+                    format!("{PEFT_PREFIX}{}.lora_A.weight", l.path),
+                    br.a.shallow_clone(),
+                ));
+                v.push((
+                    format!("{PEFT_PREFIX}{}.lora_B.weight", l.path),
+                    br.b.shallow_clone(),
+                ));
+            }
+        });
+        v
+    }
+
+    /// Writes a PEFT adapter folder (fp32 factors unless the model dtype is wider) with the naming current peft
+    /// writes (`base_model.model.model.language_model.layers...`).
+    pub fn save_adapter(
+        &mut self,
+        dir: &Path,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), ModelError> {
+        let cfg = self
+            .lora
+            .clone()
+            .ok_or_else(|| ModelError::Adapter("no LoRA on the model to save".into()))?;
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let tensors: Vec<(String, Tensor)> = self
+            .trainable_parameters()
+            .into_iter()
+            .map(|(n, t)| {
+                (
+                    n,
+                    t.detach()
+                        .to_kind(Kind::Float)
+                        .to_device(tch::Device::Cpu)
+                        .contiguous(),
+                )
+            })
+            .collect();
+        let target = match &cfg.target_modules {
+            TargetModules::Names(n) => json!(n),
+            TargetModules::Regex(r) => json!(r),
+        };
+        let config = json!({
+            "alpha_pattern": {},
+            "auto_mapping": null,
+            "base_model_name_or_path": base_model_name_or_path,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "layers_pattern": null,
+            "layers_to_transform": null,
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            "modules_to_save": null,
+            "peft_type": "LORA",
+            "r": cfg.r,
+            "rank_pattern": {},
+            "revision": null,
+            "target_modules": target,
+            "task_type": "CAUSAL_LM",
+            "use_dora": false,
+            "use_rslora": cfg.use_rslora,
+        });
+        let p = dir.join("adapter_config.json");
+        std::fs::write(&p, serde_json::to_string_pretty(&config).expect("json"))
+            .map_err(|e| ModelError::io(&p, e))?;
+        let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&refs, dir.join("adapter_model.safetensors"))?;
+        Ok(())
+    }
+
+    /// Merges every LoRA branch into its base weight (W += scaling * B A) and removes the branches.
+    pub fn merge_lora(&mut self) {
+        self.visit_linears(&mut |l| l.merge_lora());
+        self.lora = None;
+    }
+}

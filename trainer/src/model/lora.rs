@@ -1,0 +1,137 @@
+//! `Linear` (weight, optional bias) with an optional LoRA branch, PEFT semantics:
+//! y = x W^T + b + dropout(x) A^T B^T * scaling, scaling = alpha / r (alpha / sqrt(r) with rslora);
+//! A (r, in) kaiming-uniform(a = sqrt(5)), B (out, r) zeros; target_modules matched as PEFT does.
+use regex::Regex;
+use tch::{Kind, Tensor};
+
+use super::ModelError;
+
+/// LoRA branch of one linear layer.
+#[derive(Debug)]
+pub struct LoraBranch {
+    pub a: Tensor, // (r, in)
+    pub b: Tensor, // (out, r)
+    pub scaling: f64,
+    pub dropout: f64,
+    /// Dropout is applied only while training.
+    pub training: bool,
+}
+
+/// Linear layer named by its module path (transformers-5 naming, e.g. `model.language_model.layers.0.self_attn.q_proj`).
+#[derive(Debug)]
+pub struct Linear {
+    pub path: String,
+    pub weight: Tensor,       // (out, in)
+    pub bias: Option<Tensor>, // (out,)
+    pub lora: Option<LoraBranch>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let y = x.linear(&self.weight, self.bias.as_ref()); // (..., out)
+        match &self.lora {
+            None => y,
+            Some(l) => {
+                let xd = if l.training && l.dropout > 0.0 {
+                    x.dropout(l.dropout, true)
+                } else {
+                    x.shallow_clone()
+                };
+                let z = xd.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b, None); // (..., out)
+                y + z * l.scaling
+            }
+        }
+    }
+
+    pub fn in_features(&self) -> i64 {
+        self.weight.size()[1]
+    }
+    pub fn out_features(&self) -> i64 {
+        self.weight.size()[0]
+    }
+
+    /// W += scaling * B A; removes the branch (export of merged weights).
+    pub fn merge_lora(&mut self) {
+        if let Some(l) = self.lora.take() {
+            tch::no_grad(|| {
+                let delta = l.b.to_kind(Kind::Float).matmul(&l.a.to_kind(Kind::Float)) * l.scaling; // (out, in)
+                let merged = self.weight.to_kind(Kind::Float) + delta;
+                self.weight = merged.to_kind(self.weight.kind());
+            });
+        }
+    }
+}
+
+/// PEFT `target_modules`: a list (exact name or `.`-suffix match of the module path) or one regex (full match).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetModules {
+    Names(Vec<String>),
+    Regex(String),
+}
+
+impl TargetModules {
+    pub fn compile(&self) -> Result<TargetMatcher, ModelError> {
+        Ok(match self {
+            Self::Names(n) => TargetMatcher::Names(n.clone()),
+            Self::Regex(r) => TargetMatcher::Regex(
+                Regex::new(&format!("^(?:{r})$"))
+                    .map_err(|e| ModelError::Adapter(format!("target_modules regex `{r}`: {e}")))?,
+            ),
+        })
+    }
+}
+
+pub enum TargetMatcher {
+    Names(Vec<String>),
+    Regex(Regex),
+}
+
+impl TargetMatcher {
+    /// PEFT `check_target_module_exists`: a string is `re.fullmatch`ed against the module path; a list matches
+    /// when the path equals a name or ends with `.` + name.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            Self::Names(names) => names
+                .iter()
+                .any(|n| path == n || path.ends_with(&format!(".{n}"))),
+            Self::Regex(r) => r.is_match(path),
+        }
+    }
+}
+
+/// LoRA hyper-parameters (the PEFT `LoraConfig` fields we support).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: i64,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: TargetModules,
+    pub use_rslora: bool,
+}
+
+impl LoraConfig {
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// Fresh branch as PEFT initializes it: A kaiming-uniform with a = sqrt(5) (bound 1/sqrt(in)), B zeros.
+    /// Draws from libtorch's global generator (seed it with `tch::manual_seed`).
+    pub fn new_branch(&self, lin: &Linear) -> LoraBranch {
+        let (out, inp) = (lin.out_features(), lin.in_features());
+        let opts = (lin.weight.kind(), lin.weight.device());
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a = Tensor::empty([self.r, inp], opts).uniform_(-bound, bound);
+        let b = Tensor::zeros([out, self.r], opts);
+        LoraBranch {
+            a,
+            b,
+            scaling: self.scaling(),
+            dropout: self.dropout,
+            training: false,
+        }
+    }
+}

@@ -1,0 +1,479 @@
+//! Mllama (Llama 3.2 Vision) in tch, following transformers' `modeling_mllama.py`. Module index:
+//! - `config`:  raw config.json (released or transformers-5 form) -> resolved [`MllamaConfig`]
+//! - `weights`: memory-mapped safetensors [`WeightSource`], key layouts, shape-checked [`weights::Loader`]
+//! - `ops`:     attention implementations (eager, sdpa, fused), RMSNorm, LayerNorm
+//! - `vision`:  vision tower (local + global transformers, tile/positional embeddings)
+//! - `text`:    text decoder (self-attention and cross-attention decoder layers, RoPE, masks)
+//! - `lora`:    `Linear` with a PEFT-style LoRA branch, target-module matching
+//! - `adapter`: apply LoRA, read/write PEFT adapter folders, merge, trainable parameters
+//! - `cache`:   KV cache for generation
+//! - this file: [`MllamaModel`] (load, forward, loss, greedy generation), [`Batch`], errors
+//!
+//! Canonical parameter names are transformers-5 module paths (`model.language_model.layers.N...`,
+//! `model.vision_model...`, `model.multi_modal_projector...`, `lm_head...`); both checkpoint key layouts load.
+pub mod adapter;
+pub mod cache;
+pub mod config;
+pub mod lora;
+pub mod ops;
+pub mod text;
+pub mod vision;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, Tensor};
+
+pub use cache::KvCache;
+pub use config::MllamaConfig;
+pub use lora::{Linear, LoraConfig, TargetModules};
+pub use ops::AttentionImpl;
+pub use weights::{KeyLayout, WeightSource};
+
+use text::{
+    linear, self_attention_mask, visit_linear, LinearVisitor, ParamVisitor, TextContext, TextModel,
+};
+use vision::VisionModel;
+
+/// Errors of the model library; messages name the tensor, key or file and suggest the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("config: {0}")]
+    Config(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("weights: {0}")]
+    Weights(String),
+    #[error("adapter: {0}")]
+    Adapter(String),
+    #[error("input: {0}")]
+    Input(String),
+    #[error("{0}")]
+    Attention(String),
+    #[error(transparent)]
+    Tch(#[from] tch::TchError),
+}
+
+impl ModelError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// How to materialize the model.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub dtype: Kind,
+    pub device: Device,
+    pub attention: AttentionImpl,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: Kind::Float,
+            device: Device::Cpu,
+            attention: AttentionImpl::Sdpa,
+        }
+    }
+}
+
+/// Image inputs as the Mllama processor makes them.
+#[derive(Debug)]
+pub struct Images {
+    pub pixel_values: Tensor,         // (B, M, T, C, H, W) float
+    pub aspect_ratio_ids: Tensor,     // (B, M) int64
+    pub aspect_ratio_mask: Tensor,    // (B, M, T) int64
+    pub cross_attention_mask: Tensor, // (B, S, M, T) int64
+}
+
+/// One model input.
+#[derive(Debug)]
+pub struct Batch {
+    pub input_ids: Tensor,              // (B, S) int64
+    pub attention_mask: Option<Tensor>, // (B, S) 0/1
+    pub labels: Option<Tensor>,         // (B, S) int64, -100 = ignored
+    pub images: Option<Images>,
+}
+
+/// Greedy decoding settings (transformers' `generate(do_sample=False)`).
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// EOS is suppressed until this many tokens were generated.
+    pub min_new_tokens: usize,
+    pub eos_token_ids: Vec<i64>,
+    pub pad_token_id: i64,
+    pub use_cache: bool,
+}
+
+/// `MllamaForConditionalGeneration`.
+#[derive(Debug)]
+pub struct MllamaModel {
+    pub config: MllamaConfig,
+    pub options: LoadOptions,
+    pub vision: VisionModel,
+    pub multi_modal_projector: Linear,
+    pub text: TextModel,
+    pub lm_head: Linear,
+    /// Set once LoRA is applied or loaded.
+    pub lora: Option<LoraConfig>,
+}
+
+/// transformers' `_prepare_cross_attention_mask`: (B, S, M, T) 0/1 -> additive mask (B, 1, S, M*T*P1) and
+/// `full_text_row_masked_out_mask` (B, 1, S, 1); rows that see no tile get a zero mask row.
+pub fn prepare_cross_attention_mask(
+    cam: &Tensor,
+    num_vision_tokens: i64,
+    kind: Kind,
+) -> (Tensor, Tensor) {
+    let s = cam.size();
+    let (b, seq) = (s[0], s[1]);
+    let m = cam
+        .repeat_interleave_self_int(num_vision_tokens, 3, None)
+        .view([b, seq, -1])
+        .unsqueeze(1); // (B, 1, S, N)
+    let inv = (m.ones_like() - m).to_kind(kind);
+    let min = ops::dtype_min(kind);
+    let mask = inv.masked_fill(&inv.to_kind(Kind::Bool), min);
+    let row = mask.ne(min).any_dim(-1, false).to_kind(kind).unsqueeze(-1); // (B, 1, S, 1)
+    (mask * &row, row)
+}
+
+/// Causal-LM loss as transformers' `ForCausalLMLoss`: labels shifted left (last position ignored), fp32
+/// cross-entropy summed over positions whose label is not -100. Returns (sum (scalar f32), token count), so callers
+/// can normalize across micro-batches and ranks; `sum / count` is transformers' loss.
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> (Tensor, i64) {
+    let (b, v) = (labels.size()[0], logits.size()[2]);
+    let pad = Tensor::full([b, 1], -100, (Kind::Int64, labels.device()));
+    let shift = Tensor::cat(
+        &[
+            &labels
+                .narrow(1, 1, labels.size()[1] - 1)
+                .to_kind(Kind::Int64),
+            &pad,
+        ],
+        1,
+    ); // (B, S)
+    let flat = logits.to_kind(Kind::Float).reshape([-1, v]); // (B*S, V)
+    let sum = flat.cross_entropy_loss::<Tensor>(
+        &shift.reshape([-1]),
+        None,
+        tch::Reduction::Sum,
+        -100,
+        0.0,
+    );
+    let count = shift.ne(-100).sum(Kind::Int64).int64_value(&[]);
+    (sum, count)
+}
+
+impl MllamaModel {
+    /// Loads `dir` (config.json + safetensors in either key layout).
+    pub fn load(dir: &Path, options: LoadOptions) -> Result<Self, ModelError> {
+        if options.attention == AttentionImpl::Fused && !options.device.is_cuda() {
+            return Err(ModelError::Attention(
+                "model.attention=fused needs a CUDA GPU; use sdpa".into(),
+            ));
+        }
+        let config = MllamaConfig::from_file(&dir.join("config.json"))?;
+        let src = WeightSource::open_dir(dir)?;
+        Self::from_source(config, &src, options)
+    }
+
+    /// Builds the model from a resolved config and a weight source.
+    pub fn from_source(
+        config: MllamaConfig,
+        src: &WeightSource,
+        options: LoadOptions,
+    ) -> Result<Self, ModelError> {
+        let ld = weights::Loader::new(src, options.dtype, options.device);
+        Self::build(config, ld, options)
+    }
+
+    fn build(
+        config: MllamaConfig,
+        mut ld: weights::Loader,
+        options: LoadOptions,
+    ) -> Result<Self, ModelError> {
+        if options.attention == AttentionImpl::Fused && !options.device.is_cuda() {
+            return Err(ModelError::Attention(
+                "model.attention=fused needs a CUDA GPU; use sdpa".into(),
+            ));
+        }
+        let vision = VisionModel::load(&mut ld, &config.vision, options.attention);
+        let multi_modal_projector = linear(
+            &mut ld,
+            "model.multi_modal_projector",
+            config.text.hidden_size,
+            config.vision.vision_output_dim,
+            true,
+        );
+        let text = TextModel::load(&mut ld, &config.text, options.attention);
+        let lm_head = if config.text.tie_word_embeddings {
+            let w = text.embed_tokens.narrow(0, 0, config.text.vocab_size);
+            Linear {
+                path: "lm_head".into(),
+                weight: w,
+                bias: None,
+                lora: None,
+            }
+        } else {
+            linear(
+                &mut ld,
+                "lm_head",
+                config.text.vocab_size,
+                config.text.hidden_size,
+                false,
+            )
+        };
+        ld.finish()?;
+        Ok(Self {
+            config,
+            options,
+            vision,
+            multi_modal_projector,
+            text,
+            lm_head,
+            lora: None,
+        })
+    }
+
+    /// A randomly initialised model (see [`weights::Loader::random`]) for tests and benchmarks; `seed` seeds
+    /// libtorch's generator.
+    pub fn random(
+        config: MllamaConfig,
+        options: LoadOptions,
+        seed: i64,
+    ) -> Result<Self, ModelError> {
+        tch::manual_seed(seed);
+        let ld = weights::Loader::random(options.dtype, options.device);
+        Self::build(config, ld, options)
+    }
+
+    /// Writes every base parameter to one safetensors file with `layout`'s names (a synthetic checkpoint, or merged
+    /// weights after [`MllamaModel::merge_lora`]).
+    pub fn save_safetensors(&self, path: &Path, layout: KeyLayout) -> Result<(), ModelError> {
+        let mut v: Vec<(String, Tensor)> = vec![];
+        self.visit_params(&mut |n, t| {
+            v.push((
+                layout.file_name(n),
+                t.detach().to_device(Device::Cpu).contiguous(),
+            ))
+        });
+        let refs: Vec<(&str, &Tensor)> = v.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&refs, path)?;
+        Ok(())
+    }
+
+    /// Vision tower + projector: (B, M, T, C, H, W) -> cross-attention states (B, M*T*P1, H_text).
+    pub fn vision_states(&self, images: &Images) -> Result<Tensor, ModelError> {
+        let v = self.vision.forward(
+            &images.pixel_values,
+            &images.aspect_ratio_ids,
+            &images.aspect_ratio_mask,
+        )?; // (B, M, T, P1, Dv)
+        let b = v.size()[0];
+        Ok(self
+            .multi_modal_projector
+            .forward(&v)
+            .reshape([b, -1, self.config.text.hidden_size]))
+    }
+
+    /// One decoder pass. input_ids (B, S); attention_mask (B, S_past + S); position_ids (B, S) (default
+    /// past..past+S); cross_attention_mask (B, S, M, T) for these S tokens. Returns logits (B, S, V).
+    pub fn forward_step(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+        images: Option<&Images>,
+        cross_attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor, ModelError> {
+        let (b, s) = (input_ids.size()[0], input_ids.size()[1]);
+        let (kind, device) = (self.options.dtype, self.options.device);
+        let past = cache.as_ref().map_or(0, |c| c.seen);
+        let cross_states = images.map(|im| self.vision_states(im)).transpose()?;
+        let imp = self.options.attention;
+        let (cross_mask, full_text_row_mask) = match cross_attention_mask {
+            Some(cam) => {
+                let cam = cam.to_device(device);
+                let p1 = self.config.vision.num_patches();
+                let (m, r) = prepare_cross_attention_mask(&cam, p1, kind);
+                let m = match imp {
+                    AttentionImpl::Fused => {
+                        // transformers zeroes the mask of rows that see no tile: they attend to every vision token
+                        let allowed = cam.ne(0).view([b, s, -1]); // (B, S, M*T)
+                        let row_any = allowed.any_dim(-1, true); // (B, S, 1)
+                        let allowed = allowed.logical_or(&row_any.logical_not());
+                        ops::AttnMask {
+                            block: Some((allowed, p1)),
+                            ..Default::default()
+                        }
+                    }
+                    _ => ops::AttnMask::dense(m),
+                };
+                (Some(m), Some(r))
+            }
+            None => (None, None),
+        };
+        let pos = match position_ids {
+            Some(p) => p.to_device(device),
+            None => Tensor::arange_start(past, past + s, (Kind::Int64, device))
+                .unsqueeze(0)
+                .expand([b, s], false),
+        };
+        let (cos, sin) = self.text.rotary.cos_sin(&pos, kind); // (B, S, D)
+        let am = attention_mask.map(|a| a.to_device(device));
+        let ctx = TextContext {
+            cos,
+            sin,
+            self_mask: self_attention_mask(imp, am.as_ref(), b, s, past, kind, device),
+            cross_states,
+            cross_mask,
+            full_text_row_mask,
+        };
+        let hidden = self.text.embed(&input_ids.to_device(device)); // (B, S, H)
+        let hidden = self
+            .text
+            .forward_layers(hidden, &ctx, cache.as_deref_mut())?;
+        if let Some(c) = cache {
+            c.seen += s;
+        }
+        Ok(self.lm_head.forward(&hidden)) // (B, S, V)
+    }
+
+    /// Full forward of a batch (no cache): logits (B, S, V).
+    pub fn forward(&self, batch: &Batch) -> Result<Tensor, ModelError> {
+        self.forward_step(
+            &batch.input_ids,
+            batch.attention_mask.as_ref(),
+            None,
+            batch.images.as_ref(),
+            batch.images.as_ref().map(|i| &i.cross_attention_mask),
+            None,
+        )
+    }
+
+    /// (loss sum, token count) of a batch with labels; see [`causal_lm_loss`].
+    pub fn loss(&self, batch: &Batch) -> Result<(Tensor, i64), ModelError> {
+        let labels = batch
+            .labels
+            .as_ref()
+            .ok_or_else(|| ModelError::Input("loss needs labels".into()))?;
+        let logits = self.forward(batch)?;
+        Ok(causal_lm_loss(
+            &logits,
+            &labels.to_device(self.options.device),
+        ))
+    }
+
+    /// Greedy generation; returns the new tokens (B, N). With `use_cache` the prompt (and images) run once and each
+    /// step feeds one token; without it every step reruns the whole sequence (the reference).
+    pub fn generate(&self, batch: &Batch, opts: &GenerateOptions) -> Result<Tensor, ModelError> {
+        let device = self.options.device;
+        let mut ids = batch.input_ids.to_device(device);
+        let b = ids.size()[0];
+        let mut am = batch
+            .attention_mask
+            .as_ref()
+            .map_or_else(|| ids.ones_like(), |a| a.to_device(device));
+        let mut cam = batch
+            .images
+            .as_ref()
+            .map(|i| i.cross_attention_mask.to_device(device));
+        let mut cache = opts.use_cache.then(|| KvCache::new(self.text.layers.len()));
+        let mut done = vec![false; b as usize];
+        let mut out: Vec<Tensor> = vec![];
+        for step in 0..opts.max_new_tokens {
+            // position ids from the attention mask, as generate() does: cumsum - 1, 1 where masked
+            let pos_all = (am.cumsum(-1, Kind::Int64) - 1).masked_fill(&am.eq(0), 1);
+            let logits = match cache.as_mut() {
+                Some(c) if step > 0 => {
+                    let last = ids.narrow(1, ids.size()[1] - 1, 1);
+                    let pos = pos_all.narrow(1, pos_all.size()[1] - 1, 1);
+                    let cam_step = cam.as_ref().map(|c| c.narrow(1, c.size()[1] - 1, 1));
+                    self.forward_step(
+                        &last,
+                        Some(&am),
+                        Some(&pos),
+                        None,
+                        cam_step.as_ref(),
+                        Some(c),
+                    )?
+                }
+                c => self.forward_step(
+                    &ids,
+                    Some(&am),
+                    Some(&pos_all),
+                    batch.images.as_ref(),
+                    cam.as_ref(),
+                    c,
+                )?,
+            };
+            let next_logits = logits.select(1, logits.size()[1] - 1).to_kind(Kind::Float); // (B, V)
+            if step < opts.min_new_tokens {
+                for &e in &opts.eos_token_ids {
+                    if e < next_logits.size()[1] {
+                        let _ = next_logits.narrow(1, e, 1).fill_(f64::NEG_INFINITY);
+                    }
+                }
+            }
+            let mut next: Vec<i64> =
+                Vec::<i64>::try_from(next_logits.argmax(-1, false).to_device(Device::Cpu))?;
+            for (i, t) in next.iter_mut().enumerate() {
+                if done[i] {
+                    *t = opts.pad_token_id;
+                } else if opts.eos_token_ids.contains(t) {
+                    done[i] = true;
+                }
+            }
+            let next = Tensor::from_slice(&next).view([b, 1]).to_device(device);
+            ids = Tensor::cat(&[&ids, &next], 1);
+            am = Tensor::cat(&[&am, &am.ones_like().narrow(1, 0, 1)], 1);
+            cam = cam.map(|c| {
+                let last = c.narrow(1, c.size()[1] - 1, 1);
+                Tensor::cat(&[&c, &last], 1)
+            });
+            out.push(next);
+            if done.iter().all(|&d| d) {
+                break;
+            }
+        }
+        Ok(Tensor::cat(&out, 1))
+    }
+
+    /// Visits every base parameter as (canonical name, tensor); LoRA tensors are not included (see
+    /// `trainable_parameters`).
+    pub fn visit_params(&self, f: &mut ParamVisitor) {
+        self.vision.visit(f);
+        visit_linear(&self.multi_modal_projector, f);
+        self.text.visit(f);
+        if !self.config.text.tie_word_embeddings {
+            visit_linear(&self.lm_head, f);
+        }
+    }
+
+    /// Names and shapes of every base parameter, in module order.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let mut v = vec![];
+        self.visit_params(&mut |n, t| v.push((n.to_string(), t.size())));
+        v
+    }
+
+    /// Visits every linear layer mutably (vision, projector, text, lm_head).
+    pub fn visit_linears(&mut self, f: &mut LinearVisitor) {
+        self.vision.visit_linears(f);
+        f(&mut self.multi_modal_projector);
+        for l in &mut self.text.layers {
+            l.visit_linears(f);
+        }
+        f(&mut self.lm_head);
+    }
+}

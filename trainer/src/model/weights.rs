@@ -1,0 +1,401 @@
+//! Weights: memory-mapped safetensors (`model.safetensors` or `model.safetensors.index.json` + shards).
+//!
+//! - [`WeightSource`]: every tensor's name, dtype and shape from the headers; `get(name, kind)` materializes one
+//!   tensor (copied out of the map, converted to `kind`). FSDP can ask for only the tensors a rank keeps.
+//! - [`KeyLayout`]: the two key layouts; the model asks by canonical (transformers-5 module path) name.
+//! - [`Loader`]: hands tensors to the model's constructors, checks shapes and collects every problem (missing,
+//!   mis-shaped, unexpected) into one [`ModelError::Weights`].
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, SafeTensors};
+use tch::{Device, Kind, Tensor};
+
+use super::ModelError;
+
+/// One mapped file.
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    /// Start of the data section (8 + header length).
+    data_start: usize,
+}
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub shape: Vec<i64>,
+    pub dtype: Dtype,
+    shard: usize,
+    offsets: (usize, usize),
+}
+
+/// All tensors of a checkpoint, memory-mapped; nothing is read until `get`.
+pub struct WeightSource {
+    shards: Vec<Shard>,
+    entries: BTreeMap<String, TensorEntry>,
+}
+
+fn kind_of(d: Dtype, name: &str) -> Result<Kind, ModelError> {
+    Ok(match d {
+        Dtype::BOOL => Kind::Bool,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I32 => Kind::Int,
+        Dtype::I64 => Kind::Int64,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        other => {
+            return Err(ModelError::Weights(format!(
+                "{name}: unsupported safetensors dtype {other:?}"
+            )))
+        }
+    })
+}
+
+impl WeightSource {
+    /// Opens `dir/model.safetensors.index.json` (+ shards) or `dir/model.safetensors`.
+    pub fn open_dir(dir: &Path) -> Result<Self, ModelError> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::Weights(format!("{}: {e}", index.display())))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    ModelError::Weights(format!("{}: no `weight_map` object", index.display()))
+                })?;
+            let names: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+            names.into_iter().map(|f| dir.join(f)).collect()
+        } else {
+            let single = dir.join("model.safetensors");
+            if !single.exists() {
+                return Err(ModelError::Weights(format!(
+                    "{}: neither model.safetensors nor model.safetensors.index.json found",
+                    dir.display()
+                )));
+            }
+            vec![single]
+        };
+        Self::open_files(&files)
+    }
+
+    pub fn open_files(files: &[PathBuf]) -> Result<Self, ModelError> {
+        let mut shards = vec![];
+        let mut entries = BTreeMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+            // SAFETY: the checkpoint is opened read-only; a concurrent writer would be a user error, as with any mmap.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+            let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
+                ModelError::Weights(format!("{}: bad safetensors header: {e:?}", path.display()))
+            })?;
+            for (name, info) in meta.tensors() {
+                entries.insert(
+                    name,
+                    TensorEntry {
+                        shape: info.shape.iter().map(|&d| d as i64).collect(),
+                        dtype: info.dtype,
+                        shard: i,
+                        offsets: info.data_offsets,
+                    },
+                );
+            }
+            shards.push(Shard {
+                path: path.clone(),
+                map,
+                data_start: n + 8,
+            });
+        }
+        Ok(Self { shards, entries })
+    }
+
+    /// Names and shapes of every tensor (file names, as stored).
+    pub fn names_and_shapes(&self) -> impl Iterator<Item = (&str, &[i64])> {
+        self.entries
+            .iter()
+            .map(|(k, e)| (k.as_str(), e.shape.as_slice()))
+    }
+
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.entries.get(name)
+    }
+
+    /// Materializes one tensor (file name) converted to `kind`, on the CPU.
+    pub fn get(&self, name: &str, kind: Kind) -> Result<Tensor, ModelError> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| ModelError::Weights(format!("{name}: not in the checkpoint")))?;
+        let shard = &self.shards[e.shard];
+        let bytes = shard
+            .map
+            .get(shard.data_start + e.offsets.0..shard.data_start + e.offsets.1)
+            .ok_or_else(|| {
+                ModelError::Weights(format!(
+                    "{name}: data offsets out of range in {}",
+                    shard.path.display()
+                ))
+            })?;
+        let file_kind = kind_of(e.dtype, name)?;
+        let t = Tensor::f_from_data_size(bytes, &e.shape, file_kind)?;
+        release(
+            shard,
+            shard.data_start + e.offsets.0,
+            e.offsets.1 - e.offsets.0,
+        );
+        Ok(if file_kind == kind {
+            t
+        } else {
+            t.to_kind(kind)
+        })
+    }
+}
+
+impl WeightSource {
+    /// Elements [start, start + len) of tensor `name` in row-major order, as a 1-D tensor of `kind` (CPU). Only those
+    /// bytes are read from the map: an FSDP rank materializes just its shard of a flat parameter.
+    pub fn get_flat_range(
+        &self,
+        name: &str,
+        start: i64,
+        len: i64,
+        kind: Kind,
+    ) -> Result<Tensor, ModelError> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| ModelError::Weights(format!("{name}: not in the checkpoint")))?;
+        let numel: i64 = e.shape.iter().product();
+        if start < 0 || len < 0 || start + len > numel {
+            return Err(ModelError::Weights(format!(
+                "{name}: range [{start}, {}) outside its {numel} elements (shape {:?})",
+                start + len,
+                e.shape
+            )));
+        }
+        let file_kind = kind_of(e.dtype, name)?;
+        let es = file_kind.elt_size_in_bytes();
+        let shard = &self.shards[e.shard];
+        let base = shard.data_start + e.offsets.0;
+        let (a, b) = (
+            base + start as usize * es,
+            base + (start + len) as usize * es,
+        );
+        let bytes = shard.map.get(a..b).ok_or_else(|| {
+            ModelError::Weights(format!(
+                "{name}: data offsets out of range in {}",
+                shard.path.display()
+            ))
+        })?;
+        let t = Tensor::f_from_data_size(bytes, &[len], file_kind)?;
+        release(shard, a, b - a);
+        Ok(if file_kind == kind {
+            t
+        } else {
+            t.to_kind(kind)
+        })
+    }
+}
+
+/// Drops the mapped pages of a range once copied out, so that loading keeps host memory near the kept weights
+/// plus one tensor (mapped pages otherwise stay in the process's resident set until the map is dropped).
+fn release(shard: &Shard, offset: usize, len: usize) {
+    #[cfg(unix)]
+    {
+        // SAFETY: the map is a read-only shared file mapping and no slice into this range outlives the copy above;
+        // MADV_DONTNEED only drops the pages (a later read faults them in again from the file).
+        let _ = unsafe {
+            shard
+                .map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+        };
+    }
+    #[cfg(not(unix))]
+    let _ = (shard, offset, len);
+}
+
+/// Key layout of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyLayout {
+    /// Released checkpoints (and what transformers 5.24 still saves): `language_model.model.layers.N...`,
+    /// `vision_model...`, `multi_modal_projector...`, `language_model.lm_head...`.
+    Legacy,
+    /// transformers-5 module paths: `model.language_model.layers.N...`, `model.vision_model...`, `lm_head...`.
+    ModulePaths,
+}
+
+impl KeyLayout {
+    pub fn detect<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        for n in names {
+            if n.starts_with("model.language_model.") || n.starts_with("model.vision_model.") {
+                return Self::ModulePaths;
+            }
+            if n.starts_with("language_model.") || n.starts_with("vision_model.") {
+                return Self::Legacy;
+            }
+        }
+        Self::ModulePaths
+    }
+
+    /// Canonical (module path) name -> this layout's name.
+    pub fn file_name(self, canonical: &str) -> String {
+        match self {
+            Self::ModulePaths => canonical.to_string(),
+            Self::Legacy => canonical_to_legacy(canonical),
+        }
+    }
+}
+
+/// `model.language_model.X` -> `language_model.model.X`, `model.vision_model.X` -> `vision_model.X`,
+/// `model.multi_modal_projector.X` -> `multi_modal_projector.X`, `lm_head.X` -> `language_model.lm_head.X`.
+pub fn canonical_to_legacy(name: &str) -> String {
+    if let Some(r) = name.strip_prefix("model.language_model.") {
+        format!("language_model.model.{r}")
+    } else if let Some(r) = name.strip_prefix("model.") {
+        r.to_string()
+    } else if let Some(r) = name.strip_prefix("lm_head.") {
+        format!("language_model.lm_head.{r}")
+    } else {
+        name.to_string()
+    }
+}
+
+/// Inverse of [`canonical_to_legacy`]; module-path names pass through.
+pub fn legacy_to_canonical(name: &str) -> String {
+    if name.starts_with("model.") || name.starts_with("lm_head") {
+        name.to_string()
+    } else if let Some(r) = name.strip_prefix("language_model.model.") {
+        format!("model.language_model.{r}")
+    } else if let Some(r) = name.strip_prefix("language_model.lm_head.") {
+        format!("lm_head.{r}")
+    } else if name.starts_with("vision_model.") || name.starts_with("multi_modal_projector.") {
+        format!("model.{name}")
+    } else {
+        name.to_string()
+    }
+}
+
+/// Hands tensors to the constructors by canonical name and collects problems.
+pub struct Loader<'a> {
+    /// None: random initialisation (synthetic models for tests and benchmarks).
+    src: Option<&'a WeightSource>,
+    layout: KeyLayout,
+    kind: Kind,
+    device: Device,
+    used: BTreeSet<String>,
+    problems: Vec<String>,
+}
+
+impl<'a> Loader<'a> {
+    pub fn new(src: &'a WeightSource, kind: Kind, device: Device) -> Self {
+        let layout = KeyLayout::detect(src.entries.keys().map(String::as_str));
+        Self {
+            src: Some(src),
+            layout,
+            kind,
+            device,
+            used: BTreeSet::new(),
+            problems: vec![],
+        }
+    }
+
+    /// A loader that invents every tensor: N(0, 0.02) weights, norm weights 1 + N(0, 0.1), gates N(0.5, 0.3)
+    /// (non-zero so that every branch contributes). Seed libtorch's generator first for reproducibility.
+    pub fn random(kind: Kind, device: Device) -> Self {
+        Self {
+            src: None,
+            layout: KeyLayout::ModulePaths,
+            kind,
+            device,
+            used: BTreeSet::new(),
+            problems: vec![],
+        }
+    }
+
+    pub fn layout(&self) -> KeyLayout {
+        self.layout
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The tensor `canonical` with the expected `shape`, or a placeholder while a problem is recorded.
+    pub fn get(&mut self, canonical: &str, shape: &[i64]) -> Tensor {
+        let Some(src) = self.src else {
+            let r = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+            let t = if canonical.contains("norm") && canonical.ends_with(".weight") {
+                r * 0.1 + 1.0
+            } else if canonical
+                .rsplit('.')
+                .next()
+                .is_some_and(|last| last.contains("gate"))
+            {
+                r * 0.3 + 0.5
+            } else {
+                r * 0.02
+            };
+            return t.to_kind(self.kind).to_device(self.device);
+        };
+        let file = self.layout.file_name(canonical);
+        match src.entry(&file) {
+            None => {
+                self.problems
+                    .push(format!("missing    {file}: expected {shape:?}"));
+                Tensor::zeros(shape, (self.kind, Device::Cpu))
+            }
+            Some(e) if e.shape != shape => {
+                self.used.insert(file.clone());
+                self.problems.push(format!(
+                    "mis-shaped {file}: expected {shape:?}, found {:?}",
+                    e.shape
+                ));
+                Tensor::zeros(shape, (self.kind, Device::Cpu))
+            }
+            Some(_) => {
+                self.used.insert(file.clone());
+                match src.get(&file, self.kind) {
+                    Ok(t) => t.to_device(self.device),
+                    Err(e) => {
+                        self.problems.push(e.to_string());
+                        Tensor::zeros(shape, (self.kind, Device::Cpu))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Finishes loading: one error listing missing, mis-shaped and unexpected tensors.
+    pub fn finish(mut self) -> Result<(), ModelError> {
+        let Some(src) = self.src else { return Ok(()) };
+        for name in src.entries.keys() {
+            if !self.used.contains(name) {
+                let e = &src.entries[name];
+                self.problems
+                    .push(format!("unexpected {name}: found {:?}", e.shape));
+            }
+        }
+        if self.problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ModelError::Weights(format!(
+                "checkpoint does not match the config ({} problems, key layout {:?}):\n  {}",
+                self.problems.len(),
+                self.layout,
+                self.problems.join("\n  ")
+            )))
+        }
+    }
+}

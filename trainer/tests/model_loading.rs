@@ -1,0 +1,340 @@
+//! Mllama loading, config resolution, weight-error reporting, LoRA (PEFT semantics), adapter round trip and merge,
+//! on the tiny fixtures in tests/fixtures/mllama_tiny.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tch::{Kind, Tensor};
+use trainer::model::config::RopeScaling;
+use trainer::model::{
+    AttentionImpl, Batch, Images, LoadOptions, LoraConfig, MllamaConfig, MllamaModel, ModelError,
+    TargetModules,
+};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mllama_tiny")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("model_loading_{}_{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn load(layout: &str) -> MllamaModel {
+    MllamaModel::load(
+        &fixtures().join(format!("model_{layout}")),
+        LoadOptions::default(),
+    )
+    .unwrap()
+}
+
+fn golden_batch(name: &str) -> Batch {
+    let g: HashMap<String, Tensor> =
+        Tensor::read_safetensors(fixtures().join(format!("golden_{name}.safetensors")))
+            .unwrap()
+            .into_iter()
+            .collect();
+    Batch {
+        input_ids: g["input_ids"].shallow_clone(),
+        attention_mask: Some(g["attention_mask"].shallow_clone()),
+        labels: Some(g["labels"].shallow_clone()),
+        images: g.get("pixel_values").map(|pv| Images {
+            pixel_values: pv.shallow_clone(),
+            aspect_ratio_ids: g["aspect_ratio_ids"].shallow_clone(),
+            aspect_ratio_mask: g["aspect_ratio_mask"].shallow_clone(),
+            cross_attention_mask: g["cross_attention_mask"].shallow_clone(),
+        }),
+    }
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
+}
+
+#[test]
+fn both_config_forms_resolve_to_the_same_config() {
+    let a = MllamaConfig::from_file(&fixtures().join("model_legacy/config.json")).unwrap();
+    let b = MllamaConfig::from_file(&fixtures().join("model_hf5/config.json")).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.dtype.as_deref(), Some("float32"));
+    assert_eq!(a.text.rope_theta, 500000.0);
+    assert_eq!(
+        a.text.rope_scaling,
+        RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64.0
+        }
+    );
+    assert_eq!(
+        (a.image_token_index, a.text.vocab_size, a.text.pad_token_id),
+        (300, 300, Some(0))
+    );
+    assert_eq!(a.text.cross_attention_layers, vec![1, 3]);
+    assert_eq!(
+        (a.vision.num_patches(), a.vision.max_aspect_ratio_id()),
+        (5, 8)
+    );
+    // transformers' defaults when a key is absent (Llama 3.2 11B sizes)
+    let d = MllamaConfig::from_json_str("{}").unwrap();
+    assert_eq!(
+        (
+            d.text.hidden_size,
+            d.vision.vision_output_dim,
+            d.image_token_index
+        ),
+        (4096, 7680, 128256)
+    );
+    let err = MllamaConfig::from_json_str(
+        r#"{"text_config": {"rope_parameters": {"rope_type": "yarn"}}}"#,
+    );
+    assert!(matches!(err, Err(ModelError::Config(m)) if m.contains("yarn")));
+}
+
+#[test]
+fn both_key_layouts_load_identical_parameters() {
+    let (a, b) = (load("legacy"), load("hf5"));
+    let (pa, pb) = (a.parameter_shapes(), b.parameter_shapes());
+    assert_eq!(pa, pb);
+    assert_eq!(pa.len(), 138);
+    assert!(pa
+        .iter()
+        .any(|(n, _)| n == "model.language_model.layers.1.cross_attn.q_norm.weight"));
+    let mut wa = vec![];
+    a.visit_params(&mut |_, t| wa.push(t.shallow_clone()));
+    let mut i = 0;
+    b.visit_params(&mut |n, t| {
+        assert!(t.equal(&wa[i]), "{n}");
+        i += 1;
+    });
+    let params: i64 = pa.iter().map(|(_, s)| s.iter().product::<i64>()).sum();
+    println!("tiny fixture: {params} parameters");
+}
+
+#[test]
+fn weight_problems_are_listed_in_one_error() {
+    let src: Vec<(String, Tensor)> =
+        Tensor::read_safetensors(fixtures().join("model_legacy/model.safetensors")).unwrap();
+    let mut kept: Vec<(String, Tensor)> = src
+        .into_iter()
+        .filter(|(n, _)| n != "language_model.model.norm.weight")
+        .map(|(n, t)| {
+            if n == "vision_model.class_embedding" {
+                (n, Tensor::zeros([33], (Kind::Float, tch::Device::Cpu)))
+            } else {
+                (n, t)
+            }
+        })
+        .collect();
+    kept.push((
+        "language_model.model.extra.weight".into(),
+        Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)),
+    ));
+    let d = tmpdir("bad_weights");
+    std::fs::copy(
+        fixtures().join("model_legacy/config.json"),
+        d.join("config.json"),
+    )
+    .unwrap();
+    let refs: Vec<(&str, &Tensor)> = kept.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::write_safetensors(&refs, d.join("model.safetensors")).unwrap();
+    let err = MllamaModel::load(&d, LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    println!("{err}");
+    assert!(err.contains("3 problems"), "{err}");
+    assert!(
+        err.contains("missing    language_model.model.norm.weight: expected [64]"),
+        "{err}"
+    );
+    assert!(
+        err.contains("mis-shaped vision_model.class_embedding: expected [32], found [33]"),
+        "{err}"
+    );
+    assert!(
+        err.contains("unexpected language_model.model.extra.weight: found [2]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn loads_in_bf16_converting_on_load() {
+    let opts = LoadOptions {
+        dtype: Kind::BFloat16,
+        ..Default::default()
+    };
+    let m = MllamaModel::load(&fixtures().join("model_legacy"), opts).unwrap();
+    assert_eq!(m.text.embed_tokens.kind(), Kind::BFloat16);
+    let b = golden_batch("image2");
+    let logits = tch::no_grad(|| m.forward(&b)).unwrap();
+    let want = tch::no_grad(|| load("legacy").forward(&b)).unwrap();
+    assert!(max_rel(&logits.to_kind(Kind::Float), &want) < 0.1);
+}
+
+#[test]
+fn fused_attention_on_cpu_is_a_clear_error() {
+    let opts = LoadOptions {
+        attention: AttentionImpl::Fused,
+        ..Default::default()
+    };
+    let err = MllamaModel::load(&fixtures().join("model_legacy"), opts)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, "model.attention=fused needs a CUDA GPU; use sdpa");
+}
+
+fn lora_cfg(targets: TargetModules) -> LoraConfig {
+    LoraConfig {
+        r: 8,
+        alpha: 32.0,
+        dropout: 0.05,
+        target_modules: targets,
+        use_rslora: false,
+    }
+}
+
+#[test]
+fn lora_targets_match_as_peft_does() {
+    let mut m = load("hf5");
+    // suffix match: q_proj/v_proj in vision attention (6 layers), text self-attention and cross-attention (4)
+    assert_eq!(
+        m.apply_lora(
+            &lora_cfg(TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])),
+            Some(0)
+        )
+        .unwrap(),
+        20
+    );
+    let mut m = load("hf5");
+    let re = TargetModules::Regex(r".*language_model.*\.(q_proj|v_proj)".into());
+    assert_eq!(m.apply_lora(&lora_cfg(re), Some(0)).unwrap(), 8);
+    let mut m = load("hf5");
+    // a name must match a whole path component: "proj" matches nothing
+    assert!(m
+        .apply_lora(
+            &lora_cfg(TargetModules::Names(vec!["proj".into()])),
+            Some(0)
+        )
+        .is_err());
+}
+
+#[test]
+fn fresh_lora_is_peft_initialised_and_seeded() {
+    let targets = TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]);
+    let mut m = load("hf5");
+    let base = tch::no_grad(|| m.forward(&golden_batch("batch2"))).unwrap();
+    m.apply_lora(&lora_cfg(targets.clone()), Some(7)).unwrap();
+    let p = m.trainable_parameters();
+    assert_eq!(
+        p[0].0,
+        "base_model.model.model.vision_model.transformer.layers.0.self_attn.q_proj.lora_A.weight"
+    );
+    for (n, t) in &p {
+        assert!(t.requires_grad(), "{n}");
+        if n.ends_with("lora_B.weight") {
+            assert_eq!(t.abs().max().double_value(&[]), 0.0, "{n}");
+        } else {
+            // kaiming-uniform(a = sqrt(5)) on (r, in): U(-1/sqrt(in), 1/sqrt(in))
+            let bound = 1.0 / (t.size()[1] as f64).sqrt();
+            let mx = t.abs().max().double_value(&[]);
+            assert!(mx <= bound && mx > 0.8 * bound, "{n}: {mx} vs {bound}");
+        }
+    }
+    // B = 0: the model computes exactly the base function
+    let after = tch::no_grad(|| m.forward(&golden_batch("batch2"))).unwrap();
+    assert_eq!(max_rel(&after, &base), 0.0);
+    let mut m2 = load("hf5");
+    m2.apply_lora(&lora_cfg(targets), Some(7)).unwrap();
+    for ((_, a), (_, b)) in p.iter().zip(m2.trainable_parameters()) {
+        assert!(a.equal(&b));
+    }
+}
+
+#[test]
+fn lora_gradients_flow_only_to_the_factors() {
+    let mut m = load("hf5");
+    m.apply_lora(
+        &lora_cfg(TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])),
+        Some(0),
+    )
+    .unwrap();
+    m.set_training(true);
+    let (sum, count) = m.loss(&golden_batch("batch2")).unwrap();
+    assert!(count > 0);
+    let params = m.trainable_parameters();
+    let tensors: Vec<&Tensor> = params.iter().map(|(_, t)| t).collect();
+    let grads = Tensor::run_backward(&[sum / count as f64], &tensors, false, false);
+    // B starts at zero, so A's gradient is zero and B's is not
+    let gb: f64 = grads
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .map(|g| g.abs().sum(Kind::Float).double_value(&[]))
+        .sum();
+    assert!(gb > 0.0);
+}
+
+fn adapter_roundtrip(dir: &Path) {
+    let b = golden_batch("batch2");
+    let mut m = load("legacy");
+    m.load_adapter(&fixtures().join("adapter_hf5")).unwrap();
+    let want = tch::no_grad(|| m.forward(&b)).unwrap();
+    m.save_adapter(dir, Some("tiny")).unwrap();
+    let written: Vec<(String, Tensor)> =
+        Tensor::read_safetensors(dir.join("adapter_model.safetensors")).unwrap();
+    assert!(written.iter().any(|(n, _)| n
+        == "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"));
+    let mut m2 = load("hf5");
+    m2.load_adapter(dir).unwrap();
+    let got = tch::no_grad(|| m2.forward(&b)).unwrap();
+    assert_eq!(max_rel(&got, &want), 0.0);
+    // merged weights compute the same function
+    m2.merge_lora();
+    assert!(m2.trainable_parameters().is_empty());
+    let merged = tch::no_grad(|| m2.forward(&b)).unwrap();
+    let e = max_rel(&merged, &want);
+    println!("merged vs unmerged logits: rel {e:.2e}");
+    assert!(e < 1e-5, "{e}");
+}
+
+#[test]
+fn adapter_save_load_and_merge() {
+    adapter_roundtrip(&tmpdir("adapter"));
+}
+
+#[test]
+fn adapter_mismatch_is_listed() {
+    let d = tmpdir("bad_adapter");
+    std::fs::copy(
+        fixtures().join("adapter_hf5/adapter_config.json"),
+        d.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut t: Vec<(String, Tensor)> =
+        Tensor::read_safetensors(fixtures().join("adapter_hf5/adapter_model.safetensors")).unwrap();
+    t.retain(|(n, _)| {
+        n != "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_B.weight"
+    });
+    let refs: Vec<(&str, &Tensor)> = t.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::write_safetensors(&refs, d.join("adapter_model.safetensors")).unwrap();
+    let err = load("hf5").load_adapter(&d).unwrap_err().to_string();
+    assert!(err.contains("missing    base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_B.weight: expected [64, 4]"), "{err}");
+}
+
+#[test]
+fn weight_source_reads_flat_ranges_for_sharding() {
+    let src = trainer::model::WeightSource::open_dir(&fixtures().join("model_hf5")).unwrap();
+    assert_eq!(src.names_and_shapes().count(), 138);
+    let name = "model.language_model.layers.0.mlp.gate_proj.weight";
+    let full = src.get(name, Kind::Float).unwrap(); // (128, 64)
+    let part = src.get_flat_range(name, 1000, 500, Kind::BFloat16).unwrap();
+    assert!(part.equal(
+        &full
+            .reshape([-1])
+            .narrow(0, 1000, 500)
+            .to_kind(Kind::BFloat16)
+    ));
+    assert!(src.get_flat_range(name, 8000, 500, Kind::Float).is_err());
+}
