@@ -4,7 +4,7 @@ CARGO ?= cargo
 VENV := .venv
 SETUP_STAMP := $(VENV)/libtorch
 
-.PHONY: setup build release test lint unit kernels-check demo bench gpu-check gpu-build clean
+.PHONY: setup build release test lint unit kernels-check demo bench bench-collectives gpu-check gpu-bin clean
 
 setup:
 	@./scripts/setup.sh
@@ -35,13 +35,19 @@ test: lint unit kernels-check
 demo: $(SETUP_STAMP)
 	@./scripts/demo.sh
 
-bench: $(SETUP_STAMP)
-	@echo "benchmarks land with their issues (collectives, data, checkpoint, step); none is built yet" >&2; exit 2
+bench: bench-collectives
+
+bench-collectives: $(SETUP_STAMP)
+	@./scripts/bench-collectives.sh
 
 # GPU: build the check binaries here (make gpu-bin), then run scripts/gpu-check.sh on the GPU host.
 gpu-bin: $(SETUP_STAMP)
-	$(CARGO) build -p kernels --bin kernels-gpu-check
-	mkdir -p .gpu-bin && cp target/debug/kernels-gpu-check .gpu-bin/ && strip .gpu-bin/kernels-gpu-check
+	$(CARGO) build --bins
+	$(CARGO) test --no-run -p trainer --test model_gpu
+	rm -rf .gpu-bin && mkdir -p .gpu-bin
+	cp target/debug/kernels-gpu-check target/debug/dist-selftest target/debug/launcher .gpu-bin/
+	cp "$$(ls -t target/debug/deps/model_gpu-* | grep -v '\.d$$' | head -n1)" .gpu-bin/model_gpu
+	strip .gpu-bin/*
 
 gpu-check:
 	@./scripts/gpu-check.sh

@@ -3,8 +3,11 @@
 # On the device machine there is no Rust toolchain: `make gpu-bin` builds the binaries here into
 # .gpu-bin/ (stripped), the call carries that folder, and this script points the loader at the
 # host's own torch 2.11 and its nvidia wheel folders. Logs go to $OUT (or ./gpu-out).
+# Usage: scripts/gpu-check.sh [all|nccl|model|kernels]
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ONLY="${1:-all}"
+want() { [ "$ONLY" = all ] || [ "$ONLY" = "$1" ]; }
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
@@ -12,11 +15,30 @@ PY="${PYTHON:-python3}"
 SITE="$("$PY" -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
 LIBS="$SITE/torch/lib"
 for d in "$SITE"/nvidia/*/lib; do LIBS="$LIBS:$d"; done
+# cudarc opens NCCL as libnccl.so; the wheel ships only libnccl.so.2
+NCCL_LINK=/tmp/llava-sco-nccl-link
+mkdir -p "$NCCL_LINK" && ln -sfn "$SITE/nvidia/nccl/lib/libnccl.so.2" "$NCCL_LINK/libnccl.so"
+LIBS="$LIBS:$NCCL_LINK"
 export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LLAVA_SCO_CUDA_LIB_DIRS="$LIBS"
 export LLAVA_SCO_KERNEL_CACHE="$OUT/kernel-cache"
 BIN="${GPU_BIN:-.gpu-bin}"
 [ -x "$BIN/kernels-gpu-check" ] || BIN=target/release
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2>&1 || echo "nvidia-smi: not available"; date -u; } | tee "$OUT/device.txt"
-timeout 500 "$BIN/kernels-gpu-check" --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu-check.log"
-exit "${PIPESTATUS[0]}"
+status=0
+step() { # name, command...: runs one check, logs it, remembers failures
+  local name="$1"; shift
+  echo "== $name"
+  if "$@" > "$OUT/$name.log" 2>&1; then echo "PASS $name"; else echo "FAIL $name (see $name.log)"; status=1; fi
+  tail -n 3 "$OUT/$name.log"
+}
+mkdir -p "$OUT/dist"
+want nccl && step nccl-world1 timeout 120 "$BIN/dist-selftest" --backend nccl --device cuda --out "$OUT/dist"
+want nccl && step nccl-launcher-world1 timeout 120 "$BIN/launcher" --standalone --nproc-per-node 1 -- "$BIN/dist-selftest" --backend nccl --device cuda --out "$OUT/dist"
+want model && [ -x "$BIN/model_gpu" ] && step model-gpu timeout 200 "$BIN/model_gpu" --nocapture --test-threads 1
+# kernels last: its table is the end of the output
+if want kernels; then
+  timeout 400 "$BIN/kernels-gpu-check" --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu-check.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+exit $status

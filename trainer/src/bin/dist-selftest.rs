@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 use trainer::dist::{Backend, ProcessGroup, ReduceOp};
 
 #[derive(Parser)]
@@ -28,6 +28,9 @@ struct Args {
     /// Include the 16 MiB f32 cases (chunked rounds)
     #[arg(long)]
     large: bool,
+    /// Tensors on `cpu` or `cuda` (the GPU LOCAL_RANK; for the nccl backend)
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 /// Rank `r`'s input for case `case`: deterministic, different per rank and case.
@@ -60,17 +63,38 @@ fn reference_reduce(parts: &[Tensor], op: ReduceOp, kind: Kind) -> Tensor {
 }
 
 fn digest(t: &Tensor) -> String {
+    let t = t.to_device(Device::Cpu);
     let bytes = t.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
     format!("{bytes:.17e}")
 }
 
+/// Where two results differ: (differing elements, max abs difference, max abs of the reference).
+fn diff(a: &Tensor, b: &Tensor) -> String {
+    let (a, b) = (
+        a.to_device(Device::Cpu).to_kind(Kind::Double),
+        b.to_device(Device::Cpu).to_kind(Kind::Double),
+    );
+    if a.size() != b.size() {
+        return format!("shapes {:?} vs {:?}", a.size(), b.size());
+    }
+    let d = (&a - &b).abs();
+    format!(
+        "{} of {} elements differ, max |diff| {:e}, max |ref| {:e}",
+        d.gt(0.0).sum(Kind::Int64).int64_value(&[]),
+        d.numel(),
+        d.max().double_value(&[]),
+        b.abs().max().double_value(&[])
+    )
+}
+
 fn same(a: &Tensor, b: &Tensor) -> bool {
+    let (a, b) = (a.to_device(Device::Cpu), b.to_device(Device::Cpu));
     a.size() == b.size()
         && a.kind() == b.kind()
         && a.to_kind(Kind::Double).equal(&b.to_kind(Kind::Double))
 }
 
-fn run_ops(pg: &ProcessGroup, large: bool) -> Result<String> {
+fn run_ops(pg: &ProcessGroup, large: bool, dev: Device) -> Result<String> {
     let (rank, world) = (pg.rank(), pg.world_size());
     let mut log = String::new();
     let mut case = 0u64;
@@ -92,9 +116,9 @@ fn run_ops(pg: &ProcessGroup, large: bool) -> Result<String> {
             }
             case += 1;
             let inputs: Vec<Tensor> = (0..world).map(|r| input(r, case, n, kind)).collect();
-            let mine = &inputs[rank];
+            let mine = &inputs[rank].to_device(dev);
             // all_gather
-            let out = Tensor::zeros([n * world as i64], (kind, tch::Device::Cpu));
+            let out = Tensor::zeros([n * world as i64], (kind, dev));
             pg.all_gather_into(&out, mine)
                 .with_context(|| format!("all_gather {kind:?} n={n}"))?;
             if !same(&out, &Tensor::cat(&inputs, 0)) {
@@ -117,8 +141,12 @@ fn run_ops(pg: &ProcessGroup, large: bool) -> Result<String> {
                 let t = mine.copy();
                 pg.all_reduce(&t, op)
                     .with_context(|| format!("all_reduce {op:?} {kind:?} n={n}"))?;
-                if !same(&t, &reference_reduce(&inputs, op, kind)) {
-                    bail!("all_reduce {op:?} {kind:?} n={n}: differs from the reference");
+                let want = reference_reduce(&inputs, op, kind);
+                if !same(&t, &want) {
+                    bail!(
+                        "all_reduce {op:?} {kind:?} n={n}: differs from the reference: {}",
+                        diff(&t, &want)
+                    );
                 }
                 writeln!(log, "all_reduce {op:?} {kind:?} {n} {}", digest(&t))?;
                 // reduce_scatter: input (W * m), rank r gets the reduction of slice r
@@ -127,15 +155,19 @@ fn run_ops(pg: &ProcessGroup, large: bool) -> Result<String> {
                     let big: Vec<Tensor> = (0..world)
                         .map(|r| input(r, case + 10_000, m * world as i64, kind))
                         .collect();
-                    let out = Tensor::zeros([m], (kind, tch::Device::Cpu));
-                    pg.reduce_scatter(&out, &big[rank], op)
+                    let out = Tensor::zeros([m], (kind, dev));
+                    pg.reduce_scatter(&out, &big[rank].to_device(dev), op)
                         .with_context(|| format!("reduce_scatter {op:?} {kind:?} m={m}"))?;
                     let slices: Vec<Tensor> = big
                         .iter()
                         .map(|t| t.narrow(0, rank as i64 * m, m))
                         .collect();
-                    if !same(&out, &reference_reduce(&slices, op, kind)) {
-                        bail!("reduce_scatter {op:?} {kind:?} m={m}: differs from the reference");
+                    let want = reference_reduce(&slices, op, kind);
+                    if !same(&out, &want) {
+                        bail!(
+                            "reduce_scatter {op:?} {kind:?} m={m}: differs from the reference: {}",
+                            diff(&out, &want)
+                        );
                     }
                     writeln!(log, "reduce_scatter {op:?} {kind:?} {m} {}", digest(&out))?;
                 }
@@ -143,8 +175,8 @@ fn run_ops(pg: &ProcessGroup, large: bool) -> Result<String> {
         }
     }
     // async forms: two in flight, waited in order
-    let a = Tensor::ones([1000], (Kind::Float, tch::Device::Cpu));
-    let b = Tensor::ones([10], (Kind::Float, tch::Device::Cpu));
+    let a = Tensor::ones([1000], (Kind::Float, dev));
+    let b = Tensor::ones([10], (Kind::Float, dev));
     let wa = pg.all_reduce_async(&a, ReduceOp::Sum)?;
     let wb = pg.all_reduce_async(&b, ReduceOp::Sum)?;
     wa.wait()?;
@@ -170,7 +202,20 @@ fn main() -> Result<()> {
     match args.mode.as_str() {
         "ops" => {
             let pg = ProcessGroup::from_env(backend, Duration::from_secs(60))?;
-            let log = run_ops(&pg, args.large)?;
+            let dev = match args.device.as_str() {
+                "cuda" => Device::Cuda(
+                    std::env::var("LOCAL_RANK")
+                        .ok()
+                        .and_then(|r| r.parse().ok())
+                        .unwrap_or(0),
+                ),
+                _ => Device::Cpu,
+            };
+            let log = run_ops(&pg, args.large, dev)?;
+            println!(
+                "dist-selftest: rank {rank}: all ops correct on backend {} ({dev:?})",
+                pg.backend_name()
+            );
             std::fs::write(args.out.join(format!("result-{rank}.txt")), log)?;
         }
         "death" => {
