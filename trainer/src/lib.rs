@@ -1,11 +1,15 @@
 //! trainer library. Module index:
+//! - `bench`:   measurements behind `trainer bench ...` (collectives)
 //! - `config`:  YAML schema, `--set` overrides, validation into a resolved config
 //! - `data`:    records, Mllama image processor, chat template, labels, collate, sampler, loader
 //! - `dist`:    ProcessGroup (all_gather, reduce_scatter, all_reduce, broadcast, barrier) on cpu/nccl
+//! - `infer`:   generation with self-correction turns, sampling, stage parsing
 //! - `logging`: tracing with a `[rank r]` prefix, progress only on rank 0
 //! - `model`:   Mllama (Llama 3.2 Vision) in tch: config, safetensors weights, vision, text, LoRA/PEFT, KV cache
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod dist;
+pub mod infer;
 pub mod logging;
 pub mod model;

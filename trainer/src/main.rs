@@ -41,21 +41,45 @@ enum Command {
     /// Inspect configs. Example: trainer config show configs/llava-sco.yaml --set train.lr=2e-5
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Data tools: check, dump, build-sco. Example: trainer data check configs/demo.yaml [not built yet: issue 6]
+    /// Data tools: check, dump, build-sco. Example: trainer data check configs/demo.yaml
     #[command(subcommand)]
     Data(DataCommand),
-    /// Generate with self-correction turns. [not built yet: issue 9]
+    /// Generate with self-correction turns (greedy with --temperature 0; --checkpoint not built yet: issue 8).
     /// Example: trainer infer --model M --adapter A --image x.jpg --question "..." --turns 2
-    Infer(PendingArgs),
+    Infer(InferArgs),
     /// Score a benchmark turn by turn. [not built yet: issue 9]
     /// Example: trainer eval --model M --data b.jsonl --image-root i --turns 3 --out r/
     Eval(PendingArgs),
     /// Export a checkpoint as a PEFT adapter or merged HF folder. [not built yet: issue 8]
     /// Example: trainer export --checkpoint ckpt/step-00000500 --out adapter/ --format peft
     Export(PendingArgs),
-    /// Benchmarks: collectives, data, checkpoint, step. [not built yet: issues 4, 6, 7, 8]
-    /// Example: trainer bench collectives --json
-    Bench(PendingArgs),
+    /// Benchmarks (collectives; data, checkpoint, step not built yet: issues 6, 7, 8).
+    /// Example: launcher --nproc-per-node 2 -- trainer bench collectives --json
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// all_gather / reduce_scatter / all_reduce time and bus bandwidth at 1-256 MiB; one per rank
+    /// under the launcher. Example: launcher --nproc-per-node 2 -- trainer bench collectives --json
+    Collectives {
+        /// cpu, nccl or auto
+        #[arg(long, default_value = "auto")]
+        backend: String,
+        /// Buffer sizes in MiB
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+        sizes: Vec<usize>,
+        /// Timed repetitions per size (median reported)
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// One JSON object per measurement
+        #[arg(long)]
+        json: bool,
+    },
+    /// Not built yet (issues 6, 7, 8).
+    #[command(external_subcommand)]
+    Other(Vec<String>),
 }
 
 #[derive(Subcommand)]
@@ -66,12 +90,184 @@ enum ConfigCommand {
 
 #[derive(Subcommand)]
 enum DataCommand {
-    /// Validate every record and image and print statistics. Example: trainer data check configs/demo.yaml
-    Check(PendingArgs),
-    /// Write the exact tensors of one batch. Example: trainer data dump CONFIG --index 0 --out b.safetensors
-    Dump(PendingArgs),
+    /// Validate every record and image and print statistics; exit 1 when a problem would stop
+    /// training. Example: trainer data check configs/demo.yaml
+    Check(ConfigArgs),
+    /// Write the exact tensors of one global batch (world size 1). Example: trainer data dump CONFIG --index 0 --out b.safetensors
+    Dump(DumpArgs),
     /// Convert the seed's refinement JSON into SCo records. Example: trainer data build-sco r.json --out sco.jsonl
-    BuildSco(PendingArgs),
+    BuildSco(BuildScoArgs),
+}
+
+/// `trainer data dump`.
+#[derive(Args)]
+struct DumpArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Global batch index within the epoch (train.batch_size x train.grad_accum samples)
+    #[arg(long)]
+    index: u64,
+    /// Epoch whose shuffle to use
+    #[arg(long, default_value_t = 0)]
+    epoch: u64,
+    /// Output safetensors file
+    #[arg(long)]
+    out: PathBuf,
+    /// Also print each sample's text with the supervised spans marked [[...]]
+    #[arg(long)]
+    text: bool,
+}
+
+/// `trainer data build-sco`.
+#[derive(Args)]
+struct BuildScoArgs {
+    /// JSON list of {question, original_answer, refined_answer, image_path}
+    refined: PathBuf,
+    /// Output JSONL of two-turn self-correction records
+    #[arg(long)]
+    out: PathBuf,
+    /// Second-turn prompt (default: trainer::data::records::DEFAULT_CORRECTION_PROMPT)
+    #[arg(long)]
+    correction_prompt: Option<String>,
+}
+
+/// `trainer infer`.
+#[derive(Args)]
+struct InferArgs {
+    /// Hugging Face model folder (config.json, safetensors, tokenizer, preprocessor config)
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter folder (ours or Python peft's, transformers 4 or 5 naming)
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Image file (JPEG, PNG, WebP, GIF, BMP); without it the question is text-only
+    #[arg(long)]
+    image: Option<PathBuf>,
+    #[arg(long)]
+    question: String,
+    /// Total turns: 1 = the answer, 2 = answer + one self-correction, ...
+    #[arg(long, default_value_t = 2)]
+    turns: usize,
+    /// The user message of each correction turn (default: the one `data build-sco` trains with)
+    #[arg(long)]
+    correction_prompt: Option<String>,
+    /// Where the correction turn goes: after the whole answer, or after </REASONING>
+    #[arg(long, value_enum, default_value = "after-answer")]
+    position: PositionArg,
+    /// 0 = greedy (the seed's default is 0.7)
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f64,
+    #[arg(long, default_value_t = 2048)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object with every turn instead of streaming text
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PositionArg {
+    #[value(alias = "after_answer")]
+    AfterAnswer,
+    #[value(alias = "after_reasoning")]
+    AfterReasoning,
+}
+
+fn infer(args: InferArgs) -> Result<ExitCode> {
+    use anyhow::Context;
+    use std::io::Write;
+    use trainer::data::{image, records, tokenize::TextProcessor};
+    use trainer::infer::{InferOptions, Position, Session};
+    use trainer::model::{AttentionImpl, LoadOptions, MllamaModel};
+
+    let (device, dtype) = if tch::Cuda::is_available() {
+        (tch::Device::Cuda(0), tch::Kind::BFloat16)
+    } else {
+        (tch::Device::Cpu, tch::Kind::Float)
+    };
+    let mut model = MllamaModel::load(
+        &args.model,
+        LoadOptions {
+            dtype,
+            device,
+            attention: AttentionImpl::Sdpa,
+        },
+    )
+    .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    if let Some(dir) = &args.adapter {
+        model
+            .load_adapter(dir)
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+    }
+    let text = TextProcessor::from_model_dir(&args.model, false).map_err(anyhow::Error::msg)?;
+    let image_config =
+        image::ImageProcessorConfig::from_model_dir(&args.model).map_err(anyhow::Error::msg)?;
+    let img = args
+        .image
+        .as_ref()
+        .map(|p| image::load_rgb(p))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let opts = InferOptions {
+        turns: args.turns,
+        correction_prompt: args
+            .correction_prompt
+            .clone()
+            .unwrap_or_else(|| records::DEFAULT_CORRECTION_PROMPT.to_string()),
+        position: match args.position {
+            PositionArg::AfterAnswer => Position::AfterAnswer,
+            PositionArg::AfterReasoning => Position::AfterReasoning,
+        },
+        temperature: args.temperature,
+        top_p: args.top_p,
+        max_new_tokens: args.max_new_tokens,
+        seed: args.seed,
+    };
+    let session = Session {
+        model: &model,
+        text: &text,
+        image_config: &image_config,
+    };
+    let mut current = usize::MAX;
+    let mut stdout = std::io::stdout();
+    let turns = session.run(img.as_ref(), &args.question, &opts, &mut |turn, piece| {
+        if args.json {
+            return;
+        }
+        if turn != current {
+            current = turn;
+            let _ = writeln!(
+                stdout,
+                "{}--- turn {turn} ---",
+                if turn > 0 { "\n" } else { "" }
+            );
+        }
+        let _ = write!(stdout, "{piece}");
+        let _ = stdout.flush();
+    })?;
+    if args.json {
+        let out = serde_json::json!({
+            "turns": turns,
+            "model": args.model,
+            "adapter": args.adapter,
+            "settings": opts,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!();
+        for (i, t) in turns.iter().enumerate() {
+            eprintln!(
+                "turn {i}: {} tokens in {:.2} s, conclusion: {}",
+                t.tokens,
+                t.seconds,
+                t.stages.conclusion.as_deref().unwrap_or("(none)")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Arguments of a subcommand that is not built yet (accepted verbatim so `--help` works).
@@ -87,6 +283,55 @@ fn not_built(name: &str, issue: u32) -> Result<ExitCode> {
     Ok(ExitCode::from(2))
 }
 
+fn bench_collectives(backend: &str, sizes: &[usize], reps: usize, json: bool) -> Result<ExitCode> {
+    use anyhow::Context;
+    use trainer::dist::{Backend, ProcessGroup};
+    let backend = match backend {
+        "cpu" => Backend::Cpu,
+        "nccl" => Backend::Nccl,
+        "auto" => Backend::Auto,
+        other => anyhow::bail!("--backend: expected cpu, nccl or auto, got {other:?}"),
+    };
+    let pg = ProcessGroup::from_env(backend, std::time::Duration::from_secs(600))
+        .context("setting up the process group")?;
+    let device = if pg.backend_name() == "nccl" {
+        tch::Device::Cuda(launcher::env::RankEnv::from_env()?.local_rank)
+    } else {
+        tch::Device::Cpu
+    };
+    let results = trainer::bench::collectives::run(&pg, sizes, reps.max(1), device)?;
+    if pg.rank() == 0 {
+        if !json {
+            println!(
+                "{:<15} {:>10} {:>12} {:>12}   ({} backend, world {})",
+                "op",
+                "MiB",
+                "seconds",
+                "busbw GB/s",
+                pg.backend_name(),
+                pg.world_size()
+            );
+        }
+        for m in &results {
+            if json {
+                println!(
+                    "{}",
+                    trainer::bench::collectives::json_line(m, pg.backend_name(), pg.world_size())
+                );
+            } else {
+                println!(
+                    "{:<15} {:>10.1} {:>12.6} {:>12.3}",
+                    m.op,
+                    m.bytes as f64 / (1 << 20) as f64,
+                    m.seconds,
+                    m.busbw_gbps
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Config(ConfigCommand::Show(args)) => {
@@ -99,13 +344,61 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config::load(&args.config, &args.overrides)?;
             not_built("train", 7)
         }
-        Command::Data(DataCommand::Check(_)) => not_built("data check", 6),
-        Command::Data(DataCommand::Dump(_)) => not_built("data dump", 6),
-        Command::Data(DataCommand::BuildSco(_)) => not_built("data build-sco", 6),
-        Command::Infer(_) => not_built("infer", 9),
+        Command::Data(DataCommand::Check(args)) => {
+            let resolved = config::load(&args.config, &args.overrides)?;
+            let outcome = trainer::data::tools::check(&resolved)?;
+            print!("{}", outcome.text);
+            if outcome.failed {
+                eprintln!("error: {}", outcome.summary);
+                Ok(ExitCode::FAILURE)
+            } else {
+                println!("{}", outcome.summary);
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+        Command::Data(DataCommand::Dump(args)) => {
+            let resolved = config::load(&args.config.config, &args.config.overrides)?;
+            let msg = trainer::data::tools::dump(
+                &resolved, args.epoch, args.index, &args.out, args.text,
+            )?;
+            print!("{msg}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Data(DataCommand::BuildSco(args)) => {
+            let o = trainer::data::tools::build_sco_file(
+                &args.refined,
+                &args.out,
+                args.correction_prompt.as_deref(),
+            )?;
+            println!(
+                "wrote {} record(s) to {}; skipped {} entr(y/ies) with an empty refined_answer; {} malformed",
+                o.written,
+                args.out.display(),
+                o.skipped_empty_refined,
+                o.problems.len()
+            );
+            for p in &o.problems {
+                eprintln!("{}: {p}", args.refined.display());
+            }
+            if o.problems.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("error: {} malformed entr(y/ies) in {} (listed above); the output holds the others", o.problems.len(), args.refined.display());
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Infer(args) => infer(args),
         Command::Eval(_) => not_built("eval", 9),
         Command::Export(_) => not_built("export", 8),
-        Command::Bench(_) => not_built("bench", 4),
+        Command::Bench(BenchCommand::Collectives {
+            backend,
+            sizes,
+            reps,
+            json,
+        }) => bench_collectives(&backend, &sizes, reps, json),
+        Command::Bench(BenchCommand::Other(args)) => {
+            not_built(&format!("bench {}", args.join(" ")), 7)
+        }
     }
 }
 

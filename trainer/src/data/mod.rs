@@ -9,11 +9,15 @@
 //! - `tokenize`: tokenizer + special ids, BOS handling, the seed's label masking, length policy
 //! - `collate`:  right padding, pixel values, aspect ratio ids/mask, cross-attention mask
 //! - `sampler`:  length-grouped global batches split rank-contiguously, per-epoch shuffle, position
-//! - `loader`:   dataset (pre-scan) + parallel workers with a bounded queue, deterministic order
+//! - `loader`:   ordered parallel workers with a bounded queue, deterministic order
+//! - `dataset`:  the split the training loop reads: pre-scan + report, epoch plan, micro-batches
+//! - `tools`:    `trainer data check|dump|build-sco`
 pub mod collate;
+pub mod dataset;
 pub mod image;
 pub mod loader;
 pub mod records;
 pub mod sampler;
 pub mod template;
 pub mod tokenize;
+pub mod tools;

@@ -45,7 +45,8 @@ fn shuffle<T>(v: &mut [T], rng: &mut SplitMix) {
 }
 
 impl LengthGroupedSampler {
-    /// `global_batch` = batch_size x world_size (samples per micro-step over all ranks).
+    /// `global_batch`: samples per optimizer step over all ranks (`Dataset` uses
+    /// batch_size x world_size x grad_accum and cuts each global batch into micro-steps).
     pub fn new(lengths: Vec<usize>, global_batch: usize, seed: u64) -> Self {
         assert!(global_batch > 0, "global batch must be positive");
         Self {

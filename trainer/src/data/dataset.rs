@@ -1,0 +1,787 @@
+//! The dataset the training loop reads: a pre-scanned split plus ordered, parallel loading of
+//! micro-batches.
+//!
+//! `Dataset::open` reads the split's JSONL and, without decoding any image, checks every record:
+//! JSON and conversation shape, image path (inside `image_root`, the file exists, its header
+//! gives a size), tokenization (each record is rendered and tokenized once to know its length)
+//! and `data.max_seq_len` with `data.max_seq_len_policy`. Problems are `FILE:LINE: reason`;
+//! under `data.bad_records: error` the first one stops the run (with a count of all of them),
+//! under `skip` they are counted in the `ScanReport`.
+//!
+//! `Dataset::epoch_iter` cuts an epoch into global batches of `batch_size * world * grad_accum`
+//! samples (`LengthGroupedSampler`, seeded by `train.seed` and the epoch), each global batch into
+//! `grad_accum` micro-steps and each micro-step rank-contiguously into `world` parts. This rank's
+//! parts are built by `data.num_workers` threads (`OrderedPool`) in a fixed order.
+//!
+//! Decode errors at load time (a truncated or corrupt image that the pre-scan cannot see): under
+//! `bad_records: error` the item is an `Err` naming `FILE:LINE`; under `skip` the sample is
+//! replaced by the next sample in dataset order (index + 1, + 2, ..., wrapping) that loads, so
+//! the replacement depends only on the data, never on timing or worker count; each replacement
+//! is counted (`Dataset::replaced_samples`) and logged.
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tch::Tensor;
+
+use super::collate::{self, collate, Sample};
+use super::image::{self, ImageProcessorConfig};
+use super::loader::OrderedPool;
+use super::records::{parse_jsonl, ParseOptions, Problem, Record};
+use super::sampler::{LengthGroupedSampler, Position};
+use super::tokenize::{apply_length_policy, LengthOutcome, TextProcessor, IGNORE};
+use crate::config::{BadRecords, Config, LengthPolicy};
+use crate::model::{Batch, Images};
+
+/// Which JSONL of the config: `data.train` or `data.eval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+impl fmt::Display for Split {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Split::Train => "train",
+            Split::Eval => "eval",
+        })
+    }
+}
+
+/// Everything that can stop the data pipeline; `Display` is the full user-facing message.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The model folder lacks or has a broken tokenizer, chat template or processor config.
+    #[error("{0}")]
+    ModelFolder(String),
+    #[error("data.eval is not set: there is no evaluation split (set data.eval to a JSONL file, or train.validate: false)")]
+    NoEvalSplit,
+    /// The JSONL file itself cannot be read.
+    #[error("{}: {}", .0.file.display(), .0.reason)]
+    Read(Problem),
+    /// Bad records under `data.bad_records: error`.
+    #[error("{first}\n{count} bad record(s) in {file}: fix them, or set data.bad_records: skip to skip and count them (`trainer data check CONFIG` lists them all)")]
+    BadRecords {
+        first: Problem,
+        count: usize,
+        file: PathBuf,
+    },
+    /// Samples longer than `data.max_seq_len` under `data.max_seq_len_policy: error`.
+    #[error("{first}\n{count} sample(s) longer than data.max_seq_len {max_seq_len} in {file}")]
+    TooLong {
+        first: Problem,
+        count: usize,
+        max_seq_len: usize,
+        file: PathBuf,
+    },
+    /// An image that fails to decode at load time under `data.bad_records: error`.
+    #[error("{0}\n(found while loading; set data.bad_records: skip to replace such samples and count them)")]
+    Decode(Problem),
+    /// Under `skip`, no sample of the dataset could be loaded as a replacement.
+    #[error("{first}\nno sample of {file} can be loaded (every replacement failed too)")]
+    NothingLoads { first: Problem, file: PathBuf },
+    /// Arguments of `epoch_iter` (or `data dump --index`) that cannot describe a batch.
+    #[error("invalid batch layout: {0}")]
+    Layout(String),
+    /// Reading or writing a tool's file (`data dump`, `data build-sco`).
+    #[error("{0}")]
+    Output(String),
+}
+
+/// What the pre-scan found; `Display` prints it as `trainer data check` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct ScanReport {
+    pub split: String,
+    pub file: PathBuf,
+    /// Non-blank lines of the file.
+    pub lines: usize,
+    /// Samples in the dataset.
+    pub ok: usize,
+    /// Records that text_only: keep kept (part of `ok`).
+    pub text_only_kept: usize,
+    /// Samples cut to max_seq_len under `truncate` (part of `ok`).
+    pub truncated: usize,
+    /// Dropped records by reason ("bad record", "text-only", "too long", ...).
+    pub skipped: BTreeMap<String, usize>,
+    /// Bad records (parse, image path or header, tokenization), in file order.
+    pub problems: Vec<Problem>,
+    /// Records longer than max_seq_len under `max_seq_len_policy: error`.
+    pub too_long: Vec<Problem>,
+    /// Token counts of the samples (after the length policy), in dataset order.
+    pub lengths: Vec<usize>,
+    /// Tiles per image -> samples; text-only samples are under 0.
+    pub tiles: BTreeMap<usize, usize>,
+    pub supervised_tokens: u64,
+    pub total_tokens: u64,
+    /// The policies in force (decide what `check` makes of the problems).
+    pub bad_records: Option<BadRecords>,
+    pub max_seq_len: usize,
+}
+
+impl ScanReport {
+    /// `(percent, tokens)` nearest-rank percentiles of the sample lengths (0 = min, 100 = max).
+    pub fn length_percentiles(&self) -> Vec<(u32, usize)> {
+        let mut v = self.lengths.clone();
+        v.sort_unstable();
+        if v.is_empty() {
+            return vec![];
+        }
+        [0u32, 50, 90, 99, 100]
+            .iter()
+            .map(|&p| {
+                let rank = ((p as f64 / 100.0) * v.len() as f64).ceil() as usize;
+                (p, v[rank.clamp(1, v.len()) - 1])
+            })
+            .collect()
+    }
+
+    /// Supervised tokens / all tokens (0 when empty).
+    pub fn supervised_share(&self) -> f64 {
+        if self.total_tokens == 0 {
+            0.0
+        } else {
+            self.supervised_tokens as f64 / self.total_tokens as f64
+        }
+    }
+
+    /// All dropped records.
+    pub fn skipped_total(&self) -> usize {
+        self.skipped.values().sum()
+    }
+
+    /// What `open` makes of the problems: the first one (with a count) under `error`.
+    pub fn verdict(&self, length_policy: LengthPolicy) -> Result<(), DataError> {
+        if self.bad_records == Some(BadRecords::Error) {
+            if let Some(first) = self.problems.first() {
+                return Err(DataError::BadRecords {
+                    first: first.clone(),
+                    count: self.problems.len(),
+                    file: self.file.clone(),
+                });
+            }
+        }
+        if length_policy == LengthPolicy::Error {
+            if let Some(first) = self.too_long.first() {
+                return Err(DataError::TooLong {
+                    first: first.clone(),
+                    count: self.too_long.len(),
+                    max_seq_len: self.max_seq_len,
+                    file: self.file.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for ScanReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} split: {}", self.split, self.file.display())?;
+        writeln!(
+            f,
+            "  records: {} lines, {} ok ({} text-only kept, {} truncated), {} skipped",
+            self.lines,
+            self.ok,
+            self.text_only_kept,
+            self.truncated,
+            self.skipped_total()
+        )?;
+        if !self.skipped.is_empty() {
+            let parts: Vec<String> = self
+                .skipped
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            writeln!(f, "  skipped by reason: {}", parts.join(", "))?;
+        }
+        let pct = self.length_percentiles();
+        if pct.is_empty() {
+            writeln!(f, "  token lengths: (no samples)")?;
+        } else {
+            let parts: Vec<String> = pct
+                .iter()
+                .map(|(p, n)| match p {
+                    0 => format!("min {n}"),
+                    100 => format!("max {n}"),
+                    p => format!("p{p} {n}"),
+                })
+                .collect();
+            writeln!(
+                f,
+                "  token lengths: {} (max_seq_len {})",
+                parts.join(", "),
+                self.max_seq_len
+            )?;
+        }
+        let tiles: Vec<String> = self
+            .tiles
+            .iter()
+            .map(|(t, n)| {
+                if *t == 0 {
+                    format!("text-only: {n}")
+                } else {
+                    format!("{t}: {n}")
+                }
+            })
+            .collect();
+        writeln!(f, "  tiles per image: {}", tiles.join(", "))?;
+        writeln!(
+            f,
+            "  supervised tokens: {} of {} ({:.1}%)",
+            self.supervised_tokens,
+            self.total_tokens,
+            100.0 * self.supervised_share()
+        )?;
+        let n = self.problems.len() + self.too_long.len();
+        if n > 0 {
+            writeln!(f, "  problems: {n}")?;
+            for p in self.problems.iter().chain(&self.too_long) {
+                writeln!(f, "{p}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One rank's micro-batch, ready for the model (CPU tensors).
+#[derive(Debug)]
+pub struct MicroBatch {
+    /// (epoch, global batch index) of the optimizer step this micro-batch belongs to.
+    pub position: Position,
+    /// 0..grad_accum within the global batch.
+    pub micro_step: usize,
+    pub batch: Batch,
+    /// Labels that the (shifted) loss counts: `labels[:, 1:] != -100`.
+    pub supervised_tokens: i64,
+    /// Dataset indices of the samples, in batch order (after any replacement).
+    pub sample_indices: Vec<usize>,
+}
+
+/// One unit of loading work: this rank's part of one micro-step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MicroJob {
+    pub position: Position,
+    pub micro_step: usize,
+    pub indices: Vec<usize>,
+}
+
+/// A collated micro-batch with the indices actually used.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub collated: collate::Batch,
+    /// Dataset indices in batch order (replacements included).
+    pub indices: Vec<usize>,
+    /// How many samples were replaced because they failed to load (skip only).
+    pub replaced: usize,
+}
+
+struct Inner {
+    file: PathBuf,
+    records: Vec<Record>,
+    lengths: Vec<usize>,
+    /// Labels the shifted loss counts (`labels[1:] != -100`), per sample.
+    supervised: Vec<usize>,
+    text: TextProcessor,
+    image: ImageProcessorConfig,
+    max_seq_len: usize,
+    length_policy: LengthPolicy,
+    bad_records: BadRecords,
+    num_workers: usize,
+    seed: u64,
+    replaced: AtomicU64,
+}
+
+/// A pre-scanned split. Cheap to share: `Send + Sync`.
+pub struct Dataset {
+    inner: Arc<Inner>,
+    report: ScanReport,
+}
+
+/// What the scan of one record gave.
+enum Scanned {
+    Ok {
+        len: usize,
+        supervised: usize,
+        shifted_supervised: usize,
+        tiles: usize,
+        truncated: bool,
+    },
+    Bad(String),
+    TooLong(String),
+    Skipped(&'static str),
+}
+
+const PREFETCH: usize = 2;
+
+impl Dataset {
+    /// Parse and pre-scan the split, then apply `data.bad_records` and the length policy: the
+    /// first problem stops with `FILE:LINE: reason` and a count of all problems under `error`.
+    pub fn open(config: &Config, model_dir: &Path, split: Split) -> Result<Dataset, DataError> {
+        let ds = Self::scan(config, model_dir, split)?;
+        ds.report.verdict(ds.inner.length_policy)?;
+        Ok(ds)
+    }
+
+    /// `open` without the verdict: every bad record is left out and listed in the report
+    /// (what `trainer data check` prints). Errors only when the model folder or the file
+    /// cannot be read.
+    pub fn scan(config: &Config, model_dir: &Path, split: Split) -> Result<Dataset, DataError> {
+        let d = &config.data;
+        let file = match split {
+            Split::Train => d.train.clone(),
+            Split::Eval => d.eval.clone().ok_or(DataError::NoEvalSplit)?,
+        };
+        let text = TextProcessor::from_model_dir(model_dir, d.double_bos)
+            .map_err(DataError::ModelFolder)?;
+        let image =
+            ImageProcessorConfig::from_model_dir(model_dir).map_err(DataError::ModelFolder)?;
+        let opts = ParseOptions {
+            image_root: d.image_root.clone(),
+            text_only: d.text_only,
+            check_image_exists: true,
+        };
+        let parsed = parse_jsonl(&file, &opts).map_err(DataError::Read)?;
+        let mut report = ScanReport {
+            split: split.to_string(),
+            file: file.clone(),
+            lines: parsed.records.len() + parsed.problems.len() + parsed.skipped_text_only,
+            text_only_kept: 0,
+            bad_records: Some(d.bad_records),
+            max_seq_len: d.max_seq_len,
+            ..Default::default()
+        };
+        if parsed.skipped_text_only > 0 {
+            report
+                .skipped
+                .insert("text-only".into(), parsed.skipped_text_only);
+        }
+        // Tokenize (and read image headers) in parallel; results stay in record order.
+        let workers = d.num_workers.max(1);
+        let recs = &parsed.records;
+        let chunk = recs.len().div_ceil(workers).max(1);
+        let scanned: Vec<Scanned> = std::thread::scope(|s| {
+            let handles: Vec<_> = recs
+                .chunks(chunk)
+                .map(|c| {
+                    let (text, image) = (&text, &image);
+                    s.spawn(move || {
+                        c.iter()
+                            .map(|r| {
+                                scan_record(r, text, image, d.max_seq_len, d.max_seq_len_policy)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("scan worker panicked"))
+                .collect()
+        });
+        // Merge parse problems and scan problems in file order.
+        let mut problems = parsed.problems;
+        let mut records = Vec::new();
+        let mut lengths = Vec::new();
+        let mut shifted = Vec::new();
+        for (r, sc) in parsed.records.into_iter().zip(scanned) {
+            let problem = |reason: String| Problem {
+                file: r.file.clone(),
+                line: r.line,
+                reason,
+            };
+            match sc {
+                Scanned::Ok {
+                    len,
+                    supervised,
+                    shifted_supervised,
+                    tiles,
+                    truncated,
+                } => {
+                    report.ok += 1;
+                    report.truncated += usize::from(truncated);
+                    report.text_only_kept += usize::from(r.image.is_none());
+                    *report.tiles.entry(tiles).or_default() += 1;
+                    report.supervised_tokens += supervised as u64;
+                    report.total_tokens += len as u64;
+                    lengths.push(len);
+                    shifted.push(shifted_supervised);
+                    records.push(r);
+                }
+                Scanned::Bad(reason) => problems.push(problem(reason)),
+                Scanned::TooLong(reason) => {
+                    *report.skipped.entry("too long".into()).or_default() += 1;
+                    report.too_long.push(problem(reason));
+                }
+                Scanned::Skipped(why) => *report.skipped.entry(why.into()).or_default() += 1,
+            }
+        }
+        problems.sort_by_key(|p| p.line);
+        if !problems.is_empty() {
+            report.skipped.insert("bad record".into(), problems.len());
+        }
+        report.problems = problems;
+        report.lengths = lengths.clone();
+        Ok(Dataset {
+            inner: Arc::new(Inner {
+                file,
+                records,
+                lengths,
+                supervised: shifted,
+                text,
+                image,
+                max_seq_len: d.max_seq_len,
+                length_policy: d.max_seq_len_policy,
+                bad_records: d.bad_records,
+                num_workers: d.num_workers.max(1),
+                seed: config.train.seed,
+                replaced: AtomicU64::new(0),
+            }),
+            report,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.records.is_empty()
+    }
+
+    pub fn report(&self) -> &ScanReport {
+        &self.report
+    }
+
+    /// The record behind dataset index `i`.
+    pub fn record(&self, i: usize) -> &Record {
+        &self.inner.records[i]
+    }
+
+    /// Token count of sample `i` (after the length policy).
+    pub fn length(&self, i: usize) -> usize {
+        self.inner.lengths[i]
+    }
+
+    /// Labels of sample `i` that the shifted loss counts (`labels[1:] != -100`), as summed in
+    /// `MicroBatch::supervised_tokens`: every rank can compute a global batch's total from the
+    /// plan without a collective (exact unless a sample was replaced at load time).
+    pub fn supervised_tokens(&self, i: usize) -> usize {
+        self.inner.supervised[i]
+    }
+
+    /// The tokenizer, template and special ids in use.
+    pub fn text_processor(&self) -> &TextProcessor {
+        &self.inner.text
+    }
+
+    /// Samples replaced because they failed to load (under `bad_records: skip`), so far.
+    pub fn replaced_samples(&self) -> u64 {
+        self.inner.replaced.load(Ordering::Relaxed)
+    }
+
+    /// Optimizer steps per epoch for a global batch of `global_batch` samples (drop_last),
+    /// independent of world size.
+    pub fn batches_per_epoch(&self, global_batch: usize) -> u64 {
+        if global_batch == 0 {
+            return 0;
+        }
+        (self.len() / global_batch) as u64
+    }
+
+    /// The global batches of an epoch (dataset indices), `global_batch` samples each.
+    pub fn epoch_batches(&self, epoch: u64, global_batch: usize) -> Vec<Vec<usize>> {
+        if global_batch == 0 {
+            return vec![];
+        }
+        LengthGroupedSampler::new(self.inner.lengths.clone(), global_batch, self.inner.seed)
+            .epoch_batches(epoch)
+    }
+
+    /// This rank's loading jobs for one epoch from global batch `start_batch` on, in order.
+    pub fn epoch_plan(
+        &self,
+        epoch: u64,
+        start_batch: u64,
+        rank: usize,
+        world: usize,
+        batch_size: usize,
+        grad_accum: usize,
+    ) -> Result<Vec<MicroJob>, DataError> {
+        if world == 0 || batch_size == 0 || grad_accum == 0 || rank >= world {
+            return Err(DataError::Layout(format!(
+                "rank {rank}, world {world}, batch_size {batch_size}, grad_accum {grad_accum}: all must be positive and rank < world"
+            )));
+        }
+        let micro = batch_size * world;
+        let global = micro * grad_accum;
+        let mut jobs = Vec::new();
+        for (g, gb) in self
+            .epoch_batches(epoch, global)
+            .into_iter()
+            .enumerate()
+            .skip(start_batch as usize)
+        {
+            for (m, step) in gb.chunks_exact(micro).enumerate() {
+                jobs.push(MicroJob {
+                    position: Position {
+                        epoch,
+                        batch: g as u64,
+                    },
+                    micro_step: m,
+                    indices: LengthGroupedSampler::rank_part(step, rank, world).to_vec(),
+                });
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Load and collate the samples `indices` (in this order), replacing samples that fail to
+    /// load under `skip` (see the module docs).
+    pub fn load(&self, indices: &[usize]) -> Result<Loaded, DataError> {
+        load(&self.inner, indices)
+    }
+
+    /// This rank's micro-batches of one epoch starting at global batch `start_batch`: global
+    /// batch g (`batch_size * world * grad_accum` samples) is split into `grad_accum` micro-steps,
+    /// each split rank-contiguously into `world` parts of `batch_size`. Built by
+    /// `data.num_workers` threads with a bounded prefetch queue, in a deterministic order.
+    pub fn epoch_iter(
+        &self,
+        epoch: u64,
+        start_batch: u64,
+        rank: usize,
+        world: usize,
+        batch_size: usize,
+        grad_accum: usize,
+    ) -> impl Iterator<Item = Result<MicroBatch, DataError>> + '_ {
+        let (jobs, err) =
+            match self.epoch_plan(epoch, start_batch, rank, world, batch_size, grad_accum) {
+                Ok(j) => (j, None),
+                Err(e) => (vec![], Some(e)),
+            };
+        let inner = Arc::clone(&self.inner);
+        let pool = OrderedPool::new(
+            jobs,
+            self.inner.num_workers,
+            PREFETCH,
+            move |job: &MicroJob| load(&inner, &job.indices).map(|l| to_micro_batch(job, l)),
+        );
+        err.map(Err).into_iter().chain(pool)
+    }
+}
+
+fn scan_record(
+    r: &Record,
+    text: &TextProcessor,
+    image: &ImageProcessorConfig,
+    max_seq_len: usize,
+    policy: LengthPolicy,
+) -> Scanned {
+    let tiles = match &r.image {
+        None => 0,
+        Some(p) => match image_size(p) {
+            Ok((w, h)) => {
+                let (ch, cw) = image::optimal_tiled_canvas(h, w, image.max_image_tiles, image.tile);
+                (ch / image.tile) * (cw / image.tile)
+            }
+            Err(e) => return Scanned::Bad(e),
+        },
+    };
+    let mut enc = match text.encode(&r.turns, r.image.is_some()) {
+        Ok(e) => e,
+        Err(e) => return Scanned::Bad(e),
+    };
+    match apply_length_policy(&mut enc, max_seq_len, policy) {
+        Err(reason) => Scanned::TooLong(reason),
+        Ok(LengthOutcome::Skipped { reason }) => {
+            if reason.starts_with("no supervised") {
+                Scanned::Skipped("nothing supervised after truncation")
+            } else {
+                Scanned::Skipped("too long")
+            }
+        }
+        Ok(outcome) => {
+            let supervised = enc.supervised();
+            if supervised == 0 {
+                return Scanned::Skipped("nothing supervised");
+            }
+            Scanned::Ok {
+                len: enc.input_ids.len(),
+                supervised,
+                shifted_supervised: enc.labels.iter().skip(1).filter(|&&l| l != IGNORE).count(),
+                tiles,
+                truncated: matches!(outcome, LengthOutcome::Truncated { .. }),
+            }
+        }
+    }
+}
+
+/// Width and height from the image header (no decoding).
+fn image_size(p: &Path) -> Result<(usize, usize), String> {
+    let reader = ::image::ImageReader::open(p)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| format!("image {} cannot be read: {e}", p.display()))?;
+    if reader.format().is_none() {
+        return Err(format!(
+            "image {}: unknown image format (supported: JPEG, PNG, WebP, GIF, BMP)",
+            p.display()
+        ));
+    }
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| format!("image {}: corrupt image header: {e}", p.display()))?;
+    if w == 0 || h == 0 {
+        return Err(format!("image {}: zero-sized image ({w}x{h})", p.display()));
+    }
+    Ok((w as usize, h as usize))
+}
+
+/// Build one sample: tokenize (as the scan did) and decode + process the image.
+fn load_sample(inner: &Inner, i: usize) -> Result<Sample, Problem> {
+    let r = &inner.records[i];
+    let problem = |reason: String| Problem {
+        file: r.file.clone(),
+        line: r.line,
+        reason,
+    };
+    let mut enc = inner
+        .text
+        .encode(&r.turns, r.image.is_some())
+        .map_err(problem)?;
+    apply_length_policy(&mut enc, inner.max_seq_len, inner.length_policy).map_err(problem)?;
+    let image = match &r.image {
+        None => None,
+        Some(p) => {
+            let rgb = image::load_rgb(p).map_err(problem)?;
+            Some(image::process(&inner.image, &rgb))
+        }
+    };
+    Ok(Sample {
+        index: i,
+        text: enc,
+        image,
+    })
+}
+
+fn load(inner: &Inner, indices: &[usize]) -> Result<Loaded, DataError> {
+    let n = inner.records.len();
+    let mut samples = Vec::with_capacity(indices.len());
+    let mut used = Vec::with_capacity(indices.len());
+    let mut replaced = 0;
+    for &i in indices {
+        match load_sample(inner, i) {
+            Ok(s) => {
+                used.push(i);
+                samples.push(s);
+            }
+            Err(p) if inner.bad_records == BadRecords::Error => return Err(DataError::Decode(p)),
+            Err(p) => {
+                let found = (1..n)
+                    .map(|k| (i + k) % n)
+                    .find_map(|j| load_sample(inner, j).ok().map(|s| (j, s)));
+                let Some((j, s)) = found else {
+                    return Err(DataError::NothingLoads {
+                        first: p,
+                        file: inner.file.clone(),
+                    });
+                };
+                tracing::warn!("{p} (skipped: replaced by sample {j})");
+                inner.replaced.fetch_add(1, Ordering::Relaxed);
+                replaced += 1;
+                used.push(j);
+                samples.push(s);
+            }
+        }
+    }
+    let collated = collate(
+        &samples,
+        inner.text.ids.pad,
+        inner.text.ids.image,
+        inner.image.max_image_tiles,
+        inner.image.tile,
+    );
+    Ok(Loaded {
+        collated,
+        indices: used,
+        replaced,
+    })
+}
+
+/// Count the labels that the shifted loss uses (`labels[:, 1:] != IGNORE`).
+fn shifted_supervised(c: &collate::Batch) -> i64 {
+    if c.seq_len == 0 {
+        return 0;
+    }
+    c.labels
+        .chunks_exact(c.seq_len)
+        .map(|row| row[1..].iter().filter(|&&l| l != IGNORE).count() as i64)
+        .sum()
+}
+
+/// The model's input tensors (CPU) for a collated batch.
+pub fn to_model_batch(c: &collate::Batch) -> Batch {
+    let (b, l) = (c.batch as i64, c.seq_len as i64);
+    let (ni, t, h) = (c.num_images as i64, c.max_tiles as i64, c.tile as i64);
+    let images = (ni > 0).then(|| Images {
+        pixel_values: Tensor::from_slice(&c.pixel_values).view([b, ni, t, 3, h, h]),
+        aspect_ratio_ids: Tensor::from_slice(&c.aspect_ratio_ids).view([b, ni]),
+        aspect_ratio_mask: Tensor::from_slice(&c.aspect_ratio_mask).view([b, ni, t]),
+        cross_attention_mask: Tensor::from_slice(&c.cross_attention_mask).view([b, l, ni, t]),
+    });
+    Batch {
+        input_ids: Tensor::from_slice(&c.input_ids).view([b, l]),
+        attention_mask: Some(Tensor::from_slice(&c.attention_mask).view([b, l])),
+        labels: Some(Tensor::from_slice(&c.labels).view([b, l])),
+        images,
+    }
+}
+
+fn to_micro_batch(job: &MicroJob, l: Loaded) -> MicroBatch {
+    MicroBatch {
+        position: job.position,
+        micro_step: job.micro_step,
+        supervised_tokens: shifted_supervised(&l.collated),
+        batch: to_model_batch(&l.collated),
+        sample_indices: l.indices,
+    }
+}
+
+/// Decode every image of the dataset (what training would do), with `data.num_workers`
+/// threads; the problems come back in file order. Used by `trainer data check`.
+pub fn check_images(ds: &Dataset) -> Vec<Problem> {
+    let inner = &ds.inner;
+    let workers = inner.num_workers.max(1);
+    let idx: Vec<usize> = (0..inner.records.len())
+        .filter(|&i| inner.records[i].image.is_some())
+        .collect();
+    let chunk = idx.len().div_ceil(workers).max(1);
+    let mut problems: Vec<Problem> = std::thread::scope(|s| {
+        let handles: Vec<_> = idx
+            .chunks(chunk)
+            .map(|c| {
+                s.spawn(move || {
+                    c.iter()
+                        .filter_map(|&i| {
+                            let r = &inner.records[i];
+                            let p = r.image.as_ref()?;
+                            image::load_rgb(p).err().map(|reason| Problem {
+                                file: r.file.clone(),
+                                line: r.line,
+                                reason,
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("check worker panicked"))
+            .collect()
+    });
+    problems.sort_by_key(|p| p.line);
+    problems
+}

@@ -1,0 +1,285 @@
+//! What `trainer data check|dump|build-sco` do, as library functions returning what to print
+//! (the binary decides the exit code).
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{serialize_to_file, Dtype, TensorView};
+
+use super::collate;
+use super::dataset::{check_images, DataError, Dataset, Split};
+use super::records::{build_sco, DEFAULT_CORRECTION_PROMPT};
+use super::tokenize::IGNORE;
+use crate::config::{BadRecords, Config, LengthPolicy};
+
+/// The result of `trainer data check`.
+#[derive(Debug, Clone)]
+pub struct CheckOutcome {
+    /// The reports of the splits, with every problem as `FILE:LINE: reason`.
+    pub text: String,
+    /// Problems that would stop training (bad records under `bad_records: error`, too-long
+    /// samples under `max_seq_len_policy: error`).
+    pub failed: bool,
+    pub summary: String,
+}
+
+/// Pre-scan every split of `config`, decode every image, and report.
+pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
+    let mut text = String::new();
+    let mut stopping = 0usize;
+    let mut splits = vec![Split::Train];
+    if config.data.eval.is_some() {
+        splits.push(Split::Eval);
+    }
+    for split in splits {
+        let ds = Dataset::scan(config, &config.model.path, split)?;
+        let mut report = ds.report().clone();
+        let decode = check_images(&ds);
+        if !decode.is_empty() {
+            report.ok -= decode.len();
+            *report.skipped.entry("bad record".into()).or_default() += decode.len();
+            report.problems.extend(decode);
+            report.problems.sort_by_key(|p| p.line);
+        }
+        if config.data.bad_records == BadRecords::Error {
+            stopping += report.problems.len();
+        }
+        if config.data.max_seq_len_policy == LengthPolicy::Error {
+            stopping += report.too_long.len();
+        }
+        text.push_str(&report.to_string());
+    }
+    let summary = if stopping > 0 {
+        format!("{stopping} problem(s) would stop training (data.bad_records: error / data.max_seq_len_policy: error); fix them or set the policy to skip")
+    } else {
+        "data check passed".to_string()
+    };
+    Ok(CheckOutcome {
+        text,
+        failed: stopping > 0,
+        summary,
+    })
+}
+
+fn le_bytes_i64(v: &[i64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn le_bytes_f32(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The named tensors of one collated batch as (name, dtype, shape, bytes).
+fn batch_tensors(c: &collate::Batch, prefix: &str) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
+    let (b, l, ni, t, h) = (c.batch, c.seq_len, c.num_images, c.max_tiles, c.tile);
+    let mut v = vec![
+        (
+            "input_ids",
+            Dtype::I64,
+            vec![b, l],
+            le_bytes_i64(&c.input_ids),
+        ),
+        (
+            "attention_mask",
+            Dtype::I64,
+            vec![b, l],
+            le_bytes_i64(&c.attention_mask),
+        ),
+        ("labels", Dtype::I64, vec![b, l], le_bytes_i64(&c.labels)),
+    ];
+    if ni > 0 {
+        v.extend([
+            (
+                "pixel_values",
+                Dtype::F32,
+                vec![b, ni, t, 3, h, h],
+                le_bytes_f32(&c.pixel_values),
+            ),
+            (
+                "aspect_ratio_ids",
+                Dtype::I64,
+                vec![b, ni],
+                le_bytes_i64(&c.aspect_ratio_ids),
+            ),
+            (
+                "aspect_ratio_mask",
+                Dtype::I64,
+                vec![b, ni, t],
+                le_bytes_i64(&c.aspect_ratio_mask),
+            ),
+            (
+                "cross_attention_mask",
+                Dtype::I64,
+                vec![b, l, ni, t],
+                le_bytes_i64(&c.cross_attention_mask),
+            ),
+        ]);
+    }
+    v.into_iter()
+        .map(|(n, d, s, bytes)| (format!("{prefix}{n}"), d, s, bytes))
+        .collect()
+}
+
+/// Write the exact tensors of global batch `index` of `epoch` at world size 1 to `out`
+/// (safetensors). With `train.grad_accum` 1 the names are `input_ids`, `attention_mask`,
+/// `labels`, `pixel_values`, `aspect_ratio_ids`, `aspect_ratio_mask`, `cross_attention_mask`;
+/// with more micro-steps each micro-batch is padded on its own (as training does) and its
+/// tensors are named `micro{m}.input_ids` etc. Image tensors are absent for a text-only batch.
+/// The metadata holds the epoch, the index, the dataset indices and the records' `FILE:LINE`.
+/// Returns what to print: a summary, and with `text` each sample rendered with its supervised
+/// spans marked `[[...]]`.
+pub fn dump(
+    config: &Config,
+    epoch: u64,
+    index: u64,
+    out: &Path,
+    text: bool,
+) -> Result<String, DataError> {
+    let ds = Dataset::open(config, &config.model.path, Split::Train)?;
+    let (bs, accum) = (config.train.batch_size, config.train.grad_accum);
+    let global = bs * accum;
+    let n = ds.batches_per_epoch(global);
+    if index >= n {
+        return Err(DataError::Layout(format!(
+            "--index {index} is past the end: epoch {epoch} has {n} global batch(es) of {global} samples (train.batch_size {bs} x train.grad_accum {accum} at world size 1) over {} samples",
+            ds.len()
+        )));
+    }
+    let jobs: Vec<_> = ds
+        .epoch_plan(epoch, index, 0, 1, bs, accum)?
+        .into_iter()
+        .take_while(|j| j.position.batch == index)
+        .collect();
+    let mut tensors = Vec::new();
+    let mut used = Vec::new();
+    let mut shown = String::new();
+    for job in &jobs {
+        let loaded = ds.load(&job.indices)?;
+        let prefix = if accum > 1 {
+            format!("micro{}.", job.micro_step)
+        } else {
+            String::new()
+        };
+        tensors.extend(batch_tensors(&loaded.collated, &prefix));
+        if text {
+            shown.push_str(&render_marked(&ds, &loaded.collated)?);
+        }
+        used.extend(loaded.indices);
+    }
+    let views = tensors
+        .iter()
+        .map(|(name, d, shape, bytes)| {
+            TensorView::new(*d, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| DataError::Output(format!("tensor {name}: {e:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let records: Vec<String> = used
+        .iter()
+        .map(|&i| {
+            let r = ds.record(i);
+            format!("{}:{}", r.file.display(), r.line)
+        })
+        .collect();
+    let meta = HashMap::from([
+        ("epoch".to_string(), epoch.to_string()),
+        ("index".to_string(), index.to_string()),
+        (
+            "sample_indices".to_string(),
+            serde_json::to_string(&used).unwrap_or_default(),
+        ),
+        (
+            "records".to_string(),
+            serde_json::to_string(&records).unwrap_or_default(),
+        ),
+    ]);
+    serialize_to_file(views, &Some(meta), out)
+        .map_err(|e| DataError::Output(format!("{}: cannot write: {e:?}", out.display())))?;
+    let mut msg = format!(
+        "wrote global batch {index} of epoch {epoch} ({} samples: {}) to {}\n",
+        used.len(),
+        records.join(", "),
+        out.display()
+    );
+    for (name, _, shape, _) in &tensors {
+        msg.push_str(&format!("  {name}: {shape:?}\n"));
+    }
+    msg.push_str(&shown);
+    Ok(msg)
+}
+
+/// Each sample of a collated batch as text, supervised spans in `[[` `]]`.
+fn render_marked(ds: &Dataset, c: &collate::Batch) -> Result<String, DataError> {
+    let tok = &ds.text_processor().tokenizer;
+    let mut out = String::new();
+    for i in 0..c.batch {
+        let row = i * c.seq_len..(i + 1) * c.seq_len;
+        let n = c.attention_mask[row.clone()]
+            .iter()
+            .filter(|&&a| a == 1)
+            .count();
+        let ids = &c.input_ids[row.clone()][..n];
+        let labels = &c.labels[row][..n];
+        let idx = c.indices[i];
+        let r = ds.record(idx);
+        let sup = labels.iter().filter(|&&l| l != IGNORE).count();
+        out.push_str(&format!(
+            "--- sample {i}: dataset index {idx}, {}:{} (id {:?}), {n} tokens, {sup} supervised ---\n",
+            r.file.display(),
+            r.line,
+            r.id
+        ));
+        let mut k = 0;
+        while k < n {
+            let on = labels[k] != IGNORE;
+            let end = (k..n).find(|&j| (labels[j] != IGNORE) != on).unwrap_or(n);
+            let span: Vec<u32> = ids[k..end].iter().map(|&t| t as u32).collect();
+            let s = tok
+                .decode(&span, false)
+                .map_err(|e| DataError::Output(format!("tokenizer decode: {e}")))?;
+            if on {
+                out.push_str(&format!("[[{s}]]"));
+            } else {
+                out.push_str(&s);
+            }
+            k = end;
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// What `trainer data build-sco` did.
+#[derive(Debug, Clone)]
+pub struct BuildScoOutcome {
+    pub written: usize,
+    pub skipped_empty_refined: usize,
+    /// Malformed entries, `entry I: reason`.
+    pub problems: Vec<String>,
+}
+
+/// Convert the seed's refinement JSON at `refined` into SCo JSONL at `out`
+/// (`records::build_sco`); the correction prompt defaults to `DEFAULT_CORRECTION_PROMPT`.
+pub fn build_sco_file(
+    refined: &Path,
+    out: &Path,
+    correction_prompt: Option<&str>,
+) -> Result<BuildScoOutcome, DataError> {
+    let text = std::fs::read_to_string(refined)
+        .map_err(|e| DataError::Output(format!("{}: cannot read: {e}", refined.display())))?;
+    let rep = build_sco(
+        &text,
+        correction_prompt.unwrap_or(DEFAULT_CORRECTION_PROMPT),
+    )
+    .map_err(|e| DataError::Output(format!("{}: {e}", refined.display())))?;
+    let mut body = rep.lines.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    std::fs::write(out, body)
+        .map_err(|e| DataError::Output(format!("{}: cannot write: {e}", out.display())))?;
+    Ok(BuildScoOutcome {
+        written: rep.lines.len(),
+        skipped_empty_refined: rep.skipped_empty_refined,
+        problems: rep.problems,
+    })
+}

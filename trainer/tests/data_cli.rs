@@ -1,0 +1,295 @@
+//! `trainer data check|dump|build-sco` end to end through the real binary.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use safetensors::SafeTensors;
+use trainer::config::TextOnly;
+use trainer::data::dataset::{Dataset, Split};
+use trainer::data::records::{parse_jsonl, ParseOptions, DEFAULT_CORRECTION_PROMPT};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/data")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("trainer-data-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn trainer(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(args)
+        .output()
+        .expect("run trainer");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const IMAGES: [&str; 4] = ["small.png", "large.png", "layout_2x2.png", "photo.jpg"];
+
+fn record(i: usize, image: &str) -> String {
+    serde_json::json!({"id": format!("r{i}"), "image": image, "conversations": [
+        {"from": "human", "value": format!("<image>\nQuestion {i}: {}", "why? ".repeat(i % 4))},
+        {"from": "gpt", "value": format!("<CONCLUSION> answer {i} </CONCLUSION>")}
+    ]})
+    .to_string()
+}
+
+/// A config + JSONL in `dir` over a copy of some fixture images; returns the config path.
+fn setup(dir: &Path, lines: &[String], extra_data: &str) -> PathBuf {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for f in IMAGES {
+        std::fs::copy(fixtures().join("images").join(f), images.join(f)).unwrap();
+    }
+    let train = dir.join("train.jsonl");
+    std::fs::write(&train, lines.join("\n") + "\n").unwrap();
+    let cfg = dir.join("config.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model: {{path: {}}}\ndata: {{train: {}, image_root: {}{extra_data}}}\ntrain: {{batch_size: 2}}\n",
+            fixtures().join("tok").display(),
+            train.display(),
+            images.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn good_lines(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| record(i, IMAGES[i % IMAGES.len()]))
+        .collect()
+}
+
+#[test]
+fn check_prints_counts_percentiles_tiles_and_supervision() {
+    let dir = temp_dir("check-ok");
+    let cfg = setup(&dir, &good_lines(6), "");
+    let (code, out, err) = trainer(&["data", "check", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("6 lines, 6 ok"), "{out}");
+    assert!(out.contains("token lengths: min"), "{out}");
+    assert!(
+        out.contains("p50") && out.contains("p90") && out.contains("max"),
+        "{out}"
+    );
+    assert!(out.contains("tiles per image: 1: "), "{out}");
+    assert!(out.contains("supervised tokens:"), "{out}");
+    assert!(out.contains("data check passed"), "{out}");
+}
+
+/// Good records plus a malformed line (3), an unknown role (5), and a truncated image (7)
+/// that only decoding finds.
+fn bad_setup(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
+    let mut lines = good_lines(4);
+    lines.insert(2, "{\"id\": 1,".into());
+    lines.insert(
+        4,
+        r#"{"id": "x", "image": "small.png", "conversations": [{"from": "robot", "value": "q"}]}"#
+            .into(),
+    );
+    lines.push(record(9, "cut.png"));
+    let cfg = setup(dir, &lines, extra);
+    let bytes = std::fs::read(fixtures().join("images/large.png")).unwrap();
+    std::fs::write(dir.join("images/cut.png"), &bytes[..bytes.len() / 2]).unwrap();
+    (cfg, dir.join("train.jsonl"))
+}
+
+#[test]
+fn check_lists_every_problem_and_fails_under_bad_records_error() {
+    let dir = temp_dir("check-bad");
+    let (cfg, train) = bad_setup(&dir, "");
+    let (code, out, err) = trainer(&["data", "check", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    let t = train.display().to_string();
+    assert!(out.contains(&format!("{t}:3: malformed JSON")), "{out}");
+    assert!(
+        out.contains(&format!("{t}:5: unknown role \"robot\"")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("{t}:7: corrupt or truncated image")),
+        "{out}"
+    );
+    assert!(out.contains("problems: 3"), "{out}");
+    assert!(err.contains("3 problem(s) would stop training"), "{err}");
+}
+
+#[test]
+fn check_counts_problems_under_skip_and_passes() {
+    let dir = temp_dir("check-skip");
+    let (cfg, train) = bad_setup(&dir, "");
+    let (code, out, err) = trainer(&[
+        "data",
+        "check",
+        cfg.to_str().unwrap(),
+        "--set",
+        "data.bad_records=skip",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("7 lines, 4 ok"), "{out}");
+    assert!(out.contains("bad record: 3"), "{out}");
+    assert!(out.contains(&format!("{}:7: ", train.display())), "{out}");
+}
+
+#[test]
+fn check_reports_too_long_under_policy_error() {
+    let dir = temp_dir("check-long");
+    let cfg = setup(
+        &dir,
+        &good_lines(4),
+        ", max_seq_len: 20, max_seq_len_policy: error",
+    );
+    let (code, out, err) = trainer(&["data", "check", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("> data.max_seq_len 20"), "{out}");
+}
+
+#[test]
+fn dump_writes_the_exact_tensors_of_a_global_batch() {
+    let dir = temp_dir("dump");
+    let cfg = setup(&dir, &good_lines(6), "");
+    let out_file = dir.join("b.safetensors");
+    let (code, out, err) = trainer(&[
+        "data",
+        "dump",
+        cfg.to_str().unwrap(),
+        "--index",
+        "1",
+        "--out",
+        out_file.to_str().unwrap(),
+        "--text",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("[["), "supervised spans are marked: {out}");
+    assert!(out.contains("<CONCLUSION>"), "{out}");
+    let bytes = std::fs::read(&out_file).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names = st.names();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            "aspect_ratio_ids",
+            "aspect_ratio_mask",
+            "attention_mask",
+            "cross_attention_mask",
+            "input_ids",
+            "labels",
+            "pixel_values"
+        ]
+    );
+    // the same batch through the library: global batch 1 of epoch 0 at world 1
+    let config = trainer::config::load(&cfg, &[]).unwrap();
+    let ds = Dataset::open(&config, &config.model.path, Split::Train).unwrap();
+    let job = &ds.epoch_plan(0, 1, 0, 1, 2, 1).unwrap()[0];
+    let loaded = ds.load(&job.indices).unwrap();
+    let c = &loaded.collated;
+    let ids = st.tensor("input_ids").unwrap();
+    assert_eq!(ids.shape(), &[2, c.seq_len]);
+    let want: Vec<u8> = c.input_ids.iter().flat_map(|x| x.to_le_bytes()).collect();
+    assert_eq!(ids.data(), &want[..]);
+    let want: Vec<u8> = c.labels.iter().flat_map(|x| x.to_le_bytes()).collect();
+    assert_eq!(st.tensor("labels").unwrap().data(), &want[..]);
+    let pv = st.tensor("pixel_values").unwrap();
+    assert_eq!(pv.shape(), &[2, 1, 4, 3, 56, 56]);
+    let want: Vec<u8> = c
+        .pixel_values
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    assert_eq!(pv.data(), &want[..]);
+    assert_eq!(
+        st.tensor("cross_attention_mask").unwrap().shape(),
+        &[2, c.seq_len, 1, 4]
+    );
+}
+
+#[test]
+fn dump_past_the_end_says_how_many_batches_there_are() {
+    let dir = temp_dir("dump-end");
+    let cfg = setup(&dir, &good_lines(6), "");
+    let out_file = dir.join("b.safetensors");
+    let (code, out, err) = trainer(&[
+        "data",
+        "dump",
+        cfg.to_str().unwrap(),
+        "--index",
+        "3",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("epoch 0 has 3 global batch(es)"), "{err}");
+    assert!(!out_file.exists());
+}
+
+#[test]
+fn build_sco_writes_two_turn_records_and_counts() {
+    let dir = temp_dir("sco");
+    let refined = dir.join("refined.json");
+    std::fs::write(
+        &refined,
+        serde_json::json!([
+            {"question": "What is it?", "original_answer": "A cat.", "refined_answer": "A dog.", "image_path": "small.png"},
+            {"question": "How many?", "original_answer": "2", "refined_answer": "", "image_path": "large.png"},
+            {"question": "Color?", "original_answer": "red", "refined_answer": "blue", "image_path": "photo.jpg"}
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let out = dir.join("sco.jsonl");
+    let (code, stdout, err) = trainer(&[
+        "data",
+        "build-sco",
+        refined.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}{err}");
+    assert!(stdout.contains("wrote 2 record(s)"), "{stdout}");
+    assert!(stdout.contains("skipped 1"), "{stdout}");
+    let opts = ParseOptions {
+        image_root: None,
+        text_only: TextOnly::Keep,
+        check_image_exists: false,
+    };
+    let rep = parse_jsonl(&out, &opts).unwrap();
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+    assert_eq!(rep.records.len(), 2);
+    let r = &rep.records[0];
+    assert_eq!(r.turns.len(), 2);
+    assert_eq!(r.turns[0].user, "What is it?");
+    assert_eq!(r.turns[0].assistant, "A cat.");
+    assert_eq!(r.turns[1].user, DEFAULT_CORRECTION_PROMPT);
+    assert_eq!(r.turns[1].assistant, "A dog.");
+
+    // a custom prompt, and a malformed entry fails the command but keeps the good ones
+    std::fs::write(
+        &refined,
+        r#"[{"question": "Q", "original_answer": "A", "refined_answer": "B", "image_path": "x.png"}, 7]"#,
+    )
+    .unwrap();
+    let (code, stdout, err) = trainer(&[
+        "data",
+        "build-sco",
+        refined.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--correction-prompt",
+        "Look again.",
+    ]);
+    assert_eq!(code, 1, "{stdout}{err}");
+    assert!(err.contains("entry 1: expected an object"), "{err}");
+    let rep = parse_jsonl(&out, &opts).unwrap();
+    assert_eq!(rep.records.len(), 1);
+    assert_eq!(rep.records[0].turns[1].user, "Look again.");
+}

@@ -1,0 +1,167 @@
+//! trainer infer's engine on a tiny random model with the data fixtures' tokenizer and processor:
+//! greedy turns equal the model's no-cache greedy reference, sampling is seedable, correction turns
+//! carry the earlier answer and the prompt.
+use std::path::PathBuf;
+
+use tch::{Device, Kind, Tensor};
+use trainer::data::image::{load_rgb, process, ImageProcessorConfig};
+use trainer::data::records::DEFAULT_CORRECTION_PROMPT;
+use trainer::data::tokenize::TextProcessor;
+use trainer::infer::{InferOptions, Position, Session};
+use trainer::model::{Batch, GenerateOptions, LoadOptions, MllamaConfig, MllamaModel};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/data"
+    ))
+}
+
+/// A random Mllama whose vocabulary and tiles agree with the fixture tokenizer (image token 711).
+fn model() -> MllamaModel {
+    let cfg = r#"{
+      "image_token_index": 711,
+      "vision_config": {"hidden_size": 32, "attention_heads": 2, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_global_layers": 1, "intermediate_layers_indices": [0],
+        "vision_output_dim": 64, "image_size": 56, "patch_size": 14, "max_num_tiles": 4},
+      "text_config": {"vocab_size": 711, "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 128, "cross_attention_layers": [1],
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        "bos_token_id": 455, "eos_token_id": 456, "pad_token_id": 459}
+    }"#;
+    let config = MllamaConfig::from_json_str(cfg).expect("config");
+    MllamaModel::random(config, LoadOptions::default(), 5).expect("model")
+}
+
+fn opts(turns: usize, temperature: f64, seed: u64) -> InferOptions {
+    InferOptions {
+        turns,
+        correction_prompt: DEFAULT_CORRECTION_PROMPT.into(),
+        position: Position::AfterAnswer,
+        temperature,
+        top_p: 0.9,
+        max_new_tokens: 12,
+        seed,
+    }
+}
+
+fn first_image() -> PathBuf {
+    let dir = fixtures().join("images");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    files.sort();
+    files[0].clone()
+}
+
+#[test]
+fn greedy_turn_equals_the_no_cache_reference_and_turns_chain() {
+    let model = model();
+    let text = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
+    let image_config = ImageProcessorConfig::from_model_dir(&fixtures().join("tok")).unwrap();
+    let session = Session {
+        model: &model,
+        text: &text,
+        image_config: &image_config,
+    };
+    let image = load_rgb(&first_image()).unwrap();
+    let o = opts(2, 0.0, 1);
+    let mut streamed = String::new();
+    let turns = session
+        .run(Some(&image), "How many red shapes?", &o, &mut |t, p| {
+            if t == 0 {
+                streamed.push_str(p)
+            }
+        })
+        .unwrap();
+    assert_eq!(turns.len(), 2);
+    assert_eq!(
+        streamed, turns[0].text,
+        "streamed pieces add up to the text"
+    );
+
+    // the reference: the model's own greedy generate, without the KV cache, on the same prompt
+    let ids = session
+        .prompt_ids("How many red shapes?", true, &[], &o)
+        .unwrap();
+    let images = session.images(&ids, &process(&image_config, &image), Device::Cpu);
+    let batch = Batch {
+        input_ids: Tensor::from_slice(&ids).view([1, -1]),
+        attention_mask: None,
+        labels: None,
+        images: Some(images),
+    };
+    let eos = vec![456, text.ids.eot];
+    let gen = GenerateOptions {
+        max_new_tokens: 12,
+        min_new_tokens: 0,
+        eos_token_ids: eos.clone(),
+        pad_token_id: 459,
+        use_cache: false,
+    };
+    let reference: Vec<i64> = Vec::try_from(
+        model
+            .generate(&batch, &gen)
+            .unwrap()
+            .view([-1])
+            .to_kind(Kind::Int64),
+    )
+    .unwrap();
+    let reference: Vec<i64> = reference
+        .into_iter()
+        .take_while(|t| !eos.contains(t))
+        .collect();
+    assert_eq!(turns[0].token_ids, reference);
+
+    // turn 1's prompt holds the turn-0 answer and the correction prompt
+    let next = session
+        .prompt_ids("How many red shapes?", true, &[turns[0].text.clone()], &o)
+        .unwrap();
+    let rendered = text
+        .tokenizer
+        .decode(&next.iter().map(|&i| i as u32).collect::<Vec<_>>(), false)
+        .unwrap();
+    assert!(rendered.contains(DEFAULT_CORRECTION_PROMPT), "{rendered}");
+    assert!(next.len() > ids.len() + turns[0].token_ids.len());
+}
+
+#[test]
+fn sampling_is_seedable() {
+    let model = model();
+    let text = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
+    let image_config = ImageProcessorConfig::from_model_dir(&fixtures().join("tok")).unwrap();
+    let session = Session {
+        model: &model,
+        text: &text,
+        image_config: &image_config,
+    };
+    let run = |seed| {
+        session
+            .run(None, "Describe.", &opts(1, 1.0, seed), &mut |_, _| {})
+            .unwrap()[0]
+            .token_ids
+            .clone()
+    };
+    assert_eq!(run(3), run(3));
+    assert_ne!(run(3), run(4));
+}
+
+#[test]
+fn zero_turns_is_an_error() {
+    let model = model();
+    let text = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
+    let image_config = ImageProcessorConfig::from_model_dir(&fixtures().join("tok")).unwrap();
+    let session = Session {
+        model: &model,
+        text: &text,
+        image_config: &image_config,
+    };
+    let err = session
+        .run(None, "q", &opts(0, 0.0, 1), &mut |_, _| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("at least 1"));
+}
