@@ -3,13 +3,19 @@
 //! - `config`:  YAML schema, `--set` overrides, validation into a resolved config
 //! - `data`:    records, Mllama image processor, chat template, labels, collate, sampler, loader
 //! - `dist`:    ProcessGroup (all_gather, reduce_scatter, all_reduce, broadcast, barrier) on cpu/nccl
+//! - `fsdp`:    units, flat shards, gather/free schedule, recompute backward; plain (unsharded) baseline
 //! - `infer`:   generation with self-correction turns, sampling, stage parsing
 //! - `logging`: tracing with a `[rank r]` prefix, progress only on rank 0
 //! - `model`:   Mllama (Llama 3.2 Vision) in tch: config, safetensors weights, vision, text, LoRA/PEFT, KV cache
+//! - `optim`:   AdamW on flat fp32 shards, global-norm clipping, lr schedules
+//! - `train`:   the training loop (`trainer train`): FSDP or plain, grad accumulation, clip, AdamW, metrics
 pub mod bench;
 pub mod config;
 pub mod data;
 pub mod dist;
+pub mod fsdp;
 pub mod infer;
 pub mod logging;
 pub mod model;
+pub mod optim;
+pub mod train;

@@ -340,9 +340,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Train(args) => {
-            // Validate the config first so a broken file fails fast even before training exists.
-            config::load(&args.config, &args.overrides)?;
-            not_built("train", 7)
+            let resolved = config::load(&args.config, &args.overrides)?;
+            let outcome = trainer::train::train(&resolved)?;
+            // 143 = 128 + SIGTERM: preempted, stopped cleanly after a step
+            Ok(if outcome.interrupted {
+                ExitCode::from(143)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Data(DataCommand::Check(args)) => {
             let resolved = config::load(&args.config, &args.overrides)?;

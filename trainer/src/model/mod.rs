@@ -297,9 +297,43 @@ impl MllamaModel {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor, ModelError> {
         let (b, s) = (input_ids.size()[0], input_ids.size()[1]);
-        let (kind, device) = (self.options.dtype, self.options.device);
+        let device = self.options.device;
         let past = cache.as_ref().map_or(0, |c| c.seen);
         let cross_states = images.map(|im| self.vision_states(im)).transpose()?;
+        let ctx = self.text_context(
+            b,
+            s,
+            past,
+            position_ids,
+            attention_mask,
+            cross_attention_mask,
+            cross_states,
+        );
+        let hidden = self.text.embed(&input_ids.to_device(device)); // (B, S, H)
+        let hidden = self
+            .text
+            .forward_layers(hidden, &ctx, cache.as_deref_mut())?;
+        if let Some(c) = cache {
+            c.seen += s;
+        }
+        Ok(self.lm_head.forward(&hidden)) // (B, S, V)
+    }
+
+    /// Everything the decoder layers need besides the hidden states, for `s` tokens after `past` cached ones:
+    /// RoPE tables, the self-attention mask, the cross-attention mask (from cross_attention_mask (B, S, M, T)) and
+    /// the vision states. Reads no parameter (FSDP builds it while the weights are sharded).
+    #[allow(clippy::too_many_arguments)]
+    pub fn text_context(
+        &self,
+        b: i64,
+        s: i64,
+        past: i64,
+        position_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        cross_attention_mask: Option<&Tensor>,
+        cross_states: Option<Tensor>,
+    ) -> TextContext {
+        let (kind, device) = (self.options.dtype, self.options.device);
         let imp = self.options.attention;
         let (cross_mask, full_text_row_mask) = match cross_attention_mask {
             Some(cam) => {
@@ -331,22 +365,14 @@ impl MllamaModel {
         };
         let (cos, sin) = self.text.rotary.cos_sin(&pos, kind); // (B, S, D)
         let am = attention_mask.map(|a| a.to_device(device));
-        let ctx = TextContext {
+        TextContext {
             cos,
             sin,
             self_mask: self_attention_mask(imp, am.as_ref(), b, s, past, kind, device),
             cross_states,
             cross_mask,
             full_text_row_mask,
-        };
-        let hidden = self.text.embed(&input_ids.to_device(device)); // (B, S, H)
-        let hidden = self
-            .text
-            .forward_layers(hidden, &ctx, cache.as_deref_mut())?;
-        if let Some(c) = cache {
-            c.seen += s;
         }
-        Ok(self.lm_head.forward(&hidden)) // (B, S, V)
     }
 
     /// Full forward of a batch (no cache): logits (B, S, V).

@@ -181,6 +181,21 @@ impl AspectRatioEmbedding {
     }
 }
 
+/// Per-batch constants of the vision forward (see [`VisionModel::prepare`]).
+#[derive(Debug)]
+pub struct VisionPrep {
+    pub b: i64,
+    pub m: i64,
+    pub t: i64,
+    /// Patches per tile + the class token.
+    pub p1: i64,
+    /// `p1` padded to a multiple of 8.
+    pub l: i64,
+    pub ids: Tensor, // (BM, 1)
+    /// Aspect-ratio attention mask over (T*L, T*L).
+    pub mask: AttnMask,
+}
+
 /// `MllamaVisionModel`.
 #[derive(Debug)]
 pub struct VisionModel {
@@ -275,6 +290,35 @@ impl VisionModel {
         aspect_ratio_ids: &Tensor,
         aspect_ratio_mask: &Tensor,
     ) -> Result<Tensor, ModelError> {
+        let prep = self.prepare(pixel_values, aspect_ratio_ids, aspect_ratio_mask)?;
+        let mut h = self.stem(&prep, pixel_values);
+        let mut states = Vec::with_capacity(self.transformer.len());
+        for layer in &self.transformer {
+            h = layer.forward(&h, &prep.mask)?;
+            states.push(h.shallow_clone());
+        }
+        h = self.post_local(&prep, &h);
+        for layer in &self.global_transformer {
+            h = layer.forward(&h, &prep.mask)?;
+        }
+        let inter: Vec<&Tensor> = self
+            .config
+            .intermediate_layers_indices
+            .iter()
+            .map(|&i| &states[i])
+            .collect();
+        Ok(self.assemble(&prep, &h, &inter))
+    }
+
+    /// Shapes, aspect-ratio ids and the attention mask of one image batch (no parameters are read
+    /// except the dtype of `patch_embedding`). The pieces below are the forward split at the
+    /// encoder layers, so that FSDP can run each layer as its own unit.
+    pub fn prepare(
+        &self,
+        pixel_values: &Tensor,
+        aspect_ratio_ids: &Tensor,
+        aspect_ratio_mask: &Tensor,
+    ) -> Result<VisionPrep, ModelError> {
         let c = &self.config;
         let s = pixel_values.size();
         if s.len() != 6 || s[2] != c.max_num_tiles || s[3] != c.num_channels {
@@ -285,39 +329,14 @@ impl VisionModel {
         }
         let (b, m, t) = (s[0], s[1], s[2]);
         let bm = b * m;
-        let dim = c.hidden_size;
         let kind = self.patch_embedding.kind();
-        let px = pixel_values
-            .reshape([b * m * t, s[3], s[4], s[5]])
-            .to_kind(kind); // (BMT, C, H, W)
         let ids = aspect_ratio_ids.reshape([bm, -1]); // (BM, 1)
-        let pe = px.conv2d::<Tensor>(
-            &self.patch_embedding,
-            None,
-            [c.patch_size; 2],
-            [0, 0],
-            [1, 1],
-            1,
-        ); // (BMT, D, gh, gw)
-        let mut h = pe.flatten(2, -1).transpose(1, 2); // (BMT, P, D)
-        let np = h.size()[1];
-        h = h.reshape([bm, t, np, dim]); // (BM, T, P, D)
-        h = self.pre_tile.forward(&h, &ids, t, dim);
-        h = h.reshape([bm * t, np, dim]);
-        let cls = self.class_embedding.expand([bm * t, 1, dim], false); // (BMT, 1, D)
-        h = Tensor::cat(&[&cls, &h], 1); // (BMT, P1, D)
-        let p1 = np + 1;
-        h = h.reshape([bm, t, p1, dim]); // (BM, T, P1, D)
-        let g = self.pos_gate.tanh(); // gated positional embedding
-        h = (g.ones_like() - &g) * self.pos_embedding.view([1, 1, p1, dim]) + h;
-        let tile = Tensor::embedding(&self.tile_embedding, &ids, -1, false, false)
-            .reshape([bm, t, p1, dim]);
-        h = g * tile + h;
-        h = self.layernorm_pre.forward(&h);
+        let p1 = c.num_patches();
         let pad = (8 - p1 % 8) % 8;
-        h = h.constant_pad_nd([0, 0, 0, pad]); // (BM, T, L, D), L = P1 + pad
         let l = p1 + pad;
-        let arm = aspect_ratio_mask.reshape([bm, -1]).to_device(h.device()); // (BM, T)
+        let arm = aspect_ratio_mask
+            .reshape([bm, -1])
+            .to_device(pixel_values.device()); // (BM, T)
         let mask = match self.transformer.first().map(|l| l.attention) {
             Some(AttentionImpl::Fused) => {
                 // padded queries do not see padded keys; real queries see every key (as the dense mask says)
@@ -331,34 +350,82 @@ impl VisionModel {
             // (BM, 1, T*L, T*L)
             _ => AttnMask::dense(aspect_ratio_attention_mask(&arm, c.num_patches(), l, kind)),
         };
-        h = h.view([bm, t * l, dim]);
-        let mut states = Vec::with_capacity(self.transformer.len());
-        for layer in &self.transformer {
-            h = layer.forward(&h, &mask)?;
-            states.push(h.shallow_clone());
-        }
-        h = self.layernorm_post.forward(&h);
-        h = h.reshape([bm, t, l, dim]);
-        h = self.post_tile.forward(&h, &ids, t, dim);
-        h = h.reshape([bm, t * l, dim]);
-        for layer in &self.global_transformer {
-            h = layer.forward(&h, &mask)?;
-        }
+        Ok(VisionPrep {
+            b,
+            m,
+            t,
+            p1,
+            l,
+            ids,
+            mask,
+        })
+    }
+
+    /// Patch conv, tile and positional embeddings, layernorm_pre, padding:
+    /// pixel_values (B, M, T, C, H, W) -> (BM, T*L, D).
+    pub fn stem(&self, prep: &VisionPrep, pixel_values: &Tensor) -> Tensor {
+        let c = &self.config;
+        let s = pixel_values.size();
+        let (t, bm, p1, l) = (prep.t, prep.b * prep.m, prep.p1, prep.l);
+        let dim = c.hidden_size;
+        let kind = self.patch_embedding.kind();
+        let px = pixel_values
+            .reshape([bm * t, s[3], s[4], s[5]])
+            .to_kind(kind); // (BMT, C, H, W)
+        let ids = &prep.ids;
+        let pe = px.conv2d::<Tensor>(
+            &self.patch_embedding,
+            None,
+            [c.patch_size; 2],
+            [0, 0],
+            [1, 1],
+            1,
+        ); // (BMT, D, gh, gw)
+        let mut h = pe.flatten(2, -1).transpose(1, 2); // (BMT, P, D)
+        let np = h.size()[1];
+        h = h.reshape([bm, t, np, dim]); // (BM, T, P, D)
+        h = self.pre_tile.forward(&h, ids, t, dim);
+        h = h.reshape([bm * t, np, dim]);
+        let cls = self.class_embedding.expand([bm * t, 1, dim], false); // (BMT, 1, D)
+        h = Tensor::cat(&[&cls, &h], 1); // (BMT, P1, D)
+        h = h.reshape([bm, t, p1, dim]); // (BM, T, P1, D)
+        let g = self.pos_gate.tanh(); // gated positional embedding
+        h = (g.ones_like() - &g) * self.pos_embedding.view([1, 1, p1, dim]) + h;
+        let tile = Tensor::embedding(&self.tile_embedding, ids, -1, false, false)
+            .reshape([bm, t, p1, dim]);
+        h = g * tile + h;
+        h = self.layernorm_pre.forward(&h);
+        h = h.constant_pad_nd([0, 0, 0, l - p1]); // (BM, T, L, D)
+        h.view([bm, t * l, dim])
+    }
+
+    /// layernorm_post and the gated post-tile embedding, between the local and global layers:
+    /// (BM, T*L, D) -> (BM, T*L, D).
+    pub fn post_local(&self, prep: &VisionPrep, h: &Tensor) -> Tensor {
+        let dim = self.config.hidden_size;
+        let (t, bm, l) = (prep.t, prep.b * prep.m, prep.l);
+        let h = self.layernorm_post.forward(h).reshape([bm, t, l, dim]);
+        self.post_tile
+            .forward(&h, &prep.ids, t, dim)
+            .reshape([bm, t * l, dim])
+    }
+
+    /// Drops the padding and concatenates the global output with the intermediate local states:
+    /// h (BM, T*L, D), inter K x (BM, T*L, D) -> (B, M, T, P1, D*(K+1)).
+    pub fn assemble(&self, prep: &VisionPrep, h: &Tensor, inter: &[&Tensor]) -> Tensor {
+        let dim = self.config.hidden_size;
+        let (b, m, t, p1, l) = (prep.b, prep.m, prep.t, prep.p1, prep.l);
+        let bm = b * m;
         let h = h
             .reshape([bm, t, l, dim])
             .narrow(2, 0, p1)
             .reshape([b, m, t, p1, dim]); // (B, M, T, P1, D)
-        let inter: Vec<&Tensor> = c
-            .intermediate_layers_indices
-            .iter()
-            .map(|&i| &states[i])
-            .collect();
         let k = inter.len() as i64;
-        let inter = Tensor::stack(&inter, -1) // (BM, T*L, D, K)
+        let inter = Tensor::stack(inter, -1) // (BM, T*L, D, K)
             .reshape([bm, t, l, dim * k])
             .narrow(2, 0, p1)
             .reshape([b, m, t, p1, dim * k]); // (B, M, T, P1, D*K)
-        Ok(Tensor::cat(&[&h, &inter], -1)) // (B, M, T, P1, D*(K+1))
+        Tensor::cat(&[&h, &inter], -1) // (B, M, T, P1, D*(K+1))
     }
 
     pub fn visit(&self, f: &mut ParamVisitor) {

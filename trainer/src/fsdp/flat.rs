@@ -1,0 +1,259 @@
+//! Flat parameters of one unit. The unit's parameters are concatenated per (trainable, dtype)
+//! group into one flat buffer padded to a multiple of the world size W; rank r keeps elements
+//! [r*S, (r+1)*S) (S = padded / W). Frozen groups keep their storage dtype; trainable groups
+//! keep an fp32 master shard and an fp32 gradient shard. The model's parameter tensors share
+//! their TensorImpl with the handles here: gathering points them (`set_data`) at views of the
+//! gathered buffer, freeing points them at an empty tensor.
+use tch::{Device, Kind, Tensor};
+
+use crate::dist::{ProcessGroup, ReduceOp, Work};
+
+use super::FsdpError;
+
+/// One parameter inside a flat group.
+#[derive(Debug)]
+pub struct ParamRef {
+    pub name: String,
+    /// Shares its TensorImpl with the model's field.
+    pub tensor: Tensor,
+    pub shape: Vec<i64>,
+    /// Offset in the unpadded flat buffer.
+    pub offset: i64,
+    pub numel: i64,
+}
+
+#[derive(Debug)]
+pub struct FlatGroup {
+    pub trainable: bool,
+    pub params: Vec<ParamRef>,
+    /// Unpadded element count.
+    pub numel: i64,
+    /// Elements per rank (padded / W).
+    pub shard_len: i64,
+    /// This rank's shard (S,): storage dtype for frozen groups, fp32 master for trainable ones.
+    pub shard: Tensor,
+    /// Accumulated gradient of the shard (S,) fp32 (trainable groups).
+    pub grad: Option<Tensor>,
+}
+
+impl FlatGroup {
+    /// Builds the group from fully materialized parameters and keeps this rank's slice; the
+    /// parameters are left empty (freed).
+    pub fn shard_from_full(
+        params: Vec<(String, Tensor)>,
+        trainable: bool,
+        rank: usize,
+        world: usize,
+        compute: Kind,
+    ) -> Self {
+        let mut refs = Vec::with_capacity(params.len());
+        let mut offset = 0;
+        let kind = if trainable {
+            Kind::Float
+        } else {
+            params[0].1.kind()
+        };
+        let device = params[0].1.device();
+        let mut parts = Vec::with_capacity(params.len() + 1);
+        for (name, t) in params {
+            let numel = t.numel() as i64;
+            parts.push(t.detach().to_kind(kind).reshape([-1]));
+            refs.push(ParamRef {
+                name,
+                shape: t.size(),
+                tensor: t,
+                offset,
+                numel,
+            });
+            offset += numel;
+        }
+        let w = world as i64;
+        let shard_len = (offset + w - 1) / w;
+        let padded = shard_len * w;
+        parts.push(Tensor::zeros([padded - offset], (kind, device)));
+        let flat = Tensor::cat(&parts, 0); // (padded,)
+        let shard = flat.narrow(0, rank as i64 * shard_len, shard_len).copy(); // (S,)
+        drop(flat);
+        let grad = trainable.then(|| shard.zeros_like());
+        let mut g = Self {
+            trainable,
+            params: refs,
+            numel: offset,
+            shard_len,
+            shard,
+            grad,
+        };
+        g.free(compute);
+        g
+    }
+
+    /// Starts the all-gather of the group in `compute` dtype; returns the full buffer (W*S,).
+    fn start_gather(&self, pg: &ProcessGroup, compute: Kind) -> Result<(Tensor, Work), FsdpError> {
+        let src = self.shard.to_kind(compute).contiguous(); // (S,)
+        let full = Tensor::empty(
+            [self.shard_len * pg.world_size() as i64],
+            (compute, self.shard.device()),
+        ); // (W*S,)
+        let work = pg.all_gather_into_async(&full, &src)?;
+        Ok((full, work))
+    }
+
+    /// Points every parameter at its view of the gathered buffer.
+    fn bind(&mut self, full: &Tensor) {
+        for p in &mut self.params {
+            let view = full.narrow(0, p.offset, p.numel).view(p.shape.as_slice());
+            p.tensor.set_data(&view);
+        }
+    }
+
+    /// Points every parameter at an empty tensor: only the shard stays resident.
+    pub fn free(&mut self, compute: Kind) {
+        let empty = Tensor::empty([0], (compute, self.shard.device()));
+        for p in &mut self.params {
+            p.tensor.set_data(&empty);
+        }
+    }
+
+    /// Reduce-scatters the full-size gradients `grads` (one per parameter; undefined = zero)
+    /// into this rank's gradient shard (summed over ranks, fp32, added to what accumulated).
+    fn reduce_grads(
+        &mut self,
+        pg: &ProcessGroup,
+        grads: &[Option<Tensor>],
+    ) -> Result<(), FsdpError> {
+        let device = self.shard.device();
+        let mut parts: Vec<Tensor> = Vec::with_capacity(self.params.len() + 1);
+        for (p, g) in self.params.iter().zip(grads) {
+            parts.push(match g {
+                Some(g) if g.defined() => g.to_kind(Kind::Float).reshape([-1]),
+                _ => Tensor::zeros([p.numel], (Kind::Float, device)),
+            });
+        }
+        let padded = self.shard_len * pg.world_size() as i64;
+        parts.push(Tensor::zeros([padded - self.numel], (Kind::Float, device)));
+        let flat = Tensor::cat(&parts, 0); // (W*S,) fp32
+        let out = Tensor::zeros([self.shard_len], (Kind::Float, device)); // (S,)
+        pg.reduce_scatter(&out, &flat, ReduceOp::Sum)?;
+        if let Some(acc) = &mut self.grad {
+            *acc += out;
+        }
+        Ok(())
+    }
+
+    /// The full (unsharded) fp32 values of the group's parameters, by name (all ranks take part).
+    fn gather_full(&self, pg: &ProcessGroup) -> Result<Vec<(String, Tensor)>, FsdpError> {
+        let (full, work) = self.start_gather(pg, Kind::Float)?;
+        work.wait()?;
+        Ok(self
+            .params
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    full.narrow(0, p.offset, p.numel)
+                        .view(p.shape.as_slice())
+                        .to_device(Device::Cpu)
+                        .copy(),
+                )
+            })
+            .collect())
+    }
+
+    fn resident_bytes(&self) -> i64 {
+        let handles: i64 = self
+            .params
+            .iter()
+            .map(|p| p.tensor.numel() as i64 * p.tensor.kind().elt_size_in_bytes() as i64)
+            .sum();
+        self.shard.numel() as i64 * self.shard.kind().elt_size_in_bytes() as i64 + handles
+    }
+}
+
+/// A unit: its flat groups and whether they are gathered.
+#[derive(Debug)]
+pub struct Unit {
+    pub name: String,
+    pub groups: Vec<FlatGroup>,
+    pub gathered: bool,
+}
+
+/// An all-gather in flight (prefetch).
+pub struct Gathering {
+    pub unit: usize,
+    parts: Vec<(Tensor, Work)>,
+}
+
+impl Unit {
+    pub fn trains(&self) -> bool {
+        self.groups.iter().any(|g| g.trainable)
+    }
+
+    pub fn start_gather(
+        &self,
+        unit: usize,
+        pg: &ProcessGroup,
+        compute: Kind,
+    ) -> Result<Gathering, FsdpError> {
+        let parts = self
+            .groups
+            .iter()
+            .map(|g| g.start_gather(pg, compute))
+            .collect::<Result<_, _>>()?;
+        Ok(Gathering { unit, parts })
+    }
+
+    pub fn finish_gather(&mut self, g: Gathering) -> Result<(), FsdpError> {
+        for (group, (full, work)) in self.groups.iter_mut().zip(g.parts) {
+            work.wait()?;
+            group.bind(&full);
+        }
+        self.gathered = true;
+        Ok(())
+    }
+
+    pub fn free(&mut self, compute: Kind) {
+        for g in &mut self.groups {
+            g.free(compute);
+        }
+        self.gathered = false;
+    }
+
+    /// The trainable parameters (gathered views while gathered), in group order.
+    pub fn trainable_tensors(&self) -> Vec<Tensor> {
+        self.groups
+            .iter()
+            .filter(|g| g.trainable)
+            .flat_map(|g| g.params.iter().map(|p| p.tensor.shallow_clone()))
+            .collect()
+    }
+
+    /// Reduce-scatters full-size gradients given in `trainable_tensors` order.
+    pub fn reduce_grads(
+        &mut self,
+        pg: &ProcessGroup,
+        grads: &[Option<Tensor>],
+    ) -> Result<(), FsdpError> {
+        let mut at = 0;
+        for g in self.groups.iter_mut().filter(|g| g.trainable) {
+            let n = g.params.len();
+            g.reduce_grads(pg, &grads[at..at + n])?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    pub fn gather_trainable_full(
+        &self,
+        pg: &ProcessGroup,
+    ) -> Result<Vec<(String, Tensor)>, FsdpError> {
+        let mut out = vec![];
+        for g in self.groups.iter().filter(|g| g.trainable) {
+            out.extend(g.gather_full(pg)?);
+        }
+        Ok(out)
+    }
+
+    pub fn resident_bytes(&self) -> i64 {
+        self.groups.iter().map(FlatGroup::resident_bytes).sum()
+    }
+}

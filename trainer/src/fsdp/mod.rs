@@ -1,0 +1,297 @@
+//! Sharded training of the Mllama model (DESIGN.md decision 3: FSDP without autograd hooks).
+//! Module index:
+//! - `units`:    which unit each parameter belongs to (root, vision local/global layers, text layers)
+//! - `flat`:     a unit's flat parameter groups: shard, all-gather into views, free, reduce-scatter
+//! - `schedule`: the forward (no graph, keep unit inputs) and reverse recompute-backward walks
+//! - `plain`:    `fsdp.enabled: false`, single-process autograd training (the baseline)
+//! - this file:  [`FsdpModel`] (wrap a loaded model) and [`Trainable`], the one interface the loop uses
+//!
+//! State that a checkpoint must save (issue 8): per unit and group, the shard (`FlatGroup::shard`:
+//! fp32 master for trainable groups) with its layout (`FlatGroup::params`: name, shape, offset in
+//! the unpadded flat buffer; `shard_len`, world size), and the optimizer moments, which are laid out
+//! exactly like `Trainable::master_params()` (see `optim::AdamW::moments`).
+pub mod flat;
+pub mod plain;
+pub mod schedule;
+pub mod units;
+
+use tch::{Kind, Tensor};
+
+use crate::config::DType;
+use crate::dist::{DistError, ProcessGroup};
+use crate::model::{MllamaModel, ModelError};
+
+pub use flat::{FlatGroup, ParamRef, Unit};
+pub use plain::PlainModel;
+pub use units::{UnitLayout, ROOT};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsdpError {
+    #[error(transparent)]
+    Dist(#[from] DistError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tch(#[from] tch::TchError),
+    #[error("fsdp: {0}")]
+    Invalid(String),
+}
+
+/// The dtype of a config value.
+pub fn kind_of(d: DType) -> Kind {
+    match d {
+        DType::Bf16 => Kind::BFloat16,
+        DType::Fp16 => Kind::Half,
+        DType::Fp32 => Kind::Float,
+    }
+}
+
+/// (trainable, dtype, parameters) of one flat group before sharding.
+type GroupParams = (bool, Kind, Vec<(String, Tensor)>);
+
+/// How to wrap.
+#[derive(Debug, Clone, Copy)]
+pub struct WrapOptions {
+    /// Dtype of gathered parameters and of the computation (`fsdp.mixed_precision`).
+    pub compute: Kind,
+    /// Start the next unit's all-gather before computing the current one.
+    pub prefetch: bool,
+}
+
+/// The model sharded over the process group: every parameter lives in its unit's flat shard.
+#[derive(Debug)]
+pub struct FsdpModel {
+    /// The single-device model whose parameter tensors are views of gathered units (or empty).
+    pub model: MllamaModel,
+    pub layout: UnitLayout,
+    pub units: Vec<Unit>,
+    pub compute: Kind,
+    pub prefetch: bool,
+    pub rank: usize,
+    pub world: usize,
+}
+
+/// Trainable parameters of the model as (name, tensor sharing storage with the model), after
+/// marking them as requiring gradients: the LoRA factors when LoRA is applied, else every base
+/// parameter (full finetuning).
+pub fn mark_trainable(model: &mut MllamaModel) -> Vec<(String, Tensor)> {
+    let v = if model.lora.is_some() {
+        model.trainable_parameters()
+    } else {
+        let mut v = vec![];
+        model.visit_params(&mut |n, t| v.push((n.to_string(), t.shallow_clone())));
+        v
+    };
+    for (_, t) in &v {
+        let _ = t.set_requires_grad(true);
+    }
+    retie(model);
+    v
+}
+
+/// With tied embeddings, lm_head's weight is a view of the embedding: rebuild it after the
+/// embedding's data changed (FSDP gather) or started requiring grad.
+pub fn retie(model: &mut MllamaModel) {
+    if model.config.text.tie_word_embeddings {
+        let v = model.config.text.vocab_size;
+        model.lm_head.weight = model.text.embed_tokens.narrow(0, 0, v);
+    }
+}
+
+impl FsdpModel {
+    /// Shards a fully loaded model (LoRA already applied) over `pg`: groups every parameter by
+    /// unit and (trainable, dtype), keeps this rank's slice, and frees the rest.
+    pub fn wrap(
+        mut model: MllamaModel,
+        pg: &ProcessGroup,
+        opts: WrapOptions,
+    ) -> Result<FsdpModel, FsdpError> {
+        let (rank, world) = (pg.rank(), pg.world_size());
+        let layout = UnitLayout::new(&model.config);
+        let trainable = mark_trainable(&mut model);
+        let trainable_names: std::collections::HashSet<String> =
+            trainable.iter().map(|(n, _)| n.clone()).collect();
+        // every parameter, in module order: base parameters, then LoRA factors
+        let mut all: Vec<(String, Tensor, bool)> = vec![];
+        model.visit_params(&mut |n, t| {
+            all.push((
+                n.to_string(),
+                t.shallow_clone(),
+                trainable_names.contains(n),
+            ))
+        });
+        if model.lora.is_some() {
+            all.extend(trainable.into_iter().map(|(n, t)| (n, t, true)));
+        }
+        // group per unit, then per (trainable, kind), keeping first-seen order
+        let mut per_unit: Vec<Vec<GroupParams>> = (0..layout.count()).map(|_| vec![]).collect();
+        for (name, t, tr) in all {
+            let u = layout.unit_of(&name);
+            let kind = if tr { Kind::Float } else { t.kind() };
+            let groups = &mut per_unit[u];
+            match groups.iter_mut().find(|g| g.0 == tr && g.1 == kind) {
+                Some(g) => g.2.push((name, t)),
+                None => groups.push((tr, kind, vec![(name, t)])),
+            }
+        }
+        model.options.dtype = opts.compute;
+        let units = per_unit
+            .into_iter()
+            .enumerate()
+            .map(|(u, groups)| Unit {
+                name: layout.name(u),
+                groups: groups
+                    .into_iter()
+                    .map(|(tr, _, params)| {
+                        FlatGroup::shard_from_full(params, tr, rank, world, opts.compute)
+                    })
+                    .collect(),
+                gathered: false,
+            })
+            .collect();
+        model.set_training(true);
+        Ok(FsdpModel {
+            model,
+            layout,
+            units,
+            compute: opts.compute,
+            prefetch: opts.prefetch,
+            rank,
+            world,
+        })
+    }
+
+    pub(crate) fn retie(&mut self) {
+        retie(&mut self.model);
+    }
+
+    /// Trainable fp32 master shards, in unit order (the optimizer's parameters).
+    pub fn master_params(&self) -> Vec<Tensor> {
+        self.trainable_groups()
+            .map(|g| g.shard.shallow_clone())
+            .collect()
+    }
+
+    /// Gradient shards, same order as `master_params`.
+    pub fn grads(&self) -> Vec<Tensor> {
+        self.trainable_groups()
+            .map(|g| g.grad.as_ref().expect("trainable group").shallow_clone())
+            .collect()
+    }
+
+    pub fn zero_grads(&mut self) {
+        for g in self.units.iter_mut().flat_map(|u| u.groups.iter_mut()) {
+            if let Some(gr) = &mut g.grad {
+                let _ = gr.zero_();
+            }
+        }
+    }
+
+    fn trainable_groups(&self) -> impl Iterator<Item = &FlatGroup> {
+        self.units
+            .iter()
+            .flat_map(|u| u.groups.iter())
+            .filter(|g| g.trainable)
+    }
+
+    /// Bytes of parameters resident on this rank (shards plus any gathered parameter views).
+    pub fn resident_param_bytes(&self) -> i64 {
+        self.units.iter().map(Unit::resident_bytes).sum()
+    }
+
+    /// Full trainable parameters (fp32, CPU) by name; every rank must call it.
+    pub fn gather_trainable(&self, pg: &ProcessGroup) -> Result<Vec<(String, Tensor)>, FsdpError> {
+        let mut v = vec![];
+        for u in &self.units {
+            v.extend(u.gather_trainable_full(pg)?);
+        }
+        Ok(v)
+    }
+}
+
+/// What the training loop drives: the FSDP-sharded model or the plain single-process one.
+#[derive(Debug)]
+pub enum Trainable {
+    Fsdp(Box<FsdpModel>),
+    Plain(Box<PlainModel>),
+}
+
+impl Trainable {
+    /// Forward + backward of one micro-batch, gradients accumulated; returns this rank's loss sum.
+    pub fn forward_backward(
+        &mut self,
+        pg: &ProcessGroup,
+        batch: &crate::model::Batch,
+        loss_scale: f64,
+        seed: u64,
+    ) -> Result<f64, FsdpError> {
+        match self {
+            Self::Fsdp(m) => m.forward_backward(pg, batch, loss_scale, seed),
+            Self::Plain(m) => m.forward_backward(batch, loss_scale),
+        }
+    }
+
+    /// Loss sum of a micro-batch without gradients (validation).
+    pub fn forward_loss(
+        &mut self,
+        pg: &ProcessGroup,
+        batch: &crate::model::Batch,
+    ) -> Result<f64, FsdpError> {
+        match self {
+            Self::Fsdp(m) => m.forward_loss(pg, batch),
+            Self::Plain(m) => m.forward_loss(batch),
+        }
+    }
+
+    /// The fp32 tensors the optimizer updates (FSDP: this rank's master shards).
+    pub fn master_params(&self) -> Vec<Tensor> {
+        match self {
+            Self::Fsdp(m) => m.master_params(),
+            Self::Plain(m) => m.master_params(),
+        }
+    }
+
+    /// Their fp32 gradients (FSDP: shard gradients, already summed over ranks).
+    pub fn grads(&mut self) -> Vec<Tensor> {
+        match self {
+            Self::Fsdp(m) => m.grads(),
+            Self::Plain(m) => m.grads(),
+        }
+    }
+
+    /// After the optimizer step (plain: copy fp32 masters into lower-precision parameters).
+    pub fn after_update(&mut self) {
+        if let Self::Plain(m) = self {
+            m.after_update();
+        }
+    }
+
+    pub fn zero_grads(&mut self) {
+        match self {
+            Self::Fsdp(m) => m.zero_grads(),
+            Self::Plain(m) => m.zero_grads(),
+        }
+    }
+
+    pub fn resident_param_bytes(&self) -> i64 {
+        match self {
+            Self::Fsdp(m) => m.resident_param_bytes(),
+            Self::Plain(m) => m.resident_param_bytes(),
+        }
+    }
+
+    pub fn model(&self) -> &MllamaModel {
+        match self {
+            Self::Fsdp(m) => &m.model,
+            Self::Plain(m) => &m.model,
+        }
+    }
+
+    /// Full trainable parameters (fp32, CPU) by name; every rank must call it.
+    pub fn gather_trainable(&self, pg: &ProcessGroup) -> Result<Vec<(String, Tensor)>, FsdpError> {
+        match self {
+            Self::Fsdp(m) => m.gather_trainable(pg),
+            Self::Plain(m) => Ok(m.trainable_full()),
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! The explicit FSDP schedule (DESIGN.md decision 3): the model's forward cut into stages, each
+//! run by one unit. Forward runs the stages in order without a graph, keeping each stage's
+//! inputs; backward walks them in reverse: gather, recompute with grad from the kept inputs,
+//! `run_backward` on `(out * grad_out).sum()` for the input and trainable-parameter gradients,
+//! reduce-scatter the parameter gradients into shard gradients, free.
+//!
+//! Stages (unit in brackets): stem [root] -> local layers [one each] -> post [root] -> global
+//! layers [one each] -> head (drop padding, concat intermediates, projector) [root] -> embed
+//! [root] -> text layers [one each] -> out (norm, lm_head, loss sum) [root]. The root stays
+//! gathered for the whole micro-batch (as FSDP does for its root); layer units are gathered one
+//! at a time, with the next one's all-gather in flight when `prefetch` is on. Every rank issues
+//! the same collectives in the same order whatever its batch holds: a stage with nothing to do
+//! (no images) still gathers its unit and reduce-scatters zero gradients.
+use tch::Tensor;
+
+use crate::dist::ProcessGroup;
+use crate::model::text::TextContext;
+use crate::model::vision::VisionPrep;
+use crate::model::{causal_lm_loss, Batch, MllamaModel, ModelError};
+
+use super::flat::Gathering;
+use super::units::ROOT;
+use super::{FsdpError, FsdpModel};
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Stem,
+    Local(usize),
+    Post,
+    Global(usize),
+    Head,
+    Embed,
+    Text(usize),
+    Out,
+}
+
+#[derive(Debug)]
+struct Stage {
+    op: Op,
+    unit: usize,
+    /// Value ids read (kept from forward for the recompute).
+    inputs: Vec<usize>,
+    output: usize,
+    /// False: nothing to compute (no images): vision stages produce nothing, a cross-attention
+    /// layer passes its hidden states through.
+    active: bool,
+}
+
+/// One micro-batch's stage list and the constants its stages read.
+struct Plan {
+    stages: Vec<Stage>,
+    n_values: usize,
+    /// Whether a value needs a gradient (something upstream trains).
+    needs_grad: Vec<bool>,
+    vision: Option<VisionPrep>,
+    pixel_values: Option<Tensor>,
+    input_ids: Tensor,
+    labels: Option<Tensor>,
+    ctx: TextContext,
+}
+
+impl Plan {
+    fn new(fm: &FsdpModel, batch: &Batch) -> Result<Plan, FsdpError> {
+        let model = &fm.model;
+        let device = model.options.device;
+        let lay = fm.layout;
+        let (b, s) = (batch.input_ids.size()[0], batch.input_ids.size()[1]);
+        let images = batch.images.as_ref();
+        let has_img = images.is_some();
+        let vision = images
+            .map(|im| {
+                model.vision.prepare(
+                    &im.pixel_values.to_device(device),
+                    &im.aspect_ratio_ids.to_device(device),
+                    &im.aspect_ratio_mask.to_device(device),
+                )
+            })
+            .transpose()?;
+        let ctx = model.text_context(
+            b,
+            s,
+            0,
+            None,
+            batch.attention_mask.as_ref(),
+            images.map(|i| &i.cross_attention_mask),
+            None,
+        );
+        let trains: Vec<bool> = fm.units.iter().map(|u| u.trains()).collect();
+        let mut stages = vec![];
+        let mut needs: Vec<bool> = vec![];
+        let mut add = |op, unit: usize, inputs: Vec<usize>, active: bool| -> usize {
+            let out = needs.len();
+            let n = if active {
+                trains[unit] || inputs.iter().any(|&i| needs[i])
+            } else {
+                inputs.first().is_some_and(|&i| needs[i])
+            };
+            needs.push(n);
+            stages.push(Stage {
+                op,
+                unit,
+                inputs,
+                output: out,
+                active,
+            });
+            out
+        };
+        let mut h = add(Op::Stem, ROOT, vec![], has_img);
+        let mut states = vec![];
+        for i in 0..lay.local {
+            h = add(Op::Local(i), lay.local(i), vec![h], has_img);
+            states.push(h);
+        }
+        h = add(Op::Post, ROOT, vec![h], has_img);
+        for j in 0..lay.global {
+            h = add(Op::Global(j), lay.global(j), vec![h], has_img);
+        }
+        let mut head_in = vec![h];
+        head_in.extend(
+            model
+                .config
+                .vision
+                .intermediate_layers_indices
+                .iter()
+                .map(|&i| states[i]),
+        );
+        let cross = add(Op::Head, ROOT, head_in, has_img);
+        h = add(Op::Embed, ROOT, vec![], true);
+        for (k, layer) in model.text.layers.iter().enumerate() {
+            if layer.is_cross() {
+                let inputs = if has_img { vec![h, cross] } else { vec![h] };
+                h = add(Op::Text(k), lay.text(k), inputs, has_img);
+            } else {
+                h = add(Op::Text(k), lay.text(k), vec![h], true);
+            }
+        }
+        add(Op::Out, ROOT, vec![h], true);
+        Ok(Plan {
+            n_values: needs.len(),
+            needs_grad: needs,
+            stages,
+            vision,
+            pixel_values: images.map(|i| i.pixel_values.to_device(device)),
+            input_ids: batch.input_ids.to_device(device),
+            labels: batch.labels.as_ref().map(|l| l.to_device(device)),
+            ctx,
+        })
+    }
+
+    /// Runs one stage's computation on `x` (the stage's inputs) with the unit gathered.
+    fn run(&mut self, model: &MllamaModel, op: Op, x: &[Tensor]) -> Result<Tensor, ModelError> {
+        let prep = || {
+            self.vision
+                .as_ref()
+                .ok_or_else(|| ModelError::Input("vision stage without images".into()))
+        };
+        match op {
+            Op::Stem => {
+                let px = self.pixel_values.as_ref().expect("images present");
+                Ok(model.vision.stem(prep()?, px))
+            }
+            Op::Local(i) => model.vision.transformer[i].forward(&x[0], &prep()?.mask),
+            Op::Post => Ok(model.vision.post_local(prep()?, &x[0])),
+            Op::Global(j) => model.vision.global_transformer[j].forward(&x[0], &prep()?.mask),
+            Op::Head => {
+                let inter: Vec<&Tensor> = x[1..].iter().collect();
+                let v = model.vision.assemble(prep()?, &x[0], &inter); // (B, M, T, P1, Dv)
+                let b = v.size()[0];
+                Ok(model.multi_modal_projector.forward(&v).reshape([
+                    b,
+                    -1,
+                    model.config.text.hidden_size,
+                ])) // (B, N, H)
+            }
+            Op::Embed => Ok(model.text.embed(&self.input_ids)),
+            Op::Text(k) => {
+                self.ctx.cross_states = x.get(1).map(Tensor::shallow_clone);
+                let r = model.text.layers[k].forward(&x[0], &self.ctx, None);
+                self.ctx.cross_states = None;
+                r
+            }
+            Op::Out => {
+                let logits = model.lm_head.forward(&model.text.norm.forward(&x[0])); // (B, S, V)
+                let labels = self
+                    .labels
+                    .as_ref()
+                    .ok_or_else(|| ModelError::Input("training needs labels".into()))?;
+                Ok(causal_lm_loss(&logits, labels).0)
+            }
+        }
+    }
+}
+
+/// Per-stage generator seed, so that dropout in the recompute draws the forward's mask.
+fn stage_seed(seed: u64, stage: usize) -> i64 {
+    (seed ^ (stage as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64 & i64::MAX
+}
+
+impl FsdpModel {
+    fn gather_now(&mut self, pg: &ProcessGroup, unit: usize) -> Result<(), FsdpError> {
+        let g = self.units[unit].start_gather(unit, pg, self.compute)?;
+        self.units[unit].finish_gather(g)?;
+        self.after_gather(unit);
+        Ok(())
+    }
+
+    fn after_gather(&mut self, unit: usize) {
+        if unit == ROOT {
+            self.retie();
+        }
+    }
+
+    /// Makes `unit` gathered, using the prefetched gather when it is that unit's, then starts
+    /// the gather of `next` (prefetch). Returns the new in-flight gather.
+    fn ensure_gathered(
+        &mut self,
+        pg: &ProcessGroup,
+        unit: usize,
+        inflight: Option<Gathering>,
+        next: Option<usize>,
+    ) -> Result<Option<Gathering>, FsdpError> {
+        match inflight {
+            Some(g) if g.unit == unit => {
+                self.units[unit].finish_gather(g)?;
+                self.after_gather(unit);
+            }
+            Some(g) => {
+                // never happens with the schedules below; finish it to keep collectives paired
+                let u = g.unit;
+                self.units[u].finish_gather(g)?;
+                self.units[u].free(self.compute);
+                self.gather_now(pg, unit)?;
+            }
+            None => self.gather_now(pg, unit)?,
+        }
+        match next {
+            Some(n) if self.prefetch => {
+                Ok(Some(self.units[n].start_gather(n, pg, self.compute)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Forward of one micro-batch without a graph; returns the plan and the kept values.
+    fn forward_values(
+        &mut self,
+        pg: &ProcessGroup,
+        batch: &Batch,
+        seed: u64,
+    ) -> Result<(Plan, Vec<Option<Tensor>>), FsdpError> {
+        let mut plan = Plan::new(self, batch)?;
+        let mut values: Vec<Option<Tensor>> = nones(plan.n_values);
+        self.gather_now(pg, ROOT)?;
+        let layer_stages: Vec<usize> = (0..plan.stages.len())
+            .filter(|&i| plan.stages[i].unit != ROOT)
+            .collect();
+        let mut inflight = None;
+        let mut li = 0;
+        for si in 0..plan.stages.len() {
+            let (op, unit, active) = {
+                let st = &plan.stages[si];
+                (st.op, st.unit, st.active)
+            };
+            if unit != ROOT {
+                li += 1;
+                let next = layer_stages.get(li).map(|&n| plan.stages[n].unit);
+                inflight = self.ensure_gathered(pg, unit, inflight.take(), next)?;
+            }
+            let st = &plan.stages[si];
+            let out = if active {
+                let xs: Vec<Tensor> = st
+                    .inputs
+                    .iter()
+                    .map(|&i| values[i].as_ref().expect("input computed").shallow_clone())
+                    .collect();
+                let output = st.output;
+                tch::manual_seed(stage_seed(seed, si));
+                let y = tch::no_grad(|| plan.run(&self.model, op, &xs))?;
+                (output, Some(y))
+            } else {
+                let pass = st.inputs.first().and_then(|&i| values[i].as_ref());
+                (st.output, pass.map(Tensor::shallow_clone))
+            };
+            values[out.0] = out.1;
+            if unit != ROOT {
+                self.units[unit].free(self.compute);
+            }
+        }
+        debug_assert!(inflight.is_none());
+        Ok((plan, values))
+    }
+
+    /// Loss sum of a micro-batch without gradients (validation). Frees everything after.
+    pub fn forward_loss(&mut self, pg: &ProcessGroup, batch: &Batch) -> Result<f64, FsdpError> {
+        self.model.set_training(false);
+        let r = self.forward_values(pg, batch, 0);
+        self.units[ROOT].free(self.compute);
+        self.model.set_training(true);
+        let (plan, values) = r?;
+        let out = plan.stages.last().expect("out stage").output;
+        Ok(values[out].as_ref().expect("loss").double_value(&[]))
+    }
+
+    /// Forward and backward of one micro-batch; the loss sum is scaled by `loss_scale` (1 / the
+    /// global supervised-token count) before differentiation, and the gradients are added to the
+    /// shard gradients. Returns the (unscaled) loss sum of this rank's micro-batch.
+    pub fn forward_backward(
+        &mut self,
+        pg: &ProcessGroup,
+        batch: &Batch,
+        loss_scale: f64,
+        seed: u64,
+    ) -> Result<f64, FsdpError> {
+        let (mut plan, mut values) = self.forward_values(pg, batch, seed)?;
+        let out_id = plan.stages.last().expect("out stage").output;
+        let loss = values[out_id].as_ref().expect("loss").double_value(&[]);
+        let device = self.model.options.device;
+        let mut grads: Vec<Option<Tensor>> = nones(plan.n_values);
+        grads[out_id] = Some(Tensor::from(loss_scale as f32).to_device(device));
+        let root_trainable = self.units[ROOT].trainable_tensors();
+        let mut root_acc: Vec<Option<Tensor>> = nones(root_trainable.len());
+        let layer_stages: Vec<usize> = (0..plan.stages.len())
+            .rev()
+            .filter(|&i| plan.stages[i].unit != ROOT)
+            .collect();
+        let mut inflight = None;
+        let mut li = 0;
+        for si in (0..plan.stages.len()).rev() {
+            let (op, unit, active, output) = {
+                let st = &plan.stages[si];
+                (st.op, st.unit, st.active, st.output)
+            };
+            if unit != ROOT {
+                li += 1;
+                let next = layer_stages.get(li).map(|&n| plan.stages[n].unit);
+                inflight = self.ensure_gathered(pg, unit, inflight.take(), next)?;
+            }
+            let params = if unit == ROOT {
+                root_trainable.iter().map(Tensor::shallow_clone).collect()
+            } else {
+                self.units[unit].trainable_tensors()
+            };
+            let mut param_grads: Vec<Option<Tensor>> = nones(params.len());
+            let go = grads[output].take();
+            let inputs = plan.stages[si].inputs.clone();
+            match (active, go) {
+                (true, Some(go)) => {
+                    let xs: Vec<Tensor> = inputs
+                        .iter()
+                        .map(|&i| {
+                            let x = values[i].as_ref().expect("kept input").detach();
+                            if plan.needs_grad[i] {
+                                x.set_requires_grad(true)
+                            } else {
+                                x
+                            }
+                        })
+                        .collect();
+                    let mut targets: Vec<Tensor> = vec![];
+                    let mut slots: Vec<usize> = vec![]; // input positions with a gradient
+                    for (pos, &i) in inputs.iter().enumerate() {
+                        if plan.needs_grad[i] {
+                            targets.push(xs[pos].shallow_clone());
+                            slots.push(pos);
+                        }
+                    }
+                    let n_in = targets.len();
+                    targets.extend(params.iter().map(Tensor::shallow_clone));
+                    if !targets.is_empty() {
+                        tch::manual_seed(stage_seed(seed, si));
+                        let y = plan.run(&self.model, op, &xs)?;
+                        if y.requires_grad() {
+                            let root = (&y * go.to_kind(y.kind())).sum(y.kind());
+                            let res = Tensor::f_run_backward(&[root], &targets, false, false)?;
+                            for (k, g) in res.into_iter().enumerate() {
+                                if !g.defined() {
+                                    continue;
+                                }
+                                if k < n_in {
+                                    let id = inputs[slots[k]];
+                                    accumulate(&mut grads[id], g);
+                                } else {
+                                    param_grads[k - n_in] = Some(g);
+                                }
+                            }
+                        }
+                    }
+                }
+                (false, Some(go)) => {
+                    // pass-through stage (cross-attention layer without images)
+                    if let Some(&i) = inputs.first() {
+                        accumulate(&mut grads[i], go);
+                    }
+                }
+                (_, None) => {}
+            }
+            if unit == ROOT {
+                for (acc, g) in root_acc.iter_mut().zip(param_grads) {
+                    if let Some(g) = g {
+                        accumulate(acc, g);
+                    }
+                }
+            } else {
+                if self.units[unit].trains() {
+                    self.units[unit].reduce_grads(pg, &param_grads)?;
+                }
+                self.units[unit].free(self.compute);
+            }
+            values[output] = None;
+        }
+        debug_assert!(inflight.is_none());
+        if self.units[ROOT].trains() {
+            self.units[ROOT].reduce_grads(pg, &root_acc)?;
+        }
+        self.units[ROOT].free(self.compute);
+        drop(root_trainable);
+        Ok(loss)
+    }
+}
+
+fn accumulate(slot: &mut Option<Tensor>, g: Tensor) {
+    *slot = Some(match slot.take() {
+        Some(a) => a + g,
+        None => g,
+    });
+}
+
+fn nones(n: usize) -> Vec<Option<Tensor>> {
+    (0..n).map(|_| None).collect()
+}

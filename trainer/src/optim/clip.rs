@@ -1,0 +1,82 @@
+//! Gradient clipping by the global L2 norm, as `torch.nn.utils.clip_grad_norm_`: every gradient is
+//! multiplied by `min(1, max_norm / (norm + 1e-6))`. With FSDP each rank holds a shard of every
+//! gradient, so the squared norm of the local shards is all-reduced first (padding is zero).
+use tch::{Kind, Tensor};
+
+use crate::dist::{ProcessGroup, ReduceOp};
+
+/// Sum of squares of `grads` (fp64 scalar tensor, to keep the sum exact enough across shards).
+pub fn grad_norm_squared(grads: &[Tensor]) -> Tensor {
+    let mut total = Tensor::zeros([], (Kind::Double, tch::Device::Cpu));
+    for g in grads {
+        let s = g
+            .to_kind(Kind::Double)
+            .square()
+            .sum(Kind::Double)
+            .to_device(tch::Device::Cpu);
+        total += s;
+    }
+    total
+}
+
+/// The global gradient norm over all ranks; clips in place when `max_norm` is given. Returns the
+/// norm before clipping (what llama-recipes and torch report).
+pub fn clip_grad_norm(
+    grads: &[Tensor],
+    max_norm: Option<f64>,
+    pg: Option<&ProcessGroup>,
+) -> Result<f64, crate::dist::DistError> {
+    let sq = grad_norm_squared(grads); // () f64 on CPU
+    if let Some(pg) = pg {
+        if pg.world_size() > 1 {
+            // the collective runs on the backend's device
+            let dev = grads.first().map_or(tch::Device::Cpu, |g| g.device());
+            let t = sq.to_device(dev).contiguous();
+            pg.all_reduce(&t, ReduceOp::Sum)?;
+            let norm = t.double_value(&[]).sqrt();
+            return Ok(apply(grads, norm, max_norm));
+        }
+    }
+    let norm = sq.double_value(&[]).sqrt();
+    Ok(apply(grads, norm, max_norm))
+}
+
+fn apply(grads: &[Tensor], norm: f64, max_norm: Option<f64>) -> f64 {
+    if let Some(max) = max_norm {
+        let coef = (max / (norm + 1e-6)).min(1.0);
+        tch::no_grad(|| {
+            for g in grads {
+                let _ = g.shallow_clone().g_mul_scalar_(coef);
+            }
+        });
+    }
+    norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clips_to_max_norm_like_torch() {
+        // norm of [3, 4] and [12] = 13
+        let g = [
+            Tensor::from_slice(&[3.0f32, 4.0]),
+            Tensor::from_slice(&[12.0f32]),
+        ];
+        let n = clip_grad_norm(&g, Some(1.0), None).unwrap();
+        assert!((n - 13.0).abs() < 1e-9);
+        let a: Vec<f32> = Vec::try_from(&g[0]).unwrap();
+        let coef = 1.0 / (13.0 + 1e-6);
+        assert!((a[0] as f64 - 3.0 * coef).abs() < 1e-7 && (a[1] as f64 - 4.0 * coef).abs() < 1e-7);
+    }
+
+    #[test]
+    fn no_clip_below_max() {
+        let g = [Tensor::from_slice(&[0.3f32, 0.4])];
+        let n = clip_grad_norm(&g, Some(1.0), None).unwrap();
+        assert!((n - 0.5).abs() < 1e-7);
+        let a: Vec<f32> = Vec::try_from(&g[0]).unwrap();
+        assert_eq!(a, vec![0.3, 0.4]);
+    }
+}

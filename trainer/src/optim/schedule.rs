@@ -1,0 +1,75 @@
+//! Learning-rate schedules, as functions of (optimizer step, epoch):
+//! - `step`:   llama-recipes' `StepLR(step_size=1, gamma)` stepped once per epoch: lr * gamma^epoch.
+//! - `cosine`: transformers' `get_cosine_with_min_lr_schedule_with_warmup`: linear warmup from 0 over
+//!   `warmup_steps`, then half a cosine from lr down to lr * min_lr_ratio at `total_steps`.
+use crate::config::{Schedule, ScheduleKind};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LrSchedule {
+    pub base_lr: f64,
+    pub schedule: Schedule,
+    /// Optimizer steps of the whole run (cosine's horizon).
+    pub total_steps: u64,
+}
+
+impl LrSchedule {
+    pub fn new(base_lr: f64, schedule: &Schedule, total_steps: u64) -> Self {
+        Self {
+            base_lr,
+            schedule: schedule.clone(),
+            total_steps,
+        }
+    }
+
+    /// The lr of optimizer step `step` (0-based, counted over the whole run) in epoch `epoch` (0-based).
+    pub fn lr(&self, step: u64, epoch: u64) -> f64 {
+        let s = &self.schedule;
+        match s.kind {
+            ScheduleKind::Step => self.base_lr * s.gamma.powi(epoch as i32),
+            ScheduleKind::Cosine => {
+                let w = s.warmup_steps;
+                if step < w {
+                    return self.base_lr * step as f64 / w.max(1) as f64;
+                }
+                let progress =
+                    (step - w) as f64 / (self.total_steps.saturating_sub(w)).max(1) as f64;
+                let cos = 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos());
+                self.base_lr * (cos * (1.0 - s.min_lr_ratio) + s.min_lr_ratio)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(kind: ScheduleKind) -> Schedule {
+        Schedule {
+            kind,
+            gamma: 0.85,
+            warmup_steps: 2,
+            min_lr_ratio: 0.1,
+        }
+    }
+
+    #[test]
+    fn step_lr_per_epoch() {
+        let s = LrSchedule::new(1e-5, &sched(ScheduleKind::Step), 100);
+        assert_eq!(s.lr(0, 0), 1e-5);
+        assert_eq!(s.lr(57, 0), 1e-5);
+        assert!((s.lr(3, 2) - 1e-5 * 0.85 * 0.85).abs() < 1e-20);
+    }
+
+    #[test]
+    fn cosine_with_warmup_and_floor() {
+        let s = LrSchedule::new(1.0, &sched(ScheduleKind::Cosine), 10);
+        assert_eq!(s.lr(0, 0), 0.0);
+        assert_eq!(s.lr(1, 0), 0.5);
+        assert_eq!(s.lr(2, 0), 1.0);
+        // halfway through the decay: 0.5 * (1 - 0.1) + 0.1
+        assert!((s.lr(6, 0) - 0.55).abs() < 1e-12);
+        assert!((s.lr(10, 0) - 0.1).abs() < 1e-12);
+        assert!((s.lr(20, 0) - 0.1).abs() < 1e-12);
+    }
+}

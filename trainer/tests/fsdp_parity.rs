@@ -1,0 +1,263 @@
+//! FSDP end to end through the real launcher (CPU backend): `trainer train` at world 2 and 3
+//! (batch b per rank) against `fsdp.enabled: false` at world 1 (batch b x W, the same global
+//! batch), fp32, grad_accum 2, clipping on, 5 steps, for LoRA and full finetuning: per-step
+//! losses within 1e-5 relative, final trainable weights within 1e-5. Also: parameter bytes per
+//! rank about 1/W of the model, and two runs with one seed give identical metrics.
+//!
+//! The model is a tiny random Mllama sized to the data fixtures' tokenizer (vocab 711, image
+//! token 711 in the embedding's extra rows) and image processor (56-px tiles).
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde_json::Value;
+use tch::Tensor;
+use trainer::model::{KeyLayout, LoadOptions, MllamaConfig, MllamaModel};
+
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --bins` (make test does)",
+        path.display()
+    );
+    path
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A temp folder with `model/` (tiny random Mllama + the fixture tokenizer) and `train.jsonl`.
+fn setup() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("fsdp-parity-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let model_dir = dir.join("model");
+        std::fs::create_dir_all(&model_dir).unwrap();
+        let fx = repo().join("tests/fixtures");
+        let text = std::fs::read_to_string(fx.join("mllama_tiny/model_hf5/config.json")).unwrap();
+        let mut cfg: Value = serde_json::from_str(&text).unwrap();
+        cfg["text_config"]["vocab_size"] = 711.into();
+        cfg["image_token_index"] = 711.into();
+        cfg["vision_config"]["image_size"] = 56.into();
+        let text = serde_json::to_string_pretty(&cfg).unwrap();
+        std::fs::write(model_dir.join("config.json"), &text).unwrap();
+        let config = MllamaConfig::from_json_str(&text).unwrap();
+        let model = MllamaModel::random(config, LoadOptions::default(), 11).unwrap();
+        model
+            .save_safetensors(&model_dir.join("model.safetensors"), KeyLayout::ModulePaths)
+            .unwrap();
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "preprocessor_config.json",
+        ] {
+            std::fs::copy(fx.join("data/tok").join(f), model_dir.join(f)).unwrap();
+        }
+        let images = [
+            "small.png",
+            "large.png",
+            "layout_1x2.png",
+            "layout_2x1.png",
+            "photo.jpg",
+            "gray.png",
+        ];
+        let words = [
+            "red", "square", "three", "objects", "blue", "circle", "answer", "count",
+        ];
+        let mut lines = vec![];
+        for i in 0..48usize {
+            let q: Vec<&str> = (0..(2 + i % 5))
+                .map(|k| words[(i + k) % words.len()])
+                .collect();
+            let a: Vec<&str> = (0..(3 + (i * 7) % 11))
+                .map(|k| words[(i * 3 + k) % words.len()])
+                .collect();
+            let rec = serde_json::json!({
+                "id": format!("r{i}"),
+                "image": images[i % images.len()],
+                "conversations": [
+                    {"from": "human", "value": format!("<image>\nWhat is {}?", q.join(" "))},
+                    {"from": "gpt", "value": format!("<SUMMARY> {} </SUMMARY>", a.join(" "))},
+                ]
+            });
+            lines.push(rec.to_string());
+        }
+        std::fs::write(dir.join("train.jsonl"), lines.join("\n") + "\n").unwrap();
+        dir
+    })
+}
+
+struct Run {
+    metrics: Vec<Value>,
+    weights: HashMap<String, Tensor>,
+}
+
+/// `trainer train` at `world` ranks (through the launcher when world > 1).
+fn train(name: &str, world: usize, sets: &[String]) -> Run {
+    let dir = setup();
+    let out = dir.join(name);
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let cfg = out.join("config.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model: {{path: {m}, dtype: fp32, attention: sdpa}}\n\
+             data: {{train: {d}, image_root: {i}, num_workers: 1}}\n\
+             train: {{epochs: 1, grad_accum: 2, lr: 1.0e-3, weight_decay: 0.01, grad_clip: 1.0, max_steps: 5, seed: 5, output_dir: {o}}}\n\
+             fsdp: {{backend: cpu, mixed_precision: fp32}}\n",
+            m = dir.join("model").display(),
+            d = dir.join("train.jsonl").display(),
+            i = repo().join("tests/fixtures/data/images").display(),
+            o = out.display()
+        ),
+    )
+    .unwrap();
+    let weights_file = out.join("weights.safetensors");
+    let mut cmd = if world > 1 {
+        let mut c = Command::new(bin("launcher"));
+        c.args(["--standalone", "--nproc-per-node", &world.to_string(), "--"]);
+        c.arg(bin("trainer"));
+        c
+    } else {
+        Command::new(bin("trainer"))
+    };
+    cmd.arg("train").arg(&cfg);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let output = cmd
+        .env("TRAINER_DUMP_TRAINABLE", &weights_file)
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .expect("run trainer");
+    assert!(
+        output.status.success(),
+        "{name}: trainer failed\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let weights = Tensor::read_safetensors(&weights_file)
+        .unwrap()
+        .into_iter()
+        .collect();
+    Run { metrics, weights }
+}
+
+fn sets(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// FSDP at `world` with batch `b` vs plain at world 1 with batch b x world.
+fn parity(peft: &[&str], world: usize, b: usize) -> (Run, Run) {
+    let tag = if peft.iter().any(|s| s.contains("none")) {
+        "full"
+    } else {
+        "lora"
+    };
+    let mut base = sets(peft);
+    base.push("fsdp.enabled=false".into());
+    base.push(format!("train.batch_size={}", b * world));
+    let mut sharded = sets(peft);
+    sharded.push(format!("train.batch_size={b}"));
+    let reference = train(&format!("{tag}-w1-b{}", b * world), 1, &base);
+    let fsdp = train(&format!("{tag}-w{world}-b{b}"), world, &sharded);
+    assert_eq!(reference.metrics.len(), 5);
+    assert_eq!(fsdp.metrics.len(), 5);
+    let mut worst_loss = 0.0f64;
+    for (r, f) in reference.metrics.iter().zip(&fsdp.metrics) {
+        let (lr_, lf) = (r["loss"].as_f64().unwrap(), f["loss"].as_f64().unwrap());
+        worst_loss = worst_loss.max((lr_ - lf).abs() / lr_.abs());
+        assert_eq!(r["tokens"], f["tokens"], "same samples per step");
+    }
+    let mut worst_w = 0.0f64;
+    assert_eq!(reference.weights.len(), fsdp.weights.len());
+    for (n, t) in &fsdp.weights {
+        let d = (t - &reference.weights[n]).abs().max().double_value(&[]);
+        worst_w = worst_w.max(d);
+    }
+    println!("{tag} world {world} batch {b}: max loss rel diff {worst_loss:.2e}, max weight abs diff {worst_w:.2e}");
+    assert!(
+        worst_loss < 1e-5,
+        "{tag} world {world}: losses differ (rel {worst_loss})"
+    );
+    assert!(
+        worst_w < 1e-5,
+        "{tag} world {world}: weights differ (abs {worst_w})"
+    );
+    (reference, fsdp)
+}
+
+const LORA: &[&str] = &[
+    "peft.method=lora",
+    "peft.r=4",
+    "peft.dropout=0.0",
+    "peft.target_modules=[q_proj,v_proj]",
+];
+const FULL: &[&str] = &["peft.method=none"];
+
+#[test]
+fn lora_world2_matches_single_process() {
+    let (reference, fsdp) = parity(LORA, 2, 2);
+    // memory: parameter bytes per rank about 1/2 of the whole model (+ padding)
+    let whole = reference.metrics[0]["param_bytes"].as_f64().unwrap();
+    let per_rank = fsdp.metrics[0]["param_bytes"].as_f64().unwrap();
+    println!("param bytes: world 1 {whole}, world 2 per rank {per_rank}");
+    assert!(
+        per_rank <= whole / 2.0 * 1.01 + 4096.0,
+        "{per_rank} vs {whole}"
+    );
+    assert!(per_rank >= whole / 2.0 * 0.99);
+}
+
+#[test]
+fn lora_world3_matches_single_process() {
+    parity(LORA, 3, 1);
+}
+
+#[test]
+fn full_world2_matches_single_process() {
+    parity(FULL, 2, 1);
+}
+
+#[test]
+fn full_world3_matches_single_process_and_holds_a_third() {
+    let (reference, fsdp) = parity(FULL, 3, 1);
+    let whole = reference.metrics[0]["param_bytes"].as_f64().unwrap();
+    let per_rank = fsdp.metrics[0]["param_bytes"].as_f64().unwrap();
+    println!("param bytes: world 1 {whole}, world 3 per rank {per_rank}");
+    assert!(
+        per_rank <= whole / 3.0 * 1.01 + 4096.0,
+        "{per_rank} vs {whole}"
+    );
+    assert!(per_rank >= whole / 3.0 * 0.99);
+}
+
+#[test]
+fn same_seed_gives_identical_metrics() {
+    let mut s = sets(LORA);
+    s.push("peft.dropout=0.1".into());
+    s.push("train.batch_size=1".into());
+    let a = train("det-a", 2, &s);
+    let b = train("det-b", 2, &s);
+    let keys = ["step", "epoch", "loss", "lr", "grad_norm", "tokens"];
+    for (x, y) in a.metrics.iter().zip(&b.metrics) {
+        for k in keys {
+            assert_eq!(x[k], y[k], "{k} differs between two runs with one seed");
+        }
+    }
+    for (n, t) in &a.weights {
+        assert!(t.equal(&b.weights[n]), "{n} differs between two runs");
+    }
+}
