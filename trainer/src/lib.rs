@@ -3,6 +3,7 @@
 //! - `config`:  YAML schema, `--set` overrides, validation into a resolved config
 //! - `data`:    records, Mllama image processor, chat template, labels, collate, sampler, loader
 //! - `dist`:    ProcessGroup (all_gather, reduce_scatter, all_reduce, broadcast, barrier) on cpu/nccl
+//! - `eval`:    benchmark scoring per turn, transitions, reports (trainer eval)
 //! - `fsdp`:    units, flat shards, gather/free schedule, recompute backward; plain (unsharded) baseline
 //! - `infer`:   generation with self-correction turns, sampling, stage parsing
 //! - `logging`: tracing with a `[rank r]` prefix, progress only on rank 0
@@ -13,6 +14,7 @@ pub mod bench;
 pub mod config;
 pub mod data;
 pub mod dist;
+pub mod eval;
 pub mod fsdp;
 pub mod infer;
 pub mod logging;

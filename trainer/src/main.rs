@@ -47,9 +47,9 @@ enum Command {
     /// Generate with self-correction turns (greedy with --temperature 0; --checkpoint not built yet: issue 8).
     /// Example: trainer infer --model M --adapter A --image x.jpg --question "..." --turns 2
     Infer(InferArgs),
-    /// Score a benchmark turn by turn. [not built yet: issue 9]
+    /// Score a benchmark turn by turn (greedy by default), resumable; writes predictions and reports.
     /// Example: trainer eval --model M --data b.jsonl --image-root i --turns 3 --out r/
-    Eval(PendingArgs),
+    Eval(EvalArgs),
     /// Export a checkpoint as a PEFT adapter or merged HF folder. [not built yet: issue 8]
     /// Example: trainer export --checkpoint ckpt/step-00000500 --out adapter/ --format peft
     Export(PendingArgs),
@@ -177,34 +177,11 @@ enum PositionArg {
 }
 
 fn infer(args: InferArgs) -> Result<ExitCode> {
-    use anyhow::Context;
     use std::io::Write;
-    use trainer::data::{image, records, tokenize::TextProcessor};
-    use trainer::infer::{InferOptions, Position, Session};
-    use trainer::model::{AttentionImpl, LoadOptions, MllamaModel};
+    use trainer::data::{image, records};
+    use trainer::infer::{InferOptions, Session};
 
-    let (device, dtype) = if tch::Cuda::is_available() {
-        (tch::Device::Cuda(0), tch::Kind::BFloat16)
-    } else {
-        (tch::Device::Cpu, tch::Kind::Float)
-    };
-    let mut model = MllamaModel::load(
-        &args.model,
-        LoadOptions {
-            dtype,
-            device,
-            attention: AttentionImpl::Sdpa,
-        },
-    )
-    .with_context(|| format!("loading the model from {}", args.model.display()))?;
-    if let Some(dir) = &args.adapter {
-        model
-            .load_adapter(dir)
-            .with_context(|| format!("loading the adapter {}", dir.display()))?;
-    }
-    let text = TextProcessor::from_model_dir(&args.model, false).map_err(anyhow::Error::msg)?;
-    let image_config =
-        image::ImageProcessorConfig::from_model_dir(&args.model).map_err(anyhow::Error::msg)?;
+    let (model, text, image_config) = load_for_generation(&args.model, args.adapter.as_deref())?;
     let img = args
         .image
         .as_ref()
@@ -217,10 +194,7 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
             .correction_prompt
             .clone()
             .unwrap_or_else(|| records::DEFAULT_CORRECTION_PROMPT.to_string()),
-        position: match args.position {
-            PositionArg::AfterAnswer => Position::AfterAnswer,
-            PositionArg::AfterReasoning => Position::AfterReasoning,
-        },
+        position: position_of(args.position),
         temperature: args.temperature,
         top_p: args.top_p,
         max_new_tokens: args.max_new_tokens,
@@ -267,6 +241,147 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
             );
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `trainer eval`.
+#[derive(Args)]
+struct EvalArgs {
+    /// Hugging Face model folder
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter folder
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Benchmark JSONL: {"id", "image", "question", "answer", "choices"?, "category"?} per line
+    #[arg(long)]
+    data: PathBuf,
+    /// Folder the benchmark's image paths are relative to
+    #[arg(long)]
+    image_root: PathBuf,
+    /// Total turns per sample (1 = no correction)
+    #[arg(long, default_value_t = 2)]
+    turns: usize,
+    /// Output folder: predictions.jsonl, report.json, report.md (an existing one is resumed)
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "after-answer")]
+    position: PositionArg,
+    /// Only the first K samples
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 512)]
+    max_new_tokens: usize,
+    /// 0 = greedy (default for scoring)
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    correction_prompt: Option<String>,
+    /// A training metrics.jsonl, to report training FLOPs next to inference FLOPs
+    #[arg(long)]
+    train_metrics: Option<PathBuf>,
+}
+
+/// Loads model (+ adapter), tokenizer/template and image processor of a model folder.
+fn load_for_generation(
+    model_dir: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+) -> Result<(
+    trainer::model::MllamaModel,
+    trainer::data::tokenize::TextProcessor,
+    trainer::data::image::ImageProcessorConfig,
+)> {
+    use anyhow::Context;
+    use trainer::model::{AttentionImpl, LoadOptions, MllamaModel};
+    let (device, dtype) = if tch::Cuda::is_available() {
+        (tch::Device::Cuda(0), tch::Kind::BFloat16)
+    } else {
+        (tch::Device::Cpu, tch::Kind::Float)
+    };
+    let mut model = MllamaModel::load(
+        model_dir,
+        LoadOptions {
+            dtype,
+            device,
+            attention: AttentionImpl::Sdpa,
+        },
+    )
+    .with_context(|| format!("loading the model from {}", model_dir.display()))?;
+    if let Some(dir) = adapter {
+        model
+            .load_adapter(dir)
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+    }
+    let text = trainer::data::tokenize::TextProcessor::from_model_dir(model_dir, false)
+        .map_err(anyhow::Error::msg)?;
+    let image_config = trainer::data::image::ImageProcessorConfig::from_model_dir(model_dir)
+        .map_err(anyhow::Error::msg)?;
+    Ok((model, text, image_config))
+}
+
+fn position_of(p: PositionArg) -> trainer::infer::Position {
+    match p {
+        PositionArg::AfterAnswer => trainer::infer::Position::AfterAnswer,
+        PositionArg::AfterReasoning => trainer::infer::Position::AfterReasoning,
+    }
+}
+
+fn eval(args: EvalArgs) -> Result<ExitCode> {
+    use trainer::eval::{run, EvalOptions};
+    use trainer::infer::{InferOptions, Session};
+    let (model, text, image_config) = load_for_generation(&args.model, args.adapter.as_deref())?;
+    let session = Session {
+        model: &model,
+        text: &text,
+        image_config: &image_config,
+    };
+    let opts = EvalOptions {
+        infer: InferOptions {
+            turns: args.turns,
+            correction_prompt: args
+                .correction_prompt
+                .clone()
+                .unwrap_or_else(|| trainer::data::records::DEFAULT_CORRECTION_PROMPT.to_string()),
+            position: position_of(args.position),
+            temperature: args.temperature,
+            top_p: args.top_p,
+            max_new_tokens: args.max_new_tokens,
+            seed: args.seed,
+        },
+        image_root: args.image_root.clone(),
+        out: args.out.clone(),
+        limit: args.limit,
+        training_metrics: args.train_metrics.clone(),
+    };
+    let report = run(&session, &args.data, &opts, &mut |done, total| {
+        if trainer::logging::is_progress_rank() && (done % 10 == 0 || done == total) {
+            eprintln!("eval: {done}/{total} samples");
+        }
+    })?;
+    for t in &report.turns {
+        println!(
+            "turn {}: {}/{} correct ({:.1}%)",
+            t.turn,
+            t.correct,
+            t.total,
+            100.0 * t.accuracy
+        );
+    }
+    for t in &report.transitions {
+        println!(
+            "turn {} -> {}: wrong->right {}, right->wrong {}, answer changed {:.1}%",
+            t.from,
+            t.to,
+            t.wrong_right,
+            t.right_wrong,
+            100.0 * t.change_rate
+        );
+    }
+    println!("report: {}", args.out.join("report.md").display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -393,7 +508,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Infer(args) => infer(args),
-        Command::Eval(_) => not_built("eval", 9),
+        Command::Eval(args) => eval(args),
         Command::Export(_) => not_built("export", 8),
         Command::Bench(BenchCommand::Collectives {
             backend,

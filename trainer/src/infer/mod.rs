@@ -46,6 +46,8 @@ pub struct TurnOutput {
     #[serde(skip)]
     pub token_ids: Vec<i64>,
     pub stages: Stages,
+    /// Tokens of the prompt this turn was generated from (for compute accounting).
+    pub prompt_tokens: usize,
     pub tokens: usize,
     pub seconds: f64,
 }
@@ -173,6 +175,7 @@ impl Session<'_> {
             outputs.push(TurnOutput {
                 stages: Stages::parse(&text),
                 text: text.clone(),
+                prompt_tokens: ids.len(),
                 tokens: token_ids.len(),
                 token_ids,
                 seconds: started.elapsed().as_secs_f64(),

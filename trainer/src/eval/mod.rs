@@ -1,0 +1,228 @@
+//! `trainer eval`: self-correction turns over a benchmark, scored turn by turn, with a report that
+//! answers the seed's open questions (does correction help, on which question types, which stage
+//! changes, at what cost). Resumable: predictions.jsonl is appended one sample at a time and
+//! samples already in it are skipped on the next run.
+//!
+//! Not built yet: batched generation, distributing samples over ranks, PNG plots.
+pub mod answer;
+pub mod report;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::data::image::load_rgb;
+use crate::data::records::resolve_image;
+use crate::infer::{InferOptions, Session};
+use report::{Prediction, Report, TurnPrediction};
+
+/// One benchmark line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchItem {
+    pub id: String,
+    pub image: String,
+    pub question: String,
+    pub answer: String,
+    #[serde(default)]
+    pub choices: Option<Vec<String>>,
+    #[serde(default)]
+    pub category: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("{file}:{line}: {reason}")]
+    Bench {
+        file: String,
+        line: usize,
+        reason: String,
+    },
+    #[error("{0}")]
+    Io(String),
+    #[error(transparent)]
+    Infer(#[from] crate::infer::InferError),
+}
+
+/// Reads BENCH.jsonl; every bad line is an error naming FILE:LINE.
+pub fn read_bench(path: &Path) -> Result<Vec<(usize, BenchItem)>, EvalError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| EvalError::Io(format!("{file}: {e}")))?;
+    let mut items = Vec::new();
+    let mut seen = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let item: BenchItem = serde_json::from_str(line).map_err(|e| EvalError::Bench {
+            file: file.clone(),
+            line: i + 1,
+            reason: e.to_string(),
+        })?;
+        if let Some(first) = seen.insert(item.id.clone(), i + 1) {
+            return Err(EvalError::Bench {
+                file,
+                line: i + 1,
+                reason: format!("id {:?} repeats the one on line {first}", item.id),
+            });
+        }
+        items.push((i + 1, item));
+    }
+    if items.is_empty() {
+        return Err(EvalError::Io(format!("{file}: the benchmark is empty (one JSON object per line: id, image, question, answer)")));
+    }
+    Ok(items)
+}
+
+fn read_predictions(path: &Path) -> Result<Vec<Prediction>, EvalError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(vec![]);
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Prediction>(line) {
+            Ok(p) => out.push(p),
+            // an interrupted write leaves a partial last line: drop it and redo that sample
+            Err(_) if i + 1 == text.lines().count() => {}
+            Err(e) => {
+                return Err(EvalError::Bench {
+                    file: path.display().to_string(),
+                    line: i + 1,
+                    reason: format!("unreadable prediction ({e}); delete the file to start over"),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub struct EvalOptions {
+    pub infer: InferOptions,
+    pub image_root: PathBuf,
+    pub out: PathBuf,
+    pub limit: Option<usize>,
+    pub training_metrics: Option<PathBuf>,
+}
+
+/// Sum of tflops x step_s over a training metrics.jsonl.
+fn training_flops(path: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let total: f64 = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some(v.get("tflops")?.as_f64()? * v.get("step_s")?.as_f64()? * 1e12))
+        .sum();
+    Some(total)
+}
+
+/// Runs (or resumes) the evaluation and writes predictions.jsonl, report.json and report.md.
+/// `progress(done, total)` is called after each sample.
+pub fn run(
+    session: &Session,
+    bench: &Path,
+    opts: &EvalOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Report, EvalError> {
+    let items = read_bench(bench)?;
+    let items: Vec<_> = items
+        .into_iter()
+        .take(opts.limit.unwrap_or(usize::MAX))
+        .collect();
+    std::fs::create_dir_all(&opts.out)
+        .map_err(|e| EvalError::Io(format!("{}: {e}", opts.out.display())))?;
+    let pred_path = opts.out.join("predictions.jsonl");
+    let mut done: HashMap<String, Prediction> = read_predictions(&pred_path)?
+        .into_iter()
+        .map(|p| (p.id.clone(), p))
+        .collect();
+    // rewrite the file with the readable lines only (drops a torn last line)
+    let mut file = std::fs::File::create(&pred_path)
+        .map_err(|e| EvalError::Io(format!("{}: {e}", pred_path.display())))?;
+    for (_, item) in &items {
+        if let Some(p) = done.get(&item.id) {
+            writeln!(file, "{}", serde_json::to_string(p).unwrap_or_default())
+                .map_err(|e| EvalError::Io(e.to_string()))?;
+        }
+    }
+    let bench_file = bench.display().to_string();
+    for (k, (line, item)) in items.iter().enumerate() {
+        if done.contains_key(&item.id) {
+            continue;
+        }
+        let path = resolve_image(&item.image, Some(&opts.image_root)).map_err(|reason| {
+            EvalError::Bench {
+                file: bench_file.clone(),
+                line: *line,
+                reason,
+            }
+        })?;
+        let image = load_rgb(&path).map_err(|reason| EvalError::Bench {
+            file: bench_file.clone(),
+            line: *line,
+            reason,
+        })?;
+        let turns = session.run(Some(&image), &item.question, &opts.infer, &mut |_, _| {})?;
+        let choices = item.choices.as_deref();
+        let pred = Prediction {
+            id: item.id.clone(),
+            answer: item.answer.clone(),
+            category: item.category.clone(),
+            turns: turns
+                .into_iter()
+                .map(|t| {
+                    let extracted = answer::extract(&t.text);
+                    let stages = t
+                        .stages
+                        .as_list()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+                        .collect();
+                    TurnPrediction {
+                        correct: answer::is_correct(&extracted, &item.answer, choices),
+                        extracted,
+                        text: t.text,
+                        stages,
+                        prompt_tokens: t.prompt_tokens,
+                        tokens: t.tokens,
+                        seconds: t.seconds,
+                    }
+                })
+                .collect(),
+        };
+        writeln!(file, "{}", serde_json::to_string(&pred).unwrap_or_default())
+            .and_then(|_| file.flush())
+            .map_err(|e| EvalError::Io(e.to_string()))?;
+        done.insert(item.id.clone(), pred);
+        progress(k + 1, items.len());
+    }
+    let preds: Vec<Prediction> = items
+        .iter()
+        .filter_map(|(_, it)| done.get(&it.id).cloned())
+        .collect();
+    let params: usize = session
+        .model
+        .parameter_shapes()
+        .iter()
+        .map(|(_, s)| s.iter().product::<i64>() as usize)
+        .sum();
+    let report = report::build(
+        &preds,
+        params,
+        opts.training_metrics.as_deref().and_then(training_flops),
+    );
+    let write = |name: &str, text: String| {
+        std::fs::write(opts.out.join(name), text)
+            .map_err(|e| EvalError::Io(format!("{}: {e}", opts.out.join(name).display())))
+    };
+    write(
+        "report.json",
+        serde_json::to_string_pretty(&report).unwrap_or_default(),
+    )?;
+    write("report.md", report::markdown(&report))?;
+    Ok(report)
+}

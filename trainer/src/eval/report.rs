@@ -1,0 +1,322 @@
+//! The evaluation report: accuracy per turn, transitions between consecutive turns (right->right,
+//! right->wrong, wrong->right, wrong->wrong) and the answer-change rate, the same per category,
+//! the stage where turn 0 and turn 1 first differ (an error-type proxy), and compute per turn.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One turn of one sample, as stored in predictions.jsonl.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TurnPrediction {
+    pub text: String,
+    pub extracted: String,
+    pub correct: bool,
+    #[serde(default)]
+    pub stages: BTreeMap<String, Option<String>>,
+    #[serde(default)]
+    pub prompt_tokens: usize,
+    #[serde(default)]
+    pub tokens: usize,
+    #[serde(default)]
+    pub seconds: f64,
+}
+
+/// One line of predictions.jsonl.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Prediction {
+    pub id: String,
+    pub answer: String,
+    #[serde(default)]
+    pub category: Option<String>,
+    pub turns: Vec<TurnPrediction>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TurnScore {
+    pub turn: usize,
+    pub correct: usize,
+    pub total: usize,
+    pub accuracy: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Transition {
+    pub from: usize,
+    pub to: usize,
+    pub right_right: usize,
+    pub right_wrong: usize,
+    pub wrong_right: usize,
+    pub wrong_wrong: usize,
+    /// Samples whose extracted answer changed between the two turns.
+    pub changed: usize,
+    pub change_rate: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Breakdown {
+    pub turns: Vec<TurnScore>,
+    pub transitions: Vec<Transition>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TurnCost {
+    pub turn: usize,
+    pub mean_prompt_tokens: f64,
+    pub mean_new_tokens: f64,
+    pub mean_seconds: f64,
+    /// Analytic forward FLOPs (2 x parameters x tokens processed), summed over samples.
+    pub flops: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Report {
+    pub samples: usize,
+    pub turns: Vec<TurnScore>,
+    pub transitions: Vec<Transition>,
+    pub by_category: BTreeMap<String, Breakdown>,
+    /// Where turn 0 and turn 1 first differ: "summary", "caption", "reasoning", "conclusion", or
+    /// "none" when every stage is the same (only with 2+ turns).
+    pub first_differing_stage: BTreeMap<String, usize>,
+    pub cost: Vec<TurnCost>,
+    /// Training FLOPs from a metrics.jsonl (sum of tflops x step seconds), when given.
+    pub training_flops: Option<f64>,
+    pub parameters: usize,
+}
+
+fn breakdown(preds: &[&Prediction]) -> Breakdown {
+    let n_turns = preds.iter().map(|p| p.turns.len()).min().unwrap_or(0);
+    let turns = (0..n_turns)
+        .map(|t| {
+            let correct = preds.iter().filter(|p| p.turns[t].correct).count();
+            TurnScore {
+                turn: t,
+                correct,
+                total: preds.len(),
+                accuracy: ratio(correct, preds.len()),
+            }
+        })
+        .collect();
+    let transitions = (1..n_turns)
+        .map(|t| {
+            let mut tr = Transition {
+                from: t - 1,
+                to: t,
+                right_right: 0,
+                right_wrong: 0,
+                wrong_right: 0,
+                wrong_wrong: 0,
+                changed: 0,
+                change_rate: 0.0,
+            };
+            for p in preds {
+                let (a, b) = (&p.turns[t - 1], &p.turns[t]);
+                match (a.correct, b.correct) {
+                    (true, true) => tr.right_right += 1,
+                    (true, false) => tr.right_wrong += 1,
+                    (false, true) => tr.wrong_right += 1,
+                    (false, false) => tr.wrong_wrong += 1,
+                }
+                tr.changed += usize::from(a.extracted.trim() != b.extracted.trim());
+            }
+            tr.change_rate = ratio(tr.changed, preds.len());
+            tr
+        })
+        .collect();
+    Breakdown { turns, transitions }
+}
+
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+const STAGE_ORDER: [&str; 4] = ["summary", "caption", "reasoning", "conclusion"];
+
+/// Builds the report from predictions in bench order.
+pub fn build(preds: &[Prediction], parameters: usize, training_flops: Option<f64>) -> Report {
+    let all: Vec<&Prediction> = preds.iter().collect();
+    let overall = breakdown(&all);
+    let mut cats: BTreeMap<String, Vec<&Prediction>> = BTreeMap::new();
+    for p in preds {
+        cats.entry(p.category.clone().unwrap_or_else(|| "(none)".into()))
+            .or_default()
+            .push(p);
+    }
+    let by_category = cats.into_iter().map(|(k, v)| (k, breakdown(&v))).collect();
+    let mut first_differing_stage = BTreeMap::new();
+    for p in preds.iter().filter(|p| p.turns.len() >= 2) {
+        let (a, b) = (&p.turns[0].stages, &p.turns[1].stages);
+        let stage = STAGE_ORDER
+            .iter()
+            .find(|s| a.get(**s) != b.get(**s))
+            .copied()
+            .unwrap_or("none");
+        *first_differing_stage.entry(stage.to_string()).or_insert(0) += 1;
+    }
+    let n_turns = overall.turns.len();
+    let cost = (0..n_turns)
+        .map(|t| {
+            let n = preds.len().max(1) as f64;
+            let prompt: usize = preds.iter().map(|p| p.turns[t].prompt_tokens).sum();
+            let new: usize = preds.iter().map(|p| p.turns[t].tokens).sum();
+            TurnCost {
+                turn: t,
+                mean_prompt_tokens: prompt as f64 / n,
+                mean_new_tokens: new as f64 / n,
+                mean_seconds: preds.iter().map(|p| p.turns[t].seconds).sum::<f64>() / n,
+                flops: 2.0 * parameters as f64 * (prompt + new) as f64,
+            }
+        })
+        .collect();
+    Report {
+        samples: preds.len(),
+        turns: overall.turns,
+        transitions: overall.transitions,
+        by_category,
+        first_differing_stage,
+        cost,
+        training_flops,
+        parameters,
+    }
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", 100.0 * x)
+}
+
+/// report.md: the same numbers as report.json, as tables.
+pub fn markdown(r: &Report) -> String {
+    let mut s = format!("# Evaluation report\n\n{} samples, {} parameters.\n\n## Accuracy per turn\n\n| turn | correct | total | accuracy |\n| --- | ---: | ---: | ---: |\n", r.samples, r.parameters);
+    for t in &r.turns {
+        s += &format!(
+            "| {} | {} | {} | {} |\n",
+            t.turn,
+            t.correct,
+            t.total,
+            pct(t.accuracy)
+        );
+    }
+    s += "\n## Transitions between consecutive turns\n\n| from -> to | right->right | right->wrong | wrong->right | wrong->wrong | answer changed |\n| --- | ---: | ---: | ---: | ---: | ---: |\n";
+    for t in &r.transitions {
+        s += &format!(
+            "| {} -> {} | {} | {} | {} | {} | {} ({}) |\n",
+            t.from,
+            t.to,
+            t.right_right,
+            t.right_wrong,
+            t.wrong_right,
+            t.wrong_wrong,
+            t.changed,
+            pct(t.change_rate)
+        );
+    }
+    if let (Some(first), Some(last)) = (r.turns.first(), r.turns.last()) {
+        if r.turns.len() > 1 {
+            let verdict = if last.accuracy > first.accuracy {
+                "improves on"
+            } else if last.accuracy < first.accuracy {
+                "is worse than"
+            } else {
+                "equals"
+            };
+            s += &format!(
+                "\nSelf-correction: the last turn ({}) {verdict} turn 0 ({}).\n",
+                pct(last.accuracy),
+                pct(first.accuracy)
+            );
+        }
+    }
+    s += "\n## By category\n\n| category | samples | accuracy per turn | wrong->right | right->wrong |\n| --- | ---: | --- | ---: | ---: |\n";
+    for (cat, b) in &r.by_category {
+        let accs: Vec<String> = b.turns.iter().map(|t| pct(t.accuracy)).collect();
+        let wr: usize = b.transitions.iter().map(|t| t.wrong_right).sum();
+        let rw: usize = b.transitions.iter().map(|t| t.right_wrong).sum();
+        s += &format!(
+            "| {cat} | {} | {} | {wr} | {rw} |\n",
+            b.turns.first().map_or(0, |t| t.total),
+            accs.join(" / ")
+        );
+    }
+    if !r.first_differing_stage.is_empty() {
+        s += "\n## First stage where turn 1 departs from turn 0\n\n| stage | samples |\n| --- | ---: |\n";
+        for (stage, n) in &r.first_differing_stage {
+            s += &format!("| {stage} | {n} |\n");
+        }
+    }
+    s += "\n## Compute per turn\n\n| turn | mean prompt tokens | mean new tokens | mean seconds | forward FLOPs (2·N·tokens) |\n| --- | ---: | ---: | ---: | ---: |\n";
+    for c in &r.cost {
+        s += &format!(
+            "| {} | {:.1} | {:.1} | {:.2} | {:.3e} |\n",
+            c.turn, c.mean_prompt_tokens, c.mean_new_tokens, c.mean_seconds, c.flops
+        );
+    }
+    if let Some(f) = r.training_flops {
+        s += &format!("\nTraining compute (from metrics.jsonl): {f:.3e} FLOPs; set it against an RL run's rollouts + updates for the cost question.\n");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn turn(correct: bool, extracted: &str, reasoning: &str) -> TurnPrediction {
+        let mut stages = BTreeMap::new();
+        stages.insert("summary".to_string(), Some("s".to_string()));
+        stages.insert("reasoning".to_string(), Some(reasoning.to_string()));
+        TurnPrediction {
+            text: String::new(),
+            extracted: extracted.into(),
+            correct,
+            stages,
+            prompt_tokens: 10,
+            tokens: 5,
+            seconds: 1.0,
+        }
+    }
+
+    fn pred(id: &str, cat: &str, t: [(bool, &str, &str); 2]) -> Prediction {
+        Prediction {
+            id: id.into(),
+            answer: "x".into(),
+            category: Some(cat.into()),
+            turns: t.iter().map(|&(c, e, r)| turn(c, e, r)).collect(),
+        }
+    }
+
+    #[test]
+    fn numbers_recomputed_by_hand() {
+        let preds = vec![
+            pred("1", "count", [(true, "3", "r"), (true, "3", "r")]), // right -> right, unchanged
+            pred("2", "count", [(false, "4", "r"), (true, "3", "r2")]), // wrong -> right, changed, reasoning differs
+            pred("3", "color", [(true, "red", "r"), (false, "blue", "q")]),
+            pred("4", "color", [(false, "red", "r"), (false, "red", "r")]),
+        ];
+        let r = build(&preds, 100, Some(1e9));
+        assert_eq!(r.turns[0].correct, 2);
+        assert_eq!(r.turns[1].correct, 2);
+        assert_eq!(r.turns[0].accuracy, 0.5);
+        let t = &r.transitions[0];
+        assert_eq!(
+            (t.right_right, t.right_wrong, t.wrong_right, t.wrong_wrong),
+            (1, 1, 1, 1)
+        );
+        assert_eq!(t.changed, 2);
+        assert_eq!(t.change_rate, 0.5);
+        assert_eq!(r.by_category["count"].turns[1].accuracy, 1.0);
+        assert_eq!(r.by_category["color"].transitions[0].right_wrong, 1);
+        assert_eq!(r.first_differing_stage["reasoning"], 2);
+        assert_eq!(r.first_differing_stage["none"], 2);
+        // 4 samples x (10 + 5) tokens x 2 x 100 parameters
+        assert_eq!(r.cost[0].flops, 2.0 * 100.0 * 60.0);
+        let md = markdown(&r);
+        assert!(
+            md.contains("| 0 -> 1 | 1 | 1 | 1 | 1 | 2 (50.0%) |"),
+            "{md}"
+        );
+        assert!(md.contains("equals turn 0"), "{md}");
+    }
+}

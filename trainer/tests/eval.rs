@@ -1,0 +1,178 @@
+//! trainer eval end to end on a tiny random model (fixture tokenizer and images): the report's
+//! numbers agree with predictions.jsonl, an interrupted run resumes to the same report, and bad
+//! benchmarks give FILE:LINE errors.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde_json::Value;
+use trainer::model::{KeyLayout, LoadOptions, MllamaConfig, MllamaModel};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A temp folder with `model/` (tiny random Mllama + fixture tokenizer) and `bench.jsonl`.
+fn setup() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("eval-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let model_dir = dir.join("model");
+        std::fs::create_dir_all(&model_dir).unwrap();
+        let fx = repo().join("tests/fixtures");
+        let text = std::fs::read_to_string(fx.join("mllama_tiny/model_hf5/config.json")).unwrap();
+        let mut cfg: Value = serde_json::from_str(&text).unwrap();
+        cfg["text_config"]["vocab_size"] = 711.into();
+        cfg["image_token_index"] = 711.into();
+        cfg["vision_config"]["image_size"] = 56.into();
+        // wider than the fixture model, so the fixture's adapter does not fit this base model
+        cfg["text_config"]["hidden_size"] = 96.into();
+        let text = serde_json::to_string_pretty(&cfg).unwrap();
+        std::fs::write(model_dir.join("config.json"), &text).unwrap();
+        let model = MllamaModel::random(MllamaConfig::from_json_str(&text).unwrap(), LoadOptions::default(), 3).unwrap();
+        model.save_safetensors(&model_dir.join("model.safetensors"), KeyLayout::ModulePaths).unwrap();
+        for f in ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"] {
+            std::fs::copy(fx.join("data/tok").join(f), model_dir.join(f)).unwrap();
+        }
+        let lines = [
+            r#"{"id": "a", "image": "small.png", "question": "How many?", "answer": "3", "category": "count"}"#,
+            r#"{"id": "b", "image": "large.png", "question": "Which color?", "answer": "B", "choices": ["red", "blue"], "category": "color"}"#,
+            r#"{"id": "c", "image": "gray.png", "question": "What is it?", "answer": "a circle", "category": "shape"}"#,
+            r#"{"id": "d", "image": "layout_1x2.png", "question": "How many?", "answer": "2", "category": "count"}"#,
+        ];
+        std::fs::write(dir.join("bench.jsonl"), lines.join("\n") + "\n").unwrap();
+        dir
+    })
+}
+
+fn eval(out: &Path, extra: &[&str]) -> (i32, String) {
+    let dir = setup();
+    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["eval", "--turns", "2", "--max-new-tokens", "6"])
+        .arg("--model")
+        .arg(dir.join("model"))
+        .arg("--data")
+        .arg(dir.join("bench.jsonl"))
+        .arg("--image-root")
+        .arg(repo().join("tests/fixtures/data/images"))
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn report_matches_predictions_and_resume_gives_the_same_report() {
+    let dir = setup();
+    let full = dir.join("out-full");
+    let (code, err) = eval(&full, &[]);
+    assert_eq!(code, 0, "{err}");
+    let report = json(&full.join("report.json"));
+    let preds: Vec<Value> = std::fs::read_to_string(full.join("predictions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(preds.len(), 4);
+    for t in 0..2 {
+        let correct = preds
+            .iter()
+            .filter(|p| p["turns"][t]["correct"].as_bool().unwrap())
+            .count();
+        assert_eq!(
+            report["turns"][t]["correct"].as_u64().unwrap() as usize,
+            correct
+        );
+        assert_eq!(report["turns"][t]["total"], 4);
+    }
+    let tr = &report["transitions"][0];
+    let sum: u64 = ["right_right", "right_wrong", "wrong_right", "wrong_wrong"]
+        .iter()
+        .map(|k| tr[*k].as_u64().unwrap())
+        .sum();
+    assert_eq!(sum, 4);
+    assert!(std::fs::read_to_string(full.join("report.md"))
+        .unwrap()
+        .contains("## Accuracy per turn"));
+
+    // interrupted after 2 samples, then resumed: the same predictions and report
+    let resumed = dir.join("out-resumed");
+    assert_eq!(eval(&resumed, &["--limit", "2"]).0, 0);
+    assert_eq!(
+        std::fs::read_to_string(resumed.join("predictions.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+    assert_eq!(eval(&resumed, &[]).0, 0);
+    let strip = |v: Value| -> Value {
+        let mut v = v;
+        v["cost"] = Value::Null; // timings differ
+        v
+    };
+    assert_eq!(strip(json(&resumed.join("report.json"))), strip(report));
+}
+
+#[test]
+fn bad_benchmarks_name_file_and_line() {
+    let dir = setup();
+    let cases = [
+        ("unknown.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\", \"colour\": 1}\n", "unknown.jsonl:1: unknown field `colour`"),
+        ("missing.jsonl", "{\"id\": \"x\", \"image\": \"nope.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "missing.jsonl:1:"),
+        ("empty.jsonl", "\n", "the benchmark is empty"),
+        ("dup.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "dup.jsonl:2: id \"x\" repeats"),
+    ];
+    for (name, text, want) in cases {
+        std::fs::write(dir.join(name), text).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args(["eval", "--turns", "1"])
+            .arg("--model")
+            .arg(dir.join("model"))
+            .arg("--data")
+            .arg(dir.join(name))
+            .arg("--image-root")
+            .arg(repo().join("tests/fixtures/data/images"))
+            .arg("--out")
+            .arg(dir.join(format!("out-{name}")))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains(want), "{name}: {stderr}");
+    }
+}
+
+#[test]
+fn adapter_for_another_base_model_is_a_clear_error() {
+    let dir = setup();
+    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args([
+            "infer",
+            "--question",
+            "q",
+            "--turns",
+            "1",
+            "--max-new-tokens",
+            "4",
+        ])
+        .arg("--model")
+        .arg(dir.join("model"))
+        .arg("--adapter")
+        .arg(repo().join("tests/fixtures/mllama_tiny/adapter_hf5"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("adapter"), "{stderr}");
+}
