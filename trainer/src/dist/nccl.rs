@@ -43,6 +43,7 @@ struct Job {
 pub struct NcclEngine {
     jobs: mpsc::Sender<Job>,
     device: i32,
+    world: usize,
 }
 
 fn nccl_err(what: &str) -> impl Fn(nccl::NcclError) -> DistError + '_ {
@@ -98,7 +99,11 @@ impl NcclEngine {
                 })
             }
         }
-        Ok(NcclEngine { jobs: tx, device })
+        Ok(NcclEngine {
+            jobs: tx,
+            device,
+            world: env.world_size,
+        })
     }
 }
 
@@ -266,6 +271,34 @@ impl Engine for NcclEngine {
         // SAFETY: fresh event, recorded on the caller's current stream of this device.
         unsafe { drv::event::record(ready, kernels::runtime::torch_current_stream(self.device)) }
             .map_err(drv_err("cuEventRecord"))?;
+        // Avg runs as Sum, then a division on the caller's stream: NCCL 2.28's ncclAvg left the last
+        // element of an odd-sized reduce_scatter unwritten on one rank (H200, 2026-11-26).
+        let (op, average) = match op {
+            Op::AllReduce {
+                tensor,
+                op: ReduceOp::Avg,
+            } => (
+                Op::AllReduce {
+                    tensor: tensor.shallow_clone(),
+                    op: ReduceOp::Sum,
+                },
+                Some(tensor),
+            ),
+            Op::ReduceScatter {
+                out,
+                input,
+                op: ReduceOp::Avg,
+            } => (
+                Op::ReduceScatter {
+                    out: out.shallow_clone(),
+                    input,
+                    op: ReduceOp::Sum,
+                },
+                Some(out),
+            ),
+            other => (other, None),
+        };
+        let world = self.world as f64;
         let keep = op_tensors(&op);
         self.jobs
             .send(Job {
@@ -288,6 +321,9 @@ impl Engine for NcclEngine {
                 )
             }
             .map_err(drv_err("cuStreamWaitEvent"));
+            if let (Ok(()), Some(mut t)) = (&r, average) {
+                let _ = t.g_mul_scalar_(1.0 / world);
+            }
             // SAFETY: destroying an event with pending waits is allowed (released on completion).
             unsafe {
                 let _ = drv::event::destroy(done_event as dsys::CUevent);
