@@ -271,8 +271,8 @@ impl Engine for NcclEngine {
         // SAFETY: fresh event, recorded on the caller's current stream of this device.
         unsafe { drv::event::record(ready, kernels::runtime::torch_current_stream(self.device)) }
             .map_err(drv_err("cuEventRecord"))?;
-        // Avg runs as Sum, then a division on the caller's stream: NCCL 2.28's ncclAvg left the last
-        // element of an odd-sized reduce_scatter unwritten on one rank (H200, 2026-11-26).
+        // Avg runs as Sum, then a division on the caller's stream: with ncclAvg, one element of an
+        // odd-sized (4097) f32 reduce_scatter came back wrong on one rank (NCCL 2.28, H200, 2026-11-26).
         let (op, average) = match op {
             Op::AllReduce {
                 tensor,
