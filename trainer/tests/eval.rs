@@ -1,16 +1,14 @@
 //! trainer eval end to end on a tiny random model (fixture tokenizer and images): the report's
 //! numbers agree with predictions.jsonl, an interrupted run resumes to the same report, and bad
 //! benchmarks give FILE:LINE errors.
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use common::{repo, tiny_model_folder};
 use serde_json::Value;
-use trainer::model::{KeyLayout, LoadOptions, MllamaConfig, MllamaModel};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// A temp folder with `model/` (tiny random Mllama + fixture tokenizer) and `bench.jsonl`.
 fn setup() -> &'static Path {
@@ -18,23 +16,8 @@ fn setup() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("eval-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let model_dir = dir.join("model");
-        std::fs::create_dir_all(&model_dir).unwrap();
-        let fx = repo().join("tests/fixtures");
-        let text = std::fs::read_to_string(fx.join("mllama_tiny/model_hf5/config.json")).unwrap();
-        let mut cfg: Value = serde_json::from_str(&text).unwrap();
-        cfg["text_config"]["vocab_size"] = 711.into();
-        cfg["image_token_index"] = 711.into();
-        cfg["vision_config"]["image_size"] = 56.into();
         // wider than the fixture model, so the fixture's adapter does not fit this base model
-        cfg["text_config"]["hidden_size"] = 96.into();
-        let text = serde_json::to_string_pretty(&cfg).unwrap();
-        std::fs::write(model_dir.join("config.json"), &text).unwrap();
-        let model = MllamaModel::random(MllamaConfig::from_json_str(&text).unwrap(), LoadOptions::default(), 3).unwrap();
-        model.save_safetensors(&model_dir.join("model.safetensors"), KeyLayout::ModulePaths).unwrap();
-        for f in ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"] {
-            std::fs::copy(fx.join("data/tok").join(f), model_dir.join(f)).unwrap();
-        }
+        tiny_model_folder(&dir.join("model"), 3, |cfg| cfg["text_config"]["hidden_size"] = 96.into());
         let lines = [
             r#"{"id": "a", "image": "small.png", "question": "How many?", "answer": "3", "category": "count"}"#,
             r#"{"id": "b", "image": "large.png", "question": "Which color?", "answer": "B", "choices": ["red", "blue"], "category": "color"}"#,

@@ -6,30 +6,16 @@
 //!
 //! The model is a tiny random Mllama sized to the data fixtures' tokenizer (vocab 711, image
 //! token 711 in the embedding's extra rows) and image processor (56-px tiles).
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use common::{bin, repo, tiny_model_folder};
 use serde_json::Value;
 use tch::Tensor;
-use trainer::model::{KeyLayout, LoadOptions, MllamaConfig, MllamaModel};
-
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not built: run `cargo build --bins` (make test does)",
-        path.display()
-    );
-    path
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// A temp folder with `model/` (tiny random Mllama + the fixture tokenizer) and `train.jsonl`.
 fn setup() -> &'static Path {
@@ -37,28 +23,7 @@ fn setup() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("fsdp-parity-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let model_dir = dir.join("model");
-        std::fs::create_dir_all(&model_dir).unwrap();
-        let fx = repo().join("tests/fixtures");
-        let text = std::fs::read_to_string(fx.join("mllama_tiny/model_hf5/config.json")).unwrap();
-        let mut cfg: Value = serde_json::from_str(&text).unwrap();
-        cfg["text_config"]["vocab_size"] = 711.into();
-        cfg["image_token_index"] = 711.into();
-        cfg["vision_config"]["image_size"] = 56.into();
-        let text = serde_json::to_string_pretty(&cfg).unwrap();
-        std::fs::write(model_dir.join("config.json"), &text).unwrap();
-        let config = MllamaConfig::from_json_str(&text).unwrap();
-        let model = MllamaModel::random(config, LoadOptions::default(), 11).unwrap();
-        model
-            .save_safetensors(&model_dir.join("model.safetensors"), KeyLayout::ModulePaths)
-            .unwrap();
-        for f in [
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "preprocessor_config.json",
-        ] {
-            std::fs::copy(fx.join("data/tok").join(f), model_dir.join(f)).unwrap();
-        }
+        tiny_model_folder(&dir.join("model"), 11, |_| {});
         let images = [
             "small.png",
             "large.png",

@@ -1,0 +1,58 @@
+//! Shared by the trainer's end-to-end tests: paths to the repository and the built binaries, and a
+//! tiny random Mllama model folder that agrees with the data fixtures' tokenizer (vocab 711, the
+//! image token 711 in the embedding's extra rows) and image processor (56-px tiles).
+#![allow(dead_code)] // each test file uses a different part
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use trainer::model::{KeyLayout, LoadOptions, MllamaConfig, MllamaModel};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A binary of this workspace next to the test executable (target/<profile>/).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --bins` (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// Writes `dir/` as a Hugging Face folder: config.json (the fixture model's, resized to the data
+/// fixtures' tokenizer and tiles, then `edit`ed), a random model.safetensors from `seed`, and the
+/// tokenizer, chat template and processor config of tests/fixtures/data/tok.
+pub fn tiny_model_folder(dir: &Path, seed: i64, edit: impl FnOnce(&mut Value)) {
+    std::fs::create_dir_all(dir).unwrap();
+    let fx = repo().join("tests/fixtures");
+    let text = std::fs::read_to_string(fx.join("mllama_tiny/model_hf5/config.json")).unwrap();
+    let mut cfg: Value = serde_json::from_str(&text).unwrap();
+    cfg["text_config"]["vocab_size"] = 711.into();
+    cfg["image_token_index"] = 711.into();
+    cfg["vision_config"]["image_size"] = 56.into();
+    edit(&mut cfg);
+    let text = serde_json::to_string_pretty(&cfg).unwrap();
+    std::fs::write(dir.join("config.json"), &text).unwrap();
+    let model = MllamaModel::random(
+        MllamaConfig::from_json_str(&text).unwrap(),
+        LoadOptions::default(),
+        seed,
+    )
+    .unwrap();
+    model
+        .save_safetensors(&dir.join("model.safetensors"), KeyLayout::ModulePaths)
+        .unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    ] {
+        std::fs::copy(fx.join("data/tok").join(f), dir.join(f)).unwrap();
+    }
+}
