@@ -297,8 +297,13 @@ fn load_for_generation(
 )> {
     use anyhow::Context;
     use trainer::model::{AttentionImpl, LoadOptions, MllamaModel};
+    // one GPU per local rank under the launcher
+    let local_rank = std::env::var("LOCAL_RANK")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
     let (device, dtype) = if tch::Cuda::is_available() {
-        (tch::Device::Cuda(0), tch::Kind::BFloat16)
+        (tch::Device::Cuda(local_rank), tch::Kind::BFloat16)
     } else {
         (tch::Device::Cpu, tch::Kind::Float)
     };
@@ -331,7 +336,7 @@ fn position_of(p: PositionArg) -> trainer::infer::Position {
 }
 
 fn eval(args: EvalArgs) -> Result<ExitCode> {
-    use trainer::eval::{run, EvalOptions};
+    use trainer::eval::{run, EvalOptions, Shard};
     use trainer::infer::{InferOptions, Session};
     let (model, text, image_config) = load_for_generation(&args.model, args.adapter.as_deref())?;
     let session = Session {
@@ -357,11 +362,40 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         limit: args.limit,
         training_metrics: args.train_metrics.clone(),
     };
-    let report = run(&session, &args.data, &opts, &mut |done, total| {
-        if trainer::logging::is_progress_rank() && (done % 10 == 0 || done == total) {
-            eprintln!("eval: {done}/{total} samples");
-        }
-    })?;
+    // under the launcher every rank evaluates its share; rank 0 merges and reports
+    let env = launcher::env::RankEnv::from_env()?;
+    let group = if env.is_single() {
+        None
+    } else {
+        Some(trainer::dist::ProcessGroup::from_env(
+            trainer::dist::Backend::Cpu,
+            std::time::Duration::from_secs(24 * 3600),
+        )?)
+    };
+    let barrier = || {
+        group
+            .as_ref()
+            .map_or(Ok(()), |g| g.barrier().map_err(|e| e.to_string()))
+    };
+    let shard = group.as_ref().map(|g| Shard {
+        rank: g.rank(),
+        world: g.world_size(),
+        barrier: &barrier,
+    });
+    let Some(report) = run(
+        &session,
+        &args.data,
+        &opts,
+        shard.as_ref(),
+        &mut |done, total| {
+            if done % 10 == 0 || done == total {
+                eprintln!("eval: {done}/{total} samples of this rank");
+            }
+        },
+    )?
+    else {
+        return Ok(ExitCode::SUCCESS);
+    };
     for t in &report.turns {
         println!(
             "turn {}: {}/{} correct ({:.1}%)",

@@ -159,3 +159,49 @@ fn adapter_for_another_base_model_is_a_clear_error() {
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("adapter"), "{stderr}");
 }
+
+#[test]
+fn two_ranks_under_the_launcher_give_the_same_report_as_one() {
+    let dir = setup();
+    let single = dir.join("out-single");
+    assert_eq!(eval(&single, &[]).0, 0);
+    let dist = dir.join("out-dist");
+    let o = Command::new(common::bin("launcher"))
+        .args(["--standalone", "--nproc-per-node", "2", "--"])
+        .arg(env!("CARGO_BIN_EXE_trainer"))
+        .args(["eval", "--turns", "2", "--max-new-tokens", "6"])
+        .arg("--model")
+        .arg(dir.join("model"))
+        .arg("--data")
+        .arg(dir.join("bench.jsonl"))
+        .arg("--image-root")
+        .arg(repo().join("tests/fixtures/data/images"))
+        .arg("--out")
+        .arg(&dist)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let strip = |mut v: Value| {
+        v["cost"] = Value::Null;
+        v
+    };
+    assert_eq!(
+        strip(json(&dist.join("report.json"))),
+        strip(json(&single.join("report.json")))
+    );
+    let merged = std::fs::read_to_string(dist.join("predictions.jsonl")).unwrap();
+    let ids: Vec<String> = merged
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, ["a", "b", "c", "d"], "merged in benchmark order");
+    assert!(
+        !dist.join("predictions.rank-1.jsonl").exists(),
+        "rank files are merged away"
+    );
+}

@@ -3,7 +3,12 @@
 //! changes, at what cost). Resumable: predictions.jsonl is appended one sample at a time and
 //! samples already in it are skipped on the next run.
 //!
-//! Not built yet: batched generation, distributing samples over ranks, PNG plots.
+//! Under the launcher, rank r takes samples r, r + W, ... and appends to its own
+//! `predictions.rank-R.jsonl`; after a barrier rank 0 merges every file into predictions.jsonl (in
+//! benchmark order) and writes the reports. A resumed run, at any world size, skips every sample
+//! found in any of those files.
+//!
+//! Not built yet: batched generation, PNG plots.
 pub mod answer;
 pub mod report;
 
@@ -101,6 +106,14 @@ fn read_predictions(path: &Path) -> Result<Vec<Prediction>, EvalError> {
     Ok(out)
 }
 
+/// This process's share of a distributed evaluation.
+pub struct Shard<'a> {
+    pub rank: usize,
+    pub world: usize,
+    /// Waits for every rank (the process group's barrier).
+    pub barrier: &'a dyn Fn() -> Result<(), String>,
+}
+
 pub struct EvalOptions {
     pub infer: InferOptions,
     pub image_root: PathBuf,
@@ -120,52 +133,78 @@ fn training_flops(path: &Path) -> Option<f64> {
     Some(total)
 }
 
-/// Runs (or resumes) the evaluation and writes predictions.jsonl, report.json and report.md.
-/// `progress(done, total)` is called after each sample.
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> EvalError + '_ {
+    move |e| EvalError::Io(format!("{}: {e}", path.display()))
+}
+
+/// Every prediction already made: the merged file and any rank files of an interrupted run.
+fn existing_predictions(out: &Path) -> Result<HashMap<String, Prediction>, EvalError> {
+    let mut done = HashMap::new();
+    let mut files = vec![out.join("predictions.jsonl")];
+    if let Ok(entries) = std::fs::read_dir(out) {
+        let mut ranks: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("predictions.rank-"))
+            })
+            .collect();
+        ranks.sort();
+        files.extend(ranks);
+    }
+    for f in files {
+        for p in read_predictions(&f)? {
+            done.insert(p.id.clone(), p);
+        }
+    }
+    Ok(done)
+}
+
+/// Runs (or resumes) the evaluation and, on rank 0, writes predictions.jsonl, report.json and
+/// report.md and returns the report. `progress(done, total)` is called after each sample.
 pub fn run(
     session: &Session,
     bench: &Path,
     opts: &EvalOptions,
+    shard: Option<&Shard>,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<Report, EvalError> {
+) -> Result<Option<Report>, EvalError> {
+    let (rank, world) = shard.map_or((0, 1), |s| (s.rank, s.world));
     let items = read_bench(bench)?;
     let items: Vec<_> = items
         .into_iter()
         .take(opts.limit.unwrap_or(usize::MAX))
         .collect();
-    std::fs::create_dir_all(&opts.out)
-        .map_err(|e| EvalError::Io(format!("{}: {e}", opts.out.display())))?;
-    let pred_path = opts.out.join("predictions.jsonl");
-    let mut done: HashMap<String, Prediction> = read_predictions(&pred_path)?
-        .into_iter()
-        .map(|p| (p.id.clone(), p))
+    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    let mut done = existing_predictions(&opts.out)?;
+    let mine: Vec<&(usize, BenchItem)> = items
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| k % world == rank)
+        .map(|(_, it)| it)
         .collect();
-    // rewrite the file with the readable lines only (drops a torn last line)
-    let mut file = std::fs::File::create(&pred_path)
-        .map_err(|e| EvalError::Io(format!("{}: {e}", pred_path.display())))?;
-    for (_, item) in &items {
+    let rank_path = opts.out.join(format!("predictions.rank-{rank}.jsonl"));
+    // this rank's file starts with its share of what is already done (a torn last line is dropped)
+    let mut file = std::fs::File::create(&rank_path).map_err(io_err(&rank_path))?;
+    for (_, item) in &mine {
         if let Some(p) = done.get(&item.id) {
             writeln!(file, "{}", serde_json::to_string(p).unwrap_or_default())
-                .map_err(|e| EvalError::Io(e.to_string()))?;
+                .map_err(io_err(&rank_path))?;
         }
     }
     let bench_file = bench.display().to_string();
-    for (k, (line, item)) in items.iter().enumerate() {
+    let bad = |line: usize| {
+        let file = bench_file.clone();
+        move |reason: String| EvalError::Bench { file, line, reason }
+    };
+    for (k, (line, item)) in mine.iter().enumerate() {
         if done.contains_key(&item.id) {
             continue;
         }
-        let path = resolve_image(&item.image, Some(&opts.image_root)).map_err(|reason| {
-            EvalError::Bench {
-                file: bench_file.clone(),
-                line: *line,
-                reason,
-            }
-        })?;
-        let image = load_rgb(&path).map_err(|reason| EvalError::Bench {
-            file: bench_file.clone(),
-            line: *line,
-            reason,
-        })?;
+        let path = resolve_image(&item.image, Some(&opts.image_root)).map_err(bad(*line))?;
+        let image = load_rgb(&path).map_err(bad(*line))?;
         let turns = session.run(Some(&image), &item.question, &opts.infer, &mut |_, _| {})?;
         let choices = item.choices.as_deref();
         let pred = Prediction {
@@ -196,14 +235,42 @@ pub fn run(
         };
         writeln!(file, "{}", serde_json::to_string(&pred).unwrap_or_default())
             .and_then(|_| file.flush())
-            .map_err(|e| EvalError::Io(e.to_string()))?;
+            .map_err(io_err(&rank_path))?;
         done.insert(item.id.clone(), pred);
-        progress(k + 1, items.len());
+        progress(k + 1, mine.len());
     }
+    drop(file);
+    if let Some(s) = shard {
+        (s.barrier)().map_err(|e| EvalError::Io(format!("waiting for the other ranks: {e}")))?;
+    }
+    if rank != 0 {
+        return Ok(None);
+    }
+    // rank 0: merge every rank's file, in benchmark order, then drop the rank files
+    let done = existing_predictions(&opts.out)?;
     let preds: Vec<Prediction> = items
         .iter()
         .filter_map(|(_, it)| done.get(&it.id).cloned())
         .collect();
+    let merged = opts.out.join("predictions.jsonl");
+    let tmp = opts.out.join("predictions.jsonl.tmp");
+    let text: String = preds
+        .iter()
+        .map(|p| serde_json::to_string(p).unwrap_or_default() + "\n")
+        .collect();
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, &merged))
+        .map_err(io_err(&merged))?;
+    if let Ok(entries) = std::fs::read_dir(&opts.out) {
+        for e in entries.flatten() {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("predictions.rank-"))
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let params: usize = session
         .model
         .parameter_shapes()
@@ -216,13 +283,13 @@ pub fn run(
         opts.training_metrics.as_deref().and_then(training_flops),
     );
     let write = |name: &str, text: String| {
-        std::fs::write(opts.out.join(name), text)
-            .map_err(|e| EvalError::Io(format!("{}: {e}", opts.out.join(name).display())))
+        let path = opts.out.join(name);
+        std::fs::write(&path, text).map_err(io_err(&path))
     };
     write(
         "report.json",
         serde_json::to_string_pretty(&report).unwrap_or_default(),
     )?;
     write("report.md", report::markdown(&report))?;
-    Ok(report)
+    Ok(Some(report))
 }
