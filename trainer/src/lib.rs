@@ -1,5 +1,6 @@
 //! trainer library. Module index:
 //! - `bench`:   measurements behind `trainer bench ...` (collectives)
+//! - `checkpoint`: sharded checkpoints: atomic save, resume at any world size, integrity checks (issue 8)
 //! - `config`:  YAML schema, `--set` overrides, validation into a resolved config
 //! - `data`:    records, Mllama image processor, chat template, labels, collate, sampler, loader
 //! - `dist`:    ProcessGroup (all_gather, reduce_scatter, all_reduce, broadcast, barrier) on cpu/nccl
@@ -11,6 +12,7 @@
 //! - `optim`:   AdamW on flat fp32 shards, global-norm clipping, lr schedules
 //! - `train`:   the training loop (`trainer train`): FSDP or plain, grad accumulation, clip, AdamW, metrics
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod dist;

@@ -50,9 +50,9 @@ enum Command {
     /// Score a benchmark turn by turn (greedy by default), resumable; writes predictions and reports.
     /// Example: trainer eval --model M --data b.jsonl --image-root i --turns 3 --out r/
     Eval(EvalArgs),
-    /// Export a checkpoint as a PEFT adapter or merged HF folder. [not built yet: issue 8]
+    /// Export a checkpoint as a PEFT adapter (--format merged: not built yet, issue 8).
     /// Example: trainer export --checkpoint ckpt/step-00000500 --out adapter/ --format peft
-    Export(PendingArgs),
+    Export(ExportArgs),
     /// Benchmarks (collectives; data, checkpoint, step not built yet: issues 6, 7, 8).
     /// Example: launcher --nproc-per-node 2 -- trainer bench collectives --json
     #[command(subcommand)]
@@ -419,6 +419,20 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `trainer export`.
+#[derive(Args)]
+struct ExportArgs {
+    /// A checkpoint folder (`checkpoint.dir/step-N`)
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Output folder
+    #[arg(long)]
+    out: PathBuf,
+    /// peft: adapter_config.json + adapter_model.safetensors; merged: not built yet
+    #[arg(long, default_value = "peft")]
+    format: String,
+}
+
 /// Arguments of a subcommand that is not built yet (accepted verbatim so `--help` works).
 #[derive(Args)]
 struct PendingArgs {
@@ -543,7 +557,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Infer(args) => infer(args),
         Command::Eval(args) => eval(args),
-        Command::Export(_) => not_built("export", 8),
+        Command::Export(args) => match args.format.as_str() {
+            "peft" => {
+                let n = trainer::checkpoint::export_peft(&args.checkpoint, &args.out)?;
+                println!(
+                    "wrote {} ({n} LoRA tensors) from {}",
+                    args.out.display(),
+                    args.checkpoint.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            "merged" => not_built("export --format merged", 8),
+            other => anyhow::bail!("--format {other}: expected peft or merged"),
+        },
         Command::Bench(BenchCommand::Collectives {
             backend,
             sizes,

@@ -6,8 +6,12 @@
 //! tokens (all-reduced before the first backward), so the logged loss is the true mean and
 //! world 2 x batch 2 trains exactly like world 1 x batch 4.
 //!
+//! Checkpoints (issue 8, `crate::checkpoint`): resumed before the loop per `checkpoint.resume`;
+//! saved every `checkpoint.every_steps` steps, at the end of each completed epoch, and on SIGTERM.
+//!
 //! Hooks: `TRAINER_DUMP_TRAINABLE=FILE` makes rank 0 write the final trainable weights (fp32,
-//! by name) to FILE as safetensors (tests and debugging; checkpoints are issue 8).
+//! by name) to FILE as safetensors (tests and debugging). `TRAINER_STOP_AFTER_STEP=N` acts as a
+//! SIGTERM received during step N (tests of the preemption path).
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
+use crate::checkpoint::{self, Progress};
 use crate::config::{self, Config};
 use crate::data::dataset::{Dataset, MicroBatch, Split};
 use crate::dist::{self, ProcessGroup, ReduceOp};
@@ -39,6 +44,10 @@ pub struct Outcome {
 struct State {
     step: u64,
     epoch: u64,
+    /// Global batches of the current epoch consumed so far (the data position).
+    epoch_batch: u64,
+    /// The step of the last checkpoint saved (or resumed from).
+    saved_step: Option<u64>,
     skipped_nonfinite: u64,
     last_loss: Option<f64>,
 }
@@ -99,20 +108,82 @@ pub fn train(config: &Config) -> Result<Outcome> {
     };
     let mut opt = AdamW::new(adamw, &params);
     let schedule = LrSchedule::new(t.lr, &t.schedule, total_steps);
-    let mut metrics = Metrics::open(&t.output_dir, rank == 0)?;
     let mut st = State {
         step: 0,
         epoch: 0,
+        epoch_batch: 0,
+        saved_step: None,
         skipped_nonfinite: 0,
         last_loss: None,
     };
+    let mut start = (0u64, 0u64); // (epoch, batch) the data starts at
+    if let Some(r) = checkpoint::resume(&pg, device, config, &mut trainable, &mut opt)? {
+        let p = r.progress;
+        log(rank, &format!("resumed from {} (step {}, epoch {}, data at epoch {} batch {}, saved by {} rank(s))", r.dir.display(), p.step, p.epoch, p.data_epoch, p.data_batch, r.world_size));
+        st.step = p.step;
+        st.epoch = p.epoch;
+        st.skipped_nonfinite = p.skipped_nonfinite;
+        st.saved_step = Some(p.step);
+        start = (p.data_epoch, p.data_batch);
+    }
+    let ck = &config.checkpoint;
+    if ck.async_save {
+        log(rank, "checkpoint.async: checkpoint files are written by a background thread; a checkpoint is published once every rank has written its file (at the latest before the next save and at the end)");
+    }
+    let mut metrics = Metrics::open(&t.output_dir, rank == 0, st.saved_step)?;
+    // At most one save in flight: a new one first completes the previous one.
+    let mut pending: Option<checkpoint::save::PendingSave> = None;
+    let save = |pending: &mut Option<checkpoint::save::PendingSave>,
+                st: &State,
+                trainable: &Trainable,
+                opt: &AdamW,
+                data: (u64, u64)|
+     -> Result<()> {
+        if let Some(p) = pending.take() {
+            p.finish(&pg, device)?;
+        }
+        let progress = Progress {
+            step: st.step,
+            epoch: st.epoch,
+            data_epoch: data.0,
+            data_batch: data.1,
+            skipped_nonfinite: st.skipped_nonfinite,
+        };
+        let p = checkpoint::save::begin(
+            &pg,
+            config,
+            trainable,
+            opt,
+            &schedule,
+            &progress,
+            ck.async_save,
+        )
+        .with_context(|| format!("saving the checkpoint of step {}", st.step))?;
+        if ck.async_save {
+            *pending = Some(p);
+        } else {
+            p.finish(&pg, device)?;
+        }
+        Ok(())
+    };
+    let stop_after = std::env::var("TRAINER_STOP_AFTER_STEP")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok());
     log(rank, &format!("training {} steps ({steps_per_epoch} per epoch) on {world} rank(s), {} backend, fsdp {}", total_steps, pg.backend_name(), config.fsdp.enabled));
 
     // 5. The loop: epochs of optimizer steps of grad_accum micro-batches.
     let mut interrupted = false;
-    'epochs: for epoch in 0..t.epochs as u64 {
+    'epochs: for epoch in start.0..t.epochs as u64 {
         st.epoch = epoch;
-        let mut micro = train_ds.epoch_iter(epoch, 0, rank, world, t.batch_size, t.grad_accum);
+        st.epoch_batch = if epoch == start.0 { start.1 } else { 0 };
+        let mut micro = train_ds.epoch_iter(
+            epoch,
+            st.epoch_batch,
+            rank,
+            world,
+            t.batch_size,
+            t.grad_accum,
+        );
         let epoch_start = Instant::now();
         let mut epoch_loss = vec![];
         while st.step < total_steps {
@@ -137,6 +208,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 device,
             )?;
             st.step += 1;
+            st.epoch_batch += 1;
             let step_s = started.elapsed().as_secs_f64();
             if !r.loss.is_finite() || !r.grad_norm.is_finite() {
                 st.skipped_nonfinite += 1;
@@ -157,9 +229,32 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 }))?;
                 progress(rank, st.step, total_steps, r.loss, r.tokens as f64 / step_s);
             }
+            // Periodic checkpoint (the epoch's last step is saved at the epoch end instead).
+            if ck.every_steps > 0
+                && st.step.is_multiple_of(ck.every_steps)
+                && st.epoch_batch < steps_per_epoch
+            {
+                save(&mut pending, &st, &trainable, &opt, (epoch, st.epoch_batch))?;
+                st.saved_step = Some(st.step);
+            }
+            // Publish a background save once every rank has written its file.
+            if pending.is_some() {
+                let busy = !pending.as_ref().is_some_and(|p| p.is_written());
+                if all_reduce_i64(&pg, busy as i64, device)? == 0 {
+                    if let Some(p) = pending.take() {
+                        p.finish(&pg, device)?;
+                    }
+                }
+            }
+            if stop_after == Some(st.step) {
+                STOP.store(true, Ordering::SeqCst);
+            }
             // SIGTERM: every rank stops after the same step (the flag is all-reduced).
             if stop_requested(&pg, device)? {
-                // TODO(checkpoint, issue 8): save a checkpoint here when checkpoints are on.
+                if st.saved_step != Some(st.step) {
+                    save(&mut pending, &st, &trainable, &opt, (epoch, st.epoch_batch))?;
+                    st.saved_step = Some(st.step);
+                }
                 log(rank, &format!("SIGTERM: stopping after step {}", st.step));
                 interrupted = true;
                 break 'epochs;
@@ -188,12 +283,21 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 ),
             );
         }
+        // Epoch end: the data continues with the next epoch.
+        if st.epoch_batch >= steps_per_epoch {
+            save(&mut pending, &st, &trainable, &opt, (epoch + 1, 0))?;
+            st.saved_step = Some(st.step);
+        }
         if st.step >= total_steps {
             break;
         }
     }
 
-    // 6. Final weights for tests (checkpoints and export: issue 8).
+    if let Some(p) = pending.take() {
+        p.finish(&pg, device)?;
+    }
+
+    // 6. Final weights for tests.
     if let Some(path) = std::env::var_os("TRAINER_DUMP_TRAINABLE") {
         let full = trainable.gather_trainable(&pg)?;
         if rank == 0 {
@@ -425,15 +529,34 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn open(dir: &Path, rank0: bool) -> Result<Self> {
+    /// A fresh file, or, when resuming from step `resumed`, the existing one without the lines
+    /// of later steps (those are trained again).
+    fn open(dir: &Path, rank0: bool, resumed: Option<u64>) -> Result<Self> {
         if !rank0 {
             return Ok(Self { file: None });
         }
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating train.output_dir {}", dir.display()))?;
         let path = dir.join("metrics.jsonl");
-        let file =
+        let kept: Vec<String> = match resumed {
+            Some(step) => std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= step)
+                })
+                .map(str::to_string)
+                .collect(),
+            None => vec![],
+        };
+        let mut file =
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        for l in kept {
+            writeln!(file, "{l}")?;
+        }
         Ok(Self { file: Some(file) })
     }
 

@@ -57,7 +57,18 @@ fn missing_config_names_the_file() {
 
 #[test]
 fn unbuilt_subcommands_exit_2_and_say_so() {
-    for args in [&["export"][..], &["bench", "step"]] {
+    for args in [
+        &[
+            "export",
+            "--checkpoint",
+            "c",
+            "--out",
+            "o",
+            "--format",
+            "merged",
+        ][..],
+        &["bench", "step"],
+    ] {
         let (code, _, stderr) = trainer(args);
         assert_eq!(code, 2, "{args:?}");
         assert!(stderr.contains("not implemented yet"), "{args:?}: {stderr}");

@@ -1,0 +1,56 @@
+//! `trainer export --checkpoint DIR --out DIR --format peft`: the checkpoint's LoRA factors as a
+//! PEFT adapter folder (adapter_config.json + adapter_model.safetensors, fp32), the layout
+//! `MllamaModel::save_adapter` writes and `load_adapter` / Python peft read. The factors are read
+//! from the rank files flat tensor by flat tensor (the base model is not loaded).
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tch::Tensor;
+
+use super::load::read_full;
+
+/// Writes the adapter folder; returns the number of tensors written.
+pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<usize> {
+    let (m, tensors) = read_full(checkpoint)?;
+    let peft = &m.peft;
+    if peft.get("method").and_then(Value::as_str) != Some("lora") {
+        bail!(
+            "checkpoint {} was not trained with LoRA (peft.method {}): --format peft needs a LoRA checkpoint",
+            checkpoint.display(),
+            peft.get("method").unwrap_or(&Value::Null)
+        );
+    }
+    let field = |k: &str| peft.get(k).cloned().unwrap_or(Value::Null);
+    // the adapter_config.json of `MllamaModel::save_adapter`
+    let config = json!({
+        "alpha_pattern": {},
+        "auto_mapping": null,
+        "base_model_name_or_path": m.model_path,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "layers_pattern": null,
+        "layers_to_transform": null,
+        "lora_alpha": field("alpha"),
+        "lora_dropout": field("dropout"),
+        "modules_to_save": null,
+        "peft_type": "LORA",
+        "r": field("r"),
+        "rank_pattern": {},
+        "revision": null,
+        "target_modules": field("target_modules"),
+        "task_type": "CAUSAL_LM",
+        "use_dora": false,
+        "use_rslora": false,
+    });
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let p = out.join("adapter_config.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&config)?)
+        .with_context(|| format!("writing {}", p.display()))?;
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let p = out.join("adapter_model.safetensors");
+    Tensor::write_safetensors(&refs, &p).with_context(|| format!("writing {}", p.display()))?;
+    Ok(tensors.len())
+}

@@ -1,0 +1,464 @@
+//! Finding and loading checkpoints. Every rank reads `manifest.json`, checks the format version,
+//! the model/LoRA identity and that every file exists with its recorded size; then, for each of
+//! its trainable flat tensors, it fills its own element range parameter by parameter from
+//! wherever the manifest says those elements live (any saved world size), reading only those
+//! byte ranges of the memory-mapped rank files, each verified against its sha256 first. A
+//! failure on any rank fails every rank (a flag is all-reduced), so no rank waits forever.
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use memmap2::Mmap;
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use super::manifest::{Manifest, ParamEntry, TensorEntry, FORMAT, STATES, VERSION};
+use super::{flat_states, identity, list_dir, Progress};
+use crate::config::{Config, Resume};
+use crate::dist::{ProcessGroup, ReduceOp};
+use crate::fsdp::Trainable;
+use crate::optim::AdamW;
+
+const FIX: &str =
+    "start over with `--set checkpoint.resume=never` (or point checkpoint.dir elsewhere)";
+
+/// What `resume` restored.
+#[derive(Debug, Clone)]
+pub struct Resumed {
+    pub dir: PathBuf,
+    pub progress: Progress,
+    pub world_size: usize,
+}
+
+/// The newest complete checkpoint in `dir` (`.partial` folders are ignored).
+pub fn find_latest(dir: &Path) -> Result<Option<PathBuf>> {
+    let (complete, _) =
+        list_dir(dir).with_context(|| format!("listing checkpoint.dir {}", dir.display()))?;
+    Ok(complete.last().map(|(_, p)| p.clone()))
+}
+
+/// Restores the trainable state and optimizer from the checkpoint `checkpoint.resume` selects
+/// (none: `Ok(None)`); every rank must call it.
+pub fn resume(
+    pg: &ProcessGroup,
+    device: Device,
+    config: &Config,
+    trainable: &mut Trainable,
+    opt: &mut AdamW,
+) -> Result<Option<Resumed>> {
+    let dir = match &config.checkpoint.resume {
+        Resume::Never => return Ok(None),
+        Resume::From(p) => {
+            if !p.join("manifest.json").exists() {
+                bail!(
+                    "checkpoint.resume: {} is not a checkpoint folder (no manifest.json); give a `step-N` folder, or {FIX}",
+                    p.display()
+                );
+            }
+            p.clone()
+        }
+        Resume::Auto => match find_latest(&config.checkpoint.dir)? {
+            Some(p) => p,
+            None => return Ok(None),
+        },
+    };
+    let local = load_into(&dir, pg.world_size(), pg.rank(), config, trainable, opt);
+    // every rank learns whether any rank failed
+    let flag = Tensor::from_slice(&[local.is_err() as i64]).to_device(device);
+    pg.all_reduce(&flag, ReduceOp::Max)?;
+    let any_failed = flag.to_device(Device::Cpu).int64_value(&[0]) > 0;
+    let m = local?;
+    if any_failed {
+        bail!(
+            "loading checkpoint {} failed on another rank (its error is above)",
+            dir.display()
+        );
+    }
+    trainable.after_update();
+    Ok(Some(Resumed {
+        dir,
+        world_size: m.world_size,
+        progress: Progress {
+            step: m.step,
+            epoch: m.epoch,
+            data_epoch: m.data.epoch,
+            data_batch: m.data.batch,
+            skipped_nonfinite: m.skipped_nonfinite,
+        },
+    }))
+}
+
+fn load_into(
+    dir: &Path,
+    world: usize,
+    _rank: usize,
+    config: &Config,
+    trainable: &mut Trainable,
+    opt: &mut AdamW,
+) -> Result<Manifest> {
+    let m = read_manifest(dir)?;
+    check_identity(dir, &m, config)?;
+    let global = config.train.global_batch(world);
+    if m.data.global_batch != global {
+        bail!(
+            "checkpoint {} was trained with a global batch of {} samples, this run has {global} (train.batch_size {} x world {world} x grad_accum {}); set train.batch_size / grad_accum so that the product is {}, or {FIX}",
+            dir.display(),
+            m.data.global_batch,
+            config.train.batch_size,
+            config.train.grad_accum,
+            m.data.global_batch
+        );
+    }
+    let mut reader = Reader::new(dir, &m)?;
+    let states = flat_states(trainable, opt);
+    // every model parameter must be in the checkpoint and vice versa
+    let ours: std::collections::HashSet<&str> = states
+        .iter()
+        .flat_map(|s| s.params.iter().map(|p| p.name.as_str()))
+        .collect();
+    let missing: Vec<&str> = states
+        .iter()
+        .flat_map(|s| s.params.iter())
+        .filter(|p| !reader.params.contains_key(&p.name))
+        .map(|p| p.name.as_str())
+        .collect();
+    let extra: Vec<&String> = reader
+        .params
+        .keys()
+        .filter(|n| !ours.contains(n.as_str()))
+        .collect();
+    if !missing.is_empty() || !extra.is_empty() {
+        bail!(
+            "checkpoint {} does not hold this model's trainable parameters: missing {:?}, unexpected {:?}; resume with the config it was trained with, or {FIX}",
+            dir.display(),
+            &missing[..missing.len().min(5)],
+            &extra[..extra.len().min(5)]
+        );
+    }
+    tch::no_grad(|| -> Result<()> {
+        for s in &states {
+            let n = (s.end - s.start) as usize;
+            if n == 0 {
+                continue;
+            }
+            for (si, state) in STATES.iter().enumerate() {
+                let mut buf = vec![0f32; n];
+                for p in &s.params {
+                    let (a, b) = (p.offset.max(s.start), (p.offset + p.numel()).min(s.end));
+                    if a >= b {
+                        continue;
+                    }
+                    let (group, src_off, shape) = reader.params[&p.name].clone();
+                    if shape != p.shape {
+                        bail!(
+                            "checkpoint {}: parameter {} has shape {:?} there, {:?} in this model; {FIX}",
+                            dir.display(),
+                            p.name,
+                            shape,
+                            p.shape
+                        );
+                    }
+                    let from = src_off + (a - p.offset);
+                    reader.read(
+                        &group,
+                        state,
+                        from,
+                        from + (b - a),
+                        &mut buf[(a - s.start) as usize..(b - s.start) as usize],
+                    )?;
+                }
+                let src = Tensor::from_slice(&buf).to_device(s.tensors[si].device());
+                s.tensors[si]
+                    .narrow(0, 0, n as i64)
+                    .copy_(&src.to_kind(s.tensors[si].kind()));
+            }
+        }
+        Ok(())
+    })?;
+    opt.step = m.optimizer_step;
+    Ok(m)
+}
+
+/// Reads and checks `dir/manifest.json` (format and version).
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        anyhow!(
+            "checkpoint manifest {} cannot be read ({e}); the checkpoint is incomplete: {FIX}",
+            path.display()
+        )
+    })?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| {
+        anyhow!(
+            "checkpoint manifest {} is not valid JSON ({e}): {FIX}",
+            path.display()
+        )
+    })?;
+    if v.get("format").and_then(Value::as_str) != Some(FORMAT) {
+        bail!(
+            "{} is not a {FORMAT} manifest (format {}): {FIX}",
+            path.display(),
+            v.get("format").unwrap_or(&Value::Null)
+        );
+    }
+    let version = v.get("version").and_then(Value::as_u64);
+    if version != Some(VERSION) {
+        bail!(
+            "checkpoint manifest {} has format version {}, this trainer reads version {VERSION}; use a trainer of that version (or `trainer export` with it), or {FIX}",
+            path.display(),
+            v.get("version").unwrap_or(&Value::Null)
+        );
+    }
+    serde_json::from_value(v).map_err(|e| {
+        anyhow!(
+            "checkpoint manifest {} is malformed ({e}): {FIX}",
+            path.display()
+        )
+    })
+}
+
+/// The config keys whose values differ between the checkpoint and `config`.
+fn check_identity(dir: &Path, m: &Manifest, config: &Config) -> Result<()> {
+    let ours = identity(config);
+    let keys: std::collections::BTreeSet<&String> = ours.keys().chain(m.config.keys()).collect();
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter(|k| ours.get(*k) != m.config.get(*k))
+        .map(|k| {
+            let show = |v: Option<&Value>| v.map_or("(unset)".to_string(), Value::to_string);
+            format!(
+                "{k}: checkpoint {}, config {}",
+                show(m.config.get(k)),
+                show(ours.get(k))
+            )
+        })
+        .collect();
+    if !diffs.is_empty() {
+        bail!(
+            "checkpoint {} was written with a different model/LoRA config ({}); resume with the matching config, or {FIX}",
+            dir.display(),
+            diffs.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// Reads element ranges of the manifest's tensors from the rank files (mmap, verified lazily).
+struct Reader<'m> {
+    dir: PathBuf,
+    manifest: &'m Manifest,
+    /// param name -> (group, offset in the group's flat tensor, shape)
+    params: HashMap<String, (String, i64, Vec<i64>)>,
+    /// (group, state) -> tensor entry
+    tensors: HashMap<(String, String), &'m TensorEntry>,
+    /// file name -> (mmap, data start, tensor name -> byte offsets relative to data start)
+    open: HashMap<String, OpenFile>,
+}
+
+struct OpenFile {
+    map: Mmap,
+    data_start: usize,
+    offsets: BTreeMap<String, (usize, usize)>,
+}
+
+impl<'m> Reader<'m> {
+    /// Indexes the manifest and checks that every file exists with its recorded size.
+    fn new(dir: &Path, m: &'m Manifest) -> Result<Self> {
+        for f in &m.files {
+            let path = dir.join(&f.file);
+            let meta = std::fs::metadata(&path).map_err(|e| {
+                anyhow!(
+                    "checkpoint file {} is missing ({e}); the checkpoint is damaged: resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}",
+                    path.display()
+                )
+            })?;
+            if meta.len() != f.bytes {
+                bail!(
+                    "checkpoint file {} is truncated or damaged: {} bytes, the manifest says {}; resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}",
+                    path.display(),
+                    meta.len(),
+                    f.bytes
+                );
+            }
+        }
+        let mut params = HashMap::new();
+        let mut tensors = HashMap::new();
+        for t in &m.tensors {
+            if t.dtype != "F32" {
+                bail!(
+                    "checkpoint {}: tensor {} has dtype {}, expected F32",
+                    dir.display(),
+                    t.name,
+                    t.dtype
+                );
+            }
+            tensors.insert((t.group.clone(), t.state.clone()), t);
+            if t.state == "param" {
+                for ParamEntry {
+                    name,
+                    shape,
+                    offset,
+                } in &t.params
+                {
+                    params.insert(name.clone(), (t.group.clone(), *offset, shape.clone()));
+                }
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest: m,
+            params,
+            tensors,
+            open: HashMap::new(),
+        })
+    }
+
+    fn file(&mut self, name: &str) -> Result<&OpenFile> {
+        if !self.open.contains_key(name) {
+            let entry = self
+                .manifest
+                .files
+                .iter()
+                .find(|f| f.file == name)
+                .ok_or_else(|| anyhow!("checkpoint {}: manifest names file {name} in a tensor's shards but not in `files`", self.dir.display()))?;
+            let path = self.dir.join(name);
+            let digest = super::sha256_file(&path)
+                .with_context(|| format!("reading checkpoint file {}", path.display()))?;
+            if digest != entry.sha256 {
+                bail!(
+                    "checkpoint file {} is corrupt: sha256 {digest}, the manifest says {}; resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}",
+                    path.display(),
+                    entry.sha256
+                );
+            }
+            let file = std::fs::File::open(&path)?;
+            // SAFETY: checkpoint files are never modified after the rename that publishes them.
+            let map = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("mapping {}", path.display()))?;
+            let bad = || {
+                anyhow!(
+                    "checkpoint file {} has a malformed safetensors header; {FIX}",
+                    path.display()
+                )
+            };
+            if map.len() < 8 {
+                return Err(bad());
+            }
+            let n = u64::from_le_bytes(map[..8].try_into().expect("8")) as usize;
+            if 8 + n > map.len() {
+                return Err(bad());
+            }
+            let header: serde_json::Map<String, Value> =
+                serde_json::from_slice(&map[8..8 + n]).map_err(|_| bad())?;
+            let mut offsets = BTreeMap::new();
+            for (k, v) in header {
+                if k == "__metadata__" {
+                    continue;
+                }
+                let o = v
+                    .get("data_offsets")
+                    .and_then(Value::as_array)
+                    .ok_or_else(bad)?;
+                let a = o.first().and_then(Value::as_u64).ok_or_else(bad)? as usize;
+                let b = o.get(1).and_then(Value::as_u64).ok_or_else(bad)? as usize;
+                if a > b || 8 + n + b > map.len() {
+                    return Err(bad());
+                }
+                offsets.insert(k, (a, b));
+            }
+            self.open.insert(
+                name.to_string(),
+                OpenFile {
+                    map,
+                    data_start: 8 + n,
+                    offsets,
+                },
+            );
+        }
+        Ok(&self.open[name])
+    }
+
+    /// Elements [from, to) of tensor `<group>/<state>` into `out`.
+    fn read(
+        &mut self,
+        group: &str,
+        state: &str,
+        from: i64,
+        to: i64,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let t = *self
+            .tensors
+            .get(&(group.to_string(), state.to_string()))
+            .ok_or_else(|| {
+                anyhow!(
+                    "checkpoint {}: no tensor {group}/{state} in the manifest",
+                    self.dir.display()
+                )
+            })?;
+        let mut at = from;
+        for sh in &t.shards {
+            if at >= to {
+                break;
+            }
+            if sh.end <= at || sh.start >= to {
+                continue;
+            }
+            if sh.start > at {
+                break;
+            }
+            let end = sh.end.min(to);
+            let f = self.file(&sh.file)?;
+            let (a, b) = *f
+                .offsets
+                .get(&t.name)
+                .ok_or_else(|| anyhow!("checkpoint file {} has no tensor {}", sh.file, t.name))?;
+            if (b - a) as i64 != (sh.end - sh.start) * 4 {
+                bail!(
+                    "checkpoint file {}: tensor {} has {} bytes, the manifest says {} elements",
+                    sh.file,
+                    t.name,
+                    b - a,
+                    sh.end - sh.start
+                );
+            }
+            let base = f.data_start + a + ((at - sh.start) * 4) as usize;
+            let bytes = &f.map[base..base + ((end - at) * 4) as usize];
+            let dst = &mut out[(at - from) as usize..(end - from) as usize];
+            for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+                *d = f32::from_le_bytes(c.try_into().expect("4"));
+            }
+            at = end;
+        }
+        if at < to {
+            bail!(
+                "checkpoint {}: elements [{at}, {to}) of {} are in no file of the manifest",
+                self.dir.display(),
+                t.name
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The full trainable fp32 weights of a checkpoint by parameter name (export), every file verified.
+pub fn read_full(dir: &Path) -> Result<(Manifest, Vec<(String, Tensor)>)> {
+    let m = read_manifest(dir)?;
+    let mut reader = Reader::new(dir, &m)?;
+    let mut out = vec![];
+    for t in m.tensors.iter().filter(|t| t.state == "param") {
+        let mut buf = vec![0f32; t.shape[0] as usize];
+        reader.read(&t.group, "param", 0, t.shape[0], &mut buf)?;
+        let flat = Tensor::from_slice(&buf);
+        for p in &t.params {
+            out.push((
+                p.name.clone(),
+                flat.narrow(0, p.offset, p.numel())
+                    .view(p.shape.as_slice())
+                    .to_kind(Kind::Float)
+                    .copy(),
+            ));
+        }
+    }
+    Ok((m, out))
+}

@@ -1,0 +1,102 @@
+//! `manifest.json`: everything needed to read a checkpoint folder without the trainer
+//! (docs/checkpoint-format.md describes it for other tools).
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The `format` field of every manifest.
+pub const FORMAT: &str = "llava-sco-checkpoint";
+/// The manifest version this trainer writes and reads.
+pub const VERSION: u64 = 1;
+/// The optimizer-state tensors saved next to each trainable flat group's master weights.
+pub const STATES: [&str; 3] = ["param", "exp_avg", "exp_avg_sq"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u64,
+    /// Optimizer steps of the training loop done when saved.
+    pub step: u64,
+    /// AdamW's own step count (bias correction; differs from `step` after skipped steps).
+    pub optimizer_step: u64,
+    /// The epoch the loop was in.
+    pub epoch: u64,
+    /// Where the data stream continues.
+    pub data: DataPosition,
+    pub world_size: usize,
+    pub seed: u64,
+    /// Non-finite steps skipped so far (counted against `train.skip_nonfinite`).
+    pub skipped_nonfinite: u64,
+    /// The lr schedule (a pure function of step and epoch: its parameters are its state).
+    pub scheduler: Value,
+    /// How the random state is restored.
+    pub rng: String,
+    /// `model.path` as configured (the frozen base weights are not copied).
+    pub model_path: String,
+    /// sha256 over `config` (canonical JSON).
+    pub config_hash: String,
+    /// The model/LoRA settings the saved state depends on, by config key.
+    pub config: BTreeMap<String, Value>,
+    /// The whole `peft` config section (export writes the adapter config from it).
+    #[serde(default)]
+    pub peft: Value,
+    pub tensors: Vec<TensorEntry>,
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataPosition {
+    /// Epoch whose shuffle to use.
+    pub epoch: u64,
+    /// Next global batch index within that epoch.
+    pub batch: u64,
+    /// Samples per global batch (`batch_size x world x grad_accum`) when saved.
+    pub global_batch: usize,
+}
+
+/// One logical tensor: a trainable flat group's state, 1-D fp32 of `shape[0]` elements (the
+/// unpadded concatenation of `params`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorEntry {
+    /// `<group>/<state>`: the key inside the rank files too.
+    pub name: String,
+    /// `<unit>/<group index>` for FSDP, the parameter name for `fsdp.enabled: false`.
+    pub group: String,
+    /// One of [`STATES`].
+    pub state: String,
+    pub dtype: String,
+    pub shape: Vec<i64>,
+    /// The parameters packed in the flat tensor.
+    pub params: Vec<ParamEntry>,
+    /// Which file holds which element range [start, end) (ascending, covering the tensor).
+    pub shards: Vec<ShardEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParamEntry {
+    pub name: String,
+    pub shape: Vec<i64>,
+    /// Element offset in the flat tensor.
+    pub offset: i64,
+}
+
+impl ParamEntry {
+    pub fn numel(&self) -> i64 {
+        self.shape.iter().product()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    pub file: String,
+    pub start: i64,
+    pub end: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+}

@@ -1,0 +1,274 @@
+//! Sharded checkpoints (DESIGN.md decision 6, issue 8; the format is docs/checkpoint-format.md).
+//! Module index:
+//! - `manifest`: the `manifest.json` schema (format version, progress, config identity, tensor ranges, checksums)
+//! - `save`:     atomic save (`step-N.partial/` -> fsync -> barrier -> manifest -> rename), retention
+//! - `export`:   `trainer export --format peft`: a PEFT adapter folder from a checkpoint (tensor by tensor)
+//! - `load`:     finding the newest complete checkpoint, integrity checks, resharded loading (mmap ranges)
+//! - this file:  the state a rank saves ([`FlatState`]), config identity, small file helpers
+//!
+//! A checkpoint holds the trainable fp32 master weights and the AdamW moments, each as one flat
+//! 1-D tensor per trainable flat group (FSDP: `<unit>/<group>`; `fsdp.enabled: false`: one per
+//! parameter), split over `rank-<r>-of-<W>.safetensors` files by element range. Frozen base
+//! weights are not copied: they come from `model.path`, whose config.json hash is recorded.
+//! Loading maps every parameter by name and offset, so any world size (or the plain trainer)
+//! reads a checkpoint of any other.
+pub mod export;
+pub mod load;
+pub mod manifest;
+pub mod save;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tch::Tensor;
+
+use crate::config::Config;
+use crate::fsdp::Trainable;
+use crate::optim::AdamW;
+
+pub use export::export_peft;
+pub use load::{find_latest, read_full, resume, Resumed};
+pub use manifest::{Manifest, FORMAT, VERSION};
+pub use save::save;
+
+/// Where the training loop stands (what a checkpoint restores besides tensors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// The epoch the loop is in.
+    pub epoch: u64,
+    /// Epoch whose shuffle the data continues with.
+    pub data_epoch: u64,
+    /// Next global batch index within `data_epoch`.
+    pub data_batch: u64,
+    pub skipped_nonfinite: u64,
+}
+
+/// The folder name of step `step`'s checkpoint.
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// The file rank `rank` of `world` writes.
+pub fn rank_file_name(rank: usize, world: usize) -> String {
+    format!("rank-{rank}-of-{world}.safetensors")
+}
+
+/// One trainable flat tensor and this rank's part of it.
+pub(crate) struct FlatState {
+    /// `<unit>/<group index>` (FSDP) or the parameter name (plain).
+    pub group: String,
+    /// Unpadded element count.
+    pub numel: i64,
+    /// Elements per rank (the padded buffer is `world x shard_len`).
+    pub shard_len: i64,
+    pub params: Vec<manifest::ParamEntry>,
+    /// This rank's element range [start, end) of the unpadded flat tensor.
+    pub start: i64,
+    pub end: i64,
+    /// master, exp_avg, exp_avg_sq: local tensors whose first `end - start` elements are the range.
+    pub tensors: [Tensor; 3],
+}
+
+impl FlatState {
+    /// The range rank `r` holds.
+    pub fn range_of(&self, r: usize) -> (i64, i64) {
+        let s = self.shard_len * r as i64;
+        (s.min(self.numel), (s + self.shard_len).min(self.numel))
+    }
+}
+
+/// This rank's trainable state, in `master_params()` order (= `AdamW::moments` order).
+pub(crate) fn flat_states(trainable: &Trainable, opt: &AdamW) -> Vec<FlatState> {
+    let mut out = vec![];
+    match trainable {
+        Trainable::Fsdp(m) => {
+            for u in &m.units {
+                for (gi, g) in u.groups.iter().enumerate().filter(|(_, g)| g.trainable) {
+                    let params = g
+                        .params
+                        .iter()
+                        .map(|p| manifest::ParamEntry {
+                            name: p.name.clone(),
+                            shape: p.shape.clone(),
+                            offset: p.offset,
+                        })
+                        .collect();
+                    let s = g.shard_len * m.rank as i64;
+                    out.push(FlatState {
+                        group: format!("{}/{gi}", u.name),
+                        numel: g.numel,
+                        shard_len: g.shard_len,
+                        params,
+                        start: s.min(g.numel),
+                        end: (s + g.shard_len).min(g.numel),
+                        tensors: [g.shard.shallow_clone(), Tensor::new(), Tensor::new()],
+                    });
+                }
+            }
+        }
+        Trainable::Plain(m) => {
+            for ((name, p), master) in m.params.iter().zip(m.master_params()) {
+                let numel = p.numel() as i64;
+                out.push(FlatState {
+                    group: name.clone(),
+                    numel,
+                    shard_len: numel,
+                    params: vec![manifest::ParamEntry {
+                        name: name.clone(),
+                        shape: p.size(),
+                        offset: 0,
+                    }],
+                    start: 0,
+                    end: numel,
+                    tensors: [master.view([-1]), Tensor::new(), Tensor::new()],
+                });
+            }
+        }
+    }
+    assert_eq!(
+        out.len(),
+        opt.moments.len(),
+        "checkpoint: one (m, v) pair per trainable flat tensor"
+    );
+    for (f, (m, v)) in out.iter_mut().zip(&opt.moments) {
+        f.tensors[1] = m.view([-1]);
+        f.tensors[2] = v.view([-1]);
+    }
+    out
+}
+
+/// The model/LoRA settings a checkpoint's state depends on, by config key: a resume with other
+/// values is refused (the tensors would not fit, or would mean something else).
+pub fn identity(config: &Config) -> BTreeMap<String, Value> {
+    let model_cfg = config.model.path.join("config.json");
+    let model_hash = match std::fs::read(&model_cfg) {
+        Ok(bytes) => sha256_hex(&bytes),
+        Err(_) => "unreadable".into(),
+    };
+    let p = &config.peft;
+    let mut m = BTreeMap::new();
+    m.insert("model.config_sha256".into(), json!(model_hash));
+    m.insert("model.dtype".into(), json!(config.model.dtype));
+    m.insert("peft.method".into(), json!(p.method));
+    if p.is_lora() {
+        m.insert("peft.r".into(), json!(p.r));
+        m.insert("peft.alpha".into(), json!(p.alpha));
+        m.insert("peft.target_modules".into(), json!(p.target_modules));
+    }
+    m
+}
+
+/// sha256 of the identity's canonical JSON (keys sorted).
+pub fn identity_hash(id: &BTreeMap<String, Value>) -> String {
+    sha256_hex(serde_json::to_string(id).expect("json").as_bytes())
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of a whole file, streamed.
+pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// fsync a directory (so that renames and new entries in it are durable).
+pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Complete checkpoints (`step-<8 digits>/` with a manifest) in `dir`, oldest first; and the
+/// leftover `.partial` folders.
+/// (complete `(step, folder)` oldest first, `.partial` folders).
+pub(crate) type Listing = (Vec<(u64, PathBuf)>, Vec<PathBuf>);
+
+pub(crate) fn list_dir(dir: &Path) -> std::io::Result<Listing> {
+    let (mut complete, mut partial) = (vec![], vec![]);
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((complete, partial)),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("step-") else {
+            continue;
+        };
+        if rest.ends_with(".partial") {
+            partial.push(e.path());
+        } else if rest.len() >= 8 && rest.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(step) = rest.parse::<u64>() {
+                complete.push((step, e.path()));
+            }
+        }
+    }
+    complete.sort();
+    partial.sort();
+    Ok((complete, partial))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_zero_padded() {
+        assert_eq!(step_dir_name(42), "step-00000042");
+        assert_eq!(rank_file_name(1, 3), "rank-1-of-3.safetensors");
+    }
+
+    #[test]
+    fn listing_sorts_by_step_and_separates_partial_folders() {
+        let dir = std::env::temp_dir().join(format!("ckpt-list-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for n in [
+            "step-00000010",
+            "step-00000002",
+            "step-00000011.partial",
+            "other",
+            "step-x",
+        ] {
+            std::fs::create_dir_all(dir.join(n)).unwrap();
+        }
+        let (complete, partial) = list_dir(&dir).unwrap();
+        let steps: Vec<u64> = complete.iter().map(|(s, _)| *s).collect();
+        assert_eq!(steps, [2, 10]);
+        assert_eq!(partial, [dir.join("step-00000011.partial")]);
+        assert_eq!(find_latest(&dir).unwrap(), Some(dir.join("step-00000010")));
+        assert_eq!(list_dir(&dir.join("missing")).unwrap().0.len(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn identity_hash_is_order_independent_json() {
+        let mut a = BTreeMap::new();
+        a.insert("peft.r".to_string(), json!(4));
+        a.insert("model.dtype".to_string(), json!("bf16"));
+        let mut b = BTreeMap::new();
+        b.insert("model.dtype".to_string(), json!("bf16"));
+        b.insert("peft.r".to_string(), json!(4));
+        assert_eq!(identity_hash(&a), identity_hash(&b));
+        b.insert("peft.r".to_string(), json!(8));
+        assert_ne!(identity_hash(&a), identity_hash(&b));
+    }
+}
