@@ -3,6 +3,7 @@
 //! - `checkpoint`: sharded checkpoints: atomic save, resume at any world size, integrity checks (issue 8)
 //! - `config`:  YAML schema, `--set` overrides, validation into a resolved config
 //! - `data`:    records, Mllama image processor, chat template, labels, collate, sampler, loader
+//! - `demo`:    `trainer demo-data`: synthetic shapes scenes, SCo records, test bench, tiny Mllama folder
 //! - `dist`:    ProcessGroup (all_gather, reduce_scatter, all_reduce, broadcast, barrier) on cpu/nccl
 //! - `eval`:    benchmark scoring per turn, transitions, reports (trainer eval)
 //! - `fsdp`:    units, flat shards, gather/free schedule, recompute backward; plain (unsharded) baseline
@@ -15,6 +16,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod dist;
 pub mod eval;
 pub mod fsdp;

@@ -57,6 +57,83 @@ enum Command {
     /// Example: launcher --nproc-per-node 2 -- trainer bench collectives --json
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Generate the demo's data (shape scenes, SCo records, a test bench) and tiny model folder;
+    /// cached when the same options made it. Example: trainer demo-data --out data/demo
+    DemoData(DemoDataArgs),
+    /// Demo helpers: `export` turns `trainer train`'s trainable-weights dump (TRAINER_DUMP_TRAINABLE)
+    /// into an adapter (LoRA) or model folder (full finetuning); `table` prints the final results.
+    /// Example: trainer demo-model export --dump runs/demo/trainable.safetensors --config configs/demo.yaml --out runs/demo/finetuned
+    #[command(subcommand)]
+    DemoModel(DemoModelCommand),
+}
+
+/// `trainer demo-data`.
+#[derive(Args)]
+struct DemoDataArgs {
+    /// Output folder (train.jsonl, val.jsonl, test.jsonl, images/, model/)
+    #[arg(long, default_value = "data/demo")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Training records
+    #[arg(long, default_value_t = 960)]
+    train: usize,
+    /// Validation records
+    #[arg(long, default_value_t = 64)]
+    val: usize,
+    /// Held-out benchmark questions
+    #[arg(long, default_value_t = 100)]
+    test: usize,
+    /// Image side in pixels = the model's tile size (a multiple of 14)
+    #[arg(long, default_value_t = 112)]
+    image_size: u32,
+    /// BPE vocabulary size before the 257 special tokens
+    #[arg(long, default_value_t = 600)]
+    bpe_vocab: usize,
+}
+
+/// `trainer demo-model ...`.
+#[derive(Subcommand)]
+enum DemoModelCommand {
+    /// Dump -> PEFT adapter folder (LoRA keys) or model folder (full finetuning); prints which.
+    Export {
+        /// Safetensors file written by `trainer train` under TRAINER_DUMP_TRAINABLE
+        #[arg(long)]
+        dump: PathBuf,
+        /// The training config (model.path is the base, peft the adapter's settings)
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Output folder
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The final table (accuracy per turn before/after, transitions, chance per question type) and plots.
+    Table {
+        /// `trainer eval --out` folder of the base model
+        #[arg(long)]
+        base: PathBuf,
+        /// `trainer eval --out` folder after training
+        #[arg(long)]
+        after: PathBuf,
+        /// metrics.jsonl of the training run
+        #[arg(long)]
+        metrics: PathBuf,
+        /// The bench (test.jsonl) and chance.json of the demo data
+        #[arg(long)]
+        bench: PathBuf,
+        #[arg(long)]
+        chance: PathBuf,
+        #[arg(long)]
+        wall_seconds: Option<f64>,
+        /// The `trainer eval --limit` used (majority answers over the same questions)
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Where table.md, loss.svg and accuracy.svg go
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -576,6 +653,79 @@ fn run(cli: Cli) -> Result<ExitCode> {
             reps,
             json,
         }) => bench_collectives(&backend, &sizes, reps, json),
+        Command::DemoData(a) => {
+            anyhow::ensure!(
+                a.image_size % 14 == 0 && a.image_size >= 28,
+                "--image-size must be a multiple of 14 (the patch size) and at least 28, got {}",
+                a.image_size
+            );
+            let opts = trainer::demo::DemoOptions {
+                out: a.out,
+                seed: a.seed,
+                train: a.train,
+                val: a.val,
+                test: a.test,
+                image_size: a.image_size,
+                bpe_vocab: a.bpe_vocab,
+            };
+            let t = std::time::Instant::now();
+            let s = trainer::demo::generate(&opts)?;
+            if s.cached {
+                println!(
+                    "demo data: reusing {} (same seed and sizes; {} records, {} parameters)",
+                    opts.out.display(),
+                    s.records,
+                    s.parameters
+                );
+            } else {
+                println!(
+                    "demo data: wrote {} in {:.1} s: {} train + {} val records ({} with a wrong first turn), {} test questions, model with {} parameters",
+                    opts.out.display(),
+                    t.elapsed().as_secs_f64(),
+                    opts.train,
+                    opts.val,
+                    s.first_turn_wrong,
+                    opts.test,
+                    s.parameters
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DemoModel(DemoModelCommand::Export {
+            dump,
+            config: cfg,
+            overrides,
+            out,
+        }) => {
+            let resolved = config::load(&cfg, &overrides)?;
+            let kind =
+                trainer::demo::export_trainable(&dump, &resolved.model.path, &resolved.peft, &out)?;
+            println!("{kind}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DemoModel(DemoModelCommand::Table {
+            base,
+            after,
+            metrics,
+            bench,
+            chance,
+            wall_seconds,
+            limit,
+            out,
+        }) => {
+            let text = trainer::demo::report::table(&trainer::demo::report::TableInputs {
+                base: &base,
+                after: &after,
+                metrics: &metrics,
+                bench: &bench,
+                chance: &chance,
+                wall_seconds,
+                limit,
+                out: &out,
+            })?;
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::Other(args)) => {
             not_built(&format!("bench {}", args.join(" ")), 7)
         }

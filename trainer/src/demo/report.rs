@@ -1,0 +1,258 @@
+//! The demo's final table: accuracy per turn before/after training, transitions between turns,
+//! per question type against chance and the majority answer, the loss curve, wall time; plus two
+//! small SVG plots (loss curve, accuracy per turn). Reads `trainer eval`'s report.json loosely
+//! (serde_json::Value) so a missing part prints as "-" instead of failing the demo.
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+fn read_json(p: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+}
+
+fn turn_acc(r: &Value) -> Vec<f64> {
+    r["turns"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| t["accuracy"].as_f64().unwrap_or(f64::NAN))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pct(x: Option<f64>) -> String {
+    match x {
+        Some(v) if v.is_finite() => format!("{:5.1}%", 100.0 * v),
+        _ => "    -".to_string(),
+    }
+}
+
+/// Majority-answer accuracy per category on the bench (what a model that ignores the image and
+/// learned the answer priors would get).
+fn majority(bench: &Path, limit: Option<usize>) -> BTreeMap<String, f64> {
+    let mut counts: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    for l in std::fs::read_to_string(bench)
+        .unwrap_or_default()
+        .lines()
+        .take(limit.unwrap_or(usize::MAX))
+    {
+        let Ok(v) = serde_json::from_str::<Value>(l) else {
+            continue;
+        };
+        let c = v["category"].as_str().unwrap_or("all").to_string();
+        let a = v["answer"].as_str().unwrap_or("").to_string();
+        *counts.entry(c).or_default().entry(a).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .map(|(c, m)| {
+            let total: usize = m.values().sum();
+            let best = m.values().copied().max().unwrap_or(0);
+            (c, best as f64 / total.max(1) as f64)
+        })
+        .collect()
+}
+
+/// Inputs of [`table`].
+pub struct TableInputs<'a> {
+    pub base: &'a Path,
+    pub after: &'a Path,
+    pub metrics: &'a Path,
+    pub bench: &'a Path,
+    pub chance: &'a Path,
+    pub wall_seconds: Option<f64>,
+    /// Only the first K bench questions were scored (`trainer eval --limit`).
+    pub limit: Option<usize>,
+    /// Where to write loss.svg and accuracy.svg (and table.md).
+    pub out: &'a Path,
+}
+
+/// Renders the final table (also written to `out/table.md`) and the plots.
+pub fn table(i: &TableInputs) -> Result<String> {
+    let base = read_json(&i.base.join("report.json"));
+    let after = read_json(&i.after.join("report.json"));
+    let chance: BTreeMap<String, f64> = read_json(i.chance)
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
+    let prior = majority(i.bench, i.limit);
+    let losses: Vec<(f64, f64)> = std::fs::read_to_string(i.metrics)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| {
+            v.get("step").is_some() && v.get("loss").is_some() && v.get("grad_norm").is_some()
+        })
+        .filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?)))
+        .collect();
+    let mut s = String::new();
+    let _ = writeln!(s, "## LLaVA-SCo CPU demo: results\n");
+    if let (Some(f), Some(l)) = (losses.first(), losses.last()) {
+        let _ = writeln!(
+            s,
+            "training loss: {:.3} (step {}) -> {:.3} (step {})\n",
+            f.1, f.0, l.1, l.0
+        );
+    }
+    let (ba, aa) = (
+        base.as_ref().map(turn_acc).unwrap_or_default(),
+        after.as_ref().map(turn_acc).unwrap_or_default(),
+    );
+    let n = ba.len().max(aa.len());
+    let _ = writeln!(
+        s,
+        "| turn | before (base) | after (trained) |\n|---|---|---|"
+    );
+    for t in 0..n {
+        let _ = writeln!(
+            s,
+            "| {t} | {} | {} |",
+            pct(ba.get(t).copied()),
+            pct(aa.get(t).copied())
+        );
+    }
+    let _ = writeln!(s);
+    for (name, r) in [("before", &base), ("after", &after)] {
+        let Some(r) = r else {
+            let _ = writeln!(s, "{name}: no report.json\n");
+            continue;
+        };
+        for tr in r["transitions"].as_array().into_iter().flatten() {
+            let g = |k: &str| tr[k].as_u64().unwrap_or(0);
+            let _ = writeln!(
+                s,
+                "{name}: turn {} -> {}: right->wrong {}, wrong->right {}, right->right {}, wrong->wrong {}",
+                g("from"),
+                g("to"),
+                g("right_wrong"),
+                g("wrong_right"),
+                g("right_right"),
+                g("wrong_wrong")
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n| question type | chance | majority answer | before t0 | after t0 | after t1 |\n|---|---|---|---|---|---|"
+    );
+    let cat_acc = |r: &Option<Value>, c: &str, t: usize| -> Option<f64> {
+        r.as_ref()?["by_category"][c]["turns"][t]["accuracy"].as_f64()
+    };
+    for (c, ch) in &chance {
+        let _ = writeln!(
+            s,
+            "| {c} | {} | {} | {} | {} | {} |",
+            pct(Some(*ch)),
+            pct(prior.get(c).copied()),
+            pct(cat_acc(&base, c, 0)),
+            pct(cat_acc(&after, c, 0)),
+            pct(cat_acc(&after, c, 1)),
+        );
+    }
+    if let (Some(b0), Some(a0)) = (ba.first(), aa.first()) {
+        let _ = writeln!(
+            s,
+            "\nturn 0 after training: {} (base {}).",
+            pct(Some(*a0)),
+            pct(Some(*b0))
+        );
+    }
+    if let (Some(a0), Some(a1)) = (aa.first(), aa.get(1)) {
+        let verdict = if a1 > a0 {
+            "improves on"
+        } else if a1 < a0 {
+            "is worse than"
+        } else {
+            "equals"
+        };
+        let _ = writeln!(
+            s,
+            "after training, turn 1 (self-correction) {verdict} turn 0: {} vs {}.",
+            pct(Some(*a1)),
+            pct(Some(*a0))
+        );
+    }
+    if let Some(w) = i.wall_seconds {
+        let _ = writeln!(s, "wall time: {w:.0} s");
+    }
+    std::fs::create_dir_all(i.out).with_context(|| format!("creating {}", i.out.display()))?;
+    std::fs::write(i.out.join("table.md"), &s)?;
+    std::fs::write(
+        i.out.join("loss.svg"),
+        svg_lines("training loss", "step", &[("loss", losses)]),
+    )?;
+    let pts = |v: &[f64]| {
+        v.iter()
+            .enumerate()
+            .map(|(t, a)| (t as f64, *a))
+            .collect::<Vec<_>>()
+    };
+    std::fs::write(
+        i.out.join("accuracy.svg"),
+        svg_lines(
+            "accuracy per turn",
+            "turn",
+            &[("before", pts(&ba)), ("after", pts(&aa))],
+        ),
+    )?;
+    Ok(s)
+}
+
+/// A minimal line plot as SVG (no plotting dependency).
+fn svg_lines(title: &str, xlabel: &str, series: &[(&str, Vec<(f64, f64)>)]) -> String {
+    let (w, h, m) = (480.0, 300.0, 40.0);
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .filter(|p| p.1.is_finite())
+        .collect();
+    let (x0, x1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
+    let (y0, y1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)));
+    let (y0, y1) = if all.is_empty() {
+        (0.0, 1.0)
+    } else {
+        (y0.min(0.0), y1.max(y0 + 1e-9))
+    };
+    let (x0, x1) = if all.is_empty() {
+        (0.0, 1.0)
+    } else {
+        (x0, x1.max(x0 + 1.0))
+    };
+    let sx = |x: f64| m + (x - x0) / (x1 - x0) * (w - 2.0 * m);
+    let sy = |y: f64| h - m - (y - y0) / (y1 - y0) * (h - 2.0 * m);
+    let colors = ["#1f77b4", "#d62728", "#2ca02c"];
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\"><rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
+         <text x=\"{m}\" y=\"20\" font-family=\"sans-serif\" font-size=\"14\">{title}</text>\
+         <line x1=\"{m}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"black\"/><line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{b}\" stroke=\"black\"/>\
+         <text x=\"{r}\" y=\"{lb}\" font-size=\"11\" text-anchor=\"end\">{xlabel} {x0}..{x1}</text>\
+         <text x=\"4\" y=\"{m}\" font-size=\"11\">{y1:.2}</text><text x=\"4\" y=\"{b}\" font-size=\"11\">{y0:.2}</text>",
+        b = h - m,
+        r = w - m,
+        lb = h - 10.0
+    );
+    for (k, (name, pts)) in series.iter().enumerate() {
+        let c = colors[k % colors.len()];
+        let path: Vec<String> = pts
+            .iter()
+            .filter(|p| p.1.is_finite())
+            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+            .collect();
+        let _ = write!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/><text x=\"{}\" y=\"{}\" fill=\"{c}\" font-size=\"12\">{name}</text>",
+            path.join(" "),
+            w - m - 60.0,
+            m + 14.0 * (k as f64 + 1.0)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}

@@ -1,0 +1,440 @@
+//! Synthetic scenes for the demo: a few filled shapes (circle, square, triangle) in a few colors on
+//! a plain background, drawn with the image crate, and questions whose answers the scene decides.
+//!
+//! Everything comes from one [`Rng`] stream, so a (seed, index) pair always gives the same scene,
+//! question, answers and pixels.
+use image::{Rgb, RgbImage};
+
+/// SplitMix64: small, fast, and the same on every platform (the demo's data is part of its
+/// reproducibility, so no dependency whose stream could change).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + (self.next_u64() % ((hi - lo + 1) as u64)) as i64
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    pub fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.range(0, v.len() as i64 - 1) as usize]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Circle,
+    Square,
+    Triangle,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Circle, Kind::Square, Kind::Triangle];
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Circle => "circle",
+            Kind::Square => "square",
+            Kind::Triangle => "triangle",
+        }
+    }
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Circle => "circles",
+            Kind::Square => "squares",
+            Kind::Triangle => "triangles",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Color {
+    Red,
+    Green,
+    Blue,
+    Yellow,
+}
+
+impl Color {
+    pub const ALL: [Color; 4] = [Color::Red, Color::Green, Color::Blue, Color::Yellow];
+    pub fn name(self) -> &'static str {
+        match self {
+            Color::Red => "red",
+            Color::Green => "green",
+            Color::Blue => "blue",
+            Color::Yellow => "yellow",
+        }
+    }
+    pub fn rgb(self) -> Rgb<u8> {
+        match self {
+            Color::Red => Rgb([220, 40, 40]),
+            Color::Green => Rgb([40, 170, 60]),
+            Color::Blue => Rgb([40, 70, 220]),
+            Color::Yellow => Rgb([235, 200, 30]),
+        }
+    }
+}
+
+/// One shape: center and "radius" (half the side for squares, circumradius-ish for triangles).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub kind: Kind,
+    pub color: Color,
+    pub x: i64,
+    pub y: i64,
+    pub r: i64,
+}
+
+impl Shape {
+    pub fn name(&self) -> String {
+        format!("{} {}", self.color.name(), self.kind.name())
+    }
+    /// Filled area in pixels (exactly the pixels [`Scene::render`] paints), which decides
+    /// "the largest shape".
+    pub fn area(&self) -> f64 {
+        let mut n = 0usize;
+        for py in self.y - self.r..=self.y + self.r {
+            for px in self.x - self.r..=self.x + self.r {
+                n += usize::from(self.contains(px, py));
+            }
+        }
+        n as f64
+    }
+    fn contains(&self, px: i64, py: i64) -> bool {
+        let (dx, dy) = (px - self.x, py - self.y);
+        match self.kind {
+            Kind::Circle => dx * dx + dy * dy <= self.r * self.r,
+            Kind::Square => dx.abs() <= self.r && dy.abs() <= self.r,
+            // apex at the top (y - r), base at y + r, half-width grows linearly to r
+            Kind::Triangle => dy >= -self.r && dy <= self.r && 2 * dx.abs() <= dy + self.r,
+        }
+    }
+}
+
+/// A scene: background and shapes (at most [`MAX_SHAPES`], none overlapping).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scene {
+    pub size: u32,
+    pub background: Rgb<u8>,
+    pub shapes: Vec<Shape>,
+}
+
+pub const MAX_SHAPES: usize = 5;
+
+impl Scene {
+    /// 2..=5 shapes at random non-overlapping places, all with distinct sizes.
+    pub fn random(rng: &mut Rng, size: u32) -> Scene {
+        let s = size as i64;
+        let n = rng.range(2, MAX_SHAPES as i64) as usize;
+        let shade = rng.range(235, 250) as u8;
+        let background = Rgb([shade, shade, rng.range(230, 250) as u8]);
+        let (rmin, rmax) = ((s / 16).max(5), (s / 7).max(8));
+        let mut shapes: Vec<Shape> = vec![];
+        let mut tries = 0;
+        while shapes.len() < n && tries < 2000 {
+            tries += 1;
+            let r = rng.range(rmin, rmax);
+            let sh = Shape {
+                kind: *rng.pick(&Kind::ALL),
+                color: *rng.pick(&Color::ALL),
+                x: rng.range(r + 2, s - r - 3),
+                y: rng.range(r + 2, s - r - 3),
+                r,
+            };
+            let clear = shapes.iter().all(|o| {
+                let (dx, dy) = (o.x - sh.x, o.y - sh.y);
+                // apart even corner to corner (a square's corner is r * sqrt(2) out), distinct
+                // sizes (so "largest" is clear) and distinct x (so left/right is clear)
+                let gap = (o.r + sh.r) as f64 * 1.42 + 3.0;
+                (dx * dx + dy * dy) as f64 >= gap * gap
+                    && (o.area() - sh.area()).abs() > 0.15 * o.area().max(sh.area())
+                    && (o.x - sh.x).abs() >= 6
+            });
+            if clear {
+                shapes.push(sh);
+            }
+        }
+        Scene {
+            size,
+            background,
+            shapes,
+        }
+    }
+
+    pub fn render(&self) -> RgbImage {
+        let mut img = RgbImage::from_pixel(self.size, self.size, self.background);
+        for sh in &self.shapes {
+            let c = sh.color.rgb();
+            for py in (sh.y - sh.r).max(0)..=(sh.y + sh.r).min(self.size as i64 - 1) {
+                for px in (sh.x - sh.r).max(0)..=(sh.x + sh.r).min(self.size as i64 - 1) {
+                    if sh.contains(px, py) {
+                        img.put_pixel(px as u32, py as u32, c);
+                    }
+                }
+            }
+        }
+        img
+    }
+
+    pub fn count_color(&self, c: Color) -> usize {
+        self.shapes.iter().filter(|s| s.color == c).count()
+    }
+    pub fn count_kind(&self, k: Kind) -> usize {
+        self.shapes.iter().filter(|s| s.kind == k).count()
+    }
+    pub fn largest(&self) -> &Shape {
+        self.shapes
+            .iter()
+            .max_by(|a, b| a.area().total_cmp(&b.area()))
+            .expect("a scene has shapes")
+    }
+    /// Shapes from left to right.
+    pub fn left_to_right(&self) -> Vec<Shape> {
+        let mut v = self.shapes.clone();
+        v.sort_by_key(|s| s.x);
+        v
+    }
+    /// "red circle, blue square, green triangle." (left to right; short: the model is tiny).
+    pub fn caption(&self) -> String {
+        let names: Vec<String> = self.left_to_right().iter().map(|s| s.name()).collect();
+        format!("{}.", names.join(", "))
+    }
+}
+
+/// The question types (the bench's `category`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Category {
+    CountColor,
+    CountShape,
+    LargestColor,
+    LeftRight,
+    Compare,
+}
+
+impl Category {
+    pub const ALL: [Category; 5] = [
+        Category::CountColor,
+        Category::CountShape,
+        Category::LargestColor,
+        Category::LeftRight,
+        Category::Compare,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Category::CountColor => "count_color",
+            Category::CountShape => "count_shape",
+            Category::LargestColor => "largest_color",
+            Category::LeftRight => "left_right",
+            Category::Compare => "compare",
+        }
+    }
+}
+
+/// A question about a scene with its right answer, a plausible wrong answer, and the staged texts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qa {
+    pub category: Category,
+    pub question: String,
+    pub answer: String,
+    pub choices: Vec<String>,
+    /// Turn 1's answer (the right one, or a plausible mistake).
+    pub first: String,
+    /// Turn 2's refined answer (always right; confirms `first` when it was right).
+    pub refined: String,
+    pub first_correct: bool,
+}
+
+/// (question, right answer, plausible wrong answer, choices, reasoning for an answer, summary).
+type QaParts = (
+    String,
+    String,
+    String,
+    Vec<String>,
+    Box<dyn Fn(&str) -> String>,
+    &'static str,
+);
+
+fn counts() -> Vec<String> {
+    (0..=MAX_SHAPES).map(|n| n.to_string()).collect()
+}
+
+fn staged(summary: &str, caption: &str, reasoning: &str, conclusion: &str) -> String {
+    format!(
+        "<SUMMARY>{summary}</SUMMARY><CAPTION>{caption}</CAPTION><REASONING>{reasoning}</REASONING><CONCLUSION>{conclusion}</CONCLUSION>"
+    )
+}
+
+/// Picks a question for `scene` (category by `rng`) and writes both turns; with probability
+/// `p_wrong` the first turn is wrong in a plausible way (a miscount, a swapped color or side).
+pub fn make_qa(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
+    let category = *rng.pick(&Category::ALL);
+    let wrong = rng.chance(p_wrong);
+    let caption = scene.caption();
+    let (question, answer, mistaken, choices, reason, summary): QaParts = match category {
+        Category::CountColor => {
+            let c = *rng.pick(&Color::ALL);
+            let n = scene.count_color(c);
+            let off = if n == 0 || rng.chance(0.5) {
+                n + 1
+            } else {
+                n - 1
+            };
+            let name = c.name();
+            (
+                format!("How many {name} shapes are there?"),
+                n.to_string(),
+                off.to_string(),
+                counts(),
+                Box::new(move |a| format!("{a} {name}.")),
+                "Count a color.",
+            )
+        }
+        Category::CountShape => {
+            let k = *rng.pick(&Kind::ALL);
+            let n = scene.count_kind(k);
+            let off = if n == 0 || rng.chance(0.5) {
+                n + 1
+            } else {
+                n - 1
+            };
+            let plural = k.plural();
+            (
+                format!("How many {plural} are there?"),
+                n.to_string(),
+                off.to_string(),
+                counts(),
+                Box::new(move |a| format!("{a} {plural}.")),
+                "Count a shape.",
+            )
+        }
+        Category::LargestColor => {
+            let big = *scene.largest();
+            let others: Vec<Color> = Color::ALL
+                .iter()
+                .copied()
+                .filter(|&c| c != big.color)
+                .collect();
+            let swapped = *rng.pick(&others);
+            let kind = big.kind.name();
+            (
+                "What color is the largest shape?".to_string(),
+                big.color.name().to_string(),
+                swapped.name().to_string(),
+                Color::ALL.iter().map(|c| c.name().to_string()).collect(),
+                Box::new(move |a| format!("Largest is {a} {kind}.")),
+                "Find the largest.",
+            )
+        }
+        Category::LeftRight => {
+            let shapes = scene.left_to_right();
+            // two shapes whose names are unique in the scene, so the question is unambiguous
+            let unique: Vec<Shape> = shapes
+                .iter()
+                .copied()
+                .filter(|s| shapes.iter().filter(|o| o.name() == s.name()).count() == 1)
+                .collect();
+            let (a, b) = if unique.len() >= 2 {
+                let i = rng.range(0, unique.len() as i64 - 1) as usize;
+                let mut j = rng.range(0, unique.len() as i64 - 2) as usize;
+                if j >= i {
+                    j += 1;
+                }
+                (unique[i], unique[j])
+            } else {
+                // every name repeats: ask about the leftmost vs rightmost with different names,
+                // else fall back to counting
+                return make_qa_fallback(scene, rng, p_wrong);
+            };
+            let side = if a.x < b.x { "left" } else { "right" };
+            let other = if side == "left" { "right" } else { "left" };
+            let (an, bn) = (a.name(), b.name());
+            (
+                format!("Is the {an} left or right of the {bn}?"),
+                side.to_string(),
+                other.to_string(),
+                vec!["left".to_string(), "right".to_string()],
+                Box::new(move |s| format!("{an} is {s}.")),
+                "Compare positions.",
+            )
+        }
+        Category::Compare => {
+            let mut pair: Vec<Color> = Color::ALL.to_vec();
+            // two colors with different counts (one always exists: 2..=5 shapes, 4 colors)
+            let mut found = None;
+            for _ in 0..16 {
+                let a = *rng.pick(&pair);
+                let b = *rng.pick(&pair);
+                if a != b && scene.count_color(a) != scene.count_color(b) {
+                    found = Some((a, b));
+                    break;
+                }
+            }
+            let (a, b) = match found {
+                Some(p) => p,
+                None => {
+                    pair.sort_by_key(|&c| std::cmp::Reverse(scene.count_color(c)));
+                    (pair[0], pair[3])
+                }
+            };
+            let (win, lose) = if scene.count_color(a) > scene.count_color(b) {
+                (a, b)
+            } else {
+                (b, a)
+            };
+            let (an, bn) = (a.name(), b.name());
+            (
+                format!("Are there more {an} or {bn} shapes?"),
+                win.name().to_string(),
+                lose.name().to_string(),
+                vec![an.to_string(), bn.to_string()],
+                Box::new(move |w| {
+                    let other = if w == an { bn } else { an };
+                    format!("More {w} than {other}.")
+                }),
+                "Compare counts.",
+            )
+        }
+    };
+    let first_ans = if wrong { &mistaken } else { &answer };
+    let first = staged(summary, &caption, &reason(first_ans), first_ans);
+    let refined_reason = if wrong {
+        format!("Recheck: {} Not {mistaken}.", reason(&answer))
+    } else {
+        format!("Recheck: {} Confirmed.", reason(&answer))
+    };
+    let refined = staged(summary, &caption, &refined_reason, &answer);
+    Qa {
+        category,
+        question,
+        answer,
+        choices,
+        first,
+        refined,
+        first_correct: !wrong,
+    }
+}
+
+fn make_qa_fallback(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
+    loop {
+        let qa = make_qa(scene, rng, p_wrong);
+        if qa.category != Category::LeftRight {
+            return qa;
+        }
+    }
+}

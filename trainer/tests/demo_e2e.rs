@@ -1,0 +1,198 @@
+//! The demo at reduced size, end to end through the real binaries: `trainer demo-data`, a few
+//! full-finetuning steps of configs/demo.yaml on 2 CPU ranks through the launcher (loss falls,
+//! metrics.jsonl parses), `trainer demo-model export` (the exported folder loads), `trainer eval`
+//! on two bench questions (when it is built), and `trainer demo-model table`.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use trainer::model::{LoadOptions, MllamaModel};
+
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --bins` (make test does)",
+        path.display()
+    );
+    path
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn demo_reduced_end_to_end() {
+    let dir = std::env::temp_dir().join(format!("demo-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    let msg = run(
+        Command::new(bin("trainer"))
+            .args([
+                "demo-data",
+                "--train",
+                "48",
+                "--val",
+                "4",
+                "--test",
+                "4",
+                "--seed",
+                "3",
+                "--out",
+            ])
+            .arg(&data),
+        "demo-data",
+    );
+    assert!(msg.contains("wrote"), "{msg}");
+    let again = run(
+        Command::new(bin("trainer"))
+            .args([
+                "demo-data",
+                "--train",
+                "48",
+                "--val",
+                "4",
+                "--test",
+                "4",
+                "--seed",
+                "3",
+                "--out",
+            ])
+            .arg(&data),
+        "demo-data (cached)",
+    );
+    assert!(again.contains("reusing"), "{again}");
+
+    let run_dir = dir.join("run");
+    let sets: Vec<String> = vec![
+        format!("model.path={}", data.join("model").display()),
+        format!("data.train={}", data.join("train.jsonl").display()),
+        format!("data.eval={}", data.join("val.jsonl").display()),
+        format!("data.image_root={}", data.join("images").display()),
+        format!("train.output_dir={}", run_dir.display()),
+        format!("checkpoint.dir={}", run_dir.join("checkpoints").display()),
+        "train.max_steps=8".into(),
+        "train.batch_size=2".into(),
+        "train.log_every=1".into(),
+        "train.schedule.warmup_steps=1".into(),
+        "checkpoint.every_steps=0".into(),
+    ];
+    let dump = run_dir.join("trainable.safetensors");
+    let mut cmd = Command::new(bin("launcher"));
+    cmd.args(["--standalone", "--nproc-per-node", "2", "--"])
+        .arg(bin("trainer"))
+        .arg("train")
+        .arg(repo().join("configs/demo.yaml"));
+    for s in &sets {
+        cmd.args(["--set", s]);
+    }
+    run(
+        cmd.env("TRAINER_DUMP_TRAINABLE", &dump),
+        "launcher + trainer train",
+    );
+    let metrics: Vec<Value> = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let losses: Vec<f64> = metrics
+        .iter()
+        .filter(|m| m.get("grad_norm").is_some())
+        .map(|m| m["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 8, "{metrics:?}");
+    let (first, last) = (losses[0], (losses[6] + losses[7]) / 2.0);
+    println!("demo loss {first:.3} -> {last:.3}: {losses:?}");
+    assert!(last < 0.8 * first, "loss did not fall: {losses:?}");
+    assert!(dump.is_file());
+
+    let mut cmd = Command::new(bin("trainer"));
+    cmd.args(["demo-model", "export", "--dump"])
+        .arg(&dump)
+        .arg("--config")
+        .arg(repo().join("configs/demo.yaml"))
+        .arg("--out")
+        .arg(run_dir.join("finetuned"));
+    for s in &sets {
+        cmd.args(["--set", s]);
+    }
+    let kind = run(&mut cmd, "demo-model export");
+    assert_eq!(
+        kind.trim(),
+        "model",
+        "configs/demo.yaml trains every weight"
+    );
+    let model = MllamaModel::load(&run_dir.join("finetuned"), LoadOptions::default()).unwrap();
+    drop(model);
+
+    // trainer eval on two bench questions, when it is built (the lead's issue 9)
+    let eval_out = run_dir.join("eval");
+    let out = Command::new(bin("trainer"))
+        .args(["eval", "--model"])
+        .arg(run_dir.join("finetuned"))
+        .arg("--data")
+        .arg(data.join("test.jsonl"))
+        .arg("--image-root")
+        .arg(data.join("images"))
+        .args([
+            "--turns",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--limit",
+            "2",
+            "--out",
+        ])
+        .arg(&eval_out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("not implemented yet") {
+        println!("skipping the eval part: {stderr}");
+    } else {
+        assert!(out.status.success(), "trainer eval failed: {stderr}");
+        let r: Value =
+            serde_json::from_str(&std::fs::read_to_string(eval_out.join("report.json")).unwrap())
+                .unwrap();
+        assert_eq!(r["turns"].as_array().unwrap().len(), 2);
+    }
+    let table = run(
+        Command::new(bin("trainer"))
+            .args(["demo-model", "table", "--base"])
+            .arg(&eval_out)
+            .arg("--after")
+            .arg(&eval_out)
+            .arg("--metrics")
+            .arg(run_dir.join("metrics.jsonl"))
+            .arg("--bench")
+            .arg(data.join("test.jsonl"))
+            .arg("--chance")
+            .arg(data.join("chance.json"))
+            .arg("--out")
+            .arg(&run_dir),
+        "demo-model table",
+    );
+    assert!(table.contains("training loss"), "{table}");
+    for f in ["table.md", "loss.svg", "accuracy.svg"] {
+        assert!(run_dir.join(f).is_file(), "{f}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
