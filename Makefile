@@ -3,6 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 VENV := .venv
 SETUP_STAMP := $(VENV)/libtorch
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
 .PHONY: setup build release test lint unit kernels-check demo bench bench-collectives gpu-check gpu-bin clean
 
@@ -27,8 +28,11 @@ unit: $(SETUP_STAMP)
 	$(CARGO) test --all-targets
 
 # NVRTC compiles every kernel to PTX for compute_80 and compute_90 (no GPU needed).
+# Built with the whole workspace: `cargo run -p kernels` would unify features differently and
+# rebuild libtorch's bindings.
 kernels-check: $(SETUP_STAMP)
-	$(CARGO) run -q -p kernels --bin kernels-check
+	$(CARGO) build -q --bins
+	$(TARGET_DIR)/debug/kernels-check
 
 test: lint unit kernels-check
 
