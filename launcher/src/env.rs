@@ -10,6 +10,8 @@ use thiserror::Error;
 
 /// Environment variable carrying the rendezvous store's secret token (not a torchrun variable).
 pub const STORE_TOKEN_VAR: &str = "LLAVA_SCO_STORE_TOKEN";
+/// Set for ranks whose stderr the launcher echoes with a `[rank r]` prefix (`--tee`).
+pub const PREFIXED_STDERR_VAR: &str = "LLAVA_SCO_PREFIXED_STDERR";
 /// torchrun's default `MASTER_ADDR` and `MASTER_PORT`.
 pub const DEFAULT_MASTER_ADDR: &str = "127.0.0.1";
 pub const DEFAULT_MASTER_PORT: u16 = 29500;

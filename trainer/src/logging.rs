@@ -29,7 +29,8 @@ pub fn progress_bars_enabled() -> bool {
     is_progress_rank() && std::io::stderr().is_terminal()
 }
 
-/// Prefixes every event with `[rank r]` when the process runs under a launcher (WORLD_SIZE set).
+/// Prefixes every event with `[rank r]` when the process runs under a launcher (WORLD_SIZE set)
+/// that does not prefix the lines itself.
 struct RankPrefix {
     prefix: Option<String>,
     inner: Format<Full>,
@@ -55,7 +56,11 @@ where
 
 /// Installs the global subscriber (stderr). Safe to call twice: the second call does nothing.
 pub fn init() {
-    let prefix = std::env::var_os("WORLD_SIZE").map(|_| format!("[rank {}]", env_rank()));
+    // under the launcher, unless it already prefixes this rank's lines (--tee)
+    let prefixed = std::env::var_os(launcher::env::PREFIXED_STDERR_VAR).is_some();
+    let prefix = std::env::var_os("WORLD_SIZE")
+        .filter(|_| !prefixed)
+        .map(|_| format!("[rank {}]", env_rank()));
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let format = RankPrefix {
         prefix,
@@ -64,6 +69,7 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .fmt_fields(DefaultFields::new())
         .event_format(format)
         .try_init();

@@ -73,6 +73,11 @@ impl RankProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        if output.tee_stderr {
+            // the console lines of this rank's stderr already carry `[rank r]`: tell the trainer's
+            // logger not to add its own
+            cmd.env(crate::env::PREFIXED_STDERR_VAR, "1");
+        }
         let launcher_pid = std::process::id() as libc::pid_t;
         // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
         // (prctl, getppid, _exit).
