@@ -3,7 +3,7 @@
 # On the device machine there is no Rust toolchain: `make gpu-bin` builds the binaries here into
 # .gpu-bin/ (stripped), the call carries that folder, and this script points the loader at the
 # host's own torch 2.11 and its nvidia wheel folders. Logs go to $OUT (or ./gpu-out).
-# Usage: scripts/gpu-check.sh [all|nccl|model|kernels]
+# Usage: scripts/gpu-check.sh [all|nccl|model|train|kernels]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ONLY="${1:-all}"
@@ -35,6 +35,13 @@ step() { # name, command...: runs one check, logs it, remembers failures
 mkdir -p "$OUT/dist"
 want nccl && step nccl-world1 timeout 120 "$BIN/dist-selftest" --backend nccl --device cuda --out "$OUT/dist"
 want nccl && step nccl-launcher-world1 timeout 120 "$BIN/launcher" --standalone --nproc-per-node 1 -- "$BIN/dist-selftest" --backend nccl --device cuda --out "$OUT/dist"
+# training on the GPU through FSDP over NCCL (world 1): fp32 against the PyTorch golden losses, and bf16
+for mp in fp32 bf16; do
+  want train && [ -x "$BIN/trainer" ] && step "train-nccl-$mp" timeout 150 "$BIN/launcher" --standalone --nproc-per-node 1 -- \
+    "$BIN/trainer" train tests/fixtures/train/train.yaml --set fsdp.enabled=true --set fsdp.backend=nccl \
+    --set fsdp.mixed_precision=$mp --set "train.output_dir=$OUT/train-$mp" --set "checkpoint.dir=$OUT/train-$mp/ckpt" \
+    && grep -o '"loss":[0-9.e+-]*' "$OUT/train-$mp/metrics.jsonl" | head -n 4 | tr '\n' ' ' && echo "(golden: $(grep -o '[0-9]\.[0-9]*' tests/fixtures/train/golden_losses.json | head -n 4 | tr '\n' ' '))"
+done
 want model && [ -x "$BIN/model_gpu" ] && step model-gpu timeout 200 "$BIN/model_gpu" --nocapture --test-threads 1
 # kernels last: its table is the end of the output
 if want kernels; then
