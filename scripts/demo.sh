@@ -17,7 +17,7 @@ if [[ "${SKIP_SETUP:-0}" != 1 ]]; then
 fi
 echo "== building (cargo build --bins) =="
 cargo build --bins --quiet
-BIN=target/debug
+BIN="${CARGO_TARGET_DIR:-target}/debug"
 CONFIG=configs/demo.yaml
 DATA=data/demo
 TEST_N=${DEMO_TEST:-60}
