@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::{bin, repo, tiny_model_folder};
+use common::{bin, repo, tiny_model_folder, write_train_records};
 use serde_json::Value;
 use tch::Tensor;
 
@@ -24,36 +24,7 @@ fn setup() -> &'static Path {
         let dir = std::env::temp_dir().join(format!("fsdp-parity-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         tiny_model_folder(&dir.join("model"), 11, |_| {});
-        let images = [
-            "small.png",
-            "large.png",
-            "layout_1x2.png",
-            "layout_2x1.png",
-            "photo.jpg",
-            "gray.png",
-        ];
-        let words = [
-            "red", "square", "three", "objects", "blue", "circle", "answer", "count",
-        ];
-        let mut lines = vec![];
-        for i in 0..48usize {
-            let q: Vec<&str> = (0..(2 + i % 5))
-                .map(|k| words[(i + k) % words.len()])
-                .collect();
-            let a: Vec<&str> = (0..(3 + (i * 7) % 11))
-                .map(|k| words[(i * 3 + k) % words.len()])
-                .collect();
-            let rec = serde_json::json!({
-                "id": format!("r{i}"),
-                "image": images[i % images.len()],
-                "conversations": [
-                    {"from": "human", "value": format!("<image>\nWhat is {}?", q.join(" "))},
-                    {"from": "gpt", "value": format!("<SUMMARY> {} </SUMMARY>", a.join(" "))},
-                ]
-            });
-            lines.push(rec.to_string());
-        }
-        std::fs::write(dir.join("train.jsonl"), lines.join("\n") + "\n").unwrap();
+        write_train_records(&dir);
         dir
     })
 }

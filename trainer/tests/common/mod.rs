@@ -3,6 +3,8 @@
 //! image token 711 in the embedding's extra rows) and image processor (56-px tiles).
 #![allow(dead_code)] // each test file uses a different part
 
+pub mod ckpt;
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -55,4 +57,39 @@ pub fn tiny_model_folder(dir: &Path, seed: i64, edit: impl FnOnce(&mut Value)) {
     ] {
         std::fs::copy(fx.join("data/tok").join(f), dir.join(f)).unwrap();
     }
+}
+
+/// Writes `dir/train.jsonl`: 48 records over the fixture images, questions and answers of varied
+/// lengths built from a few words (the training runs of the end-to-end tests).
+pub fn write_train_records(dir: &Path) {
+    let images = [
+        "small.png",
+        "large.png",
+        "layout_1x2.png",
+        "layout_2x1.png",
+        "photo.jpg",
+        "gray.png",
+    ];
+    let words = [
+        "red", "square", "three", "objects", "blue", "circle", "answer", "count",
+    ];
+    let mut lines = vec![];
+    for i in 0..48usize {
+        let q: Vec<&str> = (0..(2 + i % 5))
+            .map(|k| words[(i + k) % words.len()])
+            .collect();
+        let a: Vec<&str> = (0..(3 + (i * 7) % 11))
+            .map(|k| words[(i * 3 + k) % words.len()])
+            .collect();
+        let rec = serde_json::json!({
+            "id": format!("r{i}"),
+            "image": images[i % images.len()],
+            "conversations": [
+                {"from": "human", "value": format!("<image>\nWhat is {}?", q.join(" "))},
+                {"from": "gpt", "value": format!("<SUMMARY> {} </SUMMARY>", a.join(" "))},
+            ]
+        });
+        lines.push(rec.to_string());
+    }
+    std::fs::write(dir.join("train.jsonl"), lines.join("\n") + "\n").unwrap();
 }
