@@ -132,38 +132,28 @@ pub struct SelfAttention {
     pub attention: AttentionImpl,
 }
 
+/// q/k/v/o projections of a text attention layer (self- or cross-): GQA shapes from the config, no bias.
+fn attention_projections(ld: &mut Loader, p: &str, c: &TextConfig) -> [Linear; 4] {
+    let (h, d) = (c.hidden_size, c.head_dim());
+    let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+    [
+        ("q_proj", q, h),
+        ("k_proj", kv, h),
+        ("v_proj", kv, h),
+        ("o_proj", h, q),
+    ]
+    .map(|(name, out, inp)| linear(ld, &format!("{p}.{name}"), out, inp, false))
+}
+
 impl SelfAttention {
     fn load(ld: &mut Loader, p: &str, c: &TextConfig, attention: AttentionImpl) -> Self {
-        let (h, d) = (c.hidden_size, c.head_dim());
+        let d = c.head_dim();
+        let [q_proj, k_proj, v_proj, o_proj] = attention_projections(ld, p, c);
         Self {
-            q_proj: linear(
-                ld,
-                &format!("{p}.q_proj"),
-                c.num_attention_heads * d,
-                h,
-                false,
-            ),
-            k_proj: linear(
-                ld,
-                &format!("{p}.k_proj"),
-                c.num_key_value_heads * d,
-                h,
-                false,
-            ),
-            v_proj: linear(
-                ld,
-                &format!("{p}.v_proj"),
-                c.num_key_value_heads * d,
-                h,
-                false,
-            ),
-            o_proj: linear(
-                ld,
-                &format!("{p}.o_proj"),
-                h,
-                c.num_attention_heads * d,
-                false,
-            ),
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
             num_heads: c.num_attention_heads,
             num_kv_heads: c.num_key_value_heads,
             head_dim: d,
@@ -241,36 +231,13 @@ pub struct CrossAttention {
 
 impl CrossAttention {
     fn load(ld: &mut Loader, p: &str, c: &TextConfig, attention: AttentionImpl) -> Self {
-        let (h, d) = (c.hidden_size, c.head_dim());
+        let d = c.head_dim();
+        let [q_proj, k_proj, v_proj, o_proj] = attention_projections(ld, p, c);
         Self {
-            q_proj: linear(
-                ld,
-                &format!("{p}.q_proj"),
-                c.num_attention_heads * d,
-                h,
-                false,
-            ),
-            k_proj: linear(
-                ld,
-                &format!("{p}.k_proj"),
-                c.num_key_value_heads * d,
-                h,
-                false,
-            ),
-            v_proj: linear(
-                ld,
-                &format!("{p}.v_proj"),
-                c.num_key_value_heads * d,
-                h,
-                false,
-            ),
-            o_proj: linear(
-                ld,
-                &format!("{p}.o_proj"),
-                h,
-                c.num_attention_heads * d,
-                false,
-            ),
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
             q_norm: rms(ld, &format!("{p}.q_norm"), d, c.rms_norm_eps),
             k_norm: rms(ld, &format!("{p}.k_norm"), d, c.rms_norm_eps),
             num_heads: c.num_attention_heads,
