@@ -213,7 +213,10 @@ impl Session<'_> {
             Some(&mut cache),
         )?;
         let mut new_ids: Vec<u32> = Vec::new();
-        let mut shown = String::new();
+        // incremental detokenization: each step decodes only what the new token adds
+        let tok_err = |e: tokenizers::Error| InferError::Input(format!("tokenizer: {e}"));
+        let mut stream = self.text.tokenizer.decode_stream(true);
+        let mut text = String::new();
         for _ in 0..max_new {
             let last = logits
                 .select(1, logits.size()[1] - 1)
@@ -224,16 +227,9 @@ impl Session<'_> {
                 break;
             }
             new_ids.push(next as u32);
-            let text = self
-                .text
-                .tokenizer
-                .decode(&new_ids, true)
-                .map_err(|e| InferError::Input(format!("tokenizer: {e}")))?;
-            if let Some(piece) = text.strip_prefix(shown.as_str()) {
-                if !piece.is_empty() && !piece.ends_with('\u{FFFD}') {
-                    on_piece(piece);
-                    shown = text;
-                }
+            if let Some(piece) = stream.step(next as u32).map_err(tok_err)? {
+                on_piece(&piece);
+                text.push_str(&piece);
             }
             am = Tensor::cat(&[&am, &Tensor::ones([1, 1], (Kind::Int64, device))], 1);
             let step = Tensor::from_slice(&[next]).view([1, 1]).to_device(device);
@@ -245,16 +241,6 @@ impl Session<'_> {
                 cam_last.as_ref(),
                 Some(&mut cache),
             )?;
-        }
-        let text = self
-            .text
-            .tokenizer
-            .decode(&new_ids, true)
-            .map_err(|e| InferError::Input(format!("tokenizer: {e}")))?;
-        if let Some(rest) = text.strip_prefix(shown.as_str()) {
-            if !rest.is_empty() {
-                on_piece(rest);
-            }
         }
         Ok((text, new_ids.iter().map(|&i| i as i64).collect()))
     }
