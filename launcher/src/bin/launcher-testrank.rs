@@ -57,6 +57,18 @@ extern "C" fn on_signal(sig: libc::c_int) {
     SIGNAL.store(sig, Ordering::SeqCst);
 }
 
+/// Waits (at most 10 s) until `ready-R-ATTEMPT` exists for every rank R in this folder.
+fn wait_for_peers(dir: &Path, world_size: usize, attempt: u32) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        let all_ready = (0..world_size).all(|r| dir.join(format!("ready-{r}-{attempt}")).exists());
+        if all_ready {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn write(dir: &Path, name: &str, text: &str) {
     // Write then rename, so a test polling for the file never reads half of it.
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -148,6 +160,10 @@ fn main() -> ExitCode {
     let chosen = args.rank.is_none_or(|r| r == env.rank)
         && args.attempt.is_none_or(|a| a == env.restart_count);
     if chosen && (args.kill_self || args.exit_code.is_some()) {
+        // Fail only once every peer of this attempt is ready (its signal handlers are
+        // installed): otherwise, on a loaded machine, the launcher's SIGTERM can reach a
+        // peer before its trap exists and the test sees no `signal-*` file.
+        wait_for_peers(&args.out, env.world_size, env.restart_count);
         if let Some(line) = &args.stderr {
             eprintln!("{line}");
         }
