@@ -2,6 +2,7 @@
 //! Each test uses its own scratch folder and free ports, so they run in parallel.
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -106,36 +107,7 @@ fn ranks_meet_through_the_store() {
 #[test]
 fn two_launchers_form_one_world_of_four() {
     let dir = Scratch::new("twonodes");
-    let port = free_port().to_string();
-    let node = |rank: &str| {
-        launch_testrank(
-            &[
-                "--nnodes",
-                "2",
-                "--node-rank",
-                rank,
-                "--nproc-per-node",
-                "2",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                &port,
-                "--run-id",
-                "two-nodes",
-                "--rdzv-timeout",
-                "15",
-            ],
-            dir.path(),
-            &["--store"],
-        )
-    };
-    // Node 1 first: it must wait for node 0's store to appear.
-    let started = Instant::now();
-    let node1 = node("1").spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let node0 = node("0").spawn().unwrap();
-    let run1 = wait(node1, started, LIMIT);
-    let run0 = wait(node0, started, LIMIT);
+    let (run0, run1, port) = two_nodes(dir.path(), "two-nodes", &[], &["--store"], true);
     assert_eq!(run0.code(), 0, "node 0: {}", run0.stderr);
     assert_eq!(run1.code(), 0, "node 1: {}", run1.stderr);
     let mut groups = vec![run0.pgid, run1.pgid];
@@ -162,30 +134,22 @@ fn two_launchers_form_one_world_of_four() {
 #[test]
 fn a_failing_rank_stops_the_others_and_sets_the_exit_code() {
     let dir = Scratch::new("exit7");
-    let run = run(
-        launch_testrank(
-            &[
-                "--standalone",
-                "--nproc-per-node",
-                "3",
-                "--grace-period",
-                "2",
-            ],
-            dir.path(),
-            &[
-                "--rank",
-                "1",
-                "--exit-code",
-                "7",
-                "--stderr",
-                "boom: bad batch",
-                "--sleep",
-                "30",
-                "--trap",
-                "--child",
-            ],
-        ),
-        LIMIT,
+    let run = standalone(
+        dir.path(),
+        3,
+        &["--grace-period", "2"],
+        &[
+            "--rank",
+            "1",
+            "--exit-code",
+            "7",
+            "--stderr",
+            "boom: bad batch",
+            "--sleep",
+            "30",
+            "--trap",
+            "--child",
+        ],
     );
     assert_eq!(run.code(), 7, "{}", run.stderr);
     assert!(
@@ -209,9 +173,7 @@ fn a_failing_rank_stops_the_others_and_sets_the_exit_code() {
             "rank {rank} was asked to stop with SIGTERM"
         );
     }
-    let mut groups = recorded_groups(dir.path());
-    groups.push(run.pgid);
-    assert_no_survivors(&groups);
+    assert_no_survivors_in(dir.path(), &[run.pgid]);
 }
 
 #[test]
@@ -259,30 +221,20 @@ fn a_rank_ignoring_sigterm_is_killed_after_the_grace_period() {
 #[test]
 fn a_killed_rank_restarts_the_group_when_restarts_are_left() {
     let dir = Scratch::new("restart");
-    let run = run(
-        launch_testrank(
-            &[
-                "--standalone",
-                "--nproc-per-node",
-                "3",
-                "--max-restarts",
-                "1",
-                "--grace-period",
-                "2",
-            ],
-            dir.path(),
-            &[
-                "--rank",
-                "1",
-                "--kill-self",
-                "--attempt",
-                "0",
-                "--sleep",
-                "1",
-                "--trap",
-            ],
-        ),
-        LIMIT,
+    let run = standalone(
+        dir.path(),
+        3,
+        &["--max-restarts", "1", "--grace-period", "2"],
+        &[
+            "--rank",
+            "1",
+            "--kill-self",
+            "--attempt",
+            "0",
+            "--sleep",
+            "1",
+            "--trap",
+        ],
     );
     assert_eq!(run.code(), 0, "{}", run.stderr);
     assert!(
@@ -297,34 +249,22 @@ fn a_killed_rank_restarts_the_group_when_restarts_are_left() {
         assert_eq!(env["TORCHELASTIC_MAX_RESTARTS"], "1");
         assert_eq!(env["RANK"], rank.to_string());
     }
-    let mut groups = recorded_groups(dir.path());
-    groups.push(run.pgid);
-    assert_no_survivors(&groups);
+    assert_no_survivors_in(dir.path(), &[run.pgid]);
 }
 
 #[test]
 fn a_killed_rank_fails_the_run_without_restarts() {
     let dir = Scratch::new("norestart");
-    let run = run(
-        launch_testrank(
-            &[
-                "--standalone",
-                "--nproc-per-node",
-                "2",
-                "--grace-period",
-                "2",
-            ],
-            dir.path(),
-            &["--rank", "0", "--kill-self", "--sleep", "30", "--trap"],
-        ),
-        LIMIT,
+    let run = standalone(
+        dir.path(),
+        2,
+        &["--grace-period", "2"],
+        &["--rank", "0", "--kill-self", "--sleep", "30", "--trap"],
     );
     assert_eq!(run.code(), 128 + libc::SIGKILL, "{}", run.stderr);
     assert!(run.stderr.contains("signal 9 (SIGKILL)"), "{}", run.stderr);
     assert!(!dir.path().join("env-0-1").exists(), "no second attempt");
-    let mut groups = recorded_groups(dir.path());
-    groups.push(run.pgid);
-    assert_no_survivors(&groups);
+    assert_no_survivors_in(dir.path(), &[run.pgid]);
 }
 
 /// Starts 3 sleeping ranks, waits until all run, sends `sig` to the launcher.
@@ -359,9 +299,7 @@ fn signal_launcher(sig: i32, name: &str) {
             "rank {rank} observed the launcher's signal"
         );
     }
-    let mut groups = recorded_groups(dir.path());
-    groups.push(run.pgid);
-    assert_no_survivors(&groups);
+    assert_no_survivors_in(dir.path(), &[run.pgid]);
 }
 
 #[test]
@@ -393,29 +331,17 @@ fn ranks_and_their_children_die_with_a_sigkilled_launcher() {
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     let run = wait(child, started, LIMIT);
     assert_eq!(run.signal, Some(libc::SIGKILL));
-    let mut groups = recorded_groups(dir.path());
-    groups.push(run.pgid);
-    assert_no_survivors(&groups);
+    assert_no_survivors_in(dir.path(), &[run.pgid]);
 }
 
 #[test]
 fn a_rank_still_running_after_the_others_finished_times_out() {
     let dir = Scratch::new("finish");
-    let run = run(
-        launch_testrank(
-            &[
-                "--standalone",
-                "--nproc-per-node",
-                "2",
-                "--finish-timeout",
-                "1",
-                "--grace-period",
-                "2",
-            ],
-            dir.path(),
-            &["--sleep", "30", "--sleep-rank", "0", "--trap"],
-        ),
-        LIMIT,
+    let run = standalone(
+        dir.path(),
+        2,
+        &["--finish-timeout", "1", "--grace-period", "2"],
+        &["--sleep", "30", "--sleep-rank", "0", "--trap"],
     );
     assert_eq!(run.code(), 124, "{}", run.stderr);
     assert!(
@@ -434,44 +360,23 @@ fn a_rank_still_running_after_the_others_finished_times_out() {
 #[test]
 fn a_failure_on_one_node_stops_the_other_node() {
     let dir = Scratch::new("nodefail");
-    let port = free_port().to_string();
-    let node = |rank: &str| {
-        launch_testrank(
-            &[
-                "--nnodes",
-                "2",
-                "--node-rank",
-                rank,
-                "--nproc-per-node",
-                "2",
-                "--master-port",
-                &port,
-                "--run-id",
-                "nodefail",
-                "--grace-period",
-                "2",
-                "--rdzv-timeout",
-                "15",
-            ],
-            dir.path(),
-            &[
-                "--rank",
-                "3",
-                "--exit-code",
-                "7",
-                "--stderr",
-                "rank three broke",
-                "--sleep",
-                "30",
-                "--trap",
-            ],
-        )
-    };
-    let started = Instant::now();
-    let node0 = node("0").spawn().unwrap();
-    let node1 = node("1").spawn().unwrap();
-    let run0 = wait(node0, started, LIMIT);
-    let run1 = wait(node1, started, LIMIT);
+    let (run0, run1, _) = two_nodes(
+        dir.path(),
+        "nodefail",
+        &["--grace-period", "2"],
+        &[
+            "--rank",
+            "3",
+            "--exit-code",
+            "7",
+            "--stderr",
+            "rank three broke",
+            "--sleep",
+            "30",
+            "--trap",
+        ],
+        false,
+    );
     assert_eq!(run1.code(), 7, "node 1: {}", run1.stderr);
     assert_eq!(
         run0.code(),
@@ -494,9 +399,7 @@ fn a_failure_on_one_node_stops_the_other_node() {
         let sig = std::fs::read_to_string(dir.path().join(format!("signal-{rank}-0"))).unwrap();
         assert_eq!(sig, libc::SIGTERM.to_string(), "rank {rank}");
     }
-    let mut groups = recorded_groups(dir.path());
-    groups.extend([run0.pgid, run1.pgid]);
-    assert_no_survivors(&groups);
+    assert_no_survivors_in(dir.path(), &[run0.pgid, run1.pgid]);
 }
 
 #[test]
@@ -770,46 +673,23 @@ fn usage_errors_exit_2() {
 #[test]
 fn a_multi_node_group_restarts_together() {
     let dir = Scratch::new("noderestart");
-    let port = free_port().to_string();
-    let node = |rank: &str| {
-        launch_testrank(
-            &[
-                "--nnodes",
-                "2",
-                "--node-rank",
-                rank,
-                "--nproc-per-node",
-                "2",
-                "--master-port",
-                &port,
-                "--run-id",
-                "noderestart",
-                "--grace-period",
-                "2",
-                "--max-restarts",
-                "1",
-                "--rdzv-timeout",
-                "15",
-            ],
-            dir.path(),
-            &[
-                "--rank",
-                "3",
-                "--kill-self",
-                "--attempt",
-                "0",
-                "--sleep",
-                "1",
-                "--trap",
-                "--store",
-            ],
-        )
-    };
-    let started = Instant::now();
-    let node0 = node("0").spawn().unwrap();
-    let node1 = node("1").spawn().unwrap();
-    let run0 = wait(node0, started, LIMIT);
-    let run1 = wait(node1, started, LIMIT);
+    let (run0, run1, _) = two_nodes(
+        dir.path(),
+        "noderestart",
+        &["--grace-period", "2", "--max-restarts", "1"],
+        &[
+            "--rank",
+            "3",
+            "--kill-self",
+            "--attempt",
+            "0",
+            "--sleep",
+            "1",
+            "--trap",
+            "--store",
+        ],
+        false,
+    );
     assert_eq!(run0.code(), 0, "node 0: {}", run0.stderr);
     assert_eq!(run1.code(), 0, "node 1: {}", run1.stderr);
     for rank in 0..4usize {
@@ -820,9 +700,7 @@ fn a_multi_node_group_restarts_together() {
         let total = std::fs::read_to_string(dir.path().join(format!("store-{rank}-1"))).unwrap();
         assert_eq!(total, "4");
     }
-    let mut groups = recorded_groups(dir.path());
-    groups.extend([run0.pgid, run1.pgid]);
-    assert_no_survivors(&groups);
+    assert_no_survivors_in(dir.path(), &[run0.pgid, run1.pgid]);
 }
 
 #[test]
@@ -892,4 +770,65 @@ fn a_slurm_allocation_provides_the_layout_and_nodes_may_differ_in_size() {
             "4"
         );
     }
+}
+
+/// Runs two launchers on localhost as nodes 0 and 1 of a 2-node x 2-rank job of test ranks
+/// (`extra` launcher flags, `rank_args` for every rank) and waits for both. With
+/// `node1_first`, node 1 starts 300 ms before node 0 and must wait for node 0's store.
+/// Returns (node 0's run, node 1's run, the master port).
+fn two_nodes(
+    dir: &Path,
+    run_id: &str,
+    extra: &[&str],
+    rank_args: &[&str],
+    node1_first: bool,
+) -> (Run, Run, String) {
+    let port = free_port().to_string();
+    let node = |rank: &str| {
+        let mut flags = vec![
+            "--nnodes",
+            "2",
+            "--node-rank",
+            rank,
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            &port,
+            "--run-id",
+            run_id,
+            "--rdzv-timeout",
+            "15",
+        ];
+        flags.extend_from_slice(extra);
+        launch_testrank(&flags, dir, rank_args)
+    };
+    let started = Instant::now();
+    let (node0, node1) = if node1_first {
+        let node1 = node("1").spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        (node("0").spawn().unwrap(), node1)
+    } else {
+        let node0 = node("0").spawn().unwrap();
+        (node0, node("1").spawn().unwrap())
+    };
+    let run0 = wait(node0, started, LIMIT);
+    let run1 = wait(node1, started, LIMIT);
+    (run0, run1, port)
+}
+
+/// Runs `--standalone --nproc-per-node N` test ranks with `extra` launcher flags to completion.
+fn standalone(dir: &Path, nproc: usize, extra: &[&str], rank_args: &[&str]) -> Run {
+    let nproc = nproc.to_string();
+    let mut flags = vec!["--standalone", "--nproc-per-node", &nproc];
+    flags.extend_from_slice(extra);
+    run(launch_testrank(&flags, dir, rank_args), LIMIT)
+}
+
+/// No process of the launchers' groups `pgids` or of any rank group recorded in `dir` is alive.
+fn assert_no_survivors_in(dir: &Path, pgids: &[i32]) {
+    let mut groups = recorded_groups(dir);
+    groups.extend_from_slice(pgids);
+    assert_no_survivors(&groups);
 }
