@@ -4,6 +4,7 @@
 //! strides with D contiguous. Outputs are (B, H, Sq, D) views of (B, Sq, H, D) memory, the layout the
 //! model transposes back to (B, Sq, H*D) for free. Masks: see `AttentionMask`.
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use tch::{Device, Kind, Tensor};
 
@@ -85,6 +86,110 @@ struct AttnParams {
 
 const TILE: i64 = 64;
 const THREADS: u32 = 128;
+
+/// Which generation of the kernels runs. `V3` (the default) uses FlashAttention-2's tile shapes
+/// (128-row forward tiles, 8-warp backward); `V2` is the previous 64x64 / 4-warp version, kept for
+/// A/B timing in `kernels-gpu-check` and as a fallback (`LLAVA_SCO_ATTN_VARIANT=v2`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    V2,
+    V3,
+}
+
+/// The variant used when neither `set_variant` nor the environment chose one.
+pub const DEFAULT_VARIANT: Variant = Variant::V3;
+/// Environment variable read once on first use: `v2` or `v3`.
+pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
+
+// 0 = not chosen yet, 2 = V2, 3 = V3.
+static VARIANT: AtomicU8 = AtomicU8::new(0);
+
+impl Variant {
+    /// Parses `v2` / `v3` (case-insensitive); the error names the variable and the accepted values.
+    pub fn parse(s: &str) -> Result<Variant> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "v2" => Ok(Variant::V2),
+            "v3" => Ok(Variant::V3),
+            other => Err(KernelError::Invalid(format!(
+                "{VARIANT_ENV}={other:?}: expected v2 or v3"
+            ))),
+        }
+    }
+}
+
+/// Chooses the kernel variant for every later call in this process.
+pub fn set_variant(v: Variant) {
+    VARIANT.store(if v == Variant::V2 { 2 } else { 3 }, Ordering::Relaxed);
+}
+
+/// The kernel variant in use: `set_variant`, else `LLAVA_SCO_ATTN_VARIANT`, else `DEFAULT_VARIANT`.
+pub fn variant() -> Result<Variant> {
+    match VARIANT.load(Ordering::Relaxed) {
+        2 => Ok(Variant::V2),
+        3 => Ok(Variant::V3),
+        _ => {
+            let v = match std::env::var(VARIANT_ENV) {
+                Ok(s) => Variant::parse(&s)?,
+                Err(_) => DEFAULT_VARIANT,
+            };
+            set_variant(v);
+            Ok(v)
+        }
+    }
+}
+
+/// Variant 3 forward: 128 query rows per block, 4 warps; keys per step as instantiated in
+/// attention.cu (`ATTN3_FWD`): 32 at d128 (register budget), else 64.
+const FWD3_BLOCK_M: i64 = 128;
+const FWD3_THREADS: u32 = 128;
+fn fwd3_block_n(d: i64) -> i64 {
+    if d == 128 {
+        32
+    } else {
+        64
+    }
+}
+/// Variant 3 backward: 64-key blocks, 8 warps, head dims whose quarter is a multiple of 16.
+const BWD3_THREADS: u32 = 256;
+fn bwd3_supported(d: i64) -> bool {
+    d == 64 || d == 128
+}
+
+/// The forward kernel's name in attention.cu.
+fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
+    match variant {
+        Variant::V2 => format!("attn_fwd_{dtype}_d{d}"),
+        Variant::V3 => format!("attn_fwd3_{dtype}_d{d}"),
+    }
+}
+
+/// The main backward kernel's name; d80 stays on variant 2 (its 80 columns do not split into
+/// four 16-column warp slices).
+fn bwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
+    if variant == Variant::V3 && bwd3_supported(d) {
+        format!("attn_bwd3_{dtype}_d{d}")
+    } else {
+        format!("attn_bwd_{dtype}_d{d}")
+    }
+}
+
+/// Every kernel name the wrappers here may launch (`kernels-check` asserts each is in the PTX).
+pub fn kernel_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for dtype in ["bf16", "f16"] {
+        for d in [64, 80, 128] {
+            for v in [Variant::V2, Variant::V3] {
+                names.push(fwd_kernel(v, dtype, d));
+                names.push(bwd_kernel(v, dtype, d));
+            }
+            names.push(format!("attn_bwd_delta_{dtype}_d{d}"));
+        }
+        names.push(format!("attn_bwd_dq_{dtype}"));
+    }
+    names.sort();
+    names.dedup();
+    names
+}
 
 fn dtype_name(kind: Kind) -> Result<&'static str> {
     match kind {
@@ -178,6 +283,17 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
         return Err(KernelError::Unsupported("sequence longer than 2^31".into()));
     }
     Ok(d)
+}
+
+/// The kernels fold the scale into exp2 after taking row maxima, which needs scale > 0.
+fn check_scale(scale: f64) -> Result<()> {
+    if scale.is_finite() && scale > 0.0 {
+        Ok(())
+    } else {
+        Err(KernelError::Invalid(format!(
+            "softmax scale must be finite and positive, got {scale} (usually 1/sqrt(head_dim))"
+        )))
+    }
 }
 
 fn device_gpu(q: &Tensor) -> Result<&'static Gpu> {
@@ -304,7 +420,9 @@ pub fn fused_forward_into(
     scale: f64,
 ) -> Result<()> {
     dims(q, k, v)?;
+    check_scale(scale)?;
     let gpu = device_gpu(q)?;
+    let variant = variant()?;
     let mut keep = Vec::new();
     let (d, mut p) = base_params(q, k, v, mask, scale, &mut keep)?;
     let os = outputs.out.stride();
@@ -323,20 +441,26 @@ pub fn fused_forward_into(
     if d.sq == 0 || d.b == 0 || d.h == 0 {
         return Ok(());
     }
-    let f = gpu.function(
-        "attention.cu",
-        &format!("attn_fwd_{}_d{}", dtype_name(q.kind())?, d.d),
-    )?;
-    let smem = (5 * TILE * (d.d + 8) * 2) as u32; // Q + 2 stages of K and V
-    let grid = (((d.sq + TILE - 1) / TILE) as u32, d.h as u32, d.b as u32);
+    let name = dtype_name(q.kind())?;
+    // (kernel, query rows per block, threads, shared bytes: Q + 2 stages of K and V)
+    let (rows, threads, smem) = match variant {
+        Variant::V2 => (TILE, THREADS, 5 * TILE * (d.d + 8) * 2),
+        Variant::V3 => (
+            FWD3_BLOCK_M,
+            FWD3_THREADS,
+            (FWD3_BLOCK_M + 4 * fwd3_block_n(d.d)) * (d.d + 8) * 2,
+        ),
+    };
+    let f = gpu.function("attention.cu", &fwd_kernel(variant, name, d.d))?;
+    let grid = (((d.sq + rows - 1) / rows) as u32, d.h as u32, d.b as u32);
     let mut arg: *mut c_void = &mut p as *mut AttnParams as *mut c_void;
     // SAFETY: one AttnParams argument matching the kernel; tensors kept alive in `keep`/`outputs`.
     unsafe {
         gpu.launch(
             f,
             grid,
-            (THREADS, 1, 1),
-            smem,
+            (threads, 1, 1),
+            smem as u32,
             std::slice::from_mut(&mut arg),
         )
     }
@@ -353,7 +477,9 @@ pub fn fused_backward(
     scale: f64,
 ) -> Result<Backward> {
     dims(q, k, v)?;
+    check_scale(scale)?;
     let gpu = device_gpu(q)?;
+    let variant = variant()?;
     let mut keep = Vec::new();
     let (d, mut p) = base_params(q, k, v, mask, scale, &mut keep)?;
     if dout.size() != q.size() || dout.kind() != q.kind() {
@@ -401,9 +527,20 @@ pub fn fused_backward(
     let mut arg: *mut c_void = &mut p as *mut AttnParams as *mut c_void;
     let rows = (d.b * d.h * d.sq) as u64; // one warp per row
     let f_delta = gpu.function("attention.cu", &format!("attn_bwd_delta_{name}_d{}", d.d))?;
-    let f_main = gpu.function("attention.cu", &format!("attn_bwd_{name}_d{}", d.d))?;
+    // (threads, shared bytes): K, V, Q, dO tiles, dS^T (v2) or P^T and dS^T (v3), lse, delta.
+    let (main_threads, smem) = if variant == Variant::V3 && bwd3_supported(d.d) {
+        (
+            BWD3_THREADS,
+            (4 * TILE * (d.d + 8) + 2 * TILE * (TILE + 8)) * 2 + 2 * TILE * 4,
+        )
+    } else {
+        (
+            THREADS,
+            (4 * TILE * (d.d + 8) + TILE * (TILE + 8)) * 2 + 2 * TILE * 4,
+        )
+    };
+    let f_main = gpu.function("attention.cu", &bwd_kernel(variant, name, d.d))?;
     let f_dq = gpu.function("attention.cu", &format!("attn_bwd_dq_{name}"))?;
-    let smem = ((4 * TILE * (d.d + 8) + TILE * (TILE + 8)) * 2 + 2 * TILE * 4) as u32;
     let mut d_arg = d.d as i32;
     let mut dq_args: [*mut c_void; 2] = [
         &mut p as *mut AttnParams as *mut c_void,
@@ -425,8 +562,8 @@ pub fn fused_backward(
             gpu.launch(
                 f_main,
                 grid,
-                (THREADS, 1, 1),
-                smem,
+                (main_threads, 1, 1),
+                smem as u32,
                 std::slice::from_mut(&mut arg),
             )?;
         }
@@ -491,4 +628,77 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale
         .softmax(-1, q.kind())
         .where_self(&any, &zero);
     probs.matmul(&v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_parses_and_names_the_variable_on_error() {
+        assert_eq!(Variant::parse("v2").unwrap(), Variant::V2);
+        assert_eq!(Variant::parse(" V3 ").unwrap(), Variant::V3);
+        let err = Variant::parse("fast").unwrap_err().to_string();
+        assert!(
+            err.contains(VARIANT_ENV) && err.contains("v2 or v3"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn kernel_names_cover_both_variants_and_keep_d80_backward_on_v2() {
+        let names = kernel_names();
+        for n in [
+            "attn_fwd_bf16_d128",
+            "attn_fwd3_bf16_d128",
+            "attn_fwd3_f16_d80",
+            "attn_bwd_f16_d80",
+            "attn_bwd3_bf16_d64",
+            "attn_bwd3_f16_d128",
+            "attn_bwd_dq_bf16",
+        ] {
+            assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
+        }
+        assert!(!names
+            .iter()
+            .any(|x| x.starts_with("attn_bwd3_") && x.ends_with("_d80")));
+        assert_eq!(bwd_kernel(Variant::V3, "bf16", 80), "attn_bwd_bf16_d80");
+    }
+
+    #[test]
+    fn forward_key_tiles_match_the_cuda_instantiations() {
+        // `fwd3_block_n` sizes shared memory; a mismatch with ATTN3_FWD(.., D, BN, ..) in
+        // attention.cu would overrun it on the GPU, so the two are compared here.
+        let src = include_str!("../cuda/attention.cu");
+        let mut seen = 0;
+        for line in src.lines().filter(|l| l.starts_with("ATTN3_FWD(")) {
+            let args: Vec<i64> = line
+                .trim_start_matches("ATTN3_FWD(")
+                .split(',')
+                .filter_map(|a| a.trim().parse().ok())
+                .collect();
+            assert_eq!(args.len(), 2, "{line}: expected D and BN");
+            assert_eq!(fwd3_block_n(args[0]), args[1], "{line}");
+            seen += 1;
+        }
+        assert_eq!(seen, 6, "one instantiation per dtype and head dim");
+    }
+
+    #[test]
+    fn shared_memory_fits_two_blocks_per_sm_at_d128() {
+        // 228 KB per SM on H100/H200 (227 KB usable per block); both v3 kernels plan on 2 blocks/SM.
+        let fwd = (FWD3_BLOCK_M + 4 * fwd3_block_n(128)) * (128 + 8) * 2;
+        let bwd = (4 * TILE * (128 + 8) + 2 * TILE * (TILE + 8)) * 2 + 2 * TILE * 4;
+        assert!(2 * fwd <= 227 * 1024, "{fwd}");
+        assert!(2 * bwd <= 227 * 1024, "{bwd}");
+    }
+
+    #[test]
+    fn non_positive_scale_is_refused() {
+        assert!(check_scale(0.125).is_ok());
+        for bad in [0.0, -0.5, f64::NAN, f64::INFINITY] {
+            let err = check_scale(bad).unwrap_err().to_string();
+            assert!(err.contains("finite and positive"), "{err}");
+        }
+    }
 }

@@ -32,6 +32,16 @@ fn main() -> ExitCode {
                         }
                     }
                     let entries = ptx.lines().filter(|l| l.contains(".entry")).count();
+                    // every name the Rust wrappers launch must exist (catches a renamed kernel here,
+                    // not on the GPU host)
+                    if src.name == "attention.cu" {
+                        for name in kernels::attention::kernel_names() {
+                            if !ptx.contains(&format!(".entry {name}(")) {
+                                eprintln!("FAIL {} {arch}: no kernel {name}", src.name);
+                                failed += 1;
+                            }
+                        }
+                    }
                     println!(
                         "ok   {:<14} {arch}  {entries:>3} kernels  {:>5.1} s  (NVRTC {}.{})",
                         src.name,

@@ -1,11 +1,13 @@
 //! `make gpu-check` (on a GPU host): every fused kernel against its fp64 reference on fresh random
-//! inputs, then TFLOP/s and GB/s next to libtorch (SDPA, rms_norm) in the same run. Prints a table
-//! last; with `--out DIR` also writes DIR/kernels-gpu.jsonl. Without a GPU it prints `SKIP (no GPU)`.
+//! inputs, then TFLOP/s and GB/s next to libtorch (SDPA, rms_norm) in the same run. Attention runs
+//! both kernel variants (v2, the previous one, and v3) through the same checks and timings, so one
+//! call says whether v3 is correct and how much faster it is. Prints a table last; with `--out DIR`
+//! also writes DIR/kernels-gpu.jsonl. Without a GPU it prints `SKIP (no GPU)`.
 use std::io::Write;
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
-use kernels::attention::{self, AttentionMask};
+use kernels::attention::{self, AttentionMask, Variant};
 use kernels::rmsnorm;
 use tch::{Device, Kind, Tensor};
 
@@ -167,8 +169,10 @@ fn time_it(mut f: impl FnMut()) -> f64 {
     samples[samples.len() / 2]
 }
 
+/// One benchmark line: v2 (absent for kernels with one variant), ours (v3 / the only kernel), peer.
 struct Row {
     name: String,
+    old: Option<f64>,
     ours: f64,
     peer: f64,
     unit: &'static str,
@@ -191,9 +195,19 @@ fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>) {
                 };
                 let flops_fwd = 4.0 * (b * s * s * h * d) as f64 / if causal { 2.0 } else { 1.0 };
                 let flops_fb = flops_fwd * 3.5;
-                let ours_f = time_it(|| {
+                let fwd = || {
                     attention::fused_forward(&q, &k, &v, &mask, scale).expect("fused forward");
-                });
+                };
+                let fwd_bwd = || {
+                    let fwd =
+                        attention::fused_forward(&q, &k, &v, &mask, scale).expect("fused forward");
+                    attention::fused_backward(&dout, &q, &k, &v, &fwd, &mask, scale)
+                        .expect("fused backward");
+                };
+                attention::set_variant(Variant::V2);
+                let (old_f, old_fb) = (time_it(fwd), time_it(fwd_bwd));
+                attention::set_variant(Variant::V3);
+                let (ours_f, ours_fb) = (time_it(fwd), time_it(fwd_bwd));
                 let sdpa_f = time_it(|| {
                     let _ = Tensor::scaled_dot_product_attention(
                         &q,
@@ -205,12 +219,6 @@ fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>) {
                         scale,
                         false,
                     );
-                });
-                let ours_fb = time_it(|| {
-                    let fwd =
-                        attention::fused_forward(&q, &k, &v, &mask, scale).expect("fused forward");
-                    attention::fused_backward(&dout, &q, &k, &v, &fwd, &mask, scale)
-                        .expect("fused backward");
                 });
                 let (qg, kg, vg) = (
                     q.detach().set_requires_grad(true),
@@ -236,20 +244,23 @@ fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>) {
                     );
                 });
                 let tag = format!("attn d{d} s{s} {}", if causal { "causal" } else { "full" });
-                for (what, ours, peer, fl) in [
-                    ("fwd", ours_f, sdpa_f, flops_fwd),
-                    ("fwd+bwd", ours_fb, sdpa_fb, flops_fb),
+                for (what, old, ours, peer, fl) in [
+                    ("fwd", old_f, ours_f, sdpa_f, flops_fwd),
+                    ("fwd+bwd", old_fb, ours_fb, sdpa_fb, flops_fb),
                 ] {
-                    let (t_ours, t_peer) = (fl / ours / 1e12, fl / peer / 1e12);
+                    let (t_old, t_ours, t_peer) =
+                        (fl / old / 1e12, fl / ours / 1e12, fl / peer / 1e12);
                     rows.push(Row {
                         name: format!("{tag} {what}"),
+                        old: Some(t_old),
                         ours: t_ours,
                         peer: t_peer,
                         unit: "TFLOP/s",
                     });
                     json.push(format!(
-                        "{{\"bench\":\"attention\",\"pass\":\"{what}\",\"d\":{d},\"heads\":{h},\"seq\":{s},\"batch\":{b},\"causal\":{causal},\"seconds\":{ours:.6e},\"tflops\":{t_ours:.2},\"sdpa_seconds\":{peer:.6e},\"sdpa_tflops\":{t_peer:.2},\"ratio\":{:.3}}}",
-                        t_ours / t_peer
+                        "{{\"bench\":\"attention\",\"pass\":\"{what}\",\"d\":{d},\"heads\":{h},\"seq\":{s},\"batch\":{b},\"causal\":{causal},\"seconds\":{ours:.6e},\"tflops\":{t_ours:.2},\"v2_seconds\":{old:.6e},\"v2_tflops\":{t_old:.2},\"sdpa_seconds\":{peer:.6e},\"sdpa_tflops\":{t_peer:.2},\"ratio\":{:.3},\"speedup_vs_v2\":{:.3}}}",
+                        t_ours / t_peer,
+                        t_ours / t_old
                     ));
                 }
             }
@@ -272,6 +283,7 @@ fn bench_rmsnorm(rows: &mut Vec<Row>, json: &mut Vec<String>) {
     let (g_ours, g_peer) = (bytes / ours / 1e9, bytes / peer / 1e9);
     rows.push(Row {
         name: format!("rmsnorm fwd {n}x{c} bf16"),
+        old: None,
         ours: g_ours,
         peer: g_peer,
         unit: "GB/s",
@@ -415,21 +427,36 @@ fn main() -> std::process::ExitCode {
         },
     ];
     println!(
-        "{:<46} {:>9} {:>9} {:>9} {:>9}  result",
+        "{:<49} {:>9} {:>9} {:>9} {:>9}  result",
         "attention case", "out", "dq", "dk", "dv"
     );
-    for c in &cases {
+    // v2 first: if v3 is broken badly enough to kill the CUDA context, v2's verdict is already out.
+    let mut v3_failures = 0;
+    for (variant, c) in [Variant::V2, Variant::V3]
+        .iter()
+        .flat_map(|v| cases.iter().map(move |c| (*v, c)))
+    {
+        attention::set_variant(variant);
         let tol = if c.kind == Kind::BFloat16 { 1e-2 } else { 2e-3 };
         let name = format!(
-            "{:?} d{} b{} h{}/{} sq{} sk{} {:?}",
-            c.kind, c.d, c.b, c.h, c.hk, c.sq, c.sk, c.mask
+            "{} {:?} d{} b{} h{}/{} sq{} sk{} {:?}",
+            if variant == Variant::V2 { "v2" } else { "v3" },
+            c.kind,
+            c.d,
+            c.b,
+            c.h,
+            c.hk,
+            c.sq,
+            c.sk,
+            c.mask
         );
         match guarded(|| check_attention(c)) {
             Ok(errs) => {
                 let ok = errs.iter().all(|e| *e < tol);
                 failures += usize::from(!ok);
+                v3_failures += usize::from(!ok && variant == Variant::V3);
                 println!(
-                    "{name:<46} {:>9.2e} {:>9.2e} {:>9.2e} {:>9.2e}  {}",
+                    "{name:<49} {:>9.2e} {:>9.2e} {:>9.2e} {:>9.2e}  {}",
                     errs[0],
                     errs[1],
                     errs[2],
@@ -440,10 +467,12 @@ fn main() -> std::process::ExitCode {
             }
             Err(e) => {
                 failures += 1;
-                println!("{name:<46} ERROR {e}");
+                v3_failures += usize::from(variant == Variant::V3);
+                println!("{name:<49} ERROR {e}");
             }
         }
     }
+    attention::set_variant(Variant::V3);
     for &(kind, n, c) in &[
         (Kind::BFloat16, 1i64, 8i64),
         (Kind::BFloat16, 37, 4096),
@@ -456,7 +485,7 @@ fn main() -> std::process::ExitCode {
                 let ok = errs.iter().all(|e| *e < tol);
                 failures += usize::from(!ok);
                 println!(
-                    "{name:<46} {:>9.2e} {:>9.2e} {:>9.2e} {:>9}  {}",
+                    "{name:<49} {:>9.2e} {:>9.2e} {:>9.2e} {:>9}  {}",
                     errs[0],
                     errs[1],
                     errs[2],
@@ -466,7 +495,7 @@ fn main() -> std::process::ExitCode {
             }
             Err(e) => {
                 failures += 1;
-                println!("{name:<46} ERROR {e}");
+                println!("{name:<49} ERROR {e}");
             }
         }
     }
@@ -491,24 +520,42 @@ fn main() -> std::process::ExitCode {
         }
     }
     println!(
-        "\n{:<34} {:>10} {:>10} {:>7}  unit   ({}, {:.0} s)",
+        "\n{:<34} {:>8} {:>8} {:>9} {:>7} {:>7}  unit   ({}, {:.0} s)",
         "benchmark",
-        "ours",
+        "v2",
+        "v3/ours",
         "libtorch",
         "ratio",
+        "v3/v2",
         gpu.name,
         t0.elapsed().as_secs_f64()
     );
     for r in &rows {
+        let (old, speedup) = match r.old {
+            Some(o) => (format!("{o:.1}"), format!("{:.2}", r.ours / o)),
+            Option::None => ("-".into(), "-".into()),
+        };
         println!(
-            "{:<34} {:>10.1} {:>10.1} {:>7.2}  {}",
+            "{:<34} {:>8} {:>8.1} {:>9.1} {:>7.2} {:>7}  {}",
             r.name,
+            old,
             r.ours,
             r.peer,
             r.ours / r.peer,
+            speedup,
             r.unit
         );
     }
+    println!(
+        "attention variant v3: {}",
+        if v3_failures == 0 {
+            "all correctness cases PASS (default stays v3)".to_string()
+        } else {
+            format!(
+                "{v3_failures} correctness case(s) FAILED: set LLAVA_SCO_ATTN_VARIANT=v2 (or DEFAULT_VARIANT = Variant::V2 in kernels/src/attention.rs)"
+            )
+        }
+    );
     println!(
         "{}",
         if failures == 0 {
