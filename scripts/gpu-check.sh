@@ -35,6 +35,9 @@ step() { # name, command...: runs one check, logs it, remembers failures
 mkdir -p "$OUT/dist"
 want nccl && step nccl-world1 timeout 120 "$BIN/dist-selftest" --backend nccl --device cuda --out "$OUT/dist"
 want nccl && step nccl-launcher-world1 timeout 120 "$BIN/launcher" --standalone --nproc-per-node 1 -- "$BIN/dist-selftest" --backend nccl --device cuda --out "$OUT/dist"
+# dead-peer path: a collective that can never finish must fail after the 5 s timeout, not hang
+# (world 1 with a blocked stream: NCCL refuses two ranks of one communicator on one GPU)
+want nccl && step nccl-timeout timeout 90 "$BIN/dist-selftest" --mode nccl-timeout --out "$OUT/dist"
 # training on the GPU through FSDP over NCCL (world 1): fp32 against the PyTorch golden losses, and bf16
 for mp in fp32 bf16; do
   want train && [ -x "$BIN/trainer" ] && step "train-nccl-$mp" timeout 150 "$BIN/launcher" --standalone --nproc-per-node 1 -- \
@@ -45,7 +48,9 @@ done
 want model && [ -x "$BIN/model_gpu" ] && step model-gpu timeout 200 "$BIN/model_gpu" --nocapture --test-threads 1
 # kernels last: its table is the end of the output
 if want kernels; then
-  timeout 400 "$BIN/kernels-gpu-check" --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu-check.log"
+  # ~1 min on an H200 (NVRTC compile, 2 x 10 correctness cases, v2/v3/SDPA timings); the cap keeps
+  # a hung kernel from eating a 5-minute device budget
+  timeout 200 "$BIN/kernels-gpu-check" --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu-check.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 exit $status

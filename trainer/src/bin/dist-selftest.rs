@@ -6,9 +6,14 @@
 //! `--mode death --die-rank R`: rank R exits 3 after one barrier; the others try an all_reduce and
 //! write the error they get to `OUT/error-RANK.txt` (they ignore SIGTERM from the launcher so they
 //! live long enough to report).
+//! `--mode nccl-timeout` (GPU, world 1): the NCCL dead-peer path. NCCL refuses two ranks of one
+//! communicator on one GPU, so with one GPU a peer that never answers is simulated: libtorch's
+//! stream is blocked on a host word nobody writes (cuStreamWaitValue32), so the next all_reduce can
+//! never finish, exactly as when a peer is gone. The rank must get an error after the 5 s timeout
+//! (not hang), later ops must fail at once, and it leaves with `_exit` (the stream stays blocked).
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -192,6 +197,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let backend = match args.backend.as_str() {
         "cpu" => Backend::Cpu,
+        "tcp" => Backend::Tcp,
         "nccl" => Backend::Nccl,
         _ => Backend::Auto,
     };
@@ -235,7 +241,80 @@ fn main() -> Result<()> {
             eprintln!("rank {rank}: {err}");
             std::process::exit(1);
         }
+        "nccl-timeout" => nccl_timeout(&args.out)?,
         other => bail!("unknown mode {other}"),
     }
     Ok(())
+}
+
+/// Blocks libtorch's current stream on `device` until a host word becomes 1 (it never does).
+fn block_stream(device: i32) -> std::result::Result<(), String> {
+    use cudarc::driver::sys;
+    let gpu = kernels::runtime::gpu(device).map_err(|e| e.to_string())?;
+    gpu.make_current().map_err(|e| e.to_string())?;
+    let stream = kernels::runtime::torch_current_stream(device);
+    // SAFETY: a 4-byte mapped host allocation, leaked on purpose (the stream waits on it forever).
+    unsafe {
+        let mut host: *mut std::ffi::c_void = std::ptr::null_mut();
+        let r = sys::cuMemHostAlloc(&mut host, 4, sys::CU_MEMHOSTALLOC_DEVICEMAP);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuMemHostAlloc: {r:?}"));
+        }
+        *(host as *mut u32) = 0;
+        let mut dptr: sys::CUdeviceptr = 0;
+        let r = sys::cuMemHostGetDevicePointer_v2(&mut dptr, host, 0);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuMemHostGetDevicePointer: {r:?}"));
+        }
+        let geq = sys::CUstreamWaitValue_flags_enum::CU_STREAM_WAIT_VALUE_GEQ as u32;
+        let r = sys::cuStreamWaitValue32_v2(stream, dptr, 1, geq);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(format!(
+                "cuStreamWaitValue32 (stream memory operations unsupported?): {r:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The NCCL wait path on a collective that never finishes (see the module doc).
+fn nccl_timeout(out: &std::path::Path) -> Result<()> {
+    let timeout = Duration::from_secs(5);
+    let pg = ProcessGroup::from_env(Backend::Nccl, timeout)?;
+    let local: usize = std::env::var("LOCAL_RANK")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
+    let dev = Device::Cuda(local);
+    let t = Tensor::ones([1024], (Kind::Float, dev));
+    pg.all_reduce(&t, ReduceOp::Sum)
+        .context("a normal all_reduce first")?;
+    tch::Cuda::synchronize(local as i64);
+    if let Err(why) = block_stream(local as i32) {
+        println!("SKIP nccl-timeout: {why}");
+        return Ok(());
+    }
+    let started = Instant::now();
+    let err = match pg.all_reduce(&t, ReduceOp::Sum) {
+        Ok(()) => bail!("an all_reduce that cannot finish returned Ok"),
+        Err(e) => e.to_string(),
+    };
+    let secs = started.elapsed().as_secs_f64();
+    if !err.contains("no progress for 5 s") || !(5.0..30.0).contains(&secs) {
+        bail!("expected a timeout error after 5-30 s, got after {secs:.1} s: {err}");
+    }
+    let later = match pg.barrier() {
+        Ok(()) => bail!("a barrier after the failure returned Ok"),
+        Err(e) => e.to_string(),
+    };
+    if !later.contains("after an earlier collective failed") {
+        bail!("a later op must fail with the first error, got: {later}");
+    }
+    let report = format!("error after {secs:.1} s: {err}\nlater op: {later}\n");
+    std::fs::write(out.join("nccl-timeout.txt"), &report)?;
+    println!("dist-selftest: nccl timeout path OK: {report}");
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    // SAFETY: leave without CUDA's exit-time teardown, which could wait on the blocked stream.
+    unsafe { libc::_exit(0) }
 }

@@ -1,6 +1,11 @@
-//! The CPU backend: ranks on one host exchange data through a shared memory segment (`shm`).
+//! The CPU backend: ranks on one host exchange data through a shared memory segment (`shm`);
+//! ranks on several hosts (launcher nodes: GROUP_WORLD_SIZE > 1) over TCP (`tcp`, see there).
+//! `LLAVA_SCO_CPU_TRANSPORT=shm|tcp|auto` forces one (auto: tcp when there are several nodes);
+//! `Backend::Tcp` (`--backend tcp`) forces tcp. Both reduce in rank order with `reduce_into`, so
+//! they give bitwise the same results.
 //!
-//! Every op runs in rounds over chunks of at most `CHUNK` bytes per rank slot:
+//! The shared memory path: every op runs in rounds over chunks of at most `chunk` bytes per rank
+//! slot (W slots and a result area of `chunk` bytes each):
 //! - all_gather: each rank writes its chunk to its slot; barrier; everyone copies all slots out.
 //! - reduce_scatter: each rank writes the W pieces of its input for this round to its slot;
 //!   barrier; rank r reduces piece r of every slot straight into its output.
@@ -8,7 +13,10 @@
 //!   shared result area; barrier; everyone copies the result out.
 //!
 //! A reduction happens exactly once per element, in rank order, so all ranks get bitwise equal
-//! results; a final barrier per round keeps slots from being overwritten early.
+//! results. The segment holds two such areas and consecutive rounds (across ops too) alternate
+//! between them: a rank that writes area A in round k+2 has passed the barrier of round k+1, so
+//! every rank is done reading A from round k. That saves the trailing "done reading" barrier of
+//! every round (on a busy 2-core machine each barrier can cost a scheduler time slice).
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -18,15 +26,76 @@ use tch::Tensor;
 
 use super::elem::{reduce_into, Elem};
 use super::shm::Segment;
+use super::tcp::{Code, Mesh, Ptr};
 use super::{expect_device, DistError, Engine, Finish, Op, Result};
 
-/// Bytes per rank slot and per round.
-const CHUNK: usize = 4 << 20;
+/// Environment variable that picks the CPU backend's transport: shm, tcp or auto.
+pub const TRANSPORT_VAR: &str = "LLAVA_SCO_CPU_TRANSPORT";
+
+/// Candidate bytes per rank slot and round, largest first: up to 16 MiB (fewer rounds, so fewer
+/// barriers, which are what a busy machine makes expensive), less for large groups so that the
+/// segment (two areas of W + 1 slots) stays within 128 MiB, and less again when /dev/shm is small.
+/// Multiples of 4 KiB (so of every dtype's size). `LLAVA_SCO_CPU_SHM_SLOT=BYTES` fixes it (tests
+/// use it to force many rounds on small tensors).
+fn slot_sizes(world: usize) -> Vec<usize> {
+    if let Some(bytes) = std::env::var("LLAVA_SCO_CPU_SHM_SLOT")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        return vec![(bytes & !4095).max(4096)];
+    }
+    let top = ((64usize << 20) / (world + 1)).clamp(256 << 10, 16 << 20) & !4095;
+    let mut sizes = vec![top];
+    while *sizes.last().expect("one size") > 256 << 10 {
+        sizes.push((sizes.last().expect("one size") / 4).max(256 << 10) & !4095);
+    }
+    sizes
+}
+
+/// The shared memory transport: the segment, its slot size, and the round counter that picks the
+/// area of each round.
+struct Shm {
+    seg: Segment,
+    chunk: usize,
+    round: u64,
+}
+
+impl Shm {
+    /// Starts a round: the offset of the area it uses (alternating, see the module doc).
+    fn next_area(&mut self) -> usize {
+        self.round += 1;
+        (self.round % 2) as usize * (self.seg.world + 1) * self.chunk
+    }
+}
 
 type Job = (Op, mpsc::Sender<Result<()>>);
 
 pub struct CpuEngine {
     jobs: mpsc::Sender<Job>,
+    name: &'static str,
+}
+
+/// How the ranks of this group reach each other.
+enum Transport {
+    /// World size 1.
+    Alone,
+    Shm(Shm),
+    Tcp(Mesh),
+}
+
+/// TCP when forced, or by `LLAVA_SCO_CPU_TRANSPORT`, or (auto) when the ranks span several nodes.
+fn wants_tcp(env: &RankEnv, force_tcp: bool) -> Result<bool> {
+    if force_tcp {
+        return Ok(true);
+    }
+    match std::env::var(TRANSPORT_VAR).as_deref() {
+        Ok("tcp") => Ok(true),
+        Ok("shm") => Ok(false),
+        Ok("auto") | Ok("") | Err(_) => Ok(env.group_world_size > 1),
+        Ok(other) => Err(DistError::Invalid(format!(
+            "{TRANSPORT_VAR}={other:?}: expected shm, tcp or auto"
+        ))),
+    }
 }
 
 impl CpuEngine {
@@ -34,33 +103,42 @@ impl CpuEngine {
         env: &RankEnv,
         store: Option<StoreClient>,
         timeout: Duration,
+        force_tcp: bool,
     ) -> Result<CpuEngine> {
-        let segment = match (env.world_size, store) {
-            (1, _) => None,
+        let transport = match (env.world_size, store) {
+            (1, _) => Transport::Alone,
             (_, None) => {
                 return Err(DistError::Invalid(
                     "world size > 1 needs the launcher's store".into(),
                 ))
             }
+            (_, Some(store)) if wants_tcp(env, force_tcp)? => {
+                Transport::Tcp(Mesh::connect(env, store, timeout)?)
+            }
             (w, Some(mut store)) => {
                 same_host(env, &mut store, timeout)?;
-                Some(Segment::open(
-                    env,
-                    &mut store,
-                    "cpu-pg",
-                    w * CHUNK + CHUNK,
-                    timeout,
-                )?)
+                let sizes: Vec<usize> = slot_sizes(w).iter().map(|c| 2 * (w + 1) * c).collect();
+                let seg = Segment::open(env, &mut store, "cpu-pg", &sizes, timeout)?;
+                let chunk = (seg.data_len() / (2 * (w + 1))) & !4095;
+                Transport::Shm(Shm {
+                    seg,
+                    chunk,
+                    round: 0,
+                })
             }
+        };
+        let name = match transport {
+            Transport::Tcp(_) => "tcp",
+            _ => "cpu",
         };
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("dist-cpu".into())
-            .spawn(move || worker(segment, rx))
+            .spawn(move || worker(transport, rx))
             .map_err(|e| {
                 DistError::Invalid(format!("cannot start the communication thread: {e}"))
             })?;
-        Ok(CpuEngine { jobs: tx })
+        Ok(CpuEngine { jobs: tx, name })
     }
 }
 
@@ -72,7 +150,7 @@ impl Engine for CpuEngine {
         Ok(None)
     }
     fn name(&self) -> &'static str {
-        "cpu"
+        self.name
     }
 }
 
@@ -89,24 +167,25 @@ fn same_host(env: &RankEnv, store: &mut StoreClient, timeout: Duration) -> Resul
         if other != host.as_bytes() {
             return Err(DistError::Unavailable {
                 backend: "cpu",
-                what: format!("rank {r} runs on host {:?} and this rank on {host:?}: the cpu backend's TCP path for several hosts is not built yet (use nccl, or one host)", String::from_utf8_lossy(&other)),
+                what: format!("rank {r} runs on host {:?} and this rank on {host:?}: the shared memory transport needs one host (do not force {TRANSPORT_VAR}=shm here; start one launcher per host with --nnodes, which picks the tcp transport)", String::from_utf8_lossy(&other)),
             });
         }
     }
     Ok(())
 }
 
-fn worker(mut segment: Option<Segment>, jobs: mpsc::Receiver<Job>) {
+fn worker(mut transport: Transport, jobs: mpsc::Receiver<Job>) {
     // After a failed collective the ranks are out of step: every later op fails with the first error.
     let mut broken: Option<String> = None;
     while let Ok((op, done)) = jobs.recv() {
-        let result = match (&broken, segment.as_mut()) {
+        let result = match (&broken, &mut transport) {
             (Some(first), _) => Err(DistError::Invalid(format!(
                 "{} after an earlier collective failed: {first}",
                 op.name()
             ))),
-            (None, None) => run_single(&op),
-            (None, Some(seg)) => run(seg, &op),
+            (None, Transport::Alone) => run_single(&op),
+            (None, Transport::Shm(seg)) => run(seg, &op),
+            (None, Transport::Tcp(mesh)) => run_tcp(mesh, &op),
         };
         if let Err(e) = &result {
             broken.get_or_insert_with(|| e.to_string());
@@ -138,27 +217,71 @@ fn run_single(op: &Op) -> Result<()> {
 }
 
 fn copy(src: *const u8, dst: *mut u8, n: usize) {
+    if n == 0 {
+        return; // an empty tensor's pointer may be null
+    }
     // SAFETY: callers pass ranges inside live tensors or the segment, which never overlap.
     unsafe { std::ptr::copy_nonoverlapping(src, dst, n) }
 }
 
-fn run(seg: &mut Segment, op: &Op) -> Result<()> {
-    let (rank, world) = (seg.rank, seg.world);
+/// The TCP transport (see `tcp`): pieces are (byte offset, byte length) per rank.
+fn run_tcp(mesh: &mut Mesh, op: &Op) -> Result<()> {
+    let (rank, world) = (mesh.rank, mesh.world);
+    match op {
+        Op::Barrier => mesh.barrier(),
+        Op::AllGather { out, input } => {
+            let (dst, _, _) = bytes_of(out)?;
+            let (src, n, _) = bytes_of(input)?;
+            copy(src, dst.wrapping_add(rank * n), n);
+            let pieces: Vec<(usize, usize)> = (0..world).map(|q| (q * n, n)).collect();
+            mesh.all_gather(Ptr(dst), &pieces, Code::AllGather)
+        }
+        Op::ReduceScatter { out, input, op } => {
+            let (dst, n, elem) = bytes_of(out)?;
+            let (src, _, _) = bytes_of(input)?;
+            let pieces: Vec<(usize, usize)> = (0..world).map(|q| (q * n, n)).collect();
+            mesh.reduce_scatter(Ptr(src), &pieces, Ptr(dst), elem, *op, Code::ReduceScatter)
+        }
+        Op::AllReduce { tensor, op } => {
+            // W near-equal pieces in whole elements: reduce_scatter in place, then all_gather
+            let (ptr, n, elem) = bytes_of(tensor)?;
+            let (es, count) = (elem.size(), n / elem.size());
+            let per = count.div_ceil(world);
+            let pieces: Vec<(usize, usize)> = (0..world)
+                .map(|q| {
+                    let (lo, hi) = ((q * per).min(count), ((q + 1) * per).min(count));
+                    (lo * es, (hi - lo) * es)
+                })
+                .collect();
+            let mine = Ptr(ptr.wrapping_add(pieces[rank].0));
+            mesh.reduce_scatter(Ptr(ptr), &pieces, mine, elem, *op, Code::AllReduce)?;
+            mesh.all_gather(Ptr(ptr), &pieces, Code::AllReduce)
+        }
+        Op::Broadcast { tensor, root } => {
+            let (ptr, n, _) = bytes_of(tensor)?;
+            mesh.broadcast(Ptr(ptr), n, *root)
+        }
+    }
+}
+
+fn run(shm: &mut Shm, op: &Op) -> Result<()> {
+    let (rank, world, chunk) = (shm.seg.rank, shm.seg.world, shm.chunk);
     let name = op.name();
     match op {
-        Op::Barrier => seg.barrier(name),
+        Op::Barrier => shm.seg.barrier(name),
         Op::AllGather { out, input } => {
             let (dst, _, _) = bytes_of(out)?;
             let (src, n, _) = bytes_of(input)?;
             let mut off = 0;
             while off < n {
-                let c = CHUNK.min(n - off);
-                copy(src.wrapping_add(off), seg.data(rank * CHUNK), c);
+                let c = chunk.min(n - off);
+                let area = shm.next_area();
+                let seg = &mut shm.seg;
+                copy(src.wrapping_add(off), seg.data(area + rank * chunk), c);
                 seg.barrier(name)?;
                 for r in 0..world {
-                    copy(seg.data(r * CHUNK), dst.wrapping_add(r * n + off), c);
+                    copy(seg.data(area + r * chunk), dst.wrapping_add(r * n + off), c);
                 }
-                seg.barrier(name)?;
                 off += c;
             }
             Ok(())
@@ -167,15 +290,16 @@ fn run(seg: &mut Segment, op: &Op) -> Result<()> {
             let (ptr, n, _) = bytes_of(tensor)?;
             let mut off = 0;
             while off < n {
-                let c = CHUNK.min(n - off);
+                let c = chunk.min(n - off);
+                let area = shm.next_area();
+                let seg = &mut shm.seg;
                 if rank == *root {
-                    copy(ptr.wrapping_add(off), seg.data(0), c);
+                    copy(ptr.wrapping_add(off), seg.data(area), c);
                 }
                 seg.barrier(name)?;
                 if rank != *root {
-                    copy(seg.data(0), ptr.wrapping_add(off), c);
+                    copy(seg.data(area), ptr.wrapping_add(off), c);
                 }
-                seg.barrier(name)?;
                 off += c;
             }
             Ok(())
@@ -185,24 +309,47 @@ fn run(seg: &mut Segment, op: &Op) -> Result<()> {
             let (src, _, _) = bytes_of(input)?;
             let es = elem.size();
             // per round, `c` bytes of each of the W pieces fit one slot
-            let c_max = (CHUNK / world) / es * es;
+            let c_max = (chunk / world) / es * es;
             let mut off = 0;
             while off < n {
                 let c = c_max.min(n - off);
+                let area = shm.next_area();
+                let seg = &mut shm.seg;
                 for j in 0..world {
                     copy(
                         src.wrapping_add(j * n + off),
-                        seg.data(rank * CHUNK + j * c),
+                        seg.data(area + rank * chunk + j * c),
                         c,
                     );
                 }
                 seg.barrier(name)?;
                 let srcs: Vec<*const u8> = (0..world)
-                    .map(|s| seg.data(s * CHUNK + rank * c) as *const u8)
+                    .map(|s| seg.data(area + s * chunk + rank * c) as *const u8)
                     .collect();
                 // SAFETY: W slot pieces and the output range each hold c / es elements.
                 unsafe { reduce_into(elem, *op, &srcs, dst.wrapping_add(off), c / es) };
+                off += c;
+            }
+            Ok(())
+        }
+        Op::AllReduce { tensor, op } if world <= 3 => {
+            // small groups: every rank reduces the whole chunk itself (the same function in the
+            // same rank order, so the same bits): one barrier per round instead of two, and no
+            // result area to copy through; it reads W chunks instead of 1 + 1/W, so only for W <= 3
+            let (ptr, n, elem) = bytes_of(tensor)?;
+            let es = elem.size();
+            let mut off = 0;
+            while off < n {
+                let c = chunk.min(n - off);
+                let area = shm.next_area();
+                let seg = &mut shm.seg;
+                copy(ptr.wrapping_add(off), seg.data(area + rank * chunk), c);
                 seg.barrier(name)?;
+                let srcs: Vec<*const u8> = (0..world)
+                    .map(|s| seg.data(area + s * chunk) as *const u8)
+                    .collect();
+                // SAFETY: c / es elements in every slot and in the tensor's range.
+                unsafe { reduce_into(elem, *op, &srcs, ptr.wrapping_add(off), c / es) };
                 off += c;
             }
             Ok(())
@@ -210,11 +357,13 @@ fn run(seg: &mut Segment, op: &Op) -> Result<()> {
         Op::AllReduce { tensor, op } => {
             let (ptr, n, elem) = bytes_of(tensor)?;
             let es = elem.size();
-            let result = world * CHUNK;
             let mut off = 0;
             while off < n {
-                let c = CHUNK.min(n - off);
-                copy(ptr.wrapping_add(off), seg.data(rank * CHUNK), c);
+                let c = chunk.min(n - off);
+                let area = shm.next_area();
+                let result = area + world * chunk;
+                let seg = &mut shm.seg;
+                copy(ptr.wrapping_add(off), seg.data(area + rank * chunk), c);
                 seg.barrier(name)?;
                 // this rank's part of the chunk, in whole elements
                 let per = (c / es).div_ceil(world);
@@ -222,14 +371,13 @@ fn run(seg: &mut Segment, op: &Op) -> Result<()> {
                 let hi = ((rank + 1) * per).min(c / es);
                 if hi > lo {
                     let srcs: Vec<*const u8> = (0..world)
-                        .map(|s| seg.data(s * CHUNK + lo * es) as *const u8)
+                        .map(|s| seg.data(area + s * chunk + lo * es) as *const u8)
                         .collect();
                     // SAFETY: hi - lo elements in every slot and in the result area.
                     unsafe { reduce_into(elem, *op, &srcs, seg.data(result + lo * es), hi - lo) };
                 }
                 seg.barrier(name)?;
                 copy(seg.data(result), ptr.wrapping_add(off), c);
-                seg.barrier(name)?;
                 off += c;
             }
             Ok(())

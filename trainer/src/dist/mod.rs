@@ -1,7 +1,8 @@
 //! The collective layer: one `ProcessGroup` API over two backends (DESIGN.md decisions 2, 4, 5).
 //!
-//! - `cpu`:  ranks on one host share a memory segment; reductions are done once per element in
-//!   rank order, so every rank gets bitwise the same result, run after run.
+//! - `cpu`:  ranks on one host share a memory segment; ranks on several launcher nodes use TCP
+//!   (`LLAVA_SCO_CPU_TRANSPORT=tcp` forces it on one host). Either way reductions are done once per
+//!   element in rank order, so every rank gets bitwise the same result, run after run.
 //! - `nccl`: NCCL through cudarc on CUDA tensors, ordered with libtorch's stream by events.
 //!
 //! Ops take contiguous tensors of f32, f64, bf16, f16 or i64. Every op has an async form returning
@@ -11,6 +12,9 @@ mod cpu;
 mod elem;
 mod nccl;
 mod shm;
+mod tcp;
+
+pub use cpu::TRANSPORT_VAR as CPU_TRANSPORT_VAR;
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -37,7 +41,10 @@ pub enum Backend {
     /// NCCL when CUDA and NCCL are present, else CPU.
     Auto,
     Nccl,
+    /// Shared memory on one host, TCP across nodes (or as `LLAVA_SCO_CPU_TRANSPORT` says).
     Cpu,
+    /// The CPU backend forced onto its TCP transport (benchmarks, tests).
+    Tcp,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,14 +172,15 @@ impl ProcessGroup {
     ) -> Result<ProcessGroup> {
         let (rank, world) = (env.rank, env.world_size);
         let use_nccl = match backend {
-            Backend::Cpu => false,
+            Backend::Cpu | Backend::Tcp => false,
             Backend::Nccl => true,
             Backend::Auto => nccl::available(),
         };
         let engine: Box<dyn Engine> = if use_nccl {
             Box::new(nccl::NcclEngine::start(env, store, timeout)?)
         } else {
-            Box::new(cpu::CpuEngine::start(env, store, timeout)?)
+            let force_tcp = backend == Backend::Tcp;
+            Box::new(cpu::CpuEngine::start(env, store, timeout, force_tcp)?)
         };
         Ok(ProcessGroup {
             rank,

@@ -9,11 +9,22 @@
 //! The tensors of an op are kept alive until `wait()`, so the caching allocator cannot hand their
 //! memory to other work while NCCL still uses it. `Comm` stays on its thread (it is not Send).
 //!
-//! Not built yet: detection of a dead peer *inside* an NCCL call (needs ncclCommGetAsyncError
-//! polling and ncclCommAbort); a peer that dies before init is caught by the init timeout.
+//!
+//! A dead peer: an NCCL collective waiting for a rank that is gone spins forever. So `Work::wait()`
+//! (and the barrier) do not hand the wait to the GPU blindly: they poll the op's done event on the
+//! host (cuEventQuery) together with `ncclCommGetAsyncError`, for at most the group's timeout. On
+//! an async error or the timeout the communicator is aborted (`ncclCommAbort`, on a helper thread
+//! so even an abort that blocks cannot hang the rank) and the rank holds a *roll call* through the
+//! launcher's store: every rank that got here sets `dist/nccl/a{attempt}/rollcall/{op#}/{rank}`,
+//! and after a grace period (timeout / 2, 2..30 s) the ranks that did not answer are named as the
+//! ones that stopped answering (dead, or stuck somewhere else). Every later op fails with the first
+//! error. The price: `wait()` blocks the host until the collective finished (the GPU-side ordering
+//! with libtorch's stream is kept as well), so a rank can run at most one wait ahead of the GPU.
+//! A peer that dies before init is caught by the init timeout.
 use std::ffi::c_void;
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cudarc::driver::result as drv;
 use cudarc::driver::sys as dsys;
@@ -44,6 +55,21 @@ pub struct NcclEngine {
     jobs: mpsc::Sender<Job>,
     device: i32,
     world: usize,
+    shared: Arc<Shared>,
+    /// Number of ops submitted: the op number every rank agrees on (for the roll call).
+    submitted: AtomicU64,
+}
+
+/// What the communication thread and the waiting threads share: the communicator (0 once
+/// aborted or destroyed), the first failure, and the store for the roll call.
+pub(crate) struct Shared {
+    comm: AtomicUsize,
+    failed: Mutex<Option<String>>,
+    store: Mutex<Option<StoreClient>>,
+    rank: usize,
+    world: usize,
+    attempt: u32,
+    timeout: Duration,
 }
 
 fn nccl_err(what: &str) -> impl Fn(nccl::NcclError) -> DistError + '_ {
@@ -81,13 +107,16 @@ impl NcclEngine {
             return Err(DistError::Invalid(format!("LOCAL_RANK {} but only {devices} CUDA device(s) are visible (CUDA_VISIBLE_DEVICES); start at most {devices} ranks per node", env.local_rank)));
         }
         let device = env.local_rank as i32;
-        let id = unique_id(env, store, timeout)?;
+        let mut store = store;
+        let id = unique_id(env, store.as_mut(), timeout)?;
+        let shared = Arc::new(Shared::new(env, store, timeout));
         let (rank, world) = (env.rank as i32, env.world_size as i32);
         let (tx, rx) = mpsc::channel::<Job>();
         let (init_tx, init_rx) = mpsc::channel::<Result<()>>();
+        let worker_shared = shared.clone();
         std::thread::Builder::new()
             .name("dist-nccl".into())
-            .spawn(move || worker(device, rank, world, id, init_tx, rx))
+            .spawn(move || worker(device, rank, world, id, init_tx, rx, worker_shared))
             .map_err(|e| DistError::Invalid(format!("cannot start the NCCL thread: {e}")))?;
         match init_rx.recv_timeout(timeout) {
             Ok(r) => r?,
@@ -103,14 +132,159 @@ impl NcclEngine {
             jobs: tx,
             device,
             world: env.world_size,
+            shared,
+            submitted: AtomicU64::new(0),
         })
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(env: &RankEnv, store: Option<StoreClient>, timeout: Duration) -> Shared {
+        Shared {
+            comm: AtomicUsize::new(0),
+            failed: Mutex::new(None),
+            store: Mutex::new(store),
+            rank: env.rank,
+            world: env.world_size,
+            attempt: env.restart_count,
+            timeout,
+        }
+    }
+
+    /// The error every op after the first failure gets.
+    fn check(&self, op: &str) -> Result<()> {
+        match &*self.failed.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(first) => Err(DistError::Invalid(format!(
+                "{op} after an earlier collective failed: {first}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits on the host until `event` (recorded after op number `seq`) completed, watching NCCL's
+    /// async error and the timeout; see the module doc.
+    fn wait_done(&self, event: dsys::CUevent, op: &str, seq: u64) -> Result<()> {
+        let started = Instant::now();
+        let mut polls = 0u64;
+        loop {
+            // SAFETY: the event is alive until the caller destroys it after this returns.
+            match unsafe { drv::event::query(event) } {
+                Ok(()) => return Ok(()),
+                Err(drv::DriverError(dsys::cudaError_enum::CUDA_ERROR_NOT_READY)) => {}
+                Err(e) => return Err(DistError::Nccl(format!("{op}: cuEventQuery: {e:?}"))),
+            }
+            self.check(op)?;
+            polls += 1;
+            if polls.is_multiple_of(64) {
+                let comm = self.comm.load(Ordering::Acquire);
+                if comm != 0 {
+                    let mut async_err = nsys::ncclResult_t::ncclSuccess;
+                    // SAFETY: a live communicator (0 once aborted); thread-safe per NCCL's docs.
+                    unsafe {
+                        nsys::ncclCommGetAsyncError(comm as nsys::ncclComm_t, &mut async_err)
+                    };
+                    if !matches!(
+                        async_err,
+                        nsys::ncclResult_t::ncclSuccess | nsys::ncclResult_t::ncclInProgress
+                    ) {
+                        return Err(self.fail(op, seq, format!("NCCL reported {async_err:?}")));
+                    }
+                }
+                if started.elapsed() > self.timeout {
+                    let why = format!("no progress for {} s", self.timeout.as_secs());
+                    return Err(self.fail(op, seq, why));
+                }
+            }
+            if polls < 1000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+
+    /// The first failure: abort the communicator, hold the roll call, remember the error.
+    fn fail(&self, op: &str, seq: u64, why: String) -> DistError {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(first) = &*failed {
+            return DistError::Invalid(format!("{op} after an earlier collective failed: {first}"));
+        }
+        let comm = self.comm.swap(0, Ordering::AcqRel);
+        let aborted = if comm != 0 {
+            abort(comm)
+        } else {
+            String::new()
+        };
+        let grace = (self.timeout / 2).clamp(Duration::from_secs(2), Duration::from_secs(30));
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let missing = match store.as_mut() {
+            Some(store) => roll_call(store, self.attempt, seq, self.rank, self.world, grace),
+            None => Ok(vec![]),
+        };
+        let err = match missing {
+            Ok(missing) if !missing.is_empty() => DistError::PeerLost {
+                rank: missing[0],
+                op: op.to_string(),
+                detail: format!("{why} in collective #{seq}; rank(s) {missing:?} did not answer the roll call through the store within {} s (dead, or stuck elsewhere); NCCL communicator aborted{aborted}", grace.as_secs()),
+            },
+            Ok(_) => DistError::Nccl(format!("{op}: {why} in collective #{seq}, but every rank answered the roll call (did the ranks call different collectives?); NCCL communicator aborted{aborted}")),
+            Err(e) => DistError::Nccl(format!("{op}: {why} in collective #{seq}; the roll call failed too ({e}), so the silent rank is unknown; NCCL communicator aborted{aborted}")),
+        };
+        *failed = Some(err.to_string());
+        err
+    }
+}
+
+/// ncclCommAbort on a helper thread, waited for at most 10 s (an abort stuck behind a hung kernel
+/// must not hang the rank); returns a note for the error when it did not finish.
+fn abort(comm: usize) -> String {
+    let (tx, rx) = mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("nccl-abort".into())
+        .spawn(move || {
+            // SAFETY: the communicator is no longer handed to new ops (Shared::comm is 0).
+            let r = unsafe { nccl::comm_abort(comm as nsys::ncclComm_t) };
+            let _ = tx.send(r.map(|_| ()));
+        });
+    match (spawned, rx.recv_timeout(Duration::from_secs(10))) {
+        (Ok(_), Ok(Ok(()))) => String::new(),
+        (Ok(_), Ok(Err(e))) => format!(" (ncclCommAbort: {e:?})"),
+        (Ok(_), Err(_)) => " (ncclCommAbort did not return within 10 s)".into(),
+        (Err(e), _) => format!(" (could not start the abort thread: {e})"),
+    }
+}
+
+/// Every rank that reaches a failure of op `seq` says so in the store; after `grace` the ranks
+/// that did not are the ones that stopped answering (sorted).
+pub(crate) fn roll_call(
+    store: &mut StoreClient,
+    attempt: u32,
+    seq: u64,
+    rank: usize,
+    world: usize,
+    grace: Duration,
+) -> std::result::Result<Vec<usize>, launcher::store::StoreError> {
+    let key = |r: usize| format!("dist/nccl/a{attempt}/rollcall/{seq}/{r}");
+    store.set(&key(rank), b"here")?;
+    let deadline = Instant::now() + grace;
+    loop {
+        let mut missing = Vec::new();
+        for r in 0..world {
+            if store.try_get(&key(r))?.is_none() {
+                missing.push(r);
+            }
+        }
+        if missing.is_empty() || Instant::now() >= deadline {
+            return Ok(missing);
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 /// Rank 0 creates the NCCL unique id and publishes it through the launcher's store.
 fn unique_id(
     env: &RankEnv,
-    store: Option<StoreClient>,
+    store: Option<&mut StoreClient>,
     timeout: Duration,
 ) -> Result<nsys::ncclUniqueId> {
     let key = format!("dist/nccl/a{}/unique_id", env.restart_count);
@@ -120,7 +294,7 @@ fn unique_id(
         nsys::ncclUniqueId { internal: [0; 128] }
     };
     if env.world_size > 1 {
-        let mut store = store.ok_or_else(|| {
+        let store = store.ok_or_else(|| {
             DistError::Invalid("world size > 1 needs the launcher's store".into())
         })?;
         if env.rank == 0 {
@@ -174,6 +348,7 @@ fn worker(
     id: nsys::ncclUniqueId,
     init: mpsc::Sender<Result<()>>,
     jobs: mpsc::Receiver<Job>,
+    shared: Arc<Shared>,
 ) {
     let setup = || -> Result<(nsys::ncclComm_t, dsys::CUstream)> {
         let gpu = kernels::runtime::gpu(device).map_err(|e| DistError::Nccl(e.to_string()))?;
@@ -189,6 +364,7 @@ fn worker(
     };
     let (comm, stream) = match setup() {
         Ok(v) => {
+            shared.comm.store(v.0 as usize, Ordering::Release);
             let _ = init.send(Ok(()));
             v
         }
@@ -198,7 +374,17 @@ fn worker(
         }
     };
     let nstream = stream as nsys::cudaStream_t;
+    let mut seq = 0u64;
     while let Ok(job) = jobs.recv() {
+        seq += 1;
+        if let Err(e) = shared.check(job.op.name()) {
+            // SAFETY: events created by the submitter, unused after this.
+            unsafe {
+                let _ = drv::event::destroy(job.ready as dsys::CUevent);
+            }
+            let _ = job.done.send(Err(e));
+            continue;
+        }
         // SAFETY: events were created by the submitter; pointers come from live CUDA tensors kept
         // alive by the submitter until wait(); counts match the checked shapes.
         let result = unsafe {
@@ -244,19 +430,25 @@ fn worker(
                             nstream,
                         )
                         .map_err(nccl_err("ncclAllReduce (barrier)"))?;
-                        drv::stream::synchronize(stream).map_err(drv_err("cuStreamSynchronize"))?;
                     }
                 }
                 let _ = drv::event::destroy(job.ready as dsys::CUevent);
                 drv::event::record(job.done_event as dsys::CUevent, stream)
-                    .map_err(drv_err("cuEventRecord"))
+                    .map_err(drv_err("cuEventRecord"))?;
+                if matches!(job.op, Op::Barrier) {
+                    // the host waits for the barrier, watching for a dead peer
+                    shared.wait_done(job.done_event as dsys::CUevent, "barrier", seq)?;
+                }
+                Ok(())
             })()
         };
         let _ = job.done.send(result);
     }
-    // SAFETY: no op is in flight once the queue is closed.
-    unsafe {
-        let _ = nccl::comm_destroy(comm);
+    // SAFETY: no op is in flight once the queue is closed; an aborted communicator is not freed twice.
+    if shared.comm.swap(0, Ordering::AcqRel) == comm as usize {
+        unsafe {
+            let _ = nccl::comm_destroy(comm);
+        }
     }
 }
 
@@ -300,6 +492,8 @@ impl Engine for NcclEngine {
         };
         let world = self.world as f64;
         let keep = op_tensors(&op);
+        let seq = self.submitted.fetch_add(1, Ordering::Relaxed) + 1;
+        let (shared, name) = (self.shared.clone(), op.name());
         self.jobs
             .send(Job {
                 op,
@@ -311,6 +505,20 @@ impl Engine for NcclEngine {
         let (device, done_event) = (self.device, done_event as usize);
         // On the waiting thread: its current stream waits for the collective; the tensors live until now.
         Ok(Some(Box::new(move || {
+            // the host watches the collective finish (dead peer, timeout); see the module doc.
+            // wait() may run on another thread than submit(): make the device's context current.
+            let current = kernels::runtime::gpu(device)
+                .and_then(|gpu| gpu.make_current())
+                .map_err(|e| DistError::Nccl(e.to_string()));
+            if let Err(e) =
+                current.and_then(|()| shared.wait_done(done_event as dsys::CUevent, name, seq))
+            {
+                // SAFETY: destroying an event with pending work is allowed.
+                unsafe {
+                    let _ = drv::event::destroy(done_event as dsys::CUevent);
+                }
+                return Err(e);
+            }
             let stream = kernels::runtime::torch_current_stream(device);
             // SAFETY: the worker recorded the event before reporting success.
             let r = unsafe {
@@ -344,5 +552,73 @@ fn op_tensors(op: &Op) -> Vec<Tensor> {
         }
         Op::AllReduce { tensor, .. } | Op::Broadcast { tensor, .. } => vec![tensor.shallow_clone()],
         Op::Barrier => vec![],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use launcher::store::StoreServer;
+
+    fn client(server: &StoreServer) -> StoreClient {
+        let port = server.local_addr().port();
+        StoreClient::connect("127.0.0.1", port, "secret", Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn roll_call_names_the_ranks_that_do_not_answer() {
+        let server = StoreServer::bind("127.0.0.1:0", "secret").unwrap();
+        // ranks 0 and 2 of 4 reach the failure of op 7; rank 3 answers a little later; 1 is gone
+        let mut late = client(&server);
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            late.set("dist/nccl/a0/rollcall/7/3", b"here").unwrap();
+        });
+        let mut other = client(&server);
+        other.set("dist/nccl/a0/rollcall/7/2", b"here").unwrap();
+        let mut me = client(&server);
+        let started = Instant::now();
+        let missing = roll_call(&mut me, 0, 7, 0, 4, Duration::from_secs(2)).unwrap();
+        t.join().unwrap();
+        assert_eq!(missing, vec![1]);
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "waits the grace period"
+        );
+        // everyone here: returns at once
+        other.set("dist/nccl/a0/rollcall/7/1", b"here").unwrap();
+        let started = Instant::now();
+        assert!(roll_call(&mut me, 0, 7, 0, 4, Duration::from_secs(5))
+            .unwrap()
+            .is_empty());
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // another op number is another roll call
+        assert_eq!(
+            roll_call(&mut me, 0, 8, 0, 2, Duration::from_millis(200)).unwrap(),
+            vec![1]
+        );
+    }
+
+    #[test]
+    fn a_failure_is_remembered_and_fails_every_later_op() {
+        let shared = Shared::new(&RankEnv::single(), None, Duration::from_secs(1));
+        assert!(shared.check("all_reduce").is_ok());
+        let first = shared.fail("all_reduce", 3, "no progress for 1 s".into());
+        let text = first.to_string();
+        assert!(
+            text.contains("no progress for 1 s in collective #3"),
+            "{text}"
+        );
+        assert!(text.contains("every rank answered the roll call"), "{text}");
+        let later = shared.check("broadcast").unwrap_err().to_string();
+        assert!(
+            later.contains("broadcast after an earlier collective failed") && later.contains("#3"),
+            "{later}"
+        );
+        let again = shared.fail("barrier", 4, "x".into()).to_string();
+        assert!(
+            again.contains("barrier after an earlier collective failed"),
+            "{again}"
+        );
     }
 }

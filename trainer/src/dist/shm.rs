@@ -45,17 +45,19 @@ fn shm_err(path: &std::path::Path, detail: impl std::fmt::Display) -> DistError 
 }
 
 impl Segment {
-    /// Creates (rank 0) or opens (others) the segment `name` with `data_bytes` of data.
+    /// Creates (rank 0) or opens (others) the segment `name`. Rank 0 takes the first of
+    /// `data_sizes` (largest first) that /dev/shm can hold, reserving its pages up front so a full
+    /// /dev/shm is an error here and never a SIGBUS later; the others map whatever rank 0 made
+    /// (`data_len()`).
     pub fn open(
         env: &RankEnv,
         store: &mut StoreClient,
         name: &str,
-        data_bytes: usize,
+        data_sizes: &[usize],
         timeout: Duration,
     ) -> Result<Segment> {
         let (rank, world) = (env.rank, env.world_size);
         let header = (LINE * (1 + world)).div_ceil(4096) * 4096;
-        let len = header + data_bytes;
         let safe_run: String = env
             .run_id
             .chars()
@@ -80,8 +82,19 @@ impl Segment {
                 .create_new(true)
                 .open(&path)
                 .map_err(|e| shm_err(&path, e))?;
-            f.set_len(len as u64)
-                .map_err(|e| shm_err(&path, format!("{e} (is /dev/shm large enough?)")))?;
+            let mut last = String::new();
+            let fits = data_sizes.iter().any(|&bytes| {
+                let len = (header + bytes) as libc::off_t;
+                // SAFETY: fallocate on our own open file descriptor.
+                let r =
+                    unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, len) };
+                last = std::io::Error::from_raw_os_error(r).to_string();
+                r == 0 && f.set_len(len as u64).is_ok()
+            });
+            if !fits {
+                let _ = std::fs::remove_file(&path);
+                return Err(shm_err(&path, format!("cannot reserve even {} bytes: {last} (is /dev/shm large enough? `df -h /dev/shm`; in docker pass --shm-size)", header + data_sizes.last().copied().unwrap_or(0))));
+            }
             f
         } else {
             store.get_timeout(&format!("{key}/ready"), timeout)?;
@@ -96,13 +109,10 @@ impl Segment {
                     )
                 })?
         };
-        // SAFETY: the file is private to this run; every rank maps the same length.
+        // SAFETY: the file is private to this run; every rank maps the length rank 0 gave it.
         let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| shm_err(&path, e))?;
-        if map.len() != len {
-            return Err(shm_err(
-                &path,
-                format!("size {} but expected {len}", map.len()),
-            ));
+        if map.len() <= header {
+            return Err(shm_err(&path, format!("size {} is too small", map.len())));
         }
         if rank == 0 {
             map[..8].copy_from_slice(&MAGIC.to_le_bytes());
@@ -138,6 +148,11 @@ impl Segment {
         unsafe { &*(self.map.as_ptr().add(off) as *const AtomicU64) }
     }
 
+    /// Bytes in the data area.
+    pub fn data_len(&self) -> usize {
+        self.map.len() - self.header
+    }
+
     /// Pointer to `offset` in the data area.
     pub fn data(&self, offset: usize) -> *mut u8 {
         // SAFETY: callers stay within the data area they sized the segment for.
@@ -146,10 +161,15 @@ impl Segment {
 
     /// Waits until every rank has reached this barrier. Checks peers' pids while waiting, so a
     /// dead rank is reported within about 100 ms, and gives up after the timeout.
+    ///
+    /// Waiting spins briefly, then sleeps in the kernel on the slow rank's epoch word (a futex on
+    /// the shared mapping; arriving ranks wake it): on a busy machine a spinning rank would burn
+    /// the CPU time its peer needs to arrive.
     pub fn barrier(&mut self, op: &str) -> Result<()> {
         self.epoch += 1;
         let target = self.epoch;
         self.line(self.rank, 0).store(target, Ordering::Release);
+        futex_wake(self.line(self.rank, 0));
         let started = Instant::now();
         let mut last_check = started;
         let mut spins = 0u32;
@@ -161,12 +181,14 @@ impl Segment {
                 return Ok(());
             }
             spins += 1;
-            if spins < 200 {
+            if spins < 100 {
                 std::hint::spin_loop();
-            } else if spins < 2000 {
-                std::thread::yield_now();
             } else {
-                std::thread::sleep(Duration::from_micros(50));
+                let word = self.line(behind[0], 0);
+                let seen = word.load(Ordering::Acquire);
+                if seen < target {
+                    futex_wait(word, seen, Duration::from_millis(10));
+                }
             }
             if last_check.elapsed() > Duration::from_millis(100) {
                 last_check = Instant::now();
@@ -191,5 +213,47 @@ impl Segment {
                 }
             }
         }
+    }
+}
+
+/// The low 32 bits of a shared epoch word (little-endian: the first 4 bytes), as a futex.
+fn futex_word(word: &AtomicU64) -> *const u32 {
+    word as *const AtomicU64 as *const u32
+}
+
+/// Sleeps until `word` may have changed from `seen` (or `timeout`; spurious wakeups are fine).
+fn futex_wait(word: &AtomicU64, seen: u64, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: a shared (non-private) futex on an aligned word of the mapping; returns at once when
+    // the word no longer holds `seen`.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            futex_word(word),
+            libc::FUTEX_WAIT,
+            seen as u32,
+            &ts as *const libc::timespec,
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+/// Wakes every rank sleeping on `word`.
+fn futex_wake(word: &AtomicU64) {
+    // SAFETY: as in futex_wait.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            futex_word(word),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        );
     }
 }
