@@ -497,3 +497,134 @@ fn eval_split_and_bad_layouts() {
     let first = ds.epoch_iter(0, 0, 2, 2, 1, 1).next().unwrap();
     assert!(matches!(first, Err(DataError::Layout(_))));
 }
+
+/// Rows whose labels are all -100 (eval fillers).
+fn masked_rows(mb: &MicroBatch) -> usize {
+    let labels = mb.batch.labels.as_ref().unwrap();
+    let (b, _) = labels.size2().unwrap();
+    (0..b)
+        .filter(|&i| ints(&labels.get(i)).iter().all(|&l| l == -100))
+        .count()
+}
+
+/// Evaluation sees every sample exactly once for N not divisible by batch x world: the last
+/// partial global batch is kept, split over the ranks, a rank left without a sample gets one
+/// masked filler row, every rank runs the same number of micro-batches, and the supervised
+/// token count (the loss's denominator) is exactly the split's.
+#[test]
+fn eval_counts_every_sample_once_for_any_batch_and_world() {
+    let ds = good_dataset("eval-all", 11, &[]);
+    let total_tokens: i64 = (0..11).map(|i| ds.supervised_tokens(i) as i64).sum();
+    assert!(total_tokens > 0);
+    for (world, batch) in [(1, 4), (2, 2), (3, 2), (4, 3), (2, 8), (16, 1)] {
+        let per_rank: Vec<Vec<MicroBatch>> = (0..world)
+            .map(|r| collect(ds.eval_iter(r, world, batch)))
+            .collect();
+        let steps = per_rank[0].len();
+        assert_eq!(
+            steps,
+            11usize.div_ceil(batch * world),
+            "world {world} batch {batch}"
+        );
+        assert!(
+            per_rank.iter().all(|m| m.len() == steps),
+            "same forward count on all ranks"
+        );
+        let (mut seen, mut tokens, mut fillers) = (Vec::new(), 0i64, 0);
+        for mbs in &per_rank {
+            for mb in mbs {
+                let n = mb.sample_indices.len();
+                assert!((1..=batch).contains(&n), "{n} rows, batch {batch}");
+                assert_eq!(masked_rows(mb), mb.filler_rows, "fillers are fully masked");
+                seen.extend_from_slice(&mb.sample_indices[..n - mb.filler_rows]);
+                tokens += mb.supervised_tokens;
+                fillers += mb.filler_rows;
+            }
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            (0..11).collect::<Vec<_>>(),
+            "world {world} batch {batch}"
+        );
+        assert_eq!(tokens, total_tokens, "world {world} batch {batch}");
+        // fillers only where a rank had nothing left: 16 ranks x 1 over 11 samples -> 5
+        let want_fillers = if 11 % (batch * world) == 0 {
+            0
+        } else {
+            world.saturating_sub(11 % (batch * world))
+        };
+        assert_eq!(fillers, want_fillers, "world {world} batch {batch}");
+    }
+    // deterministic and independent of the worker count
+    let a: Vec<Vec<usize>> = collect(ds.eval_iter(1, 3, 2))
+        .into_iter()
+        .map(|m| m.sample_indices)
+        .collect();
+    let ds1 = good_dataset("eval-all-1w", 11, &["data.num_workers=1"]);
+    let b: Vec<Vec<usize>> = collect(ds1.eval_iter(1, 3, 2))
+        .into_iter()
+        .map(|m| m.sample_indices)
+        .collect();
+    assert_eq!(a, b);
+    assert!(matches!(
+        ds.eval_iter(3, 3, 2).next().unwrap(),
+        Err(DataError::Layout(_))
+    ));
+}
+
+/// Under `bad_records: skip` a sample that fails to load during evaluation becomes a masked
+/// filler, not a second copy of another sample.
+#[test]
+fn eval_under_skip_masks_failed_samples_instead_of_double_counting() {
+    let (train, images) = truncated_image_setup("eval-skip");
+    let ds = open(&config(&train, &images, &["data.bad_records=skip"])).unwrap();
+    let mbs = collect(ds.eval_iter(0, 1, 3));
+    let tokens: i64 = mbs.iter().map(|m| m.supervised_tokens).sum();
+    let want: i64 = (0..8)
+        .filter(|&i| i != 1)
+        .map(|i| ds.supervised_tokens(i) as i64)
+        .sum();
+    assert_eq!(tokens, want, "sample 1 (truncated image) counts nothing");
+    assert_eq!(mbs.iter().map(|m| m.filler_rows).sum::<usize>(), 1);
+    assert!(mbs.iter().all(|m| masked_rows(m) == m.filler_rows));
+}
+
+/// The loader's fused path (pixels straight into the tensor) gives exactly the tensors of the
+/// reference path (`collate` -> `to_model_batch`), padding tiles and rows included.
+#[test]
+fn fused_loader_tensors_equal_the_collate_reference() {
+    use trainer::data::dataset::to_model_batch;
+    let ds = good_dataset("fused", 10, &[]);
+    let mbs = collect(ds.epoch_iter(0, 0, 0, 1, 3, 1));
+    assert_eq!(mbs.len(), 3);
+    for mb in &mbs {
+        let reference = to_model_batch(&ds.load(&mb.sample_indices).unwrap().collated);
+        let (a, b) = (&mb.batch, &reference);
+        assert_eq!(ints(&a.input_ids), ints(&b.input_ids));
+        assert_eq!(
+            ints(a.labels.as_ref().unwrap()),
+            ints(b.labels.as_ref().unwrap())
+        );
+        assert_eq!(
+            ints(a.attention_mask.as_ref().unwrap()),
+            ints(b.attention_mask.as_ref().unwrap())
+        );
+        let (ia, ib) = (a.images.as_ref().unwrap(), b.images.as_ref().unwrap());
+        assert_eq!(ia.pixel_values.size(), ib.pixel_values.size());
+        assert_eq!(floats(&ia.pixel_values), floats(&ib.pixel_values));
+        assert_eq!(ints(&ia.aspect_ratio_ids), ints(&ib.aspect_ratio_ids));
+        assert_eq!(ints(&ia.aspect_ratio_mask), ints(&ib.aspect_ratio_mask));
+        assert_eq!(
+            ints(&ia.cross_attention_mask),
+            ints(&ib.cross_attention_mask)
+        );
+    }
+    // padding tiles exist (images of 1..4 tiles) and hold zeros; real tiles do not
+    let pv: Vec<f32> = mbs
+        .iter()
+        .flat_map(|m| floats(&m.batch.images.as_ref().unwrap().pixel_values))
+        .collect();
+    let zeros = pv.iter().filter(|&&v| v == 0.0).count();
+    assert!(zeros > 0 && zeros < pv.len(), "{zeros} of {}", pv.len());
+}

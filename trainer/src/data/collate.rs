@@ -41,6 +41,41 @@ pub fn collate(
     max_tiles: usize,
     tile: usize,
 ) -> Batch {
+    let mut b = collate_text(samples, pad_id, image_id, max_tiles, tile);
+    b.pixel_values = vec![0f32; pixel_len(&b)];
+    pack_pixels(samples, b.num_images, max_tiles, tile, &mut b.pixel_values);
+    b
+}
+
+/// Elements of `Batch::pixel_values` for this batch's shape.
+pub fn pixel_len(b: &Batch) -> usize {
+    b.batch * b.num_images * b.max_tiles * 3 * b.tile * b.tile
+}
+
+/// Write the (B, I, T, 3, H, W) pixel values of `samples` into `out`, every element (padding
+/// tiles and images 0), so `out` may start uninitialized-but-valid (a fresh tensor).
+pub fn pack_pixels(samples: &[Sample], ni: usize, max_tiles: usize, tile: usize, out: &mut [f32]) {
+    let tile_len = 3 * tile * tile;
+    let per_sample = ni * max_tiles * tile_len;
+    for (s, dst) in samples.iter().zip(out.chunks_exact_mut(per_sample.max(1))) {
+        let mut written = 0;
+        if let (Some(img), true) = (&s.image, ni > 0) {
+            written = (img.num_tiles.min(max_tiles) * tile_len).min(img.pixel_values.len());
+            dst[..written].copy_from_slice(&img.pixel_values[..written]);
+        }
+        dst[written..].fill(0.0);
+    }
+}
+
+/// `collate` without `pixel_values` (left empty): what the loader's fused path uses, writing
+/// the pixels straight into the model's tensor with `pack_pixels`.
+pub fn collate_text(
+    samples: &[Sample],
+    pad_id: i64,
+    image_id: i64,
+    max_tiles: usize,
+    tile: usize,
+) -> Batch {
     let b = samples.len();
     let l = samples
         .iter()
@@ -55,8 +90,6 @@ pub fn collate(
     let mut input_ids = vec![pad_id; b * l];
     let mut attention_mask = vec![0i64; b * l];
     let mut labels = vec![IGNORE; b * l];
-    let tile_len = 3 * tile * tile;
-    let mut pixel_values = vec![0f32; b * ni * max_tiles * tile_len];
     let mut aspect_ratio_ids = vec![0i64; b * ni];
     let mut aspect_ratio_mask = vec![0i64; b * ni * max_tiles];
     let mut cross_attention_mask = vec![0i64; b * l * ni * max_tiles];
@@ -72,9 +105,6 @@ pub fn collate(
             aspect_ratio_mask[(i * ni + j) * max_tiles] = 1;
         }
         if let (Some(img), true) = (&s.image, ni > 0) {
-            let base = i * ni * max_tiles * tile_len;
-            let len = img.pixel_values.len().min(max_tiles * tile_len);
-            pixel_values[base..base + len].copy_from_slice(&img.pixel_values[..len]);
             aspect_ratio_ids[i * ni] = img.aspect_ratio_id;
             for t in 0..img.num_tiles.min(max_tiles) {
                 aspect_ratio_mask[i * ni * max_tiles + t] = 1;
@@ -102,7 +132,7 @@ pub fn collate(
         input_ids,
         attention_mask,
         labels,
-        pixel_values,
+        pixel_values: Vec::new(),
         aspect_ratio_ids,
         aspect_ratio_mask,
         cross_attention_mask,

@@ -258,6 +258,11 @@ pub struct MicroBatch {
     pub supervised_tokens: i64,
     /// Dataset indices of the samples, in batch order (after any replacement).
     pub sample_indices: Vec<usize>,
+    /// Rows that are fillers (evaluation only: a rank with no sample left in the last batch, or
+    /// a sample that failed to load under `skip`): run through the model so every rank does the
+    /// same number of forward passes, but their labels are all -100, so they add nothing to the
+    /// loss sum or to `supervised_tokens`.
+    pub filler_rows: usize,
 }
 
 /// One unit of loading work: this rank's part of one micro-step.
@@ -266,6 +271,8 @@ pub struct MicroJob {
     pub position: Position,
     pub micro_step: usize,
     pub indices: Vec<usize>,
+    /// Trailing entries of `indices` that are fillers (evaluation plans only; 0 for training).
+    pub fillers: usize,
 }
 
 /// A collated micro-batch with the indices actually used.
@@ -532,10 +539,82 @@ impl Dataset {
                     },
                     micro_step: m,
                     indices: LengthGroupedSampler::rank_part(step, rank, world).to_vec(),
+                    fillers: 0,
                 });
             }
         }
         Ok(jobs)
+    }
+
+    /// This rank's evaluation micro-batches: every sample of the split exactly once (no
+    /// drop_last, no shuffle). Samples are ordered by token length (less padding) and cut into
+    /// global batches of `batch_size * world`, split rank-contiguously; the last, partial global
+    /// batch of r samples is split into `world` contiguous parts as evenly as possible (the first
+    /// `r % world` ranks take one more). A rank whose part is empty gets one filler row (the
+    /// batch's first sample, labels masked), so all ranks run the same number of forward passes
+    /// (FSDP's collectives) and nothing is counted twice. Position = (0, global batch index).
+    pub fn eval_plan(
+        &self,
+        rank: usize,
+        world: usize,
+        batch_size: usize,
+    ) -> Result<Vec<MicroJob>, DataError> {
+        if world == 0 || batch_size == 0 || rank >= world {
+            return Err(DataError::Layout(format!(
+                "rank {rank}, world {world}, batch_size {batch_size}: all must be positive and rank < world"
+            )));
+        }
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        order.sort_by_key(|&i| self.inner.lengths[i]);
+        let global = batch_size * world;
+        let mut jobs = Vec::new();
+        for (g, gb) in order.chunks(global).enumerate() {
+            let (indices, fillers) = if gb.len() == global {
+                (LengthGroupedSampler::rank_part(gb, rank, world).to_vec(), 0)
+            } else {
+                let (per, extra) = (gb.len() / world, gb.len() % world);
+                let start = rank * per + rank.min(extra);
+                let part = &gb[start..start + per + usize::from(rank < extra)];
+                if part.is_empty() {
+                    (vec![gb[0]], 1)
+                } else {
+                    (part.to_vec(), 0)
+                }
+            };
+            jobs.push(MicroJob {
+                position: Position {
+                    epoch: 0,
+                    batch: g as u64,
+                },
+                micro_step: 0,
+                indices,
+                fillers,
+            });
+        }
+        Ok(jobs)
+    }
+
+    /// The micro-batches of `eval_plan`, loaded by `data.num_workers` threads in order. Under
+    /// `bad_records: skip` a sample that fails to load is a masked filler row (counted once
+    /// in `replaced_samples`), never a second copy of another sample.
+    pub fn eval_iter(
+        &self,
+        rank: usize,
+        world: usize,
+        batch_size: usize,
+    ) -> impl Iterator<Item = Result<MicroBatch, DataError>> + '_ {
+        let (jobs, err) = match self.eval_plan(rank, world, batch_size) {
+            Ok(j) => (j, None),
+            Err(e) => (vec![], Some(e)),
+        };
+        let inner = Arc::clone(&self.inner);
+        let pool = OrderedPool::new(
+            jobs,
+            self.inner.num_workers,
+            PREFETCH,
+            move |job: &MicroJob| load_micro(&inner, job, true),
+        );
+        err.map(Err).into_iter().chain(pool)
     }
 
     /// Load and collate the samples `indices` (in this order), replacing samples that fail to
@@ -567,7 +646,7 @@ impl Dataset {
             jobs,
             self.inner.num_workers,
             PREFETCH,
-            move |job: &MicroJob| load(&inner, &job.indices).map(|l| to_micro_batch(job, l)),
+            move |job: &MicroJob| load_micro(&inner, job, false),
         );
         err.map(Err).into_iter().chain(pool)
     }
@@ -666,7 +745,12 @@ fn load_sample(inner: &Inner, i: usize) -> Result<Sample, Problem> {
     })
 }
 
-fn load(inner: &Inner, indices: &[usize]) -> Result<Loaded, DataError> {
+/// The samples of `indices`, the indices used (replacements included) and how many were
+/// replaced.
+fn load_samples(
+    inner: &Inner,
+    indices: &[usize],
+) -> Result<(Vec<Sample>, Vec<usize>, usize), DataError> {
     let n = inner.records.len();
     let mut samples = Vec::with_capacity(indices.len());
     let mut used = Vec::with_capacity(indices.len());
@@ -696,6 +780,12 @@ fn load(inner: &Inner, indices: &[usize]) -> Result<Loaded, DataError> {
             }
         }
     }
+    Ok((samples, used, replaced))
+}
+
+/// The reference path: samples -> `collate` (all buffers) -> `Loaded`.
+fn load(inner: &Inner, indices: &[usize]) -> Result<Loaded, DataError> {
+    let (samples, used, replaced) = load_samples(inner, indices)?;
     let collated = collate(
         &samples,
         inner.text.ids.pad,
@@ -707,6 +797,53 @@ fn load(inner: &Inner, indices: &[usize]) -> Result<Loaded, DataError> {
         collated,
         indices: used,
         replaced,
+    })
+}
+
+/// The loader's fused path, same tensors as `to_model_batch(load(..).collated)` (tested): the
+/// pixel values go from each sample straight into the model's tensor, skipping the collated
+/// (B, I, T, 3, H, W) buffer and its copy (two writes of ~15 MB per 4-tile sample, most of the
+/// collate cost). With `eval`, filler rows (`MicroJob::fillers`, failed loads) are masked.
+fn load_micro(inner: &Inner, job: &MicroJob, eval: bool) -> Result<MicroBatch, DataError> {
+    let (samples, used, _) = load_samples(inner, &job.indices)?;
+    let (max_tiles, tile) = (inner.image.max_image_tiles, inner.image.tile);
+    let mut c = collate::collate_text(
+        &samples,
+        inner.text.ids.pad,
+        inner.text.ids.image,
+        max_tiles,
+        tile,
+    );
+    let mut fillers = 0;
+    if eval {
+        let real = job.indices.len() - job.fillers;
+        let filler: Vec<bool> = (0..job.indices.len())
+            .map(|i| i >= real || used[i] != job.indices[i])
+            .collect();
+        fillers = mask_rows(&mut c, &filler);
+    }
+    let mut batch = to_model_batch(&c);
+    if let Some(images) = batch.images.as_mut() {
+        let (b, ni, h) = (c.batch as i64, c.num_images as i64, tile as i64);
+        let pixels = Tensor::empty(
+            [b, ni, max_tiles as i64, 3, h, h],
+            (tch::Kind::Float, tch::Device::Cpu),
+        );
+        let n = collate::pixel_len(&c);
+        assert_eq!(pixels.numel(), n);
+        // SAFETY: a fresh, contiguous CPU f32 tensor of exactly n elements that nothing else
+        // references yet; pack_pixels writes every element.
+        let out = unsafe { std::slice::from_raw_parts_mut(pixels.data_ptr() as *mut f32, n) };
+        collate::pack_pixels(&samples, c.num_images, max_tiles, tile, out);
+        images.pixel_values = pixels;
+    }
+    Ok(MicroBatch {
+        position: job.position,
+        micro_step: job.micro_step,
+        supervised_tokens: shifted_supervised(&c),
+        batch,
+        sample_indices: used,
+        filler_rows: fillers,
     })
 }
 
@@ -725,8 +862,13 @@ fn shifted_supervised(c: &collate::Batch) -> i64 {
 pub fn to_model_batch(c: &collate::Batch) -> Batch {
     let (b, l) = (c.batch as i64, c.seq_len as i64);
     let (ni, t, h) = (c.num_images as i64, c.max_tiles as i64, c.tile as i64);
+    // an empty pixel buffer (`collate_text`) gives an empty placeholder the fused path replaces
     let images = (ni > 0).then(|| Images {
-        pixel_values: Tensor::from_slice(&c.pixel_values).view([b, ni, t, 3, h, h]),
+        pixel_values: if c.pixel_values.is_empty() {
+            Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu))
+        } else {
+            Tensor::from_slice(&c.pixel_values).view([b, ni, t, 3, h, h])
+        },
         aspect_ratio_ids: Tensor::from_slice(&c.aspect_ratio_ids).view([b, ni]),
         aspect_ratio_mask: Tensor::from_slice(&c.aspect_ratio_mask).view([b, ni, t]),
         cross_attention_mask: Tensor::from_slice(&c.cross_attention_mask).view([b, l, ni, t]),
@@ -739,14 +881,17 @@ pub fn to_model_batch(c: &collate::Batch) -> Batch {
     }
 }
 
-fn to_micro_batch(job: &MicroJob, l: Loaded) -> MicroBatch {
-    MicroBatch {
-        position: job.position,
-        micro_step: job.micro_step,
-        supervised_tokens: shifted_supervised(&l.collated),
-        batch: to_model_batch(&l.collated),
-        sample_indices: l.indices,
+/// Set the labels of the rows flagged in `filler` to IGNORE; returns how many. `labels`: (B, L).
+fn mask_rows(c: &mut collate::Batch, filler: &[bool]) -> usize {
+    let seq = c.seq_len;
+    if seq > 0 {
+        for (row, &f) in c.labels.chunks_exact_mut(seq).zip(filler) {
+            if f {
+                row.fill(IGNORE);
+            }
+        }
     }
+    filler.iter().filter(|&&f| f).count()
 }
 
 /// Decode every image of the dataset (what training would do), with `data.num_workers`

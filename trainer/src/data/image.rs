@@ -7,6 +7,17 @@
 //! EXIF orientation is NOT applied: PIL's `Image.open` does not apply it and transformers only
 //! transposes images it loads from a path or URL itself, never PIL images handed to it (the
 //! seed's case). Checked by the `exif_rot.jpg` fixture.
+//!
+//! Parity (tests/data_image.rs): PNG, BMP, GIF, WebP (lossless) are bit-exact with Pillow 13 +
+//! transformers 5.24's PIL backend, pixel_values included: decode (colour keys: the
+//! `transparency` module), resize (Pillow 13's pass order) and normalization. JPEG is not: the
+//! image crate decodes with zune-jpeg, whose IDCT and chroma upsampling round differently from
+//! libjpeg-turbo's islow IDCT + fancy upsampling that Pillow uses (up to 4 levels, 0.06 after
+//! normalization on the fixtures). libjpeg-turbo's own decoder (the `mozjpeg` crate, built from C
+//! without NASM) reproduces Pillow's JPEG pixels exactly on every JPEG fixture, at about 43 s of
+//! CPU added to a clean build; not adopted yet (see BENCHMARKS.md, data pipeline).
+//! transformers' torchvision backend (`MllamaImageProcessor` when torchvision is installed)
+//! resizes with torch's antialiased bilinear and differs from both by a few levels.
 use std::path::Path;
 
 use serde_json::Value;
@@ -135,9 +146,11 @@ fn read_json(p: &Path) -> Result<Value, String> {
     serde_json::from_str(&t).map_err(|e| format!("{}: malformed JSON: {e}", p.display()))
 }
 
-/// Decode an image file and convert it to RGB as PIL's `Image.open(p).convert("RGB")` does:
-/// alpha dropped (not composited), palette expanded, 16-bit RGB keeps the high byte, 16-bit
-/// grayscale clips at 255 (PIL's `I;16 -> RGB`). Errors name the file and suggest the cause.
+/// Decode an image file and convert it to RGB as the seed's `Image.open(p).convert("RGB")` fed
+/// to transformers' `convert_to_rgb` does: alpha channels dropped (not composited), palette
+/// expanded, 16-bit RGB keeps the high byte, 16-bit grayscale clips at 255 (PIL's
+/// `I;16 -> RGB`), and pixels of a PNG `tRNS` / GIF colour key turned white
+/// (`transparency` module). Errors name the file and suggest the cause.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read image: {e}"))?;
     decode_rgb(&bytes).map_err(|e| format!("{e} ({})", path.display()))
@@ -154,9 +167,13 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
     }
     let mut reader = reader;
     reader.no_limits();
+    let is_gif = reader.format() == Some(image::ImageFormat::Gif);
     let img = reader
         .decode()
         .map_err(|e| format!("corrupt or truncated image: {e}"))?;
+    let info = super::transparency::source_info(bytes);
+    // GIF pixels of the transparent index are the key colour in Pillow (then white)
+    let gif_clear_is_key = is_gif && info.key.is_some();
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
         return Err(format!("zero-sized image ({w}x{h})"));
@@ -167,7 +184,11 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
         D::ImageRgb8(b) => data = b.into_raw(),
         D::ImageRgba8(b) => {
             for p in b.as_raw().chunks_exact(4) {
-                data.extend_from_slice(&p[..3]);
+                if gif_clear_is_key && p[3] == 0 {
+                    data.extend_from_slice(&[255, 255, 255]);
+                } else {
+                    data.extend_from_slice(&p[..3]);
+                }
             }
         }
         D::ImageLuma8(b) => {
@@ -187,8 +208,13 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
             }
         }
         D::ImageLumaA16(b) => {
+            // true gray + alpha is PIL's "LA" (high byte); gray + tRNS is "I;16" (clips)
             for p in b.as_raw().chunks_exact(2) {
-                let v = (p[0] >> 8) as u8;
+                let v = if info.gray16_clips {
+                    p[0].min(255) as u8
+                } else {
+                    (p[0] >> 8) as u8
+                };
                 data.extend_from_slice(&[v, v, v]);
             }
         }
@@ -204,6 +230,9 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
                 other.color()
             ))
         }
+    }
+    if let Some(key) = info.key {
+        super::transparency::apply_key(&mut data, key);
     }
     Ok(RgbImage {
         width: w,
@@ -357,76 +386,125 @@ fn clip8(v: i32) -> u8 {
     s.clamp(0, 255) as u8
 }
 
-/// PIL's `Image.resize((w, h), resample=BILINEAR)` on an RGB image, bit-exact with Pillow's
-/// 8-bit fixed-point two-pass resampler (horizontal, then vertical over the used rows).
-#[allow(clippy::needless_range_loop)] // index loops mirror Pillow's C
+/// One axis of Pillow's resampling: per output index, the first input index and the count of
+/// taps, and `ksize` fixed-point coefficients.
+struct Coeffs {
+    ksize: usize,
+    bounds: Vec<(usize, usize)>,
+    kk: Vec<i32>,
+}
+
+impl Coeffs {
+    fn new(in_size: usize, out_size: usize) -> Self {
+        let (ksize, bounds, kk) = precompute_coeffs(in_size, out_size);
+        Self { ksize, bounds, kk }
+    }
+}
+
+/// Pillow's `ImagingResampleHorizontal_8bpc` on RGB rows `first_row..first_row + rows` of a
+/// (H, src_w, 3) image; returns (rows, out_w, 3).
+fn horizontal_pass(src: &[u8], src_w: usize, first_row: usize, rows: usize, c: &Coeffs) -> Vec<u8> {
+    let out_w = c.bounds.len();
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let mut out = vec![0u8; rows * out_w * 3];
+    for (y, orow) in out.chunks_exact_mut(out_w * 3).enumerate() {
+        let row = &src[(y + first_row) * src_w * 3..][..src_w * 3];
+        for (xx, (&(xmin, n), o)) in c.bounds.iter().zip(orow.chunks_exact_mut(3)).enumerate() {
+            let k = &c.kk[xx * c.ksize..][..n];
+            let taps = &row[xmin * 3..][..n * 3];
+            let (mut s0, mut s1, mut s2) = (half, half, half);
+            for (p, &kx) in taps.chunks_exact(3).zip(k) {
+                s0 += p[0] as i32 * kx;
+                s1 += p[1] as i32 * kx;
+                s2 += p[2] as i32 * kx;
+            }
+            o[0] = clip8(s0);
+            o[1] = clip8(s1);
+            o[2] = clip8(s2);
+        }
+    }
+    out
+}
+
+/// Pillow's `ImagingResampleVertical_8bpc` on a (H, w, 3) image; returns (out_h, w, 3).
+/// Row-at-a-time accumulation over the taps (same integer sums as Pillow's per-pixel order).
+fn vertical_pass(src: &[u8], w: usize, c: &Coeffs) -> Vec<u8> {
+    let out_h = c.bounds.len();
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let mut out = vec![0u8; out_h * w * 3];
+    let mut acc = vec![0i32; w * 3];
+    for (yy, (&(ymin, n), orow)) in c.bounds.iter().zip(out.chunks_exact_mut(w * 3)).enumerate() {
+        let k = &c.kk[yy * c.ksize..][..n];
+        acc.fill(half);
+        for (y, &ky) in k.iter().enumerate() {
+            let row = &src[(y + ymin) * w * 3..][..w * 3];
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a += p as i32 * ky;
+            }
+        }
+        for (o, &a) in orow.iter_mut().zip(&acc) {
+            *o = clip8(a);
+        }
+    }
+    out
+}
+
+/// PIL's `Image.resize((w, h), resample=BILINEAR)` on an RGB image, bit-exact with Pillow 13's
+/// 8-bit fixed-point two-pass resampler (`ImagingResampleInner`). Pass order matters by one
+/// level (each pass rounds to 8 bits): Pillow 13 runs the vertical pass first when the height
+/// shrinks by more than twice as many pixels as the width (`(in_h - h) > 0 &&
+/// (in_h - h) > 2 (in_w - w)`), else horizontal first over only the rows the vertical pass
+/// reads. Pillow <= 12 always went horizontal first (except images over 100x taller than wide),
+/// so goldens from older Pillow differ by one level on such sizes.
 pub fn resize_bilinear(src: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
-    if out_w == src.width && out_h == src.height {
+    let (in_w, in_h) = (src.width, src.height);
+    if out_w == in_w && out_h == in_h {
         return src.clone();
     }
-    let need_h = out_w != src.width;
-    let need_v = out_h != src.height;
-    let (ks_h, b_h, kk_h) = precompute_coeffs(src.width, out_w);
-    let (ks_v, mut b_v, kk_v) = precompute_coeffs(src.height, out_h);
-    let half = 1i32 << (PRECISION_BITS - 1);
-    let mut cur = src.clone();
-    if need_h {
-        let ybox_first = b_v[0].0;
-        let ybox_last = b_v[out_h - 1].0 + b_v[out_h - 1].1;
-        for b in b_v.iter_mut() {
-            b.0 -= ybox_first;
+    let need_h = out_w != in_w;
+    let need_v = out_h != in_h;
+    let dh = in_h as i64 - out_h as i64;
+    let vertical_first = dh > 0 && dh > (in_w as i64 - out_w as i64) * 2;
+    let data = if vertical_first {
+        // need_v holds here
+        let v = vertical_pass(&src.data, in_w, &Coeffs::new(in_h, out_h));
+        if need_h {
+            horizontal_pass(&v, in_w, 0, out_h, &Coeffs::new(in_w, out_w))
+        } else {
+            v
         }
-        let rows = ybox_last - ybox_first;
-        let mut out = vec![0u8; rows * out_w * 3];
-        for y in 0..rows {
-            let row = &src.data[(y + ybox_first) * src.width * 3..][..src.width * 3];
-            for (xx, &(xmin, xmax)) in b_h.iter().enumerate() {
-                let k = &kk_h[xx * ks_h..][..ks_h];
-                let (mut s0, mut s1, mut s2) = (half, half, half);
-                for x in 0..xmax {
-                    let p = &row[(x + xmin) * 3..];
-                    s0 += p[0] as i32 * k[x];
-                    s1 += p[1] as i32 * k[x];
-                    s2 += p[2] as i32 * k[x];
-                }
-                let o = &mut out[(y * out_w + xx) * 3..];
-                o[0] = clip8(s0);
-                o[1] = clip8(s1);
-                o[2] = clip8(s2);
-            }
+    } else {
+        let mut cv = Coeffs::new(in_h, out_h);
+        let first = cv.bounds[0].0;
+        let last = cv.bounds[out_h - 1].0 + cv.bounds[out_h - 1].1;
+        for b in cv.bounds.iter_mut() {
+            b.0 -= first;
         }
-        cur = RgbImage {
-            width: out_w,
-            height: rows,
-            data: out,
+        let (h, rows) = if need_h {
+            let ch = Coeffs::new(in_w, out_w);
+            (
+                horizontal_pass(&src.data, in_w, first, last - first, &ch),
+                last - first,
+            )
+        } else {
+            // no horizontal pass: the vertical pass reads the source itself (unshifted rows)
+            (src.data.clone(), in_h)
         };
-    }
-    if need_v {
-        let w = cur.width;
-        let mut out = vec![0u8; out_h * w * 3];
-        for (yy, &(ymin, ymax)) in b_v.iter().enumerate() {
-            let k = &kk_v[yy * ks_v..][..ks_v];
-            for xx in 0..w {
-                let (mut s0, mut s1, mut s2) = (half, half, half);
-                for y in 0..ymax {
-                    let p = &cur.data[((y + ymin) * w + xx) * 3..];
-                    s0 += p[0] as i32 * k[y];
-                    s1 += p[1] as i32 * k[y];
-                    s2 += p[2] as i32 * k[y];
-                }
-                let o = &mut out[(yy * w + xx) * 3..];
-                o[0] = clip8(s0);
-                o[1] = clip8(s1);
-                o[2] = clip8(s2);
+        if need_v {
+            if !need_h {
+                cv = Coeffs::new(in_h, out_h);
             }
+            debug_assert!(rows >= 1);
+            vertical_pass(&h, out_w, &cv)
+        } else {
+            h
         }
-        cur = RgbImage {
-            width: w,
-            height: out_h,
-            data: out,
-        };
+    };
+    RgbImage {
+        width: out_w,
+        height: out_h,
+        data,
     }
-    cur
 }
 
 /// One processed image.

@@ -11,6 +11,7 @@
 //! - `sampler`:  length-grouped global batches split rank-contiguously, per-epoch shuffle, position
 //! - `loader`:   ordered parallel workers with a bounded queue, deterministic order
 //! - `dataset`:  the split the training loop reads: pre-scan + report, epoch plan, micro-batches
+//! - `transparency`: PNG `tRNS` / GIF colour keys that the seed's loading turns white
 //! - `tools`:    `trainer data check|dump|build-sco`
 pub mod collate;
 pub mod dataset;
@@ -21,3 +22,4 @@ pub mod sampler;
 pub mod template;
 pub mod tokenize;
 pub mod tools;
+pub mod transparency;
