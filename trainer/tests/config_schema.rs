@@ -307,7 +307,7 @@ fn demo_config_loads() {
     assert_eq!(c.data.train, PathBuf::from("data/demo/train.jsonl"));
     assert_eq!(c.data.eval, Some(PathBuf::from("data/demo/val.jsonl")));
     assert_eq!(c.data.image_root, Some(PathBuf::from("data/demo/images")));
-    assert_eq!(c.data.max_seq_len, 320);
+    assert_eq!(c.data.max_seq_len, 256);
     assert_eq!(c.fsdp.backend, Backend::Cpu);
     assert_eq!(c.fsdp.mixed_precision, DType::Fp32);
     assert_eq!(
@@ -318,7 +318,7 @@ fn demo_config_loads() {
     assert!(c.train.validate);
     assert_eq!(c.train.output_dir, PathBuf::from("runs/demo"));
     assert_eq!(c.checkpoint.dir, PathBuf::from("runs/demo/checkpoints"));
-    assert_eq!(c.checkpoint.every_steps, 60);
+    assert_eq!(c.checkpoint.every_steps, 120);
 }
 
 /// `to_yaml` prints every key, and loading it back gives the same config.

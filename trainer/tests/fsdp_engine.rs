@@ -1,8 +1,10 @@
 //! In-process FSDP engine checks at world size 1 (the same code as multi-rank, trivial collectives):
 //! the unit schedule (forward without a graph, recompute backward) gives the plain autograd loss
-//! and gradients, for full finetuning and for LoRA, on the tiny fixture model.
+//! and gradients, for full finetuning and for LoRA, on the tiny fixture model; and without
+//! activation checkpointing (graphs kept from the forward) it gives the recompute path's numbers.
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tch::{Kind, Tensor};
@@ -34,6 +36,10 @@ fn golden_batch(case: &str) -> Batch {
     }
 }
 
+/// LoRA init and dropout draw from libtorch's global generator, which every forward reseeds:
+/// the tests (threads of one process) take turns.
+static RNG: Mutex<()> = Mutex::new(());
+
 fn load(lora: bool) -> MllamaModel {
     let opts = LoadOptions {
         attention: AttentionImpl::Sdpa,
@@ -62,22 +68,40 @@ fn load(lora: bool) -> MllamaModel {
     m
 }
 
+fn fsdp(
+    pg: &ProcessGroup,
+    lora: bool,
+    prefetch: bool,
+    activation_checkpointing: bool,
+) -> Trainable {
+    let opts = WrapOptions {
+        compute: Kind::Float,
+        prefetch,
+        activation_checkpointing,
+    };
+    Trainable::Fsdp(Box::new(FsdpModel::wrap(load(lora), pg, opts).unwrap()))
+}
+
 fn compare(lora: bool, prefetch: bool) {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let pg = ProcessGroup::from_env(Backend::Cpu, Duration::from_secs(30)).unwrap();
-    let mut plain = Trainable::Plain(Box::new(PlainModel::new(load(lora))));
-    let mut fsdp = Trainable::Fsdp(Box::new(
-        FsdpModel::wrap(
-            load(lora),
-            &pg,
-            WrapOptions {
-                compute: Kind::Float,
-                prefetch,
-            },
-        )
-        .unwrap(),
-    ));
-    let params_p = plain.master_params();
-    let params_f = fsdp.master_params();
+    let plain = Trainable::Plain(Box::new(PlainModel::new(load(lora))));
+    let fsdp = fsdp(&pg, lora, prefetch, true);
+    let tag = format!("lora={lora} prefetch={prefetch}");
+    compare_steps(&pg, plain, fsdp, &tag, (1e-6, 1e-5, 1e-5));
+}
+
+/// Four optimizer steps of `a` and `b` on the golden batches; losses, gradient norms (relative)
+/// and updated weights (max abs) must agree within `tol`.
+fn compare_steps(
+    pg: &ProcessGroup,
+    mut a: Trainable,
+    mut b: Trainable,
+    tag: &str,
+    tol: (f64, f64, f64),
+) {
+    let params_p = a.master_params();
+    let params_f = b.master_params();
     let cfg = AdamWConfig {
         weight_decay: 0.1,
         ..Default::default()
@@ -86,23 +110,22 @@ fn compare(lora: bool, prefetch: bool) {
     let mut opt_f = AdamW::new(cfg, &params_f);
     for case in ["batch2", "image1", "text", "image4"] {
         let batch = golden_batch(case);
-        plain.zero_grads();
-        fsdp.zero_grads();
+        a.zero_grads();
+        b.zero_grads();
         let scale = 1.0 / 7.0;
-        let lp = plain.forward_backward(&pg, &batch, scale, 1).unwrap();
-        let lf = fsdp.forward_backward(&pg, &batch, scale, 1).unwrap();
+        let lp = a.forward_backward(pg, &batch, scale, 1).unwrap();
+        let lf = b.forward_backward(pg, &batch, scale, 1).unwrap();
         let e_loss = (lp - lf).abs() / lp.abs();
-        let gp = plain.grads();
-        let gf = fsdp.grads();
-        let np = clip_grad_norm(&gp, Some(0.5), Some(&pg)).unwrap();
-        let nf = clip_grad_norm(&gf, Some(0.5), Some(&pg)).unwrap();
+        let gp = a.grads();
+        let gf = b.grads();
+        let np = clip_grad_norm(&gp, Some(0.5), Some(pg)).unwrap();
+        let nf = clip_grad_norm(&gf, Some(0.5), Some(pg)).unwrap();
         opt_p.step(&params_p, &gp, 1e-4);
         opt_f.step(&params_f, &gf, 1e-4);
-        plain.after_update();
-        fsdp.after_update();
-        let wp: HashMap<String, Tensor> =
-            plain.gather_trainable(&pg).unwrap().into_iter().collect();
-        let wf: Vec<(String, Tensor)> = fsdp.gather_trainable(&pg).unwrap();
+        a.after_update();
+        b.after_update();
+        let wp: HashMap<String, Tensor> = a.gather_trainable(pg).unwrap().into_iter().collect();
+        let wf: Vec<(String, Tensor)> = b.gather_trainable(pg).unwrap();
         assert_eq!(wp.len(), wf.len());
         let mut e_w = 0.0f64;
         for (n, t) in &wf {
@@ -110,11 +133,32 @@ fn compare(lora: bool, prefetch: bool) {
             e_w = e_w.max(d);
         }
         let e_norm = (np - nf).abs() / np;
-        println!("{case} lora={lora} prefetch={prefetch}: loss {lp:.6} vs {lf:.6} rel {e_loss:.2e}, grad norm {np:.6} rel {e_norm:.2e}, weights max abs diff {e_w:.2e}");
-        assert!(e_loss < 1e-6, "{case}: loss {lp} vs {lf}");
-        assert!(e_norm < 1e-5, "{case}: grad norm {np} vs {nf}");
-        assert!(e_w < 1e-5, "{case}: weights differ by {e_w}");
+        println!("{case} {tag}: loss {lp:.6} vs {lf:.6} rel {e_loss:.2e}, grad norm {np:.6} rel {e_norm:.2e}, weights max abs diff {e_w:.2e}");
+        assert!(e_loss < tol.0, "{case} {tag}: loss {lp} vs {lf}");
+        assert!(e_norm < tol.1, "{case} {tag}: grad norm {np} vs {nf}");
+        assert!(e_w < tol.2, "{case} {tag}: weights differ by {e_w}");
     }
+}
+
+/// `b.activation_checkpointing: false` (graphs kept from the forward) against the recompute
+/// path: the same numbers within 1e-6 relative (losses, norms) and 1e-6 absolute (weights).
+fn keep_graphs_matches_recompute(lora: bool) {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let pg = ProcessGroup::from_env(Backend::Cpu, Duration::from_secs(30)).unwrap();
+    let recompute = fsdp(&pg, lora, true, true);
+    let keep = fsdp(&pg, lora, true, false);
+    let tag = format!("lora={lora} keep graphs vs recompute");
+    compare_steps(&pg, recompute, keep, &tag, (1e-6, 1e-6, 1e-6));
+}
+
+#[test]
+fn world1_lora_without_activation_checkpointing_matches_recompute() {
+    keep_graphs_matches_recompute(true);
+}
+
+#[test]
+fn world1_full_without_activation_checkpointing_matches_recompute() {
+    keep_graphs_matches_recompute(false);
 }
 
 #[test]

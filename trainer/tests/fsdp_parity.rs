@@ -47,7 +47,8 @@ fn train(name: &str, world: usize, sets: &[String]) -> Run {
             "model: {{path: {m}, dtype: fp32, attention: sdpa}}\n\
              data: {{train: {d}, image_root: {i}, num_workers: 1}}\n\
              train: {{epochs: 1, grad_accum: 2, lr: 1.0e-3, weight_decay: 0.01, grad_clip: 1.0, max_steps: 5, seed: 5, output_dir: {o}}}\n\
-             fsdp: {{backend: cpu, mixed_precision: fp32}}\n",
+             fsdp: {{backend: cpu, mixed_precision: fp32}}\n\
+             checkpoint: {{dir: {o}/ckpt, resume: never}}\n",
             m = dir.join("model").display(),
             d = dir.join("train.jsonl").display(),
             i = repo().join("tests/fixtures/data/images").display(),
@@ -196,4 +197,36 @@ fn same_seed_gives_identical_metrics() {
     for (n, t) in &a.weights {
         assert!(t.equal(&b.weights[n]), "{n} differs between two runs");
     }
+}
+
+/// `fsdp.activation_checkpointing: false` (graphs and gathered units kept from the forward to the
+/// backward) against the recompute path at world 2: losses within 1e-6 relative, final weights
+/// within 1e-6 (dropout on for LoRA, so the kept graph must have drawn the recompute's masks).
+fn keep_graphs_world2(peft: &[&str], tag: &str) {
+    let mut s = sets(peft);
+    s.push("train.batch_size=1".into());
+    let recompute = train(&format!("{tag}-ac-on"), 2, &s);
+    s.push("fsdp.activation_checkpointing=false".into());
+    let keep = train(&format!("{tag}-ac-off"), 2, &s);
+    assert_eq!(keep.metrics.len(), 5);
+    for (r, k) in recompute.metrics.iter().zip(&keep.metrics) {
+        let (a, b) = (r["loss"].as_f64().unwrap(), k["loss"].as_f64().unwrap());
+        assert!((a - b).abs() / a.abs() < 1e-6, "{tag}: loss {a} vs {b}");
+    }
+    let mut worst = 0.0f64;
+    for (n, t) in &keep.weights {
+        worst = worst.max((t - &recompute.weights[n]).abs().max().double_value(&[]));
+    }
+    println!("{tag}: activation checkpointing off vs on, max weight diff {worst:.2e}");
+    assert!(worst < 1e-6, "{tag}: weights differ by {worst}");
+}
+
+#[test]
+fn lora_world2_without_activation_checkpointing_matches_recompute() {
+    keep_graphs_world2(&[LORA, &["peft.dropout=0.1"]].concat(), "lora-keep");
+}
+
+#[test]
+fn full_world2_without_activation_checkpointing_matches_recompute() {
+    keep_graphs_world2(FULL, "full-keep");
 }

@@ -122,6 +122,7 @@ pub(crate) struct RawTrain {
     pub log_every: Int<PositiveInt>,
     pub output_dir: FilePath,
     pub skip_nonfinite: Int<Count>,
+    pub peak_tflops: Option<Num<Positive>>,
 }
 
 impl Default for RawTrain {
@@ -146,6 +147,8 @@ impl Default for RawTrain {
             log_every: Int::new(1),
             output_dir: FilePath::new("./finetuned_model"),
             skip_nonfinite: Int::new(0),
+            // null: from the device table (GPUs), none on CPU (MFU not reported).
+            peak_tflops: None,
         }
     }
 }

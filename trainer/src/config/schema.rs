@@ -150,6 +150,10 @@ pub struct TrainConfig {
     /// How many steps with a non-finite loss or gradient norm may be skipped (update dropped,
     /// warning logged) before the run fails; 0: fail on the first.
     pub skip_nonfinite: u64,
+    /// Peak dense TFLOP/s of one device in the compute dtype, the denominator of the MFU that
+    /// metrics.jsonl reports; null: looked up from the GPU's name (H100, H200, A100, ...; see
+    /// `train::flops`), and MFU is null on a CPU or an unknown GPU.
+    pub peak_tflops: Option<f64>,
 }
 
 impl TrainConfig {
@@ -192,7 +196,17 @@ pub struct FsdpConfig {
     pub backend: Backend,
     /// Dtype of gathered parameters and of gradient reduction.
     pub mixed_precision: DType,
-    /// Recompute each unit in backward instead of keeping its activations.
+    /// Recompute each unit in backward instead of keeping its activations (FSDP only; the
+    /// plain trainer keeps its autograd graph).
+    ///
+    /// Memory trade-off. true (default): between a unit's forward and its backward only the
+    /// unit's input is kept and its parameters are freed; backward gathers the unit again and
+    /// recomputes it, costing one more forward (~1/3 more compute) and a second all-gather per
+    /// unit. false: each unit's autograd graph (every intermediate activation) stays from the
+    /// forward to its backward, and so do its gathered parameters, so a rank holds the whole
+    /// gathered model (W x its shard) plus all activations of the micro-batch at the peak, in
+    /// exchange for no recompute and no backward all-gathers. Use false only when that fits
+    /// (small models, short sequences); results are the same either way.
     pub activation_checkpointing: bool,
     /// Gather the next unit's parameters while the current one computes.
     pub prefetch: bool,

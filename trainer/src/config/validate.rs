@@ -121,6 +121,7 @@ fn train(raw: RawTrain) -> Result<TrainConfig, ConfigError> {
         log_every: raw.log_every.get(),
         output_dir: raw.output_dir.0,
         skip_nonfinite: raw.skip_nonfinite.get(),
+        peak_tflops: raw.peak_tflops.map(|p| p.get()),
     })
 }
 

@@ -3,10 +3,13 @@
 //! [r*S, (r+1)*S) (S = padded / W). Frozen groups keep their storage dtype; trainable groups
 //! keep an fp32 master shard and an fp32 gradient shard. The model's parameter tensors share
 //! their TensorImpl with the handles here: gathering points them (`set_data`) at views of the
-//! gathered buffer, freeing points them at an empty tensor.
+//! gathered buffer, freeing points them at an empty tensor. A group is built from materialized
+//! parameters or, for sharded loading, straight from the safetensors map: a rank then reads only
+//! the byte ranges of its slice.
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::{ProcessGroup, ReduceOp, Work};
+use crate::model::{KeyLayout, WeightSource};
 
 use super::FsdpError;
 
@@ -46,18 +49,54 @@ impl FlatGroup {
         world: usize,
         compute: Kind,
     ) -> Self {
-        let mut refs = Vec::with_capacity(params.len());
-        let mut offset = 0;
+        Self::shard_from(params, None, trainable, rank, world, compute)
+            .expect("slicing materialized tensors does not fail")
+    }
+
+    /// Builds the group and keeps this rank's slice [r*S, (r+1)*S) of the flat buffer, reading
+    /// only that slice: a parameter found in `source` (by its file name) is read from the
+    /// safetensors map with `get_flat_range` (its tensor may be a placeholder), any other one
+    /// (LoRA factors) is sliced from its materialized tensor. Values go through the parameter's
+    /// dtype first (as a full load would convert them), then to the group's. The parameters are
+    /// left empty (freed).
+    pub fn shard_from(
+        params: Vec<(String, Tensor)>,
+        source: Option<(&WeightSource, KeyLayout)>,
+        trainable: bool,
+        rank: usize,
+        world: usize,
+        compute: Kind,
+    ) -> Result<Self, FsdpError> {
         let kind = if trainable {
             Kind::Float
         } else {
             params[0].1.kind()
         };
         let device = params[0].1.device();
+        let total: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
+        let w = world as i64;
+        let shard_len = (total + w - 1) / w;
+        let (lo, hi) = (rank as i64 * shard_len, (rank as i64 + 1) * shard_len);
+        let mut refs = Vec::with_capacity(params.len());
         let mut parts = Vec::with_capacity(params.len() + 1);
+        let mut offset = 0;
         for (name, t) in params {
             let numel = t.numel() as i64;
-            parts.push(t.detach().to_kind(kind).reshape([-1]));
+            // this parameter's elements inside [lo, hi), relative to its start
+            let (a, b) = (lo.max(offset) - offset, hi.min(offset + numel) - offset);
+            if a < b {
+                let file = source.and_then(|(src, layout)| {
+                    let f = layout.file_name(&name);
+                    src.entry(&f).map(|_| (src, f))
+                });
+                let piece = match file {
+                    Some((src, f)) => src
+                        .get_flat_range(&f, a, b - a, t.kind())?
+                        .to_device(device),
+                    None => t.detach().reshape([-1]).narrow(0, a, b - a),
+                };
+                parts.push(piece.to_kind(kind)); // (b - a,)
+            }
             refs.push(ParamRef {
                 name,
                 shape: t.size(),
@@ -67,24 +106,20 @@ impl FlatGroup {
             });
             offset += numel;
         }
-        let w = world as i64;
-        let shard_len = (offset + w - 1) / w;
-        let padded = shard_len * w;
-        parts.push(Tensor::zeros([padded - offset], (kind, device)));
-        let flat = Tensor::cat(&parts, 0); // (padded,)
-        let shard = flat.narrow(0, rank as i64 * shard_len, shard_len).copy(); // (S,)
-        drop(flat);
+        let have: i64 = parts.iter().map(|p| p.numel() as i64).sum();
+        parts.push(Tensor::zeros([shard_len - have], (kind, device))); // padding
+        let shard = Tensor::cat(&parts, 0).contiguous(); // (S,)
         let grad = trainable.then(|| shard.zeros_like());
         let mut g = Self {
             trainable,
             params: refs,
-            numel: offset,
+            numel: total,
             shard_len,
             shard,
             grad,
         };
         g.free(compute);
-        g
+        Ok(g)
     }
 
     /// Starts the all-gather of the group in `compute` dtype; returns the full buffer (W*S,).

@@ -19,7 +19,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::DType;
 use crate::dist::{DistError, ProcessGroup};
-use crate::model::{MllamaModel, ModelError};
+use crate::model::{KeyLayout, MllamaModel, ModelError, WeightSource};
 
 pub use flat::{FlatGroup, ParamRef, Unit};
 pub use plain::PlainModel;
@@ -56,6 +56,9 @@ pub struct WrapOptions {
     pub compute: Kind,
     /// Start the next unit's all-gather before computing the current one.
     pub prefetch: bool,
+    /// `fsdp.activation_checkpointing`: recompute each unit in backward (true) or keep the
+    /// forward's graphs and gathered units until backward (false).
+    pub activation_checkpointing: bool,
 }
 
 /// The model sharded over the process group: every parameter lives in its unit's flat shard.
@@ -67,6 +70,9 @@ pub struct FsdpModel {
     pub units: Vec<Unit>,
     pub compute: Kind,
     pub prefetch: bool,
+    /// No activation checkpointing: keep each stage's graph (and its unit gathered) from the
+    /// forward to its backward instead of recomputing (see `schedule`).
+    pub keep_graphs: bool,
     pub rank: usize,
     pub world: usize,
 }
@@ -102,11 +108,35 @@ impl FsdpModel {
     /// Shards a fully loaded model (LoRA already applied) over `pg`: groups every parameter by
     /// unit and (trainable, dtype), keeps this rank's slice, and frees the rest.
     pub fn wrap(
-        mut model: MllamaModel,
+        model: MllamaModel,
         pg: &ProcessGroup,
         opts: WrapOptions,
     ) -> Result<FsdpModel, FsdpError> {
-        let (rank, world) = (pg.rank(), pg.world_size());
+        Self::shard(model, None, pg.rank(), pg.world_size(), opts)
+    }
+
+    /// Sharded loading: `model` is a [`MllamaModel::skeleton`] of `src` (placeholder base
+    /// weights; LoRA factors materialized), and this rank reads only its slices of every base
+    /// parameter from `src`, so a rank materializes about 1/W of the model's bytes.
+    pub fn wrap_from_source(
+        model: MllamaModel,
+        src: &WeightSource,
+        pg: &ProcessGroup,
+        opts: WrapOptions,
+    ) -> Result<FsdpModel, FsdpError> {
+        Self::shard(model, Some(src), pg.rank(), pg.world_size(), opts)
+    }
+
+    /// Shards `model` as rank `rank` of `world` (no collective is involved, so tests can build
+    /// every rank's shards in one process). Base parameters found in `src` are read from it
+    /// slice by slice; all other parameters are sliced from their tensors.
+    pub fn shard(
+        mut model: MllamaModel,
+        src: Option<&WeightSource>,
+        rank: usize,
+        world: usize,
+        opts: WrapOptions,
+    ) -> Result<FsdpModel, FsdpError> {
         let layout = UnitLayout::new(&model.config);
         let trainable = mark_trainable(&mut model);
         let trainable_names: std::collections::HashSet<String> =
@@ -135,20 +165,24 @@ impl FsdpModel {
             }
         }
         model.options.dtype = opts.compute;
-        let units = per_unit
-            .into_iter()
-            .enumerate()
-            .map(|(u, groups)| Unit {
+        let source = src.map(|s| {
+            let names = s.names_and_shapes().map(|(n, _)| n);
+            (s, KeyLayout::detect(names))
+        });
+        let mut units = Vec::with_capacity(per_unit.len());
+        for (u, groups) in per_unit.into_iter().enumerate() {
+            let groups = groups
+                .into_iter()
+                .map(|(tr, _, params)| {
+                    FlatGroup::shard_from(params, source, tr, rank, world, opts.compute)
+                })
+                .collect::<Result<_, _>>()?;
+            units.push(Unit {
                 name: layout.name(u),
-                groups: groups
-                    .into_iter()
-                    .map(|(tr, _, params)| {
-                        FlatGroup::shard_from_full(params, tr, rank, world, opts.compute)
-                    })
-                    .collect(),
+                groups,
                 gathered: false,
-            })
-            .collect();
+            });
+        }
         model.set_training(true);
         Ok(FsdpModel {
             model,
@@ -156,6 +190,7 @@ impl FsdpModel {
             units,
             compute: opts.compute,
             prefetch: opts.prefetch,
+            keep_graphs: !opts.activation_checkpointing,
             rank,
             world,
         })

@@ -11,6 +11,14 @@
 //! at a time, with the next one's all-gather in flight when `prefetch` is on. Every rank issues
 //! the same collectives in the same order whatever its batch holds: a stage with nothing to do
 //! (no images) still gathers its unit and reduce-scatters zero gradients.
+//!
+//! `fsdp.activation_checkpointing: false` ([`FsdpModel::keep_graphs`]): the forward runs every
+//! stage whose output needs a gradient *with* a graph, from detached leaf copies of its inputs,
+//! and keeps (inputs, output) with the unit still gathered; backward then runs `run_backward` on
+//! the kept output instead of gathering and recomputing, and frees the unit after its gradients
+//! are reduce-scattered. Same operations, same dropout seeds, so the same numbers; no recompute
+//! and no backward all-gathers, for the memory of every gathered unit and every stage's
+//! activations at once (see `FsdpConfig::activation_checkpointing`).
 use tch::Tensor;
 
 use crate::dist::ProcessGroup;
@@ -191,6 +199,15 @@ impl Plan {
     }
 }
 
+/// A stage's graph kept from the forward (`keep_graphs`): its leaf inputs and its output.
+struct Kept {
+    xs: Vec<Tensor>,
+    y: Tensor,
+}
+
+/// A forward's plan, every value (detached) and each stage's kept graph.
+type Forward = (Plan, Vec<Option<Tensor>>, Vec<Option<Kept>>);
+
 /// Per-stage generator seed, so that dropout in the recompute draws the forward's mask.
 fn stage_seed(seed: u64, stage: usize) -> i64 {
     (seed ^ (stage as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64 & i64::MAX
@@ -241,15 +258,20 @@ impl FsdpModel {
         }
     }
 
-    /// Forward of one micro-batch without a graph; returns the plan and the kept values.
+    /// Forward of one micro-batch; returns the plan, every value (detached) and, with `keep`
+    /// (no activation checkpointing), each stage's graph. Without `keep` the forward builds no
+    /// graph and frees every layer unit after its stage; with `keep` the units of kept stages
+    /// stay gathered until their backward.
     fn forward_values(
         &mut self,
         pg: &ProcessGroup,
         batch: &Batch,
         seed: u64,
-    ) -> Result<(Plan, Vec<Option<Tensor>>), FsdpError> {
+        keep: bool,
+    ) -> Result<Forward, FsdpError> {
         let mut plan = Plan::new(self, batch)?;
         let mut values: Vec<Option<Tensor>> = nones(plan.n_values);
+        let mut kept: Vec<Option<Kept>> = Vec::with_capacity(plan.stages.len()); // per stage
         self.gather_now(pg, ROOT)?;
         let layer_stages: Vec<usize> = (0..plan.stages.len())
             .filter(|&i| plan.stages[i].unit != ROOT)
@@ -267,36 +289,58 @@ impl FsdpModel {
                 inflight = self.ensure_gathered(pg, unit, inflight.take(), next)?;
             }
             let st = &plan.stages[si];
-            let out = if active {
+            let output = st.output;
+            let graph = keep && active && plan.needs_grad[output];
+            let out = if graph {
+                // leaf copies of the inputs, as the recompute in backward makes them
+                let xs: Vec<Tensor> = st
+                    .inputs
+                    .iter()
+                    .map(|&i| {
+                        let x = values[i].as_ref().expect("input computed").detach();
+                        if plan.needs_grad[i] {
+                            x.set_requires_grad(true)
+                        } else {
+                            x
+                        }
+                    })
+                    .collect();
+                tch::manual_seed(stage_seed(seed, si));
+                let y = plan.run(&self.model, op, &xs)?;
+                (Some(y.detach()), Some(Kept { xs, y }))
+            } else if active {
                 let xs: Vec<Tensor> = st
                     .inputs
                     .iter()
                     .map(|&i| values[i].as_ref().expect("input computed").shallow_clone())
                     .collect();
-                let output = st.output;
                 tch::manual_seed(stage_seed(seed, si));
-                let y = tch::no_grad(|| plan.run(&self.model, op, &xs))?;
-                (output, Some(y))
+                (Some(tch::no_grad(|| plan.run(&self.model, op, &xs))?), None)
             } else {
-                let pass = st.inputs.first().and_then(|&i| values[i].as_ref());
-                (st.output, pass.map(Tensor::shallow_clone))
+                let pass = plan.stages[si]
+                    .inputs
+                    .first()
+                    .and_then(|&i| values[i].as_ref());
+                (pass.map(Tensor::shallow_clone), None)
             };
-            values[out.0] = out.1;
-            if unit != ROOT {
+            let (value, graph_kept) = out;
+            values[output] = value;
+            kept.push(graph_kept);
+            if unit != ROOT && !keep {
                 self.units[unit].free(self.compute);
             }
         }
         debug_assert!(inflight.is_none());
-        Ok((plan, values))
+        Ok((plan, values, kept))
     }
 
     /// Loss sum of a micro-batch without gradients (validation). Frees everything after.
     pub fn forward_loss(&mut self, pg: &ProcessGroup, batch: &Batch) -> Result<f64, FsdpError> {
         self.model.set_training(false);
-        let r = self.forward_values(pg, batch, 0);
+        let r = self.forward_values(pg, batch, 0, false);
         self.units[ROOT].free(self.compute);
         self.model.set_training(true);
-        let (plan, values) = r?;
+        let (plan, values, _) = r?;
         let out = plan.stages.last().expect("out stage").output;
         Ok(values[out].as_ref().expect("loss").double_value(&[]))
     }
@@ -311,7 +355,14 @@ impl FsdpModel {
         loss_scale: f64,
         seed: u64,
     ) -> Result<f64, FsdpError> {
-        let (mut plan, mut values) = self.forward_values(pg, batch, seed)?;
+        let keep = self.keep_graphs;
+        let (mut plan, mut values, mut kept) = match self.forward_values(pg, batch, seed, keep) {
+            Ok(r) => r,
+            Err(e) => {
+                self.free_all();
+                return Err(e);
+            }
+        };
         let out_id = plan.stages.last().expect("out stage").output;
         let loss = values[out_id].as_ref().expect("loss").double_value(&[]);
         let device = self.model.options.device;
@@ -330,7 +381,7 @@ impl FsdpModel {
                 let st = &plan.stages[si];
                 (st.op, st.unit, st.active, st.output)
             };
-            if unit != ROOT {
+            if unit != ROOT && !keep {
                 li += 1;
                 let next = layer_stages.get(li).map(|&n| plan.stages[n].unit);
                 inflight = self.ensure_gathered(pg, unit, inflight.take(), next)?;
@@ -345,17 +396,20 @@ impl FsdpModel {
             let inputs = plan.stages[si].inputs.clone();
             match (active, go) {
                 (true, Some(go)) => {
-                    let xs: Vec<Tensor> = inputs
-                        .iter()
-                        .map(|&i| {
-                            let x = values[i].as_ref().expect("kept input").detach();
-                            if plan.needs_grad[i] {
-                                x.set_requires_grad(true)
-                            } else {
-                                x
-                            }
-                        })
-                        .collect();
+                    let xs: Vec<Tensor> = match &kept[si] {
+                        Some(k) => k.xs.iter().map(Tensor::shallow_clone).collect(),
+                        None => inputs
+                            .iter()
+                            .map(|&i| {
+                                let x = values[i].as_ref().expect("kept input").detach();
+                                if plan.needs_grad[i] {
+                                    x.set_requires_grad(true)
+                                } else {
+                                    x
+                                }
+                            })
+                            .collect(),
+                    };
                     let mut targets: Vec<Tensor> = vec![];
                     let mut slots: Vec<usize> = vec![]; // input positions with a gradient
                     for (pos, &i) in inputs.iter().enumerate() {
@@ -367,8 +421,13 @@ impl FsdpModel {
                     let n_in = targets.len();
                     targets.extend(params.iter().map(Tensor::shallow_clone));
                     if !targets.is_empty() {
-                        tch::manual_seed(stage_seed(seed, si));
-                        let y = plan.run(&self.model, op, &xs)?;
+                        let y = match kept[si].take() {
+                            Some(k) => k.y, // the forward's graph, from the same leaves `xs`
+                            None => {
+                                tch::manual_seed(stage_seed(seed, si));
+                                plan.run(&self.model, op, &xs)?
+                            }
+                        };
                         if y.requires_grad() {
                             let root = (&y * go.to_kind(y.kind())).sum(y.kind());
                             let res = Tensor::f_run_backward(&[root], &targets, false, false)?;
@@ -407,6 +466,7 @@ impl FsdpModel {
                 self.units[unit].free(self.compute);
             }
             values[output] = None;
+            kept[si] = None;
         }
         debug_assert!(inflight.is_none());
         if self.units[ROOT].trains() {
@@ -415,6 +475,15 @@ impl FsdpModel {
         self.units[ROOT].free(self.compute);
         drop(root_trainable);
         Ok(loss)
+    }
+}
+
+impl FsdpModel {
+    /// Frees every unit (after an error left some gathered).
+    fn free_all(&mut self) {
+        for u in &mut self.units {
+            u.free(self.compute);
+        }
     }
 }
 

@@ -196,6 +196,17 @@ impl MllamaModel {
         Self::build(config, ld, options)
     }
 
+    /// The model's structure with placeholder weights (see [`weights::Loader::shapes_only`]): names and shapes are
+    /// checked against `src`, nothing is read. FSDP's sharded loading fills each rank's shards from `src`.
+    pub fn skeleton(
+        config: MllamaConfig,
+        src: &WeightSource,
+        options: LoadOptions,
+    ) -> Result<Self, ModelError> {
+        let ld = weights::Loader::shapes_only(src, options.dtype, options.device);
+        Self::build(config, ld, options)
+    }
+
     fn build(
         config: MllamaConfig,
         mut ld: weights::Loader,

@@ -1,13 +1,16 @@
 //! Weights: memory-mapped safetensors (`model.safetensors` or `model.safetensors.index.json` + shards).
 //!
 //! - [`WeightSource`]: every tensor's name, dtype and shape from the headers; `get(name, kind)` materializes one
-//!   tensor (copied out of the map, converted to `kind`). FSDP can ask for only the tensors a rank keeps.
+//!   tensor (copied out of the map, converted to `kind`); `get_flat_range` a slice of one. FSDP asks for only the
+//!   slices a rank keeps; `bytes_read` counts what was materialized (tests and the load log line).
 //! - [`KeyLayout`]: the two key layouts; the model asks by canonical (transformers-5 module path) name.
 //! - [`Loader`]: hands tensors to the model's constructors, checks shapes and collects every problem (missing,
-//!   mis-shaped, unexpected) into one [`ModelError::Weights`].
+//!   mis-shaped, unexpected) into one [`ModelError::Weights`]. [`Loader::shapes_only`] checks the same and hands out
+//!   placeholders (one element broadcast to the shape) for a model whose weights FSDP then reads shard by shard.
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors};
@@ -36,6 +39,8 @@ pub struct TensorEntry {
 pub struct WeightSource {
     shards: Vec<Shard>,
     entries: BTreeMap<String, TensorEntry>,
+    /// Bytes copied out of the maps so far (`get` and `get_flat_range`).
+    bytes_read: AtomicU64,
 }
 
 fn kind_of(d: Dtype, name: &str) -> Result<Kind, ModelError> {
@@ -114,7 +119,11 @@ impl WeightSource {
                 data_start: n + 8,
             });
         }
-        Ok(Self { shards, entries })
+        Ok(Self {
+            shards,
+            entries,
+            bytes_read: AtomicU64::new(0),
+        })
     }
 
     /// Names and shapes of every tensor (file names, as stored).
@@ -126,6 +135,19 @@ impl WeightSource {
 
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
         self.entries.get(name)
+    }
+
+    /// Bytes materialized so far by `get` and `get_flat_range` (what a rank actually read).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of every tensor's data (what loading the whole model reads).
+    pub fn total_bytes(&self) -> u64 {
+        self.entries
+            .values()
+            .map(|e| (e.offsets.1 - e.offsets.0) as u64)
+            .sum()
     }
 
     /// Materializes one tensor (file name) converted to `kind`, on the CPU.
@@ -146,6 +168,8 @@ impl WeightSource {
             })?;
         let file_kind = kind_of(e.dtype, name)?;
         let t = Tensor::f_from_data_size(bytes, &e.shape, file_kind)?;
+        self.bytes_read
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         release(
             shard,
             shard.data_start + e.offsets.0,
@@ -196,6 +220,8 @@ impl WeightSource {
             ))
         })?;
         let t = Tensor::f_from_data_size(bytes, &[len], file_kind)?;
+        self.bytes_read
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         release(shard, a, b - a);
         Ok(if file_kind == kind {
             t
@@ -292,6 +318,8 @@ pub struct Loader<'a> {
     device: Device,
     used: BTreeSet<String>,
     problems: Vec<String>,
+    /// Check names and shapes but read nothing: hand out placeholders (`shapes_only`).
+    placeholders: bool,
 }
 
 impl<'a> Loader<'a> {
@@ -304,6 +332,18 @@ impl<'a> Loader<'a> {
             device,
             used: BTreeSet::new(),
             problems: vec![],
+            placeholders: false,
+        }
+    }
+
+    /// Like [`Loader::new`] (same name and shape checks, same errors) but reads no data: every tensor is a
+    /// placeholder, one zero element broadcast (stride 0) to the expected shape, with the right dtype and device.
+    /// For FSDP's sharded loading: the model's structure is built, then each rank reads only its slices with
+    /// [`WeightSource::get_flat_range`] into its flat shards.
+    pub fn shapes_only(src: &'a WeightSource, kind: Kind, device: Device) -> Self {
+        Self {
+            placeholders: true,
+            ..Self::new(src, kind, device)
         }
     }
 
@@ -317,6 +357,7 @@ impl<'a> Loader<'a> {
             device,
             used: BTreeSet::new(),
             problems: vec![],
+            placeholders: false,
         }
     }
 
@@ -363,6 +404,10 @@ impl<'a> Loader<'a> {
                     e.shape
                 ));
                 Tensor::zeros(shape, (self.kind, Device::Cpu))
+            }
+            Some(_) if self.placeholders => {
+                self.used.insert(file);
+                Tensor::zeros([1], (self.kind, self.device)).expand(shape, false)
             }
             Some(_) => {
                 self.used.insert(file.clone());

@@ -1,0 +1,369 @@
+//! `trainer bench step`: optimizer-step time (forward + backward of one global batch, clipping,
+//! AdamW; fp32 on the CPU) of our trainer on random-weight Mllama models, LoRA (r 8, alpha 32,
+//! q_proj + v_proj) and full finetuning, next to transformers + peft + torch.optim.AdamW
+//! (scripts/bench_step.py from .venv) on the same model folder and the same batches, in the same
+//! run. At world 1 ours is the plain trainer (`fsdp.enabled: false`) against one PyTorch
+//! process; under the launcher at world W ours is the FSDP engine (sharded loading, recompute
+//! backward, CPU collectives) against PyTorch FSDP2 (`fully_shard`) over gloo at W processes
+//! (DDP over gloo if fully_shard refuses the CPU; the engine column says which).
+//!
+//! Models: `tiny` and `100m` (`bench::decode::model_config`). Batches: `batch` samples of
+//! `seq` tokens, each with one 4-tile image; rank r takes rows [r*b, (r+1)*b). Both sides use
+//! `threads` intra-op threads per rank (cores / ranks on this host by default). Step time =
+//! the median of `steps` timed steps after `warmup`; the peer runs after ours (rank 0 only),
+//! so the two never compete for the cores. At world 1 the first step's loss is compared too
+//! (LoRA's B starts at zero on both sides, so the initial function is the same).
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+use crate::dist::{ProcessGroup, ReduceOp};
+use crate::fsdp::{FsdpModel, PlainModel, Trainable, WrapOptions};
+use crate::model::{
+    Batch, Images, KeyLayout, LoadOptions, LoraConfig, MllamaConfig, MllamaModel, TargetModules,
+    WeightSource,
+};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+
+pub struct StepOptions {
+    /// `tiny` and/or `100m`.
+    pub models: Vec<String>,
+    /// `lora` and/or `full`.
+    pub modes: Vec<String>,
+    /// Samples per optimizer step (the global batch; a multiple of the world size).
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    /// Intra-op threads per rank (both sides).
+    pub threads: usize,
+    /// Where model folders and batches are written (kept for the peer, removed at the end).
+    pub dir: PathBuf,
+    /// Python with torch + transformers + peft, and scripts/bench_step.py; None = no peer.
+    pub peer: Option<(PathBuf, PathBuf)>,
+}
+
+pub struct Measurement {
+    pub model: String,
+    pub mode: String,
+    pub world: usize,
+    pub engine: &'static str,
+    pub params: i64,
+    pub trainable: i64,
+    pub ours_s: f64,
+    pub ours_loss0: f64,
+    /// (median step s, engine, first loss)
+    pub peer: Option<(f64, String, f64)>,
+    pub threads: usize,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl Measurement {
+    /// ours / peer step time (lower is better for us).
+    pub fn ratio(&self) -> Option<f64> {
+        self.peer.as_ref().map(|p| self.ours_s / p.0)
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "name": format!("step/{}/{}/world{}", self.model, self.mode, self.world),
+            "model": self.model, "mode": self.mode, "world": self.world, "engine": self.engine,
+            "params": self.params, "trainable_params": self.trainable,
+            "batch": self.batch, "seq": self.seq, "threads": self.threads,
+            "seconds": self.ours_s, "figure": self.ours_s, "unit": "s/step",
+            "loss0": self.ours_loss0,
+            "peer": self.peer.as_ref().map(|p| p.1.clone()),
+            "peer_seconds": self.peer.as_ref().map(|p| p.0),
+            "peer_loss0": self.peer.as_ref().map(|p| p.2),
+            "ratio": self.ratio(),
+        })
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Rank 0 writes `dir/<model>/` (random weights) and `dir/<model>-batches.safetensors`.
+fn write_inputs(dir: &Path, model: &str, o: &StepOptions) -> Result<()> {
+    let folder = dir.join(model);
+    std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
+    let config = crate::bench::decode::model_config(model)?;
+    let text = serde_json::to_string_pretty(&config)?;
+    let cfg = MllamaConfig::from_json_str(&text)?;
+    let m = MllamaModel::random(cfg.clone(), LoadOptions::default(), 1)?;
+    m.save_safetensors(&folder.join("model.safetensors"), KeyLayout::ModulePaths)?;
+    std::fs::write(folder.join("config.json"), text)?;
+    // (B, S) tokens below the vocabulary, the image token at position 1, the first half unsupervised
+    let (b, s) = (o.batch as i64, o.seq as i64);
+    tch::manual_seed(2);
+    let ids = Tensor::randint_low(3, cfg.text.vocab_size, [b, s], (Kind::Int64, Device::Cpu));
+    let _ = ids.narrow(1, 1, 1).fill_(cfg.image_token_index);
+    let labels = ids.copy();
+    let _ = labels.narrow(1, 0, s / 2).fill_(-100);
+    let tiles = cfg.vision.max_num_tiles;
+    let px = cfg.vision.image_size;
+    let pixel_values = Tensor::randn([b, 1, tiles, 3, px, px], (Kind::Float, Device::Cpu));
+    // a 2x2 layout (id 6 of the supported ratios) uses all 4 tiles
+    let aspect_ratio_ids = Tensor::full([b, 1], 6, (Kind::Int64, Device::Cpu));
+    let aspect_ratio_mask = Tensor::ones([b, 1, tiles], (Kind::Int64, Device::Cpu));
+    let cross_attention_mask = Tensor::ones([b, s, 1, tiles], (Kind::Int64, Device::Cpu));
+    let attention_mask = Tensor::ones([b, s], (Kind::Int64, Device::Cpu));
+    let named = [
+        ("input_ids", &ids),
+        ("attention_mask", &attention_mask),
+        ("labels", &labels),
+        ("pixel_values", &pixel_values),
+        ("aspect_ratio_ids", &aspect_ratio_ids),
+        ("aspect_ratio_mask", &aspect_ratio_mask),
+        ("cross_attention_mask", &cross_attention_mask),
+    ];
+    Tensor::write_safetensors(&named, dir.join(format!("{model}-batches.safetensors")))?;
+    Ok(())
+}
+
+/// This rank's rows of the global batch, and the global supervised-token count.
+fn read_batch(path: &Path, rank: usize, world: usize) -> Result<(Batch, i64)> {
+    let t: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(path)?.into_iter().collect();
+    let get = |k: &str| -> Result<Tensor> {
+        let v = t
+            .get(k)
+            .with_context(|| format!("{}: no {k}", path.display()))?;
+        let n = v.size()[0] / world as i64;
+        Ok(v.narrow(0, rank as i64 * n, n))
+    };
+    let labels = &t["labels"];
+    let tokens = labels
+        .narrow(1, 1, labels.size()[1] - 1)
+        .ne(-100)
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    let batch = Batch {
+        input_ids: get("input_ids")?,
+        attention_mask: Some(get("attention_mask")?),
+        labels: Some(get("labels")?),
+        images: Some(Images {
+            pixel_values: get("pixel_values")?,
+            aspect_ratio_ids: get("aspect_ratio_ids")?,
+            aspect_ratio_mask: get("aspect_ratio_mask")?,
+            cross_attention_mask: get("cross_attention_mask")?,
+        }),
+    };
+    Ok((batch, tokens))
+}
+
+fn lora() -> LoraConfig {
+    LoraConfig {
+        r: 8,
+        alpha: 32.0,
+        dropout: 0.0,
+        target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+        use_rslora: false,
+    }
+}
+
+/// Our model at this rank: plain at world 1, FSDP (sharded loading) otherwise.
+fn build(pg: &ProcessGroup, folder: &Path, mode: &str) -> Result<(Trainable, i64, i64)> {
+    let opts = LoadOptions::default();
+    let world = pg.world_size();
+    let mut model = if world == 1 {
+        MllamaModel::load(folder, opts)?
+    } else {
+        let src = WeightSource::open_dir(folder)?;
+        let cfg = MllamaConfig::from_file(&folder.join("config.json"))?;
+        MllamaModel::skeleton(cfg, &src, opts)?
+    };
+    if mode == "lora" {
+        model.apply_lora(&lora(), Some(0))?;
+    }
+    let mut params = 0i64;
+    model.visit_params(&mut |_, t| params += t.numel() as i64);
+    let lora_params: i64 = model
+        .trainable_parameters()
+        .iter()
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    let trainable = if mode == "lora" { lora_params } else { params };
+    let t = if world == 1 {
+        Trainable::Plain(Box::new(PlainModel::new(model)))
+    } else {
+        let src = WeightSource::open_dir(folder)?;
+        let wrap = WrapOptions {
+            compute: Kind::Float,
+            prefetch: true,
+            activation_checkpointing: true,
+        };
+        Trainable::Fsdp(Box::new(FsdpModel::wrap_from_source(
+            model, &src, pg, wrap,
+        )?))
+    };
+    Ok((t, params + lora_params, trainable))
+}
+
+/// Our median step time at this rank's share, and the first step's loss.
+fn time_ours(
+    pg: &ProcessGroup,
+    trainable: &mut Trainable,
+    batch: &Batch,
+    tokens: i64,
+    o: &StepOptions,
+) -> Result<(f64, f64)> {
+    let params = trainable.master_params();
+    let mut opt = AdamW::new(AdamWConfig::default(), &params);
+    let (mut times, mut loss0) = (vec![], None);
+    for i in 0..o.warmup + o.steps {
+        pg.barrier()?;
+        let t0 = Instant::now();
+        trainable.zero_grads();
+        let sum = trainable.forward_backward(pg, batch, 1.0 / tokens as f64, i as u64)?;
+        let grads = trainable.grads();
+        clip_grad_norm(&grads, Some(1.0), Some(pg))?;
+        opt.step(&params, &grads, 1e-5);
+        trainable.after_update();
+        let dt = t0.elapsed().as_secs_f64();
+        if loss0.is_none() {
+            let t = Tensor::from_slice(&[sum]);
+            pg.all_reduce(&t, ReduceOp::Sum)?;
+            loss0 = Some(t.double_value(&[0]) / tokens as f64);
+        }
+        if i >= o.warmup {
+            times.push(dt);
+        }
+    }
+    Ok((median(times), loss0.unwrap_or(f64::NAN)))
+}
+
+fn run_peer(
+    python: &Path,
+    script: &Path,
+    folder: &Path,
+    batches: &Path,
+    mode: &str,
+    world: usize,
+    o: &StepOptions,
+) -> Result<(f64, String, f64)> {
+    let out = Command::new(python)
+        .arg(script)
+        .arg("--model")
+        .arg(folder)
+        .arg("--batches")
+        .arg(batches)
+        .args(["--mode", mode])
+        .args(["--steps", &o.steps.to_string()])
+        .args(["--warmup", &o.warmup.to_string()])
+        .args(["--world", &world.to_string()])
+        .args(["--threads", &o.threads.to_string()])
+        // the peer's own rendezvous, not the launcher's
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env_remove("MASTER_ADDR")
+        .env_remove("MASTER_PORT")
+        .env_remove("LOCAL_RANK")
+        .output()
+        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed:\n{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .with_context(|| format!("no JSON line from {}:\n{stdout}", script.display()))?;
+    let s = v["median_s"].as_f64().context("peer: no median_s")?;
+    let engine = v["engine"].as_str().unwrap_or("?").to_string();
+    Ok((s, engine, v["loss0"].as_f64().unwrap_or(f64::NAN)))
+}
+
+/// Every (model, mode) at this process group's world size; rank 0 returns the measurements
+/// (after running the peer), other ranks an empty list.
+pub fn run(pg: &ProcessGroup, o: &StepOptions) -> Result<Vec<Measurement>> {
+    let (rank, world) = (pg.rank(), pg.world_size());
+    if o.batch == 0 || !o.batch.is_multiple_of(world) {
+        bail!(
+            "--batch {} must be a positive multiple of the world size {world}",
+            o.batch
+        );
+    }
+    tch::set_num_threads(o.threads as i32);
+    if rank == 0 {
+        for m in &o.models {
+            write_inputs(&o.dir, m, o)?;
+        }
+    }
+    pg.barrier()?;
+    let mut ours = vec![];
+    for m in &o.models {
+        let batches = o.dir.join(format!("{m}-batches.safetensors"));
+        let (batch, tokens) = read_batch(&batches, rank, world)?;
+        for mode in &o.modes {
+            if mode != "lora" && mode != "full" {
+                bail!("--modes: unknown mode `{mode}` (expected lora or full)");
+            }
+            let (mut t, params, trainable) = build(pg, &o.dir.join(m), mode)?;
+            let (s, loss0) = time_ours(pg, &mut t, &batch, tokens, o)?;
+            drop(t);
+            ours.push(Measurement {
+                model: m.clone(),
+                mode: mode.clone(),
+                world,
+                engine: if world == 1 { "plain" } else { "fsdp" },
+                params,
+                trainable,
+                ours_s: s,
+                ours_loss0: loss0,
+                peer: None,
+                threads: o.threads,
+                batch: o.batch,
+                seq: o.seq,
+            });
+        }
+    }
+    pg.barrier()?;
+    if rank != 0 {
+        return Ok(vec![]);
+    }
+    if let Some((python, script)) = &o.peer {
+        for r in &mut ours {
+            let folder = o.dir.join(&r.model);
+            let batches = o.dir.join(format!("{}-batches.safetensors", r.model));
+            r.peer = Some(run_peer(
+                python, script, &folder, &batches, &r.mode, world, o,
+            )?);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&o.dir);
+    Ok(ours)
+}
+
+pub fn table(ms: &[Measurement]) -> String {
+    let mut s = format!(
+        "{:<6} {:<5} {:>5} {:>11} {:>10} {:>10} {:>7}  {}\n",
+        "model", "mode", "world", "params", "ours s", "peer s", "ratio", "peer"
+    );
+    for m in ms {
+        let (ps, engine) = m
+            .peer
+            .as_ref()
+            .map_or(("-".to_string(), "-".to_string()), |p| {
+                (format!("{:.4}", p.0), p.1.clone())
+            });
+        let ratio = m.ratio().map_or("-".into(), |r| format!("{r:.2}x"));
+        s += &format!(
+            "{:<6} {:<5} {:>5} {:>11} {:>10.4} {:>10} {:>7}  {}\n",
+            m.model, m.mode, m.world, m.params, m.ours_s, ps, ratio, engine
+        );
+    }
+    s
+}

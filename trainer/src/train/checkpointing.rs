@@ -1,0 +1,150 @@
+//! The loop's checkpoint hooks (the format and I/O are `crate::checkpoint`'s): resume before the
+//! loop; save every `checkpoint.every_steps` steps, when `train.max_steps` stops the run in
+//! mid-epoch, at the end of each completed epoch, and on SIGTERM. With `checkpoint.async` at most
+//! one save is in flight: a new one first completes the previous one, and a written one is
+//! published (manifest + rename after a barrier) once every rank has written its file.
+use anyhow::{Context, Result};
+use tch::Device;
+
+use crate::checkpoint::{self, save::PendingSave, Progress};
+use crate::config::Config;
+use crate::dist::ProcessGroup;
+use crate::fsdp::Trainable;
+use crate::optim::{AdamW, LrSchedule};
+
+use super::metrics::log;
+use super::step::all_reduce_i64;
+use super::State;
+
+pub(super) struct Saver<'a> {
+    pg: &'a ProcessGroup,
+    config: &'a Config,
+    schedule: &'a LrSchedule,
+    device: Device,
+    pending: Option<PendingSave>,
+}
+
+/// Resumes per `checkpoint.resume` into `st`, `trainable` and `opt`; returns the data position
+/// (epoch, batch) to start at.
+pub(super) fn resume(
+    pg: &ProcessGroup,
+    device: Device,
+    config: &Config,
+    st: &mut State,
+    trainable: &mut Trainable,
+    opt: &mut AdamW,
+) -> Result<(u64, u64)> {
+    let Some(r) = checkpoint::resume(pg, device, config, trainable, opt)? else {
+        return Ok((0, 0));
+    };
+    let p = r.progress;
+    log(
+        pg.rank(),
+        &format!(
+            "resumed from {} (step {}, epoch {}, data at epoch {} batch {}, saved by {} rank(s))",
+            r.dir.display(),
+            p.step,
+            p.epoch,
+            p.data_epoch,
+            p.data_batch,
+            r.world_size
+        ),
+    );
+    st.step = p.step;
+    st.epoch = p.epoch;
+    st.skipped_nonfinite = p.skipped_nonfinite;
+    st.saved_step = Some(p.step);
+    Ok((p.data_epoch, p.data_batch))
+}
+
+impl<'a> Saver<'a> {
+    pub fn new(
+        pg: &'a ProcessGroup,
+        config: &'a Config,
+        schedule: &'a LrSchedule,
+        device: Device,
+    ) -> Self {
+        if config.checkpoint.async_save {
+            log(pg.rank(), "checkpoint.async: checkpoint files are written by a background thread; a checkpoint is published once every rank has written its file (at the latest before the next save and at the end)");
+        }
+        Self {
+            pg,
+            config,
+            schedule,
+            device,
+            pending: None,
+        }
+    }
+
+    /// Saves the state after `st.step` with the data continuing at `data` (epoch, batch).
+    pub fn save(
+        &mut self,
+        st: &mut State,
+        trainable: &Trainable,
+        opt: &AdamW,
+        data: (u64, u64),
+    ) -> Result<()> {
+        self.finish()?;
+        let progress = Progress {
+            step: st.step,
+            epoch: st.epoch,
+            data_epoch: data.0,
+            data_batch: data.1,
+            skipped_nonfinite: st.skipped_nonfinite,
+        };
+        let async_save = self.config.checkpoint.async_save;
+        let p = checkpoint::save::begin(
+            self.pg,
+            self.config,
+            trainable,
+            opt,
+            self.schedule,
+            &progress,
+            async_save,
+        )
+        .with_context(|| format!("saving the checkpoint of step {}", st.step))?;
+        if async_save {
+            self.pending = Some(p);
+        } else {
+            p.finish(self.pg, self.device)?;
+        }
+        st.saved_step = Some(st.step);
+        Ok(())
+    }
+
+    /// After a step inside an epoch: the periodic save, the save at `train.max_steps` in
+    /// mid-epoch (an epoch's last step is saved at the epoch end instead), then publishing a
+    /// background save that every rank has written.
+    pub fn after_step(
+        &mut self,
+        st: &mut State,
+        trainable: &Trainable,
+        opt: &AdamW,
+        steps_per_epoch: u64,
+        total_steps: u64,
+    ) -> Result<()> {
+        let every = self.config.checkpoint.every_steps;
+        let periodic = every > 0 && st.step.is_multiple_of(every);
+        if (periodic || st.step == total_steps)
+            && st.epoch_batch < steps_per_epoch
+            && st.saved_step != Some(st.step)
+        {
+            self.save(st, trainable, opt, (st.epoch, st.epoch_batch))?;
+        }
+        if let Some(p) = &self.pending {
+            let busy = !p.is_written();
+            if all_reduce_i64(self.pg, busy as i64, self.device)? == 0 {
+                self.finish()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes and publishes the save in flight, if any.
+    pub fn finish(&mut self) -> Result<()> {
+        if let Some(p) = self.pending.take() {
+            p.finish(self.pg, self.device)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,190 @@
+//! Model FLOPs per step, achieved TFLOP/s and MFU.
+//!
+//! Model FLOPs follow the MFU convention (PaLM, torchtitan): the work the model needs, not what
+//! the engine executes, so the recompute of activation checkpointing is not counted. Per token a
+//! parameter costs 2 FLOPs in the forward, 2 in the backward for the gradient of its input (the
+//! chain rule runs through frozen layers too), and 2 more for its own gradient when it trains:
+//!
+//! ```text
+//! FLOPs per step = sum over parameters p of  tokens(p) x (4 + 2 x [p trains])
+//!   full finetuning:  6 x N x tokens
+//!   LoRA:             (4 x N_base + 6 x N_lora) x tokens   (frozen weights need no weight gradient)
+//! ```
+//!
+//! (For LoRA this counts the input-gradient backward of the frozen weights, 2 x N_base, which a
+//! `2 x N_total + 4 x N_trainable` count would leave out although the engine must do it.)
+//! `tokens(p)` is what the parameter is applied to: text positions (B x S, padding included) for
+//! the language model and lm_head; vision tokens (real tiles x patches per tile) for the vision
+//! tower, the projector and the cross-attention k/v projections. The embedding table is a lookup
+//! (0 FLOPs); attention's score and value products (O(S^2)) are left out, as in 6N.
+//!
+//! MFU = (model FLOPs per rank per step / step time) / the device's peak dense FLOP/s in the
+//! compute dtype: `train.peak_tflops`, else [`device_peak_tflops`] from the GPU's name; on a
+//! CPU (or an unknown GPU) MFU is null and only the achieved TFLOP/s is reported.
+use tch::{Device, Kind};
+
+use crate::data::dataset::MicroBatch;
+use crate::model::MllamaModel;
+
+/// FLOPs per text token and per vision token of a forward + backward step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FlopCount {
+    per_text_token: f64,
+    per_vision_token: f64,
+    /// Vision tokens per tile (patches + class token).
+    patches_per_tile: f64,
+}
+
+/// Whether a parameter is applied to vision tokens (else to text tokens).
+fn sees_vision_tokens(name: &str) -> bool {
+    name.contains("vision_model")
+        || name.contains("multi_modal_projector")
+        || name.contains("cross_attn.k_proj")
+        || name.contains("cross_attn.v_proj")
+}
+
+impl FlopCount {
+    /// From the model with LoRA applied (or not: full finetuning trains every base parameter).
+    pub(crate) fn of(m: &mut MllamaModel) -> Self {
+        let lora = m.lora.is_some();
+        let (mut text, mut vision) = (0.0, 0.0);
+        let mut add = |name: &str, numel: f64, trains: bool| {
+            if name.contains("embed_tokens") {
+                return; // a lookup
+            }
+            let f = numel * if trains { 6.0 } else { 4.0 };
+            if sees_vision_tokens(name) {
+                vision += f
+            } else {
+                text += f
+            }
+        };
+        m.visit_params(&mut |n, t| add(n, t.numel() as f64, !lora));
+        let c = &m.config.text;
+        if c.tie_word_embeddings {
+            // lm_head is the embedding (not visited twice) but is a matmul
+            add(
+                "lm_head.weight",
+                (c.vocab_size * c.hidden_size) as f64,
+                !lora,
+            );
+        }
+        if lora {
+            for (n, t) in m.trainable_parameters() {
+                add(&n, t.numel() as f64, true);
+            }
+        }
+        Self {
+            per_text_token: text,
+            per_vision_token: vision,
+            patches_per_tile: m.config.vision.num_patches() as f64,
+        }
+    }
+
+    /// Model FLOPs of forward + backward over `batches` (one rank's micro-batches).
+    pub(crate) fn step_flops(&self, batches: &[MicroBatch]) -> f64 {
+        batches
+            .iter()
+            .map(|mb| {
+                let text_tokens = mb.batch.input_ids.numel() as f64;
+                let tiles = mb.batch.images.as_ref().map_or(0.0, |i| {
+                    i.aspect_ratio_mask.sum(Kind::Int64).double_value(&[])
+                });
+                self.per_text_token * text_tokens
+                    + self.per_vision_token * tiles * self.patches_per_tile
+            })
+            .sum()
+    }
+}
+
+/// Peak dense TFLOP/s of a known GPU in the compute dtype (bf16/fp16 on tensor cores; fp32
+/// without TF32, which libtorch leaves off for matmuls). None: a CPU or a GPU not in the table
+/// (set `train.peak_tflops`).
+pub(crate) fn device_peak_tflops(device: Device, compute: Kind) -> Option<(f64, String)> {
+    let Device::Cuda(ordinal) = device else {
+        return None;
+    };
+    kernels::cuda_libs::ensure_driver().ok()?;
+    let name = cudarc::driver::CudaContext::new(ordinal)
+        .ok()?
+        .name()
+        .ok()?;
+    let half = matches!(compute, Kind::BFloat16 | Kind::Half);
+    // (name contains, dense bf16/fp16, fp32), most specific first
+    const TABLE: &[(&str, f64, f64)] = &[
+        ("GH200", 989.4, 66.9),
+        ("H200", 989.4, 66.9),
+        ("H100 PCIe", 756.0, 51.2),
+        ("H100 NVL", 835.0, 60.0),
+        ("H100", 989.4, 66.9),
+        ("A100", 312.0, 19.5),
+        ("L40S", 362.1, 91.6),
+        ("L4", 121.0, 30.3),
+    ];
+    let (_, bf16, fp32) = TABLE.iter().find(|(k, _, _)| name.contains(k))?;
+    Some((if half { *bf16 } else { *fp32 }, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vision_side_parameters() {
+        assert!(sees_vision_tokens(
+            "model.vision_model.transformer.layers.0.self_attn.q_proj.weight"
+        ));
+        assert!(sees_vision_tokens(
+            "model.language_model.layers.3.cross_attn.v_proj.lora_A.weight"
+        ));
+        assert!(!sees_vision_tokens(
+            "model.language_model.layers.3.cross_attn.q_proj.weight"
+        ));
+        assert!(!sees_vision_tokens("lm_head.weight"));
+    }
+
+    /// Full finetuning counts 6 FLOPs per parameter and token, LoRA 4 per frozen base
+    /// parameter and 6 per LoRA parameter (the embedding table is a lookup: 0).
+    #[test]
+    fn full_is_6n_and_lora_is_4n_base_plus_6n_lora() {
+        use crate::model::{LoadOptions, LoraConfig, TargetModules};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/mllama_tiny/model_hf5");
+        let mut m = MllamaModel::load(&dir, LoadOptions::default()).unwrap();
+        let (mut n, mut embed) = (0.0, 0.0);
+        m.visit_params(&mut |name, t| {
+            if name.contains("embed_tokens") {
+                embed += t.numel() as f64
+            } else {
+                n += t.numel() as f64
+            }
+        });
+        assert!(embed > 0.0);
+        let full = FlopCount::of(&mut m);
+        assert_eq!(full.per_text_token + full.per_vision_token, 6.0 * n);
+        assert!(full.per_vision_token > 0.0 && full.per_text_token > 0.0);
+        let cfg = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+            use_rslora: false,
+        };
+        m.apply_lora(&cfg, Some(1)).unwrap();
+        let n_lora: f64 = m
+            .trainable_parameters()
+            .iter()
+            .map(|(_, t)| t.numel() as f64)
+            .sum();
+        let lora = FlopCount::of(&mut m);
+        assert_eq!(
+            lora.per_text_token + lora.per_vision_token,
+            4.0 * n + 6.0 * n_lora
+        );
+    }
+
+    #[test]
+    fn no_peak_on_cpu() {
+        assert!(device_peak_tflops(Device::Cpu, Kind::BFloat16).is_none());
+    }
+}

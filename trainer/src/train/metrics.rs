@@ -1,0 +1,206 @@
+//! What a run reports: `metrics.jsonl` in `train.output_dir` (rank 0; one JSON object per
+//! optimizer step and per validation), and progress on rank 0: an indicatif bar (step, loss,
+//! tokens/s, TFLOP/s, MFU, ETA) when stderr is a terminal, plain log lines otherwise.
+//!
+//! Step fields: step, epoch, loss (true mean over the global batch), lr, grad_norm, tokens
+//! (supervised tokens of the global batch), tokens_per_s, step_s, mem_bytes (resident set of
+//! rank 0), param_bytes (parameter bytes resident on rank 0 between steps), tflops (achieved
+//! model TFLOP/s per rank, see `flops`), mfu (tflops / the device's peak; null when unknown).
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use tch::Device;
+
+use crate::config::Config;
+use crate::data::dataset::MicroBatch;
+use crate::dist::ProcessGroup;
+
+use super::flops::{device_peak_tflops, FlopCount};
+use super::step::{all_reduce_f64, StepResult};
+
+/// One optimizer step as the loop saw it.
+pub(super) struct StepReport<'a> {
+    pub step: u64,
+    pub epoch: u64,
+    pub result: &'a StepResult,
+    pub lr: f64,
+    pub step_s: f64,
+    /// This rank's micro-batches (their token counts give the FLOPs).
+    pub batches: &'a [MicroBatch],
+    pub param_bytes: i64,
+}
+
+pub(super) struct Meter {
+    file: Option<std::fs::File>,
+    flops: FlopCount,
+    peak_tflops: Option<f64>,
+    bar: Option<ProgressBar>,
+    rank: usize,
+    world: usize,
+    total: u64,
+    log_every: u64,
+}
+
+impl Meter {
+    /// A fresh metrics file, or, when resuming from step `resumed`, the existing one without the
+    /// lines of later steps (those are trained again).
+    pub fn open(
+        config: &Config,
+        pg: &ProcessGroup,
+        device: Device,
+        flops: FlopCount,
+        total: u64,
+        resumed: Option<u64>,
+    ) -> Result<Self> {
+        let rank = pg.rank();
+        let compute = crate::fsdp::kind_of(config.fsdp.mixed_precision);
+        let peak_tflops = match config.train.peak_tflops {
+            Some(p) => Some(p),
+            None => device_peak_tflops(device, compute).map(|(p, name)| {
+                log(rank, &format!("MFU against {p} TFLOP/s ({name}, {compute:?}; set train.peak_tflops to override)"));
+                p
+            }),
+        };
+        let file = if rank == 0 {
+            Some(open_file(&config.train.output_dir, resumed)?)
+        } else {
+            None
+        };
+        let bar = (rank == 0 && crate::logging::progress_bars_enabled()).then(|| {
+            let style = ProgressStyle::with_template(
+                "[{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+            ProgressBar::new(total)
+                .with_style(style)
+                .with_position(resumed.unwrap_or(0))
+        });
+        Ok(Self {
+            file,
+            flops,
+            peak_tflops,
+            bar,
+            rank,
+            world: pg.world_size(),
+            total,
+            log_every: config.train.log_every.max(1),
+        })
+    }
+
+    /// Records one step: every rank must call it (the FLOPs are averaged over ranks).
+    pub fn step(&mut self, pg: &ProcessGroup, device: Device, s: StepReport) -> Result<()> {
+        let local = self.flops.step_flops(s.batches);
+        let flops = all_reduce_f64(pg, local, device)? / self.world as f64; // per rank
+        let tflops = flops / s.step_s / 1e12;
+        let mfu = self.peak_tflops.map(|p| tflops / p);
+        let r = s.result;
+        let tokens_per_s = r.tokens as f64 / s.step_s;
+        if !(s.step.is_multiple_of(self.log_every) || s.step == self.total) {
+            return Ok(());
+        }
+        self.write(json!({
+            "step": s.step, "epoch": s.epoch, "loss": r.loss, "lr": s.lr, "grad_norm": r.grad_norm,
+            "tokens": r.tokens, "tokens_per_s": tokens_per_s, "step_s": s.step_s,
+            "mem_bytes": resident_bytes(), "tflops": tflops, "mfu": mfu,
+            "param_bytes": s.param_bytes,
+        }))?;
+        if self.rank != 0 {
+            return Ok(());
+        }
+        let mfu_text = mfu.map_or(String::new(), |m| format!(" MFU {:.1}%", m * 100.0));
+        let rate = if tflops < 0.1 {
+            format!("{:.2} GFLOP/s", tflops * 1e3)
+        } else {
+            format!("{tflops:.2} TFLOP/s")
+        };
+        let line = format!(
+            "loss {:.4} {tokens_per_s:.0} tok/s {rate}{mfu_text}",
+            r.loss
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_message(line);
+                bar.set_position(s.step);
+            }
+            None => tracing::info!("step {}/{} {line}", s.step, self.total),
+        }
+        Ok(())
+    }
+
+    /// Writes one JSON line (rank 0).
+    pub fn write(&mut self, v: Value) -> Result<()> {
+        if let Some(f) = &mut self.file {
+            writeln!(f, "{v}")?;
+            f.flush()?;
+        }
+        Ok(())
+    }
+
+    /// A log line (rank 0) that does not tear the progress bar.
+    pub fn log(&self, msg: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| log(self.rank, msg)),
+            None => log(self.rank, msg),
+        }
+    }
+
+    /// The one-line summary of an epoch.
+    pub fn epoch_summary(&self, epoch: u64, losses: &[f64], seconds: f64) {
+        if !losses.is_empty() {
+            let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+            self.log(&format!(
+                "epoch {epoch}: {} steps, mean loss {mean:.4}, {seconds:.1} s",
+                losses.len()
+            ));
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+fn open_file(dir: &Path, resumed: Option<u64>) -> Result<std::fs::File> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating train.output_dir {}", dir.display()))?;
+    let path = dir.join("metrics.jsonl");
+    let kept: Vec<String> = match resumed {
+        Some(step) => std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s <= step)
+            })
+            .map(str::to_string)
+            .collect(),
+        None => vec![],
+    };
+    let mut file =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    for l in kept {
+        writeln!(file, "{l}")?;
+    }
+    Ok(file)
+}
+
+/// Resident set size of this process in bytes (Linux), else 0.
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+pub(super) fn log(rank: usize, msg: &str) {
+    if rank == 0 {
+        tracing::info!("{msg}");
+    }
+}

@@ -1,0 +1,173 @@
+//! The training loop (torchtitan's train.py as a model): state declared in one place, construction
+//! as numbered steps, a short loop. One process = one rank; `launcher` starts W of them.
+//! Module index:
+//! - `setup`:         process group and device, model (sharded as it loads), data and step counts
+//! - `step`:          one optimizer step (grad accumulation, clip, AdamW), validation, all-reduces
+//! - `checkpointing`: resume, periodic / max_steps / epoch-end / SIGTERM saves (`crate::checkpoint`)
+//! - `metrics`:       metrics.jsonl, the progress bar or log lines
+//! - `flops`:         model FLOPs per step, TFLOP/s and MFU
+//! - `signal`:        SIGTERM (all ranks stop after the same step)
+//!
+//! Loss normalization: every optimizer step sees `batch_size x world x grad_accum` samples; the
+//! loss is the sum of token losses over all of them divided by the global count of supervised
+//! tokens (all-reduced before the first backward), so the logged loss is the true mean and
+//! world 2 x batch 2 trains exactly like world 1 x batch 4.
+//!
+//! Hooks: `TRAINER_DUMP_TRAINABLE=FILE` makes rank 0 write the final trainable weights (fp32,
+//! by name) to FILE as safetensors (tests and debugging). `TRAINER_STOP_AFTER_STEP=N` acts as a
+//! SIGTERM received during step N (tests of the preemption path).
+mod checkpointing;
+mod flops;
+mod metrics;
+mod setup;
+mod signal;
+mod step;
+
+use std::time::Instant;
+
+use anyhow::Result;
+
+use crate::config::Config;
+use crate::data::dataset::MicroBatch;
+use crate::optim::{AdamW, AdamWConfig, LrSchedule};
+use metrics::{Meter, StepReport};
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub steps: u64,
+    /// Stopped early by SIGTERM (the caller exits 143).
+    pub interrupted: bool,
+    pub last_loss: Option<f64>,
+}
+
+/// Everything the loop mutates, in one place.
+#[derive(Debug, Default)]
+struct State {
+    step: u64,
+    epoch: u64,
+    /// Global batches of the current epoch consumed so far (the data position).
+    epoch_batch: u64,
+    /// The step of the last checkpoint saved (or resumed from).
+    saved_step: Option<u64>,
+    skipped_nonfinite: u64,
+    last_loss: Option<f64>,
+}
+
+pub fn train(config: &Config) -> Result<Outcome> {
+    let t = &config.train;
+    // 1. Ranks and collectives.
+    let (pg, device) = setup::process_group(config)?;
+    let (rank, world) = (pg.rank(), pg.world_size());
+    signal::install_sigterm_handler();
+    // 2. Model (+ LoRA), seeded; with FSDP each rank reads only its shards.
+    let (mut trainable, flops) = setup::model(config, &pg, device)?;
+    // 3. Data.
+    let data = setup::data(config, world)?;
+    let (steps_per_epoch, total_steps) = (data.steps_per_epoch, data.total_steps);
+    // 4. Optimizer and schedule over this rank's shards; resume; checkpoints and metrics.
+    let params = trainable.master_params();
+    let adamw = AdamWConfig {
+        weight_decay: t.weight_decay,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(adamw, &params);
+    let stepper = step::Stepper {
+        pg: &pg,
+        params,
+        clip: t.grad_clip,
+        device,
+    };
+    let schedule = LrSchedule::new(t.lr, &t.schedule, total_steps);
+    let mut st = State::default();
+    let start = checkpointing::resume(&pg, device, config, &mut st, &mut trainable, &mut opt)?;
+    let mut saver = checkpointing::Saver::new(&pg, config, &schedule, device);
+    let mut meter = Meter::open(config, &pg, device, flops, total_steps, st.saved_step)?;
+    let stop_after = signal::stop_after_step();
+    meter.log(&format!("training {total_steps} steps ({steps_per_epoch} per epoch) on {world} rank(s), {} backend, fsdp {}", pg.backend_name(), config.fsdp.enabled));
+
+    // 5. The loop: epochs of optimizer steps of grad_accum micro-batches.
+    let mut interrupted = false;
+    'epochs: for epoch in start.0..t.epochs as u64 {
+        st.epoch = epoch;
+        st.epoch_batch = if epoch == start.0 { start.1 } else { 0 };
+        let mut micro = data.train.epoch_iter(
+            epoch,
+            st.epoch_batch,
+            rank,
+            world,
+            t.batch_size,
+            t.grad_accum,
+        );
+        let (epoch_start, mut epoch_loss) = (Instant::now(), vec![]);
+        while st.step < total_steps {
+            let batches: Vec<MicroBatch> = micro
+                .by_ref()
+                .take(t.grad_accum)
+                .collect::<Result<_, _>>()?;
+            if batches.len() < t.grad_accum {
+                break;
+            }
+            let started = Instant::now();
+            let lr = schedule.lr(st.step, epoch);
+            let seed = t.seed ^ st.step.wrapping_mul(0x2545_F491_4F6C_DD1D);
+            let r = stepper.step(&mut trainable, &mut opt, &batches, lr, seed)?;
+            let step_s = started.elapsed().as_secs_f64();
+            st.record(&r, t.skip_nonfinite, &meter)?;
+            epoch_loss.push(r.loss);
+            let param_bytes = trainable.resident_param_bytes();
+            let report = StepReport {
+                step: st.step,
+                epoch,
+                result: &r,
+                lr,
+                step_s,
+                batches: &batches,
+                param_bytes,
+            };
+            meter.step(&pg, device, report)?;
+            saver.after_step(&mut st, &trainable, &opt, steps_per_epoch, total_steps)?;
+            // SIGTERM: every rank stops after the same step, with a checkpoint of it.
+            if signal::stop_requested(&pg, device, st.step, stop_after)? {
+                if st.saved_step != Some(st.step) {
+                    let at = (epoch, st.epoch_batch);
+                    saver.save(&mut st, &trainable, &opt, at)?;
+                }
+                meter.log(&format!("SIGTERM: stopping after step {}", st.step));
+                interrupted = true;
+                break 'epochs;
+            }
+        }
+        drop(micro);
+        meter.epoch_summary(epoch, &epoch_loss, epoch_start.elapsed().as_secs_f64());
+        if let Some(ds) = &data.eval {
+            step::validate(
+                &pg,
+                &mut trainable,
+                ds,
+                config,
+                device,
+                (st.step, epoch),
+                &mut meter,
+            )?;
+        }
+        // Epoch end: the data continues with the next epoch.
+        if st.epoch_batch >= steps_per_epoch {
+            saver.save(&mut st, &trainable, &opt, (epoch + 1, 0))?;
+        }
+        if st.step >= total_steps {
+            break;
+        }
+    }
+    saver.finish()?;
+    meter.finish();
+
+    // 6. Final weights for tests; all ranks leave together.
+    step::dump_trainable(&pg, &trainable)?;
+    pg.barrier()?;
+    Ok(Outcome {
+        steps: st.step,
+        interrupted,
+        last_loss: st.last_loss,
+    })
+}

@@ -1,0 +1,160 @@
+//! Construction: the process group and device, the model (loaded, LoRA applied, sharded: with
+//! FSDP each rank reads only its slices of the weights), and the data with the step counts.
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tch::Device;
+
+use crate::config::{self, Config};
+use crate::data::dataset::{Dataset, Split};
+use crate::dist::{self, ProcessGroup};
+use crate::fsdp::{kind_of, FsdpModel, PlainModel, Trainable, WrapOptions};
+use crate::model::{
+    AttentionImpl, LoadOptions, LoraConfig, MllamaConfig, MllamaModel, TargetModules, WeightSource,
+};
+
+use super::flops::FlopCount;
+use super::metrics::log;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The process group from torchrun's environment and this rank's device.
+pub(super) fn process_group(config: &Config) -> Result<(ProcessGroup, Device)> {
+    let pg = ProcessGroup::from_env(backend(config.fsdp.backend), Duration::from_secs(600))
+        .context("setting up the process group")?;
+    let world = pg.world_size();
+    let device = if pg.backend_name() == "nccl" {
+        Device::Cuda(launcher::env::RankEnv::from_env()?.local_rank)
+    } else {
+        Device::Cpu
+    };
+    if !config.fsdp.enabled && world > 1 {
+        bail!("fsdp.enabled: false trains in one process, but this run has {world} ranks (launch one rank, or set fsdp.enabled: true)");
+    }
+    Ok((pg, device))
+}
+
+/// The model (+ LoRA) ready to train: FSDP-sharded as it loads, or plain; and its FLOP count.
+pub(super) fn model(
+    config: &Config,
+    pg: &ProcessGroup,
+    device: Device,
+) -> Result<(Trainable, FlopCount)> {
+    let (mut model, src) = load_model(config, device, config.fsdp.enabled)?;
+    let flops = FlopCount::of(&mut model);
+    let trainable = match src {
+        Some(src) => {
+            let opts = WrapOptions {
+                compute: kind_of(config.fsdp.mixed_precision),
+                prefetch: config.fsdp.prefetch,
+                activation_checkpointing: config.fsdp.activation_checkpointing,
+            };
+            let m = FsdpModel::wrap_from_source(model, &src, pg, opts)?;
+            log(
+                pg.rank(),
+                &format!(
+                    "weights: this rank read {:.1} MiB of {:.1} MiB (its 1/{} shard)",
+                    src.bytes_read() as f64 / MIB,
+                    src.total_bytes() as f64 / MIB,
+                    pg.world_size()
+                ),
+            );
+            Trainable::Fsdp(Box::new(m))
+        }
+        None => {
+            model.set_training(true);
+            Trainable::Plain(Box::new(PlainModel::new(model)))
+        }
+    };
+    Ok((trainable, flops))
+}
+
+/// The model (+ LoRA). With `sharded`, a skeleton (placeholder base weights) and its weight
+/// source, from which FSDP reads each rank's slices; otherwise fully loaded.
+fn load_model(
+    config: &Config,
+    device: Device,
+    sharded: bool,
+) -> Result<(MllamaModel, Option<WeightSource>)> {
+    let attention = match config.model.attention {
+        config::Attention::Eager => AttentionImpl::Eager,
+        config::Attention::Sdpa => AttentionImpl::Sdpa,
+        config::Attention::Fused => AttentionImpl::Fused,
+    };
+    let opts = LoadOptions {
+        dtype: kind_of(config.model.dtype),
+        device,
+        attention,
+    };
+    let dir = &config.model.path;
+    let what = || format!("loading model.path {}", dir.display());
+    let (mut model, src) = if sharded {
+        let mc = MllamaConfig::from_file(&dir.join("config.json")).with_context(what)?;
+        let src = WeightSource::open_dir(dir).with_context(what)?;
+        let model = MllamaModel::skeleton(mc, &src, opts).with_context(what)?;
+        (model, Some(src))
+    } else {
+        (MllamaModel::load(dir, opts).with_context(what)?, None)
+    };
+    let p = &config.peft;
+    if p.is_lora() {
+        match &p.init_from {
+            Some(dir) => {
+                model
+                    .load_adapter(dir)
+                    .with_context(|| format!("loading peft.init_from {}", dir.display()))?;
+            }
+            None => {
+                let lora = LoraConfig {
+                    r: p.r as i64,
+                    alpha: p.alpha,
+                    dropout: p.dropout,
+                    target_modules: TargetModules::Names(p.target_modules.clone()),
+                    use_rslora: false,
+                };
+                model.apply_lora(&lora, Some(config.train.seed as i64))?;
+            }
+        }
+    }
+    Ok((model, src))
+}
+
+fn backend(b: config::Backend) -> dist::Backend {
+    match b {
+        config::Backend::Auto => dist::Backend::Auto,
+        config::Backend::Nccl => dist::Backend::Nccl,
+        config::Backend::Cpu => dist::Backend::Cpu,
+    }
+}
+
+/// The training data and how many optimizer steps it gives.
+pub(super) struct Data {
+    pub train: Dataset,
+    pub eval: Option<Dataset>,
+    pub steps_per_epoch: u64,
+    /// All epochs' steps, capped by `train.max_steps`.
+    pub total_steps: u64,
+}
+
+pub(super) fn data(config: &Config, world: usize) -> Result<Data> {
+    let t = &config.train;
+    let train = Dataset::open(config, &config.model.path, Split::Train)?;
+    let eval = t
+        .validate
+        .then(|| Dataset::open(config, &config.model.path, Split::Eval))
+        .transpose()?;
+    let steps_per_epoch = train.batches_per_epoch(t.global_batch(world));
+    if steps_per_epoch == 0 {
+        bail!("{} samples do not fill one global batch of {} (batch_size {} x world {world} x grad_accum {}); lower train.batch_size", train.len(), t.global_batch(world), t.batch_size, t.grad_accum);
+    }
+    let total_steps = t
+        .step_limit()
+        .unwrap_or(u64::MAX)
+        .min(steps_per_epoch * t.epochs as u64);
+    Ok(Data {
+        train,
+        eval,
+        steps_per_epoch,
+        total_steps,
+    })
+}

@@ -1,0 +1,167 @@
+//! One optimizer step (global token count, forward/backward of each micro-batch, clip, AdamW),
+//! validation, and the scalar all-reduces the loop needs.
+use anyhow::{bail, Result};
+use tch::{Device, Tensor};
+
+use crate::config::Config;
+use crate::data::dataset::{Dataset, MicroBatch};
+use crate::dist::{ProcessGroup, ReduceOp};
+use crate::fsdp::Trainable;
+use crate::model::{Batch, Images};
+use crate::optim::{clip_grad_norm, AdamW};
+
+use super::metrics::Meter;
+use super::State;
+
+/// What one optimizer step measured (all values global over ranks).
+pub(super) struct StepResult {
+    pub loss: f64,
+    pub grad_norm: f64,
+    /// Supervised tokens of the global batch.
+    pub tokens: i64,
+}
+
+impl StepResult {
+    pub fn is_finite(&self) -> bool {
+        self.loss.is_finite() && self.grad_norm.is_finite()
+    }
+}
+
+/// What every optimizer step shares: the process group, this rank's master shards (the
+/// optimizer's parameters), clipping and the device.
+pub(super) struct Stepper<'a> {
+    pub pg: &'a ProcessGroup,
+    pub params: Vec<Tensor>,
+    pub clip: Option<f64>,
+    pub device: Device,
+}
+
+impl Stepper<'_> {
+    /// One optimizer step: global token count, forward/backward of each micro-batch, clip,
+    /// AdamW. The loss of every micro-batch is scaled by 1 / the global supervised-token count,
+    /// so the accumulated gradient is that of the true mean loss over the global batch.
+    pub fn step(
+        &self,
+        trainable: &mut Trainable,
+        opt: &mut AdamW,
+        batches: &[MicroBatch],
+        lr: f64,
+        seed: u64,
+    ) -> Result<StepResult> {
+        let (pg, device) = (self.pg, self.device);
+        let local_tokens: i64 = batches.iter().map(|b| b.supervised_tokens).sum();
+        let tokens = all_reduce_i64(pg, local_tokens, device)?;
+        if tokens == 0 {
+            bail!("a global batch has no supervised tokens (check the label masking of the data)");
+        }
+        trainable.zero_grads();
+        let mut loss_sum = 0.0;
+        for (i, mb) in batches.iter().enumerate() {
+            let batch = to_device(&mb.batch, device);
+            loss_sum += trainable.forward_backward(
+                pg,
+                &batch,
+                1.0 / tokens as f64,
+                seed ^ (i as u64 + 1) ^ ((pg.rank() as u64) << 32),
+            )?;
+        }
+        let loss = all_reduce_f64(pg, loss_sum, device)? / tokens as f64;
+        let grads = trainable.grads();
+        let grad_norm = clip_grad_norm(&grads, self.clip, Some(pg))?;
+        if loss.is_finite() && grad_norm.is_finite() {
+            opt.step(&self.params, &grads, lr);
+            trainable.after_update();
+        }
+        Ok(StepResult {
+            loss,
+            grad_norm,
+            tokens,
+        })
+    }
+}
+
+impl State {
+    /// Counts step `r` into the state; a non-finite loss or gradient norm (update not applied)
+    /// is an error once more than `skip_limit` were skipped.
+    pub(super) fn record(&mut self, r: &StepResult, skip_limit: u64, meter: &Meter) -> Result<()> {
+        self.step += 1;
+        self.epoch_batch += 1;
+        if !r.is_finite() {
+            self.skipped_nonfinite += 1;
+            if self.skipped_nonfinite > skip_limit {
+                bail!("step {}: loss {} / gradient norm {} is not finite (update not applied; set train.skip_nonfinite to skip up to N such steps)", self.step, r.loss, r.grad_norm);
+            }
+            meter.log(&format!(
+                "step {}: non-finite loss or gradient norm, update skipped ({} of {skip_limit} allowed)",
+                self.step, self.skipped_nonfinite
+            ));
+        }
+        self.last_loss = Some(r.loss);
+        Ok(())
+    }
+}
+
+/// `TRAINER_DUMP_TRAINABLE=FILE`: rank 0 writes the final trainable weights (fp32, by name).
+pub(super) fn dump_trainable(pg: &ProcessGroup, trainable: &Trainable) -> Result<()> {
+    if let Some(path) = std::env::var_os("TRAINER_DUMP_TRAINABLE") {
+        let full = trainable.gather_trainable(pg)?;
+        if pg.rank() == 0 {
+            let refs: Vec<(&str, &Tensor)> = full.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            Tensor::write_safetensors(&refs, std::path::Path::new(&path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Mean token loss and perplexity over the eval split after `epoch` (every rank takes its part;
+/// sums are all-reduced), written to metrics.jsonl and logged.
+pub(super) fn validate(
+    pg: &ProcessGroup,
+    trainable: &mut Trainable,
+    ds: &Dataset,
+    config: &Config,
+    device: Device,
+    (step, epoch): (u64, u64),
+    meter: &mut Meter,
+) -> Result<()> {
+    let (mut sum, mut count) = (0.0, 0i64);
+    for mb in ds.eval_iter(pg.rank(), pg.world_size(), config.train.batch_size) {
+        let mb = mb?;
+        sum += trainable.forward_loss(pg, &to_device(&mb.batch, device))?;
+        count += mb.supervised_tokens;
+    }
+    let tokens = all_reduce_i64(pg, count, device)?;
+    let loss = all_reduce_f64(pg, sum, device)? / tokens.max(1) as f64;
+    meter.write(serde_json::json!({"validation": true, "step": step, "epoch": epoch, "eval_loss": loss, "eval_ppl": loss.exp(), "eval_tokens": tokens}))?;
+    meter.log(&format!(
+        "epoch {epoch}: validation loss {loss:.4}, perplexity {:.3}",
+        loss.exp()
+    ));
+    Ok(())
+}
+
+fn to_device(b: &Batch, device: Device) -> Batch {
+    Batch {
+        input_ids: b.input_ids.to_device(device),
+        attention_mask: b.attention_mask.as_ref().map(|t| t.to_device(device)),
+        labels: b.labels.as_ref().map(|t| t.to_device(device)),
+        images: b.images.as_ref().map(|i| Images {
+            pixel_values: i.pixel_values.to_device(device),
+            aspect_ratio_ids: i.aspect_ratio_ids.to_device(device),
+            aspect_ratio_mask: i.aspect_ratio_mask.to_device(device),
+            cross_attention_mask: i.cross_attention_mask.to_device(device),
+        }),
+    }
+}
+
+pub(super) fn all_reduce_i64(pg: &ProcessGroup, v: i64, device: Device) -> Result<i64> {
+    let t = Tensor::from_slice(&[v]).to_device(device);
+    pg.all_reduce(&t, ReduceOp::Sum)?;
+    Ok(t.int64_value(&[0]))
+}
+
+pub(super) fn all_reduce_f64(pg: &ProcessGroup, v: f64, device: Device) -> Result<f64> {
+    let t = Tensor::from_slice(&[v]).to_device(device);
+    pg.all_reduce(&t, ReduceOp::Sum)?;
+    Ok(t.double_value(&[0]))
+}

@@ -1,0 +1,38 @@
+//! metrics.jsonl and the log lines: tokens/s and achieved TFLOP/s on every step; MFU null on the
+//! CPU unless `train.peak_tflops` gives the peak, and then exactly tflops / peak. Without a
+//! terminal, rank 0 logs one plain line per step (no progress bar).
+mod common;
+
+use common::ckpt::*;
+
+const TRAIN: &str = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 2";
+
+#[test]
+fn mfu_is_null_on_cpu_and_tflops_over_peak_when_configured() {
+    let plain = fresh("metrics-cpu");
+    let o = ok(run(&plain, 1, TRAIN, &[], &[]), "cpu");
+    let m = metrics(&plain);
+    assert_eq!(m.len(), 2);
+    for v in &m {
+        assert!(v["tflops"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["mfu"].is_null(), "no peak known on a CPU: {v}");
+    }
+    // plain log lines (stderr is a pipe here), one per step
+    for step in ["step 1/2 loss", "step 2/2 loss"] {
+        assert!(o.stderr.contains(step), "{step:?} missing:\n{}", o.stderr);
+    }
+    assert!(o.stderr.contains("FLOP/s"), "{}", o.stderr);
+    assert!(!o.stderr.contains("MFU"), "{}", o.stderr);
+
+    let peak = fresh("metrics-peak");
+    let o = ok(
+        run(&peak, 1, TRAIN, &["train.peak_tflops=0.5"], &[]),
+        "peak",
+    );
+    for v in metrics(&peak) {
+        let (tflops, mfu) = (v["tflops"].as_f64().unwrap(), v["mfu"].as_f64().unwrap());
+        assert!((mfu - tflops / 0.5).abs() <= 1e-12 * mfu.abs(), "{v}");
+    }
+    assert!(o.stderr.contains("MFU"), "{}", o.stderr);
+}
