@@ -67,9 +67,9 @@ fn bitwise(world: usize, async_save: bool) {
     for (n, t) in &wa {
         assert!(t.equal(&wb[n]), "{n} differs after resume");
     }
-    // every_steps 4 + the epoch end (step 6), keep_last 2
-    assert_eq!(checkpoints(&straight), ["step-00000006", "step-00000008"]);
-    assert_eq!(checkpoints(&resumed), ["step-00000006", "step-00000008"]);
+    // every_steps 4, the epoch end (step 6) and train.max_steps (step 10); keep_last 2
+    assert_eq!(checkpoints(&straight), ["step-00000008", "step-00000010"]);
+    assert_eq!(checkpoints(&resumed), ["step-00000008", "step-00000010"]);
     println!(
         "world {world}: 10 losses and {} weights identical after resume at step 5",
         wa.len()

@@ -109,8 +109,15 @@ fn load_into(
             m.data.global_batch
         );
     }
-    let mut reader = Reader::new(dir, &m)?;
-    let states = flat_states(trainable, opt);
+    fill_states(dir, &m, &flat_states(trainable, opt))?;
+    opt.step = m.optimizer_step;
+    Ok(m)
+}
+
+/// Fills this rank's flat states (master, exp_avg, exp_avg_sq ranges) from checkpoint `dir`
+/// with manifest `m`, whatever world size wrote it.
+pub(crate) fn fill_states(dir: &Path, m: &Manifest, states: &[super::FlatState]) -> Result<()> {
+    let mut reader = Reader::new(dir, m)?;
     // every model parameter must be in the checkpoint and vice versa
     let ours: std::collections::HashSet<&str> = states
         .iter()
@@ -136,7 +143,7 @@ fn load_into(
         );
     }
     tch::no_grad(|| -> Result<()> {
-        for s in &states {
+        for s in states {
             let n = (s.end - s.start) as usize;
             if n == 0 {
                 continue;
@@ -174,9 +181,7 @@ fn load_into(
             }
         }
         Ok(())
-    })?;
-    opt.step = m.optimizer_step;
-    Ok(m)
+    })
 }
 
 /// Reads and checks `dir/manifest.json` (format and version).
@@ -322,8 +327,13 @@ impl<'m> Reader<'m> {
                 .find(|f| f.file == name)
                 .ok_or_else(|| anyhow!("checkpoint {}: manifest names file {name} in a tensor's shards but not in `files`", self.dir.display()))?;
             let path = self.dir.join(name);
-            let digest = super::sha256_file(&path)
+            let file = std::fs::File::open(&path)
                 .with_context(|| format!("reading checkpoint file {}", path.display()))?;
+            // SAFETY: checkpoint files are never modified after the rename that publishes them.
+            let map = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("mapping {}", path.display()))?;
+            // hashed from the map: no copy through a read buffer
+            let digest = super::sha256_hex(&map);
             if digest != entry.sha256 {
                 bail!(
                     "checkpoint file {} is corrupt: sha256 {digest}, the manifest says {}; resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}",
@@ -331,10 +341,6 @@ impl<'m> Reader<'m> {
                     entry.sha256
                 );
             }
-            let file = std::fs::File::open(&path)?;
-            // SAFETY: checkpoint files are never modified after the rename that publishes them.
-            let map = unsafe { Mmap::map(&file) }
-                .with_context(|| format!("mapping {}", path.display()))?;
             let bad = || {
                 anyhow!(
                     "checkpoint file {} has a malformed safetensors header; {FIX}",
@@ -438,6 +444,44 @@ impl<'m> Reader<'m> {
             );
         }
         Ok(())
+    }
+}
+
+/// A checkpoint's trained parameters, read one at a time by name (merged export: never all of
+/// them in memory). Each rank file is verified against its sha256 when first read.
+pub(crate) struct TrainedParams<'m> {
+    reader: Reader<'m>,
+}
+
+impl<'m> TrainedParams<'m> {
+    pub fn new(dir: &Path, m: &'m Manifest) -> Result<Self> {
+        Ok(Self {
+            reader: Reader::new(dir, m)?,
+        })
+    }
+
+    /// Every trained parameter's name.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.reader.params.keys().map(String::as_str)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[i64]> {
+        self.reader.params.get(name).map(|(_, _, s)| s.as_slice())
+    }
+
+    /// The fp32 parameter `name` with its shape.
+    pub fn get(&mut self, name: &str) -> Result<Tensor> {
+        let (group, offset, shape) = self.reader.params.get(name).cloned().ok_or_else(|| {
+            anyhow!(
+                "checkpoint {}: no parameter {name}",
+                self.reader.dir.display()
+            )
+        })?;
+        let numel: i64 = shape.iter().product();
+        let mut buf = vec![0f32; numel as usize];
+        self.reader
+            .read(&group, "param", offset, offset + numel, &mut buf)?;
+        Ok(Tensor::from_slice(&buf).view(shape.as_slice()))
     }
 }
 

@@ -3,6 +3,7 @@
 //! - `manifest`: the `manifest.json` schema (format version, progress, config identity, tensor ranges, checksums)
 //! - `save`:     atomic save (`step-N.partial/` -> fsync -> barrier -> manifest -> rename), retention
 //! - `export`:   `trainer export --format peft`: a PEFT adapter folder from a checkpoint (tensor by tensor)
+//! - `merged`:   `trainer export --format merged`: a full HF model folder (LoRA merged), streamed, sharded
 //! - `load`:     finding the newest complete checkpoint, integrity checks, resharded loading (mmap ranges)
 //! - this file:  the state a rank saves ([`FlatState`]), config identity, small file helpers
 //!
@@ -15,10 +16,10 @@
 pub mod export;
 pub mod load;
 pub mod manifest;
+pub mod merged;
 pub mod save;
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
@@ -32,6 +33,7 @@ use crate::optim::AdamW;
 pub use export::export_peft;
 pub use load::{find_latest, read_full, resume, Resumed};
 pub use manifest::{Manifest, FORMAT, VERSION};
+pub use merged::{export_merged, parse_size, MergedSummary};
 pub use save::save;
 
 /// Where the training loop stands (what a checkpoint restores besides tensors).
@@ -174,21 +176,6 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// sha256 of a whole file, streamed.
-pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
 }
 
 /// fsync a directory (so that renames and new entries in it are durable).

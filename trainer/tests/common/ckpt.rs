@@ -118,3 +118,60 @@ pub fn fresh(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&out);
     out
 }
+
+/// The image token of the tiny models (`image_token_index`, past the 711-token vocabulary).
+pub const IMAGE_TOKEN: i64 = 711;
+
+/// Pixel values both Rust and Python make without a stored file: `(k % 97) / 97 - 0.5` over the
+/// flat (B, M, T, 3, 56, 56) buffer, fp32 (exact in both: integer, then one rounded division).
+pub fn probe_pixels(b: i64, m: i64, t: i64) -> tch::Tensor {
+    let n = b * m * t * 3 * 56 * 56;
+    let k = tch::Tensor::arange(n, (tch::Kind::Int64, tch::Device::Cpu)).remainder(97);
+    (k.to_kind(tch::Kind::Float) / 97.0 - 0.5).view([b, m, t, 3, 56, 56])
+}
+
+/// A one-image batch for the tiny models: `ids` (image token included) and an image of
+/// `tiles` of 4 tiles (aspect-ratio id `ar_id`) that every token from the image token on sees.
+pub fn probe_batch(ids: &[i64], tiles: i64, ar_id: i64) -> trainer::model::Batch {
+    use tch::{Kind, Tensor};
+    let s = ids.len() as i64;
+    let at = ids
+        .iter()
+        .position(|&t| t == IMAGE_TOKEN)
+        .expect("an image token") as i64;
+    let tile_mask = Tensor::arange(4, (Kind::Int64, tch::Device::Cpu))
+        .lt(tiles)
+        .to_kind(Kind::Int64); // (T,)
+    let rows = Tensor::arange(s, (Kind::Int64, tch::Device::Cpu))
+        .ge(at)
+        .to_kind(Kind::Int64); // (S,)
+    let cam = rows.view([1, s, 1, 1]) * tile_mask.view([1, 1, 1, 4]); // (B, S, M, T)
+    trainer::model::Batch {
+        input_ids: Tensor::from_slice(ids).view([1, s]),
+        attention_mask: Some(Tensor::ones([1, s], (Kind::Int64, tch::Device::Cpu))),
+        labels: None,
+        images: Some(trainer::model::Images {
+            pixel_values: probe_pixels(1, 1, 4),
+            aspect_ratio_ids: Tensor::from_slice(&[ar_id]).view([1, 1]),
+            aspect_ratio_mask: tile_mask.view([1, 1, 4]),
+            cross_attention_mask: cam,
+        }),
+    }
+}
+
+/// max |a - b| / max |b|.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    let d = (a - b).abs().max().double_value(&[]);
+    d / b.abs().max().double_value(&[])
+}
+
+/// `.venv/bin/python` when it can import `modules`, else `None` (the caller prints SKIP).
+pub fn venv_python(modules: &str) -> Option<PathBuf> {
+    let py = repo().join(".venv/bin/python");
+    let ok = Command::new(&py)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(py)
+}

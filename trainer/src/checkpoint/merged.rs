@@ -1,0 +1,518 @@
+//! `trainer export --format merged`: a full Hugging Face model folder from a checkpoint and the
+//! base model it was trained on. Every base tensor is streamed from the base's memory-mapped
+//! safetensors into the output shards one at a time (host memory holds one tensor and its LoRA
+//! factors, never the model):
+//! - a LoRA-targeted linear weight W (out, in) becomes W + scaling * B (out, r) @ A (r, in),
+//!   computed in fp32 and cast back to W's dtype (`Linear::merge_lora`, the model's own math);
+//! - a full-finetuning checkpoint's trained parameter replaces the base tensor (cast to its dtype);
+//! - every other tensor is copied byte for byte.
+//!
+//! Output layout as `save_pretrained` writes it: `model.safetensors` when everything fits in one
+//! shard of `max_shard_bytes`, else `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`
+//! (`metadata.total_size`, `weight_map`), greedy in base order like huggingface_hub's splitter (a
+//! tensor larger than the limit gets a shard of its own); plus config.json, generation_config.json,
+//! tokenizer, chat-template and processor files copied from the base folder. Tensor names and
+//! dtypes are the base's (either key layout), so whatever loads the base loads the export.
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, SafeTensors};
+use serde_json::{json, Value};
+use tch::{Kind, Tensor};
+
+use super::load::{read_manifest, TrainedParams};
+use crate::model::lora::LoraBranch;
+use crate::model::weights::legacy_to_canonical;
+use crate::model::Linear;
+
+/// huggingface_hub's default `max_shard_size`.
+pub const DEFAULT_MAX_SHARD: &str = "5GB";
+
+/// Files copied from the base folder when present (config.json must be).
+const SIDE_FILES: [&str; 10] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+];
+
+/// What `export_merged` wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergedSummary {
+    /// Tensors written (all of the base's).
+    pub tensors: usize,
+    /// Linear weights with a LoRA update merged in.
+    pub merged: usize,
+    /// Base tensors replaced by trained (full-finetuning) parameters.
+    pub replaced: usize,
+    /// Weight files written, in order.
+    pub files: Vec<String>,
+    /// Bytes of tensor data (`metadata.total_size`).
+    pub total_bytes: u64,
+}
+
+/// `"5GB"` -> 5e9 bytes, as transformers' `convert_file_size_to_int` reads it: KB/MB/GB are
+/// powers of 1000, KiB/MiB/GiB powers of 1024, a bare number is bytes.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KIB" => 1 << 10,
+        "MIB" => 1 << 20,
+        "GIB" => 1 << 30,
+        "TIB" => 1 << 40,
+        _ => {
+            bail!("--max-shard-size {s:?}: unknown unit; use e.g. 5GB, 500MB, 2GiB or a byte count")
+        }
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow!("--max-shard-size {s:?}: expected a number with an optional unit (5GB, 500MB, 2GiB, 1000000)"))?;
+    let bytes = (n * scale as f64).round();
+    if bytes.is_nan() || bytes < 1.0 {
+        bail!("--max-shard-size {s:?}: must be at least 1 byte");
+    }
+    Ok(bytes as u64)
+}
+
+/// One tensor of the base model, where it lives in its mapped file.
+struct BaseTensor {
+    name: String,
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<i64>,
+    /// Byte range relative to the file's data start.
+    offsets: (usize, usize),
+}
+
+impl BaseTensor {
+    fn bytes(&self) -> u64 {
+        (self.offsets.1 - self.offsets.0) as u64
+    }
+}
+
+struct BaseFile {
+    path: PathBuf,
+    map: Mmap,
+    data_start: usize,
+}
+
+/// What happens to one base tensor.
+enum Action {
+    Copy,
+    /// LoRA factor names (A, B) in the checkpoint.
+    Merge(String, String),
+    /// The checkpoint parameter's name.
+    Replace(String),
+}
+
+/// The base folder's weight files (index or single file), mapped, and their tensors in file order.
+fn open_base(dir: &Path) -> Result<(Vec<BaseFile>, Vec<BaseTensor>)> {
+    let index = dir.join("model.safetensors.index.json");
+    let paths: Vec<PathBuf> = if index.exists() {
+        let v: Value = serde_json::from_str(
+            &std::fs::read_to_string(&index)
+                .with_context(|| format!("reading {}", index.display()))?,
+        )
+        .with_context(|| format!("parsing {}", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| anyhow!("{}: no `weight_map` object", index.display()))?;
+        let names: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
+        names.into_iter().map(|f| dir.join(f)).collect()
+    } else {
+        let single = dir.join("model.safetensors");
+        if !single.exists() {
+            bail!(
+                "base model folder {}: neither model.safetensors nor model.safetensors.index.json found; pass the folder the checkpoint was trained on with --model DIR",
+                dir.display()
+            );
+        }
+        vec![single]
+    };
+    let (mut files, mut tensors) = (vec![], vec![]);
+    for (i, path) in paths.into_iter().enumerate() {
+        let f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: the base model is only read; a concurrent writer would be a user error, as with any mmap.
+        let map =
+            unsafe { Mmap::map(&f) }.with_context(|| format!("mapping {}", path.display()))?;
+        let (n, meta) = SafeTensors::read_metadata(&map)
+            .map_err(|e| anyhow!("{}: bad safetensors header: {e:?}", path.display()))?;
+        let mut here: Vec<BaseTensor> = meta
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| BaseTensor {
+                name,
+                file: i,
+                dtype: info.dtype,
+                shape: info.shape.iter().map(|&d| d as i64).collect(),
+                offsets: info.data_offsets,
+            })
+            .collect();
+        // file order: reading the map front to back
+        here.sort_by_key(|t| t.offsets.0);
+        tensors.extend(here);
+        files.push(BaseFile {
+            path,
+            map,
+            data_start: n + 8,
+        });
+    }
+    Ok((files, tensors))
+}
+
+fn kind_of(d: Dtype) -> Option<Kind> {
+    Some(match d {
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        _ => return None,
+    })
+}
+
+fn dtype_name(d: Dtype) -> Value {
+    serde_json::to_value(d).expect("Dtype serializes")
+}
+
+/// Writes the merged model of `checkpoint` into `out` (see the module doc). `model`: the base
+/// folder (default: the manifest's `model_path`).
+pub fn export_merged(
+    checkpoint: &Path,
+    out: &Path,
+    model: Option<&Path>,
+    max_shard_bytes: u64,
+) -> Result<MergedSummary> {
+    let m = read_manifest(checkpoint)?;
+    let base_dir = model.map_or_else(|| PathBuf::from(&m.model_path), Path::to_path_buf);
+    let cfg_path = base_dir.join("config.json");
+    let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| {
+        anyhow!(
+            "base model config {} cannot be read ({e}); the checkpoint was trained on model.path {:?}: pass that folder with --model DIR",
+            cfg_path.display(),
+            m.model_path
+        )
+    })?;
+    let recorded = m.config.get("model.config_sha256").and_then(Value::as_str);
+    let found = super::sha256_hex(&cfg_bytes);
+    if recorded.is_some_and(|r| r != found) {
+        bail!(
+            "{} is not the model this checkpoint was trained on: its sha256 is {found}, the manifest records {} (model.path {:?}); pass the right folder with --model DIR",
+            cfg_path.display(),
+            recorded.unwrap_or_default(),
+            m.model_path
+        );
+    }
+    let peft = &m.peft;
+    let lora = match peft.get("method").and_then(Value::as_str) {
+        Some("lora") => {
+            let r = peft.get("r").and_then(Value::as_f64);
+            let alpha = peft.get("alpha").and_then(Value::as_f64);
+            match (r, alpha) {
+                (Some(r), Some(alpha)) if r > 0.0 => Some(alpha / r),
+                _ => bail!(
+                    "checkpoint {}: manifest peft section lacks r/alpha ({peft}); it cannot be merged",
+                    checkpoint.display()
+                ),
+            }
+        }
+        Some("none") => None,
+        other => bail!(
+            "checkpoint {}: unknown peft.method {other:?} in the manifest",
+            checkpoint.display()
+        ),
+    };
+
+    let mut trained = TrainedParams::new(checkpoint, &m)?;
+    let (files, base) = open_base(&base_dir)?;
+
+    // 1. decide every tensor's fate and check shapes before writing anything
+    let mut actions = Vec::with_capacity(base.len());
+    let mut used = BTreeSet::new();
+    let mut problems = vec![];
+    for t in &base {
+        let canonical = legacy_to_canonical(&t.name);
+        let action = match lora {
+            Some(_) => {
+                let module = canonical.strip_suffix(".weight");
+                let a = module.map(|p| format!("base_model.model.{p}.lora_A.weight"));
+                let b = module.map(|p| format!("base_model.model.{p}.lora_B.weight"));
+                match (a, b) {
+                    (Some(a), Some(b)) if trained.shape(&a).is_some() => {
+                        let (sa, sb) = (trained.shape(&a).unwrap(), trained.shape(&b));
+                        let ok = t.shape.len() == 2
+                            && sa.len() == 2
+                            && sa[1] == t.shape[1]
+                            && sb.is_some_and(|sb| {
+                                sb.len() == 2 && sb[0] == t.shape[0] && sb[1] == sa[0]
+                            });
+                        if !ok {
+                            problems.push(format!(
+                                "{}: base shape {:?}, LoRA A {:?}, B {:?} (expected A (r, in), B (out, r))",
+                                t.name, t.shape, sa, sb
+                            ));
+                        }
+                        used.insert(a.clone());
+                        used.insert(b.clone());
+                        Action::Merge(a, b)
+                    }
+                    _ => Action::Copy,
+                }
+            }
+            None => match trained.shape(&canonical) {
+                Some(s) => {
+                    if s != t.shape.as_slice() {
+                        problems.push(format!(
+                            "{}: base shape {:?}, checkpoint {:?}",
+                            t.name, t.shape, s
+                        ));
+                    }
+                    used.insert(canonical.clone());
+                    Action::Replace(canonical)
+                }
+                None => Action::Copy,
+            },
+        };
+        if !matches!(action, Action::Copy) && kind_of(t.dtype).is_none() {
+            problems.push(format!(
+                "{}: dtype {:?} is not a float type, it cannot hold trained weights",
+                t.name, t.dtype
+            ));
+        }
+        actions.push(action);
+    }
+    let unused: Vec<&str> = trained.names().filter(|n| !used.contains(*n)).collect();
+    for n in unused.iter().take(10) {
+        problems.push(format!(
+            "checkpoint parameter {n} has no tensor in the base model"
+        ));
+    }
+    if !problems.is_empty() {
+        bail!(
+            "checkpoint {} does not fit the base model {} ({} problem(s)):\n  {}\npass the folder it was trained on with --model DIR",
+            checkpoint.display(),
+            base_dir.display(),
+            problems.len() + unused.len().saturating_sub(10),
+            problems.join("\n  ")
+        );
+    }
+
+    // 2. shard plan: greedy in base order (huggingface_hub's `split_torch_state_dict_into_shards`)
+    let mut shards: Vec<Vec<usize>> = vec![];
+    let mut current = 0u64;
+    for (i, t) in base.iter().enumerate() {
+        if shards.is_empty() || (current + t.bytes() > max_shard_bytes && current > 0) {
+            shards.push(vec![]);
+            current = 0;
+        }
+        shards.last_mut().expect("a shard").push(i);
+        current += t.bytes();
+    }
+    let n = shards.len();
+    let names: Vec<String> = if n == 1 {
+        vec!["model.safetensors".into()]
+    } else {
+        (1..=n)
+            .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
+            .collect()
+    };
+
+    // 3. write
+    prepare_out(out)?;
+    let mut weight_map = serde_json::Map::new();
+    let (mut merged, mut replaced) = (0, 0);
+    for (shard, fname) in shards.iter().zip(&names) {
+        let path = out.join(fname);
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), json!({"format": "pt"}));
+        let mut at = 0u64;
+        for &i in shard {
+            let t = &base[i];
+            header.insert(
+                t.name.clone(),
+                json!({"dtype": dtype_name(t.dtype), "shape": t.shape, "data_offsets": [at, at + t.bytes()]}),
+            );
+            at += t.bytes();
+            weight_map.insert(t.name.clone(), json!(fname));
+        }
+        let mut head = serde_json::to_vec(&Value::Object(header))?;
+        while head.len() % 8 != 0 {
+            head.push(b' ');
+        }
+        let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut w = BufWriter::with_capacity(8 << 20, file);
+        w.write_all(&(head.len() as u64).to_le_bytes())?;
+        w.write_all(&head)?;
+        for &i in shard {
+            let t = &base[i];
+            let f = &files[t.file];
+            let (a, b) = (f.data_start + t.offsets.0, f.data_start + t.offsets.1);
+            let raw = f.map.get(a..b).ok_or_else(|| {
+                anyhow!(
+                    "{}: data of {} out of range (truncated file?)",
+                    f.path.display(),
+                    t.name
+                )
+            })?;
+            let written = match &actions[i] {
+                Action::Copy => {
+                    w.write_all(raw)?;
+                    Ok(())
+                }
+                Action::Merge(an, bn) => {
+                    merged += 1;
+                    let kind = kind_of(t.dtype).expect("checked");
+                    let weight = Tensor::f_from_data_size(raw, &t.shape, kind)?; // (out, in)
+                    let a = trained.get(an)?; // (r, in) fp32
+                    let b = trained.get(bn)?; // (out, r) fp32
+                    let mut lin = Linear {
+                        path: t.name.clone(),
+                        weight,
+                        bias: None,
+                        lora: Some(LoraBranch {
+                            a,
+                            b,
+                            scaling: lora.expect("lora"),
+                            dropout: 0.0,
+                            training: false,
+                        }),
+                    };
+                    lin.merge_lora();
+                    write_tensor(&mut w, &lin.weight, t)
+                }
+                Action::Replace(pn) => {
+                    replaced += 1;
+                    let kind = kind_of(t.dtype).expect("checked");
+                    let p = trained.get(pn)?.to_kind(kind);
+                    write_tensor(&mut w, &p, t)
+                }
+            };
+            written.with_context(|| format!("writing {} into {}", t.name, path.display()))?;
+            release(f, a, b - a);
+        }
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()
+            .with_context(|| format!("syncing {}", path.display()))?;
+    }
+    let total_bytes: u64 = base.iter().map(BaseTensor::bytes).sum();
+    if n > 1 {
+        let index = json!({"metadata": {"total_size": total_bytes}, "weight_map": weight_map});
+        let p = out.join("model.safetensors.index.json");
+        std::fs::write(&p, serde_json::to_string_pretty(&index)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    for f in SIDE_FILES {
+        let src = base_dir.join(f);
+        if src.exists() {
+            std::fs::copy(&src, out.join(f))
+                .with_context(|| format!("copying {} into {}", src.display(), out.display()))?;
+        }
+    }
+    super::fsync_dir(out)?;
+    Ok(MergedSummary {
+        tensors: base.len(),
+        merged,
+        replaced,
+        files: names,
+        total_bytes,
+    })
+}
+
+/// Creates `out`; refuses a folder that already holds weights (a stale shard would mix into the
+/// export).
+fn prepare_out(out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for e in std::fs::read_dir(out).with_context(|| format!("listing {}", out.display()))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors") || name == "model.safetensors.index.json" {
+            bail!(
+                "--out {} already holds model weights ({name}); give an empty or new folder",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The bytes of `t` (contiguous, the base tensor's dtype and shape) into `w`.
+fn write_tensor(w: &mut impl Write, t: &Tensor, base: &BaseTensor) -> Result<()> {
+    let t = t.contiguous();
+    if t.size() != base.shape {
+        bail!("shape {:?}, expected {:?}", t.size(), base.shape);
+    }
+    let mut bytes = vec![0u8; base.bytes() as usize];
+    t.f_copy_data_u8(&mut bytes, t.numel())?;
+    w.write_all(&bytes)?;
+    Ok(())
+}
+
+/// Drops a range's mapped pages once written, so the export's resident memory stays near one
+/// tensor (mapped pages otherwise stay resident until the map is dropped).
+fn release(f: &BaseFile, offset: usize, len: usize) {
+    #[cfg(unix)]
+    {
+        // SAFETY: read-only shared file mapping; no slice into this range is used after this call
+        // (MADV_DONTNEED only drops pages, a later read faults them in from the file again).
+        let _ = unsafe {
+            f.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+        };
+    }
+    #[cfg(not(unix))]
+    let _ = (f, offset, len);
+}
+
+/// The index of a sharded export (`None`: single file), for tests and tools.
+pub fn read_index(dir: &Path) -> Result<Option<(u64, BTreeMap<String, String>)>> {
+    let p = dir.join("model.safetensors.index.json");
+    if !p.exists() {
+        return Ok(None);
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
+    let total = v["metadata"]["total_size"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("{}: no metadata.total_size", p.display()))?;
+    let map = v["weight_map"]
+        .as_object()
+        .ok_or_else(|| anyhow!("{}: no weight_map", p.display()))?
+        .iter()
+        .map(|(k, f)| (k.clone(), f.as_str().unwrap_or_default().to_string()))
+        .collect();
+    Ok(Some((total, map)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_transformers() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size("1.5kb").unwrap(), 1500);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("GB").is_err());
+    }
+}

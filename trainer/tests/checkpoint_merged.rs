@@ -1,0 +1,313 @@
+//! `trainer export --format merged`: after a short LoRA training (world 2), the merged folder
+//! loaded as a plain model gives the logits of base + exported PEFT adapter; untouched tensors
+//! are the base's bytes; a tiny `--max-shard-size` gives HF-named shards with a valid index that
+//! our loader and (when `.venv` has it) transformers load; a full-finetuning checkpoint exports its
+//! trained weights; a wrong base model or a non-empty --out is refused with a clear error.
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::bin;
+use common::ckpt::*;
+use safetensors::SafeTensors;
+use tch::Tensor;
+use trainer::model::{LoadOptions, MllamaModel};
+
+fn export(ckpt: &Path, out: &Path, format: &str, extra: &[&str]) -> Out {
+    let o = Command::new(bin("trainer"))
+        .args(["export", "--format", format, "--checkpoint"])
+        .arg(ckpt)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap();
+    Out {
+        code: o.status.code(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// A LoRA checkpoint after 2 steps at world 2 (shared by the tests of this file).
+fn lora_checkpoint() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = fresh("merged-lora");
+        let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 2";
+        ok(
+            run(&out, 2, train, &["checkpoint.every_steps=2"], &[]),
+            "train",
+        );
+        out.join("ckpt/step-00000002")
+    })
+}
+
+fn tensors(file: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(file)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .into_iter()
+        .collect()
+}
+
+fn logits(model: &MllamaModel) -> Tensor {
+    let ids = [455, IMAGE_TOKEN, 12, 40, 77, 3, 250, 600, 9, 31];
+    tch::no_grad(|| model.forward(&probe_batch(&ids, 2, 2))).unwrap()
+}
+
+#[test]
+fn merged_lora_export_gives_the_adapters_logits() {
+    let ckpt = lora_checkpoint();
+    let root = ckpt.parent().unwrap().parent().unwrap();
+    let (adapter, merged) = (root.join("adapter"), root.join("merged"));
+    ok(export(ckpt, &adapter, "peft", &[]), "export peft");
+    ok(export(ckpt, &merged, "merged", &[]), "export merged");
+    let base_dir = setup().join("model");
+
+    // one file (the tiny model fits in 5GB), config and tokenizer files copied
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    ] {
+        assert!(merged.join(f).exists(), "{f} missing in the export");
+    }
+    assert!(!merged.join("model.safetensors.index.json").exists());
+
+    // q_proj / v_proj weights changed, everything else byte-identical to the base
+    let base = tensors(&base_dir.join("model.safetensors"));
+    let out = tensors(&merged.join("model.safetensors"));
+    assert_eq!(
+        base.keys().collect::<BTreeSet<_>>(),
+        out.keys().collect::<BTreeSet<_>>()
+    );
+    let mut changed = 0;
+    for (n, t) in &base {
+        let lora = n.ends_with("q_proj.weight") || n.ends_with("v_proj.weight");
+        assert_eq!(t.kind(), out[n].kind(), "{n}: dtype changed");
+        if lora {
+            assert!(!t.equal(&out[n]), "{n}: LoRA update not merged");
+            changed += 1;
+        } else {
+            assert!(t.equal(&out[n]), "{n}: changed but not a LoRA target");
+        }
+    }
+    assert!(changed > 0);
+
+    let mut with_adapter = MllamaModel::load(&base_dir, LoadOptions::default()).unwrap();
+    with_adapter.load_adapter(&adapter).unwrap();
+    let want = logits(&with_adapter);
+    let got = logits(&MllamaModel::load(&merged, LoadOptions::default()).unwrap());
+    let err = rel_err(&got, &want);
+    let plain = logits(&MllamaModel::load(&base_dir, LoadOptions::default()).unwrap());
+    let effect = rel_err(&plain, &want);
+    println!("merged vs base + adapter: rel {err:.2e} (base alone: {effect:.2e}); {changed} weights merged");
+    assert!(
+        err < 1e-5,
+        "merged logits differ from base + adapter: {err}"
+    );
+    assert!(
+        effect > 1e-4,
+        "the adapter has no visible effect ({effect}): test is vacuous"
+    );
+}
+
+#[test]
+fn sharded_merged_export_has_a_valid_index() {
+    let ckpt = lora_checkpoint();
+    let root = ckpt.parent().unwrap().parent().unwrap();
+    let (single, sharded) = (root.join("merged-one"), root.join("merged-sharded"));
+    ok(export(ckpt, &single, "merged", &[]), "export merged");
+    let max = 200_000u64; // the tiny model is ~1.1 MB: 6+ shards
+    ok(
+        export(
+            ckpt,
+            &sharded,
+            "merged",
+            &["--max-shard-size", &format!("{}KB", max / 1000)],
+        ),
+        "export merged sharded",
+    );
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let weight_map = index["weight_map"].as_object().unwrap();
+    let files: BTreeSet<&str> = weight_map.values().map(|v| v.as_str().unwrap()).collect();
+    let n = files.len();
+    assert!(n >= 5, "expected several shards, got {n}");
+    assert!(!sharded.join("model.safetensors").exists());
+    let want_names: BTreeSet<String> = (1..=n)
+        .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
+        .collect();
+    assert_eq!(
+        files.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
+        want_names
+    );
+    // every tensor in exactly the file the index names, total_size = the data bytes
+    let mut total = 0u64;
+    let mut seen = BTreeSet::new();
+    for f in &files {
+        let bytes = std::fs::read(sharded.join(f)).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut data = 0u64;
+        let names = st.names();
+        for name in &names {
+            assert_eq!(weight_map[name.as_str()].as_str(), Some(*f), "{name}");
+            let t = st.tensor(name).unwrap();
+            data += t.data().len() as u64;
+            assert!(seen.insert(name.to_string()), "{name} in two shards");
+        }
+        assert!(
+            data <= max || names.len() == 1,
+            "{f}: {data} bytes of tensors over --max-shard-size {max}"
+        );
+        total += data;
+    }
+    assert_eq!(seen.len(), weight_map.len());
+    assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total));
+
+    // our loader reads the index; the same weights as the single-file export
+    let one = logits(&MllamaModel::load(&single, LoadOptions::default()).unwrap());
+    let many = logits(&MllamaModel::load(&sharded, LoadOptions::default()).unwrap());
+    assert!(one.equal(&many), "sharded export loads to other weights");
+
+    // transformers loads the sharded folder to the same logits (text-only input)
+    let Some(py) = venv_python("transformers, safetensors") else {
+        println!("SKIP transformers check: .venv/bin/python cannot import transformers");
+        return;
+    };
+    let ids = Tensor::from_slice(&[455i64, 12, 40, 77, 3, 250, 600, 9]).view([1, 8]);
+    let ours = tch::no_grad(|| {
+        MllamaModel::load(&sharded, LoadOptions::default())
+            .unwrap()
+            .forward(&trainer::model::Batch {
+                input_ids: ids.shallow_clone(),
+                attention_mask: None,
+                labels: None,
+                images: None,
+            })
+    })
+    .unwrap();
+    let io = root.join("transformers-check.safetensors");
+    Tensor::write_safetensors(&[("input_ids", &ids), ("logits", &ours)], &io).unwrap();
+    let script = r#"
+import sys, torch
+from safetensors.torch import load_file
+from transformers import MllamaForConditionalGeneration
+d = load_file(sys.argv[2])
+m = MllamaForConditionalGeneration.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    got = m(input_ids=d["input_ids"]).logits
+err = ((got - d["logits"]).abs().max() / d["logits"].abs().max()).item()
+print(f"transformers vs ours on the sharded export: rel {err:.2e}")
+sys.exit(0 if err < 1e-4 else 1)
+"#;
+    let o = Command::new(py)
+        .args(["-c", script])
+        .arg(&sharded)
+        .arg(&io)
+        .output()
+        .unwrap();
+    let (so, se) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    println!("{so}");
+    assert!(o.status.success(), "transformers check failed:\n{so}\n{se}");
+}
+
+#[test]
+fn merged_export_of_full_finetuning_holds_the_trained_weights() {
+    let out = fresh("merged-full");
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
+    ok(
+        run(
+            &out,
+            2,
+            train,
+            &["checkpoint.every_steps=1", "peft.method=none"],
+            &[],
+        ),
+        "train",
+    );
+    let merged = out.join("merged");
+    ok(
+        export(&out.join("ckpt/step-00000001"), &merged, "merged", &[]),
+        "export merged",
+    );
+    let trained = weights(&out);
+    let base = tensors(&setup().join("model/model.safetensors"));
+    let got = tensors(&merged.join("model.safetensors"));
+    assert_eq!(base.len(), got.len());
+    let mut replaced = 0;
+    for (n, t) in &got {
+        match trained.get(n) {
+            Some(w) => {
+                assert!(t.equal(&w.to_kind(t.kind())), "{n}: not the trained weight");
+                replaced += 1;
+            }
+            None => assert!(t.equal(&base[n]), "{n}: not trained but changed"),
+        }
+    }
+    assert_eq!(
+        replaced,
+        trained.len(),
+        "every trained weight is in the export"
+    );
+    assert!(replaced > 0);
+    let changed = got.iter().filter(|(n, t)| !t.equal(&base[*n])).count();
+    assert!(changed > 0, "training changed no weight: test is vacuous");
+    println!("{replaced} trained weights replaced, {changed} differ from the base");
+}
+
+#[test]
+fn merged_export_refuses_a_wrong_base_model_and_a_used_out_folder() {
+    let ckpt = lora_checkpoint();
+    let root = ckpt.parent().unwrap().parent().unwrap();
+    // another model folder (other config): named by its config's hash, with the fix
+    let other = root.join("other-model");
+    if !other.join("config.json").exists() {
+        common::tiny_model_folder(&other, 3, |c| {
+            c["text_config"]["intermediate_size"] = 96.into();
+        });
+    }
+    let o = export(
+        ckpt,
+        &root.join("merged-wrong"),
+        "merged",
+        &["--model", other.to_str().unwrap()],
+    );
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("is not the model this checkpoint was trained on")
+            && o.stderr.contains("--model"),
+        "{}",
+        o.stderr
+    );
+    // an --out that already holds weights
+    let used = root.join("merged-used");
+    std::fs::create_dir_all(&used).unwrap();
+    std::fs::write(used.join("model-00001-of-00002.safetensors"), b"old").unwrap();
+    let o = export(ckpt, &used, "merged", &[]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("already holds model weights"),
+        "{}",
+        o.stderr
+    );
+    // a bad --max-shard-size
+    let o = export(
+        ckpt,
+        &root.join("merged-bad-size"),
+        "merged",
+        &["--max-shard-size", "5 parsecs"],
+    );
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(o.stderr.contains("--max-shard-size"), "{}", o.stderr);
+}
