@@ -1,6 +1,6 @@
 //! trainer eval end to end on a tiny random model (fixture tokenizer and images): the report's
 //! numbers agree with predictions.jsonl, an interrupted run resumes to the same report, and bad
-//! benchmarks give FILE:LINE errors.
+//! benchmarks give FILE:LINE errors; `--batch-size` does not change greedy predictions.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -84,9 +84,28 @@ fn report_matches_predictions_and_resume_gives_the_same_report() {
         .map(|k| tr[*k].as_u64().unwrap())
         .sum();
     assert_eq!(sum, 4);
-    assert!(std::fs::read_to_string(full.join("report.md"))
-        .unwrap()
-        .contains("## Accuracy per turn"));
+    let md = std::fs::read_to_string(full.join("report.md")).unwrap();
+    assert!(md.contains("## Accuracy per turn"));
+    // the plots: PNGs of the documented size, linked from report.md, with something drawn
+    for name in ["accuracy.png", "transitions.png"] {
+        assert!(md.contains(&format!("]({name})")), "report.md links {name}");
+        let bytes = std::fs::read(full.join(name)).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{name} is a PNG");
+        let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(img.dimensions(), trainer::eval::plots::SIZE, "{name}");
+        // bars or lines and legend squares (non-white) and the labels (dark text)
+        let drawn = img.pixels().filter(|p| p.0 != [255, 255, 255]).count();
+        let dark = img
+            .pixels()
+            .filter(|p| p.0.iter().all(|&c| c < 100))
+            .count();
+        assert!(
+            drawn > 2000 && dark > 500,
+            "{name}: {drawn} drawn, {dark} dark pixels"
+        );
+    }
 
     // interrupted after 2 samples, then resumed: the same predictions and report
     let resumed = dir.join("out-resumed");
@@ -98,13 +117,31 @@ fn report_matches_predictions_and_resume_gives_the_same_report() {
             .count(),
         2
     );
-    assert_eq!(eval(&resumed, &[]).0, 0);
+    // the rest in one left-padded batch: greedy texts are those of the one-at-a-time run
+    assert_eq!(eval(&resumed, &["--batch-size", "3"]).0, 0);
     let strip = |v: Value| -> Value {
         let mut v = v;
         v["cost"] = Value::Null; // timings differ
         v
     };
     assert_eq!(strip(json(&resumed.join("report.json"))), strip(report));
+    let texts = |dir: &Path| -> Vec<Vec<String>> {
+        std::fs::read_to_string(dir.join("predictions.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let p: Value = serde_json::from_str(l).unwrap();
+                p["turns"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t["text"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .collect()
+    };
+    assert_eq!(texts(&resumed), texts(&full));
+    assert!(texts(&full).iter().flatten().all(|t| !t.is_empty()));
 }
 
 #[test]

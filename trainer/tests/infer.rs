@@ -165,3 +165,113 @@ fn zero_turns_is_an_error() {
         .unwrap_err();
     assert!(err.to_string().contains("at least 1"));
 }
+
+fn all_images() -> Vec<PathBuf> {
+    let dir = fixtures().join("images");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn batched_greedy_equals_unbatched_greedy_token_for_token() {
+    let model = model();
+    let text = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
+    let image_config = ImageProcessorConfig::from_model_dir(&fixtures().join("tok")).unwrap();
+    let session = Session {
+        model: &model,
+        text: &text,
+        image_config: &image_config,
+    };
+    let files = all_images();
+    let images: Vec<_> = files.iter().take(3).map(|p| load_rgb(p).unwrap()).collect();
+    // prompts of different lengths (left padding differs per row), with and without images
+    let questions = [
+        "How many?",
+        "Which color is the largest shape in the picture, and where is it?",
+        "What shape is in the top left corner?",
+    ];
+    let mut items: Vec<(Option<&trainer::data::image::RgbImage>, &str)> = images
+        .iter()
+        .zip(questions)
+        .map(|(im, q)| (Some(im), q))
+        .collect();
+    items.push((None, "Describe."));
+    items.push((None, "Name three colors that appear in the image, please."));
+    let o = opts(2, 0.0, 1);
+    let batched = session.run_batch(&items, &o, &mut |_, _, _| {}).unwrap();
+    assert_eq!(batched.len(), items.len());
+    for (i, (image, q)) in items.iter().enumerate() {
+        let alone = session.run(*image, q, &o, &mut |_, _| {}).unwrap();
+        for t in 0..2 {
+            assert_eq!(
+                batched[i][t].token_ids, alone[t].token_ids,
+                "item {i} turn {t}"
+            );
+            assert_eq!(batched[i][t].text, alone[t].text, "item {i} turn {t}");
+            assert_eq!(batched[i][t].prompt_tokens, alone[t].prompt_tokens);
+        }
+        assert_eq!(alone[0].tokens, 12, "a random model runs to max_new_tokens");
+    }
+    let lengths: Vec<usize> = batched.iter().map(|t| t[0].prompt_tokens).collect();
+    assert!(
+        lengths[0] != lengths[1] && lengths[1] != lengths[2],
+        "{lengths:?}"
+    );
+}
+
+#[test]
+fn rows_that_stop_early_leave_the_batch_without_changing_the_others() {
+    use trainer::infer::{sampling::Sampler, Prompt};
+    let model = model();
+    let text = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
+    let image_config = ImageProcessorConfig::from_model_dir(&fixtures().join("tok")).unwrap();
+    let session = Session {
+        model: &model,
+        text: &text,
+        image_config: &image_config,
+    };
+    let o = opts(1, 0.0, 1);
+    let processed: Vec<_> = all_images()
+        .iter()
+        .take(3)
+        .map(|p| process(&image_config, &load_rgb(p).unwrap()))
+        .collect();
+    let questions = ["How many?", "Which color is the largest shape?", "Where?"];
+    let prompts: Vec<Prompt> = processed
+        .iter()
+        .zip(questions)
+        .map(|(im, q)| Prompt {
+            ids: session.prompt_ids(q, true, &[], &o).unwrap(),
+            image: Some(im),
+        })
+        .collect();
+    let alone = |eos: &[i64], p: &Prompt| {
+        let mut s = Sampler::new(0.0, 1.0, 0);
+        tch::no_grad(|| session.generate(&p.ids, p.image, eos, &mut s, 16, &mut |_| {})).unwrap()
+    };
+    // end-of-turn := the token row 1 generates third, so row 1 stops early and the others go on
+    let free = alone(&[], &prompts[1]).1;
+    let eos = vec![free[2]];
+    let mut samplers = vec![Sampler::new(0.0, 1.0, 0); 3];
+    let batched =
+        tch::no_grad(|| session.generate_batch(&prompts, &eos, &mut samplers, 16, &mut |_, _| {}))
+            .unwrap();
+    let mut lengths = vec![];
+    for (p, b) in prompts.iter().zip(&batched) {
+        let (text, ids) = alone(&eos, p);
+        assert_eq!(b.token_ids, ids);
+        assert_eq!(b.text, text);
+        lengths.push(ids.len());
+    }
+    assert_eq!(lengths[1], 2, "row 1 stopped at its third token");
+    assert!(
+        lengths.iter().any(|&n| n > 2),
+        "{lengths:?}: some row outlived row 1"
+    );
+}

@@ -8,8 +8,11 @@
 //! benchmark order) and writes the reports. A resumed run, at any world size, skips every sample
 //! found in any of those files.
 //!
-//! Not built yet: batched generation, PNG plots.
+//! `batch_size` samples are generated together (`Session::run_batch`); greedy results do not
+//! depend on it. Rank 0 also draws accuracy.png and transitions.png (`plots`), linked from report.md.
 pub mod answer;
+mod font;
+pub mod plots;
 pub mod report;
 
 use std::collections::HashMap;
@@ -120,6 +123,8 @@ pub struct EvalOptions {
     pub out: PathBuf,
     pub limit: Option<usize>,
     pub training_metrics: Option<PathBuf>,
+    /// Samples generated together (left-padded batches; greedy results do not depend on it).
+    pub batch_size: usize,
 }
 
 /// Sum of tflops x step_s over a training metrics.jsonl.
@@ -162,6 +167,37 @@ fn existing_predictions(out: &Path) -> Result<HashMap<String, Prediction>, EvalE
     Ok(done)
 }
 
+/// Scores one sample's turns.
+fn prediction(item: &BenchItem, turns: Vec<crate::infer::TurnOutput>) -> Prediction {
+    let choices = item.choices.as_deref();
+    Prediction {
+        id: item.id.clone(),
+        answer: item.answer.clone(),
+        category: item.category.clone(),
+        turns: turns
+            .into_iter()
+            .map(|t| {
+                let extracted = answer::extract(&t.text);
+                let stages = t
+                    .stages
+                    .as_list()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+                    .collect();
+                TurnPrediction {
+                    correct: answer::is_correct(&extracted, &item.answer, choices),
+                    extracted,
+                    text: t.text,
+                    stages,
+                    prompt_tokens: t.prompt_tokens,
+                    tokens: t.tokens,
+                    seconds: t.seconds,
+                }
+            })
+            .collect(),
+    }
+}
+
 /// Runs (or resumes) the evaluation and, on rank 0, writes predictions.jsonl, report.json and
 /// report.md and returns the report. `progress(done, total)` is called after each sample.
 pub fn run(
@@ -199,45 +235,37 @@ pub fn run(
         let file = bench_file.clone();
         move |reason: String| EvalError::Bench { file, line, reason }
     };
-    for (k, (line, item)) in mine.iter().enumerate() {
-        if done.contains_key(&item.id) {
-            continue;
+    let todo: Vec<&&(usize, BenchItem)> = mine
+        .iter()
+        .filter(|(_, item)| !done.contains_key(&item.id))
+        .collect();
+    let already = mine.len() - todo.len();
+    for (c, chunk) in todo.chunks(opts.batch_size.max(1)).enumerate() {
+        let images = chunk
+            .iter()
+            .map(|(line, item)| {
+                let path =
+                    resolve_image(&item.image, Some(&opts.image_root)).map_err(bad(*line))?;
+                load_rgb(&path).map_err(bad(*line))
+            })
+            .collect::<Result<Vec<_>, EvalError>>()?;
+        let inputs: Vec<_> = chunk
+            .iter()
+            .zip(&images)
+            .map(|((_, item), image)| (Some(image), item.question.as_str()))
+            .collect();
+        let outputs = session.run_batch(&inputs, &opts.infer, &mut |_, _, _| {})?;
+        for ((_, item), turns) in chunk.iter().zip(outputs) {
+            let pred = prediction(item, turns);
+            writeln!(file, "{}", serde_json::to_string(&pred).unwrap_or_default())
+                .and_then(|_| file.flush())
+                .map_err(io_err(&rank_path))?;
+            done.insert(item.id.clone(), pred);
         }
-        let path = resolve_image(&item.image, Some(&opts.image_root)).map_err(bad(*line))?;
-        let image = load_rgb(&path).map_err(bad(*line))?;
-        let turns = session.run(Some(&image), &item.question, &opts.infer, &mut |_, _| {})?;
-        let choices = item.choices.as_deref();
-        let pred = Prediction {
-            id: item.id.clone(),
-            answer: item.answer.clone(),
-            category: item.category.clone(),
-            turns: turns
-                .into_iter()
-                .map(|t| {
-                    let extracted = answer::extract(&t.text);
-                    let stages = t
-                        .stages
-                        .as_list()
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
-                        .collect();
-                    TurnPrediction {
-                        correct: answer::is_correct(&extracted, &item.answer, choices),
-                        extracted,
-                        text: t.text,
-                        stages,
-                        prompt_tokens: t.prompt_tokens,
-                        tokens: t.tokens,
-                        seconds: t.seconds,
-                    }
-                })
-                .collect(),
-        };
-        writeln!(file, "{}", serde_json::to_string(&pred).unwrap_or_default())
-            .and_then(|_| file.flush())
-            .map_err(io_err(&rank_path))?;
-        done.insert(item.id.clone(), pred);
-        progress(k + 1, mine.len());
+        progress(
+            already + (c * opts.batch_size.max(1) + chunk.len()),
+            mine.len(),
+        );
     }
     drop(file);
     if let Some(s) = shard {
@@ -291,5 +319,6 @@ pub fn run(
         serde_json::to_string_pretty(&report).unwrap_or_default(),
     )?;
     write("report.md", report::markdown(&report))?;
+    plots::write_all(&report, &opts.out).map_err(EvalError::Io)?;
     Ok(Some(report))
 }

@@ -199,6 +199,7 @@ pub fn markdown(r: &Report) -> String {
             pct(t.accuracy)
         );
     }
+    s += &format!("\n![Accuracy per turn]({})\n", super::plots::ACCURACY);
     s += "\n## Transitions between consecutive turns\n\n| from -> to | right->right | right->wrong | wrong->right | wrong->wrong | answer changed |\n| --- | ---: | ---: | ---: | ---: | ---: |\n";
     for t in &r.transitions {
         s += &format!(
@@ -213,6 +214,10 @@ pub fn markdown(r: &Report) -> String {
             pct(t.change_rate)
         );
     }
+    s += &format!(
+        "\n![Transitions per turn pair]({})\n",
+        super::plots::TRANSITIONS
+    );
     if let (Some(first), Some(last)) = (r.turns.first(), r.turns.last()) {
         if r.turns.len() > 1 {
             let verdict = if last.accuracy > first.accuracy {

@@ -5,6 +5,8 @@
 //! on, with the one default prompt `data::records::DEFAULT_CORRECTION_PROMPT`), then generates
 //! again. `Position::AfterReasoning` cuts the earlier answer after `</REASONING>` before asking
 //! for the correction (the seed's open question of where the stage belongs).
+pub mod batch;
+pub mod checkpoint;
 pub mod sampling;
 pub mod stages;
 
@@ -12,11 +14,13 @@ use std::time::Instant;
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::data::image::{process, ImageProcessorConfig, ProcessedImage, RgbImage};
 use crate::data::tokenize::{build_string_from_input, cross_attention_token_mask, TextProcessor};
-use crate::model::{Images, KvCache, MllamaModel, ModelError};
+use crate::model::{Images, MllamaModel, ModelError};
+pub use batch::{Generated, Prompt};
+pub use checkpoint::CheckpointWeights;
 use sampling::Sampler;
 pub use stages::Stages;
 
@@ -39,7 +43,7 @@ pub struct InferOptions {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct TurnOutput {
     pub text: String,
     /// The generated token ids (end-of-turn token excluded).
@@ -107,15 +111,12 @@ impl Session<'_> {
         self.text.tokenize(&text).map_err(InferError::Input)
     }
 
-    /// The model's image inputs for a prompt: pixels, aspect ratio ids/mask, and the cross-attention
-    /// mask (1, S, 1, T) from the image token's position, as MllamaProcessor builds it.
-    pub fn images(&self, ids: &[i64], image: &ProcessedImage, device: Device) -> Images {
-        let (t, tile) = (
-            self.image_config.max_image_tiles as i64,
-            self.image_config.tile as i64,
-        );
+    /// Cross-attention mask rows (S, T) of one prompt with one image, as MllamaProcessor builds
+    /// them: from the image token on, each row sees the image's real tiles.
+    pub fn cross_attention_rows(&self, ids: &[i64], image: &ProcessedImage) -> Vec<i64> {
+        let t = self.image_config.max_image_tiles as i64;
         let s = ids.len() as i64;
-        let mut cam = vec![0i64; (s * t) as usize]; // (S, T) for one image
+        let mut cam = vec![0i64; (s * t) as usize]; // (S, T)
         for (start, end) in cross_attention_token_mask(ids, self.text.ids.image) {
             let end = if end < 0 { s } else { end.min(s) };
             for row in start as i64..end {
@@ -124,6 +125,18 @@ impl Session<'_> {
                 }
             }
         }
+        cam
+    }
+
+    /// The model's image inputs for a prompt: pixels, aspect ratio ids/mask, and the cross-attention
+    /// mask (1, S, 1, T) from the image token's position, as MllamaProcessor builds it.
+    pub fn images(&self, ids: &[i64], image: &ProcessedImage, device: Device) -> Images {
+        let (t, tile) = (
+            self.image_config.max_image_tiles as i64,
+            self.image_config.tile as i64,
+        );
+        let s = ids.len() as i64;
+        let cam = self.cross_attention_rows(ids, image);
         Images {
             pixel_values: Tensor::from_slice(&image.pixel_values)
                 .view([1, 1, t, 3, tile, tile])
@@ -148,100 +161,114 @@ impl Session<'_> {
         opts: &InferOptions,
         on_piece: &mut dyn FnMut(usize, &str),
     ) -> Result<Vec<TurnOutput>, InferError> {
+        let mut outs = self.run_batch(&[(image, question)], opts, &mut |_, turn, piece| {
+            on_piece(turn, piece)
+        })?;
+        Ok(outs.pop().unwrap_or_default())
+    }
+
+    /// Runs `opts.turns` turns for several questions at once (one batch per turn; questions with
+    /// and without an image go in separate batches). Each question has its own sampler seeded with
+    /// `opts.seed`, so its turns are those [`Session::run`] gives it alone. `on_piece(item, turn,
+    /// text)` receives the text as it is generated. A turn's `seconds` is its batch's wall time
+    /// divided by the batch size.
+    pub fn run_batch(
+        &self,
+        items: &[(Option<&RgbImage>, &str)],
+        opts: &InferOptions,
+        on_piece: &mut dyn FnMut(usize, usize, &str),
+    ) -> Result<Vec<Vec<TurnOutput>>, InferError> {
         if opts.turns == 0 {
             return Err(InferError::Input("--turns must be at least 1".into()));
         }
-        let device = self.model.options.device;
-        let processed = image.map(|im| process(self.image_config, im));
+        let processed: Vec<Option<ProcessedImage>> = items
+            .iter()
+            .map(|(im, _)| im.map(|im| process(self.image_config, im)))
+            .collect();
         let mut eos: Vec<i64> = self.model.config.text.eos_token_ids.clone();
         eos.push(self.text.ids.eot);
-        let mut sampler = Sampler::new(opts.temperature, opts.top_p, opts.seed);
-        let mut answers: Vec<String> = Vec::new();
-        let mut outputs = Vec::new();
+        let mut samplers: Vec<Sampler> = items
+            .iter()
+            .map(|_| Sampler::new(opts.temperature, opts.top_p, opts.seed))
+            .collect();
+        let mut answers: Vec<Vec<String>> = vec![Vec::new(); items.len()];
+        let mut outputs: Vec<Vec<TurnOutput>> = (0..items.len()).map(|_| Vec::new()).collect();
+        let groups: [Vec<usize>; 2] = [true, false].map(|with_image| {
+            (0..items.len())
+                .filter(|&i| processed[i].is_some() == with_image)
+                .collect()
+        });
         for turn in 0..opts.turns {
-            let started = Instant::now();
-            let ids = self.prompt_ids(question, processed.is_some(), &answers, opts)?;
-            let images = processed.as_ref().map(|p| self.images(&ids, p, device));
-            let (text, token_ids) = tch::no_grad(|| {
-                self.generate(
-                    &ids,
-                    images.as_ref(),
-                    &eos,
-                    &mut sampler,
-                    opts.max_new_tokens,
-                    &mut |piece| on_piece(turn, piece),
-                )
-            })?;
-            outputs.push(TurnOutput {
-                stages: Stages::parse(&text),
-                text: text.clone(),
-                prompt_tokens: ids.len(),
-                tokens: token_ids.len(),
-                token_ids,
-                seconds: started.elapsed().as_secs_f64(),
-            });
-            answers.push(text);
+            for group in groups.iter().filter(|g| !g.is_empty()) {
+                let started = Instant::now();
+                let prompts = group
+                    .iter()
+                    .map(|&i| {
+                        let ids =
+                            self.prompt_ids(items[i].1, processed[i].is_some(), &answers[i], opts)?;
+                        Ok(Prompt {
+                            ids,
+                            image: processed[i].as_ref(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, InferError>>()?;
+                let mut group_samplers: Vec<Sampler> =
+                    group.iter().map(|&i| samplers[i].clone()).collect();
+                let generated = tch::no_grad(|| {
+                    self.generate_batch(
+                        &prompts,
+                        &eos,
+                        &mut group_samplers,
+                        opts.max_new_tokens,
+                        &mut |r, piece| on_piece(group[r], turn, piece),
+                    )
+                })?;
+                let seconds = started.elapsed().as_secs_f64() / group.len() as f64;
+                for (k, (&i, g)) in group.iter().zip(generated).enumerate() {
+                    samplers[i] = group_samplers[k].clone();
+                    outputs[i].push(TurnOutput {
+                        stages: Stages::parse(&g.text),
+                        text: g.text.clone(),
+                        prompt_tokens: prompts[k].ids.len(),
+                        tokens: g.token_ids.len(),
+                        token_ids: g.token_ids,
+                        seconds,
+                    });
+                    answers[i].push(g.text);
+                }
+            }
         }
         Ok(outputs)
     }
 
-    /// Prompt once (images through the vision tower once), then one token per step from the cache.
-    /// Returns the text and the generated ids (end-of-turn excluded).
-    #[allow(clippy::too_many_arguments)]
+    /// One prompt: the prompt runs once (images through the vision tower once), then one token per
+    /// step from the cache. Returns the text and the generated ids (end-of-turn excluded).
     pub fn generate(
         &self,
         ids: &[i64],
-        images: Option<&Images>,
+        image: Option<&ProcessedImage>,
         eos: &[i64],
         sampler: &mut Sampler,
         max_new: usize,
         on_piece: &mut dyn FnMut(&str),
     ) -> Result<(String, Vec<i64>), InferError> {
-        let device = self.model.options.device;
-        let mut cache = KvCache::new(self.model.text.layers.len());
-        let prompt = Tensor::from_slice(ids).view([1, -1]).to_device(device); // (1, S)
-        let s = ids.len() as i64;
-        let mut am = Tensor::ones([1, s], (Kind::Int64, device));
-        // new tokens attend to the image like the prompt's last token (transformers' generate)
-        let cam_last = images.map(|im| im.cross_attention_mask.narrow(1, s - 1, 1));
-        let mut logits = self.model.forward_step(
-            &prompt,
-            Some(&am),
-            None,
-            images,
-            images.map(|im| &im.cross_attention_mask),
-            Some(&mut cache),
-        )?;
-        let mut new_ids: Vec<u32> = Vec::new();
-        // incremental detokenization: each step decodes only what the new token adds
-        let tok_err = |e: tokenizers::Error| InferError::Input(format!("tokenizer: {e}"));
-        let mut stream = self.text.tokenizer.decode_stream(true);
-        let mut text = String::new();
-        for _ in 0..max_new {
-            let last = logits
-                .select(1, logits.size()[1] - 1)
-                .squeeze_dim(0)
-                .to_device(Device::Cpu); // (V)
-            let next = sampler.pick(&last);
-            if eos.contains(&next) {
-                break;
-            }
-            new_ids.push(next as u32);
-            if let Some(piece) = stream.step(next as u32).map_err(tok_err)? {
-                on_piece(&piece);
-                text.push_str(&piece);
-            }
-            am = Tensor::cat(&[&am, &Tensor::ones([1, 1], (Kind::Int64, device))], 1);
-            let step = Tensor::from_slice(&[next]).view([1, 1]).to_device(device);
-            logits = self.model.forward_step(
-                &step,
-                Some(&am),
-                None,
-                None,
-                cam_last.as_ref(),
-                Some(&mut cache),
-            )?;
-        }
-        Ok((text, new_ids.iter().map(|&i| i as i64).collect()))
+        let prompt = Prompt {
+            ids: ids.to_vec(),
+            image,
+        };
+        let g = self
+            .generate_batch(
+                &[prompt],
+                eos,
+                std::slice::from_mut(sampler),
+                max_new,
+                &mut |_, piece| on_piece(piece),
+            )?
+            .pop()
+            .unwrap_or(Generated {
+                text: String::new(),
+                token_ids: vec![],
+            });
+        Ok((g.text, g.token_ids))
     }
 }

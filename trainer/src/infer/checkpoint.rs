@@ -1,0 +1,166 @@
+//! `trainer infer --checkpoint DIR`: a training checkpoint (`step-NNNNNNNN/`, see
+//! docs/checkpoint-format.md) applied to its base model in memory, without exporting an adapter
+//! first. The trainable weights come from `checkpoint::read_full` (the reading path of `trainer
+//! export`, every file verified): LoRA factors are put on fresh branches made from the
+//! checkpoint's `peft` section; full-finetuning parameters replace the base weights.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tch::Tensor;
+
+use super::InferError;
+use crate::checkpoint::Manifest;
+use crate::model::{LoraConfig, MllamaModel, TargetModules};
+
+/// A checkpoint's trainable weights, read and verified.
+pub struct CheckpointWeights {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// (parameter name, fp32 tensor): PEFT keys for LoRA, module paths for full finetuning.
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+fn err(dir: &Path, what: impl std::fmt::Display) -> InferError {
+    InferError::Input(format!("checkpoint {}: {what}", dir.display()))
+}
+
+impl CheckpointWeights {
+    pub fn read(dir: &Path) -> Result<Self, InferError> {
+        let (manifest, tensors) =
+            crate::checkpoint::read_full(dir).map_err(|e| err(dir, format!("{e:#}")))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+            tensors,
+        })
+    }
+
+    /// The base model folder the run trained on (`model.path` as configured).
+    pub fn model_path(&self) -> PathBuf {
+        PathBuf::from(&self.manifest.model_path)
+    }
+
+    fn is_lora(&self) -> bool {
+        self.manifest.peft.get("method").and_then(Value::as_str) == Some("lora")
+    }
+
+    /// The LoRA settings of the run (its `peft` section).
+    fn lora_config(&self) -> Result<LoraConfig, InferError> {
+        let p = &self.manifest.peft;
+        let num = |k: &str| {
+            p.get(k).and_then(Value::as_f64).ok_or_else(|| {
+                err(
+                    &self.dir,
+                    format!("manifest.json: peft.{k} is missing or not a number"),
+                )
+            })
+        };
+        let target_modules = match p.get("target_modules") {
+            Some(Value::String(re)) => TargetModules::Regex(re.clone()),
+            Some(Value::Array(names)) => TargetModules::Names(
+                names
+                    .iter()
+                    .map(|n| n.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        err(
+                            &self.dir,
+                            "manifest.json: peft.target_modules holds a non-string",
+                        )
+                    })?,
+            ),
+            _ => {
+                return Err(err(
+                    &self.dir,
+                    "manifest.json: peft.target_modules is missing",
+                ))
+            }
+        };
+        Ok(LoraConfig {
+            r: num("r")? as i64,
+            alpha: num("alpha")?,
+            dropout: num("dropout")?,
+            target_modules,
+            use_rslora: false,
+        })
+    }
+
+    /// Checks that `model_dir` is the base the run trained on (sha256 of its config.json).
+    pub fn check_base(&self, model_dir: &Path) -> Result<(), InferError> {
+        let want = self
+            .manifest
+            .config
+            .get("model.config_sha256")
+            .and_then(Value::as_str);
+        let path = model_dir.join("config.json");
+        let bytes = std::fs::read(&path)
+            .map_err(|e| InferError::Input(format!("{}: {e}", path.display())))?;
+        let found: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        match want {
+            Some(w) if w != found => Err(err(
+                &self.dir,
+                format!(
+                    "trained on a base model whose config.json differs from {} (sha256 {w} vs {found}); \
+                     pass --model the base the run trained on (model.path was {})",
+                    path.display(),
+                    self.manifest.model_path
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Puts the trained weights on `model` (loaded from the base): every checkpoint tensor must
+    /// match a parameter of the same name and shape, and every trainable parameter must be found.
+    /// Returns the number of tensors applied.
+    pub fn apply(&self, model: &mut MllamaModel) -> Result<usize, InferError> {
+        let targets: BTreeMap<String, Tensor> = if self.is_lora() {
+            model.apply_lora(&self.lora_config()?, Some(0))?;
+            model.set_training(false);
+            model.trainable_parameters().into_iter().collect()
+        } else {
+            let mut m = BTreeMap::new();
+            model.visit_params(&mut |n, t| {
+                m.insert(n.to_string(), t.shallow_clone());
+            });
+            m
+        };
+        let mut problems = vec![];
+        let mut found = 0;
+        for (name, t) in &self.tensors {
+            match targets.get(name) {
+                None => problems.push(format!("{name}: no such parameter in the model")),
+                Some(p) if p.size() != t.size() => problems.push(format!(
+                    "{name}: the checkpoint has {:?}, the model {:?}",
+                    t.size(),
+                    p.size()
+                )),
+                Some(p) => {
+                    tch::no_grad(|| p.shallow_clone().copy_(t));
+                    found += 1;
+                }
+            }
+        }
+        if self.is_lora() && found != targets.len() {
+            problems.push(format!(
+                "{} LoRA factors of the model are not in the checkpoint",
+                targets.len() - found
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(err(
+                &self.dir,
+                format!(
+                    "does not fit the model (was it trained on another base? pass --model that base):\n  {}",
+                    problems.join("\n  ")
+                ),
+            ));
+        }
+        Ok(found)
+    }
+}

@@ -1,0 +1,152 @@
+//! `trainer infer --checkpoint DIR`: a training checkpoint's weights applied in memory equal the
+//! weights the run ended with, and generate exactly what its exported PEFT adapter generates; a
+//! checkpoint of another base model is a clear error.
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::ckpt::*;
+use common::{bin, repo, tiny_model_folder};
+use serde_json::Value;
+use trainer::infer::CheckpointWeights;
+use trainer::model::{LoadOptions, MllamaModel};
+
+fn trainer(args: &[&str], paths: &[(&str, &Path)]) -> (Option<i32>, String, String) {
+    let mut c = Command::new(bin("trainer"));
+    c.args(args);
+    for (flag, p) in paths {
+        c.arg(flag).arg(p);
+    }
+    let o = c.output().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+const INFER: [&str; 11] = [
+    "infer",
+    "--question",
+    "How many red shapes?",
+    "--turns",
+    "2",
+    "--temperature",
+    "0",
+    "--max-new-tokens",
+    "8",
+    "--json",
+    "--seed=1",
+];
+
+fn texts(stdout: &str) -> Vec<String> {
+    let v: Value = serde_json::from_str(stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    v["turns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn lora_checkpoint_weights_and_generation_equal_the_exported_adapter() {
+    let out = fresh("infer-lora");
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 2";
+    ok(
+        run(&out, 1, train, &["checkpoint.every_steps=2"], &[]),
+        "train",
+    );
+    let ckpt = out.join("ckpt/step-00000002");
+
+    // in memory: the applied factors are the ones the run ended with, bit for bit
+    let mut model = MllamaModel::load(&setup().join("model"), LoadOptions::default()).unwrap();
+    let weights_ckpt = CheckpointWeights::read(&ckpt).unwrap();
+    assert_eq!(weights_ckpt.model_path(), setup().join("model"));
+    let n = weights_ckpt.apply(&mut model).unwrap();
+    let trained = weights(&out);
+    assert_eq!(n, trained.len());
+    let applied = model.trainable_parameters();
+    assert_eq!(applied.len(), trained.len());
+    for (name, t) in &applied {
+        assert!(
+            t.equal(&trained[name]),
+            "{name} differs from the trained value"
+        );
+    }
+    assert!(
+        applied
+            .iter()
+            .any(|(n, t)| n.contains("lora_B")
+                && t.abs().sum(tch::Kind::Float).double_value(&[]) > 0.0),
+        "training moved lora_B off zero"
+    );
+
+    // the CLI: --checkpoint alone (model.path from the manifest) = --model + exported --adapter
+    let image = repo().join("tests/fixtures/data/images/small.png");
+    let (code, from_ckpt, err) = trainer(&INFER, &[("--checkpoint", &ckpt), ("--image", &image)]);
+    assert_eq!(code, Some(0), "{err}");
+    let adapter = out.join("adapter");
+    let (code, _, err) = trainer(
+        &["export", "--format", "peft"],
+        &[("--checkpoint", &ckpt), ("--out", &adapter)],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let (code, from_adapter, err) = trainer(
+        &INFER,
+        &[
+            ("--model", &setup().join("model")),
+            ("--adapter", &adapter),
+            ("--image", &image),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(texts(&from_ckpt), texts(&from_adapter));
+    assert_eq!(texts(&from_ckpt).len(), 2);
+    let v: Value = serde_json::from_str(&from_ckpt).unwrap();
+    assert_eq!(v["checkpoint"].as_str().unwrap(), ckpt.to_str().unwrap());
+
+    // another base model: refused, naming the fix
+    let other = out.join("other-model");
+    tiny_model_folder(&other, 3, |cfg| {
+        cfg["text_config"]["hidden_size"] = 96.into()
+    });
+    let (code, _, err) = trainer(&INFER, &[("--checkpoint", &ckpt), ("--model", &other)]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("pass --model the base"), "{err}");
+    // --adapter and --checkpoint together: a usage error
+    let (code, _, err) = trainer(&INFER, &[("--checkpoint", &ckpt), ("--adapter", &adapter)]);
+    assert_eq!(code, Some(2), "{err}");
+}
+
+#[test]
+fn full_finetuning_checkpoint_replaces_the_base_weights() {
+    let out = fresh("infer-full");
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
+    ok(
+        run(
+            &out,
+            1,
+            train,
+            &["checkpoint.every_steps=1", "peft.method=none"],
+            &[],
+        ),
+        "train",
+    );
+    let mut model = MllamaModel::load(&setup().join("model"), LoadOptions::default()).unwrap();
+    let n = CheckpointWeights::read(&out.join("ckpt/step-00000001"))
+        .unwrap()
+        .apply(&mut model)
+        .unwrap();
+    let trained = weights(&out);
+    assert_eq!(n, trained.len());
+    let mut checked = 0;
+    model.visit_params(&mut |name, t| {
+        if let Some(w) = trained.get(name) {
+            assert!(t.equal(w), "{name} differs from the trained value");
+            checked += 1;
+        }
+    });
+    assert_eq!(checked, trained.len());
+}
