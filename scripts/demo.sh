@@ -3,12 +3,13 @@
 #   1. data + model: rendered shape scenes with questions, SCo records (turn 1 sometimes wrong,
 #      turn 2 the correction), a held-out bench, a tiny random Mllama with a tokenizer trained on
 #      the corpus (data/demo/, cached: same seed and sizes -> reused)
-#   2. train: launcher --nproc-per-node 2 configs/demo.yaml (2 CPU ranks, FSDP, full finetuning)
+#   2. train: launcher --nproc-per-node 2 configs/demo.yaml (2 CPU ranks, FSDP, full finetuning),
+#      then trainer export --format merged turns the final checkpoint into a model folder
 #   3. evaluate: trainer eval on 2 ranks (each scores half the bench), turns 0..2, before (base, cached with the data) and after training
 #   4. show: the table (accuracy per turn, transitions, chance per question type, wall time)
 # Every run writes a new folder runs/demo/run-<time>/ (nothing is overwritten).
 # Environment: DEMO_STEPS (default from configs/demo.yaml), DEMO_TEST (bench questions to score,
-# default 60), DEMO_MAX_NEW (generation cap per turn, default 64), SKIP_SETUP=1.
+# default 100), DEMO_MAX_NEW (generation cap per turn, default 64), SKIP_SETUP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -20,7 +21,7 @@ cargo build --bins --quiet
 BIN="${CARGO_TARGET_DIR:-target}/debug"
 CONFIG=configs/demo.yaml
 DATA=data/demo
-TEST_N=${DEMO_TEST:-60}
+TEST_N=${DEMO_TEST:-100}
 MAX_NEW=${DEMO_MAX_NEW:-64}
 RUN=runs/demo/run-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RUN"
@@ -32,21 +33,24 @@ t0=$(date +%s)
 t_data=$(t "$t0")
 
 sets=(--set "train.output_dir=$RUN" --set "checkpoint.dir=$RUN/checkpoints")
-if [[ -n "${DEMO_STEPS:-}" ]]; then sets+=(--set "train.max_steps=$DEMO_STEPS"); fi
+# checkpoint.every_steps = max_steps: the one checkpoint is the final one (trainer export's input)
+if [[ -n "${DEMO_STEPS:-}" ]]; then
+  sets+=(--set "train.max_steps=$DEMO_STEPS" --set "checkpoint.every_steps=$DEMO_STEPS")
+fi
 echo
 echo "== 2. train: launcher --standalone --nproc-per-node 2 $CONFIG (new output folder $RUN) =="
 t0=$(date +%s)
-TRAINER_DUMP_TRAINABLE="$RUN/trainable.safetensors" \
-  "$BIN/launcher" --standalone --nproc-per-node 2 --tee --log-dir "$RUN/logs" "$CONFIG" "${sets[@]}"
+"$BIN/launcher" --standalone --nproc-per-node 2 --tee --log-dir "$RUN/logs" "$CONFIG" "${sets[@]}"
 t_train=$(t "$t0")
-kind=$("$BIN/trainer" demo-model export --dump "$RUN/trainable.safetensors" --config "$CONFIG" \
-  "${sets[@]}" --out "$RUN/finetuned")
-if [[ "$kind" == adapter ]]; then
-  after_args=(--model "$DATA/model" --adapter "$RUN/finetuned")
-else
-  after_args=(--model "$RUN/finetuned")
+# the newest checkpoint (step-NNNNNNNN sorts by step) -> a full model folder: full finetuning's
+# trained weights replace the base tensors, LoRA (--set peft.method=lora) is merged into them
+ckpt=$(find "$RUN/checkpoints" -maxdepth 1 -name 'step-*' -type d 2>/dev/null | sort | tail -n 1)
+if [[ -z "$ckpt" ]]; then
+  echo "no checkpoint under $RUN/checkpoints: checkpoint.every_steps must divide train.max_steps" >&2
+  exit 1
 fi
-echo "trained weights exported as a $kind folder: $RUN/finetuned"
+"$BIN/trainer" export --checkpoint "$ckpt" --format merged --out "$RUN/finetuned"
+after_args=(--model "$RUN/finetuned")
 
 eval_run() { # OUT MODEL-ARGS...
   local out=$1; shift
@@ -58,11 +62,13 @@ echo "== 3. evaluate: trainer eval --turns 3 on $TEST_N held-out questions, befo
 t0=$(date +%s)
 BASE_EVAL="$DATA/eval-base-n$TEST_N-t$MAX_NEW"
 eval_ok=1
-if [[ -f "$BASE_EVAL/report.json" ]]; then
+# reused only when made from this very data/model (its copy of the manifest matches)
+if [[ -f "$BASE_EVAL/report.json" ]] && cmp -s "$DATA/manifest.json" "$BASE_EVAL/manifest.json"; then
   echo "base model: reusing $BASE_EVAL (same model and bench)"
 elif ! eval_run "$BASE_EVAL.partial" --model "$DATA/model"; then
   eval_ok=0
 else
+  cp "$DATA/manifest.json" "$BASE_EVAL.partial/"
   rm -rf "$BASE_EVAL" && mv "$BASE_EVAL.partial" "$BASE_EVAL"
 fi
 if [[ $eval_ok == 1 ]] && ! eval_run "$RUN/eval-after" "${after_args[@]}"; then eval_ok=0; fi

@@ -281,6 +281,39 @@ fn answers_are_determined_by_the_image() {
         assert_eq!(it.qa.answer, truth);
         assert_eq!(it.qa.first_correct, first == truth);
         wrong += usize::from(first != truth);
+        // the correction restates the evidence, and the evidence is what the pixels show
+        let refined = conv[3]["value"].as_str().unwrap();
+        let evidence = refined
+            .split("<REASONING>Recheck: ")
+            .nth(1)
+            .unwrap()
+            .split(". ")
+            .next()
+            .unwrap();
+        if q.starts_with("How many") {
+            let items = evidence.split(": ").nth(1).unwrap();
+            let n = if items == "none" {
+                0
+            } else {
+                items.split(", ").count()
+            };
+            assert_eq!(n.to_string(), truth, "train {i}: {evidence}");
+        } else if let Some(rest) = q.strip_prefix("Is the ") {
+            let (a, b) = rest
+                .trim_end_matches('?')
+                .split_once(" left or right of the ")
+                .unwrap();
+            let want = if truth == "left" {
+                format!("{a} is left of {b}")
+            } else {
+                format!("{b} is left of {a}")
+            };
+            assert_eq!(evidence, want, "train {i}");
+        }
+        assert!(
+            refined.contains(if first == truth { "Confirmed." } else { "Not " }),
+            "train {i}: {refined}"
+        );
     }
     assert!(
         wrong > 0 && wrong < train.len() / 2,
@@ -294,7 +327,12 @@ fn answers_are_determined_by_the_image() {
 fn model_folder_loads_like_a_released_one() {
     let d = tmp("model");
     let s = generate(&opts(&d, 5)).unwrap();
-    assert!(s.parameters > 1_000_000, "{} parameters", s.parameters);
+    // the bar: a tiny Mllama of ~5-30M parameters
+    assert!(
+        (5_000_000..30_000_000).contains(&s.parameters),
+        "{} parameters",
+        s.parameters
+    );
     let m = d.join("model");
     let text = TextProcessor::from_model_dir(&m, false).unwrap();
     let vocab = text.tokenizer.get_vocab_size(true);
@@ -309,6 +347,18 @@ fn model_folder_loads_like_a_released_one() {
         text.ids.image
     );
     assert_eq!(cfg["image_token_index"].as_i64().unwrap(), text.ids.image);
+    // special ids in config.json are the tokenizer's (as in a released folder)
+    let id = |t: &str| text.tokenizer.token_to_id(t).unwrap() as i64;
+    let tc = &cfg["text_config"];
+    assert_eq!(
+        tc["bos_token_id"].as_i64().unwrap(),
+        id("<|begin_of_text|>")
+    );
+    assert_eq!(tc["eos_token_id"].as_i64().unwrap(), id("<|eot_id|>"));
+    assert_eq!(
+        tc["pad_token_id"].as_i64().unwrap(),
+        id("<|finetune_right_pad_id|>")
+    );
     for t in [
         "<|begin_of_text|>",
         "<|end_of_text|>",
@@ -360,5 +410,29 @@ fn model_folder_loads_like_a_released_one() {
     let mut n = 0usize;
     model.visit_params(&mut |_, t| n += t.numel());
     assert_eq!(n, s.parameters);
+    // one tile per image (the scene is one tile), and the patch positions are the 2D sine-cosine
+    // table (row 0 is the class token's)
+    assert_eq!(model.config.vision.max_num_tiles, 1);
+    let grid = 112 / 14;
+    let dim = model.config.vision.hidden_size;
+    let want = tch::Tensor::from_slice(&trainer::demo::model::sincos_2d(grid, dim))
+        .reshape([grid * grid, dim]);
+    let got = model.vision.pos_embedding.narrow(0, 1, grid * grid);
+    assert!(got.allclose(&want, 1e-6, 1e-6, false));
+    // patch (row 0, col 1) vs (row 0, col 0): the x features differ, the y features do not
+    let d01 = (got.get(1) - got.get(0)).abs();
+    assert!(d01.narrow(0, 0, dim / 2).max().double_value(&[]) > 0.5);
+    assert!(d01.narrow(0, dim / 2, dim / 2).max().double_value(&[]) < 1e-6);
     let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn binomial_tail_matches_hand_values() {
+    use trainer::demo::report::binomial_tail;
+    assert_eq!(binomial_tail(10, 0, 0.3), 1.0);
+    assert!((binomial_tail(10, 10, 0.5) - 1.0 / 1024.0).abs() < 1e-12);
+    assert!((binomial_tail(2, 1, 0.5) - 0.75).abs() < 1e-12);
+    // 3 of 3 at p = 0.2: 0.008; at least 2 of 3: 3 * 0.04 * 0.8 + 0.008 = 0.104
+    assert!((binomial_tail(3, 3, 0.2) - 0.008).abs() < 1e-12);
+    assert!((binomial_tail(3, 2, 0.2) - 0.104).abs() < 1e-12);
 }

@@ -4,7 +4,7 @@
 //! - `model`: the byte-level BPE tokenizer trained on the corpus, the tiny Mllama folder
 //! - `report`: the final before/after table and SVG plots (`trainer demo-model table`)
 //! - here:    [`generate`] (train/val SCo records, the test bench, images, model; cached by a
-//!   manifest) and [`export_adapter`] (trainer's trainable-weights dump -> PEFT adapter folder)
+//!   manifest); the trained model folder comes from `trainer export` (scripts/demo.sh)
 pub mod model;
 pub mod report;
 pub mod scene;
@@ -18,7 +18,7 @@ use crate::data::records::DEFAULT_CORRECTION_PROMPT;
 use scene::{make_qa, Category, Qa, Rng, Scene};
 
 /// Bumped whenever the generator's output changes (invalidates caches).
-pub const GENERATOR_VERSION: u32 = 1;
+pub const GENERATOR_VERSION: u32 = 3;
 
 /// Probability that turn 1 is wrong in a record.
 pub const P_WRONG: f64 = 0.3;
@@ -207,7 +207,7 @@ pub fn generate(opts: &DemoOptions) -> Result<DemoSummary> {
     let _ = std::fs::remove_file(&manifest_path);
     let images = out.join("images");
     std::fs::create_dir_all(&images).with_context(|| format!("creating {}", images.display()))?;
-    let mut corpus: Vec<String> = vec![DEFAULT_CORRECTION_PROMPT.to_string()];
+    let mut corpus: Vec<String> = vec![];
     let mut wrong = 0usize;
     let mut records = 0usize;
     for (split, n) in [
@@ -237,11 +237,17 @@ pub fn generate(opts: &DemoOptions) -> Result<DemoSummary> {
         }
         write_jsonl(&out.join(format!("{}.jsonl", split.name())), &lines)?;
     }
-    // the template's own words, so headers tokenize compactly
+    // the correction prompt and the template's own words as often as a record holds them, so BPE
+    // learns them as whole words: seen once they split into single letters (89 tokens for the
+    // prompt instead of ~30, about a third of every training sequence)
+    for _ in 0..records {
+        corpus.push(DEFAULT_CORRECTION_PROMPT.to_string());
+        for w in ["user", "assistant", "user", "assistant"] {
+            corpus.push(w.to_string());
+        }
+    }
     for w in [
         "system",
-        "user",
-        "assistant",
         "Cutting Knowledge Date: December 2023",
         "Today Date: 26 Jul 2024",
     ] {
@@ -277,58 +283,4 @@ pub fn generate(opts: &DemoOptions) -> Result<DemoSummary> {
         first_turn_wrong: wrong,
         records,
     })
-}
-
-/// Turns `trainer train`'s trainable-weights dump (`TRAINER_DUMP_TRAINABLE`) into something
-/// `trainer eval` loads: with LoRA keys (`...lora_A.weight`) a PEFT adapter folder
-/// (`adapter_config.json` from `peft` + the dump as `adapter_model.safetensors`); with full
-/// finetuning a model folder (the base folder's files with the trained weights).
-/// Returns "adapter" or "model".
-pub fn export_trainable(
-    dump: &Path,
-    base: &Path,
-    peft: &crate::config::PeftConfig,
-    out: &Path,
-) -> Result<&'static str> {
-    let tensors = tch::Tensor::read_safetensors(dump)
-        .with_context(|| format!("reading {}", dump.display()))?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let is_lora = tensors.iter().any(|(n, _)| n.contains("lora_A"));
-    if is_lora {
-        let p = peft;
-        let config = json!({
-            "base_model_name_or_path": base.display().to_string(),
-            "bias": "none",
-            "fan_in_fan_out": false,
-            "inference_mode": true,
-            "init_lora_weights": true,
-            "lora_alpha": p.alpha,
-            "lora_dropout": p.dropout,
-            "modules_to_save": null,
-            "peft_type": "LORA",
-            "r": p.r,
-            "target_modules": p.target_modules,
-            "task_type": "CAUSAL_LM",
-            "use_dora": false,
-            "use_rslora": false,
-        });
-        std::fs::write(
-            out.join("adapter_config.json"),
-            serde_json::to_string_pretty(&config)?,
-        )?;
-        std::fs::copy(dump, out.join("adapter_model.safetensors"))?;
-        Ok("adapter")
-    } else {
-        for f in [
-            "config.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "preprocessor_config.json",
-        ] {
-            std::fs::copy(base.join(f), out.join(f))
-                .with_context(|| format!("copying {f} from {}", base.display()))?;
-        }
-        std::fs::copy(dump, out.join("model.safetensors"))?;
-        Ok("model")
-    }
 }

@@ -115,6 +115,11 @@ pub fn train_tokenizer(corpus: &[String], bpe_vocab: usize) -> Result<(Tokenizer
     Ok((tok, image_id))
 }
 
+/// Vision tower width and heads: the capacity goes where the task is hard (seeing shapes, colors
+/// and positions); the vision tower runs on 65 tokens per image, the text model on ~150.
+const VISION_WIDTH: usize = 192;
+const VISION_HEADS: usize = 6;
+
 /// config.json of the tiny Mllama (transformers-5 form) for a text vocabulary of `vocab` tokens.
 pub fn config_json(vocab: usize, tile: u32) -> Value {
     json!({
@@ -123,10 +128,11 @@ pub fn config_json(vocab: usize, tile: u32) -> Value {
         "image_token_index": vocab,
         "model_type": "mllama",
         "text_config": {
-            "bos_token_id": vocab,
+            // the Llama 3 specials follow the BPE vocabulary (vocab - 256 = <|begin_of_text|>)
+            "bos_token_id": vocab - 256,
             "cross_attention_layers": [1, 3],
             "dropout": 0.0,
-            "eos_token_id": vocab + 9,
+            "eos_token_id": vocab - 256 + 9,
             "hidden_act": "silu",
             "hidden_size": 192,
             "initializer_range": 0.02,
@@ -136,7 +142,7 @@ pub fn config_json(vocab: usize, tile: u32) -> Value {
             "num_attention_heads": 6,
             "num_hidden_layers": 5,
             "num_key_value_heads": 2,
-            "pad_token_id": vocab + 4,
+            "pad_token_id": vocab - 256 + 4,
             "rms_norm_eps": 1e-05,
             "rope_parameters": {
                 "factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
@@ -148,24 +154,73 @@ pub fn config_json(vocab: usize, tile: u32) -> Value {
         },
         "transformers_version": "5.24.0",
         "vision_config": {
-            "attention_heads": 4,
+            "attention_heads": VISION_HEADS,
             "hidden_act": "gelu",
-            "hidden_size": 96,
+            "hidden_size": VISION_WIDTH,
             "image_size": tile,
             "initializer_range": 0.02,
-            "intermediate_layers_indices": [1, 3],
-            "intermediate_size": 256,
-            "max_num_tiles": 4,
+            "intermediate_layers_indices": [2, 5],
+            "intermediate_size": 512,
+            // one tile per image: the scenes are tile-sized squares, so more tiles would only be
+            // zero padding that the vision tower still runs through (4x the work for nothing)
+            "max_num_tiles": 1,
             "model_type": "mllama_vision_model",
             "norm_eps": 1e-05,
             "num_channels": 3,
             "num_global_layers": 2,
-            "num_hidden_layers": 4,
+            "num_hidden_layers": 6,
             "patch_size": 14,
-            "supported_aspect_ratios": [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
-            "vision_output_dim": 96 * 3
+            "supported_aspect_ratios": [[1, 1]],
+            "vision_output_dim": VISION_WIDTH * 3
         }
     })
+}
+
+const PATCH: i64 = 14;
+
+/// 2D sine-cosine table for a `grid` x `grid` patch grid: (grid * grid, dim), row-major patches;
+/// the first half of the features encodes the column (x), the second half the row (y), each as
+/// sin/cos pairs at `dim / 4` frequencies from 1 down to 1/100 rad per patch (the slowest ones
+/// are nearly linear in the position, which is what "left of" needs).
+pub fn sincos_2d(grid: i64, dim: i64) -> Vec<f32> {
+    let quarter = dim / 4;
+    let mut v = vec![0f32; (grid * grid * dim) as usize];
+    for row in 0..grid {
+        for col in 0..grid {
+            let base = ((row * grid + col) * dim) as usize;
+            for (half, pos) in [(0, col), (1, row)] {
+                for k in 0..quarter {
+                    let omega = 100f64.powf(-(k as f64) / quarter as f64);
+                    let a = pos as f64 * omega;
+                    let i = base + (half * 2 * quarter + 2 * k) as usize;
+                    v[i] = a.sin() as f32;
+                    v[i + 1] = a.cos() as f32;
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Replaces the random (std 0.02) patch position embedding by a 2D sine-cosine table. At 0.02 the
+/// positions are ~2% of a patch embedding's size, so identical background patches stay nearly
+/// identical after `layernorm_pre` and the tower needs many steps to discover where a shape is;
+/// at unit scale positions are as visible as colors from the first step (the class token's row
+/// stays random). Real ViT trainings get away with a small init because they train for days.
+fn init_positions(model: &MllamaModel, grid: i64) {
+    model.visit_params(&mut |name, t| {
+        if name.ends_with("gated_positional_embedding.embedding") {
+            let (p1, dim) = (t.size()[0], t.size()[1]);
+            if p1 != grid * grid + 1 {
+                return;
+            }
+            let table = tch::Tensor::from_slice(&sincos_2d(grid, dim))
+                .reshape([grid * grid, dim])
+                .to_kind(t.kind());
+            let mut rows = t.narrow(0, 1, grid * grid);
+            tch::no_grad(|| rows.copy_(&table));
+        }
+    });
 }
 
 /// Writes the whole model folder into `dir` (created). Returns the parameter count.
@@ -203,7 +258,7 @@ pub fn write_model_folder(
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711],
         "image_processor_type": "MllamaImageProcessor",
-        "max_image_tiles": 4,
+        "max_image_tiles": 1,
         "processor_class": "MllamaProcessor",
         "resample": 2,
         "rescale_factor": 0.00392156862745098,
@@ -223,6 +278,7 @@ pub fn write_model_folder(
     let model = MllamaModel::random(config, LoadOptions::default(), seed)
         .context("initializing the demo model")?;
     drop(guard);
+    init_positions(&model, sizes.tile as i64 / PATCH);
     let mut params = 0usize;
     model.visit_params(&mut |_, t| params += t.numel());
     model

@@ -57,6 +57,29 @@ fn majority(bench: &Path, limit: Option<usize>) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// P(X >= k) for X ~ Binomial(n, p): how likely a guesser right with probability `p` scores at
+/// least `k` of `n` (the table's "clearly above" test).
+pub fn binomial_tail(n: u64, k: u64, p: f64) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    if p <= 0.0 {
+        return 0.0;
+    }
+    if p >= 1.0 {
+        return 1.0;
+    }
+    let ln_choose = |i: u64| -> f64 {
+        (1..=i)
+            .map(|j| ((n - i + j) as f64).ln() - (j as f64).ln())
+            .sum()
+    };
+    (k..=n)
+        .map(|i| (ln_choose(i) + i as f64 * p.ln() + (n - i) as f64 * (1.0 - p).ln()).exp())
+        .sum::<f64>()
+        .min(1.0)
+}
+
 /// Inputs of [`table`].
 pub struct TableInputs<'a> {
     pub base: &'a Path,
@@ -97,6 +120,13 @@ pub fn table(i: &TableInputs) -> Result<String> {
             f.1, f.0, l.1, l.0
         );
     }
+    if let Some(p) = after
+        .as_ref()
+        .or(base.as_ref())
+        .and_then(|r| r["parameters"].as_u64())
+    {
+        let _ = writeln!(s, "model: tiny Mllama, {p} parameters\n");
+    }
     let (ba, aa) = (
         base.as_ref().map(turn_acc).unwrap_or_default(),
         after.as_ref().map(turn_acc).unwrap_or_default(),
@@ -136,19 +166,38 @@ pub fn table(i: &TableInputs) -> Result<String> {
     }
     let _ = writeln!(
         s,
-        "\n| question type | chance | majority answer | before t0 | after t0 | after t1 |\n|---|---|---|---|---|---|"
+        "\nper question type (the last column: one-sided binomial test of after t0 against the larger of chance and majority):"
+    );
+    let _ = writeln!(
+        s,
+        "\n| question type | questions | chance | majority answer | before t0 | after t0 | after t1 | after t0 beats chance and majority |\n|---|---|---|---|---|---|---|---|"
     );
     let cat_acc = |r: &Option<Value>, c: &str, t: usize| -> Option<f64> {
         r.as_ref()?["by_category"][c]["turns"][t]["accuracy"].as_f64()
     };
+    let cat_n = |r: &Option<Value>, c: &str| -> Option<u64> {
+        r.as_ref()?["by_category"][c]["turns"][0]["total"].as_u64()
+    };
     for (c, ch) in &chance {
+        let a0 = cat_acc(&after, c, 0);
+        let bar = ch.max(prior.get(c).copied().unwrap_or(0.0));
+        let beats = match (a0, cat_n(&after, c)) {
+            (Some(a), Some(n)) if n > 0 => {
+                let k = (a * n as f64).round() as u64;
+                let p = binomial_tail(n, k, bar);
+                let verdict = if a > bar && p < 0.05 { "yes" } else { "no" };
+                format!("{verdict} (p = {p:.3})")
+            }
+            _ => "-".to_string(),
+        };
         let _ = writeln!(
             s,
-            "| {c} | {} | {} | {} | {} | {} |",
+            "| {c} | {} | {} | {} | {} | {} | {} | {beats} |",
+            cat_n(&after, c).map_or("-".to_string(), |n| n.to_string()),
             pct(Some(*ch)),
             pct(prior.get(c).copied()),
             pct(cat_acc(&base, c, 0)),
-            pct(cat_acc(&after, c, 0)),
+            pct(a0),
             pct(cat_acc(&after, c, 1)),
         );
     }

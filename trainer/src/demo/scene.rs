@@ -260,7 +260,8 @@ pub struct Qa {
     pub first_correct: bool,
 }
 
-/// (question, right answer, plausible wrong answer, choices, reasoning for an answer, summary).
+/// (question, right answer, plausible wrong answer, choices, reasoning for an answer, summary,
+/// evidence: what in the image decides the answer, restated by the correction turn).
 type QaParts = (
     String,
     String,
@@ -268,7 +269,21 @@ type QaParts = (
     Vec<String>,
     Box<dyn Fn(&str) -> String>,
     &'static str,
+    String,
 );
+
+/// "red circle, blue square" (left to right), or "none" for no shapes.
+fn list(shapes: &[Shape]) -> String {
+    if shapes.is_empty() {
+        return "none".into();
+    }
+    let names: Vec<String> = shapes.iter().map(|s| s.name()).collect();
+    names.join(", ")
+}
+
+/// Minimum horizontal distance (pixels) between the two shapes of a left/right question: more
+/// than a 14-pixel patch, so the answer never hinges on a few pixels inside one patch.
+pub const MIN_DX: i64 = 20;
 
 fn counts() -> Vec<String> {
     (0..=MAX_SHAPES).map(|n| n.to_string()).collect()
@@ -286,7 +301,7 @@ pub fn make_qa(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
     let category = *rng.pick(&Category::ALL);
     let wrong = rng.chance(p_wrong);
     let caption = scene.caption();
-    let (question, answer, mistaken, choices, reason, summary): QaParts = match category {
+    let (question, answer, mistaken, choices, reason, summary, evidence): QaParts = match category {
         Category::CountColor => {
             let c = *rng.pick(&Color::ALL);
             let n = scene.count_color(c);
@@ -303,6 +318,7 @@ pub fn make_qa(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
                 counts(),
                 Box::new(move |a| format!("{a} {name}.")),
                 "Count a color.",
+                format!("{name} shapes: {}.", list(&filter(scene, |s| s.color == c))),
             )
         }
         Category::CountShape => {
@@ -321,6 +337,7 @@ pub fn make_qa(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
                 counts(),
                 Box::new(move |a| format!("{a} {plural}.")),
                 "Count a shape.",
+                format!("{plural}: {}.", list(&filter(scene, |s| s.kind == k))),
             )
         }
         Category::LargestColor => {
@@ -339,6 +356,7 @@ pub fn make_qa(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
                 Color::ALL.iter().map(|c| c.name().to_string()).collect(),
                 Box::new(move |a| format!("Largest is {a} {kind}.")),
                 "Find the largest.",
+                format!("{} is bigger than {}.", big.name(), runner_up(scene).name()),
             )
         }
         Category::LeftRight => {
@@ -349,13 +367,13 @@ pub fn make_qa(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
                 .copied()
                 .filter(|s| shapes.iter().filter(|o| o.name() == s.name()).count() == 1)
                 .collect();
-            let (a, b) = if unique.len() >= 2 {
-                let i = rng.range(0, unique.len() as i64 - 1) as usize;
-                let mut j = rng.range(0, unique.len() as i64 - 2) as usize;
-                if j >= i {
-                    j += 1;
-                }
-                (unique[i], unique[j])
+            let pairs: Vec<(Shape, Shape)> = unique
+                .iter()
+                .flat_map(|&a| unique.iter().map(move |&b| (a, b)))
+                .filter(|(a, b)| (a.x - b.x).abs() >= MIN_DX)
+                .collect();
+            let (a, b) = if !pairs.is_empty() {
+                *rng.pick(&pairs)
             } else {
                 // every name repeats: ask about the leftmost vs rightmost with different names,
                 // else fall back to counting
@@ -371,6 +389,10 @@ pub fn make_qa(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
                 vec!["left".to_string(), "right".to_string()],
                 Box::new(move |s| format!("{an} is {s}.")),
                 "Compare positions.",
+                {
+                    let (l, r) = if a.x < b.x { (a, b) } else { (b, a) };
+                    format!("{} is left of {}.", l.name(), r.name())
+                },
             )
         }
         Category::Compare => {
@@ -408,15 +430,22 @@ pub fn make_qa(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
                     format!("More {w} than {other}.")
                 }),
                 "Compare counts.",
+                format!(
+                    "{} {an}, {} {bn}.",
+                    scene.count_color(a),
+                    scene.count_color(b)
+                ),
             )
         }
     };
     let first_ans = if wrong { &mistaken } else { &answer };
     let first = staged(summary, &caption, &reason(first_ans), first_ans);
+    // the correction restates what the image shows, then decides: the evidence is the same
+    // whether turn 1 was right or wrong, so only comparing it with turn 1 tells which
     let refined_reason = if wrong {
-        format!("Recheck: {} Not {mistaken}.", reason(&answer))
+        format!("Recheck: {evidence} {} Not {mistaken}.", reason(&answer))
     } else {
-        format!("Recheck: {} Confirmed.", reason(&answer))
+        format!("Recheck: {evidence} {} Confirmed.", reason(&answer))
     };
     let refined = staged(summary, &caption, &refined_reason, &answer);
     Qa {
@@ -428,6 +457,22 @@ pub fn make_qa(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
         refined,
         first_correct: !wrong,
     }
+}
+
+/// The scene's shapes that satisfy `keep`, left to right.
+fn filter(scene: &Scene, keep: impl Fn(&Shape) -> bool) -> Vec<Shape> {
+    scene
+        .left_to_right()
+        .into_iter()
+        .filter(|s| keep(s))
+        .collect()
+}
+
+/// The second largest shape (scenes have at least 2 shapes).
+fn runner_up(scene: &Scene) -> Shape {
+    let mut v = scene.shapes.clone();
+    v.sort_by(|a, b| b.area().total_cmp(&a.area()));
+    v[1.min(v.len() - 1)]
 }
 
 fn make_qa_fallback(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
