@@ -5,7 +5,7 @@ VENV := .venv
 SETUP_STAMP := $(VENV)/libtorch
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: setup build release test lint unit kernels-check demo bench bench-collectives gpu-check gpu-bin clean
+.PHONY: setup build release test lint unit kernels-check demo bench bench-collectives bench-checkpoint bench-decode bench-step bench-data gpu-check gpu-bin clean
 
 setup:
 	@./scripts/setup.sh
@@ -39,10 +39,33 @@ test: lint unit kernels-check
 demo: $(SETUP_STAMP)
 	@./scripts/demo.sh
 
-bench: bench-collectives
+bench: bench-collectives bench-checkpoint bench-decode bench-step bench-data
 
 bench-collectives: $(SETUP_STAMP)
 	@./scripts/bench-collectives.sh
+
+bench-checkpoint: $(SETUP_STAMP)
+	@./scripts/bench-checkpoint.sh
+
+# Decode speed of `trainer infer`'s engine next to transformers' generate (scripts/bench_decode.py), tiny and ~100M models.
+bench-decode: $(SETUP_STAMP)
+	$(CARGO) build --release --quiet --bin trainer
+	@mkdir -p bench-results
+	$(TARGET_DIR)/release/trainer bench decode --out bench-results/decode.jsonl
+
+# Optimizer-step time (LoRA and full, tiny and ~100M models) next to transformers + peft (scripts/bench_step.py)
+# at 1 rank, and our FSDP engine next to PyTorch FSDP2 over gloo at 2 ranks.
+bench-step: $(SETUP_STAMP)
+	$(CARGO) build --release --quiet --bin trainer --bin launcher
+	@mkdir -p bench-results
+	$(TARGET_DIR)/release/trainer bench step --out bench-results/step-w1.jsonl
+	$(TARGET_DIR)/release/launcher --standalone --nproc-per-node 2 -- $(TARGET_DIR)/release/trainer bench step --dir bench-results/step-tmp-w2 --out bench-results/step-w2.jsonl
+
+# Data pipeline samples/s per core (1 and 2 workers) next to transformers' MllamaProcessor + the seed's masking (scripts/bench_data.py).
+bench-data: $(SETUP_STAMP)
+	$(CARGO) build --release --quiet --bin trainer
+	@mkdir -p bench-results
+	$(TARGET_DIR)/release/trainer bench data --json | tee bench-results/data.jsonl
 
 # GPU: build the check binaries here (make gpu-bin), then run scripts/gpu-check.sh on the GPU host.
 gpu-bin: $(SETUP_STAMP)

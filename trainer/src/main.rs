@@ -35,7 +35,7 @@ struct ConfigArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train one rank (reads torchrun's RANK/WORLD_SIZE; world size 1 without a launcher). [not built yet: issue 7]
+    /// Train one rank (reads torchrun's RANK/WORLD_SIZE; world size 1 without a launcher).
     /// Example: trainer train configs/demo.yaml --set train.max_steps=10
     Train(ConfigArgs),
     /// Inspect configs. Example: trainer config show configs/llava-sco.yaml --set train.lr=2e-5
@@ -44,25 +44,24 @@ enum Command {
     /// Data tools: check, dump, build-sco. Example: trainer data check configs/demo.yaml
     #[command(subcommand)]
     Data(DataCommand),
-    /// Generate with self-correction turns (greedy with --temperature 0; --checkpoint not built yet: issue 8).
+    /// Generate with self-correction turns (greedy with --temperature 0; --adapter or --checkpoint).
     /// Example: trainer infer --model M --adapter A --image x.jpg --question "..." --turns 2
     Infer(InferArgs),
     /// Score a benchmark turn by turn (greedy by default), resumable; writes predictions and reports.
     /// Example: trainer eval --model M --data b.jsonl --image-root i --turns 3 --out r/
     Eval(EvalArgs),
-    /// Export a checkpoint as a PEFT adapter (--format merged: not built yet, issue 8).
+    /// Export a checkpoint as a PEFT adapter, or (--format merged) as a full HF model folder.
     /// Example: trainer export --checkpoint ckpt/step-00000500 --out adapter/ --format peft
     Export(ExportArgs),
-    /// Benchmarks (collectives; data, checkpoint, step not built yet: issues 6, 7, 8).
+    /// Benchmarks: collectives, data, step, checkpoint, decode (each next to its PyTorch peer).
     /// Example: launcher --nproc-per-node 2 -- trainer bench collectives --json
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Generate the demo's data (shape scenes, SCo records, a test bench) and tiny model folder;
     /// cached when the same options made it. Example: trainer demo-data --out data/demo
     DemoData(DemoDataArgs),
-    /// Demo helpers: `export` turns `trainer train`'s trainable-weights dump (TRAINER_DUMP_TRAINABLE)
-    /// into an adapter (LoRA) or model folder (full finetuning); `table` prints the final results.
-    /// Example: trainer demo-model export --dump runs/demo/trainable.safetensors --config configs/demo.yaml --out runs/demo/finetuned
+    /// Demo helpers: `table` prints the final results and writes the plots.
+    /// Example: trainer demo-model table --base B --after A --metrics M --bench B --chance C --out D
     #[command(subcommand)]
     DemoModel(DemoModelCommand),
 }
@@ -95,20 +94,6 @@ struct DemoDataArgs {
 /// `trainer demo-model ...`.
 #[derive(Subcommand)]
 enum DemoModelCommand {
-    /// Dump -> PEFT adapter folder (LoRA keys) or model folder (full finetuning); prints which.
-    Export {
-        /// Safetensors file written by `trainer train` under TRAINER_DUMP_TRAINABLE
-        #[arg(long)]
-        dump: PathBuf,
-        /// The training config (model.path is the base, peft the adapter's settings)
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// Output folder
-        #[arg(long)]
-        out: PathBuf,
-    },
     /// The final table (accuracy per turn before/after, transitions, chance per question type) and plots.
     Table {
         /// `trainer eval --out` folder of the base model
@@ -141,7 +126,7 @@ enum BenchCommand {
     /// all_gather / reduce_scatter / all_reduce time and bus bandwidth at 1-256 MiB; one per rank
     /// under the launcher. Example: launcher --nproc-per-node 2 -- trainer bench collectives --json
     Collectives {
-        /// cpu, nccl or auto
+        /// cpu, tcp (the cpu backend over TCP), nccl or auto
         #[arg(long, default_value = "auto")]
         backend: String,
         /// Buffer sizes in MiB
@@ -154,9 +139,133 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Not built yet (issues 6, 7, 8).
-    #[command(external_subcommand)]
-    Other(Vec<String>),
+    /// Save / load throughput of the checkpoint format on synthetic state (CPU backend); one per
+    /// rank under the launcher. Example: launcher --nproc-per-node 2 -- trainer bench checkpoint --json
+    Checkpoint {
+        /// Total state (fp32 weights + 2 AdamW moments) over all ranks, MiB
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Flat tensors the state is split into
+        #[arg(long, default_value_t = 16)]
+        groups: usize,
+        /// Repetitions (median reported)
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Where the checkpoints are written (removed afterwards)
+        #[arg(long, default_value = "bench-results/checkpoint-tmp")]
+        dir: PathBuf,
+        /// One JSON object per measurement
+        #[arg(long)]
+        json: bool,
+    },
+    /// Greedy decoding speed of `trainer infer`'s engine (time to first token, decode tokens/s) on
+    /// random tiny and ~100M-parameter models, next to transformers' generate (scripts/bench_decode.py).
+    /// Example: trainer bench decode --json
+    Decode {
+        /// Models: tiny, 100m
+        #[arg(long, value_delimiter = ',', default_value = "tiny,100m")]
+        models: Vec<String>,
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        /// Timed repetitions (median reported)
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Where the model folders are written (removed afterwards)
+        #[arg(long, default_value = "bench-results/decode-tmp")]
+        dir: PathBuf,
+        /// Python with torch + transformers for the peer
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        #[arg(long, default_value = "scripts/bench_decode.py")]
+        script: PathBuf,
+        /// Skip the transformers peer
+        #[arg(long)]
+        no_peer: bool,
+        /// One JSON object per measurement
+        #[arg(long)]
+        json: bool,
+        /// Also write the JSON lines to this file
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// CPU threads of both sides (0 = libtorch's default; 1 is steadier on a busy machine)
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Samples/s of the whole data pipeline (decode, resize/pad/tile, normalize, template,
+    /// tokenize, mask, collate) on generated JPEGs at 560-px tiles, per core, next to
+    /// transformers' MllamaProcessor + the seed's masking (scripts/bench_data.py).
+    /// Example: trainer bench data --json
+    Data {
+        /// Generated JPEGs (samples), about 640x480 to 2000x1500
+        #[arg(long, default_value_t = 128)]
+        images: usize,
+        /// Worker thread counts to measure (data.num_workers)
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        workers: Vec<usize>,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        /// Full passes per side (median reported)
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Where the inputs are written (removed afterwards)
+        #[arg(long, default_value = "bench-results/data-tmp")]
+        dir: PathBuf,
+        /// Python with transformers for the peer
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        #[arg(long, default_value = "scripts/bench_data.py")]
+        script: PathBuf,
+        /// Skip the transformers peer
+        #[arg(long)]
+        no_peer: bool,
+        /// One JSON object per worker count
+        #[arg(long)]
+        json: bool,
+    },
+    /// Optimizer-step time (LoRA and full finetuning, fp32 CPU) on random tiny and ~100M models,
+    /// next to transformers + peft (scripts/bench_step.py) on the same folder and batches; under
+    /// the launcher, our FSDP engine against PyTorch FSDP2 (fully_shard) over gloo at the same W.
+    /// Example: launcher --standalone --nproc-per-node 2 -- trainer bench step --json
+    Step {
+        /// Models: tiny, 100m
+        #[arg(long, value_delimiter = ',', default_value = "tiny,100m")]
+        models: Vec<String>,
+        /// lora, full
+        #[arg(long, value_delimiter = ',', default_value = "lora,full")]
+        modes: Vec<String>,
+        /// Samples per optimizer step (global; split across ranks)
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sample
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Timed steps (median reported)
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Intra-op threads per rank, both sides (default: cores / local ranks)
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Where model folders and batches are written (removed afterwards)
+        #[arg(long, default_value = "bench-results/step-tmp")]
+        dir: PathBuf,
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        #[arg(long, default_value = "scripts/bench_step.py")]
+        script: PathBuf,
+        /// Skip the PyTorch peer
+        #[arg(long)]
+        no_peer: bool,
+        /// One JSON object per measurement
+        #[arg(long)]
+        json: bool,
+        /// Also write the JSON lines to this file (rank 0)
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -211,12 +320,16 @@ struct BuildScoArgs {
 /// `trainer infer`.
 #[derive(Args)]
 struct InferArgs {
-    /// Hugging Face model folder (config.json, safetensors, tokenizer, preprocessor config)
-    #[arg(long)]
-    model: PathBuf,
+    /// Hugging Face model folder (config.json, safetensors, tokenizer, preprocessor config);
+    /// with --checkpoint it defaults to the run's model.path
+    #[arg(long, required_unless_present = "checkpoint")]
+    model: Option<PathBuf>,
     /// PEFT adapter folder (ours or Python peft's, transformers 4 or 5 naming)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "checkpoint")]
     adapter: Option<PathBuf>,
+    /// A training checkpoint folder (step-NNNNNNNN) whose trained weights to use
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
     /// Image file (JPEG, PNG, WebP, GIF, BMP); without it the question is text-only
     #[arg(long)]
     image: Option<PathBuf>,
@@ -258,7 +371,21 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
     use trainer::data::{image, records};
     use trainer::infer::{InferOptions, Session};
 
-    let (model, text, image_config) = load_for_generation(&args.model, args.adapter.as_deref())?;
+    let ckpt = args
+        .checkpoint
+        .as_deref()
+        .map(trainer::infer::CheckpointWeights::read)
+        .transpose()?;
+    let model_dir = match (&args.model, &ckpt) {
+        (Some(m), _) => m.clone(),
+        (None, Some(c)) => c.model_path(),
+        (None, None) => anyhow::bail!("--model is required (or --checkpoint)"),
+    };
+    let (mut model, text, image_config) = load_for_generation(&model_dir, args.adapter.as_deref())?;
+    if let Some(c) = &ckpt {
+        c.check_base(&model_dir)?;
+        c.apply(&mut model)?;
+    }
     let img = args
         .image
         .as_ref()
@@ -302,8 +429,9 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
     if args.json {
         let out = serde_json::json!({
             "turns": turns,
-            "model": args.model,
+            "model": model_dir,
             "adapter": args.adapter,
+            "checkpoint": args.checkpoint,
             "settings": opts,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -361,6 +489,9 @@ struct EvalArgs {
     /// A training metrics.jsonl, to report training FLOPs next to inference FLOPs
     #[arg(long)]
     train_metrics: Option<PathBuf>,
+    /// Samples generated together (left-padded; greedy results do not depend on it)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
 }
 
 /// Loads model (+ adapter), tokenizer/template and image processor of a model folder.
@@ -438,6 +569,7 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         out: args.out.clone(),
         limit: args.limit,
         training_metrics: args.train_metrics.clone(),
+        batch_size: args.batch_size as usize,
     };
     // under the launcher every rank evaluates its share; rank 0 merges and reports
     let env = launcher::env::RankEnv::from_env()?;
@@ -505,22 +637,63 @@ struct ExportArgs {
     /// Output folder
     #[arg(long)]
     out: PathBuf,
-    /// peft: adapter_config.json + adapter_model.safetensors; merged: not built yet
+    /// peft: adapter_config.json + adapter_model.safetensors; merged: a full HF model folder
+    /// (LoRA merged into the base weights, sharded safetensors + config and tokenizer files)
     #[arg(long, default_value = "peft")]
     format: String,
+    /// merged: the base model folder (default: the model.path recorded in the checkpoint)
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// merged: largest weight file (5GB = 5e9 bytes, 2GiB = 2^31; HF naming above one shard)
+    #[arg(long, default_value = trainer::checkpoint::merged::DEFAULT_MAX_SHARD)]
+    max_shard_size: String,
 }
 
-/// Arguments of a subcommand that is not built yet (accepted verbatim so `--help` works).
-#[derive(Args)]
-struct PendingArgs {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+/// Cores of this host shared by its local ranks.
+fn default_bench_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let local: usize = std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    (cores / local.max(1)).max(1)
 }
 
-/// A subcommand whose issue has not landed: say so and fail, never fake success.
-fn not_built(name: &str, issue: u32) -> Result<ExitCode> {
-    eprintln!("trainer {name}: not implemented yet (tracked in issue {issue}); nothing was done");
-    Ok(ExitCode::from(2))
+fn bench_step(
+    o: trainer::bench::step::StepOptions,
+    json: bool,
+    out: Option<PathBuf>,
+) -> Result<ExitCode> {
+    use trainer::bench::step;
+    if let Some((python, script)) = &o.peer {
+        anyhow::ensure!(
+            python.exists() && script.exists(),
+            "the PyTorch peer needs {} and {} (run from the repository root after `make setup`), or pass --no-peer",
+            python.display(),
+            script.display()
+        );
+    }
+    let pg = trainer::dist::ProcessGroup::from_env(
+        trainer::dist::Backend::Cpu,
+        std::time::Duration::from_secs(600),
+    )?;
+    let all = step::run(&pg, &o)?;
+    if pg.rank() != 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if json {
+        for m in &all {
+            println!("{}", m.json());
+        }
+    } else {
+        print!("{}", step::table(&all));
+    }
+    if let Some(path) = out {
+        let lines: String = all.iter().map(|m| format!("{}\n", m.json())).collect();
+        std::fs::write(&path, lines)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn bench_collectives(backend: &str, sizes: &[usize], reps: usize, json: bool) -> Result<ExitCode> {
@@ -528,9 +701,10 @@ fn bench_collectives(backend: &str, sizes: &[usize], reps: usize, json: bool) ->
     use trainer::dist::{Backend, ProcessGroup};
     let backend = match backend {
         "cpu" => Backend::Cpu,
+        "tcp" => Backend::Tcp,
         "nccl" => Backend::Nccl,
         "auto" => Backend::Auto,
-        other => anyhow::bail!("--backend: expected cpu, nccl or auto, got {other:?}"),
+        other => anyhow::bail!("--backend: expected cpu, tcp, nccl or auto, got {other:?}"),
     };
     let pg = ProcessGroup::from_env(backend, std::time::Duration::from_secs(600))
         .context("setting up the process group")?;
@@ -644,7 +818,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
                 Ok(ExitCode::SUCCESS)
             }
-            "merged" => not_built("export --format merged", 8),
+            "merged" => {
+                let max = trainer::checkpoint::parse_size(&args.max_shard_size)?;
+                let s = trainer::checkpoint::export_merged(
+                    &args.checkpoint,
+                    &args.out,
+                    args.model.as_deref(),
+                    max,
+                )?;
+                println!(
+                    "wrote {} ({} tensors, {} LoRA-merged, {} replaced by trained weights; {:.1} MB in {}) from {}",
+                    args.out.display(),
+                    s.tensors,
+                    s.merged,
+                    s.replaced,
+                    s.total_bytes as f64 / 1e6,
+                    s.files.join(", "),
+                    args.checkpoint.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
             other => anyhow::bail!("--format {other}: expected peft or merged"),
         },
         Command::Bench(BenchCommand::Collectives {
@@ -653,6 +846,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             reps,
             json,
         }) => bench_collectives(&backend, &sizes, reps, json),
+        Command::Bench(BenchCommand::Checkpoint {
+            mib,
+            groups,
+            reps,
+            dir,
+            json,
+        }) => {
+            trainer::bench::checkpoint::main(&dir, mib, groups, reps, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::DemoData(a) => {
             anyhow::ensure!(
                 a.image_size % 14 == 0 && a.image_size >= 28,
@@ -691,18 +894,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::DemoModel(DemoModelCommand::Export {
-            dump,
-            config: cfg,
-            overrides,
-            out,
-        }) => {
-            let resolved = config::load(&cfg, &overrides)?;
-            let kind =
-                trainer::demo::export_trainable(&dump, &resolved.model.path, &resolved.peft, &out)?;
-            println!("{kind}");
-            Ok(ExitCode::SUCCESS)
-        }
         Command::DemoModel(DemoModelCommand::Table {
             base,
             after,
@@ -726,9 +917,129 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{text}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(BenchCommand::Other(args)) => {
-            not_built(&format!("bench {}", args.join(" ")), 7)
+        Command::Bench(BenchCommand::Decode {
+            models,
+            prompt_tokens,
+            new_tokens,
+            reps,
+            dir,
+            python,
+            script,
+            no_peer,
+            json,
+            out,
+            threads,
+        }) => {
+            use trainer::bench::decode;
+            let peer = if no_peer {
+                None
+            } else {
+                anyhow::ensure!(
+                    python.exists() && script.exists(),
+                    "the transformers peer needs {} and {} (run from the repository root after `make setup`), or pass --no-peer",
+                    python.display(),
+                    script.display()
+                );
+                Some((python, script))
+            };
+            let opts = decode::DecodeOptions {
+                models: models.clone(),
+                prompt_tokens,
+                new_tokens,
+                reps,
+                dir,
+                peer,
+                threads,
+            };
+            let mut all = vec![];
+            for m in &models {
+                let r = decode::measure(m, &opts)?;
+                if json {
+                    println!("{}", r.json());
+                }
+                all.push(r);
+            }
+            if !json {
+                print!("{}", decode::table(&all));
+            }
+            if let Some(path) = out {
+                let lines: String = all.iter().map(|m| format!("{}\n", m.json())).collect();
+                std::fs::write(&path, lines)
+                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(BenchCommand::Data {
+            images,
+            workers,
+            batch_size,
+            reps,
+            dir,
+            python,
+            script,
+            no_peer,
+            json,
+        }) => {
+            use trainer::bench::data;
+            let peer = if no_peer {
+                None
+            } else {
+                anyhow::ensure!(
+                    python.exists() && script.exists(),
+                    "the transformers peer needs {} and {} (run from the repository root after `make setup`), or pass --no-peer",
+                    python.display(),
+                    script.display()
+                );
+                Some((python, script))
+            };
+            let opts = data::DataBenchOptions {
+                images,
+                workers,
+                batch_size,
+                reps,
+                dir,
+                peer,
+            };
+            let (stages, ms) = data::run(&opts)?;
+            if json {
+                println!("{}", stages.json());
+                for m in &ms {
+                    println!("{}", m.json());
+                }
+            } else {
+                print!("{}{}", data::table(&ms), stages.line());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Step {
+            models,
+            modes,
+            batch,
+            seq,
+            steps,
+            warmup,
+            threads,
+            dir,
+            python,
+            script,
+            no_peer,
+            json,
+            out,
+        }) => bench_step(
+            trainer::bench::step::StepOptions {
+                models,
+                modes,
+                batch,
+                seq,
+                steps: steps.max(1),
+                warmup,
+                threads: threads.unwrap_or_else(default_bench_threads),
+                dir,
+                peer: (!no_peer).then_some((python, script)),
+            },
+            json,
+            out,
+        ),
     }
 }
 

@@ -56,22 +56,13 @@ fn missing_config_names_the_file() {
 }
 
 #[test]
-fn unbuilt_subcommands_exit_2_and_say_so() {
-    for args in [
-        &[
-            "export",
-            "--checkpoint",
-            "c",
-            "--out",
-            "o",
-            "--format",
-            "merged",
-        ][..],
-        &["bench", "step"],
-    ] {
-        let (code, _, stderr) = trainer(args);
-        assert_eq!(code, 2, "{args:?}");
-        assert!(stderr.contains("not implemented yet"), "{args:?}: {stderr}");
+fn an_unknown_bench_is_a_usage_error_listing_the_real_ones() {
+    let (code, _, stderr) = trainer(&["bench", "nonsense"]);
+    assert_eq!(code, 2, "{stderr}");
+    for bench in ["collectives", "data", "step", "checkpoint", "decode"] {
+        let (code, stdout, stderr) = trainer(&["bench", bench, "--help"]);
+        assert_eq!(code, 0, "bench {bench} --help: {stderr}");
+        assert!(stdout.contains("Usage"), "bench {bench}: {stdout}");
     }
 }
 
