@@ -649,6 +649,24 @@ struct ExportArgs {
     max_shard_size: String,
 }
 
+/// The Python peer of a benchmark (`.venv`'s python + its script), or None with `--no-peer`.
+fn python_peer(
+    no_peer: bool,
+    python: PathBuf,
+    script: PathBuf,
+) -> Result<Option<(PathBuf, PathBuf)>> {
+    if no_peer {
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        python.exists() && script.exists(),
+        "the transformers peer needs {} and {} (run from the repository root after `make setup`), or pass --no-peer",
+        python.display(),
+        script.display()
+    );
+    Ok(Some((python, script)))
+}
+
 /// Cores of this host shared by its local ranks.
 fn default_bench_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -931,17 +949,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             threads,
         }) => {
             use trainer::bench::decode;
-            let peer = if no_peer {
-                None
-            } else {
-                anyhow::ensure!(
-                    python.exists() && script.exists(),
-                    "the transformers peer needs {} and {} (run from the repository root after `make setup`), or pass --no-peer",
-                    python.display(),
-                    script.display()
-                );
-                Some((python, script))
-            };
+            let peer = python_peer(no_peer, python, script)?;
             let opts = decode::DecodeOptions {
                 models: models.clone(),
                 prompt_tokens,
@@ -981,17 +989,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         }) => {
             use trainer::bench::data;
-            let peer = if no_peer {
-                None
-            } else {
-                anyhow::ensure!(
-                    python.exists() && script.exists(),
-                    "the transformers peer needs {} and {} (run from the repository root after `make setup`), or pass --no-peer",
-                    python.display(),
-                    script.display()
-                );
-                Some((python, script))
-            };
+            let peer = python_peer(no_peer, python, script)?;
             let opts = data::DataBenchOptions {
                 images,
                 workers,

@@ -36,3 +36,24 @@ fn mfu_is_null_on_cpu_and_tflops_over_peak_when_configured() {
     }
     assert!(o.stderr.contains("MFU"), "{}", o.stderr);
 }
+
+/// hw_tflops counts the forward recompute of activation checkpointing (2 FLOPs per parameter and
+/// token on top of the model's 4 per frozen and 6 per trained one), and equals tflops without it.
+#[test]
+fn hw_tflops_adds_the_recompute_only_with_activation_checkpointing() {
+    let ratio = |name: &str, sets: &[&str]| -> Vec<f64> {
+        let dir = fresh(name);
+        ok(run(&dir, 1, TRAIN, sets, &[]), name);
+        metrics(&dir)
+            .iter()
+            .map(|v| v["hw_tflops"].as_f64().unwrap() / v["tflops"].as_f64().unwrap())
+            .collect()
+    };
+    // LoRA on a frozen base: (4 N + 6 n + 2 (N + n)) / (4 N + 6 n) is just under 1.5
+    for r in ratio("hw-recompute", &[]) {
+        assert!(r > 1.4 && r < 1.5, "recompute ratio {r}");
+    }
+    for r in ratio("hw-no-recompute", &["fsdp.activation_checkpointing=false"]) {
+        assert!((r - 1.0).abs() < 1e-12, "no recompute: ratio {r}");
+    }
+}

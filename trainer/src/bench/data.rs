@@ -358,8 +358,8 @@ fn time_peer(
     batch: usize,
     reps: usize,
 ) -> Result<(f64, f64)> {
-    let out = Command::new(python)
-        .arg(script)
+    let mut cmd = Command::new(python);
+    cmd.arg(script)
         .arg("--model")
         .arg(model)
         .arg("--data")
@@ -375,19 +375,8 @@ fn time_peer(
             &reps.to_string(),
         ])
         .env("OMP_NUM_THREADS", "1")
-        .env("MKL_NUM_THREADS", "1")
-        .output()
-        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed:\n{}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .with_context(|| format!("{} printed no JSON: {stdout}", script.display()))?;
+        .env("MKL_NUM_THREADS", "1");
+    let v = super::peer_json(cmd, script)?;
     let f = |k: &str| {
         v.get(k)
             .and_then(Value::as_f64)

@@ -193,8 +193,8 @@ fn run_peer(
     inputs: &Path,
     o: &DecodeOptions,
 ) -> Result<Speed> {
-    let out = Command::new(python)
-        .arg(script)
+    let mut cmd = Command::new(python);
+    cmd.arg(script)
         .arg("--model")
         .arg(model)
         .arg("--inputs")
@@ -206,19 +206,8 @@ fn run_peer(
             "1",
             "--threads",
             &o.threads.to_string(),
-        ])
-        .output()
-        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed:\n{}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .with_context(|| format!("{} printed no JSON: {stdout}", script.display()))?;
+        ]);
+    let v = super::peer_json(cmd, script)?;
     let f = |k: &str| {
         v.get(k)
             .and_then(Value::as_f64)

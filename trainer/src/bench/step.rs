@@ -249,8 +249,8 @@ fn run_peer(
     world: usize,
     o: &StepOptions,
 ) -> Result<(f64, String, f64)> {
-    let out = Command::new(python)
-        .arg(script)
+    let mut cmd = Command::new(python);
+    cmd.arg(script)
         .arg("--model")
         .arg(folder)
         .arg("--batches")
@@ -265,22 +265,8 @@ fn run_peer(
         .env_remove("WORLD_SIZE")
         .env_remove("MASTER_ADDR")
         .env_remove("MASTER_PORT")
-        .env_remove("LOCAL_RANK")
-        .output()
-        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed:\n{}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: Value = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .with_context(|| format!("no JSON line from {}:\n{stdout}", script.display()))?;
+        .env_remove("LOCAL_RANK");
+    let v = super::peer_json(cmd, script)?;
     let s = v["median_s"].as_f64().context("peer: no median_s")?;
     let engine = v["engine"].as_str().unwrap_or("?").to_string();
     Ok((s, engine, v["loss0"].as_f64().unwrap_or(f64::NAN)))

@@ -18,6 +18,10 @@
 //! tower, the projector and the cross-attention k/v projections. The embedding table is a lookup
 //! (0 FLOPs); attention's score and value products (O(S^2)) are left out, as in 6N.
 //!
+//! Executed FLOPs add what the engine really runs on top: with activation checkpointing each unit's
+//! forward runs twice, so `+ 2 x N x tokens` (every parameter, trainable or not). They give
+//! `hw_tflops` (hardware FLOP/s, PaLM's HFU numerator) next to the model `tflops`.
+//!
 //! MFU = (model FLOPs per rank per step / step time) / the device's peak dense FLOP/s in the
 //! compute dtype: `train.peak_tflops`, else [`device_peak_tflops`] from the GPU's name; on a
 //! CPU (or an unknown GPU) MFU is null and only the achieved TFLOP/s is reported.
@@ -31,6 +35,9 @@ use crate::model::MllamaModel;
 pub(crate) struct FlopCount {
     per_text_token: f64,
     per_vision_token: f64,
+    /// Forward FLOPs per token (2 per parameter): the recompute of activation checkpointing.
+    forward_per_text_token: f64,
+    forward_per_vision_token: f64,
     /// Vision tokens per tile (patches + class token).
     patches_per_tile: f64,
 }
@@ -48,15 +55,18 @@ impl FlopCount {
     pub(crate) fn of(m: &mut MllamaModel) -> Self {
         let lora = m.lora.is_some();
         let (mut text, mut vision) = (0.0, 0.0);
+        let (mut fwd_text, mut fwd_vision) = (0.0, 0.0);
         let mut add = |name: &str, numel: f64, trains: bool| {
             if name.contains("embed_tokens") {
                 return; // a lookup
             }
             let f = numel * if trains { 6.0 } else { 4.0 };
             if sees_vision_tokens(name) {
-                vision += f
+                vision += f;
+                fwd_vision += 2.0 * numel;
             } else {
-                text += f
+                text += f;
+                fwd_text += 2.0 * numel;
             }
         };
         m.visit_params(&mut |n, t| add(n, t.numel() as f64, !lora));
@@ -77,23 +87,31 @@ impl FlopCount {
         Self {
             per_text_token: text,
             per_vision_token: vision,
+            forward_per_text_token: fwd_text,
+            forward_per_vision_token: fwd_vision,
             patches_per_tile: m.config.vision.num_patches() as f64,
         }
     }
 
-    /// Model FLOPs of forward + backward over `batches` (one rank's micro-batches).
-    pub(crate) fn step_flops(&self, batches: &[MicroBatch]) -> f64 {
-        batches
-            .iter()
-            .map(|mb| {
-                let text_tokens = mb.batch.input_ids.numel() as f64;
-                let tiles = mb.batch.images.as_ref().map_or(0.0, |i| {
-                    i.aspect_ratio_mask.sum(Kind::Int64).double_value(&[])
-                });
-                self.per_text_token * text_tokens
-                    + self.per_vision_token * tiles * self.patches_per_tile
-            })
-            .sum()
+    /// (model FLOPs, executed FLOPs) of forward + backward over `batches` (one rank's
+    /// micro-batches); executed adds the forward recompute when `recompute` (activation
+    /// checkpointing) is on.
+    pub(crate) fn step_flops(&self, batches: &[MicroBatch], recompute: bool) -> (f64, f64) {
+        let (mut model, mut executed) = (0.0, 0.0);
+        for mb in batches {
+            let text_tokens = mb.batch.input_ids.numel() as f64;
+            let vision_tokens = mb.batch.images.as_ref().map_or(0.0, |i| {
+                i.aspect_ratio_mask.sum(Kind::Int64).double_value(&[])
+            }) * self.patches_per_tile;
+            let m = self.per_text_token * text_tokens + self.per_vision_token * vision_tokens;
+            model += m;
+            executed += m;
+            if recompute {
+                executed += self.forward_per_text_token * text_tokens
+                    + self.forward_per_vision_token * vision_tokens;
+            }
+        }
+        (model, executed)
     }
 }
 
@@ -162,6 +180,10 @@ mod tests {
         assert!(embed > 0.0);
         let full = FlopCount::of(&mut m);
         assert_eq!(full.per_text_token + full.per_vision_token, 6.0 * n);
+        assert_eq!(
+            full.forward_per_text_token + full.forward_per_vision_token,
+            2.0 * n
+        );
         assert!(full.per_vision_token > 0.0 && full.per_text_token > 0.0);
         let cfg = LoraConfig {
             r: 4,

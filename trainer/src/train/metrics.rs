@@ -5,7 +5,8 @@
 //! Step fields: step, epoch, loss (true mean over the global batch), lr, grad_norm, tokens
 //! (supervised tokens of the global batch), tokens_per_s, step_s, mem_bytes (resident set of
 //! rank 0), param_bytes (parameter bytes resident on rank 0 between steps), tflops (achieved
-//! model TFLOP/s per rank, see `flops`), mfu (tflops / the device's peak; null when unknown).
+//! model TFLOP/s per rank, see `flops`), hw_tflops (executed TFLOP/s per rank: with the forward
+//! recompute of activation checkpointing), mfu (tflops / the device's peak; null when unknown).
 use std::io::Write;
 use std::path::Path;
 
@@ -19,7 +20,7 @@ use crate::data::dataset::MicroBatch;
 use crate::dist::ProcessGroup;
 
 use super::flops::{device_peak_tflops, FlopCount};
-use super::step::{all_reduce_f64, StepResult};
+use super::step::StepResult;
 
 /// One optimizer step as the loop saw it.
 pub(super) struct StepReport<'a> {
@@ -36,6 +37,8 @@ pub(super) struct StepReport<'a> {
 pub(super) struct Meter {
     file: Option<std::fs::File>,
     flops: FlopCount,
+    /// Activation checkpointing recomputes each unit's forward (counted in `hw_tflops`).
+    recompute: bool,
     peak_tflops: Option<f64>,
     bar: Option<ProgressBar>,
     rank: usize,
@@ -81,6 +84,7 @@ impl Meter {
         Ok(Self {
             file,
             flops,
+            recompute: config.fsdp.enabled && config.fsdp.activation_checkpointing,
             peak_tflops,
             bar,
             rank,
@@ -92,9 +96,11 @@ impl Meter {
 
     /// Records one step: every rank must call it (the FLOPs are averaged over ranks).
     pub fn step(&mut self, pg: &ProcessGroup, device: Device, s: StepReport) -> Result<()> {
-        let local = self.flops.step_flops(s.batches);
-        let flops = all_reduce_f64(pg, local, device)? / self.world as f64; // per rank
-        let tflops = flops / s.step_s / 1e12;
+        let (model, executed) = self.flops.step_flops(s.batches, self.recompute);
+        // one all-reduce for both: [model, executed] summed over ranks, then per rank
+        let both = all_reduce_pair(pg, [model, executed], device)?;
+        let tflops = both[0] / self.world as f64 / s.step_s / 1e12;
+        let hw_tflops = both[1] / self.world as f64 / s.step_s / 1e12;
         let mfu = self.peak_tflops.map(|p| tflops / p);
         let r = s.result;
         let tokens_per_s = r.tokens as f64 / s.step_s;
@@ -104,7 +110,7 @@ impl Meter {
         self.write(json!({
             "step": s.step, "epoch": s.epoch, "loss": r.loss, "lr": s.lr, "grad_norm": r.grad_norm,
             "tokens": r.tokens, "tokens_per_s": tokens_per_s, "step_s": s.step_s,
-            "mem_bytes": resident_bytes(), "tflops": tflops, "mfu": mfu,
+            "mem_bytes": resident_bytes(), "tflops": tflops, "hw_tflops": hw_tflops, "mfu": mfu,
             "param_bytes": s.param_bytes,
         }))?;
         if self.rank != 0 {
@@ -203,4 +209,11 @@ pub(super) fn log(rank: usize, msg: &str) {
     if rank == 0 {
         tracing::info!("{msg}");
     }
+}
+
+/// Sums `v` over ranks (one collective for both numbers).
+fn all_reduce_pair(pg: &ProcessGroup, v: [f64; 2], device: Device) -> Result<[f64; 2]> {
+    let t = tch::Tensor::from_slice(&v).to_device(device);
+    pg.all_reduce(&t, crate::dist::ReduceOp::Sum)?;
+    Ok([t.double_value(&[0]), t.double_value(&[1])])
 }
