@@ -63,18 +63,7 @@ fn export_peft_holds_the_trained_factors_and_loads() {
 
 #[test]
 fn export_peft_refuses_a_full_finetuning_checkpoint() {
-    let out = fresh("export-full");
-    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
-    ok(
-        run(
-            &out,
-            1,
-            train,
-            &["checkpoint.every_steps=1", "peft.method=none"],
-            &[],
-        ),
-        "train",
-    );
+    let out = full_finetuned_one_step("export-full", 1);
     let o = export(&out.join("ckpt/step-00000001"), &out.join("adapter"));
     assert_eq!(o.code, Some(1), "{}", o.stderr);
     assert!(o.stderr.contains("not trained with LoRA"), "{}", o.stderr);

@@ -223,18 +223,7 @@ sys.exit(0 if err < 1e-4 else 1)
 
 #[test]
 fn merged_export_of_full_finetuning_holds_the_trained_weights() {
-    let out = fresh("merged-full");
-    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
-    ok(
-        run(
-            &out,
-            2,
-            train,
-            &["checkpoint.every_steps=1", "peft.method=none"],
-            &[],
-        ),
-        "train",
-    );
+    let out = full_finetuned_one_step("merged-full", 2);
     let merged = out.join("merged");
     ok(
         export(&out.join("ckpt/step-00000001"), &merged, "merged", &[]),

@@ -54,26 +54,11 @@ fn bitwise(world: usize, async_save: bool) {
         second.stderr
     );
 
-    let (a, b) = (metrics(&straight), metrics(&resumed));
-    assert_eq!(a.len(), 10);
-    assert_eq!(b.len(), 10);
-    for (x, y) in a.iter().zip(&b) {
-        for k in ["step", "epoch", "loss", "lr", "grad_norm", "tokens"] {
-            assert_eq!(x[k], y[k], "step {}: {k} differs after resume", x["step"]);
-        }
-    }
-    let (wa, wb) = (weights(&straight), weights(&resumed));
-    assert_eq!(wa.len(), wb.len());
-    for (n, t) in &wa {
-        assert!(t.equal(&wb[n]), "{n} differs after resume");
-    }
+    let n_weights = assert_same_run(&straight, &resumed, 10);
     // every_steps 4, the epoch end (step 6) and train.max_steps (step 10); keep_last 2
     assert_eq!(checkpoints(&straight), ["step-00000008", "step-00000010"]);
     assert_eq!(checkpoints(&resumed), ["step-00000008", "step-00000010"]);
-    println!(
-        "world {world}: 10 losses and {} weights identical after resume at step 5",
-        wa.len()
-    );
+    println!("world {world}: 10 losses and {n_weights} weights identical after resume at step 5");
 }
 
 #[test]

@@ -45,41 +45,26 @@ fn demo_reduced_end_to_end() {
     let dir = std::env::temp_dir().join(format!("demo-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let data = dir.join("data");
-    let msg = run(
-        Command::new(bin("trainer"))
-            .args([
-                "demo-data",
-                "--train",
-                "24",
-                "--val",
-                "4",
-                "--test",
-                "4",
-                "--seed",
-                "3",
-                "--out",
-            ])
-            .arg(&data),
-        "demo-data",
-    );
+    let demo_data = || {
+        let mut cmd = Command::new(bin("trainer"));
+        cmd.args([
+            "demo-data",
+            "--train",
+            "24",
+            "--val",
+            "4",
+            "--test",
+            "4",
+            "--seed",
+            "3",
+            "--out",
+        ])
+        .arg(&data);
+        cmd
+    };
+    let msg = run(&mut demo_data(), "demo-data");
     assert!(msg.contains("wrote"), "{msg}");
-    let again = run(
-        Command::new(bin("trainer"))
-            .args([
-                "demo-data",
-                "--train",
-                "24",
-                "--val",
-                "4",
-                "--test",
-                "4",
-                "--seed",
-                "3",
-                "--out",
-            ])
-            .arg(&data),
-        "demo-data (cached)",
-    );
+    let again = run(&mut demo_data(), "demo-data (cached)");
     assert!(again.contains("reusing"), "{again}");
 
     let run_dir = dir.join("run");

@@ -122,18 +122,7 @@ fn lora_checkpoint_weights_and_generation_equal_the_exported_adapter() {
 
 #[test]
 fn full_finetuning_checkpoint_replaces_the_base_weights() {
-    let out = fresh("infer-full");
-    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
-    ok(
-        run(
-            &out,
-            1,
-            train,
-            &["checkpoint.every_steps=1", "peft.method=none"],
-            &[],
-        ),
-        "train",
-    );
+    let out = full_finetuned_one_step("infer-full", 1);
     let mut model = MllamaModel::load(&setup().join("model"), LoadOptions::default()).unwrap();
     let n = CheckpointWeights::read(&out.join("ckpt/step-00000001"))
         .unwrap()

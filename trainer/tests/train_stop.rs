@@ -46,19 +46,7 @@ fn stop_saves_and_resumes(world: usize, sets: &[&str], want: &[&str]) {
         run(&straight, world, &train(world, 5), sets, &[]),
         "straight",
     );
-    let (a, b) = (metrics(&straight), metrics(&stopped));
-    assert_eq!(a.len(), 5);
-    assert_eq!(b.len(), 5);
-    for (x, y) in a.iter().zip(&b) {
-        for k in ["step", "epoch", "loss", "lr", "grad_norm", "tokens"] {
-            assert_eq!(x[k], y[k], "step {}: {k} differs after resume", x["step"]);
-        }
-    }
-    let (wa, wb) = (weights(&straight), weights(&stopped));
-    assert_eq!(wa.len(), wb.len());
-    for (n, t) in &wa {
-        assert!(t.equal(&wb[n]), "{n} differs after resume");
-    }
+    let _ = assert_same_run(&straight, &stopped, 5);
     // both 5-step runs end with a checkpoint of step 5 as well
     assert!(checkpoints(&straight).contains(&"step-00000005".to_string()));
     assert!(checkpoints(&stopped).contains(&"step-00000005".to_string()));

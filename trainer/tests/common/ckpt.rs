@@ -175,3 +175,42 @@ pub fn venv_python(modules: &str) -> Option<PathBuf> {
         .is_ok_and(|o| o.status.success());
     ok.then_some(py)
 }
+
+/// A fresh folder `name` holding one full-finetuning step at world `world`, checkpointed
+/// (`ckpt/step-00000001`).
+#[allow(dead_code)]
+pub fn full_finetuned_one_step(name: &str, world: usize) -> PathBuf {
+    let out = fresh(name);
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
+    ok(
+        run(
+            &out,
+            world,
+            train,
+            &["checkpoint.every_steps=1", "peft.method=none"],
+            &[],
+        ),
+        "train",
+    );
+    out
+}
+
+/// Two runs of `steps` steps in `a` and `b` logged the same metrics and ended with bitwise
+/// the same trainable weights (a resumed run against a straight one); returns how many weights.
+#[allow(dead_code)]
+pub fn assert_same_run(a: &Path, b: &Path, steps: usize) -> usize {
+    let (ma, mb) = (metrics(a), metrics(b));
+    assert_eq!(ma.len(), steps);
+    assert_eq!(mb.len(), steps);
+    for (x, y) in ma.iter().zip(&mb) {
+        for k in ["step", "epoch", "loss", "lr", "grad_norm", "tokens"] {
+            assert_eq!(x[k], y[k], "step {}: {k} differs after resume", x["step"]);
+        }
+    }
+    let (wa, wb) = (weights(a), weights(b));
+    assert_eq!(wa.len(), wb.len());
+    for (n, t) in &wa {
+        assert!(t.equal(&wb[n]), "{n} differs after resume");
+    }
+    wa.len()
+}
