@@ -58,11 +58,19 @@ fn first_image() -> PathBuf {
     files[0].clone()
 }
 
+/// The fixture tokenizer's text and image processors.
+fn processors() -> (TextProcessor, ImageProcessorConfig) {
+    let tok = fixtures().join("tok");
+    (
+        TextProcessor::from_model_dir(&tok, false).unwrap(),
+        ImageProcessorConfig::from_model_dir(&tok).unwrap(),
+    )
+}
+
 #[test]
 fn greedy_turn_equals_the_no_cache_reference_and_turns_chain() {
     let model = model();
-    let text = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
-    let image_config = ImageProcessorConfig::from_model_dir(&fixtures().join("tok")).unwrap();
+    let (text, image_config) = processors();
     let session = Session {
         model: &model,
         text: &text,
@@ -132,8 +140,7 @@ fn greedy_turn_equals_the_no_cache_reference_and_turns_chain() {
 #[test]
 fn sampling_is_seedable() {
     let model = model();
-    let text = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
-    let image_config = ImageProcessorConfig::from_model_dir(&fixtures().join("tok")).unwrap();
+    let (text, image_config) = processors();
     let session = Session {
         model: &model,
         text: &text,
@@ -153,8 +160,7 @@ fn sampling_is_seedable() {
 #[test]
 fn zero_turns_is_an_error() {
     let model = model();
-    let text = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
-    let image_config = ImageProcessorConfig::from_model_dir(&fixtures().join("tok")).unwrap();
+    let (text, image_config) = processors();
     let session = Session {
         model: &model,
         text: &text,
@@ -181,8 +187,7 @@ fn all_images() -> Vec<PathBuf> {
 #[test]
 fn batched_greedy_equals_unbatched_greedy_token_for_token() {
     let model = model();
-    let text = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
-    let image_config = ImageProcessorConfig::from_model_dir(&fixtures().join("tok")).unwrap();
+    let (text, image_config) = processors();
     let session = Session {
         model: &model,
         text: &text,
@@ -229,8 +234,7 @@ fn batched_greedy_equals_unbatched_greedy_token_for_token() {
 fn rows_that_stop_early_leave_the_batch_without_changing_the_others() {
     use trainer::infer::{sampling::Sampler, Prompt};
     let model = model();
-    let text = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
-    let image_config = ImageProcessorConfig::from_model_dir(&fixtures().join("tok")).unwrap();
+    let (text, image_config) = processors();
     let session = Session {
         model: &model,
         text: &text,
