@@ -1,6 +1,7 @@
 //! Shared building blocks: attention implementations, RMSNorm, LayerNorm, additive-mask helpers.
 use tch::{Kind, Tensor};
 
+use super::lora::Linear;
 use super::ModelError;
 
 /// Attention implementation (`model.attention`).
@@ -62,6 +63,20 @@ impl AttnMask {
             ..Default::default()
         }
     }
+}
+
+/// x (B, S, in) through `proj`, split into heads: (B, heads, S, head_dim).
+pub fn project_heads(proj: &Linear, x: &Tensor, heads: i64, head_dim: i64) -> Tensor {
+    let b = x.size()[0];
+    proj.forward(x)
+        .view([b, -1, heads, head_dim])
+        .transpose(1, 2)
+}
+
+/// Attention output (B, H, S, D) back to (B, S, H*D) for the output projection.
+pub fn merge_heads(o: &Tensor) -> Tensor {
+    let z = o.size(); // (B, H, S, D)
+    o.transpose(1, 2).reshape([z[0], z[2], z[1] * z[3]])
 }
 
 /// Attention over q (B, H, Sq, D), k/v (B, Hk, Sk, D) with `mask`. Returns (B, H, Sq, D).

@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 use super::cache::{KvCache, LayerCache};
 use super::config::{Activation, RopeScaling, TextConfig};
 use super::lora::Linear;
-use super::ops::{attend, dtype_min, AttentionImpl, AttnMask, RmsNorm};
+use super::ops::{attend, dtype_min, merge_heads, project_heads, AttentionImpl, AttnMask, RmsNorm};
 use super::weights::Loader;
 use super::ModelError;
 
@@ -168,22 +168,9 @@ impl SelfAttention {
         ctx: &TextContext,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor, ModelError> {
-        let (b, s) = (x.size()[0], x.size()[1]);
-        let q = self
-            .q_proj
-            .forward(x)
-            .view([b, s, self.num_heads, self.head_dim])
-            .transpose(1, 2); // (B, H, S, D)
-        let k = self
-            .k_proj
-            .forward(x)
-            .view([b, s, self.num_kv_heads, self.head_dim])
-            .transpose(1, 2); // (B, Hk, S, D)
-        let v = self
-            .v_proj
-            .forward(x)
-            .view([b, s, self.num_kv_heads, self.head_dim])
-            .transpose(1, 2); // (B, Hk, S, D)
+        let q = project_heads(&self.q_proj, x, self.num_heads, self.head_dim); // (B, H, S, D)
+        let k = project_heads(&self.k_proj, x, self.num_kv_heads, self.head_dim); // (B, Hk, S, D)
+        let v = project_heads(&self.v_proj, x, self.num_kv_heads, self.head_dim); // (B, Hk, S, D)
         let q = apply_rope(&q, &ctx.cos, &ctx.sin);
         let k = apply_rope(&k, &ctx.cos, &ctx.sin);
         let (k, v) = match cache {
@@ -192,10 +179,7 @@ impl SelfAttention {
         };
         let scale = (self.head_dim as f64).powf(-0.5);
         let o = attend(self.attention, &q, &k, &v, &ctx.self_mask, scale)?; // (B, H, S, D)
-        let o = o
-            .transpose(1, 2)
-            .reshape([b, s, self.num_heads * self.head_dim]); // (B, S, H*D)
-        Ok(self.o_proj.forward(&o))
+        Ok(self.o_proj.forward(&merge_heads(&o))) // (B, S, H*D) -> (B, S, H)
     }
 
     fn visit(&self, f: &mut ParamVisitor) {
@@ -255,25 +239,12 @@ impl CrossAttention {
         ctx: &TextContext,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor, ModelError> {
-        let (b, s) = (x.size()[0], x.size()[1]);
-        let q = self
-            .q_proj
-            .forward(x)
-            .view([b, s, self.num_heads, self.head_dim])
-            .transpose(1, 2); // (B, H, S, D)
+        let q = project_heads(&self.q_proj, x, self.num_heads, self.head_dim); // (B, H, S, D)
         let q = self.q_norm.forward(&q);
         let (k, v) = match (&ctx.cross_states, cache) {
             (Some(cs), cache) => {
-                let k = self
-                    .k_proj
-                    .forward(cs)
-                    .view([b, -1, self.num_kv_heads, self.head_dim])
-                    .transpose(1, 2); // (B, Hk, N, D)
-                let v = self
-                    .v_proj
-                    .forward(cs)
-                    .view([b, -1, self.num_kv_heads, self.head_dim])
-                    .transpose(1, 2); // (B, Hk, N, D)
+                let k = project_heads(&self.k_proj, cs, self.num_kv_heads, self.head_dim); // (B, Hk, N, D)
+                let v = project_heads(&self.v_proj, cs, self.num_kv_heads, self.head_dim); // (B, Hk, N, D)
                 let k = self.k_norm.forward(&k);
                 if let Some(c) = cache {
                     c.set(k.shallow_clone(), v.shallow_clone());
@@ -301,10 +272,7 @@ impl CrossAttention {
             ctx.cross_mask.as_ref().unwrap_or(&none),
             scale,
         )?; // (B, H, S, D)
-        let o = o
-            .transpose(1, 2)
-            .reshape([b, s, self.num_heads * self.head_dim]); // (B, S, H*D)
-        Ok(self.o_proj.forward(&o))
+        Ok(self.o_proj.forward(&merge_heads(&o))) // (B, S, H*D) -> (B, S, H)
     }
 
     fn visit(&self, f: &mut ParamVisitor) {

@@ -6,7 +6,9 @@ use tch::{Kind, Tensor};
 
 use super::config::{Activation, VisionConfig};
 use super::lora::Linear;
-use super::ops::{attend, dtype_min, AttentionImpl, AttnMask, LayerNorm};
+use super::ops::{
+    attend, dtype_min, merge_heads, project_heads, AttentionImpl, AttnMask, LayerNorm,
+};
 use super::text::{linear, visit_linear, LinearVisitor, ParamVisitor};
 use super::weights::Loader;
 use super::ModelError;
@@ -81,23 +83,10 @@ impl VisionEncoderLayer {
 
     /// hidden (N, L, D) with the aspect-ratio mask over (L, L) -> (N, L, D).
     pub fn forward(&self, hidden: &Tensor, mask: &AttnMask) -> Result<Tensor, ModelError> {
-        let (n, l) = (hidden.size()[0], hidden.size()[1]);
         let x = self.input_layernorm.forward(hidden);
-        let q = self
-            .q_proj
-            .forward(&x)
-            .view([n, l, self.num_heads, self.head_dim])
-            .transpose(1, 2); // (N, H, L, d)
-        let k = self
-            .k_proj
-            .forward(&x)
-            .view([n, l, self.num_heads, self.head_dim])
-            .transpose(1, 2); // (N, H, L, d)
-        let v = self
-            .v_proj
-            .forward(&x)
-            .view([n, l, self.num_heads, self.head_dim])
-            .transpose(1, 2); // (N, H, L, d)
+        let q = project_heads(&self.q_proj, &x, self.num_heads, self.head_dim); // (N, H, L, d)
+        let k = project_heads(&self.k_proj, &x, self.num_heads, self.head_dim); // (N, H, L, d)
+        let v = project_heads(&self.v_proj, &x, self.num_heads, self.head_dim); // (N, H, L, d)
         let o = attend(
             self.attention,
             &q,
@@ -106,11 +95,7 @@ impl VisionEncoderLayer {
             mask,
             (self.head_dim as f64).powf(-0.5),
         )?; // (N, H, L, d)
-        let mut a =
-            self.o_proj.forward(
-                &o.transpose(1, 2)
-                    .reshape([n, l, self.num_heads * self.head_dim]),
-            );
+        let mut a = self.o_proj.forward(&merge_heads(&o)); // (N, L, D)
         if let Some((g, _)) = &self.gates {
             a = g.tanh() * a;
         }
