@@ -1,6 +1,9 @@
 //! The collective layer end to end: real ranks started by the real launcher, CPU backend.
 //! `dist-selftest` checks every op x dtype x size against a locally computed reference and fails
 //! on any difference; these tests add the cross-rank and cross-run comparisons and failure cases.
+//! One host runs the shared memory transport with single-copy reads (`LLAVA_SCO_CPU_SHM_CMA=1`,
+//! cross-memory attach) and with copies through the segment (`=0`, the fallback and reference):
+//! both must give bitwise the same results, and the same as TCP.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -49,8 +52,15 @@ fn selftest(world: usize, extra: &[&str]) -> (Output, PathBuf) {
     selftest_env(world, extra, &[])
 }
 
+const CMA: &str = "LLAVA_SCO_CPU_SHM_CMA";
+
 fn selftest_env(world: usize, extra: &[&str], env: &[(&str, &str)]) -> (Output, PathBuf) {
-    let out = scratch("shm", world, extra);
+    // tests run in parallel: the env is part of the folder name
+    let tag: String = std::iter::once("shm")
+        .chain(env.iter().map(|(_, v)| *v))
+        .collect::<Vec<_>>()
+        .join("");
+    let out = scratch(&tag, world, extra);
     let nproc = world.to_string();
     let output = launch(&["--standalone", "--nproc-per-node", &nproc], &out, extra)
         .envs(env.iter().copied())
@@ -148,6 +158,23 @@ fn ops_at(world: usize, extra: &[&str]) -> Vec<String> {
     check_ops(world, &[output], dir, "cpu")
 }
 
+/// Runs the op suite at `world` on one host with `LLAVA_SCO_CPU_SHM_CMA=cma` (1: single-copy
+/// reads, 0: copies through the segment) and `env`, checks it and that it took that path.
+fn ops_shm(world: usize, extra: &[&str], cma: &str, env: &[(&str, &str)]) -> Vec<String> {
+    let mut env = env.to_vec();
+    env.push((CMA, cma));
+    let (output, dir) = selftest_env(world, extra, &env);
+    let transport = if cma == "0" { "shm-copy" } else { "shm-cma" };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        stdout.matches(&format!("transport {transport}\n")).count(),
+        world,
+        "every rank on {transport}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    check_ops(world, &[output], dir, "cpu")
+}
+
 /// Runs the op suite at `world` over two nodes (TCP) and checks it.
 fn ops_two_nodes(world: usize, extra: &[&str]) -> Vec<String> {
     let (outputs, dir) = selftest_two_nodes(world, extra);
@@ -160,44 +187,110 @@ fn ops_world_1() {
 }
 
 #[test]
-fn ops_world_2_and_deterministic_across_runs() {
-    let first = ops_at(2, &[]);
-    let second = ops_at(2, &[]);
+fn ops_world_2_deterministic_and_single_copy_matches_segment_copy() {
+    let first = ops_shm(2, &[], "1", &[]);
+    let second = ops_shm(2, &[], "1", &[]);
     assert_eq!(
         first, second,
         "two runs with the same inputs must agree bitwise"
     );
+    let copy = ops_shm(2, &[], "0", &[]);
+    assert_eq!(first, copy, "single-copy reads and segment copies differ");
 }
 
 #[test]
-fn ops_world_3_with_16_mib_chunked_rounds() {
-    // 1 MiB slots: 16 rounds per 16 MiB op, alternating between the segment's two areas
-    let (output, dir) = selftest_env(3, &["--large"], &[("LLAVA_SCO_CPU_SHM_SLOT", "1048576")]);
-    check_ops(3, &[output], dir, "cpu");
+fn ops_world_3_with_16_mib_in_many_blocks_and_chunked_rounds() {
+    // single-copy: reduction blocks of 4104 bytes (not a divisor of any size here: short last
+    // blocks); segment copy: 1 MiB slots, 16 rounds per 16 MiB op alternating between two areas
+    let blocks = ops_shm(
+        3,
+        &["--large"],
+        "1",
+        &[("LLAVA_SCO_CPU_SHM_CMA_BLOCK", "4104")],
+    );
+    let rounds = ops_shm(
+        3,
+        &["--large"],
+        "0",
+        &[("LLAVA_SCO_CPU_SHM_SLOT", "1048576")],
+    );
+    assert_eq!(
+        blocks, rounds,
+        "single-copy reads and segment copies differ"
+    );
 }
 
 #[test]
-fn ops_world_4() {
-    ops_at(4, &[]);
+fn ops_world_4_single_copy_matches_segment_copy() {
+    // all_reduce pieces of unequal length (7 elements: 2, 2, 2, 1) and empty ones (1 element)
+    let cma = ops_shm(4, &[], "1", &[]);
+    let copy = ops_shm(4, &[], "0", &[]);
+    assert_eq!(cma, copy, "single-copy reads and segment copies differ");
 }
 
-#[test]
-fn dead_peer_is_an_error_naming_the_rank_on_every_survivor() {
-    let (output, dir) = selftest(3, &["--mode", "death", "--die-rank", "1"]);
+/// Rank 1 of 3 exits (`mode` death: between collectives; death-mid: during an all_reduce); the
+/// launcher reports it and every survivor's error names it.
+fn dead_peer(mode: &str, cma: &str) {
+    let (output, dir) = selftest_env(3, &["--mode", mode, "--die-rank", "1"], &[(CMA, cma)]);
     assert_eq!(
         output.status.code(),
         Some(3),
-        "the launcher reports the dead rank's exit code"
+        "the launcher reports the dead rank's exit code: {}",
+        String::from_utf8_lossy(&output.stderr)
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("rank       : 1"), "{stderr}");
     for r in [0, 2] {
+        // death-mid: a failed read of its memory (process gone) or the op's barriers notice it
         let err = read(&dir, &format!("error-{r}.txt"));
         assert!(
             err.contains("rank 1 stopped answering during all_reduce"),
             "rank {r}: {err}"
         );
     }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn dead_peer_is_an_error_naming_the_rank_on_every_survivor() {
+    dead_peer("death", "1");
+}
+
+#[test]
+fn dead_peer_segment_copy() {
+    dead_peer("death", "0");
+}
+
+#[test]
+fn peer_dying_mid_all_reduce_single_copy() {
+    dead_peer("death-mid", "1");
+}
+
+#[test]
+fn single_copy_refused_by_one_rank_falls_back_or_is_an_error_when_forced() {
+    // every rank must take the same path, whichever rank refuses
+    let deny = ("LLAVA_SCO_CPU_SHM_CMA_DENY_RANK", "1");
+    let (output, dir) = selftest_env(3, &["--mode", "transport"], &[deny]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert_eq!(
+        stdout.matches("transport shm-copy\n").count(),
+        3,
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    let (output, dir) = selftest_env(3, &["--mode", "transport"], &[deny, (CMA, "1")]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cross-memory attach (LLAVA_SCO_CPU_SHM_CMA=1) does not work here: rank 1"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    let (output, dir) = selftest_env(2, &["--mode", "transport"], &[(CMA, "maybe")]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("expected 0, 1 or auto"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -6,6 +6,11 @@
 //! `--mode death --die-rank R`: rank R exits 3 after one barrier; the others try an all_reduce and
 //! write the error they get to `OUT/error-RANK.txt` (they ignore SIGTERM from the launcher so they
 //! live long enough to report).
+//! `--mode death-mid --die-rank R`: as `death`, but rank R exits a few milliseconds into a 16 MiB
+//! all_reduce it started, so the others lose it mid-op (while reading its memory, with
+//! cross-memory attach) or at the op's next barrier; they record the first error of that
+//! all_reduce and a barrier after it.
+//! `--mode transport`: one all_reduce, checked, and a line naming the transport (setup tests).
 //! `--mode nccl-timeout` (GPU, world 1): the NCCL dead-peer path. NCCL refuses two ranks of one
 //! communicator on one GPU, so with one GPU a peer that never answers is simulated: libtorch's
 //! stream is blocked on a host word nobody writes (cuStreamWaitValue32), so the next all_reduce can
@@ -67,10 +72,29 @@ fn reference_reduce(parts: &[Tensor], op: ReduceOp, kind: Kind) -> Tensor {
     acc.to_kind(kind)
 }
 
+/// The sum (readable) and a hash of the raw bytes (bitwise comparison across ranks, runs and
+/// transports: `same` compares values, which would not tell -0.0 from 0.0).
 fn digest(t: &Tensor) -> String {
-    let t = t.to_device(Device::Cpu);
-    let bytes = t.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
-    format!("{bytes:.17e}")
+    let t = t.to_device(Device::Cpu).contiguous();
+    let sum = t.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
+    let len = t.numel() * t.kind().elt_size_in_bytes();
+    let bytes: &[u8] = if len == 0 {
+        &[]
+    } else {
+        // SAFETY: a contiguous CPU tensor of `len` bytes, alive for this borrow.
+        unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) }
+    };
+    // FNV-1a over 8-byte words (then the tail bytes)
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    for w in words {
+        h = (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))).wrapping_mul(0x100_0000_01b3);
+    }
+    for &b in tail {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    format!("{sum:.17e} {h:016x}")
 }
 
 /// Where two results differ: (differing elements, max abs difference, max abs of the reference).
@@ -219,8 +243,9 @@ fn main() -> Result<()> {
             };
             let log = run_ops(&pg, args.large, dev)?;
             println!(
-                "dist-selftest: rank {rank}: all ops correct on backend {} ({dev:?})",
-                pg.backend_name()
+                "dist-selftest: rank {rank}: all ops correct on backend {} ({dev:?}), transport {}",
+                pg.backend_name(),
+                pg.transport()
             );
             std::fs::write(args.out.join(format!("result-{rank}.txt")), log)?;
         }
@@ -234,6 +259,43 @@ fn main() -> Result<()> {
             }
             let t = Tensor::ones([1 << 16], (Kind::Float, tch::Device::Cpu));
             let err = match pg.all_reduce(&t, ReduceOp::Sum) {
+                Ok(()) => "no error".to_string(),
+                Err(e) => e.to_string(),
+            };
+            std::fs::write(args.out.join(format!("error-{rank}.txt")), &err)?;
+            eprintln!("rank {rank}: {err}");
+            std::process::exit(1);
+        }
+        "transport" => {
+            let pg = ProcessGroup::from_env(backend, Duration::from_secs(60))?;
+            let t = Tensor::ones([4097], (Kind::Float, tch::Device::Cpu));
+            pg.all_reduce(&t, ReduceOp::Sum)?;
+            if !same(
+                &t,
+                &Tensor::full(
+                    [4097],
+                    pg.world_size() as f64,
+                    (Kind::Float, tch::Device::Cpu),
+                ),
+            ) {
+                bail!("all_reduce: wrong result");
+            }
+            println!("dist-selftest: rank {rank}: transport {}", pg.transport());
+        }
+        "death-mid" => {
+            // SAFETY: as in `death`.
+            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+            let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
+            pg.barrier()?;
+            let t = Tensor::ones([4 << 20], (Kind::Float, tch::Device::Cpu));
+            if rank == args.die_rank {
+                let _work = pg.all_reduce_async(&t, ReduceOp::Sum)?;
+                std::thread::sleep(Duration::from_millis(5));
+                // SAFETY: ends the process at once (exit() would run libtorch's destructors first,
+                // while the communication thread goes on and may finish the op).
+                unsafe { libc::_exit(3) };
+            }
+            let err = match pg.all_reduce(&t, ReduceOp::Sum).and_then(|()| pg.barrier()) {
                 Ok(()) => "no error".to_string(),
                 Err(e) => e.to_string(),
             };

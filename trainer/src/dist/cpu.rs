@@ -4,7 +4,11 @@
 //! `Backend::Tcp` (`--backend tcp`) forces tcp. Both reduce in rank order with `reduce_into`, so
 //! they give bitwise the same results.
 //!
-//! The shared memory path: every op runs in rounds over chunks of at most `chunk` bytes per rank
+//! The shared memory path reads peers' tensors directly with cross-memory attach (`cma`, one copy
+//! per byte) where every rank can; otherwise, or with `LLAVA_SCO_CPU_SHM_CMA=0`, it copies through
+//! the segment (`run_copy`, below), which stays as the fallback and as the reference in tests.
+//!
+//! The segment copy path: every op runs in rounds over chunks of at most `chunk` bytes per rank
 //! slot (W slots and a result area of `chunk` bytes each):
 //! - all_gather: each rank writes its chunk to its slot; barrier; everyone copies all slots out.
 //! - reduce_scatter: each rank writes the W pieces of its input for this round to its slot;
@@ -24,6 +28,7 @@ use launcher::env::RankEnv;
 use launcher::store::StoreClient;
 use tch::Tensor;
 
+use super::cma::{self, Cma};
 use super::elem::{reduce_into, Elem};
 use super::shm::Segment;
 use super::tcp::{Code, Mesh, Ptr};
@@ -52,12 +57,13 @@ fn slot_sizes(world: usize) -> Vec<usize> {
     sizes
 }
 
-/// The shared memory transport: the segment, its slot size, and the round counter that picks the
-/// area of each round.
+/// The shared memory transport: the segment, its slot size, the round counter that picks the
+/// area of each round (copy path), and the single-copy reads when every rank can use them.
 struct Shm {
     seg: Segment,
     chunk: usize,
     round: u64,
+    cma: Option<Cma>,
 }
 
 impl Shm {
@@ -73,6 +79,7 @@ type Job = (Op, mpsc::Sender<Result<()>>);
 pub struct CpuEngine {
     jobs: mpsc::Sender<Job>,
     name: &'static str,
+    transport: &'static str,
 }
 
 /// How the ranks of this group reach each other.
@@ -116,20 +123,25 @@ impl CpuEngine {
                 Transport::Tcp(Mesh::connect(env, store, timeout)?)
             }
             (w, Some(mut store)) => {
+                let mode = cma::Mode::from_env()?;
                 same_host(env, &mut store, timeout)?;
                 let sizes: Vec<usize> = slot_sizes(w).iter().map(|c| 2 * (w + 1) * c).collect();
-                let seg = Segment::open(env, &mut store, "cpu-pg", &sizes, timeout)?;
+                let mut seg = Segment::open(env, &mut store, "cpu-pg", &sizes, timeout)?;
                 let chunk = (seg.data_len() / (2 * (w + 1))) & !4095;
+                let cma = Cma::setup(&mut seg, mode)?;
                 Transport::Shm(Shm {
                     seg,
                     chunk,
                     round: 0,
+                    cma,
                 })
             }
         };
-        let name = match transport {
-            Transport::Tcp(_) => "tcp",
-            _ => "cpu",
+        let (name, transport_name) = match &transport {
+            Transport::Alone => ("cpu", "single"),
+            Transport::Shm(Shm { cma: Some(_), .. }) => ("cpu", "shm-cma"),
+            Transport::Shm(_) => ("cpu", "shm-copy"),
+            Transport::Tcp(_) => ("tcp", "tcp"),
         };
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -138,7 +150,11 @@ impl CpuEngine {
             .map_err(|e| {
                 DistError::Invalid(format!("cannot start the communication thread: {e}"))
             })?;
-        Ok(CpuEngine { jobs: tx, name })
+        Ok(CpuEngine {
+            jobs: tx,
+            name,
+            transport: transport_name,
+        })
     }
 }
 
@@ -151,6 +167,9 @@ impl Engine for CpuEngine {
     }
     fn name(&self) -> &'static str {
         self.name
+    }
+    fn transport(&self) -> &'static str {
+        self.transport
     }
 }
 
@@ -184,7 +203,10 @@ fn worker(mut transport: Transport, jobs: mpsc::Receiver<Job>) {
                 op.name()
             ))),
             (None, Transport::Alone) => run_single(&op),
-            (None, Transport::Shm(seg)) => run(seg, &op),
+            (None, Transport::Shm(shm)) => match &mut shm.cma {
+                Some(cma) => run_cma(cma, &mut shm.seg, &op),
+                None => run_copy(shm, &op),
+            },
             (None, Transport::Tcp(mesh)) => run_tcp(mesh, &op),
         };
         if let Err(e) = &result {
@@ -224,6 +246,44 @@ fn copy(src: *const u8, dst: *mut u8, n: usize) {
     unsafe { std::ptr::copy_nonoverlapping(src, dst, n) }
 }
 
+/// `n` bytes of `elem` split in `world` near-equal pieces of whole elements, as (byte offset,
+/// byte length); the last pieces may be shorter or empty.
+fn pieces(n: usize, elem: Elem, world: usize) -> Vec<(usize, usize)> {
+    let (es, count) = (elem.size(), n / elem.size());
+    let per = count.div_ceil(world);
+    (0..world)
+        .map(|q| {
+            let (lo, hi) = ((q * per).min(count), ((q + 1) * per).min(count));
+            (lo * es, (hi - lo) * es)
+        })
+        .collect()
+}
+
+/// The single-copy shared memory transport (see `cma`).
+fn run_cma(cma: &mut Cma, seg: &mut Segment, op: &Op) -> Result<()> {
+    match op {
+        Op::Barrier => seg.barrier(op.name()),
+        Op::AllGather { out, input } => {
+            let (dst, _, _) = bytes_of(out)?;
+            let (src, n, elem) = bytes_of(input)?;
+            cma.all_gather(seg, src, dst, n, elem)
+        }
+        Op::ReduceScatter { out, input, op } => {
+            let (dst, n, elem) = bytes_of(out)?;
+            let (src, _, _) = bytes_of(input)?;
+            cma.reduce_scatter(seg, src, dst, n, elem, *op)
+        }
+        Op::AllReduce { tensor, op } => {
+            let (ptr, n, elem) = bytes_of(tensor)?;
+            cma.all_reduce(seg, ptr, &pieces(n, elem, seg.world), elem, *op)
+        }
+        Op::Broadcast { tensor, root } => {
+            let (ptr, n, elem) = bytes_of(tensor)?;
+            cma.broadcast(seg, ptr, n, elem, *root)
+        }
+    }
+}
+
 /// The TCP transport (see `tcp`): pieces are (byte offset, byte length) per rank.
 fn run_tcp(mesh: &mut Mesh, op: &Op) -> Result<()> {
     let (rank, world) = (mesh.rank, mesh.world);
@@ -245,14 +305,7 @@ fn run_tcp(mesh: &mut Mesh, op: &Op) -> Result<()> {
         Op::AllReduce { tensor, op } => {
             // W near-equal pieces in whole elements: reduce_scatter in place, then all_gather
             let (ptr, n, elem) = bytes_of(tensor)?;
-            let (es, count) = (elem.size(), n / elem.size());
-            let per = count.div_ceil(world);
-            let pieces: Vec<(usize, usize)> = (0..world)
-                .map(|q| {
-                    let (lo, hi) = ((q * per).min(count), ((q + 1) * per).min(count));
-                    (lo * es, (hi - lo) * es)
-                })
-                .collect();
+            let pieces = pieces(n, elem, world);
             let mine = Ptr(ptr.wrapping_add(pieces[rank].0));
             mesh.reduce_scatter(Ptr(ptr), &pieces, mine, elem, *op, Code::AllReduce)?;
             mesh.all_gather(Ptr(ptr), &pieces, Code::AllReduce)
@@ -264,7 +317,8 @@ fn run_tcp(mesh: &mut Mesh, op: &Op) -> Result<()> {
     }
 }
 
-fn run(shm: &mut Shm, op: &Op) -> Result<()> {
+/// The segment copy path (see the module doc).
+fn run_copy(shm: &mut Shm, op: &Op) -> Result<()> {
     let (rank, world, chunk) = (shm.seg.rank, shm.seg.world, shm.chunk);
     let name = op.name();
     match op {

@@ -53,10 +53,28 @@ macro_rules! reduce_float {
             let acc = &mut acc[..len];
             let src =
                 |r: usize| std::slice::from_raw_parts(($srcs[r] as *const $t).add(start), len);
-            for (a, &x) in acc.iter_mut().zip(src(0)) {
-                *a = $to(x);
+            // the first pass combines sources 0 and 1 (one pass less over the block: the same
+            // operations in the same order)
+            if world == 1 {
+                for (a, &x) in acc.iter_mut().zip(src(0)) {
+                    *a = $to(x);
+                }
+            } else {
+                let s1 = src(1);
+                match $op {
+                    ReduceOp::Max => {
+                        for ((a, &x), &y) in acc.iter_mut().zip(src(0)).zip(s1) {
+                            *a = $to(x).max($to(y));
+                        }
+                    }
+                    _ => {
+                        for ((a, &x), &y) in acc.iter_mut().zip(src(0)).zip(s1) {
+                            *a = $to(x) + $to(y);
+                        }
+                    }
+                }
             }
-            for r in 1..world {
+            for r in 2..world {
                 let s = src(r);
                 match $op {
                     ReduceOp::Max => {
@@ -71,14 +89,15 @@ macro_rules! reduce_float {
                     }
                 }
             }
-            if $op == ReduceOp::Avg {
-                for a in acc.iter_mut() {
-                    *a *= scale;
-                }
-            }
             let dst = std::slice::from_raw_parts_mut(($dst as *mut $t).add(start), len);
-            for (d, &a) in dst.iter_mut().zip(acc.iter()) {
-                *d = $from(a);
+            if $op == ReduceOp::Avg {
+                for (d, &a) in dst.iter_mut().zip(acc.iter()) {
+                    *d = $from(a * scale);
+                }
+            } else {
+                for (d, &a) in dst.iter_mut().zip(acc.iter()) {
+                    *d = $from(a);
+                }
             }
             start += len;
         }

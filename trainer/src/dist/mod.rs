@@ -8,12 +8,14 @@
 //! Ops take contiguous tensors of f32, f64, bf16, f16 or i64. Every op has an async form returning
 //! a `Work` whose `wait()` returns the op's error, so FSDP can prefetch while it computes. A dead
 //! peer or a timeout is an error that names the rank, never a hang or a panic.
+mod cma;
 mod cpu;
 mod elem;
 mod nccl;
 mod shm;
 mod tcp;
 
+pub use cma::CMA_VAR as CPU_SHM_CMA_VAR;
 pub use cpu::TRANSPORT_VAR as CPU_TRANSPORT_VAR;
 
 use std::sync::mpsc;
@@ -142,6 +144,10 @@ impl Work {
 pub(crate) trait Engine: Send {
     fn submit(&self, op: Op, done: mpsc::Sender<Result<()>>) -> Result<Option<Finish>>;
     fn name(&self) -> &'static str;
+    /// How the ranks reach each other (the CPU backend: single, shm-cma, shm-copy or tcp).
+    fn transport(&self) -> &'static str {
+        self.name()
+    }
 }
 
 /// The process group of all ranks of the run.
@@ -197,6 +203,11 @@ impl ProcessGroup {
     }
     pub fn backend_name(&self) -> &'static str {
         self.engine.name()
+    }
+    /// The backend's transport: for the CPU backend `single` (world 1), `shm-cma` (shared memory,
+    /// single-copy reads), `shm-copy` (copies through the segment) or `tcp`; else the backend name.
+    pub fn transport(&self) -> &'static str {
+        self.engine.transport()
     }
 
     fn submit(&self, op: Op) -> Result<Work> {

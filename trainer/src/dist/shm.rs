@@ -1,7 +1,8 @@
 //! A shared memory segment for the ranks of one host, with a barrier that notices dead peers.
 //!
-//! Layout: a header page (magic, then one 64-byte line per rank: barrier epoch, pid), then the data
-//! area. Rank 0 creates the file under /dev/shm (removing a stale one left by a crashed run with the
+//! Layout: a header page (magic, then one 64-byte line per rank: word 0 the barrier epoch, word 1
+//! the pid, words 2..8 free for the transports' own use, see `publish`), then the data area.
+//! Rank 0 creates the file under /dev/shm (removing a stale one left by a crashed run with the
 //! same run id), the others open it once the store says it is ready, and after every rank has mapped
 //! it rank 0 unlinks it: the mapping lives on, and no crash can leak the segment.
 use std::fs::OpenOptions;
@@ -139,6 +140,35 @@ impl Segment {
             seg.pids[r] = seg.line(r, 1).load(Ordering::Acquire) as i32;
         }
         Ok(seg)
+    }
+
+    /// First word of a rank's line that `publish` / `peer_word` may use (0 and 1 are the barrier's).
+    pub const FREE_WORD: usize = 2;
+    /// Words per line.
+    pub const WORDS: usize = LINE / 8;
+
+    /// Stores `value` in word `word` (FREE_WORD..WORDS) of this rank's line. Peers see it after the
+    /// next barrier (the barrier's epoch store is a release, its loads acquire).
+    pub fn publish(&self, word: usize, value: u64) {
+        assert!(
+            (Self::FREE_WORD..Self::WORDS).contains(&word),
+            "word {word}"
+        );
+        self.line(self.rank, word).store(value, Ordering::Relaxed);
+    }
+
+    /// Word `word` of rank `r`'s line, as published before the last barrier.
+    pub fn peer_word(&self, r: usize, word: usize) -> u64 {
+        assert!(
+            (Self::FREE_WORD..Self::WORDS).contains(&word),
+            "word {word}"
+        );
+        self.line(r, word).load(Ordering::Relaxed)
+    }
+
+    /// Rank `r`'s process id (as it published it when the segment was opened).
+    pub fn pid(&self, r: usize) -> i32 {
+        self.pids[r]
     }
 
     /// Word `word` of rank `r`'s header line (0: barrier epoch, 1: pid).
