@@ -1,40 +1,75 @@
 #!/usr/bin/env bash
 # make bench-checkpoint: `trainer bench checkpoint` (release build, 2 ranks, CPU backend) next to the
 # disk's own write rate (dd, 1 GiB, conv=fdatasync) and torch.distributed.checkpoint (gloo, from .venv),
-# same state size, same folder, same run. Prints a table and keeps the JSON lines in $OUT.
+# same state size, same folder, same run. The disk is noisy, so the three are interleaved over ROUNDS
+# rounds (dd, ours, dd, DCP; ours and DCP each report the median of REPS reps) and the table gives
+# medians over all rounds, plus the median of the per-round ratios. Keeps the raw results in $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIB="${MIB:-1024}"
 REPS="${REPS:-3}"
+ROUNDS="${ROUNDS:-3}"
 OUT="${OUT:-bench-results}"
 DIR="${BENCH_DIR:-$OUT/checkpoint-tmp}"
 mkdir -p "$OUT" "$DIR"
 cargo build --release --quiet --bin trainer --bin launcher
-dd_runs() {
-  for _ in $(seq "$REPS"); do
-    dd if=/dev/zero of="$DIR/dd.bin" bs=1M count="$MIB" conv=fdatasync 2>&1 | tail -1
-    rm -f "$DIR/dd.bin"
-  done
+dd_once() {
+  # one line per run: "<round> <dd's summary line>"
+  echo "$1 $(dd if=/dev/zero of="$DIR/dd.bin" bs=1M count="$MIB" conv=fdatasync 2>&1 | tail -1)" >> "$OUT/checkpoint-dd.txt"
+  rm -f "$DIR/dd.bin"
 }
-dd_runs > "$OUT/checkpoint-dd.txt"
-target/release/launcher --standalone --nproc-per-node 2 -- target/release/trainer bench checkpoint --mib "$MIB" --reps "$REPS" --dir "$DIR/ours" --json 2>/dev/null > "$OUT/checkpoint-ours.jsonl"
-OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 scripts/bench_checkpoint.py --mib "$MIB" --reps "$REPS" --dir "$DIR/dcp" 2>/dev/null > "$OUT/checkpoint-dcp.jsonl"
-dd_runs >> "$OUT/checkpoint-dd.txt"
+: > "$OUT/checkpoint-dd.txt"
+: > "$OUT/checkpoint-ours.jsonl"
+: > "$OUT/checkpoint-dcp.jsonl"
+for round in $(seq "$ROUNDS"); do
+  echo "round $round/$ROUNDS (load: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
+  dd_once "$round"
+  target/release/launcher --standalone --nproc-per-node 2 -- target/release/trainer bench checkpoint \
+    --mib "$MIB" --reps "$REPS" --dir "$DIR/ours" --json 2>/dev/null \
+    | sed "s/^{/{\"round\": $round, /" >> "$OUT/checkpoint-ours.jsonl"
+  dd_once "$round"
+  OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 scripts/bench_checkpoint.py \
+    --mib "$MIB" --reps "$REPS" --dir "$DIR/dcp" 2>/dev/null \
+    | sed "s/^{/{\"round\": $round, /" >> "$OUT/checkpoint-dcp.jsonl"
+done
 rm -rf "$DIR"
-.venv/bin/python - "$OUT" "$MIB" <<'PY'
+.venv/bin/python - "$OUT" "$MIB" "$ROUNDS" <<'PY'
 import json, re, statistics, sys
-out, mib = sys.argv[1], int(sys.argv[2])
-secs = [float(re.search(r"copied, ([0-9.]+) s", l).group(1)) for l in open(f"{out}/checkpoint-dd.txt") if "copied" in l]
-dd = (mib << 20) / statistics.median(secs) / 1e9
-ours = {m["op"]: m for m in (json.loads(l) for l in open(f"{out}/checkpoint-ours.jsonl") if l.strip())}
-dcp = {m["op"]: m for m in (json.loads(l) for l in open(f"{out}/checkpoint-dcp.jsonl") if l.strip())}
-print(f"disk (dd {mib} MiB, conv=fdatasync, median of {len(secs)}): {dd:.3f} GB/s")
-print(f"{'op':<12} {'ours GB/s':>10} {'DCP GB/s':>9} {'ours/DCP':>9} {'ours/disk':>10}   (world 2, cpu, {mib} MiB of state)")
+out, mib, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+med = statistics.median
+dd = {}  # round -> dd GB/s of its runs
+for l in open(f"{out}/checkpoint-dd.txt"):
+    m = re.match(r"(\d+) .*copied, ([0-9.]+) s", l)
+    if m:
+        dd.setdefault(int(m.group(1)), []).append((mib << 20) / float(m.group(2)) / 1e9)
+def load(name):
+    rows = {}  # (round, op) -> measurement
+    for l in open(f"{out}/checkpoint-{name}.jsonl"):
+        if l.strip():
+            m = json.loads(l)
+            rows[(m["round"], m["op"])] = m
+    return rows
+ours, dcp = load("ours"), load("dcp")
+rs = [r for r in range(1, rounds + 1) if r in dd and (r, "save") in ours and (r, "save") in dcp]
+disk = med([g for r in rs for g in dd[r]])
+print(f"disk (dd {mib} MiB, conv=fdatasync): median {disk:.3f} GB/s over {sum(len(dd[r]) for r in rs)} runs "
+      f"({min(g for r in rs for g in dd[r]):.3f}-{max(g for r in rs for g in dd[r]):.3f})")
+print(f"{'op':<6} {'ours GB/s':>10} {'DCP GB/s':>9} {'ours/DCP':>9} {'ours/disk':>10}   "
+      f"(world 2, cpu, {mib} MiB of state, medians of {len(rs)} rounds; in brackets: median of per-round ratios)")
 for op in ("save", "load"):
-    o, d = ours[op]["gbps"], dcp[op]["gbps"]
-    print(f"{op:<12} {o:>10.3f} {d:>9.3f} {o / d:>9.2f} {o / dd if op == 'save' else float('nan'):>10.2f}")
-blk, save = ours["async_block"]["seconds"], ours["save"]["seconds"]
-print(f"async_block  {blk:.3f} s blocking training = {100 * blk / save:.1f}% of the synchronous save ({save:.3f} s)")
-json.dump({"disk_gbps": dd, "dd_seconds": secs, "ours": list(ours.values()), "dcp": list(dcp.values())},
-          open(f"{out}/checkpoint.json", "w"), indent=1)
+    o, d = med([ours[(r, op)]["gbps"] for r in rs]), med([dcp[(r, op)]["gbps"] for r in rs])
+    od = med([ours[(r, op)]["gbps"] / dcp[(r, op)]["gbps"] for r in rs])
+    odisk = med([ours[(r, op)]["gbps"] / med(dd[r]) for r in rs])
+    disk_col = f"{o / disk:>5.2f} [{odisk:.2f}]" if op == "save" else f"{'-':>10}"
+    print(f"{op:<6} {o:>10.3f} {d:>9.3f} {o / d:>4.2f} [{od:.2f}] {disk_col}")
+blk = med([ours[(r, "async_block")]["seconds"] for r in rs])
+save = med([ours[(r, "save")]["seconds"] for r in rs])
+pct = med([100 * ours[(r, "async_block")]["seconds"] / ours[(r, "save")]["seconds"] for r in rs])
+print(f"async_block {blk:.3f} s blocking training = {100 * blk / save:.1f}% of the synchronous save ({save:.3f} s) "
+      f"[per-round median {pct:.1f}%]")
+if all((r, "async_block_first") in ours for r in rs):
+    first = med([ours[(r, "async_block_first")]["seconds"] for r in rs])
+    print(f"async_block_first {first:.3f} s (the first background save; its buffers were reserved before, as trainer train does after step 1)")
+json.dump({"disk_gbps": disk, "dd_gbps": dd, "ours": list(ours.values()), "dcp": list(dcp.values())},
+          open(f"{out}/checkpoint.json", "w"), indent=1, default=str)
 PY

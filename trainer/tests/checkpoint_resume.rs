@@ -4,7 +4,8 @@
 //! final weights) at world 1 (synchronous saves) and 2 (background saves), across an epoch
 //! boundary with dropout on; a checkpoint saved
 //! at world 2 resumes at world 1 and 3 (losses within 1e-6 relative); a crash between the data
-//! files and the manifest leaves a `.partial` folder that resume ignores and the next save removes.
+//! files and the manifest leaves a `.partial` folder that resume ignores and the next save removes;
+//! a failed background write stops the run with its error and leaves the earlier checkpoint usable.
 mod common;
 
 use std::path::Path;
@@ -153,6 +154,46 @@ fn crash_before_manifest_leaves_earlier_checkpoint_usable() {
         .map(|m| m["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+}
+
+/// A background write that fails (ENOSPC: the test hook writes step 4's files to /dev/full)
+/// stops the run on every rank with the writer's error, as soon as the ranks publish the save;
+/// the earlier checkpoint stays complete and the next run resumes from it.
+#[test]
+fn failed_background_write_stops_the_run_and_keeps_the_previous_checkpoint() {
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 6";
+    let sets: &[&str] = &["checkpoint.every_steps=2", "checkpoint.async=true"];
+    let out = fresh("fail-write");
+    let first = run(
+        &out,
+        2,
+        train,
+        sets,
+        &[("TRAINER_CHECKPOINT_FAIL_WRITE_AT", "4")],
+    );
+    assert_ne!(first.code, Some(0), "{}", first.stderr);
+    for want in [
+        "step-00000004.partial/rank-0-of-2.safetensors",
+        "step-00000004.partial/rank-1-of-2.safetensors",
+        "No space left on device",
+    ] {
+        assert!(
+            first.stderr.contains(want),
+            "missing {want:?} in\n{}",
+            first.stderr
+        );
+    }
+    assert_eq!(
+        checkpoints(&out),
+        ["step-00000002", "step-00000004.partial"]
+    );
+    let second = ok(run(&out, 2, train, sets, &[]), "after the failed write");
+    assert!(
+        second.stderr.contains("step-00000002 (step 2"),
+        "{}",
+        second.stderr
+    );
+    assert_eq!(checkpoints(&out), ["step-00000004", "step-00000006"]);
 }
 
 /// The launcher's restart resumes from the last complete checkpoint: a crash inside the save of

@@ -2,17 +2,20 @@
 //! the model/LoRA identity and that every file exists with its recorded size; then, for each of
 //! its trainable flat tensors, it fills its own element range parameter by parameter from
 //! wherever the manifest says those elements live (any saved world size), reading only those
-//! byte ranges of the memory-mapped rank files, each verified against its sha256 first. A
-//! failure on any rank fails every rank (a flag is all-reduced), so no rank waits forever.
-use std::collections::{BTreeMap, HashMap};
+//! byte ranges of the memory-mapped rank files. Every file it reads is verified against its
+//! sha256 on other threads while the ranges are copied (straight into CPU fp32 state, without a
+//! staging buffer); a mismatch fails the load before the state is used. A failure on any rank
+//! fails every rank (a flag is all-reduced), so no rank waits forever.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{anyhow, bail, Context, Result};
 use memmap2::Mmap;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use super::manifest::{Manifest, ParamEntry, TensorEntry, FORMAT, STATES, VERSION};
+use super::manifest::{FileEntry, Manifest, ParamEntry, TensorEntry, FORMAT, STATES, VERSION};
 use super::{flat_states, identity, list_dir, Progress};
 use crate::config::{Config, Resume};
 use crate::dist::{ProcessGroup, ReduceOp};
@@ -115,10 +118,46 @@ fn load_into(
 }
 
 /// Fills this rank's flat states (master, exp_avg, exp_avg_sq ranges) from checkpoint `dir`
-/// with manifest `m`, whatever world size wrote it.
+/// with manifest `m`, whatever world size wrote it. The files it reads are hashed on other
+/// threads while their ranges are copied; a checksum mismatch is the error reported first.
 pub(crate) fn fill_states(dir: &Path, m: &Manifest, states: &[super::FlatState]) -> Result<()> {
+    fill_states_with(dir, m, states, Fill::Direct)
+}
+
+/// How `fill_states` puts the values into the state tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fill {
+    /// Contiguous CPU fp32 tensors are written in place, other ones through a buffer.
+    Direct,
+    /// Always through a host buffer and `Tensor::copy_` (the reference; GPU and other dtypes).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Buffered,
+}
+
+pub(crate) fn fill_states_with(
+    dir: &Path,
+    m: &Manifest,
+    states: &[super::FlatState],
+    how: Fill,
+) -> Result<()> {
     let mut reader = Reader::new(dir, m)?;
-    // every model parameter must be in the checkpoint and vice versa
+    check_params(dir, &reader, states)?;
+    let needed = reader.files_for(states);
+    // the files are verified below, concurrently with the copy
+    reader.verify_on_open = false;
+    std::thread::scope(|s| {
+        let verifier = s.spawn(|| verify_files(dir, m, &needed));
+        let copied = copy_states(dir, &mut reader, states, how);
+        let verified = verifier
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("the checkpoint checksum thread panicked")));
+        // a corrupt file explains whatever else went wrong while reading it
+        verified.and(copied)
+    })
+}
+
+/// Every model parameter must be in the checkpoint and vice versa.
+fn check_params(dir: &Path, reader: &Reader, states: &[super::FlatState]) -> Result<()> {
     let ours: std::collections::HashSet<&str> = states
         .iter()
         .flat_map(|s| s.params.iter().map(|p| p.name.as_str()))
@@ -142,6 +181,16 @@ pub(crate) fn fill_states(dir: &Path, m: &Manifest, states: &[super::FlatState])
             &extra[..extra.len().min(5)]
         );
     }
+    Ok(())
+}
+
+/// Copies every state's range from the files (see `fill_states_with`).
+fn copy_states(
+    dir: &Path,
+    reader: &mut Reader,
+    states: &[super::FlatState],
+    how: Fill,
+) -> Result<()> {
     tch::no_grad(|| -> Result<()> {
         for s in states {
             let n = (s.end - s.start) as usize;
@@ -149,39 +198,113 @@ pub(crate) fn fill_states(dir: &Path, m: &Manifest, states: &[super::FlatState])
                 continue;
             }
             for (si, state) in STATES.iter().enumerate() {
-                let mut buf = vec![0f32; n];
-                for p in &s.params {
-                    let (a, b) = (p.offset.max(s.start), (p.offset + p.numel()).min(s.end));
-                    if a >= b {
-                        continue;
-                    }
-                    let (group, src_off, shape) = reader.params[&p.name].clone();
-                    if shape != p.shape {
-                        bail!(
-                            "checkpoint {}: parameter {} has shape {:?} there, {:?} in this model; {FIX}",
-                            dir.display(),
-                            p.name,
-                            shape,
-                            p.shape
-                        );
-                    }
-                    let from = src_off + (a - p.offset);
-                    reader.read(
-                        &group,
-                        state,
-                        from,
-                        from + (b - a),
-                        &mut buf[(a - s.start) as usize..(b - s.start) as usize],
-                    )?;
+                let mut dst = s.tensors[si].narrow(0, 0, n as i64); // (n,)
+                let direct = how == Fill::Direct
+                    && dst.device() == Device::Cpu
+                    && dst.kind() == Kind::Float
+                    && dst.is_contiguous();
+                if direct {
+                    // SAFETY: a contiguous CPU fp32 tensor of n elements starts at data_ptr()
+                    // (the narrowed view's offset included); `dst` keeps it alive, and nothing
+                    // else reads or writes the state while it is being loaded.
+                    let out =
+                        unsafe { std::slice::from_raw_parts_mut(dst.data_ptr() as *mut f32, n) };
+                    fill_range(dir, reader, s, state, out)?;
+                } else {
+                    let mut buf = vec![0f32; n];
+                    fill_range(dir, reader, s, state, &mut buf)?;
+                    let src = Tensor::from_slice(&buf).to_device(dst.device());
+                    dst.copy_(&src.to_kind(dst.kind()));
                 }
-                let src = Tensor::from_slice(&buf).to_device(s.tensors[si].device());
-                s.tensors[si]
-                    .narrow(0, 0, n as i64)
-                    .copy_(&src.to_kind(s.tensors[si].kind()));
             }
         }
         Ok(())
     })
+}
+
+/// State `state` of `s`'s range [start, end) into `out` (end - start elements), parameter by
+/// parameter (their offsets may differ between the checkpoint and this model's layout).
+fn fill_range(
+    dir: &Path,
+    reader: &mut Reader,
+    s: &super::FlatState,
+    state: &str,
+    out: &mut [f32],
+) -> Result<()> {
+    for p in &s.params {
+        let (a, b) = (p.offset.max(s.start), (p.offset + p.numel()).min(s.end));
+        if a >= b {
+            continue;
+        }
+        let (group, src_off, shape) = reader.params[&p.name].clone();
+        if shape != p.shape {
+            bail!(
+                "checkpoint {}: parameter {} has shape {:?} there, {:?} in this model; {FIX}",
+                dir.display(),
+                p.name,
+                shape,
+                p.shape
+            );
+        }
+        let from = src_off + (a - p.offset);
+        reader.read(
+            &group,
+            state,
+            from,
+            from + (b - a),
+            &mut out[(a - s.start) as usize..(b - s.start) as usize],
+        )?;
+    }
+    Ok(())
+}
+
+/// Checks the sha256 of files `names` of checkpoint `dir`, several at once (up to one thread per
+/// core): the first mismatch or read error.
+fn verify_files(dir: &Path, m: &Manifest, names: &BTreeSet<String>) -> Result<()> {
+    let entries: Vec<&FileEntry> = m.files.iter().filter(|f| names.contains(&f.file)).collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(entries.len());
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    loop {
+                        let Some(f) = entries.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                            return Ok(());
+                        };
+                        let path = dir.join(&f.file);
+                        let file = std::fs::File::open(&path).with_context(|| {
+                            format!("reading checkpoint file {}", path.display())
+                        })?;
+                        // SAFETY: checkpoint files are never modified after the rename that publishes them.
+                        let map = unsafe { Mmap::map(&file) }
+                            .with_context(|| format!("mapping {}", path.display()))?;
+                        #[cfg(unix)]
+                        let _ = map.advise(memmap2::Advice::Sequential);
+                        check_sha256(&path, &map, &f.sha256)?;
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .unwrap_or_else(|_| Err(anyhow!("a checkpoint checksum thread panicked")))
+        })
+    })
+}
+
+/// `bytes` (the whole file at `path`) against the manifest's sha256.
+fn check_sha256(path: &Path, bytes: &[u8], expected: &str) -> Result<()> {
+    let digest = super::sha256_hex(bytes);
+    if digest != expected {
+        bail!(
+            "checkpoint file {} is corrupt: sha256 {digest}, the manifest says {expected}; resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}",
+            path.display(),
+        );
+    }
+    Ok(())
 }
 
 /// Reads and checks `dir/manifest.json` (format and version).
@@ -258,6 +381,9 @@ struct Reader<'m> {
     tensors: HashMap<(String, String), &'m TensorEntry>,
     /// file name -> (mmap, data start, tensor name -> byte offsets relative to data start)
     open: HashMap<String, OpenFile>,
+    /// Whether `file` checks a file's sha256 when it first opens it (off when the caller
+    /// verifies the files itself, concurrently).
+    verify_on_open: bool,
 }
 
 struct OpenFile {
@@ -315,7 +441,31 @@ impl<'m> Reader<'m> {
             params,
             tensors,
             open: HashMap::new(),
+            verify_on_open: true,
         })
+    }
+
+    /// The files holding any element of `states`' ranges (of any of their parameters).
+    fn files_for(&self, states: &[super::FlatState]) -> BTreeSet<String> {
+        let mut files = BTreeSet::new();
+        for s in states.iter().filter(|s| s.end > s.start) {
+            for p in &s.params {
+                let (a, b) = (p.offset.max(s.start), (p.offset + p.numel()).min(s.end));
+                let Some((group, src_off, _)) = self.params.get(&p.name) else {
+                    continue;
+                };
+                let (from, to) = (src_off + (a - p.offset), src_off + (b - p.offset));
+                for state in STATES {
+                    let Some(t) = self.tensors.get(&(group.clone(), state.to_string())) else {
+                        continue;
+                    };
+                    for sh in t.shards.iter().filter(|sh| sh.start < to && sh.end > from) {
+                        files.insert(sh.file.clone());
+                    }
+                }
+            }
+        }
+        files
     }
 
     fn file(&mut self, name: &str) -> Result<&OpenFile> {
@@ -332,14 +482,9 @@ impl<'m> Reader<'m> {
             // SAFETY: checkpoint files are never modified after the rename that publishes them.
             let map = unsafe { Mmap::map(&file) }
                 .with_context(|| format!("mapping {}", path.display()))?;
-            // hashed from the map: no copy through a read buffer
-            let digest = super::sha256_hex(&map);
-            if digest != entry.sha256 {
-                bail!(
-                    "checkpoint file {} is corrupt: sha256 {digest}, the manifest says {}; resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}",
-                    path.display(),
-                    entry.sha256
-                );
+            if self.verify_on_open {
+                // hashed from the map: no copy through a read buffer
+                check_sha256(&path, &map, &entry.sha256)?;
             }
             let bad = || {
                 anyhow!(
@@ -431,9 +576,8 @@ impl<'m> Reader<'m> {
             let base = f.data_start + a + ((at - sh.start) * 4) as usize;
             let bytes = &f.map[base..base + ((end - at) * 4) as usize];
             let dst = &mut out[(at - from) as usize..(end - from) as usize];
-            for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
-                *d = f32::from_le_bytes(c.try_into().expect("4"));
-            }
+            // little-endian f32 (save.rs refuses to build for other targets): a plain copy
+            super::f32_bytes_mut(dst).copy_from_slice(bytes);
             at = end;
         }
         if at < to {

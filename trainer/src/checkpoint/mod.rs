@@ -1,7 +1,8 @@
 //! Sharded checkpoints (DESIGN.md decision 6, issue 8; the format is docs/checkpoint-format.md).
 //! Module index:
 //! - `manifest`: the `manifest.json` schema (format version, progress, config identity, tensor ranges, checksums)
-//! - `save`:     atomic save (`step-N.partial/` -> fsync -> barrier -> manifest -> rename), retention
+//! - `save`:     atomic save (`step-N.partial/` -> fsync -> barrier -> manifest -> rename), in
+//!   the background or not; retention on a background thread
 //! - `export`:   `trainer export --format peft`: a PEFT adapter folder from a checkpoint (tensor by tensor)
 //! - `merged`:   `trainer export --format merged`: a full HF model folder (LoRA merged), streamed, sharded
 //! - `load`:     finding the newest complete checkpoint, integrity checks, resharded loading (mmap ranges)
@@ -34,7 +35,7 @@ pub use export::export_peft;
 pub use load::{find_latest, read_full, resume, Resumed};
 pub use manifest::{Manifest, FORMAT, VERSION};
 pub use merged::{export_merged, parse_size, MergedSummary};
-pub use save::save;
+pub use save::Checkpointer;
 
 /// Where the training loop stands (what a checkpoint restores besides tensors).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -176,6 +177,14 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `v`'s memory as bytes (checkpoint files hold little-endian f32; save.rs refuses to build for
+/// big-endian targets).
+pub(crate) fn f32_bytes_mut(v: &mut [f32]) -> &mut [u8] {
+    // SAFETY: every byte pattern is a valid f32 and u8 has no alignment requirement; the slice
+    // covers exactly `v`'s memory and borrows it mutably for the same lifetime.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
 /// fsync a directory (so that renames and new entries in it are durable).

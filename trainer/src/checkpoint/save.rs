@@ -1,14 +1,25 @@
-//! Atomic sharded save, synchronous (`save`) or in the background (`begin`, then
-//! `PendingSave::finish` later on the training thread). Every rank copies its state to host memory,
-//! writes its file into `step-N.partial/` (on a writer thread) and fsyncs it; the ranks exchange (size, sha256) by an all-gather (which is also the barrier); rank 0 writes and
-//! fsyncs `manifest.json`, renames the folder to `step-N`, fsyncs the parent, then applies
-//! `keep_last` and removes leftover `.partial` folders; a final barrier makes the save complete
-//! on every rank when `save` returns. A crash at any point leaves earlier checkpoints intact.
+//! Atomic sharded save (docs/checkpoint-format.md, "Save protocol"). One [`Checkpointer`] per rank
+//! runs a training run's saves, at most one in flight:
+//! - `save` / `save_states`: rank 0 creates `step-N.partial/` (barrier); every rank snapshots its
+//!   state and a writer thread writes and fsyncs its rank file. A background save copies the
+//!   state into host buffers that are kept and reused from one save to the next (a fresh
+//!   allocation is page-faulted in during the copy, which cost more than the copy); a synchronous
+//!   save of CPU fp32 state writes from the state's own memory.
+//! - `finish` (training thread: collectives): waits for the file, all-gathers (size, sha256) of
+//!   every rank's file (also the barrier after the data files); rank 0 writes and fsyncs
+//!   `manifest.json`, renames the folder to `step-N` and fsyncs the parent; a final barrier. Then
+//!   retention (`keep_last`, leftover `.partial` folders) runs on rank 0's background "janitor"
+//!   thread: deleting a 1 GiB checkpoint took ~1 s of training time on a busy disk.
+//! - `close` (end of training, SIGTERM included): finishes the save in flight and waits for the
+//!   janitor. A failure on any rank (write or deletion) fails every rank, at the latest there.
+//!
+//! A crash at any point leaves earlier checkpoints intact.
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
@@ -18,7 +29,7 @@ use super::manifest::{
 };
 use super::{flat_states, fsync_dir, identity, identity_hash, list_dir, rank_file_name, Progress};
 use crate::config::Config;
-use crate::dist::ProcessGroup;
+use crate::dist::{ProcessGroup, ReduceOp};
 use crate::fsdp::Trainable;
 use crate::optim::{AdamW, LrSchedule};
 
@@ -27,203 +38,379 @@ use crate::optim::{AdamW, LrSchedule};
 /// only (`TORCHELASTIC_RESTART_COUNT` unset or 0), so that a launcher restart gets past it.
 pub const CRASH_ENV: &str = "TRAINER_CHECKPOINT_CRASH_AT";
 
-/// Saves the trainable state at `progress` into `checkpoint.dir/step-<N>/` and waits until it
-/// is complete; every rank must call it. Returns the checkpoint folder.
-#[allow(clippy::too_many_arguments)]
-pub fn save(
-    pg: &ProcessGroup,
-    device: Device,
-    config: &Config,
-    trainable: &Trainable,
-    opt: &AdamW,
-    schedule: &LrSchedule,
-    progress: &Progress,
-) -> Result<PathBuf> {
-    begin(pg, config, trainable, opt, schedule, progress, false)?.finish(pg, device)
+/// Test hook: `TRAINER_CHECKPOINT_FAIL_WRITE_AT=N` makes the writer thread of step N's save write
+/// to `/dev/full` instead of its rank file: a real ENOSPC through the real write path, to check
+/// how a failed (background) write is reported.
+pub const FAIL_WRITE_ENV: &str = "TRAINER_CHECKPOINT_FAIL_WRITE_AT";
+
+/// The step number in environment variable `var`, if set.
+fn env_step(var: &str) -> Option<u64> {
+    std::env::var(var).ok().and_then(|s| s.parse().ok())
 }
 
-/// A save whose rank file is being written by a background thread. `finish` (on the training
-/// thread: it runs collectives) waits for the file, then publishes the checkpoint.
-pub struct PendingSave {
-    started: Instant,
-    step: u64,
-    root: PathBuf,
-    partial: PathBuf,
-    final_dir: PathBuf,
-    keep_last: usize,
-    /// Rank 0: the manifest without `files`.
-    manifest: Option<Manifest>,
-    writer: std::thread::JoinHandle<Result<(u64, Vec<u8>)>>,
-    /// Seconds the training thread spent in `begin` (snapshot to host memory).
-    pub blocked_s: f64,
-    background: bool,
+/// One rank's saves over a run: the save in flight, the reusable snapshot buffers and rank 0's
+/// retention thread. Every method that takes `pg` must be called by every rank.
+pub struct Checkpointer {
+    pending: Option<PendingSave>,
+    /// Snapshot buffers (1-D fp32 CPU tensors) free for the next save; a save takes the ones it
+    /// needs (by length) and `finish` gives them back.
+    pool: Vec<Tensor>,
+    janitor: Janitor,
+    /// Buffers being allocated ahead of the first background save (`reserve`).
+    reserving: Option<JoinHandle<Vec<Tensor>>>,
+    /// [`FAIL_WRITE_ENV`]
+    fail_write_at: Option<u64>,
 }
 
-/// Starts a save: creates `step-N.partial/` (rank 0; barrier), copies this rank's state to host
-/// memory, and writes its file on a background thread. Every rank must call it. `background`:
-/// whether training goes on before `finish`; when false the caller must not change the state
-/// before `finish` returns (CPU fp32 state is then written from its own memory, without a copy).
-pub fn begin(
-    pg: &ProcessGroup,
-    config: &Config,
-    trainable: &Trainable,
-    opt: &AdamW,
-    schedule: &LrSchedule,
-    progress: &Progress,
-    background: bool,
-) -> Result<PendingSave> {
-    begin_states(
-        pg,
-        config,
-        flat_states(trainable, opt),
-        opt.step,
-        schedule,
-        progress,
-        background,
-    )
-}
-
-/// `begin` over this rank's flat states (`trainable` + optimizer moments, or synthetic ones in
-/// `trainer bench checkpoint`); `optimizer_step`: AdamW's step count.
-pub(crate) fn begin_states(
-    pg: &ProcessGroup,
-    config: &Config,
-    states: Vec<super::FlatState>,
-    optimizer_step: u64,
-    schedule: &LrSchedule,
-    progress: &Progress,
-    background: bool,
-) -> Result<PendingSave> {
-    let started = Instant::now();
-    let (rank, world) = (pg.rank(), pg.world_size());
-    let root = config.checkpoint.dir.clone();
-    let name = super::step_dir_name(progress.step);
-    let final_dir = root.join(&name);
-    let partial = root.join(format!("{name}.partial"));
-    if rank == 0 {
-        std::fs::create_dir_all(&root)
-            .with_context(|| format!("creating checkpoint.dir {}", root.display()))?;
-        if partial.exists() {
-            std::fs::remove_dir_all(&partial)
-                .with_context(|| format!("removing stale {}", partial.display()))?;
-        }
-        std::fs::create_dir(&partial).with_context(|| format!("creating {}", partial.display()))?;
+impl Default for Checkpointer {
+    fn default() -> Self {
+        Self::new()
     }
-    pg.barrier()?;
-    // snapshot: (name, values) in file order. A synchronous save of CPU fp32 state writes from
-    // the state's own memory (the caller waits in `finish` before touching it again); a background
-    // save copies it first, since training goes on.
-    let mut host: Vec<(String, Host)> = vec![];
-    for s in states.iter().filter(|s| s.end > s.start) {
-        let n = s.end - s.start;
-        for (state, t) in STATES.iter().zip(&s.tensors) {
-            let t = t.narrow(0, 0, n); // (n,)
-            let data = if !background
-                && t.device() == Device::Cpu
-                && t.kind() == Kind::Float
-                && t.is_contiguous()
-            {
-                Host::InPlace(t.detach())
-            } else {
-                let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-                Host::Copy(Vec::<f32>::try_from(&t)?)
-            };
-            host.push((format!("{}/{state}", s.group), data));
+}
+
+impl Checkpointer {
+    pub fn new() -> Self {
+        Self {
+            pending: None,
+            pool: vec![],
+            janitor: Janitor::default(),
+            reserving: None,
+            fail_write_at: env_step(FAIL_WRITE_ENV),
         }
     }
-    tracing::debug!(
-        "rank {rank}: state copied to host memory in {:.3} s",
-        started.elapsed().as_secs_f64()
-    );
-    let manifest = (rank == 0).then(|| {
-        build_manifest(
+
+    /// Allocates and page-faults in the snapshot buffers of a background save of this state on a
+    /// background thread (training goes on), so that not even the first background save pays
+    /// for fresh memory on the training thread. The buffers stay for the whole run.
+    pub fn reserve(&mut self, trainable: &Trainable, opt: &AdamW) {
+        self.reserve_states(&flat_states(trainable, opt));
+    }
+
+    /// Waits for `reserve`'s buffers (if any are coming) and puts them in the pool.
+    pub(crate) fn wait_reserved(&mut self) {
+        if let Some(r) = self.reserving.take() {
+            self.pool.extend(r.join().unwrap_or_default());
+        }
+    }
+
+    /// `reserve` for these flat states.
+    pub(crate) fn reserve_states(&mut self, states: &[super::FlatState]) {
+        if self.reserving.is_some() || !self.pool.is_empty() {
+            return;
+        }
+        let sizes: Vec<i64> = states
+            .iter()
+            .filter(|s| s.end > s.start)
+            .flat_map(|s| [s.end - s.start; 3])
+            .collect();
+        let thread = std::thread::Builder::new()
+            .name("checkpoint-reserve".into())
+            .spawn(move || {
+                // zeros writes every page: they are faulted in here, not during the first copy
+                let t = Instant::now();
+                let bufs: Vec<Tensor> = sizes
+                    .iter()
+                    .filter_map(|&n| Tensor::f_zeros([n], (Kind::Float, Device::Cpu)).ok())
+                    .collect();
+                tracing::debug!(
+                    "checkpoint snapshot buffers reserved in {:.3} s",
+                    t.elapsed().as_secs_f64()
+                );
+                bufs
+            });
+        // without a thread the first save allocates, as it would without `reserve`
+        self.reserving = thread.ok();
+    }
+
+    /// Saves the trainable state at `progress` into `checkpoint.dir/step-<N>/`, after completing
+    /// the save in flight (if any). `background`: returns once the state is copied (training may
+    /// change it right away) with `None`; else returns the published folder.
+    #[allow(clippy::too_many_arguments)]
+    pub fn save(
+        &mut self,
+        pg: &ProcessGroup,
+        device: Device,
+        config: &Config,
+        trainable: &Trainable,
+        opt: &AdamW,
+        schedule: &LrSchedule,
+        progress: &Progress,
+        background: bool,
+    ) -> Result<Option<PathBuf>> {
+        let states = flat_states(trainable, opt);
+        let step = opt.step;
+        self.save_states(
+            pg, device, config, states, step, schedule, progress, background,
+        )
+    }
+
+    /// `save` over this rank's flat states (`trainable` + optimizer moments, or synthetic ones in
+    /// `trainer bench checkpoint`); `optimizer_step`: AdamW's step count.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn save_states(
+        &mut self,
+        pg: &ProcessGroup,
+        device: Device,
+        config: &Config,
+        states: Vec<super::FlatState>,
+        optimizer_step: u64,
+        schedule: &LrSchedule,
+        progress: &Progress,
+        background: bool,
+    ) -> Result<Option<PathBuf>> {
+        // at most one save in flight: the next one waits
+        self.finish(pg, device)?;
+        let p = self.begin(
+            pg,
             config,
             &states,
-            schedule,
             optimizer_step,
+            schedule,
             progress,
-            world,
-            vec![],
-        )
-    });
-    let path = partial.join(rank_file_name(rank, world));
-    let step = progress.step;
-    let writer = std::thread::Builder::new()
-        .name("checkpoint-writer".into())
-        .spawn(move || {
-            let t = Instant::now();
-            let r = write_rank_file(&path, &host, rank, world, step)
-                .with_context(|| format!("writing {}", path.display()));
-            tracing::debug!(
-                "rank {rank}: checkpoint file written in {:.3} s",
-                t.elapsed().as_secs_f64()
-            );
-            r
-        })?;
-    Ok(PendingSave {
-        started,
-        step,
-        root,
-        partial,
-        final_dir,
-        keep_last: config.checkpoint.keep_last,
-        manifest,
-        writer,
-        blocked_s: started.elapsed().as_secs_f64(),
-        background,
-    })
-}
-
-impl PendingSave {
-    /// Whether this rank's file is written (then `finish` does not wait for the disk).
-    pub fn is_written(&self) -> bool {
-        self.writer.is_finished()
+            background,
+        )?;
+        self.pending = Some(p);
+        if background {
+            Ok(None)
+        } else {
+            self.finish(pg, device)
+        }
     }
 
-    /// Waits for this rank's file, exchanges sizes and checksums (an all-gather, which is also
-    /// the barrier after the data files), and on rank 0 writes the manifest, renames the folder
-    /// and applies retention; a final barrier. Every rank must call it.
-    pub fn finish(self, pg: &ProcessGroup, device: Device) -> Result<PathBuf> {
+    /// Whether a save is in flight (begun, not yet published).
+    pub fn in_flight(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Whether this rank's file of the save in flight is written, so that `finish` would not wait
+    /// for the disk (true when none is in flight).
+    pub fn is_written(&self) -> bool {
+        self.pending
+            .as_ref()
+            .is_none_or(|p| p.writer.as_ref().is_none_or(|w| w.is_finished()))
+    }
+
+    /// Waits for this rank's file of the save in flight and publishes it (manifest, rename, then
+    /// retention in the background). Returns its folder, `None` when none was in flight.
+    pub fn finish(&mut self, pg: &ProcessGroup, device: Device) -> Result<Option<PathBuf>> {
+        match self.pending.take() {
+            Some(p) => self.publish(p, pg, device).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// End of training (SIGTERM included): finishes the save in flight and waits for retention;
+    /// a failure of any of it on any rank fails every rank.
+    pub fn close(&mut self, pg: &ProcessGroup, device: Device) -> Result<()> {
+        self.finish(pg, device)?;
+        let failed = if pg.rank() == 0 {
+            self.janitor.take_failure()
+        } else {
+            None
+        };
+        let flag = Tensor::from_slice(&[failed.is_some() as i64]).to_device(device);
+        pg.all_reduce(&flag, ReduceOp::Max)?;
+        if let Some(e) = failed {
+            return Err(e.context("removing old checkpoints (checkpoint.keep_last)"));
+        }
+        if flag.to_device(Device::Cpu).int64_value(&[0]) != 0 {
+            bail!("rank 0 could not remove old checkpoints (its error is above)");
+        }
+        Ok(())
+    }
+
+    /// Creates `step-N.partial/` (rank 0; barrier), snapshots this rank's state and starts the
+    /// writer thread. `background: false`: the caller must not change the state before `finish`
+    /// returns (CPU fp32 state is then written from its own memory, without a copy).
+    #[allow(clippy::too_many_arguments)]
+    fn begin(
+        &mut self,
+        pg: &ProcessGroup,
+        config: &Config,
+        states: &[super::FlatState],
+        optimizer_step: u64,
+        schedule: &LrSchedule,
+        progress: &Progress,
+        background: bool,
+    ) -> Result<PendingSave> {
+        let started = Instant::now();
         let (rank, world) = (pg.rank(), pg.world_size());
-        let written = self
+        let root = config.checkpoint.dir.clone();
+        let name = super::step_dir_name(progress.step);
+        let final_dir = root.join(&name);
+        let partial = root.join(format!("{name}.partial"));
+        if rank == 0 {
+            std::fs::create_dir_all(&root)
+                .with_context(|| format!("creating checkpoint.dir {}", root.display()))?;
+            // a leftover of this step (a crash) may be on the janitor's list: let it go first
+            self.janitor.wait_if_deleting(&partial);
+            if partial.exists() {
+                std::fs::remove_dir_all(&partial)
+                    .with_context(|| format!("removing stale {}", partial.display()))?;
+            }
+            std::fs::create_dir(&partial)
+                .with_context(|| format!("creating {}", partial.display()))?;
+        }
+        pg.barrier()?;
+        let snapshot_start = Instant::now();
+        let snapshot = self.snapshot(states, background)?;
+        let snapshot_s = snapshot_start.elapsed().as_secs_f64();
+        tracing::debug!("rank {rank}: state copied to host memory in {snapshot_s:.3} s");
+        let manifest = (rank == 0).then(|| {
+            build_manifest(
+                config,
+                states,
+                schedule,
+                optimizer_step,
+                progress,
+                world,
+                vec![],
+            )
+        });
+        let path = partial.join(rank_file_name(rank, world));
+        let step = progress.step;
+        let target = if self.fail_write_at == Some(step) {
+            tracing::warn!("{FAIL_WRITE_ENV}={step}: writing step {step}'s file to /dev/full");
+            PathBuf::from("/dev/full")
+        } else {
+            path.clone()
+        };
+        let writer = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || {
+                let t = Instant::now();
+                let r = write_rank_file(&target, &snapshot, rank, world, step)
+                    .with_context(|| format!("writing {}", path.display()));
+                tracing::debug!(
+                    "rank {rank}: checkpoint file written in {:.3} s",
+                    t.elapsed().as_secs_f64()
+                );
+                (r, snapshot)
+            })?;
+        Ok(PendingSave {
+            started,
+            step,
+            root,
+            partial,
+            final_dir,
+            keep_last: config.checkpoint.keep_last,
+            manifest,
+            writer: Some(writer),
+            blocked_s: started.elapsed().as_secs_f64(),
+            snapshot_s,
+            background,
+        })
+    }
+
+    /// This rank's ranges of every state tensor, in file order, as contiguous CPU fp32 tensors.
+    /// A synchronous save of CPU fp32 state uses the state itself (the caller waits in `finish`
+    /// before touching it again); otherwise the values are copied into pooled buffers (torch's
+    /// copy: intra-op threads, device-to-host and dtype conversion in one pass).
+    fn snapshot(&mut self, states: &[super::FlatState], background: bool) -> Result<Vec<Snap>> {
+        self.wait_reserved();
+        let mut out = vec![];
+        tch::no_grad(|| -> Result<()> {
+            for s in states.iter().filter(|s| s.end > s.start) {
+                let n = s.end - s.start;
+                for (state, t) in STATES.iter().zip(&s.tensors) {
+                    let t = t.narrow(0, 0, n).detach(); // (n,)
+                    let name = format!("{}/{state}", s.group);
+                    if !background
+                        && t.device() == Device::Cpu
+                        && t.kind() == Kind::Float
+                        && t.is_contiguous()
+                    {
+                        out.push(Snap {
+                            name,
+                            values: t,
+                            pooled: false,
+                        });
+                        continue;
+                    }
+                    let mut buf = match self.pool.iter().position(|b| b.numel() == n as usize) {
+                        Some(i) => self.pool.swap_remove(i),
+                        None => Tensor::f_empty([n], (Kind::Float, Device::Cpu))?,
+                    };
+                    buf.f_copy_(&t)?;
+                    out.push(Snap {
+                        name,
+                        values: buf,
+                        pooled: true,
+                    });
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Waits for the writer, exchanges sizes and checksums (an all-gather, which is also the
+    /// barrier after the data files; it also carries whether rank 0's previous retention failed),
+    /// and on rank 0 writes the manifest, renames the folder and starts retention; a final
+    /// barrier.
+    fn publish(
+        &mut self,
+        mut p: PendingSave,
+        pg: &ProcessGroup,
+        device: Device,
+    ) -> Result<PathBuf> {
+        let publish_start = Instant::now();
+        let (rank, world) = (pg.rank(), pg.world_size());
+        let (written, snapshot) = p
             .writer
+            .take()
+            .expect("a pending save has a writer")
             .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the checkpoint writer thread panicked")));
-        // (bytes or -1 on failure, sha256 as 4 x i64)
-        let mut mine = vec![-1i64, 0, 0, 0, 0];
+            .unwrap_or_else(|_| {
+                let e = anyhow!("the checkpoint writer thread panicked");
+                (Err(e), vec![])
+            });
+        // the buffers serve the next save
+        self.pool
+            .extend(snapshot.into_iter().filter(|s| s.pooled).map(|s| s.values));
+        let write_wait_s = publish_start.elapsed().as_secs_f64();
+        let janitor_failed = if rank == 0 {
+            self.janitor.take_failure()
+        } else {
+            None
+        };
+        // (bytes or -1 on failure, sha256 as 4 x i64, rank 0's retention failed)
+        const ROW: usize = 6;
+        let mut mine = vec![-1i64, 0, 0, 0, 0, janitor_failed.is_some() as i64];
         if let Ok((bytes, digest)) = &written {
             mine[0] = *bytes as i64;
             for (i, c) in digest.chunks(8).enumerate() {
                 mine[1 + i] = i64::from_le_bytes(c.try_into().expect("8 bytes"));
             }
         }
-        let input = Tensor::from_slice(&mine).to_device(device); // (5,)
-        let all = Tensor::zeros([5 * world as i64], (Kind::Int64, device)); // (W*5,)
+        let input = Tensor::from_slice(&mine).to_device(device); // (ROW,)
+        let all = Tensor::zeros([(ROW * world) as i64], (Kind::Int64, device)); // (W*ROW,)
         pg.all_gather_into(&all, &input)?;
         let all: Vec<i64> = Vec::try_from(&all.to_device(Device::Cpu))?;
         written?;
-        if let Some(r) = (0..world).find(|r| all[r * 5] < 0) {
-            anyhow::bail!(
+        if let Some(r) = (0..world).find(|r| all[r * ROW] < 0) {
+            bail!(
                 "rank {r} could not write its file of checkpoint step {} (its error is above)",
-                self.step
+                p.step
             );
         }
+        if let Some(e) = janitor_failed {
+            return Err(e.context("removing old checkpoints (checkpoint.keep_last)"));
+        }
+        if all[5] != 0 {
+            bail!("rank 0 could not remove old checkpoints (its error is above)");
+        }
         let first_attempt = std::env::var("TORCHELASTIC_RESTART_COUNT").map_or(true, |c| c == "0");
-        if first_attempt
-            && std::env::var(CRASH_ENV)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                == Some(self.step)
-        {
-            tracing::warn!("{CRASH_ENV}={}: exiting before the manifest", self.step);
+        if first_attempt && env_step(CRASH_ENV) == Some(p.step) {
+            tracing::warn!("{CRASH_ENV}={}: exiting before the manifest", p.step);
             std::process::exit(86);
         }
         if rank == 0 {
-            let mut manifest = self.manifest.expect("rank 0 builds the manifest");
+            let mut manifest = p.manifest.take().expect("rank 0 builds the manifest");
             manifest.files = (0..world)
                 .map(|r| {
-                    let row = &all[r * 5..r * 5 + 5];
-                    let digest: Vec<u8> = row[1..].iter().flat_map(|v| v.to_le_bytes()).collect();
+                    let row = &all[r * ROW..r * ROW + ROW];
+                    let digest: Vec<u8> = row[1..5].iter().flat_map(|v| v.to_le_bytes()).collect();
                     FileEntry {
                         file: rank_file_name(r, world),
                         bytes: row[0] as u64,
@@ -231,8 +418,7 @@ impl PendingSave {
                     }
                 })
                 .collect();
-            let publish = Instant::now();
-            let (partial, final_dir, root) = (&self.partial, &self.final_dir, &self.root);
+            let (partial, final_dir, root) = (&p.partial, &p.final_dir, &p.root);
             let mpath = partial.join("manifest.json");
             let mut f = std::fs::File::create(&mpath)
                 .with_context(|| format!("creating {}", mpath.display()))?;
@@ -249,19 +435,15 @@ impl PendingSave {
                 format!("renaming {} to {}", partial.display(), final_dir.display())
             })?;
             fsync_dir(root)?;
-            let published = Instant::now();
-            retain(root, self.keep_last)?;
-            tracing::debug!(
-                "checkpoint step {}: manifest + rename {:.3} s, retention {:.3} s",
-                self.step,
-                (published - publish).as_secs_f64(),
-                published.elapsed().as_secs_f64()
-            );
+            // The checkpoint is complete and durable; old ones go in the background.
+            let doomed = retention(root, p.keep_last)?;
+            let n_doomed = doomed.len();
+            self.janitor.start(doomed)?;
             let total: u64 = manifest.files.iter().map(|f| f.bytes).sum();
-            let how = if self.background {
+            let how = if p.background {
                 format!(
                     "in the background, {:.3} s blocking training",
-                    self.blocked_s
+                    p.blocked_s + publish_start.elapsed().as_secs_f64()
                 )
             } else {
                 "synchronously".into()
@@ -270,11 +452,197 @@ impl PendingSave {
                 "checkpoint {} saved: {:.1} MB in {:.2} s ({how})",
                 final_dir.display(),
                 total as f64 / 1e6,
-                self.started.elapsed().as_secs_f64(),
+                p.started.elapsed().as_secs_f64(),
+            );
+            tracing::debug!(
+                "checkpoint step {}: begin {:.3} s (snapshot {:.3} s), waited {write_wait_s:.3} s for the file, published in {:.3} s; removing {n_doomed} folder(s) in the background",
+                p.step,
+                p.blocked_s,
+                p.snapshot_s,
+                publish_start.elapsed().as_secs_f64() - write_wait_s
             );
         }
         pg.barrier()?;
-        Ok(self.final_dir)
+        Ok(p.final_dir.clone())
+    }
+}
+
+/// What the writer thread returns: (bytes, sha256) of the file, and the snapshot (its buffers go
+/// back to the pool).
+type Written = (Result<(u64, Vec<u8>)>, Vec<Snap>);
+
+/// A save whose rank file is being written by a background thread.
+struct PendingSave {
+    started: Instant,
+    step: u64,
+    root: PathBuf,
+    partial: PathBuf,
+    final_dir: PathBuf,
+    keep_last: usize,
+    /// Rank 0: the manifest without `files`.
+    manifest: Option<Manifest>,
+    writer: Option<JoinHandle<Written>>,
+    /// Seconds the training thread spent in `begin` (barrier, snapshot to host memory).
+    blocked_s: f64,
+    snapshot_s: f64,
+    background: bool,
+}
+
+/// Rank 0's background deletions (retention), one batch at a time; a failure is kept until
+/// `take_failure` reports it.
+#[derive(Default)]
+struct Janitor {
+    running: Option<(Vec<PathBuf>, JoinHandle<Result<()>>)>,
+    failed: Option<anyhow::Error>,
+    /// Tests: the thread waits for a message (or a hang-up) before deleting.
+    #[cfg(test)]
+    gate: Option<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Janitor {
+    /// Deletes `paths` (folders) on a background thread, after the previous batch.
+    fn start(&mut self, paths: Vec<PathBuf>) -> Result<()> {
+        self.wait();
+        if paths.is_empty() {
+            return Ok(());
+        }
+        #[cfg(test)]
+        let gate = self.gate.take();
+        let list = paths.clone();
+        let thread = std::thread::Builder::new()
+            .name("checkpoint-retention".into())
+            .spawn(move || -> Result<()> {
+                #[cfg(test)]
+                if let Some(g) = gate {
+                    let _ = g.recv_timeout(std::time::Duration::from_secs(60));
+                }
+                let t = Instant::now();
+                for p in &list {
+                    std::fs::remove_dir_all(p)
+                        .with_context(|| format!("removing {}", p.display()))?;
+                }
+                tracing::debug!(
+                    "removed {} old checkpoint folder(s) in {:.3} s",
+                    list.len(),
+                    t.elapsed().as_secs_f64()
+                );
+                Ok(())
+            })?;
+        self.running = Some((paths, thread));
+        Ok(())
+    }
+
+    /// Waits for the batch in progress (keeping its failure).
+    fn wait(&mut self) {
+        if let Some((_, thread)) = self.running.take() {
+            let r = thread
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("the checkpoint retention thread panicked")));
+            if let Err(e) = r {
+                self.failed.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Waits for the batch in progress if it deletes `path`.
+    fn wait_if_deleting(&mut self, path: &Path) {
+        if let Some((paths, _)) = &self.running {
+            if paths.iter().any(|p| p == path) {
+                self.wait();
+            }
+        }
+    }
+
+    /// Waits for the batch in progress; the first failure since the last call.
+    fn take_failure(&mut self) -> Option<anyhow::Error> {
+        self.wait();
+        self.failed.take()
+    }
+}
+
+/// The folders retention deletes right after a save: every `.partial` folder, and all but the
+/// newest `keep` complete checkpoints (0: keep all), so the newest complete one never is.
+/// (No fsync of `root` after deleting: a removal lost in a crash only leaves an older checkpoint
+/// behind, removed by the next save.)
+fn retention(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    let (complete, partial) =
+        list_dir(root).with_context(|| format!("listing {}", root.display()))?;
+    for p in &partial {
+        tracing::info!("removing incomplete checkpoint {}", p.display());
+    }
+    let mut doomed = partial;
+    if keep > 0 && complete.len() > keep {
+        doomed.extend(
+            complete[..complete.len() - keep]
+                .iter()
+                .map(|(_, p)| p.clone()),
+        );
+    }
+    Ok(doomed)
+}
+
+/// Bytes between writeback starts (`write_with_writeback`).
+const WRITEBACK_CHUNK: usize = 64 << 20;
+
+/// Writes `parts` one after the other, asking the kernel after every [`WRITEBACK_CHUNK`] bytes
+/// to start writing them to disk (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`, a hint that
+/// does not wait): with plenty of free memory nothing would reach the disk before the final
+/// fsync, which would then write everything while nothing else happens.
+fn write_with_writeback(file: &mut std::fs::File, parts: &[&[u8]]) -> std::io::Result<()> {
+    let (mut flushed, mut pending) = (0u64, 0usize);
+    for p in parts {
+        for c in p.chunks(WRITEBACK_CHUNK) {
+            file.write_all(c)?;
+            pending += c.len();
+            if pending >= WRITEBACK_CHUNK {
+                start_writeback(file, flushed, pending);
+                flushed += pending as u64;
+                pending = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &std::fs::File, offset: u64, len: usize) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open descriptor; its result is only a hint's (ignored: the
+    // fsync that follows reports real write errors).
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &std::fs::File, _offset: u64, _len: usize) {}
+
+/// One state tensor's values for the writer thread: `values` is a contiguous CPU fp32 tensor
+/// (n,): a pooled copy (`pooled`), or the state itself during a synchronous save.
+struct Snap {
+    name: String,
+    values: Tensor,
+    pooled: bool,
+}
+
+impl Snap {
+    fn bytes(&self) -> &[u8] {
+        #[cfg(not(target_endian = "little"))]
+        compile_error!(
+            "checkpoint files are little-endian: add a byte-swapping path for this target"
+        );
+        // SAFETY: a contiguous CPU fp32 tensor of numel() elements starts at data_ptr() (a
+        // narrowed view's offset included) and is kept alive by `self`; pooled buffers belong to
+        // this save alone, and nothing writes to the state of a synchronous save before `finish`
+        // returns (see `Checkpointer::snapshot`).
+        unsafe {
+            std::slice::from_raw_parts(self.values.data_ptr() as *const u8, self.values.numel() * 4)
+        }
     }
 }
 
@@ -282,7 +650,7 @@ impl PendingSave {
 /// (bytes, sha256).
 fn write_rank_file(
     path: &Path,
-    tensors: &[(String, Host)],
+    tensors: &[Snap],
     rank: usize,
     world: usize,
     step: u64,
@@ -294,12 +662,13 @@ fn write_rank_file(
                "world_size": world.to_string(), "step": step.to_string()}),
     );
     let mut offset = 0usize;
-    for (name, v) in tensors {
+    for s in tensors {
+        let n = s.values.numel();
         header.insert(
-            name.clone(),
-            json!({"dtype": "F32", "shape": [v.len()], "data_offsets": [offset * 4, (offset + v.len()) * 4]}),
+            s.name.clone(),
+            json!({"dtype": "F32", "shape": [n], "data_offsets": [offset * 4, (offset + n) * 4]}),
         );
-        offset += v.len();
+        offset += n;
     }
     let mut head = serde_json::to_vec(&Value::Object(header))?;
     while head.len() % 8 != 0 {
@@ -307,12 +676,13 @@ fn write_rank_file(
     }
     let len = (head.len() as u64).to_le_bytes();
     let mut parts: Vec<&[u8]> = vec![&len, &head];
-    parts.extend(tensors.iter().map(|(_, v)| v.bytes()));
+    parts.extend(tensors.iter().map(Snap::bytes));
     let bytes: u64 = parts.iter().map(|p| p.len() as u64).sum();
     let mut file = std::fs::File::create(path)?;
     // The sha256 runs on a second thread over the same memory while this one writes: the
     // checksum costs max(hash, write) instead of their sum. The data is written straight from the
-    // snapshot (no staging buffer), then fsynced once, as `dd conv=fdatasync` does.
+    // snapshot (no staging buffer), then fsynced once, as `dd conv=fdatasync` does; the disk
+    // starts on each chunk while the next one is copied into the page cache.
     let digest = std::thread::scope(|s| -> Result<Vec<u8>> {
         let hasher = s.spawn(|| {
             let mut h = Sha256::new();
@@ -321,10 +691,7 @@ fn write_rank_file(
             }
             h.finalize().to_vec()
         });
-        let written = parts
-            .iter()
-            .try_for_each(|p| file.write_all(p))
-            .and_then(|()| file.sync_all());
+        let written = write_with_writeback(&mut file, &parts).and_then(|()| file.sync_all());
         let digest = hasher
             .join()
             .map_err(|_| anyhow::anyhow!("the checksum thread panicked"))?;
@@ -332,41 +699,6 @@ fn write_rank_file(
         Ok(digest)
     })?;
     Ok((bytes, digest))
-}
-
-/// One state tensor's values for the writer thread.
-enum Host {
-    /// A copy in host memory (background saves, GPU state).
-    Copy(Vec<f32>),
-    /// The state itself: a contiguous CPU fp32 tensor nobody changes until `finish` returns.
-    InPlace(Tensor),
-}
-
-impl Host {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Host::Copy(v) => f32_bytes(v),
-            // SAFETY: a contiguous CPU fp32 tensor of numel() elements starts at data_ptr() (the
-            // narrowed view's offset included) and is kept alive by `self`; nothing writes to it
-            // while a synchronous save is in progress (see `begin_states`).
-            Host::InPlace(t) => unsafe {
-                std::slice::from_raw_parts(t.data_ptr() as *const u8, t.numel() * 4)
-            },
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.bytes().len() / 4
-    }
-}
-
-/// The little-endian bytes of `v` (safetensors' byte order) without a copy.
-fn f32_bytes(v: &[f32]) -> &[u8] {
-    #[cfg(not(target_endian = "little"))]
-    compile_error!("checkpoint files are little-endian: add a byte-swapping path for this target");
-    // SAFETY: f32 has no padding or invalid bit patterns as bytes; the slice covers exactly `v`'s
-    // memory and borrows it for the same lifetime.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
 fn build_manifest(
@@ -432,20 +764,339 @@ fn build_manifest(
     }
 }
 
-/// Deletes all but the newest `keep` complete checkpoints (0: keep all) and every `.partial`
-/// folder (only called right after a successful save, when no other save is in flight).
-fn retain(root: &Path, keep: usize) -> Result<()> {
-    let (complete, partial) = list_dir(root)?;
-    for p in partial {
-        tracing::info!("removing incomplete checkpoint {}", p.display());
-        std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::checkpoint::{load, manifest::ParamEntry, FlatState};
+
+    /// A world-1 process group and the config of a run checkpointing into a fresh `name` folder.
+    pub(crate) fn setup(name: &str, keep_last: usize) -> (ProcessGroup, Config, LrSchedule) {
+        let dir = std::env::temp_dir().join(format!("ckpt-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let yaml = format!(
+            "model: {{path: unit-test-model, dtype: fp32}}\n\
+             peft: {{method: none}}\n\
+             data: {{train: none.jsonl, image_root: .}}\n\
+             train: {{batch_size: 1}}\n\
+             checkpoint: {{dir: {}, keep_last: {keep_last}, resume: never}}\n",
+            dir.display()
+        );
+        let config = crate::config::parse(&yaml, &[]).unwrap();
+        let pg = ProcessGroup::from_env(
+            crate::dist::Backend::Cpu,
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+        let schedule = LrSchedule::new(config.train.lr, &config.train.schedule, 100);
+        (pg, config, schedule)
     }
-    if keep > 0 && complete.len() > keep {
-        for (_, p) in &complete[..complete.len() - keep] {
-            std::fs::remove_dir_all(p).with_context(|| format!("removing {}", p.display()))?;
+
+    /// Two flat groups of two parameters each (shapes [3, 5] + [7] and [4] + [2, 2]), the
+    /// element range [start, end) of each (None: all), values `base + index` per state.
+    pub(crate) fn states(base: f32, range: impl Fn(i64) -> (i64, i64)) -> Vec<FlatState> {
+        let groups = [
+            ("a/0", vec![("a.w", vec![3i64, 5]), ("a.b", vec![7])]),
+            ("b/1", vec![("b.w", vec![4]), ("b.v", vec![2, 2])]),
+        ];
+        groups
+            .iter()
+            .map(|(group, params)| {
+                let mut offset = 0;
+                let params: Vec<ParamEntry> = params
+                    .iter()
+                    .map(|(name, shape)| {
+                        let p = ParamEntry {
+                            name: name.to_string(),
+                            shape: shape.clone(),
+                            offset,
+                        };
+                        offset += p.numel();
+                        p
+                    })
+                    .collect();
+                let (start, end) = range(offset);
+                let t = |k: f32| {
+                    Tensor::arange_start(start, end, (Kind::Float, Device::Cpu))
+                        + f64::from(base + k)
+                };
+                FlatState {
+                    group: group.to_string(),
+                    numel: offset,
+                    shard_len: end - start,
+                    params,
+                    start,
+                    end,
+                    tensors: [t(0.0), t(100.0), t(200.0)],
+                }
+            })
+            .collect()
+    }
+
+    pub(crate) fn progress(step: u64) -> Progress {
+        Progress {
+            step,
+            ..Default::default()
         }
     }
-    // No fsync of `root` here: a removal lost in a crash only leaves an older checkpoint behind
-    // (removed by the next save), and on a busy disk that fsync took ~1 s of training time.
-    Ok(())
+
+    fn whole(n: i64) -> (i64, i64) {
+        (0, n)
+    }
+
+    /// The state tensors `dir` holds, loaded into fresh ones.
+    fn loaded(dir: &Path) -> Vec<FlatState> {
+        let target = states(-1000.0, whole);
+        let m = load::read_manifest(dir).unwrap();
+        load::fill_states(dir, &m, &target).unwrap();
+        target
+    }
+
+    fn assert_states_eq(a: &[FlatState], b: &[FlatState]) {
+        for (x, y) in a.iter().zip(b) {
+            for (u, v) in x.tensors.iter().zip(&y.tensors) {
+                assert!(u.equal(v), "{}: {u} vs {v}", x.group);
+            }
+        }
+    }
+
+    fn folders(config: &Config) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&config.checkpoint.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn background_save_writes_the_snapshot_and_reuses_its_buffers() {
+        let (pg, config, schedule) = setup("background", 0);
+        let mut saves = Checkpointer::new();
+        let live = states(1.0, whole);
+        let copy = |s: &[FlatState]| {
+            states(0.0, whole)
+                .into_iter()
+                .zip(s)
+                .map(|(mut f, g)| {
+                    f.tensors = [
+                        g.tensors[0].shallow_clone(),
+                        g.tensors[1].shallow_clone(),
+                        g.tensors[2].shallow_clone(),
+                    ];
+                    f
+                })
+                .collect::<Vec<_>>()
+        };
+        let r = saves.save_states(
+            &pg,
+            Device::Cpu,
+            &config,
+            copy(&live),
+            1,
+            &schedule,
+            &progress(1),
+            true,
+        );
+        assert_eq!(
+            r.unwrap(),
+            None,
+            "a background save returns before publishing"
+        );
+        assert!(saves.in_flight());
+        // training changes the state right away: the checkpoint holds the values at the save
+        for s in &live {
+            for t in &s.tensors {
+                let mut t = t.shallow_clone();
+                let _ = t.fill_(-5.0);
+            }
+        }
+        let dir = saves.finish(&pg, Device::Cpu).unwrap().unwrap();
+        assert!(!saves.in_flight());
+        assert_states_eq(&loaded(&dir), &states(1.0, whole));
+        let ptrs = |s: &Checkpointer| {
+            let mut v: Vec<usize> = s.pool.iter().map(|t| t.data_ptr() as usize).collect();
+            v.sort();
+            v
+        };
+        let first = ptrs(&saves);
+        assert_eq!(first.len(), 6, "2 groups x 3 states");
+        // the next save copies into the same buffers, and completes the one in flight first
+        saves
+            .save_states(
+                &pg,
+                Device::Cpu,
+                &config,
+                copy(&live),
+                2,
+                &schedule,
+                &progress(2),
+                true,
+            )
+            .unwrap();
+        assert!(
+            saves.pool.is_empty(),
+            "the save in flight holds the buffers"
+        );
+        saves
+            .save_states(
+                &pg,
+                Device::Cpu,
+                &config,
+                copy(&live),
+                3,
+                &schedule,
+                &progress(3),
+                true,
+            )
+            .unwrap();
+        assert!(
+            config
+                .checkpoint
+                .dir
+                .join("step-00000002/manifest.json")
+                .exists(),
+            "at most one save in flight: the second was published when the third began"
+        );
+        saves.close(&pg, Device::Cpu).unwrap();
+        assert_eq!(ptrs(&saves), first, "snapshot buffers are reused");
+        let dir = config.checkpoint.dir.join("step-00000003");
+        assert_states_eq(&loaded(&dir), &live);
+        std::fs::remove_dir_all(&config.checkpoint.dir).unwrap();
+    }
+
+    #[test]
+    fn retention_runs_in_the_background_and_keeps_the_newest() {
+        let (pg, config, schedule) = setup("retention", 1);
+        let root = config.checkpoint.dir.clone();
+        let mut saves = Checkpointer::new();
+        let (open, gate) = std::sync::mpsc::channel();
+        saves.janitor.gate = Some(gate);
+        for step in [1, 2] {
+            saves
+                .save_states(
+                    &pg,
+                    Device::Cpu,
+                    &config,
+                    states(step as f32, whole),
+                    step,
+                    &schedule,
+                    &progress(step),
+                    false,
+                )
+                .unwrap();
+        }
+        // the second save returned while its retention (step 1) waits at the gate: deletion is
+        // not on the training thread
+        assert_eq!(folders(&config), ["step-00000001", "step-00000002"]);
+        drop(open);
+        // a crash's leftover; the next save lists it, step 2 but not step 3 (the newest)
+        std::fs::create_dir_all(root.join("step-00000007.partial")).unwrap();
+        saves
+            .save_states(
+                &pg,
+                Device::Cpu,
+                &config,
+                states(3.0, whole),
+                3,
+                &schedule,
+                &progress(3),
+                false,
+            )
+            .unwrap();
+        saves.close(&pg, Device::Cpu).unwrap();
+        assert_eq!(folders(&config), ["step-00000003"]);
+        assert_states_eq(&loaded(&root.join("step-00000003")), &states(3.0, whole));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_failed_background_write_is_reported_at_the_next_save() {
+        let (pg, config, schedule) = setup("fail-next", 2);
+        let mut saves = Checkpointer::new();
+        saves.fail_write_at = Some(2);
+        let save = |saves: &mut Checkpointer, step: u64| {
+            saves.save_states(
+                &pg,
+                Device::Cpu,
+                &config,
+                states(step as f32, whole),
+                step,
+                &schedule,
+                &progress(step),
+                true,
+            )
+        };
+        save(&mut saves, 1).unwrap();
+        save(&mut saves, 2).unwrap();
+        let e = format!("{:#}", save(&mut saves, 3).unwrap_err());
+        assert!(
+            e.contains("writing") && e.contains("step-00000002.partial/rank-0-of-1.safetensors"),
+            "{e}"
+        );
+        assert!(e.contains("No space left on device"), "{e}");
+        // the earlier checkpoint is intact; the failed one is only a .partial folder
+        assert_eq!(folders(&config), ["step-00000001", "step-00000002.partial"]);
+        assert_states_eq(
+            &loaded(&config.checkpoint.dir.join("step-00000001")),
+            &states(1.0, whole),
+        );
+        std::fs::remove_dir_all(&config.checkpoint.dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_background_write_is_reported_at_the_end() {
+        let (pg, config, schedule) = setup("fail-end", 2);
+        let mut saves = Checkpointer::new();
+        saves.fail_write_at = Some(5);
+        saves
+            .save_states(
+                &pg,
+                Device::Cpu,
+                &config,
+                states(5.0, whole),
+                5,
+                &schedule,
+                &progress(5),
+                true,
+            )
+            .unwrap();
+        let e = format!("{:#}", saves.close(&pg, Device::Cpu).unwrap_err());
+        assert!(e.contains("No space left on device"), "{e}");
+        assert_eq!(folders(&config), ["step-00000005.partial"]);
+        std::fs::remove_dir_all(&config.checkpoint.dir).unwrap();
+    }
+
+    #[test]
+    fn direct_and_buffered_loads_agree_at_any_range() {
+        let (pg, config, schedule) = setup("fill", 0);
+        let mut saves = Checkpointer::new();
+        let dir = saves
+            .save_states(
+                &pg,
+                Device::Cpu,
+                &config,
+                states(0.5, whole),
+                1,
+                &schedule,
+                &progress(1),
+                false,
+            )
+            .unwrap()
+            .unwrap();
+        let m = load::read_manifest(&dir).unwrap();
+        // every rank's range at world 3 (resharding a world-1 checkpoint), both copy paths
+        for r in 0..3 {
+            let range = |n: i64| {
+                let s = (n + 2) / 3;
+                ((s * r).min(n), (s * (r + 1)).min(n))
+            };
+            let direct = states(-1.0, range);
+            let buffered = states(-2.0, range);
+            load::fill_states_with(&dir, &m, &direct, load::Fill::Direct).unwrap();
+            load::fill_states_with(&dir, &m, &buffered, load::Fill::Buffered).unwrap();
+            assert_states_eq(&direct, &states(0.5, range));
+            assert_states_eq(&buffered, &direct);
+        }
+        std::fs::remove_dir_all(&config.checkpoint.dir).unwrap();
+    }
 }

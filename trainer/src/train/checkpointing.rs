@@ -2,11 +2,13 @@
 //! loop; save every `checkpoint.every_steps` steps, when `train.max_steps` stops the run in
 //! mid-epoch, at the end of each completed epoch, and on SIGTERM. With `checkpoint.async` at most
 //! one save is in flight: a new one first completes the previous one, and a written one is
-//! published (manifest + rename after a barrier) once every rank has written its file.
+//! published (manifest + rename after a barrier) once every rank has written its file. `finish`
+//! at the end of training (SIGTERM included) waits for the save in flight and for retention, and
+//! reports their errors.
 use anyhow::{Context, Result};
 use tch::Device;
 
-use crate::checkpoint::{self, save::PendingSave, Progress};
+use crate::checkpoint::{self, Checkpointer, Progress};
 use crate::config::Config;
 use crate::dist::ProcessGroup;
 use crate::fsdp::Trainable;
@@ -21,7 +23,9 @@ pub(super) struct Saver<'a> {
     config: &'a Config,
     schedule: &'a LrSchedule,
     device: Device,
-    pending: Option<PendingSave>,
+    saves: Checkpointer,
+    /// Whether the background saves' snapshot buffers were reserved (after the first step).
+    reserved: bool,
 }
 
 /// Resumes per `checkpoint.resume` into `st`, `trainable` and `opt`; returns the data position
@@ -72,7 +76,8 @@ impl<'a> Saver<'a> {
             config,
             schedule,
             device,
-            pending: None,
+            saves: Checkpointer::new(),
+            reserved: false,
         }
     }
 
@@ -84,7 +89,6 @@ impl<'a> Saver<'a> {
         opt: &AdamW,
         data: (u64, u64),
     ) -> Result<()> {
-        self.finish()?;
         let progress = Progress {
             step: st.step,
             epoch: st.epoch,
@@ -93,21 +97,19 @@ impl<'a> Saver<'a> {
             skipped_nonfinite: st.skipped_nonfinite,
         };
         let async_save = self.config.checkpoint.async_save;
-        let p = checkpoint::save::begin(
-            self.pg,
-            self.config,
-            trainable,
-            opt,
-            self.schedule,
-            &progress,
-            async_save,
-        )
-        .with_context(|| format!("saving the checkpoint of step {}", st.step))?;
-        if async_save {
-            self.pending = Some(p);
-        } else {
-            p.finish(self.pg, self.device)?;
-        }
+        // (completes the save in flight first)
+        self.saves
+            .save(
+                self.pg,
+                self.device,
+                self.config,
+                trainable,
+                opt,
+                self.schedule,
+                &progress,
+                async_save,
+            )
+            .with_context(|| format!("saving the checkpoint of step {}", st.step))?;
         st.saved_step = Some(st.step);
         Ok(())
     }
@@ -123,6 +125,11 @@ impl<'a> Saver<'a> {
         steps_per_epoch: u64,
         total_steps: u64,
     ) -> Result<()> {
+        if self.config.checkpoint.async_save && !self.reserved {
+            // host memory for the snapshots, allocated while training goes on
+            self.saves.reserve(trainable, opt);
+            self.reserved = true;
+        }
         let every = self.config.checkpoint.every_steps;
         let periodic = every > 0 && st.step.is_multiple_of(every);
         if (periodic || st.step == total_steps)
@@ -131,20 +138,18 @@ impl<'a> Saver<'a> {
         {
             self.save(st, trainable, opt, (st.epoch, st.epoch_batch))?;
         }
-        if let Some(p) = &self.pending {
-            let busy = !p.is_written();
+        if self.saves.in_flight() {
+            let busy = !self.saves.is_written();
             if all_reduce_i64(self.pg, busy as i64, self.device)? == 0 {
-                self.finish()?;
+                self.saves.finish(self.pg, self.device)?;
             }
         }
         Ok(())
     }
 
-    /// Completes and publishes the save in flight, if any.
+    /// End of training: completes and publishes the save in flight, if any, and waits for the
+    /// removal of old checkpoints; an error of either (on any rank) is returned on every rank.
     pub fn finish(&mut self) -> Result<()> {
-        if let Some(p) = self.pending.take() {
-            p.finish(self.pg, self.device)?;
-        }
-        Ok(())
+        self.saves.close(self.pg, self.device)
     }
 }
