@@ -314,11 +314,11 @@ fn demo_config_loads() {
         (c.train.batch_size, c.train.epochs, c.train.lr),
         (4, 1, 2e-3)
     );
-    assert_eq!(c.train.max_steps, 120);
+    assert_eq!(c.train.max_steps, 160);
     assert!(c.train.validate);
     assert_eq!(c.train.output_dir, PathBuf::from("runs/demo"));
     assert_eq!(c.checkpoint.dir, PathBuf::from("runs/demo/checkpoints"));
-    assert_eq!(c.checkpoint.every_steps, 120);
+    assert_eq!(c.checkpoint.every_steps, 160);
 }
 
 /// `to_yaml` prints every key, and loading it back gives the same config.

@@ -183,6 +183,11 @@ fn demo_reduced_end_to_end() {
         "demo-model table",
     );
     assert!(table.contains("training loss"), "{table}");
+    // the per-type verdict line (chance, majority answer and the binomial test feed it)
+    assert!(
+        table.contains("question types answered significantly above chance and the majority"),
+        "{table}"
+    );
     for f in ["table.md", "loss.svg", "accuracy.svg"] {
         assert!(run_dir.join(f).is_file(), "{f}");
     }

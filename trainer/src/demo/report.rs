@@ -178,6 +178,8 @@ pub fn table(i: &TableInputs) -> Result<String> {
     let cat_n = |r: &Option<Value>, c: &str| -> Option<u64> {
         r.as_ref()?["by_category"][c]["turns"][0]["total"].as_u64()
     };
+    // the types whose turn-0 accuracy passes the test: the ones the model answers from the image
+    let mut reads: Vec<&str> = vec![];
     for (c, ch) in &chance {
         let a0 = cat_acc(&after, c, 0);
         let bar = ch.max(prior.get(c).copied().unwrap_or(0.0));
@@ -186,7 +188,15 @@ pub fn table(i: &TableInputs) -> Result<String> {
                 let k = (a * n as f64).round() as u64;
                 let p = binomial_tail(n, k, bar);
                 let verdict = if a > bar && p < 0.05 { "yes" } else { "no" };
-                format!("{verdict} (p = {p:.3})")
+                if verdict == "yes" {
+                    reads.push(c);
+                }
+                // tiny p-values in scientific notation ("0.000" would read as exactly zero)
+                if p < 1e-3 {
+                    format!("{verdict} (p = {p:.1e})")
+                } else {
+                    format!("{verdict} (p = {p:.3})")
+                }
             }
             _ => "-".to_string(),
         };
@@ -199,6 +209,18 @@ pub fn table(i: &TableInputs) -> Result<String> {
             pct(cat_acc(&base, c, 0)),
             pct(a0),
             pct(cat_acc(&after, c, 1)),
+        );
+    }
+    if after.is_some() {
+        let list = if reads.is_empty() {
+            "none (every type is within what the answer priors explain)".to_string()
+        } else {
+            reads.join(", ")
+        };
+        let _ = writeln!(
+            s,
+            "
+question types answered significantly above chance and the majority answer (p < 0.05): {list}"
         );
     }
     if let (Some(b0), Some(a0)) = (ba.first(), aa.first()) {

@@ -135,20 +135,41 @@ pub struct Scene {
     pub shapes: Vec<Shape>,
 }
 
-pub const MAX_SHAPES: usize = 5;
+/// Few, large shapes: a from-scratch vision tower on an 8 x 8 patch grid learns what a shape's
+/// pixel mass says (its color) within the demo's few hundred steps; five small shapes per scene
+/// left it at the answer priors (BENCHMARKS.md, make demo).
+pub const MAX_SHAPES: usize = 4;
+
+/// The largest shape's area is at least this many times the runner-up's, so "the largest" is
+/// obvious at a glance (and from the pixel counts of one 14-pixel patch grid).
+pub const LARGEST_RATIO: f64 = 1.5;
 
 impl Scene {
-    /// 2..=5 shapes at random non-overlapping places, all with distinct sizes.
+    /// 2..=4 shapes at random non-overlapping places: one large (radius size/5..size/4) and the
+    /// others small (size/12..size/7), all with distinct sizes; the largest shape's color also
+    /// covers the most pixels of any color (so its answer is the scene's dominant color).
     pub fn random(rng: &mut Rng, size: u32) -> Scene {
+        loop {
+            if let Some(scene) = Self::try_random(rng, size) {
+                return scene;
+            }
+        }
+    }
+
+    fn try_random(rng: &mut Rng, size: u32) -> Option<Scene> {
         let s = size as i64;
         let n = rng.range(2, MAX_SHAPES as i64) as usize;
         let shade = rng.range(235, 250) as u8;
         let background = Rgb([shade, shade, rng.range(230, 250) as u8]);
-        let (rmin, rmax) = ((s / 16).max(5), (s / 7).max(8));
+        let big = ((s / 5).max(6), (s / 4).max(7));
+        let small = ((s / 12).max(4), (s / 7).max(5));
         let mut shapes: Vec<Shape> = vec![];
+        // areas[i] = shapes[i].area() (a pixel count: computed once per shape, not per try)
+        let mut areas: Vec<f64> = vec![];
         let mut tries = 0;
         while shapes.len() < n && tries < 2000 {
             tries += 1;
+            let (rmin, rmax) = if shapes.is_empty() { big } else { small };
             let r = rng.range(rmin, rmax);
             let sh = Shape {
                 kind: *rng.pick(&Kind::ALL),
@@ -157,24 +178,45 @@ impl Scene {
                 y: rng.range(r + 2, s - r - 3),
                 r,
             };
-            let clear = shapes.iter().all(|o| {
+            let a = sh.area();
+            let clear = shapes.iter().zip(&areas).all(|(o, &oa)| {
                 let (dx, dy) = (o.x - sh.x, o.y - sh.y);
                 // apart even corner to corner (a square's corner is r * sqrt(2) out), distinct
                 // sizes (so "largest" is clear) and distinct x (so left/right is clear)
                 let gap = (o.r + sh.r) as f64 * 1.42 + 3.0;
                 (dx * dx + dy * dy) as f64 >= gap * gap
-                    && (o.area() - sh.area()).abs() > 0.15 * o.area().max(sh.area())
+                    && (oa - a).abs() > 0.15 * oa.max(a)
                     && (o.x - sh.x).abs() >= 6
             });
-            if clear {
+            // the first (large) shape stays the largest by LARGEST_RATIO
+            let small_enough = areas.first().is_none_or(|&b| b >= LARGEST_RATIO * a);
+            if clear && small_enough {
                 shapes.push(sh);
+                areas.push(a);
             }
         }
-        Scene {
+        if shapes.len() < 2 {
+            return None;
+        }
+        let scene = Scene {
             size,
             background,
             shapes,
-        }
+        };
+        // shapes[0] is the largest (LARGEST_RATIO above)
+        let top = scene.shapes[0].color;
+        let area_of = |c: Color| -> f64 {
+            let mine = scene
+                .shapes
+                .iter()
+                .zip(&areas)
+                .filter(|(s, _)| s.color == c);
+            mine.map(|(_, a)| a).sum()
+        };
+        let dominant = Color::ALL
+            .iter()
+            .all(|&c| c == top || area_of(c) < area_of(top));
+        dominant.then_some(scene)
     }
 
     pub fn render(&self) -> RgbImage {
@@ -210,9 +252,17 @@ impl Scene {
         v.sort_by_key(|s| s.x);
         v
     }
-    /// "red circle, blue square, green triangle." (left to right; short: the model is tiny).
+    /// Shapes from the largest to the smallest.
+    pub fn by_size(&self) -> Vec<Shape> {
+        let mut v = self.shapes.clone();
+        v.sort_by(|a, b| b.area().total_cmp(&a.area()));
+        v
+    }
+    /// "red circle, blue square, green triangle." (largest first: every record's caption starts
+    /// by naming the largest shape, so every training record teaches that one visual fact, which
+    /// a from-scratch model learns in the demo's budget; short: the model is tiny).
     pub fn caption(&self) -> String {
-        let names: Vec<String> = self.left_to_right().iter().map(|s| s.name()).collect();
+        let names: Vec<String> = self.by_size().iter().map(|s| s.name()).collect();
         format!("{}.", names.join(", "))
     }
 }
@@ -303,7 +353,7 @@ pub fn make_qa(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
     let caption = scene.caption();
     let (question, answer, mistaken, choices, reason, summary, evidence): QaParts = match category {
         Category::CountColor => {
-            let c = *rng.pick(&Color::ALL);
+            let c = balanced_pick(rng, &Color::ALL, |c| scene.count_color(c));
             let n = scene.count_color(c);
             let off = if n == 0 || rng.chance(0.5) {
                 n + 1
@@ -322,7 +372,7 @@ pub fn make_qa(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
             )
         }
         Category::CountShape => {
-            let k = *rng.pick(&Kind::ALL);
+            let k = balanced_pick(rng, &Kind::ALL, |k| scene.count_kind(k));
             let n = scene.count_kind(k);
             let off = if n == 0 || rng.chance(0.5) {
                 n + 1
@@ -457,6 +507,27 @@ pub fn make_qa(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
         refined,
         first_correct: !wrong,
     }
+}
+
+/// Picks what a counting question asks about so that the answers 0, 1 and 2 come up about as
+/// often as the scenes allow (a uniformly picked color is absent from most scenes, which makes
+/// "0" an answer a model scores with by ignoring the image): a wanted count first, then an item
+/// with it.
+fn balanced_pick<T: Copy>(rng: &mut Rng, items: &[T], count: impl Fn(T) -> usize) -> T {
+    let start = rng.range(0, 2) as usize;
+    // the wanted count, else the next one that the scene has (2 is rarer than 0 and 1)
+    for k in 0..3 {
+        let want = (start + k) % 3;
+        let with: Vec<T> = items
+            .iter()
+            .copied()
+            .filter(|&t| count(t) == want)
+            .collect();
+        if !with.is_empty() {
+            return *rng.pick(&with);
+        }
+    }
+    *rng.pick(items)
 }
 
 /// The scene's shapes that satisfy `keep`, left to right.
