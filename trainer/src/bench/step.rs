@@ -10,8 +10,8 @@
 //! Models: `tiny` and `100m` (`bench::decode::model_config`). Batches: `batch` samples of
 //! `seq` tokens, each with one 4-tile image; rank r takes rows [r*b, (r+1)*b). Both sides use
 //! `threads` intra-op threads per rank (cores / ranks on this host by default). Step time =
-//! the median of `steps` timed steps after `warmup`; the peer runs after ours (rank 0 only),
-//! so the two never compete for the cores. At world 1 the first step's loss is compared too
+//! the median of `steps` timed steps after `warmup`; the peer runs right after ours for each
+//! row (rank 0 only), so the two never compete for the cores and see the same load. At world 1 the first step's loss is compared too
 //! (LoRA's B starts at zero on both sides, so the initial function is the same).
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -300,6 +300,22 @@ pub fn run(pg: &ProcessGroup, o: &StepOptions) -> Result<Vec<Measurement>> {
             let (mut t, params, trainable) = build(pg, &o.dir.join(m), mode)?;
             let (s, loss0) = time_ours(pg, &mut t, &batch, tokens, o)?;
             drop(t);
+            // the peer right after ours (rank 0 only; the other ranks wait at the barrier), so a
+            // change in the machine's load hits both sides of a row alike
+            pg.barrier()?;
+            let peer = match (&o.peer, rank) {
+                (Some((python, script)), 0) => Some(run_peer(
+                    python,
+                    script,
+                    &o.dir.join(m),
+                    &batches,
+                    mode,
+                    world,
+                    o,
+                )?),
+                _ => None,
+            };
+            pg.barrier()?;
             ours.push(Measurement {
                 model: m.clone(),
                 mode: mode.clone(),
@@ -309,7 +325,7 @@ pub fn run(pg: &ProcessGroup, o: &StepOptions) -> Result<Vec<Measurement>> {
                 trainable,
                 ours_s: s,
                 ours_loss0: loss0,
-                peer: None,
+                peer,
                 threads: o.threads,
                 batch: o.batch,
                 seq: o.seq,
@@ -319,15 +335,6 @@ pub fn run(pg: &ProcessGroup, o: &StepOptions) -> Result<Vec<Measurement>> {
     pg.barrier()?;
     if rank != 0 {
         return Ok(vec![]);
-    }
-    if let Some((python, script)) = &o.peer {
-        for r in &mut ours {
-            let folder = o.dir.join(&r.model);
-            let batches = o.dir.join(format!("{}-batches.safetensors", r.model));
-            r.peer = Some(run_peer(
-                python, script, &folder, &batches, &r.mode, world, o,
-            )?);
-        }
     }
     let _ = std::fs::remove_dir_all(&o.dir);
     Ok(ours)
