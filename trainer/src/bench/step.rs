@@ -3,8 +3,8 @@
 //! q_proj + v_proj) and full finetuning, next to transformers + peft + torch.optim.AdamW
 //! (scripts/bench_step.py from .venv) on the same model folder and the same batches, in the same
 //! run. At world 1 ours is the plain trainer (`fsdp.enabled: false`) against one PyTorch
-//! process; under the launcher at world W ours is the FSDP engine (sharded loading, recompute
-//! backward, CPU collectives) against PyTorch FSDP2 (`fully_shard`) over gloo at W processes
+//! process; under the launcher at world W ours is the FSDP engine (sharded loading, graphs kept
+//! as FSDP2 keeps them, CPU collectives) against PyTorch FSDP2 (`fully_shard`) over gloo at W processes
 //! (DDP over gloo if fully_shard refuses the CPU; the engine column says which).
 //!
 //! Models: `tiny` and `100m` (`bench::decode::model_config`). Batches: `batch` samples of
@@ -198,7 +198,8 @@ fn build(pg: &ProcessGroup, folder: &Path, mode: &str) -> Result<(Trainable, i64
         let wrap = WrapOptions {
             compute: Kind::Float,
             prefetch: true,
-            activation_checkpointing: true,
+            // FSDP2's peer keeps its graphs too (no activation checkpointing)
+            activation_checkpointing: false,
         };
         Trainable::Fsdp(Box::new(FsdpModel::wrap_from_source(
             model, &src, pg, wrap,
@@ -216,7 +217,12 @@ fn time_ours(
     o: &StepOptions,
 ) -> Result<(f64, f64)> {
     let params = trainable.master_params();
-    let mut opt = AdamW::new(AdamWConfig::default(), &params);
+    // no weight decay, as the peer's torch.optim.AdamW(weight_decay=0.0)
+    let config = AdamWConfig {
+        weight_decay: 0.0,
+        ..AdamWConfig::default()
+    };
+    let mut opt = AdamW::new(config, &params);
     let (mut times, mut loss0) = (vec![], None);
     for i in 0..o.warmup + o.steps {
         pg.barrier()?;
