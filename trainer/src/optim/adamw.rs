@@ -143,8 +143,11 @@ fn fused_update(h: &Hyper, p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> bo
     });
     let ptrs = all.map(|t| t.data_ptr() as usize);
     let distinct = (0..4).all(|i| (i + 1..4).all(|j| ptrs[i] != ptrs[j]));
-    if !ok || !distinct || n == 0 {
-        return ok && distinct;
+    if !(ok && distinct) {
+        return false;
+    }
+    if n == 0 {
+        return true; // nothing to update
     }
     let (decay, w1, b2) = (h.decay as f32, h.w1 as f32, h.beta2 as f32);
     let (w2, bc2, eps, neg_step) = (
