@@ -21,7 +21,8 @@ mkdir -p "$NCCL_LINK" && ln -sfn "$SITE/nvidia/nccl/lib/libnccl.so.2" "$NCCL_LIN
 LIBS="$LIBS:$NCCL_LINK"
 export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LLAVA_SCO_CUDA_LIB_DIRS="$LIBS"
-export LLAVA_SCO_KERNEL_CACHE="$OUT/kernel-cache"
+# outside $OUT: only 8 files come back from the device machine
+export LLAVA_SCO_KERNEL_CACHE="${LLAVA_SCO_KERNEL_CACHE:-/tmp/llava-sco-kernel-cache}"
 BIN="${GPU_BIN:-.gpu-bin}"
 [ -x "$BIN/kernels-gpu-check" ] || BIN=target/release
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2>&1 || echo "nvidia-smi: not available"; date -u; } | tee "$OUT/device.txt"
@@ -37,7 +38,21 @@ want nccl && step nccl-world1 timeout 120 "$BIN/dist-selftest" --backend nccl --
 want nccl && step nccl-launcher-world1 timeout 120 "$BIN/launcher" --standalone --nproc-per-node 1 -- "$BIN/dist-selftest" --backend nccl --device cuda --out "$OUT/dist"
 # dead-peer path: a collective that can never finish must fail after the 5 s timeout, not hang
 # (world 1 with a blocked stream: NCCL refuses two ranks of one communicator on one GPU)
-want nccl && step nccl-timeout timeout 90 "$BIN/dist-selftest" --mode nccl-timeout --out "$OUT/dist"
+# A hang here is what this step looks for: after 60 s the threads' kernel stacks and (where
+# cuda-gdb exists) their user stacks go to the log before the process is killed.
+with_stacks() { # seconds, command...
+  local secs="$1"; shift
+  NCCL_DEBUG=WARN RUST_BACKTRACE=1 "$@" & local pid=$! i=0
+  while kill -0 "$pid" 2>/dev/null && [ $i -lt "$secs" ]; do sleep 1; i=$((i + 1)); done
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "HUNG after $secs s: thread stacks of $pid"
+    for t in /proc/$pid/task/*; do echo "-- $(cat $t/comm) wchan=$(cat $t/wchan)"; cat $t/stack 2>/dev/null | head -n 12; done
+    command -v cuda-gdb >/dev/null && timeout 60 cuda-gdb -p "$pid" -batch -ex 'thread apply all bt 25' 2>&1 | grep -v '^\[New\|^warning' | head -n 200
+    kill -9 "$pid"; return 124
+  fi
+  wait "$pid"
+}
+want nccl && step nccl-timeout with_stacks 60 "$BIN/dist-selftest" --mode nccl-timeout --out "$OUT/dist"
 # training on the GPU through FSDP over NCCL (world 1): fp32 against the PyTorch golden losses, and bf16
 for mp in fp32 bf16; do
   want train && [ -x "$BIN/trainer" ] && step "train-nccl-$mp" timeout 150 "$BIN/launcher" --standalone --nproc-per-node 1 -- \

@@ -339,6 +339,8 @@ __device__ void attn_bwd_dq(const AttnParams& p, int D) {
     }                                                                                               \
     extern "C" __global__ void attn_bwd_delta_##NAME##_d##D(AttnParams p) { attn_bwd_delta<BF16, D>(p); }
 
+// The Hopper source (attention_sm90a.cu) includes this file for its helpers only.
+#ifndef ATTN_HELPERS_ONLY
 ATTN_KERNELS(bf16, true, 64)
 ATTN_KERNELS(bf16, true, 80)
 ATTN_KERNELS(bf16, true, 128)
@@ -348,6 +350,7 @@ ATTN_KERNELS(f16, false, 128)
 
 extern "C" __global__ void attn_bwd_dq_bf16(AttnParams p, int D) { attn_bwd_dq<true>(p, D); }
 extern "C" __global__ void attn_bwd_dq_f16(AttnParams p, int D) { attn_bwd_dq<false>(p, D); }
+#endif
 
 // ================================================================================================
 // Variant 3 (default; variant 2 above stays selectable for A/B timing and as a fallback).
@@ -848,6 +851,7 @@ __device__ void attn_bwd3(const AttnParams& p) {
         attn_bwd3<BF16, D>(p);                                                                      \
     }
 
+#ifndef ATTN_HELPERS_ONLY
 // Key-tile sizes here must match `fwd3_block_n` in attention.rs (it sizes shared memory).
 ATTN3_FWD(bf16, true, 64, 64, true)
 ATTN3_FWD(bf16, true, 80, 64, false)
@@ -860,3 +864,4 @@ ATTN3_BWD(bf16, true, 64)
 ATTN3_BWD(bf16, true, 128)
 ATTN3_BWD(f16, false, 64)
 ATTN3_BWD(f16, false, 128)
+#endif

@@ -89,37 +89,59 @@ const THREADS: u32 = 128;
 
 /// Which generation of the kernels runs. `V3` (the default) uses FlashAttention-2's tile shapes
 /// (128-row forward tiles, 8-warp backward); `V2` is the previous 64x64 / 4-warp version, kept for
-/// A/B timing in `kernels-gpu-check` and as a fallback (`LLAVA_SCO_ATTN_VARIANT=v2`).
+/// A/B timing in `kernels-gpu-check` and as a fallback (`LLAVA_SCO_ATTN_VARIANT=v2`). `V4` is
+/// V3 with a Hopper wgmma forward (`cuda/attention_sm90.cu`) for head dims 64 and 128 on
+/// compute capability 9.0; elsewhere, and for the backward, it runs V3.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     V2,
     V3,
+    V4,
 }
 
 /// The variant used when neither `set_variant` nor the environment chose one.
-pub const DEFAULT_VARIANT: Variant = Variant::V3;
-/// Environment variable read once on first use: `v2` or `v3`.
+pub const DEFAULT_VARIANT: Variant = Variant::V4;
+/// Environment variable read once on first use: `v2`, `v3` or `v4`.
 pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
 
-// 0 = not chosen yet, 2 = V2, 3 = V3.
+// 0 = not chosen yet, else the variant's number.
 static VARIANT: AtomicU8 = AtomicU8::new(0);
 
 impl Variant {
-    /// Parses `v2` / `v3` (case-insensitive); the error names the variable and the accepted values.
+    /// Parses `v2` / `v3` / `v4` (case-insensitive); the error names the variable and the
+    /// accepted values.
     pub fn parse(s: &str) -> Result<Variant> {
         match s.trim().to_ascii_lowercase().as_str() {
             "v2" => Ok(Variant::V2),
             "v3" => Ok(Variant::V3),
+            "v4" => Ok(Variant::V4),
             other => Err(KernelError::Invalid(format!(
-                "{VARIANT_ENV}={other:?}: expected v2 or v3"
+                "{VARIANT_ENV}={other:?}: expected v2, v3 or v4"
             ))),
+        }
+    }
+
+    fn number(self) -> u8 {
+        match self {
+            Variant::V2 => 2,
+            Variant::V3 => 3,
+            Variant::V4 => 4,
+        }
+    }
+
+    /// The variant's short name (`v2` ...), as the environment variable takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::V2 => "v2",
+            Variant::V3 => "v3",
+            Variant::V4 => "v4",
         }
     }
 }
 
 /// Chooses the kernel variant for every later call in this process.
 pub fn set_variant(v: Variant) {
-    VARIANT.store(if v == Variant::V2 { 2 } else { 3 }, Ordering::Relaxed);
+    VARIANT.store(v.number(), Ordering::Relaxed);
 }
 
 /// The kernel variant in use: `set_variant`, else `LLAVA_SCO_ATTN_VARIANT`, else `DEFAULT_VARIANT`.
@@ -127,6 +149,7 @@ pub fn variant() -> Result<Variant> {
     match VARIANT.load(Ordering::Relaxed) {
         2 => Ok(Variant::V2),
         3 => Ok(Variant::V3),
+        4 => Ok(Variant::V4),
         _ => {
             let v = match std::env::var(VARIANT_ENV) {
                 Ok(s) => Variant::parse(&s)?,
@@ -155,12 +178,42 @@ fn bwd3_supported(d: i64) -> bool {
     d == 64 || d == 128
 }
 
-/// The forward kernel's name in attention.cu.
+/// Variant 4 forward (wgmma): 128 query rows and 128 keys per step, 2 warpgroups; shared memory
+/// Q + 2 stages of K and V, plus 1 KB to align the swizzled tiles to 1024 bytes.
+const FWD4_BLOCK: i64 = 128;
+const FWD4_THREADS: u32 = 256;
+fn fwd4_smem(d: i64) -> i64 {
+    5 * FWD4_BLOCK * d * 2 + 1024
+}
+
+/// The forward variant that runs for `variant` on a device of `arch` at head dim `d`: V4 only on
+/// compute_90 with d 64 or 128 (else V3).
+fn forward_variant(variant: Variant, arch: &str, d: i64) -> Variant {
+    match variant {
+        Variant::V4 if arch == "compute_90" && (d == 64 || d == 128) => Variant::V4,
+        Variant::V4 => Variant::V3,
+        v => v,
+    }
+}
+
+/// The forward kernel's name (in attention.cu, or attention_sm90a.cu for V4).
 fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
     match variant {
         Variant::V2 => format!("attn_fwd_{dtype}_d{d}"),
         Variant::V3 => format!("attn_fwd3_{dtype}_d{d}"),
+        Variant::V4 => format!("attn_fwd4_{dtype}_d{d}"),
     }
+}
+
+/// Every kernel name the V4 forward may launch from attention_sm90a.cu.
+pub fn sm90a_kernel_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for dtype in ["bf16", "f16"] {
+        for d in [64, 128] {
+            names.push(fwd_kernel(Variant::V4, dtype, d));
+        }
+    }
+    names
 }
 
 /// The main backward kernel's name; d80 stays on variant 2 (its 80 columns do not split into
@@ -442,7 +495,8 @@ pub fn fused_forward_into(
         return Ok(());
     }
     let name = dtype_name(q.kind())?;
-    // (kernel, query rows per block, threads, shared bytes: Q + 2 stages of K and V)
+    let variant = forward_variant(variant, &gpu.arch, d.d);
+    // (query rows per block, threads, shared bytes: Q + 2 stages of K and V)
     let (rows, threads, smem) = match variant {
         Variant::V2 => (TILE, THREADS, 5 * TILE * (d.d + 8) * 2),
         Variant::V3 => (
@@ -450,8 +504,14 @@ pub fn fused_forward_into(
             FWD3_THREADS,
             (FWD3_BLOCK_M + 4 * fwd3_block_n(d.d)) * (d.d + 8) * 2,
         ),
+        Variant::V4 => (FWD4_BLOCK, FWD4_THREADS, fwd4_smem(d.d)),
     };
-    let f = gpu.function("attention.cu", &fwd_kernel(variant, name, d.d))?;
+    let source = if variant == Variant::V4 {
+        crate::SM90A_ATTENTION
+    } else {
+        "attention.cu"
+    };
+    let f = gpu.function(source, &fwd_kernel(variant, name, d.d))?;
     let grid = (((d.sq + rows - 1) / rows) as u32, d.h as u32, d.b as u32);
     let mut arg: *mut c_void = &mut p as *mut AttnParams as *mut c_void;
     // SAFETY: one AttnParams argument matching the kernel; tensors kept alive in `keep`/`outputs`.
@@ -479,7 +539,11 @@ pub fn fused_backward(
     dims(q, k, v)?;
     check_scale(scale)?;
     let gpu = device_gpu(q)?;
-    let variant = variant()?;
+    // V4 differs from V3 in the forward only
+    let variant = match variant()? {
+        Variant::V4 => Variant::V3,
+        v => v,
+    };
     let mut keep = Vec::new();
     let (d, mut p) = base_params(q, k, v, mask, scale, &mut keep)?;
     if dout.size() != q.size() || dout.kind() != q.kind() {
@@ -640,9 +704,24 @@ mod tests {
         assert_eq!(Variant::parse(" V3 ").unwrap(), Variant::V3);
         let err = Variant::parse("fast").unwrap_err().to_string();
         assert!(
-            err.contains(VARIANT_ENV) && err.contains("v2 or v3"),
+            err.contains(VARIANT_ENV) && err.contains("v2, v3 or v4"),
             "{err}"
         );
+        for v in [Variant::V2, Variant::V3, Variant::V4] {
+            assert_eq!(Variant::parse(v.name()).unwrap(), v);
+        }
+    }
+
+    #[test]
+    fn v4_forward_runs_only_on_hopper_at_d64_and_d128() {
+        assert_eq!(forward_variant(Variant::V4, "compute_90", 128), Variant::V4);
+        assert_eq!(forward_variant(Variant::V4, "compute_90", 64), Variant::V4);
+        assert_eq!(forward_variant(Variant::V4, "compute_90", 80), Variant::V3);
+        assert_eq!(forward_variant(Variant::V4, "compute_80", 128), Variant::V3);
+        assert_eq!(forward_variant(Variant::V2, "compute_90", 128), Variant::V2);
+        // Q + 2 stages of K and V at d128 must fit one block's 227 KB
+        assert!(fwd4_smem(128) <= 227 * 1024, "{}", fwd4_smem(128));
+        assert_eq!(sm90a_kernel_names().len(), 4);
     }
 
     #[test]

@@ -44,11 +44,24 @@ pub struct KernelSource {
 
 const COMMON: &str = include_str!("../cuda/common.cuh");
 
+const ATTENTION: &str = include_str!("../cuda/attention.cu");
+
+/// The Hopper-only source: attention.cu's helpers (masks, softmax pieces, loaders; not its
+/// kernels) plus the wgmma forward of variant 4, compiled for compute_90a only (wgmma needs the
+/// arch-specific target). Variant 4's backward is variant 3's, from attention.cu.
+pub const SM90A_ATTENTION: &str = "attention_sm90a.cu";
+
 /// Every kernel source, exactly as NVRTC compiles it.
 pub fn sources() -> Vec<KernelSource> {
+    // attention.cu's helpers without its kernels (each module is JIT-compiled whole on load)
+    let sm90a = format!(
+        "#define ATTN_HELPERS_ONLY\n{ATTENTION}\n{}",
+        include_str!("../cuda/attention_sm90.cu")
+    );
     [
-        ("attention.cu", include_str!("../cuda/attention.cu")),
-        ("rmsnorm.cu", include_str!("../cuda/rmsnorm.cu")),
+        ("attention.cu", ATTENTION.to_string()),
+        (SM90A_ATTENTION, sm90a),
+        ("rmsnorm.cu", include_str!("../cuda/rmsnorm.cu").to_string()),
     ]
     .into_iter()
     .map(|(name, body)| KernelSource {
@@ -56,6 +69,30 @@ pub fn sources() -> Vec<KernelSource> {
         text: format!("{COMMON}\n{body}"),
     })
     .collect()
+}
+
+/// The virtual arches `make kernels-check` compiles a source for.
+pub fn check_arches(source: &str) -> &'static [&'static str] {
+    if source == SM90A_ATTENTION {
+        &["compute_90a"]
+    } else {
+        &compile::CHECK_ARCHES
+    }
+}
+
+/// The arch to compile `source` for on a device of `device_arch` (e.g. "compute_90"): the
+/// device's own, or its arch-specific "a" target for the Hopper-only source (an error elsewhere).
+pub fn arch_for(source: &str, device_arch: &str) -> Result<String> {
+    if source != SM90A_ATTENTION {
+        return Ok(device_arch.to_string());
+    }
+    if device_arch == "compute_90" {
+        Ok("compute_90a".into())
+    } else {
+        Err(KernelError::Unsupported(format!(
+            "{source} needs a Hopper GPU (compute_90), this one is {device_arch}"
+        )))
+    }
 }
 
 /// The source with the given file name.

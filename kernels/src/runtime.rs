@@ -102,7 +102,8 @@ impl Gpu {
             match modules.get(source) {
                 Some(m) => *m as sys::CUmodule,
                 None => {
-                    let ptx = compile::cached_ptx(&crate::source(source)?, &self.arch)?;
+                    let arch = crate::arch_for(source, &self.arch)?;
+                    let ptx = compile::cached_ptx(&crate::source(source)?, &arch)?;
                     let c = std::ffi::CString::new(ptx)
                         .map_err(|_| KernelError::Invalid("PTX contains NUL".into()))?;
                     // SAFETY: NUL-terminated PTX image; the module stays loaded for the process.

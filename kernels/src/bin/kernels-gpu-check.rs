@@ -178,7 +178,8 @@ struct Row {
     unit: &'static str,
 }
 
-fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>) {
+/// Times `prev` (the previous default) and `new` (the variant under test) against SDPA.
+fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant, new: Variant) {
     let dev = Device::Cuda(0);
     for &(d, h) in &[(128i64, 16i64), (64, 32)] {
         for &s in &[512i64, 1024, 2048, 4096, 8192] {
@@ -204,9 +205,9 @@ fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>) {
                     attention::fused_backward(&dout, &q, &k, &v, &fwd, &mask, scale)
                         .expect("fused backward");
                 };
-                attention::set_variant(Variant::V2);
+                attention::set_variant(prev);
                 let (old_f, old_fb) = (time_it(fwd), time_it(fwd_bwd));
-                attention::set_variant(Variant::V3);
+                attention::set_variant(new);
                 let (ours_f, ours_fb) = (time_it(fwd), time_it(fwd_bwd));
                 let sdpa_f = time_it(|| {
                     let _ = Tensor::scaled_dot_product_attention(
@@ -258,7 +259,9 @@ fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>) {
                         unit: "TFLOP/s",
                     });
                     json.push(format!(
-                        "{{\"bench\":\"attention\",\"pass\":\"{what}\",\"d\":{d},\"heads\":{h},\"seq\":{s},\"batch\":{b},\"causal\":{causal},\"seconds\":{ours:.6e},\"tflops\":{t_ours:.2},\"v2_seconds\":{old:.6e},\"v2_tflops\":{t_old:.2},\"sdpa_seconds\":{peer:.6e},\"sdpa_tflops\":{t_peer:.2},\"ratio\":{:.3},\"speedup_vs_v2\":{:.3}}}",
+                        "{{\"bench\":\"attention\",\"pass\":\"{what}\",\"d\":{d},\"heads\":{h},\"seq\":{s},\"batch\":{b},\"causal\":{causal},\"variant\":\"{}\",\"seconds\":{ours:.6e},\"tflops\":{t_ours:.2},\"prev_variant\":\"{}\",\"prev_seconds\":{old:.6e},\"prev_tflops\":{t_old:.2},\"sdpa_seconds\":{peer:.6e},\"sdpa_tflops\":{t_peer:.2},\"ratio\":{:.3},\"speedup_vs_prev\":{:.3}}}",
+                        new.name(),
+                        prev.name(),
                         t_ours / t_peer,
                         t_ours / t_old
                     ));
@@ -430,17 +433,20 @@ fn main() -> std::process::ExitCode {
         "{:<49} {:>9} {:>9} {:>9} {:>9}  result",
         "attention case", "out", "dq", "dk", "dv"
     );
-    // v2 first: if v3 is broken badly enough to kill the CUDA context, v2's verdict is already out.
-    let mut v3_failures = 0;
-    for (variant, c) in [Variant::V2, Variant::V3]
+    // Oldest first: if a newer variant is broken badly enough to kill the CUDA context, the older
+    // verdicts are already out. v4 (wgmma forward) runs only on compute capability 9.0.
+    let variants = [Variant::V2, Variant::V3, Variant::V4];
+    let mut variant_failures = [0usize; 3];
+    for (vi, variant, c) in variants
         .iter()
-        .flat_map(|v| cases.iter().map(move |c| (*v, c)))
+        .enumerate()
+        .flat_map(|(vi, v)| cases.iter().map(move |c| (vi, *v, c)))
     {
         attention::set_variant(variant);
         let tol = if c.kind == Kind::BFloat16 { 1e-2 } else { 2e-3 };
         let name = format!(
             "{} {:?} d{} b{} h{}/{} sq{} sk{} {:?}",
-            if variant == Variant::V2 { "v2" } else { "v3" },
+            variant.name(),
             c.kind,
             c.d,
             c.b,
@@ -454,7 +460,7 @@ fn main() -> std::process::ExitCode {
             Ok(errs) => {
                 let ok = errs.iter().all(|e| *e < tol);
                 failures += usize::from(!ok);
-                v3_failures += usize::from(!ok && variant == Variant::V3);
+                variant_failures[vi] += usize::from(!ok);
                 println!(
                     "{name:<49} {:>9.2e} {:>9.2e} {:>9.2e} {:>9.2e}  {}",
                     errs[0],
@@ -467,7 +473,7 @@ fn main() -> std::process::ExitCode {
             }
             Err(e) => {
                 failures += 1;
-                v3_failures += usize::from(variant == Variant::V3);
+                variant_failures[vi] += 1;
                 println!("{name:<49} ERROR {e}");
             }
         }
@@ -504,8 +510,14 @@ fn main() -> std::process::ExitCode {
         t0.elapsed().as_secs_f64()
     );
     let mut rows = Vec::new();
+    // v4 is timed only when all its cases passed (a broken kernel's speed means nothing)
+    let new = if variant_failures[2] == 0 {
+        Variant::V4
+    } else {
+        Variant::V3
+    };
     if let Err(e) = guarded(|| {
-        bench_attention(&mut rows, &mut json);
+        bench_attention(&mut rows, &mut json, Variant::V3, new);
         bench_rmsnorm(&mut rows, &mut json);
         Ok(())
     }) {
@@ -522,11 +534,11 @@ fn main() -> std::process::ExitCode {
     println!(
         "\n{:<34} {:>8} {:>8} {:>9} {:>7} {:>7}  unit   ({}, {:.0} s)",
         "benchmark",
-        "v2",
-        "v3/ours",
+        "v3",
+        &format!("{}/ours", new.name()),
         "libtorch",
         "ratio",
-        "v3/v2",
+        &format!("{}/v3", new.name()),
         gpu.name,
         t0.elapsed().as_secs_f64()
     );
@@ -546,16 +558,17 @@ fn main() -> std::process::ExitCode {
             r.unit
         );
     }
-    println!(
-        "attention variant v3: {}",
-        if v3_failures == 0 {
-            "all correctness cases PASS (default stays v3)".to_string()
-        } else {
-            format!(
-                "{v3_failures} correctness case(s) FAILED: set LLAVA_SCO_ATTN_VARIANT=v2 (or DEFAULT_VARIANT = Variant::V2 in kernels/src/attention.rs)"
-            )
-        }
-    );
+    for (v, n) in variants.iter().zip(variant_failures) {
+        println!(
+            "attention variant {}: {}",
+            v.name(),
+            if n == 0 {
+                "all correctness cases PASS".to_string()
+            } else {
+                format!("{n} correctness case(s) FAILED (DEFAULT_VARIANT in kernels/src/attention.rs must not be this one)")
+            }
+        );
+    }
     println!(
         "{}",
         if failures == 0 {

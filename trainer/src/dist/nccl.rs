@@ -235,6 +235,11 @@ impl Shared {
     }
 }
 
+/// After a failed collective the rank makes no more CUDA calls for it: an abort stuck behind a
+/// hung kernel can hold a driver lock that every later call (even cuEventDestroy) waits on.
+/// The event's few bytes stay allocated until the process, which is failing anyway, exits.
+fn leak_after_failure(_event: usize) {}
+
 /// ncclCommAbort on a helper thread, waited for at most 10 s (an abort stuck behind a hung kernel
 /// must not hang the rank); returns a note for the error when it did not finish.
 fn abort(comm: usize) -> String {
@@ -378,10 +383,8 @@ fn worker(
     while let Ok(job) = jobs.recv() {
         seq += 1;
         if let Err(e) = shared.check(job.op.name()) {
-            // SAFETY: events created by the submitter, unused after this.
-            unsafe {
-                let _ = drv::event::destroy(job.ready as dsys::CUevent);
-            }
+            // The events are leaked on purpose: after a failure the abort may still hold the
+            // driver's lock (see `leak_after_failure`), and a rank that failed is on its way out.
             let _ = job.done.send(Err(e));
             continue;
         }
@@ -454,6 +457,8 @@ fn worker(
 
 impl Engine for NcclEngine {
     fn submit(&self, op: Op, done: mpsc::Sender<Result<()>>) -> Result<Option<Finish>> {
+        // after a failure, no CUDA call at all: it could block behind the hung abort
+        self.shared.check(op.name())?;
         let gpu = kernels::runtime::gpu(self.device).map_err(|e| DistError::Nccl(e.to_string()))?;
         gpu.make_current()
             .map_err(|e| DistError::Nccl(e.to_string()))?;
@@ -513,10 +518,10 @@ impl Engine for NcclEngine {
             if let Err(e) =
                 current.and_then(|()| shared.wait_done(done_event as dsys::CUevent, name, seq))
             {
-                // SAFETY: destroying an event with pending work is allowed.
-                unsafe {
-                    let _ = drv::event::destroy(done_event as dsys::CUevent);
-                }
+                // The event is leaked (see `leak_after_failure`): cuEventDestroy here blocked
+                // forever on an H200 while ncclCommAbort's cudaFreeHost, stuck behind the stalled
+                // stream, held the driver's lock (2026-11-26, gpu-check nccl-timeout).
+                leak_after_failure(done_event);
                 return Err(e);
             }
             let stream = kernels::runtime::torch_current_stream(device);

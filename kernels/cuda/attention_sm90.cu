@@ -1,0 +1,269 @@
+// ================================================================================================
+// Variant 4 forward: Hopper (sm_90a) warpgroup MMA (wgmma). Compiled only for compute_90a, as the
+// source "attention_sm90a.cu" = common.cuh + attention.cu (helpers only: ATTN_HELPERS_ONLY drops its
+// kernels) + this file, so the masks, fast_exp2 and loaders are variant 3's. The backward is v3's.
+//
+// Block: 128 query rows, 2 warpgroups (256 threads), each owning 64 rows; 128 keys per step.
+//   S (64 x 128 per warpgroup)  = Q K^T : wgmma m64n128k16, A and B from shared memory (K-major);
+//   O (64 x D per warpgroup)   += P V   : wgmma m64nDk16, A = P from registers (the score
+//                                         accumulators re-packed, as in FA2/FA3), B = V (MN-major).
+// The wgmma accumulator layout per warp is mma.sync's m16n8 C layout (rows 16 w + g, + 8; columns
+// 8 i + 2 t, + 1 in registers 4 i .. 4 i + 3), so masking and the online softmax are variant 3's.
+// Shared tiles use the 128-byte swizzle wgmma reads: a tile of R rows x D columns is D/64 column
+// blocks of R x 128 bytes; 16-byte unit u of row r sits at unit u ^ (r % 8) (tile 1024-aligned).
+// Descriptors (CUTLASS cute/arch/mma_sm90_desc.hpp, make_gmma_desc): K-major SW128: SBO = 1024
+// (8-row groups), LBO unused; MN-major SW128: LBO = bytes between 64-column blocks, SBO = 1024
+// (8-row groups along K). A k16 step inside a 128-byte row advances the start address by 32 bytes.
+// Shared: Q 128 x D, then 2 stages of K and of V (128 x D each): 160 KB at d128, 80 KB at d64
+// (+1 KB for alignment). One block per SM at d128.
+// ================================================================================================
+typedef unsigned long long u64;
+
+#define FWD4_BM 128
+#define FWD4_BN 128
+#define FWD4_THREADS 256
+
+// wgmma shared-memory matrix descriptor with the 128-byte swizzle (layout type 1 in bits 62-63).
+__device__ __forceinline__ u64 sw128_desc(u32 addr, u32 lbo, u32 sbo) {
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)((lbo >> 4) & 0x3FFF) << 16) |
+           ((u64)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// Keeps the compiler from touching accumulator registers across a wgmma wait (CUTLASS's
+// warpgroup_fence_operand): each use after this depends on an asm ordered after the wait.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// D (64 x 128, fp32, 64 registers per thread) (+)= A (64 x 16, shared, K-major) * B (16 x 128, shared,
+// K-major: stored [n][k]). `accumulate` 0 overwrites D.
+template <bool BF16>
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], u64 a_desc, u64 b_desc, int accumulate) {
+    if (BF16) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+    } else {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+    }
+}
+
+// D (64 x 128, fp32) (+)= A (64 x 16, registers: the mma.sync A fragment layout per warp) *
+// B (16 x 128, shared, MN-major: stored [k][n], hence the transpose flag 1).
+template <bool BF16>
+__device__ __forceinline__ void wgmma_rs_n128_tb(float (&d)[64], const u32 (&a)[4], u64 b_desc, int accumulate) {
+    if (BF16) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(accumulate));
+    } else {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(accumulate));
+    }
+}
+
+// D (64 x 64, fp32) (+)= A (64 x 16, registers: the mma.sync A fragment layout per warp) *
+// B (16 x 64, shared, MN-major: stored [k][n], hence the transpose flag 1).
+template <bool BF16>
+__device__ __forceinline__ void wgmma_rs_n64_tb(float (&d)[32], const u32 (&a)[4], u64 b_desc, int accumulate) {
+    if (BF16) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(accumulate));
+    } else {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(accumulate));
+    }
+}
+
+
+// Rows [row0, row0 + ROWS) of one head (D columns) with cp.async into the swizzled layout above
+// (shared byte address `dst`), zero-filled past S. The caller commits and waits.
+template <int D, int ROWS>
+__device__ __forceinline__ void load_rows_sw128(u32 dst, const u16* src, i64 row_stride, int row0, int S) {
+    constexpr int CH = D / 8;  // 16-byte units per row
+#pragma unroll 1
+    for (int c = threadIdx.x; c < ROWS * CH; c += FWD4_THREADS) {
+        const int r = c / CH, cc = c % CH;
+        const u32 off = (cc >> 3) * (ROWS * 128) + r * 128 + (((cc & 7) ^ (r & 7)) << 4);
+        const bool in = row0 + r < S;
+        const u16* g = in ? src + (i64)(row0 + r) * row_stride + cc * 8 : src;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst + off), "l"(g), "r"(in ? 16 : 0));
+    }
+}
+
+template <bool BF16, int D>
+__device__ __forceinline__ void wgmma_rs_d(float (&d)[D / 2], const u32 (&a)[4], u64 b_desc) {
+    if constexpr (D == 128) wgmma_rs_n128_tb<BF16>(d, a, b_desc, 1);
+    else wgmma_rs_n64_tb<BF16>(d, a, b_desc, 1);
+}
+
+// Forward, variant 4. Grid (ceil(Sq / 128), H, B), query tiles in reverse order (causal: longest
+// first), as variant 3. D is 64 or 128.
+template <bool BF16, int D>
+__device__ void attn_fwd4(const AttnParams& p) {
+    extern __shared__ __align__(16) u16 smem[];
+    constexpr int BM = FWD4_BM, BN = FWD4_BN, NTS = BN / 8, NTD = D / 8;
+    constexpr u32 Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
+    const u32 base = (smem_addr(smem) + 1023u) & ~1023u;
+    const u32 Qs = base, Kst = Qs + Q_BYTES, Vst = Kst + 2 * KV_BYTES;
+
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int hk = h / (p.H / p.Hk);
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int q0 = qt * BM, wrow = wg * 64 + warp * 16;  // this warp's rows: q0 + wrow + g (+ 8)
+    const u16* qbase = p.q + b * p.q_bs + h * p.q_hs;
+    const u16* kbase = p.k + b * p.k_bs + hk * p.k_hs;
+    const u16* vbase = p.v + b * p.v_bs + hk * p.v_hs;
+    const float sl2 = p.scale_log2;
+
+    int n_tiles = (p.Sk + BN - 1) / BN;
+    if (p.causal) {
+        const int last_key = q0 + BM - 1 + (p.Sk - p.Sq);
+        n_tiles = min(n_tiles, last_key < 0 ? 0 : last_key / BN + 1);
+    }
+
+    load_rows_sw128<D, BM>(Qs, qbase, p.q_ss, q0, p.Sq);
+    if (n_tiles > 0) {
+        load_rows_sw128<D, BN>(Kst, kbase, p.k_ss, 0, p.Sk);
+        load_rows_sw128<D, BN>(Vst, vbase, p.v_ss, 0, p.Sk);
+    }
+    cp_async_commit();  // group: Q + K/V tile 0
+
+    float o[NTD * 4];
+#pragma unroll
+    for (int i = 0; i < NTD * 4; ++i) o[i] = 0.f;
+    float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};  // rows g, g + 8 (partial sums per thread)
+    // A = this warpgroup's 64 rows of Q; column block c at + c * BM * 128.
+    const u32 q_wg = Qs + wg * 64 * 128;
+
+    for (int kt = 0; kt < n_tiles; ++kt) {
+        const int k0 = kt * BN;
+        const u32 Ks = Kst + (kt & 1) * KV_BYTES, Vs = Vst + (kt & 1) * KV_BYTES;
+        if (kt + 1 < n_tiles) {  // prefetch the next tile into the other stage (freed by the last barrier)
+            load_rows_sw128<D, BN>(Kst + ((kt + 1) & 1) * KV_BYTES, kbase, p.k_ss, k0 + BN, p.Sk);
+            load_rows_sw128<D, BN>(Vst + ((kt + 1) & 1) * KV_BYTES, vbase, p.v_ss, k0 + BN, p.Sk);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        fence_proxy_async();
+        __syncthreads();
+
+        // S = Q K^T (64 x 128 per warpgroup), unscaled.
+        float s[NTS * 4];
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < D / 16; ++k) {
+            const u32 col = (k & 3) * 32;  // bytes into the 128-byte row of column block k / 4
+            const u64 da = sw128_desc(q_wg + (k >> 2) * (BM * 128) + col, 16, 1024);
+            const u64 db = sw128_desc(Ks + (k >> 2) * (BN * 128) + col, 16, 1024);
+            wgmma_ss_n128<BF16>(s, da, db, k > 0);
+        }
+        wgmma_commit();
+        wgmma_wait0();
+        fence_regs(s);
+
+        if (!tile_full(p, q0, k0, BN)) {
+#pragma unroll
+            for (int j = 0; j < NTS; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = q0 + wrow + g + (e >> 1) * 8;
+                    const int col = k0 + j * 8 + 2 * t + (e & 1);
+                    if (!allowed3(p, b, row, col)) s[4 * j + e] = NEG_INF;
+                }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < NTS; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_run[r], mx * sl2);
+            const float m_use = m_new == NEG_INF ? 0.f : m_new;  // all masked so far: avoid inf - inf
+            const float corr = fast_exp2(m_run[r] - m_use);
+            m_run[r] = m_new;
+            l_run[r] *= corr;
+#pragma unroll
+            for (int j = 0; j < NTD; ++j) {
+                o[4 * j + 2 * r] *= corr;
+                o[4 * j + 2 * r + 1] *= corr;
+            }
+#pragma unroll
+            for (int j = 0; j < NTS; ++j)
+#pragma unroll
+                for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                    const float pv = fast_exp2(fmaf(s[4 * j + e], sl2, -m_use));
+                    s[4 * j + e] = pv;
+                    l_run[r] += pv;
+                }
+        }
+
+        // O += P V: P (64 x 128) as A fragments, 16 keys per step; B = V rows [16 ks, 16 ks + 16).
+        // Every fragment is packed before the fence: registers written between two wgmmas make
+        // ptxas insert a warpgroup.arrive before each (C7519), serializing them.
+        u32 pa[BN / 16][4];
+#pragma unroll
+        for (int ks = 0; ks < BN / 16; ++ks)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) pa[ks][i] = pack2<BF16>(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < BN / 16; ++ks)
+            wgmma_rs_d<BF16, D>(o, pa[ks], sw128_desc(Vs + ks * 16 * 128, BN * 128, 1024));
+        wgmma_commit();
+        wgmma_wait0();
+        fence_regs(o);
+        __syncthreads();  // this stage may be overwritten by the next prefetch
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = l_run[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int row = q0 + wrow + g + r * 8;
+        if (row < p.Sq) {
+            u16* orow = p.o + b * p.o_bs + (i64)row * p.o_ss + h * p.o_hs;
+#pragma unroll
+            for (int j = 0; j < NTD; ++j)
+                *reinterpret_cast<u32*>(orow + j * 8 + 2 * t) = pack2<BF16>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+            if (t == 0) p.lse[((i64)b * p.H + h) * p.Sq + row] = l > 0.f ? m_run[r] + log2f(l) : NEG_INF;
+        }
+    }
+}
+
+#define ATTN4(NAME, BF16, D) \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_fwd4_##NAME##_d##D(AttnParams p) { attn_fwd4<BF16, D>(p); }
+ATTN4(bf16, true, 64)
+ATTN4(bf16, true, 128)
+ATTN4(f16, false, 64)
+ATTN4(f16, false, 128)
