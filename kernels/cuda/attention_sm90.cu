@@ -99,6 +99,26 @@ __device__ __forceinline__ void wgmma_rs_n64_tb(float (&d)[32], const u32 (&a)[4
 }
 
 
+// D (64 x 64, fp32) (+)= A (64 x 16) * B (16 x 64), both from shared memory; TA / TB = 1 reads
+// that operand MN-major (A stored [k][m], B stored [k][n]) instead of K-major.
+template <bool BF16, int TA, int TB>
+__device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], u64 a_desc, u64 b_desc, int accumulate) {
+    if (BF16) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
+    } else {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(TA), "n"(TB));
+    }
+}
+
+
 // Rows [row0, row0 + ROWS) of one head (D columns) with cp.async into the swizzled layout above
 // (shared byte address `dst`), zero-filled past S. The caller commits and waits.
 template <int D, int ROWS>
@@ -261,9 +281,203 @@ __device__ void attn_fwd4(const AttnParams& p) {
     }
 }
 
-#define ATTN4(NAME, BF16, D) \
-    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_fwd4_##NAME##_d##D(AttnParams p) { attn_fwd4<BF16, D>(p); }
-ATTN4(bf16, true, 64)
-ATTN4(bf16, true, 128)
-ATTN4(f16, false, 64)
-ATTN4(f16, false, 128)
+// ================================================================================================
+// Backward, variant 4 (wgmma). One block per (128-key tile, KV head, batch): 2 warpgroups, each
+// owning 64 keys, looping over the query heads of the KV head's group and their 64-row query tiles
+// (dK/dV stay in registers; dQ goes to the fp32 dq_acc with atomics), as variant 3 does. Per tile:
+//   1. S^T = K Q^T, dP^T = V dO^T (64 keys x 64 queries per warpgroup): wgmma m64n64k16, both
+//      operands K-major from shared memory.
+//   2. P^T = 2^(S^T scale_log2 - lse), dS^T = P^T (dP^T - delta), on the accumulators; dS^T also
+//      goes to shared memory ([key][query], swizzled) for step 5.
+//   3. dV += P^T dO, dK += dS^T Q: wgmma m64nDk16, A = P^T / dS^T from registers, B = dO / Q read
+//      MN-major (stored [query][d]).
+//   4. the next tile's Q, dO, lse, delta start loading (single buffer, free after step 3);
+//   5. dQ += dS K (64 queries x 128): A = dS^T from shared memory read MN-major ([key][query]),
+//      B = K read MN-major ([key][d]); warpgroup w computes columns 64 w .. +64 over all 128 keys.
+// Shared: K, V (128 x D), Q, dO (64 x D), dS^T (128 x 64), lse, delta (64): 113 KB.
+// Head dim 128 only: at d64 this kernel (dQ split over keys instead) measured 0.85-0.89x variant
+// 3's backward on an H200 (2026-11-26), so d64 keeps variant 3's.
+// ================================================================================================
+#define BWD4_BN 128
+#define BWD4_BM 64
+
+template <bool BF16, int D>
+__device__ void attn_bwd4(const AttnParams& p) {
+    static_assert(D == 128, "step 5 splits dQ's columns into one 64-column block per warpgroup");
+    extern __shared__ __align__(16) u16 smem[];
+    constexpr int BN = BWD4_BN, BM = BWD4_BM, NTD = D / 8;
+    constexpr u32 KV_BYTES = BN * D * 2, QT_BYTES = BM * D * 2, DS_BYTES = BN * BM * 2;
+    const u32 base = (smem_addr(smem) + 1023u) & ~1023u;
+    const u32 Ks = base, Vs = Ks + KV_BYTES, Qs = Vs + KV_BYTES, dOs = Qs + QT_BYTES, dSt = dOs + QT_BYTES;
+    // lse and delta after dS^T, as generic pointers (the aligned base is a shared-window address)
+    float* lse_s = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + (dSt + DS_BYTES - smem_addr(smem)));
+    float* delta_s = lse_s + BM;
+
+    const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int group = p.H / p.Hk;
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int k0 = kt * BN, kw = wg * 64;  // this warpgroup's keys: k0 + kw .. + 64
+    const float sl2 = p.scale_log2;
+
+    int qt_start = 0;
+    if (p.causal) qt_start = max(0, k0 - (p.Sk - p.Sq)) / BM;
+    const int n_q = max(0, (p.Sq + BM - 1) / BM - qt_start);
+    const int qt_end = qt_start + n_q, h_end = n_q > 0 ? (hk + 1) * group : hk * group;
+
+    auto load_iter = [&](int h, int q0) {
+        load_rows_sw128<D, BM>(Qs, p.q + b * p.q_bs + h * p.q_hs, p.q_ss, q0, p.Sq);
+        load_rows_sw128<D, BM>(dOs, p.dout + b * p.do_bs + h * p.do_hs, p.do_ss, q0, p.Sq);
+        if (threadIdx.x < 2 * BM) {  // rows past Sq read 0: their Q and dO are 0, so P dO = dS = 0
+            const int r = threadIdx.x % BM;
+            const bool in = q0 + r < p.Sq;
+            const float* src = threadIdx.x < BM ? p.lse : p.delta;
+            float* dst = threadIdx.x < BM ? lse_s : delta_s;
+            const float* gsrc = in ? src + ((i64)b * p.H + h) * p.Sq + q0 + r : src;
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst + r)), "l"(gsrc), "r"(in ? 4 : 0));
+        }
+    };
+
+    load_rows_sw128<D, BN>(Ks, p.k + b * p.k_bs + hk * p.k_hs, p.k_ss, k0, p.Sk);
+    load_rows_sw128<D, BN>(Vs, p.v + b * p.v_bs + hk * p.v_hs, p.v_ss, k0, p.Sk);
+    if (n_q > 0) load_iter(hk * group, qt_start * BM);
+    cp_async_commit();
+
+    float dk[NTD * 4], dv[NTD * 4];  // keys k0 + kw + 16 warp + g (+ 8) x D columns
+#pragma unroll
+    for (int i = 0; i < NTD * 4; ++i) dk[i] = dv[i] = 0.f;
+
+    for (int h = hk * group, qt = qt_start; h < h_end;) {
+        const int q0 = qt * BM;
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();  // this tile's loads are visible; the last tile's dQ reads of dS^T are done
+
+        // 1. S^T, dP^T (64 keys x 64 queries per warpgroup)
+        float s[32], dp[32];
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < D / 16; ++k) {
+            const u32 col = (k & 3) * 32, blk = k >> 2;
+            wgmma_ss_n64<BF16, 0, 0>(s, sw128_desc(Ks + blk * (BN * 128) + kw * 128 + col, 16, 1024),
+                                     sw128_desc(Qs + blk * (BM * 128) + col, 16, 1024), k > 0);
+            wgmma_ss_n64<BF16, 0, 0>(dp, sw128_desc(Vs + blk * (BN * 128) + kw * 128 + col, 16, 1024),
+                                     sw128_desc(dOs + blk * (BM * 128) + col, 16, 1024), k > 0);
+        }
+        wgmma_commit();
+        wgmma_wait0();
+        fence_regs(s);
+        fence_regs(dp);
+
+        // 2. P^T and dS^T; element e of column block j: key row kw + 16 warp + g + 8 (e >> 1),
+        // query column 8 j + 2 t + (e & 1).
+        const bool full = tile_full(p, q0, k0, BN);
+        const int krow = kw + warp * 16 + g;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int qi = 8 * j + 2 * t + (e & 1);
+                const float lse = lse_s[qi];
+                const bool ok = full || (lse != NEG_INF && allowed3(p, b, q0 + qi, k0 + krow + 8 * (e >> 1)));
+                const float pv = ok ? fast_exp2(fmaf(s[4 * j + e], sl2, -lse)) : 0.f;
+                s[4 * j + e] = pv;                                    // P^T
+                dp[4 * j + e] = pv * (dp[4 * j + e] - delta_s[qi]);  // dS^T (w.r.t. the scaled scores)
+            }
+        u32 pf[4][4], df[4][4];
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                pf[ks][i] = pack2<BF16>(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
+                df[ks][i] = pack2<BF16>(dp[8 * ks + 2 * i], dp[8 * ks + 2 * i + 1]);
+            }
+        // dS^T to shared memory, [key][query] swizzled: column block j's 4 bytes 4 t of row r sit
+        // in 16-byte unit j ^ (r % 8). Unit j = pack rows of ks = j / 2: df[j / 2][(j & 1) * 2 + r8].
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int r8 = 0; r8 < 2; ++r8) {
+                const int r = krow + 8 * r8;
+                const u32 addr = dSt + r * 128 + ((j ^ (r & 7)) << 4) + 4 * t;
+                asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(df[j >> 1][(j & 1) * 2 + r8]));
+            }
+
+        // 3. dV += P^T dO, dK += dS^T Q (16 queries per step; dO, Q read [query][d] = MN-major)
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+            wgmma_rs_d<BF16, D>(dv, pf[ks], sw128_desc(dOs + ks * 16 * 128, BM * 128, 1024));
+            wgmma_rs_d<BF16, D>(dk, df[ks], sw128_desc(Qs + ks * 16 * 128, BM * 128, 1024));
+        }
+        wgmma_commit();
+        wgmma_wait0();
+        fence_regs(dv);
+        fence_regs(dk);
+        fence_proxy_async();  // dS^T was written by plain stores; step 5 reads it as a wgmma operand
+        __syncthreads();      // Q, dO, lse, delta are free; dS^T is complete
+
+        // 4. prefetch the next tile
+        const int qt_next = qt + 1 < qt_end ? qt + 1 : qt_start, h_next = qt + 1 < qt_end ? h : h + 1;
+        if (h_next < h_end) load_iter(h_next, qt_next * BM);
+        cp_async_commit();
+
+        // 5. dQ[:, 64 wg .. +64] += dS K[:, 64 wg .. +64] (column block wg of K), 16 keys per step
+        float dq[32];
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < BN / 16; ++ks) {
+            const u32 krow_off = ks * 16 * 128;
+            wgmma_ss_n64<BF16, 1, 1>(dq, sw128_desc(dSt + krow_off, BN * 128, 1024),
+                                     sw128_desc(Ks + wg * (BN * 128) + krow_off, BN * 128, 1024), ks > 0);
+        }
+        wgmma_commit();
+        wgmma_wait0();
+        fence_regs(dq);
+        const int c0 = wg * 64;
+#pragma unroll
+        for (int r8 = 0; r8 < 2; ++r8) {
+            const int qi = q0 + warp * 16 + g + 8 * r8;
+            if (qi >= p.Sq) continue;
+            float* dst = p.dq_acc + (((i64)b * p.Sq + qi) * p.H + h) * D + c0 + 2 * t;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                atomicAdd(dst + j * 8, dq[4 * j + 2 * r8]);
+                atomicAdd(dst + j * 8 + 1, dq[4 * j + 2 * r8 + 1]);
+            }
+        }
+        qt = qt_next;
+        h = h_next;
+    }
+    cp_async_wait<0>();
+
+    // dK = scale * dS^T Q, dV = P^T dO; outputs (B, Sk, Hk, D) contiguous.
+#pragma unroll
+    for (int r8 = 0; r8 < 2; ++r8) {
+        const int key = k0 + kw + warp * 16 + g + 8 * r8;
+        if (key >= p.Sk) continue;
+        u16* dkr = p.dk + (((i64)b * p.Sk + key) * p.Hk + hk) * D + 2 * t;
+        u16* dvr = p.dv + (((i64)b * p.Sk + key) * p.Hk + hk) * D + 2 * t;
+#pragma unroll
+        for (int j = 0; j < NTD; ++j) {
+            *reinterpret_cast<u32*>(dkr + j * 8) = pack2<BF16>(dk[4 * j + 2 * r8] * p.scale, dk[4 * j + 2 * r8 + 1] * p.scale);
+            *reinterpret_cast<u32*>(dvr + j * 8) = pack2<BF16>(dv[4 * j + 2 * r8], dv[4 * j + 2 * r8 + 1]);
+        }
+    }
+}
+
+#define ATTN4_FWD(NAME, BF16, D)                                                                          \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_fwd4_##NAME##_d##D(AttnParams p) { \
+        attn_fwd4<BF16, D>(p);                                                                            \
+    }
+#define ATTN4_BWD(NAME, BF16, D)                                                                          \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd4_##NAME##_d##D(AttnParams p) { \
+        attn_bwd4<BF16, D>(p);                                                                            \
+    }
+// Head dims here must match `v4_forward` / `v4_backward` in attention.rs.
+ATTN4_FWD(bf16, true, 64)
+ATTN4_FWD(bf16, true, 128)
+ATTN4_FWD(f16, false, 64)
+ATTN4_FWD(f16, false, 128)
+ATTN4_BWD(bf16, true, 128)
+ATTN4_BWD(f16, false, 128)

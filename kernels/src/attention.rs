@@ -90,8 +90,8 @@ const THREADS: u32 = 128;
 /// Which generation of the kernels runs. `V3` (the default) uses FlashAttention-2's tile shapes
 /// (128-row forward tiles, 8-warp backward); `V2` is the previous 64x64 / 4-warp version, kept for
 /// A/B timing in `kernels-gpu-check` and as a fallback (`LLAVA_SCO_ATTN_VARIANT=v2`). `V4` is
-/// V3 with a Hopper wgmma forward (`cuda/attention_sm90.cu`) for head dims 64 and 128 on
-/// compute capability 9.0; elsewhere, and for the backward, it runs V3.
+/// Hopper wgmma kernels (`cuda/attention_sm90.cu`) on compute capability 9.0: forward at head
+/// dims 64 and 128, backward at 128; everything else runs V3.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     V2,
@@ -186,11 +186,28 @@ fn fwd4_smem(d: i64) -> i64 {
     5 * FWD4_BLOCK * d * 2 + 1024
 }
 
+/// Variant 4 backward (wgmma): 128-key blocks of 2 warpgroups, 64 queries per step; shared memory
+/// K, V (128 x D), Q, dO (64 x D), dS^T (128 x 64), lse and delta (64 floats each), + 1 KB alignment.
+const BWD4_BLOCK_N: i64 = 128;
+fn bwd4_smem(d: i64) -> i64 {
+    (2 * BWD4_BLOCK_N * d + 2 * 64 * d + BWD4_BLOCK_N * 64) * 2 + 2 * 64 * 4 + 1024
+}
+
 /// The forward variant that runs for `variant` on a device of `arch` at head dim `d`: V4 only on
 /// compute_90 with d 64 or 128 (else V3).
-fn forward_variant(variant: Variant, arch: &str, d: i64) -> Variant {
+fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
         Variant::V4 if arch == "compute_90" && (d == 64 || d == 128) => Variant::V4,
+        Variant::V4 => Variant::V3,
+        v => v,
+    }
+}
+
+/// The backward variant: V4 only on compute_90 at d128 (at d64 the wgmma backward measured
+/// 0.85-0.89x V3's on an H200, see kernels/BENCHMARKS.md), else V3.
+fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
+    match variant {
+        Variant::V4 if arch == "compute_90" && d == 128 => Variant::V4,
         Variant::V4 => Variant::V3,
         v => v,
     }
@@ -205,13 +222,13 @@ fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
     }
 }
 
-/// Every kernel name the V4 forward may launch from attention_sm90a.cu.
+/// Every kernel name variant 4 may launch from attention_sm90a.cu.
 pub fn sm90a_kernel_names() -> Vec<String> {
     let mut names = Vec::new();
     for dtype in ["bf16", "f16"] {
-        for d in [64, 128] {
-            names.push(fwd_kernel(Variant::V4, dtype, d));
-        }
+        names.push(fwd_kernel(Variant::V4, dtype, 64));
+        names.push(fwd_kernel(Variant::V4, dtype, 128));
+        names.push(bwd_kernel(Variant::V4, dtype, 128));
     }
     names
 }
@@ -219,7 +236,9 @@ pub fn sm90a_kernel_names() -> Vec<String> {
 /// The main backward kernel's name; d80 stays on variant 2 (its 80 columns do not split into
 /// four 16-column warp slices).
 fn bwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
-    if variant == Variant::V3 && bwd3_supported(d) {
+    if variant == Variant::V4 {
+        format!("attn_bwd4_{dtype}_d{d}")
+    } else if variant == Variant::V3 && bwd3_supported(d) {
         format!("attn_bwd3_{dtype}_d{d}")
     } else {
         format!("attn_bwd_{dtype}_d{d}")
@@ -495,7 +514,7 @@ pub fn fused_forward_into(
         return Ok(());
     }
     let name = dtype_name(q.kind())?;
-    let variant = forward_variant(variant, &gpu.arch, d.d);
+    let variant = v4_forward(variant, &gpu.arch, d.d);
     // (query rows per block, threads, shared bytes: Q + 2 stages of K and V)
     let (rows, threads, smem) = match variant {
         Variant::V2 => (TILE, THREADS, 5 * TILE * (d.d + 8) * 2),
@@ -539,11 +558,7 @@ pub fn fused_backward(
     dims(q, k, v)?;
     check_scale(scale)?;
     let gpu = device_gpu(q)?;
-    // V4 differs from V3 in the forward only
-    let variant = match variant()? {
-        Variant::V4 => Variant::V3,
-        v => v,
-    };
+    let variant = variant()?;
     let mut keep = Vec::new();
     let (d, mut p) = base_params(q, k, v, mask, scale, &mut keep)?;
     if dout.size() != q.size() || dout.kind() != q.kind() {
@@ -591,19 +606,28 @@ pub fn fused_backward(
     let mut arg: *mut c_void = &mut p as *mut AttnParams as *mut c_void;
     let rows = (d.b * d.h * d.sq) as u64; // one warp per row
     let f_delta = gpu.function("attention.cu", &format!("attn_bwd_delta_{name}_d{}", d.d))?;
-    // (threads, shared bytes): K, V, Q, dO tiles, dS^T (v2) or P^T and dS^T (v3), lse, delta.
-    let (main_threads, smem) = if variant == Variant::V3 && bwd3_supported(d.d) {
-        (
+    let variant = v4_backward(variant, &gpu.arch, d.d);
+    // (keys per block, threads, shared bytes): K, V, Q, dO tiles, dS^T (v2, v4) or P^T and dS^T
+    // (v3), lse, delta.
+    let (key_block, main_threads, smem) = match variant {
+        Variant::V4 => (BWD4_BLOCK_N, FWD4_THREADS, bwd4_smem(d.d)),
+        Variant::V3 if bwd3_supported(d.d) => (
+            TILE,
             BWD3_THREADS,
             (4 * TILE * (d.d + 8) + 2 * TILE * (TILE + 8)) * 2 + 2 * TILE * 4,
-        )
-    } else {
-        (
+        ),
+        _ => (
+            TILE,
             THREADS,
             (4 * TILE * (d.d + 8) + TILE * (TILE + 8)) * 2 + 2 * TILE * 4,
-        )
+        ),
     };
-    let f_main = gpu.function("attention.cu", &bwd_kernel(variant, name, d.d))?;
+    let source = if variant == Variant::V4 {
+        crate::SM90A_ATTENTION
+    } else {
+        "attention.cu"
+    };
+    let f_main = gpu.function(source, &bwd_kernel(variant, name, d.d))?;
     let f_dq = gpu.function("attention.cu", &format!("attn_bwd_dq_{name}"))?;
     let mut d_arg = d.d as i32;
     let mut dq_args: [*mut c_void; 2] = [
@@ -622,7 +646,11 @@ pub fn fused_backward(
             std::slice::from_mut(&mut arg),
         )?;
         if d.sk > 0 {
-            let grid = (((d.sk + TILE - 1) / TILE) as u32, d.hk as u32, d.b as u32);
+            let grid = (
+                ((d.sk + key_block - 1) / key_block) as u32,
+                d.hk as u32,
+                d.b as u32,
+            );
             gpu.launch(
                 f_main,
                 grid,
@@ -713,15 +741,20 @@ mod tests {
     }
 
     #[test]
-    fn v4_forward_runs_only_on_hopper_at_d64_and_d128() {
-        assert_eq!(forward_variant(Variant::V4, "compute_90", 128), Variant::V4);
-        assert_eq!(forward_variant(Variant::V4, "compute_90", 64), Variant::V4);
-        assert_eq!(forward_variant(Variant::V4, "compute_90", 80), Variant::V3);
-        assert_eq!(forward_variant(Variant::V4, "compute_80", 128), Variant::V3);
-        assert_eq!(forward_variant(Variant::V2, "compute_90", 128), Variant::V2);
+    fn v4_runs_only_on_hopper_forward_at_d64_and_d128_backward_at_d128() {
+        assert_eq!(v4_forward(Variant::V4, "compute_90", 128), Variant::V4);
+        assert_eq!(v4_forward(Variant::V4, "compute_90", 64), Variant::V4);
+        assert_eq!(v4_forward(Variant::V4, "compute_90", 80), Variant::V3);
+        assert_eq!(v4_forward(Variant::V4, "compute_80", 128), Variant::V3);
+        assert_eq!(v4_forward(Variant::V2, "compute_90", 128), Variant::V2);
+        assert_eq!(v4_backward(Variant::V4, "compute_90", 128), Variant::V4);
+        assert_eq!(v4_backward(Variant::V4, "compute_90", 64), Variant::V3);
+        assert_eq!(v4_backward(Variant::V4, "compute_80", 128), Variant::V3);
+        assert_eq!(v4_backward(Variant::V3, "compute_90", 128), Variant::V3);
         // Q + 2 stages of K and V at d128 must fit one block's 227 KB
         assert!(fwd4_smem(128) <= 227 * 1024, "{}", fwd4_smem(128));
-        assert_eq!(sm90a_kernel_names().len(), 4);
+        assert!(bwd4_smem(128) <= 227 * 1024, "{}", bwd4_smem(128));
+        assert_eq!(sm90a_kernel_names().len(), 6);
     }
 
     #[test]
