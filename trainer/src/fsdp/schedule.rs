@@ -22,6 +22,7 @@
 use tch::Tensor;
 
 use crate::dist::ProcessGroup;
+use crate::model::attn_tape;
 use crate::model::text::TextContext;
 use crate::model::vision::VisionPrep;
 use crate::model::{causal_lm_loss, Batch, MllamaModel, ModelError};
@@ -199,10 +200,12 @@ impl Plan {
     }
 }
 
-/// A stage's graph kept from the forward (`keep_graphs`): its leaf inputs and its output.
+/// A stage's graph kept from the forward (`keep_graphs`): its leaf inputs, its output and its
+/// fused attention calls (cut points of the graph, see `model::attn_tape`).
 struct Kept {
     xs: Vec<Tensor>,
     y: Tensor,
+    tape: Vec<attn_tape::Entry>,
 }
 
 /// A forward's plan, every value (detached) and each stage's kept graph.
@@ -306,8 +309,9 @@ impl FsdpModel {
                     })
                     .collect();
                 tch::manual_seed(stage_seed(seed, si));
-                let y = plan.run(&self.model, op, &xs)?;
-                (Some(y.detach()), Some(Kept { xs, y }))
+                let (y, tape) = attn_tape::record(|| plan.run(&self.model, op, &xs));
+                let y = y?;
+                (Some(y.detach()), Some(Kept { xs, y, tape }))
             } else if active {
                 let xs: Vec<Tensor> = st
                     .inputs
@@ -421,20 +425,22 @@ impl FsdpModel {
                     let n_in = targets.len();
                     targets.extend(params.iter().map(Tensor::shallow_clone));
                     if !targets.is_empty() {
-                        let y = match kept[si].take() {
-                            Some(k) => k.y, // the forward's graph, from the same leaves `xs`
+                        let (y, tape) = match kept[si].take() {
+                            // the forward's graph, from the same leaves `xs`
+                            Some(k) => (k.y, k.tape),
                             None => {
                                 tch::manual_seed(stage_seed(seed, si));
-                                plan.run(&self.model, op, &xs)?
+                                let (y, tape) =
+                                    attn_tape::record(|| plan.run(&self.model, op, &xs));
+                                (y?, tape)
                             }
                         };
                         if y.requires_grad() {
                             let root = (&y * go.to_kind(y.kind())).sum(y.kind());
-                            let res = Tensor::f_run_backward(&[root], &targets, false, false)?;
+                            // one run_backward, or several cut at fused attention calls
+                            let res = attn_tape::backward(&root, &targets, &tape)?;
                             for (k, g) in res.into_iter().enumerate() {
-                                if !g.defined() {
-                                    continue;
-                                }
+                                let Some(g) = g else { continue };
                                 if k < n_in {
                                     let id = inputs[slots[k]];
                                     accumulate(&mut grads[id], g);

@@ -12,6 +12,7 @@
 //! Canonical parameter names are transformers-5 module paths (`model.language_model.layers.N...`,
 //! `model.vision_model...`, `model.multi_modal_projector...`, `lm_head...`); both checkpoint key layouts load.
 pub mod adapter;
+pub mod attn_tape;
 pub mod cache;
 pub mod config;
 pub mod lora;
@@ -176,7 +177,10 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> (Tensor, i64) {
 impl MllamaModel {
     /// Loads `dir` (config.json + safetensors in either key layout).
     pub fn load(dir: &Path, options: LoadOptions) -> Result<Self, ModelError> {
-        if options.attention == AttentionImpl::Fused && !options.device.is_cuda() {
+        if options.attention == AttentionImpl::Fused
+            && !options.device.is_cuda()
+            && !attn_tape::reference_mode()
+        {
             return Err(ModelError::Attention(
                 "model.attention=fused needs a CUDA GPU; use sdpa".into(),
             ));
@@ -212,7 +216,10 @@ impl MllamaModel {
         mut ld: weights::Loader,
         options: LoadOptions,
     ) -> Result<Self, ModelError> {
-        if options.attention == AttentionImpl::Fused && !options.device.is_cuda() {
+        if options.attention == AttentionImpl::Fused
+            && !options.device.is_cuda()
+            && !attn_tape::reference_mode()
+        {
             return Err(ModelError::Attention(
                 "model.attention=fused needs a CUDA GPU; use sdpa".into(),
             ));

@@ -111,22 +111,14 @@ pub fn attend(
             h != hk,
         )),
         AttentionImpl::Fused => {
-            if q.requires_grad() || k.requires_grad() || v.requires_grad() {
-                return Err(ModelError::Attention(
-                    "model.attention=fused has no autograd backward in the plain model; train through the FSDP \
-                     unit schedule (which calls kernels::attention::fused_backward) or use sdpa"
-                        .into(),
-                ));
-            }
             let m = kernels::attention::AttentionMask {
                 causal: mask.causal,
                 key_keep: mask.key_keep.as_ref(),
                 query_flags: mask.query_flags.as_ref(),
                 block_mask: mask.block.as_ref().map(|(t, n)| (t, *n)),
             };
-            let out = kernels::attention::fused_forward(q, k, v, &m, scale)
-                .map_err(|e| ModelError::Attention(format!("fused attention: {e}")))?;
-            Ok(out.out)
+            // with a gradient: the output becomes a leaf on the FSDP schedule's tape (attn_tape.rs)
+            super::attn_tape::attend(q, k, v, &m, scale)
         }
     }
 }
