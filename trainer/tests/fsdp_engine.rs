@@ -189,9 +189,10 @@ fn world1_lora_matches_autograd() {
 /// tch reference (`attn_tape::set_reference`), so this checks the cutting and the gradient sums
 /// against eager attention (matmul + softmax) with plain autograd through the same schedule; the
 /// kernels themselves are checked on a GPU (kernels-gpu-check, model_gpu).
-/// Not against sdpa: libtorch 2.11's CPU sdpa backward gives the vision layers' padded rows,
-/// masked with finfo.min, gradients thousands of times eager's (layer-0 q_proj LoRA A: 5.0e3 vs
-/// 0.78 on `batch2`), while eager and the reference agree to 1e-3 relative.
+/// Not against sdpa: libtorch 2.11's CPU sdpa backward gives rows whose every key is masked with
+/// finfo.min (all-padding vision tiles) gradients 40-260x eager's (a 2-head toy in Python shows it),
+/// and in this model the layer-0 q_proj LoRA A gradient is 5.0e3 (sdpa) vs 0.78 (eager, and the
+/// reference) on `batch2`.
 fn fused_matches_eager(lora: bool, activation_checkpointing: bool) {
     let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
     trainer::model::attn_tape::set_reference(true);
