@@ -66,6 +66,17 @@ fn batch(device: Device) -> Batch {
     }
 }
 
+/// `model` written with CONFIG to a fresh temp folder (named after `tag` and this process).
+fn saved(model: &MllamaModel, tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("model_gpu_{tag}_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
+    model
+        .save_safetensors(&dir.join("model.safetensors"), KeyLayout::Legacy)
+        .unwrap();
+    dir
+}
+
 #[test]
 fn fused_attention_matches_sdpa_on_gpu() {
     let Some(device) = cuda() else { return };
@@ -76,11 +87,7 @@ fn fused_attention_matches_sdpa_on_gpu() {
         attention,
     };
     let sdpa = MllamaModel::random(cfg.clone(), opts(AttentionImpl::Sdpa), 11).unwrap();
-    let dir = std::env::temp_dir().join(format!("model_gpu_{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
-    sdpa.save_safetensors(&dir.join("model.safetensors"), KeyLayout::Legacy)
-        .unwrap();
+    let dir = saved(&sdpa, "fused");
     let fused = MllamaModel::load(&dir, opts(AttentionImpl::Fused)).unwrap();
     let b = batch(device);
     let want = tch::no_grad(|| sdpa.forward(&b))
@@ -154,11 +161,7 @@ fn random_model_harness_on_cpu() {
     let rel = (&le - &ls).abs().max().double_value(&[]) / le.abs().max().double_value(&[]);
     println!("eager vs sdpa fp32 on CPU: {rel:.3e}");
     assert!(rel < 1e-4);
-    let dir = std::env::temp_dir().join(format!("model_gpu_cpu_{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
-    e.save_safetensors(&dir.join("model.safetensors"), KeyLayout::Legacy)
-        .unwrap();
+    let dir = saved(&e, "cpu");
     let back = MllamaModel::load(&dir, opts(AttentionImpl::Eager)).unwrap();
     let lb = tch::no_grad(|| back.forward(&b)).unwrap();
     assert!(lb.equal(&le));
@@ -178,11 +181,7 @@ fn fused_attention_trains_like_eager_on_gpu() {
         attention,
     };
     let base = MllamaModel::random(cfg, opts(AttentionImpl::Eager), 13).unwrap();
-    let dir = std::env::temp_dir().join(format!("model_gpu_train_{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
-    base.save_safetensors(&dir.join("model.safetensors"), KeyLayout::Legacy)
-        .unwrap();
+    let dir = saved(&base, "train");
     let pg = ProcessGroup::from_env(Backend::Auto, Duration::from_secs(60)).unwrap();
     let wrap = |attention| {
         let m = MllamaModel::load(&dir, opts(attention)).unwrap();

@@ -164,33 +164,13 @@ pub fn backward(
     tape: &[Entry],
 ) -> Result<Vec<Option<Tensor>>, ModelError> {
     let n = targets.len();
-    let mut grads: Vec<Option<Tensor>> = (0..n).map(|_| None).collect();
-    let mut leaf_grads: Vec<Option<Tensor>> = (0..tape.len()).map(|_| None).collect();
-    let add = |slot: &mut Option<Tensor>, g: Tensor| {
-        if g.defined() {
-            *slot = Some(match slot.take() {
-                Some(a) => a + g,
-                None => g,
-            });
-        }
-    };
+    // gradient slots: targets, then each call's leaf
+    let mut slots: Vec<Option<Tensor>> = (0..n + tape.len()).map(|_| None).collect();
     // pass 1: the stage output down to targets and every leaf (graphs kept for the later passes)
-    let mut all: Vec<&Tensor> = targets.iter().collect();
-    all.extend(tape.iter().map(|e| &e.leaf));
-    let keep = !tape.is_empty();
-    for (i, g) in Tensor::f_run_backward(&[root], &all, keep, false)?
-        .into_iter()
-        .enumerate()
-    {
-        if i < n {
-            add(&mut grads[i], g);
-        } else {
-            add(&mut leaf_grads[i - n], g);
-        }
-    }
+    pass(root, targets, tape, &mut slots, !tape.is_empty())?;
     // passes 2..: each call, newest first (its leaf gradient is then complete)
     for c in (0..tape.len()).rev() {
-        let Some(dout) = leaf_grads[c].take() else {
+        let Some(dout) = slots[n + c].take() else {
             continue; // the output was not used
         };
         let e = &tape[c];
@@ -201,23 +181,35 @@ pub fn backward(
                 root += (x * g.to_kind(x.kind())).sum(tch::Kind::Float);
             }
         }
-        if !root.requires_grad() {
-            continue;
-        }
-        let mut all: Vec<&Tensor> = targets.iter().collect();
-        all.extend(tape[..c].iter().map(|e| &e.leaf));
-        for (i, g) in Tensor::f_run_backward(&[&root], &all, c > 0, false)?
-            .into_iter()
-            .enumerate()
-        {
-            if i < n {
-                add(&mut grads[i], g);
-            } else {
-                add(&mut leaf_grads[i - n], g);
-            }
+        if root.requires_grad() {
+            pass(&root, targets, &tape[..c], &mut slots, c > 0)?;
         }
     }
-    Ok(grads)
+    slots.truncate(n);
+    Ok(slots)
+}
+
+/// One autograd pass from `root` to `targets` and the leaves of `calls`, each gradient added to
+/// its slot in `slots` (targets first, then the calls' leaves); `keep` keeps the graph.
+fn pass(
+    root: &Tensor,
+    targets: &[Tensor],
+    calls: &[Entry],
+    slots: &mut [Option<Tensor>],
+    keep: bool,
+) -> Result<(), ModelError> {
+    let mut all: Vec<&Tensor> = targets.iter().collect();
+    all.extend(calls.iter().map(|e| &e.leaf));
+    let grads = Tensor::f_run_backward(&[root], &all, keep, false)?;
+    for (slot, g) in slots.iter_mut().zip(grads) {
+        if g.defined() {
+            *slot = Some(match slot.take() {
+                Some(a) => a + g,
+                None => g,
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
