@@ -15,10 +15,7 @@ PY="${PYTHON:-python3}"
 SITE="$("$PY" -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
 LIBS="$SITE/torch/lib"
 for d in "$SITE"/nvidia/*/lib; do LIBS="$LIBS:$d"; done
-# cudarc opens NCCL as libnccl.so; the wheel ships only libnccl.so.2
-NCCL_LINK=/tmp/llava-sco-nccl-link
-mkdir -p "$NCCL_LINK" && ln -sfn "$SITE/nvidia/nccl/lib/libnccl.so.2" "$NCCL_LINK/libnccl.so"
-LIBS="$LIBS:$NCCL_LINK"
+# (no libnccl.so link needed: dist/nccl_lib.rs loads the wheel's libnccl.so.2 itself)
 export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LLAVA_SCO_CUDA_LIB_DIRS="$LIBS"
 # outside $OUT: only 8 files come back from the device machine

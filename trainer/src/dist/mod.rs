@@ -12,6 +12,7 @@ mod cma;
 mod cpu;
 mod elem;
 mod nccl;
+mod nccl_lib;
 mod shm;
 mod tcp;
 

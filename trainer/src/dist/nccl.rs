@@ -28,20 +28,20 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::result as drv;
 use cudarc::driver::sys as dsys;
-use cudarc::nccl::{result as nccl, sys as nsys};
+use cudarc::nccl::sys as nsys;
 use launcher::env::RankEnv;
 use launcher::store::StoreClient;
 use tch::Tensor;
 
 use super::elem::Elem;
+use super::nccl_lib::{self, check};
 use super::{expect_device, DistError, Engine, Finish, Op, ReduceOp, Result};
 
-/// CUDA visible to libtorch, the driver present, and libnccl loadable (without cudarc panicking).
+/// CUDA visible to libtorch, the driver present, and libnccl loadable (`nccl_lib`).
 pub fn available() -> bool {
-    // SAFETY: is_culib_present only tries to dlopen candidate names.
     tch::Cuda::is_available()
         && kernels::cuda_libs::ensure_driver().is_ok()
-        && unsafe { nsys::is_culib_present() }
+        && nccl_lib::nccl().is_ok()
 }
 
 struct Job {
@@ -72,8 +72,17 @@ pub(crate) struct Shared {
     timeout: Duration,
 }
 
-fn nccl_err(what: &str) -> impl Fn(nccl::NcclError) -> DistError + '_ {
-    move |e| DistError::Nccl(format!("{what}: {e:?}"))
+/// An NCCL call's result as this module's error.
+fn nccl_ok(r: nsys::ncclResult_t, what: &str) -> Result<()> {
+    check(r, what).map_err(DistError::Nccl)
+}
+
+/// The loaded library; loaded (or refused) once by `NcclEngine::start` before any use.
+fn lib() -> Result<&'static nccl_lib::Nccl> {
+    nccl_lib::nccl().map_err(|what| DistError::Unavailable {
+        backend: "nccl",
+        what,
+    })
 }
 fn drv_err(what: &str) -> impl Fn(drv::DriverError) -> DistError + '_ {
     move |e| DistError::Nccl(format!("{what}: {e:?}"))
@@ -95,12 +104,11 @@ impl NcclEngine {
             backend: "nccl",
             what: e.to_string(),
         })?;
-        // SAFETY: as in `available`.
-        if !unsafe { nsys::is_culib_present() } {
-            return Err(DistError::Unavailable {
-                backend: "nccl",
-                what: "libnccl was not found (searched: libnccl.so on this binary's rpath .venv/nccl and LD_LIBRARY_PATH; the NCCL wheel ships only libnccl.so.2, so run `make setup` or put a libnccl.so link to it on LD_LIBRARY_PATH)".into(),
-            });
+        let l = lib()?;
+        let mut version = 0;
+        // SAFETY: out-parameter.
+        if check(unsafe { (l.get_version)(&mut version) }, "ncclGetVersion").is_ok() {
+            tracing::debug!("NCCL {version} from {}", l.path);
         }
         let devices = tch::Cuda::device_count() as usize;
         if env.local_rank >= devices {
@@ -180,9 +188,11 @@ impl Shared {
                 if comm != 0 {
                     let mut async_err = nsys::ncclResult_t::ncclSuccess;
                     // SAFETY: a live communicator (0 once aborted); thread-safe per NCCL's docs.
-                    unsafe {
-                        nsys::ncclCommGetAsyncError(comm as nsys::ncclComm_t, &mut async_err)
-                    };
+                    if let Ok(l) = lib() {
+                        unsafe {
+                            (l.comm_get_async_error)(comm as nsys::ncclComm_t, &mut async_err)
+                        };
+                    }
                     if !matches!(
                         async_err,
                         nsys::ncclResult_t::ncclSuccess | nsys::ncclResult_t::ncclInProgress
@@ -248,12 +258,17 @@ fn abort(comm: usize) -> String {
         .name("nccl-abort".into())
         .spawn(move || {
             // SAFETY: the communicator is no longer handed to new ops (Shared::comm is 0).
-            let r = unsafe { nccl::comm_abort(comm as nsys::ncclComm_t) };
-            let _ = tx.send(r.map(|_| ()));
+            let r = lib().and_then(|l| {
+                nccl_ok(
+                    unsafe { (l.comm_abort)(comm as nsys::ncclComm_t) },
+                    "ncclCommAbort",
+                )
+            });
+            let _ = tx.send(r);
         });
     match (spawned, rx.recv_timeout(Duration::from_secs(10))) {
         (Ok(_), Ok(Ok(()))) => String::new(),
-        (Ok(_), Ok(Err(e))) => format!(" (ncclCommAbort: {e:?})"),
+        (Ok(_), Ok(Err(e))) => format!(" ({e})"),
         (Ok(_), Err(_)) => " (ncclCommAbort did not return within 10 s)".into(),
         (Err(e), _) => format!(" (could not start the abort thread: {e})"),
     }
@@ -294,7 +309,13 @@ fn unique_id(
 ) -> Result<nsys::ncclUniqueId> {
     let key = format!("dist/nccl/a{}/unique_id", env.restart_count);
     let mut id = if env.rank == 0 {
-        nccl::get_uniqueid().map_err(nccl_err("ncclGetUniqueId"))?
+        let mut id = nsys::ncclUniqueId { internal: [0; 128] };
+        // SAFETY: out-parameter.
+        nccl_ok(
+            unsafe { (lib()?.get_unique_id)(&mut id) },
+            "ncclGetUniqueId",
+        )?;
+        id
     } else {
         nsys::ncclUniqueId { internal: [0; 128] }
     };
@@ -363,8 +384,10 @@ fn worker(
             .map_err(drv_err("cuStreamCreate"))?;
         let mut comm: nsys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: out-pointer for the communicator; collective over all ranks with the same id.
-        unsafe { nccl::comm_init_rank(&mut comm, world, id, rank) }
-            .map_err(nccl_err("ncclCommInitRank"))?;
+        nccl_ok(
+            unsafe { (lib()?.comm_init_rank)(&mut comm, world, id, rank) },
+            "ncclCommInitRank",
+        )?;
         Ok((comm, stream))
     };
     let (comm, stream) = match setup() {
@@ -398,41 +421,60 @@ fn worker(
                     dsys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
                 )
                 .map_err(drv_err("cuStreamWaitEvent"))?;
+                let l = lib()?;
                 match &job.op {
                     Op::AllGather { out, input } => {
                         let (dst, _, _) = buffer(out)?;
                         let (src, n, elem) = buffer(input)?;
-                        nccl::all_gather(src, dst, n, dtype(elem), comm, nstream)
-                            .map_err(nccl_err("ncclAllGather"))?;
+                        nccl_ok(
+                            (l.all_gather)(src, dst, n, dtype(elem), comm, nstream),
+                            "ncclAllGather",
+                        )?;
                     }
                     Op::ReduceScatter { out, input, op } => {
                         let (dst, n, elem) = buffer(out)?;
                         let (src, _, _) = buffer(input)?;
-                        nccl::reduce_scatter(src, dst, n, dtype(elem), red_op(*op), comm, nstream)
-                            .map_err(nccl_err("ncclReduceScatter"))?;
+                        nccl_ok(
+                            (l.reduce_scatter)(
+                                src,
+                                dst,
+                                n,
+                                dtype(elem),
+                                red_op(*op),
+                                comm,
+                                nstream,
+                            ),
+                            "ncclReduceScatter",
+                        )?;
                     }
                     Op::AllReduce { tensor, op } => {
                         let (p, n, elem) = buffer(tensor)?;
-                        nccl::all_reduce(p, p, n, dtype(elem), red_op(*op), comm, nstream)
-                            .map_err(nccl_err("ncclAllReduce"))?;
+                        nccl_ok(
+                            (l.all_reduce)(p, p, n, dtype(elem), red_op(*op), comm, nstream),
+                            "ncclAllReduce",
+                        )?;
                     }
                     Op::Broadcast { tensor, root } => {
                         let (p, n, elem) = buffer(tensor)?;
-                        nccl::broadcast(p, p, n, dtype(elem), *root as i32, comm, nstream)
-                            .map_err(nccl_err("ncclBroadcast"))?;
+                        nccl_ok(
+                            (l.broadcast)(p, p, n, dtype(elem), *root as i32, comm, nstream),
+                            "ncclBroadcast",
+                        )?;
                     }
                     Op::Barrier => {
                         // an all_reduce of nothing orders every rank's stream; then wait on the host
-                        nccl::all_reduce(
-                            std::ptr::null(),
-                            std::ptr::null_mut(),
-                            0,
-                            nsys::ncclDataType_t::ncclFloat32,
-                            nsys::ncclRedOp_t::ncclSum,
-                            comm,
-                            nstream,
-                        )
-                        .map_err(nccl_err("ncclAllReduce (barrier)"))?;
+                        nccl_ok(
+                            (l.all_reduce)(
+                                std::ptr::null(),
+                                std::ptr::null_mut(),
+                                0,
+                                nsys::ncclDataType_t::ncclFloat32,
+                                nsys::ncclRedOp_t::ncclSum,
+                                comm,
+                                nstream,
+                            ),
+                            "ncclAllReduce (barrier)",
+                        )?;
                     }
                 }
                 let _ = drv::event::destroy(job.ready as dsys::CUevent);
@@ -450,7 +492,9 @@ fn worker(
     // SAFETY: no op is in flight once the queue is closed; an aborted communicator is not freed twice.
     if shared.comm.swap(0, Ordering::AcqRel) == comm as usize {
         unsafe {
-            let _ = nccl::comm_destroy(comm);
+            if let Ok(l) = lib() {
+                let _ = (l.comm_destroy)(comm);
+            }
         }
     }
 }
