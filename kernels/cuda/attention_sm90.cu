@@ -140,145 +140,232 @@ __device__ __forceinline__ void wgmma_rs_d(float (&d)[D / 2], const u32 (&a)[4],
     else wgmma_rs_n64_tb<BF16>(d, a, b_desc, 1);
 }
 
-// Forward, variant 4. Grid (ceil(Sq / 128), H, B), query tiles in reverse order (causal: longest
-// first), as variant 3. D is 64 or 128.
+// Forward pieces shared by variant 4 and its pipelined form (variant 5).
+
+// S (64 x 128 per warpgroup, unscaled) = Q K^T: A = this warpgroup's 64 rows of the Q tile at
+// `q_wg` (column block c at + c * BM * 128), B = the K tile at `Ks`. Issue only: the caller commits.
 template <bool BF16, int D>
-__device__ void attn_fwd4(const AttnParams& p) {
-    extern __shared__ __align__(16) u16 smem[];
-    constexpr int BM = FWD4_BM, BN = FWD4_BN, NTS = BN / 8, NTD = D / 8;
-    constexpr u32 Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
-    const u32 base = (smem_addr(smem) + 1023u) & ~1023u;
-    const u32 Qs = base, Kst = Qs + Q_BYTES, Vst = Kst + 2 * KV_BYTES;
+__device__ __forceinline__ void fwd4_qk(float (&s)[FWD4_BN / 2], u32 q_wg, u32 Ks) {
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k) {
+        const u32 col = (k & 3) * 32;  // bytes into the 128-byte row of column block k / 4
+        const u64 da = sw128_desc(q_wg + (k >> 2) * (FWD4_BM * 128) + col, 16, 1024);
+        const u64 db = sw128_desc(Ks + (k >> 2) * (FWD4_BN * 128) + col, 16, 1024);
+        wgmma_ss_n128<BF16>(s, da, db, k > 0);
+    }
+}
 
-    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int hk = h / (p.H / p.Hk);
-    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const int q0 = qt * BM, wrow = wg * 64 + warp * 16;  // this warp's rows: q0 + wrow + g (+ 8)
-    const u16* qbase = p.q + b * p.q_bs + h * p.q_hs;
-    const u16* kbase = p.k + b * p.k_bs + hk * p.k_hs;
-    const u16* vbase = p.v + b * p.v_bs + hk * p.v_hs;
+// O += P V for the packed P fragments `pa` and the V tile at `Vs` (16 keys per step). Issue only.
+template <bool BF16, int D>
+__device__ __forceinline__ void fwd4_pv(float (&o)[D / 2], const u32 (&pa)[FWD4_BN / 16][4], u32 Vs) {
+#pragma unroll
+    for (int ks = 0; ks < FWD4_BN / 16; ++ks)
+        wgmma_rs_d<BF16, D>(o, pa[ks], sw128_desc(Vs + ks * 16 * 128, FWD4_BN * 128, 1024));
+}
+
+// Masks the score tile of keys [k0, k0 + 128) (rows row0 + g, + 8 of this thread), then the
+// online softmax step: updates the running max and this thread's partial row sums, turns s into
+// P (2^(s scale_log2 - m)) and returns in `corr` the factor O must be rescaled by.
+__device__ __forceinline__ void fwd4_softmax(float (&s)[FWD4_BN / 2], float (&m_run)[2], float (&l_run)[2],
+                                             float (&corr)[2], const AttnParams& p, int b, int q0, int row0, int k0) {
+    constexpr int NTS = FWD4_BN / 8;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const float sl2 = p.scale_log2;
-
-    int n_tiles = (p.Sk + BN - 1) / BN;
-    if (p.causal) {
-        const int last_key = q0 + BM - 1 + (p.Sk - p.Sq);
-        n_tiles = min(n_tiles, last_key < 0 ? 0 : last_key / BN + 1);
-    }
-
-    load_rows_sw128<D, BM>(Qs, qbase, p.q_ss, q0, p.Sq);
-    if (n_tiles > 0) {
-        load_rows_sw128<D, BN>(Kst, kbase, p.k_ss, 0, p.Sk);
-        load_rows_sw128<D, BN>(Vst, vbase, p.v_ss, 0, p.Sk);
-    }
-    cp_async_commit();  // group: Q + K/V tile 0
-
-    float o[NTD * 4];
+    if (!tile_full(p, q0, k0, FWD4_BN)) {
 #pragma unroll
-    for (int i = 0; i < NTD * 4; ++i) o[i] = 0.f;
-    float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};  // rows g, g + 8 (partial sums per thread)
-    // A = this warpgroup's 64 rows of Q; column block c at + c * BM * 128.
-    const u32 q_wg = Qs + wg * 64 * 128;
-
-    for (int kt = 0; kt < n_tiles; ++kt) {
-        const int k0 = kt * BN;
-        const u32 Ks = Kst + (kt & 1) * KV_BYTES, Vs = Vst + (kt & 1) * KV_BYTES;
-        if (kt + 1 < n_tiles) {  // prefetch the next tile into the other stage (freed by the last barrier)
-            load_rows_sw128<D, BN>(Kst + ((kt + 1) & 1) * KV_BYTES, kbase, p.k_ss, k0 + BN, p.Sk);
-            load_rows_sw128<D, BN>(Vst + ((kt + 1) & 1) * KV_BYTES, vbase, p.v_ss, k0 + BN, p.Sk);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        fence_proxy_async();
-        __syncthreads();
-
-        // S = Q K^T (64 x 128 per warpgroup), unscaled.
-        float s[NTS * 4];
-        wgmma_fence();
+        for (int j = 0; j < NTS; ++j)
 #pragma unroll
-        for (int k = 0; k < D / 16; ++k) {
-            const u32 col = (k & 3) * 32;  // bytes into the 128-byte row of column block k / 4
-            const u64 da = sw128_desc(q_wg + (k >> 2) * (BM * 128) + col, 16, 1024);
-            const u64 db = sw128_desc(Ks + (k >> 2) * (BN * 128) + col, 16, 1024);
-            wgmma_ss_n128<BF16>(s, da, db, k > 0);
-        }
-        wgmma_commit();
-        wgmma_wait0();
-        fence_regs(s);
-
-        if (!tile_full(p, q0, k0, BN)) {
-#pragma unroll
-            for (int j = 0; j < NTS; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int row = q0 + wrow + g + (e >> 1) * 8;
-                    const int col = k0 + j * 8 + 2 * t + (e & 1);
-                    if (!allowed3(p, b, row, col)) s[4 * j + e] = NEG_INF;
-                }
-        }
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = NEG_INF;
-#pragma unroll
-            for (int j = 0; j < NTS; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m_run[r], mx * sl2);
-            const float m_use = m_new == NEG_INF ? 0.f : m_new;  // all masked so far: avoid inf - inf
-            const float corr = fast_exp2(m_run[r] - m_use);
-            m_run[r] = m_new;
-            l_run[r] *= corr;
-#pragma unroll
-            for (int j = 0; j < NTD; ++j) {
-                o[4 * j + 2 * r] *= corr;
-                o[4 * j + 2 * r + 1] *= corr;
+            for (int e = 0; e < 4; ++e) {
+                const int row = row0 + g + (e >> 1) * 8;
+                const int col = k0 + j * 8 + 2 * t + (e & 1);
+                if (!allowed3(p, b, row, col)) s[4 * j + e] = NEG_INF;
             }
-#pragma unroll
-            for (int j = 0; j < NTS; ++j)
-#pragma unroll
-                for (int e = 2 * r; e < 2 * r + 2; ++e) {
-                    const float pv = fast_exp2(fmaf(s[4 * j + e], sl2, -m_use));
-                    s[4 * j + e] = pv;
-                    l_run[r] += pv;
-                }
-        }
-
-        // O += P V: P (64 x 128) as A fragments, 16 keys per step; B = V rows [16 ks, 16 ks + 16).
-        // Every fragment is packed before the fence: registers written between two wgmmas make
-        // ptxas insert a warpgroup.arrive before each (C7519), serializing them.
-        u32 pa[BN / 16][4];
-#pragma unroll
-        for (int ks = 0; ks < BN / 16; ++ks)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) pa[ks][i] = pack2<BF16>(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < BN / 16; ++ks)
-            wgmma_rs_d<BF16, D>(o, pa[ks], sw128_desc(Vs + ks * 16 * 128, BN * 128, 1024));
-        wgmma_commit();
-        wgmma_wait0();
-        fence_regs(o);
-        __syncthreads();  // this stage may be overwritten by the next prefetch
     }
-    cp_async_wait<0>();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < NTS; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[r], mx * sl2);
+        const float m_use = m_new == NEG_INF ? 0.f : m_new;  // all masked so far: avoid inf - inf
+        corr[r] = fast_exp2(m_run[r] - m_use);
+        m_run[r] = m_new;
+        l_run[r] *= corr[r];
+#pragma unroll
+        for (int j = 0; j < NTS; ++j)
+#pragma unroll
+            for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                const float pv = fast_exp2(fmaf(s[4 * j + e], sl2, -m_use));
+                s[4 * j + e] = pv;
+                l_run[r] += pv;
+            }
+    }
+}
 
+template <int D>
+__device__ __forceinline__ void fwd4_rescale(float (&o)[D / 2], const float (&corr)[2]) {
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[4 * j + e] *= corr[e >> 1];
+}
+
+// P as wgmma A fragments. All of them are packed before the fence that precedes the P V wgmmas:
+// registers written between two wgmmas make ptxas insert a warpgroup.arrive before each (C7519).
+template <bool BF16>
+__device__ __forceinline__ void fwd4_pack(u32 (&pa)[FWD4_BN / 16][4], const float (&s)[FWD4_BN / 2]) {
+#pragma unroll
+    for (int ks = 0; ks < FWD4_BN / 16; ++ks)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) pa[ks][i] = pack2<BF16>(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
+}
+
+// O / l and the log2-domain lse for this thread's rows row0 + g, + 8.
+template <bool BF16, int D>
+__device__ __forceinline__ void fwd4_store(const AttnParams& p, int b, int h, int row0, const float (&o)[D / 2],
+                                           const float (&m_run)[2], const float (&l_run)[2]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float l = l_run[r];
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
         const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int row = q0 + wrow + g + r * 8;
+        const int row = row0 + g + r * 8;
         if (row < p.Sq) {
             u16* orow = p.o + b * p.o_bs + (i64)row * p.o_ss + h * p.o_hs;
 #pragma unroll
-            for (int j = 0; j < NTD; ++j)
+            for (int j = 0; j < D / 8; ++j)
                 *reinterpret_cast<u32*>(orow + j * 8 + 2 * t) = pack2<BF16>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
             if (t == 0) p.lse[((i64)b * p.H + h) * p.Sq + row] = l > 0.f ? m_run[r] + log2f(l) : NEG_INF;
         }
     }
+}
+
+// Forward, variant 4 (and 5 with PIPE). Grid (ceil(Sq / 128), H, B), query tiles in reverse order
+// (causal: longest first), as variant 3. D is 64 or 128.
+// Variant 4, per key tile: S = Q K^T, wait, softmax, O += P V, wait: the tensor cores idle while
+// a warpgroup does its softmax. Variant 5 (FA3's intra-warpgroup overlap): iteration kt issues
+// S_{kt+1} = Q K_{kt+1} and then O += P_kt V_kt, waits for S only, does the softmax of tile kt+1
+// while P_kt V_kt runs, then waits for it and rescales O. Its loads: the group issued at the top of
+// iteration kt brings K_{kt+2} and V_{kt+1}, each into the stage its previous occupant (K_kt,
+// V_{kt-1}) left when the last iteration's wgmmas were waited for.
+template <bool BF16, int D, bool PIPE>
+__device__ void attn_fwd4(const AttnParams& p) {
+    extern __shared__ __align__(16) u16 smem[];
+    constexpr int BM = FWD4_BM, BN = FWD4_BN;
+    constexpr u32 Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
+    const u32 base = (smem_addr(smem) + 1023u) & ~1023u;
+    const u32 Qs = base, Kst = Qs + Q_BYTES, Vst = Kst + 2 * KV_BYTES;
+
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int hk = h / (p.H / p.Hk);
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3;
+    const int q0 = qt * BM, row0 = q0 + wg * 64 + warp * 16;  // this thread's rows: row0 + g (+ 8)
+    const u16* qbase = p.q + b * p.q_bs + h * p.q_hs;
+    const u16* kbase = p.k + b * p.k_bs + hk * p.k_hs;
+    const u16* vbase = p.v + b * p.v_bs + hk * p.v_hs;
+
+    int n_tiles = (p.Sk + BN - 1) / BN;
+    if (p.causal) {
+        const int last_key = q0 + BM - 1 + (p.Sk - p.Sq);
+        n_tiles = min(n_tiles, last_key < 0 ? 0 : last_key / BN + 1);
+    }
+    auto load_k = [&](int tile) { load_rows_sw128<D, BN>(Kst + (tile & 1) * KV_BYTES, kbase, p.k_ss, tile * BN, p.Sk); };
+    auto load_v = [&](int tile) { load_rows_sw128<D, BN>(Vst + (tile & 1) * KV_BYTES, vbase, p.v_ss, tile * BN, p.Sk); };
+
+    load_rows_sw128<D, BM>(Qs, qbase, p.q_ss, q0, p.Sq);
+    if (n_tiles > 0) {
+        load_k(0);
+        load_v(0);
+    }
+    if (PIPE && n_tiles > 1) load_k(1);
+    cp_async_commit();  // group: Q + K/V tile 0 (+ K tile 1)
+
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};  // rows g, g + 8 (partial sums per thread)
+    float corr[2];
+    float s[BN / 2];
+    u32 pa[BN / 16][4];
+    const u32 q_wg = Qs + wg * 64 * 128;
+
+    if (!PIPE) {
+        for (int kt = 0; kt < n_tiles; ++kt) {
+            if (kt + 1 < n_tiles) {  // prefetch the next tile into the other stage (freed by the last barrier)
+                load_k(kt + 1);
+                load_v(kt + 1);
+                cp_async_commit();
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            fence_proxy_async();
+            __syncthreads();
+            wgmma_fence();
+            fwd4_qk<BF16, D>(s, q_wg, Kst + (kt & 1) * KV_BYTES);
+            wgmma_commit();
+            wgmma_wait0();
+            fence_regs(s);
+            fwd4_softmax(s, m_run, l_run, corr, p, b, q0, row0, kt * BN);
+            fwd4_rescale<D>(o, corr);
+            fwd4_pack<BF16>(pa, s);
+            wgmma_fence();
+            fwd4_pv<BF16, D>(o, pa, Vst + (kt & 1) * KV_BYTES);
+            wgmma_commit();
+            wgmma_wait0();
+            fence_regs(o);
+            __syncthreads();  // this stage may be overwritten by the next prefetch
+        }
+    } else if (n_tiles > 0) {
+        // prologue: S_0 and its softmax (O is still zero: no rescale needed)
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        wgmma_fence();
+        fwd4_qk<BF16, D>(s, q_wg, Kst);
+        wgmma_commit();
+        wgmma_wait0();
+        fence_regs(s);
+        fwd4_softmax(s, m_run, l_run, corr, p, b, q0, row0, 0);
+        fwd4_pack<BF16>(pa, s);
+        // Every tile but the last: the loop body issues its wgmmas unconditionally (with a
+        // conditional issue, ptxas serialized every wgmma of the kernel).
+        for (int kt = 0; kt + 1 < n_tiles; ++kt) {
+            cp_async_wait<0>();  // K_{kt+1}, V_kt
+            fence_proxy_async();
+            __syncthreads();  // ... visible to all; K_kt and V_{kt-1} no longer read
+            if (kt + 2 < n_tiles) load_k(kt + 2);
+            load_v(kt + 1);
+            cp_async_commit();
+            wgmma_fence();
+            fwd4_qk<BF16, D>(s, q_wg, Kst + ((kt + 1) & 1) * KV_BYTES);
+            wgmma_commit();
+            fwd4_pv<BF16, D>(o, pa, Vst + (kt & 1) * KV_BYTES);
+            wgmma_commit();
+            asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // S_{kt+1} done
+            fence_regs(s);
+            fwd4_softmax(s, m_run, l_run, corr, p, b, q0, row0, (kt + 1) * BN);
+            wgmma_wait0();  // P_kt V_kt done: O and the P fragments are free
+            fence_regs(o);
+            fwd4_rescale<D>(o, corr);
+            fwd4_pack<BF16>(pa, s);
+        }
+        // the last tile's P V
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        wgmma_fence();
+        fwd4_pv<BF16, D>(o, pa, Vst + ((n_tiles - 1) & 1) * KV_BYTES);
+        wgmma_commit();
+        wgmma_wait0();
+        fence_regs(o);
+    }
+    cp_async_wait<0>();
+    fwd4_store<BF16, D>(p, b, h, row0, o, m_run, l_run);
 }
 
 // ================================================================================================
@@ -466,9 +553,12 @@ __device__ void attn_bwd4(const AttnParams& p) {
     }
 }
 
-#define ATTN4_FWD(NAME, BF16, D)                                                                          \
-    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_fwd4_##NAME##_d##D(AttnParams p) { \
-        attn_fwd4<BF16, D>(p);                                                                            \
+#define ATTN4_FWD(NAME, BF16, D)                                                                           \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_fwd4_##NAME##_d##D(AttnParams p) {  \
+        attn_fwd4<BF16, D, false>(p);                                                                      \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_fwd5_##NAME##_d##D(AttnParams p) {  \
+        attn_fwd4<BF16, D, true>(p);                                                                       \
     }
 #define ATTN4_BWD(NAME, BF16, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd4_##NAME##_d##D(AttnParams p) { \

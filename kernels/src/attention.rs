@@ -87,20 +87,24 @@ struct AttnParams {
 const TILE: i64 = 64;
 const THREADS: u32 = 128;
 
-/// Which generation of the kernels runs. `V3` (the default) uses FlashAttention-2's tile shapes
-/// (128-row forward tiles, 8-warp backward); `V2` is the previous 64x64 / 4-warp version, kept for
-/// A/B timing in `kernels-gpu-check` and as a fallback (`LLAVA_SCO_ATTN_VARIANT=v2`). `V4` is
-/// Hopper wgmma kernels (`cuda/attention_sm90.cu`) on compute capability 9.0: forward at head
-/// dims 64 and 128, backward at 128; everything else runs V3.
+/// Which generation of the kernels runs (kernels/BENCHMARKS.md has each one's measurements).
+/// `V3` uses FlashAttention-2's tile shapes with mma.sync (128-row forward tiles, 8-warp backward);
+/// `V2` is the previous 64x64 / 4-warp version, kept for A/B timing in `kernels-gpu-check` and as a
+/// fallback (`LLAVA_SCO_ATTN_VARIANT=v2`). `V4` is Hopper wgmma kernels (`cuda/attention_sm90.cu`)
+/// on compute capability 9.0: forward at head dims 64 and 128, backward at 128; everything else
+/// runs V3. `V5` (the default) is V4 with the pipelined forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     V2,
     V3,
     V4,
+    /// V4 with FA3's intra-warpgroup overlap in the forward (the next tile's Q K^T and this tile's
+    /// P V in flight while the softmax runs).
+    V5,
 }
 
 /// The variant used when neither `set_variant` nor the environment chose one.
-pub const DEFAULT_VARIANT: Variant = Variant::V4;
+pub const DEFAULT_VARIANT: Variant = Variant::V5;
 /// Environment variable read once on first use: `v2`, `v3` or `v4`.
 pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
 
@@ -115,8 +119,9 @@ impl Variant {
             "v2" => Ok(Variant::V2),
             "v3" => Ok(Variant::V3),
             "v4" => Ok(Variant::V4),
+            "v5" => Ok(Variant::V5),
             other => Err(KernelError::Invalid(format!(
-                "{VARIANT_ENV}={other:?}: expected v2, v3 or v4"
+                "{VARIANT_ENV}={other:?}: expected v2, v3, v4 or v5"
             ))),
         }
     }
@@ -126,6 +131,7 @@ impl Variant {
             Variant::V2 => 2,
             Variant::V3 => 3,
             Variant::V4 => 4,
+            Variant::V5 => 5,
         }
     }
 
@@ -135,6 +141,7 @@ impl Variant {
             Variant::V2 => "v2",
             Variant::V3 => "v3",
             Variant::V4 => "v4",
+            Variant::V5 => "v5",
         }
     }
 }
@@ -150,6 +157,7 @@ pub fn variant() -> Result<Variant> {
         2 => Ok(Variant::V2),
         3 => Ok(Variant::V3),
         4 => Ok(Variant::V4),
+        5 => Ok(Variant::V5),
         _ => {
             let v = match std::env::var(VARIANT_ENV) {
                 Ok(s) => Variant::parse(&s)?,
@@ -197,8 +205,8 @@ fn bwd4_smem(d: i64) -> i64 {
 /// compute_90 with d 64 or 128 (else V3).
 fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
-        Variant::V4 if arch == "compute_90" && (d == 64 || d == 128) => Variant::V4,
-        Variant::V4 => Variant::V3,
+        Variant::V4 | Variant::V5 if arch == "compute_90" && (d == 64 || d == 128) => variant,
+        Variant::V4 | Variant::V5 => Variant::V3,
         v => v,
     }
 }
@@ -207,8 +215,8 @@ fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
 /// 0.85-0.89x V3's on an H200, see kernels/BENCHMARKS.md), else V3.
 fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
-        Variant::V4 if arch == "compute_90" && d == 128 => Variant::V4,
-        Variant::V4 => Variant::V3,
+        Variant::V4 | Variant::V5 if arch == "compute_90" && d == 128 => Variant::V4,
+        Variant::V4 | Variant::V5 => Variant::V3,
         v => v,
     }
 }
@@ -219,6 +227,7 @@ fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
         Variant::V2 => format!("attn_fwd_{dtype}_d{d}"),
         Variant::V3 => format!("attn_fwd3_{dtype}_d{d}"),
         Variant::V4 => format!("attn_fwd4_{dtype}_d{d}"),
+        Variant::V5 => format!("attn_fwd5_{dtype}_d{d}"),
     }
 }
 
@@ -226,8 +235,10 @@ fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
 pub fn sm90a_kernel_names() -> Vec<String> {
     let mut names = Vec::new();
     for dtype in ["bf16", "f16"] {
-        names.push(fwd_kernel(Variant::V4, dtype, 64));
-        names.push(fwd_kernel(Variant::V4, dtype, 128));
+        for v in [Variant::V4, Variant::V5] {
+            names.push(fwd_kernel(v, dtype, 64));
+            names.push(fwd_kernel(v, dtype, 128));
+        }
         names.push(bwd_kernel(Variant::V4, dtype, 128));
     }
     names
@@ -523,9 +534,9 @@ pub fn fused_forward_into(
             FWD3_THREADS,
             (FWD3_BLOCK_M + 4 * fwd3_block_n(d.d)) * (d.d + 8) * 2,
         ),
-        Variant::V4 => (FWD4_BLOCK, FWD4_THREADS, fwd4_smem(d.d)),
+        Variant::V4 | Variant::V5 => (FWD4_BLOCK, FWD4_THREADS, fwd4_smem(d.d)),
     };
-    let source = if variant == Variant::V4 {
+    let source = if matches!(variant, Variant::V4 | Variant::V5) {
         crate::SM90A_ATTENTION
     } else {
         "attention.cu"
@@ -732,10 +743,10 @@ mod tests {
         assert_eq!(Variant::parse(" V3 ").unwrap(), Variant::V3);
         let err = Variant::parse("fast").unwrap_err().to_string();
         assert!(
-            err.contains(VARIANT_ENV) && err.contains("v2, v3 or v4"),
+            err.contains(VARIANT_ENV) && err.contains("v2, v3, v4 or v5"),
             "{err}"
         );
-        for v in [Variant::V2, Variant::V3, Variant::V4] {
+        for v in [Variant::V2, Variant::V3, Variant::V4, Variant::V5] {
             assert_eq!(Variant::parse(v.name()).unwrap(), v);
         }
     }
@@ -754,7 +765,10 @@ mod tests {
         // Q + 2 stages of K and V at d128 must fit one block's 227 KB
         assert!(fwd4_smem(128) <= 227 * 1024, "{}", fwd4_smem(128));
         assert!(bwd4_smem(128) <= 227 * 1024, "{}", bwd4_smem(128));
-        assert_eq!(sm90a_kernel_names().len(), 6);
+        assert_eq!(sm90a_kernel_names().len(), 10);
+        assert_eq!(v4_forward(Variant::V5, "compute_90", 128), Variant::V5);
+        assert_eq!(v4_forward(Variant::V5, "compute_80", 64), Variant::V3);
+        assert_eq!(v4_backward(Variant::V5, "compute_90", 128), Variant::V4);
     }
 
     #[test]

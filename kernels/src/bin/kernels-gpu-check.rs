@@ -182,7 +182,14 @@ struct Row {
 fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant, new: Variant) {
     let dev = Device::Cuda(0);
     for &(d, h) in &[(128i64, 16i64), (64, 32)] {
-        for &s in &[512i64, 1024, 2048, 4096, 8192] {
+        // KERNELS_BENCH=quick: two lengths only (a device call with little time left)
+        let quick = std::env::var("KERNELS_BENCH").is_ok_and(|v| v == "quick");
+        let lengths: &[i64] = if quick {
+            &[2048, 8192]
+        } else {
+            &[512, 1024, 2048, 4096, 8192]
+        };
+        for &s in lengths {
             for &causal in &[false, true] {
                 let b = 16384 / s;
                 let q = Tensor::randn([b, s, h, d], (Kind::BFloat16, dev)).permute([0, 2, 1, 3]);
@@ -434,9 +441,9 @@ fn main() -> std::process::ExitCode {
         "attention case", "out", "dq", "dk", "dv"
     );
     // Oldest first: if a newer variant is broken badly enough to kill the CUDA context, the older
-    // verdicts are already out. v4 (wgmma forward) runs only on compute capability 9.0.
-    let variants = [Variant::V2, Variant::V3, Variant::V4];
-    let mut variant_failures = [0usize; 3];
+    // verdicts are already out. v4 and v5 (wgmma) run only on compute capability 9.0.
+    let variants = [Variant::V2, Variant::V3, Variant::V4, Variant::V5];
+    let mut variant_failures = [0usize; 4];
     for (vi, variant, c) in variants
         .iter()
         .enumerate()
@@ -510,14 +517,15 @@ fn main() -> std::process::ExitCode {
         t0.elapsed().as_secs_f64()
     );
     let mut rows = Vec::new();
-    // v4 is timed only when all its cases passed (a broken kernel's speed means nothing)
-    let new = if variant_failures[2] == 0 {
-        Variant::V4
-    } else {
-        Variant::V3
+    // the newest variant whose cases all passed, timed against the one before it (a broken
+    // kernel's speed means nothing)
+    let (prev, new) = match variant_failures {
+        [_, _, 0, 0] => (Variant::V4, Variant::V5),
+        [_, _, 0, _] => (Variant::V3, Variant::V4),
+        _ => (Variant::V2, Variant::V3),
     };
     if let Err(e) = guarded(|| {
-        bench_attention(&mut rows, &mut json, Variant::V3, new);
+        bench_attention(&mut rows, &mut json, prev, new);
         bench_rmsnorm(&mut rows, &mut json);
         Ok(())
     }) {
@@ -534,11 +542,11 @@ fn main() -> std::process::ExitCode {
     println!(
         "\n{:<34} {:>8} {:>8} {:>9} {:>7} {:>7}  unit   ({}, {:.0} s)",
         "benchmark",
-        "v3",
+        prev.name(),
         &format!("{}/ours", new.name()),
         "libtorch",
         "ratio",
-        &format!("{}/v3", new.name()),
+        &format!("{}/{}", new.name(), prev.name()),
         gpu.name,
         t0.elapsed().as_secs_f64()
     );
