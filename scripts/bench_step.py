@@ -6,7 +6,8 @@ gloo on the CPU; if fully_shard refuses the CPU, DDP over gloo, and the result s
     .venv/bin/python scripts/bench_step.py --model DIR --batches F --mode lora|full \
         --steps N --warmup N --world W --threads T
 
-Prints one JSON object: {"median_s", "steps", "engine", "loss0", "threads", "world"}. Every
+Prints one JSON object: {"median_s", "median_cpu_s", "steps", "engine", "loss0", "threads", "world"}
+(median_cpu_s: CPU seconds of rank 0's process per step, all threads). Every
 rank takes rows [r*b, (r+1)*b) of the global batch; a step is forward + backward of that
 micro-batch, gradient clipping at 1.0 and AdamW (fp32). Our side normalizes the loss by the
 global supervised-token count, transformers by the local one: the same work either way.
@@ -55,22 +56,23 @@ def batch_rows(args, rank, world):
 def time_steps(args, model, batch):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
-    times, loss0 = [], None
+    times, cpu, loss0 = [], [], None
     for i in range(args.warmup + args.steps):
         if dist.is_initialized():
             dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = model(**batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if loss0 is None:
             loss0 = out.loss.item()
         if i >= args.warmup:
             times.append(dt)
-    return statistics.median(times), loss0
+            cpu.append(dc)
+    return statistics.median(times), statistics.median(cpu), loss0
 
 
 def shard(model):
@@ -96,7 +98,7 @@ def worker(rank, args, port, out):
     model, engine = shard(model)
     batch = batch_rows(args, rank, args.world)
     try:
-        median, loss0 = time_steps(args, model, batch)
+        median, median_cpu, loss0 = time_steps(args, model, batch)
     except Exception as e:  # noqa: BLE001 - FSDP2 may accept the wrap and fail in the step
         if not engine.startswith("fsdp2"):
             raise
@@ -104,7 +106,7 @@ def worker(rank, args, port, out):
         raise SystemExit(f"fsdp2 step failed: {type(e).__name__}: {e}")
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"median_s": median, "engine": engine, "loss0": loss0}, f)
+            json.dump({"median_s": median, "median_cpu_s": median_cpu, "engine": engine, "loss0": loss0}, f)
     dist.destroy_process_group()
 
 
@@ -122,8 +124,8 @@ def main():
     if args.world == 1:
         torch.set_num_threads(args.threads)
         model = build(args)
-        median, loss0 = time_steps(args, model, batch_rows(args, 0, 1))
-        res = {"median_s": median, "engine": "transformers+peft (1 process)", "loss0": loss0}
+        median, median_cpu, loss0 = time_steps(args, model, batch_rows(args, 0, 1))
+        res = {"median_s": median, "median_cpu_s": median_cpu, "engine": "transformers+peft (1 process)", "loss0": loss0}
     else:
         import socket
 

@@ -11,7 +11,9 @@
 //! `seq` tokens, each with one 4-tile image; rank r takes rows [r*b, (r+1)*b). Both sides use
 //! `threads` intra-op threads per rank (cores / ranks on this host by default). Step time =
 //! the median of `steps` timed steps after `warmup`; the peer runs right after ours for each
-//! row (rank 0 only), so the two never compete for the cores and see the same load. At world 1 the first step's loss is compared too
+//! row (rank 0 only), so the two never compete for the cores and see the same load. Each side
+//! also reports the median CPU time of its steps (this process, all threads): on a shared,
+//! noisy host it moves far less with other processes' load than the wall time does. At world 1 the first step's loss is compared too
 //! (LoRA's B starts at zero on both sides, so the initial function is the same).
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,18 +57,37 @@ pub struct Measurement {
     pub params: i64,
     pub trainable: i64,
     pub ours_s: f64,
+    /// Median CPU seconds per step (this rank's process, all threads).
+    pub ours_cpu_s: f64,
+    /// Every timed step's wall seconds, in order.
+    pub ours_steps_s: Vec<f64>,
     pub ours_loss0: f64,
-    /// (median step s, engine, first loss)
-    pub peer: Option<(f64, String, f64)>,
+    pub peer: Option<PeerResult>,
     pub threads: usize,
     pub batch: usize,
     pub seq: usize,
 }
 
+/// What scripts/bench_step.py reports.
+pub struct PeerResult {
+    /// Median wall seconds per step.
+    pub s: f64,
+    /// Median CPU seconds per step (NaN from an older script).
+    pub cpu_s: f64,
+    pub engine: String,
+    /// The first step's loss.
+    pub loss0: f64,
+}
+
 impl Measurement {
     /// ours / peer step time (lower is better for us).
     pub fn ratio(&self) -> Option<f64> {
-        self.peer.as_ref().map(|p| self.ours_s / p.0)
+        self.peer.as_ref().map(|p| self.ours_s / p.s)
+    }
+
+    /// ours / peer CPU time per step.
+    pub fn cpu_ratio(&self) -> Option<f64> {
+        self.peer.as_ref().map(|p| self.ours_cpu_s / p.cpu_s)
     }
 
     pub fn json(&self) -> Value {
@@ -76,13 +97,27 @@ impl Measurement {
             "params": self.params, "trainable_params": self.trainable,
             "batch": self.batch, "seq": self.seq, "threads": self.threads,
             "seconds": self.ours_s, "figure": self.ours_s, "unit": "s/step",
+            "cpu_seconds": self.ours_cpu_s, "steps_seconds": self.ours_steps_s,
             "loss0": self.ours_loss0,
-            "peer": self.peer.as_ref().map(|p| p.1.clone()),
-            "peer_seconds": self.peer.as_ref().map(|p| p.0),
-            "peer_loss0": self.peer.as_ref().map(|p| p.2),
+            "peer": self.peer.as_ref().map(|p| p.engine.clone()),
+            "peer_seconds": self.peer.as_ref().map(|p| p.s),
+            "peer_cpu_seconds": self.peer.as_ref().map(|p| p.cpu_s),
+            "peer_loss0": self.peer.as_ref().map(|p| p.loss0),
             "ratio": self.ratio(),
+            "cpu_ratio": self.cpu_ratio(),
         })
     }
+}
+
+/// CPU seconds (user + system) of this process, all threads.
+fn process_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid pointer we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -124,7 +159,15 @@ fn write_inputs(dir: &Path, model: &str, o: &StepOptions) -> Result<()> {
         ("aspect_ratio_mask", &aspect_ratio_mask),
         ("cross_attention_mask", &cross_attention_mask),
     ];
-    Tensor::write_safetensors(&named, dir.join(format!("{model}-batches.safetensors")))?;
+    let batches = dir.join(format!("{model}-batches.safetensors"));
+    Tensor::write_safetensors(&named, &batches)?;
+    // flush the ~0.5 GB just written, so that its writeback does not share the cores with the
+    // first row's timed steps (the peer's row never had it)
+    for f in [folder.join("model.safetensors"), batches] {
+        std::fs::File::open(&f)
+            .and_then(|h| h.sync_all())
+            .with_context(|| format!("flushing {}", f.display()))?;
+    }
     Ok(())
 }
 
@@ -208,14 +251,23 @@ fn build(pg: &ProcessGroup, folder: &Path, mode: &str) -> Result<(Trainable, i64
     Ok((t, params + lora_params, trainable))
 }
 
-/// Our median step time at this rank's share, and the first step's loss.
+/// Our step times at this rank's share.
+struct OursTimes {
+    /// Wall seconds of each timed step.
+    steps: Vec<f64>,
+    /// CPU seconds of each timed step.
+    cpu: Vec<f64>,
+    loss0: f64,
+}
+
+/// Our step times at this rank's share, and the first step's loss.
 fn time_ours(
     pg: &ProcessGroup,
     trainable: &mut Trainable,
     batch: &Batch,
     tokens: i64,
     o: &StepOptions,
-) -> Result<(f64, f64)> {
+) -> Result<OursTimes> {
     let params = trainable.master_params();
     // no weight decay, as the peer's torch.optim.AdamW(weight_decay=0.0)
     let config = AdamWConfig {
@@ -223,17 +275,17 @@ fn time_ours(
         ..AdamWConfig::default()
     };
     let mut opt = AdamW::new(config, &params);
-    let (mut times, mut loss0) = (vec![], None);
+    let (mut times, mut cpu, mut loss0) = (vec![], vec![], None);
     for i in 0..o.warmup + o.steps {
         pg.barrier()?;
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), process_cpu_seconds());
         trainable.zero_grads();
         let sum = trainable.forward_backward(pg, batch, 1.0 / tokens as f64, i as u64)?;
         let grads = trainable.grads();
         clip_grad_norm(&grads, Some(1.0), Some(pg))?;
         opt.step(&params, &grads, 1e-5);
         trainable.after_update();
-        let dt = t0.elapsed().as_secs_f64();
+        let (dt, dc) = (t0.elapsed().as_secs_f64(), process_cpu_seconds() - c0);
         if loss0.is_none() {
             let t = Tensor::from_slice(&[sum]);
             pg.all_reduce(&t, ReduceOp::Sum)?;
@@ -241,9 +293,14 @@ fn time_ours(
         }
         if i >= o.warmup {
             times.push(dt);
+            cpu.push(dc);
         }
     }
-    Ok((median(times), loss0.unwrap_or(f64::NAN)))
+    Ok(OursTimes {
+        steps: times,
+        cpu,
+        loss0: loss0.unwrap_or(f64::NAN),
+    })
 }
 
 fn run_peer(
@@ -254,7 +311,7 @@ fn run_peer(
     mode: &str,
     world: usize,
     o: &StepOptions,
-) -> Result<(f64, String, f64)> {
+) -> Result<PeerResult> {
     let mut cmd = Command::new(python);
     cmd.arg(script)
         .arg("--model")
@@ -273,9 +330,12 @@ fn run_peer(
         .env_remove("MASTER_PORT")
         .env_remove("LOCAL_RANK");
     let v = super::peer_json(cmd, script)?;
-    let s = v["median_s"].as_f64().context("peer: no median_s")?;
-    let engine = v["engine"].as_str().unwrap_or("?").to_string();
-    Ok((s, engine, v["loss0"].as_f64().unwrap_or(f64::NAN)))
+    Ok(PeerResult {
+        s: v["median_s"].as_f64().context("peer: no median_s")?,
+        cpu_s: v["median_cpu_s"].as_f64().unwrap_or(f64::NAN),
+        engine: v["engine"].as_str().unwrap_or("?").to_string(),
+        loss0: v["loss0"].as_f64().unwrap_or(f64::NAN),
+    })
 }
 
 /// Every (model, mode) at this process group's world size; rank 0 returns the measurements
@@ -304,7 +364,7 @@ pub fn run(pg: &ProcessGroup, o: &StepOptions) -> Result<Vec<Measurement>> {
                 bail!("--modes: unknown mode `{mode}` (expected lora or full)");
             }
             let (mut t, params, trainable) = build(pg, &o.dir.join(m), mode)?;
-            let (s, loss0) = time_ours(pg, &mut t, &batch, tokens, o)?;
+            let times = time_ours(pg, &mut t, &batch, tokens, o)?;
             drop(t);
             // the peer right after ours (rank 0 only; the other ranks wait at the barrier), so a
             // change in the machine's load hits both sides of a row alike
@@ -329,8 +389,10 @@ pub fn run(pg: &ProcessGroup, o: &StepOptions) -> Result<Vec<Measurement>> {
                 engine: if world == 1 { "plain" } else { "fsdp" },
                 params,
                 trainable,
-                ours_s: s,
-                ours_loss0: loss0,
+                ours_s: median(times.steps.clone()),
+                ours_cpu_s: median(times.cpu),
+                ours_steps_s: times.steps,
+                ours_loss0: times.loss0,
                 peer,
                 threads: o.threads,
                 batch: o.batch,
@@ -348,20 +410,28 @@ pub fn run(pg: &ProcessGroup, o: &StepOptions) -> Result<Vec<Measurement>> {
 
 pub fn table(ms: &[Measurement]) -> String {
     let mut s = format!(
-        "{:<6} {:<5} {:>5} {:>11} {:>10} {:>10} {:>7}  {}\n",
-        "model", "mode", "world", "params", "ours s", "peer s", "ratio", "peer"
+        "{:<6} {:<5} {:>5} {:>11} {:>10} {:>10} {:>7} {:>9}  {}\n",
+        "model", "mode", "world", "params", "ours s", "peer s", "ratio", "cpu ratio", "peer"
     );
+    let x = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}x"));
     for m in ms {
         let (ps, engine) = m
             .peer
             .as_ref()
             .map_or(("-".to_string(), "-".to_string()), |p| {
-                (format!("{:.4}", p.0), p.1.clone())
+                (format!("{:.4}", p.s), p.engine.clone())
             });
-        let ratio = m.ratio().map_or("-".into(), |r| format!("{r:.2}x"));
         s += &format!(
-            "{:<6} {:<5} {:>5} {:>11} {:>10.4} {:>10} {:>7}  {}\n",
-            m.model, m.mode, m.world, m.params, m.ours_s, ps, ratio, engine
+            "{:<6} {:<5} {:>5} {:>11} {:>10.4} {:>10} {:>7} {:>9}  {}\n",
+            m.model,
+            m.mode,
+            m.world,
+            m.params,
+            m.ours_s,
+            ps,
+            x(m.ratio()),
+            x(m.cpu_ratio()),
+            engine
         );
     }
     s

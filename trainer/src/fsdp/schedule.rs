@@ -25,7 +25,7 @@ use crate::dist::ProcessGroup;
 use crate::model::attn_tape;
 use crate::model::text::TextContext;
 use crate::model::vision::VisionPrep;
-use crate::model::{causal_lm_loss, Batch, MllamaModel, ModelError};
+use crate::model::{supervised_lm_loss, Batch, MllamaModel, ModelError};
 
 use super::flat::Gathering;
 use super::units::ROOT;
@@ -189,12 +189,13 @@ impl Plan {
                 r
             }
             Op::Out => {
-                let logits = model.lm_head.forward(&model.text.norm.forward(&x[0])); // (B, S, V)
+                let hidden = model.text.norm.forward(&x[0]); // (B, S, H)
                 let labels = self
                     .labels
                     .as_ref()
                     .ok_or_else(|| ModelError::Input("training needs labels".into()))?;
-                Ok(causal_lm_loss(&logits, labels).0)
+                // the LM head only at supervised positions (= causal_lm_loss of the full logits)
+                Ok(supervised_lm_loss(&hidden, &model.lm_head, labels).0)
             }
         }
     }

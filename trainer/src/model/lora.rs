@@ -37,8 +37,10 @@ impl Linear {
                 } else {
                     x.shallow_clone()
                 };
-                let z = xd.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b, None); // (..., out)
-                y + z * l.scaling
+                // scaling applied to the rank-r intermediate, not to the (..., out) product: one elementwise pass
+                // over r columns instead of `out` (bitwise the same when scaling is a power of two, e.g. 32 / 8)
+                let z = (xd.linear::<Tensor>(&l.a, None) * l.scaling).linear::<Tensor>(&l.b, None); // (..., out)
+                y + z
             }
         }
     }

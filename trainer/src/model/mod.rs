@@ -147,13 +147,11 @@ pub fn prepare_cross_attention_mask(
     (mask * &row, row)
 }
 
-/// Causal-LM loss as transformers' `ForCausalLMLoss`: labels shifted left (last position ignored), fp32
-/// cross-entropy summed over positions whose label is not -100. Returns (sum (scalar f32), token count), so callers
-/// can normalize across micro-batches and ranks; `sum / count` is transformers' loss.
-pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> (Tensor, i64) {
-    let (b, v) = (labels.size()[0], logits.size()[2]);
+/// Next-token targets of `labels` (B, S): labels shifted left by one, the last position -100 (ignored). (B, S) i64.
+fn shifted_targets(labels: &Tensor) -> Tensor {
+    let b = labels.size()[0];
     let pad = Tensor::full([b, 1], -100, (Kind::Int64, labels.device()));
-    let shift = Tensor::cat(
+    Tensor::cat(
         &[
             &labels
                 .narrow(1, 1, labels.size()[1] - 1)
@@ -161,7 +159,16 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> (Tensor, i64) {
             &pad,
         ],
         1,
-    ); // (B, S)
+    ) // (B, S)
+}
+
+/// Causal-LM loss as transformers' `ForCausalLMLoss`: labels shifted left (last position ignored), fp32
+/// cross-entropy summed over positions whose label is not -100. Returns (sum (scalar f32), token count), so callers
+/// can normalize across micro-batches and ranks; `sum / count` is transformers' loss. The reference for
+/// [`supervised_lm_loss`], which training uses.
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> (Tensor, i64) {
+    let v = logits.size()[2];
+    let shift = shifted_targets(labels); // (B, S)
     let flat = logits.to_kind(Kind::Float).reshape([-1, v]); // (B*S, V)
     let sum = flat.cross_entropy_loss::<Tensor>(
         &shift.reshape([-1]),
@@ -171,6 +178,28 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> (Tensor, i64) {
         0.0,
     );
     let count = shift.ne(-100).sum(Kind::Int64).int64_value(&[]);
+    (sum, count)
+}
+
+/// [`causal_lm_loss`] of `lm_head(hidden)` without the logits of unsupervised positions: the LM head and the
+/// softmax run only on the rows whose shifted label is not -100 (ignored rows add exactly 0 to the sum and to every
+/// gradient, so only the matmul's row count changes; with the usual half-masked prompts that halves the LM head's
+/// forward and backward, the largest matmul of a small model). hidden (B, S, H) after the final norm, labels
+/// (B, S). Returns (sum (scalar f32), token count).
+pub fn supervised_lm_loss(hidden: &Tensor, lm_head: &Linear, labels: &Tensor) -> (Tensor, i64) {
+    let h = hidden.size()[2];
+    let target = shifted_targets(labels).reshape([-1]); // (B*S,)
+    let keep = target.ne(-100).nonzero().squeeze_dim(1); // (N,) supervised rows
+    let count = keep.size()[0];
+    let x = hidden.reshape([-1, h]).index_select(0, &keep); // (N, H)
+    let logits = lm_head.forward(&x).to_kind(Kind::Float); // (N, V)
+    let sum = logits.cross_entropy_loss::<Tensor>(
+        &target.index_select(0, &keep),
+        None,
+        tch::Reduction::Sum,
+        -100,
+        0.0,
+    );
     (sum, count)
 }
 
@@ -312,6 +341,27 @@ impl MllamaModel {
         position_ids: Option<&Tensor>,
         images: Option<&Images>,
         cross_attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor, ModelError> {
+        let hidden = self.decoder_hidden(
+            input_ids,
+            attention_mask,
+            position_ids,
+            images,
+            cross_attention_mask,
+            cache,
+        )?;
+        Ok(self.lm_head.forward(&hidden)) // (B, S, V)
+    }
+
+    /// [`MllamaModel::forward_step`] up to the final norm: hidden states (B, S, H) before the LM head.
+    fn decoder_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+        images: Option<&Images>,
+        cross_attention_mask: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor, ModelError> {
         let (b, s) = (input_ids.size()[0], input_ids.size()[1]);
@@ -330,11 +380,11 @@ impl MllamaModel {
         let hidden = self.text.embed(&input_ids.to_device(device)); // (B, S, H)
         let hidden = self
             .text
-            .forward_layers(hidden, &ctx, cache.as_deref_mut())?;
+            .forward_layers(hidden, &ctx, cache.as_deref_mut())?; // (B, S, H) normed
         if let Some(c) = cache {
             c.seen += s;
         }
-        Ok(self.lm_head.forward(&hidden)) // (B, S, V)
+        Ok(hidden)
     }
 
     /// Everything the decoder layers need besides the hidden states, for `s` tokens after `past` cached ones:
@@ -369,7 +419,8 @@ impl MllamaModel {
                             ..Default::default()
                         }
                     }
-                    _ => ops::AttnMask::dense(m),
+                    AttentionImpl::Sdpa => ops::AttnMask::dense_rows(m),
+                    AttentionImpl::Eager => ops::AttnMask::dense(m),
                 };
                 (Some(m), Some(r))
             }
@@ -405,15 +456,24 @@ impl MllamaModel {
         )
     }
 
-    /// (loss sum, token count) of a batch with labels; see [`causal_lm_loss`].
+    /// (loss sum, token count) of a batch with labels: [`causal_lm_loss`] of [`MllamaModel::forward`], computed
+    /// by [`supervised_lm_loss`] (the LM head only where a label is supervised).
     pub fn loss(&self, batch: &Batch) -> Result<(Tensor, i64), ModelError> {
         let labels = batch
             .labels
             .as_ref()
             .ok_or_else(|| ModelError::Input("loss needs labels".into()))?;
-        let logits = self.forward(batch)?;
-        Ok(causal_lm_loss(
-            &logits,
+        let hidden = self.decoder_hidden(
+            &batch.input_ids,
+            batch.attention_mask.as_ref(),
+            None,
+            batch.images.as_ref(),
+            batch.images.as_ref().map(|i| &i.cross_attention_mask),
+            None,
+        )?; // (B, S, H)
+        Ok(supervised_lm_loss(
+            &hidden,
+            &self.lm_head,
             &labels.to_device(self.options.device),
         ))
     }
@@ -519,5 +579,62 @@ impl MllamaModel {
             l.visit_linears(f);
         }
         f(&mut self.lm_head);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (loss sum, count, d sum / d hidden, d sum / d weight) of `loss` on one (hidden, labels) pair.
+    fn run(
+        hidden: &Tensor,
+        weight: &Tensor,
+        labels: &Tensor,
+        loss: &dyn Fn(&Tensor, &Linear, &Tensor) -> (Tensor, i64),
+    ) -> (f64, i64, Tensor, Tensor) {
+        let h = hidden.detach().set_requires_grad(true);
+        let lm_head = Linear {
+            path: "lm_head".into(),
+            weight: weight.detach().set_requires_grad(true),
+            bias: None,
+            lora: None,
+        };
+        let (sum, count) = loss(&h, &lm_head, labels);
+        sum.backward();
+        (
+            sum.double_value(&[]),
+            count,
+            h.grad(),
+            lm_head.weight.grad(),
+        )
+    }
+
+    fn reference(hidden: &Tensor, lm_head: &Linear, labels: &Tensor) -> (Tensor, i64) {
+        causal_lm_loss(&lm_head.forward(hidden), labels)
+    }
+
+    #[test]
+    fn supervised_loss_matches_the_full_logits_reference() {
+        tch::manual_seed(0);
+        let (b, s, h, v) = (3, 9, 16, 40);
+        let hidden = Tensor::randn([b, s, h], (Kind::Float, Device::Cpu));
+        let weight = Tensor::randn([v, h], (Kind::Float, Device::Cpu)) * 0.3;
+        let labels = Tensor::randint(v, [b, s], (Kind::Int64, Device::Cpu));
+        // a prompt half, a padded tail and one row without any supervised token
+        let _ = labels.narrow(1, 0, 4).fill_(-100);
+        let _ = labels.narrow(0, 1, 1).narrow(1, 6, 3).fill_(-100);
+        let _ = labels.narrow(0, 2, 1).fill_(-100);
+        let all_ignored = labels.full_like(-100);
+        for labels in [&labels, &all_ignored] {
+            let (l0, c0, gh0, gw0) = run(&hidden, &weight, labels, &reference);
+            let (l1, c1, gh1, gw1) = run(&hidden, &weight, labels, &supervised_lm_loss);
+            assert_eq!(c0, c1);
+            assert!((l0 - l1).abs() <= 1e-6 * l0.abs().max(1.0), "{l0} vs {l1}");
+            for (a, b) in [(&gh0, &gh1), (&gw0, &gw1)] {
+                let err = (a - b).abs().max().double_value(&[]);
+                assert!(err <= 1e-6, "gradient differs by {err}");
+            }
+        }
     }
 }

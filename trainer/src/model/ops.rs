@@ -46,7 +46,10 @@ pub fn dtype_min(kind: Kind) -> f64 {
 pub struct AttnMask {
     /// Additive (B, 1, Sq, Sk): 0 = attend, dtype min = masked (eager, sdpa).
     pub dense: Option<Tensor>,
-    /// Fused: key j visible to query i iff j <= i + (Sk - Sq).
+    /// Sdpa: (R,) i64, the only query rows where `dense` masks anything (in any batch entry); the other rows run
+    /// without the mask (see [`AttnMask::dense_rows`]).
+    pub masked_rows: Option<Tensor>,
+    /// Key j visible to query i iff j <= i + (Sk - Sq). Fused; and eager/sdpa when `dense` is None.
     pub causal: bool,
     /// Fused: (B, Sk) keys kept.
     pub key_keep: Option<Tensor>,
@@ -61,6 +64,34 @@ impl AttnMask {
         Self {
             dense: Some(t),
             ..Default::default()
+        }
+    }
+
+    /// The additive mask `t` (B, 1, Sq, Sk) with the query rows that mask anything listed, for sdpa: the vision
+    /// tower's aspect-ratio mask masks only its padding rows (28 of 1056 for four real tiles), and the
+    /// cross-attention mask only rows that miss a tile, yet a dense mask makes libtorch's CPU flash kernel read
+    /// and add it for every row (~8% of the vision attention's time). No row masked: no mask at all. Most rows
+    /// masked: the plain dense mask (splitting would not pay). Eager ignores the list and adds `t` as before.
+    pub fn dense_rows(t: Tensor) -> Self {
+        let sq = t.size()[2];
+        let rows = t
+            .ne(0)
+            .any_dim(3, false)
+            .any_dim(1, false)
+            .any_dim(0, false)
+            .nonzero()
+            .squeeze_dim(1); // (R,)
+        let r = rows.size()[0];
+        if r == 0 {
+            Self::default()
+        } else if 2 * r > sq {
+            Self::dense(t)
+        } else {
+            Self {
+                dense: Some(t),
+                masked_rows: Some(rows),
+                ..Default::default()
+            }
         }
     }
 }
@@ -95,21 +126,41 @@ pub fn attend(
             let w = q.matmul(&k.transpose(2, 3)) * scale; // (B, H, Sq, Sk)
             let w = match &mask.dense {
                 Some(m) => w + m,
+                None if mask.causal => {
+                    let (sq, sk) = (q.size()[2], k.size()[2]);
+                    let future = Tensor::ones([sq, sk], (Kind::Bool, q.device())).triu(sk - sq + 1); // (Sq, Sk)
+                    w.masked_fill(&future, dtype_min(w.kind()))
+                }
                 None => w,
             };
             let p = w.softmax(-1, Kind::Float).to_kind(q.kind());
             Ok(p.matmul(&v))
         }
-        AttentionImpl::Sdpa => Ok(Tensor::scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            mask.dense.as_ref(),
-            0.0,
-            false,
-            scale,
-            h != hk,
-        )),
+        AttentionImpl::Sdpa => {
+            let sdpa = |q: &Tensor, m: Option<&Tensor>, causal: bool| {
+                Tensor::scaled_dot_product_attention(q, k, v, m, 0.0, causal, scale, h != hk)
+            };
+            Ok(match (&mask.dense, &mask.masked_rows) {
+                // every row without the mask, then the masked rows again with their mask rows
+                (Some(m), Some(rows)) => {
+                    let all = sdpa(q, None, false); // (B, H, Sq, D)
+                    let q_rows = q.index_select(2, rows); // (B, H, R, D)
+                    let m_rows = m.index_select(2, rows); // (B, 1, R, Sk)
+                    all.index_copy(2, rows, &sdpa(&q_rows, Some(&m_rows), false))
+                }
+                (Some(m), None) => sdpa(q, Some(m), false),
+                // libtorch's causal flag is top-left aligned: the same as ours only when Sq == Sk
+                (None, _) if mask.causal && q.size()[2] != k.size()[2] => {
+                    return Err(ModelError::Attention(format!(
+                        "a causal mask without a dense mask needs as many queries as keys (found {} and {}); \
+                         build the mask with text::causal_mask",
+                        q.size()[2],
+                        k.size()[2]
+                    )))
+                }
+                (None, _) => sdpa(q, None, mask.causal),
+            })
+        }
         AttentionImpl::Fused => {
             let m = kernels::attention::AttentionMask {
                 causal: mask.causal,
@@ -163,5 +214,100 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let h = self.weight.size()[0];
         x.layer_norm([h], Some(&self.weight), Some(&self.bias), self.eps, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// (output, dq, dk, dv) of `attend` with `mask` on fresh leaves.
+    fn run(imp: AttentionImpl, qkv: [&Tensor; 3], mask: &AttnMask) -> [Tensor; 4] {
+        let [q, k, v] = qkv.map(|t| t.detach().set_requires_grad(true));
+        let o = attend(imp, &q, &k, &v, mask, 0.125).unwrap();
+        (&o * o.ones_like().cumsum(-1, Kind::Float))
+            .sum(Kind::Float)
+            .backward();
+        [o.detach(), q.grad(), k.grad(), v.grad()]
+    }
+
+    fn assert_close(a: &[Tensor; 4], b: &[Tensor; 4], what: &str) {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            let err = (x - y).abs().max().double_value(&[]);
+            assert!(err <= 1e-5, "{what}: tensor {i} differs by {err}");
+        }
+    }
+
+    fn qkv(sq: i64, sk: i64) -> [Tensor; 3] {
+        let opts = (Kind::Float, Device::Cpu);
+        // 4 query heads over 2 key/value heads (GQA)
+        [
+            Tensor::randn([2, 4, sq, 8], opts),
+            Tensor::randn([2, 2, sk, 8], opts),
+            Tensor::randn([2, 2, sk, 8], opts),
+        ]
+    }
+
+    #[test]
+    fn sdpa_with_masked_rows_listed_matches_the_dense_mask() {
+        tch::manual_seed(0);
+        let [q, k, v] = qkv(12, 12);
+        // as the vision tower's mask: (query, key) masked when both are flagged; batch entries differ
+        let flags = Tensor::from_slice(&[0f32, 0., 1., 0., 0., 0., 0., 0., 0., 0., 1., 1.])
+            .view([1, 12, 1])
+            .repeat([2, 1, 1]);
+        let _ = flags.get(1).narrow(0, 4, 1).fill_(1.0);
+        let t = (flags.matmul(&flags.transpose(1, 2)) * dtype_min(Kind::Float)).unsqueeze(1); // (2, 1, 12, 12)
+        let split = AttnMask::dense_rows(t.copy());
+        let rows = Vec::<i64>::try_from(split.masked_rows.as_ref().unwrap()).unwrap();
+        assert_eq!(rows, [2, 4, 10, 11]);
+        let reference = run(
+            AttentionImpl::Sdpa,
+            [&q, &k, &v],
+            &AttnMask::dense(t.copy()),
+        );
+        assert_close(
+            &run(AttentionImpl::Sdpa, [&q, &k, &v], &split),
+            &reference,
+            "sdpa, masked rows",
+        );
+        assert_close(
+            &run(AttentionImpl::Eager, [&q, &k, &v], &split),
+            &reference,
+            "eager, masked rows",
+        );
+        // nothing masked: no mask at all; most rows masked: the plain dense mask
+        assert!(AttnMask::dense_rows(t.zeros_like()).dense.is_none());
+        let most = AttnMask::dense_rows(t.full_like(dtype_min(Kind::Float)));
+        assert!(most.dense.is_some() && most.masked_rows.is_none());
+    }
+
+    #[test]
+    fn causal_flag_matches_the_dense_causal_mask() {
+        tch::manual_seed(1);
+        let [q, k, v] = qkv(9, 9);
+        let dense = AttnMask::dense(super::super::text::causal_mask(
+            None,
+            2,
+            9,
+            0,
+            Kind::Float,
+            Device::Cpu,
+        ));
+        let flag = AttnMask {
+            causal: true,
+            ..Default::default()
+        };
+        for imp in [AttentionImpl::Sdpa, AttentionImpl::Eager] {
+            assert_close(
+                &run(imp, [&q, &k, &v], &flag),
+                &run(AttentionImpl::Eager, [&q, &k, &v], &dense),
+                &format!("{imp:?}, causal flag"),
+            );
+        }
+        // libtorch's flag is top-left aligned: refused when queries and keys differ in number
+        let [q, k, v] = qkv(3, 9);
+        assert!(attend(AttentionImpl::Sdpa, &q, &k, &v, &flag, 0.125).is_err());
     }
 }

@@ -609,8 +609,10 @@ pub fn causal_mask(
         .masked_fill(&allowed.logical_not(), dtype_min(kind))
 }
 
-/// The self-attention mask for `imp`: dense [`causal_mask`] for eager/sdpa; causal + key_keep for fused (rows that
-/// see no key, i.e. padded queries under left padding, give 0 there instead of transformers' uniform average).
+/// The self-attention mask for `imp`: dense [`causal_mask`] for eager (and sdpa with padding or a cache); for sdpa
+/// without padding or cache only the causal flag, as transformers' `sdpa_mask` does (libtorch's flash kernel then
+/// skips the future blocks and reads no mask); causal + key_keep for fused (rows that see no key, i.e. padded
+/// queries under left padding, give 0 there instead of transformers' uniform average).
 pub fn self_attention_mask(
     imp: AttentionImpl,
     attention_mask: Option<&Tensor>,
@@ -626,6 +628,14 @@ pub fn self_attention_mask(
             key_keep: attention_mask.map(|a| a.ne(0).view([b, past + s])),
             ..Default::default()
         },
+        AttentionImpl::Sdpa
+            if past == 0 && attention_mask.is_none_or(|a| a.ne(0).all().int64_value(&[]) != 0) =>
+        {
+            AttnMask {
+                causal: true,
+                ..Default::default()
+            }
+        }
         _ => AttnMask::dense(causal_mask(attention_mask, b, s, past, kind, device)),
     }
 }

@@ -333,6 +333,9 @@ impl VisionModel {
                 }
             }
             // (BM, 1, T*L, T*L)
+            Some(AttentionImpl::Sdpa) => {
+                AttnMask::dense_rows(aspect_ratio_attention_mask(&arm, c.num_patches(), l, kind))
+            }
             _ => AttnMask::dense(aspect_ratio_attention_mask(&arm, c.num_patches(), l, kind)),
         };
         Ok(VisionPrep {
