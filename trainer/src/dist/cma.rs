@@ -1,13 +1,14 @@
 //! Single-copy transfers between the ranks of one host with Linux cross-memory attach (CMA):
-//! a rank reads a peer's tensor straight out of the peer's address space with `process_vm_readv`,
-//! as Open MPI's vader BTL and MPICH do. Every byte crosses memory once, where the segment copy
+//! a rank reads a peer's tensor straight out of the peer's address space with `process_vm_readv`
+//! (and all_reduce writes results into peers with `process_vm_writev`), as Open MPI's vader BTL and
+//! MPICH do. Every byte crosses memory once, where the segment copy
 //! path (`cpu::run_copy`) writes it into the shared segment and copies it out again.
 //!
 //! Setup (`Cma::setup`, once per group, on the segment's header lines):
 //! 1. every rank allows peers to read it (`prctl(PR_SET_PTRACER, ANY)`: needed where Yama's
 //!    ptrace_scope is 1, harmless where Yama is absent) and publishes the address of a probe word
 //!    holding a value derived from its rank and pid; barrier;
-//! 2. every rank reads every peer's probe and publishes its vote (yes, off by `LLAVA_SCO_CPU_SHM_CMA=0`,
+//! 2. every rank reads (and writes back) every peer's probe and publishes its vote (yes, off by `LLAVA_SCO_CPU_SHM_CMA=0`,
 //!    or failed with the errno and the peer); barrier;
 //! 3. every rank reads all votes: CMA is used only when every rank voted yes. All ranks see the
 //!    same votes, so they all take the same path (ranks on different paths would deadlock).
@@ -21,8 +22,10 @@
 //!   block is read into that peer's scratch buffer, then `reduce_into` combines the blocks in rank
 //!   order (its own block straight from its input) into out.
 //! - all_reduce: the tensor is split in W near-equal pieces of whole elements (as the TCP path
-//!   does). Phase 1: rank r reduces piece r as above, in place into its own tensor (peers only read
-//!   pieces other than r of it in phase 1); barrier; phase 2: rank r reads piece q from peer q.
+//!   does). Rank r reduces piece r block by block as above, in place into its own tensor, and
+//!   while each reduced block is in cache writes it into piece r of every peer's tensor
+//!   (`process_vm_writev`). Only rank r reads or writes piece r of any tensor, and it reads each
+//!   block before writing it, so no second phase or extra barrier is needed.
 //! - broadcast: non-roots read the root's tensor.
 //!
 //! Every op ends with a barrier: a rank must not return (and let its caller free or change the
@@ -33,8 +36,9 @@
 //!
 //! Errors: a peer that dies mid-op makes `process_vm_readv` fail with ESRCH (or EFAULT while its
 //! memory is torn down): `DistError::PeerLost` naming the rank; a peer that dies before or after
-//! the reads is caught by the barriers (they watch peers' pids and time out). A read error never
-//! touches the peer: CMA only reads.
+//! the transfers is caught by the barriers (they watch peers' pids and time out). Large tensors
+//! are backed by 2 MiB huge pages first where the kernel allows (`thp.rs`; fewer pages to pin per
+//! transfer; `LLAVA_SCO_CPU_SHM_HUGE=0` turns it off).
 //!
 //! Permissions: CMA needs ptrace-level access to the peer (same user, and Yama's ptrace_scope 0, or
 //! 1 with the `PR_SET_PTRACER_ANY` above, which lets any process of this user attach to this rank,
@@ -48,6 +52,7 @@ use std::io;
 
 use super::elem::{reduce_into, Elem};
 use super::shm::Segment;
+use super::thp::HugePages;
 use super::{DistError, ReduceOp, Result};
 
 /// `0`/`off`: copy through the segment; `1`/`on`: single-copy reads, an error where they do not
@@ -67,6 +72,8 @@ const W_TAG: usize = 4;
 const W_PROBE: usize = 5;
 const W_VOTE: usize = 6;
 const W_WHY: usize = 7;
+/// Setup only (W_ADDR's first use is after setup's last barrier): the inbox peers write to.
+const W_INBOX: usize = W_ADDR;
 
 const VOTE_YES: u64 = 1;
 const VOTE_OFF: u64 = 2;
@@ -104,6 +111,8 @@ pub struct Cma {
     scratch: Vec<Vec<u64>>,
     /// Bytes per reduction block: a multiple of 8, so of every dtype's size.
     block: usize,
+    /// Which tensors that peers access get huge pages first (see `thp`).
+    huge: HugePages,
     /// Collectives run so far (part of the tag: ranks out of step are an error, not garbage).
     seq: u64,
 }
@@ -126,8 +135,18 @@ fn block_size(world: usize) -> usize {
     ((512usize << 10) / world.max(1)).clamp(16 << 10, 256 << 10) & !4095
 }
 
-/// Reads `len` bytes at `remote` in process `pid` into `local`, looping on partial reads.
-fn read_remote(pid: i32, remote: u64, local: *mut u8, len: usize) -> io::Result<()> {
+/// Which way `transfer` copies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    /// peer -> this process (`process_vm_readv`)
+    Read,
+    /// this process -> peer (`process_vm_writev`)
+    Write,
+}
+
+/// Copies `len` bytes between `local` in this process and `remote` in process `pid` (direction
+/// `dir`), looping on partial transfers.
+fn transfer(pid: i32, remote: u64, local: *mut u8, len: usize, dir: Dir) -> io::Result<()> {
     let mut done = 0;
     while done < len {
         let n = (len - done).min(1 << 30);
@@ -139,9 +158,15 @@ fn read_remote(pid: i32, remote: u64, local: *mut u8, len: usize) -> io::Result<
             iov_base: (remote as usize).wrapping_add(done) as *mut libc::c_void,
             iov_len: n,
         };
-        // SAFETY: the local range lies in a live tensor or scratch buffer of this process that
-        // nothing else touches during the call; the remote range is only read (by the kernel).
-        let r = unsafe { libc::process_vm_readv(pid, &local_iov, 1, &remote_iov, 1, 0) };
+        // SAFETY: the local range lies in a live tensor or buffer of this process that nothing
+        // else touches during the call; the remote range is a peer's tensor range that, by the
+        // protocol of the op (module doc), only this rank accesses during the call.
+        let r = unsafe {
+            match dir {
+                Dir::Read => libc::process_vm_readv(pid, &local_iov, 1, &remote_iov, 1, 0),
+                Dir::Write => libc::process_vm_writev(pid, &local_iov, 1, &remote_iov, 1, 0),
+            }
+        };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -212,9 +237,12 @@ impl Cma {
             unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
         }
         let pids: Vec<i32> = (0..world).map(|r| seg.pid(r)).collect();
-        // the probe lives until after the second barrier, when every peer has read it
+        // the probe and the inbox live until after the second barrier, when every peer has read
+        // the one and written its slot of the other
         let probe = Box::new(probe_value(rank, pids[rank]));
+        let inbox = vec![0u64; world];
         seg.publish(W_PROBE, &*probe as *const u64 as u64);
+        seg.publish(W_INBOX, inbox.as_ptr() as u64);
         seg.barrier(what)?;
         let denied = std::env::var(DENY_VAR)
             .ok()
@@ -230,7 +258,7 @@ impl Cma {
         seg.publish(W_WHY, why);
         seg.publish(W_VOTE, vote);
         seg.barrier(what)?;
-        drop(probe);
+        drop((probe, inbox));
         let refusal = (0..world).find_map(|r| {
             let (vote, why) = (seg.peer_word(r, W_VOTE), seg.peer_word(r, W_WHY));
             let (q, errno) = ((why >> 32) as usize, (why & 0xffff_ffff) as i32);
@@ -265,6 +293,7 @@ impl Cma {
                     pids,
                     scratch,
                     block,
+                    huge: HugePages::from_env(),
                     seq: 0,
                 }))
             }
@@ -288,7 +317,7 @@ impl Cma {
         (1..world).map(move |i| (rank + i) % world)
     }
 
-    fn read_err(&self, q: usize, op: &str, e: io::Error) -> DistError {
+    fn access_err(&self, q: usize, op: &str, e: io::Error) -> DistError {
         let pid = self.pids[q];
         match e.raw_os_error() {
             Some(libc::ESRCH) => DistError::PeerLost {
@@ -299,19 +328,25 @@ impl Cma {
             Some(libc::EFAULT) if !alive(pid) => DistError::PeerLost {
                 rank: q,
                 op: op.to_string(),
-                detail: format!("process {pid} exited while this rank read its tensor"),
+                detail: format!("process {pid} exited while this rank accessed its tensor"),
             },
             Some(libc::EPERM) => DistError::Invalid(format!(
-                "{op}: reading rank {q}'s tensor (process {pid}) was refused: {e} (did a rank change its credentials after setup? {CMA_VAR}=0 copies through the segment instead)"
+                "{op}: accessing rank {q}'s tensor (process {pid}) was refused: {e} (did a rank change its credentials after setup? {CMA_VAR}=0 copies through the segment instead)"
             )),
             _ => DistError::Invalid(format!(
-                "{op}: reading rank {q}'s tensor (process {pid}) failed: {e} (did rank {q} free or resize the tensor during the collective? {CMA_VAR}=0 copies through the segment instead)"
+                "{op}: accessing rank {q}'s tensor (process {pid}) failed: {e} (did rank {q} free or resize the tensor during the collective? {CMA_VAR}=0 copies through the segment instead)"
             )),
         }
     }
 
     fn read(&self, q: usize, op: &str, remote: u64, local: *mut u8, len: usize) -> Result<()> {
-        read_remote(self.pids[q], remote, local, len).map_err(|e| self.read_err(q, op, e))
+        transfer(self.pids[q], remote, local, len, Dir::Read).map_err(|e| self.access_err(q, op, e))
+    }
+
+    /// Writes `len` bytes from `local` to `remote` in rank q's tensor.
+    fn write(&self, q: usize, op: &str, remote: u64, local: *const u8, len: usize) -> Result<()> {
+        transfer(self.pids[q], remote, local as *mut u8, len, Dir::Write)
+            .map_err(|e| self.access_err(q, op, e))
     }
 
     /// Publishes this rank's tensor (address, byte length) and the op's tag, waits for every rank,
@@ -326,6 +361,7 @@ impl Cma {
     ) -> Result<Vec<u64>> {
         self.seq += 1;
         let mine = (self.seq << 24) | tag_bits;
+        self.huge.prepare(addr, len);
         seg.publish(W_ADDR, addr as u64);
         seg.publish(W_LEN, len as u64);
         seg.publish(W_TAG, mine);
@@ -353,7 +389,9 @@ impl Cma {
 
     /// dst[..len] = reduction in rank order over the ranks' bytes `offset..offset + len` of their
     /// tensors, block by block: peers' blocks are read into the scratch buffers, this rank's comes
-    /// straight from `own` (its bytes at `offset`). `dst` may be `own` (in place).
+    /// straight from `own` (its bytes at `offset`). `dst` may be `own` (in place). With `push`,
+    /// each reduced block is then written to the same bytes of every peer's tensor, while it is
+    /// still in this core's cache (all_reduce).
     #[allow(clippy::too_many_arguments)]
     fn reduce_piece(
         &mut self,
@@ -365,6 +403,7 @@ impl Cma {
         len: usize,
         elem: Elem,
         op: ReduceOp,
+        push: bool,
     ) -> Result<()> {
         let es = elem.size();
         let mut srcs: Vec<*const u8> = vec![std::ptr::null(); self.world];
@@ -380,6 +419,12 @@ impl Cma {
             // SAFETY: c / es elements in every scratch block, in `own` and in `dst` from `off`;
             // dst aliases `own` exactly or not at all.
             unsafe { reduce_into(elem, op, &srcs, dst.wrapping_add(off), c / es) };
+            if push {
+                for q in self.others() {
+                    let at = peers[q] + (offset + off) as u64;
+                    self.write(q, op_name, at, dst.wrapping_add(off), c)?;
+                }
+            }
             off += c;
         }
         Ok(())
@@ -425,7 +470,17 @@ impl Cma {
         let tag_bits = tag(2, elem, reduce_code(op));
         let peers = self.exchange(seg, name, tag_bits, input, n * self.world)?;
         let at = self.rank * n;
-        self.reduce_piece(name, &peers, at, input.wrapping_add(at), out, n, elem, op)?;
+        self.reduce_piece(
+            name,
+            &peers,
+            at,
+            input.wrapping_add(at),
+            out,
+            n,
+            elem,
+            op,
+            false,
+        )?;
         seg.barrier(name)
     }
 
@@ -448,22 +503,10 @@ impl Cma {
         let peers = self.exchange(seg, name, tag_bits, tensor, n)?;
         let (lo, len) = pieces[self.rank];
         let mine = tensor.wrapping_add(lo);
-        // phase 1: piece r, in place (peers read only the other pieces of this tensor meanwhile)
-        self.reduce_piece(name, &peers, lo, mine, mine, len, elem, op)?;
-        seg.barrier(name)?;
-        // phase 2: every other piece from the rank that reduced it
-        for q in self.others() {
-            let (qlo, qlen) = pieces[q];
-            if qlen > 0 {
-                self.read(
-                    q,
-                    name,
-                    peers[q] + qlo as u64,
-                    tensor.wrapping_add(qlo),
-                    qlen,
-                )?;
-            }
-        }
+        // piece r, in place, each reduced block pushed into piece r of every peer's tensor (which
+        // only this rank reads, and only before it writes it); meanwhile the peers do the same
+        // with the other pieces of this rank's tensor
+        self.reduce_piece(name, &peers, lo, mine, mine, len, elem, op, true)?;
         seg.barrier(name)
     }
 
@@ -488,21 +531,22 @@ impl Cma {
     }
 }
 
-/// Reads every peer's probe word: Err((peer, errno)) for the first that fails (errno 0: the
-/// read worked but found another value).
+/// Reads every peer's probe word and writes this rank's probe value into its slot of the peer's
+/// inbox (all_reduce writes into peers' tensors): Err((peer, errno)) for the first that fails
+/// (errno 0: the read worked but found another value).
 fn probe_peers(seg: &Segment, pids: &[i32]) -> std::result::Result<(), (usize, i32)> {
+    let errno = |q: usize| move |e: io::Error| (q, e.raw_os_error().unwrap_or(libc::EIO));
     for q in (0..seg.world).filter(|&q| q != seg.rank) {
         let mut got = 0u64;
-        read_remote(
-            pids[q],
-            seg.peer_word(q, W_PROBE),
-            &mut got as *mut u64 as *mut u8,
-            8,
-        )
-        .map_err(|e| (q, e.raw_os_error().unwrap_or(libc::EIO)))?;
+        let local = &mut got as *mut u64 as *mut u8;
+        transfer(pids[q], seg.peer_word(q, W_PROBE), local, 8, Dir::Read).map_err(errno(q))?;
         if got != probe_value(q, pids[q]) {
             return Err((q, 0));
         }
+        let mine = probe_value(seg.rank, pids[seg.rank]);
+        let slot = seg.peer_word(q, W_INBOX) + 8 * seg.rank as u64;
+        let local = &mine as *const u64 as *mut u8;
+        transfer(pids[q], slot, local, 8, Dir::Write).map_err(errno(q))?;
     }
     Ok(())
 }
