@@ -654,6 +654,20 @@ __device__ void attn_fwd3(const AttnParams& p) {
         }
 }
 
+// lse and delta of query rows [q0, q0 + BM) of head h (BM floats each) with cp.async by threads
+// 0 .. 2 BM; rows past Sq read 0 (their Q and dO are zero-filled too, so P dO = dS = 0).
+template <int BM>
+__device__ __forceinline__ void load_lse_delta_async(const AttnParams& p, float* lse_s, float* delta_s, int b, int h, int q0) {
+    if (threadIdx.x < 2 * BM) {
+        const int r = threadIdx.x % BM;
+        const bool in = q0 + r < p.Sq;
+        const float* src = threadIdx.x < BM ? p.lse : p.delta;
+        float* dst = threadIdx.x < BM ? lse_s : delta_s;
+        const float* gsrc = in ? src + ((i64)b * p.H + h) * p.Sq + q0 + r : src;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst + r)), "l"(gsrc), "r"(in ? 4 : 0));
+    }
+}
+
 #define BWD3_BM 64
 #define BWD3_BN 64
 #define BWD3_THREADS 256
@@ -700,14 +714,7 @@ __device__ void attn_bwd3(const AttnParams& p) {
     auto load_iter = [&](int h, int q0) {
         load_rows_async<D, BWD3_BM, BWD3_THREADS>(Qs, p.q + b * p.q_bs + h * p.q_hs, p.q_ss, q0, p.Sq);
         load_rows_async<D, BWD3_BM, BWD3_THREADS>(dOs, p.dout + b * p.do_bs + h * p.do_hs, p.do_ss, q0, p.Sq);
-        if (threadIdx.x < 2 * BWD3_BM) {  // rows past Sq read 0: their Q and dO are 0, so P dO = dS = 0
-            const int r = threadIdx.x % BWD3_BM;
-            const bool in = q0 + r < p.Sq;
-            const float* src = threadIdx.x < BWD3_BM ? p.lse : p.delta;
-            float* dst = threadIdx.x < BWD3_BM ? lse_s : delta_s;
-            const float* gsrc = in ? src + ((i64)b * p.H + h) * p.Sq + q0 + r : src;
-            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst + r)), "l"(gsrc), "r"(in ? 4 : 0));
-        }
+        load_lse_delta_async<BWD3_BM>(p, lse_s, delta_s, b, h, q0);
     };
 
     load_rows_async<D, BWD3_BN, BWD3_THREADS>(Ks, p.k + b * p.k_bs + hk * p.k_hs, p.k_ss, k0, p.Sk);

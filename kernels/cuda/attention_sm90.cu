@@ -415,14 +415,7 @@ __device__ void attn_bwd4(const AttnParams& p) {
     auto load_iter = [&](int h, int q0) {
         load_rows_sw128<D, BM>(Qs, p.q + b * p.q_bs + h * p.q_hs, p.q_ss, q0, p.Sq);
         load_rows_sw128<D, BM>(dOs, p.dout + b * p.do_bs + h * p.do_hs, p.do_ss, q0, p.Sq);
-        if (threadIdx.x < 2 * BM) {  // rows past Sq read 0: their Q and dO are 0, so P dO = dS = 0
-            const int r = threadIdx.x % BM;
-            const bool in = q0 + r < p.Sq;
-            const float* src = threadIdx.x < BM ? p.lse : p.delta;
-            float* dst = threadIdx.x < BM ? lse_s : delta_s;
-            const float* gsrc = in ? src + ((i64)b * p.H + h) * p.Sq + q0 + r : src;
-            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst + r)), "l"(gsrc), "r"(in ? 4 : 0));
-        }
+        load_lse_delta_async<BM>(p, lse_s, delta_s, b, h, q0);
     };
 
     load_rows_sw128<D, BN>(Ks, p.k + b * p.k_bs + hk * p.k_hs, p.k_ss, k0, p.Sk);

@@ -71,10 +71,13 @@ pub fn set_reference(on: bool) {
     REFERENCE.store(on, Ordering::Relaxed);
 }
 
-/// Reference mode: [`set_reference`] or `LLAVA_SCO_FUSED_REFERENCE=1` (for tests in subprocesses).
+/// Reference mode: [`set_reference`] or `LLAVA_SCO_FUSED_REFERENCE=1` (for tests in subprocesses;
+/// read once: this runs on every attention call).
 pub fn reference_mode() -> bool {
+    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     REFERENCE.load(Ordering::Relaxed)
-        || std::env::var("LLAVA_SCO_FUSED_REFERENCE").is_ok_and(|v| v == "1")
+        || *FROM_ENV
+            .get_or_init(|| std::env::var("LLAVA_SCO_FUSED_REFERENCE").is_ok_and(|v| v == "1"))
 }
 
 /// Runs `f` with a fresh tape and returns its result and the fused attention calls it recorded.

@@ -203,17 +203,23 @@ pub fn supervised_lm_loss(hidden: &Tensor, lm_head: &Linear, labels: &Tensor) ->
     (sum, count)
 }
 
+/// `model.attention: fused` runs on CUDA only (on CPU in the tests' reference mode, `attn_tape`).
+fn check_fused_device(options: &LoadOptions) -> Result<(), ModelError> {
+    if options.attention == AttentionImpl::Fused
+        && !options.device.is_cuda()
+        && !attn_tape::reference_mode()
+    {
+        return Err(ModelError::Attention(
+            "model.attention=fused needs a CUDA GPU; use sdpa".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl MllamaModel {
     /// Loads `dir` (config.json + safetensors in either key layout).
     pub fn load(dir: &Path, options: LoadOptions) -> Result<Self, ModelError> {
-        if options.attention == AttentionImpl::Fused
-            && !options.device.is_cuda()
-            && !attn_tape::reference_mode()
-        {
-            return Err(ModelError::Attention(
-                "model.attention=fused needs a CUDA GPU; use sdpa".into(),
-            ));
-        }
+        check_fused_device(&options)?;
         let config = MllamaConfig::from_file(&dir.join("config.json"))?;
         let src = WeightSource::open_dir(dir)?;
         Self::from_source(config, &src, options)
@@ -245,14 +251,7 @@ impl MllamaModel {
         mut ld: weights::Loader,
         options: LoadOptions,
     ) -> Result<Self, ModelError> {
-        if options.attention == AttentionImpl::Fused
-            && !options.device.is_cuda()
-            && !attn_tape::reference_mode()
-        {
-            return Err(ModelError::Attention(
-                "model.attention=fused needs a CUDA GPU; use sdpa".into(),
-            ));
-        }
+        check_fused_device(&options)?;
         let vision = VisionModel::load(&mut ld, &config.vision, options.attention);
         let multi_modal_projector = linear(
             &mut ld,
