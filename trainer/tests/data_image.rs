@@ -86,12 +86,10 @@ fn every_fixture_image_matches_transformers() {
     for (f, e) in &worst {
         println!("{f:24} max |err| = {e:.6}");
     }
-    // Lossless formats: bit-exact (decode, Pillow 13's resize order, numpy's f32 normalize).
-    // JPEG: zune-jpeg's IDCT/upsampling vs libjpeg-turbo's differ by up to 4 levels
-    // (1 level = 1/255/std ~ 0.0151 after normalization); see data/image.rs.
+    // Every format, JPEG (libjpeg-turbo's decoder) included: bit-exact (decode, Pillow 13's
+    // resize order, numpy's f32 normalize).
     for (f, e) in &worst {
-        let tol = if f.ends_with(".jpg") { 0.06 } else { 0.0 };
-        assert!(*e <= tol, "{f}: max abs error {e} > {tol}");
+        assert!(*e == 0.0, "{f}: max abs error {e} (want bit-exact)");
     }
 }
 
@@ -108,7 +106,7 @@ fn pixel_golden() -> Value {
         .unwrap()
 }
 
-/// Every lossless fixture (and the PNG tRNS / GIF colour-key set) decodes to exactly the RGB
+/// Every fixture, JPEGs included (and the PNG tRNS / GIF colour-key set) decodes to exactly the RGB
 /// bytes the seed's `Image.open(p).convert("RGB")` + transformers' `convert_to_rgb` give.
 #[test]
 fn decoded_rgb_is_bit_exact_with_pil_and_convert_to_rgb() {
@@ -231,17 +229,27 @@ fn bad_images_are_errors_not_panics() {
     let dir = std::env::temp_dir().join(format!("data_image_bad_{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let good = std::fs::read(fixtures().join("images/large.png")).unwrap();
+    let jpg = std::fs::read(fixtures().join("images/photo.jpg")).unwrap();
+    let cmyk = std::fs::read(fixtures().join("images/cmyk.jpg")).unwrap();
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("truncated.png", good[..good.len() / 3].to_vec()),
         ("garbage.png", b"\x89PNG\r\n\x1a\nnot really".to_vec()),
         ("empty.jpg", vec![]),
         ("text.jpg", b"hello".to_vec()),
+        ("truncated.jpg", jpg[..jpg.len() / 2].to_vec()),
+        ("header_only.jpg", jpg[..200].to_vec()),
+        ("soi_then_junk.jpg", b"\xff\xd8\xffjunk that is not a JPEG".to_vec()),
+        ("cmyk_truncated.jpg", cmyk[..cmyk.len() - 100].to_vec()),
     ];
     for (name, bytes) in cases {
         let p = dir.join(name);
         std::fs::write(&p, bytes).unwrap();
         let e = image::load_rgb(&p).unwrap_err();
         assert!(!e.is_empty(), "{name}");
+        assert!(e.contains(name), "{name}: error does not name the file: {e}");
+        if name.contains("truncated") {
+            assert!(e.contains("truncated"), "{name}: {e}");
+        }
     }
     assert!(image::load_rgb(&dir.join("missing.png"))
         .unwrap_err()

@@ -8,14 +8,12 @@
 //! transposes images it loads from a path or URL itself, never PIL images handed to it (the
 //! seed's case). Checked by the `exif_rot.jpg` fixture.
 //!
-//! Parity (tests/data_image.rs): PNG, BMP, GIF, WebP (lossless) are bit-exact with Pillow 13 +
-//! transformers 5.24's PIL backend, pixel_values included: decode (colour keys: the
-//! `transparency` module), resize (Pillow 13's pass order) and normalization. JPEG is not: the
-//! image crate decodes with zune-jpeg, whose IDCT and chroma upsampling round differently from
-//! libjpeg-turbo's islow IDCT + fancy upsampling that Pillow uses (up to 4 levels, 0.06 after
-//! normalization on the fixtures). libjpeg-turbo's own decoder (the `mozjpeg` crate, built from C
-//! without NASM) reproduces Pillow's JPEG pixels exactly on every JPEG fixture, at about 43 s of
-//! CPU added to a clean build; not adopted yet (see BENCHMARKS.md, data pipeline).
+//! Parity (tests/data_image.rs): every fixture format (JPEG incl. gray and CMYK, PNG, BMP, GIF,
+//! WebP lossless) is bit-exact with Pillow 13 + transformers 5.24's PIL backend, pixel_values
+//! included: decode (JPEG: libjpeg-turbo's decoder, the `jpeg` module; colour keys: the
+//! `transparency` module), resize (Pillow 13's pass order) and normalization. (The image crate's
+//! own JPEG decoder, zune-jpeg, rounds its IDCT and chroma upsampling differently: up to 4 levels,
+//! 0.06 after normalization.)
 //! transformers' torchvision backend (`MllamaImageProcessor` when torchvision is installed)
 //! resizes with torch's antialiased bilinear and differs from both by a few levels.
 use std::path::Path;
@@ -159,6 +157,9 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, String> {
 /// `load_rgb` over bytes in memory.
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
     use image::DynamicImage as D;
+    if super::jpeg::is_jpeg(bytes) {
+        return super::jpeg::decode(bytes);
+    }
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| format!("cannot read image: {e}"))?;

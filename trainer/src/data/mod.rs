@@ -5,6 +5,7 @@
 //! - `records`:  JSONL parsing with `FILE:LINE: reason` problems, `<image>` placeholder removal,
 //!   text-only skip/keep, `build_sco` converter and `DEFAULT_CORRECTION_PROMPT`
 //! - `image`:    decode + RGB as PIL, canvas choice, PIL-exact bilinear resize, pad, normalize, tiles
+//! - `jpeg`:     JPEG through libjpeg-turbo's decoder, bit-exact with Pillow (CMYK, gray included)
 //! - `template`: the chat template (minijinja with Hugging Face's jinja semantics)
 //! - `tokenize`: tokenizer + special ids, BOS handling, the seed's label masking, length policy
 //! - `collate`:  right padding, pixel values, aspect ratio ids/mask, cross-attention mask
@@ -16,6 +17,7 @@
 pub mod collate;
 pub mod dataset;
 pub mod image;
+pub mod jpeg;
 pub mod loader;
 pub mod records;
 pub mod sampler;

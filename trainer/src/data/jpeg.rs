@@ -1,0 +1,126 @@
+//! JPEG decoding as the seed's `Image.open(p).convert("RGB")` does it: libjpeg-turbo's decoder
+//! (the `mozjpeg` crate builds it from source; its decoder is libjpeg-turbo's) with the settings
+//! Pillow 13 uses (islow IDCT, fancy upsampling, output colour space by component count), then
+//! Pillow's mode conversion: 1 component = "L" (replicated), 3 = "RGB", 4 = "CMYK;I" (Adobe
+//! polarity, which Pillow always assumes) converted with Pillow's `cmyk2rgb`.
+//! Bit-exact with Pillow on the JPEG fixtures (tests/data_image.rs), SIMD or not: libjpeg-turbo's
+//! SIMD paths (built when nasm is installed) give the same pixels as its C paths.
+//!
+//! libjpeg reports fatal errors through `error_exit`, which must not return: ours unwinds (the
+//! crate's "C-unwind" callbacks allow it) and `decode` turns the unwind into an `Err`. A file that
+//! ends early is an error too (Pillow: "image file is truncated"), although libjpeg only warns and
+//! fills the rest with gray; other warnings (extraneous bytes, ...) are ignored as Pillow does.
+use std::os::raw::c_int;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+
+use mozjpeg::{ColorSpace, Decompress};
+use mozjpeg_sys as ffi;
+
+use super::image::RgbImage;
+
+/// The JPEG start-of-image marker followed by a marker byte.
+pub fn is_jpeg(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[0xFF, 0xD8, 0xFF])
+}
+
+/// Decode a JPEG file's bytes to 8-bit RGB, as Pillow's `Image.open(...).convert("RGB")`.
+pub fn decode(bytes: &[u8]) -> Result<RgbImage, String> {
+    match catch_unwind(AssertUnwindSafe(|| decode_unwinding(bytes))) {
+        Ok(r) => r,
+        Err(payload) => Err(match payload.downcast::<String>() {
+            Ok(msg) => *msg,
+            Err(_) => "corrupt JPEG (libjpeg error)".into(),
+        }),
+    }
+}
+
+fn decode_unwinding(bytes: &[u8]) -> Result<RgbImage, String> {
+    let io = |e: std::io::Error| format!("corrupt or truncated JPEG: {e}");
+    let d = Decompress::with_err(error_mgr())
+        .from_mem(bytes)
+        .map_err(io)?;
+    let layers = d.components().len();
+    let (w, h) = d.size();
+    let out = match layers {
+        1 => ColorSpace::JCS_GRAYSCALE,
+        3 => ColorSpace::JCS_RGB,
+        4 => ColorSpace::JCS_CMYK,
+        n => return Err(format!("cannot handle {n}-layer JPEG images")),
+    };
+    let mut started = d.to_colorspace(out).map_err(io)?;
+    let raw: Vec<u8> = started.read_scanlines().map_err(io)?;
+    started.finish().map_err(io)?;
+    if raw.len() != w * h * layers {
+        return Err(format!(
+            "corrupt JPEG: {} bytes decoded for {w}x{h}x{layers}",
+            raw.len()
+        ));
+    }
+    let data = match layers {
+        1 => raw.iter().flat_map(|&l| [l, l, l]).collect(),
+        3 => raw,
+        _ => raw.chunks_exact(4).flat_map(inverted_cmyk_to_rgb).collect(),
+    };
+    Ok(RgbImage {
+        width: w,
+        height: h,
+        data,
+    })
+}
+
+/// Pillow's "CMYK;I" unpack (every byte inverted) then `cmyk2rgb`:
+/// `nk - nk * c / 255` with Pillow's rounding `MULDIV255`.
+fn inverted_cmyk_to_rgb(p: &[u8]) -> [u8; 3] {
+    let nk = 255 - (!p[3]) as i32;
+    let muldiv255 = |a: i32| {
+        let t = a * nk + 128;
+        ((t >> 8) + t) >> 8
+    };
+    let ch = |c: u8| (nk - muldiv255((!c) as i32)).clamp(0, 255) as u8;
+    [ch(p[0]), ch(p[1]), ch(p[2])]
+}
+
+fn error_mgr() -> ffi::jpeg_error_mgr {
+    // SAFETY: jpeg_error_mgr is plain C data (pointers, ints, optional fn pointers), for which
+    // all-zeroes is valid; jpeg_std_error then fills in libjpeg's defaults.
+    let mut err: ffi::jpeg_error_mgr = unsafe { std::mem::zeroed() };
+    unsafe { ffi::jpeg_std_error(&mut err) };
+    err.error_exit = Some(error_exit);
+    err.emit_message = Some(emit_message);
+    err
+}
+
+/// libjpeg's formatted text for the current `msg_code`.
+fn message(cinfo: &mut ffi::jpeg_common_struct) -> String {
+    // SAFETY: cinfo.err is the manager above; format_message writes at most JMSG_LENGTH_MAX
+    // (80) bytes, NUL-terminated, into the buffer (the binding types it as `&[u8; 80]`, but the C
+    // function writes it, so it is called through a pointer-typed signature).
+    unsafe {
+        let Some(format) = cinfo.err.as_ref().and_then(|e| e.format_message) else {
+            return "libjpeg error".into();
+        };
+        let format: unsafe extern "C-unwind" fn(&mut ffi::jpeg_common_struct, *mut u8) =
+            std::mem::transmute(format);
+        let mut buf = [0u8; 80];
+        format(cinfo, buf.as_mut_ptr());
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    }
+}
+
+extern "C-unwind" fn error_exit(cinfo: &mut ffi::jpeg_common_struct) {
+    let msg = format!("corrupt JPEG: {}", message(cinfo));
+    // resume_unwind: no panic hook, no "thread panicked" line; caught in `decode`
+    resume_unwind(Box::new(msg));
+}
+
+extern "C-unwind" fn emit_message(cinfo: &mut ffi::jpeg_common_struct, level: c_int) {
+    // SAFETY: cinfo.err points at this decoder's error manager for its whole life.
+    let code = unsafe { cinfo.err.as_ref().map_or(0, |e| e.msg_code) };
+    if level < 0 && code == ffi::JWRN_JPEG_EOF as c_int {
+        resume_unwind(Box::new(
+            "truncated JPEG: the file ends before the image data does (re-download or re-encode it)"
+                .to_string(),
+        ));
+    }
+}
