@@ -191,6 +191,39 @@ fn resize_is_bit_exact_with_pillow_over_random_sizes() {
     assert!(bad.is_empty(), "resize differs from Pillow for {bad:?}");
 }
 
+/// The fast passes (AVX2 horizontal over 8 interleaved rows, chunked vertical) give the
+/// reference passes' bytes: fewer than 8 rows, rows not a multiple of 8, rows narrower than the
+/// 16-byte interleave, 1-pixel sides, up- and downscaling (up to 9x: 19-tap kernels) on both
+/// axes and both pass orders.
+#[test]
+fn fast_resize_passes_equal_the_reference() {
+    use trainer::data::resize::{resize_bilinear_with, Passes};
+    let sizes = [
+        ((1, 1), (3, 2)),
+        ((5, 3), (2, 7)),
+        ((7, 9), (5, 4)),
+        ((16, 8), (9, 17)),
+        ((33, 17), (12, 30)),
+        ((300, 41), (37, 40)),
+        ((41, 300), (40, 33)),
+        ((1000, 20), (111, 20)),
+        ((20, 1000), (20, 111)),
+        ((257, 129), (1000, 700)),
+        ((2000, 1500), (1120, 840)),
+        ((640, 480), (747, 560)),
+    ];
+    for (seed, ((w0, h0), (w, h))) in sizes.into_iter().enumerate() {
+        let src = lcg_image(w0, h0, seed as u64 + 7);
+        let fast = resize_bilinear_with(&src, w, h, Passes::Fast);
+        let reference = resize_bilinear_with(&src, w, h, Passes::Reference);
+        assert_eq!((fast.width, fast.height), (w, h));
+        assert!(
+            fast.data == reference.data,
+            "{w0}x{h0} -> {w}x{h}: fast passes differ from the reference"
+        );
+    }
+}
+
 #[test]
 fn real_560_tiles_match_transformers() {
     let cfg = ImageProcessorConfig::from_model_dir(&fixtures().join("real560")).unwrap();
@@ -238,7 +271,10 @@ fn bad_images_are_errors_not_panics() {
         ("text.jpg", b"hello".to_vec()),
         ("truncated.jpg", jpg[..jpg.len() / 2].to_vec()),
         ("header_only.jpg", jpg[..200].to_vec()),
-        ("soi_then_junk.jpg", b"\xff\xd8\xffjunk that is not a JPEG".to_vec()),
+        (
+            "soi_then_junk.jpg",
+            b"\xff\xd8\xffjunk that is not a JPEG".to_vec(),
+        ),
         ("cmyk_truncated.jpg", cmyk[..cmyk.len() - 100].to_vec()),
     ];
     for (name, bytes) in cases {
@@ -246,7 +282,10 @@ fn bad_images_are_errors_not_panics() {
         std::fs::write(&p, bytes).unwrap();
         let e = image::load_rgb(&p).unwrap_err();
         assert!(!e.is_empty(), "{name}");
-        assert!(e.contains(name), "{name}: error does not name the file: {e}");
+        assert!(
+            e.contains(name),
+            "{name}: error does not name the file: {e}"
+        );
         if name.contains("truncated") {
             assert!(e.contains("truncated"), "{name}: {e}");
         }

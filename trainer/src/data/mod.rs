@@ -6,6 +6,7 @@
 //!   text-only skip/keep, `build_sco` converter and `DEFAULT_CORRECTION_PROMPT`
 //! - `image`:    decode + RGB as PIL, canvas choice, PIL-exact bilinear resize, pad, normalize, tiles
 //! - `jpeg`:     JPEG through libjpeg-turbo's decoder, bit-exact with Pillow (CMYK, gray included)
+//! - `resize`:   Pillow-exact bilinear resize (AVX2 fast passes, plain reference passes)
 //! - `template`: the chat template (minijinja with Hugging Face's jinja semantics)
 //! - `tokenize`: tokenizer + special ids, BOS handling, the seed's label masking, length policy
 //! - `collate`:  right padding, pixel values, aspect ratio ids/mask, cross-attention mask
@@ -20,6 +21,9 @@ pub mod image;
 pub mod jpeg;
 pub mod loader;
 pub mod records;
+pub mod resize;
+#[cfg(target_arch = "x86_64")]
+mod resize_avx2;
 pub mod sampler;
 pub mod template;
 pub mod tokenize;
