@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use tch::{Kind, Tensor};
-use trainer::data::image::{ImageProcessorConfig, ProcessedImage};
+use trainer::data::image::{ImageProcessorConfig, Pixels, ProcessedImage};
 use trainer::data::tokenize::TextProcessor;
 use trainer::infer::{sampling::Sampler, Prompt, Session};
 use trainer::model::{AttentionImpl, LoadOptions, MllamaModel};
@@ -46,7 +46,9 @@ fn cases() -> Vec<Case> {
                     0,
                 );
                 ProcessedImage {
-                    pixel_values: Vec::try_from(padded.view([-1])).unwrap(),
+                    pixels: Pixels::Values(Vec::try_from(padded.view([-1])).unwrap()),
+                    tile: pv.size()[2] as usize,
+                    max_image_tiles: 4,
                     num_tiles: used as usize,
                     aspect_ratio: (1, used as usize),
                     aspect_ratio_id: ids(&g[&format!("{n}.aspect_ratio_ids")])[0],

@@ -25,7 +25,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
-use crate::data::image::{ImageProcessorConfig, ProcessedImage};
+use crate::data::image::{process, ImageProcessorConfig, RgbImage};
 use crate::data::tokenize::TextProcessor;
 use crate::infer::{sampling::Sampler, Prompt, Session};
 use crate::model::{KeyLayout, LoadOptions, MllamaConfig, MllamaModel};
@@ -259,17 +259,20 @@ pub fn measure(name: &str, o: &DecodeOptions) -> Result<Measurement> {
         [o.prompt_tokens as i64 - 2],
         (Kind::Int64, tch::Device::Cpu),
     ))?);
-    let (t, tile) = (image_config.max_image_tiles, image_config.tile);
-    let image = ProcessedImage {
-        pixel_values: Vec::<f32>::try_from(Tensor::randn(
-            [(t * 3 * tile * tile) as i64],
-            (Kind::Float, tch::Device::Cpu),
-        ))?,
-        num_tiles: t,
-        aspect_ratio: (2, 2),
-        aspect_ratio_id: 6, // [2, 2] among the supported ratios
-        aspect_ratio_mask: vec![1; t],
+    let tile = image_config.tile;
+    // a random 2x2-tile image (every tile real), processed as a loaded one would be
+    let side = 2 * tile;
+    let noise = Vec::<i64>::try_from(Tensor::randint(
+        256,
+        [(side * side * 3) as i64],
+        (Kind::Int64, tch::Device::Cpu),
+    ))?;
+    let rgb = RgbImage {
+        width: side,
+        height: side,
+        data: noise.into_iter().map(|v| v as u8).collect(),
     };
+    let image = process(&image_config, &rgb);
     // the exact tensors our engine feeds the model, for the peer
     let images = session.images(&ids, &image, tch::Device::Cpu);
     let inputs = dir.join("inputs.safetensors");

@@ -60,8 +60,13 @@ pub fn pack_pixels(samples: &[Sample], ni: usize, max_tiles: usize, tile: usize,
     for (s, dst) in samples.iter().zip(out.chunks_exact_mut(per_sample.max(1))) {
         let mut written = 0;
         if let (Some(img), true) = (&s.image, ni > 0) {
-            written = (img.num_tiles.min(max_tiles) * tile_len).min(img.pixel_values.len());
-            dst[..written].copy_from_slice(&img.pixel_values[..written]);
+            assert_eq!(
+                img.tile_len(),
+                tile_len,
+                "image processed for another tile size"
+            );
+            written = img.num_tiles.min(max_tiles) * tile_len;
+            img.write_tiles(&mut dst[..written]);
         }
         dst[written..].fill(0.0);
     }

@@ -824,18 +824,7 @@ fn load_micro(inner: &Inner, job: &MicroJob, eval: bool) -> Result<MicroBatch, D
     }
     let mut batch = to_model_batch(&c);
     if let Some(images) = batch.images.as_mut() {
-        let (b, ni, h) = (c.batch as i64, c.num_images as i64, tile as i64);
-        let pixels = Tensor::empty(
-            [b, ni, max_tiles as i64, 3, h, h],
-            (tch::Kind::Float, tch::Device::Cpu),
-        );
-        let n = collate::pixel_len(&c);
-        assert_eq!(pixels.numel(), n);
-        // SAFETY: a fresh, contiguous CPU f32 tensor of exactly n elements that nothing else
-        // references yet; pack_pixels writes every element.
-        let out = unsafe { std::slice::from_raw_parts_mut(pixels.data_ptr() as *mut f32, n) };
-        collate::pack_pixels(&samples, c.num_images, max_tiles, tile, out);
-        images.pixel_values = pixels;
+        images.pixel_values = pixel_tensor(&samples, &c);
     }
     Ok(MicroBatch {
         position: job.position,
@@ -845,6 +834,25 @@ fn load_micro(inner: &Inner, job: &MicroJob, eval: bool) -> Result<MicroBatch, D
         sample_indices: used,
         filler_rows: fillers,
     })
+}
+
+/// The batch's (B, I, T, 3, H, W) pixel values, written from each sample's resized u8 image
+/// straight into a fresh tensor (`collate::pack_pixels`): `c` is the batch's `collate_text`.
+pub fn pixel_tensor(samples: &[Sample], c: &collate::Batch) -> Tensor {
+    let (b, ni, h) = (c.batch as i64, c.num_images as i64, c.tile as i64);
+    let pixels = Tensor::empty(
+        [b, ni, c.max_tiles as i64, 3, h, h],
+        (tch::Kind::Float, tch::Device::Cpu),
+    );
+    let n = collate::pixel_len(c);
+    assert_eq!(pixels.numel(), n);
+    // SAFETY: a fresh, contiguous CPU f32 tensor of exactly n elements that nothing else
+    // references yet; pack_pixels writes every element.
+    let out = unsafe { std::slice::from_raw_parts_mut(pixels.data_ptr() as *mut f32, n) };
+    // 15 MB per 4-tile sample: on 4 KiB pages the first-touch faults cost more than the writes
+    crate::dist::thp::advise_fresh(out.as_ptr() as *const u8, n * 4);
+    collate::pack_pixels(samples, c.num_images, c.max_tiles, c.tile, out);
+    pixels
 }
 
 /// Count the labels that the shifted loss uses (`labels[:, 1:] != IGNORE`).

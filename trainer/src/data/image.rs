@@ -327,11 +327,28 @@ pub fn fit_to_canvas(
 
 pub use super::resize::resize_bilinear;
 
-/// One processed image.
+/// Where a processed image's pixel values come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pixels {
+    /// The processor's output: the resized image, (h, w, 3), the canvas's top-left (the rest of
+    /// the canvas is padding), and the u8 -> rescaled, normalized f32 table per channel (numpy's
+    /// arithmetic). The f32 values are computed when written.
+    Resized {
+        image: RgbImage,
+        lut: Box<[[f32; 256]; 3]>,
+    },
+    /// Ready values, (num_tiles or more, 3, tile, tile): e.g. pixel values made by transformers.
+    Values(Vec<f32>),
+}
+
+/// One processed image: resized, not yet padded or normalized. The pixel values are written
+/// from the u8 image straight into their destination (`write_tiles`: the batch tensor), so no
+/// (tiles, 3, tile, tile) f32 copy (15 MB at 4 tiles of 560) is made per sample.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProcessedImage {
-    /// (max_image_tiles, 3, tile, tile); tiles past `num_tiles` are zeros (as `pack_images`).
-    pub pixel_values: Vec<f32>,
+    pub pixels: Pixels,
+    pub tile: usize,
+    pub max_image_tiles: usize,
     pub num_tiles: usize,
     /// `(tiles_high, tiles_wide)`.
     pub aspect_ratio: (usize, usize),
@@ -341,8 +358,68 @@ pub struct ProcessedImage {
     pub aspect_ratio_mask: Vec<i64>,
 }
 
-/// Resize, pad, rescale, normalize and tile one RGB image.
-#[allow(clippy::needless_range_loop)]
+impl ProcessedImage {
+    /// Elements of one tile, 3 x tile x tile.
+    pub fn tile_len(&self) -> usize {
+        3 * self.tile * self.tile
+    }
+
+    /// The pixel values as transformers returns them: (max_image_tiles, 3, tile, tile), tiles
+    /// past `num_tiles` zeros (as `pack_images`).
+    pub fn pixel_values(&self) -> Vec<f32> {
+        let mut v = vec![0f32; self.max_image_tiles * self.tile_len()];
+        self.write_tiles(&mut v[..self.num_tiles * self.tile_len()]);
+        v
+    }
+
+    /// Write the image's `num_tiles` tiles, (num_tiles, 3, tile, tile), into `out` (every element
+    /// of it): pad right/bottom with 0, rescale, normalize (one table lookup per value), split
+    /// into tiles in row-major tile order.
+    pub fn write_tiles(&self, out: &mut [f32]) {
+        let t = self.tile;
+        let plane = t * t;
+        assert_eq!(
+            out.len(),
+            self.num_tiles * 3 * plane,
+            "write_tiles: output size"
+        );
+        let (resized, lut) = match &self.pixels {
+            Pixels::Values(v) => return out.copy_from_slice(&v[..out.len()]),
+            Pixels::Resized { image, lut } => (image, lut),
+        };
+        let (w, h) = (resized.width, resized.height);
+        let [lr, lg, lb] = &**lut;
+        let ntw = self.aspect_ratio.1;
+        for (tile_idx, tile_out) in out.chunks_exact_mut(3 * plane).enumerate() {
+            let (x0, y0) = ((tile_idx % ntw) * t, (tile_idx / ntw) * t);
+            let valid_w = w.saturating_sub(x0).min(t);
+            let (r, gb) = tile_out.split_at_mut(plane);
+            let (g, b) = gb.split_at_mut(plane);
+            let rows = r
+                .chunks_exact_mut(t)
+                .zip(g.chunks_exact_mut(t))
+                .zip(b.chunks_exact_mut(t));
+            for (y, ((r, g), b)) in rows.enumerate() {
+                let mut x = 0;
+                if y0 + y < h {
+                    let src = &resized.data[((y0 + y) * w + x0) * 3..][..valid_w * 3];
+                    for (i, p) in src.chunks_exact(3).enumerate() {
+                        r[i] = lr[p[0] as usize];
+                        g[i] = lg[p[1] as usize];
+                        b[i] = lb[p[2] as usize];
+                    }
+                    x = valid_w;
+                }
+                r[x..].fill(lr[0]);
+                g[x..].fill(lg[0]);
+                b[x..].fill(lb[0]);
+            }
+        }
+    }
+}
+
+/// Choose the canvas and resize one RGB image; padding, rescale, normalization and tiling
+/// happen when its pixels are written (`ProcessedImage::write_tiles`).
 pub fn process(cfg: &ImageProcessorConfig, img: &RgbImage) -> ProcessedImage {
     let t = cfg.tile;
     let (ch, cw) = optimal_tiled_canvas(img.height, img.width, cfg.max_image_tiles, t);
@@ -350,7 +427,7 @@ pub fn process(cfg: &ImageProcessorConfig, img: &RgbImage) -> ProcessedImage {
     let (nh, nw) = fit_to_canvas(img.height, img.width, ch, cw, t);
     let resized = resize_bilinear(img, nw, nh);
     // per-value lookup: u8 -> rescaled, normalized f32, exactly numpy's arithmetic
-    let mut lut = [[0f32; 256]; 3];
+    let mut lut = Box::new([[0f32; 256]; 3]);
     for (c, l) in lut.iter_mut().enumerate() {
         for (v, o) in l.iter_mut().enumerate() {
             let mut x = if cfg.do_rescale {
@@ -365,28 +442,6 @@ pub fn process(cfg: &ImageProcessorConfig, img: &RgbImage) -> ProcessedImage {
         }
     }
     let num_tiles = nth * ntw;
-    let mut pv = vec![0f32; cfg.max_image_tiles * 3 * t * t];
-    for th in 0..nth {
-        for tw in 0..ntw {
-            let tile_idx = th * ntw + tw;
-            for c in 0..3 {
-                let base = (tile_idx * 3 + c) * t * t;
-                for y in 0..t {
-                    let gy = th * t + y;
-                    let dst = &mut pv[base + y * t..][..t];
-                    for (x, d) in dst.iter_mut().enumerate() {
-                        let gx = tw * t + x;
-                        let v = if gy < resized.height && gx < resized.width {
-                            resized.data[(gy * resized.width + gx) * 3 + c]
-                        } else {
-                            0
-                        };
-                        *d = lut[c][v as usize];
-                    }
-                }
-            }
-        }
-    }
     let ratios = supported_aspect_ratios(cfg.max_image_tiles);
     let id = ratios
         .iter()
@@ -399,7 +454,12 @@ pub fn process(cfg: &ImageProcessorConfig, img: &RgbImage) -> ProcessedImage {
         *m = 1;
     }
     ProcessedImage {
-        pixel_values: pv,
+        pixels: Pixels::Resized {
+            image: resized,
+            lut,
+        },
+        tile: t,
+        max_image_tiles: cfg.max_image_tiles,
         num_tiles,
         aspect_ratio: (nth, ntw),
         aspect_ratio_id: id,

@@ -15,7 +15,7 @@ mod nccl;
 mod nccl_lib;
 mod shm;
 mod tcp;
-mod thp;
+pub(crate) mod thp;
 
 pub use cma::CMA_VAR as CPU_SHM_CMA_VAR;
 pub use cpu::TRANSPORT_VAR as CPU_TRANSPORT_VAR;

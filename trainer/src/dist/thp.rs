@@ -52,6 +52,22 @@ fn whole_pages(addr: usize, len: usize) -> Option<(usize, usize)> {
     (hi > lo).then(|| (lo, hi - lo))
 }
 
+/// Ask for huge pages on the whole 2 MiB pages of a fresh allocation that nothing has touched
+/// yet (`madvise(MADV_HUGEPAGE)`), so its first writes fault in 2 MiB pages instead of 512x as
+/// many 4 KiB ones: used for the data loader's pixel tensors (tens of MB, allocated per batch,
+/// and whose page faults cost more than writing them). No copy, unlike MADV_COLLAPSE. Best
+/// effort: ignored where THP is off or the range holds no whole huge page.
+pub fn advise_fresh(addr: *const u8, len: usize) {
+    if len < MIN_LEN {
+        return;
+    }
+    if let Some((at, bytes)) = whole_pages(addr as usize, len) {
+        // SAFETY: advice on whole pages inside the caller's own allocation; MADV_HUGEPAGE
+        // changes how later faults are served, never the contents.
+        unsafe { libc::madvise(at as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE) };
+    }
+}
+
 /// Whether collapsing `len` bytes in `took` copied them (a range of huge pages takes microseconds;
 /// copying runs at a few GB/s): 2 ms plus 1 ms per 16 MiB, which a preempted walk rarely exceeds.
 fn was_slow(len: usize, took: Duration) -> bool {

@@ -109,7 +109,7 @@ impl Session<'_> {
             let Some(image) = p.image else {
                 continue; // unreachable: every prompt has an image (checked above)
             };
-            pixels.extend_from_slice(&image.pixel_values);
+            pixels.extend_from_slice(&image.pixel_values());
             ar_ids.push(image.aspect_ratio_id);
             ar_mask.extend_from_slice(&image.aspect_ratio_mask);
             let row = self.cross_attention_rows(&p.ids, image); // (S_r, T)

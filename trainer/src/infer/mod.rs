@@ -138,7 +138,7 @@ impl Session<'_> {
         let s = ids.len() as i64;
         let cam = self.cross_attention_rows(ids, image);
         Images {
-            pixel_values: Tensor::from_slice(&image.pixel_values)
+            pixel_values: Tensor::from_slice(&image.pixel_values())
                 .view([1, 1, t, 3, tile, tile])
                 .to_device(device),
             aspect_ratio_ids: Tensor::from_slice(&[image.aspect_ratio_id])
