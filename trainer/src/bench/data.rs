@@ -154,7 +154,7 @@ impl Stages {
 /// Time each stage of the loader's path separately, one thread (the profile behind the figures).
 pub fn stages(model: &Path, jsonl: &Path, images: &Path, batch: usize) -> Result<Stages> {
     use crate::data::collate::{collate_text, Sample};
-    use crate::data::dataset::{pixel_tensor, to_model_batch};
+    use crate::data::dataset::{pixel_tensor, recycle, to_model_batch};
     use crate::data::image::{load_rgb, process, ImageProcessorConfig};
 
     let yaml = format!(
@@ -184,7 +184,7 @@ pub fn stages(model: &Path, jsonl: &Path, images: &Path, batch: usize) -> Result
         let rgb = load_rgb(path).map_err(anyhow::Error::msg)?;
         lap(&mut st.decode_ms);
         let img = process(&icfg, &rgb);
-        drop(rgb);
+        crate::data::scratch::give(rgb.data);
         lap(&mut st.resize_ms);
         let enc = text.encode(&r.turns, true).map_err(anyhow::Error::msg)?;
         lap(&mut st.text_ms);
@@ -206,7 +206,7 @@ pub fn stages(model: &Path, jsonl: &Path, images: &Path, batch: usize) -> Result
                 images.pixel_values = pixel_tensor(&pending, &c);
             }
             std::hint::black_box(&b);
-            pending.clear();
+            recycle(std::mem::take(&mut pending));
             drop(b);
             lap(&mut st.batch_ms);
         }

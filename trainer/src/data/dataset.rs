@@ -735,7 +735,9 @@ fn load_sample(inner: &Inner, i: usize) -> Result<Sample, Problem> {
         None => None,
         Some(p) => {
             let rgb = image::load_rgb(p).map_err(problem)?;
-            Some(image::process(&inner.image, &rgb))
+            let processed = image::process(&inner.image, &rgb);
+            super::scratch::give(rgb.data);
+            Some(processed)
         }
     };
     Ok(Sample {
@@ -826,6 +828,7 @@ fn load_micro(inner: &Inner, job: &MicroJob, eval: bool) -> Result<MicroBatch, D
     if let Some(images) = batch.images.as_mut() {
         images.pixel_values = pixel_tensor(&samples, &c);
     }
+    recycle(samples);
     Ok(MicroBatch {
         position: job.position,
         micro_step: job.micro_step,
@@ -853,6 +856,19 @@ pub fn pixel_tensor(samples: &[Sample], c: &collate::Batch) -> Tensor {
     crate::dist::thp::advise_fresh(out.as_ptr() as *const u8, n * 4);
     collate::pack_pixels(samples, c.num_images, c.max_tiles, c.tile, out);
     pixels
+}
+
+/// Hand the samples' resized images back to this thread's buffers once their pixels are written.
+pub fn recycle(samples: Vec<Sample>) {
+    for s in samples {
+        if let Some(image::ProcessedImage {
+            pixels: image::Pixels::Resized { image, .. },
+            ..
+        }) = s.image
+        {
+            super::scratch::give(image.data);
+        }
+    }
 }
 
 /// Count the labels that the shifted loss uses (`labels[:, 1:] != IGNORE`).

@@ -403,10 +403,11 @@ impl ProcessedImage {
                 let mut x = 0;
                 if y0 + y < h {
                     let src = &resized.data[((y0 + y) * w + x0) * 3..][..valid_w * 3];
-                    for (i, p) in src.chunks_exact(3).enumerate() {
-                        r[i] = lr[p[0] as usize];
-                        g[i] = lg[p[1] as usize];
-                        b[i] = lb[p[2] as usize];
+                    let dst = r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut());
+                    for (p, ((r, g), b)) in src.chunks_exact(3).zip(dst) {
+                        *r = lr[p[0] as usize];
+                        *g = lg[p[1] as usize];
+                        *b = lb[p[2] as usize];
                     }
                     x = valid_w;
                 }

@@ -17,6 +17,7 @@ use mozjpeg::{ColorSpace, Decompress};
 use mozjpeg_sys as ffi;
 
 use super::image::RgbImage;
+use super::scratch;
 
 /// The JPEG start-of-image marker followed by a marker byte.
 pub fn is_jpeg(bytes: &[u8]) -> bool {
@@ -48,18 +49,32 @@ fn decode_unwinding(bytes: &[u8]) -> Result<RgbImage, String> {
         n => return Err(format!("cannot handle {n}-layer JPEG images")),
     };
     let mut started = d.to_colorspace(out).map_err(io)?;
-    let raw: Vec<u8> = started.read_scanlines().map_err(io)?;
+    // into a recycled buffer (no fresh pages to fault in and zero)
+    let n = w * h * layers;
+    let mut raw = scratch::take(n);
+    let got = started
+        .read_scanlines_into_uninit(&mut raw.spare_capacity_mut()[..n])
+        .map_err(io)?
+        .len();
+    // SAFETY: read_scanlines_into_uninit initialized the first `got` bytes
+    unsafe { raw.set_len(got) };
     started.finish().map_err(io)?;
-    if raw.len() != w * h * layers {
+    if got != n {
         return Err(format!(
-            "corrupt JPEG: {} bytes decoded for {w}x{h}x{layers}",
-            raw.len()
+            "corrupt JPEG: {got} bytes decoded for {w}x{h}x{layers}"
         ));
     }
-    let data = match layers {
-        1 => raw.iter().flat_map(|&l| [l, l, l]).collect(),
-        3 => raw,
-        _ => raw.chunks_exact(4).flat_map(inverted_cmyk_to_rgb).collect(),
+    let data = if layers == 3 {
+        raw
+    } else {
+        let mut rgb = scratch::take(w * h * 3);
+        if layers == 1 {
+            rgb.extend(raw.iter().flat_map(|&l| [l, l, l]));
+        } else {
+            rgb.extend(raw.chunks_exact(4).flat_map(inverted_cmyk_to_rgb));
+        }
+        scratch::give(raw);
+        rgb
     };
     Ok(RgbImage {
         width: w,

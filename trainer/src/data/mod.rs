@@ -7,6 +7,7 @@
 //! - `image`:    decode + RGB as PIL, canvas choice, PIL-exact bilinear resize, pad, normalize, tiles
 //! - `jpeg`:     JPEG through libjpeg-turbo's decoder, bit-exact with Pillow (CMYK, gray included)
 //! - `resize`:   Pillow-exact bilinear resize (AVX2 fast passes, plain reference passes)
+//! - `scratch`:  per-thread recycled byte buffers of the image path (no page faults per sample)
 //! - `template`: the chat template (minijinja with Hugging Face's jinja semantics)
 //! - `tokenize`: tokenizer + special ids, BOS handling, the seed's label masking, length policy
 //! - `collate`:  right padding, pixel values, aspect ratio ids/mask, cross-attention mask
@@ -25,6 +26,7 @@ pub mod resize;
 #[cfg(target_arch = "x86_64")]
 mod resize_avx2;
 pub mod sampler;
+pub mod scratch;
 pub mod template;
 pub mod tokenize;
 pub mod tools;

@@ -101,7 +101,7 @@ fn horizontal_pixel(row: &[u8], xmin: usize, k: &[i32]) -> [u8; 3] {
 /// (H, src_w, 3) image; returns (rows, out_w, 3). The reference pass.
 fn horizontal_pass(src: &[u8], src_w: usize, first_row: usize, rows: usize, c: &Coeffs) -> Vec<u8> {
     let out_w = c.bounds.len();
-    let mut out = vec![0u8; rows * out_w * 3];
+    let mut out = super::scratch::zeroed(rows * out_w * 3);
     for (y, orow) in out.chunks_exact_mut(out_w * 3).enumerate() {
         let row = &src[(y + first_row) * src_w * 3..][..src_w * 3];
         for (xx, (&(xmin, n), o)) in c.bounds.iter().zip(orow.chunks_exact_mut(3)).enumerate() {
@@ -126,7 +126,7 @@ fn horizontal_fast(src: &[u8], src_w: usize, first_row: usize, rows: usize, c: &
 fn vertical_pass(src: &[u8], w: usize, c: &Coeffs) -> Vec<u8> {
     let out_h = c.bounds.len();
     let half = 1i32 << (PRECISION_BITS - 1);
-    let mut out = vec![0u8; out_h * w * 3];
+    let mut out = super::scratch::zeroed(out_h * w * 3);
     let mut acc = vec![0i32; w * 3];
     for (yy, (&(ymin, n), orow)) in c.bounds.iter().zip(out.chunks_exact_mut(w * 3)).enumerate() {
         let k = &c.kk[yy * c.ksize..][..n];
@@ -161,7 +161,7 @@ pub(super) fn vertical_chunked(src: &[u8], w: usize, c: &Coeffs) -> Vec<u8> {
     const CHUNK: usize = 64;
     let w3 = w * 3;
     let half = 1i32 << (PRECISION_BITS - 1);
-    let mut out = vec![0u8; c.bounds.len() * w3];
+    let mut out = super::scratch::zeroed(c.bounds.len() * w3);
     for (yy, (&(ymin, n), orow)) in c.bounds.iter().zip(out.chunks_exact_mut(w3)).enumerate() {
         let k = &c.kk[yy * c.ksize..][..n];
         let rows = &src[ymin * w3..][..n * w3];
@@ -225,8 +225,17 @@ pub fn resize_bilinear_with(
         Passes::Reference => (horizontal_pass, vertical_pass),
     };
     let (in_w, in_h) = (src.width, src.height);
+    let copy = |d: &[u8]| {
+        let mut v = super::scratch::take(d.len());
+        v.extend_from_slice(d);
+        v
+    };
     if out_w == in_w && out_h == in_h {
-        return src.clone();
+        return RgbImage {
+            width: in_w,
+            height: in_h,
+            data: copy(&src.data),
+        };
     }
     let need_h = out_w != in_w;
     let need_v = out_h != in_h;
@@ -236,33 +245,34 @@ pub fn resize_bilinear_with(
         // need_v holds here
         let v = vertical_pass(&src.data, in_w, &Coeffs::new(in_h, out_h));
         if need_h {
-            horizontal_pass(&v, in_w, 0, out_h, &Coeffs::new(in_w, out_w))
+            let out = horizontal_pass(&v, in_w, 0, out_h, &Coeffs::new(in_w, out_w));
+            super::scratch::give(v);
+            out
         } else {
             v
         }
+    } else if !need_h {
+        // no horizontal pass: the vertical pass reads the source itself
+        vertical_pass(&src.data, out_w, &Coeffs::new(in_h, out_h))
     } else {
+        // horizontal first, over only the rows the vertical pass reads
         let mut cv = Coeffs::new(in_h, out_h);
         let first = cv.bounds[0].0;
         let last = cv.bounds[out_h - 1].0 + cv.bounds[out_h - 1].1;
         for b in cv.bounds.iter_mut() {
             b.0 -= first;
         }
-        let (h, rows) = if need_h {
-            let ch = Coeffs::new(in_w, out_w);
-            (
-                horizontal_pass(&src.data, in_w, first, last - first, &ch),
-                last - first,
-            )
-        } else {
-            // no horizontal pass: the vertical pass reads the source itself (unshifted rows)
-            (src.data.clone(), in_h)
-        };
+        let h = horizontal_pass(
+            &src.data,
+            in_w,
+            first,
+            last - first,
+            &Coeffs::new(in_w, out_w),
+        );
         if need_v {
-            if !need_h {
-                cv = Coeffs::new(in_h, out_h);
-            }
-            debug_assert!(rows >= 1);
-            vertical_pass(&h, out_w, &cv)
+            let out = vertical_pass(&h, out_w, &cv);
+            super::scratch::give(h);
+            out
         } else {
             h
         }

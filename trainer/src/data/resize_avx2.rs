@@ -153,7 +153,7 @@ pub(super) fn horizontal(
     c: &Coeffs,
 ) -> Vec<u8> {
     let (in_len, out_len) = (src_w * 3, c.bounds.len() * 3);
-    let mut out = vec![0u8; rows * out_len];
+    let mut out = super::scratch::zeroed(rows * out_len);
     let mut t = vec![0u8; in_len * LANES];
     let mut ot = vec![0u8; out_len * LANES + LANES];
     for (block, dst) in (0..rows)
