@@ -199,7 +199,7 @@ enum BenchCommand {
     /// Example: trainer bench data --json
     Data {
         /// Generated JPEGs (samples), about 640x480 to 2000x1500
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 512)]
         images: usize,
         /// Worker thread counts to measure (data.num_workers)
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
