@@ -189,10 +189,11 @@ fn world1_lora_matches_autograd() {
 /// tch reference (`attn_tape::set_reference`), so this checks the cutting and the gradient sums
 /// against eager attention (matmul + softmax) with plain autograd through the same schedule; the
 /// kernels themselves are checked on a GPU (kernels-gpu-check, model_gpu).
-/// Not against sdpa: libtorch 2.11's CPU sdpa backward gives rows whose every key is masked with
-/// finfo.min (all-padding vision tiles) gradients 40-260x eager's (a 2-head toy in Python shows it),
-/// and in this model the layer-0 q_proj LoRA A gradient is 5.0e3 (sdpa) vs 0.78 (eager, and the
-/// reference) on `batch2`.
+/// Not against sdpa: this tiny model's vision tower has rows whose every key is masked (its patch
+/// count is a multiple of 8, so transformers' `[-0:]` marks every patch as padding), and there
+/// eager's gradient into Q and K is an artifact of autograd through a constant softmax (layer-0
+/// q_proj LoRA A: 0.78) while our sdpa gives none (`AttnMask::fully_masked`; libtorch's CPU sdpa
+/// backward alone gave 5.0e3 on `batch2`).
 fn fused_matches_eager(lora: bool, activation_checkpointing: bool) {
     let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
     trainer::model::attn_tape::set_reference(true);

@@ -57,6 +57,14 @@ pub struct AttnMask {
     pub query_flags: Option<Tensor>,
     /// Fused: ((B, Sq, nblk) allowed blocks, block size).
     pub block: Option<(Tensor, i64)>,
+    /// Sdpa: (B, 1, Sq, 1) bool, the rows whose every key `dense` masks (a vision image without
+    /// one real patch: a text-only sample in an image batch, or transformers' `[-0:]` quirk when
+    /// the patch count is a multiple of 8). Their output is the mean of V, which is what the
+    /// masked softmax gives (uniform weights), computed so that no gradient reaches Q or K through
+    /// them: libtorch's CPU sdpa backward turns such rows into gradients 40-260x eager's (its saved
+    /// logsumexp absorbs log(Sk) into finfo.min), while the forward does not depend on Q or K at all.
+    /// Set by [`AttnMask::dense_rows`]; eager keeps transformers' arithmetic.
+    pub fully_masked: Option<Tensor>,
 }
 
 impl AttnMask {
@@ -74,6 +82,8 @@ impl AttnMask {
     /// masked: the plain dense mask (splitting would not pay). Eager ignores the list and adds `t` as before.
     pub fn dense_rows(t: Tensor) -> Self {
         let sq = t.size()[2];
+        let full = t.le(dtype_min(t.kind()) / 2.0).all_dim(3, true); // (B, 1, Sq, 1)
+        let fully_masked = bool::try_from(full.any()).unwrap_or(true).then_some(full);
         let rows = t
             .ne(0)
             .any_dim(3, false)
@@ -85,11 +95,15 @@ impl AttnMask {
         if r == 0 {
             Self::default()
         } else if 2 * r > sq {
-            Self::dense(t)
+            Self {
+                fully_masked,
+                ..Self::dense(t)
+            }
         } else {
             Self {
                 dense: Some(t),
                 masked_rows: Some(rows),
+                fully_masked,
                 ..Default::default()
             }
         }
@@ -140,7 +154,7 @@ pub fn attend(
             let sdpa = |q: &Tensor, m: Option<&Tensor>, causal: bool| {
                 Tensor::scaled_dot_product_attention(q, k, v, m, 0.0, causal, scale, h != hk)
             };
-            Ok(match (&mask.dense, &mask.masked_rows) {
+            let out = match (&mask.dense, &mask.masked_rows) {
                 // every row without the mask, then the masked rows again with their mask rows
                 (Some(m), Some(rows)) => {
                     let all = sdpa(q, None, false); // (B, H, Sq, D)
@@ -159,6 +173,14 @@ pub fn attend(
                     )))
                 }
                 (None, _) => sdpa(q, None, mask.causal),
+            };
+            Ok(match &mask.fully_masked {
+                // (B, H, 1, D) broadcast over the fully masked rows; their sdpa rows get no gradient
+                Some(full) => out.where_self(
+                    &full.logical_not(),
+                    &repeat_kv(&v.mean_dim(2, true, None), h / hk),
+                ),
+                None => out,
             })
         }
         AttentionImpl::Fused => {
@@ -281,6 +303,55 @@ mod tests {
         assert!(AttnMask::dense_rows(t.zeros_like()).dense.is_none());
         let most = AttnMask::dense_rows(t.full_like(dtype_min(Kind::Float)));
         assert!(most.dense.is_some() && most.masked_rows.is_none());
+    }
+
+    /// A batch entry whose every position is padding (a vision image without one real patch):
+    /// sdpa gives the masked softmax's forward there (the mean of V) and the gradient of what it
+    /// computes, which does not depend on Q or K on those rows (libtorch's sdpa backward alone
+    /// gives large garbage). Reference: eager with those rows replaced by the mean of V.
+    #[test]
+    fn sdpa_rows_with_every_key_masked_give_the_mean_of_v_and_no_q_gradient() {
+        tch::manual_seed(2);
+        let [q, k, v] = qkv(12, 12);
+        // entry 0: positions 2, 10, 11 are padding; entry 1: every position is
+        let flags = Tensor::from_slice(&[0f32, 0., 1., 0., 0., 0., 0., 0., 0., 0., 1., 1.])
+            .view([1, 12, 1])
+            .repeat([2, 1, 1]);
+        let _ = flags.get(1).fill_(1.0);
+        let t = (flags.matmul(&flags.transpose(1, 2)) * dtype_min(Kind::Float)).unsqueeze(1);
+        let m = AttnMask::dense_rows(t.copy());
+        let full = m.fully_masked.as_ref().expect("entry 1 is fully masked");
+        let rows = Vec::<bool>::try_from(full.flatten(0, -1)).unwrap();
+        assert_eq!(rows, [vec![false; 12], vec![true; 12]].concat());
+        let got = run(AttentionImpl::Sdpa, [&q, &k, &v], &m);
+        let reference = {
+            let [q, k, v] = [&q, &k, &v].map(|t| t.detach().set_requires_grad(true));
+            let o = attend(
+                AttentionImpl::Eager,
+                &q,
+                &k,
+                &v,
+                &AttnMask::dense(t.copy()),
+                0.125,
+            )
+            .unwrap();
+            let mean_v = repeat_kv(&v.mean_dim(2, true, None), 2);
+            let o = o.where_self(&full.logical_not(), &mean_v);
+            (&o * o.ones_like().cumsum(-1, Kind::Float))
+                .sum(Kind::Float)
+                .backward();
+            [o.detach(), q.grad(), k.grad(), v.grad()]
+        };
+        assert_close(&got, &reference, "sdpa, fully masked rows");
+        // the forward is the masked softmax's (eager's own output)
+        let eager = run(AttentionImpl::Eager, [&q, &k, &v], &AttnMask::dense(t));
+        let err = (&got[0] - &eager[0]).abs().max().double_value(&[]);
+        assert!(err <= 1e-5, "forward differs from eager by {err}");
+        assert_eq!(
+            got[1].get(1).abs().max().double_value(&[]),
+            0.0,
+            "dQ of entry 1"
+        );
     }
 
     #[test]
