@@ -189,11 +189,11 @@ fn world1_lora_matches_autograd() {
 /// tch reference (`attn_tape::set_reference`), so this checks the cutting and the gradient sums
 /// against eager attention (matmul + softmax) with plain autograd through the same schedule; the
 /// kernels themselves are checked on a GPU (kernels-gpu-check, model_gpu).
-/// Not against sdpa: this tiny model's vision tower has rows whose every key is masked (its patch
-/// count is a multiple of 8, so transformers' `[-0:]` marks every patch as padding), and there
-/// eager's gradient into Q and K is an artifact of autograd through a constant softmax (layer-0
-/// q_proj LoRA A: 0.78) while our sdpa gives none (`AttnMask::fully_masked`; libtorch's CPU sdpa
-/// backward alone gave 5.0e3 on `batch2`).
+/// Not against sdpa: on rows whose every key is masked (the vision rows of `batch2`'s padding
+/// image slot, which has no real tile) eager's gradient into Q and K is an artifact of autograd
+/// through a softmax whose output does not depend on them, which our sdpa deliberately does not
+/// reproduce (`AttnMask::fully_masked`; libtorch's CPU sdpa backward alone gave such rows
+/// gradients 40-260x eager's).
 fn fused_matches_eager(lora: bool, activation_checkpointing: bool) {
     let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
     trainer::model::attn_tape::set_reference(true);

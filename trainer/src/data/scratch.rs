@@ -7,6 +7,9 @@ use std::cell::RefCell;
 
 /// Smaller buffers are left to malloc (they come from its heap, not fresh mappings).
 const MIN_CAPACITY: usize = 1 << 20;
+/// Larger ones too (a 3600x3000 photo decodes into 32 MB): rare, and not worth holding per
+/// worker thread; at most `MAX_KEPT` x 32 MB stay per thread.
+const MAX_CAPACITY: usize = 32 << 20;
 /// Buffers kept per thread (decode output, resize intermediate, resized image, and one spare).
 const MAX_KEPT: usize = 4;
 
@@ -38,10 +41,10 @@ pub fn zeroed(len: usize) -> Vec<u8> {
     v
 }
 
-/// Hand a buffer back for this thread's later `take`s (dropped if small or the pool is full;
+/// Hand a buffer back for this thread's later `take`s (dropped if small, huge or the pool is full;
 /// then the smallest kept buffer makes room for a larger one).
 pub fn give(v: Vec<u8>) {
-    if v.capacity() < MIN_CAPACITY {
+    if !(MIN_CAPACITY..=MAX_CAPACITY).contains(&v.capacity()) {
         return;
     }
     POOL.with_borrow_mut(|pool| {
@@ -70,9 +73,11 @@ mod tests {
         // too large for anything kept: a fresh one
         give(w);
         assert!(take(8 << 20).capacity() >= 8 << 20);
-        // small buffers are not kept
+        // small and huge buffers are not kept
         give(Vec::with_capacity(1000));
-        assert!(POOL.with_borrow(|p| p.iter().all(|v| v.capacity() >= MIN_CAPACITY)));
+        give(Vec::with_capacity(MAX_CAPACITY + 1));
+        let kept = |c: usize| (MIN_CAPACITY..=MAX_CAPACITY).contains(&c);
+        assert!(POOL.with_borrow(|p| p.iter().all(|v| kept(v.capacity()))));
     }
 
     #[test]

@@ -58,8 +58,9 @@ pub struct AttnMask {
     /// Fused: ((B, Sq, nblk) allowed blocks, block size).
     pub block: Option<(Tensor, i64)>,
     /// Sdpa: (B, 1, Sq, 1) bool, the rows whose every key `dense` masks (a vision image without
-    /// one real patch: a text-only sample in an image batch, or transformers' `[-0:]` quirk when
-    /// the patch count is a multiple of 8). Their output is the mean of V, which is what the
+    /// one real tile: the padding image slot of a sample with fewer images, or of a text-only
+    /// sample in an image batch; every image when the patch count is a multiple of 8, through
+    /// transformers' `[-0:]`). Their output is the mean of V, which is what the
     /// masked softmax gives (uniform weights), computed so that no gradient reaches Q or K through
     /// them: libtorch's CPU sdpa backward turns such rows into gradients 40-260x eager's (its saved
     /// logsumexp absorbs log(Sk) into finfo.min), while the forward does not depend on Q or K at all.
