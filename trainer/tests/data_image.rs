@@ -255,6 +255,56 @@ fn transformers5_processor_config_layout_reads_the_same() {
     assert_eq!(a, b);
 }
 
+/// libjpeg-turbo on damaged files: every one of 300 single-byte corruptions (header, tables and
+/// entropy-coded data) and 60 truncations of each JPEG fixture decodes to an image of the right
+/// size or to an error; nothing panics or aborts (libjpeg's fatal errors unwind into `Err`).
+#[test]
+fn damaged_jpegs_decode_or_fail_cleanly() {
+    let mut seed = 0x9e3779b97f4a7c15u64;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as usize
+    };
+    for name in [
+        "photo.jpg",
+        "gray.jpg",
+        "cmyk.jpg",
+        "arith.jpg",
+        "photo444.jpg",
+    ] {
+        let good = std::fs::read(fixtures().join("images").join(name)).unwrap();
+        let want = image::decode_rgb(&good).unwrap();
+        let (mut ok, mut failed) = (0, 0);
+        let mut check = |bytes: &[u8]| match image::decode_rgb(bytes) {
+            Ok(img) => {
+                assert_eq!(img.data.len(), img.width * img.height * 3, "{name}");
+                ok += 1;
+            }
+            Err(e) => {
+                assert!(!e.is_empty());
+                failed += 1;
+            }
+        };
+        for _ in 0..300 {
+            let mut bad = good.clone();
+            let at = next() % bad.len();
+            bad[at] ^= 1 + (next() % 255) as u8;
+            check(&bad);
+        }
+        for _ in 0..60 {
+            check(&good[..next() % good.len()]);
+        }
+        assert!(
+            ok > 0 && failed > 0,
+            "{name}: {ok} decoded, {failed} failed"
+        );
+        // and the intact file still decodes the same (no state left behind by the failures)
+        assert!(image::decode_rgb(&good).unwrap() == want, "{name}");
+    }
+}
+
 #[test]
 fn bad_images_are_errors_not_panics() {
     let dir = std::env::temp_dir().join(format!("data_image_bad_{}", std::process::id()));
