@@ -220,6 +220,29 @@ fn fused_matches_eager(lora: bool, activation_checkpointing: bool) {
     compare_steps(&pg, eager, fused, &tag, (3e-5, 2e-3, 1e-3));
 }
 
+/// The fused path (the tch reference in place of the kernels) gives the vision rows of `batch2`'s
+/// padding image slot, which see no key, the mean of V as eager's masked softmax does (the kernels
+/// alone give zeros there): the projected vision states of every image slot agree.
+#[test]
+fn fused_vision_rows_without_a_key_match_eager() {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    trainer::model::attn_tape::set_reference(true);
+    let batch = golden_batch("batch2");
+    let images = batch.images.as_ref().unwrap();
+    let empty_slots = images
+        .aspect_ratio_mask
+        .sum_dim_intlist(-1, false, tch::Kind::Int64)
+        .eq(0)
+        .sum(tch::Kind::Int64)
+        .int64_value(&[]);
+    assert!(empty_slots > 0, "batch2 has a padding image slot");
+    let states =
+        |attention| tch::no_grad(|| load_with(false, attention).vision_states(images)).unwrap();
+    let (eager, fused) = (states(AttentionImpl::Eager), states(AttentionImpl::Fused));
+    let err = (&eager - &fused).abs().max().double_value(&[]);
+    assert!(err < 1e-5, "vision states differ by {err}");
+}
+
 #[test]
 fn world1_lora_fused_attention_trains_like_eager() {
     fused_matches_eager(true, true);

@@ -57,14 +57,15 @@ pub struct AttnMask {
     pub query_flags: Option<Tensor>,
     /// Fused: ((B, Sq, nblk) allowed blocks, block size).
     pub block: Option<(Tensor, i64)>,
-    /// Sdpa: (B, 1, Sq, 1) bool, the rows whose every key `dense` masks (a vision image without
-    /// one real tile: the padding image slot of a sample with fewer images, or of a text-only
-    /// sample in an image batch; every image when the patch count is a multiple of 8, through
-    /// transformers' `[-0:]`). Their output is the mean of V, which is what the
-    /// masked softmax gives (uniform weights), computed so that no gradient reaches Q or K through
-    /// them: libtorch's CPU sdpa backward turns such rows into gradients 40-260x eager's (its saved
-    /// logsumexp absorbs log(Sk) into finfo.min), while the forward does not depend on Q or K at all.
-    /// Set by [`AttnMask::dense_rows`]; eager keeps transformers' arithmetic.
+    /// Sdpa and fused: bool broadcastable to (B, 1, Sq, 1), the rows whose every key is masked
+    /// (a vision image without one real tile: the padding image slot of a sample with fewer
+    /// images, or of a text-only sample in an image batch; every image when the patch count is a
+    /// multiple of 8, through transformers' `[-0:]`). Their output is the mean of V, which is what
+    /// the masked softmax gives (uniform weights), computed so that no gradient reaches Q or K
+    /// through them: the forward does not depend on Q or K there, yet libtorch's CPU sdpa backward
+    /// gives such rows gradients 40-260x eager's (its saved logsumexp absorbs log(Sk) into
+    /// finfo.min), and the fused kernels give them zeros. Set by [`AttnMask::dense_rows`] and the
+    /// vision tower's fused mask; eager keeps transformers' arithmetic.
     pub fully_masked: Option<Tensor>,
 }
 
@@ -175,14 +176,7 @@ pub fn attend(
                 }
                 (None, _) => sdpa(q, None, mask.causal),
             };
-            Ok(match &mask.fully_masked {
-                // (B, H, 1, D) broadcast over the fully masked rows; their sdpa rows get no gradient
-                Some(full) => out.where_self(
-                    &full.logical_not(),
-                    &repeat_kv(&v.mean_dim(2, true, None), h / hk),
-                ),
-                None => out,
-            })
+            Ok(mean_v_where_fully_masked(out, mask, v, h / hk))
         }
         AttentionImpl::Fused => {
             let m = kernels::attention::AttentionMask {
@@ -192,8 +186,23 @@ pub fn attend(
                 block_mask: mask.block.as_ref().map(|(t, n)| (t, *n)),
             };
             // with a gradient: the output becomes a leaf on the FSDP schedule's tape (attn_tape.rs)
-            super::attn_tape::attend(q, k, v, &m, scale)
+            let out = super::attn_tape::attend(q, k, v, &m, scale)?;
+            Ok(mean_v_where_fully_masked(out, mask, v, h / hk))
         }
+    }
+}
+
+/// `out` (B, H, Sq, D) with the rows of `mask.fully_masked` replaced by the mean of V (B, Hk, Sk,
+/// D) over the keys: what the masked softmax gives them, with no gradient into Q or K (sdpa's
+/// backward there is garbage; the fused kernels' own output there is zeros).
+fn mean_v_where_fully_masked(out: Tensor, mask: &AttnMask, v: &Tensor, groups: i64) -> Tensor {
+    match &mask.fully_masked {
+        // (B, H, 1, D) broadcast over the fully masked rows
+        Some(full) => out.where_self(
+            &full.logical_not(),
+            &repeat_kv(&v.mean_dim(2, true, None), groups),
+        ),
+        None => out,
     }
 }
 
