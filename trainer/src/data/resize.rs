@@ -1,9 +1,9 @@
 //! PIL's `Image.resize((w, h), resample=BILINEAR)` on RGB, bit-exact with Pillow 13's 8-bit
-//! fixed-point two-pass resampler. `resize_bilinear` runs an AVX2 horizontal pass (one gather
-//! per tap fetches a pixel's three channels for 8 outputs) and a vertical pass in register-sized
-//! column chunks; the plain per-pixel passes (`reference`) are Pillow's loops and the test
-//! reference. Integer sums of non-negative terms (taps <= 2^22, pixels <= 255) are exact in i32
-//! in any order, so the fast passes give the reference's bytes exactly.
+//! fixed-point two-pass resampler. `resize_bilinear` runs the fast passes (`Passes::Fast`): where
+//! the CPU has AVX2, a horizontal pass over 8 byte-interleaved rows at once and a vertical pass in
+//! register-sized column chunks (`resize_avx2`); `Passes::Reference` runs Pillow's per-pixel
+//! loops, the test reference. Integer sums of non-negative terms (taps <= 2^22, pixels <= 255)
+//! are exact in i32 in any order, so the fast passes give the reference's bytes exactly.
 use super::image::RgbImage;
 
 pub(super) const PRECISION_BITS: u32 = 32 - 8 - 2;
