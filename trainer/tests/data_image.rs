@@ -255,11 +255,11 @@ fn transformers5_processor_config_layout_reads_the_same() {
     assert_eq!(a, b);
 }
 
-/// libjpeg-turbo on damaged files: every one of 300 single-byte corruptions (header, tables and
-/// entropy-coded data) and 60 truncations of each JPEG fixture decodes to an image of the right
-/// size or to an error; nothing panics or aborts (libjpeg's fatal errors unwind into `Err`).
+/// Damaged files: every one of 300 single-byte corruptions (headers, tables, compressed data) and
+/// 60 truncations of each fixture format decodes to an image of the right size or to an error;
+/// nothing panics or aborts (libjpeg's fatal errors unwind into `Err`).
 #[test]
-fn damaged_jpegs_decode_or_fail_cleanly() {
+fn damaged_images_decode_or_fail_cleanly() {
     let mut seed = 0x9e3779b97f4a7c15u64;
     let mut next = move || {
         seed = seed
@@ -273,6 +273,12 @@ fn damaged_jpegs_decode_or_fail_cleanly() {
         "cmyk.jpg",
         "arith.jpg",
         "photo444.jpg",
+        "large.png",
+        "palette_trns.png",
+        "gray16.png",
+        "anim.gif",
+        "lossless.webp",
+        "rgb.bmp",
     ] {
         let good = std::fs::read(fixtures().join("images").join(name)).unwrap();
         let want = image::decode_rgb(&good).unwrap();
@@ -296,10 +302,8 @@ fn damaged_jpegs_decode_or_fail_cleanly() {
         for _ in 0..60 {
             check(&good[..next() % good.len()]);
         }
-        assert!(
-            ok > 0 && failed > 0,
-            "{name}: {ok} decoded, {failed} failed"
-        );
+        // JPEG decodes most flipped bytes (damaged pixels); PNG's checksums refuse every one
+        assert!(failed > 0, "{name}: {ok} decoded, {failed} failed");
         // and the intact file still decodes the same (no state left behind by the failures)
         assert!(image::decode_rgb(&good).unwrap() == want, "{name}");
     }

@@ -156,10 +156,18 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, String> {
 
 /// `load_rgb` over bytes in memory.
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
-    use image::DynamicImage as D;
     if super::jpeg::is_jpeg(bytes) {
         return super::jpeg::decode(bytes);
     }
+    // a decoder that panics on a malformed file gives an error for that file, not a dead worker
+    std::panic::catch_unwind(|| decode_with_image_crate(bytes)).unwrap_or_else(|_| {
+        Err("malformed image: its decoder failed on it (re-encode the file)".into())
+    })
+}
+
+/// PNG, WebP, GIF, BMP (and anything else the image crate reads) to RGB as PIL.
+fn decode_with_image_crate(bytes: &[u8]) -> Result<RgbImage, String> {
+    use image::DynamicImage as D;
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| format!("cannot read image: {e}"))?;
