@@ -132,7 +132,7 @@ pub struct Stages {
     pub resize_ms: f64,
     pub text_ms: f64,
     /// Padding collate, then pad + rescale + normalize + tiles from the u8 images straight into
-    /// the batch's pixel tensor (`dataset::pixel_tensor`), as the loader does.
+    /// the batch's pixel tensor (`dataset::to_model_batch_fused`), as the loader does.
     pub batch_ms: f64,
 }
 
@@ -154,7 +154,7 @@ impl Stages {
 /// Time each stage of the loader's path separately, one thread (the profile behind the figures).
 pub fn stages(model: &Path, jsonl: &Path, images: &Path, batch: usize) -> Result<Stages> {
     use crate::data::collate::{collate_text, Sample};
-    use crate::data::dataset::{pixel_tensor, recycle, to_model_batch};
+    use crate::data::dataset::{recycle, to_model_batch_fused};
     use crate::data::image::{load_rgb, process, ImageProcessorConfig};
 
     let yaml = format!(
@@ -201,10 +201,7 @@ pub fn stages(model: &Path, jsonl: &Path, images: &Path, batch: usize) -> Result
                 icfg.max_image_tiles,
                 icfg.tile,
             );
-            let mut b = to_model_batch(&c);
-            if let Some(images) = b.images.as_mut() {
-                images.pixel_values = pixel_tensor(&pending, &c);
-            }
+            let b = to_model_batch_fused(&pending, &c);
             std::hint::black_box(&b);
             recycle(std::mem::take(&mut pending));
             drop(b);

@@ -824,10 +824,7 @@ fn load_micro(inner: &Inner, job: &MicroJob, eval: bool) -> Result<MicroBatch, D
             .collect();
         fillers = mask_rows(&mut c, &filler);
     }
-    let mut batch = to_model_batch(&c);
-    if let Some(images) = batch.images.as_mut() {
-        images.pixel_values = pixel_tensor(&samples, &c);
-    }
+    let batch = to_model_batch_fused(&samples, &c);
     recycle(samples);
     Ok(MicroBatch {
         position: job.position,
@@ -839,9 +836,19 @@ fn load_micro(inner: &Inner, job: &MicroJob, eval: bool) -> Result<MicroBatch, D
     })
 }
 
+/// `to_model_batch(c)` with the pixel values written from `samples` straight into the tensor
+/// (`pixel_tensor`) instead of copied from `c`: the loader's path; `c` is their `collate_text`.
+pub fn to_model_batch_fused(samples: &[Sample], c: &collate::Batch) -> Batch {
+    let mut batch = to_model_batch(c);
+    if let Some(images) = batch.images.as_mut() {
+        images.pixel_values = pixel_tensor(samples, c);
+    }
+    batch
+}
+
 /// The batch's (B, I, T, 3, H, W) pixel values, written from each sample's resized u8 image
 /// straight into a fresh tensor (`collate::pack_pixels`): `c` is the batch's `collate_text`.
-pub fn pixel_tensor(samples: &[Sample], c: &collate::Batch) -> Tensor {
+fn pixel_tensor(samples: &[Sample], c: &collate::Batch) -> Tensor {
     let (b, ni, h) = (c.batch as i64, c.num_images as i64, c.tile as i64);
     let pixels = Tensor::empty(
         [b, ni, c.max_tiles as i64, 3, h, h],

@@ -84,10 +84,11 @@ impl AttnMask {
     /// masked: the plain dense mask (splitting would not pay). Eager ignores the list and adds `t` as before.
     pub fn dense_rows(t: Tensor) -> Self {
         let sq = t.size()[2];
-        let full = t.le(dtype_min(t.kind()) / 2.0).all_dim(3, true); // (B, 1, Sq, 1)
+        // one pass over the mask: its entries are 0 (attend) or dtype min (masked)
+        let masked = t.ne(0); // (B, 1, Sq, Sk)
+        let full = masked.all_dim(3, true); // (B, 1, Sq, 1)
         let fully_masked = bool::try_from(full.any()).unwrap_or(true).then_some(full);
-        let rows = t
-            .ne(0)
+        let rows = masked
             .any_dim(3, false)
             .any_dim(1, false)
             .any_dim(0, false)
