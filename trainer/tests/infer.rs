@@ -211,6 +211,7 @@ fn batched_greedy_equals_unbatched_greedy_token_for_token() {
     let o = opts(2, 0.0, 1);
     let batched = session.run_batch(&items, &o, &mut |_, _, _| {}).unwrap();
     assert_eq!(batched.len(), items.len());
+    let mut turn0_tokens = Vec::new();
     for (i, (image, q)) in items.iter().enumerate() {
         let alone = session.run(*image, q, &o, &mut |_, _| {}).unwrap();
         for t in 0..2 {
@@ -221,8 +222,16 @@ fn batched_greedy_equals_unbatched_greedy_token_for_token() {
             assert_eq!(batched[i][t].text, alone[t].text, "item {i} turn {t}");
             assert_eq!(batched[i][t].prompt_tokens, alone[t].prompt_tokens);
         }
-        assert_eq!(alone[0].tokens, 12, "a random model runs to max_new_tokens");
+        turn0_tokens.push(alone[0].tokens);
     }
+    // The comparison must not be vacuous. A random model's logits are nearly tied, so on another
+    // CPU (other SIMD paths, other roundings) a row may pick a stop token early: require only
+    // that most of the budget was generated and that some row ran to max_new_tokens.
+    let total: usize = turn0_tokens.iter().sum();
+    assert!(
+        total * 2 >= 12 * items.len() && turn0_tokens.contains(&12),
+        "a random model mostly runs to max_new_tokens: {turn0_tokens:?}"
+    );
     let lengths: Vec<usize> = batched.iter().map(|t| t[0].prompt_tokens).collect();
     assert!(
         lengths[0] != lengths[1] && lengths[1] != lengths[2],
@@ -273,9 +282,11 @@ fn rows_that_stop_early_leave_the_batch_without_changing_the_others() {
         assert_eq!(b.text, text);
         lengths.push(ids.len());
     }
-    assert_eq!(lengths[1], 2, "row 1 stopped at its third token");
+    // (the token may already occur earlier in row 1's free run; it stops at the first occurrence)
+    let stop_at = free.iter().position(|&t| t == eos[0]).unwrap();
+    assert_eq!(lengths[1], stop_at, "row 1 stopped at its end-of-turn token");
     assert!(
-        lengths.iter().any(|&n| n > 2),
+        lengths.iter().any(|&n| n > stop_at),
         "{lengths:?}: some row outlived row 1"
     );
 }
