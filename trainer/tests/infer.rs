@@ -19,18 +19,27 @@ fn fixtures() -> PathBuf {
 
 /// A random Mllama whose vocabulary and tiles agree with the fixture tokenizer (image token 711).
 fn model() -> MllamaModel {
+    model_of_width(64, 128)
+}
+
+/// [`model`] with another text width: at 256 / 512 the LM head, q/o projections and MLP are large
+/// enough for the decode-time fast path (model/gemv.rs); at 64 / 128 every linear stays libtorch's.
+fn model_of_width(hidden: usize, intermediate: usize) -> MllamaModel {
     let cfg = r#"{
       "image_token_index": 711,
       "vision_config": {"hidden_size": 32, "attention_heads": 2, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_global_layers": 1, "intermediate_layers_indices": [0],
         "vision_output_dim": 64, "image_size": 56, "patch_size": 14, "max_num_tiles": 4},
-      "text_config": {"vocab_size": 711, "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 128, "cross_attention_layers": [1],
+      "text_config": {"vocab_size": 711, "hidden_size": HIDDEN, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": INTERMEDIATE, "cross_attention_layers": [1],
         "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
         "bos_token_id": 455, "eos_token_id": 456, "pad_token_id": 459}
     }"#;
-    let config = MllamaConfig::from_json_str(cfg).expect("config");
+    let cfg = cfg
+        .replace("HIDDEN", &hidden.to_string())
+        .replace("INTERMEDIATE", &intermediate.to_string());
+    let config = MllamaConfig::from_json_str(&cfg).expect("config");
     MllamaModel::random(config, LoadOptions::default(), 5).expect("model")
 }
 
@@ -78,15 +87,56 @@ fn greedy_turn_equals_the_no_cache_reference_and_turns_chain() {
     };
     let image = load_rgb(&first_image()).unwrap();
     let o = opts(2, 0.0, 1);
+    let turns = greedy_equals_the_no_cache_reference(&session, &image, &o);
+    let ids = session
+        .prompt_ids("How many red shapes?", true, &[], &o)
+        .unwrap();
+
+    // turn 1's prompt holds the turn-0 answer and the correction prompt
+    let next = session
+        .prompt_ids("How many red shapes?", true, &[turns[0].text.clone()], &o)
+        .unwrap();
+    let rendered = text
+        .tokenizer
+        .decode(&next.iter().map(|&i| i as u32).collect::<Vec<_>>(), false)
+        .unwrap();
+    assert!(rendered.contains(DEFAULT_CORRECTION_PROMPT), "{rendered}");
+    assert!(next.len() > ids.len() + turns[0].token_ids.len());
+}
+
+#[test]
+fn decode_steps_on_the_gemv_fast_path_equal_the_no_cache_reference() {
+    // large enough linears for model/gemv.rs (its own test compares it with libtorch's linear);
+    // the no-cache reference multiplies whole sequences with libtorch's gemm
+    let model = model_of_width(256, 512);
+    let (text, image_config) = processors();
+    let session = Session {
+        model: &model,
+        text: &text,
+        image_config: &image_config,
+    };
+    let image = load_rgb(&first_image()).unwrap();
+    let turns = greedy_equals_the_no_cache_reference(&session, &image, &opts(1, 0.0, 1));
+    assert!(turns[0].token_ids.len() > 1, "{:?}", turns[0].token_ids);
+}
+
+/// Turns of `session.run` on "How many red shapes?"; asserts that the pieces streamed add up to
+/// turn 0's text and that its tokens equal the model's own greedy generate without the KV cache.
+fn greedy_equals_the_no_cache_reference(
+    session: &Session,
+    image: &trainer::data::image::RgbImage,
+    o: &InferOptions,
+) -> Vec<trainer::infer::TurnOutput> {
+    let (model, text, image_config) = (session.model, session.text, session.image_config);
     let mut streamed = String::new();
     let turns = session
-        .run(Some(&image), "How many red shapes?", &o, &mut |t, p| {
+        .run(Some(image), "How many red shapes?", o, &mut |t, p| {
             if t == 0 {
                 streamed.push_str(p)
             }
         })
         .unwrap();
-    assert_eq!(turns.len(), 2);
+    assert_eq!(turns.len(), o.turns);
     assert_eq!(
         streamed, turns[0].text,
         "streamed pieces add up to the text"
@@ -94,9 +144,9 @@ fn greedy_turn_equals_the_no_cache_reference_and_turns_chain() {
 
     // the reference: the model's own greedy generate, without the KV cache, on the same prompt
     let ids = session
-        .prompt_ids("How many red shapes?", true, &[], &o)
+        .prompt_ids("How many red shapes?", true, &[], o)
         .unwrap();
-    let images = session.images(&ids, &process(&image_config, &image), Device::Cpu);
+    let images = session.images(&ids, &process(image_config, image), Device::Cpu);
     let batch = Batch {
         input_ids: Tensor::from_slice(&ids).view([1, -1]),
         attention_mask: None,
@@ -124,17 +174,7 @@ fn greedy_turn_equals_the_no_cache_reference_and_turns_chain() {
         .take_while(|t| !eos.contains(t))
         .collect();
     assert_eq!(turns[0].token_ids, reference);
-
-    // turn 1's prompt holds the turn-0 answer and the correction prompt
-    let next = session
-        .prompt_ids("How many red shapes?", true, &[turns[0].text.clone()], &o)
-        .unwrap();
-    let rendered = text
-        .tokenizer
-        .decode(&next.iter().map(|&i| i as u32).collect::<Vec<_>>(), false)
-        .unwrap();
-    assert!(rendered.contains(DEFAULT_CORRECTION_PROMPT), "{rendered}");
-    assert!(next.len() > ids.len() + turns[0].token_ids.len());
+    turns
 }
 
 #[test]

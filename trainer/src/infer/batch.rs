@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use super::sampling::Sampler;
 use super::{InferError, Session};
 use crate::data::image::ProcessedImage;
-use crate::model::{Images, KvCache, ModelError};
+use crate::model::{gemv, Images, KvCache, ModelError};
 
 /// One prompt of a batch: token ids (one BOS, generation prompt added) and its image, if any.
 pub struct Prompt<'a> {
@@ -217,14 +217,16 @@ impl Session<'_> {
             let b = live.len() as i64;
             am = Tensor::cat(&[&am, &Tensor::ones([b, 1], (Kind::Int64, device))], 1); // (B', past + 1)
             let step_ids = Tensor::from_slice(&next).view([b, 1]).to_device(device);
-            last = self.forward_last(
-                &step_ids,
-                &am,
-                &next_pos,
-                None,
-                cam_last.as_ref(),
-                &mut cache,
-            )?; // (B', V)
+            last = gemv::decode_scope(device, live.len(), || {
+                self.forward_last(
+                    &step_ids,
+                    &am,
+                    &next_pos,
+                    None,
+                    cam_last.as_ref(),
+                    &mut cache,
+                )
+            })?; // (B', V)
             next_pos += 1;
         }
         Ok(out)

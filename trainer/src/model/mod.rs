@@ -5,6 +5,7 @@
 //! - `vision`:  vision tower (local + global transformers, tile/positional embeddings)
 //! - `text`:    text decoder (self-attention and cross-attention decoder layers, RoPE, masks)
 //! - `lora`:    `Linear` with a PEFT-style LoRA branch, target-module matching
+//! - `gemv`:    `Linear`'s decode-time fast path (few rows x large fp32 weight, bandwidth-bound)
 //! - `adapter`: apply LoRA, read/write PEFT adapter folders, merge, trainable parameters
 //! - `cache`:   KV cache for generation
 //! - this file: [`MllamaModel`] (load, forward, loss, greedy generation), [`Batch`], errors
@@ -15,6 +16,7 @@ pub mod adapter;
 pub mod attn_tape;
 pub mod cache;
 pub mod config;
+pub mod gemv;
 pub mod lora;
 pub mod ops;
 pub mod text;
