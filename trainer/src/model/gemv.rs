@@ -155,12 +155,16 @@ fn gemv(x: &[f32], rows: usize, w: &[f32], inp: usize, bias: Option<&[f32]>, y: 
         return;
     }
     let per = out.div_ceil(parts);
-    rayon::scope(|s| {
-        for p in 0..parts {
+    // the calling thread takes part 0 itself: `parts` threads busy, not the caller waiting idle on
+    // top of them (on a machine with as many threads as cores that oversubscribes)
+    rayon::in_place_scope(|s| {
+        for p in 1..parts {
             let (lo, hi) = (p * per, ((p + 1) * per).min(out));
             // SAFETY: disjoint column ranges of a job built from valid slices
             s.spawn(move |_| unsafe { job.columns(lo, hi) });
         }
+        // SAFETY: as above
+        unsafe { job.columns(0, per.min(out)) };
     });
 }
 
