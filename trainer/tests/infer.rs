@@ -324,7 +324,10 @@ fn rows_that_stop_early_leave_the_batch_without_changing_the_others() {
     }
     // (the token may already occur earlier in row 1's free run; it stops at the first occurrence)
     let stop_at = free.iter().position(|&t| t == eos[0]).unwrap();
-    assert_eq!(lengths[1], stop_at, "row 1 stopped at its end-of-turn token");
+    assert_eq!(
+        lengths[1], stop_at,
+        "row 1 stopped at its end-of-turn token"
+    );
     assert!(
         lengths.iter().any(|&n| n > stop_at),
         "{lengths:?}: some row outlived row 1"

@@ -46,7 +46,12 @@ pub fn threads() -> usize {
 /// one thread inside and the fast path gets its threads (see the module doc); else `step()` as is.
 pub fn decode_scope<T>(device: Device, rows: usize, step: impl FnOnce() -> T) -> T {
     let n = tch::get_num_threads();
-    if device != Device::Cpu || rows > MAX_ROWS || n <= 1 || !avx2_fma() || SCOPE_THREADS.get().is_some() {
+    if device != Device::Cpu
+        || rows > MAX_ROWS
+        || n <= 1
+        || !avx2_fma()
+        || SCOPE_THREADS.get().is_some()
+    {
         return step();
     }
     /// Restores libtorch's threads also when `step` unwinds.
@@ -76,8 +81,8 @@ pub fn try_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, threads: usize)
     let mut out_shape = x.size();
     *out_shape.last_mut().unwrap() = out;
     let y = Tensor::empty([rows, out], (Kind::Float, Device::Cpu)); // (rows, out)
-    // SAFETY: the tensors are contiguous fp32 CPU tensors of the sizes used for the slices, alive
-    // for this scope; y is fresh and written only here.
+                                                                    // SAFETY: the tensors are contiguous fp32 CPU tensors of the sizes used for the slices, alive
+                                                                    // for this scope; y is fresh and written only here.
     unsafe {
         let xs = std::slice::from_raw_parts(x.data_ptr() as *const f32, (rows * inp) as usize);
         let ws = std::slice::from_raw_parts(w.data_ptr() as *const f32, (out * inp) as usize);
@@ -94,7 +99,8 @@ fn applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
     if !avx2_fma() || w.dim() != 2 || x.dim() == 0 {
         return false;
     }
-    let cpu_f32 = |t: &Tensor| t.kind() == Kind::Float && t.device() == Device::Cpu && !t.requires_grad();
+    let cpu_f32 =
+        |t: &Tensor| t.kind() == Kind::Float && t.device() == Device::Cpu && !t.requires_grad();
     let inp = w.size()[1];
     let rows = if inp > 0 { x.numel() as i64 / inp } else { 0 };
     cpu_f32(x)
@@ -135,7 +141,15 @@ unsafe impl Send for Job {}
 unsafe impl Sync for Job {}
 
 /// y (rows, out) = x (rows, in) w^T (+ bias), output columns split over `threads`.
-fn gemv(x: &[f32], rows: usize, w: &[f32], inp: usize, bias: Option<&[f32]>, y: &mut [f32], threads: usize) {
+fn gemv(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    inp: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    threads: usize,
+) {
     let out = y.len() / rows;
     assert!(rows <= MAX_ROWS && x.len() == rows * inp && w.len() == out * inp);
     assert!(bias.is_none_or(|b| b.len() == out));
@@ -272,7 +286,10 @@ mod tests {
                         let want = x.linear(&w, bias);
                         assert_eq!(got.size(), want.size());
                         let e = rel_err(&got, &want);
-                        assert!(e < 1e-5, "out {out} in {inp} rows {rows} threads {threads}: {e}");
+                        assert!(
+                            e < 1e-5,
+                            "out {out} in {inp} rows {rows} threads {threads}: {e}"
+                        );
                     }
                 }
             }
@@ -290,10 +307,17 @@ mod tests {
         assert_eq!(tch::get_num_threads(), 2);
         assert_eq!(threads(), 2);
         let too_many_rows = decode_scope(Device::Cpu, MAX_ROWS + 1, tch::get_num_threads);
-        assert_eq!(too_many_rows, 2, "rows libtorch multiplies keep its threads");
+        assert_eq!(
+            too_many_rows, 2,
+            "rows libtorch multiplies keep its threads"
+        );
         let unwound = std::panic::catch_unwind(|| decode_scope(Device::Cpu, 1, || panic!("step")));
         assert!(unwound.is_err());
-        assert_eq!((tch::get_num_threads(), threads()), (2, 2), "restored after a panic");
+        assert_eq!(
+            (tch::get_num_threads(), threads()),
+            (2, 2),
+            "restored after a panic"
+        );
         tch::set_num_threads(before);
     }
 
@@ -303,13 +327,22 @@ mod tests {
         let big = Tensor::randn([1024, 768], opts);
         let x = Tensor::randn([1, 768], opts);
         let none = |x: &Tensor, w: &Tensor| try_linear(x, w, None, 1).is_none();
-        assert!(none(&Tensor::randn([MAX_ROWS as i64 + 1, 768], opts), &big), "too many rows");
+        assert!(
+            none(&Tensor::randn([MAX_ROWS as i64 + 1, 768], opts), &big),
+            "too many rows"
+        );
         assert!(none(&x, &Tensor::randn([64, 768], opts)), "small weight");
         assert!(none(&x, &big.to_kind(Kind::BFloat16)), "not fp32");
-        assert!(none(&x.to_kind(Kind::Double), &big.to_kind(Kind::Double)), "not fp32");
+        assert!(
+            none(&x.to_kind(Kind::Double), &big.to_kind(Kind::Double)),
+            "not fp32"
+        );
         assert!(none(&x.set_requires_grad(true), &big), "autograd");
         assert!(none(&x, &big.copy().set_requires_grad(true)), "autograd");
         assert!(none(&Tensor::randn([1, 700], opts), &big), "shape mismatch");
-        assert!(none(&x, &Tensor::randn([768, 1024], opts).tr()), "a transposed weight is not copied");
+        assert!(
+            none(&x, &Tensor::randn([768, 1024], opts).tr()),
+            "a transposed weight is not copied"
+        );
     }
 }

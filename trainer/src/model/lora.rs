@@ -29,8 +29,9 @@ pub struct Linear {
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         // decode steps (a few rows, large fp32 weights, no autograd) take the bandwidth-bound fast path
-        let y = super::gemv::try_linear(x, &self.weight, self.bias.as_ref(), super::gemv::threads())
-            .unwrap_or_else(|| x.linear(&self.weight, self.bias.as_ref())); // (..., out)
+        let y =
+            super::gemv::try_linear(x, &self.weight, self.bias.as_ref(), super::gemv::threads())
+                .unwrap_or_else(|| x.linear(&self.weight, self.bias.as_ref())); // (..., out)
         match &self.lora {
             None => y,
             Some(l) => {
