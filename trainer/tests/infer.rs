@@ -67,6 +67,18 @@ fn first_image() -> PathBuf {
     files[0].clone()
 }
 
+/// A session over `model` with the fixture processors.
+fn session<'a>(
+    model: &'a MllamaModel,
+    procs: &'a (TextProcessor, ImageProcessorConfig),
+) -> Session<'a> {
+    Session {
+        model,
+        text: &procs.0,
+        image_config: &procs.1,
+    }
+}
+
 /// The fixture tokenizer's text and image processors.
 fn processors() -> (TextProcessor, ImageProcessorConfig) {
     let tok = fixtures().join("tok");
@@ -79,12 +91,8 @@ fn processors() -> (TextProcessor, ImageProcessorConfig) {
 #[test]
 fn greedy_turn_equals_the_no_cache_reference_and_turns_chain() {
     let model = model();
-    let (text, image_config) = processors();
-    let session = Session {
-        model: &model,
-        text: &text,
-        image_config: &image_config,
-    };
+    let procs = processors();
+    let session = session(&model, &procs);
     let image = load_rgb(&first_image()).unwrap();
     let o = opts(2, 0.0, 1);
     let turns = greedy_equals_the_no_cache_reference(&session, &image, &o);
@@ -96,7 +104,8 @@ fn greedy_turn_equals_the_no_cache_reference_and_turns_chain() {
     let next = session
         .prompt_ids("How many red shapes?", true, &[turns[0].text.clone()], &o)
         .unwrap();
-    let rendered = text
+    let rendered = procs
+        .0
         .tokenizer
         .decode(&next.iter().map(|&i| i as u32).collect::<Vec<_>>(), false)
         .unwrap();
@@ -109,12 +118,8 @@ fn decode_steps_on_the_gemv_fast_path_equal_the_no_cache_reference() {
     // large enough linears for model/gemv.rs (its own test compares it with libtorch's linear);
     // the no-cache reference multiplies whole sequences with libtorch's gemm
     let model = model_of_width(256, 512);
-    let (text, image_config) = processors();
-    let session = Session {
-        model: &model,
-        text: &text,
-        image_config: &image_config,
-    };
+    let procs = processors();
+    let session = session(&model, &procs);
     let image = load_rgb(&first_image()).unwrap();
     let turns = greedy_equals_the_no_cache_reference(&session, &image, &opts(1, 0.0, 1));
     assert!(turns[0].token_ids.len() > 1, "{:?}", turns[0].token_ids);
@@ -180,12 +185,8 @@ fn greedy_equals_the_no_cache_reference(
 #[test]
 fn sampling_is_seedable() {
     let model = model();
-    let (text, image_config) = processors();
-    let session = Session {
-        model: &model,
-        text: &text,
-        image_config: &image_config,
-    };
+    let procs = processors();
+    let session = session(&model, &procs);
     let run = |seed| {
         session
             .run(None, "Describe.", &opts(1, 1.0, seed), &mut |_, _| {})
@@ -200,12 +201,8 @@ fn sampling_is_seedable() {
 #[test]
 fn zero_turns_is_an_error() {
     let model = model();
-    let (text, image_config) = processors();
-    let session = Session {
-        model: &model,
-        text: &text,
-        image_config: &image_config,
-    };
+    let procs = processors();
+    let session = session(&model, &procs);
     let err = session
         .run(None, "q", &opts(0, 0.0, 1), &mut |_, _| {})
         .unwrap_err();
@@ -227,12 +224,8 @@ fn all_images() -> Vec<PathBuf> {
 #[test]
 fn batched_greedy_equals_unbatched_greedy_token_for_token() {
     let model = model();
-    let (text, image_config) = processors();
-    let session = Session {
-        model: &model,
-        text: &text,
-        image_config: &image_config,
-    };
+    let procs = processors();
+    let session = session(&model, &procs);
     let files = all_images();
     let images: Vec<_> = files.iter().take(3).map(|p| load_rgb(p).unwrap()).collect();
     // prompts of different lengths (left padding differs per row), with and without images
@@ -283,17 +276,13 @@ fn batched_greedy_equals_unbatched_greedy_token_for_token() {
 fn rows_that_stop_early_leave_the_batch_without_changing_the_others() {
     use trainer::infer::{sampling::Sampler, Prompt};
     let model = model();
-    let (text, image_config) = processors();
-    let session = Session {
-        model: &model,
-        text: &text,
-        image_config: &image_config,
-    };
+    let procs = processors();
+    let session = session(&model, &procs);
     let o = opts(1, 0.0, 1);
     let processed: Vec<_> = all_images()
         .iter()
         .take(3)
-        .map(|p| process(&image_config, &load_rgb(p).unwrap()))
+        .map(|p| process(&procs.1, &load_rgb(p).unwrap()))
         .collect();
     let questions = ["How many?", "Which color is the largest shape?", "Where?"];
     let prompts: Vec<Prompt> = processed
