@@ -25,7 +25,8 @@ lint: $(SETUP_STAMP)
 	$(CARGO) clippy --all-targets -- -D warnings
 
 unit: $(SETUP_STAMP)
-	$(CARGO) test --all-targets
+	# every test binary runs even after a failure, so one CI log names every failing test
+	$(CARGO) test --all-targets --no-fail-fast
 
 # NVRTC compiles every kernel to PTX for compute_80 and compute_90 (no GPU needed).
 # Built with the whole workspace: `cargo run -p kernels` would unify features differently and
