@@ -24,8 +24,8 @@ lint: $(SETUP_STAMP)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
+# every test binary runs even after a failure, so one CI log names every failing test
 unit: $(SETUP_STAMP)
-	# every test binary runs even after a failure, so one CI log names every failing test
 	$(CARGO) test --all-targets --no-fail-fast
 
 # NVRTC compiles every kernel to PTX for compute_80 and compute_90 (no GPU needed).
