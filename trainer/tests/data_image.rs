@@ -347,3 +347,53 @@ fn bad_images_are_errors_not_panics() {
         .contains("cannot read"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// CRC-32 (PNG's chunk checksum), bitwise.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 == 1 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+#[test]
+fn decompression_bombs_are_refused_from_the_header() {
+    // a small file that claims more pixels than Pillow opens (Image.MAX_IMAGE_PIXELS x 2) must be
+    // refused before anything of that size is allocated, with the limit in the message
+    let huge = |w: u32, h: u32| (w as usize) * (h as usize) > image::MAX_IMAGE_PIXELS;
+    assert!(huge(100_000, 100_000) && huge(65_000, 65_000) && !huge(13_000, 13_000));
+
+    // PNG: IHDR (bytes 16..24 width, height; CRC over type + data at 29..33) patched
+    let mut png = std::fs::read(fixtures().join("images/large.png")).unwrap();
+    assert_eq!(&png[12..16], b"IHDR");
+    png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+
+    // JPEG: the SOF0 frame header's height and width (after FFC0, length, precision)
+    let mut jpg = std::fs::read(fixtures().join("images/photo.jpg")).unwrap();
+    let sof = jpg
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("baseline SOF0");
+    jpg[sof + 5..sof + 7].copy_from_slice(&65_000u16.to_be_bytes());
+    jpg[sof + 7..sof + 9].copy_from_slice(&65_000u16.to_be_bytes());
+
+    for (name, bytes) in [("bomb.png", png), ("bomb.jpg", jpg)] {
+        let e = image::decode_rgb(&bytes).unwrap_err();
+        assert!(e.contains("too large"), "{name}: {e}");
+        assert!(
+            e.contains(&image::MAX_IMAGE_PIXELS.to_string()),
+            "{name}: {e}"
+        );
+    }
+}

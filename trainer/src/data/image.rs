@@ -154,6 +154,22 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, String> {
     decode_rgb(&bytes).map_err(|e| format!("{e} ({})", path.display()))
 }
 
+/// Pillow refuses to open images of more pixels than this (`Image.MAX_IMAGE_PIXELS` x 2: its
+/// `DecompressionBombError`), so the reference pipeline cannot take them either; checked from the
+/// header, before anything is allocated (a small crafted file can claim ~4 billion pixels).
+pub const MAX_IMAGE_PIXELS: usize = 2 * 89_478_485;
+
+/// Err for images larger than [`MAX_IMAGE_PIXELS`].
+pub(crate) fn check_pixel_count(w: usize, h: usize) -> Result<(), String> {
+    match w.checked_mul(h) {
+        Some(n) if n <= MAX_IMAGE_PIXELS => Ok(()),
+        _ => Err(format!(
+            "image too large: {w}x{h} pixels, more than {MAX_IMAGE_PIXELS} (Pillow's \
+             decompression-bomb limit; the reference processor refuses it too): downscale the file"
+        )),
+    }
+}
+
 /// `load_rgb` over bytes in memory.
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
     if super::jpeg::is_jpeg(bytes) {
@@ -174,6 +190,12 @@ fn decode_with_image_crate(bytes: &[u8]) -> Result<RgbImage, String> {
     if reader.format().is_none() {
         return Err("unknown image format (supported: JPEG, PNG, WebP, GIF, BMP)".into());
     }
+    // the header only: refuse decompression bombs before the decoder allocates
+    let (w, h) = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .and_then(|r| r.into_dimensions().map_err(std::io::Error::other))
+        .map_err(|e| format!("corrupt or truncated image: {e}"))?;
+    check_pixel_count(w as usize, h as usize)?;
     let mut reader = reader;
     reader.no_limits();
     let is_gif = reader.format() == Some(image::ImageFormat::Gif);

@@ -42,6 +42,8 @@ fn decode_unwinding(bytes: &[u8]) -> Result<RgbImage, String> {
         .map_err(io)?;
     let layers = d.components().len();
     let (w, h) = d.size();
+    // from the header, before libjpeg allocates its buffers
+    super::image::check_pixel_count(w, h)?;
     let out = match layers {
         1 => ColorSpace::JCS_GRAYSCALE,
         3 => ColorSpace::JCS_RGB,
@@ -108,15 +110,16 @@ fn error_mgr() -> ffi::jpeg_error_mgr {
 /// libjpeg's formatted text for the current `msg_code`.
 fn message(cinfo: &mut ffi::jpeg_common_struct) -> String {
     // SAFETY: cinfo.err is the manager above; format_message writes at most JMSG_LENGTH_MAX
-    // (80) bytes, NUL-terminated, into the buffer (the binding types it as `&[u8; 80]`, but the C
-    // function writes it, so it is called through a pointer-typed signature).
+    // (200, jpeglib.h) bytes, NUL-terminated, into the buffer (the binding types it as
+    // `&[u8; 80]`, but the C function writes it, so it is called through a pointer-typed
+    // signature with a buffer of the C limit).
     unsafe {
         let Some(format) = cinfo.err.as_ref().and_then(|e| e.format_message) else {
             return "libjpeg error".into();
         };
         let format: unsafe extern "C-unwind" fn(&mut ffi::jpeg_common_struct, *mut u8) =
             std::mem::transmute(format);
-        let mut buf = [0u8; 80];
+        let mut buf = [0u8; 200];
         format(cinfo, buf.as_mut_ptr());
         let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
         String::from_utf8_lossy(&buf[..end]).into_owned()

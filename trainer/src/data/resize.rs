@@ -225,6 +225,14 @@ pub fn resize_bilinear_with(
         Passes::Reference => (horizontal_pass, vertical_pass),
     };
     let (in_w, in_h) = (src.width, src.height);
+    if out_w == 0 || out_h == 0 || in_w == 0 || in_h == 0 {
+        // nothing to sample (the processor never asks for this; Pillow returns an empty image)
+        return RgbImage {
+            width: out_w,
+            height: out_h,
+            data: vec![0; out_w * out_h * 3],
+        };
+    }
     let copy = |d: &[u8]| {
         let mut v = super::scratch::take(d.len());
         v.extend_from_slice(d);

@@ -80,17 +80,25 @@ pub fn try_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, threads: usize)
     let bias = bias.map(Tensor::contiguous);
     let mut out_shape = x.size();
     *out_shape.last_mut().unwrap() = out;
-    let y = Tensor::empty([rows, out], (Kind::Float, Device::Cpu)); // (rows, out)
-                                                                    // SAFETY: the tensors are contiguous fp32 CPU tensors of the sizes used for the slices, alive
-                                                                    // for this scope; y is fresh and written only here.
+    let y = Tensor::empty([rows, out], (Kind::Float, Device::Cpu)); // (rows, out), uninitialized
+                                                                    // SAFETY: x, w and bias are contiguous fp32 CPU tensors of the sizes used for the slices,
+                                                                    // alive for this scope; y is fresh, of rows * out elements, and every one is written by gemv
+                                                                    // through the raw pointer (no reference to its uninitialized memory is made).
     unsafe {
         let xs = std::slice::from_raw_parts(x.data_ptr() as *const f32, (rows * inp) as usize);
         let ws = std::slice::from_raw_parts(w.data_ptr() as *const f32, (out * inp) as usize);
         let bs = bias
             .as_ref()
             .map(|b| std::slice::from_raw_parts(b.data_ptr() as *const f32, out as usize));
-        let ys = std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, (rows * out) as usize);
-        gemv(xs, rows as usize, ws, inp as usize, bs, ys, threads);
+        gemv(
+            xs,
+            rows as usize,
+            ws,
+            inp as usize,
+            bs,
+            y.data_ptr() as *mut f32,
+            threads,
+        );
     }
     Some(y.reshape(out_shape))
 }
@@ -141,16 +149,19 @@ unsafe impl Send for Job {}
 unsafe impl Sync for Job {}
 
 /// y (rows, out) = x (rows, in) w^T (+ bias), output columns split over `threads`.
-fn gemv(
+///
+/// # Safety
+/// `y` points to rows * out writable f32 (out = w.len() / in), which this writes, all of them.
+unsafe fn gemv(
     x: &[f32],
     rows: usize,
     w: &[f32],
     inp: usize,
     bias: Option<&[f32]>,
-    y: &mut [f32],
+    y: *mut f32,
     threads: usize,
 ) {
-    let out = y.len() / rows;
+    let out = w.len() / inp;
     assert!(rows <= MAX_ROWS && x.len() == rows * inp && w.len() == out * inp);
     assert!(bias.is_none_or(|b| b.len() == out));
     let job = Job {
@@ -159,7 +170,7 @@ fn gemv(
         w: w.as_ptr(),
         inp,
         bias: bias.map(<[f32]>::as_ptr),
-        y: y.as_mut_ptr(),
+        y,
         out,
     };
     let parts = threads.clamp(1, out.div_ceil(64));
