@@ -226,7 +226,7 @@ pub fn resize_bilinear_with(
     };
     let (in_w, in_h) = (src.width, src.height);
     if out_w == 0 || out_h == 0 || in_w == 0 || in_h == 0 {
-        // nothing to sample (the processor never asks for this; Pillow returns an empty image)
+        // a zero side in or out (the processor never asks for this): a black image of the asked size
         return RgbImage {
             width: out_w,
             height: out_h,

@@ -80,10 +80,11 @@ pub fn try_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, threads: usize)
     let bias = bias.map(Tensor::contiguous);
     let mut out_shape = x.size();
     *out_shape.last_mut().unwrap() = out;
-    let y = Tensor::empty([rows, out], (Kind::Float, Device::Cpu)); // (rows, out), uninitialized
-                                                                    // SAFETY: x, w and bias are contiguous fp32 CPU tensors of the sizes used for the slices,
-                                                                    // alive for this scope; y is fresh, of rows * out elements, and every one is written by gemv
-                                                                    // through the raw pointer (no reference to its uninitialized memory is made).
+    // (rows, out), uninitialized: gemv writes every element
+    let y = Tensor::empty([rows, out], (Kind::Float, Device::Cpu));
+    // SAFETY: x, w and bias are contiguous fp32 CPU tensors of the sizes used for the slices,
+    // alive for this scope; y is fresh, of rows * out elements, and every one is written by gemv
+    // through the raw pointer (no reference to its uninitialized memory is made).
     unsafe {
         let xs = std::slice::from_raw_parts(x.data_ptr() as *const f32, (rows * inp) as usize);
         let ws = std::slice::from_raw_parts(w.data_ptr() as *const f32, (out * inp) as usize);
