@@ -345,9 +345,9 @@ struct InferArgs {
     #[arg(long, value_enum, default_value = "after-answer")]
     position: PositionArg,
     /// 0 = greedy (the seed's default is 0.7)
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.7, value_parser = parse_temperature)]
     temperature: f64,
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, value_parser = parse_top_p)]
     top_p: f64,
     #[arg(long, default_value_t = 2048)]
     max_new_tokens: usize,
@@ -478,9 +478,9 @@ struct EvalArgs {
     #[arg(long, default_value_t = 512)]
     max_new_tokens: usize,
     /// 0 = greedy (default for scoring)
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_temperature)]
     temperature: f64,
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, value_parser = parse_top_p)]
     top_p: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -536,6 +536,22 @@ fn load_for_generation(
     Ok((model, text, image_config))
 }
 
+/// --temperature: a finite number >= 0 (0 = greedy).
+fn parse_temperature(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!("`{s}`: expected a number >= 0 (0 = greedy)")),
+    }
+}
+
+/// --top-p: a number in (0, 1].
+fn parse_top_p(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err(format!("`{s}`: expected a number in (0, 1]")),
+    }
+}
+
 fn position_of(p: PositionArg) -> trainer::infer::Position {
     match p {
         PositionArg::AfterAnswer => trainer::infer::Position::AfterAnswer,
@@ -570,6 +586,11 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         limit: args.limit,
         training_metrics: args.train_metrics.clone(),
         batch_size: args.batch_size as usize,
+        // canonical paths, so a resume that names the same folders another way still matches
+        made_with: serde_json::json!({
+            "model": std::fs::canonicalize(&args.model).unwrap_or(args.model.clone()),
+            "adapter": args.adapter.as_ref().map(|a| std::fs::canonicalize(a).unwrap_or(a.clone())),
+        }),
     };
     // under the launcher every rank evaluates its share; rank 0 merges and reports
     let env = launcher::env::RankEnv::from_env()?;

@@ -111,6 +111,20 @@ fn deleted_file_is_named() {
 }
 
 #[test]
+fn manifest_naming_a_file_outside_the_folder_is_refused() {
+    let o = resume_damaged("escape", 1, &[], |d| {
+        let p = d.join("manifest.json");
+        let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        m["files"][0]["file"] = "../../rank-0-of-1.safetensors".into();
+        std::fs::write(&p, m.to_string()).unwrap();
+    });
+    assert_error(
+        &o,
+        &["names the file \"../../rank-0-of-1.safetensors\" where rank file \"rank-0-of-1.safetensors\" belongs"],
+    );
+}
+
+#[test]
 fn other_manifest_version_is_refused() {
     let o = resume_damaged("version", 1, &[], |d| {
         let p = d.join("manifest.json");

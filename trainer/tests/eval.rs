@@ -145,12 +145,48 @@ fn report_matches_predictions_and_resume_gives_the_same_report() {
 }
 
 #[test]
+fn reruns_keep_earlier_predictions_and_refuse_other_settings() {
+    let dir = setup();
+    let out = dir.join("out-rerun");
+    let lines = |out: &Path| {
+        std::fs::read_to_string(out.join("predictions.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!(eval(&out, &[]).0, 0);
+    assert_eq!(lines(&out), 4);
+    // a quick --limit run into the same folder reports on its share and keeps the rest
+    let (code, err) = eval(&out, &["--limit", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out.join("report.json"))["turns"][0]["total"], 1);
+    assert_eq!(lines(&out), 4, "earlier predictions kept");
+    // a write cut inside a multi-byte character: that line is dropped, the others are kept
+    let mut torn = std::fs::read(out.join("predictions.jsonl")).unwrap();
+    torn.extend_from_slice(b"{\"id\": \"zz\", \"answer\": \"caf\xc3");
+    std::fs::write(out.join("predictions.jsonl"), torn).unwrap();
+    let (code, err) = eval(&out, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(lines(&out), 4);
+    // other generation settings than the stored predictions': refused, nothing rewritten
+    let before = std::fs::read(out.join("predictions.jsonl")).unwrap();
+    let (code, err) = eval(&out, &["--temperature", "0.5"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("other settings"), "{err}");
+    assert_eq!(
+        std::fs::read(out.join("predictions.jsonl")).unwrap(),
+        before
+    );
+}
+
+#[test]
 fn bad_benchmarks_name_file_and_line() {
     let dir = setup();
     let cases = [
         ("unknown.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\", \"colour\": 1}\n", "unknown.jsonl:1: unknown field `colour`"),
         ("missing.jsonl", "{\"id\": \"x\", \"image\": \"nope.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "missing.jsonl:1:"),
         ("empty.jsonl", "\n", "the benchmark is empty"),
+        ("nochoice.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"E\", \"choices\": [\"red\", \"blue\"]}\n", "nochoice.jsonl:1: answer \"E\" is none of the 2 choices"),
         ("dup.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "dup.jsonl:2: id \"x\" repeats"),
     ];
     for (name, text, want) in cases {

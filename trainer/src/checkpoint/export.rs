@@ -12,15 +12,20 @@ use super::load::read_full;
 
 /// Writes the adapter folder; returns the number of tensors written.
 pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<usize> {
-    let (m, tensors) = read_full(checkpoint)?;
-    let peft = &m.peft;
-    if peft.get("method").and_then(Value::as_str) != Some("lora") {
+    // the method first: a full fine-tuning checkpoint's weights are not read (44 GB for 11B)
+    let method = super::load::read_manifest(checkpoint)?
+        .peft
+        .get("method")
+        .cloned();
+    if method.as_ref().and_then(Value::as_str) != Some("lora") {
         bail!(
             "checkpoint {} was not trained with LoRA (peft.method {}): --format peft needs a LoRA checkpoint",
             checkpoint.display(),
-            peft.get("method").unwrap_or(&Value::Null)
+            method.unwrap_or(Value::Null)
         );
     }
+    let (m, tensors) = read_full(checkpoint)?;
+    let peft = &m.peft;
     let field = |k: &str| peft.get(k).cloned().unwrap_or(Value::Null);
     // the adapter_config.json of `MllamaModel::save_adapter`
     let config = json!({

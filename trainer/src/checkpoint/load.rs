@@ -337,12 +337,29 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
             v.get("version").unwrap_or(&Value::Null)
         );
     }
-    serde_json::from_value(v).map_err(|e| {
+    let m: Manifest = serde_json::from_value(v).map_err(|e| {
         anyhow!(
             "checkpoint manifest {} is malformed ({e}): {FIX}",
             path.display()
         )
-    })
+    })?;
+    // plain names inside the folder: a damaged or crafted manifest must not make the trainer map
+    // (and export copy out) files elsewhere
+    let world = m.files.len();
+    if let Some(f) = m
+        .files
+        .iter()
+        .enumerate()
+        .find(|(r, f)| f.file != super::rank_file_name(*r, world))
+    {
+        bail!(
+            "checkpoint manifest {} names the file {:?} where rank file {:?} belongs: {FIX}",
+            path.display(),
+            f.1.file,
+            super::rank_file_name(f.0, world)
+        );
+    }
+    Ok(m)
 }
 
 /// The config keys whose values differ between the checkpoint and `config`.
@@ -496,7 +513,7 @@ impl<'m> Reader<'m> {
                 return Err(bad());
             }
             let n = u64::from_le_bytes(map[..8].try_into().expect("8")) as usize;
-            if 8 + n > map.len() {
+            if n.checked_add(8).is_none_or(|end| end > map.len()) {
                 return Err(bad());
             }
             let header: serde_json::Map<String, Value> =
@@ -634,18 +651,38 @@ pub fn read_full(dir: &Path) -> Result<(Manifest, Vec<(String, Tensor)>)> {
     let m = read_manifest(dir)?;
     let mut reader = Reader::new(dir, &m)?;
     let mut out = vec![];
+    // sizes come from the manifest: checked against the files before anything is allocated
+    let file_elems = m.files.iter().map(|f| f.bytes / 4).sum::<u64>() as i64;
+    let damaged = |what: String| anyhow!("checkpoint {}: {what}; {FIX}", dir.display());
     for t in m.tensors.iter().filter(|t| t.state == "param") {
-        let mut buf = vec![0f32; t.shape[0] as usize];
-        reader.read(&t.group, "param", 0, t.shape[0], &mut buf)?;
+        let len = match t.shape[..] {
+            [n] if (0..=file_elems).contains(&n) => n,
+            _ => {
+                return Err(damaged(format!(
+                    "flat tensor {} has shape {:?}",
+                    t.group, t.shape
+                )))
+            }
+        };
+        let mut buf = vec![0f32; len as usize];
+        reader.read(&t.group, "param", 0, len, &mut buf)?;
         let flat = Tensor::from_slice(&buf);
         for p in &t.params {
-            out.push((
-                p.name.clone(),
-                flat.narrow(0, p.offset, p.numel())
-                    .view(p.shape.as_slice())
-                    .to_kind(Kind::Float)
-                    .copy(),
-            ));
+            let bad = || damaged(format!("parameter {} lies outside its flat tensor", p.name));
+            let numel = p
+                .shape
+                .iter()
+                .try_fold(1i64, |a, &d| if d < 0 { None } else { a.checked_mul(d) });
+            let Some(numel) = numel.filter(|&n| {
+                p.offset >= 0 && p.offset.checked_add(n).is_some_and(|end| end <= len)
+            }) else {
+                return Err(bad());
+            };
+            let w = flat
+                .f_narrow(0, p.offset, numel)
+                .and_then(|w| w.f_view(p.shape.as_slice()))
+                .map_err(|_| bad())?;
+            out.push((p.name.clone(), w.to_kind(Kind::Float).copy()));
         }
     }
     Ok((m, out))

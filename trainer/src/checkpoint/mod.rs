@@ -213,7 +213,11 @@ pub(crate) fn list_dir(dir: &Path) -> std::io::Result<Listing> {
         if rest.ends_with(".partial") {
             partial.push(e.path());
         } else if rest.len() >= 8 && rest.bytes().all(|b| b.is_ascii_digit()) {
-            if let Ok(step) = rest.parse::<u64>() {
+            // the manifest is written before the folder gets its final name: a step folder
+            // without one was damaged after it was published (e.g. a removal cut short)
+            if !e.path().join("manifest.json").is_file() {
+                partial.push(e.path());
+            } else if let Ok(step) = rest.parse::<u64>() {
                 complete.push((step, e.path()));
             }
         }
@@ -243,13 +247,21 @@ mod tests {
             "step-00000011.partial",
             "other",
             "step-x",
+            "step-00000012",
         ] {
             std::fs::create_dir_all(dir.join(n)).unwrap();
+            if n != "step-00000012" {
+                std::fs::write(dir.join(n).join("manifest.json"), "{}").unwrap();
+            }
         }
         let (complete, partial) = list_dir(&dir).unwrap();
         let steps: Vec<u64> = complete.iter().map(|(s, _)| *s).collect();
         assert_eq!(steps, [2, 10]);
-        assert_eq!(partial, [dir.join("step-00000011.partial")]);
+        // a step folder without its manifest (damaged after publishing) counts as incomplete
+        assert_eq!(
+            partial,
+            [dir.join("step-00000011.partial"), dir.join("step-00000012")]
+        );
         assert_eq!(find_latest(&dir).unwrap(), Some(dir.join("step-00000010")));
         assert_eq!(list_dir(&dir.join("missing")).unwrap().0.len(), 0);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -394,11 +394,12 @@ impl Checkpointer {
                 p.step
             );
         }
+        // an old checkpoint that could not be removed (e.g. busy on NFS) stays on disk; this
+        // save goes on (failing it would lose its progress for a cleanup)
         if let Some(e) = janitor_failed {
-            return Err(e.context("removing old checkpoints (checkpoint.keep_last)"));
-        }
-        if all[5] != 0 {
-            bail!("rank 0 could not remove old checkpoints (its error is above)");
+            tracing::warn!(
+                "removing old checkpoints (checkpoint.keep_last) failed, they stay on disk: {e:#}"
+            );
         }
         let first_attempt = std::env::var("TORCHELASTIC_RESTART_COUNT").map_or(true, |c| c == "0");
         if first_attempt && env_step(CRASH_ENV) == Some(p.step) {
@@ -427,16 +428,16 @@ impl Checkpointer {
             drop(f);
             fsync_dir(partial)?;
             if final_dir.exists() {
-                // the same step saved again (e.g. after resuming from it): replace it
-                std::fs::remove_dir_all(final_dir)
-                    .with_context(|| format!("replacing {}", final_dir.display()))?;
+                // the same step saved again: never a moment without a complete step folder
+                replace_dir(partial, final_dir)?;
+            } else {
+                std::fs::rename(partial, final_dir).with_context(|| {
+                    format!("renaming {} to {}", partial.display(), final_dir.display())
+                })?;
             }
-            std::fs::rename(partial, final_dir).with_context(|| {
-                format!("renaming {} to {}", partial.display(), final_dir.display())
-            })?;
             fsync_dir(root)?;
             // The checkpoint is complete and durable; old ones go in the background.
-            let doomed = retention(root, p.keep_last)?;
+            let doomed = retention(root, p.keep_last, final_dir)?;
             let n_doomed = doomed.len();
             self.janitor.start(doomed)?;
             let total: u64 = manifest.files.iter().map(|f| f.bytes).sum();
@@ -560,11 +561,46 @@ impl Janitor {
     }
 }
 
+/// Puts the complete folder `new` in place of the existing `dest`. Linux: one atomic exchange
+/// (renameat2 RENAME_EXCHANGE), the old folder then lies at `new`'s `.partial` name for retention.
+/// Where the filesystem cannot exchange: `dest` is first renamed aside to a `.partial` name (a
+/// crash between the two renames leaves the previous checkpoints to resume from).
+fn replace_dir(new: &Path, dest: &Path) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+        if let (Ok(a), Ok(b)) = (c(new), c(dest)) {
+            // SAFETY: two NUL-terminated paths, relative to the working directory
+            let r = unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    a.as_ptr(),
+                    libc::AT_FDCWD,
+                    b.as_ptr(),
+                    libc::RENAME_EXCHANGE,
+                )
+            };
+            if r == 0 {
+                return Ok(());
+            }
+        }
+    }
+    let mut aside = dest.as_os_str().to_owned();
+    aside.push(".replaced.partial");
+    let aside = PathBuf::from(aside);
+    let _ = std::fs::remove_dir_all(&aside);
+    std::fs::rename(dest, &aside)
+        .and_then(|_| std::fs::rename(new, dest))
+        .with_context(|| format!("replacing {} with {}", dest.display(), new.display()))
+}
+
 /// The folders retention deletes right after a save: every `.partial` folder, and all but the
-/// newest `keep` complete checkpoints (0: keep all), so the newest complete one never is.
+/// newest `keep` complete checkpoints (0: keep all), so the newest complete one never is, nor
+/// `just_saved` (it may be older than others when a run resumed from an earlier step).
 /// (No fsync of `root` after deleting: a removal lost in a crash only leaves an older checkpoint
 /// behind, removed by the next save.)
-fn retention(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+fn retention(root: &Path, keep: usize, just_saved: &Path) -> Result<Vec<PathBuf>> {
     let (complete, partial) =
         list_dir(root).with_context(|| format!("listing {}", root.display()))?;
     for p in &partial {
@@ -575,7 +611,16 @@ fn retention(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
         doomed.extend(
             complete[..complete.len() - keep]
                 .iter()
-                .map(|(_, p)| p.clone()),
+                .map(|(_, p)| p.clone())
+                .filter(|p| p != just_saved),
+        );
+    }
+    if let Some((step, newer)) = complete.last().filter(|(_, p)| p != just_saved) {
+        tracing::warn!(
+            "{} (step {step}) is newer than the checkpoint just saved ({}): `checkpoint.resume: \
+             auto` would continue from it; move it away if this run replaces it",
+            newer.display(),
+            just_saved.display()
         );
     }
     Ok(doomed)
@@ -962,6 +1007,45 @@ pub(crate) mod tests {
         let dir = config.checkpoint.dir.join("step-00000003");
         assert_states_eq(&loaded(&dir), &live);
         std::fs::remove_dir_all(&config.checkpoint.dir).unwrap();
+    }
+
+    #[test]
+    fn retention_keeps_the_checkpoint_just_saved_even_when_newer_ones_exist() {
+        // resumed from step 100 while an abandoned step 200 is still there, keep_last 1
+        let root = std::env::temp_dir().join(format!("ckpt-keep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for n in [100, 150, 200] {
+            let d = root.join(super::super::step_dir_name(n));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("manifest.json"), "{}").unwrap();
+        }
+        let just_saved = root.join("step-00000150");
+        let doomed = retention(&root, 1, &just_saved).unwrap();
+        assert_eq!(doomed, [root.join("step-00000100")]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn replacing_a_step_folder_puts_the_new_one_in_place() {
+        let root = std::env::temp_dir().join(format!("ckpt-replace-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (new, dest) = (
+            root.join("step-00000005.partial"),
+            root.join("step-00000005"),
+        );
+        for (d, text) in [(&new, "new"), (&dest, "old")] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("manifest.json"), text).unwrap();
+        }
+        replace_dir(&new, &dest).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dest.join("manifest.json")).unwrap(),
+            "new"
+        );
+        // the old folder, if still there, carries a `.partial` name (retention removes it)
+        let (complete, _) = list_dir(&root).unwrap();
+        assert_eq!(complete, [(5, dest.clone())]);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -49,15 +49,34 @@ fn letter_index(s: &str, n_choices: usize) -> Option<usize> {
     (i < n_choices).then_some(i)
 }
 
-/// The option a prediction picks: a bare letter ("B", "(B)", "B."), a leading letter ("B) red",
-/// "Answer: B"), or exactly one option's text.
+/// Lead-ins models put before the letter of their choice (compared lowercased).
+const CHOICE_LEAD_INS: [&str; 8] = [
+    "the correct answer is",
+    "the answer is",
+    "correct answer:",
+    "answer is",
+    "answer:",
+    "the option is",
+    "option",
+    "choice",
+];
+
+/// The option a prediction picks: a bare letter ("B", "(B)", "B.", "**B**"), a leading letter
+/// ("B) red", "Answer: B", "The answer is B", "Option B"), or exactly one option's text.
 pub fn choice_of(pred: &str, choices: &[String]) -> Option<usize> {
-    let p = pred.trim();
-    let p = p
-        .strip_prefix("Answer:")
-        .or_else(|| p.strip_prefix("answer:"))
-        .unwrap_or(p)
-        .trim();
+    let unmarked = pred.replace('*', ""); // markdown emphasis
+    let mut p = unmarked.trim();
+    for lead in CHOICE_LEAD_INS {
+        // (lead-ins are ASCII, so the cut is on a character boundary when it matches)
+        if p.len() > lead.len()
+            && p.is_char_boundary(lead.len())
+            && p[..lead.len()].eq_ignore_ascii_case(lead)
+            && !p[lead.len()..].starts_with(char::is_alphanumeric)
+        {
+            p = p[lead.len()..].trim();
+            break;
+        }
+    }
     if let Some(i) = letter_index(p, choices.len()) {
         return Some(i);
     }
@@ -84,9 +103,36 @@ pub fn choice_of(pred: &str, choices: &[String]) -> Option<usize> {
     (inside.len() == 1).then(|| inside[0])
 }
 
+/// `s` without thousands separators: commas between a digit and exactly three digits ("1,000",
+/// "12,345,678"; not "(1,2)" or "3,14").
+fn strip_thousands(s: &str) -> String {
+    let c: Vec<char> = s.chars().collect();
+    let digit = |i: usize| c.get(i).is_some_and(char::is_ascii_digit);
+    c.iter()
+        .enumerate()
+        .filter(|&(i, &ch)| {
+            let separator = ch == ','
+                && i > 0
+                && digit(i - 1)
+                && (1..=3).all(|k| digit(i + k))
+                && !digit(i + 4);
+            !separator
+        })
+        .map(|(_, &ch)| ch)
+        .collect()
+}
+
+/// A gold answer that is a number ("3", "-2.5", "1,000", "42%"): digits required and finite
+/// ("inf" and "NaN" are text answers).
+fn gold_number(s: &str) -> Option<f64> {
+    let t = strip_thousands(s.trim().trim_end_matches('%'));
+    let v: f64 = t.parse().ok()?;
+    (t.chars().any(|c| c.is_ascii_digit()) && v.is_finite()).then_some(v)
+}
+
 /// The last number in a text ("3", "-2.5", "1,000", "42%").
 pub fn number_in(s: &str) -> Option<f64> {
-    let cleaned: String = s.chars().filter(|&c| c != ',').collect();
+    let cleaned = strip_thousands(s);
     let mut found = None;
     let mut cur = String::new();
     for c in cleaned.chars().chain(std::iter::once(' ')) {
@@ -102,13 +148,18 @@ pub fn number_in(s: &str) -> Option<f64> {
     found
 }
 
+/// The option a multiple-choice gold answer names (its letter or its text).
+pub fn gold_choice(gold: &str, choices: &[String]) -> Option<usize> {
+    letter_index(gold, choices.len()).or_else(|| choice_of(gold, choices))
+}
+
 /// Whether `pred` (already extracted) answers `gold`.
 pub fn is_correct(pred: &str, gold: &str, choices: Option<&[String]>) -> bool {
     if let Some(choices) = choices.filter(|c| !c.is_empty()) {
-        let want = letter_index(gold, choices.len()).or_else(|| choice_of(gold, choices));
+        let want = gold_choice(gold, choices);
         return want.is_some() && choice_of(pred, choices) == want;
     }
-    if let Ok(g) = gold.trim().trim_end_matches('%').parse::<f64>() {
+    if let Some(g) = gold_number(gold) {
         return number_in(pred).is_some_and(|p| (p - g).abs() <= 1e-6_f64.max(1e-4 * g.abs()));
     }
     let (p, g) = (normalize_text(pred), normalize_text(gold));
@@ -145,6 +196,12 @@ mod tests {
             ("(b)", "B", true),
             ("B. blue", "B", true),
             ("Answer: C", "C", true),
+            ("The answer is B", "B", true),
+            ("ANSWER: b.", "B", true),
+            ("Option C", "C", true),
+            ("**B**", "B", true),
+            ("Optionally blue", "B", true),
+            ("The answer is A", "B", false),
             ("blue", "B", true),
             ("The shape is a green square.", "C", true),
             ("blue", "blue", true),
@@ -163,6 +220,12 @@ mod tests {
             ("There are 3 circles", "3", true),
             ("3.0", "3", true),
             ("1,000 apples", "1000", true),
+            ("1000", "1,000", true),
+            ("about 1,000 apples", "1,000", true),
+            ("(1,2)", "12", false),
+            ("infinite", "inf", false),
+            ("inf", "inf", true),
+            ("nan", "NaN", true),
             ("4", "3", false),
             ("no number", "3", false),
             ("The Red Circle!", "red circle", true),

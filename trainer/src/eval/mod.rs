@@ -76,6 +76,19 @@ pub fn read_bench(path: &Path) -> Result<Vec<(usize, BenchItem)>, EvalError> {
                 reason: format!("id {:?} repeats the one on line {first}", item.id),
             });
         }
+        if let Some(choices) = item.choices.as_deref().filter(|c| !c.is_empty()) {
+            if answer::gold_choice(&item.answer, choices).is_none() {
+                return Err(EvalError::Bench {
+                    file,
+                    line: i + 1,
+                    reason: format!(
+                        "answer {:?} is none of the {} choices (give its letter or its text)",
+                        item.answer,
+                        choices.len()
+                    ),
+                });
+            }
+        }
         items.push((i + 1, item));
     }
     if items.is_empty() {
@@ -85,18 +98,26 @@ pub fn read_bench(path: &Path) -> Result<Vec<(usize, BenchItem)>, EvalError> {
 }
 
 fn read_predictions(path: &Path) -> Result<Vec<Prediction>, EvalError> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(vec![]);
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        // unreadable is not empty: the file is rewritten from what is read here
+        Err(e) => return Err(EvalError::Io(format!("{}: {e}", path.display()))),
     };
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
+    let lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+    for (i, line) in lines.iter().enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match serde_json::from_str::<Prediction>(line) {
+        // (an interrupted write can also cut a multi-byte character)
+        let parsed = std::str::from_utf8(line)
+            .map_err(|e| e.to_string())
+            .and_then(|l| serde_json::from_str::<Prediction>(l).map_err(|e| e.to_string()));
+        match parsed {
             Ok(p) => out.push(p),
             // an interrupted write leaves a partial last line: drop it and redo that sample
-            Err(_) if i + 1 == text.lines().count() => {}
+            Err(_) if i + 1 == lines.len() => {}
             Err(e) => {
                 return Err(EvalError::Bench {
                     file: path.display().to_string(),
@@ -125,6 +146,8 @@ pub struct EvalOptions {
     pub training_metrics: Option<PathBuf>,
     /// Samples generated together (left-padded batches; greedy results do not depend on it).
     pub batch_size: usize,
+    /// The model the predictions come from (e.g. its folder and adapter), compared on resume.
+    pub made_with: serde_json::Value,
 }
 
 /// Sum of tflops x step_s over a training metrics.jsonl.
@@ -165,6 +188,62 @@ fn existing_predictions(out: &Path) -> Result<HashMap<String, Prediction>, EvalE
         }
     }
     Ok(done)
+}
+
+/// What the predictions depend on (not --limit, --batch-size or the world size).
+fn settings(opts: &EvalOptions) -> serde_json::Value {
+    serde_json::json!({"model": opts.made_with, "infer": opts.infer})
+}
+
+/// A resumed run must make its predictions as the stored ones were made: OUT/settings.json
+/// records that; a mismatch is an error (mixing two adapters' or turn counts' predictions would
+/// give a report of neither).
+fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result<(), EvalError> {
+    let path = out.join("settings.json");
+    if resuming {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let before: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| EvalError::Io(format!("{}: {e}", path.display())))?;
+            if &before != now {
+                return Err(EvalError::Io(format!(
+                    "{}: the predictions there were made with other settings ({before}; this run: \
+                     {now}): use another --out, or delete its predictions*.jsonl to start over",
+                    out.display()
+                )));
+            }
+            return Ok(());
+        }
+    }
+    let text = serde_json::to_string_pretty(now).unwrap_or_default();
+    std::fs::write(&path, text).map_err(io_err(&path))
+}
+
+/// Opens `path` for appending (created when missing), first cutting a torn last line (a write
+/// interrupted mid-line) so the next line starts clean.
+fn open_for_append(path: &Path) -> std::io::Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)?;
+    let bytes = std::fs::read(path)?;
+    if !bytes.is_empty() && !bytes.ends_with(b"\n") {
+        let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        file.set_len(keep as u64)?;
+    }
+    Ok(file)
+}
+
+/// A stored prediction scored against the benchmark's current answer (it may have been fixed
+/// since the prediction was made).
+fn rescored(mut p: Prediction, item: &BenchItem) -> Prediction {
+    if p.answer != item.answer {
+        for t in &mut p.turns {
+            t.correct = answer::is_correct(&t.extracted, &item.answer, item.choices.as_deref());
+        }
+        p.answer = item.answer.clone();
+    }
+    p
 }
 
 /// Scores one sample's turns.
@@ -215,6 +294,9 @@ pub fn run(
         .collect();
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
     let mut done = existing_predictions(&opts.out)?;
+    if rank == 0 {
+        check_settings(&opts.out, &settings(opts), !done.is_empty())?;
+    }
     let mine: Vec<&(usize, BenchItem)> = items
         .iter()
         .enumerate()
@@ -222,14 +304,9 @@ pub fn run(
         .map(|(_, it)| it)
         .collect();
     let rank_path = opts.out.join(format!("predictions.rank-{rank}.jsonl"));
-    // this rank's file starts with its share of what is already done (a torn last line is dropped)
-    let mut file = std::fs::File::create(&rank_path).map_err(io_err(&rank_path))?;
-    for (_, item) in &mine {
-        if let Some(p) = done.get(&item.id) {
-            writeln!(file, "{}", serde_json::to_string(p).unwrap_or_default())
-                .map_err(io_err(&rank_path))?;
-        }
-    }
+    // appended to, never rewritten: it may hold predictions of samples outside this run's share
+    // (another world size or --limit before), which the merge below keeps
+    let mut file = open_for_append(&rank_path).map_err(io_err(&rank_path))?;
     let bench_file = bench.display().to_string();
     let bad = |line: usize| {
         let file = bench_file.clone();
@@ -274,16 +351,20 @@ pub fn run(
     if rank != 0 {
         return Ok(None);
     }
-    // rank 0: merge every rank's file, in benchmark order, then drop the rank files
-    let done = existing_predictions(&opts.out)?;
+    // rank 0: merge every rank's file, in benchmark order, then drop the rank files; predictions
+    // of samples outside this run (an earlier full run, before this --limit) are kept after them
+    let mut done = existing_predictions(&opts.out)?;
     let preds: Vec<Prediction> = items
         .iter()
-        .filter_map(|(_, it)| done.get(&it.id).cloned())
+        .filter_map(|(_, it)| done.remove(&it.id).map(|p| rescored(p, it)))
         .collect();
+    let mut others: Vec<Prediction> = done.into_values().collect();
+    others.sort_by(|a, b| a.id.cmp(&b.id));
     let merged = opts.out.join("predictions.jsonl");
     let tmp = opts.out.join("predictions.jsonl.tmp");
     let text: String = preds
         .iter()
+        .chain(&others)
         .map(|p| serde_json::to_string(p).unwrap_or_default() + "\n")
         .collect();
     std::fs::write(&tmp, text)

@@ -59,6 +59,11 @@ impl Sampler {
         }
         let probs = (logits.to_kind(Kind::Double) / self.temperature).softmax(-1, Kind::Double);
         let probs: Vec<f64> = Vec::try_from(probs).unwrap_or_default();
+        if probs.is_empty() || !probs.iter().all(|p| p.is_finite()) {
+            // NaN / inf logits (an overflow upstream) give no distribution: the argmax, not
+            // whichever token the failed comparisons below would land on
+            return logits.argmax(-1, false).int64_value(&[]);
+        }
         let mut sorted: Vec<(usize, f64)> = probs.into_iter().enumerate().collect();
         sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let keep = Self::nucleus(&sorted, self.top_p);
@@ -109,5 +114,14 @@ mod tests {
     fn temperature_zero_is_greedy() {
         let logits = Tensor::from_slice(&[0.1f32, 2.5, 0.2]);
         assert_eq!(Sampler::new(0.0, 0.9, 3).pick(&logits), 1);
+    }
+
+    #[test]
+    fn logits_without_a_distribution_give_the_argmax() {
+        // an inf logit makes the softmax NaN: every sampled pick used to be the last kept id
+        let logits = Tensor::from_slice(&[0.1f32, f32::INFINITY, 0.2, 0.3]);
+        for seed in 0..5 {
+            assert_eq!(Sampler::new(0.7, 0.9, seed).pick(&logits), 1);
+        }
     }
 }

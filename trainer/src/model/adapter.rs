@@ -34,18 +34,34 @@ fn parse_config(v: &Value) -> Result<LoraConfig, ModelError> {
             return Err(bad(format!("peft_type {t} is not supported (only LORA)")));
         }
     }
-    let r = v
-        .get("r")
-        .and_then(Value::as_i64)
-        .ok_or_else(|| bad("missing `r`".into()))?;
-    let alpha = v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
-    let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
+    // present keys of the wrong type are errors, not defaults (a quoted "32" must not become 8)
+    let typed = |key: &str, want: &str, ok: fn(&Value) -> bool| match v.get(key) {
+        Some(x) if !x.is_null() && !ok(x) => Err(bad(format!("`{key}` must be {want}, not {x}"))),
+        x => Ok(x.filter(|x| !x.is_null())),
+    };
+    let r = typed("r", "a positive integer", |x| {
+        x.as_i64().is_some_and(|r| r >= 1)
+    })?
+    .and_then(Value::as_i64)
+    .ok_or_else(|| bad("missing `r`".into()))?;
+    let alpha = typed("lora_alpha", "a number", Value::is_number)?
+        .and_then(Value::as_f64)
+        .unwrap_or(8.0);
+    let dropout = typed("lora_dropout", "a number in [0, 1)", |x| {
+        x.as_f64().is_some_and(|d| (0.0..1.0).contains(&d))
+    })?
+    .and_then(Value::as_f64)
+    .unwrap_or(0.0);
     let target_modules = match v.get("target_modules") {
         Some(Value::String(s)) => TargetModules::Regex(s.clone()),
         Some(Value::Array(a)) => TargetModules::Names(
             a.iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect(),
+                .map(|x| {
+                    x.as_str().map(String::from).ok_or_else(|| {
+                        bad(format!("`target_modules` entries must be strings, not {x}"))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         ),
         _ => return Err(bad("missing `target_modules`".into())),
     };
@@ -69,8 +85,7 @@ fn parse_config(v: &Value) -> Result<LoraConfig, ModelError> {
     if v.get("modules_to_save").is_some_and(|m| !m.is_null()) {
         return Err(bad("modules_to_save is not supported".into()));
     }
-    let use_rslora = v
-        .get("use_rslora")
+    let use_rslora = typed("use_rslora", "true or false", Value::is_boolean)?
         .and_then(Value::as_bool)
         .unwrap_or(false);
     Ok(LoraConfig {
@@ -291,5 +306,61 @@ impl MllamaModel {
     pub fn merge_lora(&mut self) {
         self.visit_linears(&mut |l| l.merge_lora());
         self.lora = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_configs_with_wrong_types_are_errors_not_defaults() {
+        let base = serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 32,
+            "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "use_rslora": false});
+        let c = parse_config(&base).unwrap();
+        assert_eq!((c.r, c.alpha, c.use_rslora), (8, 32.0, false));
+        let with = |key: &str, value: Value| {
+            let mut v = base.clone();
+            v[key] = value;
+            parse_config(&v).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert!(
+            with("lora_alpha", Value::Null).is_ok(),
+            "null = PEFT's default"
+        );
+        for (key, value, says) in [
+            (
+                "lora_alpha",
+                serde_json::json!("32"),
+                "`lora_alpha` must be a number",
+            ),
+            ("r", serde_json::json!(0), "`r` must be a positive integer"),
+            (
+                "r",
+                serde_json::json!(8.5),
+                "`r` must be a positive integer",
+            ),
+            (
+                "use_rslora",
+                serde_json::json!("true"),
+                "`use_rslora` must be true or false",
+            ),
+            (
+                "lora_dropout",
+                serde_json::json!(1.5),
+                "`lora_dropout` must be a number in [0, 1)",
+            ),
+            (
+                "target_modules",
+                serde_json::json!(["q_proj", 3]),
+                "entries must be strings",
+            ),
+        ] {
+            let e = with(key, value).unwrap_err();
+            assert!(
+                e.contains(says) && e.contains("adapter_config.json"),
+                "{key}: {e}"
+            );
+        }
     }
 }

@@ -99,7 +99,10 @@ impl TargetMatcher {
             Self::Names(names) => names
                 .iter()
                 .any(|n| path == n || path.ends_with(&format!(".{n}"))),
-            Self::Regex(r) => r.is_match(path),
+            // an adapter made under transformers 4 names its modules `language_model.model...`
+            Self::Regex(r) => {
+                r.is_match(path) || r.is_match(&super::weights::canonical_to_legacy(path))
+            }
         }
     }
 }
@@ -137,6 +140,32 @@ impl LoraConfig {
             scaling: self.scaling(),
             dropout: self.dropout,
             training: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regex_target_modules_match_either_naming() {
+        let canonical = "model.language_model.layers.3.self_attn.q_proj";
+        for (regex, want) in [
+            (r".*language_model.*\.(q_proj|v_proj)", true),
+            // transformers 4 module names (an adapter made then)
+            (
+                r"language_model\.model\.layers\.\d+\.self_attn\.(q|v)_proj",
+                true,
+            ),
+            (
+                r"model\.language_model\.layers\.\d+\.self_attn\.q_proj",
+                true,
+            ),
+            (r"vision_model\..*q_proj", false),
+        ] {
+            let m = TargetModules::Regex(regex.into()).compile().unwrap();
+            assert_eq!(m.matches(canonical), want, "{regex}");
         }
     }
 }

@@ -151,8 +151,10 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 &mut meter,
             )?;
         }
-        // Epoch end: the data continues with the next epoch.
-        if st.epoch_batch >= steps_per_epoch {
+        // Epoch end: the data continues with the next epoch. (A step saved already, e.g. by
+        // SIGTERM at an epoch's last step and resumed from, is not saved again: its position
+        // (epoch, steps_per_epoch) resumes the same way, and replacing it would risk it.)
+        if st.epoch_batch >= steps_per_epoch && st.saved_step != Some(st.step) {
             saver.save(&mut st, &trainable, &opt, (epoch + 1, 0))?;
         }
         if st.step >= total_steps {
