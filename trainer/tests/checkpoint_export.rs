@@ -59,6 +59,19 @@ fn export_peft_holds_the_trained_factors_and_loads() {
     let lora = model.load_adapter(&adapter).unwrap();
     assert_eq!(lora.r, 4);
     println!("exported {} LoRA tensors, loaded back", exported.len());
+    // a second export into the same folder is refused, the first one left as it was
+    let before = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    let o = export(&out.join("ckpt/step-00000002"), &adapter);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("already holds an adapter"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(
+        std::fs::read(adapter.join("adapter_model.safetensors")).unwrap(),
+        before
+    );
 }
 
 #[test]

@@ -180,6 +180,29 @@ fn reruns_keep_earlier_predictions_and_refuse_other_settings() {
 }
 
 #[test]
+fn integer_ids_are_read_as_text() {
+    let dir = setup();
+    let p = dir.join("int_ids.jsonl");
+    std::fs::write(
+        &p,
+        "{\"id\": 7, \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n\
+         {\"id\": 1.5, \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n",
+    )
+    .unwrap();
+    let err = trainer::eval::read_bench(&p).unwrap_err().to_string();
+    assert!(
+        err.contains("int_ids.jsonl:2: `id` must be a string or an integer"),
+        "{err}"
+    );
+    std::fs::write(
+        &p,
+        "{\"id\": 7, \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n",
+    )
+    .unwrap();
+    assert_eq!(trainer::eval::read_bench(&p).unwrap()[0].1.id, "7");
+}
+
+#[test]
 fn bad_benchmarks_name_file_and_line() {
     let dir = setup();
     let cases = [

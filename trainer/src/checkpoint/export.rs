@@ -24,6 +24,15 @@ pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<usize> {
             method.unwrap_or(Value::Null)
         );
     }
+    // an adapter already there is not overwritten (it may be the only copy of another run's)
+    for name in ["adapter_model.safetensors", "adapter_config.json"] {
+        if out.join(name).exists() {
+            bail!(
+                "--out {} already holds an adapter ({name}); give an empty or new folder",
+                out.display()
+            );
+        }
+    }
     let (m, tensors) = read_full(checkpoint)?;
     let peft = &m.peft;
     let field = |k: &str| peft.get(k).cloned().unwrap_or(Value::Null);

@@ -30,6 +30,8 @@ use report::{Prediction, Report, TurnPrediction};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BenchItem {
+    /// A string or an integer (many benchmarks number their questions); kept as text.
+    #[serde(deserialize_with = "id_text")]
     pub id: String,
     pub image: String,
     pub question: String,
@@ -38,6 +40,16 @@ pub struct BenchItem {
     pub choices: Option<Vec<String>>,
     #[serde(default)]
     pub category: Option<String>,
+}
+
+fn id_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Ok(s),
+        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
+        other => Err(serde::de::Error::custom(format!(
+            "`id` must be a string or an integer, not {other}"
+        ))),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
