@@ -101,6 +101,10 @@ impl MllamaModel {
     /// Wraps every linear layer whose module path matches `cfg.target_modules` with a fresh LoRA branch (PEFT init;
     /// `seed` seeds libtorch's generator first). Returns the number of wrapped layers.
     pub fn apply_lora(&mut self, cfg: &LoraConfig, seed: Option<i64>) -> Result<usize, ModelError> {
+        // libtorch's generator is global: two threads seeding and drawing at once (tests, or a
+        // program wrapping two models) would interleave their draws and break the seed's promise
+        static SEEDED_DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _draws = SEEDED_DRAWS.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = seed {
             tch::manual_seed(s);
         }
