@@ -345,8 +345,7 @@ impl Checkpointer {
     }
 
     /// Waits for the writer, exchanges sizes and checksums (an all-gather, which is also the
-    /// barrier after the data files; it also carries whether rank 0's previous retention failed),
-    /// and on rank 0 writes the manifest, renames the folder and starts retention; a final
+    /// barrier after the data files), and on rank 0 writes the manifest, renames the folder and starts retention; a final
     /// barrier.
     fn publish(
         &mut self,
@@ -374,9 +373,9 @@ impl Checkpointer {
         } else {
             None
         };
-        // (bytes or -1 on failure, sha256 as 4 x i64, rank 0's retention failed)
-        const ROW: usize = 6;
-        let mut mine = vec![-1i64, 0, 0, 0, 0, janitor_failed.is_some() as i64];
+        // (bytes or -1 on failure, sha256 as 4 x i64); a failed retention is rank 0's warning only
+        const ROW: usize = 5;
+        let mut mine = vec![-1i64, 0, 0, 0, 0];
         if let Ok((bytes, digest)) = &written {
             mine[0] = *bytes as i64;
             for (i, c) in digest.chunks(8).enumerate() {

@@ -233,13 +233,20 @@ fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result
 /// Opens `path` for appending (created when missing), first cutting a torn last line (a write
 /// interrupted mid-line) so the next line starts clean.
 fn open_for_append(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::FileExt;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .read(true)
         .open(path)?;
-    let bytes = std::fs::read(path)?;
-    if !bytes.is_empty() && !bytes.ends_with(b"\n") {
+    let len = file.metadata()?.len();
+    let mut last = [b'\n'];
+    if len > 0 {
+        file.read_exact_at(&mut last, len - 1)?;
+    }
+    // the whole file is read only when its end is torn
+    if last[0] != b'\n' {
+        let bytes = std::fs::read(path)?;
         let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         file.set_len(keep as u64)?;
     }
