@@ -33,6 +33,22 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 __device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
 // cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+// Bulk asynchronous reduction (plain sm_90, no tensor map): global[dst .. + bytes] += shared[src ..]
+// element-wise in fp32, atomically per element, by the copy engine. Both addresses 16-byte aligned,
+// bytes a multiple of 16. Per-thread bulk groups: commit, then wait until the source was read.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, u32 src, u32 bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(dst), "r"(src), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read0() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+// Barrier `id` (1..15; 0 is __syncthreads') over `threads` threads, e.g. one warpgroup.
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
 // Keeps the compiler from touching accumulator registers across a wgmma wait (CUTLASS's
 // warpgroup_fence_operand): each use after this depends on an asm ordered after the wait.
 template <int N>
@@ -346,7 +362,7 @@ __device__ void attn_fwd4(const AttnParams& p) {
             wgmma_commit();
             fwd4_pv<BF16, D>(o, pa, Vst + (kt & 1) * KV_BYTES);
             wgmma_commit();
-            asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // S_{kt+1} done
+            wgmma_wait<1>();  // S_{kt+1} done
             fence_regs(s);
             fwd4_softmax(s, m_run, l_run, corr, p, b, q0, row0, (kt + 1) * BN);
             wgmma_wait0();  // P_kt V_kt done: O and the P fragments are free
@@ -382,13 +398,22 @@ __device__ void attn_fwd4(const AttnParams& p) {
 //   5. dQ += dS K (64 queries x 128): A = dS^T from shared memory read MN-major ([key][query]),
 //      B = K read MN-major ([key][d]); warpgroup w computes columns 64 w .. +64 over all 128 keys.
 // Shared: K, V (128 x D), Q, dO (64 x D), dS^T (128 x 64), lse, delta (64): 113 KB.
+// Variant 6 (BULK_DQ) changes two things. dQ leaves through shared memory: each warpgroup stages its
+// 64 x 64 fp32 dQ tile and 64 of its threads each hand one 256-byte row to the copy engine as a
+// bulk reduce-add (cp.reduce.async.bulk ... add.f32) instead of 32 scalar fp32 atomics per thread
+// per tile (8192 per block per tile, through the SM's load/store pipe). And step 5 is issued right
+// behind step 3 (dS^T is made visible before step 3), so the tensor cores run dV/dK and dQ back to
+// back instead of draining between them. Staging rows are 288 bytes apart (64 floats + 32 bytes):
+// a warp's float2 stores of rows g and g + 4 then share banks, 2 wavefronts per store, the minimum.
+// Shared: + 2 x 64 x 288 bytes = 149 KB.
 // Head dim 128 only: at d64 this kernel (dQ split over keys instead) measured 0.85-0.89x variant
 // 3's backward on an H200 (2026-11-26), so d64 keeps variant 3's.
 // ================================================================================================
 #define BWD4_BN 128
 #define BWD4_BM 64
+#define BWD6_DQ_STRIDE 288
 
-template <bool BF16, int D>
+template <bool BF16, int D, bool BULK_DQ>
 __device__ void attn_bwd4(const AttnParams& p) {
     static_assert(D == 128, "step 5 splits dQ's columns into one 64-column block per warpgroup");
     extern __shared__ __align__(16) u16 smem[];
@@ -399,6 +424,8 @@ __device__ void attn_bwd4(const AttnParams& p) {
     // lse and delta after dS^T, as generic pointers (the aligned base is a shared-window address)
     float* lse_s = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + (dSt + DS_BYTES - smem_addr(smem)));
     float* delta_s = lse_s + BM;
+    // variant 6: this warpgroup's dQ staging tile (64 rows x 64 floats), after lse and delta
+    const u32 dq_stage = dSt + DS_BYTES + 2 * BM * 4 + (threadIdx.x >> 7) * (BM * BWD6_DQ_STRIDE);
 
     const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
     const int group = p.H / p.Hk;
@@ -483,6 +510,10 @@ __device__ void attn_bwd4(const AttnParams& p) {
                 asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(df[j >> 1][(j & 1) * 2 + r8]));
             }
 
+        if (BULK_DQ) {
+            fence_proxy_async();  // dS^T was written by plain stores; step 5 reads it as a wgmma operand
+            __syncthreads();      // ... and is complete in both warpgroups before step 5 is issued
+        }
         // 3. dV += P^T dO, dK += dS^T Q (16 queries per step; dO, Q read [query][d] = MN-major)
         wgmma_fence();
 #pragma unroll
@@ -491,45 +522,78 @@ __device__ void attn_bwd4(const AttnParams& p) {
             wgmma_rs_d<BF16, D>(dk, df[ks], sw128_desc(Qs + ks * 16 * 128, BM * 128, 1024));
         }
         wgmma_commit();
-        wgmma_wait0();
+        // 5. dQ[:, 64 wg .. +64] += dS K[:, 64 wg .. +64] (column block wg of K), 16 keys per step;
+        // issued here by variant 6, after the prefetch by variant 4
+        float dq[32];
+        auto issue_dq = [&]() {
+#pragma unroll
+            for (int ks = 0; ks < BN / 16; ++ks) {
+                const u32 krow_off = ks * 16 * 128;
+                wgmma_ss_n64<BF16, 1, 1>(dq, sw128_desc(dSt + krow_off, BN * 128, 1024),
+                                         sw128_desc(Ks + wg * (BN * 128) + krow_off, BN * 128, 1024), ks > 0);
+            }
+            wgmma_commit();
+        };
+        if (BULK_DQ) {
+            issue_dq();
+            wgmma_wait<1>();  // dV, dK done (dQ may still run)
+        } else {
+            wgmma_wait0();
+        }
         fence_regs(dv);
         fence_regs(dk);
-        fence_proxy_async();  // dS^T was written by plain stores; step 5 reads it as a wgmma operand
-        __syncthreads();      // Q, dO, lse, delta are free; dS^T is complete
+        if (!BULK_DQ) fence_proxy_async();  // dS^T was written by plain stores; step 5 reads it as a wgmma operand
+        __syncthreads();  // Q, dO, lse, delta are free; dS^T is complete
 
         // 4. prefetch the next tile
         const int qt_next = qt + 1 < qt_end ? qt + 1 : qt_start, h_next = qt + 1 < qt_end ? h : h + 1;
         if (h_next < h_end) load_iter(h_next, qt_next * BM);
         cp_async_commit();
 
-        // 5. dQ[:, 64 wg .. +64] += dS K[:, 64 wg .. +64] (column block wg of K), 16 keys per step
-        float dq[32];
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < BN / 16; ++ks) {
-            const u32 krow_off = ks * 16 * 128;
-            wgmma_ss_n64<BF16, 1, 1>(dq, sw128_desc(dSt + krow_off, BN * 128, 1024),
-                                     sw128_desc(Ks + wg * (BN * 128) + krow_off, BN * 128, 1024), ks > 0);
+        if (!BULK_DQ) {
+            wgmma_fence();
+            issue_dq();
         }
-        wgmma_commit();
         wgmma_wait0();
         fence_regs(dq);
         const int c0 = wg * 64;
+        if (BULK_DQ) {
+            // this warpgroup's last bulk reduce has read the staging tile: overwrite it
+            const int tid = threadIdx.x & 127;
+            if (tid < 64) bulk_wait_read0();
+            named_barrier(1 + wg, 128);
 #pragma unroll
-        for (int r8 = 0; r8 < 2; ++r8) {
-            const int qi = q0 + warp * 16 + g + 8 * r8;
-            if (qi >= p.Sq) continue;
-            float* dst = p.dq_acc + (((i64)b * p.Sq + qi) * p.H + h) * D + c0 + 2 * t;
+            for (int r8 = 0; r8 < 2; ++r8) {
+                const u32 row = dq_stage + (warp * 16 + g + 8 * r8) * BWD6_DQ_STRIDE + 8 * t;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                atomicAdd(dst + j * 8, dq[4 * j + 2 * r8]);
-                atomicAdd(dst + j * 8 + 1, dq[4 * j + 2 * r8 + 1]);
+                for (int j = 0; j < 8; ++j)
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(row + 32 * j), "f"(dq[4 * j + 2 * r8]),
+                                 "f"(dq[4 * j + 2 * r8 + 1]));
+            }
+            fence_proxy_async();  // plain stores, read next by the copy engine
+            named_barrier(1 + wg, 128);
+            if (tid < 64 && q0 + tid < p.Sq)
+                bulk_reduce_add_f32(p.dq_acc + (((i64)b * p.Sq + q0 + tid) * p.H + h) * D + c0,
+                                    dq_stage + tid * BWD6_DQ_STRIDE, 64 * 4);
+            bulk_commit();
+        } else {
+#pragma unroll
+            for (int r8 = 0; r8 < 2; ++r8) {
+                const int qi = q0 + warp * 16 + g + 8 * r8;
+                if (qi >= p.Sq) continue;
+                float* dst = p.dq_acc + (((i64)b * p.Sq + qi) * p.H + h) * D + c0 + 2 * t;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    atomicAdd(dst + j * 8, dq[4 * j + 2 * r8]);
+                    atomicAdd(dst + j * 8 + 1, dq[4 * j + 2 * r8 + 1]);
+                }
             }
         }
         qt = qt_next;
         h = h_next;
     }
     cp_async_wait<0>();
+    if (BULK_DQ) bulk_wait0();  // the staged rows are read and added before the block exits
 
     // dK = scale * dS^T Q, dV = P^T dO; outputs (B, Sk, Hk, D) contiguous.
 #pragma unroll
@@ -555,7 +619,10 @@ __device__ void attn_bwd4(const AttnParams& p) {
     }
 #define ATTN4_BWD(NAME, BF16, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd4_##NAME##_d##D(AttnParams p) { \
-        attn_bwd4<BF16, D>(p);                                                                            \
+        attn_bwd4<BF16, D, false>(p);                                                                     \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd6_##NAME##_d##D(AttnParams p) { \
+        attn_bwd4<BF16, D, true>(p);                                                                      \
     }
 // Head dims here must match `v4_forward` / `v4_backward` in attention.rs.
 ATTN4_FWD(bf16, true, 64)

@@ -92,7 +92,8 @@ const THREADS: u32 = 128;
 /// `V2` is the previous 64x64 / 4-warp version, kept for A/B timing in `kernels-gpu-check` and as a
 /// fallback (`LLAVA_SCO_ATTN_VARIANT=v2`). `V4` is Hopper wgmma kernels (`cuda/attention_sm90.cu`)
 /// on compute capability 9.0: forward at head dims 64 and 128, backward at 128; everything else
-/// runs V3. `V5` (the default) is V4 with the pipelined forward.
+/// runs V3. `V5` (the default) is V4 with the pipelined forward. `V6` is V5 with a backward whose
+/// dQ goes out as bulk reduce-adds from shared memory instead of scalar atomics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     V2,
@@ -101,18 +102,21 @@ pub enum Variant {
     /// V4 with FA3's intra-warpgroup overlap in the forward (the next tile's Q K^T and this tile's
     /// P V in flight while the softmax runs).
     V5,
+    /// V5's forward; the backward stages dQ in shared memory and adds it to global memory with the
+    /// copy engine's bulk reduce (`cp.reduce.async.bulk`), its dQ product issued behind dV/dK.
+    V6,
 }
 
 /// The variant used when neither `set_variant` nor the environment chose one.
 pub const DEFAULT_VARIANT: Variant = Variant::V5;
-/// Environment variable read once on first use: `v2`, `v3` or `v4`.
+/// Environment variable read once on first use: `v2` ... `v6`.
 pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
 
 // 0 = not chosen yet, else the variant's number.
 static VARIANT: AtomicU8 = AtomicU8::new(0);
 
 impl Variant {
-    /// Parses `v2` / `v3` / `v4` (case-insensitive); the error names the variable and the
+    /// Parses `v2` ... `v6` (case-insensitive); the error names the variable and the
     /// accepted values.
     pub fn parse(s: &str) -> Result<Variant> {
         match s.trim().to_ascii_lowercase().as_str() {
@@ -120,8 +124,9 @@ impl Variant {
             "v3" => Ok(Variant::V3),
             "v4" => Ok(Variant::V4),
             "v5" => Ok(Variant::V5),
+            "v6" => Ok(Variant::V6),
             other => Err(KernelError::Invalid(format!(
-                "{VARIANT_ENV}={other:?}: expected v2, v3, v4 or v5"
+                "{VARIANT_ENV}={other:?}: expected v2, v3, v4, v5 or v6"
             ))),
         }
     }
@@ -132,6 +137,7 @@ impl Variant {
             Variant::V3 => 3,
             Variant::V4 => 4,
             Variant::V5 => 5,
+            Variant::V6 => 6,
         }
     }
 
@@ -142,6 +148,7 @@ impl Variant {
             Variant::V3 => "v3",
             Variant::V4 => "v4",
             Variant::V5 => "v5",
+            Variant::V6 => "v6",
         }
     }
 }
@@ -158,6 +165,7 @@ pub fn variant() -> Result<Variant> {
         3 => Ok(Variant::V3),
         4 => Ok(Variant::V4),
         5 => Ok(Variant::V5),
+        6 => Ok(Variant::V6),
         _ => {
             let v = match std::env::var(VARIANT_ENV) {
                 Ok(s) => Variant::parse(&s)?,
@@ -200,11 +208,18 @@ const BWD4_BLOCK_N: i64 = 128;
 fn bwd4_smem(d: i64) -> i64 {
     (2 * BWD4_BLOCK_N * d + 2 * 64 * d + BWD4_BLOCK_N * 64) * 2 + 2 * 64 * 4 + 1024
 }
+/// Variant 6 backward: variant 4's shared memory + each warpgroup's dQ staging tile (64 rows of
+/// 64 floats, rows `BWD6_DQ_STRIDE` bytes apart as in attention_sm90.cu).
+const BWD6_DQ_STRIDE: i64 = 288;
+fn bwd6_smem(d: i64) -> i64 {
+    bwd4_smem(d) + 2 * 64 * BWD6_DQ_STRIDE
+}
 
-/// The forward variant that runs for `variant` on a device of `arch` at head dim `d`: V4 only on
-/// compute_90 with d 64 or 128 (else V3).
+/// The forward variant that runs for `variant` on a device of `arch` at head dim `d`: V4/V5 only on
+/// compute_90 with d 64 or 128 (else V3); V6 runs V5's forward.
 fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
+        Variant::V6 => v4_forward(Variant::V5, arch, d),
         Variant::V4 | Variant::V5 if arch == "compute_90" && (d == 64 || d == 128) => variant,
         Variant::V4 | Variant::V5 => Variant::V3,
         v => v,
@@ -212,11 +227,12 @@ fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
 }
 
 /// The backward variant: V4 only on compute_90 at d128 (at d64 the wgmma backward measured
-/// 0.85-0.89x V3's on an H200, see kernels/BENCHMARKS.md), else V3.
+/// 0.85-0.89x V3's on an H200, see kernels/BENCHMARKS.md), else V3; V6 has its own (same limits).
 fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
+        Variant::V6 if arch == "compute_90" && d == 128 => Variant::V6,
         Variant::V4 | Variant::V5 if arch == "compute_90" && d == 128 => Variant::V4,
-        Variant::V4 | Variant::V5 => Variant::V3,
+        Variant::V4 | Variant::V5 | Variant::V6 => Variant::V3,
         v => v,
     }
 }
@@ -227,7 +243,7 @@ fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
         Variant::V2 => format!("attn_fwd_{dtype}_d{d}"),
         Variant::V3 => format!("attn_fwd3_{dtype}_d{d}"),
         Variant::V4 => format!("attn_fwd4_{dtype}_d{d}"),
-        Variant::V5 => format!("attn_fwd5_{dtype}_d{d}"),
+        Variant::V5 | Variant::V6 => format!("attn_fwd5_{dtype}_d{d}"),
     }
 }
 
@@ -240,6 +256,7 @@ pub fn sm90a_kernel_names() -> Vec<String> {
             names.push(fwd_kernel(v, dtype, 128));
         }
         names.push(bwd_kernel(Variant::V4, dtype, 128));
+        names.push(bwd_kernel(Variant::V6, dtype, 128));
     }
     names
 }
@@ -249,6 +266,8 @@ pub fn sm90a_kernel_names() -> Vec<String> {
 fn bwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
     if variant == Variant::V4 {
         format!("attn_bwd4_{dtype}_d{d}")
+    } else if variant == Variant::V6 {
+        format!("attn_bwd6_{dtype}_d{d}")
     } else if variant == Variant::V3 && bwd3_supported(d) {
         format!("attn_bwd3_{dtype}_d{d}")
     } else {
@@ -534,9 +553,9 @@ pub fn fused_forward_into(
             FWD3_THREADS,
             (FWD3_BLOCK_M + 4 * fwd3_block_n(d.d)) * (d.d + 8) * 2,
         ),
-        Variant::V4 | Variant::V5 => (FWD4_BLOCK, FWD4_THREADS, fwd4_smem(d.d)),
+        Variant::V4 | Variant::V5 | Variant::V6 => (FWD4_BLOCK, FWD4_THREADS, fwd4_smem(d.d)),
     };
-    let source = if matches!(variant, Variant::V4 | Variant::V5) {
+    let source = if matches!(variant, Variant::V4 | Variant::V5 | Variant::V6) {
         crate::SM90A_ATTENTION
     } else {
         "attention.cu"
@@ -622,6 +641,7 @@ pub fn fused_backward(
     // (v3), lse, delta.
     let (key_block, main_threads, smem) = match variant {
         Variant::V4 => (BWD4_BLOCK_N, FWD4_THREADS, bwd4_smem(d.d)),
+        Variant::V6 => (BWD4_BLOCK_N, FWD4_THREADS, bwd6_smem(d.d)),
         Variant::V3 if bwd3_supported(d.d) => (
             TILE,
             BWD3_THREADS,
@@ -633,7 +653,7 @@ pub fn fused_backward(
             (4 * TILE * (d.d + 8) + TILE * (TILE + 8)) * 2 + 2 * TILE * 4,
         ),
     };
-    let source = if variant == Variant::V4 {
+    let source = if matches!(variant, Variant::V4 | Variant::V6) {
         crate::SM90A_ATTENTION
     } else {
         "attention.cu"
@@ -743,10 +763,16 @@ mod tests {
         assert_eq!(Variant::parse(" V3 ").unwrap(), Variant::V3);
         let err = Variant::parse("fast").unwrap_err().to_string();
         assert!(
-            err.contains(VARIANT_ENV) && err.contains("v2, v3, v4 or v5"),
+            err.contains(VARIANT_ENV) && err.contains("v2, v3, v4, v5 or v6"),
             "{err}"
         );
-        for v in [Variant::V2, Variant::V3, Variant::V4, Variant::V5] {
+        for v in [
+            Variant::V2,
+            Variant::V3,
+            Variant::V4,
+            Variant::V5,
+            Variant::V6,
+        ] {
             assert_eq!(Variant::parse(v.name()).unwrap(), v);
         }
     }
@@ -765,10 +791,15 @@ mod tests {
         // Q + 2 stages of K and V at d128 must fit one block's 227 KB
         assert!(fwd4_smem(128) <= 227 * 1024, "{}", fwd4_smem(128));
         assert!(bwd4_smem(128) <= 227 * 1024, "{}", bwd4_smem(128));
-        assert_eq!(sm90a_kernel_names().len(), 10);
+        assert_eq!(sm90a_kernel_names().len(), 12);
         assert_eq!(v4_forward(Variant::V5, "compute_90", 128), Variant::V5);
         assert_eq!(v4_forward(Variant::V5, "compute_80", 64), Variant::V3);
         assert_eq!(v4_backward(Variant::V5, "compute_90", 128), Variant::V4);
+        assert_eq!(v4_forward(Variant::V6, "compute_90", 128), Variant::V5);
+        assert_eq!(v4_forward(Variant::V6, "compute_90", 80), Variant::V3);
+        assert_eq!(v4_backward(Variant::V6, "compute_90", 128), Variant::V6);
+        assert_eq!(v4_backward(Variant::V6, "compute_90", 64), Variant::V3);
+        assert_eq!(v4_backward(Variant::V6, "compute_80", 128), Variant::V3);
     }
 
     #[test]

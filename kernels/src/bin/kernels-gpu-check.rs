@@ -441,9 +441,15 @@ fn main() -> std::process::ExitCode {
         "attention case", "out", "dq", "dk", "dv"
     );
     // Oldest first: if a newer variant is broken badly enough to kill the CUDA context, the older
-    // verdicts are already out. v4 and v5 (wgmma) run only on compute capability 9.0.
-    let variants = [Variant::V2, Variant::V3, Variant::V4, Variant::V5];
-    let mut variant_failures = [0usize; 4];
+    // verdicts are already out. v4-v6 (wgmma) run only on compute capability 9.0.
+    let variants = [
+        Variant::V2,
+        Variant::V3,
+        Variant::V4,
+        Variant::V5,
+        Variant::V6,
+    ];
+    let mut variant_failures = [0usize; 5];
     for (vi, variant, c) in variants
         .iter()
         .enumerate()
@@ -520,8 +526,9 @@ fn main() -> std::process::ExitCode {
     // the newest variant whose cases all passed, timed against the one before it (a broken
     // kernel's speed means nothing)
     let (prev, new) = match variant_failures {
-        [_, _, 0, 0] => (Variant::V4, Variant::V5),
-        [_, _, 0, _] => (Variant::V3, Variant::V4),
+        [_, _, 0, 0, 0] => (Variant::V5, Variant::V6),
+        [_, _, 0, 0, _] => (Variant::V4, Variant::V5),
+        [_, _, 0, _, _] => (Variant::V3, Variant::V4),
         _ => (Variant::V2, Variant::V3),
     };
     if let Err(e) = guarded(|| {
