@@ -411,6 +411,29 @@ __device__ void attn_fwd4(const AttnParams& p) {
 // ================================================================================================
 #define BWD4_BN 128
 #define BWD4_BM 64
+
+// Step 2 of the backward on the accumulators: P^T = 2^(S^T scale_log2 - lse) and dS^T = P^T (dP^T -
+// delta) (w.r.t. the scaled scores). Element e of column block j: key `key` + 8 (e >> 1), query
+// column 8 j + 2 t + (e & 1) of the tile at q0. FULL (no element masked) is chosen by one uniform
+// branch outside: a per-element `full || allowed(...)` test made each of the 32 elements its own
+// branch region in SASS, so their shared loads and exp2 latencies ran one after another.
+template <bool FULL>
+__device__ __forceinline__ void bwd4_p_ds(float (&s)[32], float (&dp)[32], const float* lse_s, const float* delta_s,
+                                          const AttnParams& p, int b, int q0, int key) {
+    const int t = threadIdx.x & 3;
+    const float sl2 = p.scale_log2;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int qi = 8 * j + 2 * t + (e & 1);
+            const float lse = lse_s[qi];
+            const bool ok = FULL || (lse != NEG_INF && allowed3(p, b, q0 + qi, key + 8 * (e >> 1)));
+            const float pv = ok ? fast_exp2(fmaf(s[4 * j + e], sl2, -lse)) : 0.f;
+            s[4 * j + e] = pv;                                    // P^T
+            dp[4 * j + e] = pv * (dp[4 * j + e] - delta_s[qi]);  // dS^T
+        }
+}
 #define BWD6_DQ_STRIDE 288
 
 template <bool BF16, int D, bool BULK_DQ>
@@ -432,7 +455,6 @@ __device__ void attn_bwd4(const AttnParams& p) {
     const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int k0 = kt * BN, kw = wg * 64;  // this warpgroup's keys: k0 + kw .. + 64
-    const float sl2 = p.scale_log2;
 
     int qt_start = 0;
     if (p.causal) qt_start = max(0, k0 - (p.Sk - p.Sq)) / BM;
@@ -476,21 +498,10 @@ __device__ void attn_bwd4(const AttnParams& p) {
         fence_regs(s);
         fence_regs(dp);
 
-        // 2. P^T and dS^T; element e of column block j: key row kw + 16 warp + g + 8 (e >> 1),
-        // query column 8 j + 2 t + (e & 1).
-        const bool full = tile_full(p, q0, k0, BN);
+        // 2. P^T and dS^T (one uniform branch: see bwd4_p_ds)
         const int krow = kw + warp * 16 + g;
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int qi = 8 * j + 2 * t + (e & 1);
-                const float lse = lse_s[qi];
-                const bool ok = full || (lse != NEG_INF && allowed3(p, b, q0 + qi, k0 + krow + 8 * (e >> 1)));
-                const float pv = ok ? fast_exp2(fmaf(s[4 * j + e], sl2, -lse)) : 0.f;
-                s[4 * j + e] = pv;                                    // P^T
-                dp[4 * j + e] = pv * (dp[4 * j + e] - delta_s[qi]);  // dS^T (w.r.t. the scaled scores)
-            }
+        if (tile_full(p, q0, k0, BN)) bwd4_p_ds<true>(s, dp, lse_s, delta_s, p, b, q0, k0 + krow);
+        else bwd4_p_ds<false>(s, dp, lse_s, delta_s, p, b, q0, k0 + krow);
         u32 pf[4][4], df[4][4];
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks)
