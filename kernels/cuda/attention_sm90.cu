@@ -398,14 +398,6 @@ __device__ void attn_fwd4(const AttnParams& p) {
 //   5. dQ += dS K (64 queries x 128): A = dS^T from shared memory read MN-major ([key][query]),
 //      B = K read MN-major ([key][d]); warpgroup w computes columns 64 w .. +64 over all 128 keys.
 // Shared: K, V (128 x D), Q, dO (64 x D), dS^T (128 x 64), lse, delta (64): 113 KB.
-// Variant 6 (BULK_DQ) changes two things. dQ leaves through shared memory: each warpgroup stages its
-// 64 x 64 fp32 dQ tile and 64 of its threads each hand one 256-byte row to the copy engine as a
-// bulk reduce-add (cp.reduce.async.bulk ... add.f32) instead of 32 scalar fp32 atomics per thread
-// per tile (8192 per block per tile, through the SM's load/store pipe). And step 5 is issued right
-// behind step 3 (dS^T is made visible before step 3), so the tensor cores run dV/dK and dQ back to
-// back instead of draining between them. Staging rows are 288 bytes apart (64 floats + 32 bytes):
-// a warp's float2 stores of rows g and g + 4 then share banks, 2 wavefronts per store, the minimum.
-// Shared: + 2 x 64 x 288 bytes = 149 KB.
 // Head dim 128 only: at d64 this kernel (dQ split over keys instead) measured 0.85-0.89x variant
 // 3's backward on an H200 (2026-11-26), so d64 keeps variant 3's.
 // ================================================================================================
@@ -434,32 +426,131 @@ __device__ __forceinline__ void bwd4_p_ds(float (&s)[32], float (&dp)[32], const
             dp[4 * j + e] = pv * (dp[4 * j + e] - delta_s[qi]);  // dS^T
         }
 }
-#define BWD6_DQ_STRIDE 288
+// The query tiles one backward block visits: for each query head h in [h_begin, h_end) (the KV
+// head's group; empty when no query tile sees these keys), tiles qt_start .. qt_end - 1.
+struct Bwd4Walk {
+    int qt_start, qt_end, h_begin, h_end;
+    // the tile after (h, qt): the next tile of this head, else the first of the next head
+    __device__ __forceinline__ void next(int& h, int& qt) const {
+        if (qt + 1 < qt_end) {
+            ++qt;
+        } else {
+            ++h;
+            qt = qt_start;
+        }
+    }
+};
+__device__ __forceinline__ Bwd4Walk bwd4_walk(const AttnParams& p, int k0, int hk) {
+    const int group = p.H / p.Hk;
+    int qt_start = 0;
+    if (p.causal) qt_start = max(0, k0 - (p.Sk - p.Sq)) / BWD4_BM;  // first query tile that sees key k0
+    const int n_q = max(0, (p.Sq + BWD4_BM - 1) / BWD4_BM - qt_start);
+    return {qt_start, qt_start + n_q, hk * group, n_q > 0 ? (hk + 1) * group : hk * group};
+}
 
-template <bool BF16, int D, bool BULK_DQ>
+// 1. S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys (row kw of the K, V tiles) against
+// the 64 queries of the Q, dO tiles: wgmma m64n64k16, both operands K-major. Issue only.
+template <bool BF16, int D>
+__device__ __forceinline__ void bwd4_sdp(float (&s)[32], float (&dp)[32], u32 Ks, u32 Vs, u32 Qs, u32 dOs, int kw) {
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k) {
+        const u32 col = (k & 3) * 32, blk = k >> 2;
+        wgmma_ss_n64<BF16, 0, 0>(s, sw128_desc(Ks + blk * (BWD4_BN * 128) + kw * 128 + col, 16, 1024),
+                                 sw128_desc(Qs + blk * (BWD4_BM * 128) + col, 16, 1024), k > 0);
+        wgmma_ss_n64<BF16, 0, 0>(dp, sw128_desc(Vs + blk * (BWD4_BN * 128) + kw * 128 + col, 16, 1024),
+                                 sw128_desc(dOs + blk * (BWD4_BM * 128) + col, 16, 1024), k > 0);
+    }
+}
+
+// P^T and dS^T as wgmma A fragments (k16 slice ks: pf[ks]); dS^T also to shared memory at dSt,
+// [key][query] swizzled: column block j's 4 bytes 4 t of row r sit in 16-byte unit j ^ (r % 8).
+// Unit j = pack rows of ks = j / 2: df[j / 2][(j & 1) * 2 + r8]. krow: this thread's key row g.
+template <bool BF16>
+__device__ __forceinline__ void bwd4_pack(u32 (&pf)[4][4], u32 (&df)[4][4], const float (&s)[32], const float (&dp)[32],
+                                          u32 dSt, int krow) {
+    const int t = threadIdx.x & 3;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            pf[ks][i] = pack2<BF16>(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
+            df[ks][i] = pack2<BF16>(dp[8 * ks + 2 * i], dp[8 * ks + 2 * i + 1]);
+        }
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int r8 = 0; r8 < 2; ++r8) {
+            const int r = krow + 8 * r8;
+            const u32 addr = dSt + r * 128 + ((j ^ (r & 7)) << 4) + 4 * t;
+            asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(df[j >> 1][(j & 1) * 2 + r8]));
+        }
+}
+
+// 3. dV += P^T dO, dK += dS^T Q: A = P^T / dS^T from registers, B = dO / Q read MN-major
+// (stored [query][d]), 16 queries per step. Issue only.
+template <bool BF16, int D>
+__device__ __forceinline__ void bwd4_dvdk(float (&dv)[D / 2], float (&dk)[D / 2], const u32 (&pf)[4][4],
+                                          const u32 (&df)[4][4], u32 Qs, u32 dOs) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+        wgmma_rs_d<BF16, D>(dv, pf[ks], sw128_desc(dOs + ks * 16 * 128, BWD4_BM * 128, 1024));
+        wgmma_rs_d<BF16, D>(dk, df[ks], sw128_desc(Qs + ks * 16 * 128, BWD4_BM * 128, 1024));
+    }
+}
+
+// 5. dQ[:, 64 wg .. +64] = dS K[:, 64 wg .. +64] over the 128 keys: A = dS^T read MN-major
+// ([key][query]), B = column block wg of K read MN-major ([key][d]), 16 keys per step. Issue only.
+template <bool BF16>
+__device__ __forceinline__ void bwd4_dq(float (&dq)[32], u32 dSt, u32 Ks, int wg) {
+#pragma unroll
+    for (int ks = 0; ks < BWD4_BN / 16; ++ks) {
+        const u32 krow_off = ks * 16 * 128;
+        wgmma_ss_n64<BF16, 1, 1>(dq, sw128_desc(dSt + krow_off, BWD4_BN * 128, 1024),
+                                 sw128_desc(Ks + wg * (BWD4_BN * 128) + krow_off, BWD4_BN * 128, 1024), ks > 0);
+    }
+}
+
+// dK = scale * dS^T Q, dV = P^T dO for keys key0 (+ 8); outputs (B, Sk, Hk, D) contiguous.
+template <bool BF16, int D>
+__device__ __forceinline__ void bwd4_store_dkdv(const AttnParams& p, int b, int hk, int key0, const float (&dk)[D / 2],
+                                                const float (&dv)[D / 2]) {
+    const int t = threadIdx.x & 3;
+#pragma unroll
+    for (int r8 = 0; r8 < 2; ++r8) {
+        const int key = key0 + 8 * r8;
+        if (key >= p.Sk) continue;
+        u16* dkr = p.dk + (((i64)b * p.Sk + key) * p.Hk + hk) * D + 2 * t;
+        u16* dvr = p.dv + (((i64)b * p.Sk + key) * p.Hk + hk) * D + 2 * t;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            *reinterpret_cast<u32*>(dkr + j * 8) = pack2<BF16>(dk[4 * j + 2 * r8] * p.scale, dk[4 * j + 2 * r8 + 1] * p.scale);
+            *reinterpret_cast<u32*>(dvr + j * 8) = pack2<BF16>(dv[4 * j + 2 * r8], dv[4 * j + 2 * r8 + 1]);
+        }
+    }
+}
+
+// Shared addresses as generic float pointers (the aligned tile base is a shared-window address).
+__device__ __forceinline__ float* smem_float(u16* smem, u32 addr) {
+    return reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + (addr - smem_addr(smem)));
+}
+
+template <bool BF16, int D>
 __device__ void attn_bwd4(const AttnParams& p) {
     static_assert(D == 128, "step 5 splits dQ's columns into one 64-column block per warpgroup");
     extern __shared__ __align__(16) u16 smem[];
-    constexpr int BN = BWD4_BN, BM = BWD4_BM, NTD = D / 8;
+    constexpr int BN = BWD4_BN, BM = BWD4_BM;
     constexpr u32 KV_BYTES = BN * D * 2, QT_BYTES = BM * D * 2, DS_BYTES = BN * BM * 2;
     const u32 base = (smem_addr(smem) + 1023u) & ~1023u;
     const u32 Ks = base, Vs = Ks + KV_BYTES, Qs = Vs + KV_BYTES, dOs = Qs + QT_BYTES, dSt = dOs + QT_BYTES;
-    // lse and delta after dS^T, as generic pointers (the aligned base is a shared-window address)
-    float* lse_s = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + (dSt + DS_BYTES - smem_addr(smem)));
+    float* lse_s = smem_float(smem, dSt + DS_BYTES);  // lse and delta after dS^T
     float* delta_s = lse_s + BM;
-    // variant 6: this warpgroup's dQ staging tile (64 rows x 64 floats), after lse and delta
-    const u32 dq_stage = dSt + DS_BYTES + 2 * BM * 4 + (threadIdx.x >> 7) * (BM * BWD6_DQ_STRIDE);
 
     const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-    const int group = p.H / p.Hk;
     const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int k0 = kt * BN, kw = wg * 64;  // this warpgroup's keys: k0 + kw .. + 64
-
-    int qt_start = 0;
-    if (p.causal) qt_start = max(0, k0 - (p.Sk - p.Sq)) / BM;
-    const int n_q = max(0, (p.Sq + BM - 1) / BM - qt_start);
-    const int qt_end = qt_start + n_q, h_end = n_q > 0 ? (hk + 1) * group : hk * group;
+    const int krow = kw + warp * 16 + g;   // this thread's key rows krow (+ 8) of the tile
+    const Bwd4Walk walk = bwd4_walk(p, k0, hk);
 
     auto load_iter = [&](int h, int q0) {
         load_rows_sw128<D, BM>(Qs, p.q + b * p.q_bs + h * p.q_hs, p.q_ss, q0, p.Sq);
@@ -469,156 +560,189 @@ __device__ void attn_bwd4(const AttnParams& p) {
 
     load_rows_sw128<D, BN>(Ks, p.k + b * p.k_bs + hk * p.k_hs, p.k_ss, k0, p.Sk);
     load_rows_sw128<D, BN>(Vs, p.v + b * p.v_bs + hk * p.v_hs, p.v_ss, k0, p.Sk);
-    if (n_q > 0) load_iter(hk * group, qt_start * BM);
+    if (walk.h_begin < walk.h_end) load_iter(walk.h_begin, walk.qt_start * BM);
     cp_async_commit();
 
-    float dk[NTD * 4], dv[NTD * 4];  // keys k0 + kw + 16 warp + g (+ 8) x D columns
+    float dk[D / 2], dv[D / 2];  // keys k0 + krow (+ 8) x D columns
 #pragma unroll
-    for (int i = 0; i < NTD * 4; ++i) dk[i] = dv[i] = 0.f;
+    for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
 
-    for (int h = hk * group, qt = qt_start; h < h_end;) {
+    for (int h = walk.h_begin, qt = walk.qt_start; h < walk.h_end;) {
         const int q0 = qt * BM;
         cp_async_wait<0>();
         fence_proxy_async();
         __syncthreads();  // this tile's loads are visible; the last tile's dQ reads of dS^T are done
 
-        // 1. S^T, dP^T (64 keys x 64 queries per warpgroup)
         float s[32], dp[32];
         wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < D / 16; ++k) {
-            const u32 col = (k & 3) * 32, blk = k >> 2;
-            wgmma_ss_n64<BF16, 0, 0>(s, sw128_desc(Ks + blk * (BN * 128) + kw * 128 + col, 16, 1024),
-                                     sw128_desc(Qs + blk * (BM * 128) + col, 16, 1024), k > 0);
-            wgmma_ss_n64<BF16, 0, 0>(dp, sw128_desc(Vs + blk * (BN * 128) + kw * 128 + col, 16, 1024),
-                                     sw128_desc(dOs + blk * (BM * 128) + col, 16, 1024), k > 0);
-        }
+        bwd4_sdp<BF16, D>(s, dp, Ks, Vs, Qs, dOs, kw);
         wgmma_commit();
         wgmma_wait0();
         fence_regs(s);
         fence_regs(dp);
 
         // 2. P^T and dS^T (one uniform branch: see bwd4_p_ds)
-        const int krow = kw + warp * 16 + g;
         if (tile_full(p, q0, k0, BN)) bwd4_p_ds<true>(s, dp, lse_s, delta_s, p, b, q0, k0 + krow);
         else bwd4_p_ds<false>(s, dp, lse_s, delta_s, p, b, q0, k0 + krow);
         u32 pf[4][4], df[4][4];
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                pf[ks][i] = pack2<BF16>(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
-                df[ks][i] = pack2<BF16>(dp[8 * ks + 2 * i], dp[8 * ks + 2 * i + 1]);
-            }
-        // dS^T to shared memory, [key][query] swizzled: column block j's 4 bytes 4 t of row r sit
-        // in 16-byte unit j ^ (r % 8). Unit j = pack rows of ks = j / 2: df[j / 2][(j & 1) * 2 + r8].
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int r8 = 0; r8 < 2; ++r8) {
-                const int r = krow + 8 * r8;
-                const u32 addr = dSt + r * 128 + ((j ^ (r & 7)) << 4) + 4 * t;
-                asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(df[j >> 1][(j & 1) * 2 + r8]));
-            }
+        bwd4_pack<BF16>(pf, df, s, dp, dSt, krow);
 
-        if (BULK_DQ) {
-            fence_proxy_async();  // dS^T was written by plain stores; step 5 reads it as a wgmma operand
-            __syncthreads();      // ... and is complete in both warpgroups before step 5 is issued
-        }
-        // 3. dV += P^T dO, dK += dS^T Q (16 queries per step; dO, Q read [query][d] = MN-major)
         wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-            wgmma_rs_d<BF16, D>(dv, pf[ks], sw128_desc(dOs + ks * 16 * 128, BM * 128, 1024));
-            wgmma_rs_d<BF16, D>(dk, df[ks], sw128_desc(Qs + ks * 16 * 128, BM * 128, 1024));
-        }
+        bwd4_dvdk<BF16, D>(dv, dk, pf, df, Qs, dOs);
         wgmma_commit();
-        // 5. dQ[:, 64 wg .. +64] += dS K[:, 64 wg .. +64] (column block wg of K), 16 keys per step;
-        // issued here by variant 6, after the prefetch by variant 4
-        float dq[32];
-        auto issue_dq = [&]() {
-#pragma unroll
-            for (int ks = 0; ks < BN / 16; ++ks) {
-                const u32 krow_off = ks * 16 * 128;
-                wgmma_ss_n64<BF16, 1, 1>(dq, sw128_desc(dSt + krow_off, BN * 128, 1024),
-                                         sw128_desc(Ks + wg * (BN * 128) + krow_off, BN * 128, 1024), ks > 0);
-            }
-            wgmma_commit();
-        };
-        if (BULK_DQ) {
-            issue_dq();
-            wgmma_wait<1>();  // dV, dK done (dQ may still run)
-        } else {
-            wgmma_wait0();
-        }
+        wgmma_wait0();
         fence_regs(dv);
         fence_regs(dk);
-        if (!BULK_DQ) fence_proxy_async();  // dS^T was written by plain stores; step 5 reads it as a wgmma operand
-        __syncthreads();  // Q, dO, lse, delta are free; dS^T is complete
+        fence_proxy_async();  // dS^T was written by plain stores; step 5 reads it as a wgmma operand
+        __syncthreads();      // Q, dO, lse, delta are free; dS^T is complete
 
         // 4. prefetch the next tile
-        const int qt_next = qt + 1 < qt_end ? qt + 1 : qt_start, h_next = qt + 1 < qt_end ? h : h + 1;
-        if (h_next < h_end) load_iter(h_next, qt_next * BM);
+        int h_next = h, qt_next = qt;
+        walk.next(h_next, qt_next);
+        if (h_next < walk.h_end) load_iter(h_next, qt_next * BM);
         cp_async_commit();
 
-        if (!BULK_DQ) {
-            wgmma_fence();
-            issue_dq();
-        }
+        float dq[32];
+        wgmma_fence();
+        bwd4_dq<BF16>(dq, dSt, Ks, wg);
+        wgmma_commit();
         wgmma_wait0();
         fence_regs(dq);
-        const int c0 = wg * 64;
-        if (BULK_DQ) {
-            // this warpgroup's last bulk reduce has read the staging tile: overwrite it
-            const int tid = threadIdx.x & 127;
-            if (tid < 64) bulk_wait_read0();
-            named_barrier(1 + wg, 128);
 #pragma unroll
-            for (int r8 = 0; r8 < 2; ++r8) {
-                const u32 row = dq_stage + (warp * 16 + g + 8 * r8) * BWD6_DQ_STRIDE + 8 * t;
+        for (int r8 = 0; r8 < 2; ++r8) {
+            const int qi = q0 + warp * 16 + g + 8 * r8;
+            if (qi >= p.Sq) continue;
+            float* dst = p.dq_acc + (((i64)b * p.Sq + qi) * p.H + h) * D + wg * 64 + 2 * t;
 #pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(row + 32 * j), "f"(dq[4 * j + 2 * r8]),
-                                 "f"(dq[4 * j + 2 * r8 + 1]));
-            }
-            fence_proxy_async();  // plain stores, read next by the copy engine
-            named_barrier(1 + wg, 128);
-            if (tid < 64 && q0 + tid < p.Sq)
-                bulk_reduce_add_f32(p.dq_acc + (((i64)b * p.Sq + q0 + tid) * p.H + h) * D + c0,
-                                    dq_stage + tid * BWD6_DQ_STRIDE, 64 * 4);
-            bulk_commit();
-        } else {
-#pragma unroll
-            for (int r8 = 0; r8 < 2; ++r8) {
-                const int qi = q0 + warp * 16 + g + 8 * r8;
-                if (qi >= p.Sq) continue;
-                float* dst = p.dq_acc + (((i64)b * p.Sq + qi) * p.H + h) * D + c0 + 2 * t;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    atomicAdd(dst + j * 8, dq[4 * j + 2 * r8]);
-                    atomicAdd(dst + j * 8 + 1, dq[4 * j + 2 * r8 + 1]);
-                }
+            for (int j = 0; j < 8; ++j) {
+                atomicAdd(dst + j * 8, dq[4 * j + 2 * r8]);
+                atomicAdd(dst + j * 8 + 1, dq[4 * j + 2 * r8 + 1]);
             }
         }
         qt = qt_next;
         h = h_next;
     }
     cp_async_wait<0>();
-    if (BULK_DQ) bulk_wait0();  // the staged rows are read and added before the block exits
+    bwd4_store_dkdv<BF16, D>(p, b, hk, k0 + krow, dk, dv);
+}
 
-    // dK = scale * dS^T Q, dV = P^T dO; outputs (B, Sk, Hk, D) contiguous.
+// ================================================================================================
+// Backward, variant 6: variant 4's steps and tiles, three changes.
+// - dQ leaves through shared memory: each warpgroup stages its 64 x 64 fp32 dQ tile and 64 of its
+//   threads each hand one 256-byte row to the copy engine as a bulk reduce-add
+//   (cp.reduce.async.bulk ... add.f32) instead of 32 scalar fp32 atomics per thread per tile (8192
+//   per block per tile through the SM's load/store pipe). Staging rows are 288 bytes apart (64
+//   floats + 32 bytes): a warp's float2 stores of rows g and g + 4 share banks, 2 wavefronts per
+//   store, the minimum.
+// - Q, dO, lse, delta are double-buffered: tile i + 1 starts loading at the top of iteration i
+//   (variant 4 loads it during step 5 only, and waits for it at the next tile).
+// - dS^T is made visible before step 3 and step 5 is issued right behind it, so the tensor cores
+//   run dV/dK and dQ back to back; one block barrier less per tile.
+// Shared: K, V (128 x D), dS^T (128 x 64), 2 x (Q, dO) (64 x D), 2 x (lse, delta), 2 x dQ staging
+// (64 x 288 bytes): 182 KB at d128.
+// ================================================================================================
+#define BWD6_DQ_STRIDE 288
+
+template <bool BF16, int D>
+__device__ void attn_bwd6(const AttnParams& p) {
+    static_assert(D == 128, "step 5 splits dQ's columns into one 64-column block per warpgroup");
+    extern __shared__ __align__(16) u16 smem[];
+    constexpr int BN = BWD4_BN, BM = BWD4_BM;
+    constexpr u32 KV_BYTES = BN * D * 2, QT_BYTES = BM * D * 2, DS_BYTES = BN * BM * 2;
+    const u32 base = (smem_addr(smem) + 1023u) & ~1023u;
+    const u32 Ks = base, Vs = Ks + KV_BYTES, dSt = Vs + KV_BYTES;
+    const u32 Q0 = dSt + DS_BYTES;            // stage i: Q at Q0 + 2 i QT_BYTES, dO right after it
+    const u32 LD0 = Q0 + 4 * QT_BYTES;        // stage i: lse at LD0 + 2 i BM floats, delta after it
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3, tid = threadIdx.x & 127;
+    const u32 dq_stage = LD0 + 4 * BM * 4 + wg * (BM * BWD6_DQ_STRIDE);  // this warpgroup's dQ rows
+
+    const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int k0 = kt * BN, kw = wg * 64;
+    const int krow = kw + warp * 16 + g;
+    const Bwd4Walk walk = bwd4_walk(p, k0, hk);
+
+    auto load_iter = [&](int stage, int h, int q0) {
+        const u32 q_s = Q0 + stage * 2 * QT_BYTES;
+        float* lse_s = smem_float(smem, LD0 + stage * 2 * BM * 4);
+        load_rows_sw128<D, BM>(q_s, p.q + b * p.q_bs + h * p.q_hs, p.q_ss, q0, p.Sq);
+        load_rows_sw128<D, BM>(q_s + QT_BYTES, p.dout + b * p.do_bs + h * p.do_hs, p.do_ss, q0, p.Sq);
+        load_lse_delta_async<BM>(p, lse_s, lse_s + BM, b, h, q0);
+    };
+
+    load_rows_sw128<D, BN>(Ks, p.k + b * p.k_bs + hk * p.k_hs, p.k_ss, k0, p.Sk);
+    load_rows_sw128<D, BN>(Vs, p.v + b * p.v_bs + hk * p.v_hs, p.v_ss, k0, p.Sk);
+    if (walk.h_begin < walk.h_end) load_iter(0, walk.h_begin, walk.qt_start * BM);
+    cp_async_commit();
+
+    float dk[D / 2], dv[D / 2];
 #pragma unroll
-    for (int r8 = 0; r8 < 2; ++r8) {
-        const int key = k0 + kw + warp * 16 + g + 8 * r8;
-        if (key >= p.Sk) continue;
-        u16* dkr = p.dk + (((i64)b * p.Sk + key) * p.Hk + hk) * D + 2 * t;
-        u16* dvr = p.dv + (((i64)b * p.Sk + key) * p.Hk + hk) * D + 2 * t;
+    for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+
+    int stage = 0;
+    for (int h = walk.h_begin, qt = walk.qt_start; h < walk.h_end; stage ^= 1) {
+        const int q0 = qt * BM;
+        const u32 Qs = Q0 + stage * 2 * QT_BYTES, dOs = Qs + QT_BYTES;
+        const float* lse_s = smem_float(smem, LD0 + stage * 2 * BM * 4);
+        int h_next = h, qt_next = qt;
+        walk.next(h_next, qt_next);
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();  // this tile is visible; the other stage's last reader (the last tile's
+                          // dV/dK) and the last tile's dQ reads of dS^T are done
+        if (h_next < walk.h_end) load_iter(stage ^ 1, h_next, qt_next * BM);
+        cp_async_commit();
+
+        float s[32], dp[32];
+        wgmma_fence();
+        bwd4_sdp<BF16, D>(s, dp, Ks, Vs, Qs, dOs, kw);
+        wgmma_commit();
+        wgmma_wait0();
+        fence_regs(s);
+        fence_regs(dp);
+
+        if (tile_full(p, q0, k0, BN)) bwd4_p_ds<true>(s, dp, lse_s, lse_s + BM, p, b, q0, k0 + krow);
+        else bwd4_p_ds<false>(s, dp, lse_s, lse_s + BM, p, b, q0, k0 + krow);
+        u32 pf[4][4], df[4][4];
+        bwd4_pack<BF16>(pf, df, s, dp, dSt, krow);
+        fence_proxy_async();  // dS^T was written by plain stores; step 5 reads it as a wgmma operand
+        __syncthreads();      // ... and it is complete in both warpgroups
+
+        float dq[32];
+        wgmma_fence();
+        bwd4_dvdk<BF16, D>(dv, dk, pf, df, Qs, dOs);
+        wgmma_commit();
+        bwd4_dq<BF16>(dq, dSt, Ks, wg);
+        wgmma_commit();
+        wgmma_wait0();
+        fence_regs(dv);
+        fence_regs(dk);
+        fence_regs(dq);
+
+        // dQ out: the last bulk reduce has read the staging rows (waited by the threads that issued
+        // it), then the rows are overwritten and handed to the copy engine
+        if (tid < 64) bulk_wait_read0();
+        named_barrier(1 + wg, 128);
 #pragma unroll
-        for (int j = 0; j < NTD; ++j) {
-            *reinterpret_cast<u32*>(dkr + j * 8) = pack2<BF16>(dk[4 * j + 2 * r8] * p.scale, dk[4 * j + 2 * r8 + 1] * p.scale);
-            *reinterpret_cast<u32*>(dvr + j * 8) = pack2<BF16>(dv[4 * j + 2 * r8], dv[4 * j + 2 * r8 + 1]);
+        for (int r8 = 0; r8 < 2; ++r8) {
+            const u32 row = dq_stage + (warp * 16 + g + 8 * r8) * BWD6_DQ_STRIDE + 8 * t;
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(row + 32 * j), "f"(dq[4 * j + 2 * r8]),
+                             "f"(dq[4 * j + 2 * r8 + 1]));
         }
+        fence_proxy_async();  // plain stores, read next by the copy engine
+        named_barrier(1 + wg, 128);
+        if (tid < 64 && q0 + tid < p.Sq)
+            bulk_reduce_add_f32(p.dq_acc + (((i64)b * p.Sq + q0 + tid) * p.H + h) * D + wg * 64,
+                                dq_stage + tid * BWD6_DQ_STRIDE, 64 * 4);
+        bulk_commit();
+        qt = qt_next;
+        h = h_next;
     }
+    cp_async_wait<0>();
+    bulk_wait0();  // the staged rows are read and added before the block exits
+    bwd4_store_dkdv<BF16, D>(p, b, hk, k0 + krow, dk, dv);
 }
 
 #define ATTN4_FWD(NAME, BF16, D)                                                                           \
@@ -630,10 +754,10 @@ __device__ void attn_bwd4(const AttnParams& p) {
     }
 #define ATTN4_BWD(NAME, BF16, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd4_##NAME##_d##D(AttnParams p) { \
-        attn_bwd4<BF16, D, false>(p);                                                                     \
+        attn_bwd4<BF16, D>(p);                                                                            \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd6_##NAME##_d##D(AttnParams p) { \
-        attn_bwd4<BF16, D, true>(p);                                                                      \
+        attn_bwd6<BF16, D>(p);                                                                            \
     }
 // Head dims here must match `v4_forward` / `v4_backward` in attention.rs.
 ATTN4_FWD(bf16, true, 64)

@@ -208,11 +208,15 @@ const BWD4_BLOCK_N: i64 = 128;
 fn bwd4_smem(d: i64) -> i64 {
     (2 * BWD4_BLOCK_N * d + 2 * 64 * d + BWD4_BLOCK_N * 64) * 2 + 2 * 64 * 4 + 1024
 }
-/// Variant 6 backward: variant 4's shared memory + each warpgroup's dQ staging tile (64 rows of
-/// 64 floats, rows `BWD6_DQ_STRIDE` bytes apart as in attention_sm90.cu).
+/// Variant 6 backward: K, V (128 x D), dS^T (128 x 64), two stages of Q, dO (64 x D) and of lse,
+/// delta (64 floats each), each warpgroup's dQ staging tile (64 rows of 64 floats, rows
+/// `BWD6_DQ_STRIDE` bytes apart as in attention_sm90.cu), + 1 KB alignment.
 const BWD6_DQ_STRIDE: i64 = 288;
 fn bwd6_smem(d: i64) -> i64 {
-    bwd4_smem(d) + 2 * 64 * BWD6_DQ_STRIDE
+    (2 * BWD4_BLOCK_N * d + BWD4_BLOCK_N * 64 + 4 * 64 * d) * 2
+        + 4 * 64 * 4
+        + 2 * 64 * BWD6_DQ_STRIDE
+        + 1024
 }
 
 /// The forward variant that runs for `variant` on a device of `arch` at head dim `d`: V4/V5 only on
