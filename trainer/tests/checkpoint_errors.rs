@@ -1,5 +1,5 @@
 //! Checkpoint integrity through the real trainer binary: a flipped byte, a truncated file, a
-//! deleted file, a manifest of another format version, and a changed `peft.r` each stop the
+//! deleted file, an edited manifest, a manifest of another format version, and a changed `peft.r` each stop the
 //! resume with an error naming the file (or the differing key) and the fix
 //! (`--set checkpoint.resume=never`); that fix then trains from scratch. At world 2 a file only
 //! one rank reads fails both ranks (no rank waits forever).
@@ -110,13 +110,54 @@ fn deleted_file_is_named() {
     assert_error(&o, &["rank-0-of-1.safetensors is missing"]);
 }
 
+/// Edits manifest.json as JSON and removes `manifest.sha256`, as in a checkpoint of a trainer that
+/// wrote none (or a crafted one): the checks after the checksum see the edit.
+fn edit_manifest_without_checksum(d: &Path, edit: impl FnOnce(&mut Value)) {
+    let p = d.join("manifest.json");
+    let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut m);
+    std::fs::write(&p, m.to_string()).unwrap();
+    std::fs::remove_file(d.join("manifest.sha256")).unwrap();
+}
+
+#[test]
+fn edited_manifest_fails_its_checksum() {
+    // one parameter's offset moved: every rank file's sha256 still matches, the weights would load
+    // shifted
+    let o = resume_damaged("manifest-offset", 1, &[], |d| {
+        let p = d.join("manifest.json");
+        let text = std::fs::read_to_string(&p).unwrap();
+        let edited = text.replacen("\"offset\": 0", "\"offset\": 1", 1);
+        assert_ne!(edited, text, "the manifest has an offset 0");
+        std::fs::write(&p, edited).unwrap();
+    });
+    assert_error(
+        &o,
+        &[
+            "manifest.json is corrupt",
+            "manifest.sha256 says",
+            "another `step-N` folder",
+        ],
+    );
+}
+
+#[test]
+fn checkpoint_without_manifest_checksum_still_resumes() {
+    let o = ok(
+        resume_damaged("no-checksum", 1, &[], |d| {
+            std::fs::remove_file(d.join("manifest.sha256")).unwrap()
+        }),
+        "no manifest.sha256",
+    );
+    assert!(o.stderr.contains("resumed from"), "{}", o.stderr);
+}
+
 #[test]
 fn manifest_naming_a_file_outside_the_folder_is_refused() {
     let o = resume_damaged("escape", 1, &[], |d| {
-        let p = d.join("manifest.json");
-        let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-        m["files"][0]["file"] = "../../rank-0-of-1.safetensors".into();
-        std::fs::write(&p, m.to_string()).unwrap();
+        edit_manifest_without_checksum(d, |m| {
+            m["files"][0]["file"] = "../../rank-0-of-1.safetensors".into()
+        })
     });
     assert_error(
         &o,
@@ -127,10 +168,7 @@ fn manifest_naming_a_file_outside_the_folder_is_refused() {
 #[test]
 fn other_manifest_version_is_refused() {
     let o = resume_damaged("version", 1, &[], |d| {
-        let p = d.join("manifest.json");
-        let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-        m["version"] = 99.into();
-        std::fs::write(&p, m.to_string()).unwrap();
+        edit_manifest_without_checksum(d, |m| m["version"] = 99.into())
     });
     assert_error(
         &o,

@@ -196,6 +196,39 @@ fn failed_background_write_stops_the_run_and_keeps_the_previous_checkpoint() {
     assert_eq!(checkpoints(&out), ["step-00000004", "step-00000006"]);
 }
 
+/// Rank 0 failing to publish (its manifest write hits ENOSPC) fails rank 1 too, at once and with
+/// the cause named, instead of rank 1 waiting out the collective timeout and reporting a dead peer.
+#[test]
+fn failed_manifest_on_rank_0_is_reported_by_every_rank() {
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 4";
+    let out = fresh("fail-manifest");
+    let started = std::time::Instant::now();
+    let o = run(
+        &out,
+        2,
+        train,
+        &["checkpoint.every_steps=2", "checkpoint.async=false"],
+        &[("TRAINER_CHECKPOINT_FAIL_MANIFEST_AT", "4")],
+    );
+    assert_ne!(o.code, Some(0), "{}", o.stderr);
+    for want in [
+        "/dev/full",
+        "No space left on device",
+        "rank 0 could not publish checkpoint step 4",
+    ] {
+        assert!(o.stderr.contains(want), "missing {want:?} in\n{}", o.stderr);
+    }
+    assert!(
+        started.elapsed().as_secs() < 60,
+        "rank 1 waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        checkpoints(&out),
+        ["step-00000002", "step-00000004.partial"]
+    );
+}
+
 /// The launcher's restart resumes from the last complete checkpoint: a crash inside the save of
 /// step 4 (attempt 0), `--max-restarts 1`, and the run ends equal to one that never crashed.
 #[test]

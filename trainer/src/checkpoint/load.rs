@@ -307,6 +307,32 @@ fn check_sha256(path: &Path, bytes: &[u8], expected: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks manifest.json's bytes against `manifest.sha256` when the folder has one (trainers before
+/// it wrote none).
+fn check_manifest_checksum(dir: &Path, path: &Path, text: &[u8]) -> Result<()> {
+    let sum_path = dir.join(super::manifest::CHECKSUM_FILE);
+    let line = match std::fs::read_to_string(&sum_path) {
+        Ok(line) => line,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => bail!("{} cannot be read ({e}): {FIX}", sum_path.display()),
+    };
+    let Some(expected) = super::manifest::parse_checksum_line(&line) else {
+        bail!(
+            "{} is damaged (expected `<sha256>  manifest.json`): {FIX}",
+            sum_path.display()
+        );
+    };
+    let digest = super::sha256_hex(text);
+    if !digest.eq_ignore_ascii_case(expected) {
+        bail!(
+            "checkpoint manifest {} is corrupt: sha256 {digest}, {} says {expected}; resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}",
+            path.display(),
+            sum_path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Reads and checks `dir/manifest.json` (format and version).
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
@@ -316,6 +342,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
             path.display()
         )
     })?;
+    check_manifest_checksum(dir, &path, text.as_bytes())?;
     let v: Value = serde_json::from_str(&text).map_err(|e| {
         anyhow!(
             "checkpoint manifest {} is not valid JSON ({e}): {FIX}",

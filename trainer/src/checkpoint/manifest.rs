@@ -11,6 +11,23 @@ pub const FORMAT: &str = "llava-sco-checkpoint";
 pub const VERSION: u64 = 1;
 /// The optimizer-state tensors saved next to each trainable flat group's master weights.
 pub const STATES: [&str; 3] = ["param", "exp_avg", "exp_avg_sq"];
+/// The manifest's own checksum, in `sha256sum` format (`<hex>  manifest.json`): the rank files'
+/// sha256 sit in the manifest, so a damaged manifest (a flipped offset) would otherwise load
+/// shifted weights with every file check passing. Checkpoints without it (older trainers) load.
+pub const CHECKSUM_FILE: &str = "manifest.sha256";
+
+/// The line `CHECKSUM_FILE` holds for manifest bytes `text`.
+pub fn checksum_line(text: &[u8]) -> String {
+    format!("{}  manifest.json\n", super::sha256_hex(text))
+}
+
+/// The sha256 a `CHECKSUM_FILE` line records for manifest.json, if it is such a line.
+pub fn parse_checksum_line(line: &str) -> Option<&str> {
+    let (digest, name) = line.trim_end().split_once(char::is_whitespace)?;
+    let name = name.trim_start().trim_start_matches('*');
+    let hex_ok = digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex_ok && name == "manifest.json").then_some(digest)
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -99,4 +116,30 @@ pub struct FileEntry {
     pub file: String,
     pub bytes: u64,
     pub sha256: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_line_round_trips_and_rejects_other_lines() {
+        let line = checksum_line(b"{}");
+        assert_eq!(
+            line,
+            "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a  manifest.json\n"
+        );
+        assert_eq!(parse_checksum_line(&line), Some(&line[..64]));
+        // sha256sum's binary-mode marker is accepted
+        let binary = line.replacen("  ", " *", 1);
+        assert_eq!(parse_checksum_line(&binary), Some(&line[..64]));
+        for bad in [
+            "",
+            "44136fa3  manifest.json",
+            &line.replace("manifest.json", "other.json"),
+            &line.replacen('4', "g", 1),
+        ] {
+            assert_eq!(parse_checksum_line(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -7,7 +7,8 @@
 //!   save of CPU fp32 state writes from the state's own memory.
 //! - `finish` (training thread: collectives): waits for the file, all-gathers (size, sha256) of
 //!   every rank's file (also the barrier after the data files); rank 0 writes and fsyncs
-//!   `manifest.json`, renames the folder to `step-N` and fsyncs the parent; a final barrier. Then
+//!   `manifest.json` and its checksum file, renames the folder to `step-N`, fsyncs the parent and
+//!   broadcasts whether all that worked (so the other ranks fail with the cause). Then
 //!   retention (`keep_last`, leftover `.partial` folders) runs on rank 0's background "janitor"
 //!   thread: deleting a 1 GiB checkpoint took ~1 s of training time on a busy disk.
 //! - `close` (end of training, SIGTERM included): finishes the save in flight and waits for the
@@ -42,6 +43,10 @@ pub const CRASH_ENV: &str = "TRAINER_CHECKPOINT_CRASH_AT";
 /// to `/dev/full` instead of its rank file: a real ENOSPC through the real write path, to check
 /// how a failed (background) write is reported.
 pub const FAIL_WRITE_ENV: &str = "TRAINER_CHECKPOINT_FAIL_WRITE_AT";
+
+/// Test hook: `TRAINER_CHECKPOINT_FAIL_MANIFEST_AT=N` makes rank 0 write step N's manifest to
+/// `/dev/full`: a publish that fails on rank 0 only, to check that the other ranks report it.
+pub const FAIL_MANIFEST_ENV: &str = "TRAINER_CHECKPOINT_FAIL_MANIFEST_AT";
 
 /// The step number in environment variable `var`, if set.
 fn env_step(var: &str) -> Option<u64> {
@@ -345,8 +350,8 @@ impl Checkpointer {
     }
 
     /// Waits for the writer, exchanges sizes and checksums (an all-gather, which is also the
-    /// barrier after the data files), and on rank 0 writes the manifest, renames the folder and starts retention; a final
-    /// barrier.
+    /// barrier after the data files), and on rank 0 writes the manifest, renames the folder and
+    /// starts retention; rank 0 then broadcasts whether that worked.
     fn publish(
         &mut self,
         mut p: PendingSave,
@@ -405,66 +410,102 @@ impl Checkpointer {
             tracing::warn!("{CRASH_ENV}={}: exiting before the manifest", p.step);
             std::process::exit(86);
         }
-        if rank == 0 {
-            let mut manifest = p.manifest.take().expect("rank 0 builds the manifest");
-            manifest.files = (0..world)
-                .map(|r| {
-                    let row = &all[r * ROW..r * ROW + ROW];
-                    let digest: Vec<u8> = row[1..5].iter().flat_map(|v| v.to_le_bytes()).collect();
-                    FileEntry {
-                        file: rank_file_name(r, world),
-                        bytes: row[0] as u64,
-                        sha256: super::hex(&digest),
-                    }
-                })
-                .collect();
-            let (partial, final_dir, root) = (&p.partial, &p.final_dir, &p.root);
-            let mpath = partial.join("manifest.json");
-            let mut f = std::fs::File::create(&mpath)
-                .with_context(|| format!("creating {}", mpath.display()))?;
-            f.write_all(serde_json::to_string_pretty(&manifest)?.as_bytes())?;
-            f.sync_all()?;
-            drop(f);
-            fsync_dir(partial)?;
-            if final_dir.exists() {
-                // the same step saved again: never a moment without a complete step folder
-                replace_dir(partial, final_dir)?;
-            } else {
-                std::fs::rename(partial, final_dir).with_context(|| {
-                    format!("renaming {} to {}", partial.display(), final_dir.display())
-                })?;
-            }
-            fsync_dir(root)?;
-            // The checkpoint is complete and durable; old ones go in the background.
-            let doomed = retention(root, p.keep_last, final_dir)?;
-            let n_doomed = doomed.len();
-            self.janitor.start(doomed)?;
-            let total: u64 = manifest.files.iter().map(|f| f.bytes).sum();
-            let how = if p.background {
-                format!(
-                    "in the background, {:.3} s blocking training",
-                    p.blocked_s + publish_start.elapsed().as_secs_f64()
-                )
-            } else {
-                "synchronously".into()
+        // Rank 0 publishes (manifest, rename, retention) and then tells every rank whether that
+        // worked: with a plain barrier, a rank 0 that failed here left the others to time out and
+        // report a dead peer instead of the cause.
+        let published = if rank == 0 {
+            let mut write_and_rename = || -> Result<()> {
+                let mut manifest = p.manifest.take().expect("rank 0 builds the manifest");
+                manifest.files = (0..world)
+                    .map(|r| {
+                        let row = &all[r * ROW..r * ROW + ROW];
+                        let digest: Vec<u8> =
+                            row[1..5].iter().flat_map(|v| v.to_le_bytes()).collect();
+                        FileEntry {
+                            file: rank_file_name(r, world),
+                            bytes: row[0] as u64,
+                            sha256: super::hex(&digest),
+                        }
+                    })
+                    .collect();
+                let (partial, final_dir, root) = (&p.partial, &p.final_dir, &p.root);
+                let text = serde_json::to_string_pretty(&manifest)?;
+                let mpath = if env_step(FAIL_MANIFEST_ENV) == Some(p.step) {
+                    tracing::warn!(
+                        "{FAIL_MANIFEST_ENV}={}: writing the manifest to /dev/full",
+                        p.step
+                    );
+                    PathBuf::from("/dev/full")
+                } else {
+                    partial.join("manifest.json")
+                };
+                write_synced(&mpath, text.as_bytes())?;
+                write_synced(
+                    &partial.join(super::manifest::CHECKSUM_FILE),
+                    super::manifest::checksum_line(text.as_bytes()).as_bytes(),
+                )?;
+                fsync_dir(partial)?;
+                if final_dir.exists() {
+                    // the same step saved again: never a moment without a complete step folder
+                    replace_dir(partial, final_dir)?;
+                } else {
+                    std::fs::rename(partial, final_dir).with_context(|| {
+                        format!("renaming {} to {}", partial.display(), final_dir.display())
+                    })?;
+                }
+                fsync_dir(root)?;
+                // The checkpoint is complete and durable; old ones go in the background.
+                let doomed = retention(root, p.keep_last, final_dir)?;
+                let n_doomed = doomed.len();
+                self.janitor.start(doomed)?;
+                let total: u64 = manifest.files.iter().map(|f| f.bytes).sum();
+                let how = if p.background {
+                    format!(
+                        "in the background, {:.3} s blocking training",
+                        p.blocked_s + publish_start.elapsed().as_secs_f64()
+                    )
+                } else {
+                    "synchronously".into()
+                };
+                tracing::info!(
+                    "checkpoint {} saved: {:.1} MB in {:.2} s ({how})",
+                    final_dir.display(),
+                    total as f64 / 1e6,
+                    p.started.elapsed().as_secs_f64(),
+                );
+                tracing::debug!(
+                    "checkpoint step {}: begin {:.3} s (snapshot {:.3} s), waited {write_wait_s:.3} s for the file, published in {:.3} s; removing {n_doomed} folder(s) in the background",
+                    p.step,
+                    p.blocked_s,
+                    p.snapshot_s,
+                    publish_start.elapsed().as_secs_f64() - write_wait_s
+                );
+                Ok(())
             };
-            tracing::info!(
-                "checkpoint {} saved: {:.1} MB in {:.2} s ({how})",
-                final_dir.display(),
-                total as f64 / 1e6,
-                p.started.elapsed().as_secs_f64(),
-            );
-            tracing::debug!(
-                "checkpoint step {}: begin {:.3} s (snapshot {:.3} s), waited {write_wait_s:.3} s for the file, published in {:.3} s; removing {n_doomed} folder(s) in the background",
-                p.step,
-                p.blocked_s,
-                p.snapshot_s,
-                publish_start.elapsed().as_secs_f64() - write_wait_s
+            write_and_rename()
+        } else {
+            Ok(())
+        };
+        let status = Tensor::from_slice(&[i64::from(published.is_err())]).to_device(device);
+        pg.broadcast(&status, 0)?;
+        published?;
+        if i64::try_from(&status.to_device(Device::Cpu))? != 0 {
+            bail!(
+                "rank 0 could not publish checkpoint step {} (manifest, rename or retention; its error is in rank 0's log); the earlier checkpoints are intact",
+                p.step
             );
         }
-        pg.barrier()?;
         Ok(p.final_dir.clone())
     }
+}
+
+/// Creates `path` with `bytes` and fsyncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// What the writer thread returns: (bytes, sha256) of the file, and the snapshot (its buffers go

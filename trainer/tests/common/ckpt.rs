@@ -83,7 +83,8 @@ pub fn run_with(
         .env_remove("WORLD_SIZE")
         .env_remove("TRAINER_STOP_AFTER_STEP")
         .env_remove("TRAINER_CHECKPOINT_CRASH_AT")
-        .env_remove("TRAINER_CHECKPOINT_FAIL_WRITE_AT");
+        .env_remove("TRAINER_CHECKPOINT_FAIL_WRITE_AT")
+        .env_remove("TRAINER_CHECKPOINT_FAIL_MANIFEST_AT");
     for (k, v) in env {
         cmd.env(k, v);
     }
