@@ -61,10 +61,13 @@ pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<usize> {
     });
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let p = out.join("adapter_config.json");
-    std::fs::write(&p, serde_json::to_string_pretty(&config)?)
-        .with_context(|| format!("writing {}", p.display()))?;
+    super::write_synced(&p, serde_json::to_string_pretty(&config)?.as_bytes())?;
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let p = out.join("adapter_model.safetensors");
     Tensor::write_safetensors(&refs, &p).with_context(|| format!("writing {}", p.display()))?;
+    std::fs::File::open(&p)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", p.display()))?;
+    super::fsync_dir(out).with_context(|| format!("syncing {}", out.display()))?;
     Ok(tensors.len())
 }

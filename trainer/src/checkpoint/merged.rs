@@ -417,14 +417,12 @@ pub fn export_merged(
     if n > 1 {
         let index = json!({"metadata": {"total_size": total_bytes}, "weight_map": weight_map});
         let p = out.join("model.safetensors.index.json");
-        std::fs::write(&p, serde_json::to_string_pretty(&index)?)
-            .with_context(|| format!("writing {}", p.display()))?;
+        super::write_synced(&p, serde_json::to_string_pretty(&index)?.as_bytes())?;
     }
     for f in SIDE_FILES {
         let src = base_dir.join(f);
         if src.exists() {
-            std::fs::copy(&src, out.join(f))
-                .with_context(|| format!("copying {} into {}", src.display(), out.display()))?;
+            super::copy_synced(&src, &out.join(f))?;
         }
     }
     super::fsync_dir(out)?;

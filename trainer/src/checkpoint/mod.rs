@@ -187,6 +187,25 @@ pub(crate) fn f32_bytes_mut(v: &mut [f32]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
+/// Creates `path` with `bytes` and fsyncs it.
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Copies `src` to `dst` and fsyncs the copy.
+pub(crate) fn copy_synced(src: &Path, dst: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::copy(src, dst)
+        .and_then(|_| std::fs::File::open(dst)?.sync_all())
+        .with_context(|| format!("copying {} to {}", src.display(), dst.display()))
+}
+
 /// fsync a directory (so that renames and new entries in it are durable).
 pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()

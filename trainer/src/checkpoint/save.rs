@@ -28,7 +28,10 @@ use tch::{Device, Kind, Tensor};
 use super::manifest::{
     DataPosition, FileEntry, Manifest, ShardEntry, TensorEntry, FORMAT, STATES, VERSION,
 };
-use super::{flat_states, fsync_dir, identity, identity_hash, list_dir, rank_file_name, Progress};
+use super::{
+    flat_states, fsync_dir, identity, identity_hash, list_dir, rank_file_name, write_synced,
+    Progress,
+};
 use crate::config::Config;
 use crate::dist::{ProcessGroup, ReduceOp};
 use crate::fsdp::Trainable;
@@ -497,15 +500,6 @@ impl Checkpointer {
         }
         Ok(p.final_dir.clone())
     }
-}
-
-/// Creates `path` with `bytes` and fsyncs it.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// What the writer thread returns: (bytes, sha256) of the file, and the snapshot (its buffers go
