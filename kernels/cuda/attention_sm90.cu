@@ -404,14 +404,15 @@ __device__ void attn_fwd4(const AttnParams& p) {
 #define BWD4_BN 128
 #define BWD4_BM 64
 
-// Step 2 of the backward on the accumulators: P^T = 2^(S^T scale_log2 - lse) and dS^T = P^T (dP^T -
-// delta) (w.r.t. the scaled scores). Element e of column block j: key `key` + 8 (e >> 1), query
-// column 8 j + 2 t + (e & 1) of the tile at q0. FULL (no element masked) is chosen by one uniform
-// branch outside: a per-element `full || allowed(...)` test made each of the 32 elements its own
-// branch region in SASS, so their shared loads and exp2 latencies ran one after another.
+// Step 2 of the backward on the accumulators, in two halves so that variant 6 can run the first
+// while dP^T is still on the tensor cores. bwd4_p: P^T = 2^(S^T scale_log2 - lse) in place of S^T;
+// bwd4_ds: dS^T = P^T (dP^T - delta) in place of dP^T (w.r.t. the scaled scores). Element e of
+// column block j: key `key` + 8 (e >> 1), query column 8 j + 2 t + (e & 1) of the tile at q0. FULL
+// (no element masked) is chosen by one uniform branch outside: a per-element `full ||
+// allowed(...)` test made each of the 32 elements its own branch region in SASS, so their shared
+// loads and exp2 latencies ran one after another.
 template <bool FULL>
-__device__ __forceinline__ void bwd4_p_ds(float (&s)[32], float (&dp)[32], const float* lse_s, const float* delta_s,
-                                          const AttnParams& p, int b, int q0, int key) {
+__device__ __forceinline__ void bwd4_p(float (&s)[32], const float* lse_s, const AttnParams& p, int b, int q0, int key) {
     const int t = threadIdx.x & 3;
     const float sl2 = p.scale_log2;
 #pragma unroll
@@ -421,10 +422,20 @@ __device__ __forceinline__ void bwd4_p_ds(float (&s)[32], float (&dp)[32], const
             const int qi = 8 * j + 2 * t + (e & 1);
             const float lse = lse_s[qi];
             const bool ok = FULL || (lse != NEG_INF && allowed3(p, b, q0 + qi, key + 8 * (e >> 1)));
-            const float pv = ok ? fast_exp2(fmaf(s[4 * j + e], sl2, -lse)) : 0.f;
-            s[4 * j + e] = pv;                                    // P^T
-            dp[4 * j + e] = pv * (dp[4 * j + e] - delta_s[qi]);  // dS^T
+            s[4 * j + e] = ok ? fast_exp2(fmaf(s[4 * j + e], sl2, -lse)) : 0.f;
         }
+}
+__device__ __forceinline__ void bwd4_ds(float (&dp)[32], const float (&pt)[32], const float* delta_s) {
+    const int t = threadIdx.x & 3;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[4 * j + e] = pt[4 * j + e] * (dp[4 * j + e] - delta_s[8 * j + 2 * t + (e & 1)]);
+}
+__device__ __forceinline__ void bwd4_p_dispatch(float (&s)[32], const float* lse_s, const AttnParams& p, int b, int q0,
+                                                int k0, int key) {
+    if (tile_full(p, q0, k0, BWD4_BN)) bwd4_p<true>(s, lse_s, p, b, q0, key);
+    else bwd4_p<false>(s, lse_s, p, b, q0, key);
 }
 // The query tiles one backward block visits: for each query head h in [h_begin, h_end) (the KV
 // head's group; empty when no query tile sees these keys), tiles qt_start .. qt_end - 1.
@@ -448,17 +459,15 @@ __device__ __forceinline__ Bwd4Walk bwd4_walk(const AttnParams& p, int k0, int h
     return {qt_start, qt_start + n_q, hk * group, n_q > 0 ? (hk + 1) * group : hk * group};
 }
 
-// 1. S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys (row kw of the K, V tiles) against
-// the 64 queries of the Q, dO tiles: wgmma m64n64k16, both operands K-major. Issue only.
+// 1. S^T = K Q^T (or dP^T = V dO^T) for this warpgroup's 64 keys (row kw of the K (V) tile) against
+// the 64 queries of the Q (dO) tile: wgmma m64n64k16, both operands K-major. Issue only.
 template <bool BF16, int D>
-__device__ __forceinline__ void bwd4_sdp(float (&s)[32], float (&dp)[32], u32 Ks, u32 Vs, u32 Qs, u32 dOs, int kw) {
+__device__ __forceinline__ void bwd4_rowdot(float (&acc)[32], u32 keys, u32 queries, int kw) {
 #pragma unroll
     for (int k = 0; k < D / 16; ++k) {
         const u32 col = (k & 3) * 32, blk = k >> 2;
-        wgmma_ss_n64<BF16, 0, 0>(s, sw128_desc(Ks + blk * (BWD4_BN * 128) + kw * 128 + col, 16, 1024),
-                                 sw128_desc(Qs + blk * (BWD4_BM * 128) + col, 16, 1024), k > 0);
-        wgmma_ss_n64<BF16, 0, 0>(dp, sw128_desc(Vs + blk * (BWD4_BN * 128) + kw * 128 + col, 16, 1024),
-                                 sw128_desc(dOs + blk * (BWD4_BM * 128) + col, 16, 1024), k > 0);
+        wgmma_ss_n64<BF16, 0, 0>(acc, sw128_desc(keys + blk * (BWD4_BN * 128) + kw * 128 + col, 16, 1024),
+                                 sw128_desc(queries + blk * (BWD4_BM * 128) + col, 16, 1024), k > 0);
     }
 }
 
@@ -575,15 +584,16 @@ __device__ void attn_bwd4(const AttnParams& p) {
 
         float s[32], dp[32];
         wgmma_fence();
-        bwd4_sdp<BF16, D>(s, dp, Ks, Vs, Qs, dOs, kw);
+        bwd4_rowdot<BF16, D>(s, Ks, Qs, kw);
+        bwd4_rowdot<BF16, D>(dp, Vs, dOs, kw);
         wgmma_commit();
         wgmma_wait0();
         fence_regs(s);
         fence_regs(dp);
 
-        // 2. P^T and dS^T (one uniform branch: see bwd4_p_ds)
-        if (tile_full(p, q0, k0, BN)) bwd4_p_ds<true>(s, dp, lse_s, delta_s, p, b, q0, k0 + krow);
-        else bwd4_p_ds<false>(s, dp, lse_s, delta_s, p, b, q0, k0 + krow);
+        // 2. P^T and dS^T
+        bwd4_p_dispatch(s, lse_s, p, b, q0, k0, k0 + krow);
+        bwd4_ds(dp, s, delta_s);
         u32 pf[4][4], df[4][4];
         bwd4_pack<BF16>(pf, df, s, dp, dSt, krow);
 
@@ -638,6 +648,7 @@ __device__ void attn_bwd4(const AttnParams& p) {
 //   (variant 4 loads it during step 5 only, and waits for it at the next tile).
 // - dS^T is made visible before step 3 and step 5 is issued right behind it, so the tensor cores
 //   run dV/dK and dQ back to back; one block barrier less per tile.
+// - S^T and dP^T are two wgmma groups: P^T (the exp2s) is computed while dP^T still runs.
 // Shared: K, V (128 x D), dS^T (128 x 64), 2 x (Q, dO) (64 x D), 2 x (lse, delta), 2 x dQ staging
 // (64 x 288 bytes): 182 KB at d128.
 // ================================================================================================
@@ -695,14 +706,16 @@ __device__ void attn_bwd6(const AttnParams& p) {
 
         float s[32], dp[32];
         wgmma_fence();
-        bwd4_sdp<BF16, D>(s, dp, Ks, Vs, Qs, dOs, kw);
+        bwd4_rowdot<BF16, D>(s, Ks, Qs, kw);
         wgmma_commit();
-        wgmma_wait0();
+        bwd4_rowdot<BF16, D>(dp, Vs, dOs, kw);
+        wgmma_commit();
+        wgmma_wait<1>();  // S^T done: P^T's exp2 runs while dP^T is on the tensor cores
         fence_regs(s);
+        bwd4_p_dispatch(s, lse_s, p, b, q0, k0, k0 + krow);
+        wgmma_wait0();
         fence_regs(dp);
-
-        if (tile_full(p, q0, k0, BN)) bwd4_p_ds<true>(s, dp, lse_s, lse_s + BM, p, b, q0, k0 + krow);
-        else bwd4_p_ds<false>(s, dp, lse_s, lse_s + BM, p, b, q0, k0 + krow);
+        bwd4_ds(dp, s, lse_s + BM);
         u32 pf[4][4], df[4][4];
         bwd4_pack<BF16>(pf, df, s, dp, dSt, krow);
         fence_proxy_async();  // dS^T was written by plain stores; step 5 reads it as a wgmma operand
