@@ -56,3 +56,32 @@ fn losses_match_transformers_peft_adamw() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// An init_from adapter whose r / alpha differ from the peft config is refused before training
+/// (training would run with the adapter's values while checkpoints and export record the config's).
+#[test]
+fn init_from_adapter_must_match_the_peft_config() {
+    let out = std::env::temp_dir().join(format!("train-golden-mismatch-{}", std::process::id()));
+    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .current_dir(repo())
+        .args(["train", "tests/fixtures/train/train.yaml"])
+        .args(["--set", "peft.r=8", "--set", "peft.alpha=16"])
+        .arg("--set")
+        .arg(format!("train.output_dir={}", out.display()))
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    for want in [
+        "peft.init_from tests/fixtures/train/adapter",
+        "peft.r: adapter 4, config 8",
+        "peft.alpha: adapter lora_alpha 8, config 16",
+        "set those peft keys to the adapter's values",
+    ] {
+        assert!(stderr.contains(want), "missing {want:?} in\n{stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&out);
+}

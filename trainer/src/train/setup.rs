@@ -100,9 +100,10 @@ fn load_model(
     if p.is_lora() {
         match &p.init_from {
             Some(dir) => {
-                model
+                let found = model
                     .load_adapter(dir)
                     .with_context(|| format!("loading peft.init_from {}", dir.display()))?;
+                check_init_adapter(dir, &found, p)?;
             }
             None => {
                 let lora = LoraConfig {
@@ -157,4 +158,59 @@ pub(super) fn data(config: &Config, world: usize) -> Result<Data> {
         steps_per_epoch,
         total_steps,
     })
+}
+
+/// The adapter `peft.init_from` loaded must match the `peft` config: training runs with the
+/// adapter's shapes and scaling, but checkpoints, their identity check and `export` record the
+/// config's (an adapter of r 16 exported as r 8 does not load in PEFT; a different alpha merges
+/// with the wrong scaling). Differences are an error naming each key and both values.
+fn check_init_adapter(
+    dir: &std::path::Path,
+    found: &LoraConfig,
+    p: &config::PeftConfig,
+) -> Result<()> {
+    let mut diffs = vec![];
+    if found.r != p.r as i64 {
+        diffs.push(format!("peft.r: adapter {}, config {}", found.r, p.r));
+    }
+    if found.alpha != p.alpha {
+        diffs.push(format!(
+            "peft.alpha: adapter lora_alpha {}, config {}",
+            found.alpha, p.alpha
+        ));
+    }
+    if found.dropout != p.dropout {
+        diffs.push(format!(
+            "peft.dropout: adapter lora_dropout {}, config {}",
+            found.dropout, p.dropout
+        ));
+    }
+    match &found.target_modules {
+        TargetModules::Names(names) => {
+            let set = |v: &[String]| v.iter().cloned().collect::<std::collections::BTreeSet<_>>();
+            if set(names) != set(&p.target_modules) {
+                diffs.push(format!(
+                    "peft.target_modules: adapter {names:?}, config {:?}",
+                    p.target_modules
+                ));
+            }
+        }
+        TargetModules::Regex(re) => diffs.push(format!(
+            "peft.target_modules: the adapter's is the regex {re:?}, which the config cannot record (list the module names)"
+        )),
+    }
+    if found.use_rslora {
+        diffs.push(
+            "the adapter uses use_rslora: true, which the trainer's peft config cannot record"
+                .into(),
+        );
+    }
+    if !diffs.is_empty() {
+        bail!(
+            "peft.init_from {}: its adapter_config.json differs from the peft config, which checkpoints and `trainer export` record ({}); set those peft keys to the adapter's values in the config or with --set",
+            dir.display(),
+            diffs.join("; ")
+        );
+    }
+    Ok(())
 }
