@@ -11,7 +11,8 @@ use std::thread::JoinHandle;
 /// per worker. The training thread only receives finished items.
 pub struct OrderedPool<T: Send + 'static> {
     receivers: Vec<Receiver<T>>,
-    handles: Vec<JoinHandle<()>>,
+    /// Worker w's thread (taken when its panic is re-raised).
+    handles: Vec<Option<JoinHandle<()>>>,
     next: usize,
     total: usize,
 }
@@ -32,7 +33,7 @@ impl<T: Send + 'static> OrderedPool<T> {
             let (tx, rx) = sync_channel(prefetch.max(1));
             let jobs = Arc::clone(&jobs);
             let f = Arc::clone(&f);
-            handles.push(std::thread::spawn(move || {
+            handles.push(Some(std::thread::spawn(move || {
                 let mut i = w;
                 while i < jobs.len() {
                     if tx.send(f(&jobs[i])).is_err() {
@@ -40,7 +41,7 @@ impl<T: Send + 'static> OrderedPool<T> {
                     }
                     i += workers;
                 }
-            }));
+            })));
             receivers.push(rx);
         }
         Self {
@@ -58,18 +59,64 @@ impl<T: Send + 'static> Iterator for OrderedPool<T> {
         if self.next >= self.total {
             return None;
         }
-        let k = self.receivers.len();
-        let item = self.receivers[self.next % k].recv().ok()?;
-        self.next += 1;
-        Some(item)
+        let w = self.next % self.receivers.len();
+        match self.receivers[w].recv() {
+            Ok(item) => {
+                self.next += 1;
+                Some(item)
+            }
+            // The worker stopped before its last job: its function panicked. The panic goes on
+            // here, on the consumer's thread (ending the sequence early instead ended a training
+            // epoch silently, and at world > 1 left the other ranks waiting in a collective).
+            Err(_) => match self.handles[w].take().map(JoinHandle::join) {
+                Some(Err(panic)) => std::panic::resume_unwind(panic),
+                _ => panic!("data loader worker {w} stopped before its last item"),
+            },
+        }
     }
 }
 
 impl<T: Send + 'static> Drop for OrderedPool<T> {
     fn drop(&mut self) {
         self.receivers.clear(); // unblocks senders
-        for h in self.handles.drain(..) {
+        for h in self.handles.drain(..).flatten() {
             let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_does_not_depend_on_workers() {
+        for workers in [1, 2, 3] {
+            let pool = OrderedPool::new((0..10).collect(), workers, 2, |&i: &i32| i * i);
+            assert_eq!(
+                pool.collect::<Vec<_>>(),
+                (0..10).map(|i| i * i).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn a_worker_panic_reaches_the_consumer() {
+        for workers in [1, 2] {
+            let result = std::panic::catch_unwind(|| {
+                let pool = OrderedPool::new((0..10).collect(), workers, 2, |&i: &i32| {
+                    assert!(i != 3, "job 3 failed");
+                    i
+                });
+                pool.collect::<Vec<_>>()
+            });
+            let panic = result.expect_err("the sequence must not just end early");
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            assert!(msg.contains("job 3 failed"), "{msg}");
         }
     }
 }
