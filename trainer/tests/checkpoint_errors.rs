@@ -205,3 +205,27 @@ fn damage_seen_by_one_rank_fails_both() {
     );
     assert!(o.stderr.contains("failed on another rank"), "{}", o.stderr);
 }
+
+#[test]
+fn changed_seed_is_refused() {
+    let o = resume_damaged("seed", 1, &["train.seed=12345"], |_| {});
+    assert_error(&o, &["was trained with train.seed", "this run has 12345"]);
+}
+
+#[test]
+fn other_training_data_is_refused() {
+    // the checkpoint says it was trained on 999 samples; the fixture data has fewer
+    let o = resume_damaged("samples", 1, &[], |d| {
+        edit_manifest_without_checksum(d, |m| {
+            assert!(m["data"]["samples"].is_u64(), "{}", m["data"]);
+            m["data"]["samples"] = 999.into()
+        })
+    });
+    assert_error(
+        &o,
+        &[
+            "was trained on 999 samples of data.train",
+            "the data changed",
+        ],
+    );
+}

@@ -87,6 +87,7 @@ pub fn resume(
             data_epoch: m.data.epoch,
             data_batch: m.data.batch,
             skipped_nonfinite: m.skipped_nonfinite,
+            samples: m.data.samples,
         },
     }))
 }
@@ -110,6 +111,15 @@ fn load_into(
             config.train.batch_size,
             config.train.grad_accum,
             m.data.global_batch
+        );
+    }
+    if m.seed != config.train.seed {
+        bail!(
+            "checkpoint {} was trained with train.seed {}, this run has {} (the data order and dropout continue from the seed); set train.seed={}, or {FIX}",
+            dir.display(),
+            m.seed,
+            config.train.seed,
+            m.seed
         );
     }
     fill_states(dir, &m, &flat_states(trainable, opt))?;

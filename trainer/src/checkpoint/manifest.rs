@@ -70,6 +70,11 @@ pub struct DataPosition {
     pub batch: u64,
     /// Samples per global batch (`batch_size x world x grad_accum`) when saved.
     pub global_batch: usize,
+    /// Training samples in the epoch plan (after skipped records) when saved: a resume on other
+    /// data (the batch position would point into another permutation) is refused. Absent in
+    /// checkpoints of older trainers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<u64>,
 }
 
 /// One logical tensor: a trainable flat group's state, 1-D fp32 of `shape[0]` elements (the

@@ -49,6 +49,8 @@ pub struct Progress {
     /// Next global batch index within `data_epoch`.
     pub data_batch: u64,
     pub skipped_nonfinite: u64,
+    /// Training samples in the epoch plan (`DataPosition::samples`).
+    pub samples: Option<u64>,
 }
 
 /// The folder name of step `step`'s checkpoint.

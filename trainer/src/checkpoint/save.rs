@@ -824,6 +824,7 @@ fn build_manifest(
             epoch: p.data_epoch,
             batch: p.data_batch,
             global_batch: t.global_batch(world),
+            samples: p.samples,
         },
         world_size: world,
         seed: t.seed,

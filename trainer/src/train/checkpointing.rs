@@ -23,17 +23,20 @@ pub(super) struct Saver<'a> {
     config: &'a Config,
     schedule: &'a LrSchedule,
     device: Device,
+    /// Training samples of the epoch plan, recorded in each checkpoint.
+    samples: u64,
     saves: Checkpointer,
     /// Whether the background saves' snapshot buffers were reserved (after the first step).
     reserved: bool,
 }
 
 /// Resumes per `checkpoint.resume` into `st`, `trainable` and `opt`; returns the data position
-/// (epoch, batch) to start at.
+/// (epoch, batch) to start at. `samples`: the training samples of this run's epoch plan.
 pub(super) fn resume(
     pg: &ProcessGroup,
     device: Device,
     config: &Config,
+    samples: u64,
     st: &mut State,
     trainable: &mut Trainable,
     opt: &mut AdamW,
@@ -42,6 +45,15 @@ pub(super) fn resume(
         return Ok((0, 0));
     };
     let p = r.progress;
+    // (every rank has the same data, so every rank stops here alike)
+    if let Some(saved) = p.samples.filter(|&n| n != samples) {
+        anyhow::bail!(
+            "checkpoint {} was trained on {saved} samples of data.train (after skipped records), this run has {samples}: the data changed, so its position (epoch {} batch {}) would point at other samples; resume on the same data (and data.* settings), or start fresh with --set checkpoint.resume=never",
+            r.dir.display(),
+            p.data_epoch,
+            p.data_batch
+        );
+    }
     log(
         pg.rank(),
         &format!(
@@ -67,6 +79,7 @@ impl<'a> Saver<'a> {
         config: &'a Config,
         schedule: &'a LrSchedule,
         device: Device,
+        samples: u64,
     ) -> Self {
         if config.checkpoint.async_save {
             log(pg.rank(), "checkpoint.async: checkpoint files are written by a background thread; a checkpoint is published once every rank has written its file (at the latest before the next save and at the end)");
@@ -76,6 +89,7 @@ impl<'a> Saver<'a> {
             config,
             schedule,
             device,
+            samples,
             saves: Checkpointer::new(),
             reserved: false,
         }
@@ -95,6 +109,7 @@ impl<'a> Saver<'a> {
             data_epoch: data.0,
             data_batch: data.1,
             skipped_nonfinite: st.skipped_nonfinite,
+            samples: Some(self.samples),
         };
         let async_save = self.config.checkpoint.async_save;
         // (completes the save in flight first)
