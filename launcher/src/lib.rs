@@ -9,9 +9,11 @@
 //! - [`slurm`]: SLURM allocations and node lists.
 //! - [`gpus`]: `--nproc-per-node auto`.
 //! - [`token`]: random run ids and tokens.
+//! - [`shm`]: the ranks' shared-memory segment files (names, leftovers).
 pub mod env;
 pub mod gpus;
 pub mod outcome;
+pub mod shm;
 pub mod slurm;
 pub mod store;
 pub mod supervise;

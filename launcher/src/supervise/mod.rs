@@ -140,7 +140,16 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
             attempt,
             layout,
         };
-        match attempt_run.run(&mut peers, watchdog.as_mut()) {
+        let ran = attempt_run.run(&mut peers, watchdog.as_mut());
+        // shared-memory segments of ranks killed before they unlinked them
+        let leftovers = crate::shm::remove_leftovers(&run_id, attempt);
+        if leftovers > 0 {
+            tracing::debug!(
+                "removed {leftovers} shared-memory segment(s) attempt {attempt} left in {}",
+                crate::shm::dir().display()
+            );
+        }
+        match ran {
             Ok(()) => {
                 peers.finish(attempt);
                 return Ok(Outcome::Success { restarts: attempt });

@@ -4,9 +4,10 @@
 //! the pid, words 2..8 free for the transports' own use, see `publish`), then the data area.
 //! Rank 0 creates the file under /dev/shm (removing a stale one left by a crashed run with the
 //! same run id), the others open it once the store says it is ready, and after every rank has mapped
-//! it rank 0 unlinks it: the mapping lives on, and no crash can leak the segment.
+//! it rank 0 unlinks it: the mapping lives on. Rank 0 also unlinks it when opening fails; a rank
+//! killed before the unlink leaves the file to the launcher, which removes an attempt's leftovers
+//! (`launcher::shm`).
 use std::fs::OpenOptions;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -27,15 +28,6 @@ pub struct Segment {
     timeout: Duration,
     pids: Vec<i32>,
     epoch: u64,
-}
-
-fn shm_dir() -> PathBuf {
-    let dev_shm = PathBuf::from("/dev/shm");
-    if dev_shm.is_dir() {
-        dev_shm
-    } else {
-        std::env::temp_dir()
-    }
 }
 
 fn shm_err(path: &std::path::Path, detail: impl std::fmt::Display) -> DistError {
@@ -59,21 +51,7 @@ impl Segment {
     ) -> Result<Segment> {
         let (rank, world) = (env.rank, env.world_size);
         let header = (LINE * (1 + world)).div_ceil(4096) * 4096;
-        let safe_run: String = env
-            .run_id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let path = shm_dir().join(format!(
-            "llava-sco-{safe_run}-a{}-{name}",
-            env.restart_count
-        ));
+        let path = launcher::shm::path(&env.run_id, env.restart_count, name);
         let key = format!("dist/shm/{name}/a{}", env.restart_count);
         let file = if rank == 0 {
             let _ = std::fs::remove_file(&path); // stale segment of a crashed run with this run id
@@ -110,16 +88,36 @@ impl Segment {
                     )
                 })?
         };
+        let opened = Self::map_and_meet(file, &path, &key, header, env, store, timeout);
+        if rank == 0 {
+            // every rank has mapped it (or opening failed): the name is not needed any more
+            let _ = std::fs::remove_file(&path);
+        }
+        opened
+    }
+
+    /// Maps the segment file, checks or writes its magic, publishes this rank's pid and waits
+    /// for every rank to have mapped it.
+    fn map_and_meet(
+        file: std::fs::File,
+        path: &std::path::Path,
+        key: &str,
+        header: usize,
+        env: &RankEnv,
+        store: &mut StoreClient,
+        timeout: Duration,
+    ) -> Result<Segment> {
+        let (rank, world) = (env.rank, env.world_size);
         // SAFETY: the file is private to this run; every rank maps the length rank 0 gave it.
-        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| shm_err(&path, e))?;
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| shm_err(path, e))?;
         if map.len() <= header {
-            return Err(shm_err(&path, format!("size {} is too small", map.len())));
+            return Err(shm_err(path, format!("size {} is too small", map.len())));
         }
         if rank == 0 {
             map[..8].copy_from_slice(&MAGIC.to_le_bytes());
             store.set(&format!("{key}/ready"), path.to_string_lossy().as_bytes())?;
         } else if map[..8] != MAGIC.to_le_bytes() {
-            return Err(shm_err(&path, "not a segment of this run (bad magic)"));
+            return Err(shm_err(path, "not a segment of this run (bad magic)"));
         }
         let mut seg = Segment {
             map,
@@ -133,9 +131,6 @@ impl Segment {
         seg.line(rank, 1)
             .store(std::process::id() as u64, Ordering::Release);
         store.barrier(&format!("{key}/mapped"), world, timeout)?;
-        if rank == 0 {
-            let _ = std::fs::remove_file(&path);
-        }
         for r in 0..world {
             seg.pids[r] = seg.line(r, 1).load(Ordering::Acquire) as i32;
         }
