@@ -101,6 +101,8 @@ fn selftest_two_nodes(world: usize, extra: &[&str]) -> ([Output; 2], PathBuf) {
             &out,
             extra,
         )
+        // both "nodes" are this host: loopback is reachable (and must be said explicitly)
+        .env("LLAVA_SCO_CPU_TCP_ADDR", "127.0.0.1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -116,12 +116,27 @@ fn local_ip(env: &RankEnv) -> Result<IpAddr> {
         s.connect((env.master_addr.as_str(), env.master_port))?;
         Ok(s.local_addr()?.ip())
     };
-    probe().map_err(|e| {
+    let ip = probe().map_err(|e| {
         DistError::Invalid(format!(
             "cpu backend (tcp): cannot find the interface that reaches MASTER_ADDR {}: {e} (set LLAVA_SCO_CPU_TCP_ADDR to this host's address)",
             env.master_addr
         ))
-    })
+    })?;
+    check_reachable(ip, env)
+}
+
+/// A loopback address cannot be reached from the other nodes' ranks (they would dial their own
+/// host until the timeout): an error when the group spans nodes. This happens on the master node
+/// when MASTER_ADDR is 127.0.0.1 or a host name that resolves to 127.0.1.1.
+fn check_reachable(ip: IpAddr, env: &RankEnv) -> Result<IpAddr> {
+    if ip.is_loopback() && env.group_world_size > 1 {
+        return Err(DistError::Invalid(format!(
+            "cpu backend (tcp): this rank would listen on the loopback address {ip} (the interface that reaches MASTER_ADDR {}), which ranks on the other {} node(s) cannot reach; give the launcher this node's network address with --master-addr, or set LLAVA_SCO_CPU_TCP_ADDR to it (LLAVA_SCO_CPU_TCP_ADDR=127.0.0.1 when every \"node\" is this host)",
+            env.master_addr,
+            env.group_world_size - 1
+        )));
+    }
+    Ok(ip)
 }
 
 fn io_err(peer: usize, op: &str, what: &str, e: std::io::Error) -> DistError {
@@ -629,5 +644,20 @@ mod tests {
             chunks(20, 8).collect::<Vec<_>>(),
             vec![(0, 8), (8, 8), (16, 4)]
         );
+    }
+
+    #[test]
+    fn loopback_is_refused_only_when_the_group_spans_nodes() {
+        let mut env = RankEnv::single();
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let lan: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(check_reachable(lo, &env).unwrap(), lo);
+        env.group_world_size = 2;
+        let err = check_reachable(lo, &env).unwrap_err().to_string();
+        assert!(
+            err.contains("LLAVA_SCO_CPU_TCP_ADDR") && err.contains("--master-addr"),
+            "{err}"
+        );
+        assert_eq!(check_reachable(lan, &env).unwrap(), lan);
     }
 }
