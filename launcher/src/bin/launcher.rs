@@ -192,16 +192,7 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
         if master_addr.is_some() || master_port.is_some() {
             bail!("give either --rdzv-endpoint or --master-addr/--master-port, not both");
         }
-        let (host, port) = match endpoint.rsplit_once(':') {
-            Some((host, port)) => (
-                host.to_string(),
-                Some(
-                    port.parse()
-                        .with_context(|| format!("--rdzv-endpoint {endpoint:?}: bad port"))?,
-                ),
-            ),
-            None => (endpoint.clone(), None),
-        };
+        let (host, port) = split_endpoint(endpoint)?;
         master_addr = Some(host);
         master_port = port;
     }
@@ -263,9 +254,12 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
     let mut command = command;
     default_omp_threads(&mut command, nproc);
 
+    // (the cap keeps `Instant::now() + d` from overflowing: 1e9 s is 31 years)
     let seconds = |name: &str, s: f64| -> Result<Duration> {
         Duration::try_from_secs_f64(s)
-            .map_err(|_| anyhow!("--{name} {s} is not a number of seconds >= 0"))
+            .ok()
+            .filter(|d| d.as_secs_f64() <= 1e9)
+            .ok_or_else(|| anyhow!("--{name} {s} is not a number of seconds from 0 to 1e9"))
     };
     let finish = seconds("finish-timeout", cli.finish_timeout)?;
     let tee = cli.tee.unwrap_or(0);
@@ -518,4 +512,49 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .event_format(LauncherFormat)
         .try_init();
+}
+
+/// `HOST[:PORT]` of --rdzv-endpoint; an IPv6 host is written `[ADDR]` (with or without a port)
+/// or bare (then without a port), as torchrun takes it.
+fn split_endpoint(endpoint: &str) -> Result<(String, Option<u16>)> {
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .with_context(|| format!("--rdzv-endpoint {endpoint:?}: bad port {p:?}"))
+    };
+    if let Some(rest) = endpoint.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .with_context(|| format!("--rdzv-endpoint {endpoint:?}: no closing ']'"))?;
+        return match after {
+            "" => Ok((host.to_string(), None)),
+            _ => match after.strip_prefix(':') {
+                Some(p) => Ok((host.to_string(), Some(port(p)?))),
+                None => bail!("--rdzv-endpoint {endpoint:?}: expected ':PORT' after ']'"),
+            },
+        };
+    }
+    match endpoint.split_once(':') {
+        // two or more colons: a bare IPv6 address
+        Some((_, rest)) if rest.contains(':') => Ok((endpoint.to_string(), None)),
+        Some((host, p)) => Ok((host.to_string(), Some(port(p)?))),
+        None => Ok((endpoint.to_string(), None)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_split_like_torchrun() {
+        let ok = |e: &str| split_endpoint(e).unwrap();
+        assert_eq!(ok("node0:29500"), ("node0".into(), Some(29500)));
+        assert_eq!(ok("node0"), ("node0".into(), None));
+        assert_eq!(ok("[::1]:29500"), ("::1".into(), Some(29500)));
+        assert_eq!(ok("[fe80::1]"), ("fe80::1".into(), None));
+        assert_eq!(ok("::1"), ("::1".into(), None));
+        for bad in ["node0:port", "[::1", "[::1]29500", "node0:99999"] {
+            assert!(split_endpoint(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -98,7 +98,7 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
             );
         }
         match connect_interruptible(&spec.master_addr, port, &spec.token, spec.rdzv_timeout)? {
-            Ok(client) => Peers::multi(client, spec.node_rank, spec.nnodes),
+            Ok(client) => Peers::multi(client, spec.node_rank, spec.nnodes, spec.monitor_interval),
             Err(sig) => return Ok(interrupted(spec, &host, 0, sig)),
         }
     } else {

@@ -17,8 +17,14 @@ use crate::store::{CompareSet, StoreClient, StoreError};
 
 /// How often a node bumps its heartbeat.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
-/// Node 0 declares a node lost after this long without a heartbeat.
+/// Node 0 declares a node lost after this long without a heartbeat, or 3 monitor intervals when
+/// that is longer (heartbeats are sent when the supervisor polls, every `--monitor-interval`).
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long node 0 waits for a heartbeat before declaring a node lost.
+pub fn heartbeat_timeout(monitor_interval: Duration) -> Duration {
+    HEARTBEAT_TIMEOUT.max(monitor_interval.saturating_mul(3))
+}
 /// How long node 0 keeps its store up for the other nodes to learn the outcome.
 const ACK_WAIT: Duration = Duration::from_secs(10);
 
@@ -57,6 +63,8 @@ pub struct MultiNode {
     node_rank: usize,
     nnodes: usize,
     last_heartbeat: Instant,
+    /// [`heartbeat_timeout`] of the run's monitor interval.
+    heartbeat_timeout: Duration,
     /// Node 0's view of every node's heartbeat: (last value, when it last changed).
     heartbeats: Vec<(i64, Instant)>,
     /// The attempt whose outcome this node has acknowledged.
@@ -64,13 +72,19 @@ pub struct MultiNode {
 }
 
 impl Peers {
-    pub fn multi(client: StoreClient, node_rank: usize, nnodes: usize) -> Self {
+    pub fn multi(
+        client: StoreClient,
+        node_rank: usize,
+        nnodes: usize,
+        monitor_interval: Duration,
+    ) -> Self {
         let now = Instant::now();
         Peers::Multi(MultiNode {
             client,
             node_rank,
             nnodes,
             last_heartbeat: now - HEARTBEAT_EVERY,
+            heartbeat_timeout: heartbeat_timeout(monitor_interval),
             heartbeats: vec![(-1, now); nnodes],
             acked: None,
         })
@@ -323,10 +337,10 @@ impl MultiNode {
             if beat != *last {
                 *last = beat;
                 *since = now;
-            } else if now.duration_since(*since) > HEARTBEAT_TIMEOUT {
+            } else if now.duration_since(*since) > self.heartbeat_timeout {
                 let reason = format!(
                     "node {node} stopped sending heartbeats for {} s (its launcher was killed, or the network is down)",
-                    HEARTBEAT_TIMEOUT.as_secs()
+                    self.heartbeat_timeout.as_secs()
                 );
                 let failure = self.lost(attempt, reason);
                 let _ = self.client.compare_set(
@@ -375,4 +389,19 @@ fn check_signal_and_deadline(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_timeout_outlasts_three_monitor_intervals() {
+        assert_eq!(heartbeat_timeout(Duration::from_secs(5)), HEARTBEAT_TIMEOUT);
+        assert_eq!(
+            heartbeat_timeout(Duration::from_secs(20)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(heartbeat_timeout(Duration::MAX), Duration::MAX);
+    }
 }
