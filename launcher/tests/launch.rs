@@ -470,6 +470,33 @@ fn log_dir_keeps_per_attempt_per_rank_files_and_tee_prefixes() {
         run2.stdout
     );
     assert!(run2.stderr.contains("[rank 1] err of 1"), "{}", run2.stderr);
+
+    // the same run id again (a requeued job): the logs grow, the first run's lines stay
+    let run3 = run(
+        launcher(&[
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--log-dir",
+            logs.to_str().unwrap(),
+            "--run-id",
+            "logged",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]),
+        LIMIT,
+    );
+    assert_eq!(run3.code(), 3, "{}", run3.stderr);
+    let out = std::fs::read_to_string(attempt.join("0").join("stdout.log")).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!((lines[0], lines[2]), ("out of 0", "out of 0"), "{out}");
+    assert!(
+        lines[1].starts_with("==== launcher: rank 0 started again"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -116,6 +116,7 @@ struct Cli {
     )]
     rdzv_timeout: f64,
     /// Write each rank's output to DIR/RUN_ID/attempt_N/LOCAL_RANK/{stdout,stderr}.log
+    /// (attempt_N/nodeG/LOCAL_RANK with several nodes)
     #[arg(long = "log-dir", alias = "log_dir", value_name = "DIR")]
     log_dir: Option<PathBuf>,
     /// Also show rank output on the console, prefixed `[rank r]` (`--tee=1` stdout, `=2` stderr, `=3` both)

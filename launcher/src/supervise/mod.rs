@@ -311,7 +311,10 @@ impl Attempt<'_> {
 
         for local_rank in 0..spec.nproc {
             let env = self.rank_env(local_rank);
-            let dir = spec.output.rank_dir(self.run_id, self.attempt, local_rank);
+            let node = (spec.nnodes > 1).then_some(spec.node_rank);
+            let dir = spec
+                .output
+                .rank_dir(self.run_id, self.attempt, node, local_rank);
             match RankProcess::spawn(&spec.command, env.clone(), &spec.output, dir.as_deref()) {
                 Ok(rank) => {
                     if let Some(w) = watchdog.as_deref_mut() {

@@ -17,7 +17,8 @@ const TAIL_LINE_CHARS: usize = 400;
 /// Where rank output goes.
 #[derive(Debug, Clone, Default)]
 pub struct OutputOptions {
-    /// Root of per-attempt log folders: `<log_dir>/<run_id>/attempt_N/<local_rank>/{stdout,stderr}.log`.
+    /// Root of per-attempt log folders: `<log_dir>/<run_id>/attempt_N/[node<G>/]<local_rank>/{stdout,stderr}.log`
+    /// (`node<G>` when the run spans nodes: they may share the folder).
     pub log_dir: Option<PathBuf>,
     /// Echo stdout / stderr to the console with a `[rank r]` prefix (torchrun's `--tee`).
     pub tee_stdout: bool,
@@ -27,12 +28,22 @@ pub struct OutputOptions {
 }
 
 impl OutputOptions {
-    /// Log folder of one rank in one attempt.
-    pub fn rank_dir(&self, run_id: &str, attempt: u32, local_rank: usize) -> Option<PathBuf> {
+    /// Log folder of one rank in one attempt; `node`: this node's rank when the run spans nodes
+    /// (their launchers may write to one shared folder).
+    pub fn rank_dir(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        node: Option<usize>,
+        local_rank: usize,
+    ) -> Option<PathBuf> {
         self.log_dir.as_ref().map(|d| {
-            d.join(run_id)
-                .join(format!("attempt_{attempt}"))
-                .join(local_rank.to_string())
+            let attempt_dir = d.join(run_id).join(format!("attempt_{attempt}"));
+            match node {
+                Some(n) => attempt_dir.join(format!("node{n}")),
+                None => attempt_dir,
+            }
+            .join(local_rank.to_string())
         })
     }
 
@@ -104,8 +115,8 @@ impl RankOutput {
                 std::fs::create_dir_all(dir)?;
                 let err_path = dir.join("stderr.log");
                 (
-                    Some(File::create(dir.join("stdout.log"))?),
-                    Some(File::create(&err_path)?),
+                    Some(open_log(&dir.join("stdout.log"), rank)?),
+                    Some(open_log(&err_path, rank)?),
                     Some(err_path),
                 )
             }
@@ -217,6 +228,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn nodes_of_one_run_get_their_own_log_folders() {
+        let o = OutputOptions {
+            log_dir: Some("/logs".into()),
+            tee_stdout: false,
+            tee_stderr: false,
+            local_ranks_filter: None,
+        };
+        assert_eq!(
+            o.rank_dir("r", 2, None, 1).unwrap(),
+            PathBuf::from("/logs/r/attempt_2/1")
+        );
+        assert_eq!(
+            o.rank_dir("r", 2, Some(3), 1).unwrap(),
+            PathBuf::from("/logs/r/attempt_2/node3/1")
+        );
+    }
+
+    #[test]
     fn tail_keeps_the_last_lines_and_cuts_long_ones() {
         let mut t = Tail::default();
         for i in 0..30 {
@@ -240,4 +269,24 @@ mod tests {
         assert_eq!(o.console(1, 1, true), None);
         assert_eq!(o.console(0, 0, true), Some(Some("[rank 0] ".into())));
     }
+}
+
+/// Opens a rank's log for appending, after a line that says which start of the rank follows: a
+/// rerun with the same run id (a requeued batch job, `--run-id exp1` again) adds to the logs
+/// instead of wiping the earlier run's.
+fn open_log(path: &Path, rank: usize) -> io::Result<File> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    if f.metadata()?.len() > 0 {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        writeln!(
+            f,
+            "==== launcher: rank {rank} started again (unix time {since_epoch}); the lines above are an earlier run's"
+        )?;
+    }
+    Ok(f)
 }
