@@ -223,6 +223,26 @@ fn spawn_relay(
         })
 }
 
+/// Opens a rank's log for appending, after a line that says which start of the rank follows: a
+/// rerun with the same run id (a requeued batch job, `--run-id exp1` again) adds to the logs
+/// instead of wiping the earlier run's.
+fn open_log(path: &Path, rank: usize) -> io::Result<File> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    if f.metadata()?.len() > 0 {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        writeln!(
+            f,
+            "==== launcher: rank {rank} started again (unix time {since_epoch}); the lines above are an earlier run's"
+        )?;
+    }
+    Ok(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,24 +289,4 @@ mod tests {
         assert_eq!(o.console(1, 1, true), None);
         assert_eq!(o.console(0, 0, true), Some(Some("[rank 0] ".into())));
     }
-}
-
-/// Opens a rank's log for appending, after a line that says which start of the rank follows: a
-/// rerun with the same run id (a requeued batch job, `--run-id exp1` again) adds to the logs
-/// instead of wiping the earlier run's.
-fn open_log(path: &Path, rank: usize) -> io::Result<File> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    if f.metadata()?.len() > 0 {
-        let since_epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        writeln!(
-            f,
-            "==== launcher: rank {rank} started again (unix time {since_epoch}); the lines above are an earlier run's"
-        )?;
-    }
-    Ok(f)
 }
