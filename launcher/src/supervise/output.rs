@@ -189,7 +189,7 @@ fn spawn_relay(
             let mut line = Vec::with_capacity(256);
             loop {
                 line.clear();
-                match reader.read_until(b'\n', &mut line) {
+                match read_piece(&mut reader, &mut line) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
@@ -205,7 +205,8 @@ fn spawn_relay(
                         buf.extend_from_slice(p.as_bytes());
                     }
                     buf.extend_from_slice(&line);
-                    if !buf.ends_with(b"\n") {
+                    // ('\r' ends a progress bar's redraw: shown as it comes, not on a new line)
+                    if !buf.ends_with(b"\n") && !buf.ends_with(b"\r") {
                         buf.push(b'\n');
                     }
                     // One write per line under the lock, so ranks' lines never interleave mid-line.
@@ -214,13 +215,50 @@ fn spawn_relay(
                         Console::Stderr => io::stderr().lock().write_all(&buf),
                     };
                 }
-                if let Some(t) = &tail {
+                // (redraws would push the last real lines out of the failure report's tail)
+                if let Some(t) = tail.as_ref().filter(|_| !line.ends_with(b"\r")) {
                     if let Ok(mut t) = t.lock() {
                         t.push(&line);
                     }
                 }
             }
         })
+}
+
+/// The longest piece of rank output relayed at once (a line without an end is cut there).
+const MAX_PIECE: usize = 64 * 1024;
+
+/// Reads the next piece of a rank's output into `piece` (empty): up to and including a '\n' or
+/// '\r' (tqdm redraws its bar with '\r': it must show as it happens, not when the bar ends), or
+/// `MAX_PIECE` bytes. Returns the piece's length, 0 at the end.
+fn read_piece(reader: &mut impl BufRead, piece: &mut Vec<u8>) -> io::Result<usize> {
+    loop {
+        let (done, used) = {
+            let buf = match reader.fill_buf() {
+                Ok(buf) => buf,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if buf.is_empty() {
+                return Ok(piece.len());
+            }
+            let room = &buf[..buf.len().min(MAX_PIECE - piece.len())];
+            match room.iter().position(|&c| c == b'\n' || c == b'\r') {
+                Some(i) => {
+                    piece.extend_from_slice(&room[..=i]);
+                    (true, i + 1)
+                }
+                None => {
+                    piece.extend_from_slice(room);
+                    (piece.len() >= MAX_PIECE, room.len())
+                }
+            }
+        };
+        reader.consume(used);
+        if done {
+            return Ok(piece.len());
+        }
+    }
 }
 
 /// Opens a rank's log for appending, after a line that says which start of the rank follows: a
@@ -246,6 +284,29 @@ fn open_log(path: &Path, rank: usize) -> io::Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_end_at_newlines_carriage_returns_or_the_cap() {
+        let pieces = |input: &[u8]| {
+            let mut r = BufReader::with_capacity(7, input);
+            let mut out = vec![];
+            loop {
+                let mut p = vec![];
+                if read_piece(&mut r, &mut p).unwrap() == 0 {
+                    return out;
+                }
+                out.push(p);
+            }
+        };
+        assert_eq!(
+            pieces(b" 10%\r 20%\r100%\ndone\nno end"),
+            [&b" 10%\r"[..], b" 20%\r", b"100%\n", b"done\n", b"no end"]
+        );
+        let long = vec![b'x'; MAX_PIECE + 5];
+        let got = pieces(&long);
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].len(), got[1].len()), (MAX_PIECE, 5));
+    }
 
     #[test]
     fn nodes_of_one_run_get_their_own_log_folders() {
