@@ -39,6 +39,31 @@ fn steps_see_the_same_samples_at_any_world_size() {
 }
 
 #[test]
+fn the_samples_left_out_change_per_epoch() {
+    // 103 samples, global batch 8: 7 left out per epoch, a random subset (not the 7 longest)
+    let l = lengths();
+    let s = LengthGroupedSampler::new(l.clone(), 8, 42);
+    let mut seen = vec![false; l.len()];
+    let mut longest_always_out = true;
+    for epoch in 0..12 {
+        let used: Vec<usize> = s.epoch_batches(epoch).concat();
+        assert_eq!(used.len(), 96);
+        for &i in &used {
+            seen[i] = true;
+        }
+        longest_always_out &= !used.iter().any(|&i| l[i] == 50);
+    }
+    assert!(
+        !longest_always_out,
+        "the longest samples are never trained on"
+    );
+    assert!(
+        seen.iter().all(|&b| b),
+        "some sample never came up in 12 epochs"
+    );
+}
+
+#[test]
 fn ordered_pool_output_does_not_depend_on_worker_count() {
     let jobs: Vec<u64> = (0..50).collect();
     let want: Vec<u64> = jobs.iter().map(|x| x * x).collect();

@@ -90,17 +90,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn order_does_not_depend_on_workers() {
-        for workers in [1, 2, 3] {
-            let pool = OrderedPool::new((0..10).collect(), workers, 2, |&i: &i32| i * i);
-            assert_eq!(
-                pool.collect::<Vec<_>>(),
-                (0..10).map(|i| i * i).collect::<Vec<_>>()
-            );
-        }
-    }
-
-    #[test]
     fn a_worker_panic_reaches_the_consumer() {
         for workers in [1, 2] {
             let result = std::panic::catch_unwind(|| {

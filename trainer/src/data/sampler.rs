@@ -1,7 +1,8 @@
 //! Length-grouped distributed batch sampler (llama-recipes' DistributedLengthBasedBatchSampler,
-//! fixed): per epoch, indices are shuffled from (seed, epoch), stably sorted by length, cut
-//! into global batches of `batch_size * world_size` (the last incomplete one dropped), and the
-//! global batches are shuffled. Rank r takes the contiguous part `[r*batch_size, (r+1)*batch_size)`
+//! fixed): per epoch, indices are shuffled from (seed, epoch), the last `len % global_batch` of
+//! that shuffle left out for the epoch (llama-recipes drops the incomplete last batch after the
+//! sort: always the longest samples, never trained on), the rest stably sorted by length, cut
+//! into global batches of `batch_size * world_size`, and the global batches are shuffled. Rank r takes the contiguous part `[r*batch_size, (r+1)*batch_size)`
 //! of each global batch, so the samples of a step do not depend on the world size, and a
 //! `Position` (epoch, batch index) resumes exactly, at any world size with the same global batch.
 use serde::{Deserialize, Serialize};
@@ -66,6 +67,7 @@ impl LengthGroupedSampler {
         let mut rng = SplitMix(self.seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
         let mut idx: Vec<usize> = (0..self.lengths.len()).collect();
         shuffle(&mut idx, &mut rng);
+        idx.truncate(self.batches_per_epoch() * self.global_batch); // a random subset left out
         idx.sort_by_key(|&i| self.lengths[i]);
         let mut batches: Vec<Vec<usize>> = idx
             .chunks_exact(self.global_batch)
