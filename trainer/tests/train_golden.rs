@@ -85,3 +85,30 @@ fn init_from_adapter_must_match_the_peft_config() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// Data that leaves no sample (every record longer than data.max_seq_len, skipped by default)
+/// fails with the reasons and the keys that drop records, not "lower train.batch_size".
+#[test]
+fn no_usable_sample_names_the_reasons() {
+    let out = std::env::temp_dir().join(format!("train-golden-empty-{}", std::process::id()));
+    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .current_dir(repo())
+        .args(["train", "tests/fixtures/train/train.yaml"])
+        .args(["--set", "data.max_seq_len=8"])
+        .arg("--set")
+        .arg(format!("train.output_dir={}", out.display()))
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    for want in [
+        "data.train tests/fixtures/train/train.jsonl: no usable sample",
+        "12 of 12 records skipped (too long: 12)",
+        "data.max_seq_len",
+    ] {
+        assert!(stderr.contains(want), "missing {want:?} in\n{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -64,6 +64,12 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let (mut trainable, flops) = setup::model(config, &pg, device)?;
     // 3. Data.
     let data = setup::data(config, world)?;
+    let splits = [("train", Some(&data.train)), ("eval", data.eval.as_ref())];
+    for (split, ds) in splits {
+        if let Some(note) = ds.and_then(|ds| setup::skipped_note(split, ds)) {
+            metrics::log(rank, &note);
+        }
+    }
     let (steps_per_epoch, total_steps) = (data.steps_per_epoch, data.total_steps);
     // 4. Optimizer and schedule over this rank's shards; resume; checkpoints and metrics.
     let params = trainable.master_params();

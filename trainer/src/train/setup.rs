@@ -144,6 +144,23 @@ pub(super) fn data(config: &Config, world: usize) -> Result<Data> {
         .validate
         .then(|| Dataset::open(config, &config.model.path, Split::Eval))
         .transpose()?;
+    if train.is_empty() {
+        bail!(
+            "data.train {}: no usable sample ({}); `trainer data check CONFIG` lists each record's problem; the keys that drop records are data.max_seq_len / data.max_seq_len_policy, data.text_only and data.bad_records",
+            train.report().file.display(),
+            skip_reasons(&train)
+        );
+    }
+    if let Some(eval) = &eval {
+        if eval.report().supervised_tokens == 0 {
+            bail!(
+                "data.eval {}: no supervised tokens to validate on ({} usable samples; {}); fix the file, or set train.validate: false",
+                eval.report().file.display(),
+                eval.len(),
+                skip_reasons(eval)
+            );
+        }
+    }
     let steps_per_epoch = train.batches_per_epoch(t.global_batch(world));
     if steps_per_epoch == 0 {
         bail!("{} samples do not fill one global batch of {} (batch_size {} x world {world} x grad_accum {}); lower train.batch_size", train.len(), t.global_batch(world), t.batch_size, t.grad_accum);
@@ -157,6 +174,33 @@ pub(super) fn data(config: &Config, world: usize) -> Result<Data> {
         eval,
         steps_per_epoch,
         total_steps,
+    })
+}
+
+/// "N of M records skipped (reason: n, ...)" for a dataset's scan.
+fn skip_reasons(ds: &Dataset) -> String {
+    let r = ds.report();
+    let reasons: Vec<String> = r.skipped.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!(
+        "{} of {} records skipped{}",
+        r.skipped_total(),
+        r.lines,
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", reasons.join(", "))
+        }
+    )
+}
+
+/// The log line about the records a split left out, when it left any out.
+pub(super) fn skipped_note(split: &str, ds: &Dataset) -> Option<String> {
+    (ds.report().skipped_total() > 0).then(|| {
+        format!(
+            "data.{split} {}: {}; `trainer data check CONFIG` lists them",
+            ds.report().file.display(),
+            skip_reasons(ds)
+        )
     })
 }
 
