@@ -730,7 +730,15 @@ fn load_sample(inner: &Inner, i: usize) -> Result<Sample, Problem> {
         .text
         .encode(&r.turns, r.image.is_some())
         .map_err(problem)?;
-    apply_length_policy(&mut enc, inner.max_seq_len, inner.length_policy).map_err(problem)?;
+    // The scan kept this record; a different outcome now (a template that renders today's date
+    // crossed midnight, an edited file) must not train an over-long sample.
+    if let LengthOutcome::Skipped { reason } =
+        apply_length_policy(&mut enc, inner.max_seq_len, inner.length_policy).map_err(problem)?
+    {
+        return Err(problem(format!(
+            "{reason} now, though it fit when the data was scanned (did the file or the chat template's output change?)"
+        )));
+    }
     let image = match &r.image {
         None => None,
         Some(p) => {
