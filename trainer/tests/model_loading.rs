@@ -94,6 +94,52 @@ fn both_config_forms_resolve_to_the_same_config() {
 }
 
 #[test]
+fn zero_or_negative_sizes_in_config_json_are_errors_not_panics() {
+    let text = std::fs::read_to_string(fixtures().join("model_legacy/config.json")).unwrap();
+    let base: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (section, key, value, want) in [
+        (
+            "vision_config",
+            "attention_heads",
+            0,
+            "vision_config.attention_heads must be >= 1 (got 0)",
+        ),
+        (
+            "text_config",
+            "num_key_value_heads",
+            0,
+            "text_config.num_key_value_heads must be >= 1",
+        ),
+        (
+            "vision_config",
+            "patch_size",
+            0,
+            "vision_config.patch_size must be >= 1",
+        ),
+        (
+            "text_config",
+            "hidden_size",
+            -1,
+            "text_config.hidden_size must be >= 1 (got -1)",
+        ),
+        (
+            "vision_config",
+            "patch_size",
+            100_000,
+            "is larger than image_size",
+        ),
+    ] {
+        let mut v = base.clone();
+        v[section][key] = value.into();
+        let result = std::panic::catch_unwind(|| MllamaConfig::from_json_str(&v.to_string()));
+        let err = result
+            .unwrap_or_else(|_| panic!("{section}.{key} = {value} panicked"))
+            .expect_err(&format!("{section}.{key} = {value} accepted"));
+        assert!(err.to_string().contains(want), "{section}.{key}: {err}");
+    }
+}
+
+#[test]
 fn both_key_layouts_load_identical_parameters() {
     let (a, b) = (load("legacy"), load("hf5"));
     let (pa, pb) = (a.parameter_shapes(), b.parameter_shapes());

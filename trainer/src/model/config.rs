@@ -411,7 +411,42 @@ impl MllamaConfig {
 
     fn validate(&self) -> Result<(), ModelError> {
         let (v, t) = (&self.vision, &self.text);
+        // sizes first: the divisibility checks below divide by them, and the model builds
+        // tensors of these sizes (0 or negative panicked there)
+        let sizes = [
+            ("vision_config.hidden_size", v.hidden_size),
+            ("vision_config.attention_heads", v.attention_heads),
+            ("vision_config.num_channels", v.num_channels),
+            ("vision_config.intermediate_size", v.intermediate_size),
+            ("vision_config.vision_output_dim", v.vision_output_dim),
+            ("vision_config.image_size", v.image_size),
+            ("vision_config.patch_size", v.patch_size),
+            ("vision_config.max_num_tiles", v.max_num_tiles),
+            ("text_config.vocab_size", t.vocab_size),
+            ("text_config.hidden_size", t.hidden_size),
+            ("text_config.num_attention_heads", t.num_attention_heads),
+            ("text_config.num_key_value_heads", t.num_key_value_heads),
+            ("text_config.intermediate_size", t.intermediate_size),
+            (
+                "text_config.max_position_embeddings",
+                t.max_position_embeddings,
+            ),
+        ];
+        let not_positive: Vec<String> = sizes
+            .iter()
+            .filter(|(_, n)| *n < 1)
+            .map(|(k, n)| format!("{k} must be >= 1 (got {n})"))
+            .collect();
+        if !not_positive.is_empty() {
+            return Err(ModelError::Config(not_positive.join("; ")));
+        }
         let mut bad = vec![];
+        if v.patch_size > v.image_size {
+            bad.push(format!(
+                "vision_config.patch_size {} is larger than image_size {}",
+                v.patch_size, v.image_size
+            ));
+        }
         if v.hidden_size % v.attention_heads != 0 {
             bad.push("vision_config.hidden_size must be divisible by attention_heads".to_string());
         }
