@@ -391,11 +391,15 @@ impl<'a> Loader<'a> {
             return t.to_kind(self.kind).to_device(self.device);
         };
         let file = self.layout.file_name(canonical);
+        // Stands in for a tensor with a problem (finish() fails) or a skeleton's: one element
+        // broadcast, so a folder of wrongly shaped (e.g. quantized) weights does not allocate
+        // the model in zeros before the error is reported.
+        let placeholder = |device| Tensor::zeros([1], (self.kind, device)).expand(shape, false);
         match src.entry(&file) {
             None => {
                 self.problems
                     .push(format!("missing    {file}: expected {shape:?}"));
-                Tensor::zeros(shape, (self.kind, Device::Cpu))
+                placeholder(Device::Cpu)
             }
             Some(e) if e.shape != shape => {
                 self.used.insert(file.clone());
@@ -403,11 +407,11 @@ impl<'a> Loader<'a> {
                     "mis-shaped {file}: expected {shape:?}, found {:?}",
                     e.shape
                 ));
-                Tensor::zeros(shape, (self.kind, Device::Cpu))
+                placeholder(Device::Cpu)
             }
             Some(_) if self.placeholders => {
                 self.used.insert(file);
-                Tensor::zeros([1], (self.kind, self.device)).expand(shape, false)
+                placeholder(self.device)
             }
             Some(_) => {
                 self.used.insert(file.clone());
@@ -415,7 +419,7 @@ impl<'a> Loader<'a> {
                     Ok(t) => t.to_device(self.device),
                     Err(e) => {
                         self.problems.push(e.to_string());
-                        Tensor::zeros(shape, (self.kind, Device::Cpu))
+                        placeholder(Device::Cpu)
                     }
                 }
             }
