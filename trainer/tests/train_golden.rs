@@ -112,3 +112,23 @@ fn no_usable_sample_names_the_reasons() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// fp16 training (no loss scaling here) is refused up front with the way out.
+#[test]
+fn fp16_training_is_refused() {
+    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .current_dir(repo())
+        .args(["train", "tests/fixtures/train/train.yaml"])
+        .args(["--set", "model.dtype=fp16"])
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("model.dtype: fp16 training needs loss scaling")
+            && stderr.contains("use bf16"),
+        "{stderr}"
+    );
+}

@@ -56,6 +56,7 @@ struct State {
 
 pub fn train(config: &Config) -> Result<Outcome> {
     let t = &config.train;
+    setup::check_training_precision(config)?;
     // 1. Ranks and collectives.
     let (pg, device) = setup::process_group(config)?;
     let (rank, world) = (pg.rank(), pg.world_size());

@@ -177,6 +177,21 @@ pub(super) fn data(config: &Config, world: usize) -> Result<Data> {
     })
 }
 
+/// Training in fp16 needs loss scaling (PyTorch FSDP's ShardedGradScaler), which this trainer
+/// does not have: gradients below fp16's smallest normal (6e-5; the loss seed alone is 1 / tokens)
+/// flush to zero and training stalls without a sign. Refused with the way out.
+pub(super) fn check_training_precision(config: &Config) -> Result<()> {
+    let (key, compute) = if config.fsdp.enabled {
+        ("fsdp.mixed_precision", config.fsdp.mixed_precision)
+    } else {
+        ("model.dtype", config.model.dtype)
+    };
+    if compute == config::DType::Fp16 {
+        bail!("{key}: fp16 training needs loss scaling, which this trainer does not have (gradients below 6e-5 would flush to zero); use bf16 (fp32's range, same memory) or fp32");
+    }
+    Ok(())
+}
+
 /// "N of M records skipped (reason: n, ...)" for a dataset's scan.
 fn skip_reasons(ds: &Dataset) -> String {
     let r = ds.report();
