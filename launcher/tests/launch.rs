@@ -408,22 +408,25 @@ fn log_dir_keeps_per_attempt_per_rank_files_and_tee_prefixes() {
     let logs = dir.path().join("logs");
     let script =
         r#"echo "out of $RANK"; echo "err of $RANK" >&2; [ "$RANK" = 1 ] && exit 3; exit 0"#;
-    let run1 = run(
-        launcher(&[
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "--log-dir",
-            logs.to_str().unwrap(),
-            "--run-id",
-            "logged",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ]),
-        LIMIT,
-    );
+    let run_logged = || {
+        run(
+            launcher(&[
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "--log-dir",
+                logs.to_str().unwrap(),
+                "--run-id",
+                "logged",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ]),
+            LIMIT,
+        )
+    };
+    let run1 = run_logged();
     assert_eq!(run1.code(), 3, "{}", run1.stderr);
     let attempt = logs.join("logged").join("attempt_0");
     for rank in 0..2 {
@@ -472,22 +475,7 @@ fn log_dir_keeps_per_attempt_per_rank_files_and_tee_prefixes() {
     assert!(run2.stderr.contains("[rank 1] err of 1"), "{}", run2.stderr);
 
     // the same run id again (a requeued job): the logs grow, the first run's lines stay
-    let run3 = run(
-        launcher(&[
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "--log-dir",
-            logs.to_str().unwrap(),
-            "--run-id",
-            "logged",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ]),
-        LIMIT,
-    );
+    let run3 = run_logged();
     assert_eq!(run3.code(), 3, "{}", run3.stderr);
     let out = std::fs::read_to_string(attempt.join("0").join("stdout.log")).unwrap();
     let lines: Vec<&str> = out.lines().collect();

@@ -57,15 +57,17 @@ fn losses_match_transformers_peft_adamw() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
-/// An init_from adapter whose r / alpha differ from the peft config is refused before training
-/// (training would run with the adapter's values while checkpoints and export record the config's).
-#[test]
-fn init_from_adapter_must_match_the_peft_config() {
-    let out = std::env::temp_dir().join(format!("train-golden-mismatch-{}", std::process::id()));
-    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .current_dir(repo())
-        .args(["train", "tests/fixtures/train/train.yaml"])
-        .args(["--set", "peft.r=8", "--set", "peft.alpha=16"])
+/// Runs `trainer train` on the golden fixture config with `sets`, expecting it to stop with exit
+/// code 1 before training, and that stderr holds each of `wants`.
+fn refused(name: &str, sets: &[&str], wants: &[&str]) {
+    let out = std::env::temp_dir().join(format!("train-golden-{name}-{}", std::process::id()));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainer"));
+    cmd.current_dir(repo())
+        .args(["train", "tests/fixtures/train/train.yaml"]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let o = cmd
         .arg("--set")
         .arg(format!("train.output_dir={}", out.display()))
         .env_remove("RANK")
@@ -74,61 +76,50 @@ fn init_from_adapter_must_match_the_peft_config() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
-    for want in [
-        "peft.init_from tests/fixtures/train/adapter",
-        "peft.r: adapter 4, config 8",
-        "peft.alpha: adapter lora_alpha 8, config 16",
-        "set those peft keys to the adapter's values",
-    ] {
+    for want in wants {
         assert!(stderr.contains(want), "missing {want:?} in\n{stderr}");
     }
     assert!(!stderr.contains("panicked"), "{stderr}");
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// An init_from adapter whose r / alpha differ from the peft config is refused before training
+/// (training would run with the adapter's values while checkpoints and export record the config's).
+#[test]
+fn init_from_adapter_must_match_the_peft_config() {
+    refused(
+        "mismatch",
+        &["peft.r=8", "peft.alpha=16"],
+        &[
+            "peft.init_from tests/fixtures/train/adapter",
+            "peft.r: adapter 4, config 8",
+            "peft.alpha: adapter lora_alpha 8, config 16",
+            "set those peft keys to the adapter's values",
+        ],
+    );
+}
+
 /// Data that leaves no sample (every record longer than data.max_seq_len, skipped by default)
 /// fails with the reasons and the keys that drop records, not "lower train.batch_size".
 #[test]
 fn no_usable_sample_names_the_reasons() {
-    let out = std::env::temp_dir().join(format!("train-golden-empty-{}", std::process::id()));
-    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .current_dir(repo())
-        .args(["train", "tests/fixtures/train/train.yaml"])
-        .args(["--set", "data.max_seq_len=8"])
-        .arg("--set")
-        .arg(format!("train.output_dir={}", out.display()))
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{stderr}");
-    for want in [
-        "data.train tests/fixtures/train/train.jsonl: no usable sample",
-        "12 of 12 records skipped (too long: 12)",
-        "data.max_seq_len",
-    ] {
-        assert!(stderr.contains(want), "missing {want:?} in\n{stderr}");
-    }
-    let _ = std::fs::remove_dir_all(&out);
+    refused(
+        "empty",
+        &["data.max_seq_len=8"],
+        &[
+            "data.train tests/fixtures/train/train.jsonl: no usable sample",
+            "12 of 12 records skipped (too long: 12)",
+            "data.max_seq_len",
+        ],
+    );
 }
 
 /// fp16 training (no loss scaling here) is refused up front with the way out.
 #[test]
 fn fp16_training_is_refused() {
-    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .current_dir(repo())
-        .args(["train", "tests/fixtures/train/train.yaml"])
-        .args(["--set", "model.dtype=fp16"])
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("model.dtype: fp16 training needs loss scaling")
-            && stderr.contains("use bf16"),
-        "{stderr}"
+    refused(
+        "fp16",
+        &["model.dtype=fp16"],
+        &["model.dtype: fp16 training needs loss scaling", "use bf16"],
     );
 }
