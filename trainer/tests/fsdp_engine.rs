@@ -252,3 +252,59 @@ fn world1_lora_fused_attention_trains_like_eager() {
 fn world1_full_fused_attention_without_checkpointing_trains_like_eager() {
     fused_matches_eager(false, false);
 }
+
+/// The fixture model with `tie_word_embeddings: true` (its lm_head weights dropped from the files
+/// and the index), in a fresh folder.
+fn tied_fixture() -> PathBuf {
+    let src = fixtures().join("model_hf5");
+    let dir = std::env::temp_dir().join(format!("fsdp_engine_tied_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["text_config"]["tie_word_embeddings"] = true.into();
+    cfg["tie_word_embeddings"] = true.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(src.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let map = index["weight_map"].as_object_mut().unwrap();
+    map.retain(|k, _| !k.contains("lm_head"));
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    for f in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ] {
+        let kept: Vec<(String, Tensor)> = Tensor::read_safetensors(src.join(f))
+            .unwrap()
+            .into_iter()
+            .filter(|(n, _)| !n.contains("lm_head"))
+            .collect();
+        let refs: Vec<(&str, &Tensor)> = kept.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&refs, dir.join(f)).unwrap();
+    }
+    dir
+}
+
+/// Tied embeddings (lm_head a view of the embedding): FSDP full finetuning matches plain
+/// autograd, and between steps the view no longer holds the freed root unit's gathered buffer.
+#[test]
+fn tied_embeddings_train_like_autograd_and_release_the_root_buffer() {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let pg = ProcessGroup::from_env(Backend::Cpu, Duration::from_secs(30)).unwrap();
+    let dir = tied_fixture();
+    let load_tied = || MllamaModel::load(&dir, LoadOptions::default()).unwrap();
+    assert!(load_tied().config.text.tie_word_embeddings);
+    let plain = Trainable::Plain(Box::new(PlainModel::new(load_tied())));
+    let mut fsdp = fsdp_with(&pg, load_tied(), false, true);
+    let batch = golden_batch("text");
+    fsdp.zero_grads();
+    fsdp.forward_backward(&pg, &batch, 1.0, 1).unwrap();
+    match &fsdp {
+        Trainable::Fsdp(m) => assert_eq!(m.model.lm_head.weight.numel(), 0),
+        Trainable::Plain(_) => unreachable!(),
+    }
+    compare_steps(&pg, plain, fsdp, "tied", (1e-6, 1e-5, 1e-5));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -104,6 +104,15 @@ pub fn retie(model: &mut MllamaModel) {
     }
 }
 
+/// Drops the tied lm_head view of the embedding (after the embedding's gathered buffer is freed);
+/// `retie` rebuilds it after the next gather.
+pub fn untie(model: &mut MllamaModel) {
+    if model.config.text.tie_word_embeddings {
+        let w = &model.lm_head.weight;
+        model.lm_head.weight = Tensor::empty([0], (w.kind(), w.device()));
+    }
+}
+
 impl FsdpModel {
     /// Shards a fully loaded model (LoRA already applied) over `pg`: groups every parameter by
     /// unit and (trainable, dtype), keeps this rank's slice, and frees the rest.

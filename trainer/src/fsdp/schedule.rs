@@ -231,6 +231,16 @@ impl FsdpModel {
         }
     }
 
+    /// Frees `unit`'s gathered parameters; for the root unit also the tied lm_head view, which
+    /// otherwise kept the whole gathered root buffer (embedding, vision stem, projector) alive
+    /// between steps.
+    fn free_unit(&mut self, unit: usize) {
+        self.units[unit].free(self.compute);
+        if unit == ROOT {
+            super::untie(&mut self.model);
+        }
+    }
+
     /// Makes `unit` gathered, using the prefetched gather when it is that unit's, then starts
     /// the gather of `next` (prefetch). Returns the new in-flight gather.
     fn ensure_gathered(
@@ -249,7 +259,7 @@ impl FsdpModel {
                 // never happens with the schedules below; finish it to keep collectives paired
                 let u = g.unit;
                 self.units[u].finish_gather(g)?;
-                self.units[u].free(self.compute);
+                self.free_unit(u);
                 self.gather_now(pg, unit)?;
             }
             None => self.gather_now(pg, unit)?,
@@ -343,7 +353,7 @@ impl FsdpModel {
     pub fn forward_loss(&mut self, pg: &ProcessGroup, batch: &Batch) -> Result<f64, FsdpError> {
         self.model.set_training(false);
         let r = self.forward_values(pg, batch, 0, false);
-        self.units[ROOT].free(self.compute);
+        self.free_unit(ROOT);
         self.model.set_training(true);
         let (plan, values, _) = r?;
         let out = plan.stages.last().expect("out stage").output;
@@ -479,7 +489,7 @@ impl FsdpModel {
         if self.units[ROOT].trains() {
             self.units[ROOT].reduce_grads(pg, &root_acc)?;
         }
-        self.units[ROOT].free(self.compute);
+        self.free_unit(ROOT);
         drop(root_trainable);
         Ok(loss)
     }
@@ -488,8 +498,8 @@ impl FsdpModel {
 impl FsdpModel {
     /// Frees every unit (after an error left some gathered).
     fn free_all(&mut self) {
-        for u in &mut self.units {
-            u.free(self.compute);
+        for u in 0..self.units.len() {
+            self.free_unit(u);
         }
     }
 }
