@@ -277,8 +277,9 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
             .with_context(|| format!("cannot create --log-dir {}", dir.display()))?;
         if cli.tee.is_none() {
             tracing::info!(
-                "rank output goes to {}/{run_id}/attempt_N/<local_rank>/ (add --tee to see it here too)",
-                dir.display()
+                "rank output goes to {}/{run_id}/attempt_N/{}<local_rank>/ (add --tee to see it here too)",
+                dir.display(),
+                if nnodes > 1 { "node<G>/" } else { "" }
             );
         }
     }
