@@ -30,11 +30,12 @@ __device__ __forceinline__ u64 sw128_desc(u32 addr, u32 lbo, u32 sbo) {
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
-// cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// Waits until at most N of this warpgroup's committed wgmma groups are still running.
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { wgmma_wait<0>(); }
+// cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 // Bulk asynchronous reduction (plain sm_90, no tensor map): global[dst .. + bytes] += shared[src ..]
 // element-wise in fp32, atomically per element, by the copy engine. Both addresses 16-byte aligned,
 // bytes a multiple of 16. Per-thread bulk groups: commit, then wait until the source was read.
@@ -637,7 +638,7 @@ __device__ void attn_bwd4(const AttnParams& p) {
 }
 
 // ================================================================================================
-// Backward, variant 6: variant 4's steps and tiles, three changes.
+// Backward, variant 6: variant 4's steps and tiles, four changes.
 // - dQ leaves through shared memory: each warpgroup stages its 64 x 64 fp32 dQ tile and 64 of its
 //   threads each hand one 256-byte row to the copy engine as a bulk reduce-add
 //   (cp.reduce.async.bulk ... add.f32) instead of 32 scalar fp32 atomics per thread per tile (8192

@@ -65,9 +65,7 @@ pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<usize> {
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let p = out.join("adapter_model.safetensors");
     Tensor::write_safetensors(&refs, &p).with_context(|| format!("writing {}", p.display()))?;
-    std::fs::File::open(&p)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("syncing {}", p.display()))?;
+    super::sync_file(&p)?;
     super::fsync_dir(out).with_context(|| format!("syncing {}", out.display()))?;
     Ok(tensors.len())
 }

@@ -41,11 +41,13 @@ pub fn find_latest(dir: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// Restores the trainable state and optimizer from the checkpoint `checkpoint.resume` selects
-/// (none: `Ok(None)`); every rank must call it.
+/// (none: `Ok(None)`); every rank must call it. `samples`: the training samples of this run's
+/// epoch plan (a checkpoint of other data is refused).
 pub fn resume(
     pg: &ProcessGroup,
     device: Device,
     config: &Config,
+    samples: u64,
     trainable: &mut Trainable,
     opt: &mut AdamW,
 ) -> Result<Option<Resumed>> {
@@ -65,7 +67,7 @@ pub fn resume(
             None => return Ok(None),
         },
     };
-    let local = load_into(&dir, pg.world_size(), pg.rank(), config, trainable, opt);
+    let local = load_into(&dir, pg.world_size(), samples, config, trainable, opt);
     // every rank learns whether any rank failed
     let flag = Tensor::from_slice(&[local.is_err() as i64]).to_device(device);
     pg.all_reduce(&flag, ReduceOp::Max)?;
@@ -95,7 +97,7 @@ pub fn resume(
 fn load_into(
     dir: &Path,
     world: usize,
-    _rank: usize,
+    samples: u64,
     config: &Config,
     trainable: &mut Trainable,
     opt: &mut AdamW,
@@ -120,6 +122,14 @@ fn load_into(
             m.seed,
             config.train.seed,
             m.seed
+        );
+    }
+    if let Some(saved) = m.data.samples.filter(|&n| n != samples) {
+        bail!(
+            "checkpoint {} was trained on {saved} samples of data.train (after skipped records), this run has {samples}: the data changed, so its position (epoch {} batch {}) would point at other samples; resume on the same data (and data.* settings), or {FIX}",
+            dir.display(),
+            m.data.epoch,
+            m.data.batch
         );
     }
     fill_states(dir, &m, &flat_states(trainable, opt))?;

@@ -204,8 +204,16 @@ pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 pub(crate) fn copy_synced(src: &Path, dst: &Path) -> anyhow::Result<()> {
     use anyhow::Context;
     std::fs::copy(src, dst)
-        .and_then(|_| std::fs::File::open(dst)?.sync_all())
-        .with_context(|| format!("copying {} to {}", src.display(), dst.display()))
+        .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+    sync_file(dst)
+}
+
+/// fsyncs the file at `path` (written by someone else, e.g. libtorch).
+pub(crate) fn sync_file(path: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", path.display()))
 }
 
 /// fsync a directory (so that renames and new entries in it are durable).

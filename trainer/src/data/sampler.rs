@@ -2,9 +2,10 @@
 //! fixed): per epoch, indices are shuffled from (seed, epoch), the last `len % global_batch` of
 //! that shuffle left out for the epoch (llama-recipes drops the incomplete last batch after the
 //! sort: always the longest samples, never trained on), the rest stably sorted by length, cut
-//! into global batches of `batch_size * world_size`, and the global batches are shuffled. Rank r takes the contiguous part `[r*batch_size, (r+1)*batch_size)`
-//! of each global batch, so the samples of a step do not depend on the world size, and a
-//! `Position` (epoch, batch index) resumes exactly, at any world size with the same global batch.
+//! into global batches of `batch_size * world_size`, and the global batches are shuffled. Rank r
+//! takes the contiguous part `[r*batch_size, (r+1)*batch_size)` of each global batch, so the samples
+//! of a step do not depend on the world size, and a `Position` (epoch, batch index) resumes
+//! exactly, at any world size with the same global batch.
 use serde::{Deserialize, Serialize};
 
 /// Where the loader stands: the next global batch to produce.

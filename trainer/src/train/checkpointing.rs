@@ -41,19 +41,10 @@ pub(super) fn resume(
     trainable: &mut Trainable,
     opt: &mut AdamW,
 ) -> Result<(u64, u64)> {
-    let Some(r) = checkpoint::resume(pg, device, config, trainable, opt)? else {
+    let Some(r) = checkpoint::resume(pg, device, config, samples, trainable, opt)? else {
         return Ok((0, 0));
     };
     let p = r.progress;
-    // (every rank has the same data, so every rank stops here alike)
-    if let Some(saved) = p.samples.filter(|&n| n != samples) {
-        anyhow::bail!(
-            "checkpoint {} was trained on {saved} samples of data.train (after skipped records), this run has {samples}: the data changed, so its position (epoch {} batch {}) would point at other samples; resume on the same data (and data.* settings), or start fresh with --set checkpoint.resume=never",
-            r.dir.display(),
-            p.data_epoch,
-            p.data_batch
-        );
-    }
     log(
         pg.rank(),
         &format!(
