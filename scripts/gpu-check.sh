@@ -64,5 +64,10 @@ if want kernels; then
   # a hung kernel from eating a 5-minute device budget
   timeout 200 "$BIN/kernels-gpu-check" --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu-check.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # variant 7 (warp-specialized TMA forward) in a process of its own: a kernel that traps (its
+  # producer's mbarrier watchdog) kills the CUDA context, which must not take the verdicts above
+  # with it. Timed against v5 (same backward) at two lengths.
+  KERNELS_BENCH=quick timeout 150 "$BIN/kernels-gpu-check" --variants v5,v7 --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu-check-v7.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 exit $status

@@ -6,10 +6,11 @@
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use cudarc::driver::sys;
 use tch::{Device, Kind, Tensor};
 
 use crate::runtime::{self, Gpu};
-use crate::{KernelError, Result};
+use crate::{tma, KernelError, Result};
 
 /// Which (query, key) pairs may attend; all parts are optional and combined with AND.
 #[derive(Default, Clone, Copy)]
@@ -93,7 +94,8 @@ const THREADS: u32 = 128;
 /// fallback (`LLAVA_SCO_ATTN_VARIANT=v2`). `V4` is Hopper wgmma kernels (`cuda/attention_sm90.cu`)
 /// on compute capability 9.0: forward at head dims 64 and 128, backward at 128; everything else
 /// runs V3. `V5` (the default) is V4 with the pipelined forward. `V6` is V5 with a backward whose
-/// dQ goes out as bulk reduce-adds from shared memory instead of scalar atomics.
+/// dQ goes out as bulk reduce-adds from shared memory instead of scalar atomics. `V7` is V5 with a
+/// warp-specialized forward (TMA loads, mbarriers, ping-pong; `cuda/attention_fwd_ws.cu`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     V2,
@@ -105,18 +107,22 @@ pub enum Variant {
     /// V5's forward; the backward stages dQ in shared memory and adds it to global memory with the
     /// copy engine's bulk reduce (`cp.reduce.async.bulk`), its dQ product issued behind dV/dK.
     V6,
+    /// V5's backward; the forward is FlashAttention-3's structure: a producer warp issuing TMA
+    /// loads, mbarrier stage hand-off, the two math warpgroups taking turns on the tensor cores.
+    /// Views the TMA unit cannot address run V5's forward.
+    V7,
 }
 
 /// The variant used when neither `set_variant` nor the environment chose one.
 pub const DEFAULT_VARIANT: Variant = Variant::V5;
-/// Environment variable read once on first use: `v2` ... `v6`.
+/// Environment variable read once on first use: `v2` ... `v7`.
 pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
 
 // 0 = not chosen yet, else the variant's number.
 static VARIANT: AtomicU8 = AtomicU8::new(0);
 
 impl Variant {
-    /// Parses `v2` ... `v6` (case-insensitive); the error names the variable and the
+    /// Parses `v2` ... `v7` (case-insensitive); the error names the variable and the
     /// accepted values.
     pub fn parse(s: &str) -> Result<Variant> {
         match s.trim().to_ascii_lowercase().as_str() {
@@ -125,8 +131,9 @@ impl Variant {
             "v4" => Ok(Variant::V4),
             "v5" => Ok(Variant::V5),
             "v6" => Ok(Variant::V6),
+            "v7" => Ok(Variant::V7),
             other => Err(KernelError::Invalid(format!(
-                "{VARIANT_ENV}={other:?}: expected v2, v3, v4, v5 or v6"
+                "{VARIANT_ENV}={other:?}: expected v2, v3, v4, v5, v6 or v7"
             ))),
         }
     }
@@ -138,6 +145,7 @@ impl Variant {
             Variant::V4 => 4,
             Variant::V5 => 5,
             Variant::V6 => 6,
+            Variant::V7 => 7,
         }
     }
 
@@ -149,6 +157,7 @@ impl Variant {
             Variant::V4 => "v4",
             Variant::V5 => "v5",
             Variant::V6 => "v6",
+            Variant::V7 => "v7",
         }
     }
 }
@@ -166,6 +175,7 @@ pub fn variant() -> Result<Variant> {
         4 => Ok(Variant::V4),
         5 => Ok(Variant::V5),
         6 => Ok(Variant::V6),
+        7 => Ok(Variant::V7),
         _ => {
             let v = match std::env::var(VARIANT_ENV) {
                 Ok(s) => Variant::parse(&s)?,
@@ -219,13 +229,25 @@ fn bwd6_smem(d: i64) -> i64 {
         + 1024
 }
 
-/// The forward variant that runs for `variant` on a device of `arch` at head dim `d`: V4/V5 only on
-/// compute_90 with d 64 or 128 (else V3); V6 runs V5's forward.
+/// Variant 7 forward: 3 warpgroups (producer + 2 math), tiles as variant 4; shared memory as
+/// variant 4 plus 9 mbarriers (8 bytes each, in a 128-byte slot).
+const FWD7_THREADS: u32 = 384;
+fn fwd7_smem(d: i64) -> i64 {
+    fwd4_smem(d) + 128
+}
+
+/// The forward variant that runs for `variant` on a device of `arch` at head dim `d`: V4/V5/V7
+/// only on compute_90 with d 64 or 128 (else V3); V6 runs V5's forward. (V7 also falls back to
+/// V5 for views the TMA unit cannot address, decided at launch.)
 fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
         Variant::V6 => v4_forward(Variant::V5, arch, d),
-        Variant::V4 | Variant::V5 if arch == "compute_90" && (d == 64 || d == 128) => variant,
-        Variant::V4 | Variant::V5 => Variant::V3,
+        Variant::V4 | Variant::V5 | Variant::V7
+            if arch == "compute_90" && (d == 64 || d == 128) =>
+        {
+            variant
+        }
+        Variant::V4 | Variant::V5 | Variant::V7 => Variant::V3,
         v => v,
     }
 }
@@ -235,8 +257,8 @@ fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
 fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
         Variant::V6 if arch == "compute_90" && d == 128 => Variant::V6,
-        Variant::V4 | Variant::V5 if arch == "compute_90" && d == 128 => Variant::V4,
-        Variant::V4 | Variant::V5 | Variant::V6 => Variant::V3,
+        Variant::V4 | Variant::V5 | Variant::V7 if arch == "compute_90" && d == 128 => Variant::V4,
+        Variant::V4 | Variant::V5 | Variant::V6 | Variant::V7 => Variant::V3,
         v => v,
     }
 }
@@ -248,6 +270,7 @@ fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
         Variant::V3 => format!("attn_fwd3_{dtype}_d{d}"),
         Variant::V4 => format!("attn_fwd4_{dtype}_d{d}"),
         Variant::V5 | Variant::V6 => format!("attn_fwd5_{dtype}_d{d}"),
+        Variant::V7 => format!("attn_fwd7_{dtype}_d{d}"),
     }
 }
 
@@ -255,7 +278,7 @@ fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
 pub fn sm90a_kernel_names() -> Vec<String> {
     let mut names = Vec::new();
     for dtype in ["bf16", "f16"] {
-        for v in [Variant::V4, Variant::V5] {
+        for v in [Variant::V4, Variant::V5, Variant::V7] {
             names.push(fwd_kernel(v, dtype, 64));
             names.push(fwd_kernel(v, dtype, 128));
         }
@@ -548,7 +571,14 @@ pub fn fused_forward_into(
         return Ok(());
     }
     let name = dtype_name(q.kind())?;
-    let variant = v4_forward(variant, &gpu.arch, d.d);
+    let mut variant = v4_forward(variant, &gpu.arch, d.d);
+    let mut maps = None;
+    if variant == Variant::V7 {
+        maps = fwd7_maps(&p, &d, q.kind() == Kind::BFloat16)?;
+        if maps.is_none() {
+            variant = Variant::V5; // a view the TMA unit cannot address
+        }
+    }
     // (query rows per block, threads, shared bytes: Q + 2 stages of K and V)
     let (rows, threads, smem) = match variant {
         Variant::V2 => (TILE, THREADS, 5 * TILE * (d.d + 8) * 2),
@@ -558,25 +588,59 @@ pub fn fused_forward_into(
             (FWD3_BLOCK_M + 4 * fwd3_block_n(d.d)) * (d.d + 8) * 2,
         ),
         Variant::V4 | Variant::V5 | Variant::V6 => (FWD4_BLOCK, FWD4_THREADS, fwd4_smem(d.d)),
+        Variant::V7 => (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d)),
     };
-    let source = if matches!(variant, Variant::V4 | Variant::V5 | Variant::V6) {
+    let source = if matches!(
+        variant,
+        Variant::V4 | Variant::V5 | Variant::V6 | Variant::V7
+    ) {
         crate::SM90A_ATTENTION
     } else {
         "attention.cu"
     };
     let f = gpu.function(source, &fwd_kernel(variant, name, d.d))?;
     let grid = (((d.sq + rows - 1) / rows) as u32, d.h as u32, d.b as u32);
-    let mut arg: *mut c_void = &mut p as *mut AttnParams as *mut c_void;
-    // SAFETY: one AttnParams argument matching the kernel; tensors kept alive in `keep`/`outputs`.
-    unsafe {
-        gpu.launch(
-            f,
-            grid,
-            (threads, 1, 1),
-            smem as u32,
-            std::slice::from_mut(&mut arg),
-        )
-    }
+    let p_arg: *mut c_void = &mut p as *mut AttnParams as *mut c_void;
+    let mut args = match maps.as_mut() {
+        Some(m) => vec![m as *mut Fwd7Maps as *mut c_void, p_arg],
+        None => vec![p_arg],
+    };
+    // SAFETY: the arguments match the kernel's (Fwd7Maps for V7, then AttnParams); tensors kept
+    // alive in `keep`/`outputs` until the launch is queued on their stream.
+    unsafe { gpu.launch(f, grid, (threads, 1, 1), smem as u32, &mut args) }
+}
+
+/// Variant 7's first kernel argument (`Fwd7Maps` in cuda/attention_fwd_ws.cu): the Q, K, V tensor
+/// maps and, per tensor, the map dimension of its sequence, head and batch index.
+#[repr(C)]
+struct Fwd7Maps {
+    q: sys::CUtensorMap,
+    k: sys::CUtensorMap,
+    v: sys::CUtensorMap,
+    q_pos: [i32; 3],
+    k_pos: [i32; 3],
+    v_pos: [i32; 3],
+}
+
+/// The tensor maps for variant 7, or None when a view cannot be addressed by the TMA unit (the
+/// caller runs variant 5's forward instead). An encoder error is returned: it means a layout this
+/// module thought valid was refused, which the GPU checks should show, not hide.
+fn fwd7_maps(p: &AttnParams, d: &Dims, bf16: bool) -> Result<Option<Fwd7Maps>> {
+    let rows = FWD4_BLOCK as u32;
+    let q = tma::layout(d.sq, d.h, d.b, d.d, [p.q_ss, p.q_hs, p.q_bs], rows);
+    let k = tma::layout(d.sk, d.hk, d.b, d.d, [p.k_ss, p.k_hs, p.k_bs], rows);
+    let v = tma::layout(d.sk, d.hk, d.b, d.d, [p.v_ss, p.v_hs, p.v_bs], rows);
+    let (Some(q), Some(k), Some(v)) = (q, k, v) else {
+        return Ok(None);
+    };
+    Ok(Some(Fwd7Maps {
+        q: tma::encode(p.q, &q, bf16)?,
+        k: tma::encode(p.k, &k, bf16)?,
+        v: tma::encode(p.v, &v, bf16)?,
+        q_pos: q.pos,
+        k_pos: k.pos,
+        v_pos: v.pos,
+    }))
 }
 
 /// Fused backward: recomputes P from `lse`; returns dq, dk, dv shaped like q, k, v.
@@ -767,7 +831,7 @@ mod tests {
         assert_eq!(Variant::parse(" V3 ").unwrap(), Variant::V3);
         let err = Variant::parse("fast").unwrap_err().to_string();
         assert!(
-            err.contains(VARIANT_ENV) && err.contains("v2, v3, v4, v5 or v6"),
+            err.contains(VARIANT_ENV) && err.contains("v2, v3, v4, v5, v6 or v7"),
             "{err}"
         );
         for v in [
@@ -776,6 +840,7 @@ mod tests {
             Variant::V4,
             Variant::V5,
             Variant::V6,
+            Variant::V7,
         ] {
             assert_eq!(Variant::parse(v.name()).unwrap(), v);
         }
@@ -795,7 +860,7 @@ mod tests {
         // Q + 2 stages of K and V at d128 must fit one block's 227 KB
         assert!(fwd4_smem(128) <= 227 * 1024, "{}", fwd4_smem(128));
         assert!(bwd4_smem(128) <= 227 * 1024, "{}", bwd4_smem(128));
-        assert_eq!(sm90a_kernel_names().len(), 12);
+        assert_eq!(sm90a_kernel_names().len(), 16);
         assert_eq!(v4_forward(Variant::V5, "compute_90", 128), Variant::V5);
         assert_eq!(v4_forward(Variant::V5, "compute_80", 64), Variant::V3);
         assert_eq!(v4_backward(Variant::V5, "compute_90", 128), Variant::V4);
@@ -804,6 +869,13 @@ mod tests {
         assert_eq!(v4_backward(Variant::V6, "compute_90", 128), Variant::V6);
         assert_eq!(v4_backward(Variant::V6, "compute_90", 64), Variant::V3);
         assert_eq!(v4_backward(Variant::V6, "compute_80", 128), Variant::V3);
+        // V7: its own forward where V5's runs, V5's backward
+        assert_eq!(v4_forward(Variant::V7, "compute_90", 64), Variant::V7);
+        assert_eq!(v4_forward(Variant::V7, "compute_90", 80), Variant::V3);
+        assert_eq!(v4_forward(Variant::V7, "compute_80", 128), Variant::V3);
+        assert_eq!(v4_backward(Variant::V7, "compute_90", 128), Variant::V4);
+        assert_eq!(v4_backward(Variant::V7, "compute_90", 64), Variant::V3);
+        assert!(fwd7_smem(128) <= 227 * 1024, "{}", fwd7_smem(128));
     }
 
     #[test]

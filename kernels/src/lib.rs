@@ -7,11 +7,13 @@
 //! - `runtime`:    CUDA context, modules, libtorch's current stream, kernel launch
 //! - `attention`:  FlashAttention-2 style forward/backward (`attention::fused_*`) and the fp64 reference
 //! - `rmsnorm`:    fused RMSNorm forward/backward and its reference
+//! - `tma`:        TMA tensor maps for the warp-specialized attention forward (variant 7)
 pub mod attention;
 pub mod compile;
 pub mod cuda_libs;
 pub mod rmsnorm;
 pub mod runtime;
+pub mod tma;
 
 /// Everything that can go wrong in this crate. Messages name what was searched or what to change.
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +57,9 @@ pub const SM90A_ATTENTION: &str = "attention_sm90a.cu";
 pub fn sources() -> Vec<KernelSource> {
     // attention.cu's helpers without its kernels (each module is JIT-compiled whole on load)
     let sm90a = format!(
-        "#define ATTN_HELPERS_ONLY\n{ATTENTION}\n{}",
-        include_str!("../cuda/attention_sm90.cu")
+        "#define ATTN_HELPERS_ONLY\n{ATTENTION}\n{}\n{}",
+        include_str!("../cuda/attention_sm90.cu"),
+        include_str!("../cuda/attention_fwd_ws.cu")
     );
     [
         ("attention.cu", ATTENTION.to_string()),

@@ -1,8 +1,10 @@
 //! `make gpu-check` (on a GPU host): every fused kernel against its fp64 reference on fresh random
 //! inputs, then TFLOP/s and GB/s next to libtorch (SDPA, rms_norm) in the same run. Attention runs
-//! both kernel variants (v2, the previous one, and v3) through the same checks and timings, so one
-//! call says whether v3 is correct and how much faster it is. Prints a table last; with `--out DIR`
-//! also writes DIR/kernels-gpu.jsonl. Without a GPU it prints `SKIP (no GPU)`.
+//! every kernel variant in `--variants` (default v2,v3,v4,v5,v6) through the same checks, then
+//! times the newest one that passed against the passing one listed before it, so one call says
+//! whether a new variant is correct and how much faster it is. Prints a table last; with
+//! `--out DIR` also writes DIR/kernels-gpu.jsonl (kernels-gpu-<variants>.jsonl with `--variants`).
+//! Without a GPU it prints `SKIP (no GPU)`.
 use std::io::Write;
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
@@ -312,8 +314,53 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     }
 }
 
+/// The value after `flag` on the command line.
+fn arg(flag: &str) -> Option<String> {
+    std::env::args().skip_while(|a| a != flag).nth(1)
+}
+
+/// The variants to check, oldest first: `--variants v5,v7`, else v2-v6.
+fn variants_arg() -> Result<Vec<Variant>, String> {
+    let Some(list) = arg("--variants") else {
+        return Ok(vec![
+            Variant::V2,
+            Variant::V3,
+            Variant::V4,
+            Variant::V5,
+            Variant::V6,
+        ]);
+    };
+    list.split(',')
+        .map(|v| Variant::parse(v).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// (previous, new) to time: the newest variant whose cases all passed and the passing one listed
+/// before it (itself when it is the only one); None when none passed (a broken kernel's speed
+/// means nothing).
+fn bench_pair(variants: &[Variant], failures: &[usize]) -> Option<(Variant, Variant)> {
+    let passing: Vec<Variant> = variants
+        .iter()
+        .zip(failures)
+        .filter(|(_, &n)| n == 0)
+        .map(|(v, _)| *v)
+        .collect();
+    match passing.as_slice() {
+        [] => None,
+        [only] => Some((*only, *only)),
+        [.., prev, new] => Some((*prev, *new)),
+    }
+}
+
 fn main() -> std::process::ExitCode {
-    let out_dir = std::env::args().skip_while(|a| a != "--out").nth(1);
+    let out_dir = arg("--out");
+    let variants = match variants_arg() {
+        Ok(v) => v,
+        Err(e) => {
+            println!("FAIL: --variants: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     if !kernels::runtime::cuda_available() {
         println!("SKIP (no GPU): libtorch sees no CUDA device or the driver is missing");
         return std::process::ExitCode::SUCCESS;
@@ -441,15 +488,8 @@ fn main() -> std::process::ExitCode {
         "attention case", "out", "dq", "dk", "dv"
     );
     // Oldest first: if a newer variant is broken badly enough to kill the CUDA context, the older
-    // verdicts are already out. v4-v6 (wgmma) run only on compute capability 9.0.
-    let variants = [
-        Variant::V2,
-        Variant::V3,
-        Variant::V4,
-        Variant::V5,
-        Variant::V6,
-    ];
-    let mut variant_failures = [0usize; 5];
+    // verdicts are already out. v4-v7 (wgmma) run only on compute capability 9.0.
+    let mut variant_failures = vec![0usize; variants.len()];
     for (vi, variant, c) in variants
         .iter()
         .enumerate()
@@ -523,16 +563,15 @@ fn main() -> std::process::ExitCode {
         t0.elapsed().as_secs_f64()
     );
     let mut rows = Vec::new();
-    // the newest variant whose cases all passed, timed against the one before it (a broken
-    // kernel's speed means nothing)
-    let (prev, new) = match variant_failures {
-        [_, _, 0, 0, 0] => (Variant::V5, Variant::V6),
-        [_, _, 0, 0, _] => (Variant::V4, Variant::V5),
-        [_, _, 0, _, _] => (Variant::V3, Variant::V4),
-        _ => (Variant::V2, Variant::V3),
-    };
+    let pair = bench_pair(&variants, &variant_failures);
+    if pair.is_none() {
+        println!("no attention variant passed every case: attention is not timed");
+    }
+    let (prev, new) = pair.unwrap_or((Variant::V3, Variant::V3));
     if let Err(e) = guarded(|| {
-        bench_attention(&mut rows, &mut json, prev, new);
+        if pair.is_some() {
+            bench_attention(&mut rows, &mut json, prev, new);
+        }
         bench_rmsnorm(&mut rows, &mut json);
         Ok(())
     }) {
@@ -540,9 +579,11 @@ fn main() -> std::process::ExitCode {
         failures += 1;
     }
     if let Some(dir) = out_dir {
-        if let Ok(mut f) =
-            std::fs::File::create(std::path::Path::new(&dir).join("kernels-gpu.jsonl"))
-        {
+        let file = match arg("--variants") {
+            Some(list) => format!("kernels-gpu-{}.jsonl", list.replace(',', "-")),
+            Option::None => "kernels-gpu.jsonl".into(),
+        };
+        if let Ok(mut f) = std::fs::File::create(std::path::Path::new(&dir).join(file)) {
             let _ = writeln!(f, "{}", json.join("\n"));
         }
     }
@@ -596,5 +637,37 @@ fn main() -> std::process::ExitCode {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_passing_variant_is_timed_against_the_passing_one_before_it() {
+        let all = [
+            Variant::V2,
+            Variant::V3,
+            Variant::V4,
+            Variant::V5,
+            Variant::V6,
+        ];
+        assert_eq!(
+            bench_pair(&all, &[0, 0, 0, 0, 0]),
+            Some((Variant::V5, Variant::V6))
+        );
+        assert_eq!(
+            bench_pair(&all, &[0, 0, 0, 0, 3]),
+            Some((Variant::V4, Variant::V5))
+        );
+        assert_eq!(
+            bench_pair(&all, &[0, 0, 0, 1, 0]),
+            Some((Variant::V4, Variant::V6))
+        );
+        let pair = [Variant::V5, Variant::V7];
+        assert_eq!(bench_pair(&pair, &[0, 0]), Some((Variant::V5, Variant::V7)));
+        assert_eq!(bench_pair(&pair, &[0, 2]), Some((Variant::V5, Variant::V5)));
+        assert_eq!(bench_pair(&pair, &[1, 2]), None);
     }
 }
