@@ -324,6 +324,11 @@ fn rules_across_keys() {
          set train.schedule.kind: cosine or warmup_steps: 0"
     );
     assert_eq!(
+        set_error("train.schedule.min_lr_ratio=0.1"),
+        "train.schedule.min_lr_ratio: 0.1, but only kind cosine decays to a floor (step \
+         multiplies by gamma each epoch); set train.schedule.kind: cosine or min_lr_ratio: 0"
+    );
+    assert_eq!(
         set_error("peft.target_modules=[]"),
         "peft.target_modules: expected at least one module name for LoRA, like [q_proj, v_proj], got []"
     );
@@ -351,6 +356,14 @@ fn rules_across_keys() {
         ],
     )
     .expect("cosine warms up");
+    config::parse(
+        MINIMAL,
+        &[
+            "train.schedule.kind=cosine".into(),
+            "train.schedule.min_lr_ratio=0.1".into(),
+        ],
+    )
+    .expect("cosine decays to a floor");
 }
 
 #[test]

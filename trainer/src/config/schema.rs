@@ -292,6 +292,16 @@ impl<'de> Deserialize<'de> for Resume {
 }
 
 impl Config {
+    /// The dtype the forward and backward compute in, and the key that sets it:
+    /// `fsdp.mixed_precision` under FSDP, else `model.dtype` (FSDP's keys do nothing then).
+    pub fn compute_dtype(&self) -> (&'static str, DType) {
+        if self.fsdp.enabled {
+            ("fsdp.mixed_precision", self.fsdp.mixed_precision)
+        } else {
+            ("model.dtype", self.model.dtype)
+        }
+    }
+
     /// The resolved config as YAML: every key, defaults filled in. Loading it back gives the
     /// same config.
     pub fn to_yaml(&self) -> Result<String, super::ConfigError> {

@@ -102,6 +102,16 @@ fn train(raw: RawTrain) -> Result<TrainConfig, ConfigError> {
             ),
         });
     }
+    if s.kind == ScheduleKind::Step && s.min_lr_ratio.get() > 0.0 {
+        return Err(ConfigError::Conflict {
+            path: "train.schedule.min_lr_ratio".into(),
+            message: format!(
+                "{}, but only kind cosine decays to a floor (step multiplies by gamma each \
+                 epoch); set train.schedule.kind: cosine or min_lr_ratio: 0",
+                s.min_lr_ratio.get()
+            ),
+        });
+    }
     Ok(TrainConfig {
         epochs: raw.epochs.size(),
         batch_size: raw.batch_size.size(),

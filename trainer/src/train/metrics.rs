@@ -59,7 +59,8 @@ impl Meter {
         resumed: Option<u64>,
     ) -> Result<Self> {
         let rank = pg.rank();
-        let compute = crate::fsdp::kind_of(config.fsdp.mixed_precision);
+        // the peak of the dtype the matmuls run in (model.dtype without FSDP)
+        let compute = crate::fsdp::kind_of(config.compute_dtype().1);
         let peak_tflops = match config.train.peak_tflops {
             Some(p) => Some(p),
             None => device_peak_tflops(device, compute).map(|(p, name)| {

@@ -65,6 +65,9 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let (mut trainable, flops) = setup::model(config, &pg, device)?;
     // 3. Data.
     let data = setup::data(config, world)?;
+    for note in setup::unused_key_notes(config) {
+        metrics::log(rank, &note);
+    }
     let splits = [("train", Some(&data.train)), ("eval", data.eval.as_ref())];
     for (split, ds) in splits {
         if let Some(note) = ds.and_then(|ds| setup::skipped_note(split, ds)) {

@@ -181,15 +181,25 @@ pub(super) fn data(config: &Config, world: usize) -> Result<Data> {
 /// does not have: gradients below fp16's smallest normal (6e-5; the loss seed alone is 1 / tokens)
 /// flush to zero and training stalls without a sign. Refused with the way out.
 pub(super) fn check_training_precision(config: &Config) -> Result<()> {
-    let (key, compute) = if config.fsdp.enabled {
-        ("fsdp.mixed_precision", config.fsdp.mixed_precision)
-    } else {
-        ("model.dtype", config.model.dtype)
-    };
+    let (key, compute) = config.compute_dtype();
     if compute == config::DType::Fp16 {
         bail!("{key}: fp16 training needs loss scaling, which this trainer does not have (gradients below 6e-5 would flush to zero); use bf16 (fp32's range, same memory) or fp32");
     }
     Ok(())
+}
+
+/// Keys a config sets that do nothing in its combination, as log lines: without FSDP the model
+/// computes in `model.dtype`, so an `fsdp.mixed_precision` that differs from it is not applied
+/// (both have defaults, so this is a note, not an error).
+pub(super) fn unused_key_notes(config: &Config) -> Vec<String> {
+    let mut notes = vec![];
+    if !config.fsdp.enabled && config.fsdp.mixed_precision != config.model.dtype {
+        notes.push(format!(
+            "fsdp.enabled is false: fsdp.mixed_precision ({:?}) is not applied; the model computes in model.dtype ({:?})",
+            config.fsdp.mixed_precision, config.model.dtype
+        ));
+    }
+    notes
 }
 
 /// "N of M records skipped (reason: n, ...)" for a dataset's scan.
@@ -272,4 +282,28 @@ fn check_init_adapter(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(sets: &[&str]) -> Config {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        config::parse("model: {path: m}\ndata: {train: t.jsonl}\n", &sets).expect("config")
+    }
+
+    #[test]
+    fn mixed_precision_without_fsdp_is_noted_and_model_dtype_computes() {
+        let c = parse(&["fsdp.enabled=false", "model.dtype=fp32"]);
+        let notes = unused_key_notes(&c);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("fsdp.mixed_precision") && notes[0].contains("model.dtype"));
+        assert_eq!(c.compute_dtype(), ("model.dtype", config::DType::Fp32));
+        // the same dtypes, or FSDP on: nothing to note
+        assert!(unused_key_notes(&parse(&["fsdp.enabled=false", "model.dtype=bf16"])).is_empty());
+        let fsdp = parse(&["model.dtype=fp32"]);
+        assert!(unused_key_notes(&fsdp).is_empty());
+        assert_eq!(fsdp.compute_dtype(), ("fsdp.mixed_precision", config::DType::Bf16));
+    }
 }
