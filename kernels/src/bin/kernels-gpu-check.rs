@@ -99,8 +99,70 @@ impl Masks {
     }
 }
 
-/// Returns (fwd err, dq err, dk err, dv err).
-fn check_attention(c: &Case) -> Result<[f64; 4], String> {
+/// Where `got` (B, H, S, D) differs from `reference`: how many (b, h, s) rows are off (relative
+/// error above 5 %, or not finite), the first few, the 128-row tiles and 16-column groups that hold
+/// them, so a failed GPU run already points at the tile, stage or column block at fault.
+fn mismatch_summary(got: &Tensor, reference: &Tensor) -> String {
+    let got = got.to_kind(Kind::Double).to_device(Device::Cpu);
+    let want = reference.detach().to_device(Device::Cpu);
+    let sq = (&got - &want).square();
+    let row_err = sq.sum_dim_intlist(&[-1i64][..], false, Kind::Double); // (B, H, S)
+    let row_norm = want
+        .square()
+        .sum_dim_intlist(&[-1i64][..], false, Kind::Double);
+    let bad = row_err
+        .gt_tensor(&(row_norm * 0.0025 + 1e-12))
+        .logical_or(&row_err.isfinite().logical_not()); // (B, H, S)
+    let n_bad = bad.sum(Kind::Int64).int64_value(&[]);
+    if n_bad == 0 {
+        return "no row off by more than 5 %".into();
+    }
+    let idx = bad.nonzero(); // (n_bad, 3): b, h, s
+    let first: Vec<String> = (0..n_bad.min(4))
+        .map(|i| {
+            let r = idx.get(i);
+            format!(
+                "({},{},{})",
+                r.int64_value(&[0]),
+                r.int64_value(&[1]),
+                r.int64_value(&[2])
+            )
+        })
+        .collect();
+    let tiles: Vec<i64> = Vec::try_from(
+        idx.select(1, 2)
+            .divide_scalar_mode(128, "floor")
+            .unique_dim(0, true, false, false)
+            .0,
+    )
+    .unwrap_or_default();
+    let d = got.size()[3];
+    let groups: Vec<String> = (0..(d + 15) / 16)
+        .filter(|g| {
+            let w = (16).min(d - g * 16);
+            let e = sq.narrow(3, g * 16, w).sum(Kind::Double).double_value(&[]);
+            let n = want
+                .narrow(3, g * 16, w)
+                .square()
+                .sum(Kind::Double)
+                .double_value(&[]);
+            e.is_nan() || e > 0.0025 * n + 1e-12
+        })
+        .map(|g| format!("{}..{}", g * 16, (g * 16 + 16).min(d)))
+        .collect();
+    let rows = row_err.size();
+    format!(
+        "{n_bad} of {} rows off, first (b,h,s) {}; 128-row tiles {:?}{}; columns {}",
+        rows.iter().product::<i64>(),
+        first.join(" "),
+        &tiles[..tiles.len().min(12)],
+        if tiles.len() > 12 { " ..." } else { "" },
+        groups.join(" ")
+    )
+}
+
+/// Returns (fwd err, dq err, dk err, dv err) and, for each above `tol`, where it is off.
+fn check_attention(c: &Case, tol: f64) -> Result<([f64; 4], Vec<String>), String> {
     let dev = Device::Cuda(0);
     let scale = 1.0 / (c.d as f64).sqrt();
     let q = Tensor::randn([c.b, c.sq, c.h, c.d], (c.kind, dev)).permute([0, 2, 1, 3]); // strided view, as the model makes
@@ -125,12 +187,20 @@ fn check_attention(c: &Case) -> Result<[f64; 4], String> {
     if fwd.lse.isnan().any().int64_value(&[]) != 0 {
         return Err("lse has unwritten (NaN) elements".into());
     }
-    Ok([
-        rel_err(&fwd.out, &out64),
-        rel_err(&grads.dq, &g[0]),
-        rel_err(&grads.dk, &g[1]),
-        rel_err(&grads.dv, &g[2]),
-    ])
+    let pairs = [
+        ("out", &fwd.out, &out64),
+        ("dq", &grads.dq, &g[0]),
+        ("dk", &grads.dk, &g[1]),
+        ("dv", &grads.dv, &g[2]),
+    ];
+    let errs = pairs.map(|(_, got, want)| rel_err(got, want));
+    let notes = pairs
+        .iter()
+        .zip(errs)
+        .filter(|(_, e)| e.is_nan() || *e >= tol)
+        .map(|((what, got, want), _)| format!("{what}: {}", mismatch_summary(got, want)))
+        .collect();
+    Ok((errs, notes))
 }
 
 fn check_rmsnorm(kind: Kind, n: i64, c: i64) -> Result<[f64; 3], String> {
@@ -509,8 +579,8 @@ fn main() -> std::process::ExitCode {
             c.sk,
             c.mask
         );
-        match guarded(|| check_attention(c)) {
-            Ok(errs) => {
+        match guarded(|| check_attention(c, tol)) {
+            Ok((errs, notes)) => {
                 let ok = errs.iter().all(|e| *e < tol);
                 failures += usize::from(!ok);
                 variant_failures[vi] += usize::from(!ok);
@@ -522,6 +592,9 @@ fn main() -> std::process::ExitCode {
                     errs[3],
                     if ok { "PASS" } else { "FAIL" }
                 );
+                for n in &notes {
+                    println!("    {n}");
+                }
                 json.push(format!("{{\"check\":\"attention\",\"case\":\"{name}\",\"errors\":[{:e},{:e},{:e},{:e}],\"tol\":{tol},\"pass\":{ok}}}", errs[0], errs[1], errs[2], errs[3]));
             }
             Err(e) => {
@@ -669,5 +742,36 @@ mod tests {
         assert_eq!(bench_pair(&pair, &[0, 0]), Some((Variant::V5, Variant::V7)));
         assert_eq!(bench_pair(&pair, &[0, 2]), Some((Variant::V5, Variant::V5)));
         assert_eq!(bench_pair(&pair, &[1, 2]), None);
+    }
+}
+
+#[cfg(test)]
+mod summary_tests {
+    use super::*;
+
+    #[test]
+    fn mismatch_summary_names_rows_tiles_and_columns() {
+        let want = Tensor::ones([1, 2, 300, 80], (Kind::Double, Device::Cpu));
+        let got = want.copy();
+        // head 1, rows 130 and 131 (tile 1), columns 64..80 wrong; one NaN in head 0 row 5
+        let _ = got
+            .narrow(1, 1, 1)
+            .narrow(2, 130, 2)
+            .narrow(3, 64, 16)
+            .fill_(9.0);
+        let _ = got
+            .narrow(2, 5, 1)
+            .narrow(1, 0, 1)
+            .narrow(3, 0, 1)
+            .fill_(f64::NAN);
+        let s = mismatch_summary(&got, &want);
+        assert!(s.starts_with("3 of 600 rows off"), "{s}");
+        assert!(s.contains("(0,0,5) (0,1,130) (0,1,131)"), "{s}");
+        assert!(s.contains("128-row tiles [0, 1]"), "{s}");
+        assert!(s.contains("columns 0..16 64..80"), "{s}");
+        assert_eq!(
+            mismatch_summary(&want, &want),
+            "no row off by more than 5 %"
+        );
     }
 }

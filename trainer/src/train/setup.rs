@@ -304,6 +304,9 @@ mod tests {
         assert!(unused_key_notes(&parse(&["fsdp.enabled=false", "model.dtype=bf16"])).is_empty());
         let fsdp = parse(&["model.dtype=fp32"]);
         assert!(unused_key_notes(&fsdp).is_empty());
-        assert_eq!(fsdp.compute_dtype(), ("fsdp.mixed_precision", config::DType::Bf16));
+        assert_eq!(
+            fsdp.compute_dtype(),
+            ("fsdp.mixed_precision", config::DType::Bf16)
+        );
     }
 }
