@@ -118,7 +118,7 @@ __device__ __forceinline__ void fwd7_load_tile(u32 dst, const TmaMap& map, const
 // The producer thread. A stage s is used by tiles s, s + 2, ...: the j-th use (tile 2 j + s)
 // waits for its previous occupant's release, the (j - 1)-th completion of empty[s] (parity (j - 1) & 1).
 template <int D>
-__device__ void fwd7_produce(const Fwd7Maps& m, u32 Qs, u32 Kst, u32 Vst, u32 bars, int q0, int h, int hk, int b,
+__device__ __forceinline__ void fwd7_produce(const Fwd7Maps& m, u32 Qs, u32 Kst, u32 Vst, u32 bars, int q0, int h, int hk, int b,
                              int n_tiles) {
     constexpr u32 KV_BYTES = FWD4_BN * D * 2;
     fwd7_load_tile<D>(Qs, m.q, m.q_pos, bars + FWD7_Q_FULL, q0, h, b);
@@ -141,8 +141,10 @@ __device__ void fwd7_produce(const Fwd7Maps& m, u32 Qs, u32 Kst, u32 Vst, u32 ba
 }
 
 // Grid (ceil(Sq / 128), H, B), query tiles in reverse order (causal: longest first), as variant 4.
+// Inlined into the kernel (as is the producer), so every instruction after a setmaxnreg is
+// compiled under that register budget, not a callee's.
 template <bool BF16, int D>
-__device__ void attn_fwd7(const Fwd7Maps& maps, const AttnParams& p) {
+__device__ __forceinline__ void attn_fwd7(const Fwd7Maps& maps, const AttnParams& p) {
     extern __shared__ __align__(16) u16 smem[];
     constexpr int BM = FWD4_BM, BN = FWD4_BN;
     constexpr u32 Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
@@ -172,6 +174,9 @@ __device__ void attn_fwd7(const Fwd7Maps& maps, const AttnParams& p) {
     }
     __syncthreads();  // the last block-wide barrier: the roles part here
 
+    // The hand-off needs the kernel to start at exactly 168 registers per thread (384 x 168 =
+    // 128 x 24 + 256 x 240), which the host checks (`FWD7_ENTRY_REGISTERS` in attention.rs):
+    // with fewer, setmaxnreg.inc would wait forever for registers the block does not own.
     if (wg == 0) {
         setmaxnreg_dec<24>();
         if (threadIdx.x == 0 && n_tiles > 0) fwd7_produce<D>(maps, Qs, Kst, Vst, bars, q0, h, hk, b, n_tiles);

@@ -232,6 +232,10 @@ fn bwd6_smem(d: i64) -> i64 {
 /// Variant 7 forward: 3 warpgroups (producer + 2 math), tiles as variant 4; shared memory as
 /// variant 4 plus 9 mbarriers (8 bytes each, in a 128-byte slot).
 const FWD7_THREADS: u32 = 384;
+/// The registers per thread variant 7 must start with: the producer warpgroup gives up all but
+/// 24 and the math warpgroups take 240 (setmaxnreg), 128 x 24 + 256 x 240 = 384 x 168. With fewer
+/// the math warpgroups would wait forever for registers the block does not own.
+const FWD7_ENTRY_REGISTERS: i32 = (128 * 24 + 256 * 240) / FWD7_THREADS as i32;
 fn fwd7_smem(d: i64) -> i64 {
     fwd4_smem(d) + 128
 }
@@ -599,6 +603,15 @@ pub fn fused_forward_into(
         "attention.cu"
     };
     let f = gpu.function(source, &fwd_kernel(variant, name, d.d))?;
+    if variant == Variant::V7 {
+        let regs = gpu.registers(f)?;
+        if regs != FWD7_ENTRY_REGISTERS {
+            return Err(KernelError::Unsupported(format!(
+                "{} was compiled to {regs} registers per thread; its setmaxnreg hand-off needs exactly {FWD7_ENTRY_REGISTERS} (it would hang): use {VARIANT_ENV}=v5",
+                fwd_kernel(variant, name, d.d)
+            )));
+        }
+    }
     let grid = (((d.sq + rows - 1) / rows) as u32, d.h as u32, d.b as u32);
     let p_arg: *mut c_void = &mut p as *mut AttnParams as *mut c_void;
     let mut args = match maps.as_mut() {
@@ -876,6 +889,7 @@ mod tests {
         assert_eq!(v4_backward(Variant::V7, "compute_90", 128), Variant::V4);
         assert_eq!(v4_backward(Variant::V7, "compute_90", 64), Variant::V3);
         assert!(fwd7_smem(128) <= 227 * 1024, "{}", fwd7_smem(128));
+        assert_eq!(FWD7_ENTRY_REGISTERS, 168); // what ptxas gives 384 threads at 1 block/SM
     }
 
     #[test]

@@ -127,6 +127,19 @@ impl Gpu {
         Ok(f)
     }
 
+    /// Registers per thread `f` starts with (the driver's JIT decides; a kernel that moves
+    /// registers between warpgroups with setmaxnreg depends on this number).
+    pub fn registers(&self, f: Function) -> Result<i32> {
+        // SAFETY: a function handle from this context's modules.
+        unsafe {
+            drv::function::get_function_attribute(
+                f.0,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NUM_REGS,
+            )
+        }
+        .map_err(driver_err("cuFuncGetAttribute(registers)"))
+    }
+
     /// Launches `f` on libtorch's current stream for this device.
     ///
     /// # Safety

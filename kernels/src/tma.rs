@@ -28,7 +28,8 @@ pub const BOX_COLS: u32 = 64;
 /// Describes a view of `seq` x `heads` x `batch` rows of `d` 16-bit elements with element strides
 /// `strides` = (sequence, head, batch). None when the TMA unit cannot address it (a stride that is
 /// not a multiple of 16 bytes or not below 2^40 bytes, a dimension of 0 or 2^32 and more, or a
-/// head dim that is not a multiple of 64): the caller then takes the cp.async path.
+/// head dim that is not a multiple of 64) or the sequence is shorter than one box of `rows`: the
+/// caller then takes the cp.async path.
 pub fn layout(
     seq: i64,
     heads: i64,
@@ -40,6 +41,11 @@ pub fn layout(
     const ELEM: i64 = 2;
     let sizes = [seq, heads, batch];
     if d <= 0 || d % BOX_COLS as i64 != 0 || sizes.iter().any(|&n| n <= 0 || n >= 1 << 32) {
+        return None;
+    }
+    // A box taller than the sequence is likely fine (the rest reads as zeros), but the driver
+    // documents no such case; sequences that short gain nothing from TMA anyway.
+    if seq < rows as i64 {
         return None;
     }
     // (size, byte stride, logical index); a size-1 dimension is never stepped along, so its
@@ -67,7 +73,7 @@ pub fn layout(
         if logical == 0 {
             boxes[slot + 1] = rows;
         }
-        extent = extent.max(stride * n);
+        extent = extent.max(stride.checked_mul(n)?);
     }
     Some(TmaLayout {
         dims,
@@ -134,10 +140,10 @@ mod tests {
 
     #[test]
     fn bhsd_layout_keeps_sequence_first() {
-        // (B=3, H=4, S=17, D=64) contiguous
-        let l = layout(17, 4, 3, 64, [64, 17 * 64, 4 * 17 * 64], 128).unwrap();
-        assert_eq!(l.dims, [64, 17, 4, 3]);
-        assert_eq!(l.strides, [128, 17 * 128, 4 * 17 * 128]);
+        // (B=3, H=4, S=170, D=64) contiguous
+        let l = layout(170, 4, 3, 64, [64, 170 * 64, 4 * 170 * 64], 128).unwrap();
+        assert_eq!(l.dims, [64, 170, 4, 3]);
+        assert_eq!(l.strides, [128, 170 * 128, 4 * 170 * 128]);
         assert_eq!(l.boxes, [64, 128, 1, 1]);
         assert_eq!(l.pos, [1, 2, 3]);
     }
@@ -155,9 +161,12 @@ mod tests {
 
     #[test]
     fn unaddressable_views_are_refused() {
-        assert!(layout(10, 2, 1, 80, [160, 80, 1600], 128).is_none()); // d not a multiple of 64
-        assert!(layout(10, 2, 1, 128, [132, 128, 2640], 128).is_none()); // 264-byte rows
+        assert!(layout(200, 2, 1, 80, [160, 80, 32000], 128).is_none()); // d not a multiple of 64
+        assert!(layout(200, 2, 1, 128, [132, 128, 26400], 128).is_none()); // 264-byte rows
         assert!(layout(0, 2, 1, 128, [256, 128, 0], 128).is_none());
-        assert!(layout(10, 2, 1, 128, [1 << 40, 128, 256], 128).is_none());
+        assert!(layout(200, 2, 1, 128, [1 << 40, 128, 256], 128).is_none());
+        assert!(layout(200, 1 << 31, 1, 128, [128, 1 << 38, 0], 128).is_none()); // extent overflows
+        assert!(layout(127, 2, 1, 128, [256, 128, 256 * 127], 128).is_none()); // shorter than a box
+        assert!(layout(128, 2, 1, 128, [256, 128, 256 * 128], 128).is_some());
     }
 }
