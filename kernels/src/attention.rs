@@ -344,7 +344,7 @@ fn loadable(t: &Tensor) -> (Tensor, [i64; 3]) {
     let t = if ok(t) {
         t.shallow_clone()
     } else {
-        t.contiguous()
+        crate::contiguous_aligned(t)
     };
     let s = t.stride();
     (t, [s[0], s[2], s[1]])
@@ -361,6 +361,13 @@ fn mask_ptr(
         return Err(KernelError::Invalid(format!(
             "{what} has shape {:?}, expected {shape:?}",
             t.size()
+        )));
+    }
+    // keep/allow flags; an additive float mask (0 / -inf) cast to bytes would mean the opposite
+    if !matches!(t.kind(), Kind::Bool | Kind::Uint8) {
+        return Err(KernelError::Invalid(format!(
+            "{what} must be bool (true = attend) or uint8 0/1, got {:?}; for an additive mask m use m.eq(0)",
+            t.kind()
         )));
     }
     let t = t.to_device(device).to_kind(Kind::Uint8).contiguous();
@@ -393,9 +400,9 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
         sk: ks[2],
         d: qs[3],
     };
-    if ks[0] != d.b || ks[3] != d.d || d.hk == 0 || d.h % d.hk != 0 {
+    if ks[0] != d.b || ks[3] != d.d || d.hk == 0 || d.h < d.hk || d.h % d.hk != 0 {
         return Err(KernelError::Invalid(format!(
-            "q {qs:?} and k {ks:?} disagree (batch, head dim, or H not a multiple of Hk)"
+            "q {qs:?} and k {ks:?} disagree (batch, head dim, or H not a positive multiple of Hk)"
         )));
     }
     if ![64, 80, 128].contains(&d.d) {
@@ -449,6 +456,7 @@ fn base_params(
 ) -> Result<(Dims, AttnParams)> {
     let d = dims(q, k, v)?;
     let device = q.device();
+    crate::same_device(device, &[("k", k), ("v", v)])?;
     let (q, qs) = loadable(q);
     let (k, ks) = loadable(k);
     let (v, vs) = loadable(v);
@@ -560,14 +568,19 @@ pub fn fused_forward_into(
     let (d, mut p) = base_params(q, k, v, mask, scale, &mut keep)?;
     let os = outputs.out.stride();
     if outputs.out.size() != q.size()
+        || outputs.out.kind() != q.kind()
         || os[3] != 1
+        || os.iter().any(|s| s % 8 != 0 && *s != 1)
+        || !(outputs.out.data_ptr() as usize).is_multiple_of(16)
         || outputs.lse.size() != [d.b, d.h, d.sq]
+        || outputs.lse.kind() != Kind::Float
         || !outputs.lse.is_contiguous()
     {
         return Err(KernelError::Invalid(
             "forward outputs must come from forward_outputs(q)".into(),
         ));
     }
+    crate::same_device(q.device(), &[("out", &outputs.out), ("lse", &outputs.lse)])?;
     p.o = outputs.out.data_ptr() as u64;
     p.lse = outputs.lse.data_ptr() as u64;
     (p.o_bs, p.o_ss, p.o_hs) = (os[0], os[2], os[1]);
@@ -681,6 +694,26 @@ pub fn fused_backward(
             q.kind()
         )));
     }
+    if fwd.out.size() != q.size()
+        || fwd.out.kind() != q.kind()
+        || fwd.lse.size() != [d.b, d.h, d.sq]
+        || fwd.lse.kind() != Kind::Float
+    {
+        return Err(KernelError::Invalid(format!(
+            "fwd must be this q's forward (out {:?} {:?}, lse {:?} fp32); got out {:?} {:?}, lse {:?} {:?}",
+            q.size(),
+            q.kind(),
+            [d.b, d.h, d.sq],
+            fwd.out.size(),
+            fwd.out.kind(),
+            fwd.lse.size(),
+            fwd.lse.kind()
+        )));
+    }
+    crate::same_device(
+        q.device(),
+        &[("dout", dout), ("fwd.out", &fwd.out), ("fwd.lse", &fwd.lse)],
+    )?;
     let (dout, ds) = loadable(dout);
     let (out, os) = loadable(&fwd.out);
     let opts = (q.kind(), q.device());

@@ -2,7 +2,8 @@
 //! cache keyed by (source hash, arch, NVRTC version) so a process compiles each kernel at most once
 //! per machine.
 use std::ffi::{CStr, CString};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cudarc::nvrtc::result as nvrtc;
 use sha2::{Digest, Sha256};
@@ -116,11 +117,35 @@ pub fn cached_ptx(src: &KernelSource, arch: &str) -> Result<String> {
     if let Ok(ptx) = std::fs::read_to_string(&path) {
         return Ok(ptx);
     }
+    compile_and_cache(src, arch, &dir, &path)
+}
+
+/// Compiles afresh and replaces the cached copy (a cached file the driver refused to load).
+pub fn recompile_ptx(src: &KernelSource, arch: &str) -> Result<String> {
+    let dir = cache_dir();
+    let path = dir.join(cache_key(src, arch, nvrtc_version()?));
+    compile_and_cache(src, arch, &dir, &path)
+}
+
+fn compile_and_cache(src: &KernelSource, arch: &str, dir: &Path, path: &Path) -> Result<String> {
     let ptx = compile_ptx(src, arch)?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let written = std::fs::create_dir_all(&dir)
+    // unique per writer (process, call, time): two writers of one key (threads, or processes on
+    // hosts sharing the cache folder) never write into the same file before the atomic rename
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = path.with_extension(format!(
+        "tmp{}.{}.{nanos}",
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = std::fs::create_dir_all(dir)
         .and_then(|_| std::fs::write(&tmp, &ptx))
-        .and_then(|_| std::fs::rename(&tmp, &path));
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
     if let Err(e) = written {
         tracing::warn!(
             "kernel cache {} not writable ({e}); compiling on every start",

@@ -38,6 +38,32 @@ pub enum KernelError {
 
 pub type Result<T> = std::result::Result<T, KernelError>;
 
+/// Every tensor a kernel reaches through a raw pointer must live on the launching device (another
+/// device's pointer faults, or silently reads a peer's memory).
+pub(crate) fn same_device(device: tch::Device, tensors: &[(&str, &tch::Tensor)]) -> Result<()> {
+    for (what, t) in tensors {
+        if t.device() != device {
+            return Err(KernelError::Invalid(format!(
+                "{what} is on {:?} but the call runs on {device:?}; move it there first",
+                t.device()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `t` as a contiguous tensor whose data starts 16-byte aligned, as the kernels' 16-byte vector
+/// accesses need: `t` itself when it already is, else a fresh copy (`contiguous()` alone keeps a
+/// contiguous view whose storage offset breaks the alignment).
+pub(crate) fn contiguous_aligned(t: &tch::Tensor) -> tch::Tensor {
+    if t.is_contiguous() && (t.data_ptr() as usize).is_multiple_of(16) {
+        return t.shallow_clone();
+    }
+    let mut fresh = tch::Tensor::empty(t.size(), (t.kind(), t.device()));
+    fresh.copy_(t);
+    fresh
+}
+
 /// One CUDA source file: its name and full text (common helpers prepended).
 pub struct KernelSource {
     pub name: &'static str,
@@ -104,4 +130,39 @@ pub fn source(name: &str) -> Result<KernelSource> {
         .into_iter()
         .find(|s| s.name == name)
         .ok_or_else(|| KernelError::Invalid(format!("no kernel source named {name}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind, Tensor};
+
+    #[test]
+    fn misaligned_contiguous_views_are_copied_to_aligned_memory() {
+        let base = Tensor::arange(64, (Kind::BFloat16, Device::Cpu));
+        let view = base.narrow(0, 1, 32); // contiguous, 2 bytes past an aligned start
+        assert!(view.is_contiguous());
+        assert!(!(view.data_ptr() as usize).is_multiple_of(16));
+        let fixed = super::contiguous_aligned(&view);
+        assert!((fixed.data_ptr() as usize).is_multiple_of(16) && fixed.is_contiguous());
+        assert!(fixed.equal(&view));
+        // an aligned contiguous tensor is used as it is
+        let same = super::contiguous_aligned(&base);
+        assert_eq!(same.data_ptr(), base.data_ptr());
+        // a strided view becomes contiguous
+        let t = Tensor::zeros([4, 8], (Kind::Float, Device::Cpu)).tr();
+        assert!(super::contiguous_aligned(&t).is_contiguous());
+    }
+
+    #[test]
+    fn tensors_on_another_device_are_named() {
+        let t = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+        assert!(super::same_device(Device::Cpu, &[("k", &t)]).is_ok());
+        let err = super::same_device(Device::Cuda(0), &[("k", &t), ("v", &t)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("k is on Cpu") && err.contains("Cuda(0)"),
+            "{err}"
+        );
+    }
 }

@@ -27,6 +27,7 @@ fn check(x: &Tensor, w: &Tensor) -> Result<(&'static runtime::Gpu, &'static str,
             )))
         }
     };
+    crate::same_device(x.device(), &[("weight", w)])?;
     let c = *x.size().last().unwrap_or(&0);
     if c == 0 || c % 8 != 0 || w.size() != [c] || w.kind() != x.kind() {
         return Err(KernelError::Invalid(format!("RMSNorm needs x (..., C) with C % 8 == 0 and weight (C) of x's dtype; got x {:?}, weight {:?} {:?}", x.size(), w.size(), w.kind())));
@@ -37,8 +38,8 @@ fn check(x: &Tensor, w: &Tensor) -> Result<(&'static runtime::Gpu, &'static str,
 /// y = w * cast(x * rstd); returns (y, rstd (rows) fp32).
 pub fn fused_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let (gpu, name, n, c) = check(x, w)?;
-    let (x, w) = (x.contiguous(), w.contiguous());
-    let y = x.empty_like();
+    let (x, w) = (crate::contiguous_aligned(x), crate::contiguous_aligned(w));
+    let y = Tensor::empty(x.size(), (x.kind(), x.device()));
     let rstd = Tensor::empty([n], (Kind::Float, x.device()));
     if n == 0 {
         return Ok((y, rstd));
@@ -73,13 +74,29 @@ pub fn fused_backward(
     rstd: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     let (gpu, name, n, c) = check(x, w)?;
+    if dy.size() != x.size()
+        || dy.kind() != x.kind()
+        || rstd.kind() != Kind::Float
+        || rstd.numel() != n as usize
+    {
+        return Err(KernelError::Invalid(format!(
+            "RMSNorm backward needs dy shaped and typed like x ({:?} {:?}) and rstd ({n}) fp32 from the forward; got dy {:?} {:?}, rstd {:?} {:?}",
+            x.size(),
+            x.kind(),
+            dy.size(),
+            dy.kind(),
+            rstd.size(),
+            rstd.kind()
+        )));
+    }
+    crate::same_device(x.device(), &[("dy", dy), ("rstd", rstd)])?;
     let (x, w, dy, rstd) = (
-        x.contiguous(),
-        w.contiguous(),
-        dy.contiguous(),
-        rstd.contiguous(),
+        crate::contiguous_aligned(x),
+        crate::contiguous_aligned(w),
+        crate::contiguous_aligned(dy),
+        crate::contiguous_aligned(rstd),
     );
-    let dx = x.empty_like();
+    let dx = Tensor::empty(x.size(), (x.kind(), x.device()));
     let dw = Tensor::zeros([c], (Kind::Float, x.device()));
     if n > 0 {
         let f = gpu.function("rmsnorm.cu", &format!("rmsnorm_bwd_{name}"))?;

@@ -103,12 +103,12 @@ impl Gpu {
                 Some(m) => *m as sys::CUmodule,
                 None => {
                     let arch = crate::arch_for(source, &self.arch)?;
-                    let ptx = compile::cached_ptx(&crate::source(source)?, &arch)?;
-                    let c = std::ffi::CString::new(ptx)
-                        .map_err(|_| KernelError::Invalid("PTX contains NUL".into()))?;
-                    // SAFETY: NUL-terminated PTX image; the module stays loaded for the process.
-                    let m = unsafe { drv::module::load_data(c.as_ptr() as *const c_void) }
-                        .map_err(driver_err("cuModuleLoadData"))?;
+                    let src = crate::source(source)?;
+                    let m = match load_ptx(compile::cached_ptx(&src, &arch)?) {
+                        Ok(m) => m,
+                        // a damaged cache file: compile afresh (replacing it) and try once more
+                        Err(_) => load_ptx(compile::recompile_ptx(&src, &arch)?)?,
+                    };
                     modules.insert(source.to_string(), m as usize);
                     m
                 }
@@ -168,6 +168,15 @@ impl Gpu {
         drv::launch_kernel(f.0, grid, block, shared_bytes, stream, params)
             .map_err(driver_err("cuLaunchKernel"))
     }
+}
+
+/// Loads a PTX image as a module that stays loaded for the process.
+fn load_ptx(ptx: String) -> Result<sys::CUmodule> {
+    let c =
+        std::ffi::CString::new(ptx).map_err(|_| KernelError::Invalid("PTX contains NUL".into()))?;
+    // SAFETY: NUL-terminated PTX image.
+    unsafe { drv::module::load_data(c.as_ptr() as *const c_void) }
+        .map_err(driver_err("cuModuleLoadData"))
 }
 
 fn poisoned() -> KernelError {
