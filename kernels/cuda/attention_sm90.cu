@@ -650,8 +650,9 @@ __device__ void attn_bwd4(const AttnParams& p) {
 // - dS^T is made visible before step 3 and step 5 is issued right behind it, so the tensor cores
 //   run dV/dK and dQ back to back; one block barrier less per tile.
 // - S^T and dP^T are two wgmma groups: P^T (the exp2s) is computed while dP^T still runs.
-// Shared: K, V (128 x D), dS^T (128 x 64), 2 x (Q, dO) (64 x D), 2 x (lse, delta), 2 x dQ staging
-// (64 x 288 bytes): 182 KB at d128.
+// Shared: K, V (128 x D), dS^T (128 x 64), 2 x (Q, dO) (64 x D), 2 x (lse, delta), a dQ staging
+// tile per warpgroup (64 x 288 bytes; not double-buffered: a tile waits for the previous reduce to
+// have read it): 182 KB at d128.
 // ================================================================================================
 #define BWD6_DQ_STRIDE 288
 

@@ -906,6 +906,7 @@ mod tests {
         // Q + 2 stages of K and V at d128 must fit one block's 227 KB
         assert!(fwd4_smem(128) <= 227 * 1024, "{}", fwd4_smem(128));
         assert!(bwd4_smem(128) <= 227 * 1024, "{}", bwd4_smem(128));
+        assert!(bwd6_smem(128) <= 227 * 1024, "{}", bwd6_smem(128));
         assert_eq!(sm90a_kernel_names().len(), 16);
         assert_eq!(v4_forward(Variant::V5, "compute_90", 128), Variant::V5);
         assert_eq!(v4_forward(Variant::V5, "compute_80", 64), Variant::V3);
