@@ -12,6 +12,10 @@ use thiserror::Error;
 pub const STORE_TOKEN_VAR: &str = "LLAVA_SCO_STORE_TOKEN";
 /// Set for ranks whose stderr the launcher echoes with a `[rank r]` prefix (`--tee`).
 pub const PREFIXED_STDERR_VAR: &str = "LLAVA_SCO_PREFIXED_STDERR";
+/// Set for ranks whose stderr the launcher relays unchanged to its own terminal (no `--tee`
+/// prefix, not only to a log file); the value is the terminal's width in columns. The trainer then
+/// draws rank 0's progress bar, as tqdm does under torchrun (whose ranks inherit the terminal).
+pub const STDERR_TERMINAL_VAR: &str = "LLAVA_SCO_STDERR_TERMINAL";
 /// torchrun's default `MASTER_ADDR` and `MASTER_PORT`.
 pub const DEFAULT_MASTER_ADDR: &str = "127.0.0.1";
 pub const DEFAULT_MASTER_PORT: u16 = 29500;

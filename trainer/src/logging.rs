@@ -1,9 +1,13 @@
 //! Logging for every rank: `tracing` with a `[rank r]` prefix, level from `RUST_LOG` (default info).
 //!
-//! Only rank 0 prints progress (`is_progress_rank`), and progress bars are drawn only when stderr is a
-//! terminal (`progress_bars_enabled`), so batch-job logs stay one line per event.
+//! Only rank 0 prints progress (`is_progress_rank`), and progress bars are drawn only when stderr
+//! reaches a terminal, directly or through the launcher (`progress_bars_enabled`), so batch-job
+//! logs stay one line per event.
 use std::fmt;
-use std::io::IsTerminal;
+use std::io::{self, IsTerminal, Write};
+use std::sync::Mutex;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, TermLike};
 
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::{DefaultFields, Format, Full, Writer};
@@ -24,9 +28,99 @@ pub fn is_progress_rank() -> bool {
     env_rank() == 0
 }
 
-/// Progress bars only on rank 0 and only when stderr is a terminal.
+/// Progress bars only on rank 0 and only when its stderr reaches a terminal: its own, or the
+/// launcher's, which relays it unchanged and says so (`STDERR_TERMINAL_VAR`, torchrun's ranks
+/// simply inherit the terminal).
 pub fn progress_bars_enabled() -> bool {
-    is_progress_rank() && std::io::stderr().is_terminal()
+    is_progress_rank() && (std::io::stderr().is_terminal() || relayed_terminal_columns().is_some())
+}
+
+/// The launcher's terminal width when it relays this process's stderr to that terminal.
+fn relayed_terminal_columns() -> Option<u16> {
+    std::env::var(launcher::env::STDERR_TERMINAL_VAR)
+        .ok()?
+        .parse()
+        .ok()
+        .filter(|&c| c > 0)
+}
+
+/// Where progress bars draw: stderr when it is a terminal; through the launcher's relay when
+/// that ends at one (indicatif hides bars on a pipe); hidden otherwise.
+pub fn progress_draw_target() -> ProgressDrawTarget {
+    if std::io::stderr().is_terminal() {
+        return ProgressDrawTarget::stderr();
+    }
+    match relayed_terminal_columns() {
+        Some(columns) => ProgressDrawTarget::term_like_with_hz(
+            Box::new(RelayedTerm {
+                columns,
+                out: Mutex::new(Box::new(std::io::stderr())),
+            }),
+            4,
+        ),
+        None => ProgressDrawTarget::hidden(),
+    }
+}
+
+/// A terminal at the far end of a pipe (the launcher copies the bytes to its own terminal): the
+/// cursor moves are ANSI sequences, and every draw ends with '\r' (the launcher relays output
+/// in pieces ending at '\r' or '\n', so the bar shows when drawn and stays out of the failure
+/// report's tail of stderr lines).
+struct RelayedTerm {
+    columns: u16,
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl fmt::Debug for RelayedTerm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RelayedTerm({} columns)", self.columns)
+    }
+}
+
+impl RelayedTerm {
+    fn write(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        out.write_all(bytes)
+    }
+
+    fn cursor(&self, n: usize, code: char) -> io::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.write(format!("\x1b[{n}{code}").as_bytes())
+    }
+}
+
+impl TermLike for RelayedTerm {
+    fn width(&self) -> u16 {
+        self.columns
+    }
+    fn move_cursor_up(&self, n: usize) -> io::Result<()> {
+        self.cursor(n, 'A')
+    }
+    fn move_cursor_down(&self, n: usize) -> io::Result<()> {
+        self.cursor(n, 'B')
+    }
+    fn move_cursor_right(&self, n: usize) -> io::Result<()> {
+        self.cursor(n, 'C')
+    }
+    fn move_cursor_left(&self, n: usize) -> io::Result<()> {
+        self.cursor(n, 'D')
+    }
+    fn write_line(&self, s: &str) -> io::Result<()> {
+        self.write(format!("{s}\n").as_bytes())
+    }
+    fn write_str(&self, s: &str) -> io::Result<()> {
+        self.write(s.as_bytes())
+    }
+    fn clear_line(&self) -> io::Result<()> {
+        self.write(b"\r\x1b[2K")
+    }
+    fn flush(&self) -> io::Result<()> {
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        out.write_all(b"\r")?;
+        out.flush()
+    }
 }
 
 /// Prefixes every event with `[rank r]` when the process runs under a launcher (WORLD_SIZE set)
@@ -54,6 +148,33 @@ where
     }
 }
 
+/// The progress bar being drawn, if any: log lines clear it, print, and redraw it.
+static ACTIVE_BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// Registers the bar every later log line must keep clear of (None when it is done).
+pub fn set_active_bar(bar: Option<ProgressBar>) {
+    *ACTIVE_BAR.lock().unwrap_or_else(|e| e.into_inner()) = bar;
+}
+
+/// stderr for log events: with a progress bar active, each event (one `write` per formatted
+/// event) is printed with the bar suspended, from whichever thread logs (a log line written
+/// under a bar is otherwise erased by the bar's next redraw).
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let bar = ACTIVE_BAR.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match bar {
+            Some(bar) if !bar.is_finished() => bar.suspend(|| io::stderr().write_all(buf))?,
+            _ => io::stderr().write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        io::stderr().flush()
+    }
+}
+
 /// Installs the global subscriber (stderr). Safe to call twice: the second call does nothing.
 pub fn init() {
     // under the launcher, unless it already prefixes this rank's lines (--tee)
@@ -68,9 +189,59 @@ pub fn init() {
     };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
         .with_ansi(std::io::stderr().is_terminal())
         .fmt_fields(DefaultFields::new())
         .event_format(format)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A writer whose bytes the test can read back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn relayed_bar_draws_end_with_carriage_return() {
+        let buf = Shared::default();
+        let term = RelayedTerm {
+            columns: 100,
+            out: Mutex::new(Box::new(buf.clone())),
+        };
+        term.clear_line().unwrap();
+        term.write_str("[00:00:01] ### 3/10").unwrap();
+        term.flush().unwrap();
+        term.move_cursor_up(0).unwrap(); // no-op
+        term.move_cursor_up(2).unwrap();
+        term.write_line("done").unwrap();
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(out, "\r\x1b[2K[00:00:01] ### 3/10\r\x1b[2Adone\n");
+        assert_eq!(term.width(), 100);
+        // a real bar drawn to it: every draw ends with '\r', the last one with the final state
+        let buf = Shared::default();
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(10),
+            ProgressDrawTarget::term_like(Box::new(RelayedTerm {
+                columns: 80,
+                out: Mutex::new(Box::new(buf.clone())),
+            })),
+        );
+        bar.inc(3);
+        bar.finish();
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(out.ends_with('\r') && out.contains("10/10"), "{out:?}");
+    }
 }

@@ -48,7 +48,12 @@ impl OutputOptions {
     }
 
     /// How one stream of one rank reaches the console: `None` (silent), or with an optional prefix.
-    fn console(&self, local_rank: usize, rank: usize, tee: bool) -> Option<Option<String>> {
+    pub(crate) fn console(
+        &self,
+        local_rank: usize,
+        rank: usize,
+        tee: bool,
+    ) -> Option<Option<String>> {
         if let Some(filter) = &self.local_ranks_filter {
             if !filter.contains(&local_rank) {
                 return None;
@@ -61,6 +66,19 @@ impl OutputOptions {
             (false, false) => Some(None),
         }
     }
+}
+
+/// The width of the launcher's terminal when its stderr is one (a rank whose stderr is relayed
+/// there unchanged may draw progress bars), else None.
+pub(crate) fn stderr_terminal_columns() -> Option<u16> {
+    use std::io::IsTerminal;
+    if !io::stderr().is_terminal() {
+        return None;
+    }
+    // SAFETY: TIOCGWINSZ fills a winsize for a terminal file descriptor; fd 2 is one.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(2, libc::TIOCGWINSZ, &mut ws) } == 0;
+    Some(if ok && ws.ws_col > 0 { ws.ws_col } else { 80 })
 }
 
 /// Last lines of a stream.

@@ -78,9 +78,13 @@ impl Meter {
                 "[{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar());
-            ProgressBar::new(total)
-                .with_style(style)
-                .with_position(resumed.unwrap_or(0))
+            let bar =
+                ProgressBar::with_draw_target(Some(total), crate::logging::progress_draw_target())
+                    .with_style(style)
+                    .with_position(resumed.unwrap_or(0));
+            // every log line (any thread) now clears the bar, prints, and redraws it
+            crate::logging::set_active_bar(Some(bar.clone()));
+            bar
         });
         Ok(Self {
             file,
@@ -146,12 +150,9 @@ impl Meter {
         Ok(())
     }
 
-    /// A log line (rank 0) that does not tear the progress bar.
+    /// A log line (rank 0); the logger keeps it clear of the progress bar.
     pub fn log(&self, msg: &str) {
-        match &self.bar {
-            Some(bar) => bar.suspend(|| log(self.rank, msg)),
-            None => log(self.rank, msg),
-        }
+        log(self.rank, msg)
     }
 
     /// The one-line summary of an epoch.
@@ -168,6 +169,9 @@ impl Meter {
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish();
+            crate::logging::set_active_bar(None);
+            // the next output starts below the finished bar, not over it
+            eprintln!();
         }
     }
 }
