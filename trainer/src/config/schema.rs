@@ -119,6 +119,10 @@ pub enum BadRecords {
     Skip,
 }
 
+/// Records without an image: dropped (as the seed's cot_dataset.py), or trained as text.
+/// With `keep`, a step whose batches hold no image gives the vision tower and the cross-attention
+/// layers no gradient; their parameters still take that AdamW step (moments and weight decay),
+/// where torch's AdamW skips a parameter without `.grad`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TextOnly {
