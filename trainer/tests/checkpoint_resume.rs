@@ -55,6 +55,12 @@ fn bitwise(world: usize, async_save: bool) {
         second.stderr
     );
 
+    assert!(
+        !second.stderr.contains("learning-rate schedule differs"),
+        "{}",
+        second.stderr
+    );
+
     let n_weights = assert_same_run(&straight, &resumed, 10);
     // every_steps 4, the epoch end (step 6) and train.max_steps (step 10); keep_last 2
     assert_eq!(checkpoints(&straight), ["step-00000008", "step-00000010"]);
@@ -266,4 +272,38 @@ fn launcher_restart_after_a_crash_in_save_is_bitwise() {
         assert!(t.equal(&wb[n]), "{n} differs after the restart");
     }
     assert_eq!(checkpoints(&out), ["step-00000004", "step-00000006"]);
+}
+
+#[test]
+fn resuming_with_a_longer_run_notes_the_changed_schedule() {
+    let out = fresh("schedule-change");
+    let every: &[&str] = &["checkpoint.every_steps=3", "train.schedule.kind=cosine"];
+    ok(
+        run(
+            &out,
+            1,
+            "epochs: 2, batch_size: 4, grad_accum: 2, max_steps: 3",
+            every,
+            &[],
+        ),
+        "first",
+    );
+    let second = ok(
+        run(
+            &out,
+            1,
+            "epochs: 2, batch_size: 4, grad_accum: 2, max_steps: 4",
+            every,
+            &[],
+        ),
+        "longer",
+    );
+    // (a step schedule does not depend on the run's length: no note there, see `bitwise`)
+    assert!(
+        second.stderr.contains("learning-rate schedule differs")
+            && second.stderr.contains("\"total_steps\":3")
+            && second.stderr.contains("\"total_steps\":4"),
+        "{}",
+        second.stderr
+    );
 }

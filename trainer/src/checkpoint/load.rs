@@ -31,6 +31,8 @@ pub struct Resumed {
     pub dir: PathBuf,
     pub progress: Progress,
     pub world_size: usize,
+    /// The learning-rate schedule the checkpoint was trained with (`LrSchedule::to_json`).
+    pub scheduler: serde_json::Value,
 }
 
 /// The newest complete checkpoint in `dir` (`.partial` folders are ignored).
@@ -83,6 +85,7 @@ pub fn resume(
     Ok(Some(Resumed {
         dir,
         world_size: m.world_size,
+        scheduler: m.scheduler.clone(),
         progress: Progress {
             step: m.step,
             epoch: m.epoch,

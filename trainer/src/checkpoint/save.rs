@@ -829,11 +829,7 @@ fn build_manifest(
         world_size: world,
         seed: t.seed,
         skipped_nonfinite: p.skipped_nonfinite,
-        scheduler: json!({
-            "base_lr": schedule.base_lr,
-            "total_steps": schedule.total_steps,
-            "schedule": serde_json::to_value(&schedule.schedule).unwrap_or(Value::Null),
-        }),
+        scheduler: schedule.to_json(),
         rng: "dropout is reseeded from train.seed and the step number each step; no other random state".into(),
         model_path: config.model.path.display().to_string(),
         config_hash: identity_hash(&id),

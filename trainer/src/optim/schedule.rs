@@ -13,6 +13,15 @@ pub struct LrSchedule {
 }
 
 impl LrSchedule {
+    /// As checkpoints record it (`manifest.json` "scheduler").
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "base_lr": self.base_lr,
+            "total_steps": self.total_steps,
+            "schedule": serde_json::to_value(&self.schedule).unwrap_or(serde_json::Value::Null),
+        })
+    }
+
     pub fn new(base_lr: f64, schedule: &Schedule, total_steps: u64) -> Self {
         Self {
             base_lr,

@@ -57,11 +57,41 @@ pub(super) fn resume(
             r.world_size
         ),
     );
+    st.resumed_schedule = Some(r.scheduler);
     st.step = p.step;
     st.epoch = p.epoch;
     st.skipped_nonfinite = p.skipped_nonfinite;
     st.saved_step = Some(p.step);
     Ok((p.data_epoch, p.data_batch))
+}
+
+/// Logs a note when the learning-rate schedule of this run differs from the one the checkpoint
+/// was trained with (HF and torch rebuild it from the run's arguments too; a longer run moves a
+/// cosine horizon). The step schedule ignores the run's length.
+pub(super) fn note_schedule_change(
+    rank: usize,
+    saved: &serde_json::Value,
+    schedule: &LrSchedule,
+    step: u64,
+) {
+    let now = schedule.to_json();
+    let relevant = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        if v["schedule"]["kind"] == "step" {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("total_steps");
+            }
+        }
+        v
+    };
+    if relevant(saved) != relevant(&now) {
+        log(
+            rank,
+            &format!(
+                "note: the learning-rate schedule differs from the checkpoint's (saved {saved}, now {now}); from step {step} the lr follows the new one"
+            ),
+        );
+    }
 }
 
 impl<'a> Saver<'a> {

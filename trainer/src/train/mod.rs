@@ -52,6 +52,8 @@ struct State {
     saved_step: Option<u64>,
     skipped_nonfinite: u64,
     last_loss: Option<f64>,
+    /// The schedule a resumed checkpoint was trained with (compared with this run's, then dropped).
+    resumed_schedule: Option<serde_json::Value>,
 }
 
 pub fn train(config: &Config) -> Result<Outcome> {
@@ -100,6 +102,9 @@ pub fn train(config: &Config) -> Result<Outcome> {
         &mut trainable,
         &mut opt,
     )?;
+    if let Some(saved) = st.resumed_schedule.take() {
+        checkpointing::note_schedule_change(rank, &saved, &schedule, st.step);
+    }
     let mut saver = checkpointing::Saver::new(&pg, config, &schedule, device, samples);
     let mut meter = Meter::open(config, &pg, device, flops, total_steps, st.saved_step)?;
     let stop_after = signal::stop_after_step();
