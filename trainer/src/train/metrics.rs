@@ -155,15 +155,26 @@ impl Meter {
         log(self.rank, msg)
     }
 
-    /// The one-line summary of an epoch.
+    /// The one-line summary of an epoch (of the steps this process ran: after a mid-epoch resume,
+    /// the ones since the resume); skipped non-finite steps are counted, not averaged.
     pub fn epoch_summary(&self, epoch: u64, losses: &[f64], seconds: f64) {
-        if !losses.is_empty() {
-            let mean = losses.iter().sum::<f64>() / losses.len() as f64;
-            self.log(&format!(
-                "epoch {epoch}: {} steps, mean loss {mean:.4}, {seconds:.1} s",
-                losses.len()
-            ));
+        if losses.is_empty() {
+            return;
         }
+        let finite: Vec<f64> = losses.iter().copied().filter(|l| l.is_finite()).collect();
+        let mean = if finite.is_empty() {
+            "none finite".to_string()
+        } else {
+            format!("{:.4}", finite.iter().sum::<f64>() / finite.len() as f64)
+        };
+        let skipped = match losses.len() - finite.len() {
+            0 => String::new(),
+            n => format!(" ({n} non-finite, not averaged)"),
+        };
+        self.log(&format!(
+            "epoch {epoch}: {} steps, mean loss {mean}{skipped}, {seconds:.1} s",
+            losses.len()
+        ));
     }
 
     pub fn finish(&self) {
