@@ -109,16 +109,14 @@ impl Meter {
         let mfu = self.peak_tflops.map(|p| tflops / p);
         let r = s.result;
         let tokens_per_s = r.tokens as f64 / s.step_s;
-        if !(s.step.is_multiple_of(self.log_every) || s.step == self.total) {
-            return Ok(());
-        }
+        // metrics.jsonl has every step; the console every train.log_every steps and the last
         self.write(json!({
             "step": s.step, "epoch": s.epoch, "loss": r.loss, "lr": s.lr, "grad_norm": r.grad_norm,
             "tokens": r.tokens, "tokens_per_s": tokens_per_s, "step_s": s.step_s,
             "mem_bytes": resident_bytes(), "tflops": tflops, "hw_tflops": hw_tflops, "mfu": mfu,
             "param_bytes": s.param_bytes,
         }))?;
-        if self.rank != 0 {
+        if self.rank != 0 || !(s.step.is_multiple_of(self.log_every) || s.step == self.total) {
             return Ok(());
         }
         let mfu_text = mfu.map_or(String::new(), |m| format!(" MFU {:.1}%", m * 100.0));
