@@ -193,6 +193,11 @@ fn answer_from_pixels(q: &str, b: &[Blob]) -> String {
     if let Some(rest) = q.strip_prefix("Are there more ") {
         let words: Vec<&str> = rest.split_whitespace().collect();
         let (a, c) = (words[0], words[2]);
+        assert_ne!(
+            count_color(a),
+            count_color(c),
+            "{q}: as many {a} as {c} shapes in the image: the question has no answer"
+        );
         return if count_color(a) > count_color(c) {
             a
         } else {

@@ -18,7 +18,7 @@ use crate::data::records::DEFAULT_CORRECTION_PROMPT;
 use scene::{make_qa, Category, Qa, Rng, Scene};
 
 /// Bumped whenever the generator's output changes (invalidates caches).
-pub const GENERATOR_VERSION: u32 = 4;
+pub const GENERATOR_VERSION: u32 = 5;
 
 /// Probability that turn 1 is wrong in a record.
 pub const P_WRONG: f64 = 0.3;

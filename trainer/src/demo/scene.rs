@@ -447,7 +447,8 @@ pub fn make_qa(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
         }
         Category::Compare => {
             let mut pair: Vec<Color> = Color::ALL.to_vec();
-            // two colors with different counts (one always exists: 2..=5 shapes, 4 colors)
+            // two colors with different counts; none when every color appears equally often (4
+            // shapes, one of each): then another kind of question
             let mut found = None;
             for _ in 0..16 {
                 let a = *rng.pick(&pair);
@@ -461,6 +462,9 @@ pub fn make_qa(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
                 Some(p) => p,
                 None => {
                     pair.sort_by_key(|&c| std::cmp::Reverse(scene.count_color(c)));
+                    if scene.count_color(pair[0]) == scene.count_color(pair[3]) {
+                        return make_qa_fallback(scene, rng, p_wrong);
+                    }
                     (pair[0], pair[3])
                 }
             };
@@ -552,5 +556,33 @@ fn make_qa_fallback(scene: &Scene, rng: &mut Rng, p_wrong: f64) -> Qa {
         if qa.category != Category::LeftRight {
             return qa;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_questions_always_have_an_answer() {
+        let mut rng = Rng::new(7);
+        let mut compares = 0;
+        for _ in 0..3000 {
+            let scene = Scene::random(&mut rng, 64);
+            let qa = make_qa(&scene, &mut rng, 0.3);
+            if qa.category != Category::Compare {
+                continue;
+            }
+            compares += 1;
+            let count = |name: &str| {
+                let c = Color::ALL.iter().find(|c| c.name() == name).expect("color");
+                scene.count_color(*c)
+            };
+            let w: Vec<&str> = qa.question.split_whitespace().collect();
+            let (a, b) = (w[3], w[5]); // "Are there more A or B shapes?"
+            assert_ne!(count(a), count(b), "{}", qa.question);
+            assert_eq!(qa.answer, if count(a) > count(b) { a } else { b });
+        }
+        assert!(compares > 300, "{compares}");
     }
 }
