@@ -6,12 +6,16 @@
 # medians over all rounds, plus the median of the per-round ratios. Keeps the raw results in $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the release binaries (cargo honours CARGO_TARGET_DIR; so do we)
+BIN="${CARGO_TARGET_DIR:-target}/release"
 MIB="${MIB:-1024}"
 REPS="${REPS:-3}"
 ROUNDS="${ROUNDS:-3}"
 OUT="${OUT:-bench-results}"
 DIR="${BENCH_DIR:-$OUT/checkpoint-tmp}"
 mkdir -p "$OUT" "$DIR"
+: > "$OUT/checkpoint-stderr.log"
+trap "echo \"bench-checkpoint failed; the ranks' stderr is in $OUT/checkpoint-stderr.log\" >&2" ERR
 cargo build --release --quiet --bin trainer --bin launcher
 dd_once() {
   # one line per run: "<round> <dd's summary line>"
@@ -24,12 +28,12 @@ dd_once() {
 for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS (load: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
   dd_once "$round"
-  target/release/launcher --standalone --nproc-per-node 2 -- target/release/trainer bench checkpoint \
-    --mib "$MIB" --reps "$REPS" --dir "$DIR/ours" --json 2>/dev/null \
+  "$BIN/launcher" --standalone --nproc-per-node 2 -- "$BIN/trainer" bench checkpoint \
+    --mib "$MIB" --reps "$REPS" --dir "$DIR/ours" --json 2>>"$OUT/checkpoint-stderr.log" \
     | sed "s/^{/{\"round\": $round, /" >> "$OUT/checkpoint-ours.jsonl"
   dd_once "$round"
   OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 scripts/bench_checkpoint.py \
-    --mib "$MIB" --reps "$REPS" --dir "$DIR/dcp" 2>/dev/null \
+    --mib "$MIB" --reps "$REPS" --dir "$DIR/dcp" 2>>"$OUT/checkpoint-stderr.log" \
     | sed "s/^{/{\"round\": $round, /" >> "$OUT/checkpoint-dcp.jsonl"
 done
 rm -rf "$DIR"

@@ -7,20 +7,24 @@
 # SKIP_BUILD=1 uses the existing target/release binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the release binaries (cargo honours CARGO_TARGET_DIR; so do we)
+BIN="${CARGO_TARGET_DIR:-target}/release"
 SIZES="${SIZES:-1,16,64,256}"
 REPS="${REPS:-5}"
 OUT="${OUT:-bench-results}"
 mkdir -p "$OUT"
+: > "$OUT/collectives-stderr.log"
+trap "echo \"bench-collectives failed; the ranks' stderr is in $OUT/collectives-stderr.log\" >&2" ERR
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --quiet --bin trainer --bin launcher
 bench() { # NAME BACKEND [ENV=VALUE...]
   local name=$1 backend=$2
   shift 2
-  env OMP_NUM_THREADS=1 "$@" target/release/launcher --standalone --nproc-per-node 2 -- target/release/trainer bench collectives --backend "$backend" --sizes "$SIZES" --reps "$REPS" --json 2>/dev/null > "$OUT/collectives-$name.jsonl"
+  env OMP_NUM_THREADS=1 "$@" "$BIN/launcher" --standalone --nproc-per-node 2 -- "$BIN/trainer" bench collectives --backend "$backend" --sizes "$SIZES" --reps "$REPS" --json 2>>"$OUT/collectives-stderr.log" > "$OUT/collectives-$name.jsonl"
 }
 bench cpu cpu LLAVA_SCO_CPU_SHM_CMA=auto
 bench cpu-copy cpu LLAVA_SCO_CPU_SHM_CMA=0
 bench tcp tcp
-OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 scripts/bench_gloo.py --sizes "$SIZES" --reps "$REPS" 2>/dev/null > "$OUT/collectives-gloo.jsonl"
+OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 scripts/bench_gloo.py --sizes "$SIZES" --reps "$REPS" 2>>"$OUT/collectives-stderr.log" > "$OUT/collectives-gloo.jsonl"
 .venv/bin/python - "$OUT" "$REPS" <<'PY'
 import json, sys, time, statistics
 from multiprocessing import Process, Queue

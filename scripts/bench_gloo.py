@@ -31,7 +31,8 @@ def main():
                 if op == "all_gather":
                     dist.all_gather_into_tensor(big, small)
                 elif op == "reduce_scatter":
-                    # gloo has no reduce_scatter_tensor: all_reduce + slice is what FSDP falls back to
+                    # the faster of gloo's two ways: its reduce_scatter_tensor (torch >= 2.3) measured
+                    # 0.13 GB/s against 0.54 for all_reduce + slice at 1 MiB (2026-11-27, this machine)
                     dist.all_reduce(big)
                     small.copy_(big[rank * n:(rank + 1) * n])
                 else:
