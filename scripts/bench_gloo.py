@@ -31,8 +31,9 @@ def main():
                 if op == "all_gather":
                     dist.all_gather_into_tensor(big, small)
                 elif op == "reduce_scatter":
-                    # the faster of gloo's two ways: its reduce_scatter_tensor (torch >= 2.3) measured
-                    # 0.13 GB/s against 0.54 for all_reduce + slice at 1 MiB (2026-11-27, this machine)
+                    # the faster of gloo's two ways: its reduce_scatter_tensor (torch >= 2.3, an
+                    # all_reduce inside too) took the same at 1 MiB and 1.2x as long at 16 MiB
+                    # (median of 10, 2 ranks, 2026-11-27, this machine)
                     dist.all_reduce(big)
                     small.copy_(big[rank * n:(rank + 1) * n])
                 else:
