@@ -628,3 +628,20 @@ fn fused_loader_tensors_equal_the_collate_reference() {
     let zeros = pv.iter().filter(|&&v| v == 0.0).count();
     assert!(zeros > 0 && zeros < pv.len(), "{zeros} of {}", pv.len());
 }
+
+#[test]
+fn every_jpeg_the_loader_decodes_passes_the_scan() {
+    // arithmetic-coded (the image crate's JPEG decoder refuses it; libjpeg-turbo loads it)
+    let dir = temp_dir("jpeg-scan");
+    let line = |img: &str| {
+        serde_json::json!({"id": img, "image": img, "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"},
+            {"from": "gpt", "value": "<SUMMARY> a </SUMMARY>"}]})
+        .to_string()
+    };
+    let train = write_jsonl(&dir, &[line("arith.jpg"), line("photo.jpg")]);
+    let ds = open(&config(&train, &fixtures().join("images"), &[])).expect("scan");
+    assert_eq!(ds.len(), 2);
+    let batches = collect(ds.epoch_iter(0, 0, 0, 1, 2, 1));
+    assert_eq!(batches.len(), 1);
+}

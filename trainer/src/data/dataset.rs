@@ -698,10 +698,29 @@ fn scan_record(
     }
 }
 
-/// Width and height from the image header (no decoding).
+/// Width and height from the image header (no decoding), checked against the pixel limit the
+/// load applies (so an oversized file is a bad record at the scan, not an error mid-run). JPEGs
+/// by libjpeg-turbo, the decoder that loads them (the image crate's refuses arithmetic-coded and
+/// lossless ones).
 fn image_size(p: &Path) -> Result<(usize, usize), String> {
-    let reader = ::image::ImageReader::open(p)
-        .and_then(|r| r.with_guessed_format())
+    let bytes =
+        std::fs::read(p).map_err(|e| format!("image {} cannot be read: {e}", p.display()))?;
+    let (w, h) = if super::jpeg::is_jpeg(&bytes) {
+        super::jpeg::header_size(&bytes).map_err(|e| format!("image {}: {e}", p.display()))?
+    } else {
+        other_image_size(p, &bytes)?
+    };
+    if w == 0 || h == 0 {
+        return Err(format!("image {}: zero-sized image ({w}x{h})", p.display()));
+    }
+    super::image::check_pixel_count(w, h).map_err(|e| format!("image {}: {e}", p.display()))?;
+    Ok((w, h))
+}
+
+/// `image_size` for the formats the image crate decodes.
+fn other_image_size(p: &Path, bytes: &[u8]) -> Result<(usize, usize), String> {
+    let reader = ::image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
         .map_err(|e| format!("image {} cannot be read: {e}", p.display()))?;
     if reader.format().is_none() {
         return Err(format!(
@@ -712,9 +731,6 @@ fn image_size(p: &Path) -> Result<(usize, usize), String> {
     let (w, h) = reader
         .into_dimensions()
         .map_err(|e| format!("image {}: corrupt image header: {e}", p.display()))?;
-    if w == 0 || h == 0 {
-        return Err(format!("image {}: zero-sized image ({w}x{h})", p.display()));
-    }
     Ok((w as usize, h as usize))
 }
 

@@ -35,6 +35,24 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, String> {
     }
 }
 
+/// Width and height from a JPEG's header, read by the same decoder as `decode` (every frame type
+/// libjpeg-turbo decodes: baseline, progressive, arithmetic-coded, lossless).
+pub fn header_size(bytes: &[u8]) -> Result<(usize, usize), String> {
+    let read = || {
+        Decompress::with_err(error_mgr())
+            .from_mem(bytes)
+            .map(|d| d.size())
+            .map_err(|e| format!("corrupt or truncated JPEG header: {e}"))
+    };
+    match catch_unwind(AssertUnwindSafe(read)) {
+        Ok(r) => r,
+        Err(payload) => Err(match payload.downcast::<String>() {
+            Ok(msg) => *msg,
+            Err(_) => "corrupt JPEG header (libjpeg error)".into(),
+        }),
+    }
+}
+
 fn decode_unwinding(bytes: &[u8]) -> Result<RgbImage, String> {
     let io = |e: std::io::Error| format!("corrupt or truncated JPEG: {e}");
     let d = Decompress::with_err(error_mgr())
