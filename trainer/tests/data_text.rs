@@ -207,3 +207,38 @@ fn length_policy_truncate_skip_error() {
         LengthOutcome::Skipped { .. }
     ));
 }
+
+/// A copy of the tokenizer fixture with its tokenizer_config.json edited by `edit`.
+fn tok_with(name: &str, edit: impl Fn(&mut serde_json::Map<String, Value>)) -> PathBuf {
+    let src = fixtures().join("tok");
+    let dir = std::env::temp_dir().join(format!("trainer-data-text-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["tokenizer.json", "preprocessor_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut tc: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    edit(tc.as_object_mut().unwrap());
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn pad_token_must_not_be_the_end_of_turn_token() {
+    let eot = tok_with("pad-eot", |tc| {
+        tc.insert("pad_token".into(), "<|eot_id|>".into());
+    });
+    let err = TextProcessor::from_model_dir(&eot, false).err().unwrap();
+    assert!(
+        err.contains("never learn to stop") && err.contains("pad_token"),
+        "{err}"
+    );
+    // no pad_token: Llama 3's reserved pad token, not eos (which is <|eot_id|> here)
+    let missing = tok_with("pad-missing", |tc| {
+        tc.remove("pad_token");
+    });
+    let tp = TextProcessor::from_model_dir(&missing, false).expect("falls back");
+    let reference = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
+    assert_eq!(tp.ids.pad, reference.ids.pad);
+}

@@ -74,7 +74,14 @@ impl TextProcessor {
         };
         let bos_token =
             token_string(tc.get("bos_token")).unwrap_or_else(|| "<|begin_of_text|>".into());
+        // without a pad_token: Llama 3.x's reserved pad token, else eos (as llama-recipes does)
+        const LLAMA3_PAD: &str = "<|finetune_right_pad_id|>";
         let pad_token = token_string(tc.get("pad_token"))
+            .or_else(|| {
+                tokenizer
+                    .token_to_id(LLAMA3_PAD)
+                    .map(|_| LLAMA3_PAD.to_string())
+            })
             .or_else(|| token_string(tc.get("eos_token")))
             .ok_or_else(|| {
                 format!(
@@ -93,6 +100,12 @@ impl TextProcessor {
                 .map_err(|e| e.to_string())?;
             Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
         };
+        if id(&pad_token)? == id("<|eot_id|>")? {
+            return Err(format!(
+                "{}: the pad token is {pad_token:?}, the same id as <|eot_id|>: padding is left out of the loss, so every <|eot_id|> would be too and the model would never learn to stop; set \"pad_token\" to another token (Llama 3.x has {LLAMA3_PAD})",
+                tc_path.display()
+            ));
+        }
         let ids = SpecialIds {
             bos: id(&bos_token)?,
             bos_token,
