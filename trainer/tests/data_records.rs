@@ -164,4 +164,16 @@ fn build_sco_makes_two_turn_records_and_counts_failures() {
     assert_eq!(rec.turns[1].user, DEFAULT_CORRECTION_PROMPT);
     assert_eq!(rec.turns[1].assistant, "<SUMMARY> better </SUMMARY>");
     assert!(build_sco("{}", "x").is_err());
+    // a question that already starts with the placeholder (LLaVA-CoT's first human value) gets
+    // it once, not twice
+    let with = r#"[{"question": "<image>\nQ?", "original_answer": "A", "refined_answer": "B", "image_path": "i/1.jpg"}]"#;
+    let rep = build_sco(with, DEFAULT_CORRECTION_PROMPT).unwrap();
+    let r = parse_jsonl_str(Path::new("sco.jsonl"), &rep.lines[0], &opts(TextOnly::Skip));
+    assert_eq!(r.records[0].turns[0].user, "Q?");
+    assert_eq!(
+        rep.lines[0].matches("<image>").count(),
+        1,
+        "{}",
+        rep.lines[0]
+    );
 }

@@ -242,3 +242,20 @@ fn pad_token_must_not_be_the_end_of_turn_token() {
     let reference = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
     assert_eq!(tp.ids.pad, reference.ids.pad);
 }
+
+#[test]
+fn a_literal_image_token_in_the_text_is_refused() {
+    let tp = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
+    let turn = |user: &str| trainer::data::records::Turn {
+        user: user.into(),
+        assistant: "A".into(),
+    };
+    let err = tp
+        .encode(&[turn("What is <|image|> here?")], true)
+        .err()
+        .unwrap();
+    assert!(err.contains("2 <|image|> token(s) for 1 image(s)"), "{err}");
+    assert!(tp.encode(&[turn("What is here?")], true).is_ok());
+    let err = tp.encode(&[turn("<|image|>?")], false).err().unwrap();
+    assert!(err.contains("1 <|image|> token(s) for 0 image(s)"), "{err}");
+}

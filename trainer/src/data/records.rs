@@ -380,7 +380,11 @@ pub fn build_sco(refined_json: &str, correction_prompt: &str) -> Result<ScoRepor
         rec.insert(
             "conversations".into(),
             Value::Array(vec![
-                turn("human", format!("{IMAGE_PLACEHOLDER}\n{}", q.trim())),
+                // (a question that already carries the placeholder gets it once)
+                turn(
+                    "human",
+                    format!("{IMAGE_PLACEHOLDER}\n{}", strip_placeholder(&q)),
+                ),
                 turn("gpt", orig.trim().to_string()),
                 turn("human", correction_prompt.to_string()),
                 turn("gpt", refined.trim().to_string()),

@@ -150,6 +150,17 @@ impl TextProcessor {
     pub fn encode(&self, turns: &[Turn], has_image: bool) -> Result<Encoded, String> {
         let text = self.render(turns, has_image)?;
         let input_ids = self.tokenize(&text)?;
+        // a literal image token in the text would be a second image slot (MllamaProcessor refuses
+        // the mismatch; the cross-attention mask would end the real image's span there)
+        let slots = input_ids.iter().filter(|&&t| t == self.ids.image).count();
+        if slots != usize::from(has_image) {
+            return Err(format!(
+                "the text holds {slots} {} token(s) for {} image(s): remove the literal {} from the record's text",
+                self.ids.image_token,
+                usize::from(has_image),
+                self.ids.image_token
+            ));
+        }
         let labels = seed_labels(&input_ids, &self.ids);
         Ok(Encoded { input_ids, labels })
     }
