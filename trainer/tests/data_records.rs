@@ -177,3 +177,28 @@ fn build_sco_makes_two_turn_records_and_counts_failures() {
         rep.lines[0]
     );
 }
+
+#[test]
+fn a_line_that_is_not_utf8_is_a_bad_record_of_its_own() {
+    let dir = std::env::temp_dir().join(format!("trainer-data-records-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("latin1.jsonl");
+    let good = r#"{"id": "a", "image": "x.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}"#;
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(good.as_bytes());
+    bytes.extend_from_slice(b"\n{\"id\": \"caf\xe9\"}\r\n");
+    bytes.extend_from_slice(good.as_bytes());
+    bytes.push(b'\n');
+    std::fs::write(&p, &bytes).unwrap();
+    let rep = trainer::data::records::parse_jsonl(&p, &opts(TextOnly::Skip)).unwrap();
+    assert_eq!(rep.records.len(), 2);
+    assert_eq!(rep.records[1].line, 3);
+    assert_eq!(rep.problems.len(), 1);
+    assert_eq!(rep.problems[0].line, 2);
+    assert!(
+        rep.problems[0].reason.contains("not UTF-8"),
+        "{:?}",
+        rep.problems
+    );
+    assert_eq!(rep.blank_lines, 0);
+}

@@ -259,3 +259,25 @@ fn a_literal_image_token_in_the_text_is_refused() {
     let err = tp.encode(&[turn("<|image|>?")], false).err().unwrap();
     assert!(err.contains("1 <|image|> token(s) for 0 image(s)"), "{err}");
 }
+
+#[test]
+fn truncation_and_padding_stored_in_tokenizer_json_do_not_apply() {
+    let dir = tok_with("stored-trunc", |_| {});
+    let tj = dir.join("tokenizer.json");
+    let mut t: Value = serde_json::from_str(&std::fs::read_to_string(&tj).unwrap()).unwrap();
+    t["truncation"] = serde_json::json!({"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0});
+    t["padding"] = serde_json::json!({"strategy": {"Fixed": 512}, "direction": "Right", "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"});
+    std::fs::write(&tj, t.to_string()).unwrap();
+    let turn = trainer::data::records::Turn {
+        user: "What is in the picture, exactly?".into(),
+        assistant: "A red circle.".into(),
+    };
+    let stored = TextProcessor::from_model_dir(&dir, false).unwrap();
+    let plain = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
+    let (a, b) = (
+        stored.encode(std::slice::from_ref(&turn), true).unwrap(),
+        plain.encode(std::slice::from_ref(&turn), true).unwrap(),
+    );
+    assert!(b.input_ids.len() > 4);
+    assert_eq!(a.input_ids, b.input_ids);
+}

@@ -76,24 +76,52 @@ pub struct ParseOptions {
 /// Parse a whole JSONL file. Only failing to read the file itself is an `Err`; bad lines are
 /// collected in `ParseReport::problems`.
 pub fn parse_jsonl(path: &Path, opts: &ParseOptions) -> Result<ParseReport, Problem> {
-    let text = std::fs::read_to_string(path).map_err(|e| Problem {
+    let bytes = std::fs::read(path).map_err(|e| Problem {
         file: path.to_path_buf(),
         line: 0,
         reason: format!("cannot read the data file: {e}"),
     })?;
-    Ok(parse_jsonl_str(path, &text, opts))
+    Ok(match String::from_utf8(bytes) {
+        Ok(text) => parse_jsonl_str(path, &text, opts),
+        // lines that are not UTF-8 are bad records of their own, the others parse as usual
+        Err(e) => {
+            let bytes = e.into_bytes();
+            let body = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+            let lines = body
+                .split(|&b| b == b'\n')
+                .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+                .map(|l| {
+                    std::str::from_utf8(l).map_err(|e| {
+                        format!(
+                            "not UTF-8 text (invalid byte at offset {} of the line): save the file as UTF-8",
+                            e.valid_up_to()
+                        )
+                    })
+                });
+            parse_lines(path, lines, opts)
+        }
+    })
 }
 
 /// `parse_jsonl` over text already in memory; `path` names the file in problems.
 pub fn parse_jsonl_str(path: &Path, text: &str, opts: &ParseOptions) -> ParseReport {
+    parse_lines(path, text.lines().map(Ok), opts)
+}
+
+/// Lines in file order, each its text or why it has none.
+fn parse_lines<'a>(
+    path: &Path,
+    lines: impl Iterator<Item = Result<&'a str, String>>,
+    opts: &ParseOptions,
+) -> ParseReport {
     let mut report = ParseReport::default();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in lines.enumerate() {
         let lineno = i + 1;
-        if line.trim().is_empty() {
+        if line.as_ref().is_ok_and(|l| l.trim().is_empty()) {
             report.blank_lines += 1;
             continue;
         }
-        match parse_line(line, opts) {
+        match line.and_then(|l| parse_line(l, opts)) {
             Ok(mut rec) => {
                 if rec.image.is_none() {
                     match opts.text_only {

@@ -56,8 +56,14 @@ impl TextProcessor {
     /// Load `tokenizer.json`, the chat template and the special ids of a model folder.
     pub fn from_model_dir(dir: &Path, double_bos: bool) -> Result<Self, String> {
         let tpath = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&tpath)
+        let mut tokenizer = Tokenizer::from_file(&tpath)
             .map_err(|e| format!("{}: cannot load tokenizer: {e}", tpath.display()))?;
+        // a tokenizer.json saved with truncation or padding on: Hugging Face's tokenizer resets
+        // both per call (the processor's own arguments decide), so the stored ones never apply
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| format!("{}: {e}", tpath.display()))?;
+        tokenizer.with_padding(None);
         let template = ChatTemplate::from_model_dir(dir)?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc: serde_json::Value = std::fs::read_to_string(&tc_path)
