@@ -93,6 +93,14 @@ fn text_only_render_with_system_block_and_generation_prompt() {
     // without date_string the template calls strftime_now
     let today = t.render(&msgs, false, None).unwrap();
     assert!(today.contains("Today Date: "));
+    // ... frozen at its first call: later renders give the same text
+    let first = trainer::data::template::strftime_now("%d %b %Y %H:%M:%S");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(
+        trainer::data::template::strftime_now("%d %b %Y %H:%M:%S"),
+        first
+    );
+    assert_eq!(t.render(&msgs, false, None).unwrap(), today);
 }
 
 #[test]

@@ -199,12 +199,18 @@ pub fn py_json_dumps(v: &Value, indent: Option<usize>) -> String {
     s
 }
 
-/// `datetime.now().strftime(fmt)` in UTC for the common directives (%d %m %Y %y %b %B %H %M %S %%).
+/// `datetime.now().strftime(fmt)` in UTC for the common directives (%d %m %Y %y %b %B %H %M %S %%),
+/// with "now" the first time this process asked: a run that crosses midnight renders the same
+/// "Today Date" at the data scan and at every later load (the tokens of a text-only record would
+/// otherwise change mid-run).
 pub fn strftime_now(fmt: &str) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0) as i64;
+    static NOW: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let secs = *NOW.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0) as i64
+    });
     strftime(fmt, secs)
 }
 
