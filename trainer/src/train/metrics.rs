@@ -185,6 +185,15 @@ impl Meter {
     }
 }
 
+impl Drop for Meter {
+    /// A run that ends with an error leaves no bar for later log lines to suspend.
+    fn drop(&mut self) {
+        if self.bar.is_some() {
+            crate::logging::set_active_bar(None);
+        }
+    }
+}
+
 fn open_file(dir: &Path, resumed: Option<u64>) -> Result<std::fs::File> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating train.output_dir {}", dir.display()))?;
