@@ -203,6 +203,10 @@ pub fn torch_current_stream(device: i32) -> sys::CUstream {
     if let Some(f) = shim {
         // SAFETY: out-parameter of the documented signature.
         if unsafe { f(device, &mut stream) } != 0 {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!("aoti_torch_get_current_cuda_stream failed for device {device}; kernels run on the NULL stream, which does not order with libtorch's non-blocking streams")
+            });
             stream = std::ptr::null_mut();
         }
     }
