@@ -4,7 +4,7 @@
 # same state size, same folder, same run. The disk is noisy, so the three are interleaved over ROUNDS
 # rounds (dd, ours, dd, DCP; ours and DCP each report the median of REPS reps) and the table gives
 # medians over all rounds, plus the median of the per-round ratios. Keeps the raw results in $OUT.
-set -euo pipefail
+set -Eeuo pipefail  # -E: the ERR trap fires inside functions too
 cd "$(dirname "$0")/.."
 # the release binaries (cargo honours CARGO_TARGET_DIR; so do we)
 BIN="${CARGO_TARGET_DIR:-target}/release"

@@ -5,7 +5,7 @@
 # 2 ranks, same sizes, same machine, same run; prints them side by side with the ratios to gloo
 # and keeps the JSON lines. Then the floor: a 64 MiB memcpy (numpy), alone and on both cores at once.
 # SKIP_BUILD=1 uses the existing target/release binaries.
-set -euo pipefail
+set -Eeuo pipefail  # -E: the ERR trap fires inside functions too
 cd "$(dirname "$0")/.."
 # the release binaries (cargo honours CARGO_TARGET_DIR; so do we)
 BIN="${CARGO_TARGET_DIR:-target}/release"

@@ -298,11 +298,43 @@ fn resuming_with_a_longer_run_notes_the_changed_schedule() {
         ),
         "longer",
     );
-    // (a step schedule does not depend on the run's length: no note there, see `bitwise`)
     assert!(
         second.stderr.contains("learning-rate schedule differs")
             && second.stderr.contains("\"total_steps\":3")
             && second.stderr.contains("\"total_steps\":4"),
+        "{}",
+        second.stderr
+    );
+}
+
+#[test]
+fn a_longer_run_on_the_step_schedule_has_the_same_schedule() {
+    // StepLR depends on the epoch, not on the run's length: no note
+    let out = fresh("schedule-step-longer");
+    let every: &[&str] = &["checkpoint.every_steps=3"];
+    ok(
+        run(
+            &out,
+            1,
+            "epochs: 2, batch_size: 4, grad_accum: 2, max_steps: 3",
+            every,
+            &[],
+        ),
+        "first",
+    );
+    let second = ok(
+        run(
+            &out,
+            1,
+            "epochs: 2, batch_size: 4, grad_accum: 2, max_steps: 4",
+            every,
+            &[],
+        ),
+        "longer",
+    );
+    assert!(second.stderr.contains("resumed from"), "{}", second.stderr);
+    assert!(
+        !second.stderr.contains("learning-rate schedule differs"),
         "{}",
         second.stderr
     );

@@ -73,11 +73,13 @@ impl RankProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        if output.console(env.local_rank, env.rank, output.tee_stderr) == Some(None) {
-            if let Some(columns) = super::output::stderr_terminal_columns() {
-                cmd.env(crate::env::STDERR_TERMINAL_VAR, columns.to_string());
-            }
-        }
+        // (removed otherwise: a value this launcher inherited must not reach a log file)
+        match super::output::stderr_terminal_columns()
+            .filter(|_| output.console(env.local_rank, env.rank, output.tee_stderr) == Some(None))
+        {
+            Some(columns) => cmd.env(crate::env::STDERR_TERMINAL_VAR, columns.to_string()),
+            None => cmd.env_remove(crate::env::STDERR_TERMINAL_VAR),
+        };
         if output.tee_stderr {
             // the console lines of this rank's stderr already carry `[rank r]`: tell the trainer's
             // logger not to add its own

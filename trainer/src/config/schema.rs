@@ -147,7 +147,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Run validation on `data.eval` after each epoch.
     pub validate: bool,
-    /// Log a line every this many optimizer steps (metrics.jsonl gets every step).
+    /// Log a line every this many optimizer steps when no progress bar is drawn (metrics.jsonl
+    /// gets every step).
     pub log_every: u64,
     /// Where metrics.jsonl and exported adapters go.
     pub output_dir: PathBuf,

@@ -703,12 +703,16 @@ fn scan_record(
 /// by libjpeg-turbo, the decoder that loads them (the image crate's refuses arithmetic-coded and
 /// lossless ones).
 fn image_size(p: &Path) -> Result<(usize, usize), String> {
-    let bytes =
-        std::fs::read(p).map_err(|e| format!("image {} cannot be read: {e}", p.display()))?;
-    let (w, h) = if super::jpeg::is_jpeg(&bytes) {
+    let unreadable = |e: std::io::Error| format!("image {} cannot be read: {e}", p.display());
+    let mut magic = [0u8; 3];
+    let n = std::io::Read::read(&mut std::fs::File::open(p).map_err(unreadable)?, &mut magic)
+        .map_err(unreadable)?;
+    let (w, h) = if super::jpeg::is_jpeg(&magic[..n]) {
+        // libjpeg parses from memory (the image crate read whole JPEGs here too)
+        let bytes = std::fs::read(p).map_err(unreadable)?;
         super::jpeg::header_size(&bytes).map_err(|e| format!("image {}: {e}", p.display()))?
     } else {
-        other_image_size(p, &bytes)?
+        other_image_size(p)?
     };
     if w == 0 || h == 0 {
         return Err(format!("image {}: zero-sized image ({w}x{h})", p.display()));
@@ -717,10 +721,10 @@ fn image_size(p: &Path) -> Result<(usize, usize), String> {
     Ok((w, h))
 }
 
-/// `image_size` for the formats the image crate decodes.
-fn other_image_size(p: &Path, bytes: &[u8]) -> Result<(usize, usize), String> {
-    let reader = ::image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
+/// `image_size` for the formats the image crate decodes (their headers only).
+fn other_image_size(p: &Path) -> Result<(usize, usize), String> {
+    let reader = ::image::ImageReader::open(p)
+        .and_then(|r| r.with_guessed_format())
         .map_err(|e| format!("image {} cannot be read: {e}", p.display()))?;
     if reader.format().is_none() {
         return Err(format!(

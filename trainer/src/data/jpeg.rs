@@ -36,13 +36,17 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, String> {
 }
 
 /// Width and height from a JPEG's header, read by the same decoder as `decode` (every frame type
-/// libjpeg-turbo decodes: baseline, progressive, arithmetic-coded, lossless).
+/// libjpeg-turbo decodes: baseline, progressive, arithmetic-coded, lossless); a layer count
+/// `decode` refuses is refused here too.
 pub fn header_size(bytes: &[u8]) -> Result<(usize, usize), String> {
     let read = || {
-        Decompress::with_err(error_mgr())
+        let d = Decompress::with_err(error_mgr())
             .from_mem(bytes)
-            .map(|d| d.size())
-            .map_err(|e| format!("corrupt or truncated JPEG header: {e}"))
+            .map_err(|e| format!("corrupt or truncated JPEG header: {e}"))?;
+        match d.components().len() {
+            1 | 3 | 4 => Ok(d.size()),
+            n => Err(format!("cannot handle {n}-layer JPEG images")),
+        }
     };
     match catch_unwind(AssertUnwindSafe(read)) {
         Ok(r) => r,

@@ -75,11 +75,24 @@ pub(super) fn note_schedule_change(
     step: u64,
 ) {
     let now = schedule.to_json();
+    // only what the schedule's kind uses: step ignores the run length (and has no warmup or
+    // floor), cosine ignores gamma
     let relevant = |v: &serde_json::Value| {
         let mut v = v.clone();
-        if v["schedule"]["kind"] == "step" {
+        let step = v["schedule"]["kind"] == "step";
+        if step {
             if let Some(o) = v.as_object_mut() {
                 o.remove("total_steps");
+            }
+        }
+        if let Some(o) = v["schedule"].as_object_mut() {
+            let unused: &[&str] = if step {
+                &["warmup_steps", "min_lr_ratio"]
+            } else {
+                &["gamma"]
+            };
+            for k in unused {
+                o.remove(*k);
             }
         }
         v

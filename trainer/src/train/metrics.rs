@@ -188,8 +188,13 @@ impl Meter {
 impl Drop for Meter {
     /// A run that ends with an error leaves no bar for later log lines to suspend.
     fn drop(&mut self) {
-        if self.bar.is_some() {
+        if let Some(bar) = &self.bar {
             crate::logging::set_active_bar(None);
+            if !bar.is_finished() {
+                // leave the bar as it stood, and the error that follows on a line of its own
+                bar.abandon();
+                eprintln!();
+            }
         }
     }
 }
