@@ -112,22 +112,25 @@ pub fn cache_key(src: &KernelSource, arch: &str, version: (i32, i32)) -> String 
 /// PTX from the disk cache, compiling (and caching atomically) on a miss. A cache that cannot be
 /// written is not fatal: the PTX is still returned and a warning logged once.
 pub fn cached_ptx(src: &KernelSource, arch: &str) -> Result<String> {
-    let dir = cache_dir();
-    let path = dir.join(cache_key(src, arch, nvrtc_version()?));
+    let path = cache_dir().join(cache_key(src, arch, nvrtc_version()?));
     if let Ok(ptx) = std::fs::read_to_string(&path) {
         return Ok(ptx);
     }
-    compile_and_cache(src, arch, &dir, &path)
+    compile_and_cache(src, arch, &path)
 }
 
 /// Compiles afresh and replaces the cached copy (a cached file the driver refused to load).
 pub fn recompile_ptx(src: &KernelSource, arch: &str) -> Result<String> {
-    let dir = cache_dir();
-    let path = dir.join(cache_key(src, arch, nvrtc_version()?));
-    compile_and_cache(src, arch, &dir, &path)
+    compile_and_cache(
+        src,
+        arch,
+        &cache_dir().join(cache_key(src, arch, nvrtc_version()?)),
+    )
 }
 
-fn compile_and_cache(src: &KernelSource, arch: &str, dir: &Path, path: &Path) -> Result<String> {
+/// Compiles and writes the PTX to the cache file `path`.
+fn compile_and_cache(src: &KernelSource, arch: &str, path: &Path) -> Result<String> {
+    let dir = path.parent().unwrap_or(Path::new("."));
     let ptx = compile_ptx(src, arch)?;
     // unique per writer (process, call, time): two writers of one key (threads, or processes on
     // hosts sharing the cache folder) never write into the same file before the atomic rename

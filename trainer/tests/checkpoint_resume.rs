@@ -274,68 +274,37 @@ fn launcher_restart_after_a_crash_in_save_is_bitwise() {
     assert_eq!(checkpoints(&out), ["step-00000004", "step-00000006"]);
 }
 
+/// Trains 3 steps with `sets`, then resumes the same run lengthened to 4 steps; the resumed
+/// run's stderr.
+fn resume_longer(name: &str, sets: &[&str]) -> String {
+    let out = fresh(name);
+    let train = |steps: u32| format!("epochs: 2, batch_size: 4, grad_accum: 2, max_steps: {steps}");
+    ok(run(&out, 1, &train(3), sets, &[]), "first");
+    let second = ok(run(&out, 1, &train(4), sets, &[]), "longer");
+    assert!(second.stderr.contains("resumed from"), "{}", second.stderr);
+    second.stderr
+}
+
 #[test]
 fn resuming_with_a_longer_run_notes_the_changed_schedule() {
-    let out = fresh("schedule-change");
-    let every: &[&str] = &["checkpoint.every_steps=3", "train.schedule.kind=cosine"];
-    ok(
-        run(
-            &out,
-            1,
-            "epochs: 2, batch_size: 4, grad_accum: 2, max_steps: 3",
-            every,
-            &[],
-        ),
-        "first",
-    );
-    let second = ok(
-        run(
-            &out,
-            1,
-            "epochs: 2, batch_size: 4, grad_accum: 2, max_steps: 4",
-            every,
-            &[],
-        ),
-        "longer",
+    let stderr = resume_longer(
+        "schedule-change",
+        &["checkpoint.every_steps=3", "train.schedule.kind=cosine"],
     );
     assert!(
-        second.stderr.contains("learning-rate schedule differs")
-            && second.stderr.contains("\"total_steps\":3")
-            && second.stderr.contains("\"total_steps\":4"),
-        "{}",
-        second.stderr
+        stderr.contains("learning-rate schedule differs")
+            && stderr.contains("\"total_steps\":3")
+            && stderr.contains("\"total_steps\":4"),
+        "{stderr}"
     );
 }
 
 #[test]
 fn a_longer_run_on_the_step_schedule_has_the_same_schedule() {
     // StepLR depends on the epoch, not on the run's length: no note
-    let out = fresh("schedule-step-longer");
-    let every: &[&str] = &["checkpoint.every_steps=3"];
-    ok(
-        run(
-            &out,
-            1,
-            "epochs: 2, batch_size: 4, grad_accum: 2, max_steps: 3",
-            every,
-            &[],
-        ),
-        "first",
-    );
-    let second = ok(
-        run(
-            &out,
-            1,
-            "epochs: 2, batch_size: 4, grad_accum: 2, max_steps: 4",
-            every,
-            &[],
-        ),
-        "longer",
-    );
-    assert!(second.stderr.contains("resumed from"), "{}", second.stderr);
+    let stderr = resume_longer("schedule-step-longer", &["checkpoint.every_steps=3"]);
     assert!(
-        !second.stderr.contains("learning-rate schedule differs"),
-        "{}",
-        second.stderr
+        !stderr.contains("learning-rate schedule differs"),
+        "{stderr}"
     );
 }

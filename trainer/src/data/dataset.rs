@@ -703,13 +703,17 @@ fn scan_record(
 /// by libjpeg-turbo, the decoder that loads them (the image crate's refuses arithmetic-coded and
 /// lossless ones).
 fn image_size(p: &Path) -> Result<(usize, usize), String> {
+    use std::io::Read;
     let unreadable = |e: std::io::Error| format!("image {} cannot be read: {e}", p.display());
-    let mut magic = [0u8; 3];
-    let n = std::io::Read::read(&mut std::fs::File::open(p).map_err(unreadable)?, &mut magic)
+    let mut file = std::fs::File::open(p).map_err(unreadable)?;
+    let mut bytes = Vec::with_capacity(3);
+    (&mut file)
+        .take(3)
+        .read_to_end(&mut bytes)
         .map_err(unreadable)?;
-    let (w, h) = if super::jpeg::is_jpeg(&magic[..n]) {
+    let (w, h) = if super::jpeg::is_jpeg(&bytes) {
         // libjpeg parses from memory (the image crate read whole JPEGs here too)
-        let bytes = std::fs::read(p).map_err(unreadable)?;
+        file.read_to_end(&mut bytes).map_err(unreadable)?;
         super::jpeg::header_size(&bytes).map_err(|e| format!("image {}: {e}", p.display()))?
     } else {
         other_image_size(p)?

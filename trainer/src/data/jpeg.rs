@@ -26,7 +26,13 @@ pub fn is_jpeg(bytes: &[u8]) -> bool {
 
 /// Decode a JPEG file's bytes to 8-bit RGB, as Pillow's `Image.open(...).convert("RGB")`.
 pub fn decode(bytes: &[u8]) -> Result<RgbImage, String> {
-    match catch_unwind(AssertUnwindSafe(|| decode_unwinding(bytes))) {
+    unwinding_to_err(|| decode_unwinding(bytes))
+}
+
+/// Runs libjpeg work whose fatal errors unwind out of `error_exit`, as an `Err` with libjpeg's
+/// message.
+fn unwinding_to_err<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(payload) => Err(match payload.downcast::<String>() {
             Ok(msg) => *msg,
@@ -35,26 +41,27 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, String> {
     }
 }
 
+/// The colour space libjpeg decodes `layers` components to (Pillow's modes L, RGB, CMYK).
+fn output_space(layers: usize) -> Result<ColorSpace, String> {
+    match layers {
+        1 => Ok(ColorSpace::JCS_GRAYSCALE),
+        3 => Ok(ColorSpace::JCS_RGB),
+        4 => Ok(ColorSpace::JCS_CMYK),
+        n => Err(format!("cannot handle {n}-layer JPEG images")),
+    }
+}
+
 /// Width and height from a JPEG's header, read by the same decoder as `decode` (every frame type
 /// libjpeg-turbo decodes: baseline, progressive, arithmetic-coded, lossless); a layer count
 /// `decode` refuses is refused here too.
 pub fn header_size(bytes: &[u8]) -> Result<(usize, usize), String> {
-    let read = || {
+    unwinding_to_err(|| {
         let d = Decompress::with_err(error_mgr())
             .from_mem(bytes)
             .map_err(|e| format!("corrupt or truncated JPEG header: {e}"))?;
-        match d.components().len() {
-            1 | 3 | 4 => Ok(d.size()),
-            n => Err(format!("cannot handle {n}-layer JPEG images")),
-        }
-    };
-    match catch_unwind(AssertUnwindSafe(read)) {
-        Ok(r) => r,
-        Err(payload) => Err(match payload.downcast::<String>() {
-            Ok(msg) => *msg,
-            Err(_) => "corrupt JPEG header (libjpeg error)".into(),
-        }),
-    }
+        output_space(d.components().len())?;
+        Ok(d.size())
+    })
 }
 
 fn decode_unwinding(bytes: &[u8]) -> Result<RgbImage, String> {
@@ -66,12 +73,7 @@ fn decode_unwinding(bytes: &[u8]) -> Result<RgbImage, String> {
     let (w, h) = d.size();
     // from the header, before libjpeg allocates its buffers
     super::image::check_pixel_count(w, h)?;
-    let out = match layers {
-        1 => ColorSpace::JCS_GRAYSCALE,
-        3 => ColorSpace::JCS_RGB,
-        4 => ColorSpace::JCS_CMYK,
-        n => return Err(format!("cannot handle {n}-layer JPEG images")),
-    };
+    let out = output_space(layers)?;
     let mut started = d.to_colorspace(out).map_err(io)?;
     // into a recycled buffer (no fresh pages to fault in and zero)
     let n = w * h * layers;

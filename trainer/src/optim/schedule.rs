@@ -22,6 +22,30 @@ impl LrSchedule {
         })
     }
 
+    /// A recorded schedule (`to_json`, as in a checkpoint) reduced to what its kind uses: step
+    /// ignores the run's length, warmup and floor; cosine ignores gamma. Two schedules with equal
+    /// reductions give the same learning rate at every step.
+    pub fn used_fields(recorded: &serde_json::Value) -> serde_json::Value {
+        let mut v = recorded.clone();
+        let step = v["schedule"]["kind"] == "step";
+        if step {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("total_steps");
+            }
+        }
+        if let Some(o) = v["schedule"].as_object_mut() {
+            let unused: &[&str] = if step {
+                &["warmup_steps", "min_lr_ratio"]
+            } else {
+                &["gamma"]
+            };
+            for k in unused {
+                o.remove(*k);
+            }
+        }
+        v
+    }
+
     pub fn new(base_lr: f64, schedule: &Schedule, total_steps: u64) -> Self {
         Self {
             base_lr,

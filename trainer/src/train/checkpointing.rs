@@ -67,7 +67,7 @@ pub(super) fn resume(
 
 /// Logs a note when the learning-rate schedule of this run differs from the one the checkpoint
 /// was trained with (HF and torch rebuild it from the run's arguments too; a longer run moves a
-/// cosine horizon). The step schedule ignores the run's length.
+/// cosine horizon).
 pub(super) fn note_schedule_change(
     rank: usize,
     saved: &serde_json::Value,
@@ -75,29 +75,7 @@ pub(super) fn note_schedule_change(
     step: u64,
 ) {
     let now = schedule.to_json();
-    // only what the schedule's kind uses: step ignores the run length (and has no warmup or
-    // floor), cosine ignores gamma
-    let relevant = |v: &serde_json::Value| {
-        let mut v = v.clone();
-        let step = v["schedule"]["kind"] == "step";
-        if step {
-            if let Some(o) = v.as_object_mut() {
-                o.remove("total_steps");
-            }
-        }
-        if let Some(o) = v["schedule"].as_object_mut() {
-            let unused: &[&str] = if step {
-                &["warmup_steps", "min_lr_ratio"]
-            } else {
-                &["gamma"]
-            };
-            for k in unused {
-                o.remove(*k);
-            }
-        }
-        v
-    };
-    if relevant(saved) != relevant(&now) {
+    if LrSchedule::used_fields(saved) != LrSchedule::used_fields(&now) {
         log(
             rank,
             &format!(

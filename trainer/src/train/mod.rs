@@ -67,7 +67,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let (mut trainable, flops) = setup::model(config, &pg, device)?;
     // 3. Data.
     let data = setup::data(config, world)?;
-    for note in setup::unused_key_notes(config) {
+    if let Some(note) = setup::unused_precision_note(config) {
         metrics::log(rank, &note);
     }
     let splits = [("train", Some(&data.train)), ("eval", data.eval.as_ref())];

@@ -188,18 +188,16 @@ pub(super) fn check_training_precision(config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Keys a config sets that do nothing in its combination, as log lines: without FSDP the model
+/// A log line when the config sets a compute dtype that does nothing: without FSDP the model
 /// computes in `model.dtype`, so an `fsdp.mixed_precision` that differs from it is not applied
 /// (both have defaults, so this is a note, not an error).
-pub(super) fn unused_key_notes(config: &Config) -> Vec<String> {
-    let mut notes = vec![];
-    if !config.fsdp.enabled && config.fsdp.mixed_precision != config.model.dtype {
-        notes.push(format!(
+pub(super) fn unused_precision_note(config: &Config) -> Option<String> {
+    (!config.fsdp.enabled && config.fsdp.mixed_precision != config.model.dtype).then(|| {
+        format!(
             "fsdp.enabled is false: fsdp.mixed_precision ({:?}) is not applied; the model computes in model.dtype ({:?})",
             config.fsdp.mixed_precision, config.model.dtype
-        ));
-    }
-    notes
+        )
+    })
 }
 
 /// "N of M records skipped (reason: n, ...)" for a dataset's scan.
@@ -296,14 +294,15 @@ mod tests {
     #[test]
     fn mixed_precision_without_fsdp_is_noted_and_model_dtype_computes() {
         let c = parse(&["fsdp.enabled=false", "model.dtype=fp32"]);
-        let notes = unused_key_notes(&c);
-        assert_eq!(notes.len(), 1, "{notes:?}");
-        assert!(notes[0].contains("fsdp.mixed_precision") && notes[0].contains("model.dtype"));
+        let note = unused_precision_note(&c).expect("a note");
+        assert!(note.contains("fsdp.mixed_precision") && note.contains("model.dtype"));
         assert_eq!(c.compute_dtype(), ("model.dtype", config::DType::Fp32));
         // the same dtypes, or FSDP on: nothing to note
-        assert!(unused_key_notes(&parse(&["fsdp.enabled=false", "model.dtype=bf16"])).is_empty());
+        assert!(
+            unused_precision_note(&parse(&["fsdp.enabled=false", "model.dtype=bf16"])).is_none()
+        );
         let fsdp = parse(&["model.dtype=fp32"]);
-        assert!(unused_key_notes(&fsdp).is_empty());
+        assert!(unused_precision_note(&fsdp).is_none());
         assert_eq!(
             fsdp.compute_dtype(),
             ("fsdp.mixed_precision", config::DType::Bf16)
