@@ -60,14 +60,16 @@ done
 want model && [ -x "$BIN/model_gpu" ] && step model-gpu timeout 200 "$BIN/model_gpu" --nocapture --test-threads 1
 # kernels last: its table is the end of the output
 if want kernels; then
-  # ~1 min on an H200 (NVRTC compile, 2 x 10 correctness cases, v2/v3/SDPA timings); the cap keeps
-  # a hung kernel from eating a 5-minute device budget
-  timeout 200 "$BIN/kernels-gpu-check" --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu-check.log"
+  # ~2.5 min on an H200 (NVRTC compile, 9 x 10 correctness cases, timings of the two newest
+  # variants and SDPA); the cap keeps a hung kernel from eating a 15-minute device budget
+  timeout 240 "$BIN/kernels-gpu-check" --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu-check.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  # variant 7 (warp-specialized TMA forward) in a process of its own: a kernel that traps (its
-  # producer's mbarrier watchdog) kills the CUDA context, which must not take the verdicts above
-  # with it. Timed against v5 (same backward) at two lengths.
-  KERNELS_BENCH=quick timeout 150 "$BIN/kernels-gpu-check" --variants v5,v7 --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu-check-v7.log"
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # where the backward's time goes: the profiling builds of variants 9 and 10 print the clock
+  # cycles of each step per tile (two blocks; the last timed call of each shape is kept)
+  LLAVA_SCO_ATTN_BWD_PROFILE=1 KERNELS_BENCH=quick timeout 120 "$BIN/kernels-gpu-check" --variants v9,v10 \
+    > "$OUT/kernels-bwd-profile.log" 2>&1 || status=1
+  echo "backward profile (cycles per 64-query tile):"
+  grep -- '-prof ' "$OUT/kernels-bwd-profile.log" \
+    | awk '{k = $1 " " $2 " " $3 " " $4 " " $5; last[k] = $0} END {for (k in last) print last[k]}' | sort
 fi
 exit $status

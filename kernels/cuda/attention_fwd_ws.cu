@@ -21,11 +21,6 @@
 #define FWD7_THREADS 384
 #define FWD7_STAGES 2
 
-// A CUtensorMap: 128 opaque bytes made by cuTensorMapEncodeTiled on the host.
-struct __align__(64) TmaMap {
-    u64 w[16];
-};
-
 // The tensor maps of Q, K, V (dimension 0: the head dim; 1-3: sequence, head, batch in order of
 // increasing stride, the order the host found) and, per tensor, which map coordinate each of
 // (sequence, head, batch) is.
@@ -34,76 +29,12 @@ struct __align__(64) Fwd7Maps {
     int q_pos[3], k_pos[3], v_pos[3];
 };
 
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-// Makes the initialized barriers visible to the async proxy (the TMA unit) before first use.
-__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
-// One arrival that also announces `bytes` of TMA writes the phase must wait for.
-__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ bool mbar_try_wait(u32 bar, u32 parity) {
-    u32 done;
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-    return done != 0;
-}
-// Waits for the phase with this parity to complete (the math warpgroups' wait: no watchdog,
-// a trap anywhere in their code made ptxas compile it with the entry's 168-register budget instead
-// of setmaxnreg's 240, spilling and serializing the wgmmas).
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    while (!mbar_try_wait(bar, parity)) {
-    }
-}
-// The producer's wait. A wait that outlasts ~2^34 cycles (seconds) can only be a protocol bug (a
-// byte or arrival count that never adds up): trap, so the launch fails with an error instead of
-// hanging the process and the GPU. The producer waits for the math warpgroups' last release before
-// it exits (`fwd7_produce`), so a math warpgroup stuck on a barrier trips this watchdog too.
-__device__ __forceinline__ void mbar_wait_or_trap(u32 bar, u32 parity) {
-    if (mbar_try_wait(bar, parity)) return;
-    const long long t0 = clock64();
-    while (!mbar_try_wait(bar, parity))
-        if (clock64() - t0 > (1ll << 34)) __trap();
-}
-
-// TMA: box (64 columns, 128 rows) of `map` at coordinates (c0, c1, c2, c3) into shared `dst`,
-// completing `bytes` on the mbarrier `bar`.
-__device__ __forceinline__ void tma_load_4d(u32 dst, const TmaMap* map, u32 bar, int c0, int c1, int c2, int c3) {
-    asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];" ::"r"(dst),
-        "l"((u64)map), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
-        : "memory");
-}
-
-template <int N>
-__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }
-template <int N>
-__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N)); }
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-
-// Map coordinate k (1..3) for a tile at sequence row `row` of head `head`, batch `batch`.
-__device__ __forceinline__ int tma_coord(const int (&pos)[3], int k, int row, int head, int batch) {
-    return (pos[0] == k ? row : 0) + (pos[1] == k ? head : 0) + (pos[2] == k ? batch : 0);
-}
-
-// One 128-row tile (D / 64 boxes of 128 rows x 128 bytes, the swizzled column blocks) onto `bar`.
+// One 128-row tile onto `bar`, its bytes announced.
 template <int D>
 __device__ __forceinline__ void fwd7_load_tile(u32 dst, const TmaMap& map, const int (&pos)[3], u32 bar, int row,
                                                int head, int batch) {
     mbar_arrive_expect_tx(bar, 128 * D * 2);
-    const int c1 = tma_coord(pos, 1, row, head, batch), c2 = tma_coord(pos, 2, row, head, batch),
-              c3 = tma_coord(pos, 3, row, head, batch);
-#pragma unroll
-    for (int c = 0; c < D / 64; ++c) tma_load_4d(dst + c * 128 * 128, &map, bar, c * 64, c1, c2, c3);
+    tma_load_rows<D, 128>(dst, map, pos, bar, row, head, batch);
 }
 
 // Barriers: 8 bytes each from `bars`.

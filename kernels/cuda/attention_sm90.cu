@@ -385,6 +385,92 @@ __device__ void attn_fwd4(const AttnParams& p) {
     fwd4_store<BF16, D>(p, b, h, row0, o, m_run, l_run);
 }
 
+// ------------------------------------------------------------------------------------------------
+// mbarriers, TMA and register hand-off (variant 7's forward, variant 10's backward)
+// ------------------------------------------------------------------------------------------------
+// A CUtensorMap: 128 opaque bytes made by cuTensorMapEncodeTiled on the host.
+struct __align__(64) TmaMap {
+    u64 w[16];
+};
+
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+// Makes the initialized barriers visible to the async proxy (the TMA unit) before first use.
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+// One arrival that also announces `bytes` of TMA writes the phase must wait for.
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ bool mbar_try_wait(u32 bar, u32 parity) {
+    u32 done;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    return done != 0;
+}
+// Waits for the phase with this parity to complete (the math warpgroups' wait: no watchdog,
+// a trap anywhere in their code made ptxas compile it with the entry's 168-register budget instead
+// of setmaxnreg's 240, spilling and serializing the wgmmas).
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    while (!mbar_try_wait(bar, parity)) {
+    }
+}
+// The producer's wait. A wait that outlasts ~2^34 cycles (seconds) can only be a protocol bug (a
+// byte or arrival count that never adds up): trap, so the launch fails with an error instead of
+// hanging the process and the GPU. The producer waits for the math warpgroups' last release before
+// it exits (`fwd7_produce`), so a math warpgroup stuck on a barrier trips this watchdog too.
+__device__ __forceinline__ void mbar_wait_or_trap(u32 bar, u32 parity) {
+    if (mbar_try_wait(bar, parity)) return;
+    const long long t0 = clock64();
+    while (!mbar_try_wait(bar, parity))
+        if (clock64() - t0 > (1ll << 34)) __trap();
+}
+
+// TMA: box (64 columns, 128 rows) of `map` at coordinates (c0, c1, c2, c3) into shared `dst`,
+// completing `bytes` on the mbarrier `bar`.
+__device__ __forceinline__ void tma_load_4d(u32 dst, const TmaMap* map, u32 bar, int c0, int c1, int c2, int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];" ::"r"(dst),
+        "l"((u64)map), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+        : "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N)); }
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Map coordinate k (1..3) for a tile at sequence row `row` of head `head`, batch `batch`.
+__device__ __forceinline__ int tma_coord(const int (&pos)[3], int k, int row, int head, int batch) {
+    return (pos[0] == k ? row : 0) + (pos[1] == k ? head : 0) + (pos[2] == k ? batch : 0);
+}
+
+// One tile of ROWS rows (D / 64 boxes of ROWS rows x 128 bytes: the swizzled column blocks, each
+// ROWS x 128 bytes) onto `bar`; the caller announces the bytes.
+template <int D, int ROWS>
+__device__ __forceinline__ void tma_load_rows(u32 dst, const TmaMap& map, const int (&pos)[3], u32 bar, int row,
+                                              int head, int batch) {
+    const int c1 = tma_coord(pos, 1, row, head, batch), c2 = tma_coord(pos, 2, row, head, batch),
+              c3 = tma_coord(pos, 3, row, head, batch);
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c) tma_load_4d(dst + c * ROWS * 128, &map, bar, c * 64, c1, c2, c3);
+}
+// Plain bulk copy (no tensor map) of `bytes` (a multiple of 16, both addresses 16-byte aligned) onto `bar`.
+__device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+
 // ================================================================================================
 // Backward, variant 4 (wgmma). One block per (128-key tile, KV head, batch): 2 warpgroups, each
 // owning 64 keys, looping over the query heads of the KV head's group and their 64-row query tiles
@@ -656,19 +742,60 @@ __device__ void attn_bwd4(const AttnParams& p) {
 // ================================================================================================
 #define BWD6_DQ_STRIDE 288
 
+// One accumulation of step 3 alone (dV += P^T dO or dK += dS^T Q), for variant 9's order.
 template <bool BF16, int D>
-__device__ void attn_bwd6(const AttnParams& p) {
+__device__ __forceinline__ void bwd4_rs_acc(float (&acc)[D / 2], const u32 (&a)[4][4], u32 Bs) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) wgmma_rs_d<BF16, D>(acc, a[ks], sw128_desc(Bs + ks * 16 * 128, BWD4_BM * 128, 1024));
+}
+
+// Variant 9 (ORDER9) is variant 6 with two changes from FlashAttention-3
+// (hopper/mainloop_bwd_sm90_tma_gmma_ws.hpp, flash_bwd_launch_template.h):
+// - the order of the last three products: dV += P^T dO is issued before the barrier that makes
+//   dS^T complete (it needs only registers and dO), so the barrier wait overlaps it; dQ = dS K is
+//   issued behind it, then dK += dS^T Q once dV is done, and dQ is staged and handed to the copy
+//   engine while dK is still on the tensor cores (variant 6 waits for all three first);
+// - dQ leaves as one 16 KB bulk reduce per warpgroup and tile instead of 64 row-sized ones: dq_acc
+//   is laid out in tiles (b, h, 64-query tile, warpgroup) of 64 x 64 floats, each in the order the
+//   threads hold them (float4 j of thread tid at (j * 128 + tid) * 4: conflict-free 16-byte
+//   stores), and attn_bwd_dq9 writes dq from it. A profile of variant 6 (H200, 2026-11-27) showed
+//   ~2200 cycles per tile in the dQ hand-off, most of it waiting for the previous tile's 128
+//   small reduces.
+//
+//
+// Variant 10 (TMA, with ORDER9) is variant 9 without the block barrier at the top of every tile.
+// Profiles of variants 6 and 9 (H200, 2026-11-27) had ~2900 cycles per tile from that barrier to
+// S^T done, against ~500 of tensor work: the cp.async loads of the next tile, issued just before,
+// were in flight when wgmma.fence ran. Here thread 0 issues the next tile's Q and dO as TMA boxes
+// and lse, delta as bulk copies (from copies padded to 64-row tiles), all completing an mbarrier
+// per stage that the tile waits on. The loads of tile i + 1 go out right after tile i's dS^T
+// barrier, the first point where every thread is done with tile i - 1, the stage's last user;
+// dS^T is double-buffered, since nothing now keeps a warpgroup from writing the next tile's while
+// the other still reads this one's.
+//
+// PROF (kernel development only: `attn_bwd6p_*` ... `attn_bwd10p_*`, launched when
+// LLAVA_SCO_ATTN_BWD_PROFILE=1): thread 0 of each warpgroup of two blocks adds up clock64 spans of
+// each step over its tiles and prints them per tile at the end.
+struct __align__(64) Bwd10Maps {
+    TmaMap q, dout;
+    int q_pos[3], do_pos[3];
+};
+template <bool BF16, int D, bool ORDER9, bool PROF = false, bool TMA = false>
+__device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) {
     static_assert(D == 128, "step 5 splits dQ's columns into one 64-column block per warpgroup");
+    static_assert(!TMA || ORDER9, "variant 10 is variant 9's order with TMA loads");
     extern __shared__ __align__(16) u16 smem[];
     constexpr int BN = BWD4_BN, BM = BWD4_BM;
     constexpr u32 KV_BYTES = BN * D * 2, QT_BYTES = BM * D * 2, DS_BYTES = BN * BM * 2;
     const u32 base = (smem_addr(smem) + 1023u) & ~1023u;
-    const u32 Ks = base, Vs = Ks + KV_BYTES, dSt = Vs + KV_BYTES;
-    const u32 Q0 = dSt + DS_BYTES;            // stage i: Q at Q0 + 2 i QT_BYTES, dO right after it
-    const u32 LD0 = Q0 + 4 * QT_BYTES;        // stage i: lse at LD0 + 2 i BM floats, delta after it
+    const u32 Ks = base, Vs = Ks + KV_BYTES, dSt = Vs + KV_BYTES;  // dS^T: 2 stages with TMA
+    const u32 Q0 = dSt + (TMA ? 2 : 1) * DS_BYTES;  // stage i: Q at Q0 + 2 i QT_BYTES, dO right after it
+    const u32 LD0 = Q0 + 4 * QT_BYTES;             // stage i: lse at LD0 + 2 i BM floats, delta after it
     const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3, tid = threadIdx.x & 127;
-    const u32 dq_stage = LD0 + 4 * BM * 4 + wg * (BM * BWD6_DQ_STRIDE);  // this warpgroup's dQ rows
+    constexpr u32 DQ_STAGE_BYTES = ORDER9 ? BM * 64 * 4 : BM * BWD6_DQ_STRIDE;
+    const u32 dq_stage = LD0 + 4 * BM * 4 + wg * DQ_STAGE_BYTES;  // this warpgroup's dQ tile
+    const u32 bars = LD0 + 4 * BM * 4 + 2 * DQ_STAGE_BYTES;       // TMA: full[stage] at + 8 stage
 
     const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
     const int k0 = kt * BN, kw = wg * 64;
@@ -683,14 +810,59 @@ __device__ void attn_bwd6(const AttnParams& p) {
         load_lse_delta_async<BM>(p, lse_s, lse_s + BM, b, h, q0);
     };
 
+    // TMA: one tile's Q, dO (boxes of 64 rows) and lse, delta (rows of the padded copies)
+    const i64 sq_pad = (p.Sq + BM - 1) / BM * BM;
+    auto issue_tma = [&](int stage, int h, int q0) {
+        const u32 bar = bars + 8 * stage, q_s = Q0 + stage * 2 * QT_BYTES, lse_s = LD0 + stage * 2 * BM * 4;
+        mbar_arrive_expect_tx(bar, 2 * QT_BYTES + 2 * BM * 4);
+        tma_load_rows<D, BM>(q_s, maps->q, maps->q_pos, bar, q0, h, b);
+        tma_load_rows<D, BM>(q_s + QT_BYTES, maps->dout, maps->do_pos, bar, q0, h, b);
+        const i64 row = ((i64)b * p.H + h) * sq_pad + q0;
+        bulk_load(lse_s, p.lse + row, BM * 4, bar);
+        bulk_load(lse_s + BM * 4, p.delta + row, BM * 4, bar);
+    };
+
     load_rows_sw128<D, BN>(Ks, p.k + b * p.k_bs + hk * p.k_hs, p.k_ss, k0, p.Sk);
     load_rows_sw128<D, BN>(Vs, p.v + b * p.v_bs + hk * p.v_hs, p.v_ss, k0, p.Sk);
-    if (walk.h_begin < walk.h_end) load_iter(0, walk.h_begin, walk.qt_start * BM);
-    cp_async_commit();
+    if constexpr (TMA) {
+        cp_async_commit();
+        if (threadIdx.x == 0) {
+            mbar_init(bars, 1);
+            mbar_init(bars + 8, 1);
+            mbar_init_fence();
+        }
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();  // K, V and the barriers are ready
+        if (threadIdx.x == 0 && walk.h_begin < walk.h_end) {
+            int h1 = walk.h_begin, qt1 = walk.qt_start;
+            issue_tma(0, h1, qt1 * BM);
+            walk.next(h1, qt1);
+            if (h1 < walk.h_end) issue_tma(1, h1, qt1 * BM);
+        }
+    } else {
+        if (walk.h_begin < walk.h_end) load_iter(0, walk.h_begin, walk.qt_start * BM);
+        cp_async_commit();
+    }
 
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+
+    // PROF: spans 0 load wait + barrier, 1 S^T, 2 P^T, 3 dP^T + dS^T + pack, 4 to the dS^T barrier,
+    // 5 dV + dQ (+ dK for variant 6), 6 dQ staging, 7 dK wait
+    constexpr int NPROF = 8;
+    long long prof[NPROF] = {}, prof_t = 0;
+    const bool prof_on = PROF && tid == 0 && blockIdx.y == 0 && blockIdx.z == 0 &&
+                         (blockIdx.x == 0 || blockIdx.x == gridDim.x / 2);
+    auto mark = [&](int i) {
+        if constexpr (PROF) {
+            const long long now = clock64();
+            if (i >= 0) prof[i] += now - prof_t;
+            prof_t = now;
+        }
+    };
+    int tiles = 0;
 
     int stage = 0;
     for (int h = walk.h_begin, qt = walk.qt_start; h < walk.h_end; stage ^= 1) {
@@ -699,12 +871,21 @@ __device__ void attn_bwd6(const AttnParams& p) {
         const float* lse_s = smem_float(smem, LD0 + stage * 2 * BM * 4);
         int h_next = h, qt_next = qt;
         walk.next(h_next, qt_next);
-        cp_async_wait<0>();
-        fence_proxy_async();
-        __syncthreads();  // this tile is visible; the other stage's last reader (the last tile's
-                          // dV/dK) and the last tile's dQ reads of dS^T are done
-        if (h_next < walk.h_end) load_iter(stage ^ 1, h_next, qt_next * BM);
-        cp_async_commit();
+        const int it = tiles++;
+        const u32 dS_cur = dSt + (TMA ? stage * DS_BYTES : 0);
+        mark(-1);
+        if constexpr (TMA) {
+            mbar_wait_or_trap(bars + 8 * stage, (it >> 1) & 1);  // a lost byte count fails, not hangs
+            mark(0);
+        } else {
+            cp_async_wait<0>();
+            fence_proxy_async();
+            __syncthreads();  // this tile is visible; the other stage's last reader (the last tile's
+                              // dV/dK) and the last tile's dQ reads of dS^T are done
+            mark(0);
+            if (h_next < walk.h_end) load_iter(stage ^ 1, h_next, qt_next * BM);
+            cp_async_commit();
+        }
 
         float s[32], dp[32];
         wgmma_fence();
@@ -714,51 +895,134 @@ __device__ void attn_bwd6(const AttnParams& p) {
         wgmma_commit();
         wgmma_wait<1>();  // S^T done: P^T's exp2 runs while dP^T is on the tensor cores
         fence_regs(s);
+        mark(1);
         bwd4_p_dispatch(s, lse_s, p, b, q0, k0, k0 + krow);
+        mark(2);
         wgmma_wait0();
         fence_regs(dp);
         bwd4_ds(dp, s, lse_s + BM);
         u32 pf[4][4], df[4][4];
-        bwd4_pack<BF16>(pf, df, s, dp, dSt, krow);
-        fence_proxy_async();  // dS^T was written by plain stores; step 5 reads it as a wgmma operand
-        __syncthreads();      // ... and it is complete in both warpgroups
-
+        bwd4_pack<BF16>(pf, df, s, dp, dS_cur, krow);
+        mark(3);
         float dq[32];
-        wgmma_fence();
-        bwd4_dvdk<BF16, D>(dv, dk, pf, df, Qs, dOs);
-        wgmma_commit();
-        bwd4_dq<BF16>(dq, dSt, Ks, wg);
-        wgmma_commit();
-        wgmma_wait0();
-        fence_regs(dv);
-        fence_regs(dk);
-        fence_regs(dq);
+        if constexpr (ORDER9) {
+            wgmma_fence();
+            bwd4_rs_acc<BF16, D>(dv, pf, dOs);
+            wgmma_commit();
+            fence_proxy_async();  // dS^T was written by plain stores; dQ reads it as a wgmma operand
+            __syncthreads();      // ... and it is complete in both warpgroups
+            mark(4);
+            bwd4_dq<BF16>(dq, dS_cur, Ks, wg);
+            wgmma_commit();
+            // TMA: everyone is past tile it - 1, the other stage's last user
+            if (TMA && threadIdx.x == 0 && it >= 1 && h_next < walk.h_end) issue_tma(stage ^ 1, h_next, qt_next * BM);
+            wgmma_wait<1>();  // dV done
+            fence_regs(dv);
+            wgmma_fence();
+            bwd4_rs_acc<BF16, D>(dk, df, Qs);
+            wgmma_commit();
+            wgmma_wait<1>();  // dQ done; dK still running while dQ is staged below
+            fence_regs(dq);
+            mark(5);
+        } else {
+            fence_proxy_async();  // dS^T was written by plain stores; step 5 reads it as a wgmma operand
+            __syncthreads();      // ... and it is complete in both warpgroups
+            mark(4);
+            wgmma_fence();
+            bwd4_dvdk<BF16, D>(dv, dk, pf, df, Qs, dOs);
+            wgmma_commit();
+            bwd4_dq<BF16>(dq, dS_cur, Ks, wg);
+            wgmma_commit();
+            wgmma_wait0();
+            fence_regs(dv);
+            fence_regs(dk);
+            fence_regs(dq);
+            mark(5);
+        }
 
-        // dQ out: the last bulk reduce has read the staging rows (waited by the threads that issued
-        // it), then the rows are overwritten and handed to the copy engine
-        if (tid < 64) bulk_wait_read0();
-        named_barrier(1 + wg, 128);
-#pragma unroll
-        for (int r8 = 0; r8 < 2; ++r8) {
-            const u32 row = dq_stage + (warp * 16 + g + 8 * r8) * BWD6_DQ_STRIDE + 8 * t;
+        // dQ out: the last bulk reduce has read the staging tile (waited by the threads that issued
+        // it), then the tile is overwritten and handed to the copy engine
+        if constexpr (ORDER9) {
+            // one 16 KB reduce per warpgroup into dq_acc's tile (b, h, qt, wg), in fragment order
+            if (tid == 0) bulk_wait_read0();
+            named_barrier(1 + wg, 128);
 #pragma unroll
             for (int j = 0; j < 8; ++j)
-                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(row + 32 * j), "f"(dq[4 * j + 2 * r8]),
-                             "f"(dq[4 * j + 2 * r8 + 1]));
+                asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(dq_stage + (j * 128 + tid) * 16),
+                             "f"(dq[4 * j]), "f"(dq[4 * j + 1]), "f"(dq[4 * j + 2]), "f"(dq[4 * j + 3]));
+            fence_proxy_async();  // plain stores, read next by the copy engine
+            named_barrier(1 + wg, 128);
+            if (tid == 0) {
+                const i64 tile = (((i64)b * p.H + h) * ((p.Sq + BM - 1) / BM) + qt) * 2 + wg;
+                bulk_reduce_add_f32(p.dq_acc + tile * (BM * 64), dq_stage, BM * 64 * 4);
+            }
+        } else {
+            if (tid < 64) bulk_wait_read0();
+            named_barrier(1 + wg, 128);
+#pragma unroll
+            for (int r8 = 0; r8 < 2; ++r8) {
+                const u32 row = dq_stage + (warp * 16 + g + 8 * r8) * BWD6_DQ_STRIDE + 8 * t;
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(row + 32 * j), "f"(dq[4 * j + 2 * r8]),
+                                 "f"(dq[4 * j + 2 * r8 + 1]));
+            }
+            fence_proxy_async();  // plain stores, read next by the copy engine
+            named_barrier(1 + wg, 128);
+            if (tid < 64 && q0 + tid < p.Sq)
+                bulk_reduce_add_f32(p.dq_acc + (((i64)b * p.Sq + q0 + tid) * p.H + h) * D + wg * 64,
+                                    dq_stage + tid * BWD6_DQ_STRIDE, 64 * 4);
         }
-        fence_proxy_async();  // plain stores, read next by the copy engine
-        named_barrier(1 + wg, 128);
-        if (tid < 64 && q0 + tid < p.Sq)
-            bulk_reduce_add_f32(p.dq_acc + (((i64)b * p.Sq + q0 + tid) * p.H + h) * D + wg * 64,
-                                dq_stage + tid * BWD6_DQ_STRIDE, 64 * 4);
         bulk_commit();
+        mark(6);
+        if constexpr (ORDER9) {
+            wgmma_wait0();
+            fence_regs(dk);
+        }
+        mark(7);
         qt = qt_next;
         h = h_next;
+    }
+    if constexpr (PROF) {
+        if (prof_on && tiles > 0)
+            printf("bwd%d-prof sk%d causal%d block%d wg%d tiles %d cycles/tile: load+bar %lld S %lld P %lld "
+                   "dP+dS+pack %lld to-bar %lld dV+dQ %lld dQ-out %lld dK %lld\n",
+                   TMA ? 10 : ORDER9 ? 9 : 6, p.Sk, p.causal, blockIdx.x, wg, tiles, prof[0] / tiles, prof[1] / tiles, prof[2] / tiles,
+                   prof[3] / tiles, prof[4] / tiles, prof[5] / tiles, prof[6] / tiles, prof[7] / tiles);
     }
     cp_async_wait<0>();
     bulk_wait0();  // the staged rows are read and added before the block exits
     bwd4_store_dkdv<BF16, D>(p, b, hk, k0 + krow, dk, dv);
 }
+
+// Variant 9's dq = scale * dq_acc, dq (B, Sq, H, 128) contiguous, dq_acc in tiles of 64 x 64 floats
+// (b, h, 64-query tile, column half) as attn_bwd6<.., ORDER9> leaves them: float4 j of thread tid
+// (warp w, g = lane / 4, t = lane % 4) holds rows 16 w + g (+ 8), columns 8 j + 2 t (+ 1). One
+// float4 per thread: coalesced reads, two 4-byte stores.
+template <bool BF16>
+__device__ void attn_bwd_dq9(const AttnParams& p) {
+    const int n_qt = (p.Sq + BWD4_BM - 1) / BWD4_BM;
+    const i64 n4 = (i64)p.B * p.H * n_qt * 2 * 1024;
+    const float4* acc = reinterpret_cast<const float4*>(p.dq_acc);
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += (i64)gridDim.x * blockDim.x) {
+        const int within = (int)(i & 1023), j = within >> 7, tid = within & 127;
+        const i64 tile = i >> 10;
+        const int half = (int)(tile & 1), qt = (int)((tile >> 1) % n_qt);
+        const i64 bh = (tile >> 1) / n_qt;
+        const int h = (int)(bh % p.H), b = (int)(bh / p.H);
+        const int lane = tid & 31, row0 = qt * BWD4_BM + (tid >> 5) * 16 + (lane >> 2);
+        const int col = half * 64 + j * 8 + 2 * (lane & 3);
+        const float4 v = acc[i];
+        if (row0 < p.Sq)
+            *reinterpret_cast<u32*>(p.dq + (((i64)b * p.Sq + row0) * p.H + h) * 128 + col) =
+                pack2<BF16>(v.x * p.scale, v.y * p.scale);
+        if (row0 + 8 < p.Sq)
+            *reinterpret_cast<u32*>(p.dq + (((i64)b * p.Sq + row0 + 8) * p.H + h) * 128 + col) =
+                pack2<BF16>(v.z * p.scale, v.w * p.scale);
+    }
+}
+extern "C" __global__ void attn_bwd_dq9_bf16(AttnParams p) { attn_bwd_dq9<true>(p); }
+extern "C" __global__ void attn_bwd_dq9_f16(AttnParams p) { attn_bwd_dq9<false>(p); }
 
 #define ATTN4_FWD(NAME, BF16, D)                                                                           \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_fwd4_##NAME##_d##D(AttnParams p) {  \
@@ -772,7 +1036,24 @@ __device__ void attn_bwd6(const AttnParams& p) {
         attn_bwd4<BF16, D>(p);                                                                            \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd6_##NAME##_d##D(AttnParams p) { \
-        attn_bwd6<BF16, D>(p);                                                                            \
+        attn_bwd6<BF16, D, false>(p);                                                                     \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd6p_##NAME##_d##D(AttnParams p) { \
+        attn_bwd6<BF16, D, false, true>(p);                                                               \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd9_##NAME##_d##D(AttnParams p) { \
+        attn_bwd6<BF16, D, true>(p);                                                                      \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd9p_##NAME##_d##D(AttnParams p) { \
+        attn_bwd6<BF16, D, true, true>(p);                                                                \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                         \
+        attn_bwd10_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {                 \
+        attn_bwd6<BF16, D, true, false, true>(p, &maps);                                                  \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                         \
+        attn_bwd10p_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {                \
+        attn_bwd6<BF16, D, true, true, true>(p, &maps);                                                   \
     }
 // Head dims here must match `v4_forward` / `v4_backward` in attention.rs.
 ATTN4_FWD(bf16, true, 64)

@@ -43,6 +43,7 @@ pub struct Backward {
 
 /// Mirrors `AttnParams` in attention.cu field for field.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct AttnParams {
     q: u64,
     k: u64,
@@ -93,9 +94,10 @@ const THREADS: u32 = 128;
 /// `V2` is the previous 64x64 / 4-warp version, kept for A/B timing in `kernels-gpu-check` and as a
 /// fallback (`LLAVA_SCO_ATTN_VARIANT=v2`). `V4` is Hopper wgmma kernels (`cuda/attention_sm90.cu`)
 /// on compute capability 9.0: forward at head dims 64 and 128, backward at 128; everything else
-/// runs V3. `V5` (the default) is V4 with the pipelined forward. `V6` is V5 with a backward whose
-/// dQ goes out as bulk reduce-adds from shared memory instead of scalar atomics. `V7` is V5 with a
-/// warp-specialized forward (TMA loads, mbarriers, ping-pong; `cuda/attention_fwd_ws.cu`).
+/// runs V3. `V5` is V4 with the pipelined forward. `V6` is V5 with a backward whose dQ goes out as
+/// bulk reduce-adds from shared memory instead of scalar atomics. `V7` is V5 with a
+/// warp-specialized forward (TMA loads, mbarriers, ping-pong; `cuda/attention_fwd_ws.cu`). `V8`
+/// to `V10` pair V7's forward with newer backwards; `V9` is the default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     V2,
@@ -111,18 +113,29 @@ pub enum Variant {
     /// loads, mbarrier stage hand-off, the two math warpgroups taking turns on the tensor cores.
     /// Views the TMA unit cannot address run V5's forward.
     V7,
+    /// V7's forward and V6's backward.
+    V8,
+    /// V7's forward; V6's backward with FlashAttention-3's order of the dV, dQ, dK products (dV
+    /// before the dS^T barrier, dQ staged while dK runs) and dQ added as one bulk reduce per
+    /// warpgroup and tile.
+    V9,
+    /// V9 with TMA loads: thread 0 issues the next tile's Q, dO, lse, delta onto an mbarrier, so no
+    /// block barrier and no cp.async wait at the top of each tile. Views the TMA unit cannot
+    /// address, and sequences shorter than 64, run V9's backward.
+    V10,
 }
 
-/// The variant used when neither `set_variant` nor the environment chose one.
-pub const DEFAULT_VARIANT: Variant = Variant::V5;
-/// Environment variable read once on first use: `v2` ... `v7`.
+/// The variant used when neither `set_variant` nor the environment chose one: the fastest that
+/// passed every GPU check (kernels/BENCHMARKS.md, H200, 2026-11-27).
+pub const DEFAULT_VARIANT: Variant = Variant::V9;
+/// Environment variable read once on first use: `v2` ... `v10`.
 pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
 
 // 0 = not chosen yet, else the variant's number.
 static VARIANT: AtomicU8 = AtomicU8::new(0);
 
 impl Variant {
-    /// Parses `v2` ... `v7` (case-insensitive); the error names the variable and the
+    /// Parses `v2` ... `v10` (case-insensitive); the error names the variable and the
     /// accepted values.
     pub fn parse(s: &str) -> Result<Variant> {
         match s.trim().to_ascii_lowercase().as_str() {
@@ -132,8 +145,11 @@ impl Variant {
             "v5" => Ok(Variant::V5),
             "v6" => Ok(Variant::V6),
             "v7" => Ok(Variant::V7),
+            "v8" => Ok(Variant::V8),
+            "v9" => Ok(Variant::V9),
+            "v10" => Ok(Variant::V10),
             other => Err(KernelError::Invalid(format!(
-                "{VARIANT_ENV}={other:?}: expected v2, v3, v4, v5, v6 or v7"
+                "{VARIANT_ENV}={other:?}: expected v2, v3, v4, v5, v6, v7, v8, v9 or v10"
             ))),
         }
     }
@@ -146,6 +162,9 @@ impl Variant {
             Variant::V5 => 5,
             Variant::V6 => 6,
             Variant::V7 => 7,
+            Variant::V8 => 8,
+            Variant::V9 => 9,
+            Variant::V10 => 10,
         }
     }
 
@@ -158,6 +177,9 @@ impl Variant {
             Variant::V5 => "v5",
             Variant::V6 => "v6",
             Variant::V7 => "v7",
+            Variant::V8 => "v8",
+            Variant::V9 => "v9",
+            Variant::V10 => "v10",
         }
     }
 }
@@ -176,6 +198,9 @@ pub fn variant() -> Result<Variant> {
         5 => Ok(Variant::V5),
         6 => Ok(Variant::V6),
         7 => Ok(Variant::V7),
+        8 => Ok(Variant::V8),
+        9 => Ok(Variant::V9),
+        10 => Ok(Variant::V10),
         _ => {
             let v = match std::env::var(VARIANT_ENV) {
                 Ok(s) => Variant::parse(&s)?,
@@ -212,6 +237,8 @@ fn fwd4_smem(d: i64) -> i64 {
     5 * FWD4_BLOCK * d * 2 + 1024
 }
 
+/// Query rows per step of the wgmma backward (V4, V6, V9).
+const BWD4_BLOCK_M: i64 = 64;
 /// Variant 4 backward (wgmma): 128-key blocks of 2 warpgroups, 64 queries per step; shared memory
 /// K, V (128 x D), Q, dO (64 x D), dS^T (128 x 64), lse and delta (64 floats each), + 1 KB alignment.
 const BWD4_BLOCK_N: i64 = 128;
@@ -228,6 +255,15 @@ fn bwd6_smem(d: i64) -> i64 {
         + 2 * 64 * BWD6_DQ_STRIDE
         + 1024
 }
+/// Variant 10 backward: variant 6's shared memory with two stages of dS^T, 64 x 64 floats of dQ
+/// staging per warpgroup (no padding: fragment order), and 2 mbarriers (in a 128-byte slot).
+fn bwd10_smem(d: i64) -> i64 {
+    (2 * BWD4_BLOCK_N * d + 2 * BWD4_BLOCK_N * 64 + 4 * 64 * d) * 2
+        + 4 * 64 * 4
+        + 2 * 64 * 64 * 4
+        + 128
+        + 1024
+}
 
 /// Variant 7 forward: 3 warpgroups (producer + 2 math), tiles as variant 4; shared memory as
 /// variant 4 plus 9 mbarriers (8 bytes each, in a 128-byte slot).
@@ -241,11 +277,12 @@ fn fwd7_smem(d: i64) -> i64 {
 }
 
 /// The forward variant that runs for `variant` on a device of `arch` at head dim `d`: V4/V5/V7
-/// only on compute_90 with d 64 or 128 (else V3); V6 runs V5's forward. (V7 also falls back to
-/// V5 for views the TMA unit cannot address, decided at launch.)
+/// only on compute_90 with d 64 or 128 (else V3); V6 runs V5's forward, V8-V10 V7's. (V7 also falls
+/// back to V5 for views the TMA unit cannot address, decided at launch.)
 fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
         Variant::V6 => v4_forward(Variant::V5, arch, d),
+        Variant::V8 | Variant::V9 | Variant::V10 => v4_forward(Variant::V7, arch, d),
         Variant::V4 | Variant::V5 | Variant::V7
             if arch == "compute_90" && (d == 64 || d == 128) =>
         {
@@ -257,14 +294,27 @@ fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
 }
 
 /// The backward variant: V4 only on compute_90 at d128 (at d64 the wgmma backward measured
-/// 0.85-0.89x V3's on an H200, see kernels/BENCHMARKS.md), else V3; V6 has its own (same limits).
+/// 0.85-0.89x V3's on an H200, see kernels/BENCHMARKS.md), else V3; V6, V9 and V10 have their
+/// own (same limits); V8 runs V6's.
 fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
-        Variant::V6 if arch == "compute_90" && d == 128 => Variant::V6,
+        Variant::V8 => v4_backward(Variant::V6, arch, d),
+        Variant::V6 | Variant::V9 | Variant::V10 if arch == "compute_90" && d == 128 => variant,
         Variant::V4 | Variant::V5 | Variant::V7 if arch == "compute_90" && d == 128 => Variant::V4,
-        Variant::V4 | Variant::V5 | Variant::V6 | Variant::V7 => Variant::V3,
+        Variant::V4 | Variant::V5 | Variant::V6 | Variant::V7 | Variant::V9 | Variant::V10 => {
+            Variant::V3
+        }
         v => v,
     }
+}
+
+/// Kernel development: `LLAVA_SCO_ATTN_BWD_PROFILE=1` makes variants 6 and 9 launch their
+/// backward's profiling build (`attn_bwd6p_*` / `attn_bwd9p_*`), which prints the clock cycles each
+/// step takes per tile in two blocks (device printf, on stdout at the next synchronization).
+pub const BWD_PROFILE_ENV: &str = "LLAVA_SCO_ATTN_BWD_PROFILE";
+fn backward_profile() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var(BWD_PROFILE_ENV).is_ok_and(|v| v == "1"))
 }
 
 /// The forward kernel's name (in attention.cu, or attention_sm90a.cu for V4).
@@ -274,7 +324,9 @@ fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
         Variant::V3 => format!("attn_fwd3_{dtype}_d{d}"),
         Variant::V4 => format!("attn_fwd4_{dtype}_d{d}"),
         Variant::V5 | Variant::V6 => format!("attn_fwd5_{dtype}_d{d}"),
-        Variant::V7 => format!("attn_fwd7_{dtype}_d{d}"),
+        Variant::V7 | Variant::V8 | Variant::V9 | Variant::V10 => {
+            format!("attn_fwd7_{dtype}_d{d}")
+        }
     }
 }
 
@@ -288,6 +340,12 @@ pub fn sm90a_kernel_names() -> Vec<String> {
         }
         names.push(bwd_kernel(Variant::V4, dtype, 128));
         names.push(bwd_kernel(Variant::V6, dtype, 128));
+        names.push(bwd_kernel(Variant::V9, dtype, 128));
+        names.push(format!("attn_bwd6p_{dtype}_d128"));
+        names.push(format!("attn_bwd9p_{dtype}_d128"));
+        names.push(bwd_kernel(Variant::V10, dtype, 128));
+        names.push(format!("attn_bwd10p_{dtype}_d128"));
+        names.push(format!("attn_bwd_dq9_{dtype}"));
     }
     names
 }
@@ -299,6 +357,10 @@ fn bwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
         format!("attn_bwd4_{dtype}_d{d}")
     } else if variant == Variant::V6 {
         format!("attn_bwd6_{dtype}_d{d}")
+    } else if variant == Variant::V9 {
+        format!("attn_bwd9_{dtype}_d{d}")
+    } else if variant == Variant::V10 {
+        format!("attn_bwd10_{dtype}_d{d}")
     } else if variant == Variant::V3 && bwd3_supported(d) {
         format!("attn_bwd3_{dtype}_d{d}")
     } else {
@@ -605,12 +667,12 @@ pub fn fused_forward_into(
             (FWD3_BLOCK_M + 4 * fwd3_block_n(d.d)) * (d.d + 8) * 2,
         ),
         Variant::V4 | Variant::V5 | Variant::V6 => (FWD4_BLOCK, FWD4_THREADS, fwd4_smem(d.d)),
-        Variant::V7 => (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d)),
+        // (v4_forward maps V8 and V9 to V7)
+        Variant::V7 | Variant::V8 | Variant::V9 | Variant::V10 => {
+            (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d))
+        }
     };
-    let source = if matches!(
-        variant,
-        Variant::V4 | Variant::V5 | Variant::V6 | Variant::V7
-    ) {
+    let source = if !matches!(variant, Variant::V2 | Variant::V3) {
         crate::SM90A_ATTENTION
     } else {
         "attention.cu"
@@ -669,6 +731,33 @@ fn fwd7_maps(p: &AttnParams, d: &Dims, bf16: bool) -> Result<Option<Fwd7Maps>> {
     }))
 }
 
+/// Variant 10's first kernel argument (`Bwd10Maps` in cuda/attention_sm90.cu): the tensor maps
+/// of Q and dO with 64-row boxes, and per tensor the map dimension of its sequence, head and batch.
+#[repr(C)]
+struct Bwd10Maps {
+    q: sys::CUtensorMap,
+    dout: sys::CUtensorMap,
+    q_pos: [i32; 3],
+    do_pos: [i32; 3],
+}
+
+/// The tensor maps for variant 10, or None when a view cannot be addressed by the TMA unit or is
+/// shorter than one box (the caller runs variant 9's backward). Encoder errors as `fwd7_maps`.
+fn bwd10_maps(p: &AttnParams, d: &Dims, bf16: bool) -> Result<Option<Bwd10Maps>> {
+    let rows = BWD4_BLOCK_M as u32;
+    let q = tma::layout(d.sq, d.h, d.b, d.d, [p.q_ss, p.q_hs, p.q_bs], rows);
+    let dout = tma::layout(d.sq, d.h, d.b, d.d, [p.do_ss, p.do_hs, p.do_bs], rows);
+    let (Some(q), Some(dout)) = (q, dout) else {
+        return Ok(None);
+    };
+    Ok(Some(Bwd10Maps {
+        q: tma::encode(p.q, &q, bf16)?,
+        dout: tma::encode(p.dout, &dout, bf16)?,
+        q_pos: q.pos,
+        do_pos: dout.pos,
+    }))
+}
+
 /// Fused backward: recomputes P from `lse`; returns dq, dk, dv shaped like q, k, v.
 pub fn fused_backward(
     dout: &Tensor,
@@ -720,7 +809,16 @@ pub fn fused_backward(
     let dq = Tensor::empty([d.b, d.sq, d.h, d.d], opts);
     let dk = Tensor::empty([d.b, d.sk, d.hk, d.d], opts);
     let dv = Tensor::empty([d.b, d.sk, d.hk, d.d], opts);
-    let dq_acc = Tensor::zeros([d.b, d.sq, d.h, d.d], (Kind::Float, q.device()));
+    let variant = v4_backward(variant, &gpu.arch, d.d);
+    let sq_pad = (d.sq + BWD4_BLOCK_M - 1) / BWD4_BLOCK_M * BWD4_BLOCK_M;
+    // fp32 dQ accumulator: (B, Sq, H, D), or for V9 and V10 tiles of 64 queries x 64 columns in
+    // the order their threads hold them (attn_bwd_dq9 in attention_sm90.cu reads them back)
+    let dq_acc_shape = if matches!(variant, Variant::V9 | Variant::V10) {
+        [d.b, d.h, sq_pad, d.d]
+    } else {
+        [d.b, d.sq, d.h, d.d]
+    };
+    let dq_acc = Tensor::zeros(dq_acc_shape, (Kind::Float, q.device()));
     let delta = Tensor::empty([d.b, d.h, d.sq], (Kind::Float, q.device()));
     let lse = fwd.lse.contiguous();
     p.o = out.data_ptr() as u64;
@@ -733,6 +831,20 @@ pub fn fused_backward(
     p.dv = dv.data_ptr() as u64;
     p.dq_acc = dq_acc.data_ptr() as u64;
     p.delta = delta.data_ptr() as u64;
+    // V10: tensor maps of Q and dO (else V9's backward), lse and delta padded to 64-row tiles
+    let mut bwd10 = None;
+    if variant == Variant::V10 {
+        if let Some(maps) = bwd10_maps(&p, &d, q.kind() == Kind::BFloat16)? {
+            let f32s = (Kind::Float, q.device());
+            let lse_pad = Tensor::zeros([d.b, d.h, sq_pad], f32s);
+            let _ = lse_pad.narrow(2, 0, d.sq).copy_(&lse);
+            bwd10 = Some((maps, lse_pad, Tensor::zeros([d.b, d.h, sq_pad], f32s)));
+        }
+    }
+    let variant = match (variant, &bwd10) {
+        (Variant::V10, None) => Variant::V9,
+        (v, _) => v,
+    };
     let mut result = Backward {
         dq: dq.permute([0, 2, 1, 3]),
         dk: dk.permute([0, 2, 1, 3]),
@@ -750,12 +862,12 @@ pub fn fused_backward(
     let mut arg: *mut c_void = &mut p as *mut AttnParams as *mut c_void;
     let rows = (d.b * d.h * d.sq) as u64; // one warp per row
     let f_delta = gpu.function("attention.cu", &format!("attn_bwd_delta_{name}_d{}", d.d))?;
-    let variant = v4_backward(variant, &gpu.arch, d.d);
     // (keys per block, threads, shared bytes): K, V, Q, dO tiles, dS^T (v2, v4) or P^T and dS^T
     // (v3), lse, delta.
     let (key_block, main_threads, smem) = match variant {
         Variant::V4 => (BWD4_BLOCK_N, FWD4_THREADS, bwd4_smem(d.d)),
-        Variant::V6 => (BWD4_BLOCK_N, FWD4_THREADS, bwd6_smem(d.d)),
+        Variant::V6 | Variant::V9 => (BWD4_BLOCK_N, FWD4_THREADS, bwd6_smem(d.d)),
+        Variant::V10 => (BWD4_BLOCK_N, FWD4_THREADS, bwd10_smem(d.d)),
         Variant::V3 if bwd3_supported(d.d) => (
             TILE,
             BWD3_THREADS,
@@ -767,19 +879,32 @@ pub fn fused_backward(
             (4 * TILE * (d.d + 8) + TILE * (TILE + 8)) * 2 + 2 * TILE * 4,
         ),
     };
-    let source = if matches!(variant, Variant::V4 | Variant::V6) {
+    let source = if matches!(
+        variant,
+        Variant::V4 | Variant::V6 | Variant::V9 | Variant::V10
+    ) {
         crate::SM90A_ATTENTION
     } else {
         "attention.cu"
     };
-    let f_main = gpu.function(source, &bwd_kernel(variant, name, d.d))?;
-    let f_dq = gpu.function("attention.cu", &format!("attn_bwd_dq_{name}"))?;
+    let mut main_name = bwd_kernel(variant, name, d.d);
+    if matches!(variant, Variant::V6 | Variant::V9 | Variant::V10) && backward_profile() {
+        main_name = main_name.replacen(&format!("_{name}_"), &format!("p_{name}_"), 1);
+    }
+    let f_main = gpu.function(source, &main_name)?;
     let mut d_arg = d.d as i32;
-    let mut dq_args: [*mut c_void; 2] = [
-        &mut p as *mut AttnParams as *mut c_void,
-        &mut d_arg as *mut i32 as *mut c_void,
-    ];
-    let n = (d.b * d.sq * d.h * d.d) as u64;
+    let mut dq_args: Vec<*mut c_void> = vec![&mut p as *mut AttnParams as *mut c_void];
+    // (kernel, elements per thread)
+    let (f_dq, per_thread) = if matches!(variant, Variant::V9 | Variant::V10) {
+        (gpu.function(source, &format!("attn_bwd_dq9_{name}"))?, 4)
+    } else {
+        dq_args.push(&mut d_arg as *mut i32 as *mut c_void);
+        (
+            gpu.function("attention.cu", &format!("attn_bwd_dq_{name}"))?,
+            1,
+        )
+    };
+    let n = dq_acc.numel() as u64 / per_thread;
     let dq_blocks = n.div_ceil(256).min(65_535 * 8) as u32;
     // SAFETY: argument lists match the kernels; every tensor outlives the launches (same stream).
     unsafe {
@@ -796,12 +921,24 @@ pub fn fused_backward(
                 d.hk as u32,
                 d.b as u32,
             );
+            // V10 reads lse and delta from their padded copies (same stream: after the delta
+            // kernel) and takes its tensor maps first
+            let mut p_main = p;
+            let mut maps_arg = None;
+            if let Some((maps, lse_pad, delta_pad)) = bwd10.as_mut() {
+                let _ = delta_pad.narrow(2, 0, d.sq).copy_(&delta);
+                p_main.lse = lse_pad.data_ptr() as u64;
+                p_main.delta = delta_pad.data_ptr() as u64;
+                maps_arg = Some(maps as *mut Bwd10Maps as *mut c_void);
+            }
+            let mut main_args: Vec<*mut c_void> = maps_arg.into_iter().collect();
+            main_args.push(&mut p_main as *mut AttnParams as *mut c_void);
             gpu.launch(
                 f_main,
                 grid,
                 (main_threads, 1, 1),
                 smem as u32,
-                std::slice::from_mut(&mut arg),
+                &mut main_args,
             )?;
         }
         gpu.launch(f_dq, (dq_blocks, 1, 1), (256, 1, 1), 0, &mut dq_args)?;
@@ -877,7 +1014,7 @@ mod tests {
         assert_eq!(Variant::parse(" V3 ").unwrap(), Variant::V3);
         let err = Variant::parse("fast").unwrap_err().to_string();
         assert!(
-            err.contains(VARIANT_ENV) && err.contains("v2, v3, v4, v5, v6 or v7"),
+            err.contains(VARIANT_ENV) && err.contains("v2, v3, v4, v5, v6, v7, v8, v9 or v10"),
             "{err}"
         );
         for v in [
@@ -887,6 +1024,9 @@ mod tests {
             Variant::V5,
             Variant::V6,
             Variant::V7,
+            Variant::V8,
+            Variant::V9,
+            Variant::V10,
         ] {
             assert_eq!(Variant::parse(v.name()).unwrap(), v);
         }
@@ -907,7 +1047,7 @@ mod tests {
         assert!(fwd4_smem(128) <= 227 * 1024, "{}", fwd4_smem(128));
         assert!(bwd4_smem(128) <= 227 * 1024, "{}", bwd4_smem(128));
         assert!(bwd6_smem(128) <= 227 * 1024, "{}", bwd6_smem(128));
-        assert_eq!(sm90a_kernel_names().len(), 16);
+        assert_eq!(sm90a_kernel_names().len(), 28);
         assert_eq!(v4_forward(Variant::V5, "compute_90", 128), Variant::V5);
         assert_eq!(v4_forward(Variant::V5, "compute_80", 64), Variant::V3);
         assert_eq!(v4_backward(Variant::V5, "compute_90", 128), Variant::V4);
@@ -922,6 +1062,21 @@ mod tests {
         assert_eq!(v4_forward(Variant::V7, "compute_80", 128), Variant::V3);
         assert_eq!(v4_backward(Variant::V7, "compute_90", 128), Variant::V4);
         assert_eq!(v4_backward(Variant::V7, "compute_90", 64), Variant::V3);
+        // V8: V7's forward, V6's backward, with their fallbacks
+        assert_eq!(v4_forward(Variant::V8, "compute_90", 128), Variant::V7);
+        assert_eq!(v4_forward(Variant::V8, "compute_90", 80), Variant::V3);
+        assert_eq!(v4_backward(Variant::V8, "compute_90", 128), Variant::V6);
+        assert_eq!(v4_backward(Variant::V8, "compute_80", 128), Variant::V3);
+        // V9: V7's forward, its own backward at d128 on Hopper
+        assert_eq!(v4_forward(Variant::V9, "compute_90", 64), Variant::V7);
+        assert_eq!(v4_backward(Variant::V9, "compute_90", 128), Variant::V9);
+        assert_eq!(v4_backward(Variant::V9, "compute_90", 64), Variant::V3);
+        assert_eq!(bwd_kernel(Variant::V9, "bf16", 128), "attn_bwd9_bf16_d128");
+        // V10: V7's forward, its own backward at d128 on Hopper (V9's for views TMA cannot load)
+        assert_eq!(v4_forward(Variant::V10, "compute_90", 128), Variant::V7);
+        assert_eq!(v4_backward(Variant::V10, "compute_90", 128), Variant::V10);
+        assert_eq!(v4_backward(Variant::V10, "compute_80", 128), Variant::V3);
+        assert!(bwd10_smem(128) <= 227 * 1024, "{}", bwd10_smem(128));
         assert!(fwd7_smem(128) <= 227 * 1024, "{}", fwd7_smem(128));
         assert_eq!(FWD7_ENTRY_REGISTERS, 168); // what ptxas gives 384 threads at 1 block/SM
     }

@@ -1,6 +1,6 @@
 //! `make gpu-check` (on a GPU host): every fused kernel against its fp64 reference on fresh random
 //! inputs, then TFLOP/s and GB/s next to libtorch (SDPA, rms_norm) in the same run. Attention runs
-//! every kernel variant in `--variants` (default v2,v3,v4,v5,v6) through the same checks, then
+//! every kernel variant in `--variants` (default v2 ... v10) through the same checks, then
 //! times the newest one that passed against the passing one listed before it, so one call says
 //! whether a new variant is correct and how much faster it is. Prints a table last; with
 //! `--out DIR` also writes DIR/kernels-gpu.jsonl (kernels-gpu-<variants>.jsonl with `--variants`).
@@ -389,7 +389,7 @@ fn arg(flag: &str) -> Option<String> {
     std::env::args().skip_while(|a| a != flag).nth(1)
 }
 
-/// The variants to check, oldest first: `--variants v5,v7`, else v2-v6.
+/// The variants to check, oldest first: `--variants v5,v7`, else v2-v10.
 fn variants_arg() -> Result<Vec<Variant>, String> {
     let Some(list) = arg("--variants") else {
         return Ok(vec![
@@ -398,6 +398,10 @@ fn variants_arg() -> Result<Vec<Variant>, String> {
             Variant::V4,
             Variant::V5,
             Variant::V6,
+            Variant::V7,
+            Variant::V8,
+            Variant::V9,
+            Variant::V10,
         ]);
     };
     list.split(',')
