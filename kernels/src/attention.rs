@@ -837,7 +837,7 @@ pub fn fused_backward(
         if let Some(maps) = bwd10_maps(&p, &d, q.kind() == Kind::BFloat16)? {
             let f32s = (Kind::Float, q.device());
             let lse_pad = Tensor::zeros([d.b, d.h, sq_pad], f32s);
-            let _ = lse_pad.narrow(2, 0, d.sq).copy_(&lse);
+            lse_pad.narrow(2, 0, d.sq).copy_(&lse);
             bwd10 = Some((maps, lse_pad, Tensor::zeros([d.b, d.h, sq_pad], f32s)));
         }
     }
@@ -926,7 +926,7 @@ pub fn fused_backward(
             let mut p_main = p;
             let mut maps_arg = None;
             if let Some((maps, lse_pad, delta_pad)) = bwd10.as_mut() {
-                let _ = delta_pad.narrow(2, 0, d.sq).copy_(&delta);
+                delta_pad.narrow(2, 0, d.sq).copy_(&delta);
                 p_main.lse = lse_pad.data_ptr() as u64;
                 p_main.delta = delta_pad.data_ptr() as u64;
                 maps_arg = Some(maps as *mut Bwd10Maps as *mut c_void);
