@@ -432,7 +432,7 @@ __device__ __forceinline__ void mbar_wait_or_trap(u32 bar, u32 parity) {
         if (clock64() - t0 > (1ll << 34)) __trap();
 }
 
-// TMA: box (64 columns, 128 rows) of `map` at coordinates (c0, c1, c2, c3) into shared `dst`,
+// TMA: one box of `map` (64 columns x the rows the map was encoded with) at coordinates (c0, c1, c2, c3) into shared `dst`,
 // completing `bytes` on the mbarrier `bar`.
 __device__ __forceinline__ void tma_load_4d(u32 dst, const TmaMap* map, u32 bar, int c0, int c1, int c2, int c3) {
     asm volatile(
