@@ -97,7 +97,7 @@ const THREADS: u32 = 128;
 /// runs V3. `V5` is V4 with the pipelined forward. `V6` is V5 with a backward whose dQ goes out as
 /// bulk reduce-adds from shared memory instead of scalar atomics. `V7` is V5 with a
 /// warp-specialized forward (TMA loads, mbarriers, ping-pong; `cuda/attention_fwd_ws.cu`). `V8`
-/// to `V10` pair V7's forward with newer backwards; `V9` is the default.
+/// to `V10` pair V7's forward with newer backwards; `V10` is the default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     V2,
@@ -127,7 +127,7 @@ pub enum Variant {
 
 /// The variant used when neither `set_variant` nor the environment chose one: the fastest that
 /// passed every GPU check (kernels/BENCHMARKS.md, H200, 2026-11-27).
-pub const DEFAULT_VARIANT: Variant = Variant::V9;
+pub const DEFAULT_VARIANT: Variant = Variant::V10;
 /// Environment variable read once on first use: `v2` ... `v10`.
 pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
 
