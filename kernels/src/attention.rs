@@ -308,9 +308,10 @@ fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
     }
 }
 
-/// Kernel development: `LLAVA_SCO_ATTN_BWD_PROFILE=1` makes variants 6 and 9 launch their
-/// backward's profiling build (`attn_bwd6p_*` / `attn_bwd9p_*`), which prints the clock cycles each
-/// step takes per tile in two blocks (device printf, on stdout at the next synchronization).
+/// Kernel development: `LLAVA_SCO_ATTN_BWD_PROFILE=1` makes variants 6, 9 and 10 launch their
+/// backward's profiling build (`attn_bwd6p_*`, `attn_bwd9p_*`, `attn_bwd10p_*`), which prints the
+/// clock cycles each step takes per tile in two blocks (device printf, on stdout at the next
+/// synchronization).
 pub const BWD_PROFILE_ENV: &str = "LLAVA_SCO_ATTN_BWD_PROFILE";
 fn backward_profile() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -656,6 +657,9 @@ pub fn fused_forward_into(
         maps = fwd7_maps(&p, &d, q.kind() == Kind::BFloat16)?;
         if maps.is_none() {
             variant = Variant::V5; // a view the TMA unit cannot address
+        } else if !fwd7_registers_fit(gpu, name, d.d)? {
+            variant = Variant::V5;
+            maps = None;
         }
     }
     // (query rows per block, threads, shared bytes: Q + 2 stages of K and V)
@@ -678,15 +682,6 @@ pub fn fused_forward_into(
         "attention.cu"
     };
     let f = gpu.function(source, &fwd_kernel(variant, name, d.d))?;
-    if variant == Variant::V7 {
-        let regs = gpu.registers(f)?;
-        if regs != FWD7_ENTRY_REGISTERS {
-            return Err(KernelError::Unsupported(format!(
-                "{} was compiled to {regs} registers per thread; its setmaxnreg hand-off needs exactly {FWD7_ENTRY_REGISTERS} (it would hang): use {VARIANT_ENV}=v5",
-                fwd_kernel(variant, name, d.d)
-            )));
-        }
-    }
     let grid = (((d.sq + rows - 1) / rows) as u32, d.h as u32, d.b as u32);
     let p_arg: *mut c_void = &mut p as *mut AttnParams as *mut c_void;
     let mut args = match maps.as_mut() {
@@ -696,6 +691,27 @@ pub fn fused_forward_into(
     // SAFETY: the arguments match the kernel's (Fwd7Maps for V7, then AttnParams); tensors kept
     // alive in `keep`/`outputs` until the launch is queued on their stream.
     unsafe { gpu.launch(f, grid, (threads, 1, 1), smem as u32, &mut args) }
+}
+
+/// Whether variant 7's forward was compiled to exactly `FWD7_ENTRY_REGISTERS` registers per
+/// thread: its setmaxnreg hand-off needs that many (with any other count it would hang). The PTX
+/// is compiled by the driver, so another driver may allocate differently; then variant 5's forward
+/// runs instead, with a warning once per kernel.
+fn fwd7_registers_fit(gpu: &Gpu, dtype: &str, d: i64) -> Result<bool> {
+    let name = fwd_kernel(Variant::V7, dtype, d);
+    let regs = gpu.registers(gpu.function(crate::SM90A_ATTENTION, &name)?)?;
+    if regs == FWD7_ENTRY_REGISTERS {
+        return Ok(true);
+    }
+    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if !warned.contains(&name) {
+        tracing::warn!(
+            "{name} was compiled to {regs} registers per thread; its setmaxnreg hand-off needs exactly {FWD7_ENTRY_REGISTERS}: variant 5's forward runs instead"
+        );
+        warned.push(name);
+    }
+    Ok(false)
 }
 
 /// Variant 7's first kernel argument (`Fwd7Maps` in cuda/attention_fwd_ws.cu): the Q, K, V tensor
@@ -710,24 +726,42 @@ struct Fwd7Maps {
     v_pos: [i32; 3],
 }
 
+/// One tensor's map and the map dimension of its (sequence, head, batch) for a view of `seq` x
+/// `heads` x `d.b` x `d.d` with element `strides` (sequence, head, batch) and boxes of `rows` rows,
+/// or None when the TMA unit cannot address it (see `tma::layout`). An encoder error is returned:
+/// it means a layout this module thought valid was refused, which the GPU checks should show.
+fn tma_view(
+    ptr: u64,
+    seq: i64,
+    heads: i64,
+    d: &Dims,
+    strides: [i64; 3],
+    rows: u32,
+    bf16: bool,
+) -> Result<Option<(sys::CUtensorMap, [i32; 3])>> {
+    match tma::layout(seq, heads, d.b, d.d, strides, rows) {
+        Some(l) => Ok(Some((tma::encode(ptr, &l, bf16)?, l.pos))),
+        None => Ok(None),
+    }
+}
+
 /// The tensor maps for variant 7, or None when a view cannot be addressed by the TMA unit (the
-/// caller runs variant 5's forward instead). An encoder error is returned: it means a layout this
-/// module thought valid was refused, which the GPU checks should show, not hide.
+/// caller runs variant 5's forward instead).
 fn fwd7_maps(p: &AttnParams, d: &Dims, bf16: bool) -> Result<Option<Fwd7Maps>> {
     let rows = FWD4_BLOCK as u32;
-    let q = tma::layout(d.sq, d.h, d.b, d.d, [p.q_ss, p.q_hs, p.q_bs], rows);
-    let k = tma::layout(d.sk, d.hk, d.b, d.d, [p.k_ss, p.k_hs, p.k_bs], rows);
-    let v = tma::layout(d.sk, d.hk, d.b, d.d, [p.v_ss, p.v_hs, p.v_bs], rows);
-    let (Some(q), Some(k), Some(v)) = (q, k, v) else {
+    let q = tma_view(p.q, d.sq, d.h, d, [p.q_ss, p.q_hs, p.q_bs], rows, bf16)?;
+    let k = tma_view(p.k, d.sk, d.hk, d, [p.k_ss, p.k_hs, p.k_bs], rows, bf16)?;
+    let v = tma_view(p.v, d.sk, d.hk, d, [p.v_ss, p.v_hs, p.v_bs], rows, bf16)?;
+    let (Some((q, q_pos)), Some((k, k_pos)), Some((v, v_pos))) = (q, k, v) else {
         return Ok(None);
     };
     Ok(Some(Fwd7Maps {
-        q: tma::encode(p.q, &q, bf16)?,
-        k: tma::encode(p.k, &k, bf16)?,
-        v: tma::encode(p.v, &v, bf16)?,
-        q_pos: q.pos,
-        k_pos: k.pos,
-        v_pos: v.pos,
+        q,
+        k,
+        v,
+        q_pos,
+        k_pos,
+        v_pos,
     }))
 }
 
@@ -742,19 +776,27 @@ struct Bwd10Maps {
 }
 
 /// The tensor maps for variant 10, or None when a view cannot be addressed by the TMA unit or is
-/// shorter than one box (the caller runs variant 9's backward). Encoder errors as `fwd7_maps`.
+/// shorter than one box (the caller runs variant 9's backward).
 fn bwd10_maps(p: &AttnParams, d: &Dims, bf16: bool) -> Result<Option<Bwd10Maps>> {
     let rows = BWD4_BLOCK_M as u32;
-    let q = tma::layout(d.sq, d.h, d.b, d.d, [p.q_ss, p.q_hs, p.q_bs], rows);
-    let dout = tma::layout(d.sq, d.h, d.b, d.d, [p.do_ss, p.do_hs, p.do_bs], rows);
-    let (Some(q), Some(dout)) = (q, dout) else {
+    let q = tma_view(p.q, d.sq, d.h, d, [p.q_ss, p.q_hs, p.q_bs], rows, bf16)?;
+    let dout = tma_view(
+        p.dout,
+        d.sq,
+        d.h,
+        d,
+        [p.do_ss, p.do_hs, p.do_bs],
+        rows,
+        bf16,
+    )?;
+    let (Some((q, q_pos)), Some((dout, do_pos))) = (q, dout) else {
         return Ok(None);
     };
     Ok(Some(Bwd10Maps {
-        q: tma::encode(p.q, &q, bf16)?,
-        dout: tma::encode(p.dout, &dout, bf16)?,
-        q_pos: q.pos,
-        do_pos: dout.pos,
+        q,
+        dout,
+        q_pos,
+        do_pos,
     }))
 }
 
@@ -833,7 +875,8 @@ pub fn fused_backward(
     p.delta = delta.data_ptr() as u64;
     // V10: tensor maps of Q and dO (else V9's backward), lse and delta padded to 64-row tiles
     let mut bwd10 = None;
-    if variant == Variant::V10 {
+    // (other dtypes are refused below)
+    if variant == Variant::V10 && dtype_name(q.kind()).is_ok() {
         if let Some(maps) = bwd10_maps(&p, &d, q.kind() == Kind::BFloat16)? {
             let f32s = (Kind::Float, q.device());
             let lse_pad = Tensor::zeros([d.b, d.h, sq_pad], f32s);

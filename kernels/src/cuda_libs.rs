@@ -59,12 +59,31 @@ fn dlopen_global(path: &Path) -> bool {
     !unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) }.is_null()
 }
 
+/// The files of `dir` whose names start with one of `prefixes`, sorted.
+fn files_with_prefix(dir: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            prefixes.iter().any(|p| name.starts_with(p))
+        })
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found
+}
+
 /// Loads `soname` from the search folders unless the system loader already finds it.
 /// Returns the folders searched on failure.
-/// `companions` are loaded first from the same folder (libnvrtc opens libnvrtc-builtins by soname).
+/// Files starting with one of `companion_prefixes` are loaded first from the same folder (libnvrtc
+/// opens libnvrtc-builtins by a soname that carries the minor version, e.g. `.so.13.0`).
 fn ensure_loaded(
     soname: &str,
-    companions: &[&str],
+    companion_prefixes: &[&str],
     system_visible: impl Fn() -> bool,
 ) -> std::result::Result<(), String> {
     if system_visible() {
@@ -76,8 +95,8 @@ fn ensure_loaded(
         if !candidate.exists() {
             continue;
         }
-        for companion in companions {
-            dlopen_global(&d.join(companion));
+        for companion in files_with_prefix(d, companion_prefixes) {
+            dlopen_global(&companion);
         }
         if dlopen_global(&candidate) && system_visible() {
             return Ok(());
@@ -93,11 +112,9 @@ pub fn ensure_nvrtc() -> Result<()> {
     static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     DONE.get_or_init(|| {
         // SAFETY: is_culib_present only tries dlopen on candidate names.
-        ensure_loaded(
-            "libnvrtc.so.13",
-            &["libnvrtc-builtins.so.13.0"],
-            || unsafe { cudarc::nvrtc::sys::is_culib_present() },
-        )
+        ensure_loaded("libnvrtc.so.13", &["libnvrtc-builtins.so.13."], || unsafe {
+            cudarc::nvrtc::sys::is_culib_present()
+        })
     })
     .clone()
     .map_err(|searched| KernelError::LibraryMissing {
@@ -116,5 +133,27 @@ pub fn ensure_driver() -> Result<()> {
             lib: "libcuda.so.1 (the NVIDIA driver)",
             searched: "the system library path".into(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn companions_are_found_by_prefix_whatever_the_minor_version() {
+        let dir = std::env::temp_dir().join(format!("cuda-libs-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in [
+            "libnvrtc-builtins.so.13.1",
+            "libnvrtc-builtins.alt.so.13.1",
+            "libnvrtc.so.13",
+        ] {
+            std::fs::write(dir.join(name), b"").unwrap();
+        }
+        let found = files_with_prefix(&dir, &["libnvrtc-builtins.so.13."]);
+        assert_eq!(found, vec![dir.join("libnvrtc-builtins.so.13.1")]);
+        assert!(files_with_prefix(&dir.join("missing"), &["lib"]).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -556,6 +556,28 @@ fn main() -> std::process::ExitCode {
             sk: 4097,
             mask: None,
         },
+        // whole 64-row tiles with key padding, and causal with fewer queries than keys (the
+        // diagonal offset), both through variant 10's TMA backward
+        Case {
+            kind: Kind::BFloat16,
+            d: 128,
+            b: 2,
+            h: 8,
+            hk: 2,
+            sq: 256,
+            sk: 256,
+            mask: KeyPadding,
+        },
+        Case {
+            kind: Kind::BFloat16,
+            d: 128,
+            b: 1,
+            h: 4,
+            hk: 4,
+            sq: 128,
+            sk: 384,
+            mask: Causal,
+        },
     ];
     println!(
         "{:<49} {:>9} {:>9} {:>9} {:>9}  result",

@@ -63,6 +63,9 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let (pg, device) = setup::process_group(config)?;
     let (rank, world) = (pg.rank(), pg.world_size());
     signal::install_sigterm_handler();
+    if let Some(note) = setup::fused_attention_note(config, device)? {
+        metrics::log(rank, &note);
+    }
     // 2. Model (+ LoRA), seeded; with FSDP each rank reads only its shards.
     let (mut trainable, flops) = setup::model(config, &pg, device)?;
     // 3. Data.

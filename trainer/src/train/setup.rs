@@ -200,6 +200,22 @@ pub(super) fn unused_precision_note(config: &Config) -> Option<String> {
     })
 }
 
+/// The log line naming the attention kernels `model.attention: fused` runs on a GPU, so a run's
+/// log says which kernel variant produced it; a bad `LLAVA_SCO_ATTN_VARIANT` fails here, before the
+/// model loads, instead of at the first attention call.
+pub(super) fn fused_attention_note(config: &Config, device: Device) -> Result<Option<String>> {
+    if config.model.attention != config::Attention::Fused || !device.is_cuda() {
+        return Ok(None);
+    }
+    let variant = kernels::attention::variant()
+        .map_err(|e| anyhow::anyhow!("model.attention: fused: {e}"))?;
+    Ok(Some(format!(
+        "model.attention: fused runs attention kernel variant {} ({}=v2 ... v10 selects another; kernels/BENCHMARKS.md has each one's speed)",
+        variant.name(),
+        kernels::attention::VARIANT_ENV
+    )))
+}
+
 /// "N of M records skipped (reason: n, ...)" for a dataset's scan.
 fn skip_reasons(ds: &Dataset) -> String {
     let r = ds.report();
@@ -289,6 +305,25 @@ mod tests {
     fn parse(sets: &[&str]) -> Config {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         config::parse("model: {path: m}\ndata: {train: t.jsonl}\n", &sets).expect("config")
+    }
+
+    #[test]
+    fn fused_attention_names_its_kernel_variant_on_a_gpu_only() {
+        let fused = parse(&["model.attention=fused"]);
+        let note = fused_attention_note(&fused, Device::Cuda(0))
+            .unwrap()
+            .expect("a note");
+        let variant = kernels::attention::variant().unwrap();
+        assert!(
+            note.contains(&format!("variant {}", variant.name())),
+            "{note}"
+        );
+        assert!(note.contains(kernels::attention::VARIANT_ENV), "{note}");
+        assert!(fused_attention_note(&fused, Device::Cpu).unwrap().is_none());
+        let sdpa = parse(&["model.attention=sdpa"]);
+        assert!(fused_attention_note(&sdpa, Device::Cuda(0))
+            .unwrap()
+            .is_none());
     }
 
     #[test]
