@@ -115,10 +115,11 @@ impl Plan {
             out
         };
         let mut h = add(Op::Stem, ROOT, vec![], has_img);
+        // the intermediate features are layer INPUTS (as MllamaVisionModel::forward)
         let mut states = vec![];
         for i in 0..lay.local {
-            h = add(Op::Local(i), lay.local(i), vec![h], has_img);
             states.push(h);
+            h = add(Op::Local(i), lay.local(i), vec![h], has_img);
         }
         h = add(Op::Post, ROOT, vec![h], has_img);
         for j in 0..lay.global {

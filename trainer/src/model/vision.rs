@@ -277,10 +277,15 @@ impl VisionModel {
     ) -> Result<Tensor, ModelError> {
         let prep = self.prepare(pixel_values, aspect_ratio_ids, aspect_ratio_mask)?;
         let mut h = self.stem(&prep, pixel_values);
+        // intermediate_layers_indices name the layers whose INPUT is kept, as in Meta's
+        // llama_models (`return_intermediate`), which the released weights were trained with, and
+        // transformers 4.45 (what LLaVA-CoT and the seed used). transformers 5.24 keeps each
+        // layer's output instead, one layer later; tests/fixtures/mllama_reference.py patches it
+        // back for the golden fixtures.
         let mut states = Vec::with_capacity(self.transformer.len());
         for layer in &self.transformer {
-            h = layer.forward(&h, &prep.mask)?;
             states.push(h.shallow_clone());
+            h = layer.forward(&h, &prep.mask)?;
         }
         h = self.post_local(&prep, &h);
         for layer in &self.global_transformer {
