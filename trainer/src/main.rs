@@ -347,6 +347,10 @@ struct InferArgs {
     /// 0 = greedy (the seed's default is 0.7)
     #[arg(long, default_value_t = 0.7, value_parser = parse_temperature)]
     temperature: f64,
+    /// Sample among the K most likely tokens only, before top-p (0 = off; 50 is transformers'
+    /// default, which the seed's `generate` call used)
+    #[arg(long, default_value_t = trainer::infer::sampling::DEFAULT_TOP_K)]
+    top_k: usize,
     #[arg(long, default_value_t = 0.9, value_parser = parse_top_p)]
     top_p: f64,
     #[arg(long, default_value_t = 2048)]
@@ -400,6 +404,7 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
             .unwrap_or_else(|| records::DEFAULT_CORRECTION_PROMPT.to_string()),
         position: position_of(args.position),
         temperature: args.temperature,
+        top_k: args.top_k,
         top_p: args.top_p,
         max_new_tokens: args.max_new_tokens,
         seed: args.seed,
@@ -480,6 +485,9 @@ struct EvalArgs {
     /// 0 = greedy (default for scoring)
     #[arg(long, default_value_t = 0.0, value_parser = parse_temperature)]
     temperature: f64,
+    /// With sampling: the K most likely tokens only, before top-p (0 = off; transformers' default 50)
+    #[arg(long, default_value_t = trainer::infer::sampling::DEFAULT_TOP_K)]
+    top_k: usize,
     #[arg(long, default_value_t = 0.9, value_parser = parse_top_p)]
     top_p: f64,
     #[arg(long, default_value_t = 0)]
@@ -577,6 +585,7 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
                 .unwrap_or_else(|| trainer::data::records::DEFAULT_CORRECTION_PROMPT.to_string()),
             position: position_of(args.position),
             temperature: args.temperature,
+            top_k: args.top_k,
             top_p: args.top_p,
             max_new_tokens: args.max_new_tokens,
             seed: args.seed,

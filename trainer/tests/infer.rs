@@ -49,6 +49,7 @@ fn opts(turns: usize, temperature: f64, seed: u64) -> InferOptions {
         correction_prompt: DEFAULT_CORRECTION_PROMPT.into(),
         position: Position::AfterAnswer,
         temperature,
+        top_k: 50,
         top_p: 0.9,
         max_new_tokens: 12,
         seed,
@@ -321,4 +322,29 @@ fn rows_that_stop_early_leave_the_batch_without_changing_the_others() {
         lengths.iter().any(|&n| n > stop_at),
         "{lengths:?}: some row outlived row 1"
     );
+}
+
+#[test]
+fn generation_stops_at_every_llama3_end_token_the_tokenizer_has() {
+    let (text, _) = processors();
+    // the fixture tokenizer: <|end_of_text|> 456, <|eom_id|> 463, <|eot_id|> 464; the config's eos 2
+    let stops = trainer::infer::stop_ids(&[2, 464], &text);
+    assert_eq!(stops, vec![2, 456, 463, 464]);
+}
+
+#[test]
+fn a_literal_image_token_in_the_question_is_refused() {
+    let model = model();
+    let procs = processors();
+    let session = session(&model, &procs);
+    let o = opts(1, 0.0, 1);
+    let err = session
+        .prompt_ids("what is <|image|> here?", true, &[], &o)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("question") && err.contains("<|image|>"),
+        "{err}"
+    );
+    assert!(session.prompt_ids("what is here?", true, &[], &o).is_ok());
 }

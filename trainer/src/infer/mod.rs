@@ -38,9 +38,31 @@ pub struct InferOptions {
     pub correction_prompt: String,
     pub position: Position,
     pub temperature: f64,
+    /// 0 = no top-k filter (transformers' default is 50, `sampling::DEFAULT_TOP_K`).
+    pub top_k: usize,
     pub top_p: f64,
     pub max_new_tokens: usize,
     pub seed: u64,
+}
+
+/// Llama 3's end tokens: the assistant turn ends with `<|eot_id|>`; `<|eom_id|>` (end of a
+/// message that expects a tool reply) and `<|end_of_text|>` end generation too, as the Instruct
+/// models' generation_config.json lists all three for transformers' `generate`.
+pub const LLAMA3_STOP_TOKENS: [&str; 3] = ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"];
+
+/// The ids generation stops at: the model config's eos ids, the chat template's end of turn and
+/// whichever of `LLAMA3_STOP_TOKENS` the tokenizer has.
+pub fn stop_ids(config_eos: &[i64], text: &TextProcessor) -> Vec<i64> {
+    let mut ids = config_eos.to_vec();
+    ids.push(text.ids.eot);
+    ids.extend(
+        LLAMA3_STOP_TOKENS
+            .iter()
+            .filter_map(|t| text.tokenizer.token_to_id(t).map(|i| i as i64)),
+    );
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -101,6 +123,19 @@ impl Session<'_> {
         answers: &[String],
         opts: &InferOptions,
     ) -> Result<Vec<i64>, InferError> {
+        // a literal image token in the user's text would be a second image slot (MllamaProcessor
+        // refuses the mismatch, as training's encode does); generated answers are not checked
+        let literal = &self.text.ids.image_token;
+        for (what, t) in [
+            ("the question", question),
+            ("the correction prompt", opts.correction_prompt.as_str()),
+        ] {
+            if t.contains(literal.as_str()) {
+                return Err(InferError::Input(format!(
+                    "{what} holds a literal {literal}, which would be a second image slot: remove it (the image goes in with --image)"
+                )));
+            }
+        }
         let text = self
             .text
             .template
@@ -185,11 +220,10 @@ impl Session<'_> {
             .iter()
             .map(|(im, _)| im.map(|im| process(self.image_config, im)))
             .collect();
-        let mut eos: Vec<i64> = self.model.config.text.eos_token_ids.clone();
-        eos.push(self.text.ids.eot);
+        let eos = stop_ids(&self.model.config.text.eos_token_ids, self.text);
         let mut samplers: Vec<Sampler> = items
             .iter()
-            .map(|_| Sampler::new(opts.temperature, opts.top_p, opts.seed))
+            .map(|_| Sampler::new(opts.temperature, opts.top_p, opts.seed).with_top_k(opts.top_k))
             .collect();
         let mut answers: Vec<Vec<String>> = vec![Vec::new(); items.len()];
         let mut outputs: Vec<Vec<TurnOutput>> = (0..items.len()).map(|_| Vec::new()).collect();

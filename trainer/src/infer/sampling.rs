@@ -1,5 +1,5 @@
-//! Next-token choice: greedy at temperature 0, else temperature + top-p (nucleus) sampling with a
-//! seeded generator, so the same seed gives the same text.
+//! Next-token choice: greedy at temperature 0, else temperature, top-k and top-p (nucleus)
+//! sampling in transformers' order, with a seeded generator, so the same seed gives the same text.
 use tch::{Kind, Tensor};
 
 /// SplitMix64: small, fast, and fully determined by its seed.
@@ -23,20 +23,33 @@ impl Rng {
     }
 }
 
+/// transformers' `GenerationConfig.top_k` default, which sampling uses unless the model's
+/// generation_config.json or the call sets another (Llama 3.2 Vision's sets none).
+pub const DEFAULT_TOP_K: usize = 50;
+
 #[derive(Debug, Clone)]
 pub struct Sampler {
     pub temperature: f64,
+    /// 0 = no top-k filter.
+    pub top_k: usize,
     pub top_p: f64,
     rng: Rng,
 }
 
 impl Sampler {
+    /// Top-k is `DEFAULT_TOP_K`; `with_top_k` changes it.
     pub fn new(temperature: f64, top_p: f64, seed: u64) -> Sampler {
         Sampler {
             temperature,
+            top_k: DEFAULT_TOP_K,
             top_p,
             rng: Rng::new(seed),
         }
+    }
+
+    pub fn with_top_k(mut self, top_k: usize) -> Sampler {
+        self.top_k = top_k;
+        self
     }
 
     /// The tokens top-p keeps for `probs` (sorted by probability, descending): the smallest prefix
@@ -52,19 +65,35 @@ impl Sampler {
         probs.len().max(1)
     }
 
-    /// Picks the next token from logits (V) of the last position.
+    /// Picks the next token from logits (V) of the last position: temperature, then top-k (the
+    /// logits at least the k-th largest, ties kept, as transformers' TopKLogitsWarper), then top-p
+    /// on the renormalized rest (TopPLogitsWarper), then a draw.
     pub fn pick(&mut self, logits: &Tensor) -> i64 {
         if self.temperature <= 0.0 {
             return logits.argmax(-1, false).int64_value(&[]);
         }
-        let probs = (logits.to_kind(Kind::Double) / self.temperature).softmax(-1, Kind::Double);
-        let probs: Vec<f64> = Vec::try_from(probs).unwrap_or_default();
-        if probs.is_empty() || !probs.iter().all(|p| p.is_finite()) {
+        let scaled = logits.to_kind(Kind::Double) / self.temperature; // (V,)
+        let v = scaled.size().first().copied().unwrap_or(0);
+        // (vocabulary ids, their scaled logits): the top-k filter runs where the logits are, so
+        // only the kept entries (k, plus ties) come to the host
+        let (ids, kept) = if self.top_k > 0 && (self.top_k as i64) < v {
+            let (top, _) = scaled.topk(self.top_k as i64, -1, true, true);
+            let kth = top.get(self.top_k as i64 - 1);
+            let idx = scaled.ge_tensor(&kth).nonzero().view([-1]); // (K,)
+            (
+                Vec::<i64>::try_from(&idx).unwrap_or_default(),
+                scaled.index_select(0, &idx),
+            )
+        } else {
+            ((0..v).collect(), scaled)
+        };
+        let probs: Vec<f64> = Vec::try_from(kept.softmax(-1, Kind::Double)).unwrap_or_default();
+        if probs.is_empty() || probs.len() != ids.len() || !probs.iter().all(|p| p.is_finite()) {
             // NaN / inf logits (an overflow upstream) give no distribution: the argmax, not
             // whichever token the failed comparisons below would land on
             return logits.argmax(-1, false).int64_value(&[]);
         }
-        let mut sorted: Vec<(usize, f64)> = probs.into_iter().enumerate().collect();
+        let mut sorted: Vec<(usize, f64)> = ids.iter().map(|&id| id as usize).zip(probs).collect();
         sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let keep = Self::nucleus(&sorted, self.top_p);
         let kept = &sorted[..keep];
@@ -108,6 +137,30 @@ mod tests {
         assert_eq!(counts[2] + counts[3], 0, "{counts:?}");
         let share = counts[0] as f64 / 4000.0; // 0.5 / 0.8 = 0.625 after renormalizing
         assert!((share - 0.625).abs() < 0.03, "{counts:?}");
+    }
+
+    #[test]
+    fn top_k_keeps_the_k_largest_and_their_ties_before_top_p() {
+        // 60 tokens: ids 0..4 have logits 4, 3, 2, 2, 1; the rest -5
+        let mut l = vec![-5.0f32; 60];
+        l[..5].copy_from_slice(&[4.0, 3.0, 2.0, 2.0, 1.0]);
+        let logits = Tensor::from_slice(&l);
+        let draws = |top_k: usize, top_p: f64| {
+            let mut s = Sampler::new(1.0, top_p, 5).with_top_k(top_k);
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..3000 {
+                seen.insert(s.pick(&logits));
+            }
+            seen.into_iter().collect::<Vec<_>>()
+        };
+        // k = 3: the third-largest logit is 2, shared by ids 2 and 3, so both stay
+        assert_eq!(draws(3, 1.0), vec![0, 1, 2, 3]);
+        assert_eq!(draws(1, 1.0), vec![0]);
+        // top-p on what top-k kept: k = 2 leaves p(0) = e / (e + 1) = 0.73, so top-p 0.7 keeps id 0
+        assert_eq!(draws(2, 0.7), vec![0]);
+        // no top-k: the 55 small logits are drawn too
+        assert!(draws(0, 1.0).len() > 5);
+        assert_eq!(Sampler::new(1.0, 0.9, 0).top_k, DEFAULT_TOP_K);
     }
 
     #[test]
