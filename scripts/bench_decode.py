@@ -12,10 +12,17 @@ import json
 import statistics
 import time
 
+import os
+import sys
+
 import torch
 import transformers
 from safetensors.torch import load_file
 from transformers import MllamaForConditionalGeneration
+
+# the vision encoder's intermediate features as Meta defines them (tests/fixtures/mllama_reference.py)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures"))
+import mllama_reference  # noqa: E402,F401
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", required=True)

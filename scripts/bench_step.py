@@ -35,6 +35,10 @@ LAYER_TYPES = (
 def build(args):
     from transformers import MllamaForConditionalGeneration
 
+    # the vision encoder's intermediate features as Meta defines them (tests/fixtures/mllama_reference.py)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures"))
+    import mllama_reference  # noqa: F401
+
     model = MllamaForConditionalGeneration.from_pretrained(
         args.model, dtype=torch.float32, attn_implementation="sdpa"
     )
