@@ -122,6 +122,8 @@ impl CheckpointWeights {
         let targets: BTreeMap<String, Tensor> = if self.is_lora() {
             model.apply_lora(&self.lora_config()?, Some(0))?;
             model.set_training(false);
+            // the trained fp32 factors as they are, as `infer --adapter` loads an adapter
+            model.set_lora_kind(tch::Kind::Float);
             model.trainable_parameters().into_iter().collect()
         } else {
             let mut m = BTreeMap::new();

@@ -138,6 +138,18 @@ impl MllamaModel {
         });
     }
 
+    /// Converts every LoRA factor to `kind`: inference keeps them in fp32 over a bf16 model, as
+    /// PEFT's `from_pretrained` does (autocast_adapter_dtype), and `Linear::forward` then computes the
+    /// branch in fp32.
+    pub fn set_lora_kind(&mut self, kind: Kind) {
+        self.visit_linears(&mut |l| {
+            if let Some(br) = &mut l.lora {
+                br.a = br.a.detach().to_kind(kind);
+                br.b = br.b.detach().to_kind(kind);
+            }
+        });
+    }
+
     /// Training mode switches LoRA dropout on.
     pub fn set_training(&mut self, training: bool) {
         self.visit_linears(&mut |l| {
@@ -147,9 +159,16 @@ impl MllamaModel {
         });
     }
 
-    /// Loads a PEFT adapter folder onto the model (either naming). Every targeted layer must have both factors with
+    /// Loads a PEFT adapter folder onto the model (either naming), its factors in the model's dtype
+    /// (training: FSDP keeps fp32 masters of them). Every targeted layer must have both factors with
     /// the right shapes, and every adapter tensor must belong to a targeted layer; all problems in one error.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<LoraConfig, ModelError> {
+        self.load_adapter_as(dir, self.options.dtype)
+    }
+
+    /// `load_adapter` with the factors in `kind`: inference keeps them in fp32 over a bf16 model,
+    /// as PEFT's `from_pretrained` does (autocast_adapter_dtype), and computes the branch in fp32.
+    pub fn load_adapter_as(&mut self, dir: &Path, kind: Kind) -> Result<LoraConfig, ModelError> {
         let cfg_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
         let v: Value = serde_json::from_str(&text)
@@ -167,7 +186,7 @@ impl MllamaModel {
             }
         }
         let matcher = cfg.target_modules.compile()?;
-        let (kind, device) = (self.options.dtype, self.options.device);
+        let device = self.options.device;
         let mut used = BTreeSet::new();
         let mut n = 0;
         self.visit_linears(&mut |l| {

@@ -42,8 +42,15 @@ impl Linear {
                 };
                 // scaling applied to the rank-r intermediate, not to the (..., out) product: one elementwise pass
                 // over r columns instead of `out` (bitwise the same when scaling is a power of two, e.g. 32 / 8)
+                let xd = xd.to_kind(l.a.kind());
                 let z = (xd.linear::<Tensor>(&l.a, None) * l.scaling).linear::<Tensor>(&l.b, None); // (..., out)
-                y + z
+                if z.kind() == y.kind() {
+                    y + z
+                } else {
+                    // factors kept in fp32 over a bf16 model (inference, as PEFT's from_pretrained with
+                    // autocast_adapter_dtype): the branch in fp32, added in fp32, one rounding at the end
+                    (y.to_kind(z.kind()) + z).to_kind(y.kind())
+                }
             }
         }
     }
@@ -147,6 +154,36 @@ impl LoraConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fp32_factors_over_a_bf16_layer_add_in_fp32_and_round_once() {
+        let bf = (Kind::BFloat16, tch::Device::Cpu);
+        let f32s = (Kind::Float, tch::Device::Cpu);
+        tch::manual_seed(3);
+        let x = Tensor::randn([5, 16], bf);
+        let weight = Tensor::randn([8, 16], bf);
+        let a = Tensor::randn([4, 16], f32s) * 0.1;
+        let b = Tensor::randn([8, 4], f32s) * 0.1;
+        let y_base = x.linear::<Tensor>(&weight, None);
+        let branch =
+            (x.to_kind(Kind::Float).linear::<Tensor>(&a, None) * 2.0).linear::<Tensor>(&b, None);
+        let want = (y_base.to_kind(Kind::Float) + branch).to_kind(Kind::BFloat16);
+        let layer = Linear {
+            path: "q_proj".into(),
+            weight,
+            bias: None,
+            lora: Some(LoraBranch {
+                a,
+                b,
+                scaling: 2.0,
+                dropout: 0.0,
+                training: false,
+            }),
+        };
+        let got = layer.forward(&x);
+        assert_eq!(got.kind(), Kind::BFloat16);
+        assert!(got.equal(&want));
+    }
 
     #[test]
     fn regex_target_modules_match_either_naming() {
