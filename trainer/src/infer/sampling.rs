@@ -74,8 +74,13 @@ impl Sampler {
         }
         let scaled = logits.to_kind(Kind::Double) / self.temperature; // (V,)
         let v = scaled.size().first().copied().unwrap_or(0);
-        // (vocabulary ids, their scaled logits): the top-k filter runs where the logits are, so
-        // only the kept entries (k, plus ties) come to the host
+        if scaled.isnan().any().int64_value(&[]) != 0 {
+            // NaN logits (an overflow upstream) give no distribution (top-k would drop them
+            // silently): the argmax, as without top-k
+            return logits.argmax(-1, false).int64_value(&[]);
+        }
+        // (vocabulary ids, their scaled logits): the top-k filter is a tensor op, so only the kept
+        // entries (k, plus ties) become a Vec and get sorted, not the whole vocabulary
         let (ids, kept) = if self.top_k > 0 && (self.top_k as i64) < v {
             let (top, _) = scaled.topk(self.top_k as i64, -1, true, true);
             let kth = top.get(self.top_k as i64 - 1);
@@ -176,5 +181,12 @@ mod tests {
         for seed in 0..5 {
             assert_eq!(Sampler::new(0.7, 0.9, seed).pick(&logits), 1);
         }
+        // a NaN among 60 logits with top-k 3: no silent draw among the finite ones
+        let mut l = vec![0.0f32; 60];
+        l[7] = f32::NAN;
+        l[9] = 5.0;
+        let nan = Tensor::from_slice(&l);
+        let want = nan.argmax(-1, false).int64_value(&[]);
+        assert_eq!(Sampler::new(0.7, 0.9, 1).with_top_k(3).pick(&nan), want);
     }
 }
