@@ -289,3 +289,29 @@ fn truncation_and_padding_stored_in_tokenizer_json_do_not_apply() {
     assert!(b.input_ids.len() > 4);
     assert_eq!(a.input_ids, b.input_ids);
 }
+
+#[test]
+fn decode_cleans_up_spaces_as_transformers_when_the_config_asks() {
+    use trainer::data::tokenize::clean_up_tokenization;
+    // transformers' clean_up_tokenization, rule by rule
+    assert_eq!(
+        clean_up_tokenization(
+            "Yes , it is . Why ? No ! I do n't , I 'm , it 's , we 've , they 're"
+        ),
+        "Yes, it is. Why? No! I don't, I'm, it's, we've, they're"
+    );
+    let mut text = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
+    let ids: Vec<i64> = text
+        .tokenizer
+        .encode("The answer is 3 .", false)
+        .unwrap()
+        .get_ids()
+        .iter()
+        .map(|&i| i as i64)
+        .collect();
+    // the fixture's tokenizer_config.json does not ask: the text round-trips
+    assert!(!text.clean_up_spaces);
+    assert_eq!(text.decode(&ids).unwrap(), "The answer is 3 .");
+    text.clean_up_spaces = true; // Llama 3's tokenizer_config.json sets it
+    assert_eq!(text.decode(&ids).unwrap(), "The answer is 3.");
+}

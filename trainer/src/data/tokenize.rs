@@ -36,6 +36,9 @@ pub struct TextProcessor {
     pub template: ChatTemplate,
     pub ids: SpecialIds,
     pub double_bos: bool,
+    /// tokenizer_config.json's `clean_up_tokenization_spaces` (Llama 3's sets it): `decode`
+    /// removes the space before punctuation and contractions, as transformers' decode does.
+    pub clean_up_spaces: bool,
 }
 
 /// One tokenized sample (unpadded).
@@ -123,11 +126,31 @@ impl TextProcessor {
             user_header: header("user")?,
             assistant_header: header("assistant")?,
         };
+        let clean_up_spaces = tc
+            .get("clean_up_tokenization_spaces")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
         Ok(Self {
             tokenizer,
             template,
             ids,
             double_bos,
+            clean_up_spaces,
+        })
+    }
+
+    /// Generated ids as text, special tokens skipped, as transformers' `decode(ids,
+    /// skip_special_tokens=True)`: with `clean_up_spaces`, its `clean_up_tokenization` too.
+    pub fn decode(&self, ids: &[i64]) -> Result<String, String> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        let text = self
+            .tokenizer
+            .decode(&ids, true)
+            .map_err(|e| format!("tokenizer: {e}"))?;
+        Ok(if self.clean_up_spaces {
+            clean_up_tokenization(&text)
+        } else {
+            text
         })
     }
 
@@ -170,6 +193,21 @@ impl TextProcessor {
         let labels = seed_labels(&input_ids, &self.ids);
         Ok(Encoded { input_ids, labels })
     }
+}
+
+/// transformers' `PreTrainedTokenizerBase.clean_up_tokenization`: the spaces a word-piece
+/// tokenizer puts before punctuation and English contractions, removed.
+pub fn clean_up_tokenization(text: &str) -> String {
+    text.replace(" .", ".")
+        .replace(" ?", "?")
+        .replace(" !", "!")
+        .replace(" ,", ",")
+        .replace(" ' ", "'")
+        .replace(" n't", "n't")
+        .replace(" 'm", "'m")
+        .replace(" 's", "'s")
+        .replace(" 've", "'ve")
+        .replace(" 're", "'re")
 }
 
 /// MllamaProcessor's `build_string_from_input`: add the BOS text unless present, after any

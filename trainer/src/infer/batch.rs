@@ -229,6 +229,12 @@ impl Session<'_> {
             })?; // (B', V)
             next_pos += 1;
         }
+        // the text as transformers' decode gives it: whole, so bytes a cut-off character left in a
+        // stream are not lost, and cleaned up where the tokenizer config asks (the streamed
+        // pieces are not)
+        for o in &mut out {
+            o.text = self.text.decode(&o.token_ids).map_err(InferError::Input)?;
+        }
         Ok(out)
     }
 }
