@@ -24,4 +24,5 @@ pub mod infer;
 pub mod logging;
 pub mod model;
 pub mod optim;
+pub mod rng;
 pub mod train;

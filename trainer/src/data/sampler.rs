@@ -8,6 +8,8 @@
 //! exactly, at any world size with the same global batch.
 use serde::{Deserialize, Serialize};
 
+use crate::rng::SplitMix64;
+
 /// Where the loader stands: the next global batch to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Position {
@@ -23,23 +25,7 @@ pub struct LengthGroupedSampler {
     seed: u64,
 }
 
-/// splitmix64: a small, well-mixed deterministic generator.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-fn shuffle<T>(v: &mut [T], rng: &mut SplitMix) {
+fn shuffle<T>(v: &mut [T], rng: &mut SplitMix64) {
     for i in (1..v.len()).rev() {
         let j = rng.below(i + 1);
         v.swap(i, j);
@@ -65,7 +51,7 @@ impl LengthGroupedSampler {
 
     /// All global batches of an epoch, in order.
     pub fn epoch_batches(&self, epoch: u64) -> Vec<Vec<usize>> {
-        let mut rng = SplitMix(self.seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let mut rng = SplitMix64::new(self.seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
         let mut idx: Vec<usize> = (0..self.lengths.len()).collect();
         shuffle(&mut idx, &mut rng);
         idx.truncate(self.batches_per_epoch() * self.global_batch); // a random subset left out

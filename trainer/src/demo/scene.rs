@@ -5,22 +5,21 @@
 //! question, answers and pixels.
 use image::{Rgb, RgbImage};
 
-/// SplitMix64: small, fast, and the same on every platform (the demo's data is part of its
-/// reproducibility, so no dependency whose stream could change).
+use crate::rng::SplitMix64;
+
+/// The demo's generator: SplitMix64 (`crate::rng`, the same on every platform: the demo's data is
+/// part of its reproducibility, so no dependency whose stream could change), its state started at
+/// the seed xor the golden-ratio constant.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+        Rng(SplitMix64::new(seed ^ 0x9E37_79B9_7F4A_7C15))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in `lo..=hi`.

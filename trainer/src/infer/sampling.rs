@@ -2,26 +2,8 @@
 //! sampling in transformers' order, with a seeded generator, so the same seed gives the same text.
 use tch::{Kind, Tensor};
 
-/// SplitMix64: small, fast, and fully determined by its seed.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+/// The seeded generator of a `Sampler` (SplitMix64, `crate::rng`).
+pub use crate::rng::SplitMix64 as Rng;
 
 /// transformers' `GenerationConfig.top_k` default, which sampling uses unless the model's
 /// generation_config.json or the call sets another (Llama 3.2 Vision's sets none).

@@ -11,6 +11,7 @@ use tch::{Kind, Tensor};
 use super::lora::{LoraConfig, TargetModules};
 use super::weights::{legacy_to_canonical, WeightSource};
 use super::{MllamaModel, ModelError};
+use crate::rng::SplitMix64;
 
 const PEFT_PREFIX: &str = "base_model.model.";
 
@@ -101,18 +102,14 @@ impl MllamaModel {
     /// Wraps every linear layer whose module path matches `cfg.target_modules` with a fresh LoRA branch (PEFT init;
     /// `seed` seeds libtorch's generator first). Returns the number of wrapped layers.
     pub fn apply_lora(&mut self, cfg: &LoraConfig, seed: Option<i64>) -> Result<usize, ModelError> {
-        // libtorch's generator is global: two threads seeding and drawing at once (tests, or a
-        // program wrapping two models) would interleave their draws and break the seed's promise
-        static SEEDED_DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _draws = SEEDED_DRAWS.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = seed {
-            tch::manual_seed(s);
-        }
+        // a seed draws from its own SplitMix64, not libtorch's global generator: another thread
+        // drawing at the same time (tests, a program wrapping two models) cannot shift the values
+        let mut rng = seed.map(|s| SplitMix64::new(s as u64));
         let matcher = cfg.target_modules.compile()?;
         let mut n = 0;
         self.visit_linears(&mut |l| {
             if matcher.matches(&l.path) {
-                let br = cfg.new_branch(l);
+                let br = cfg.new_branch(l, rng.as_mut());
                 l.lora = Some(br);
                 n += 1;
             }
@@ -220,10 +217,7 @@ impl MllamaModel {
                 }
             }
             if let [a, b] = &ab[..] {
-                let mut br = cfg.new_branch(l);
-                br.a = a.shallow_clone();
-                br.b = b.shallow_clone();
-                l.lora = Some(br);
+                l.lora = Some(cfg.branch(a.shallow_clone(), b.shallow_clone()));
                 n += 1;
             }
         });

@@ -5,6 +5,7 @@ use regex::Regex;
 use tch::{Kind, Tensor};
 
 use super::ModelError;
+use crate::rng::SplitMix64;
 
 /// LoRA branch of one linear layer.
 #[derive(Debug)]
@@ -133,14 +134,30 @@ impl LoraConfig {
         }
     }
 
-    /// Fresh branch as PEFT initializes it: A kaiming-uniform with a = sqrt(5) (bound 1/sqrt(in)), B zeros.
-    /// Draws from libtorch's global generator (seed it with `tch::manual_seed`).
-    pub fn new_branch(&self, lin: &Linear) -> LoraBranch {
+    /// Fresh branch as PEFT initializes it: A kaiming-uniform with a = sqrt(5), i.e. uniform in
+    /// (-1/sqrt(in), 1/sqrt(in)), drawn from `rng` when given, else from libtorch's global
+    /// generator; B zeros.
+    pub fn new_branch(&self, lin: &Linear, rng: Option<&mut SplitMix64>) -> LoraBranch {
         let (out, inp) = (lin.out_features(), lin.in_features());
         let opts = (lin.weight.kind(), lin.weight.device());
         let bound = 1.0 / (inp as f64).sqrt();
-        let a = Tensor::empty([self.r, inp], opts).uniform_(-bound, bound);
-        let b = Tensor::zeros([out, self.r], opts);
+        let a = match rng {
+            Some(rng) => {
+                let v: Vec<f32> = (0..self.r * inp)
+                    .map(|_| (bound * (2.0 * rng.next_f64() - 1.0)) as f32)
+                    .collect();
+                Tensor::from_slice(&v)
+                    .view([self.r, inp])
+                    .to_kind(opts.0)
+                    .to_device(opts.1)
+            }
+            None => Tensor::empty([self.r, inp], opts).uniform_(-bound, bound),
+        };
+        self.branch(a, Tensor::zeros([out, self.r], opts))
+    }
+
+    /// A branch with these factors: A (r, in), B (out, r).
+    pub fn branch(&self, a: Tensor, b: Tensor) -> LoraBranch {
         LoraBranch {
             a,
             b,
