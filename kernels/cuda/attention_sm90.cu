@@ -1031,30 +1031,31 @@ extern "C" __global__ void attn_bwd_dq9_f16(AttnParams p) { attn_bwd_dq9<false>(
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_fwd5_##NAME##_d##D(AttnParams p) {  \
         attn_fwd4<BF16, D, true>(p);                                                                       \
     }
+// A variant 6 / 9 backward entry and its profiling build (`...p`, PROF).
+#define ATTN6_BWD(KERNEL, NAME, BF16, D, ORDER9)                                                            \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_##KERNEL##_##NAME##_d##D(AttnParams p) { \
+        attn_bwd6<BF16, D, ORDER9>(p);                                                                      \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_##KERNEL##p_##NAME##_d##D(AttnParams p) { \
+        attn_bwd6<BF16, D, ORDER9, true>(p);                                                                \
+    }
+// Variant 10 (variant 9 with TMA loads; its tensor maps come first) and its profiling build.
+#define ATTN10_BWD(NAME, BF16, D)                                                                        \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                        \
+        attn_bwd10_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {                \
+        attn_bwd6<BF16, D, true, false, true>(p, &maps);                                                 \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                        \
+        attn_bwd10p_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {               \
+        attn_bwd6<BF16, D, true, true, true>(p, &maps);                                                  \
+    }
 #define ATTN4_BWD(NAME, BF16, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd4_##NAME##_d##D(AttnParams p) { \
         attn_bwd4<BF16, D>(p);                                                                            \
     }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd6_##NAME##_d##D(AttnParams p) { \
-        attn_bwd6<BF16, D, false>(p);                                                                     \
-    }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd6p_##NAME##_d##D(AttnParams p) { \
-        attn_bwd6<BF16, D, false, true>(p);                                                               \
-    }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd9_##NAME##_d##D(AttnParams p) { \
-        attn_bwd6<BF16, D, true>(p);                                                                      \
-    }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd9p_##NAME##_d##D(AttnParams p) { \
-        attn_bwd6<BF16, D, true, true>(p);                                                                \
-    }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                         \
-        attn_bwd10_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {                 \
-        attn_bwd6<BF16, D, true, false, true>(p, &maps);                                                  \
-    }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                         \
-        attn_bwd10p_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {                \
-        attn_bwd6<BF16, D, true, true, true>(p, &maps);                                                   \
-    }
+    ATTN6_BWD(bwd6, NAME, BF16, D, false)                                                                 \
+    ATTN6_BWD(bwd9, NAME, BF16, D, true)                                                                  \
+    ATTN10_BWD(NAME, BF16, D)
 // Head dims here must match `v4_forward` / `v4_backward` in attention.rs.
 ATTN4_FWD(bf16, true, 64)
 ATTN4_FWD(bf16, true, 128)

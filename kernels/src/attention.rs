@@ -135,52 +135,45 @@ pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
 static VARIANT: AtomicU8 = AtomicU8::new(0);
 
 impl Variant {
+    /// Every variant, oldest first.
+    pub const ALL: [Variant; 9] = [
+        Variant::V2,
+        Variant::V3,
+        Variant::V4,
+        Variant::V5,
+        Variant::V6,
+        Variant::V7,
+        Variant::V8,
+        Variant::V9,
+        Variant::V10,
+    ];
+
     /// Parses `v2` ... `v10` (case-insensitive); the error names the variable and the
     /// accepted values.
     pub fn parse(s: &str) -> Result<Variant> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "v2" => Ok(Variant::V2),
-            "v3" => Ok(Variant::V3),
-            "v4" => Ok(Variant::V4),
-            "v5" => Ok(Variant::V5),
-            "v6" => Ok(Variant::V6),
-            "v7" => Ok(Variant::V7),
-            "v8" => Ok(Variant::V8),
-            "v9" => Ok(Variant::V9),
-            "v10" => Ok(Variant::V10),
-            other => Err(KernelError::Invalid(format!(
-                "{VARIANT_ENV}={other:?}: expected v2, v3, v4, v5, v6, v7, v8, v9 or v10"
-            ))),
-        }
+        let s = s.trim().to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|v| v.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|v| v.name()).collect();
+                let (last, rest) = names.split_last().unwrap_or((&"", &[]));
+                KernelError::Invalid(format!(
+                    "{VARIANT_ENV}={s:?}: expected {} or {last}",
+                    rest.join(", ")
+                ))
+            })
     }
 
+    /// The variant's number (2 for `V2` ...).
     fn number(self) -> u8 {
-        match self {
-            Variant::V2 => 2,
-            Variant::V3 => 3,
-            Variant::V4 => 4,
-            Variant::V5 => 5,
-            Variant::V6 => 6,
-            Variant::V7 => 7,
-            Variant::V8 => 8,
-            Variant::V9 => 9,
-            Variant::V10 => 10,
-        }
+        self as u8 + 2
     }
 
     /// The variant's short name (`v2` ...), as the environment variable takes it.
     pub fn name(self) -> &'static str {
-        match self {
-            Variant::V2 => "v2",
-            Variant::V3 => "v3",
-            Variant::V4 => "v4",
-            Variant::V5 => "v5",
-            Variant::V6 => "v6",
-            Variant::V7 => "v7",
-            Variant::V8 => "v8",
-            Variant::V9 => "v9",
-            Variant::V10 => "v10",
-        }
+        const NAMES: [&str; 9] = ["v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10"];
+        NAMES[self as usize]
     }
 }
 
@@ -191,17 +184,10 @@ pub fn set_variant(v: Variant) {
 
 /// The kernel variant in use: `set_variant`, else `LLAVA_SCO_ATTN_VARIANT`, else `DEFAULT_VARIANT`.
 pub fn variant() -> Result<Variant> {
-    match VARIANT.load(Ordering::Relaxed) {
-        2 => Ok(Variant::V2),
-        3 => Ok(Variant::V3),
-        4 => Ok(Variant::V4),
-        5 => Ok(Variant::V5),
-        6 => Ok(Variant::V6),
-        7 => Ok(Variant::V7),
-        8 => Ok(Variant::V8),
-        9 => Ok(Variant::V9),
-        10 => Ok(Variant::V10),
-        _ => {
+    let chosen = VARIANT.load(Ordering::Relaxed);
+    match Variant::ALL.into_iter().find(|v| v.number() == chosen) {
+        Some(v) => Ok(v),
+        None => {
             let v = match std::env::var(VARIANT_ENV) {
                 Ok(s) => Variant::parse(&s)?,
                 Err(_) => DEFAULT_VARIANT,
@@ -237,7 +223,7 @@ fn fwd4_smem(d: i64) -> i64 {
     5 * FWD4_BLOCK * d * 2 + 1024
 }
 
-/// Query rows per step of the wgmma backward (V4, V6, V9).
+/// Query rows per step of the wgmma backward (V4, V6, V9, V10).
 const BWD4_BLOCK_M: i64 = 64;
 /// Variant 4 backward (wgmma): 128-key blocks of 2 warpgroups, 64 queries per step; shared memory
 /// K, V (128 x D), Q, dO (64 x D), dS^T (128 x 64), lse and delta (64 floats each), + 1 KB alignment.
@@ -354,18 +340,12 @@ pub fn sm90a_kernel_names() -> Vec<String> {
 /// The main backward kernel's name; d80 stays on variant 2 (its 80 columns do not split into
 /// four 16-column warp slices).
 fn bwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
-    if variant == Variant::V4 {
-        format!("attn_bwd4_{dtype}_d{d}")
-    } else if variant == Variant::V6 {
-        format!("attn_bwd6_{dtype}_d{d}")
-    } else if variant == Variant::V9 {
-        format!("attn_bwd9_{dtype}_d{d}")
-    } else if variant == Variant::V10 {
-        format!("attn_bwd10_{dtype}_d{d}")
-    } else if variant == Variant::V3 && bwd3_supported(d) {
-        format!("attn_bwd3_{dtype}_d{d}")
-    } else {
-        format!("attn_bwd_{dtype}_d{d}")
+    match variant {
+        Variant::V4 | Variant::V6 | Variant::V9 | Variant::V10 => {
+            format!("attn_bwd{}_{dtype}_d{d}", variant.number())
+        }
+        Variant::V3 if bwd3_supported(d) => format!("attn_bwd3_{dtype}_d{d}"),
+        _ => format!("attn_bwd_{dtype}_d{d}"),
     }
 }
 
@@ -671,7 +651,7 @@ pub fn fused_forward_into(
             (FWD3_BLOCK_M + 4 * fwd3_block_n(d.d)) * (d.d + 8) * 2,
         ),
         Variant::V4 | Variant::V5 | Variant::V6 => (FWD4_BLOCK, FWD4_THREADS, fwd4_smem(d.d)),
-        // (v4_forward maps V8 and V9 to V7)
+        // (v4_forward maps V8-V10 to V7)
         Variant::V7 | Variant::V8 | Variant::V9 | Variant::V10 => {
             (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d))
         }
@@ -696,22 +676,34 @@ pub fn fused_forward_into(
 /// Whether variant 7's forward was compiled to exactly `FWD7_ENTRY_REGISTERS` registers per
 /// thread: its setmaxnreg hand-off needs that many (with any other count it would hang). The PTX
 /// is compiled by the driver, so another driver may allocate differently; then variant 5's forward
-/// runs instead, with a warning once per kernel.
-fn fwd7_registers_fit(gpu: &Gpu, dtype: &str, d: i64) -> Result<bool> {
-    let name = fwd_kernel(Variant::V7, dtype, d);
-    let regs = gpu.registers(gpu.function(crate::SM90A_ATTENTION, &name)?)?;
-    if regs == FWD7_ENTRY_REGISTERS {
-        return Ok(true);
+/// runs instead, with a warning. Asked of the driver once per kernel and device.
+fn fwd7_registers_fit(gpu: &'static Gpu, dtype: &str, d: i64) -> Result<bool> {
+    type Key = (usize, String); // (the device's Gpu, kernel name)
+    static FIT: std::sync::Mutex<Vec<(Key, bool)>> = std::sync::Mutex::new(Vec::new());
+    let key = (
+        gpu as *const Gpu as usize,
+        fwd_kernel(Variant::V7, dtype, d),
+    );
+    if let Some((_, fit)) = FIT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(k, _)| *k == key)
+    {
+        return Ok(*fit);
     }
-    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
-    if !warned.contains(&name) {
+    let name = &key.1;
+    let regs = gpu.registers(gpu.function(crate::SM90A_ATTENTION, name)?)?;
+    let fit = regs == FWD7_ENTRY_REGISTERS;
+    if !fit {
         tracing::warn!(
             "{name} was compiled to {regs} registers per thread; its setmaxnreg hand-off needs exactly {FWD7_ENTRY_REGISTERS}: variant 5's forward runs instead"
         );
-        warned.push(name);
     }
-    Ok(false)
+    FIT.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((key, fit));
+    Ok(fit)
 }
 
 /// Variant 7's first kernel argument (`Fwd7Maps` in cuda/attention_fwd_ws.cu): the Q, K, V tensor
@@ -1060,18 +1052,10 @@ mod tests {
             err.contains(VARIANT_ENV) && err.contains("v2, v3, v4, v5, v6, v7, v8, v9 or v10"),
             "{err}"
         );
-        for v in [
-            Variant::V2,
-            Variant::V3,
-            Variant::V4,
-            Variant::V5,
-            Variant::V6,
-            Variant::V7,
-            Variant::V8,
-            Variant::V9,
-            Variant::V10,
-        ] {
+        for (i, v) in Variant::ALL.into_iter().enumerate() {
             assert_eq!(Variant::parse(v.name()).unwrap(), v);
+            assert_eq!(v.name(), format!("v{}", i + 2));
+            assert_eq!(v.number() as usize, i + 2);
         }
     }
 

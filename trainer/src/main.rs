@@ -534,8 +534,9 @@ fn load_for_generation(
     .with_context(|| format!("loading the model from {}", model_dir.display()))?;
     if let Some(dir) = adapter {
         // factors in fp32 over the bf16 model, as PEFT's from_pretrained keeps them for inference
+        model.set_lora_kind(tch::Kind::Float);
         model
-            .load_adapter_as(dir, tch::Kind::Float)
+            .load_adapter(dir)
             .with_context(|| format!("loading the adapter {}", dir.display()))?;
     }
     let text = trainer::data::tokenize::TextProcessor::from_model_dir(model_dir, false)

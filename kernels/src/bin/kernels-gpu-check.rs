@@ -392,17 +392,7 @@ fn arg(flag: &str) -> Option<String> {
 /// The variants to check, oldest first: `--variants v5,v7`, else v2-v10.
 fn variants_arg() -> Result<Vec<Variant>, String> {
     let Some(list) = arg("--variants") else {
-        return Ok(vec![
-            Variant::V2,
-            Variant::V3,
-            Variant::V4,
-            Variant::V5,
-            Variant::V6,
-            Variant::V7,
-            Variant::V8,
-            Variant::V9,
-            Variant::V10,
-        ]);
+        return Ok(Variant::ALL.to_vec());
     };
     list.split(',')
         .map(|v| Variant::parse(v).map_err(|e| e.to_string()))

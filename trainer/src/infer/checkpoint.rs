@@ -120,10 +120,10 @@ impl CheckpointWeights {
     /// Returns the number of tensors applied.
     pub fn apply(&self, model: &mut MllamaModel) -> Result<usize, InferError> {
         let targets: BTreeMap<String, Tensor> = if self.is_lora() {
-            model.apply_lora(&self.lora_config()?, Some(0))?;
-            model.set_training(false);
             // the trained fp32 factors as they are, as `infer --adapter` loads an adapter
             model.set_lora_kind(tch::Kind::Float);
+            model.apply_lora(&self.lora_config()?, Some(0))?;
+            model.set_training(false);
             model.trainable_parameters().into_iter().collect()
         } else {
             let mut m = BTreeMap::new();

@@ -100,16 +100,17 @@ fn parse_config(v: &Value) -> Result<LoraConfig, ModelError> {
 
 impl MllamaModel {
     /// Wraps every linear layer whose module path matches `cfg.target_modules` with a fresh LoRA branch (PEFT init;
-    /// `seed` seeds libtorch's generator first). Returns the number of wrapped layers.
+    /// with a `seed`, A is drawn from a SplitMix64 of that seed). Returns the number of wrapped layers.
     pub fn apply_lora(&mut self, cfg: &LoraConfig, seed: Option<i64>) -> Result<usize, ModelError> {
         // a seed draws from its own SplitMix64, not libtorch's global generator: another thread
         // drawing at the same time (tests, a program wrapping two models) cannot shift the values
         let mut rng = seed.map(|s| SplitMix64::new(s as u64));
+        let kind = self.lora_kind;
         let matcher = cfg.target_modules.compile()?;
         let mut n = 0;
         self.visit_linears(&mut |l| {
             if matcher.matches(&l.path) {
-                let br = cfg.new_branch(l, rng.as_mut());
+                let br = cfg.new_branch(l, kind, rng.as_mut());
                 l.lora = Some(br);
                 n += 1;
             }
@@ -135,10 +136,17 @@ impl MllamaModel {
         });
     }
 
-    /// Converts every LoRA factor to `kind`: inference keeps them in fp32 over a bf16 model, as
-    /// PEFT's `from_pretrained` does (autocast_adapter_dtype), and `Linear::forward` then computes the
-    /// branch in fp32.
+    /// The dtype LoRA factors have: `set_lora_kind`'s, else the model's.
+    pub fn lora_kind(&self) -> Kind {
+        self.lora_kind.unwrap_or(self.options.dtype)
+    }
+
+    /// LoRA factors in `kind` from now on (those present converted, those applied or loaded later
+    /// made so): inference keeps them in fp32 over a bf16 model, as PEFT's `from_pretrained` does
+    /// (autocast_adapter_dtype), and `Linear::forward` then computes the branch in fp32. Training
+    /// leaves them in the model's dtype (FSDP keeps fp32 masters of them).
     pub fn set_lora_kind(&mut self, kind: Kind) {
+        self.lora_kind = Some(kind);
         self.visit_linears(&mut |l| {
             if let Some(br) = &mut l.lora {
                 br.a = br.a.detach().to_kind(kind);
@@ -156,16 +164,10 @@ impl MllamaModel {
         });
     }
 
-    /// Loads a PEFT adapter folder onto the model (either naming), its factors in the model's dtype
-    /// (training: FSDP keeps fp32 masters of them). Every targeted layer must have both factors with
-    /// the right shapes, and every adapter tensor must belong to a targeted layer; all problems in one error.
+    /// Loads a PEFT adapter folder onto the model (either naming), its factors in `lora_kind()`.
+    /// Every targeted layer must have both factors with the right shapes, and every adapter tensor
+    /// must belong to a targeted layer; all problems in one error.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<LoraConfig, ModelError> {
-        self.load_adapter_as(dir, self.options.dtype)
-    }
-
-    /// `load_adapter` with the factors in `kind`: inference keeps them in fp32 over a bf16 model,
-    /// as PEFT's `from_pretrained` does (autocast_adapter_dtype), and computes the branch in fp32.
-    pub fn load_adapter_as(&mut self, dir: &Path, kind: Kind) -> Result<LoraConfig, ModelError> {
         let cfg_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
         let v: Value = serde_json::from_str(&text)
@@ -183,7 +185,7 @@ impl MllamaModel {
             }
         }
         let matcher = cfg.target_modules.compile()?;
-        let device = self.options.device;
+        let (kind, device) = (self.lora_kind(), self.options.device);
         let mut used = BTreeSet::new();
         let mut n = 0;
         self.visit_linears(&mut |l| {

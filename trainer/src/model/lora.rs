@@ -134,12 +134,17 @@ impl LoraConfig {
         }
     }
 
-    /// Fresh branch as PEFT initializes it: A kaiming-uniform with a = sqrt(5), i.e. uniform in
-    /// (-1/sqrt(in), 1/sqrt(in)), drawn from `rng` when given, else from libtorch's global
-    /// generator; B zeros.
-    pub fn new_branch(&self, lin: &Linear, rng: Option<&mut SplitMix64>) -> LoraBranch {
+    /// Fresh branch as PEFT initializes it, factors of `kind` (else the weight's): A kaiming-uniform
+    /// with a = sqrt(5), i.e. uniform in (-1/sqrt(in), 1/sqrt(in)), drawn from `rng` when given,
+    /// else from libtorch's global generator; B zeros.
+    pub fn new_branch(
+        &self,
+        lin: &Linear,
+        kind: Option<Kind>,
+        rng: Option<&mut SplitMix64>,
+    ) -> LoraBranch {
         let (out, inp) = (lin.out_features(), lin.in_features());
-        let opts = (lin.weight.kind(), lin.weight.device());
+        let opts = (kind.unwrap_or(lin.weight.kind()), lin.weight.device());
         let bound = 1.0 / (inp as f64).sqrt();
         let a = match rng {
             Some(rng) => {

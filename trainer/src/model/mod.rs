@@ -127,6 +127,8 @@ pub struct MllamaModel {
     pub lm_head: Linear,
     /// Set once LoRA is applied or loaded.
     pub lora: Option<LoraConfig>,
+    /// The dtype of LoRA factors, when not the model's (`set_lora_kind`).
+    pub lora_kind: Option<Kind>,
 }
 
 /// transformers' `_prepare_cross_attention_mask`: (B, S, M, T) 0/1 -> additive mask (B, 1, S, M*T*P1) and
@@ -289,6 +291,7 @@ impl MllamaModel {
             text,
             lm_head,
             lora: None,
+            lora_kind: None,
         })
     }
 
