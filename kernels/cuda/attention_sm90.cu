@@ -773,29 +773,47 @@ __device__ __forceinline__ void bwd4_rs_acc(float (&acc)[D / 2], const u32 (&a)[
 // dS^T is double-buffered, since nothing now keeps a warpgroup from writing the next tile's while
 // the other still reads this one's.
 //
-// PROF (kernel development only: `attn_bwd6p_*` ... `attn_bwd10p_*`, launched when
-// LLAVA_SCO_ATTN_BWD_PROFILE=1): thread 0 of each warpgroup of two blocks adds up clock64 spans of
-// each step over its tiles and prints them per tile at the end.
+// Variant 12 (EARLY, with TMA and ORDER9) is variant 10 with the next tile's S^T = K Q^T issued
+// early: right behind this tile's dK, before this tile's dQ is staged, so the tensor cores have it
+// queued while the warpgroup stores dQ and waits at the two staging barriers (v10's profile: ~500
+// cycles of "dQ out" per tile, then ~1450 from issuing S^T to having it, against ~500 of tensor
+// work). The next tile's Q must have landed by then, so Q, dO, lse, delta get 3 stages: tile i + 2
+// is issued at tile i's dS^T barrier (the stage's previous tile, i - 1, has no readers left once
+// both warpgroups are past its dK) instead of tile i + 1. After the last tile the early S^T is
+// issued anyway, on this tile's Q, and its result is dropped: a wgmma issued conditionally inside
+// the loop made ptxas serialize every wgmma of the kernel (variant 5). Not yet run on a GPU.
+//
+// PROF (kernel development only: `attn_bwd6p_*` ... `attn_bwd12p_*`, launched when
+// LLAVA_SCO_ATTN_BWD_PROFILE=1): thread 0 of each warpgroup of two blocks (x = 0 and the middle
+// one) adds up clock64 spans of each step over its tiles and leaves them per tile in
+// `attn_bwd_prof`, which the host reads and prints after the launch. (A device printf instead made
+// ptxas serialize every wgmma of the profiling build (C7510, a call inside the wgmma pipeline), so
+// profiles before 2026-11-27 session 10 timed a serialized kernel.)
 struct __align__(64) Bwd10Maps {
     TmaMap q, dout;
     int q_pos[3], do_pos[3];
 };
-template <bool BF16, int D, bool ORDER9, bool PROF = false, bool TMA = false>
+#define BWD_PROF_SPANS 8
+// Per (block 0 or the middle block) x warpgroup: cycles per tile of each span, tiles, blockIdx.x.
+__device__ long long attn_bwd_prof[4][BWD_PROF_SPANS + 2];
+template <bool BF16, int D, bool ORDER9, bool PROF = false, bool TMA = false, bool EARLY = false>
 __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) {
     static_assert(D == 128, "step 5 splits dQ's columns into one 64-column block per warpgroup");
     static_assert(!TMA || ORDER9, "variant 10 is variant 9's order with TMA loads");
+    static_assert(!EARLY || TMA, "variant 12 is variant 10 with the next S^T issued early");
     extern __shared__ __align__(16) u16 smem[];
     constexpr int BN = BWD4_BN, BM = BWD4_BM;
+    constexpr int NST = EARLY ? 3 : 2;  // stages of Q, dO, lse, delta
     constexpr u32 KV_BYTES = BN * D * 2, QT_BYTES = BM * D * 2, DS_BYTES = BN * BM * 2;
     const u32 base = (smem_addr(smem) + 1023u) & ~1023u;
-    const u32 Ks = base, Vs = Ks + KV_BYTES, dSt = Vs + KV_BYTES;  // dS^T: 2 stages with TMA
+    const u32 Ks = base, Vs = Ks + KV_BYTES, dSt = Vs + KV_BYTES;  // dS^T: 2 buffers with TMA
     const u32 Q0 = dSt + (TMA ? 2 : 1) * DS_BYTES;  // stage i: Q at Q0 + 2 i QT_BYTES, dO right after it
-    const u32 LD0 = Q0 + 4 * QT_BYTES;             // stage i: lse at LD0 + 2 i BM floats, delta after it
+    const u32 LD0 = Q0 + NST * 2 * QT_BYTES;       // stage i: lse at LD0 + 2 i BM floats, delta after it
     const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3, tid = threadIdx.x & 127;
     constexpr u32 DQ_STAGE_BYTES = ORDER9 ? BM * 64 * 4 : BM * BWD6_DQ_STRIDE;
-    const u32 dq_stage = LD0 + 4 * BM * 4 + wg * DQ_STAGE_BYTES;  // this warpgroup's dQ tile
-    const u32 bars = LD0 + 4 * BM * 4 + 2 * DQ_STAGE_BYTES;       // TMA: full[stage] at + 8 stage
+    const u32 dq_stage = LD0 + NST * 2 * BM * 4 + wg * DQ_STAGE_BYTES;  // this warpgroup's dQ tile
+    const u32 bars = LD0 + NST * 2 * BM * 4 + 2 * DQ_STAGE_BYTES;       // TMA: full[stage] at + 8 stage
 
     const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
     const int k0 = kt * BN, kw = wg * 64;
@@ -827,8 +845,7 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
     if constexpr (TMA) {
         cp_async_commit();
         if (threadIdx.x == 0) {
-            mbar_init(bars, 1);
-            mbar_init(bars + 8, 1);
+            for (int st = 0; st < NST; ++st) mbar_init(bars + 8 * st, 1);
             mbar_init_fence();
         }
         cp_async_wait<0>();
@@ -848,10 +865,24 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+    // EARLY: S^T of the next tile, issued in the previous iteration (or below, for tile 0) and
+    // copied to s once done. Its own array: with s itself in flight across the loop's back edge,
+    // the compiler's copies of it there made ptxas serialize every wgmma (C7514).
+    float s_next[32];
+    if constexpr (EARLY) {
+        // unconditional, like the one after the last tile: with this wgmma under the block's
+        // "any tiles" branch, ptxas serialized every wgmma of the kernel (a block without tiles
+        // reads uninitialized shared memory here and drops the result)
+        if (walk.h_begin < walk.h_end) mbar_wait_or_trap(bars, 0);
+        wgmma_fence();
+        bwd4_rowdot<BF16, D>(s_next, Ks, Q0, kw);
+        wgmma_commit();
+    }
 
     // PROF: spans 0 load wait + barrier, 1 S^T, 2 P^T, 3 dP^T + dS^T + pack, 4 to the dS^T barrier,
-    // 5 dV + dQ (+ dK for variant 6), 6 dQ staging, 7 dK wait
-    constexpr int NPROF = 8;
+    // 5 dV + dQ (+ dK for variant 6), 6 dQ staging, 7 dK wait. EARLY: 0 is empty, 1 is the rest of
+    // S^T after dP^T was issued, and 6 also holds the next tile's load wait and S^T issue.
+    constexpr int NPROF = BWD_PROF_SPANS;
     long long prof[NPROF] = {}, prof_t = 0;
     const bool prof_on = PROF && tid == 0 && blockIdx.y == 0 && blockIdx.z == 0 &&
                          (blockIdx.x == 0 || blockIdx.x == gridDim.x / 2);
@@ -865,16 +896,24 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
     int tiles = 0;
 
     int stage = 0;
-    for (int h = walk.h_begin, qt = walk.qt_start; h < walk.h_end; stage ^= 1) {
+    // EARLY: the tile after next, (h_next2, qt_next2), is the one whose loads this tile issues
+    int h_next2 = walk.h_begin, qt_next2 = walk.qt_start;
+    if (EARLY) {
+        walk.next(h_next2, qt_next2);
+        walk.next(h_next2, qt_next2);
+    }
+    for (int h = walk.h_begin, qt = walk.qt_start; h < walk.h_end; stage = stage + 1 == NST ? 0 : stage + 1) {
         const int q0 = qt * BM;
         const u32 Qs = Q0 + stage * 2 * QT_BYTES, dOs = Qs + QT_BYTES;
         const float* lse_s = smem_float(smem, LD0 + stage * 2 * BM * 4);
         int h_next = h, qt_next = qt;
         walk.next(h_next, qt_next);
         const int it = tiles++;
-        const u32 dS_cur = dSt + (TMA ? stage * DS_BYTES : 0);
+        const u32 dS_cur = dSt + (TMA ? (it & 1) * DS_BYTES : 0);
         mark(-1);
-        if constexpr (TMA) {
+        if constexpr (EARLY) {
+            mark(0);  // this tile's loads were waited for before its S^T was issued
+        } else if constexpr (TMA) {
             mbar_wait_or_trap(bars + 8 * stage, (it >> 1) & 1);  // a lost byte count fails, not hangs
             mark(0);
         } else {
@@ -889,11 +928,18 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
 
         float s[32], dp[32];
         wgmma_fence();
-        bwd4_rowdot<BF16, D>(s, Ks, Qs, kw);
-        wgmma_commit();
+        if constexpr (!EARLY) {
+            bwd4_rowdot<BF16, D>(s, Ks, Qs, kw);
+            wgmma_commit();
+        }
         bwd4_rowdot<BF16, D>(dp, Vs, dOs, kw);
         wgmma_commit();
         wgmma_wait<1>();  // S^T done: P^T's exp2 runs while dP^T is on the tensor cores
+        if constexpr (EARLY) {
+            fence_regs(s_next);
+#pragma unroll
+            for (int i = 0; i < 32; ++i) s[i] = s_next[i];
+        }
         fence_regs(s);
         mark(1);
         bwd4_p_dispatch(s, lse_s, p, b, q0, k0, k0 + krow);
@@ -914,8 +960,12 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
             mark(4);
             bwd4_dq<BF16>(dq, dS_cur, Ks, wg);
             wgmma_commit();
-            // TMA: everyone is past tile it - 1, the other stage's last user
-            if (TMA && threadIdx.x == 0 && it >= 1 && h_next < walk.h_end) issue_tma(stage ^ 1, h_next, qt_next * BM);
+            // TMA: everyone is past tile it - 1, the last user of the stage the loads go to
+            if constexpr (EARLY) {
+                if (threadIdx.x == 0 && h_next2 < walk.h_end) issue_tma(stage == 0 ? NST - 1 : stage - 1, h_next2, qt_next2 * BM);
+            } else {
+                if (TMA && threadIdx.x == 0 && it >= 1 && h_next < walk.h_end) issue_tma(stage ^ 1, h_next, qt_next * BM);
+            }
             wgmma_wait<1>();  // dV done
             fence_regs(dv);
             wgmma_fence();
@@ -924,6 +974,15 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
             wgmma_wait<1>();  // dQ done; dK still running while dQ is staged below
             fence_regs(dq);
             mark(5);
+            if constexpr (EARLY) {
+                // the next tile's S^T behind dK (after the last tile: this tile's, unused)
+                const bool more = h_next < walk.h_end;
+                const int next_stage = stage + 1 == NST ? 0 : stage + 1;
+                if (more) mbar_wait_or_trap(bars + 8 * next_stage, ((it + 1) / NST) & 1);
+                wgmma_fence();
+                bwd4_rowdot<BF16, D>(s_next, Ks, more ? Q0 + next_stage * 2 * QT_BYTES : Qs, kw);
+                wgmma_commit();
+            }
         } else {
             fence_proxy_async();  // dS^T was written by plain stores; step 5 reads it as a wgmma operand
             __syncthreads();      // ... and it is complete in both warpgroups
@@ -975,20 +1034,30 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
         }
         bulk_commit();
         mark(6);
-        if constexpr (ORDER9) {
+        if constexpr (EARLY) {
+            wgmma_wait<1>();  // dK done; the next S^T may still run
+            fence_regs(dk);
+        } else if constexpr (ORDER9) {
             wgmma_wait0();
             fence_regs(dk);
         }
         mark(7);
         qt = qt_next;
         h = h_next;
+        if (EARLY) walk.next(h_next2, qt_next2);
+    }
+    if constexpr (EARLY) {
+        wgmma_wait0();  // the unused S^T after the last tile
+        fence_regs(s_next);
     }
     if constexpr (PROF) {
-        if (prof_on && tiles > 0)
-            printf("bwd%d-prof sk%d causal%d block%d wg%d tiles %d cycles/tile: load+bar %lld S %lld P %lld "
-                   "dP+dS+pack %lld to-bar %lld dV+dQ %lld dQ-out %lld dK %lld\n",
-                   TMA ? 10 : ORDER9 ? 9 : 6, p.Sk, p.causal, blockIdx.x, wg, tiles, prof[0] / tiles, prof[1] / tiles, prof[2] / tiles,
-                   prof[3] / tiles, prof[4] / tiles, prof[5] / tiles, prof[6] / tiles, prof[7] / tiles);
+        if (prof_on && tiles > 0) {
+            long long* out = attn_bwd_prof[(blockIdx.x == 0 ? 0 : 2) + wg];
+#pragma unroll
+            for (int i = 0; i < NPROF; ++i) out[i] = prof[i] / tiles;
+            out[NPROF] = tiles;
+            out[NPROF + 1] = blockIdx.x;
+        }
     }
     cp_async_wait<0>();
     bulk_wait0();  // the staged rows are read and added before the block exits
@@ -1049,13 +1118,24 @@ extern "C" __global__ void attn_bwd_dq9_f16(AttnParams p) { attn_bwd_dq9<false>(
         attn_bwd10p_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {               \
         attn_bwd6<BF16, D, true, true, true>(p, &maps);                                                  \
     }
+// Variant 12 (variant 10 with the next S^T issued early, 3 load stages) and its profiling build.
+#define ATTN12_BWD(NAME, BF16, D)                                                                        \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                        \
+        attn_bwd12_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {                \
+        attn_bwd6<BF16, D, true, false, true, true>(p, &maps);                                           \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                        \
+        attn_bwd12p_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {               \
+        attn_bwd6<BF16, D, true, true, true, true>(p, &maps);                                            \
+    }
 #define ATTN4_BWD(NAME, BF16, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd4_##NAME##_d##D(AttnParams p) { \
         attn_bwd4<BF16, D>(p);                                                                            \
     }                                                                                                     \
     ATTN6_BWD(bwd6, NAME, BF16, D, false)                                                                 \
     ATTN6_BWD(bwd9, NAME, BF16, D, true)                                                                  \
-    ATTN10_BWD(NAME, BF16, D)
+    ATTN10_BWD(NAME, BF16, D)                                                                             \
+    ATTN12_BWD(NAME, BF16, D)
 // Head dims here must match `v4_forward` / `v4_backward` in attention.rs.
 ATTN4_FWD(bf16, true, 64)
 ATTN4_FWD(bf16, true, 128)

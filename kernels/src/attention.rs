@@ -97,7 +97,9 @@ const THREADS: u32 = 128;
 /// runs V3. `V5` is V4 with the pipelined forward. `V6` is V5 with a backward whose dQ goes out as
 /// bulk reduce-adds from shared memory instead of scalar atomics. `V7` is V5 with a
 /// warp-specialized forward (TMA loads, mbarriers, ping-pong; `cuda/attention_fwd_ws.cu`). `V8`
-/// to `V10` pair V7's forward with newer backwards; `V10` is the default.
+/// to `V10` pair V7's forward with newer backwards; `V10` is the default. `V12` is V10 with a
+/// persistent forward. (There is no `V11`: that number went to an experiment that was measured
+/// and removed, see kernels/BENCHMARKS.md.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     V2,
@@ -123,12 +125,18 @@ pub enum Variant {
     /// block barrier and no cp.async wait at the top of each tile. Views the TMA unit cannot
     /// address, and sequences shorter than 64, run V9's backward.
     V10,
+    /// V7's forward made persistent: one block per SM walks a static schedule of query tiles
+    /// (causal: the longest paired with the shortest), its producer loading the next tile while
+    /// the math warpgroups finish this one. V10's backward with the next tile's S^T issued before
+    /// this tile's dQ is staged, and 3 load stages. Prepared without a GPU (2026-11-27); not yet
+    /// measured. Falls back as V7 and V10 do.
+    V12,
 }
 
 /// The variant used when neither `set_variant` nor the environment chose one: the fastest that
 /// passed every GPU check (kernels/BENCHMARKS.md, H200, 2026-11-27).
 pub const DEFAULT_VARIANT: Variant = Variant::V10;
-/// Environment variable read once on first use: `v2` ... `v10`.
+/// Environment variable read once on first use: `v2` ... `v10`, `v12`.
 pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
 
 // 0 = not chosen yet, else the variant's number.
@@ -136,7 +144,7 @@ static VARIANT: AtomicU8 = AtomicU8::new(0);
 
 impl Variant {
     /// Every variant, oldest first.
-    pub const ALL: [Variant; 9] = [
+    pub const ALL: [Variant; 10] = [
         Variant::V2,
         Variant::V3,
         Variant::V4,
@@ -146,9 +154,10 @@ impl Variant {
         Variant::V8,
         Variant::V9,
         Variant::V10,
+        Variant::V12,
     ];
 
-    /// Parses `v2` ... `v10` (case-insensitive); the error names the variable and the
+    /// Parses `v2` ... `v10`, `v12` (case-insensitive); the error names the variable and the
     /// accepted values.
     pub fn parse(s: &str) -> Result<Variant> {
         let s = s.trim().to_ascii_lowercase();
@@ -167,14 +176,38 @@ impl Variant {
 
     /// The variant's number (2 for `V2` ...).
     fn number(self) -> u8 {
-        self as u8 + 2
+        match self {
+            Variant::V12 => 12,
+            v => v as u8 + 2,
+        }
     }
 
     /// The variant's short name (`v2` ...), as the environment variable takes it.
     pub fn name(self) -> &'static str {
-        const NAMES: [&str; 9] = ["v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10"];
+        const NAMES: [&str; 10] = ["v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v12"];
         NAMES[self as usize]
     }
+}
+
+// The variants the last fused forward and backward launched (their numbers; 0 = none yet).
+static LAUNCHED: [AtomicU8; 2] = [AtomicU8::new(0), AtomicU8::new(0)];
+
+/// Kernel development: the (forward, backward) variants the last fused forward and backward in
+/// this process launched, after the launch-time fallbacks (a view the TMA unit cannot address,
+/// a register count the driver chose), so a check can tell a variant that ran from one that fell
+/// back. Compare with `planned`.
+pub fn last_launched() -> (Option<Variant>, Option<Variant>) {
+    let get = |i: usize| {
+        let n = LAUNCHED[i].load(Ordering::Relaxed);
+        Variant::ALL.into_iter().find(|v| v.number() == n)
+    };
+    (get(0), get(1))
+}
+
+/// The (forward, backward) variants `variant` runs on a device of `arch` (`compute_90` ...) at
+/// head dim `d`, before the launch-time fallbacks.
+pub fn planned(variant: Variant, arch: &str, d: i64) -> (Variant, Variant) {
+    (v4_forward(variant, arch, d), v4_backward(variant, arch, d))
 }
 
 /// Chooses the kernel variant for every later call in this process.
@@ -223,7 +256,7 @@ fn fwd4_smem(d: i64) -> i64 {
     5 * FWD4_BLOCK * d * 2 + 1024
 }
 
-/// Query rows per step of the wgmma backward (V4, V6, V9, V10).
+/// Query rows per step of the wgmma backward (V4, V6, V9, V10, V12).
 const BWD4_BLOCK_M: i64 = 64;
 /// Variant 4 backward (wgmma): 128-key blocks of 2 warpgroups, 64 queries per step; shared memory
 /// K, V (128 x D), Q, dO (64 x D), dS^T (128 x 64), lse and delta (64 floats each), + 1 KB alignment.
@@ -251,8 +284,14 @@ fn bwd10_smem(d: i64) -> i64 {
         + 1024
 }
 
+/// Variant 12 backward: variant 10's shared memory with a third stage of Q, dO (64 x D) and of
+/// lse, delta (64 floats each).
+fn bwd12_smem(d: i64) -> i64 {
+    bwd10_smem(d) + 2 * 64 * d * 2 + 2 * 64 * 4
+}
+
 /// Variant 7 forward: 3 warpgroups (producer + 2 math), tiles as variant 4; shared memory as
-/// variant 4 plus 9 mbarriers (8 bytes each, in a 128-byte slot).
+/// variant 4 plus 10 mbarriers (8 bytes each, in a 128-byte slot). Variant 12 has the same.
 const FWD7_THREADS: u32 = 384;
 /// The registers per thread variant 7 must start with: the producer warpgroup gives up all but
 /// 24 and the math warpgroups take 240 (setmaxnreg), 128 x 24 + 256 x 240 = 384 x 168. With fewer
@@ -262,40 +301,48 @@ fn fwd7_smem(d: i64) -> i64 {
     fwd4_smem(d) + 128
 }
 
-/// The forward variant that runs for `variant` on a device of `arch` at head dim `d`: V4/V5/V7
-/// only on compute_90 with d 64 or 128 (else V3); V6 runs V5's forward, V8-V10 V7's. (V7 also falls
-/// back to V5 for views the TMA unit cannot address, decided at launch.)
+/// The forward variant that runs for `variant` on a device of `arch` at head dim `d`:
+/// V4/V5/V7/V12 only on compute_90 with d 64 or 128 (else V3); V6 runs V5's forward, V8-V10 V7's.
+/// (V7 and V12 also fall back to V5 for views the TMA unit cannot address, decided at launch.)
 fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
         Variant::V6 => v4_forward(Variant::V5, arch, d),
         Variant::V8 | Variant::V9 | Variant::V10 => v4_forward(Variant::V7, arch, d),
-        Variant::V4 | Variant::V5 | Variant::V7
+        Variant::V4 | Variant::V5 | Variant::V7 | Variant::V12
             if arch == "compute_90" && (d == 64 || d == 128) =>
         {
             variant
         }
-        Variant::V4 | Variant::V5 | Variant::V7 => Variant::V3,
+        Variant::V4 | Variant::V5 | Variant::V7 | Variant::V12 => Variant::V3,
         v => v,
     }
 }
 
 /// The backward variant: V4 only on compute_90 at d128 (at d64 the wgmma backward measured
-/// 0.85-0.89x V3's on an H200, see kernels/BENCHMARKS.md), else V3; V6, V9 and V10 have their
+/// 0.85-0.89x V3's on an H200, see kernels/BENCHMARKS.md), else V3; V6, V9, V10 and V12 have their
 /// own (same limits); V8 runs V6's.
 fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
         Variant::V8 => v4_backward(Variant::V6, arch, d),
-        Variant::V6 | Variant::V9 | Variant::V10 if arch == "compute_90" && d == 128 => variant,
-        Variant::V4 | Variant::V5 | Variant::V7 if arch == "compute_90" && d == 128 => Variant::V4,
-        Variant::V4 | Variant::V5 | Variant::V6 | Variant::V7 | Variant::V9 | Variant::V10 => {
-            Variant::V3
+        Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12
+            if arch == "compute_90" && d == 128 =>
+        {
+            variant
         }
+        Variant::V4 | Variant::V5 | Variant::V7 if arch == "compute_90" && d == 128 => Variant::V4,
+        Variant::V4
+        | Variant::V5
+        | Variant::V6
+        | Variant::V7
+        | Variant::V9
+        | Variant::V10
+        | Variant::V12 => Variant::V3,
         v => v,
     }
 }
 
-/// Kernel development: `LLAVA_SCO_ATTN_BWD_PROFILE=1` makes variants 6, 9 and 10 launch their
-/// backward's profiling build (`attn_bwd6p_*`, `attn_bwd9p_*`, `attn_bwd10p_*`), which prints the
+/// Kernel development: `LLAVA_SCO_ATTN_BWD_PROFILE=1` makes variants 6, 9, 10 and 12 launch their
+/// backward's profiling build (`attn_bwd6p_*` ... `attn_bwd12p_*`), which prints the
 /// clock cycles each step takes per tile in two blocks (device printf, on stdout at the next
 /// synchronization).
 pub const BWD_PROFILE_ENV: &str = "LLAVA_SCO_ATTN_BWD_PROFILE";
@@ -314,6 +361,7 @@ fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
         Variant::V7 | Variant::V8 | Variant::V9 | Variant::V10 => {
             format!("attn_fwd7_{dtype}_d{d}")
         }
+        Variant::V12 => format!("attn_fwd12_{dtype}_d{d}"),
     }
 }
 
@@ -321,7 +369,7 @@ fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
 pub fn sm90a_kernel_names() -> Vec<String> {
     let mut names = Vec::new();
     for dtype in ["bf16", "f16"] {
-        for v in [Variant::V4, Variant::V5, Variant::V7] {
+        for v in [Variant::V4, Variant::V5, Variant::V7, Variant::V12] {
             names.push(fwd_kernel(v, dtype, 64));
             names.push(fwd_kernel(v, dtype, 128));
         }
@@ -332,6 +380,8 @@ pub fn sm90a_kernel_names() -> Vec<String> {
         names.push(format!("attn_bwd9p_{dtype}_d128"));
         names.push(bwd_kernel(Variant::V10, dtype, 128));
         names.push(format!("attn_bwd10p_{dtype}_d128"));
+        names.push(bwd_kernel(Variant::V12, dtype, 128));
+        names.push(format!("attn_bwd12p_{dtype}_d128"));
         names.push(format!("attn_bwd_dq9_{dtype}"));
     }
     names
@@ -341,7 +391,7 @@ pub fn sm90a_kernel_names() -> Vec<String> {
 /// four 16-column warp slices).
 fn bwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
     match variant {
-        Variant::V4 | Variant::V6 | Variant::V9 | Variant::V10 => {
+        Variant::V4 | Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12 => {
             format!("attn_bwd{}_{dtype}_d{d}", variant.number())
         }
         Variant::V3 if bwd3_supported(d) => format!("attn_bwd3_{dtype}_d{d}"),
@@ -633,11 +683,11 @@ pub fn fused_forward_into(
     let name = dtype_name(q.kind())?;
     let mut variant = v4_forward(variant, &gpu.arch, d.d);
     let mut maps = None;
-    if variant == Variant::V7 {
+    if matches!(variant, Variant::V7 | Variant::V12) {
         maps = fwd7_maps(&p, &d, q.kind() == Kind::BFloat16)?;
         if maps.is_none() {
             variant = Variant::V5; // a view the TMA unit cannot address
-        } else if !fwd7_registers_fit(gpu, name, d.d)? {
+        } else if !fwd7_registers_fit(gpu, &fwd_kernel(variant, name, d.d))? {
             variant = Variant::V5;
             maps = None;
         }
@@ -652,7 +702,7 @@ pub fn fused_forward_into(
         ),
         Variant::V4 | Variant::V5 | Variant::V6 => (FWD4_BLOCK, FWD4_THREADS, fwd4_smem(d.d)),
         // (v4_forward maps V8-V10 to V7)
-        Variant::V7 | Variant::V8 | Variant::V9 | Variant::V10 => {
+        Variant::V7 | Variant::V8 | Variant::V9 | Variant::V10 | Variant::V12 => {
             (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d))
         }
     };
@@ -662,28 +712,43 @@ pub fn fused_forward_into(
         "attention.cu"
     };
     let f = gpu.function(source, &fwd_kernel(variant, name, d.d))?;
-    let grid = (((d.sq + rows - 1) / rows) as u32, d.h as u32, d.b as u32);
+    LAUNCHED[0].store(variant.number(), Ordering::Relaxed);
+    let grid = if variant == Variant::V12 {
+        // persistent: one block per SM at most (its shared memory and registers fill one)
+        (
+            fwd12_units(&d, mask.causal).min(gpu.multiprocessors as i64) as u32,
+            1,
+            1,
+        )
+    } else {
+        (((d.sq + rows - 1) / rows) as u32, d.h as u32, d.b as u32)
+    };
     let p_arg: *mut c_void = &mut p as *mut AttnParams as *mut c_void;
     let mut args = match maps.as_mut() {
         Some(m) => vec![m as *mut Fwd7Maps as *mut c_void, p_arg],
         None => vec![p_arg],
     };
-    // SAFETY: the arguments match the kernel's (Fwd7Maps for V7, then AttnParams); tensors kept
+    // SAFETY: the arguments match the kernel's (Fwd7Maps for V7 and V12, then AttnParams); tensors kept
     // alive in `keep`/`outputs` until the launch is queued on their stream.
     unsafe { gpu.launch(f, grid, (threads, 1, 1), smem as u32, &mut args) }
 }
 
-/// Whether variant 7's forward was compiled to exactly `FWD7_ENTRY_REGISTERS` registers per
-/// thread: its setmaxnreg hand-off needs that many (with any other count it would hang). The PTX
-/// is compiled by the driver, so another driver may allocate differently; then variant 5's forward
-/// runs instead, with a warning. Asked of the driver once per kernel and device.
-fn fwd7_registers_fit(gpu: &'static Gpu, dtype: &str, d: i64) -> Result<bool> {
+/// Variant 12's work units (`fwd12_schedule` in cuda/attention_fwd_ws.cu): its 128-row query
+/// tiles, paired when causal (the longest with the shortest, a middle one alone).
+fn fwd12_units(d: &Dims, causal: bool) -> i64 {
+    let tiles = (d.sq + FWD4_BLOCK - 1) / FWD4_BLOCK;
+    let per_head = if causal { (tiles + 1) / 2 } else { tiles };
+    per_head * d.h * d.b
+}
+
+/// Whether the forward `name` of variant 7 or 12 was compiled to exactly `FWD7_ENTRY_REGISTERS`
+/// registers per thread: its setmaxnreg hand-off needs that many (with any other count it would
+/// hang). The PTX is compiled by the driver, so another driver may allocate differently; then
+/// variant 5's forward runs instead, with a warning. Asked of the driver once per kernel and device.
+fn fwd7_registers_fit(gpu: &'static Gpu, name: &str) -> Result<bool> {
     type Key = (usize, String); // (the device's Gpu, kernel name)
     static FIT: std::sync::Mutex<Vec<(Key, bool)>> = std::sync::Mutex::new(Vec::new());
-    let key = (
-        gpu as *const Gpu as usize,
-        fwd_kernel(Variant::V7, dtype, d),
-    );
+    let key = (gpu as *const Gpu as usize, name.to_string());
     if let Some((_, fit)) = FIT
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -845,9 +910,9 @@ pub fn fused_backward(
     let dv = Tensor::empty([d.b, d.sk, d.hk, d.d], opts);
     let variant = v4_backward(variant, &gpu.arch, d.d);
     let sq_pad = (d.sq + BWD4_BLOCK_M - 1) / BWD4_BLOCK_M * BWD4_BLOCK_M;
-    // fp32 dQ accumulator: (B, Sq, H, D), or for V9 and V10 tiles of 64 queries x 64 columns in
-    // the order their threads hold them (attn_bwd_dq9 in attention_sm90.cu reads them back)
-    let dq_acc_shape = if matches!(variant, Variant::V9 | Variant::V10) {
+    // fp32 dQ accumulator: (B, Sq, H, D), or for V9, V10 and V12 tiles of 64 queries x 64
+    // columns in the order their threads hold them (attn_bwd_dq9 in attention_sm90.cu reads them)
+    let dq_acc_shape = if matches!(variant, Variant::V9 | Variant::V10 | Variant::V12) {
         [d.b, d.h, sq_pad, d.d]
     } else {
         [d.b, d.sq, d.h, d.d]
@@ -865,10 +930,10 @@ pub fn fused_backward(
     p.dv = dv.data_ptr() as u64;
     p.dq_acc = dq_acc.data_ptr() as u64;
     p.delta = delta.data_ptr() as u64;
-    // V10: tensor maps of Q and dO (else V9's backward), lse and delta padded to 64-row tiles
+    // V10, V12: tensor maps of Q and dO (else V9's backward), lse and delta padded to 64-row tiles
     let mut bwd10 = None;
     // (other dtypes are refused below)
-    if variant == Variant::V10 && dtype_name(q.kind()).is_ok() {
+    if matches!(variant, Variant::V10 | Variant::V12) && dtype_name(q.kind()).is_ok() {
         if let Some(maps) = bwd10_maps(&p, &d, q.kind() == Kind::BFloat16)? {
             let f32s = (Kind::Float, q.device());
             let lse_pad = Tensor::zeros([d.b, d.h, sq_pad], f32s);
@@ -877,9 +942,10 @@ pub fn fused_backward(
         }
     }
     let variant = match (variant, &bwd10) {
-        (Variant::V10, None) => Variant::V9,
+        (Variant::V10 | Variant::V12, None) => Variant::V9,
         (v, _) => v,
     };
+    LAUNCHED[1].store(variant.number(), Ordering::Relaxed);
     let mut result = Backward {
         dq: dq.permute([0, 2, 1, 3]),
         dk: dk.permute([0, 2, 1, 3]),
@@ -903,6 +969,7 @@ pub fn fused_backward(
         Variant::V4 => (BWD4_BLOCK_N, FWD4_THREADS, bwd4_smem(d.d)),
         Variant::V6 | Variant::V9 => (BWD4_BLOCK_N, FWD4_THREADS, bwd6_smem(d.d)),
         Variant::V10 => (BWD4_BLOCK_N, FWD4_THREADS, bwd10_smem(d.d)),
+        Variant::V12 => (BWD4_BLOCK_N, FWD4_THREADS, bwd12_smem(d.d)),
         Variant::V3 if bwd3_supported(d.d) => (
             TILE,
             BWD3_THREADS,
@@ -916,21 +983,25 @@ pub fn fused_backward(
     };
     let source = if matches!(
         variant,
-        Variant::V4 | Variant::V6 | Variant::V9 | Variant::V10
+        Variant::V4 | Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12
     ) {
         crate::SM90A_ATTENTION
     } else {
         "attention.cu"
     };
     let mut main_name = bwd_kernel(variant, name, d.d);
-    if matches!(variant, Variant::V6 | Variant::V9 | Variant::V10) && backward_profile() {
+    let profiled = matches!(
+        variant,
+        Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12
+    ) && backward_profile();
+    if profiled {
         main_name = main_name.replacen(&format!("_{name}_"), &format!("p_{name}_"), 1);
     }
     let f_main = gpu.function(source, &main_name)?;
     let mut d_arg = d.d as i32;
     let mut dq_args: Vec<*mut c_void> = vec![&mut p as *mut AttnParams as *mut c_void];
     // (kernel, elements per thread)
-    let (f_dq, per_thread) = if matches!(variant, Variant::V9 | Variant::V10) {
+    let (f_dq, per_thread) = if matches!(variant, Variant::V9 | Variant::V10 | Variant::V12) {
         (gpu.function(source, &format!("attn_bwd_dq9_{name}"))?, 4)
     } else {
         dq_args.push(&mut d_arg as *mut i32 as *mut c_void);
@@ -956,7 +1027,7 @@ pub fn fused_backward(
                 d.hk as u32,
                 d.b as u32,
             );
-            // V10 reads lse and delta from their padded copies (same stream: after the delta
+            // V10 and V12 read lse and delta from their padded copies (same stream: after the delta
             // kernel) and takes its tensor maps first
             let mut p_main = p;
             let mut maps_arg = None;
@@ -978,8 +1049,47 @@ pub fn fused_backward(
         }
         gpu.launch(f_dq, (dq_blocks, 1, 1), (256, 1, 1), 0, &mut dq_args)?;
     }
+    if profiled && d.sk > 0 {
+        print_backward_profile(gpu, variant, mask, d.sk)?;
+    }
     drop(keep);
     Ok(result)
+}
+
+/// Prints what a profiling build of the backward left in `attn_bwd_prof` (attention_sm90.cu):
+/// clock cycles per 64-query tile of each step, for each warpgroup of block 0 and of the middle
+/// block along the keys. One line per warpgroup, `bwd<N>-prof ...`, as scripts/gpu-check.sh greps.
+fn print_backward_profile(
+    gpu: &Gpu,
+    variant: Variant,
+    mask: &AttentionMask,
+    sk: i64,
+) -> Result<()> {
+    const SPANS: usize = 8; // BWD_PROF_SPANS
+    let mut raw = [0i64; 4 * (SPANS + 2)];
+    gpu.read_global_i64(crate::SM90A_ATTENTION, "attn_bwd_prof", &mut raw)?;
+    for (slot, r) in raw.chunks(SPANS + 2).enumerate() {
+        let tiles = r[SPANS];
+        if tiles == 0 {
+            continue;
+        }
+        println!(
+            "bwd{}-prof sk{sk} causal{} block{} wg{} tiles {tiles} cycles/tile: load+bar {} S {} P {} dP+dS+pack {} to-bar {} dV+dQ {} dQ-out {} dK {}",
+            variant.number(),
+            u8::from(mask.causal),
+            r[SPANS + 1],
+            slot % 2,
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            r[5],
+            r[6],
+            r[7]
+        );
+    }
+    Ok(())
 }
 
 /// Dense (B, 1, Sq, Sk) bool mask of allowed pairs, the meaning of `AttentionMask` spelled out.
@@ -1049,14 +1159,47 @@ mod tests {
         assert_eq!(Variant::parse(" V3 ").unwrap(), Variant::V3);
         let err = Variant::parse("fast").unwrap_err().to_string();
         assert!(
-            err.contains(VARIANT_ENV) && err.contains("v2, v3, v4, v5, v6, v7, v8, v9 or v10"),
+            err.contains(VARIANT_ENV) && err.contains("v2, v3, v4, v5, v6, v7, v8, v9, v10 or v12"),
             "{err}"
         );
-        for (i, v) in Variant::ALL.into_iter().enumerate() {
+        for v in Variant::ALL {
             assert_eq!(Variant::parse(v.name()).unwrap(), v);
-            assert_eq!(v.name(), format!("v{}", i + 2));
-            assert_eq!(v.number() as usize, i + 2);
+            assert_eq!(v.name(), format!("v{}", v.number()));
         }
+        // numbers are unique, so `variant()` finds back the one `set_variant` stored
+        let numbers: Vec<u8> = Variant::ALL.iter().map(|v| v.number()).collect();
+        assert_eq!(numbers, [2, 3, 4, 5, 6, 7, 8, 9, 10, 12]);
+    }
+
+    #[test]
+    fn v12_units_pair_causal_tiles_and_fill_at_most_one_block_per_sm() {
+        let dims = |sq: i64, h: i64, b: i64| Dims {
+            b,
+            h,
+            hk: h,
+            sq,
+            sk: sq,
+            d: 128,
+        };
+        // 640 rows: 5 tiles of 128, causal pairs (4, 0), (3, 1) and the lone middle tile 2
+        assert_eq!(fwd12_units(&dims(640, 16, 4), false), 5 * 64);
+        assert_eq!(fwd12_units(&dims(640, 16, 4), true), 3 * 64);
+        assert_eq!(fwd12_units(&dims(1, 1, 1), true), 1);
+        assert_eq!(fwd12_units(&dims(4096, 16, 4), true), 16 * 64);
+        // every V12 kernel is in the sm_90a source's kernel list (kernels-check compiles them)
+        for dtype in ["bf16", "f16"] {
+            for d in [64, 128] {
+                assert!(sm90a_kernel_names().contains(&fwd_kernel(Variant::V12, dtype, d)));
+            }
+        }
+        assert_eq!(v4_backward(Variant::V12, "compute_90", 128), Variant::V12);
+        assert_eq!(v4_backward(Variant::V12, "compute_90", 64), Variant::V3);
+        assert_eq!(
+            bwd_kernel(Variant::V12, "bf16", 128),
+            "attn_bwd12_bf16_d128"
+        );
+        assert_eq!(v4_forward(Variant::V12, "compute_90", 80), Variant::V3);
+        assert_eq!(v4_forward(Variant::V12, "compute_80", 128), Variant::V3);
     }
 
     #[test]
@@ -1074,7 +1217,8 @@ mod tests {
         assert!(fwd4_smem(128) <= 227 * 1024, "{}", fwd4_smem(128));
         assert!(bwd4_smem(128) <= 227 * 1024, "{}", bwd4_smem(128));
         assert!(bwd6_smem(128) <= 227 * 1024, "{}", bwd6_smem(128));
-        assert_eq!(sm90a_kernel_names().len(), 28);
+        assert!(bwd12_smem(128) <= 227 * 1024, "{}", bwd12_smem(128));
+        assert_eq!(sm90a_kernel_names().len(), 36);
         assert_eq!(v4_forward(Variant::V5, "compute_90", 128), Variant::V5);
         assert_eq!(v4_forward(Variant::V5, "compute_80", 64), Variant::V3);
         assert_eq!(v4_backward(Variant::V5, "compute_90", 128), Variant::V4);

@@ -90,30 +90,33 @@ impl Gpu {
             .map_err(driver_err("cuCtxSetCurrent"))
     }
 
+    /// The module of source file `source` (compiled and loaded on first use).
+    fn module(&self, source: &str) -> Result<sys::CUmodule> {
+        self.make_current()?;
+        let mut modules = self.modules.lock().map_err(|_| poisoned())?;
+        Ok(match modules.get(source) {
+            Some(m) => *m as sys::CUmodule,
+            None => {
+                let arch = crate::arch_for(source, &self.arch)?;
+                let src = crate::source(source)?;
+                let m = match load_ptx(compile::cached_ptx(&src, &arch)?) {
+                    Ok(m) => m,
+                    // a damaged cache file: compile afresh (replacing it) and try once more
+                    Err(_) => load_ptx(compile::recompile_ptx(&src, &arch)?)?,
+                };
+                modules.insert(source.to_string(), m as usize);
+                m
+            }
+        })
+    }
+
     /// The kernel `name` from source file `source` (compiled and loaded on first use).
     pub fn function(&self, source: &str, name: &str) -> Result<Function> {
         let key = (source.to_string(), name.to_string());
         if let Some(f) = self.functions.lock().map_err(|_| poisoned())?.get(&key) {
             return Ok(*f);
         }
-        self.make_current()?;
-        let module = {
-            let mut modules = self.modules.lock().map_err(|_| poisoned())?;
-            match modules.get(source) {
-                Some(m) => *m as sys::CUmodule,
-                None => {
-                    let arch = crate::arch_for(source, &self.arch)?;
-                    let src = crate::source(source)?;
-                    let m = match load_ptx(compile::cached_ptx(&src, &arch)?) {
-                        Ok(m) => m,
-                        // a damaged cache file: compile afresh (replacing it) and try once more
-                        Err(_) => load_ptx(compile::recompile_ptx(&src, &arch)?)?,
-                    };
-                    modules.insert(source.to_string(), m as usize);
-                    m
-                }
-            }
-        };
+        let module = self.module(source)?;
         let cname = std::ffi::CString::new(name)
             .map_err(|_| KernelError::Invalid("kernel name contains NUL".into()))?;
         // SAFETY: valid module and name.
@@ -125,6 +128,34 @@ impl Gpu {
             .map_err(|_| poisoned())?
             .insert(key, f);
         Ok(f)
+    }
+
+    /// Reads the `__device__` array `name` of source file `source` into `out` after every kernel
+    /// queued on libtorch's current stream has finished, then zeroes it (kernel development:
+    /// counters a kernel leaves for the host).
+    pub fn read_global_i64(&self, source: &str, name: &str, out: &mut [i64]) -> Result<()> {
+        let module = self.module(source)?;
+        let cname = std::ffi::CString::new(name)
+            .map_err(|_| KernelError::Invalid("symbol name contains NUL".into()))?;
+        // SAFETY: valid module and name.
+        let (ptr, bytes) = unsafe { drv::module::get_global(module, cname) }
+            .map_err(driver_err("cuModuleGetGlobal"))?;
+        if bytes != std::mem::size_of_val(out) {
+            return Err(KernelError::Invalid(format!(
+                "{name} is {bytes} bytes on the device, {} expected",
+                std::mem::size_of_val(out)
+            )));
+        }
+        let stream = torch_current_stream(self.ordinal);
+        // SAFETY: `ptr` is `bytes` bytes of device memory, the size of `out`; the stream is
+        // synchronized first, so the copies see every kernel queued before.
+        unsafe {
+            drv::stream::synchronize(stream).map_err(driver_err("cuStreamSynchronize"))?;
+            drv::memcpy_dtoh_sync(out, ptr).map_err(driver_err("cuMemcpyDtoH"))?;
+            drv::memcpy_htod_sync(ptr, &vec![0i64; out.len()])
+                .map_err(driver_err("cuMemcpyHtoD"))?;
+        }
+        Ok(())
     }
 
     /// Registers per thread `f` starts with (the driver's JIT decides; a kernel that moves
