@@ -63,7 +63,14 @@ if want kernels; then
   # ~2.5 min on an H200 (NVRTC compile, 10 variants x 15 correctness cases, timings of the two newest
   # variants and SDPA); the cap keeps a hung kernel from eating a 15-minute device budget
   timeout 300 "$BIN/kernels-gpu-check" --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu-check.log"
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  if [ "${PIPESTATUS[0]}" != 0 ]; then
+    status=1
+    # a kernel that traps (a barrier watchdog) or hangs takes the CUDA context or the process with
+    # it, and with them the timings: time the measured default against its predecessor afresh
+    echo "kernels-gpu-check failed: timing v9 and v10 alone (kernels-gpu-v9-v10.jsonl)"
+    KERNELS_BENCH=quick timeout 150 "$BIN/kernels-gpu-check" --variants v9,v10 --out "$OUT" 2>&1 \
+      | tee "$OUT/kernels-gpu-check-v10.log" | tail -n 30
+  fi
   # where the backward's time goes: the profiling builds of variants 10 and 12 print the clock
   # cycles of each step per tile (two blocks; the last call of each (variant, Sk, causal, block,
   # warpgroup) is kept, so shapes sharing Sk share a line; device printf drops lines past 1 MB)

@@ -253,16 +253,21 @@ struct Row {
 /// Times `prev` (the previous default) and `new` (the variant under test) against SDPA.
 fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant, new: Variant) {
     let dev = Device::Cuda(0);
-    for &(d, h) in &[(128i64, 16i64), (64, 32)] {
+    // d80 is the vision tower's (1280 / 16): non-causal, at about one image's patches (4 tiles of
+    // 1601) and a quarter of that
+    for &(d, h) in &[(128i64, 16i64), (64, 32), (80, 16)] {
         // KERNELS_BENCH=quick: two lengths only (a device call with little time left)
         let quick = std::env::var("KERNELS_BENCH").is_ok_and(|v| v == "quick");
-        let lengths: &[i64] = if quick {
+        let lengths: &[i64] = if d == 80 {
+            &[1024, 4096]
+        } else if quick {
             &[2048, 8192]
         } else {
             &[512, 1024, 2048, 4096, 8192]
         };
+        let masks: &[bool] = if d == 80 { &[false] } else { &[false, true] };
         for &s in lengths {
-            for &causal in &[false, true] {
+            for &causal in masks {
                 let b = 16384 / s;
                 let q = Tensor::randn([b, s, h, d], (Kind::BFloat16, dev)).permute([0, 2, 1, 3]);
                 let k = Tensor::randn([b, s, h, d], (Kind::BFloat16, dev)).permute([0, 2, 1, 3]);
