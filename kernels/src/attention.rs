@@ -342,9 +342,9 @@ fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
 }
 
 /// Kernel development: `LLAVA_SCO_ATTN_BWD_PROFILE=1` makes variants 6, 9, 10 and 12 launch their
-/// backward's profiling build (`attn_bwd6p_*` ... `attn_bwd12p_*`), which prints the
-/// clock cycles each step takes per tile in two blocks (device printf, on stdout at the next
-/// synchronization).
+/// backward's profiling build (`attn_bwd6p_*` ... `attn_bwd12p_*`), which leaves the clock
+/// cycles each step takes per tile in two blocks in a device array; each backward then waits for
+/// it and prints them on stdout (`print_backward_profile`).
 pub const BWD_PROFILE_ENV: &str = "LLAVA_SCO_ATTN_BWD_PROFILE";
 fn backward_profile() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -148,12 +148,13 @@ impl Gpu {
         }
         let stream = torch_current_stream(self.ordinal);
         // SAFETY: `ptr` is `bytes` bytes of device memory, the size of `out`; the stream is
-        // synchronized first, so the copies see every kernel queued before.
+        // synchronized first, so the copy sees every kernel queued before, and the zeroing is
+        // ordered on the same stream before any later kernel.
         unsafe {
             drv::stream::synchronize(stream).map_err(driver_err("cuStreamSynchronize"))?;
             drv::memcpy_dtoh_sync(out, ptr).map_err(driver_err("cuMemcpyDtoH"))?;
-            drv::memcpy_htod_sync(ptr, &vec![0i64; out.len()])
-                .map_err(driver_err("cuMemcpyHtoD"))?;
+            drv::memset_d8_async(ptr, 0, bytes, stream).map_err(driver_err("cuMemsetD8Async"))?;
+            drv::stream::synchronize(stream).map_err(driver_err("cuStreamSynchronize"))?;
         }
         Ok(())
     }
