@@ -154,8 +154,9 @@ pub fn attend(
             Ok(p.matmul(&v))
         }
         AttentionImpl::Sdpa => {
+            let repeat = repeat_kv_for_mask(q.device());
             let sdpa = |q: &Tensor, m: Option<&Tensor>, causal: bool| {
-                Tensor::scaled_dot_product_attention(q, k, v, m, 0.0, causal, scale, h != hk)
+                sdpa_call(q, k, v, m, causal, scale, repeat)
             };
             let out = match (&mask.dense, &mask.masked_rows) {
                 // every row without the mask, then the masked rows again with their mask rows
@@ -191,6 +192,35 @@ pub fn attend(
             Ok(mean_v_where_fully_masked(out, mask, v, h / hk))
         }
     }
+}
+
+/// Whether sdpa calls with a mask and grouped K/V heads repeat K/V to the query heads first. On
+/// CUDA, libtorch's flash kernel takes no mask and its memory-efficient kernel no grouped heads,
+/// so a masked call with `enable_gqa` falls to the math kernel, which materializes the (B, H, Sq,
+/// Sk) scores (the cross-attention layers always have a mask); with K/V repeated, as transformers'
+/// sdpa path does (`repeat_kv`), the memory-efficient kernel takes it. libtorch's CPU kernels take
+/// both, so there the repeat would only cost memory.
+fn repeat_kv_for_mask(device: tch::Device) -> bool {
+    device.is_cuda()
+}
+
+/// libtorch sdpa over q (B, H, Sq, D), k/v (B, Hk, Sk, D): grouped heads without copying K/V,
+/// except with a mask when `repeat_for_mask` (see `repeat_kv_for_mask`). Same result either way.
+fn sdpa_call(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+    scale: f64,
+    repeat_for_mask: bool,
+) -> Tensor {
+    let (h, hk) = (q.size()[1], k.size()[1]);
+    if h != hk && mask.is_some() && repeat_for_mask {
+        let (k, v) = (repeat_kv(k, h / hk), repeat_kv(v, h / hk)); // (B, H, Sk, D)
+        return Tensor::scaled_dot_product_attention(q, &k, &v, mask, 0.0, causal, scale, false);
+    }
+    Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, h != hk)
 }
 
 /// `out` (B, H, Sq, D) with the rows of `mask.fully_masked` replaced by the mean of V (B, Hk, Sk,
@@ -280,6 +310,27 @@ mod tests {
             Tensor::randn([2, 2, sk, 8], opts),
             Tensor::randn([2, 2, sk, 8], opts),
         ]
+    }
+
+    /// The CUDA form of a masked grouped-head call (K/V repeated to the query heads, no
+    /// `enable_gqa`) gives what `enable_gqa` gives, forward and backward: query head i reads K/V
+    /// head i / (H / Hk) in both.
+    #[test]
+    fn sdpa_with_a_mask_and_repeated_kv_matches_grouped_heads() {
+        tch::manual_seed(5);
+        let [q, k, v] = qkv(6, 9);
+        let keep = Tensor::rand([2, 1, 6, 9], (Kind::Float, Device::Cpu)).gt(0.3);
+        let mask = keep.logical_not().to_kind(Kind::Float) * dtype_min(Kind::Float); // (2, 1, 6, 9)
+        let grads = |repeat: bool| {
+            let [q, k, v] = [&q, &k, &v].map(|t| t.detach().set_requires_grad(true));
+            let o = sdpa_call(&q, &k, &v, Some(&mask), false, 0.125, repeat);
+            (&o * o.ones_like().cumsum(-1, Kind::Float))
+                .sum(Kind::Float)
+                .backward();
+            [o.detach(), q.grad(), k.grad(), v.grad()]
+        };
+        assert_close(&grads(true), &grads(false), "repeated K/V vs enable_gqa");
+        assert!(repeat_kv_for_mask(Device::Cuda(0)) && !repeat_kv_for_mask(Device::Cpu));
     }
 
     #[test]
