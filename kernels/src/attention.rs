@@ -945,7 +945,6 @@ pub fn fused_backward(
         (Variant::V10 | Variant::V12, None) => Variant::V9,
         (v, _) => v,
     };
-    LAUNCHED[1].store(variant.number(), Ordering::Relaxed);
     let mut result = Backward {
         dq: dq.permute([0, 2, 1, 3]),
         dk: dk.permute([0, 2, 1, 3]),
@@ -998,6 +997,7 @@ pub fn fused_backward(
         main_name = main_name.replacen(&format!("_{name}_"), &format!("p_{name}_"), 1);
     }
     let f_main = gpu.function(source, &main_name)?;
+    LAUNCHED[1].store(variant.number(), Ordering::Relaxed);
     let mut d_arg = d.d as i32;
     let mut dq_args: Vec<*mut c_void> = vec![&mut p as *mut AttnParams as *mut c_void];
     // (kernel, elements per thread)
