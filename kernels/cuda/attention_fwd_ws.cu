@@ -268,29 +268,35 @@ __device__ __forceinline__ bool fwd12_tile(const Fwd12Schedule& sc, const AttnPa
     qt = part == 0 ? sc.n_qt - 1 - i : i;
     return part == 0 || i < sc.n_qt - 1 - i;
 }
+// Calls f(q0, h, b, n_tiles) for each query tile of this block, in schedule order (the producer
+// and both math warpgroups walk the same sequence).
+template <typename F>
+__device__ __forceinline__ void fwd12_for_each_tile(const AttnParams& p, F&& f) {
+    const Fwd12Schedule sc = fwd12_schedule(p);
+#pragma unroll 1
+    for (int u = blockIdx.x; u < sc.units; u += gridDim.x)
+#pragma unroll 1
+        for (int part = 0; part < 2; ++part) {
+            int qt, h, b;
+            if (!fwd12_tile(sc, p, u, part, qt, h, b)) continue;
+            f(qt * FWD4_BM, h, b, fwd7_key_tiles(p, qt * FWD4_BM));
+        }
+}
 
 template <bool BF16, int D>
 __device__ __forceinline__ void attn_fwd12(const Fwd7Maps& maps, const AttnParams& p) {
     const Fwd7Smem sm = fwd7_smem_setup<D>();
-    const Fwd12Schedule sc = fwd12_schedule(p);
     const int wg = threadIdx.x >> 7;
+    int kv = 0, q_use = 0;  // K/V tiles and Q tiles through the rings so far
     if (wg == 0) {
         setmaxnreg_dec<24>();
         if (threadIdx.x != 0) return;
-        int kv = 0, q_use = 0;  // K/V tiles and Q tiles loaded so far
-#pragma unroll 1
-        for (int u = blockIdx.x; u < sc.units; u += gridDim.x)
-#pragma unroll 1
-            for (int part = 0; part < 2; ++part) {
-                int qt, h, b;
-                if (!fwd12_tile(sc, p, u, part, qt, h, b)) continue;
-                const int n_tiles = fwd7_key_tiles(p, qt * FWD4_BM);
-                if (n_tiles == 0) continue;
-                fwd7_produce<D>(maps, sm.Qs, sm.Kst, sm.Vst, sm.bars, qt * FWD4_BM, h, h / (p.H / p.Hk), b,
-                                n_tiles, kv, q_use);
-                kv += n_tiles;
-                ++q_use;
-            }
+        fwd12_for_each_tile(p, [&](int q0, int h, int b, int n_tiles) {
+            if (n_tiles == 0) return;
+            fwd7_produce<D>(maps, sm.Qs, sm.Kst, sm.Vst, sm.bars, q0, h, h / (p.H / p.Hk), b, n_tiles, kv, q_use);
+            kv += n_tiles;
+            ++q_use;
+        });
         if (kv > 0) fwd7_produce_tail(sm.bars, kv - 1);
         return;
     }
@@ -300,40 +306,27 @@ __device__ __forceinline__ void attn_fwd12(const Fwd7Maps& maps, const AttnParam
     // of times in both warpgroups and ends with warpgroup 1's arrival for warpgroup 0 pending (or
     // this one, if no loop ran yet), so the next tile starts in the same state.
     if (cw == 0) named_barrier_arrive(FWD7_SCHED_BAR, 256);
-    int kv = 0, q_use = 0;
-#pragma unroll 1
-    for (int u = blockIdx.x; u < sc.units; u += gridDim.x)
-#pragma unroll 1
-        for (int part = 0; part < 2; ++part) {
-            int qt, h, b;
-            if (!fwd12_tile(sc, p, u, part, qt, h, b)) continue;
-            const int n_tiles = fwd7_key_tiles(p, qt * FWD4_BM);
-            fwd7_consume<BF16, D>(p, sm.Qs, sm.Kst, sm.Vst, sm.bars, cw, b, h, qt * FWD4_BM, n_tiles, kv, q_use);
-            if (n_tiles > 0) {
-                kv += n_tiles;
-                ++q_use;
-            }
+    fwd12_for_each_tile(p, [&](int q0, int h, int b, int n_tiles) {
+        fwd7_consume<BF16, D>(p, sm.Qs, sm.Kst, sm.Vst, sm.bars, cw, b, h, q0, n_tiles, kv, q_use);
+        if (n_tiles > 0) {
+            kv += n_tiles;
+            ++q_use;
         }
+    });
 }
 
+// Variant 7's and variant 12's entries (tensor maps first, as the host passes them).
 #define ATTN7_FWD(NAME, BF16, D)                                                                                     \
     extern "C" __global__ void __launch_bounds__(FWD7_THREADS, 1)                                                    \
         attn_fwd7_##NAME##_d##D(const __grid_constant__ Fwd7Maps maps, AttnParams p) {                               \
         attn_fwd7<BF16, D>(maps, p);                                                                                 \
-    }
-// Head dims here must match `v7_forward` in attention.rs.
-ATTN7_FWD(bf16, true, 64)
-ATTN7_FWD(bf16, true, 128)
-ATTN7_FWD(f16, false, 64)
-ATTN7_FWD(f16, false, 128)
-
-#define ATTN12_FWD(NAME, BF16, D)                                                                                    \
+    }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(FWD7_THREADS, 1)                                                    \
         attn_fwd12_##NAME##_d##D(const __grid_constant__ Fwd7Maps maps, AttnParams p) {                              \
         attn_fwd12<BF16, D>(maps, p);                                                                                \
     }
 // Head dims here must match `v4_forward` in attention.rs.
-ATTN12_FWD(bf16, true, 64)
-ATTN12_FWD(bf16, true, 128)
-ATTN12_FWD(f16, false, 64)
-ATTN12_FWD(f16, false, 128)
+ATTN7_FWD(bf16, true, 64)
+ATTN7_FWD(bf16, true, 128)
+ATTN7_FWD(f16, false, 64)
+ATTN7_FWD(f16, false, 128)

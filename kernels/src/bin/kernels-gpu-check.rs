@@ -33,6 +33,30 @@ struct Case {
     mask: MaskKind,
 }
 
+/// A case as (dtype, head dim, batch, query heads, KV heads, Sq, Sk, mask).
+#[allow(clippy::too_many_arguments)]
+const fn case(
+    kind: Kind,
+    d: i64,
+    b: i64,
+    h: i64,
+    hk: i64,
+    sq: i64,
+    sk: i64,
+    mask: MaskKind,
+) -> Case {
+    Case {
+        kind,
+        d,
+        b,
+        h,
+        hk,
+        sq,
+        sk,
+        mask,
+    }
+}
+
 /// ||a - ref|| / max(||ref||, 1e-3 * sqrt(n)): relative error, with an RMS floor of 1e-3 so that
 /// references that are exactly zero (dq, dk with a single key) are judged by absolute error.
 fn rel_err(a: &Tensor, reference: &Tensor) -> f64 {
@@ -467,163 +491,28 @@ fn main() -> std::process::ExitCode {
     let mut json = Vec::new();
     use MaskKind::*;
     let cases = [
-        Case {
-            kind: Kind::BFloat16,
-            d: 64,
-            b: 2,
-            h: 4,
-            hk: 4,
-            sq: 1,
-            sk: 1,
-            mask: Causal,
-        },
-        Case {
-            kind: Kind::BFloat16,
-            d: 128,
-            b: 1,
-            h: 8,
-            hk: 2,
-            sq: 17,
-            sk: 17,
-            mask: Causal,
-        },
-        Case {
-            kind: Kind::Half,
-            d: 128,
-            b: 2,
-            h: 4,
-            hk: 1,
-            sq: 127,
-            sk: 127,
-            mask: Causal,
-        },
-        Case {
-            kind: Kind::BFloat16,
-            d: 80,
-            b: 2,
-            h: 4,
-            hk: 4,
-            sq: 1000,
-            sk: 1000,
-            mask: Vision,
-        },
-        Case {
-            kind: Kind::Half,
-            d: 80,
-            b: 1,
-            h: 2,
-            hk: 2,
-            sq: 127,
-            sk: 127,
-            mask: None,
-        },
-        Case {
-            kind: Kind::BFloat16,
-            d: 128,
-            b: 2,
-            h: 8,
-            hk: 2,
-            sq: 300,
-            sk: 4 * 17,
-            mask: CrossBlocks(17),
-        },
-        Case {
-            kind: Kind::Half,
-            d: 64,
-            b: 1,
-            h: 8,
-            hk: 2,
-            sq: 4097,
-            sk: 4097,
-            mask: Causal,
-        },
-        Case {
-            kind: Kind::BFloat16,
-            d: 128,
-            b: 2,
-            h: 8,
-            hk: 2,
-            sq: 1,
-            sk: 1000,
-            mask: Causal,
-        },
-        Case {
-            kind: Kind::BFloat16,
-            d: 64,
-            b: 2,
-            h: 4,
-            hk: 4,
-            sq: 1000,
-            sk: 1000,
-            mask: KeyPadding,
-        },
-        Case {
-            kind: Kind::Half,
-            d: 128,
-            b: 1,
-            h: 4,
-            hk: 4,
-            sq: 4097,
-            sk: 4097,
-            mask: None,
-        },
+        case(Kind::BFloat16, 64, 2, 4, 4, 1, 1, Causal),
+        case(Kind::BFloat16, 128, 1, 8, 2, 17, 17, Causal),
+        case(Kind::Half, 128, 2, 4, 1, 127, 127, Causal),
+        case(Kind::BFloat16, 80, 2, 4, 4, 1000, 1000, Vision),
+        case(Kind::Half, 80, 1, 2, 2, 127, 127, None),
+        case(Kind::BFloat16, 128, 2, 8, 2, 300, 4 * 17, CrossBlocks(17)),
+        case(Kind::Half, 64, 1, 8, 2, 4097, 4097, Causal),
+        case(Kind::BFloat16, 128, 2, 8, 2, 1, 1000, Causal),
+        case(Kind::BFloat16, 64, 2, 4, 4, 1000, 1000, KeyPadding),
+        case(Kind::Half, 128, 1, 4, 4, 4097, 4097, None),
         // whole 64-row tiles with key padding, and causal with fewer queries than keys (the
         // diagonal offset), both through variant 10's TMA backward
-        Case {
-            kind: Kind::BFloat16,
-            d: 128,
-            b: 2,
-            h: 8,
-            hk: 2,
-            sq: 256,
-            sk: 256,
-            mask: KeyPadding,
-        },
-        Case {
-            kind: Kind::BFloat16,
-            d: 128,
-            b: 1,
-            h: 4,
-            hk: 4,
-            sq: 128,
-            sk: 384,
-            mask: Causal,
-        },
+        case(Kind::BFloat16, 128, 2, 8, 2, 256, 256, KeyPadding),
+        case(Kind::BFloat16, 128, 1, 4, 4, 128, 384, Causal),
         // causal with more queries than keys: rows 0..700 see no key (zeros, no NaN), and
         // variant 12's first five query tiles have no key tile at all
-        Case {
-            kind: Kind::BFloat16,
-            d: 128,
-            b: 4,
-            h: 16,
-            hk: 4,
-            sq: 1000,
-            sk: 300,
-            mask: Causal,
-        },
+        case(Kind::BFloat16, 128, 4, 16, 4, 1000, 300, Causal),
         // more work units than SMs, so variant 12's persistent blocks walk several query tiles
         // (Q, the K/V rings and the ping-pong token carried across): causal with an odd tile count
         // (a lone middle tile) and GQA, and without a mask
-        Case {
-            kind: Kind::BFloat16,
-            d: 128,
-            b: 4,
-            h: 16,
-            hk: 4,
-            sq: 640,
-            sk: 640,
-            mask: Causal,
-        },
-        Case {
-            kind: Kind::Half,
-            d: 64,
-            b: 4,
-            h: 16,
-            hk: 16,
-            sq: 300,
-            sk: 300,
-            mask: None,
-        },
+        case(Kind::BFloat16, 128, 4, 16, 4, 640, 640, Causal),
+        case(Kind::Half, 64, 4, 16, 16, 300, 300, None),
     ];
     println!(
         "{:<49} {:>9} {:>9} {:>9} {:>9}  result",
