@@ -781,7 +781,8 @@ __device__ __forceinline__ void bwd4_rs_acc(float (&acc)[D / 2], const u32 (&a)[
 // is issued at tile i's dS^T barrier (the stage's previous tile, i - 1, has no readers left once
 // both warpgroups are past its dK) instead of tile i + 1. After the last tile the early S^T is
 // issued anyway, on this tile's Q, and its result is dropped: a wgmma issued conditionally inside
-// the loop made ptxas serialize every wgmma of the kernel (variant 5). Not yet run on a GPU.
+// the loop made ptxas serialize every wgmma of the kernel (variant 5). The first two tiles' loads
+// are issued before K and V have landed, not after. Not yet run on a GPU.
 //
 // PROF (kernel development only: `attn_bwd6p_*` ... `attn_bwd12p_*`, launched when
 // LLAVA_SCO_ATTN_BWD_PROFILE=1): thread 0 of each warpgroup of two blocks (x = 0 and the middle
@@ -844,19 +845,23 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
     load_rows_sw128<D, BN>(Vs, p.v + b * p.v_bs + hk * p.v_hs, p.v_ss, k0, p.Sk);
     if constexpr (TMA) {
         cp_async_commit();
-        if (threadIdx.x == 0) {
-            for (int st = 0; st < NST; ++st) mbar_init(bars + 8 * st, 1);
-            mbar_init_fence();
-        }
-        cp_async_wait<0>();
-        fence_proxy_async();
-        __syncthreads();  // K, V and the barriers are ready
-        if (threadIdx.x == 0 && walk.h_begin < walk.h_end) {
+        auto issue_first_two = [&] {
             int h1 = walk.h_begin, qt1 = walk.qt_start;
             issue_tma(0, h1, qt1 * BM);
             walk.next(h1, qt1);
             if (h1 < walk.h_end) issue_tma(1, h1, qt1 * BM);
+        };
+        if (threadIdx.x == 0) {
+            for (int st = 0; st < NST; ++st) mbar_init(bars + 8 * st, 1);
+            mbar_init_fence();
+            // EARLY: the first two tiles' loads go out now, under K's and V's (the other threads
+            // wait on their barriers only after the block barrier below)
+            if (EARLY && walk.h_begin < walk.h_end) issue_first_two();
         }
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();  // K, V and the barriers are ready
+        if (!EARLY && threadIdx.x == 0 && walk.h_begin < walk.h_end) issue_first_two();
     } else {
         if (walk.h_begin < walk.h_end) load_iter(0, walk.h_begin, walk.qt_start * BM);
         cp_async_commit();
