@@ -184,6 +184,33 @@ fn world1_lora_matches_autograd() {
     compare(true, false);
 }
 
+/// The loss's LM head and cross-entropy 3 supervised rows at a time (the out stage's chunks; by
+/// default ~2^26 logits each, one chunk on the fixtures): the same losses, gradient norms and
+/// updates as plain autograd over the whole logits.
+fn chunked_lm_loss_matches_autograd(lora: bool, activation_checkpointing: bool) {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let pg = ProcessGroup::from_env(Backend::Cpu, Duration::from_secs(30)).unwrap();
+    let plain = Trainable::Plain(Box::new(PlainModel::new(load(lora))));
+    let mut fsdp = fsdp(&pg, lora, false, activation_checkpointing);
+    if let Trainable::Fsdp(m) = &mut fsdp {
+        assert!(m.lm_loss_chunk >= 1 << 16, "{}", m.lm_loss_chunk); // the fixture's small vocabulary
+        m.lm_loss_chunk = 3;
+    }
+    let tag =
+        format!("lora={lora} checkpointing={activation_checkpointing} LM loss in chunks of 3");
+    compare_steps(&pg, plain, fsdp, &tag, (1e-6, 1e-5, 1e-5));
+}
+
+#[test]
+fn world1_full_finetune_with_the_lm_loss_in_chunks_matches_autograd() {
+    chunked_lm_loss_matches_autograd(false, true);
+}
+
+#[test]
+fn world1_lora_with_the_lm_loss_in_chunks_without_checkpointing_matches_autograd() {
+    chunked_lm_loss_matches_autograd(true, false);
+}
+
 /// `model.attention: fused` trains through the schedule's explicit attention backward (the graph
 /// cut at each attention call, `model::attn_tape`). On CPU the fused kernels are replaced by their
 /// tch reference (`attn_tape::set_reference`), so this checks the cutting and the gradient sums
@@ -301,10 +328,20 @@ fn tied_embeddings_train_like_autograd_and_release_the_root_buffer() {
     let batch = golden_batch("text");
     fsdp.zero_grads();
     fsdp.forward_backward(&pg, &batch, 1.0, 1).unwrap();
-    match &fsdp {
-        Trainable::Fsdp(m) => assert_eq!(m.model.lm_head.weight.numel(), 0),
+    match &mut fsdp {
+        Trainable::Fsdp(m) => {
+            assert_eq!(m.model.lm_head.weight.numel(), 0);
+            // the LM head (the embedding's view) in chunks: its gradient summed over them
+            m.lm_loss_chunk = 3;
+        }
         Trainable::Plain(_) => unreachable!(),
     }
-    compare_steps(&pg, plain, fsdp, "tied", (1e-6, 1e-5, 1e-5));
+    compare_steps(
+        &pg,
+        plain,
+        fsdp,
+        "tied, LM loss in chunks of 3",
+        (1e-6, 1e-5, 1e-5),
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -73,6 +73,9 @@ pub struct FsdpModel {
     /// No activation checkpointing: keep each stage's graph (and its unit gathered) from the
     /// forward to its backward instead of recomputing (see `schedule`).
     pub keep_graphs: bool,
+    /// Supervised rows per LM-head chunk in the loss (`model::lm_loss_chunk_rows` of the vocabulary;
+    /// tests set fewer to make the chunking visible on small fixtures).
+    pub lm_loss_chunk: i64,
     pub rank: usize,
     pub world: usize,
 }
@@ -193,6 +196,7 @@ impl FsdpModel {
             });
         }
         model.set_training(true);
+        let lm_loss_chunk = crate::model::lm_loss_chunk_rows(model.config.text.vocab_size);
         Ok(FsdpModel {
             model,
             layout,
@@ -200,6 +204,7 @@ impl FsdpModel {
             compute: opts.compute,
             prefetch: opts.prefetch,
             keep_graphs: !opts.activation_checkpointing,
+            lm_loss_chunk,
             rank,
             world,
         })

@@ -19,13 +19,21 @@
 //! are reduce-scattered. Same operations, same dropout seeds, so the same numbers; no recompute
 //! and no backward all-gathers, for the memory of every gathered unit and every stage's
 //! activations at once (see `FsdpConfig::activation_checkpointing`).
-use tch::Tensor;
+//!
+//! The out stage with more supervised rows than `lm_loss_chunk` is differentiated by
+//! [`out_backward`]: the LM head and the cross-entropy a chunk of rows at a time, in the forward
+//! (its value) and in the backward, so the (N, vocab) fp32 logits, their softmax and their
+//! gradient never exist whole. It is then recomputed in the backward even when graphs are kept
+//! (one more LM-head forward); with one chunk's rows or fewer it is an ordinary stage.
+use tch::{Kind, Tensor};
 
 use crate::dist::ProcessGroup;
 use crate::model::attn_tape;
 use crate::model::text::TextContext;
 use crate::model::vision::VisionPrep;
-use crate::model::{supervised_lm_loss, Batch, MllamaModel, ModelError};
+use crate::model::{
+    lm_chunk_loss, supervised_lm_loss_chunked, supervised_rows, Batch, MllamaModel, ModelError,
+};
 
 use super::flat::Gathering;
 use super::units::ROOT;
@@ -66,6 +74,10 @@ struct Plan {
     input_ids: Tensor,
     labels: Option<Tensor>,
     ctx: TextContext,
+    /// Supervised rows per LM-head chunk in the out stage.
+    lm_chunk: i64,
+    /// Whether the out stage needs more than one chunk (then it is never kept, see out_backward).
+    out_chunked: bool,
 }
 
 impl Plan {
@@ -154,7 +166,18 @@ impl Plan {
             input_ids: batch.input_ids.to_device(device),
             labels: batch.labels.as_ref().map(|l| l.to_device(device)),
             ctx,
+            lm_chunk: fm.lm_loss_chunk,
+            out_chunked: batch
+                .labels
+                .as_ref()
+                .is_some_and(|l| supervised_rows(l).0.size()[0] > fm.lm_loss_chunk),
         })
+    }
+
+    fn labels(&self) -> Result<&Tensor, ModelError> {
+        self.labels
+            .as_ref()
+            .ok_or_else(|| ModelError::Input("training needs labels".into()))
     }
 
     /// Runs one stage's computation on `x` (the stage's inputs) with the unit gathered.
@@ -190,16 +213,72 @@ impl Plan {
                 r
             }
             Op::Out => {
-                let hidden = model.text.norm.forward(&x[0]); // (B, S, H)
-                let labels = self
-                    .labels
-                    .as_ref()
-                    .ok_or_else(|| ModelError::Input("training needs labels".into()))?;
-                // the LM head only at supervised positions (= causal_lm_loss of the full logits)
-                Ok(supervised_lm_loss(&hidden, &model.lm_head, labels).0)
+                // (B, S, H), then the LM head only at supervised positions (= causal_lm_loss of
+                // the full logits), a chunk of them at a time (several: the value only, as
+                // out_backward differentiates them)
+                let hidden = model.text.norm.forward(&x[0]);
+                let labels = self.labels()?;
+                Ok(supervised_lm_loss_chunked(&hidden, &model.lm_head, labels, self.lm_chunk).0)
             }
         }
     }
+}
+
+/// Gradients of the out stage's loss sum times `go` with respect to `targets` (as
+/// `attn_tape::backward` returns them; None where a target is not reached): the final norm on `x`
+/// (B, S, H) once, then the LM head and cross-entropy `chunk` supervised rows at a time from a
+/// detached copy of its output, each chunk its own autograd pass (its logits freed before the
+/// next), and last the norm's backward with the summed hidden-state gradient. The chunks' sums of
+/// a parameter's gradient are added in its dtype (a bf16 LM head trained in full: one rounding
+/// per chunk, where one matmul over all rows rounds once).
+fn out_backward(
+    model: &MllamaModel,
+    x: &Tensor,
+    labels: &Tensor,
+    go: &Tensor,
+    targets: &[Tensor],
+    chunk: i64,
+) -> Result<Vec<Option<Tensor>>, ModelError> {
+    let hidden = model.text.norm.forward(x); // (B, S, H), a graph from x and the norm's weight
+    let hn = hidden.detach().set_requires_grad(true); // the LM head's input
+    let flat = hn.reshape([-1, hidden.size()[2]]); // (B*S, H)
+    let (rows, t) = supervised_rows(labels); // (N,), (N,)
+    let n = rows.size()[0];
+    let mut all: Vec<Tensor> = targets.iter().map(Tensor::shallow_clone).collect();
+    all.push(hn.shallow_clone());
+    let mut grads: Vec<Option<Tensor>> = (0..all.len()).map(|_| None).collect();
+    let add = |grads: &mut [Option<Tensor>], new: Vec<Tensor>| {
+        for (slot, g) in grads.iter_mut().zip(new) {
+            if g.defined() {
+                *slot = Some(match slot.take() {
+                    Some(a) => a + g,
+                    None => g,
+                });
+            }
+        }
+    };
+    for start in (0..n).step_by(chunk.max(1) as usize) {
+        let len = chunk.min(n - start);
+        let rows_c = rows.narrow(0, start, len);
+        let sum = lm_chunk_loss(
+            &flat.index_select(0, &rows_c),
+            &model.lm_head,
+            &t.narrow(0, start, len),
+        );
+        let root = sum * go.to_kind(Kind::Float);
+        add(
+            &mut grads,
+            Tensor::f_run_backward(&[root], &all, false, false)?,
+        );
+    }
+    if let (Some(g_hidden), true) = (grads.pop().flatten(), hidden.requires_grad()) {
+        let root = (&hidden * g_hidden.to_kind(hidden.kind())).sum(Kind::Float);
+        add(
+            &mut grads,
+            Tensor::f_run_backward(&[root], targets, false, false)?,
+        );
+    }
+    Ok(grads)
 }
 
 /// A stage's graph kept from the forward (`keep_graphs`): its leaf inputs, its output and its
@@ -305,7 +384,9 @@ impl FsdpModel {
             }
             let st = &plan.stages[si];
             let output = st.output;
-            let graph = keep && active && plan.needs_grad[output];
+            // (an out stage of several chunks is recomputed chunk by chunk in backward, never kept)
+            let chunked = matches!(op, Op::Out) && plan.out_chunked;
+            let graph = keep && active && plan.needs_grad[output] && !chunked;
             let out = if graph {
                 // leaf copies of the inputs, as the recompute in backward makes them
                 let xs: Vec<Tensor> = st
@@ -436,7 +517,20 @@ impl FsdpModel {
                     }
                     let n_in = targets.len();
                     targets.extend(params.iter().map(Tensor::shallow_clone));
-                    if !targets.is_empty() {
+                    let res = if targets.is_empty() {
+                        None
+                    } else if matches!(op, Op::Out) && plan.out_chunked {
+                        tch::manual_seed(stage_seed(seed, si));
+                        let labels = plan.labels()?;
+                        Some(out_backward(
+                            &self.model,
+                            &xs[0],
+                            labels,
+                            &go,
+                            &targets,
+                            plan.lm_chunk,
+                        )?)
+                    } else {
                         let (y, tape) = match kept[si].take() {
                             // the forward's graph, from the same leaves `xs`
                             Some(k) => (k.y, k.tape),
@@ -450,16 +544,18 @@ impl FsdpModel {
                         if y.requires_grad() {
                             let root = (&y * go.to_kind(y.kind())).sum(y.kind());
                             // one run_backward, or several cut at fused attention calls
-                            let res = attn_tape::backward(&root, &targets, &tape)?;
-                            for (k, g) in res.into_iter().enumerate() {
-                                let Some(g) = g else { continue };
-                                if k < n_in {
-                                    let id = inputs[slots[k]];
-                                    accumulate(&mut grads[id], g);
-                                } else {
-                                    param_grads[k - n_in] = Some(g);
-                                }
-                            }
+                            Some(attn_tape::backward(&root, &targets, &tape)?)
+                        } else {
+                            None
+                        }
+                    };
+                    for (k, g) in res.into_iter().flatten().enumerate() {
+                        let Some(g) = g else { continue };
+                        if k < n_in {
+                            let id = inputs[slots[k]];
+                            accumulate(&mut grads[id], g);
+                        } else {
+                            param_grads[k - n_in] = Some(g);
                         }
                     }
                 }

@@ -192,19 +192,54 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> (Tensor, i64) {
 /// (B, S). Returns (sum (scalar f32), token count).
 pub fn supervised_lm_loss(hidden: &Tensor, lm_head: &Linear, labels: &Tensor) -> (Tensor, i64) {
     let h = hidden.size()[2];
+    let (rows, targets) = supervised_rows(labels); // (N,) supervised rows
+    let x = hidden.reshape([-1, h]).index_select(0, &rows); // (N, H)
+    (lm_chunk_loss(&x, lm_head, &targets), rows.size()[0])
+}
+
+/// Supervised rows per LM-head chunk when the loss is computed chunk by chunk
+/// ([`supervised_lm_loss_chunked`], the FSDP schedule's out stage): about 2^26 logits (256 MB in
+/// fp32) at a time, so a micro-batch's (N, vocab) fp32 logits, their softmax and their gradient
+/// (3 x 1 GB for 2048 supervised tokens of Llama 3's 128k vocabulary) never exist at once.
+pub fn lm_loss_chunk_rows(vocab: i64) -> i64 {
+    ((1i64 << 26) / vocab.max(1)).max(1)
+}
+
+/// The supervised rows of `labels` (B, S) and their targets: (rows (N,) i64 into the flattened
+/// (B*S) positions, targets (N,) i64), as [`supervised_lm_loss`] selects them.
+pub fn supervised_rows(labels: &Tensor) -> (Tensor, Tensor) {
     let target = shifted_targets(labels).reshape([-1]); // (B*S,)
-    let keep = target.ne(-100).nonzero().squeeze_dim(1); // (N,) supervised rows
-    let count = keep.size()[0];
-    let x = hidden.reshape([-1, h]).index_select(0, &keep); // (N, H)
-    let logits = lm_head.forward(&x).to_kind(Kind::Float); // (N, V)
-    let sum = logits.cross_entropy_loss::<Tensor>(
-        &target.index_select(0, &keep),
-        None,
-        tch::Reduction::Sum,
-        -100,
-        0.0,
-    );
-    (sum, count)
+    let keep = target.ne(-100).nonzero().squeeze_dim(1); // (N,)
+    let t = target.index_select(0, &keep);
+    (keep, t)
+}
+
+/// Loss sum of one chunk: `x` (n, H) rows of the final hidden states, `t` (n,) their targets.
+pub fn lm_chunk_loss(x: &Tensor, lm_head: &Linear, t: &Tensor) -> Tensor {
+    let logits = lm_head.forward(x).to_kind(Kind::Float); // (n, V)
+    logits.cross_entropy_loss::<Tensor>(t, None, tch::Reduction::Sum, -100, 0.0)
+}
+
+/// [`supervised_lm_loss`] computed `chunk` supervised rows at a time (the loss value only: no
+/// gradient flows through it that the chunks would not also give; the FSDP schedule runs it under
+/// no_grad and differentiates chunk by chunk itself). Same sum up to fp32 summation order.
+pub fn supervised_lm_loss_chunked(
+    hidden: &Tensor,
+    lm_head: &Linear,
+    labels: &Tensor,
+    chunk: i64,
+) -> (Tensor, i64) {
+    let h = hidden.size()[2];
+    let (rows, targets) = supervised_rows(labels);
+    let n = rows.size()[0];
+    let flat = hidden.reshape([-1, h]); // (B*S, H)
+    let mut sum = Tensor::zeros([], (Kind::Float, hidden.device()));
+    for start in (0..n).step_by(chunk.max(1) as usize) {
+        let len = chunk.min(n - start);
+        let x = flat.index_select(0, &rows.narrow(0, start, len)); // (len, H)
+        sum += lm_chunk_loss(&x, lm_head, &targets.narrow(0, start, len));
+    }
+    (sum, n)
 }
 
 /// `model.attention: fused` runs on CUDA only (on CPU in the tests' reference mode, `attn_tape`).
@@ -640,5 +675,38 @@ mod tests {
                 assert!(err <= 1e-6, "gradient differs by {err}");
             }
         }
+        // chunk by chunk (2 and 5 rows, and one chunk of all): the same sum and gradients
+        for chunk in [2, 5, 1000] {
+            let chunked =
+                |h: &Tensor, l: &Linear, y: &Tensor| supervised_lm_loss_chunked(h, l, y, chunk);
+            let (l0, c0, gh0, gw0) = run(&hidden, &weight, &labels, &reference);
+            let (l1, c1, gh1, gw1) = run(&hidden, &weight, &labels, &chunked);
+            assert_eq!(c0, c1);
+            assert!(
+                (l0 - l1).abs() <= 1e-6 * l0.abs().max(1.0),
+                "chunk {chunk}: {l0} vs {l1}"
+            );
+            for (a, b) in [(&gh0, &gh1), (&gw0, &gw1)] {
+                let err = (a - b).abs().max().double_value(&[]);
+                assert!(err <= 1e-6, "chunk {chunk}: gradient differs by {err}");
+            }
+        }
+        let (sum, count) = tch::no_grad(|| {
+            let head = Linear {
+                path: "lm_head".into(),
+                weight: weight.shallow_clone(),
+                bias: None,
+                lora: None,
+            };
+            supervised_lm_loss_chunked(&hidden, &head, &all_ignored, 3)
+        });
+        assert_eq!((sum.double_value(&[]), count), (0.0, 0));
+    }
+
+    #[test]
+    fn lm_loss_chunks_hold_about_2_pow_26_logits() {
+        assert_eq!(lm_loss_chunk_rows(128_256), 523); // Llama 3's vocabulary
+        assert_eq!(lm_loss_chunk_rows(1 << 30), 1);
+        assert_eq!(lm_loss_chunk_rows(0), 1 << 26);
     }
 }
