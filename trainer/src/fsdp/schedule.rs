@@ -247,16 +247,6 @@ fn out_backward(
     let mut all: Vec<Tensor> = targets.iter().map(Tensor::shallow_clone).collect();
     all.push(hn.shallow_clone());
     let mut grads: Vec<Option<Tensor>> = (0..all.len()).map(|_| None).collect();
-    let add = |grads: &mut [Option<Tensor>], new: Vec<Tensor>| {
-        for (slot, g) in grads.iter_mut().zip(new) {
-            if g.defined() {
-                *slot = Some(match slot.take() {
-                    Some(a) => a + g,
-                    None => g,
-                });
-            }
-        }
-    };
     for start in (0..n).step_by(chunk.max(1) as usize) {
         let len = chunk.min(n - start);
         let rows_c = rows.narrow(0, start, len);
@@ -266,14 +256,14 @@ fn out_backward(
             &t.narrow(0, start, len),
         );
         let root = sum * go.to_kind(Kind::Float);
-        add(
+        attn_tape::add_defined(
             &mut grads,
             Tensor::f_run_backward(&[root], &all, false, false)?,
         );
     }
     if let (Some(g_hidden), true) = (grads.pop().flatten(), hidden.requires_grad()) {
         let root = (&hidden * g_hidden.to_kind(hidden.kind())).sum(Kind::Float);
-        add(
+        attn_tape::add_defined(
             &mut grads,
             Tensor::f_run_backward(&[root], targets, false, false)?,
         );

@@ -203,7 +203,13 @@ fn pass(
 ) -> Result<(), ModelError> {
     let mut all: Vec<&Tensor> = targets.iter().collect();
     all.extend(calls.iter().map(|e| &e.leaf));
-    let grads = Tensor::f_run_backward(&[root], &all, keep, false)?;
+    add_defined(slots, Tensor::f_run_backward(&[root], &all, keep, false)?);
+    Ok(())
+}
+
+/// Adds each defined gradient of a `run_backward` result to its slot (an undefined one: the
+/// target was not reached).
+pub(crate) fn add_defined(slots: &mut [Option<Tensor>], grads: Vec<Tensor>) {
     for (slot, g) in slots.iter_mut().zip(grads) {
         if g.defined() {
             *slot = Some(match slot.take() {
@@ -212,7 +218,6 @@ fn pass(
             });
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
