@@ -196,6 +196,12 @@ fn chunked_lm_loss_matches_autograd(lora: bool, activation_checkpointing: bool) 
         assert!(m.lm_loss_chunk >= 1 << 16, "{}", m.lm_loss_chunk); // the fixture's small vocabulary
         m.lm_loss_chunk = 3;
     }
+    // each golden batch needs several chunks for this to test them
+    for case in ["batch2", "image1", "text", "image4"] {
+        let labels = golden_batch(case).labels.unwrap();
+        let rows = trainer::model::supervised_rows(&labels).0.size()[0];
+        assert!(rows > 2 * 3, "{case}: {rows} supervised rows");
+    }
     let tag =
         format!("lora={lora} checkpointing={activation_checkpointing} LM loss in chunks of 3");
     compare_steps(&pg, plain, fsdp, &tag, (1e-6, 1e-5, 1e-5));

@@ -228,9 +228,10 @@ impl Plan {
 /// `attn_tape::backward` returns them; None where a target is not reached): the final norm on `x`
 /// (B, S, H) once, then the LM head and cross-entropy `chunk` supervised rows at a time from a
 /// detached copy of its output, each chunk its own autograd pass (its logits freed before the
-/// next), and last the norm's backward with the summed hidden-state gradient. The chunks' sums of
-/// a parameter's gradient are added in its dtype (a bf16 LM head trained in full: one rounding
-/// per chunk, where one matmul over all rows rounds once).
+/// next), and last the norm's backward with the summed hidden-state gradient. The chunks'
+/// gradients are added in place, in the target's dtype: with the LM head trained in full, two
+/// weight-sized gradients at a time (the sum and a chunk's), and for a bf16 head one rounding per
+/// chunk where one matmul over all rows rounds once.
 fn out_backward(
     model: &MllamaModel,
     x: &Tensor,
@@ -247,7 +248,8 @@ fn out_backward(
     let mut all: Vec<Tensor> = targets.iter().map(Tensor::shallow_clone).collect();
     all.push(hn.shallow_clone());
     let mut grads: Vec<Option<Tensor>> = (0..all.len()).map(|_| None).collect();
-    for start in (0..n).step_by(chunk.max(1) as usize) {
+    let chunk = chunk.max(1);
+    for start in (0..n).step_by(chunk as usize) {
         let len = chunk.min(n - start);
         let rows_c = rows.narrow(0, start, len);
         let sum = lm_chunk_loss(
@@ -256,10 +258,17 @@ fn out_backward(
             &t.narrow(0, start, len),
         );
         let root = sum * go.to_kind(Kind::Float);
-        attn_tape::add_defined(
-            &mut grads,
-            Tensor::f_run_backward(&[root], &all, false, false)?,
-        );
+        let new = Tensor::f_run_backward(&[root], &all, false, false)?;
+        for (slot, g) in grads.iter_mut().zip(new) {
+            match slot {
+                _ if !g.defined() => {}
+                // the first chunk's gradient copied: autograd may hand one tensor to two targets
+                None => *slot = Some(g.copy()),
+                Some(sum) => {
+                    let _ = sum.f_add_(&g)?;
+                }
+            }
+        }
     }
     if let (Some(g_hidden), true) = (grads.pop().flatten(), hidden.requires_grad()) {
         let root = (&hidden * g_hidden.to_kind(hidden.kind())).sum(Kind::Float);

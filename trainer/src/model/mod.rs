@@ -220,9 +220,10 @@ pub fn lm_chunk_loss(x: &Tensor, lm_head: &Linear, t: &Tensor) -> Tensor {
     logits.cross_entropy_loss::<Tensor>(t, None, tch::Reduction::Sum, -100, 0.0)
 }
 
-/// [`supervised_lm_loss`] computed `chunk` supervised rows at a time (the loss value only: no
-/// gradient flows through it that the chunks would not also give; the FSDP schedule runs it under
-/// no_grad and differentiates chunk by chunk itself). Same sum up to fp32 summation order.
+/// [`supervised_lm_loss`] computed `chunk` supervised rows at a time: the same sum up to fp32
+/// summation order, and differentiable (with a graph it keeps every chunk's, so it saves memory
+/// only under no_grad: the FSDP schedule takes the value so and differentiates chunk by chunk
+/// itself, `fsdp::schedule::out_backward`).
 pub fn supervised_lm_loss_chunked(
     hidden: &Tensor,
     lm_head: &Linear,
@@ -234,7 +235,8 @@ pub fn supervised_lm_loss_chunked(
     let n = rows.size()[0];
     let flat = hidden.reshape([-1, h]); // (B*S, H)
     let mut sum = Tensor::zeros([], (Kind::Float, hidden.device()));
-    for start in (0..n).step_by(chunk.max(1) as usize) {
+    let chunk = chunk.max(1);
+    for start in (0..n).step_by(chunk as usize) {
         let len = chunk.min(n - start);
         let x = flat.index_select(0, &rows.narrow(0, start, len)); // (len, H)
         sum += lm_chunk_loss(&x, lm_head, &targets.narrow(0, start, len));
