@@ -728,8 +728,8 @@ pub fn fused_forward_into(
         Some(m) => vec![m as *mut Fwd7Maps as *mut c_void, p_arg],
         None => vec![p_arg],
     };
-    // SAFETY: the arguments match the kernel's (Fwd7Maps for V7 and V12, then AttnParams); tensors kept
-    // alive in `keep`/`outputs` until the launch is queued on their stream.
+    // SAFETY: the arguments match the kernel's (Fwd7Maps for V7 and V12, then AttnParams);
+    // tensors kept alive in `keep`/`outputs` until the launch is queued on their stream.
     unsafe { gpu.launch(f, grid, (threads, 1, 1), smem as u32, &mut args) }
 }
 
@@ -744,7 +744,8 @@ fn fwd12_units(d: &Dims, causal: bool) -> i64 {
 /// Whether the forward `name` of variant 7 or 12 was compiled to exactly `FWD7_ENTRY_REGISTERS`
 /// registers per thread: its setmaxnreg hand-off needs that many (with any other count it would
 /// hang). The PTX is compiled by the driver, so another driver may allocate differently; then
-/// variant 5's forward runs instead, with a warning. Asked of the driver once per kernel and device.
+/// variant 5's forward runs instead, with a warning. Asked of the driver once per kernel and
+/// device.
 fn fwd7_registers_fit(gpu: &'static Gpu, name: &str) -> Result<bool> {
     type Key = (usize, String); // (the device's Gpu, kernel name)
     static FIT: std::sync::Mutex<Vec<(Key, bool)>> = std::sync::Mutex::new(Vec::new());
