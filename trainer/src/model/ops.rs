@@ -154,9 +154,9 @@ pub fn attend(
             Ok(p.matmul(&v))
         }
         AttentionImpl::Sdpa => {
-            let repeat = repeat_kv_for_mask(q.device());
+            let avoid_gqa = avoid_gqa_with_mask(q.device());
             let sdpa = |q: &Tensor, m: Option<&Tensor>, causal: bool| {
-                sdpa_call(q, k, v, m, causal, scale, repeat)
+                sdpa_call(q, k, v, m, causal, scale, avoid_gqa)
             };
             let out = match (&mask.dense, &mask.masked_rows) {
                 // every row without the mask, then the masked rows again with their mask rows
@@ -194,18 +194,26 @@ pub fn attend(
     }
 }
 
-/// Whether sdpa calls with a mask and grouped K/V heads repeat K/V to the query heads first. On
-/// CUDA, libtorch's flash kernel takes no mask and its memory-efficient kernel no grouped heads,
-/// so a masked call with `enable_gqa` falls to the math kernel, which materializes the (B, H, Sq,
-/// Sk) scores (the cross-attention layers always have a mask); with K/V repeated, as transformers'
-/// sdpa path does (`repeat_kv`), the memory-efficient kernel takes it. libtorch's CPU kernels take
-/// both, so there the repeat would only cost memory.
-fn repeat_kv_for_mask(device: tch::Device) -> bool {
+/// Whether masked calls with grouped K/V heads avoid libtorch's sdpa `enable_gqa` (see
+/// `sdpa_call`). On CUDA, libtorch's flash kernel takes no mask and its memory-efficient kernel no
+/// grouped heads, so such a call falls to the math kernel, which repeats K/V internally and
+/// materializes the (B, H, Sq, Sk) scores (the cross-attention layers always have a mask, and
+/// padded batches a self-attention one). libtorch's CPU kernels take both.
+fn avoid_gqa_with_mask(device: tch::Device) -> bool {
     device.is_cuda()
 }
 
-/// libtorch sdpa over q (B, H, Sq, D), k/v (B, Hk, Sk, D): grouped heads without copying K/V,
-/// except with a mask when `repeat_for_mask` (see `repeat_kv_for_mask`). Same result either way.
+/// Query rows times query heads per K/V head up to which `sdpa_call` computes a masked
+/// grouped-head call as [`grouped_attention`] instead of repeating K/V: decode steps (one row per
+/// sequence) and short prefixes, whose scores are small, where repeating the whole K/V cache (4x
+/// for Llama 3's 32 / 8 heads) in every layer for every token would move more bytes than the
+/// attention itself reads.
+const GROUPED_ROWS_MAX: i64 = 64;
+
+/// libtorch sdpa over q (B, H, Sq, D), k/v (B, Hk, Sk, D): grouped heads without copying K/V
+/// (`enable_gqa`), except for a masked call when `avoid_gqa` (`avoid_gqa_with_mask`): a few rows
+/// go through [`grouped_attention`], more with K/V repeated to the query heads as transformers'
+/// sdpa path does (`repeat_kv`), which the memory-efficient kernel takes. The same result each way.
 fn sdpa_call(
     q: &Tensor,
     k: &Tensor,
@@ -213,14 +221,33 @@ fn sdpa_call(
     mask: Option<&Tensor>,
     causal: bool,
     scale: f64,
-    repeat_for_mask: bool,
+    avoid_gqa: bool,
 ) -> Tensor {
     let (h, hk) = (q.size()[1], k.size()[1]);
-    if h != hk && mask.is_some() && repeat_for_mask {
+    if let (Some(m), true) = (mask, h != hk && avoid_gqa && !causal) {
+        if q.size()[2] * (h / hk) <= GROUPED_ROWS_MAX {
+            return grouped_attention(q, k, v, m, scale);
+        }
         let (k, v) = (repeat_kv(k, h / hk), repeat_kv(v, h / hk)); // (B, H, Sk, D)
-        return Tensor::scaled_dot_product_attention(q, &k, &v, mask, 0.0, causal, scale, false);
+        return Tensor::scaled_dot_product_attention(q, &k, &v, mask, 0.0, false, scale, false);
     }
     Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, h != hk)
+}
+
+/// Attention over q (B, H, Sq, D) and k/v (B, Hk, Sk, D) with the additive `mask` (B, 1, Sq, Sk)
+/// for a few query rows: the G = H / Hk query heads of each K/V head as G * Sq rows of one matmul
+/// against that head's keys (query head i reads K/V head i / G, as `repeat_kv` and `enable_gqa`),
+/// so K and V are read in place. Scores and softmax in fp32, as eager. Returns (B, H, Sq, D).
+fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
+    let (b, h, sq, d) = (q.size()[0], q.size()[1], q.size()[2], q.size()[3]);
+    let (hk, sk) = (k.size()[1], k.size()[2]);
+    let g = h / hk;
+    let rows = q.reshape([b, hk, g * sq, d]); // head hk * g + j's rows at j * Sq ..
+    let scores = (rows.matmul(&k.transpose(-2, -1)).to_kind(Kind::Float) * scale)
+        .view([b, hk, g, sq, sk])
+        + mask.to_kind(Kind::Float).unsqueeze(1); // (B, Hk, G, Sq, Sk)
+    let p = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+    p.view([b, hk, g * sq, sk]).matmul(v).view([b, h, sq, d])
 }
 
 /// `out` (B, H, Sq, D) with the rows of `mask.fully_masked` replaced by the mean of V (B, Hk, Sk,
@@ -312,25 +339,37 @@ mod tests {
         ]
     }
 
-    /// The CUDA form of a masked grouped-head call (K/V repeated to the query heads, no
-    /// `enable_gqa`) gives what `enable_gqa` gives, forward and backward: query head i reads K/V
-    /// head i / (H / Hk) in both.
+    /// The CUDA forms of a masked grouped-head call give what `enable_gqa` gives, forward and
+    /// backward (query head i reads K/V head i / (H / Hk) in each): 6 rows x 2 heads per K/V head
+    /// through `grouped_attention`, 40 x 2 with K/V repeated.
     #[test]
-    fn sdpa_with_a_mask_and_repeated_kv_matches_grouped_heads() {
+    fn sdpa_with_a_mask_and_grouped_heads_matches_enable_gqa_in_its_cuda_forms() {
         tch::manual_seed(5);
-        let [q, k, v] = qkv(6, 9);
-        let keep = Tensor::rand([2, 1, 6, 9], (Kind::Float, Device::Cpu)).gt(0.3);
-        let mask = keep.logical_not().to_kind(Kind::Float) * dtype_min(Kind::Float); // (2, 1, 6, 9)
-        let grads = |repeat: bool| {
-            let [q, k, v] = [&q, &k, &v].map(|t| t.detach().set_requires_grad(true));
-            let o = sdpa_call(&q, &k, &v, Some(&mask), false, 0.125, repeat);
-            (&o * o.ones_like().cumsum(-1, Kind::Float))
-                .sum(Kind::Float)
-                .backward();
-            [o.detach(), q.grad(), k.grad(), v.grad()]
-        };
-        assert_close(&grads(true), &grads(false), "repeated K/V vs enable_gqa");
-        assert!(repeat_kv_for_mask(Device::Cuda(0)) && !repeat_kv_for_mask(Device::Cpu));
+        for sq in [6, 40] {
+            let [q, k, v] = qkv(sq, 9);
+            let keep = Tensor::rand([2, 1, sq, 9], (Kind::Float, Device::Cpu)).gt(0.3);
+            let mask = keep.logical_not().to_kind(Kind::Float) * dtype_min(Kind::Float); // (2, 1, Sq, 9)
+            let grads = |avoid_gqa: bool| {
+                let [q, k, v] = [&q, &k, &v].map(|t| t.detach().set_requires_grad(true));
+                let o = sdpa_call(&q, &k, &v, Some(&mask), false, 0.125, avoid_gqa);
+                (&o * o.ones_like().cumsum(-1, Kind::Float))
+                    .sum(Kind::Float)
+                    .backward();
+                [o.detach(), q.grad(), k.grad(), v.grad()]
+            };
+            // relative: with 40 rows the summed gradients reach ~100, fp32 sums in another order
+            for (i, (x, y)) in grads(true).iter().zip(grads(false).iter()).enumerate() {
+                let scale = y.abs().max().double_value(&[]).max(1.0);
+                let err = (x - y).abs().max().double_value(&[]) / scale;
+                assert!(
+                    err <= 1e-6,
+                    "sq {sq}: CUDA form vs enable_gqa, tensor {i}: {err} relative"
+                );
+            }
+        }
+        // (the two sizes take the two forms)
+        const _: () = assert!(6 * 2 <= GROUPED_ROWS_MAX && 40 * 2 > GROUPED_ROWS_MAX);
+        assert!(avoid_gqa_with_mask(Device::Cuda(0)) && !avoid_gqa_with_mask(Device::Cpu));
     }
 
     #[test]
