@@ -62,20 +62,26 @@ want model && [ -x "$BIN/model_gpu" ] && step model-gpu timeout 200 "$BIN/model_
 if want kernels; then
   # ~2.5 min on an H200 (NVRTC compile, 10 variants x 15 correctness cases, timings of the two newest
   # variants and SDPA); the cap keeps a hung kernel from eating a 15-minute device budget
-  timeout 300 "$BIN/kernels-gpu-check" --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu-check.log"
-  if [ "${PIPESTATUS[0]}" != 0 ]; then
+  timeout -k 10 300 "$BIN/kernels-gpu-check" --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu-check.log"
+  check_rc=${PIPESTATUS[0]}
+  profile_variants=v10,v12
+  if [ "$check_rc" != 0 ]; then
     status=1
+    profile_variants=v10 # a variant that failed here is not profiled (it may hang again)
     # a kernel that traps (a barrier watchdog) or hangs takes the CUDA context or the process with
-    # it, and with them the timings: time the measured default against its predecessor afresh
-    echo "kernels-gpu-check failed: timing v9 and v10 alone (kernels-gpu-v9-v10.jsonl)"
-    KERNELS_BENCH=quick timeout 150 "$BIN/kernels-gpu-check" --variants v9,v10 --out "$OUT" 2>&1 \
-      | tee "$OUT/kernels-gpu-check-v10.log" | tail -n 30
+    # it, and with them the timings: without the final table, time the measured default against
+    # its predecessor afresh
+    if ! grep -q '^benchmark ' "$OUT/kernels-gpu-check.log"; then
+      echo "kernels-gpu-check ended without its table: timing v9 and v10 alone (kernels-gpu-v9-v10.jsonl)"
+      KERNELS_BENCH=quick timeout -k 10 150 "$BIN/kernels-gpu-check" --variants v9,v10 --out "$OUT" 2>&1 \
+        | tee "$OUT/kernels-gpu-check-v10.log" | tail -n 30
+    fi
   fi
-  # where the backward's time goes: the profiling builds of variants 10 and 12 print the clock
-  # cycles of each step per tile (two blocks; the last call of each (variant, Sk, causal, block,
-  # warpgroup) is kept, so shapes sharing Sk share a line; device printf drops lines past 1 MB)
-  if ! LLAVA_SCO_ATTN_BWD_PROFILE=1 KERNELS_BENCH=quick timeout 120 "$BIN/kernels-gpu-check" --variants v10,v12 \
-    > "$OUT/kernels-bwd-profile.log" 2>&1; then
+  # where the backward's time goes: the profiling builds print the clock cycles of each step per
+  # tile (two blocks; the last call of each (variant, Sk, causal, block, warpgroup) is kept, so
+  # shapes sharing Sk share a line)
+  if ! LLAVA_SCO_ATTN_BWD_PROFILE=1 KERNELS_BENCH=quick timeout -k 10 120 "$BIN/kernels-gpu-check" \
+    --variants "$profile_variants" > "$OUT/kernels-bwd-profile.log" 2>&1; then
     echo "FAIL kernels-bwd-profile (see kernels-bwd-profile.log)"; tail -n 3 "$OUT/kernels-bwd-profile.log"; status=1
   fi
   echo "backward profile (cycles per 64-query tile):"

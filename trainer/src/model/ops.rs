@@ -9,7 +9,8 @@ use super::ModelError;
 pub enum AttentionImpl {
     /// matmul + softmax in fp32 (transformers' `eager_attention_forward`): the reference.
     Eager,
-    /// libtorch `scaled_dot_product_attention` (GQA without copying K/V).
+    /// libtorch `scaled_dot_product_attention` (GQA without copying K/V, except for masked calls
+    /// on CUDA: see `sdpa_call`).
     #[default]
     Sdpa,
     /// The kernels crate's fused attention (CUDA only).
@@ -237,17 +238,20 @@ fn sdpa_call(
 /// Attention over q (B, H, Sq, D) and k/v (B, Hk, Sk, D) with the additive `mask` (B, 1, Sq, Sk)
 /// for a few query rows: the G = H / Hk query heads of each K/V head as G * Sq rows of one matmul
 /// against that head's keys (query head i reads K/V head i / G, as `repeat_kv` and `enable_gqa`),
-/// so K and V are read in place. Scores and softmax in fp32, as eager. Returns (B, H, Sq, D).
+/// so K and V are read in place. Q K^T in the model dtype, then cast, masked and softmaxed in fp32,
+/// as eager. `mask` has one head (its dimension 1 is broadcast). Returns (B, H, Sq, D).
 fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
     let (b, h, sq, d) = (q.size()[0], q.size()[1], q.size()[2], q.size()[3]);
     let (hk, sk) = (k.size()[1], k.size()[2]);
     let g = h / hk;
     let rows = q.reshape([b, hk, g * sq, d]); // head hk * g + j's rows at j * Sq ..
     let scores = (rows.matmul(&k.transpose(-2, -1)).to_kind(Kind::Float) * scale)
-        .view([b, hk, g, sq, sk])
+        .reshape([b, hk, g, sq, sk])
         + mask.to_kind(Kind::Float).unsqueeze(1); // (B, Hk, G, Sq, Sk)
     let p = scores.softmax(-1, Kind::Float).to_kind(q.kind());
-    p.view([b, hk, g * sq, sk]).matmul(v).view([b, h, sq, d])
+    p.reshape([b, hk, g * sq, sk])
+        .matmul(v)
+        .reshape([b, h, sq, d])
 }
 
 /// `out` (B, H, Sq, D) with the rows of `mask.fully_masked` replaced by the mean of V (B, Hk, Sk,
