@@ -1113,25 +1113,16 @@ extern "C" __global__ void attn_bwd_dq9_f16(AttnParams p) { attn_bwd_dq9<false>(
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_##KERNEL##p_##NAME##_d##D(AttnParams p) { \
         attn_bwd6<BF16, D, ORDER9, true>(p);                                                                \
     }
-// Variant 10 (variant 9 with TMA loads; its tensor maps come first) and its profiling build.
-#define ATTN10_BWD(NAME, BF16, D)                                                                        \
+// A TMA backward entry (tensor maps first) and its profiling build: variant 10 (variant 9 with TMA
+// loads), and with EARLY variant 12 (the next S^T issued early, 3 load stages).
+#define ATTN10_BWD(KERNEL, NAME, BF16, D, EARLY)                                                         \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                        \
-        attn_bwd10_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {                \
-        attn_bwd6<BF16, D, true, false, true>(p, &maps);                                                 \
+        attn_##KERNEL##_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {           \
+        attn_bwd6<BF16, D, true, false, true, EARLY>(p, &maps);                                          \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                        \
-        attn_bwd10p_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {               \
-        attn_bwd6<BF16, D, true, true, true>(p, &maps);                                                  \
-    }
-// Variant 12 (variant 10 with the next S^T issued early, 3 load stages) and its profiling build.
-#define ATTN12_BWD(NAME, BF16, D)                                                                        \
-    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                        \
-        attn_bwd12_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {                \
-        attn_bwd6<BF16, D, true, false, true, true>(p, &maps);                                           \
-    }                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                        \
-        attn_bwd12p_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {               \
-        attn_bwd6<BF16, D, true, true, true, true>(p, &maps);                                            \
+        attn_##KERNEL##p_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {          \
+        attn_bwd6<BF16, D, true, true, true, EARLY>(p, &maps);                                           \
     }
 #define ATTN4_BWD(NAME, BF16, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd4_##NAME##_d##D(AttnParams p) { \
@@ -1139,8 +1130,8 @@ extern "C" __global__ void attn_bwd_dq9_f16(AttnParams p) { attn_bwd_dq9<false>(
     }                                                                                                     \
     ATTN6_BWD(bwd6, NAME, BF16, D, false)                                                                 \
     ATTN6_BWD(bwd9, NAME, BF16, D, true)                                                                  \
-    ATTN10_BWD(NAME, BF16, D)                                                                             \
-    ATTN12_BWD(NAME, BF16, D)
+    ATTN10_BWD(bwd10, NAME, BF16, D, false)                                                               \
+    ATTN10_BWD(bwd12, NAME, BF16, D, true)
 // Head dims here must match `v4_forward` / `v4_backward` in attention.rs.
 ATTN4_FWD(bf16, true, 64)
 ATTN4_FWD(bf16, true, 128)

@@ -100,37 +100,39 @@ const THREADS: u32 = 128;
 /// to `V10` pair V7's forward with newer backwards; `V10` is the default. `V12` is V10 with a
 /// persistent forward. (There is no `V11`: that number went to an experiment that was measured
 /// and removed, see kernels/BENCHMARKS.md.)
+/// (Each variant's discriminant is its number.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Variant {
-    V2,
-    V3,
-    V4,
+    V2 = 2,
+    V3 = 3,
+    V4 = 4,
     /// V4 with FA3's intra-warpgroup overlap in the forward (the next tile's Q K^T and this tile's
     /// P V in flight while the softmax runs).
-    V5,
+    V5 = 5,
     /// V5's forward; the backward stages dQ in shared memory and adds it to global memory with the
     /// copy engine's bulk reduce (`cp.reduce.async.bulk`), its dQ product issued behind dV/dK.
-    V6,
+    V6 = 6,
     /// V5's backward; the forward is FlashAttention-3's structure: a producer warp issuing TMA
     /// loads, mbarrier stage hand-off, the two math warpgroups taking turns on the tensor cores.
     /// Views the TMA unit cannot address run V5's forward.
-    V7,
+    V7 = 7,
     /// V7's forward and V6's backward.
-    V8,
+    V8 = 8,
     /// V7's forward; V6's backward with FlashAttention-3's order of the dV, dQ, dK products (dV
     /// before the dS^T barrier, dQ staged while dK runs) and dQ added as one bulk reduce per
     /// warpgroup and tile.
-    V9,
+    V9 = 9,
     /// V9 with TMA loads: thread 0 issues the next tile's Q, dO, lse, delta onto an mbarrier, so no
     /// block barrier and no cp.async wait at the top of each tile. Views the TMA unit cannot
     /// address, and sequences shorter than 64, run V9's backward.
-    V10,
+    V10 = 10,
     /// V7's forward made persistent: one block per SM walks a static schedule of query tiles
     /// (causal: the longest paired with the shortest), its producer loading the next tile while
     /// the math warpgroups finish this one. V10's backward with the next tile's S^T issued before
     /// this tile's dQ is staged, and 3 load stages. Prepared without a GPU (2026-11-27); not yet
     /// measured. Falls back as V7 and V10 do.
-    V12,
+    V12 = 12,
 }
 
 /// The variant used when neither `set_variant` nor the environment chose one: the fastest that
@@ -176,16 +178,23 @@ impl Variant {
 
     /// The variant's number (2 for `V2` ...).
     fn number(self) -> u8 {
-        match self {
-            Variant::V12 => 12,
-            v => v as u8 + 2,
-        }
+        self as u8
     }
 
     /// The variant's short name (`v2` ...), as the environment variable takes it.
     pub fn name(self) -> &'static str {
-        const NAMES: [&str; 10] = ["v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v12"];
-        NAMES[self as usize]
+        match self {
+            Variant::V2 => "v2",
+            Variant::V3 => "v3",
+            Variant::V4 => "v4",
+            Variant::V5 => "v5",
+            Variant::V6 => "v6",
+            Variant::V7 => "v7",
+            Variant::V8 => "v8",
+            Variant::V9 => "v9",
+            Variant::V10 => "v10",
+            Variant::V12 => "v12",
+        }
     }
 }
 
@@ -912,8 +921,10 @@ pub fn fused_backward(
     let variant = v4_backward(variant, &gpu.arch, d.d);
     let sq_pad = (d.sq + BWD4_BLOCK_M - 1) / BWD4_BLOCK_M * BWD4_BLOCK_M;
     // fp32 dQ accumulator: (B, Sq, H, D), or for V9, V10 and V12 tiles of 64 queries x 64
-    // columns in the order their threads hold them (attn_bwd_dq9 in attention_sm90.cu reads them)
-    let dq_acc_shape = if matches!(variant, Variant::V9 | Variant::V10 | Variant::V12) {
+    // columns in the order their threads hold them (attn_bwd_dq9 in attention_sm90.cu reads them;
+    // the fallback of V10 and V12 below, V9, is tiled too)
+    let tiled_dq = matches!(variant, Variant::V9 | Variant::V10 | Variant::V12);
+    let dq_acc_shape = if tiled_dq {
         [d.b, d.h, sq_pad, d.d]
     } else {
         [d.b, d.sq, d.h, d.d]
@@ -981,10 +992,7 @@ pub fn fused_backward(
             (4 * TILE * (d.d + 8) + TILE * (TILE + 8)) * 2 + 2 * TILE * 4,
         ),
     };
-    let source = if matches!(
-        variant,
-        Variant::V4 | Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12
-    ) {
+    let source = if !matches!(variant, Variant::V2 | Variant::V3) {
         crate::SM90A_ATTENTION
     } else {
         "attention.cu"
@@ -1002,7 +1010,7 @@ pub fn fused_backward(
     let mut d_arg = d.d as i32;
     let mut dq_args: Vec<*mut c_void> = vec![&mut p as *mut AttnParams as *mut c_void];
     // (kernel, elements per thread)
-    let (f_dq, per_thread) = if matches!(variant, Variant::V9 | Variant::V10 | Variant::V12) {
+    let (f_dq, per_thread) = if tiled_dq {
         (gpu.function(source, &format!("attn_bwd_dq9_{name}"))?, 4)
     } else {
         dq_args.push(&mut d_arg as *mut i32 as *mut c_void);

@@ -58,7 +58,7 @@ fn load_with(lora: bool, attention: AttentionImpl) -> MllamaModel {
             target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
             use_rslora: false,
         };
-        m.apply_lora(&cfg, Some(7)).unwrap();
+        m.apply_lora(&cfg, 7).unwrap();
         // B starts at zero: give it values so that A's gradient is not zero either
         tch::manual_seed(3);
         tch::no_grad(|| {

@@ -38,7 +38,7 @@ fn with_lora(mut m: MllamaModel, lora: bool) -> MllamaModel {
             target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
             use_rslora: false,
         };
-        m.apply_lora(&cfg, Some(7)).unwrap();
+        m.apply_lora(&cfg, 7).unwrap();
     }
     m
 }

@@ -248,21 +248,18 @@ fn lora_targets_match_as_peft_does() {
     assert_eq!(
         m.apply_lora(
             &lora_cfg(TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])),
-            Some(0)
+            0
         )
         .unwrap(),
         20
     );
     let mut m = load("hf5");
     let re = TargetModules::Regex(r".*language_model.*\.(q_proj|v_proj)".into());
-    assert_eq!(m.apply_lora(&lora_cfg(re), Some(0)).unwrap(), 8);
+    assert_eq!(m.apply_lora(&lora_cfg(re), 0).unwrap(), 8);
     let mut m = load("hf5");
     // a name must match a whole path component: "proj" matches nothing
     assert!(m
-        .apply_lora(
-            &lora_cfg(TargetModules::Names(vec!["proj".into()])),
-            Some(0)
-        )
+        .apply_lora(&lora_cfg(TargetModules::Names(vec!["proj".into()])), 0)
         .is_err());
 }
 
@@ -271,7 +268,7 @@ fn fresh_lora_is_peft_initialised_and_seeded() {
     let targets = TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]);
     let mut m = load("hf5");
     let base = tch::no_grad(|| m.forward(&golden_batch("batch2"))).unwrap();
-    m.apply_lora(&lora_cfg(targets.clone()), Some(7)).unwrap();
+    m.apply_lora(&lora_cfg(targets.clone()), 7).unwrap();
     let p = m.trainable_parameters();
     assert_eq!(
         p[0].0,
@@ -292,7 +289,7 @@ fn fresh_lora_is_peft_initialised_and_seeded() {
     let after = tch::no_grad(|| m.forward(&golden_batch("batch2"))).unwrap();
     assert_eq!(max_rel(&after, &base), 0.0);
     let mut m2 = load("hf5");
-    m2.apply_lora(&lora_cfg(targets), Some(7)).unwrap();
+    m2.apply_lora(&lora_cfg(targets), 7).unwrap();
     for ((_, a), (_, b)) in p.iter().zip(m2.trainable_parameters()) {
         assert!(a.equal(&b));
     }
@@ -307,7 +304,7 @@ fn lora_gradients_flow_only_to_the_factors() {
         dropout: 0.0,
         ..lora_cfg(TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]))
     };
-    m.apply_lora(&cfg, Some(0)).unwrap();
+    m.apply_lora(&cfg, 0).unwrap();
     m.set_training(true);
     let (sum, count) = m.loss(&golden_batch("batch2")).unwrap();
     assert!(count > 0);

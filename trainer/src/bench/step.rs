@@ -224,7 +224,7 @@ fn build(pg: &ProcessGroup, folder: &Path, mode: &str) -> Result<(Trainable, i64
         MllamaModel::skeleton(cfg, &src, opts)?
     };
     if mode == "lora" {
-        model.apply_lora(&lora(), Some(0))?;
+        model.apply_lora(&lora(), 0)?;
     }
     let mut params = 0i64;
     model.visit_params(&mut |_, t| params += t.numel() as i64);

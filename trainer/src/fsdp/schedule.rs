@@ -32,7 +32,7 @@ use crate::model::attn_tape;
 use crate::model::text::TextContext;
 use crate::model::vision::VisionPrep;
 use crate::model::{
-    lm_chunk_loss, supervised_lm_loss_chunked, supervised_rows, Batch, MllamaModel, ModelError,
+    lm_chunk_loss, lm_loss_chunked, row_chunks, supervised_rows, Batch, MllamaModel, ModelError,
 };
 
 use super::flat::Gathering;
@@ -72,12 +72,11 @@ struct Plan {
     vision: Option<VisionPrep>,
     pixel_values: Option<Tensor>,
     input_ids: Tensor,
-    labels: Option<Tensor>,
+    /// The labels' supervised rows (N,) and their targets (N,) (`model::supervised_rows`).
+    supervised: Option<(Tensor, Tensor)>,
     ctx: TextContext,
     /// Supervised rows per LM-head chunk in the out stage.
     lm_chunk: i64,
-    /// Whether the out stage needs more than one chunk (then it is never kept, see out_backward).
-    out_chunked: bool,
 }
 
 impl Plan {
@@ -164,20 +163,28 @@ impl Plan {
             vision,
             pixel_values: images.map(|i| i.pixel_values.to_device(device)),
             input_ids: batch.input_ids.to_device(device),
-            labels: batch.labels.as_ref().map(|l| l.to_device(device)),
-            ctx,
-            lm_chunk: fm.lm_loss_chunk,
-            out_chunked: batch
+            supervised: batch
                 .labels
                 .as_ref()
-                .is_some_and(|l| supervised_rows(l).0.size()[0] > fm.lm_loss_chunk),
+                .map(|l| supervised_rows(&l.to_device(device))),
+            ctx,
+            lm_chunk: fm.lm_loss_chunk,
         })
     }
 
-    fn labels(&self) -> Result<&Tensor, ModelError> {
-        self.labels
+    /// (rows, targets) of the supervised positions.
+    fn supervised(&self) -> Result<(&Tensor, &Tensor), ModelError> {
+        self.supervised
             .as_ref()
+            .map(|(r, t)| (r, t))
             .ok_or_else(|| ModelError::Input("training needs labels".into()))
+    }
+
+    /// Whether the out stage needs more than one chunk (then it is never kept, see out_backward).
+    fn out_chunked(&self) -> bool {
+        self.supervised
+            .as_ref()
+            .is_some_and(|(rows, _)| rows.size()[0] > self.lm_chunk)
     }
 
     /// Runs one stage's computation on `x` (the stage's inputs) with the unit gathered.
@@ -217,8 +224,14 @@ impl Plan {
                 // the full logits), a chunk of them at a time (several: the value only, as
                 // out_backward differentiates them)
                 let hidden = model.text.norm.forward(&x[0]);
-                let labels = self.labels()?;
-                Ok(supervised_lm_loss_chunked(&hidden, &model.lm_head, labels, self.lm_chunk).0)
+                let (rows, targets) = self.supervised()?;
+                Ok(lm_loss_chunked(
+                    &hidden,
+                    &model.lm_head,
+                    rows,
+                    targets,
+                    self.lm_chunk,
+                ))
             }
         }
     }
@@ -226,7 +239,8 @@ impl Plan {
 
 /// Gradients of the out stage's loss sum times `go` with respect to `targets` (as
 /// `attn_tape::backward` returns them; None where a target is not reached): the final norm on `x`
-/// (B, S, H) once, then the LM head and cross-entropy `chunk` supervised rows at a time from a
+/// (B, S, H) once, then the LM head and cross-entropy at the supervised `rows` (N,) with their
+/// token targets `t` (N,), `chunk` rows at a time, from a
 /// detached copy of its output, each chunk its own autograd pass (its logits freed before the
 /// next), and last the norm's backward with the summed hidden-state gradient. The chunks'
 /// gradients are added in place, in the target's dtype: with the LM head trained in full, two
@@ -235,7 +249,7 @@ impl Plan {
 fn out_backward(
     model: &MllamaModel,
     x: &Tensor,
-    labels: &Tensor,
+    (rows, t): (&Tensor, &Tensor),
     go: &Tensor,
     targets: &[Tensor],
     chunk: i64,
@@ -243,17 +257,12 @@ fn out_backward(
     let hidden = model.text.norm.forward(x); // (B, S, H), a graph from x and the norm's weight
     let hn = hidden.detach().set_requires_grad(true); // the LM head's input
     let flat = hn.reshape([-1, hidden.size()[2]]); // (B*S, H)
-    let (rows, t) = supervised_rows(labels); // (N,), (N,)
-    let n = rows.size()[0];
     let mut all: Vec<Tensor> = targets.iter().map(Tensor::shallow_clone).collect();
     all.push(hn.shallow_clone());
     let mut grads: Vec<Option<Tensor>> = (0..all.len()).map(|_| None).collect();
-    let chunk = chunk.max(1);
-    for start in (0..n).step_by(chunk as usize) {
-        let len = chunk.min(n - start);
-        let rows_c = rows.narrow(0, start, len);
+    for (start, len) in row_chunks(rows.size()[0], chunk) {
         let sum = lm_chunk_loss(
-            &flat.index_select(0, &rows_c),
+            &flat.index_select(0, &rows.narrow(0, start, len)),
             &model.lm_head,
             &t.narrow(0, start, len),
         );
@@ -384,7 +393,7 @@ impl FsdpModel {
             let st = &plan.stages[si];
             let output = st.output;
             // (an out stage of several chunks is recomputed chunk by chunk in backward, never kept)
-            let chunked = matches!(op, Op::Out) && plan.out_chunked;
+            let chunked = matches!(op, Op::Out) && plan.out_chunked();
             let graph = keep && active && plan.needs_grad[output] && !chunked;
             let out = if graph {
                 // leaf copies of the inputs, as the recompute in backward makes them
@@ -518,13 +527,12 @@ impl FsdpModel {
                     targets.extend(params.iter().map(Tensor::shallow_clone));
                     let res = if targets.is_empty() {
                         None
-                    } else if matches!(op, Op::Out) && plan.out_chunked {
+                    } else if matches!(op, Op::Out) && plan.out_chunked() {
                         tch::manual_seed(stage_seed(seed, si));
-                        let labels = plan.labels()?;
                         Some(out_backward(
                             &self.model,
                             &xs[0],
-                            labels,
+                            plan.supervised()?,
                             &go,
                             &targets,
                             plan.lm_chunk,

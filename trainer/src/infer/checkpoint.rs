@@ -122,7 +122,7 @@ impl CheckpointWeights {
         let targets: BTreeMap<String, Tensor> = if self.is_lora() {
             // the trained fp32 factors as they are, as `infer --adapter` loads an adapter
             model.set_lora_kind(tch::Kind::Float);
-            model.apply_lora(&self.lora_config()?, Some(0))?;
+            model.apply_lora(&self.lora_config()?, 0)?;
             model.set_training(false);
             model.trainable_parameters().into_iter().collect()
         } else {

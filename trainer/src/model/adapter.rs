@@ -99,18 +99,18 @@ fn parse_config(v: &Value) -> Result<LoraConfig, ModelError> {
 }
 
 impl MllamaModel {
-    /// Wraps every linear layer whose module path matches `cfg.target_modules` with a fresh LoRA branch (PEFT init;
-    /// with a `seed`, A is drawn from a SplitMix64 of that seed). Returns the number of wrapped layers.
-    pub fn apply_lora(&mut self, cfg: &LoraConfig, seed: Option<i64>) -> Result<usize, ModelError> {
-        // a seed draws from its own SplitMix64, not libtorch's global generator: another thread
-        // drawing at the same time (tests, a program wrapping two models) cannot shift the values
-        let mut rng = seed.map(|s| SplitMix64::new(s as u64));
+    /// Wraps every linear layer whose module path matches `cfg.target_modules` with a fresh LoRA branch (PEFT init,
+    /// A drawn from a SplitMix64 of `seed`). Returns the number of wrapped layers.
+    pub fn apply_lora(&mut self, cfg: &LoraConfig, seed: i64) -> Result<usize, ModelError> {
+        // its own SplitMix64, not libtorch's global generator: another thread drawing at the same
+        // time (tests, a program wrapping two models) cannot shift the values
+        let mut rng = SplitMix64::new(seed as u64);
         let kind = self.lora_kind;
         let matcher = cfg.target_modules.compile()?;
         let mut n = 0;
         self.visit_linears(&mut |l| {
             if matcher.matches(&l.path) {
-                let br = cfg.new_branch(l, kind, rng.as_mut());
+                let br = cfg.new_branch(l, kind, &mut rng);
                 l.lora = Some(br);
                 n += 1;
             }

@@ -135,29 +135,18 @@ impl LoraConfig {
     }
 
     /// Fresh branch as PEFT initializes it, factors of `kind` (else the weight's): A kaiming-uniform
-    /// with a = sqrt(5), i.e. uniform in (-1/sqrt(in), 1/sqrt(in)), drawn from `rng` when given,
-    /// else from libtorch's global generator; B zeros.
-    pub fn new_branch(
-        &self,
-        lin: &Linear,
-        kind: Option<Kind>,
-        rng: Option<&mut SplitMix64>,
-    ) -> LoraBranch {
+    /// with a = sqrt(5), i.e. uniform in (-1/sqrt(in), 1/sqrt(in)), drawn from `rng`; B zeros.
+    pub fn new_branch(&self, lin: &Linear, kind: Option<Kind>, rng: &mut SplitMix64) -> LoraBranch {
         let (out, inp) = (lin.out_features(), lin.in_features());
         let opts = (kind.unwrap_or(lin.weight.kind()), lin.weight.device());
         let bound = 1.0 / (inp as f64).sqrt();
-        let a = match rng {
-            Some(rng) => {
-                let v: Vec<f32> = (0..self.r * inp)
-                    .map(|_| (bound * (2.0 * rng.next_f64() - 1.0)) as f32)
-                    .collect();
-                Tensor::from_slice(&v)
-                    .view([self.r, inp])
-                    .to_kind(opts.0)
-                    .to_device(opts.1)
-            }
-            None => Tensor::empty([self.r, inp], opts).uniform_(-bound, bound),
-        };
+        let v: Vec<f32> = (0..self.r * inp)
+            .map(|_| (bound * (2.0 * rng.next_f64() - 1.0)) as f32)
+            .collect();
+        let a = Tensor::from_slice(&v)
+            .view([self.r, inp])
+            .to_kind(opts.0)
+            .to_device(opts.1);
         self.branch(a, Tensor::zeros([out, self.r], opts))
     }
 

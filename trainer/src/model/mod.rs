@@ -198,7 +198,7 @@ pub fn supervised_lm_loss(hidden: &Tensor, lm_head: &Linear, labels: &Tensor) ->
 }
 
 /// Supervised rows per LM-head chunk when the loss is computed chunk by chunk
-/// ([`supervised_lm_loss_chunked`], the FSDP schedule's out stage): about 2^26 logits (256 MB in
+/// ([`lm_loss_chunked`], the FSDP schedule's out stage): about 2^26 logits (256 MB in
 /// fp32) at a time, so a micro-batch's (N, vocab) fp32 logits, their softmax and their gradient
 /// (3 x 1 GB for 2048 supervised tokens of Llama 3's 128k vocabulary) never exist at once.
 pub fn lm_loss_chunk_rows(vocab: i64) -> i64 {
@@ -220,28 +220,33 @@ pub fn lm_chunk_loss(x: &Tensor, lm_head: &Linear, t: &Tensor) -> Tensor {
     logits.cross_entropy_loss::<Tensor>(t, None, tch::Reduction::Sum, -100, 0.0)
 }
 
-/// [`supervised_lm_loss`] computed `chunk` supervised rows at a time: the same sum up to fp32
-/// summation order, and differentiable (with a graph it keeps every chunk's, so it saves memory
-/// only under no_grad: the FSDP schedule takes the value so and differentiates chunk by chunk
-/// itself, `fsdp::schedule::out_backward`).
-pub fn supervised_lm_loss_chunked(
+/// (start, length) of each chunk of `n` rows, `chunk` (at least 1) at a time.
+pub fn row_chunks(n: i64, chunk: i64) -> impl Iterator<Item = (i64, i64)> {
+    let chunk = chunk.max(1);
+    (0..n)
+        .step_by(chunk as usize)
+        .map(move |start| (start, chunk.min(n - start)))
+}
+
+/// [`supervised_lm_loss`]'s sum from the supervised `rows` (N,) and their `targets` (N,) of
+/// [`supervised_rows`], `chunk` rows at a time: the same sum up to fp32 summation order, and
+/// differentiable (with a graph it keeps every chunk's, so it saves memory only under no_grad: the
+/// FSDP schedule takes the value so and differentiates chunk by chunk itself,
+/// `fsdp::schedule::out_backward`).
+pub fn lm_loss_chunked(
     hidden: &Tensor,
     lm_head: &Linear,
-    labels: &Tensor,
+    rows: &Tensor,
+    targets: &Tensor,
     chunk: i64,
-) -> (Tensor, i64) {
-    let h = hidden.size()[2];
-    let (rows, targets) = supervised_rows(labels);
-    let n = rows.size()[0];
-    let flat = hidden.reshape([-1, h]); // (B*S, H)
+) -> Tensor {
+    let flat = hidden.reshape([-1, hidden.size()[2]]); // (B*S, H)
     let mut sum = Tensor::zeros([], (Kind::Float, hidden.device()));
-    let chunk = chunk.max(1);
-    for start in (0..n).step_by(chunk as usize) {
-        let len = chunk.min(n - start);
+    for (start, len) in row_chunks(rows.size()[0], chunk) {
         let x = flat.index_select(0, &rows.narrow(0, start, len)); // (len, H)
         sum += lm_chunk_loss(&x, lm_head, &targets.narrow(0, start, len));
     }
-    (sum, n)
+    sum
 }
 
 /// `model.attention: fused` runs on CUDA only (on CPU in the tests' reference mode, `attn_tape`).
@@ -679,8 +684,13 @@ mod tests {
         }
         // chunk by chunk (2 and 5 rows, and one chunk of all): the same sum and gradients
         for chunk in [2, 5, 1000] {
-            let chunked =
-                |h: &Tensor, l: &Linear, y: &Tensor| supervised_lm_loss_chunked(h, l, y, chunk);
+            let chunked = |h: &Tensor, l: &Linear, y: &Tensor| {
+                let (rows, targets) = supervised_rows(y);
+                (
+                    lm_loss_chunked(h, l, &rows, &targets, chunk),
+                    rows.size()[0],
+                )
+            };
             let (l0, c0, gh0, gw0) = run(&hidden, &weight, &labels, &reference);
             let (l1, c1, gh1, gw1) = run(&hidden, &weight, &labels, &chunked);
             assert_eq!(c0, c1);
@@ -700,7 +710,11 @@ mod tests {
                 bias: None,
                 lora: None,
             };
-            supervised_lm_loss_chunked(&hidden, &head, &all_ignored, 3)
+            let (rows, targets) = supervised_rows(&all_ignored);
+            (
+                lm_loss_chunked(&hidden, &head, &rows, &targets, 3),
+                rows.size()[0],
+            )
         });
         assert_eq!((sum.double_value(&[]), count), (0.0, 0));
     }

@@ -192,7 +192,7 @@ mod tests {
             target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
             use_rslora: false,
         };
-        m.apply_lora(&cfg, Some(1)).unwrap();
+        m.apply_lora(&cfg, 1).unwrap();
         let n_lora: f64 = m
             .trainable_parameters()
             .iter()

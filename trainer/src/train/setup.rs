@@ -113,7 +113,7 @@ fn load_model(
                     target_modules: TargetModules::Names(p.target_modules.clone()),
                     use_rslora: false,
                 };
-                model.apply_lora(&lora, Some(config.train.seed as i64))?;
+                model.apply_lora(&lora, config.train.seed as i64)?;
             }
         }
     }
@@ -209,10 +209,13 @@ pub(super) fn fused_attention_note(config: &Config, device: Device) -> Result<Op
     }
     let variant = kernels::attention::variant()
         .map_err(|e| anyhow::anyhow!("model.attention: fused: {e}"))?;
+    let all = kernels::attention::Variant::ALL;
     Ok(Some(format!(
-        "model.attention: fused runs attention kernel variant {} ({}=v2 ... v10 selects another; kernels/BENCHMARKS.md has each one's speed)",
+        "model.attention: fused runs attention kernel variant {} ({}={} ... {} selects another; kernels/BENCHMARKS.md has each one's speed)",
         variant.name(),
-        kernels::attention::VARIANT_ENV
+        kernels::attention::VARIANT_ENV,
+        all[0].name(),
+        all[all.len() - 1].name()
     )))
 }
 
