@@ -1,8 +1,8 @@
 //! Checkpoint save/resume end to end through the real launcher and trainer (CPU backend, fp32,
 //! tiny random Mllama + LoRA): a run stopped by SIGTERM (the `TRAINER_STOP_AFTER_STEP` hook)
 //! after step 5 and resumed equals the uninterrupted 10-step run bitwise (losses, every metric,
-//! final weights) at world 1 (synchronous saves) and 2 (background saves), across an epoch
-//! boundary with dropout on; a checkpoint saved
+//! final weights) at world 1 (synchronous saves; FSDP and `fsdp.enabled: false`) and 2 (background
+//! saves), across an epoch boundary with dropout on; a checkpoint saved
 //! at world 2 resumes at world 1 and 3 (losses within 1e-6 relative); a crash between the data
 //! files and the manifest leaves a `.partial` folder that resume ignores and the next save removes;
 //! a failed background write stops the run with its error and leaves the earlier checkpoint usable.
@@ -25,14 +25,17 @@ fn checkpoints(out: &Path) -> Vec<String> {
 }
 
 /// 48 samples, global batch 8 (6 steps per epoch): 10 steps cross the epoch boundary.
-fn bitwise(world: usize, async_save: bool) {
+fn bitwise(world: usize, async_save: bool, extra: &[&str]) {
     let b = (4 / world).to_string();
     let train = format!("epochs: 2, batch_size: {b}, grad_accum: 2, max_steps: 10");
     let async_set = format!("checkpoint.async={async_save}");
-    let every: &[&str] = &["checkpoint.every_steps=4", &async_set];
-    let straight = fresh(&format!("bitwise-w{world}-straight"));
+    let mut every: Vec<&str> = vec!["checkpoint.every_steps=4", &async_set];
+    every.extend(extra);
+    let every = every.as_slice();
+    let tag = if extra.is_empty() { "" } else { "-plain" };
+    let straight = fresh(&format!("bitwise-w{world}{tag}-straight"));
     ok(run(&straight, world, &train, every, &[]), "straight");
-    let resumed = fresh(&format!("bitwise-w{world}-resumed"));
+    let resumed = fresh(&format!("bitwise-w{world}{tag}-resumed"));
     let first = run(
         &resumed,
         world,
@@ -70,12 +73,19 @@ fn bitwise(world: usize, async_save: bool) {
 
 #[test]
 fn resume_is_bitwise_world1_sync_save() {
-    bitwise(1, false);
+    bitwise(1, false, &[]);
 }
 
 #[test]
 fn resume_is_bitwise_world2_async_save() {
-    bitwise(2, true);
+    bitwise(2, true, &[]);
+}
+
+/// `fsdp.enabled: false` (ordinary autograd) with dropout: its masks are reseeded per micro-batch
+/// too, so the resumed run replays them.
+#[test]
+fn resume_is_bitwise_without_fsdp() {
+    bitwise(1, false, &["fsdp.enabled=false"]);
 }
 
 /// Global batch 6 at every world size (batch 6/W), dropout off (its masks depend on the split).

@@ -66,6 +66,7 @@ fn synthetic_states(rank: usize, world: usize, groups: usize, numel: i64) -> Vec
                 start: s,
                 end: e,
                 tensors: [t(), t(), t()],
+                optimizer_steps: None,
             }
         })
         .collect()
@@ -107,6 +108,7 @@ pub fn run(
                     f.tensors[1].shallow_clone(),
                     f.tensors[2].shallow_clone(),
                 ],
+                optimizer_steps: f.optimizer_steps.clone(),
             })
             .collect()
     };

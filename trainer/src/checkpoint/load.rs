@@ -135,9 +135,30 @@ fn load_into(
             m.data.batch
         );
     }
-    fill_states(dir, &m, &flat_states(trainable, opt))?;
+    let states = flat_states(trainable, opt);
+    fill_states(dir, &m, &states)?;
     opt.step = m.optimizer_step;
+    opt.steps = param_steps(&m, &states);
     Ok(m)
+}
+
+/// AdamW's step count of every parameter of `states` (`AdamW::steps` layout), by name from the
+/// manifest: `optimizer_steps` where a parameter missed steps, else `optimizer_step`.
+pub(crate) fn param_steps(m: &Manifest, states: &[super::FlatState]) -> Vec<Vec<u64>> {
+    states
+        .iter()
+        .map(|s| {
+            s.params
+                .iter()
+                .map(|p| {
+                    m.optimizer_steps
+                        .get(&p.name)
+                        .copied()
+                        .unwrap_or(m.optimizer_step)
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Fills this rank's flat states (master, exp_avg, exp_avg_sq ranges) from checkpoint `dir`

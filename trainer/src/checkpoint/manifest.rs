@@ -37,6 +37,11 @@ pub struct Manifest {
     pub step: u64,
     /// AdamW's own step count (bias correction; differs from `step` after skipped steps).
     pub optimizer_step: u64,
+    /// Trainable parameters whose tensor took part in fewer AdamW steps than `optimizer_step`
+    /// (no gradient in some: cross-attention and vision on text-only batches), by parameter
+    /// name. Absent in checkpoints of older trainers (one count for all).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub optimizer_steps: BTreeMap<String, u64>,
     /// The epoch the loop was in.
     pub epoch: u64,
     /// Where the data stream continues.

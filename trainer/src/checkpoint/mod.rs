@@ -77,6 +77,8 @@ pub(crate) struct FlatState {
     pub end: i64,
     /// master, exp_avg, exp_avg_sq: local tensors whose first `end - start` elements are the range.
     pub tensors: [Tensor; 3],
+    /// AdamW's step count of each of `params` (`AdamW::steps`); None: the global one.
+    pub optimizer_steps: Option<Vec<u64>>,
 }
 
 impl FlatState {
@@ -112,6 +114,7 @@ pub(crate) fn flat_states(trainable: &Trainable, opt: &AdamW) -> Vec<FlatState> 
                         start: s.min(g.numel),
                         end: (s + g.shard_len).min(g.numel),
                         tensors: [g.shard.shallow_clone(), Tensor::new(), Tensor::new()],
+                        optimizer_steps: None,
                     });
                 }
             }
@@ -131,6 +134,7 @@ pub(crate) fn flat_states(trainable: &Trainable, opt: &AdamW) -> Vec<FlatState> 
                     start: 0,
                     end: numel,
                     tensors: [master.view([-1]), Tensor::new(), Tensor::new()],
+                    optimizer_steps: None,
                 });
             }
         }
@@ -140,9 +144,15 @@ pub(crate) fn flat_states(trainable: &Trainable, opt: &AdamW) -> Vec<FlatState> 
         opt.moments.len(),
         "checkpoint: one (m, v) pair per trainable flat tensor"
     );
-    for (f, (m, v)) in out.iter_mut().zip(&opt.moments) {
+    for ((f, (m, v)), steps) in out.iter_mut().zip(&opt.moments).zip(&opt.steps) {
         f.tensors[1] = m.view([-1]);
         f.tensors[2] = v.view([-1]);
+        assert_eq!(
+            steps.len(),
+            f.params.len(),
+            "checkpoint: one step count per parameter"
+        );
+        f.optimizer_steps = Some(steps.clone());
     }
     out
 }

@@ -812,6 +812,15 @@ fn build_manifest(
             });
         }
     }
+    // tensors whose own AdamW step count differs from the global one, by parameter name (so any
+    // layout of the loading run can find them)
+    let optimizer_steps = states
+        .iter()
+        .filter_map(|s| Some(s.params.iter().zip(s.optimizer_steps.as_ref()?)))
+        .flatten()
+        .filter(|(_, &n)| n != optimizer_step)
+        .map(|(p, &n)| (p.name.clone(), n))
+        .collect();
     let id = identity(config);
     let t = &config.train;
     Manifest {
@@ -819,6 +828,7 @@ fn build_manifest(
         version: VERSION,
         step: p.step,
         optimizer_step,
+        optimizer_steps,
         epoch: p.epoch,
         data: DataPosition {
             epoch: p.data_epoch,
@@ -903,6 +913,7 @@ pub(crate) mod tests {
                     start,
                     end,
                     tensors: [t(0.0), t(100.0), t(200.0)],
+                    optimizer_steps: None,
                 }
             })
             .collect()
@@ -942,6 +953,38 @@ pub(crate) mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    /// A parameter that missed AdamW steps (no gradient) keeps its own count through a save and
+    /// load, by name; the others (and every parameter of a manifest without the map) take the
+    /// global count.
+    #[test]
+    fn per_parameter_optimizer_steps_round_trip() {
+        let (pg, config, schedule) = setup("param-steps", 0);
+        let mut saves = Checkpointer::new();
+        let mut live = states(1.0, whole);
+        live[0].optimizer_steps = Some(vec![7, 9]);
+        let dir = saves
+            .save_states(
+                &pg,
+                Device::Cpu,
+                &config,
+                live,
+                9,
+                &schedule,
+                &progress(9),
+                false,
+            )
+            .unwrap()
+            .unwrap();
+        let mut m = load::read_manifest(&dir).unwrap();
+        assert_eq!(m.optimizer_steps, [("a.w".to_string(), 7)].into());
+        let target = states(0.0, whole);
+        assert_eq!(load::param_steps(&m, &target), [vec![7, 9], vec![9, 9]]);
+        m.optimizer_steps.clear(); // an older trainer's manifest
+        assert_eq!(load::param_steps(&m, &target), [vec![9, 9], vec![9, 9]]);
+        let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+        assert!(text.contains("\"optimizer_steps\""), "{text}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::dist::{ProcessGroup, ReduceOp, Work};
 use crate::model::{KeyLayout, WeightSource};
+use crate::optim::Segment;
 
 use super::FsdpError;
 
@@ -37,6 +38,9 @@ pub struct FlatGroup {
     pub shard: Tensor,
     /// Accumulated gradient of the shard (S,) fp32 (trainable groups).
     pub grad: Option<Tensor>,
+    /// Per parameter: whether it got a gradient on this rank since the last `zero_grads` (else
+    /// its part of `grad` holds zeros that stand for torch's None: see `AdamW::step_present`).
+    pub got_grad: Vec<bool>,
 }
 
 impl FlatGroup {
@@ -106,6 +110,7 @@ impl FlatGroup {
             });
             offset += numel;
         }
+        let n_params = refs.len();
         let have: i64 = parts.iter().map(|p| p.numel() as i64).sum();
         parts.push(Tensor::zeros([shard_len - have], (kind, device))); // padding
         let shard = Tensor::cat(&parts, 0).contiguous(); // (S,)
@@ -117,9 +122,27 @@ impl FlatGroup {
             shard_len,
             shard,
             grad,
+            got_grad: vec![false; n_params],
         };
         g.free(compute);
         Ok(g)
+    }
+
+    /// Each parameter's elements within this rank's shard (len 0 outside it), as the optimizer
+    /// steps them.
+    pub fn segments(&self, rank: usize) -> Vec<Segment> {
+        let lo = self.shard_len * rank as i64;
+        let hi = lo + self.shard_len;
+        self.params
+            .iter()
+            .map(|p| {
+                let (a, b) = (p.offset.max(lo), (p.offset + p.numel).min(hi));
+                Segment {
+                    start: if a < b { a - lo } else { 0 },
+                    len: (b - a).max(0),
+                }
+            })
+            .collect()
     }
 
     /// Starts the all-gather of the group in `compute` dtype; returns the full buffer (W*S,).
@@ -158,9 +181,12 @@ impl FlatGroup {
     ) -> Result<(), FsdpError> {
         let device = self.shard.device();
         let mut parts: Vec<Tensor> = Vec::with_capacity(self.params.len() + 1);
-        for (p, g) in self.params.iter().zip(grads) {
+        for ((p, g), got) in self.params.iter().zip(grads).zip(&mut self.got_grad) {
             parts.push(match g {
-                Some(g) if g.defined() => g.to_kind(Kind::Float).reshape([-1]),
+                Some(g) if g.defined() => {
+                    *got = true;
+                    g.to_kind(Kind::Float).reshape([-1])
+                }
                 _ => Tensor::zeros([p.numel], (Kind::Float, device)),
             });
         }

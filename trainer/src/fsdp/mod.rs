@@ -20,6 +20,7 @@ use tch::{Kind, Tensor};
 use crate::config::DType;
 use crate::dist::{DistError, ProcessGroup};
 use crate::model::{KeyLayout, MllamaModel, ModelError, WeightSource};
+use crate::optim::Segment;
 
 pub use flat::{FlatGroup, ParamRef, Unit};
 pub use plain::PlainModel;
@@ -228,11 +229,28 @@ impl FsdpModel {
             .collect()
     }
 
+    /// Per gradient shard (`grads` order) and parameter: whether it got a gradient from this
+    /// rank since `zero_grads` (combine over ranks before use: a parameter may train on another
+    /// rank only).
+    pub fn grad_present(&self) -> Vec<Vec<bool>> {
+        self.trainable_groups()
+            .map(|g| g.got_grad.clone())
+            .collect()
+    }
+
+    /// Per master shard, its parameters' elements (`AdamW::with_segments`).
+    pub fn optimizer_segments(&self) -> Vec<Vec<Segment>> {
+        self.trainable_groups()
+            .map(|g| g.segments(self.rank))
+            .collect()
+    }
+
     pub fn zero_grads(&mut self) {
         for g in self.units.iter_mut().flat_map(|u| u.groups.iter_mut()) {
             if let Some(gr) = &mut g.grad {
                 let _ = gr.zero_();
             }
+            g.got_grad.iter_mut().for_each(|f| *f = false);
         }
     }
 
@@ -276,7 +294,12 @@ impl Trainable {
     ) -> Result<f64, FsdpError> {
         match self {
             Self::Fsdp(m) => m.forward_backward(pg, batch, loss_scale, seed),
-            Self::Plain(m) => m.forward_backward(batch, loss_scale),
+            Self::Plain(m) => {
+                // dropout draws from the global generator: seeded per micro-batch as the FSDP
+                // stages are, so a resumed run replays the same masks
+                tch::manual_seed((seed & i64::MAX as u64) as i64);
+                m.forward_backward(batch, loss_scale)
+            }
         }
     }
 
@@ -305,6 +328,34 @@ impl Trainable {
         match self {
             Self::Fsdp(m) => m.grads(),
             Self::Plain(m) => m.grads(),
+        }
+    }
+
+    /// Per gradient (`grads` order) and parameter segment in it (`optimizer_segments`): whether
+    /// it is one, or zeros standing for "no gradient" (the parameter took no part: cross-attention
+    /// and vision on text-only micro-batches). FSDP: this rank's view; the caller takes the
+    /// maximum over ranks.
+    pub fn grad_present(&self) -> Vec<Vec<bool>> {
+        match self {
+            Self::Fsdp(m) => m.grad_present(),
+            Self::Plain(m) => m.grad_present().into_iter().map(|p| vec![p]).collect(),
+        }
+    }
+
+    /// Where each parameter lies in the optimizer's tensors (`master_params` order).
+    pub fn optimizer_segments(&self) -> Vec<Vec<Segment>> {
+        match self {
+            Self::Fsdp(m) => m.optimizer_segments(),
+            Self::Plain(m) => m
+                .master_params()
+                .iter()
+                .map(|t| {
+                    vec![Segment {
+                        start: 0,
+                        len: t.numel() as i64,
+                    }]
+                })
+                .collect(),
         }
     }
 

@@ -124,6 +124,18 @@ impl PlainModel {
         self.grad_buf.iter().map(Tensor::shallow_clone).collect()
     }
 
+    /// Per parameter: whether a micro-batch since `zero_grads` gave it a gradient.
+    pub fn grad_present(&self) -> Vec<bool> {
+        (0..self.params.len())
+            .map(|i| {
+                self.acc
+                    .as_ref()
+                    .and_then(|a| a.get(i))
+                    .is_some_and(Tensor::defined)
+            })
+            .collect()
+    }
+
     pub fn after_update(&mut self) {
         tch::no_grad(|| {
             for ((_, p), m) in self.params.iter().zip(&self.masters) {

@@ -4,9 +4,12 @@
 //! m = lerp(m, g, 1 - b1)             v = v * b2 + (1 - b2) g^2
 //! p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 //! ```
-//! The state is one (m, v) pair per parameter tensor, same shape; for FSDP the tensors are this
-//! rank's flat shards, so optimizer state is sharded like the parameters. On the CPU the update is
-//! one fused pass per element (the tensor-op form stays as the reference and the GPU path).
+//! The state is one (m, v) pair and one step count per parameter tensor; for FSDP the tensors are
+//! this rank's flat shards, so optimizer state is sharded like the parameters. A tensor without a
+//! gradient in a step (`step_present`) is left alone, as torch skips a parameter whose `.grad` is
+//! None: no decay, no moment update, and its own step count (the bias correction) does not advance.
+//! On the CPU the update is one fused pass per element (the tensor-op form stays as the reference
+//! and the GPU path).
 use tch::{Kind, Tensor};
 
 /// Hyper-parameters (torch defaults except `lr`/`weight_decay`, which the config sets).
@@ -29,19 +32,54 @@ impl Default for AdamWConfig {
     }
 }
 
-/// Optimizer state: step count and the first/second moments of every parameter tensor.
+/// The elements of one parameter inside an optimizer tensor: [start, start + len). A flat FSDP
+/// shard holds several (len 0 for a parameter outside this rank's range: its step count is still
+/// kept, so every rank knows every parameter's); a plain tensor is one segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub start: i64,
+    pub len: i64,
+}
+
+/// Optimizer state: step counts and the first/second moments of every parameter tensor.
 #[derive(Debug)]
 pub struct AdamW {
     pub config: AdamWConfig,
-    /// Optimizer steps taken so far (torch's `state['step']`, shared by all tensors here).
+    /// Optimizer steps taken so far (updates applied; a skipped non-finite step is not one).
     pub step: u64,
+    /// Per tensor: its parameters' segments.
+    pub segments: Vec<Vec<Segment>>,
+    /// Per tensor and segment: the updates that parameter took part in (torch's per-parameter
+    /// `state['step']`, its bias correction); below `step` for a parameter that had no gradient
+    /// in some steps (cross-attention on text-only batches).
+    pub steps: Vec<Vec<u64>>,
     /// (exp_avg, exp_avg_sq) per parameter tensor, fp32, same shapes as the parameters.
     pub moments: Vec<(Tensor, Tensor)>,
 }
 
 impl AdamW {
-    /// Zero moments for `params` (fp32 tensors).
+    /// Zero moments for `params` (fp32 tensors), each one parameter.
     pub fn new(config: AdamWConfig, params: &[Tensor]) -> Self {
+        let segments = params
+            .iter()
+            .map(|p| {
+                vec![Segment {
+                    start: 0,
+                    len: p.numel() as i64,
+                }]
+            })
+            .collect();
+        Self::with_segments(config, params, segments)
+    }
+
+    /// Zero moments for `params`, whose parameters lie at `segments[i]` (1-D tensors when a
+    /// tensor holds more than one).
+    pub fn with_segments(
+        config: AdamWConfig,
+        params: &[Tensor],
+        segments: Vec<Vec<Segment>>,
+    ) -> Self {
+        assert_eq!(segments.len(), params.len(), "AdamW: segments per tensor");
         let moments = params
             .iter()
             .map(|p| (p.zeros_like(), p.zeros_like()))
@@ -49,6 +87,8 @@ impl AdamW {
         Self {
             config,
             step: 0,
+            steps: segments.iter().map(|s| vec![0; s.len()]).collect(),
+            segments,
             moments,
         }
     }
@@ -58,10 +98,35 @@ impl AdamW {
     /// instead of torch's eight, and no temporaries); anything else (CUDA shards) the tensor ops of
     /// `reference_update`.
     pub fn step(&mut self, params: &[Tensor], grads: &[Tensor], lr: f64) {
-        self.step_with(params, grads, lr, true)
+        self.step_with(params, grads, None, lr, true)
     }
 
-    fn step_with(&mut self, params: &[Tensor], grads: &[Tensor], lr: f64, fused: bool) {
+    /// `step` for the parameters (segments) with `present[i][j]` only: the others had no
+    /// gradient (torch's `.grad is None`) and keep their values, moments and step counts.
+    pub fn step_present(
+        &mut self,
+        params: &[Tensor],
+        grads: &[Tensor],
+        present: &[Vec<bool>],
+        lr: f64,
+    ) {
+        let shape_ok = present.len() == self.segments.len()
+            && present
+                .iter()
+                .zip(&self.segments)
+                .all(|(p, s)| p.len() == s.len());
+        assert!(shape_ok, "AdamW: one presence flag per parameter segment");
+        self.step_with(params, grads, Some(present), lr, true)
+    }
+
+    fn step_with(
+        &mut self,
+        params: &[Tensor],
+        grads: &[Tensor],
+        present: Option<&[Vec<bool>]>,
+        lr: f64,
+        fused: bool,
+    ) {
         assert_eq!(
             params.len(),
             self.moments.len(),
@@ -73,15 +138,67 @@ impl AdamW {
             "AdamW: one gradient per parameter"
         );
         self.step += 1;
-        let h = Hyper::new(&self.config, self.step, lr);
+        let config = self.config;
         tch::no_grad(|| {
-            for ((p, g), (m, v)) in params.iter().zip(grads).zip(&mut self.moments) {
+            for (i, ((p, g), (m, v))) in params.iter().zip(grads).zip(&mut self.moments).enumerate()
+            {
                 debug_assert_eq!(p.kind(), Kind::Float);
-                if !(fused && fused_update(&h, p, g, m, v)) {
-                    reference_update(&h, p, g, m, v);
+                let segments = &self.segments[i];
+                let steps = &mut self.steps[i];
+                let is_present = |j: usize| present.is_none_or(|pr| pr[i][j]);
+                let whole = segments.len() == 1
+                    && segments[0].start == 0
+                    && segments[0].len == p.numel() as i64;
+                if whole {
+                    if is_present(0) {
+                        steps[0] += 1;
+                        update(&Hyper::new(&config, steps[0], lr), p, g, m, v, fused);
+                    }
+                    continue;
+                }
+                // runs of adjacent present segments with one step count: one update each
+                let mut j = 0;
+                while j < segments.len() {
+                    if !is_present(j) || segments[j].len == 0 {
+                        steps[j] += is_present(j) as u64;
+                        j += 1;
+                        continue;
+                    }
+                    let (start, count) = (segments[j].start, steps[j]);
+                    let mut end = j;
+                    while end < segments.len()
+                        && is_present(end)
+                        && steps[end] == count
+                        && (end == j
+                            || segments[end].start
+                                == segments[end - 1].start + segments[end - 1].len)
+                    {
+                        steps[end] += 1;
+                        end += 1;
+                    }
+                    let last = segments[end - 1];
+                    let len = last.start + last.len - start;
+                    let view = |t: &Tensor| t.narrow(0, start, len);
+                    let (mut mv, mut vv) = (view(m), view(v));
+                    update(
+                        &Hyper::new(&config, count + 1, lr),
+                        &view(p),
+                        &view(g),
+                        &mut mv,
+                        &mut vv,
+                        fused,
+                    );
+                    j = end;
                 }
             }
         });
+    }
+}
+
+/// One tensor's update: the fused loop where it applies, else the tensor ops.
+fn update(h: &Hyper, p: &Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, fused: bool) {
+    if !(fused && fused_update(h, p, g, m, v)) {
+        reference_update(h, p, g, m, v);
     }
 }
 
@@ -261,8 +378,14 @@ mod tests {
         let mut reference = AdamW::new(config, &[pr.shallow_clone()]);
         for step in 0..4 {
             let g = Tensor::randn([n], (Kind::Float, tch::Device::Cpu)) * (step + 1) as f64;
-            fused.step_with(&[pf.shallow_clone()], &[g.shallow_clone()], 1e-3, true);
-            reference.step_with(&[pr.shallow_clone()], &[g], 1e-3, false);
+            fused.step_with(
+                &[pf.shallow_clone()],
+                &[g.shallow_clone()],
+                None,
+                1e-3,
+                true,
+            );
+            reference.step_with(&[pr.shallow_clone()], &[g], None, 1e-3, false);
         }
         let close = |a: &Tensor, b: &Tensor| {
             let err = (a - b).abs().max().double_value(&[]);
@@ -280,7 +403,13 @@ mod tests {
         opt.step(&[p.shallow_clone()], &[g.tr()], 0.1);
         let want = Tensor::ones([3, 2], (Kind::Float, tch::Device::Cpu));
         let mut r = AdamW::new(config, &[want.shallow_clone()]);
-        r.step_with(&[want.shallow_clone()], &[g.tr().contiguous()], 0.1, false);
+        r.step_with(
+            &[want.shallow_clone()],
+            &[g.tr().contiguous()],
+            None,
+            0.1,
+            false,
+        );
         close(&p, &want);
     }
 
@@ -305,5 +434,100 @@ mod tests {
             (got[0] - 0.9).abs() < 1e-6 && (got[1] - 1.1).abs() < 1e-6,
             "{got:?}"
         );
+    }
+
+    /// A tensor without a gradient in some steps: torch skips it there (no decay, no moment
+    /// update, no step count), so its updates are those of a fresh AdamW fed only the steps it
+    /// had a gradient in; the other tensor steps every time.
+    #[test]
+    fn a_tensor_without_gradient_is_skipped_as_torch_skips_grad_none() {
+        let (lr, wd) = (1e-2, 0.1);
+        let (a, b) = (
+            Tensor::from_slice(&[0.5f32]),
+            Tensor::from_slice(&[-1.5f32]),
+        );
+        let mut opt = AdamW::new(
+            AdamWConfig {
+                weight_decay: wd,
+                ..Default::default()
+            },
+            &[a.shallow_clone(), b.shallow_clone()],
+        );
+        // b has no gradient in the first 5 steps (its gradient tensor is zeros, as FSDP fills it)
+        let ga = [0.3f64, -0.1, 0.2, 0.4, -0.3, 0.25, 0.1, -0.2];
+        let gb = [0.0f64, 0.0, 0.0, 0.0, 0.0, 0.7, 0.7, 0.7];
+        for (i, (&x, &y)) in ga.iter().zip(&gb).enumerate() {
+            let grads = [
+                Tensor::from_slice(&[x as f32]),
+                Tensor::from_slice(&[y as f32]),
+            ];
+            opt.step_present(
+                &[a.shallow_clone(), b.shallow_clone()],
+                &grads,
+                &[vec![true], vec![i >= 5]],
+                lr,
+            );
+            if i == 4 {
+                assert_eq!(
+                    b.double_value(&[0]),
+                    -1.5,
+                    "b untouched while it has no gradient"
+                );
+            }
+        }
+        assert_eq!((opt.step, opt.steps.clone()), (8, vec![vec![8], vec![3]]));
+        let want_a = reference(0.5, &ga, lr, wd);
+        let want_b = reference(-1.5, &gb[5..], lr, wd);
+        assert!((a.double_value(&[0]) - want_a).abs() < 1e-6);
+        assert!(
+            (b.double_value(&[0]) - want_b).abs() < 1e-6,
+            "{} vs {want_b}: bias correction from b's own first step",
+            b.double_value(&[0])
+        );
+    }
+
+    /// A flat tensor of three parameters (one outside this rank's range: length 0) steps each
+    /// segment as its own tensor would, with its own step count and presence.
+    #[test]
+    fn segments_of_a_flat_tensor_step_like_separate_tensors() {
+        let config = AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let values = [0.5f32, -1.0, 2.0, 0.25, 3.0, 0.0]; // a: 0..2, b: 2..5, padding: 5
+        let flat = Tensor::from_slice(&values);
+        let segments = vec![vec![
+            Segment { start: 0, len: 2 },
+            Segment { start: 0, len: 0 },
+            Segment { start: 2, len: 3 },
+        ]];
+        let mut opt = AdamW::with_segments(config, &[flat.shallow_clone()], segments);
+        let (a, b) = (
+            Tensor::from_slice(&values[..2]),
+            Tensor::from_slice(&values[2..5]),
+        );
+        let mut sep = AdamW::new(config, &[a.shallow_clone(), b.shallow_clone()]);
+        for step in 0..6 {
+            let g = Tensor::from_slice(&[0.3f32, -0.2, 0.1, 0.4, -0.5, 0.0]) * (step + 1) as f64;
+            let b_present = step % 3 != 0;
+            opt.step_present(
+                &[flat.shallow_clone()],
+                &[g.shallow_clone()],
+                &[vec![true, true, b_present]],
+                1e-2,
+            );
+            let ga = g.narrow(0, 0, 2);
+            let gb = g.narrow(0, 2, 3);
+            sep.step_present(
+                &[a.shallow_clone(), b.shallow_clone()],
+                &[ga, gb],
+                &[vec![true], vec![b_present]],
+                1e-2,
+            );
+        }
+        assert_eq!(opt.steps, [vec![6, 6, 4]]);
+        assert!(flat.narrow(0, 0, 2).allclose(&a, 1e-6, 1e-7, false));
+        assert!(flat.narrow(0, 2, 3).allclose(&b, 1e-6, 1e-7, false));
+        assert_eq!(flat.double_value(&[5]), 0.0, "padding is no parameter");
     }
 }

@@ -6,6 +6,6 @@ pub mod adamw;
 pub mod clip;
 pub mod schedule;
 
-pub use adamw::{AdamW, AdamWConfig};
+pub use adamw::{AdamW, AdamWConfig, Segment};
 pub use clip::{clip_grad_norm, grad_norm_squared};
 pub use schedule::LrSchedule;

@@ -86,7 +86,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
         weight_decay: t.weight_decay,
         ..Default::default()
     };
-    let mut opt = AdamW::new(adamw, &params);
+    let mut opt = AdamW::with_segments(adamw, &params, trainable.optimizer_segments());
     let stepper = step::Stepper {
         pg: &pg,
         params,

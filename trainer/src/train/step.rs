@@ -67,9 +67,10 @@ impl Stepper<'_> {
         }
         let loss = all_reduce_f64(pg, loss_sum, device)? / tokens as f64;
         let grads = trainable.grads();
+        let present = any_rank(pg, &trainable.grad_present(), device)?;
         let grad_norm = clip_grad_norm(&grads, self.clip, Some(pg))?;
         if loss.is_finite() && grad_norm.is_finite() {
-            opt.step(&self.params, &grads, lr);
+            opt.step_present(&self.params, &grads, &present, lr);
             trainable.after_update();
         }
         Ok(StepResult {
@@ -158,6 +159,23 @@ pub(super) fn all_reduce_i64(pg: &ProcessGroup, v: i64, device: Device) -> Resul
     let t = Tensor::from_slice(&[v]).to_device(device);
     pg.all_reduce(&t, ReduceOp::Sum)?;
     Ok(t.int64_value(&[0]))
+}
+
+/// Element-wise "true on any rank" of `flags` (one small all-reduce).
+fn any_rank(pg: &ProcessGroup, flags: &[Vec<bool>], device: Device) -> Result<Vec<Vec<bool>>> {
+    let v: Vec<i64> = flags.iter().flatten().map(|&f| f as i64).collect();
+    if v.is_empty() {
+        return Ok(flags.to_vec());
+    }
+    let t = Tensor::from_slice(&v).to_device(device);
+    pg.all_reduce(&t, ReduceOp::Max)?;
+    let mut any = Vec::<i64>::try_from(t.to_device(Device::Cpu))?
+        .into_iter()
+        .map(|x| x != 0);
+    Ok(flags
+        .iter()
+        .map(|f| f.iter().map(|_| any.next().unwrap_or(true)).collect())
+        .collect())
 }
 
 pub(super) fn all_reduce_f64(pg: &ProcessGroup, v: f64, device: Device) -> Result<f64> {
