@@ -211,6 +211,9 @@ fn bad_benchmarks_name_file_and_line() {
         ("empty.jsonl", "\n", "the benchmark is empty"),
         ("nochoice.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"E\", \"choices\": [\"red\", \"blue\"]}\n", "nochoice.jsonl:1: answer \"E\" is none of the 2 choices"),
         ("dup.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "dup.jsonl:2: id \"x\" repeats"),
+        // found before the first question is generated, not when its turn comes
+        ("literal.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n{\"id\": \"y\", \"image\": \"small.png\", \"question\": \"see <|image|> here\", \"answer\": \"1\"}\n", "literal.jsonl:2: id \"y\": the question holds a literal <|image|>"),
+        ("late-missing.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n{\"id\": \"y\", \"image\": \"nope.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "late-missing.jsonl:2: image"),
     ];
     for (name, text, want) in cases {
         std::fs::write(dir.join(name), text).unwrap();
@@ -229,6 +232,8 @@ fn bad_benchmarks_name_file_and_line() {
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{name}: {stderr}");
         assert!(stderr.contains(want), "{name}: {stderr}");
+        let rank_file = dir.join(format!("out-{name}/predictions.rank-0.jsonl"));
+        assert!(!rank_file.exists(), "{name}: nothing generated");
     }
 }
 

@@ -57,28 +57,9 @@ fn majority(bench: &Path, limit: Option<usize>) -> BTreeMap<String, f64> {
         .collect()
 }
 
-/// P(X >= k) for X ~ Binomial(n, p): how likely a guesser right with probability `p` scores at
-/// least `k` of `n` (the table's "clearly above" test).
-pub fn binomial_tail(n: u64, k: u64, p: f64) -> f64 {
-    if k == 0 {
-        return 1.0;
-    }
-    if p <= 0.0 {
-        return 0.0;
-    }
-    if p >= 1.0 {
-        return 1.0;
-    }
-    let ln_choose = |i: u64| -> f64 {
-        (1..=i)
-            .map(|j| ((n - i + j) as f64).ln() - (j as f64).ln())
-            .sum()
-    };
-    (k..=n)
-        .map(|i| (ln_choose(i) + i as f64 * p.ln() + (n - i) as f64 * (1.0 - p).ln()).exp())
-        .sum::<f64>()
-        .min(1.0)
-}
+/// (the table's "clearly above" test: how likely a guesser right with probability `p` scores at
+/// least `k` of `n`)
+pub use crate::eval::stats::binomial_tail;
 
 /// Inputs of [`table`].
 pub struct TableInputs<'a> {

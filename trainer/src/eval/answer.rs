@@ -153,6 +153,22 @@ pub fn gold_choice(gold: &str, choices: &[String]) -> Option<usize> {
     letter_index(gold, choices.len()).or_else(|| choice_of(gold, choices))
 }
 
+/// `pred` (already extracted) as scoring reads it against `gold`: the option it picks, the
+/// number it ends with (for a numeric gold), else its normalized text; two turns with the same
+/// canonical answer gave the same answer ("B" and "(B)", "3" and "3.0").
+pub fn canonical(pred: &str, gold: &str, choices: Option<&[String]>) -> String {
+    if let Some(choices) = choices.filter(|c| !c.is_empty()) {
+        if let Some(i) = choice_of(pred, choices) {
+            return format!("choice {i}");
+        }
+    } else if gold_number(gold).is_some() {
+        if let Some(v) = number_in(pred) {
+            return format!("number {v}");
+        }
+    }
+    format!("text {}", normalize_text(pred))
+}
+
 /// Whether `pred` (already extracted) answers `gold`.
 pub fn is_correct(pred: &str, gold: &str, choices: Option<&[String]>) -> bool {
     if let Some(choices) = choices.filter(|c| !c.is_empty()) {
@@ -235,5 +251,28 @@ mod tests {
         for (pred, gold, want) in cases {
             assert_eq!(is_correct(pred, gold, None), want, "{pred} vs {gold}");
         }
+    }
+
+    #[test]
+    fn canonical_answers() {
+        let c = opts(&["red", "blue"]);
+        assert_eq!(
+            canonical("B", "A", Some(&c)),
+            canonical("(b)", "A", Some(&c))
+        );
+        assert_eq!(
+            canonical("Answer: B", "A", Some(&c)),
+            canonical("blue", "A", Some(&c))
+        );
+        assert_ne!(canonical("A", "A", Some(&c)), canonical("B", "A", Some(&c)));
+        assert_eq!(
+            canonical("3", "3", None),
+            canonical("there are 3.0", "3", None)
+        );
+        assert_eq!(
+            canonical("The Cat.", "dog", None),
+            canonical("cat", "dog", None)
+        );
+        assert_ne!(canonical("cat", "dog", None), canonical("dog", "dog", None));
     }
 }

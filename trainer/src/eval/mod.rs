@@ -8,12 +8,22 @@
 //! benchmark order) and writes the reports. A resumed run, at any world size, skips every sample
 //! found in any of those files.
 //!
-//! `batch_size` samples are generated together (`Session::run_batch`); greedy results do not
-//! depend on it. Rank 0 also draws accuracy.png and transitions.png (`plots`), linked from report.md.
+//! `batch_size` samples are generated together (`Session::run_batch`). Greedy results depend on
+//! it only through rounding: on the CPU in fp32 they are the same (tested), on a GPU in bf16 a
+//! padded batch takes the masked attention kernel and a near-tie can flip a token, so keep it fixed
+//! when comparing runs token by token. Rank 0 also draws accuracy.png and transitions.png
+//! (`plots`), linked from report.md.
+//!
+//! Before anything is generated, every rank checks every question left (image file, prompt):
+//! a bad line stops the run at once with its FILE:LINE, not when its turn comes. Scoring reads
+//! the conclusion stage; a turn cut off at --max-new-tokens before its conclusion is wrong, and
+//! the report counts such turns. The report's verdict on self-correction is an exact McNemar
+//! test of turn 0 against the last turn, and every accuracy has a 95 % Wilson interval.
 pub mod answer;
 mod font;
 pub mod plots;
 pub mod report;
+pub mod stats;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -22,7 +32,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::data::image::load_rgb;
-use crate::data::records::resolve_image;
+use crate::data::records::{resolve_image, strip_placeholder};
 use crate::infer::{InferOptions, Session};
 use report::{Prediction, Report, TurnPrediction};
 
@@ -76,11 +86,14 @@ pub fn read_bench(path: &Path) -> Result<Vec<(usize, BenchItem)>, EvalError> {
         if line.trim().is_empty() {
             continue;
         }
-        let item: BenchItem = serde_json::from_str(line).map_err(|e| EvalError::Bench {
+        let mut item: BenchItem = serde_json::from_str(line).map_err(|e| EvalError::Bench {
             file: file.clone(),
             line: i + 1,
             reason: e.to_string(),
         })?;
+        // a LLaVA-style `<image>` marker goes, as training's records drop it (the image slot is
+        // the chat template's)
+        item.question = strip_placeholder(&item.question);
         if let Some(first) = seen.insert(item.id.clone(), i + 1) {
             return Err(EvalError::Bench {
                 file,
@@ -156,7 +169,7 @@ pub struct EvalOptions {
     pub out: PathBuf,
     pub limit: Option<usize>,
     pub training_metrics: Option<PathBuf>,
-    /// Samples generated together (left-padded batches; greedy results do not depend on it).
+    /// Samples generated together (left-padded batches; see the module doc on greedy results).
     pub batch_size: usize,
     /// The model the predictions come from (e.g. its folder and adapter), compared on resume.
     pub made_with: serde_json::Value,
@@ -209,8 +222,9 @@ fn settings(opts: &EvalOptions) -> serde_json::Value {
 
 /// A resumed run must make its predictions as the stored ones were made: OUT/settings.json
 /// records that; a mismatch is an error (mixing two adapters' or turn counts' predictions would
-/// give a report of neither).
-fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result<(), EvalError> {
+/// give a report of neither). Every rank checks before generating anything; returns whether the
+/// file is to be (re)written, which rank 0 does (`write_settings`).
+fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result<bool, EvalError> {
     let path = out.join("settings.json");
     if resuming {
         if let Ok(text) = std::fs::read_to_string(&path) {
@@ -223,11 +237,49 @@ fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result
                     out.display()
                 )));
             }
-            return Ok(());
+            return Ok(false);
         }
     }
+    Ok(true)
+}
+
+/// Writes OUT/settings.json whole (through a temporary file: another rank may read it).
+fn write_settings(out: &Path, now: &serde_json::Value) -> Result<(), EvalError> {
+    let (path, tmp) = (out.join("settings.json"), out.join("settings.json.tmp"));
     let text = serde_json::to_string_pretty(now).unwrap_or_default();
-    std::fs::write(&path, text).map_err(io_err(&path))
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(io_err(&path))
+}
+
+/// Every question a run will ask, checked before the first is generated (a bad one would
+/// otherwise stop the run when its turn comes, hours in): its image file exists and its prompt
+/// builds (no literal image token, the template renders).
+fn check_items(
+    session: &Session,
+    items: &[&(usize, BenchItem)],
+    opts: &EvalOptions,
+    bench: &str,
+) -> Result<(), EvalError> {
+    for (line, item) in items {
+        let bad = |reason: String| EvalError::Bench {
+            file: bench.to_string(),
+            line: *line,
+            reason,
+        };
+        let path = resolve_image(&item.image, Some(&opts.image_root)).map_err(bad)?;
+        if !path.is_file() {
+            return Err(bad(format!(
+                "image {} not found (paths are relative to --image-root {})",
+                path.display(),
+                opts.image_root.display()
+            )));
+        }
+        session
+            .prompt_ids(&item.question, true, &[], &opts.infer)
+            .map_err(|e| bad(format!("id {:?}: {e}", item.id)))?;
+    }
+    Ok(())
 }
 
 /// Opens `path` for appending (created when missing), first cutting a torn last line (a write
@@ -254,21 +306,33 @@ fn open_for_append(path: &Path) -> std::io::Result<std::fs::File> {
 }
 
 /// A stored prediction scored against the benchmark's current answer (it may have been fixed
-/// since the prediction was made).
+/// since the prediction was made) and by the current rules.
 fn rescored(mut p: Prediction, item: &BenchItem) -> Prediction {
-    if p.answer != item.answer {
-        for t in &mut p.turns {
-            t.correct = answer::is_correct(&t.extracted, &item.answer, item.choices.as_deref());
-        }
-        p.answer = item.answer.clone();
+    for t in &mut p.turns {
+        score(t, item);
     }
+    p.answer = item.answer.clone();
     p
 }
 
-/// Scores one sample's turns.
-fn prediction(item: &BenchItem, turns: Vec<crate::infer::TurnOutput>) -> Prediction {
+/// Scores one turn against `item`: correct and canonical answer. A turn cut off at
+/// --max-new-tokens before its conclusion gave no answer: wrong, whatever number its last line
+/// happens to hold.
+fn score(t: &mut TurnPrediction, item: &BenchItem) {
     let choices = item.choices.as_deref();
-    Prediction {
+    let concluded = t.stages.get("conclusion").is_some_and(Option::is_some);
+    t.correct =
+        (t.finished || concluded) && answer::is_correct(&t.extracted, &item.answer, choices);
+    t.canonical = answer::canonical(&t.extracted, &item.answer, choices);
+}
+
+/// Scores one sample's turns (`max_new_tokens`: a turn that generated that many did not finish).
+fn prediction(
+    item: &BenchItem,
+    turns: Vec<crate::infer::TurnOutput>,
+    max_new_tokens: usize,
+) -> Prediction {
+    let mut p = Prediction {
         id: item.id.clone(),
         answer: item.answer.clone(),
         category: item.category.clone(),
@@ -283,17 +347,24 @@ fn prediction(item: &BenchItem, turns: Vec<crate::infer::TurnOutput>) -> Predict
                     .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
                     .collect();
                 TurnPrediction {
-                    correct: answer::is_correct(&extracted, &item.answer, choices),
+                    correct: false,
                     extracted,
                     text: t.text,
                     stages,
                     prompt_tokens: t.prompt_tokens,
+                    // the end of turn is not counted: a turn that ended by itself made fewer
+                    finished: t.tokens < max_new_tokens,
                     tokens: t.tokens,
                     seconds: t.seconds,
+                    canonical: String::new(),
                 }
             })
             .collect(),
+    };
+    for t in &mut p.turns {
+        score(t, item);
     }
+    p
 }
 
 /// Runs (or resumes) the evaluation and, on rank 0, writes predictions.jsonl, report.json and
@@ -313,9 +384,16 @@ pub fn run(
         .collect();
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
     let mut done = existing_predictions(&opts.out)?;
-    if rank == 0 {
-        check_settings(&opts.out, &settings(opts), !done.is_empty())?;
+    if check_settings(&opts.out, &settings(opts), !done.is_empty())? && rank == 0 {
+        write_settings(&opts.out, &settings(opts))?;
     }
+    // every rank checks every question left (so each stops with the same error), before anything
+    // is generated or written
+    let left: Vec<&(usize, BenchItem)> = items
+        .iter()
+        .filter(|(_, item)| !done.contains_key(&item.id))
+        .collect();
+    check_items(session, &left, opts, &bench.display().to_string())?;
     let mine: Vec<&(usize, BenchItem)> = items
         .iter()
         .enumerate()
@@ -352,7 +430,7 @@ pub fn run(
             .collect();
         let outputs = session.run_batch(&inputs, &opts.infer, &mut |_, _, _| {})?;
         for ((_, item), turns) in chunk.iter().zip(outputs) {
-            let pred = prediction(item, turns);
+            let pred = prediction(item, turns, opts.infer.max_new_tokens);
             writeln!(file, "{}", serde_json::to_string(&pred).unwrap_or_default())
                 .and_then(|_| file.flush())
                 .map_err(io_err(&rank_path))?;
@@ -421,4 +499,59 @@ pub fn run(
     write("report.md", report::markdown(&report))?;
     plots::write_all(&report, &opts.out).map_err(EvalError::Io)?;
     Ok(Some(report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(answer: &str) -> BenchItem {
+        BenchItem {
+            id: "x".into(),
+            image: "i.png".into(),
+            question: "How many?".into(),
+            answer: answer.into(),
+            choices: None,
+            category: None,
+        }
+    }
+
+    fn turn(text: &str, finished: bool) -> TurnPrediction {
+        let stages = crate::infer::Stages::parse(text)
+            .as_list()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+            .collect();
+        TurnPrediction {
+            text: text.into(),
+            extracted: answer::extract(text),
+            correct: false,
+            stages,
+            prompt_tokens: 0,
+            tokens: 0,
+            seconds: 0.0,
+            finished,
+            canonical: String::new(),
+        }
+    }
+
+    /// A turn cut off at --max-new-tokens in its reasoning gave no answer, whatever number its
+    /// last line holds; one cut off inside its conclusion, or one that finished, is scored.
+    #[test]
+    fn a_cut_off_answer_without_conclusion_is_wrong() {
+        let cut = "<REASONING> there are 3 circles and";
+        let mut t = turn(cut, false);
+        score(&mut t, &item("3"));
+        assert!(!t.correct, "cut off before its conclusion");
+        let mut t = turn(cut, true);
+        score(&mut t, &item("3"));
+        assert!(
+            t.correct,
+            "the same text, finished: its last line is the answer"
+        );
+        let mut t = turn("<REASONING> r </REASONING><CONCLUSION> 3", false);
+        score(&mut t, &item("3"));
+        assert!(t.correct, "cut off inside the conclusion");
+        assert_eq!(t.canonical, "number 3");
+    }
 }

@@ -1,9 +1,18 @@
-//! The evaluation report: accuracy per turn, transitions between consecutive turns (right->right,
-//! right->wrong, wrong->right, wrong->wrong) and the answer-change rate, the same per category,
-//! the stage where turn 0 and turn 1 first differ (an error-type proxy), and compute per turn.
+//! The evaluation report: accuracy per turn (with its 95 % Wilson interval and the answers cut off
+//! at --max-new-tokens), transitions between consecutive turns (right->right, right->wrong,
+//! wrong->right, wrong->wrong) and the answer-change rate, turn 0 against the last turn with an
+//! exact McNemar test (is the difference more than chance on these questions?), the same per
+//! category, the stage where turn 0 and turn 1 first differ (an error-type proxy), and compute per
+//! turn.
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use super::stats::{mcnemar_exact, wilson95};
+
+fn yes() -> bool {
+    true
+}
 
 /// One turn of one sample, as stored in predictions.jsonl.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -19,6 +28,25 @@ pub struct TurnPrediction {
     pub tokens: usize,
     #[serde(default)]
     pub seconds: f64,
+    /// Whether the turn ended by itself (end of turn), not at --max-new-tokens (absent in older
+    /// predictions: true).
+    #[serde(default = "yes")]
+    pub finished: bool,
+    /// The answer as scoring reads it (the option, the number, or the normalized text): what
+    /// "answer changed" compares, so "B" and "(B)" or "3" and "3.0" are one answer.
+    #[serde(default)]
+    pub canonical: String,
+}
+
+impl TurnPrediction {
+    /// The answer to compare between turns (`canonical`, or the extracted text before it existed).
+    fn answer_key(&self) -> &str {
+        if self.canonical.is_empty() {
+            self.extracted.trim()
+        } else {
+            &self.canonical
+        }
+    }
 }
 
 /// One line of predictions.jsonl.
@@ -37,6 +65,22 @@ pub struct TurnScore {
     pub correct: usize,
     pub total: usize,
     pub accuracy: f64,
+    /// 95 % Wilson score interval of the accuracy.
+    pub ci95: [f64; 2],
+    /// Answers cut off at --max-new-tokens (scored wrong unless they reached a conclusion).
+    pub cut_off: usize,
+}
+
+/// Turn 0 against the last turn, paired on the same samples: the discordant counts and the
+/// two-sided exact McNemar p-value (the chance of a split at least this uneven if correcting
+/// changed nothing but noise).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Correction {
+    pub from: usize,
+    pub to: usize,
+    pub wrong_right: usize,
+    pub right_wrong: usize,
+    pub p_value: f64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -56,6 +100,8 @@ pub struct Transition {
 pub struct Breakdown {
     pub turns: Vec<TurnScore>,
     pub transitions: Vec<Transition>,
+    /// With 2+ turns.
+    pub correction: Option<Correction>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -73,6 +119,8 @@ pub struct Report {
     pub samples: usize,
     pub turns: Vec<TurnScore>,
     pub transitions: Vec<Transition>,
+    /// Turn 0 against the last turn (with 2+ turns).
+    pub correction: Option<Correction>,
     pub by_category: BTreeMap<String, Breakdown>,
     /// Where turn 0 and turn 1 first differ: "summary", "caption", "reasoning", "conclusion", or
     /// "none" when every stage is the same (only with 2+ turns).
@@ -93,6 +141,8 @@ fn breakdown(preds: &[&Prediction]) -> Breakdown {
                 correct,
                 total: preds.len(),
                 accuracy: ratio(correct, preds.len()),
+                ci95: wilson95(correct as u64, preds.len() as u64),
+                cut_off: preds.iter().filter(|p| !p.turns[t].finished).count(),
             }
         })
         .collect();
@@ -116,13 +166,34 @@ fn breakdown(preds: &[&Prediction]) -> Breakdown {
                     (false, true) => tr.wrong_right += 1,
                     (false, false) => tr.wrong_wrong += 1,
                 }
-                tr.changed += usize::from(a.extracted.trim() != b.extracted.trim());
+                tr.changed += usize::from(a.answer_key() != b.answer_key());
             }
             tr.change_rate = ratio(tr.changed, preds.len());
             tr
         })
         .collect();
-    Breakdown { turns, transitions }
+    let correction = (n_turns >= 2).then(|| {
+        let last = n_turns - 1;
+        let count = |first: bool| {
+            preds
+                .iter()
+                .filter(|p| p.turns[0].correct == first && p.turns[last].correct != first)
+                .count()
+        };
+        let (wrong_right, right_wrong) = (count(false), count(true));
+        Correction {
+            from: 0,
+            to: last,
+            wrong_right,
+            right_wrong,
+            p_value: mcnemar_exact(wrong_right as u64, right_wrong as u64),
+        }
+    });
+    Breakdown {
+        turns,
+        transitions,
+        correction,
+    }
 }
 
 fn ratio(a: usize, b: usize) -> f64 {
@@ -175,6 +246,7 @@ pub fn build(preds: &[Prediction], parameters: usize, training_flops: Option<f64
         samples: preds.len(),
         turns: overall.turns,
         transitions: overall.transitions,
+        correction: overall.correction,
         by_category,
         first_differing_stage,
         cost,
@@ -187,16 +259,27 @@ fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
 }
 
+fn p_text(p: f64) -> String {
+    if p < 1e-3 {
+        format!("{p:.1e}")
+    } else {
+        format!("{p:.3}")
+    }
+}
+
 /// report.md: the same numbers as report.json, as tables.
 pub fn markdown(r: &Report) -> String {
-    let mut s = format!("# Evaluation report\n\n{} samples, {} parameters.\n\n## Accuracy per turn\n\n| turn | correct | total | accuracy |\n| --- | ---: | ---: | ---: |\n", r.samples, r.parameters);
+    let mut s = format!("# Evaluation report\n\n{} samples, {} parameters.\n\n## Accuracy per turn\n\n| turn | correct | total | accuracy | 95% CI (Wilson) | cut off at max tokens |\n| --- | ---: | ---: | ---: | ---: | ---: |\n", r.samples, r.parameters);
     for t in &r.turns {
         s += &format!(
-            "| {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} - {} | {} |\n",
             t.turn,
             t.correct,
             t.total,
-            pct(t.accuracy)
+            pct(t.accuracy),
+            pct(t.ci95[0]),
+            pct(t.ci95[1]),
+            t.cut_off
         );
     }
     s += &format!("\n![Accuracy per turn]({})\n", super::plots::ACCURACY);
@@ -218,29 +301,34 @@ pub fn markdown(r: &Report) -> String {
         "\n![Transitions per turn pair]({})\n",
         super::plots::TRANSITIONS
     );
-    if let (Some(first), Some(last)) = (r.turns.first(), r.turns.last()) {
-        if r.turns.len() > 1 {
-            let verdict = if last.accuracy > first.accuracy {
-                "improves on"
-            } else if last.accuracy < first.accuracy {
-                "is worse than"
-            } else {
-                "equals"
-            };
-            s += &format!(
-                "\nSelf-correction: the last turn ({}) {verdict} turn 0 ({}).\n",
-                pct(last.accuracy),
-                pct(first.accuracy)
-            );
-        }
+    if let (Some(c), Some(first), Some(last)) = (&r.correction, r.turns.first(), r.turns.last()) {
+        let verdict = if c.p_value >= 0.05 {
+            "does not differ significantly from"
+        } else if c.wrong_right > c.right_wrong {
+            "improves on"
+        } else {
+            "is worse than"
+        };
+        s += &format!(
+            "\nSelf-correction: the last turn ({}) {verdict} turn 0 ({}): {} wrong->right against {} right->wrong, exact McNemar p = {} (significant below 0.05).\n",
+            pct(last.accuracy),
+            pct(first.accuracy),
+            c.wrong_right,
+            c.right_wrong,
+            p_text(c.p_value)
+        );
     }
-    s += "\n## By category\n\n| category | samples | accuracy per turn | wrong->right | right->wrong |\n| --- | ---: | --- | ---: | ---: |\n";
+    s += "\n## By category\n\n| category | samples | accuracy per turn | wrong->right | right->wrong | p (turn 0 vs last) |\n| --- | ---: | --- | ---: | ---: | ---: |\n";
     for (cat, b) in &r.by_category {
         let accs: Vec<String> = b.turns.iter().map(|t| pct(t.accuracy)).collect();
         let wr: usize = b.transitions.iter().map(|t| t.wrong_right).sum();
         let rw: usize = b.transitions.iter().map(|t| t.right_wrong).sum();
+        let p = b
+            .correction
+            .as_ref()
+            .map_or("-".into(), |c| p_text(c.p_value));
         s += &format!(
-            "| {cat} | {} | {} | {wr} | {rw} |\n",
+            "| {cat} | {} | {} | {wr} | {rw} | {p} |\n",
             b.turns.first().map_or(0, |t| t.total),
             accs.join(" / ")
         );
@@ -280,6 +368,8 @@ mod tests {
             prompt_tokens: 10,
             tokens: 5,
             seconds: 1.0,
+            finished: true,
+            canonical: String::new(),
         }
     }
 
@@ -322,6 +412,47 @@ mod tests {
             md.contains("| 0 -> 1 | 1 | 1 | 1 | 1 | 2 (50.0%) |"),
             "{md}"
         );
-        assert!(md.contains("equals turn 0"), "{md}");
+        assert!(
+            md.contains("does not differ significantly from turn 0 (50.0%): 1 wrong->right against 1 right->wrong, exact McNemar p = 1.000"),
+            "{md}"
+        );
+        assert_eq!(r.turns[0].ci95, crate::eval::stats::wilson95(2, 4));
+        let c = r.correction.as_ref().unwrap();
+        assert_eq!((c.from, c.to, c.wrong_right, c.right_wrong), (0, 1, 1, 1));
+    }
+
+    /// 3 wrong->right against 2 right->wrong is no evidence (p = 1); 10 against 0 is
+    /// (p = 2 / 1024); cut-off turns are counted.
+    #[test]
+    fn the_verdict_needs_a_significant_split() {
+        let mut preds: Vec<Prediction> = (0..3)
+            .map(|i| pred(&format!("w{i}"), "c", [(false, "a", "r"), (true, "b", "r")]))
+            .chain(
+                (0..2).map(|i| pred(&format!("r{i}"), "c", [(true, "b", "r"), (false, "a", "r")])),
+            )
+            .collect();
+        preds[0].turns[1].finished = false;
+        let r = build(&preds, 1, None);
+        assert_eq!(r.turns[1].cut_off, 1);
+        let md = markdown(&r);
+        assert!(md.contains("does not differ significantly"), "{md}");
+        assert!(!md.contains("improves on"), "{md}");
+        let ten: Vec<Prediction> = (0..10)
+            .map(|i| pred(&format!("w{i}"), "c", [(false, "a", "r"), (true, "b", "r")]))
+            .collect();
+        let r = build(&ten, 1, None);
+        assert_eq!(r.correction.as_ref().unwrap().p_value, 2.0 / 1024.0);
+        assert!(markdown(&r).contains("improves on turn 0"));
+    }
+
+    /// "Answer changed" compares the canonical answers: "B" and "(B)" are one answer.
+    #[test]
+    fn changed_compares_canonical_answers() {
+        let mut p = pred("1", "c", [(true, "B", "r"), (true, "(B)", "r")]);
+        p.turns[0].canonical = "choice 1".into();
+        p.turns[1].canonical = "choice 1".into();
+        assert_eq!(build(&[p.clone()], 1, None).transitions[0].changed, 0);
+        p.turns[1].canonical = String::new(); // older predictions: the extracted text
+        assert_eq!(build(&[p], 1, None).transitions[0].changed, 1);
     }
 }

@@ -35,8 +35,12 @@ impl Sampler {
     }
 
     /// The tokens top-p keeps for `probs` (sorted by probability, descending): the smallest prefix
-    /// whose mass reaches `top_p` (at least one token), as transformers' TopPLogitsWarper.
+    /// whose mass reaches `top_p` (at least one token), as transformers' TopPLogitsWarper; all of
+    /// them at `top_p >= 1` (transformers then adds no warper: rounding must not cut the tail).
     pub fn nucleus(probs: &[(usize, f64)], top_p: f64) -> usize {
+        if top_p >= 1.0 {
+            return probs.len().max(1);
+        }
         let mut mass = 0.0;
         for (i, (_, p)) in probs.iter().enumerate() {
             mass += p;
@@ -92,7 +96,10 @@ impl Sampler {
             }
             u -= p;
         }
-        kept[keep - 1].0 as i64
+        // `u` left over by rounding: the last kept token that can be drawn (sorted descending,
+        // so never one of probability 0 while another has more)
+        let drawable = kept.iter().rposition(|&(_, p)| p > 0.0).unwrap_or(0);
+        kept[drawable].0 as i64
     }
 }
 
@@ -170,5 +177,21 @@ mod tests {
         let nan = Tensor::from_slice(&l);
         let want = nan.argmax(-1, false).int64_value(&[]);
         assert_eq!(Sampler::new(0.7, 0.9, 1).with_top_k(3).pick(&nan), want);
+    }
+
+    /// top_p = 1 keeps the whole vocabulary (rounding in the running mass must not cut the tail),
+    /// and a draw never lands on a token of probability 0 (a -inf logit).
+    #[test]
+    fn top_p_one_keeps_everything_and_never_draws_impossible_tokens() {
+        let probs: Vec<(usize, f64)> = (0..10).map(|i| (i, 0.1)).collect(); // sums to 0.9999999999999999
+        assert_eq!(Sampler::nucleus(&probs, 1.0), 10);
+        let tail = [(0, 1.0 - 1e-17), (1, 1e-17)];
+        assert_eq!(Sampler::nucleus(&tail, 1.0), 2);
+        let logits = Tensor::from_slice(&[0.0f32, f32::NEG_INFINITY, 1.0, f32::NEG_INFINITY]);
+        let mut s = Sampler::new(1.0, 1.0, 3).with_top_k(0);
+        for _ in 0..2000 {
+            let id = s.pick(&logits);
+            assert!(id == 0 || id == 2, "{id}");
+        }
     }
 }
