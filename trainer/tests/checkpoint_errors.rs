@@ -229,3 +229,19 @@ fn other_training_data_is_refused() {
         ],
     );
 }
+
+#[test]
+fn same_count_of_samples_with_other_lengths_is_refused() {
+    // the checkpoint's token lengths differ from this run's (an edited file, another
+    // max_seq_len or tokenizer): the length-sorted epoch plan would put other samples behind
+    // its position
+    let o = resume_damaged("lengths", 1, &[], |d| {
+        edit_manifest_without_checksum(d, |m| {
+            let h = m["data"]["lengths_hash"]
+                .as_u64()
+                .expect("lengths_hash recorded");
+            m["data"]["lengths_hash"] = (h ^ 1).into()
+        })
+    });
+    assert_error(&o, &["samples of other token lengths", "data.max_seq_len"]);
+}

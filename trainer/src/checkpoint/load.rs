@@ -16,7 +16,7 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use super::manifest::{FileEntry, Manifest, ParamEntry, TensorEntry, FORMAT, STATES, VERSION};
-use super::{flat_states, identity, list_dir, Progress};
+use super::{flat_states, identity, list_dir, DataPlan, Progress};
 use crate::config::{Config, Resume};
 use crate::dist::{ProcessGroup, ReduceOp};
 use crate::fsdp::Trainable;
@@ -43,13 +43,13 @@ pub fn find_latest(dir: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// Restores the trainable state and optimizer from the checkpoint `checkpoint.resume` selects
-/// (none: `Ok(None)`); every rank must call it. `samples`: the training samples of this run's
-/// epoch plan (a checkpoint of other data is refused).
+/// (none: `Ok(None)`); every rank must call it. `plan`: this run's epoch plan (a checkpoint of
+/// other data is refused).
 pub fn resume(
     pg: &ProcessGroup,
     device: Device,
     config: &Config,
-    samples: u64,
+    plan: DataPlan,
     trainable: &mut Trainable,
     opt: &mut AdamW,
 ) -> Result<Option<Resumed>> {
@@ -69,7 +69,7 @@ pub fn resume(
             None => return Ok(None),
         },
     };
-    let local = load_into(&dir, pg.world_size(), samples, config, trainable, opt);
+    let local = load_into(&dir, pg.world_size(), plan, config, trainable, opt);
     // every rank learns whether any rank failed
     let flag = Tensor::from_slice(&[local.is_err() as i64]).to_device(device);
     pg.all_reduce(&flag, ReduceOp::Max)?;
@@ -93,6 +93,7 @@ pub fn resume(
             data_batch: m.data.batch,
             skipped_nonfinite: m.skipped_nonfinite,
             samples: m.data.samples,
+            lengths_hash: m.data.lengths_hash,
         },
     }))
 }
@@ -100,7 +101,7 @@ pub fn resume(
 fn load_into(
     dir: &Path,
     world: usize,
-    samples: u64,
+    plan: DataPlan,
     config: &Config,
     trainable: &mut Trainable,
     opt: &mut AdamW,
@@ -127,9 +128,18 @@ fn load_into(
             m.seed
         );
     }
+    let samples = plan.samples;
     if let Some(saved) = m.data.samples.filter(|&n| n != samples) {
         bail!(
             "checkpoint {} was trained on {saved} samples of data.train (after skipped records), this run has {samples}: the data changed, so its position (epoch {} batch {}) would point at other samples; resume on the same data (and data.* settings), or {FIX}",
+            dir.display(),
+            m.data.epoch,
+            m.data.batch
+        );
+    }
+    if m.data.lengths_hash.is_some_and(|h| h != plan.lengths_hash) {
+        bail!(
+            "checkpoint {} was trained on data.train samples of other token lengths (same count, {samples}): the file's contents, data.max_seq_len / data.max_seq_len_policy, the tokenizer or the chat template changed, and the epoch plan sorts by length, so its position (epoch {} batch {}) would point at other samples; resume with the data settings it was trained with, or {FIX}",
             dir.display(),
             m.data.epoch,
             m.data.batch

@@ -80,6 +80,12 @@ pub struct DataPosition {
     /// checkpoints of older trainers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub samples: Option<u64>,
+    /// `checkpoint::lengths_hash` of those samples' token lengths: the epoch plan sorts by length,
+    /// so data of the same count but other lengths (an edited file, another max_seq_len or
+    /// tokenizer) would put other samples behind the saved position; refused on resume. Absent
+    /// in checkpoints of older trainers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lengths_hash: Option<u64>,
 }
 
 /// One logical tensor: a trainable flat group's state, 1-D fp32 of `shape[0]` elements (the

@@ -51,6 +51,37 @@ pub struct Progress {
     pub skipped_nonfinite: u64,
     /// Training samples in the epoch plan (`DataPosition::samples`).
     pub samples: Option<u64>,
+    /// `lengths_hash` of their token lengths (`DataPosition::lengths_hash`).
+    pub lengths_hash: Option<u64>,
+}
+
+/// What a run's epoch plan (which samples make up global batch k of epoch e) depends on besides
+/// the seed and the global batch: the training samples and their token lengths (the sampler
+/// sorts by length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataPlan {
+    pub samples: u64,
+    pub lengths_hash: u64,
+}
+
+impl DataPlan {
+    pub fn new(lengths: &[usize]) -> Self {
+        Self {
+            samples: lengths.len() as u64,
+            lengths_hash: lengths_hash(lengths),
+        }
+    }
+}
+
+/// The first 8 bytes (big-endian) of the sha256 over the token lengths, 4 bytes little-endian
+/// each.
+pub fn lengths_hash(lengths: &[usize]) -> u64 {
+    let bytes: Vec<u8> = lengths
+        .iter()
+        .flat_map(|&n| (n.min(u32::MAX as usize) as u32).to_le_bytes())
+        .collect();
+    let d = Sha256::digest(&bytes);
+    u64::from_be_bytes(d[..8].try_into().unwrap_or_default())
 }
 
 /// The folder name of step `step`'s checkpoint.

@@ -835,6 +835,7 @@ fn build_manifest(
             batch: p.data_batch,
             global_batch: t.global_batch(world),
             samples: p.samples,
+            lengths_hash: p.lengths_hash,
         },
         world_size: world,
         seed: t.seed,

@@ -8,7 +8,7 @@
 use anyhow::{Context, Result};
 use tch::Device;
 
-use crate::checkpoint::{self, Checkpointer, Progress};
+use crate::checkpoint::{self, Checkpointer, DataPlan, Progress};
 use crate::config::Config;
 use crate::dist::ProcessGroup;
 use crate::fsdp::Trainable;
@@ -23,25 +23,25 @@ pub(super) struct Saver<'a> {
     config: &'a Config,
     schedule: &'a LrSchedule,
     device: Device,
-    /// Training samples of the epoch plan, recorded in each checkpoint.
-    samples: u64,
+    /// The epoch plan's samples and lengths, recorded in each checkpoint.
+    plan: DataPlan,
     saves: Checkpointer,
     /// Whether the background saves' snapshot buffers were reserved (after the first step).
     reserved: bool,
 }
 
 /// Resumes per `checkpoint.resume` into `st`, `trainable` and `opt`; returns the data position
-/// (epoch, batch) to start at. `samples`: the training samples of this run's epoch plan.
+/// (epoch, batch) to start at. `plan`: this run's epoch plan.
 pub(super) fn resume(
     pg: &ProcessGroup,
     device: Device,
     config: &Config,
-    samples: u64,
+    plan: DataPlan,
     st: &mut State,
     trainable: &mut Trainable,
     opt: &mut AdamW,
 ) -> Result<(u64, u64)> {
-    let Some(r) = checkpoint::resume(pg, device, config, samples, trainable, opt)? else {
+    let Some(r) = checkpoint::resume(pg, device, config, plan, trainable, opt)? else {
         return Ok((0, 0));
     };
     let p = r.progress;
@@ -91,7 +91,7 @@ impl<'a> Saver<'a> {
         config: &'a Config,
         schedule: &'a LrSchedule,
         device: Device,
-        samples: u64,
+        plan: DataPlan,
     ) -> Self {
         if config.checkpoint.async_save {
             log(pg.rank(), "checkpoint.async: checkpoint files are written by a background thread; a checkpoint is published once every rank has written its file (at the latest before the next save and at the end)");
@@ -101,7 +101,7 @@ impl<'a> Saver<'a> {
             config,
             schedule,
             device,
-            samples,
+            plan,
             saves: Checkpointer::new(),
             reserved: false,
         }
@@ -121,7 +121,8 @@ impl<'a> Saver<'a> {
             data_epoch: data.0,
             data_batch: data.1,
             skipped_nonfinite: st.skipped_nonfinite,
-            samples: Some(self.samples),
+            samples: Some(self.plan.samples),
+            lengths_hash: Some(self.plan.lengths_hash),
         };
         let async_save = self.config.checkpoint.async_save;
         // (completes the save in flight first)
