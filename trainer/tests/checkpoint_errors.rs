@@ -245,3 +245,31 @@ fn same_count_of_samples_with_other_lengths_is_refused() {
     });
     assert_error(&o, &["samples of other token lengths", "data.max_seq_len"]);
 }
+
+/// A checkpoint.dir no rank can create fails the run before its first step (not at the first
+/// save, an epoch in), on both ranks, naming the folder.
+#[test]
+fn unwritable_checkpoint_dir_fails_before_training() {
+    let out = fresh("unwritable");
+    std::fs::create_dir_all(&out).unwrap();
+    let file = out.join("a-file");
+    std::fs::write(&file, "not a folder").unwrap();
+    let set = format!("checkpoint.dir={}", file.join("ckpt").display());
+    // (resume: auto would stop at listing the folder already)
+    let o = run(
+        &out,
+        2,
+        "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 2",
+        &[&set, "checkpoint.resume=never"],
+        &[],
+    );
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("checkpoint.dir") && o.stderr.contains("is not writable"),
+        "{}",
+        o.stderr
+    );
+    assert!(o.stderr.contains("a-file/ckpt"), "{}", o.stderr);
+    assert!(!o.stderr.contains("step 1 "), "no step ran\n{}", o.stderr);
+    assert!(!out.join("metrics.jsonl").exists() || metrics(&out).is_empty());
+}

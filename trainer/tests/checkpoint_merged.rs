@@ -300,3 +300,42 @@ fn merged_export_refuses_a_wrong_base_model_and_a_used_out_folder() {
     assert_eq!(o.code, Some(1), "{}", o.stderr);
     assert!(o.stderr.contains("--max-shard-size"), "{}", o.stderr);
 }
+
+/// A hand-edited manifest (checksum file deleted, as an older trainer's checkpoint has none) with
+/// a negative LoRA rank is an error naming the parameter, not a panic.
+#[test]
+fn merged_export_of_a_manifest_with_negative_shapes_is_an_error() {
+    let ckpt = lora_checkpoint();
+    let root = ckpt.parent().unwrap().parent().unwrap();
+    let copy = root.join("edited-ckpt");
+    let _ = std::fs::remove_dir_all(&copy);
+    std::fs::create_dir_all(&copy).unwrap();
+    for e in std::fs::read_dir(ckpt).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+    }
+    std::fs::remove_file(copy.join("manifest.sha256")).unwrap();
+    let path = copy.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut edited = 0;
+    for t in m["tensors"].as_array_mut().unwrap() {
+        for p in t["params"].as_array_mut().unwrap() {
+            let name = p["name"].as_str().unwrap().to_string();
+            let shape = p["shape"].as_array_mut().unwrap();
+            if name.contains("layers.0.self_attn.q_proj.lora_A") {
+                shape[0] = (-shape[0].as_i64().unwrap()).into();
+                edited += 1;
+            } else if name.contains("layers.0.self_attn.q_proj.lora_B") {
+                shape[1] = (-shape[1].as_i64().unwrap()).into();
+                edited += 1;
+            }
+        }
+    }
+    assert!(edited >= 2, "{edited}");
+    std::fs::write(&path, serde_json::to_string(&m).unwrap()).unwrap();
+    let o = export(&copy, &root.join("merged-edited"), "merged", &[]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+    assert!(o.stderr.contains("q_proj.lora_"), "{}", o.stderr);
+}

@@ -693,12 +693,27 @@ impl<'m> Reader<'m> {
 /// them in memory). Each rank file is verified against its sha256 when first read.
 pub(crate) struct TrainedParams<'m> {
     reader: Reader<'m>,
+    /// fp32 elements in all the rank files (what a parameter's range must stay within).
+    file_elems: i64,
+}
+
+/// The element count of `shape`, if every dimension is non-negative and the product fits.
+fn checked_numel(shape: &[i64]) -> Option<i64> {
+    shape
+        .iter()
+        .try_fold(1i64, |a, &d| if d < 0 { None } else { a.checked_mul(d) })
+}
+
+/// fp32 elements the manifest's files hold (bytes / 4): no tensor can be larger.
+fn file_elems(m: &Manifest) -> i64 {
+    m.files.iter().map(|f| f.bytes / 4).sum::<u64>() as i64
 }
 
 impl<'m> TrainedParams<'m> {
     pub fn new(dir: &Path, m: &'m Manifest) -> Result<Self> {
         Ok(Self {
             reader: Reader::new(dir, m)?,
+            file_elems: file_elems(m),
         })
     }
 
@@ -719,11 +734,23 @@ impl<'m> TrainedParams<'m> {
                 self.reader.dir.display()
             )
         })?;
-        let numel: i64 = shape.iter().product();
+        // sizes come from the manifest (maybe hand-edited): checked before anything is allocated
+        let fits = |n: &i64| {
+            offset >= 0
+                && offset
+                    .checked_add(*n)
+                    .is_some_and(|end| end <= self.file_elems)
+        };
+        let Some(numel) = checked_numel(&shape).filter(fits) else {
+            bail!(
+                "checkpoint {}: parameter {name} has shape {shape:?} at offset {offset}, outside the checkpoint's data (a damaged manifest?); {FIX}",
+                self.reader.dir.display()
+            );
+        };
         let mut buf = vec![0f32; numel as usize];
         self.reader
             .read(&group, "param", offset, offset + numel, &mut buf)?;
-        Ok(Tensor::from_slice(&buf).view(shape.as_slice()))
+        Ok(Tensor::from_slice(&buf).f_view(shape.as_slice())?)
     }
 }
 
@@ -733,7 +760,7 @@ pub fn read_full(dir: &Path) -> Result<(Manifest, Vec<(String, Tensor)>)> {
     let mut reader = Reader::new(dir, &m)?;
     let mut out = vec![];
     // sizes come from the manifest: checked against the files before anything is allocated
-    let file_elems = m.files.iter().map(|f| f.bytes / 4).sum::<u64>() as i64;
+    let file_elems = file_elems(&m);
     let damaged = |what: String| anyhow!("checkpoint {}: {what}; {FIX}", dir.display());
     for t in m.tensors.iter().filter(|t| t.state == "param") {
         let len = match t.shape[..] {
@@ -750,11 +777,7 @@ pub fn read_full(dir: &Path) -> Result<(Manifest, Vec<(String, Tensor)>)> {
         let flat = Tensor::from_slice(&buf);
         for p in &t.params {
             let bad = || damaged(format!("parameter {} lies outside its flat tensor", p.name));
-            let numel = p
-                .shape
-                .iter()
-                .try_fold(1i64, |a, &d| if d < 0 { None } else { a.checked_mul(d) });
-            let Some(numel) = numel.filter(|&n| {
+            let Some(numel) = checked_numel(&p.shape).filter(|&n| {
                 p.offset >= 0 && p.offset.checked_add(n).is_some_and(|end| end <= len)
             }) else {
                 return Err(bad());

@@ -284,10 +284,26 @@ pub(crate) fn list_dir(dir: &Path) -> std::io::Result<Listing> {
             partial.push(e.path());
         } else if rest.len() >= 8 && rest.bytes().all(|b| b.is_ascii_digit()) {
             // the manifest is written before the folder gets its final name: a step folder
-            // without one was damaged after it was published (e.g. a removal cut short)
-            if !e.path().join("manifest.json").is_file() {
-                partial.push(e.path());
-            } else if let Ok(step) = rest.parse::<u64>() {
+            // without one was damaged after it was published (e.g. a removal cut short). Only a
+            // manifest known to be missing says so: a folder whose manifest cannot be looked at
+            // now (EIO, a stale NFS handle) is neither, and left alone.
+            let manifest = e.path().join("manifest.json");
+            match std::fs::metadata(&manifest) {
+                Ok(m) if m.is_file() => {}
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(
+                        "{}: {err}; leaving {} alone (neither complete nor removed)",
+                        manifest.display(),
+                        e.path().display()
+                    );
+                    continue;
+                }
+                _ => {
+                    partial.push(e.path());
+                    continue;
+                }
+            }
+            if let Ok(step) = rest.parse::<u64>() {
                 complete.push((step, e.path()));
             }
         }

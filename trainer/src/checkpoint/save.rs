@@ -637,10 +637,11 @@ fn replace_dir(new: &Path, dest: &Path) -> Result<()> {
 fn retention(root: &Path, keep: usize, just_saved: &Path) -> Result<Vec<PathBuf>> {
     let (complete, partial) =
         list_dir(root).with_context(|| format!("listing {}", root.display()))?;
-    for p in &partial {
+    // (the folder just published is complete: should it look otherwise now, keep it anyway)
+    let mut doomed: Vec<PathBuf> = partial.into_iter().filter(|p| p != just_saved).collect();
+    for p in &doomed {
         tracing::info!("removing incomplete checkpoint {}", p.display());
     }
-    let mut doomed = partial;
     if keep > 0 && complete.len() > keep {
         doomed.extend(
             complete[..complete.len() - keep]
@@ -1096,6 +1097,25 @@ pub(crate) mod tests {
         }
         let just_saved = root.join("step-00000150");
         let doomed = retention(&root, 1, &just_saved).unwrap();
+        assert_eq!(doomed, [root.join("step-00000100")]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Only a manifest known to be missing makes a step folder incomplete: the folder just saved
+    /// is kept whatever it looks like, and one whose manifest cannot be looked at (here ENOTDIR,
+    /// standing for EIO or a stale NFS handle) is left alone.
+    #[test]
+    fn retention_removes_only_folders_known_to_be_incomplete() {
+        let root = std::env::temp_dir().join(format!("ckpt-uncertain-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("step-00000100")).unwrap(); // no manifest
+        std::fs::create_dir_all(root.join("step-00000200")).unwrap(); // just saved, manifest gone
+        std::fs::write(
+            root.join("step-00000300"),
+            "a file: its manifest cannot be stat'ed",
+        )
+        .unwrap();
+        let doomed = retention(&root, 1, &root.join("step-00000200")).unwrap();
         assert_eq!(doomed, [root.join("step-00000100")]);
         std::fs::remove_dir_all(&root).unwrap();
     }

@@ -65,6 +65,17 @@ pub(super) fn resume(
     Ok((p.data_epoch, p.data_batch))
 }
 
+/// `local` on this rank, made an error on every rank when it is one on any (`elsewhere` on the
+/// others), so no rank goes on to wait for one that stopped.
+fn agree(pg: &ProcessGroup, device: Device, local: Result<()>, elsewhere: &str) -> Result<()> {
+    let failed = all_reduce_i64(pg, local.is_err() as i64, device)?;
+    local?;
+    if failed > 0 {
+        anyhow::bail!("{elsewhere}");
+    }
+    Ok(())
+}
+
 /// Logs a note when the learning-rate schedule of this run differs from the one the checkpoint
 /// was trained with (HF and torch rebuild it from the run's arguments too; a longer run moves a
 /// cosine horizon).
@@ -105,6 +116,46 @@ impl<'a> Saver<'a> {
             saves: Checkpointer::new(),
             reserved: false,
         }
+    }
+
+    /// Checks before training that every rank can write into `checkpoint.dir` and that rank 0
+    /// sees what the others write there (a folder local to each node would only fail at the first
+    /// save, an epoch or more in): each rank writes `.probe-rank-R`, rank 0 looks for all of
+    /// them, then each removes its own. Every rank fails when any check fails.
+    pub fn probe(&self) -> Result<()> {
+        let (pg, dir) = (self.pg, &self.config.checkpoint.dir);
+        let (rank, world) = (pg.rank(), pg.world_size());
+        let probe = |r: usize| dir.join(format!(".probe-rank-{r}"));
+        let wrote = std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(probe(rank), b"checkpoint.dir write test\n"))
+            .with_context(|| format!("rank {rank}: checkpoint.dir {} is not writable (set checkpoint.dir to a folder every rank can write, shared between nodes)", dir.display()));
+        agree(
+            pg,
+            self.device,
+            wrote,
+            "checkpoint.dir is not writable on another rank (its error is above)",
+        )?;
+        let missing: Vec<usize> = if rank == 0 {
+            (0..world).filter(|&r| !probe(r).is_file()).collect()
+        } else {
+            vec![]
+        };
+        let seen = if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(
+                "checkpoint.dir {}: rank 0 does not see the files ranks {missing:?} wrote there (a folder local to each node?); a checkpoint needs every rank's file in one folder: set checkpoint.dir to shared storage",
+                dir.display()
+            ))
+        };
+        let seen = agree(
+            pg,
+            self.device,
+            seen,
+            "rank 0 could not see every rank's file in checkpoint.dir (its error is above)",
+        );
+        let _ = std::fs::remove_file(probe(rank));
+        seen
     }
 
     /// Saves the state after `st.step` with the data continuing at `data` (epoch, batch).

@@ -25,7 +25,7 @@ mod step;
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 
 use crate::config::Config;
 use crate::data::dataset::MicroBatch;
@@ -102,9 +102,15 @@ pub fn train(config: &Config) -> Result<Outcome> {
         checkpointing::note_schedule_change(rank, &saved, &schedule, st.step);
     }
     let mut saver = checkpointing::Saver::new(&pg, config, &schedule, device, plan);
+    saver.probe()?;
     let mut meter = Meter::open(config, &pg, device, flops, total_steps, st.saved_step)?;
     let stop_after = signal::stop_after_step();
     meter.log(&format!("training {total_steps} steps ({steps_per_epoch} per epoch) on {world} rank(s), {} backend, fsdp {}", pg.backend_name(), config.fsdp.enabled));
+    let global = t.global_batch(world) as u64;
+    let left_out = plan.samples % global;
+    if left_out > 0 {
+        meter.log(&format!("{left_out} of {} training samples sit out each epoch (not a multiple of the global batch of {global}): a random subset, another one each epoch", plan.samples));
+    }
 
     // 5. The loop: epochs of optimizer steps of grad_accum micro-batches.
     let mut interrupted = false;
@@ -126,12 +132,25 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 .take(t.grad_accum)
                 .collect::<Result<_, _>>()?;
             if batches.len() < t.grad_accum {
+                // the plan gives every rank the same whole global batches: anything else is a
+                // bug, and a rank leaving the epoch early would leave the others waiting
+                if !batches.is_empty() || st.epoch_batch < steps_per_epoch {
+                    bail!("rank {rank}: epoch {epoch} ended after {} of its {steps_per_epoch} global batches (+{} micro-batches): the data loader and the epoch plan disagree", st.epoch_batch, batches.len());
+                }
                 break;
             }
             let started = Instant::now();
             let lr = schedule.lr(st.step, epoch);
             let seed = t.seed ^ st.step.wrapping_mul(0x2545_F491_4F6C_DD1D);
-            let r = stepper.step(&mut trainable, &mut opt, &batches, lr, seed)?;
+            let r = stepper
+                .step(&mut trainable, &mut opt, &batches, lr, seed)
+                .with_context(|| {
+                    format!(
+                        "step {} (epoch {epoch}, global batch {} of {steps_per_epoch})",
+                        st.step + 1,
+                        st.epoch_batch + 1
+                    )
+                })?;
             let step_s = started.elapsed().as_secs_f64();
             st.record(&r, t.skip_nonfinite, &meter)?;
             epoch_loss.push(r.loss);
