@@ -57,6 +57,17 @@ pub(super) fn resume(
             r.world_size
         ),
     );
+    if r.world_size != pg.world_size() && config.peft.dropout > 0.0 {
+        log(
+            pg.rank(),
+            &format!(
+                "note: saved by {} rank(s), resumed on {}: the data, weights and optimizer state continue exactly, but LoRA dropout masks are drawn per rank and micro-batch, so with peft.dropout {} the next steps are not those of an uninterrupted run",
+                r.world_size,
+                pg.world_size(),
+                config.peft.dropout
+            ),
+        );
+    }
     st.resumed_schedule = Some(r.scheduler);
     st.step = p.step;
     st.epoch = p.epoch;
