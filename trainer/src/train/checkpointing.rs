@@ -131,14 +131,24 @@ impl<'a> Saver<'a> {
 
     /// Checks before training that every rank can write into `checkpoint.dir` and that rank 0
     /// sees what the others write there (a folder local to each node would only fail at the first
-    /// save, an epoch or more in): each rank writes `.probe-rank-R`, rank 0 looks for all of
+    /// save, an epoch or more in): each rank writes `.probe-rank-R` holding a token rank 0 drew
+    /// for this run (so a file left by a crashed run does not count), rank 0 looks for all of
     /// them, then each removes its own. Every rank fails when any check fails.
     pub fn probe(&self) -> Result<()> {
         let (pg, dir) = (self.pg, &self.config.checkpoint.dir);
         let (rank, world) = (pg.rank(), pg.world_size());
         let probe = |r: usize| dir.join(format!(".probe-rank-{r}"));
+        let drawn = if rank == 0 {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            ((t ^ (std::process::id() as u64) << 40) & (i64::MAX as u64)) as i64
+        } else {
+            0
+        };
+        let token = all_reduce_i64(pg, drawn, self.device)?.to_string();
         let wrote = std::fs::create_dir_all(dir)
-            .and_then(|_| std::fs::write(probe(rank), b"checkpoint.dir write test\n"))
+            .and_then(|_| std::fs::write(probe(rank), &token))
             .with_context(|| format!("rank {rank}: checkpoint.dir {} is not writable (set checkpoint.dir to a folder every rank can write, shared between nodes)", dir.display()));
         agree(
             pg,
@@ -147,7 +157,11 @@ impl<'a> Saver<'a> {
             "checkpoint.dir is not writable on another rank (its error is above)",
         )?;
         let missing: Vec<usize> = if rank == 0 {
-            (0..world).filter(|&r| !probe(r).is_file()).collect()
+            (0..world)
+                .filter(|&r| {
+                    std::fs::read_to_string(probe(r)).ok().as_deref() != Some(token.as_str())
+                })
+                .collect()
         } else {
             vec![]
         };
