@@ -317,4 +317,30 @@ fn a_longer_run_on_the_step_schedule_has_the_same_schedule() {
         !stderr.contains("learning-rate schedule differs"),
         "{stderr}"
     );
+    assert!(!stderr.contains("optimizer settings differ"), "{stderr}");
+}
+
+#[test]
+fn resuming_with_another_weight_decay_notes_it() {
+    let out = fresh("weight-decay-change");
+    let train = |steps: u32| format!("epochs: 2, batch_size: 4, grad_accum: 2, max_steps: {steps}");
+    let sets = ["checkpoint.every_steps=3"];
+    ok(run(&out, 1, &train(3), &sets, &[]), "first");
+    let second = ok(
+        run(
+            &out,
+            1,
+            &train(4),
+            &["checkpoint.every_steps=3", "train.weight_decay=0.5"],
+            &[],
+        ),
+        "other weight decay",
+    );
+    assert!(
+        second.stderr.contains("optimizer settings differ")
+            && second.stderr.contains("\"weight_decay\":0.01")
+            && second.stderr.contains("\"weight_decay\":0.5"),
+        "{}",
+        second.stderr
+    );
 }

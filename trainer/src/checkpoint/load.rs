@@ -33,6 +33,8 @@ pub struct Resumed {
     pub world_size: usize,
     /// The learning-rate schedule the checkpoint was trained with (`LrSchedule::to_json`).
     pub scheduler: serde_json::Value,
+    /// AdamW's settings it was trained with (`AdamWConfig::to_json`; null from older trainers).
+    pub optimizer: serde_json::Value,
 }
 
 /// The newest complete checkpoint in `dir` (`.partial` folders are ignored).
@@ -86,6 +88,7 @@ pub fn resume(
         dir,
         world_size: m.world_size,
         scheduler: m.scheduler.clone(),
+        optimizer: m.optimizer.clone(),
         progress: Progress {
             step: m.step,
             epoch: m.epoch,

@@ -52,6 +52,10 @@ pub struct Manifest {
     pub skipped_nonfinite: u64,
     /// The lr schedule (a pure function of step and epoch: its parameters are its state).
     pub scheduler: Value,
+    /// AdamW's settings (`AdamWConfig::to_json`); a resume with others notes it. Absent in
+    /// checkpoints of older trainers.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub optimizer: Value,
     /// How the random state is restored.
     pub rng: String,
     /// `model.path` as configured (the frozen base weights are not copied).

@@ -842,6 +842,7 @@ fn build_manifest(
         seed: t.seed,
         skipped_nonfinite: p.skipped_nonfinite,
         scheduler: schedule.to_json(),
+        optimizer: crate::optim::AdamWConfig::for_training(config).to_json(),
         rng: "dropout is reseeded from train.seed and the step number each step; no other random state".into(),
         model_path: config.model.path.display().to_string(),
         config_hash: identity_hash(&id),

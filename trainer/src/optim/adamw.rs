@@ -21,6 +21,26 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl AdamWConfig {
+    /// A training config's AdamW (`train.weight_decay`; torch's defaults otherwise).
+    pub fn for_training(config: &crate::config::Config) -> Self {
+        Self {
+            weight_decay: config.train.weight_decay,
+            ..Default::default()
+        }
+    }
+
+    /// As a checkpoint manifest records it (`optimizer`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "kind": "adamw",
+            "betas": [self.beta1, self.beta2],
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+        })
+    }
+}
+
 impl Default for AdamWConfig {
     fn default() -> Self {
         Self {

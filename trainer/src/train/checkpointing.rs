@@ -68,6 +68,18 @@ pub(super) fn resume(
             ),
         );
     }
+    let now = crate::optim::AdamWConfig::for_training(config).to_json();
+    if !r.optimizer.is_null() && r.optimizer != now {
+        // (torch's load_state_dict would bring back the saved values; HF's Trainer, like this
+        // one, builds the optimizer from the run's arguments)
+        log(
+            pg.rank(),
+            &format!(
+                "note: the optimizer settings differ from the checkpoint's (saved {}, now {now}); the restored moments continue under the new ones",
+                r.optimizer
+            ),
+        );
+    }
     st.resumed_schedule = Some(r.scheduler);
     st.step = p.step;
     st.epoch = p.epoch;

@@ -82,10 +82,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let (steps_per_epoch, total_steps) = (data.steps_per_epoch, data.total_steps);
     // 4. Optimizer and schedule over this rank's shards; resume; checkpoints and metrics.
     let params = trainable.master_params();
-    let adamw = AdamWConfig {
-        weight_decay: t.weight_decay,
-        ..Default::default()
-    };
+    let adamw = AdamWConfig::for_training(config);
     let mut opt = AdamW::with_segments(adamw, &params, trainable.optimizer_segments());
     let stepper = step::Stepper {
         pg: &pg,
