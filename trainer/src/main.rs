@@ -353,7 +353,7 @@ struct InferArgs {
     top_k: usize,
     #[arg(long, default_value_t = 0.9, value_parser = parse_top_p)]
     top_p: f64,
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -480,7 +480,8 @@ struct EvalArgs {
     /// Only the first K samples
     #[arg(long)]
     limit: Option<usize>,
-    #[arg(long, default_value_t = 512)]
+    /// A turn that reaches it is cut off (scored wrong unless it reached its conclusion)
+    #[arg(long, default_value_t = 512, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_new_tokens: usize,
     /// 0 = greedy (default for scoring)
     #[arg(long, default_value_t = 0.0, value_parser = parse_temperature)]
@@ -497,7 +498,7 @@ struct EvalArgs {
     /// A training metrics.jsonl, to report training FLOPs next to inference FLOPs
     #[arg(long)]
     train_metrics: Option<PathBuf>,
-    /// Samples generated together (left-padded; greedy results do not depend on it)
+    /// Samples generated together (left-padded; greedy results depend on it only through rounding)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
 }

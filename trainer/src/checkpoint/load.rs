@@ -37,6 +37,34 @@ pub struct Resumed {
     pub optimizer: serde_json::Value,
 }
 
+/// The newest complete checkpoint in `dir` as rank 0 sees it, on every rank: ranks may see the
+/// folder differently (a node's cached view of shared storage right after a restart), and two
+/// ranks loading different steps, or one starting fresh, would train on out of step.
+fn latest_on_rank0(pg: &ProcessGroup, device: Device, dir: &Path) -> Result<Option<PathBuf>> {
+    // rank 0's answer as one number (the step, -1: none, -2: an error), the others' below any
+    let mine = if pg.rank() == 0 {
+        list_dir(dir)
+            .with_context(|| format!("listing checkpoint.dir {}", dir.display()))
+            .map(|(complete, _)| complete.last().map(|&(step, _)| step))
+    } else {
+        Ok(None)
+    };
+    let code = match (&mine, pg.rank()) {
+        (_, r) if r != 0 => -3,
+        (Err(_), _) => -2,
+        (Ok(None), _) => -1,
+        (Ok(Some(step)), _) => *step as i64,
+    };
+    let t = Tensor::from_slice(&[code]).to_device(device);
+    pg.all_reduce(&t, ReduceOp::Max)?;
+    mine?;
+    match t.to_device(Device::Cpu).int64_value(&[0]) {
+        -2 => bail!("rank 0 could not list checkpoint.dir (its error is above)"),
+        -1 => Ok(None),
+        step => Ok(Some(dir.join(super::step_dir_name(step as u64)))),
+    }
+}
+
 /// The newest complete checkpoint in `dir` (`.partial` folders are ignored).
 pub fn find_latest(dir: &Path) -> Result<Option<PathBuf>> {
     let (complete, _) =
@@ -66,7 +94,7 @@ pub fn resume(
             }
             p.clone()
         }
-        Resume::Auto => match find_latest(&config.checkpoint.dir)? {
+        Resume::Auto => match latest_on_rank0(pg, device, &config.checkpoint.dir)? {
             Some(p) => p,
             None => return Ok(None),
         },

@@ -217,7 +217,8 @@ fn existing_predictions(out: &Path) -> Result<HashMap<String, Prediction>, EvalE
 
 /// What the predictions depend on (not --limit, --batch-size or the world size).
 fn settings(opts: &EvalOptions) -> serde_json::Value {
-    serde_json::json!({"model": opts.made_with, "infer": opts.infer})
+    // prompt 2: questions lose a LLaVA `<image>` marker and surrounding whitespace
+    serde_json::json!({"model": opts.made_with, "infer": opts.infer, "prompt": 2})
 }
 
 /// A resumed run must make its predictions as the stored ones were made: OUT/settings.json
@@ -320,7 +321,10 @@ fn rescored(mut p: Prediction, item: &BenchItem) -> Prediction {
 /// happens to hold.
 fn score(t: &mut TurnPrediction, item: &BenchItem) {
     let choices = item.choices.as_deref();
-    let concluded = t.stages.get("conclusion").is_some_and(Option::is_some);
+    let concluded = t
+        .stages
+        .get("conclusion")
+        .is_some_and(|c| c.as_deref().is_some_and(|c| !c.trim().is_empty()));
     t.correct =
         (t.finished || concluded) && answer::is_correct(&t.extracted, &item.answer, choices);
     t.canonical = answer::canonical(&t.extracted, &item.answer, choices);
@@ -553,5 +557,11 @@ mod tests {
         score(&mut t, &item("3"));
         assert!(t.correct, "cut off inside the conclusion");
         assert_eq!(t.canonical, "number 3");
+        let mut t = turn("<REASONING> 3 circles </REASONING><CONCLUSION>", false);
+        score(&mut t, &item("3"));
+        assert!(
+            !t.correct,
+            "cut off right after opening an empty conclusion"
+        );
     }
 }

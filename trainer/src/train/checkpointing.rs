@@ -162,37 +162,31 @@ impl<'a> Saver<'a> {
         let wrote = std::fs::create_dir_all(dir)
             .and_then(|_| std::fs::write(probe(rank), &token))
             .with_context(|| format!("rank {rank}: checkpoint.dir {} is not writable (set checkpoint.dir to a folder every rank can write, shared between nodes)", dir.display()));
-        agree(
-            pg,
-            self.device,
-            wrote,
-            "checkpoint.dir is not writable on another rank (its error is above)",
-        )?;
-        let missing: Vec<usize> = if rank == 0 {
-            (0..world)
-                .filter(|&r| {
-                    std::fs::read_to_string(probe(r)).ok().as_deref() != Some(token.as_str())
-                })
-                .collect()
-        } else {
-            vec![]
-        };
-        let seen = if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(anyhow::anyhow!(
-                "checkpoint.dir {}: rank 0 does not see the files ranks {missing:?} wrote there (a folder local to each node?); a checkpoint needs every rank's file in one folder: set checkpoint.dir to shared storage",
-                dir.display()
-            ))
-        };
-        let seen = agree(
-            pg,
-            self.device,
-            seen,
-            "rank 0 could not see every rank's file in checkpoint.dir (its error is above)",
-        );
+        let not_writable = "checkpoint.dir is not writable on another rank (its error is above)";
+        // (both checks' outcomes are agreed on, so every rank takes the same branch)
+        let checked = agree(pg, self.device, wrote, not_writable).and_then(|()| {
+            let missing: Vec<usize> = if rank == 0 {
+                (0..world)
+                    .filter(|&r| {
+                        std::fs::read_to_string(probe(r)).ok().as_deref() != Some(token.as_str())
+                    })
+                    .collect()
+            } else {
+                vec![]
+            };
+            let seen = if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!(
+                    "checkpoint.dir {}: rank 0 does not see the files ranks {missing:?} wrote there (a folder local to each node?); a checkpoint needs every rank's file in one folder: set checkpoint.dir to shared storage",
+                    dir.display()
+                ))
+            };
+            let unseen = "rank 0 could not see every rank's file in checkpoint.dir (its error is above)";
+            agree(pg, self.device, seen, unseen)
+        });
         let _ = std::fs::remove_file(probe(rank));
-        seen
+        checked
     }
 
     /// Saves the state after `st.step` with the data continuing at `data` (epoch, batch).

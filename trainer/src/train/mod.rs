@@ -93,13 +93,13 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let schedule = LrSchedule::new(t.lr, &t.schedule, total_steps);
     let mut st = State::default();
     let plan = crate::checkpoint::DataPlan::new(&data.train.report().lengths);
+    let mut saver = checkpointing::Saver::new(&pg, config, &schedule, device, plan);
+    saver.probe()?;
     let start =
         checkpointing::resume(&pg, device, config, plan, &mut st, &mut trainable, &mut opt)?;
     if let Some(saved) = st.resumed_schedule.take() {
         checkpointing::note_schedule_change(rank, &saved, &schedule, st.step);
     }
-    let mut saver = checkpointing::Saver::new(&pg, config, &schedule, device, plan);
-    saver.probe()?;
     let mut meter = Meter::open(config, &pg, device, flops, total_steps, st.saved_step)?;
     let stop_after = signal::stop_after_step();
     meter.log(&format!("training {total_steps} steps ({steps_per_epoch} per epoch) on {world} rank(s), {} backend, fsdp {}", pg.backend_name(), config.fsdp.enabled));
