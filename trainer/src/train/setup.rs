@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tch::Device;
+use tch::{Device, Kind};
 
 use crate::config::{self, Config};
 use crate::data::dataset::{Dataset, Split};
@@ -100,6 +100,13 @@ fn load_model(
     if p.is_lora() {
         match &p.init_from {
             Some(dir) => {
+                // FSDP keeps fp32 masters of the factors, made from what the model holds: read
+                // them in fp32 so that the masters are the adapter's values, not a bf16 rounding
+                // of them (the gathered compute copies are cast anyway). PEFT keeps adapters in
+                // fp32 over a bf16 base too (autocast_adapter_dtype).
+                if config.fsdp.enabled {
+                    model.set_lora_kind(Kind::Float);
+                }
                 let found = model
                     .load_adapter(dir)
                     .with_context(|| format!("loading peft.init_from {}", dir.display()))?;
@@ -344,6 +351,52 @@ mod tests {
         assert_eq!(
             fsdp.compute_dtype(),
             ("fsdp.mixed_precision", config::DType::Bf16)
+        );
+    }
+
+    /// Under FSDP an init_from adapter's factors are read in fp32 over a bf16 model, so the fp32
+    /// masters made from them hold the file's values exactly.
+    #[test]
+    fn init_from_factors_keep_the_files_fp32_values_under_fsdp() {
+        use tch::Tensor;
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/train");
+        let sets = [
+            format!("model.path={}", fixtures.join("model").display()),
+            "model.dtype=bf16".to_string(),
+            "peft.r=4".to_string(),
+            "peft.alpha=8".to_string(),
+            "peft.dropout=0.0".to_string(),
+            format!("peft.init_from={}", fixtures.join("adapter").display()),
+        ];
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let file: std::collections::HashMap<String, Tensor> =
+            Tensor::read_safetensors(fixtures.join("adapter/adapter_model.safetensors"))
+                .unwrap()
+                .into_iter()
+                .collect();
+        let (mut model, _) = load_model(&parse(&sets), Device::Cpu, false).unwrap();
+        let factors = model.trainable_parameters();
+        assert!(!factors.is_empty());
+        let mut rounded = 0;
+        for (name, t) in &factors {
+            let want = file
+                .iter()
+                .find(|(k, _)| name.ends_with(k.trim_start_matches("base_model.model.")))
+                .map(|(_, v)| v.to_kind(Kind::Float))
+                .unwrap_or_else(|| panic!("{name} not in the adapter file"));
+            assert_eq!(t.kind(), Kind::Float, "{name}");
+            assert!(t.equal(&want), "{name}: not the file's values");
+            rounded += usize::from(
+                !want
+                    .to_kind(Kind::BFloat16)
+                    .to_kind(Kind::Float)
+                    .equal(&want),
+            );
+        }
+        assert!(
+            rounded > 0,
+            "the fixture's values are not all bf16-representable"
         );
     }
 }
