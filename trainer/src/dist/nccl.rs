@@ -376,21 +376,29 @@ fn worker(
     jobs: mpsc::Receiver<Job>,
     shared: Arc<Shared>,
 ) {
-    let setup = || -> Result<(nsys::ncclComm_t, dsys::CUstream)> {
+    let setup = || -> Result<(nsys::ncclComm_t, dsys::CUstream, dsys::CUdeviceptr)> {
         let gpu = kernels::runtime::gpu(device).map_err(|e| DistError::Nccl(e.to_string()))?;
         gpu.make_current()
             .map_err(|e| DistError::Nccl(e.to_string()))?;
         let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
             .map_err(drv_err("cuStreamCreate"))?;
+        // the barrier's one f32 (zero, and a sum of zeros stays zero): NCCL drops a collective of
+        // 0 elements without communicating, so a barrier must move at least one
+        // SAFETY: a 4-byte allocation in the current context, zeroed before any use.
+        let flag = unsafe {
+            let p = drv::malloc_sync(4).map_err(drv_err("cuMemAlloc"))?;
+            drv::memset_d8_sync(p, 0, 4).map_err(drv_err("cuMemsetD8"))?;
+            p
+        };
         let mut comm: nsys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: out-pointer for the communicator; collective over all ranks with the same id.
         nccl_ok(
             unsafe { (lib()?.comm_init_rank)(&mut comm, world, id, rank) },
             "ncclCommInitRank",
         )?;
-        Ok((comm, stream))
+        Ok((comm, stream, flag))
     };
-    let (comm, stream) = match setup() {
+    let (comm, stream, barrier_flag) = match setup() {
         Ok(v) => {
             shared.comm.store(v.0 as usize, Ordering::Release);
             let _ = init.send(Ok(()));
@@ -462,12 +470,13 @@ fn worker(
                         )?;
                     }
                     Op::Barrier => {
-                        // an all_reduce of nothing orders every rank's stream; then wait on the host
+                        // an all_reduce of one element every rank must join; then wait on the host
+                        let flag = barrier_flag as *mut std::ffi::c_void;
                         nccl_ok(
                             (l.all_reduce)(
-                                std::ptr::null(),
-                                std::ptr::null_mut(),
-                                0,
+                                flag,
+                                flag,
+                                1,
                                 nsys::ncclDataType_t::ncclFloat32,
                                 nsys::ncclRedOp_t::ncclSum,
                                 comm,
@@ -490,11 +499,13 @@ fn worker(
         let _ = job.done.send(result);
     }
     // SAFETY: no op is in flight once the queue is closed; an aborted communicator is not freed twice.
+    // (after a failure no CUDA call at all, see `leak_after_failure`: the flag's 4 bytes stay)
     if shared.comm.swap(0, Ordering::AcqRel) == comm as usize {
         unsafe {
             if let Ok(l) = lib() {
                 let _ = (l.comm_destroy)(comm);
             }
+            let _ = drv::free_sync(barrier_flag);
         }
     }
 }
