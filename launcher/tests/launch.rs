@@ -188,8 +188,9 @@ fn a_rank_ignoring_sigterm_is_killed_after_the_grace_period() {
         "--",
         "sh",
         "-c",
-        // Rank 1 fails; rank 0 ignores SIGTERM and would sleep for a minute.
-        r#"echo $$ > "$0/pid-$RANK"; if [ "$RANK" = 1 ]; then exit 5; fi; trap '' TERM; sleep 60"#,
+        // Rank 1 fails once rank 0 ignores SIGTERM (its pid file is written after the trap: a
+        // SIGTERM before it would end rank 0 at once); rank 0 would sleep for a minute.
+        r#"if [ "$RANK" = 1 ]; then echo $$ > "$0/pid-1"; while [ ! -e "$0/pid-0" ]; do sleep 0.05; done; exit 5; fi; trap '' TERM; echo $$ > "$0/pid-0"; sleep 60"#,
         dir.path().to_str().unwrap(),
     ]);
     cmd.env("PATH", std::env::var("PATH").unwrap());
@@ -846,4 +847,47 @@ fn assert_no_survivors_in(dir: &Path, pgids: &[i32]) {
     let mut groups = recorded_groups(dir);
     groups.extend_from_slice(pgids);
     assert_no_survivors(&groups);
+}
+
+/// A rank fails, another ignores SIGTERM, and the launcher gets SIGINT during the grace period:
+/// the run ends with 130 and is not restarted, although restarts are left.
+#[test]
+fn a_launcher_signal_while_stopping_ends_the_run_without_restart() {
+    let dir = Scratch::new("signal-while-stopping");
+    let started = Instant::now();
+    let mut cmd = launcher(&[
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--grace-period",
+        "20",
+        "--max-restarts",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        // (rank 1 fails once rank 0 has its trap, as in the grace-period test)
+        r#"a=$TORCHELASTIC_RESTART_COUNT; if [ "$RANK" = 1 ]; then touch "$0/up-1-$a"; while [ ! -e "$0/up-0-$a" ]; do sleep 0.05; done; exit 5; fi; trap '' TERM; touch "$0/up-0-$a"; sleep 60"#,
+        dir.path().to_str().unwrap(),
+    ]);
+    cmd.env("PATH", std::env::var("PATH").unwrap());
+    let child = cmd.spawn().unwrap();
+    for rank in 0..2 {
+        wait_for_file(&dir.path().join(format!("up-{rank}-0")), LIMIT);
+    }
+    std::thread::sleep(Duration::from_millis(700)); // rank 1 has failed; rank 0 ignores SIGTERM
+                                                    // SAFETY: plain syscall to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let run = wait(child, started, LIMIT);
+    assert_eq!(run.code(), 128 + libc::SIGINT, "{}", run.stderr);
+    assert!(
+        run.elapsed < Duration::from_secs(15),
+        "killed at once: {:?}",
+        run.elapsed
+    );
+    assert!(
+        !dir.path().join("up-0-1").exists(),
+        "no second attempt\n{}",
+        run.stderr
+    );
 }

@@ -155,6 +155,25 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
                 return Ok(Outcome::Success { restarts: attempt });
             }
             Err(failure) if failure.kind.restartable() && attempt < spec.max_restarts => {
+                // a signal that reached the launcher after its ranks had stopped (a scheduler's
+                // SIGTERM to every process of the job: a rank's death by it may be seen first)
+                if let Some(sig) = signals::take() {
+                    tracing::warn!(
+                        "received {} after {} {}: not restarting",
+                        crate::outcome::signal_name(sig),
+                        who(&failure),
+                        failure.kind.describe()
+                    );
+                    peers.finish(attempt);
+                    return Ok(Outcome::Failed(Failure {
+                        kind: FailureKind::LauncherSignal(sig),
+                        rank: None,
+                        local_rank: None,
+                        log: None,
+                        stderr_tail: vec![],
+                        ..*failure
+                    }));
+                }
                 tracing::warn!(
                     "{} {} on attempt {attempt}; restarting every rank (restart {} of {})",
                     who(&failure),
@@ -346,13 +365,25 @@ impl Attempt<'_> {
             if let Some(sig) = signals::take() {
                 if stop.is_some() {
                     tracing::warn!(
-                        "received {} again: killing every rank now",
+                        "received {} while stopping: killing every rank now",
                         crate::outcome::signal_name(sig)
                     );
                     kill_running(&ranks);
                     if let Some(s) = stop.as_mut() {
                         s.killed = true;
                         s.deadline = s.deadline.min(Instant::now());
+                    }
+                    // the first signal of the launcher's own decides the outcome (128+sig, no
+                    // restart) even when a rank's failure started the stop: a Ctrl-C or a
+                    // scheduler's SIGTERM during the grace period ends the run
+                    if !root
+                        .as_ref()
+                        .is_some_and(|f| matches!(f.kind, FailureKind::LauncherSignal(_)))
+                    {
+                        let failure = self.failure(FailureKind::LauncherSignal(sig), None);
+                        peers.report_failure(self.attempt, failure.clone());
+                        root = Some(failure);
+                        root_local = None;
                     }
                 } else {
                     tracing::warn!(
