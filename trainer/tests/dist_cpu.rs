@@ -393,3 +393,48 @@ fn tcp_dead_peer_is_an_error_naming_the_rank_on_every_survivor() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Ranks that disagree on a collective's size (4097 against 4096 f32, or an empty tensor against
+/// one element) all get an error, on every transport: none returns with wrong data.
+fn mismatch(mode: &str, transport: &str) {
+    let out_err = |dir: &Path, world: usize| -> Vec<String> {
+        (0..world)
+            .map(|r| read(dir, &format!("error-{r}.txt")))
+            .collect()
+    };
+    let errors = match transport {
+        "tcp" => {
+            let (_, dir) = selftest_two_nodes(2, &["--mode", mode]);
+            out_err(&dir, 2)
+        }
+        cma => {
+            let asked = ("LLAVA_SCO_TEST_ASKED_CMA", cma);
+            let (_, dir) = selftest_env(2, &["--mode", mode], &[(CMA, cma_here(cma)), asked]);
+            out_err(&dir, 2)
+        }
+    };
+    for (r, e) in errors.iter().enumerate() {
+        assert!(
+            e != "no error" && !e.is_empty(),
+            "{mode} over {transport}: rank {r} got no error"
+        );
+    }
+}
+
+#[test]
+fn mismatched_sizes_are_errors_on_every_rank_segment_copy() {
+    mismatch("mismatch", "0");
+    mismatch("mismatch-empty", "0");
+}
+
+#[test]
+fn mismatched_sizes_are_errors_on_every_rank_single_copy() {
+    mismatch("mismatch", "1");
+    mismatch("mismatch-empty", "1");
+}
+
+#[test]
+fn mismatched_sizes_are_errors_on_every_rank_tcp() {
+    mismatch("mismatch", "tcp");
+    mismatch("mismatch-empty", "tcp");
+}

@@ -11,6 +11,8 @@
 //! cross-memory attach) or at the op's next barrier; they record the first error of that
 //! all_reduce and a barrier after it.
 //! `--mode transport`: one all_reduce, checked, and a line naming the transport (setup tests).
+//! `--mode mismatch` / `mismatch-empty`: rank 0 all_reduces 4097 (0) f32 and the others 4096
+//! (1); each rank writes the error it gets to `OUT/error-RANK.txt` ("no error" if none).
 //! `--mode nccl-timeout` (GPU, world 1): the NCCL dead-peer path. NCCL refuses two ranks of one
 //! communicator on one GPU, so with one GPU a peer that never answers is simulated: libtorch's
 //! stream is blocked on a host word nobody writes (cuStreamWaitValue32), so the next all_reduce can
@@ -265,6 +267,33 @@ fn main() -> Result<()> {
             std::fs::write(args.out.join(format!("error-{rank}.txt")), &err)?;
             eprintln!("rank {rank}: {err}");
             std::process::exit(1);
+        }
+        "mismatch" => {
+            // rank 0 all_reduces one element more than the others, then all ranks all_reduce an
+            // empty tensor (rank 0) or one element: every rank must get an error, not wrong data
+            let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
+            let n = if rank == 0 { 4097 } else { 4096 };
+            let t = Tensor::ones([n], (Kind::Float, tch::Device::Cpu));
+            let first = pg.all_reduce(&t, ReduceOp::Sum);
+            let first = match first {
+                Ok(()) => "no error".to_string(),
+                Err(e) => e.to_string(),
+            };
+            std::fs::write(args.out.join(format!("error-{rank}.txt")), &first)?;
+            eprintln!("rank {rank}: {first}");
+            std::process::exit(if first == "no error" { 0 } else { 1 });
+        }
+        "mismatch-empty" => {
+            let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
+            let n = if rank == 0 { 0 } else { 1 };
+            let t = Tensor::ones([n], (Kind::Float, tch::Device::Cpu));
+            let first = match pg.all_reduce(&t, ReduceOp::Sum) {
+                Ok(()) => "no error".to_string(),
+                Err(e) => e.to_string(),
+            };
+            std::fs::write(args.out.join(format!("error-{rank}.txt")), &first)?;
+            eprintln!("rank {rank}: {first}");
+            std::process::exit(if first == "no error" { 0 } else { 1 });
         }
         "transport" => {
             let pg = ProcessGroup::from_env(backend, Duration::from_secs(60))?;

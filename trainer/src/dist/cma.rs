@@ -440,10 +440,14 @@ impl Cma {
         elem: Elem,
     ) -> Result<()> {
         let name = "all_gather";
-        if n == 0 {
-            return Ok(()); // every rank has nothing to do (and null pointers)
-        }
+        // (exchanged even when empty: a rank with nothing to do must still be checked against
+        // the others and keep its collective count in step with theirs)
         let peers = self.exchange(seg, name, tag(1, elem, 0), input, n)?;
+        if n == 0 {
+            // every rank has nothing to do (and null pointers); the barrier keeps a rank from
+            // publishing its next op's words while a peer still compares these
+            return seg.barrier(name);
+        }
         // SAFETY: n bytes of the input and of this rank's piece of out, distinct tensors.
         unsafe { std::ptr::copy_nonoverlapping(input, out.add(self.rank * n), n) };
         for q in self.others() {
@@ -464,11 +468,11 @@ impl Cma {
         op: ReduceOp,
     ) -> Result<()> {
         let name = "reduce_scatter";
-        if n == 0 {
-            return Ok(());
-        }
         let tag_bits = tag(2, elem, reduce_code(op));
         let peers = self.exchange(seg, name, tag_bits, input, n * self.world)?;
+        if n == 0 {
+            return seg.barrier(name); // (see all_gather)
+        }
         let at = self.rank * n;
         self.reduce_piece(
             name,
@@ -496,11 +500,11 @@ impl Cma {
     ) -> Result<()> {
         let name = "all_reduce";
         let n: usize = pieces.iter().map(|p| p.1).sum();
-        if n == 0 {
-            return Ok(());
-        }
         let tag_bits = tag(3, elem, reduce_code(op));
         let peers = self.exchange(seg, name, tag_bits, tensor, n)?;
+        if n == 0 {
+            return seg.barrier(name); // (see all_gather)
+        }
         let (lo, len) = pieces[self.rank];
         let mine = tensor.wrapping_add(lo);
         // piece r, in place, each reduced block pushed into piece r of every peer's tensor (which
@@ -520,10 +524,10 @@ impl Cma {
         root: usize,
     ) -> Result<()> {
         let name = "broadcast";
-        if n == 0 {
-            return Ok(());
-        }
         let peers = self.exchange(seg, name, tag(4, elem, root as u64), tensor, n)?;
+        if n == 0 {
+            return seg.barrier(name); // (see all_gather)
+        }
         if self.rank != root {
             self.read(root, name, peers[root], tensor, n)?;
         }

@@ -64,6 +64,8 @@ struct Shm {
     chunk: usize,
     round: u64,
     cma: Option<Cma>,
+    /// Collectives run on the copy path so far (`check_same_op`).
+    ops: u64,
 }
 
 impl Shm {
@@ -134,6 +136,7 @@ impl CpuEngine {
                     chunk,
                     round: 0,
                     cma,
+                    ops: 0,
                 })
             }
         };
@@ -317,12 +320,63 @@ fn run_tcp(mesh: &mut Mesh, op: &Op) -> Result<()> {
     }
 }
 
+/// Header words of the copy path's op signatures, by op parity: a rank may publish the next
+/// op's while a slower one still reads this one's, never two ahead (each op has a barrier).
+const W_SIG: [usize; 2] = [Segment::FREE_WORD, Segment::FREE_WORD + 1];
+
+/// Before any data moves: every rank must be in the same collective with the same size, dtype,
+/// reduction and root (the copy path would otherwise pair mismatched ops and return wrong data
+/// without an error). One barrier.
+fn check_same_op(shm: &mut Shm, op: &Op) -> Result<()> {
+    let describe = |t: &Tensor| {
+        format!(
+            "{} bytes of {:?}",
+            t.numel() * t.kind().elt_size_in_bytes(),
+            t.kind()
+        )
+    };
+    let what = match op {
+        Op::Barrier => "barrier".to_string(),
+        Op::AllGather { out, input } => {
+            format!("all_gather {} -> {}", describe(input), describe(out))
+        }
+        Op::ReduceScatter { out, input, op } => {
+            format!(
+                "reduce_scatter {:?} {} -> {}",
+                op,
+                describe(input),
+                describe(out)
+            )
+        }
+        Op::AllReduce { tensor, op } => format!("all_reduce {:?} {}", op, describe(tensor)),
+        Op::Broadcast { tensor, root } => format!("broadcast from {root} {}", describe(tensor)),
+    };
+    // FNV-1a of the description
+    let sig = what.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    shm.ops += 1;
+    let word = W_SIG[(shm.ops % 2) as usize];
+    shm.seg.publish(word, sig);
+    shm.seg.barrier(op.name())?;
+    let rank = shm.seg.rank;
+    match (0..shm.seg.world).find(|&q| shm.seg.peer_word(q, word) != sig) {
+        Some(q) => Err(DistError::Invalid(format!(
+            "{}: rank {q} called another collective, size, dtype, reduction or root than rank {rank} ({what}) as its collective #{}: every rank must call the same collectives in the same order",
+            op.name(),
+            shm.ops
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The segment copy path (see the module doc).
 fn run_copy(shm: &mut Shm, op: &Op) -> Result<()> {
+    check_same_op(shm, op)?;
     let (rank, world, chunk) = (shm.seg.rank, shm.seg.world, shm.chunk);
     let name = op.name();
     match op {
-        Op::Barrier => shm.seg.barrier(name),
+        Op::Barrier => Ok(()), // (the check's barrier)
         Op::AllGather { out, input } => {
             let (dst, _, _) = bytes_of(out)?;
             let (src, n, _) = bytes_of(input)?;
