@@ -14,8 +14,12 @@ pub fn dir() -> PathBuf {
     }
 }
 
-/// The file-name prefix of every segment of attempt `attempt` of run `run_id`.
-pub fn prefix(run_id: &str, attempt: u32) -> String {
+/// The file-name prefix of every segment of attempt `attempt` of run `run_id` whose store is at
+/// `port` (two runs on one host may share a run id, e.g. a sweep in one SLURM allocation: their
+/// stores' ports differ). The run id is spelled readably (other characters as `_`) and by a hash
+/// of its exact bytes; `.` separates the fields and appears in none, so no run's or attempt's
+/// prefix is a prefix of another's.
+pub fn prefix(run_id: &str, port: u16, attempt: u32) -> String {
     let safe_run: String = run_id
         .chars()
         .map(|c| {
@@ -26,18 +30,22 @@ pub fn prefix(run_id: &str, attempt: u32) -> String {
             }
         })
         .collect();
-    format!("llava-sco-{safe_run}-a{attempt}-")
+    // FNV-1a of the exact run id
+    let hash = run_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("llava-sco.{safe_run}.{hash:016x}.p{port}.a{attempt}.")
 }
 
-/// The segment file `name` of attempt `attempt` of run `run_id`.
-pub fn path(run_id: &str, attempt: u32, name: &str) -> PathBuf {
-    dir().join(format!("{}{name}", prefix(run_id, attempt)))
+/// The segment file `name` of attempt `attempt` of run `run_id` with its store at `port`.
+pub fn path(run_id: &str, port: u16, attempt: u32, name: &str) -> PathBuf {
+    dir().join(format!("{}{name}", prefix(run_id, port, attempt)))
 }
 
-/// Removes the segment files attempt `attempt` of run `run_id` left behind on this host; returns
-/// how many there were.
-pub fn remove_leftovers(run_id: &str, attempt: u32) -> usize {
-    let prefix = prefix(run_id, attempt);
+/// Removes the segment files attempt `attempt` of run `run_id` (store at `port`) left behind on
+/// this host; returns how many there were.
+pub fn remove_leftovers(run_id: &str, port: u16, attempt: u32) -> usize {
+    let prefix = prefix(run_id, port, attempt);
     let Ok(entries) = std::fs::read_dir(dir()) else {
         return 0;
     };
@@ -55,10 +63,21 @@ mod tests {
     #[test]
     fn leftovers_of_one_attempt_are_removed_and_nothing_else() {
         let run = format!("shm-test/{}", std::process::id());
-        let mine = path(&run, 0, "cpu");
-        let other_attempt = path(&run, 1, "cpu");
-        let unrelated = dir().join(format!("{}cpu", prefix("other-run", 0)));
-        for p in [&mine, &other_attempt, &unrelated] {
+        let mine = path(&run, 29500, 0, "cpu");
+        let other_attempt = path(&run, 29500, 1, "cpu");
+        let other_port = path(&run, 29501, 0, "cpu");
+        let unrelated = dir().join(format!("{}cpu", prefix("other-run", 29500, 0)));
+        // a run id that ends like an attempt suffix, and one that differs only in `.` vs `_`
+        let lookalike = path(&format!("{run}-a0"), 29500, 0, "cpu");
+        let other_spelling = path(&run.replace('/', "_"), 29500, 0, "cpu");
+        let others = [
+            &other_attempt,
+            &other_port,
+            &unrelated,
+            &lookalike,
+            &other_spelling,
+        ];
+        for p in std::iter::once(&mine).chain(others) {
             std::fs::write(p, b"x").unwrap();
         }
         assert!(mine
@@ -66,10 +85,10 @@ mod tests {
             .unwrap()
             .to_string_lossy()
             .contains("shm-test_"));
-        assert_eq!(remove_leftovers(&run, 0), 1);
+        assert_eq!(remove_leftovers(&run, 29500, 0), 1);
         assert!(!mine.exists());
-        assert!(other_attempt.exists() && unrelated.exists());
-        for p in [&other_attempt, &unrelated] {
+        for p in others {
+            assert!(p.exists(), "{} removed too", p.display());
             std::fs::remove_file(p).unwrap();
         }
     }

@@ -142,7 +142,7 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
         };
         let ran = attempt_run.run(&mut peers, watchdog.as_mut());
         // shared-memory segments of ranks killed before they unlinked them
-        let leftovers = crate::shm::remove_leftovers(&run_id, attempt);
+        let leftovers = crate::shm::remove_leftovers(&run_id, port, attempt);
         if leftovers > 0 {
             tracing::debug!(
                 "removed {leftovers} shared-memory segment(s) attempt {attempt} left in {}",

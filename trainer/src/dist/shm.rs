@@ -51,7 +51,7 @@ impl Segment {
     ) -> Result<Segment> {
         let (rank, world) = (env.rank, env.world_size);
         let header = (LINE * (1 + world)).div_ceil(4096) * 4096;
-        let path = launcher::shm::path(&env.run_id, env.restart_count, name);
+        let path = launcher::shm::path(&env.run_id, env.master_port, env.restart_count, name);
         let key = format!("dist/shm/{name}/a{}", env.restart_count);
         let file = if rank == 0 {
             let _ = std::fs::remove_file(&path); // stale segment of a crashed run with this run id
