@@ -680,10 +680,58 @@ fn nodes_with_different_run_ids_are_refused() {
     );
 }
 
+/// With the store token exported (as docs/launcher.md and slurm.sbatch advise), the token no
+/// longer tells runs apart: a node whose --run-id differs from node 0's is still refused.
+#[test]
+fn nodes_with_different_run_ids_are_refused_with_an_exported_token() {
+    let port = free_port().to_string();
+    let node = |rank: &str, id: &str| {
+        let mut c = launcher(&[
+            "--nnodes",
+            "2",
+            "--node-rank",
+            rank,
+            "--master-port",
+            &port,
+            "--run-id",
+            id,
+            "--rdzv-timeout",
+            "3",
+            "--",
+            "true",
+        ]);
+        c.env("LLAVA_SCO_STORE_TOKEN", "one-secret-for-both");
+        c
+    };
+    let started = Instant::now();
+    let node0 = node("0", "alpha").spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let node1 = node("1", "beta").spawn().unwrap();
+    let run1 = wait(node1, started, LIMIT);
+    let run0 = wait(node0, started, LIMIT);
+    assert_eq!(run1.code(), 1, "{}", run1.stderr);
+    assert!(
+        run1.stderr.contains("differs from node 0's \"alpha\""),
+        "{}",
+        run1.stderr
+    );
+    assert_ne!(run0.code(), 0, "{}", run0.stderr);
+}
+
 #[test]
 fn usage_errors_exit_2() {
-    let run = run(launcher(&["--no-such-flag"]), LIMIT);
-    assert_eq!(run.code(), 2);
+    let unknown = run(launcher(&["--no-such-flag"]), LIMIT);
+    assert_eq!(unknown.code(), 2);
+    let huge = run(
+        launcher(&["--nproc-per-node", "10000000000", "--", "true"]),
+        LIMIT,
+    );
+    assert_ne!(huge.code(), 0);
+    assert!(
+        huge.stderr.contains("at most 4096 ranks per node"),
+        "{}",
+        huge.stderr
+    );
 }
 
 #[test]

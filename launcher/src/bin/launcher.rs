@@ -296,6 +296,7 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
         grace_period: seconds("grace-period", cli.grace_period)?,
         finish_timeout: (!finish.is_zero()).then_some(finish),
         rdzv_timeout: seconds("rdzv-timeout", cli.rdzv_timeout)?,
+        run_id_explicit: explicit_run_id.is_some(),
         run_id,
         token,
         output: OutputOptions {
@@ -436,6 +437,11 @@ fn nproc_per_node(text: &str) -> Result<usize> {
     };
     if n == 0 {
         bail!("--nproc-per-node must be at least 1");
+    }
+    // (a typo's extra zeros would otherwise try to start that many processes)
+    const MAX_LOCAL_RANKS: usize = 4096;
+    if n > MAX_LOCAL_RANKS {
+        bail!("--nproc-per-node {n}: at most {MAX_LOCAL_RANKS} ranks per node");
     }
     Ok(n)
 }

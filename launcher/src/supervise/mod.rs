@@ -49,6 +49,9 @@ pub struct LaunchSpec {
     pub finish_timeout: Option<Duration>,
     /// Bound on reaching the store and on all nodes joining.
     pub rdzv_timeout: Duration,
+    /// Whether `run_id` was given (--run-id, SLURM's job id) rather than drawn at random: a
+    /// node with an explicit one that differs from node 0's is refused, not renamed.
+    pub run_id_explicit: bool,
     pub run_id: String,
     pub token: String,
     pub output: OutputOptions,
@@ -104,7 +107,7 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
     } else {
         Peers::Single
     };
-    let run_id = match peers.agree_run_id(&spec.run_id, spec.rdzv_timeout) {
+    let run_id = match peers.agree_run_id(&spec.run_id, spec.run_id_explicit, spec.rdzv_timeout) {
         Ok(id) => id,
         Err(err) => return join_failed(spec, &host, 0, err),
     };

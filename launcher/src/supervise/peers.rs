@@ -90,8 +90,15 @@ impl Peers {
         })
     }
 
-    /// Node 0 publishes its run id; the others adopt it (so TORCHELASTIC_RUN_ID agrees everywhere).
-    pub fn agree_run_id(&mut self, run_id: &str, timeout: Duration) -> Result<String, JoinError> {
+    /// Node 0 publishes its run id; the others adopt it (so TORCHELASTIC_RUN_ID agrees everywhere),
+    /// unless theirs was given (`explicit`) and differs: then two runs met at one store (a shared
+    /// exported token lets them in), which is an error.
+    pub fn agree_run_id(
+        &mut self,
+        run_id: &str,
+        explicit: bool,
+        timeout: Duration,
+    ) -> Result<String, JoinError> {
         let Peers::Multi(m) = self else {
             return Ok(run_id.to_string());
         };
@@ -105,7 +112,15 @@ impl Peers {
                 .client
                 .get_timeout("launcher/run_id", Duration::from_secs(1))
             {
-                Ok(v) => return Ok(String::from_utf8_lossy(&v).into_owned()),
+                Ok(v) => {
+                    let theirs = String::from_utf8_lossy(&v).into_owned();
+                    if explicit && theirs != run_id {
+                        return Err(JoinError::Rendezvous(format!(
+                            "this node's run id {run_id:?} differs from node 0's {theirs:?}: two runs met at one store; pass the same --run-id to every node of a run (and another --master-port per run)"
+                        )));
+                    }
+                    return Ok(theirs);
+                }
                 Err(StoreError::Timeout { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
