@@ -343,6 +343,7 @@ impl Dataset {
         };
         let text = TextProcessor::from_model_dir(model_dir, d.double_bos)
             .map_err(DataError::ModelFolder)?;
+        check_tokenizer_fits_model(model_dir, &text).map_err(DataError::ModelFolder)?;
         let image =
             ImageProcessorConfig::from_model_dir(model_dir).map_err(DataError::ModelFolder)?;
         let opts = ParseOptions {
@@ -712,9 +713,22 @@ fn image_size(p: &Path) -> Result<(usize, usize), String> {
         .read_to_end(&mut bytes)
         .map_err(unreadable)?;
     let (w, h) = if super::jpeg::is_jpeg(&bytes) {
-        // libjpeg parses from memory (the image crate read whole JPEGs here too)
-        file.read_to_end(&mut bytes).map_err(unreadable)?;
-        super::jpeg::header_size(&bytes).map_err(|e| format!("image {}: {e}", p.display()))?
+        // libjpeg parses from memory: the first 64 KiB hold the frame header of almost every
+        // file (every rank scans every image at startup, often over a network filesystem); a
+        // file whose metadata pushes it further (large ICC/EXIF segments) is read whole
+        (&mut file)
+            .take(HEADER_READ - 3)
+            .read_to_end(&mut bytes)
+            .map_err(unreadable)?;
+        match super::jpeg::header_size(&bytes) {
+            Ok(wh) => wh,
+            Err(_) if bytes.len() as u64 == HEADER_READ => {
+                file.read_to_end(&mut bytes).map_err(unreadable)?;
+                super::jpeg::header_size(&bytes)
+                    .map_err(|e| format!("image {}: {e}", p.display()))?
+            }
+            Err(e) => return Err(format!("image {}: {e}", p.display())),
+        }
     } else {
         other_image_size(p)?
     };
@@ -725,8 +739,56 @@ fn image_size(p: &Path) -> Result<(usize, usize), String> {
     Ok((w, h))
 }
 
-/// `image_size` for the formats the image crate decodes (their headers only).
+/// The tokenizer's ids must index the model's embedding (`text_config.vocab_size + 8` rows) and
+/// its `<|image|>` must be the model's `image_token_index`: tokenizer files of another model would
+/// otherwise fail deep in libtorch (a device-side assert on CUDA) without naming a record. (A
+/// config.json that cannot be read is left to the model's loading, which names it.)
+fn check_tokenizer_fits_model(model_dir: &Path, text: &TextProcessor) -> Result<(), String> {
+    let path = model_dir.join("config.json");
+    let Ok(cfg) = crate::model::MllamaConfig::from_file(&path) else {
+        return Ok(());
+    };
+    let rows = cfg.text.vocab_size + 8;
+    let max_id = text
+        .tokenizer
+        .get_vocab(true)
+        .into_values()
+        .max()
+        .unwrap_or(0) as i64;
+    if max_id >= rows {
+        return Err(format!(
+            "{}: the tokenizer has token ids up to {max_id}, but the model's embedding has {rows} rows (text_config.vocab_size {} + 8): the tokenizer files are not this model's",
+            model_dir.display(),
+            cfg.text.vocab_size
+        ));
+    }
+    if text.ids.image != cfg.image_token_index {
+        return Err(format!(
+            "{}: the tokenizer's {} is id {}, the model's image_token_index is {}: the tokenizer files are not this model's",
+            model_dir.display(),
+            text.ids.image_token,
+            text.ids.image,
+            cfg.image_token_index
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes of a JPEG read for its header first (`image_size`).
+const HEADER_READ: u64 = 64 << 10;
+
+/// `image_size` for the formats the image crate decodes (their headers only). A decoder that
+/// panics on a crafted header gives an error for that file, as in `image::decode_rgb`.
 fn other_image_size(p: &Path) -> Result<(usize, usize), String> {
+    std::panic::catch_unwind(|| other_image_size_unguarded(p)).unwrap_or_else(|_| {
+        Err(format!(
+            "image {}: malformed header: its decoder failed on it (re-encode the file)",
+            p.display()
+        ))
+    })
+}
+
+fn other_image_size_unguarded(p: &Path) -> Result<(usize, usize), String> {
     let reader = ::image::ImageReader::open(p)
         .and_then(|r| r.with_guessed_format())
         .map_err(|e| format!("image {} cannot be read: {e}", p.display()))?;
@@ -992,4 +1054,83 @@ pub fn check_images(ds: &Dataset) -> Vec<Problem> {
     });
     problems.sort_by_key(|p| p.line);
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A JPEG whose frame header lies beyond the first read (metadata segments of > 64 KiB after
+    /// SOI, as large ICC profiles give) is read further and sized like the original; a short one
+    /// is sized from its first bytes.
+    #[test]
+    fn jpeg_sizes_with_headers_past_the_first_read() {
+        let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/data/images");
+        let original = std::fs::read(images.join("photo.jpg")).unwrap();
+        let want = image_size(&images.join("photo.jpg")).unwrap();
+        // SOI, then two COM segments of 65533 bytes each (~128 KiB), then the rest of the file
+        let mut padded = original[..2].to_vec();
+        for _ in 0..2 {
+            padded.extend_from_slice(&[0xFF, 0xFE, 0xFF, 0xFF]);
+            padded.extend(std::iter::repeat_n(b'x', 65533));
+        }
+        padded.extend_from_slice(&original[2..]);
+        let p = std::env::temp_dir().join(format!("padded-{}.jpg", std::process::id()));
+        std::fs::write(&p, &padded).unwrap();
+        assert_eq!(image_size(&p).unwrap(), want);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    /// Tokenizer files of another model (here: config.json's image_token_index or vocab_size
+    /// changed) are refused when the data is opened, naming the folder.
+    #[test]
+    fn a_tokenizer_that_does_not_fit_the_model_is_refused() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let src = fixtures.join("train/model");
+        for (key, value, want) in [
+            ("image_token_index", 5, "image_token_index is 5"),
+            ("vocab_size", 10, "embedding has 18 rows"),
+        ] {
+            let dir = std::env::temp_dir().join(format!("tok-fit-{key}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            for e in std::fs::read_dir(&src).unwrap() {
+                let e = e.unwrap();
+                std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+            }
+            let cfg_path = dir.join("config.json");
+            let mut cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+            if key == "vocab_size" {
+                cfg["text_config"][key] = value.into();
+            } else {
+                cfg[key] = value.into();
+            }
+            std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+            let yaml = format!(
+                "model: {{path: {}}}\ndata: {{train: {}, image_root: {}}}\n",
+                dir.display(),
+                fixtures.join("train/train.jsonl").display(),
+                fixtures.join("data/images").display()
+            );
+            let config = crate::config::parse(&yaml, &[]).unwrap();
+            let err = match Dataset::scan(&config, &dir, Split::Train) {
+                Ok(_) => panic!("{key}: accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                err.contains(want) && err.contains("not this model's"),
+                "{key}: {err}"
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        // the fixture itself fits
+        let yaml = format!(
+            "model: {{path: {}}}\ndata: {{train: {}, image_root: {}}}\n",
+            src.display(),
+            fixtures.join("train/train.jsonl").display(),
+            fixtures.join("data/images").display()
+        );
+        let config = crate::config::parse(&yaml, &[]).unwrap();
+        assert!(Dataset::scan(&config, &src, Split::Train).is_ok());
+    }
 }

@@ -150,7 +150,8 @@ fn read_json(p: &Path) -> Result<Value, String> {
 /// `I;16 -> RGB`), and pixels of a PNG `tRNS` / GIF colour key turned white
 /// (`transparency` module). Errors name the file and suggest the cause.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read image: {e}"))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| format!("cannot read image {}: {e}", path.display()))?;
     decode_rgb(&bytes).map_err(|e| format!("{e} ({})", path.display()))
 }
 
