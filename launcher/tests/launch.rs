@@ -939,3 +939,57 @@ fn a_launcher_signal_while_stopping_ends_the_run_without_restart() {
         run.stderr
     );
 }
+
+/// Nodes that disagree on restarting (here: --max-restarts 1 on node 0, 0 on node 1): node 1
+/// ends the run, and node 0, which would restart, learns it at the next rendezvous instead of
+/// waiting out --rdzv-timeout for a node that is gone.
+#[test]
+fn a_node_that_restarts_alone_stops_when_the_other_gave_up() {
+    let port = free_port().to_string();
+    let node = |rank: &str, restarts: &str| {
+        let mut c = launcher(&[
+            "--nnodes",
+            "2",
+            "--node-rank",
+            rank,
+            "--nproc-per-node",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            &port,
+            "--run-id",
+            "giveup",
+            "--rdzv-timeout",
+            "60",
+            "--max-restarts",
+            restarts,
+            "--grace-period",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            // global rank 1 (node 1) fails on the first attempt; rank 0 waits to be stopped
+            r#"if [ "$RANK" = 1 ]; then sleep 0.5; exit 4; fi; sleep 30"#,
+        ]);
+        c.env("PATH", std::env::var("PATH").unwrap());
+        c
+    };
+    let started = Instant::now();
+    let node0 = node("0", "1").spawn().unwrap();
+    let node1 = node("1", "0").spawn().unwrap();
+    let run1 = wait(node1, started, LIMIT);
+    let run0 = wait(node0, started, LIMIT);
+    assert_eq!(run1.code(), 4, "{}", run1.stderr);
+    assert_ne!(run0.code(), 0, "{}", run0.stderr);
+    assert!(
+        run0.stderr.contains("another node ended the run"),
+        "{}",
+        run0.stderr
+    );
+    assert!(
+        run0.elapsed < Duration::from_secs(20),
+        "took {:?}",
+        run0.elapsed
+    );
+}

@@ -167,15 +167,17 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
                         who(&failure),
                         failure.kind.describe()
                     );
-                    peers.finish(attempt);
-                    return Ok(Outcome::Failed(Failure {
+                    let failure = Failure {
                         kind: FailureKind::LauncherSignal(sig),
                         rank: None,
                         local_rank: None,
                         log: None,
                         stderr_tail: vec![],
                         ..*failure
-                    }));
+                    };
+                    peers.give_up(attempt, &failure);
+                    peers.finish(attempt);
+                    return Ok(Outcome::Failed(failure));
                 }
                 tracing::warn!(
                     "{} {} on attempt {attempt}; restarting every rank (restart {} of {})",
@@ -187,6 +189,7 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
                 attempt += 1;
             }
             Err(failure) => {
+                peers.give_up(attempt, &failure);
                 peers.finish(attempt);
                 return Ok(Outcome::Failed(*failure));
             }

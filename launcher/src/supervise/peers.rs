@@ -166,11 +166,18 @@ impl Peers {
         }
         let deadline = Instant::now() + timeout;
         let open = format!("{a}/open");
+        let abandoned = format!("{a}/abandoned");
         loop {
             match m.client.wait(&[&open], Duration::from_secs(1)) {
                 Ok(()) => break,
                 Err(StoreError::Timeout { .. }) => {}
                 Err(e) => return Err(e.into()),
+            }
+            if let Some(why) = m.client.try_get(&abandoned)? {
+                return Err(JoinError::Rendezvous(format!(
+                    "another node ended the run instead of restarting it (attempt {attempt} will not start): {}",
+                    String::from_utf8_lossy(&why)
+                )));
             }
             if let Err(err) = check_signal_and_deadline(deadline, String::new) {
                 if let JoinError::Rendezvous(_) = err {
@@ -272,6 +279,24 @@ impl Peers {
 
     /// Acknowledges the final outcome; node 0 waits (briefly) for every other node's ack so its
     /// store stays up until they have read the outcome.
+    /// This node ends the run after attempt `attempt` failed (no restarts left, a signal of its
+    /// own, a failure that is not restartable): nodes that would restart learn it when they join
+    /// attempt `attempt + 1` instead of waiting out the rendezvous timeout.
+    pub fn give_up(&mut self, attempt: u32, failure: &Failure) {
+        if let Peers::Multi(m) = self {
+            let key = format!("launcher/a{}/abandoned", attempt + 1);
+            let why = format!(
+                "node {} ({}): {}",
+                m.node_rank,
+                failure.host,
+                failure.kind.describe()
+            );
+            if let Err(err) = m.client.set(&key, why.as_bytes()) {
+                tracing::warn!("cannot tell the other nodes that this one stops: {err}");
+            }
+        }
+    }
+
     pub fn finish(&mut self, attempt: u32) {
         let Peers::Multi(m) = self else {
             return;
