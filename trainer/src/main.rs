@@ -151,7 +151,7 @@ enum BenchCommand {
         /// Repetitions (median reported)
         #[arg(long, default_value_t = 3)]
         reps: usize,
-        /// Where the checkpoints are written (removed afterwards)
+        /// Where the checkpoints are written (in its subfolder .llava-sco-bench, removed afterwards)
         #[arg(long, default_value = "bench-results/checkpoint-tmp")]
         dir: PathBuf,
         /// One JSON object per measurement
@@ -172,7 +172,7 @@ enum BenchCommand {
         /// Timed repetitions (median reported)
         #[arg(long, default_value_t = 5)]
         reps: usize,
-        /// Where the model folders are written (removed afterwards)
+        /// Where the model folders are written (in its subfolder .llava-sco-bench, removed afterwards)
         #[arg(long, default_value = "bench-results/decode-tmp")]
         dir: PathBuf,
         /// Python with torch + transformers for the peer
@@ -209,7 +209,7 @@ enum BenchCommand {
         /// Full passes per side (median reported)
         #[arg(long, default_value_t = 3)]
         reps: usize,
-        /// Where the inputs are written (removed afterwards)
+        /// Where the inputs are written (in its subfolder .llava-sco-bench, removed afterwards)
         #[arg(long, default_value = "bench-results/data-tmp")]
         dir: PathBuf,
         /// Python with transformers for the peer
@@ -249,7 +249,7 @@ enum BenchCommand {
         /// Intra-op threads per rank, both sides (default: cores / local ranks)
         #[arg(long)]
         threads: Option<usize>,
-        /// Where model folders and batches are written (removed afterwards)
+        /// Where model folders and batches are written (in its subfolder .llava-sco-bench, removed afterwards)
         #[arg(long, default_value = "bench-results/step-tmp")]
         dir: PathBuf,
         #[arg(long, default_value = ".venv/bin/python")]
@@ -906,7 +906,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dir,
             json,
         }) => {
-            trainer::bench::checkpoint::main(&dir, mib, groups, reps, json)?;
+            let scratch = bench_scratch(&dir);
+            trainer::bench::checkpoint::main(&scratch, mib, groups, reps, json)?;
+            drop_if_empty(&dir);
             Ok(ExitCode::SUCCESS)
         }
         Command::DemoData(a) => {
@@ -990,7 +992,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 prompt_tokens,
                 new_tokens,
                 reps,
-                dir,
+                dir: bench_scratch(&dir),
                 peer,
                 threads,
             };
@@ -1002,6 +1004,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 all.push(r);
             }
+            drop_if_empty(&dir);
             if !json {
                 print!("{}", decode::table(&all));
             }
@@ -1030,10 +1033,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 workers,
                 batch_size,
                 reps,
-                dir,
+                dir: bench_scratch(&dir),
                 peer,
             };
             let (stages, ms) = data::run(&opts)?;
+            drop_if_empty(&dir);
             if json {
                 println!("{}", stages.json());
                 for m in &ms {
@@ -1058,21 +1062,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             no_peer,
             json,
             out,
-        }) => bench_step(
-            trainer::bench::step::StepOptions {
-                models,
-                modes,
-                batch,
-                seq,
-                steps: steps.max(1),
-                warmup,
-                threads: threads.unwrap_or_else(default_bench_threads),
-                dir,
-                peer: (!no_peer).then_some((python, script)),
-            },
-            json,
-            out,
-        ),
+        }) => {
+            let code = bench_step(
+                trainer::bench::step::StepOptions {
+                    models,
+                    modes,
+                    batch,
+                    seq,
+                    steps: steps.max(1),
+                    warmup,
+                    threads: threads.unwrap_or_else(default_bench_threads),
+                    dir: bench_scratch(&dir),
+                    peer: (!no_peer).then_some((python, script)),
+                },
+                json,
+                out,
+            );
+            drop_if_empty(&dir);
+            code
+        }
     }
 }
 
@@ -1086,4 +1094,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The folder a benchmark works in and removes afterwards: a subfolder of `--dir`, so that a
+/// `--dir` holding anything else (checkpoints, a working tree) loses nothing.
+fn bench_scratch(dir: &std::path::Path) -> PathBuf {
+    dir.join(".llava-sco-bench")
+}
+
+/// After a benchmark: removes its scratch folder and `dir` if they are empty (nothing else).
+fn drop_if_empty(dir: &std::path::Path) {
+    let _ = std::fs::remove_dir(bench_scratch(dir));
+    let _ = std::fs::remove_dir(dir);
 }

@@ -72,3 +72,35 @@ fn infer_with_a_missing_model_folder_names_it() {
     assert_eq!(code, 1);
     assert!(stderr.contains("no/such/model"), "{stderr}");
 }
+
+/// A benchmark works in a subfolder of --dir and removes only that: a --dir holding other files
+/// (here a sentinel; its name has `: ` and `, `, which a YAML config must quote) keeps them.
+#[test]
+fn bench_checkpoint_keeps_what_its_dir_already_held() {
+    let dir = std::env::temp_dir().join(format!("bench-dir-{}, a: b", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("precious.txt"), "keep me").unwrap();
+    let (code, _, stderr) = trainer(&[
+        "bench",
+        "checkpoint",
+        "--mib",
+        "1",
+        "--groups",
+        "1",
+        "--reps",
+        "1",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("precious.txt")).unwrap(),
+        "keep me"
+    );
+    assert!(
+        !dir.join(".llava-sco-bench").exists(),
+        "the scratch folder is removed"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -87,7 +87,8 @@ pub fn run(
          data: {{train: none.jsonl, image_root: .}}\n\
          train: {{batch_size: 1}}\n\
          checkpoint: {{dir: {}, keep_last: 1, resume: never, async: true}}\n",
-        dir.display()
+        // (a JSON string is a YAML scalar: a path with `: ` or `, ` stays one)
+        serde_json::Value::String(dir.display().to_string())
     );
     let config = crate::config::parse(&yaml, &[]).context("bench config")?;
     let schedule = LrSchedule::new(config.train.lr, &config.train.schedule, 1000);
