@@ -672,14 +672,21 @@ struct ExportArgs {
     out: PathBuf,
     /// peft: adapter_config.json + adapter_model.safetensors; merged: a full HF model folder
     /// (LoRA merged into the base weights, sharded safetensors + config and tokenizer files)
-    #[arg(long, default_value = "peft")]
-    format: String,
-    /// merged: the base model folder (default: the model.path recorded in the checkpoint)
+    #[arg(long, value_enum, default_value_t = ExportFormat::Peft)]
+    format: ExportFormat,
+    /// merged only: the base model folder (default: the model.path recorded in the checkpoint)
     #[arg(long)]
     model: Option<PathBuf>,
-    /// merged: largest weight file (5GB = 5e9 bytes, 2GiB = 2^31; HF naming above one shard)
-    #[arg(long, default_value = trainer::checkpoint::merged::DEFAULT_MAX_SHARD)]
-    max_shard_size: String,
+    /// merged only: largest weight file (default 5GB = 5e9 bytes; 2GiB = 2^31; HF naming above
+    /// one shard)
+    #[arg(long)]
+    max_shard_size: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ExportFormat {
+    Peft,
+    Merged,
 }
 
 /// The Python peer of a benchmark (`.venv`'s python + its script), or None with `--no-peer`.
@@ -861,8 +868,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Infer(args) => infer(args),
         Command::Eval(args) => eval(args),
-        Command::Export(args) => match args.format.as_str() {
-            "peft" => {
+        Command::Export(args) => match args.format {
+            ExportFormat::Peft => {
+                // (an adapter has no base weights to take from --model, nor shards)
+                for (flag, given) in [
+                    ("--model", args.model.is_some()),
+                    ("--max-shard-size", args.max_shard_size.is_some()),
+                ] {
+                    anyhow::ensure!(
+                        !given,
+                        "{flag} is for --format merged; a PEFT adapter is written without it"
+                    );
+                }
                 let n = trainer::checkpoint::export_peft(&args.checkpoint, &args.out)?;
                 println!(
                     "wrote {} ({n} LoRA tensors) from {}",
@@ -871,8 +888,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
                 Ok(ExitCode::SUCCESS)
             }
-            "merged" => {
-                let max = trainer::checkpoint::parse_size(&args.max_shard_size)?;
+            ExportFormat::Merged => {
+                let max = trainer::checkpoint::parse_size(
+                    args.max_shard_size
+                        .as_deref()
+                        .unwrap_or(trainer::checkpoint::merged::DEFAULT_MAX_SHARD),
+                )?;
                 let s = trainer::checkpoint::export_merged(
                     &args.checkpoint,
                     &args.out,
@@ -891,7 +912,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
                 Ok(ExitCode::SUCCESS)
             }
-            other => anyhow::bail!("--format {other}: expected peft or merged"),
         },
         Command::Bench(BenchCommand::Collectives {
             backend,

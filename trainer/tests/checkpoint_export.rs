@@ -110,3 +110,31 @@ fn plain_trainer_resumes_a_sharded_checkpoint() {
         );
     }
 }
+
+/// Merged-only flags with --format peft, and an unknown format, are refused (not ignored).
+#[test]
+fn export_refuses_flags_the_format_does_not_use() {
+    let run = |args: &[&str]| {
+        let o = Command::new(bin("trainer"))
+            .args(["export", "--checkpoint", "c", "--out", "o"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--format", "peft", "--max-shard-size", "1GB"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--max-shard-size is for --format merged"),
+        "{err}"
+    );
+    let (code, err) = run(&["--model", "m"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--model is for --format merged"), "{err}");
+    let (code, err) = run(&["--format", "gguf"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("possible values: peft, merged"), "{err}");
+}

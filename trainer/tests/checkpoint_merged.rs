@@ -339,3 +339,59 @@ fn merged_export_of_a_manifest_with_negative_shapes_is_an_error() {
     assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
     assert!(o.stderr.contains("q_proj.lora_"), "{}", o.stderr);
 }
+
+/// An export that fails midway (here: the base folder's tokenizer.json cannot be copied, after
+/// every shard was written) removes what it wrote, so the folder neither looks like a model nor
+/// refuses the retry; a file of the user's that the export would write is not overwritten.
+#[test]
+fn a_failed_merged_export_leaves_nothing_behind_and_user_files_are_kept() {
+    let ckpt = lora_checkpoint();
+    let root = ckpt.parent().unwrap().parent().unwrap();
+    let base = setup().join("model");
+    let broken = root.join("broken-base");
+    let _ = std::fs::remove_dir_all(&broken);
+    std::fs::create_dir_all(&broken).unwrap();
+    for e in std::fs::read_dir(&base).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), broken.join(e.file_name())).unwrap();
+    }
+    std::fs::remove_file(broken.join("tokenizer.json")).unwrap();
+    std::fs::create_dir(broken.join("tokenizer.json")).unwrap(); // cannot be copied
+    let out = root.join("merged-retry");
+    let _ = std::fs::remove_dir_all(&out);
+    let o = export(
+        ckpt,
+        &out,
+        "merged",
+        &[
+            "--model",
+            broken.to_str().unwrap(),
+            "--max-shard-size",
+            "200KB",
+        ],
+    );
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let o = export(ckpt, &out, "merged", &["--model", base.to_str().unwrap()]);
+    assert_eq!(o.code, Some(0), "the retry: {}", o.stderr);
+    // a folder holding a file of the user's that the export writes is refused, the file kept
+    let mine = root.join("merged-user-files");
+    let _ = std::fs::remove_dir_all(&mine);
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("chat_template.json"), "{\"edited\": true}").unwrap();
+    let o = export(ckpt, &mine, "merged", &[]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("already holds chat_template.json"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(mine.join("chat_template.json")).unwrap(),
+        "{\"edited\": true}"
+    );
+}

@@ -60,12 +60,41 @@ pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<usize> {
         "use_rslora": false,
     });
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let p = out.join("adapter_config.json");
-    super::write_synced(&p, serde_json::to_string_pretty(&config)?.as_bytes())?;
-    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let p = out.join("adapter_model.safetensors");
-    Tensor::write_safetensors(&refs, &p).with_context(|| format!("writing {}", p.display()))?;
-    super::sync_file(&p)?;
-    super::fsync_dir(out).with_context(|| format!("syncing {}", out.display()))?;
+    // weights first, the config last, each written under a .partial name and renamed: a run
+    // killed midway leaves no adapter_config.json beside missing or torn weights, and a failed
+    // run removes what it wrote, so a retry into the same --out is not refused
+    let weights = out.join("adapter_model.safetensors");
+    let config_path = out.join("adapter_config.json");
+    let partial = |p: &Path| {
+        p.with_extension(format!(
+            "{}.partial",
+            p.extension().and_then(|e| e.to_str()).unwrap_or("")
+        ))
+    };
+    let write = || -> Result<()> {
+        let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let tmp = partial(&weights);
+        Tensor::write_safetensors(&refs, &tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        super::sync_file(&tmp)?;
+        std::fs::rename(&tmp, &weights)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), weights.display()))?;
+        let tmp = partial(&config_path);
+        super::write_synced(&tmp, serde_json::to_string_pretty(&config)?.as_bytes())?;
+        std::fs::rename(&tmp, &config_path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), config_path.display()))?;
+        super::fsync_dir(out).with_context(|| format!("syncing {}", out.display()))
+    };
+    if let Err(e) = write() {
+        for p in [
+            partial(&weights),
+            partial(&config_path),
+            weights,
+            config_path,
+        ] {
+            let _ = std::fs::remove_file(p);
+        }
+        return Err(e);
+    }
     Ok(tensors.len())
 }

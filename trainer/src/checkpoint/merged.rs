@@ -32,9 +32,9 @@ use crate::model::Linear;
 /// huggingface_hub's default `max_shard_size`.
 pub const DEFAULT_MAX_SHARD: &str = "5GB";
 
-/// Files copied from the base folder when present (config.json must be).
+/// Files copied from the base folder when present (config.json must be), config.json last: a
+/// folder with it looks loadable, so it comes once everything else is in place.
 const SIDE_FILES: [&str; 10] = [
-    "config.json",
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -44,7 +44,26 @@ const SIDE_FILES: [&str; 10] = [
     "chat_template.json",
     "preprocessor_config.json",
     "processor_config.json",
+    "config.json",
 ];
+
+/// The files an export created, removed again unless it finished (`done`): a failed or killed
+/// export (disk full, a bad tensor) leaves neither a folder that looks complete nor one that a
+/// retry refuses as holding weights.
+struct Created {
+    paths: Vec<PathBuf>,
+    done: bool,
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        if !self.done {
+            for p in &self.paths {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
 
 /// What `export_merged` wrote.
 #[derive(Debug, Clone, PartialEq)]
@@ -338,6 +357,10 @@ pub fn export_merged(
 
     // 3. write
     prepare_out(out)?;
+    let mut created = Created {
+        paths: vec![],
+        done: false,
+    };
     let mut weight_map = serde_json::Map::new();
     let (mut merged, mut replaced) = (0, 0);
     for (shard, fname) in shards.iter().zip(&names) {
@@ -358,6 +381,7 @@ pub fn export_merged(
         while head.len() % 8 != 0 {
             head.push(b' ');
         }
+        created.paths.push(path.clone());
         let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         let mut w = BufWriter::with_capacity(8 << 20, file);
         w.write_all(&(head.len() as u64).to_le_bytes())?;
@@ -417,15 +441,18 @@ pub fn export_merged(
     if n > 1 {
         let index = json!({"metadata": {"total_size": total_bytes}, "weight_map": weight_map});
         let p = out.join("model.safetensors.index.json");
+        created.paths.push(p.clone());
         super::write_synced(&p, serde_json::to_string_pretty(&index)?.as_bytes())?;
     }
     for f in SIDE_FILES {
         let src = base_dir.join(f);
         if src.exists() {
+            created.paths.push(out.join(f));
             super::copy_synced(&src, &out.join(f))?;
         }
     }
     super::fsync_dir(out)?;
+    created.done = true;
     Ok(MergedSummary {
         tensors: base.len(),
         merged,
@@ -436,7 +463,7 @@ pub fn export_merged(
 }
 
 /// Creates `out`; refuses a folder that already holds weights (a stale shard would mix into the
-/// export).
+/// export) or any file the export writes (a user's edited chat template would be replaced).
 fn prepare_out(out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     for e in std::fs::read_dir(out).with_context(|| format!("listing {}", out.display()))? {
@@ -444,6 +471,12 @@ fn prepare_out(out: &Path) -> Result<()> {
         if name.ends_with(".safetensors") || name == "model.safetensors.index.json" {
             bail!(
                 "--out {} already holds model weights ({name}); give an empty or new folder",
+                out.display()
+            );
+        }
+        if SIDE_FILES.contains(&name.as_str()) {
+            bail!(
+                "--out {} already holds {name}, which the export writes; give an empty or new folder",
                 out.display()
             );
         }
