@@ -200,10 +200,13 @@ __device__ void attn_fwd(const AttnParams& p) {
 // delta[b, h, i] = sum_d dO * O (fp32): the row term of dS = P * (dP - delta).
 template <bool BF16, int D>
 __device__ void attn_bwd_delta(const AttnParams& p) {
-    const int warp_global = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    // (64-bit: B x H x Sq rows pass 2^26 -- 2^31 threads -- at e.g. 16 x 32 x 131072)
+    const i64 warp_global = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
     const i64 rows = (i64)p.B * p.H * p.Sq;
     if (warp_global >= rows) return;
-    const int i = warp_global % p.Sq, h = (warp_global / p.Sq) % p.H, b = warp_global / ((i64)p.Sq * p.H);
+    const int i = (int)(warp_global % p.Sq), h = (int)((warp_global / p.Sq) % p.H);
+    const int b = (int)(warp_global / ((i64)p.Sq * p.H));
     const u16* o = p.o + b * p.o_bs + (i64)i * p.o_ss + h * p.o_hs;
     const u16* d = p.dout + b * p.do_bs + (i64)i * p.do_ss + h * p.do_hs;
     float acc = 0.f;

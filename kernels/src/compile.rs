@@ -78,16 +78,48 @@ pub fn compile_ptx(src: &KernelSource, arch: &str) -> Result<String> {
 }
 
 /// Where compiled PTX is kept: `LLAVA_SCO_KERNEL_CACHE`, else `$XDG_CACHE_HOME` or `~/.cache`
-/// + `/llava-sco/kernels`, else the temp dir.
+/// + `/llava-sco/kernels`, else this user's folder in the temp dir (`temp_cache_dir`).
 pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("LLAVA_SCO_KERNEL_CACHE") {
         return PathBuf::from(d);
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
+    std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("llava-sco").join("kernels")
+        .map_or_else(temp_cache_dir, |base| {
+            base.join("llava-sco").join("kernels")
+        })
+}
+
+/// The cache without a home folder: `<temp>/llava-sco-<uid>/kernels`. Other users can write the
+/// temp dir, and PTX found there is loaded as device code: the folder is created private (0700)
+/// and only used while it is this user's and nobody else can write it (`trusted`).
+fn temp_cache_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    std::env::temp_dir()
+        .join(format!("llava-sco-{uid}"))
+        .join("kernels")
+}
+
+/// Whether cached PTX under `dir` may be read and written: always, except in the temp-dir
+/// fallback, whose user folder must exist as this user's with no write access for others (it
+/// is created so when missing).
+fn trusted(dir: &Path) -> bool {
+    let Some(user_dir) = dir.parent().filter(|_| dir == temp_cache_dir()) else {
+        return true;
+    };
+    // SAFETY: geteuid has no preconditions.
+    private_folder(user_dir, unsafe { libc::geteuid() })
+}
+
+/// Creates `dir` (mode 0700) when missing; whether it is a real folder (not a link) of `uid`
+/// that nobody else can write.
+fn private_folder(dir: &Path, uid: u32) -> bool {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(dir);
+    std::fs::symlink_metadata(dir)
+        .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o022 == 0)
 }
 
 /// The cache file name for (source, arch, NVRTC version).
@@ -112,7 +144,19 @@ pub fn cache_key(src: &KernelSource, arch: &str, version: (i32, i32)) -> String 
 /// PTX from the disk cache, compiling (and caching atomically) on a miss. A cache that cannot be
 /// written is not fatal: the PTX is still returned and a warning logged once.
 pub fn cached_ptx(src: &KernelSource, arch: &str) -> Result<String> {
-    let path = cache_dir().join(cache_key(src, arch, nvrtc_version()?));
+    let dir = cache_dir();
+    if !trusted(&dir) {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "kernel cache {} is not this user's private folder (another user could plant PTX \
+             there): compiling without it; set LLAVA_SCO_KERNEL_CACHE or HOME",
+                dir.display()
+            )
+        });
+        return compile_ptx(src, arch);
+    }
+    let path = dir.join(cache_key(src, arch, nvrtc_version()?));
     if let Ok(ptx) = std::fs::read_to_string(&path) {
         return Ok(ptx);
     }
@@ -156,4 +200,37 @@ fn compile_and_cache(src: &KernelSource, arch: &str, path: &Path) -> Result<Stri
         );
     }
     Ok(ptx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// The temp-dir cache folder is created private and trusted only while private and ours: one
+    /// that others can write, another user's, or a symlink is not used.
+    #[test]
+    fn the_temp_cache_folder_must_be_private() {
+        let root = std::env::temp_dir().join(format!("kcache-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        let mine = root.join("mine");
+        assert!(private_folder(&mine, uid), "created 0700 and ours");
+        let mode = std::fs::metadata(&mine).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(!private_folder(&mine, uid), "writable by others");
+        std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(
+            !private_folder(&mine, uid.wrapping_add(1)),
+            "another user's"
+        );
+        let link = root.join("link");
+        std::os::unix::fs::symlink(&mine, &link).unwrap();
+        assert!(!private_folder(&link, uid), "a symlink");
+        assert_eq!(temp_cache_dir().file_name().unwrap(), "kernels");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

@@ -385,9 +385,12 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
         (None, Some(c)) => c.model_path(),
         (None, None) => anyhow::bail!("--model is required (or --checkpoint)"),
     };
-    let (mut model, text, image_config) = load_for_generation(&model_dir, args.adapter.as_deref())?;
+    // (before the base's weights are read: a wrong --model fails in a second, not after 20 GB)
     if let Some(c) = &ckpt {
         c.check_base(&model_dir)?;
+    }
+    let (mut model, text, image_config) = load_for_generation(&model_dir, args.adapter.as_deref())?;
+    if let Some(c) = &ckpt {
         c.apply(&mut model)?;
     }
     let img = args
