@@ -68,16 +68,33 @@ pub enum LaunchError {
     Signals(std::io::Error),
 }
 
+/// The any-interface address of `host`'s address family: "::" for an IPv6 master (an IPv4
+/// wildcard would refuse the other nodes' connections), else "0.0.0.0".
+fn wildcard_for(host: &str, port: u16) -> &'static str {
+    use std::net::ToSocketAddrs;
+    let v6 = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| a.is_ipv6());
+    if v6 {
+        "::"
+    } else {
+        "0.0.0.0"
+    }
+}
+
 /// Runs the job on this node until it succeeds or gives up. Call it from the main thread: ranks
 /// die with the thread that started them (PR_SET_PDEATHSIG).
 pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
     signals::install().map_err(LaunchError::Signals)?;
     let host = hostname();
     // Node 0 serves the store: on every interface for a multi-node run (the master address may be
-    // any of them), only on the master address for a single node.
+    // any of them) in the master address's family (IPv6 when it resolves to one), only on the
+    // master address for a single node.
     let server = if spec.node_rank == 0 {
         let bind_host = if spec.nnodes > 1 {
-            "0.0.0.0"
+            wildcard_for(&spec.master_addr, spec.master_port)
         } else {
             spec.master_addr.as_str()
         };
@@ -571,5 +588,18 @@ pub fn hostname() -> String {
     match ok {
         true if end > 0 => String::from_utf8_lossy(&buf[..end]).into_owned(),
         _ => "localhost".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wildcard_for;
+
+    #[test]
+    fn the_store_listens_in_the_master_addresss_family() {
+        assert_eq!(wildcard_for("::1", 29500), "::");
+        assert_eq!(wildcard_for("fe80::1", 29500), "::");
+        assert_eq!(wildcard_for("127.0.0.1", 29500), "0.0.0.0");
+        assert_eq!(wildcard_for("no-such-host.invalid", 29500), "0.0.0.0");
     }
 }
