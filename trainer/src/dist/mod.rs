@@ -124,15 +124,34 @@ pub struct Work {
     done: mpsc::Receiver<Result<()>>,
     op: &'static str,
     finish: Option<Finish>,
+    /// `wait` ran (else `Drop` waits).
+    waited: bool,
+}
+
+/// A Work dropped without `wait` (an error unwound past an in-flight prefetch) still waits for
+/// its collective: NCCL may be writing into tensors that only the finish step keeps alive, and
+/// the caching allocator would hand their memory out again under it. Errors are dropped (the
+/// error being unwound is the one reported).
+impl Drop for Work {
+    fn drop(&mut self) {
+        if self.waited {
+            return;
+        }
+        let done = matches!(self.done.recv(), Ok(Ok(())));
+        if let (true, Some(f)) = (done, self.finish.take()) {
+            let _ = f();
+        }
+    }
 }
 
 /// Runs on the waiting thread once the backend reported success (NCCL: order libtorch's stream).
 pub(crate) type Finish = Box<dyn FnOnce() -> Result<()> + Send>;
 
 impl Work {
-    pub fn wait(self) -> Result<()> {
+    pub fn wait(mut self) -> Result<()> {
+        self.waited = true;
         match self.done.recv() {
-            Ok(Ok(())) => self.finish.map_or(Ok(()), |f| f()),
+            Ok(Ok(())) => self.finish.take().map_or(Ok(()), |f| f()),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(DistError::Invalid(format!(
                 "{}: the communication thread ended before answering",
@@ -220,6 +239,7 @@ impl ProcessGroup {
             done: rx,
             op: name,
             finish,
+            waited: false,
         })
     }
 
@@ -347,5 +367,24 @@ pub(crate) fn expect_device(t: &Tensor, cuda: bool, what: &str) -> Result<()> {
             if cuda { "nccl" } else { "cpu" },
             if cuda { "CUDA" } else { "CPU" }
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Work dropped without `wait` waits for its collective itself: the tensor holds the result
+    /// right after, and the group goes on.
+    #[test]
+    fn an_unwaited_work_completes_when_dropped() {
+        let pg = ProcessGroup::from_env(Backend::Cpu, Duration::from_secs(10)).unwrap();
+        let t = Tensor::ones([4097], (tch::Kind::Float, tch::Device::Cpu));
+        drop(pg.all_reduce_async(&t, ReduceOp::Sum).unwrap());
+        assert_eq!(
+            t.sum(tch::Kind::Double).double_value(&[]),
+            4097.0 * pg.world_size() as f64
+        );
+        pg.barrier().unwrap();
     }
 }

@@ -363,7 +363,9 @@ impl FsdpModel {
     /// Forward of one micro-batch; returns the plan, every value (detached) and, with `keep`
     /// (no activation checkpointing), each stage's graph. Without `keep` the forward builds no
     /// graph and frees every layer unit after its stage; with `keep` the units of kept stages
-    /// stay gathered until their backward.
+    /// stay gathered until their backward, the others (cross-attention without images, frozen
+    /// layers) are freed at once: a stage without a graph gets no output gradient, so its
+    /// backward needs no parameters.
     fn forward_values(
         &mut self,
         pg: &ProcessGroup,
@@ -430,8 +432,9 @@ impl FsdpModel {
             };
             let (value, graph_kept) = out;
             values[output] = value;
+            let no_graph = graph_kept.is_none();
             kept.push(graph_kept);
-            if unit != ROOT && !keep {
+            if unit != ROOT && (!keep || no_graph) {
                 self.units[unit].free(self.compute);
             }
         }
@@ -443,7 +446,11 @@ impl FsdpModel {
     pub fn forward_loss(&mut self, pg: &ProcessGroup, batch: &Batch) -> Result<f64, FsdpError> {
         self.model.set_training(false);
         let r = self.forward_values(pg, batch, 0, false);
-        self.free_unit(ROOT);
+        if r.is_err() {
+            self.free_all(); // a layer unit may be left gathered
+        } else {
+            self.free_unit(ROOT);
+        }
         self.model.set_training(true);
         let (plan, values, _) = r?;
         let out = plan.stages.last().expect("out stage").output;
@@ -461,13 +468,25 @@ impl FsdpModel {
         seed: u64,
     ) -> Result<f64, FsdpError> {
         let keep = self.keep_graphs;
-        let (mut plan, mut values, mut kept) = match self.forward_values(pg, batch, seed, keep) {
-            Ok(r) => r,
-            Err(e) => {
-                self.free_all();
-                return Err(e);
-            }
-        };
+        let r = self
+            .forward_values(pg, batch, seed, keep)
+            .and_then(|fwd| self.backward(pg, fwd, loss_scale, seed));
+        if r.is_err() {
+            // (an in-flight prefetch was waited for when it was dropped: `dist::Work`)
+            self.free_all();
+        }
+        r
+    }
+
+    /// The backward of `forward_backward` over the forward's plan, values and kept graphs.
+    fn backward(
+        &mut self,
+        pg: &ProcessGroup,
+        (mut plan, mut values, mut kept): Forward,
+        loss_scale: f64,
+        seed: u64,
+    ) -> Result<f64, FsdpError> {
+        let keep = self.keep_graphs;
         let out_id = plan.stages.last().expect("out stage").output;
         let loss = values[out_id].as_ref().expect("loss").double_value(&[]);
         let device = self.model.options.device;
@@ -617,4 +636,74 @@ fn accumulate(slot: &mut Option<Tensor>, g: Tensor) {
 
 fn nones(n: usize) -> Vec<Option<Tensor>> {
     (0..n).map(|_| None).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use tch::{Kind, Tensor};
+
+    use super::*;
+    use crate::dist::{Backend, ProcessGroup};
+    use crate::fsdp::WrapOptions;
+    use crate::model::{LoadOptions, LoraConfig, MllamaModel, TargetModules};
+
+    /// Keep mode (no activation checkpointing) on a text-only batch: a layer whose stage kept no
+    /// graph (cross-attention without images) is freed in the forward, not held gathered until
+    /// the end of the backward; the kept ones stay gathered.
+    #[test]
+    fn keep_mode_frees_the_units_of_stages_without_a_graph() {
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mllama_tiny");
+        let mut m = MllamaModel::load(&fixtures.join("model_hf5"), LoadOptions::default()).unwrap();
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+            use_rslora: false,
+        };
+        m.apply_lora(&lora, 7).unwrap();
+        let pg = ProcessGroup::from_env(Backend::Cpu, Duration::from_secs(30)).unwrap();
+        let opts = WrapOptions {
+            compute: Kind::Float,
+            prefetch: false,
+            activation_checkpointing: false,
+        };
+        let mut f = FsdpModel::wrap(m, &pg, opts).unwrap();
+        let g: HashMap<String, Tensor> =
+            Tensor::read_safetensors(fixtures.join("golden_text.safetensors"))
+                .unwrap()
+                .into_iter()
+                .collect();
+        let batch = Batch {
+            input_ids: g["input_ids"].shallow_clone(),
+            attention_mask: g.get("attention_mask").map(Tensor::shallow_clone),
+            labels: g.get("labels").map(Tensor::shallow_clone),
+            images: None,
+        };
+        let (plan, _, kept) = f.forward_values(&pg, &batch, 1, true).unwrap();
+        let (mut freed, mut held) = (0, 0);
+        for (si, st) in plan.stages.iter().enumerate() {
+            if st.unit == ROOT {
+                continue;
+            }
+            let gathered = f.units[st.unit].gathered;
+            assert_eq!(
+                gathered,
+                kept[si].is_some(),
+                "stage {si} (unit {})",
+                f.units[st.unit].name
+            );
+            if gathered {
+                held += 1;
+            } else {
+                freed += 1;
+            }
+        }
+        assert!(freed > 0 && held > 0, "freed {freed}, held {held}");
+        f.free_all();
+    }
 }
