@@ -197,6 +197,9 @@ impl FsdpModel {
             });
         }
         model.set_training(true);
+        // a tied lm_head is a view of the whole unsharded embedding (vocab x hidden) until it is
+        // rebuilt after the first gather: drop it now, not at the end of the first step
+        untie(&mut model);
         let lm_loss_chunk = crate::model::lm_loss_chunk_rows(model.config.text.vocab_size);
         Ok(FsdpModel {
             model,
