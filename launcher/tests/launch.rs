@@ -940,18 +940,22 @@ fn a_launcher_signal_while_stopping_ends_the_run_without_restart() {
     );
 }
 
-/// Nodes that disagree on restarting (here: --max-restarts 1 on node 0, 0 on node 1): node 1
-/// ends the run, and node 0, which would restart, learns it at the next rendezvous instead of
-/// waiting out --rdzv-timeout for a node that is gone.
-#[test]
-fn a_node_that_restarts_alone_stops_when_the_other_gave_up() {
+/// Nodes that disagree on restarting (--max-restarts 1 on one, 0 on the other): the node without
+/// restarts ends the run, and the other, which would restart, learns it at the next rendezvous
+/// instead of waiting out --rdzv-timeout for a node that is gone. Both ways round: when node 0
+/// (which serves the store) is the one that stops, it stays until the other has read why.
+fn restarts_alone(restarting_node: usize) {
     let port = free_port().to_string();
-    let node = |rank: &str, restarts: &str| {
+    let node = |rank: usize| {
+        let restarts = if rank == restarting_node { "1" } else { "0" };
+        let failing = if restarting_node == 0 { "1" } else { "0" }; // the stopping node's rank
+        let script = format!(r#"if [ "$RANK" = {failing} ]; then sleep 0.5; exit 4; fi; sleep 30"#);
+        let rank = rank.to_string();
         let mut c = launcher(&[
             "--nnodes",
             "2",
             "--node-rank",
-            rank,
+            &rank,
             "--nproc-per-node",
             "1",
             "--master-addr",
@@ -969,27 +973,41 @@ fn a_node_that_restarts_alone_stops_when_the_other_gave_up() {
             "--",
             "sh",
             "-c",
-            // global rank 1 (node 1) fails on the first attempt; rank 0 waits to be stopped
-            r#"if [ "$RANK" = 1 ]; then sleep 0.5; exit 4; fi; sleep 30"#,
+            &script,
         ]);
         c.env("PATH", std::env::var("PATH").unwrap());
         c
     };
     let started = Instant::now();
-    let node0 = node("0", "1").spawn().unwrap();
-    let node1 = node("1", "0").spawn().unwrap();
+    let node0 = node(0).spawn().unwrap();
+    let node1 = node(1).spawn().unwrap();
     let run1 = wait(node1, started, LIMIT);
     let run0 = wait(node0, started, LIMIT);
-    assert_eq!(run1.code(), 4, "{}", run1.stderr);
-    assert_ne!(run0.code(), 0, "{}", run0.stderr);
+    let (stopper, restarter) = if restarting_node == 0 {
+        (run1, run0)
+    } else {
+        (run0, run1)
+    };
+    assert_eq!(stopper.code(), 4, "{}", stopper.stderr);
+    assert_ne!(restarter.code(), 0, "{}", restarter.stderr);
     assert!(
-        run0.stderr.contains("another node ended the run"),
+        restarter.stderr.contains("another node ended the run"),
         "{}",
-        run0.stderr
+        restarter.stderr
     );
     assert!(
-        run0.elapsed < Duration::from_secs(20),
+        restarter.elapsed < Duration::from_secs(20),
         "took {:?}",
-        run0.elapsed
+        restarter.elapsed
     );
+}
+
+#[test]
+fn a_node_that_restarts_alone_stops_when_the_other_gave_up() {
+    restarts_alone(0);
+}
+
+#[test]
+fn a_node_that_restarts_alone_stops_when_node_0_gave_up() {
+    restarts_alone(1);
 }

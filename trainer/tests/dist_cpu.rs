@@ -438,3 +438,37 @@ fn mismatched_sizes_are_errors_on_every_rank_tcp() {
     mismatch("mismatch", "tcp");
     mismatch("mismatch-empty", "tcp");
 }
+
+/// A collective's Work dropped without wait() (an error unwinding past a prefetch) waits for
+/// the collective: its tensor holds the result right after, on every transport.
+#[test]
+fn a_dropped_work_completes_on_every_transport() {
+    for cma in ["0", "1"] {
+        let asked = ("LLAVA_SCO_TEST_ASKED_CMA", cma);
+        let (output, dir) = selftest_env(
+            2,
+            &["--mode", "drop-unwaited"],
+            &[(CMA, cma_here(cma)), asked],
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "cma={cma}: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(
+            stdout.matches("dropped work completed").count(),
+            2,
+            "{stdout}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let ([node0, node1], _) = selftest_two_nodes(2, &["--mode", "drop-unwaited"]);
+    for (n, o) in [node0, node1].iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "tcp node {n}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}

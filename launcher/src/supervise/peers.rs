@@ -174,6 +174,7 @@ impl Peers {
                 Err(e) => return Err(e.into()),
             }
             if let Some(why) = m.client.try_get(&abandoned)? {
+                let _ = m.client.add(&format!("{a}/ended"), 1); // node 0 may wait for it
                 return Err(JoinError::Rendezvous(format!(
                     "another node ended the run instead of restarting it (attempt {attempt} will not start): {}",
                     String::from_utf8_lossy(&why)
@@ -282,18 +283,47 @@ impl Peers {
     /// This node ends the run after attempt `attempt` failed (no restarts left, a signal of its
     /// own, a failure that is not restartable): nodes that would restart learn it when they join
     /// attempt `attempt + 1` instead of waiting out the rendezvous timeout.
+    /// Node 0 serves the store, so it stays (at most `ACK_WAIT`) until every other node has ended
+    /// too or read why (`{a}/ended` counts both): else a restarting node would only see the store
+    /// vanish.
     pub fn give_up(&mut self, attempt: u32, failure: &Failure) {
-        if let Peers::Multi(m) = self {
-            let key = format!("launcher/a{}/abandoned", attempt + 1);
-            let why = format!(
-                "node {} ({}): {}",
-                m.node_rank,
-                failure.host,
-                failure.kind.describe()
-            );
-            if let Err(err) = m.client.set(&key, why.as_bytes()) {
-                tracing::warn!("cannot tell the other nodes that this one stops: {err}");
+        let Peers::Multi(m) = self else {
+            return;
+        };
+        let next = format!("launcher/a{}", attempt + 1);
+        let why = format!(
+            "node {} ({}): {}",
+            m.node_rank,
+            failure.host,
+            failure.kind.describe()
+        );
+        // (the first node's cause is kept)
+        let told = m
+            .client
+            .compare_set(&format!("{next}/abandoned"), None, why.as_bytes())
+            .map(|_| ());
+        if let Err(err) = told {
+            tracing::warn!("cannot tell the other nodes that this one stops: {err}");
+            return;
+        }
+        let ended = format!("{next}/ended");
+        if m.node_rank != 0 {
+            let _ = m.client.add(&ended, 1);
+            return;
+        }
+        let deadline = Instant::now() + ACK_WAIT;
+        while Instant::now() < deadline {
+            let count = m
+                .client
+                .try_get(&ended)
+                .ok()
+                .flatten()
+                .and_then(|v| String::from_utf8(v).ok()?.parse::<i64>().ok())
+                .unwrap_or(0);
+            if count >= m.nnodes as i64 - 1 {
+                return;
             }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -11,6 +11,8 @@
 //! cross-memory attach) or at the op's next barrier; they record the first error of that
 //! all_reduce and a barrier after it.
 //! `--mode transport`: one all_reduce, checked, and a line naming the transport (setup tests).
+//! `--mode drop-unwaited`: an all_reduce whose Work is dropped without wait() has completed
+//! right after (the drop waits), on every rank.
 //! `--mode mismatch` / `mismatch-empty`: rank 0 all_reduces 4097 (0) f32 and the others 4096
 //! (1); each rank writes the error it gets to `OUT/error-RANK.txt` ("no error" if none).
 //! `--mode nccl-timeout` (GPU, world 1): the NCCL dead-peer path. NCCL refuses two ranks of one
@@ -282,6 +284,26 @@ fn main() -> Result<()> {
             std::fs::write(args.out.join(format!("error-{rank}.txt")), &first)?;
             eprintln!("rank {rank}: {first}");
             std::process::exit(if first == "no error" { 0 } else { 1 });
+        }
+        "drop-unwaited" => {
+            // every rank drops an all_reduce's Work without wait(): the drop waits for it, so
+            // the tensor holds the sum right after and the group goes on in step
+            let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
+            let t = Tensor::ones([1 << 20], (Kind::Float, tch::Device::Cpu));
+            drop(pg.all_reduce_async(&t, ReduceOp::Sum)?);
+            let want = Tensor::full(
+                [1 << 20],
+                pg.world_size() as f64,
+                (Kind::Float, tch::Device::Cpu),
+            );
+            if !same(&t, &want) {
+                bail!("rank {rank}: a dropped all_reduce's tensor is not the sum");
+            }
+            pg.barrier()?;
+            println!(
+                "dist-selftest: rank {rank}: dropped work completed ({})",
+                pg.transport()
+            );
         }
         "mismatch-empty" => {
             let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;

@@ -369,22 +369,3 @@ pub(crate) fn expect_device(t: &Tensor, cuda: bool, what: &str) -> Result<()> {
         ))),
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A Work dropped without `wait` waits for its collective itself: the tensor holds the result
-    /// right after, and the group goes on.
-    #[test]
-    fn an_unwaited_work_completes_when_dropped() {
-        let pg = ProcessGroup::from_env(Backend::Cpu, Duration::from_secs(10)).unwrap();
-        let t = Tensor::ones([4097], (tch::Kind::Float, tch::Device::Cpu));
-        drop(pg.all_reduce_async(&t, ReduceOp::Sum).unwrap());
-        assert_eq!(
-            t.sum(tch::Kind::Double).double_value(&[]),
-            4097.0 * pg.world_size() as f64
-        );
-        pg.barrier().unwrap();
-    }
-}

@@ -175,13 +175,14 @@ impl Shared {
         let started = Instant::now();
         let mut polls = 0u64;
         loop {
+            // (checked before the query: after another thread's failure no CUDA call is made)
+            self.check(op)?;
             // SAFETY: the event is alive until the caller destroys it after this returns.
             match unsafe { drv::event::query(event) } {
                 Ok(()) => return Ok(()),
                 Err(drv::DriverError(dsys::cudaError_enum::CUDA_ERROR_NOT_READY)) => {}
                 Err(e) => return Err(DistError::Nccl(format!("{op}: cuEventQuery: {e:?}"))),
             }
-            self.check(op)?;
             polls += 1;
             if polls.is_multiple_of(64) {
                 let comm = self.comm.load(Ordering::Acquire);
@@ -565,6 +566,14 @@ impl Engine for NcclEngine {
         let (device, done_event) = (self.device, done_event as usize);
         // On the waiting thread: its current stream waits for the collective; the tensors live until now.
         Ok(Some(Box::new(move || {
+            // after a failure (of this op or an earlier one, e.g. a prefetch dropped while an
+            // error unwinds: `dist::Work`'s Drop) no CUDA call at all, see `leak_after_failure`;
+            // and the tensors are not freed: a hung kernel may still write into them
+            if let Err(e) = shared.check(name) {
+                leak_after_failure(done_event);
+                std::mem::forget(keep);
+                return Err(e);
+            }
             // the host watches the collective finish (dead peer, timeout); see the module doc.
             // wait() may run on another thread than submit(): make the device's context current.
             let current = kernels::runtime::gpu(device)
@@ -577,6 +586,7 @@ impl Engine for NcclEngine {
                 // forever on an H200 while ncclCommAbort's cudaFreeHost, stuck behind the stalled
                 // stream, held the driver's lock (2026-11-26, gpu-check nccl-timeout).
                 leak_after_failure(done_event);
+                std::mem::forget(keep);
                 return Err(e);
             }
             let stream = kernels::runtime::torch_current_stream(device);
