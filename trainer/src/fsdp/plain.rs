@@ -75,8 +75,15 @@ impl PlainModel {
         let (sum, _) = self.model.loss(batch)?;
         let root = &sum * loss_scale;
         let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
-        // an undefined gradient: the parameter took no part (e.g. cross-attention on text only)
-        let grads = own_grads(Tensor::f_run_backward(&[root], &params, false, false)?);
+        // an undefined gradient: the parameter took no part (e.g. cross-attention on text only);
+        // none took part when the loss has no graph (LoRA only on the projector or the
+        // cross-attention, a text-only micro-batch): libtorch's backward would dereference the
+        // missing graph (a segfault), so there is nothing to run
+        let grads = if root.requires_grad() {
+            own_grads(Tensor::f_run_backward(&[root], &params, false, false)?)
+        } else {
+            params.iter().map(|_| Tensor::new()).collect()
+        };
         match &mut self.acc {
             None => self.acc = Some(grads),
             Some(acc) => {

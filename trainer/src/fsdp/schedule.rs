@@ -39,7 +39,7 @@ use super::flat::Gathering;
 use super::units::ROOT;
 use super::{FsdpError, FsdpModel};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     Stem,
     Local(usize),
@@ -61,6 +61,51 @@ struct Stage {
     /// False: nothing to compute (no images): vision stages produce nothing, a cross-attention
     /// layer passes its hidden states through.
     active: bool,
+}
+
+/// Which of the root unit's stages hold a trainable parameter (the root unit holds the vision
+/// stem and post-norm, the projector, the embedding and the LM head): LoRA on the projector alone
+/// then marks only the head stage as training, not the stem, so the 40 vision layers are not
+/// recomputed with a graph and differentiated down to a stem that takes no gradient. `None`
+/// (every root stage trains, as the unit does) for a trainable parameter of no known stage, and
+/// for tied embeddings (the LM head's gradient reaches the embedding).
+fn root_ops_training(fm: &FsdpModel) -> Option<Vec<Op>> {
+    if fm.model.config.text.tie_word_embeddings {
+        return None;
+    }
+    let mut ops = vec![];
+    for g in fm.units[ROOT].groups.iter().filter(|g| g.trainable) {
+        for p in &g.params {
+            let name = p.name.strip_prefix("base_model.model.").unwrap_or(&p.name);
+            let vision = |parts: &[&str]| {
+                name.strip_prefix("model.vision_model.")
+                    .is_some_and(|rest| parts.iter().any(|x| rest.starts_with(x)))
+            };
+            let op = if vision(&[
+                "patch_embedding",
+                "class_embedding",
+                "gated_positional_embedding",
+                "pre_tile_positional_embedding",
+                "layernorm_pre",
+            ]) {
+                Op::Stem
+            } else if vision(&["layernorm_post", "post_tile_positional_embedding"]) {
+                Op::Post
+            } else if name.starts_with("model.multi_modal_projector") {
+                Op::Head
+            } else if name.starts_with("model.language_model.embed_tokens") {
+                Op::Embed
+            } else if name.starts_with("model.language_model.norm") || name.starts_with("lm_head") {
+                Op::Out
+            } else {
+                return None;
+            };
+            if !ops.contains(&op) {
+                ops.push(op);
+            }
+        }
+    }
+    Some(ops)
 }
 
 /// One micro-batch's stage list and the constants its stages read.
@@ -106,12 +151,20 @@ impl Plan {
             None,
         );
         let trains: Vec<bool> = fm.units.iter().map(|u| u.trains()).collect();
+        let root_ops = root_ops_training(fm);
         let mut stages = vec![];
         let mut needs: Vec<bool> = vec![];
         let mut add = |op, unit: usize, inputs: Vec<usize>, active: bool| -> usize {
             let out = needs.len();
+            let op_trains = if unit == ROOT {
+                root_ops
+                    .as_ref()
+                    .map_or(trains[ROOT], |ops| ops.contains(&op))
+            } else {
+                trains[unit]
+            };
             let n = if active {
-                trains[unit] || inputs.iter().any(|&i| needs[i])
+                op_trains || inputs.iter().any(|&i| needs[i])
             } else {
                 inputs.first().is_some_and(|&i| needs[i])
             };
@@ -705,5 +758,57 @@ mod tests {
         }
         assert!(freed > 0 && held > 0, "freed {freed}, held {held}");
         f.free_all();
+    }
+
+    /// LoRA on the projector alone: only the head stage trains among the root unit's stages, so
+    /// no vision value needs a gradient (the vision tower is not differentiated), while the
+    /// projector's output and everything after it does.
+    #[test]
+    fn lora_on_the_projector_alone_does_not_differentiate_the_vision_tower() {
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mllama_tiny");
+        let mut m = MllamaModel::load(&fixtures.join("model_hf5"), LoadOptions::default()).unwrap();
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: TargetModules::Names(vec!["multi_modal_projector".into()]),
+            use_rslora: false,
+        };
+        m.apply_lora(&lora, 7).unwrap();
+        let pg = ProcessGroup::from_env(Backend::Cpu, Duration::from_secs(30)).unwrap();
+        let opts = WrapOptions {
+            compute: Kind::Float,
+            prefetch: false,
+            activation_checkpointing: true,
+        };
+        let f = FsdpModel::wrap(m, &pg, opts).unwrap();
+        assert_eq!(root_ops_training(&f), Some(vec![Op::Head]));
+        let g: HashMap<String, Tensor> =
+            Tensor::read_safetensors(fixtures.join("golden_image1.safetensors"))
+                .unwrap()
+                .into_iter()
+                .collect();
+        let batch = Batch {
+            input_ids: g["input_ids"].shallow_clone(),
+            attention_mask: g.get("attention_mask").map(Tensor::shallow_clone),
+            labels: g.get("labels").map(Tensor::shallow_clone),
+            images: Some(crate::model::Images {
+                pixel_values: g["pixel_values"].shallow_clone(),
+                aspect_ratio_ids: g["aspect_ratio_ids"].shallow_clone(),
+                aspect_ratio_mask: g["aspect_ratio_mask"].shallow_clone(),
+                cross_attention_mask: g["cross_attention_mask"].shallow_clone(),
+            }),
+        };
+        let plan = Plan::new(&f, &batch).unwrap();
+        for st in &plan.stages {
+            let vision = matches!(st.op, Op::Stem | Op::Local(_) | Op::Post | Op::Global(_));
+            if vision {
+                assert!(!plan.needs_grad[st.output], "{:?} needs a gradient", st.op);
+            }
+            if matches!(st.op, Op::Head | Op::Out) {
+                assert!(plan.needs_grad[st.output], "{:?} needs none", st.op);
+            }
+        }
     }
 }
