@@ -311,20 +311,8 @@ impl Peers {
             let _ = m.client.add(&ended, 1);
             return;
         }
-        let deadline = Instant::now() + ACK_WAIT;
-        while Instant::now() < deadline {
-            let count = m
-                .client
-                .try_get(&ended)
-                .ok()
-                .flatten()
-                .and_then(|v| String::from_utf8(v).ok()?.parse::<i64>().ok())
-                .unwrap_or(0);
-            if count >= m.nnodes as i64 - 1 {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let others = m.nnodes as i64 - 1;
+        m.wait_count(&ended, others);
     }
 
     pub fn finish(&mut self, attempt: u32) {
@@ -336,19 +324,9 @@ impl Peers {
             return;
         }
         let acks = format!("launcher/a{attempt}/acks");
-        let deadline = Instant::now() + ACK_WAIT;
-        while Instant::now() < deadline {
-            let count = m
-                .client
-                .try_get(&acks)
-                .ok()
-                .flatten()
-                .and_then(|v| String::from_utf8(v).ok()?.parse::<i64>().ok())
-                .unwrap_or(0);
-            if count >= m.nnodes as i64 {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let all = m.nnodes as i64;
+        if m.wait_count(&acks, all) {
+            return;
         }
         tracing::warn!(
             "not every node acknowledged the end of the run within {} s",
@@ -358,6 +336,25 @@ impl Peers {
 }
 
 impl MultiNode {
+    /// Waits (at most `ACK_WAIT`) until the counter `key` reaches `want`; whether it did.
+    fn wait_count(&mut self, key: &str, want: i64) -> bool {
+        let deadline = Instant::now() + ACK_WAIT;
+        while Instant::now() < deadline {
+            let count = self
+                .client
+                .try_get(key)
+                .ok()
+                .flatten()
+                .and_then(|v| String::from_utf8(v).ok()?.parse::<i64>().ok())
+                .unwrap_or(0);
+            if count >= want {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Counts this node once per attempt in `a<k>/acks`.
     fn ack(&mut self, attempt: u32) {
         if self.acked != Some(attempt)

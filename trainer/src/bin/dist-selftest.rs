@@ -270,14 +270,14 @@ fn main() -> Result<()> {
             eprintln!("rank {rank}: {err}");
             std::process::exit(1);
         }
-        "mismatch" => {
-            // rank 0 all_reduces one element more than the others, then all ranks all_reduce an
-            // empty tensor (rank 0) or one element: every rank must get an error, not wrong data
+        "mismatch" | "mismatch-empty" => {
+            // rank 0 all_reduces one element more than the others (4097 vs 4096, or 0 vs 1):
+            // every rank must get an error, not wrong data
             let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
-            let n = if rank == 0 { 4097 } else { 4096 };
+            let others = if args.mode == "mismatch" { 4096 } else { 0 };
+            let n = if rank == 0 { others + 1 } else { others };
             let t = Tensor::ones([n], (Kind::Float, tch::Device::Cpu));
-            let first = pg.all_reduce(&t, ReduceOp::Sum);
-            let first = match first {
+            let first = match pg.all_reduce(&t, ReduceOp::Sum) {
                 Ok(()) => "no error".to_string(),
                 Err(e) => e.to_string(),
             };
@@ -304,18 +304,6 @@ fn main() -> Result<()> {
                 "dist-selftest: rank {rank}: dropped work completed ({})",
                 pg.transport()
             );
-        }
-        "mismatch-empty" => {
-            let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
-            let n = if rank == 0 { 0 } else { 1 };
-            let t = Tensor::ones([n], (Kind::Float, tch::Device::Cpu));
-            let first = match pg.all_reduce(&t, ReduceOp::Sum) {
-                Ok(()) => "no error".to_string(),
-                Err(e) => e.to_string(),
-            };
-            std::fs::write(args.out.join(format!("error-{rank}.txt")), &first)?;
-            eprintln!("rank {rank}: {first}");
-            std::process::exit(if first == "no error" { 0 } else { 1 });
         }
         "transport" => {
             let pg = ProcessGroup::from_env(backend, Duration::from_secs(60))?;

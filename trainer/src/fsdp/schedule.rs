@@ -701,21 +701,21 @@ mod tests {
     use super::*;
     use crate::dist::{Backend, ProcessGroup};
     use crate::fsdp::WrapOptions;
-    use crate::model::{LoadOptions, LoraConfig, MllamaModel, TargetModules};
+    use crate::model::{Images, LoadOptions, LoraConfig, MllamaModel, TargetModules};
 
-    /// Keep mode (no activation checkpointing) on a text-only batch: a layer whose stage kept no
-    /// graph (cross-attention without images) is freed in the forward, not held gathered until
-    /// the end of the backward; the kept ones stay gathered.
-    #[test]
-    fn keep_mode_frees_the_units_of_stages_without_a_graph() {
-        let fixtures =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mllama_tiny");
-        let mut m = MllamaModel::load(&fixtures.join("model_hf5"), LoadOptions::default()).unwrap();
+    fn fixtures() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mllama_tiny")
+    }
+
+    /// The tiny fixture model with LoRA on `targets`, wrapped at world 1.
+    fn wrapped(targets: &[&str], activation_checkpointing: bool) -> (ProcessGroup, FsdpModel) {
+        let mut m =
+            MllamaModel::load(&fixtures().join("model_hf5"), LoadOptions::default()).unwrap();
         let lora = LoraConfig {
             r: 4,
             alpha: 8.0,
             dropout: 0.0,
-            target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+            target_modules: TargetModules::Names(targets.iter().map(|t| t.to_string()).collect()),
             use_rslora: false,
         };
         m.apply_lora(&lora, 7).unwrap();
@@ -723,21 +723,40 @@ mod tests {
         let opts = WrapOptions {
             compute: Kind::Float,
             prefetch: false,
-            activation_checkpointing: false,
+            activation_checkpointing,
         };
-        let mut f = FsdpModel::wrap(m, &pg, opts).unwrap();
-        let g: HashMap<String, Tensor> =
-            Tensor::read_safetensors(fixtures.join("golden_text.safetensors"))
-                .unwrap()
-                .into_iter()
-                .collect();
-        let batch = Batch {
+        let f = FsdpModel::wrap(m, &pg, opts).unwrap();
+        (pg, f)
+    }
+
+    /// A golden batch of the fixtures (`text`, `image1`, ...).
+    fn golden(case: &str) -> Batch {
+        let path = fixtures().join(format!("golden_{case}.safetensors"));
+        let g: HashMap<String, Tensor> = Tensor::read_safetensors(path)
+            .unwrap()
+            .into_iter()
+            .collect();
+        let images = g.get("pixel_values").map(|pv| Images {
+            pixel_values: pv.shallow_clone(),
+            aspect_ratio_ids: g["aspect_ratio_ids"].shallow_clone(),
+            aspect_ratio_mask: g["aspect_ratio_mask"].shallow_clone(),
+            cross_attention_mask: g["cross_attention_mask"].shallow_clone(),
+        });
+        Batch {
             input_ids: g["input_ids"].shallow_clone(),
             attention_mask: g.get("attention_mask").map(Tensor::shallow_clone),
             labels: g.get("labels").map(Tensor::shallow_clone),
-            images: None,
-        };
-        let (plan, _, kept) = f.forward_values(&pg, &batch, 1, true).unwrap();
+            images,
+        }
+    }
+
+    /// Keep mode (no activation checkpointing) on a text-only batch: a layer whose stage kept no
+    /// graph (cross-attention without images) is freed in the forward, not held gathered until
+    /// the end of the backward; the kept ones stay gathered.
+    #[test]
+    fn keep_mode_frees_the_units_of_stages_without_a_graph() {
+        let (pg, mut f) = wrapped(&["q_proj", "v_proj"], false);
+        let (plan, _, kept) = f.forward_values(&pg, &golden("text"), 1, true).unwrap();
         let (mut freed, mut held) = (0, 0);
         for (si, st) in plan.stages.iter().enumerate() {
             if st.unit == ROOT {
@@ -765,42 +784,9 @@ mod tests {
     /// projector's output and everything after it does.
     #[test]
     fn lora_on_the_projector_alone_does_not_differentiate_the_vision_tower() {
-        let fixtures =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mllama_tiny");
-        let mut m = MllamaModel::load(&fixtures.join("model_hf5"), LoadOptions::default()).unwrap();
-        let lora = LoraConfig {
-            r: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            target_modules: TargetModules::Names(vec!["multi_modal_projector".into()]),
-            use_rslora: false,
-        };
-        m.apply_lora(&lora, 7).unwrap();
-        let pg = ProcessGroup::from_env(Backend::Cpu, Duration::from_secs(30)).unwrap();
-        let opts = WrapOptions {
-            compute: Kind::Float,
-            prefetch: false,
-            activation_checkpointing: true,
-        };
-        let f = FsdpModel::wrap(m, &pg, opts).unwrap();
+        let (_pg, f) = wrapped(&["multi_modal_projector"], true);
         assert_eq!(root_ops_training(&f), Some(vec![Op::Head]));
-        let g: HashMap<String, Tensor> =
-            Tensor::read_safetensors(fixtures.join("golden_image1.safetensors"))
-                .unwrap()
-                .into_iter()
-                .collect();
-        let batch = Batch {
-            input_ids: g["input_ids"].shallow_clone(),
-            attention_mask: g.get("attention_mask").map(Tensor::shallow_clone),
-            labels: g.get("labels").map(Tensor::shallow_clone),
-            images: Some(crate::model::Images {
-                pixel_values: g["pixel_values"].shallow_clone(),
-                aspect_ratio_ids: g["aspect_ratio_ids"].shallow_clone(),
-                aspect_ratio_mask: g["aspect_ratio_mask"].shallow_clone(),
-                cross_attention_mask: g["cross_attention_mask"].shallow_clone(),
-            }),
-        };
-        let plan = Plan::new(&f, &batch).unwrap();
+        let plan = Plan::new(&f, &golden("image1")).unwrap();
         for st in &plan.stages {
             let vision = matches!(st.op, Op::Stem | Op::Local(_) | Op::Post | Op::Global(_));
             if vision {
