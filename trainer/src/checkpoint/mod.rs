@@ -274,13 +274,28 @@ pub(crate) fn list_dir(dir: &Path) -> std::io::Result<Listing> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((complete, partial)),
         Err(e) => return Err(e),
     };
+    let entries: Vec<std::fs::DirEntry> = entries.collect::<Result<_, _>>()?;
+    let names: std::collections::HashSet<String> = entries
+        .iter()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     for e in entries {
-        let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(rest) = name.strip_prefix("step-") else {
             continue;
         };
-        if rest.ends_with(".partial") {
+        // a step folder moved aside to be replaced (`save::replace_dir` where the filesystem
+        // cannot exchange two folders) whose replacement never arrived (a crash between the two
+        // renames): it is still that step's complete checkpoint
+        let aside_step = rest
+            .strip_suffix(".replaced.partial")
+            .filter(|s| s.len() >= 8 && s.bytes().all(|b| b.is_ascii_digit()))
+            .filter(|s| !names.contains(&format!("step-{s}")))
+            .filter(|_| e.path().join("manifest.json").is_file())
+            .and_then(|s| s.parse::<u64>().ok());
+        if let Some(step) = aside_step {
+            complete.push((step, e.path()));
+        } else if rest.ends_with(".partial") {
             partial.push(e.path());
         } else if rest.len() >= 8 && rest.bytes().all(|b| b.is_ascii_digit()) {
             // the manifest is written before the folder gets its final name: a step folder
@@ -316,6 +331,42 @@ pub(crate) fn list_dir(dir: &Path) -> std::io::Result<Listing> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A crash between replace_dir's two renames (no RENAME_EXCHANGE) leaves the old step-N
+    /// moved aside and the new one still `.partial`: the old one counts as step N's complete
+    /// checkpoint (resume uses it, retention keeps it) until a step-N folder exists again.
+    #[test]
+    fn a_folder_moved_aside_for_a_replacement_that_never_came_is_complete() {
+        let root = std::env::temp_dir().join(format!("ckpt-aside-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for name in [
+            "step-00000005.replaced.partial",
+            "step-00000005.partial",
+            "step-00000003",
+        ] {
+            std::fs::create_dir_all(root.join(name)).unwrap();
+            std::fs::write(root.join(name).join("manifest.json"), "{}").unwrap();
+        }
+        let (complete, partial) = list_dir(&root).unwrap();
+        assert_eq!(
+            complete,
+            [
+                (3, root.join("step-00000003")),
+                (5, root.join("step-00000005.replaced.partial"))
+            ]
+        );
+        assert_eq!(partial, [root.join("step-00000005.partial")]);
+        // once step 5 exists again, the one aside is a leftover
+        std::fs::rename(
+            root.join("step-00000005.partial"),
+            root.join("step-00000005"),
+        )
+        .unwrap();
+        let (complete, partial) = list_dir(&root).unwrap();
+        assert_eq!(complete.last().unwrap(), &(5, root.join("step-00000005")));
+        assert_eq!(partial, [root.join("step-00000005.replaced.partial")]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn names_are_zero_padded() {

@@ -597,8 +597,9 @@ impl Janitor {
 
 /// Puts the complete folder `new` in place of the existing `dest`. Linux: one atomic exchange
 /// (renameat2 RENAME_EXCHANGE), the old folder then lies at `new`'s `.partial` name for retention.
-/// Where the filesystem cannot exchange: `dest` is first renamed aside to a `.partial` name (a
-/// crash between the two renames leaves the previous checkpoints to resume from).
+/// Where the filesystem cannot exchange: `dest` is first renamed aside to `<dest>.replaced.partial`;
+/// a crash between the two renames leaves it there, and `list_dir` counts it as step N's complete
+/// checkpoint while no `<dest>` exists.
 fn replace_dir(new: &Path, dest: &Path) -> Result<()> {
     #[cfg(target_os = "linux")]
     {
