@@ -118,6 +118,21 @@ fn lora_checkpoint_weights_and_generation_equal_the_exported_adapter() {
     // --adapter and --checkpoint together: a usage error
     let (code, _, err) = trainer(&INFER, &[("--checkpoint", &ckpt), ("--adapter", &adapter)]);
     assert_eq!(code, Some(2), "{err}");
+    // a damaged rank file (read parameter by parameter now): its checksum still stops it
+    let damaged = out.join("damaged-ckpt");
+    std::fs::create_dir_all(&damaged).unwrap();
+    for e in std::fs::read_dir(&ckpt).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), damaged.join(e.file_name())).unwrap();
+    }
+    let file = damaged.join("rank-0-of-1.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() - 5;
+    bytes[at] ^= 0x40;
+    std::fs::write(&file, bytes).unwrap();
+    let (code, _, err) = trainer(&INFER, &[("--checkpoint", &damaged)]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("rank-0-of-1.safetensors"), "{err}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! `trainer infer --checkpoint DIR`: a training checkpoint (`step-NNNNNNNN/`, see
 //! docs/checkpoint-format.md) applied to its base model in memory, without exporting an adapter
-//! first. The trainable weights come from `checkpoint::read_full` (the reading path of `trainer
-//! export`, every file verified): LoRA factors are put on fresh branches made from the
+//! first. The trainable weights are read one parameter at a time (`checkpoint::load::TrainedParams`,
+//! the merged export's reader: each file verified when first read, never all fp32 weights of a
+//! full finetuning in host memory at once): LoRA factors are put on fresh branches made from the
 //! checkpoint's `peft` section; full-finetuning parameters replace the base weights.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,12 +15,10 @@ use super::InferError;
 use crate::checkpoint::Manifest;
 use crate::model::{LoraConfig, MllamaModel, TargetModules};
 
-/// A checkpoint's trainable weights, read and verified.
+/// A checkpoint whose trainable weights `apply` puts on a model.
 pub struct CheckpointWeights {
     pub dir: PathBuf,
     pub manifest: Manifest,
-    /// (parameter name, fp32 tensor): PEFT keys for LoRA, module paths for full finetuning.
-    pub tensors: Vec<(String, Tensor)>,
 }
 
 fn err(dir: &Path, what: impl std::fmt::Display) -> InferError {
@@ -27,13 +26,13 @@ fn err(dir: &Path, what: impl std::fmt::Display) -> InferError {
 }
 
 impl CheckpointWeights {
+    /// Reads (and checks) the manifest; the weights are read by `apply`.
     pub fn read(dir: &Path) -> Result<Self, InferError> {
-        let (manifest, tensors) =
-            crate::checkpoint::read_full(dir).map_err(|e| err(dir, format!("{e:#}")))?;
+        let manifest =
+            crate::checkpoint::load::read_manifest(dir).map_err(|e| err(dir, format!("{e:#}")))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             manifest,
-            tensors,
         })
     }
 
@@ -134,16 +133,22 @@ impl CheckpointWeights {
         };
         let mut problems = vec![];
         let mut found = 0;
-        for (name, t) in &self.tensors {
+        let mut params = crate::checkpoint::load::TrainedParams::new(&self.dir, &self.manifest)
+            .map_err(|e| err(&self.dir, format!("{e:#}")))?;
+        let names: Vec<String> = params.names().map(str::to_string).collect();
+        for name in &names {
+            let shape = params.shape(name).unwrap_or_default().to_vec();
             match targets.get(name) {
                 None => problems.push(format!("{name}: no such parameter in the model")),
-                Some(p) if p.size() != t.size() => problems.push(format!(
-                    "{name}: the checkpoint has {:?}, the model {:?}",
-                    t.size(),
+                Some(p) if p.size() != shape => problems.push(format!(
+                    "{name}: the checkpoint has {shape:?}, the model {:?}",
                     p.size()
                 )),
                 Some(p) => {
-                    tch::no_grad(|| p.shallow_clone().copy_(t));
+                    let t = params
+                        .get(name)
+                        .map_err(|e| err(&self.dir, format!("{e:#}")))?;
+                    tch::no_grad(|| p.shallow_clone().copy_(&t));
                     found += 1;
                 }
             }
