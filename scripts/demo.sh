@@ -55,7 +55,7 @@ fi
 "$BIN/trainer" export --checkpoint "$ckpt" --format merged --out "$RUN/finetuned"
 after_args=(--model "$RUN/finetuned")
 
-# batches of 8 questions (greedy results do not depend on the batch size): ~5x faster than one
+# batches of 8 questions (greedy results do not depend on the batch size on the CPU in fp32): ~5x faster than one
 # at a time, which leaves the time to training
 eval_run() { # OUT MODEL-ARGS...
   local out=$1; shift

@@ -213,16 +213,24 @@ question types answered significantly above chance and the majority answer (p < 
         );
     }
     if let (Some(a0), Some(a1)) = (aa.first(), aa.get(1)) {
-        let verdict = if a1 > a0 {
+        // paired on the same questions: the discordant turn 0 -> 1 counts, exact McNemar test
+        let t01 = after
+            .as_ref()
+            .and_then(|r| r["transitions"].get(0).cloned())
+            .unwrap_or_default();
+        let count = |k: &str| t01[k].as_u64().unwrap_or(0);
+        let (wr, rw) = (count("wrong_right"), count("right_wrong"));
+        let p = crate::eval::stats::mcnemar_exact(wr, rw);
+        let verdict = if p >= 0.05 {
+            "does not differ significantly from"
+        } else if wr > rw {
             "improves on"
-        } else if a1 < a0 {
-            "is worse than"
         } else {
-            "equals"
+            "is worse than"
         };
         let _ = writeln!(
             s,
-            "after training, turn 1 (self-correction) {verdict} turn 0: {} vs {}.",
+            "after training, turn 1 (self-correction) {verdict} turn 0: {} vs {} ({wr} wrong->right, {rw} right->wrong; exact McNemar p = {p:.3}).",
             pct(Some(*a1)),
             pct(Some(*a0))
         );
