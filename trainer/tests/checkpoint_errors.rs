@@ -273,3 +273,21 @@ fn unwritable_checkpoint_dir_fails_before_training() {
     assert!(!o.stderr.contains("step 1 "), "no step ran\n{}", o.stderr);
     assert!(!out.join("metrics.jsonl").exists() || metrics(&out).is_empty());
 }
+
+/// A checkpoint left moved aside by a crash in the save's replace fallback
+/// (`step-N.replaced.partial`, no `step-N`) is put back and resumed from, on every rank.
+#[test]
+fn a_checkpoint_moved_aside_by_a_crash_is_put_back_and_resumed() {
+    let o = resume_damaged("aside", 2, &[], |d| {
+        let aside = d.with_file_name("step-00000002.replaced.partial");
+        std::fs::rename(d, aside).unwrap();
+    });
+    let o = ok(o, "aside");
+    assert!(o.stderr.contains("renaming it back"), "{}", o.stderr);
+    assert!(o.stderr.contains("resumed from"), "{}", o.stderr);
+    assert_eq!(
+        metrics(&setup().join("aside")).len(),
+        1,
+        "only step 3 trained"
+    );
+}

@@ -271,11 +271,15 @@ fn main() -> Result<()> {
             std::process::exit(1);
         }
         "mismatch" | "mismatch-empty" => {
-            // rank 0 all_reduces one element more than the others (4097 vs 4096, or 0 vs 1):
-            // every rank must get an error, not wrong data
+            // rank 0 all_reduces 4097 f32 and the others 4096, or rank 0 an empty tensor and the
+            // others one element: every rank must get an error, not wrong data
             let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
-            let others = if args.mode == "mismatch" { 4096 } else { 0 };
-            let n = if rank == 0 { others + 1 } else { others };
+            let (mine, others) = if args.mode == "mismatch" {
+                (4097, 4096)
+            } else {
+                (0, 1)
+            };
+            let n = if rank == 0 { mine } else { others };
             let t = Tensor::ones([n], (Kind::Float, tch::Device::Cpu));
             let first = match pg.all_reduce(&t, ReduceOp::Sum) {
                 Ok(()) => "no error".to_string(),

@@ -45,7 +45,13 @@ fn latest_on_rank0(pg: &ProcessGroup, device: Device, dir: &Path) -> Result<Opti
     let mine = if pg.rank() == 0 {
         list_dir(dir)
             .with_context(|| format!("listing checkpoint.dir {}", dir.display()))
-            .map(|(complete, _)| complete.last().map(|&(step, _)| step))
+            .and_then(|(complete, _)| match complete.last() {
+                Some((step, path)) => {
+                    put_back(dir, *step, path)?;
+                    Ok(Some(*step))
+                }
+                None => Ok(None),
+            })
     } else {
         Ok(None)
     };
@@ -63,6 +69,23 @@ fn latest_on_rank0(pg: &ProcessGroup, device: Device, dir: &Path) -> Result<Opti
         -1 => Ok(None),
         step => Ok(Some(dir.join(super::step_dir_name(step as u64)))),
     }
+}
+
+/// A step's checkpoint that `list_dir` found moved aside (`step-N.replaced.partial`: a crash in
+/// `replace_dir`'s fallback) goes back to its name, `step-N`, where every rank looks for it.
+fn put_back(dir: &Path, step: u64, path: &Path) -> Result<()> {
+    let name = dir.join(super::step_dir_name(step));
+    if path == name {
+        return Ok(());
+    }
+    tracing::warn!(
+        "{} was moved aside for a replacement that never came (a crash while saving): renaming it back to {}",
+        path.display(),
+        name.display()
+    );
+    std::fs::rename(path, &name)
+        .with_context(|| format!("renaming {} to {}", path.display(), name.display()))?;
+    super::fsync_dir(dir).with_context(|| format!("syncing {}", dir.display()))
 }
 
 /// The newest complete checkpoint in `dir` (`.partial` folders are ignored).
@@ -345,6 +368,12 @@ fn fill_range(
 
 /// Checks the sha256 of files `names` of checkpoint `dir`, several at once (up to one thread per
 /// core): the first mismatch or read error.
+/// Checks every file the manifest lists against its size and sha256 (reads them all).
+pub(crate) fn verify_all(dir: &Path, m: &Manifest) -> Result<()> {
+    let names: BTreeSet<String> = m.files.iter().map(|f| f.file.clone()).collect();
+    verify_files(dir, m, &names)
+}
+
 fn verify_files(dir: &Path, m: &Manifest, names: &BTreeSet<String>) -> Result<()> {
     let entries: Vec<&FileEntry> = m.files.iter().filter(|f| names.contains(&f.file)).collect();
     let threads = std::thread::available_parallelism()

@@ -26,10 +26,13 @@ fn err(dir: &Path, what: impl std::fmt::Display) -> InferError {
 }
 
 impl CheckpointWeights {
-    /// Reads (and checks) the manifest; the weights are read by `apply`.
+    /// Reads the manifest and verifies every file it lists (before the base model is loaded, so
+    /// a damaged checkpoint fails in seconds); the weights are read by `apply`.
     pub fn read(dir: &Path) -> Result<Self, InferError> {
         let manifest =
             crate::checkpoint::load::read_manifest(dir).map_err(|e| err(dir, format!("{e:#}")))?;
+        crate::checkpoint::load::verify_all(dir, &manifest)
+            .map_err(|e| err(dir, format!("{e:#}")))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             manifest,
