@@ -30,10 +30,7 @@ pub fn prefix(run_id: &str, port: u16, attempt: u32) -> String {
             }
         })
         .collect();
-    // FNV-1a of the exact run id
-    let hash = run_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
+    let hash = crate::token::fnv1a(run_id.as_bytes());
     format!("llava-sco.{safe_run}.{hash:016x}.p{port}.a{attempt}.")
 }
 

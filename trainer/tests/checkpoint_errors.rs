@@ -36,11 +36,7 @@ fn resume_damaged(name: &str, world: usize, sets: &[&str], damage: impl FnOnce(&
     let src = base(world);
     let out = fresh(name);
     let dst = out.join("ckpt/step-00000002");
-    std::fs::create_dir_all(&dst).unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
+    common::copy_dir(&src, &dst);
     damage(&dst);
     let train = format!(
         "epochs: 1, batch_size: {}, grad_accum: 1, max_steps: 3",

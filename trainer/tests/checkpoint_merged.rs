@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::bin;
 use common::ckpt::*;
+use common::{bin, copy_dir};
 use safetensors::SafeTensors;
 use tch::Tensor;
 use trainer::model::{LoadOptions, MllamaModel};
@@ -308,12 +308,7 @@ fn merged_export_of_a_manifest_with_negative_shapes_is_an_error() {
     let ckpt = lora_checkpoint();
     let root = ckpt.parent().unwrap().parent().unwrap();
     let copy = root.join("edited-ckpt");
-    let _ = std::fs::remove_dir_all(&copy);
-    std::fs::create_dir_all(&copy).unwrap();
-    for e in std::fs::read_dir(ckpt).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
-    }
+    copy_dir(ckpt, &copy);
     std::fs::remove_file(copy.join("manifest.sha256")).unwrap();
     let path = copy.join("manifest.json");
     let mut m: serde_json::Value =
@@ -349,12 +344,7 @@ fn a_failed_merged_export_leaves_nothing_behind_and_user_files_are_kept() {
     let root = ckpt.parent().unwrap().parent().unwrap();
     let base = setup().join("model");
     let broken = root.join("broken-base");
-    let _ = std::fs::remove_dir_all(&broken);
-    std::fs::create_dir_all(&broken).unwrap();
-    for e in std::fs::read_dir(&base).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), broken.join(e.file_name())).unwrap();
-    }
+    copy_dir(&base, &broken);
     std::fs::remove_file(broken.join("tokenizer.json")).unwrap();
     std::fs::create_dir(broken.join("tokenizer.json")).unwrap(); // cannot be copied
     let out = root.join("merged-retry");

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::ckpt::*;
-use common::{bin, repo, tiny_model_folder};
+use common::{bin, copy_dir, repo, tiny_model_folder};
 use serde_json::Value;
 use trainer::infer::CheckpointWeights;
 use trainer::model::{LoadOptions, MllamaModel};
@@ -120,11 +120,7 @@ fn lora_checkpoint_weights_and_generation_equal_the_exported_adapter() {
     assert_eq!(code, Some(2), "{err}");
     // a damaged rank file (read parameter by parameter now): its checksum still stops it
     let damaged = out.join("damaged-ckpt");
-    std::fs::create_dir_all(&damaged).unwrap();
-    for e in std::fs::read_dir(&ckpt).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), damaged.join(e.file_name())).unwrap();
-    }
+    copy_dir(&ckpt, &damaged);
     let file = damaged.join("rank-0-of-1.safetensors");
     let mut bytes = std::fs::read(&file).unwrap();
     let at = bytes.len() - 5;

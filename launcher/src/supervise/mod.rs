@@ -174,17 +174,19 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
                 peers.finish(attempt);
                 return Ok(Outcome::Success { restarts: attempt });
             }
-            Err(failure) if failure.kind.restartable() && attempt < spec.max_restarts => {
+            Err(mut failure) => {
+                let restart = failure.kind.restartable() && attempt < spec.max_restarts;
                 // a signal that reached the launcher after its ranks had stopped (a scheduler's
                 // SIGTERM to every process of the job: a rank's death by it may be seen first)
-                if let Some(sig) = signals::take() {
+                // ends the run instead
+                if let Some(sig) = signals::take().filter(|_| restart) {
                     tracing::warn!(
                         "received {} after {} {}: not restarting",
                         crate::outcome::signal_name(sig),
                         who(&failure),
                         failure.kind.describe()
                     );
-                    let failure = Failure {
+                    *failure = Failure {
                         kind: FailureKind::LauncherSignal(sig),
                         rank: None,
                         local_rank: None,
@@ -192,20 +194,17 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
                         stderr_tail: vec![],
                         ..*failure
                     };
-                    peers.give_up(attempt, &failure);
-                    peers.finish(attempt);
-                    return Ok(Outcome::Failed(failure));
+                } else if restart {
+                    tracing::warn!(
+                        "{} {} on attempt {attempt}; restarting every rank (restart {} of {})",
+                        who(&failure),
+                        failure.kind.describe(),
+                        attempt + 1,
+                        spec.max_restarts
+                    );
+                    attempt += 1;
+                    continue;
                 }
-                tracing::warn!(
-                    "{} {} on attempt {attempt}; restarting every rank (restart {} of {})",
-                    who(&failure),
-                    failure.kind.describe(),
-                    attempt + 1,
-                    spec.max_restarts
-                );
-                attempt += 1;
-            }
-            Err(failure) => {
                 peers.give_up(attempt, &failure);
                 peers.finish(attempt);
                 return Ok(Outcome::Failed(*failure));

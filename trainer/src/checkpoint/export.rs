@@ -62,39 +62,24 @@ pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<usize> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     // weights first, the config last, each written under a .partial name and renamed: a run
     // killed midway leaves no adapter_config.json beside missing or torn weights, and a failed
-    // run removes what it wrote, so a retry into the same --out is not refused
-    let weights = out.join("adapter_model.safetensors");
-    let config_path = out.join("adapter_config.json");
-    let partial = |p: &Path| {
-        p.with_extension(format!(
-            "{}.partial",
-            p.extension().and_then(|e| e.to_str()).unwrap_or("")
-        ))
+    // run removes what it wrote (`Created`), so a retry into the same --out is not refused
+    let mut created = super::Created::default();
+    let mut publish = |name: &str, write: &dyn Fn(&Path) -> Result<()>| -> Result<()> {
+        let (tmp, path) = (out.join(format!("{name}.partial")), out.join(name));
+        created.paths.extend([tmp.clone(), path.clone()]);
+        write(&tmp)?;
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
     };
-    let write = || -> Result<()> {
+    publish("adapter_model.safetensors", &|p| {
         let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let tmp = partial(&weights);
-        Tensor::write_safetensors(&refs, &tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        super::sync_file(&tmp)?;
-        std::fs::rename(&tmp, &weights)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), weights.display()))?;
-        let tmp = partial(&config_path);
-        super::write_synced(&tmp, serde_json::to_string_pretty(&config)?.as_bytes())?;
-        std::fs::rename(&tmp, &config_path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), config_path.display()))?;
-        super::fsync_dir(out).with_context(|| format!("syncing {}", out.display()))
-    };
-    if let Err(e) = write() {
-        for p in [
-            partial(&weights),
-            partial(&config_path),
-            weights,
-            config_path,
-        ] {
-            let _ = std::fs::remove_file(p);
-        }
-        return Err(e);
-    }
+        Tensor::write_safetensors(&refs, p).with_context(|| format!("writing {}", p.display()))?;
+        super::sync_file(p)
+    })?;
+    publish("adapter_config.json", &|p| {
+        super::write_synced(p, serde_json::to_string_pretty(&config)?.as_bytes())
+    })?;
+    super::fsync_dir(out).with_context(|| format!("syncing {}", out.display()))?;
+    created.done = true;
     Ok(tensors.len())
 }

@@ -88,13 +88,6 @@ fn put_back(dir: &Path, step: u64, path: &Path) -> Result<()> {
     super::fsync_dir(dir).with_context(|| format!("syncing {}", dir.display()))
 }
 
-/// The newest complete checkpoint in `dir` (`.partial` folders are ignored).
-pub fn find_latest(dir: &Path) -> Result<Option<PathBuf>> {
-    let (complete, _) =
-        list_dir(dir).with_context(|| format!("listing checkpoint.dir {}", dir.display()))?;
-    Ok(complete.last().map(|(_, p)| p.clone()))
-}
-
 /// Restores the trainable state and optimizer from the checkpoint `checkpoint.resume` selects
 /// (none: `Ok(None)`); every rank must call it. `plan`: this run's epoch plan (a checkpoint of
 /// other data is refused).
@@ -123,17 +116,12 @@ pub fn resume(
         },
     };
     let local = load_into(&dir, pg.world_size(), plan, config, trainable, opt);
-    // every rank learns whether any rank failed
-    let flag = Tensor::from_slice(&[local.is_err() as i64]).to_device(device);
-    pg.all_reduce(&flag, ReduceOp::Max)?;
-    let any_failed = flag.to_device(Device::Cpu).int64_value(&[0]) > 0;
-    let m = local?;
-    if any_failed {
-        bail!(
+    let m = super::agree(pg, device, local, || {
+        format!(
             "loading checkpoint {} failed on another rank (its error is above)",
             dir.display()
-        );
-    }
+        )
+    })?;
     trainable.after_update();
     Ok(Some(Resumed {
         dir,
@@ -366,14 +354,14 @@ fn fill_range(
     Ok(())
 }
 
-/// Checks the sha256 of files `names` of checkpoint `dir`, several at once (up to one thread per
-/// core): the first mismatch or read error.
 /// Checks every file the manifest lists against its size and sha256 (reads them all).
 pub(crate) fn verify_all(dir: &Path, m: &Manifest) -> Result<()> {
     let names: BTreeSet<String> = m.files.iter().map(|f| f.file.clone()).collect();
     verify_files(dir, m, &names)
 }
 
+/// Checks the sha256 of files `names` of checkpoint `dir`, several at once (up to one thread per
+/// core): the first mismatch or read error.
 fn verify_files(dir: &Path, m: &Manifest, names: &BTreeSet<String>) -> Result<()> {
     let entries: Vec<&FileEntry> = m.files.iter().filter(|f| names.contains(&f.file)).collect();
     let threads = std::thread::available_parallelism()

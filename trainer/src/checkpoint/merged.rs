@@ -47,24 +47,6 @@ const SIDE_FILES: [&str; 10] = [
     "config.json",
 ];
 
-/// The files an export created, removed again unless it finished (`done`): a failed or killed
-/// export (disk full, a bad tensor) leaves neither a folder that looks complete nor one that a
-/// retry refuses as holding weights.
-struct Created {
-    paths: Vec<PathBuf>,
-    done: bool,
-}
-
-impl Drop for Created {
-    fn drop(&mut self) {
-        if !self.done {
-            for p in &self.paths {
-                let _ = std::fs::remove_file(p);
-            }
-        }
-    }
-}
-
 /// What `export_merged` wrote.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergedSummary {
@@ -357,10 +339,7 @@ pub fn export_merged(
 
     // 3. write
     prepare_out(out)?;
-    let mut created = Created {
-        paths: vec![],
-        done: false,
-    };
+    let mut created = super::Created::default();
     let mut weight_map = serde_json::Map::new();
     let (mut merged, mut replaced) = (0, 0);
     for (shard, fname) in shards.iter().zip(&names) {

@@ -32,7 +32,7 @@ use crate::fsdp::Trainable;
 use crate::optim::AdamW;
 
 pub use export::export_peft;
-pub use load::{find_latest, read_full, resume, Resumed};
+pub use load::{read_full, resume, Resumed};
 pub use manifest::{Manifest, FORMAT, VERSION};
 pub use merged::{export_merged, parse_size, MergedSummary};
 pub use save::Checkpointer;
@@ -212,6 +212,43 @@ pub fn identity(config: &Config) -> BTreeMap<String, Value> {
 /// sha256 of the identity's canonical JSON (keys sorted).
 pub fn identity_hash(id: &BTreeMap<String, Value>) -> String {
     sha256_hex(serde_json::to_string(id).expect("json").as_bytes())
+}
+
+/// The files an export created, removed again unless it finished (`done`): a failed export (disk
+/// full, a bad tensor) leaves neither a folder that looks complete nor one that a retry refuses
+/// as holding weights.
+#[derive(Default)]
+pub(crate) struct Created {
+    pub paths: Vec<PathBuf>,
+    pub done: bool,
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        if !self.done {
+            for p in &self.paths {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+/// `local` on this rank, made an error on every rank when it is one on any rank (the others get
+/// `elsewhere`, which says where the real error is): a rank that failed alone would leave the
+/// others waiting in their next collective until the timeout, reporting a dead peer.
+pub(crate) fn agree<T>(
+    pg: &crate::dist::ProcessGroup,
+    device: tch::Device,
+    local: anyhow::Result<T>,
+    elsewhere: impl FnOnce() -> String,
+) -> anyhow::Result<T> {
+    let flag = Tensor::from_slice(&[local.is_err() as i64]).to_device(device);
+    pg.all_reduce(&flag, crate::dist::ReduceOp::Max)?;
+    let value = local?;
+    if flag.to_device(tch::Device::Cpu).int64_value(&[0]) != 0 {
+        anyhow::bail!("{}", elsewhere());
+    }
+    Ok(value)
 }
 
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
@@ -399,7 +436,7 @@ mod tests {
             partial,
             [dir.join("step-00000011.partial"), dir.join("step-00000012")]
         );
-        assert_eq!(find_latest(&dir).unwrap(), Some(dir.join("step-00000010")));
+        assert_eq!(complete.last().unwrap().1, dir.join("step-00000010"));
         assert_eq!(list_dir(&dir.join("missing")).unwrap().0.len(), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }

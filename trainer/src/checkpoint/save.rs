@@ -33,7 +33,7 @@ use super::{
     Progress,
 };
 use crate::config::Config;
-use crate::dist::{ProcessGroup, ReduceOp};
+use crate::dist::ProcessGroup;
 use crate::fsdp::Trainable;
 use crate::optim::{AdamW, LrSchedule};
 
@@ -216,15 +216,12 @@ impl Checkpointer {
         } else {
             None
         };
-        let flag = Tensor::from_slice(&[failed.is_some() as i64]).to_device(device);
-        pg.all_reduce(&flag, ReduceOp::Max)?;
-        if let Some(e) = failed {
-            return Err(e.context("removing old checkpoints (checkpoint.keep_last)"));
-        }
-        if flag.to_device(Device::Cpu).int64_value(&[0]) != 0 {
-            bail!("rank 0 could not remove old checkpoints (its error is above)");
-        }
-        Ok(())
+        let local = failed.map_or(Ok(()), |e| {
+            Err(e.context("removing old checkpoints (checkpoint.keep_last)"))
+        });
+        super::agree(pg, device, local, || {
+            "rank 0 could not remove old checkpoints (its error is above)".into()
+        })
     }
 
     /// Creates `step-N.partial/` (rank 0; barrier), snapshots this rank's state and starts the
@@ -489,15 +486,12 @@ impl Checkpointer {
         } else {
             Ok(())
         };
-        let status = Tensor::from_slice(&[i64::from(published.is_err())]).to_device(device);
-        pg.broadcast(&status, 0)?;
-        published?;
-        if i64::try_from(&status.to_device(Device::Cpu))? != 0 {
-            bail!(
+        super::agree(pg, device, published, || {
+            format!(
                 "rank 0 could not publish checkpoint step {} (manifest, rename or retention; its error is in rank 0's log); the earlier checkpoints are intact",
                 p.step
-            );
-        }
+            )
+        })?;
         Ok(p.final_dir.clone())
     }
 }

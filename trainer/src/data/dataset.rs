@@ -1087,6 +1087,17 @@ mod tests {
     fn a_tokenizer_that_does_not_fit_the_model_is_refused() {
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
         let src = fixtures.join("train/model");
+        // the fixture's training data over the model folder `model`
+        let scan = |model: &Path| {
+            let yaml = format!(
+                "model: {{path: {}}}\ndata: {{train: {}, image_root: {}}}\n",
+                model.display(),
+                fixtures.join("train/train.jsonl").display(),
+                fixtures.join("data/images").display()
+            );
+            let config = crate::config::parse(&yaml, &[]).unwrap();
+            Dataset::scan(&config, model, Split::Train)
+        };
         for (key, value, want) in [
             ("image_token_index", 5, "image_token_index is 5"),
             ("vocab_size", 10, "embedding has 18 rows"),
@@ -1106,14 +1117,7 @@ mod tests {
                 cfg[key] = value.into();
             }
             std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-            let yaml = format!(
-                "model: {{path: {}}}\ndata: {{train: {}, image_root: {}}}\n",
-                dir.display(),
-                fixtures.join("train/train.jsonl").display(),
-                fixtures.join("data/images").display()
-            );
-            let config = crate::config::parse(&yaml, &[]).unwrap();
-            let err = match Dataset::scan(&config, &dir, Split::Train) {
+            let err = match scan(&dir) {
                 Ok(_) => panic!("{key}: accepted"),
                 Err(e) => e.to_string(),
             };
@@ -1124,13 +1128,6 @@ mod tests {
             let _ = std::fs::remove_dir_all(&dir);
         }
         // the fixture itself fits
-        let yaml = format!(
-            "model: {{path: {}}}\ndata: {{train: {}, image_root: {}}}\n",
-            src.display(),
-            fixtures.join("train/train.jsonl").display(),
-            fixtures.join("data/images").display()
-        );
-        let config = crate::config::parse(&yaml, &[]).unwrap();
-        assert!(Dataset::scan(&config, &src, Split::Train).is_ok());
+        assert!(scan(&src).is_ok());
     }
 }

@@ -219,20 +219,21 @@ question types answered significantly above chance and the majority answer (p < 
             .and_then(|r| r["transitions"].get(0).cloned())
             .unwrap_or_default();
         let count = |k: &str| t01[k].as_u64().unwrap_or(0);
-        let (wr, rw) = (count("wrong_right"), count("right_wrong"));
-        let p = crate::eval::stats::mcnemar_exact(wr, rw);
-        let verdict = if p >= 0.05 {
-            "does not differ significantly from"
-        } else if wr > rw {
-            "improves on"
-        } else {
-            "is worse than"
-        };
+        let c = crate::eval::report::Correction::new(
+            0,
+            1,
+            count("wrong_right") as usize,
+            count("right_wrong") as usize,
+        );
         let _ = writeln!(
             s,
-            "after training, turn 1 (self-correction) {verdict} turn 0: {} vs {} ({wr} wrong->right, {rw} right->wrong; exact McNemar p = {p:.3}).",
+            "after training, turn 1 (self-correction) {} turn 0: {} vs {} ({} wrong->right, {} right->wrong; exact McNemar p = {:.3}).",
+            c.verdict(),
             pct(Some(*a1)),
-            pct(Some(*a0))
+            pct(Some(*a0)),
+            c.wrong_right,
+            c.right_wrong,
+            c.p_value
         );
     }
     if let Some(w) = i.wall_seconds {

@@ -351,10 +351,7 @@ fn check_same_op(shm: &mut Shm, op: &Op) -> Result<()> {
         Op::AllReduce { tensor, op } => format!("all_reduce {:?} {}", op, describe(tensor)),
         Op::Broadcast { tensor, root } => format!("broadcast from {root} {}", describe(tensor)),
     };
-    // FNV-1a of the description
-    let sig = what.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
+    let sig = launcher::token::fnv1a(what.as_bytes());
     shm.ops += 1;
     let word = W_SIG[(shm.ops % 2) as usize];
     shm.seg.publish(word, sig);

@@ -330,6 +330,15 @@ fn score(t: &mut TurnPrediction, item: &BenchItem) {
     t.canonical = answer::canonical(&t.extracted, &item.answer, choices);
 }
 
+/// A turn's stages as predictions.jsonl stores them (stage name -> text, if present).
+fn stage_map(stages: &crate::infer::Stages) -> std::collections::BTreeMap<String, Option<String>> {
+    stages
+        .as_list()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+        .collect()
+}
+
 /// Scores one sample's turns (`max_new_tokens`: a turn that generated that many did not finish).
 fn prediction(
     item: &BenchItem,
@@ -344,12 +353,7 @@ fn prediction(
             .into_iter()
             .map(|t| {
                 let extracted = answer::extract(&t.text);
-                let stages = t
-                    .stages
-                    .as_list()
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
-                    .collect();
+                let stages = stage_map(&t.stages);
                 TurnPrediction {
                     correct: false,
                     extracted,
@@ -388,8 +392,9 @@ pub fn run(
         .collect();
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
     let mut done = existing_predictions(&opts.out)?;
-    if check_settings(&opts.out, &settings(opts), !done.is_empty())? && rank == 0 {
-        write_settings(&opts.out, &settings(opts))?;
+    let now = settings(opts);
+    if check_settings(&opts.out, &now, !done.is_empty())? && rank == 0 {
+        write_settings(&opts.out, &now)?;
     }
     // every rank checks every question left (so each stops with the same error), before anything
     // is generated or written
@@ -521,11 +526,7 @@ mod tests {
     }
 
     fn turn(text: &str, finished: bool) -> TurnPrediction {
-        let stages = crate::infer::Stages::parse(text)
-            .as_list()
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
-            .collect();
+        let stages = stage_map(&crate::infer::Stages::parse(text));
         TurnPrediction {
             text: text.into(),
             extracted: answer::extract(text),

@@ -83,6 +83,29 @@ pub struct Correction {
     pub p_value: f64,
 }
 
+impl Correction {
+    pub fn new(from: usize, to: usize, wrong_right: usize, right_wrong: usize) -> Self {
+        Self {
+            from,
+            to,
+            wrong_right,
+            right_wrong,
+            p_value: mcnemar_exact(wrong_right as u64, right_wrong as u64),
+        }
+    }
+
+    /// How turn `to` compares with turn `from`: a difference only when significant (p < 0.05).
+    pub fn verdict(&self) -> &'static str {
+        if self.p_value >= 0.05 {
+            "does not differ significantly from"
+        } else if self.wrong_right > self.right_wrong {
+            "improves on"
+        } else {
+            "is worse than"
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Transition {
     pub from: usize,
@@ -180,14 +203,7 @@ fn breakdown(preds: &[&Prediction]) -> Breakdown {
                 .filter(|p| p.turns[0].correct == first && p.turns[last].correct != first)
                 .count()
         };
-        let (wrong_right, right_wrong) = (count(false), count(true));
-        Correction {
-            from: 0,
-            to: last,
-            wrong_right,
-            right_wrong,
-            p_value: mcnemar_exact(wrong_right as u64, right_wrong as u64),
-        }
+        Correction::new(0, last, count(false), count(true))
     });
     Breakdown {
         turns,
@@ -302,13 +318,7 @@ pub fn markdown(r: &Report) -> String {
         super::plots::TRANSITIONS
     );
     if let (Some(c), Some(first), Some(last)) = (&r.correction, r.turns.first(), r.turns.last()) {
-        let verdict = if c.p_value >= 0.05 {
-            "does not differ significantly from"
-        } else if c.wrong_right > c.right_wrong {
-            "improves on"
-        } else {
-            "is worse than"
-        };
+        let verdict = c.verdict();
         s += &format!(
             "\nSelf-correction: the last turn ({}) {verdict} turn 0 ({}): {} wrong->right against {} right->wrong, exact McNemar p = {} (significant below 0.05).\n",
             pct(last.accuracy),

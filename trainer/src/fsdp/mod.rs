@@ -352,12 +352,7 @@ impl Trainable {
             Self::Plain(m) => m
                 .master_params()
                 .iter()
-                .map(|t| {
-                    vec![Segment {
-                        start: 0,
-                        len: t.numel() as i64,
-                    }]
-                })
+                .map(|t| vec![Segment::whole(t)])
                 .collect(),
         }
     }

@@ -61,6 +61,16 @@ pub struct Segment {
     pub len: i64,
 }
 
+impl Segment {
+    /// All of `t`: a tensor that is one parameter.
+    pub fn whole(t: &Tensor) -> Segment {
+        Segment {
+            start: 0,
+            len: t.numel() as i64,
+        }
+    }
+}
+
 /// Optimizer state: step counts and the first/second moments of every parameter tensor.
 #[derive(Debug)]
 pub struct AdamW {
@@ -80,15 +90,7 @@ pub struct AdamW {
 impl AdamW {
     /// Zero moments for `params` (fp32 tensors), each one parameter.
     pub fn new(config: AdamWConfig, params: &[Tensor]) -> Self {
-        let segments = params
-            .iter()
-            .map(|p| {
-                vec![Segment {
-                    start: 0,
-                    len: p.numel() as i64,
-                }]
-            })
-            .collect();
+        let segments = params.iter().map(|p| vec![Segment::whole(p)]).collect();
         Self::with_segments(config, params, segments)
     }
 
@@ -166,10 +168,7 @@ impl AdamW {
                 let segments = &self.segments[i];
                 let steps = &mut self.steps[i];
                 let is_present = |j: usize| present.is_none_or(|pr| pr[i][j]);
-                let whole = segments.len() == 1
-                    && segments[0].start == 0
-                    && segments[0].len == p.numel() as i64;
-                if whole {
+                if segments[..] == [Segment::whole(p)] {
                     if is_present(0) {
                         steps[0] += 1;
                         update(&Hyper::new(&config, steps[0], lr), p, g, m, v, fused);

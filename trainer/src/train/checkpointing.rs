@@ -88,17 +88,6 @@ pub(super) fn resume(
     Ok((p.data_epoch, p.data_batch))
 }
 
-/// `local` on this rank, made an error on every rank when it is one on any (`elsewhere` on the
-/// others), so no rank goes on to wait for one that stopped.
-fn agree(pg: &ProcessGroup, device: Device, local: Result<()>, elsewhere: &str) -> Result<()> {
-    let failed = all_reduce_i64(pg, local.is_err() as i64, device)?;
-    local?;
-    if failed > 0 {
-        anyhow::bail!("{elsewhere}");
-    }
-    Ok(())
-}
-
 /// Logs a note when the learning-rate schedule of this run differs from the one the checkpoint
 /// was trained with (HF and torch rebuild it from the run's arguments too; a longer run moves a
 /// cosine horizon).
@@ -162,9 +151,10 @@ impl<'a> Saver<'a> {
         let wrote = std::fs::create_dir_all(dir)
             .and_then(|_| std::fs::write(probe(rank), &token))
             .with_context(|| format!("rank {rank}: checkpoint.dir {} is not writable (set checkpoint.dir to a folder every rank can write, shared between nodes)", dir.display()));
-        let not_writable = "checkpoint.dir is not writable on another rank (its error is above)";
+        let not_writable =
+            || "checkpoint.dir is not writable on another rank (its error is above)".into();
         // (both checks' outcomes are agreed on, so every rank takes the same branch)
-        let checked = agree(pg, self.device, wrote, not_writable).and_then(|()| {
+        let checked = checkpoint::agree(pg, self.device, wrote, not_writable).and_then(|()| {
             let missing: Vec<usize> = if rank == 0 {
                 (0..world)
                     .filter(|&r| {
@@ -182,8 +172,8 @@ impl<'a> Saver<'a> {
                     dir.display()
                 ))
             };
-            let unseen = "rank 0 could not see every rank's file in checkpoint.dir (its error is above)";
-            agree(pg, self.device, seen, unseen)
+            let unseen = || "rank 0 could not see every rank's file in checkpoint.dir (its error is above)".into();
+            checkpoint::agree(pg, self.device, seen, unseen)
         });
         let _ = std::fs::remove_file(probe(rank));
         checked

@@ -10,6 +10,16 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use trainer::model::{KeyLayout, LoadOptions, MllamaConfig, MllamaModel};
 
+/// A fresh copy of the files of folder `src` (not recursive) in `dst`.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    let _ = std::fs::remove_dir_all(dst);
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
