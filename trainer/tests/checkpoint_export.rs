@@ -72,7 +72,34 @@ fn export_peft_holds_the_trained_factors_and_loads() {
         std::fs::read(adapter.join("adapter_model.safetensors")).unwrap(),
         before
     );
+    assert!(!adapter.join(LOCK).exists(), "the lock outlived the export");
+    // a folder another export is writing (its lock names a live process of this host) is refused
+    let busy = out.join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    let host = launcher::supervise::hostname();
+    std::fs::write(busy.join(LOCK), format!("{host} {}\n", std::process::id())).unwrap();
+    let o = export(&out.join("ckpt/step-00000002"), &busy);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("being written by another export"),
+        "{}",
+        o.stderr
+    );
+    assert!(!busy.join("adapter_model.safetensors").exists());
+    // the lock of an export that was killed (its pid is gone) is taken over
+    let mut child = Command::new("true").spawn().unwrap();
+    let gone = child.id();
+    child.wait().unwrap();
+    std::fs::write(busy.join(LOCK), format!("{host} {gone}\n")).unwrap();
+    ok(export(&out.join("ckpt/step-00000002"), &busy), "stale lock");
+    assert_eq!(
+        std::fs::read(busy.join("adapter_model.safetensors")).unwrap(),
+        before
+    );
+    assert!(!busy.join(LOCK).exists());
 }
+
+const LOCK: &str = ".llava-sco-export.lock";
 
 #[test]
 fn export_peft_refuses_a_full_finetuning_checkpoint() {

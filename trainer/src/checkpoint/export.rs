@@ -24,6 +24,8 @@ pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<usize> {
             method.unwrap_or(Value::Null)
         );
     }
+    // held until the adapter is complete (or removed again): a second export into --out waits out
+    let _lock = super::ExportLock::acquire(out)?;
     // an adapter already there is not overwritten (it may be the only copy of another run's)
     for name in ["adapter_model.safetensors", "adapter_config.json"] {
         if out.join(name).exists() {
@@ -59,7 +61,6 @@ pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<usize> {
         "use_dora": false,
         "use_rslora": false,
     });
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     // weights first, the config last, each written under a .partial name and renamed: a run
     // killed midway leaves no adapter_config.json beside missing or torn weights, and a failed
     // run removes what it wrote (`Created`), so a retry into the same --out is not refused

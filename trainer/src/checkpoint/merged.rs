@@ -338,7 +338,7 @@ pub fn export_merged(
     };
 
     // 3. write
-    prepare_out(out)?;
+    let _lock = prepare_out(out)?;
     let mut created = super::Created::default();
     let mut weight_map = serde_json::Map::new();
     let (mut merged, mut replaced) = (0, 0);
@@ -443,8 +443,9 @@ pub fn export_merged(
 
 /// Creates `out`; refuses a folder that already holds weights (a stale shard would mix into the
 /// export) or any file the export writes (a user's edited chat template would be replaced).
-fn prepare_out(out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+/// Returns the folder's lock, to hold until the export is complete.
+fn prepare_out(out: &Path) -> Result<super::ExportLock> {
+    let lock = super::ExportLock::acquire(out)?;
     for e in std::fs::read_dir(out).with_context(|| format!("listing {}", out.display()))? {
         let name = e?.file_name().to_string_lossy().into_owned();
         if name.ends_with(".safetensors") || name == "model.safetensors.index.json" {
@@ -460,7 +461,7 @@ fn prepare_out(out: &Path) -> Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(lock)
 }
 
 /// The bytes of `t` (contiguous, the base tensor's dtype and shape) into `w`.

@@ -233,6 +233,90 @@ impl Drop for Created {
     }
 }
 
+/// An export's claim on its `--out` folder: `.llava-sco-export.lock`, created exclusively and
+/// holding `host pid`, removed when dropped. Two exports into one folder would pass the "folder
+/// holds no weights" check together and then truncate each other's files; the second is refused.
+/// A lock left by an export that was killed on this host is taken over once its pid is gone.
+pub(crate) struct ExportLock {
+    path: PathBuf,
+}
+
+impl ExportLock {
+    pub const NAME: &'static str = ".llava-sco-export.lock";
+
+    /// Creates `out` if needed and takes its lock.
+    pub fn acquire(out: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        use std::io::Write;
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let path = out.join(Self::NAME);
+        let host = launcher::supervise::hostname();
+        let me = format!("{host} {}\n", std::process::id());
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    f.write_all(me.as_bytes())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    return Ok(Self { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                    if !Self::stale(&holder, &host) {
+                        anyhow::bail!(
+                            "--out {} is being written by another export ({}: {}); wait for it, or \
+                             remove the lock file if no export is running",
+                            out.display(),
+                            path.display(),
+                            holder.trim()
+                        );
+                    }
+                    tracing::warn!(
+                        "taking over {} left by an export that no longer runs ({})",
+                        path.display(),
+                        holder.trim()
+                    );
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("removing the stale {}", path.display()))?;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("creating {}", path.display()));
+                }
+            }
+        }
+        anyhow::bail!(
+            "could not take {} (another export took it at once)",
+            path.display()
+        )
+    }
+
+    /// Whether the lock's `host pid` names a process of this host that no longer runs (a lock of
+    /// another host, or one being written, is not judged).
+    fn stale(holder: &str, host: &str) -> bool {
+        let mut words = holder.split_whitespace();
+        let (Some(h), Some(pid)) = (
+            words.next(),
+            words.next().and_then(|p| p.parse::<i32>().ok()),
+        ) else {
+            return false;
+        };
+        // SAFETY: kill with signal 0 only checks that the pid exists.
+        h == host
+            && pid > 0
+            && unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    }
+}
+
+impl Drop for ExportLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// `local` on this rank, made an error on every rank when it is one on any rank (the others get
 /// `elsewhere`, which says where the real error is): a rank that failed alone would leave the
 /// others waiting in their next collective until the timeout, reporting a dead peer.

@@ -27,6 +27,12 @@ pub struct Linear {
     pub lora: Option<LoraBranch>,
 }
 
+/// Whether multiplying by `s` is exact in every float format (a power of two, not too small): then the
+/// order of the LoRA branch's products does not change a bit.
+fn exact_scale(s: f64) -> bool {
+    s > 0.0 && s.is_finite() && s.log2().fract() == 0.0 && s.log2().abs() <= 100.0
+}
+
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         // decode steps (a few rows, large fp32 weights, no autograd) take the bandwidth-bound fast path
@@ -41,10 +47,17 @@ impl Linear {
                 } else {
                     x.shallow_clone()
                 };
-                // scaling applied to the rank-r intermediate, not to the (..., out) product: one elementwise pass
-                // over r columns instead of `out` (bitwise the same when scaling is a power of two, e.g. 32 / 8)
                 let xd = xd.to_kind(l.a.kind());
-                let z = (xd.linear::<Tensor>(&l.a, None) * l.scaling).linear::<Tensor>(&l.b, None); // (..., out)
+                let za = xd.linear::<Tensor>(&l.a, None); // (..., r)
+                                                          // PEFT scales the (..., out) product. A power of two (16 / 8, 32 / 8) scales exactly, so it is
+                                                          // applied to the rank-r intermediate instead, one elementwise pass over r columns rather than
+                                                          // `out`, bitwise the same; any other scaling (alpha / r = 2.5, rslora's alpha / sqrt(r)) rounds
+                                                          // differently in bf16 there, so it is applied where PEFT applies it
+                let z = if exact_scale(l.scaling) {
+                    (za * l.scaling).linear::<Tensor>(&l.b, None)
+                } else {
+                    za.linear::<Tensor>(&l.b, None) * l.scaling
+                }; // (..., out)
                 if z.kind() == y.kind() {
                     y + z
                 } else {
@@ -194,6 +207,41 @@ mod tests {
         let got = layer.forward(&x);
         assert_eq!(got.kind(), Kind::BFloat16);
         assert!(got.equal(&want));
+    }
+
+    /// PEFT's `result + lora_B(lora_A(x)) * scaling` in bf16, bit for bit, for a scaling that is not a power of
+    /// two (alpha / r = 2.5, rslora's 16 / sqrt(6)) and for one that is (applied to the intermediate).
+    #[test]
+    fn the_bf16_branch_rounds_as_peft_for_any_scaling() {
+        let bf = (Kind::BFloat16, tch::Device::Cpu);
+        tch::manual_seed(5);
+        let x = Tensor::randn([7, 32], bf);
+        let weight = Tensor::randn([24, 32], bf);
+        let a = Tensor::randn([6, 32], bf) * 0.3;
+        let b = Tensor::randn([24, 6], bf) * 0.3;
+        let mut differs_if_reordered = false;
+        for scaling in [2.5, 16.0 / 6f64.sqrt(), 2.0, 0.5] {
+            let peft = x.linear::<Tensor>(&weight, None)
+                + x.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None) * scaling;
+            let layer = Linear {
+                path: "q_proj".into(),
+                weight: weight.shallow_clone(),
+                bias: None,
+                lora: Some(LoraBranch {
+                    a: a.shallow_clone(),
+                    b: b.shallow_clone(),
+                    scaling,
+                    dropout: 0.0,
+                    training: false,
+                }),
+            };
+            assert!(layer.forward(&x).equal(&peft), "scaling {scaling}");
+            let reordered = x.linear::<Tensor>(&weight, None)
+                + (x.linear::<Tensor>(&a, None) * scaling).linear::<Tensor>(&b, None);
+            differs_if_reordered |= !reordered.equal(&peft);
+        }
+        // the test can tell the orders apart (for the non-power-of-two scalings)
+        assert!(differs_if_reordered);
     }
 
     #[test]
