@@ -119,54 +119,66 @@ fn push(out: &mut Vec<String>, host: String) -> Result<(), String> {
     Ok(())
 }
 
-/// What an allocation tells a launcher about the node layout.
+/// What an allocation tells a launcher about the node layout. Each field is the value or why SLURM's
+/// variables do not give it; the launcher reads only the fields no flag overrides, so `--nnodes`,
+/// `--node-rank` or `--master-addr` replace a missing or unreadable variable (a plain `salloc` shell).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlurmLayout {
     pub job_id: String,
-    pub nnodes: usize,
-    pub node_rank: usize,
+    pub nnodes: Result<usize, String>,
+    pub node_rank: Result<usize, String>,
     /// First host of the node list: node 0, which serves the rendezvous store.
-    pub master_addr: String,
+    pub master_addr: Result<String, String>,
 }
 
-/// Reads the layout when running inside an allocation (`SLURM_JOB_ID` set); `Ok(None)` outside.
+/// Reads the layout when running inside an allocation (`SLURM_JOB_ID` set); `None` outside.
 ///
 /// Prefers the job step's variables (what `srun` sets) over the allocation's, so `srun -N2` inside
 /// a larger allocation rendezvous among its own nodes.
-pub fn layout_from(lookup: impl Fn(&str) -> Option<String>) -> Result<Option<SlurmLayout>, String> {
+pub fn layout_from(lookup: impl Fn(&str) -> Option<String>) -> Option<SlurmLayout> {
     let get = |names: &[&str]| {
         names
             .iter()
             .find_map(|n| lookup(n).filter(|v| !v.trim().is_empty()))
     };
-    let Some(job_id) = get(&["SLURM_JOB_ID", "SLURM_JOBID"]) else {
-        return Ok(None);
-    };
+    let job_id = get(&["SLURM_JOB_ID", "SLURM_JOBID"])?;
     let nnodes = get(&["SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES"])
-        .ok_or("SLURM_JOB_ID is set but SLURM_NNODES is not (run the launcher through srun, or pass --nnodes)")?;
-    let nnodes: usize = nnodes
-        .trim()
-        .parse()
-        .map_err(|_| format!("SLURM_NNODES={nnodes:?} is not a node count"))?;
+        .ok_or_else(|| {
+            "SLURM_JOB_ID is set but SLURM_NNODES is not (run the launcher through srun, or pass --nnodes)"
+                .to_string()
+        })
+        .and_then(|n| {
+            n.trim()
+                .parse()
+                .map_err(|_| format!("SLURM_NNODES={n:?} is not a node count (pass --nnodes)"))
+        });
     let node_rank = get(&["SLURM_NODEID"])
-        .ok_or("SLURM_NODEID is not set (run the launcher through srun, or pass --node-rank)")?;
-    let node_rank: usize = node_rank
-        .trim()
-        .parse()
-        .map_err(|_| format!("SLURM_NODEID={node_rank:?} is not a node rank"))?;
-    let list = get(&[
+        .ok_or_else(|| {
+            "SLURM_NODEID is not set (run the launcher through srun, or pass --node-rank)"
+                .to_string()
+        })
+        .and_then(|r| {
+            r.trim()
+                .parse()
+                .map_err(|_| format!("SLURM_NODEID={r:?} is not a node rank (pass --node-rank)"))
+        });
+    let master_addr = get(&[
         "SLURM_STEP_NODELIST",
         "SLURM_JOB_NODELIST",
         "SLURM_NODELIST",
     ])
-    .ok_or("SLURM_JOB_NODELIST is not set (pass --master-addr)")?;
-    let hosts = expand_nodelist(&list).map_err(|e| e.to_string())?;
-    Ok(Some(SlurmLayout {
+    .ok_or_else(|| "SLURM_JOB_NODELIST is not set (pass --master-addr)".to_string())
+    .and_then(|list| {
+        expand_nodelist(&list)
+            .map(|hosts| hosts[0].clone())
+            .map_err(|e| format!("{e} (pass --master-addr)"))
+    });
+    Some(SlurmLayout {
         job_id,
         nnodes,
         node_rank,
-        master_addr: hosts[0].clone(),
-    }))
+        master_addr,
+    })
 }
 
 #[cfg(test)]
@@ -224,18 +236,33 @@ mod tests {
             "SLURM_JOB_NODELIST" => Some("gpu[07-08]".to_string()),
             _ => None,
         };
-        let layout = layout_from(env).unwrap().unwrap();
+        let layout = layout_from(env).unwrap();
         assert_eq!(
             layout,
             SlurmLayout {
                 job_id: "77".into(),
-                nnodes: 2,
-                node_rank: 1,
-                master_addr: "gpu07".into()
+                nnodes: Ok(2),
+                node_rank: Ok(1),
+                master_addr: Ok("gpu07".into())
             }
         );
-        assert_eq!(layout_from(|_| None).unwrap(), None);
-        let broken = |k: &str| (k == "SLURM_JOB_ID").then(|| "1".to_string());
-        assert!(layout_from(broken).unwrap_err().contains("SLURM_NNODES"));
+        assert_eq!(layout_from(|_| None), None);
+        // a salloc shell: only the job id; each missing field says which flag replaces it
+        let bare = layout_from(|k: &str| (k == "SLURM_JOB_ID").then(|| "1".to_string())).unwrap();
+        assert!(bare.nnodes.unwrap_err().contains("--nnodes"));
+        assert!(bare.node_rank.unwrap_err().contains("--node-rank"));
+        assert!(bare.master_addr.unwrap_err().contains("--master-addr"));
+        let odd = |k: &str| match k {
+            "SLURM_JOB_ID" => Some("1".to_string()),
+            "SLURM_NNODES" => Some("two".to_string()),
+            "SLURM_JOB_NODELIST" => Some("gpu[07-".to_string()),
+            _ => None,
+        };
+        let odd = layout_from(odd).unwrap();
+        assert!(odd
+            .nnodes
+            .unwrap_err()
+            .contains("\"two\" is not a node count"));
+        assert!(odd.master_addr.unwrap_err().contains("--master-addr"));
     }
 }

@@ -836,6 +836,48 @@ fn a_slurm_allocation_provides_the_layout_and_nodes_may_differ_in_size() {
     }
 }
 
+/// A bare program name not on PATH is found beside the launcher (`launcher -- trainer bench ...`
+/// from a build folder), as the launcher finds `trainer` for a config.
+#[test]
+fn a_program_beside_the_launcher_runs_without_path() {
+    let dir = Scratch::new("beside");
+    let name = std::path::Path::new(TESTRANK).file_name().unwrap();
+    let mut cmd = launcher(&["--standalone", "--nproc-per-node", "1", "--"]);
+    cmd.arg(name)
+        .args(["--out", dir.path().to_str().unwrap()])
+        .env("PATH", "/usr/bin:/bin");
+    let r = run(cmd, LIMIT);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(read_env(dir.path(), 0, 0)["RANK"], "0");
+}
+
+/// A plain `salloc` shell sets SLURM_JOB_ID but not the step's layout: the flags replace what is
+/// missing (the error without them names the flag).
+#[test]
+fn flags_replace_missing_slurm_variables() {
+    let dir = Scratch::new("salloc");
+    let port = free_port().to_string();
+    let run = |flags: &[&str]| {
+        let mut args = vec!["--nproc-per-node", "1", "--master-port", &port];
+        args.extend_from_slice(flags);
+        let mut cmd = launch_testrank(&args, dir.path(), &[]);
+        cmd.env("SLURM_JOB_ID", "77");
+        wait(cmd.spawn().unwrap(), Instant::now(), LIMIT)
+    };
+    let bare = run(&[]);
+    assert_eq!(bare.code(), 1, "{}", bare.stderr);
+    assert!(bare.stderr.contains("pass --nnodes"), "{}", bare.stderr);
+    let flagged = run(&[
+        "--nnodes",
+        "1",
+        "--node-rank",
+        "0",
+        "--master-addr",
+        "localhost",
+    ]);
+    assert_eq!(flagged.code(), 0, "{}", flagged.stderr);
+}
+
 /// Runs two launchers on localhost as nodes 0 and 1 of a 2-node x 2-rank job of test ranks
 /// (`extra` launcher flags, `rank_args` for every rank) and waits for both. With
 /// `node1_first`, node 1 starts 300 ms before node 0 and must wait for node 0's store.

@@ -180,12 +180,16 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
     let slurm = if cli.standalone {
         None
     } else {
-        slurm::layout_from(|k| std::env::var(k).ok()).map_err(|e| anyhow!(e))?
+        slurm::layout_from(|k| std::env::var(k).ok())
     };
+    // a SLURM field is read (and its absence an error) only where no flag gives the value
+    fn from_slurm<T: Clone>(field: &std::result::Result<T, String>) -> Result<T> {
+        field.clone().map_err(|e| anyhow!(e))
+    }
 
     let nnodes = match (&cli.nnodes, &slurm) {
         (Some(n), _) => parse_nnodes(n)?,
-        (None, Some(s)) => s.nnodes,
+        (None, Some(s)) => from_slurm(&s.nnodes)?,
         (None, None) => 1,
     };
     let (mut master_addr, mut master_port) = (cli.master_addr.clone(), cli.master_port);
@@ -202,19 +206,28 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
             bail!("--rdzv-backend {backend:?} is not supported (use static or c10d; both mean node 0's store)");
         }
     }
-    let mut node_rank = cli
-        .node_rank
-        .or(slurm.as_ref().map(|s| s.node_rank))
-        .unwrap_or(0);
-    let mut master_addr = master_addr
-        .or(slurm.as_ref().map(|s| s.master_addr.clone()))
-        .unwrap_or_else(|| DEFAULT_MASTER_ADDR.to_string());
+    let mut node_rank = match (cli.node_rank, &slurm) {
+        (Some(r), _) => r,
+        (None, Some(s)) => from_slurm(&s.node_rank)?,
+        (None, None) => 0,
+    };
+    let mut master_addr = match (master_addr, &slurm) {
+        (Some(a), _) => a,
+        (None, Some(s)) => from_slurm(&s.master_addr)?,
+        (None, None) => DEFAULT_MASTER_ADDR.to_string(),
+    };
     let mut master_port = master_port.unwrap_or(DEFAULT_MASTER_PORT);
     let mut nnodes = nnodes;
     if cli.standalone {
         if nnodes != 1 || node_rank != 0 {
             bail!(
                 "--standalone runs a single node: drop --nnodes/--node-rank, or drop --standalone"
+            );
+        }
+        if cli.master_addr.is_some() || cli.master_port.is_some() || cli.rdzv_endpoint.is_some() {
+            // (torchrun warns the same way and serves its own store on a free local port)
+            tracing::warn!(
+                "--standalone serves the store on a free local port: --master-addr, --master-port and --rdzv-endpoint are ignored"
             );
         }
         (nnodes, node_rank, master_addr, master_port) = (1, 0, DEFAULT_MASTER_ADDR.to_string(), 0);
@@ -359,9 +372,12 @@ fn rank_command(cli: &Cli) -> Result<RankCommand> {
                     .with_file_name("trainer"),
             };
             if !trainer.is_file() {
+                // the build command of the launcher's own profile (target/release or target/debug)
+                let release = trainer.parent().is_some_and(|d| d.ends_with("release"));
                 bail!(
-                    "trainer binary not found at {} (build it with `cargo build -p trainer`, or pass --trainer PATH)",
-                    trainer.display()
+                    "trainer binary not found at {} (build it with `cargo build{} -p trainer`, or pass --trainer PATH)",
+                    trainer.display(),
+                    if release { " --release" } else { "" }
                 );
             }
             let mut args: Vec<OsString> = vec!["train".into(), config.clone().into()];
@@ -387,10 +403,20 @@ fn find_program(program: &Path) -> Result<PathBuf> {
         bail!("program {} not found", program.display());
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
+    // then beside the launcher: `launcher -- trainer bench ...` from a build folder not on PATH
+    let beside = std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name(program));
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))
+        .chain(beside)
         .find(|candidate| is_executable(candidate))
-        .ok_or_else(|| anyhow!("program {:?} not found in PATH", program))
+        .ok_or_else(|| {
+            anyhow!(
+                "program {:?} not found in PATH nor beside the launcher",
+                program
+            )
+        })
 }
 
 fn is_executable(path: &Path) -> bool {
