@@ -143,3 +143,67 @@ fn greedy_generation_with_kv_cache_matches_transformers() {
         "no cache"
     );
 }
+
+/// A text-only sample batched with an image sample (`data.text_only: keep`) gets the logits it gets
+/// alone, where the cross-attention layers are skipped (transformers refuses such batches): it does
+/// not attend to its blank image slot. The image sample is unchanged too.
+#[test]
+fn a_text_only_sample_in_an_image_batch_computes_as_alone() {
+    let m = load("hf5", AttentionImpl::Sdpa);
+    let (img, txt) = (golden("image1"), golden("text"));
+    let (bi, bt) = (batch(&img), batch(&txt));
+    let alone = |b: &Batch| tch::no_grad(|| m.forward(b)).unwrap(); // (1, S, V)
+    let (li, lt) = (alone(&bi), alone(&bt));
+    let (si, st) = (bi.input_ids.size()[1], bt.input_ids.size()[1]);
+    let l = si.max(st);
+    // right-pad both rows to l (pad id 0, attention mask 0)
+    let pad = |t: &Tensor, n: i64| {
+        let extra = Tensor::zeros([1, l - n], (t.kind(), t.device()));
+        Tensor::cat(&[t, &extra], 1)
+    };
+    let ones = |n: i64| Tensor::ones([1, n], (Kind::Int64, tch::Device::Cpu));
+    let images = bi.images.as_ref().unwrap();
+    let cam = &images.cross_attention_mask; // (1, S, M, T)
+    let cam_pad = Tensor::zeros(
+        [1, l - si, cam.size()[2], cam.size()[3]],
+        (cam.kind(), cam.device()),
+    );
+    let mixed = Batch {
+        input_ids: Tensor::cat(&[pad(&bi.input_ids, si), pad(&bt.input_ids, st)], 0),
+        attention_mask: Some(Tensor::cat(&[pad(&ones(si), si), pad(&ones(st), st)], 0)),
+        labels: None,
+        images: Some(Images {
+            pixel_values: Tensor::cat(
+                &[&images.pixel_values, &images.pixel_values.zeros_like()],
+                0,
+            ),
+            aspect_ratio_ids: Tensor::cat(
+                &[
+                    &images.aspect_ratio_ids,
+                    &images.aspect_ratio_ids.zeros_like(),
+                ],
+                0,
+            ),
+            aspect_ratio_mask: Tensor::cat(
+                &[
+                    &images.aspect_ratio_mask,
+                    &images.aspect_ratio_mask.zeros_like(),
+                ],
+                0,
+            ),
+            cross_attention_mask: Tensor::cat(
+                &[
+                    Tensor::cat(&[cam, &cam_pad], 1),
+                    Tensor::cat(&[cam, &cam_pad], 1).zeros_like(),
+                ],
+                0,
+            ),
+        }),
+    };
+    let lm = alone(&mixed); // (2, L, V)
+    let e_text = rel(&lm.get(1).narrow(0, 0, st), &lt.get(0));
+    let e_image = rel(&lm.get(0).narrow(0, 0, si), &li.get(0));
+    println!("mixed batch: text row rel {e_text:.2e}, image row rel {e_image:.2e}");
+    assert!(e_text < 1e-5, "text-only row: rel {e_text}");
+    assert!(e_image < 1e-5, "image row: rel {e_image}");
+}

@@ -449,8 +449,13 @@ impl MllamaModel {
     ) -> TextContext {
         let (kind, device) = (self.options.dtype, self.options.device);
         let imp = self.options.attention;
-        let (cross_mask, full_text_row_mask) = match cross_attention_mask {
+        let (cross_mask, full_text_row_mask, image_samples) = match cross_attention_mask {
             Some(cam) => {
+                // (read where the mask is: on the CPU for training batches, no device sync)
+                let has_image = cam.ne(0).view([b, -1]).any_dim(1, false); // (B,)
+                let image_samples = (has_image.all().int64_value(&[]) == 0).then(|| {
+                    has_image.to_device(device).to_kind(kind).view([b, 1, 1]) // (B, 1, 1)
+                });
                 let cam = cam.to_device(device);
                 let p1 = self.config.vision.num_patches();
                 let (m, r) = prepare_cross_attention_mask(&cam, p1, kind);
@@ -468,9 +473,9 @@ impl MllamaModel {
                     AttentionImpl::Sdpa => ops::AttnMask::dense_rows(m),
                     AttentionImpl::Eager => ops::AttnMask::dense(m),
                 };
-                (Some(m), Some(r))
+                (Some(m), Some(r), image_samples)
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         let pos = match position_ids {
             Some(p) => p.to_device(device),
@@ -487,6 +492,7 @@ impl MllamaModel {
             cross_states,
             cross_mask,
             full_text_row_mask,
+            image_samples,
         }
     }
 

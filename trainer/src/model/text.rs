@@ -118,6 +118,11 @@ pub struct TextContext {
     pub cross_mask: Option<AttnMask>,
     /// (B, 1, S, 1): 0 for text rows that see no image tile.
     pub full_text_row_mask: Option<Tensor>,
+    /// (B, 1, 1): 0 for a sample without an image in a batch whose other samples have one (`None`
+    /// when every sample has one). transformers skips the cross-attention layers for text-only
+    /// input (its processor refuses mixed batches); here such a sample gets their zero update, so
+    /// it trains and generates as it does alone instead of attending to a blank image.
+    pub image_samples: Option<Tensor>,
 }
 
 #[derive(Debug)]
@@ -401,6 +406,10 @@ impl CrossAttentionDecoderLayer {
         let a = self
             .cross_attn
             .forward(&self.input_layernorm.forward(hidden), ctx, cache)?; // (B, S, H)
+        let a = match &ctx.image_samples {
+            Some(keep) => a * keep, // (B, S, H) * (B, 1, 1)
+            None => a,
+        };
         let h = hidden + self.cross_attn_attn_gate.tanh() * a;
         let mut m = self.mlp.forward(&self.post_attention_layernorm.forward(&h)); // (B, S, H)
         if let Some(row) = &ctx.full_text_row_mask {
