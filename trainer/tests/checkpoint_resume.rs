@@ -284,6 +284,60 @@ fn launcher_restart_after_a_crash_in_save_is_bitwise() {
     assert_eq!(checkpoints(&out), ["step-00000004", "step-00000006"]);
 }
 
+/// A run started over (`checkpoint.resume: never`) in a folder holding another run's newer
+/// checkpoint, crashed in the save of step 4 and restarted by the launcher: the restart continues
+/// from this run's own step 2 (not from step 0, nor from the other run's checkpoint) and ends equal
+/// to the uninterrupted run; retention (keep_last 2) keeps the other run's checkpoint.
+#[test]
+fn launcher_restart_of_a_run_started_over_continues_its_own_checkpoint() {
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 6";
+    let straight = fresh("never-straight");
+    ok(
+        run(&straight, 2, train, &["checkpoint.every_steps=2"], &[]),
+        "straight",
+    );
+    let out = fresh("never-restarted");
+    let other = out.join("ckpt/step-00000100");
+    common::copy_dir(&straight.join("ckpt/step-00000006"), &other);
+    let o = ok(
+        run_with(
+            &out,
+            2,
+            train,
+            &["checkpoint.every_steps=2", "checkpoint.resume=never"],
+            &[("TRAINER_CHECKPOINT_CRASH_AT", "4")],
+            &["--max-restarts", "1"],
+        ),
+        "crash + restart",
+    );
+    assert!(
+        o.stderr
+            .contains("already holds 1 checkpoint(s) of an earlier run"),
+        "{}",
+        o.stderr
+    );
+    assert!(
+        o.stderr.contains("continuing from") && o.stderr.contains("step-00000002 (step 2"),
+        "{}",
+        o.stderr
+    );
+    let (a, b) = (metrics(&straight), metrics(&out));
+    assert_eq!(b.len(), 6);
+    for (x, y) in a.iter().zip(&b) {
+        for k in ["step", "loss", "grad_norm"] {
+            assert_eq!(
+                x[k], y[k],
+                "step {}: {k} differs after the restart",
+                x["step"]
+            );
+        }
+    }
+    assert_eq!(
+        checkpoints(&out),
+        ["step-00000004", "step-00000006", "step-00000100"]
+    );
+}
+
 /// Trains 3 steps with `sets`, then resumes the same run lengthened to 4 steps; the resumed
 /// run's stderr.
 fn resume_longer(name: &str, sets: &[&str]) -> String {

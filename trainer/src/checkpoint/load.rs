@@ -35,23 +35,37 @@ pub struct Resumed {
     pub scheduler: serde_json::Value,
     /// AdamW's settings it was trained with (`AdamWConfig::to_json`; null from older trainers).
     pub optimizer: serde_json::Value,
+    /// Its training run (`Manifest::lineage`), which this run's saves continue.
+    pub lineage: Option<String>,
 }
 
 /// The newest complete checkpoint in `dir` as rank 0 sees it, on every rank: ranks may see the
 /// folder differently (a node's cached view of shared storage right after a restart), and two
 /// ranks loading different steps, or one starting fresh, would train on out of step.
-fn latest_on_rank0(pg: &ProcessGroup, device: Device, dir: &Path) -> Result<Option<PathBuf>> {
+/// With `run_id`, the newest one that launch saved (its manifest's `run_id`).
+fn latest_on_rank0(
+    pg: &ProcessGroup,
+    device: Device,
+    dir: &Path,
+    run_id: Option<&str>,
+) -> Result<Option<PathBuf>> {
+    let saved_by_run = |path: &Path| match run_id {
+        None => true,
+        Some(id) => super::manifest_field(path, "run_id").is_ok_and(|v| v.as_str() == Some(id)),
+    };
     // rank 0's answer as one number (the step, -1: none, -2: an error), the others' below any
     let mine = if pg.rank() == 0 {
         list_dir(dir)
             .with_context(|| format!("listing checkpoint.dir {}", dir.display()))
-            .and_then(|(complete, _)| match complete.last() {
-                Some((step, path)) => {
-                    put_back(dir, *step, path)?;
-                    Ok(Some(*step))
-                }
-                None => Ok(None),
-            })
+            .and_then(
+                |(complete, _)| match complete.iter().rev().find(|(_, p)| saved_by_run(p)) {
+                    Some((step, path)) => {
+                        put_back(dir, *step, path)?;
+                        Ok(Some(*step))
+                    }
+                    None => Ok(None),
+                },
+            )
     } else {
         Ok(None)
     };
@@ -99,8 +113,38 @@ pub fn resume(
     trainable: &mut Trainable,
     opt: &mut AdamW,
 ) -> Result<Option<Resumed>> {
+    // A launcher restart of a run that started over (`never`) or from a given checkpoint goes on
+    // from what this launch saved before it failed, not from the start again (torchrun's
+    // convention: a restarted script resumes from its own latest checkpoint).
+    let restarted = std::env::var("TORCHELASTIC_RESTART_COUNT")
+        .ok()
+        .and_then(|c| c.parse::<u64>().ok())
+        .filter(|&c| c > 0);
+    let run_id = super::save::launch_run_id();
+    if let (Some(attempt), Some(id), false) = (
+        restarted,
+        &run_id,
+        matches!(config.checkpoint.resume, Resume::Auto),
+    ) {
+        if let Some(p) = latest_on_rank0(pg, device, &config.checkpoint.dir, Some(id))? {
+            if pg.rank() == 0 {
+                tracing::info!(
+                    "restart {attempt} of run {id}: continuing from {}, which this run saved before the restart (checkpoint.resume: {} applies to the run's first start)",
+                    p.display(),
+                    match &config.checkpoint.resume {
+                        Resume::From(f) => f.display().to_string(),
+                        _ => "never".into(),
+                    }
+                );
+            }
+            return load_resumed(pg, device, config, plan, trainable, opt, p).map(Some);
+        }
+    }
     let dir = match &config.checkpoint.resume {
-        Resume::Never => return Ok(None),
+        Resume::Never => {
+            warn_if_not_empty(pg, &config.checkpoint.dir);
+            return Ok(None);
+        }
         Resume::From(p) => {
             if !p.join("manifest.json").exists() {
                 bail!(
@@ -110,11 +154,41 @@ pub fn resume(
             }
             p.clone()
         }
-        Resume::Auto => match latest_on_rank0(pg, device, &config.checkpoint.dir)? {
+        Resume::Auto => match latest_on_rank0(pg, device, &config.checkpoint.dir, None)? {
             Some(p) => p,
             None => return Ok(None),
         },
     };
+    load_resumed(pg, device, config, plan, trainable, opt, dir).map(Some)
+}
+
+/// Rank 0's note when `checkpoint.resume: never` starts over in a folder holding checkpoints.
+fn warn_if_not_empty(pg: &ProcessGroup, dir: &Path) {
+    if pg.rank() != 0 {
+        return;
+    }
+    if let Ok((complete, _)) = list_dir(dir) {
+        if let Some((step, newest)) = complete.last() {
+            tracing::warn!(
+                "checkpoint.resume: never starts over, but {} already holds {} checkpoint(s) of an earlier run (newest {}, step {step}): they are kept (retention removes only this run's), and a later `checkpoint.resume: auto` continues from whichever is newest by step; give this run its own checkpoint.dir to keep the runs apart",
+                dir.display(),
+                complete.len(),
+                newest.display()
+            );
+        }
+    }
+}
+
+/// Loads `dir` on every rank (an error on any is one on all).
+fn load_resumed(
+    pg: &ProcessGroup,
+    device: Device,
+    config: &Config,
+    plan: DataPlan,
+    trainable: &mut Trainable,
+    opt: &mut AdamW,
+    dir: PathBuf,
+) -> Result<Resumed> {
     let local = load_into(&dir, pg.world_size(), plan, config, trainable, opt);
     let m = super::agree(pg, device, local, || {
         format!(
@@ -123,7 +197,7 @@ pub fn resume(
         )
     })?;
     trainable.after_update();
-    Ok(Some(Resumed {
+    Ok(Resumed {
         dir,
         world_size: m.world_size,
         scheduler: m.scheduler.clone(),
@@ -137,7 +211,8 @@ pub fn resume(
             samples: m.data.samples,
             lengths_hash: m.data.lengths_hash,
         },
-    }))
+        lineage: m.lineage.clone(),
+    })
 }
 
 fn load_into(

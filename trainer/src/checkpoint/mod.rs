@@ -335,6 +335,14 @@ pub(crate) fn agree<T>(
     Ok(value)
 }
 
+/// One top-level field of `dir`'s manifest.json (null when absent), without the checks of
+/// `load::read_manifest`: for telling checkpoints apart (`run_id`, `lineage`), not for loading.
+pub(crate) fn manifest_field(dir: &Path, key: &str) -> anyhow::Result<Value> {
+    let text = std::fs::read_to_string(dir.join("manifest.json"))?;
+    let v: Value = serde_json::from_str(&text)?;
+    Ok(v.get(key).cloned().unwrap_or(Value::Null))
+}
+
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }

@@ -29,8 +29,8 @@ use super::manifest::{
     DataPosition, FileEntry, Manifest, ShardEntry, TensorEntry, FORMAT, STATES, VERSION,
 };
 use super::{
-    flat_states, fsync_dir, identity, identity_hash, list_dir, rank_file_name, write_synced,
-    Progress,
+    flat_states, fsync_dir, identity, identity_hash, list_dir, manifest_field, rank_file_name,
+    write_synced, Progress,
 };
 use crate::config::Config;
 use crate::dist::ProcessGroup;
@@ -68,6 +68,9 @@ pub struct Checkpointer {
     reserving: Option<JoinHandle<Vec<Tensor>>>,
     /// [`FAIL_WRITE_ENV`]
     fail_write_at: Option<u64>,
+    /// Rank 0: the training run's id across resumes (`Manifest::lineage`), drawn at the first save
+    /// of a fresh run or taken over from the checkpoint resumed ([`Checkpointer::continue_lineage`]).
+    lineage: Option<String>,
 }
 
 impl Default for Checkpointer {
@@ -84,7 +87,24 @@ impl Checkpointer {
             janitor: Janitor::default(),
             reserving: None,
             fail_write_at: env_step(FAIL_WRITE_ENV),
+            lineage: None,
         }
+    }
+
+    /// Saves continue the training run of a resumed checkpoint (`None`: one of an older trainer,
+    /// whose saves start a new one).
+    pub fn continue_lineage(&mut self, lineage: Option<String>) {
+        self.lineage = lineage;
+    }
+
+    /// This run's lineage, drawn on first use.
+    fn lineage(&mut self) -> Result<String> {
+        if self.lineage.is_none() {
+            let id = launcher::token::random_hex(8)
+                .context("cannot read /dev/urandom for the checkpoint lineage")?;
+            self.lineage = Some(id);
+        }
+        Ok(self.lineage.clone().expect("set above"))
     }
 
     /// Allocates and page-faults in the snapshot buffers of a background save of this state on a
@@ -261,17 +281,22 @@ impl Checkpointer {
         let snapshot = self.snapshot(states, background)?;
         let snapshot_s = snapshot_start.elapsed().as_secs_f64();
         tracing::debug!("rank {rank}: state copied to host memory in {snapshot_s:.3} s");
-        let manifest = (rank == 0).then(|| {
-            build_manifest(
-                config,
-                states,
-                schedule,
-                optimizer_step,
-                progress,
-                world,
-                vec![],
-            )
-        });
+        let manifest = match rank {
+            0 => {
+                let mut m = build_manifest(
+                    config,
+                    states,
+                    schedule,
+                    optimizer_step,
+                    progress,
+                    world,
+                    vec![],
+                );
+                m.lineage = Some(self.lineage()?);
+                Some(m)
+            }
+            _ => None,
+        };
         let path = partial.join(rank_file_name(rank, world));
         let step = progress.step;
         let target = if self.fail_write_at == Some(step) {
@@ -455,7 +480,7 @@ impl Checkpointer {
                 }
                 fsync_dir(root)?;
                 // The checkpoint is complete and durable; old ones go in the background.
-                let doomed = retention(root, p.keep_last, final_dir)?;
+                let doomed = retention(root, p.keep_last, final_dir, manifest.lineage.as_deref())?;
                 let n_doomed = doomed.len();
                 self.janitor.start(doomed)?;
                 let total: u64 = manifest.files.iter().map(|f| f.bytes).sum();
@@ -625,13 +650,29 @@ fn replace_dir(new: &Path, dest: &Path) -> Result<()> {
 }
 
 /// The folders retention deletes right after a save: every `.partial` folder, and all but the
-/// newest `keep` complete checkpoints (0: keep all), so the newest complete one never is, nor
-/// `just_saved` (it may be older than others when a run resumed from an earlier step).
+/// newest `keep` complete checkpoints of this training run (0: keep all), so the newest complete
+/// one never is, nor `just_saved` (it may be older than others when a run resumed from an earlier
+/// step). A checkpoint of this run is one whose manifest has `lineage` (or none: an older
+/// trainer's); another run's (e.g. one started over with `checkpoint.resume: never` in the same
+/// folder), or one whose manifest cannot be read, is kept.
 /// (No fsync of `root` after deleting: a removal lost in a crash only leaves an older checkpoint
 /// behind, removed by the next save.)
-fn retention(root: &Path, keep: usize, just_saved: &Path) -> Result<Vec<PathBuf>> {
-    let (complete, partial) =
-        list_dir(root).with_context(|| format!("listing {}", root.display()))?;
+fn retention(
+    root: &Path,
+    keep: usize,
+    just_saved: &Path,
+    lineage: Option<&str>,
+) -> Result<Vec<PathBuf>> {
+    let (all, partial) = list_dir(root).with_context(|| format!("listing {}", root.display()))?;
+    let ours = |dir: &Path| match manifest_field(dir, "lineage") {
+        Ok(Value::Null) => true,
+        Ok(Value::String(l)) => Some(l.as_str()) == lineage,
+        _ => false,
+    };
+    let complete: Vec<(u64, PathBuf)> = match keep {
+        0 => vec![],
+        _ => all.iter().filter(|(_, p)| ours(p)).cloned().collect(),
+    };
     // (the folder just published is complete: should it look otherwise now, keep it anyway)
     let mut doomed: Vec<PathBuf> = partial.into_iter().filter(|p| p != just_saved).collect();
     for p in &doomed {
@@ -645,7 +686,7 @@ fn retention(root: &Path, keep: usize, just_saved: &Path) -> Result<Vec<PathBuf>
                 .filter(|p| p != just_saved),
         );
     }
-    if let Some((step, newer)) = complete.last().filter(|(_, p)| p != just_saved) {
+    if let Some((step, newer)) = all.last().filter(|(_, p)| p != just_saved) {
         tracing::warn!(
             "{} (step {step}) is newer than the checkpoint just saved ({}): `checkpoint.resume: \
              auto` would continue from it; move it away if this run replaces it",
@@ -845,7 +886,16 @@ fn build_manifest(
         peft: serde_json::to_value(&config.peft).unwrap_or(Value::Null),
         tensors,
         files,
+        run_id: launch_run_id(),
+        lineage: None,
     }
+}
+
+/// This launch's `TORCHELASTIC_RUN_ID` (set by the launcher and torchrun), if any.
+pub(crate) fn launch_run_id() -> Option<String> {
+    std::env::var("TORCHELASTIC_RUN_ID")
+        .ok()
+        .filter(|id| !id.is_empty())
 }
 
 #[cfg(test)]
@@ -1092,8 +1142,36 @@ pub(crate) mod tests {
             std::fs::write(d.join("manifest.json"), "{}").unwrap();
         }
         let just_saved = root.join("step-00000150");
-        let doomed = retention(&root, 1, &just_saved).unwrap();
+        let doomed = retention(&root, 1, &just_saved, None).unwrap();
         assert_eq!(doomed, [root.join("step-00000100")]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Retention removes only this training run's old checkpoints (and older trainers', which
+    /// carry no lineage): another run's in the same folder, or one whose manifest cannot be read,
+    /// stay.
+    #[test]
+    fn retention_keeps_other_runs_checkpoints() {
+        let root = std::env::temp_dir().join(format!("ckpt-lineage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (n, manifest) in [
+            (100, r#"{"lineage": "other"}"#),
+            (120, "not json"),
+            (150, r#"{"lineage": "ours"}"#),
+            (180, "{}"),
+            (200, r#"{"lineage": "ours"}"#),
+            (300, r#"{"lineage": "other"}"#),
+        ] {
+            let d = root.join(super::super::step_dir_name(n));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("manifest.json"), manifest).unwrap();
+        }
+        let just_saved = root.join("step-00000200");
+        let doomed = retention(&root, 1, &just_saved, Some("ours")).unwrap();
+        assert_eq!(
+            doomed,
+            [root.join("step-00000150"), root.join("step-00000180")]
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 
@@ -1111,7 +1189,7 @@ pub(crate) mod tests {
             "a file: its manifest cannot be stat'ed",
         )
         .unwrap();
-        let doomed = retention(&root, 1, &root.join("step-00000200")).unwrap();
+        let doomed = retention(&root, 1, &root.join("step-00000200"), None).unwrap();
         assert_eq!(doomed, [root.join("step-00000100")]);
         std::fs::remove_dir_all(&root).unwrap();
     }

@@ -31,8 +31,10 @@ pub(super) struct Saver<'a> {
 }
 
 /// Resumes per `checkpoint.resume` into `st`, `trainable` and `opt`; returns the data position
-/// (epoch, batch) to start at. `plan`: this run's epoch plan.
-pub(super) fn resume(
+/// (epoch, batch) to start at. `plan`: this run's epoch plan. `saves` continue the training run
+/// (lineage) of the checkpoint resumed.
+#[allow(clippy::too_many_arguments)]
+fn resume(
     pg: &ProcessGroup,
     device: Device,
     config: &Config,
@@ -40,10 +42,12 @@ pub(super) fn resume(
     st: &mut State,
     trainable: &mut Trainable,
     opt: &mut AdamW,
+    saves: &mut Checkpointer,
 ) -> Result<(u64, u64)> {
     let Some(r) = checkpoint::resume(pg, device, config, plan, trainable, opt)? else {
         return Ok((0, 0));
     };
+    saves.continue_lineage(r.lineage.clone());
     let p = r.progress;
     log(
         pg.rank(),
@@ -128,6 +132,25 @@ impl<'a> Saver<'a> {
             saves: Checkpointer::new(),
             reserved: false,
         }
+    }
+
+    /// Resumes per `checkpoint.resume` ([`resume`]); returns the data position (epoch, batch).
+    pub fn resume(
+        &mut self,
+        st: &mut State,
+        trainable: &mut Trainable,
+        opt: &mut AdamW,
+    ) -> Result<(u64, u64)> {
+        resume(
+            self.pg,
+            self.device,
+            self.config,
+            self.plan,
+            st,
+            trainable,
+            opt,
+            &mut self.saves,
+        )
     }
 
     /// Checks before training that every rank can write into `checkpoint.dir` and that rank 0

@@ -95,8 +95,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let plan = crate::checkpoint::DataPlan::new(&data.train.report().lengths);
     let mut saver = checkpointing::Saver::new(&pg, config, &schedule, device, plan);
     saver.probe()?;
-    let start =
-        checkpointing::resume(&pg, device, config, plan, &mut st, &mut trainable, &mut opt)?;
+    let start = saver.resume(&mut st, &mut trainable, &mut opt)?;
     if let Some(saved) = st.resumed_schedule.take() {
         checkpointing::note_schedule_change(rank, &saved, &schedule, st.step);
     }
