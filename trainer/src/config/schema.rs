@@ -220,7 +220,8 @@ pub struct FsdpConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// nccl when CUDA is available, cpu otherwise.
+    /// nccl when libtorch sees a CUDA GPU (an error if its driver or libnccl cannot be loaded,
+    /// rather than training on the CPU), cpu otherwise.
     Auto,
     Nccl,
     Cpu,

@@ -198,13 +198,26 @@ impl ProcessGroup {
         timeout: Duration,
     ) -> Result<ProcessGroup> {
         let (rank, world) = (env.rank, env.world_size);
+        // auto: NCCL wherever libtorch sees CUDA. A GPU host whose driver or libnccl cannot be
+        // loaded is an error, not a silent fallback that would train on the CPU.
         let use_nccl = match backend {
             Backend::Cpu | Backend::Tcp => false,
             Backend::Nccl => true,
-            Backend::Auto => nccl::available(),
+            Backend::Auto => tch::Cuda::is_available(),
         };
         let engine: Box<dyn Engine> = if use_nccl {
-            Box::new(nccl::NcclEngine::start(env, store, timeout)?)
+            let started = nccl::NcclEngine::start(env, store, timeout);
+            Box::new(match (started, backend) {
+                (Err(DistError::Unavailable { what, .. }), Backend::Auto) => {
+                    return Err(DistError::Unavailable {
+                        backend: "nccl",
+                        what: format!(
+                            "{what} (fsdp.backend: auto picks nccl because libtorch sees a CUDA GPU; set fsdp.backend: cpu to train on the CPU instead)"
+                        ),
+                    })
+                }
+                (started, _) => started?,
+            })
         } else {
             let force_tcp = backend == Backend::Tcp;
             Box::new(cpu::CpuEngine::start(env, store, timeout, force_tcp)?)

@@ -37,13 +37,6 @@ use super::elem::Elem;
 use super::nccl_lib::{self, check};
 use super::{expect_device, DistError, Engine, Finish, Op, ReduceOp, Result};
 
-/// CUDA visible to libtorch, the driver present, and libnccl loadable (`nccl_lib`).
-pub fn available() -> bool {
-    tch::Cuda::is_available()
-        && kernels::cuda_libs::ensure_driver().is_ok()
-        && nccl_lib::nccl().is_ok()
-}
-
 struct Job {
     op: Op,
     ready: usize, // CUevent recorded on the caller's stream
