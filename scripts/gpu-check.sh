@@ -60,7 +60,7 @@ done
 want model && [ -x "$BIN/model_gpu" ] && step model-gpu timeout 200 "$BIN/model_gpu" --nocapture --test-threads 1
 # kernels last: its table is the end of the output
 if want kernels; then
-  # ~2.5 min on an H200 (NVRTC compile, 10 variants x 15 correctness cases, timings of the two newest
+  # ~2.5 min on an H200 (NVRTC compile, 10 variants x 16 correctness cases, timings of the two newest
   # variants and SDPA); the cap keeps a hung kernel from eating a 15-minute device budget
   timeout -k 10 300 "$BIN/kernels-gpu-check" --out "$OUT" 2>&1 | tee "$OUT/kernels-gpu-check.log"
   check_rc=${PIPESTATUS[0]}

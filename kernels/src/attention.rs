@@ -138,6 +138,9 @@ pub enum Variant {
 /// The variant used when neither `set_variant` nor the environment chose one: the fastest that
 /// passed every GPU check (kernels/BENCHMARKS.md, H200, 2026-11-27).
 pub const DEFAULT_VARIANT: Variant = Variant::V10;
+
+/// The head dims the kernels take.
+pub const HEAD_DIMS: [i64; 3] = [64, 80, 128];
 /// Environment variable read once on first use: `v2` ... `v10`, `v12`.
 pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
 
@@ -507,10 +510,19 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
             "q {qs:?} and k {ks:?} disagree (batch, head dim, or H not a positive multiple of Hk)"
         )));
     }
-    if ![64, 80, 128].contains(&d.d) {
+    if !HEAD_DIMS.contains(&d.d) {
         return Err(KernelError::Unsupported(format!(
-            "fused attention supports head dims 64, 80, 128; got {}",
+            "fused attention supports head dims {}; got {}",
+            HEAD_DIMS.map(|d| d.to_string()).join(", "),
             d.d
+        )));
+    }
+    // grid y and z carry heads and batch (CUDA caps both at 65535); the backward's delta kernel
+    // takes 4 rows of B x H x Sq per block along x (capped at 2^31 - 1)
+    if d.b > 65_535 || d.h > 65_535 || (d.b * d.h).saturating_mul(d.sq) / 4 >= i32::MAX as i64 {
+        return Err(KernelError::Unsupported(format!(
+            "batch {} x heads {} x queries {} exceed CUDA's grid limits (batch and heads at most 65535, their product with the queries below 2^33); split the batch",
+            d.b, d.h, d.sq
         )));
     }
     if q.kind() != k.kind() || q.kind() != v.kind() {
@@ -1006,7 +1018,12 @@ pub fn fused_backward(
         main_name = main_name.replacen(&format!("_{name}_"), &format!("p_{name}_"), 1);
     }
     let f_main = gpu.function(source, &main_name)?;
-    LAUNCHED[1].store(variant.number(), Ordering::Relaxed);
+    // (variant 3 has no backward for every head dim: `bwd_kernel` then names variant 2's)
+    let ran = match variant {
+        Variant::V3 if !bwd3_supported(d.d) => Variant::V2,
+        v => v,
+    };
+    LAUNCHED[1].store(ran.number(), Ordering::Relaxed);
     let mut d_arg = d.d as i32;
     let mut dq_args: Vec<*mut c_void> = vec![&mut p as *mut AttnParams as *mut c_void];
     // (kernel, elements per thread)

@@ -161,6 +161,20 @@ fn unsupported_head_dim_is_an_error_not_a_panic() {
     assert!(err.to_string().contains("head dims 64, 80, 128"), "{err}");
 }
 
+/// Shapes past CUDA's grid limits (batch or heads > 65535) are refused by name, not launched
+/// with a wrapped grid size.
+#[test]
+fn shapes_past_the_grid_limits_are_an_error() {
+    let q = Tensor::zeros([1, 1, 1, 64], (Kind::BFloat16, Device::Cpu));
+    for shape in [[65_536, 1, 1, 64], [1, 65_536, 1, 64]] {
+        let big = q.expand(shape, false);
+        let err = attention::fused_forward(&big, &big, &big, &AttentionMask::default(), 0.1)
+            .err()
+            .expect("past the grid limits");
+        assert!(err.to_string().contains("CUDA's grid limits"), "{err}");
+    }
+}
+
 #[test]
 fn nvrtc_compiles_rmsnorm_and_cache_keys_differ_by_arch() {
     let src = kernels::source("rmsnorm.cu").unwrap();

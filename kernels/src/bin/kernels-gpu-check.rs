@@ -521,6 +521,18 @@ fn main() -> std::process::ExitCode {
         // (a lone middle tile) and GQA, and without a mask
         case(Kind::BFloat16, 128, 4, 16, 4, 640, 640, Causal),
         case(Kind::Half, 64, 4, 16, 16, 300, 300, None),
+        // the model's cross-attention: 32/8 heads over 4 tiles of 1601 vision tokens with the
+        // per-tile block mask, long enough for variant 7's TMA forward (the case above is not)
+        case(
+            Kind::BFloat16,
+            128,
+            1,
+            32,
+            8,
+            300,
+            4 * 1601,
+            CrossBlocks(1601),
+        ),
     ];
     println!(
         "{:<49} {:>9} {:>9} {:>9} {:>9}  result",

@@ -220,7 +220,7 @@ fn worker(mut transport: Transport, jobs: mpsc::Receiver<Job>) {
 }
 
 fn bytes_of(t: &Tensor) -> Result<(*mut u8, usize, Elem)> {
-    expect_device(t, false, "cpu collective")?;
+    expect_device(t, tch::Device::Cpu, "cpu collective")?;
     let elem =
         Elem::of(t.kind()).ok_or_else(|| DistError::Invalid(format!("dtype {:?}", t.kind())))?;
     Ok((t.data_ptr() as *mut u8, t.numel() * elem.size(), elem))

@@ -371,14 +371,14 @@ fn check_op(kind: Kind, op: ReduceOp) -> Result<()> {
     }
 }
 
-/// The device a backend expects: CPU tensors for `cpu`, CUDA tensors for `nccl`.
-pub(crate) fn expect_device(t: &Tensor, cuda: bool, what: &str) -> Result<()> {
-    match (t.device(), cuda) {
-        (Device::Cpu, false) | (Device::Cuda(_), true) => Ok(()),
-        (d, _) => Err(DistError::Invalid(format!(
-            "{what}: the {} backend takes {} tensors, got one on {d:?}",
-            if cuda { "nccl" } else { "cpu" },
-            if cuda { "CUDA" } else { "CPU" }
+/// The device a backend expects: CPU tensors for `cpu`, tensors on its communicator's GPU for
+/// `nccl` (another GPU's memory would reach NCCL as an invalid pointer).
+pub(crate) fn expect_device(t: &Tensor, expected: Device, what: &str) -> Result<()> {
+    match t.device() {
+        d if d == expected => Ok(()),
+        d => Err(DistError::Invalid(format!(
+            "{what}: the {} backend of this rank takes tensors on {expected:?}, got one on {d:?}",
+            if expected.is_cuda() { "nccl" } else { "cpu" },
         ))),
     }
 }

@@ -354,8 +354,8 @@ fn red_op(op: ReduceOp) -> nsys::ncclRedOp_t {
     }
 }
 
-fn buffer(t: &Tensor) -> Result<(*mut c_void, usize, Elem)> {
-    expect_device(t, true, "nccl collective")?;
+fn buffer(t: &Tensor, device: i32) -> Result<(*mut c_void, usize, Elem)> {
+    expect_device(t, tch::Device::Cuda(device as usize), "nccl collective")?;
     let elem =
         Elem::of(t.kind()).ok_or_else(|| DistError::Invalid(format!("dtype {:?}", t.kind())))?;
     Ok((t.data_ptr(), t.numel(), elem))
@@ -426,16 +426,16 @@ fn worker(
                 let l = lib()?;
                 match &job.op {
                     Op::AllGather { out, input } => {
-                        let (dst, _, _) = buffer(out)?;
-                        let (src, n, elem) = buffer(input)?;
+                        let (dst, _, _) = buffer(out, device)?;
+                        let (src, n, elem) = buffer(input, device)?;
                         nccl_ok(
                             (l.all_gather)(src, dst, n, dtype(elem), comm, nstream),
                             "ncclAllGather",
                         )?;
                     }
                     Op::ReduceScatter { out, input, op } => {
-                        let (dst, n, elem) = buffer(out)?;
-                        let (src, _, _) = buffer(input)?;
+                        let (dst, n, elem) = buffer(out, device)?;
+                        let (src, _, _) = buffer(input, device)?;
                         nccl_ok(
                             (l.reduce_scatter)(
                                 src,
@@ -450,14 +450,14 @@ fn worker(
                         )?;
                     }
                     Op::AllReduce { tensor, op } => {
-                        let (p, n, elem) = buffer(tensor)?;
+                        let (p, n, elem) = buffer(tensor, device)?;
                         nccl_ok(
                             (l.all_reduce)(p, p, n, dtype(elem), red_op(*op), comm, nstream),
                             "ncclAllReduce",
                         )?;
                     }
                     Op::Broadcast { tensor, root } => {
-                        let (p, n, elem) = buffer(tensor)?;
+                        let (p, n, elem) = buffer(tensor, device)?;
                         nccl_ok(
                             (l.broadcast)(p, p, n, dtype(elem), *root as i32, comm, nstream),
                             "ncclBroadcast",

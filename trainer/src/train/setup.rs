@@ -216,6 +216,7 @@ pub(super) fn fused_attention_note(config: &Config, device: Device) -> Result<Op
     }
     let variant = kernels::attention::variant()
         .map_err(|e| anyhow::anyhow!("model.attention: fused: {e}"))?;
+    check_fused_config(config)?;
     let all = kernels::attention::Variant::ALL;
     Ok(Some(format!(
         "model.attention: fused runs attention kernel variant {} ({}={} ... {} selects another; kernels/BENCHMARKS.md has each one's speed)",
@@ -224,6 +225,33 @@ pub(super) fn fused_attention_note(config: &Config, device: Device) -> Result<Op
         all[0].name(),
         all[all.len() - 1].name()
     )))
+}
+
+/// What `model.attention: fused` needs besides a GPU, checked before the model loads (the kernels
+/// would refuse at the first attention call, minutes into loading an 11B model): the FSDP
+/// schedule, whose explicit attention backward it trains through; bf16 or fp16 compute; head
+/// dims the kernels take.
+fn check_fused_config(config: &Config) -> Result<()> {
+    if !config.fsdp.enabled {
+        bail!("model.attention: fused trains through the FSDP schedule's explicit attention backward, which fsdp.enabled: false does not run; set fsdp.enabled: true (it works at world 1 too), or model.attention: sdpa");
+    }
+    let (key, dtype) = config.compute_dtype();
+    if dtype == config::DType::Fp32 {
+        bail!("model.attention: fused computes in bf16 or fp16, but {key} is fp32; set {key}: bf16, or model.attention: sdpa");
+    }
+    // (an unreadable config.json is the model load's error, with its own message)
+    if let Ok(mc) = MllamaConfig::from_file(&config.model.path.join("config.json")) {
+        let dims = kernels::attention::HEAD_DIMS;
+        for (part, d) in [
+            ("text", mc.text.head_dim()),
+            ("vision", mc.vision.head_dim()),
+        ] {
+            if !dims.contains(&d) {
+                bail!("model.attention: fused supports head dims {}, but the {part} model of {} has {d}; use model.attention: sdpa", dims.map(|d| d.to_string()).join(", "), config.model.path.display());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// "N of M records skipped (reason: n, ...)" for a dataset's scan.
@@ -330,6 +358,19 @@ mod tests {
         );
         assert!(note.contains(kernels::attention::VARIANT_ENV), "{note}");
         assert!(fused_attention_note(&fused, Device::Cpu).unwrap().is_none());
+        // what the kernels would refuse at the first attention call is refused up front
+        for (sets, want) in [
+            (&["fsdp.enabled=false"][..], "set fsdp.enabled: true"),
+            (
+                &["fsdp.mixed_precision=fp32"][..],
+                "fsdp.mixed_precision is fp32",
+            ),
+        ] {
+            let mut all = vec!["model.attention=fused"];
+            all.extend_from_slice(sets);
+            let err = fused_attention_note(&parse(&all), Device::Cuda(0)).unwrap_err();
+            assert!(format!("{err:#}").contains(want), "{err:#}");
+        }
         let sdpa = parse(&["model.attention=sdpa"]);
         assert!(fused_attention_note(&sdpa, Device::Cuda(0))
             .unwrap()
