@@ -74,14 +74,14 @@ struct DemoDataArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// Training records
-    #[arg(long, default_value_t = 960)]
+    /// Training records (configs/demo.yaml's 160 steps are one pass over 1280)
+    #[arg(long, default_value_t = 1280)]
     train: usize,
     /// Validation records
     #[arg(long, default_value_t = 64)]
     val: usize,
     /// Held-out benchmark questions
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 200)]
     test: usize,
     /// Image side in pixels = the model's tile size (a multiple of 14)
     #[arg(long, default_value_t = 112)]

@@ -59,6 +59,21 @@ fn export_peft_holds_the_trained_factors_and_loads() {
     let lora = model.load_adapter(&adapter).unwrap();
     assert_eq!(lora.r, 4);
     println!("exported {} LoRA tensors, loaded back", exported.len());
+    // the run itself left the final step's adapter in train.output_dir (llama-recipes' save_model)
+    let in_output_dir: HashMap<String, Tensor> =
+        Tensor::read_safetensors(out.join("adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert_eq!(in_output_dir.len(), exported.len());
+    for (n, t) in &exported {
+        assert!(
+            t.equal(&in_output_dir[n]),
+            "{n} differs in train.output_dir"
+        );
+    }
+    assert!(out.join("adapter_config.json").exists());
+    assert!(!out.join(".adapter.partial").exists());
     // a second export into the same folder is refused, the first one left as it was
     let before = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
     let o = export(&out.join("ckpt/step-00000002"), &adapter);

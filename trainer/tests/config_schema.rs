@@ -274,7 +274,7 @@ fn derived_facts() {
 #[test]
 fn llava_sco_config_reproduces_the_seed() {
     let c = config::load(&configs_dir().join("llava-sco.yaml"), &[]).expect("llava-sco.yaml");
-    assert_eq!(c.model.path, PathBuf::from("Xkev/Llama-3.2V-11B-cot"));
+    assert_eq!(c.model.path, PathBuf::from("models/Llama-3.2V-11B-cot"));
     assert_eq!(c.model.attention, Attention::Sdpa);
     assert!(c.fsdp.enabled);
     assert_eq!(c.peft.method, PeftMethod::Lora);

@@ -91,7 +91,8 @@ pub struct DataConfig {
     pub max_seq_len: usize,
     /// What to do with a sample longer than `max_seq_len`.
     pub max_seq_len_policy: LengthPolicy,
-    /// Background workers that decode images and tokenize.
+    /// Background threads that decode images and tokenize (0 counts as 1: PyTorch's 0, loading
+    /// on the training thread, is not offered).
     pub num_workers: usize,
     /// What to do with a record that cannot be parsed or whose image cannot be read.
     pub bad_records: BadRecords,
@@ -121,8 +122,9 @@ pub enum BadRecords {
 
 /// Records without an image: dropped (as the seed's cot_dataset.py), or trained as text.
 /// With `keep`, a step whose batches hold no image gives the vision tower and the cross-attention
-/// layers no gradient; their parameters still take that AdamW step (moments and weight decay),
-/// where torch's AdamW skips a parameter without `.grad`.
+/// layers no gradient, and AdamW skips them in that step (as torch's AdamW skips a parameter
+/// without `.grad`); a text-only sample batched with image samples gets no cross-attention
+/// update, as when it is alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TextOnly {
@@ -150,7 +152,8 @@ pub struct TrainConfig {
     /// Log a line every this many optimizer steps when no progress bar is drawn (metrics.jsonl
     /// gets every step).
     pub log_every: u64,
-    /// Where metrics.jsonl and exported adapters go.
+    /// Where metrics.jsonl goes and, at the end of a LoRA run, the final checkpoint's PEFT adapter
+    /// (adapter_config.json + adapter_model.safetensors, as llama-recipes' save_model leaves it).
     pub output_dir: PathBuf,
     /// How many steps with a non-finite loss or gradient norm may be skipped (update dropped,
     /// warning logged) before the run fails; 0: fail on the first.

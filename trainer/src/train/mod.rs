@@ -197,6 +197,9 @@ pub fn train(config: &Config) -> Result<Outcome> {
         }
     }
     saver.finish()?;
+    if !interrupted && st.step > 0 {
+        saver.export_adapter(st.step)?;
+    }
     meter.finish();
 
     // 6. Final weights for tests; all ranks leave together.
