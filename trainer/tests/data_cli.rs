@@ -261,6 +261,7 @@ fn build_sco_writes_two_turn_records_and_counts() {
         image_root: None,
         text_only: TextOnly::Keep,
         check_image_exists: false,
+        keep_image_placeholder: false,
     };
     let rep = parse_jsonl(&out, &opts).unwrap();
     assert!(rep.problems.is_empty(), "{:?}", rep.problems);

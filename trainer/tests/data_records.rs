@@ -12,6 +12,7 @@ fn opts(text_only: TextOnly) -> ParseOptions {
         image_root: Some(PathBuf::from("/data/imgs")),
         text_only,
         check_image_exists: false,
+        keep_image_placeholder: false,
     }
 }
 
@@ -28,6 +29,13 @@ fn good_multi_turn_record() {
         (rec.turns[0].user.as_str(), rec.turns[0].assistant.as_str()),
         ("Q1", "A1")
     );
+    // data.image_placeholder: keep: the seed's cot_dataset.py only strips whitespace
+    let keep = ParseOptions {
+        keep_image_placeholder: true,
+        ..opts(TextOnly::Skip)
+    };
+    let r = parse_jsonl_str(Path::new("d.jsonl"), line, &keep);
+    assert_eq!(r.records[0].turns[0].user, "<image>\n Q1");
 }
 
 #[test]
@@ -105,6 +113,7 @@ fn missing_image_is_reported_by_the_prescan() {
         image_root: Some(std::env::temp_dir()),
         text_only: TextOnly::Skip,
         check_image_exists: true,
+        keep_image_placeholder: false,
     };
     let line = r#"{"image": "surely-missing-8731.jpg", "conversations": [{"from":"human","value":"q"},{"from":"gpt","value":"a"}]}"#;
     let r = parse_jsonl_str(Path::new("t.jsonl"), line, &o);

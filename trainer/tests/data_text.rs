@@ -40,6 +40,7 @@ fn samples(dir: &Path, double_bos: bool) -> (TextProcessor, Vec<Sample>, ImagePr
         image_root: Some(fixtures().join("images")),
         text_only: TextOnly::Skip,
         check_image_exists: true,
+        keep_image_placeholder: false,
     };
     let rep = parse_jsonl(&fixtures().join("records.jsonl"), &opts).unwrap();
     assert!(rep.problems.is_empty(), "{:?}", rep.problems);
@@ -68,6 +69,7 @@ fn rendered_text_matches_transformers() {
             image_root: None,
             text_only: TextOnly::Keep,
             check_image_exists: false,
+            keep_image_placeholder: false,
         };
         let rep = parse_jsonl(&fixtures().join("records.jsonl"), &opts).unwrap();
         for (r, want) in rep.records.iter().zip(g["texts"].as_array().unwrap()) {

@@ -7,7 +7,8 @@
 use serde::Deserialize;
 
 use super::schema::{
-    Attention, Backend, BadRecords, DType, LengthPolicy, PeftMethod, Resume, ScheduleKind, TextOnly,
+    Attention, Backend, BadRecords, DType, ImagePlaceholder, LengthPolicy, PeftMethod, Resume,
+    ScheduleKind, TextOnly,
 };
 use super::values::{
     ClipNorm, Count, Decay, Dropout, FilePath, Int, Names, NonNegative, Num, Positive, PositiveInt,
@@ -83,6 +84,7 @@ pub(crate) struct RawData {
     pub num_workers: Int<Count>,
     pub bad_records: BadRecords,
     pub text_only: TextOnly,
+    pub image_placeholder: ImagePlaceholder,
     pub double_bos: bool,
 }
 
@@ -101,6 +103,8 @@ impl Default for RawData {
             bad_records: BadRecords::Error,
             // cot_dataset.py skips records without an image.
             text_only: TextOnly::Skip,
+            // (the seed keeps the marker as text: `keep` reproduces it)
+            image_placeholder: ImagePlaceholder::Strip,
             double_bos: false,
         }
     }

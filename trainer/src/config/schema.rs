@@ -98,6 +98,8 @@ pub struct DataConfig {
     pub bad_records: BadRecords,
     /// What to do with a record that has no image (the seed's cot_dataset.py skips them).
     pub text_only: TextOnly,
+    /// What to do with a LLaVA `<image>` marker in a human turn.
+    pub image_placeholder: ImagePlaceholder,
     /// Keep the second `<|begin_of_text|>` that a chat template plus tokenizer BOS produce.
     pub double_bos: bool,
 }
@@ -129,6 +131,17 @@ pub enum BadRecords {
 #[serde(rename_all = "lowercase")]
 pub enum TextOnly {
     Skip,
+    Keep,
+}
+
+/// A LLaVA `<image>` marker at the start or end of a human turn: removed (the chat template
+/// already places the real `<|image|>` token), or kept as text, which is what the seed's
+/// cot_dataset.py does (it only `.strip()`s values; the model then reads `<image>` as ordinary
+/// tokens after `<|image|>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImagePlaceholder {
+    Strip,
     Keep,
 }
 

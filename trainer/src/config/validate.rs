@@ -85,6 +85,7 @@ fn data(raw: RawData) -> Result<DataConfig, ConfigError> {
         num_workers: raw.num_workers.size(),
         bad_records: raw.bad_records,
         text_only: raw.text_only,
+        image_placeholder: raw.image_placeholder,
         double_bos: raw.double_bos,
     })
 }

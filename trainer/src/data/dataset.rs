@@ -350,6 +350,7 @@ impl Dataset {
             image_root: d.image_root.clone(),
             text_only: d.text_only,
             check_image_exists: true,
+            keep_image_placeholder: d.image_placeholder == crate::config::ImagePlaceholder::Keep,
         };
         let parsed = parse_jsonl(&file, &opts).map_err(DataError::Read)?;
         let mut report = ScanReport {

@@ -71,6 +71,9 @@ pub struct ParseOptions {
     pub image_root: Option<PathBuf>,
     pub text_only: TextOnly,
     pub check_image_exists: bool,
+    /// Keep a leading or trailing `<image>` in human values as text (`data.image_placeholder:
+    /// keep`, the seed's behaviour) instead of removing it.
+    pub keep_image_placeholder: bool,
 }
 
 /// Parse a whole JSONL file. Only failing to read the file itself is an `Err`; bad lines are
@@ -240,7 +243,10 @@ pub fn parse_line(line: &str, opts: &ParseOptions) -> Result<Record, String> {
                         "roles out of order: conversations[{k}] is a second \"human\" turn in a row (expected \"gpt\")"
                     ));
                 }
-                pending_user = Some(strip_placeholder(value));
+                pending_user = Some(match opts.keep_image_placeholder {
+                    true => value.trim().to_string(),
+                    false => strip_placeholder(value),
+                });
             }
             "gpt" | "assistant" => match pending_user.take() {
                 Some(user) => turns.push(Turn {
