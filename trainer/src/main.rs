@@ -684,6 +684,16 @@ struct ExportArgs {
     /// one shard)
     #[arg(long)]
     max_shard_size: Option<String>,
+    /// peft only: the adapter's key naming. hf5: transformers >= 4.52 (current peft); hf4:
+    /// transformers 4.45-4.51, the seed's stack (it loads nothing from hf5 keys, with no error)
+    #[arg(long, value_enum)]
+    naming: Option<Naming>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Naming {
+    Hf5,
+    Hf4,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -883,15 +893,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         "{flag} is for --format merged; a PEFT adapter is written without it"
                     );
                 }
-                let n = trainer::checkpoint::export_peft(&args.checkpoint, &args.out)?;
+                let naming = match args.naming {
+                    Some(Naming::Hf4) => trainer::checkpoint::AdapterNaming::Hf4,
+                    Some(Naming::Hf5) | None => trainer::checkpoint::AdapterNaming::Hf5,
+                };
+                let n = trainer::checkpoint::export_peft(&args.checkpoint, &args.out, naming)?;
                 println!(
-                    "wrote {} ({n} LoRA tensors) from {}",
+                    "wrote {} ({n} LoRA tensors, {} key naming{}) from {}",
                     args.out.display(),
+                    if naming == trainer::checkpoint::AdapterNaming::Hf4 {
+                        "transformers-4"
+                    } else {
+                        "transformers-5"
+                    },
+                    if naming == trainer::checkpoint::AdapterNaming::Hf4 {
+                        ""
+                    } else {
+                        "; --naming hf4 for a transformers 4.45-4.51 stack such as the seed's"
+                    },
                     args.checkpoint.display()
                 );
                 Ok(ExitCode::SUCCESS)
             }
             ExportFormat::Merged => {
+                anyhow::ensure!(
+                    args.naming.is_none(),
+                    "--naming is for --format peft; a merged folder is named as its base model"
+                );
                 let max = trainer::checkpoint::parse_size(
                     args.max_shard_size
                         .as_deref()

@@ -15,11 +15,16 @@ use tch::Tensor;
 use trainer::model::{LoadOptions, MllamaModel};
 
 fn export(ckpt: &Path, out: &Path) -> Out {
+    export_with(ckpt, out, &[])
+}
+
+fn export_with(ckpt: &Path, out: &Path, extra: &[&str]) -> Out {
     let o = Command::new(bin("trainer"))
         .args(["export", "--format", "peft", "--checkpoint"])
         .arg(ckpt)
         .arg("--out")
         .arg(out)
+        .args(extra)
         .output()
         .unwrap();
     Out {
@@ -74,6 +79,34 @@ fn export_peft_holds_the_trained_factors_and_loads() {
     }
     assert!(out.join("adapter_config.json").exists());
     assert!(!out.join(".adapter.partial").exists());
+    // --naming hf4: the same tensors under transformers-4 module names, which load back too
+    let hf4 = out.join("adapter-hf4");
+    ok(
+        export_with(&out.join("ckpt/step-00000002"), &hf4, &["--naming", "hf4"]),
+        "export hf4",
+    );
+    let legacy: HashMap<String, Tensor> =
+        Tensor::read_safetensors(hf4.join("adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert_eq!(legacy.len(), exported.len());
+    assert!(legacy
+        .keys()
+        .all(|k| !k.starts_with("base_model.model.model.")));
+    let q = "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    assert!(legacy[q].equal(
+        &exported["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"]
+    ));
+    let mut m4 = MllamaModel::load(&setup().join("model"), LoadOptions::default()).unwrap();
+    m4.load_adapter(&hf4).unwrap();
+    for ((n, a), (_, b)) in m4
+        .trainable_parameters()
+        .iter()
+        .zip(model.trainable_parameters())
+    {
+        assert!(a.equal(&b), "{n} differs between the hf4 and hf5 exports");
+    }
     // a second export into the same folder is refused, the first one left as it was
     let before = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
     let o = export(&out.join("ckpt/step-00000002"), &adapter);
@@ -176,6 +209,9 @@ fn export_refuses_flags_the_format_does_not_use() {
     let (code, err) = run(&["--model", "m"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("--model is for --format merged"), "{err}");
+    let (code, err) = run(&["--format", "merged", "--naming", "hf4"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--naming is for --format peft"), "{err}");
     let (code, err) = run(&["--format", "gguf"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("possible values: peft, merged"), "{err}");

@@ -10,8 +10,23 @@ use tch::Tensor;
 
 use super::load::read_full;
 
+/// Module naming of an exported adapter's keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdapterNaming {
+    /// transformers >= 4.52 module paths (`base_model.model.model.language_model.layers...`,
+    /// `...model.vision_model...`): what current peft writes and loads.
+    #[default]
+    Hf5,
+    /// transformers 4.45-4.51 (`base_model.model.language_model.model.layers...`,
+    /// `base_model.model.vision_model...`): the seed's stack, which finds no module for the
+    /// other naming and loads nothing (peft only warns). transformers 5.24 + peft 0.21 convert
+    /// this naming's text keys but not its vision keys (checked: the vision LoRA is then dropped
+    /// with a warning), so use it only for a transformers-4 stack.
+    Hf4,
+}
+
 /// Writes the adapter folder; returns the number of tensors written.
-pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<usize> {
+pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Result<usize> {
     // the method first: a full fine-tuning checkpoint's weights are not read (44 GB for 11B)
     let method = super::load::read_manifest(checkpoint)?
         .peft
@@ -35,7 +50,17 @@ pub fn export_peft(checkpoint: &Path, out: &Path) -> Result<usize> {
             );
         }
     }
-    let (m, tensors) = read_full(checkpoint)?;
+    let (m, mut tensors) = read_full(checkpoint)?;
+    if naming == AdapterNaming::Hf4 {
+        for (name, _) in &mut tensors {
+            if let Some(module) = name.strip_prefix("base_model.model.") {
+                *name = format!(
+                    "base_model.model.{}",
+                    crate::model::weights::canonical_to_legacy(module)
+                );
+            }
+        }
+    }
     let peft = &m.peft;
     let field = |k: &str| peft.get(k).cloned().unwrap_or(Value::Null);
     // the adapter_config.json of `MllamaModel::save_adapter`

@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::fsdp::Trainable;
 use crate::optim::AdamW;
 
-pub use export::export_peft;
+pub use export::{export_peft, AdapterNaming};
 pub use load::{read_full, resume, Resumed};
 pub use manifest::{Manifest, FORMAT, VERSION};
 pub use merged::{export_merged, parse_size, MergedSummary};

@@ -312,7 +312,7 @@ impl<'a> Saver<'a> {
                         std::fs::remove_dir_all(&staging)
                             .with_context(|| format!("removing {}", staging.display()))?;
                     }
-                    checkpoint::export_peft(&ckpt, &staging)?;
+                    checkpoint::export_peft(&ckpt, &staging, checkpoint::AdapterNaming::Hf5)?;
                     for name in ["adapter_model.safetensors", "adapter_config.json"] {
                         let (from, to) = (staging.join(name), out.join(name));
                         std::fs::rename(&from, &to).with_context(|| {
