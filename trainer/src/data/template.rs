@@ -199,19 +199,32 @@ pub fn py_json_dumps(v: &Value, indent: Option<usize>) -> String {
     s
 }
 
-/// `datetime.now().strftime(fmt)` in UTC for the common directives (%d %m %Y %y %b %B %H %M %S %%),
+/// `datetime.now().strftime(fmt)` in local time (as transformers' `strftime_now`; TZ and
+/// /etc/localtime decide, as for Python) for the common directives (%d %m %Y %y %b %B %H %M %S %%),
 /// with "now" the first time this process asked: a run that crosses midnight renders the same
 /// "Today Date" at the data scan and at every later load (the tokens of a text-only record would
 /// otherwise change mid-run).
 pub fn strftime_now(fmt: &str) -> String {
     static NOW: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
     let secs = *NOW.get_or_init(|| {
-        std::time::SystemTime::now()
+        let utc = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
-            .unwrap_or(0) as i64
+            .unwrap_or(0) as i64;
+        utc + local_offset_secs(utc)
     });
     strftime(fmt, secs)
+}
+
+/// The local time zone's offset from UTC at `utc` (seconds east), 0 when it cannot be read.
+fn local_offset_secs(utc: i64) -> i64 {
+    let t = utc as libc::time_t;
+    // SAFETY: localtime_r writes only into the zeroed `tm` it is given.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    match unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        true => 0,
+        false => tm.tm_gmtoff as i64,
+    }
 }
 
 /// `strftime` for a Unix time in seconds (UTC).
@@ -268,4 +281,23 @@ pub fn strftime(fmt: &str, unix_secs: i64) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    /// The local offset is the one `date` reports for this environment (TZ included).
+    #[test]
+    fn local_offset_agrees_with_date() {
+        let out = std::process::Command::new("date").arg("+%z %s").output();
+        let Ok(out) = out else { return }; // no `date`: nothing to compare with
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut words = text.split_whitespace();
+        let (z, now) = (
+            words.next().unwrap(),
+            words.next().unwrap().parse::<i64>().unwrap(),
+        );
+        let sign = if z.starts_with('-') { -1 } else { 1 };
+        let (h, m): (i64, i64) = (z[1..3].parse().unwrap(), z[3..5].parse().unwrap());
+        assert_eq!(super::local_offset_secs(now), sign * (h * 3600 + m * 60));
+    }
 }
