@@ -10,6 +10,9 @@ use thiserror::Error;
 
 /// Environment variable carrying the rendezvous store's secret token (not a torchrun variable).
 pub const STORE_TOKEN_VAR: &str = "LLAVA_SCO_STORE_TOKEN";
+/// The launcher invocation a rank belongs to: drawn at random by node 0's launcher, the same on
+/// every node and across its restarts, different for every invocation (even one reusing a run id).
+pub const LAUNCH_ID_VAR: &str = "LLAVA_SCO_LAUNCH_ID";
 /// Set for ranks whose stderr the launcher echoes with a `[rank r]` prefix (`--tee`).
 pub const PREFIXED_STDERR_VAR: &str = "LLAVA_SCO_PREFIXED_STDERR";
 /// Set for ranks whose stderr the launcher relays unchanged to its own terminal (no `--tee`
@@ -52,6 +55,8 @@ pub struct RankEnv {
     pub run_id: String,
     /// `LLAVA_SCO_STORE_TOKEN`: the secret every store connection presents (None outside a launcher).
     pub store_token: Option<String>,
+    /// `LLAVA_SCO_LAUNCH_ID` ([`LAUNCH_ID_VAR`]; None outside this launcher).
+    pub launch_id: Option<String>,
 }
 
 // Hand-written so the token never lands in a log line.
@@ -113,6 +118,7 @@ impl RankEnv {
             max_restarts: 0,
             run_id: "none".to_string(),
             store_token: None,
+            launch_id: None,
         }
     }
 
@@ -189,6 +195,7 @@ impl RankEnv {
             max_restarts: parse_opt(&get, "TORCHELASTIC_MAX_RESTARTS", "a count")?.unwrap_or(0),
             run_id: get("TORCHELASTIC_RUN_ID").unwrap_or_else(|| "none".to_string()),
             store_token: get(STORE_TOKEN_VAR),
+            launch_id: get(LAUNCH_ID_VAR),
         };
         env.validate()?;
         Ok(env)
@@ -252,6 +259,9 @@ impl RankEnv {
         ];
         if let Some(token) = &self.store_token {
             vars.push((STORE_TOKEN_VAR, token.clone()));
+        }
+        if let Some(id) = &self.launch_id {
+            vars.push((LAUNCH_ID_VAR, id.clone()));
         }
         vars
     }
@@ -325,6 +335,7 @@ mod tests {
             max_restarts: 3,
             run_id: "job-7".into(),
             store_token: Some("s3cret".into()),
+            launch_id: Some("0a1b2c3d".into()),
         };
         let vars = env.to_env_vars();
         let map: HashMap<String, String> =

@@ -244,11 +244,15 @@ fn a_killed_rank_restarts_the_group_when_restarts_are_left() {
         "{}",
         run.stderr
     );
+    // one launch id for the invocation: every rank, both attempts
+    let launch_id = read_env(dir.path(), 0, 0)["LLAVA_SCO_LAUNCH_ID"].clone();
+    assert_eq!(launch_id.len(), 16, "{launch_id:?}");
     for rank in 0..3 {
         let env = read_env(dir.path(), rank, 1);
         assert_eq!(env["TORCHELASTIC_RESTART_COUNT"], "1");
         assert_eq!(env["TORCHELASTIC_MAX_RESTARTS"], "1");
         assert_eq!(env["RANK"], rank.to_string());
+        assert_eq!(env["LLAVA_SCO_LAUNCH_ID"], launch_id);
     }
     assert_no_survivors_in(dir.path(), &[run.pgid]);
 }
@@ -829,6 +833,11 @@ fn a_slurm_allocation_provides_the_layout_and_nodes_may_differ_in_size() {
         assert_eq!(env["WORLD_SIZE"], "4");
         assert_eq!(env["MASTER_ADDR"], "localhost");
         assert_eq!(env["TORCHELASTIC_RUN_ID"], "4242");
+        // node 1 adopts node 0's launch id
+        assert_eq!(
+            env["LLAVA_SCO_LAUNCH_ID"],
+            read_env(dir.path(), 0, 0)["LLAVA_SCO_LAUNCH_ID"]
+        );
         assert_eq!(
             std::fs::read_to_string(dir.path().join(format!("store-{rank}-0"))).unwrap(),
             "4"

@@ -121,11 +121,9 @@ fn export_peft_holds_the_trained_factors_and_loads() {
         before
     );
     assert!(!adapter.join(LOCK).exists(), "the lock outlived the export");
-    // a folder another export is writing (its lock names a live process of this host) is refused
+    // a folder another export is writing (it holds the lock) is refused
     let busy = out.join("busy");
-    std::fs::create_dir_all(&busy).unwrap();
-    let host = launcher::supervise::hostname();
-    std::fs::write(busy.join(LOCK), format!("{host} {}\n", std::process::id())).unwrap();
+    let held = common::hold_export_lock(&busy);
     let o = export(&out.join("ckpt/step-00000002"), &busy);
     assert_eq!(o.code, Some(1), "{}", o.stderr);
     assert!(
@@ -134,12 +132,12 @@ fn export_peft_holds_the_trained_factors_and_loads() {
         o.stderr
     );
     assert!(!busy.join("adapter_model.safetensors").exists());
-    // the lock of an export that was killed (its pid is gone) is taken over
-    let mut child = Command::new("true").spawn().unwrap();
-    let gone = child.id();
-    child.wait().unwrap();
-    std::fs::write(busy.join(LOCK), format!("{host} {gone}\n")).unwrap();
-    ok(export(&out.join("ckpt/step-00000002"), &busy), "stale lock");
+    // a lock file no process holds (its export was killed) is no obstacle
+    drop(held);
+    ok(
+        export(&out.join("ckpt/step-00000002"), &busy),
+        "unheld lock file",
+    );
     assert_eq!(
         std::fs::read(busy.join("adapter_model.safetensors")).unwrap(),
         before

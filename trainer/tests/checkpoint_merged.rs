@@ -292,13 +292,7 @@ fn merged_export_refuses_a_wrong_base_model_and_a_used_out_folder() {
     );
     // a folder another export is writing (a live process's lock) is refused before any file is written
     let busy = root.join("merged-busy");
-    std::fs::create_dir_all(&busy).unwrap();
-    let lock = format!(
-        "{} {}\n",
-        launcher::supervise::hostname(),
-        std::process::id()
-    );
-    std::fs::write(busy.join(".llava-sco-export.lock"), lock).unwrap();
+    let _held = common::hold_export_lock(&busy);
     let o = export(ckpt, &busy, "merged", &[]);
     assert_eq!(o.code, Some(1), "{}", o.stderr);
     assert!(

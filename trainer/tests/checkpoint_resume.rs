@@ -285,15 +285,24 @@ fn launcher_restart_after_a_crash_in_save_is_bitwise() {
 }
 
 /// A run started over (`checkpoint.resume: never`) in a folder holding another run's newer
-/// checkpoint, crashed in the save of step 4 and restarted by the launcher: the restart continues
-/// from this run's own step 2 (not from step 0, nor from the other run's checkpoint) and ends equal
-/// to the uninterrupted run; retention (keep_last 2) keeps the other run's checkpoint.
+/// checkpoint (saved by another launcher invocation with the same run id, as two launches in one
+/// SLURM job have), crashed in the save of step 4 and restarted by the launcher: the restart
+/// continues from this launch's own step 2 (not from step 0, nor from the other launch's
+/// checkpoint) and ends equal to the uninterrupted run; retention (keep_last 2) keeps the other
+/// run's checkpoint.
 #[test]
 fn launcher_restart_of_a_run_started_over_continues_its_own_checkpoint() {
     let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 6";
     let straight = fresh("never-straight");
     ok(
-        run(&straight, 2, train, &["checkpoint.every_steps=2"], &[]),
+        run_with(
+            &straight,
+            2,
+            train,
+            &["checkpoint.every_steps=2"],
+            &[],
+            &["--run-id", "one-job"],
+        ),
         "straight",
     );
     let out = fresh("never-restarted");
@@ -306,7 +315,7 @@ fn launcher_restart_of_a_run_started_over_continues_its_own_checkpoint() {
             train,
             &["checkpoint.every_steps=2", "checkpoint.resume=never"],
             &[("TRAINER_CHECKPOINT_CRASH_AT", "4")],
-            &["--max-restarts", "1"],
+            &["--max-restarts", "1", "--run-id", "one-job"],
         ),
         "crash + restart",
     );

@@ -106,6 +106,7 @@ fn main() -> ExitCode {
         "TORCHELASTIC_MAX_RESTARTS",
         "TORCHELASTIC_RUN_ID",
         "LLAVA_SCO_STORE_TOKEN",
+        "LLAVA_SCO_LAUNCH_ID",
         "OMP_NUM_THREADS",
     ] {
         record.push_str(&format!(

@@ -124,8 +124,18 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
     } else {
         Peers::Single
     };
-    let run_id = match peers.agree_run_id(&spec.run_id, spec.run_id_explicit, spec.rdzv_timeout) {
-        Ok(id) => id,
+    // this invocation's id (checkpoints tell its own saves apart from another launch's, which
+    // may share the run id: SLURM's job id, a reused --run-id)
+    let launch_id = crate::token::random_hex(8).map_err(|e| {
+        LaunchError::Rendezvous(format!("cannot read /dev/urandom for a launch id: {e}"))
+    })?;
+    let (run_id, launch_id) = match peers.agree_run_id(
+        &spec.run_id,
+        &launch_id,
+        spec.run_id_explicit,
+        spec.rdzv_timeout,
+    ) {
+        Ok(ids) => ids,
         Err(err) => return join_failed(spec, &host, 0, err),
     };
 
@@ -155,6 +165,7 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
         let attempt_run = Attempt {
             spec,
             run_id: &run_id,
+            launch_id: &launch_id,
             host: &host,
             port,
             attempt,
@@ -280,6 +291,7 @@ fn join_failed(
 struct Attempt<'a> {
     spec: &'a LaunchSpec,
     run_id: &'a str,
+    launch_id: &'a str,
     host: &'a str,
     port: u16,
     attempt: u32,
@@ -321,6 +333,7 @@ impl Attempt<'_> {
             max_restarts: spec.max_restarts,
             run_id: self.run_id.to_string(),
             store_token: Some(spec.token.clone()),
+            launch_id: Some(self.launch_id.to_string()),
         }
     }
 

@@ -90,21 +90,25 @@ impl Peers {
         })
     }
 
-    /// Node 0 publishes its run id; the others adopt it (so TORCHELASTIC_RUN_ID agrees everywhere),
-    /// unless theirs was given (`explicit`) and differs: then two runs met at one store (a shared
-    /// exported token lets them in), which is an error.
+    /// Node 0 publishes its run id and `launch_id`; the others adopt them (so TORCHELASTIC_RUN_ID
+    /// and LLAVA_SCO_LAUNCH_ID agree everywhere), unless their run id was given (`explicit`) and
+    /// differs: then two runs met at one store (a shared exported token lets them in), which is an
+    /// error. Returns (run id, launch id).
     pub fn agree_run_id(
         &mut self,
         run_id: &str,
+        launch_id: &str,
         explicit: bool,
         timeout: Duration,
-    ) -> Result<String, JoinError> {
+    ) -> Result<(String, String), JoinError> {
         let Peers::Multi(m) = self else {
-            return Ok(run_id.to_string());
+            return Ok((run_id.to_string(), launch_id.to_string()));
         };
         if m.node_rank == 0 {
+            // (the launch id first: a node that reads the run id finds it)
+            m.client.set("launcher/launch_id", launch_id.as_bytes())?;
             m.client.set("launcher/run_id", run_id.as_bytes())?;
-            return Ok(run_id.to_string());
+            return Ok((run_id.to_string(), launch_id.to_string()));
         }
         let deadline = Instant::now() + timeout;
         loop {
@@ -119,7 +123,8 @@ impl Peers {
                             "this node's run id {run_id:?} differs from node 0's {theirs:?}: two runs met at one store; pass the same --run-id to every node of a run (and another --master-port per run)"
                         )));
                     }
-                    return Ok(theirs);
+                    let launch = m.client.get("launcher/launch_id")?;
+                    return Ok((theirs, String::from_utf8_lossy(&launch).into_owned()));
                 }
                 Err(StoreError::Timeout { .. }) => {}
                 Err(e) => return Err(e.into()),

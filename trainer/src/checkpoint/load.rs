@@ -42,16 +42,16 @@ pub struct Resumed {
 /// The newest complete checkpoint in `dir` as rank 0 sees it, on every rank: ranks may see the
 /// folder differently (a node's cached view of shared storage right after a restart), and two
 /// ranks loading different steps, or one starting fresh, would train on out of step.
-/// With `run_id`, the newest one that launch saved (its manifest's `run_id`).
+/// With `launch_id`, the newest one that launcher invocation saved (its manifest's `launch_id`).
 fn latest_on_rank0(
     pg: &ProcessGroup,
     device: Device,
     dir: &Path,
-    run_id: Option<&str>,
+    launch_id: Option<&str>,
 ) -> Result<Option<PathBuf>> {
-    let saved_by_run = |path: &Path| match run_id {
+    let saved_by_run = |path: &Path| match launch_id {
         None => true,
-        Some(id) => super::manifest_field(path, "run_id").is_ok_and(|v| v.as_str() == Some(id)),
+        Some(id) => super::manifest_field(path, "launch_id").is_ok_and(|v| v.as_str() == Some(id)),
     };
     // rank 0's answer as one number (the step, -1: none, -2: an error), the others' below any
     let mine = if pg.rank() == 0 {
@@ -120,16 +120,16 @@ pub fn resume(
         .ok()
         .and_then(|c| c.parse::<u64>().ok())
         .filter(|&c| c > 0);
-    let run_id = super::save::launch_run_id();
+    let launch_id = super::save::launch_id();
     if let (Some(attempt), Some(id), false) = (
         restarted,
-        &run_id,
+        &launch_id,
         matches!(config.checkpoint.resume, Resume::Auto),
     ) {
         if let Some(p) = latest_on_rank0(pg, device, &config.checkpoint.dir, Some(id))? {
             if pg.rank() == 0 {
                 tracing::info!(
-                    "restart {attempt} of run {id}: continuing from {}, which this run saved before the restart (checkpoint.resume: {} applies to the run's first start)",
+                    "restart {attempt} of launch {id}: continuing from {}, which this launch saved before the restart (checkpoint.resume: {} applies to its first start)",
                     p.display(),
                     match &config.checkpoint.resume {
                         Resume::From(f) => f.display().to_string(),

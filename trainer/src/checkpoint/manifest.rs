@@ -69,11 +69,12 @@ pub struct Manifest {
     pub peft: Value,
     pub tensors: Vec<TensorEntry>,
     pub files: Vec<FileEntry>,
-    /// The launch that saved it (`TORCHELASTIC_RUN_ID`: the launcher's `--run-id`, SLURM's job
-    /// id or a random one): after a launcher restart the ranks continue from their own launch's
-    /// newest checkpoint, whatever `checkpoint.resume` says. Absent from older trainers'.
+    /// The launcher invocation that saved it (`LLAVA_SCO_LAUNCH_ID`, drawn by node 0's launcher,
+    /// kept across its restarts; unlike the run id it is never shared by two invocations): after a
+    /// launcher restart the ranks continue from their own launch's newest checkpoint, whatever
+    /// `checkpoint.resume` says. Absent outside the launcher and from older trainers'.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub run_id: Option<String>,
+    pub launch_id: Option<String>,
     /// The training run across resumes: drawn at a fresh start, kept by each resume. Retention
     /// (`checkpoint.keep_last`) removes checkpoints of its own run only (and older trainers'),
     /// never another run's in the same `checkpoint.dir`.

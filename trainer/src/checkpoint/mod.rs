@@ -233,86 +233,77 @@ impl Drop for Created {
     }
 }
 
-/// An export's claim on its `--out` folder: `.llava-sco-export.lock`, created exclusively and
-/// holding `host pid`, removed when dropped. Two exports into one folder would pass the "folder
-/// holds no weights" check together and then truncate each other's files; the second is refused.
-/// A lock left by an export that was killed on this host is taken over once its pid is gone.
+/// A writer's claim on a folder (`trainer export --out`, `train.output_dir`'s adapter):
+/// `.llava-sco-export.lock` in it, held with `flock` (the kernel releases it when the process dies,
+/// so a killed export leaves nothing to judge stale) and holding `host pid` for the message.
+/// Two exports into one folder would pass the "folder holds no weights" check together and then
+/// truncate each other's files; the second is refused. The file is removed while still locked.
 pub(crate) struct ExportLock {
     path: PathBuf,
+    // (the flock lives as long as this descriptor)
+    _file: std::fs::File,
 }
 
 impl ExportLock {
     pub const NAME: &'static str = ".llava-sco-export.lock";
 
-    /// Creates `out` if needed and takes its lock.
-    pub fn acquire(out: &Path) -> anyhow::Result<Self> {
+    /// Creates `dir` if needed and takes its lock.
+    pub fn acquire(dir: &Path) -> anyhow::Result<Self> {
         use anyhow::Context;
-        use std::io::Write;
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        let path = out.join(Self::NAME);
-        let host = launcher::supervise::hostname();
-        let me = format!("{host} {}\n", std::process::id());
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
+        use std::io::{Seek, Write};
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(Self::NAME);
+        loop {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
                 .write(true)
-                .create_new(true)
                 .open(&path)
-            {
-                Ok(mut f) => {
-                    f.write_all(me.as_bytes())
-                        .with_context(|| format!("writing {}", path.display()))?;
-                    return Ok(Self { path });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                .with_context(|| format!("opening {}", path.display()))?;
+            // SAFETY: flock on a descriptor this function owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                     let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                    if !Self::stale(&holder, &host) {
-                        anyhow::bail!(
-                            "--out {} is being written by another export ({}: {}); wait for it, or \
-                             remove the lock file if no export is running",
-                            out.display(),
-                            path.display(),
-                            holder.trim()
-                        );
-                    }
-                    tracing::warn!(
-                        "taking over {} left by an export that no longer runs ({})",
+                    anyhow::bail!(
+                        "{} is being written by another export ({}: {}); wait for it to finish",
+                        dir.display(),
                         path.display(),
                         holder.trim()
                     );
-                    std::fs::remove_file(&path)
-                        .with_context(|| format!("removing the stale {}", path.display()))?;
                 }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("creating {}", path.display()));
-                }
+                return Err(e).with_context(|| format!("locking {}", path.display()));
             }
+            // the holder before us may have removed the file after we opened it: then our lock
+            // is on a file nobody else will find; open the one at the path again
+            let same = std::fs::metadata(&path).is_ok_and(|m| {
+                file.metadata()
+                    .is_ok_and(|f| f.ino() == m.ino() && f.dev() == m.dev())
+            });
+            if !same {
+                continue;
+            }
+            let me = format!(
+                "{} {}\n",
+                launcher::supervise::hostname(),
+                std::process::id()
+            );
+            file.set_len(0)
+                .and_then(|()| file.rewind())
+                .and_then(|()| file.write_all(me.as_bytes()))
+                .with_context(|| format!("writing {}", path.display()))?;
+            return Ok(Self { path, _file: file });
         }
-        anyhow::bail!(
-            "could not take {} (another export took it at once)",
-            path.display()
-        )
-    }
-
-    /// Whether the lock's `host pid` names a process of this host that no longer runs (a lock of
-    /// another host, or one being written, is not judged).
-    fn stale(holder: &str, host: &str) -> bool {
-        let mut words = holder.split_whitespace();
-        let (Some(h), Some(pid)) = (
-            words.next(),
-            words.next().and_then(|p| p.parse::<i32>().ok()),
-        ) else {
-            return false;
-        };
-        // SAFETY: kill with signal 0 only checks that the pid exists.
-        h == host
-            && pid > 0
-            && unsafe { libc::kill(pid, 0) } != 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
     }
 }
 
 impl Drop for ExportLock {
     fn drop(&mut self) {
+        // removed before the descriptor (and with it the lock) goes: a waiter that opened this
+        // file finds it gone and opens a new one
         let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -886,14 +886,14 @@ fn build_manifest(
         peft: serde_json::to_value(&config.peft).unwrap_or(Value::Null),
         tensors,
         files,
-        run_id: launch_run_id(),
+        launch_id: launch_id(),
         lineage: None,
     }
 }
 
-/// This launch's `TORCHELASTIC_RUN_ID` (set by the launcher and torchrun), if any.
-pub(crate) fn launch_run_id() -> Option<String> {
-    std::env::var("TORCHELASTIC_RUN_ID")
+/// This launcher invocation's id (`LLAVA_SCO_LAUNCH_ID`), if any.
+pub(crate) fn launch_id() -> Option<String> {
+    std::env::var(launcher::env::LAUNCH_ID_VAR)
         .ok()
         .filter(|id| !id.is_empty())
 }

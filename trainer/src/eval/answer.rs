@@ -49,43 +49,105 @@ fn letter_index(s: &str, n_choices: usize) -> Option<usize> {
     (i < n_choices).then_some(i)
 }
 
-/// Lead-ins models put before the letter of their choice (compared lowercased).
-const CHOICE_LEAD_INS: [&str; 8] = [
+/// Lead-ins models put before their answer (compared lowercased), stripped repeatedly from the
+/// start: "So, the correct answer is: Option B" -> "B".
+const LEAD_INS: [&str; 16] = [
+    "so",
+    "therefore",
+    "thus",
+    "hence",
+    "final answer",
     "the correct answer is",
+    "the correct option is",
+    "the correct choice is",
     "the answer is",
-    "correct answer:",
-    "answer is",
-    "answer:",
     "the option is",
+    "correct answer",
+    "answer is",
+    "answer",
     "option",
     "choice",
+    "is",
 ];
 
-/// The option a prediction picks: a bare letter ("B", "(B)", "B.", "**B**"), a leading letter
-/// ("B) red", "Answer: B", "The answer is B", "Option B"), or exactly one option's text.
-pub fn choice_of(pred: &str, choices: &[String]) -> Option<usize> {
-    let unmarked = pred.replace('*', ""); // markdown emphasis
-    let mut p = unmarked.trim();
-    for lead in CHOICE_LEAD_INS {
-        // (lead-ins are ASCII, so the cut is on a character boundary when it matches)
-        if p.len() > lead.len()
-            && p.is_char_boundary(lead.len())
-            && p[..lead.len()].eq_ignore_ascii_case(lead)
-            && !p[lead.len()..].starts_with(char::is_alphanumeric)
-        {
-            p = p[lead.len()..].trim();
-            break;
+/// `p` without leading lead-ins (each followed by a non-alphanumeric character: "Optionally"
+/// keeps its "option") and the punctuation after them.
+fn strip_lead_ins(mut p: &str) -> &str {
+    'again: loop {
+        for lead in LEAD_INS {
+            // (lead-ins are ASCII, so the cut is on a character boundary when it matches)
+            if p.len() > lead.len()
+                && p.is_char_boundary(lead.len())
+                && p[..lead.len()].eq_ignore_ascii_case(lead)
+                && !p[lead.len()..].starts_with(char::is_alphanumeric)
+            {
+                p = p[lead.len()..]
+                    .trim_start_matches(|c: char| c.is_whitespace() || ",:-".contains(c));
+                continue 'again;
+            }
+        }
+        return p;
+    }
+}
+
+/// The option letter standing alone among `p`'s words (punctuation split off, upper case only,
+/// as VLMEvalKit's `can_infer_option`): "I think it's (C) because" -> C. None when no letter or
+/// two different letters stand alone, or when the only one is "A" in a longer text without a cue
+/// word before it ("A red circle is left of ..." uses the article).
+fn standalone_letter(p: &str, n_choices: usize) -> Option<usize> {
+    let spaced: String = p
+        .chars()
+        .map(|c| {
+            if ".()[],:;!*#{}\"'".contains(c) {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect();
+    let words: Vec<&str> = spaced.split_whitespace().collect();
+    let mut found: Option<(usize, usize)> = None; // (option, word index)
+    for (k, w) in words.iter().enumerate() {
+        let mut chars = w.chars();
+        let (Some(c), None) = (chars.next(), chars.next()) else {
+            continue;
+        };
+        if !c.is_ascii_uppercase() || ((c as u8 - b'A') as usize) >= n_choices {
+            continue;
+        }
+        let i = (c as u8 - b'A') as usize;
+        match found {
+            Some((j, _)) if j != i => return None,
+            _ => found = Some((i, k)),
         }
     }
+    let (i, k) = found?;
+    let cued = k > 0
+        && matches!(
+            words[k - 1].to_ascii_lowercase().as_str(),
+            "is" | "answer" | "option" | "choice" | "select" | "choose" | "pick"
+        );
+    (i != 0 || words.len() <= 3 || cued).then_some(i)
+}
+
+/// The option a prediction picks: a bare letter ("B", "(B)", "B.", "**B**"), a leading letter
+/// after lead-ins ("B) red", "Answer: Option B", "So the answer is B, not red"), one letter
+/// standing alone in the text ("I think it's (C)"), or exactly one option's text.
+pub fn choice_of(pred: &str, choices: &[String]) -> Option<usize> {
+    let unmarked = pred.replace('*', ""); // markdown emphasis
+    let p = strip_lead_ins(unmarked.trim());
     if let Some(i) = letter_index(p, choices.len()) {
         return Some(i);
     }
-    if let Some(head) = p.split([')', '.', ':']).next() {
+    if let Some(head) = p.split([')', '.', ':', ',']).next() {
         if head.len() <= 3 && p.len() > head.len() {
             if let Some(i) = letter_index(head, choices.len()) {
                 return Some(i);
             }
         }
+    }
+    if let Some(i) = standalone_letter(p, choices.len()) {
+        return Some(i);
     }
     let np = normalize_text(p);
     let exact: Vec<usize> = (0..choices.len())
@@ -122,30 +184,140 @@ fn strip_thousands(s: &str) -> String {
         .collect()
 }
 
-/// A gold answer that is a number ("3", "-2.5", "1,000", "42%"): digits required and finite
-/// ("inf" and "NaN" are text answers).
-fn gold_number(s: &str) -> Option<f64> {
-    let t = strip_thousands(s.trim().trim_end_matches('%'));
-    let v: f64 = t.parse().ok()?;
-    (t.chars().any(|c| c.is_ascii_digit()) && v.is_finite()).then_some(v)
+/// A number written in text and where it stands: byte range in the text it was read from, and
+/// whether it sits inside parentheses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Found {
+    value: f64,
+    start: usize,
+    end: usize,
+    in_parens: bool,
 }
 
-/// The last number in a text ("3", "-2.5", "1,000", "42%").
+/// Every number in `s` (thousands separators removed first): integers, decimals, a sign only
+/// where a word does not touch it ("-2", not "step-2"), exponents ("1e-5", "1.5 x 10^3",
+/// "1.5 × 10^3"), fractions of integers ("1/2"); a unit's power ("m/s^2", "cm²") is not a number.
+fn numbers(s: &str) -> Vec<Found> {
+    let b: Vec<char> = s.chars().collect();
+    let (mut out, mut i, mut depth) = (Vec::new(), 0usize, 0i32);
+    let digits = |from: usize| {
+        let mut j = from;
+        while j < b.len() && b[j].is_ascii_digit() {
+            j += 1;
+        }
+        j
+    };
+    while i < b.len() {
+        match b[i] {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            _ => {}
+        }
+        let signed = b[i] == '-'
+            && b.get(i + 1).is_some_and(char::is_ascii_digit)
+            && (i == 0 || !b[i - 1].is_alphanumeric());
+        let power = i > 0 && (b[i - 1] == '^');
+        if !(b[i].is_ascii_digit() || signed) || power {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        let mut j = digits(if signed { i + 1 } else { i });
+        if j + 1 < b.len() && b[j] == '.' && b[j + 1].is_ascii_digit() {
+            j = digits(j + 1);
+        }
+        let text: String = b[start..j].iter().collect();
+        let mut value: f64 = text.parse().unwrap_or(f64::NAN);
+        // 1e-5, 2.5E3
+        if j < b.len() && (b[j] == 'e' || b[j] == 'E') {
+            let k = j + 1 + usize::from(b.get(j + 1).is_some_and(|c| *c == '-' || *c == '+'));
+            let e_end = digits(k);
+            if e_end > k {
+                let e: String = b[j + 1..e_end].iter().collect();
+                value *= 10f64.powi(e.parse::<i32>().unwrap_or(0));
+                j = e_end;
+            }
+        }
+        // 1.5 x 10^3, 1.5 × 10^3, 1.5*10^3
+        let rest: String = b[j..b.len().min(j + 12)].iter().collect();
+        for times in [" x 10^", " × 10^", "x10^", "×10^", "*10^", " * 10^"] {
+            if let Some(after) = rest.strip_prefix(times) {
+                let k = j + times.chars().count();
+                let sign = after.starts_with('-');
+                let e_end = digits(k + usize::from(sign));
+                if e_end > k + usize::from(sign) {
+                    let e: String = b[k..e_end].iter().collect();
+                    value *= 10f64.powi(e.parse::<i32>().unwrap_or(0));
+                    j = e_end;
+                }
+                break;
+            }
+        }
+        // 1/2 (integers only: "m/s" is a unit, "3/4" a number)
+        if !text.contains('.') && j + 1 < b.len() && b[j] == '/' && b[j + 1].is_ascii_digit() {
+            let d_end = digits(j + 1);
+            let den: String = b[j + 1..d_end].iter().collect();
+            if let Ok(d) = den.parse::<f64>() {
+                if d != 0.0 {
+                    value /= d;
+                    j = d_end;
+                }
+            }
+        }
+        if value.is_finite() {
+            out.push(Found {
+                value,
+                start,
+                end: j,
+                in_parens: depth > 0,
+            });
+        }
+        i = j;
+    }
+    out
+}
+
+/// A gold answer that is a number, optionally with a unit ("3", "-2.5", "1,000", "42%", "3 cm",
+/// "45°", "9.8 m/s^2", "1/2"): one number at the start and nothing but a unit after it ("inf",
+/// "NaN" and "3 apples and 2 pears" are text answers).
+fn gold_number(s: &str) -> Option<f64> {
+    let t = strip_thousands(s.trim());
+    let found = numbers(&t);
+    let first = found.first()?;
+    let rest: String = t.chars().skip(first.end).collect();
+    let unit_only = rest
+        .chars()
+        .enumerate()
+        .all(|(k, c)| !c.is_ascii_digit() || rest.chars().nth(k.wrapping_sub(1)) == Some('^'));
+    (first.start == 0 && unit_only && rest.trim().chars().count() <= 12).then_some(first.value)
+}
+
+/// The number a text answers with: the one after its last "=" or "answer is", else the last
+/// number outside parentheses ("3 (rounded to 1 decimal)" -> 3), else the last one.
 pub fn number_in(s: &str) -> Option<f64> {
     let cleaned = strip_thousands(s);
-    let mut found = None;
-    let mut cur = String::new();
-    for c in cleaned.chars().chain(std::iter::once(' ')) {
-        if c.is_ascii_digit() || c == '.' || (c == '-' && cur.is_empty()) {
-            cur.push(c);
-        } else {
-            if let Ok(v) = cur.trim_end_matches('.').parse::<f64>() {
-                found = Some(v);
-            }
-            cur.clear();
+    let lower = cleaned.to_lowercase();
+    let found = numbers(&cleaned);
+    // (positions are in chars; the cue's byte offset converted to chars)
+    let cue = ["=", "answer is", "answer:"]
+        .iter()
+        .filter_map(|c| {
+            lower
+                .rfind(c)
+                .map(|at| lower[..at].chars().count() + c.chars().count())
+        })
+        .max();
+    if let Some(at) = cue {
+        if let Some(f) = found.iter().find(|f| f.start >= at) {
+            return Some(f.value);
         }
     }
     found
+        .iter()
+        .rev()
+        .find(|f| !f.in_parens)
+        .or(found.last())
+        .map(|f| f.value)
 }
 
 /// The option a multiple-choice gold answer names (its letter or its text).
@@ -165,6 +337,9 @@ pub fn canonical(pred: &str, gold: &str, choices: Option<&[String]>) -> String {
         if let Some(v) = number_in(pred) {
             return format!("number {v}");
         }
+    } else if matches!(normalize_text(gold).as_str(), "yes" | "no") {
+        let p = normalize_text(pred);
+        return format!("text {}", p.split_whitespace().next().unwrap_or(""));
     }
     format!("text {}", normalize_text(pred))
 }
@@ -179,6 +354,10 @@ pub fn is_correct(pred: &str, gold: &str, choices: Option<&[String]>) -> bool {
         return number_in(pred).is_some_and(|p| (p - g).abs() <= 1e-6_f64.max(1e-4 * g.abs()));
     }
     let (p, g) = (normalize_text(pred), normalize_text(gold));
+    if matches!(g.as_str(), "yes" | "no") {
+        // "Yes, because ..." answers a yes/no question with its first word
+        return p.split_whitespace().next() == Some(g.as_str());
+    }
     !g.is_empty() && p == g
 }
 
@@ -224,6 +403,15 @@ mod tests {
             ("A", "B", false),
             ("red or blue", "A", false),
             ("D", "A", false),
+            // lead-ins stripped repeatedly, a comma after the letter, a letter standing alone
+            ("Answer: Option B", "B", true),
+            ("The correct answer is option B.", "B", true),
+            ("The answer is B, not red.", "B", true),
+            ("So the answer is B.", "B", true),
+            ("Therefore, the correct option is C", "C", true),
+            ("I think it's (C) because of its corners", "C", true),
+            ("Between B and C, neither", "B", false),
+            ("A square is drawn next to it", "A", false),
         ];
         for (pred, gold, want) in cases {
             assert_eq!(is_correct(pred, gold, Some(&c)), want, "{pred} vs {gold}");
@@ -244,6 +432,24 @@ mod tests {
             ("nan", "NaN", true),
             ("4", "3", false),
             ("no number", "3", false),
+            // units, powers, scientific notation, fractions, cues, parentheses, signs
+            ("9.8 m/s^2", "9.8", true),
+            ("24 cm^2", "24", true),
+            ("1.5 × 10^3", "1500", true),
+            ("1.5 x 10^3 J", "1500", true),
+            ("1e-5", "0.00001", true),
+            ("1/2", "0.5", true),
+            ("3", "3 cm", true),
+            ("The angle is 45 degrees", "45°", true),
+            ("3 (rounded to 1 decimal)", "3", true),
+            ("12 + 3 = 15", "15", true),
+            ("The answer is 7, since 3 + 4 makes it", "7", true),
+            ("see step-2", "-2", false),
+            ("-2", "-2", true),
+            ("3 apples", "3 apples and 2 pears", false),
+            ("Yes, because the sky is blue", "yes", true),
+            ("No.", "no", true),
+            ("yes", "no", false),
             ("The Red Circle!", "red circle", true),
             ("an apple", "apple", true),
             ("blue", "red", false),

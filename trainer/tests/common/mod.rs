@@ -20,6 +20,19 @@ pub fn copy_dir(src: &Path, dst: &Path) {
     }
 }
 
+/// Holds the export lock of `dir` as another export would (flock on `.llava-sco-export.lock`)
+/// until the returned file is dropped.
+pub fn hold_export_lock(dir: &Path) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join(".llava-sco-export.lock");
+    std::fs::write(&path, format!("otherhost {}\n", std::process::id())).unwrap();
+    let f = std::fs::File::open(&path).unwrap();
+    // SAFETY: flock on a descriptor this function owns.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    f
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
