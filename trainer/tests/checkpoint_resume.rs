@@ -347,6 +347,40 @@ fn launcher_restart_of_a_run_started_over_continues_its_own_checkpoint() {
     );
 }
 
+/// A run started over in a folder holding another run's checkpoint of a step it saves too: that
+/// checkpoint is moved aside (`step-N.of-run-<lineage>`), not replaced, and retention leaves it.
+#[test]
+fn a_run_started_over_keeps_another_runs_checkpoint_of_the_same_step() {
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 4";
+    let sets: &[&str] = &["checkpoint.every_steps=2", "checkpoint.resume=never"];
+    let first = fresh("same-step-first");
+    ok(run(&first, 2, train, sets, &[]), "first run");
+    let second = fresh("same-step-second");
+    common::copy_dir(
+        &first.join("ckpt/step-00000002"),
+        &second.join("ckpt/step-00000002"),
+    );
+    let lineage = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(first.join("ckpt/step-00000002/manifest.json")).unwrap(),
+    )
+    .unwrap()["lineage"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = ok(run(&second, 2, train, sets, &[]), "second run");
+    let aside = format!("step-00000002.of-run-{lineage}");
+    assert!(o.stderr.contains(&aside), "{}", o.stderr);
+    assert_eq!(
+        checkpoints(&second),
+        ["step-00000002", aside.as_str(), "step-00000004"]
+    );
+    // the folder moved aside is the other run's, intact
+    assert_eq!(
+        std::fs::read(second.join("ckpt").join(&aside).join("manifest.json")).unwrap(),
+        std::fs::read(first.join("ckpt/step-00000002/manifest.json")).unwrap()
+    );
+}
+
 /// Trains 3 steps with `sets`, then resumes the same run lengthened to 4 steps; the resumed
 /// run's stderr.
 fn resume_longer(name: &str, sets: &[&str]) -> String {

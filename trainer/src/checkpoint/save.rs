@@ -71,6 +71,9 @@ pub struct Checkpointer {
     /// Rank 0: the training run's id across resumes (`Manifest::lineage`), drawn at the first save
     /// of a fresh run or taken over from the checkpoint resumed ([`Checkpointer::continue_lineage`]).
     lineage: Option<String>,
+    /// Resumed from a checkpoint of an older trainer (no lineage): its run's other checkpoints,
+    /// unmarked too, count as this run's for retention. Otherwise unmarked ones are kept.
+    resumed_unmarked: bool,
 }
 
 impl Default for Checkpointer {
@@ -88,23 +91,31 @@ impl Checkpointer {
             reserving: None,
             fail_write_at: env_step(FAIL_WRITE_ENV),
             lineage: None,
+            resumed_unmarked: false,
         }
     }
 
-    /// Saves continue the training run of a resumed checkpoint (`None`: one of an older trainer,
-    /// whose saves start a new one).
+    /// Saves continue the training run of a resumed checkpoint (`None`: one of an older trainer:
+    /// the saves start a lineage, and retention may remove that trainer's unmarked checkpoints).
     pub fn continue_lineage(&mut self, lineage: Option<String>) {
+        self.resumed_unmarked = lineage.is_none();
         self.lineage = lineage;
     }
 
-    /// This run's lineage, drawn on first use.
-    fn lineage(&mut self) -> Result<String> {
-        if self.lineage.is_none() {
-            let id = launcher::token::random_hex(8)
-                .context("cannot read /dev/urandom for the checkpoint lineage")?;
-            self.lineage = Some(id);
-        }
-        Ok(self.lineage.clone().expect("set above"))
+    /// This run's lineage, drawn on first use (rank 0 only: it cannot fail, as rank 0 alone
+    /// failing here would leave the other ranks waiting in the next collective).
+    fn lineage(&mut self) -> String {
+        self.lineage
+            .get_or_insert_with(|| {
+                launcher::token::random_hex(8).unwrap_or_else(|_| {
+                    let t = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos())
+                        .unwrap_or(0);
+                    format!("{:x}{:x}", t, std::process::id())
+                })
+            })
+            .clone()
     }
 
     /// Allocates and page-faults in the snapshot buffers of a background save of this state on a
@@ -292,7 +303,7 @@ impl Checkpointer {
                     world,
                     vec![],
                 );
-                m.lineage = Some(self.lineage()?);
+                m.lineage = Some(self.lineage());
                 Some(m)
             }
             _ => None,
@@ -324,6 +335,7 @@ impl Checkpointer {
             partial,
             final_dir,
             keep_last: config.checkpoint.keep_last,
+            claim_unmarked: self.resumed_unmarked,
             manifest,
             writer: Some(writer),
             blocked_s: started.elapsed().as_secs_f64(),
@@ -470,7 +482,26 @@ impl Checkpointer {
                     super::manifest::checksum_line(text.as_bytes()).as_bytes(),
                 )?;
                 fsync_dir(partial)?;
-                if final_dir.exists() {
+                let other_run = match manifest_field(final_dir, "lineage") {
+                    Ok(Value::String(l)) if manifest.lineage.as_ref() != Some(&l) => Some(l),
+                    _ => None,
+                };
+                if let Some(l) = other_run {
+                    // another run's checkpoint of this step (one started over in the same folder):
+                    // kept under another name (which listing and retention ignore), not replaced
+                    let aside = aside_name(final_dir, &l);
+                    tracing::warn!(
+                        "{} holds another run's checkpoint (lineage {l}): moved to {} instead of being replaced",
+                        final_dir.display(),
+                        aside.display()
+                    );
+                    std::fs::rename(final_dir, &aside).with_context(|| {
+                        format!("renaming {} to {}", final_dir.display(), aside.display())
+                    })?;
+                    std::fs::rename(partial, final_dir).with_context(|| {
+                        format!("renaming {} to {}", partial.display(), final_dir.display())
+                    })?;
+                } else if final_dir.exists() {
                     // the same step saved again: never a moment without a complete step folder
                     replace_dir(partial, final_dir)?;
                 } else {
@@ -480,7 +511,13 @@ impl Checkpointer {
                 }
                 fsync_dir(root)?;
                 // The checkpoint is complete and durable; old ones go in the background.
-                let doomed = retention(root, p.keep_last, final_dir, manifest.lineage.as_deref())?;
+                let doomed = retention(
+                    root,
+                    p.keep_last,
+                    final_dir,
+                    manifest.lineage.as_deref(),
+                    p.claim_unmarked,
+                )?;
                 let n_doomed = doomed.len();
                 self.janitor.start(doomed)?;
                 let total: u64 = manifest.files.iter().map(|f| f.bytes).sum();
@@ -533,6 +570,8 @@ struct PendingSave {
     partial: PathBuf,
     final_dir: PathBuf,
     keep_last: usize,
+    /// Whether retention may remove checkpoints without a lineage ([`Checkpointer::continue_lineage`]).
+    claim_unmarked: bool,
     /// Rank 0: the manifest without `files`.
     manifest: Option<Manifest>,
     writer: Option<JoinHandle<Written>>,
@@ -652,9 +691,10 @@ fn replace_dir(new: &Path, dest: &Path) -> Result<()> {
 /// The folders retention deletes right after a save: every `.partial` folder, and all but the
 /// newest `keep` complete checkpoints of this training run (0: keep all), so the newest complete
 /// one never is, nor `just_saved` (it may be older than others when a run resumed from an earlier
-/// step). A checkpoint of this run is one whose manifest has `lineage` (or none: an older
-/// trainer's); another run's (e.g. one started over with `checkpoint.resume: never` in the same
-/// folder), or one whose manifest cannot be read, is kept.
+/// step). A checkpoint of this run is one whose manifest has `lineage` (or none, an older
+/// trainer's, when `claim_unmarked`: this run resumed from one); another run's (e.g. one started
+/// over with `checkpoint.resume: never` in the same folder), or one whose manifest cannot be
+/// read, is kept.
 /// (No fsync of `root` after deleting: a removal lost in a crash only leaves an older checkpoint
 /// behind, removed by the next save.)
 fn retention(
@@ -662,10 +702,11 @@ fn retention(
     keep: usize,
     just_saved: &Path,
     lineage: Option<&str>,
+    claim_unmarked: bool,
 ) -> Result<Vec<PathBuf>> {
     let (all, partial) = list_dir(root).with_context(|| format!("listing {}", root.display()))?;
     let ours = |dir: &Path| match manifest_field(dir, "lineage") {
-        Ok(Value::Null) => true,
+        Ok(Value::Null) => claim_unmarked,
         Ok(Value::String(l)) => Some(l.as_str()) == lineage,
         _ => false,
     };
@@ -695,6 +736,19 @@ fn retention(
         );
     }
     Ok(doomed)
+}
+
+/// A free name beside `dir` for another run's checkpoint of the same step: `step-N.of-run-L`
+/// (then `-2`, `-3`, ...), which `list_dir` neither lists nor removes.
+fn aside_name(dir: &Path, lineage: &str) -> PathBuf {
+    let base = format!("{}.of-run-{lineage}", dir.display());
+    (1..)
+        .map(|k| match k {
+            1 => PathBuf::from(&base),
+            k => PathBuf::from(format!("{base}-{k}")),
+        })
+        .find(|p| !p.exists())
+        .expect("an unused name")
 }
 
 /// Bytes between writeback starts (`write_with_writeback`).
@@ -1142,14 +1196,14 @@ pub(crate) mod tests {
             std::fs::write(d.join("manifest.json"), "{}").unwrap();
         }
         let just_saved = root.join("step-00000150");
-        let doomed = retention(&root, 1, &just_saved, None).unwrap();
+        let doomed = retention(&root, 1, &just_saved, None, true).unwrap();
         assert_eq!(doomed, [root.join("step-00000100")]);
         std::fs::remove_dir_all(&root).unwrap();
     }
 
-    /// Retention removes only this training run's old checkpoints (and older trainers', which
-    /// carry no lineage): another run's in the same folder, or one whose manifest cannot be read,
-    /// stay.
+    /// Retention removes only this training run's old checkpoints: another run's in the same
+    /// folder, or one whose manifest cannot be read, stay; so do an older trainer's (no lineage)
+    /// unless this run resumed from one of them.
     #[test]
     fn retention_keeps_other_runs_checkpoints() {
         let root = std::env::temp_dir().join(format!("ckpt-lineage-{}", std::process::id()));
@@ -1167,7 +1221,9 @@ pub(crate) mod tests {
             std::fs::write(d.join("manifest.json"), manifest).unwrap();
         }
         let just_saved = root.join("step-00000200");
-        let doomed = retention(&root, 1, &just_saved, Some("ours")).unwrap();
+        let doomed = retention(&root, 1, &just_saved, Some("ours"), false).unwrap();
+        assert_eq!(doomed, [root.join("step-00000150")]);
+        let doomed = retention(&root, 1, &just_saved, Some("ours"), true).unwrap();
         assert_eq!(
             doomed,
             [root.join("step-00000150"), root.join("step-00000180")]
@@ -1189,7 +1245,7 @@ pub(crate) mod tests {
             "a file: its manifest cannot be stat'ed",
         )
         .unwrap();
-        let doomed = retention(&root, 1, &root.join("step-00000200"), None).unwrap();
+        let doomed = retention(&root, 1, &root.join("step-00000200"), None, true).unwrap();
         assert_eq!(doomed, [root.join("step-00000100")]);
         std::fs::remove_dir_all(&root).unwrap();
     }
