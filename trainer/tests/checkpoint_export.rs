@@ -147,6 +147,37 @@ fn export_peft_holds_the_trained_factors_and_loads() {
 
 const LOCK: &str = ".llava-sco-export.lock";
 
+/// `train.save_adapter`: hf4 leaves the adapter in output_dir with transformers-4 keys; none
+/// leaves none.
+#[test]
+fn save_adapter_picks_the_naming_or_none() {
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 2";
+    let hf4 = fresh("save-adapter-hf4");
+    ok(
+        run(&hf4, 1, train, &["train.save_adapter=hf4"], &[]),
+        "hf4 run",
+    );
+    let keys: Vec<String> = Tensor::read_safetensors(hf4.join("adapter_model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert!(!keys.is_empty());
+    assert!(
+        keys.iter()
+            .all(|k| k.starts_with("base_model.model.language_model.model.")
+                || k.starts_with("base_model.model.vision_model.")),
+        "{keys:?}"
+    );
+    let none = fresh("save-adapter-none");
+    ok(
+        run(&none, 1, train, &["train.save_adapter=none"], &[]),
+        "none run",
+    );
+    assert!(!none.join("adapter_model.safetensors").exists());
+    assert!(!none.join("adapter_config.json").exists());
+}
+
 #[test]
 fn export_peft_refuses_a_full_finetuning_checkpoint() {
     let out = full_finetuned_one_step("export-full", 1);

@@ -109,3 +109,30 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
     created.done = true;
     Ok(tensors.len())
 }
+
+/// `checkpoint`'s adapter into `dir` (a run's `train.output_dir`), replacing the adapter there:
+/// under `dir`'s export lock, written into a staging folder of this process, then the old
+/// `adapter_config.json` removed (so no config describes other weights at any moment), the weights
+/// moved in, then the config.
+pub fn replace_adapter(checkpoint: &Path, dir: &Path, naming: AdapterNaming) -> Result<()> {
+    let _lock = super::ExportLock::acquire(dir)?;
+    let staging = dir.join(format!(".adapter.partial-{}", std::process::id()));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("removing {}", staging.display()))?;
+    }
+    export_peft(checkpoint, &staging, naming)?;
+    let config = dir.join("adapter_config.json");
+    match std::fs::remove_file(&config) {
+        Ok(()) => super::fsync_dir(dir).with_context(|| format!("syncing {}", dir.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", config.display())),
+    }
+    for name in ["adapter_model.safetensors", "adapter_config.json"] {
+        let (from, to) = (staging.join(name), dir.join(name));
+        std::fs::rename(&from, &to)
+            .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+    }
+    std::fs::remove_dir(&staging).with_context(|| format!("removing {}", staging.display()))?;
+    super::fsync_dir(dir).with_context(|| format!("syncing {}", dir.display()))
+}

@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::fsdp::Trainable;
 use crate::optim::AdamW;
 
-pub use export::{export_peft, AdapterNaming};
+pub use export::{export_peft, replace_adapter, AdapterNaming};
 pub use load::{read_full, resume, Resumed};
 pub use manifest::{Manifest, FORMAT, VERSION};
 pub use merged::{export_merged, parse_size, MergedSummary};
@@ -328,7 +328,7 @@ pub(crate) fn agree<T>(
 
 /// One top-level field of `dir`'s manifest.json (null when absent), without the checks of
 /// `load::read_manifest`: for telling checkpoints apart (`run_id`, `lineage`), not for loading.
-pub(crate) fn manifest_field(dir: &Path, key: &str) -> anyhow::Result<Value> {
+pub fn manifest_field(dir: &Path, key: &str) -> anyhow::Result<Value> {
     let text = std::fs::read_to_string(dir.join("manifest.json"))?;
     let v: Value = serde_json::from_str(&text)?;
     Ok(v.get(key).cloned().unwrap_or(Value::Null))

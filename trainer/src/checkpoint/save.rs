@@ -102,6 +102,11 @@ impl Checkpointer {
         self.lineage = lineage;
     }
 
+    /// This run's lineage, if drawn or resumed yet.
+    pub fn lineage_id(&self) -> Option<&str> {
+        self.lineage.as_deref()
+    }
+
     /// This run's lineage, drawn on first use (rank 0 only: it cannot fail, as rank 0 alone
     /// failing here would leave the other ranks waiting in the next collective).
     fn lineage(&mut self) -> String {

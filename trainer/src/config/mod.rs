@@ -27,8 +27,8 @@ mod values;
 pub use error::ConfigError;
 pub use schema::{
     Attention, Backend, BadRecords, CheckpointConfig, Config, DType, DataConfig, FsdpConfig,
-    ImagePlaceholder, LengthPolicy, ModelConfig, PeftConfig, PeftMethod, Resume, Schedule,
-    ScheduleKind, TextOnly, TrainConfig,
+    ImagePlaceholder, LengthPolicy, ModelConfig, PeftConfig, PeftMethod, Resume, SaveAdapter,
+    Schedule, ScheduleKind, TextOnly, TrainConfig,
 };
 
 use de::{DeError, DeErrorKind};

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::schema::{
     Attention, Backend, BadRecords, DType, ImagePlaceholder, LengthPolicy, PeftMethod, Resume,
-    ScheduleKind, TextOnly,
+    SaveAdapter, ScheduleKind, TextOnly,
 };
 use super::values::{
     ClipNorm, Count, Decay, Dropout, FilePath, Int, Names, NonNegative, Num, Positive, PositiveInt,
@@ -125,6 +125,7 @@ pub(crate) struct RawTrain {
     pub validate: bool,
     pub log_every: Int<PositiveInt>,
     pub output_dir: FilePath,
+    pub save_adapter: SaveAdapter,
     pub skip_nonfinite: Int<Count>,
     pub peak_tflops: Option<Num<Positive>>,
 }
@@ -150,6 +151,8 @@ impl Default for RawTrain {
             validate: false,
             log_every: Int::new(1),
             output_dir: FilePath::new("./finetuned_model"),
+            // llama-recipes' save_model (True) with current peft's naming
+            save_adapter: SaveAdapter::Hf5,
             skip_nonfinite: Int::new(0),
             // null: from the device table (GPUs), none on CPU (MFU not reported).
             peak_tflops: None,

@@ -134,6 +134,15 @@ pub enum TextOnly {
     Keep,
 }
 
+/// `train.save_adapter`: the naming of the adapter a LoRA run leaves in `train.output_dir`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SaveAdapter {
+    Hf5,
+    Hf4,
+    None,
+}
+
 /// A LLaVA `<image>` marker at the start or end of a human turn: removed (the chat template
 /// already places the real `<|image|>` token), or kept as text, which is what the seed's
 /// cot_dataset.py does (it only `.strip()`s values; the model then reads `<image>` as ordinary
@@ -168,6 +177,9 @@ pub struct TrainConfig {
     /// Where metrics.jsonl goes and, at the end of a LoRA run, the final checkpoint's PEFT adapter
     /// (adapter_config.json + adapter_model.safetensors, as llama-recipes' save_model leaves it).
     pub output_dir: PathBuf,
+    /// The key naming of that adapter, or none: `hf5` (transformers >= 4.52, current peft), `hf4`
+    /// (transformers 4.45-4.51, the seed's stack), `none` (no adapter written).
+    pub save_adapter: SaveAdapter,
     /// How many steps with a non-finite loss or gradient norm may be skipped (update dropped,
     /// warning logged) before the run fails; 0: fail on the first.
     pub skip_nonfinite: u64,

@@ -131,6 +131,7 @@ fn train(raw: RawTrain) -> Result<TrainConfig, ConfigError> {
         validate: raw.validate,
         log_every: raw.log_every.get(),
         output_dir: raw.output_dir.0,
+        save_adapter: raw.save_adapter,
         skip_nonfinite: raw.skip_nonfinite.get(),
         peak_tflops: raw.peak_tflops.map(|p| p.get()),
     })

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use tch::Device;
 
 use crate::checkpoint::{self, Checkpointer, DataPlan, Progress};
-use crate::config::Config;
+use crate::config::{Config, SaveAdapter};
 use crate::dist::ProcessGroup;
 use crate::fsdp::Trainable;
 use crate::optim::{AdamW, LrSchedule};
@@ -276,75 +276,44 @@ impl<'a> Saver<'a> {
         self.saves.close(self.pg, self.device)
     }
 
-    /// At the end of a LoRA run, the final checkpoint (step `step`, saved and published by then)
-    /// as a PEFT adapter in `train.output_dir`, where llama-recipes' `save_model` leaves it and the
-    /// seed's inference script looks: `adapter_config.json` + `adapter_model.safetensors`,
-    /// replacing this folder's previous adapter. Written by rank 0 into a staging folder and
-    /// moved in file by file (the weights first, so no config sits beside other weights); an
-    /// error on rank 0 is one on every rank.
-    pub fn export_adapter(&self, step: u64) -> Result<()> {
-        if !self.config.peft.is_lora() {
-            return Ok(());
-        }
-        let out = &self.config.train.output_dir;
-        let local = match self.pg.rank() {
-            0 if !self
-                .config
-                .checkpoint
-                .dir
-                .join(checkpoint::step_dir_name(step))
-                .join("manifest.json")
-                .exists() =>
-            {
-                // (resumed from a checkpoint outside checkpoint.dir with no step left to train)
-                log(0, &format!("no checkpoint of step {step} in checkpoint.dir: no PEFT adapter written to train.output_dir (`trainer export --format peft` writes one from any checkpoint)"));
-                Ok(())
-            }
-            0 => {
-                let ckpt = self
-                    .config
-                    .checkpoint
-                    .dir
-                    .join(checkpoint::step_dir_name(step));
-                let staging = out.join(".adapter.partial");
-                let export = || -> Result<()> {
-                    if staging.exists() {
-                        std::fs::remove_dir_all(&staging)
-                            .with_context(|| format!("removing {}", staging.display()))?;
-                    }
-                    checkpoint::export_peft(&ckpt, &staging, checkpoint::AdapterNaming::Hf5)?;
-                    for name in ["adapter_model.safetensors", "adapter_config.json"] {
-                        let (from, to) = (staging.join(name), out.join(name));
-                        std::fs::rename(&from, &to).with_context(|| {
-                            format!("moving {} to {}", from.display(), to.display())
-                        })?;
-                    }
-                    std::fs::remove_dir(&staging)
-                        .with_context(|| format!("removing {}", staging.display()))?;
-                    checkpoint::fsync_dir(out).with_context(|| format!("syncing {}", out.display()))
-                };
-                export()
-                    .with_context(|| {
-                        format!(
-                            "exporting the PEFT adapter of {} into train.output_dir {} (the checkpoint is complete; `trainer export --format peft` retries)",
-                            ckpt.display(),
-                            out.display()
-                        )
-                    })
-                    .map(|()| {
-                        log(
-                            0,
-                            &format!(
-                                "PEFT adapter of step {step} written to {} (adapter_config.json, adapter_model.safetensors): PeftModel.from_pretrained or `trainer infer --adapter` loads it",
-                                out.display()
-                            ),
-                        )
-                    })
-            }
-            _ => Ok(()),
+    /// At the end of a LoRA run, rank 0 writes the final checkpoint (step `step`, published by
+    /// then) as a PEFT adapter into `train.output_dir`, where llama-recipes' `save_model` leaves it
+    /// and the seed's inference script looks (`train.save_adapter` names its keys, or turns it
+    /// off), replacing the adapter there (`checkpoint::replace_adapter`). Only a checkpoint of this
+    /// run is exported (one resumed from outside `checkpoint.dir` with no step left is not). A
+    /// failure is a warning: the run is complete and so is its checkpoint.
+    pub fn export_adapter(&self, step: u64) {
+        let naming = match self.config.train.save_adapter {
+            _ if !self.config.peft.is_lora() || self.pg.rank() != 0 => return,
+            SaveAdapter::None => return,
+            SaveAdapter::Hf5 => checkpoint::AdapterNaming::Hf5,
+            SaveAdapter::Hf4 => checkpoint::AdapterNaming::Hf4,
         };
-        checkpoint::agree(self.pg, self.device, local, || {
-            "exporting the PEFT adapter failed on rank 0 (its error is above)".into()
-        })
+        let out = &self.config.train.output_dir;
+        let ckpt = self
+            .config
+            .checkpoint
+            .dir
+            .join(checkpoint::step_dir_name(step));
+        let lineage = checkpoint::manifest_field(&ckpt, "lineage").ok();
+        if lineage.as_ref().and_then(|l| l.as_str()) != self.saves.lineage_id() {
+            log(0, &format!("no checkpoint of this run at step {step} in checkpoint.dir: no PEFT adapter written to train.output_dir (`trainer export --format peft` writes one from any checkpoint)"));
+            return;
+        }
+        match checkpoint::replace_adapter(&ckpt, out, naming) {
+            Ok(()) => log(
+                0,
+                &format!(
+                    "PEFT adapter of step {step} written to {} ({naming:?} key naming; adapter_config.json, adapter_model.safetensors): PeftModel.from_pretrained or `trainer infer --adapter` loads it",
+                    out.display()
+                ),
+            ),
+            Err(e) => tracing::warn!(
+                "the PEFT adapter of {} was not written into train.output_dir {}: {e:#} (the checkpoint is complete; `trainer export --format peft --checkpoint {}` writes it)",
+                ckpt.display(),
+                out.display(),
+                ckpt.display()
+            ),
+        }
     }
 }

@@ -198,7 +198,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
     }
     saver.finish()?;
     if !interrupted && st.step > 0 {
-        saver.export_adapter(st.step)?;
+        saver.export_adapter(st.step);
     }
     meter.finish();
 
