@@ -357,6 +357,10 @@ struct InferArgs {
     max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Keep a LLaVA `<image>` marker at the question's start or end as text (for a model trained
+    /// with data.image_placeholder: keep; by default it is removed, as in training)
+    #[arg(long)]
+    keep_image_placeholder: bool,
     /// Print one JSON object with every turn instead of streaming text
     #[arg(long)]
     json: bool,
@@ -372,8 +376,8 @@ enum PositionArg {
 
 fn infer(args: InferArgs) -> Result<ExitCode> {
     use std::io::Write;
-    use trainer::data::{image, records};
-    use trainer::infer::{InferOptions, Session};
+    use trainer::data::image;
+    use trainer::infer::Session;
 
     let ckpt = args
         .checkpoint
@@ -399,19 +403,15 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
         .map(|p| image::load_rgb(p))
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let opts = InferOptions {
-        turns: args.turns,
-        correction_prompt: args
-            .correction_prompt
-            .clone()
-            .unwrap_or_else(|| records::DEFAULT_CORRECTION_PROMPT.to_string()),
-        position: position_of(args.position),
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        max_new_tokens: args.max_new_tokens,
-        seed: args.seed,
-    };
+    let opts = infer_options(
+        args.turns,
+        args.correction_prompt.as_deref(),
+        args.position,
+        (args.temperature, args.top_k, args.top_p),
+        args.max_new_tokens,
+        args.seed,
+        args.keep_image_placeholder,
+    );
     let session = Session {
         model: &model,
         text: &text,
@@ -483,8 +483,9 @@ struct EvalArgs {
     /// Only the first K samples
     #[arg(long)]
     limit: Option<usize>,
-    /// A turn that reaches it is cut off (scored wrong unless it reached its conclusion)
-    #[arg(long, default_value_t = 512, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    /// A turn that reaches it is cut off (scored wrong unless its conclusion closed); the seed's
+    /// inference used 2048
+    #[arg(long, default_value_t = 2048, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_new_tokens: usize,
     /// 0 = greedy (default for scoring)
     #[arg(long, default_value_t = 0.0, value_parser = parse_temperature)]
@@ -504,6 +505,10 @@ struct EvalArgs {
     /// Samples generated together (left-padded; greedy results depend on it only through rounding)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
+    /// Keep a LLaVA `<image>` marker at a question's start or end as text (for a model trained
+    /// with data.image_placeholder: keep; by default it is removed, as in training)
+    #[arg(long)]
+    keep_image_placeholder: bool,
 }
 
 /// Loads model (+ adapter), tokenizer/template and image processor of a model folder.
@@ -558,11 +563,36 @@ fn parse_temperature(s: &str) -> Result<f64, String> {
     }
 }
 
-/// --top-p: a number in (0, 1].
+/// --top-p: a number in [0, 1] (0 keeps only the most likely token, as transformers' does).
 fn parse_top_p(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
-        _ => Err(format!("`{s}`: expected a number in (0, 1]")),
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("`{s}`: expected a number in [0, 1]")),
+    }
+}
+
+/// The generation settings `infer` and `eval` share (sampling = temperature, top-k, top-p).
+fn infer_options(
+    turns: usize,
+    correction_prompt: Option<&str>,
+    position: PositionArg,
+    (temperature, top_k, top_p): (f64, usize, f64),
+    max_new_tokens: usize,
+    seed: u64,
+    keep_image_placeholder: bool,
+) -> trainer::infer::InferOptions {
+    trainer::infer::InferOptions {
+        turns,
+        correction_prompt: correction_prompt
+            .unwrap_or(trainer::data::records::DEFAULT_CORRECTION_PROMPT)
+            .to_string(),
+        position: position_of(position),
+        temperature,
+        top_k,
+        top_p,
+        max_new_tokens,
+        seed,
+        keep_image_placeholder,
     }
 }
 
@@ -575,7 +605,7 @@ fn position_of(p: PositionArg) -> trainer::infer::Position {
 
 fn eval(args: EvalArgs) -> Result<ExitCode> {
     use trainer::eval::{run, EvalOptions, Shard};
-    use trainer::infer::{InferOptions, Session};
+    use trainer::infer::Session;
     let (model, text, image_config) = load_for_generation(&args.model, args.adapter.as_deref())?;
     let session = Session {
         model: &model,
@@ -583,29 +613,21 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         image_config: &image_config,
     };
     let opts = EvalOptions {
-        infer: InferOptions {
-            turns: args.turns,
-            correction_prompt: args
-                .correction_prompt
-                .clone()
-                .unwrap_or_else(|| trainer::data::records::DEFAULT_CORRECTION_PROMPT.to_string()),
-            position: position_of(args.position),
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            max_new_tokens: args.max_new_tokens,
-            seed: args.seed,
-        },
+        infer: infer_options(
+            args.turns,
+            args.correction_prompt.as_deref(),
+            args.position,
+            (args.temperature, args.top_k, args.top_p),
+            args.max_new_tokens,
+            args.seed,
+            args.keep_image_placeholder,
+        ),
         image_root: args.image_root.clone(),
         out: args.out.clone(),
         limit: args.limit,
         training_metrics: args.train_metrics.clone(),
         batch_size: args.batch_size as usize,
-        // canonical paths, so a resume that names the same folders another way still matches
-        made_with: serde_json::json!({
-            "model": std::fs::canonicalize(&args.model).unwrap_or(args.model.clone()),
-            "adapter": args.adapter.as_ref().map(|a| std::fs::canonicalize(a).unwrap_or(a.clone())),
-        }),
+        made_with: trainer::eval::made_with(&args.model, args.adapter.as_deref()),
     };
     // under the launcher every rank evaluates its share; rank 0 merges and reports
     let env = launcher::env::RankEnv::from_env()?;

@@ -127,7 +127,7 @@ fn export_peft_holds_the_trained_factors_and_loads() {
     let o = export(&out.join("ckpt/step-00000002"), &busy);
     assert_eq!(o.code, Some(1), "{}", o.stderr);
     assert!(
-        o.stderr.contains("being written by another export"),
+        o.stderr.contains("being written by another export or eval"),
         "{}",
         o.stderr
     );

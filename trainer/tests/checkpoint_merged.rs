@@ -296,7 +296,7 @@ fn merged_export_refuses_a_wrong_base_model_and_a_used_out_folder() {
     let o = export(ckpt, &busy, "merged", &[]);
     assert_eq!(o.code, Some(1), "{}", o.stderr);
     assert!(
-        o.stderr.contains("being written by another export"),
+        o.stderr.contains("being written by another export or eval"),
         "{}",
         o.stderr
     );

@@ -30,13 +30,17 @@ fn setup() -> &'static Path {
 }
 
 fn eval(out: &Path, extra: &[&str]) -> (i32, String) {
+    eval_bench(out, &setup().join("bench.jsonl"), extra)
+}
+
+fn eval_bench(out: &Path, bench: &Path, extra: &[&str]) -> (i32, String) {
     let dir = setup();
     let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
         .args(["eval", "--turns", "2", "--max-new-tokens", "6"])
         .arg("--model")
         .arg(dir.join("model"))
         .arg("--data")
-        .arg(dir.join("bench.jsonl"))
+        .arg(bench)
         .arg("--image-root")
         .arg(repo().join("tests/fixtures/data/images"))
         .arg("--out")
@@ -177,6 +181,29 @@ fn reruns_keep_earlier_predictions_and_refuse_other_settings() {
         std::fs::read(out.join("predictions.jsonl")).unwrap(),
         before
     );
+    // a benchmark whose question of a stored id differs (another benchmark numbered alike): refused
+    let edited = dir.join("bench-edited.jsonl");
+    let text = std::fs::read_to_string(dir.join("bench.jsonl")).unwrap();
+    std::fs::write(&edited, text.replace("Which color?", "Which shape?")).unwrap();
+    let (code, err) = eval_bench(&out, &edited, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("bench-edited.jsonl:2: id \"b\"") && err.contains("made for another question"),
+        "{err}"
+    );
+    // a folder another eval (or export) is writing: refused before anything is generated
+    let held = common::hold_export_lock(&out);
+    let (code, err) = eval(&out, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("being written by another export or eval"),
+        "{err}"
+    );
+    drop(held);
+    assert_eq!(
+        std::fs::read(out.join("predictions.jsonl")).unwrap(),
+        before
+    );
 }
 
 #[test]
@@ -196,10 +223,15 @@ fn integer_ids_are_read_as_text() {
     );
     std::fs::write(
         &p,
-        "{\"id\": 7, \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n",
+        "{\"id\": 7, \"image\": \"small.png\", \"question\": \"q\", \"answer\": 2.5}\n",
     )
     .unwrap();
-    assert_eq!(trainer::eval::read_bench(&p).unwrap()[0].1.id, "7");
+    let items = trainer::eval::read_bench(&p).unwrap();
+    assert_eq!(items[0].1.id, "7");
+    assert_eq!(
+        items[0].1.answer, "2.5",
+        "a numeric answer is read as its text"
+    );
 }
 
 #[test]

@@ -53,6 +53,7 @@ fn opts(turns: usize, temperature: f64, seed: u64) -> InferOptions {
         top_p: 0.9,
         max_new_tokens: 12,
         seed,
+        keep_image_placeholder: false,
     }
 }
 
@@ -257,6 +258,12 @@ fn batched_greedy_equals_unbatched_greedy_token_for_token() {
             assert_eq!(batched[i][t].prompt_tokens, alone[t].prompt_tokens);
         }
         turn0_tokens.push(alone[0].tokens);
+        // turn 1's prompt holds turn 0's answer as generated (decoded without clean-up)
+        let answer = session.text.decode_exact(&alone[0].token_ids).unwrap();
+        let want = session
+            .prompt_ids(q, image.is_some(), &[answer], &o)
+            .unwrap();
+        assert_eq!(alone[1].prompt_tokens, want.len(), "item {i}");
     }
     // The comparison must not be vacuous. A random model's logits are nearly tied, so on another
     // CPU (other SIMD paths, other roundings) a row may pick a stop token early: require only

@@ -269,7 +269,7 @@ impl ExportLock {
                 if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                     let holder = std::fs::read_to_string(&path).unwrap_or_default();
                     anyhow::bail!(
-                        "{} is being written by another export ({}: {}); wait for it to finish",
+                        "{} is being written by another export or eval ({}: {}); wait for it to finish",
                         dir.display(),
                         path.display(),
                         holder.trim()

@@ -154,6 +154,15 @@ impl TextProcessor {
         })
     }
 
+    /// `ids` as text without the clean-up [`TextProcessor::decode`] applies (special tokens
+    /// skipped): re-tokenizing it gives the ids back where the tokenizer round-trips.
+    pub fn decode_exact(&self, ids: &[i64]) -> Result<String, String> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.tokenizer
+            .decode(&ids, true)
+            .map_err(|e| format!("tokenizer: {e}"))
+    }
+
     /// The text the seed tokenizes for these turns.
     pub fn render(&self, turns: &[Turn], has_image: bool) -> Result<String, String> {
         let text = self

@@ -3,7 +3,8 @@
 //! changes, at what cost). Resumable: predictions.jsonl is appended one sample at a time and
 //! samples already in it are skipped on the next run.
 //!
-//! Under the launcher, rank r takes samples r, r + W, ... and appends to its own
+//! Under the launcher, rank r takes batches r, r + W, ... (of `--batch-size` samples, cut from the
+//! benchmark in order) and appends to its own
 //! `predictions.rank-R.jsonl`; after a barrier rank 0 merges every file into predictions.jsonl (in
 //! benchmark order) and writes the reports. A resumed run, at any world size, skips every sample
 //! found in any of those files.
@@ -16,8 +17,9 @@
 //!
 //! Before anything is generated, every rank checks every question left (image file, prompt):
 //! a bad line stops the run at once with its FILE:LINE, not when its turn comes. Scoring reads
-//! the conclusion stage; a turn cut off at --max-new-tokens before its conclusion is wrong, and
-//! the report counts such turns. The report's verdict on self-correction is an exact McNemar
+//! the conclusion stage; a turn cut off at --max-new-tokens before its conclusion closed is
+//! wrong, and the report counts such turns. Batches are cut from the benchmark in order and dealt
+//! to the ranks; with sampling, each question's seed comes from `--seed` and its id. The report's verdict on self-correction is an exact McNemar
 //! test of turn 0 against the last turn, and every accuracy has a 95 % Wilson interval.
 pub mod answer;
 mod font;
@@ -32,7 +34,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::data::image::load_rgb;
-use crate::data::records::{resolve_image, strip_placeholder};
+use crate::data::records::resolve_image;
 use crate::infer::{InferOptions, Session};
 use report::{Prediction, Report, TurnPrediction};
 
@@ -45,6 +47,8 @@ pub struct BenchItem {
     pub id: String,
     pub image: String,
     pub question: String,
+    /// Text, or a number (kept as written).
+    #[serde(deserialize_with = "answer_text")]
     pub answer: String,
     #[serde(default)]
     pub choices: Option<Vec<String>>,
@@ -59,6 +63,42 @@ fn id_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         other => Err(serde::de::Error::custom(format!(
             "`id` must be a string or an integer, not {other}"
         ))),
+    }
+}
+
+fn answer_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Ok(s),
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        other => Err(serde::de::Error::custom(format!(
+            "`answer` must be a string or a number, not {other}"
+        ))),
+    }
+}
+
+impl BenchItem {
+    /// A fingerprint of what is asked (image, question, choices; not the gold answer, which may be
+    /// corrected later and is re-scored on resume).
+    pub fn asked(&self) -> String {
+        let choices = self.choices.as_deref().unwrap_or(&[]).join("\u{1f}");
+        let text = format!("{}\u{1e}{}\u{1e}{choices}", self.image, self.question);
+        format!("{:016x}", launcher::token::fnv1a(text.as_bytes()))
+    }
+
+    /// The sampling seed of this question: `seed` mixed with its id, so sampled runs draw
+    /// independently per question, whatever its batch or rank.
+    pub fn seed(&self, seed: u64) -> u64 {
+        seed ^ launcher::token::fnv1a(self.id.as_bytes())
+    }
+}
+
+/// serde_json's message without its position: a benchmark line is one line, so " at line 1
+/// column N" would contradict FILE:LINE (the column stays).
+fn without_line(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(at) => format!("{} (column {})", &text[..at], e.column()),
+        None => text,
     }
 }
 
@@ -86,14 +126,12 @@ pub fn read_bench(path: &Path) -> Result<Vec<(usize, BenchItem)>, EvalError> {
         if line.trim().is_empty() {
             continue;
         }
-        let mut item: BenchItem = serde_json::from_str(line).map_err(|e| EvalError::Bench {
+        // (a LLaVA `<image>` marker in the question is the prompt's business: `Session::prompt_ids`)
+        let item: BenchItem = serde_json::from_str(line).map_err(|e| EvalError::Bench {
             file: file.clone(),
             line: i + 1,
-            reason: e.to_string(),
+            reason: without_line(&e),
         })?;
-        // a LLaVA-style `<image>` marker goes, as training's records drop it (the image slot is
-        // the chat template's)
-        item.question = strip_placeholder(&item.question);
         if let Some(first) = seen.insert(item.id.clone(), i + 1) {
             return Err(EvalError::Bench {
                 file,
@@ -175,6 +213,47 @@ pub struct EvalOptions {
     pub made_with: serde_json::Value,
 }
 
+/// What predictions are made with, for `EvalOptions::made_with`: the model and adapter folders
+/// (canonical paths) and their contents' fingerprints: sha256 of the adapter's files, of the
+/// model's config.json, and the size and modification time of its weight files (hashing 20 GB
+/// would take minutes). A resume with a retrained adapter in the same folder is then refused.
+pub fn made_with(model: &Path, adapter: Option<&Path>) -> serde_json::Value {
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or(p.to_path_buf());
+    let sha = |p: &Path| {
+        std::fs::read(p)
+            .map(|b| crate::checkpoint::sha256_hex(&b))
+            .unwrap_or_default()
+    };
+    let mut weights: Vec<serde_json::Value> = std::fs::read_dir(model)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                .filter_map(|e| {
+                    let m = e.metadata().ok()?;
+                    let mtime = m
+                        .modified()
+                        .ok()?
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .ok()?;
+                    Some(serde_json::json!([
+                        e.file_name().to_string_lossy(),
+                        m.len(),
+                        mtime.as_secs()
+                    ]))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    weights.sort_by_key(|v| v.to_string());
+    serde_json::json!({
+        "model": canonical(model),
+        "model_config_sha256": sha(&model.join("config.json")),
+        "model_weights": weights,
+        "adapter": adapter.map(canonical),
+        "adapter_sha256": adapter.map(|a| [sha(&a.join("adapter_config.json")), sha(&a.join("adapter_model.safetensors"))]),
+    })
+}
+
 /// Sum of tflops x step_s over a training metrics.jsonl.
 fn training_flops(path: &Path) -> Option<f64> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -215,10 +294,39 @@ fn existing_predictions(out: &Path) -> Result<HashMap<String, Prediction>, EvalE
     Ok(done)
 }
 
+/// Every stored prediction of a question of this benchmark was made for that question: an id
+/// whose image, question or choices differ (another benchmark numbered the same way, an edited
+/// line) is refused, as its predictions would be scored against the wrong answer.
+fn check_asked(
+    items: &[(usize, BenchItem)],
+    done: &HashMap<String, Prediction>,
+    out: &Path,
+    bench: &str,
+) -> Result<(), EvalError> {
+    for (line, item) in items {
+        let Some(stored) = done.get(&item.id).and_then(|p| p.asked.as_deref()) else {
+            continue;
+        };
+        if stored != item.asked() {
+            return Err(EvalError::Bench {
+                file: bench.to_string(),
+                line: *line,
+                reason: format!(
+                    "id {:?}: the prediction for it in {} was made for another question (image, question or choices differ); use another --out, or delete its predictions*.jsonl to start over",
+                    item.id,
+                    out.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// What the predictions depend on (not --limit, --batch-size or the world size).
 fn settings(opts: &EvalOptions) -> serde_json::Value {
-    // prompt 2: questions lose a LLaVA `<image>` marker and surrounding whitespace
-    serde_json::json!({"model": opts.made_with, "infer": opts.infer, "prompt": 2})
+    // prompt 2: questions lose a LLaVA `<image>` marker and surrounding whitespace; seeds "id":
+    // each question's sampler is seeded from its id (`BenchItem::seed`)
+    serde_json::json!({"model": opts.made_with, "infer": opts.infer, "prompt": 2, "seeds": "id"})
 }
 
 /// A resumed run must make its predictions as the stored ones were made: OUT/settings.json
@@ -313,18 +421,20 @@ fn rescored(mut p: Prediction, item: &BenchItem) -> Prediction {
         score(t, item);
     }
     p.answer = item.answer.clone();
+    p.category = item.category.clone();
     p
 }
 
 /// Scores one turn against `item`: correct and canonical answer. A turn cut off at
-/// --max-new-tokens before its conclusion gave no answer: wrong, whatever number its last line
-/// happens to hold.
+/// --max-new-tokens gave an answer only if its conclusion closed (`</CONCLUSION>`, non-empty):
+/// otherwise it is wrong, whatever number its last line or a half-written conclusion ("1" of
+/// "12") happens to hold.
 fn score(t: &mut TurnPrediction, item: &BenchItem) {
     let choices = item.choices.as_deref();
-    let concluded = t
-        .stages
-        .get("conclusion")
-        .is_some_and(|c| c.as_deref().is_some_and(|c| !c.trim().is_empty()));
+    let concluded = t.text.contains("</CONCLUSION>")
+        && t.stages
+            .get("conclusion")
+            .is_some_and(|c| c.as_deref().is_some_and(|c| !c.trim().is_empty()));
     t.correct =
         (t.finished || concluded) && answer::is_correct(&t.extracted, &item.answer, choices);
     t.canonical = answer::canonical(&t.extracted, &item.answer, choices);
@@ -349,6 +459,7 @@ fn prediction(
         id: item.id.clone(),
         answer: item.answer.clone(),
         category: item.category.clone(),
+        asked: Some(item.asked()),
         turns: turns
             .into_iter()
             .map(|t| {
@@ -391,7 +502,17 @@ pub fn run(
         .take(opts.limit.unwrap_or(usize::MAX))
         .collect();
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    // rank 0 holds --out for the run: a second eval into it would interleave lines and delete the
+    // rank files this one merges (a failing rank 0 stops the group under the launcher)
+    let _lock = match rank {
+        0 => Some(
+            crate::checkpoint::ExportLock::acquire(&opts.out)
+                .map_err(|e| EvalError::Io(format!("{e:#}")))?,
+        ),
+        _ => None,
+    };
     let mut done = existing_predictions(&opts.out)?;
+    check_asked(&items, &done, &opts.out, &bench.display().to_string())?;
     let now = settings(opts);
     if check_settings(&opts.out, &now, !done.is_empty())? && rank == 0 {
         write_settings(&opts.out, &now)?;
@@ -403,12 +524,17 @@ pub fn run(
         .filter(|(_, item)| !done.contains_key(&item.id))
         .collect();
     check_items(session, &left, opts, &bench.display().to_string())?;
-    let mine: Vec<&(usize, BenchItem)> = items
-        .iter()
+    // fixed batches over the whole benchmark, dealt to the ranks in turn: a question's batch mates
+    // (and so its greedy result on a GPU, see the module doc) do not depend on the world size; a
+    // resumed batch runs only its questions left
+    let batch = opts.batch_size.max(1);
+    let my_batches: Vec<&[(usize, BenchItem)]> = items
+        .chunks(batch)
         .enumerate()
         .filter(|(k, _)| k % world == rank)
-        .map(|(_, it)| it)
+        .map(|(_, c)| c)
         .collect();
+    let mine_total: usize = my_batches.iter().map(|c| c.len()).sum();
     let rank_path = opts.out.join(format!("predictions.rank-{rank}.jsonl"));
     // appended to, never rewritten: it may hold predictions of samples outside this run's share
     // (another world size or --limit before), which the merge below keeps
@@ -418,12 +544,17 @@ pub fn run(
         let file = bench_file.clone();
         move |reason: String| EvalError::Bench { file, line, reason }
     };
-    let todo: Vec<&&(usize, BenchItem)> = mine
+    let todo: Vec<Vec<&(usize, BenchItem)>> = my_batches
         .iter()
-        .filter(|(_, item)| !done.contains_key(&item.id))
+        .map(|c| {
+            c.iter()
+                .filter(|(_, it)| !done.contains_key(&it.id))
+                .collect()
+        })
+        .filter(|c: &Vec<_>| !c.is_empty())
         .collect();
-    let already = mine.len() - todo.len();
-    for (c, chunk) in todo.chunks(opts.batch_size.max(1)).enumerate() {
+    let mut finished = mine_total - todo.iter().map(Vec::len).sum::<usize>();
+    for chunk in &todo {
         let images = chunk
             .iter()
             .map(|(line, item)| {
@@ -437,7 +568,11 @@ pub fn run(
             .zip(&images)
             .map(|((_, item), image)| (Some(image), item.question.as_str()))
             .collect();
-        let outputs = session.run_batch(&inputs, &opts.infer, &mut |_, _, _| {})?;
+        let seeds: Vec<u64> = chunk
+            .iter()
+            .map(|(_, item)| item.seed(opts.infer.seed))
+            .collect();
+        let outputs = session.run_batch_seeded(&inputs, &seeds, &opts.infer, &mut |_, _, _| {})?;
         for ((_, item), turns) in chunk.iter().zip(outputs) {
             let pred = prediction(item, turns, opts.infer.max_new_tokens);
             writeln!(file, "{}", serde_json::to_string(&pred).unwrap_or_default())
@@ -445,10 +580,8 @@ pub fn run(
                 .map_err(io_err(&rank_path))?;
             done.insert(item.id.clone(), pred);
         }
-        progress(
-            already + (c * opts.batch_size.max(1) + chunk.len()),
-            mine.len(),
-        );
+        finished += chunk.len();
+        progress(finished, mine_total);
     }
     drop(file);
     if let Some(s) = shard {
@@ -473,9 +606,11 @@ pub fn run(
         .chain(&others)
         .map(|p| serde_json::to_string(p).unwrap_or_default() + "\n")
         .collect();
-    std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, &merged))
-        .map_err(io_err(&merged))?;
+    // durable before the rank files it replaces go
+    crate::checkpoint::write_synced(&tmp, text.as_bytes())
+        .and_then(|_| std::fs::rename(&tmp, &merged).map_err(anyhow::Error::from))
+        .and_then(|_| crate::checkpoint::fsync_dir(&opts.out).map_err(anyhow::Error::from))
+        .map_err(|e| EvalError::Io(format!("{}: {e:#}", merged.display())))?;
     if let Ok(entries) = std::fs::read_dir(&opts.out) {
         for e in entries.flatten() {
             if e.file_name()
@@ -540,6 +675,18 @@ mod tests {
         }
     }
 
+    /// Each question samples from its own seed: equal for the same id, whatever its position.
+    #[test]
+    fn questions_are_seeded_by_id() {
+        let (mut a, mut b) = (item("1"), item("1"));
+        b.id = "y".into();
+        assert_ne!(a.seed(0), b.seed(0));
+        assert_ne!(a.seed(0), a.seed(1));
+        a.question = "other".into();
+        assert_eq!(a.seed(5), item("2").seed(5), "the id alone decides");
+        assert_ne!(a.asked(), item("1").asked(), "what is asked differs");
+    }
+
     /// A turn cut off at --max-new-tokens in its reasoning gave no answer, whatever number its
     /// last line holds; one cut off inside its conclusion, or one that finished, is scored.
     #[test]
@@ -554,9 +701,18 @@ mod tests {
             t.correct,
             "the same text, finished: its last line is the answer"
         );
-        let mut t = turn("<REASONING> r </REASONING><CONCLUSION> 3", false);
+        let mut t = turn("<REASONING> r </REASONING><CONCLUSION> 1", false);
+        score(&mut t, &item("1"));
+        assert!(
+            !t.correct,
+            "cut off inside the conclusion (it may have been 12)"
+        );
+        let mut t = turn(
+            "<REASONING> r </REASONING><CONCLUSION> 3 </CONCLUSION> and",
+            false,
+        );
         score(&mut t, &item("3"));
-        assert!(t.correct, "cut off inside the conclusion");
+        assert!(t.correct, "cut off after its conclusion closed");
         assert_eq!(t.canonical, "number 3");
         let mut t = turn("<REASONING> 3 circles </REASONING><CONCLUSION>", false);
         score(&mut t, &item("3"));

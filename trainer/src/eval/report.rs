@@ -56,6 +56,10 @@ pub struct Prediction {
     pub answer: String,
     #[serde(default)]
     pub category: Option<String>,
+    /// What was asked (`BenchItem::asked`): a resume into this folder with a benchmark whose
+    /// question of this id differs is refused. Absent in predictions of older trainers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asked: Option<String>,
     pub turns: Vec<TurnPrediction>,
 }
 
@@ -388,6 +392,7 @@ mod tests {
             id: id.into(),
             answer: "x".into(),
             category: Some(cat.into()),
+            asked: None,
             turns: t.iter().map(|&(c, e, r)| turn(c, e, r)).collect(),
         }
     }

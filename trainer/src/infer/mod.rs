@@ -43,6 +43,10 @@ pub struct InferOptions {
     pub top_p: f64,
     pub max_new_tokens: usize,
     pub seed: u64,
+    /// Keep a LLaVA `<image>` marker at the question's start or end as text (a model trained with
+    /// `data.image_placeholder: keep`); by default it is removed, as training removes it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub keep_image_placeholder: bool,
 }
 
 /// Llama 3's end tokens: the assistant turn ends with `<|eot_id|>`; `<|eom_id|>` (end of a
@@ -136,10 +140,15 @@ impl Session<'_> {
                 )));
             }
         }
+        // the question as training reads a human turn (`data::records`)
+        let question = match opts.keep_image_placeholder {
+            true => question.trim().to_string(),
+            false => crate::data::records::strip_placeholder(question),
+        };
         let text = self
             .text
             .template
-            .render(&messages(question, has_image, answers, opts), true, None)
+            .render(&messages(&question, has_image, answers, opts), true, None)
             .map_err(InferError::Input)?;
         let text =
             build_string_from_input(&text, &self.text.ids.bos_token, &self.text.ids.image_token);
@@ -213,6 +222,27 @@ impl Session<'_> {
         opts: &InferOptions,
         on_piece: &mut dyn FnMut(usize, usize, &str),
     ) -> Result<Vec<Vec<TurnOutput>>, InferError> {
+        let seeds = vec![opts.seed; items.len()];
+        self.run_batch_seeded(items, &seeds, opts, on_piece)
+    }
+
+    /// [`Session::run_batch`] with question i's sampler seeded with `seeds[i]` (eval seeds each
+    /// question from its id: sampled runs then draw independently per question, and a question's
+    /// draws do not depend on its batch or rank).
+    pub fn run_batch_seeded(
+        &self,
+        items: &[(Option<&RgbImage>, &str)],
+        seeds: &[u64],
+        opts: &InferOptions,
+        on_piece: &mut dyn FnMut(usize, usize, &str),
+    ) -> Result<Vec<Vec<TurnOutput>>, InferError> {
+        if seeds.len() != items.len() {
+            return Err(InferError::Input(format!(
+                "{} seeds for {} questions",
+                seeds.len(),
+                items.len()
+            )));
+        }
         if opts.turns == 0 {
             return Err(InferError::Input("--turns must be at least 1".into()));
         }
@@ -221,9 +251,9 @@ impl Session<'_> {
             .map(|(im, _)| im.map(|im| process(self.image_config, im)))
             .collect();
         let eos = stop_ids(&self.model.config.text.eos_token_ids, self.text);
-        let mut samplers: Vec<Sampler> = items
+        let mut samplers: Vec<Sampler> = seeds
             .iter()
-            .map(|_| Sampler::new(opts.temperature, opts.top_p, opts.seed).with_top_k(opts.top_k))
+            .map(|&seed| Sampler::new(opts.temperature, opts.top_p, seed).with_top_k(opts.top_k))
             .collect();
         let mut answers: Vec<Vec<String>> = vec![Vec::new(); items.len()];
         let mut outputs: Vec<Vec<TurnOutput>> = (0..items.len()).map(|_| Vec::new()).collect();
@@ -260,15 +290,21 @@ impl Session<'_> {
                 let seconds = started.elapsed().as_secs_f64() / group.len() as f64;
                 for (k, (&i, g)) in group.iter().zip(generated).enumerate() {
                     samplers[i] = group_samplers[k].clone();
+                    // the next turn's prompt holds the answer as generated: decoded without the
+                    // tokenizer's space clean-up (" ." -> "."), which would change its tokens
+                    answers[i].push(
+                        self.text
+                            .decode_exact(&g.token_ids)
+                            .map_err(InferError::Input)?,
+                    );
                     outputs[i].push(TurnOutput {
                         stages: Stages::parse(&g.text),
-                        text: g.text.clone(),
+                        text: g.text,
                         prompt_tokens: prompts[k].ids.len(),
                         tokens: g.token_ids.len(),
                         token_ids: g.token_ids,
                         seconds,
                     });
-                    answers[i].push(g.text);
                 }
             }
         }
