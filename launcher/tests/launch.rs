@@ -885,6 +885,9 @@ fn flags_replace_missing_slurm_variables() {
         "localhost",
     ]);
     assert_eq!(flagged.code(), 0, "{}", flagged.stderr);
+    // one node needs no SLURM layout at all
+    let single = run(&["--nnodes", "1"]);
+    assert_eq!(single.code(), 0, "{}", single.stderr);
 }
 
 /// Runs two launchers on localhost as nodes 0 and 1 of a 2-node x 2-rank job of test ranks

@@ -206,12 +206,15 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
             bail!("--rdzv-backend {backend:?} is not supported (use static or c10d; both mean node 0's store)");
         }
     }
-    let mut node_rank = match (cli.node_rank, &slurm) {
+    // one node (--nnodes 1, e.g. in a salloc shell on any host): node 0, serving its own store
+    // locally; SLURM's node id and node list (possibly naming other hosts) are not read
+    let slurm_layout = slurm.as_ref().filter(|_| nnodes != 1);
+    let mut node_rank = match (cli.node_rank, slurm_layout) {
         (Some(r), _) => r,
         (None, Some(s)) => from_slurm(&s.node_rank)?,
         (None, None) => 0,
     };
-    let mut master_addr = match (master_addr, &slurm) {
+    let mut master_addr = match (master_addr, slurm_layout) {
         (Some(a), _) => a,
         (None, Some(s)) => from_slurm(&s.master_addr)?,
         (None, None) => DEFAULT_MASTER_ADDR.to_string(),

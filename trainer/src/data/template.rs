@@ -285,6 +285,32 @@ pub fn strftime(fmt: &str, unix_secs: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// Under TZ=Asia/Kolkata (+05:30, no daylight saving) the offset is 19800 s: this test runs
+    /// itself again in a child process with that TZ (a process's zone is read once).
+    #[test]
+    fn local_offset_follows_tz() {
+        const CHILD: &str = "LLAVA_SCO_TZ_TEST_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64;
+            assert_eq!(super::local_offset_secs(now), 19_800);
+            return;
+        }
+        if !std::path::Path::new("/usr/share/zoneinfo/Asia/Kolkata").exists() {
+            return; // no time zone database to test against
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "data::template::tests::local_offset_follows_tz"])
+            .env(CHILD, "1")
+            .env("TZ", "Asia/Kolkata")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+    }
+
     /// The local offset is the one `date` reports for this environment (TZ included).
     #[test]
     fn local_offset_agrees_with_date() {
