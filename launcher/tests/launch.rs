@@ -888,6 +888,27 @@ fn flags_replace_missing_slurm_variables() {
     // one node needs no SLURM layout at all
     let single = run(&["--nnodes", "1"]);
     assert_eq!(single.code(), 0, "{}", single.stderr);
+    // but on a later node of the allocation it would run the job a second time
+    let mut cmd = launch_testrank(
+        &[
+            "--nproc-per-node",
+            "1",
+            "--master-port",
+            &port,
+            "--nnodes",
+            "1",
+        ],
+        dir.path(),
+        &[],
+    );
+    cmd.env("SLURM_JOB_ID", "77").env("SLURM_NODEID", "1");
+    let later = wait(cmd.spawn().unwrap(), Instant::now(), LIMIT);
+    assert_eq!(later.code(), 1, "{}", later.stderr);
+    assert!(
+        later.stderr.contains("--nnodes 1 on SLURM node 1"),
+        "{}",
+        later.stderr
+    );
 }
 
 /// Runs two launchers on localhost as nodes 0 and 1 of a 2-node x 2-rank job of test ranks

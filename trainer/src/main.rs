@@ -644,10 +644,20 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
             .as_ref()
             .map_or(Ok(()), |g| g.barrier().map_err(|e| e.to_string()))
     };
+    let any = |flag: bool| -> Result<bool, String> {
+        let Some(g) = group.as_ref() else {
+            return Ok(flag);
+        };
+        let t = tch::Tensor::from_slice(&[flag as i64]);
+        g.all_reduce(&t, trainer::dist::ReduceOp::Max)
+            .map_err(|e| e.to_string())?;
+        Ok(t.int64_value(&[0]) != 0)
+    };
     let shard = group.as_ref().map(|g| Shard {
         rank: g.rank(),
         world: g.world_size(),
         barrier: &barrier,
+        any: &any,
     });
     let Some(report) = run(
         &session,

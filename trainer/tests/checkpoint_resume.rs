@@ -379,6 +379,24 @@ fn a_run_started_over_keeps_another_runs_checkpoint_of_the_same_step() {
         std::fs::read(second.join("ckpt").join(&aside).join("manifest.json")).unwrap(),
         std::fs::read(first.join("ckpt/step-00000002/manifest.json")).unwrap()
     );
+    // an older trainer's checkpoint (no lineage) of that step is kept the same way
+    let third = fresh("same-step-third");
+    let old = third.join("ckpt/step-00000002");
+    common::copy_dir(&first.join("ckpt/step-00000002"), &old);
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(old.join("manifest.json")).unwrap()).unwrap();
+    m.as_object_mut().unwrap().remove("lineage");
+    std::fs::write(old.join("manifest.json"), m.to_string()).unwrap();
+    std::fs::remove_file(old.join("manifest.sha256")).unwrap();
+    ok(run(&third, 2, train, sets, &[]), "third run");
+    assert_eq!(
+        checkpoints(&third),
+        [
+            "step-00000002",
+            "step-00000002.of-run-unmarked",
+            "step-00000004"
+        ]
+    );
 }
 
 /// Trains 3 steps with `sets`, then resumes the same run lengthened to 4 steps; the resumed

@@ -413,7 +413,8 @@ fn yaml_oddities() {
     assert_eq!(
         yaml_error("train: {1: 2}\n"),
         "train.1: unknown key \"1\" (valid keys: epochs, batch_size, grad_accum, lr, weight_decay, \
-         schedule, grad_clip, max_steps, seed, validate, log_every, output_dir, skip_nonfinite, peak_tflops)"
+         schedule, grad_clip, max_steps, seed, validate, log_every, output_dir, save_adapter, skip_nonfinite, \
+         peak_tflops)"
     );
     assert_eq!(
         yaml_error("train: {null: 1}\n"),

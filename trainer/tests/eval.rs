@@ -191,6 +191,16 @@ fn reruns_keep_earlier_predictions_and_refuse_other_settings() {
         err.contains("bench-edited.jsonl:2: id \"b\"") && err.contains("made for another question"),
         "{err}"
     );
+    // settings.json of an older trainer (no per-question seeds recorded): refused, saying so
+    let settings = out.join("settings.json");
+    let kept = std::fs::read(&settings).unwrap();
+    let mut old: Value = serde_json::from_slice(&kept).unwrap();
+    old.as_object_mut().unwrap().remove("seeds");
+    std::fs::write(&settings, old.to_string()).unwrap();
+    let (code, err) = eval(&out, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("made by an older trainer"), "{err}");
+    std::fs::write(&settings, kept).unwrap();
     // a folder another eval (or export) is writing: refused before anything is generated
     let held = common::hold_export_lock(&out);
     let (code, err) = eval(&out, &[]);
@@ -299,20 +309,35 @@ fn two_ranks_under_the_launcher_give_the_same_report_as_one() {
     let single = dir.join("out-single");
     assert_eq!(eval(&single, &[]).0, 0);
     let dist = dir.join("out-dist");
-    let o = Command::new(common::bin("launcher"))
-        .args(["--standalone", "--nproc-per-node", "2", "--"])
-        .arg(env!("CARGO_BIN_EXE_trainer"))
-        .args(["eval", "--turns", "2", "--max-new-tokens", "6"])
-        .arg("--model")
-        .arg(dir.join("model"))
-        .arg("--data")
-        .arg(dir.join("bench.jsonl"))
-        .arg("--image-root")
-        .arg(repo().join("tests/fixtures/data/images"))
-        .arg("--out")
-        .arg(&dist)
-        .output()
-        .unwrap();
+    let launch = || {
+        Command::new(common::bin("launcher"))
+            .args(["--standalone", "--nproc-per-node", "2", "--"])
+            .arg(env!("CARGO_BIN_EXE_trainer"))
+            .args(["eval", "--turns", "2", "--max-new-tokens", "6"])
+            .arg("--model")
+            .arg(dir.join("model"))
+            .arg("--data")
+            .arg(dir.join("bench.jsonl"))
+            .arg("--image-root")
+            .arg(repo().join("tests/fixtures/data/images"))
+            .arg("--out")
+            .arg(&dist)
+            .output()
+            .unwrap()
+    };
+    // --out held by another eval: every rank stops before writing (rank 1 learns it from rank 0)
+    let held = common::hold_export_lock(&dist);
+    let o = launch();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("being written by another export or eval"),
+        "{err}"
+    );
+    assert!(err.contains("rank 0 could not take"), "{err}");
+    assert!(!dist.join("predictions.rank-1.jsonl").exists(), "{err}");
+    drop(held);
+    let o = launch();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let strip = |mut v: Value| {
         v["cost"] = Value::Null;

@@ -209,6 +209,13 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
     // one node (--nnodes 1, e.g. in a salloc shell on any host): node 0, serving its own store
     // locally; SLURM's node id and node list (possibly naming other hosts) are not read
     let slurm_layout = slurm.as_ref().filter(|_| nnodes != 1);
+    if let (1, None, Some(Ok(id))) = (nnodes, cli.node_rank, slurm.as_ref().map(|s| &s.node_rank)) {
+        if *id > 0 {
+            bail!(
+                "--nnodes 1 on SLURM node {id} of the allocation: every node would run the job on its own; start it on one node (srun -N1), or give --nnodes for the whole allocation"
+            );
+        }
+    }
     let mut node_rank = match (cli.node_rank, slurm_layout) {
         (Some(r), _) => r,
         (None, Some(s)) => from_slurm(&s.node_rank)?,

@@ -116,11 +116,20 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
 /// moved in, then the config.
 pub fn replace_adapter(checkpoint: &Path, dir: &Path, naming: AdapterNaming) -> Result<()> {
     let _lock = super::ExportLock::acquire(dir)?;
-    let staging = dir.join(format!(".adapter.partial-{}", std::process::id()));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)
-            .with_context(|| format!("removing {}", staging.display()))?;
+    // staging folders of runs killed here before (no other writer holds the lock now)
+    for e in std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .flatten()
+    {
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with(".adapter.partial-")
+        {
+            std::fs::remove_dir_all(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+        }
     }
+    let staging = dir.join(format!(".adapter.partial-{}", std::process::id()));
     export_peft(checkpoint, &staging, naming)?;
     let config = dir.join("adapter_config.json");
     match std::fs::remove_file(&config) {

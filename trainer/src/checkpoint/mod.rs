@@ -275,7 +275,13 @@ impl ExportLock {
                         holder.trim()
                     );
                 }
-                return Err(e).with_context(|| format!("locking {}", path.display()));
+                // a filesystem without flock (NFSv3 without lockd: ENOLCK; Lustre without the
+                // flock mount option: ENOSYS; EOPNOTSUPP, EINVAL): go on unlocked, as before locks
+                tracing::warn!(
+                    "{}: flock is not supported here ({e}); writing without the lock (two exports or evals into this folder at once would clash)",
+                    path.display()
+                );
+                return Ok(Self { path, _file: file });
             }
             // the holder before us may have removed the file after we opened it: then our lock
             // is on a file nobody else will find; open the one at the path again

@@ -487,8 +487,11 @@ impl Checkpointer {
                     super::manifest::checksum_line(text.as_bytes()).as_bytes(),
                 )?;
                 fsync_dir(partial)?;
+                // (an older trainer's checkpoint, without a lineage, is this run's only when this
+                // run resumed from one: as retention counts it)
                 let other_run = match manifest_field(final_dir, "lineage") {
                     Ok(Value::String(l)) if manifest.lineage.as_ref() != Some(&l) => Some(l),
+                    Ok(Value::Null) if !p.claim_unmarked => Some("unmarked".to_string()),
                     _ => None,
                 };
                 if let Some(l) = other_run {
@@ -950,11 +953,12 @@ fn build_manifest(
     }
 }
 
-/// This launcher invocation's id (`LLAVA_SCO_LAUNCH_ID`), if any.
+/// This launcher invocation's id (`LLAVA_SCO_LAUNCH_ID`); under another launcher (torchrun)
+/// its run id (`TORCHELASTIC_RUN_ID`, which two launches may share), if any.
 pub(crate) fn launch_id() -> Option<String> {
-    std::env::var(launcher::env::LAUNCH_ID_VAR)
-        .ok()
-        .filter(|id| !id.is_empty())
+    [launcher::env::LAUNCH_ID_VAR, "TORCHELASTIC_RUN_ID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|id| !id.is_empty()))
 }
 
 #[cfg(test)]

@@ -130,12 +130,30 @@ fn standalone_letter(p: &str, n_choices: usize) -> Option<usize> {
     (i != 0 || words.len() <= 3 || cued).then_some(i)
 }
 
-/// The option a prediction picks: a bare letter ("B", "(B)", "B.", "**B**"), a leading letter
-/// after lead-ins ("B) red", "Answer: Option B", "So the answer is B, not red"), one letter
-/// standing alone in the text ("I think it's (C)"), or exactly one option's text.
+/// The option a prediction picks: exactly one option's text ("Vitamin D", "A dog" for "dog"), a
+/// bare letter ("B", "(B)", "B.", "**B**"), a leading letter after lead-ins ("B) red", "Answer:
+/// Option B", "So the answer is B, not red"), one letter standing alone in the text ("I think
+/// it's (C)"), or one option's text inside it.
 pub fn choice_of(pred: &str, choices: &[String]) -> Option<usize> {
+    pick(pred, choices, true)
+}
+
+/// [`choice_of`]; `loose`: also a letter standing alone and an option's text inside (not for
+/// reading a gold answer, which names its option exactly).
+fn pick(pred: &str, choices: &[String], loose: bool) -> Option<usize> {
     let unmarked = pred.replace('*', ""); // markdown emphasis
     let p = strip_lead_ins(unmarked.trim());
+    // an option's own text first: a capital letter inside it ("Vitamin D", "Hepatitis A") is not
+    // a letter choice
+    for text in [unmarked.trim(), p] {
+        let np = normalize_text(text);
+        let exact: Vec<usize> = (0..choices.len())
+            .filter(|&i| normalize_text(&choices[i]) == np)
+            .collect();
+        if exact.len() == 1 {
+            return Some(exact[0]);
+        }
+    }
     if let Some(i) = letter_index(p, choices.len()) {
         return Some(i);
     }
@@ -146,16 +164,13 @@ pub fn choice_of(pred: &str, choices: &[String]) -> Option<usize> {
             }
         }
     }
+    if !loose {
+        return None;
+    }
     if let Some(i) = standalone_letter(p, choices.len()) {
         return Some(i);
     }
     let np = normalize_text(p);
-    let exact: Vec<usize> = (0..choices.len())
-        .filter(|&i| normalize_text(&choices[i]) == np)
-        .collect();
-    if exact.len() == 1 {
-        return Some(exact[0]);
-    }
     let inside: Vec<usize> = (0..choices.len())
         .filter(|&i| {
             let c = normalize_text(&choices[i]);
@@ -213,11 +228,16 @@ fn numbers(s: &str) -> Vec<Found> {
             ')' => depth -= 1,
             _ => {}
         }
-        let signed = b[i] == '-'
-            && b.get(i + 1).is_some_and(char::is_ascii_digit)
-            && (i == 0 || !b[i - 1].is_alphanumeric());
+        // ".5" and "-.5" start at their point (not after a digit: "3.5" is read whole)
+        let digit_at = |k: usize| {
+            b.get(k).is_some_and(char::is_ascii_digit)
+                || (b.get(k) == Some(&'.')
+                    && b.get(k + 1).is_some_and(char::is_ascii_digit)
+                    && (k == 0 || !b[k - 1].is_ascii_digit()))
+        };
+        let signed = b[i] == '-' && digit_at(i + 1) && (i == 0 || !b[i - 1].is_alphanumeric());
         let power = i > 0 && (b[i - 1] == '^');
-        if !(b[i].is_ascii_digit() || signed) || power {
+        if !(digit_at(i) || signed) || power {
             i += 1;
             continue;
         }
@@ -227,6 +247,12 @@ fn numbers(s: &str) -> Vec<Found> {
             j = digits(j + 1);
         }
         let text: String = b[start..j].iter().collect();
+        let text = text.replacen("-.", "-0.", 1);
+        let text = if text.starts_with('.') {
+            format!("0{text}")
+        } else {
+            text
+        };
         let mut value: f64 = text.parse().unwrap_or(f64::NAN);
         // 1e-5, 2.5E3
         if j < b.len() && (b[j] == 'e' || b[j] == 'E') {
@@ -253,6 +279,13 @@ fn numbers(s: &str) -> Vec<Found> {
                 break;
             }
         }
+        // 10^3: a number raised by a number (a unit's power, "m/s^2", is skipped above)
+        if j + 1 < b.len() && b[j] == '^' && b[j + 1].is_ascii_digit() {
+            let e_end = digits(j + 1);
+            let e: String = b[j + 1..e_end].iter().collect();
+            value = value.powi(e.parse::<i32>().unwrap_or(1));
+            j = e_end;
+        }
         // 1/2 (integers only: "m/s" is a unit, "3/4" a number)
         if !text.contains('.') && j + 1 < b.len() && b[j] == '/' && b[j + 1].is_ascii_digit() {
             let d_end = digits(j + 1);
@@ -277,40 +310,76 @@ fn numbers(s: &str) -> Vec<Found> {
     out
 }
 
-/// A gold answer that is a number, optionally with a unit ("3", "-2.5", "1,000", "42%", "3 cm",
-/// "45°", "9.8 m/s^2", "1/2"): one number at the start and nothing but a unit after it ("inf",
-/// "NaN" and "3 apples and 2 pears" are text answers).
+/// Units a numeric gold answer may carry (compared lowercased; combined with `/` and a power).
+const UNITS: [&str; 44] = [
+    "%", "°", "°c", "°f", "$", "percent", "degree", "degrees", "mm", "cm", "m", "km", "in", "inch",
+    "inches", "ft", "feet", "mi", "miles", "mg", "g", "kg", "lb", "lbs", "ml", "l", "s", "sec",
+    "seconds", "ms", "min", "minutes", "h", "hr", "hours", "days", "years", "n", "j", "w", "v",
+    "hz", "mph", "units",
+];
+
+/// Whether `rest` (what follows a gold answer's number) is a unit: empty, or one or two words made
+/// of [`UNITS`] joined by `/`, each optionally raised ("m/s^2", "cm²").
+fn is_unit(rest: &str) -> bool {
+    let words: Vec<&str> = rest.split_whitespace().collect();
+    words.len() <= 2
+        && words.iter().all(|w| {
+            let w = w.to_lowercase();
+            let w = w.trim_end_matches(['²', '³', '.']);
+            let w = match w.rsplit_once('^') {
+                Some((base, p)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => base,
+                _ => w,
+            };
+            w.split('/').all(|u| UNITS.contains(&u))
+        })
+}
+
+/// A gold answer that is a number, optionally with a unit ("3", "-2.5", ".5", "1,000", "42%",
+/// "3 cm", "45°", "9.8 m/s^2", "1/2", "10^3"): one number at the start and nothing but a unit
+/// after it ("inf", "NaN", "3D", "2 dogs" and "3 apples and 2 pears" are text answers).
 fn gold_number(s: &str) -> Option<f64> {
     let t = strip_thousands(s.trim());
     let found = numbers(&t);
     let first = found.first()?;
     let rest: String = t.chars().skip(first.end).collect();
-    let unit_only = rest
-        .chars()
-        .enumerate()
-        .all(|(k, c)| !c.is_ascii_digit() || rest.chars().nth(k.wrapping_sub(1)) == Some('^'));
-    (first.start == 0 && unit_only && rest.trim().chars().count() <= 12).then_some(first.value)
+    (first.start == 0 && is_unit(&rest)).then_some(first.value)
 }
 
-/// The number a text answers with: the one after its last "=" or "answer is", else the last
-/// number outside parentheses ("3 (rounded to 1 decimal)" -> 3), else the last one.
+/// The number a text answers with: the one right after its last "answer is" / "answer:" ("The
+/// answer is 7, since 3 + 4": only spaces, a colon or a currency sign may come between; "the
+/// answer is not 3 but 5" has no such number), else the last number outside parentheses ("12 + 3
+/// = 15", "3 (rounded to 1 decimal)" -> 3), else the last one.
 pub fn number_in(s: &str) -> Option<f64> {
     let cleaned = strip_thousands(s);
-    let lower = cleaned.to_lowercase();
+    let chars: Vec<char> = cleaned.chars().collect();
+    let lower: Vec<char> = chars.iter().map(char::to_ascii_lowercase).collect();
     let found = numbers(&cleaned);
-    // (positions are in chars; the cue's byte offset converted to chars)
-    let cue = ["=", "answer is", "answer:"]
-        .iter()
-        .filter_map(|c| {
-            lower
-                .rfind(c)
-                .map(|at| lower[..at].chars().count() + c.chars().count())
+    let at = |k: usize, cue: &str| {
+        cue.chars()
+            .enumerate()
+            .all(|(i, c)| lower.get(k + i) == Some(&c))
+    };
+    // where each cue ends, last first
+    let mut cues: Vec<usize> = (0..lower.len())
+        .filter_map(|k| {
+            if at(k, "answer is") {
+                Some(k + 9)
+            } else if at(k, "answer:") {
+                Some(k + 7)
+            } else {
+                None
+            }
         })
-        .max();
-    if let Some(at) = cue {
-        if let Some(f) = found.iter().find(|f| f.start >= at) {
-            return Some(f.value);
-        }
+        .collect();
+    cues.reverse();
+    if let Some(f) = cues.iter().find_map(|&end| {
+        let f = found.iter().find(|f| f.start >= end)?;
+        chars[end..f.start]
+            .iter()
+            .all(|c| c.is_whitespace() || "$€£:".contains(*c))
+            .then_some(f)
+    }) {
+        return Some(f.value);
     }
     found
         .iter()
@@ -322,7 +391,7 @@ pub fn number_in(s: &str) -> Option<f64> {
 
 /// The option a multiple-choice gold answer names (its letter or its text).
 pub fn gold_choice(gold: &str, choices: &[String]) -> Option<usize> {
-    letter_index(gold, choices.len()).or_else(|| choice_of(gold, choices))
+    letter_index(gold, choices.len()).or_else(|| pick(gold, choices, false))
 }
 
 /// `pred` (already extracted) as scoring reads it against `gold`: the option it picks, the
@@ -416,6 +485,20 @@ mod tests {
         for (pred, gold, want) in cases {
             assert_eq!(is_correct(pred, gold, Some(&c)), want, "{pred} vs {gold}");
         }
+        // an option's text wins over a capital letter inside it, for predictions and golds
+        let c = opts(&["cat", "dog"]);
+        assert!(is_correct("A dog", "B", Some(&c)));
+        assert!(is_correct("Answer: A dog", "B", Some(&c)));
+        let c = opts(&["Vitamin D", "Vitamin C", "Iron", "Zinc"]);
+        assert!(is_correct("Vitamin D", "A", Some(&c)));
+        assert!(!is_correct("Vitamin D", "D", Some(&c)));
+        let c = opts(&["cat", "A dog"]);
+        assert_eq!(gold_choice("A dog", &c), Some(1));
+        assert!(!is_correct("A", "A dog", Some(&c)));
+        let cases: [(&str, &str, bool); 0] = [];
+        for (pred, gold, want) in cases {
+            assert_eq!(is_correct(pred, gold, Some(&c)), want, "{pred} vs {gold}");
+        }
     }
 
     #[test]
@@ -445,6 +528,19 @@ mod tests {
             ("12 + 3 = 15", "15", true),
             ("The answer is 7, since 3 + 4 makes it", "7", true),
             ("see step-2", "-2", false),
+            // a point without a leading digit; a cue only when the number follows it
+            (".5", "0.5", true),
+            ("0.5", ".5", true),
+            ("-.5", "-0.5", true),
+            ("Since n = 2, the total is 8", "8", true),
+            ("The answer is not 3 but 5", "5", true),
+            ("x <= 4, so 7", "7", true),
+            ("The answer is $12", "12", true),
+            ("10^3", "1000", true),
+            ("1000", "10^3", true),
+            ("2 cats", "2 dogs", false),
+            ("3", "3D", false),
+            ("9.8", "9.8 m/s²", true),
             ("-2", "-2", true),
             ("3 apples", "3 apples and 2 pears", false),
             ("Yes, because the sky is blue", "yes", true),

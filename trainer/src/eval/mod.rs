@@ -199,6 +199,8 @@ pub struct Shard<'a> {
     pub world: usize,
     /// Waits for every rank (the process group's barrier).
     pub barrier: &'a dyn Fn() -> Result<(), String>,
+    /// Whether any rank passes true (an all-reduce; every rank must call it).
+    pub any: &'a dyn Fn(bool) -> Result<bool, String>,
 }
 
 pub struct EvalOptions {
@@ -215,8 +217,9 @@ pub struct EvalOptions {
 
 /// What predictions are made with, for `EvalOptions::made_with`: the model and adapter folders
 /// (canonical paths) and their contents' fingerprints: sha256 of the adapter's files, of the
-/// model's config.json, and the size and modification time of its weight files (hashing 20 GB
-/// would take minutes). A resume with a retrained adapter in the same folder is then refused.
+/// model's config.json, and the names and sizes of its weight files (hashing 20 GB would take
+/// minutes; modification times differ between per-node copies). A resume with a retrained
+/// adapter in the same folder is then refused.
 pub fn made_with(model: &Path, adapter: Option<&Path>) -> serde_json::Value {
     let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or(p.to_path_buf());
     let sha = |p: &Path| {
@@ -229,16 +232,11 @@ pub fn made_with(model: &Path, adapter: Option<&Path>) -> serde_json::Value {
             d.flatten()
                 .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
                 .filter_map(|e| {
-                    let m = e.metadata().ok()?;
-                    let mtime = m
-                        .modified()
-                        .ok()?
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .ok()?;
+                    // (through symlinks: a Hugging Face cache snapshot links its blobs)
+                    let m = std::fs::metadata(e.path()).ok()?;
                     Some(serde_json::json!([
                         e.file_name().to_string_lossy(),
-                        m.len(),
-                        mtime.as_secs()
+                        m.len()
                     ]))
                 })
                 .collect()
@@ -339,6 +337,12 @@ fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result
         if let Ok(text) = std::fs::read_to_string(&path) {
             let before: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| EvalError::Io(format!("{}: {e}", path.display())))?;
+            if before.get("seeds").is_none() {
+                return Err(EvalError::Io(format!(
+                    "{}: its predictions were made by an older trainer (settings.json without the per-question seeds and file fingerprints this one records), so this run cannot tell whether they match; use another --out, or delete its predictions*.jsonl to start over",
+                    out.display()
+                )));
+            }
             if &before != now {
                 return Err(EvalError::Io(format!(
                     "{}: the predictions there were made with other settings ({before}; this run: \
@@ -503,14 +507,25 @@ pub fn run(
         .collect();
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
     // rank 0 holds --out for the run: a second eval into it would interleave lines and delete the
-    // rank files this one merges (a failing rank 0 stops the group under the launcher)
-    let _lock = match rank {
+    // rank files this one merges. Every rank learns whether it got it before reading or writing.
+    let lock = match rank {
         0 => Some(
             crate::checkpoint::ExportLock::acquire(&opts.out)
-                .map_err(|e| EvalError::Io(format!("{e:#}")))?,
+                .map_err(|e| EvalError::Io(format!("{e:#}"))),
         ),
         _ => None,
     };
+    let refused = matches!(lock, Some(Err(_)));
+    if let Some(s) = shard {
+        let any = (s.any)(refused).map_err(|e| EvalError::Io(format!("agreeing on --out: {e}")))?;
+        if any && !refused {
+            return Err(EvalError::Io(format!(
+                "rank 0 could not take {}'s lock (its error is above)",
+                opts.out.display()
+            )));
+        }
+    }
+    let _lock = lock.transpose()?;
     let mut done = existing_predictions(&opts.out)?;
     check_asked(&items, &done, &opts.out, &bench.display().to_string())?;
     let now = settings(opts);
@@ -575,7 +590,9 @@ pub fn run(
         let outputs = session.run_batch_seeded(&inputs, &seeds, &opts.infer, &mut |_, _, _| {})?;
         for ((_, item), turns) in chunk.iter().zip(outputs) {
             let pred = prediction(item, turns, opts.infer.max_new_tokens);
-            writeln!(file, "{}", serde_json::to_string(&pred).unwrap_or_default())
+            // one write per line (writeln! makes two, which another writer could split)
+            let line = serde_json::to_string(&pred).unwrap_or_default() + "\n";
+            file.write_all(line.as_bytes())
                 .and_then(|_| file.flush())
                 .map_err(io_err(&rank_path))?;
             done.insert(item.id.clone(), pred);
