@@ -335,7 +335,20 @@ struct InferArgs {
     image: Option<PathBuf>,
     #[arg(long)]
     question: String,
-    /// Total turns: 1 = the answer, 2 = answer + one self-correction, ...
+    /// 0 = greedy (the seed's default is 0.7)
+    #[arg(long, default_value_t = 0.7, value_parser = parse_temperature)]
+    temperature: f64,
+    #[command(flatten)]
+    generation: GenerationArgs,
+    /// Print one JSON object with every turn instead of streaming text
+    #[arg(long)]
+    json: bool,
+}
+
+/// The generation flags `infer` and `eval` share (each has its own --temperature default).
+#[derive(Args)]
+struct GenerationArgs {
+    /// Total turns: 1 = the answer (no correction), 2 = answer + one self-correction, ...
     #[arg(long, default_value_t = 2)]
     turns: usize,
     /// The user message of each correction turn (default: the one `data build-sco` trains with)
@@ -344,15 +357,14 @@ struct InferArgs {
     /// Where the correction turn goes: after the whole answer, or after </REASONING>
     #[arg(long, value_enum, default_value = "after-answer")]
     position: PositionArg,
-    /// 0 = greedy (the seed's default is 0.7)
-    #[arg(long, default_value_t = 0.7, value_parser = parse_temperature)]
-    temperature: f64,
-    /// Sample among the K most likely tokens only, before top-p (0 = off; 50 is transformers'
+    /// With sampling: the K most likely tokens only, before top-p (0 = off; 50 is transformers'
     /// default, which the seed's `generate` call used)
     #[arg(long, default_value_t = trainer::infer::sampling::DEFAULT_TOP_K)]
     top_k: usize,
     #[arg(long, default_value_t = 0.9, value_parser = parse_top_p)]
     top_p: f64,
+    /// A turn that reaches it is cut off (eval scores it wrong unless its conclusion closed); the
+    /// seed's inference used 2048
     #[arg(long, default_value_t = 2048, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
@@ -361,9 +373,26 @@ struct InferArgs {
     /// with data.image_placeholder: keep; by default it is removed, as in training)
     #[arg(long)]
     keep_image_placeholder: bool,
-    /// Print one JSON object with every turn instead of streaming text
-    #[arg(long)]
-    json: bool,
+}
+
+impl GenerationArgs {
+    fn options(&self, temperature: f64) -> trainer::infer::InferOptions {
+        trainer::infer::InferOptions {
+            turns: self.turns,
+            correction_prompt: self
+                .correction_prompt
+                .as_deref()
+                .unwrap_or(trainer::data::records::DEFAULT_CORRECTION_PROMPT)
+                .to_string(),
+            position: position_of(self.position),
+            temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+            keep_image_placeholder: self.keep_image_placeholder,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -403,15 +432,7 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
         .map(|p| image::load_rgb(p))
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let opts = infer_options(
-        args.turns,
-        args.correction_prompt.as_deref(),
-        args.position,
-        (args.temperature, args.top_k, args.top_p),
-        args.max_new_tokens,
-        args.seed,
-        args.keep_image_placeholder,
-    );
+    let opts = args.generation.options(args.temperature);
     let session = Session {
         model: &model,
         text: &text,
@@ -472,43 +493,23 @@ struct EvalArgs {
     /// Folder the benchmark's image paths are relative to
     #[arg(long)]
     image_root: PathBuf,
-    /// Total turns per sample (1 = no correction)
-    #[arg(long, default_value_t = 2)]
-    turns: usize,
     /// Output folder: predictions.jsonl, report.json, report.md (an existing one is resumed)
     #[arg(long)]
     out: PathBuf,
-    #[arg(long, value_enum, default_value = "after-answer")]
-    position: PositionArg,
     /// Only the first K samples
     #[arg(long)]
     limit: Option<usize>,
-    /// A turn that reaches it is cut off (scored wrong unless its conclusion closed); the seed's
-    /// inference used 2048
-    #[arg(long, default_value_t = 2048, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
-    max_new_tokens: usize,
     /// 0 = greedy (default for scoring)
     #[arg(long, default_value_t = 0.0, value_parser = parse_temperature)]
     temperature: f64,
-    /// With sampling: the K most likely tokens only, before top-p (0 = off; transformers' default 50)
-    #[arg(long, default_value_t = trainer::infer::sampling::DEFAULT_TOP_K)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0.9, value_parser = parse_top_p)]
-    top_p: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long)]
-    correction_prompt: Option<String>,
+    #[command(flatten)]
+    generation: GenerationArgs,
     /// A training metrics.jsonl, to report training FLOPs next to inference FLOPs
     #[arg(long)]
     train_metrics: Option<PathBuf>,
     /// Samples generated together (left-padded; greedy results depend on it only through rounding)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
-    /// Keep a LLaVA `<image>` marker at a question's start or end as text (for a model trained
-    /// with data.image_placeholder: keep; by default it is removed, as in training)
-    #[arg(long)]
-    keep_image_placeholder: bool,
 }
 
 /// Loads model (+ adapter), tokenizer/template and image processor of a model folder.
@@ -571,31 +572,6 @@ fn parse_top_p(s: &str) -> Result<f64, String> {
     }
 }
 
-/// The generation settings `infer` and `eval` share (sampling = temperature, top-k, top-p).
-fn infer_options(
-    turns: usize,
-    correction_prompt: Option<&str>,
-    position: PositionArg,
-    (temperature, top_k, top_p): (f64, usize, f64),
-    max_new_tokens: usize,
-    seed: u64,
-    keep_image_placeholder: bool,
-) -> trainer::infer::InferOptions {
-    trainer::infer::InferOptions {
-        turns,
-        correction_prompt: correction_prompt
-            .unwrap_or(trainer::data::records::DEFAULT_CORRECTION_PROMPT)
-            .to_string(),
-        position: position_of(position),
-        temperature,
-        top_k,
-        top_p,
-        max_new_tokens,
-        seed,
-        keep_image_placeholder,
-    }
-}
-
 fn position_of(p: PositionArg) -> trainer::infer::Position {
     match p {
         PositionArg::AfterAnswer => trainer::infer::Position::AfterAnswer,
@@ -613,15 +589,7 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         image_config: &image_config,
     };
     let opts = EvalOptions {
-        infer: infer_options(
-            args.turns,
-            args.correction_prompt.as_deref(),
-            args.position,
-            (args.temperature, args.top_k, args.top_p),
-            args.max_new_tokens,
-            args.seed,
-            args.keep_image_placeholder,
-        ),
+        infer: args.generation.options(args.temperature),
         image_root: args.image_root.clone(),
         out: args.out.clone(),
         limit: args.limit,
