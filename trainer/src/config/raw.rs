@@ -143,7 +143,7 @@ impl Default for RawTrain {
             schedule: RawSchedule::default(),
             // gradient_clipping False.
             grad_clip: None,
-            // max_train_step 0: no limit.
+            // max_train_step 0: no limit. (It counts micro-batches; this counts optimizer steps.)
             max_steps: Int::new(0),
             seed: Int::new(42),
             // run_validation is True in llama-recipes, but there is no eval split unless

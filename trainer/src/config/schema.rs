@@ -166,10 +166,14 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     /// Max global gradient norm; None: no clipping.
     pub grad_clip: Option<f64>,
-    /// Stop after this many optimizer steps; 0: no limit (run all epochs).
+    /// Stop after this many optimizer steps; 0: no limit (run all epochs). llama-recipes'
+    /// `max_train_step` counts micro-batches instead: with grad_accum > 1 set this to its value /
+    /// grad_accum for the same run.
     pub max_steps: u64,
     pub seed: u64,
-    /// Run validation on `data.eval` after each epoch.
+    /// Run validation on `data.eval` after each epoch (the epoch's checkpoint is saved first). The
+    /// adapter left in `train.output_dir` is the last epoch's; llama-recipes keeps the one with
+    /// the lowest validation loss (export that epoch's checkpoint with `trainer export`).
     pub validate: bool,
     /// Log a line every this many optimizer steps when no progress bar is drawn (metrics.jsonl
     /// gets every step).
@@ -227,7 +231,9 @@ pub struct FsdpConfig {
     /// Shard parameters, gradients and optimizer state across ranks.
     pub enabled: bool,
     pub backend: Backend,
-    /// Dtype of gathered parameters and of gradient reduction.
+    /// Dtype of the gathered parameters the forward and backward compute in (fp32 masters are
+    /// kept). Gradients are reduce-scattered in fp32 whatever this says (llama-recipes' bfSixteen
+    /// reduces in bf16: twice the bytes here, and no bf16 rounding of the sum).
     pub mixed_precision: DType,
     /// Recompute each unit in backward instead of keeping its activations (FSDP only; the
     /// plain trainer keeps its autograd graph).

@@ -175,6 +175,14 @@ pub fn train(config: &Config) -> Result<Outcome> {
         }
         drop(micro);
         meter.epoch_summary(epoch, &epoch_loss, epoch_start.elapsed().as_secs_f64());
+        // Epoch end: the data continues with the next epoch. Saved before validating (in the
+        // background with checkpoint.async), so a validation that fails (an eval image that does
+        // not decode, out of memory) or is stopped does not lose the epoch. (A step saved already,
+        // e.g. by SIGTERM at an epoch's last step and resumed from, is not saved again: its
+        // position (epoch, steps_per_epoch) resumes the same way, and replacing it would risk it.)
+        if st.epoch_batch >= steps_per_epoch && st.saved_step != Some(st.step) {
+            saver.save(&mut st, &trainable, &opt, (epoch + 1, 0))?;
+        }
         if let Some(ds) = &data.eval {
             step::validate(
                 &pg,
@@ -185,12 +193,6 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 (st.step, epoch),
                 &mut meter,
             )?;
-        }
-        // Epoch end: the data continues with the next epoch. (A step saved already, e.g. by
-        // SIGTERM at an epoch's last step and resumed from, is not saved again: its position
-        // (epoch, steps_per_epoch) resumes the same way, and replacing it would risk it.)
-        if st.epoch_batch >= steps_per_epoch && st.saved_step != Some(st.step) {
-            saver.save(&mut st, &trainable, &opt, (epoch + 1, 0))?;
         }
         if st.step >= total_steps {
             break;

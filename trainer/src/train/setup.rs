@@ -100,13 +100,10 @@ fn load_model(
     if p.is_lora() {
         match &p.init_from {
             Some(dir) => {
-                // FSDP keeps fp32 masters of the factors, made from what the model holds: read
-                // them in fp32 so that the masters are the adapter's values, not a bf16 rounding
-                // of them (the gathered compute copies are cast anyway). PEFT keeps adapters in
-                // fp32 over a bf16 base too (autocast_adapter_dtype).
-                if config.fsdp.enabled {
-                    model.set_lora_kind(Kind::Float);
-                }
+                // fp32 factors (FSDP's masters, the plain trainer's parameters) are the
+                // adapter's values, not a bf16 rounding of them. PEFT keeps adapters in fp32 over
+                // a bf16 base too (autocast_adapter_dtype).
+                model.set_lora_kind(Kind::Float);
                 let found = model
                     .load_adapter(dir)
                     .with_context(|| format!("loading peft.init_from {}", dir.display()))?;
@@ -121,6 +118,13 @@ fn load_model(
                     use_rslora: false,
                 };
                 model.apply_lora(&lora, config.train.seed as i64)?;
+                if !config.fsdp.enabled {
+                    // the plain trainer as PEFT without FSDP (autocast_adapter_dtype): fp32
+                    // factors (their bf16-rounded init, as PEFT's), an fp32 branch added in fp32,
+                    // fp32 gradients summed over micro-batches (FSDP instead computes with bf16
+                    // copies of fp32 masters, as FSDP's mixed precision casts every parameter)
+                    model.set_lora_kind(Kind::Float);
+                }
             }
         }
     }
@@ -343,6 +347,31 @@ mod tests {
     fn parse(sets: &[&str]) -> Config {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         config::parse("model: {path: m}\ndata: {train: t.jsonl}\n", &sets).expect("config")
+    }
+
+    /// Without FSDP, LoRA factors over a bf16 model are fp32 (PEFT's autocast_adapter_dtype), so
+    /// their branch and their summed gradients are fp32; under FSDP the masters are.
+    #[test]
+    fn the_plain_trainer_keeps_lora_factors_in_fp32_over_a_bf16_model() {
+        let model = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/mllama_tiny/model_hf5"
+        );
+        let path = format!("model.path={model}");
+        let c = parse(&[
+            &path,
+            "model.dtype=bf16",
+            "fsdp.enabled=false",
+            "peft.method=lora",
+        ]);
+        let (mut m, _) = load_model(&c, Device::Cpu, false).unwrap();
+        let kinds: Vec<Kind> = m
+            .trainable_parameters()
+            .iter()
+            .map(|(_, t)| t.kind())
+            .collect();
+        assert!(!kinds.is_empty(), "LoRA applied");
+        assert!(kinds.iter().all(|k| *k == Kind::Float), "{kinds:?}");
     }
 
     #[test]
