@@ -459,3 +459,22 @@ fn resuming_with_another_weight_decay_notes_it() {
         second.stderr
     );
 }
+
+/// A finished run launched again (`resume: auto`) has no step left: it says so and neither
+/// validates nor saves again (its metrics and checkpoints stay as they were).
+#[test]
+fn a_finished_run_launched_again_does_nothing() {
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 2";
+    let out = fresh("finished-again");
+    ok(run(&out, 1, train, &[], &[]), "first");
+    let before = (metrics(&out).len(), checkpoints(&out));
+    let again = ok(run(&out, 1, train, &[], &[]), "again");
+    assert!(
+        again
+            .stderr
+            .contains("nothing left to train: the run is at step 2 of 2"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!((metrics(&out).len(), checkpoints(&out)), before);
+}

@@ -15,7 +15,13 @@ fn mfu_is_null_on_cpu_and_tflops_over_peak_when_configured() {
     assert_eq!(m.len(), 2);
     for v in &m {
         assert!(v["tflops"].as_f64().unwrap() > 0.0, "{v}");
-        assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+        let supervised = v["tokens_per_s"].as_f64().unwrap();
+        assert!(supervised > 0.0, "{v}");
+        // every input token (prompt and answer) per rank: at world 1 at least the answers
+        assert!(
+            v["input_tokens_per_s_per_rank"].as_f64().unwrap() > supervised,
+            "{v}"
+        );
         assert!(v["mfu"].is_null(), "no peak known on a CPU: {v}");
     }
     // plain log lines (stderr is a pipe here), one per step
@@ -23,6 +29,7 @@ fn mfu_is_null_on_cpu_and_tflops_over_peak_when_configured() {
         assert!(o.stderr.contains(step), "{step:?} missing:\n{}", o.stderr);
     }
     assert!(o.stderr.contains("FLOP/s"), "{}", o.stderr);
+    assert!(o.stderr.contains("tok/s/rank"), "{}", o.stderr);
     assert!(!o.stderr.contains("MFU"), "{}", o.stderr);
 
     let peak = fresh("metrics-peak");

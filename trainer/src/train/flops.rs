@@ -16,7 +16,13 @@
 //! `tokens(p)` is what the parameter is applied to: text positions (B x S, padding included) for
 //! the language model and lm_head; vision tokens (real tiles x patches per tile) for the vision
 //! tower, the projector and the cross-attention k/v projections. The embedding table is a lookup
-//! (0 FLOPs); attention's score and value products (O(S^2)) are left out, as in 6N.
+//! (0 FLOPs).
+//!
+//! Attention's score and value products add PaLM's and torchtitan's `12 x L x H x D x T` per query
+//! (4 in the forward, 8 in the backward; causal masks not halved, as there), with T the keys it
+//! sees: S text positions for each self-attention layer, the sample's vision tokens for each
+//! cross-attention layer, and each image's vision tokens for each vision layer (tiles attend
+//! jointly). They are not optional for LoRA: the backward through frozen attention still runs.
 //!
 //! Executed FLOPs add what the engine really runs on top: with activation checkpointing each unit's
 //! forward runs twice, so `+ 2 x N x tokens` (every parameter, trainable or not). They give
@@ -40,6 +46,11 @@ pub(crate) struct FlopCount {
     forward_per_vision_token: f64,
     /// Vision tokens per tile (patches + class token).
     patches_per_tile: f64,
+    /// Attention FLOPs per (query, key) pair of forward + backward, summed over the layers: text
+    /// self-attention, text cross-attention, vision (local + global).
+    self_attn_per_pair: f64,
+    cross_attn_per_pair: f64,
+    vision_attn_per_pair: f64,
 }
 
 /// Whether a parameter is applied to vision tokens (else to text tokens).
@@ -84,13 +95,49 @@ impl FlopCount {
                 add(&n, t.numel() as f64, true);
             }
         }
+        let (t, v) = (&m.config.text, &m.config.vision);
+        let text_hd = (t.num_attention_heads * t.head_dim()) as f64;
+        let n_cross = t.cross_attention_layers.len() as f64;
+        let n_self = t.num_hidden_layers as f64 - n_cross;
+        let n_vision = (v.num_hidden_layers + v.num_global_layers) as f64;
         Self {
             per_text_token: text,
             per_vision_token: vision,
             forward_per_text_token: fwd_text,
             forward_per_vision_token: fwd_vision,
             patches_per_tile: m.config.vision.num_patches() as f64,
+            self_attn_per_pair: 12.0 * n_self * text_hd,
+            cross_attn_per_pair: 12.0 * n_cross * text_hd,
+            vision_attn_per_pair: 12.0 * n_vision * v.hidden_size as f64,
         }
+    }
+
+    /// Attention FLOPs (forward + backward) of one micro-batch ([`FlopCount`]'s doc).
+    fn attention_flops(&self, mb: &MicroBatch) -> f64 {
+        let s = mb.batch.input_ids.size();
+        let (b, seq) = (s[0] as f64, s[1] as f64);
+        let mut f = self.self_attn_per_pair * b * seq * seq;
+        if let Some(images) = &mb.batch.images {
+            // real tiles per (sample, image): (B, M)
+            let tiles =
+                images
+                    .aspect_ratio_mask
+                    .sum_dim_intlist([-1i64].as_slice(), false, Kind::Int64);
+            let tiles: Vec<i64> = Vec::<i64>::try_from(tiles.reshape([-1])).unwrap_or_default();
+            let per_image = images.aspect_ratio_mask.size()[1].max(1) as usize;
+            for sample in tiles.chunks(per_image) {
+                let n_sample: f64 = sample
+                    .iter()
+                    .map(|&t| t as f64 * self.patches_per_tile)
+                    .sum();
+                f += self.cross_attn_per_pair * seq * n_sample;
+                for &t in sample {
+                    let n = t as f64 * self.patches_per_tile;
+                    f += self.vision_attn_per_pair * n * n;
+                }
+            }
+        }
+        f
     }
 
     /// (model FLOPs, executed FLOPs) of forward + backward over `batches` (one rank's
@@ -103,12 +150,17 @@ impl FlopCount {
             let vision_tokens = mb.batch.images.as_ref().map_or(0.0, |i| {
                 i.aspect_ratio_mask.sum(Kind::Int64).double_value(&[])
             }) * self.patches_per_tile;
-            let m = self.per_text_token * text_tokens + self.per_vision_token * vision_tokens;
+            let attention = self.attention_flops(mb);
+            let m = self.per_text_token * text_tokens
+                + self.per_vision_token * vision_tokens
+                + attention;
             model += m;
             executed += m;
             if recompute {
+                // (the forward's share of attention: 4 of its 12)
                 executed += self.forward_per_text_token * text_tokens
-                    + self.forward_per_vision_token * vision_tokens;
+                    + self.forward_per_vision_token * vision_tokens
+                    + attention / 3.0;
             }
         }
         (model, executed)
@@ -203,6 +255,52 @@ mod tests {
             lora.per_text_token + lora.per_vision_token,
             4.0 * n + 6.0 * n_lora
         );
+    }
+
+    /// Attention adds 12 x H x D FLOPs per (query, key) pair and layer: text self-attention over
+    /// S x S, cross-attention over S x the sample's vision tokens, vision layers over each image's
+    /// vision tokens squared (real tiles only).
+    #[test]
+    fn attention_is_counted_per_query_key_pair() {
+        use crate::data::sampler::Position;
+        use crate::model::{Batch, Images};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/mllama_tiny/model_hf5");
+        let mut m = MllamaModel::load(&dir, crate::model::LoadOptions::default()).unwrap();
+        let f = FlopCount::of(&mut m);
+        let (t, v) = (&m.config.text, &m.config.vision);
+        let hd = (t.num_attention_heads * t.head_dim()) as f64;
+        let cross = t.cross_attention_layers.len() as f64;
+        let p1 = v.num_patches() as f64;
+        let ids = tch::Tensor::zeros([2, 5], (Kind::Int64, Device::Cpu));
+        // sample 0: 2 real tiles, sample 1: 1 (of 4)
+        let mask = tch::Tensor::from_slice(&[1i64, 1, 0, 0, 1, 0, 0, 0]).view([2, 1, 4]);
+        let mb = |images: Option<Images>| MicroBatch {
+            position: Position { epoch: 0, batch: 0 },
+            micro_step: 0,
+            batch: Batch {
+                input_ids: ids.shallow_clone(),
+                attention_mask: None,
+                labels: None,
+                images,
+            },
+            supervised_tokens: 0,
+            sample_indices: vec![],
+            filler_rows: 0,
+        };
+        let self_attn = 12.0 * (t.num_hidden_layers as f64 - cross) * hd * 2.0 * 25.0;
+        assert_eq!(f.attention_flops(&mb(None)), self_attn);
+        let images = Images {
+            pixel_values: tch::Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+            aspect_ratio_ids: tch::Tensor::zeros([2, 1], (Kind::Int64, Device::Cpu)),
+            aspect_ratio_mask: mask,
+            cross_attention_mask: tch::Tensor::zeros([1], (Kind::Int64, Device::Cpu)),
+        };
+        let vision_layers = (v.num_hidden_layers + v.num_global_layers) as f64;
+        let want = self_attn
+            + 12.0 * cross * hd * 5.0 * (3.0 * p1)
+            + 12.0 * vision_layers * v.hidden_size as f64 * ((2.0 * p1).powi(2) + p1.powi(2));
+        assert!((f.attention_flops(&mb(Some(images))) - want).abs() <= 1e-9 * want);
     }
 
     #[test]

@@ -102,17 +102,31 @@ impl Meter {
     /// Records one step: every rank must call it (the FLOPs are averaged over ranks).
     pub fn step(&mut self, pg: &ProcessGroup, device: Device, s: StepReport) -> Result<()> {
         let (model, executed) = self.flops.step_flops(s.batches, self.recompute);
-        // one all-reduce for both: [model, executed] summed over ranks, then per rank
-        let both = all_reduce_pair(pg, [model, executed], device)?;
-        let tflops = both[0] / self.world as f64 / s.step_s / 1e12;
-        let hw_tflops = both[1] / self.world as f64 / s.step_s / 1e12;
+        // the input tokens (prompt, answer; not padding) this rank computed on
+        let input: f64 = s
+            .batches
+            .iter()
+            .map(|mb| match &mb.batch.attention_mask {
+                Some(m) => m.sum(tch::Kind::Int64).double_value(&[]),
+                None => mb.batch.input_ids.numel() as f64,
+            })
+            .sum();
+        // one all-reduce for all three, summed over ranks, then per rank
+        let sums = all_reduce_sum(pg, [model, executed, input], device)?;
+        let per_rank_s = self.world as f64 * s.step_s;
+        let tflops = sums[0] / per_rank_s / 1e12;
+        let hw_tflops = sums[1] / per_rank_s / 1e12;
         let mfu = self.peak_tflops.map(|p| tflops / p);
         let r = s.result;
+        // supervised (answer) tokens of the global batch per second, and every input token per
+        // second per rank (torchtitan's and torchtune's tok/s/GPU)
         let tokens_per_s = r.tokens as f64 / s.step_s;
+        let input_tokens_per_s_per_rank = sums[2] / per_rank_s;
         // metrics.jsonl has every step; the console every train.log_every steps and the last
         self.write(json!({
             "step": s.step, "epoch": s.epoch, "loss": r.loss, "lr": s.lr, "grad_norm": r.grad_norm,
-            "tokens": r.tokens, "tokens_per_s": tokens_per_s, "step_s": s.step_s,
+            "tokens": r.tokens, "tokens_per_s": tokens_per_s,
+            "input_tokens_per_s_per_rank": input_tokens_per_s_per_rank, "step_s": s.step_s,
             "mem_bytes": resident_bytes(), "tflops": tflops, "hw_tflops": hw_tflops, "mfu": mfu,
             "param_bytes": s.param_bytes,
         }))?;
@@ -126,7 +140,7 @@ impl Meter {
             format!("{tflops:.2} TFLOP/s")
         };
         let line = format!(
-            "loss {:.4} {tokens_per_s:.0} tok/s {rate}{mfu_text}",
+            "loss {:.4} {input_tokens_per_s_per_rank:.0} tok/s/rank ({tokens_per_s:.0} supervised tok/s) {rate}{mfu_text}",
             r.loss
         );
         match &self.bar {
@@ -240,8 +254,12 @@ pub(super) fn log(rank: usize, msg: &str) {
 }
 
 /// Sums `v` over ranks (one collective for both numbers).
-fn all_reduce_pair(pg: &ProcessGroup, v: [f64; 2], device: Device) -> Result<[f64; 2]> {
+fn all_reduce_sum<const N: usize>(
+    pg: &ProcessGroup,
+    v: [f64; N],
+    device: Device,
+) -> Result<[f64; N]> {
     let t = tch::Tensor::from_slice(&v).to_device(device);
     pg.all_reduce(&t, crate::dist::ReduceOp::Sum)?;
-    Ok([t.double_value(&[0]), t.double_value(&[1])])
+    Ok(std::array::from_fn(|i| t.double_value(&[i as i64])))
 }

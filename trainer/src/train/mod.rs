@@ -108,9 +108,20 @@ pub fn train(config: &Config) -> Result<Outcome> {
         meter.log(&format!("{left_out} of {} training samples sit out each epoch (not a multiple of the global batch of {global}): a random subset, another one each epoch", plan.samples));
     }
 
-    // 5. The loop: epochs of optimizer steps of grad_accum micro-batches.
+    // 5. The loop: epochs of optimizer steps of grad_accum micro-batches. (A run resumed at its
+    // last step has none left: no epoch is entered, so nothing is validated or saved again.)
     let mut interrupted = false;
-    'epochs: for epoch in start.0..t.epochs as u64 {
+    let epochs = match st.step >= total_steps {
+        true => {
+            meter.log(&format!(
+                "nothing left to train: the run is at step {} of {total_steps}",
+                st.step
+            ));
+            0..0
+        }
+        false => start.0..t.epochs as u64,
+    };
+    'epochs: for epoch in epochs {
         st.epoch = epoch;
         st.epoch_batch = if epoch == start.0 { start.1 } else { 0 };
         let mut micro = data.train.epoch_iter(
