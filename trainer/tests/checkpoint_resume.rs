@@ -467,6 +467,8 @@ fn a_finished_run_launched_again_does_nothing() {
     let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 2";
     let out = fresh("finished-again");
     ok(run(&out, 1, train, &[], &[]), "first");
+    let adapter = out.join("adapter_model.safetensors");
+    let written = std::fs::metadata(&adapter).unwrap().modified().unwrap();
     let before = (metrics(&out).len(), checkpoints(&out));
     let again = ok(run(&out, 1, train, &[], &[]), "again");
     assert!(
@@ -477,4 +479,54 @@ fn a_finished_run_launched_again_does_nothing() {
         again.stderr
     );
     assert_eq!((metrics(&out).len(), checkpoints(&out)), before);
+    let again_written = std::fs::metadata(&adapter).unwrap().modified().unwrap();
+    assert_eq!(
+        again_written, written,
+        "output_dir's adapter left as it was"
+    );
+}
+
+/// A validation that fails (an eval image cut short, found only when it is decoded) stops the
+/// run, but the epoch's checkpoint, saved in the background before validating, is published: the
+/// epoch is not lost.
+#[test]
+fn a_failed_validation_keeps_the_epochs_checkpoint() {
+    let out = fresh("validation-fails");
+    let images = out.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for e in std::fs::read_dir(common::repo().join("tests/fixtures/data/images")).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), images.join(e.file_name())).unwrap();
+        }
+    }
+    let jpg = std::fs::read(images.join("gray.jpg")).unwrap();
+    std::fs::write(images.join("broken.jpg"), &jpg[..jpg.len() / 2]).unwrap();
+    let eval = out.join("eval.jsonl");
+    std::fs::write(
+        &eval,
+        r#"{"id": "e", "image": "broken.jpg", "conversations": [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A picture."}]}"#,
+    )
+    .unwrap();
+    let root = format!("data.image_root={}", images.display());
+    let eval_set = format!("data.eval={}", eval.display());
+    let sets = [
+        root.as_str(),
+        eval_set.as_str(),
+        "train.validate=true",
+        "checkpoint.async=true",
+    ];
+    let o = run(
+        &out,
+        1,
+        "epochs: 1, batch_size: 8, grad_accum: 1",
+        &sets,
+        &[],
+    );
+    assert_ne!(o.code, Some(0), "{}", o.stderr);
+    assert!(o.stderr.contains("broken.jpg"), "{}", o.stderr);
+    let steps = metrics(&out).len();
+    assert!(steps > 0);
+    let ckpt = out.join(format!("ckpt/step-{steps:08}"));
+    assert!(ckpt.join("manifest.json").exists(), "{}", o.stderr);
 }

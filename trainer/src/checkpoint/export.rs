@@ -115,18 +115,20 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
 /// `adapter_config.json` removed (so no config describes other weights at any moment), the weights
 /// moved in, then the config.
 pub fn replace_adapter(checkpoint: &Path, dir: &Path, naming: AdapterNaming) -> Result<()> {
-    let _lock = super::ExportLock::acquire(dir)?;
-    // staging folders of runs killed here before (no other writer holds the lock now)
-    for e in std::fs::read_dir(dir)
+    let lock = super::ExportLock::acquire(dir)?;
+    // staging folders of runs killed here before (no other writer holds the lock now; without a
+    // real lock another one may be live); one that cannot go stays, with a warning
+    let stale = std::fs::read_dir(dir)
         .with_context(|| format!("listing {}", dir.display()))?
         .flatten()
-    {
-        if e.file_name()
-            .to_string_lossy()
-            .starts_with(".adapter.partial-")
-        {
-            std::fs::remove_dir_all(e.path())
-                .with_context(|| format!("removing {}", e.path().display()))?;
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".adapter.partial-")
+        });
+    for e in stale.filter(|_| lock.held) {
+        if let Err(err) = std::fs::remove_dir_all(e.path()) {
+            tracing::warn!("{} stays: {err}", e.path().display());
         }
     }
     let staging = dir.join(format!(".adapter.partial-{}", std::process::id()));

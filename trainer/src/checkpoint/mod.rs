@@ -242,6 +242,8 @@ pub(crate) struct ExportLock {
     path: PathBuf,
     // (the flock lives as long as this descriptor)
     _file: std::fs::File,
+    /// False where the filesystem has no flock and the folder is not locked.
+    pub held: bool,
 }
 
 impl ExportLock {
@@ -277,11 +279,19 @@ impl ExportLock {
                 }
                 // a filesystem without flock (NFSv3 without lockd: ENOLCK; Lustre without the
                 // flock mount option: ENOSYS; EOPNOTSUPP, EINVAL): go on unlocked, as before locks
+                let unsupported = [libc::ENOLCK, libc::ENOSYS, libc::EOPNOTSUPP, libc::EINVAL];
+                if !e.raw_os_error().is_some_and(|c| unsupported.contains(&c)) {
+                    return Err(e).with_context(|| format!("locking {}", path.display()));
+                }
                 tracing::warn!(
                     "{}: flock is not supported here ({e}); writing without the lock (two exports or evals into this folder at once would clash)",
                     path.display()
                 );
-                return Ok(Self { path, _file: file });
+                return Ok(Self {
+                    path,
+                    _file: file,
+                    held: false,
+                });
             }
             // the holder before us may have removed the file after we opened it: then our lock
             // is on a file nobody else will find; open the one at the path again
@@ -301,7 +311,11 @@ impl ExportLock {
                 .and_then(|()| file.rewind())
                 .and_then(|()| file.write_all(me.as_bytes()))
                 .with_context(|| format!("writing {}", path.display()))?;
-            return Ok(Self { path, _file: file });
+            return Ok(Self {
+                path,
+                _file: file,
+                held: true,
+            });
         }
     }
 }

@@ -956,9 +956,14 @@ fn build_manifest(
 /// This launcher invocation's id (`LLAVA_SCO_LAUNCH_ID`); under another launcher (torchrun)
 /// its run id (`TORCHELASTIC_RUN_ID`, which two launches may share), if any.
 pub(crate) fn launch_id() -> Option<String> {
+    // (torchrun's default --rdzv-id is "none", shared by every launch that does not set one)
     [launcher::env::LAUNCH_ID_VAR, "TORCHELASTIC_RUN_ID"]
         .iter()
-        .find_map(|v| std::env::var(v).ok().filter(|id| !id.is_empty()))
+        .find_map(|v| {
+            std::env::var(v)
+                .ok()
+                .filter(|id| !id.is_empty() && id != "none")
+        })
 }
 
 #[cfg(test)]

@@ -138,15 +138,19 @@ pub fn choice_of(pred: &str, choices: &[String]) -> Option<usize> {
     pick(pred, choices, true)
 }
 
-/// [`choice_of`]; `loose`: also a letter standing alone and an option's text inside (not for
-/// reading a gold answer, which names its option exactly).
+/// [`choice_of`]; `loose`: also a letter standing alone in the text (not for reading a gold
+/// answer, whose capitals are its own words).
 fn pick(pred: &str, choices: &[String], loose: bool) -> Option<usize> {
     let unmarked = pred.replace('*', ""); // markdown emphasis
     let p = strip_lead_ins(unmarked.trim());
     // an option's own text first: a capital letter inside it ("Vitamin D", "Hepatitis A") is not
-    // a letter choice
+    // a letter choice. Not for a bare letter ("A" normalizes to nothing, "B" may be an option's
+    // text in a which-letter question: the letter names the option) or an empty text.
     for text in [unmarked.trim(), p] {
         let np = normalize_text(text);
+        if np.is_empty() || letter_index(text, choices.len()).is_some() {
+            continue;
+        }
         let exact: Vec<usize> = (0..choices.len())
             .filter(|&i| normalize_text(&choices[i]) == np)
             .collect();
@@ -164,11 +168,10 @@ fn pick(pred: &str, choices: &[String], loose: bool) -> Option<usize> {
             }
         }
     }
-    if !loose {
-        return None;
-    }
-    if let Some(i) = standalone_letter(p, choices.len()) {
-        return Some(i);
+    if loose {
+        if let Some(i) = standalone_letter(p, choices.len()) {
+            return Some(i);
+        }
     }
     let np = normalize_text(p);
     let inside: Vec<usize> = (0..choices.len())
@@ -233,7 +236,7 @@ fn numbers(s: &str) -> Vec<Found> {
             b.get(k).is_some_and(char::is_ascii_digit)
                 || (b.get(k) == Some(&'.')
                     && b.get(k + 1).is_some_and(char::is_ascii_digit)
-                    && (k == 0 || !b[k - 1].is_ascii_digit()))
+                    && (k == 0 || !(b[k - 1].is_ascii_digit() || b[k - 1] == '.')))
         };
         let signed = b[i] == '-' && digit_at(i + 1) && (i == 0 || !b[i - 1].is_alphanumeric());
         let power = i > 0 && (b[i - 1] == '^');
@@ -310,39 +313,19 @@ fn numbers(s: &str) -> Vec<Found> {
     out
 }
 
-/// Units a numeric gold answer may carry (compared lowercased; combined with `/` and a power).
-const UNITS: [&str; 44] = [
-    "%", "°", "°c", "°f", "$", "percent", "degree", "degrees", "mm", "cm", "m", "km", "in", "inch",
-    "inches", "ft", "feet", "mi", "miles", "mg", "g", "kg", "lb", "lbs", "ml", "l", "s", "sec",
-    "seconds", "ms", "min", "minutes", "h", "hr", "hours", "days", "years", "n", "j", "w", "v",
-    "hz", "mph", "units",
-];
-
-/// Whether `rest` (what follows a gold answer's number) is a unit: empty, or one or two words made
-/// of [`UNITS`] joined by `/`, each optionally raised ("m/s^2", "cm²").
-fn is_unit(rest: &str) -> bool {
-    let words: Vec<&str> = rest.split_whitespace().collect();
-    words.len() <= 2
-        && words.iter().all(|w| {
-            let w = w.to_lowercase();
-            let w = w.trim_end_matches(['²', '³', '.']);
-            let w = match w.rsplit_once('^') {
-                Some((base, p)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => base,
-                _ => w,
-            };
-            w.split('/').all(|u| UNITS.contains(&u))
-        })
-}
-
-/// A gold answer that is a number, optionally with a unit ("3", "-2.5", ".5", "1,000", "42%",
-/// "3 cm", "45°", "9.8 m/s^2", "1/2", "10^3"): one number at the start and nothing but a unit
-/// after it ("inf", "NaN", "3D", "2 dogs" and "3 apples and 2 pears" are text answers).
+/// A gold answer that is a number, optionally followed by a unit or a counted noun ("3", "-2.5",
+/// ".5", "1,000", "42%", "3 cm", "45°", "9.8 m/s^2", "1/2", "10^3", "2 dogs", "3."): one number at
+/// the start, not run into a word ("3D" is text), then at most three words and no other number
+/// ("inf", "NaN" and "3 apples and 2 pears" are text answers).
 fn gold_number(s: &str) -> Option<f64> {
     let t = strip_thousands(s.trim());
     let found = numbers(&t);
     let first = found.first()?;
     let rest: String = t.chars().skip(first.end).collect();
-    (first.start == 0 && is_unit(&rest)).then_some(first.value)
+    let glued = rest.starts_with(char::is_alphanumeric);
+    let more_numbers = found.len() > 1;
+    let short = rest.split_whitespace().count() <= 3;
+    (first.start == 0 && !glued && !more_numbers && short).then_some(first.value)
 }
 
 /// The number a text answers with: the one right after its last "answer is" / "answer:" ("The
@@ -350,7 +333,13 @@ fn gold_number(s: &str) -> Option<f64> {
 /// answer is not 3 but 5" has no such number), else the last number outside parentheses ("12 + 3
 /// = 15", "3 (rounded to 1 decimal)" -> 3), else the last one.
 pub fn number_in(s: &str) -> Option<f64> {
-    let cleaned = strip_thousands(s);
+    // markdown emphasis and LaTeX wrappers around an answer ("**3**", "\\boxed{3}", "\\(3\\)")
+    let unwrapped = s
+        .replace('*', "")
+        .replace("\\boxed{", " answer is ") // (a cue: what is boxed is the answer)
+        .replace("\\(", "")
+        .replace("\\)", "");
+    let cleaned = strip_thousands(&unwrapped);
     let chars: Vec<char> = cleaned.chars().collect();
     let lower: Vec<char> = chars.iter().map(char::to_ascii_lowercase).collect();
     let found = numbers(&cleaned);
@@ -376,7 +365,7 @@ pub fn number_in(s: &str) -> Option<f64> {
         let f = found.iter().find(|f| f.start >= end)?;
         chars[end..f.start]
             .iter()
-            .all(|c| c.is_whitespace() || "$€£:".contains(*c))
+            .all(|c| c.is_whitespace() || "$€£:\"'{(".contains(*c))
             .then_some(f)
     }) {
         return Some(f.value);
@@ -495,6 +484,16 @@ mod tests {
         let c = opts(&["cat", "A dog"]);
         assert_eq!(gold_choice("A dog", &c), Some(1));
         assert!(!is_correct("A", "A dog", Some(&c)));
+        // a bare letter names its option, even where options are letters or normalize to nothing
+        let c = opts(&["D", "B", "A", "C"]);
+        assert!(is_correct("B", "B", Some(&c)));
+        assert!(!is_correct("B", "A", Some(&c)));
+        let c = opts(&["0", "1", "∞", "none"]);
+        assert!(is_correct("A", "A", Some(&c)));
+        assert!(!is_correct("", "C", Some(&c)));
+        // a gold naming its option with more words still reads
+        let c = opts(&["red", "blue"]);
+        assert_eq!(gold_choice("blue (the sky)", &c), Some(1));
         let cases: [(&str, &str, bool); 0] = [];
         for (pred, gold, want) in cases {
             assert_eq!(is_correct(pred, gold, Some(&c)), want, "{pred} vs {gold}");
@@ -538,9 +537,14 @@ mod tests {
             ("The answer is $12", "12", true),
             ("10^3", "1000", true),
             ("1000", "10^3", true),
-            ("2 cats", "2 dogs", false),
+            ("2", "2 dogs", true),
             ("3", "3D", false),
             ("9.8", "9.8 m/s²", true),
+            ("1", "1 hour", true),
+            ("3", "3.", true),
+            ("The answer is **3**, which is 1 more than 2", "3", true),
+            ("so \\boxed{3}, as 1 + 2", "3", true),
+            ("it is...5", "5", true),
             ("-2", "-2", true),
             ("3 apples", "3 apples and 2 pears", false),
             ("Yes, because the sky is blue", "yes", true),

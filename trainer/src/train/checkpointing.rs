@@ -276,6 +276,12 @@ impl<'a> Saver<'a> {
         self.saves.close(self.pg, self.device)
     }
 
+    /// Publishes the save in flight now (every rank calls it), so that it is a checkpoint before
+    /// something that may fail runs.
+    pub fn publish_pending(&mut self) -> Result<()> {
+        self.saves.finish(self.pg, self.device).map(|_| ())
+    }
+
     /// At the end of a LoRA run, rank 0 writes the final checkpoint (step `step`, published by
     /// then) as a PEFT adapter into `train.output_dir`, where llama-recipes' `save_model` leaves it
     /// and the seed's inference script looks (`train.save_adapter` names its keys, or turns it

@@ -118,11 +118,18 @@ impl FlopCount {
         let (b, seq) = (s[0] as f64, s[1] as f64);
         let mut f = self.self_attn_per_pair * b * seq * seq;
         if let Some(images) = &mb.batch.images {
-            // real tiles per (sample, image): (B, M)
+            // real tiles per (sample, image): (B, M); an image slot no text row sees (a
+            // text-only sample's padding slot, whose tile 0 is marked) does not count
+            let seen = images
+                .cross_attention_mask
+                .ne(0)
+                .sum_dim_intlist([1i64, 3].as_slice(), false, Kind::Int64)
+                .gt(0); // (B, M)
             let tiles =
                 images
                     .aspect_ratio_mask
-                    .sum_dim_intlist([-1i64].as_slice(), false, Kind::Int64);
+                    .sum_dim_intlist([-1i64].as_slice(), false, Kind::Int64)
+                    * seen;
             let tiles: Vec<i64> = Vec::<i64>::try_from(tiles.reshape([-1])).unwrap_or_default();
             let per_image = images.aspect_ratio_mask.size()[1].max(1) as usize;
             for sample in tiles.chunks(per_image) {
@@ -290,17 +297,27 @@ mod tests {
         };
         let self_attn = 12.0 * (t.num_hidden_layers as f64 - cross) * hd * 2.0 * 25.0;
         assert_eq!(f.attention_flops(&mb(None)), self_attn);
-        let images = Images {
+        // (B, S, M, T): every text row of both samples sees its image
+        let cam = tch::Tensor::ones([2, 5, 1, 4], (Kind::Int64, Device::Cpu));
+        let images = |cam: tch::Tensor| Images {
             pixel_values: tch::Tensor::zeros([1], (Kind::Float, Device::Cpu)),
             aspect_ratio_ids: tch::Tensor::zeros([2, 1], (Kind::Int64, Device::Cpu)),
-            aspect_ratio_mask: mask,
-            cross_attention_mask: tch::Tensor::zeros([1], (Kind::Int64, Device::Cpu)),
+            aspect_ratio_mask: mask.shallow_clone(),
+            cross_attention_mask: cam,
         };
         let vision_layers = (v.num_hidden_layers + v.num_global_layers) as f64;
         let want = self_attn
             + 12.0 * cross * hd * 5.0 * (3.0 * p1)
             + 12.0 * vision_layers * v.hidden_size as f64 * ((2.0 * p1).powi(2) + p1.powi(2));
-        assert!((f.attention_flops(&mb(Some(images))) - want).abs() <= 1e-9 * want);
+        let got = f.attention_flops(&mb(Some(images(cam.shallow_clone()))));
+        assert!((got - want).abs() <= 1e-9 * want);
+        // sample 1 text-only (its image slot unseen): only sample 0's image counts
+        let _ = cam.get(1).fill_(0);
+        let want = self_attn
+            + 12.0 * cross * hd * 5.0 * (2.0 * p1)
+            + 12.0 * vision_layers * v.hidden_size as f64 * (2.0 * p1).powi(2);
+        let got = f.attention_flops(&mb(Some(images(cam))));
+        assert!((got - want).abs() <= 1e-9 * want);
     }
 
     #[test]

@@ -111,6 +111,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
     // 5. The loop: epochs of optimizer steps of grad_accum micro-batches. (A run resumed at its
     // last step has none left: no epoch is entered, so nothing is validated or saved again.)
     let mut interrupted = false;
+    let start_step = st.step;
     let epochs = match st.step >= total_steps {
         true => {
             meter.log(&format!(
@@ -195,6 +196,8 @@ pub fn train(config: &Config) -> Result<Outcome> {
             saver.save(&mut st, &trainable, &opt, (epoch + 1, 0))?;
         }
         if let Some(ds) = &data.eval {
+            // (a background save is only a checkpoint once published)
+            saver.publish_pending()?;
             step::validate(
                 &pg,
                 &mut trainable,
@@ -210,7 +213,8 @@ pub fn train(config: &Config) -> Result<Outcome> {
         }
     }
     saver.finish()?;
-    if !interrupted && st.step > 0 {
+    // (a run with no step of its own, resumed at its end, leaves output_dir as it is)
+    if !interrupted && st.step > start_step {
         saver.export_adapter(st.step);
     }
     meter.finish();
