@@ -131,7 +131,9 @@ pub fn replace_adapter(checkpoint: &Path, dir: &Path, naming: AdapterNaming) -> 
             tracing::warn!("{} stays: {err}", e.path().display());
         }
     }
-    let staging = dir.join(format!(".adapter.partial-{}", std::process::id()));
+    // (a name no earlier process used: a container may give every launch the same pid)
+    let nonce = launcher::token::random_hex(4).unwrap_or_default();
+    let staging = dir.join(format!(".adapter.partial-{}-{nonce}", std::process::id()));
     export_peft(checkpoint, &staging, naming)?;
     let config = dir.join("adapter_config.json");
     match std::fs::remove_file(&config) {

@@ -140,6 +140,16 @@ pub fn resume(
             return load_resumed(pg, device, config, plan, trainable, opt, p).map(Some);
         }
     }
+    if let (Some(attempt), None, false, 0) = (
+        restarted,
+        &launch_id,
+        matches!(config.checkpoint.resume, Resume::Auto),
+        pg.rank(),
+    ) {
+        tracing::warn!(
+            "restart {attempt}: without a launch id (this launcher's LLAVA_SCO_LAUNCH_ID, or torchrun's --rdzv-id other than 'none') this restart cannot tell its own checkpoints from others', so checkpoint.resume applies as on the first start; use checkpoint.resume: auto to continue"
+        );
+    }
     let dir = match &config.checkpoint.resume {
         Resume::Never => {
             warn_if_not_empty(pg, &config.checkpoint.dir);

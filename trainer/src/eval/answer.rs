@@ -38,6 +38,14 @@ pub fn normalize_text(s: &str) -> String {
         .join(" ")
 }
 
+/// A bare capital letter ("B", "(B)", "B."): it names an option by its letter, even where an
+/// option's text is that letter (a lowercase "b" may be an option's own text, as in AI2D).
+fn is_capital_letter(s: &str) -> bool {
+    let t = s.trim().trim_matches(|c: char| "().:[] ".contains(c));
+    let mut chars = t.chars();
+    matches!((chars.next(), chars.next()), (Some(c), None) if c.is_ascii_uppercase())
+}
+
 fn letter_index(s: &str, n_choices: usize) -> Option<usize> {
     let t = s.trim().trim_matches(|c: char| "().:[] ".contains(c));
     let mut chars = t.chars();
@@ -147,12 +155,21 @@ fn pick(pred: &str, choices: &[String], loose: bool) -> Option<usize> {
     // a letter choice. Not for a bare letter ("A" normalizes to nothing, "B" may be an option's
     // text in a which-letter question: the letter names the option) or an empty text.
     for text in [unmarked.trim(), p] {
+        if is_capital_letter(text) {
+            continue;
+        }
+        // (text that normalizes to nothing, "∞" or ">", is compared as written)
         let np = normalize_text(text);
-        if np.is_empty() || letter_index(text, choices.len()).is_some() {
+        let key = |t: &str| match np.is_empty() {
+            true => t.trim().to_string(),
+            false => normalize_text(t),
+        };
+        let want = key(text);
+        if want.is_empty() {
             continue;
         }
         let exact: Vec<usize> = (0..choices.len())
-            .filter(|&i| normalize_text(&choices[i]) == np)
+            .filter(|&i| key(&choices[i]) == want)
             .collect();
         if exact.len() == 1 {
             return Some(exact[0]);
@@ -313,6 +330,11 @@ fn numbers(s: &str) -> Vec<Found> {
     out
 }
 
+/// Units written against their number in gold answers ("5cm", "10kg", "30s").
+const GLUED_UNITS: [&str; 16] = [
+    "mm", "cm", "m", "km", "g", "kg", "mg", "ml", "l", "s", "ms", "min", "h", "hr", "ft", "in",
+];
+
 /// A gold answer that is a number, optionally followed by a unit or a counted noun ("3", "-2.5",
 /// ".5", "1,000", "42%", "3 cm", "45°", "9.8 m/s^2", "1/2", "10^3", "2 dogs", "3."): one number at
 /// the start, not run into a word ("3D" is text), then at most three words and no other number
@@ -322,7 +344,9 @@ fn gold_number(s: &str) -> Option<f64> {
     let found = numbers(&t);
     let first = found.first()?;
     let rest: String = t.chars().skip(first.end).collect();
-    let glued = rest.starts_with(char::is_alphanumeric);
+    // "3D" is a word, "5cm" a number and its unit
+    let word: String = rest.chars().take_while(|c| c.is_alphanumeric()).collect();
+    let glued = !word.is_empty() && !GLUED_UNITS.contains(&word.to_lowercase().as_str());
     let more_numbers = found.len() > 1;
     let short = rest.split_whitespace().count() <= 3;
     (first.start == 0 && !glued && !more_numbers && short).then_some(first.value)
@@ -335,7 +359,7 @@ fn gold_number(s: &str) -> Option<f64> {
 pub fn number_in(s: &str) -> Option<f64> {
     // markdown emphasis and LaTeX wrappers around an answer ("**3**", "\\boxed{3}", "\\(3\\)")
     let unwrapped = s
-        .replace('*', "")
+        .replace("**", "")
         .replace("\\boxed{", " answer is ") // (a cue: what is boxed is the answer)
         .replace("\\(", "")
         .replace("\\)", "");
@@ -365,7 +389,7 @@ pub fn number_in(s: &str) -> Option<f64> {
         let f = found.iter().find(|f| f.start >= end)?;
         chars[end..f.start]
             .iter()
-            .all(|c| c.is_whitespace() || "$€£:\"'{(".contains(*c))
+            .all(|c| c.is_whitespace() || "$€£:\"'{".contains(*c))
             .then_some(f)
     }) {
         return Some(f.value);
@@ -491,6 +515,13 @@ mod tests {
         let c = opts(&["0", "1", "∞", "none"]);
         assert!(is_correct("A", "A", Some(&c)));
         assert!(!is_correct("", "C", Some(&c)));
+        assert!(
+            is_correct("∞", "∞", Some(&c)),
+            "text that normalizes to nothing"
+        );
+        // lowercase options are their own text (AI2D labels)
+        let c = opts(&["d", "c", "b", "a"]);
+        assert!(is_correct("b", "C", Some(&c)));
         // a gold naming its option with more words still reads
         let c = opts(&["red", "blue"]);
         assert_eq!(gold_choice("blue (the sky)", &c), Some(1));
@@ -545,6 +576,11 @@ mod tests {
             ("The answer is **3**, which is 1 more than 2", "3", true),
             ("so \\boxed{3}, as 1 + 2", "3", true),
             ("it is...5", "5", true),
+            ("1.5*10^3", "1.5*10^3", true),
+            ("2 * 10^3", "2000", true),
+            ("The answer is (3 + 5) × 2 = 16", "16", true),
+            ("5 cm", "5cm", true),
+            ("The length is 5cm", "5cm", true),
             ("-2", "-2", true),
             ("3 apples", "3 apples and 2 pears", false),
             ("Yes, because the sky is blue", "yes", true),

@@ -117,31 +117,15 @@ impl FlopCount {
         let s = mb.batch.input_ids.size();
         let (b, seq) = (s[0] as f64, s[1] as f64);
         let mut f = self.self_attn_per_pair * b * seq * seq;
-        if let Some(images) = &mb.batch.images {
-            // real tiles per (sample, image): (B, M); an image slot no text row sees (a
-            // text-only sample's padding slot, whose tile 0 is marked) does not count
-            let seen = images
-                .cross_attention_mask
-                .ne(0)
-                .sum_dim_intlist([1i64, 3].as_slice(), false, Kind::Int64)
-                .gt(0); // (B, M)
-            let tiles =
-                images
-                    .aspect_ratio_mask
-                    .sum_dim_intlist([-1i64].as_slice(), false, Kind::Int64)
-                    * seen;
-            let tiles: Vec<i64> = Vec::<i64>::try_from(tiles.reshape([-1])).unwrap_or_default();
-            let per_image = images.aspect_ratio_mask.size()[1].max(1) as usize;
-            for sample in tiles.chunks(per_image) {
-                let n_sample: f64 = sample
-                    .iter()
-                    .map(|&t| t as f64 * self.patches_per_tile)
-                    .sum();
-                f += self.cross_attn_per_pair * seq * n_sample;
-                for &t in sample {
-                    let n = t as f64 * self.patches_per_tile;
-                    f += self.vision_attn_per_pair * n * n;
-                }
+        for sample in seen_tiles(mb) {
+            let n_sample: f64 = sample
+                .iter()
+                .map(|&t| t as f64 * self.patches_per_tile)
+                .sum();
+            f += self.cross_attn_per_pair * seq * n_sample;
+            for &t in &sample {
+                let n = t as f64 * self.patches_per_tile;
+                f += self.vision_attn_per_pair * n * n;
             }
         }
         f
@@ -154,9 +138,8 @@ impl FlopCount {
         let (mut model, mut executed) = (0.0, 0.0);
         for mb in batches {
             let text_tokens = mb.batch.input_ids.numel() as f64;
-            let vision_tokens = mb.batch.images.as_ref().map_or(0.0, |i| {
-                i.aspect_ratio_mask.sum(Kind::Int64).double_value(&[])
-            }) * self.patches_per_tile;
+            let tiles: i64 = seen_tiles(mb).iter().flatten().sum();
+            let vision_tokens = tiles as f64 * self.patches_per_tile;
             let attention = self.attention_flops(mb);
             let m = self.per_text_token * text_tokens
                 + self.per_vision_token * vision_tokens
@@ -172,6 +155,26 @@ impl FlopCount {
         }
         (model, executed)
     }
+}
+
+/// Real tiles of each image of each sample of `mb` (per sample, per image slot): an image slot
+/// no text row sees (a text-only sample's padding slot, whose tile 0 is marked) has none.
+fn seen_tiles(mb: &MicroBatch) -> Vec<Vec<i64>> {
+    let Some(images) = &mb.batch.images else {
+        return vec![];
+    };
+    let seen = images
+        .cross_attention_mask
+        .ne(0)
+        .sum_dim_intlist([1i64, 3].as_slice(), false, Kind::Int64)
+        .gt(0); // (B, M) from (B, S, M, T)
+    let tiles = images
+        .aspect_ratio_mask
+        .sum_dim_intlist([-1i64].as_slice(), false, Kind::Int64)
+        * seen; // (B, M)
+    let per_image = images.aspect_ratio_mask.size()[1].max(1) as usize;
+    let flat: Vec<i64> = Vec::<i64>::try_from(tiles.reshape([-1])).unwrap_or_default();
+    flat.chunks(per_image).map(<[i64]>::to_vec).collect()
 }
 
 /// Peak dense TFLOP/s of a known GPU in the compute dtype (bf16/fp16 on tensor cores; fp32

@@ -213,8 +213,12 @@ pub fn train(config: &Config) -> Result<Outcome> {
         }
     }
     saver.finish()?;
-    // (a run with no step of its own, resumed at its end, leaves output_dir as it is)
-    if !interrupted && st.step > start_step {
+    // The adapter once the run is complete (SIGTERM at its last step included); a run with no
+    // step of its own, resumed at its end, leaves output_dir's adapter as it is unless there is
+    // none (an export that was killed or failed before)
+    let complete = st.step >= total_steps;
+    let adapter_there = t.output_dir.join("adapter_config.json").exists();
+    if complete && st.step > 0 && (st.step > start_step || !adapter_there) {
         saver.export_adapter(st.step);
     }
     meter.finish();
