@@ -490,6 +490,23 @@ fn prediction(
     p
 }
 
+/// `local` on this rank, made an error on every rank when it is one on any (the others get
+/// `elsewhere`): a rank failing alone would leave the others waiting at the next collective.
+fn agree<T>(
+    shard: Option<&Shard>,
+    local: Result<T, EvalError>,
+    elsewhere: impl FnOnce() -> String,
+) -> Result<T, EvalError> {
+    if let Some(s) = shard {
+        let any = (s.any)(local.is_err())
+            .map_err(|e| EvalError::Io(format!("agreeing with the other ranks: {e}")))?;
+        if any && local.is_ok() {
+            return Err(EvalError::Io(elsewhere()));
+        }
+    }
+    local
+}
+
 /// Runs (or resumes) the evaluation and, on rank 0, writes predictions.jsonl, report.json and
 /// report.md and returns the report. `progress(done, total)` is called after each sample.
 pub fn run(
@@ -500,45 +517,50 @@ pub fn run(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Option<Report>, EvalError> {
     let (rank, world) = shard.map_or((0, 1), |s| (s.rank, s.world));
-    let items = read_bench(bench)?;
-    let items: Vec<_> = items
-        .into_iter()
-        .take(opts.limit.unwrap_or(usize::MAX))
-        .collect();
-    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
-    // rank 0 holds --out for the run: a second eval into it would interleave lines and delete the
-    // rank files this one merges. Every rank learns whether it got it before reading or writing.
-    let lock = match rank {
-        0 => Some(
-            crate::checkpoint::ExportLock::acquire(&opts.out)
-                .map_err(|e| EvalError::Io(format!("{e:#}"))),
-        ),
-        _ => None,
-    };
-    let refused = matches!(lock, Some(Err(_)));
-    if let Some(s) = shard {
-        let any = (s.any)(refused).map_err(|e| EvalError::Io(format!("agreeing on --out: {e}")))?;
-        if any && !refused {
-            return Err(EvalError::Io(format!(
-                "rank 0 could not take {}'s lock (its error is above)",
-                opts.out.display()
-            )));
+    let bench_file = bench.display().to_string();
+    // Every rank reads the benchmark; rank 0 holds --out for the run (a second eval into it would
+    // interleave lines and delete the rank files this one merges). A failure on any rank (a file
+    // one node cannot read, the lock) stops every rank here, before anything is written.
+    let started = (|| {
+        let items: Vec<_> = read_bench(bench)?
+            .into_iter()
+            .take(opts.limit.unwrap_or(usize::MAX))
+            .collect();
+        std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+        let lock = match rank {
+            0 => Some(
+                crate::checkpoint::ExportLock::acquire(&opts.out)
+                    .map_err(|e| EvalError::Io(format!("{e:#}")))?,
+            ),
+            _ => None,
+        };
+        Ok((items, lock))
+    })();
+    let (items, _lock) = agree(shard, started, || {
+        format!(
+            "another rank could not start evaluating into {} (its error is above)",
+            opts.out.display()
+        )
+    })?;
+    // every rank checks the stored predictions, the settings and every question left (image file,
+    // prompt) before anything is generated or written; any rank's failure stops all
+    let checked = (|| {
+        let done = existing_predictions(&opts.out)?;
+        check_asked(&items, &done, &opts.out, &bench_file)?;
+        let now = settings(opts);
+        if check_settings(&opts.out, &now, !done.is_empty())? && rank == 0 {
+            write_settings(&opts.out, &now)?;
         }
-    }
-    let _lock = lock.transpose()?;
-    let mut done = existing_predictions(&opts.out)?;
-    check_asked(&items, &done, &opts.out, &bench.display().to_string())?;
-    let now = settings(opts);
-    if check_settings(&opts.out, &now, !done.is_empty())? && rank == 0 {
-        write_settings(&opts.out, &now)?;
-    }
-    // every rank checks every question left (so each stops with the same error), before anything
-    // is generated or written
-    let left: Vec<&(usize, BenchItem)> = items
-        .iter()
-        .filter(|(_, item)| !done.contains_key(&item.id))
-        .collect();
-    check_items(session, &left, opts, &bench.display().to_string())?;
+        let left: Vec<&(usize, BenchItem)> = items
+            .iter()
+            .filter(|(_, item)| !done.contains_key(&item.id))
+            .collect();
+        check_items(session, &left, opts, &bench_file)?;
+        Ok(done)
+    })();
+    let mut done = agree(shard, checked, || {
+        "another rank's checks failed (its error is above)".to_string()
+    })?;
     // fixed batches over the whole benchmark, dealt to the ranks in turn: a question's batch mates
     // (and so its greedy result on a GPU, see the module doc) do not depend on the world size; a
     // resumed batch runs only its questions left
@@ -554,7 +576,6 @@ pub fn run(
     // appended to, never rewritten: it may hold predictions of samples outside this run's share
     // (another world size or --limit before), which the merge below keeps
     let mut file = open_for_append(&rank_path).map_err(io_err(&rank_path))?;
-    let bench_file = bench.display().to_string();
     let bad = |line: usize| {
         let file = bench_file.clone();
         move |reason: String| EvalError::Bench { file, line, reason }
