@@ -437,6 +437,8 @@ fn mismatched_sizes_are_errors_on_every_rank_single_copy() {
 fn mismatched_sizes_are_errors_on_every_rank_tcp() {
     mismatch("mismatch", "tcp");
     mismatch("mismatch-empty", "tcp");
+    // the same bytes in another dtype (2048 f64 against 4096 f32): the message header says so
+    mismatch("mismatch-dtype", "tcp");
 }
 
 /// A collective's Work dropped without wait() (an error unwinding past a prefetch) waits for

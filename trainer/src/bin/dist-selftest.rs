@@ -270,17 +270,22 @@ fn main() -> Result<()> {
             eprintln!("rank {rank}: {err}");
             std::process::exit(1);
         }
-        "mismatch" | "mismatch-empty" => {
+        "mismatch" | "mismatch-empty" | "mismatch-dtype" => {
             // rank 0 all_reduces 4097 f32 and the others 4096, or rank 0 an empty tensor and the
-            // others one element: every rank must get an error, not wrong data
+            // others one element, or rank 0 2048 f64 and the others 4096 f32 (the same bytes):
+            // every rank must get an error, not wrong data
             let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
-            let (mine, others) = if args.mode == "mismatch" {
-                (4097, 4096)
-            } else {
-                (0, 1)
+            let (mine, others) = match args.mode.as_str() {
+                "mismatch" => (4097, 4096),
+                "mismatch-dtype" => (2048, 4096),
+                _ => (0, 1),
             };
             let n = if rank == 0 { mine } else { others };
-            let t = Tensor::ones([n], (Kind::Float, tch::Device::Cpu));
+            let kind = match (args.mode.as_str(), rank) {
+                ("mismatch-dtype", 0) => Kind::Double,
+                _ => Kind::Float,
+            };
+            let t = Tensor::ones([n], (kind, tch::Device::Cpu));
             let first = match pg.all_reduce(&t, ReduceOp::Sum) {
                 Ok(()) => "no error".to_string(),
                 Err(e) => e.to_string(),

@@ -290,6 +290,16 @@ fn run_cma(cma: &mut Cma, seg: &mut Segment, op: &Op) -> Result<()> {
 /// The TCP transport (see `tcp`): pieces are (byte offset, byte length) per rank.
 fn run_tcp(mesh: &mut Mesh, op: &Op) -> Result<()> {
     let (rank, world) = (mesh.rank, mesh.world);
+    let (elem, reduce) = match op {
+        Op::Barrier => (None, None),
+        Op::AllGather { input: t, .. } | Op::Broadcast { tensor: t, .. } => {
+            (Elem::of(t.kind()), None)
+        }
+        Op::ReduceScatter { input: t, op, .. } | Op::AllReduce { tensor: t, op } => {
+            (Elem::of(t.kind()), Some(*op))
+        }
+    };
+    mesh.set_signature(elem, reduce);
     match op {
         Op::Barrier => mesh.barrier(),
         Op::AllGather { out, input } => {

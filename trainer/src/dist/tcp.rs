@@ -99,6 +99,10 @@ pub struct Mesh {
     chunk: usize,
     /// W chunks: received contributions of one chunk (u64 for alignment of every dtype).
     staging: Vec<u64>,
+    /// The dtype and reduction of the op about to run ([`Mesh::set_signature`]), sent in every
+    /// message header: ranks that call one op with other dtypes or reductions of the same byte
+    /// size get an error, not each other's bytes reinterpreted.
+    signature: [u8; 2],
 }
 
 /// The IP of the interface that routes to MASTER_ADDR (no packet is sent), so peers on other
@@ -219,7 +223,16 @@ impl Mesh {
             lost_key: format!("{key}/lost"),
             chunk,
             staging: vec![0u64; world * chunk / 8],
+            signature: [0; 2],
         })
+    }
+
+    /// The dtype and reduction the next op's messages carry (0: none).
+    pub fn set_signature(&mut self, elem: Option<Elem>, reduce: Option<ReduceOp>) {
+        self.signature = [
+            elem.map_or(0, |e| e as u8 + 1),
+            reduce.map_or(0, |r| r as u8 + 1),
+        ];
     }
 
     fn link(&self, q: usize) -> &TcpStream {
@@ -600,6 +613,7 @@ impl<'m> OpRun<'m> {
         let mut h = [0u8; 16];
         h[..4].copy_from_slice(b"LSCM");
         h[4] = self.code as u8;
+        h[5..7].copy_from_slice(&self.mesh.signature);
         h[8..].copy_from_slice(&(len as u64).to_le_bytes());
         h
     }
@@ -614,10 +628,13 @@ impl<'m> OpRun<'m> {
         self.read_exact(peer, &mut h)?;
         if h != self.header(data.len()) {
             let len = u64::from_le_bytes(h[8..].try_into().expect("8 bytes"));
+            let what = |code: u8, sig: &[u8]| {
+                format!("{} [dtype {}, reduce {}]", Code::name(code), sig[0], sig[1])
+            };
             return Err(DistError::Invalid(format!(
-                "rank {peer} sent {} data of {len} bytes while this rank expected {} data of {} bytes: the ranks called different collectives or sizes",
-                Code::name(h[4]),
-                self.name(),
+                "rank {peer} sent {} data of {len} bytes while this rank expected {} data of {} bytes: the ranks called different collectives, dtypes, reductions or sizes",
+                what(h[4], &h[5..7]),
+                what(self.code as u8, &self.mesh.signature),
                 data.len()
             )));
         }
