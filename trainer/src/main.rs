@@ -687,13 +687,7 @@ struct ExportArgs {
     /// peft only: the adapter's key naming. hf5: transformers >= 4.52 (current peft); hf4:
     /// transformers 4.45-4.51, the seed's stack (it loads nothing from hf5 keys, with no error)
     #[arg(long, value_enum)]
-    naming: Option<Naming>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Naming {
-    Hf5,
-    Hf4,
+    naming: Option<trainer::checkpoint::AdapterNaming>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -893,24 +887,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         "{flag} is for --format merged; a PEFT adapter is written without it"
                     );
                 }
-                let naming = match args.naming {
-                    Some(Naming::Hf4) => trainer::checkpoint::AdapterNaming::Hf4,
-                    Some(Naming::Hf5) | None => trainer::checkpoint::AdapterNaming::Hf5,
-                };
+                use trainer::checkpoint::AdapterNaming;
+                let naming = args.naming.unwrap_or_default();
                 let n = trainer::checkpoint::export_peft(&args.checkpoint, &args.out, naming)?;
+                let named = match naming {
+                    AdapterNaming::Hf4 => "transformers-4 key naming",
+                    AdapterNaming::Hf5 => "transformers-5 key naming; --naming hf4 for a transformers 4.45-4.51 stack such as the seed's",
+                };
                 println!(
-                    "wrote {} ({n} LoRA tensors, {} key naming{}) from {}",
+                    "wrote {} ({n} LoRA tensors, {named}) from {}",
                     args.out.display(),
-                    if naming == trainer::checkpoint::AdapterNaming::Hf4 {
-                        "transformers-4"
-                    } else {
-                        "transformers-5"
-                    },
-                    if naming == trainer::checkpoint::AdapterNaming::Hf4 {
-                        ""
-                    } else {
-                        "; --naming hf4 for a transformers 4.45-4.51 stack such as the seed's"
-                    },
                     args.checkpoint.display()
                 );
                 Ok(ExitCode::SUCCESS)

@@ -10,8 +10,8 @@ use tch::Tensor;
 
 use super::load::read_full;
 
-/// Module naming of an exported adapter's keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Module naming of an exported adapter's keys (`--naming`, `train.save_adapter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum AdapterNaming {
     /// transformers >= 4.52 module paths (`base_model.model.model.language_model.layers...`,
     /// `...model.vision_model...`): what current peft writes and loads.

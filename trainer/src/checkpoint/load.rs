@@ -120,35 +120,28 @@ pub fn resume(
         .ok()
         .and_then(|c| c.parse::<u64>().ok())
         .filter(|&c| c > 0);
-    let launch_id = super::save::launch_id();
-    if let (Some(attempt), Some(id), false) = (
-        restarted,
-        &launch_id,
-        matches!(config.checkpoint.resume, Resume::Auto),
-    ) {
-        if let Some(p) = latest_on_rank0(pg, device, &config.checkpoint.dir, Some(id))? {
-            if pg.rank() == 0 {
-                tracing::info!(
-                    "restart {attempt} of launch {id}: continuing from {}, which this launch saved before the restart (checkpoint.resume: {} applies to its first start)",
-                    p.display(),
-                    match &config.checkpoint.resume {
-                        Resume::From(f) => f.display().to_string(),
-                        _ => "never".into(),
+    if let (Some(attempt), false) = (restarted, matches!(config.checkpoint.resume, Resume::Auto)) {
+        match super::save::launch_id() {
+            Some(id) => {
+                if let Some(p) = latest_on_rank0(pg, device, &config.checkpoint.dir, Some(&id))? {
+                    if pg.rank() == 0 {
+                        tracing::info!(
+                            "restart {attempt} of launch {id}: continuing from {}, which this launch saved before the restart (checkpoint.resume: {} applies to its first start)",
+                            p.display(),
+                            match &config.checkpoint.resume {
+                                Resume::From(f) => f.display().to_string(),
+                                _ => "never".into(),
+                            }
+                        );
                     }
-                );
+                    return load_resumed(pg, device, config, plan, trainable, opt, p).map(Some);
+                }
             }
-            return load_resumed(pg, device, config, plan, trainable, opt, p).map(Some);
+            None if pg.rank() == 0 => tracing::warn!(
+                "restart {attempt}: without a launch id (this launcher's LLAVA_SCO_LAUNCH_ID, or torchrun's --rdzv-id other than 'none') this restart cannot tell its own checkpoints from others', so checkpoint.resume applies as on the first start; use checkpoint.resume: auto to continue"
+            ),
+            None => {}
         }
-    }
-    if let (Some(attempt), None, false, 0) = (
-        restarted,
-        &launch_id,
-        matches!(config.checkpoint.resume, Resume::Auto),
-        pg.rank(),
-    ) {
-        tracing::warn!(
-            "restart {attempt}: without a launch id (this launcher's LLAVA_SCO_LAUNCH_ID, or torchrun's --rdzv-id other than 'none') this restart cannot tell its own checkpoints from others', so checkpoint.resume applies as on the first start; use checkpoint.resume: auto to continue"
-        );
     }
     let dir = match &config.checkpoint.resume {
         Resume::Never => {

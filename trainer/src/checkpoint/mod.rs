@@ -346,9 +346,33 @@ pub(crate) fn agree<T>(
     Ok(value)
 }
 
+/// Whose checkpoint a step folder is, by its manifest's `lineage` ([`run_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RunOf {
+    /// This training run's.
+    Ours,
+    /// Another run's: its lineage, or "unmarked" (an older trainer's, not resumed from).
+    Other(String),
+    /// Its manifest cannot be read (or its lineage is not text).
+    Unknown,
+}
+
+/// Whose checkpoint `dir` is for a run of `lineage`: one with that lineage is this run's, one
+/// without any (an older trainer's) only when `claim_unmarked` (this run resumed from such a one).
+/// Retention, the same-step save and the end-of-run adapter all go by this one rule.
+pub(crate) fn run_of(dir: &Path, lineage: Option<&str>, claim_unmarked: bool) -> RunOf {
+    match manifest_field(dir, "lineage") {
+        Ok(Value::String(l)) if Some(l.as_str()) == lineage => RunOf::Ours,
+        Ok(Value::String(l)) => RunOf::Other(l),
+        Ok(Value::Null) if claim_unmarked => RunOf::Ours,
+        Ok(Value::Null) => RunOf::Other("unmarked".into()),
+        _ => RunOf::Unknown,
+    }
+}
+
 /// One top-level field of `dir`'s manifest.json (null when absent), without the checks of
-/// `load::read_manifest`: for telling checkpoints apart (`run_id`, `lineage`), not for loading.
-pub fn manifest_field(dir: &Path, key: &str) -> anyhow::Result<Value> {
+/// `load::read_manifest`: for telling checkpoints apart (`launch_id`, `lineage`), not for loading.
+pub(crate) fn manifest_field(dir: &Path, key: &str) -> anyhow::Result<Value> {
     let text = std::fs::read_to_string(dir.join("manifest.json"))?;
     let v: Value = serde_json::from_str(&text)?;
     Ok(v.get(key).cloned().unwrap_or(Value::Null))

@@ -29,8 +29,8 @@ use super::manifest::{
     DataPosition, FileEntry, Manifest, ShardEntry, TensorEntry, FORMAT, STATES, VERSION,
 };
 use super::{
-    flat_states, fsync_dir, identity, identity_hash, list_dir, manifest_field, rank_file_name,
-    write_synced, Progress,
+    flat_states, fsync_dir, identity, identity_hash, list_dir, rank_file_name, run_of,
+    write_synced, Progress, RunOf,
 };
 use crate::config::Config;
 use crate::dist::ProcessGroup;
@@ -102,9 +102,9 @@ impl Checkpointer {
         self.lineage = lineage;
     }
 
-    /// This run's lineage, if drawn or resumed yet.
-    pub fn lineage_id(&self) -> Option<&str> {
-        self.lineage.as_deref()
+    /// Whether `dir` holds a checkpoint of this training run ([`super::run_of`]).
+    pub fn saved_by_this_run(&self, dir: &Path) -> bool {
+        run_of(dir, self.lineage.as_deref(), self.resumed_unmarked) == RunOf::Ours
     }
 
     /// This run's lineage, drawn on first use (rank 0 only: it cannot fail, as rank 0 alone
@@ -487,14 +487,8 @@ impl Checkpointer {
                     super::manifest::checksum_line(text.as_bytes()).as_bytes(),
                 )?;
                 fsync_dir(partial)?;
-                // (an older trainer's checkpoint, without a lineage, is this run's only when this
-                // run resumed from one: as retention counts it)
-                let other_run = match manifest_field(final_dir, "lineage") {
-                    Ok(Value::String(l)) if manifest.lineage.as_ref() != Some(&l) => Some(l),
-                    Ok(Value::Null) if !p.claim_unmarked => Some("unmarked".to_string()),
-                    _ => None,
-                };
-                if let Some(l) = other_run {
+                let lineage = manifest.lineage.as_deref();
+                if let RunOf::Other(l) = run_of(final_dir, lineage, p.claim_unmarked) {
                     // another run's checkpoint of this step (one started over in the same folder):
                     // kept under another name (which listing and retention ignore), not replaced
                     let aside = aside_name(final_dir, &l);
@@ -713,11 +707,7 @@ fn retention(
     claim_unmarked: bool,
 ) -> Result<Vec<PathBuf>> {
     let (all, partial) = list_dir(root).with_context(|| format!("listing {}", root.display()))?;
-    let ours = |dir: &Path| match manifest_field(dir, "lineage") {
-        Ok(Value::Null) => claim_unmarked,
-        Ok(Value::String(l)) => Some(l.as_str()) == lineage,
-        _ => false,
-    };
+    let ours = |dir: &Path| run_of(dir, lineage, claim_unmarked) == RunOf::Ours;
     let complete: Vec<(u64, PathBuf)> = match keep {
         0 => vec![],
         _ => all.iter().filter(|(_, p)| ours(p)).cloned().collect(),

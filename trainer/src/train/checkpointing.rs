@@ -30,68 +30,6 @@ pub(super) struct Saver<'a> {
     reserved: bool,
 }
 
-/// Resumes per `checkpoint.resume` into `st`, `trainable` and `opt`; returns the data position
-/// (epoch, batch) to start at. `plan`: this run's epoch plan. `saves` continue the training run
-/// (lineage) of the checkpoint resumed.
-#[allow(clippy::too_many_arguments)]
-fn resume(
-    pg: &ProcessGroup,
-    device: Device,
-    config: &Config,
-    plan: DataPlan,
-    st: &mut State,
-    trainable: &mut Trainable,
-    opt: &mut AdamW,
-    saves: &mut Checkpointer,
-) -> Result<(u64, u64)> {
-    let Some(r) = checkpoint::resume(pg, device, config, plan, trainable, opt)? else {
-        return Ok((0, 0));
-    };
-    saves.continue_lineage(r.lineage.clone());
-    let p = r.progress;
-    log(
-        pg.rank(),
-        &format!(
-            "resumed from {} (step {}, epoch {}, data at epoch {} batch {}, saved by {} rank(s))",
-            r.dir.display(),
-            p.step,
-            p.epoch,
-            p.data_epoch,
-            p.data_batch,
-            r.world_size
-        ),
-    );
-    if r.world_size != pg.world_size() && config.peft.dropout > 0.0 {
-        log(
-            pg.rank(),
-            &format!(
-                "note: saved by {} rank(s), resumed on {}: the data, weights and optimizer state continue exactly, but LoRA dropout masks are drawn per rank and micro-batch, so with peft.dropout {} the next steps are not those of an uninterrupted run",
-                r.world_size,
-                pg.world_size(),
-                config.peft.dropout
-            ),
-        );
-    }
-    let now = crate::optim::AdamWConfig::for_training(config).to_json();
-    if !r.optimizer.is_null() && r.optimizer != now {
-        // (torch's load_state_dict would bring back the saved values; HF's Trainer, like this
-        // one, builds the optimizer from the run's arguments)
-        log(
-            pg.rank(),
-            &format!(
-                "note: the optimizer settings differ from the checkpoint's (saved {}, now {now}); the restored moments continue under the new ones",
-                r.optimizer
-            ),
-        );
-    }
-    st.resumed_schedule = Some(r.scheduler);
-    st.step = p.step;
-    st.epoch = p.epoch;
-    st.skipped_nonfinite = p.skipped_nonfinite;
-    st.saved_step = Some(p.step);
-    Ok((p.data_epoch, p.data_batch))
-}
-
 /// Logs a note when the learning-rate schedule of this run differs from the one the checkpoint
 /// was trained with (HF and torch rebuild it from the run's arguments too; a longer run moves a
 /// cosine horizon).
@@ -134,23 +72,62 @@ impl<'a> Saver<'a> {
         }
     }
 
-    /// Resumes per `checkpoint.resume` ([`resume`]); returns the data position (epoch, batch).
+    /// Resumes per `checkpoint.resume` into `st`, `trainable` and `opt`; returns the data
+    /// position (epoch, batch) to start at. The saves continue the training run (lineage) of the
+    /// checkpoint resumed.
     pub fn resume(
         &mut self,
         st: &mut State,
         trainable: &mut Trainable,
         opt: &mut AdamW,
     ) -> Result<(u64, u64)> {
-        resume(
-            self.pg,
-            self.device,
-            self.config,
-            self.plan,
-            st,
-            trainable,
-            opt,
-            &mut self.saves,
-        )
+        let (pg, device, config, plan) = (self.pg, self.device, self.config, self.plan);
+        let Some(r) = checkpoint::resume(pg, device, config, plan, trainable, opt)? else {
+            return Ok((0, 0));
+        };
+        self.saves.continue_lineage(r.lineage.clone());
+        let p = r.progress;
+        log(
+            pg.rank(),
+            &format!(
+                "resumed from {} (step {}, epoch {}, data at epoch {} batch {}, saved by {} rank(s))",
+                r.dir.display(),
+                p.step,
+                p.epoch,
+                p.data_epoch,
+                p.data_batch,
+                r.world_size
+            ),
+        );
+        if r.world_size != pg.world_size() && config.peft.dropout > 0.0 {
+            log(
+                pg.rank(),
+                &format!(
+                    "note: saved by {} rank(s), resumed on {}: the data, weights and optimizer state continue exactly, but LoRA dropout masks are drawn per rank and micro-batch, so with peft.dropout {} the next steps are not those of an uninterrupted run",
+                    r.world_size,
+                    pg.world_size(),
+                    config.peft.dropout
+                ),
+            );
+        }
+        let now = crate::optim::AdamWConfig::for_training(config).to_json();
+        if !r.optimizer.is_null() && r.optimizer != now {
+            // (torch's load_state_dict would bring back the saved values; HF's Trainer, like this
+            // one, builds the optimizer from the run's arguments)
+            log(
+                pg.rank(),
+                &format!(
+                    "note: the optimizer settings differ from the checkpoint's (saved {}, now {now}); the restored moments continue under the new ones",
+                    r.optimizer
+                ),
+            );
+        }
+        st.resumed_schedule = Some(r.scheduler);
+        st.step = p.step;
+        st.epoch = p.epoch;
+        st.skipped_nonfinite = p.skipped_nonfinite;
+        st.saved_step = Some(p.step);
+        Ok((p.data_epoch, p.data_batch))
     }
 
     /// Checks before training that every rank can write into `checkpoint.dir` and that rank 0
@@ -301,8 +278,7 @@ impl<'a> Saver<'a> {
             .checkpoint
             .dir
             .join(checkpoint::step_dir_name(step));
-        let lineage = checkpoint::manifest_field(&ckpt, "lineage").ok();
-        if lineage.as_ref().and_then(|l| l.as_str()) != self.saves.lineage_id() {
+        if !self.saves.saved_by_this_run(&ckpt) {
             log(0, &format!("no checkpoint of this run at step {step} in checkpoint.dir: no PEFT adapter written to train.output_dir (`trainer export --format peft` writes one from any checkpoint)"));
             return;
         }
