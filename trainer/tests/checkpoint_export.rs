@@ -245,3 +245,110 @@ fn export_refuses_flags_the_format_does_not_use() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("possible values: peft, merged"), "{err}");
 }
+
+/// The validation records of a run's metrics.jsonl: (epoch, step, eval_loss).
+fn validations(out: &Path) -> Vec<(u64, u64, f64)> {
+    metrics(out)
+        .iter()
+        .filter(|r| r["validation"] == true)
+        .map(|r| {
+            let n = |k: &str| r[k].as_u64().unwrap();
+            (n("epoch"), n("step"), r["eval_loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// The tensors of an adapter folder's adapter_model.safetensors.
+fn adapter_tensors(dir: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(dir.join("adapter_model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// With validation, the adapter left in output_dir is the epoch with the lowest validation loss
+/// (llama-recipes saves only when `eval_epoch_loss < best_val_loss`), not the last one; a run
+/// stopped after the best epoch and resumed keeps comparing against it (the best is carried in
+/// the manifest and the checkpoint's validation.json).
+#[test]
+fn validation_keeps_the_best_epochs_adapter_across_a_resume() {
+    // answers in words the training set never has: training makes them less likely, so the
+    // validation loss rises after the first epoch
+    let whole = fresh("best-adapter-whole");
+    std::fs::create_dir_all(&whole).unwrap();
+    let eval_file = common::ckpt::setup().join("best-adapter-eval.jsonl");
+    let records: Vec<String> = (0..8)
+        .map(|i| {
+            let image = ["small.png", "photo.jpg"][i % 2];
+            serde_json::json!({
+                "id": format!("e{i}"),
+                "image": image,
+                "conversations": [
+                    {"from": "human", "value": "What is it?"},
+                    {"from": "gpt", "value": "zebra quantum xylophone jazz fjord waltz vex nymph"},
+                ]
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&eval_file, records.join("\n") + "\n").unwrap();
+    let eval = format!("data.eval={}", eval_file.display());
+    let sets = [
+        eval.as_str(),
+        "train.validate=true",
+        "checkpoint.keep_last=0",
+        "peft.dropout=0.0",
+        "train.lr=0.01",
+    ];
+    let train = "epochs: 4, batch_size: 8, grad_accum: 1";
+    // the adapter in output_dir is the export of the best epoch's checkpoint, bit for bit
+    let check = |out: &Path| -> u64 {
+        let v = validations(out);
+        assert_eq!(v.len(), 4, "{v:?}");
+        let best = v.iter().fold(v[0], |b, &r| if r.2 < b.2 { r } else { b });
+        assert!(best.0 < 3, "the last epoch is the best here: {v:?}");
+        let ckpt = out.join(format!("ckpt/step-{:08}", best.1));
+        let exported = out.join("best-export");
+        ok(export(&ckpt, &exported), "export");
+        let (kept, want) = (adapter_tensors(out), adapter_tensors(&exported));
+        assert_eq!(kept.len(), want.len());
+        for (n, t) in &want {
+            assert!(
+                t.equal(&kept[n]),
+                "{n}: output_dir's adapter is not epoch {}'s",
+                best.0
+            );
+        }
+        let record: Value =
+            serde_json::from_str(&std::fs::read_to_string(ckpt.join("validation.json")).unwrap())
+                .unwrap();
+        assert_eq!(record["eval_loss"].as_f64(), Some(best.2));
+        best.1
+    };
+    let o = ok(run(&whole, 1, train, &sets, &[]), "uninterrupted run");
+    assert!(
+        o.stderr.contains("best validation loss so far"),
+        "{}",
+        o.stderr
+    );
+    let best_step = check(&whole);
+    // stopped inside the epoch after the best one, then resumed: without the carried best, the
+    // next validated epoch would replace the adapter
+    let resumed = fresh("best-adapter-resumed");
+    let stop = (best_step + 3).to_string();
+    let first = run(
+        &resumed,
+        1,
+        train,
+        &sets,
+        &[("TRAINER_STOP_AFTER_STEP", &stop)],
+    );
+    assert_ne!(first.code, Some(0), "{}", first.stderr);
+    let second = ok(run(&resumed, 1, train, &sets, &[]), "resumed run");
+    assert!(
+        second.stderr.contains("best validation loss so far"),
+        "{}",
+        second.stderr
+    );
+    assert_eq!(check(&resumed), best_step);
+}

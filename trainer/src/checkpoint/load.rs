@@ -192,8 +192,10 @@ fn load_resumed(
     opt: &mut AdamW,
     dir: PathBuf,
 ) -> Result<Resumed> {
-    let local = load_into(&dir, pg.world_size(), plan, config, trainable, opt);
-    let m = super::agree(pg, device, local, || {
+    // (with the folder's validation record, added after it was published)
+    let local = load_into(&dir, pg.world_size(), plan, config, trainable, opt)
+        .and_then(|m| Ok((super::validation::read_record(&dir, m.step)?, m)));
+    let (validated, m) = super::agree(pg, device, local, || {
         format!(
             "loading checkpoint {} failed on another rank (its error is above)",
             dir.display()
@@ -213,6 +215,7 @@ fn load_resumed(
             skipped_nonfinite: m.skipped_nonfinite,
             samples: m.data.samples,
             lengths_hash: m.data.lengths_hash,
+            best_eval: super::validation::best_of(m.best_eval, validated),
         },
         lineage: m.lineage.clone(),
     })

@@ -80,6 +80,11 @@ pub struct Manifest {
     /// never another run's in the same `checkpoint.dir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lineage: Option<String>,
+    /// The run's lowest validation loss before this checkpoint (an epoch-end checkpoint is saved
+    /// before its own epoch is validated; that result goes to `validation.json` in the folder).
+    /// Absent when nothing was validated yet, and from older trainers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_eval: Option<super::validation::EvalResult>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,6 +6,7 @@
 //! - `export`:   `trainer export --format peft`: a PEFT adapter folder from a checkpoint (tensor by tensor)
 //! - `merged`:   `trainer export --format merged`: a full HF model folder (LoRA merged), streamed, sharded
 //! - `load`:     finding the newest complete checkpoint, integrity checks, resharded loading (mmap ranges)
+//! - `validation`: a checkpoint's validation record and the run's best validation loss
 //! - this file:  the state a rank saves ([`FlatState`]), config identity, small file helpers
 //!
 //! A checkpoint holds the trainable fp32 master weights and the AdamW moments, each as one flat
@@ -19,6 +20,7 @@ pub mod load;
 pub mod manifest;
 pub mod merged;
 pub mod save;
+pub mod validation;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,7 +40,7 @@ pub use merged::{export_merged, parse_size, MergedSummary};
 pub use save::Checkpointer;
 
 /// Where the training loop stands (what a checkpoint restores besides tensors).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Progress {
     /// Optimizer steps done.
     pub step: u64,
@@ -53,6 +55,8 @@ pub struct Progress {
     pub samples: Option<u64>,
     /// `lengths_hash` of their token lengths (`DataPosition::lengths_hash`).
     pub lengths_hash: Option<u64>,
+    /// The lowest validation loss of the run so far (`Manifest::best_eval`).
+    pub best_eval: Option<validation::EvalResult>,
 }
 
 /// What a run's epoch plan (which samples make up global batch k of epoch e) depends on besides
@@ -359,7 +363,7 @@ pub(crate) enum RunOf {
 
 /// Whose checkpoint `dir` is for a run of `lineage`: one with that lineage is this run's, one
 /// without any (an older trainer's) only when `claim_unmarked` (this run resumed from such a one).
-/// Retention, the same-step save and the end-of-run adapter all go by this one rule.
+/// Retention, the same-step save and the adapter for train.output_dir all go by this one rule.
 pub(crate) fn run_of(dir: &Path, lineage: Option<&str>, claim_unmarked: bool) -> RunOf {
     match manifest_field(dir, "lineage") {
         Ok(Value::String(l)) if Some(l.as_str()) == lineage => RunOf::Ours,

@@ -940,6 +940,7 @@ fn build_manifest(
         files,
         launch_id: launch_id(),
         lineage: None,
+        best_eval: p.best_eval,
     }
 }
 

@@ -171,15 +171,16 @@ pub struct TrainConfig {
     /// grad_accum for the same run.
     pub max_steps: u64,
     pub seed: u64,
-    /// Run validation on `data.eval` after each epoch (the epoch's checkpoint is saved first). The
-    /// adapter left in `train.output_dir` is the last epoch's; llama-recipes keeps the one with
-    /// the lowest validation loss (export that epoch's checkpoint with `trainer export`).
+    /// Run validation on `data.eval` after each epoch (the epoch's checkpoint is saved first). As
+    /// in llama-recipes, the adapter in `train.output_dir` is then replaced only after an epoch
+    /// whose validation loss is the lowest so far (`checkpoint::validation`).
     pub validate: bool,
     /// Log a line every this many optimizer steps when no progress bar is drawn (metrics.jsonl
     /// gets every step).
     pub log_every: u64,
-    /// Where metrics.jsonl goes and, at the end of a LoRA run, the final checkpoint's PEFT adapter
-    /// (adapter_config.json + adapter_model.safetensors, as llama-recipes' save_model leaves it).
+    /// Where metrics.jsonl goes and, after each epoch of a LoRA run, the epoch's PEFT adapter
+    /// (adapter_config.json + adapter_model.safetensors, as llama-recipes' save_model leaves it;
+    /// with `validate`, the best epoch's).
     pub output_dir: PathBuf,
     /// The key naming of that adapter, or none: `hf5` (transformers >= 4.52, current peft), `hf4`
     /// (transformers 4.45-4.51, the seed's stack), `none` (no adapter written).

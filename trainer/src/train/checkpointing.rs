@@ -8,6 +8,7 @@
 use anyhow::{Context, Result};
 use tch::Device;
 
+use crate::checkpoint::validation::{self, EvalResult};
 use crate::checkpoint::{self, Checkpointer, DataPlan, Progress};
 use crate::config::{Config, SaveAdapter};
 use crate::dist::ProcessGroup;
@@ -28,6 +29,8 @@ pub(super) struct Saver<'a> {
     saves: Checkpointer,
     /// Whether the background saves' snapshot buffers were reserved (after the first step).
     reserved: bool,
+    /// The step whose adapter this process last wrote into `train.output_dir` (rank 0).
+    exported: Option<u64>,
 }
 
 /// Logs a note when the learning-rate schedule of this run differs from the one the checkpoint
@@ -69,6 +72,7 @@ impl<'a> Saver<'a> {
             plan,
             saves: Checkpointer::new(),
             reserved: false,
+            exported: None,
         }
     }
 
@@ -127,6 +131,16 @@ impl<'a> Saver<'a> {
         st.epoch = p.epoch;
         st.skipped_nonfinite = p.skipped_nonfinite;
         st.saved_step = Some(p.step);
+        st.best_eval = p.best_eval;
+        if let Some(b) = p.best_eval {
+            log(
+                pg.rank(),
+                &format!(
+                    "best validation loss so far {:.4} (epoch {}, step {}): a later epoch replaces the adapter in train.output_dir only with a lower one",
+                    b.eval_loss, b.epoch, b.step
+                ),
+            );
+        }
         Ok((p.data_epoch, p.data_batch))
     }
 
@@ -195,6 +209,7 @@ impl<'a> Saver<'a> {
             skipped_nonfinite: st.skipped_nonfinite,
             samples: Some(self.plan.samples),
             lengths_hash: Some(self.plan.lengths_hash),
+            best_eval: st.best_eval,
         };
         let async_save = self.config.checkpoint.async_save;
         // (completes the save in flight first)
@@ -259,37 +274,85 @@ impl<'a> Saver<'a> {
         self.saves.finish(self.pg, self.device).map(|_| ())
     }
 
-    /// At the end of a LoRA run, rank 0 writes the final checkpoint (step `step`, published by
-    /// then) as a PEFT adapter into `train.output_dir`, where llama-recipes' `save_model` leaves it
-    /// and the seed's inference script looks (`train.save_adapter` names its keys, or turns it
-    /// off), replacing the adapter there (`checkpoint::replace_adapter`). Only a checkpoint of this
-    /// run is exported (one resumed from outside `checkpoint.dir` with no step left is not). A
-    /// failure is a warning: the run is complete and so is its checkpoint.
-    pub fn export_adapter(&self, step: u64) {
+    /// Whether this run leaves a PEFT adapter in `train.output_dir` (LoRA, `train.save_adapter`
+    /// not none); the same on every rank.
+    pub fn writes_adapter(&self) -> bool {
+        self.config.peft.is_lora() && self.config.train.save_adapter != SaveAdapter::None
+    }
+
+    /// At an epoch's end (every rank calls it; the checkpoint of `st.step` is saved): as
+    /// llama-recipes' save_model, the adapter goes into `train.output_dir` after every epoch
+    /// without validation, and after an epoch whose validation loss (`validated`, all-reduced:
+    /// the same on every rank) is below every earlier epoch's with it. Rank 0 then adds the
+    /// result to the checkpoint folder (`checkpoint::validation`), so a resumed run compares
+    /// against its best epoch too.
+    pub fn epoch_end(&mut self, st: &mut State, validated: Option<EvalResult>) -> Result<()> {
+        let improved = validated.is_none_or(|r| r.beats(st.best_eval.as_ref()));
+        if improved && self.writes_adapter() {
+            // (a background save is a checkpoint, and exportable, once published)
+            self.publish_pending()?;
+            self.export_adapter(st.step);
+        }
+        let Some(result) = validated else {
+            return Ok(());
+        };
+        if improved {
+            st.best_eval = Some(result);
+            log(
+                self.pg.rank(),
+                &format!(
+                    "best validation loss so far: {:.4} (epoch {})",
+                    result.eval_loss, result.epoch
+                ),
+            );
+        }
+        let ckpt = self.step_dir(st.step);
+        if self.pg.rank() == 0 && self.saves.saved_by_this_run(&ckpt) {
+            if let Err(e) = validation::write_record(&ckpt, &result) {
+                tracing::warn!("the validation result of step {} was not recorded in its checkpoint ({e:#}): a run resumed from it does not count this epoch towards the best adapter", st.step);
+            }
+        }
+        Ok(())
+    }
+
+    fn step_dir(&self, step: u64) -> std::path::PathBuf {
+        self.config
+            .checkpoint
+            .dir
+            .join(checkpoint::step_dir_name(step))
+    }
+
+    /// Rank 0 writes the checkpoint of step `step` (published by then) as a PEFT adapter into
+    /// `train.output_dir`, where llama-recipes' `save_model` leaves it and the seed's inference
+    /// script looks (`train.save_adapter` names its keys, or turns it off), replacing the adapter
+    /// there (`checkpoint::replace_adapter`); once per step. Only a checkpoint of this run is
+    /// exported (one resumed from outside `checkpoint.dir` with no step left is not). A failure is
+    /// a warning: the checkpoint is complete, and `trainer export` writes the adapter from it.
+    pub fn export_adapter(&mut self, step: u64) {
         let naming = match self.config.train.save_adapter {
             _ if !self.config.peft.is_lora() || self.pg.rank() != 0 => return,
+            _ if self.exported == Some(step) => return,
             SaveAdapter::None => return,
             SaveAdapter::Hf5 => checkpoint::AdapterNaming::Hf5,
             SaveAdapter::Hf4 => checkpoint::AdapterNaming::Hf4,
         };
         let out = &self.config.train.output_dir;
-        let ckpt = self
-            .config
-            .checkpoint
-            .dir
-            .join(checkpoint::step_dir_name(step));
+        let ckpt = self.step_dir(step);
         if !self.saves.saved_by_this_run(&ckpt) {
             log(0, &format!("no checkpoint of this run at step {step} in checkpoint.dir: no PEFT adapter written to train.output_dir (`trainer export --format peft` writes one from any checkpoint)"));
             return;
         }
         match checkpoint::replace_adapter(&ckpt, out, naming) {
-            Ok(()) => log(
-                0,
-                &format!(
-                    "PEFT adapter of step {step} written to {} ({naming:?} key naming; adapter_config.json, adapter_model.safetensors): PeftModel.from_pretrained or `trainer infer --adapter` loads it",
-                    out.display()
-                ),
-            ),
+            Ok(()) => {
+                self.exported = Some(step);
+                log(
+                    0,
+                    &format!(
+                        "PEFT adapter of step {step} written to {} ({naming:?} key naming; adapter_config.json, adapter_model.safetensors): PeftModel.from_pretrained or `trainer infer --adapter` loads it",
+                        out.display()
+                    ),
+                )
+            }
             Err(e) => tracing::warn!(
                 "the PEFT adapter of {} was not written into train.output_dir {}: {e:#} (the checkpoint is complete; `trainer export --format peft --checkpoint {}` writes it)",
                 ckpt.display(),

@@ -27,6 +27,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use crate::checkpoint::validation::EvalResult;
 use crate::config::Config;
 use crate::data::dataset::MicroBatch;
 use crate::optim::{AdamW, AdamWConfig, LrSchedule};
@@ -54,6 +55,8 @@ struct State {
     last_loss: Option<f64>,
     /// The schedule a resumed checkpoint was trained with (compared with this run's, then dropped).
     resumed_schedule: Option<serde_json::Value>,
+    /// The lowest validation loss so far (the epoch whose adapter is in `train.output_dir`).
+    best_eval: Option<crate::checkpoint::validation::EvalResult>,
 }
 
 pub fn train(config: &Config) -> Result<Outcome> {
@@ -195,30 +198,41 @@ pub fn train(config: &Config) -> Result<Outcome> {
         if st.epoch_batch >= steps_per_epoch && st.saved_step != Some(st.step) {
             saver.save(&mut st, &trainable, &opt, (epoch + 1, 0))?;
         }
-        if let Some(ds) = &data.eval {
-            // (a background save is only a checkpoint once published)
-            saver.publish_pending()?;
-            step::validate(
-                &pg,
-                &mut trainable,
-                ds,
-                config,
-                device,
-                (st.step, epoch),
-                &mut meter,
-            )?;
-        }
+        let validated = match &data.eval {
+            Some(ds) => {
+                // (a background save is only a checkpoint once published)
+                saver.publish_pending()?;
+                let eval_loss = step::validate(
+                    &pg,
+                    &mut trainable,
+                    ds,
+                    config,
+                    device,
+                    (st.step, epoch),
+                    &mut meter,
+                )?;
+                Some(EvalResult {
+                    step: st.step,
+                    epoch,
+                    eval_loss,
+                })
+            }
+            None => None,
+        };
+        // the adapter in train.output_dir: this epoch's unless validation found a better one
+        saver.epoch_end(&mut st, validated)?;
         if st.step >= total_steps {
             break;
         }
     }
     saver.finish()?;
-    // The adapter once the run is complete (SIGTERM at its last step included); a run with no
-    // step of its own, resumed at its end, leaves output_dir's adapter as it is unless there is
-    // none (an export that was killed or failed before)
+    // Without validation, the adapter of a complete run that did not reach its last epoch's end
+    // here (SIGTERM at the last step); a run with no step of its own, resumed at its end, leaves
+    // output_dir's adapter as it is unless there is none (an export that was killed or failed
+    // before). (With validation the adapter is the best validated epoch's, written at its end.)
     let complete = st.step >= total_steps;
     let adapter_there = t.output_dir.join("adapter_config.json").exists();
-    if complete && st.step > 0 && (st.step > start_step || !adapter_there) {
+    if data.eval.is_none() && complete && st.step > 0 && (st.step > start_step || !adapter_there) {
         saver.export_adapter(st.step);
     }
     meter.finish();

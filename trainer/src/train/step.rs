@@ -115,7 +115,7 @@ pub(super) fn dump_trainable(pg: &ProcessGroup, trainable: &Trainable) -> Result
 }
 
 /// Mean token loss and perplexity over the eval split after `epoch` (every rank takes its part;
-/// sums are all-reduced), written to metrics.jsonl and logged.
+/// sums are all-reduced), written to metrics.jsonl and logged; returns the loss.
 pub(super) fn validate(
     pg: &ProcessGroup,
     trainable: &mut Trainable,
@@ -124,7 +124,7 @@ pub(super) fn validate(
     device: Device,
     (step, epoch): (u64, u64),
     meter: &mut Meter,
-) -> Result<()> {
+) -> Result<f64> {
     let (mut sum, mut count) = (0.0, 0i64);
     for mb in ds.eval_iter(pg.rank(), pg.world_size(), config.train.batch_size) {
         let mb = mb?;
@@ -138,7 +138,7 @@ pub(super) fn validate(
         "epoch {epoch}: validation loss {loss:.4}, perplexity {:.3}",
         loss.exp()
     ));
-    Ok(())
+    Ok(loss)
 }
 
 fn to_device(b: &Batch, device: Device) -> Batch {

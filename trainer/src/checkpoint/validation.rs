@@ -1,0 +1,118 @@
+//! The validation record of a checkpoint, and the run's best validation loss across resumes.
+//!
+//! llama-recipes writes the PEFT adapter into `output_dir` after an epoch only when its validation
+//! loss is below every earlier epoch's (`eval_epoch_loss < best_val_loss`), so the adapter left
+//! there is the best epoch's. Our epoch-end checkpoint is saved (and published) before validating,
+//! so its manifest holds the best of the epochs before it (`Manifest::best_eval`); once the epoch is
+//! validated, rank 0 adds `validation.json` to the checkpoint folder. A resume takes the lower of
+//! the two, so a run stopped and resumed keeps comparing against its best epoch.
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// The file in a checkpoint folder with that step's validation result (written after the folder
+/// is published; not listed in the manifest, which predates it).
+pub const VALIDATION_FILE: &str = "validation.json";
+
+/// One validation of the run: its mean token loss, after optimizer step `step` (end of `epoch`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    pub step: u64,
+    pub epoch: u64,
+    pub eval_loss: f64,
+}
+
+impl EvalResult {
+    /// Whether this result is below `best` (strictly, as llama-recipes compares; a NaN never is).
+    pub fn beats(&self, best: Option<&EvalResult>) -> bool {
+        best.is_none_or(|b| self.eval_loss < b.eval_loss)
+    }
+}
+
+/// Writes `result` into checkpoint folder `dir` (a temporary file renamed over, then the folder
+/// synced: a crash leaves the old record or the new one).
+pub fn write_record(dir: &Path, result: &EvalResult) -> Result<()> {
+    let tmp = dir.join(format!(".{VALIDATION_FILE}.tmp"));
+    let text = serde_json::to_string_pretty(result)? + "\n";
+    super::write_synced(&tmp, text.as_bytes())?;
+    let path = dir.join(VALIDATION_FILE);
+    std::fs::rename(&tmp, &path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    super::fsync_dir(dir).with_context(|| format!("syncing {}", dir.display()))
+}
+
+/// The validation record of checkpoint folder `dir` saved at `step`, if it has one for that step.
+/// A record that cannot be read is an error naming it (it is only advisory: removing it is safe).
+pub fn read_record(dir: &Path, step: u64) -> Result<Option<EvalResult>> {
+    let path = dir.join(VALIDATION_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let r: EvalResult = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: not a validation record ({{\"step\", \"epoch\", \"eval_loss\"}}); remove the file to resume without it (the epoch's validation is then not counted towards the best adapter)",
+            path.display()
+        )
+    })?;
+    Ok((r.step == step).then_some(r))
+}
+
+/// The lower of two best results (either may be missing).
+pub fn best_of(a: Option<EvalResult>, b: Option<EvalResult>) -> Option<EvalResult> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if b.beats(Some(&a)) { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(step: u64, eval_loss: f64) -> EvalResult {
+        EvalResult {
+            step,
+            epoch: step / 10,
+            eval_loss,
+        }
+    }
+
+    #[test]
+    fn best_is_the_strictly_lower_loss() {
+        assert!(at(1, 2.0).beats(None));
+        assert!(at(2, 1.0).beats(Some(&at(1, 2.0))));
+        assert!(!at(2, 2.0).beats(Some(&at(1, 2.0))));
+        assert!(!at(2, f64::NAN).beats(Some(&at(1, 2.0))));
+        assert_eq!(
+            best_of(Some(at(1, 2.0)), Some(at(2, 1.0))),
+            Some(at(2, 1.0))
+        );
+        assert_eq!(
+            best_of(Some(at(1, 1.0)), Some(at(2, 1.0))),
+            Some(at(1, 1.0))
+        );
+        assert_eq!(best_of(None, Some(at(2, 1.0))), Some(at(2, 1.0)));
+        assert_eq!(best_of(Some(at(1, 1.0)), None), Some(at(1, 1.0)));
+    }
+
+    #[test]
+    fn record_roundtrips_and_names_a_broken_file() {
+        let dir = std::env::temp_dir().join(format!("validation-record-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(read_record(&dir, 10).unwrap(), None);
+        write_record(&dir, &at(10, 0.5)).unwrap();
+        assert_eq!(read_record(&dir, 10).unwrap(), Some(at(10, 0.5)));
+        // a record of another step (a folder replaced under the same name) does not count
+        assert_eq!(read_record(&dir, 11).unwrap(), None);
+        std::fs::write(dir.join(VALIDATION_FILE), "{\"step\": 10").unwrap();
+        let err = format!("{:#}", read_record(&dir, 10).unwrap_err());
+        assert!(
+            err.contains("validation.json") && err.contains("remove the file"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
