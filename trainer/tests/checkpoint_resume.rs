@@ -530,3 +530,33 @@ fn a_failed_validation_keeps_the_epochs_checkpoint() {
     let ckpt = out.join(format!("ckpt/step-{steps:08}"));
     assert!(ckpt.join("manifest.json").exists(), "{}", o.stderr);
 }
+
+/// A save that rank 0 cannot begin (here a stale `step-N.partial` it cannot remove: a file, so
+/// remove_dir_all fails even as root) stops every rank with the cause, not the other ranks at a
+/// collective timeout.
+#[test]
+fn a_save_rank_0_cannot_begin_stops_every_rank_with_its_cause() {
+    let out = fresh("save-begin-fails");
+    std::fs::create_dir_all(out.join("ckpt")).unwrap();
+    std::fs::write(out.join("ckpt/step-00000001.partial"), "not a folder").unwrap();
+    let started = std::time::Instant::now();
+    let o = run(
+        &out,
+        2,
+        "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 2",
+        &["checkpoint.every_steps=1"],
+        &[],
+    );
+    assert_ne!(o.code, Some(0), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("removing stale") && o.stderr.contains("step-00000001.partial"),
+        "{}",
+        o.stderr
+    );
+    assert!(
+        o.stderr.contains("rank 0 could not create"),
+        "the other rank names the cause: {}",
+        o.stderr
+    );
+    assert!(started.elapsed().as_secs() < 120);
+}

@@ -149,12 +149,21 @@ pub fn resume(
             return Ok(None);
         }
         Resume::From(p) => {
-            if !p.join("manifest.json").exists() {
-                bail!(
-                    "checkpoint.resume: {} is not a checkpoint folder (no manifest.json); give a `step-N` folder, or {FIX}",
+            // (agreed: a folder only one node sees must stop every rank, not leave the others
+            // waiting in the load's collectives)
+            let found = match p.join("manifest.json").exists() {
+                true => Ok(()),
+                false => Err(anyhow::anyhow!(
+                    "checkpoint.resume: {} is not a checkpoint folder (no manifest.json); give a `step-N` folder (on storage every node sees), or {FIX}",
                     p.display()
-                );
-            }
+                )),
+            };
+            super::agree(pg, device, found, || {
+                format!(
+                    "checkpoint.resume: another rank finds no checkpoint at {} (its error is above)",
+                    p.display()
+                )
+            })?;
             p.clone()
         }
         Resume::Auto => match latest_on_rank0(pg, device, &config.checkpoint.dir, None)? {

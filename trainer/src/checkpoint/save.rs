@@ -206,6 +206,7 @@ impl Checkpointer {
         self.finish(pg, device)?;
         let p = self.begin(
             pg,
+            device,
             config,
             &states,
             optimizer_step,
@@ -248,7 +249,7 @@ impl Checkpointer {
     pub fn close(&mut self, pg: &ProcessGroup, device: Device) -> Result<()> {
         self.finish(pg, device)?;
         let failed = if pg.rank() == 0 {
-            self.janitor.take_failure()
+            self.janitor.final_failure()
         } else {
             None
         };
@@ -267,6 +268,7 @@ impl Checkpointer {
     fn begin(
         &mut self,
         pg: &ProcessGroup,
+        device: Device,
         config: &Config,
         states: &[super::FlatState],
         optimizer_step: u64,
@@ -280,21 +282,38 @@ impl Checkpointer {
         let name = super::step_dir_name(progress.step);
         let final_dir = root.join(&name);
         let partial = root.join(format!("{name}.partial"));
+        let mut made = Ok(());
         if rank == 0 {
-            std::fs::create_dir_all(&root)
-                .with_context(|| format!("creating checkpoint.dir {}", root.display()))?;
             // a leftover of this step (a crash) may be on the janitor's list: let it go first
             self.janitor.wait_if_deleting(&partial);
-            if partial.exists() {
-                std::fs::remove_dir_all(&partial)
-                    .with_context(|| format!("removing stale {}", partial.display()))?;
-            }
-            std::fs::create_dir(&partial)
-                .with_context(|| format!("creating {}", partial.display()))?;
+            made = std::fs::create_dir_all(&root)
+                .with_context(|| format!("creating checkpoint.dir {}", root.display()))
+                .and_then(|()| match partial.exists() {
+                    true => std::fs::remove_dir_all(&partial)
+                        .with_context(|| format!("removing stale {}", partial.display())),
+                    false => Ok(()),
+                })
+                .and_then(|()| {
+                    std::fs::create_dir(&partial)
+                        .with_context(|| format!("creating {}", partial.display()))
+                });
         }
-        pg.barrier()?;
+        // (also the barrier: no rank writes into the folder before it exists; a failure on one
+        // rank, here or in the snapshot, stops every rank now, not at a collective timeout)
+        super::agree(pg, device, made, || {
+            format!(
+                "rank 0 could not create {} (its error is above)",
+                partial.display()
+            )
+        })?;
         let snapshot_start = Instant::now();
-        let snapshot = self.snapshot(states, background)?;
+        let snapshot = self.snapshot(states, background);
+        let snapshot = super::agree(pg, device, snapshot, || {
+            format!(
+                "another rank could not copy its state for checkpoint step {} (its error is above)",
+                progress.step
+            )
+        })?;
         let snapshot_s = snapshot_start.elapsed().as_secs_f64();
         tracing::debug!("rank {rank}: state copied to host memory in {snapshot_s:.3} s");
         let manifest = match rank {
@@ -584,11 +603,14 @@ struct PendingSave {
 }
 
 /// Rank 0's background deletions (retention), one batch at a time; a failure is kept until
-/// `take_failure` reports it.
+/// `take_failure` reports it (a warning after a save), and its message until `final_failure`
+/// (the end of training, which fails the run).
 #[derive(Default)]
 struct Janitor {
     running: Option<(Vec<PathBuf>, JoinHandle<Result<()>>)>,
     failed: Option<anyhow::Error>,
+    /// The first failure `take_failure` reported.
+    reported: Option<String>,
     /// Tests: the thread waits for a message (or a hang-up) before deleting.
     #[cfg(test)]
     gate: Option<std::sync::mpsc::Receiver<()>>,
@@ -612,16 +634,25 @@ impl Janitor {
                     let _ = g.recv_timeout(std::time::Duration::from_secs(60));
                 }
                 let t = Instant::now();
-                for p in &list {
-                    std::fs::remove_dir_all(p)
-                        .with_context(|| format!("removing {}", p.display()))?;
-                }
+                // every folder is tried: one that cannot go (a busy file on NFS, no permission)
+                // must not keep the others, listed after it at every save, on disk
+                let failed: Vec<String> = list
+                    .iter()
+                    .filter_map(|p| {
+                        let e = std::fs::remove_dir_all(p).err()?;
+                        Some(format!("removing {}: {e}", p.display()))
+                    })
+                    .collect();
                 tracing::debug!(
-                    "removed {} old checkpoint folder(s) in {:.3} s",
+                    "removed {} of {} old checkpoint folder(s) in {:.3} s",
+                    list.len() - failed.len(),
                     list.len(),
                     t.elapsed().as_secs_f64()
                 );
-                Ok(())
+                match failed.is_empty() {
+                    true => Ok(()),
+                    false => Err(anyhow!("{}", failed.join("; "))),
+                }
             })?;
         self.running = Some((paths, thread));
         Ok(())
@@ -651,7 +682,17 @@ impl Janitor {
     /// Waits for the batch in progress; the first failure since the last call.
     fn take_failure(&mut self) -> Option<anyhow::Error> {
         self.wait();
-        self.failed.take()
+        let e = self.failed.take()?;
+        self.reported.get_or_insert_with(|| format!("{e:#}"));
+        Some(e)
+    }
+
+    /// Waits for the batch in progress; its failure, else the first one reported before.
+    fn final_failure(&mut self) -> Option<anyhow::Error> {
+        self.wait();
+        self.failed
+            .take()
+            .or_else(|| self.reported.take().map(|m| anyhow!("{m}")))
     }
 }
 
@@ -1275,6 +1316,38 @@ pub(crate) mod tests {
         // the old folder, if still there, carries a `.partial` name (retention removes it)
         let (complete, _) = list_dir(&root).unwrap();
         assert_eq!(complete, [(5, dest.clone())]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A leftover that cannot be removed (here a file with a `.partial` name: remove_dir_all
+    /// fails on it, also as root) neither keeps the old checkpoints listed after it on disk nor
+    /// goes unreported: the end of training fails, naming it, though each save only warned.
+    #[test]
+    fn retention_removes_what_it_can_and_reports_the_rest_at_the_end() {
+        let (pg, config, schedule) = setup("retention-stuck", 1);
+        let root = config.checkpoint.dir.clone();
+        std::fs::create_dir_all(&root).unwrap();
+        let stuck = root.join("step-00000000.partial");
+        std::fs::write(&stuck, "not a folder").unwrap();
+        let mut saves = Checkpointer::new();
+        for step in [1, 2, 3] {
+            saves
+                .save_states(
+                    &pg,
+                    Device::Cpu,
+                    &config,
+                    states(step as f32, whole),
+                    step,
+                    &schedule,
+                    &progress(step),
+                    false,
+                )
+                .unwrap();
+        }
+        let err = format!("{:#}", saves.close(&pg, Device::Cpu).unwrap_err());
+        assert!(err.contains("step-00000000.partial"), "{err}");
+        assert_eq!(folders(&config), ["step-00000000.partial", "step-00000003"]);
+        assert!(stuck.is_file());
         std::fs::remove_dir_all(&root).unwrap();
     }
 

@@ -24,15 +24,23 @@ pub struct EvalResult {
 }
 
 impl EvalResult {
-    /// Whether this result is below `best` (strictly, as llama-recipes compares; a NaN never is).
+    /// Whether this result is below `best` (strictly, as llama-recipes compares). A non-finite
+    /// loss (a diverged run) never is: it would not be a best epoch, and JSON has no NaN (serde
+    /// writes null, which would make the manifest carrying it unreadable).
     pub fn beats(&self, best: Option<&EvalResult>) -> bool {
-        best.is_none_or(|b| self.eval_loss < b.eval_loss)
+        self.eval_loss.is_finite() && best.is_none_or(|b| self.eval_loss < b.eval_loss)
     }
 }
 
 /// Writes `result` into checkpoint folder `dir` (a temporary file renamed over, then the folder
 /// synced: a crash leaves the old record or the new one).
 pub fn write_record(dir: &Path, result: &EvalResult) -> Result<()> {
+    anyhow::ensure!(
+        result.eval_loss.is_finite(),
+        "the validation loss of step {} is {}: not recorded",
+        result.step,
+        result.eval_loss
+    );
     let tmp = dir.join(format!(".{VALIDATION_FILE}.tmp"));
     let text = serde_json::to_string_pretty(result)? + "\n";
     super::write_synced(&tmp, text.as_bytes())?;
@@ -86,6 +94,8 @@ mod tests {
         assert!(at(2, 1.0).beats(Some(&at(1, 2.0))));
         assert!(!at(2, 2.0).beats(Some(&at(1, 2.0))));
         assert!(!at(2, f64::NAN).beats(Some(&at(1, 2.0))));
+        assert!(!at(1, f64::NAN).beats(None));
+        assert!(!at(1, f64::INFINITY).beats(None));
         assert_eq!(
             best_of(Some(at(1, 2.0)), Some(at(2, 1.0))),
             Some(at(2, 1.0))
@@ -107,6 +117,9 @@ mod tests {
         assert_eq!(read_record(&dir, 10).unwrap(), Some(at(10, 0.5)));
         // a record of another step (a folder replaced under the same name) does not count
         assert_eq!(read_record(&dir, 11).unwrap(), None);
+        // (JSON has no NaN: a non-finite loss is refused, the record stays)
+        assert!(write_record(&dir, &at(10, f64::NAN)).is_err());
+        assert_eq!(read_record(&dir, 10).unwrap(), Some(at(10, 0.5)));
         std::fs::write(dir.join(VALIDATION_FILE), "{\"step\": 10").unwrap();
         let err = format!("{:#}", read_record(&dir, 10).unwrap_err());
         assert!(

@@ -307,7 +307,17 @@ impl<'a> Saver<'a> {
             );
         }
         let ckpt = self.step_dir(st.step);
-        if self.pg.rank() == 0 && self.saves.saved_by_this_run(&ckpt) {
+        let finite = result.eval_loss.is_finite();
+        if !finite {
+            log(
+                self.pg.rank(),
+                &format!(
+                    "warning: the validation loss of epoch {} is {}: not a best epoch (the adapter in train.output_dir stays as it is)",
+                    result.epoch, result.eval_loss
+                ),
+            );
+        }
+        if self.pg.rank() == 0 && finite && self.saves.saved_by_this_run(&ckpt) {
             if let Err(e) = validation::write_record(&ckpt, &result) {
                 tracing::warn!("the validation result of step {} was not recorded in its checkpoint ({e:#}): a run resumed from it does not count this epoch towards the best adapter", st.step);
             }
