@@ -9,18 +9,20 @@ use crate::dist::{ProcessGroup, ReduceOp};
 /// is a fresh allocation twice its size (page faults and all) per step: ~0.9 s per step for a
 /// 115M-parameter model on 2 cores, against ~0.07 s chunked (torch's fp32 foreach norm: 0.045 s).
 const CPU_CHUNK: i64 = 1 << 18;
+/// On a GPU: 128 MB of fp64 per chunk (plus its square), a handful of launches per gradient
+/// instead of two fp64 copies of the whole shard (~2 GB for a fully finetuned root shard).
+const GPU_CHUNK: i64 = 1 << 24;
 
-/// Sum of squares of `grads` (fp64 scalar tensor, to keep the sum exact enough across shards).
+/// Sum of squares of `grads` (fp64 scalar tensor on the CPU, to keep the sum exact enough across
+/// shards). The partial sums stay on the gradients' device until the end: one copy to the host.
 pub fn grad_norm_squared(grads: &[Tensor]) -> Tensor {
-    let mut total = Tensor::zeros([], (Kind::Double, tch::Device::Cpu));
+    let mut total: Option<Tensor> = None;
     for g in grads {
         let flat = g.reshape([-1]);
         let n = flat.numel() as i64;
-        // one piece on a GPU (no page faults there; chunks would only add launches)
-        let chunk = if g.device() == tch::Device::Cpu {
-            CPU_CHUNK
-        } else {
-            n.max(1)
+        let chunk = match g.device() {
+            tch::Device::Cpu => CPU_CHUNK,
+            _ => GPU_CHUNK,
         };
         let mut start = 0;
         while start < n {
@@ -29,13 +31,19 @@ pub fn grad_norm_squared(grads: &[Tensor]) -> Tensor {
                 .narrow(0, start, len)
                 .to_kind(Kind::Double)
                 .square()
-                .sum(Kind::Double)
-                .to_device(tch::Device::Cpu);
-            total += s;
+                .sum(Kind::Double);
+            total = Some(match total {
+                Some(t) if t.device() == s.device() => t + s,
+                Some(t) => t.to_device(tch::Device::Cpu) + s.to_device(tch::Device::Cpu),
+                None => s,
+            });
             start += len;
         }
     }
-    total
+    total.map_or_else(
+        || Tensor::zeros([], (Kind::Double, tch::Device::Cpu)),
+        |t| t.to_device(tch::Device::Cpu),
+    )
 }
 
 /// The global gradient norm over all ranks; clips in place when `max_norm` is given. Returns the
@@ -88,6 +96,25 @@ mod tests {
         let a: Vec<f32> = Vec::try_from(&g[0]).unwrap();
         let coef = 1.0 / (13.0 + 1e-6);
         assert!((a[0] as f64 - 3.0 * coef).abs() < 1e-7 && (a[1] as f64 - 4.0 * coef).abs() < 1e-7);
+    }
+
+    #[test]
+    fn chunked_sum_of_squares_is_the_whole_sum() {
+        // three chunks and a tail, two tensors
+        let a = Tensor::randn([3 * CPU_CHUNK + 5], (Kind::Float, tch::Device::Cpu));
+        let b = Tensor::randn([7, 3], (Kind::Float, tch::Device::Cpu));
+        let want: f64 = [&a, &b]
+            .iter()
+            .map(|t| {
+                t.to_kind(Kind::Double)
+                    .square()
+                    .sum(Kind::Double)
+                    .double_value(&[])
+            })
+            .sum();
+        let got = grad_norm_squared(&[a, b]).double_value(&[]);
+        assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+        assert_eq!(grad_norm_squared(&[]).double_value(&[]), 0.0);
     }
 
     #[test]

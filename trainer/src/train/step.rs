@@ -73,6 +73,10 @@ impl Stepper<'_> {
             opt.step_present(&self.params, &grads, &present, lr);
             trainable.after_update();
         }
+        // as llama-recipes' zero_grad() after the step: the plain trainer's full-size gradients
+        // are not kept through checkpoint saves and validation
+        drop(grads);
+        trainable.zero_grads();
         Ok(StepResult {
             loss,
             grad_norm,
