@@ -553,6 +553,9 @@ fn load_for_generation(
         .map_err(anyhow::Error::msg)?;
     let image_config = trainer::data::image::ImageProcessorConfig::from_model_dir(model_dir)
         .map_err(anyhow::Error::msg)?;
+    image_config
+        .check_fits(&model.config.vision, model_dir)
+        .map_err(anyhow::Error::msg)?;
     Ok((model, text, image_config))
 }
 

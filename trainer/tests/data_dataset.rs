@@ -645,3 +645,46 @@ fn every_jpeg_the_loader_decodes_passes_the_scan() {
     let batches = collect(ds.epoch_iter(0, 0, 0, 1, 2, 1));
     assert_eq!(batches.len(), 1);
 }
+
+/// An image processor config whose tiles are not the vision tower's (another tile size: the
+/// vision tower's patch reshape would fail at the first step; another tile count: aspect-ratio
+/// ids of other layouts) is refused when the data is opened, naming both files.
+#[test]
+fn processor_tiles_must_be_the_models() {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/train/model");
+    let dir = temp_dir("tiles-mismatch");
+    let train = write_jsonl(&dir, &good_lines(4));
+    for (key, value, want) in [
+        (
+            "size",
+            serde_json::json!({"height": 64, "width": 64}),
+            "vision_config.image_size 56",
+        ),
+        (
+            "max_image_tiles",
+            serde_json::json!(2),
+            "vision_config.max_num_tiles 4",
+        ),
+    ] {
+        let folder = dir.join(format!("model-{key}"));
+        std::fs::create_dir_all(&folder).unwrap();
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(model.join(f), folder.join(f)).unwrap();
+        }
+        let mut pre: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(model.join("preprocessor_config.json")).unwrap(),
+        )
+        .unwrap();
+        pre[key] = value;
+        std::fs::write(folder.join("preprocessor_config.json"), pre.to_string()).unwrap();
+        let cfg = config(&train, &fixtures().join("images"), &[]);
+        let Err(e) = Dataset::open(&cfg, &folder, Split::Train) else {
+            panic!("{key}: opened");
+        };
+        let err = e.to_string();
+        assert!(
+            err.contains(want) && err.contains("preprocessor_config.json"),
+            "{err}"
+        );
+    }
+}

@@ -343,9 +343,9 @@ impl Dataset {
         };
         let text = TextProcessor::from_model_dir(model_dir, d.double_bos)
             .map_err(DataError::ModelFolder)?;
-        check_tokenizer_fits_model(model_dir, &text).map_err(DataError::ModelFolder)?;
         let image =
             ImageProcessorConfig::from_model_dir(model_dir).map_err(DataError::ModelFolder)?;
+        check_processors_fit_model(model_dir, &text, &image).map_err(DataError::ModelFolder)?;
         let opts = ParseOptions {
             image_root: d.image_root.clone(),
             text_only: d.text_only,
@@ -742,13 +742,19 @@ fn image_size(p: &Path) -> Result<(usize, usize), String> {
 
 /// The tokenizer's ids must index the model's embedding (`text_config.vocab_size + 8` rows) and
 /// its `<|image|>` must be the model's `image_token_index`: tokenizer files of another model would
-/// otherwise fail deep in libtorch (a device-side assert on CUDA) without naming a record. (A
+/// otherwise fail deep in libtorch (a device-side assert on CUDA) without naming a record. The
+/// image processor's tiles must be the vision tower's (`ImageProcessorConfig::check_fits`). (A
 /// config.json that cannot be read is left to the model's loading, which names it.)
-fn check_tokenizer_fits_model(model_dir: &Path, text: &TextProcessor) -> Result<(), String> {
+fn check_processors_fit_model(
+    model_dir: &Path,
+    text: &TextProcessor,
+    image: &ImageProcessorConfig,
+) -> Result<(), String> {
     let path = model_dir.join("config.json");
     let Ok(cfg) = crate::model::MllamaConfig::from_file(&path) else {
         return Ok(());
     };
+    image.check_fits(&cfg.vision, model_dir)?;
     let rows = cfg.text.vocab_size + 8;
     let max_id = text
         .tokenizer

@@ -65,6 +65,33 @@ impl ImageProcessorConfig {
         Self::from_json(&v).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// The tiles it makes must be the ones the model's vision tower was built for: another tile
+    /// size would fail deep in the vision tower (a reshape of the patch count), another tile
+    /// count gives aspect-ratio ids the model reads as other layouts. `model_dir` names the files.
+    pub fn check_fits(
+        &self,
+        vision: &crate::model::config::VisionConfig,
+        model_dir: &Path,
+    ) -> Result<(), String> {
+        let files = format!(
+            "{}: the image processor config (preprocessor_config.json / processor_config.json) and config.json",
+            model_dir.display()
+        );
+        if self.tile as i64 != vision.image_size {
+            return Err(format!(
+                "{files} disagree: tiles of {} px, vision_config.image_size {} (a missing \"size\" means transformers' default, 224); make the processor's size match the model",
+                self.tile, vision.image_size
+            ));
+        }
+        if self.max_image_tiles as i64 != vision.max_num_tiles {
+            return Err(format!(
+                "{files} disagree: max_image_tiles {}, vision_config.max_num_tiles {}; make them equal",
+                self.max_image_tiles, vision.max_num_tiles
+            ));
+        }
+        Ok(())
+    }
+
     /// Parse the image-processor JSON object; defaults are transformers' class defaults.
     pub fn from_json(v: &Value) -> Result<Self, String> {
         let b = |k: &str, d: bool| v.get(k).and_then(Value::as_bool).unwrap_or(d);

@@ -323,7 +323,7 @@ pub fn resolve_image(path: &str, root: Option<&Path>) -> Result<PathBuf, String>
             }
             Component::RootDir | Component::Prefix(_) => {
                 return Err(format!(
-                    "image path {path:?} is absolute but data.image_root is set ({}): write it relative to the root",
+                    "image path {path:?} is absolute but an image root is set ({}): write it relative to the root (for training data, or unset data.image_root to use paths as written)",
                     root.display()
                 ))
             }
