@@ -172,13 +172,14 @@ impl FlatGroup {
         }
     }
 
-    /// Reduce-scatters the full-size gradients `grads` (one per parameter; undefined = zero)
-    /// into this rank's gradient shard (summed over ranks, fp32, added to what accumulated).
-    fn reduce_grads(
+    /// Starts reduce-scattering the full-size gradients `grads` (one per parameter; undefined =
+    /// zero) into this rank's gradient shard (summed over ranks, fp32); `finish_reduce` adds the
+    /// result to what accumulated.
+    fn start_reduce(
         &mut self,
         pg: &ProcessGroup,
         grads: &[Option<Tensor>],
-    ) -> Result<(), FsdpError> {
+    ) -> Result<(Tensor, Work), FsdpError> {
         let device = self.shard.device();
         let padded = self.shard_len * pg.world_size() as i64;
         // each gradient is cast straight into its range (one fp32 buffer of the unit, not a
@@ -194,7 +195,14 @@ impl FlatGroup {
             }
         });
         let out = Tensor::zeros([self.shard_len], (Kind::Float, device)); // (S,)
-        pg.reduce_scatter(&out, &flat, ReduceOp::Sum)?;
+                                                                          // (the Work keeps `flat` and `out` alive until it is waited for)
+        let work = pg.reduce_scatter_async(&out, &flat, ReduceOp::Sum)?;
+        Ok((out, work))
+    }
+
+    /// Waits for a reduce-scatter `start_reduce` began and adds it to the gradient shard.
+    fn finish_reduce(&mut self, (out, work): (Tensor, Work)) -> Result<(), FsdpError> {
+        work.wait()?;
         if let Some(acc) = &mut self.grad {
             *acc += out;
         }
@@ -244,6 +252,14 @@ pub struct Gathering {
     parts: Vec<(Tensor, Work)>,
 }
 
+/// A unit's gradient reduce-scatter in flight: the backward goes on with the next unit while it
+/// runs (torch FSDP overlaps it the same way, on its reduce-scatter stream). Dropped unwaited (an
+/// error unwinding), each `Work` still waits for its collective.
+pub struct Reducing {
+    /// (trainable group index within the unit, its shard's result and the collective)
+    parts: Vec<(usize, (Tensor, Work))>,
+}
+
 impl Unit {
     pub fn trains(&self) -> bool {
         self.groups.iter().any(|g| g.trainable)
@@ -288,19 +304,43 @@ impl Unit {
             .collect()
     }
 
-    /// Reduce-scatters full-size gradients given in `trainable_tensors` order.
+    /// Starts reduce-scattering full-size gradients given in `trainable_tensors` order.
+    pub fn start_reduce(
+        &mut self,
+        pg: &ProcessGroup,
+        grads: &[Option<Tensor>],
+    ) -> Result<Reducing, FsdpError> {
+        let mut at = 0;
+        let mut parts = vec![];
+        for (i, g) in self
+            .groups
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, g)| g.trainable)
+        {
+            let n = g.params.len();
+            parts.push((i, g.start_reduce(pg, &grads[at..at + n])?));
+            at += n;
+        }
+        Ok(Reducing { parts })
+    }
+
+    /// Waits for this unit's reduce-scatter (`start_reduce`) and adds it to the gradient shards.
+    pub fn finish_reduce(&mut self, r: Reducing) -> Result<(), FsdpError> {
+        for (i, part) in r.parts {
+            self.groups[i].finish_reduce(part)?;
+        }
+        Ok(())
+    }
+
+    /// Reduce-scatters full-size gradients given in `trainable_tensors` order (and waits).
     pub fn reduce_grads(
         &mut self,
         pg: &ProcessGroup,
         grads: &[Option<Tensor>],
     ) -> Result<(), FsdpError> {
-        let mut at = 0;
-        for g in self.groups.iter_mut().filter(|g| g.trainable) {
-            let n = g.params.len();
-            g.reduce_grads(pg, &grads[at..at + n])?;
-            at += n;
-        }
-        Ok(())
+        let r = self.start_reduce(pg, grads)?;
+        self.finish_reduce(r)
     }
 
     pub fn gather_trainable_full(

@@ -35,7 +35,7 @@ use crate::model::{
     lm_chunk_loss, lm_loss_chunked, row_chunks, supervised_rows, Batch, MllamaModel, ModelError,
 };
 
-use super::flat::Gathering;
+use super::flat::{Gathering, Reducing};
 use super::units::ROOT;
 use super::{FsdpError, FsdpModel};
 
@@ -552,6 +552,9 @@ impl FsdpModel {
             .filter(|&i| plan.stages[i].unit != ROOT)
             .collect();
         let mut inflight = None;
+        // the previous unit's gradient reduce-scatter, waited for once this unit's backward is
+        // queued (so it runs alongside it)
+        let mut reducing: Option<(usize, Reducing)> = None;
         let mut li = 0;
         for si in (0..plan.stages.len()).rev() {
             let (op, unit, active, output) = {
@@ -654,7 +657,11 @@ impl FsdpModel {
                 }
             } else {
                 if self.units[unit].trains() {
-                    self.units[unit].reduce_grads(pg, &param_grads)?;
+                    let started = self.units[unit].start_reduce(pg, &param_grads)?;
+                    drop(param_grads);
+                    if let Some((prev, r)) = reducing.replace((unit, started)) {
+                        self.units[prev].finish_reduce(r)?;
+                    }
                 }
                 self.units[unit].free(self.compute);
             }
@@ -662,6 +669,9 @@ impl FsdpModel {
             kept[si] = None;
         }
         debug_assert!(inflight.is_none());
+        if let Some((prev, r)) = reducing.take() {
+            self.units[prev].finish_reduce(r)?;
+        }
         if self.units[ROOT].trains() {
             self.units[ROOT].reduce_grads(pg, &root_acc)?;
         }
