@@ -181,6 +181,21 @@ fn full_world3_matches_single_process_and_holds_a_third() {
     assert!(per_rank >= whole / 3.0 * 0.99);
 }
 
+/// LoRA on the text cross-attention only: the vision tower and the self-attention layers before
+/// the first cross-attention layer cannot get a gradient, so the backward skips their stages
+/// (gathers included) on every rank; the result is still the single process's.
+#[test]
+fn lora_on_cross_attention_only_world2_matches_single_process() {
+    let cross = [
+        "peft.method=lora",
+        "peft.r=4",
+        "peft.dropout=0.0",
+        "peft.target_modules=[cross_attn.q_proj,cross_attn.v_proj]",
+    ];
+    let (_, fsdp) = parity(&cross, 2, 2);
+    assert!(fsdp.weights.keys().all(|k| k.contains("cross_attn")));
+}
+
 #[test]
 fn same_seed_gives_identical_metrics() {
     let mut s = sets(LORA);

@@ -114,6 +114,10 @@ struct Plan {
     n_values: usize,
     /// Whether a value needs a gradient (something upstream trains).
     needs_grad: Vec<bool>,
+    /// Whether a value may need one on some rank: `needs_grad` as if this micro-batch had images
+    /// (so the same on every rank). A layer stage whose output never does is skipped by the
+    /// backward, gathers included (a frozen vision tower, frozen leading layers).
+    may_need_grad: Vec<bool>,
     vision: Option<VisionPrep>,
     pixel_values: Option<Tensor>,
     input_ids: Tensor,
@@ -152,17 +156,20 @@ impl Plan {
         );
         let trains: Vec<bool> = fm.units.iter().map(|u| u.trains()).collect();
         let root_ops = root_ops_training(fm);
-        let mut stages = vec![];
-        let mut needs: Vec<bool> = vec![];
-        let mut add = |op, unit: usize, inputs: Vec<usize>, active: bool| -> usize {
-            let out = needs.len();
-            let op_trains = if unit == ROOT {
+        let op_trains = |op: Op, unit: usize| {
+            if unit == ROOT {
                 root_ops
                     .as_ref()
                     .map_or(trains[ROOT], |ops| ops.contains(&op))
             } else {
                 trains[unit]
-            };
+            }
+        };
+        let mut stages = vec![];
+        let mut needs: Vec<bool> = vec![];
+        let mut add = |op, unit: usize, inputs: Vec<usize>, active: bool| -> usize {
+            let out = needs.len();
+            let op_trains = op_trains(op, unit);
             let n = if active {
                 op_trains || inputs.iter().any(|&i| needs[i])
             } else {
@@ -209,9 +216,20 @@ impl Plan {
             }
         }
         add(Op::Out, ROOT, vec![h], true);
+        // (every stage active, cross-attention reading the vision states)
+        let mut may_need_grad = vec![false; needs.len()];
+        for st in &stages {
+            let cross_in = match st.op {
+                Op::Text(k) if !has_img && model.text.layers[k].is_cross() => Some(cross),
+                _ => None,
+            };
+            may_need_grad[st.output] = op_trains(st.op, st.unit)
+                || st.inputs.iter().chain(&cross_in).any(|&i| may_need_grad[i]);
+        }
         Ok(Plan {
             n_values: needs.len(),
             needs_grad: needs,
+            may_need_grad,
             stages,
             vision,
             pixel_values: images.map(|i| i.pixel_values.to_device(device)),
@@ -547,9 +565,13 @@ impl FsdpModel {
         grads[out_id] = Some(Tensor::from(loss_scale as f32).to_device(device));
         let root_trainable = self.units[ROOT].trainable_tensors();
         let mut root_acc: Vec<Option<Tensor>> = nones(root_trainable.len());
+        // (stages that cannot get a gradient on any rank are skipped, gathers included)
+        let runs: Vec<bool> = (plan.stages.iter())
+            .map(|st| plan.may_need_grad[st.output])
+            .collect();
         let layer_stages: Vec<usize> = (0..plan.stages.len())
             .rev()
-            .filter(|&i| plan.stages[i].unit != ROOT)
+            .filter(|&i| plan.stages[i].unit != ROOT && runs[i])
             .collect();
         let mut inflight = None;
         // the previous unit's gradient reduce-scatter, waited for once this unit's backward is
@@ -561,6 +583,12 @@ impl FsdpModel {
                 let st = &plan.stages[si];
                 (st.op, st.unit, st.active, st.output)
             };
+            if unit != ROOT && !runs[si] {
+                debug_assert!(grads[output].is_none() && !self.units[unit].trains());
+                values[output] = None;
+                kept[si] = None;
+                continue;
+            }
             if unit != ROOT && !keep {
                 li += 1;
                 let next = layer_stages.get(li).map(|&n| plan.stages[n].unit);
@@ -787,6 +815,30 @@ mod tests {
         }
         assert!(freed > 0 && held > 0, "freed {freed}, held {held}");
         f.free_all();
+    }
+
+    /// LoRA on the text cross-attention alone: no vision value, nor any text value before the
+    /// first cross-attention layer, may need a gradient on any rank, with or without images in
+    /// this micro-batch (the backward skips those stages, gathers included); the cross-attention
+    /// layers' outputs may, also in a text-only micro-batch (another rank's may have images).
+    #[test]
+    fn frozen_stages_before_the_first_trained_one_are_skipped_on_every_rank() {
+        let (_pg, f) = wrapped(&["cross_attn.q_proj", "cross_attn.v_proj"], true);
+        for case in ["image1", "text"] {
+            let plan = Plan::new(&f, &golden(case)).unwrap();
+            let mut seen_cross = false;
+            for st in &plan.stages {
+                let may = plan.may_need_grad[st.output];
+                if let Op::Text(k) = st.op {
+                    seen_cross |= f.model.text.layers[k].is_cross();
+                }
+                if st.unit != ROOT {
+                    assert_eq!(may, seen_cross, "{case}: {:?}", st.op);
+                }
+                assert!(may || !plan.needs_grad[st.output], "{case}: {:?}", st.op);
+            }
+            assert!(seen_cross);
+        }
     }
 
     /// LoRA on the projector alone: only the head stage trains among the root unit's stages, so
