@@ -475,6 +475,7 @@ fn prediction(
                     text: t.text,
                     stages,
                     prompt_tokens: t.prompt_tokens,
+                    tiles: t.tiles,
                     // the end of turn is not counted: a turn that ended by itself made fewer
                     finished: t.tokens < max_new_tokens,
                     tokens: t.tokens,
@@ -665,9 +666,13 @@ pub fn run(
         .iter()
         .map(|(_, s)| s.iter().product::<i64>() as usize)
         .sum();
+    let flops = crate::train::flops::FlopCount::of_base(session.model);
+    let turn_flops =
+        |t: &TurnPrediction| flops.inference_flops(t.prompt_tokens + t.tokens, t.tiles);
     let report = report::build(
         &preds,
         params,
+        &turn_flops,
         opts.training_metrics.as_deref().and_then(training_flops),
     );
     let write = |name: &str, text: String| {
@@ -706,6 +711,7 @@ mod tests {
             correct: false,
             stages,
             prompt_tokens: 0,
+            tiles: 0,
             tokens: 0,
             seconds: 0.0,
             finished,

@@ -24,6 +24,10 @@ pub struct TurnPrediction {
     pub stages: BTreeMap<String, Option<String>>,
     #[serde(default)]
     pub prompt_tokens: usize,
+    /// Image tiles encoded for the turn (absent in older predictions: 0, the vision tower not
+    /// counted).
+    #[serde(default)]
+    pub tiles: usize,
     #[serde(default)]
     pub tokens: usize,
     #[serde(default)]
@@ -137,7 +141,8 @@ pub struct TurnCost {
     pub mean_prompt_tokens: f64,
     pub mean_new_tokens: f64,
     pub mean_seconds: f64,
-    /// Analytic forward FLOPs (2 x parameters x tokens processed), summed over samples.
+    /// Analytic forward FLOPs (weights: 2 per parameter and token, or vision token; attention
+    /// over the cache; `train::flops::FlopCount::inference_flops`), summed over samples.
     pub flops: f64,
 }
 
@@ -227,7 +232,13 @@ fn ratio(a: usize, b: usize) -> f64 {
 const STAGE_ORDER: [&str; 4] = ["summary", "caption", "reasoning", "conclusion"];
 
 /// Builds the report from predictions in bench order.
-pub fn build(preds: &[Prediction], parameters: usize, training_flops: Option<f64>) -> Report {
+/// `turn_flops`: the forward FLOPs of one turn (from its prompt, new tokens and tiles).
+pub fn build(
+    preds: &[Prediction],
+    parameters: usize,
+    turn_flops: &dyn Fn(&TurnPrediction) -> f64,
+    training_flops: Option<f64>,
+) -> Report {
     let all: Vec<&Prediction> = preds.iter().collect();
     let overall = breakdown(&all);
     let mut cats: BTreeMap<String, Vec<&Prediction>> = BTreeMap::new();
@@ -258,7 +269,7 @@ pub fn build(preds: &[Prediction], parameters: usize, training_flops: Option<f64
                 mean_prompt_tokens: prompt as f64 / n,
                 mean_new_tokens: new as f64 / n,
                 mean_seconds: preds.iter().map(|p| p.turns[t].seconds).sum::<f64>() / n,
-                flops: 2.0 * parameters as f64 * (prompt + new) as f64,
+                flops: preds.iter().map(|p| turn_flops(&p.turns[t])).sum(),
             }
         })
         .collect();
@@ -353,7 +364,7 @@ pub fn markdown(r: &Report) -> String {
             s += &format!("| {stage} | {n} |\n");
         }
     }
-    s += "\n## Compute per turn\n\n| turn | mean prompt tokens | mean new tokens | mean seconds | forward FLOPs (2·N·tokens) |\n| --- | ---: | ---: | ---: | ---: |\n";
+    s += "\n## Compute per turn\n\n| turn | mean prompt tokens | mean new tokens | mean seconds | forward FLOPs (weights, attention, vision tower) |\n| --- | ---: | ---: | ---: | ---: |\n";
     for c in &r.cost {
         s += &format!(
             "| {} | {:.1} | {:.1} | {:.2} | {:.3e} |\n",
@@ -381,10 +392,16 @@ mod tests {
             stages,
             prompt_tokens: 10,
             tokens: 5,
+            tiles: 0,
             seconds: 1.0,
             finished: true,
             canonical: String::new(),
         }
+    }
+
+    /// A model of 100 parameters without attention or vision: 2 x 100 FLOPs per token.
+    fn two_n_tokens(t: &TurnPrediction) -> f64 {
+        2.0 * 100.0 * (t.prompt_tokens + t.tokens) as f64
     }
 
     fn pred(id: &str, cat: &str, t: [(bool, &str, &str); 2]) -> Prediction {
@@ -405,7 +422,7 @@ mod tests {
             pred("3", "color", [(true, "red", "r"), (false, "blue", "q")]),
             pred("4", "color", [(false, "red", "r"), (false, "red", "r")]),
         ];
-        let r = build(&preds, 100, Some(1e9));
+        let r = build(&preds, 100, &two_n_tokens, Some(1e9));
         assert_eq!(r.turns[0].correct, 2);
         assert_eq!(r.turns[1].correct, 2);
         assert_eq!(r.turns[0].accuracy, 0.5);
@@ -447,7 +464,7 @@ mod tests {
             )
             .collect();
         preds[0].turns[1].finished = false;
-        let r = build(&preds, 1, None);
+        let r = build(&preds, 1, &two_n_tokens, None);
         assert_eq!(r.turns[1].cut_off, 1);
         let md = markdown(&r);
         assert!(md.contains("does not differ significantly"), "{md}");
@@ -455,7 +472,7 @@ mod tests {
         let ten: Vec<Prediction> = (0..10)
             .map(|i| pred(&format!("w{i}"), "c", [(false, "a", "r"), (true, "b", "r")]))
             .collect();
-        let r = build(&ten, 1, None);
+        let r = build(&ten, 1, &two_n_tokens, None);
         assert_eq!(r.correction.as_ref().unwrap().p_value, 2.0 / 1024.0);
         assert!(markdown(&r).contains("improves on turn 0"));
     }
@@ -466,8 +483,14 @@ mod tests {
         let mut p = pred("1", "c", [(true, "B", "r"), (true, "(B)", "r")]);
         p.turns[0].canonical = "choice 1".into();
         p.turns[1].canonical = "choice 1".into();
-        assert_eq!(build(&[p.clone()], 1, None).transitions[0].changed, 0);
+        assert_eq!(
+            build(&[p.clone()], 1, &two_n_tokens, None).transitions[0].changed,
+            0
+        );
         p.turns[1].canonical = String::new(); // older predictions: the extracted text
-        assert_eq!(build(&[p], 1, None).transitions[0].changed, 1);
+        assert_eq!(
+            build(&[p], 1, &two_n_tokens, None).transitions[0].changed,
+            1
+        );
     }
 }

@@ -78,6 +78,8 @@ pub struct TurnOutput {
     pub stages: Stages,
     /// Tokens of the prompt this turn was generated from (for compute accounting).
     pub prompt_tokens: usize,
+    /// Tiles of the image the vision tower encoded for this turn (0: none).
+    pub tiles: usize,
     pub tokens: usize,
     pub seconds: f64,
 }
@@ -301,6 +303,7 @@ impl Session<'_> {
                         stages: Stages::parse(&g.text),
                         text: g.text,
                         prompt_tokens: prompts[k].ids.len(),
+                        tiles: prompts[k].image.map_or(0, |im| im.num_tiles),
                         tokens: g.token_ids.len(),
                         token_ids: g.token_ids,
                         seconds,

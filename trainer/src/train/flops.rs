@@ -64,7 +64,24 @@ fn sees_vision_tokens(name: &str) -> bool {
 impl FlopCount {
     /// From the model with LoRA applied (or not: full finetuning trains every base parameter).
     pub(crate) fn of(m: &mut MllamaModel) -> Self {
-        let lora = m.lora.is_some();
+        let lora: Option<Vec<(String, i64)>> = m.lora.is_some().then(|| {
+            m.trainable_parameters()
+                .into_iter()
+                .map(|(n, t)| (n, t.numel() as i64))
+                .collect()
+        });
+        Self::count(m, lora.as_deref())
+    }
+
+    /// For inference: the base model's parameters (an adapter's LoRA factors, r x (in + out) per
+    /// target, are left out: ~0.1 % at r 8).
+    pub(crate) fn of_base(m: &MllamaModel) -> Self {
+        Self::count(m, None)
+    }
+
+    /// `lora`: the LoRA parameters (name, elements) when training them over a frozen base.
+    fn count(m: &MllamaModel, lora_params: Option<&[(String, i64)]>) -> Self {
+        let lora = lora_params.is_some();
         let (mut text, mut vision) = (0.0, 0.0);
         let (mut fwd_text, mut fwd_vision) = (0.0, 0.0);
         let mut add = |name: &str, numel: f64, trains: bool| {
@@ -90,10 +107,8 @@ impl FlopCount {
                 !lora,
             );
         }
-        if lora {
-            for (n, t) in m.trainable_parameters() {
-                add(&n, t.numel() as f64, true);
-            }
+        for (n, numel) in lora_params.unwrap_or_default() {
+            add(n, *numel as f64, true);
         }
         let (t, v) = (&m.config.text, &m.config.vision);
         let text_hd = (t.num_attention_heads * t.head_dim()) as f64;
@@ -129,6 +144,22 @@ impl FlopCount {
             }
         }
         f
+    }
+
+    /// Forward FLOPs of one generation turn: `text_tokens` positions (prompt + generated), each
+    /// through the text weights once (prefill, then one decode step per token from the cache),
+    /// each attending to the positions up to itself (T (T + 1) / 2 pairs) and to the image's
+    /// `tiles` x patches vision tokens, which run through the vision tower once.
+    pub(crate) fn inference_flops(&self, text_tokens: usize, tiles: usize) -> f64 {
+        let t = text_tokens as f64;
+        let v = tiles as f64 * self.patches_per_tile;
+        // (the forward's share of attention: 4 of its 12 FLOPs per pair)
+        self.forward_per_text_token * t
+            + self.forward_per_vision_token * v
+            + (self.self_attn_per_pair * t * (t + 1.0) / 2.0
+                + self.cross_attn_per_pair * t * v
+                + self.vision_attn_per_pair * v * v)
+                / 3.0
     }
 
     /// (model FLOPs, executed FLOPs) of forward + backward over `batches` (one rank's
@@ -321,6 +352,53 @@ mod tests {
             + 12.0 * vision_layers * v.hidden_size as f64 * (2.0 * p1).powi(2);
         let got = f.attention_flops(&mb(Some(images(cam))));
         assert!((got - want).abs() <= 1e-9 * want);
+    }
+
+    /// One generation turn (inference): 2 FLOPs per weight and token on the text side, per
+    /// vision token on the vision side (the embedding a lookup, LoRA factors left out), and the
+    /// forward's 4 x H x D per (query, key) pair: causal self-attention over the cache (T (T + 1)
+    /// / 2 pairs), cross-attention to every vision token, vision layers over the image's.
+    #[test]
+    fn a_generation_turn_counts_weights_cache_attention_and_the_vision_tower() {
+        use crate::model::{LoraConfig, TargetModules};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/mllama_tiny/model_hf5");
+        let mut m = MllamaModel::load(&dir, crate::model::LoadOptions::default()).unwrap();
+        let (mut text_n, mut vision_n) = (0.0, 0.0);
+        m.visit_params(&mut |name, t| match () {
+            _ if name.contains("embed_tokens") => {}
+            _ if sees_vision_tokens(name) => vision_n += t.numel() as f64,
+            _ => text_n += t.numel() as f64,
+        });
+        if m.config.text.tie_word_embeddings {
+            text_n += (m.config.text.vocab_size * m.config.text.hidden_size) as f64;
+        }
+        let (t, v) = (&m.config.text, &m.config.vision);
+        let hd = (t.num_attention_heads * t.head_dim()) as f64;
+        let cross = t.cross_attention_layers.len() as f64;
+        let self_layers = t.num_hidden_layers as f64 - cross;
+        let vision_layers = (v.num_hidden_layers + v.num_global_layers) as f64;
+        let vt = 3.0 * v.num_patches() as f64; // 3 tiles
+        let want = 2.0 * text_n * 10.0
+            + 2.0 * vision_n * vt
+            + 4.0 * self_layers * hd * 55.0
+            + 4.0 * cross * hd * 10.0 * vt
+            + 4.0 * vision_layers * v.hidden_size as f64 * vt * vt;
+        let f = FlopCount::of_base(&m);
+        let got = f.inference_flops(10, 3);
+        assert!((got - want).abs() <= 1e-9 * want, "{got} vs {want}");
+        let text_only = 2.0 * text_n * 10.0 + 4.0 * self_layers * hd * 55.0;
+        assert!((f.inference_flops(10, 0) - text_only).abs() <= 1e-9 * text_only);
+        // an adapter does not change the count
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: TargetModules::Names(vec!["q_proj".into()]),
+            use_rslora: false,
+        };
+        m.apply_lora(&lora, 1).unwrap();
+        assert_eq!(FlopCount::of_base(&m).inference_flops(10, 3), got);
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! by name) to FILE as safetensors (tests and debugging). `TRAINER_STOP_AFTER_STEP=N` acts as a
 //! SIGTERM received during step N (tests of the preemption path).
 mod checkpointing;
-mod flops;
+pub(crate) mod flops;
 mod metrics;
 mod setup;
 mod signal;
