@@ -425,12 +425,14 @@ fn mismatch(mode: &str, transport: &str) {
 fn mismatched_sizes_are_errors_on_every_rank_segment_copy() {
     mismatch("mismatch", "0");
     mismatch("mismatch-empty", "0");
+    mismatch("mismatch-root", "0");
 }
 
 #[test]
 fn mismatched_sizes_are_errors_on_every_rank_single_copy() {
     mismatch("mismatch", "1");
     mismatch("mismatch-empty", "1");
+    mismatch("mismatch-root", "1");
 }
 
 #[test]
@@ -439,6 +441,42 @@ fn mismatched_sizes_are_errors_on_every_rank_tcp() {
     mismatch("mismatch-empty", "tcp");
     // the same bytes in another dtype (2048 f64 against 4096 f32): the message header says so
     mismatch("mismatch-dtype", "tcp");
+    // every rank broadcasting from itself: each would only send (the header carries the root)
+    mismatch("mismatch-root", "tcp");
+}
+
+/// An all_gather whose input is the rank's own slot of the output (torch allows it) and a
+/// reduce_scatter whose input and output shapes differ with the right counts, on every
+/// transport and at world 1 (whose copy used to panic on the shapes).
+#[test]
+fn in_place_gather_and_reshaped_buffers_on_every_transport() {
+    let ok = |what: &str, o: &Output, ranks: usize| {
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{what}: {stdout}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(
+            stdout.matches("in-place all_gather ok").count(),
+            ranks,
+            "{what}: {stdout}"
+        );
+    };
+    let (single, _) = selftest(1, &["--mode", "inplace-gather"]);
+    ok("world 1", &single, 1);
+    for cma in ["0", "1"] {
+        let asked = ("LLAVA_SCO_TEST_ASKED_CMA", cma);
+        let (o, _) = selftest_env(
+            2,
+            &["--mode", "inplace-gather"],
+            &[(CMA, cma_here(cma)), asked],
+        );
+        ok(&format!("cma={cma}"), &o, 2);
+    }
+    let ([node0, node1], _) = selftest_two_nodes(2, &["--mode", "inplace-gather"]);
+    ok("tcp node 0", &node0, 1);
+    ok("tcp node 1", &node1, 1);
 }
 
 /// A collective's Work dropped without wait() (an error unwinding past a prefetch) waits for

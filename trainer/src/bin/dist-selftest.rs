@@ -270,10 +270,11 @@ fn main() -> Result<()> {
             eprintln!("rank {rank}: {err}");
             std::process::exit(1);
         }
-        "mismatch" | "mismatch-empty" | "mismatch-dtype" => {
+        "mismatch" | "mismatch-empty" | "mismatch-dtype" | "mismatch-root" => {
             // rank 0 all_reduces 4097 f32 and the others 4096, or rank 0 an empty tensor and the
-            // others one element, or rank 0 2048 f64 and the others 4096 f32 (the same bytes):
-            // every rank must get an error, not wrong data
+            // others one element, or rank 0 2048 f64 and the others 4096 f32 (the same bytes),
+            // or every rank broadcasts 4096 f32 from itself: every rank must get an error, not
+            // wrong data
             let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
             let (mine, others) = match args.mode.as_str() {
                 "mismatch" => (4097, 4096),
@@ -286,13 +287,45 @@ fn main() -> Result<()> {
                 _ => Kind::Float,
             };
             let t = Tensor::ones([n], (kind, tch::Device::Cpu));
-            let first = match pg.all_reduce(&t, ReduceOp::Sum) {
+            let result = match args.mode.as_str() {
+                "mismatch-root" => pg.broadcast(&t, rank),
+                _ => pg.all_reduce(&t, ReduceOp::Sum),
+            };
+            let first = match result {
                 Ok(()) => "no error".to_string(),
                 Err(e) => e.to_string(),
             };
             std::fs::write(args.out.join(format!("error-{rank}.txt")), &first)?;
             eprintln!("rank {rank}: {first}");
             std::process::exit(if first == "no error" { 0 } else { 1 });
+        }
+        "inplace-gather" => {
+            // all_gather whose input is this rank's own slot of the output (torch allows it)
+            let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
+            let (w, n) = (pg.world_size() as i64, 4099i64);
+            let out = Tensor::zeros([w * n], (Kind::Float, tch::Device::Cpu));
+            let mine = out.narrow(0, rank as i64 * n, n);
+            let _ = mine.shallow_clone().fill_(rank as f64 + 1.0);
+            pg.all_gather_into(&out, &mine)?;
+            let want = Tensor::arange_start(1, w + 1, (Kind::Float, tch::Device::Cpu))
+                .repeat_interleave_self_int(n, 0, None);
+            if !same(&out, &want) {
+                bail!("rank {rank}: an in-place all_gather gave other values");
+            }
+            // shapes that differ with the counts right (only bytes move): (1, W n) into (n,)
+            let input = Tensor::ones([1, w * n], (Kind::Float, tch::Device::Cpu));
+            let part = Tensor::zeros([n], (Kind::Float, tch::Device::Cpu));
+            pg.reduce_scatter(&part, &input, ReduceOp::Sum)?;
+            if !same(
+                &part,
+                &Tensor::full([n], w as f64, (Kind::Float, tch::Device::Cpu)),
+            ) {
+                bail!("rank {rank}: a reduce_scatter of a (1, W n) input gave other values");
+            }
+            println!(
+                "dist-selftest: rank {rank}: in-place all_gather ok ({})",
+                pg.transport()
+            );
         }
         "drop-unwaited" => {
             // every rank drops an all_reduce's Work without wait(): the drop waits for it, so

@@ -448,8 +448,12 @@ impl Cma {
             // publishing its next op's words while a peer still compares these
             return seg.barrier(name);
         }
-        // SAFETY: n bytes of the input and of this rank's piece of out, distinct tensors.
-        unsafe { std::ptr::copy_nonoverlapping(input, out.add(self.rank * n), n) };
+        let mine = out.wrapping_add(self.rank * n);
+        if !std::ptr::eq(input, mine) {
+            // SAFETY: n bytes of the input and of this rank's piece of out, either the same
+            // range (in place, skipped) or distinct tensors.
+            unsafe { std::ptr::copy_nonoverlapping(input, mine, n) };
+        }
         for q in self.others() {
             self.read(q, name, peers[q], out.wrapping_add(q * n), n)?;
         }

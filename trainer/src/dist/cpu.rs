@@ -230,10 +230,10 @@ fn bytes_of(t: &Tensor) -> Result<(*mut u8, usize, Elem)> {
 fn run_single(op: &Op) -> Result<()> {
     match op {
         Op::AllGather { out, input } | Op::ReduceScatter { out, input, .. } => {
-            bytes_of(out)?;
-            bytes_of(input)?;
-            let mut out = out.shallow_clone();
-            out.copy_(input);
+            // (as bytes: the shapes may differ, as at W > 1, where only the counts must agree)
+            let (dst, _, _) = bytes_of(out)?;
+            let (src, n, _) = bytes_of(input)?;
+            copy(src, dst, n);
             Ok(())
         }
         Op::AllReduce { tensor, .. } | Op::Broadcast { tensor, .. } => bytes_of(tensor).map(|_| ()),
@@ -242,10 +242,11 @@ fn run_single(op: &Op) -> Result<()> {
 }
 
 fn copy(src: *const u8, dst: *mut u8, n: usize) {
-    if n == 0 {
-        return; // an empty tensor's pointer may be null
+    if n == 0 || std::ptr::eq(src, dst) {
+        return; // an empty tensor's pointer may be null; in place (all_gather into out's slot)
     }
-    // SAFETY: callers pass ranges inside live tensors or the segment, which never overlap.
+    // SAFETY: callers pass ranges inside live tensors or the segment, either the same range (an
+    // in-place all_gather's input is its own slot of the output) or disjoint ones.
     unsafe { std::ptr::copy_nonoverlapping(src, dst, n) }
 }
 
@@ -290,16 +291,15 @@ fn run_cma(cma: &mut Cma, seg: &mut Segment, op: &Op) -> Result<()> {
 /// The TCP transport (see `tcp`): pieces are (byte offset, byte length) per rank.
 fn run_tcp(mesh: &mut Mesh, op: &Op) -> Result<()> {
     let (rank, world) = (mesh.rank, mesh.world);
-    let (elem, reduce) = match op {
-        Op::Barrier => (None, None),
-        Op::AllGather { input: t, .. } | Op::Broadcast { tensor: t, .. } => {
-            (Elem::of(t.kind()), None)
-        }
+    let (elem, reduce, root) = match op {
+        Op::Barrier => (None, None, None),
+        Op::AllGather { input: t, .. } => (Elem::of(t.kind()), None, None),
+        Op::Broadcast { tensor: t, root } => (Elem::of(t.kind()), None, Some(*root)),
         Op::ReduceScatter { input: t, op, .. } | Op::AllReduce { tensor: t, op } => {
-            (Elem::of(t.kind()), Some(*op))
+            (Elem::of(t.kind()), Some(*op), None)
         }
     };
-    mesh.set_signature(elem, reduce);
+    mesh.set_signature(elem, reduce, root);
     match op {
         Op::Barrier => mesh.barrier(),
         Op::AllGather { out, input } => {

@@ -237,6 +237,27 @@ impl Shared {
         *failed = Some(err.to_string());
         err
     }
+
+    /// A failure in this rank's worker before or while handing op `seq` to NCCL (a tensor on
+    /// another GPU, an NCCL call returning an error): this rank skipped the op, so its next one
+    /// would pair with the peers' this one (wrong data, or a hang). As after `fail`, every later
+    /// op fails with the first error and the communicator is aborted, which also ends the peers'
+    /// wait for this op.
+    fn fail_local(&self, op: &str, seq: u64, e: &DistError) {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if failed.is_some() {
+            return;
+        }
+        let comm = self.comm.swap(0, Ordering::AcqRel);
+        let aborted = if comm != 0 {
+            abort(comm)
+        } else {
+            String::new()
+        };
+        *failed = Some(format!(
+            "{op} (collective #{seq}) failed on this rank: {e}; NCCL communicator aborted{aborted}"
+        ));
+    }
 }
 
 /// After a failed collective the rank makes no more CUDA calls for it: an abort stuck behind a
@@ -490,6 +511,9 @@ fn worker(
                 Ok(())
             })()
         };
+        if let Err(e) = &result {
+            shared.fail_local(job.op.name(), seq, e);
+        }
         let _ = job.done.send(result);
     }
     // SAFETY: no op is in flight once the queue is closed; an aborted communicator is not freed twice.

@@ -99,10 +99,11 @@ pub struct Mesh {
     chunk: usize,
     /// W chunks: received contributions of one chunk (u64 for alignment of every dtype).
     staging: Vec<u64>,
-    /// The dtype and reduction of the op about to run ([`Mesh::set_signature`]), sent in every
-    /// message header: ranks that call one op with other dtypes or reductions of the same byte
-    /// size get an error, not each other's bytes reinterpreted.
-    signature: [u8; 2],
+    /// The dtype and the reduction (or broadcast root) of the op about to run
+    /// ([`Mesh::set_signature`]), sent in every message header: ranks that call one op with other
+    /// dtypes, reductions or roots of the same byte size get an error, not each other's bytes
+    /// reinterpreted (or, for two roots, no data at all and the next op's read as theirs).
+    signature: [u8; 3],
 }
 
 /// The IP of the interface that routes to MASTER_ADDR (no packet is sent), so peers on other
@@ -223,16 +224,24 @@ impl Mesh {
             lost_key: format!("{key}/lost"),
             chunk,
             staging: vec![0u64; world * chunk / 8],
-            signature: [0; 2],
+            signature: [0; 3],
         })
     }
 
     /// The dtype and reduction the next op's messages carry (0: none).
-    pub fn set_signature(&mut self, elem: Option<Elem>, reduce: Option<ReduceOp>) {
-        self.signature = [
-            elem.map_or(0, |e| e as u8 + 1),
-            reduce.map_or(0, |r| r as u8 + 1),
-        ];
+    pub fn set_signature(
+        &mut self,
+        elem: Option<Elem>,
+        reduce: Option<ReduceOp>,
+        root: Option<usize>,
+    ) {
+        // (a root above 65535 would alias another; no run has that many ranks)
+        let [lo, hi] = match (reduce, root) {
+            (Some(r), _) => [r as u8 + 1, 0],
+            (None, Some(root)) => (root as u16).to_le_bytes(),
+            (None, None) => [0, 0],
+        };
+        self.signature = [elem.map_or(0, |e| e as u8 + 1), lo, hi];
     }
 
     fn link(&self, q: usize) -> &TcpStream {
@@ -385,6 +394,16 @@ impl Mesh {
                 if next != root {
                     op.send(next, data)?;
                 }
+            }
+            // the chain's last rank acknowledges to the root (an empty message): ranks that
+            // named other roots would otherwise each only send, return Ok, and leave their data
+            // for the next op to read as its own; now the root reads a peer's data where it
+            // expects the ack (the header carries the root and the length), an error
+            if next == root {
+                op.send(next, &[])?;
+            }
+            if r == root {
+                op.recv(prev, &mut [])?;
             }
             Ok(())
         };
@@ -613,7 +632,7 @@ impl<'m> OpRun<'m> {
         let mut h = [0u8; 16];
         h[..4].copy_from_slice(b"LSCM");
         h[4] = self.code as u8;
-        h[5..7].copy_from_slice(&self.mesh.signature);
+        h[5..8].copy_from_slice(&self.mesh.signature);
         h[8..].copy_from_slice(&(len as u64).to_le_bytes());
         h
     }
@@ -629,11 +648,16 @@ impl<'m> OpRun<'m> {
         if h != self.header(data.len()) {
             let len = u64::from_le_bytes(h[8..].try_into().expect("8 bytes"));
             let what = |code: u8, sig: &[u8]| {
-                format!("{} [dtype {}, reduce {}]", Code::name(code), sig[0], sig[1])
+                let param = u16::from_le_bytes([sig[1], sig[2]]);
+                format!(
+                    "{} [dtype {}, reduce/root {param}]",
+                    Code::name(code),
+                    sig[0]
+                )
             };
             return Err(DistError::Invalid(format!(
-                "rank {peer} sent {} data of {len} bytes while this rank expected {} data of {} bytes: the ranks called different collectives, dtypes, reductions or sizes",
-                what(h[4], &h[5..7]),
+                "rank {peer} sent {} data of {len} bytes while this rank expected {} data of {} bytes: the ranks called different collectives, dtypes, reductions, roots or sizes",
+                what(h[4], &h[5..8]),
                 what(self.code as u8, &self.mesh.signature),
                 data.len()
             )));
