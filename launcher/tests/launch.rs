@@ -318,6 +318,36 @@ fn sigint_and_sighup_are_forwarded_too() {
     signal_launcher(libc::SIGHUP, "sighup");
 }
 
+/// `nohup launcher ... &`: a SIGHUP the launcher was started ignoring stays ignored (a logout
+/// must not stop the job); the ranks run to the end and the launcher exits 0.
+#[test]
+fn a_signal_ignored_at_start_stays_ignored() {
+    use std::os::unix::process::CommandExt;
+    let dir = Scratch::new("nohup");
+    let started = Instant::now();
+    let mut cmd = launch_testrank(
+        &["--standalone", "--nproc-per-node", "2"],
+        dir.path(),
+        &["--sleep", "2"],
+    );
+    // SAFETY: only async-signal-safe calls between fork and exec
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    for rank in 0..2 {
+        wait_for_file(&dir.path().join(format!("ready-{rank}-0")), LIMIT);
+    }
+    // SAFETY: plain syscall to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let run = wait(child, started, LIMIT);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert_no_survivors_in(dir.path(), &[run.pgid]);
+}
+
 #[test]
 fn ranks_and_their_children_die_with_a_sigkilled_launcher() {
     let dir = Scratch::new("pdeathsig");
@@ -1085,4 +1115,43 @@ fn a_node_that_restarts_alone_stops_when_the_other_gave_up() {
 #[test]
 fn a_node_that_restarts_alone_stops_when_node_0_gave_up() {
     restarts_alone(1);
+}
+
+/// A rank's progress redraw on stdout (ending in '\r', no newline) reaches the launcher's stdout
+/// while the rank still runs, not at its exit.
+#[test]
+fn a_stdout_redraw_is_shown_at_once() {
+    use std::io::Read;
+    let mut child = launcher(&[
+        "--standalone",
+        "--nproc-per-node",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        "printf '10%%\\r'; sleep 6",
+    ])
+    .spawn()
+    .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        let mut seen = Vec::new();
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(4).any(|w| w == b"10%\r") {
+                let _ = tx.send(());
+                break;
+            }
+        }
+    });
+    let shown = rx.recv_timeout(Duration::from_secs(4)).is_ok();
+    // SAFETY: plain syscall to our own child's group.
+    unsafe { libc::killpg(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    assert!(shown, "the redraw was not relayed while the rank ran");
 }

@@ -227,9 +227,16 @@ fn spawn_relay(
                     if !buf.ends_with(b"\n") && !buf.ends_with(b"\r") {
                         buf.push(b'\n');
                     }
-                    // One write per line under the lock, so ranks' lines never interleave mid-line.
+                    // One write per line under the lock, so ranks' lines never interleave mid-line;
+                    // a redraw is flushed at once (stdout is line-buffered: it waited for a '\n')
                     let _ = match which {
-                        Console::Stdout => io::stdout().lock().write_all(&buf),
+                        Console::Stdout => {
+                            let mut out = io::stdout().lock();
+                            out.write_all(&buf).and_then(|()| match buf.ends_with(b"\r") {
+                                true => out.flush(),
+                                false => Ok(()),
+                            })
+                        }
                         Console::Stderr => io::stderr().lock().write_all(&buf),
                     };
                 }

@@ -14,12 +14,22 @@ extern "C" fn record(sig: libc::c_int) {
     PENDING.store(sig, Ordering::SeqCst);
 }
 
-/// Installs the handlers (process-wide; call once, from the launcher binary).
+/// Installs the handlers (process-wide; call once, from the launcher binary). A signal ignored
+/// when the launcher starts stays ignored, as the convention for daemons and shells goes:
+/// `nohup launcher ... &` (SIGHUP) must survive a logout, and a job started with `&` from a
+/// script (SIGINT, SIGQUIT ignored) must not be stopped by them; the ranks inherit the ignoring.
 pub fn install() -> io::Result<()> {
     for sig in FORWARDED {
         // SAFETY: a zeroed sigaction with a valid handler and an empty mask is a valid argument;
-        // the handler itself only performs an atomic store.
+        // the handler itself only performs an atomic store; the query passes a null new action.
         unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if old.sa_sigaction == libc::SIG_IGN {
+                continue;
+            }
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = record as extern "C" fn(libc::c_int) as usize;
             action.sa_flags = libc::SA_RESTART;
