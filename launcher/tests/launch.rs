@@ -1155,3 +1155,20 @@ fn a_stdout_redraw_is_shown_at_once() {
     let _ = child.wait();
     assert!(shown, "the redraw was not relayed while the rank ran");
 }
+
+/// With a long --monitor-interval, a node whose ranks finished first still learns that the run
+/// succeeded before node 0 takes its store down (node 0 waits ~10 s for the other nodes' acks;
+/// node 1 used to sleep a whole monitor interval between looks), and both exit 0.
+#[test]
+fn a_long_monitor_interval_does_not_turn_success_into_lost_contact() {
+    let dir = Scratch::new("longmonitor");
+    let (run0, run1, _) = two_nodes(
+        dir.path(),
+        "longmonitor",
+        &["--monitor-interval", "12"],
+        &["--sleep", "1", "--sleep-rank", "0"],
+        false,
+    );
+    assert_eq!(run0.code(), 0, "node 0: {}", run0.stderr);
+    assert_eq!(run1.code(), 0, "node 1: {}", run1.stderr);
+}
