@@ -1172,3 +1172,45 @@ fn a_long_monitor_interval_does_not_turn_success_into_lost_contact() {
     assert_eq!(run0.code(), 0, "node 0: {}", run0.stderr);
     assert_eq!(run1.code(), 0, "node 1: {}", run1.stderr);
 }
+
+/// Nodes given different --nnodes stop at once with a message that says so (each used to wait
+/// for a node count the others never reach, until the rendezvous timeout).
+#[test]
+fn different_nnodes_on_two_nodes_is_an_immediate_error() {
+    let dir = Scratch::new("nnodes");
+    let port = free_port().to_string();
+    let node = |rank: &str, nnodes: &str| {
+        launch_testrank(
+            &[
+                "--nnodes",
+                nnodes,
+                "--node-rank",
+                rank,
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                &port,
+                "--run-id",
+                "nnodes",
+                "--rdzv-timeout",
+                "60",
+            ],
+            dir.path(),
+            &[],
+        )
+        .spawn()
+        .unwrap()
+    };
+    let started = Instant::now();
+    let node0 = node("0", "2");
+    std::thread::sleep(Duration::from_millis(300));
+    let node1 = node("1", "3");
+    let (run0, run1) = (wait(node0, started, LIMIT), wait(node1, started, LIMIT));
+    assert_ne!(run1.code(), 0);
+    assert!(run1.stderr.contains("--nnodes 3 differs from node 0's 2"), "{}", run1.stderr);
+    assert_ne!(run0.code(), 0);
+    assert!(run0.stderr.contains("--nnodes"), "node 0: {}", run0.stderr);
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+}

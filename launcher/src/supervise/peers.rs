@@ -93,7 +93,8 @@ impl Peers {
     /// Node 0 publishes its run id and `launch_id`; the others adopt them (so TORCHELASTIC_RUN_ID
     /// and LLAVA_SCO_LAUNCH_ID agree everywhere), unless their run id was given (`explicit`) and
     /// differs: then two runs met at one store (a shared exported token lets them in), which is an
-    /// error. Returns (run id, launch id).
+    /// error. Node 0's `--nnodes` is checked too: nodes that disagree would each wait for a node
+    /// count the others never reach, until the rendezvous timeout. Returns (run id, launch id).
     pub fn agree_run_id(
         &mut self,
         run_id: &str,
@@ -105,7 +106,9 @@ impl Peers {
             return Ok((run_id.to_string(), launch_id.to_string()));
         };
         if m.node_rank == 0 {
-            // (the launch id first: a node that reads the run id finds it)
+            // (the launch id and node count first: a node that reads the run id finds them)
+            m.client
+                .set("launcher/nnodes", m.nnodes.to_string().as_bytes())?;
             m.client.set("launcher/launch_id", launch_id.as_bytes())?;
             m.client.set("launcher/run_id", run_id.as_bytes())?;
             return Ok((run_id.to_string(), launch_id.to_string()));
@@ -122,6 +125,17 @@ impl Peers {
                         return Err(JoinError::Rendezvous(format!(
                             "this node's run id {run_id:?} differs from node 0's {theirs:?}: two runs met at one store; pass the same --run-id to every node of a run (and another --master-port per run)"
                         )));
+                    }
+                    let nnodes = m.client.get("launcher/nnodes")?;
+                    let nnodes = String::from_utf8_lossy(&nnodes).into_owned();
+                    if nnodes != m.nnodes.to_string() {
+                        let why = format!(
+                            "node {}'s --nnodes {} differs from node 0's {nnodes}: give every node the same --nnodes",
+                            m.node_rank, m.nnodes
+                        );
+                        // (node 0 and the others, waiting for the first attempt, stop at once)
+                        let _ = m.client.compare_set("launcher/a0/abandoned", None, why.as_bytes());
+                        return Err(JoinError::Rendezvous(why));
                     }
                     let launch = m.client.get("launcher/launch_id")?;
                     return Ok((theirs, String::from_utf8_lossy(&launch).into_owned()));
