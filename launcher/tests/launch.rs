@@ -1214,3 +1214,40 @@ fn different_nnodes_on_two_nodes_is_an_immediate_error() {
     assert!(run0.stderr.contains("--nnodes"), "node 0: {}", run0.stderr);
     assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
 }
+
+/// A rank that exited stays a zombie (its pid, its process group's id, reserved) until the end
+/// of the attempt's last SIGKILL to its group: that signal cannot reach another job's group that
+/// was handed the same number meanwhile.
+#[test]
+fn an_exited_rank_keeps_its_pid_until_its_group_was_signalled() {
+    let dir = Scratch::new("zombie");
+    let mut cmd = launcher(&[
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        r#"echo $$ > "$0/pid-$RANK"; if [ "$RANK" = 1 ]; then sleep 3; fi"#,
+        dir.path().to_str().unwrap(),
+    ]);
+    cmd.env("PATH", std::env::var("PATH").unwrap());
+    let started = Instant::now();
+    let child = cmd.spawn().unwrap();
+    let pid0 = dir.path().join("pid-0");
+    wait_for_file(&pid0, LIMIT);
+    let pid: i32 = loop {
+        if let Ok(Ok(p)) = std::fs::read_to_string(&pid0).map(|s| s.trim().parse()) {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // rank 0 exits at once; while rank 1 sleeps its process is still there, a zombie
+    std::thread::sleep(Duration::from_millis(1000));
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit(')').next().unwrap_or("").trim_start().chars().next();
+    assert_eq!(state, Some('Z'), "rank 0 ({pid}): {stat:?}");
+    let run = wait(child, started, LIMIT);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "reaped at the end");
+}

@@ -510,9 +510,11 @@ impl Attempt<'_> {
             std::thread::sleep(TICK.min(spec.monitor_interval));
         }
 
-        // Children the ranks left behind in their groups go too: no orphans.
-        for rank in &ranks {
+        // Children the ranks left behind in their groups go too: no orphans. (The ranks are
+        // reaped only now: their pids, the groups' ids, stayed reserved until this signal.)
+        for rank in &mut ranks {
             rank.signal(libc::SIGKILL);
+            rank.reap();
         }
         if let Some(w) = watchdog {
             w.clear();

@@ -2,7 +2,7 @@
 //! child it starts) with `PR_SET_PDEATHSIG` (so it dies with the launcher, even a SIGKILLed one).
 use std::ffi::OsString;
 use std::io;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
@@ -131,25 +131,40 @@ impl RankProcess {
         })
     }
 
-    /// Reaps the rank if it has exited; returns the exit when it happened just now.
+    /// Returns the rank's exit when it happened just now. The rank is not reaped (`reap`, at the
+    /// end of the attempt): while it is a zombie its pid, which is its process group's id, cannot
+    /// be given to another process, so the end-of-attempt SIGKILL to the group (for children it
+    /// left behind) can never reach another job's group that was handed the same number.
     pub fn poll(&mut self) -> Option<RankExit> {
         if self.exit.is_some() {
             return None;
         }
-        let status = match self.child.try_wait() {
-            Ok(Some(status)) => status,
-            Ok(None) => return None,
-            // ECHILD cannot happen for our own child; treat any error as "lost" rather than loop.
-            Err(_) => std::process::ExitStatus::from_raw(libc::SIGKILL),
-        };
-        let exit = match (status.code(), status.signal()) {
-            (Some(code), _) => RankExit::Code(code),
-            (None, Some(sig)) => RankExit::Signal(sig),
-            (None, None) => RankExit::Code(1),
+        // SAFETY: a zeroed siginfo_t is a valid out-parameter; waitid only writes it. The
+        // accessors read the fields waitid set for a CLD_* event (si_pid 0: nothing exited yet).
+        let exit = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+            if libc::waitid(libc::P_PID, self.pgid as libc::id_t, &mut info, flags) != 0 {
+                // ECHILD cannot happen for our own child; treat any error as "lost", not a loop
+                RankExit::Signal(libc::SIGKILL)
+            } else if info.si_pid() == 0 {
+                return None;
+            } else if info.si_code == libc::CLD_EXITED {
+                RankExit::Code(info.si_status())
+            } else {
+                RankExit::Signal(info.si_status())
+            }
         };
         self.exit = Some(exit);
         self.exited_at = Some(Instant::now());
         Some(exit)
+    }
+
+    /// Reaps the exited rank (after the last signal to its group).
+    pub fn reap(&mut self) {
+        if self.exit.is_some() {
+            let _ = self.child.wait();
+        }
     }
 
     pub fn running(&self) -> bool {
