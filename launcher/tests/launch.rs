@@ -1209,10 +1209,18 @@ fn different_nnodes_on_two_nodes_is_an_immediate_error() {
     let node1 = node("1", "3");
     let (run0, run1) = (wait(node0, started, LIMIT), wait(node1, started, LIMIT));
     assert_ne!(run1.code(), 0);
-    assert!(run1.stderr.contains("--nnodes 3 differs from node 0's 2"), "{}", run1.stderr);
+    assert!(
+        run1.stderr.contains("--nnodes 3 differs from node 0's 2"),
+        "{}",
+        run1.stderr
+    );
     assert_ne!(run0.code(), 0);
     assert!(run0.stderr.contains("--nnodes"), "node 0: {}", run0.stderr);
-    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// A rank that exited stays a zombie (its pid, its process group's id, reserved) until the end
@@ -1245,9 +1253,18 @@ fn an_exited_rank_keeps_its_pid_until_its_group_was_signalled() {
     // rank 0 exits at once; while rank 1 sleeps its process is still there, a zombie
     std::thread::sleep(Duration::from_millis(1000));
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat.rsplit(')').next().unwrap_or("").trim_start().chars().next();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .trim_start()
+        .chars()
+        .next();
     assert_eq!(state, Some('Z'), "rank 0 ({pid}): {stat:?}");
     let run = wait(child, started, LIMIT);
     assert_eq!(run.code(), 0, "{}", run.stderr);
-    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "reaped at the end");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "reaped at the end"
+    );
 }

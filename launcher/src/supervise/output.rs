@@ -232,10 +232,11 @@ fn spawn_relay(
                     let _ = match which {
                         Console::Stdout => {
                             let mut out = io::stdout().lock();
-                            out.write_all(&buf).and_then(|()| match buf.ends_with(b"\r") {
-                                true => out.flush(),
-                                false => Ok(()),
-                            })
+                            out.write_all(&buf)
+                                .and_then(|()| match buf.ends_with(b"\r") {
+                                    true => out.flush(),
+                                    false => Ok(()),
+                                })
                         }
                         Console::Stderr => io::stderr().lock().write_all(&buf),
                     };

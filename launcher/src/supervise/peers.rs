@@ -134,7 +134,9 @@ impl Peers {
                             m.node_rank, m.nnodes
                         );
                         // (node 0 and the others, waiting for the first attempt, stop at once)
-                        let _ = m.client.compare_set("launcher/a0/abandoned", None, why.as_bytes());
+                        let _ = m
+                            .client
+                            .compare_set("launcher/a0/abandoned", None, why.as_bytes());
                         return Err(JoinError::Rendezvous(why));
                     }
                     let launch = m.client.get("launcher/launch_id")?;
