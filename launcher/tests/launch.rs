@@ -71,6 +71,7 @@ fn every_rank_gets_torchruns_environment_for_world_1_to_4() {
                 ("TORCHELASTIC_RUN_ID", "envtest"),
                 ("LLAVA_SCO_STORE_TOKEN", &token),
                 ("OMP_NUM_THREADS", &(cores / n).max(1).to_string()),
+                ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
             ];
             for (var, value) in expect {
                 assert_eq!(env[var], value, "world {n} rank {rank}: {var}");

@@ -108,6 +108,7 @@ fn main() -> ExitCode {
         "LLAVA_SCO_STORE_TOKEN",
         "LLAVA_SCO_LAUNCH_ID",
         "OMP_NUM_THREADS",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING",
     ] {
         record.push_str(&format!(
             "{var}={}\n",

@@ -277,6 +277,11 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
 
     let mut command = command;
     default_omp_threads(&mut command, nproc);
+    // torchrun's too: PyTorch ranks abort a failed NCCL collective instead of hanging on it
+    if std::env::var_os("TORCH_NCCL_ASYNC_ERROR_HANDLING").is_none() {
+        let var = ("TORCH_NCCL_ASYNC_ERROR_HANDLING".into(), "1".into());
+        command.extra_env.push(var);
+    }
 
     // (the cap keeps `Instant::now() + d` from overflowing: 1e9 s is 31 years)
     let seconds = |name: &str, s: f64| -> Result<Duration> {
