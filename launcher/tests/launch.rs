@@ -1269,3 +1269,57 @@ fn an_exited_rank_keeps_its_pid_until_its_group_was_signalled() {
         "reaped at the end"
     );
 }
+
+/// A node stopped (Ctrl-C) while waiting at the rendezvous tells the others: node 0 stops at
+/// once, naming it, instead of waiting out --rdzv-timeout (or starting ranks without it once a
+/// late node completed the count).
+#[test]
+fn a_node_interrupted_at_the_rendezvous_stops_the_others() {
+    let dir = Scratch::new("rdzvint");
+    let port = free_port().to_string();
+    let node = |rank: &str| {
+        launch_testrank(
+            &[
+                "--nnodes",
+                "3",
+                "--node-rank",
+                rank,
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                &port,
+                "--run-id",
+                "rdzvint",
+                "--rdzv-timeout",
+                "60",
+            ],
+            dir.path(),
+            &[],
+        )
+        .spawn()
+        .unwrap()
+    };
+    let started = Instant::now();
+    let node0 = node("0");
+    std::thread::sleep(Duration::from_millis(300));
+    let node1 = node("1");
+    // (node 2 never comes) node 1 joins, then gets Ctrl-C
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: plain syscall to our own child.
+    unsafe { libc::kill(node1.id() as i32, libc::SIGINT) };
+    let (run1, run0) = (wait(node1, started, LIMIT), wait(node0, started, LIMIT));
+    assert_eq!(run1.code(), 130, "node 1: {}", run1.stderr);
+    assert_ne!(run0.code(), 0);
+    assert!(
+        run0.stderr.contains("node 1") && run0.stderr.contains("signal 2"),
+        "node 0: {}",
+        run0.stderr
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -197,23 +197,43 @@ impl Peers {
             if let Some(why) = m.client.try_get(&abandoned)? {
                 let _ = m.client.add(&format!("{a}/ended"), 1); // node 0 may wait for it
                 return Err(JoinError::Rendezvous(format!(
-                    "another node ended the run instead of restarting it (attempt {attempt} will not start): {}",
+                    "another node ended the run (attempt {attempt} will not start): {}",
                     String::from_utf8_lossy(&why)
                 )));
             }
             if let Err(err) = check_signal_and_deadline(deadline, String::new) {
-                if let JoinError::Rendezvous(_) = err {
-                    let missing = m.missing_nodes(&a);
-                    return Err(JoinError::Rendezvous(format!(
-                        "only {} of {} nodes joined within {} s; missing node ranks {missing:?} \
-                         (start one launcher per node with the same --nnodes, --master-addr and --master-port)",
-                        m.nnodes - missing.len(),
-                        m.nnodes,
-                        timeout.as_secs()
-                    )));
-                }
+                let err = match err {
+                    JoinError::Rendezvous(_) => {
+                        let missing = m.missing_nodes(&a);
+                        JoinError::Rendezvous(format!(
+                            "only {} of {} nodes joined within {} s; missing node ranks {missing:?} \
+                             (start one launcher per node with the same --nnodes, --master-addr and --master-port)",
+                            m.nnodes - missing.len(),
+                            m.nnodes,
+                            timeout.as_secs()
+                        ))
+                    }
+                    err => err,
+                };
+                // This node counts as joined: the others (and a late node, which would complete
+                // the count and start ranks in a world without this node's) stop at once,
+                // told why, instead of waiting for it.
+                let why = match &err {
+                    JoinError::Interrupted(sig) => format!("node {} ({host}) was stopped by signal {sig} while waiting for the other nodes", m.node_rank),
+                    JoinError::Rendezvous(msg) => format!("node {} ({host}) gave up waiting: {msg}", m.node_rank),
+                    JoinError::Store(e) => format!("node {} ({host}): {e}", m.node_rank),
+                };
+                let _ = m.client.compare_set(&abandoned, None, why.as_bytes());
                 return Err(err);
             }
+        }
+        // (a node that gave up counted as joined: the last node in completes the count)
+        if let Some(why) = m.client.try_get(&abandoned)? {
+            let _ = m.client.add(&format!("{a}/ended"), 1);
+            return Err(JoinError::Rendezvous(format!(
+                "another node ended the run (attempt {attempt} will not start): {}",
+                String::from_utf8_lossy(&why)
+            )));
         }
         // Ranks are numbered node by node; nodes may run different numbers of ranks.
         let mut layout = NodeLayout {
