@@ -110,6 +110,11 @@ impl NcclEngine {
         let device = env.local_rank as i32;
         let mut store = store;
         let id = unique_id(env, store.as_mut(), timeout)?;
+        // (each rank says it reached the communicator's init: a timeout there names the others)
+        let arrived = |r: usize| format!("dist/nccl/a{}/init/{r}", env.restart_count);
+        if let Some(s) = store.as_mut() {
+            let _ = s.set(&arrived(env.rank), b"here");
+        }
         let shared = Arc::new(Shared::new(env, store, timeout));
         let (rank, world) = (env.rank as i32, env.world_size as i32);
         let (tx, rx) = mpsc::channel::<Job>();
@@ -122,11 +127,24 @@ impl NcclEngine {
         match init_rx.recv_timeout(timeout) {
             Ok(r) => r?,
             Err(_) => {
+                let mut store = shared.store.lock().unwrap_or_else(|p| p.into_inner());
+                let missing: Vec<usize> = match store.as_mut() {
+                    Some(s) => (0..env.world_size)
+                        .filter(|&r| s.try_get(&arrived(r)).ok().flatten().is_none())
+                        .collect(),
+                    None => vec![],
+                };
+                if missing.is_empty() {
+                    return Err(DistError::Nccl(format!(
+                        "ncclCommInitRank timed out after {} s although every rank reached it: NCCL cannot connect the ranks (network interfaces, firewalls; rerun with NCCL_DEBUG=INFO)",
+                        timeout.as_secs()
+                    )));
+                }
                 return Err(DistError::Timeout {
                     op: "ncclCommInitRank".into(),
                     secs: timeout.as_secs(),
-                    ranks: vec![],
-                })
+                    ranks: missing,
+                });
             }
         }
         Ok(NcclEngine {
