@@ -207,7 +207,18 @@ fn worker(mut transport: Transport, jobs: mpsc::Receiver<Job>) {
             ))),
             (None, Transport::Alone) => run_single(&op),
             (None, Transport::Shm(shm)) => match &mut shm.cma {
-                Some(cma) => run_cma(cma, &mut shm.seg, &op),
+                Some(cma) => {
+                    let r = run_cma(cma, &mut shm.seg, &op);
+                    if matches!(r, Err(DistError::PeerLost { .. })) {
+                        // A live peer may be writing its last reduced block (<= 256 KiB,
+                        // microseconds) into this rank's tensor (process_vm_writev): its own next
+                        // read of the dead rank fails and it stops. The tensor must outlive that
+                        // write, so the error waits a moment before it reaches the caller, who
+                        // frees the tensor.
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                    }
+                    r
+                }
                 None => run_copy(shm, &op),
             },
             (None, Transport::Tcp(mesh)) => run_tcp(mesh, &op),
