@@ -1180,30 +1180,7 @@ fn a_long_monitor_interval_does_not_turn_success_into_lost_contact() {
 fn different_nnodes_on_two_nodes_is_an_immediate_error() {
     let dir = Scratch::new("nnodes");
     let port = free_port().to_string();
-    let node = |rank: &str, nnodes: &str| {
-        launch_testrank(
-            &[
-                "--nnodes",
-                nnodes,
-                "--node-rank",
-                rank,
-                "--nproc-per-node",
-                "1",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                &port,
-                "--run-id",
-                "nnodes",
-                "--rdzv-timeout",
-                "60",
-            ],
-            dir.path(),
-            &[],
-        )
-        .spawn()
-        .unwrap()
-    };
+    let node = |rank: &str, nnodes: &str| spawn_node(dir.path(), &port, "nnodes", nnodes, rank);
     let started = Instant::now();
     let node0 = node("0", "2");
     std::thread::sleep(Duration::from_millis(300));
@@ -1277,30 +1254,7 @@ fn an_exited_rank_keeps_its_pid_until_its_group_was_signalled() {
 fn a_node_interrupted_at_the_rendezvous_stops_the_others() {
     let dir = Scratch::new("rdzvint");
     let port = free_port().to_string();
-    let node = |rank: &str| {
-        launch_testrank(
-            &[
-                "--nnodes",
-                "3",
-                "--node-rank",
-                rank,
-                "--nproc-per-node",
-                "1",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                &port,
-                "--run-id",
-                "rdzvint",
-                "--rdzv-timeout",
-                "60",
-            ],
-            dir.path(),
-            &[],
-        )
-        .spawn()
-        .unwrap()
-    };
+    let node = |rank: &str| spawn_node(dir.path(), &port, "rdzvint", "3", rank);
     let started = Instant::now();
     let node0 = node("0");
     std::thread::sleep(Duration::from_millis(300));
@@ -1322,4 +1276,31 @@ fn a_node_interrupted_at_the_rendezvous_stops_the_others() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// One node of a multi-node test run on 127.0.0.1 (one test rank, --rdzv-timeout 60), spawned.
+fn spawn_node(
+    dir: &Path,
+    port: &str,
+    run_id: &str,
+    nnodes: &str,
+    rank: &str,
+) -> std::process::Child {
+    let flags = [
+        "--nnodes",
+        nnodes,
+        "--node-rank",
+        rank,
+        "--nproc-per-node",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        port,
+        "--run-id",
+        run_id,
+        "--rdzv-timeout",
+        "60",
+    ];
+    launch_testrank(&flags, dir, &[]).spawn().unwrap()
 }

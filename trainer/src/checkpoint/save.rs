@@ -1322,6 +1322,29 @@ pub(crate) mod tests {
     /// A leftover that cannot be removed (here a file with a `.partial` name: remove_dir_all
     /// fails on it, also as root) neither keeps the old checkpoints listed after it on disk nor
     /// goes unreported: the end of training fails, naming it, though each save only warned.
+    /// A synchronous save of step `step` (state `states(step, whole)`).
+    fn save_whole(
+        saves: &mut Checkpointer,
+        pg: &ProcessGroup,
+        config: &Config,
+        schedule: &LrSchedule,
+        step: u64,
+    ) {
+        let st = states(step as f32, whole);
+        saves
+            .save_states(
+                pg,
+                Device::Cpu,
+                config,
+                st,
+                step,
+                schedule,
+                &progress(step),
+                false,
+            )
+            .unwrap();
+    }
+
     #[test]
     fn retention_removes_what_it_can_and_reports_the_rest_at_the_end() {
         let (pg, config, schedule) = setup("retention-stuck", 1);
@@ -1331,18 +1354,7 @@ pub(crate) mod tests {
         std::fs::write(&stuck, "not a folder").unwrap();
         let mut saves = Checkpointer::new();
         for step in [1, 2, 3] {
-            saves
-                .save_states(
-                    &pg,
-                    Device::Cpu,
-                    &config,
-                    states(step as f32, whole),
-                    step,
-                    &schedule,
-                    &progress(step),
-                    false,
-                )
-                .unwrap();
+            save_whole(&mut saves, &pg, &config, &schedule, step);
         }
         let err = format!("{:#}", saves.close(&pg, Device::Cpu).unwrap_err());
         assert!(err.contains("step-00000000.partial"), "{err}");
@@ -1359,18 +1371,7 @@ pub(crate) mod tests {
         let (open, gate) = std::sync::mpsc::channel();
         saves.janitor.gate = Some(gate);
         for step in [1, 2] {
-            saves
-                .save_states(
-                    &pg,
-                    Device::Cpu,
-                    &config,
-                    states(step as f32, whole),
-                    step,
-                    &schedule,
-                    &progress(step),
-                    false,
-                )
-                .unwrap();
+            save_whole(&mut saves, &pg, &config, &schedule, step);
         }
         // the second save returned while its retention (step 1) waits at the gate: deletion is
         // not on the training thread
