@@ -302,7 +302,7 @@ fn validation_keeps_the_best_epochs_adapter_across_a_resume() {
     ];
     let train = "epochs: 4, batch_size: 8, grad_accum: 1";
     // the adapter in output_dir is the export of the best epoch's checkpoint, bit for bit
-    let check = |out: &Path| -> u64 {
+    let check = |out: &Path| -> (u64, u64) {
         let v = validations(out);
         assert_eq!(v.len(), 4, "{v:?}");
         let best = v.iter().fold(v[0], |b, &r| if r.2 < b.2 { r } else { b });
@@ -323,7 +323,7 @@ fn validation_keeps_the_best_epochs_adapter_across_a_resume() {
             serde_json::from_str(&std::fs::read_to_string(ckpt.join("validation.json")).unwrap())
                 .unwrap();
         assert_eq!(record["eval_loss"].as_f64(), Some(best.2));
-        best.1
+        (best.0, best.1)
     };
     let o = ok(run(&whole, 1, train, &sets, &[]), "uninterrupted run");
     assert!(
@@ -331,7 +331,7 @@ fn validation_keeps_the_best_epochs_adapter_across_a_resume() {
         "{}",
         o.stderr
     );
-    let best_step = check(&whole);
+    let (best_epoch, best_step) = check(&whole);
     // stopped inside the epoch after the best one, then resumed: without the carried best, the
     // next validated epoch would replace the adapter
     let resumed = fresh("best-adapter-resumed");
@@ -350,5 +350,69 @@ fn validation_keeps_the_best_epochs_adapter_across_a_resume() {
         "{}",
         second.stderr
     );
-    assert_eq!(check(&resumed), best_step);
+    assert_eq!(check(&resumed), (best_epoch, best_step));
+    // resumed from the best epoch's own checkpoint (into another folder): its manifest predates
+    // that epoch's validation, which only its validation.json holds; with it, no later epoch is
+    // better, so no adapter is written there
+    let from_best = fresh("best-adapter-from-best");
+    let folder = whole.join(format!("ckpt/step-{best_step:08}"));
+    let resume = format!("checkpoint.resume={}", folder.display());
+    let mut sets_from = sets.to_vec();
+    sets_from.push(&resume);
+    let o = ok(
+        run(&from_best, 1, train, &sets_from, &[]),
+        "run from the best",
+    );
+    let carried = format!("(epoch {best_epoch}, step {best_step})");
+    assert!(o.stderr.contains(&carried), "{carried}: {}", o.stderr);
+    assert!(
+        !from_best.join("adapter_model.safetensors").exists(),
+        "{}",
+        o.stderr
+    );
+}
+
+/// With validation, a run stopped by SIGTERM at its very last step (before that epoch's
+/// validation) is validated when launched again, "nothing left to train", and leaves its adapter
+/// then; a third launch validates nothing again.
+#[test]
+fn a_run_stopped_at_its_last_step_is_validated_when_launched_again() {
+    let out = fresh("validate-after-last-step");
+    let eval = format!(
+        "data.eval={}",
+        common::ckpt::setup().join("train.jsonl").display()
+    );
+    let sets = [eval.as_str(), "train.validate=true", "peft.dropout=0.0"];
+    let train = "epochs: 1, batch_size: 8, grad_accum: 1";
+    let first = run(&out, 1, train, &sets, &[("TRAINER_STOP_AFTER_STEP", "6")]);
+    assert_ne!(first.code, Some(0), "{}", first.stderr);
+    assert!(
+        first.stderr.contains("SIGTERM: stopping after step 6"),
+        "{}",
+        first.stderr
+    );
+    assert!(!out.join("adapter_model.safetensors").exists());
+    let second = ok(run(&out, 1, train, &sets, &[]), "launched again");
+    assert!(
+        second.stderr.contains("nothing left to train"),
+        "{}",
+        second.stderr
+    );
+    assert!(
+        second.stderr.contains("validating it now"),
+        "{}",
+        second.stderr
+    );
+    assert!(
+        out.join("adapter_model.safetensors").exists(),
+        "{}",
+        second.stderr
+    );
+    assert!(out.join("ckpt/step-00000006/validation.json").exists());
+    let third = ok(run(&out, 1, train, &sets, &[]), "launched a third time");
+    assert!(
+        !third.stderr.contains("validating it now"),
+        "{}",
+        third.stderr
+    );
 }

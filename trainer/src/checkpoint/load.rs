@@ -37,6 +37,8 @@ pub struct Resumed {
     pub optimizer: serde_json::Value,
     /// Its training run (`Manifest::lineage`), which this run's saves continue.
     pub lineage: Option<String>,
+    /// Whether the folder holds the validation record of its own step (`validation.json`).
+    pub validated: bool,
 }
 
 /// The newest complete checkpoint in `dir` as rank 0 sees it, on every rank: ranks may see the
@@ -227,6 +229,7 @@ fn load_resumed(
             best_eval: super::validation::best_of(m.best_eval, validated),
         },
         lineage: m.lineage.clone(),
+        validated: validated.is_some(),
     })
 }
 

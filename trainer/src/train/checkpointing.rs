@@ -4,7 +4,7 @@
 //! one save is in flight: a new one first completes the previous one, and a written one is
 //! published (manifest + rename after a barrier) once every rank has written its file. `finish`
 //! at the end of training (SIGTERM included) waits for the save in flight and for retention, and
-//! reports their errors.
+//! reports their errors (the save's fails the run, retention's is a warning).
 use anyhow::{Context, Result};
 use tch::Device;
 
@@ -132,6 +132,7 @@ impl<'a> Saver<'a> {
         st.skipped_nonfinite = p.skipped_nonfinite;
         st.saved_step = Some(p.step);
         st.best_eval = p.best_eval;
+        st.resumed_validated = r.validated;
         if let Some(b) = p.best_eval {
             log(
                 pg.rank(),
@@ -262,8 +263,8 @@ impl<'a> Saver<'a> {
         Ok(())
     }
 
-    /// End of training: completes and publishes the save in flight, if any, and waits for the
-    /// removal of old checkpoints; an error of either (on any rank) is returned on every rank.
+    /// End of training: completes and publishes the save in flight, if any (its error on any rank
+    /// is returned on every rank), and waits for the removal of old checkpoints (a warning).
     pub fn finish(&mut self) -> Result<()> {
         self.saves.close(self.pg, self.device)
     }

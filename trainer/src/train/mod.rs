@@ -57,6 +57,8 @@ struct State {
     resumed_schedule: Option<serde_json::Value>,
     /// The lowest validation loss so far (the epoch whose adapter is in `train.output_dir`).
     best_eval: Option<crate::checkpoint::validation::EvalResult>,
+    /// Whether the checkpoint resumed from was validated at its step (its validation.json).
+    resumed_validated: bool,
 }
 
 pub fn train(config: &Config) -> Result<Outcome> {
@@ -112,7 +114,8 @@ pub fn train(config: &Config) -> Result<Outcome> {
     }
 
     // 5. The loop: epochs of optimizer steps of grad_accum micro-batches. (A run resumed at its
-    // last step has none left: no epoch is entered, so nothing is validated or saved again.)
+    // last step has none left: no epoch is entered, so nothing is saved again; only a last epoch
+    // that was stopped before its validation, e.g. by SIGTERM at its last step, is validated.)
     let mut interrupted = false;
     let start_step = st.step;
     let epochs = match st.step >= total_steps {
@@ -121,6 +124,20 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 "nothing left to train: the run is at step {} of {total_steps}",
                 st.step
             ));
+            if data.eval.is_some() && !st.resumed_validated {
+                meter.log("its last epoch was not validated (stopped before): validating it now");
+                let epoch = st.epoch;
+                let ctx = (&pg, config, device);
+                validate_epoch(
+                    ctx,
+                    &mut saver,
+                    &mut st,
+                    &mut trainable,
+                    &data,
+                    epoch,
+                    &mut meter,
+                )?;
+            }
             0..0
         }
         false => start.0..t.epochs as u64,
@@ -198,29 +215,16 @@ pub fn train(config: &Config) -> Result<Outcome> {
         if st.epoch_batch >= steps_per_epoch && st.saved_step != Some(st.step) {
             saver.save(&mut st, &trainable, &opt, (epoch + 1, 0))?;
         }
-        let validated = match &data.eval {
-            Some(ds) => {
-                // (a background save is only a checkpoint once published)
-                saver.publish_pending()?;
-                let eval_loss = step::validate(
-                    &pg,
-                    &mut trainable,
-                    ds,
-                    config,
-                    device,
-                    (st.step, epoch),
-                    &mut meter,
-                )?;
-                Some(EvalResult {
-                    step: st.step,
-                    epoch,
-                    eval_loss,
-                })
-            }
-            None => None,
-        };
-        // the adapter in train.output_dir: this epoch's unless validation found a better one
-        saver.epoch_end(&mut st, validated)?;
+        let ctx = (&pg, config, device);
+        validate_epoch(
+            ctx,
+            &mut saver,
+            &mut st,
+            &mut trainable,
+            &data,
+            epoch,
+            &mut meter,
+        )?;
         if st.step >= total_steps {
             break;
         }
@@ -245,4 +249,32 @@ pub fn train(config: &Config) -> Result<Outcome> {
         interrupted,
         last_loss: st.last_loss,
     })
+}
+
+/// After an epoch (its checkpoint saved): validation on `data.eval` if there is one, then the
+/// adapter in train.output_dir (this epoch's, unless validation found a better one earlier).
+fn validate_epoch(
+    (pg, config, device): (&crate::dist::ProcessGroup, &Config, tch::Device),
+    saver: &mut checkpointing::Saver,
+    st: &mut State,
+    trainable: &mut crate::fsdp::Trainable,
+    data: &setup::Data,
+    epoch: u64,
+    meter: &mut Meter,
+) -> Result<()> {
+    let validated = match &data.eval {
+        Some(ds) => {
+            // (a background save is only a checkpoint once published)
+            saver.publish_pending()?;
+            let at = (st.step, epoch);
+            let eval_loss = step::validate(pg, trainable, ds, config, device, at, meter)?;
+            Some(EvalResult {
+                step: st.step,
+                epoch,
+                eval_loss,
+            })
+        }
+        None => None,
+    };
+    saver.epoch_end(st, validated)
 }
