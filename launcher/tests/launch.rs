@@ -1180,7 +1180,9 @@ fn a_long_monitor_interval_does_not_turn_success_into_lost_contact() {
 fn different_nnodes_on_two_nodes_is_an_immediate_error() {
     let dir = Scratch::new("nnodes");
     let port = free_port().to_string();
-    let node = |rank: &str, nnodes: &str| spawn_node(dir.path(), &port, "nnodes", nnodes, rank);
+    let node = |rank: &str, nnodes: &str| {
+        spawn_node(dir.path(), &port, "nnodes", (nnodes, rank), &[], &[])
+    };
     let started = Instant::now();
     let node0 = node("0", "2");
     std::thread::sleep(Duration::from_millis(300));
@@ -1254,7 +1256,7 @@ fn an_exited_rank_keeps_its_pid_until_its_group_was_signalled() {
 fn a_node_interrupted_at_the_rendezvous_stops_the_others() {
     let dir = Scratch::new("rdzvint");
     let port = free_port().to_string();
-    let node = |rank: &str| spawn_node(dir.path(), &port, "rdzvint", "3", rank);
+    let node = |rank: &str| spawn_node(dir.path(), &port, "rdzvint", ("3", rank), &[], &[]);
     let started = Instant::now();
     let node0 = node("0");
     std::thread::sleep(Duration::from_millis(300));
@@ -1278,15 +1280,17 @@ fn a_node_interrupted_at_the_rendezvous_stops_the_others() {
     );
 }
 
-/// One node of a multi-node test run on 127.0.0.1 (one test rank, --rdzv-timeout 60), spawned.
+/// One node of a multi-node test run on 127.0.0.1 (one test rank with `rank_args`,
+/// --rdzv-timeout 60, then `extra` flags), spawned.
 fn spawn_node(
     dir: &Path,
     port: &str,
     run_id: &str,
-    nnodes: &str,
-    rank: &str,
+    (nnodes, rank): (&str, &str),
+    extra: &[&str],
+    rank_args: &[&str],
 ) -> std::process::Child {
-    let flags = [
+    let mut flags = vec![
         "--nnodes",
         nnodes,
         "--node-rank",
@@ -1302,5 +1306,42 @@ fn spawn_node(
         "--rdzv-timeout",
         "60",
     ];
-    launch_testrank(&flags, dir, &[]).spawn().unwrap()
+    flags.extend_from_slice(extra);
+    launch_testrank(&flags, dir, rank_args).spawn().unwrap()
+}
+
+/// With a long --monitor-interval, a node learns another node's failure from the store before
+/// node 0 takes it down (node 0 keeps it up two monitor intervals at least): it reports the
+/// failing rank as the root cause, not "lost contact with node 0".
+#[test]
+fn a_long_monitor_interval_still_reports_the_root_cause_on_every_node() {
+    let dir = Scratch::new("longmonitorfail");
+    let port = free_port().to_string();
+    let extra = ["--monitor-interval", "25", "--grace-period", "1"];
+    let rank_args = ["--rank", "0", "--exit-code", "7", "--sleep", "90"];
+    let node = |rank: &str| {
+        spawn_node(
+            dir.path(),
+            &port,
+            "longmonitorfail",
+            ("2", rank),
+            &extra,
+            &rank_args,
+        )
+    };
+    let started = Instant::now();
+    let (node0, node1) = (node("0"), node("1"));
+    let limit = Duration::from_secs(60);
+    let (run0, run1) = (wait(node0, started, limit), wait(node1, started, limit));
+    assert_eq!(run0.code(), 7, "node 0: {}", run0.stderr);
+    assert!(
+        !run1.stderr.contains("lost contact"),
+        "node 1: {}",
+        run1.stderr
+    );
+    assert!(
+        run1.stderr.contains("exit code 7"),
+        "node 1: {}",
+        run1.stderr
+    );
 }

@@ -583,7 +583,7 @@ impl Attempt<'_> {
                 }
             }
             // (at most 1 s: once every node is done, node 0 keeps its store up for only
-            // `peers::ACK_WAIT` for the others to read it; a longer --monitor-interval would find
+            // `peers::ack_wait` for the others to read it; a longer --monitor-interval would find
             // it gone and report a successful run as lost contact)
             std::thread::sleep(self.spec.monitor_interval.min(Duration::from_secs(1)));
         }

@@ -25,8 +25,16 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn heartbeat_timeout(monitor_interval: Duration) -> Duration {
     HEARTBEAT_TIMEOUT.max(monitor_interval.saturating_mul(3))
 }
-/// How long node 0 keeps its store up for the other nodes to learn the outcome.
+/// How long node 0 keeps its store up for the other nodes to learn the outcome, at least; longer
+/// with a long monitor interval ([`ack_wait`]).
 const ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// How long node 0 keeps its store up for the others: they look at it every monitor interval
+/// while their ranks run, so two intervals and a margin at least (else a node would find the
+/// store gone and report lost contact instead of the outcome).
+pub fn ack_wait(monitor_interval: Duration) -> Duration {
+    ACK_WAIT.max(monitor_interval.saturating_mul(2) + Duration::from_secs(2))
+}
 
 /// Where this node's ranks sit in the world of one attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +77,8 @@ pub struct MultiNode {
     heartbeats: Vec<(i64, Instant)>,
     /// The attempt whose outcome this node has acknowledged.
     acked: Option<u32>,
+    /// [`ack_wait`] of the run's monitor interval.
+    ack_wait: Duration,
 }
 
 impl Peers {
@@ -87,6 +97,7 @@ impl Peers {
             heartbeat_timeout: heartbeat_timeout(monitor_interval),
             heartbeats: vec![(-1, now); nnodes],
             acked: None,
+            ack_wait: ack_wait(monitor_interval),
         })
     }
 
@@ -324,7 +335,7 @@ impl Peers {
     /// This node ends the run after attempt `attempt` failed (no restarts left, a signal of its
     /// own, a failure that is not restartable): nodes that would restart learn it when they join
     /// attempt `attempt + 1` instead of waiting out the rendezvous timeout.
-    /// Node 0 serves the store, so it stays (at most `ACK_WAIT`) until every other node has ended
+    /// Node 0 serves the store, so it stays (at most `ack_wait`) until every other node has ended
     /// too or read why (`{a}/ended` counts both): else a restarting node would only see the store
     /// vanish.
     pub fn give_up(&mut self, attempt: u32, failure: &Failure) {
@@ -371,15 +382,15 @@ impl Peers {
         }
         tracing::warn!(
             "not every node acknowledged the end of the run within {} s",
-            ACK_WAIT.as_secs()
+            m.ack_wait.as_secs()
         );
     }
 }
 
 impl MultiNode {
-    /// Waits (at most `ACK_WAIT`) until the counter `key` reaches `want`; whether it did.
+    /// Waits (at most `ack_wait`) until the counter `key` reaches `want`; whether it did.
     fn wait_count(&mut self, key: &str, want: i64) -> bool {
-        let deadline = Instant::now() + ACK_WAIT;
+        let deadline = Instant::now() + self.ack_wait;
         while Instant::now() < deadline {
             let count = self
                 .client
