@@ -63,7 +63,7 @@ impl From<StoreError> for JoinError {
 pub enum Peers {
     /// Single-node run: nothing to coordinate.
     Single,
-    Multi(MultiNode),
+    Multi(Box<MultiNode>),
 }
 
 pub struct MultiNode {
@@ -89,7 +89,7 @@ impl Peers {
         monitor_interval: Duration,
     ) -> Self {
         let now = Instant::now();
-        Peers::Multi(MultiNode {
+        Peers::Multi(Box::new(MultiNode {
             client,
             node_rank,
             nnodes,
@@ -98,7 +98,7 @@ impl Peers {
             heartbeats: vec![(-1, now); nnodes],
             acked: None,
             ack_wait: ack_wait(monitor_interval),
-        })
+        }))
     }
 
     /// Node 0 publishes its run id and `launch_id`; the others adopt them (so TORCHELASTIC_RUN_ID
