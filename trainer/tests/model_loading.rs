@@ -383,3 +383,105 @@ fn weight_source_reads_flat_ranges_for_sharding() {
     ));
     assert!(src.get_flat_range(name, 8000, 500, Kind::Float).is_err());
 }
+
+/// An adapter in transformers-4 naming (what peft writes on the seed's stack, and
+/// `trainer export --naming hf4`) with LoRA on the projector and the LM head loads and computes
+/// what it computed when saved: their module paths (`multi_modal_projector`,
+/// `language_model.lm_head`, no trailing name) map to this model's.
+#[test]
+fn hf4_adapter_on_the_projector_and_lm_head_loads() {
+    let b = golden_batch("batch2");
+    let mut m = load("hf5");
+    let targets = ["q_proj", "multi_modal_projector", "lm_head"];
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: TargetModules::Names(targets.iter().map(|t| t.to_string()).collect()),
+        use_rslora: false,
+    };
+    m.apply_lora(&cfg, 3).unwrap();
+    let params = m.trainable_parameters();
+    assert!(params
+        .iter()
+        .any(|(n, _)| n.contains("multi_modal_projector")));
+    assert!(params.iter().any(|(n, _)| n.contains("lm_head")));
+    tch::no_grad(|| {
+        for (_, t) in &params {
+            let _ = t.shallow_clone().copy_(&(t.randn_like() * 0.05));
+        }
+    });
+    let want = tch::no_grad(|| m.forward(&b)).unwrap();
+    let hf5 = tmpdir("adapter_hf5_projector");
+    m.save_adapter(&hf5, Some("tiny")).unwrap();
+    let hf4 = tmpdir("adapter_hf4_projector");
+    std::fs::copy(
+        hf5.join("adapter_config.json"),
+        hf4.join("adapter_config.json"),
+    )
+    .unwrap();
+    let renamed: Vec<(String, Tensor)> =
+        Tensor::read_safetensors(hf5.join("adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| {
+                let module = n.strip_prefix("base_model.model.").unwrap();
+                let legacy = trainer::model::weights::canonical_to_legacy(module);
+                (format!("base_model.model.{legacy}"), t)
+            })
+            .collect();
+    assert!(renamed
+        .iter()
+        .any(|(n, _)| n == "base_model.model.multi_modal_projector.lora_A.weight"));
+    assert!(renamed
+        .iter()
+        .any(|(n, _)| n == "base_model.model.language_model.lm_head.lora_B.weight"));
+    let refs: Vec<(&str, &Tensor)> = renamed.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::write_safetensors(&refs, hf4.join("adapter_model.safetensors")).unwrap();
+    let mut m2 = load("hf5");
+    m2.load_adapter(&hf4).unwrap();
+    let got = tch::no_grad(|| m2.forward(&b)).unwrap();
+    assert_eq!(max_rel(&got, &want), 0.0);
+}
+
+/// adapter_config.json settings that change which layers carry LoRA or what it computes are
+/// refused by name (loaded as plain LoRA they would be wrong, or fail with a list of missing
+/// keys that does not say why); their defaults (null, false, empty) load.
+#[test]
+fn adapter_settings_plain_lora_cannot_honour_are_refused_by_name() {
+    let src = fixtures().join("adapter_hf5");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let cases = [
+        ("layers_to_transform", serde_json::json!([0])),
+        ("layers_pattern", serde_json::json!("layers")),
+        ("exclude_modules", serde_json::json!(["vision_model"])),
+        ("lora_bias", serde_json::json!(true)),
+        ("fan_in_fan_out", serde_json::json!(true)),
+        ("trainable_token_indices", serde_json::json!([1, 2])),
+        ("layer_replication", serde_json::json!([[0, 1]])),
+        (
+            "target_parameters",
+            serde_json::json!(["mlp.experts.gate_up_proj"]),
+        ),
+        ("alora_invocation_tokens", serde_json::json!([1, 2])),
+    ];
+    for (key, value) in cases {
+        let d = tmpdir(&format!("adapter_setting_{key}"));
+        std::fs::copy(
+            src.join("adapter_model.safetensors"),
+            d.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut c = config.clone();
+        c[key] = value;
+        std::fs::write(d.join("adapter_config.json"), c.to_string()).unwrap();
+        let err = load("hf5").load_adapter(&d).unwrap_err().to_string();
+        assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+        // the default of the same key loads
+        c[key] = serde_json::Value::Null;
+        std::fs::write(d.join("adapter_config.json"), c.to_string()).unwrap();
+        load("hf5").load_adapter(&d).unwrap();
+    }
+}

@@ -86,6 +86,37 @@ fn parse_config(v: &Value) -> Result<LoraConfig, ModelError> {
     if v.get("modules_to_save").is_some_and(|m| !m.is_null()) {
         return Err(bad("modules_to_save is not supported".into()));
     }
+    // PEFT settings that change which layers carry LoRA or what it computes: loading such an
+    // adapter as plain LoRA would be wrong (aLoRA applies only after its invocation tokens) or
+    // fail with a list of missing keys that does not say why
+    const UNSUPPORTED: [(&str, &str); 9] = [
+        ("layers_to_transform", "LoRA on some layers only"),
+        ("layers_pattern", "LoRA on some layers only"),
+        ("exclude_modules", "modules left out of target_modules"),
+        ("lora_bias", "a bias in lora_B"),
+        ("fan_in_fan_out", "transposed (Conv1D) weights"),
+        ("trainable_token_indices", "trained token embeddings"),
+        ("layer_replication", "replicated layers"),
+        ("target_parameters", "LoRA on parameters, not modules"),
+        (
+            "alora_invocation_tokens",
+            "activated LoRA (applied after its invocation tokens)",
+        ),
+    ];
+    for (key, what) in UNSUPPORTED {
+        let set = match v.get(key) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(Value::Object(o)) => !o.is_empty(),
+            Some(Value::String(s)) => !s.is_empty(),
+            Some(_) => true,
+        };
+        if set {
+            return Err(bad(format!(
+                "`{key}` ({what}) is not supported: only plain LoRA on whole modules loads"
+            )));
+        }
+    }
     let use_rslora = typed("use_rslora", "true or false", Value::is_boolean)?
         .and_then(Value::as_bool)
         .unwrap_or(false);

@@ -282,27 +282,30 @@ impl KeyLayout {
 
 /// `model.language_model.X` -> `language_model.model.X`, `model.vision_model.X` -> `vision_model.X`,
 /// `model.multi_modal_projector.X` -> `multi_modal_projector.X`, `lm_head.X` -> `language_model.lm_head.X`.
+/// Module paths too (no `.X`: `lm_head` -> `language_model.lm_head`, as PEFT names LoRA keys).
 pub fn canonical_to_legacy(name: &str) -> String {
     if let Some(r) = name.strip_prefix("model.language_model.") {
         format!("language_model.model.{r}")
     } else if let Some(r) = name.strip_prefix("model.") {
         r.to_string()
-    } else if let Some(r) = name.strip_prefix("lm_head.") {
-        format!("language_model.lm_head.{r}")
+    } else if name == "lm_head" || name.starts_with("lm_head.") {
+        format!("language_model.{name}")
     } else {
         name.to_string()
     }
 }
 
-/// Inverse of [`canonical_to_legacy`]; module-path names pass through.
+/// Inverse of [`canonical_to_legacy`] (tensor names and module paths); module-path names pass
+/// through.
 pub fn legacy_to_canonical(name: &str) -> String {
-    if name.starts_with("model.") || name.starts_with("lm_head") {
+    let under = |prefix: &str| name == prefix || name.starts_with(&format!("{prefix}."));
+    if name.starts_with("model.") || under("lm_head") {
         name.to_string()
     } else if let Some(r) = name.strip_prefix("language_model.model.") {
         format!("model.language_model.{r}")
-    } else if let Some(r) = name.strip_prefix("language_model.lm_head.") {
-        format!("lm_head.{r}")
-    } else if name.starts_with("vision_model.") || name.starts_with("multi_modal_projector.") {
+    } else if under("language_model.lm_head") {
+        name["language_model.".len()..].to_string()
+    } else if under("vision_model") || under("multi_modal_projector") {
         format!("model.{name}")
     } else {
         name.to_string()
@@ -445,6 +448,42 @@ impl<'a> Loader<'a> {
                 self.layout,
                 self.problems.join("\n  ")
             )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tensor names and module paths (PEFT's LoRA keys name modules: no `.weight`) map both ways.
+    #[test]
+    fn legacy_and_canonical_names_map_both_ways() {
+        let pairs = [
+            (
+                "model.language_model.layers.0.self_attn.q_proj.weight",
+                "language_model.model.layers.0.self_attn.q_proj.weight",
+            ),
+            (
+                "model.language_model.layers.0.self_attn.q_proj",
+                "language_model.model.layers.0.self_attn.q_proj",
+            ),
+            (
+                "model.vision_model.transformer.layers.1.self_attn.v_proj",
+                "vision_model.transformer.layers.1.self_attn.v_proj",
+            ),
+            (
+                "model.multi_modal_projector.weight",
+                "multi_modal_projector.weight",
+            ),
+            ("model.multi_modal_projector", "multi_modal_projector"),
+            ("lm_head.weight", "language_model.lm_head.weight"),
+            ("lm_head", "language_model.lm_head"),
+        ];
+        for (canonical, legacy) in pairs {
+            assert_eq!(canonical_to_legacy(canonical), legacy);
+            assert_eq!(legacy_to_canonical(legacy), canonical);
+            assert_eq!(legacy_to_canonical(canonical), canonical);
         }
     }
 }
