@@ -408,7 +408,7 @@ fn hf4_adapter_on_the_projector_and_lm_head_loads() {
     assert!(params.iter().any(|(n, _)| n.contains("lm_head")));
     tch::no_grad(|| {
         for (_, t) in &params {
-            let _ = t.shallow_clone().copy_(&(t.randn_like() * 0.05));
+            t.shallow_clone().copy_(&(t.randn_like() * 0.05));
         }
     });
     let want = tch::no_grad(|| m.forward(&b)).unwrap();
@@ -483,5 +483,66 @@ fn adapter_settings_plain_lora_cannot_honour_are_refused_by_name() {
         c[key] = serde_json::Value::Null;
         std::fs::write(d.join("adapter_config.json"), c.to_string()).unwrap();
         load("hf5").load_adapter(&d).unwrap();
+    }
+}
+
+/// A tensor stored in two shards of a model folder is an error naming both files (which copy
+/// loaded used to depend on the file order).
+#[test]
+fn a_tensor_in_two_shards_is_an_error_naming_both() {
+    let d = tmpdir("dup_shards");
+    let all: Vec<(String, Tensor)> = ["00001", "00002"]
+        .iter()
+        .flat_map(|k| {
+            let f = fixtures().join(format!("model_hf5/model-{k}-of-00002.safetensors"));
+            Tensor::read_safetensors(f).unwrap()
+        })
+        .collect();
+    let dup = "model.language_model.norm.weight";
+    let one: Vec<(&str, &Tensor)> = all.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let two: Vec<(&str, &Tensor)> = one.iter().filter(|(n, _)| *n == dup).copied().collect();
+    Tensor::write_safetensors(&one, d.join("model-00001-of-00002.safetensors")).unwrap();
+    Tensor::write_safetensors(&two, d.join("model-00002-of-00002.safetensors")).unwrap();
+    let map: serde_json::Map<String, serde_json::Value> = all
+        .iter()
+        .map(|(n, _)| {
+            let file = match n.as_str() == dup {
+                true => "model-00002-of-00002.safetensors",
+                false => "model-00001-of-00002.safetensors",
+            };
+            (n.clone(), serde_json::json!(file))
+        })
+        .collect();
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let Err(e) = trainer::model::WeightSource::open_dir(&d) else {
+        panic!("opened");
+    };
+    let err = e.to_string();
+    assert!(
+        err.contains(dup)
+            && err.contains("model-00001-of-00002")
+            && err.contains("model-00002-of-00002"),
+        "{err}"
+    );
+}
+
+/// A llama3 RoPE table missing a field names it under the key the file uses (`rope_scaling` in
+/// the released layout, `rope_parameters` in transformers 5's).
+#[test]
+fn a_missing_rope_field_is_named_under_the_files_own_key() {
+    for (layout, section) in [("legacy", "rope_scaling"), ("hf5", "rope_parameters")] {
+        let path = fixtures().join(format!("model_{layout}/config.json"));
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let table = v["text_config"][section].as_object_mut().unwrap();
+        table.remove("original_max_position_embeddings").unwrap();
+        let d = tmpdir(&format!("rope_{layout}"));
+        std::fs::write(d.join("config.json"), v.to_string()).unwrap();
+        let err = MllamaConfig::from_file(&d.join("config.json"))
+            .unwrap_err()
+            .to_string();
+        let want = format!("text_config.{section}.original_max_position_embeddings");
+        assert!(err.contains(&want), "{layout}: {err}");
     }
 }

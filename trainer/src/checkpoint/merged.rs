@@ -178,6 +178,19 @@ fn open_base(dir: &Path) -> Result<(Vec<BaseFile>, Vec<BaseTensor>)> {
             data_start: n + 8,
         });
     }
+    // a name in two shards would be written twice under one name (a file safetensors refuses)
+    let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for t in &tensors {
+        if let Some(&f) = first.get(t.name.as_str()) {
+            bail!(
+                "tensor {} is stored twice, in {} and in {}: a broken or mixed model folder (remove the stray shard, or re-download the model)",
+                t.name,
+                files[f].path.display(),
+                files[t.file].path.display()
+            );
+        }
+        first.insert(&t.name, t.file);
+    }
     Ok((files, tensors))
 }
 

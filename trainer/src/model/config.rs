@@ -270,10 +270,11 @@ fn square(v: &Value, key: &str) -> Result<i64, ModelError> {
     }
 }
 
-fn num(v: &Value, key: &str) -> Result<f64, ModelError> {
+/// `section.key` as a number (`section`: the RoPE table the file uses, for the message).
+fn num(v: &Value, section: &str, key: &str) -> Result<f64, ModelError> {
     v.get(key).and_then(Value::as_f64).ok_or_else(|| {
         ModelError::Config(format!(
-            "text_config.rope_parameters.{key}: missing or not a number"
+            "text_config.{section}.{key}: missing or not a number"
         ))
     })
 }
@@ -300,6 +301,10 @@ impl MllamaConfig {
             .map_err(|e| ModelError::Config(format!("text_config: {e}")))?;
 
         // RoPE: transformers 5 `rope_parameters` (theta inside) or released `rope_theta` + `rope_scaling`.
+        let section = match rt.rope_parameters {
+            Some(_) => "rope_parameters",
+            None => "rope_scaling",
+        };
         let (rope_theta, scaling) = match (&rt.rope_parameters, rt.rope_theta) {
             (Some(p), _) => {
                 let theta = p
@@ -322,10 +327,14 @@ impl MllamaConfig {
                 match kind {
                     "default" => RopeScaling::Default,
                     "llama3" => RopeScaling::Llama3 {
-                        factor: num(&p, "factor")?,
-                        low_freq_factor: num(&p, "low_freq_factor")?,
-                        high_freq_factor: num(&p, "high_freq_factor")?,
-                        original_max_position_embeddings: num(&p, "original_max_position_embeddings")?,
+                        factor: num(&p, section, "factor")?,
+                        low_freq_factor: num(&p, section, "low_freq_factor")?,
+                        high_freq_factor: num(&p, section, "high_freq_factor")?,
+                        original_max_position_embeddings: num(
+                            &p,
+                            section,
+                            "original_max_position_embeddings",
+                        )?,
                     },
                     other => {
                         return Err(ModelError::Config(format!(

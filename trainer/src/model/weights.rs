@@ -103,15 +103,21 @@ impl WeightSource {
                 ModelError::Weights(format!("{}: bad safetensors header: {e:?}", path.display()))
             })?;
             for (name, info) in meta.tensors() {
-                entries.insert(
-                    name,
-                    TensorEntry {
-                        shape: info.shape.iter().map(|&d| d as i64).collect(),
-                        dtype: info.dtype,
-                        shard: i,
-                        offsets: info.data_offsets,
-                    },
-                );
+                let entry = TensorEntry {
+                    shape: info.shape.iter().map(|&d| d as i64).collect(),
+                    dtype: info.dtype,
+                    shard: i,
+                    offsets: info.data_offsets,
+                };
+                // (which copy would win is an accident of file order; the merged export would
+                // write both under one name, a file safetensors then refuses)
+                if let Some(first) = entries.insert(name.clone(), entry) {
+                    return Err(ModelError::Weights(format!(
+                        "tensor {name} is stored twice, in {} and in {}: a broken or mixed checkpoint folder (remove the stray shard, or re-download the model)",
+                        files[first.shard].display(),
+                        path.display()
+                    )));
+                }
             }
             shards.push(Shard {
                 path: path.clone(),
