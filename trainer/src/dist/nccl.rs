@@ -128,9 +128,10 @@ impl NcclEngine {
             Ok(r) => r?,
             Err(_) => {
                 let mut store = shared.store.lock().unwrap_or_else(|p| p.into_inner());
+                // (a rank whose mark cannot be read is not named: the store, not it, failed)
                 let missing: Vec<usize> = match store.as_mut() {
                     Some(s) => (0..env.world_size)
-                        .filter(|&r| s.try_get(&arrived(r)).ok().flatten().is_none())
+                        .filter(|&r| matches!(s.try_get(&arrived(r)), Ok(None)))
                         .collect(),
                     None => vec![],
                 };
@@ -259,8 +260,8 @@ impl Shared {
     /// A failure in this rank's worker before or while handing op `seq` to NCCL (a tensor on
     /// another GPU, an NCCL call returning an error): this rank skipped the op, so its next one
     /// would pair with the peers' this one (wrong data, or a hang). As after `fail`, every later
-    /// op fails with the first error and the communicator is aborted, which also ends the peers'
-    /// wait for this op.
+    /// op fails with the first error and the communicator is aborted; the peers' wait for this op
+    /// ends with NCCL's error or at their timeout, whose roll call then names this rank.
     fn fail_local(&self, op: &str, seq: u64, e: &DistError) {
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         if failed.is_some() {

@@ -397,8 +397,10 @@ impl Mesh {
             }
             // the chain's last rank acknowledges to the root (an empty message): ranks that
             // named other roots would otherwise each only send, return Ok, and leave their data
-            // for the next op to read as its own; now the root reads a peer's data where it
-            // expects the ack (the header carries the root and the length), an error
+            // for the next op to read as its own; now a root reads a peer's data where it expects
+            // the ack (the header carries the root and the length), an error. (With 3+ ranks a
+            // rank in the middle of a chain may still return Ok; the closed connections of the
+            // failing ones make its next op fail.)
             if next == root {
                 op.send(next, &[])?;
             }

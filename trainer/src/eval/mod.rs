@@ -667,8 +667,7 @@ pub fn run(
         .map(|(_, s)| s.iter().product::<i64>() as usize)
         .sum();
     let flops = crate::train::flops::FlopCount::of_base(session.model);
-    let turn_flops =
-        |t: &TurnPrediction| flops.inference_flops(t.prompt_tokens + t.tokens, t.tiles);
+    let turn_flops = |t: &TurnPrediction| flops.inference_flops(t.prompt_tokens, t.tokens, t.tiles);
     let report = report::build(
         &preds,
         params,

@@ -44,6 +44,11 @@ pub(crate) struct FlopCount {
     /// Forward FLOPs per token (2 per parameter): the recompute of activation checkpointing.
     forward_per_text_token: f64,
     forward_per_vision_token: f64,
+    /// Parts of `forward_per_text_token` that generation does not apply to every text token:
+    /// the LM head (logits for the generated positions only) and the cross-attention layers'
+    /// text-side weights (skipped without an image).
+    forward_lm_head: f64,
+    forward_cross_layers: f64,
     /// Vision tokens per tile (patches + class token).
     patches_per_tile: f64,
     /// Attention FLOPs per (query, key) pair of forward + backward, summed over the layers: text
@@ -51,6 +56,17 @@ pub(crate) struct FlopCount {
     self_attn_per_pair: f64,
     cross_attn_per_pair: f64,
     vision_attn_per_pair: f64,
+}
+
+/// The text decoder layer a parameter belongs to (`...language_model...layers.K.`), if any.
+fn text_layer(name: &str) -> Option<usize> {
+    let (_, rest) = name.split_once("language_model.")?;
+    let rest = rest.strip_prefix("model.").unwrap_or(rest);
+    rest.strip_prefix("layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Whether a parameter is applied to vision tokens (else to text tokens).
@@ -84,6 +100,8 @@ impl FlopCount {
         let lora = lora_params.is_some();
         let (mut text, mut vision) = (0.0, 0.0);
         let (mut fwd_text, mut fwd_vision) = (0.0, 0.0);
+        let (mut fwd_head, mut fwd_cross) = (0.0, 0.0);
+        let cross_layers = m.config.text.cross_attention_layers.clone();
         let mut add = |name: &str, numel: f64, trains: bool| {
             if name.contains("embed_tokens") {
                 return; // a lookup
@@ -95,6 +113,11 @@ impl FlopCount {
             } else {
                 text += f;
                 fwd_text += 2.0 * numel;
+                if name.starts_with("lm_head") {
+                    fwd_head += 2.0 * numel;
+                } else if text_layer(name).is_some_and(|k| cross_layers.contains(&k)) {
+                    fwd_cross += 2.0 * numel;
+                }
             }
         };
         m.visit_params(&mut |n, t| add(n, t.numel() as f64, !lora));
@@ -120,6 +143,8 @@ impl FlopCount {
             per_vision_token: vision,
             forward_per_text_token: fwd_text,
             forward_per_vision_token: fwd_vision,
+            forward_lm_head: fwd_head,
+            forward_cross_layers: fwd_cross,
             patches_per_tile: m.config.vision.num_patches() as f64,
             self_attn_per_pair: 12.0 * n_self * text_hd,
             cross_attn_per_pair: 12.0 * n_cross * text_hd,
@@ -146,15 +171,22 @@ impl FlopCount {
         f
     }
 
-    /// Forward FLOPs of one generation turn: `text_tokens` positions (prompt + generated), each
-    /// through the text weights once (prefill, then one decode step per token from the cache),
-    /// each attending to the positions up to itself (T (T + 1) / 2 pairs) and to the image's
-    /// `tiles` x patches vision tokens, which run through the vision tower once.
-    pub(crate) fn inference_flops(&self, text_tokens: usize, tiles: usize) -> f64 {
-        let t = text_tokens as f64;
+    /// Forward FLOPs of one generation turn: T = `prompt` + `new` positions, each through the
+    /// text weights once (prefill, then one decode step per token from the cache; the LM head
+    /// only for the `new` positions' logits; the cross-attention layers only with an image), each
+    /// attending to the positions up to itself (T (T + 1) / 2 pairs) and to the image's `tiles`
+    /// x patches vision tokens, which run through the vision tower once.
+    pub(crate) fn inference_flops(&self, prompt: usize, new: usize, tiles: usize) -> f64 {
+        let t = (prompt + new) as f64;
         let v = tiles as f64 * self.patches_per_tile;
+        let skipped = match tiles {
+            0 => self.forward_cross_layers,
+            _ => 0.0,
+        };
+        let per_text_token = self.forward_per_text_token - self.forward_lm_head - skipped;
         // (the forward's share of attention: 4 of its 12 FLOPs per pair)
-        self.forward_per_text_token * t
+        per_text_token * t
+            + self.forward_lm_head * new as f64
             + self.forward_per_vision_token * v
             + (self.self_attn_per_pair * t * (t + 1.0) / 2.0
                 + self.cross_attn_per_pair * t * v
@@ -354,41 +386,56 @@ mod tests {
         assert!((got - want).abs() <= 1e-9 * want);
     }
 
-    /// One generation turn (inference): 2 FLOPs per weight and token on the text side, per
-    /// vision token on the vision side (the embedding a lookup, LoRA factors left out), and the
-    /// forward's 4 x H x D per (query, key) pair: causal self-attention over the cache (T (T + 1)
-    /// / 2 pairs), cross-attention to every vision token, vision layers over the image's.
+    /// One generation turn (inference) of 7 prompt and 3 new tokens: 2 FLOPs per weight and
+    /// token on the text side (the LM head only for the 3 new positions; the cross-attention
+    /// layers only with an image), per vision token on the vision side (the embedding a lookup,
+    /// LoRA factors left out), and the forward's 4 x H x D per (query, key) pair: causal
+    /// self-attention over the cache (10 x 11 / 2 pairs), cross-attention to every vision token,
+    /// vision layers over the image's.
     #[test]
     fn a_generation_turn_counts_weights_cache_attention_and_the_vision_tower() {
         use crate::model::{LoraConfig, TargetModules};
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fixtures/mllama_tiny/model_hf5");
         let mut m = MllamaModel::load(&dir, crate::model::LoadOptions::default()).unwrap();
-        let (mut text_n, mut vision_n) = (0.0, 0.0);
-        m.visit_params(&mut |name, t| match () {
-            _ if name.contains("embed_tokens") => {}
-            _ if sees_vision_tokens(name) => vision_n += t.numel() as f64,
-            _ => text_n += t.numel() as f64,
-        });
-        if m.config.text.tie_word_embeddings {
-            text_n += (m.config.text.vocab_size * m.config.text.hidden_size) as f64;
-        }
         let (t, v) = (&m.config.text, &m.config.vision);
+        let cross_prefixes: Vec<String> = (t.cross_attention_layers.iter())
+            .map(|k| format!("model.language_model.layers.{k}."))
+            .collect();
+        let (mut text_n, mut vision_n, mut cross_n) = (0.0, 0.0, 0.0);
+        m.visit_params(&mut |name, p| {
+            let n = p.numel() as f64;
+            match () {
+                _ if name.contains("embed_tokens") => {}
+                _ if sees_vision_tokens(name) => vision_n += n,
+                _ if cross_prefixes.iter().any(|c| name.starts_with(c)) => cross_n += n,
+                _ => text_n += n,
+            }
+        });
+        let head_n = (t.vocab_size * t.hidden_size) as f64;
+        if !t.tie_word_embeddings {
+            text_n -= head_n; // visited as lm_head.weight
+        }
         let hd = (t.num_attention_heads * t.head_dim()) as f64;
         let cross = t.cross_attention_layers.len() as f64;
         let self_layers = t.num_hidden_layers as f64 - cross;
         let vision_layers = (v.num_hidden_layers + v.num_global_layers) as f64;
         let vt = 3.0 * v.num_patches() as f64; // 3 tiles
-        let want = 2.0 * text_n * 10.0
+        let text_only = 2.0 * text_n * 10.0 + 2.0 * head_n * 3.0 + 4.0 * self_layers * hd * 55.0;
+        let want = text_only
+            + 2.0 * cross_n * 10.0
             + 2.0 * vision_n * vt
-            + 4.0 * self_layers * hd * 55.0
             + 4.0 * cross * hd * 10.0 * vt
             + 4.0 * vision_layers * v.hidden_size as f64 * vt * vt;
+        assert!(cross_n > 0.0 && head_n > 0.0);
         let f = FlopCount::of_base(&m);
-        let got = f.inference_flops(10, 3);
+        let got = f.inference_flops(7, 3, 3);
         assert!((got - want).abs() <= 1e-9 * want, "{got} vs {want}");
-        let text_only = 2.0 * text_n * 10.0 + 4.0 * self_layers * hd * 55.0;
-        assert!((f.inference_flops(10, 0) - text_only).abs() <= 1e-9 * text_only);
+        let got = f.inference_flops(7, 3, 0);
+        assert!(
+            (got - text_only).abs() <= 1e-9 * text_only,
+            "{got} vs {text_only}"
+        );
         // an adapter does not change the count
         let lora = LoraConfig {
             r: 4,
@@ -397,8 +444,9 @@ mod tests {
             target_modules: TargetModules::Names(vec!["q_proj".into()]),
             use_rslora: false,
         };
+        let before = f.inference_flops(7, 3, 3);
         m.apply_lora(&lora, 1).unwrap();
-        assert_eq!(FlopCount::of_base(&m).inference_flops(10, 3), got);
+        assert_eq!(FlopCount::of_base(&m).inference_flops(7, 3, 3), before);
     }
 
     #[test]
