@@ -605,10 +605,12 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
     let group = if env.is_single() {
         None
     } else {
-        Some(trainer::dist::ProcessGroup::from_env(
+        let g = trainer::dist::ProcessGroup::from_env(
             trainer::dist::Backend::Cpu,
             std::time::Duration::from_secs(24 * 3600),
-        )?)
+        )?;
+        trainer::data::template::agree_template_clock(&g, tch::Device::Cpu)?;
+        Some(g)
     };
     let barrier = || {
         group

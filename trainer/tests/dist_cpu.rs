@@ -512,3 +512,33 @@ fn a_dropped_work_completes_on_every_transport() {
         );
     }
 }
+
+/// Ranks in time zones 26 hours apart (POSIX TZ strings: no tzdata needed; always on different
+/// dates) render rank 0's date in the chat template once they agreed on it: a text-only record
+/// tokenizes the same on every rank, and so does the epoch plan sorted by its lengths.
+#[test]
+fn ranks_in_other_time_zones_render_rank_0s_date() {
+    let out = scratch("tz", 2, &["template-clock"]);
+    let output = Command::new(bin("launcher"))
+        .env("OMP_NUM_THREADS", "1")
+        .args(["--standalone", "--nproc-per-node", "2", "--", "sh", "-c"])
+        .arg(r#"if [ "$RANK" = 0 ]; then export TZ=AAA-14; else export TZ=BBB+12; fi; exec "$0" "$@""#)
+        .arg(bin("dist-selftest"))
+        .args(["--mode", "template-clock", "--out"])
+        .arg(&out)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let read = |r: usize| std::fs::read_to_string(out.join(format!("clock-{r}.txt"))).unwrap();
+    let (zero, one) = (read(0), read(1));
+    let (own0, agreed0) = zero.split_once('|').unwrap();
+    let (own1, agreed1) = one.split_once('|').unwrap();
+    assert_ne!(own0, own1, "the zones render other dates on their own");
+    assert_eq!(agreed0, own0);
+    assert_eq!(agreed1, own0, "rank 1 renders rank 0's date");
+}

@@ -299,6 +299,18 @@ fn main() -> Result<()> {
             eprintln!("rank {rank}: {first}");
             std::process::exit(if first == "no error" { 0 } else { 1 });
         }
+        "template-clock" => {
+            // ranks in other time zones (the test sets TZ per rank) render rank 0's date
+            let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
+            let fmt = "%d %b %Y %H";
+            let own = trainer::data::template::strftime(fmt, trainer::data::template::local_now());
+            trainer::data::template::agree_template_clock(&pg, tch::Device::Cpu)?;
+            let agreed = trainer::data::template::strftime_now(fmt);
+            std::fs::write(
+                args.out.join(format!("clock-{rank}.txt")),
+                format!("{own}|{agreed}"),
+            )?;
+        }
         "inplace-gather" => {
             // all_gather whose input is this rank's own slot of the output (torch allows it)
             let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;

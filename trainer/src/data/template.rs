@@ -205,15 +205,43 @@ pub fn py_json_dumps(v: &Value, indent: Option<usize>) -> String {
 /// "Today Date" at the data scan and at every later load (the tokens of a text-only record would
 /// otherwise change mid-run).
 pub fn strftime_now(fmt: &str) -> String {
-    static NOW: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    let secs = *NOW.get_or_init(|| {
-        let utc = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0) as i64;
-        utc + local_offset_secs(utc)
-    });
-    strftime(fmt, secs)
+    strftime(fmt, template_clock())
+}
+
+/// The time `strftime_now` renders (local seconds since the epoch): fixed at first use, or by
+/// [`agree_template_clock`].
+static NOW: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+
+/// This process's `strftime_now` time (local seconds since the epoch).
+pub fn template_clock() -> i64 {
+    *NOW.get_or_init(local_now)
+}
+
+/// The local time now, in seconds since the epoch (TZ and /etc/localtime decide).
+pub fn local_now() -> i64 {
+    let utc = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    utc + local_offset_secs(utc)
+}
+
+/// Every rank renders rank 0's date (call before any template is rendered): ranks on nodes in
+/// other time zones, or starting on either side of midnight, would otherwise tokenize a
+/// text-only record to other lengths, and the epoch plan, sorted by length, would differ
+/// between ranks.
+pub fn agree_template_clock(
+    pg: &crate::dist::ProcessGroup,
+    device: tch::Device,
+) -> crate::dist::Result<()> {
+    let mine = if pg.rank() == 0 { template_clock() } else { 0 };
+    let t = tch::Tensor::from_slice(&[mine]).to_device(device);
+    pg.all_reduce(&t, crate::dist::ReduceOp::Sum)?;
+    let agreed = t.to_device(tch::Device::Cpu).int64_value(&[0]);
+    if NOW.set(agreed).is_err() && template_clock() != agreed {
+        tracing::warn!("the chat template's date was rendered before the ranks agreed on it");
+    }
+    Ok(())
 }
 
 /// The local time zone's offset from UTC at `utc` (seconds east), 0 when it cannot be read.

@@ -31,6 +31,8 @@ pub(super) fn process_group(config: &Config) -> Result<(ProcessGroup, Device)> {
     if !config.fsdp.enabled && world > 1 {
         bail!("fsdp.enabled: false trains in one process, but this run has {world} ranks (launch one rank, or set fsdp.enabled: true)");
     }
+    crate::data::template::agree_template_clock(&pg, device)
+        .context("agreeing on the chat template's date")?;
     Ok((pg, device))
 }
 
