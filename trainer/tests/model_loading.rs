@@ -466,6 +466,9 @@ fn adapter_settings_plain_lora_cannot_honour_are_refused_by_name() {
             serde_json::json!(["mlp.experts.gate_up_proj"]),
         ),
         ("alora_invocation_tokens", serde_json::json!([1, 2])),
+        ("arrow_config", serde_json::json!({"top_k": 3})),
+        ("use_bdlora", serde_json::json!(true)),
+        ("use_qalora", serde_json::json!(true)),
     ];
     for (key, value) in cases {
         let d = tmpdir(&format!("adapter_setting_{key}"));

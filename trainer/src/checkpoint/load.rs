@@ -203,15 +203,23 @@ fn load_resumed(
     opt: &mut AdamW,
     dir: PathBuf,
 ) -> Result<Resumed> {
-    // (with the folder's validation record, added after it was published)
-    let local = load_into(&dir, pg.world_size(), plan, config, trainable, opt)
-        .and_then(|m| Ok((super::validation::read_record(&dir, m.step)?, m)));
-    let (validated, m) = super::agree(pg, device, local, || {
+    // (with the folder's validation record, added after it was published: rank 0's, as every
+    // rank must then take the same branches; another node may not see the file yet)
+    let rank0 = pg.rank() == 0;
+    let local = load_into(&dir, pg.world_size(), plan, config, trainable, opt).and_then(|m| {
+        let record = match rank0 {
+            true => super::validation::read_record(&dir, m.step)?,
+            false => None,
+        };
+        Ok((record, m))
+    });
+    let (record, m) = super::agree(pg, device, local, || {
         format!(
             "loading checkpoint {} failed on another rank (its error is above)",
             dir.display()
         )
     })?;
+    let validated = super::validation::from_rank0(pg, device, record)?;
     trainable.after_update();
     Ok(Resumed {
         dir,

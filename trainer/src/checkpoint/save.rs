@@ -1316,10 +1316,6 @@ pub(crate) mod tests {
         std::fs::remove_dir_all(&root).unwrap();
     }
 
-    /// A leftover that cannot be removed (here a file with a `.partial` name: remove_dir_all
-    /// fails on it, also as root) neither keeps the old checkpoints listed after it on disk nor
-    /// goes unreported: the end of training warns again, naming it, though a save reported it
-    /// already; the run does not fail for it.
     /// A synchronous save of step `step` (state `states(step, whole)`).
     fn save_whole(
         saves: &mut Checkpointer,
@@ -1343,6 +1339,10 @@ pub(crate) mod tests {
             .unwrap();
     }
 
+    /// A leftover that cannot be removed (here a file with a `.partial` name: remove_dir_all
+    /// fails on it, also as root) neither keeps the old checkpoints listed after it on disk nor
+    /// goes unreported: the end of training warns again, naming it, though a save reported it
+    /// already; the run does not fail for it.
     #[test]
     fn retention_removes_what_it_can_and_reports_the_rest_at_the_end() {
         let (pg, config, schedule) = setup("retention-stuck", 1);

@@ -20,7 +20,24 @@ pub const VALIDATION_FILE: &str = "validation.json";
 pub struct EvalResult {
     pub step: u64,
     pub epoch: u64,
+    /// A non-finite loss (a diverged run) is written as null (JSON has no NaN) and read as NaN.
+    #[serde(with = "finite_or_null")]
     pub eval_loss: f64,
+}
+
+mod finite_or_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        match v.is_finite() {
+            true => s.serialize_f64(*v),
+            false => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
 }
 
 impl EvalResult {
@@ -33,14 +50,9 @@ impl EvalResult {
 }
 
 /// Writes `result` into checkpoint folder `dir` (a temporary file renamed over, then the folder
-/// synced: a crash leaves the old record or the new one).
+/// synced: a crash leaves the old record or the new one). A non-finite loss is recorded too (as
+/// null): the step was validated, it is just no best.
 pub fn write_record(dir: &Path, result: &EvalResult) -> Result<()> {
-    anyhow::ensure!(
-        result.eval_loss.is_finite(),
-        "the validation loss of step {} is {}: not recorded",
-        result.step,
-        result.eval_loss
-    );
     let tmp = dir.join(format!(".{VALIDATION_FILE}.tmp"));
     let text = serde_json::to_string_pretty(result)? + "\n";
     super::write_synced(&tmp, text.as_bytes())?;
@@ -66,6 +78,32 @@ pub fn read_record(dir: &Path, step: u64) -> Result<Option<EvalResult>> {
         )
     })?;
     Ok((r.step == step).then_some(r))
+}
+
+/// Rank 0's `record` on every rank (one all-reduce): what a resume does with it decides
+/// collectives (validating again or not), so ranks must not go by their own view of the folder.
+pub fn from_rank0(
+    pg: &crate::dist::ProcessGroup,
+    device: tch::Device,
+    record: Option<EvalResult>,
+) -> Result<Option<EvalResult>> {
+    let mine: [i64; 4] = match (pg.rank(), record) {
+        (0, Some(r)) => [
+            1,
+            r.step as i64,
+            r.epoch as i64,
+            r.eval_loss.to_bits() as i64,
+        ],
+        _ => [0; 4],
+    };
+    let t = tch::Tensor::from_slice(&mine).to_device(device);
+    pg.all_reduce(&t, crate::dist::ReduceOp::Sum)?;
+    let v: Vec<i64> = Vec::try_from(&t.to_device(tch::Device::Cpu))?;
+    Ok((v[0] == 1).then(|| EvalResult {
+        step: v[1] as u64,
+        epoch: v[2] as u64,
+        eval_loss: f64::from_bits(v[3] as u64),
+    }))
 }
 
 /// The lower of two best results (either may be missing).
@@ -117,9 +155,12 @@ mod tests {
         assert_eq!(read_record(&dir, 10).unwrap(), Some(at(10, 0.5)));
         // a record of another step (a folder replaced under the same name) does not count
         assert_eq!(read_record(&dir, 11).unwrap(), None);
-        // (JSON has no NaN: a non-finite loss is refused, the record stays)
-        assert!(write_record(&dir, &at(10, f64::NAN)).is_err());
-        assert_eq!(read_record(&dir, 10).unwrap(), Some(at(10, 0.5)));
+        // (JSON has no NaN: a non-finite loss is written as null and read back as NaN)
+        write_record(&dir, &at(10, f64::NAN)).unwrap();
+        let text = std::fs::read_to_string(dir.join(VALIDATION_FILE)).unwrap();
+        assert!(text.contains("\"eval_loss\": null"), "{text}");
+        let back = read_record(&dir, 10).unwrap().unwrap();
+        assert!(back.eval_loss.is_nan() && back.step == 10);
         std::fs::write(dir.join(VALIDATION_FILE), "{\"step\": 10").unwrap();
         let err = format!("{:#}", read_record(&dir, 10).unwrap_err());
         assert!(

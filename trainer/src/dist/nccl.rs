@@ -129,12 +129,21 @@ impl NcclEngine {
             Err(_) => {
                 let mut store = shared.store.lock().unwrap_or_else(|p| p.into_inner());
                 // (a rank whose mark cannot be read is not named: the store, not it, failed)
-                let missing: Vec<usize> = match store.as_mut() {
+                let marks: Vec<_> = match store.as_mut() {
                     Some(s) => (0..env.world_size)
-                        .filter(|&r| matches!(s.try_get(&arrived(r)), Ok(None)))
+                        .map(|r| s.try_get(&arrived(r)))
                         .collect(),
                     None => vec![],
                 };
+                let missing: Vec<usize> = (0..marks.len())
+                    .filter(|&r| matches!(marks[r], Ok(None)))
+                    .collect();
+                if missing.is_empty() && (marks.is_empty() || marks.iter().any(|m| m.is_err())) {
+                    return Err(DistError::Nccl(format!(
+                        "ncclCommInitRank timed out after {} s; which ranks reached it is unknown (the launcher's store could not be read)",
+                        timeout.as_secs()
+                    )));
+                }
                 if missing.is_empty() {
                     return Err(DistError::Nccl(format!(
                         "ncclCommInitRank timed out after {} s although every rank reached it: NCCL cannot connect the ranks (network interfaces, firewalls; rerun with NCCL_DEBUG=INFO)",

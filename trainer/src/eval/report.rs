@@ -24,8 +24,8 @@ pub struct TurnPrediction {
     pub stages: BTreeMap<String, Option<String>>,
     #[serde(default)]
     pub prompt_tokens: usize,
-    /// Image tiles encoded for the turn (absent in older predictions: 0, the vision tower not
-    /// counted).
+    /// Image tiles encoded for the turn (absent in older predictions: 0, counted as a turn
+    /// without an image: no vision tower, no cross-attention layers).
     #[serde(default)]
     pub tiles: usize,
     #[serde(default)]

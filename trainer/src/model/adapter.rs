@@ -89,7 +89,7 @@ fn parse_config(v: &Value) -> Result<LoraConfig, ModelError> {
     // PEFT settings that change which layers carry LoRA or what it computes: loading such an
     // adapter as plain LoRA would be wrong (aLoRA applies only after its invocation tokens) or
     // fail with a list of missing keys that does not say why
-    const UNSUPPORTED: [(&str, &str); 9] = [
+    const UNSUPPORTED: [(&str, &str); 12] = [
         ("layers_to_transform", "LoRA on some layers only"),
         ("layers_pattern", "LoRA on some layers only"),
         ("exclude_modules", "modules left out of target_modules"),
@@ -102,6 +102,9 @@ fn parse_config(v: &Value) -> Result<LoraConfig, ModelError> {
             "alora_invocation_tokens",
             "activated LoRA (applied after its invocation tokens)",
         ),
+        ("arrow_config", "Arrow routing between LoRA experts"),
+        ("use_bdlora", "block-diagonal LoRA"),
+        ("use_qalora", "QA-LoRA (pooled inputs to lora_A)"),
     ];
     for (key, what) in UNSUPPORTED {
         let set = match v.get(key) {

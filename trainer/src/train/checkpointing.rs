@@ -318,7 +318,7 @@ impl<'a> Saver<'a> {
                 ),
             );
         }
-        if self.pg.rank() == 0 && finite && self.saves.saved_by_this_run(&ckpt) {
+        if self.pg.rank() == 0 && self.saves.saved_by_this_run(&ckpt) {
             if let Err(e) = validation::write_record(&ckpt, &result) {
                 tracing::warn!("the validation result of step {} was not recorded in its checkpoint ({e:#}): a run resumed from it does not count this epoch towards the best adapter", st.step);
             }

@@ -125,7 +125,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 st.step
             ));
             if data.eval.is_some() && !st.resumed_validated {
-                meter.log("its last epoch was not validated (stopped before): validating it now");
+                meter.log("its last checkpoint has no validation record (stopped before validating?): validating it now");
                 let epoch = st.epoch;
                 let ctx = (&pg, config, device);
                 validate_epoch(
