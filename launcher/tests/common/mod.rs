@@ -54,6 +54,17 @@ pub fn free_port() -> u16 {
 /// process group, so a test can signal it alone.
 pub fn launcher(args: &[&str]) -> Command {
     let mut cmd = Command::new(LAUNCHER);
+    // The launcher keeps a signal ignored at its start (nohup): the tests start it with the
+    // forwarded signals at their defaults, whatever the test runner ignores (`nohup make test`).
+    // SAFETY: only async-signal-safe calls (signal) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            Ok(())
+        });
+    }
     cmd.args(args)
         .env_remove("OMP_NUM_THREADS")
         .env_remove("LLAVA_SCO_STORE_TOKEN")

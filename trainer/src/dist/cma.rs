@@ -184,7 +184,7 @@ fn transfer(pid: i32, remote: u64, local: *mut u8, len: usize, dir: Dir) -> io::
 }
 
 /// Whether `pid` is a live process (not gone, not a zombie).
-fn alive(pid: i32) -> bool {
+pub(crate) fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // the state is the first field after the command name in parentheses
         Ok(stat) => stat

@@ -218,10 +218,9 @@ impl Segment {
             if last_check.elapsed() > Duration::from_millis(100) {
                 last_check = Instant::now();
                 for &r in &behind {
-                    // SAFETY: kill with signal 0 only checks that the process exists.
-                    let gone = unsafe { libc::kill(self.pids[r], 0) } != 0
-                        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-                    if gone {
+                    // (a zombie is gone too: the launcher reaps an exited rank only at the end
+                    // of the attempt, so kill(pid, 0) would still find it)
+                    if !super::cma::alive(self.pids[r]) {
                         return Err(DistError::PeerLost {
                             rank: r,
                             op: op.to_string(),
