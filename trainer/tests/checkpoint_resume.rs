@@ -516,19 +516,33 @@ fn a_failed_validation_keeps_the_epochs_checkpoint() {
         "train.validate=true",
         "checkpoint.async=true",
     ];
-    let o = run(
-        &out,
-        1,
-        "epochs: 1, batch_size: 8, grad_accum: 1",
-        &sets,
-        &[],
-    );
+    let train = "epochs: 2, batch_size: 8, grad_accum: 1";
+    let o = run(&out, 1, train, &sets, &[]);
     assert_ne!(o.code, Some(0), "{}", o.stderr);
     assert!(o.stderr.contains("broken.jpg"), "{}", o.stderr);
     let steps = metrics(&out).len();
     assert!(steps > 0);
     let ckpt = out.join(format!("ckpt/step-{steps:08}"));
     assert!(ckpt.join("manifest.json").exists(), "{}", o.stderr);
+    assert!(!ckpt.join("validation.json").exists());
+    // the eval file fixed, launched again: epoch 0 is validated first (its result counts towards
+    // the best adapter), then epoch 1 trains
+    std::fs::write(
+        &eval,
+        r#"{"id": "e", "image": "gray.jpg", "conversations": [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A picture."}]}"#,
+    )
+    .unwrap();
+    let o = run(&out, 1, train, &sets, &[]);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let note = format!("checkpoint of step {steps} (end of epoch 0) has no validation record");
+    assert!(o.stderr.contains(&note), "{}", o.stderr);
+    assert!(ckpt.join("validation.json").exists(), "{}", o.stderr);
+    let validated: Vec<u64> = metrics(&out)
+        .iter()
+        .filter(|r| r["validation"] == true)
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(validated, [steps as u64, 2 * steps as u64]);
 }
 
 /// A save that rank 0 cannot begin (here a stale `step-N.partial` it cannot remove: a file, so

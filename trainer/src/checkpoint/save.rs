@@ -75,6 +75,9 @@ pub struct Checkpointer {
     /// Resumed from a checkpoint of an older trainer (no lineage): its run's other checkpoints,
     /// unmarked too, count as this run's for retention. Otherwise unmarked ones are kept.
     resumed_unmarked: bool,
+    /// The step of the best validated epoch: its checkpoint is kept by retention, besides the
+    /// newest `keep_last` (as HF's Trainer keeps `best_model_checkpoint`).
+    protected: Option<u64>,
 }
 
 impl Default for Checkpointer {
@@ -93,7 +96,13 @@ impl Checkpointer {
             fail_write_at: env_step(FAIL_WRITE_ENV),
             lineage: None,
             resumed_unmarked: false,
+            protected: None,
         }
+    }
+
+    /// Keeps the checkpoint of step `step` from retention from now on (the best epoch's).
+    pub fn protect(&mut self, step: Option<u64>) {
+        self.protected = step;
     }
 
     /// Saves continue the training run of a resumed checkpoint (`None`: one of an older trainer:
@@ -529,9 +538,10 @@ impl Checkpointer {
                 }
                 fsync_dir(root)?;
                 // The checkpoint is complete and durable; old ones go in the background.
+                let kept = self.protected.map(|s| root.join(super::step_dir_name(s)));
                 let doomed = retention(
                     root,
-                    p.keep_last,
+                    (p.keep_last, kept.as_deref()),
                     final_dir,
                     manifest.lineage.as_deref(),
                     p.claim_unmarked,
@@ -739,16 +749,20 @@ fn replace_dir(new: &Path, dest: &Path) -> Result<()> {
 /// behind, removed by the next save.)
 fn retention(
     root: &Path,
-    keep: usize,
+    (keep, protected): (usize, Option<&Path>),
     just_saved: &Path,
     lineage: Option<&str>,
     claim_unmarked: bool,
 ) -> Result<Vec<PathBuf>> {
     let (all, partial) = list_dir(root).with_context(|| format!("listing {}", root.display()))?;
     let ours = |dir: &Path| run_of(dir, lineage, claim_unmarked) == RunOf::Ours;
+    // (the protected one, the best epoch's, is kept besides the newest `keep`)
     let complete: Vec<(u64, PathBuf)> = match keep {
         0 => vec![],
-        _ => all.iter().filter(|(_, p)| ours(p)).cloned().collect(),
+        _ => (all.iter())
+            .filter(|(_, p)| ours(p) && Some(p.as_path()) != protected)
+            .cloned()
+            .collect(),
     };
     // (the folder just published is complete: should it look otherwise now, keep it anyway)
     let mut doomed: Vec<PathBuf> = partial.into_iter().filter(|p| p != just_saved).collect();
@@ -1239,8 +1253,26 @@ pub(crate) mod tests {
             std::fs::write(d.join("manifest.json"), "{}").unwrap();
         }
         let just_saved = root.join("step-00000150");
-        let doomed = retention(&root, 1, &just_saved, None, true).unwrap();
+        let doomed = retention(&root, (1, None), &just_saved, None, true).unwrap();
         assert_eq!(doomed, [root.join("step-00000100")]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// The protected checkpoint (the best epoch's) is kept besides the newest `keep_last`.
+    #[test]
+    fn retention_keeps_the_protected_checkpoint_besides_the_newest() {
+        let root = std::env::temp_dir().join(format!("ckpt-protect-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for n in [100, 150, 200] {
+            let d = root.join(super::super::step_dir_name(n));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("manifest.json"), "{}").unwrap();
+        }
+        let (best, newest) = (root.join("step-00000100"), root.join("step-00000200"));
+        let doomed = retention(&root, (1, Some(&best)), &newest, None, true).unwrap();
+        assert_eq!(doomed, [root.join("step-00000150")]);
+        let doomed = retention(&root, (1, None), &newest, None, true).unwrap();
+        assert_eq!(doomed, [best, root.join("step-00000150")]);
         std::fs::remove_dir_all(&root).unwrap();
     }
 
@@ -1264,9 +1296,9 @@ pub(crate) mod tests {
             std::fs::write(d.join("manifest.json"), manifest).unwrap();
         }
         let just_saved = root.join("step-00000200");
-        let doomed = retention(&root, 1, &just_saved, Some("ours"), false).unwrap();
+        let doomed = retention(&root, (1, None), &just_saved, Some("ours"), false).unwrap();
         assert_eq!(doomed, [root.join("step-00000150")]);
-        let doomed = retention(&root, 1, &just_saved, Some("ours"), true).unwrap();
+        let doomed = retention(&root, (1, None), &just_saved, Some("ours"), true).unwrap();
         assert_eq!(
             doomed,
             [root.join("step-00000150"), root.join("step-00000180")]
@@ -1288,7 +1320,7 @@ pub(crate) mod tests {
             "a file: its manifest cannot be stat'ed",
         )
         .unwrap();
-        let doomed = retention(&root, 1, &root.join("step-00000200"), None, true).unwrap();
+        let doomed = retention(&root, (1, None), &root.join("step-00000200"), None, true).unwrap();
         assert_eq!(doomed, [root.join("step-00000100")]);
         std::fs::remove_dir_all(&root).unwrap();
     }

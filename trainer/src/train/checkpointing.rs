@@ -133,6 +133,7 @@ impl<'a> Saver<'a> {
         st.saved_step = Some(p.step);
         st.best_eval = p.best_eval;
         st.resumed_validated = r.validated;
+        self.saves.protect(p.best_eval.map(|b| b.step));
         if let Some(b) = p.best_eval {
             log(
                 pg.rank(),
@@ -299,6 +300,8 @@ impl<'a> Saver<'a> {
         };
         if improved {
             st.best_eval = Some(result);
+            // (kept by retention from now on, as HF keeps best_model_checkpoint)
+            self.saves.protect(Some(result.step));
             log(
                 self.pg.rank(),
                 &format!(

@@ -82,6 +82,9 @@ impl Meter {
                 ProgressBar::with_draw_target(Some(total), crate::logging::progress_draw_target())
                     .with_style(style)
                     .with_position(resumed.unwrap_or(0));
+            // (the rate is measured from the resumed position, as tqdm's `initial`: else the
+            // resumed steps count as done in the first interval and the ETA starts near zero)
+            bar.reset_eta();
             // every log line (any thread) now clears the bar, prints, and redraws it
             crate::logging::set_active_bar(Some(bar.clone()));
             bar

@@ -114,30 +114,36 @@ pub fn train(config: &Config) -> Result<Outcome> {
     }
 
     // 5. The loop: epochs of optimizer steps of grad_accum micro-batches. (A run resumed at its
-    // last step has none left: no epoch is entered, so nothing is saved again; only a last epoch
-    // that was stopped before its validation, e.g. by SIGTERM at its last step, is validated.)
+    // last step has none left: no epoch is entered, so nothing is saved again.) A checkpoint
+    // resumed at an epoch's end, or at the run's last step, whose validation never finished (the
+    // process died or was stopped while validating) is validated first, as that epoch would have
+    // been: its result counts towards the best adapter.
     let mut interrupted = false;
     let start_step = st.step;
+    let at_epoch_end = start.1 == 0 && start.0 == st.epoch + 1;
+    let unvalidated = st.saved_step.is_some() && data.eval.is_some() && !st.resumed_validated;
+    if st.step > total_steps {
+        meter.log(&format!("the checkpoint resumed is past the run's end (step {} of {total_steps}, train.max_steps lowered?): nothing to train, validate or export", st.step));
+    } else if unvalidated && (at_epoch_end || st.step == total_steps) {
+        meter.log(&format!("checkpoint of step {} (end of epoch {}) has no validation record (stopped while validating?): validating it now", st.step, st.epoch));
+        let epoch = st.epoch;
+        let ctx = (&pg, config, device);
+        validate_epoch(
+            ctx,
+            &mut saver,
+            &mut st,
+            &mut trainable,
+            &data,
+            epoch,
+            &mut meter,
+        )?;
+    }
     let epochs = match st.step >= total_steps {
         true => {
             meter.log(&format!(
                 "nothing left to train: the run is at step {} of {total_steps}",
                 st.step
             ));
-            if data.eval.is_some() && !st.resumed_validated {
-                meter.log("its last checkpoint has no validation record (stopped before validating?): validating it now");
-                let epoch = st.epoch;
-                let ctx = (&pg, config, device);
-                validate_epoch(
-                    ctx,
-                    &mut saver,
-                    &mut st,
-                    &mut trainable,
-                    &data,
-                    epoch,
-                    &mut meter,
-                )?;
-            }
             0..0
         }
         false => start.0..t.epochs as u64,
@@ -228,13 +234,21 @@ pub fn train(config: &Config) -> Result<Outcome> {
         if st.step >= total_steps {
             break;
         }
+        // SIGTERM during the epoch-end save or validation: stop now (the epoch's checkpoint is
+        // there), not after one more step and save, past a scheduler's grace period
+        if signal::stop_requested(&pg, device, st.step, None)? {
+            meter.log(&format!("SIGTERM: stopping after step {}", st.step));
+            interrupted = true;
+            break;
+        }
     }
     saver.finish()?;
     // Without validation, the adapter of a complete run that did not reach its last epoch's end
     // here (SIGTERM at the last step); a run with no step of its own, resumed at its end, leaves
     // output_dir's adapter as it is unless there is none (an export that was killed or failed
     // before). (With validation the adapter is the best validated epoch's, written at its end.)
-    let complete = st.step >= total_steps;
+    // (a checkpoint past the run's end, resumed with a lowered max_steps, is not exported)
+    let complete = st.step == total_steps;
     let adapter_there = t.output_dir.join("adapter_config.json").exists();
     if data.eval.is_none() && complete && st.step > 0 && (st.step > start_step || !adapter_there) {
         saver.export_adapter(st.step);
