@@ -268,7 +268,8 @@ pub struct CheckpointConfig {
     pub dir: PathBuf,
     /// Save every this many optimizer steps; 0: only at the end of each epoch.
     pub every_steps: u64,
-    /// How many checkpoints to keep, oldest deleted first; 0: keep all.
+    /// How many checkpoints to keep, oldest deleted first; 0: keep all. With `train.validate` the
+    /// best validated epoch's is kept besides them.
     pub keep_last: usize,
     pub resume: Resume,
     /// Write checkpoints in the background while training goes on.
