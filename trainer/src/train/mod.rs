@@ -127,16 +127,8 @@ pub fn train(config: &Config) -> Result<Outcome> {
     } else if unvalidated && (at_epoch_end || st.step == total_steps) {
         meter.log(&format!("checkpoint of step {} (end of epoch {}) has no validation record (stopped while validating?): validating it now", st.step, st.epoch));
         let epoch = st.epoch;
-        let ctx = (&pg, config, device);
-        validate_epoch(
-            ctx,
-            &mut saver,
-            &mut st,
-            &mut trainable,
-            &data,
-            epoch,
-            &mut meter,
-        )?;
+        let ctx = (&pg, config, device, &data);
+        validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?;
     }
     let epochs = match st.step >= total_steps {
         true => {
@@ -221,16 +213,8 @@ pub fn train(config: &Config) -> Result<Outcome> {
         if st.epoch_batch >= steps_per_epoch && st.saved_step != Some(st.step) {
             saver.save(&mut st, &trainable, &opt, (epoch + 1, 0))?;
         }
-        let ctx = (&pg, config, device);
-        validate_epoch(
-            ctx,
-            &mut saver,
-            &mut st,
-            &mut trainable,
-            &data,
-            epoch,
-            &mut meter,
-        )?;
+        let ctx = (&pg, config, device, &data);
+        validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?;
         if st.step >= total_steps {
             break;
         }
@@ -268,11 +252,15 @@ pub fn train(config: &Config) -> Result<Outcome> {
 /// After an epoch (its checkpoint saved): validation on `data.eval` if there is one, then the
 /// adapter in train.output_dir (this epoch's, unless validation found a better one earlier).
 fn validate_epoch(
-    (pg, config, device): (&crate::dist::ProcessGroup, &Config, tch::Device),
+    (pg, config, device, data): (
+        &crate::dist::ProcessGroup,
+        &Config,
+        tch::Device,
+        &setup::Data,
+    ),
     saver: &mut checkpointing::Saver,
     st: &mut State,
     trainable: &mut crate::fsdp::Trainable,
-    data: &setup::Data,
     epoch: u64,
     meter: &mut Meter,
 ) -> Result<()> {
