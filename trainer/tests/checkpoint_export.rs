@@ -416,3 +416,45 @@ fn a_run_stopped_at_its_last_step_is_validated_when_launched_again() {
         third.stderr
     );
 }
+
+/// A checkpoint saved by SIGTERM at an epoch's last step resumes as the epoch-end checkpoint it
+/// is: validated first when it has no validation record, and not validated again when it has
+/// one (the loop used to enter that epoch for no step and validate it once more).
+#[test]
+fn a_sigterm_checkpoint_at_an_epochs_last_step_is_validated_once() {
+    let eval = format!(
+        "data.eval={}",
+        common::ckpt::setup().join("train.jsonl").display()
+    );
+    let sets = [eval.as_str(), "train.validate=true", "peft.dropout=0.0"];
+    let train = "epochs: 2, batch_size: 8, grad_accum: 1";
+    let validated = |out: &Path| -> Vec<u64> { validations(out).iter().map(|v| v.1).collect() };
+    // no record: validated before epoch 1 trains
+    let out = fresh("sigterm-epoch-end-unvalidated");
+    let first = run(&out, 1, train, &sets, &[("TRAINER_STOP_AFTER_STEP", "6")]);
+    assert_ne!(first.code, Some(0), "{}", first.stderr);
+    let o = ok(run(&out, 1, train, &sets, &[]), "resumed");
+    assert!(
+        o.stderr
+            .contains("checkpoint of step 6 (end of epoch 0) has no validation record"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(validated(&out), [6, 12]);
+    // a record: not validated again
+    let out = fresh("sigterm-epoch-end-validated");
+    let first = run(&out, 1, train, &sets, &[("TRAINER_STOP_AFTER_STEP", "6")]);
+    assert_ne!(first.code, Some(0), "{}", first.stderr);
+    std::fs::write(
+        out.join("ckpt/step-00000006/validation.json"),
+        r#"{"step": 6, "epoch": 0, "eval_loss": 6.0}"#,
+    )
+    .unwrap();
+    let o = ok(run(&out, 1, train, &sets, &[]), "resumed");
+    assert!(
+        !o.stderr.contains("has no validation record"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(validated(&out), [12]);
+}

@@ -183,7 +183,9 @@ fn transfer(pid: i32, remote: u64, local: *mut u8, len: usize, dir: Dir) -> io::
     Ok(())
 }
 
-/// Whether `pid` is a live process (not gone, not a zombie).
+/// Whether `pid` is a live process (not gone, not a zombie). When /proc cannot be read for
+/// another reason (no file descriptors left, /proc restricted), `kill(pid, 0)` decides: only "no
+/// such process" is gone.
 pub(crate) fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // the state is the first field after the command name in parentheses
@@ -191,7 +193,12 @@ pub(crate) fn alive(pid: i32) -> bool {
             .rsplit_once(')')
             .map(|(_, rest)| !matches!(rest.trim_start().chars().next(), Some('Z' | 'X')))
             .unwrap_or(true),
-        Err(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(_) => {
+            // SAFETY: kill with signal 0 only checks that the process exists.
+            let r = unsafe { libc::kill(pid, 0) };
+            r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+        }
     }
 }
 

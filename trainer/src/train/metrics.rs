@@ -48,6 +48,16 @@ pub(super) struct Meter {
 }
 
 impl Meter {
+    /// Right before the first step: the ETA's rate is measured from here and from the resumed
+    /// position (as tqdm's `initial`), not from 0 (the resumed steps would count as done in the
+    /// first interval, the ETA near zero) nor from the bar's creation (set-up time).
+    pub fn start_steps(&self) {
+        if let Some(bar) = &self.bar {
+            bar.tick(); // (records the resumed position in the estimator)
+            bar.reset_eta();
+        }
+    }
+
     /// A fresh metrics file, or, when resuming from step `resumed`, the existing one without the
     /// lines of later steps (those are trained again).
     pub fn open(
@@ -82,9 +92,6 @@ impl Meter {
                 ProgressBar::with_draw_target(Some(total), crate::logging::progress_draw_target())
                     .with_style(style)
                     .with_position(resumed.unwrap_or(0));
-            // (the rate is measured from the resumed position, as tqdm's `initial`: else the
-            // resumed steps count as done in the first interval and the ETA starts near zero)
-            bar.reset_eta();
             // every log line (any thread) now clears the bar, prints, and redraws it
             crate::logging::set_active_bar(Some(bar.clone()));
             bar

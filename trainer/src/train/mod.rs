@@ -120,6 +120,13 @@ pub fn train(config: &Config) -> Result<Outcome> {
     // been: its result counts towards the best adapter.
     let mut interrupted = false;
     let start_step = st.step;
+    // (a checkpoint of an epoch's last step saved by SIGTERM, at (e, steps_per_epoch), resumes as
+    // the epoch-end checkpoint it is: at (e + 1, 0), its validation done here if missing, not by
+    // entering epoch e for no step)
+    let start = match start.1 >= steps_per_epoch && st.saved_step.is_some() {
+        true => (start.0 + 1, 0),
+        false => start,
+    };
     let at_epoch_end = start.1 == 0 && start.0 == st.epoch + 1;
     let unvalidated = st.saved_step.is_some() && data.eval.is_some() && !st.resumed_validated;
     if st.step > total_steps {
@@ -129,8 +136,15 @@ pub fn train(config: &Config) -> Result<Outcome> {
         let epoch = st.epoch;
         let ctx = (&pg, config, device, &data);
         validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?;
+        // (a SIGTERM during it stops the run now, as after any epoch's validation)
+        if signal::stop_requested(&pg, device, st.step, None)? {
+            meter.log(&format!("SIGTERM: stopping after step {}", st.step));
+            interrupted = true;
+        }
     }
-    let epochs = match st.step >= total_steps {
+    meter.start_steps();
+    let epochs = match st.step >= total_steps || interrupted {
+        true if interrupted => 0..0,
         true => {
             meter.log(&format!(
                 "nothing left to train: the run is at step {} of {total_steps}",
