@@ -436,7 +436,7 @@ fn a_sigterm_checkpoint_at_an_epochs_last_step_is_validated_once() {
     let o = ok(run(&out, 1, train, &sets, &[]), "resumed");
     assert!(
         o.stderr
-            .contains("checkpoint of step 6 (end of epoch 0) has no validation record"),
+            .contains("checkpoint of step 6 (epoch 0) has no validation record"),
         "{}",
         o.stderr
     );

@@ -534,7 +534,7 @@ fn a_failed_validation_keeps_the_epochs_checkpoint() {
     .unwrap();
     let o = run(&out, 1, train, &sets, &[]);
     assert_eq!(o.code, Some(0), "{}", o.stderr);
-    let note = format!("checkpoint of step {steps} (end of epoch 0) has no validation record");
+    let note = format!("checkpoint of step {steps} (epoch 0) has no validation record");
     assert!(o.stderr.contains(&note), "{}", o.stderr);
     assert!(ckpt.join("validation.json").exists(), "{}", o.stderr);
     let validated: Vec<u64> = metrics(&out)

@@ -132,7 +132,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
     if st.step > total_steps {
         meter.log(&format!("the checkpoint resumed is past the run's end (step {} of {total_steps}, train.max_steps lowered?): nothing to train, validate or export", st.step));
     } else if unvalidated && (at_epoch_end || st.step == total_steps) {
-        meter.log(&format!("checkpoint of step {} (end of epoch {}) has no validation record (stopped while validating?): validating it now", st.step, st.epoch));
+        meter.log(&format!("checkpoint of step {} (epoch {}) has no validation record (stopped while validating?): validating it now", st.step, st.epoch));
         let epoch = st.epoch;
         let ctx = (&pg, config, device, &data);
         validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?;
