@@ -442,8 +442,10 @@ fn a_failure_on_one_node_stops_the_other_node() {
 fn log_dir_keeps_per_attempt_per_rank_files_and_tee_prefixes() {
     let dir = Scratch::new("logs");
     let logs = dir.path().join("logs");
-    let script =
-        r#"echo "out of $RANK"; echo "err of $RANK" >&2; [ "$RANK" = 1 ] && exit 3; exit 0"#;
+    // (rank 1 fails only once rank 0 has written its lines: else the launcher's SIGTERM may end
+    // rank 0 before it writes; the marker is per launcher, $PPID)
+    let script = r#"echo "out of $RANK"; echo "err of $RANK" >&2; if [ "$RANK" = 1 ]; then while [ ! -e "$0/r0-$PPID" ]; do sleep 0.02; done; exit 3; fi; touch "$0/r0-$PPID"; exit 0"#;
+    let marker_dir = dir.path().to_str().unwrap().to_string();
     let run_logged = || {
         run(
             launcher(&[
@@ -458,6 +460,7 @@ fn log_dir_keeps_per_attempt_per_rank_files_and_tee_prefixes() {
                 "sh",
                 "-c",
                 script,
+                &marker_dir,
             ]),
             LIMIT,
         )
@@ -498,6 +501,7 @@ fn log_dir_keeps_per_attempt_per_rank_files_and_tee_prefixes() {
             "sh",
             "-c",
             script,
+            &marker_dir,
         ]),
         LIMIT,
     );
