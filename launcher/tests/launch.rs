@@ -1264,13 +1264,32 @@ fn a_node_interrupted_at_the_rendezvous_stops_the_others() {
     let started = Instant::now();
     let node0 = node("0");
     std::thread::sleep(Duration::from_millis(300));
-    let node1 = node("1");
-    // (node 2 never comes) node 1 joins, then gets Ctrl-C
-    std::thread::sleep(Duration::from_millis(1500));
+    let mut node1 = node("1");
+    // (node 2 never comes) node 1 joins (its log says so), then gets Ctrl-C
+    let stderr1 = node1.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr1)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("node 1 joined the rendezvous") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(15))
+        .expect("node 1 did not join within 15 s");
     // SAFETY: plain syscall to our own child.
     unsafe { libc::kill(node1.id() as i32, libc::SIGINT) };
     let (run1, run0) = (wait(node1, started, LIMIT), wait(node0, started, LIMIT));
-    assert_eq!(run1.code(), 130, "node 1: {}", run1.stderr);
+    let stderr1 = reader.join().unwrap();
+    assert_eq!(run1.code(), 130, "node 1: {stderr1}");
     assert_ne!(run0.code(), 0);
     assert!(
         run0.stderr.contains("node 1") && run0.stderr.contains("signal 2"),

@@ -330,12 +330,11 @@ fn two_ranks_under_the_launcher_give_the_same_report_as_one() {
     let o = launch();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
+    // (each rank prints its own reason; the launcher may stop one before it printed, so one of
+    // the two suffices)
     assert!(
-        err.contains("being written by another export or eval"),
-        "{err}"
-    );
-    assert!(
-        err.contains("another rank could not start evaluating"),
+        err.contains("being written by another export or eval")
+            || err.contains("another rank could not start evaluating"),
         "{err}"
     );
     assert!(!dist.join("predictions.rank-1.jsonl").exists(), "{err}");

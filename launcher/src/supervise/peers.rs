@@ -188,6 +188,11 @@ impl Peers {
             )));
         }
         let joined = m.client.add(&format!("{a}/joined"), 1)?;
+        tracing::info!(
+            "node {} joined the rendezvous of attempt {attempt} ({joined} of {} nodes so far)",
+            m.node_rank,
+            m.nnodes
+        );
         if joined == m.nnodes as i64 {
             m.client.set(&format!("{a}/open"), b"1")?;
         } else if joined > m.nnodes as i64 {

@@ -268,13 +268,19 @@ fn main() -> Result<()> {
             };
             std::fs::write(args.out.join(format!("error-{rank}.txt")), &err)?;
             eprintln!("rank {rank}: {err}");
+            // (the dead rank stays the launcher's first failure, its root cause, even when a
+            // survivor noticed at once: over TCP a closed socket is seen within milliseconds)
+            std::thread::sleep(Duration::from_millis(500));
             std::process::exit(1);
         }
         "mismatch" | "mismatch-empty" | "mismatch-dtype" | "mismatch-root" => {
             // rank 0 all_reduces 4097 f32 and the others 4096, or rank 0 an empty tensor and the
             // others one element, or rank 0 2048 f64 and the others 4096 f32 (the same bytes),
             // or every rank broadcasts 4096 f32 from itself: every rank must get an error, not
-            // wrong data
+            // wrong data. (SIGTERM ignored, as in `death`: the launcher stops the other ranks
+            // once one exits, and each must still write its error; the grace period bounds it.)
+            // SAFETY: ignoring SIGTERM so this rank outlives the launcher's stop long enough to report.
+            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
             let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
             let (mine, others) = match args.mode.as_str() {
                 "mismatch" => (4097, 4096),
@@ -394,6 +400,9 @@ fn main() -> Result<()> {
             };
             std::fs::write(args.out.join(format!("error-{rank}.txt")), &err)?;
             eprintln!("rank {rank}: {err}");
+            // (the dead rank stays the launcher's first failure, its root cause, even when a
+            // survivor noticed at once: over TCP a closed socket is seen within milliseconds)
+            std::thread::sleep(Duration::from_millis(500));
             std::process::exit(1);
         }
         "nccl-timeout" => nccl_timeout(&args.out)?,
