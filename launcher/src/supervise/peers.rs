@@ -210,13 +210,7 @@ impl Peers {
                 Err(StoreError::Timeout { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
-            if let Some(why) = m.client.try_get(&abandoned)? {
-                let _ = m.client.add(&format!("{a}/ended"), 1); // node 0 may wait for it
-                return Err(JoinError::Rendezvous(format!(
-                    "another node ended the run (attempt {attempt} will not start): {}",
-                    String::from_utf8_lossy(&why)
-                )));
-            }
+            m.refuse_abandoned(&a, attempt)?;
             if let Err(err) = check_signal_and_deadline(deadline, String::new) {
                 let err = match err {
                     JoinError::Rendezvous(_) => {
@@ -244,13 +238,7 @@ impl Peers {
             }
         }
         // (a node that gave up counted as joined: the last node in completes the count)
-        if let Some(why) = m.client.try_get(&abandoned)? {
-            let _ = m.client.add(&format!("{a}/ended"), 1);
-            return Err(JoinError::Rendezvous(format!(
-                "another node ended the run (attempt {attempt} will not start): {}",
-                String::from_utf8_lossy(&why)
-            )));
-        }
+        m.refuse_abandoned(&a, attempt)?;
         // Ranks are numbered node by node; nodes may run different numbers of ranks.
         let mut layout = NodeLayout {
             rank_offset: 0,
@@ -393,6 +381,19 @@ impl Peers {
 }
 
 impl MultiNode {
+    /// An error when another node ended attempt `a` (`{a}/abandoned`: why), counted in
+    /// `{a}/ended`, which node 0 may wait for.
+    fn refuse_abandoned(&mut self, a: &str, attempt: u32) -> Result<(), JoinError> {
+        let Some(why) = self.client.try_get(&format!("{a}/abandoned"))? else {
+            return Ok(());
+        };
+        let _ = self.client.add(&format!("{a}/ended"), 1);
+        Err(JoinError::Rendezvous(format!(
+            "another node ended the run (attempt {attempt} will not start): {}",
+            String::from_utf8_lossy(&why)
+        )))
+    }
+
     /// Waits (at most `ack_wait`) until the counter `key` reaches `want`; whether it did.
     fn wait_count(&mut self, key: &str, want: i64) -> bool {
         let deadline = Instant::now() + self.ack_wait;

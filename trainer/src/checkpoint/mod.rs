@@ -409,6 +409,19 @@ pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// Replaces `path` with `bytes` whole: written and fsynced under a temporary name beside it, then
+/// renamed over it and the folder fsynced (a reader or a crash sees the old file or the new one).
+pub(crate) fn replace_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{}.tmp", name.unwrap_or_default()));
+    write_synced(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fsync_dir(dir).with_context(|| format!("syncing {}", dir.display()))
+}
+
 /// Copies `src` to `dst` and fsyncs the copy.
 pub(crate) fn copy_synced(src: &Path, dst: &Path) -> anyhow::Result<()> {
     use anyhow::Context;

@@ -1242,16 +1242,22 @@ pub(crate) mod tests {
         std::fs::remove_dir_all(&config.checkpoint.dir).unwrap();
     }
 
+    /// A fresh folder `ckpt-<name>-<pid>` with a `step-N` folder holding `manifest` per entry.
+    fn step_folders(name: &str, steps: &[(u64, &str)]) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("ckpt-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for &(n, manifest) in steps {
+            let d = root.join(super::super::step_dir_name(n));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("manifest.json"), manifest).unwrap();
+        }
+        root
+    }
+
     #[test]
     fn retention_keeps_the_checkpoint_just_saved_even_when_newer_ones_exist() {
         // resumed from step 100 while an abandoned step 200 is still there, keep_last 1
-        let root = std::env::temp_dir().join(format!("ckpt-keep-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        for n in [100, 150, 200] {
-            let d = root.join(super::super::step_dir_name(n));
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("manifest.json"), "{}").unwrap();
-        }
+        let root = step_folders("keep", &[(100, "{}"), (150, "{}"), (200, "{}")]);
         let just_saved = root.join("step-00000150");
         let doomed = retention(&root, (1, None), &just_saved, None, true).unwrap();
         assert_eq!(doomed, [root.join("step-00000100")]);
@@ -1261,13 +1267,7 @@ pub(crate) mod tests {
     /// The protected checkpoint (the best epoch's) is kept besides the newest `keep_last`.
     #[test]
     fn retention_keeps_the_protected_checkpoint_besides_the_newest() {
-        let root = std::env::temp_dir().join(format!("ckpt-protect-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        for n in [100, 150, 200] {
-            let d = root.join(super::super::step_dir_name(n));
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("manifest.json"), "{}").unwrap();
-        }
+        let root = step_folders("protect", &[(100, "{}"), (150, "{}"), (200, "{}")]);
         let (best, newest) = (root.join("step-00000100"), root.join("step-00000200"));
         let doomed = retention(&root, (1, Some(&best)), &newest, None, true).unwrap();
         assert_eq!(doomed, [root.join("step-00000150")]);
@@ -1281,20 +1281,17 @@ pub(crate) mod tests {
     /// unless this run resumed from one of them.
     #[test]
     fn retention_keeps_other_runs_checkpoints() {
-        let root = std::env::temp_dir().join(format!("ckpt-lineage-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        for (n, manifest) in [
-            (100, r#"{"lineage": "other"}"#),
-            (120, "not json"),
-            (150, r#"{"lineage": "ours"}"#),
-            (180, "{}"),
-            (200, r#"{"lineage": "ours"}"#),
-            (300, r#"{"lineage": "other"}"#),
-        ] {
-            let d = root.join(super::super::step_dir_name(n));
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("manifest.json"), manifest).unwrap();
-        }
+        let root = step_folders(
+            "lineage",
+            &[
+                (100, r#"{"lineage": "other"}"#),
+                (120, "not json"),
+                (150, r#"{"lineage": "ours"}"#),
+                (180, "{}"),
+                (200, r#"{"lineage": "ours"}"#),
+                (300, r#"{"lineage": "other"}"#),
+            ],
+        );
         let just_saved = root.join("step-00000200");
         let doomed = retention(&root, (1, None), &just_saved, Some("ours"), false).unwrap();
         assert_eq!(doomed, [root.join("step-00000150")]);

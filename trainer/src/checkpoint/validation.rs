@@ -42,8 +42,8 @@ mod finite_or_null {
 
 impl EvalResult {
     /// Whether this result is below `best` (strictly, as llama-recipes compares). A non-finite
-    /// loss (a diverged run) never is: it would not be a best epoch, and JSON has no NaN (serde
-    /// writes null, which would make the manifest carrying it unreadable).
+    /// loss (a diverged run) never is: it is no best epoch (so the manifest's `best_eval` is
+    /// always finite).
     pub fn beats(&self, best: Option<&EvalResult>) -> bool {
         self.eval_loss.is_finite() && best.is_none_or(|b| self.eval_loss < b.eval_loss)
     }
@@ -53,13 +53,8 @@ impl EvalResult {
 /// synced: a crash leaves the old record or the new one). A non-finite loss is recorded too (as
 /// null): the step was validated, it is just no best.
 pub fn write_record(dir: &Path, result: &EvalResult) -> Result<()> {
-    let tmp = dir.join(format!(".{VALIDATION_FILE}.tmp"));
     let text = serde_json::to_string_pretty(result)? + "\n";
-    super::write_synced(&tmp, text.as_bytes())?;
-    let path = dir.join(VALIDATION_FILE);
-    std::fs::rename(&tmp, &path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    super::fsync_dir(dir).with_context(|| format!("syncing {}", dir.display()))
+    super::replace_synced(&dir.join(VALIDATION_FILE), text.as_bytes())
 }
 
 /// The validation record of checkpoint folder `dir` saved at `step`, if it has one for that step.
@@ -87,17 +82,17 @@ pub fn from_rank0(
     device: tch::Device,
     record: Option<EvalResult>,
 ) -> Result<Option<EvalResult>> {
-    let mine: [i64; 4] = match (pg.rank(), record) {
-        (0, Some(r)) => [
+    let mine: [i64; 4] = match record {
+        Some(r) => [
             1,
             r.step as i64,
             r.epoch as i64,
             r.eval_loss.to_bits() as i64,
         ],
-        _ => [0; 4],
+        None => [0; 4],
     };
     let t = tch::Tensor::from_slice(&mine).to_device(device);
-    pg.all_reduce(&t, crate::dist::ReduceOp::Sum)?;
+    pg.broadcast(&t, 0)?;
     let v: Vec<i64> = Vec::try_from(&t.to_device(tch::Device::Cpu))?;
     Ok((v[0] == 1).then(|| EvalResult {
         step: v[1] as u64,

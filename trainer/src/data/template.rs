@@ -236,7 +236,7 @@ pub fn agree_template_clock(
 ) -> crate::dist::Result<()> {
     let mine = if pg.rank() == 0 { template_clock() } else { 0 };
     let t = tch::Tensor::from_slice(&[mine]).to_device(device);
-    pg.all_reduce(&t, crate::dist::ReduceOp::Sum)?;
+    pg.broadcast(&t, 0)?;
     let agreed = t.to_device(tch::Device::Cpu).int64_value(&[0]);
     if NOW.set(agreed).is_err() && template_clock() != agreed {
         tracing::warn!("the chat template's date was rendered before the ranks agreed on it");

@@ -358,11 +358,10 @@ fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result
 
 /// Writes OUT/settings.json whole (through a temporary file: another rank may read it).
 fn write_settings(out: &Path, now: &serde_json::Value) -> Result<(), EvalError> {
-    let (path, tmp) = (out.join("settings.json"), out.join("settings.json.tmp"));
+    let path = out.join("settings.json");
     let text = serde_json::to_string_pretty(now).unwrap_or_default();
-    std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, &path))
-        .map_err(io_err(&path))
+    crate::checkpoint::replace_synced(&path, text.as_bytes())
+        .map_err(|e| EvalError::Io(format!("{}: {e:#}", path.display())))
 }
 
 /// Every question a run will ask, checked before the first is generated (a bad one would
@@ -639,16 +638,13 @@ pub fn run(
     let mut others: Vec<Prediction> = done.into_values().collect();
     others.sort_by(|a, b| a.id.cmp(&b.id));
     let merged = opts.out.join("predictions.jsonl");
-    let tmp = opts.out.join("predictions.jsonl.tmp");
     let text: String = preds
         .iter()
         .chain(&others)
         .map(|p| serde_json::to_string(p).unwrap_or_default() + "\n")
         .collect();
     // durable before the rank files it replaces go
-    crate::checkpoint::write_synced(&tmp, text.as_bytes())
-        .and_then(|_| std::fs::rename(&tmp, &merged).map_err(anyhow::Error::from))
-        .and_then(|_| crate::checkpoint::fsync_dir(&opts.out).map_err(anyhow::Error::from))
+    crate::checkpoint::replace_synced(&merged, text.as_bytes())
         .map_err(|e| EvalError::Io(format!("{}: {e:#}", merged.display())))?;
     if let Ok(entries) = std::fs::read_dir(&opts.out) {
         for e in entries.flatten() {

@@ -66,30 +66,20 @@ fn parse_config(v: &Value) -> Result<LoraConfig, ModelError> {
         ),
         _ => return Err(bad("missing `target_modules`".into())),
     };
-    for key in ["rank_pattern", "alpha_pattern"] {
-        if v.get(key)
-            .and_then(Value::as_object)
-            .is_some_and(|o| !o.is_empty())
-        {
-            return Err(bad(format!("`{key}` is not supported yet")));
-        }
-    }
-    if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
-        return Err(bad("use_dora is not supported".into()));
-    }
     if v.get("bias")
         .and_then(Value::as_str)
         .is_some_and(|b| b != "none")
     {
         return Err(bad("only bias=\"none\" is supported".into()));
     }
-    if v.get("modules_to_save").is_some_and(|m| !m.is_null()) {
-        return Err(bad("modules_to_save is not supported".into()));
-    }
     // PEFT settings that change which layers carry LoRA or what it computes: loading such an
     // adapter as plain LoRA would be wrong (aLoRA applies only after its invocation tokens) or
     // fail with a list of missing keys that does not say why
-    const UNSUPPORTED: [(&str, &str); 12] = [
+    const UNSUPPORTED: [(&str, &str); 16] = [
+        ("rank_pattern", "per-module ranks"),
+        ("alpha_pattern", "per-module alphas"),
+        ("use_dora", "DoRA"),
+        ("modules_to_save", "fully trained modules besides LoRA"),
         ("layers_to_transform", "LoRA on some layers only"),
         ("layers_pattern", "LoRA on some layers only"),
         ("exclude_modules", "modules left out of target_modules"),

@@ -32,11 +32,7 @@ pub fn grad_norm_squared(grads: &[Tensor]) -> Tensor {
                 .to_kind(Kind::Double)
                 .square()
                 .sum(Kind::Double);
-            total = Some(match total {
-                Some(t) if t.device() == s.device() => t + s,
-                Some(t) => t.to_device(tch::Device::Cpu) + s.to_device(tch::Device::Cpu),
-                None => s,
-            });
+            total = Some(total.map_or_else(|| s.shallow_clone(), |t| &t + s.to_device(t.device())));
             start += len;
         }
     }

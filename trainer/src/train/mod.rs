@@ -56,7 +56,7 @@ struct State {
     /// The schedule a resumed checkpoint was trained with (compared with this run's, then dropped).
     resumed_schedule: Option<serde_json::Value>,
     /// The lowest validation loss so far (the epoch whose adapter is in `train.output_dir`).
-    best_eval: Option<crate::checkpoint::validation::EvalResult>,
+    best_eval: Option<EvalResult>,
     /// Whether the checkpoint resumed from was validated at its step (its validation.json).
     resumed_validated: bool,
 }
@@ -136,11 +136,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
         let epoch = st.epoch;
         let ctx = (&pg, config, device, &data);
         validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?;
-        // (a SIGTERM during it stops the run now, as after any epoch's validation)
-        if signal::stop_requested(&pg, device, st.step, None)? {
-            meter.log(&format!("SIGTERM: stopping after step {}", st.step));
-            interrupted = true;
-        }
+        interrupted = stopped_after_validation(&pg, device, st.step, &meter)?;
     }
     meter.start_steps();
     let epochs = match st.step >= total_steps || interrupted {
@@ -232,10 +228,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
         if st.step >= total_steps {
             break;
         }
-        // SIGTERM during the epoch-end save or validation: stop now (the epoch's checkpoint is
-        // there), not after one more step and save, past a scheduler's grace period
-        if signal::stop_requested(&pg, device, st.step, None)? {
-            meter.log(&format!("SIGTERM: stopping after step {}", st.step));
+        if stopped_after_validation(&pg, device, st.step, &meter)? {
             interrupted = true;
             break;
         }
@@ -261,6 +254,22 @@ pub fn train(config: &Config) -> Result<Outcome> {
         interrupted,
         last_loss: st.last_loss,
     })
+}
+
+/// A SIGTERM during an epoch-end save or validation (every rank calls it): the run stops now, the
+/// epoch's checkpoint being there, not after one more step and save, past a scheduler's grace
+/// period.
+fn stopped_after_validation(
+    pg: &crate::dist::ProcessGroup,
+    device: tch::Device,
+    step: u64,
+    meter: &Meter,
+) -> Result<bool> {
+    let stop = signal::stop_requested(pg, device, step, None)?;
+    if stop {
+        meter.log(&format!("SIGTERM: stopping after step {step}"));
+    }
+    Ok(stop)
 }
 
 /// After an epoch (its checkpoint saved): validation on `data.eval` if there is one, then the
