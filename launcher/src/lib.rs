@@ -6,11 +6,13 @@
 //! - [`store`]: the rendezvous store (protocol, server, client).
 //! - [`supervise`]: start, watch, stop and restart ranks; multi-node coordination.
 //! - [`outcome`]: exit codes and the root-cause summary.
+//! - [`error_file`]: `TORCHELASTIC_ERROR_FILE`, where a failing rank records why.
 //! - [`slurm`]: SLURM allocations and node lists.
 //! - [`gpus`]: `--nproc-per-node auto`.
 //! - [`token`]: random run ids and tokens.
 //! - [`shm`]: the ranks' shared-memory segment files (names, leftovers).
 pub mod env;
+pub mod error_file;
 pub mod gpus;
 pub mod outcome;
 pub mod shm;

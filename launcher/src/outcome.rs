@@ -2,6 +2,8 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use crate::error_file::RankError;
+
 /// Exit codes of the launcher.
 pub mod exit {
     /// Every rank on every node exited 0.
@@ -96,6 +98,8 @@ pub struct Failure {
     pub log: Option<PathBuf>,
     /// Last lines of the rank's stderr.
     pub stderr_tail: Vec<String>,
+    /// What the rank recorded in its `TORCHELASTIC_ERROR_FILE`, if anything.
+    pub error: Option<Box<RankError>>,
 }
 
 impl Failure {
@@ -138,6 +142,10 @@ impl Failure {
             other => other.describe(),
         };
         let _ = writeln!(s, "    error      : {what}");
+        if let Some(error) = &self.error {
+            let _ = writeln!(s, "    message    : {}", error.message);
+            let _ = writeln!(s, "    error file : {}", error.file.display());
+        }
         let _ = writeln!(s, "    exit code  : {} (the launcher's)", self.exit_code());
         match &self.log {
             Some(path) => {
@@ -154,7 +162,14 @@ impl Failure {
             }
             None => {}
         }
-        if !self.stderr_tail.is_empty() {
+        // the recorded traceback, as torchrun prints it; else the end of stderr (which, for a
+        // Python rank, holds the same traceback after whatever the program logged)
+        if let Some(error) = self.error.as_ref().filter(|e| !e.traceback.is_empty()) {
+            let _ = writeln!(s, "    traceback (from the error file):");
+            for line in &error.traceback {
+                let _ = writeln!(s, "      | {line}");
+            }
+        } else if !self.stderr_tail.is_empty() {
             let _ = writeln!(s, "    last stderr lines:");
             for line in &self.stderr_tail {
                 let _ = writeln!(s, "      | {line}");
@@ -187,6 +202,17 @@ impl Failure {
         for line in &self.stderr_tail {
             let _ = writeln!(s, "tail={}", one_line(line));
         }
+        if let Some(error) = &self.error {
+            let _ = writeln!(
+                s,
+                "error_file={}",
+                one_line(&error.file.display().to_string())
+            );
+            let _ = writeln!(s, "message={}", one_line(&error.message));
+            for line in &error.traceback {
+                let _ = writeln!(s, "trace={}", one_line(line));
+            }
+        }
         s.into_bytes()
     }
 
@@ -202,6 +228,7 @@ impl Failure {
             attempt: 0,
             log: None,
             stderr_tail: Vec::new(),
+            error: None,
         };
         let mut have_kind = false;
         for line in text.lines() {
@@ -227,6 +254,20 @@ impl Failure {
                 "attempt" => f.attempt = value.parse().ok()?,
                 "log" => f.log = Some(value.into()),
                 "tail" => f.stderr_tail.push(value.into()),
+                "error_file" | "message" | "trace" => {
+                    let error = f.error.get_or_insert_with(|| {
+                        Box::new(RankError {
+                            file: PathBuf::new(),
+                            message: String::new(),
+                            traceback: Vec::new(),
+                        })
+                    });
+                    match key {
+                        "error_file" => error.file = value.into(),
+                        "message" => error.message = value.into(),
+                        _ => error.traceback.push(value.into()),
+                    }
+                }
                 _ => {}
             }
         }
@@ -304,6 +345,7 @@ mod tests {
             attempt: 2,
             log: Some("/logs/r/attempt_2/1/stderr.log".into()),
             stderr_tail: vec!["Traceback".into(), "boom=1".into()],
+            error: None,
         };
         assert_eq!(Failure::decode(&f.encode()), Some(f.clone()));
         let text = f.summary(2, 0);
@@ -314,5 +356,33 @@ mod tests {
             "{text}"
         );
         assert_eq!(Failure::decode(b"garbage"), None);
+
+        // with an error file: its message and traceback travel to the other nodes and replace
+        // the stderr tail in the summary
+        let with_file = Failure {
+            kind: FailureKind::Exited(1),
+            error: Some(Box::new(RankError {
+                file: "/logs/r/attempt_2/1/error.json".into(),
+                message: "ValueError: bad lr".into(),
+                traceback: vec![
+                    "Traceback (most recent call last):".into(),
+                    "ValueError: bad lr".into(),
+                ],
+            })),
+            ..f
+        };
+        assert_eq!(
+            Failure::decode(&with_file.encode()),
+            Some(with_file.clone())
+        );
+        let text = with_file.summary(0, 0);
+        assert!(
+            text.contains("message    : ValueError: bad lr")
+                && text.contains("error file : /logs/r/attempt_2/1/error.json")
+                && text
+                    .contains("traceback (from the error file):\n      | Traceback (most recent")
+                && !text.contains("| boom=1"),
+            "{text}"
+        );
     }
 }

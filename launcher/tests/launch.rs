@@ -177,6 +177,94 @@ fn a_failing_rank_stops_the_others_and_sets_the_exit_code() {
     assert_no_survivors_in(dir.path(), &[run.pgid]);
 }
 
+/// torchrun's error files: every rank gets TORCHELASTIC_ERROR_FILE; what the failing rank records
+/// there is the summary's message and traceback. Without --log-dir the files live in a folder of
+/// the launcher's own under TMPDIR, kept only when the summary names one.
+#[test]
+fn a_failing_ranks_error_file_is_in_the_summary() {
+    let dir = Scratch::new("errfile");
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let rank_args = [
+        "--rank",
+        "1",
+        "--exit-code",
+        "3",
+        "--record-error",
+        "ValueError: bad lr",
+        "--stderr",
+        "some log line",
+    ];
+    let mut cmd = launch_testrank(
+        &["--standalone", "--nproc-per-node", "2", "--run-id", "ef"],
+        dir.path(),
+        &rank_args,
+    );
+    cmd.env("TMPDIR", &tmp);
+    let failed = run(cmd, LIMIT);
+    assert_eq!(failed.code(), 3, "{}", failed.stderr);
+    let file = read_env(dir.path(), 1, 0)["TORCHELASTIC_ERROR_FILE"].clone();
+    let root = tmp.join(format!("launcher-errors-{}", failed.pgid));
+    assert_eq!(Path::new(&file), root.join("ef/attempt_0/1/error.json"));
+    assert!(Path::new(&file).is_file(), "kept: the summary names it");
+    for expected in [
+        "message    : ValueError: bad lr".to_string(),
+        format!("error file : {file}"),
+        "traceback (from the error file):\n      | Traceback (most recent call last):\n      | ValueError: bad lr".to_string(),
+    ] {
+        assert!(failed.stderr.contains(&expected), "{expected}\n{}", failed.stderr);
+    }
+    assert!(
+        !failed.stderr.contains("| some log line"),
+        "{}",
+        failed.stderr
+    );
+
+    // a successful run leaves nothing under TMPDIR; --log-dir puts the files beside the logs
+    let mut cmd = launch_testrank(
+        &["--standalone", "--nproc-per-node", "2", "--run-id", "ok"],
+        dir.path(),
+        &[],
+    );
+    cmd.env("TMPDIR", &tmp);
+    let ok = run(cmd, LIMIT);
+    assert_eq!(ok.code(), 0, "{}", ok.stderr);
+    let file = read_env(dir.path(), 0, 0)["TORCHELASTIC_ERROR_FILE"].clone();
+    assert!(
+        file.contains(&format!("launcher-errors-{}", ok.pgid)),
+        "{file}"
+    );
+    assert!(!tmp.join(format!("launcher-errors-{}", ok.pgid)).exists());
+    let logs = dir.path().join("logs");
+    let logs_s = logs.to_str().unwrap();
+    let logged = run(
+        launch_testrank(
+            &[
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "--run-id",
+                "lg",
+                "--log-dir",
+                logs_s,
+            ],
+            dir.path(),
+            &rank_args,
+        ),
+        LIMIT,
+    );
+    assert_eq!(logged.code(), 3, "{}", logged.stderr);
+    let file = logs.join("lg/attempt_0/1/error.json");
+    assert!(file.is_file());
+    assert!(
+        logged
+            .stderr
+            .contains(&format!("error file : {}", file.display())),
+        "{}",
+        logged.stderr
+    );
+}
+
 #[test]
 fn a_rank_ignoring_sigterm_is_killed_after_the_grace_period() {
     let dir = Scratch::new("grace");

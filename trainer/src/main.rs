@@ -1128,14 +1128,42 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn main() -> ExitCode {
     trainer::logging::init();
+    record_panics();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
+            // for the launcher's (or torchrun's) summary: the whole chain, then each cause
+            launcher::error_file::record(&format!("{err:#}"), &format!("{err:?}"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// A panic (a bug, not bad input: that is an error) is recorded in `TORCHELASTIC_ERROR_FILE` too,
+/// after the default hook has printed it.
+fn record_panics() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        let payload = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_string());
+        let place = info
+            .location()
+            .map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
+        let thread = std::thread::current();
+        let detail = format!(
+            "thread '{}' panicked{place}:\n{payload}\n{}",
+            thread.name().unwrap_or("<unnamed>"),
+            std::backtrace::Backtrace::capture()
+        );
+        launcher::error_file::record(&format!("panic{place}: {payload}"), &detail);
+    }));
 }
 
 /// The folder a benchmark works in and removes afterwards: a subfolder of `--dir`, so that a

@@ -48,6 +48,42 @@ fn bad_override_is_one_clear_error() {
     );
 }
 
+/// Under the launcher (or torchrun) the error is also recorded in TORCHELASTIC_ERROR_FILE, in
+/// torchelastic's format, for the root-cause summary.
+#[test]
+fn an_error_is_recorded_in_the_torchelastic_error_file() {
+    let dir = std::env::temp_dir().join(format!("trainer-cli-errfile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("error.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args([
+            "config",
+            "show",
+            "configs/llava-sco.yaml",
+            "--set",
+            "pef.r=3",
+        ])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .env("TORCHELASTIC_ERROR_FILE", &file)
+        .output()
+        .expect("run trainer");
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let message = json["message"]["message"].as_str().unwrap();
+    assert!(message.contains(r#"pef.r: unknown key "pef""#), "{json}");
+    let timestamp: u64 = json["message"]["extraInfo"]["timestamp"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(timestamp > 1_700_000_000, "{json}");
+    // and the launcher reads it back as it reads Python's
+    let read = launcher::error_file::read(&file).unwrap();
+    assert_eq!(read.message, message);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn missing_config_names_the_file() {
     let (code, _, stderr) = trainer(&["train", "no/such.yaml"]);

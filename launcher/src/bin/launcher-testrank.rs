@@ -49,6 +49,9 @@ struct Args {
     /// Print this line on stderr before failing
     #[arg(long)]
     stderr: Option<String>,
+    /// Record this message (and a two-line traceback) in TORCHELASTIC_ERROR_FILE before failing
+    #[arg(long)]
+    record_error: Option<String>,
 }
 
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
         "LLAVA_SCO_LAUNCH_ID",
         "OMP_NUM_THREADS",
         "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+        "TORCHELASTIC_ERROR_FILE",
     ] {
         record.push_str(&format!(
             "{var}={}\n",
@@ -168,6 +172,10 @@ fn main() -> ExitCode {
         wait_for_peers(&args.out, env.world_size, env.restart_count);
         if let Some(line) = &args.stderr {
             eprintln!("{line}");
+        }
+        if let Some(message) = &args.record_error {
+            let traceback = format!("Traceback (most recent call last):\n{message}");
+            launcher::error_file::record(message, &traceback);
         }
         if args.kill_self {
             // SAFETY: plain syscall.

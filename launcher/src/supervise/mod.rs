@@ -7,6 +7,7 @@
 //! - [`peers`]: coordination with the other nodes' launchers through the store.
 //! - [`signals`]: the launcher's own SIGINT/SIGTERM/SIGHUP/SIGQUIT handling.
 //! - [`watchdog`]: kills the ranks' process groups if the launcher itself is SIGKILLed.
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -139,6 +140,78 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
         Err(err) => return join_failed(spec, &host, 0, err),
     };
 
+    let mut error_files = ErrorFiles::new(&spec.output);
+    let outcome = supervise(
+        spec,
+        &host,
+        port,
+        &mut peers,
+        &run_id,
+        &launch_id,
+        &error_files,
+    );
+    if let Ok(Outcome::Failed(failure)) = &outcome {
+        error_files.keep_for(failure);
+    }
+    outcome
+}
+
+/// Where the ranks' error files go (`TORCHELASTIC_ERROR_FILE`): beside their logs with
+/// `--log-dir`, else in a folder of this launcher's own under the temp dir (torchrun's
+/// `torchelastic_*`), removed at the end unless the summary names a file in it.
+struct ErrorFiles {
+    root: PathBuf,
+    temporary: bool,
+    keep: bool,
+}
+
+impl ErrorFiles {
+    fn new(output: &OutputOptions) -> Self {
+        match &output.log_dir {
+            Some(dir) => ErrorFiles {
+                root: dir.clone(),
+                temporary: false,
+                keep: true,
+            },
+            None => ErrorFiles {
+                root: std::env::temp_dir().join(format!("launcher-errors-{}", std::process::id())),
+                temporary: true,
+                keep: false,
+            },
+        }
+    }
+
+    fn path(&self, run_id: &str, attempt: u32, node: Option<usize>, local_rank: usize) -> PathBuf {
+        output::rank_dir_in(&self.root, run_id, attempt, node, local_rank)
+            .join(crate::error_file::FILE_NAME)
+    }
+
+    fn keep_for(&mut self, failure: &Failure) {
+        self.keep |= failure
+            .error
+            .as_ref()
+            .is_some_and(|e| e.file.starts_with(&self.root));
+    }
+}
+
+impl Drop for ErrorFiles {
+    fn drop(&mut self) {
+        if self.temporary && !self.keep {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// The attempts, from the first rendezvous to the outcome.
+fn supervise(
+    spec: &LaunchSpec,
+    host: &str,
+    port: u16,
+    peers: &mut Peers,
+    run_id: &str,
+    launch_id: &str,
+    error_files: &ErrorFiles,
+) -> Result<Outcome, LaunchError> {
     let mut watchdog = match Watchdog::start() {
         Ok(w) => Some(w),
         Err(err) => {
@@ -148,9 +221,9 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
     };
     let mut attempt = 0u32;
     loop {
-        let layout = match peers.join(attempt, spec.nproc, &host, spec.rdzv_timeout) {
+        let layout = match peers.join(attempt, spec.nproc, host, spec.rdzv_timeout) {
             Ok(layout) => layout,
-            Err(err) => return join_failed(spec, &host, attempt, err),
+            Err(err) => return join_failed(spec, host, attempt, err),
         };
         if attempt == 0 {
             tracing::info!(
@@ -164,16 +237,17 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
         }
         let attempt_run = Attempt {
             spec,
-            run_id: &run_id,
-            launch_id: &launch_id,
-            host: &host,
+            run_id,
+            launch_id,
+            host,
             port,
             attempt,
             layout,
+            error_files,
         };
-        let ran = attempt_run.run(&mut peers, watchdog.as_mut());
+        let ran = attempt_run.run(peers, watchdog.as_mut());
         // shared-memory segments of ranks killed before they unlinked them
-        let leftovers = crate::shm::remove_leftovers(&run_id, port, attempt);
+        let leftovers = crate::shm::remove_leftovers(run_id, port, attempt);
         if leftovers > 0 {
             tracing::debug!(
                 "removed {leftovers} shared-memory segment(s) attempt {attempt} left in {}",
@@ -203,6 +277,7 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
                         local_rank: None,
                         log: None,
                         stderr_tail: vec![],
+                        error: None,
                         ..*failure
                     };
                 } else if restart {
@@ -271,6 +346,7 @@ fn interrupted(spec: &LaunchSpec, host: &str, attempt: u32, sig: i32) -> Outcome
         attempt,
         log: None,
         stderr_tail: Vec::new(),
+        error: None,
     })
 }
 
@@ -296,6 +372,7 @@ struct Attempt<'a> {
     port: u16,
     attempt: u32,
     layout: NodeLayout,
+    error_files: &'a ErrorFiles,
 }
 
 /// The stop in progress: ranks were signalled and get SIGKILL at `deadline`.
@@ -347,6 +424,10 @@ impl Attempt<'_> {
             attempt: self.attempt,
             log: rank.and_then(|r| r.output.stderr_log.clone()),
             stderr_tail: rank.map(|r| r.output.tail()).unwrap_or_default(),
+            error: rank
+                .and_then(|r| r.error_file.as_deref())
+                .and_then(crate::error_file::read)
+                .map(Box::new),
         }
     }
 
@@ -369,7 +450,16 @@ impl Attempt<'_> {
             let dir = spec
                 .output
                 .rank_dir(self.run_id, self.attempt, node, local_rank);
-            match RankProcess::spawn(&spec.command, env.clone(), &spec.output, dir.as_deref()) {
+            let error_file = self
+                .error_files
+                .path(self.run_id, self.attempt, node, local_rank);
+            match RankProcess::spawn(
+                &spec.command,
+                env.clone(),
+                &spec.output,
+                dir.as_deref(),
+                Some(&error_file),
+            ) {
                 Ok(rank) => {
                     if let Some(w) = watchdog.as_deref_mut() {
                         w.watch(rank.pgid);

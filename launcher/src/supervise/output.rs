@@ -37,14 +37,9 @@ impl OutputOptions {
         node: Option<usize>,
         local_rank: usize,
     ) -> Option<PathBuf> {
-        self.log_dir.as_ref().map(|d| {
-            let attempt_dir = d.join(run_id).join(format!("attempt_{attempt}"));
-            match node {
-                Some(n) => attempt_dir.join(format!("node{n}")),
-                None => attempt_dir,
-            }
-            .join(local_rank.to_string())
-        })
+        self.log_dir
+            .as_ref()
+            .map(|d| rank_dir_in(d, run_id, attempt, node, local_rank))
     }
 
     /// How one stream of one rank reaches the console: `None` (silent), or with an optional prefix.
@@ -66,6 +61,22 @@ impl OutputOptions {
             (false, false) => Some(None),
         }
     }
+}
+
+/// `root/RUN_ID/attempt_N/[node<G>/]LOCAL_RANK`: one rank's folder of one attempt (logs, error file).
+pub fn rank_dir_in(
+    root: &Path,
+    run_id: &str,
+    attempt: u32,
+    node: Option<usize>,
+    local_rank: usize,
+) -> PathBuf {
+    let attempt_dir = root.join(run_id).join(format!("attempt_{attempt}"));
+    match node {
+        Some(n) => attempt_dir.join(format!("node{n}")),
+        None => attempt_dir,
+    }
+    .join(local_rank.to_string())
 }
 
 /// The width of the launcher's terminal when its stderr is one (a rank whose stderr is relayed

@@ -440,6 +440,7 @@ impl MultiNode {
                 attempt,
                 log: None,
                 stderr_tail: Vec::new(),
+                error: None,
             })));
         }
         if self.last_heartbeat.elapsed() < HEARTBEAT_EVERY {
@@ -489,6 +490,7 @@ impl MultiNode {
             attempt,
             log: None,
             stderr_tail: Vec::new(),
+            error: None,
         }
     }
 

@@ -49,6 +49,8 @@ pub struct RankProcess {
     pub exit: Option<RankExit>,
     pub exited_at: Option<Instant>,
     pub output: RankOutput,
+    /// The rank's `TORCHELASTIC_ERROR_FILE` (none when its folder could not be made).
+    pub error_file: Option<PathBuf>,
 }
 
 impl RankProcess {
@@ -59,6 +61,7 @@ impl RankProcess {
         env: RankEnv,
         output: &OutputOptions,
         log_dir: Option<&Path>,
+        error_file: Option<&Path>,
     ) -> io::Result<Self> {
         let mut cmd = Command::new(&command.program);
         cmd.args(&command.args)
@@ -79,6 +82,22 @@ impl RankProcess {
         {
             Some(columns) => cmd.env(crate::env::STDERR_TERMINAL_VAR, columns.to_string()),
             None => cmd.env_remove(crate::env::STDERR_TERMINAL_VAR),
+        };
+        // a missing error file costs the summary its traceback, never the run
+        let error_file = error_file.filter(|path| match crate::error_file::prepare(path) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(
+                    "cannot prepare rank {}'s error file {}: {err}; its failure will be reported without it",
+                    env.rank,
+                    path.display()
+                );
+                false
+            }
+        });
+        match error_file {
+            Some(path) => cmd.env(crate::error_file::ERROR_FILE_VAR, path),
+            None => cmd.env_remove(crate::error_file::ERROR_FILE_VAR),
         };
         if output.tee_stderr {
             // the console lines of this rank's stderr already carry `[rank r]`: tell the trainer's
@@ -128,6 +147,7 @@ impl RankProcess {
             exit: None,
             exited_at: None,
             output,
+            error_file: error_file.map(Path::to_path_buf),
         })
     }
 

@@ -1,0 +1,189 @@
+//! torchelastic's error files: every rank gets `TORCHELASTIC_ERROR_FILE`, the path where a
+//! program records why it failed. Python scripts write it with
+//! `torch.distributed.elastic.multiprocessing.errors.record`; our binaries with [`record`]. When a
+//! rank fails, the launcher reads the file and puts its message and traceback in the root-cause
+//! summary, as torchrun does (`error_file:`, `traceback:`).
+//!
+//! The file is torchelastic's JSON:
+//! `{"message": {"message": "ValueError: ...", "extraInfo": {"py_callstack": "Traceback ...",
+//! "timestamp": "1700000000"}}}`; an older form has `"message"` as a plain string.
+use std::path::{Path, PathBuf};
+
+/// The variable naming the rank's error file (torchrun's name).
+pub const ERROR_FILE_VAR: &str = "TORCHELASTIC_ERROR_FILE";
+
+/// The error file's name inside a rank's folder (torchrun's).
+pub const FILE_NAME: &str = "error.json";
+
+/// Lines of the traceback kept for the summary (the innermost frames, where the error is).
+pub const TRACEBACK_LINES: usize = 40;
+
+/// What a failed rank recorded about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankError {
+    /// Where the rank wrote it (on the rank's own node).
+    pub file: PathBuf,
+    /// One line: "ValueError: bad value", or why the file could not be read.
+    pub message: String,
+    /// The traceback's last [`TRACEBACK_LINES`] lines (empty when the file has none).
+    pub traceback: Vec<String>,
+}
+
+/// Reads the error file a rank left at `path`; `None` when it wrote none. A file that is not
+/// torchelastic's JSON is still reported (its path, and why it could not be read): a crash while
+/// writing it must not hide that one was written.
+pub fn read(path: &Path) -> Option<RankError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(err) => return Some(unreadable(path, &err.to_string())),
+    };
+    let json: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(json) => json,
+        Err(err) => return Some(unreadable(path, &format!("not JSON: {err}"))),
+    };
+    let (message, traceback) = match json.get("message") {
+        // {"message": {"message": "...", "extraInfo": {"py_callstack": "..."}}}
+        Some(serde_json::Value::Object(m)) => (
+            m.get("message").and_then(|v| v.as_str()).unwrap_or(""),
+            m.get("extraInfo")
+                .and_then(|e| e.get("py_callstack"))
+                .and_then(|v| v.as_str())
+                .unwrap_or(""),
+        ),
+        // {"message": "...", "timestamp": ...}
+        Some(serde_json::Value::String(s)) => (s.as_str(), ""),
+        _ => return Some(unreadable(path, "no \"message\" field")),
+    };
+    let lines: Vec<&str> = traceback.lines().collect();
+    let first_message_line = message.lines().next().unwrap_or("").trim();
+    Some(RankError {
+        file: path.to_path_buf(),
+        message: if first_message_line.is_empty() {
+            "(empty message)".to_string()
+        } else {
+            first_message_line.to_string()
+        },
+        traceback: lines[lines.len().saturating_sub(TRACEBACK_LINES)..]
+            .iter()
+            .map(|l| l.to_string())
+            .collect(),
+    })
+}
+
+fn unreadable(path: &Path, why: &str) -> RankError {
+    RankError {
+        file: path.to_path_buf(),
+        message: format!("(the error file could not be read: {why})"),
+        traceback: Vec::new(),
+    }
+}
+
+/// Prepares a rank's error file before it starts: its folder exists and no file from an earlier
+/// run with the same log folder is left to be mistaken for this run's.
+pub fn prepare(path: &Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
+        _ => Ok(()),
+    }
+}
+
+/// For a program run by the launcher (or torchrun): records `message` (one line) and `detail`
+/// (e.g. the error's cause chain) in `TORCHELASTIC_ERROR_FILE`, when that is set. Written through
+/// a temporary name, so the launcher never reads half a file. Best effort: the program is failing
+/// already, and its stderr says the same.
+pub fn record(message: &str, detail: &str) {
+    let Some(path) = std::env::var_os(ERROR_FILE_VAR).filter(|p| !p.is_empty()) else {
+        return;
+    };
+    let _ = write(Path::new(&path), message, detail);
+}
+
+fn write(path: &Path, message: &str, detail: &str) -> std::io::Result<()> {
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let json = serde_json::json!({
+        "message": {
+            "message": message,
+            "extraInfo": {"py_callstack": detail, "timestamp": timestamp.to_string()},
+        }
+    });
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    std::fs::write(&tmp, json.to_string())?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("launcher-error-file-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(FILE_NAME)
+    }
+
+    #[test]
+    fn reads_what_torch_record_writes() {
+        let path = scratch("torch");
+        // byte for byte what torch 2.x's ErrorHandler.record_exception writes
+        std::fs::write(
+            &path,
+            r#"{"message": {"message": "ValueError: bad lr", "extraInfo": {"py_callstack": "Traceback (most recent call last):\n  File \"train.py\", line 3, in main\n    raise ValueError(\"bad lr\")\nValueError: bad lr\n", "timestamp": "1732700000"}}}"#,
+        )
+        .unwrap();
+        let err = read(&path).unwrap();
+        assert_eq!(err.message, "ValueError: bad lr");
+        assert_eq!(err.traceback.len(), 4);
+        assert_eq!(err.traceback[0], "Traceback (most recent call last):");
+        assert_eq!(err.traceback[3], "ValueError: bad lr");
+        // the older form: a plain string
+        std::fs::write(&path, r#"{"message": "RuntimeError: x", "timestamp": 1}"#).unwrap();
+        let err = read(&path).unwrap();
+        assert_eq!(
+            (err.message.as_str(), err.traceback.len()),
+            ("RuntimeError: x", 0)
+        );
+    }
+
+    #[test]
+    fn missing_is_none_and_broken_is_reported() {
+        let path = scratch("broken");
+        assert_eq!(read(&path), None);
+        std::fs::write(&path, "{\"message\": {\"mess").unwrap();
+        let err = read(&path).unwrap();
+        assert!(
+            err.message.contains("could not be read: not JSON"),
+            "{err:?}"
+        );
+        std::fs::write(&path, "{}").unwrap();
+        assert!(read(&path).unwrap().message.contains("no \"message\""));
+    }
+
+    #[test]
+    fn our_record_round_trips_and_keeps_the_last_traceback_lines() {
+        let path = scratch("ours");
+        let detail: Vec<String> = (0..100).map(|i| format!("frame {i}")).collect();
+        write(
+            &path,
+            "loading the config failed: bad key",
+            &detail.join("\n"),
+        )
+        .unwrap();
+        let err = read(&path).unwrap();
+        assert_eq!(err.message, "loading the config failed: bad key");
+        assert_eq!(err.traceback.len(), TRACEBACK_LINES);
+        assert_eq!(err.traceback.last().unwrap(), "frame 99");
+        // prepare removes a stale file and keeps the folder
+        prepare(&path).unwrap();
+        assert_eq!(read(&path), None);
+        assert!(path.parent().unwrap().is_dir());
+    }
+}
