@@ -3,7 +3,9 @@
 //! Keys (all under `launcher/`, per attempt `a<k>/`):
 //! - `run_id`                 node 0's run id (the others adopt it)
 //! - `a<k>/node/<r>`          "host pid nproc" of node r; compare-set, so a duplicate node rank is caught
-//! - `a<k>/joined`, `a<k>/open`   join counter and the gate opened by the last node to join
+//! - `a<k>/joined`            join counter
+//! - `a<k>/gate`              compare-set once: `open` by the last node to join, or `abandoned WHY`
+//!   by a node that stopped waiting (or ended the run); whichever came first holds for every node
 //! - `a<k>/failed`            the first failure of the attempt (compare-set: exactly one root cause)
 //! - `a<k>/done`              nodes whose ranks all exited 0
 //! - `a<k>/acks`              nodes that learned the attempt's outcome (node 0 waits for them before
@@ -14,6 +16,11 @@ use std::time::{Duration, Instant};
 use super::signals;
 use crate::outcome::{Failure, FailureKind};
 use crate::store::{CompareSet, StoreClient, StoreError};
+
+/// An attempt's gate (`a<k>/gate`): every node starts its ranks, or none does.
+const GATE_OPEN: &str = "open";
+/// Prefix of a gate that a node closed for good; the rest is why.
+const GATE_ABANDONED: &str = "abandoned ";
 
 /// How often a node bumps its heartbeat.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
@@ -145,9 +152,10 @@ impl Peers {
                             m.node_rank, m.nnodes
                         );
                         // (node 0 and the others, waiting for the first attempt, stop at once)
+                        let abandon = format!("{GATE_ABANDONED}{why}");
                         let _ = m
                             .client
-                            .compare_set("launcher/a0/abandoned", None, why.as_bytes());
+                            .compare_set("launcher/a0/gate", None, abandon.as_bytes());
                         return Err(JoinError::Rendezvous(why));
                     }
                     let launch = m.client.get("launcher/launch_id")?;
@@ -193,8 +201,9 @@ impl Peers {
             m.node_rank,
             m.nnodes
         );
+        let gate = format!("{a}/gate");
         if joined == m.nnodes as i64 {
-            m.client.set(&format!("{a}/open"), b"1")?;
+            m.settle_gate(&a, attempt, GATE_OPEN)?;
         } else if joined > m.nnodes as i64 {
             return Err(JoinError::Rendezvous(format!(
                 "more than {} launchers joined (is --nnodes the same on every node?)",
@@ -202,15 +211,15 @@ impl Peers {
             )));
         }
         let deadline = Instant::now() + timeout;
-        let open = format!("{a}/open");
-        let abandoned = format!("{a}/abandoned");
         loop {
-            match m.client.wait(&[&open], Duration::from_secs(1)) {
-                Ok(()) => break,
+            match m.client.wait(&[&gate], Duration::from_secs(1)) {
+                Ok(()) => {
+                    m.settle_gate(&a, attempt, GATE_OPEN)?;
+                    break;
+                }
                 Err(StoreError::Timeout { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
-            m.refuse_abandoned(&a, attempt)?;
             if let Err(err) = check_signal_and_deadline(deadline, String::new) {
                 let err = match err {
                     JoinError::Rendezvous(_) => {
@@ -233,12 +242,32 @@ impl Peers {
                     JoinError::Rendezvous(msg) => format!("node {} ({host}) gave up waiting: {msg}", m.node_rank),
                     JoinError::Store(e) => format!("node {} ({host}): {e}", m.node_rank),
                 };
-                let _ = m.client.compare_set(&abandoned, None, why.as_bytes());
-                return Err(err);
+                if !m.abandon_gate(&a, &why) {
+                    return Err(err);
+                }
+                // the last node opened the gate just before: the others start their ranks, so
+                // this node does too, or (stopped by a signal) fails the attempt they started,
+                // which stops them at once
+                if let JoinError::Interrupted(sig) = err {
+                    let failure = Failure {
+                        kind: FailureKind::LauncherSignal(sig),
+                        rank: None,
+                        local_rank: None,
+                        node_rank: m.node_rank,
+                        host: host.to_string(),
+                        attempt,
+                        log: None,
+                        stderr_tail: Vec::new(),
+                        error: None,
+                    };
+                    let _ = m
+                        .client
+                        .compare_set(&format!("{a}/failed"), None, &failure.encode());
+                    return Err(err);
+                }
+                break;
             }
         }
-        // (a node that gave up counted as joined: the last node in completes the count)
-        m.refuse_abandoned(&a, attempt)?;
         // Ranks are numbered node by node; nodes may run different numbers of ranks.
         let mut layout = NodeLayout {
             rank_offset: 0,
@@ -342,10 +371,12 @@ impl Peers {
             failure.host,
             failure.kind.describe()
         );
-        // (the first node's cause is kept)
+        // (the first node's cause is kept; the gate of the attempt this node never joins cannot
+        // be open)
+        let abandon = format!("{GATE_ABANDONED}{why}");
         let told = m
             .client
-            .compare_set(&format!("{next}/abandoned"), None, why.as_bytes())
+            .compare_set(&format!("{next}/gate"), None, abandon.as_bytes())
             .map(|_| ());
         if let Err(err) = told {
             tracing::warn!("cannot tell the other nodes that this one stops: {err}");
@@ -381,17 +412,33 @@ impl Peers {
 }
 
 impl MultiNode {
-    /// An error when another node ended attempt `a` (`{a}/abandoned`: why), counted in
-    /// `{a}/ended`, which node 0 may wait for.
-    fn refuse_abandoned(&mut self, a: &str, attempt: u32) -> Result<(), JoinError> {
-        let Some(why) = self.client.try_get(&format!("{a}/abandoned"))? else {
+    /// Sets attempt `a`'s gate to `state` unless it is set; an error when another node abandoned
+    /// the attempt (`{a}/gate`: `abandoned WHY`), counted in `{a}/ended`, which node 0 may wait for.
+    fn settle_gate(&mut self, a: &str, attempt: u32, state: &str) -> Result<(), JoinError> {
+        let gate = format!("{a}/gate");
+        let held = match self.client.compare_set(&gate, None, state.as_bytes())? {
+            CompareSet::Mismatch(Some(v)) => v,
+            _ => state.as_bytes().to_vec(),
+        };
+        let Some(why) = held.strip_prefix(GATE_ABANDONED.as_bytes()) else {
             return Ok(());
         };
         let _ = self.client.add(&format!("{a}/ended"), 1);
         Err(JoinError::Rendezvous(format!(
             "another node ended the run (attempt {attempt} will not start): {}",
-            String::from_utf8_lossy(&why)
+            String::from_utf8_lossy(why)
         )))
+    }
+
+    /// Closes attempt `a`'s gate for good, saying `why`, unless the last node has opened it
+    /// already: then (true) this node must go on with the attempt like the others. A store error
+    /// counts as closed: this node stops either way.
+    fn abandon_gate(&mut self, a: &str, why: &str) -> bool {
+        let abandon = format!("{GATE_ABANDONED}{why}");
+        matches!(
+            self.client.compare_set(&format!("{a}/gate"), None, abandon.as_bytes()),
+            Ok(CompareSet::Mismatch(Some(v))) if v == GATE_OPEN.as_bytes()
+        )
     }
 
     /// Waits (at most `ack_wait`) until the counter `key` reaches `want`; whether it did.
@@ -530,5 +577,41 @@ mod tests {
             Duration::from_secs(60)
         );
         assert_eq!(heartbeat_timeout(Duration::MAX), Duration::MAX);
+    }
+
+    fn node(port: u16, rank: usize) -> MultiNode {
+        let client =
+            StoreClient::connect("127.0.0.1", port, "gate-test", Duration::from_secs(5)).unwrap();
+        match Peers::multi(client, rank, 2, Duration::from_secs(1)) {
+            Peers::Multi(m) => *m,
+            Peers::Single => unreachable!(),
+        }
+    }
+
+    /// The gate is one compare-set key, so a node giving up and the last node joining at the same
+    /// moment cannot disagree: whichever wrote first holds for both.
+    #[test]
+    fn the_gate_is_decided_once_for_every_node() {
+        let server = crate::store::StoreServer::bind(("127.0.0.1", 0), "gate-test").unwrap();
+        let port = server.local_addr().port();
+        let (mut n0, mut n1) = (node(port, 0), node(port, 1));
+        // opened first: the node that times out a moment later goes on with the attempt
+        n0.settle_gate("launcher/a0", 0, GATE_OPEN).unwrap();
+        assert!(n1.abandon_gate("launcher/a0", "node 1 gave up"));
+        n1.settle_gate("launcher/a0", 0, GATE_OPEN).unwrap();
+        // abandoned first: the last node to join (and every waiter) refuses to start, told why
+        assert!(!n1.abandon_gate("launcher/a1", "node 1 gave up"));
+        let err = n0.settle_gate("launcher/a1", 1, GATE_OPEN).unwrap_err();
+        let JoinError::Rendezvous(msg) = err else {
+            panic!("{err:?}")
+        };
+        assert!(
+            msg.contains("attempt 1 will not start): node 1 gave up"),
+            "{msg}"
+        );
+        assert!(
+            !n0.abandon_gate("launcher/a1", "node 0 too"),
+            "first cause kept"
+        );
     }
 }
