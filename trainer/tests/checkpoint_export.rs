@@ -415,6 +415,17 @@ fn a_run_stopped_at_its_last_step_is_validated_when_launched_again() {
         "{}",
         third.stderr
     );
+    // a validation that wrote its metrics line but died before validation.json is validated
+    // again, and its line is in metrics.jsonl once
+    std::fs::remove_file(out.join("ckpt/step-00000006/validation.json")).unwrap();
+    let fourth = ok(run(&out, 1, train, &sets, &[]), "launched a fourth time");
+    assert!(
+        fourth.stderr.contains("validating it now"),
+        "{}",
+        fourth.stderr
+    );
+    let steps: Vec<u64> = validations(&out).iter().map(|v| v.1).collect();
+    assert_eq!(steps, [6]);
 }
 
 /// A checkpoint saved by SIGTERM at an epoch's last step resumes as the epoch-end checkpoint it

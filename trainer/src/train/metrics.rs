@@ -59,7 +59,9 @@ impl Meter {
     }
 
     /// A fresh metrics file, or, when resuming from step `resumed`, the existing one without the
-    /// lines of later steps (those are trained again).
+    /// lines of later steps (those are trained again), nor the resumed step's validation line
+    /// unless `resumed_validated`: a checkpoint whose validation never finished (a crash after
+    /// the line, before validation.json) is validated again, and writes its line again.
     pub fn open(
         config: &Config,
         pg: &ProcessGroup,
@@ -67,6 +69,7 @@ impl Meter {
         flops: FlopCount,
         total: u64,
         resumed: Option<u64>,
+        resumed_validated: bool,
     ) -> Result<Self> {
         let rank = pg.rank();
         // the peak of the dtype the matmuls run in (model.dtype without FSDP)
@@ -79,7 +82,11 @@ impl Meter {
             }),
         };
         let file = if rank == 0 {
-            Some(open_file(&config.train.output_dir, resumed)?)
+            Some(open_file(
+                &config.train.output_dir,
+                resumed,
+                resumed_validated,
+            )?)
         } else {
             None
         };
@@ -223,7 +230,7 @@ impl Drop for Meter {
     }
 }
 
-fn open_file(dir: &Path, resumed: Option<u64>) -> Result<std::fs::File> {
+fn open_file(dir: &Path, resumed: Option<u64>, resumed_validated: bool) -> Result<std::fs::File> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating train.output_dir {}", dir.display()))?;
     let path = dir.join("metrics.jsonl");
@@ -232,10 +239,13 @@ fn open_file(dir: &Path, resumed: Option<u64>) -> Result<std::fs::File> {
             .unwrap_or_default()
             .lines()
             .filter(|l| {
-                serde_json::from_str::<Value>(l)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s <= step)
+                let Ok(v) = serde_json::from_str::<Value>(l) else {
+                    return false;
+                };
+                let validation = v["validation"].as_bool() == Some(true);
+                v["step"]
+                    .as_u64()
+                    .is_some_and(|s| s < step || (s == step && (resumed_validated || !validation)))
             })
             .map(str::to_string)
             .collect(),

@@ -104,7 +104,15 @@ pub fn train(config: &Config) -> Result<Outcome> {
     if let Some(saved) = st.resumed_schedule.take() {
         checkpointing::note_schedule_change(rank, &saved, &schedule, st.step);
     }
-    let mut meter = Meter::open(config, &pg, device, flops, total_steps, st.saved_step)?;
+    let mut meter = Meter::open(
+        config,
+        &pg,
+        device,
+        flops,
+        total_steps,
+        st.saved_step,
+        st.resumed_validated,
+    )?;
     let stop_after = signal::stop_after_step();
     meter.log(&format!("training {total_steps} steps ({steps_per_epoch} per epoch) on {world} rank(s), {} backend, fsdp {}", pg.backend_name(), config.fsdp.enabled));
     let global = t.global_batch(world) as u64;
