@@ -428,6 +428,47 @@ fn a_run_stopped_at_its_last_step_is_validated_when_launched_again() {
     assert_eq!(steps, [6]);
 }
 
+/// SIGTERM while an epoch is validated: the run stops right after the validation (exit 143), with
+/// the epoch's checkpoint and its validation record, instead of training and saving one more
+/// step; the resumed run neither validates that epoch again nor loses it.
+#[test]
+fn a_sigterm_during_validation_stops_after_it() {
+    let eval = format!(
+        "data.eval={}",
+        common::ckpt::setup().join("train.jsonl").display()
+    );
+    let sets = [eval.as_str(), "train.validate=true", "peft.dropout=0.0"];
+    let train = "epochs: 2, batch_size: 8, grad_accum: 1";
+    let out = fresh("sigterm-during-validation");
+    let first = run(
+        &out,
+        1,
+        train,
+        &sets,
+        &[("TRAINER_STOP_DURING_VALIDATION", "6")],
+    );
+    assert_eq!(first.code, Some(143), "{}", first.stderr);
+    assert!(
+        first.stderr.contains("SIGTERM: stopping after step 6"),
+        "{}",
+        first.stderr
+    );
+    assert!(out.join("ckpt/step-00000006/validation.json").exists());
+    assert!(
+        !out.join("ckpt/step-00000007").exists(),
+        "no step after the validation"
+    );
+    let steps = |out: &Path| -> Vec<u64> { validations(out).iter().map(|v| v.1).collect() };
+    assert_eq!(steps(&out), [6]);
+    let second = ok(run(&out, 1, train, &sets, &[]), "resumed");
+    assert!(
+        !second.stderr.contains("has no validation record"),
+        "{}",
+        second.stderr
+    );
+    assert_eq!(steps(&out), [6, 12]);
+}
+
 /// A checkpoint saved by SIGTERM at an epoch's last step resumes as the epoch-end checkpoint it
 /// is: validated first when it has no validation record, and not validated again when it has
 /// one (the loop used to enter that epoch for no step and validate it once more).

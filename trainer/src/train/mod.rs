@@ -273,7 +273,7 @@ fn stopped_after_validation(
     step: u64,
     meter: &Meter,
 ) -> Result<bool> {
-    let stop = signal::stop_requested(pg, device, step, None)?;
+    let stop = signal::stop_requested(pg, device, step, signal::stop_during_validation())?;
     if stop {
         meter.log(&format!("SIGTERM: stopping after step {step}"));
     }

@@ -1,6 +1,8 @@
 //! Preemption: SIGTERM sets a flag; after each step the ranks all-reduce it, so every rank stops
 //! after the same step (then a checkpoint is written and the process exits 143).
-//! `TRAINER_STOP_AFTER_STEP=N` acts as a SIGTERM received during step N (tests).
+//! `TRAINER_STOP_AFTER_STEP=N` acts as a SIGTERM received during step N, and
+//! `TRAINER_STOP_DURING_VALIDATION=N` as one received while validating step N's checkpoint
+//! (tests).
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
@@ -23,9 +25,16 @@ pub(super) fn install_sigterm_handler() {
 
 /// The step after which the `TRAINER_STOP_AFTER_STEP` hook simulates a SIGTERM.
 pub(super) fn stop_after_step() -> Option<u64> {
-    std::env::var("TRAINER_STOP_AFTER_STEP")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
+    step_hook("TRAINER_STOP_AFTER_STEP")
+}
+
+/// The step whose validation the `TRAINER_STOP_DURING_VALIDATION` hook interrupts.
+pub(super) fn stop_during_validation() -> Option<u64> {
+    step_hook("TRAINER_STOP_DURING_VALIDATION")
+}
+
+fn step_hook(var: &str) -> Option<u64> {
+    std::env::var(var).ok().and_then(|s| s.parse::<u64>().ok())
 }
 
 /// Whether any rank received SIGTERM (or the hook fired at `step`); every rank must call it.
