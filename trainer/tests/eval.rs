@@ -200,6 +200,14 @@ fn reruns_keep_earlier_predictions_and_refuse_other_settings() {
     let (code, err) = eval(&out, &[]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("made by an older trainer"), "{err}");
+    // no settings.json beside the predictions: refused too (it used to be written afresh)
+    std::fs::remove_file(&settings).unwrap();
+    let (code, err) = eval(&out, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("holds predictions but not the settings"),
+        "{err}"
+    );
     std::fs::write(&settings, kept).unwrap();
     // a folder another eval (or export) is writing: refused before anything is generated
     let held = common::hold_export_lock(&out);
@@ -257,7 +265,22 @@ fn bad_benchmarks_name_file_and_line() {
         ("literal.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n{\"id\": \"y\", \"image\": \"small.png\", \"question\": \"see <|image|> here\", \"answer\": \"1\"}\n", "literal.jsonl:2: id \"y\": the question holds a literal <|image|>"),
         ("late-missing.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n{\"id\": \"y\", \"image\": \"nope.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "late-missing.jsonl:2: image"),
     ];
-    for (name, text, want) in cases {
+    // a truncated image (its header reads, its pixels do not), found before anything runs
+    let whole = std::fs::read(repo().join("tests/fixtures/data/images/large.png")).unwrap();
+    std::fs::write(dir.join("cut.png"), &whole[..whole.len() / 2]).unwrap();
+    let images = repo().join("tests/fixtures/data/images");
+    std::fs::copy(images.join("small.png"), dir.join("small.png")).unwrap();
+    let truncated = "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n{\"id\": \"y\", \"image\": \"cut.png\", \"question\": \"q\", \"answer\": \"1\"}\n";
+    let cases = cases
+        .iter()
+        .map(|&(name, text, want)| (name, text, want, images.clone()))
+        .chain([(
+            "truncated.jsonl",
+            truncated,
+            "truncated.jsonl:2: corrupt or truncated image",
+            dir.to_path_buf(),
+        )]);
+    for (name, text, want, image_root) in cases {
         std::fs::write(dir.join(name), text).unwrap();
         let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
             .args(["eval", "--turns", "1"])
@@ -266,7 +289,7 @@ fn bad_benchmarks_name_file_and_line() {
             .arg("--data")
             .arg(dir.join(name))
             .arg("--image-root")
-            .arg(repo().join("tests/fixtures/data/images"))
+            .arg(&image_root)
             .arg("--out")
             .arg(dir.join(format!("out-{name}")))
             .output()

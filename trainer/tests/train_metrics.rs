@@ -23,6 +23,11 @@ fn mfu_is_null_on_cpu_and_tflops_over_peak_when_configured() {
             "{v}"
         );
         assert!(v["mfu"].is_null(), "no peak known on a CPU: {v}");
+        // the step's model FLOPs over all ranks (world 1: tflops x seconds)
+        assert_eq!(v["world_size"], 1, "{v}");
+        let per_rank = v["tflops"].as_f64().unwrap() * v["step_s"].as_f64().unwrap() * 1e12;
+        let flops = v["flops"].as_f64().unwrap();
+        assert!((flops - per_rank).abs() <= 1e-9 * flops, "{v}");
     }
     // plain log lines (stderr is a pipe here), one per step
     for step in ["step 1/2 loss", "step 2/2 loss"] {

@@ -402,9 +402,11 @@ pub fn number_in(s: &str) -> Option<f64> {
         .map(|f| f.value)
 }
 
-/// The option a multiple-choice gold answer names (its letter or its text).
+/// The option a multiple-choice gold answer names: read as a prediction is (an option's own text
+/// first, then a letter), so a lowercase "a" among options ["d", "c", "b", "a"] is the option "a"
+/// on both sides.
 pub fn gold_choice(gold: &str, choices: &[String]) -> Option<usize> {
-    letter_index(gold, choices.len()).or_else(|| pick(gold, choices, false))
+    pick(gold, choices, false)
 }
 
 /// `pred` (already extracted) as scoring reads it against `gold`: the option it picks, the
@@ -420,10 +422,10 @@ pub fn canonical(pred: &str, gold: &str, choices: Option<&[String]>) -> String {
             return format!("number {v}");
         }
     } else if matches!(normalize_text(gold).as_str(), "yes" | "no") {
-        let p = normalize_text(pred);
+        let p = normalize_text(strip_lead_ins(pred.trim()));
         return format!("text {}", p.split_whitespace().next().unwrap_or(""));
     }
-    format!("text {}", normalize_text(pred))
+    format!("text {}", normalize_text(strip_lead_ins(pred.trim())))
 }
 
 /// Whether `pred` (already extracted) answers `gold`.
@@ -435,12 +437,19 @@ pub fn is_correct(pred: &str, gold: &str, choices: Option<&[String]>) -> bool {
     if let Some(g) = gold_number(gold) {
         return number_in(pred).is_some_and(|p| (p - g).abs() <= 1e-6_f64.max(1e-4 * g.abs()));
     }
-    let (p, g) = (normalize_text(pred), normalize_text(gold));
+    // as written, or after a lead-in ("The answer is yes", "So, red circle")
+    let g = normalize_text(gold);
+    let readings = [
+        normalize_text(pred),
+        normalize_text(strip_lead_ins(pred.trim())),
+    ];
     if matches!(g.as_str(), "yes" | "no") {
         // "Yes, because ..." answers a yes/no question with its first word
-        return p.split_whitespace().next() == Some(g.as_str());
+        return readings
+            .iter()
+            .any(|p| p.split_whitespace().next() == Some(g.as_str()));
     }
-    !g.is_empty() && p == g
+    !g.is_empty() && readings.contains(&g)
 }
 
 #[cfg(test)]
@@ -589,6 +598,12 @@ mod tests {
             ("The Red Circle!", "red circle", true),
             ("an apple", "apple", true),
             ("blue", "red", false),
+            // lead-ins before a yes/no or text answer
+            ("The answer is yes", "yes", true),
+            ("So, no.", "no", true),
+            ("The answer is no", "yes", false),
+            ("So, the answer is red circle", "red circle", true),
+            ("Answer: blue", "red", false),
         ];
         for (pred, gold, want) in cases {
             assert_eq!(is_correct(pred, gold, None), want, "{pred} vs {gold}");
@@ -616,5 +631,28 @@ mod tests {
             canonical("cat", "dog", None)
         );
         assert_ne!(canonical("cat", "dog", None), canonical("dog", "dog", None));
+        assert_eq!(
+            canonical("The answer is yes", "no", None),
+            canonical("Yes.", "no", None)
+        );
+    }
+
+    /// A gold answer is read as a prediction is: a lowercase letter that is an option's own text
+    /// names that option (AI2D's ["d", "c", "b", "a"]), a capital letter names an option by its
+    /// position.
+    #[test]
+    fn gold_letters_read_as_predictions_are() {
+        let c = opts(&["d", "c", "b", "a"]);
+        assert!(is_correct("a", "a", Some(&c)));
+        assert!(!is_correct("d", "a", Some(&c)));
+        assert_eq!(gold_choice("A", &c), Some(0));
+        assert!(is_correct("A", "A", Some(&c)));
+        let words = opts(&["cat", "dog"]);
+        assert_eq!(
+            gold_choice("b", &words),
+            Some(1),
+            "no option is \"b\": its letter"
+        );
+        assert_eq!(gold_choice("dog", &words), Some(1));
     }
 }

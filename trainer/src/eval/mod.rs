@@ -252,13 +252,21 @@ pub fn made_with(model: &Path, adapter: Option<&Path>) -> serde_json::Value {
     })
 }
 
-/// Sum of tflops x step_s over a training metrics.jsonl.
+/// The model FLOPs of a whole training run, over all its ranks, from its metrics.jsonl: each step
+/// line's `flops`; for lines written before that field, tflops (per rank) x step_s x world_size.
 fn training_flops(path: &Path) -> Option<f64> {
     let text = std::fs::read_to_string(path).ok()?;
+    let step_flops = |v: &serde_json::Value| -> Option<f64> {
+        if let Some(f) = v.get("flops").and_then(|f| f.as_f64()) {
+            return Some(f);
+        }
+        let world = v.get("world_size").and_then(|w| w.as_f64()).unwrap_or(1.0);
+        Some(v.get("tflops")?.as_f64()? * v.get("step_s")?.as_f64()? * 1e12 * world)
+    };
     let total: f64 = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some(v.get("tflops")?.as_f64()? * v.get("step_s")?.as_f64()? * 1e12))
+        .filter_map(|v| step_flops(&v))
         .sum();
     Some(total)
 }
@@ -332,28 +340,35 @@ fn settings(opts: &EvalOptions) -> serde_json::Value {
 /// give a report of neither). Every rank checks before generating anything; returns whether the
 /// file is to be (re)written, which rank 0 does (`write_settings`).
 fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result<bool, EvalError> {
-    let path = out.join("settings.json");
-    if resuming {
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            let before: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| EvalError::Io(format!("{}: {e}", path.display())))?;
-            if before.get("seeds").is_none() {
-                return Err(EvalError::Io(format!(
-                    "{}: its predictions were made by an older trainer (settings.json without the per-question seeds and file fingerprints this one records), so this run cannot tell whether they match; use another --out, or delete its predictions*.jsonl to start over",
-                    out.display()
-                )));
-            }
-            if &before != now {
-                return Err(EvalError::Io(format!(
-                    "{}: the predictions there were made with other settings ({before}; this run: \
-                     {now}): use another --out, or delete its predictions*.jsonl to start over",
-                    out.display()
-                )));
-            }
-            return Ok(false);
-        }
+    if !resuming {
+        return Ok(true);
     }
-    Ok(true)
+    let path = out.join("settings.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        EvalError::Io(format!(
+            "{}: {e}: {} holds predictions but not the settings they were made with, so this run \
+             cannot tell whether they match; use another --out, or delete its predictions*.jsonl \
+             to start over",
+            path.display(),
+            out.display()
+        ))
+    })?;
+    let before: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| EvalError::Io(format!("{}: {e}", path.display())))?;
+    if before.get("seeds").is_none() {
+        return Err(EvalError::Io(format!(
+            "{}: its predictions were made by an older trainer (settings.json without the per-question seeds and file fingerprints this one records), so this run cannot tell whether they match; use another --out, or delete its predictions*.jsonl to start over",
+            out.display()
+        )));
+    }
+    if &before != now {
+        return Err(EvalError::Io(format!(
+            "{}: the predictions there were made with other settings ({before}; this run: \
+             {now}): use another --out, or delete its predictions*.jsonl to start over",
+            out.display()
+        )));
+    }
+    Ok(false)
 }
 
 /// Writes OUT/settings.json whole (through a temporary file: another rank may read it).
@@ -366,12 +381,14 @@ fn write_settings(out: &Path, now: &serde_json::Value) -> Result<(), EvalError> 
 
 /// Every question a run will ask, checked before the first is generated (a bad one would
 /// otherwise stop the run when its turn comes, hours in): its image file exists and its prompt
-/// builds (no literal image token, the template renders).
+/// builds (no literal image token, the template renders); the images of this rank's own share
+/// (`mine`) are decoded too (a truncated or corrupt file), each by one rank only.
 fn check_items(
     session: &Session,
     items: &[&(usize, BenchItem)],
     opts: &EvalOptions,
     bench: &str,
+    mine: &dyn Fn(&str) -> bool,
 ) -> Result<(), EvalError> {
     for (line, item) in items {
         let bad = |reason: String| EvalError::Bench {
@@ -390,12 +407,60 @@ fn check_items(
         session
             .prompt_ids(&item.question, true, &[], &opts.infer)
             .map_err(|e| bad(format!("id {:?}: {e}", item.id)))?;
+        if mine(&item.id) {
+            load_rgb(&path).map_err(bad)?;
+        }
     }
     Ok(())
 }
 
+/// After every rank finished its share, a question without a prediction in `done` is in a rank
+/// file rank 0 cannot see: another node's, with an --out that is not shared. An error (after the
+/// merge, which keeps what is there).
+fn check_all_predicted(
+    items: &[(usize, BenchItem)],
+    done: &HashMap<String, Prediction>,
+    out: &Path,
+) -> Result<(), EvalError> {
+    let missing: Vec<&str> = items
+        .iter()
+        .filter(|(_, it)| !done.contains_key(&it.id))
+        .map(|(_, it)| it.id.as_str())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(EvalError::Io(format!(
+        "{} of {} questions have no prediction in {} after every rank finished (ids {:?}{}): \
+         with several nodes, --out must be a folder every node shares; the predictions made are \
+         kept (here in predictions.jsonl, on the other nodes in predictions.rank-R.jsonl): copy \
+         them here, or run again with a shared --out, which skips them",
+        missing.len(),
+        items.len(),
+        out.display(),
+        &missing[..missing.len().min(5)],
+        if missing.len() > 5 { ", ..." } else { "" }
+    )))
+}
+
+/// Rank `rank`'s batches: fixed batches of `batch_size` over the whole benchmark, dealt to the
+/// ranks in turn.
+fn shares(
+    items: &[(usize, BenchItem)],
+    batch_size: usize,
+    world: usize,
+    rank: usize,
+) -> impl Iterator<Item = &[(usize, BenchItem)]> {
+    items
+        .chunks(batch_size.max(1))
+        .enumerate()
+        .filter(move |(k, _)| k % world.max(1) == rank)
+        .map(|(_, c)| c)
+}
+
 /// Opens `path` for appending (created when missing), first cutting a torn last line (a write
-/// interrupted mid-line) so the next line starts clean.
+/// interrupted mid-line) so the next line starts clean; a whole last line that only lacks its
+/// newline (counted as done by `read_predictions`) gets one instead.
 fn open_for_append(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::OpenOptions::new()
@@ -410,9 +475,17 @@ fn open_for_append(path: &Path) -> std::io::Result<std::fs::File> {
     }
     // the whole file is read only when its end is torn
     if last[0] != b'\n' {
+        let mut file = file;
         let bytes = std::fs::read(path)?;
         let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        file.set_len(keep as u64)?;
+        let whole = std::str::from_utf8(&bytes[keep..])
+            .ok()
+            .is_some_and(|l| serde_json::from_str::<Prediction>(l).is_ok());
+        match whole {
+            true => file.write_all(b"\n")?,
+            false => file.set_len(keep as u64)?,
+        }
+        return Ok(file);
     }
     Ok(file)
 }
@@ -555,7 +628,11 @@ pub fn run(
             .iter()
             .filter(|(_, item)| !done.contains_key(&item.id))
             .collect();
-        check_items(session, &left, opts, &bench_file)?;
+        let mine: std::collections::HashSet<&str> = shares(&items, opts.batch_size, world, rank)
+            .flatten()
+            .map(|(_, item)| item.id.as_str())
+            .collect();
+        check_items(session, &left, opts, &bench_file, &|id| mine.contains(id))?;
         Ok(done)
     })();
     let mut done = agree(shard, checked, || {
@@ -564,13 +641,8 @@ pub fn run(
     // fixed batches over the whole benchmark, dealt to the ranks in turn: a question's batch mates
     // (and so its greedy result on a GPU, see the module doc) do not depend on the world size; a
     // resumed batch runs only its questions left
-    let batch = opts.batch_size.max(1);
-    let my_batches: Vec<&[(usize, BenchItem)]> = items
-        .chunks(batch)
-        .enumerate()
-        .filter(|(k, _)| k % world == rank)
-        .map(|(_, c)| c)
-        .collect();
+    let my_batches: Vec<&[(usize, BenchItem)]> =
+        shares(&items, opts.batch_size, world, rank).collect();
     let mine_total: usize = my_batches.iter().map(|c| c.len()).sum();
     let rank_path = opts.out.join(format!("predictions.rank-{rank}.jsonl"));
     // appended to, never rewritten: it may hold predictions of samples outside this run's share
@@ -631,6 +703,7 @@ pub fn run(
     // rank 0: merge every rank's file, in benchmark order, then drop the rank files; predictions
     // of samples outside this run (an earlier full run, before this --limit) are kept after them
     let mut done = existing_predictions(&opts.out)?;
+    let complete = check_all_predicted(&items, &done, &opts.out);
     let preds: Vec<Prediction> = items
         .iter()
         .filter_map(|(_, it)| done.remove(&it.id).map(|p| rescored(p, it)))
@@ -656,6 +729,7 @@ pub fn run(
             }
         }
     }
+    complete?;
     let params: usize = session
         .model
         .parameter_shapes()
@@ -712,6 +786,85 @@ mod tests {
             finished,
             canonical: String::new(),
         }
+    }
+
+    /// The training compute is the run's, over all ranks: each step's `flops`, or for older
+    /// lines the per-rank tflops x seconds x world size; validation lines add nothing.
+    #[test]
+    fn training_flops_count_every_rank() {
+        let dir = std::env::temp_dir().join(format!("eval-train-flops-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        let lines = [
+            r#"{"step": 1, "tflops": 2.0, "step_s": 0.5, "flops": 2e12, "world_size": 2}"#,
+            r#"{"step": 2, "tflops": 2.0, "step_s": 0.5, "world_size": 2}"#,
+            r#"{"step": 3, "tflops": 1.0, "step_s": 1.0}"#,
+            r#"{"validation": true, "step": 3, "eval_loss": 1.0}"#,
+        ];
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        assert_eq!(training_flops(&path), Some(2e12 + 2e12 + 1e12));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn saved(id: &str) -> Prediction {
+        Prediction {
+            id: id.into(),
+            answer: "3".into(),
+            category: None,
+            asked: None,
+            turns: vec![turn("<CONCLUSION> 3 </CONCLUSION>", true)],
+        }
+    }
+
+    /// A rank file's last line: torn, it is cut (the sample is redone); whole but without its
+    /// newline (counted as done), it gets the newline, so the next line starts clean and the
+    /// sample stays.
+    #[test]
+    fn a_whole_last_line_without_newline_is_kept() {
+        let dir = std::env::temp_dir().join(format!("eval-append-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("predictions.rank-0.jsonl");
+        let line = |id: &str| serde_json::to_string(&saved(id)).unwrap();
+        std::fs::write(&path, format!("{}\n{}", line("a"), line("b"))).unwrap();
+        let mut f = open_for_append(&path).unwrap();
+        f.write_all(format!("{}\n", line("c")).as_bytes()).unwrap();
+        let ids: Vec<String> = read_predictions(&path)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        let torn = &line("d")[..20];
+        std::fs::write(&path, format!("{}\n{torn}", line("a"))).unwrap();
+        drop(open_for_append(&path).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", line("a"))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Rank 0 refuses to report on a subset: ids no rank file it can see holds are named.
+    #[test]
+    fn questions_without_a_prediction_after_the_run_are_an_error() {
+        let mut a = item("1");
+        a.id = "a".into();
+        let mut b = item("1");
+        b.id = "b".into();
+        let items = vec![(1, a), (2, b)];
+        let mut done = HashMap::new();
+        done.insert("a".to_string(), saved("a"));
+        let err = check_all_predicted(&items, &done, Path::new("/out"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("1 of 2 questions")
+                && err.contains("[\"b\"]")
+                && err.contains("shared --out"),
+            "{err}"
+        );
+        done.insert("b".to_string(), saved("b"));
+        assert!(check_all_predicted(&items, &done, Path::new("/out")).is_ok());
     }
 
     /// Each question samples from its own seed: equal for the same id, whatever its position.

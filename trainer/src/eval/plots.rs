@@ -79,6 +79,15 @@ fn area() -> (i32, i32, i32, i32) {
     (MARGIN.0, MARGIN.2, w - MARGIN.1, h - MARGIN.3)
 }
 
+/// Where legend entry `k` of accuracy.png goes (its left end, vertical centre): two rows of four
+/// between the title and the chart, 150 px apart (a colour box and 16 characters).
+fn legend_slot(k: usize) -> (i32, i32) {
+    (
+        area().0 + 10 + 150 * (k % 4) as i32,
+        36 + 14 * (k / 4) as i32,
+    )
+}
+
 /// accuracy.png: accuracy (%) per turn, overall (thick) and per category.
 pub fn accuracy(report: &Report, path: &Path) -> Result<(), String> {
     let (w, h) = SIZE;
@@ -95,7 +104,12 @@ pub fn accuracy(report: &Report, path: &Path) -> Result<(), String> {
             b.turns.iter().map(|t| 100.0 * t.accuracy).collect(),
         ));
     }
-    series.truncate(PALETTE.len());
+    // one colour per series; with more categories than colours, the last legend slot says how
+    // many are left out (report.md's table has them all)
+    if series.len() > PALETTE.len() {
+        series.truncate(PALETTE.len() - 1);
+    }
+    let left_out = 1 + report.by_category.len() - series.len();
     {
         let root = BitMapBackend::with_buffer(&mut buf, SIZE).into_drawing_area();
         let (x0, y0, x1, y1) = area();
@@ -135,13 +149,24 @@ pub fn accuracy(report: &Report, path: &Path) -> Result<(), String> {
                         .map(|&p| Circle::new(p, 3 + width, color.filled())),
                 )
                 .map_err(plot_err)?;
-            // legend: a row above the chart
-            let lx = x0 + 10 + 110 * k as i32;
-            root.draw(&Rectangle::new([(lx, 38), (lx + 14, 46)], color.filled()))
-                .map_err(plot_err)?;
-            let mut l = Label::new((lx + 18, 42), name.chars().take(14).collect::<String>(), 0);
+            // legend: two rows of four above the chart
+            let (lx, ly) = legend_slot(k);
+            root.draw(&Rectangle::new(
+                [(lx, ly - 4), (lx + 14, ly + 4)],
+                color.filled(),
+            ))
+            .map_err(plot_err)?;
+            let mut l = Label::new((lx + 18, ly), name.chars().take(16).collect::<String>(), 0);
             l.rgb = rgb(&color);
             labels.push(l);
+        }
+        if left_out > 0 {
+            let (lx, ly) = legend_slot(series.len());
+            labels.push(Label::new(
+                (lx, ly),
+                format!("+{left_out} more (report.md)"),
+                0,
+            ));
         }
         root.present().map_err(plot_err)?;
     }
@@ -231,4 +256,29 @@ pub fn transitions(report: &Report, path: &Path) -> Result<(), String> {
 pub fn write_all(report: &Report, dir: &Path) -> Result<(), String> {
     accuracy(report, &dir.join(ACCURACY))?;
     transitions(report, &dir.join(TRANSITIONS))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every legend entry (a colour box, 16 characters; the last slot's "+N more (report.md)")
+    /// lies inside the image, between the title and the chart.
+    #[test]
+    fn the_legend_fits_above_the_chart() {
+        let text_w = |chars: usize| (chars as u32 * font::WIDTH) as i32;
+        for k in 0..PALETTE.len() {
+            let (x, y) = legend_slot(k);
+            assert!(
+                x + 18 + text_w(16) <= SIZE.0 as i32,
+                "entry {k} ends past the image"
+            );
+            assert!(x + text_w("+99 more (report.md)".len()) <= SIZE.0 as i32);
+            let half = font::HEIGHT as i32 / 2;
+            assert!(
+                y - half > 20 + half && y + half < area().1,
+                "entry {k} row {y}"
+            );
+        }
+    }
 }

@@ -343,15 +343,19 @@ pub fn markdown(r: &Report) -> String {
             p_text(c.p_value)
         );
     }
-    s += "\n## By category\n\n| category | samples | accuracy per turn | wrong->right | right->wrong | p (turn 0 vs last) |\n| --- | ---: | --- | ---: | ---: | ---: |\n";
+    s += "\n## By category\n\n| category | samples | accuracy per turn | wrong->right (turn 0 vs last) | right->wrong | p |\n| --- | ---: | --- | ---: | ---: | ---: |\n";
     for (cat, b) in &r.by_category {
         let accs: Vec<String> = b.turns.iter().map(|t| pct(t.accuracy)).collect();
-        let wr: usize = b.transitions.iter().map(|t| t.wrong_right).sum();
-        let rw: usize = b.transitions.iter().map(|t| t.right_wrong).sum();
-        let p = b
-            .correction
-            .as_ref()
-            .map_or("-".into(), |c| p_text(c.p_value));
+        // turn 0 against the last, as the p-value beside them (summing every turn pair would
+        // count a wrong -> right -> wrong sample in both columns)
+        let (wr, rw, p) = match &b.correction {
+            Some(c) => (
+                c.wrong_right.to_string(),
+                c.right_wrong.to_string(),
+                p_text(c.p_value),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
         s += &format!(
             "| {cat} | {} | {} | {wr} | {rw} | {p} |\n",
             b.turns.first().map_or(0, |t| t.total),
@@ -475,6 +479,20 @@ mod tests {
         let r = build(&ten, 1, &two_n_tokens, None);
         assert_eq!(r.correction.as_ref().unwrap().p_value, 2.0 / 1024.0);
         assert!(markdown(&r).contains("improves on turn 0"));
+    }
+
+    /// With three turns, a category's wrong->right and right->wrong are turn 0 against the last,
+    /// the pair its p-value tests: wrong -> right -> wrong is in neither column.
+    #[test]
+    fn category_counts_are_turn_0_against_the_last() {
+        let mut p = pred("1", "count", [(false, "4", "r"), (true, "3", "r")]);
+        p.turns.push(p.turns[0].clone());
+        let r = build(&[p], 1, &two_n_tokens, None);
+        let md = markdown(&r);
+        assert!(
+            md.contains("| count | 1 | 0.0% / 100.0% / 0.0% | 0 | 0 | 1.000 |"),
+            "{md}"
+        );
     }
 
     /// "Answer changed" compares the canonical answers: "B" and "(B)" are one answer.

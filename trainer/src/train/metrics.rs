@@ -6,7 +6,9 @@
 //! (supervised tokens of the global batch), tokens_per_s, step_s, mem_bytes (resident set of
 //! rank 0), param_bytes (parameter bytes resident on rank 0 between steps), tflops (achieved
 //! model TFLOP/s per rank, see `flops`), hw_tflops (executed TFLOP/s per rank: with the forward
-//! recompute of activation checkpointing), mfu (tflops / the device's peak; null when unknown).
+//! recompute of activation checkpointing), mfu (tflops / the device's peak; null when unknown),
+//! flops (the step's model FLOPs summed over all ranks: `trainer eval --train-metrics` adds them
+//! up), world_size.
 use std::io::Write;
 use std::path::Path;
 
@@ -145,7 +147,7 @@ impl Meter {
             "tokens": r.tokens, "tokens_per_s": tokens_per_s,
             "input_tokens_per_s_per_rank": input_tokens_per_s_per_rank, "step_s": s.step_s,
             "mem_bytes": resident_bytes(), "tflops": tflops, "hw_tflops": hw_tflops, "mfu": mfu,
-            "param_bytes": s.param_bytes,
+            "param_bytes": s.param_bytes, "flops": sums[0], "world_size": self.world,
         }))?;
         if self.rank != 0 || !(s.step.is_multiple_of(self.log_every) || s.step == self.total) {
             return Ok(());
