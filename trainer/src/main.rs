@@ -345,11 +345,21 @@ struct InferArgs {
     json: bool,
 }
 
+/// A count of 1 or more (checked when the flags are read, not after the model loads).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "expected a whole number of 1 or more, got {text:?}"
+        )),
+    }
+}
+
 /// The generation flags `infer` and `eval` share (each has its own --temperature default).
 #[derive(Args)]
 struct GenerationArgs {
     /// Total turns: 1 = the answer (no correction), 2 = answer + one self-correction, ...
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     turns: usize,
     /// The user message of each correction turn (default: the one `data build-sco` trains with)
     #[arg(long)]
@@ -422,16 +432,17 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
     if let Some(c) = &ckpt {
         c.check_base(&model_dir)?;
     }
-    let (mut model, text, image_config) = load_for_generation(&model_dir, args.adapter.as_deref())?;
-    if let Some(c) = &ckpt {
-        c.apply(&mut model)?;
-    }
+    // (the image too: a wrong --image must not cost a model load first)
     let img = args
         .image
         .as_ref()
         .map(|p| image::load_rgb(p))
         .transpose()
-        .map_err(anyhow::Error::msg)?;
+        .map_err(|e| anyhow::anyhow!("--image: {e}"))?;
+    let (mut model, text, image_config) = load_for_generation(&model_dir, args.adapter.as_deref())?;
+    if let Some(c) = &ckpt {
+        c.apply(&mut model)?;
+    }
     let opts = args.generation.options(args.temperature);
     let session = Session {
         model: &model,
@@ -585,6 +596,14 @@ fn position_of(p: PositionArg) -> trainer::infer::Position {
 fn eval(args: EvalArgs) -> Result<ExitCode> {
     use trainer::eval::{run, EvalOptions, Shard};
     use trainer::infer::Session;
+    // the benchmark and the image folder before the model loads (every line is checked again,
+    // with its images, before anything is generated)
+    trainer::eval::read_bench(&args.data)?;
+    anyhow::ensure!(
+        args.image_root.is_dir(),
+        "--image-root {} is not a folder (the benchmark's image paths are relative to it)",
+        args.image_root.display()
+    );
     let (model, text, image_config) = load_for_generation(&args.model, args.adapter.as_deref())?;
     let session = Session {
         model: &model,

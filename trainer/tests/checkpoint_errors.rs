@@ -287,3 +287,33 @@ fn a_checkpoint_moved_aside_by_a_crash_is_put_back_and_resumed() {
         "only step 3 trained"
     );
 }
+
+/// A `checkpoint.resume` folder that is not a checkpoint (a misspelt keyword, most likely) and a
+/// missing data file stop the run before the model loads, not after every rank read its weights.
+#[test]
+fn a_wrong_resume_folder_or_data_file_fails_before_the_model_loads() {
+    let train = "epochs: 1, batch_size: 4, grad_accum: 1, max_steps: 1";
+    let loaded = "weights: this rank read";
+    let out = fresh("early-checks");
+    let o = run(&out, 1, train, &["checkpoint.resume=auot"], &[]);
+    assert_ne!(o.code, Some(0), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("auot is not a checkpoint folder (no manifest.json) (did you mean auto?)"),
+        "{}",
+        o.stderr
+    );
+    assert!(!o.stderr.contains(loaded), "{}", o.stderr);
+    let o = run(&out, 1, train, &["data.train=/no/such/train.jsonl"], &[]);
+    assert_ne!(o.code, Some(0), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("/no/such/train.jsonl: data.train: cannot read the data file"),
+        "{}",
+        o.stderr
+    );
+    assert!(!o.stderr.contains(loaded), "{}", o.stderr);
+    // (the line the checks look for is there when the run gets that far)
+    let o = ok(run(&out, 1, train, &[], &[]), "good run");
+    assert!(o.stderr.contains(loaded), "{}", o.stderr);
+}

@@ -107,6 +107,40 @@ fn infer_with_a_missing_model_folder_names_it() {
     let (code, _, stderr) = trainer(&["infer", "--model", "no/such/model", "--question", "q"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("no/such/model"), "{stderr}");
+    assert!(
+        stderr.contains("expected a Hugging Face model folder")
+            && !stderr.contains("(os error 2): "),
+        "the OS error once, and what the folder should hold: {stderr}"
+    );
+    // flags and the image are checked before any model is read
+    let (code, _, stderr) = trainer(&[
+        "infer",
+        "--model",
+        "no/such/model",
+        "--question",
+        "q",
+        "--turns",
+        "0",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("expected a whole number of 1 or more"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = trainer(&[
+        "infer",
+        "--model",
+        "no/such/model",
+        "--question",
+        "q",
+        "--image",
+        "no/such.png",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("--image: cannot read image no/such.png"),
+        "{stderr}"
+    );
 }
 
 /// A benchmark works in a subfolder of --dir and removes only that: a --dir holding other files

@@ -429,3 +429,63 @@ fn yaml_oddities() {
         "fsdp: expected a section (a mapping of keys), got a list"
     );
 }
+
+/// Words other tools use for "the latest" or "none", YAML's booleans and a miscapitalised keyword
+/// are refused, not taken as a folder name (the run would load the model before finding no
+/// checkpoint there); a folder of such a name is written `./NAME`.
+#[test]
+fn resume_keywords_of_other_tools_are_refused() {
+    for (word, meant) in [
+        ("latest", "auto"),
+        ("Auto", "auto"),
+        ("true", "auto"),
+        ("false", "never"),
+        ("none", "never"),
+    ] {
+        let err = set_error(&format!("checkpoint.resume={word}"));
+        assert_eq!(
+            err,
+            format!("checkpoint.resume: expected auto, never, or a checkpoint folder, got \"{word}\" (did you mean {meant}? a folder of that name is ./{word})")
+        );
+    }
+    let ok = config::parse(MINIMAL, &["checkpoint.resume=./latest".to_string()]).unwrap();
+    assert_eq!(ok.checkpoint.resume.path(), Some(Path::new("./latest")));
+}
+
+/// A key's error in a file names the file, and the `--set` the value came from.
+#[test]
+fn file_errors_name_the_file_and_the_override() {
+    let dir = std::env::temp_dir().join(format!("config-errors-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("run.yaml");
+    std::fs::write(&path, format!("{MINIMAL}train: {{lr: -1}}\n")).unwrap();
+    let err = config::load(&path, &[]).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}: train.lr: expected a positive number, got -1",
+            path.display()
+        )
+    );
+    let err = config::load(&path, &["train.lr=fast".to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.ends_with(
+            r#"train.lr: expected a positive number, got "fast" (from --set train.lr=fast)"#
+        ),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// YAML merge keys (`<<: *anchor`) are resolved as PyYAML resolves them.
+#[test]
+fn merge_keys_are_resolved() {
+    let c = config::parse(
+        "model: {path: m}\ndata: {train: t.jsonl}\ntrain: &t {epochs: 2}\nfsdp: {}\npeft: {<<: {r: 16}, alpha: 8}\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!((c.peft.r, c.peft.alpha, c.train.epochs), (16, 8.0, 2));
+}

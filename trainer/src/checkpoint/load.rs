@@ -151,21 +151,7 @@ pub fn resume(
             return Ok(None);
         }
         Resume::From(p) => {
-            // (agreed: a folder only one node sees must stop every rank, not leave the others
-            // waiting in the load's collectives)
-            let found = match p.join("manifest.json").exists() {
-                true => Ok(()),
-                false => Err(anyhow::anyhow!(
-                    "checkpoint.resume: {} is not a checkpoint folder (no manifest.json); give a `step-N` folder (on storage every node sees), or {FIX}",
-                    p.display()
-                )),
-            };
-            super::agree(pg, device, found, || {
-                format!(
-                    "checkpoint.resume: another rank finds no checkpoint at {} (its error is above)",
-                    p.display()
-                )
-            })?;
+            check_folder(pg, device, p)?;
             p.clone()
         }
         Resume::Auto => match latest_on_rank0(pg, device, &config.checkpoint.dir, None)? {
@@ -174,6 +160,45 @@ pub fn resume(
         },
     };
     load_resumed(pg, device, config, plan, trainable, opt, dir).map(Some)
+}
+
+/// `checkpoint.resume: FOLDER` on a first start, checked before the model loads (a typo would
+/// otherwise cost every rank a model load); every rank must call it. (A restart may resume from
+/// what its launch saved instead: `resume` checks the folder then, if it is still the one used.)
+pub fn check_resume_folder(pg: &ProcessGroup, device: Device, config: &Config) -> Result<()> {
+    let restarted = std::env::var("TORCHELASTIC_RESTART_COUNT")
+        .ok()
+        .is_some_and(|c| c.parse::<u64>().is_ok_and(|c| c > 0));
+    match &config.checkpoint.resume {
+        Resume::From(p) if !restarted => check_folder(pg, device, p),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `p` is a checkpoint folder on every rank (agreed: a folder only one node sees must stop
+/// every rank, not leave the others waiting in the load's collectives).
+fn check_folder(pg: &ProcessGroup, device: Device, p: &Path) -> Result<()> {
+    let found = match p.join("manifest.json").exists() {
+        true => Ok(()),
+        false => {
+            // "auot", "nevr": a keyword misspelt, most likely
+            let text = p.to_string_lossy();
+            let hint = match crate::config::suggest(&text, &["auto", "never"]) {
+                Some(word) if !text.contains('/') => format!(" (did you mean {word}?)"),
+                _ => String::new(),
+            };
+            Err(anyhow::anyhow!(
+                "checkpoint.resume: {} is not a checkpoint folder (no manifest.json){hint}; give a `step-N` folder (on storage every node sees), or {FIX}",
+                p.display()
+            ))
+        }
+    };
+    super::agree(pg, device, found, || {
+        format!(
+            "checkpoint.resume: another rank finds no checkpoint at {} (its error is above)",
+            p.display()
+        )
+    })
 }
 
 /// Rank 0's note when `checkpoint.resume: never` starts over in a folder holding checkpoints.

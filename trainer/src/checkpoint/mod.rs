@@ -34,7 +34,7 @@ use crate::fsdp::Trainable;
 use crate::optim::AdamW;
 
 pub use export::{export_peft, replace_adapter, AdapterNaming};
-pub use load::{read_full, resume, Resumed};
+pub use load::{check_resume_folder, read_full, resume, Resumed};
 pub use manifest::{Manifest, FORMAT, VERSION};
 pub use merged::{export_merged, parse_size, MergedSummary};
 pub use save::Checkpointer;

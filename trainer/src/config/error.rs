@@ -66,6 +66,29 @@ pub enum ConfigError {
 
     #[error("cannot print the config as YAML: {0}")]
     Serialize(String),
+
+    /// A key's error in a config file: the file, and the `--set` that gave the key its value, if
+    /// one did.
+    #[error("{file}: {inner}{}", set.as_ref().map_or(String::new(), |a| format!(" (from --set {a})")))]
+    InFile {
+        file: String,
+        set: Option<String>,
+        inner: Box<ConfigError>,
+    },
+}
+
+impl ConfigError {
+    /// The key path an error is about, for the errors that are about one key.
+    pub fn key_path(&self) -> Option<&str> {
+        match self {
+            ConfigError::UnknownKey { path, .. }
+            | ConfigError::Invalid { path, .. }
+            | ConfigError::Missing { path, .. }
+            | ConfigError::Conflict { path, .. }
+            | ConfigError::Malformed { path, .. } => Some(path),
+            _ => None,
+        }
+    }
 }
 
 fn hint(suggestion: Option<&str>, valid: &[String]) -> String {

@@ -24,6 +24,7 @@ mod schema;
 mod validate;
 mod values;
 
+pub(crate) use error::suggest;
 pub use error::ConfigError;
 pub use schema::{
     Attention, Backend, BadRecords, CheckpointConfig, Config, DType, DataConfig, FsdpConfig,
@@ -48,7 +49,26 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
             }
         }
     })?;
-    parse_named(&path.display().to_string(), &text, overrides)
+    let file = path.display().to_string();
+    parse_named(&file, &text, overrides).map_err(|e| {
+        let Some(key) = e.key_path() else {
+            return e;
+        };
+        // the last --set of that key, of a section above it, or of a key below it
+        let set = overrides
+            .iter()
+            .filter_map(|arg| Some((arg, Override::parse(arg).ok()?.key_path())))
+            .rev()
+            .find(|(_, k)| {
+                k == key || key.starts_with(&format!("{k}.")) || k.starts_with(&format!("{key}."))
+            })
+            .map(|(arg, _)| arg.clone());
+        ConfigError::InFile {
+            file,
+            set,
+            inner: Box::new(e),
+        }
+    })
 }
 
 /// `load` for YAML text already in memory; errors name the file as `<string>`.
@@ -61,7 +81,9 @@ fn parse_named(file: &str, text: &str, overrides: &[String]) -> Result<Config, C
         .iter()
         .map(|arg| Override::parse(arg))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut root = match serde_yaml::from_str::<Value>(text) {
+    // (`<<: *defaults` merge keys are resolved first, as PyYAML does)
+    let parsed = serde_yaml::from_str::<Value>(text).and_then(|mut v| v.apply_merge().map(|()| v));
+    let mut root = match parsed {
         // An empty file is an empty config: the missing required keys are then named.
         Ok(Value::Null) => Mapping::new(),
         Ok(Value::Mapping(map)) => map,

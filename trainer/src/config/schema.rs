@@ -289,12 +289,26 @@ pub enum Resume {
 }
 
 impl Resume {
-    fn from_text(text: &str) -> Option<Resume> {
+    /// Words that are not keywords here (other tools', YAML's booleans, a miscapitalised keyword)
+    /// are refused rather than taken as a folder name: a folder of that name is `./NAME`.
+    fn from_text(text: &str) -> Result<Resume, String> {
+        let keyword_like = |w: &str| -> Option<&'static str> {
+            match w.to_ascii_lowercase().as_str() {
+                "auto" | "latest" | "last" | "true" | "yes" | "on" => Some("auto"),
+                "never" | "none" | "null" | "false" | "no" | "off" => Some("never"),
+                _ => None,
+            }
+        };
         match text {
-            "" => None,
-            "auto" => Some(Resume::Auto),
-            "never" => Some(Resume::Never),
-            path => Some(Resume::From(PathBuf::from(path))),
+            "" => Err("\"\"".into()),
+            "auto" => Ok(Resume::Auto),
+            "never" => Ok(Resume::Never),
+            word => match keyword_like(word) {
+                Some(meant) => Err(format!(
+                    "{word:?} (did you mean {meant}? a folder of that name is ./{word})"
+                )),
+                None => Ok(Resume::From(PathBuf::from(word))),
+            },
         }
     }
 
@@ -326,7 +340,7 @@ impl<'de> Deserialize<'de> for Resume {
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Resume, E> {
                 Resume::from_text(v)
-                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                    .map_err(|got| E::invalid_value(serde::de::Unexpected::Other(&got), &self))
             }
         }
         d.deserialize_string(V)

@@ -352,7 +352,10 @@ impl Dataset {
             check_image_exists: true,
             keep_image_placeholder: d.image_placeholder == crate::config::ImagePlaceholder::Keep,
         };
-        let parsed = parse_jsonl(&file, &opts).map_err(DataError::Read)?;
+        let parsed = parse_jsonl(&file, &opts).map_err(|mut problem| {
+            problem.reason = format!("data.{split}: {}", problem.reason);
+            DataError::Read(problem)
+        })?;
         let mut report = ScanReport {
             split: split.to_string(),
             file: file.clone(),

@@ -43,10 +43,11 @@ use vision::VisionModel;
 pub enum ModelError {
     #[error("config: {0}")]
     Config(String),
-    #[error("{path}: {source}")]
+    /// (`error`, not `source`: the message holds it already, so it is not repeated as a cause)
+    #[error("{path}: {error}{}", missing_hint(path, error))]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("weights: {0}")]
     Weights(String),
@@ -61,11 +62,21 @@ pub enum ModelError {
 }
 
 impl ModelError {
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
+    pub fn io(path: &Path, error: std::io::Error) -> Self {
         Self::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         }
+    }
+}
+
+/// For a missing config.json: what the folder should be.
+fn missing_hint(path: &Path, error: &std::io::Error) -> &'static str {
+    match error.kind() == std::io::ErrorKind::NotFound && path.ends_with("config.json") {
+        true => {
+            " (expected a Hugging Face model folder: config.json, *.safetensors, tokenizer files)"
+        }
+        false => "",
     }
 }
 

@@ -71,11 +71,13 @@ pub fn train(config: &Config) -> Result<Outcome> {
     if let Some(note) = setup::fused_attention_note(config, device)? {
         metrics::log(rank, &note);
     }
-    // 2. Model (+ LoRA), seeded; with FSDP each rank reads only its shards.
-    let (mut trainable, flops) = setup::model(config, &pg, device)?;
-    // 3. Data.
+    // 2. Data, and a checkpoint folder to resume from, before the model: a wrong path or a bad
+    // record must not cost a model load on every rank first.
+    crate::checkpoint::check_resume_folder(&pg, device, config)?;
     let data = setup::data(config, world)?;
-    if let Some(note) = setup::unused_precision_note(config) {
+    // 3. Model (+ LoRA), seeded; with FSDP each rank reads only its shards.
+    let (mut trainable, flops) = setup::model(config, &pg, device)?;
+    for note in setup::unused_settings_notes(config) {
         metrics::log(rank, &note);
     }
     let splits = [("train", Some(&data.train)), ("eval", data.eval.as_ref())];

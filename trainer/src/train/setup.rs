@@ -201,16 +201,27 @@ pub(super) fn check_training_precision(config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// A log line when the config sets a compute dtype that does nothing: without FSDP the model
-/// computes in `model.dtype`, so an `fsdp.mixed_precision` that differs from it is not applied
-/// (both have defaults, so this is a note, not an error).
-pub(super) fn unused_precision_note(config: &Config) -> Option<String> {
-    (!config.fsdp.enabled && config.fsdp.mixed_precision != config.model.dtype).then(|| {
-        format!(
+/// Log lines for settings that do nothing in this config (notes, not errors: a config shared
+/// between runs may set them):
+/// - without FSDP the model computes in `model.dtype`, so an `fsdp.mixed_precision` that differs
+///   from it is not applied (both have defaults);
+/// - `data.eval` without `train.validate` is never read (llama-recipes validates by default,
+///   this trainer does not).
+pub(super) fn unused_settings_notes(config: &Config) -> Vec<String> {
+    let mut notes = Vec::new();
+    if !config.fsdp.enabled && config.fsdp.mixed_precision != config.model.dtype {
+        notes.push(format!(
             "fsdp.enabled is false: fsdp.mixed_precision ({:?}) is not applied; the model computes in model.dtype ({:?})",
             config.fsdp.mixed_precision, config.model.dtype
-        )
-    })
+        ));
+    }
+    if let (Some(eval), false) = (&config.data.eval, config.train.validate) {
+        notes.push(format!(
+            "data.eval is set ({}) but train.validate is false: no validation runs, and the best-epoch adapter is not chosen by it; set train.validate: true to validate after each epoch",
+            eval.display()
+        ));
+    }
+    notes
 }
 
 /// The log line naming the attention kernels `model.attention: fused` runs on a GPU, so a run's
@@ -411,19 +422,32 @@ mod tests {
     #[test]
     fn mixed_precision_without_fsdp_is_noted_and_model_dtype_computes() {
         let c = parse(&["fsdp.enabled=false", "model.dtype=fp32"]);
-        let note = unused_precision_note(&c).expect("a note");
-        assert!(note.contains("fsdp.mixed_precision") && note.contains("model.dtype"));
+        let notes = unused_settings_notes(&c);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].contains("fsdp.mixed_precision") && notes[0].contains("model.dtype"));
         assert_eq!(c.compute_dtype(), ("model.dtype", config::DType::Fp32));
         // the same dtypes, or FSDP on: nothing to note
         assert!(
-            unused_precision_note(&parse(&["fsdp.enabled=false", "model.dtype=bf16"])).is_none()
+            unused_settings_notes(&parse(&["fsdp.enabled=false", "model.dtype=bf16"])).is_empty()
         );
         let fsdp = parse(&["model.dtype=fp32"]);
-        assert!(unused_precision_note(&fsdp).is_none());
+        assert!(unused_settings_notes(&fsdp).is_empty());
         assert_eq!(
             fsdp.compute_dtype(),
             ("fsdp.mixed_precision", config::DType::Bf16)
         );
+    }
+
+    /// data.eval without train.validate is never read: said so.
+    #[test]
+    fn an_eval_file_without_validation_is_noted() {
+        let notes = unused_settings_notes(&parse(&["data.eval=e.jsonl"]));
+        assert!(
+            notes.len() == 1 && notes[0].contains("train.validate is false"),
+            "{notes:?}"
+        );
+        let validating = parse(&["data.eval=e.jsonl", "train.validate=true"]);
+        assert!(unused_settings_notes(&validating).is_empty());
     }
 
     /// Under FSDP an init_from adapter's factors are read in fp32 over a bf16 model, so the fp32
