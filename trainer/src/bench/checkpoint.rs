@@ -35,8 +35,13 @@ impl Measurement {
 
     /// The `--json` line.
     pub fn json_line(&self, world: usize, reps: usize) -> String {
-        json!({"bench": "checkpoint", "op": self.op, "bytes": self.bytes, "seconds": self.seconds,
-               "gbps": (self.gbps() * 1000.0).round() / 1000.0, "world": world, "reps": reps})
+        // (the peer, torch DCP, runs in its own process: scripts/bench-checkpoint.sh sets them
+        // side by side)
+        let gbps = (self.gbps() * 1000.0).round() / 1000.0;
+        json!({"bench": "checkpoint", "name": format!("checkpoint/{}/world{world}", self.op),
+               "op": self.op, "bytes": self.bytes, "seconds": self.seconds, "gbps": gbps,
+               "figure": gbps, "unit": "GB/s", "peer": null, "ratio": null,
+               "world": world, "reps": reps})
         .to_string()
     }
 }

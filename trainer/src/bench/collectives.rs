@@ -65,10 +65,14 @@ pub fn run(
     Ok(out)
 }
 
-/// One JSON line per measurement (the format `make bench-collectives` merges with gloo's).
+/// One JSON line per measurement (the format `make bench-collectives` merges with gloo's; gloo,
+/// the peer, runs in its own process there, so `peer` and `ratio` are null here).
 pub fn json_line(m: &Measurement, backend: &str, world: usize) -> String {
-    format!(
-        "{{\"op\": \"{}\", \"backend\": \"{backend}\", \"world\": {world}, \"bytes\": {}, \"seconds\": {:.6e}, \"busbw_gbps\": {:.3}}}",
-        m.op, m.bytes, m.seconds, m.busbw_gbps
-    )
+    serde_json::json!({
+        "name": format!("collectives/{}/{backend}/world{world}/{}", m.op, m.bytes),
+        "op": m.op, "backend": backend, "world": world, "bytes": m.bytes,
+        "seconds": m.seconds, "busbw_gbps": (m.busbw_gbps * 1000.0).round() / 1000.0,
+        "figure": m.busbw_gbps, "unit": "GB/s (bus bandwidth)", "peer": null, "ratio": null,
+    })
+    .to_string()
 }

@@ -77,6 +77,11 @@ impl Measurement {
     pub fn json(&self) -> Value {
         json!({
             "bench": "data",
+            "name": format!("data/workers{}", self.workers),
+            "figure": self.samples_per_s(),
+            "unit": "samples/s",
+            "peer": self.peer_samples_per_s().map(|_| "transformers MllamaProcessor + the seed's masking"),
+            "ratio": self.ratio_per_core(),
             "workers": self.workers,
             "samples": self.samples,
             "seconds": self.seconds,
@@ -138,7 +143,10 @@ pub struct Stages {
 
 impl Stages {
     pub fn json(&self) -> Value {
-        json!({"bench": "data-stages", "samples": self.samples, "decode_ms": self.decode_ms,
+        let total_ms = self.decode_ms + self.resize_ms + self.text_ms + self.batch_ms;
+        json!({"bench": "data-stages", "name": "data/stages", "figure": total_ms,
+            "unit": "CPU ms/sample", "peer": null, "ratio": null,
+            "samples": self.samples, "decode_ms": self.decode_ms,
             "resize_ms": self.resize_ms, "template_tokenize_mask_ms": self.text_ms,
             "collate_normalize_tile_ms": self.batch_ms})
     }
