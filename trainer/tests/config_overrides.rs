@@ -117,6 +117,10 @@ fn override_syntax_errors() {
         "{}",
         err("train.lr=[1e-5")
     );
+    assert_eq!(
+        err("train.seed=99999999999999999999"),
+        r#"--set "train.seed=99999999999999999999": VALUE is not a YAML value: the number 99999999999999999999 is too large"#
+    );
     // Where the file sets the key, the override cannot go below it...
     let file = "model: {path: m}\ndata: {train: t}\ntrain: {lr: 1.0e-5}\n";
     assert_eq!(

@@ -30,7 +30,12 @@ impl Override {
         }
         let value = serde_yaml::from_str(value).map_err(|e| ConfigError::OverrideValue {
             arg: arg.to_string(),
-            message: e.to_string(),
+            // (serde_yaml's words for an integer past 64 bits: "invalid type: integer ... as u128")
+            message: match e.to_string().contains(" as u128") || e.to_string().contains(" as i128")
+            {
+                true => format!("the number {} is too large", value.trim()),
+                false => e.to_string(),
+            },
         })?;
         Ok(Override {
             arg: arg.to_string(),
