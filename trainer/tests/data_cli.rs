@@ -293,4 +293,39 @@ fn build_sco_writes_two_turn_records_and_counts() {
     let rep = parse_jsonl(&out, &opts).unwrap();
     assert_eq!(rep.records.len(), 1);
     assert_eq!(rep.records[0].turns[1].user, "Look again.");
+
+    // fields named otherwise are malformed entries (not failed refinements), and a file of
+    // nothing but those converts nothing: an error, --out left as it was
+    let before = std::fs::read(&out).unwrap();
+    std::fs::write(
+        &refined,
+        r#"[{"question": "Q", "original_answer": "A", "refined": "B", "image_path": "x.png"}]"#,
+    )
+    .unwrap();
+    let (code, stdout, err) = trainer(&[
+        "data",
+        "build-sco",
+        refined.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{stdout}{err}");
+    assert!(
+        err.contains(r#"entry 0: no field "refined_answer" (it has ["#)
+            && err.contains("no entry converted"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+    // --out naming the input: refused, the input kept
+    let input = std::fs::read(&refined).unwrap();
+    let (code, _, err) = trainer(&[
+        "data",
+        "build-sco",
+        refined.to_str().unwrap(),
+        "--out",
+        refined.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is the input file"), "{err}");
+    assert_eq!(std::fs::read(&refined).unwrap(), input);
 }

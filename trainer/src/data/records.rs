@@ -363,10 +363,21 @@ pub fn build_sco(refined_json: &str, correction_prompt: &str) -> Result<ScoRepor
     })?;
     let mut report = ScoReport::default();
     for (i, e) in list.iter().enumerate() {
+        // (null is an empty field: a failed refinement, an image-less question; an absent key
+        // is a malformed entry, e.g. a file from another tool whose fields are named otherwise)
         let field = |name: &str| -> Result<String, String> {
             match e.get(name) {
                 Some(Value::String(s)) => Ok(s.clone()),
-                Some(Value::Null) | None => Ok(String::new()),
+                Some(Value::Null) => Ok(String::new()),
+                None => {
+                    let keys: Vec<&str> = e
+                        .as_object()
+                        .map(|o| o.keys().map(String::as_str).collect())
+                        .unwrap_or_default();
+                    Err(format!(
+                        "entry {i}: no field {name:?} (it has {keys:?}; expected question, original_answer, refined_answer, image_path)"
+                    ))
+                }
                 Some(other) => Err(format!(
                     "entry {i}: field {name:?} must be a string, got {}",
                     type_name(other)

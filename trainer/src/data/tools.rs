@@ -192,8 +192,19 @@ pub fn dump(
             serde_json::to_string(&records).unwrap_or_default(),
         ),
     ]);
-    serialize_to_file(views, &Some(meta), out)
-        .map_err(|e| DataError::Output(format!("{}: cannot write: {e:?}", out.display())))?;
+    // through a temporary name: a failed write leaves no half file under `out`
+    let tmp = out.with_file_name(format!(
+        ".{}.tmp",
+        out.file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+    ));
+    serialize_to_file(views, &Some(meta), &tmp)
+        .map_err(|e| format!("{e:?}"))
+        .and_then(|()| std::fs::rename(&tmp, out).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            DataError::Output(format!("{}: cannot write: {e}", out.display()))
+        })?;
     let mut msg = format!(
         "wrote global batch {index} of epoch {epoch} ({} samples: {}) to {}\n",
         used.len(),
@@ -264,6 +275,15 @@ pub fn build_sco_file(
     out: &Path,
     correction_prompt: Option<&str>,
 ) -> Result<BuildScoOutcome, DataError> {
+    // (`--out` naming the input would replace the refinements with their conversion)
+    if let (Ok(a), Ok(b)) = (refined.canonicalize(), out.canonicalize()) {
+        if a == b {
+            return Err(DataError::Output(format!(
+                "--out {} is the input file: give another path",
+                out.display()
+            )));
+        }
+    }
     let text = std::fs::read_to_string(refined)
         .map_err(|e| DataError::Output(format!("{}: cannot read: {e}", refined.display())))?;
     let rep = build_sco(
@@ -275,8 +295,18 @@ pub fn build_sco_file(
     if !body.is_empty() {
         body.push('\n');
     }
-    std::fs::write(out, body)
-        .map_err(|e| DataError::Output(format!("{}: cannot write: {e}", out.display())))?;
+    if rep.lines.is_empty() && !rep.problems.is_empty() {
+        return Err(DataError::Output(format!(
+            "{}: no entry converted ({} malformed, first: {}); {} is left as it was",
+            refined.display(),
+            rep.problems.len(),
+            rep.problems[0],
+            out.display()
+        )));
+    }
+    // whole or not at all (a full disk must not leave half a file that looks complete)
+    crate::checkpoint::replace_synced(out, body.as_bytes())
+        .map_err(|e| DataError::Output(format!("{}: cannot write: {e:#}", out.display())))?;
     Ok(BuildScoOutcome {
         written: rep.lines.len(),
         skipped_empty_refined: rep.skipped_empty_refined,

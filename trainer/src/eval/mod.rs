@@ -507,7 +507,7 @@ fn rescored(mut p: Prediction, item: &BenchItem) -> Prediction {
 /// "12") happens to hold.
 fn score(t: &mut TurnPrediction, item: &BenchItem) {
     let choices = item.choices.as_deref();
-    let concluded = t.text.contains("</CONCLUSION>")
+    let concluded = crate::infer::stages::conclusion_closed(&t.text)
         && t.stages
             .get("conclusion")
             .is_some_and(|c| c.as_deref().is_some_and(|c| !c.trim().is_empty()));

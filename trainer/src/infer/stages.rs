@@ -1,6 +1,14 @@
 //! The staged answer format: `<SUMMARY> <CAPTION> <REASONING> <CONCLUSION>`. Parsing is lenient
-//! (models are not always well-formed): a stage without its closing tag runs to the next opening
-//! tag or the end; a repeated stage keeps its first occurrence; nested tags are left in the text.
+//! (models are not always well-formed):
+//! - tags are matched in any case and with spaces inside the brackets (`<Conclusion >`);
+//! - a stage without its closing tag runs to the next opening tag or the end (a tag cut off at the
+//!   end of the text, `</CONCL`, is dropped);
+//! - a stage's tags inside another stage that is closed later are that stage's text, not a stage
+//!   (`<REASONING> ... the <CONCLUSION> should say ... </REASONING>`);
+//! - a repeated stage keeps its first occurrence.
+use std::sync::OnceLock;
+
+use regex::Regex;
 use serde::Serialize;
 
 pub const STAGES: [&str; 4] = ["SUMMARY", "CAPTION", "REASONING", "CONCLUSION"];
@@ -13,26 +21,112 @@ pub struct Stages {
     pub conclusion: Option<String>,
 }
 
+/// One stage tag in the text: which stage, opening or closing, and its byte range.
+#[derive(Debug, Clone, Copy)]
+struct Tag {
+    stage: usize,
+    close: bool,
+    start: usize,
+    end: usize,
+}
+
+fn tags(text: &str) -> Vec<Tag> {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    let re = RE.get_or_init(|| {
+        Regex::new(r"(?i)<\s*(/?)\s*(SUMMARY|CAPTION|REASONING|CONCLUSION)\s*>")
+            .expect("a valid regex")
+    });
+    re.captures_iter(text)
+        .filter_map(|c| {
+            let whole = c.get(0)?;
+            let name = c.get(2)?.as_str().to_ascii_uppercase();
+            Some(Tag {
+                stage: STAGES.iter().position(|s| *s == name)?,
+                close: !c.get(1)?.as_str().is_empty(),
+                start: whole.start(),
+                end: whole.end(),
+            })
+        })
+        .collect()
+}
+
+/// The top-level stages in order: (stage, text range, closing tag range if closed).
+fn top_level(
+    text: &str,
+) -> Vec<(
+    usize,
+    std::ops::Range<usize>,
+    Option<std::ops::Range<usize>>,
+)> {
+    let tags = tags(text);
+    let mut out = Vec::new();
+    let mut k = 0;
+    while k < tags.len() {
+        let open = tags[k];
+        k += 1;
+        if open.close {
+            continue; // a stray closing tag
+        }
+        // its own closing tag, if one comes later
+        let close = tags[k..]
+            .iter()
+            .position(|t| t.close && t.stage == open.stage)
+            .map(|i| k + i);
+        match close {
+            Some(c) => {
+                out.push((
+                    open.stage,
+                    open.end..tags[c].start,
+                    Some(tags[c].start..tags[c].end),
+                ));
+                k = c + 1;
+            }
+            None => {
+                // unclosed: up to the next opening tag of another stage, else the end
+                let next = tags[k..]
+                    .iter()
+                    .position(|t| !t.close && t.stage != open.stage);
+                let end = next.map_or(text.len(), |i| tags[k + i].start);
+                out.push((open.stage, open.end..end, None));
+                if let Some(i) = next {
+                    k += i;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `text` without a tag cut off at its end (`... B </CONCL`): generation stopped inside it.
+fn without_cut_tag(text: &str) -> &str {
+    let Some(lt) = text.rfind('<') else {
+        return text;
+    };
+    let tail: String = text[lt + 1..]
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '/')
+        .collect::<String>()
+        .to_ascii_uppercase();
+    let partial = !text[lt..].contains('>') && STAGES.iter().any(|s| s.starts_with(tail.as_str()));
+    match partial {
+        true => &text[..lt],
+        false => text,
+    }
+}
+
 impl Stages {
     pub fn parse(text: &str) -> Stages {
         let mut found: [Option<String>; 4] = Default::default();
-        for (i, tag) in STAGES.iter().enumerate() {
-            let open = format!("<{tag}>");
-            let Some(start) = text.find(&open).map(|s| s + open.len()) else {
+        for (stage, range, close) in top_level(text) {
+            if found[stage].is_some() {
                 continue;
+            }
+            let body = &text[range.clone()];
+            let body = match (close, range.end == text.len()) {
+                (None, true) => without_cut_tag(body),
+                _ => body,
             };
-            let rest = &text[start..];
-            let close = format!("</{tag}>");
-            let end = rest.find(&close).unwrap_or_else(|| {
-                // no closing tag: up to the next stage's opening tag, else the end
-                STAGES
-                    .iter()
-                    .filter(|t| *t != tag)
-                    .filter_map(|t| rest.find(&format!("<{t}>")))
-                    .min()
-                    .unwrap_or(rest.len())
-            });
-            found[i] = Some(rest[..end].trim().to_string());
+            found[stage] = Some(body.trim().to_string());
         }
         let [summary, caption, reasoning, conclusion] = found;
         Stages {
@@ -54,12 +148,27 @@ impl Stages {
     }
 }
 
-/// The answer text up to and including `</REASONING>` (for `--position after_reasoning`), or the
-/// whole text when there is no such tag.
+/// Whether the top-level conclusion of `text` has its closing tag (a turn cut off at
+/// --max-new-tokens gave an answer only then).
+pub fn conclusion_closed(text: &str) -> bool {
+    let conclusion = STAGES.len() - 1;
+    top_level(text)
+        .into_iter()
+        .find(|(s, _, _)| *s == conclusion)
+        .is_some_and(|(_, _, close)| close.is_some())
+}
+
+/// The answer text through its reasoning (for `--position after_reasoning`): up to and including
+/// the top-level `</REASONING>`; for a reasoning left unclosed, up to the conclusion's opening tag;
+/// the whole text when there is no reasoning.
 pub fn through_reasoning(text: &str) -> &str {
-    const CLOSE: &str = "</REASONING>";
-    match text.find(CLOSE) {
-        Some(i) => &text[..i + CLOSE.len()],
+    let reasoning = STAGES.iter().position(|s| *s == "REASONING").unwrap_or(2);
+    match top_level(text)
+        .into_iter()
+        .find(|(s, _, _)| *s == reasoning)
+    {
+        Some((_, _, Some(close))) => &text[..close.end],
+        Some((_, body, None)) => text[..body.end].trim_end(),
         None => text,
     }
 }
@@ -81,8 +190,15 @@ mod tests {
             ("<SUMMARY>only</SUMMARY>", Stages { summary: Some("only".into()), ..Default::default() }),
             // no tags
             ("plain answer", Stages::default()),
-            // nested tag stays inside the outer stage's text
-            ("<REASONING>a <CONCLUSION>x</CONCLUSION> b</REASONING>", Stages { reasoning: Some("a <CONCLUSION>x</CONCLUSION> b".into()), conclusion: Some("x".into()), ..Default::default() }),
+            // a nested tag stays inside the outer stage's text and is not a stage of its own
+            ("<REASONING>a <CONCLUSION>x</CONCLUSION> b</REASONING>", Stages { reasoning: Some("a <CONCLUSION>x</CONCLUSION> b".into()), ..Default::default() }),
+            ("<REASONING>a <CONCLUSION>x</CONCLUSION> b</REASONING><CONCLUSION>y</CONCLUSION>", Stages { reasoning: Some("a <CONCLUSION>x</CONCLUSION> b".into()), conclusion: Some("y".into()), ..Default::default() }),
+            // a reasoning that mentions the tag: the real conclusion after it
+            ("<REASONING>put it in <CONCLUSION> tags</REASONING><CONCLUSION>A</CONCLUSION>", Stages { reasoning: Some("put it in <CONCLUSION> tags".into()), conclusion: Some("A".into()), ..Default::default() }),
+            // any case, spaces inside the brackets; a closing tag cut off at the end is dropped
+            ("<Reasoning >r</ reasoning><conclusion>B</CONCL", Stages { reasoning: Some("r".into()), conclusion: Some("B".into()), ..Default::default() }),
+            // a stray closing tag is ignored
+            ("</SUMMARY><CONCLUSION>C</CONCLUSION>", Stages { conclusion: Some("C".into()), ..Default::default() }),
             // repeated stage: the first wins
             ("<CONCLUSION>A</CONCLUSION><CONCLUSION>B</CONCLUSION>", Stages { conclusion: Some("A".into()), ..Default::default() }),
         ];
@@ -92,11 +208,26 @@ mod tests {
     }
 
     #[test]
+    fn a_conclusion_is_closed_by_its_own_top_level_tag() {
+        assert!(conclusion_closed("<CONCLUSION> 3 </conclusion>"));
+        assert!(!conclusion_closed("<CONCLUSION> 1"));
+        // the closed one inside the reasoning is not the answer's
+        assert!(!conclusion_closed(
+            "<REASONING>a <CONCLUSION>x</CONCLUSION> b</REASONING><CONCLUSION>1"
+        ));
+    }
+
+    #[test]
     fn cut_after_reasoning() {
         assert_eq!(
             through_reasoning("<REASONING>r</REASONING><CONCLUSION>c</CONCLUSION>"),
             "<REASONING>r</REASONING>"
         );
         assert_eq!(through_reasoning("no tags"), "no tags");
+        // an unclosed reasoning ends where the conclusion opens
+        assert_eq!(
+            through_reasoning("<REASONING>r <CONCLUSION>c</CONCLUSION>"),
+            "<REASONING>r"
+        );
     }
 }
