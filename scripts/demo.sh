@@ -67,14 +67,20 @@ echo "== 3. evaluate: trainer eval --turns 3 on $TEST_N held-out questions, befo
 t0=$(date +%s)
 BASE_EVAL="$DATA/eval-base-n$TEST_N-t$MAX_NEW"
 eval_ok=1
-# reused only when made from this very data/model (its copy of the manifest matches)
-if [[ -f "$BASE_EVAL/report.json" ]] && cmp -s "$DATA/manifest.json" "$BASE_EVAL/manifest.json"; then
-  echo "base model: reusing $BASE_EVAL (same model and bench)"
-elif ! eval_run "$BASE_EVAL.partial" --model "$DATA/model"; then
-  eval_ok=0
+# reused only when made from this very data/model by this very build (the "before" column must come
+# from the code that made the "after" one): its key is the data manifest and the trainer's hash
+{ cat "$DATA/manifest.json"; sha256sum < "$BIN/trainer"; } > "$RUN/base-eval.key"
+if [[ -f "$BASE_EVAL/report.json" ]] && cmp -s "$RUN/base-eval.key" "$BASE_EVAL/key"; then
+  echo "base model: reusing $BASE_EVAL (same model, bench and build)"
 else
-  cp "$DATA/manifest.json" "$BASE_EVAL.partial/"
-  rm -rf "$BASE_EVAL" && mv "$BASE_EVAL.partial" "$BASE_EVAL"
+  # an interrupted base eval resumes only when made the same way (eval refuses other settings)
+  cmp -s "$RUN/base-eval.key" "$BASE_EVAL.partial/key" 2>/dev/null || rm -rf "$BASE_EVAL.partial"
+  mkdir -p "$BASE_EVAL.partial" && cp "$RUN/base-eval.key" "$BASE_EVAL.partial/key"
+  if ! eval_run "$BASE_EVAL.partial" --model "$DATA/model"; then
+    eval_ok=0
+  else
+    rm -rf "$BASE_EVAL" && mv "$BASE_EVAL.partial" "$BASE_EVAL"
+  fi
 fi
 if [[ $eval_ok == 1 ]] && ! eval_run "$RUN/eval-after" "${after_args[@]}"; then eval_ok=0; fi
 t_eval=$(t "$t0")
