@@ -559,6 +559,29 @@ fn device_gpu(q: &Tensor) -> Result<&'static Gpu> {
     }
 }
 
+/// Compiles and loads the kernels the selected variant runs on GPU `ordinal` for `dtype` at head
+/// dim `d` (its forward, and the backward's first kernel, which loads the other module), so that
+/// a missing NVRTC, a GPU older than compute capability 8.0 or a compile error shows before a
+/// model loads, not at its first attention call; the PTX cache is then warm.
+pub fn prepare(ordinal: i32, dtype: Kind, d: i64) -> Result<()> {
+    let name = dtype_name(dtype)?;
+    if !HEAD_DIMS.contains(&d) {
+        return Err(KernelError::Unsupported(format!(
+            "fused attention supports head dims {}; got {d}",
+            HEAD_DIMS.map(|d| d.to_string()).join(", ")
+        )));
+    }
+    let gpu = runtime::gpu(ordinal)?;
+    let forward = v4_forward(variant()?, &gpu.arch, d);
+    let source = match forward {
+        Variant::V2 | Variant::V3 => "attention.cu",
+        _ => crate::SM90A_ATTENTION,
+    };
+    gpu.function(source, &fwd_kernel(forward, name, d))?;
+    gpu.function("attention.cu", &format!("attn_bwd_delta_{name}_d{d}"))?;
+    Ok(())
+}
+
 /// Base parameters shared by forward and backward; masks are kept alive in `keep`.
 fn base_params(
     q: &Tensor,
@@ -577,15 +600,23 @@ fn base_params(
     let (kk, kk_p) = mask_ptr(mask.key_keep, &[d.b, d.sk], "key_keep", device)?;
     let (qf, qf_p) = mask_ptr(mask.query_flags, &[d.b, d.sq], "query_flags", device)?;
     let (kblock, nblk) = match mask.block_mask {
-        Some((t, kb)) if kb > 0 => (kb, t.size().get(2).copied().unwrap_or(0)),
+        // (both go to the kernel as i32: a block size that wrapped would divide by zero there)
+        Some((t, kb)) if kb > 0 && kb <= i32::MAX as i64 => {
+            (kb, t.size().get(2).copied().unwrap_or(0))
+        }
         Some((_, kb)) => {
             return Err(KernelError::Invalid(format!(
-                "block size must be positive, got {kb}"
+                "block size must be in 1..2^31, got {kb}"
             )))
         }
         None => (1, 0),
     };
-    if mask.block_mask.is_some() && nblk * kblock < d.sk {
+    if nblk > i32::MAX as i64 {
+        return Err(KernelError::Invalid(format!(
+            "block_mask has {nblk} blocks, more than 2^31"
+        )));
+    }
+    if mask.block_mask.is_some() && nblk.saturating_mul(kblock) < d.sk {
         return Err(KernelError::Invalid(format!(
             "block_mask covers {} keys ({nblk} blocks of {kblock}) but Sk = {}",
             nblk * kblock,
@@ -645,11 +676,16 @@ fn base_params(
 }
 
 /// Allocates the forward outputs: out (B, H, Sq, D) over (B, Sq, H, D) memory, lse (B, H, Sq).
-pub fn forward_outputs(q: &Tensor) -> Forward {
+pub fn forward_outputs(q: &Tensor) -> Result<Forward> {
     let s = q.size();
-    let out = Tensor::empty([s[0], s[2], s[1], s[3]], (q.kind(), q.device())).permute([0, 2, 1, 3]);
-    let lse = Tensor::empty([s[0], s[1], s[2]], (Kind::Float, q.device()));
-    Forward { out, lse }
+    let [b, h, sq, d] = s[..] else {
+        return Err(KernelError::Invalid(format!(
+            "expected q (B,H,Sq,D), got {s:?}"
+        )));
+    };
+    let out = Tensor::empty([b, sq, h, d], (q.kind(), q.device())).permute([0, 2, 1, 3]);
+    let lse = Tensor::empty([b, h, sq], (Kind::Float, q.device()));
+    Ok(Forward { out, lse })
 }
 
 /// Fused forward. `scale` is the softmax scale (usually 1/sqrt(D)).
@@ -660,7 +696,8 @@ pub fn fused_forward(
     mask: &AttentionMask,
     scale: f64,
 ) -> Result<Forward> {
-    let fwd = forward_outputs(q);
+    dims(q, k, v)?;
+    let fwd = forward_outputs(q)?;
     fused_forward_into(&fwd, q, k, v, mask, scale)?;
     Ok(fwd)
 }
@@ -676,10 +713,11 @@ pub fn fused_forward_into(
 ) -> Result<()> {
     dims(q, k, v)?;
     check_scale(scale)?;
-    let gpu = device_gpu(q)?;
-    let variant = variant()?;
+    // (the arguments first, the device after: a bad call is the same error on every machine)
     let mut keep = Vec::new();
     let (d, mut p) = base_params(q, k, v, mask, scale, &mut keep)?;
+    let gpu = device_gpu(q)?;
+    let variant = variant()?;
     let os = outputs.out.stride();
     if outputs.out.size() != q.size()
         || outputs.out.kind() != q.kind()

@@ -107,20 +107,78 @@ fn ensure_loaded(
     Err(searched.join(", "))
 }
 
-/// NVRTC (from the torch wheel's nvidia/cu13/lib when the system has none).
+/// NVRTC (from the torch wheel's nvidia/cu13/lib when the system has none). cudarc tries
+/// `libnvrtc.so` before `libnvrtc.so.13`, so a CUDA toolkit's on the library path wins over the
+/// wheel's: its version is checked (`nvrtc_verdict`).
 pub fn ensure_nvrtc() -> Result<()> {
-    static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    DONE.get_or_init(|| {
+    enum Failure {
+        Missing(String),
+        TooOld(String),
+    }
+    static DONE: OnceLock<std::result::Result<(), Failure>> = OnceLock::new();
+    let done = DONE.get_or_init(|| {
         // SAFETY: is_culib_present only tries dlopen on candidate names.
         ensure_loaded("libnvrtc.so.13", &["libnvrtc-builtins.so.13."], || unsafe {
             cudarc::nvrtc::sys::is_culib_present()
         })
-    })
-    .clone()
-    .map_err(|searched| KernelError::LibraryMissing {
-        lib: "libnvrtc (NVRTC)",
-        searched,
-    })
+        .map_err(Failure::Missing)?;
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: plain out-parameters; the library is loaded (above).
+        let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        if status.result().is_err() {
+            return Ok(()); // (the compile reports what is wrong)
+        }
+        let path = loaded_path("libnvrtc.so").unwrap_or_else(|| "libnvrtc".into());
+        match nvrtc_verdict(major, minor, &path) {
+            Ok(Some(note)) => {
+                tracing::warn!("{note}");
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(why) => Err(Failure::TooOld(why)),
+        }
+    });
+    match done {
+        Ok(()) => Ok(()),
+        Err(Failure::Missing(searched)) => Err(KernelError::LibraryMissing {
+            lib: "libnvrtc (NVRTC)",
+            searched: searched.clone(),
+        }),
+        Err(Failure::TooOld(why)) => Err(KernelError::Unsupported(why.clone())),
+    }
+}
+
+/// Whether the NVRTC found (`major.minor` at `path`) may compile the kernels: 13 (the torch
+/// wheel's, which `make kernels-check` runs) is; 12 compiles them too (sm_90a since 12.0) and is
+/// used with a note; older ones cannot compile the Hopper kernels.
+fn nvrtc_verdict(
+    major: i32,
+    minor: i32,
+    path: &str,
+) -> std::result::Result<Option<String>, String> {
+    let fix = "remove the CUDA toolkit's lib folder from LD_LIBRARY_PATH so that the torch wheel's NVRTC 13 (nvidia/cu13/lib) is used, or set model.attention: sdpa";
+    match major {
+        13.. => Ok(None),
+        12 => Ok(Some(format!(
+            "NVRTC {major}.{minor} ({path}) compiles the fused kernels; they are checked with NVRTC 13: {fix}"
+        ))),
+        _ => Err(format!(
+            "NVRTC {major}.{minor} ({path}) is too old for the fused kernels (12 or newer): {fix}"
+        )),
+    }
+}
+
+/// The file a loaded library whose name starts with `prefix` came from (/proc/self/maps).
+fn loaded_path(prefix: &str) -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| {
+            Path::new(p)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        })
+        .map(str::to_string)
 }
 
 /// The CUDA driver (libcuda.so.1, installed with the NVIDIA driver; never in a wheel).
@@ -139,6 +197,25 @@ pub fn ensure_driver() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// NVRTC 13 is used as is, 12 with a note naming the file and the fix, older ones refused.
+    #[test]
+    fn the_nvrtc_found_is_checked() {
+        assert_eq!(nvrtc_verdict(13, 0, "/w/libnvrtc.so.13"), Ok(None));
+        let note = nvrtc_verdict(12, 4, "/usr/local/cuda/lib64/libnvrtc.so")
+            .unwrap()
+            .unwrap();
+        assert!(
+            note.contains("NVRTC 12.4 (/usr/local/cuda/lib64/libnvrtc.so)")
+                && note.contains("LD_LIBRARY_PATH"),
+            "{note}"
+        );
+        let err = nvrtc_verdict(11, 8, "/opt/cuda/libnvrtc.so").unwrap_err();
+        assert!(
+            err.contains("too old") && err.contains("attention: sdpa"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn companions_are_found_by_prefix_whatever_the_minor_version() {

@@ -10,14 +10,7 @@ const THREADS: u32 = 256;
 const ROWS_PER_BLOCK: i64 = 32;
 
 fn check(x: &Tensor, w: &Tensor) -> Result<(&'static runtime::Gpu, &'static str, i64, i64)> {
-    let gpu = match x.device() {
-        Device::Cuda(i) => runtime::gpu(i as i32)?,
-        other => {
-            return Err(KernelError::Unsupported(format!(
-                "fused RMSNorm needs CUDA tensors, got {other:?}"
-            )))
-        }
-    };
+    // (the arguments first, the device last: a bad call is the same error on every machine)
     let name = match x.kind() {
         Kind::BFloat16 => "bf16",
         Kind::Half => "f16",
@@ -27,16 +20,36 @@ fn check(x: &Tensor, w: &Tensor) -> Result<(&'static runtime::Gpu, &'static str,
             )))
         }
     };
-    crate::same_device(x.device(), &[("weight", w)])?;
     let c = *x.size().last().unwrap_or(&0);
     if c == 0 || c % 8 != 0 || w.size() != [c] || w.kind() != x.kind() {
         return Err(KernelError::Invalid(format!("RMSNorm needs x (..., C) with C % 8 == 0 and weight (C) of x's dtype; got x {:?}, weight {:?} {:?}", x.size(), w.size(), w.kind())));
     }
-    Ok((gpu, name, x.numel() as i64 / c, c))
+    let n = x.numel() as i64 / c;
+    // one block per row, and the kernels take the counts as i32
+    if n > i32::MAX as i64 || c > i32::MAX as i64 {
+        return Err(KernelError::Unsupported(format!(
+            "RMSNorm of {n} rows of {c}: at most 2^31 - 1 rows and columns; split the input"
+        )));
+    }
+    let gpu = match x.device() {
+        Device::Cuda(i) => runtime::gpu(i as i32)?,
+        other => {
+            return Err(KernelError::Unsupported(format!(
+                "fused RMSNorm needs CUDA tensors, got {other:?}"
+            )))
+        }
+    };
+    crate::same_device(x.device(), &[("weight", w)])?;
+    Ok((gpu, name, n, c))
 }
 
 /// y = w * cast(x * rstd); returns (y, rstd (rows) fp32).
 pub fn fused_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(KernelError::Invalid(format!(
+            "RMSNorm eps must be finite and >= 0, got {eps}"
+        )));
+    }
     let (gpu, name, n, c) = check(x, w)?;
     let (x, w) = (crate::contiguous_aligned(x), crate::contiguous_aligned(w));
     let y = Tensor::empty(x.size(), (x.kind(), x.device()));

@@ -101,8 +101,12 @@ impl Gpu {
                 let src = crate::source(source)?;
                 let m = match load_ptx(compile::cached_ptx(&src, &arch)?) {
                     Ok(m) => m,
-                    // a damaged cache file: compile afresh (replacing it) and try once more
-                    Err(_) => load_ptx(compile::recompile_ptx(&src, &arch)?)?,
+                    // PTX the driver cannot read (a damaged cache file): compile afresh (replacing
+                    // it) and try once more; any other error (out of memory, an earlier fault) is
+                    // not the file's and is reported as it is
+                    Err(e) if ptx_unreadable(&e) => load_ptx(compile::recompile_ptx(&src, &arch)?)
+                        .map_err(driver_err("cuModuleLoadData"))?,
+                    Err(e) => return Err(driver_err("cuModuleLoadData")(e)),
                 };
                 modules.insert(source.to_string(), m as usize);
                 m
@@ -203,12 +207,21 @@ impl Gpu {
 }
 
 /// Loads a PTX image as a module that stays loaded for the process.
-fn load_ptx(ptx: String) -> Result<sys::CUmodule> {
-    let c =
-        std::ffi::CString::new(ptx).map_err(|_| KernelError::Invalid("PTX contains NUL".into()))?;
+fn load_ptx(ptx: String) -> std::result::Result<sys::CUmodule, drv::DriverError> {
+    let Ok(c) = std::ffi::CString::new(ptx) else {
+        return Err(drv::DriverError(sys::CUresult::CUDA_ERROR_INVALID_PTX));
+    };
     // SAFETY: NUL-terminated PTX image.
     unsafe { drv::module::load_data(c.as_ptr() as *const c_void) }
-        .map_err(driver_err("cuModuleLoadData"))
+}
+
+/// Whether the driver refused a PTX image as unreadable (what a damaged file gives).
+fn ptx_unreadable(e: &drv::DriverError) -> bool {
+    use sys::CUresult as R;
+    matches!(
+        e.0,
+        R::CUDA_ERROR_INVALID_PTX | R::CUDA_ERROR_INVALID_IMAGE | R::CUDA_ERROR_INVALID_SOURCE
+    )
 }
 
 fn poisoned() -> KernelError {

@@ -152,6 +152,37 @@ fn fused_entry_points_refuse_cpu_tensors() {
     assert!(err.to_string().contains("needs CUDA tensors"), "{err}");
 }
 
+/// Malformed calls are errors on any machine (checked before the device): a 3-D q, a block
+/// size past i32, RMSNorm's shape and eps.
+#[test]
+fn malformed_calls_are_errors_before_the_device_is_asked() {
+    let q3 = Tensor::zeros([1, 4, 64], (Kind::BFloat16, Device::Cpu));
+    let err = attention::fused_forward(&q3, &q3, &q3, &AttentionMask::default(), 0.1)
+        .err()
+        .expect("3-D q");
+    assert!(err.to_string().contains("expected q (B,H,Sq,D)"), "{err}");
+    let q = Tensor::zeros([1, 1, 4, 64], (Kind::BFloat16, Device::Cpu));
+    let blocks = Tensor::ones([1, 4, 1], (Kind::Bool, Device::Cpu));
+    let mask = AttentionMask {
+        block_mask: Some((&blocks, 1 << 32)),
+        ..Default::default()
+    };
+    let err = attention::fused_forward(&q, &q, &q, &mask, 0.1)
+        .err()
+        .expect("a block size past i32");
+    assert!(
+        err.to_string().contains("block size must be in 1..2^31"),
+        "{err}"
+    );
+    let x = Tensor::zeros([2, 12], (Kind::BFloat16, Device::Cpu));
+    let w = Tensor::ones([12], (Kind::BFloat16, Device::Cpu));
+    let err = rmsnorm::fused_forward(&x, &w, 1e-5).expect_err("C % 8 != 0");
+    assert!(err.to_string().contains("C % 8 == 0"), "{err}");
+    let x = Tensor::zeros([2, 8], (Kind::BFloat16, Device::Cpu));
+    let err = rmsnorm::fused_forward(&x, &w.narrow(0, 0, 8), f64::NAN).expect_err("NaN eps");
+    assert!(err.to_string().contains("eps must be finite"), "{err}");
+}
+
 #[test]
 fn unsupported_head_dim_is_an_error_not_a_panic() {
     let q = Tensor::randn([1, 1, 4, 96], (Kind::BFloat16, Device::Cpu));

@@ -195,7 +195,7 @@ fn check_attention(c: &Case, tol: f64) -> Result<([f64; 4], Vec<String>), String
     let dout = Tensor::randn([c.b, c.h, c.sq, c.d], (c.kind, dev));
     let masks = Masks::new(c, dev);
     let mask = masks.view();
-    let mut fwd = attention::forward_outputs(&q);
+    let mut fwd = attention::forward_outputs(&q).expect("q is (B, H, Sq, D)");
     let _ = fwd.out.fill_(f64::NAN);
     let _ = fwd.lse.fill_(f64::NAN);
     attention::fused_forward_into(&fwd, &q, &k, &v, &mask, scale).map_err(|e| e.to_string())?;

@@ -233,7 +233,16 @@ pub(super) fn fused_attention_note(config: &Config, device: Device) -> Result<Op
     }
     let variant = kernels::attention::variant()
         .map_err(|e| anyhow::anyhow!("model.attention: fused: {e}"))?;
-    check_fused_config(config)?;
+    let head_dims = check_fused_config(config)?;
+    // the kernels compiled and loaded now (NVRTC, the GPU's compute capability, the cache)
+    if let Device::Cuda(ordinal) = device {
+        let kind = crate::fsdp::kind_of(config.compute_dtype().1);
+        for d in head_dims {
+            kernels::attention::prepare(ordinal as i32, kind, d).map_err(|e| {
+                anyhow::anyhow!("model.attention: fused: {e}; or set model.attention: sdpa")
+            })?;
+        }
+    }
     let all = kernels::attention::Variant::ALL;
     Ok(Some(format!(
         "model.attention: fused runs attention kernel variant {} ({}={} ... {} selects another; kernels/BENCHMARKS.md has each one's speed)",
@@ -248,7 +257,8 @@ pub(super) fn fused_attention_note(config: &Config, device: Device) -> Result<Op
 /// would refuse at the first attention call, minutes into loading an 11B model): the FSDP
 /// schedule, whose explicit attention backward it trains through; bf16 or fp16 compute; head
 /// dims the kernels take.
-fn check_fused_config(config: &Config) -> Result<()> {
+/// Returns the model's head dims (text, vision), when its config.json reads.
+fn check_fused_config(config: &Config) -> Result<Vec<i64>> {
     if !config.fsdp.enabled {
         bail!("model.attention: fused trains through the FSDP schedule's explicit attention backward, which fsdp.enabled: false does not run; set fsdp.enabled: true (it works at world 1 too), or model.attention: sdpa");
     }
@@ -257,6 +267,7 @@ fn check_fused_config(config: &Config) -> Result<()> {
         bail!("model.attention: fused computes in bf16 or fp16, but {key} is fp32; set {key}: bf16, or model.attention: sdpa");
     }
     // (an unreadable config.json is the model load's error, with its own message)
+    let mut head_dims = Vec::new();
     if let Ok(mc) = MllamaConfig::from_file(&config.model.path.join("config.json")) {
         let dims = kernels::attention::HEAD_DIMS;
         for (part, d) in [
@@ -266,9 +277,11 @@ fn check_fused_config(config: &Config) -> Result<()> {
             if !dims.contains(&d) {
                 bail!("model.attention: fused supports head dims {}, but the {part} model of {} has {d}; use model.attention: sdpa", dims.map(|d| d.to_string()).join(", "), config.model.path.display());
             }
+            head_dims.push(d);
         }
     }
-    Ok(())
+    head_dims.dedup();
+    Ok(head_dims)
 }
 
 /// "N of M records skipped (reason: n, ...)" for a dataset's scan.
