@@ -356,7 +356,7 @@ fn at_least_one(text: &str) -> Result<usize, String> {
 }
 
 /// The generation flags `infer` and `eval` share (each has its own --temperature default).
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct GenerationArgs {
     /// Total turns: 1 = the answer (no correction), 2 = answer + one self-correction, ...
     #[arg(long, default_value_t = 2, value_parser = at_least_one)]
@@ -383,6 +383,11 @@ struct GenerationArgs {
     /// with data.image_placeholder: keep; by default it is removed, as in training)
     #[arg(long)]
     keep_image_placeholder: bool,
+    /// Start the prompt with two <|begin_of_text|>, as a model trained with data.double_bos: true
+    /// saw it (the seed's collator); by default one, as the seed's inference. With --checkpoint
+    /// the run's own settings apply.
+    #[arg(long)]
+    double_bos: bool,
 }
 
 impl GenerationArgs {
@@ -439,11 +444,31 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
         .map(|p| image::load_rgb(p))
         .transpose()
         .map_err(|e| anyhow::anyhow!("--image: {e}"))?;
-    let (mut model, text, image_config) = load_for_generation(&model_dir, args.adapter.as_deref())?;
+    // the prompt as the checkpoint's run trained on it (the flags can only add to that)
+    let trained = ckpt
+        .as_ref()
+        .map(|c| c.prompt_settings())
+        .unwrap_or_default();
+    let mut generation = args.generation.clone();
+    generation.double_bos |= trained.double_bos;
+    generation.keep_image_placeholder |= trained.keep_image_placeholder;
+    if trained.double_bos || trained.keep_image_placeholder {
+        tracing::info!(
+            "prompts as the checkpoint's run trained on them: double_bos {}, image placeholder {}",
+            trained.double_bos,
+            if trained.keep_image_placeholder {
+                "kept"
+            } else {
+                "stripped"
+            }
+        );
+    }
+    let (mut model, text, image_config) =
+        load_for_generation(&model_dir, args.adapter.as_deref(), generation.double_bos)?;
     if let Some(c) = &ckpt {
         c.apply(&mut model)?;
     }
-    let opts = args.generation.options(args.temperature);
+    let opts = generation.options(args.temperature);
     let session = Session {
         model: &model,
         text: &text,
@@ -527,6 +552,7 @@ struct EvalArgs {
 fn load_for_generation(
     model_dir: &std::path::Path,
     adapter: Option<&std::path::Path>,
+    double_bos: bool,
 ) -> Result<(
     trainer::model::MllamaModel,
     trainer::data::tokenize::TextProcessor,
@@ -560,7 +586,7 @@ fn load_for_generation(
             .load_adapter(dir)
             .with_context(|| format!("loading the adapter {}", dir.display()))?;
     }
-    let text = trainer::data::tokenize::TextProcessor::from_model_dir(model_dir, false)
+    let text = trainer::data::tokenize::TextProcessor::from_model_dir(model_dir, double_bos)
         .map_err(anyhow::Error::msg)?;
     let image_config = trainer::data::image::ImageProcessorConfig::from_model_dir(model_dir)
         .map_err(anyhow::Error::msg)?;
@@ -604,7 +630,11 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         "--image-root {} is not a folder (the benchmark's image paths are relative to it)",
         args.image_root.display()
     );
-    let (model, text, image_config) = load_for_generation(&args.model, args.adapter.as_deref())?;
+    let (model, text, image_config) = load_for_generation(
+        &args.model,
+        args.adapter.as_deref(),
+        args.generation.double_bos,
+    )?;
     let session = Session {
         model: &model,
         text: &text,

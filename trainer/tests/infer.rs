@@ -355,3 +355,36 @@ fn a_literal_image_token_in_the_question_is_refused() {
     );
     assert!(session.prompt_ids("what is here?", true, &[], &o).is_ok());
 }
+
+/// One image slot per image, as MllamaProcessor requires: an earlier answer that spells the image
+/// token loses it (it would be a second slot), and a chat template that places no image token for
+/// the image is an error, not an answer given without seeing the image.
+#[test]
+fn the_prompt_has_one_image_slot_per_image() {
+    let model = model();
+    let mut procs = processors();
+    let o = opts(2, 0.0, 1);
+    let image_id = procs.0.ids.image;
+    let literal = procs.0.ids.image_token.clone();
+    {
+        let session = session(&model, &procs);
+        let ids = session
+            .prompt_ids("q", true, &[format!("a {literal} b")], &o)
+            .unwrap();
+        assert_eq!(ids.iter().filter(|&&t| t == image_id).count(), 1);
+    }
+    procs.0.template = trainer::data::template::ChatTemplate::from_source(
+        "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}".into(),
+        Default::default(),
+    )
+    .unwrap();
+    let session = session(&model, &procs);
+    let err = session
+        .prompt_ids("q", true, &[], &o)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("holds 0") && err.contains("chat template"),
+        "{err}"
+    );
+}

@@ -9,7 +9,7 @@ use std::process::Command;
 use common::ckpt::*;
 use common::{bin, copy_dir, repo, tiny_model_folder};
 use serde_json::Value;
-use trainer::infer::CheckpointWeights;
+use trainer::infer::{CheckpointWeights, PromptSettings};
 use trainer::model::{LoadOptions, MllamaModel};
 
 fn trainer(args: &[&str], paths: &[(&str, &Path)]) -> (Option<i32>, String, String) {
@@ -64,6 +64,7 @@ fn lora_checkpoint_weights_and_generation_equal_the_exported_adapter() {
     let mut model = MllamaModel::load(&setup().join("model"), LoadOptions::default()).unwrap();
     let weights_ckpt = CheckpointWeights::read(&ckpt).unwrap();
     assert_eq!(weights_ckpt.model_path(), setup().join("model"));
+    assert_eq!(weights_ckpt.prompt_settings(), PromptSettings::default());
     let n = weights_ckpt.apply(&mut model).unwrap();
     let trained = weights(&out);
     assert_eq!(n, trained.len());
@@ -129,6 +130,29 @@ fn lora_checkpoint_weights_and_generation_equal_the_exported_adapter() {
     let (code, _, err) = trainer(&INFER, &[("--checkpoint", &damaged)]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("rank-0-of-1.safetensors"), "{err}");
+}
+
+/// A checkpoint records how its run built prompts; `infer --checkpoint` follows it.
+#[test]
+fn a_checkpoint_records_its_prompt_settings() {
+    let out = fresh("infer-prompt-settings");
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
+    let sets = [
+        "checkpoint.every_steps=1",
+        "data.double_bos=true",
+        "data.image_placeholder=keep",
+    ];
+    ok(run(&out, 1, train, &sets, &[]), "train");
+    let settings = CheckpointWeights::read(&out.join("ckpt/step-00000001"))
+        .unwrap()
+        .prompt_settings();
+    assert_eq!(
+        settings,
+        PromptSettings {
+            double_bos: true,
+            keep_image_placeholder: true
+        }
+    );
 }
 
 #[test]

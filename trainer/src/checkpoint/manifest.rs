@@ -67,6 +67,10 @@ pub struct Manifest {
     /// The whole `peft` config section (export writes the adapter config from it).
     #[serde(default)]
     pub peft: Value,
+    /// How the run built its prompts, `{"double_bos", "image_placeholder"}` (`infer
+    /// --checkpoint` follows it). Absent in checkpoints of older trainers.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub prompt: Value,
     pub tensors: Vec<TensorEntry>,
     pub files: Vec<FileEntry>,
     /// The launcher invocation that saved it (`LLAVA_SCO_LAUNCH_ID`, drawn by node 0's launcher,

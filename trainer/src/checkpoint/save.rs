@@ -988,6 +988,10 @@ fn build_manifest(
         config_hash: identity_hash(&id),
         config: id,
         peft: serde_json::to_value(&config.peft).unwrap_or(Value::Null),
+        prompt: serde_json::json!({
+            "double_bos": config.data.double_bos,
+            "image_placeholder": config.data.image_placeholder,
+        }),
         tensors,
         files,
         launch_id: launch_id(),

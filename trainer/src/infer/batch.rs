@@ -133,8 +133,21 @@ impl Session<'_> {
 
     /// Generates for every prompt at once (at most `max_new` tokens each, stopping a row at any of
     /// `eos`); `samplers[r]` picks row r's tokens and `on_piece(r, text)` receives its text as it
-    /// is decoded. Greedy rows give the same tokens as generating each prompt alone.
+    /// is decoded. Greedy rows give the same tokens as generating each prompt alone. Runs without
+    /// autograd (as HF's `generate`), whatever the caller's mode: trainable LoRA factors would
+    /// otherwise keep every step's activations alive through the cache.
     pub fn generate_batch(
+        &self,
+        prompts: &[Prompt],
+        eos: &[i64],
+        samplers: &mut [Sampler],
+        max_new: usize,
+        on_piece: &mut dyn FnMut(usize, &str),
+    ) -> Result<Vec<Generated>, InferError> {
+        tch::no_grad(|| self.generate_batch_no_grad(prompts, eos, samplers, max_new, on_piece))
+    }
+
+    fn generate_batch_no_grad(
         &self,
         prompts: &[Prompt],
         eos: &[i64],

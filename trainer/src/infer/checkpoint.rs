@@ -16,6 +16,13 @@ use crate::checkpoint::Manifest;
 use crate::model::{LoraConfig, MllamaModel, TargetModules};
 
 /// A checkpoint whose trainable weights `apply` puts on a model.
+/// The prompt settings a run trained with, which inference from its checkpoint follows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PromptSettings {
+    pub double_bos: bool,
+    pub keep_image_placeholder: bool,
+}
+
 pub struct CheckpointWeights {
     pub dir: PathBuf,
     pub manifest: Manifest,
@@ -42,6 +49,20 @@ impl CheckpointWeights {
     /// The base model folder the run trained on (`model.path` as configured).
     pub fn model_path(&self) -> PathBuf {
         PathBuf::from(&self.manifest.model_path)
+    }
+
+    /// How the run built its prompts (`data.double_bos`, `data.image_placeholder`); the defaults
+    /// for checkpoints of trainers that did not record them.
+    pub fn prompt_settings(&self) -> PromptSettings {
+        let p = &self.manifest.prompt;
+        PromptSettings {
+            double_bos: p
+                .get("double_bos")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            keep_image_placeholder: p.get("image_placeholder").and_then(Value::as_str)
+                == Some("keep"),
+        }
     }
 
     fn is_lora(&self) -> bool {

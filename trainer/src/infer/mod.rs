@@ -20,7 +20,7 @@ use crate::data::image::{process, ImageProcessorConfig, ProcessedImage, RgbImage
 use crate::data::tokenize::{build_string_from_input, cross_attention_token_mask, TextProcessor};
 use crate::model::{Images, MllamaModel, ModelError};
 pub use batch::{Generated, Prompt};
-pub use checkpoint::CheckpointWeights;
+pub use checkpoint::{CheckpointWeights, PromptSettings};
 use sampling::Sampler;
 pub use stages::Stages;
 
@@ -147,14 +147,38 @@ impl Session<'_> {
             true => question.trim().to_string(),
             false => crate::data::records::strip_placeholder(question),
         };
+        // an earlier answer that spells the image token (a model can write it as text) would be
+        // a second image slot when re-tokenized: the literal is dropped from it, said once (the
+        // processor would refuse the prompt, ending the conversation or a whole eval)
+        let answers: Vec<String> = answers
+            .iter()
+            .map(|a| match a.contains(literal.as_str()) {
+                true => {
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(|| tracing::warn!("an answer holds a literal {literal}; it is dropped from the answer when the next turn's prompt is built (it would be a second image slot)"));
+                    a.replace(literal.as_str(), "")
+                }
+                false => a.clone(),
+            })
+            .collect();
         let text = self
             .text
             .template
-            .render(&messages(&question, has_image, answers, opts), true, None)
+            .render(&messages(&question, has_image, &answers, opts), true, None)
             .map_err(InferError::Input)?;
         let text =
             build_string_from_input(&text, &self.text.ids.bos_token, &self.text.ids.image_token);
-        self.text.tokenize(&text).map_err(InferError::Input)
+        let ids = self.text.tokenize(&text).map_err(InferError::Input)?;
+        // one image slot per image, as MllamaProcessor requires: a template that drops the image
+        // part would have the model answer without seeing the image, without a word
+        let slots = ids.iter().filter(|&&t| t == self.text.ids.image).count();
+        if slots != usize::from(has_image) {
+            return Err(InferError::Input(format!(
+                "the prompt holds {slots} {literal} token(s) for {} image(s): check the model folder's chat template (its image part of a user message must place {literal})",
+                usize::from(has_image)
+            )));
+        }
+        Ok(ids)
     }
 
     /// Cross-attention mask rows (S, T) of one prompt with one image, as MllamaProcessor builds
