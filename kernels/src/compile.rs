@@ -102,9 +102,15 @@ fn compile(src: &KernelSource, arch: &str, warnings_are_errors: bool) -> Result<
 /// read-only home in a container): every start would compile again.
 pub fn cache_dir() -> PathBuf {
     let absolute = |var: &str| {
-        std::env::var_os(var)
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
+        let p = std::env::var_os(var).map(PathBuf::from)?;
+        if !p.is_absolute() {
+            if var == "LLAVA_SCO_KERNEL_CACHE" && !p.as_os_str().is_empty() {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| tracing::warn!("LLAVA_SCO_KERNEL_CACHE={} is not an absolute path: ignored (each rank would cache in its own working directory)", p.display()));
+            }
+            return None;
+        }
+        Some(p)
     };
     if let Some(d) = absolute("LLAVA_SCO_KERNEL_CACHE") {
         return d;
@@ -189,7 +195,7 @@ pub fn cached_ptx(src: &KernelSource, arch: &str) -> Result<String> {
                 dir.display()
             )
         });
-        return compile_ptx(src, arch);
+        return compile_ptx_for_run(src, arch);
     }
     let path = dir.join(cache_key(src, arch, nvrtc_version()?));
     if let Ok(text) = std::fs::read_to_string(&path) {

@@ -128,7 +128,7 @@ pub fn ensure_nvrtc() -> Result<()> {
         if status.result().is_err() {
             return Ok(()); // (the compile reports what is wrong)
         }
-        let path = loaded_path("libnvrtc.so").unwrap_or_else(|| "libnvrtc".into());
+        let path = loaded_nvrtc_path().unwrap_or_else(|| "libnvrtc".into());
         match nvrtc_verdict(major, minor, &path) {
             Ok(Some(note)) => {
                 tracing::warn!("{note}");
@@ -168,17 +168,26 @@ fn nvrtc_verdict(
     }
 }
 
-/// The file a loaded library whose name starts with `prefix` came from (/proc/self/maps).
-fn loaded_path(prefix: &str) -> Option<String> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .find(|p| {
-            Path::new(p)
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
-        })
-        .map(str::to_string)
+/// The file the NVRTC that cudarc uses was loaded from (`dladdr` on its `nvrtcVersion`).
+fn loaded_nvrtc_path() -> Option<String> {
+    // SAFETY: the library is loaded (`ensure_loaded` above) and the symbol has this signature;
+    // dladdr only reads the loader's tables for the address.
+    unsafe {
+        let lib = cudarc::nvrtc::sys::culib();
+        let sym = lib
+            .get::<unsafe extern "C" fn(*mut i32, *mut i32) -> i32>(b"nvrtcVersion\0")
+            .ok()?;
+        let addr = *sym as *const std::ffi::c_void;
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(addr, &mut info) == 0 || info.dli_fname.is_null() {
+            return None;
+        }
+        Some(
+            std::ffi::CStr::from_ptr(info.dli_fname)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
 }
 
 /// The CUDA driver (libcuda.so.1, installed with the NVIDIA driver; never in a wheel).

@@ -17,6 +17,10 @@ pub const FILE_NAME: &str = "error.json";
 
 /// Lines of the traceback kept for the summary (the innermost frames, where the error is).
 pub const TRACEBACK_LINES: usize = 40;
+/// Longest message or traceback line kept (as the stderr tail's), and the most of a file read:
+/// the summary travels to the other nodes through the store.
+const LINE_CHARS: usize = 400;
+const MAX_BYTES: u64 = 1 << 20;
 
 /// What a failed rank recorded about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +37,7 @@ pub struct RankError {
 /// torchelastic's JSON is still reported (its path, and why it could not be read): a crash while
 /// writing it must not hide that one was written.
 pub fn read(path: &Path) -> Option<RankError> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match read_at_most(path, MAX_BYTES) {
         Ok(text) => text,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return None,
         Err(err) => return Some(unreadable(path, &err.to_string())),
@@ -62,13 +66,30 @@ pub fn read(path: &Path) -> Option<RankError> {
         message: if first_message_line.is_empty() {
             "(empty message)".to_string()
         } else {
-            first_message_line.to_string()
+            clip(first_message_line)
         },
         traceback: lines[lines.len().saturating_sub(TRACEBACK_LINES)..]
             .iter()
-            .map(|l| l.to_string())
+            .map(|l| clip(l))
             .collect(),
     })
+}
+
+fn clip(line: &str) -> String {
+    match line.char_indices().nth(LINE_CHARS) {
+        Some((at, _)) => format!("{} ...", &line[..at]),
+        None => line.to_string(),
+    }
+}
+
+/// The file's text, or its first `max` bytes (a file past that is not torchelastic's JSON).
+fn read_at_most(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max)
+        .read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 fn unreadable(path: &Path, why: &str) -> RankError {
@@ -112,8 +133,11 @@ fn write(path: &Path, message: &str, detail: &str) -> std::io::Result<()> {
             "extraInfo": {"py_callstack": detail, "timestamp": timestamp.to_string()},
         }
     });
+    // unique per writer (process, call): two threads failing at once never share a file
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
+    tmp.push(format!(".tmp{}.{n}", std::process::id()));
     std::fs::write(&tmp, json.to_string())?;
     std::fs::rename(&tmp, path)
 }
@@ -151,6 +175,15 @@ mod tests {
             (err.message.as_str(), err.traceback.len()),
             ("RuntimeError: x", 0)
         );
+    }
+
+    #[test]
+    fn long_lines_are_clipped() {
+        let path = scratch("long");
+        write(&path, &"x".repeat(5000), "short\n").unwrap();
+        let err = read(&path).unwrap();
+        assert_eq!(err.message.len(), LINE_CHARS + 4);
+        assert!(err.message.ends_with(" ..."));
     }
 
     #[test]

@@ -1177,22 +1177,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn main() -> ExitCode {
     trainer::logging::init();
-    record_panics();
+    remember_panics();
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(code) => code,
-        Err(err) => {
+    // for the launcher's (or torchrun's) summary, `TORCHELASTIC_ERROR_FILE` gets the error that
+    // ends the process: its whole chain and each cause, or the panic that unwound out of `run`
+    // (panics caught on the way, e.g. a decoder's on a malformed image, are not recorded)
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
+        Ok(Ok(code)) => code,
+        Ok(Err(err)) => {
             eprintln!("error: {err:#}");
-            // for the launcher's (or torchrun's) summary: the whole chain, then each cause
             launcher::error_file::record(&format!("{err:#}"), &format!("{err:?}"));
             ExitCode::FAILURE
+        }
+        Err(_) => {
+            let last = LAST_PANIC.lock().ok().and_then(|mut p| p.take());
+            if let Some((message, detail)) = last {
+                launcher::error_file::record(&message, &detail);
+            }
+            ExitCode::from(101) // (Rust's exit code for a panic)
         }
     }
 }
 
-/// A panic (a bug, not bad input: that is an error) is recorded in `TORCHELASTIC_ERROR_FILE` too,
-/// after the default hook has printed it.
-fn record_panics() {
+/// The latest panic's (message, detail), for `main` to record if it ends the process.
+static LAST_PANIC: std::sync::Mutex<Option<(String, String)>> = std::sync::Mutex::new(None);
+
+/// Keeps each panic (a bug, not bad input: that is an error) in `LAST_PANIC` after the default
+/// hook has printed it.
+fn remember_panics() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
@@ -1211,7 +1223,9 @@ fn record_panics() {
             thread.name().unwrap_or("<unnamed>"),
             std::backtrace::Backtrace::capture()
         );
-        launcher::error_file::record(&format!("panic{place}: {payload}"), &detail);
+        if let Ok(mut last) = LAST_PANIC.lock() {
+            *last = Some((format!("panic{place}: {payload}"), detail));
+        }
     }));
 }
 

@@ -263,6 +263,13 @@ impl Peers {
                     let _ = m
                         .client
                         .compare_set(&format!("{a}/failed"), None, &failure.encode());
+                    // node 0 serves the store: it stays until the others have read why (as
+                    // `give_up` and `finish` do), or they would only see it vanish
+                    m.ack(attempt);
+                    if m.node_rank == 0 {
+                        let all = m.nnodes as i64;
+                        m.wait_count(&format!("{a}/acks"), all);
+                    }
                     return Err(err);
                 }
                 break;

@@ -80,8 +80,9 @@ impl Measurement {
             "name": format!("data/workers{}", self.workers),
             "figure": self.samples_per_s(),
             "unit": "samples/s",
-            "peer": self.peer_samples_per_s().map(|_| "transformers MllamaProcessor + the seed's masking"),
-            "ratio": self.ratio_per_core(),
+            // the peer: transformers' MllamaProcessor + the seed's masking, one thread
+            "peer": self.peer_samples_per_s(),
+            "ratio": self.peer_samples_per_s().map(|p| self.samples_per_s() / p),
             "workers": self.workers,
             "samples": self.samples,
             "seconds": self.seconds,

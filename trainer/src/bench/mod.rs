@@ -77,9 +77,7 @@ mod tests {
                 "{line}"
             );
         }
-        assert_eq!(
-            lines[2]["ratio"], 1.0,
-            "data: per core against the peer's one thread"
-        );
+        assert_eq!(lines[2]["peer"], 5.0, "data: the peer's samples/s");
+        assert_eq!(lines[2]["ratio"], 2.0, "data: figure / peer");
     }
 }

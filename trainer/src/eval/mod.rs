@@ -260,7 +260,11 @@ fn training_flops(path: &Path) -> Option<f64> {
         if let Some(f) = v.get("flops").and_then(|f| f.as_f64()) {
             return Some(f);
         }
-        let world = v.get("world_size").and_then(|w| w.as_f64()).unwrap_or(1.0);
+        let world = v.get("world_size").and_then(|w| w.as_f64()).unwrap_or_else(|| {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| tracing::warn!("{}: step lines without world_size (an older trainer's): their training FLOPs are counted for one rank; multiply by the run's world size", path.display()));
+            1.0
+        });
         Some(v.get("tflops")?.as_f64()? * v.get("step_s")?.as_f64()? * 1e12 * world)
     };
     let total: f64 = text
@@ -494,6 +498,10 @@ fn open_for_append(path: &Path) -> std::io::Result<std::fs::File> {
 /// since the prediction was made) and by the current rules.
 fn rescored(mut p: Prediction, item: &BenchItem) -> Prediction {
     for t in &mut p.turns {
+        // (the stored answer and stages as the current parser reads the stored text, so a
+        // resumed report equals a fresh one)
+        t.extracted = answer::extract(&t.text);
+        t.stages = stage_map(&crate::infer::Stages::parse(&t.text));
         score(t, item);
     }
     p.answer = item.answer.clone();
@@ -842,6 +850,23 @@ mod tests {
             format!("{}\n", line("a"))
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A stored prediction is read again from its text on resume: an answer extracted by an
+    /// older parser (here, from a conclusion tag the reasoning mentioned) does not stay.
+    #[test]
+    fn stored_predictions_are_read_again_from_their_text() {
+        let text = "<REASONING>put it in <CONCLUSION> tags</REASONING><CONCLUSION> 3 </CONCLUSION>";
+        let mut p = saved("a");
+        p.turns[0] = turn(text, true);
+        p.turns[0].extracted = "tags</REASONING><CONCLUSION> 3".into();
+        p.turns[0]
+            .stages
+            .insert("conclusion".into(), Some("stale".into()));
+        let p = rescored(p, &item("3"));
+        assert_eq!(p.turns[0].extracted, "3");
+        assert_eq!(p.turns[0].stages["conclusion"].as_deref(), Some("3"));
+        assert!(p.turns[0].correct);
     }
 
     /// Rank 0 refuses to report on a subset: ids no rank file it can see holds are named.

@@ -4,7 +4,9 @@
 //! - a stage without its closing tag runs to the next opening tag or the end (a tag cut off at the
 //!   end of the text, `</CONCL`, is dropped);
 //! - a stage's tags inside another stage that is closed later are that stage's text, not a stage
-//!   (`<REASONING> ... the <CONCLUSION> should say ... </REASONING>`);
+//!   (`<REASONING> ... the <CONCLUSION> should say ... </REASONING>`), unless the stage is found
+//!   nowhere else (tags closed out of order: `<REASONING> r <CONCLUSION> A </CONCLUSION>
+//!   </REASONING>` still concludes `A`);
 //! - a repeated stage keeps its first occurrence.
 use std::sync::OnceLock;
 
@@ -102,25 +104,51 @@ fn without_cut_tag(text: &str) -> &str {
     let Some(lt) = text.rfind('<') else {
         return text;
     };
-    let tail: String = text[lt + 1..]
-        .chars()
-        .filter(|c| !c.is_whitespace() && *c != '/')
-        .collect::<String>()
+    // `<`, `</`, `</CONCL`: no space, no `>` ("x < c" is an answer, not a cut tag)
+    let after = &text[lt + 1..];
+    let tail = after
+        .strip_prefix('/')
+        .unwrap_or(after)
         .to_ascii_uppercase();
-    let partial = !text[lt..].contains('>') && STAGES.iter().any(|s| s.starts_with(tail.as_str()));
+    let partial = tail.chars().all(|c| c.is_ascii_alphabetic())
+        && STAGES.iter().any(|s| s.starts_with(tail.as_str()));
     match partial {
         true => &text[..lt],
         false => text,
     }
 }
 
+/// Each stage's span: its first top-level occurrence, else its first nested one (text range,
+/// closing tag range if closed).
+fn spans(text: &str) -> [Option<Span>; 4] {
+    let mut found: [Option<Span>; 4] = Default::default();
+    for (stage, range, close) in top_level(text) {
+        found[stage].get_or_insert((range, close));
+    }
+    let tags = tags(text);
+    for (stage, slot) in found.iter_mut().enumerate() {
+        if slot.is_some() {
+            continue;
+        }
+        let Some(k) = tags.iter().position(|t| !t.close && t.stage == stage) else {
+            continue;
+        };
+        let close = tags[k + 1..].iter().find(|t| t.close && t.stage == stage);
+        let end = close.map_or(text.len(), |t| t.start);
+        *slot = Some((tags[k].end..end, close.map(|t| t.start..t.end)));
+    }
+    found
+}
+
+type Span = (std::ops::Range<usize>, Option<std::ops::Range<usize>>);
+
 impl Stages {
     pub fn parse(text: &str) -> Stages {
         let mut found: [Option<String>; 4] = Default::default();
-        for (stage, range, close) in top_level(text) {
-            if found[stage].is_some() {
+        for (stage, span) in spans(text).into_iter().enumerate() {
+            let Some((range, close)) = span else {
                 continue;
-            }
+            };
             let body = &text[range.clone()];
             let body = match (close, range.end == text.len()) {
                 (None, true) => without_cut_tag(body),
@@ -151,11 +179,8 @@ impl Stages {
 /// Whether the top-level conclusion of `text` has its closing tag (a turn cut off at
 /// --max-new-tokens gave an answer only then).
 pub fn conclusion_closed(text: &str) -> bool {
-    let conclusion = STAGES.len() - 1;
-    top_level(text)
-        .into_iter()
-        .find(|(s, _, _)| *s == conclusion)
-        .is_some_and(|(_, _, close)| close.is_some())
+    let [.., conclusion] = spans(text);
+    conclusion.is_some_and(|(_, close)| close.is_some())
 }
 
 /// The answer text through its reasoning (for `--position after_reasoning`): up to and including
@@ -190,8 +215,9 @@ mod tests {
             ("<SUMMARY>only</SUMMARY>", Stages { summary: Some("only".into()), ..Default::default() }),
             // no tags
             ("plain answer", Stages::default()),
-            // a nested tag stays inside the outer stage's text and is not a stage of its own
-            ("<REASONING>a <CONCLUSION>x</CONCLUSION> b</REASONING>", Stages { reasoning: Some("a <CONCLUSION>x</CONCLUSION> b".into()), ..Default::default() }),
+            // a nested tag stays inside the outer stage's text; it is the stage only when there is
+            // no other
+            ("<REASONING>a <CONCLUSION>x</CONCLUSION> b</REASONING>", Stages { reasoning: Some("a <CONCLUSION>x</CONCLUSION> b".into()), conclusion: Some("x".into()), ..Default::default() }),
             ("<REASONING>a <CONCLUSION>x</CONCLUSION> b</REASONING><CONCLUSION>y</CONCLUSION>", Stages { reasoning: Some("a <CONCLUSION>x</CONCLUSION> b".into()), conclusion: Some("y".into()), ..Default::default() }),
             // a reasoning that mentions the tag: the real conclusion after it
             ("<REASONING>put it in <CONCLUSION> tags</REASONING><CONCLUSION>A</CONCLUSION>", Stages { reasoning: Some("put it in <CONCLUSION> tags".into()), conclusion: Some("A".into()), ..Default::default() }),
@@ -199,6 +225,10 @@ mod tests {
             ("<Reasoning >r</ reasoning><conclusion>B</CONCL", Stages { reasoning: Some("r".into()), conclusion: Some("B".into()), ..Default::default() }),
             // a stray closing tag is ignored
             ("</SUMMARY><CONCLUSION>C</CONCLUSION>", Stages { conclusion: Some("C".into()), ..Default::default() }),
+            // tags closed out of order: the nested conclusion is the only one, so it counts
+            ("<REASONING> r <CONCLUSION> A </CONCLUSION> </REASONING>", Stages { reasoning: Some("r <CONCLUSION> A </CONCLUSION>".into()), conclusion: Some("A".into()), ..Default::default() }),
+            // a `<` in an unclosed answer is text, not a cut tag
+            ("<CONCLUSION> x < c", Stages { conclusion: Some("x < c".into()), ..Default::default() }),
             // repeated stage: the first wins
             ("<CONCLUSION>A</CONCLUSION><CONCLUSION>B</CONCLUSION>", Stages { conclusion: Some("A".into()), ..Default::default() }),
         ];
