@@ -129,6 +129,41 @@ pub struct SlurmLayout {
     pub node_rank: Result<usize, String>,
     /// First host of the node list: node 0, which serves the rendezvous store.
     pub master_addr: Result<String, String>,
+    /// The job step (`SLURM_STEP_ID`), when run by `srun`; None in a batch script or salloc shell.
+    pub step_id: Option<String>,
+    /// This task's index on its node (`SLURM_LOCALID`): above 0, srun started several launchers
+    /// on one node.
+    pub local_id: Option<usize>,
+}
+
+impl SlurmLayout {
+    /// The run id a launch in this allocation defaults to: the job id, and the step's with srun
+    /// (every node of a step shares it; two steps of one job, e.g. a sweep, get their own).
+    pub fn run_id(&self) -> String {
+        match &self.step_id {
+            Some(step) => format!("{}.{step}", self.job_id),
+            None => self.job_id.clone(),
+        }
+    }
+
+    /// Why this launcher must not start, for the ways a launcher is commonly misplaced in a job:
+    /// several per node (`srun --ntasks-per-node=8 launcher`), or an sbatch script on several
+    /// nodes run without srun (only one node runs it: the launcher would wait for the others
+    /// until --rdzv-timeout). `nnodes_flag`: whether --nnodes was given.
+    pub fn misuse(&self, nnodes_flag: bool) -> Option<String> {
+        if let Some(local) = self.local_id.filter(|&l| l > 0) {
+            return Some(format!(
+                "srun started several launchers on this node (this one is SLURM_LOCALID={local}): start one per node, `srun --ntasks-per-node=1 launcher ...`; each starts --nproc-per-node ranks"
+            ));
+        }
+        match (&self.nnodes, &self.step_id, nnodes_flag) {
+            (Ok(n), None, false) if *n > 1 => Some(format!(
+                "SLURM job {} has {n} nodes but this launcher was not started by srun (an sbatch script runs on the first node only): write `srun --ntasks-per-node=1 launcher ...` in the script, or pass --nnodes 1 for a one-node run",
+                self.job_id
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Reads the layout when running inside an allocation (`SLURM_JOB_ID` set); `None` outside.
@@ -178,6 +213,8 @@ pub fn layout_from(lookup: impl Fn(&str) -> Option<String>) -> Option<SlurmLayou
         nnodes,
         node_rank,
         master_addr,
+        step_id: get(&["SLURM_STEP_ID", "SLURM_STEPID"]).map(|s| s.trim().to_string()),
+        local_id: get(&["SLURM_LOCALID"]).and_then(|l| l.trim().parse().ok()),
     })
 }
 
@@ -243,9 +280,36 @@ mod tests {
                 job_id: "77".into(),
                 nnodes: Ok(2),
                 node_rank: Ok(1),
-                master_addr: Ok("gpu07".into())
+                master_addr: Ok("gpu07".into()),
+                step_id: None,
+                local_id: None,
             }
         );
+        // an sbatch script on 2 nodes without srun: refused (unless --nnodes is given)
+        assert!(layout
+            .misuse(false)
+            .unwrap()
+            .contains("not started by srun"));
+        assert_eq!(layout.misuse(true), None);
+        assert_eq!(layout.run_id(), "77");
+        // under srun: one launcher per node is right, a second one on a node is not
+        let step = |local: &'static str| {
+            move |k: &str| match k {
+                "SLURM_STEP_ID" => Some("3".to_string()),
+                "SLURM_LOCALID" => Some(local.to_string()),
+                other => env(other),
+            }
+        };
+        let first = layout_from(step("0")).unwrap();
+        assert_eq!(
+            (first.misuse(false), first.run_id()),
+            (None, "77.3".to_string())
+        );
+        let second = layout_from(step("1")).unwrap();
+        assert!(second
+            .misuse(false)
+            .unwrap()
+            .contains("SLURM_LOCALID=1): start one per node"));
         assert_eq!(layout_from(|_| None), None);
         // a salloc shell: only the job id; each missing field says which flag replaces it
         let bare = layout_from(|k: &str| (k == "SLURM_JOB_ID").then(|| "1".to_string())).unwrap();

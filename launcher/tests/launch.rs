@@ -934,7 +934,10 @@ fn a_slurm_allocation_provides_the_layout_and_nodes_may_differ_in_size() {
             dir.path(),
             &["--store"],
         );
+        // (what `srun --ntasks-per-node=1` sets, step 7)
         cmd.env("SLURM_JOB_ID", "4242")
+            .env("SLURM_STEP_ID", "7")
+            .env("SLURM_LOCALID", "0")
             .env("SLURM_NNODES", "2")
             .env("SLURM_NODEID", node_id)
             .env("SLURM_JOB_NODELIST", "localhost,node[2-3]");
@@ -965,7 +968,7 @@ fn a_slurm_allocation_provides_the_layout_and_nodes_may_differ_in_size() {
         assert_eq!(env["LOCAL_WORLD_SIZE"], local_world.to_string());
         assert_eq!(env["WORLD_SIZE"], "4");
         assert_eq!(env["MASTER_ADDR"], "localhost");
-        assert_eq!(env["TORCHELASTIC_RUN_ID"], "4242");
+        assert_eq!(env["TORCHELASTIC_RUN_ID"], "4242.7", "the job and step ids");
         // node 1 adopts node 0's launch id
         assert_eq!(
             env["LLAVA_SCO_LAUNCH_ID"],
@@ -974,6 +977,56 @@ fn a_slurm_allocation_provides_the_layout_and_nodes_may_differ_in_size() {
         assert_eq!(
             std::fs::read_to_string(dir.path().join(format!("store-{rank}-0"))).unwrap(),
             "4"
+        );
+    }
+}
+
+/// The usual ways of misplacing the launcher in a SLURM job stop it at once, saying what to
+/// write: several launchers per node (`srun --ntasks-per-node=8 launcher`), an sbatch script on
+/// several nodes without srun (it would wait for the other nodes until --rdzv-timeout), and
+/// --standalone on a second node (two separate runs into the same folders).
+#[test]
+fn misplaced_in_a_slurm_job_is_an_error_at_once() {
+    let dir = Scratch::new("slurm-misuse");
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let cases: [Case; 3] = [
+        (
+            &[
+                ("SLURM_STEP_ID", "0"),
+                ("SLURM_LOCALID", "1"),
+                ("SLURM_NODEID", "0"),
+            ],
+            &[],
+            "srun started several launchers on this node",
+        ),
+        (&[("SLURM_NODEID", "0")], &[], "not started by srun"),
+        (
+            &[
+                ("SLURM_STEP_ID", "0"),
+                ("SLURM_LOCALID", "0"),
+                ("SLURM_NODEID", "1"),
+            ],
+            &["--standalone"],
+            "--standalone on SLURM node 1",
+        ),
+    ];
+    for (env, flags, want) in cases {
+        let mut args = vec!["--nproc-per-node", "1"];
+        args.extend_from_slice(flags);
+        let mut cmd = launch_testrank(&args, dir.path(), &[]);
+        cmd.env("SLURM_JOB_ID", "4243")
+            .env("SLURM_NNODES", "2")
+            .env("SLURM_JOB_NODELIST", "localhost,node2");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let r = run(cmd, Duration::from_secs(10));
+        assert_eq!(r.code(), 1, "{want}: {}", r.stderr);
+        assert!(r.stderr.contains(want), "{want}: {}", r.stderr);
+        assert!(
+            r.elapsed < Duration::from_secs(5),
+            "{want}: took {:?}",
+            r.elapsed
         );
     }
 }

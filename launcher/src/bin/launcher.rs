@@ -177,11 +177,20 @@ fn run(cli: Cli) -> Result<Outcome> {
 /// Turns the command line (plus SLURM's variables) into a validated launch.
 fn resolve(cli: Cli) -> Result<LaunchSpec> {
     let command = rank_command(&cli)?;
-    let slurm = if cli.standalone {
-        None
-    } else {
-        slurm::layout_from(|k| std::env::var(k).ok())
-    };
+    let in_allocation = slurm::layout_from(|k| std::env::var(k).ok());
+    if let Some(s) = &in_allocation {
+        if let Some(why) = s.misuse(cli.nnodes.is_some() || cli.standalone) {
+            bail!(why);
+        }
+        // (--standalone reads no layout, but a second node running the same job on its own is
+        // refused as with --nnodes 1 below)
+        if let (true, Ok(id)) = (cli.standalone, &s.node_rank) {
+            if *id > 0 {
+                bail!("--standalone on SLURM node {id} of the step: every node would run the job on its own; start it on one node (srun -N1), or drop --standalone to run across the step's nodes");
+            }
+        }
+    }
+    let slurm = in_allocation.filter(|_| !cli.standalone);
     // a SLURM field is read (and its absence an error) only where no flag gives the value
     fn from_slurm<T: Clone>(field: &std::result::Result<T, String>) -> Result<T> {
         field.clone().map_err(|e| anyhow!(e))
@@ -262,13 +271,11 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
     }
 
     let nproc = nproc_per_node(&cli.nproc_per_node)?;
-    let explicit_run_id = cli
-        .run_id
-        .clone()
-        .or(slurm.as_ref().map(|s| s.job_id.clone()));
+    let explicit_run_id = cli.run_id.clone().or(slurm.as_ref().map(|s| s.run_id()));
     let run_id = match &explicit_run_id {
-        Some(id) if id.is_empty() || id.contains(['/', '\n']) => {
-            bail!("--run-id {id:?} must be non-empty without '/'")
+        // (a folder name under --log-dir)
+        Some(id) if id.is_empty() || id.contains(['/', '\n']) || id == "." || id == ".." => {
+            bail!("--run-id {id:?} must be a folder name: non-empty, without '/', not . or ..")
         }
         Some(id) => id.clone(),
         None => token::random_hex(6).context("cannot read /dev/urandom for a run id")?,
@@ -367,8 +374,12 @@ fn rank_command(cli: &Cli) -> Result<RankCommand> {
                 Some("yaml" | "yml")
             );
             if !is_yaml {
+                let program = match config.extension().and_then(|e| e.to_str()) {
+                    Some("py") => format!("python {}", config.display()),
+                    _ => "PROGRAM".to_string(),
+                };
                 bail!(
-                    "{} is not a YAML config; to run a program on every rank use `launcher [OPTIONS] -- PROGRAM ARGS`",
+                    "{} is not a YAML config; to run a program on every rank use `launcher [OPTIONS] -- {program} ARGS`",
                     config.display()
                 );
             }
@@ -411,11 +422,25 @@ fn rank_command(cli: &Cli) -> Result<RankCommand> {
 
 /// Fails early, in one line, when the program cannot be found (rather than once per rank).
 fn find_program(program: &Path) -> Result<PathBuf> {
+    // torchrun runs `python SCRIPT` itself; this launcher runs programs as they are
+    let python_hint = match program.extension().and_then(|e| e.to_str()) {
+        Some("py") => format!(
+            " (a Python script: write `-- python {} ARGS`, as torchrun's --no-python would)",
+            program.display()
+        ),
+        _ => String::new(),
+    };
     if program.components().count() > 1 {
-        if program.is_file() {
+        if is_executable(program) {
             return Ok(program.to_path_buf());
         }
-        bail!("program {} not found", program.display());
+        if program.is_file() {
+            bail!(
+                "program {} is not executable{python_hint}",
+                program.display()
+            );
+        }
+        bail!("program {} not found{python_hint}", program.display());
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     // then beside the launcher: `launcher -- trainer bench ...` from a build folder not on PATH
@@ -428,7 +453,7 @@ fn find_program(program: &Path) -> Result<PathBuf> {
         .find(|candidate| is_executable(candidate))
         .ok_or_else(|| {
             anyhow!(
-                "program {:?} not found in PATH nor beside the launcher",
+                "program {:?} not found in PATH nor beside the launcher{python_hint}",
                 program
             )
         })
