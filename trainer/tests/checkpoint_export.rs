@@ -60,6 +60,12 @@ fn export_peft_holds_the_trained_factors_and_loads() {
     assert_eq!(cfg["r"], 4);
     assert_eq!(cfg["lora_alpha"], 16.0);
     assert_eq!(cfg["peft_type"], "LORA");
+    // absolute: PEFT's AutoPeftModel loads the base from it, from any working directory
+    let base = cfg["base_model_name_or_path"].as_str().unwrap();
+    assert!(
+        Path::new(base).is_absolute() && Path::new(base).join("config.json").is_file(),
+        "{base}"
+    );
     let mut model = MllamaModel::load(&setup().join("model"), LoadOptions::default()).unwrap();
     let lora = model.load_adapter(&adapter).unwrap();
     assert_eq!(lora.r, 4);
@@ -146,6 +152,33 @@ fn export_peft_holds_the_trained_factors_and_loads() {
 }
 
 const LOCK: &str = ".llava-sco-export.lock";
+
+/// An hf4 export renames target modules named by their full path as it renames the keys (a
+/// transformers-4 model has no module of the canonical path); bare names stay.
+#[test]
+fn hf4_exports_rename_full_target_paths() {
+    let out = fresh("hf4-targets");
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
+    let sets = [
+        "peft.target_modules=[q_proj, model.language_model.layers.0.self_attn.v_proj]",
+        "checkpoint.every_steps=1",
+    ];
+    ok(run(&out, 1, train, &sets, &[]), "train");
+    let hf4 = out.join("adapter-hf4");
+    ok(
+        export_with(&out.join("ckpt/step-00000001"), &hf4, &["--naming", "hf4"]),
+        "export hf4",
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf4.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "language_model.model.layers.0.self_attn.v_proj"])
+    );
+    let mut m4 = MllamaModel::load(&setup().join("model"), LoadOptions::default()).unwrap();
+    m4.load_adapter(&hf4).unwrap();
+}
 
 /// `train.save_adapter`: hf4 leaves the adapter in output_dir with transformers-4 keys; none
 /// leaves none.

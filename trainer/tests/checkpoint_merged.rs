@@ -122,6 +122,15 @@ fn sharded_merged_export_has_a_valid_index() {
     let root = ckpt.parent().unwrap().parent().unwrap();
     let (single, sharded) = (root.join("merged-one"), root.join("merged-sharded"));
     ok(export(ckpt, &single, "merged", &[]), "export merged");
+    // what a killed export leaves (only staging names: files are renamed into place at the end)
+    // is cleared by the next export into the folder
+    std::fs::create_dir_all(&sharded).unwrap();
+    for stale in [
+        ".model-00001-of-00007.safetensors.partial",
+        ".config.json.partial",
+    ] {
+        std::fs::write(sharded.join(stale), b"torn").unwrap();
+    }
     let max = 200_000u64; // the tiny model is ~1.1 MB: 6+ shards
     ok(
         export(
@@ -141,6 +150,12 @@ fn sharded_merged_export_has_a_valid_index() {
     let n = files.len();
     assert!(n >= 5, "expected several shards, got {n}");
     assert!(!sharded.join("model.safetensors").exists());
+    let left: Vec<String> = std::fs::read_dir(&sharded)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert!(left.is_empty(), "staging files left: {left:?}");
     let want_names: BTreeSet<String> = (1..=n)
         .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
         .collect();

@@ -63,6 +63,19 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
     }
     let peft = &m.peft;
     let field = |k: &str| peft.get(k).cloned().unwrap_or(Value::Null);
+    // module paths named in full (`model.language_model.layers.3.cross_attn.q_proj`) are renamed
+    // as the keys are: transformers 4.4x has no module of the canonical path
+    let target_modules = match (naming, field("target_modules")) {
+        (AdapterNaming::Hf4, Value::Array(list)) => Value::Array(
+            list.into_iter()
+                .map(|t| match t.as_str() {
+                    Some(m) => json!(crate::model::weights::canonical_to_legacy(m)),
+                    None => t,
+                })
+                .collect(),
+        ),
+        (_, other) => other,
+    };
     // the adapter_config.json of `MllamaModel::save_adapter`
     let config = json!({
         "alpha_pattern": {},
@@ -81,7 +94,7 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
         "r": field("r"),
         "rank_pattern": {},
         "revision": null,
-        "target_modules": field("target_modules"),
+        "target_modules": target_modules,
         "task_type": "CAUSAL_LM",
         "use_dora": false,
         "use_rslora": false,

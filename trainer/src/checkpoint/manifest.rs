@@ -58,7 +58,7 @@ pub struct Manifest {
     pub optimizer: Value,
     /// How the random state is restored.
     pub rng: String,
-    /// `model.path` as configured (the frozen base weights are not copied).
+    /// `model.path`, made absolute (the frozen base weights are not copied).
     pub model_path: String,
     /// sha256 over `config` (canonical JSON).
     pub config_hash: String,

@@ -350,13 +350,23 @@ pub fn export_merged(
             .collect()
     };
 
-    // 3. write
+    // 3. write, every file under a staging name (`.NAME.partial`), renamed into place once all
+    // are written, config.json last: an export that is killed (Ctrl-C, the OOM killer) leaves
+    // only staging files, which the next export into the folder removes, not a folder of torn
+    // shards that every retry refuses
     let _lock = prepare_out(out)?;
     let mut created = super::Created::default();
+    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new(); // (staging, final)
+    let mut stage = |name: &str, created: &mut super::Created| -> PathBuf {
+        let (tmp, fin) = (out.join(staging_name(name)), out.join(name));
+        created.paths.extend([tmp.clone(), fin.clone()]);
+        staged.push((tmp.clone(), fin));
+        tmp
+    };
     let mut weight_map = serde_json::Map::new();
     let (mut merged, mut replaced) = (0, 0);
     for (shard, fname) in shards.iter().zip(&names) {
-        let path = out.join(fname);
+        let path = stage(fname, &mut created);
         let mut header = serde_json::Map::new();
         header.insert("__metadata__".into(), json!({"format": "pt"}));
         let mut at = 0u64;
@@ -373,7 +383,6 @@ pub fn export_merged(
         while head.len() % 8 != 0 {
             head.push(b' ');
         }
-        created.paths.push(path.clone());
         let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         let mut w = BufWriter::with_capacity(8 << 20, file);
         w.write_all(&(head.len() as u64).to_le_bytes())?;
@@ -432,16 +441,20 @@ pub fn export_merged(
     let total_bytes: u64 = base.iter().map(BaseTensor::bytes).sum();
     if n > 1 {
         let index = json!({"metadata": {"total_size": total_bytes}, "weight_map": weight_map});
-        let p = out.join("model.safetensors.index.json");
-        created.paths.push(p.clone());
+        let p = stage("model.safetensors.index.json", &mut created);
         super::write_synced(&p, serde_json::to_string_pretty(&index)?.as_bytes())?;
     }
+    // (SIDE_FILES ends with config.json: renamed last, it marks the folder complete)
     for f in SIDE_FILES {
         let src = base_dir.join(f);
         if src.exists() {
-            created.paths.push(out.join(f));
-            super::copy_synced(&src, &out.join(f))?;
+            let p = stage(f, &mut created);
+            super::copy_synced(&src, &p)?;
         }
+    }
+    for (tmp, fin) in &staged {
+        std::fs::rename(tmp, fin)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), fin.display()))?;
     }
     super::fsync_dir(out)?;
     created.done = true;
@@ -460,7 +473,14 @@ pub fn export_merged(
 fn prepare_out(out: &Path) -> Result<super::ExportLock> {
     let lock = super::ExportLock::acquire(out)?;
     for e in std::fs::read_dir(out).with_context(|| format!("listing {}", out.display()))? {
-        let name = e?.file_name().to_string_lossy().into_owned();
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        // a killed export's staging files (this folder is locked: no export is writing them)
+        if is_staging_name(&name) {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+            continue;
+        }
         if name.ends_with(".safetensors") || name == "model.safetensors.index.json" {
             bail!(
                 "--out {} already holds model weights ({name}); give an empty or new folder",
@@ -475,6 +495,20 @@ fn prepare_out(out: &Path) -> Result<super::ExportLock> {
         }
     }
     Ok(lock)
+}
+
+/// The name a merged-export file is written under before it is renamed into place.
+fn staging_name(name: &str) -> String {
+    format!(".{name}.partial")
+}
+
+fn is_staging_name(name: &str) -> bool {
+    SIDE_FILES
+        .iter()
+        .copied()
+        .chain(["model.safetensors", "model.safetensors.index.json"])
+        .any(|f| name == staging_name(f))
+        || (name.starts_with(".model-") && name.ends_with(".safetensors.partial"))
 }
 
 /// The bytes of `t` (contiguous, the base tensor's dtype and shape) into `w`.

@@ -984,7 +984,12 @@ fn build_manifest(
         scheduler: schedule.to_json(),
         optimizer: crate::optim::AdamWConfig::for_training(config).to_json(),
         rng: "dropout is reseeded from train.seed and the step number each step; no other random state".into(),
-        model_path: config.model.path.display().to_string(),
+        // absolute: an exported adapter's base_model_name_or_path and `infer --checkpoint` read
+        // it from other working directories (a relative one would be taken for a Hub repo id)
+        model_path: std::fs::canonicalize(&config.model.path)
+            .unwrap_or_else(|_| config.model.path.clone())
+            .display()
+            .to_string(),
         config_hash: identity_hash(&id),
         config: id,
         peft: serde_json::to_value(&config.peft).unwrap_or(Value::Null),

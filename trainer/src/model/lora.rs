@@ -115,15 +115,16 @@ pub enum TargetMatcher {
 impl TargetMatcher {
     /// PEFT `check_target_module_exists`: a string is `re.fullmatch`ed against the module path; a list matches
     /// when the path equals a name or ends with `.` + name.
+    /// Whether the module at canonical `path` is targeted; an adapter made under transformers 4
+    /// names its modules `language_model.model...`, which match too (names in full, regexes).
     pub fn matches(&self, path: &str) -> bool {
+        let legacy = super::weights::canonical_to_legacy(path);
+        let named = |p: &str, n: &str| p == n || p.ends_with(&format!(".{n}"));
         match self {
             Self::Names(names) => names
                 .iter()
-                .any(|n| path == n || path.ends_with(&format!(".{n}"))),
-            // an adapter made under transformers 4 names its modules `language_model.model...`
-            Self::Regex(r) => {
-                r.is_match(path) || r.is_match(&super::weights::canonical_to_legacy(path))
-            }
+                .any(|n| named(path, n) || named(&legacy, n)),
+            Self::Regex(r) => r.is_match(path) || r.is_match(&legacy),
         }
     }
 }
