@@ -60,6 +60,11 @@ fn export_peft_holds_the_trained_factors_and_loads() {
     assert_eq!(cfg["r"], 4);
     assert_eq!(cfg["lora_alpha"], 16.0);
     assert_eq!(cfg["peft_type"], "LORA");
+    // torch's {"format": "pt"} metadata, as peft's save_pretrained writes it
+    let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header["__metadata__"]["format"], "pt", "{header}");
     // absolute: PEFT's AutoPeftModel loads the base from it, from any working directory
     let base = cfg["base_model_name_or_path"].as_str().unwrap();
     assert!(

@@ -121,9 +121,7 @@ impl TargetMatcher {
         let legacy = super::weights::canonical_to_legacy(path);
         let named = |p: &str, n: &str| p == n || p.ends_with(&format!(".{n}"));
         match self {
-            Self::Names(names) => names
-                .iter()
-                .any(|n| named(path, n) || named(&legacy, n)),
+            Self::Names(names) => names.iter().any(|n| named(path, n) || named(&legacy, n)),
             Self::Regex(r) => r.is_match(path) || r.is_match(&legacy),
         }
     }
