@@ -232,6 +232,19 @@ fn dump_past_the_end_says_how_many_batches_there_are() {
     assert!(!out_file.exists());
 }
 
+/// `trainer data build-sco REFINED --out OUT [EXTRA...]`.
+fn build_sco(refined: &Path, out: &Path, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec![
+        "data",
+        "build-sco",
+        refined.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    trainer(&args)
+}
+
 #[test]
 fn build_sco_writes_two_turn_records_and_counts() {
     let dir = temp_dir("sco");
@@ -247,13 +260,7 @@ fn build_sco_writes_two_turn_records_and_counts() {
     )
     .unwrap();
     let out = dir.join("sco.jsonl");
-    let (code, stdout, err) = trainer(&[
-        "data",
-        "build-sco",
-        refined.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (code, stdout, err) = build_sco(&refined, &out, &[]);
     assert_eq!(code, 0, "{stdout}{err}");
     assert!(stdout.contains("wrote 2 record(s)"), "{stdout}");
     assert!(stdout.contains("skipped 1"), "{stdout}");
@@ -279,15 +286,7 @@ fn build_sco_writes_two_turn_records_and_counts() {
         r#"[{"question": "Q", "original_answer": "A", "refined_answer": "B", "image_path": "x.png"}, 7]"#,
     )
     .unwrap();
-    let (code, stdout, err) = trainer(&[
-        "data",
-        "build-sco",
-        refined.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--correction-prompt",
-        "Look again.",
-    ]);
+    let (code, stdout, err) = build_sco(&refined, &out, &["--correction-prompt", "Look again."]);
     assert_eq!(code, 1, "{stdout}{err}");
     assert!(err.contains("entry 1: expected an object"), "{err}");
     let rep = parse_jsonl(&out, &opts).unwrap();
@@ -302,13 +301,7 @@ fn build_sco_writes_two_turn_records_and_counts() {
         r#"[{"question": "Q", "original_answer": "A", "refined": "B", "image_path": "x.png"}]"#,
     )
     .unwrap();
-    let (code, stdout, err) = trainer(&[
-        "data",
-        "build-sco",
-        refined.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (code, stdout, err) = build_sco(&refined, &out, &[]);
     assert_eq!(code, 1, "{stdout}{err}");
     assert!(
         err.contains(r#"entry 0: no field "refined_answer" (it has ["#)
@@ -318,13 +311,7 @@ fn build_sco_writes_two_turn_records_and_counts() {
     assert_eq!(std::fs::read(&out).unwrap(), before);
     // --out naming the input: refused, the input kept
     let input = std::fs::read(&refined).unwrap();
-    let (code, _, err) = trainer(&[
-        "data",
-        "build-sco",
-        refined.to_str().unwrap(),
-        "--out",
-        refined.to_str().unwrap(),
-    ]);
+    let (code, _, err) = build_sco(&refined, &refined, &[]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("is the input file"), "{err}");
     assert_eq!(std::fs::read(&refined).unwrap(), input);
