@@ -146,17 +146,27 @@ fn write(path: &Path, message: &str, detail: &str) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
+    /// A folder of one test's own, removed when the test ends (also when it fails).
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn scratch(name: &str) -> (Scratch, PathBuf) {
         let dir =
             std::env::temp_dir().join(format!("launcher-error-file-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        dir.join(FILE_NAME)
+        let file = dir.join(FILE_NAME);
+        (Scratch(dir), file)
     }
 
     #[test]
     fn reads_what_torch_record_writes() {
-        let path = scratch("torch");
+        let (_dir, path) = scratch("torch");
         // byte for byte what torch 2.x's ErrorHandler.record_exception writes
         std::fs::write(
             &path,
@@ -179,7 +189,7 @@ mod tests {
 
     #[test]
     fn long_lines_are_clipped() {
-        let path = scratch("long");
+        let (_dir, path) = scratch("long");
         write(&path, &"x".repeat(5000), "short\n").unwrap();
         let err = read(&path).unwrap();
         assert_eq!(err.message.len(), LINE_CHARS + 4);
@@ -188,7 +198,7 @@ mod tests {
 
     #[test]
     fn missing_is_none_and_broken_is_reported() {
-        let path = scratch("broken");
+        let (_dir, path) = scratch("broken");
         assert_eq!(read(&path), None);
         std::fs::write(&path, "{\"message\": {\"mess").unwrap();
         let err = read(&path).unwrap();
@@ -202,7 +212,7 @@ mod tests {
 
     #[test]
     fn our_record_round_trips_and_keeps_the_last_traceback_lines() {
-        let path = scratch("ours");
+        let (_dir, path) = scratch("ours");
         let detail: Vec<String> = (0..100).map(|i| format!("frame {i}")).collect();
         write(
             &path,

@@ -245,6 +245,38 @@ fn a_failing_ranks_error_file_is_in_the_summary() {
         "removed after a successful run: {}",
         root.display()
     );
+    // a failed attempt's file is kept although the restart succeeded (its cause was only logged)
+    let mut cmd = launch_testrank(
+        &[
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--run-id",
+            "rs",
+            "--max-restarts",
+            "1",
+        ],
+        dir.path(),
+        &[
+            "--rank",
+            "1",
+            "--attempt",
+            "0",
+            "--exit-code",
+            "3",
+            "--record-error",
+            "flaky",
+        ],
+    );
+    cmd.env("TMPDIR", &tmp);
+    let restarted = run(cmd, LIMIT);
+    assert_eq!(restarted.code(), 0, "{}", restarted.stderr);
+    let first = read_env(dir.path(), 1, 0)["TORCHELASTIC_ERROR_FILE"].clone();
+    assert!(first.ends_with("/rs/attempt_0/1/error.json"), "{first}");
+    assert!(
+        Path::new(&first).is_file(),
+        "kept after the restart: {first}"
+    );
     let logs = dir.path().join("logs");
     let logs_s = logs.to_str().unwrap();
     let logged = run(
@@ -1011,7 +1043,8 @@ fn misplaced_in_a_slurm_job_is_an_error_at_once() {
         ),
     ];
     for (env, flags, want) in cases {
-        let mut args = vec!["--nproc-per-node", "1"];
+        // (a regression would wait for the other node until the rendezvous timeout)
+        let mut args = vec!["--nproc-per-node", "1", "--rdzv-timeout", "8"];
         args.extend_from_slice(flags);
         let mut cmd = launch_testrank(&args, dir.path(), &[]);
         cmd.env("SLURM_JOB_ID", "4243")
@@ -1023,11 +1056,6 @@ fn misplaced_in_a_slurm_job_is_an_error_at_once() {
         let r = run(cmd, Duration::from_secs(10));
         assert_eq!(r.code(), 1, "{want}: {}", r.stderr);
         assert!(r.stderr.contains(want), "{want}: {}", r.stderr);
-        assert!(
-            r.elapsed < Duration::from_secs(5),
-            "{want}: took {:?}",
-            r.elapsed
-        );
     }
 }
 

@@ -384,8 +384,8 @@ struct GenerationArgs {
     #[arg(long)]
     keep_image_placeholder: bool,
     /// Start the prompt with two <|begin_of_text|>, as a model trained with data.double_bos: true
-    /// saw it (the seed's collator); by default one, as the seed's inference. With --checkpoint
-    /// the run's own settings apply.
+    /// saw it (the seed's collator); by default one, as the seed's inference (`trainer infer
+    /// --checkpoint` applies the checkpoint run's own setting)
     #[arg(long)]
     double_bos: bool,
 }

@@ -3,6 +3,8 @@
 //! metrics.jsonl parses), `trainer export --format merged` of the final checkpoint (the folder
 //! loads and holds trained weights), `trainer eval`
 //! on two bench questions (when it is built), and `trainer demo-model table`.
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -82,7 +84,7 @@ fn demo_reduced_end_to_end() {
         "train.schedule.warmup_steps=1".into(),
         "checkpoint.every_steps=6".into(),
     ];
-    let mut cmd = Command::new(bin("launcher"));
+    let mut cmd = common::launcher();
     cmd.args(["--standalone", "--nproc-per-node", "2", "--"])
         .arg(bin("trainer"))
         .arg("train")

@@ -4,6 +4,8 @@
 //! One host runs the shared memory transport with single-copy reads (`LLAVA_SCO_CPU_SHM_CMA=1`,
 //! cross-memory attach) and with copies through the segment (`=0`, the fallback and reference):
 //! both must give bitwise the same results, and the same as TCP.
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -35,7 +37,7 @@ fn scratch(tag: &str, world: usize, extra: &[&str]) -> PathBuf {
 
 /// `launcher LAUNCHER_ARGS -- dist-selftest --out OUT EXTRA`.
 fn launch(launcher_args: &[&str], out: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(bin("launcher"));
+    let mut cmd = common::launcher();
     // one libtorch thread per rank: the digests (sums) are then computed the same way every run
     cmd.env("OMP_NUM_THREADS", "1")
         .args(launcher_args)
@@ -519,7 +521,7 @@ fn a_dropped_work_completes_on_every_transport() {
 #[test]
 fn ranks_in_other_time_zones_render_rank_0s_date() {
     let out = scratch("tz", 2, &["template-clock"]);
-    let output = Command::new(bin("launcher"))
+    let output = common::launcher()
         .env("OMP_NUM_THREADS", "1")
         .args(["--standalone", "--nproc-per-node", "2", "--", "sh", "-c"])
         .arg(r#"if [ "$RANK" = 0 ]; then export TZ=AAA-14; else export TZ=BBB+12; fi; exec "$0" "$@""#)

@@ -333,7 +333,7 @@ fn two_ranks_under_the_launcher_give_the_same_report_as_one() {
     assert_eq!(eval(&single, &[]).0, 0);
     let dist = dir.join("out-dist");
     let launch = || {
-        Command::new(common::bin("launcher"))
+        common::launcher()
             .args(["--standalone", "--nproc-per-node", "2", "--"])
             .arg(env!("CARGO_BIN_EXE_trainer"))
             .args(["eval", "--turns", "2", "--max-new-tokens", "6"])

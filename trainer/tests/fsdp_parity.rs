@@ -58,7 +58,7 @@ fn train(name: &str, world: usize, sets: &[String]) -> Run {
     .unwrap();
     let weights_file = out.join("weights.safetensors");
     let mut cmd = if world > 1 {
-        let mut c = Command::new(bin("launcher"));
+        let mut c = common::launcher();
         c.args(["--standalone", "--nproc-per-node", &world.to_string(), "--"]);
         c.arg(bin("trainer"));
         c

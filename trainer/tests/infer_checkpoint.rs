@@ -143,15 +143,21 @@ fn a_checkpoint_records_its_prompt_settings() {
         "data.image_placeholder=keep",
     ];
     ok(run(&out, 1, train, &sets, &[]), "train");
-    let settings = CheckpointWeights::read(&out.join("ckpt/step-00000001"))
-        .unwrap()
-        .prompt_settings();
+    let ckpt = out.join("ckpt/step-00000001");
+    let settings = CheckpointWeights::read(&ckpt).unwrap().prompt_settings();
     assert_eq!(
         settings,
         PromptSettings {
             double_bos: true,
             keep_image_placeholder: true
         }
+    );
+    // and infer --checkpoint prompts that way
+    let (code, _, err) = trainer(&INFER, &[("--checkpoint", &ckpt)]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("prompts as the checkpoint's run trained on them: double_bos true, image placeholder kept"),
+        "{err}"
     );
 }
 

@@ -50,7 +50,7 @@ struct Cli {
         default_value = "1"
     )]
     nproc_per_node: String,
-    /// Number of nodes (`N`, or `N:N`; elastic ranges are not supported) [default: 1, or SLURM_NNODES]
+    /// Number of nodes (`N`, or `N:N`; elastic ranges are not supported) [default: 1, or SLURM_STEP_NUM_NODES / SLURM_NNODES]
     #[arg(long, value_name = "N")]
     nnodes: Option<String>,
     /// This node's rank in 0..nnodes [default: 0, or SLURM_NODEID]
@@ -131,7 +131,8 @@ struct Cli {
     )]
     local_ranks_filter: Option<Vec<usize>>,
     /// Run id shared by all nodes (TORCHELASTIC_RUN_ID; for multi-node runs also the store secret
-    /// unless LLAVA_SCO_STORE_TOKEN is set) [default: SLURM_JOB_ID, or random]
+    /// unless LLAVA_SCO_STORE_TOKEN is set) [default: SLURM_JOB_ID.SLURM_STEP_ID under srun,
+    /// SLURM_JOB_ID outside a step, else random]
     #[arg(long = "run-id", aliases = ["run_id", "rdzv-id", "rdzv_id"], value_name = "ID")]
     run_id: Option<String>,
     /// The trainer binary for CONFIG mode [default: `trainer` next to this launcher]

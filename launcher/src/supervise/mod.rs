@@ -140,7 +140,7 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
         Err(err) => return join_failed(spec, &host, 0, err),
     };
 
-    let mut error_files = ErrorFiles::new(&spec.output);
+    let error_files = ErrorFiles::new(&spec.output)?;
     let outcome = supervise(
         spec,
         &host,
@@ -158,27 +158,33 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
 
 /// Where the ranks' error files go (`TORCHELASTIC_ERROR_FILE`): beside their logs with
 /// `--log-dir`, else in a folder of this launcher's own under the temp dir (torchrun's
-/// `torchelastic_*`), removed at the end unless the summary names a file in it.
+/// `torchelastic_*`; a random name, as pids repeat across containers and nodes), removed at the
+/// end unless a failure recorded a file in it (a restarted attempt's too).
 struct ErrorFiles {
     root: PathBuf,
     temporary: bool,
-    keep: bool,
+    keep: std::cell::Cell<bool>,
 }
 
 impl ErrorFiles {
-    fn new(output: &OutputOptions) -> Self {
-        match &output.log_dir {
+    fn new(output: &OutputOptions) -> Result<Self, LaunchError> {
+        Ok(match &output.log_dir {
             Some(dir) => ErrorFiles {
                 root: dir.clone(),
                 temporary: false,
-                keep: true,
+                keep: true.into(),
             },
-            None => ErrorFiles {
-                root: std::env::temp_dir().join(format!("launcher-errors-{}", std::process::id())),
-                temporary: true,
-                keep: false,
-            },
-        }
+            None => {
+                let id = crate::token::random_hex(6).map_err(|e| {
+                    LaunchError::Rendezvous(format!("cannot read /dev/urandom: {e}"))
+                })?;
+                ErrorFiles {
+                    root: std::env::temp_dir().join(format!("launcher-errors-{id}")),
+                    temporary: true,
+                    keep: false.into(),
+                }
+            }
+        })
     }
 
     fn path(&self, run_id: &str, attempt: u32, node: Option<usize>, local_rank: usize) -> PathBuf {
@@ -186,17 +192,21 @@ impl ErrorFiles {
             .join(crate::error_file::FILE_NAME)
     }
 
-    fn keep_for(&mut self, failure: &Failure) {
-        self.keep |= failure
+    /// Keeps the folder when `failure` (of any attempt) names a file in it.
+    fn keep_for(&self, failure: &Failure) {
+        if failure
             .error
             .as_ref()
-            .is_some_and(|e| e.file.starts_with(&self.root));
+            .is_some_and(|e| e.file.starts_with(&self.root))
+        {
+            self.keep.set(true);
+        }
     }
 }
 
 impl Drop for ErrorFiles {
     fn drop(&mut self) {
-        if self.temporary && !self.keep {
+        if self.temporary && !self.keep.get() {
             let _ = std::fs::remove_dir_all(&self.root);
         }
     }
@@ -260,6 +270,7 @@ fn supervise(
                 return Ok(Outcome::Success { restarts: attempt });
             }
             Err(mut failure) => {
+                error_files.keep_for(&failure);
                 let restart = failure.kind.restartable() && attempt < spec.max_restarts;
                 // a signal that reached the launcher after its ranks had stopped (a scheduler's
                 // SIGTERM to every process of the job: a rank's death by it may be seen first)

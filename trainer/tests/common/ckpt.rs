@@ -65,15 +65,19 @@ pub fn run_with(
     )
     .unwrap();
     let mut cmd = if world > 1 {
-        let mut c = Command::new(bin("launcher"));
+        let mut c = super::launcher();
         c.args(["--standalone", "--nproc-per-node", &world.to_string()]);
         c.args(launcher_args);
         c.arg("--");
         c.arg(bin("trainer"));
         c
     } else {
-        Command::new(bin("trainer"))
+        super::isolated(Command::new(bin("trainer")))
     };
+    // (a launcher's kept error-file folders under the test's own TMPDIR, not the machine's)
+    let tmp = out.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    cmd.env("TMPDIR", &tmp);
     cmd.arg("train").arg(&cfg);
     for s in sets {
         cmd.args(["--set", s]);
@@ -82,6 +86,7 @@ pub fn run_with(
         .env_remove("RANK")
         .env_remove("WORLD_SIZE")
         .env_remove("TRAINER_STOP_AFTER_STEP")
+        .env_remove("TRAINER_STOP_DURING_VALIDATION")
         .env_remove("TRAINER_CHECKPOINT_CRASH_AT")
         .env_remove("TRAINER_CHECKPOINT_FAIL_WRITE_AT")
         .env_remove("TRAINER_CHECKPOINT_FAIL_MANIFEST_AT");

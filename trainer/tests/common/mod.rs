@@ -37,6 +37,23 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// `cmd` without what the environment of a job (SLURM, an outer launcher or torchrun) would pass
+/// to the launcher or trainer a test starts: SLURM's layout would make `launcher --standalone`
+/// refuse a second node, an outer restart count or error file would change what a run does.
+pub fn isolated(mut cmd: std::process::Command) -> std::process::Command {
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SLURM_") || key.starts_with("TORCHELASTIC_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// The workspace's launcher, `isolated`.
+pub fn launcher() -> std::process::Command {
+    isolated(std::process::Command::new(bin("launcher")))
+}
+
 /// A binary of this workspace next to the test executable (target/<profile>/).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
