@@ -31,15 +31,22 @@ pub fn visible_gpus() -> Option<GpuCount> {
     })
 }
 
-/// Entries CUDA would use: it stops at the first invalid one (and `-1` hides everything after it).
+/// Entries CUDA would use: it stops at the first invalid one (and `-1` hides everything after it);
+/// a device listed twice leaves none (as PyTorch's `_parse_visible_devices` reads it).
 pub fn count_visible_devices(list: &str) -> usize {
-    list.split(',')
+    let devices: Vec<&str> = list
+        .split(',')
         .map(str::trim)
         .take_while(|d| !d.is_empty() && !d.starts_with('-'))
         .take_while(|d| {
             d.bytes().all(|b| b.is_ascii_digit()) || d.starts_with("GPU-") || d.starts_with("MIG-")
         })
-        .count()
+        .collect();
+    let distinct: std::collections::HashSet<&str> = devices.iter().copied().collect();
+    match distinct.len() == devices.len() {
+        true => devices.len(),
+        false => 0,
+    }
 }
 
 /// Lines `GPU n: ...` of `nvidia-smi -L`, with a timeout: a wedged driver must not hang the launcher.
@@ -84,5 +91,6 @@ mod tests {
         assert_eq!(count_visible_devices("1,-1,2"), 1);
         assert_eq!(count_visible_devices("GPU-8f2a,GPU-11c0"), 2);
         assert_eq!(count_visible_devices("0, 1"), 2);
+        assert_eq!(count_visible_devices("0,0"), 0, "a repeated device: none");
     }
 }

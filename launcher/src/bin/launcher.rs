@@ -495,7 +495,8 @@ fn nproc_per_node(text: &str) -> Result<usize> {
         },
         "gpu" => match gpus::visible_gpus() {
             Some(g) if g.count > 0 => g.count,
-            _ => bail!("--nproc-per-node gpu: no GPU visible (nvidia-smi, /proc/driver/nvidia); use a number or auto"),
+            Some(g) => bail!("--nproc-per-node gpu: no GPU visible ({} lists none CUDA would use); use a number or auto", g.source),
+            None => bail!("--nproc-per-node gpu: no GPU visible (nvidia-smi, /proc/driver/nvidia); use a number or auto"),
         },
         "cpu" => cores(),
         n => n
