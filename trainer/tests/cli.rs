@@ -1,5 +1,7 @@
 //! The trainer binary's contract: config show works, unbuilt subcommands fail loudly (exit 2),
 //! bad configs give one clear line and a non-zero exit.
+mod common;
+
 use std::process::Command;
 
 fn trainer(args: &[&str]) -> (i32, String, String) {
@@ -173,4 +175,35 @@ fn bench_checkpoint_keeps_what_its_dir_already_held() {
         "the scratch folder is removed"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The launcher checks a config once before starting ranks: a bad key is one error, with the
+/// file and the `--set`, and is not restarted (no restart can fix it).
+#[test]
+fn the_launcher_refuses_a_bad_config_once_without_restarts() {
+    let out = common::launcher()
+        .args([
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "2",
+        ])
+        .arg("configs/demo.yaml")
+        .args(["--set", "pef.r=3"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .expect("run launcher");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.matches(r#"pef.r: unknown key "pef""#).count(),
+        1,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("configs/demo.yaml: pef.r") && stderr.contains("(from --set pef.r=3)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("restarting"), "{stderr}");
 }

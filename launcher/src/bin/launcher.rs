@@ -407,11 +407,14 @@ fn rank_command(cli: &Cli) -> Result<RankCommand> {
                     if release { " --release" } else { "" }
                 );
             }
-            let mut args: Vec<OsString> = vec!["train".into(), config.clone().into()];
+            let mut sets: Vec<OsString> = Vec::new();
             for o in &cli.overrides {
-                args.push("--set".into());
-                args.push(o.into());
+                sets.push("--set".into());
+                sets.push(o.into());
             }
+            check_config(&trainer, config, &sets)?;
+            let mut args: Vec<OsString> = vec!["train".into(), config.clone().into()];
+            args.extend(sets);
             Ok(RankCommand {
                 program: trainer,
                 args,
@@ -419,6 +422,30 @@ fn rank_command(cli: &Cli) -> Result<RankCommand> {
             })
         }
     }
+}
+
+/// CONFIG mode: the config (with its `--set`s) is checked once, by `trainer config show`, before
+/// any rank starts: a bad key is then one error, not one per rank, and is not restarted
+/// `--max-restarts` times (no restart can fix it).
+fn check_config(trainer: &Path, config: &Path, sets: &[OsString]) -> Result<()> {
+    let out = std::process::Command::new(trainer)
+        .args(["config", "show"])
+        .arg(config)
+        .args(sets)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .with_context(|| format!("running {} config show", trainer.display()))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let message = stderr
+        .trim()
+        .strip_prefix("error: ")
+        .unwrap_or(stderr.trim());
+    bail!("{message}")
 }
 
 /// Fails early, in one line, when the program cannot be found (rather than once per rank).
