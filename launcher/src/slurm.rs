@@ -146,19 +146,19 @@ impl SlurmLayout {
         }
     }
 
-    /// Why this launcher must not start, for the ways a launcher is commonly misplaced in a job:
-    /// several per node (`srun --ntasks-per-node=8 launcher`), or an sbatch script on several
-    /// nodes run without srun (only one node runs it: the launcher would wait for the others
-    /// until --rdzv-timeout). `nnodes_flag`: whether --nnodes was given.
-    pub fn misuse(&self, nnodes_flag: bool) -> Option<String> {
+    /// Why this launcher must not take its layout from SLURM, for the ways a launcher is commonly
+    /// misplaced in a job: several per node (`srun --ntasks-per-node=8 launcher`), or an sbatch
+    /// script on several nodes run without srun (only one node runs it: the launcher would wait
+    /// for the others until --rdzv-timeout). Asked only when no flag sets the layout.
+    pub fn misuse(&self) -> Option<String> {
         if let Some(local) = self.local_id.filter(|&l| l > 0) {
             return Some(format!(
-                "srun started several launchers on this node (this one is SLURM_LOCALID={local}): start one per node, `srun --ntasks-per-node=1 launcher ...`; each starts --nproc-per-node ranks"
+                "srun started several launchers on this node (this one is SLURM_LOCALID={local}): start one per node, `srun --ntasks-per-node=1 launcher ...`, each starting --nproc-per-node ranks (or give --standalone for independent runs, or --nnodes/--node-rank)"
             ));
         }
-        match (&self.nnodes, &self.step_id, nnodes_flag) {
-            (Ok(n), None, false) if *n > 1 => Some(format!(
-                "SLURM job {} has {n} nodes but this launcher was not started by srun (an sbatch script runs on the first node only): write `srun --ntasks-per-node=1 launcher ...` in the script, or pass --nnodes 1 for a one-node run",
+        match (&self.nnodes, &self.step_id) {
+            (Ok(n), None) if *n > 1 => Some(format!(
+                "SLURM job {} has {n} nodes but this launcher was not started by srun (an sbatch script runs on the first node only): write `srun --ntasks-per-node=1 launcher ...` in the script, or pass --nnodes 1 (or --standalone) for a one-node run",
                 self.job_id
             )),
             _ => None,
@@ -285,12 +285,8 @@ mod tests {
                 local_id: None,
             }
         );
-        // an sbatch script on 2 nodes without srun: refused (unless --nnodes is given)
-        assert!(layout
-            .misuse(false)
-            .unwrap()
-            .contains("not started by srun"));
-        assert_eq!(layout.misuse(true), None);
+        // an sbatch script on 2 nodes without srun: refused (when no flag sets the layout)
+        assert!(layout.misuse().unwrap().contains("not started by srun"));
         assert_eq!(layout.run_id(), "77");
         // under srun: one launcher per node is right, a second one on a node is not
         let step = |local: &'static str| {
@@ -301,13 +297,10 @@ mod tests {
             }
         };
         let first = layout_from(step("0")).unwrap();
-        assert_eq!(
-            (first.misuse(false), first.run_id()),
-            (None, "77.3".to_string())
-        );
+        assert_eq!((first.misuse(), first.run_id()), (None, "77.3".to_string()));
         let second = layout_from(step("1")).unwrap();
         assert!(second
-            .misuse(false)
+            .misuse()
             .unwrap()
             .contains("SLURM_LOCALID=1): start one per node"));
         assert_eq!(layout_from(|_| None), None);

@@ -131,6 +131,13 @@ fn sharded_merged_export_has_a_valid_index() {
     ] {
         std::fs::write(sharded.join(stale), b"torn").unwrap();
     }
+    // ...and one killed while renaming its files into place: its list names what it renamed
+    std::fs::write(sharded.join("model-00001-of-00099.safetensors"), b"renamed").unwrap();
+    std::fs::write(
+        sharded.join(".merged-export-renaming.json"),
+        r#"["model-00001-of-00099.safetensors", "model-00002-of-00099.safetensors"]"#,
+    )
+    .unwrap();
     let max = 200_000u64; // the tiny model is ~1.1 MB: 6+ shards
     ok(
         export(
@@ -156,6 +163,8 @@ fn sharded_merged_export_has_a_valid_index() {
         .filter(|n| n.ends_with(".partial"))
         .collect();
     assert!(left.is_empty(), "staging files left: {left:?}");
+    assert!(!sharded.join("model-00001-of-00099.safetensors").exists());
+    assert!(!sharded.join(".merged-export-renaming.json").exists());
     let want_names: BTreeSet<String> = (1..=n)
         .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
         .collect();

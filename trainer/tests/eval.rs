@@ -345,6 +345,8 @@ fn two_ranks_under_the_launcher_give_the_same_report_as_one() {
             .arg(repo().join("tests/fixtures/data/images"))
             .arg("--out")
             .arg(&dist)
+            // (a failing rank's kept error folder in the test's own folder)
+            .env("TMPDIR", dir)
             .output()
             .unwrap()
     };

@@ -14,7 +14,7 @@ use trainer::model::{LoadOptions, MllamaModel};
 
 fn trainer(args: &[&str], paths: &[(&str, &Path)]) -> (Option<i32>, String, String) {
     let mut c = Command::new(bin("trainer"));
-    c.args(args);
+    c.args(args).env("RUST_LOG", "info");
     for (flag, p) in paths {
         c.arg(flag).arg(p);
     }

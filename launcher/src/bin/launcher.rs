@@ -178,18 +178,16 @@ fn run(cli: Cli) -> Result<Outcome> {
 /// Turns the command line (plus SLURM's variables) into a validated launch.
 fn resolve(cli: Cli) -> Result<LaunchSpec> {
     let command = rank_command(&cli)?;
+    // (flags that set the layout themselves, or --standalone's independent runs, e.g. a sweep of
+    // several runs per node, are the user's choice)
+    let explicit_layout = cli.standalone || cli.nnodes.is_some() || cli.node_rank.is_some();
     let in_allocation = slurm::layout_from(|k| std::env::var(k).ok());
-    if let Some(s) = &in_allocation {
-        if let Some(why) = s.misuse(cli.nnodes.is_some() || cli.standalone) {
-            bail!(why);
-        }
-        // (--standalone reads no layout, but a second node running the same job on its own is
-        // refused as with --nnodes 1 below)
-        if let (true, Ok(id)) = (cli.standalone, &s.node_rank) {
-            if *id > 0 {
-                bail!("--standalone on SLURM node {id} of the step: every node would run the job on its own; start it on one node (srun -N1), or drop --standalone to run across the step's nodes");
-            }
-        }
+    if let Some(why) = in_allocation
+        .as_ref()
+        .filter(|_| !explicit_layout)
+        .and_then(|s| s.misuse())
+    {
+        bail!(why);
     }
     let slurm = in_allocation.filter(|_| !cli.standalone);
     // a SLURM field is read (and its absence an error) only where no flag gives the value
@@ -272,7 +270,15 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
     }
 
     let nproc = nproc_per_node(&cli.nproc_per_node)?;
-    let explicit_run_id = cli.run_id.clone().or(slurm.as_ref().map(|s| s.run_id()));
+    // (`JOBID.STEPID` only when the step gave the layout: nodes started by separate sruns with
+    // explicit --nnodes/--node-rank share the job id)
+    let explicit_run_id = cli
+        .run_id
+        .clone()
+        .or(slurm.as_ref().map(|s| match explicit_layout {
+            true => s.job_id.clone(),
+            false => s.run_id(),
+        }));
     let run_id = match &explicit_run_id {
         // (a folder name under --log-dir)
         Some(id) if id.is_empty() || id.contains(['/', '\n']) || id == "." || id == ".." => {
@@ -440,12 +446,18 @@ fn check_config(trainer: &Path, config: &Path, sets: &[OsString]) -> Result<()> 
     if out.status.success() {
         return Ok(());
     }
+    // (its last `error:` line: log lines may come before it)
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let message = stderr
-        .trim()
-        .strip_prefix("error: ")
-        .unwrap_or(stderr.trim());
-    bail!("{message}")
+    match stderr.lines().rev().find_map(|l| l.strip_prefix("error: ")) {
+        Some(message) => bail!("{message}"),
+        None => bail!(
+            "checking the config with `{} config show` failed ({}){}{}",
+            trainer.display(),
+            out.status,
+            if stderr.trim().is_empty() { "" } else { ":\n" },
+            stderr.trim()
+        ),
+    }
 }
 
 /// Fails early, in one line, when the program cannot be found (rather than once per rank).

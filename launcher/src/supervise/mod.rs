@@ -292,8 +292,13 @@ fn supervise(
                         ..*failure
                     };
                 } else if restart {
+                    // (what the rank recorded stays on disk: its file is named here, as no
+                    // summary will name it if a later attempt succeeds)
+                    let recorded = failure.error.as_ref().map_or(String::new(), |e| {
+                        format!(": {} (error file {})", e.message, e.file.display())
+                    });
                     tracing::warn!(
-                        "{} {} on attempt {attempt}; restarting every rank (restart {} of {})",
+                        "{} {} on attempt {attempt}{recorded}; restarting every rank (restart {} of {})",
                         who(&failure),
                         failure.kind.describe(),
                         attempt + 1,

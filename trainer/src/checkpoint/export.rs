@@ -64,13 +64,26 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
     let peft = &m.peft;
     let field = |k: &str| peft.get(k).cloned().unwrap_or(Value::Null);
     // module paths named in full (`model.language_model.layers.3.cross_attn.q_proj`) are renamed
-    // as the keys are: transformers 4.4x has no module of the canonical path
+    // as the keys are: transformers 4.4x has no module of the canonical path (only full canonical
+    // paths: a bare or partial name keeps the modules it matches)
+    let full_path = |m: &str| {
+        [
+            "model.language_model.",
+            "model.vision_model.",
+            "model.multi_modal_projector.",
+        ]
+        .iter()
+        .any(|p| m.starts_with(p))
+            || m == "lm_head"
+    };
     let target_modules = match (naming, field("target_modules")) {
         (AdapterNaming::Hf4, Value::Array(list)) => Value::Array(
             list.into_iter()
                 .map(|t| match t.as_str() {
-                    Some(m) => json!(crate::model::weights::canonical_to_legacy(m)),
-                    None => t,
+                    Some(m) if full_path(m) => {
+                        json!(crate::model::weights::canonical_to_legacy(m))
+                    }
+                    _ => t,
                 })
                 .collect(),
         ),

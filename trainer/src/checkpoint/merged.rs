@@ -452,10 +452,21 @@ pub fn export_merged(
             super::copy_synced(&src, &p)?;
         }
     }
+    // the names about to be renamed into place, recorded first: an export killed among the renames
+    // leaves this list, and the next export into the folder removes what it names
+    let renaming = out.join(RENAMING);
+    let names_json = json!(staged
+        .iter()
+        .filter_map(|(_, fin)| fin.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect::<Vec<_>>());
+    super::write_synced(&renaming, names_json.to_string().as_bytes())?;
+    super::fsync_dir(out)?;
     for (tmp, fin) in &staged {
         std::fs::rename(tmp, fin)
             .with_context(|| format!("renaming {} to {}", tmp.display(), fin.display()))?;
     }
+    super::fsync_dir(out)?;
+    std::fs::remove_file(&renaming).with_context(|| format!("removing {}", renaming.display()))?;
     super::fsync_dir(out)?;
     created.done = true;
     Ok(MergedSummary {
@@ -472,6 +483,25 @@ pub fn export_merged(
 /// Returns the folder's lock, to hold until the export is complete.
 fn prepare_out(out: &Path) -> Result<super::ExportLock> {
     let lock = super::ExportLock::acquire(out)?;
+    // an export killed while renaming its files into place: what it renamed goes (this folder is
+    // locked, and the list names only that export's files), then the list
+    let renaming = out.join(RENAMING);
+    if let Ok(text) = std::fs::read_to_string(&renaming) {
+        let names: Vec<String> = serde_json::from_str(&text).unwrap_or_default();
+        for name in names
+            .iter()
+            .filter(|n| !n.contains('/') && *n != "." && *n != "..")
+        {
+            match std::fs::remove_file(out.join(name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", out.join(name).display()))
+                }
+                _ => {}
+            }
+        }
+        std::fs::remove_file(&renaming)
+            .with_context(|| format!("removing {}", renaming.display()))?;
+    }
     for e in std::fs::read_dir(out).with_context(|| format!("listing {}", out.display()))? {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
@@ -496,6 +526,9 @@ fn prepare_out(out: &Path) -> Result<super::ExportLock> {
     }
     Ok(lock)
 }
+
+/// The list of files an export is renaming into place (present only while it does).
+const RENAMING: &str = ".merged-export-renaming.json";
 
 /// The name a merged-export file is written under before it is renamed into place.
 fn staging_name(name: &str) -> String {

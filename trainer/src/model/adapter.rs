@@ -208,7 +208,8 @@ impl MllamaModel {
                 None => problems.push(format!("unexpected {name}: not a LoRA factor")),
             }
         }
-        let matcher = cfg.target_modules.compile()?;
+        // (an adapter saved with transformers-4 names: its full module paths read as this model's)
+        let matcher = cfg.target_modules.canonical().compile()?;
         let (kind, device) = (self.lora_kind(), self.options.device);
         let mut used = BTreeSet::new();
         let mut n = 0;

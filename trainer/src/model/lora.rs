@@ -96,6 +96,20 @@ pub enum TargetModules {
 }
 
 impl TargetModules {
+    /// The names as this model's (canonical) module paths: an adapter saved under transformers
+    /// 4 may name modules in full as `language_model.model.layers.3.self_attn.q_proj`. Names
+    /// already canonical, and bare suffixes, stay.
+    pub fn canonical(&self) -> Self {
+        match self {
+            Self::Names(n) => Self::Names(
+                n.iter()
+                    .map(|n| super::weights::legacy_to_canonical(n))
+                    .collect(),
+            ),
+            Self::Regex(r) => Self::Regex(r.clone()),
+        }
+    }
+
     pub fn compile(&self) -> Result<TargetMatcher, ModelError> {
         Ok(match self {
             Self::Names(n) => TargetMatcher::Names(n.clone()),
@@ -115,14 +129,15 @@ pub enum TargetMatcher {
 impl TargetMatcher {
     /// PEFT `check_target_module_exists`: a string is `re.fullmatch`ed against the module path; a list matches
     /// when the path equals a name or ends with `.` + name.
-    /// Whether the module at canonical `path` is targeted; an adapter made under transformers 4
-    /// names its modules `language_model.model...`, which match too (names in full, regexes).
     pub fn matches(&self, path: &str) -> bool {
-        let legacy = super::weights::canonical_to_legacy(path);
-        let named = |p: &str, n: &str| p == n || p.ends_with(&format!(".{n}"));
         match self {
-            Self::Names(names) => names.iter().any(|n| named(path, n) || named(&legacy, n)),
-            Self::Regex(r) => r.is_match(path) || r.is_match(&legacy),
+            Self::Names(names) => names
+                .iter()
+                .any(|n| path == n || path.ends_with(&format!(".{n}"))),
+            // an adapter made under transformers 4 names its modules `language_model.model...`
+            Self::Regex(r) => {
+                r.is_match(path) || r.is_match(&super::weights::canonical_to_legacy(path))
+            }
         }
     }
 }
@@ -241,6 +256,29 @@ mod tests {
         }
         // the test can tell the orders apart (for the non-power-of-two scalings)
         assert!(differs_if_reordered);
+    }
+
+    #[test]
+    fn full_transformers_4_names_read_as_canonical_paths() {
+        let names = |v: &[&str]| TargetModules::Names(v.iter().map(|s| s.to_string()).collect());
+        let t = names(&[
+            "language_model.model.layers.0.self_attn.v_proj",
+            "q_proj",
+            "model.language_model.layers.1.self_attn.q_proj",
+        ]);
+        assert_eq!(
+            t.canonical(),
+            names(&[
+                "model.language_model.layers.0.self_attn.v_proj",
+                "q_proj",
+                "model.language_model.layers.1.self_attn.q_proj",
+            ])
+        );
+        // a list matches canonical paths only (what training and a transformers-5 PEFT see)
+        let m = names(&["language_model.model.layers.0.self_attn.v_proj"])
+            .compile()
+            .unwrap();
+        assert!(!m.matches("model.language_model.layers.0.self_attn.v_proj"));
     }
 
     #[test]

@@ -46,6 +46,18 @@ pub fn isolated(mut cmd: std::process::Command) -> std::process::Command {
             cmd.env_remove(key);
         }
     }
+    for key in [
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "LLAVA_SCO_LAUNCH_ID",
+        "LLAVA_SCO_STORE_TOKEN",
+    ] {
+        cmd.env_remove(key);
+    }
     cmd
 }
 
