@@ -510,13 +510,7 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
             "q {qs:?} and k {ks:?} disagree (batch, head dim, or H not a positive multiple of Hk)"
         )));
     }
-    if !HEAD_DIMS.contains(&d.d) {
-        return Err(KernelError::Unsupported(format!(
-            "fused attention supports head dims {}; got {}",
-            HEAD_DIMS.map(|d| d.to_string()).join(", "),
-            d.d
-        )));
-    }
+    check_head_dim(d.d)?;
     // grid y and z carry heads and batch (CUDA caps both at 65535); the backward's delta kernel
     // takes 4 rows of B x H x Sq per block along x (capped at 2^31 - 1)
     if d.b > 65_535 || d.h > 65_535 || (d.b * d.h).saturating_mul(d.sq) / 4 >= i32::MAX as i64 {
@@ -565,21 +559,35 @@ fn device_gpu(q: &Tensor) -> Result<&'static Gpu> {
 /// model loads, not at its first attention call; the PTX cache is then warm.
 pub fn prepare(ordinal: i32, dtype: Kind, d: i64) -> Result<()> {
     let name = dtype_name(dtype)?;
-    if !HEAD_DIMS.contains(&d) {
-        return Err(KernelError::Unsupported(format!(
-            "fused attention supports head dims {}; got {d}",
-            HEAD_DIMS.map(|d| d.to_string()).join(", ")
-        )));
-    }
+    check_head_dim(d)?;
     let gpu = runtime::gpu(ordinal)?;
     let forward = v4_forward(variant()?, &gpu.arch, d);
-    let source = match forward {
+    gpu.function(source_of(forward), &fwd_kernel(forward, name, d))?;
+    gpu.function("attention.cu", &delta_kernel(name, d))?;
+    Ok(())
+}
+
+/// The source file of a variant's kernels: the Hopper ones (V4 on) in the sm_90a source.
+fn source_of(variant: Variant) -> &'static str {
+    match variant {
         Variant::V2 | Variant::V3 => "attention.cu",
         _ => crate::SM90A_ATTENTION,
-    };
-    gpu.function(source, &fwd_kernel(forward, name, d))?;
-    gpu.function("attention.cu", &format!("attn_bwd_delta_{name}_d{d}"))?;
-    Ok(())
+    }
+}
+
+/// The backward's delta kernel (every variant's; in attention.cu).
+fn delta_kernel(dtype_name: &str, d: i64) -> String {
+    format!("attn_bwd_delta_{dtype_name}_d{d}")
+}
+
+fn check_head_dim(d: i64) -> Result<()> {
+    match HEAD_DIMS.contains(&d) {
+        true => Ok(()),
+        false => Err(KernelError::Unsupported(format!(
+            "fused attention supports head dims {}; got {d}",
+            HEAD_DIMS.map(|d| d.to_string()).join(", ")
+        ))),
+    }
 }
 
 /// Base parameters shared by forward and backward; masks are kept alive in `keep`.
@@ -765,11 +773,7 @@ pub fn fused_forward_into(
             (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d))
         }
     };
-    let source = if !matches!(variant, Variant::V2 | Variant::V3) {
-        crate::SM90A_ATTENTION
-    } else {
-        "attention.cu"
-    };
+    let source = source_of(variant);
     let f = gpu.function(source, &fwd_kernel(variant, name, d.d))?;
     LAUNCHED[0].store(variant.number(), Ordering::Relaxed);
     let grid = if variant == Variant::V12 {
@@ -1023,7 +1027,7 @@ pub fn fused_backward(
     let name = dtype_name(q.kind())?;
     let mut arg: *mut c_void = &mut p as *mut AttnParams as *mut c_void;
     let rows = (d.b * d.h * d.sq) as u64; // one warp per row
-    let f_delta = gpu.function("attention.cu", &format!("attn_bwd_delta_{name}_d{}", d.d))?;
+    let f_delta = gpu.function("attention.cu", &delta_kernel(name, d.d))?;
     // (keys per block, threads, shared bytes): K, V, Q, dO tiles, dS^T (v2, v4) or P^T and dS^T
     // (v3), lse, delta.
     let (key_block, main_threads, smem) = match variant {
@@ -1042,11 +1046,7 @@ pub fn fused_backward(
             (4 * TILE * (d.d + 8) + TILE * (TILE + 8)) * 2 + 2 * TILE * 4,
         ),
     };
-    let source = if !matches!(variant, Variant::V2 | Variant::V3) {
-        crate::SM90A_ATTENTION
-    } else {
-        "attention.cu"
-    };
+    let source = source_of(variant);
     let mut main_name = bwd_kernel(variant, name, d.d);
     let profiled = matches!(
         variant,

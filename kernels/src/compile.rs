@@ -168,12 +168,7 @@ pub fn cache_key(src: &KernelSource, arch: &str, version: (i32, i32)) -> String 
     let mut h = Sha256::new();
     h.update(src.text.as_bytes());
     h.update(options(arch).join(" ").as_bytes());
-    let hex: String = h
-        .finalize()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = hex(&h.finalize()[..8]);
     format!(
         "{}-{arch}-nvrtc{}.{}-{hex}.ptx",
         src.name.trim_end_matches(".cu"),
@@ -221,11 +216,13 @@ fn unsealed(text: &str) -> Option<&str> {
 
 const SEAL: &str = "// llava-sco kernel cache, sha256 of the above: ";
 
+/// The first 16 bytes of `text`'s sha256, in hex.
 fn hex16(text: &str) -> String {
-    Sha256::digest(text.as_bytes())[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(text.as_bytes())[..16])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Compiles afresh and replaces the cached copy (a cached file the driver refused to load).

@@ -9,6 +9,8 @@
 //! "timestamp": "1700000000"}}}`; an older form has `"message"` as a plain string.
 use std::path::{Path, PathBuf};
 
+use crate::supervise::output::clip_line;
+
 /// The variable naming the rank's error file (torchrun's name).
 pub const ERROR_FILE_VAR: &str = "TORCHELASTIC_ERROR_FILE";
 
@@ -17,9 +19,8 @@ pub const FILE_NAME: &str = "error.json";
 
 /// Lines of the traceback kept for the summary (the innermost frames, where the error is).
 pub const TRACEBACK_LINES: usize = 40;
-/// Longest message or traceback line kept (as the stderr tail's), and the most of a file read:
-/// the summary travels to the other nodes through the store.
-const LINE_CHARS: usize = 400;
+/// The most of a file read (the summary travels to the other nodes through the store; its lines
+/// are clipped as the stderr tail's).
 const MAX_BYTES: u64 = 1 << 20;
 
 /// What a failed rank recorded about itself.
@@ -66,20 +67,13 @@ pub fn read(path: &Path) -> Option<RankError> {
         message: if first_message_line.is_empty() {
             "(empty message)".to_string()
         } else {
-            clip(first_message_line)
+            clip_line(first_message_line)
         },
         traceback: lines[lines.len().saturating_sub(TRACEBACK_LINES)..]
             .iter()
-            .map(|l| clip(l))
+            .map(|l| clip_line(l))
             .collect(),
     })
-}
-
-fn clip(line: &str) -> String {
-    match line.char_indices().nth(LINE_CHARS) {
-        Some((at, _)) => format!("{} ...", &line[..at]),
-        None => line.to_string(),
-    }
 }
 
 /// The file's text, or its first `max` bytes (a file past that is not torchelastic's JSON).
@@ -192,7 +186,7 @@ mod tests {
         let (_dir, path) = scratch("long");
         write(&path, &"x".repeat(5000), "short\n").unwrap();
         let err = read(&path).unwrap();
-        assert_eq!(err.message.len(), LINE_CHARS + 4);
+        assert_eq!(err.message.len(), 400 + 4);
         assert!(err.message.ends_with(" ..."));
     }
 

@@ -103,6 +103,21 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// A failure of a whole node, no rank to blame (a signal, a lost peer).
+    pub fn of_node(kind: FailureKind, node_rank: usize, host: &str, attempt: u32) -> Self {
+        Failure {
+            kind,
+            rank: None,
+            local_rank: None,
+            node_rank,
+            host: host.to_string(),
+            attempt,
+            log: None,
+            stderr_tail: Vec::new(),
+            error: None,
+        }
+    }
+
     pub fn exit_code(&self) -> u8 {
         self.kind.exit_code()
     }
@@ -219,17 +234,7 @@ impl Failure {
     /// Inverse of [`Failure::encode`]; `None` for anything unreadable.
     pub fn decode(bytes: &[u8]) -> Option<Failure> {
         let text = String::from_utf8_lossy(bytes);
-        let mut f = Failure {
-            kind: FailureKind::PeerLost(String::new()),
-            rank: None,
-            local_rank: None,
-            node_rank: 0,
-            host: String::new(),
-            attempt: 0,
-            log: None,
-            stderr_tail: Vec::new(),
-            error: None,
-        };
+        let mut f = Failure::of_node(FailureKind::PeerLost(String::new()), 0, "", 0);
         let mut have_kind = false;
         for line in text.lines() {
             let (key, value) = line.split_once('=')?;

@@ -150,9 +150,7 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
         &launch_id,
         &error_files,
     );
-    if let Ok(Outcome::Failed(failure)) = &outcome {
-        error_files.keep_for(failure);
-    }
+    // (every failure that recorded an error file passed `keep_for` in `supervise`)
     outcome
 }
 
@@ -282,15 +280,12 @@ fn supervise(
                         who(&failure),
                         failure.kind.describe()
                     );
-                    *failure = Failure {
-                        kind: FailureKind::LauncherSignal(sig),
-                        rank: None,
-                        local_rank: None,
-                        log: None,
-                        stderr_tail: vec![],
-                        error: None,
-                        ..*failure
-                    };
+                    *failure = Failure::of_node(
+                        FailureKind::LauncherSignal(sig),
+                        failure.node_rank,
+                        &failure.host,
+                        failure.attempt,
+                    );
                 } else if restart {
                     // (what the rank recorded stays on disk: its file is named here, as no
                     // summary will name it if a later attempt succeeds)
@@ -353,17 +348,12 @@ fn connect_interruptible(
 }
 
 fn interrupted(spec: &LaunchSpec, host: &str, attempt: u32, sig: i32) -> Outcome {
-    Outcome::Failed(Failure {
-        kind: FailureKind::LauncherSignal(sig),
-        rank: None,
-        local_rank: None,
-        node_rank: spec.node_rank,
-        host: host.to_string(),
+    Outcome::Failed(Failure::of_node(
+        FailureKind::LauncherSignal(sig),
+        spec.node_rank,
+        host,
         attempt,
-        log: None,
-        stderr_tail: Vec::new(),
-        error: None,
-    })
+    ))
 }
 
 fn join_failed(

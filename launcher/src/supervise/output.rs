@@ -11,8 +11,17 @@ use std::time::{Duration, Instant};
 
 /// Lines of stderr kept per rank for the summary.
 pub const TAIL_LINES: usize = 20;
-/// Longest line kept in the tail (a progress bar without newlines must not fill the report).
-const TAIL_LINE_CHARS: usize = 400;
+/// Longest line kept in a report (a progress bar without newlines must not fill it).
+const REPORT_LINE_CHARS: usize = 400;
+
+/// `line` cut to [`REPORT_LINE_CHARS`] characters for a report (the stderr tail, an error file's
+/// lines).
+pub(crate) fn clip_line(line: &str) -> String {
+    match line.char_indices().nth(REPORT_LINE_CHARS) {
+        Some((cut, _)) => format!("{} ...", &line[..cut]),
+        None => line.to_string(),
+    }
+}
 
 /// Where rank output goes.
 #[derive(Debug, Clone, Default)]
@@ -100,10 +109,7 @@ impl Tail {
     fn push(&mut self, line: &[u8]) {
         let text = String::from_utf8_lossy(line);
         let text = text.trim_end_matches(['\n', '\r']);
-        let text: String = match text.char_indices().nth(TAIL_LINE_CHARS) {
-            Some((cut, _)) => format!("{}...", &text[..cut]),
-            None => text.to_string(),
-        };
+        let text = clip_line(text);
         if self.0.len() == TAIL_LINES {
             self.0.pop_front();
         }

@@ -249,17 +249,12 @@ impl Peers {
                 // this node does too, or (stopped by a signal) fails the attempt they started,
                 // which stops them at once
                 if let JoinError::Interrupted(sig) = err {
-                    let failure = Failure {
-                        kind: FailureKind::LauncherSignal(sig),
-                        rank: None,
-                        local_rank: None,
-                        node_rank: m.node_rank,
-                        host: host.to_string(),
+                    let failure = Failure::of_node(
+                        FailureKind::LauncherSignal(sig),
+                        m.node_rank,
+                        host,
                         attempt,
-                        log: None,
-                        stderr_tail: Vec::new(),
-                        error: None,
-                    };
+                    );
                     let _ = m
                         .client
                         .compare_set(&format!("{a}/failed"), None, &failure.encode());
@@ -485,16 +480,9 @@ impl MultiNode {
             .try_get(&format!("launcher/a{attempt}/failed"))?
         {
             self.ack(attempt);
-            return Ok(Some(Failure::decode(&first).unwrap_or_else(|| Failure {
-                kind: FailureKind::PeerLost("another node failed (unreadable report)".into()),
-                rank: None,
-                local_rank: None,
-                node_rank: 0,
-                host: "?".into(),
-                attempt,
-                log: None,
-                stderr_tail: Vec::new(),
-                error: None,
+            return Ok(Some(Failure::decode(&first).unwrap_or_else(|| {
+                let why = FailureKind::PeerLost("another node failed (unreadable report)".into());
+                Failure::of_node(why, 0, "?", attempt)
             })));
         }
         if self.last_heartbeat.elapsed() < HEARTBEAT_EVERY {
@@ -535,17 +523,12 @@ impl MultiNode {
     }
 
     fn lost(&self, attempt: u32, reason: String) -> Failure {
-        Failure {
-            kind: FailureKind::PeerLost(reason),
-            rank: None,
-            local_rank: None,
-            node_rank: self.node_rank,
-            host: super::hostname(),
+        Failure::of_node(
+            FailureKind::PeerLost(reason),
+            self.node_rank,
+            &super::hostname(),
             attempt,
-            log: None,
-            stderr_tail: Vec::new(),
-            error: None,
-        }
+        )
     }
 
     fn missing_nodes(&mut self, a: &str) -> Vec<usize> {

@@ -124,8 +124,7 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
     };
     publish("adapter_model.safetensors", &|p| {
-        write_safetensors_pt(p, &tensors).with_context(|| format!("writing {}", p.display()))?;
-        super::sync_file(p)
+        super::write_synced(p, &adapter_bytes(&tensors)?)
     })?;
     publish("adapter_config.json", &|p| {
         super::write_synced(p, serde_json::to_string_pretty(&config)?.as_bytes())
@@ -175,11 +174,11 @@ pub fn replace_adapter(checkpoint: &Path, dir: &Path, naming: AdapterNaming) -> 
     super::fsync_dir(dir).with_context(|| format!("syncing {}", dir.display()))
 }
 
-/// `tensors` (CPU) as safetensors with torch's `{"format": "pt"}` metadata, as peft's
+/// `tensors` as a safetensors file with torch's `{"format": "pt"}` metadata, as peft's
 /// `save_pretrained` writes it (tch's writer leaves the metadata out).
-fn write_safetensors_pt(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    use safetensors::tensor::{serialize_to_file, Dtype, TensorView};
-    let mut data: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+fn adapter_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    use safetensors::Dtype;
+    let mut raw: Vec<super::RawTensor> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let t = t.contiguous();
         let dtype = match t.kind() {
@@ -192,16 +191,8 @@ fn write_safetensors_pt(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
         let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
         t.f_copy_data_u8(&mut bytes, t.numel())?;
         let shape = t.size().iter().map(|&d| d as usize).collect();
-        data.push((name.as_str(), dtype, shape, bytes));
+        raw.push((name.clone(), dtype, shape, bytes));
     }
-    let views = data
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            TensorView::new(*dtype, shape.clone(), bytes)
-                .map(|v| (name.to_string(), v))
-                .map_err(|e| anyhow::anyhow!("tensor {name}: {e:?}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    serialize_to_file(views, &Some(meta), path).map_err(|e| anyhow::anyhow!("{e:?}"))
+    super::safetensors_bytes(&raw, meta)
 }

@@ -118,11 +118,10 @@ pub fn resume(
     // A launcher restart of a run that started over (`never`) or from a given checkpoint goes on
     // from what this launch saved before it failed, not from the start again (torchrun's
     // convention: a restarted script resumes from its own latest checkpoint).
-    let restarted = std::env::var("TORCHELASTIC_RESTART_COUNT")
-        .ok()
-        .and_then(|c| c.parse::<u64>().ok())
-        .filter(|&c| c > 0);
-    if let (Some(attempt), false) = (restarted, matches!(config.checkpoint.resume, Resume::Auto)) {
+    if let (Some(attempt), false) = (
+        restart_attempt(),
+        matches!(config.checkpoint.resume, Resume::Auto),
+    ) {
         match super::save::launch_id() {
             Some(id) => {
                 if let Some(p) = latest_on_rank0(pg, device, &config.checkpoint.dir, Some(&id))? {
@@ -166,13 +165,18 @@ pub fn resume(
 /// otherwise cost every rank a model load); every rank must call it. (A restart may resume from
 /// what its launch saved instead: `resume` checks the folder then, if it is still the one used.)
 pub fn check_resume_folder(pg: &ProcessGroup, device: Device, config: &Config) -> Result<()> {
-    let restarted = std::env::var("TORCHELASTIC_RESTART_COUNT")
-        .ok()
-        .is_some_and(|c| c.parse::<u64>().is_ok_and(|c| c > 0));
     match &config.checkpoint.resume {
-        Resume::From(p) if !restarted => check_folder(pg, device, p),
+        Resume::From(p) if restart_attempt().is_none() => check_folder(pg, device, p),
         _ => Ok(()),
     }
+}
+
+/// This process's attempt when a launcher restarted the group (`TORCHELASTIC_RESTART_COUNT` > 0).
+fn restart_attempt() -> Option<u64> {
+    std::env::var("TORCHELASTIC_RESTART_COUNT")
+        .ok()
+        .and_then(|c| c.parse::<u64>().ok())
+        .filter(|&c| c > 0)
 }
 
 /// Whether `p` is a checkpoint folder on every rank (agreed: a folder only one node sees must stop

@@ -409,6 +409,25 @@ pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// One tensor for [`safetensors_bytes`]: name, dtype, shape, data (little-endian).
+pub(crate) type RawTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// A safetensors file's bytes, `meta` as its `__metadata__`.
+pub(crate) fn safetensors_bytes(
+    tensors: &[RawTensor],
+    meta: std::collections::HashMap<String, String>,
+) -> anyhow::Result<Vec<u8>> {
+    let views = tensors
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| anyhow::anyhow!("tensor {name}: {e:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    safetensors::tensor::serialize(views, &Some(meta)).map_err(|e| anyhow::anyhow!("{e:?}"))
+}
+
 /// Replaces `path` with `bytes` whole: written and fsynced under a temporary name beside it, then
 /// renamed over it and the folder fsynced (a reader or a crash sees the old file or the new one).
 pub(crate) fn replace_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

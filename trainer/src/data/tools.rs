@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use safetensors::tensor::{serialize_to_file, Dtype, TensorView};
+use safetensors::tensor::Dtype;
 
 use super::collate;
 use super::dataset::{check_images, DataError, Dataset, Split};
@@ -165,14 +165,6 @@ pub fn dump(
         }
         used.extend(loaded.indices);
     }
-    let views = tensors
-        .iter()
-        .map(|(name, d, shape, bytes)| {
-            TensorView::new(*d, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| DataError::Output(format!("tensor {name}: {e:?}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     let records: Vec<String> = used
         .iter()
         .map(|&i| {
@@ -193,18 +185,9 @@ pub fn dump(
         ),
     ]);
     // through a temporary name: a failed write leaves no half file under `out`
-    let tmp = out.with_file_name(format!(
-        ".{}.tmp",
-        out.file_name()
-            .map_or(String::new(), |n| n.to_string_lossy().into_owned())
-    ));
-    serialize_to_file(views, &Some(meta), &tmp)
-        .map_err(|e| format!("{e:?}"))
-        .and_then(|()| std::fs::rename(&tmp, out).map_err(|e| e.to_string()))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            DataError::Output(format!("{}: cannot write: {e}", out.display()))
-        })?;
+    crate::checkpoint::safetensors_bytes(&tensors, meta)
+        .and_then(|bytes| crate::checkpoint::replace_synced(out, &bytes))
+        .map_err(|e| DataError::Output(format!("{}: cannot write: {e:#}", out.display())))?;
     let mut msg = format!(
         "wrote global batch {index} of epoch {epoch} ({} samples: {}) to {}\n",
         used.len(),

@@ -467,7 +467,7 @@ fn shares(
 /// newline (counted as done by `read_predictions`) gets one instead.
 fn open_for_append(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::FileExt;
-    let file = std::fs::OpenOptions::new()
+    let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .read(true)
@@ -479,7 +479,6 @@ fn open_for_append(path: &Path) -> std::io::Result<std::fs::File> {
     }
     // the whole file is read only when its end is torn
     if last[0] != b'\n' {
-        let mut file = file;
         let bytes = std::fs::read(path)?;
         let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         let whole = std::str::from_utf8(&bytes[keep..])
@@ -489,7 +488,6 @@ fn open_for_append(path: &Path) -> std::io::Result<std::fs::File> {
             true => file.write_all(b"\n")?,
             false => file.set_len(keep as u64)?,
         }
-        return Ok(file);
     }
     Ok(file)
 }

@@ -8,12 +8,16 @@
 //!   nowhere else (tags closed out of order: `<REASONING> r <CONCLUSION> A </CONCLUSION>
 //!   </REASONING>` still concludes `A`);
 //! - a repeated stage keeps its first occurrence.
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use regex::Regex;
 use serde::Serialize;
 
 pub const STAGES: [&str; 4] = ["SUMMARY", "CAPTION", "REASONING", "CONCLUSION"];
+/// Indices into [`STAGES`].
+const REASONING: usize = 2;
+const CONCLUSION: usize = 3;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Stages {
@@ -52,15 +56,9 @@ fn tags(text: &str) -> Vec<Tag> {
         .collect()
 }
 
-/// The top-level stages in order: (stage, text range, closing tag range if closed).
-fn top_level(
-    text: &str,
-) -> Vec<(
-    usize,
-    std::ops::Range<usize>,
-    Option<std::ops::Range<usize>>,
-)> {
-    let tags = tags(text);
+/// The top-level stages in order, from the text's `tags`: (stage, text range, closing tag range
+/// if closed).
+fn top_level(text: &str, tags: &[Tag]) -> Vec<(usize, Range<usize>, Option<Range<usize>>)> {
     let mut out = Vec::new();
     let mut k = 0;
     while k < tags.len() {
@@ -121,11 +119,11 @@ fn without_cut_tag(text: &str) -> &str {
 /// Each stage's span: its first top-level occurrence, else its first nested one (text range,
 /// closing tag range if closed).
 fn spans(text: &str) -> [Option<Span>; 4] {
+    let tags = tags(text);
     let mut found: [Option<Span>; 4] = Default::default();
-    for (stage, range, close) in top_level(text) {
+    for (stage, range, close) in top_level(text, &tags) {
         found[stage].get_or_insert((range, close));
     }
-    let tags = tags(text);
     for (stage, slot) in found.iter_mut().enumerate() {
         if slot.is_some() {
             continue;
@@ -140,7 +138,7 @@ fn spans(text: &str) -> [Option<Span>; 4] {
     found
 }
 
-type Span = (std::ops::Range<usize>, Option<std::ops::Range<usize>>);
+type Span = (Range<usize>, Option<Range<usize>>);
 
 impl Stages {
     pub fn parse(text: &str) -> Stages {
@@ -179,18 +177,18 @@ impl Stages {
 /// Whether the top-level conclusion of `text` has its closing tag (a turn cut off at
 /// --max-new-tokens gave an answer only then).
 pub fn conclusion_closed(text: &str) -> bool {
-    let [.., conclusion] = spans(text);
-    conclusion.is_some_and(|(_, close)| close.is_some())
+    spans(text)[CONCLUSION]
+        .as_ref()
+        .is_some_and(|(_, close)| close.is_some())
 }
 
 /// The answer text through its reasoning (for `--position after_reasoning`): up to and including
 /// the top-level `</REASONING>`; for a reasoning left unclosed, up to the conclusion's opening tag;
 /// the whole text when there is no reasoning.
 pub fn through_reasoning(text: &str) -> &str {
-    let reasoning = STAGES.iter().position(|s| *s == "REASONING").unwrap_or(2);
-    match top_level(text)
+    match top_level(text, &tags(text))
         .into_iter()
-        .find(|(s, _, _)| *s == reasoning)
+        .find(|(s, _, _)| *s == REASONING)
     {
         Some((_, _, Some(close))) => &text[..close.end],
         Some((_, body, None)) => text[..body.end].trim_end(),
