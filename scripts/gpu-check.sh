@@ -66,7 +66,7 @@ if want kernels; then
   timeout -k 10 300 "$BIN/kernels-gpu-check" --out "$OUT" ${KERNELS_VARIANTS:+--variants "$KERNELS_VARIANTS"} 2>&1 \
     | tee "$OUT/kernels-gpu-check.log"
   check_rc=${PIPESTATUS[0]}
-  profile_variants=v12,v13
+  profile_variants=v10,v12 # v13 runs v12's backward
   if [ "$check_rc" != 0 ]; then
     status=1
     profile_variants=v10 # a variant that failed here is not profiled (it may hang again)
@@ -74,9 +74,9 @@ if want kernels; then
     # it, and with them the timings: without the final table, time the measured default against
     # its predecessor afresh
     if ! grep -q '^benchmark ' "$OUT/kernels-gpu-check.log"; then
-      echo "kernels-gpu-check ended without its table: timing v9 and v10 alone (kernels-gpu-v9-v10.jsonl)"
-      KERNELS_BENCH=quick timeout -k 10 150 "$BIN/kernels-gpu-check" --variants v9,v10 --out "$OUT" 2>&1 \
-        | tee "$OUT/kernels-gpu-check-v10.log" | tail -n 30
+      echo "kernels-gpu-check ended without its table: timing v10 and v13 alone (kernels-gpu-v10-v13.jsonl)"
+      KERNELS_BENCH=quick timeout -k 10 150 "$BIN/kernels-gpu-check" --variants v10,v13 --out "$OUT" 2>&1 \
+        | tee "$OUT/kernels-gpu-check-v13.log" | tail -n 30
     fi
   fi
   # where the backward's time goes: the profiling builds print the clock cycles of each step per

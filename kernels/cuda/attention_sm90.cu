@@ -561,17 +561,17 @@ __device__ __forceinline__ void bwd4_rowdot(float (&acc)[32], u32 keys, u32 quer
 // P^T and dS^T as wgmma A fragments (k16 slice ks: pf[ks]); dS^T also to shared memory at dSt,
 // [key][query] swizzled: column block j's 4 bytes 4 t of row r sit in 16-byte unit j ^ (r % 8).
 // Unit j = pack rows of ks = j / 2: df[j / 2][(j & 1) * 2 + r8]. krow: this thread's key row g.
-// (bwd4_pack_frag: one of them; variant 13 packs P^T first and issues dV before dS^T exists.)
 template <bool BF16>
-__device__ __forceinline__ void bwd4_pack_frag(u32 (&f)[4][4], const float (&acc)[32]) {
+__device__ __forceinline__ void bwd4_pack(u32 (&pf)[4][4], u32 (&df)[4][4], const float (&s)[32], const float (&dp)[32],
+                                          u32 dSt, int krow) {
+    const int t = threadIdx.x & 3;
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) f[ks][i] = pack2<BF16>(acc[8 * ks + 2 * i], acc[8 * ks + 2 * i + 1]);
-}
-// dS^T's fragments (packed) to shared memory at dSt.
-__device__ __forceinline__ void bwd4_store_ds(const u32 (&df)[4][4], u32 dSt, int krow) {
-    const int t = threadIdx.x & 3;
+        for (int i = 0; i < 4; ++i) {
+            pf[ks][i] = pack2<BF16>(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
+            df[ks][i] = pack2<BF16>(dp[8 * ks + 2 * i], dp[8 * ks + 2 * i + 1]);
+        }
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -580,13 +580,6 @@ __device__ __forceinline__ void bwd4_store_ds(const u32 (&df)[4][4], u32 dSt, in
             const u32 addr = dSt + r * 128 + ((j ^ (r & 7)) << 4) + 4 * t;
             asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(df[j >> 1][(j & 1) * 2 + r8]));
         }
-}
-template <bool BF16>
-__device__ __forceinline__ void bwd4_pack(u32 (&pf)[4][4], u32 (&df)[4][4], const float (&s)[32], const float (&dp)[32],
-                                          u32 dSt, int krow) {
-    bwd4_pack_frag<BF16>(pf, s);
-    bwd4_pack_frag<BF16>(df, dp);
-    bwd4_store_ds(df, dSt, krow);
 }
 
 // 3. dV += P^T dO, dK += dS^T Q: A = P^T / dS^T from registers, B = dO / Q read MN-major
@@ -790,14 +783,10 @@ __device__ __forceinline__ void bwd4_rs_acc(float (&acc)[D / 2], const u32 (&a)[
 // issued anyway, on this tile's Q, and its result is dropped: a wgmma issued conditionally inside
 // the loop made ptxas serialize every wgmma of the kernel (variant 5). The first two tiles' loads
 // are issued before K and V have landed, not after. Measured on an H200 (2026-11-27, session 15):
-// every check passes, forward+backward 1.02-1.07x variant 10's at d128 (forward aside).
-//
-// Variant 13 (DV_EARLY, with EARLY) is variant 12 with dV += P^T dO issued as soon as P^T is
-// packed, before dS^T = P^T (dP^T - delta) is computed, packed and stored. Variant 12's profile
-// (H200, session 15, d128 s8192, per tile and warpgroup) had ~450 cycles there with nothing on the
-// tensor cores (dP^T done during the exp2s, dV issued only after the pack); behind this, dQ and
-// dK run back to back after the dS^T barrier. The dV accumulator stays in flight over the dS^T
-// math (ptxas: no serialized wgmma, see kernels/BENCHMARKS.md).
+// every check passes; the backward alone 1.01-1.09x variant 10's at d128, s >= 1k. Variant 13
+// pairs it with variant 7's forward. (Issuing dV += P^T dO before dS^T is computed, to fill the
+// ~450 cycles per tile with nothing on the tensor cores, was measured in the same session and
+// removed: 254 registers, no faster, see kernels/BENCHMARKS.md.)
 //
 // PROF (kernel development only: `attn_bwd6p_*` ... `attn_bwd12p_*`, launched when
 // LLAVA_SCO_ATTN_BWD_PROFILE=1): thread 0 of each warpgroup of two blocks (x = 0 and the middle
@@ -812,13 +801,11 @@ struct __align__(64) Bwd10Maps {
 #define BWD_PROF_SPANS 8
 // Per (block 0 or the middle block) x warpgroup: cycles per tile of each span, tiles, blockIdx.x.
 __device__ long long attn_bwd_prof[4][BWD_PROF_SPANS + 2];
-template <bool BF16, int D, bool ORDER9, bool PROF = false, bool TMA = false, bool EARLY = false,
-          bool DV_EARLY = false>
+template <bool BF16, int D, bool ORDER9, bool PROF = false, bool TMA = false, bool EARLY = false>
 __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) {
     static_assert(D == 128, "step 5 splits dQ's columns into one 64-column block per warpgroup");
     static_assert(!TMA || ORDER9, "variant 10 is variant 9's order with TMA loads");
     static_assert(!EARLY || TMA, "variant 12 is variant 10 with the next S^T issued early");
-    static_assert(!DV_EARLY || EARLY, "variant 13 is variant 12 with dV issued before dS^T is computed");
     extern __shared__ __align__(16) u16 smem[];
     constexpr int BN = BWD4_BN, BM = BWD4_BM;
     constexpr int NST = EARLY ? 3 : 2;  // stages of Q, dO, lse, delta
@@ -966,38 +953,20 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
         mark(1);
         bwd4_p_dispatch(s, lse_s, p, b, q0, k0, k0 + krow);
         mark(2);
-        u32 pf[4][4], df[4][4];
-        if constexpr (DV_EARLY) {
-            // dV += P^T dO needs only P^T and dO: on the tensor cores while dS^T is computed,
-            // packed and stored below (in variant 12 nothing was queued there)
-            bwd4_pack_frag<BF16>(pf, s);
-            wgmma_fence();
-            bwd4_rs_acc<BF16, D>(dv, pf, dOs);
-            wgmma_commit();
-            wgmma_wait<1>();  // dP^T done; dV may still run
-        } else {
-            wgmma_wait0();
-        }
+        wgmma_wait0();
         fence_regs(dp);
         bwd4_ds(dp, s, lse_s + BM);
-        if constexpr (DV_EARLY) {
-            bwd4_pack_frag<BF16>(df, dp);
-            bwd4_store_ds(df, dS_cur, krow);
-        } else {
-            bwd4_pack<BF16>(pf, df, s, dp, dS_cur, krow);
-        }
+        u32 pf[4][4], df[4][4];
+        bwd4_pack<BF16>(pf, df, s, dp, dS_cur, krow);
         mark(3);
         float dq[32];
         if constexpr (ORDER9) {
-            if constexpr (!DV_EARLY) {
-                wgmma_fence();
-                bwd4_rs_acc<BF16, D>(dv, pf, dOs);
-                wgmma_commit();
-            }
+            wgmma_fence();
+            bwd4_rs_acc<BF16, D>(dv, pf, dOs);
+            wgmma_commit();
             fence_proxy_async();  // dS^T was written by plain stores; dQ reads it as a wgmma operand
             __syncthreads();      // ... and it is complete in both warpgroups
             mark(4);
-            if constexpr (DV_EARLY) wgmma_fence();  // registers were written since dV's fence
             bwd4_dq<BF16>(dq, dS_cur, Ks, wg);
             wgmma_commit();
             // TMA: everyone is past tile it - 1, the last user of the stage the loads go to
@@ -1149,16 +1118,15 @@ extern "C" __global__ void attn_bwd_dq9_f16(AttnParams p) { attn_bwd_dq9<false>(
         attn_bwd6<BF16, D, ORDER9, true>(p);                                                                \
     }
 // A TMA backward entry (tensor maps first) and its profiling build: variant 10 (variant 9 with TMA
-// loads), with EARLY variant 12 (the next S^T issued early, 3 load stages), with DV_EARLY too
-// variant 13 (dV issued before dS^T is computed).
-#define ATTN10_BWD(KERNEL, NAME, BF16, D, EARLY, DV_EARLY)                                               \
+// loads), and with EARLY variant 12 (the next S^T issued early, 3 load stages).
+#define ATTN10_BWD(KERNEL, NAME, BF16, D, EARLY)                                                         \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                        \
         attn_##KERNEL##_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {           \
-        attn_bwd6<BF16, D, true, false, true, EARLY, DV_EARLY>(p, &maps);                                \
+        attn_bwd6<BF16, D, true, false, true, EARLY>(p, &maps);                                          \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                        \
         attn_##KERNEL##p_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {          \
-        attn_bwd6<BF16, D, true, true, true, EARLY, DV_EARLY>(p, &maps);                                 \
+        attn_bwd6<BF16, D, true, true, true, EARLY>(p, &maps);                                           \
     }
 #define ATTN4_BWD(NAME, BF16, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd4_##NAME##_d##D(AttnParams p) { \
@@ -1166,9 +1134,8 @@ extern "C" __global__ void attn_bwd_dq9_f16(AttnParams p) { attn_bwd_dq9<false>(
     }                                                                                                     \
     ATTN6_BWD(bwd6, NAME, BF16, D, false)                                                                 \
     ATTN6_BWD(bwd9, NAME, BF16, D, true)                                                                  \
-    ATTN10_BWD(bwd10, NAME, BF16, D, false, false)                                                        \
-    ATTN10_BWD(bwd12, NAME, BF16, D, true, false)                                                         \
-    ATTN10_BWD(bwd13, NAME, BF16, D, true, true)
+    ATTN10_BWD(bwd10, NAME, BF16, D, false)                                                               \
+    ATTN10_BWD(bwd12, NAME, BF16, D, true)
 // Head dims here must match `v4_forward` / `v4_backward` in attention.rs.
 ATTN4_FWD(bf16, true, 64)
 ATTN4_FWD(bf16, true, 128)

@@ -97,9 +97,9 @@ const THREADS: u32 = 128;
 /// runs V3. `V5` is V4 with the pipelined forward. `V6` is V5 with a backward whose dQ goes out as
 /// bulk reduce-adds from shared memory instead of scalar atomics. `V7` is V5 with a
 /// warp-specialized forward (TMA loads, mbarriers, ping-pong; `cuda/attention_fwd_ws.cu`). `V8`
-/// to `V10` pair V7's forward with newer backwards; `V10` is the default. `V12` is V10 with a
-/// persistent forward; `V13` pairs V7's forward with V12's backward, dV issued earlier. (There is
-/// no `V11`: that number went to an experiment that was measured and removed, see
+/// to `V10` pair V7's forward with newer backwards. `V12` is V10 with a
+/// persistent forward; `V13`, the default, pairs V7's forward with V12's backward. (There is no
+/// `V11`: that number went to an experiment that was measured and removed, see
 /// kernels/BENCHMARKS.md.)
 /// (Each variant's discriminant is its number.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,14 +134,14 @@ pub enum Variant {
     /// this tile's dQ is staged, and 3 load stages. Falls back as V7 and V10 do. (H200: the
     /// persistent forward wins below 2k keys without a mask, loses at longer or causal ones.)
     V12 = 12,
-    /// V7's forward; V12's backward with dV += P^T dO issued before dS^T is computed, so the
-    /// tensor cores have it while the exp2s' results turn into dS^T. Falls back as V10 does.
+    /// V7's forward and V12's backward, the fastest of each measured (H200, 2026-11-27). Falls
+    /// back as V7 and V12 do.
     V13 = 13,
 }
 
 /// The variant used when neither `set_variant` nor the environment chose one: the fastest that
 /// passed every GPU check (kernels/BENCHMARKS.md, H200, 2026-11-27).
-pub const DEFAULT_VARIANT: Variant = Variant::V10;
+pub const DEFAULT_VARIANT: Variant = Variant::V13;
 
 /// The head dims the kernels take.
 pub const HEAD_DIMS: [i64; 3] = [64, 80, 128];
@@ -274,7 +274,7 @@ fn fwd4_smem(d: i64) -> i64 {
     5 * FWD4_BLOCK * d * 2 + 1024
 }
 
-/// Query rows per step of the wgmma backward (V4, V6, V9, V10, V12, V13).
+/// Query rows per step of the wgmma backward (V4, V6, V9, V10, V12).
 const BWD4_BLOCK_M: i64 = 64;
 /// Variant 4 backward (wgmma): 128-key blocks of 2 warpgroups, 64 queries per step; shared memory
 /// K, V (128 x D), Q, dO (64 x D), dS^T (128 x 64), lse and delta (64 floats each), + 1 KB alignment.
@@ -302,8 +302,8 @@ fn bwd10_smem(d: i64) -> i64 {
         + 1024
 }
 
-/// Variant 12 (and 13) backward: variant 10's shared memory with a third stage of Q, dO (64 x D)
-/// and of lse, delta (64 floats each).
+/// Variant 12 backward: variant 10's shared memory with a third stage of Q, dO (64 x D) and of
+/// lse, delta (64 floats each).
 fn bwd12_smem(d: i64) -> i64 {
     bwd10_smem(d) + 2 * 64 * d * 2 + 2 * 64 * 4
 }
@@ -338,12 +338,13 @@ fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
 }
 
 /// The backward variant: V4 only on compute_90 at d128 (at d64 the wgmma backward measured
-/// 0.85-0.89x V3's on an H200, see kernels/BENCHMARKS.md), else V3; V6, V9, V10, V12, V13 have their
-/// own (same limits); V8 runs V6's.
+/// 0.85-0.89x V3's on an H200, see kernels/BENCHMARKS.md), else V3; V6, V9, V10 and V12 have their
+/// own (same limits); V8 runs V6's, V13 V12's.
 fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
         Variant::V8 => v4_backward(Variant::V6, arch, d),
-        Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12 | Variant::V13
+        Variant::V13 => v4_backward(Variant::V12, arch, d),
+        Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12
             if arch == "compute_90" && d == 128 =>
         {
             variant
@@ -355,8 +356,7 @@ fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
         | Variant::V7
         | Variant::V9
         | Variant::V10
-        | Variant::V12
-        | Variant::V13 => Variant::V3,
+        | Variant::V12 => Variant::V3,
         v => v,
     }
 }
@@ -402,8 +402,6 @@ pub fn sm90a_kernel_names() -> Vec<String> {
         names.push(format!("attn_bwd10p_{dtype}_d128"));
         names.push(bwd_kernel(Variant::V12, dtype, 128));
         names.push(format!("attn_bwd12p_{dtype}_d128"));
-        names.push(bwd_kernel(Variant::V13, dtype, 128));
-        names.push(format!("attn_bwd13p_{dtype}_d128"));
         names.push(format!("attn_bwd_dq9_{dtype}"));
     }
     names
@@ -413,7 +411,7 @@ pub fn sm90a_kernel_names() -> Vec<String> {
 /// four 16-column warp slices).
 fn bwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
     match variant {
-        Variant::V4 | Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12 | Variant::V13 => {
+        Variant::V4 | Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12 => {
             format!("attn_bwd{}_{dtype}_d{d}", variant.number())
         }
         Variant::V3 if bwd3_supported(d) => format!("attn_bwd3_{dtype}_d{d}"),
@@ -984,13 +982,10 @@ pub fn fused_backward(
     let dv = Tensor::empty([d.b, d.sk, d.hk, d.d], opts);
     let variant = v4_backward(variant, &gpu.arch, d.d);
     let sq_pad = (d.sq + BWD4_BLOCK_M - 1) / BWD4_BLOCK_M * BWD4_BLOCK_M;
-    // fp32 dQ accumulator: (B, Sq, H, D), or for V9, V10, V12 and V13 tiles of 64 queries x 64
+    // fp32 dQ accumulator: (B, Sq, H, D), or for V9, V10 and V12 tiles of 64 queries x 64
     // columns in the order their threads hold them (attn_bwd_dq9 in attention_sm90.cu reads them;
-    // the fallback of V10, V12 and V13 below, V9, is tiled too)
-    let tiled_dq = matches!(
-        variant,
-        Variant::V9 | Variant::V10 | Variant::V12 | Variant::V13
-    );
+    // the fallback of V10 and V12 below, V9, is tiled too)
+    let tiled_dq = matches!(variant, Variant::V9 | Variant::V10 | Variant::V12);
     let dq_acc_shape = if tiled_dq {
         [d.b, d.h, sq_pad, d.d]
     } else {
@@ -1009,11 +1004,10 @@ pub fn fused_backward(
     p.dv = dv.data_ptr() as u64;
     p.dq_acc = dq_acc.data_ptr() as u64;
     p.delta = delta.data_ptr() as u64;
-    // V10, V12, V13: tensor maps of Q and dO (else V9's backward), lse and delta padded to 64-row
-    // tiles
+    // V10, V12: tensor maps of Q and dO (else V9's backward), lse and delta padded to 64-row tiles
     let mut bwd10 = None;
     // (other dtypes are refused below)
-    if matches!(variant, Variant::V10 | Variant::V12 | Variant::V13) && dtype_name(q.kind()).is_ok() {
+    if matches!(variant, Variant::V10 | Variant::V12) && dtype_name(q.kind()).is_ok() {
         if let Some(maps) = bwd10_maps(&p, &d, q.kind() == Kind::BFloat16)? {
             let f32s = (Kind::Float, q.device());
             let lse_pad = Tensor::zeros([d.b, d.h, sq_pad], f32s);
@@ -1022,7 +1016,7 @@ pub fn fused_backward(
         }
     }
     let variant = match (variant, &bwd10) {
-        (Variant::V10 | Variant::V12 | Variant::V13, None) => Variant::V9,
+        (Variant::V10 | Variant::V12, None) => Variant::V9,
         (v, _) => v,
     };
     let mut result = Backward {
@@ -1048,7 +1042,7 @@ pub fn fused_backward(
         Variant::V4 => (BWD4_BLOCK_N, FWD4_THREADS, bwd4_smem(d.d)),
         Variant::V6 | Variant::V9 => (BWD4_BLOCK_N, FWD4_THREADS, bwd6_smem(d.d)),
         Variant::V10 => (BWD4_BLOCK_N, FWD4_THREADS, bwd10_smem(d.d)),
-        Variant::V12 | Variant::V13 => (BWD4_BLOCK_N, FWD4_THREADS, bwd12_smem(d.d)),
+        Variant::V12 => (BWD4_BLOCK_N, FWD4_THREADS, bwd12_smem(d.d)),
         Variant::V3 if bwd3_supported(d.d) => (
             TILE,
             BWD3_THREADS,
@@ -1064,7 +1058,7 @@ pub fn fused_backward(
     let mut main_name = bwd_kernel(variant, name, d.d);
     let profiled = matches!(
         variant,
-        Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12 | Variant::V13
+        Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12
     ) && backward_profile();
     if profiled {
         main_name = main_name.replacen(&format!("_{name}_"), &format!("p_{name}_"), 1);
@@ -1105,7 +1099,7 @@ pub fn fused_backward(
                 d.hk as u32,
                 d.b as u32,
             );
-            // V10, V12 and V13 read lse and delta from their padded copies (same stream: after the delta
+            // V10 and V12 read lse and delta from their padded copies (same stream: after the delta
             // kernel) and takes its tensor maps first
             let mut p_main = p;
             let mut maps_arg = None;
@@ -1237,7 +1231,8 @@ mod tests {
         assert_eq!(Variant::parse(" V3 ").unwrap(), Variant::V3);
         let err = Variant::parse("fast").unwrap_err().to_string();
         assert!(
-            err.contains(VARIANT_ENV) && err.contains("v2, v3, v4, v5, v6, v7, v8, v9, v10, v12 or v13"),
+            err.contains(VARIANT_ENV)
+                && err.contains("v2, v3, v4, v5, v6, v7, v8, v9, v10, v12 or v13"),
             "{err}"
         );
         for v in Variant::ALL {
@@ -1281,24 +1276,29 @@ mod tests {
     }
 
     #[test]
-    fn v13_runs_v7s_forward_and_its_own_backward_at_d128_on_hopper() {
-        assert_eq!(v4_forward(Variant::V13, "compute_90", 128), Variant::V7);
-        assert_eq!(v4_forward(Variant::V13, "compute_90", 64), Variant::V7);
-        assert_eq!(v4_forward(Variant::V13, "compute_90", 80), Variant::V3);
-        assert_eq!(v4_backward(Variant::V13, "compute_90", 128), Variant::V13);
-        assert_eq!(v4_backward(Variant::V13, "compute_90", 64), Variant::V3);
-        assert_eq!(v4_backward(Variant::V13, "compute_80", 128), Variant::V3);
+    fn v13_runs_v7s_forward_and_v12s_backward_on_hopper() {
+        assert_eq!(
+            planned(Variant::V13, "compute_90", 128),
+            (Variant::V7, Variant::V12)
+        );
+        assert_eq!(
+            planned(Variant::V13, "compute_90", 64),
+            (Variant::V7, Variant::V3)
+        );
+        assert_eq!(
+            planned(Variant::V13, "compute_90", 80),
+            (Variant::V3, Variant::V3)
+        );
+        assert_eq!(
+            planned(Variant::V13, "compute_80", 128),
+            (Variant::V3, Variant::V3)
+        );
         assert_eq!(
             fwd_kernel(Variant::V13, "f16", 128),
             fwd_kernel(Variant::V7, "f16", 128)
         );
-        for dtype in ["bf16", "f16"] {
-            let bwd = bwd_kernel(Variant::V13, dtype, 128);
-            assert_eq!(bwd, format!("attn_bwd13_{dtype}_d128"));
-            assert!(sm90a_kernel_names().contains(&bwd));
-            assert!(sm90a_kernel_names().contains(&format!("attn_bwd13p_{dtype}_d128")));
-        }
         assert_eq!(Variant::parse("V13").unwrap(), Variant::V13);
+        assert_eq!(DEFAULT_VARIANT, Variant::V13);
     }
 
     #[test]
@@ -1317,7 +1317,7 @@ mod tests {
         assert!(bwd4_smem(128) <= 227 * 1024, "{}", bwd4_smem(128));
         assert!(bwd6_smem(128) <= 227 * 1024, "{}", bwd6_smem(128));
         assert!(bwd12_smem(128) <= 227 * 1024, "{}", bwd12_smem(128));
-        assert_eq!(sm90a_kernel_names().len(), 40);
+        assert_eq!(sm90a_kernel_names().len(), 36);
         assert_eq!(v4_forward(Variant::V5, "compute_90", 128), Variant::V5);
         assert_eq!(v4_forward(Variant::V5, "compute_80", 64), Variant::V3);
         assert_eq!(v4_backward(Variant::V5, "compute_90", 128), Variant::V4);

@@ -1,5 +1,6 @@
 //! GPU checks of the Mllama model (skip with a printed reason when no CUDA device is present):
-//! `attention: fused` (kernels crate, bf16, head dim 64) against libtorch sdpa on a random model with images,
+//! `attention: fused` (kernels crate, bf16, head dims 64 and 128: at 128 the Hopper backward runs,
+//! at 64 variant 3's) against libtorch sdpa on a random model with images,
 //! tile padding and text padding; a synthetic checkpoint written to disk and loaded back on the GPU;
 //! one training step through the FSDP schedule (world 1) with `fused` against `eager`: the loss and
 //! every parameter's gradient (the explicit attention backward, `model::attn_tape`).
@@ -12,17 +13,29 @@ use trainer::model::{
     AttentionImpl, Batch, Images, KeyLayout, LoadOptions, MllamaConfig, MllamaModel,
 };
 
-const CONFIG: &str = r#"{
+/// The random model's config.json: head dim `d` in the vision tower (2 heads) and the text model
+/// (4 query heads over 2 KV heads).
+fn config(d: i64) -> String {
+    let (vh, th) = (2 * d, 4 * d);
+    format!(
+        r#"{{
   "image_token_index": 300,
-  "vision_config": {"hidden_size": 128, "attention_heads": 2, "intermediate_size": 256,
+  "vision_config": {{"hidden_size": {vh}, "attention_heads": 2, "intermediate_size": {vi},
     "num_hidden_layers": 3, "num_global_layers": 1, "intermediate_layers_indices": [1],
-    "vision_output_dim": 256, "image_size": 56, "patch_size": 14, "max_num_tiles": 4},
-  "text_config": {"vocab_size": 300, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "intermediate_size": 512, "cross_attention_layers": [1, 3],
-    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-}"#;
+    "vision_output_dim": {vo}, "image_size": 56, "patch_size": 14, "max_num_tiles": 4}},
+  "text_config": {{"vocab_size": 300, "hidden_size": {th}, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "intermediate_size": {ti}, "cross_attention_layers": [1, 3],
+    "rope_parameters": {{"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}}
+}}"#,
+        vi = 2 * vh,
+        vo = 2 * vh,
+        ti = 2 * th,
+    )
+}
+/// Head dim of the checks that need no GPU (the tiny model's first size).
+const D: i64 = 64;
 
 fn cuda() -> Option<Device> {
     if tch::Cuda::is_available() {
@@ -66,11 +79,11 @@ fn batch(device: Device) -> Batch {
     }
 }
 
-/// `model` written with CONFIG to a fresh temp folder (named after `tag` and this process).
-fn saved(model: &MllamaModel, tag: &str) -> std::path::PathBuf {
+/// `model` written with `config` to a fresh temp folder (named after `tag` and this process).
+fn saved(model: &MllamaModel, config: &str, tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("model_gpu_{tag}_{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
+    std::fs::write(dir.join("config.json"), config).unwrap();
     model
         .save_safetensors(&dir.join("model.safetensors"), KeyLayout::Legacy)
         .unwrap();
@@ -80,14 +93,21 @@ fn saved(model: &MllamaModel, tag: &str) -> std::path::PathBuf {
 #[test]
 fn fused_attention_matches_sdpa_on_gpu() {
     let Some(device) = cuda() else { return };
-    let cfg = MllamaConfig::from_json_str(CONFIG).unwrap();
+    for d in [64, 128] {
+        fused_matches_sdpa(device, d);
+    }
+}
+
+fn fused_matches_sdpa(device: Device, d: i64) {
+    let config = config(d);
+    let cfg = MllamaConfig::from_json_str(&config).unwrap();
     let opts = |attention| LoadOptions {
         dtype: Kind::BFloat16,
         device,
         attention,
     };
     let sdpa = MllamaModel::random(cfg.clone(), opts(AttentionImpl::Sdpa), 11).unwrap();
-    let dir = saved(&sdpa, "fused");
+    let dir = saved(&sdpa, &config, &format!("fused{d}"));
     let fused = MllamaModel::load(&dir, opts(AttentionImpl::Fused)).unwrap();
     let b = batch(device);
     let want = tch::no_grad(|| sdpa.forward(&b))
@@ -104,7 +124,7 @@ fn fused_attention_matches_sdpa_on_gpu() {
         .max()
         .double_value(&[]);
     let rel = diff / want.abs().max().double_value(&[]);
-    println!("fused vs sdpa (bf16, real rows): max-abs rel {rel:.3e}");
+    println!("d{d} fused vs sdpa (bf16, real rows): max-abs rel {rel:.3e}");
     assert!(rel < 2e-2, "fused vs sdpa rel {rel}");
     let text = Batch {
         images: None,
@@ -122,14 +142,14 @@ fn fused_attention_matches_sdpa_on_gpu() {
         .max()
         .double_value(&[])
         / a.abs().max().double_value(&[]);
-    println!("fused vs sdpa text only: max-abs rel {rel_t:.3e}");
+    println!("d{d} fused vs sdpa text only: max-abs rel {rel_t:.3e}");
     assert!(rel_t < 2e-2, "text-only fused vs sdpa rel {rel_t}");
 }
 
 #[test]
 fn fp32_sdpa_and_eager_agree_on_gpu() {
     let Some(device) = cuda() else { return };
-    let cfg = MllamaConfig::from_json_str(CONFIG).unwrap();
+    let cfg = MllamaConfig::from_json_str(&config(D)).unwrap();
     let opts = |attention| LoadOptions {
         dtype: Kind::Float,
         device,
@@ -148,7 +168,7 @@ fn fp32_sdpa_and_eager_agree_on_gpu() {
 /// checkpoint saved in the legacy layout loads back to identical logits.
 #[test]
 fn random_model_harness_on_cpu() {
-    let cfg = MllamaConfig::from_json_str(CONFIG).unwrap();
+    let cfg = MllamaConfig::from_json_str(&config(D)).unwrap();
     let opts = |attention| LoadOptions {
         dtype: Kind::Float,
         device: Device::Cpu,
@@ -161,7 +181,7 @@ fn random_model_harness_on_cpu() {
     let rel = (&le - &ls).abs().max().double_value(&[]) / le.abs().max().double_value(&[]);
     println!("eager vs sdpa fp32 on CPU: {rel:.3e}");
     assert!(rel < 1e-4);
-    let dir = saved(&e, "cpu");
+    let dir = saved(&e, &config(D), "cpu");
     let back = MllamaModel::load(&dir, opts(AttentionImpl::Eager)).unwrap();
     let lb = tch::no_grad(|| back.forward(&b)).unwrap();
     assert!(lb.equal(&le));
@@ -174,15 +194,22 @@ fn random_model_harness_on_cpu() {
 #[test]
 fn fused_attention_trains_like_eager_on_gpu() {
     let Some(device) = cuda() else { return };
-    let cfg = MllamaConfig::from_json_str(CONFIG).unwrap();
+    let pg = ProcessGroup::from_env(Backend::Auto, Duration::from_secs(60)).unwrap();
+    for d in [64, 128] {
+        fused_trains_like_eager(device, &pg, d);
+    }
+}
+
+fn fused_trains_like_eager(device: Device, pg: &ProcessGroup, d: i64) {
+    let config = config(d);
+    let cfg = MllamaConfig::from_json_str(&config).unwrap();
     let opts = |attention| LoadOptions {
         dtype: Kind::Float,
         device,
         attention,
     };
     let base = MllamaModel::random(cfg, opts(AttentionImpl::Eager), 13).unwrap();
-    let dir = saved(&base, "train");
-    let pg = ProcessGroup::from_env(Backend::Auto, Duration::from_secs(60)).unwrap();
+    let dir = saved(&base, &config, &format!("train{d}"));
     let wrap = |attention| {
         let m = MllamaModel::load(&dir, opts(attention)).unwrap();
         let o = WrapOptions {
@@ -190,7 +217,7 @@ fn fused_attention_trains_like_eager_on_gpu() {
             prefetch: true,
             activation_checkpointing: true,
         };
-        Trainable::Fsdp(Box::new(FsdpModel::wrap(m, &pg, o).unwrap()))
+        Trainable::Fsdp(Box::new(FsdpModel::wrap(m, pg, o).unwrap()))
     };
     let (mut eager, mut fused) = (wrap(AttentionImpl::Eager), wrap(AttentionImpl::Fused));
     let mut b = batch(device);
@@ -198,10 +225,10 @@ fn fused_attention_trains_like_eager_on_gpu() {
     b.labels = b.labels.map(|l| l.masked_fill(&b.input_ids.eq(300), -100));
     eager.zero_grads();
     fused.zero_grads();
-    let le = eager.forward_backward(&pg, &b, 1.0 / 20.0, 1).unwrap();
-    let lf = fused.forward_backward(&pg, &b, 1.0 / 20.0, 1).unwrap();
+    let le = eager.forward_backward(pg, &b, 1.0 / 20.0, 1).unwrap();
+    let lf = fused.forward_backward(pg, &b, 1.0 / 20.0, 1).unwrap();
     let rel_loss = (le - lf).abs() / le.abs();
-    println!("loss eager {le:.6} fused {lf:.6} rel {rel_loss:.2e}");
+    println!("d{d} loss eager {le:.6} fused {lf:.6} rel {rel_loss:.2e}");
     assert!(rel_loss < 1e-2, "loss eager {le} vs fused {lf}");
     let (ge, gf) = (eager.grads(), fused.grads());
     assert_eq!(ge.len(), gf.len());
@@ -213,7 +240,7 @@ fn fused_attention_trains_like_eager_on_gpu() {
         assert!(rel < 5e-2, "gradient {i}: rel {rel:.3e} (norm {scale:.3e})");
     }
     println!(
-        "gradients of {} parameters: worst rel {worst:.3e}",
+        "d{d} gradients of {} parameters: worst rel {worst:.3e}",
         ge.len()
     );
 }
