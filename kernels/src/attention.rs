@@ -98,7 +98,8 @@ const THREADS: u32 = 128;
 /// bulk reduce-adds from shared memory instead of scalar atomics. `V7` is V5 with a
 /// warp-specialized forward (TMA loads, mbarriers, ping-pong; `cuda/attention_fwd_ws.cu`). `V8`
 /// to `V10` pair V7's forward with newer backwards. `V12` is V10 with a
-/// persistent forward; `V13`, the default, pairs V7's forward with V12's backward. (There is no
+/// persistent forward; `V13`, the default, pairs V7's forward with V12's backward; `V14` is V13
+/// with head dim 80 (and 64 in the backward) zero-padded to 128 on Hopper. (There is no
 /// `V11`: that number went to an experiment that was measured and removed, see
 /// kernels/BENCHMARKS.md.)
 /// (Each variant's discriminant is its number.)
@@ -137,6 +138,10 @@ pub enum Variant {
     /// V7's forward and V12's backward, the fastest of each measured (H200, 2026-11-27). Falls
     /// back as V7 and V12 do.
     V13 = 13,
+    /// V13, with head dim 80 (the vision tower's) zero-padded to 128 in both passes and 64 in the
+    /// backward, so they run the Hopper kernels instead of variants 3 and 2 (see
+    /// `kernel_head_dim`). Prepared without a GPU (2026-11-27); not yet measured.
+    V14 = 14,
 }
 
 /// The variant used when neither `set_variant` nor the environment chose one: the fastest that
@@ -145,7 +150,7 @@ pub const DEFAULT_VARIANT: Variant = Variant::V13;
 
 /// The head dims the kernels take.
 pub const HEAD_DIMS: [i64; 3] = [64, 80, 128];
-/// Environment variable read once on first use: `v2` ... `v10`, `v12`, `v13`.
+/// Environment variable read once on first use: `v2` ... `v10`, `v12` ... `v14`.
 pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
 
 // 0 = not chosen yet, else the variant's number.
@@ -153,7 +158,7 @@ static VARIANT: AtomicU8 = AtomicU8::new(0);
 
 impl Variant {
     /// Every variant, oldest first.
-    pub const ALL: [Variant; 11] = [
+    pub const ALL: [Variant; 12] = [
         Variant::V2,
         Variant::V3,
         Variant::V4,
@@ -165,9 +170,10 @@ impl Variant {
         Variant::V10,
         Variant::V12,
         Variant::V13,
+        Variant::V14,
     ];
 
-    /// Parses `v2` ... `v10`, `v12`, `v13` (case-insensitive); the error names the variable and the
+    /// Parses `v2` ... `v10`, `v12` ... `v14` (case-insensitive); the error names the variable and the
     /// accepted values.
     pub fn parse(s: &str) -> Result<Variant> {
         let s = s.trim().to_ascii_lowercase();
@@ -203,6 +209,7 @@ impl Variant {
             Variant::V10 => "v10",
             Variant::V12 => "v12",
             Variant::V13 => "v13",
+            Variant::V14 => "v14",
         }
     }
 }
@@ -225,7 +232,43 @@ pub fn last_launched() -> (Option<Variant>, Option<Variant>) {
 /// The (forward, backward) variants `variant` runs on a device of `arch` (`compute_90` ...) at
 /// head dim `d`, before the launch-time fallbacks.
 pub fn planned(variant: Variant, arch: &str, d: i64) -> (Variant, Variant) {
-    (v4_forward(variant, arch, d), v4_backward(variant, arch, d))
+    let at = |pass| kernel_head_dim(variant, arch, d, pass);
+    (
+        v4_forward(variant, arch, at(Pass::Forward)),
+        v4_backward(variant, arch, at(Pass::Backward)),
+    )
+}
+
+/// Which pass a head-dim choice is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    Backward,
+}
+
+/// The head dim the kernels run at for a call at head dim `d`. V14 on Hopper zero-pads q, k, v
+/// (and out, dout) from 80 to 128 in both passes, and from 64 to 128 in the backward: the wgmma
+/// kernels take 64 and 128 only (the backward 128), and what ran instead measured 0.57-0.60x SDPA
+/// forward and 0.34-0.39x forward+backward at d80, 0.37-0.41x forward+backward at d64 (H200,
+/// 2026-11-27). Padding costs 1.6x (2x) the tensor work at 2-3x the rate. Zero columns change
+/// no score, add zero output columns, and their gradients are dropped; the caller's scale stays.
+fn kernel_head_dim(variant: Variant, arch: &str, d: i64, pass: Pass) -> i64 {
+    match (variant, arch, d, pass) {
+        (Variant::V14, "compute_90", 80, _) | (Variant::V14, "compute_90", 64, Pass::Backward) => {
+            128
+        }
+        _ => d,
+    }
+}
+
+/// `t` (B, H, S, d) in the first d columns of a zeroed (B, H, S, to) tensor over (B, S, H, to)
+/// memory, the layout the model's projections give.
+fn zero_padded(t: &Tensor, to: i64) -> Tensor {
+    let s = t.size();
+    let padded =
+        Tensor::zeros([s[0], s[2], s[1], to], (t.kind(), t.device())).permute([0, 2, 1, 3]);
+    padded.narrow(3, 0, s[3]).copy_(t);
+    padded
 }
 
 /// Chooses the kernel variant for every later call in this process.
@@ -321,12 +364,14 @@ fn fwd7_smem(d: i64) -> i64 {
 
 /// The forward variant that runs for `variant` on a device of `arch` at head dim `d`:
 /// V4/V5/V7/V12 only on compute_90 with d 64 or 128 (else V3); V6 runs V5's forward, V8-V10 and
-/// V13 V7's.
+/// V13 and V14 V7's (V14 at the head dim `kernel_head_dim` gives).
 /// (V7 and V12 also fall back to V5 for views the TMA unit cannot address, decided at launch.)
 fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
         Variant::V6 => v4_forward(Variant::V5, arch, d),
-        Variant::V8 | Variant::V9 | Variant::V10 | Variant::V13 => v4_forward(Variant::V7, arch, d),
+        Variant::V8 | Variant::V9 | Variant::V10 | Variant::V13 | Variant::V14 => {
+            v4_forward(Variant::V7, arch, d)
+        }
         Variant::V4 | Variant::V5 | Variant::V7 | Variant::V12
             if arch == "compute_90" && (d == 64 || d == 128) =>
         {
@@ -339,11 +384,11 @@ fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
 
 /// The backward variant: V4 only on compute_90 at d128 (at d64 the wgmma backward measured
 /// 0.85-0.89x V3's on an H200, see kernels/BENCHMARKS.md), else V3; V6, V9, V10 and V12 have their
-/// own (same limits); V8 runs V6's, V13 V12's.
+/// own (same limits); V8 runs V6's, V13 and V14 V12's.
 fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
         Variant::V8 => v4_backward(Variant::V6, arch, d),
-        Variant::V13 => v4_backward(Variant::V12, arch, d),
+        Variant::V13 | Variant::V14 => v4_backward(Variant::V12, arch, d),
         Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12
             if arch == "compute_90" && d == 128 =>
         {
@@ -378,7 +423,7 @@ fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
         Variant::V3 => format!("attn_fwd3_{dtype}_d{d}"),
         Variant::V4 => format!("attn_fwd4_{dtype}_d{d}"),
         Variant::V5 | Variant::V6 => format!("attn_fwd5_{dtype}_d{d}"),
-        Variant::V7 | Variant::V8 | Variant::V9 | Variant::V10 | Variant::V13 => {
+        Variant::V7 | Variant::V8 | Variant::V9 | Variant::V10 | Variant::V13 | Variant::V14 => {
             format!("attn_fwd7_{dtype}_d{d}")
         }
         Variant::V12 => format!("attn_fwd12_{dtype}_d{d}"),
@@ -569,9 +614,14 @@ pub fn prepare(ordinal: i32, dtype: Kind, d: i64) -> Result<()> {
     let name = dtype_name(dtype)?;
     check_head_dim(d)?;
     let gpu = runtime::gpu(ordinal)?;
-    let forward = v4_forward(variant()?, &gpu.arch, d);
-    gpu.function(source_of(forward), &fwd_kernel(forward, name, d))?;
-    gpu.function("attention.cu", &delta_kernel(name, d))?;
+    let variant = variant()?;
+    let (fd, bd) = (
+        kernel_head_dim(variant, &gpu.arch, d, Pass::Forward),
+        kernel_head_dim(variant, &gpu.arch, d, Pass::Backward),
+    );
+    let forward = v4_forward(variant, &gpu.arch, fd);
+    gpu.function(source_of(forward), &fwd_kernel(forward, name, fd))?;
+    gpu.function("attention.cu", &delta_kernel(name, bd))?;
     Ok(())
 }
 
@@ -749,6 +799,21 @@ pub fn fused_forward_into(
         ));
     }
     crate::same_device(q.device(), &[("out", &outputs.out), ("lse", &outputs.lse)])?;
+    let kd = kernel_head_dim(variant, &gpu.arch, d.d, Pass::Forward);
+    if kd != d.d {
+        // zero-padded copies at head dim kd; lse is the same, out the first d.d columns
+        let (qp, kp, vp) = (zero_padded(q, kd), zero_padded(k, kd), zero_padded(v, kd));
+        let padded = Forward {
+            out: forward_outputs(&qp)?.out,
+            lse: outputs.lse.shallow_clone(),
+        };
+        fused_forward_into(&padded, &qp, &kp, &vp, mask, scale)?;
+        outputs
+            .out
+            .shallow_clone()
+            .copy_(&padded.out.narrow(3, 0, d.d));
+        return Ok(());
+    }
     p.o = outputs.out.data_ptr() as u64;
     p.lse = outputs.lse.data_ptr() as u64;
     (p.o_bs, p.o_ss, p.o_hs) = (os[0], os[2], os[1]);
@@ -776,10 +841,14 @@ pub fn fused_forward_into(
             (FWD3_BLOCK_M + 4 * fwd3_block_n(d.d)) * (d.d + 8) * 2,
         ),
         Variant::V4 | Variant::V5 | Variant::V6 => (FWD4_BLOCK, FWD4_THREADS, fwd4_smem(d.d)),
-        // (v4_forward maps V8-V10 and V13 to V7)
-        Variant::V7 | Variant::V8 | Variant::V9 | Variant::V10 | Variant::V12 | Variant::V13 => {
-            (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d))
-        }
+        // (v4_forward maps V8-V10, V13 and V14 to V7)
+        Variant::V7
+        | Variant::V8
+        | Variant::V9
+        | Variant::V10
+        | Variant::V12
+        | Variant::V13
+        | Variant::V14 => (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d)),
     };
     let source = source_of(variant);
     let f = gpu.function(source, &fwd_kernel(variant, name, d.d))?;
@@ -974,6 +1043,23 @@ pub fn fused_backward(
         q.device(),
         &[("dout", dout), ("fwd.out", &fwd.out), ("fwd.lse", &fwd.lse)],
     )?;
+    let kd = kernel_head_dim(variant, &gpu.arch, d.d, Pass::Backward);
+    if kd != d.d {
+        // zero-padded copies at head dim kd (out's zero columns add nothing to delta); the
+        // gradients' first d.d columns are the answer
+        let padded = Forward {
+            out: zero_padded(&fwd.out, kd),
+            lse: fwd.lse.shallow_clone(),
+        };
+        let pad = |t: &Tensor| zero_padded(t, kd);
+        let g = fused_backward(&pad(dout), &pad(q), &pad(k), &pad(v), &padded, mask, scale)?;
+        let cut = |t: Tensor| t.narrow(3, 0, d.d);
+        return Ok(Backward {
+            dq: cut(g.dq),
+            dk: cut(g.dk),
+            dv: cut(g.dv),
+        });
+    }
     let (dout, ds) = loadable(dout);
     let (out, os) = loadable(&fwd.out);
     let opts = (q.kind(), q.device());
@@ -1232,7 +1318,7 @@ mod tests {
         let err = Variant::parse("fast").unwrap_err().to_string();
         assert!(
             err.contains(VARIANT_ENV)
-                && err.contains("v2, v3, v4, v5, v6, v7, v8, v9, v10, v12 or v13"),
+                && err.contains("v2, v3, v4, v5, v6, v7, v8, v9, v10, v12, v13 or v14"),
             "{err}"
         );
         for v in Variant::ALL {
@@ -1241,7 +1327,7 @@ mod tests {
         }
         // numbers are unique, so `variant()` finds back the one `set_variant` stored
         let numbers: Vec<u8> = Variant::ALL.iter().map(|v| v.number()).collect();
-        assert_eq!(numbers, [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13]);
+        assert_eq!(numbers, [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14]);
     }
 
     #[test]
@@ -1299,6 +1385,82 @@ mod tests {
         );
         assert_eq!(Variant::parse("V13").unwrap(), Variant::V13);
         assert_eq!(DEFAULT_VARIANT, Variant::V13);
+    }
+
+    #[test]
+    fn v14_pads_d80_both_ways_and_d64_in_the_backward_on_hopper_only() {
+        let at = |v, arch, d, pass| kernel_head_dim(v, arch, d, pass);
+        assert_eq!(at(Variant::V14, "compute_90", 80, Pass::Forward), 128);
+        assert_eq!(at(Variant::V14, "compute_90", 80, Pass::Backward), 128);
+        assert_eq!(at(Variant::V14, "compute_90", 64, Pass::Forward), 64);
+        assert_eq!(at(Variant::V14, "compute_90", 64, Pass::Backward), 128);
+        assert_eq!(at(Variant::V14, "compute_90", 128, Pass::Backward), 128);
+        assert_eq!(at(Variant::V14, "compute_80", 80, Pass::Forward), 80);
+        assert_eq!(at(Variant::V13, "compute_90", 80, Pass::Forward), 80);
+        assert_eq!(at(Variant::V13, "compute_90", 64, Pass::Backward), 64);
+        assert_eq!(
+            planned(Variant::V14, "compute_90", 80),
+            (Variant::V7, Variant::V12)
+        );
+        assert_eq!(
+            planned(Variant::V14, "compute_90", 64),
+            (Variant::V7, Variant::V12)
+        );
+        assert_eq!(
+            planned(Variant::V14, "compute_90", 128),
+            (Variant::V7, Variant::V12)
+        );
+        assert_eq!(
+            planned(Variant::V14, "compute_80", 80),
+            (Variant::V3, Variant::V3)
+        );
+        assert_eq!(
+            planned(Variant::V13, "compute_90", 80),
+            (Variant::V3, Variant::V3)
+        );
+    }
+
+    /// What V14's padding relies on, in fp64 through the reference: zero columns in q, k, v change
+    /// no score (the caller's scale kept), add zero output columns, leave delta = rowsum(out dout)
+    /// as it was, and the gradients' first d columns are the unpadded gradients.
+    #[test]
+    fn zero_padding_the_head_dim_changes_no_output_or_gradient() {
+        tch::manual_seed(3);
+        let opts = (Kind::Double, Device::Cpu);
+        let (b, h, hk, sq, sk, d) = (2, 4, 2, 9, 13, 80);
+        let leaf = |t: Tensor| t.set_requires_grad(true);
+        let q = leaf(Tensor::randn([b, h, sq, d], opts));
+        let k = leaf(Tensor::randn([b, hk, sk, d], opts));
+        let v = leaf(Tensor::randn([b, hk, sk, d], opts));
+        let keep = Tensor::ones([b, sk], (Kind::Bool, Device::Cpu));
+        let _ = keep.get(1).narrow(0, 10, 3).fill_(0);
+        let mask = AttentionMask {
+            causal: true,
+            key_keep: Some(&keep),
+            ..Default::default()
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        let out = reference(&q, &k, &v, &mask, scale);
+        let dout = Tensor::randn_like(&out);
+        (&out * &dout).sum(Kind::Double).backward();
+
+        let pad = |t: &Tensor| leaf(zero_padded(&t.detach(), 128));
+        let (qp, kp, vp, dout_p) = (pad(&q), pad(&k), pad(&v), zero_padded(&dout, 128));
+        assert_eq!(qp.size(), [b, h, sq, 128]);
+        assert_eq!(qp.stride(), [sq * h * 128, 128, h * 128, 1]); // (B, S, H, D) memory
+        let out_p = reference(&qp, &kp, &vp, &mask, scale);
+        (&out_p * &dout_p).sum(Kind::Double).backward();
+        let close = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) < 1e-12;
+        assert!(close(&out_p.narrow(3, 0, d), &out));
+        assert_eq!(
+            out_p.narrow(3, d, 128 - d).abs().max().double_value(&[]),
+            0.0
+        );
+        let delta = |o: &Tensor, g: &Tensor| (o * g).sum_dim_intlist(-1, false, Kind::Double);
+        assert!(close(&delta(&out_p, &dout_p), &delta(&out, &dout)));
+        for (padded, plain) in [(&qp, &q), (&kp, &k), (&vp, &v)] {
+            assert!(close(&padded.grad().narrow(3, 0, d), &plain.grad()));
+        }
     }
 
     #[test]
