@@ -43,6 +43,10 @@ __device__ __forceinline__ void bulk_reduce_add_f32(float* dst, u32 src, u32 byt
     asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(dst), "r"(src), "r"(bytes)
                  : "memory");
 }
+// dst[0..4] += v, atomically per element at L2 (no return value); dst 16-byte aligned.
+__device__ __forceinline__ void red_add_v4(float* dst, float a, float b, float c, float d) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void bulk_wait_read0() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
 __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
@@ -784,7 +788,15 @@ __device__ __forceinline__ void bwd4_rs_acc(float (&acc)[D / 2], const u32 (&a)[
 // the loop made ptxas serialize every wgmma of the kernel (variant 5). The first two tiles' loads
 // are issued before K and V have landed, not after. Measured on an H200 (2026-11-27, session 15):
 // every check passes; the backward alone 1.01-1.09x variant 10's at d128, s >= 1k. Variant 13
-// pairs it with variant 7's forward. (Issuing dV += P^T dO before dS^T is computed, to fill the
+// pairs it with variant 7's forward.
+//
+// Variant 15 (RED, with EARLY) is variant 12 with dQ added to dq_acc straight from the registers
+// (`red.global.add.v4.f32`, 8 per thread and tile, the tiled layout unchanged) instead of staged in
+// shared memory and added by a bulk reduce. Per tile and block that takes 32 KB of stores and 32 KB
+// of the bulk reduce's reads off shared memory (of ~370 KB: the S^T, dP^T and dQ products, both
+// operands in shared memory, alone use its whole bandwidth while they run), and the two staging
+// barriers per warpgroup. The additions at L2 are the same bytes as the bulk reduce's. Not yet run
+// on a GPU (2026-11-27, session 15). (Issuing dV += P^T dO before dS^T is computed, to fill the
 // ~450 cycles per tile with nothing on the tensor cores, was measured in the same session and
 // removed: 254 registers, no faster, see kernels/BENCHMARKS.md.)
 //
@@ -801,11 +813,12 @@ struct __align__(64) Bwd10Maps {
 #define BWD_PROF_SPANS 8
 // Per (block 0 or the middle block) x warpgroup: cycles per tile of each span, tiles, blockIdx.x.
 __device__ long long attn_bwd_prof[4][BWD_PROF_SPANS + 2];
-template <bool BF16, int D, bool ORDER9, bool PROF = false, bool TMA = false, bool EARLY = false>
+template <bool BF16, int D, bool ORDER9, bool PROF = false, bool TMA = false, bool EARLY = false, bool RED = false>
 __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) {
     static_assert(D == 128, "step 5 splits dQ's columns into one 64-column block per warpgroup");
     static_assert(!TMA || ORDER9, "variant 10 is variant 9's order with TMA loads");
     static_assert(!EARLY || TMA, "variant 12 is variant 10 with the next S^T issued early");
+    static_assert(!RED || EARLY, "variant 15 is variant 12 with dQ added from registers");
     extern __shared__ __align__(16) u16 smem[];
     constexpr int BN = BWD4_BN, BM = BWD4_BM;
     constexpr int NST = EARLY ? 3 : 2;  // stages of Q, dO, lse, delta
@@ -1010,7 +1023,15 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
 
         // dQ out: the last bulk reduce has read the staging tile (waited by the threads that issued
         // it), then the tile is overwritten and handed to the copy engine
-        if constexpr (ORDER9) {
+        if constexpr (RED) {
+            // straight from the registers: 8 vector reductions per thread into dq_acc's tile
+            // (b, h, qt, wg), in fragment order (a warp's 32 float4 are 512 contiguous bytes)
+            const i64 tile = (((i64)b * p.H + h) * ((p.Sq + BM - 1) / BM) + qt) * 2 + wg;
+            float* dst = p.dq_acc + tile * (BM * 64);
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                red_add_v4(dst + (j * 128 + tid) * 4, dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
+        } else if constexpr (ORDER9) {
             // one 16 KB reduce per warpgroup into dq_acc's tile (b, h, qt, wg), in fragment order
             if (tid == 0) bulk_wait_read0();
             named_barrier(1 + wg, 128);
@@ -1041,7 +1062,7 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
                 bulk_reduce_add_f32(p.dq_acc + (((i64)b * p.Sq + q0 + tid) * p.H + h) * D + wg * 64,
                                     dq_stage + tid * BWD6_DQ_STRIDE, 64 * 4);
         }
-        bulk_commit();
+        if constexpr (!RED) bulk_commit();
         mark(6);
         if constexpr (EARLY) {
             wgmma_wait<1>();  // dK done; the next S^T may still run
@@ -1118,15 +1139,16 @@ extern "C" __global__ void attn_bwd_dq9_f16(AttnParams p) { attn_bwd_dq9<false>(
         attn_bwd6<BF16, D, ORDER9, true>(p);                                                                \
     }
 // A TMA backward entry (tensor maps first) and its profiling build: variant 10 (variant 9 with TMA
-// loads), and with EARLY variant 12 (the next S^T issued early, 3 load stages).
-#define ATTN10_BWD(KERNEL, NAME, BF16, D, EARLY)                                                         \
+// loads), with EARLY variant 12 (the next S^T issued early, 3 load stages), with RED too variant
+// 15 (dQ added from the registers).
+#define ATTN10_BWD(KERNEL, NAME, BF16, D, EARLY, RED)                                                    \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                        \
         attn_##KERNEL##_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {           \
-        attn_bwd6<BF16, D, true, false, true, EARLY>(p, &maps);                                          \
+        attn_bwd6<BF16, D, true, false, true, EARLY, RED>(p, &maps);                                     \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                        \
         attn_##KERNEL##p_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {          \
-        attn_bwd6<BF16, D, true, true, true, EARLY>(p, &maps);                                           \
+        attn_bwd6<BF16, D, true, true, true, EARLY, RED>(p, &maps);                                      \
     }
 #define ATTN4_BWD(NAME, BF16, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd4_##NAME##_d##D(AttnParams p) { \
@@ -1134,8 +1156,9 @@ extern "C" __global__ void attn_bwd_dq9_f16(AttnParams p) { attn_bwd_dq9<false>(
     }                                                                                                     \
     ATTN6_BWD(bwd6, NAME, BF16, D, false)                                                                 \
     ATTN6_BWD(bwd9, NAME, BF16, D, true)                                                                  \
-    ATTN10_BWD(bwd10, NAME, BF16, D, false)                                                               \
-    ATTN10_BWD(bwd12, NAME, BF16, D, true)
+    ATTN10_BWD(bwd10, NAME, BF16, D, false, false)                                                        \
+    ATTN10_BWD(bwd12, NAME, BF16, D, true, false)                                                         \
+    ATTN10_BWD(bwd15, NAME, BF16, D, true, true)
 // Head dims here must match `v4_forward` / `v4_backward` in attention.rs.
 ATTN4_FWD(bf16, true, 64)
 ATTN4_FWD(bf16, true, 128)
