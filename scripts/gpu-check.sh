@@ -62,9 +62,11 @@ want model && [ -x "$BIN/model_gpu" ] && step model-gpu timeout 200 "$BIN/model_
 if want kernels; then
   # ~2.5 min on an H200 (NVRTC compile, 13 variants x 16 correctness cases, timings of the two newest
   # variants and SDPA); the cap keeps a hung kernel from eating a 15-minute device budget
-  # KERNELS_VARIANTS (e.g. v12,v10,v13): the variants to check, the last two passing ones timed
-  timeout -k 10 300 "$BIN/kernels-gpu-check" --out "$OUT" ${KERNELS_VARIANTS:+--variants "$KERNELS_VARIANTS"} 2>&1 \
-    | tee "$OUT/kernels-gpu-check.log"
+  # KERNELS_VARIANTS (e.g. v13,v14,v15): the variants to check; the newest passing one is timed
+  # against KERNELS_BASELINE, else (all variants checked) the default variant, else the passing one
+  # listed before it
+  timeout -k 10 300 "$BIN/kernels-gpu-check" --out "$OUT" ${KERNELS_VARIANTS:+--variants "$KERNELS_VARIANTS"} \
+    ${KERNELS_BASELINE:+--baseline "$KERNELS_BASELINE"} 2>&1 | tee "$OUT/kernels-gpu-check.log"
   check_rc=${PIPESTATUS[0]}
   profile_variants=v12,v15 # v13 and v14 run v12's backward
   if [ "$check_rc" != 0 ]; then

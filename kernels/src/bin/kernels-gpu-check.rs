@@ -1,8 +1,9 @@
 //! `make gpu-check` (on a GPU host): every fused kernel against its fp64 reference on fresh random
 //! inputs, then TFLOP/s and GB/s next to libtorch (SDPA, rms_norm) in the same run. Attention runs
 //! every kernel variant in `--variants` (default: all of them, v2 ... v15) through the same
-//! checks, then times the newest one that passed against the passing one listed before it, so one
-//! call says whether a new variant is correct and how much faster it is. Prints a table last; with
+//! checks, then times the newest one that passed against a baseline: `--baseline vN`, else (without
+//! `--variants`) the default variant, else the passing one listed before it; so one call says
+//! whether a new variant is correct and how much faster than the default it is. Prints a table last; with
 //! `--out DIR` also writes DIR/kernels-gpu.jsonl (kernels-gpu-<variants>.jsonl with `--variants`).
 //! Without a GPU it prints `SKIP (no GPU)`.
 use std::io::Write;
@@ -452,20 +453,37 @@ fn variants_arg() -> Result<Vec<Variant>, String> {
         .collect()
 }
 
-/// (previous, new) to time: the newest variant whose cases all passed and the passing one listed
-/// before it (itself when it is the only one); None when none passed (a broken kernel's speed
-/// means nothing).
-fn bench_pair(variants: &[Variant], failures: &[usize]) -> Option<(Variant, Variant)> {
+/// (baseline, new) to time: the newest variant whose cases all passed, and `baseline` when it
+/// passed too and is another variant, else the passing one listed before the newest (itself when
+/// it is the only one); None when none passed (a broken kernel's speed means nothing).
+fn bench_pair(
+    variants: &[Variant],
+    failures: &[usize],
+    baseline: Option<Variant>,
+) -> Option<(Variant, Variant)> {
     let passing: Vec<Variant> = variants
         .iter()
         .zip(failures)
         .filter(|(_, &n)| n == 0)
         .map(|(v, _)| *v)
         .collect();
+    let new = *passing.last()?;
+    match baseline {
+        Some(b) if b != new && passing.contains(&b) => return Some((b, new)),
+        _ => {}
+    }
     match passing.as_slice() {
-        [] => None,
-        [only] => Some((*only, *only)),
         [.., prev, new] => Some((*prev, *new)),
+        _ => Some((new, new)),
+    }
+}
+
+/// `--baseline vN`, else the default variant when `--variants` is not given.
+fn baseline_arg() -> Result<Option<Variant>, String> {
+    match arg("--baseline") {
+        Some(v) => Variant::parse(&v).map(Some).map_err(|e| e.to_string()),
+        None if arg("--variants").is_none() => Ok(Some(attention::DEFAULT_VARIANT)),
+        None => Ok(None),
     }
 }
 
@@ -475,6 +493,13 @@ fn main() -> std::process::ExitCode {
         Ok(v) => v,
         Err(e) => {
             println!("FAIL: --variants: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let baseline = match baseline_arg() {
+        Ok(b) => b,
+        Err(e) => {
+            println!("FAIL: --baseline: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -631,7 +656,7 @@ fn main() -> std::process::ExitCode {
         t0.elapsed().as_secs_f64()
     );
     let mut rows = Vec::new();
-    let pair = bench_pair(&variants, &variant_failures);
+    let pair = bench_pair(&variants, &variant_failures, baseline);
     if pair.is_none() {
         println!("no attention variant passed every case: attention is not timed");
     }
@@ -722,21 +747,51 @@ mod tests {
             Variant::V6,
         ];
         assert_eq!(
-            bench_pair(&all, &[0, 0, 0, 0, 0]),
+            bench_pair(&all, &[0, 0, 0, 0, 0], None),
             Some((Variant::V5, Variant::V6))
         );
         assert_eq!(
-            bench_pair(&all, &[0, 0, 0, 0, 3]),
+            bench_pair(&all, &[0, 0, 0, 0, 3], None),
             Some((Variant::V4, Variant::V5))
         );
         assert_eq!(
-            bench_pair(&all, &[0, 0, 0, 1, 0]),
+            bench_pair(&all, &[0, 0, 0, 1, 0], None),
             Some((Variant::V4, Variant::V6))
         );
         let pair = [Variant::V5, Variant::V7];
-        assert_eq!(bench_pair(&pair, &[0, 0]), Some((Variant::V5, Variant::V7)));
-        assert_eq!(bench_pair(&pair, &[0, 2]), Some((Variant::V5, Variant::V5)));
-        assert_eq!(bench_pair(&pair, &[1, 2]), None);
+        assert_eq!(
+            bench_pair(&pair, &[0, 0], None),
+            Some((Variant::V5, Variant::V7))
+        );
+        assert_eq!(
+            bench_pair(&pair, &[0, 2], None),
+            Some((Variant::V5, Variant::V5))
+        );
+        assert_eq!(bench_pair(&pair, &[1, 2], None), None);
+    }
+
+    #[test]
+    fn a_passing_baseline_replaces_the_one_before_the_newest() {
+        let all = [Variant::V3, Variant::V4, Variant::V5, Variant::V6];
+        let b = Some(Variant::V3);
+        assert_eq!(
+            bench_pair(&all, &[0, 0, 0, 0], b),
+            Some((Variant::V3, Variant::V6))
+        );
+        // a failed baseline, or one that is the newest itself, falls back to the one before
+        assert_eq!(
+            bench_pair(&all, &[1, 0, 0, 0], b),
+            Some((Variant::V5, Variant::V6))
+        );
+        assert_eq!(
+            bench_pair(&all, &[0, 0, 0, 0], Some(Variant::V6)),
+            Some((Variant::V5, Variant::V6))
+        );
+        assert_eq!(
+            bench_pair(&all, &[0, 0, 0, 2], b),
+            Some((Variant::V3, Variant::V5))
+        );
+        assert_eq!(bench_pair(&all, &[1, 1, 1, 1], b), None);
     }
 }
 
