@@ -60,7 +60,7 @@ done
 want model && [ -x "$BIN/model_gpu" ] && step model-gpu timeout 200 "$BIN/model_gpu" --nocapture --test-threads 1
 # kernels last: its table is the end of the output
 if want kernels; then
-  # ~2.5 min on an H200 (NVRTC compile, 13 variants x 16 correctness cases, timings of the two newest
+  # ~2.5 min on an H200 (NVRTC compile, 14 variants x 16 correctness cases, timings of the newest
   # variants and SDPA); the cap keeps a hung kernel from eating a 15-minute device budget
   # KERNELS_VARIANTS (e.g. v13,v14,v15): the variants to check; the newest passing one is timed
   # against KERNELS_BASELINE, else (all variants checked) the default variant, else the passing one
@@ -68,7 +68,7 @@ if want kernels; then
   timeout -k 10 300 "$BIN/kernels-gpu-check" --out "$OUT" ${KERNELS_VARIANTS:+--variants "$KERNELS_VARIANTS"} \
     ${KERNELS_BASELINE:+--baseline "$KERNELS_BASELINE"} 2>&1 | tee "$OUT/kernels-gpu-check.log"
   check_rc=${PIPESTATUS[0]}
-  profile_variants=v12,v15 # v13 and v14 run v12's backward
+  profile_variants=v12,v16 # v13 and v14 run v12's backward
   if [ "$check_rc" != 0 ]; then
     status=1
     profile_variants=v10 # a variant that failed here is not profiled (it may hang again)

@@ -502,7 +502,24 @@ __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u
 // (no element masked) is chosen by one uniform branch outside: a per-element `full ||
 // allowed(...)` test made each of the 32 elements its own branch region in SASS, so their shared
 // loads and exp2 latencies ran one after another.
-template <bool FULL>
+// 2^x on the FMA and integer pipes instead of the MUFU unit (FlashAttention-4's trick): x =
+// n + f with n = round(x) (1.5 * 2^23 added and taken away again puts n in the sum's low mantissa
+// bits), 2^f for f in [-0.5, 0.5] by a degree-3 polynomial fitted to relative error (7.5e-5, far
+// below bf16's 3.9e-3 rounding), and n added to the result's exponent bits. x is clamped at -125
+// (2^-125 ~ 2e-38 stands for 0; below it the exponent would underflow into the sign bit). The
+// constants and the bound are checked in kernels/src/attention.rs (a float32 emulation).
+__device__ __forceinline__ float exp2_fma(float x) {
+    x = fmaxf(x, -125.f);
+    const float r = __fadd_rn(x, 12582912.f);              // (the _rn forms are never reassociated)
+    const float f = __fsub_rn(x, __fsub_rn(r, 12582912.f));  // x - round(x)
+    const float p = fmaf(fmaf(fmaf(0.055171482f, f, 0.24261090f), f, 0.69326097f), f, 0.99992812f);
+    return __int_as_float(__float_as_int(p) + (__float_as_int(r) << 23));
+}
+
+// POLY (variant 16): every third element's 2^x on the FMA pipe (exp2_fma), the others on MUFU.
+// Both warpgroups compute their P^T at the same time: 8192 exp2s per tile, ~512 cycles of the
+// SM's 16 MUFU results per cycle, while only dP^T (~512 cycles of tensor work) runs.
+template <bool FULL, bool POLY = false>
 __device__ __forceinline__ void bwd4_p(float (&s)[32], const float* lse_s, const AttnParams& p, int b, int q0, int key) {
     const int t = threadIdx.x & 3;
     const float sl2 = p.scale_log2;
@@ -513,7 +530,10 @@ __device__ __forceinline__ void bwd4_p(float (&s)[32], const float* lse_s, const
             const int qi = 8 * j + 2 * t + (e & 1);
             const float lse = lse_s[qi];
             const bool ok = FULL || (lse != NEG_INF && allowed3(p, b, q0 + qi, key + 8 * (e >> 1)));
-            s[4 * j + e] = ok ? fast_exp2(fmaf(s[4 * j + e], sl2, -lse)) : 0.f;
+            const float x = fmaf(s[4 * j + e], sl2, -lse);
+            // (4 j + e is a constant once unrolled: no branch)
+            const float pv = POLY && (4 * j + e) % 3 == 2 ? exp2_fma(x) : fast_exp2(x);
+            s[4 * j + e] = ok ? pv : 0.f;
         }
 }
 __device__ __forceinline__ void bwd4_ds(float (&dp)[32], const float (&pt)[32], const float* delta_s) {
@@ -523,10 +543,11 @@ __device__ __forceinline__ void bwd4_ds(float (&dp)[32], const float (&pt)[32], 
 #pragma unroll
         for (int e = 0; e < 4; ++e) dp[4 * j + e] = pt[4 * j + e] * (dp[4 * j + e] - delta_s[8 * j + 2 * t + (e & 1)]);
 }
+template <bool POLY = false>
 __device__ __forceinline__ void bwd4_p_dispatch(float (&s)[32], const float* lse_s, const AttnParams& p, int b, int q0,
                                                 int k0, int key) {
-    if (tile_full(p, q0, k0, BWD4_BN)) bwd4_p<true>(s, lse_s, p, b, q0, key);
-    else bwd4_p<false>(s, lse_s, p, b, q0, key);
+    if (tile_full(p, q0, k0, BWD4_BN)) bwd4_p<true, POLY>(s, lse_s, p, b, q0, key);
+    else bwd4_p<false, POLY>(s, lse_s, p, b, q0, key);
 }
 // The query tiles one backward block visits: for each query head h in [h_begin, h_end) (the KV
 // head's group; empty when no query tile sees these keys), tiles qt_start .. qt_end - 1.
@@ -796,7 +817,12 @@ __device__ __forceinline__ void bwd4_rs_acc(float (&acc)[D / 2], const u32 (&a)[
 // of the bulk reduce's reads off shared memory (of ~370 KB: the S^T, dP^T and dQ products, both
 // operands in shared memory, alone use its whole bandwidth while they run), and the two staging
 // barriers per warpgroup. The additions at L2 are the same bytes as the bulk reduce's. Not yet run
-// on a GPU (2026-11-27, session 15). (Issuing dV += P^T dO before dS^T is computed, to fill the
+// on a GPU (2026-11-27, session 15).
+//
+// Variant 16 (POLY, with RED) is variant 15 with every third exp2 of P^T computed by a polynomial
+// on the FMA pipe (exp2_fma): v12's profile has ~750-840 cycles per tile for P^T, the MUFU part
+// alone ~512 (both warpgroups at once), while dP^T's ~512 cycles of tensor work run beside it.
+// Not yet run on a GPU (2026-11-27, session 15). (Issuing dV += P^T dO before dS^T is computed, to fill the
 // ~450 cycles per tile with nothing on the tensor cores, was measured in the same session and
 // removed: 254 registers, no faster, see kernels/BENCHMARKS.md.)
 //
@@ -813,12 +839,14 @@ struct __align__(64) Bwd10Maps {
 #define BWD_PROF_SPANS 8
 // Per (block 0 or the middle block) x warpgroup: cycles per tile of each span, tiles, blockIdx.x.
 __device__ long long attn_bwd_prof[4][BWD_PROF_SPANS + 2];
-template <bool BF16, int D, bool ORDER9, bool PROF = false, bool TMA = false, bool EARLY = false, bool RED = false>
+template <bool BF16, int D, bool ORDER9, bool PROF = false, bool TMA = false, bool EARLY = false, bool RED = false,
+          bool POLY = false>
 __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) {
     static_assert(D == 128, "step 5 splits dQ's columns into one 64-column block per warpgroup");
     static_assert(!TMA || ORDER9, "variant 10 is variant 9's order with TMA loads");
     static_assert(!EARLY || TMA, "variant 12 is variant 10 with the next S^T issued early");
     static_assert(!RED || EARLY, "variant 15 is variant 12 with dQ added from registers");
+    static_assert(!POLY || RED, "variant 16 is variant 15 with a third of P^T's exp2s on the FMA pipe");
     extern __shared__ __align__(16) u16 smem[];
     constexpr int BN = BWD4_BN, BM = BWD4_BM;
     constexpr int NST = EARLY ? 3 : 2;  // stages of Q, dO, lse, delta
@@ -964,7 +992,7 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
         }
         fence_regs(s);
         mark(1);
-        bwd4_p_dispatch(s, lse_s, p, b, q0, k0, k0 + krow);
+        bwd4_p_dispatch<POLY>(s, lse_s, p, b, q0, k0, k0 + krow);
         mark(2);
         wgmma_wait0();
         fence_regs(dp);
@@ -1140,15 +1168,16 @@ extern "C" __global__ void attn_bwd_dq9_f16(AttnParams p) { attn_bwd_dq9<false>(
     }
 // A TMA backward entry (tensor maps first) and its profiling build: variant 10 (variant 9 with TMA
 // loads), with EARLY variant 12 (the next S^T issued early, 3 load stages), with RED too variant
-// 15 (dQ added from the registers).
-#define ATTN10_BWD(KERNEL, NAME, BF16, D, EARLY, RED)                                                    \
+// 15 (dQ added from the registers), with POLY too variant 16 (a third of P^T's exp2s on the FMA
+// pipe).
+#define ATTN10_BWD(KERNEL, NAME, BF16, D, EARLY, RED, POLY)                                              \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                        \
         attn_##KERNEL##_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {           \
-        attn_bwd6<BF16, D, true, false, true, EARLY, RED>(p, &maps);                                     \
+        attn_bwd6<BF16, D, true, false, true, EARLY, RED, POLY>(p, &maps);                               \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1)                                        \
         attn_##KERNEL##p_##NAME##_d##D(const __grid_constant__ Bwd10Maps maps, AttnParams p) {          \
-        attn_bwd6<BF16, D, true, true, true, EARLY, RED>(p, &maps);                                      \
+        attn_bwd6<BF16, D, true, true, true, EARLY, RED, POLY>(p, &maps);                                \
     }
 #define ATTN4_BWD(NAME, BF16, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(FWD4_THREADS, 1) attn_bwd4_##NAME##_d##D(AttnParams p) { \
@@ -1156,9 +1185,10 @@ extern "C" __global__ void attn_bwd_dq9_f16(AttnParams p) { attn_bwd_dq9<false>(
     }                                                                                                     \
     ATTN6_BWD(bwd6, NAME, BF16, D, false)                                                                 \
     ATTN6_BWD(bwd9, NAME, BF16, D, true)                                                                  \
-    ATTN10_BWD(bwd10, NAME, BF16, D, false, false)                                                        \
-    ATTN10_BWD(bwd12, NAME, BF16, D, true, false)                                                         \
-    ATTN10_BWD(bwd15, NAME, BF16, D, true, true)
+    ATTN10_BWD(bwd10, NAME, BF16, D, false, false, false)                                                 \
+    ATTN10_BWD(bwd12, NAME, BF16, D, true, false, false)                                                  \
+    ATTN10_BWD(bwd15, NAME, BF16, D, true, true, false)                                                   \
+    ATTN10_BWD(bwd16, NAME, BF16, D, true, true, true)
 // Head dims here must match `v4_forward` / `v4_backward` in attention.rs.
 ATTN4_FWD(bf16, true, 64)
 ATTN4_FWD(bf16, true, 128)

@@ -100,7 +100,8 @@ const THREADS: u32 = 128;
 /// to `V10` pair V7's forward with newer backwards. `V12` is V10 with a
 /// persistent forward; `V13`, the default, pairs V7's forward with V12's backward; `V14` is V13
 /// with head dim 80 (and 64 in the backward) zero-padded to 128 on Hopper; `V15` is V14 with dQ
-/// added from registers in the backward. (There is no
+/// added from registers in the backward; `V16` is V15 with a third of the backward's exp2s on the
+/// FMA pipe. (There is no
 /// `V11`: that number went to an experiment that was measured and removed, see
 /// kernels/BENCHMARKS.md.)
 /// (Each variant's discriminant is its number.)
@@ -147,6 +148,9 @@ pub enum Variant {
     /// reductions straight from the registers instead of staged in shared memory for a bulk
     /// reduce. Prepared without a GPU (2026-11-27); not yet measured. Falls back as V14 does.
     V15 = 15,
+    /// V15 with every third exp2 of the backward's P^T computed by a polynomial on the FMA pipe
+    /// instead of the MUFU unit. Prepared without a GPU (2026-11-27); not yet measured.
+    V16 = 16,
 }
 
 /// The variant used when neither `set_variant` nor the environment chose one: the fastest that
@@ -155,7 +159,7 @@ pub const DEFAULT_VARIANT: Variant = Variant::V13;
 
 /// The head dims the kernels take.
 pub const HEAD_DIMS: [i64; 3] = [64, 80, 128];
-/// Environment variable read once on first use: `v2` ... `v10`, `v12` ... `v15`.
+/// Environment variable read once on first use: `v2` ... `v10`, `v12` ... `v16`.
 pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
 
 // 0 = not chosen yet, else the variant's number.
@@ -163,7 +167,7 @@ static VARIANT: AtomicU8 = AtomicU8::new(0);
 
 impl Variant {
     /// Every variant, oldest first.
-    pub const ALL: [Variant; 13] = [
+    pub const ALL: [Variant; 14] = [
         Variant::V2,
         Variant::V3,
         Variant::V4,
@@ -177,9 +181,10 @@ impl Variant {
         Variant::V13,
         Variant::V14,
         Variant::V15,
+        Variant::V16,
     ];
 
-    /// Parses `v2` ... `v10`, `v12` ... `v15` (case-insensitive); the error names the variable and the
+    /// Parses `v2` ... `v10`, `v12` ... `v16` (case-insensitive); the error names the variable and the
     /// accepted values.
     pub fn parse(s: &str) -> Result<Variant> {
         let s = s.trim().to_ascii_lowercase();
@@ -217,6 +222,7 @@ impl Variant {
             Variant::V13 => "v13",
             Variant::V14 => "v14",
             Variant::V15 => "v15",
+            Variant::V16 => "v16",
         }
     }
 }
@@ -253,7 +259,7 @@ enum Pass {
     Backward,
 }
 
-/// The head dim the kernels run at for a call at head dim `d`. V14 (and V15) on Hopper zero-pads q, k, v
+/// The head dim the kernels run at for a call at head dim `d`. V14 (and V15, V16) on Hopper zero-pads q, k, v
 /// (and out, dout) from 80 to 128 in both passes, and from 64 to 128 in the backward: the wgmma
 /// kernels take 64 and 128 only (the backward 128), and what ran instead measured 0.57-0.60x SDPA
 /// forward and 0.34-0.39x forward+backward at d80, 0.37-0.41x forward+backward at d64 (H200,
@@ -261,8 +267,8 @@ enum Pass {
 /// no score, add zero output columns, and their gradients are dropped; the caller's scale stays.
 fn kernel_head_dim(variant: Variant, arch: &str, d: i64, pass: Pass) -> i64 {
     match (variant, arch, d, pass) {
-        (Variant::V14 | Variant::V15, "compute_90", 80, _)
-        | (Variant::V14 | Variant::V15, "compute_90", 64, Pass::Backward) => 128,
+        (Variant::V14 | Variant::V15 | Variant::V16, "compute_90", 80, _)
+        | (Variant::V14 | Variant::V15 | Variant::V16, "compute_90", 64, Pass::Backward) => 128,
         _ => d,
     }
 }
@@ -370,14 +376,18 @@ fn fwd7_smem(d: i64) -> i64 {
 
 /// The forward variant that runs for `variant` on a device of `arch` at head dim `d`:
 /// V4/V5/V7/V12 only on compute_90 with d 64 or 128 (else V3); V6 runs V5's forward, V8-V10 and
-/// V13-V15 V7's (V14 and V15 at the head dim `kernel_head_dim` gives).
+/// V13-V16 V7's (V14-V16 at the head dim `kernel_head_dim` gives).
 /// (V7 and V12 also fall back to V5 for views the TMA unit cannot address, decided at launch.)
 fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
         Variant::V6 => v4_forward(Variant::V5, arch, d),
-        Variant::V8 | Variant::V9 | Variant::V10 | Variant::V13 | Variant::V14 | Variant::V15 => {
-            v4_forward(Variant::V7, arch, d)
-        }
+        Variant::V8
+        | Variant::V9
+        | Variant::V10
+        | Variant::V13
+        | Variant::V14
+        | Variant::V15
+        | Variant::V16 => v4_forward(Variant::V7, arch, d),
         Variant::V4 | Variant::V5 | Variant::V7 | Variant::V12
             if arch == "compute_90" && (d == 64 || d == 128) =>
         {
@@ -390,12 +400,12 @@ fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
 
 /// The backward variant: V4 only on compute_90 at d128 (at d64 the wgmma backward measured
 /// 0.85-0.89x V3's on an H200, see kernels/BENCHMARKS.md), else V3; V6, V9, V10 and V12 have their
-/// own, as does V15 (same limits); V8 runs V6's, V13 and V14 V12's.
+/// own, as do V15 and V16 (same limits); V8 runs V6's, V13 and V14 V12's.
 fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
         Variant::V8 => v4_backward(Variant::V6, arch, d),
         Variant::V13 | Variant::V14 => v4_backward(Variant::V12, arch, d),
-        Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12 | Variant::V15
+        Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12 | Variant::V15 | Variant::V16
             if arch == "compute_90" && d == 128 =>
         {
             variant
@@ -408,7 +418,8 @@ fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
         | Variant::V9
         | Variant::V10
         | Variant::V12
-        | Variant::V15 => Variant::V3,
+        | Variant::V15
+        | Variant::V16 => Variant::V3,
         v => v,
     }
 }
@@ -436,7 +447,8 @@ fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
         | Variant::V10
         | Variant::V13
         | Variant::V14
-        | Variant::V15 => format!("attn_fwd7_{dtype}_d{d}"),
+        | Variant::V15
+        | Variant::V16 => format!("attn_fwd7_{dtype}_d{d}"),
         Variant::V12 => format!("attn_fwd12_{dtype}_d{d}"),
     }
 }
@@ -460,6 +472,8 @@ pub fn sm90a_kernel_names() -> Vec<String> {
         names.push(format!("attn_bwd12p_{dtype}_d128"));
         names.push(bwd_kernel(Variant::V15, dtype, 128));
         names.push(format!("attn_bwd15p_{dtype}_d128"));
+        names.push(bwd_kernel(Variant::V16, dtype, 128));
+        names.push(format!("attn_bwd16p_{dtype}_d128"));
         names.push(format!("attn_bwd_dq9_{dtype}"));
     }
     names
@@ -469,7 +483,13 @@ pub fn sm90a_kernel_names() -> Vec<String> {
 /// four 16-column warp slices).
 fn bwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
     match variant {
-        Variant::V4 | Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12 | Variant::V15 => {
+        Variant::V4
+        | Variant::V6
+        | Variant::V9
+        | Variant::V10
+        | Variant::V12
+        | Variant::V15
+        | Variant::V16 => {
             format!("attn_bwd{}_{dtype}_d{d}", variant.number())
         }
         Variant::V3 if bwd3_supported(d) => format!("attn_bwd3_{dtype}_d{d}"),
@@ -862,7 +882,8 @@ pub fn fused_forward_into(
         | Variant::V12
         | Variant::V13
         | Variant::V14
-        | Variant::V15 => (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d)),
+        | Variant::V15
+        | Variant::V16 => (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d)),
     };
     let source = source_of(variant);
     let f = gpu.function(source, &fwd_kernel(variant, name, d.d))?;
@@ -1082,12 +1103,12 @@ pub fn fused_backward(
     let dv = Tensor::empty([d.b, d.sk, d.hk, d.d], opts);
     let variant = v4_backward(variant, &gpu.arch, d.d);
     let sq_pad = (d.sq + BWD4_BLOCK_M - 1) / BWD4_BLOCK_M * BWD4_BLOCK_M;
-    // fp32 dQ accumulator: (B, Sq, H, D), or for V9, V10, V12 and V15 tiles of 64 queries x 64
+    // fp32 dQ accumulator: (B, Sq, H, D), or for V9, V10, V12, V15 and V16 tiles of 64 queries x 64
     // columns in the order their threads hold them (attn_bwd_dq9 in attention_sm90.cu reads them;
-    // the fallback of V10, V12 and V15 below, V9, is tiled too)
+    // the fallback of V10, V12, V15 and V16 below, V9, is tiled too)
     let tiled_dq = matches!(
         variant,
-        Variant::V9 | Variant::V10 | Variant::V12 | Variant::V15
+        Variant::V9 | Variant::V10 | Variant::V12 | Variant::V15 | Variant::V16
     );
     let dq_acc_shape = if tiled_dq {
         [d.b, d.h, sq_pad, d.d]
@@ -1107,11 +1128,14 @@ pub fn fused_backward(
     p.dv = dv.data_ptr() as u64;
     p.dq_acc = dq_acc.data_ptr() as u64;
     p.delta = delta.data_ptr() as u64;
-    // V10, V12, V15: tensor maps of Q and dO (else V9's backward), lse and delta padded to 64-row
+    // V10, V12, V15, V16: tensor maps of Q and dO (else V9's backward), lse and delta padded to 64-row
     // tiles
     let mut bwd10 = None;
     // (other dtypes are refused below)
-    if matches!(variant, Variant::V10 | Variant::V12 | Variant::V15) && dtype_name(q.kind()).is_ok()
+    if matches!(
+        variant,
+        Variant::V10 | Variant::V12 | Variant::V15 | Variant::V16
+    ) && dtype_name(q.kind()).is_ok()
     {
         if let Some(maps) = bwd10_maps(&p, &d, q.kind() == Kind::BFloat16)? {
             let f32s = (Kind::Float, q.device());
@@ -1121,7 +1145,7 @@ pub fn fused_backward(
         }
     }
     let variant = match (variant, &bwd10) {
-        (Variant::V10 | Variant::V12 | Variant::V15, None) => Variant::V9,
+        (Variant::V10 | Variant::V12 | Variant::V15 | Variant::V16, None) => Variant::V9,
         (v, _) => v,
     };
     let mut result = Backward {
@@ -1147,8 +1171,8 @@ pub fn fused_backward(
         Variant::V4 => (BWD4_BLOCK_N, FWD4_THREADS, bwd4_smem(d.d)),
         Variant::V6 | Variant::V9 => (BWD4_BLOCK_N, FWD4_THREADS, bwd6_smem(d.d)),
         Variant::V10 => (BWD4_BLOCK_N, FWD4_THREADS, bwd10_smem(d.d)),
-        // (V15 does not use the dQ staging tiles; same layout)
-        Variant::V12 | Variant::V15 => (BWD4_BLOCK_N, FWD4_THREADS, bwd12_smem(d.d)),
+        // (V15 and V16 do not use the dQ staging tiles; same layout)
+        Variant::V12 | Variant::V15 | Variant::V16 => (BWD4_BLOCK_N, FWD4_THREADS, bwd12_smem(d.d)),
         Variant::V3 if bwd3_supported(d.d) => (
             TILE,
             BWD3_THREADS,
@@ -1164,7 +1188,7 @@ pub fn fused_backward(
     let mut main_name = bwd_kernel(variant, name, d.d);
     let profiled = matches!(
         variant,
-        Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12 | Variant::V15
+        Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12 | Variant::V15 | Variant::V16
     ) && backward_profile();
     if profiled {
         main_name = main_name.replacen(&format!("_{name}_"), &format!("p_{name}_"), 1);
@@ -1205,7 +1229,7 @@ pub fn fused_backward(
                 d.hk as u32,
                 d.b as u32,
             );
-            // V10, V12 and V15 read lse and delta from their padded copies (same stream: after the delta
+            // V10, V12, V15 and V16 read lse and delta from their padded copies (same stream: after the delta
             // kernel) and takes its tensor maps first
             let mut p_main = p;
             let mut maps_arg = None;
@@ -1338,7 +1362,7 @@ mod tests {
         let err = Variant::parse("fast").unwrap_err().to_string();
         assert!(
             err.contains(VARIANT_ENV)
-                && err.contains("v2, v3, v4, v5, v6, v7, v8, v9, v10, v12, v13, v14 or v15"),
+                && err.contains("v2, v3, v4, v5, v6, v7, v8, v9, v10, v12, v13, v14, v15 or v16"),
             "{err}"
         );
         for v in Variant::ALL {
@@ -1347,7 +1371,7 @@ mod tests {
         }
         // numbers are unique, so `variant()` finds back the one `set_variant` stored
         let numbers: Vec<u8> = Variant::ALL.iter().map(|v| v.number()).collect();
-        assert_eq!(numbers, [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15]);
+        assert_eq!(numbers, [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16]);
     }
 
     #[test]
@@ -1484,6 +1508,51 @@ mod tests {
     }
 
     #[test]
+    fn v16_pads_as_v14_and_runs_its_own_backward() {
+        for (d, arch, want) in [
+            (80, "compute_90", (Variant::V7, Variant::V16)),
+            (64, "compute_90", (Variant::V7, Variant::V16)),
+            (128, "compute_80", (Variant::V3, Variant::V3)),
+        ] {
+            assert_eq!(planned(Variant::V16, arch, d), want, "d{d} {arch}");
+        }
+        for dtype in ["bf16", "f16"] {
+            let bwd = bwd_kernel(Variant::V16, dtype, 128);
+            assert_eq!(bwd, format!("attn_bwd16_{dtype}_d128"));
+            assert!(sm90a_kernel_names().contains(&bwd));
+            assert!(sm90a_kernel_names().contains(&format!("attn_bwd16p_{dtype}_d128")));
+        }
+    }
+
+    /// `exp2_fma` in cuda/attention_sm90.cu, step by step in f32: its constants give 2^x within
+    /// 1e-4 relative for x in [-125, 1] and a tiny positive number (never NaN, inf or a negative)
+    /// below.
+    #[test]
+    fn the_fma_exp2_polynomial_is_within_1e_4() {
+        fn exp2_fma(x: f32) -> f32 {
+            let x = x.max(-125.0);
+            let r = x + 12582912.0;
+            let f = x - (r - 12582912.0);
+            let p = 0.055171482f32
+                .mul_add(f, 0.24261090)
+                .mul_add(f, 0.69326097)
+                .mul_add(f, 0.99992812);
+            f32::from_bits(p.to_bits().wrapping_add(r.to_bits() << 23))
+        }
+        let mut worst = 0.0f64;
+        for i in 0..=1_260_000 {
+            let x = -125.0 + i as f32 * 1e-4;
+            let want = (x as f64).exp2();
+            worst = worst.max((exp2_fma(x) as f64 - want).abs() / want);
+        }
+        assert!(worst < 1e-4, "worst relative error {worst:e}");
+        for x in [-125.5f32, -126.0, -1e30, f32::NEG_INFINITY] {
+            let y = exp2_fma(x);
+            assert!(y.is_finite() && y > 0.0 && y < 1e-37, "2^{x} gave {y}");
+        }
+    }
+
+    #[test]
     fn v15_pads_as_v14_and_runs_its_own_backward() {
         assert_eq!(
             planned(Variant::V15, "compute_90", 80),
@@ -1525,7 +1594,7 @@ mod tests {
         assert!(bwd4_smem(128) <= 227 * 1024, "{}", bwd4_smem(128));
         assert!(bwd6_smem(128) <= 227 * 1024, "{}", bwd6_smem(128));
         assert!(bwd12_smem(128) <= 227 * 1024, "{}", bwd12_smem(128));
-        assert_eq!(sm90a_kernel_names().len(), 40);
+        assert_eq!(sm90a_kernel_names().len(), 44);
         assert_eq!(v4_forward(Variant::V5, "compute_90", 128), Variant::V5);
         assert_eq!(v4_forward(Variant::V5, "compute_80", 64), Variant::V3);
         assert_eq!(v4_backward(Variant::V5, "compute_90", 128), Variant::V4);

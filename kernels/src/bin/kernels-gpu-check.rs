@@ -1,6 +1,6 @@
 //! `make gpu-check` (on a GPU host): every fused kernel against its fp64 reference on fresh random
 //! inputs, then TFLOP/s and GB/s next to libtorch (SDPA, rms_norm) in the same run. Attention runs
-//! every kernel variant in `--variants` (default: all of them, v2 ... v15) through the same
+//! every kernel variant in `--variants` (default: all of them, v2 ... v16) through the same
 //! checks, then times the newest one that passed against a baseline: `--baseline vN`, else (without
 //! `--variants`) the default variant, else the passing one listed before it; so one call says
 //! whether a new variant is correct and how much faster than the default it is. Prints a table last; with
