@@ -60,8 +60,8 @@ done
 want model && [ -x "$BIN/model_gpu" ] && step model-gpu timeout 200 "$BIN/model_gpu" --nocapture --test-threads 1
 # kernels last: its table is the end of the output
 if want kernels; then
-  # ~2.5 min on an H200 (NVRTC compile, 14 variants x 16 correctness cases, timings of the newest
-  # variants and SDPA); the cap keeps a hung kernel from eating a 15-minute device budget
+  # ~2.5 min on an H200 (NVRTC compile, 14 variants x 16 correctness cases, timings of two variants
+  # and SDPA); the cap keeps a hung kernel from eating a 15-minute device budget
   # KERNELS_VARIANTS (e.g. v13,v14,v15): the variants to check; the newest passing one is timed
   # against KERNELS_BASELINE, else (all variants checked) the default variant, else the passing one
   # listed before it
