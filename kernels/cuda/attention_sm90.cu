@@ -826,7 +826,7 @@ __device__ __forceinline__ void bwd4_rs_acc(float (&acc)[D / 2], const u32 (&a)[
 // ~450 cycles per tile with nothing on the tensor cores, was measured in the same session and
 // removed: 254 registers, no faster, see kernels/BENCHMARKS.md.)
 //
-// PROF (kernel development only: `attn_bwd6p_*` ... `attn_bwd12p_*`, launched when
+// PROF (kernel development only: `attn_bwd6p_*` ... `attn_bwd16p_*`, launched when
 // LLAVA_SCO_ATTN_BWD_PROFILE=1): thread 0 of each warpgroup of two blocks (x = 0 and the middle
 // one) adds up clock64 spans of each step over its tiles and leaves them per tile in
 // `attn_bwd_prof`, which the host reads and prints after the launch. (A device printf instead made
@@ -930,7 +930,7 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
     }
 
     // PROF: spans 0 load wait + barrier, 1 S^T, 2 P^T, 3 dP^T + dS^T + pack, 4 to the dS^T barrier,
-    // 5 dV + dQ (+ dK for variant 6), 6 dQ staging, 7 dK wait. EARLY: 0 is empty, 1 is the rest of
+    // 5 dV + dQ (+ dK for variant 6), 6 dQ staging (RED: the reductions' issue), 7 dK wait. EARLY: 0 is empty, 1 is the rest of
     // S^T after dP^T was issued, and 6 also holds the next tile's load wait and S^T issue.
     constexpr int NPROF = BWD_PROF_SPANS;
     long long prof[NPROF] = {}, prof_t = 0;
@@ -1049,8 +1049,9 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
             mark(5);
         }
 
-        // dQ out: the last bulk reduce has read the staging tile (waited by the threads that issued
-        // it), then the tile is overwritten and handed to the copy engine
+        // dQ out (RED: vector reductions from the registers; else the last bulk reduce has read the
+        // staging tile (waited by the threads that issued it), then the tile is overwritten and
+        // handed to the copy engine)
         if constexpr (RED) {
             // straight from the registers: 8 vector reductions per thread into dq_acc's tile
             // (b, h, qt, wg), in fragment order (a warp's 32 float4 are 512 contiguous bytes)
@@ -1189,7 +1190,8 @@ extern "C" __global__ void attn_bwd_dq9_f16(AttnParams p) { attn_bwd_dq9<false>(
     ATTN10_BWD(bwd12, NAME, BF16, D, true, false, false)                                                  \
     ATTN10_BWD(bwd15, NAME, BF16, D, true, true, false)                                                   \
     ATTN10_BWD(bwd16, NAME, BF16, D, true, true, true)
-// Head dims here must match `v4_forward` / `v4_backward` in attention.rs.
+// Head dims here must match `v4_forward` / `v4_backward` in attention.rs (and the d128 that
+// `kernel_head_dim` pads 64 and 80 to).
 ATTN4_FWD(bf16, true, 64)
 ATTN4_FWD(bf16, true, 128)
 ATTN4_FWD(f16, false, 64)

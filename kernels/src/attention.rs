@@ -275,11 +275,13 @@ fn kernel_head_dim(variant: Variant, arch: &str, d: i64, pass: Pass) -> i64 {
 
 /// `t` (B, H, S, d) in the first d columns of a zeroed (B, H, S, to) tensor over (B, S, H, to)
 /// memory, the layout the model's projections give.
+/// (Detached: the kernels sit outside autograd, their backward is called explicitly.)
 fn zero_padded(t: &Tensor, to: i64) -> Tensor {
     let s = t.size();
     let padded =
-        Tensor::zeros([s[0], s[2], s[1], to], (t.kind(), t.device())).permute([0, 2, 1, 3]);
-    padded.narrow(3, 0, s[3]).copy_(t);
+        Tensor::empty([s[0], s[2], s[1], to], (t.kind(), t.device())).permute([0, 2, 1, 3]);
+    padded.narrow(3, 0, s[3]).copy_(&t.detach());
+    let _ = padded.narrow(3, s[3], to - s[3]).zero_();
     padded
 }
 
@@ -329,7 +331,7 @@ fn fwd4_smem(d: i64) -> i64 {
     5 * FWD4_BLOCK * d * 2 + 1024
 }
 
-/// Query rows per step of the wgmma backward (V4, V6, V9, V10, V12).
+/// Query rows per step of the wgmma backward (V4, V6, V9, V10, V12, V15, V16).
 const BWD4_BLOCK_M: i64 = 64;
 /// Variant 4 backward (wgmma): 128-key blocks of 2 warpgroups, 64 queries per step; shared memory
 /// K, V (128 x D), Q, dO (64 x D), dS^T (128 x 64), lse and delta (64 floats each), + 1 KB alignment.
@@ -424,8 +426,9 @@ fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
     }
 }
 
-/// Kernel development: `LLAVA_SCO_ATTN_BWD_PROFILE=1` makes variants 6, 9, 10 and 12 launch their
-/// backward's profiling build (`attn_bwd6p_*` ... `attn_bwd12p_*`), which leaves the clock
+/// Kernel development: `LLAVA_SCO_ATTN_BWD_PROFILE=1` makes variants 6, 9, 10, 12, 15 and 16
+/// (and 13, 14 through 12) launch their backward's profiling build (`attn_bwd6p_*` ...
+/// `attn_bwd16p_*`), which leaves the clock
 /// cycles each step takes per tile in two blocks in a device array; each backward then waits for
 /// it and prints them on stdout (`print_backward_profile`).
 pub const BWD_PROFILE_ENV: &str = "LLAVA_SCO_ATTN_BWD_PROFILE";
@@ -874,7 +877,7 @@ pub fn fused_forward_into(
             (FWD3_BLOCK_M + 4 * fwd3_block_n(d.d)) * (d.d + 8) * 2,
         ),
         Variant::V4 | Variant::V5 | Variant::V6 => (FWD4_BLOCK, FWD4_THREADS, fwd4_smem(d.d)),
-        // (v4_forward maps V8-V10, V13 and V14 to V7)
+        // (v4_forward maps V8-V10 and V13-V16 to V7)
         Variant::V7
         | Variant::V8
         | Variant::V9

@@ -279,8 +279,8 @@ struct Row {
 fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant, new: Variant) {
     let dev = Device::Cuda(0);
     // d80 is the vision tower's (1280 / 16), non-causal: s4096 is ~2/3 of one image's 4 tiles of
-    // 1608 padded patches, s1024 under one tile. Every variant runs v3's forward and the generic
-    // backward there, so only the SDPA ratio of those rows says anything.
+    // 1608 padded patches, s1024 under one tile. Up to v13 every variant runs v3's forward and the
+    // generic backward there (their rows differ only by noise); v14 on pads it to d128.
     for &(d, h) in &[(128i64, 16i64), (64, 32), (80, 16)] {
         // KERNELS_BENCH=quick: two lengths only (a device call with little time left)
         let quick = std::env::var("KERNELS_BENCH").is_ok_and(|v| v == "quick");
