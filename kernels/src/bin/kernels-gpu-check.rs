@@ -3,8 +3,11 @@
 //! every kernel variant in `--variants` (default: all of them, v2 ... v16) through the same
 //! checks, then times the newest one that passed against a baseline: `--baseline vN`, else (without
 //! `--variants`) the default variant, else the passing one listed before it; so one call says
-//! whether a new variant is correct and how much faster than the default it is. Prints a table last; with
-//! `--out DIR` also writes DIR/kernels-gpu.jsonl (kernels-gpu-<variants>.jsonl with `--variants`).
+//! whether a new variant is correct and how much faster than the default it is. The timings: a
+//! sweep of head dims and lengths without masks, then the model's own three attention calls with
+//! their masks (`model ...` rows: what `model.attention: fused` gains over `sdpa` in Llama 3.2
+//! Vision's training step). Prints a table last; with `--out DIR` also writes
+//! DIR/kernels-gpu.jsonl (kernels-gpu-<variants>.jsonl with `--variants`).
 //! Without a GPU it prints `SKIP (no GPU)`.
 use std::io::Write;
 use std::panic::AssertUnwindSafe;
@@ -275,9 +278,180 @@ struct Row {
     unit: &'static str,
 }
 
+/// How libtorch's SDPA is called on a case, as the model calls it (`sdpa_call` in
+/// trainer/src/model/ops.rs): a dense bool mask (true = attend) or none, the causal flag, grouped
+/// heads either native (`enable_gqa`) or with K/V repeated to the query heads first (a masked
+/// grouped call on CUDA, where the flash kernel takes no mask and the memory-efficient one no
+/// grouped heads).
+struct SdpaCall {
+    mask: Option<Tensor>,
+    causal: bool,
+    gqa: bool,
+    repeat_kv: i64,
+}
+
+impl SdpaCall {
+    fn plain(causal: bool) -> Self {
+        SdpaCall {
+            mask: None,
+            causal,
+            gqa: false,
+            repeat_kv: 1,
+        }
+    }
+
+    /// (k, v) as SDPA gets them.
+    fn kv(&self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+        match self.repeat_kv {
+            1 => (k.shallow_clone(), v.shallow_clone()),
+            r => (
+                k.repeat_interleave_self_int(r, 1, None),
+                v.repeat_interleave_self_int(r, 1, None),
+            ),
+        }
+    }
+
+    fn run(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+        let (k, v) = self.kv(k, v);
+        Tensor::scaled_dot_product_attention(
+            q,
+            &k,
+            &v,
+            self.mask.as_ref(),
+            0.0,
+            self.causal,
+            scale,
+            self.gqa,
+        )
+    }
+
+    /// Which backend libtorch's SDPA dispatches these inputs to (`at::_fused_sdp_choice`, the
+    /// `SDPBackend` enum of torch 2.11).
+    fn backend(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> String {
+        let (k, v) = self.kv(k, v);
+        let choice = Tensor::f_internal_fused_sdp_choice(
+            q,
+            &k,
+            &v,
+            self.mask.as_ref(),
+            0.0,
+            self.causal,
+            scale,
+            self.gqa,
+        );
+        match choice {
+            Ok(0) => "math".into(),
+            Ok(1) => "flash".into(),
+            Ok(2) => "efficient".into(),
+            Ok(3) => "cudnn".into(),
+            Ok(n) => format!("#{n}"),
+            Err(_) => "unknown".into(),
+        }
+    }
+}
+
+/// One timed attention problem: q (B, H, Sq, D) and k, v (B, Hk, Sk, D) over (B, S, H, D) memory
+/// as the model's projections give them, its mask, and the FLOPs of its forward (FlashAttention's
+/// count: 4 B Sq Sk H D, halved when causal; masked pairs count, both sides compute them).
+struct BenchCase<'a> {
+    tag: String,
+    /// the shape's JSON fields
+    shape: String,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: AttentionMask<'a>,
+    sdpa: SdpaCall,
+    flops_fwd: f64,
+}
+
+/// Random bf16 (B, H, S, D) over (B, S, H, D) memory.
+fn bshd(b: i64, h: i64, s: i64, d: i64) -> Tensor {
+    Tensor::randn([b, s, h, d], (Kind::BFloat16, Device::Cuda(0))).permute([0, 2, 1, 3])
+}
+
+/// Times a case's forward and forward+backward with `prev` and `new`, and SDPA's, into a row pair
+/// and JSON lines.
+fn time_case(
+    rows: &mut Vec<Row>,
+    json: &mut Vec<String>,
+    c: &BenchCase,
+    prev: Variant,
+    new: Variant,
+) {
+    let (q, k, v, mask) = (&c.q, &c.k, &c.v, &c.mask);
+    let d = q.size()[3];
+    let scale = 1.0 / (d as f64).sqrt();
+    let dout = Tensor::randn(q.size(), (Kind::BFloat16, q.device()));
+    let fwd = || {
+        attention::fused_forward(q, k, v, mask, scale).expect("fused forward");
+    };
+    let fwd_bwd = || {
+        let fwd = attention::fused_forward(q, k, v, mask, scale).expect("fused forward");
+        attention::fused_backward(&dout, q, k, v, &fwd, mask, scale).expect("fused backward");
+    };
+    attention::set_variant(prev);
+    let (old_f, old_fb) = (time_it(fwd), time_it(fwd_bwd));
+    attention::set_variant(new);
+    let (ours_f, ours_fb) = (time_it(fwd), time_it(fwd_bwd));
+    let sdpa_f = time_it(|| {
+        let _ = c.sdpa.run(q, k, v, scale);
+    });
+    let (qg, kg, vg) = (
+        q.detach().set_requires_grad(true),
+        k.detach().set_requires_grad(true),
+        v.detach().set_requires_grad(true),
+    );
+    // The backward from `o` itself: autograd seeds it with ones_like(o) (one fill kernel), where
+    // a scalar loss such as (o * dout).sum() would add three elementwise passes over (B, H, S, D)
+    // that are not SDPA's cost (~5 % of its forward+backward at s2048; the tables measured before
+    // session 10 include them).
+    let sdpa_fb = time_it(|| {
+        let o = c.sdpa.run(&qg, &kg, &vg, scale);
+        let _ = Tensor::run_backward(&[o], &[&qg, &kg, &vg], false, false);
+    });
+    // (its checks depend on requires_grad: asked with the tensors each timing used)
+    let backends = [
+        c.sdpa.backend(q, k, v, scale),
+        c.sdpa.backend(&qg, &kg, &vg, scale),
+    ];
+    println!(
+        "{}: libtorch SDPA runs its {} backend (forward), {} (forward+backward)",
+        c.tag, backends[0], backends[1]
+    );
+    for (what, old, ours, peer, fl, backend) in [
+        ("fwd", old_f, ours_f, sdpa_f, c.flops_fwd, &backends[0]),
+        (
+            "fwd+bwd",
+            old_fb,
+            ours_fb,
+            sdpa_fb,
+            c.flops_fwd * 3.5,
+            &backends[1],
+        ),
+    ] {
+        let (t_old, t_ours, t_peer) = (fl / old / 1e12, fl / ours / 1e12, fl / peer / 1e12);
+        rows.push(Row {
+            name: format!("{} {what}", c.tag),
+            old: Some(t_old),
+            ours: t_ours,
+            peer: t_peer,
+            unit: "TFLOP/s",
+        });
+        json.push(format!(
+            "{{\"bench\":\"attention\",\"case\":\"{}\",\"pass\":\"{what}\",{},\"variant\":\"{}\",\"seconds\":{ours:.6e},\"tflops\":{t_ours:.2},\"prev_variant\":\"{}\",\"prev_seconds\":{old:.6e},\"prev_tflops\":{t_old:.2},\"sdpa_backend\":\"{backend}\",\"sdpa_seconds\":{peer:.6e},\"sdpa_tflops\":{t_peer:.2},\"ratio\":{:.3},\"speedup_vs_prev\":{:.3}}}",
+            c.tag,
+            c.shape,
+            new.name(),
+            prev.name(),
+            t_ours / t_peer,
+            t_ours / t_old
+        ));
+    }
+}
+
 /// Times `prev` (the previous default) and `new` (the variant under test) against SDPA.
 fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant, new: Variant) {
-    let dev = Device::Cuda(0);
     // d80 is the vision tower's (1280 / 16), non-causal: s4096 is ~2/3 of one image's 4 tiles of
     // 1608 padded patches, s1024 under one tile. Up to v13 every variant runs v3's forward and the
     // generic backward there (their rows differ only by noise); v14 on pads it to d128.
@@ -295,113 +469,125 @@ fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant, n
         for &s in lengths {
             for &causal in masks {
                 let b = 16384 / s;
-                let q = Tensor::randn([b, s, h, d], (Kind::BFloat16, dev)).permute([0, 2, 1, 3]);
-                let k = Tensor::randn([b, s, h, d], (Kind::BFloat16, dev)).permute([0, 2, 1, 3]);
-                let v = Tensor::randn([b, s, h, d], (Kind::BFloat16, dev)).permute([0, 2, 1, 3]);
-                let dout = Tensor::randn([b, h, s, d], (Kind::BFloat16, dev));
-                let scale = 1.0 / (d as f64).sqrt();
-                let mask = AttentionMask {
-                    causal,
-                    ..Default::default()
-                };
-                let flops_fwd = 4.0 * (b * s * s * h * d) as f64 / if causal { 2.0 } else { 1.0 };
-                let flops_fb = flops_fwd * 3.5;
-                let fwd = || {
-                    attention::fused_forward(&q, &k, &v, &mask, scale).expect("fused forward");
-                };
-                let fwd_bwd = || {
-                    let fwd =
-                        attention::fused_forward(&q, &k, &v, &mask, scale).expect("fused forward");
-                    attention::fused_backward(&dout, &q, &k, &v, &fwd, &mask, scale)
-                        .expect("fused backward");
-                };
-                attention::set_variant(prev);
-                let (old_f, old_fb) = (time_it(fwd), time_it(fwd_bwd));
-                attention::set_variant(new);
-                let (ours_f, ours_fb) = (time_it(fwd), time_it(fwd_bwd));
-                let sdpa_f = time_it(|| {
-                    let _ = Tensor::scaled_dot_product_attention(
-                        &q,
-                        &k,
-                        &v,
-                        None::<Tensor>,
-                        0.0,
+                let case = BenchCase {
+                    tag: format!("attn d{d} s{s} {}", if causal { "causal" } else { "full" }),
+                    shape: format!(
+                        "\"d\":{d},\"heads\":{h},\"seq\":{s},\"batch\":{b},\"causal\":{causal}"
+                    ),
+                    q: bshd(b, h, s, d),
+                    k: bshd(b, h, s, d),
+                    v: bshd(b, h, s, d),
+                    mask: AttentionMask {
                         causal,
-                        scale,
-                        false,
-                    );
-                });
-                let (qg, kg, vg) = (
-                    q.detach().set_requires_grad(true),
-                    k.detach().set_requires_grad(true),
-                    v.detach().set_requires_grad(true),
-                );
-                // The backward from `o` itself: autograd seeds it with ones_like(o) (one fill
-                // kernel), where a scalar loss such as (o * dout).sum() would add three
-                // elementwise passes over (B, H, S, D) that are not SDPA's cost (~5 % of its
-                // forward+backward at s2048; the tables measured before session 10 include them).
-                let sdpa_fb = time_it(|| {
-                    let o = Tensor::scaled_dot_product_attention(
-                        &qg,
-                        &kg,
-                        &vg,
-                        None::<Tensor>,
-                        0.0,
-                        causal,
-                        scale,
-                        false,
-                    );
-                    let _ = Tensor::run_backward(&[o], &[&qg, &kg, &vg], false, false);
-                });
-                let tag = format!("attn d{d} s{s} {}", if causal { "causal" } else { "full" });
-                // (its checks depend on requires_grad: asked with the tensors each timing used)
-                let backends = [
-                    sdpa_backend(&q, &k, &v, causal, scale),
-                    sdpa_backend(&qg, &kg, &vg, causal, scale),
-                ];
-                println!(
-                    "{tag}: libtorch SDPA runs its {} backend (forward), {} (forward+backward)",
-                    backends[0], backends[1]
-                );
-                for (what, old, ours, peer, fl, backend) in [
-                    ("fwd", old_f, ours_f, sdpa_f, flops_fwd, &backends[0]),
-                    ("fwd+bwd", old_fb, ours_fb, sdpa_fb, flops_fb, &backends[1]),
-                ] {
-                    let (t_old, t_ours, t_peer) =
-                        (fl / old / 1e12, fl / ours / 1e12, fl / peer / 1e12);
-                    rows.push(Row {
-                        name: format!("{tag} {what}"),
-                        old: Some(t_old),
-                        ours: t_ours,
-                        peer: t_peer,
-                        unit: "TFLOP/s",
-                    });
-                    json.push(format!(
-                        "{{\"bench\":\"attention\",\"pass\":\"{what}\",\"d\":{d},\"heads\":{h},\"seq\":{s},\"batch\":{b},\"causal\":{causal},\"variant\":\"{}\",\"seconds\":{ours:.6e},\"tflops\":{t_ours:.2},\"prev_variant\":\"{}\",\"prev_seconds\":{old:.6e},\"prev_tflops\":{t_old:.2},\"sdpa_backend\":\"{backend}\",\"sdpa_seconds\":{peer:.6e},\"sdpa_tflops\":{t_peer:.2},\"ratio\":{:.3},\"speedup_vs_prev\":{:.3}}}",
-                        new.name(),
-                        prev.name(),
-                        t_ours / t_peer,
-                        t_ours / t_old
-                    ));
-                }
+                        ..Default::default()
+                    },
+                    sdpa: SdpaCall::plain(causal),
+                    flops_fwd: 4.0 * (b * s * s * h * d) as f64 / if causal { 2.0 } else { 1.0 },
+                };
+                time_case(rows, json, &case, prev, new);
             }
         }
     }
+    if std::env::var("KERNELS_BENCH").is_ok_and(|v| v == "quick") {
+        return;
+    }
+    bench_model_shapes(rows, json, prev, new);
 }
 
-/// Which backend libtorch's SDPA dispatches these inputs to (`at::_fused_sdp_choice`, the
-/// `SDPBackend` enum of torch 2.11).
-fn sdpa_backend(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> String {
-    let choice =
-        Tensor::f_internal_fused_sdp_choice(q, k, v, None::<Tensor>, 0.0, causal, scale, false);
-    match choice {
-        Ok(0) => "math".into(),
-        Ok(1) => "flash".into(),
-        Ok(2) => "efficient".into(),
-        Ok(3) => "cudnn".into(),
-        Ok(n) => format!("#{n}"),
-        Err(_) => "unknown".into(),
-    }
+/// The three attention calls of Llama 3.2 11B Vision's training step at its own shapes, each with
+/// the mask the model passes and SDPA called as the model's `sdpa` path calls it, so the rows say
+/// what `model.attention: fused` gains over `sdpa` there (two samples, one 4-tile image each,
+/// 2048 text tokens):
+/// - vision: 16 heads of 80 over 4 x 1608 patches (1601 real per tile; the first image has 2 real
+///   tiles), padded queries not seeing padded keys (Mllama's mask);
+/// - text self-attention: 32 query heads over 8 KV heads of 128, causal (8 sequences);
+/// - cross-attention: the text's 32 / 8 heads over 4 x 1601 image tokens, each text row seeing
+///   the real tiles of its image (the first 8 rows, before the image token, none).
+fn bench_model_shapes(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant, new: Variant) {
+    let dev = Device::Cuda(0);
+    let b = 2;
+    // vision
+    let (tiles, per_tile, real) = (4i64, 1608i64, 1601i64);
+    let s = tiles * per_tile;
+    let pad = Tensor::zeros([b, tiles, per_tile], (Kind::Bool, dev));
+    let _ = pad.narrow(2, real, per_tile - real).fill_(1);
+    let _ = pad.get(0).narrow(0, 2, 2).fill_(1);
+    let pad = pad.view([b, s]);
+    let keep = pad.logical_not();
+    let mask = AttentionMask {
+        key_keep: Some(&keep),
+        query_flags: Some(&pad),
+        ..Default::default()
+    };
+    let dense = attention::dense_mask(&mask, b, s, s, dev);
+    let (h, d) = (16, 80);
+    let vision = BenchCase {
+        tag: format!("model vision d{d} s{s}"),
+        shape: format!("\"d\":{d},\"heads\":{h},\"seq\":{s},\"batch\":{b},\"causal\":false"),
+        q: bshd(b, h, s, d),
+        k: bshd(b, h, s, d),
+        v: bshd(b, h, s, d),
+        mask,
+        sdpa: SdpaCall {
+            mask: Some(dense),
+            causal: false,
+            gqa: false,
+            repeat_kv: 1,
+        },
+        flops_fwd: 4.0 * (b * s * s * h * d) as f64,
+    };
+    time_case(rows, json, &vision, prev, new);
+    // text self-attention
+    let (bt, st, h, hk, d) = (8i64, 2048i64, 32i64, 8i64, 128i64);
+    let text = BenchCase {
+        tag: format!("model text d{d} s{st} gqa4 causal"),
+        shape: format!(
+            "\"d\":{d},\"heads\":{h},\"kv_heads\":{hk},\"seq\":{st},\"batch\":{bt},\"causal\":true"
+        ),
+        q: bshd(bt, h, st, d),
+        k: bshd(bt, hk, st, d),
+        v: bshd(bt, hk, st, d),
+        mask: AttentionMask {
+            causal: true,
+            ..Default::default()
+        },
+        sdpa: SdpaCall {
+            mask: None,
+            causal: true,
+            gqa: true,
+            repeat_kv: 1,
+        },
+        flops_fwd: 4.0 * (bt * st * st * h * d) as f64 / 2.0,
+    };
+    time_case(rows, json, &text, prev, new);
+    // cross-attention
+    let (sq, sk) = (2048i64, tiles * 1601);
+    let blocks = Tensor::ones([b, sq, tiles], (Kind::Bool, dev));
+    let _ = blocks.narrow(1, 0, 8).fill_(0);
+    let _ = blocks.get(0).narrow(1, 2, 2).fill_(0);
+    let mask = AttentionMask {
+        block_mask: Some((&blocks, 1601)),
+        ..Default::default()
+    };
+    let dense = attention::dense_mask(&mask, b, sq, sk, dev);
+    let cross = BenchCase {
+        tag: format!("model cross d{d} q{sq} k{sk}"),
+        shape: format!(
+            "\"d\":{d},\"heads\":{h},\"kv_heads\":{hk},\"seq\":{sq},\"keys\":{sk},\"batch\":{b},\"causal\":false"
+        ),
+        q: bshd(b, h, sq, d),
+        k: bshd(b, hk, sk, d),
+        v: bshd(b, hk, sk, d),
+        mask,
+        sdpa: SdpaCall {
+            mask: Some(dense),
+            causal: false,
+            gqa: false,
+            repeat_kv: h / hk,
+        },
+        flops_fwd: 4.0 * (b * sq * sk * h * d) as f64,
+    };
+    time_case(rows, json, &cross, prev, new);
 }
 
 fn bench_rmsnorm(rows: &mut Vec<Row>, json: &mut Vec<String>) {
