@@ -273,6 +273,20 @@ fn kernel_head_dim(variant: Variant, arch: &str, d: i64, pass: Pass) -> i64 {
     }
 }
 
+/// Whether libtorch's SDPA measured faster than the kernels `variant` runs at head dim `d` on a
+/// device of `arch`: at 80 (Llama 3.2 Vision's tower, 1280 / 16), where the Hopper kernels do not
+/// apply unless padded (V14 on), variant 3's forward and variant 2's backward ran 0.57-0.60x SDPA
+/// forward and 0.34-0.39x forward+backward (H200, 2026-11-27, kernels/BENCHMARKS.md). A model may
+/// then run SDPA there instead (the vision tower does).
+pub fn sdpa_faster(variant: Variant, arch: &str, d: i64) -> bool {
+    d == 80 && kernel_head_dim(variant, arch, d, Pass::Forward) == 80
+}
+
+/// `sdpa_faster` for the variant in use on GPU `ordinal`.
+pub fn sdpa_faster_on(ordinal: i32, d: i64) -> Result<bool> {
+    Ok(sdpa_faster(variant()?, &runtime::gpu(ordinal)?.arch, d))
+}
+
 /// `t` (B, H, S, d) in the first d columns of a zeroed (B, H, S, to) tensor over (B, S, H, to)
 /// memory, the layout the model's projections give.
 /// (Detached: the kernels sit outside autograd, their backward is called explicitly.)
@@ -1553,6 +1567,21 @@ mod tests {
         for x in [-125.5f32, -126.0, -1e30, f32::NEG_INFINITY] {
             let y = exp2_fma(x);
             assert!(y.is_finite() && y > 0.0 && y < 1e-37, "2^{x} gave {y}");
+        }
+    }
+
+    #[test]
+    fn sdpa_is_preferred_at_d80_only_where_nothing_pads_it() {
+        for v in [Variant::V3, Variant::V10, Variant::V13] {
+            assert!(sdpa_faster(v, "compute_90", 80), "{v:?}");
+            assert!(sdpa_faster(v, "compute_80", 80), "{v:?}");
+        }
+        for v in [Variant::V14, Variant::V15, Variant::V16] {
+            assert!(!sdpa_faster(v, "compute_90", 80), "{v:?}");
+            assert!(sdpa_faster(v, "compute_80", 80), "{v:?}");
+        }
+        for d in [64, 128] {
+            assert!(!sdpa_faster(Variant::V13, "compute_90", d));
         }
     }
 

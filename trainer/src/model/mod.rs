@@ -273,6 +273,28 @@ fn check_fused_device(options: &LoadOptions) -> Result<(), ModelError> {
     Ok(())
 }
 
+/// The vision tower's attention: `options.attention`, except that `fused` on a GPU runs libtorch's
+/// SDPA there when it measured faster than the kernels at the tower's head dim
+/// (`kernels::attention::sdpa_faster`: at 80, Llama 3.2 Vision's, the kernels that apply ran
+/// 0.34-0.39x SDPA forward+backward; the text model's 128 keeps the kernels). Logged once.
+fn vision_attention(config: &MllamaConfig, options: &LoadOptions) -> AttentionImpl {
+    let (AttentionImpl::Fused, Device::Cuda(ordinal)) = (options.attention, options.device) else {
+        return options.attention;
+    };
+    let d = config.vision.hidden_size / config.vision.attention_heads;
+    // (an error here, a bad variant or no GPU, is reported by the first fused call)
+    if !kernels::attention::sdpa_faster_on(ordinal as i32, d).unwrap_or(false) {
+        return AttentionImpl::Fused;
+    }
+    static NOTED: std::sync::Once = std::sync::Once::new();
+    NOTED.call_once(|| {
+        tracing::info!(
+            "model.attention: fused: the vision tower (head dim {d}) runs libtorch SDPA, which measured faster than the attention kernels there (kernels/BENCHMARKS.md); the text model runs the kernels"
+        )
+    });
+    AttentionImpl::Sdpa
+}
+
 impl MllamaModel {
     /// Loads `dir` (config.json + safetensors in either key layout).
     pub fn load(dir: &Path, options: LoadOptions) -> Result<Self, ModelError> {
@@ -309,7 +331,8 @@ impl MllamaModel {
         options: LoadOptions,
     ) -> Result<Self, ModelError> {
         check_fused_device(&options)?;
-        let vision = VisionModel::load(&mut ld, &config.vision, options.attention);
+        let vision =
+            VisionModel::load(&mut ld, &config.vision, vision_attention(&config, &options));
         let multi_modal_projector = linear(
             &mut ld,
             "model.multi_modal_projector",
