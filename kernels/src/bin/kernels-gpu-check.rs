@@ -279,7 +279,8 @@ struct Row {
 }
 
 /// How libtorch's SDPA is called on a case, as the model calls it (`sdpa_call` in
-/// trainer/src/model/ops.rs): a dense bool mask (true = attend) or none, the causal flag, grouped
+/// trainer/src/model/ops.rs): a dense additive bf16 mask (0 or bf16's lowest, `additive`) or none,
+/// the causal flag, grouped
 /// heads either native (`enable_gqa`) or with K/V repeated to the query heads first (a masked
 /// grouped call on CUDA, where the flash kernel takes no mask and the memory-efficient one no
 /// grouped heads).
@@ -363,6 +364,14 @@ struct BenchCase<'a> {
     mask: AttentionMask<'a>,
     sdpa: SdpaCall,
     flops_fwd: f64,
+}
+
+/// The model's additive mask for SDPA from a bool one (true = attend): 0 where allowed, bf16's
+/// lowest value elsewhere (transformers' `finfo.min`), built once as the model builds it per step.
+fn additive(allowed: &Tensor) -> Tensor {
+    const BF16_LOWEST: f64 = -3.389_531_389_251_535_5e38;
+    Tensor::zeros(allowed.size(), (Kind::BFloat16, allowed.device()))
+        .masked_fill(&allowed.logical_not(), BF16_LOWEST)
 }
 
 /// Random bf16 (B, H, S, D) over (B, S, H, D) memory.
@@ -500,9 +509,13 @@ fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant, n
 /// 2048 text tokens):
 /// - vision: 16 heads of 80 over 4 x 1608 patches (1601 real per tile; the first image has 2 real
 ///   tiles), padded queries not seeing padded keys (Mllama's mask);
-/// - text self-attention: 32 query heads over 8 KV heads of 128, causal (8 sequences);
+/// - text self-attention: 32 query heads over 8 KV heads of 128, causal (8 unpadded sequences:
+///   SDPA's flash path with grouped heads; padded batches take a dense mask instead);
 /// - cross-attention: the text's 32 / 8 heads over 4 x 1601 image tokens, each text row seeing
-///   the real tiles of its image (the first 8 rows, before the image token, none).
+///   the real tiles of its image.
+///
+/// One configuration each: with 4 real tiles in every image, say, the model's SDPA path splits
+/// the vision call into an unmasked one and a few masked rows (`AttnMask::dense_rows`).
 fn bench_model_shapes(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant, new: Variant) {
     let dev = Device::Cuda(0);
     let b = 2;
@@ -519,7 +532,7 @@ fn bench_model_shapes(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant
         query_flags: Some(&pad),
         ..Default::default()
     };
-    let dense = attention::dense_mask(&mask, b, s, s, dev);
+    let dense = additive(&attention::dense_mask(&mask, b, s, s, dev));
     let (h, d) = (16, 80);
     let vision = BenchCase {
         tag: format!("model vision d{d} s{s}"),
@@ -540,7 +553,7 @@ fn bench_model_shapes(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant
     // text self-attention
     let (bt, st, h, hk, d) = (8i64, 2048i64, 32i64, 8i64, 128i64);
     let text = BenchCase {
-        tag: format!("model text d{d} s{st} gqa4 causal"),
+        tag: format!("model text d{d} s{st} causal"),
         shape: format!(
             "\"d\":{d},\"heads\":{h},\"kv_heads\":{hk},\"seq\":{st},\"batch\":{bt},\"causal\":true"
         ),
@@ -563,13 +576,12 @@ fn bench_model_shapes(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant
     // cross-attention
     let (sq, sk) = (2048i64, tiles * 1601);
     let blocks = Tensor::ones([b, sq, tiles], (Kind::Bool, dev));
-    let _ = blocks.narrow(1, 0, 8).fill_(0);
     let _ = blocks.get(0).narrow(1, 2, 2).fill_(0);
     let mask = AttentionMask {
         block_mask: Some((&blocks, 1601)),
         ..Default::default()
     };
-    let dense = attention::dense_mask(&mask, b, sq, sk, dev);
+    let dense = additive(&attention::dense_mask(&mask, b, sq, sk, dev));
     let cross = BenchCase {
         tag: format!("model cross d{d} q{sq} k{sk}"),
         shape: format!(
@@ -867,7 +879,7 @@ fn main() -> std::process::ExitCode {
         }
     }
     println!(
-        "\n{:<34} {:>8} {:>8} {:>9} {:>7} {:>7}  unit   ({}, {:.0} s)",
+        "\n{:<38} {:>8} {:>8} {:>9} {:>7} {:>7}  unit   ({}, {:.0} s)",
         "benchmark",
         prev.name(),
         &format!("{}/ours", new.name()),
@@ -883,7 +895,7 @@ fn main() -> std::process::ExitCode {
             Option::None => ("-".into(), "-".into()),
         };
         println!(
-            "{:<34} {:>8} {:>8.1} {:>9.1} {:>7.2} {:>7}  {}",
+            "{:<38} {:>8} {:>8.1} {:>9.1} {:>7.2} {:>7}  {}",
             r.name,
             old,
             r.ours,
