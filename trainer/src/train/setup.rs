@@ -234,18 +234,31 @@ pub(super) fn fused_attention_note(config: &Config, device: Device) -> Result<Op
     let variant = kernels::attention::variant()
         .map_err(|e| anyhow::anyhow!("model.attention: fused: {e}"))?;
     let head_dims = check_fused_config(config)?;
-    // the kernels compiled and loaded now (NVRTC, the GPU's compute capability, the cache)
+    // the kernels compiled and loaded now (NVRTC, the GPU's compute capability, the cache), but
+    // not for a vision tower that runs SDPA (model::vision_attention: where it is faster)
+    let mut sdpa_tower = String::new();
     if let Device::Cuda(ordinal) = device {
         let kind = crate::fsdp::kind_of(config.compute_dtype().1);
-        for d in head_dims {
+        let mut prepared = Vec::new();
+        for (part, d) in head_dims {
+            if part == "vision"
+                && kernels::attention::sdpa_faster_on(ordinal as i32, d).unwrap_or(false)
+            {
+                sdpa_tower = format!("; the vision tower (head dim {d}) runs libtorch SDPA, faster than the kernels there");
+                continue;
+            }
+            if prepared.contains(&d) {
+                continue;
+            }
             kernels::attention::prepare(ordinal as i32, kind, d).map_err(|e| {
                 anyhow::anyhow!("model.attention: fused: {e}; or set model.attention: sdpa")
             })?;
+            prepared.push(d);
         }
     }
     let all = kernels::attention::Variant::ALL;
     Ok(Some(format!(
-        "model.attention: fused runs attention kernel variant {} ({}={} ... {} selects another; kernels/BENCHMARKS.md has each one's speed)",
+        "model.attention: fused runs attention kernel variant {} ({}={} ... {} selects another; kernels/BENCHMARKS.md has each one's speed){sdpa_tower}",
         variant.name(),
         kernels::attention::VARIANT_ENV,
         all[0].name(),
@@ -257,8 +270,8 @@ pub(super) fn fused_attention_note(config: &Config, device: Device) -> Result<Op
 /// would refuse at the first attention call, minutes into loading an 11B model): the FSDP
 /// schedule, whose explicit attention backward it trains through; bf16 or fp16 compute; head
 /// dims the kernels take.
-/// Returns the model's head dims (text, vision), when its config.json reads.
-fn check_fused_config(config: &Config) -> Result<Vec<i64>> {
+/// Returns the model's head dims by part ("text", "vision"), when its config.json reads.
+fn check_fused_config(config: &Config) -> Result<Vec<(&'static str, i64)>> {
     if !config.fsdp.enabled {
         bail!("model.attention: fused trains through the FSDP schedule's explicit attention backward, which fsdp.enabled: false does not run; set fsdp.enabled: true (it works at world 1 too), or model.attention: sdpa");
     }
@@ -277,10 +290,9 @@ fn check_fused_config(config: &Config) -> Result<Vec<i64>> {
             if !dims.contains(&d) {
                 bail!("model.attention: fused supports head dims {}, but the {part} model of {} has {d}; use model.attention: sdpa", dims.map(|d| d.to_string()).join(", "), config.model.path.display());
             }
-            head_dims.push(d);
+            head_dims.push((part, d));
         }
     }
-    head_dims.dedup();
     Ok(head_dims)
 }
 
