@@ -287,15 +287,14 @@ pub fn sdpa_faster_on(ordinal: i32, d: i64) -> Result<bool> {
     Ok(sdpa_faster(variant()?, &runtime::gpu(ordinal)?.arch, d))
 }
 
-/// `t` (B, H, S, d) in the first d columns of a zeroed (B, H, S, to) tensor over (B, S, H, to)
-/// memory, the layout the model's projections give.
-/// (Detached: the kernels sit outside autograd, their backward is called explicitly.)
+/// `t` (B, H, S, d) in the first d columns of a (B, H, S, to) tensor (`empty_bhsd`) whose other
+/// columns are zero. (Detached: the kernels sit outside autograd, their backward is called
+/// explicitly.)
 fn zero_padded(t: &Tensor, to: i64) -> Tensor {
-    let s = t.size();
-    let padded =
-        Tensor::empty([s[0], s[2], s[1], to], (t.kind(), t.device())).permute([0, 2, 1, 3]);
-    padded.narrow(3, 0, s[3]).copy_(&t.detach());
-    let _ = padded.narrow(3, s[3], to - s[3]).zero_();
+    let d = t.size()[3];
+    let padded = empty_bhsd(t, to);
+    padded.narrow(3, 0, d).copy_(&t.detach());
+    let _ = padded.narrow(3, d, to - d).zero_();
     padded
 }
 
@@ -799,9 +798,18 @@ pub fn forward_outputs(q: &Tensor) -> Result<Forward> {
             "expected q (B,H,Sq,D), got {s:?}"
         )));
     };
-    let out = Tensor::empty([b, sq, h, d], (q.kind(), q.device())).permute([0, 2, 1, 3]);
     let lse = Tensor::empty([b, h, sq], (Kind::Float, q.device()));
-    Ok(Forward { out, lse })
+    Ok(Forward {
+        out: empty_bhsd(q, d),
+        lse,
+    })
+}
+
+/// An empty (B, H, S, d) tensor of `like`'s (B, H, S) and dtype over (B, S, H, d) memory, the
+/// layout the model's projections give.
+fn empty_bhsd(like: &Tensor, d: i64) -> Tensor {
+    let s = like.size();
+    Tensor::empty([s[0], s[2], s[1], d], (like.kind(), like.device())).permute([0, 2, 1, 3])
 }
 
 /// Fused forward. `scale` is the softmax scale (usually 1/sqrt(D)).
@@ -854,7 +862,7 @@ pub fn fused_forward_into(
         // zero-padded copies at head dim kd; lse is the same, out the first d.d columns
         let (qp, kp, vp) = (zero_padded(q, kd), zero_padded(k, kd), zero_padded(v, kd));
         let padded = Forward {
-            out: forward_outputs(&qp)?.out,
+            out: empty_bhsd(&qp, kd),
             lse: outputs.lse.shallow_clone(),
         };
         fused_forward_into(&padded, &qp, &kp, &vp, mask, scale)?;

@@ -269,7 +269,8 @@ fn time_it(mut f: impl FnMut()) -> f64 {
     samples[samples.len() / 2]
 }
 
-/// One benchmark line: v2 (absent for kernels with one variant), ours (v3 / the only kernel), peer.
+/// One benchmark line: the baseline variant's figure (absent for kernels with one variant), the
+/// variant under test's (or the only kernel's), the libtorch peer's.
 struct Row {
     name: String,
     old: Option<f64>,
@@ -464,9 +465,9 @@ fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant, n
     // d80 is the vision tower's (1280 / 16), non-causal: s4096 is ~2/3 of one image's 4 tiles of
     // 1608 padded patches, s1024 under one tile. Up to v13 every variant runs v3's forward and the
     // generic backward there (their rows differ only by noise); v14 on pads it to d128.
+    // KERNELS_BENCH=quick: two lengths only, no model shapes (a device call with little time left)
+    let quick = std::env::var("KERNELS_BENCH").is_ok_and(|v| v == "quick");
     for &(d, h) in &[(128i64, 16i64), (64, 32), (80, 16)] {
-        // KERNELS_BENCH=quick: two lengths only (a device call with little time left)
-        let quick = std::env::var("KERNELS_BENCH").is_ok_and(|v| v == "quick");
         let lengths: &[i64] = if d == 80 {
             &[1024, 4096]
         } else if quick {
@@ -497,10 +498,9 @@ fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant, n
             }
         }
     }
-    if std::env::var("KERNELS_BENCH").is_ok_and(|v| v == "quick") {
-        return;
+    if !quick {
+        bench_model_shapes(rows, json, prev, new);
     }
-    bench_model_shapes(rows, json, prev, new);
 }
 
 /// The three attention calls of Llama 3.2 11B Vision's training step at its own shapes, each with

@@ -144,17 +144,7 @@ impl Session<'_> {
         max_new: usize,
         on_piece: &mut dyn FnMut(usize, &str),
     ) -> Result<Vec<Generated>, InferError> {
-        tch::no_grad(|| self.generate_batch_no_grad(prompts, eos, samplers, max_new, on_piece))
-    }
-
-    fn generate_batch_no_grad(
-        &self,
-        prompts: &[Prompt],
-        eos: &[i64],
-        samplers: &mut [Sampler],
-        max_new: usize,
-        on_piece: &mut dyn FnMut(usize, &str),
-    ) -> Result<Vec<Generated>, InferError> {
+        let _no_grad = tch::no_grad_guard(); // until this returns
         if samplers.len() != prompts.len() {
             return Err(InferError::Input(format!(
                 "{} prompts but {} samplers",
