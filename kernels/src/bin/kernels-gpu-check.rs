@@ -1,9 +1,11 @@
 //! `make gpu-check` (on a GPU host): every fused kernel against its fp64 reference on fresh random
 //! inputs, then TFLOP/s and GB/s next to libtorch (SDPA, rms_norm) in the same run. Attention runs
 //! every kernel variant in `--variants` (default: all of them, v2 ... v16) through the same
-//! checks, then times the newest one that passed against a baseline: `--baseline vN`, else (without
-//! `--variants`) the default variant, else the passing one listed before it; so one call says
-//! whether a new variant is correct and how much faster than the default it is. The timings: a
+//! checks, then times a baseline and every passing variant listed after it: `--baseline vN`, else
+//! (without `--variants`) the default variant; without a passing baseline, the newest passing
+//! variant against the passing one listed before it (`--time v13,v16` names the timed variants
+//! instead). So one call says whether the new variants are correct and how much each is faster
+//! than the default and than the one before it. The timings: a
 //! sweep of head dims and lengths without masks, then the model's own three attention calls with
 //! their masks (`model ...` rows: what `model.attention: fused` gains over `sdpa` in Llama 3.2
 //! Vision's training step). Prints a table last; with `--out DIR` also writes
@@ -269,12 +271,11 @@ fn time_it(mut f: impl FnMut()) -> f64 {
     samples[samples.len() / 2]
 }
 
-/// One benchmark line: the baseline variant's figure (absent for kernels with one variant), the
-/// variant under test's (or the only kernel's), the libtorch peer's.
+/// One benchmark line: the timed variants' figures in timing order, oldest first (one figure
+/// for kernels with one variant), and the libtorch peer's.
 struct Row {
     name: String,
-    old: Option<f64>,
-    ours: f64,
+    ours: Vec<f64>,
     peer: f64,
     unit: &'static str,
 }
@@ -380,15 +381,9 @@ fn bshd(b: i64, h: i64, s: i64, d: i64) -> Tensor {
     Tensor::randn([b, s, h, d], (Kind::BFloat16, Device::Cuda(0))).permute([0, 2, 1, 3])
 }
 
-/// Times a case's forward and forward+backward with `prev` and `new`, and SDPA's, into a row pair
-/// and JSON lines.
-fn time_case(
-    rows: &mut Vec<Row>,
-    json: &mut Vec<String>,
-    c: &BenchCase,
-    prev: Variant,
-    new: Variant,
-) {
+/// Times a case's forward and forward+backward with each of `timed` (at least one), and SDPA's,
+/// into a row pair and JSON lines.
+fn time_case(rows: &mut Vec<Row>, json: &mut Vec<String>, c: &BenchCase, timed: &[Variant]) {
     let (q, k, v, mask) = (&c.q, &c.k, &c.v, &c.mask);
     let d = q.size()[3];
     let scale = 1.0 / (d as f64).sqrt();
@@ -400,10 +395,14 @@ fn time_case(
         let fwd = attention::fused_forward(q, k, v, mask, scale).expect("fused forward");
         attention::fused_backward(&dout, q, k, v, &fwd, mask, scale).expect("fused backward");
     };
-    attention::set_variant(prev);
-    let (old_f, old_fb) = (time_it(fwd), time_it(fwd_bwd));
-    attention::set_variant(new);
-    let (ours_f, ours_fb) = (time_it(fwd), time_it(fwd_bwd));
+    // [forward, forward+backward] seconds per timed variant
+    let ours: Vec<[f64; 2]> = timed
+        .iter()
+        .map(|&variant| {
+            attention::set_variant(variant);
+            [time_it(fwd), time_it(fwd_bwd)]
+        })
+        .collect();
     let sdpa_f = time_it(|| {
         let _ = c.sdpa.run(q, k, v, scale);
     });
@@ -429,39 +428,43 @@ fn time_case(
         "{}: libtorch SDPA runs its {} backend (forward), {} (forward+backward)",
         c.tag, backends[0], backends[1]
     );
-    for (what, old, ours, peer, fl, backend) in [
-        ("fwd", old_f, ours_f, sdpa_f, c.flops_fwd, &backends[0]),
-        (
-            "fwd+bwd",
-            old_fb,
-            ours_fb,
-            sdpa_fb,
-            c.flops_fwd * 3.5,
-            &backends[1],
-        ),
+    for (pass, what, peer, fl, backend) in [
+        (0, "fwd", sdpa_f, c.flops_fwd, &backends[0]),
+        (1, "fwd+bwd", sdpa_fb, c.flops_fwd * 3.5, &backends[1]),
     ] {
-        let (t_old, t_ours, t_peer) = (fl / old / 1e12, fl / ours / 1e12, fl / peer / 1e12);
-        rows.push(Row {
-            name: format!("{} {what}", c.tag),
-            old: Some(t_old),
-            ours: t_ours,
-            peer: t_peer,
-            unit: "TFLOP/s",
-        });
+        let tflops: Vec<f64> = ours.iter().map(|t| fl / t[pass] / 1e12).collect();
+        let t_peer = fl / peer / 1e12;
+        // the newest timed variant against SDPA and against the first (the baseline)
+        let last = timed.len() - 1;
+        let (new, t_new, t_old) = (timed[last], tflops[last], tflops[0]);
+        let per_variant: Vec<String> = timed
+            .iter()
+            .zip(&tflops)
+            .map(|(v, t)| format!("\"{}\":{t:.2}", v.name()))
+            .collect();
         json.push(format!(
-            "{{\"bench\":\"attention\",\"case\":\"{}\",\"pass\":\"{what}\",{},\"variant\":\"{}\",\"seconds\":{ours:.6e},\"tflops\":{t_ours:.2},\"prev_variant\":\"{}\",\"prev_seconds\":{old:.6e},\"prev_tflops\":{t_old:.2},\"sdpa_backend\":\"{backend}\",\"sdpa_seconds\":{peer:.6e},\"sdpa_tflops\":{t_peer:.2},\"ratio\":{:.3},\"speedup_vs_prev\":{:.3}}}",
+            "{{\"bench\":\"attention\",\"case\":\"{}\",\"pass\":\"{what}\",{},\"variant\":\"{}\",\"seconds\":{:.6e},\"tflops\":{t_new:.2},\"prev_variant\":\"{}\",\"prev_seconds\":{:.6e},\"prev_tflops\":{t_old:.2},\"variants_tflops\":{{{}}},\"sdpa_backend\":\"{backend}\",\"sdpa_seconds\":{peer:.6e},\"sdpa_tflops\":{t_peer:.2},\"ratio\":{:.3},\"speedup_vs_prev\":{:.3}}}",
             c.tag,
             c.shape,
             new.name(),
-            prev.name(),
-            t_ours / t_peer,
-            t_ours / t_old
+            ours[last][pass],
+            timed[0].name(),
+            ours[0][pass],
+            per_variant.join(","),
+            t_new / t_peer,
+            t_new / t_old
         ));
+        rows.push(Row {
+            name: format!("{} {what}", c.tag),
+            ours: tflops,
+            peer: t_peer,
+            unit: "TFLOP/s",
+        });
     }
 }
 
-/// Times `prev` (the previous default) and `new` (the variant under test) against SDPA.
-fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant, new: Variant) {
+/// Times `timed` (the baseline first) against SDPA.
+fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, timed: &[Variant]) {
     // d80 is the vision tower's (1280 / 16), non-causal: s4096 is ~2/3 of one image's 4 tiles of
     // 1608 padded patches, s1024 under one tile. Up to v13 every variant runs v3's forward and the
     // generic backward there (their rows differ only by noise); v14 on pads it to d128.
@@ -494,12 +497,12 @@ fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant, n
                     sdpa: SdpaCall::plain(causal),
                     flops_fwd: 4.0 * (b * s * s * h * d) as f64 / if causal { 2.0 } else { 1.0 },
                 };
-                time_case(rows, json, &case, prev, new);
+                time_case(rows, json, &case, timed);
             }
         }
     }
     if !quick {
-        bench_model_shapes(rows, json, prev, new);
+        bench_model_shapes(rows, json, timed);
     }
 }
 
@@ -516,7 +519,7 @@ fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant, n
 ///
 /// One configuration each: with 4 real tiles in every image, say, the model's SDPA path splits
 /// the vision call into an unmasked one and a few masked rows (`AttnMask::dense_rows`).
-fn bench_model_shapes(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant, new: Variant) {
+fn bench_model_shapes(rows: &mut Vec<Row>, json: &mut Vec<String>, timed: &[Variant]) {
     let dev = Device::Cuda(0);
     let b = 2;
     // vision
@@ -549,7 +552,7 @@ fn bench_model_shapes(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant
         },
         flops_fwd: 4.0 * (b * s * s * h * d) as f64,
     };
-    time_case(rows, json, &vision, prev, new);
+    time_case(rows, json, &vision, timed);
     // text self-attention
     let (bt, st, h, hk, d) = (8i64, 2048i64, 32i64, 8i64, 128i64);
     let text = BenchCase {
@@ -572,7 +575,7 @@ fn bench_model_shapes(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant
         },
         flops_fwd: 4.0 * (bt * st * st * h * d) as f64 / 2.0,
     };
-    time_case(rows, json, &text, prev, new);
+    time_case(rows, json, &text, timed);
     // cross-attention
     let (sq, sk) = (2048i64, tiles * 1601);
     let blocks = Tensor::ones([b, sq, tiles], (Kind::Bool, dev));
@@ -599,7 +602,7 @@ fn bench_model_shapes(rows: &mut Vec<Row>, json: &mut Vec<String>, prev: Variant
         },
         flops_fwd: 4.0 * (b * sq * sk * h * d) as f64,
     };
-    time_case(rows, json, &cross, prev, new);
+    time_case(rows, json, &cross, timed);
 }
 
 fn bench_rmsnorm(rows: &mut Vec<Row>, json: &mut Vec<String>) {
@@ -617,12 +620,62 @@ fn bench_rmsnorm(rows: &mut Vec<Row>, json: &mut Vec<String>) {
     let (g_ours, g_peer) = (bytes / ours / 1e9, bytes / peer / 1e9);
     rows.push(Row {
         name: format!("rmsnorm fwd {n}x{c} bf16"),
-        old: None,
-        ours: g_ours,
+        ours: vec![g_ours],
         peer: g_peer,
         unit: "GB/s",
     });
     json.push(format!("{{\"bench\":\"rmsnorm\",\"pass\":\"fwd\",\"rows\":{n},\"cols\":{c},\"seconds\":{ours:.6e},\"gbps\":{g_ours:.1},\"torch_seconds\":{peer:.6e},\"torch_gbps\":{g_peer:.1},\"ratio\":{:.3}}}", g_ours / g_peer));
+}
+
+/// The benchmark table, printed last: one column per timed variant (a kernel with one variant in the last), then
+/// libtorch's figure, the last column's ratio to it, and per variant after the first its ratio to
+/// the one before it and (from the third) to the first.
+fn table(rows: &[Row], timed: &[Variant], gpu: &str, seconds: f64) -> String {
+    let names: Vec<&str> = if timed.is_empty() {
+        vec!["ours"]
+    } else {
+        timed.iter().map(|v| v.name()).collect()
+    };
+    let n = names.len();
+    let mut ratio_names = Vec::new();
+    for i in 1..n {
+        ratio_names.push(format!("{}/{}", names[i], names[i - 1]));
+        if i >= 2 {
+            ratio_names.push(format!("{}/{}", names[i], names[0]));
+        }
+    }
+    let mut header = format!("{:<38}", "benchmark");
+    for name in &names {
+        header += &format!(" {name:>8}");
+    }
+    header += &format!(" {:>9} {:>7}", "libtorch", "ratio");
+    for r in &ratio_names {
+        header += &format!(" {r:>8}");
+    }
+    let mut out = format!("{header}  unit   ({gpu}, {seconds:.0} s)\n");
+    for r in rows {
+        let mut line = format!("{:<38}", r.name);
+        for i in 0..n {
+            // a row with fewer figures (one kernel) fills the last columns
+            match (i + r.ours.len()).checked_sub(n) {
+                Some(j) => line += &format!(" {:>8.1}", r.ours[j]),
+                None => line += &format!(" {:>8}", "-"),
+            }
+        }
+        let last = r.ours[r.ours.len() - 1];
+        line += &format!(" {:>9.1} {:>7.2}", r.peer, last / r.peer);
+        for i in 1..n {
+            let pairs: &[usize] = if i >= 2 { &[i - 1, 0] } else { &[i - 1] };
+            for &j in pairs {
+                line += &match r.ours.len() == n {
+                    true => format!(" {:>8.2}", r.ours[i] / r.ours[j]),
+                    false => format!(" {:>8}", "-"),
+                };
+            }
+        }
+        out += &format!("{line}  {}\n", r.unit);
+    }
+    out
 }
 
 fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
@@ -651,28 +704,53 @@ fn variants_arg() -> Result<Vec<Variant>, String> {
         .collect()
 }
 
-/// (baseline, new) to time: the newest variant whose cases all passed, and `baseline` when it
-/// passed too and is another variant, else the passing one listed before the newest (itself when
-/// it is the only one); None when none passed (a broken kernel's speed means nothing).
-fn bench_pair(
+/// The variants to time, the baseline first, among those whose cases all passed (a broken
+/// kernel's speed means nothing): `requested` (`--time`) where given, in its order; else
+/// `baseline` and every passing variant listed after it when it passed and is not the newest;
+/// else the newest passing variant after the passing one listed before it (alone when it is the
+/// only one). Empty when none passed.
+fn timed_variants(
     variants: &[Variant],
     failures: &[usize],
     baseline: Option<Variant>,
-) -> Option<(Variant, Variant)> {
+    requested: Option<&[Variant]>,
+) -> Vec<Variant> {
     let passing: Vec<Variant> = variants
         .iter()
         .zip(failures)
         .filter(|(_, &n)| n == 0)
         .map(|(v, _)| *v)
         .collect();
-    let new = *passing.last()?;
-    match baseline {
-        Some(b) if b != new && passing.contains(&b) => return Some((b, new)),
-        _ => {}
+    if let Some(list) = requested {
+        return list
+            .iter()
+            .copied()
+            .filter(|v| passing.contains(v))
+            .collect();
     }
-    match passing.as_slice() {
-        [.., prev, new] => Some((*prev, *new)),
-        _ => Some((new, new)),
+    if let Some(at) = baseline.and_then(|b| passing.iter().position(|&v| v == b)) {
+        if at + 1 < passing.len() {
+            return passing[at..].to_vec();
+        }
+    }
+    passing[passing.len().saturating_sub(2)..].to_vec()
+}
+
+/// `--time v13,v16`: the variants to time, each one of the checked `variants`.
+fn time_arg(variants: &[Variant]) -> Result<Option<Vec<Variant>>, String> {
+    let Some(list) = arg("--time") else {
+        return Ok(None);
+    };
+    let timed = list
+        .split(',')
+        .map(|v| Variant::parse(v).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    match timed.iter().find(|v| !variants.contains(v)) {
+        Some(v) => Err(format!(
+            "{} is not checked in this run (an unchecked kernel may hang or be wrong): add it to --variants",
+            v.name()
+        )),
+        None => Ok(Some(timed)),
     }
 }
 
@@ -698,6 +776,13 @@ fn main() -> std::process::ExitCode {
         Ok(b) => b,
         Err(e) => {
             println!("FAIL: --baseline: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let requested = match time_arg(&variants) {
+        Ok(t) => t,
+        Err(e) => {
+            println!("FAIL: --time: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -854,14 +939,21 @@ fn main() -> std::process::ExitCode {
         t0.elapsed().as_secs_f64()
     );
     let mut rows = Vec::new();
-    let pair = bench_pair(&variants, &variant_failures, baseline);
-    if pair.is_none() {
-        println!("no attention variant passed every case: attention is not timed");
+    let timed = timed_variants(&variants, &variant_failures, baseline, requested.as_deref());
+    if timed.is_empty() {
+        println!("no attention variant to time passed every case: attention is not timed");
     }
-    let (prev, new) = pair.unwrap_or((Variant::V3, Variant::V3));
+    if let Some(skipped) = requested.as_ref().filter(|r| r.len() > timed.len()) {
+        let names: Vec<&str> = skipped
+            .iter()
+            .filter(|v| !timed.contains(v))
+            .map(|v| v.name())
+            .collect();
+        println!("not timed (failed a check): {}", names.join(", "));
+    }
     if let Err(e) = guarded(|| {
-        if pair.is_some() {
-            bench_attention(&mut rows, &mut json, prev, new);
+        if !timed.is_empty() {
+            bench_attention(&mut rows, &mut json, &timed);
         }
         bench_rmsnorm(&mut rows, &mut json);
         Ok(())
@@ -878,33 +970,10 @@ fn main() -> std::process::ExitCode {
             let _ = writeln!(f, "{}", json.join("\n"));
         }
     }
-    println!(
-        "\n{:<38} {:>8} {:>8} {:>9} {:>7} {:>7}  unit   ({}, {:.0} s)",
-        "benchmark",
-        prev.name(),
-        &format!("{}/ours", new.name()),
-        "libtorch",
-        "ratio",
-        &format!("{}/{}", new.name(), prev.name()),
-        gpu.name,
-        t0.elapsed().as_secs_f64()
+    print!(
+        "\n{}",
+        table(&rows, &timed, &gpu.name, t0.elapsed().as_secs_f64())
     );
-    for r in &rows {
-        let (old, speedup) = match r.old {
-            Some(o) => (format!("{o:.1}"), format!("{:.2}", r.ours / o)),
-            Option::None => ("-".into(), "-".into()),
-        };
-        println!(
-            "{:<38} {:>8} {:>8.1} {:>9.1} {:>7.2} {:>7}  {}",
-            r.name,
-            old,
-            r.ours,
-            r.peer,
-            r.ours / r.peer,
-            speedup,
-            r.unit
-        );
-    }
     for (v, n) in variants.iter().zip(variant_failures) {
         println!(
             "attention variant {}: {}",
@@ -935,61 +1004,90 @@ fn main() -> std::process::ExitCode {
 mod tests {
     use super::*;
 
+    use Variant::*;
+
     #[test]
     fn the_newest_passing_variant_is_timed_against_the_passing_one_before_it() {
-        let all = [
-            Variant::V2,
-            Variant::V3,
-            Variant::V4,
-            Variant::V5,
-            Variant::V6,
-        ];
-        assert_eq!(
-            bench_pair(&all, &[0, 0, 0, 0, 0], None),
-            Some((Variant::V5, Variant::V6))
-        );
-        assert_eq!(
-            bench_pair(&all, &[0, 0, 0, 0, 3], None),
-            Some((Variant::V4, Variant::V5))
-        );
-        assert_eq!(
-            bench_pair(&all, &[0, 0, 0, 1, 0], None),
-            Some((Variant::V4, Variant::V6))
-        );
-        let pair = [Variant::V5, Variant::V7];
-        assert_eq!(
-            bench_pair(&pair, &[0, 0], None),
-            Some((Variant::V5, Variant::V7))
-        );
-        assert_eq!(
-            bench_pair(&pair, &[0, 2], None),
-            Some((Variant::V5, Variant::V5))
-        );
-        assert_eq!(bench_pair(&pair, &[1, 2], None), None);
+        let all = [V2, V3, V4, V5, V6];
+        assert_eq!(timed_variants(&all, &[0, 0, 0, 0, 0], None, None), [V5, V6]);
+        assert_eq!(timed_variants(&all, &[0, 0, 0, 0, 3], None, None), [V4, V5]);
+        assert_eq!(timed_variants(&all, &[0, 0, 0, 1, 0], None, None), [V4, V6]);
+        let pair = [V5, V7];
+        assert_eq!(timed_variants(&pair, &[0, 0], None, None), [V5, V7]);
+        assert_eq!(timed_variants(&pair, &[0, 2], None, None), [V5]);
+        assert!(timed_variants(&pair, &[1, 2], None, None).is_empty());
     }
 
     #[test]
-    fn a_passing_baseline_replaces_the_one_before_the_newest() {
-        let all = [Variant::V3, Variant::V4, Variant::V5, Variant::V6];
-        let b = Some(Variant::V3);
-        assert_eq!(
-            bench_pair(&all, &[0, 0, 0, 0], b),
-            Some((Variant::V3, Variant::V6))
-        );
+    fn a_passing_baseline_is_timed_with_every_passing_variant_after_it() {
+        let all = [V3, V4, V5, V6];
+        let b = Some(V4);
+        assert_eq!(timed_variants(&all, &[0, 0, 0, 0], b, None), [V4, V5, V6]);
+        assert_eq!(timed_variants(&all, &[0, 0, 1, 0], b, None), [V4, V6]);
         // a failed baseline, or one that is the newest itself, falls back to the one before
+        assert_eq!(timed_variants(&all, &[0, 1, 0, 0], b, None), [V5, V6]);
         assert_eq!(
-            bench_pair(&all, &[1, 0, 0, 0], b),
-            Some((Variant::V5, Variant::V6))
+            timed_variants(&all, &[0, 0, 0, 0], Some(V6), None),
+            [V5, V6]
+        );
+        assert_eq!(timed_variants(&all, &[0, 0, 0, 2], b, None), [V4, V5]);
+        assert!(timed_variants(&all, &[1, 1, 1, 1], b, None).is_empty());
+    }
+
+    #[test]
+    fn the_table_has_a_column_per_timed_variant_and_their_ratios() {
+        let rows = [
+            Row {
+                name: "attn d128 s2048 full fwd".into(),
+                ours: vec![400.0, 440.0, 500.0],
+                peer: 500.0,
+                unit: "TFLOP/s",
+            },
+            Row {
+                name: "rmsnorm fwd".into(),
+                ours: vec![3000.0],
+                peer: 2000.0,
+                unit: "GB/s",
+            },
+        ];
+        let t = table(&rows, &[V13, V15, V16], "H200", 9.0);
+        let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(
+            lines[0][..9],
+            [
+                "benchmark",
+                "v13",
+                "v15",
+                "v16",
+                "libtorch",
+                "ratio",
+                "v15/v13",
+                "v16/v15",
+                "v16/v13"
+            ]
         );
         assert_eq!(
-            bench_pair(&all, &[0, 0, 0, 0], Some(Variant::V6)),
-            Some((Variant::V5, Variant::V6))
+            lines[1][5..],
+            ["400.0", "440.0", "500.0", "500.0", "1.00", "1.10", "1.14", "1.25", "TFLOP/s"]
         );
+        // one kernel: its figure in the last variant's column, no ratios between variants
         assert_eq!(
-            bench_pair(&all, &[0, 0, 0, 2], b),
-            Some((Variant::V3, Variant::V5))
+            lines[2][2..],
+            ["-", "-", "3000.0", "2000.0", "1.50", "-", "-", "-", "GB/s"]
         );
-        assert_eq!(bench_pair(&all, &[1, 1, 1, 1], b), None);
+    }
+
+    #[test]
+    fn requested_variants_are_timed_in_their_order_when_they_passed() {
+        let all = [V3, V4, V5, V6];
+        let asked = [V6, V3, V5];
+        let b = Some(V4);
+        assert_eq!(timed_variants(&all, &[0, 0, 0, 0], b, Some(&asked)), asked);
+        assert_eq!(
+            timed_variants(&all, &[0, 0, 1, 0], b, Some(&asked)),
+            [V6, V3]
+        );
+        assert!(timed_variants(&all, &[1, 0, 0, 1], b, Some(&[V3, V6])).is_empty());
     }
 }
 
