@@ -69,6 +69,10 @@ fn every_bad_case_is_file_line_reason() {
             "unknown role \"robot\"",
         ),
         (
+            r#"{"image": "x.jpg", "conversations": [{"from":"system","value":"s"},{"from":"human","value":"q"},{"from":"gpt","value":"a"}]}"#,
+            "conversations[0] is a \"system\" turn, which this format does not have",
+        ),
+        (
             r#"{"image": "x.jpg", "conversations": [{"from":"gpt","value":"a"},{"from":"human","value":"q"}]}"#,
             "roles out of order",
         ),

@@ -259,6 +259,15 @@ pub fn parse_line(line: &str, opts: &ParseOptions) -> Result<Record, String> {
                     ))
                 }
             },
+            // (the seed's format has none; Llama 3.2 Vision's chat template raises on a system
+            // message in a conversation with an image)
+            "system" => {
+                return Err(format!(
+                    "conversations[{k}] is a \"system\" turn, which this format does not have (only \"human\" and \"gpt\"; \
+                     Llama 3.2 Vision's chat template refuses a system message beside an image): fold its text into \
+                     the first \"human\" turn or remove it"
+                ))
+            }
             other => {
                 return Err(format!(
                     "unknown role {other:?} in conversations[{k}].from (expected \"human\" or \"gpt\")"
