@@ -24,6 +24,18 @@ BIN="${GPU_BIN:-.gpu-bin}"
 [ -x "$BIN/kernels-gpu-check" ] || BIN=target/release
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2>&1 || echo "nvidia-smi: not available"; date -u; } | tee "$OUT/device.txt"
 status=0
+# The device machine sends back at most 8 files from $OUT: on exit every log goes into one
+# gpu-check-logs.tar.gz (training checkpoints left out), and only the files read first stay
+# beside it.
+bundle() {
+  local keep="device.txt kernels-gpu-check.log kernels-gpu.jsonl kernels-bwd-profile.log model-gpu.log"
+  local tmp; tmp="$(mktemp -d)"
+  tar -czf "$tmp/gpu-check-logs.tar.gz" -C "$OUT" --exclude='./*/ckpt' --exclude=./gpu-check-logs.tar.gz . \
+    && find "$OUT" -mindepth 1 -maxdepth 1 $(for k in $keep; do printf -- "! -name %s " "$k"; done) -exec rm -rf {} + \
+    && mv "$tmp/gpu-check-logs.tar.gz" "$OUT/" && echo "logs: gpu-check-logs.tar.gz and $keep"
+  rm -rf "$tmp"
+}
+trap bundle EXIT
 step() { # name, command...: runs one check, logs it, remembers failures
   local name="$1"; shift
   echo "== $name"
