@@ -70,6 +70,10 @@ for mp in fp32 bf16; do
     && grep -o '"loss":[0-9.e+-]*' "$OUT/train-$mp/metrics.jsonl" | head -n 4 | tr '\n' ' ' && echo "(golden: $(grep -o '[0-9]\.[0-9]*' tests/fixtures/train/golden_losses.json | head -n 4 | tr '\n' ' '))"
 done
 want model && [ -x "$BIN/model_gpu" ] && step model-gpu timeout 200 "$BIN/model_gpu" --nocapture --test-threads 1
+# ... and with the newest variant, a candidate for the default (MODEL_VARIANT=: skip)
+MODEL_VARIANT="${MODEL_VARIANT-v16}"
+want model && [ -x "$BIN/model_gpu" ] && [ -n "$MODEL_VARIANT" ] && LLAVA_SCO_ATTN_VARIANT="$MODEL_VARIANT" \
+  step "model-gpu-$MODEL_VARIANT" timeout 200 "$BIN/model_gpu" --nocapture --test-threads 1
 # kernels last: its table is the end of the output
 if want kernels; then
   # ~2.5 min on an H200 (NVRTC compile, 14 variants x 16 correctness cases, timings of the timed variants
