@@ -28,7 +28,7 @@ status=0
 # gpu-check-logs.tar.gz (training checkpoints left out), and only the files read first stay
 # beside it.
 bundle() {
-  local keep="device.txt kernels-gpu-check.log kernels-gpu.jsonl kernels-bwd-profile.log model-gpu.log"
+  local keep="device.txt kernels-gpu-check.log kernels-gpu.jsonl kernels-bwd-profile.log model-gpu.log model-gpu-${MODEL_VARIANT:-}.log"
   local tmp; tmp="$(mktemp -d)"
   tar -czf "$tmp/gpu-check-logs.tar.gz" -C "$OUT" --exclude='./*/ckpt' --exclude=./gpu-check-logs.tar.gz . \
     && find "$OUT" -mindepth 1 -maxdepth 1 $(for k in $keep; do printf -- "! -name %s " "$k"; done) -exec rm -rf {} + \
