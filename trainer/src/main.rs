@@ -406,6 +406,7 @@ impl GenerationArgs {
             max_new_tokens: self.max_new_tokens,
             seed: self.seed,
             keep_image_placeholder: self.keep_image_placeholder,
+            double_bos: self.double_bos,
         }
     }
 }

@@ -177,6 +177,10 @@ fn reruns_keep_earlier_predictions_and_refuse_other_settings() {
     let (code, err) = eval(&out, &["--temperature", "0.5"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("other settings"), "{err}");
+    // ... as is a prompt with two <|begin_of_text|> (a model trained with data.double_bos)
+    let (code, err) = eval(&out, &["--double-bos"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("other settings"), "{err}");
     assert_eq!(
         std::fs::read(out.join("predictions.jsonl")).unwrap(),
         before

@@ -54,6 +54,7 @@ fn opts(turns: usize, temperature: f64, seed: u64) -> InferOptions {
         max_new_tokens: 12,
         seed,
         keep_image_placeholder: false,
+        double_bos: false,
     }
 }
 
@@ -387,4 +388,26 @@ fn the_prompt_has_one_image_slot_per_image() {
         err.contains("holds 0") && err.contains("chat template"),
         "{err}"
     );
+}
+
+/// Training's turns are trimmed (`data::records`): a later turn's prompt holds the earlier answer
+/// and the correction prompt without surrounding whitespace (an answer cut off at max_new_tokens
+/// often ends in "\n\n", which training never put before `<|eot_id|>`).
+#[test]
+fn earlier_answers_and_the_correction_prompt_are_trimmed_as_training_trims_turns() {
+    let model = model();
+    let procs = processors();
+    let session = session(&model, &procs);
+    let answer = "<CONCLUSION>3</CONCLUSION>".to_string();
+    let trimmed = session
+        .prompt_ids("How many?", true, &[answer.clone()], &opts(2, 0.0, 1))
+        .unwrap();
+    let padded = InferOptions {
+        correction_prompt: format!("  {DEFAULT_CORRECTION_PROMPT}\n"),
+        ..opts(2, 0.0, 1)
+    };
+    let untrimmed = session
+        .prompt_ids("How many?", true, &[format!("\n{answer}\n\n")], &padded)
+        .unwrap();
+    assert_eq!(untrimmed, trimmed);
 }

@@ -334,9 +334,10 @@ fn check_asked(
 
 /// What the predictions depend on (not --limit, --batch-size or the world size).
 fn settings(opts: &EvalOptions) -> serde_json::Value {
-    // prompt 2: questions lose a LLaVA `<image>` marker and surrounding whitespace; seeds "id":
-    // each question's sampler is seeded from its id (`BenchItem::seed`)
-    serde_json::json!({"model": opts.made_with, "infer": opts.infer, "prompt": 2, "seeds": "id"})
+    // prompt 2: questions lose a LLaVA `<image>` marker and surrounding whitespace; 3: so do
+    // earlier answers and the correction prompt in later turns' prompts; seeds "id": each
+    // question's sampler is seeded from its id (`BenchItem::seed`)
+    serde_json::json!({"model": opts.made_with, "infer": opts.infer, "prompt": 3, "seeds": "id"})
 }
 
 /// A resumed run must make its predictions as the stored ones were made: OUT/settings.json

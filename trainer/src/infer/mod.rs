@@ -47,6 +47,11 @@ pub struct InferOptions {
     /// `data.image_placeholder: keep`); by default it is removed, as training removes it.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub keep_image_placeholder: bool,
+    /// Prompts start with two `<|begin_of_text|>` (a model trained with `data.double_bos: true`).
+    /// The tokenizer applies it (`TextProcessor::from_model_dir`); here it is recorded, so an
+    /// eval resumed with the other setting is refused (its settings.json differs).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub double_bos: bool,
 }
 
 /// Llama 3's end tokens: the assistant turn ends with `<|eot_id|>`; `<|eom_id|>` (end of a
@@ -99,7 +104,10 @@ pub struct Session<'a> {
     pub image_config: &'a ImageProcessorConfig,
 }
 
-/// (user, assistant) messages so far; the last user message is still unanswered.
+/// (user, assistant) messages so far; the last user message is still unanswered. Earlier answers
+/// and the correction prompt lose surrounding whitespace, as training's turns do
+/// (`data::records`: a turn cut off at max_new_tokens often ends in "\n\n", which the training
+/// data never has before `<|eot_id|>`).
 fn messages(question: &str, has_image: bool, answers: &[String], opts: &InferOptions) -> Value {
     let mut first = Vec::new();
     if has_image {
@@ -112,9 +120,11 @@ fn messages(question: &str, has_image: bool, answers: &[String], opts: &InferOpt
             Position::AfterAnswer => a.as_str(),
             Position::AfterReasoning => stages::through_reasoning(a),
         };
-        msgs.push(json!({"role": "assistant", "content": [{"type": "text", "text": shown}]}));
         msgs.push(
-            json!({"role": "user", "content": [{"type": "text", "text": opts.correction_prompt}]}),
+            json!({"role": "assistant", "content": [{"type": "text", "text": shown.trim()}]}),
+        );
+        msgs.push(
+            json!({"role": "user", "content": [{"type": "text", "text": opts.correction_prompt.trim()}]}),
         );
     }
     Value::Array(msgs)
