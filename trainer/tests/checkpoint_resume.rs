@@ -5,7 +5,8 @@
 //! saves), across an epoch boundary with dropout on; a checkpoint saved
 //! at world 2 resumes at world 1 and 3 (losses within 1e-6 relative); a crash between the data
 //! files and the manifest leaves a `.partial` folder that resume ignores and the next save removes;
-//! a failed background write stops the run with its error and leaves the earlier checkpoint usable.
+//! a failed background write stops the run with its error and leaves the earlier checkpoint usable;
+//! a background save is published when the next step stops every rank (a loss not finite).
 mod common;
 
 use std::path::Path;
@@ -573,4 +574,28 @@ fn a_save_rank_0_cannot_begin_stops_every_rank_with_its_cause() {
         o.stderr
     );
     assert!(started.elapsed().as_secs() < 120);
+}
+
+/// A step that stops every rank at once (here a loss that is not finite: lr 1e30 blows the LoRA
+/// weights up in step 1) right after a background save began: that save, whose files are
+/// written, is published before the error is returned, not left as `step-N.partial` with the run
+/// resuming from an older checkpoint.
+#[test]
+fn a_background_save_is_published_when_the_next_step_stops_the_run() {
+    let out = fresh("nonfinite-after-save");
+    let sets = [
+        "checkpoint.every_steps=1",
+        "checkpoint.async=true",
+        "train.lr=1e30",
+    ];
+    let o = run(
+        &out,
+        2,
+        "epochs: 1, batch_size: 4, grad_accum: 1",
+        &sets,
+        &[],
+    );
+    assert_ne!(o.code, Some(0), "{}", o.stderr);
+    assert!(o.stderr.contains("is not finite"), "{}", o.stderr);
+    assert_eq!(checkpoints(&out), ["step-00000001"], "{}", o.stderr);
 }

@@ -400,7 +400,12 @@ fn earlier_answers_and_the_correction_prompt_are_trimmed_as_training_trims_turns
     let session = session(&model, &procs);
     let answer = "<CONCLUSION>3</CONCLUSION>".to_string();
     let trimmed = session
-        .prompt_ids("How many?", true, &[answer.clone()], &opts(2, 0.0, 1))
+        .prompt_ids(
+            "How many?",
+            true,
+            std::slice::from_ref(&answer),
+            &opts(2, 0.0, 1),
+        )
         .unwrap();
     let padded = InferOptions {
         correction_prompt: format!("  {DEFAULT_CORRECTION_PROMPT}\n"),

@@ -16,7 +16,7 @@ use crate::fsdp::Trainable;
 use crate::optim::{AdamW, LrSchedule};
 
 use super::metrics::log;
-use super::step::all_reduce_i64;
+use super::step::{all_reduce_i64, AgreedStop};
 use super::State;
 
 pub(super) struct Saver<'a> {
@@ -274,6 +274,20 @@ impl<'a> Saver<'a> {
     /// something that may fail runs.
     pub fn publish_pending(&mut self) -> Result<()> {
         self.saves.finish(self.pg, self.device).map(|_| ())
+    }
+
+    /// `e`, after publishing the save in flight when `e` is an [`AgreedStop`] (every rank stops at
+    /// the same step, so the publishing collectives can run): a background save whose files are
+    /// written is then a checkpoint, not a `.partial` folder with the resume going back to an
+    /// older one. A failure to publish is logged; `e` is returned either way. (After another error,
+    /// a peer may be gone: nothing is attempted that would wait for it.)
+    pub fn publish_before_stop(&mut self, e: anyhow::Error) -> anyhow::Error {
+        if self.saves.in_flight() && e.chain().any(|c| c.is::<AgreedStop>()) {
+            if let Err(p) = self.publish_pending() {
+                tracing::warn!("the checkpoint being saved could not be published: {p:#}");
+            }
+        }
+        e
     }
 
     /// Whether this run leaves a PEFT adapter in `train.output_dir` (LoRA, `train.save_adapter`

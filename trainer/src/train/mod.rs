@@ -188,7 +188,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
             let started = Instant::now();
             let lr = schedule.lr(st.step, epoch);
             let seed = t.seed ^ st.step.wrapping_mul(0x2545_F491_4F6C_DD1D);
-            let r = stepper
+            let stepped = stepper
                 .step(&mut trainable, &mut opt, &batches, lr, seed)
                 .with_context(|| {
                     format!(
@@ -196,9 +196,13 @@ pub fn train(config: &Config) -> Result<Outcome> {
                         st.step + 1,
                         st.epoch_batch + 1
                     )
-                })?;
+                });
             let step_s = started.elapsed().as_secs_f64();
-            st.record(&r, t.skip_nonfinite, &meter)?;
+            let r = match stepped.and_then(|r| st.record(&r, t.skip_nonfinite, &meter).map(|()| r))
+            {
+                Ok(r) => r,
+                Err(e) => return Err(saver.publish_before_stop(e)),
+            };
             epoch_loss.push(r.loss);
             let param_bytes = trainable.resident_param_bytes();
             let report = StepReport {

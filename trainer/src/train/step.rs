@@ -1,6 +1,6 @@
 //! One optimizer step (global token count, forward/backward of each micro-batch, clip, AdamW),
 //! validation, and the scalar all-reduces the loop needs.
-use anyhow::{bail, Result};
+use anyhow::Result;
 use tch::{Device, Tensor};
 
 use crate::config::Config;
@@ -12,6 +12,14 @@ use crate::optim::{clip_grad_norm, AdamW};
 
 use super::metrics::Meter;
 use super::State;
+
+/// A stop every rank reaches at the same step, decided from all-reduced values (a loss that is
+/// not finite past `train.skip_nonfinite`, a global batch without supervised tokens): the ranks
+/// are still in step, so the loop can publish a background checkpoint before returning it
+/// (`Saver::publish_before_stop`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(super) struct AgreedStop(String);
 
 /// What one optimizer step measured (all values global over ranks).
 pub(super) struct StepResult {
@@ -52,7 +60,11 @@ impl Stepper<'_> {
         let local_tokens: i64 = batches.iter().map(|b| b.supervised_tokens).sum();
         let tokens = all_reduce_i64(pg, local_tokens, device)?;
         if tokens == 0 {
-            bail!("a global batch has no supervised tokens (check the label masking of the data)");
+            return Err(AgreedStop(
+                "a global batch has no supervised tokens (check the label masking of the data)"
+                    .into(),
+            )
+            .into());
         }
         trainable.zero_grads();
         let mut loss_sum = 0.0;
@@ -94,7 +106,7 @@ impl State {
         if !r.is_finite() {
             self.skipped_nonfinite += 1;
             if self.skipped_nonfinite > skip_limit {
-                bail!("step {}: loss {} / gradient norm {} is not finite (update not applied; set train.skip_nonfinite to skip up to N such steps)", self.step, r.loss, r.grad_norm);
+                return Err(AgreedStop(format!("step {}: loss {} / gradient norm {} is not finite (update not applied; set train.skip_nonfinite to skip up to N such steps)", self.step, r.loss, r.grad_norm)).into());
             }
             meter.log(&format!(
                 "step {}: non-finite loss or gradient norm, update skipped ({} of {skip_limit} allowed)",
