@@ -537,7 +537,10 @@ impl Checkpointer {
                     })?;
                 }
                 fsync_dir(root)?;
-                // The checkpoint is complete and durable; old ones go in the background.
+                // The checkpoint is complete and durable; old ones go in the background. From
+                // here on an error is a warning (kept, reported after the next save and at the
+                // end), never a failure: the step folder is committed, and a listing that fails
+                // on a flaky mount must neither stop the run nor tell every rank it was not saved.
                 let kept = self.protected.map(|s| root.join(super::step_dir_name(s)));
                 let doomed = retention(
                     root,
@@ -545,9 +548,17 @@ impl Checkpointer {
                     final_dir,
                     manifest.lineage.as_deref(),
                     p.claim_unmarked,
-                )?;
+                )
+                .unwrap_or_else(|e| {
+                    let e = e.context("checkpoint retention");
+                    self.janitor.failed.get_or_insert(e);
+                    Vec::new()
+                });
                 let n_doomed = doomed.len();
-                self.janitor.start(doomed)?;
+                if let Err(e) = self.janitor.start(doomed) {
+                    let e = e.context("starting the checkpoint retention thread");
+                    self.janitor.failed.get_or_insert(e);
+                }
                 let total: u64 = manifest.files.iter().map(|f| f.bytes).sum();
                 let how = if p.background {
                     format!(
@@ -578,7 +589,7 @@ impl Checkpointer {
         };
         super::agree(pg, device, published, || {
             format!(
-                "rank 0 could not publish checkpoint step {} (manifest, rename or retention; its error is in rank 0's log); the earlier checkpoints are intact",
+                "rank 0 could not publish checkpoint step {} (manifest or rename; its error is in rank 0's log); the earlier checkpoints are intact",
                 p.step
             )
         })?;
