@@ -184,6 +184,26 @@ fn changed_lora_rank_names_the_key() {
     );
 }
 
+/// The same LoRA target modules in another order wrap the same layers with the same parameters:
+/// the resume goes on, whichever side lists them otherwise (a checkpoint saved before the list was
+/// stored sorted, or a config that lists them otherwise).
+#[test]
+fn lora_target_modules_in_another_order_resume() {
+    let o = resume_damaged(
+        "peft-order",
+        1,
+        &["peft.target_modules=[v_proj,q_proj,v_proj]"],
+        |_| {},
+    );
+    assert!(ok(o, "peft-order").stderr.contains("resumed from"));
+    let o = resume_damaged("peft-order-stored", 1, &[], |d| {
+        edit_manifest_without_checksum(d, |m| {
+            m["config"]["peft.target_modules"] = serde_json::json!(["v_proj", "q_proj"])
+        })
+    });
+    assert!(ok(o, "peft-order-stored").stderr.contains("resumed from"));
+}
+
 #[test]
 fn damage_seen_by_one_rank_fails_both() {
     let o = resume_damaged("flip-w2", 2, &[], |d| {

@@ -625,9 +625,10 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 fn check_identity(dir: &Path, m: &Manifest, config: &Config) -> Result<()> {
     let ours = identity(config);
     let keys: std::collections::BTreeSet<&String> = ours.keys().chain(m.config.keys()).collect();
+    let stored = |k: &str| m.config.get(k).map(|v| super::identity_value(k, v.clone()));
     let diffs: Vec<String> = keys
         .into_iter()
-        .filter(|k| ours.get(*k) != m.config.get(*k))
+        .filter(|k| ours.get(*k) != stored(k).as_ref())
         .map(|k| {
             let show = |v: Option<&Value>| v.map_or("(unset)".to_string(), Value::to_string);
             format!(

@@ -208,9 +208,24 @@ pub fn identity(config: &Config) -> BTreeMap<String, Value> {
     if p.is_lora() {
         m.insert("peft.r".into(), json!(p.r));
         m.insert("peft.alpha".into(), json!(p.alpha));
-        m.insert("peft.target_modules".into(), json!(p.target_modules));
+        let key = "peft.target_modules";
+        m.insert(key.into(), identity_value(key, json!(p.target_modules)));
     }
     m
+}
+
+/// An identity value as compared: `peft.target_modules` sorted and without repeats (the same
+/// modules in another order wrap the same layers with the same parameters; `[v_proj, q_proj]`
+/// resumes a `[q_proj, v_proj]` checkpoint, also one saved before the list was sorted).
+pub(crate) fn identity_value(key: &str, v: Value) -> Value {
+    match (key, v) {
+        ("peft.target_modules", Value::Array(mut list)) => {
+            list.sort_by_key(|m| m.to_string());
+            list.dedup();
+            Value::Array(list)
+        }
+        (_, v) => v,
+    }
 }
 
 /// sha256 of the identity's canonical JSON (keys sorted).
