@@ -75,6 +75,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
     // record must not cost a model load on every rank first.
     crate::checkpoint::check_resume_folder(&pg, device, config)?;
     let data = setup::data(config, world)?;
+    setup::agree_data(&pg, device, &data)?;
     // 3. Model (+ LoRA), seeded; with FSDP each rank reads only its shards.
     let (mut trainable, flops) = setup::model(config, &pg, device)?;
     for note in setup::unused_settings_notes(config) {

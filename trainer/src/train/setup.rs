@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use crate::config::{self, Config};
 use crate::data::dataset::{Dataset, Split};
@@ -188,6 +188,69 @@ pub(super) fn data(config: &Config, world: usize) -> Result<Data> {
         steps_per_epoch,
         total_steps,
     })
+}
+
+/// Every rank reads the JSONL and checks the images itself, so a record dropped on some ranks
+/// only (an image missing from one node's copy, a read error, under `data.bad_records: skip`)
+/// would give the ranks other samples at the same index (global batches that are no longer a
+/// partition, without a word) or other step counts (a hang at the epoch's end). The ranks compare
+/// each split's samples and fingerprint (`data_fingerprint`) and stop together, naming who kept
+/// what.
+pub(super) fn agree_data(pg: &ProcessGroup, device: Device, data: &Data) -> Result<()> {
+    let world = pg.world_size();
+    if world == 1 {
+        return Ok(());
+    }
+    let mine: Vec<i64> = [Some(&data.train), data.eval.as_ref()]
+        .into_iter()
+        .flat_map(|ds| ds.map_or([0, 0], |d| [d.len() as i64, data_fingerprint(d)]))
+        .collect();
+    let gathered = Tensor::zeros([world as i64 * 4], (Kind::Int64, device));
+    pg.all_gather_into(&gathered, &Tensor::from_slice(&mine).to_device(device))?;
+    let all = Vec::<i64>::try_from(gathered.to_device(Device::Cpu))?;
+    let per_rank: Vec<[i64; 4]> = all.chunks(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
+    match data_disagreement(&per_rank) {
+        Some(why) => bail!("{why}"),
+        None => Ok(()),
+    }
+}
+
+/// A split's fingerprint: the first 8 bytes of the sha256 over each kept record's line number
+/// and token length, in order (not the file's path, which may differ between nodes' mounts).
+fn data_fingerprint(ds: &Dataset) -> i64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for i in 0..ds.len() {
+        h.update((ds.record(i).line as u64).to_le_bytes());
+        h.update((ds.length(i) as u64).to_le_bytes());
+    }
+    let d = h.finalize();
+    i64::from_be_bytes(d[..8].try_into().unwrap_or_default())
+}
+
+/// The error for ranks whose (train samples, train fingerprint, eval samples, eval fingerprint)
+/// differ, or None when all agree.
+fn data_disagreement(per_rank: &[[i64; 4]]) -> Option<String> {
+    let first = per_rank.first()?;
+    for (s, split) in ["train", "eval"].into_iter().enumerate() {
+        let of = |r: &[i64; 4]| (r[2 * s], r[2 * s + 1]);
+        if per_rank.iter().all(|r| of(r) == of(first)) {
+            continue;
+        }
+        let listing: Vec<String> = per_rank
+            .iter()
+            .enumerate()
+            .map(|(rank, r)| {
+                let (n, fp) = of(r);
+                format!("rank {rank}: {n} samples, fingerprint {:016x}", fp as u64)
+            })
+            .collect();
+        return Some(format!(
+            "data.{split}: the ranks kept different samples ({}). Each rank reads the file and checks the images itself, so records dropped on some nodes only (an image missing or unreadable there, under data.bad_records: skip) give them other data; make every node see the same data.{split} and data.image_root (`trainer data check CONFIG` on each node lists the records it drops)",
+            listing.join("; ")
+        ));
+    }
+    None
 }
 
 /// Training in fp16 needs loss scaling (PyTorch FSDP's ShardedGradScaler), which this trainer
@@ -381,6 +444,22 @@ fn check_init_adapter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranks_that_kept_other_samples_are_named() {
+        assert_eq!(data_disagreement(&[[10, 7, 0, 0], [10, 7, 0, 0]]), None);
+        assert_eq!(data_disagreement(&[]), None);
+        let e = data_disagreement(&[[10, 7, 3, 1], [10, 7, 3, 1], [9, 8, 3, 1]]).unwrap();
+        assert!(e.starts_with("data.train: the ranks kept different samples (rank 0: 10 samples, fingerprint 0000000000000007; rank 1: 10 samples"), "{e}");
+        assert!(
+            e.contains("rank 2: 9 samples, fingerprint 0000000000000008)"),
+            "{e}"
+        );
+        // the same count, other records: caught by the fingerprint
+        let e = data_disagreement(&[[10, 7, 3, 1], [10, 7, 3, 2]]).unwrap();
+        assert!(e.starts_with("data.eval:"), "{e}");
+        assert!(e.contains("data.bad_records: skip"), "{e}");
+    }
 
     fn parse(sets: &[&str]) -> Config {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
