@@ -76,13 +76,14 @@ want model && [ -x "$BIN/model_gpu" ] && [ -n "$MODEL_VARIANT" ] && LLAVA_SCO_AT
   step "model-gpu-$MODEL_VARIANT" timeout 200 "$BIN/model_gpu" --nocapture --test-threads 1
 # kernels last: its table is the end of the output
 if want kernels; then
-  # ~2.5 min on an H200 (NVRTC compile, 14 variants x 16 correctness cases, timings of the timed variants
+  # ~2.5 min on an H200 (NVRTC compile, 15 variants x 16 correctness cases, timings of the timed variants
   # and SDPA); the cap keeps a hung kernel from eating a 15-minute device budget
   # KERNELS_VARIANTS (e.g. v13,v14,v15): the variants to check. Timed: KERNELS_TIME (e.g.
   # v13,v16; each must be checked), else KERNELS_BASELINE (all variants checked: the default
   # variant) and every passing variant listed after it, one table column each with the ratio of
-  # each to the one before it (so the default v13 and v14-v16 separate the padding, the dQ
-  # reductions and the exp2 split in one call), else the newest passing one and the one before it
+  # each to the one before it and to the baseline (so the default v13 and v14-v17 separate the
+  # padding, the dQ reductions, the exp2 split and, in v17/v13, the causal block order in one
+  # call), else the newest passing one and the one before it
   timeout -k 10 300 "$BIN/kernels-gpu-check" --out "$OUT" ${KERNELS_VARIANTS:+--variants "$KERNELS_VARIANTS"} \
     ${KERNELS_BASELINE:+--baseline "$KERNELS_BASELINE"} ${KERNELS_TIME:+--time "$KERNELS_TIME"} 2>&1 \
     | tee "$OUT/kernels-gpu-check.log"

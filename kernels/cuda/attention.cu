@@ -24,6 +24,7 @@ struct AttnParams {
     int causal, kblock, nblk;
     float scale;        // softmax scale (natural units)
     float scale_log2;   // scale * log2(e)
+    int lpt_group;      // > 0: causal blocks longest first, in groups of this many pairs (`lpt_block`)
 };
 
 #define BR 64

@@ -214,7 +214,14 @@ __device__ __forceinline__ Fwd7Smem fwd7_smem_setup() {
 template <bool BF16, int D>
 __device__ __forceinline__ void attn_fwd7(const Fwd7Maps& maps, const AttnParams& p) {
     const Fwd7Smem sm = fwd7_smem_setup<D>();
-    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    if (p.lpt_group > 0) {  // variant 17 (attention_sm90.cu): the last query tile is the longest
+        int level, pair;
+        lpt_block(p.lpt_group, level, pair);
+        qt = gridDim.x - 1 - level;
+        h = pair % gridDim.y;
+        b = pair / gridDim.y;
+    }
     const int wg = threadIdx.x >> 7;
     const int q0 = qt * FWD4_BM, n_tiles = fwd7_key_tiles(p, q0);
     if (wg == 0) {

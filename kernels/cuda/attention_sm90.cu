@@ -495,6 +495,26 @@ __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u
 #define BWD4_BN 128
 #define BWD4_BM 64
 
+// Variant 17 (p.lpt_group > 0, set for causal calls): blocks longest first. In grid order each
+// (batch, head)'s longest tile is dispatched one head's worth of blocks after the previous
+// head's, so the last head's longest tile starts a fraction of a wave before the end and runs
+// on while the other SMs go idle (a causal tile's work is its number of key tiles, 1 to n). Here
+// the grid's linear block index walks the (batch, head) pairs in groups of `group`; within a
+// group every pair's longest tile comes first, then every pair's second longest, and so on, so
+// the blocks that start last are the shortest. The host sizes a group to start its longest tiles
+// at least two waves before its end, and, beyond that, to as many pairs as half the L2 holds the
+// data of (the blocks running together share it). level: 0 for a pair's longest tile; pair:
+// (batch, head) as batch * gridDim.y + head. `lpt_block` in kernels/src/attention.rs is its
+// twin, tested on the CPU.
+__device__ __forceinline__ void lpt_block(int group, int& level, int& pair) {
+    const i64 n_tiles = gridDim.x, pairs = (i64)gridDim.y * gridDim.z;
+    const i64 linear = blockIdx.x + n_tiles * (blockIdx.y + (i64)gridDim.y * blockIdx.z);
+    const i64 first = linear / (group * n_tiles) * group;  // the group's first pair
+    const i64 size = min((i64)group, pairs - first), r = linear - first * n_tiles;
+    level = (int)(r / size);
+    pair = (int)(first + r % size);
+}
+
 // Step 2 of the backward on the accumulators, in two halves so that variant 6 can run the first
 // while dP^T is still on the tensor cores. bwd4_p: P^T = 2^(S^T scale_log2 - lse) in place of S^T;
 // bwd4_ds: dS^T = P^T (dP^T - delta) in place of dP^T (w.r.t. the scaled scores). Element e of
@@ -837,7 +857,7 @@ struct __align__(64) Bwd10Maps {
     int q_pos[3], do_pos[3];
 };
 #define BWD_PROF_SPANS 8
-// Per (block 0 or the middle block) x warpgroup: cycles per tile of each span, tiles, blockIdx.x.
+// Per (block 0 or the middle block) x warpgroup: cycles per tile of each span, tiles, the key tile.
 __device__ long long attn_bwd_prof[4][BWD_PROF_SPANS + 2];
 template <bool BF16, int D, bool ORDER9, bool PROF = false, bool TMA = false, bool EARLY = false, bool RED = false,
           bool POLY = false>
@@ -861,7 +881,13 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
     const u32 dq_stage = LD0 + NST * 2 * BM * 4 + wg * DQ_STAGE_BYTES;  // this warpgroup's dQ tile
     const u32 bars = LD0 + NST * 2 * BM * 4 + 2 * DQ_STAGE_BYTES;       // TMA: full[stage] at + 8 stage
 
-    const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    if (p.lpt_group > 0) {  // variant 17: key tile 0 is the longest (every query tile sees it)
+        int pair;
+        lpt_block(p.lpt_group, kt, pair);
+        hk = pair % gridDim.y;
+        b = pair / gridDim.y;
+    }
     const int k0 = kt * BN, kw = wg * 64;
     const int krow = kw + warp * 16 + g;
     const Bwd4Walk walk = bwd4_walk(p, k0, hk);
@@ -934,8 +960,7 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
     // S^T after dP^T was issued, and 6 also holds the next tile's load wait and S^T issue.
     constexpr int NPROF = BWD_PROF_SPANS;
     long long prof[NPROF] = {}, prof_t = 0;
-    const bool prof_on = PROF && tid == 0 && blockIdx.y == 0 && blockIdx.z == 0 &&
-                         (blockIdx.x == 0 || blockIdx.x == gridDim.x / 2);
+    const bool prof_on = PROF && tid == 0 && hk == 0 && b == 0 && (kt == 0 || kt == gridDim.x / 2);
     auto mark = [&](int i) {
         if constexpr (PROF) {
             const long long now = clock64();
@@ -1111,11 +1136,11 @@ __device__ void attn_bwd6(const AttnParams& p, const Bwd10Maps* maps = nullptr) 
     }
     if constexpr (PROF) {
         if (prof_on && tiles > 0) {
-            long long* out = attn_bwd_prof[(blockIdx.x == 0 ? 0 : 2) + wg];
+            long long* out = attn_bwd_prof[(kt == 0 ? 0 : 2) + wg];
 #pragma unroll
             for (int i = 0; i < NPROF; ++i) out[i] = prof[i] / tiles;
             out[NPROF] = tiles;
-            out[NPROF + 1] = blockIdx.x;
+            out[NPROF + 1] = kt;
         }
     }
     cp_async_wait<0>();

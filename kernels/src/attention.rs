@@ -4,7 +4,7 @@
 //! strides with D contiguous. Outputs are (B, H, Sq, D) views of (B, Sq, H, D) memory, the layout the
 //! model transposes back to (B, Sq, H*D) for free. Masks: see `AttentionMask`.
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 
 use cudarc::driver::sys;
 use tch::{Device, Kind, Tensor};
@@ -84,6 +84,7 @@ struct AttnParams {
     nblk: i32,
     scale: f32,
     scale_log2: f32,
+    lpt_group: i32,
 }
 
 const TILE: i64 = 64;
@@ -101,7 +102,7 @@ const THREADS: u32 = 128;
 /// persistent forward; `V13`, the default, pairs V7's forward with V12's backward; `V14` is V13
 /// with head dim 80 (and 64 in the backward) zero-padded to 128 on Hopper; `V15` is V14 with dQ
 /// added from registers in the backward; `V16` is V15 with a third of the backward's exp2s on the
-/// FMA pipe. (There is no
+/// FMA pipe; `V17` is V13 with causal blocks started longest first. (There is no
 /// `V11`: that number went to an experiment that was measured and removed, see
 /// kernels/BENCHMARKS.md.)
 /// (Each variant's discriminant is its number.)
@@ -151,6 +152,10 @@ pub enum Variant {
     /// V15 with every third exp2 of the backward's P^T computed by a polynomial on the FMA pipe
     /// instead of the MUFU unit. Prepared without a GPU (2026-11-27); not yet measured.
     V16 = 16,
+    /// V13's kernels with causal blocks started longest first, in groups of (batch, head) pairs
+    /// (`lpt_group`): in grid order the last head's longest tiles start a fraction of a wave
+    /// before the end. Prepared without a GPU (2026-11-28); not yet measured. Falls back as V13.
+    V17 = 17,
 }
 
 /// The variant used when neither `set_variant` nor the environment chose one: the fastest that
@@ -159,7 +164,7 @@ pub const DEFAULT_VARIANT: Variant = Variant::V13;
 
 /// The head dims the kernels take.
 pub const HEAD_DIMS: [i64; 3] = [64, 80, 128];
-/// Environment variable read once on first use: `v2` ... `v10`, `v12` ... `v16`.
+/// Environment variable read once on first use: `v2` ... `v10`, `v12` ... `v17`.
 pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
 
 // 0 = not chosen yet, else the variant's number.
@@ -167,7 +172,7 @@ static VARIANT: AtomicU8 = AtomicU8::new(0);
 
 impl Variant {
     /// Every variant, oldest first.
-    pub const ALL: [Variant; 14] = [
+    pub const ALL: [Variant; 15] = [
         Variant::V2,
         Variant::V3,
         Variant::V4,
@@ -182,9 +187,10 @@ impl Variant {
         Variant::V14,
         Variant::V15,
         Variant::V16,
+        Variant::V17,
     ];
 
-    /// Parses `v2` ... `v10`, `v12` ... `v16` (case-insensitive); the error names the variable and the
+    /// Parses `v2` ... `v10`, `v12` ... `v17` (case-insensitive); the error names the variable and the
     /// accepted values.
     pub fn parse(s: &str) -> Result<Variant> {
         let s = s.trim().to_ascii_lowercase();
@@ -223,6 +229,7 @@ impl Variant {
             Variant::V14 => "v14",
             Variant::V15 => "v15",
             Variant::V16 => "v16",
+            Variant::V17 => "v17",
         }
     }
 }
@@ -391,7 +398,7 @@ fn fwd7_smem(d: i64) -> i64 {
 
 /// The forward variant that runs for `variant` on a device of `arch` at head dim `d`:
 /// V4/V5/V7/V12 only on compute_90 with d 64 or 128 (else V3); V6 runs V5's forward, V8-V10 and
-/// V13-V16 V7's (V14-V16 at the head dim `kernel_head_dim` gives).
+/// V13-V17 V7's (V14-V16 at the head dim `kernel_head_dim` gives).
 /// (V7 and V12 also fall back to V5 for views the TMA unit cannot address, decided at launch.)
 fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
@@ -402,7 +409,8 @@ fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
         | Variant::V13
         | Variant::V14
         | Variant::V15
-        | Variant::V16 => v4_forward(Variant::V7, arch, d),
+        | Variant::V16
+        | Variant::V17 => v4_forward(Variant::V7, arch, d),
         Variant::V4 | Variant::V5 | Variant::V7 | Variant::V12
             if arch == "compute_90" && (d == 64 || d == 128) =>
         {
@@ -415,11 +423,11 @@ fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
 
 /// The backward variant: V4 only on compute_90 at d128 (at d64 the wgmma backward measured
 /// 0.85-0.89x V3's on an H200, see kernels/BENCHMARKS.md), else V3; V6, V9, V10 and V12 have their
-/// own, as do V15 and V16 (same limits); V8 runs V6's, V13 and V14 V12's.
+/// own, as do V15 and V16 (same limits); V8 runs V6's, V13, V14 and V17 V12's.
 fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
         Variant::V8 => v4_backward(Variant::V6, arch, d),
-        Variant::V13 | Variant::V14 => v4_backward(Variant::V12, arch, d),
+        Variant::V13 | Variant::V14 | Variant::V17 => v4_backward(Variant::V12, arch, d),
         Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12 | Variant::V15 | Variant::V16
             if arch == "compute_90" && d == 128 =>
         {
@@ -464,7 +472,8 @@ fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
         | Variant::V13
         | Variant::V14
         | Variant::V15
-        | Variant::V16 => format!("attn_fwd7_{dtype}_d{d}"),
+        | Variant::V16
+        | Variant::V17 => format!("attn_fwd7_{dtype}_d{d}"),
         Variant::V12 => format!("attn_fwd12_{dtype}_d{d}"),
     }
 }
@@ -784,6 +793,7 @@ fn base_params(
         nblk: nblk as i32,
         scale: scale as f32,
         scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+        lpt_group: 0,
     };
     keep.extend([q, k, v]);
     keep.extend([kk, qf, bm].into_iter().flatten());
@@ -879,6 +889,7 @@ pub fn fused_forward_into(
         return Ok(());
     }
     let name = dtype_name(q.kind())?;
+    let longest_first = variant == Variant::V17 && mask.causal;
     let mut variant = v4_forward(variant, &gpu.arch, d.d);
     let mut maps = None;
     if matches!(variant, Variant::V7 | Variant::V12) {
@@ -899,7 +910,7 @@ pub fn fused_forward_into(
             (FWD3_BLOCK_M + 4 * fwd3_block_n(d.d)) * (d.d + 8) * 2,
         ),
         Variant::V4 | Variant::V5 | Variant::V6 => (FWD4_BLOCK, FWD4_THREADS, fwd4_smem(d.d)),
-        // (v4_forward maps V8-V10 and V13-V16 to V7)
+        // (v4_forward maps V8-V10 and V13-V17 to V7)
         Variant::V7
         | Variant::V8
         | Variant::V9
@@ -908,7 +919,8 @@ pub fn fused_forward_into(
         | Variant::V13
         | Variant::V14
         | Variant::V15
-        | Variant::V16 => (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d)),
+        | Variant::V16
+        | Variant::V17 => (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d)),
     };
     let source = source_of(variant);
     let f = gpu.function(source, &fwd_kernel(variant, name, d.d))?;
@@ -923,6 +935,10 @@ pub fn fused_forward_into(
     } else {
         (((d.sq + rows - 1) / rows) as u32, d.h as u32, d.b as u32)
     };
+    if longest_first && variant == Variant::V7 {
+        // blocks over (batch, head) pairs, each reading K and V, shared by a KV head's group
+        p.lpt_group = lpt_group(grid.0 as i64, d.h * d.b, gpu, 4 * d.sk * d.d / (d.h / d.hk));
+    }
     let p_arg: *mut c_void = &mut p as *mut AttnParams as *mut c_void;
     let mut args = match maps.as_mut() {
         Some(m) => vec![m as *mut Fwd7Maps as *mut c_void, p_arg],
@@ -931,6 +947,51 @@ pub fn fused_forward_into(
     // SAFETY: the arguments match the kernel's (Fwd7Maps for V7 and V12, then AttnParams);
     // tensors kept alive in `keep`/`outputs` until the launch is queued on their stream.
     unsafe { gpu.launch(f, grid, (threads, 1, 1), smem as u32, &mut args) }
+}
+
+/// Kernel development: the group size of variant 17's longest-first order instead of
+/// `lpt_group`'s choice (0: its choice), for every later call in this process.
+/// `kernels-gpu-check` sets 3 to run the order over several groups and a partial last one, which
+/// its small problems (one group each) never reach otherwise.
+pub fn set_longest_first_group(pairs: Option<i32>) {
+    LPT_GROUP.store(pairs.unwrap_or(0).max(0), Ordering::Relaxed);
+}
+static LPT_GROUP: AtomicI32 = AtomicI32::new(0);
+
+/// Variant 17: the (batch, head) pairs per group of its longest-first block order (`lpt_block` in
+/// cuda/attention_sm90.cu) for a grid of `tiles` x `pairs` blocks: enough pairs that a group's
+/// longest tiles start two waves (of `gpu`'s SM count) before the group's last block, and more
+/// where half the L2 holds the data of more pairs (`pair_bytes` each); at most `pairs`.
+fn lpt_group(tiles: i64, pairs: i64, gpu: &Gpu, pair_bytes: i64) -> i32 {
+    let forced = LPT_GROUP.load(Ordering::Relaxed);
+    if forced > 0 {
+        return forced.min(pairs.clamp(1, i32::MAX as i64) as i32);
+    }
+    lpt_group_for(
+        tiles,
+        pairs,
+        gpu.multiprocessors as i64,
+        gpu.l2_bytes,
+        pair_bytes,
+    )
+}
+fn lpt_group_for(tiles: i64, pairs: i64, sms: i64, l2_bytes: i64, pair_bytes: i64) -> i32 {
+    let two_waves = (2 * sms + tiles.max(1) - 1) / tiles.max(1);
+    let cached = l2_bytes / 2 / pair_bytes.max(1);
+    two_waves
+        .max(cached)
+        .clamp(1, pairs.max(1))
+        .min(i32::MAX as i64) as i32
+}
+
+/// The CPU twin of `lpt_block` (cuda/attention_sm90.cu): (level, pair) of the block with linear
+/// index `linear` in a grid of `tiles` x `pairs` blocks, pairs in groups of `group`.
+#[cfg(test)]
+fn lpt_block(linear: i64, tiles: i64, pairs: i64, group: i64) -> (i64, i64) {
+    let first = linear / (group * tiles) * group;
+    let size = group.min(pairs - first);
+    let r = linear - first * tiles;
+    (r / size, first + r % size)
 }
 
 /// Variant 12's work units (`fwd12_schedule` in cuda/attention_fwd_ws.cu): its 128-row query
@@ -1126,6 +1187,7 @@ pub fn fused_backward(
     let dq = Tensor::empty([d.b, d.sq, d.h, d.d], opts);
     let dk = Tensor::empty([d.b, d.sk, d.hk, d.d], opts);
     let dv = Tensor::empty([d.b, d.sk, d.hk, d.d], opts);
+    let longest_first = variant == Variant::V17 && mask.causal;
     let variant = v4_backward(variant, &gpu.arch, d.d);
     let sq_pad = (d.sq + BWD4_BLOCK_M - 1) / BWD4_BLOCK_M * BWD4_BLOCK_M;
     // fp32 dQ accumulator: (B, Sq, H, D), or for V9, V10, V12, V15 and V16 tiles of 64 queries x 64
@@ -1257,6 +1319,13 @@ pub fn fused_backward(
             // V10, V12, V15 and V16 read lse and delta from their padded copies (same stream: after the delta
             // kernel) and takes its tensor maps first
             let mut p_main = p;
+            if longest_first {
+                // blocks over (batch, KV head) pairs, each reading its query heads' Q and dO
+                // (and lse, delta) over every query tile
+                let group = d.h / d.hk;
+                p_main.lpt_group =
+                    lpt_group(grid.0 as i64, d.hk * d.b, gpu, group * d.sq * (4 * d.d + 8));
+            }
             let mut maps_arg = None;
             if let Some((maps, lse_pad, delta_pad)) = bwd10.as_mut() {
                 delta_pad.narrow(2, 0, d.sq).copy_(&delta);
@@ -1387,7 +1456,9 @@ mod tests {
         let err = Variant::parse("fast").unwrap_err().to_string();
         assert!(
             err.contains(VARIANT_ENV)
-                && err.contains("v2, v3, v4, v5, v6, v7, v8, v9, v10, v12, v13, v14, v15 or v16"),
+                && err.contains(
+                    "v2, v3, v4, v5, v6, v7, v8, v9, v10, v12, v13, v14, v15, v16 or v17"
+                ),
             "{err}"
         );
         for v in Variant::ALL {
@@ -1396,7 +1467,10 @@ mod tests {
         }
         // numbers are unique, so `variant()` finds back the one `set_variant` stored
         let numbers: Vec<u8> = Variant::ALL.iter().map(|v| v.number()).collect();
-        assert_eq!(numbers, [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16]);
+        assert_eq!(
+            numbers,
+            [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17]
+        );
     }
 
     #[test]
@@ -1428,6 +1502,73 @@ mod tests {
         );
         assert_eq!(v4_forward(Variant::V12, "compute_90", 80), Variant::V3);
         assert_eq!(v4_forward(Variant::V12, "compute_80", 128), Variant::V3);
+    }
+
+    #[test]
+    fn v17_runs_v13s_kernels_unpadded() {
+        for (arch, d) in [("compute_90", 128), ("compute_90", 64), ("compute_80", 128)] {
+            assert_eq!(
+                planned(Variant::V17, arch, d),
+                planned(Variant::V13, arch, d)
+            );
+        }
+        assert_eq!(planned(Variant::V17, "compute_90", 80).0, Variant::V3);
+        assert!(sdpa_faster(Variant::V17, "compute_90", 80));
+        assert_eq!(Variant::parse("V17").unwrap(), Variant::V17);
+    }
+
+    /// `lpt_block` (the CPU twin of the kernels' block order): every block of the grid gets one
+    /// (level, pair) and every (level, pair) one block; inside a group of pairs the levels run
+    /// longest (0) first; the grid ends with the last group's shortest tiles.
+    #[test]
+    fn longest_first_order_is_a_permutation_of_the_grid_by_groups() {
+        for (tiles, pairs, group) in [
+            (16, 128, 25),
+            (16, 64, 17),
+            (3, 7, 3),
+            (5, 4, 4),
+            (1, 9, 2),
+            (7, 1, 1),
+        ] {
+            let mut seen = vec![false; (tiles * pairs) as usize];
+            let mut last_level = vec![-1i64; pairs as usize];
+            let mut previous = (0, -1i64); // (group, level)
+            for linear in 0..tiles * pairs {
+                let (level, pair) = lpt_block(linear, tiles, pairs, group);
+                assert!((0..tiles).contains(&level) && (0..pairs).contains(&pair));
+                let slot = &mut seen[(level * pairs + pair) as usize];
+                assert!(
+                    !*slot,
+                    "({level}, {pair}) twice in {tiles} x {pairs} / {group}"
+                );
+                *slot = true;
+                // each pair's tiles longest first; groups one after another
+                assert_eq!(level, last_level[pair as usize] + 1);
+                last_level[pair as usize] = level;
+                let g = pair / group;
+                assert!(
+                    (g, level) >= previous,
+                    "{linear}: group {g} level {level} after {previous:?}"
+                );
+                previous = (g, level);
+            }
+            assert!(seen.iter().all(|&b| b));
+            let end = lpt_block(tiles * pairs - 1, tiles, pairs, group);
+            assert_eq!(end.0, tiles - 1);
+        }
+    }
+
+    #[test]
+    fn longest_first_groups_start_two_waves_early_or_fill_half_the_l2() {
+        let (sms, l2) = (132, 50 << 20);
+        // forward, d128 s2048 causal, 16 heads x batch 8: K and V of a head are 1 MB
+        assert_eq!(lpt_group_for(16, 128, sms, l2, 4 * 2048 * 128), 25);
+        // backward, the text model's GQA (4 query heads per KV head): 4.3 MB of Q, dO per pair,
+        // so two waves decide: 17 pairs x 16 key tiles = 272 blocks
+        assert_eq!(lpt_group_for(16, 64, sms, l2, 4 * 2048 * (4 * 128 + 8)), 17);
+        // at most every pair; at least one
+        assert_eq!(lpt_group_for(16, 4, sms, l2, 1 << 20), 4);
+        assert_eq!(lpt_group_for(4096, 2, sms, 0, 1 << 30), 1);
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Gpu {
     pub arch: String,
     pub name: String,
     pub multiprocessors: i32,
+    /// L2 cache bytes.
+    pub l2_bytes: i64,
     ctx: usize, // sys::CUcontext as an integer, so the struct is Send + Sync
     functions: Mutex<HashMap<(String, String), Function>>,
     modules: Mutex<HashMap<String, usize>>,
@@ -54,7 +56,7 @@ pub fn gpu(ordinal: i32) -> Result<&'static Gpu> {
     drv::init().map_err(driver_err("cuInit"))?;
     let dev = drv::device::get(ordinal).map_err(driver_err("cuDeviceGet"))?;
     // SAFETY: valid device handle; the retained primary context lives for the process.
-    let (ctx, major, minor, sms) = unsafe {
+    let (ctx, major, minor, sms, l2) = unsafe {
         let ctx = drv::primary_ctx::retain(dev).map_err(driver_err("cuDevicePrimaryCtxRetain"))?;
         let attr =
             |a| drv::device::get_attribute(dev, a).map_err(driver_err("cuDeviceGetAttribute"));
@@ -63,6 +65,7 @@ pub fn gpu(ordinal: i32) -> Result<&'static Gpu> {
             attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
             attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
             attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?,
         )
     };
     if major < 8 {
@@ -74,6 +77,7 @@ pub fn gpu(ordinal: i32) -> Result<&'static Gpu> {
         arch: format!("compute_{major}{minor}"),
         name,
         multiprocessors: sms,
+        l2_bytes: l2 as i64,
         ctx: ctx as usize,
         functions: Mutex::new(HashMap::new()),
         modules: Mutex::new(HashMap::new()),
