@@ -747,8 +747,12 @@ fn setup_errors_are_one_clear_line() {
         ),
         (vec!["--standalone", "train.py"], "is not a YAML config"),
         (
-            vec!["--nnodes", "2", "--", "true"],
+            vec!["--nnodes", "2", "--node-rank", "0", "--", "true"],
             "pass the same --run-id",
+        ),
+        (
+            vec!["--nnodes", "2", "--run-id", "x", "--", "true"],
+            "this node's rank is unknown: give each node's launcher its own --node-rank",
         ),
         (
             vec!["--nnodes", "1:4", "--", "true"],
@@ -1550,5 +1554,51 @@ fn a_long_monitor_interval_still_reports_the_root_cause_on_every_node() {
         run1.stderr.contains("exit code 7"),
         "node 1: {}",
         run1.stderr
+    );
+}
+
+/// Two launchers given the same --node-rank: the second is refused, and the nodes already waiting
+/// stop at once with its reason instead of waiting out --rdzv-timeout for the node rank left
+/// missing.
+#[test]
+fn a_duplicate_node_rank_stops_the_waiting_nodes_at_once() {
+    let port = free_port().to_string();
+    let node = |rank: &str| {
+        launcher(&[
+            "--nnodes",
+            "3",
+            "--node-rank",
+            rank,
+            "--master-port",
+            &port,
+            "--run-id",
+            "dup",
+            "--rdzv-timeout",
+            "60",
+            "--",
+            "true",
+        ])
+    };
+    let started = Instant::now();
+    let node0 = node("0").spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let node1 = node("1").spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let again = node("1").spawn().unwrap();
+    let dup = wait(again, started, LIMIT);
+    assert_eq!(dup.code(), 1, "{}", dup.stderr);
+    assert!(
+        dup.stderr.contains("node rank 1 is already taken"),
+        "{}",
+        dup.stderr
+    );
+    for run in [wait(node0, started, LIMIT), wait(node1, started, LIMIT)] {
+        assert_ne!(run.code(), 0, "{}", run.stderr);
+        assert!(run.stderr.contains("already taken"), "{}", run.stderr);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
     );
 }

@@ -253,6 +253,13 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
     if nnodes == 0 {
         bail!("--nnodes must be at least 1");
     }
+    if nnodes > 1 && cli.node_rank.is_none() && slurm_layout.is_none() {
+        // (every node would take rank 0 and serve a store of its own: which launcher fails, and
+        // how, would depend on who came first)
+        bail!(
+            "--nnodes {nnodes}: this node's rank is unknown: give each node's launcher its own --node-rank (0 on the host of --master-addr / --rdzv-endpoint); node ranks are not assigned at the store as torchrun's c10d rendezvous does (under SLURM, srun's SLURM_NODEID gives them)"
+        );
+    }
     if node_rank >= nnodes {
         bail!(
             "node rank {node_rank} is out of range for {nnodes} node(s) (valid: 0..={}); check --node-rank and --nnodes",

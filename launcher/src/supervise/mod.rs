@@ -26,7 +26,7 @@ pub use output::OutputOptions;
 pub use process::RankCommand;
 
 use peers::{JoinError, NodeLayout, Peers};
-use process::RankProcess;
+use process::{RankExit, RankProcess};
 use watchdog::Watchdog;
 
 /// Everything one launcher needs to run its node's share of the job. (No `Debug`: it holds the
@@ -438,6 +438,7 @@ impl Attempt<'_> {
     }
 
     /// Runs the attempt; `Err` carries the root cause.
+    // (see `first_failed` for the choice among ranks that failed in the same poll pass)
     fn run(
         &self,
         peers: &mut Peers,
@@ -529,16 +530,23 @@ impl Attempt<'_> {
                 }
             }
 
+            // the ranks that failed since the last pass (several when one rank's failure made
+            // its peers fail within the poll interval)
+            let mut failed = Vec::new();
             for (i, rank) in ranks.iter_mut().enumerate() {
                 let Some(exit) = rank.poll() else { continue };
                 if exit.success() {
                     first_success.get_or_insert_with(Instant::now);
                 } else if stop.is_none() && root.is_none() {
-                    rank.output.settle_stderr(Duration::from_millis(250));
-                    let failure = self.failure(exit.failure_kind(), Some(rank));
-                    root_local = Some(i);
-                    root = Some(peers.report_failure(self.attempt, failure));
+                    failed.push((i, exit));
                 }
+            }
+            if let Some((i, exit)) = first_failed(failed, |i| error_file_written(&ranks[i])) {
+                let rank = &mut ranks[i];
+                rank.output.settle_stderr(Duration::from_millis(250));
+                let failure = self.failure(exit.failure_kind(), Some(rank));
+                root_local = Some(i);
+                root = Some(peers.report_failure(self.attempt, failure));
             }
             if root.is_some() && stop.is_none() {
                 stop = Some(self.begin_stop(&ranks, libc::SIGTERM));
@@ -686,6 +694,29 @@ impl Attempt<'_> {
     }
 }
 
+/// The root cause among ranks that failed in the same poll pass (`failed`: local rank, exit):
+/// the one whose error file was written first (`written`: its modification time; torchrun's
+/// rule, finer than the file's own timestamp in seconds), then ranks without an error file (a
+/// signal, an exit before the handler was installed) in local-rank order. A rank whose failure
+/// made its peers fail within the pass (a panic closing its sockets: "peer disconnected" on the
+/// others) wrote its file first.
+fn first_failed(
+    failed: Vec<(usize, RankExit)>,
+    written: impl Fn(usize) -> Option<std::time::SystemTime>,
+) -> Option<(usize, RankExit)> {
+    failed
+        .into_iter()
+        .min_by_key(|&(i, _)| (written(i).is_none(), written(i), i))
+}
+
+/// When `rank`'s error file was last written, if it was.
+fn error_file_written(rank: &RankProcess) -> Option<std::time::SystemTime> {
+    std::fs::metadata(rank.error_file.as_deref()?)
+        .ok()?
+        .modified()
+        .ok()
+}
+
 fn kill_running(ranks: &[RankProcess]) {
     for rank in ranks.iter().filter(|r| r.running()) {
         rank.signal(libc::SIGKILL);
@@ -706,7 +737,7 @@ pub fn hostname() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::wildcard_for;
+    use super::{first_failed, wildcard_for, RankExit};
 
     #[test]
     fn the_store_listens_in_the_master_addresss_family() {
@@ -714,5 +745,35 @@ mod tests {
         assert_eq!(wildcard_for("fe80::1", 29500), "::");
         assert_eq!(wildcard_for("127.0.0.1", 29500), "0.0.0.0");
         assert_eq!(wildcard_for("no-such-host.invalid", 29500), "0.0.0.0");
+    }
+
+    /// Ranks that failed in the same poll pass: the one whose error file was written first is
+    /// the root cause, ranks without one come after, each kind in local-rank order.
+    #[test]
+    fn the_first_error_file_written_names_the_root_cause() {
+        use std::time::{Duration, SystemTime};
+        let t = |ms: u64| Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+        let failed = vec![
+            (0, RankExit::Code(1)),
+            (1, RankExit::Code(3)),
+            (2, RankExit::Signal(9)),
+        ];
+        // rank 1 panicked first; rank 0 failed on the closed connection 4 ms later
+        let written = |i: usize| [t(1004), t(1000), None][i];
+        assert_eq!(
+            first_failed(failed.clone(), written),
+            Some((1, RankExit::Code(3)))
+        );
+        // no error files: local-rank order, as before
+        assert_eq!(
+            first_failed(failed.clone(), |_| None),
+            Some((0, RankExit::Code(1)))
+        );
+        let written = |i: usize| [None, None, t(5)][i];
+        assert_eq!(
+            first_failed(failed, written),
+            Some((2, RankExit::Signal(9)))
+        );
+        assert_eq!(first_failed(vec![], |_| None), None);
     }
 }

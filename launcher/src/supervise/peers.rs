@@ -190,10 +190,14 @@ impl Peers {
         {
             let other = String::from_utf8_lossy(&other);
             let other_host = other.split(' ').next().unwrap_or("?");
-            return Err(JoinError::Rendezvous(format!(
+            let why = format!(
                 "node rank {} is already taken by a launcher on {other_host} (give every node a distinct --node-rank)",
                 m.node_rank
-            )));
+            );
+            // the other nodes stop now, told why, instead of waiting out --rdzv-timeout for the
+            // node rank this launcher leaves missing (a gate already open keeps the run going)
+            let _ = m.abandon_gate(&a, &format!("a second launcher on {host}: {why}"));
+            return Err(JoinError::Rendezvous(why));
         }
         let joined = m.client.add(&format!("{a}/joined"), 1)?;
         tracing::info!(
