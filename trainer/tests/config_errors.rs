@@ -476,7 +476,34 @@ fn file_errors_name_the_file_and_the_override() {
         ),
         "{err}"
     );
+    // an element of a list set on the command line: the --set is named too
+    std::fs::write(&path, MINIMAL).unwrap();
+    let set = r#"peft.target_modules=[q_proj, ""]"#;
+    let err = config::load(&path, &[set.to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("peft.target_modules[1]") && err.ends_with(&format!("(from --set {set})")),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Text fields take plain numbers as their text (`output_dir: 2024`), but not fractions: YAML
+/// has parsed them, so `2024.10` would become the folder `2024.1`.
+#[test]
+fn a_fraction_where_text_belongs_asks_for_quotes() {
+    let err = set_error("train.output_dir=2024.10");
+    assert!(
+        err.starts_with("train.output_dir: expected text (YAML read a number here")
+            && err.contains("quote it")
+            && err.contains("got the number 2024.1"),
+        "{err}"
+    );
+    let c = config::parse(MINIMAL, &["train.output_dir=2024".to_string()]).unwrap();
+    assert_eq!(c.train.output_dir, std::path::PathBuf::from("2024"));
+    let c = config::parse(MINIMAL, &["train.output_dir=\"2024.10\"".to_string()]).unwrap();
+    assert_eq!(c.train.output_dir, std::path::PathBuf::from("2024.10"));
 }
 
 /// YAML merge keys (`<<: *anchor`) are resolved as PyYAML resolves them.

@@ -193,10 +193,19 @@ impl<'de> Deserializer<'de> for PathDe<'_> {
         }
     }
 
-    // Scalars are text where text is expected: `output_dir: 2024`, `--set model.path=123`.
+    // Scalars are text where text is expected: `output_dir: 2024`, `--set model.path=123`. Not
+    // a fraction: YAML has parsed it already, and its text would not be what was written
+    // (`output_dir: 2024.10` is the number 2024.1, `1e3` 1000.0): refused, asking for quotes.
     fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         let value = self.value;
         let text = match value {
+            Value::Number(n) if n.is_f64() => {
+                return Err(DeError::new(DeErrorKind::Invalid {
+                    expected: "text (YAML read a number here, which may not be spelled as written: quote it, e.g. \"2024.10\")".to_string(),
+                    got: format!("the number {n}"),
+                })
+                .at(&self.path))
+            }
             Value::Number(n) => n.to_string(),
             Value::Bool(b) => b.to_string(),
             _ => return self.deserialize_any(visitor),

@@ -60,7 +60,10 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
             .filter_map(|arg| Some((arg, Override::parse(arg).ok()?.key_path())))
             .rev()
             .find(|(_, k)| {
-                k == key || key.starts_with(&format!("{k}.")) || k.starts_with(&format!("{key}."))
+                k == key
+                    || key.starts_with(&format!("{k}."))
+                    || key.starts_with(&format!("{k}["))
+                    || k.starts_with(&format!("{key}."))
             })
             .map(|(arg, _)| arg.clone());
         ConfigError::InFile {
