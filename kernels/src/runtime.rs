@@ -68,9 +68,6 @@ pub fn gpu(ordinal: i32) -> Result<&'static Gpu> {
             attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?,
         )
     };
-    if major < 8 {
-        return Err(KernelError::Unsupported(format!("GPU {ordinal} has compute capability {major}.{minor}; the fused kernels need 8.0+ (use attention: sdpa)")));
-    }
     let name = drv::device::get_name(dev).unwrap_or_else(|_| "unknown GPU".into());
     let g: &'static Gpu = Box::leak(Box::new(Gpu {
         ordinal,
@@ -86,6 +83,14 @@ pub fn gpu(ordinal: i32) -> Result<&'static Gpu> {
     Ok(g)
 }
 
+/// Whether the kernels run on a GPU of `arch` (`compute_{major}{minor}`): compute capability 8.0
+/// or newer (`compute_100` is 10.0: compared as numbers, not as text).
+fn kernels_run_on(arch: &str) -> bool {
+    arch.trim_start_matches("compute_")
+        .parse::<u32>()
+        .is_ok_and(|c| c >= 80)
+}
+
 impl Gpu {
     /// Makes this device's primary context current on the calling thread (driver API calls need it).
     pub fn make_current(&self) -> Result<()> {
@@ -94,8 +99,16 @@ impl Gpu {
             .map_err(driver_err("cuCtxSetCurrent"))
     }
 
-    /// The module of source file `source` (compiled and loaded on first use).
+    /// The module of source file `source` (compiled and loaded on first use). The kernels need
+    /// compute capability 8.0 (checked here, not in `gpu()`: the context and stream serve NCCL
+    /// and SDPA runs on older GPUs too).
     fn module(&self, source: &str) -> Result<sys::CUmodule> {
+        if !kernels_run_on(&self.arch) {
+            return Err(KernelError::Unsupported(format!(
+                "GPU {} ({}) has {}; the fused kernels need compute capability 8.0+ (use attention: sdpa)",
+                self.ordinal, self.name, self.arch
+            )));
+        }
         self.make_current()?;
         let mut modules = self.modules.lock().map_err(|_| poisoned())?;
         Ok(match modules.get(source) {
@@ -265,4 +278,25 @@ pub fn torch_current_stream(device: i32) -> sys::CUstream {
 /// Whether a CUDA GPU is usable by both libtorch and the driver API.
 pub fn cuda_available() -> bool {
     tch::Cuda::is_available() && cuda_libs::ensure_driver().is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernels_run_on;
+
+    #[test]
+    fn kernels_need_compute_capability_8_0_or_newer() {
+        for arch in [
+            "compute_80",
+            "compute_86",
+            "compute_90",
+            "compute_100",
+            "compute_120",
+        ] {
+            assert!(kernels_run_on(arch), "{arch}");
+        }
+        for arch in ["compute_70", "compute_75", "", "sm_90"] {
+            assert!(!kernels_run_on(arch), "{arch}");
+        }
+    }
 }
