@@ -71,19 +71,19 @@ for mp in fp32 bf16; do
 done
 want model && [ -x "$BIN/model_gpu" ] && step model-gpu timeout 200 "$BIN/model_gpu" --nocapture --test-threads 1
 # ... and with the newest variant, a candidate for the default (MODEL_VARIANT=: skip)
-MODEL_VARIANT="${MODEL_VARIANT-v16}"
+MODEL_VARIANT="${MODEL_VARIANT-v18}"
 want model && [ -x "$BIN/model_gpu" ] && [ -n "$MODEL_VARIANT" ] && LLAVA_SCO_ATTN_VARIANT="$MODEL_VARIANT" \
   step "model-gpu-$MODEL_VARIANT" timeout 200 "$BIN/model_gpu" --nocapture --test-threads 1
 # kernels last: its table is the end of the output
 if want kernels; then
-  # ~2.5 min on an H200 (NVRTC compile, 15 variants x 16 correctness cases, timings of the timed variants
+  # ~2.5 min on an H200 (NVRTC compile, 16 variants x 16 correctness cases, timings of the timed variants
   # and SDPA); the cap keeps a hung kernel from eating a 15-minute device budget
   # KERNELS_VARIANTS (e.g. v13,v14,v15): the variants to check. Timed: KERNELS_TIME (e.g.
   # v13,v16; each must be checked), else KERNELS_BASELINE (all variants checked: the default
   # variant) and every passing variant listed after it, one table column each with the ratio of
-  # each to the one before it and to the baseline (so the default v13 and v14-v17 separate the
+  # each to the one before it and to the baseline (so the default v13 and v14-v18 separate the
   # padding, the dQ reductions, the exp2 split and, in v17/v13, the causal block order in one
-  # call), else the newest passing one and the one before it
+  # call; v18 is all four), else the newest passing one and the one before it
   timeout -k 10 300 "$BIN/kernels-gpu-check" --out "$OUT" ${KERNELS_VARIANTS:+--variants "$KERNELS_VARIANTS"} \
     ${KERNELS_BASELINE:+--baseline "$KERNELS_BASELINE"} ${KERNELS_TIME:+--time "$KERNELS_TIME"} 2>&1 \
     | tee "$OUT/kernels-gpu-check.log"

@@ -102,7 +102,8 @@ const THREADS: u32 = 128;
 /// persistent forward; `V13`, the default, pairs V7's forward with V12's backward; `V14` is V13
 /// with head dim 80 (and 64 in the backward) zero-padded to 128 on Hopper; `V15` is V14 with dQ
 /// added from registers in the backward; `V16` is V15 with a third of the backward's exp2s on the
-/// FMA pipe; `V17` is V13 with causal blocks started longest first. (There is no
+/// FMA pipe; `V17` is V13 with causal blocks started longest first, `V18` V16 with that order.
+/// (There is no
 /// `V11`: that number went to an experiment that was measured and removed, see
 /// kernels/BENCHMARKS.md.)
 /// (Each variant's discriminant is its number.)
@@ -156,6 +157,9 @@ pub enum Variant {
     /// (`lpt_group`): in grid order the last head's longest tiles start a fraction of a wave
     /// before the end. Prepared without a GPU (2026-11-28); not yet measured. Falls back as V13.
     V17 = 17,
+    /// V16 with V17's block order: the candidate default should both measure faster than V13.
+    /// Prepared without a GPU (2026-11-28); not yet measured. Falls back as V16.
+    V18 = 18,
 }
 
 /// The variant used when neither `set_variant` nor the environment chose one: the fastest that
@@ -164,7 +168,7 @@ pub const DEFAULT_VARIANT: Variant = Variant::V13;
 
 /// The head dims the kernels take.
 pub const HEAD_DIMS: [i64; 3] = [64, 80, 128];
-/// Environment variable read once on first use: `v2` ... `v10`, `v12` ... `v17`.
+/// Environment variable read once on first use: `v2` ... `v10`, `v12` ... `v18`.
 pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
 
 // 0 = not chosen yet, else the variant's number.
@@ -172,7 +176,7 @@ static VARIANT: AtomicU8 = AtomicU8::new(0);
 
 impl Variant {
     /// Every variant, oldest first.
-    pub const ALL: [Variant; 15] = [
+    pub const ALL: [Variant; 16] = [
         Variant::V2,
         Variant::V3,
         Variant::V4,
@@ -188,9 +192,10 @@ impl Variant {
         Variant::V15,
         Variant::V16,
         Variant::V17,
+        Variant::V18,
     ];
 
-    /// Parses `v2` ... `v10`, `v12` ... `v17` (case-insensitive); the error names the variable and the
+    /// Parses `v2` ... `v10`, `v12` ... `v18` (case-insensitive); the error names the variable and the
     /// accepted values.
     pub fn parse(s: &str) -> Result<Variant> {
         let s = s.trim().to_ascii_lowercase();
@@ -230,6 +235,7 @@ impl Variant {
             Variant::V15 => "v15",
             Variant::V16 => "v16",
             Variant::V17 => "v17",
+            Variant::V18 => "v18",
         }
     }
 }
@@ -266,7 +272,7 @@ enum Pass {
     Backward,
 }
 
-/// The head dim the kernels run at for a call at head dim `d`. V14 (and V15, V16) on Hopper zero-pads q, k, v
+/// The head dim the kernels run at for a call at head dim `d`. V14 (and V15, V16, V18) on Hopper zero-pads q, k, v
 /// (and out, dout) from 80 to 128 in both passes, and from 64 to 128 in the backward: the wgmma
 /// kernels take 64 and 128 only (the backward 128), and what ran instead measured 0.57-0.60x SDPA
 /// forward and 0.34-0.39x forward+backward at d80, 0.37-0.41x forward+backward at d64 (H200,
@@ -274,8 +280,13 @@ enum Pass {
 /// no score, add zero output columns, and their gradients are dropped; the caller's scale stays.
 fn kernel_head_dim(variant: Variant, arch: &str, d: i64, pass: Pass) -> i64 {
     match (variant, arch, d, pass) {
-        (Variant::V14 | Variant::V15 | Variant::V16, "compute_90", 80, _)
-        | (Variant::V14 | Variant::V15 | Variant::V16, "compute_90", 64, Pass::Backward) => 128,
+        (Variant::V14 | Variant::V15 | Variant::V16 | Variant::V18, "compute_90", 80, _)
+        | (
+            Variant::V14 | Variant::V15 | Variant::V16 | Variant::V18,
+            "compute_90",
+            64,
+            Pass::Backward,
+        ) => 128,
         _ => d,
     }
 }
@@ -398,7 +409,7 @@ fn fwd7_smem(d: i64) -> i64 {
 
 /// The forward variant that runs for `variant` on a device of `arch` at head dim `d`:
 /// V4/V5/V7/V12 only on compute_90 with d 64 or 128 (else V3); V6 runs V5's forward, V8-V10 and
-/// V13-V17 V7's (V14-V16 at the head dim `kernel_head_dim` gives).
+/// V13-V18 V7's (V14-V16 and V18 at the head dim `kernel_head_dim` gives).
 /// (V7 and V12 also fall back to V5 for views the TMA unit cannot address, decided at launch.)
 fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
@@ -410,7 +421,8 @@ fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
         | Variant::V14
         | Variant::V15
         | Variant::V16
-        | Variant::V17 => v4_forward(Variant::V7, arch, d),
+        | Variant::V17
+        | Variant::V18 => v4_forward(Variant::V7, arch, d),
         Variant::V4 | Variant::V5 | Variant::V7 | Variant::V12
             if arch == "compute_90" && (d == 64 || d == 128) =>
         {
@@ -423,11 +435,12 @@ fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
 
 /// The backward variant: V4 only on compute_90 at d128 (at d64 the wgmma backward measured
 /// 0.85-0.89x V3's on an H200, see kernels/BENCHMARKS.md), else V3; V6, V9, V10 and V12 have their
-/// own, as do V15 and V16 (same limits); V8 runs V6's, V13, V14 and V17 V12's.
+/// own, as do V15 and V16 (same limits); V8 runs V6's, V13, V14 and V17 V12's, V18 V16's.
 fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
     match variant {
         Variant::V8 => v4_backward(Variant::V6, arch, d),
         Variant::V13 | Variant::V14 | Variant::V17 => v4_backward(Variant::V12, arch, d),
+        Variant::V18 => v4_backward(Variant::V16, arch, d),
         Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12 | Variant::V15 | Variant::V16
             if arch == "compute_90" && d == 128 =>
         {
@@ -473,7 +486,8 @@ fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
         | Variant::V14
         | Variant::V15
         | Variant::V16
-        | Variant::V17 => format!("attn_fwd7_{dtype}_d{d}"),
+        | Variant::V17
+        | Variant::V18 => format!("attn_fwd7_{dtype}_d{d}"),
         Variant::V12 => format!("attn_fwd12_{dtype}_d{d}"),
     }
 }
@@ -889,7 +903,7 @@ pub fn fused_forward_into(
         return Ok(());
     }
     let name = dtype_name(q.kind())?;
-    let longest_first = variant == Variant::V17 && mask.causal;
+    let longest_first = longest_first(variant, mask);
     let mut variant = v4_forward(variant, &gpu.arch, d.d);
     let mut maps = None;
     if matches!(variant, Variant::V7 | Variant::V12) {
@@ -910,7 +924,7 @@ pub fn fused_forward_into(
             (FWD3_BLOCK_M + 4 * fwd3_block_n(d.d)) * (d.d + 8) * 2,
         ),
         Variant::V4 | Variant::V5 | Variant::V6 => (FWD4_BLOCK, FWD4_THREADS, fwd4_smem(d.d)),
-        // (v4_forward maps V8-V10 and V13-V17 to V7)
+        // (v4_forward maps V8-V10 and V13-V18 to V7)
         Variant::V7
         | Variant::V8
         | Variant::V9
@@ -920,7 +934,8 @@ pub fn fused_forward_into(
         | Variant::V14
         | Variant::V15
         | Variant::V16
-        | Variant::V17 => (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d)),
+        | Variant::V17
+        | Variant::V18 => (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d)),
     };
     let source = source_of(variant);
     let f = gpu.function(source, &fwd_kernel(variant, name, d.d))?;
@@ -947,6 +962,11 @@ pub fn fused_forward_into(
     // SAFETY: the arguments match the kernel's (Fwd7Maps for V7 and V12, then AttnParams);
     // tensors kept alive in `keep`/`outputs` until the launch is queued on their stream.
     unsafe { gpu.launch(f, grid, (threads, 1, 1), smem as u32, &mut args) }
+}
+
+/// Whether `variant` starts this call's blocks longest first (V17, V18: causal calls).
+fn longest_first(variant: Variant, mask: &AttentionMask) -> bool {
+    matches!(variant, Variant::V17 | Variant::V18) && mask.causal
 }
 
 /// Kernel development: the group size of variant 17's longest-first order instead of
@@ -1187,7 +1207,7 @@ pub fn fused_backward(
     let dq = Tensor::empty([d.b, d.sq, d.h, d.d], opts);
     let dk = Tensor::empty([d.b, d.sk, d.hk, d.d], opts);
     let dv = Tensor::empty([d.b, d.sk, d.hk, d.d], opts);
-    let longest_first = variant == Variant::V17 && mask.causal;
+    let longest_first = longest_first(variant, mask);
     let variant = v4_backward(variant, &gpu.arch, d.d);
     let sq_pad = (d.sq + BWD4_BLOCK_M - 1) / BWD4_BLOCK_M * BWD4_BLOCK_M;
     // fp32 dQ accumulator: (B, Sq, H, D), or for V9, V10, V12, V15 and V16 tiles of 64 queries x 64
@@ -1457,7 +1477,7 @@ mod tests {
         assert!(
             err.contains(VARIANT_ENV)
                 && err.contains(
-                    "v2, v3, v4, v5, v6, v7, v8, v9, v10, v12, v13, v14, v15, v16 or v17"
+                    "v2, v3, v4, v5, v6, v7, v8, v9, v10, v12, v13, v14, v15, v16, v17 or v18"
                 ),
             "{err}"
         );
@@ -1469,7 +1489,7 @@ mod tests {
         let numbers: Vec<u8> = Variant::ALL.iter().map(|v| v.number()).collect();
         assert_eq!(
             numbers,
-            [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17]
+            [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18]
         );
     }
 
@@ -1515,6 +1535,20 @@ mod tests {
         assert_eq!(planned(Variant::V17, "compute_90", 80).0, Variant::V3);
         assert!(sdpa_faster(Variant::V17, "compute_90", 80));
         assert_eq!(Variant::parse("V17").unwrap(), Variant::V17);
+        // v18: v16's kernels (padded) with v17's order
+        for (arch, d) in [("compute_90", 128), ("compute_90", 80), ("compute_90", 64)] {
+            assert_eq!(
+                planned(Variant::V18, arch, d),
+                planned(Variant::V16, arch, d)
+            );
+        }
+        let causal = AttentionMask {
+            causal: true,
+            ..Default::default()
+        };
+        assert!(longest_first(Variant::V18, &causal) && longest_first(Variant::V17, &causal));
+        assert!(!longest_first(Variant::V16, &causal));
+        assert!(!longest_first(Variant::V18, &AttentionMask::default()));
     }
 
     /// `lpt_block` (the CPU twin of the kernels' block order): every block of the grid gets one

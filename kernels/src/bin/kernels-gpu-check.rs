@@ -1,6 +1,6 @@
 //! `make gpu-check` (on a GPU host): every fused kernel against its fp64 reference on fresh random
 //! inputs, then TFLOP/s and GB/s next to libtorch (SDPA, rms_norm) in the same run. Attention runs
-//! every kernel variant in `--variants` (default: all of them, v2 ... v17) through the same
+//! every kernel variant in `--variants` (default: all of them, v2 ... v18) through the same
 //! checks, then times a baseline and every passing variant listed after it: `--baseline vN`, else
 //! (without `--variants`) the default variant; without a passing baseline, the newest passing
 //! variant against the passing one listed before it (`--time v13,v16` names the timed variants
@@ -912,18 +912,21 @@ fn main() -> std::process::ExitCode {
             variant_failures[vi] += 1;
         }
     }
-    // v17's longest-first block order over several groups of 3 (batch, head) pairs, the last one
-    // partial where the pairs do not divide by 3 (each problem above fits one group)
-    if let Some(vi) = variants.iter().position(|&v| v == Variant::V17) {
-        attention::set_longest_first_group(Some(3));
+    // v17's and v18's longest-first block order over several groups of 3 (batch, head) pairs,
+    // the last one partial where the pairs do not divide by 3 (each problem above fits one group)
+    attention::set_longest_first_group(Some(3));
+    for (vi, &variant) in variants.iter().enumerate() {
+        if !matches!(variant, Variant::V17 | Variant::V18) {
+            continue;
+        }
         for c in cases.iter().filter(|c| matches!(c.mask, Causal)) {
-            if !check(Variant::V17, c, " groups3") {
+            if !check(variant, c, " groups3") {
                 failures += 1;
                 variant_failures[vi] += 1;
             }
         }
-        attention::set_longest_first_group(Option::None);
     }
+    attention::set_longest_first_group(Option::None);
     attention::set_variant(Variant::V3);
     for &(kind, n, c) in &[
         (Kind::BFloat16, 1i64, 8i64),
