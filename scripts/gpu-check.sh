@@ -84,7 +84,7 @@ if want kernels; then
   # each to the one before it and to the baseline (so the default v13 and v14-v18 separate the
   # padding, the dQ reductions, the exp2 split and, in v17/v13, the causal block order in one
   # call; v18 is all four), else the newest passing one and the one before it
-  timeout -k 10 300 "$BIN/kernels-gpu-check" --out "$OUT" ${KERNELS_VARIANTS:+--variants "$KERNELS_VARIANTS"} \
+  timeout -k 10 360 "$BIN/kernels-gpu-check" --out "$OUT" ${KERNELS_VARIANTS:+--variants "$KERNELS_VARIANTS"} \
     ${KERNELS_BASELINE:+--baseline "$KERNELS_BASELINE"} ${KERNELS_TIME:+--time "$KERNELS_TIME"} 2>&1 \
     | tee "$OUT/kernels-gpu-check.log"
   check_rc=${PIPESTATUS[0]}
