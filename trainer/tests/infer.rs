@@ -416,3 +416,27 @@ fn earlier_answers_and_the_correction_prompt_are_trimmed_as_training_trims_turns
         .unwrap();
     assert_eq!(untrimmed, trimmed);
 }
+
+/// A second set of images for a cache that holds an earlier image's cross-attention K/V is an
+/// error (transformers appends them; replacing them would drop the first image silently).
+#[test]
+fn images_for_a_cache_holding_earlier_image_states_are_refused() {
+    use trainer::model::KvCache;
+    let model = model();
+    let procs = processors();
+    let session = session(&model, &procs);
+    let image = load_rgb(&first_image()).unwrap();
+    let ids = session
+        .prompt_ids("How many red shapes?", true, &[], &opts(1, 0.0, 1))
+        .unwrap();
+    let images = session.images(&ids, &process(&procs.1, &image), Device::Cpu);
+    let input = Tensor::from_slice(&ids).view([1, -1]);
+    let mut cache = KvCache::new(model.text.layers.len());
+    let cam = Some(&images.cross_attention_mask);
+    let step = |cache: &mut KvCache| {
+        model.forward_step(&input, None, None, Some(&images), cam, Some(cache))
+    };
+    assert!(step(&mut cache).is_ok());
+    let err = step(&mut cache).unwrap_err().to_string();
+    assert!(err.contains("already holds an earlier image"), "{err}");
+}

@@ -252,6 +252,13 @@ impl CrossAttention {
                 let v = project_heads(&self.v_proj, cs, self.num_kv_heads, self.head_dim); // (B, Hk, N, D)
                 let k = self.k_norm.forward(&k);
                 if let Some(c) = cache {
+                    // (transformers appends a later image's K/V to the cached ones and extends
+                    // the mask; replacing them would drop the earlier image without a word)
+                    if c.get().is_some() {
+                        return Err(ModelError::Input(
+                            "images given to a step whose cache already holds an earlier image's cross-attention K/V (appending them is not supported): pass a conversation's images at its first step, or start a new cache".into(),
+                        ));
+                    }
                     c.set(k.shallow_clone(), v.shallow_clone());
                 }
                 (k, v)
