@@ -1602,3 +1602,39 @@ fn a_duplicate_node_rank_stops_the_waiting_nodes_at_once() {
         started.elapsed()
     );
 }
+
+/// SLURM's `--signal=USR1@90` notice: SIGUSR1 to the launcher is passed on to every rank and
+/// stops nothing (uncaught, it killed the launcher and, through PR_SET_PDEATHSIG, every rank at
+/// once); ranks that handle it finish as they choose, here successfully.
+#[test]
+fn sigusr1_is_passed_on_to_every_rank_without_a_stop() {
+    let dir = Scratch::new("sigusr1");
+    let started = Instant::now();
+    let child = launch_testrank(
+        &["--standalone", "--nproc-per-node", "2"],
+        dir.path(),
+        &["--sleep", "30", "--trap"],
+    )
+    .spawn()
+    .unwrap();
+    for rank in 0..2 {
+        wait_for_file(&dir.path().join(format!("ready-{rank}-0")), LIMIT);
+    }
+    // SAFETY: plain syscall to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    let run = wait(child, started, LIMIT);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("received SIGUSR1: passing it on"),
+        "{}",
+        run.stderr
+    );
+    for rank in 0..2 {
+        assert!(
+            dir.path().join(format!("notice-{rank}-0")).exists(),
+            "rank {rank} got the notice\n{}",
+            run.stderr
+        );
+    }
+    assert_no_survivors_in(dir.path(), &[run.pgid]);
+}

@@ -122,7 +122,7 @@ fn main() -> ExitCode {
     record.push_str(&format!("PID={pid}\nPGID={pgid}\n"));
 
     if args.trap {
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1] {
             // SAFETY: the handler only stores an atomic.
             unsafe {
                 libc::signal(
@@ -190,6 +190,11 @@ fn main() -> ExitCode {
         let until = Instant::now() + Duration::from_secs_f64(args.sleep);
         while Instant::now() < until {
             let sig = SIGNAL.load(Ordering::SeqCst);
+            if sig == libc::SIGUSR1 {
+                // a notice (e.g. a scheduler's before its time limit): finish now, successfully
+                write(&args.out, &format!("notice-{tag}"), "");
+                return ExitCode::SUCCESS;
+            }
             if sig != 0 {
                 write(&args.out, &format!("signal-{tag}"), &sig.to_string());
                 return ExitCode::from(128 + sig as u8);

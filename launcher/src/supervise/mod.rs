@@ -450,6 +450,13 @@ impl Attempt<'_> {
         // Local rank whose failure is the root cause (its stderr tail is refreshed at the end).
         let mut root_local: Option<usize> = None;
         let mut stop: Option<Stop> = None;
+        for sig in signals::take_notices() {
+            // (received while no rank of this attempt ran: not for these ranks)
+            tracing::warn!(
+                "received {} before the ranks started: not passed on",
+                crate::outcome::signal_name(sig)
+            );
+        }
 
         for local_rank in 0..spec.nproc {
             let env = self.rank_env(local_rank);
@@ -493,6 +500,16 @@ impl Attempt<'_> {
         let mut first_success: Option<Instant> = None;
         let mut last_peer_poll = Instant::now();
         loop {
+            // A scheduler's notice (SIGUSR1, SIGUSR2): passed on, nothing stops.
+            for sig in signals::take_notices() {
+                tracing::warn!(
+                    "received {}: passing it on to every running rank",
+                    crate::outcome::signal_name(sig)
+                );
+                for rank in ranks.iter().filter(|r| r.running()) {
+                    rank.signal(sig);
+                }
+            }
             // The launcher's own signals: forward the same signal; a second one kills at once.
             if let Some(sig) = signals::take() {
                 if stop.is_some() {

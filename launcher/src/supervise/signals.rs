@@ -1,17 +1,30 @@
 //! The launcher's own signal handling: SIGINT, SIGTERM, SIGHUP and SIGQUIT are caught (not
 //! fatal) and recorded, so the supervisor can forward them to every rank and escalate after the
-//! grace period. The handler only stores the number: everything else happens in the main loop.
+//! grace period. SIGUSR1 and SIGUSR2 are caught and passed on to the ranks without stopping
+//! anything. The handlers only store the number: everything else happens in the main loop.
 use std::io;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 /// The signals forwarded to ranks, like torchrun.
 pub const FORWARDED: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
+/// Signals passed on to every running rank without a stop: a scheduler's notice (SLURM's
+/// `--signal=USR1@90` before the time limit) for programs that checkpoint on it. Uncaught they
+/// killed the launcher, and with it (PR_SET_PDEATHSIG) every rank at once, without a summary.
+pub const PASSED_ON: [i32; 2] = [libc::SIGUSR1, libc::SIGUSR2];
+
 static PENDING: AtomicI32 = AtomicI32::new(0);
+/// Bit `sig` set for each `PASSED_ON` signal received since the last `take_notices`.
+static NOTICES: AtomicU64 = AtomicU64::new(0);
 
 extern "C" fn record(sig: libc::c_int) {
     // Async-signal-safe: a single atomic store.
     PENDING.store(sig, Ordering::SeqCst);
+}
+
+extern "C" fn record_notice(sig: libc::c_int) {
+    // Async-signal-safe: a single atomic operation.
+    NOTICES.fetch_or(1 << (sig as u64 & 63), Ordering::SeqCst);
 }
 
 /// Installs the handlers (process-wide; call once, from the launcher binary). A signal ignored
@@ -19,7 +32,15 @@ extern "C" fn record(sig: libc::c_int) {
 /// `nohup launcher ... &` (SIGHUP) must survive a logout, and a job started with `&` from a
 /// script (SIGINT, SIGQUIT ignored) must not be stopped by them; the ranks inherit the ignoring.
 pub fn install() -> io::Result<()> {
-    for sig in FORWARDED {
+    let handled = FORWARDED
+        .iter()
+        .map(|&s| (s, record as extern "C" fn(libc::c_int)))
+        .chain(
+            PASSED_ON
+                .iter()
+                .map(|&s| (s, record_notice as extern "C" fn(libc::c_int))),
+        );
+    for (sig, handler) in handled {
         // SAFETY: a zeroed sigaction with a valid handler and an empty mask is a valid argument;
         // the handler itself only performs an atomic store; the query passes a null new action.
         unsafe {
@@ -31,7 +52,7 @@ pub fn install() -> io::Result<()> {
                 continue;
             }
             let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = record as extern "C" fn(libc::c_int) as usize;
+            action.sa_sigaction = handler as usize;
             action.sa_flags = libc::SA_RESTART;
             libc::sigemptyset(&mut action.sa_mask);
             if libc::sigaction(sig, &action, std::ptr::null_mut()) != 0 {
@@ -40,6 +61,15 @@ pub fn install() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `PASSED_ON` signals received since the last call.
+pub fn take_notices() -> Vec<i32> {
+    let bits = NOTICES.swap(0, Ordering::SeqCst);
+    PASSED_ON
+        .into_iter()
+        .filter(|&s| bits & (1 << s) != 0)
+        .collect()
 }
 
 /// The most recent signal received since the last call, if any.
