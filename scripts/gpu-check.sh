@@ -28,7 +28,7 @@ status=0
 # gpu-check-logs.tar.gz (training checkpoints left out), and only the files read first stay
 # beside it.
 bundle() {
-  local keep="device.txt kernels-gpu-check.log kernels-gpu.jsonl kernels-bwd-profile.log model-gpu.log model-gpu-${MODEL_VARIANT:-}.log"
+  local keep="device.txt kernels-gpu-check.log kernels-gpu.jsonl kernels-bwd-profile.log model-gpu.log model-gpu-${MODEL_VARIANT:-}.log kernels-gpu-check-fallback.log"
   local tmp; tmp="$(mktemp -d)"
   tar -czf "$tmp/gpu-check-logs.tar.gz" -C "$OUT" --exclude='./*/ckpt' --exclude=./gpu-check-logs.tar.gz . \
     && find "$OUT" -mindepth 1 -maxdepth 1 $(for k in $keep; do printf -- "! -name %s " "$k"; done) -exec rm -rf {} + \
@@ -93,12 +93,15 @@ if want kernels; then
     status=1
     profile_variants=v10 # a variant that failed here is not profiled (it may hang again)
     # a kernel that traps (a barrier watchdog) or hangs takes the CUDA context or the process with
-    # it, and with them the timings: without the final table, time the measured default against
-    # its predecessor afresh
+    # it, and with them the timings and the variants after it: without the final table, check and
+    # time the default against the new variants that reuse its kernels (v17: the block order; v14:
+    # the padding), each in a process of its own, so one that breaks does not take the other
     if ! grep -q '^benchmark ' "$OUT/kernels-gpu-check.log"; then
-      echo "kernels-gpu-check ended without its table: timing v10 and v13 alone (kernels-gpu-v10-v13.jsonl)"
-      KERNELS_BENCH=quick timeout -k 10 150 "$BIN/kernels-gpu-check" --variants v10,v13 --out "$OUT" 2>&1 \
-        | tee "$OUT/kernels-gpu-check-v13.log" | tail -n 30
+      for pair in v13,v17 v13,v14; do
+        echo "kernels-gpu-check ended without its table: $pair alone (kernels-gpu-check-fallback.log)"
+        KERNELS_BENCH=quick timeout -k 10 150 "$BIN/kernels-gpu-check" --variants "$pair" --out "$OUT" 2>&1 \
+          | tee -a "$OUT/kernels-gpu-check-fallback.log" | tail -n 24
+      done
     fi
   fi
   # where the backward's time goes: the profiling builds print the clock cycles of each step per
