@@ -1638,3 +1638,34 @@ fn sigusr1_is_passed_on_to_every_rank_without_a_stop() {
     }
     assert_no_survivors_in(dir.path(), &[run.pgid]);
 }
+
+/// Ranks that stop on the passed-on notice with a failure code (the trainer: checkpoint, then
+/// exit 143) are not restarted: the notice announces the end of the allocation.
+#[test]
+fn ranks_stopping_on_a_notice_are_not_restarted() {
+    let dir = Scratch::new("sigusr1-norestart");
+    let started = Instant::now();
+    let child = launch_testrank(
+        &[
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "2",
+        ],
+        dir.path(),
+        &["--sleep", "30", "--trap", "--notice-exit", "143"],
+    )
+    .spawn()
+    .unwrap();
+    for rank in 0..2 {
+        wait_for_file(&dir.path().join(format!("ready-{rank}-0")), LIMIT);
+    }
+    // SAFETY: plain syscall to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    let run = wait(child, started, LIMIT);
+    assert_eq!(run.code(), 143, "{}", run.stderr);
+    assert!(run.stderr.contains("not restarting"), "{}", run.stderr);
+    assert!(!dir.path().join("env-0-1").exists(), "no second attempt");
+    assert_no_survivors_in(dir.path(), &[run.pgid]);
+}

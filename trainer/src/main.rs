@@ -878,7 +878,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Train(args) => {
             let resolved = config::load(&args.config, &args.overrides)?;
             let outcome = trainer::train::train(&resolved)?;
-            // 143 = 128 + SIGTERM: preempted, stopped cleanly after a step
+            // 143 = 128 + SIGTERM: preempted (SIGTERM, or SIGUSR1's notice), stopped cleanly
+            // after a step
             Ok(if outcome.interrupted {
                 ExitCode::from(143)
             } else {

@@ -599,3 +599,51 @@ fn a_background_save_is_published_when_the_next_step_stops_the_run() {
     assert!(o.stderr.contains("is not finite"), "{}", o.stderr);
     assert_eq!(checkpoints(&out), ["step-00000001"], "{}", o.stderr);
 }
+
+/// SLURM's `--signal=USR1@90` notice before the time limit, sent to the launcher: passed on to
+/// the ranks, which stop after the same step with a checkpoint of it (exit 143, as for SIGTERM),
+/// and the launcher does not restart them.
+#[test]
+fn sigusr1_to_the_launcher_stops_training_with_a_checkpoint() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let out = fresh("sigusr1");
+    std::fs::create_dir_all(&out).unwrap();
+    // (a file, not a pipe: a pipe nobody reads until the end would fill and block the launcher)
+    let log = out.join("stderr.log");
+    let sets = ["checkpoint.every_steps=1000", "checkpoint.async=false"];
+    let train = "epochs: 50, batch_size: 2, grad_accum: 1";
+    let mut child = command(&out, 2, train, &sets, &[], &["--max-restarts", "1"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // once a step is done (metrics.jsonl has a line), the notice
+    let started = Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(true, |t| t.is_empty()) {
+        assert!(started.elapsed() < Duration::from_secs(120), "no step done");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: plain syscall to our own child (the launcher).
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the run did not stop after SIGUSR1");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(143), "{stderr}");
+    let stopped = stderr
+        .lines()
+        .find_map(|l| l.split("SIGUSR1: stopping after step ").nth(1))
+        .unwrap_or_else(|| panic!("no stop line in\n{stderr}"));
+    let step: u64 = stopped.trim().parse().unwrap();
+    assert_eq!(checkpoints(&out), [format!("step-{step:08}")], "{stderr}");
+    assert!(stderr.contains("not restarting"), "{stderr}");
+}

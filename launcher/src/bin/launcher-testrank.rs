@@ -52,6 +52,9 @@ struct Args {
     /// Record this message (and a two-line traceback) in TORCHELASTIC_ERROR_FILE before failing
     #[arg(long)]
     record_error: Option<String>,
+    /// The exit code on SIGUSR1 (with --trap): 0, or e.g. 143 as the trainer (a stop on a notice)
+    #[arg(long, default_value_t = 0)]
+    notice_exit: u8,
 }
 
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
@@ -191,9 +194,9 @@ fn main() -> ExitCode {
         while Instant::now() < until {
             let sig = SIGNAL.load(Ordering::SeqCst);
             if sig == libc::SIGUSR1 {
-                // a notice (e.g. a scheduler's before its time limit): finish now, successfully
+                // a notice (e.g. a scheduler's before its time limit): finish now
                 write(&args.out, &format!("notice-{tag}"), "");
-                return ExitCode::SUCCESS;
+                return ExitCode::from(args.notice_exit);
             }
             if sig != 0 {
                 write(&args.out, &format!("signal-{tag}"), &sig.to_string());

@@ -262,6 +262,7 @@ fn supervise(
                 crate::shm::dir().display()
             );
         }
+        let noticed = signals::take_passed();
         match ran {
             Ok(()) => {
                 peers.finish(attempt);
@@ -269,7 +270,15 @@ fn supervise(
             }
             Err(mut failure) => {
                 error_files.keep_for(&failure);
-                let restart = failure.kind.restartable() && attempt < spec.max_restarts;
+                let mut restart = failure.kind.restartable() && attempt < spec.max_restarts;
+                if restart && noticed {
+                    tracing::warn!(
+                        "{} {} after a SIGUSR1/SIGUSR2 notice was passed on to the ranks: not restarting (such a notice announces the end of the allocation)",
+                        who(&failure),
+                        failure.kind.describe()
+                    );
+                    restart = false;
+                }
                 // a signal that reached the launcher after its ranks had stopped (a scheduler's
                 // SIGTERM to every process of the job: a rank's death by it may be seen first)
                 // ends the run instead
@@ -509,6 +518,7 @@ impl Attempt<'_> {
                 for rank in ranks.iter().filter(|r| r.running()) {
                     rank.signal(sig);
                 }
+                signals::note_passed();
             }
             // The launcher's own signals: forward the same signal; a second one kills at once.
             if let Some(sig) = signals::take() {

@@ -3,7 +3,7 @@
 //! grace period. SIGUSR1 and SIGUSR2 are caught and passed on to the ranks without stopping
 //! anything. The handlers only store the number: everything else happens in the main loop.
 use std::io;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 /// The signals forwarded to ranks, like torchrun.
 pub const FORWARDED: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
@@ -16,6 +16,20 @@ pub const PASSED_ON: [i32; 2] = [libc::SIGUSR1, libc::SIGUSR2];
 static PENDING: AtomicI32 = AtomicI32::new(0);
 /// Bit `sig` set for each `PASSED_ON` signal received since the last `take_notices`.
 static NOTICES: AtomicU64 = AtomicU64::new(0);
+/// Whether a `PASSED_ON` signal went to the ranks since the last `take_passed`.
+static PASSED: AtomicBool = AtomicBool::new(false);
+
+/// Records that a `PASSED_ON` signal went to the ranks.
+pub fn note_passed() {
+    PASSED.store(true, Ordering::SeqCst);
+}
+
+/// Whether a `PASSED_ON` signal went to the ranks since the last call: a failure after it is
+/// the ranks' answer to the notice (a program stopping on it, or dying of it), and a notice
+/// usually announces the end of the allocation, so the run is not restarted.
+pub fn take_passed() -> bool {
+    PASSED.swap(false, Ordering::SeqCst)
+}
 
 extern "C" fn record(sig: libc::c_int) {
     // Async-signal-safe: a single atomic store.

@@ -37,7 +37,7 @@ use metrics::{Meter, StepReport};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub steps: u64,
-    /// Stopped early by SIGTERM (the caller exits 143).
+    /// Stopped early by SIGTERM or SIGUSR1 (the caller exits 143).
     pub interrupted: bool,
     pub last_loss: Option<f64>,
 }
@@ -67,7 +67,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
     // 1. Ranks and collectives.
     let (pg, device) = setup::process_group(config)?;
     let (rank, world) = (pg.rank(), pg.world_size());
-    signal::install_sigterm_handler();
+    signal::install_stop_handlers();
     if let Some(note) = setup::fused_attention_note(config, device)? {
         metrics::log(rank, &note);
     }
@@ -217,13 +217,14 @@ pub fn train(config: &Config) -> Result<Outcome> {
             };
             meter.step(&pg, device, report)?;
             saver.after_step(&mut st, &trainable, &opt, steps_per_epoch, total_steps)?;
-            // SIGTERM: every rank stops after the same step, with a checkpoint of it.
-            if signal::stop_requested(&pg, device, st.step, stop_after)? {
+            // SIGTERM (SIGUSR1): every rank stops after the same step, with a checkpoint of it.
+            if let Some(sig) = signal::stop_requested(&pg, device, st.step, stop_after)? {
                 if st.saved_step != Some(st.step) {
                     let at = (epoch, st.epoch_batch);
                     saver.save(&mut st, &trainable, &opt, at)?;
                 }
-                meter.log(&format!("SIGTERM: stopping after step {}", st.step));
+                let name = signal::name(sig);
+                meter.log(&format!("{name}: stopping after step {}", st.step));
                 interrupted = true;
                 break 'epochs;
             }
@@ -281,10 +282,13 @@ fn stopped_after_validation(
     meter: &Meter,
 ) -> Result<bool> {
     let stop = signal::stop_requested(pg, device, step, signal::stop_during_validation())?;
-    if stop {
-        meter.log(&format!("SIGTERM: stopping after step {step}"));
+    if let Some(sig) = stop {
+        meter.log(&format!(
+            "{}: stopping after step {step}",
+            signal::name(sig)
+        ));
     }
-    Ok(stop)
+    Ok(stop.is_some())
 }
 
 /// After an epoch (its checkpoint saved): validation on `data.eval` if there is one, then the

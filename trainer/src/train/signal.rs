@@ -1,25 +1,38 @@
-//! Preemption: SIGTERM sets a flag; after each step the ranks all-reduce it, so every rank stops
-//! after the same step (then a checkpoint is written and the process exits 143).
-//! `TRAINER_STOP_AFTER_STEP=N` acts as a SIGTERM received during step N, and
+//! Preemption: SIGTERM, or SIGUSR1 (a scheduler's notice before the time limit, SLURM's
+//! `--signal=USR1@90`, which the launcher passes on), records its number; after each step the ranks
+//! all-reduce it, so every rank stops after the same step (then a checkpoint is written and the
+//! process exits 143). `TRAINER_STOP_AFTER_STEP=N` acts as a SIGTERM received during step N, and
 //! `TRAINER_STOP_DURING_VALIDATION=N` as one received while validating step N's checkpoint
 //! (tests).
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::Result;
 use tch::{Device, Tensor};
 
 use crate::dist::{ProcessGroup, ReduceOp};
 
-static STOP: AtomicBool = AtomicBool::new(false);
+/// The stop signal received (0: none).
+static STOP: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_sigterm(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+extern "C" fn on_stop_signal(sig: libc::c_int) {
+    // async-signal-safe: one atomic operation (the first signal is kept)
+    let _ = STOP.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
 }
 
-pub(super) fn install_sigterm_handler() {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGTERM, on_sigterm as *const () as libc::sighandler_t);
+pub(super) fn install_stop_handlers() {
+    for sig in [libc::SIGTERM, libc::SIGUSR1] {
+        // SAFETY: the handler only performs an atomic operation, which is async-signal-safe.
+        unsafe {
+            libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+/// The name a stop signal is logged under.
+pub(super) fn name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGUSR1 => "SIGUSR1",
+        _ => "SIGTERM",
     }
 }
 
@@ -37,17 +50,21 @@ fn step_hook(var: &str) -> Option<u64> {
     std::env::var(var).ok().and_then(|s| s.parse::<u64>().ok())
 }
 
-/// Whether any rank received SIGTERM (or the hook fired at `step`); every rank must call it.
+/// The stop signal any rank received (or SIGTERM where the hook fired at `step`; the highest
+/// number where ranks received different ones), the same on every rank; every rank must call it.
 pub(super) fn stop_requested(
     pg: &ProcessGroup,
     device: Device,
     step: u64,
     stop_after: Option<u64>,
-) -> Result<bool> {
+) -> Result<Option<i32>> {
     if stop_after == Some(step) {
-        STOP.store(true, Ordering::SeqCst);
+        let _ = STOP.compare_exchange(0, libc::SIGTERM, Ordering::SeqCst, Ordering::SeqCst);
     }
     let t = Tensor::from_slice(&[STOP.load(Ordering::SeqCst) as i64]).to_device(device);
     pg.all_reduce(&t, ReduceOp::Max)?;
-    Ok(t.int64_value(&[0]) > 0)
+    Ok(match t.int64_value(&[0]) {
+        0 => None,
+        sig => Some(sig as i32),
+    })
 }

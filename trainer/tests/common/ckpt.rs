@@ -44,6 +44,25 @@ pub fn run_with(
     env: &[(&str, &str)],
     launcher_args: &[&str],
 ) -> Out {
+    let output = command(out, world, train, sets, env, launcher_args)
+        .output()
+        .expect("run trainer");
+    Out {
+        code: output.status.code(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// The command `run_with` runs (the launcher's with `world` > 1, else the trainer's), for a test
+/// that signals it while it runs.
+pub fn command(
+    out: &Path,
+    world: usize,
+    train: &str,
+    sets: &[&str],
+    env: &[(&str, &str)],
+    launcher_args: &[&str],
+) -> Command {
     let dir = setup();
     std::fs::create_dir_all(out).unwrap();
     let cfg = out.join("config.yaml");
@@ -93,11 +112,7 @@ pub fn run_with(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let output = cmd.output().expect("run trainer");
-    Out {
-        code: output.status.code(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    cmd
 }
 
 pub fn ok(o: Out, what: &str) -> Out {
