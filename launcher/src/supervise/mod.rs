@@ -721,19 +721,34 @@ impl Attempt<'_> {
     }
 }
 
-/// The root cause among ranks that failed in the same poll pass (`failed`: local rank, exit):
-/// the one whose error file was written first (`written`: its modification time; torchrun's
-/// rule, finer than the file's own timestamp in seconds), then ranks without an error file (a
-/// signal, an exit before the handler was installed) in local-rank order. A rank whose failure
-/// made its peers fail within the pass (a panic closing its sockets: "peer disconnected" on the
-/// others) wrote its file first.
+/// The root cause among ranks that failed in the same poll pass (`failed`: local rank, exit). A
+/// rank whose failure made its peers fail within the pass (its sockets closed: "peer
+/// disconnected" on the others) failed first, so: a rank killed by a crash signal without an
+/// error file (out of memory, a segfault: it could write none, while its peers write theirs about
+/// it), then the one whose error file was written first (`written`: its modification time;
+/// torchrun's rule, finer than the file's own timestamp in seconds), then the others (an exit
+/// before the handler was installed) in local-rank order.
 fn first_failed(
     failed: Vec<(usize, RankExit)>,
     written: impl Fn(usize) -> Option<std::time::SystemTime>,
 ) -> Option<(usize, RankExit)> {
-    failed
-        .into_iter()
-        .min_by_key(|&(i, _)| (written(i).is_none(), written(i), i))
+    const CRASHES: [i32; 6] = [
+        libc::SIGKILL,
+        libc::SIGSEGV,
+        libc::SIGBUS,
+        libc::SIGILL,
+        libc::SIGFPE,
+        libc::SIGABRT,
+    ];
+    failed.into_iter().min_by_key(|&(i, exit)| {
+        let at = written(i);
+        let class = match (at, exit) {
+            (None, RankExit::Signal(s)) if CRASHES.contains(&s) => 0,
+            (Some(_), _) => 1,
+            (None, _) => 2,
+        };
+        (class, at, i)
+    })
 }
 
 /// When `rank`'s error file was last written, if it was.
@@ -774,32 +789,44 @@ mod tests {
         assert_eq!(wildcard_for("no-such-host.invalid", 29500), "0.0.0.0");
     }
 
-    /// Ranks that failed in the same poll pass: the one whose error file was written first is
-    /// the root cause, ranks without one come after, each kind in local-rank order.
+    /// Ranks that failed in the same poll pass: a rank killed by a crash signal without an error
+    /// file, else the one whose error file was written first, is the root cause; the others come
+    /// after, in local-rank order.
     #[test]
     fn the_first_error_file_written_names_the_root_cause() {
         use std::time::{Duration, SystemTime};
         let t = |ms: u64| Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
-        let failed = vec![
+        let exits = vec![
             (0, RankExit::Code(1)),
             (1, RankExit::Code(3)),
-            (2, RankExit::Signal(9)),
+            (2, RankExit::Signal(15)),
         ];
         // rank 1 panicked first; rank 0 failed on the closed connection 4 ms later
         let written = |i: usize| [t(1004), t(1000), None][i];
         assert_eq!(
-            first_failed(failed.clone(), written),
+            first_failed(exits.clone(), written),
             Some((1, RankExit::Code(3)))
         );
-        // no error files: local-rank order, as before
+        // no error files, no crash: local-rank order, as before
         assert_eq!(
-            first_failed(failed.clone(), |_| None),
+            first_failed(exits.clone(), |_| None),
             Some((0, RankExit::Code(1)))
         );
         let written = |i: usize| [None, None, t(5)][i];
         assert_eq!(
-            first_failed(failed, written),
-            Some((2, RankExit::Signal(9)))
+            first_failed(exits, written),
+            Some((2, RankExit::Signal(15)))
+        );
+        // rank 2 was SIGKILLed (out of memory): it wrote no file, its peers wrote theirs about it
+        let killed = vec![
+            (0, RankExit::Code(1)),
+            (1, RankExit::Code(1)),
+            (2, RankExit::Signal(libc::SIGKILL)),
+        ];
+        let written = |i: usize| [t(1004), t(1000), None][i];
+        assert_eq!(
+            first_failed(killed, written),
+            Some((2, RankExit::Signal(libc::SIGKILL)))
         );
         assert_eq!(first_failed(vec![], |_| None), None);
     }
