@@ -276,14 +276,15 @@ impl<'a> Saver<'a> {
         self.saves.finish(self.pg, self.device).map(|_| ())
     }
 
-    /// `e`, after publishing the save in flight when `e` is an [`AgreedStop`] (every rank stops at
-    /// the same step, so the publishing collectives can run): a background save whose files are
-    /// written is then a checkpoint, not a `.partial` folder with the resume going back to an
-    /// older one. A failure to publish is logged; `e` is returned either way. (After another error,
-    /// a peer may be gone: nothing is attempted that would wait for it.)
+    /// `e`, after finishing the saves (`finish`: the one in flight published, the removal of old
+    /// checkpoints waited for) when `e` is an [`AgreedStop`] (every rank stops at the same step,
+    /// so the publishing collectives can run): a background save whose files are written is then
+    /// a checkpoint, not a `.partial` folder with the resume going back to an older one, and no
+    /// old one is left half deleted. A failure there is logged; `e` is returned either way. (After
+    /// another error, a peer may be gone: nothing is attempted that would wait for it.)
     pub fn publish_before_stop(&mut self, e: anyhow::Error) -> anyhow::Error {
-        if self.saves.in_flight() && e.chain().any(|c| c.is::<AgreedStop>()) {
-            if let Err(p) = self.publish_pending() {
+        if e.chain().any(|c| c.is::<AgreedStop>()) {
+            if let Err(p) = self.finish() {
                 tracing::warn!("the checkpoint being saved could not be published: {p:#}");
             }
         }
