@@ -461,7 +461,7 @@ fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
 }
 
 /// Kernel development: `LLAVA_SCO_ATTN_BWD_PROFILE=1` makes variants 6, 9, 10, 12, 15 and 16
-/// (and 13, 14 through 12) launch their backward's profiling build (`attn_bwd6p_*` ...
+/// (and 13, 14, 17 through 12, 18 through 16) launch their backward's profiling build (`attn_bwd6p_*` ...
 /// `attn_bwd16p_*`), which leaves the clock
 /// cycles each step takes per tile in two blocks in a device array; each backward then waits for
 /// it and prints them on stdout (`print_backward_profile`).
