@@ -1603,26 +1603,32 @@ fn a_duplicate_node_rank_stops_the_waiting_nodes_at_once() {
     );
 }
 
-/// SLURM's `--signal=USR1@90` notice: SIGUSR1 to the launcher is passed on to every rank and
-/// stops nothing (uncaught, it killed the launcher and, through PR_SET_PDEATHSIG, every rank at
-/// once); ranks that handle it finish as they choose, here successfully.
-#[test]
-fn sigusr1_is_passed_on_to_every_rank_without_a_stop() {
-    let dir = Scratch::new("sigusr1");
+/// Starts 2 sleeping ranks (`rank_args` added), waits until both run, sends SIGUSR1 to the
+/// launcher, waits for it to end.
+fn notice_launcher(name: &str, launcher_args: &[&str], rank_args: &[&str]) -> (Run, Scratch) {
+    let dir = Scratch::new(name);
     let started = Instant::now();
-    let child = launch_testrank(
-        &["--standalone", "--nproc-per-node", "2"],
-        dir.path(),
-        &["--sleep", "30", "--trap"],
-    )
-    .spawn()
-    .unwrap();
+    let mut args = vec!["--standalone", "--nproc-per-node", "2"];
+    args.extend_from_slice(launcher_args);
+    let mut ranks = vec!["--sleep", "30", "--trap"];
+    ranks.extend_from_slice(rank_args);
+    let child = launch_testrank(&args, dir.path(), &ranks).spawn().unwrap();
     for rank in 0..2 {
         wait_for_file(&dir.path().join(format!("ready-{rank}-0")), LIMIT);
     }
     // SAFETY: plain syscall to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
     let run = wait(child, started, LIMIT);
+    assert_no_survivors_in(dir.path(), &[run.pgid]);
+    (run, dir)
+}
+
+/// SLURM's `--signal=USR1@90` notice: SIGUSR1 to the launcher is passed on to every rank and
+/// stops nothing (uncaught, it killed the launcher and, through PR_SET_PDEATHSIG, every rank at
+/// once); ranks that handle it finish as they choose, here successfully.
+#[test]
+fn sigusr1_is_passed_on_to_every_rank_without_a_stop() {
+    let (run, dir) = notice_launcher("sigusr1", &[], &[]);
     assert_eq!(run.code(), 0, "{}", run.stderr);
     assert!(
         run.stderr.contains("received SIGUSR1: passing it on"),
@@ -1636,36 +1642,18 @@ fn sigusr1_is_passed_on_to_every_rank_without_a_stop() {
             run.stderr
         );
     }
-    assert_no_survivors_in(dir.path(), &[run.pgid]);
 }
 
 /// Ranks that stop on the passed-on notice with a failure code (the trainer: checkpoint, then
 /// exit 143) are not restarted: the notice announces the end of the allocation.
 #[test]
 fn ranks_stopping_on_a_notice_are_not_restarted() {
-    let dir = Scratch::new("sigusr1-norestart");
-    let started = Instant::now();
-    let child = launch_testrank(
-        &[
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "--max-restarts",
-            "2",
-        ],
-        dir.path(),
-        &["--sleep", "30", "--trap", "--notice-exit", "143"],
-    )
-    .spawn()
-    .unwrap();
-    for rank in 0..2 {
-        wait_for_file(&dir.path().join(format!("ready-{rank}-0")), LIMIT);
-    }
-    // SAFETY: plain syscall to our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
-    let run = wait(child, started, LIMIT);
+    let (run, dir) = notice_launcher(
+        "sigusr1-norestart",
+        &["--max-restarts", "2"],
+        &["--notice-exit", "143"],
+    );
     assert_eq!(run.code(), 143, "{}", run.stderr);
     assert!(run.stderr.contains("not restarting"), "{}", run.stderr);
     assert!(!dir.path().join("env-0-1").exists(), "no second attempt");
-    assert_no_survivors_in(dir.path(), &[run.pgid]);
 }

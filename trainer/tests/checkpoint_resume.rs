@@ -256,14 +256,14 @@ fn launcher_restart_after_a_crash_in_save_is_bitwise() {
     ok(run(&straight, 2, train, sets, &[]), "straight");
     let out = fresh("restart-crashed");
     let o = ok(
-        run_with(
+        output(command(
             &out,
             2,
             train,
             sets,
             &[("TRAINER_CHECKPOINT_CRASH_AT", "4")],
             &["--max-restarts", "1"],
-        ),
+        )),
         "crash + restart",
     );
     assert!(o.stderr.contains("step-00000002 (step 2"), "{}", o.stderr);
@@ -296,28 +296,28 @@ fn launcher_restart_of_a_run_started_over_continues_its_own_checkpoint() {
     let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 6";
     let straight = fresh("never-straight");
     ok(
-        run_with(
+        output(command(
             &straight,
             2,
             train,
             &["checkpoint.every_steps=2"],
             &[],
             &["--run-id", "one-job"],
-        ),
+        )),
         "straight",
     );
     let out = fresh("never-restarted");
     let other = out.join("ckpt/step-00000100");
     common::copy_dir(&straight.join("ckpt/step-00000006"), &other);
     let o = ok(
-        run_with(
+        output(command(
             &out,
             2,
             train,
             &["checkpoint.every_steps=2", "checkpoint.resume=never"],
             &[("TRAINER_CHECKPOINT_CRASH_AT", "4")],
             &["--max-restarts", "1", "--run-id", "one-job"],
-        ),
+        )),
         "crash + restart",
     );
     assert!(

@@ -32,29 +32,20 @@ pub struct Out {
 /// `trainer train` at `world` ranks (through the launcher when world > 1) with output_dir and
 /// checkpoint.dir under `out` (kept between calls, so a second call resumes).
 pub fn run(out: &Path, world: usize, train: &str, sets: &[&str], env: &[(&str, &str)]) -> Out {
-    run_with(out, world, train, sets, env, &[])
+    output(command(out, world, train, sets, env, &[]))
 }
 
-/// `run` with extra launcher arguments.
-pub fn run_with(
-    out: &Path,
-    world: usize,
-    train: &str,
-    sets: &[&str],
-    env: &[(&str, &str)],
-    launcher_args: &[&str],
-) -> Out {
-    let output = command(out, world, train, sets, env, launcher_args)
-        .output()
-        .expect("run trainer");
+/// Runs `cmd` to its end: its exit code and stderr.
+pub fn output(mut cmd: Command) -> Out {
+    let output = cmd.output().expect("run trainer");
     Out {
         code: output.status.code(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
 
-/// The command `run_with` runs (the launcher's with `world` > 1, else the trainer's), for a test
-/// that signals it while it runs.
+/// The command `run` runs (the launcher's with `world` > 1, else the trainer's), with extra
+/// launcher arguments, for a test that adds to it or signals it while it runs.
 pub fn command(
     out: &Path,
     world: usize,
