@@ -262,7 +262,9 @@ fn supervise(
                 crate::shm::dir().display()
             );
         }
-        let noticed = signals::take_passed();
+        // (a notice that came after the ranks ended, not passed on, counts too)
+        let pending = signals::take_notices();
+        let noticed = signals::take_passed() || !pending.is_empty();
         match ran {
             Ok(()) => {
                 peers.finish(attempt);

@@ -287,6 +287,9 @@ impl<'a> Saver<'a> {
             if let Err(p) = self.finish() {
                 tracing::warn!("the checkpoint being saved could not be published: {p:#}");
             }
+            // every rank waits for rank 0's retention to end: a rank exiting first has the
+            // launcher stop the others, rank 0 in the middle of a deletion among them
+            let _ = self.pg.barrier();
         }
         e
     }
