@@ -279,7 +279,7 @@ enum DataCommand {
     /// Validate every record and image and print statistics; exit 1 when a problem would stop
     /// training. Example: trainer data check configs/demo.yaml
     Check(ConfigArgs),
-    /// Write the exact tensors of one global batch (world size 1). Example: trainer data dump CONFIG --index 0 --out b.safetensors
+    /// Write the exact tensors of one global batch (of a run at --world ranks). Example: trainer data dump CONFIG --index 0 --out b.safetensors
     Dump(DumpArgs),
     /// Convert the seed's refinement JSON into SCo records. Example: trainer data build-sco r.json --out sco.jsonl
     BuildSco(BuildScoArgs),
@@ -290,9 +290,14 @@ enum DataCommand {
 struct DumpArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Global batch index within the epoch (train.batch_size x train.grad_accum samples)
+    /// Global batch index within the epoch (train.batch_size x world x train.grad_accum samples):
+    /// what step index + 1 of the epoch trains on
     #[arg(long)]
     index: u64,
+    /// World size of the run to reproduce (the sampler depends on the global batch); each rank's
+    /// part is named rank{r}.input_ids etc. when above 1
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    world: u32,
     /// Epoch whose shuffle to use
     #[arg(long, default_value_t = 0)]
     epoch: u64,
@@ -901,7 +906,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Data(DataCommand::Dump(args)) => {
             let resolved = config::load(&args.config.config, &args.config.overrides)?;
             let msg = trainer::data::tools::dump(
-                &resolved, args.epoch, args.index, &args.out, args.text,
+                &resolved,
+                args.epoch,
+                args.index,
+                args.world as usize,
+                &args.out,
+                args.text,
             )?;
             print!("{msg}");
             Ok(ExitCode::SUCCESS)

@@ -213,6 +213,68 @@ fn dump_writes_the_exact_tensors_of_a_global_batch() {
     );
 }
 
+/// `--world 2`: the global batch of a 2-rank run (the sampler depends on it), each rank's part
+/// under `rank{r}.`, equal to what that rank loads.
+#[test]
+fn dump_at_a_world_size_writes_each_ranks_part() {
+    let dir = temp_dir("dump-world");
+    let cfg = setup(&dir, &good_lines(6), "");
+    let out_file = dir.join("b.safetensors");
+    let (code, out, err) = trainer(&[
+        "data",
+        "dump",
+        cfg.to_str().unwrap(),
+        "--index",
+        "0",
+        "--world",
+        "2",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let bytes = std::fs::read(&out_file).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let config = trainer::config::load(&cfg, &[]).unwrap();
+    let ds = Dataset::open(&config, &config.model.path, Split::Train).unwrap();
+    for rank in 0..2 {
+        let job = &ds.epoch_plan(0, 0, rank, 2, 2, 1).unwrap()[0];
+        let c = ds.load(&job.indices).unwrap().collated;
+        let want: Vec<u8> = c.input_ids.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let ids = st.tensor(&format!("rank{rank}.input_ids")).unwrap();
+        assert_eq!(ids.data(), &want[..], "rank {rank}");
+    }
+    assert!(st.tensor("input_ids").is_err());
+    // 6 samples fill one global batch of 4 at world 2
+    let (code, _, err) = trainer(&[
+        "data",
+        "dump",
+        cfg.to_str().unwrap(),
+        "--index",
+        "1",
+        "--world",
+        "2",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("epoch 0 has 1 global batch(es) of 4 samples (train.batch_size 2 x world 2"),
+        "{err}"
+    );
+    let (code, _, err) = trainer(&[
+        "data",
+        "dump",
+        cfg.to_str().unwrap(),
+        "--index",
+        "0",
+        "--world",
+        "0",
+        "--out",
+        "x",
+    ]);
+    assert_eq!(code, 2, "{err}");
+}
+
 #[test]
 fn dump_past_the_end_says_how_many_batches_there_are() {
     let dir = temp_dir("dump-end");

@@ -119,11 +119,14 @@ fn batch_tensors(c: &collate::Batch, prefix: &str) -> Vec<(String, Dtype, Vec<us
         .collect()
 }
 
-/// Write the exact tensors of global batch `index` of `epoch` at world size 1 to `out`
-/// (safetensors). With `train.grad_accum` 1 the names are `input_ids`, `attention_mask`,
-/// `labels`, `pixel_values`, `aspect_ratio_ids`, `aspect_ratio_mask`, `cross_attention_mask`;
-/// with more micro-steps each micro-batch is padded on its own (as training does) and its
-/// tensors are named `micro{m}.input_ids` etc. Image tensors are absent for a text-only batch.
+/// Write the exact tensors of global batch `index` of `epoch` of a run at `world` ranks to `out`
+/// (safetensors): `train.batch_size x world x train.grad_accum` samples, as that run's step
+/// `index + 1` of the epoch sees them (the sampler depends on the global batch). At world 1 with
+/// `train.grad_accum` 1 the names are `input_ids`, `attention_mask`, `labels`, `pixel_values`,
+/// `aspect_ratio_ids`, `aspect_ratio_mask`, `cross_attention_mask`; with more micro-steps each
+/// micro-batch is padded on its own (as training does) and its tensors are named
+/// `micro{m}.input_ids` etc.; at more ranks each rank's part is `rank{r}.` before that. Image
+/// tensors are absent for a text-only batch.
 /// The metadata holds the epoch, the index, the dataset indices and the records' `FILE:LINE`.
 /// Returns what to print: a summary, and with `text` each sample rendered with its supervised
 /// spans marked `[[...]]`.
@@ -131,34 +134,41 @@ pub fn dump(
     config: &Config,
     epoch: u64,
     index: u64,
+    world: usize,
     out: &Path,
     text: bool,
 ) -> Result<String, DataError> {
     let ds = Dataset::open(config, &config.model.path, Split::Train)?;
     let (bs, accum) = (config.train.batch_size, config.train.grad_accum);
-    let global = bs * accum;
+    let world = world.max(1);
+    let global = bs * world * accum;
     let n = ds.batches_per_epoch(global);
     if index >= n {
         return Err(DataError::Layout(format!(
-            "--index {index} is past the end: epoch {epoch} has {n} global batch(es) of {global} samples (train.batch_size {bs} x train.grad_accum {accum} at world size 1) over {} samples",
+            "--index {index} is past the end: epoch {epoch} has {n} global batch(es) of {global} samples (train.batch_size {bs} x world {world} x train.grad_accum {accum}) over {} samples",
             ds.len()
         )));
     }
-    let jobs: Vec<_> = ds
-        .epoch_plan(epoch, index, 0, 1, bs, accum)?
-        .into_iter()
-        .take_while(|j| j.position.batch == index)
-        .collect();
+    let mut jobs = Vec::new();
+    for rank in 0..world {
+        let part = ds
+            .epoch_plan(epoch, index, rank, world, bs, accum)?
+            .into_iter()
+            .take_while(|j| j.position.batch == index);
+        jobs.extend(part.map(|j| (rank, j)));
+    }
     let mut tensors = Vec::new();
     let mut used = Vec::new();
     let mut shown = String::new();
-    for job in &jobs {
+    for (rank, job) in &jobs {
         let loaded = ds.load(&job.indices)?;
-        let prefix = if accum > 1 {
-            format!("micro{}.", job.micro_step)
-        } else {
-            String::new()
-        };
+        let mut prefix = String::new();
+        if world > 1 {
+            prefix.push_str(&format!("rank{rank}."));
+        }
+        if accum > 1 {
+            prefix.push_str(&format!("micro{}.", job.micro_step));
+        }
         tensors.extend(batch_tensors(&loaded.collated, &prefix));
         if text {
             shown.push_str(&render_marked(&ds, &loaded.collated)?);
@@ -175,6 +185,7 @@ pub fn dump(
     let meta = HashMap::from([
         ("epoch".to_string(), epoch.to_string()),
         ("index".to_string(), index.to_string()),
+        ("world".to_string(), world.to_string()),
         (
             "sample_indices".to_string(),
             serde_json::to_string(&used).unwrap_or_default(),
