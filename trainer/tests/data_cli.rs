@@ -153,21 +153,28 @@ fn check_reports_too_long_under_policy_error() {
     assert!(out.contains("> data.max_seq_len 20"), "{out}");
 }
 
+/// `trainer data dump CFG ARGS...`.
+fn dump(cfg: &Path, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["data", "dump", cfg.to_str().unwrap()];
+    all.extend_from_slice(args);
+    trainer(&all)
+}
+
 #[test]
 fn dump_writes_the_exact_tensors_of_a_global_batch() {
     let dir = temp_dir("dump");
     let cfg = setup(&dir, &good_lines(6), "");
     let out_file = dir.join("b.safetensors");
-    let (code, out, err) = trainer(&[
-        "data",
-        "dump",
-        cfg.to_str().unwrap(),
-        "--index",
-        "1",
-        "--out",
-        out_file.to_str().unwrap(),
-        "--text",
-    ]);
+    let (code, out, err) = dump(
+        &cfg,
+        &[
+            "--index",
+            "1",
+            "--out",
+            out_file.to_str().unwrap(),
+            "--text",
+        ],
+    );
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("[["), "supervised spans are marked: {out}");
     assert!(out.contains("<CONCLUSION>"), "{out}");
@@ -220,17 +227,11 @@ fn dump_at_a_world_size_writes_each_ranks_part() {
     let dir = temp_dir("dump-world");
     let cfg = setup(&dir, &good_lines(6), "");
     let out_file = dir.join("b.safetensors");
-    let (code, out, err) = trainer(&[
-        "data",
-        "dump",
-        cfg.to_str().unwrap(),
-        "--index",
-        "0",
-        "--world",
-        "2",
-        "--out",
-        out_file.to_str().unwrap(),
-    ]);
+    let at_world_2 = |index: &str| {
+        let out = out_file.to_str().unwrap();
+        dump(&cfg, &["--index", index, "--world", "2", "--out", out])
+    };
+    let (code, out, err) = at_world_2("0");
     assert_eq!(code, 0, "{out}{err}");
     let bytes = std::fs::read(&out_file).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -245,33 +246,13 @@ fn dump_at_a_world_size_writes_each_ranks_part() {
     }
     assert!(st.tensor("input_ids").is_err());
     // 6 samples fill one global batch of 4 at world 2
-    let (code, _, err) = trainer(&[
-        "data",
-        "dump",
-        cfg.to_str().unwrap(),
-        "--index",
-        "1",
-        "--world",
-        "2",
-        "--out",
-        out_file.to_str().unwrap(),
-    ]);
+    let (code, _, err) = at_world_2("1");
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("epoch 0 has 1 global batch(es) of 4 samples (train.batch_size 2 x world 2"),
         "{err}"
     );
-    let (code, _, err) = trainer(&[
-        "data",
-        "dump",
-        cfg.to_str().unwrap(),
-        "--index",
-        "0",
-        "--world",
-        "0",
-        "--out",
-        "x",
-    ]);
+    let (code, _, err) = dump(&cfg, &["--index", "0", "--world", "0", "--out", "x"]);
     assert_eq!(code, 2, "{err}");
 }
 
@@ -280,15 +261,7 @@ fn dump_past_the_end_says_how_many_batches_there_are() {
     let dir = temp_dir("dump-end");
     let cfg = setup(&dir, &good_lines(6), "");
     let out_file = dir.join("b.safetensors");
-    let (code, out, err) = trainer(&[
-        "data",
-        "dump",
-        cfg.to_str().unwrap(),
-        "--index",
-        "3",
-        "--out",
-        out_file.to_str().unwrap(),
-    ]);
+    let (code, out, err) = dump(&cfg, &["--index", "3", "--out", out_file.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("epoch 0 has 3 global batch(es)"), "{err}");
     assert!(!out_file.exists());
