@@ -478,17 +478,9 @@ fn fwd_kernel(variant: Variant, dtype: &str, d: i64) -> String {
         Variant::V3 => format!("attn_fwd3_{dtype}_d{d}"),
         Variant::V4 => format!("attn_fwd4_{dtype}_d{d}"),
         Variant::V5 | Variant::V6 => format!("attn_fwd5_{dtype}_d{d}"),
-        Variant::V7
-        | Variant::V8
-        | Variant::V9
-        | Variant::V10
-        | Variant::V13
-        | Variant::V14
-        | Variant::V15
-        | Variant::V16
-        | Variant::V17
-        | Variant::V18 => format!("attn_fwd7_{dtype}_d{d}"),
         Variant::V12 => format!("attn_fwd12_{dtype}_d{d}"),
+        // V7, and V8-V10 and V13 on, which run V7's forward (`v4_forward`)
+        _ => format!("attn_fwd7_{dtype}_d{d}"),
     }
 }
 
@@ -924,18 +916,8 @@ pub fn fused_forward_into(
             (FWD3_BLOCK_M + 4 * fwd3_block_n(d.d)) * (d.d + 8) * 2,
         ),
         Variant::V4 | Variant::V5 | Variant::V6 => (FWD4_BLOCK, FWD4_THREADS, fwd4_smem(d.d)),
-        // (v4_forward maps V8-V10 and V13-V18 to V7)
-        Variant::V7
-        | Variant::V8
-        | Variant::V9
-        | Variant::V10
-        | Variant::V12
-        | Variant::V13
-        | Variant::V14
-        | Variant::V15
-        | Variant::V16
-        | Variant::V17
-        | Variant::V18 => (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d)),
+        // V7 and V12 (v4_forward maps V8-V10 and V13 on to V7)
+        _ => (FWD4_BLOCK, FWD7_THREADS, fwd7_smem(d.d)),
     };
     let source = source_of(variant);
     let f = gpu.function(source, &fwd_kernel(variant, name, d.d))?;
@@ -1708,19 +1690,23 @@ mod tests {
     }
 
     #[test]
-    fn v16_pads_as_v14_and_runs_its_own_backward() {
-        for (d, arch, want) in [
-            (80, "compute_90", (Variant::V7, Variant::V16)),
-            (64, "compute_90", (Variant::V7, Variant::V16)),
-            (128, "compute_80", (Variant::V3, Variant::V3)),
-        ] {
-            assert_eq!(planned(Variant::V16, arch, d), want, "d{d} {arch}");
-        }
-        for dtype in ["bf16", "f16"] {
-            let bwd = bwd_kernel(Variant::V16, dtype, 128);
-            assert_eq!(bwd, format!("attn_bwd16_{dtype}_d128"));
-            assert!(sm90a_kernel_names().contains(&bwd));
-            assert!(sm90a_kernel_names().contains(&format!("attn_bwd16p_{dtype}_d128")));
+    fn v15_and_v16_pad_as_v14_and_run_their_own_backward() {
+        for v in [Variant::V15, Variant::V16] {
+            for (d, arch, want) in [
+                (80, "compute_90", (Variant::V7, v)),
+                (64, "compute_90", (Variant::V7, v)),
+                (128, "compute_90", (Variant::V7, v)),
+                (128, "compute_80", (Variant::V3, Variant::V3)),
+            ] {
+                assert_eq!(planned(v, arch, d), want, "{v:?} d{d} {arch}");
+            }
+            for dtype in ["bf16", "f16"] {
+                let bwd = bwd_kernel(v, dtype, 128);
+                assert_eq!(bwd, format!("attn_bwd{}_{dtype}_d128", v.number()));
+                assert!(sm90a_kernel_names().contains(&bwd));
+                let profiled = format!("attn_bwd{}p_{dtype}_d128", v.number());
+                assert!(sm90a_kernel_names().contains(&profiled));
+            }
         }
     }
 
@@ -1765,32 +1751,6 @@ mod tests {
         }
         for d in [64, 128] {
             assert!(!sdpa_faster(Variant::V13, "compute_90", d));
-        }
-    }
-
-    #[test]
-    fn v15_pads_as_v14_and_runs_its_own_backward() {
-        assert_eq!(
-            planned(Variant::V15, "compute_90", 80),
-            (Variant::V7, Variant::V15)
-        );
-        assert_eq!(
-            planned(Variant::V15, "compute_90", 64),
-            (Variant::V7, Variant::V15)
-        );
-        assert_eq!(
-            planned(Variant::V15, "compute_90", 128),
-            (Variant::V7, Variant::V15)
-        );
-        assert_eq!(
-            planned(Variant::V15, "compute_80", 128),
-            (Variant::V3, Variant::V3)
-        );
-        for dtype in ["bf16", "f16"] {
-            let bwd = bwd_kernel(Variant::V15, dtype, 128);
-            assert_eq!(bwd, format!("attn_bwd15_{dtype}_d128"));
-            assert!(sm90a_kernel_names().contains(&bwd));
-            assert!(sm90a_kernel_names().contains(&format!("attn_bwd15p_{dtype}_d128")));
         }
     }
 
