@@ -272,6 +272,9 @@ enum BenchCommand {
 enum ConfigCommand {
     /// Print the resolved config (defaults filled in, overrides applied, validated) as YAML.
     Show(ConfigArgs),
+    /// Check that the config can train (what `trainer train` refuses before loading anything;
+    /// the launcher runs this once before starting ranks). Example: trainer config check configs/llava-sco.yaml
+    Check(ConfigArgs),
 }
 
 #[derive(Subcommand)]
@@ -878,6 +881,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Config(ConfigCommand::Show(args)) => {
             let resolved = config::load(&args.config, &args.overrides)?;
             print!("{}", resolved.to_yaml()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Check(args)) => {
+            let resolved = config::load(&args.config, &args.overrides)?;
+            config::training_conflicts(&resolved)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+            println!("{}: config ok", args.config.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Train(args) => {

@@ -92,25 +92,42 @@ fn resume_is_bitwise_without_fsdp() {
 /// Global batch 6 at every world size (batch 6/W), dropout off (its masks depend on the split).
 #[test]
 fn resharded_resume_world2_to_1_and_3() {
-    let sets: &[&str] = &["checkpoint.every_steps=4", "peft.dropout=0.0"];
     let train = |w: usize| {
         format!(
             "epochs: 1, batch_size: {}, grad_accum: 1, max_steps: 8",
             6 / w
         )
     };
-    let w2 = fresh("reshard-w2");
-    ok(run(&w2, 2, &train(2), sets, &[]), "world 2");
+    resharded_resume("reshard", &["peft.dropout=0.0"], train, &[1, 3]);
+}
+
+/// Dropout on (0.05): micro-batches of the same batch_size (3) draw the same masks at any world
+/// size (they are seeded by their slice of the global batch), so world 2 x grad_accum 1 resumed
+/// as world 1 x grad_accum 2 replays the uninterrupted run.
+#[test]
+fn resharded_resume_with_dropout_replays_at_the_same_batch_size() {
+    let train = |w: usize| format!("epochs: 1, batch_size: 3, grad_accum: {}, max_steps: 8", 2 / w);
+    resharded_resume("reshard-dropout", &["peft.dropout=0.05"], train, &[1]);
+}
+
+/// Trains 8 steps at world 2, resumes its step-4 checkpoint at each of `worlds`, and compares
+/// steps 5..8 and the final weights with the world-2 run's.
+fn resharded_resume(name: &str, extra: &[&str], train: impl Fn(usize) -> String, worlds: &[usize]) {
+    let mut sets: Vec<&str> = vec!["checkpoint.every_steps=4"];
+    sets.extend_from_slice(extra);
+    let w2 = fresh(&format!("{name}-w2"));
+    ok(run(&w2, 2, &train(2), &sets, &[]), "world 2");
     let reference = metrics(&w2);
     assert_eq!(reference.len(), 8);
     let ckpt = w2.join("ckpt/step-00000004");
     let resume = format!("checkpoint.resume={}", ckpt.display());
-    for w in [1, 3] {
-        let out = fresh(&format!("reshard-w2-to-w{w}"));
-        let mut s = sets.to_vec();
+    for &w in worlds {
+        let out = fresh(&format!("{name}-w2-to-w{w}"));
+        let mut s = sets.clone();
         s.push(&resume);
         let o = ok(run(&out, w, &train(w), &s, &[]), "resharded");
         assert!(o.stderr.contains("saved by 2 rank(s)"), "{}", o.stderr);
+        assert!(!o.stderr.contains("dropout masks"), "{}", o.stderr);
         let m = metrics(&out);
         assert_eq!(m.len(), 4, "steps 5..8 only");
         let mut worst = 0.0f64;

@@ -207,3 +207,35 @@ fn the_launcher_refuses_a_bad_config_once_without_restarts() {
     );
     assert!(!stderr.contains("restarting"), "{stderr}");
 }
+
+/// A config that parses but cannot train (fp16 compute: no loss scaling here) is refused by
+/// `trainer config check`, and so by the launcher once before any rank starts, not once per rank
+/// and restart; `config show` still prints it.
+#[test]
+fn a_config_that_cannot_train_is_refused_before_ranks_start() {
+    let fp16 = ["--set", "fsdp.mixed_precision=fp16"];
+    let mut check = vec!["config", "check", "configs/demo.yaml"];
+    let (code, stdout, _) = trainer(&check);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("configs/demo.yaml: config ok"), "{stdout}");
+    check.extend(fp16);
+    let (code, _, stderr) = trainer(&check);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("configs/demo.yaml: fsdp.mixed_precision: fp16 training needs loss scaling"),
+        "{stderr}"
+    );
+    let (code, _, _) = trainer(&["config", "show", "configs/demo.yaml", fp16[0], fp16[1]]);
+    assert_eq!(code, 0, "config show prints configs that do not train");
+    let out = common::launcher()
+        .args(["--standalone", "--nproc-per-node", "2", "--max-restarts", "2"])
+        .arg("configs/demo.yaml")
+        .args(fp16)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .expect("run launcher");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.matches("fp16 training needs loss scaling").count(), 1, "{stderr}");
+    assert!(!stderr.contains("starting 2 rank"), "{stderr}");
+}

@@ -437,12 +437,12 @@ fn rank_command(cli: &Cli) -> Result<RankCommand> {
     }
 }
 
-/// CONFIG mode: the config (with its `--set`s) is checked once, by `trainer config show`, before
+/// CONFIG mode: the config (with its `--set`s) is checked once, by `trainer config check`, before
 /// any rank starts: a bad key is then one error, not one per rank, and is not restarted
 /// `--max-restarts` times (no restart can fix it).
 fn check_config(trainer: &Path, config: &Path, sets: &[OsString]) -> Result<()> {
     let out = std::process::Command::new(trainer)
-        .args(["config", "show"])
+        .args(["config", "check"])
         .arg(config)
         .args(sets)
         .stdin(std::process::Stdio::null())
@@ -458,7 +458,7 @@ fn check_config(trainer: &Path, config: &Path, sets: &[OsString]) -> Result<()> 
     match stderr.lines().rev().find_map(|l| l.strip_prefix("error: ")) {
         Some(message) => bail!("{message}"),
         None => bail!(
-            "checking the config with `{} config show` failed ({}){}{}",
+            "checking the config with `{} config check` failed ({}){}{}",
             trainer.display(),
             out.status,
             if stderr.trim().is_empty() { "" } else { ":\n" },

@@ -31,6 +31,8 @@ pub struct Resumed {
     pub dir: PathBuf,
     pub progress: Progress,
     pub world_size: usize,
+    /// `train.batch_size` when saved (None from older trainers).
+    pub micro_batch: Option<usize>,
     /// The learning-rate schedule the checkpoint was trained with (`LrSchedule::to_json`).
     pub scheduler: serde_json::Value,
     /// AdamW's settings it was trained with (`AdamWConfig::to_json`; null from older trainers).
@@ -253,6 +255,7 @@ fn load_resumed(
     Ok(Resumed {
         dir,
         world_size: m.world_size,
+        micro_batch: m.data.micro_batch,
         scheduler: m.scheduler.clone(),
         optimizer: m.optimizer.clone(),
         progress: Progress {

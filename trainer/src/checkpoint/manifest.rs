@@ -99,6 +99,11 @@ pub struct DataPosition {
     pub batch: u64,
     /// Samples per global batch (`batch_size x world x grad_accum`) when saved.
     pub global_batch: usize,
+    /// Samples per micro-batch (`train.batch_size`) when saved: LoRA dropout masks are drawn per
+    /// micro-batch, so a resume with another batch_size draws others. Absent in checkpoints of
+    /// older trainers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch: Option<usize>,
     /// Training samples in the epoch plan (after skipped records) when saved: a resume on other
     /// data (the batch position would point into another permutation) is refused. Absent in
     /// checkpoints of older trainers.

@@ -986,6 +986,7 @@ fn build_manifest(
             epoch: p.data_epoch,
             batch: p.data_batch,
             global_batch: t.global_batch(world),
+            micro_batch: Some(t.batch_size),
             samples: p.samples,
             lengths_hash: p.lengths_hash,
         },

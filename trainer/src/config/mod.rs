@@ -32,6 +32,8 @@ pub use schema::{
     Schedule, ScheduleKind, TextOnly, TrainConfig,
 };
 
+pub use validate::training_conflicts;
+
 use de::{DeError, DeErrorKind};
 use overrides::Override;
 

@@ -2,8 +2,8 @@
 //! (`values.rs`); this pass adds required keys and the rules that involve several keys.
 use super::raw::{RawCheckpoint, RawConfig, RawData, RawFsdp, RawModel, RawPeft, RawTrain};
 use super::schema::{
-    CheckpointConfig, Config, DataConfig, FsdpConfig, ModelConfig, PeftConfig, PeftMethod,
-    Schedule, ScheduleKind, TrainConfig,
+    Attention, CheckpointConfig, Config, DType, DataConfig, FsdpConfig, ModelConfig, PeftConfig,
+    PeftMethod, Schedule, ScheduleKind, TrainConfig,
 };
 use super::values::FilePath;
 use super::ConfigError;
@@ -27,6 +27,53 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         });
     }
     Ok(config)
+}
+
+/// What `trainer train` refuses in a config that parses: settings that cannot train, checked
+/// before anything loads (and by `trainer config check`, which the launcher runs once before
+/// starting ranks, so they are one error, not one per rank and restart).
+/// - fp16 compute: training in fp16 needs loss scaling (PyTorch FSDP's ShardedGradScaler), which
+///   this trainer does not have: gradients below fp16's smallest normal (6e-5; the loss seed alone
+///   is 1 / tokens) flush to zero and training stalls without a sign;
+/// - `model.attention: fused` without FSDP (it trains through the FSDP schedule's explicit
+///   attention backward) or in fp32 (the kernels compute in bf16 or fp16).
+pub fn training_conflicts(config: &Config) -> Result<(), ConfigError> {
+    let conflict = |path: &str, message: String| {
+        Err(ConfigError::Conflict {
+            path: path.into(),
+            message,
+        })
+    };
+    let (key, compute) = config.compute_dtype();
+    if compute == DType::Fp16 {
+        return conflict(
+            key,
+            "fp16 training needs loss scaling, which this trainer does not have (gradients below \
+             6e-5 would flush to zero); use bf16 (fp32's range, same memory) or fp32"
+                .into(),
+        );
+    }
+    if config.model.attention == Attention::Fused {
+        if !config.fsdp.enabled {
+            return conflict(
+                "model.attention",
+                "fused trains through the FSDP schedule's explicit attention backward, which \
+                 fsdp.enabled: false does not run; set fsdp.enabled: true (it works at world 1 \
+                 too), or model.attention: sdpa"
+                    .into(),
+            );
+        }
+        if compute == DType::Fp32 {
+            return conflict(
+                "model.attention",
+                format!(
+                    "fused computes in bf16 or fp16, but {key} is fp32; set {key}: bf16, or \
+                     model.attention: sdpa"
+                ),
+            );
+        }
+    }
+    Ok(())
 }
 
 fn required(

@@ -103,13 +103,16 @@ impl<'a> Saver<'a> {
                 r.world_size
             ),
         );
-        if r.world_size != pg.world_size() && config.peft.dropout > 0.0 {
+        // masks are drawn per micro-batch of train.batch_size samples (older trainers: per rank)
+        let (then, now, what) = match r.micro_batch {
+            Some(b) => (b, config.train.batch_size, "train.batch_size"),
+            None => (r.world_size, pg.world_size(), "world size"),
+        };
+        if then != now && config.peft.is_lora() && config.peft.dropout > 0.0 {
             log(
                 pg.rank(),
                 &format!(
-                    "note: saved by {} rank(s), resumed on {}: the data, weights and optimizer state continue exactly, but LoRA dropout masks are drawn per rank and micro-batch, so with peft.dropout {} the next steps are not those of an uninterrupted run",
-                    r.world_size,
-                    pg.world_size(),
+                    "note: saved with {what} {then}, resumed with {now}: the data, weights and optimizer state continue exactly, but LoRA dropout masks are drawn per micro-batch, so with peft.dropout {} the next steps are not those of an uninterrupted run (keep {what} {then} to replay them)",
                     config.peft.dropout
                 ),
             );

@@ -63,7 +63,7 @@ struct State {
 
 pub fn train(config: &Config) -> Result<Outcome> {
     let t = &config.train;
-    setup::check_training_precision(config)?;
+    crate::config::training_conflicts(config)?;
     // 1. Ranks and collectives.
     let (pg, device) = setup::process_group(config)?;
     let (rank, world) = (pg.rank(), pg.world_size());

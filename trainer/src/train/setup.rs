@@ -253,17 +253,6 @@ fn data_disagreement(per_rank: &[[i64; 4]]) -> Option<String> {
     None
 }
 
-/// Training in fp16 needs loss scaling (PyTorch FSDP's ShardedGradScaler), which this trainer
-/// does not have: gradients below fp16's smallest normal (6e-5; the loss seed alone is 1 / tokens)
-/// flush to zero and training stalls without a sign. Refused with the way out.
-pub(super) fn check_training_precision(config: &Config) -> Result<()> {
-    let (key, compute) = config.compute_dtype();
-    if compute == config::DType::Fp16 {
-        bail!("{key}: fp16 training needs loss scaling, which this trainer does not have (gradients below 6e-5 would flush to zero); use bf16 (fp32's range, same memory) or fp32");
-    }
-    Ok(())
-}
-
 /// Log lines for settings that do nothing in this config (notes, not errors: a config shared
 /// between runs may set them):
 /// - without FSDP the model computes in `model.dtype`, so an `fsdp.mixed_precision` that differs
@@ -330,18 +319,10 @@ pub(super) fn fused_attention_note(config: &Config, device: Device) -> Result<Op
 }
 
 /// What `model.attention: fused` needs besides a GPU, checked before the model loads (the kernels
-/// would refuse at the first attention call, minutes into loading an 11B model): the FSDP
-/// schedule, whose explicit attention backward it trains through; bf16 or fp16 compute; head
-/// dims the kernels take.
-/// Returns the model's head dims by part ("text", "vision"), when its config.json reads.
+/// would refuse at the first attention call, minutes into loading an 11B model): head dims the
+/// kernels take (FSDP and a bf16 or fp16 compute dtype are `config::training_conflicts`', checked
+/// first). Returns the model's head dims by part ("text", "vision"), when its config.json reads.
 fn check_fused_config(config: &Config) -> Result<Vec<(&'static str, i64)>> {
-    if !config.fsdp.enabled {
-        bail!("model.attention: fused trains through the FSDP schedule's explicit attention backward, which fsdp.enabled: false does not run; set fsdp.enabled: true (it works at world 1 too), or model.attention: sdpa");
-    }
-    let (key, dtype) = config.compute_dtype();
-    if dtype == config::DType::Fp32 {
-        bail!("model.attention: fused computes in bf16 or fp16, but {key} is fp32; set {key}: bf16, or model.attention: sdpa");
-    }
     // (an unreadable config.json is the model load's error, with its own message)
     let mut head_dims = Vec::new();
     if let Ok(mc) = MllamaConfig::from_file(&config.model.path.join("config.json")) {

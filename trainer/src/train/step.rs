@@ -74,7 +74,11 @@ impl Stepper<'_> {
                 pg,
                 &batch,
                 1.0 / tokens as f64,
-                seed ^ (i as u64 + 1) ^ ((pg.rank() as u64) << 32),
+                // by the micro-batch's slice of the global batch (micro-batch i of rank r holds
+                // slice i * world + r, of train.batch_size samples), not by (rank, i): runs that
+                // split the same global batch into the same batch_size draw the same masks at
+                // any world size, so a resume on another world size replays them
+                seed ^ ((i * pg.world_size() + pg.rank()) as u64 + 1),
             )?;
         }
         let loss = all_reduce_f64(pg, loss_sum, device)? / tokens as f64;
