@@ -73,8 +73,8 @@ gpu-bin: $(SETUP_STAMP)
 	$(CARGO) build --bins
 	$(CARGO) test --no-run -p trainer --test model_gpu
 	rm -rf .gpu-bin && mkdir -p .gpu-bin
-	cp target/debug/kernels-gpu-check target/debug/dist-selftest target/debug/launcher target/debug/trainer .gpu-bin/
-	cp "$$(ls -t target/debug/deps/model_gpu-* | grep -v '\.d$$' | head -n1)" .gpu-bin/model_gpu
+	cp $(TARGET_DIR)/debug/kernels-gpu-check $(TARGET_DIR)/debug/dist-selftest $(TARGET_DIR)/debug/launcher $(TARGET_DIR)/debug/trainer .gpu-bin/
+	cp "$$(ls -t $(TARGET_DIR)/debug/deps/model_gpu-* | grep -v '\.d$$' | head -n1)" .gpu-bin/model_gpu
 	strip .gpu-bin/*
 
 gpu-check:

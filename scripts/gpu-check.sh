@@ -92,39 +92,59 @@ for mp in fp32 bf16; do
     && grep -o '"loss":[0-9.e+-]*' "$OUT/train-$mp/metrics.jsonl" | head -n 4 | tr '\n' ' ' && echo "(golden: $(grep -o '[0-9]\.[0-9]*' tests/fixtures/train/golden_losses.json | head -n 4 | tr '\n' ' '))"
 done
 want model && [ -x "$BIN/model_gpu" ] && step model-gpu timeout 200 "$BIN/model_gpu" --nocapture --test-threads 1
-# ... and with the newest variant (MODEL_VARIANT, above)
-want model && [ -x "$BIN/model_gpu" ] && [ -n "$MODEL_VARIANT" ] && LLAVA_SCO_ATTN_VARIANT="$MODEL_VARIANT" \
-  step "model-gpu-$MODEL_VARIANT" timeout 200 "$BIN/model_gpu" --nocapture --test-threads 1
-# kernels last: its table is the end of the output
+# (model_gpu with the newest variant runs after the kernels' checks and timings: a new kernel that
+# hangs there must not take their time)
+model_newest() {
+  want model && [ -x "$BIN/model_gpu" ] && [ -n "$MODEL_VARIANT" ] && LLAVA_SCO_ATTN_VARIANT="$MODEL_VARIANT" \
+    step "model-gpu-$MODEL_VARIANT" timeout 150 "$BIN/model_gpu" --nocapture --test-threads 1
+}
+# a table row of kernels-gpu-check's (not its header, an error line or a "libtorch SDPA runs" line)
+table_row='^attn d[0-9]+ s[0-9]+ (full|causal) fwd .*TFLOP/s$'
 if want kernels; then
-  # ~4 min on an H200 expected (NVRTC compile, 16 variants x 16 correctness cases, timings of the timed variants
-  # and SDPA); the cap keeps a hung kernel from eating a 15-minute device budget
+  # Without KERNELS_VARIANTS: the default and the variants prepared since, checked in this order
+  # (the ones whose new code is host-side or the block order first, so a new kernel that takes
+  # the CUDA context with it leaves their verdicts) and timed in the order that separates them:
+  # v14/v13 the padding, v15/v14 dQ from registers, v16/v15 the exp2 split, v17/v13 the block
+  # order, v18/v13 all of them. (Older variants are history; `KERNELS_VARIANTS=` checks all.)
+  if [ -z "${KERNELS_VARIANTS+set}" ]; then
+    KERNELS_VARIANTS=v13,v14,v17,v15,v16,v18
+    KERNELS_TIME="${KERNELS_TIME:-v13,v14,v15,v16,v17,v18}"
+  fi
+  # ~2.5 min on an H200 expected (NVRTC compile, 6 variants x 16 correctness cases, timings of the
+  # timed variants and SDPA); the cap keeps a hung kernel from eating a 15-minute device budget
   # KERNELS_VARIANTS (e.g. v13,v14,v15): the variants to check. Timed: KERNELS_TIME (e.g.
   # v13,v16; each must be checked), else KERNELS_BASELINE (all variants checked: the default
   # variant) and every passing variant listed after it, one table column each with the ratio of
   # each to the one before it and to the baseline (so the default v13 and v14-v18 separate the
   # padding, the dQ reductions, the exp2 split and, in v17/v13, the causal block order in one
   # call; v18 is all four), else the newest passing one and the one before it
-  # (at most 360 s, less when the steps before took long; the fallback and the profile below run
-  # only in the time left after it)
+  # (at most 240 s, less when the steps before took long; the fallback, model_gpu with the newest
+  # variant and the profile below run only in the time left after it)
   check_rc=1
   if fits 90 kernels-gpu-check; then
-    cap=$(budget_cap 360)
+    cap=$(budget_cap 240)
     echo "kernels-gpu-check: at most $cap s"
     timeout -k 10 "$cap" "$BIN/kernels-gpu-check" --out "$OUT" ${KERNELS_VARIANTS:+--variants "$KERNELS_VARIANTS"} \
       ${KERNELS_BASELINE:+--baseline "$KERNELS_BASELINE"} ${KERNELS_TIME:+--time "$KERNELS_TIME"} 2>&1 \
       | tee "$OUT/kernels-gpu-check.log"
     check_rc=${PIPESTATUS[0]}
   fi
-  profile_variants=v12,v16 # v13 and v14 run v12's backward
+  # v12 (the backward of v13 and v14) and the newest backward that passed its checks (a variant
+  # that failed is not profiled: it may hang again)
+  profile_variants=v12
+  for v in v16 v15; do
+    if grep -q "^attention variant $v: all correctness cases PASS" "$OUT/kernels-gpu-check.log" 2>/dev/null; then
+      profile_variants=v12,$v; break
+    fi
+  done
   if [ "$check_rc" != 0 ]; then
     status=1
-    profile_variants=v10 # a variant that failed here is not profiled (it may hang again)
     # a kernel that traps (a barrier watchdog) or hangs takes the CUDA context or the process with
-    # it, and with them the timings and the variants after it: without the final table, check and
-    # time the default against the new variants that reuse its kernels (v17: the block order; v14:
-    # the padding), each in a process of its own, so one that breaks does not take the other
-    if ! grep -q '^benchmark ' "$OUT/kernels-gpu-check.log" 2>/dev/null; then
+    # it ("CUDA context lost ..." in the log), and with them the timings and the variants after
+    # it: without the final table, check and time the default against the new variants that
+    # reuse its kernels (v17: the block order; v14: the padding), each in a process of its own, so
+    # one that breaks does not take the other
+    if ! grep -Eq "$table_row" "$OUT/kernels-gpu-check.log" 2>/dev/null; then
       for pair in v13,v17 v13,v14; do
         fits 75 "the $pair fallback" || break
         echo "kernels-gpu-check ended without its table: $pair alone (kernels-gpu-check-fallback.log)"
@@ -133,6 +153,7 @@ if want kernels; then
       done
     fi
   fi
+  model_newest
   # where the backward's time goes: the profiling builds print the clock cycles of each step per
   # tile (two blocks; the last call of each (variant, Sk, causal, block, warpgroup) is kept, so
   # shapes sharing Sk share a line)
@@ -145,5 +166,11 @@ if want kernels; then
   echo "backward profile (cycles per 64-query tile):"
   grep -- '-prof ' "$OUT/kernels-bwd-profile.log" 2>/dev/null \
     | awk '{k = $1 " " $2 " " $3 " " $4 " " $5; last[k] = $0} END {for (k in last) print last[k]}' | sort
+  # the table again, last in the output (the call returns its tail)
+  for log in kernels-gpu-check.log kernels-gpu-check-fallback.log; do
+    sed -n '/^benchmark /,$p' "$OUT/$log" 2>/dev/null | grep -E '^(benchmark|attn|model|rmsnorm|attention variant)' | grep -v 'libtorch SDPA runs' || true
+  done
+else
+  model_newest
 fi
 exit $status

@@ -533,7 +533,8 @@ __device__ __forceinline__ float exp2_fma(float x) {
     const float r = __fadd_rn(x, 12582912.f);              // (the _rn forms are never reassociated)
     const float f = __fsub_rn(x, __fsub_rn(r, 12582912.f));  // x - round(x)
     const float p = fmaf(fmaf(fmaf(0.055171482f, f, 0.24261090f), f, 0.69326097f), f, 0.99992812f);
-    return __int_as_float(__float_as_int(p) + (__float_as_int(r) << 23));
+    // (unsigned: the shift pushes r's high bits out, which a signed shift may not do)
+    return __uint_as_float(__float_as_uint(p) + (__float_as_uint(r) << 23));
 }
 
 // POLY (variant 16): every third element's 2^x on the FMA pipe (exp2_fma), the others on MUFU.

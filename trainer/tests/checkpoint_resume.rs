@@ -106,7 +106,12 @@ fn resharded_resume_world2_to_1_and_3() {
 /// as world 1 x grad_accum 2 replays the uninterrupted run.
 #[test]
 fn resharded_resume_with_dropout_replays_at_the_same_batch_size() {
-    let train = |w: usize| format!("epochs: 1, batch_size: 3, grad_accum: {}, max_steps: 8", 2 / w);
+    let train = |w: usize| {
+        format!(
+            "epochs: 1, batch_size: 3, grad_accum: {}, max_steps: 8",
+            2 / w
+        )
+    };
     resharded_resume("reshard-dropout", &["peft.dropout=0.05"], train, &[1]);
 }
 

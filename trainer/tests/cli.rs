@@ -222,13 +222,20 @@ fn a_config_that_cannot_train_is_refused_before_ranks_start() {
     let (code, _, stderr) = trainer(&check);
     assert_eq!(code, 1);
     assert!(
-        stderr.contains("configs/demo.yaml: fsdp.mixed_precision: fp16 training needs loss scaling"),
+        stderr
+            .contains("configs/demo.yaml: fsdp.mixed_precision: fp16 training needs loss scaling"),
         "{stderr}"
     );
     let (code, _, _) = trainer(&["config", "show", "configs/demo.yaml", fp16[0], fp16[1]]);
     assert_eq!(code, 0, "config show prints configs that do not train");
     let out = common::launcher()
-        .args(["--standalone", "--nproc-per-node", "2", "--max-restarts", "2"])
+        .args([
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "2",
+        ])
         .arg("configs/demo.yaml")
         .args(fp16)
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -236,6 +243,10 @@ fn a_config_that_cannot_train_is_refused_before_ranks_start() {
         .expect("run launcher");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert_eq!(stderr.matches("fp16 training needs loss scaling").count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("fp16 training needs loss scaling").count(),
+        1,
+        "{stderr}"
+    );
     assert!(!stderr.contains("starting 2 rank"), "{stderr}");
 }

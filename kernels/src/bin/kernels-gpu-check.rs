@@ -271,6 +271,46 @@ fn time_it(mut f: impl FnMut()) -> f64 {
     samples[samples.len() / 2]
 }
 
+/// The JSON lines, each written (and flushed) to the `--out` file as soon as it is made, so a
+/// run killed by the script's time limit leaves the lines it got to. A value that is not finite
+/// (a NaN error, a timing that failed) is written as null, which strict parsers accept.
+struct JsonLines(Option<std::fs::File>);
+
+impl JsonLines {
+    fn push(&mut self, line: String) {
+        if let Some(f) = &mut self.0 {
+            let _ = writeln!(f, "{}", json_safe(&line));
+            let _ = f.flush();
+        }
+    }
+}
+
+/// `line` with Rust's spellings of non-finite numbers after `:`, `,` or `[` made null.
+fn json_safe(line: &str) -> String {
+    let mut out = line.to_string();
+    for open in [':', ',', '['] {
+        for bad in ["NaN", "-inf", "inf"] {
+            out = out.replace(&format!("{open}{bad}"), &format!("{open}null"));
+        }
+    }
+    out
+}
+
+/// Whether the CUDA context still runs work: a kernel that trapped (a barrier watchdog) or
+/// faulted poisons it, and every later call fails, so the variants after it would all ERROR.
+fn cuda_alive() -> bool {
+    guarded(|| {
+        let t = Tensor::ones([1], (Kind::Float, Device::Cuda(0)));
+        let v = (&t + 1.0).double_value(&[0]);
+        if v == 2.0 {
+            Ok(())
+        } else {
+            Err(format!("1 + 1 = {v}"))
+        }
+    })
+    .is_ok()
+}
+
 /// One benchmark line: the timed variants' figures in timing order, oldest first (one figure
 /// for kernels with one variant), and the libtorch peer's.
 struct Row {
@@ -383,7 +423,14 @@ fn bshd(b: i64, h: i64, s: i64, d: i64) -> Tensor {
 
 /// Times a case's forward and forward+backward with each of `timed` (at least one), and SDPA's,
 /// into a row pair and JSON lines.
-fn time_case(rows: &mut Vec<Row>, json: &mut Vec<String>, c: &BenchCase, timed: &[Variant]) {
+/// A timing that fails (a panic: CUDA error, out of memory) is NaN in the row and null in JSON;
+/// when the CUDA context is lost with it, Err: nothing after it can run.
+fn time_case(
+    rows: &mut Vec<Row>,
+    json: &mut JsonLines,
+    c: &BenchCase,
+    timed: &[Variant],
+) -> Result<(), String> {
     let (q, k, v, mask) = (&c.q, &c.k, &c.v, &c.mask);
     let d = q.size()[3];
     let scale = 1.0 / (d as f64).sqrt();
@@ -395,17 +442,35 @@ fn time_case(rows: &mut Vec<Row>, json: &mut Vec<String>, c: &BenchCase, timed: 
         let fwd = attention::fused_forward(q, k, v, mask, scale).expect("fused forward");
         attention::fused_backward(&dout, q, k, v, &fwd, mask, scale).expect("fused backward");
     };
+    // a failed timing: NaN, unless it took the CUDA context with it
+    let timing = |what: &str, f: &mut dyn FnMut()| -> Result<f64, String> {
+        match guarded(|| Ok(time_it(&mut *f))) {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                println!("{}: {what} timing ERROR {e}", c.tag);
+                match cuda_alive() {
+                    true => Ok(f64::NAN),
+                    false => Err(format!(
+                        "the CUDA context is lost after {what} on {}",
+                        c.tag
+                    )),
+                }
+            }
+        }
+    };
     // [forward, forward+backward] seconds per timed variant
-    let ours: Vec<[f64; 2]> = timed
-        .iter()
-        .map(|&variant| {
-            attention::set_variant(variant);
-            [time_it(fwd), time_it(fwd_bwd)]
-        })
-        .collect();
-    let sdpa_f = time_it(|| {
+    let mut ours: Vec<[f64; 2]> = Vec::new();
+    for &variant in timed {
+        attention::set_variant(variant);
+        let (mut f, mut fb) = (fwd, fwd_bwd);
+        ours.push([
+            timing(variant.name(), &mut f)?,
+            timing(variant.name(), &mut fb)?,
+        ]);
+    }
+    let sdpa_f = timing("SDPA", &mut || {
         let _ = c.sdpa.run(q, k, v, scale);
-    });
+    })?;
     let (qg, kg, vg) = (
         q.detach().set_requires_grad(true),
         k.detach().set_requires_grad(true),
@@ -415,10 +480,10 @@ fn time_case(rows: &mut Vec<Row>, json: &mut Vec<String>, c: &BenchCase, timed: 
     // a scalar loss such as (o * dout).sum() would add three elementwise passes over (B, H, S, D)
     // that are not SDPA's cost (~5 % of its forward+backward at s2048; the tables measured before
     // session 10 include them).
-    let sdpa_fb = time_it(|| {
+    let sdpa_fb = timing("SDPA", &mut || {
         let o = c.sdpa.run(&qg, &kg, &vg, scale);
         let _ = Tensor::run_backward(&[o], &[&qg, &kg, &vg], false, false);
-    });
+    })?;
     // (its checks depend on requires_grad: asked with the tensors each timing used)
     let backends = [
         c.sdpa.backend(q, k, v, scale),
@@ -461,10 +526,15 @@ fn time_case(rows: &mut Vec<Row>, json: &mut Vec<String>, c: &BenchCase, timed: 
             unit: "TFLOP/s",
         });
     }
+    Ok(())
 }
 
 /// Times `timed` (the baseline first) against SDPA.
-fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, timed: &[Variant]) {
+fn bench_attention(
+    rows: &mut Vec<Row>,
+    json: &mut JsonLines,
+    timed: &[Variant],
+) -> Result<(), String> {
     // d80 is the vision tower's (1280 / 16), non-causal: s4096 is ~2/3 of one image's 4 tiles of
     // 1608 padded patches, s1024 under one tile. Up to v13 every variant runs v3's forward and the
     // generic backward there (their rows differ only by noise); v14 on pads it to d128.
@@ -497,13 +567,14 @@ fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, timed: &[Variant
                     sdpa: SdpaCall::plain(causal),
                     flops_fwd: 4.0 * (b * s * s * h * d) as f64 / if causal { 2.0 } else { 1.0 },
                 };
-                time_case(rows, json, &case, timed);
+                time_case(rows, json, &case, timed)?;
             }
         }
     }
     if !quick {
-        bench_model_shapes(rows, json, timed);
+        bench_model_shapes(rows, json, timed)?;
     }
+    Ok(())
 }
 
 /// The three attention calls of Llama 3.2 11B Vision's training step at its own shapes, each with
@@ -519,7 +590,11 @@ fn bench_attention(rows: &mut Vec<Row>, json: &mut Vec<String>, timed: &[Variant
 ///
 /// One configuration each: with 4 real tiles in every image, say, the model's SDPA path splits
 /// the vision call into an unmasked one and a few masked rows (`AttnMask::dense_rows`).
-fn bench_model_shapes(rows: &mut Vec<Row>, json: &mut Vec<String>, timed: &[Variant]) {
+fn bench_model_shapes(
+    rows: &mut Vec<Row>,
+    json: &mut JsonLines,
+    timed: &[Variant],
+) -> Result<(), String> {
     let dev = Device::Cuda(0);
     let b = 2;
     // vision
@@ -552,7 +627,7 @@ fn bench_model_shapes(rows: &mut Vec<Row>, json: &mut Vec<String>, timed: &[Vari
         },
         flops_fwd: 4.0 * (b * s * s * h * d) as f64,
     };
-    time_case(rows, json, &vision, timed);
+    time_case(rows, json, &vision, timed)?;
     // text self-attention
     let (bt, st, h, hk, d) = (8i64, 2048i64, 32i64, 8i64, 128i64);
     let text = BenchCase {
@@ -575,7 +650,7 @@ fn bench_model_shapes(rows: &mut Vec<Row>, json: &mut Vec<String>, timed: &[Vari
         },
         flops_fwd: 4.0 * (bt * st * st * h * d) as f64 / 2.0,
     };
-    time_case(rows, json, &text, timed);
+    time_case(rows, json, &text, timed)?;
     // cross-attention
     let (sq, sk) = (2048i64, tiles * 1601);
     let blocks = Tensor::ones([b, sq, tiles], (Kind::Bool, dev));
@@ -602,10 +677,10 @@ fn bench_model_shapes(rows: &mut Vec<Row>, json: &mut Vec<String>, timed: &[Vari
         },
         flops_fwd: 4.0 * (b * sq * sk * h * d) as f64,
     };
-    time_case(rows, json, &cross, timed);
+    time_case(rows, json, &cross, timed)
 }
 
-fn bench_rmsnorm(rows: &mut Vec<Row>, json: &mut Vec<String>) {
+fn bench_rmsnorm(rows: &mut Vec<Row>, json: &mut JsonLines) {
     let dev = Device::Cuda(0);
     let (n, c) = (16384i64, 4096i64);
     let x = Tensor::randn([n, c], (Kind::BFloat16, dev));
@@ -804,7 +879,13 @@ fn main() -> std::process::ExitCode {
     tch::manual_seed(0);
     let t0 = Instant::now();
     let mut failures = 0;
-    let mut json = Vec::new();
+    let mut json = JsonLines(out_dir.as_ref().and_then(|dir| {
+        let file = match arg("--variants") {
+            Some(list) => format!("kernels-gpu-{}.jsonl", list.replace(',', "-")),
+            Option::None => "kernels-gpu.jsonl".into(),
+        };
+        std::fs::File::create(std::path::Path::new(dir).join(file)).ok()
+    }));
     use MaskKind::*;
     let cases = [
         case(Kind::BFloat16, 64, 2, 4, 4, 1, 1, Causal),
@@ -902,15 +983,35 @@ fn main() -> std::process::ExitCode {
             }
         }
     };
-    for (vi, variant, c) in variants
-        .iter()
-        .enumerate()
-        .flat_map(|(vi, v)| cases.iter().map(move |c| (vi, *v, c)))
-    {
-        if !check(variant, c, "") {
-            failures += 1;
-            variant_failures[vi] += 1;
+    // (a variant that failed may have taken the CUDA context with it: then every later call
+    // fails, so the run ends here with the variants not checked named, for the script's
+    // fallback, which checks them in processes of their own)
+    let mut lost: Option<usize> = Option::None;
+    for (vi, &variant) in variants.iter().enumerate() {
+        for c in &cases {
+            if !check(variant, c, "") {
+                failures += 1;
+                variant_failures[vi] += 1;
+            }
         }
+        if variant_failures[vi] > 0 && !cuda_alive() {
+            lost = Some(vi);
+            break;
+        }
+    }
+    if let Some(vi) = lost {
+        let rest: Vec<&str> = variants[vi + 1..].iter().map(|v| v.name()).collect();
+        println!(
+            "CUDA context lost during {}'s checks; not checked: {}",
+            variants[vi].name(),
+            if rest.is_empty() {
+                "-".to_string()
+            } else {
+                rest.join(",")
+            }
+        );
+        println!("SOME CHECKS FAILED");
+        return std::process::ExitCode::FAILURE;
     }
     // v17's and v18's longest-first block order over several groups of 3 (batch, head) pairs,
     // the last one partial where the pairs do not divide by 3 (each problem above fits one group)
@@ -973,22 +1074,13 @@ fn main() -> std::process::ExitCode {
     }
     if let Err(e) = guarded(|| {
         if !timed.is_empty() {
-            bench_attention(&mut rows, &mut json, &timed);
+            bench_attention(&mut rows, &mut json, &timed)?;
         }
         bench_rmsnorm(&mut rows, &mut json);
         Ok(())
     }) {
         println!("benchmark ERROR {e}");
         failures += 1;
-    }
-    if let Some(dir) = out_dir {
-        let file = match arg("--variants") {
-            Some(list) => format!("kernels-gpu-{}.jsonl", list.replace(',', "-")),
-            Option::None => "kernels-gpu.jsonl".into(),
-        };
-        if let Ok(mut f) = std::fs::File::create(std::path::Path::new(&dir).join(file)) {
-            let _ = writeln!(f, "{}", json.join("\n"));
-        }
     }
     print!(
         "\n{}",
@@ -1094,6 +1186,22 @@ mod tests {
         assert_eq!(
             lines[2][2..],
             ["-", "-", "3000.0", "2000.0", "1.50", "-", "-", "-", "GB/s"]
+        );
+    }
+
+    #[test]
+    fn non_finite_numbers_are_written_as_null() {
+        let line = format!(
+            "{{\"case\":\"v13 inf NaN\",\"errors\":[{:e},{:e},{:e}],\"t\":{:.2}}}",
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN
+        );
+        let safe = json_safe(&line);
+        assert_eq!(
+            safe,
+            "{\"case\":\"v13 inf NaN\",\"errors\":[null,null,null],\"t\":null}"
         );
     }
 
