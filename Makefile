@@ -66,7 +66,7 @@ bench-step: $(SETUP_STAMP)
 bench-data: $(SETUP_STAMP)
 	$(CARGO) build --release --quiet --bin trainer
 	@mkdir -p bench-results
-	$(TARGET_DIR)/release/trainer bench data --json | tee bench-results/data.jsonl
+	$(TARGET_DIR)/release/trainer bench data --out bench-results/data.jsonl
 
 # GPU: build the check binaries here (make gpu-bin), then run scripts/gpu-check.sh on the GPU host.
 gpu-bin: $(SETUP_STAMP)

@@ -223,6 +223,9 @@ enum BenchCommand {
         /// One JSON object per worker count
         #[arg(long)]
         json: bool,
+        /// Also write the JSON lines to this file
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Optimizer-step time (LoRA and full finetuning, fp32 CPU) on random tiny and ~100M models,
     /// next to transformers + peft (scripts/bench_step.py) on the same folder and batches; under
@@ -893,12 +896,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Train(args) => {
             let resolved = config::load(&args.config, &args.overrides)?;
             let outcome = trainer::train::train(&resolved)?;
-            // 143 = 128 + SIGTERM: preempted (SIGTERM, or SIGUSR1's notice), stopped cleanly
-            // after a step
-            Ok(if outcome.interrupted {
-                ExitCode::from(143)
-            } else {
-                ExitCode::SUCCESS
+            // 128 + the signal that stopped it cleanly after a step (143 for SIGTERM and for
+            // SIGUSR1's notice, 130 for Ctrl-C)
+            Ok(match outcome.stopped_by {
+                Some(sig) => ExitCode::from(trainer::train::stop_exit_code(sig)),
+                None => ExitCode::SUCCESS,
             })
         }
         Command::Data(DataCommand::Check(args)) => {
@@ -1138,6 +1140,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             script,
             no_peer,
             json,
+            out,
         }) => {
             use trainer::bench::data;
             let peer = python_peer(no_peer, python, script)?;
@@ -1151,13 +1154,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let (stages, ms) = data::run(&opts)?;
             drop_if_empty(&dir);
+            let lines: String = std::iter::once(stages.json())
+                .chain(ms.iter().map(|m| m.json()))
+                .map(|l| format!("{l}\n"))
+                .collect();
             if json {
-                println!("{}", stages.json());
-                for m in &ms {
-                    println!("{}", m.json());
-                }
+                print!("{lines}");
             } else {
                 print!("{}{}", data::table(&ms), stages.line());
+            }
+            if let Some(path) = out {
+                std::fs::write(&path, lines)
+                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
             }
             Ok(ExitCode::SUCCESS)
         }

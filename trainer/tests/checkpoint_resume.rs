@@ -627,9 +627,23 @@ fn a_background_save_is_published_when_the_next_step_stops_the_run() {
 /// and the launcher does not restart them.
 #[test]
 fn sigusr1_to_the_launcher_stops_training_with_a_checkpoint() {
+    let stderr = signal_stops_training(libc::SIGUSR1, "SIGUSR1", 143);
+    assert!(stderr.contains("not restarting"), "{stderr}");
+}
+
+/// Ctrl-C (SIGINT to the launcher, forwarded to the ranks) stops after a step with a checkpoint
+/// of it, as SIGTERM does, instead of killing the ranks mid-epoch: exit 130.
+#[test]
+fn ctrl_c_to_the_launcher_stops_training_with_a_checkpoint() {
+    signal_stops_training(libc::SIGINT, "SIGINT", 130);
+}
+
+/// Sends `sig` to a 2-rank launcher once a step is done; checks the exit code and that the ranks
+/// stopped after the same step with a checkpoint of it. Returns the run's stderr.
+fn signal_stops_training(sig: i32, name: &str, code: i32) -> String {
     use std::process::Stdio;
     use std::time::{Duration, Instant};
-    let out = fresh("sigusr1");
+    let out = fresh(&name.to_lowercase());
     std::fs::create_dir_all(&out).unwrap();
     // (a file, not a pipe: a pipe nobody reads until the end would fill and block the launcher)
     let log = out.join("stderr.log");
@@ -647,7 +661,7 @@ fn sigusr1_to_the_launcher_stops_training_with_a_checkpoint() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // SAFETY: plain syscall to our own child (the launcher).
-    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    unsafe { libc::kill(child.id() as i32, sig) };
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -655,15 +669,15 @@ fn sigusr1_to_the_launcher_stops_training_with_a_checkpoint() {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("the run did not stop after SIGUSR1");
+            panic!("the run did not stop after {name}");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let stderr = std::fs::read_to_string(&log).unwrap();
-    assert_eq!(status.code(), Some(143), "{stderr}");
+    assert_eq!(status.code(), Some(code), "{stderr}");
     let stopped = stderr
         .lines()
-        .find_map(|l| l.split("SIGUSR1: stopping after step ").nth(1))
+        .find_map(|l| l.split(&format!("{name}: stopping after step ")).nth(1))
         .unwrap_or_else(|| panic!("no stop line in\n{stderr}"));
     let step: u64 = stopped.trim().parse().unwrap();
     // the stop step's checkpoint is the newest; an older one kept (keep_last 2) can only be an
@@ -674,5 +688,5 @@ fn sigusr1_to_the_launcher_stops_training_with_a_checkpoint() {
         let n: u64 = older.trim_start_matches("step-").parse().unwrap();
         assert!(n.is_multiple_of(12) && n < step, "{kept:?}\n{stderr}");
     }
-    assert!(stderr.contains("not restarting"), "{stderr}");
+    stderr
 }

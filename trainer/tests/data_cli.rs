@@ -344,6 +344,23 @@ fn build_sco_writes_two_turn_records_and_counts() {
         "{err}"
     );
     assert_eq!(std::fs::read(&out).unwrap(), before);
+    // so do an empty list and one of failed refinements only (no malformed entry)
+    for (text, why) in [
+        ("[]", "the file holds no entries"),
+        (
+            r#"[{"question": "Q", "original_answer": "A", "refined_answer": "", "image_path": "x.png"}]"#,
+            "1 with an empty refined_answer",
+        ),
+    ] {
+        std::fs::write(&refined, text).unwrap();
+        let (code, stdout, err) = build_sco(&refined, &out, &[]);
+        assert_eq!(code, 1, "{stdout}{err}");
+        assert!(
+            err.contains("no entry converted") && err.contains(why),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&out).unwrap(), before);
+    }
     // --out naming the input: refused, the input kept
     let input = std::fs::read(&refined).unwrap();
     let (code, _, err) = build_sco(&refined, &refined, &[]);

@@ -28,6 +28,11 @@ fn mfu_is_null_on_cpu_and_tflops_over_peak_when_configured() {
         let per_rank = v["tflops"].as_f64().unwrap() * v["step_s"].as_f64().unwrap() * 1e12;
         let flops = v["flops"].as_f64().unwrap();
         assert!((flops - per_rank).abs() <= 1e-9 * flops, "{v}");
+        // the loader wait is part of the step's time; no device memory on a CPU
+        let (data_s, step_s) = (v["data_s"].as_f64().unwrap(), v["step_s"].as_f64().unwrap());
+        assert!(data_s >= 0.0 && data_s < step_s, "{v}");
+        assert!(v["gpu_mem_bytes"].is_null(), "{v}");
+        assert!(v["mem_bytes"].as_u64().unwrap() > 1 << 20, "{v}");
     }
     // plain log lines (stderr is a pipe here), one per step
     for step in ["step 1/2 loss", "step 2/2 loss"] {

@@ -31,7 +31,8 @@ Examples:
 
 Every rank gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...).
 Exit code: 0 on success; the first failed rank's code (128+N for signal N); 143/130/129 when the
-launcher is stopped by SIGTERM/SIGINT/SIGHUP; 124 for --finish-timeout; 1 for launcher errors.";
+launcher is stopped by SIGTERM/SIGINT/SIGHUP; 124 for --finish-timeout; 1 for launcher errors;
+2 for command-line syntax errors.";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,7 +47,7 @@ struct Cli {
     #[arg(
         long = "nproc-per-node",
         alias = "nproc_per_node",
-        value_name = "N|auto",
+        value_name = "N|auto|gpu|cpu",
         default_value = "1"
     )]
     nproc_per_node: String,

@@ -289,12 +289,18 @@ pub fn build_sco_file(
     if !body.is_empty() {
         body.push('\n');
     }
-    if rep.lines.is_empty() && !rep.problems.is_empty() {
+    if rep.lines.is_empty() {
+        let why = match rep.problems.first() {
+            Some(first) => format!("{} malformed, first: {first}", rep.problems.len()),
+            None if rep.skipped_empty_refined > 0 => format!(
+                "{} with an empty refined_answer (failed refinements)",
+                rep.skipped_empty_refined
+            ),
+            None => "the file holds no entries".into(),
+        };
         return Err(DataError::Output(format!(
-            "{}: no entry converted ({} malformed, first: {}); {} is left as it was",
+            "{}: no entry converted ({why}); {} is left as it was",
             refined.display(),
-            rep.problems.len(),
-            rep.problems[0],
             out.display()
         )));
     }

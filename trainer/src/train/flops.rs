@@ -253,24 +253,46 @@ pub(crate) fn device_peak_tflops(device: Device, compute: Kind) -> Option<(f64, 
         .name()
         .ok()?;
     let half = matches!(compute, Kind::BFloat16 | Kind::Half);
-    // (name contains, dense bf16/fp16, fp32), most specific first
+    Some((peak_for_name(&name, half)?, name))
+}
+
+/// Dense bf16/fp16 (`half`) or fp32 peak TFLOP/s of a GPU by its name.
+fn peak_for_name(name: &str, half: bool) -> Option<f64> {
+    // (name contains, dense bf16/fp16, fp32), most specific first: "H200 NVL" before "H200",
+    // "L40S" before "L40" before "L4"
     const TABLE: &[(&str, f64, f64)] = &[
         ("GH200", 989.4, 66.9),
+        ("H200 NVL", 835.0, 60.0),
         ("H200", 989.4, 66.9),
         ("H100 PCIe", 756.0, 51.2),
         ("H100 NVL", 835.0, 60.0),
         ("H100", 989.4, 66.9),
         ("A100", 312.0, 19.5),
         ("L40S", 362.1, 91.6),
+        ("L40", 181.0, 90.5),
         ("L4", 121.0, 30.3),
     ];
     let (_, bf16, fp32) = TABLE.iter().find(|(k, _, _)| name.contains(k))?;
-    Some((if half { *bf16 } else { *fp32 }, name))
+    Some(if half { *bf16 } else { *fp32 })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_peaks_match_the_most_specific_name() {
+        let peak = |name: &str| peak_for_name(name, true);
+        assert_eq!(peak("NVIDIA H200"), Some(989.4));
+        assert_eq!(peak("NVIDIA H200 NVL"), Some(835.0));
+        assert_eq!(peak("NVIDIA H100 80GB HBM3"), Some(989.4));
+        assert_eq!(peak("NVIDIA H100 PCIe"), Some(756.0));
+        assert_eq!(peak("NVIDIA L40S"), Some(362.1));
+        assert_eq!(peak("NVIDIA L40"), Some(181.0));
+        assert_eq!(peak("NVIDIA L4"), Some(121.0));
+        assert_eq!(peak_for_name("NVIDIA A100-SXM4-80GB", false), Some(19.5));
+        assert_eq!(peak("Tesla V100-SXM2-16GB"), None);
+    }
 
     #[test]
     fn vision_side_parameters() {

@@ -3,8 +3,10 @@
 //! tokens/s, TFLOP/s, MFU, ETA) when stderr is a terminal, plain log lines otherwise.
 //!
 //! Step fields: step, epoch, loss (true mean over the global batch), lr, grad_norm, tokens
-//! (supervised tokens of the global batch), tokens_per_s, step_s, mem_bytes (resident set of
-//! rank 0), param_bytes (parameter bytes resident on rank 0 between steps), tflops (achieved
+//! (supervised tokens of the global batch), tokens_per_s, step_s (from asking the loader for the
+//! step's micro-batches to the end of the optimizer step), data_s (of it, waiting for the loader:
+//! a data bottleneck shows here), mem_bytes (resident set of rank 0), gpu_mem_bytes (rank 0's
+//! device memory in use, as nvidia-smi counts it; null on CPU), param_bytes (parameter bytes resident on rank 0 between steps), tflops (achieved
 //! model TFLOP/s per rank, see `flops`), hw_tflops (executed TFLOP/s per rank: with the forward
 //! recompute of activation checkpointing), mfu (tflops / the device's peak; null when unknown),
 //! flops (the step's model FLOPs summed over all ranks: `trainer eval --train-metrics` adds them
@@ -31,6 +33,8 @@ pub(super) struct StepReport<'a> {
     pub result: &'a StepResult,
     pub lr: f64,
     pub step_s: f64,
+    /// Of `step_s`, the wait for the loader's micro-batches.
+    pub data_s: f64,
     /// This rank's micro-batches (their token counts give the FLOPs).
     pub batches: &'a [MicroBatch],
     pub param_bytes: i64,
@@ -146,7 +150,7 @@ impl Meter {
             "step": s.step, "epoch": s.epoch, "loss": r.loss, "lr": s.lr, "grad_norm": r.grad_norm,
             "tokens": r.tokens, "tokens_per_s": tokens_per_s,
             "input_tokens_per_s_per_rank": input_tokens_per_s_per_rank, "step_s": s.step_s,
-            "mem_bytes": resident_bytes(), "tflops": tflops, "hw_tflops": hw_tflops, "mfu": mfu,
+            "data_s": s.data_s, "mem_bytes": resident_bytes(), "gpu_mem_bytes": gpu_used_bytes(device), "tflops": tflops, "hw_tflops": hw_tflops, "mfu": mfu,
             "param_bytes": s.param_bytes, "flops": sums[0], "world_size": self.world,
         }))?;
         if self.rank != 0 || !(s.step.is_multiple_of(self.log_every) || s.step == self.total) {
@@ -263,10 +267,27 @@ fn open_file(dir: &Path, resumed: Option<u64>, resumed_validated: bool) -> Resul
 
 /// Resident set size of this process in bytes (Linux), else 0.
 fn resident_bytes() -> u64 {
+    // SAFETY: sysconf only reads a system value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
     std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
+        .map_or(0, |pages| pages * page)
+}
+
+/// The device memory in use on `device` (total less free: this process's allocator pool and
+/// context, and any other process's, as nvidia-smi counts it); None on CPU or when the driver
+/// does not say.
+fn gpu_used_bytes(device: Device) -> Option<u64> {
+    let Device::Cuda(ordinal) = device else {
+        return None;
+    };
+    kernels::runtime::gpu(ordinal as i32)
+        .ok()?
+        .make_current()
+        .ok()?;
+    let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
+    Some(total.saturating_sub(free) as u64)
 }
 
 pub(super) fn log(rank: usize, msg: &str) {

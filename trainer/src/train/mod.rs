@@ -37,9 +37,19 @@ use metrics::{Meter, StepReport};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub steps: u64,
-    /// Stopped early by SIGTERM or SIGUSR1 (the caller exits 143).
-    pub interrupted: bool,
+    /// Stopped early by this signal (SIGTERM, SIGUSR1, SIGINT, SIGHUP) after a step and its
+    /// checkpoint: the caller exits 128 + it (143 for SIGUSR1, a scheduler's notice).
+    pub stopped_by: Option<i32>,
     pub last_loss: Option<f64>,
+}
+
+/// The exit code of a run stopped by `sig` after a step: 128 + it, as a shell reports a process
+/// that signal killed; SIGUSR1's notice (a scheduler's, before SIGTERM) counts as SIGTERM: 143.
+pub fn stop_exit_code(sig: i32) -> u8 {
+    match sig {
+        libc::SIGINT | libc::SIGHUP => 128 + sig as u8,
+        _ => 143,
+    }
 }
 
 /// Everything the loop mutates, in one place.
@@ -118,6 +128,11 @@ pub fn train(config: &Config) -> Result<Outcome> {
     )?;
     let stop_after = signal::stop_after_step();
     meter.log(&format!("training {total_steps} steps ({steps_per_epoch} per epoch) on {world} rank(s), {} backend, fsdp {}", pg.backend_name(), config.fsdp.enabled));
+    if let Some(limit) = t.step_limit().filter(|&l| l > total_steps) {
+        // (llama-recipes' max_train_step only caps; in HF's Trainer max_steps overrides the
+        // epochs: say which one this is, and that the schedule spans the shorter run)
+        meter.log(&format!("note: train.max_steps {limit} is more than train.epochs {} x {steps_per_epoch} steps: the run (and its learning-rate schedule) ends after {total_steps}; raise train.epochs for more", t.epochs));
+    }
     let global = t.global_batch(world) as u64;
     let left_out = plan.samples % global;
     if left_out > 0 {
@@ -129,7 +144,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
     // resumed at an epoch's end, or at the run's last step, whose validation never finished (the
     // process died or was stopped while validating) is validated first, as that epoch would have
     // been: its result counts towards the best adapter.
-    let mut interrupted = false;
+    let mut stopped_by: Option<i32> = None;
     let start_step = st.step;
     // (a checkpoint of an epoch's last step saved by SIGTERM, at (e, steps_per_epoch), resumes as
     // the epoch-end checkpoint it is: at (e + 1, 0), its validation done here if missing, not by
@@ -147,11 +162,11 @@ pub fn train(config: &Config) -> Result<Outcome> {
         let epoch = st.epoch;
         let ctx = (&pg, config, device, &data);
         validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?;
-        interrupted = stopped_after_validation(&pg, device, st.step, &meter)?;
+        stopped_by = stopped_after_validation(&pg, device, st.step, &meter)?;
     }
     meter.start_steps();
-    let epochs = match st.step >= total_steps || interrupted {
-        true if interrupted => 0..0,
+    let epochs = match st.step >= total_steps || stopped_by.is_some() {
+        true if stopped_by.is_some() => 0..0,
         true => {
             meter.log(&format!(
                 "nothing left to train: the run is at step {} of {total_steps}",
@@ -174,6 +189,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
         );
         let (epoch_start, mut epoch_loss) = (Instant::now(), vec![]);
         while st.step < total_steps {
+            let started = Instant::now();
             let batches: Vec<MicroBatch> = micro
                 .by_ref()
                 .take(t.grad_accum)
@@ -186,7 +202,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 }
                 break;
             }
-            let started = Instant::now();
+            let data_s = started.elapsed().as_secs_f64();
             let lr = schedule.lr(st.step, epoch);
             let seed = t.seed ^ st.step.wrapping_mul(0x2545_F491_4F6C_DD1D);
             let stepped = stepper
@@ -212,6 +228,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 result: &r,
                 lr,
                 step_s,
+                data_s,
                 batches: &batches,
                 param_bytes,
             };
@@ -225,7 +242,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 }
                 let name = signal::name(sig);
                 meter.log(&format!("{name}: stopping after step {}", st.step));
-                interrupted = true;
+                stopped_by = Some(sig);
                 break 'epochs;
             }
         }
@@ -244,8 +261,8 @@ pub fn train(config: &Config) -> Result<Outcome> {
         if st.step >= total_steps {
             break;
         }
-        if stopped_after_validation(&pg, device, st.step, &meter)? {
-            interrupted = true;
+        if let Some(sig) = stopped_after_validation(&pg, device, st.step, &meter)? {
+            stopped_by = Some(sig);
             break;
         }
     }
@@ -267,7 +284,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
     pg.barrier()?;
     Ok(Outcome {
         steps: st.step,
-        interrupted,
+        stopped_by,
         last_loss: st.last_loss,
     })
 }
@@ -280,7 +297,7 @@ fn stopped_after_validation(
     device: tch::Device,
     step: u64,
     meter: &Meter,
-) -> Result<bool> {
+) -> Result<Option<i32>> {
     let stop = signal::stop_requested(pg, device, step, signal::stop_during_validation())?;
     if let Some(sig) = stop {
         meter.log(&format!(
@@ -288,7 +305,7 @@ fn stopped_after_validation(
             signal::name(sig)
         ));
     }
-    Ok(stop.is_some())
+    Ok(stop)
 }
 
 /// After an epoch (its checkpoint saved): validation on `data.eval` if there is one, then the

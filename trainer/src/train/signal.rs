@@ -1,7 +1,9 @@
 //! Preemption: SIGTERM, or SIGUSR1 (a scheduler's notice before the time limit, SLURM's
 //! `--signal=USR1@90`, which the launcher passes on), records its number; after each step the ranks
 //! all-reduce it, so every rank stops after the same step (then a checkpoint is written and the
-//! process exits 143). `TRAINER_STOP_AFTER_STEP=N` acts as a SIGTERM received during step N, and
+//! process exits 143). SIGINT (Ctrl-C, forwarded by the launcher) and SIGHUP stop the same way
+//! (exit 130, 129); a second SIGINT kills at once, as the launcher's second Ctrl-C does. A signal
+//! ignored at start (`nohup`'s SIGHUP, SIGINT in a background job) stays ignored. `TRAINER_STOP_AFTER_STEP=N` acts as a SIGTERM received during step N, and
 //! `TRAINER_STOP_DURING_VALIDATION=N` as one received while validating step N's checkpoint
 //! (tests).
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -15,14 +17,32 @@ use crate::dist::{ProcessGroup, ReduceOp};
 static STOP: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_stop_signal(sig: libc::c_int) {
-    // async-signal-safe: one atomic operation (the first signal is kept)
-    let _ = STOP.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
+    // async-signal-safe: one atomic operation (the first signal is kept), and for a second
+    // SIGINT signal() and raise()
+    if STOP
+        .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+        && sig == libc::SIGINT
+    {
+        // SAFETY: both are async-signal-safe; the default action ends the process.
+        unsafe {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::raise(libc::SIGINT);
+        }
+    }
 }
 
 pub(super) fn install_stop_handlers() {
-    for sig in [libc::SIGTERM, libc::SIGUSR1] {
-        // SAFETY: the handler only performs an atomic operation, which is async-signal-safe.
+    for sig in [libc::SIGTERM, libc::SIGUSR1, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: the query passes a null new action; the handler only performs async-signal-safe
+        // operations.
         unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_IGN
+            {
+                continue;
+            }
             libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t);
         }
     }
@@ -32,6 +52,8 @@ pub(super) fn install_stop_handlers() {
 pub(super) fn name(sig: i32) -> &'static str {
     match sig {
         libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGINT => "SIGINT",
+        libc::SIGHUP => "SIGHUP",
         _ => "SIGTERM",
     }
 }
