@@ -573,11 +573,17 @@ fn load_for_generation(
     use anyhow::Context;
     use trainer::model::{AttentionImpl, LoadOptions, MllamaModel};
     // one GPU per local rank under the launcher
-    let local_rank = std::env::var("LOCAL_RANK")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(0);
+    let local_rank: usize = match std::env::var("LOCAL_RANK") {
+        Ok(r) => r.trim().parse().map_err(|_| {
+            anyhow::anyhow!("LOCAL_RANK={r:?} is not a rank number (the launcher sets it)")
+        })?,
+        Err(_) => 0,
+    };
     let (device, dtype) = if tch::Cuda::is_available() {
+        let gpus = tch::Cuda::device_count() as usize;
+        if local_rank >= gpus {
+            anyhow::bail!("LOCAL_RANK {local_rank}, but {gpus} GPU(s) are visible: run at most {gpus} rank(s) per node (--nproc-per-node), or check CUDA_VISIBLE_DEVICES");
+        }
         (tch::Device::Cuda(local_rank), tch::Kind::BFloat16)
     } else {
         (tch::Device::Cpu, tch::Kind::Float)
@@ -604,6 +610,8 @@ fn load_for_generation(
         .map_err(anyhow::Error::msg)?;
     image_config
         .check_fits(&model.config.vision, model_dir)
+        .map_err(anyhow::Error::msg)?;
+    trainer::data::dataset::check_tokenizer_fits_model(model_dir, &text, &model.config)
         .map_err(anyhow::Error::msg)?;
     Ok((model, text, image_config))
 }

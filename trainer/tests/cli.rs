@@ -250,3 +250,54 @@ fn a_config_that_cannot_train_is_refused_before_ranks_start() {
     );
     assert!(!stderr.contains("starting 2 rank"), "{stderr}");
 }
+
+/// `infer` checks the tokenizer against the model as training does (its ids within the
+/// embedding, whose overrun was a panic at the first token on the CPU and a device-side assert on
+/// a GPU; its <|image|> the model's image token), and LOCAL_RANK.
+#[test]
+fn infer_refuses_a_tokenizer_beyond_the_model_and_a_bad_local_rank() {
+    let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let src = root.join("tests/fixtures/train/model");
+    let dir = std::env::temp_dir().join(format!("trainer-cli-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+    // the model's image token is not the tokenizer's <|image|> (711)
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["image_token_index"] = 700.into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    let model = dir.to_str().unwrap();
+    let args = [
+        "infer",
+        "--model",
+        model,
+        "--question",
+        "q",
+        "--max-new-tokens",
+        "1",
+    ];
+    let (code, _, stderr) = trainer(&args);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr
+            .contains("the tokenizer's <|image|> is id 711, the model's image_token_index is 700")
+            && stderr.contains("the tokenizer files are not this model's"),
+        "{stderr}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(args)
+        .env("LOCAL_RANK", "one")
+        .output()
+        .expect("run trainer");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("LOCAL_RANK=\"one\" is not a rank number"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -397,3 +397,46 @@ fn decompression_bombs_are_refused_from_the_header() {
         );
     }
 }
+
+/// The processor's tiles must be the vision tower's: its size, its tile count, and its aspect
+/// ratio list (the processor's `aspect_ratio_id` indexes the model's tile embeddings; a shorter
+/// list made the lookup run out of range at the first wide image).
+#[test]
+fn the_image_processor_must_fit_the_vision_tower() {
+    use trainer::model::MllamaConfig;
+    let model = std::path::Path::new("model");
+    let four = ImageProcessorConfig::from_json(&serde_json::json!({
+        "size": {"height": 448, "width": 448},
+        "max_image_tiles": 4
+    }))
+    .unwrap();
+    let base = MllamaConfig::from_json_str("{}").unwrap();
+    four.check_fits(&base.vision, model).unwrap();
+    let short = MllamaConfig::from_json_str(
+        r#"{"vision_config": {"supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]]}}"#,
+    )
+    .unwrap();
+    let err = four.check_fits(&short.vision, model).unwrap_err();
+    assert!(
+        err.contains("vision_config.supported_aspect_ratios [[1, 1], [1, 2], [2, 1]]")
+            && err.contains("make them equal"),
+        "{err}"
+    );
+    // two tiles with the default (4-tile) list: transformers refuses it too
+    let two_tiles =
+        MllamaConfig::from_json_str(r#"{"vision_config": {"max_num_tiles": 2}}"#).unwrap();
+    let two = ImageProcessorConfig::from_json(&serde_json::json!({
+        "size": {"height": 448, "width": 448},
+        "max_image_tiles": 2
+    }))
+    .unwrap();
+    assert!(two
+        .check_fits(&two_tiles.vision, model)
+        .unwrap_err()
+        .contains("arrangements of up to 2 tiles are [[1, 1], [1, 2], [2, 1]]"));
+    let err = four.check_fits(&two_tiles.vision, model).unwrap_err();
+    assert!(
+        err.contains("max_image_tiles 4, vision_config.max_num_tiles 2"),
+        "{err}"
+    );
+}

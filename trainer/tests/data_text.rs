@@ -317,3 +317,26 @@ fn decode_cleans_up_spaces_as_transformers_when_the_config_asks() {
     text.clean_up_spaces = true; // Llama 3's tokenizer_config.json sets it
     assert_eq!(text.decode(&ids).unwrap(), "The answer is 3.");
 }
+
+/// A supervised token past the LM head's rows (`label_limit`, the model's
+/// text_config.vocab_size) is the record's error, not an out-of-range target inside the loss.
+#[test]
+fn a_supervised_token_beyond_the_output_vocabulary_is_the_records_error() {
+    let mut tp = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
+    let turns = [trainer::data::records::Turn {
+        user: "What is here?".into(),
+        assistant: "A red circle.".into(),
+    }];
+    let enc = tp.encode(&turns, true).unwrap();
+    let top = *enc.labels.iter().filter(|&&l| l != IGNORE).max().unwrap();
+    tp.label_limit = Some(top + 1);
+    assert!(tp.encode(&turns, true).is_ok());
+    tp.label_limit = Some(top);
+    let err = tp.encode(&turns, true).err().unwrap();
+    assert!(
+        err.contains(&format!(
+            "(id {top}), beyond the model's output vocabulary (text_config.vocab_size {top})"
+        )),
+        "{err}"
+    );
+}

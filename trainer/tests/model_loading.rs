@@ -128,6 +128,38 @@ fn zero_or_negative_sizes_in_config_json_are_errors_not_panics() {
             100_000,
             "is larger than image_size",
         ),
+        // sizes whose products would overflow, a head dim RoPE cannot rotate, ids outside the
+        // embedding, no intermediate layer to concatenate
+        (
+            "text_config",
+            "vocab_size",
+            i64::MAX,
+            "text_config.vocab_size must be at most 2^24",
+        ),
+        (
+            "text_config",
+            "num_attention_heads",
+            i64::MAX,
+            "num_attention_heads must be at most 2^24",
+        ),
+        (
+            "text_config",
+            "pad_token_id",
+            -1,
+            "text_config.pad_token_id -1 is not a token",
+        ),
+        (
+            "text_config",
+            "pad_token_id",
+            100_000,
+            "pad_token_id 100000 is not a token",
+        ),
+        (
+            "text_config",
+            "num_attention_heads",
+            64,
+            "head dim hidden_size / num_attention_heads = 1 must be even",
+        ),
     ] {
         let mut v = base.clone();
         v[section][key] = value.into();
@@ -137,6 +169,14 @@ fn zero_or_negative_sizes_in_config_json_are_errors_not_panics() {
             .expect_err(&format!("{section}.{key} = {value} accepted"));
         assert!(err.to_string().contains(want), "{section}.{key}: {err}");
     }
+    let mut v = base.clone();
+    v["vision_config"]["intermediate_layers_indices"] = serde_json::json!([]);
+    let err = MllamaConfig::from_json_str(&v.to_string()).expect_err("no intermediate layer");
+    assert!(
+        err.to_string()
+            .contains("vision_config.intermediate_layers_indices is empty"),
+        "{err}"
+    );
 }
 
 #[test]

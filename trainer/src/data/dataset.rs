@@ -341,11 +341,11 @@ impl Dataset {
             Split::Train => d.train.clone(),
             Split::Eval => d.eval.clone().ok_or(DataError::NoEvalSplit)?,
         };
-        let text = TextProcessor::from_model_dir(model_dir, d.double_bos)
+        let mut text = TextProcessor::from_model_dir(model_dir, d.double_bos)
             .map_err(DataError::ModelFolder)?;
         let image =
             ImageProcessorConfig::from_model_dir(model_dir).map_err(DataError::ModelFolder)?;
-        check_processors_fit_model(model_dir, &text, &image).map_err(DataError::ModelFolder)?;
+        check_processors_fit_model(model_dir, &mut text, &image).map_err(DataError::ModelFolder)?;
         let opts = ParseOptions {
             image_root: d.image_root.clone(),
             text_only: d.text_only,
@@ -746,11 +746,12 @@ fn image_size(p: &Path) -> Result<(usize, usize), String> {
 /// The tokenizer's ids must index the model's embedding (`text_config.vocab_size + 8` rows) and
 /// its `<|image|>` must be the model's `image_token_index`: tokenizer files of another model would
 /// otherwise fail deep in libtorch (a device-side assert on CUDA) without naming a record. The
-/// image processor's tiles must be the vision tower's (`ImageProcessorConfig::check_fits`). (A
+/// image processor's tiles must be the vision tower's (`ImageProcessorConfig::check_fits`), and
+/// a supervised token must be one the LM head predicts (`TextProcessor::label_limit`, set here). (A
 /// config.json that cannot be read is left to the model's loading, which names it.)
 fn check_processors_fit_model(
     model_dir: &Path,
-    text: &TextProcessor,
+    text: &mut TextProcessor,
     image: &ImageProcessorConfig,
 ) -> Result<(), String> {
     let path = model_dir.join("config.json");
@@ -758,6 +759,19 @@ fn check_processors_fit_model(
         return Ok(());
     };
     image.check_fits(&cfg.vision, model_dir)?;
+    check_tokenizer_fits_model(model_dir, text, &cfg)?;
+    text.label_limit = Some(cfg.text.vocab_size);
+    Ok(())
+}
+
+/// The tokenizer's ids index the model's embedding (`text_config.vocab_size + 8` rows) and its
+/// `<|image|>` is the model's `image_token_index` (training, `infer` and `eval` check it: an id
+/// past the embedding is a panic on the CPU and a device-side assert on a GPU).
+pub fn check_tokenizer_fits_model(
+    model_dir: &Path,
+    text: &TextProcessor,
+    cfg: &crate::model::MllamaConfig,
+) -> Result<(), String> {
     let rows = cfg.text.vocab_size + 8;
     let max_id = text
         .tokenizer
@@ -1110,7 +1124,8 @@ mod tests {
         };
         for (key, value, want) in [
             ("image_token_index", 5, "image_token_index is 5"),
-            ("vocab_size", 10, "embedding has 18 rows"),
+            // (its special ids, 455-459, stay inside: config.json itself is valid)
+            ("vocab_size", 600, "embedding has 608 rows"),
         ] {
             let dir = std::env::temp_dir().join(format!("tok-fit-{key}-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();

@@ -89,6 +89,18 @@ impl ImageProcessorConfig {
                 self.max_image_tiles, vision.max_num_tiles
             ));
         }
+        // the processor's aspect_ratio_id is an index into its own list: the model's tile
+        // embeddings must be indexed the same way
+        let ours: Vec<[i64; 2]> = supported_aspect_ratios(self.max_image_tiles)
+            .into_iter()
+            .map(|(h, w)| [h as i64, w as i64])
+            .collect();
+        if vision.supported_aspect_ratios != ours {
+            return Err(format!(
+                "{files} disagree: vision_config.supported_aspect_ratios {:?}, but the image processor's arrangements of up to {} tiles are {ours:?} (transformers' order; a missing list means the 4-tile one); make them equal",
+                vision.supported_aspect_ratios, self.max_image_tiles
+            ));
+        }
         Ok(())
     }
 

@@ -39,6 +39,10 @@ pub struct TextProcessor {
     /// tokenizer_config.json's `clean_up_tokenization_spaces` (Llama 3's sets it): `decode`
     /// removes the space before punctuation and contractions, as transformers' decode does.
     pub clean_up_spaces: bool,
+    /// The LM head's rows (`text_config.vocab_size`), once the model's config is read: a
+    /// supervised token at or above it (an id added to tokenizer.json beyond the model's
+    /// vocabulary) is the record's error, not an out-of-range target inside the loss.
+    pub label_limit: Option<i64>,
 }
 
 /// One tokenized sample (unpadded).
@@ -136,6 +140,7 @@ impl TextProcessor {
             ids,
             double_bos,
             clean_up_spaces,
+            label_limit: None,
         })
     }
 
@@ -200,6 +205,14 @@ impl TextProcessor {
             ));
         }
         let labels = seed_labels(&input_ids, &self.ids);
+        if let Some(limit) = self.label_limit {
+            if let Some(&id) = labels.iter().find(|&&l| l != IGNORE && l >= limit) {
+                let token = self.tokenizer.id_to_token(id as u32).unwrap_or_default();
+                return Err(format!(
+                    "the answer holds token {token:?} (id {id}), beyond the model's output vocabulary (text_config.vocab_size {limit}): the LM head cannot predict it; remove it from the text, or use this model's tokenizer files"
+                ));
+            }
+        }
         Ok(Encoded { input_ids, labels })
     }
 }

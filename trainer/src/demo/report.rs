@@ -44,7 +44,11 @@ fn majority(bench: &Path, limit: Option<usize>) -> BTreeMap<String, f64> {
             continue;
         };
         let c = v["category"].as_str().unwrap_or("all").to_string();
-        let a = v["answer"].as_str().unwrap_or("").to_string();
+        // (a numeric answer is its JSON text, not one empty class for every number)
+        let a = match &v["answer"] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
         *counts.entry(c).or_default().entry(a).or_default() += 1;
     }
     counts

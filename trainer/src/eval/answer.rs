@@ -3,17 +3,26 @@
 //! text (case, punctuation, articles ignored).
 use crate::infer::Stages;
 
-/// The text a turn answered with.
+/// The text a turn answered with: its conclusion, else the last non-empty line after the last
+/// closed stage (a turn whose conclusion is empty or missing does not answer with its reasoning:
+/// "<REASONING>... 3 ...</REASONING><CONCLUSION></CONCLUSION>" answers "").
 pub fn extract(text: &str) -> String {
     match Stages::parse(text).conclusion {
         Some(c) if !c.is_empty() => c,
-        _ => text
-            .lines()
-            .map(str::trim)
-            .rev()
-            .find(|l| !l.is_empty())
-            .unwrap_or("")
-            .to_string(),
+        _ => {
+            let after = ["</SUMMARY>", "</CAPTION>", "</REASONING>", "</CONCLUSION>"]
+                .iter()
+                .filter_map(|tag| text.rfind(tag).map(|i| i + tag.len()))
+                .max()
+                .map_or(text, |end| &text[end..]);
+            after
+                .lines()
+                .map(str::trim)
+                .rev()
+                .find(|l| !l.is_empty())
+                .unwrap_or("")
+                .to_string()
+        }
     }
 }
 
@@ -138,6 +147,34 @@ fn standalone_letter(p: &str, n_choices: usize) -> Option<usize> {
     (i != 0 || words.len() <= 3 || cued).then_some(i)
 }
 
+/// The letter a prediction picks where the options are not given (a question with its options in
+/// its text, a gold answer "B"): a bare letter, a leading one after lead-ins, or one standing
+/// alone, as [`choice_of`] reads letters.
+fn letter_of(pred: &str) -> Option<usize> {
+    let unmarked = pred.replace('*', "");
+    let p = strip_lead_ins(unmarked.trim());
+    letter_choice(p, 26, true)
+}
+
+/// The letter `p` (lead-ins stripped) names among `n` options: a bare letter ("B", "(B)"), a
+/// leading letter ("B) red", "C. blue"), or with `loose` one standing alone in the text.
+fn letter_choice(p: &str, n: usize, loose: bool) -> Option<usize> {
+    if let Some(i) = letter_index(p, n) {
+        return Some(i);
+    }
+    if let Some(head) = p.split([')', '.', ':', ',']).next() {
+        if head.len() <= 3 && p.len() > head.len() {
+            if let Some(i) = letter_index(head, n) {
+                return Some(i);
+            }
+        }
+    }
+    if loose {
+        return standalone_letter(p, n);
+    }
+    None
+}
+
 /// The option a prediction picks: exactly one option's text ("Vitamin D", "A dog" for "dog"), a
 /// bare letter ("B", "(B)", "B.", "**B**"), a leading letter after lead-ins ("B) red", "Answer:
 /// Option B", "So the answer is B, not red"), one letter standing alone in the text ("I think
@@ -175,19 +212,20 @@ fn pick(pred: &str, choices: &[String], loose: bool) -> Option<usize> {
             return Some(exact[0]);
         }
     }
-    if let Some(i) = letter_index(p, choices.len()) {
+    if let Some(i) = letter_choice(p, choices.len(), loose) {
         return Some(i);
     }
-    if let Some(head) = p.split([')', '.', ':', ',']).next() {
-        if head.len() <= 3 && p.len() > head.len() {
-            if let Some(i) = letter_index(head, choices.len()) {
-                return Some(i);
+    // numeric options: the one whose value the prediction's number equals ("3.0" for "3",
+    // "1000" for "1,000")
+    let values: Vec<Option<f64>> = choices.iter().map(|c| gold_number(c)).collect();
+    if values.iter().all(Option::is_some) {
+        if let Some(x) = number_in(p) {
+            let hits: Vec<usize> = (0..choices.len())
+                .filter(|&i| values[i].is_some_and(|v| close(x, v)))
+                .collect();
+            if hits.len() == 1 {
+                return Some(hits[0]);
             }
-        }
-    }
-    if loose {
-        if let Some(i) = standalone_letter(p, choices.len()) {
-            return Some(i);
         }
     }
     let np = normalize_text(p);
@@ -255,9 +293,17 @@ fn numbers(s: &str) -> Vec<Found> {
                     && b.get(k + 1).is_some_and(char::is_ascii_digit)
                     && (k == 0 || !(b[k - 1].is_ascii_digit() || b[k - 1] == '.')))
         };
+        // a unit's power ("m/s^2", "m^-10"): skipped whole, sign and digits
+        if b[i] == '^' {
+            i += 1;
+            if b.get(i) == Some(&'-') {
+                i += 1;
+            }
+            i = digits(i);
+            continue;
+        }
         let signed = b[i] == '-' && digit_at(i + 1) && (i == 0 || !b[i - 1].is_alphanumeric());
-        let power = i > 0 && (b[i - 1] == '^');
-        if !(digit_at(i) || signed) || power {
+        if !(digit_at(i) || signed) {
             i += 1;
             continue;
         }
@@ -299,11 +345,14 @@ fn numbers(s: &str) -> Vec<Found> {
                 break;
             }
         }
-        // 10^3: a number raised by a number (a unit's power, "m/s^2", is skipped above)
-        if j + 1 < b.len() && b[j] == '^' && b[j + 1].is_ascii_digit() {
-            let e_end = digits(j + 1);
-            let e: String = b[j + 1..e_end].iter().collect();
-            value = value.powi(e.parse::<i32>().unwrap_or(1));
+        // 10^3, 10^-3: a number raised by a number (a unit's power, "m/s^2", is skipped above)
+        let neg = b.get(j + 1) == Some(&'-');
+        let e_at = j + 1 + usize::from(neg);
+        if b.get(j) == Some(&'^') && b.get(e_at).is_some_and(char::is_ascii_digit) {
+            let e_end = digits(e_at);
+            let e: String = b[e_at..e_end].iter().collect();
+            let e = e.parse::<i32>().unwrap_or(1);
+            value = value.powi(if neg { -e } else { e });
             j = e_end;
         }
         // 1/2 (integers only: "m/s" is a unit, "3/4" a number)
@@ -330,6 +379,56 @@ fn numbers(s: &str) -> Vec<Found> {
     out
 }
 
+/// Numbers written as words ("three", "Twelve"), zero to twenty and the tens: counting answers.
+fn word_number(word: &str) -> Option<f64> {
+    const WORDS: [&str; 21] = [
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+        "thirteen",
+        "fourteen",
+        "fifteen",
+        "sixteen",
+        "seventeen",
+        "eighteen",
+        "nineteen",
+        "twenty",
+    ];
+    const TENS: [&str; 7] = [
+        "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
+    ];
+    let w = word.to_ascii_lowercase();
+    if let Some(i) = WORDS.iter().position(|&x| x == w) {
+        return Some(i as f64);
+    }
+    TENS.iter()
+        .position(|&x| x == w)
+        .map(|i| 30.0 + 10.0 * i as f64)
+}
+
+/// The last number word among `s`'s words ("There are three circles" -> 3), for text without
+/// digits.
+fn last_word_number(s: &str) -> Option<f64> {
+    s.split(|c: char| !c.is_alphanumeric())
+        .rev()
+        .find_map(word_number)
+}
+
+/// Whether a predicted number answers a gold one (relative 1e-4, absolute 1e-6).
+fn close(p: f64, g: f64) -> bool {
+    (p - g).abs() <= 1e-6_f64.max(1e-4 * g.abs())
+}
+
 /// Units written against their number in gold answers ("5cm", "10kg", "30s").
 const GLUED_UNITS: [&str; 16] = [
     "mm", "cm", "m", "km", "g", "kg", "mg", "ml", "l", "s", "ms", "min", "h", "hr", "ft", "in",
@@ -342,7 +441,10 @@ const GLUED_UNITS: [&str; 16] = [
 fn gold_number(s: &str) -> Option<f64> {
     let t = strip_thousands(s.trim());
     let found = numbers(&t);
-    let first = found.first()?;
+    let Some(first) = found.first() else {
+        // a gold answer that is one number word ("three", "Three.")
+        return word_number(t.trim_end_matches(['.', '!']));
+    };
     let rest: String = t.chars().skip(first.end).collect();
     // "3D" is a word, "5cm" a number and its unit
     let word: String = rest.chars().take_while(|c| c.is_alphanumeric()).collect();
@@ -400,6 +502,7 @@ pub fn number_in(s: &str) -> Option<f64> {
         .find(|f| !f.in_parens)
         .or(found.last())
         .map(|f| f.value)
+        .or_else(|| last_word_number(&cleaned))
 }
 
 /// The option a multiple-choice gold answer names: read as a prediction is (an option's own text
@@ -415,6 +518,10 @@ pub fn gold_choice(gold: &str, choices: &[String]) -> Option<usize> {
 pub fn canonical(pred: &str, gold: &str, choices: Option<&[String]>) -> String {
     if let Some(choices) = choices.filter(|c| !c.is_empty()) {
         if let Some(i) = choice_of(pred, choices) {
+            return format!("choice {i}");
+        }
+    } else if is_capital_letter(gold) {
+        if let Some(i) = letter_of(pred) {
             return format!("choice {i}");
         }
     } else if gold_number(gold).is_some() {
@@ -434,8 +541,12 @@ pub fn is_correct(pred: &str, gold: &str, choices: Option<&[String]>) -> bool {
         let want = gold_choice(gold, choices);
         return want.is_some() && choice_of(pred, choices) == want;
     }
+    // a letter without the options (they are in the question's text): the letter picked
+    if is_capital_letter(gold) {
+        return letter_of(gold).is_some() && letter_of(pred) == letter_of(gold);
+    }
     if let Some(g) = gold_number(gold) {
-        return number_in(pred).is_some_and(|p| (p - g).abs() <= 1e-6_f64.max(1e-4 * g.abs()));
+        return number_in(pred).is_some_and(|p| close(p, g));
     }
     // as written, or after a lead-in ("The answer is yes", "So, red circle")
     let g = normalize_text(gold);
@@ -468,6 +579,12 @@ mod tests {
             ("<CONCLUSION></CONCLUSION>\nfinal: red", "final: red"),
             ("<CONCLUSION>unterminated 7", "unterminated 7"),
             ("", ""),
+            // an empty conclusion does not answer with the reasoning before it
+            (
+                "<REASONING>so 3 circles</REASONING><CONCLUSION></CONCLUSION>",
+                "",
+            ),
+            ("<REASONING>so 3</REASONING>\n3 circles", "3 circles"),
         ];
         for (text, want) in cases {
             assert_eq!(extract(text), want, "{text}");
@@ -654,5 +771,44 @@ mod tests {
             "no option is \"b\": its letter"
         );
         assert_eq!(gold_choice("dog", &words), Some(1));
+    }
+
+    /// Review findings (2026-11-28): a gold letter without the options (they are in the
+    /// question's text; "A" used to normalize to nothing, never right), numbers as words, numeric
+    /// options, signed powers.
+    #[test]
+    fn letters_without_options_words_and_numeric_options() {
+        for (pred, gold, want) in [
+            ("A", "A", true),
+            ("(A)", "A", true),
+            ("The answer is A.", "A", true),
+            ("A. blue", "A", true),
+            ("B. blue", "B", true),
+            ("B", "A", false),
+            ("A red circle is left of the square", "A", false),
+            ("C", "C.", true),
+        ] {
+            assert_eq!(is_correct(pred, gold, None), want, "{pred:?} vs {gold:?}");
+        }
+        assert_eq!(canonical("(B)", "A", None), canonical("B.", "A", None));
+        for (pred, gold, want) in [
+            ("There are three circles", "3", true),
+            ("Three", "3", true),
+            ("3", "three", true),
+            ("twelve", "Twelve.", true),
+            ("four", "3", false),
+            ("2 red and three blue", "2", true),
+            ("10^-3", "0.001", true),
+            ("1.5 m^10", "1.5", true),
+            ("2 m^-2", "2", true),
+        ] {
+            assert_eq!(is_correct(pred, gold, None), want, "{pred:?} vs {gold:?}");
+        }
+        let n = opts(&["1", "2", "3", "1,000"]);
+        assert!(is_correct("3.0", "3", Some(&n)));
+        assert!(is_correct("1000", "D", Some(&n)));
+        assert!(is_correct("There are 2.", "B", Some(&n)));
+        assert!(!is_correct("4", "3", Some(&n)));
+        assert_eq!(gold_choice("3.0", &n), Some(2));
     }
 }

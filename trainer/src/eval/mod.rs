@@ -518,9 +518,14 @@ fn score(t: &mut TurnPrediction, item: &BenchItem) {
         && t.stages
             .get("conclusion")
             .is_some_and(|c| c.as_deref().is_some_and(|c| !c.trim().is_empty()));
-    t.correct =
-        (t.finished || concluded) && answer::is_correct(&t.extracted, &item.answer, choices);
-    t.canonical = answer::canonical(&t.extracted, &item.answer, choices);
+    let answered = t.finished || concluded;
+    t.correct = answered && answer::is_correct(&t.extracted, &item.answer, choices);
+    // (a cut-off turn gave no answer: its half-written last line is not one that "answer
+    // changed" compares)
+    t.canonical = match answered {
+        true => answer::canonical(&t.extracted, &item.answer, choices),
+        false => "cut off".into(),
+    };
 }
 
 /// A turn's stages as predictions.jsonl stores them (stage name -> text, if present).

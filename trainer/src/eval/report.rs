@@ -1,8 +1,10 @@
 //! The evaluation report: accuracy per turn (with its 95 % Wilson interval and the answers cut off
 //! at --max-new-tokens), transitions between consecutive turns (right->right, right->wrong,
-//! wrong->right, wrong->wrong) and the answer-change rate, turn 0 against the last turn with an
-//! exact McNemar test (is the difference more than chance on these questions?), the same per
-//! category, the stage where turn 0 and turn 1 first differ (an error-type proxy), and compute per
+//! wrong->right, wrong->wrong; the fix rate, wrong->right among the wrong, and the break rate,
+//! right->wrong among the right; right->wrong by being cut off; the answer-change rate; each pair's
+//! exact McNemar p, so "does turn 2 help over turn 1" has its own answer), turn 0 against the
+//! last turn with the same test (is the difference more than chance on these questions?), the same
+//! per category, the stage where turn 0 and turn 1 first differ (an error-type proxy), and compute per
 //! turn.
 use std::collections::BTreeMap;
 
@@ -122,9 +124,18 @@ pub struct Transition {
     pub right_wrong: usize,
     pub wrong_right: usize,
     pub wrong_wrong: usize,
+    /// Of right_wrong, the ones whose later turn was cut off at --max-new-tokens (no answer, not
+    /// a changed one).
+    pub right_cut_off: usize,
     /// Samples whose extracted answer changed between the two turns.
     pub changed: usize,
     pub change_rate: f64,
+    /// wrong->right among the samples wrong at `from` (0 when none was).
+    pub fix_rate: f64,
+    /// right->wrong among the samples right at `from` (0 when none was).
+    pub break_rate: f64,
+    /// Exact McNemar p of `to` against `from` on these samples.
+    pub p_value: f64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -187,20 +198,30 @@ fn breakdown(preds: &[&Prediction]) -> Breakdown {
                 right_wrong: 0,
                 wrong_right: 0,
                 wrong_wrong: 0,
+                right_cut_off: 0,
                 changed: 0,
                 change_rate: 0.0,
+                fix_rate: 0.0,
+                break_rate: 0.0,
+                p_value: 1.0,
             };
             for p in preds {
                 let (a, b) = (&p.turns[t - 1], &p.turns[t]);
                 match (a.correct, b.correct) {
                     (true, true) => tr.right_right += 1,
-                    (true, false) => tr.right_wrong += 1,
+                    (true, false) => {
+                        tr.right_wrong += 1;
+                        tr.right_cut_off += usize::from(!b.finished);
+                    }
                     (false, true) => tr.wrong_right += 1,
                     (false, false) => tr.wrong_wrong += 1,
                 }
                 tr.changed += usize::from(a.answer_key() != b.answer_key());
             }
             tr.change_rate = ratio(tr.changed, preds.len());
+            tr.fix_rate = ratio(tr.wrong_right, tr.wrong_right + tr.wrong_wrong);
+            tr.break_rate = ratio(tr.right_wrong, tr.right_right + tr.right_wrong);
+            tr.p_value = mcnemar_exact(tr.wrong_right as u64, tr.right_wrong as u64);
             tr
         })
         .collect();
@@ -248,7 +269,7 @@ pub fn build(
             .push(p);
     }
     let by_category = cats.into_iter().map(|(k, v)| (k, breakdown(&v))).collect();
-    let mut first_differing_stage = BTreeMap::new();
+    let mut first_differing_stage: BTreeMap<String, usize> = BTreeMap::new();
     for p in preds.iter().filter(|p| p.turns.len() >= 2) {
         let (a, b) = (&p.turns[0].stages, &p.turns[1].stages);
         let stage = STAGE_ORDER
@@ -314,16 +335,20 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     s += &format!("\n![Accuracy per turn]({})\n", super::plots::ACCURACY);
-    s += "\n## Transitions between consecutive turns\n\n| from -> to | right->right | right->wrong | wrong->right | wrong->wrong | answer changed |\n| --- | ---: | ---: | ---: | ---: | ---: |\n";
+    s += "\n## Transitions between consecutive turns\n\nFix rate: wrong->right among the answers wrong before; break rate: right->wrong among the right ones (cut off: of those, the ones whose later turn hit --max-new-tokens); p: exact McNemar of the two turns.\n\n| from -> to | right->right | right->wrong (cut off) | wrong->right | wrong->wrong | fix rate | break rate | p | answer changed |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
     for t in &r.transitions {
         s += &format!(
-            "| {} -> {} | {} | {} | {} | {} | {} ({}) |\n",
+            "| {} -> {} | {} | {} ({}) | {} | {} | {} | {} | {} | {} ({}) |\n",
             t.from,
             t.to,
             t.right_right,
             t.right_wrong,
+            t.right_cut_off,
             t.wrong_right,
             t.wrong_wrong,
+            pct(t.fix_rate),
+            pct(t.break_rate),
+            p_text(t.p_value),
             t.changed,
             pct(t.change_rate)
         );
@@ -356,6 +381,8 @@ pub fn markdown(r: &Report) -> String {
             ),
             None => ("-".into(), "-".into(), "-".into()),
         };
+        // (a "|" in a category name would end its table cell)
+        let cat = cat.replace('|', "\\|");
         s += &format!(
             "| {cat} | {} | {} | {wr} | {rw} | {p} |\n",
             b.turns.first().map_or(0, |t| t.total),
@@ -364,7 +391,16 @@ pub fn markdown(r: &Report) -> String {
     }
     if !r.first_differing_stage.is_empty() {
         s += "\n## First stage where turn 1 departs from turn 0\n\n| stage | samples |\n| --- | ---: |\n";
-        for (stage, n) in &r.first_differing_stage {
+        // in the stages' order, "none" last (not alphabetical)
+        let rank = |s: &str| {
+            STAGE_ORDER
+                .iter()
+                .position(|x| *x == s)
+                .unwrap_or(STAGE_ORDER.len())
+        };
+        let mut stages: Vec<(&String, &usize)> = r.first_differing_stage.iter().collect();
+        stages.sort_by_key(|(s, _)| rank(s));
+        for (stage, n) in stages {
             s += &format!("| {stage} | {n} |\n");
         }
     }
@@ -441,11 +477,13 @@ mod tests {
         assert_eq!(r.by_category["color"].transitions[0].right_wrong, 1);
         assert_eq!(r.first_differing_stage["reasoning"], 2);
         assert_eq!(r.first_differing_stage["none"], 2);
+        // (fix: 1 of the 2 wrong at turn 0; break: 1 of the 2 right)
+        assert_eq!((t.fix_rate, t.break_rate, t.p_value), (0.5, 0.5, 1.0));
         // 4 samples x (10 + 5) tokens x 2 x 100 parameters
         assert_eq!(r.cost[0].flops, 2.0 * 100.0 * 60.0);
         let md = markdown(&r);
         assert!(
-            md.contains("| 0 -> 1 | 1 | 1 | 1 | 1 | 2 (50.0%) |"),
+            md.contains("| 0 -> 1 | 1 | 1 (0) | 1 | 1 | 50.0% | 50.0% | 1.000 | 2 (50.0%) |"),
             "{md}"
         );
         assert!(
@@ -468,8 +506,14 @@ mod tests {
             )
             .collect();
         preds[0].turns[1].finished = false;
+        preds[3].turns[1].finished = false;
         let r = build(&preds, 1, &two_n_tokens, None);
-        assert_eq!(r.turns[1].cut_off, 1);
+        assert_eq!(r.turns[1].cut_off, 2);
+        // a right answer followed by a cut-off turn is right->wrong, and counted as cut off
+        assert_eq!(
+            (r.transitions[0].right_wrong, r.transitions[0].right_cut_off),
+            (2, 1)
+        );
         let md = markdown(&r);
         assert!(md.contains("does not differ significantly"), "{md}");
         assert!(!md.contains("improves on"), "{md}");
@@ -493,6 +537,23 @@ mod tests {
             md.contains("| count | 1 | 0.0% / 100.0% / 0.0% | 0 | 0 | 1.000 |"),
             "{md}"
         );
+    }
+
+    /// The first differing stage is listed in the stages' order, "none" last; a "|" in a
+    /// category name does not break its table row.
+    #[test]
+    fn stages_in_order_and_categories_escaped() {
+        let preds = [
+            pred("1", "a|b", [(true, "3", "r"), (true, "3", "r")]),
+            pred("2", "a|b", [(true, "3", "r"), (true, "3", "r2")]),
+        ];
+        let md = markdown(&build(&preds, 1, &two_n_tokens, None));
+        let (reasoning, none) = (md.find("| reasoning | 1 |"), md.find("| none | 1 |"));
+        assert!(
+            reasoning.is_some() && none.is_some() && reasoning < none,
+            "{md}"
+        );
+        assert!(md.contains("| a\\|b | 2 |"), "{md}");
     }
 
     /// "Answer changed" compares the canonical answers: "B" and "(B)" are one answer.

@@ -101,8 +101,15 @@ impl CheckpointWeights {
                 ))
             }
         };
+        let r = num("r")?;
+        if !(r >= 1.0 && r.fract() == 0.0 && r <= (1u64 << 24) as f64) {
+            return Err(err(
+                &self.dir,
+                format!("manifest.json: peft.r {r} is not a LoRA rank (a whole number >= 1)"),
+            ));
+        }
         Ok(LoraConfig {
-            r: num("r")? as i64,
+            r: r as i64,
             alpha: num("alpha")?,
             dropout: num("dropout")?,
             target_modules,

@@ -67,7 +67,8 @@ impl Sampler {
         }
         // (vocabulary ids, their scaled logits): the top-k filter is a tensor op, so only the kept
         // entries (k, plus ties) become a Vec and get sorted, not the whole vocabulary
-        let (ids, kept) = if self.top_k > 0 && (self.top_k as i64) < v {
+        // (a top_k past i64 keeps everything, as one past the vocabulary does)
+        let (ids, kept) = if self.top_k > 0 && i64::try_from(self.top_k).is_ok_and(|k| k < v) {
             let (top, _) = scaled.topk(self.top_k as i64, -1, true, true);
             let kth = top.get(self.top_k as i64 - 1);
             let idx = scaled.ge_tensor(&kth).nonzero().view([-1]); // (K,)

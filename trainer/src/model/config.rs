@@ -441,10 +441,15 @@ impl MllamaConfig {
                 t.max_position_embeddings,
             ),
         ];
+        // (and at most 2^24: products of these sizes must not overflow)
+        const MAX: i64 = 1 << 24;
         let not_positive: Vec<String> = sizes
             .iter()
-            .filter(|(_, n)| *n < 1)
-            .map(|(k, n)| format!("{k} must be >= 1 (got {n})"))
+            .filter(|(_, n)| *n < 1 || *n > MAX)
+            .map(|(k, n)| match *n < 1 {
+                true => format!("{k} must be >= 1 (got {n})"),
+                false => format!("{k} must be at most 2^24 (got {n})"),
+            })
             .collect();
         if !not_positive.is_empty() {
             return Err(ModelError::Config(not_positive.join("; ")));
@@ -463,6 +468,37 @@ impl MllamaConfig {
             bad.push(
                 "text_config.hidden_size must be divisible by num_attention_heads".to_string(),
             );
+        }
+        if t.hidden_size % t.num_attention_heads == 0
+            && (t.hidden_size / t.num_attention_heads) % 2 != 0
+        {
+            bad.push(format!(
+                "text_config: head dim hidden_size / num_attention_heads = {} must be even (rotary embeddings rotate pairs)",
+                t.hidden_size / t.num_attention_heads
+            ));
+        }
+        if v.intermediate_layers_indices.is_empty() {
+            bad.push(
+                "vision_config.intermediate_layers_indices is empty: Mllama concatenates at least one intermediate layer's output (Llama 3.2 Vision: [3, 7, 15, 23, 30])"
+                    .to_string(),
+            );
+        }
+        let rows = t.vocab_size + 8;
+        for (key, id) in [
+            ("text_config.pad_token_id", t.pad_token_id),
+            ("text_config.bos_token_id", t.bos_token_id),
+        ]
+        .into_iter()
+        .chain(
+            t.eos_token_ids
+                .iter()
+                .map(|&i| ("text_config.eos_token_id", Some(i))),
+        ) {
+            if let Some(id) = id.filter(|&i| !(0..rows).contains(&i)) {
+                bad.push(format!(
+                    "{key} {id} is not a token of the embedding (0..{rows}: vocab_size + 8)"
+                ));
+            }
         }
         if t.num_attention_heads % t.num_key_value_heads != 0 {
             bad.push(

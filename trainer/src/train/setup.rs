@@ -495,8 +495,9 @@ mod tests {
         ] {
             let mut all = vec!["model.attention=fused"];
             all.extend_from_slice(sets);
-            let err = fused_attention_note(&parse(&all), Device::Cuda(0)).unwrap_err();
-            assert!(format!("{err:#}").contains(want), "{err:#}");
+            // (config::training_conflicts, which `train` runs first)
+            let err = crate::config::training_conflicts(&parse(&all)).unwrap_err();
+            assert!(err.to_string().contains(want), "{err}");
         }
         let sdpa = parse(&["model.attention=sdpa"]);
         assert!(fused_attention_note(&sdpa, Device::Cuda(0))
