@@ -222,8 +222,8 @@ fn enums_list_their_values() {
             r#"data.text_only: expected one of skip, keep, got "drop""#,
         ),
         (
-            "train.schedule.kind=linear",
-            r#"train.schedule.kind: expected one of step, cosine, got "linear""#,
+            "train.schedule.kind=exponential",
+            r#"train.schedule.kind: expected one of step, cosine, linear, constant, got "exponential""#,
         ),
         (
             "fsdp.backend=gloo",
@@ -320,13 +320,19 @@ fn rules_across_keys() {
     );
     assert_eq!(
         set_error("train.schedule.warmup_steps=100"),
-        "train.schedule.warmup_steps: 100 warmup steps, but only kind cosine warms up; \
-         set train.schedule.kind: cosine or warmup_steps: 0"
+        "train.schedule.warmup_steps: 100 warmup steps, but kind step does not warm up \
+         (cosine, linear and constant do); set train.schedule.kind: cosine or warmup_steps: 0"
     );
     assert_eq!(
         set_error("train.schedule.min_lr_ratio=0.1"),
-        "train.schedule.min_lr_ratio: 0.1, but only kind cosine decays to a floor (step \
-         multiplies by gamma each epoch); set train.schedule.kind: cosine or min_lr_ratio: 0"
+        "train.schedule.min_lr_ratio: 0.1, but kind step has no floor (it multiplies by \
+         gamma each epoch; cosine and linear decay to one); set train.schedule.kind: cosine or \
+         min_lr_ratio: 0"
+    );
+    assert_eq!(
+        set_error("train.schedule={kind: constant, min_lr_ratio: 0.1}"),
+        "train.schedule.min_lr_ratio: 0.1, but kind constant does not decay; set \
+         train.schedule.kind: linear or cosine, or min_lr_ratio: 0"
     );
     assert_eq!(
         set_error("peft.target_modules=[]"),

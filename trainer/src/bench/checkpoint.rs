@@ -164,6 +164,9 @@ pub fn run(
             .context("a synchronous save returns its folder")?;
         save_s.push(t.elapsed().as_secs_f64());
         bytes = file_bytes(&ckpt)?;
+        // its retention (deleting the previous rep's checkpoint, in the background) ends before
+        // the timed load, as the peer's rmtree is outside its timing
+        saves.close(pg, Device::Cpu)?;
 
         // load into other tensors, checked against the saved ones
         let target = states();

@@ -179,7 +179,9 @@ fn time_side(
     let (ttft, total) = (median(first), median(full));
     Ok(Speed {
         ttft_s: ttft,
-        decode_tok_s: (new_tokens - 1) as f64 / (total - ttft).max(1e-9),
+        // the tokens it generated (an EOS before new_tokens stops ours; the peer is held to
+        // new_tokens, and "same tokens" compares them)
+        decode_tok_s: ids.len().saturating_sub(1) as f64 / (total - ttft).max(1e-9),
         ids,
         threads: tch::get_num_threads() as i64,
     })

@@ -225,6 +225,10 @@ pub struct Schedule {
 pub enum ScheduleKind {
     Step,
     Cosine,
+    /// transformers' `get_linear_schedule_with_warmup` (the HF Trainer's default), to a floor.
+    Linear,
+    /// transformers' `get_constant_schedule_with_warmup`.
+    Constant,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -144,9 +144,19 @@ fn train(raw: RawTrain) -> Result<TrainConfig, ConfigError> {
         return Err(ConfigError::Conflict {
             path: "train.schedule.warmup_steps".into(),
             message: format!(
-                "{} warmup steps, but only kind cosine warms up; \
-                 set train.schedule.kind: cosine or warmup_steps: 0",
+                "{} warmup steps, but kind step does not warm up (cosine, linear and \
+                 constant do); set train.schedule.kind: cosine or warmup_steps: 0",
                 s.warmup_steps.get()
+            ),
+        });
+    }
+    if s.kind == ScheduleKind::Constant && s.min_lr_ratio.get() > 0.0 {
+        return Err(ConfigError::Conflict {
+            path: "train.schedule.min_lr_ratio".into(),
+            message: format!(
+                "{}, but kind constant does not decay; set train.schedule.kind: linear or \
+                 cosine, or min_lr_ratio: 0",
+                s.min_lr_ratio.get()
             ),
         });
     }
@@ -154,8 +164,8 @@ fn train(raw: RawTrain) -> Result<TrainConfig, ConfigError> {
         return Err(ConfigError::Conflict {
             path: "train.schedule.min_lr_ratio".into(),
             message: format!(
-                "{}, but only kind cosine decays to a floor (step multiplies by gamma each \
-                 epoch); set train.schedule.kind: cosine or min_lr_ratio: 0",
+                "{}, but kind step has no floor (it multiplies by gamma each epoch; cosine \
+                 and linear decay to one); set train.schedule.kind: cosine or min_lr_ratio: 0",
                 s.min_lr_ratio.get()
             ),
         });

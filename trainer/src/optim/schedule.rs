@@ -2,6 +2,10 @@
 //! - `step`:   llama-recipes' `StepLR(step_size=1, gamma)` stepped once per epoch: lr * gamma^epoch.
 //! - `cosine`: transformers' `get_cosine_with_min_lr_schedule_with_warmup`: linear warmup from 0 over
 //!   `warmup_steps`, then half a cosine from lr down to lr * min_lr_ratio at `total_steps`.
+//! - `linear`: transformers' `get_linear_schedule_with_warmup` (the HF Trainer's default): the same
+//!   warmup, then a straight line from lr down to lr * min_lr_ratio (0: transformers') at
+//!   `total_steps`.
+//! - `constant`: transformers' `get_constant_schedule_with_warmup`: the warmup, then lr.
 use crate::config::{Schedule, ScheduleKind};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -23,21 +27,22 @@ impl LrSchedule {
     }
 
     /// A recorded schedule (`to_json`, as in a checkpoint) reduced to what its kind uses: step
-    /// ignores the run's length, warmup and floor; cosine ignores gamma. Two schedules with equal
-    /// reductions give the same learning rate at every step.
+    /// ignores the run's length, warmup and floor; constant the length, floor and gamma; cosine
+    /// and linear ignore gamma. Two schedules with equal reductions give the same learning rate
+    /// at every step.
     pub fn used_fields(recorded: &serde_json::Value) -> serde_json::Value {
         let mut v = recorded.clone();
-        let step = v["schedule"]["kind"] == "step";
-        if step {
+        let kind = v["schedule"]["kind"].as_str().unwrap_or("").to_string();
+        if kind == "step" || kind == "constant" {
             if let Some(o) = v.as_object_mut() {
                 o.remove("total_steps");
             }
         }
         if let Some(o) = v["schedule"].as_object_mut() {
-            let unused: &[&str] = if step {
-                &["warmup_steps", "min_lr_ratio"]
-            } else {
-                &["gamma"]
+            let unused: &[&str] = match kind.as_str() {
+                "step" => &["warmup_steps", "min_lr_ratio"],
+                "constant" => &["gamma", "min_lr_ratio"],
+                _ => &["gamma"],
             };
             for k in unused {
                 o.remove(*k);
@@ -59,15 +64,22 @@ impl LrSchedule {
         let s = &self.schedule;
         match s.kind {
             ScheduleKind::Step => self.base_lr * s.gamma.powi(epoch as i32),
-            ScheduleKind::Cosine => {
+            ScheduleKind::Cosine | ScheduleKind::Linear | ScheduleKind::Constant => {
                 let w = s.warmup_steps;
                 if step < w {
                     return self.base_lr * step as f64 / w.max(1) as f64;
                 }
                 let progress =
                     (step - w) as f64 / (self.total_steps.saturating_sub(w)).max(1) as f64;
-                let cos = 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos());
-                self.base_lr * (cos * (1.0 - s.min_lr_ratio) + s.min_lr_ratio)
+                // the fraction of the way from lr to the floor still to go
+                let left = match s.kind {
+                    ScheduleKind::Cosine => {
+                        0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+                    }
+                    ScheduleKind::Linear => 1.0 - progress.min(1.0),
+                    _ => 1.0,
+                };
+                self.base_lr * (left * (1.0 - s.min_lr_ratio) + s.min_lr_ratio)
             }
         }
     }
@@ -92,6 +104,35 @@ mod tests {
         assert_eq!(s.lr(0, 0), 1e-5);
         assert_eq!(s.lr(57, 0), 1e-5);
         assert!((s.lr(3, 2) - 1e-5 * 0.85 * 0.85).abs() < 1e-20);
+    }
+
+    #[test]
+    fn linear_and_constant_with_warmup() {
+        let s = LrSchedule::new(1.0, &sched(ScheduleKind::Linear), 10);
+        assert_eq!((s.lr(0, 0), s.lr(1, 0), s.lr(2, 0)), (0.0, 0.5, 1.0));
+        // a quarter of the decay: 0.75 * (1 - 0.1) + 0.1
+        assert!((s.lr(4, 0) - 0.775).abs() < 1e-12);
+        assert!((s.lr(10, 0) - 0.1).abs() < 1e-12);
+        assert!((s.lr(30, 0) - 0.1).abs() < 1e-12);
+        let mut c = sched(ScheduleKind::Constant);
+        c.min_lr_ratio = 0.0;
+        let s = LrSchedule::new(2.0, &c, 10);
+        assert_eq!((s.lr(0, 0), s.lr(1, 0), s.lr(2, 0), s.lr(9, 3)), (0.0, 1.0, 2.0, 2.0));
+        // transformers' linear: to 0 at the end (min_lr_ratio 0)
+        c.kind = ScheduleKind::Linear;
+        let s = LrSchedule::new(2.0, &c, 10);
+        assert_eq!((s.lr(6, 0), s.lr(10, 0)), (1.0, 0.0));
+    }
+
+    #[test]
+    fn constant_ignores_the_runs_length_and_gamma() {
+        let a = LrSchedule::new(1.0, &sched(ScheduleKind::Constant), 10).to_json();
+        let mut other = sched(ScheduleKind::Constant);
+        other.gamma = 0.5;
+        let b = LrSchedule::new(1.0, &other, 99).to_json();
+        assert_eq!(LrSchedule::used_fields(&a), LrSchedule::used_fields(&b));
+        let lin = |n| LrSchedule::new(1.0, &sched(ScheduleKind::Linear), n).to_json();
+        assert_ne!(LrSchedule::used_fields(&lin(10)), LrSchedule::used_fields(&lin(99)));
     }
 
     #[test]
