@@ -41,6 +41,7 @@ fn every_default() {
     assert_eq!(c.data.bad_records, BadRecords::Error);
     assert_eq!(c.data.text_only, TextOnly::Skip);
     assert!(!c.data.double_bos);
+    assert_eq!(c.data.supervise, trainer::config::Supervise::All);
 
     assert_eq!(c.train.epochs, 3);
     assert_eq!(c.train.batch_size, 4);
@@ -98,6 +99,7 @@ data:
   bad_records: skip
   text_only: keep
   double_bos: true
+  supervise: last
 train:
   epochs: 1
   batch_size: 2
@@ -153,6 +155,7 @@ fn every_key_parses() {
     assert_eq!(c.data.bad_records, BadRecords::Skip);
     assert_eq!(c.data.text_only, TextOnly::Keep);
     assert!(c.data.double_bos);
+    assert_eq!(c.data.supervise, trainer::config::Supervise::Last);
 
     assert_eq!(c.train.epochs, 1);
     assert_eq!(c.train.batch_size, 2);
@@ -366,6 +369,7 @@ fn to_yaml_prints_every_key() {
         "bad_records:",
         "text_only:",
         "double_bos:",
+        "supervise:",
         "epochs:",
         "batch_size:",
         "grad_accum:",

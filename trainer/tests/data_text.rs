@@ -340,3 +340,38 @@ fn a_supervised_token_beyond_the_output_vocabulary_is_the_records_error() {
         "{err}"
     );
 }
+
+/// `data.supervise: last` keeps the loss on the last assistant turn (the correction) only; the
+/// first answer, supervised by the seed's masking, is ignored.
+#[test]
+fn supervise_last_covers_the_last_answer_only() {
+    let mut tp = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
+    let turn = |user: &str, assistant: &str| trainer::data::records::Turn {
+        user: user.into(),
+        assistant: assistant.into(),
+    };
+    let turns = [
+        turn("What is here?", "A red circle."),
+        turn("Check again.", "A blue square."),
+    ];
+    let all = tp.encode(&turns, true).unwrap();
+    tp.last_turn_only = true;
+    let last = tp.encode(&turns, true).unwrap();
+    assert_eq!(all.input_ids, last.input_ids);
+    let kept = |labels: &[i64]| -> Vec<usize> {
+        (0..labels.len()).filter(|&i| labels[i] != IGNORE).collect()
+    };
+    let (k_all, k_last) = (kept(&all.labels), kept(&last.labels));
+    assert!(
+        !k_last.is_empty() && k_last.len() < k_all.len(),
+        "{k_all:?} {k_last:?}"
+    );
+    // the kept positions are the tail of the seed's: the last answer and its <|eot_id|>
+    assert_eq!(k_all[k_all.len() - k_last.len()..], k_last[..]);
+    let text = |k: &[usize]| {
+        let ids: Vec<i64> = k.iter().map(|&i| all.input_ids[i]).collect();
+        tp.decode_exact(&ids).unwrap()
+    };
+    assert!(text(&k_last).contains("blue square") && !text(&k_last).contains("red circle"));
+    assert!(text(&k_all).contains("red circle"));
+}

@@ -29,7 +29,7 @@ pub use error::ConfigError;
 pub use schema::{
     Attention, Backend, BadRecords, CheckpointConfig, Config, DType, DataConfig, FsdpConfig,
     ImagePlaceholder, LengthPolicy, ModelConfig, PeftConfig, PeftMethod, Resume, SaveAdapter,
-    Schedule, ScheduleKind, TextOnly, TrainConfig,
+    Schedule, ScheduleKind, Supervise, TextOnly, TrainConfig,
 };
 
 pub use validate::training_conflicts;

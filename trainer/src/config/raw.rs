@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::schema::{
     Attention, Backend, BadRecords, DType, ImagePlaceholder, LengthPolicy, PeftMethod, Resume,
-    SaveAdapter, ScheduleKind, TextOnly,
+    SaveAdapter, ScheduleKind, Supervise, TextOnly,
 };
 use super::values::{
     ClipNorm, Count, Decay, Dropout, FilePath, Int, Names, NonNegative, Num, Positive, PositiveInt,
@@ -86,6 +86,7 @@ pub(crate) struct RawData {
     pub text_only: TextOnly,
     pub image_placeholder: ImagePlaceholder,
     pub double_bos: bool,
+    pub supervise: Supervise,
 }
 
 impl Default for RawData {
@@ -106,6 +107,8 @@ impl Default for RawData {
             // (the seed keeps the marker as text: `keep` reproduces it)
             image_placeholder: ImagePlaceholder::Strip,
             double_bos: false,
+            // the seed supervises every assistant turn
+            supervise: Supervise::All,
         }
     }
 }

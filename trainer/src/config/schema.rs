@@ -102,6 +102,18 @@ pub struct DataConfig {
     pub image_placeholder: ImagePlaceholder,
     /// Keep the second `<|begin_of_text|>` that a chat template plus tokenizer BOS produce.
     pub double_bos: bool,
+    /// Which assistant turns the loss covers.
+    pub supervise: Supervise,
+}
+
+/// The assistant turns the loss covers: every one (the seed's masking), or the last only (in
+/// self-correction records the correction, not the first answer it corrects, which is often wrong
+/// on purpose: an ablation, as TRL's completion-only loss).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Supervise {
+    All,
+    Last,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

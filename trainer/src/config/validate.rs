@@ -134,6 +134,7 @@ fn data(raw: RawData) -> Result<DataConfig, ConfigError> {
         text_only: raw.text_only,
         image_placeholder: raw.image_placeholder,
         double_bos: raw.double_bos,
+        supervise: raw.supervise,
     })
 }
 

@@ -343,6 +343,7 @@ impl Dataset {
         };
         let mut text = TextProcessor::from_model_dir(model_dir, d.double_bos)
             .map_err(DataError::ModelFolder)?;
+        text.last_turn_only = d.supervise == crate::config::Supervise::Last;
         let image =
             ImageProcessorConfig::from_model_dir(model_dir).map_err(DataError::ModelFolder)?;
         check_processors_fit_model(model_dir, &mut text, &image).map_err(DataError::ModelFolder)?;

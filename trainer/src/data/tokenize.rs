@@ -43,6 +43,8 @@ pub struct TextProcessor {
     /// supervised token at or above it (an id added to tokenizer.json beyond the model's
     /// vocabulary) is the record's error, not an out-of-range target inside the loss.
     pub label_limit: Option<i64>,
+    /// Supervise the last assistant turn only (`data.supervise: last`).
+    pub last_turn_only: bool,
 }
 
 /// One tokenized sample (unpadded).
@@ -141,6 +143,7 @@ impl TextProcessor {
             double_bos,
             clean_up_spaces,
             label_limit: None,
+            last_turn_only: false,
         })
     }
 
@@ -204,7 +207,10 @@ impl TextProcessor {
                 self.ids.image_token
             ));
         }
-        let labels = seed_labels(&input_ids, &self.ids);
+        let mut labels = seed_labels(&input_ids, &self.ids);
+        if self.last_turn_only {
+            keep_last_turn(&mut labels, &input_ids, &self.ids);
+        }
         if let Some(limit) = self.label_limit {
             if let Some(&id) = labels.iter().find(|&&l| l != IGNORE && l >= limit) {
                 let token = self.tokenizer.id_to_token(id as u32).unwrap_or_default();
@@ -293,6 +299,20 @@ pub fn seed_labels(input_ids: &[i64], ids: &SpecialIds) -> Vec<i64> {
         }
     }
     labels
+}
+
+/// `data.supervise: last`: labels before the last assistant header ignored, so only the last
+/// answer (and its `<|eot_id|>`) is supervised.
+pub fn keep_last_turn(labels: &mut [i64], input_ids: &[i64], ids: &SpecialIds) {
+    let a = &ids.assistant_header;
+    if a.is_empty() {
+        return;
+    }
+    if let Some(start) = input_ids.windows(a.len()).rposition(|w| w == a.as_slice()) {
+        for l in &mut labels[..start] {
+            *l = IGNORE;
+        }
+    }
 }
 
 /// What the length policy did to one sample.

@@ -117,7 +117,10 @@ mod tests {
         let mut c = sched(ScheduleKind::Constant);
         c.min_lr_ratio = 0.0;
         let s = LrSchedule::new(2.0, &c, 10);
-        assert_eq!((s.lr(0, 0), s.lr(1, 0), s.lr(2, 0), s.lr(9, 3)), (0.0, 1.0, 2.0, 2.0));
+        assert_eq!(
+            (s.lr(0, 0), s.lr(1, 0), s.lr(2, 0), s.lr(9, 3)),
+            (0.0, 1.0, 2.0, 2.0)
+        );
         // transformers' linear: to 0 at the end (min_lr_ratio 0)
         c.kind = ScheduleKind::Linear;
         let s = LrSchedule::new(2.0, &c, 10);
@@ -132,7 +135,10 @@ mod tests {
         let b = LrSchedule::new(1.0, &other, 99).to_json();
         assert_eq!(LrSchedule::used_fields(&a), LrSchedule::used_fields(&b));
         let lin = |n| LrSchedule::new(1.0, &sched(ScheduleKind::Linear), n).to_json();
-        assert_ne!(LrSchedule::used_fields(&lin(10)), LrSchedule::used_fields(&lin(99)));
+        assert_ne!(
+            LrSchedule::used_fields(&lin(10)),
+            LrSchedule::used_fields(&lin(99))
+        );
     }
 
     #[test]
