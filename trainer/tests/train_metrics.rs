@@ -12,6 +12,11 @@ fn mfu_is_null_on_cpu_and_tflops_over_peak_when_configured() {
     let plain = fresh("metrics-cpu");
     let o = ok(run(&plain, 1, TRAIN, &[], &[]), "cpu");
     let m = metrics(&plain);
+    // the resolved config beside metrics.jsonl loads back to the run's config
+    let resolved = plain.join("resolved_config.yaml");
+    let again = trainer::config::load(&resolved, &[]).expect("resolved_config.yaml loads");
+    let given = trainer::config::load(&plain.join("config.yaml"), &[]).unwrap();
+    assert_eq!(again.to_yaml().unwrap(), given.to_yaml().unwrap());
     assert_eq!(m.len(), 2);
     for v in &m {
         assert!(v["tflops"].as_f64().unwrap() > 0.0, "{v}");

@@ -88,11 +88,9 @@ impl Meter {
             }),
         };
         let file = if rank == 0 {
-            Some(open_file(
-                &config.train.output_dir,
-                resumed,
-                resumed_validated,
-            )?)
+            let file = open_file(&config.train.output_dir, resumed, resumed_validated)?;
+            write_config(config)?;
+            Some(file)
         } else {
             None
         };
@@ -234,6 +232,19 @@ impl Drop for Meter {
             }
         }
     }
+}
+
+/// The resolved config (every default filled in, overrides applied) as `resolved_config.yaml`
+/// beside metrics.jsonl, as llama-recipes keeps `train_params.yaml` and HF's Trainer its
+/// arguments: `trainer train OUTPUT_DIR/resolved_config.yaml` runs it again. Replaced whole by
+/// each launch (a resume with other settings records those). (Not `config.yaml`: a user's own
+/// config kept there, comments and all, must not be overwritten.)
+pub(super) const RESOLVED_CONFIG: &str = "resolved_config.yaml";
+fn write_config(config: &Config) -> Result<()> {
+    let path = config.train.output_dir.join(RESOLVED_CONFIG);
+    let yaml = config.to_yaml()?;
+    crate::checkpoint::replace_synced(&path, yaml.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn open_file(dir: &Path, resumed: Option<u64>, resumed_validated: bool) -> Result<std::fs::File> {
