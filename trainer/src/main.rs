@@ -435,20 +435,11 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
     use trainer::data::image;
     use trainer::infer::Session;
 
-    let ckpt = args
-        .checkpoint
-        .as_deref()
-        .map(trainer::infer::CheckpointWeights::read)
-        .transpose()?;
-    let model_dir = match (&args.model, &ckpt) {
-        (Some(m), _) => m.clone(),
-        (None, Some(c)) => c.model_path(),
-        (None, None) => anyhow::bail!("--model is required (or --checkpoint)"),
-    };
-    // (before the base's weights are read: a wrong --model fails in a second, not after 20 GB)
-    if let Some(c) = &ckpt {
-        c.check_base(&model_dir)?;
-    }
+    let (ckpt, model_dir, generation) = checkpoint_and_base(
+        args.checkpoint.as_deref(),
+        args.model.as_ref(),
+        &args.generation,
+    )?;
     // (the image too: a wrong --image must not cost a model load first)
     let img = args
         .image
@@ -456,25 +447,6 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
         .map(|p| image::load_rgb(p))
         .transpose()
         .map_err(|e| anyhow::anyhow!("--image: {e}"))?;
-    // the prompt as the checkpoint's run trained on it (the flags can only add to that)
-    let trained = ckpt
-        .as_ref()
-        .map(|c| c.prompt_settings())
-        .unwrap_or_default();
-    let mut generation = args.generation.clone();
-    generation.double_bos |= trained.double_bos;
-    generation.keep_image_placeholder |= trained.keep_image_placeholder;
-    if trained.double_bos || trained.keep_image_placeholder {
-        tracing::info!(
-            "prompts as the checkpoint's run trained on them: double_bos {}, image placeholder {}",
-            trained.double_bos,
-            if trained.keep_image_placeholder {
-                "kept"
-            } else {
-                "stripped"
-            }
-        );
-    }
     let (mut model, text, image_config) =
         load_for_generation(&model_dir, args.adapter.as_deref(), generation.double_bos)?;
     if let Some(c) = &ckpt {
@@ -529,12 +501,16 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
 /// `trainer eval`.
 #[derive(Args)]
 struct EvalArgs {
-    /// Hugging Face model folder
-    #[arg(long)]
-    model: PathBuf,
+    /// Hugging Face model folder; with --checkpoint it defaults to the run's model.path
+    #[arg(long, required_unless_present = "checkpoint")]
+    model: Option<PathBuf>,
     /// PEFT adapter folder
-    #[arg(long)]
+    #[arg(long, conflicts_with = "checkpoint")]
     adapter: Option<PathBuf>,
+    /// A training checkpoint folder (step-NNNNNNNN) whose trained weights to evaluate (LoRA or
+    /// full finetuning; no export needed)
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
     /// Benchmark JSONL: {"id", "image", "question", "answer", "choices"?, "category"?} per line
     #[arg(long)]
     data: PathBuf,
@@ -558,6 +534,51 @@ struct EvalArgs {
     /// Samples generated together (left-padded; greedy results depend on it only through rounding)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
+}
+
+/// `--checkpoint` (read, its base checked) and the model folder: `--model`, else the checkpoint's
+/// run's; and the generation settings with the prompt as that run trained on it (the flags can
+/// only add to that).
+fn checkpoint_and_base(
+    checkpoint: Option<&std::path::Path>,
+    model: Option<&PathBuf>,
+    generation: &GenerationArgs,
+) -> Result<(
+    Option<trainer::infer::CheckpointWeights>,
+    PathBuf,
+    GenerationArgs,
+)> {
+    let ckpt = checkpoint
+        .map(trainer::infer::CheckpointWeights::read)
+        .transpose()?;
+    let model_dir = match (model, &ckpt) {
+        (Some(m), _) => m.clone(),
+        (None, Some(c)) => c.model_path(),
+        (None, None) => anyhow::bail!("--model is required (or --checkpoint)"),
+    };
+    // (before the base's weights are read: a wrong --model fails in a second, not after 20 GB)
+    if let Some(c) = &ckpt {
+        c.check_base(&model_dir)?;
+    }
+    let trained = ckpt
+        .as_ref()
+        .map(|c| c.prompt_settings())
+        .unwrap_or_default();
+    let mut generation = generation.clone();
+    generation.double_bos |= trained.double_bos;
+    generation.keep_image_placeholder |= trained.keep_image_placeholder;
+    if trained.double_bos || trained.keep_image_placeholder {
+        tracing::info!(
+            "prompts as the checkpoint's run trained on them: double_bos {}, image placeholder {}",
+            trained.double_bos,
+            if trained.keep_image_placeholder {
+                "kept"
+            } else {
+                "stripped"
+            }
+        );
+    }
+    Ok((ckpt, model_dir, generation))
 }
 
 /// Loads model (+ adapter), tokenizer/template and image processor of a model folder.
@@ -650,24 +671,33 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         "--image-root {} is not a folder (the benchmark's image paths are relative to it)",
         args.image_root.display()
     );
-    let (model, text, image_config) = load_for_generation(
-        &args.model,
-        args.adapter.as_deref(),
-        args.generation.double_bos,
+    let (ckpt, model_dir, generation) = checkpoint_and_base(
+        args.checkpoint.as_deref(),
+        args.model.as_ref(),
+        &args.generation,
     )?;
+    let (mut model, text, image_config) =
+        load_for_generation(&model_dir, args.adapter.as_deref(), generation.double_bos)?;
+    if let Some(c) = &ckpt {
+        c.apply(&mut model)?;
+    }
     let session = Session {
         model: &model,
         text: &text,
         image_config: &image_config,
     };
     let opts = EvalOptions {
-        infer: args.generation.options(args.temperature),
+        infer: generation.options(args.temperature),
         image_root: args.image_root.clone(),
         out: args.out.clone(),
         limit: args.limit,
         training_metrics: args.train_metrics.clone(),
         batch_size: args.batch_size as usize,
-        made_with: trainer::eval::made_with(&args.model, args.adapter.as_deref()),
+        made_with: trainer::eval::made_with(
+            &model_dir,
+            args.adapter.as_deref(),
+            args.checkpoint.as_deref(),
+        ),
     };
     // under the launcher every rank evaluates its share; rank 0 merges and reports
     let env = launcher::env::RankEnv::from_env()?;

@@ -108,6 +108,44 @@ fn lora_checkpoint_weights_and_generation_equal_the_exported_adapter() {
     let v: Value = serde_json::from_str(&from_ckpt).unwrap();
     assert_eq!(v["checkpoint"].as_str().unwrap(), ckpt.to_str().unwrap());
 
+    // eval --checkpoint scores with the weights eval --model --adapter scores with
+    let bench = out.join("bench.jsonl");
+    std::fs::write(
+        &bench,
+        "{\"id\": \"a\", \"image\": \"small.png\", \"question\": \"How many red shapes?\", \"answer\": \"2\"}\n",
+    )
+    .unwrap();
+    let images = repo().join("tests/fixtures/data/images");
+    let base = setup().join("model");
+    let eval = |name: &str, extra: &[(&str, &Path)]| -> Vec<String> {
+        let dir = out.join(name);
+        let mut paths: Vec<(&str, &Path)> = vec![
+            ("--data", &bench),
+            ("--image-root", &images),
+            ("--out", &dir),
+        ];
+        paths.extend_from_slice(extra);
+        let (code, _, err) = trainer(&["eval", "--turns", "2", "--max-new-tokens", "8"], &paths);
+        assert_eq!(code, Some(0), "{err}");
+        let text = std::fs::read_to_string(dir.join("predictions.jsonl")).unwrap();
+        let p: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        p["turns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["text"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let with_ckpt = eval("eval-ckpt", &[("--checkpoint", &ckpt)]);
+    assert_eq!(with_ckpt.len(), 2);
+    assert_eq!(
+        with_ckpt,
+        eval(
+            "eval-adapter",
+            &[("--model", &base), ("--adapter", &adapter)]
+        )
+    );
+
     // another base model: refused, naming the fix
     let other = out.join("other-model");
     tiny_model_folder(&other, 3, |cfg| {

@@ -220,7 +220,11 @@ pub struct EvalOptions {
 /// model's config.json, and the names and sizes of its weight files (hashing 20 GB would take
 /// minutes; modification times differ between per-node copies). A resume with a retrained
 /// adapter in the same folder is then refused.
-pub fn made_with(model: &Path, adapter: Option<&Path>) -> serde_json::Value {
+pub fn made_with(
+    model: &Path,
+    adapter: Option<&Path>,
+    checkpoint: Option<&Path>,
+) -> serde_json::Value {
     let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or(p.to_path_buf());
     let sha = |p: &Path| {
         std::fs::read(p)
@@ -243,13 +247,19 @@ pub fn made_with(model: &Path, adapter: Option<&Path>) -> serde_json::Value {
         })
         .unwrap_or_default();
     weights.sort_by_key(|v| v.to_string());
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "model": canonical(model),
         "model_config_sha256": sha(&model.join("config.json")),
         "model_weights": weights,
         "adapter": adapter.map(canonical),
         "adapter_sha256": adapter.map(|a| [sha(&a.join("adapter_config.json")), sha(&a.join("adapter_model.safetensors"))]),
-    })
+    });
+    // (only with one: settings.json of evaluations without a checkpoint stay as they were)
+    if let Some(c) = checkpoint {
+        // its manifest records every rank file's sha256
+        v["checkpoint"] = serde_json::json!([canonical(c), sha(&c.join("manifest.json"))]);
+    }
+    v
 }
 
 /// The model FLOPs of a whole training run, over all its ranks, from its metrics.jsonl: each step
