@@ -177,11 +177,9 @@ fn bench_checkpoint_keeps_what_its_dir_already_held() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The launcher checks a config once before starting ranks: a bad key is one error, with the
-/// file and the `--set`, and is not restarted (no restart can fix it).
-#[test]
-fn the_launcher_refuses_a_bad_config_once_without_restarts() {
-    let out = common::launcher()
+/// `launcher --standalone --nproc-per-node 2 --max-restarts 2 configs/demo.yaml SETS...` to its end.
+fn launch_demo_config(sets: &[&str]) -> std::process::Output {
+    common::launcher()
         .args([
             "--standalone",
             "--nproc-per-node",
@@ -190,10 +188,17 @@ fn the_launcher_refuses_a_bad_config_once_without_restarts() {
             "2",
         ])
         .arg("configs/demo.yaml")
-        .args(["--set", "pef.r=3"])
+        .args(sets)
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .output()
-        .expect("run launcher");
+        .expect("run launcher")
+}
+
+/// The launcher checks a config once before starting ranks: a bad key is one error, with the
+/// file and the `--set`, and is not restarted (no restart can fix it).
+#[test]
+fn the_launcher_refuses_a_bad_config_once_without_restarts() {
+    let out = launch_demo_config(&["--set", "pef.r=3"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(
@@ -228,19 +233,7 @@ fn a_config_that_cannot_train_is_refused_before_ranks_start() {
     );
     let (code, _, _) = trainer(&["config", "show", "configs/demo.yaml", fp16[0], fp16[1]]);
     assert_eq!(code, 0, "config show prints configs that do not train");
-    let out = common::launcher()
-        .args([
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "--max-restarts",
-            "2",
-        ])
-        .arg("configs/demo.yaml")
-        .args(fp16)
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .output()
-        .expect("run launcher");
+    let out = launch_demo_config(&fp16);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(

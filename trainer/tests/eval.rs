@@ -129,21 +129,7 @@ fn report_matches_predictions_and_resume_gives_the_same_report() {
         v
     };
     assert_eq!(strip(json(&resumed.join("report.json"))), strip(report));
-    let texts = |dir: &Path| -> Vec<Vec<String>> {
-        std::fs::read_to_string(dir.join("predictions.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let p: Value = serde_json::from_str(l).unwrap();
-                p["turns"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|t| t["text"].as_str().unwrap().to_string())
-                    .collect()
-            })
-            .collect()
-    };
+    let texts = common::prediction_texts;
     assert_eq!(texts(&resumed), texts(&full));
     assert!(texts(&full).iter().flatten().all(|t| !t.is_empty()));
 }

@@ -127,14 +127,7 @@ fn lora_checkpoint_weights_and_generation_equal_the_exported_adapter() {
         paths.extend_from_slice(extra);
         let (code, _, err) = trainer(&["eval", "--turns", "2", "--max-new-tokens", "8"], &paths);
         assert_eq!(code, Some(0), "{err}");
-        let text = std::fs::read_to_string(dir.join("predictions.jsonl")).unwrap();
-        let p: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-        p["turns"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["text"].as_str().unwrap().to_string())
-            .collect()
+        common::prediction_texts(&dir).remove(0)
     };
     let with_ckpt = eval("eval-ckpt", &[("--checkpoint", &ckpt)]);
     assert_eq!(with_ckpt.len(), 2);

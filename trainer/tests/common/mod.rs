@@ -11,6 +11,24 @@ use serde_json::Value;
 use trainer::model::{KeyLayout, LoadOptions, MllamaConfig, MllamaModel};
 
 /// A fresh copy of the files of folder `src` (not recursive) in `dst`.
+/// Each prediction's turn texts, in predictions.jsonl's order (`trainer eval --out dir`).
+#[allow(dead_code)] // (each test binary compiles this module; not all use it)
+pub fn prediction_texts(dir: &Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(dir.join("predictions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let p: Value = serde_json::from_str(l).unwrap();
+            p["turns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["text"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .collect()
+}
+
 pub fn copy_dir(src: &Path, dst: &Path) {
     let _ = std::fs::remove_dir_all(dst);
     std::fs::create_dir_all(dst).unwrap();
