@@ -108,7 +108,8 @@ if want kernels; then
   # order, v18/v13 all of them. (Older variants are history; `KERNELS_VARIANTS=` checks all.)
   if [ -z "${KERNELS_VARIANTS+set}" ]; then
     KERNELS_VARIANTS=v13,v14,v17,v15,v16,v18
-    KERNELS_TIME="${KERNELS_TIME:-v13,v14,v15,v16,v17,v18}"
+    # (a KERNELS_BASELINE given instead decides the timed variants itself)
+    [ -z "${KERNELS_BASELINE:-}" ] && KERNELS_TIME="${KERNELS_TIME:-v13,v14,v15,v16,v17,v18}"
   fi
   # ~2.5 min on an H200 expected (NVRTC compile, 6 variants x 16 correctness cases, timings of the
   # timed variants and SDPA); the cap keeps a hung kernel from eating a 15-minute device budget
@@ -128,6 +129,9 @@ if want kernels; then
       ${KERNELS_BASELINE:+--baseline "$KERNELS_BASELINE"} ${KERNELS_TIME:+--time "$KERNELS_TIME"} 2>&1 \
       | tee "$OUT/kernels-gpu-check.log"
     check_rc=${PIPESTATUS[0]}
+    # (with --variants its JSON is kernels-gpu-<variants>.jsonl: the name the kept files list)
+    main_json="$OUT/kernels-gpu-${KERNELS_VARIANTS//,/-}.jsonl"
+    [ -n "$KERNELS_VARIANTS" ] && [ -e "$main_json" ] && mv "$main_json" "$OUT/kernels-gpu.jsonl"
   fi
   # v12 (the backward of v13 and v14) and the newest backward that passed its checks (a variant
   # that failed is not profiled: it may hang again)

@@ -634,6 +634,10 @@ fn load_for_generation(
         .map_err(anyhow::Error::msg)?;
     trainer::data::dataset::check_tokenizer_fits_model(model_dir, &text, &model.config)
         .map_err(anyhow::Error::msg)?;
+    model
+        .config
+        .check_special_ids()
+        .with_context(|| format!("{}/config.json", model_dir.display()))?;
     Ok((model, text, image_config))
 }
 

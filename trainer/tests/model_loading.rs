@@ -144,18 +144,6 @@ fn zero_or_negative_sizes_in_config_json_are_errors_not_panics() {
         ),
         (
             "text_config",
-            "pad_token_id",
-            -1,
-            "text_config.pad_token_id -1 is not a token",
-        ),
-        (
-            "text_config",
-            "pad_token_id",
-            100_000,
-            "pad_token_id 100000 is not a token",
-        ),
-        (
-            "text_config",
             "num_attention_heads",
             64,
             "head dim hidden_size / num_attention_heads = 1 must be even",
@@ -169,6 +157,21 @@ fn zero_or_negative_sizes_in_config_json_are_errors_not_panics() {
             .expect_err(&format!("{section}.{key} = {value} accepted"));
         assert!(err.to_string().contains(want), "{section}.{key}: {err}");
     }
+    // special ids outside the embedding: loaded (training reads none), refused for generation
+    for (id, want) in [
+        (-1, "text_config.pad_token_id -1 is not a token"),
+        (100_000, "pad_token_id 100000 is not a token"),
+    ] {
+        let mut v = base.clone();
+        v["text_config"]["pad_token_id"] = id.into();
+        let cfg = MllamaConfig::from_json_str(&v.to_string()).expect("loads");
+        let err = cfg.check_special_ids().expect_err("refused for generation");
+        assert!(err.to_string().contains(want), "{err}");
+    }
+    MllamaConfig::from_json_str(&text)
+        .unwrap()
+        .check_special_ids()
+        .unwrap();
     let mut v = base.clone();
     v["vision_config"]["intermediate_layers_indices"] = serde_json::json!([]);
     let err = MllamaConfig::from_json_str(&v.to_string()).expect_err("no intermediate layer");

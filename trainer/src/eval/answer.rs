@@ -150,10 +150,17 @@ fn standalone_letter(p: &str, n_choices: usize) -> Option<usize> {
 /// The letter a prediction picks where the options are not given (a question with its options in
 /// its text, a gold answer "B"): a bare letter, a leading one after lead-ins, or one standing
 /// alone, as [`choice_of`] reads letters.
-fn letter_of(pred: &str) -> Option<usize> {
+fn letter_of(pred: &str, n: usize) -> Option<usize> {
     let unmarked = pred.replace('*', "");
     let p = strip_lead_ins(unmarked.trim());
-    letter_choice(p, 26, true)
+    letter_choice(p, n, true)
+}
+
+/// The letter a gold answer names without options, and how many letters a prediction may pick
+/// from: at least A-D, up to the gold one ("I" in "I think (C)" is then a word, not a letter).
+fn gold_letter(gold: &str) -> Option<(usize, usize)> {
+    let g = letter_of(gold, 26)?;
+    Some((g, (g + 1).max(4)))
 }
 
 /// The letter `p` (lead-ins stripped) names among `n` options: a bare letter ("B", "(B)"), a
@@ -520,8 +527,8 @@ pub fn canonical(pred: &str, gold: &str, choices: Option<&[String]>) -> String {
         if let Some(i) = choice_of(pred, choices) {
             return format!("choice {i}");
         }
-    } else if is_capital_letter(gold) {
-        if let Some(i) = letter_of(pred) {
+    } else if let Some((_, n)) = gold_letter(gold).filter(|_| is_capital_letter(gold)) {
+        if let Some(i) = letter_of(pred, n) {
             return format!("choice {i}");
         }
     } else if gold_number(gold).is_some() {
@@ -543,7 +550,7 @@ pub fn is_correct(pred: &str, gold: &str, choices: Option<&[String]>) -> bool {
     }
     // a letter without the options (they are in the question's text): the letter picked
     if is_capital_letter(gold) {
-        return letter_of(gold).is_some() && letter_of(pred) == letter_of(gold);
+        return gold_letter(gold).is_some_and(|(g, n)| letter_of(pred, n) == Some(g));
     }
     if let Some(g) = gold_number(gold) {
         return number_in(pred).is_some_and(|p| close(p, g));
@@ -787,6 +794,7 @@ mod tests {
             ("B", "A", false),
             ("A red circle is left of the square", "A", false),
             ("C", "C.", true),
+            ("I think the answer is (C)", "C", true),
         ] {
             assert_eq!(is_correct(pred, gold, None), want, "{pred:?} vs {gold:?}");
         }

@@ -211,7 +211,10 @@ fn breakdown(preds: &[&Prediction]) -> Breakdown {
                     (true, true) => tr.right_right += 1,
                     (true, false) => {
                         tr.right_wrong += 1;
-                        tr.right_cut_off += usize::from(!b.finished);
+                        // (as scoring decides it: no answer unless its conclusion closed)
+                        let cut =
+                            b.canonical == "cut off" || (b.canonical.is_empty() && !b.finished);
+                        tr.right_cut_off += usize::from(cut);
                     }
                     (false, true) => tr.wrong_right += 1,
                     (false, false) => tr.wrong_wrong += 1,

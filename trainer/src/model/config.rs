@@ -418,6 +418,36 @@ impl MllamaConfig {
         Ok(cfg)
     }
 
+    /// The special ids generation embeds (pad for left-padded batches) and stops at (eos) are
+    /// tokens of the embedding (an id past it was a panic on the CPU, a device-side assert on a
+    /// GPU). Checked by `infer` and `eval`, not at load: training reads none of them, and a small
+    /// model saved with transformers' default ids (128000...) over a small vocabulary trains.
+    pub fn check_special_ids(&self) -> Result<(), ModelError> {
+        let t = &self.text;
+        let rows = t.vocab_size + 8;
+        let bad: Vec<String> = [
+            ("text_config.pad_token_id", t.pad_token_id),
+            ("text_config.bos_token_id", t.bos_token_id),
+        ]
+        .into_iter()
+        .chain(
+            t.eos_token_ids
+                .iter()
+                .map(|&i| ("text_config.eos_token_id", Some(i))),
+        )
+        .filter_map(|(key, id)| {
+            let id = id.filter(|&i| !(0..rows).contains(&i))?;
+            Some(format!(
+                "{key} {id} is not a token of the embedding (0..{rows}: vocab_size + 8)"
+            ))
+        })
+        .collect();
+        match bad.is_empty() {
+            true => Ok(()),
+            false => Err(ModelError::Config(bad.join("; "))),
+        }
+    }
+
     fn validate(&self) -> Result<(), ModelError> {
         let (v, t) = (&self.vision, &self.text);
         // sizes first: the divisibility checks below divide by them, and the model builds
@@ -482,23 +512,6 @@ impl MllamaConfig {
                 "vision_config.intermediate_layers_indices is empty: Mllama concatenates at least one intermediate layer's output (Llama 3.2 Vision: [3, 7, 15, 23, 30])"
                     .to_string(),
             );
-        }
-        let rows = t.vocab_size + 8;
-        for (key, id) in [
-            ("text_config.pad_token_id", t.pad_token_id),
-            ("text_config.bos_token_id", t.bos_token_id),
-        ]
-        .into_iter()
-        .chain(
-            t.eos_token_ids
-                .iter()
-                .map(|&i| ("text_config.eos_token_id", Some(i))),
-        ) {
-            if let Some(id) = id.filter(|&i| !(0..rows).contains(&i)) {
-                bad.push(format!(
-                    "{key} {id} is not a token of the embedding (0..{rows}: vocab_size + 8)"
-                ));
-            }
         }
         if t.num_attention_heads % t.num_key_value_heads != 0 {
             bad.push(

@@ -103,16 +103,21 @@ impl<'a> Saver<'a> {
                 r.world_size
             ),
         );
-        // masks are drawn per micro-batch of train.batch_size samples (older trainers: per rank)
-        let (then, now, what) = match r.micro_batch {
-            Some(b) => (b, config.train.batch_size, "train.batch_size"),
-            None => (r.world_size, pg.world_size(), "world size"),
+        // masks are drawn per micro-batch of train.batch_size samples (older trainers, which
+        // record no micro_batch, drew them per rank: their masks are not replayed at all)
+        let changed = match r.micro_batch {
+            Some(b) if b != config.train.batch_size => Some(format!(
+                "saved with train.batch_size {b}, resumed with {} (keep {b} to replay them)",
+                config.train.batch_size
+            )),
+            Some(_) => None,
+            None => Some("saved by an older trainer, which drew them per rank".to_string()),
         };
-        if then != now && config.peft.is_lora() && config.peft.dropout > 0.0 {
+        if let Some(why) = changed.filter(|_| config.peft.is_lora() && config.peft.dropout > 0.0) {
             log(
                 pg.rank(),
                 &format!(
-                    "note: saved with {what} {then}, resumed with {now}: the data, weights and optimizer state continue exactly, but LoRA dropout masks are drawn per micro-batch, so with peft.dropout {} the next steps are not those of an uninterrupted run (keep {what} {then} to replay them)",
+                    "note: {why}: the data, weights and optimizer state continue exactly, but LoRA dropout masks are drawn per micro-batch, so with peft.dropout {} the next steps are not those of an uninterrupted run",
                     config.peft.dropout
                 ),
             );

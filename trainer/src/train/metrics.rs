@@ -215,7 +215,7 @@ impl Meter {
             bar.finish();
             crate::logging::set_active_bar(None);
             // the next output starts below the finished bar, not over it
-            eprintln!();
+            let _ = writeln!(std::io::stderr()); // (eprintln! panics on a hung-up terminal)
         }
     }
 }
@@ -228,7 +228,7 @@ impl Drop for Meter {
             if !bar.is_finished() {
                 // leave the bar as it stood, and the error that follows on a line of its own
                 bar.abandon();
-                eprintln!();
+                let _ = writeln!(std::io::stderr());
             }
         }
     }

@@ -165,6 +165,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
         stopped_by = stopped_after_validation(&pg, device, st.step, &meter)?;
     }
     meter.start_steps();
+    signal::install_interrupt_handlers();
     let epochs = match st.step >= total_steps || stopped_by.is_some() {
         true if stopped_by.is_some() => 0..0,
         true => {
@@ -234,7 +235,8 @@ pub fn train(config: &Config) -> Result<Outcome> {
             };
             meter.step(&pg, device, report)?;
             saver.after_step(&mut st, &trainable, &opt, steps_per_epoch, total_steps)?;
-            // SIGTERM (SIGUSR1): every rank stops after the same step, with a checkpoint of it.
+            // SIGTERM (SIGUSR1, SIGINT, SIGHUP): every rank stops after the same step, with a
+            // checkpoint of it.
             if let Some(sig) = signal::stop_requested(&pg, device, st.step, stop_after)? {
                 if st.saved_step != Some(st.step) {
                     let at = (epoch, st.epoch_batch);

@@ -18,10 +18,8 @@ static STOP: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_stop_signal(sig: libc::c_int) {
     // async-signal-safe: one atomic operation (the first signal is kept), and for a second
-    // SIGINT signal() and raise()
-    if STOP
-        .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
-        .is_err()
+    // SIGINT signal() and raise() (a Ctrl-C after a scheduler's notice is a first one)
+    if STOP.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst) == Err(libc::SIGINT)
         && sig == libc::SIGINT
     {
         // SAFETY: both are async-signal-safe; the default action ends the process.
@@ -32,8 +30,20 @@ extern "C" fn on_stop_signal(sig: libc::c_int) {
     }
 }
 
+/// SIGTERM and SIGUSR1, from the start: a scheduler's stop during set-up stops after the first
+/// step, with its checkpoint.
 pub(super) fn install_stop_handlers() {
-    for sig in [libc::SIGTERM, libc::SIGUSR1, libc::SIGINT, libc::SIGHUP] {
+    install(&[libc::SIGTERM, libc::SIGUSR1]);
+}
+
+/// SIGINT and SIGHUP, once the steps begin: during set-up (minutes of loading for an 11B model)
+/// Ctrl-C still ends the process at once, as nothing is lost there.
+pub(super) fn install_interrupt_handlers() {
+    install(&[libc::SIGINT, libc::SIGHUP]);
+}
+
+fn install(signals: &[libc::c_int]) {
+    for &sig in signals {
         // SAFETY: the query passes a null new action; the handler only performs async-signal-safe
         // operations.
         unsafe {
