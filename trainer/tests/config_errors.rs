@@ -222,6 +222,10 @@ fn enums_list_their_values() {
             r#"data.text_only: expected one of skip, keep, got "drop""#,
         ),
         (
+            "train.adam_beta2=1",
+            "train.adam_beta2: expected a number in [0, 1), got 1",
+        ),
+        (
             "train.schedule.kind=exponential",
             r#"train.schedule.kind: expected one of step, cosine, linear, constant, got "exponential""#,
         ),
@@ -419,7 +423,7 @@ fn yaml_oddities() {
     assert_eq!(
         yaml_error("train: {1: 2}\n"),
         "train.1: unknown key \"1\" (valid keys: epochs, batch_size, grad_accum, lr, weight_decay, \
-         schedule, grad_clip, max_steps, seed, validate, log_every, output_dir, save_adapter, skip_nonfinite, \
+         adam_beta1, adam_beta2, adam_epsilon, schedule, grad_clip, max_steps, seed, validate, log_every, output_dir, save_adapter, skip_nonfinite, \
          peak_tflops)"
     );
     assert_eq!(

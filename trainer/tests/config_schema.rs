@@ -48,6 +48,10 @@ fn every_default() {
     assert_eq!(c.train.grad_accum, 1);
     assert_eq!(c.train.lr, 1e-5);
     assert_eq!(c.train.weight_decay, 0.0);
+    assert_eq!(
+        (c.train.adam_beta1, c.train.adam_beta2, c.train.adam_epsilon),
+        (0.9, 0.999, 1e-8)
+    );
     assert_eq!(c.train.schedule.kind, ScheduleKind::Step);
     assert_eq!(c.train.schedule.gamma, 0.85);
     assert_eq!(c.train.schedule.warmup_steps, 0);
@@ -106,6 +110,9 @@ train:
   grad_accum: 8
   lr: 2e-4
   weight_decay: 0.1
+  adam_beta1: 0.8
+  adam_beta2: 0.95
+  adam_epsilon: 1e-6
   schedule: {kind: cosine, gamma: 0.5, warmup_steps: 100, min_lr_ratio: 0.1}
   grad_clip: 1.0
   max_steps: 500
@@ -162,6 +169,14 @@ fn every_key_parses() {
     assert_eq!(c.train.grad_accum, 8);
     assert_eq!(c.train.lr, 2e-4);
     assert_eq!(c.train.weight_decay, 0.1);
+    assert_eq!(
+        (c.train.adam_beta1, c.train.adam_beta2, c.train.adam_epsilon),
+        (0.8, 0.95, 1e-6)
+    );
+    // ... and AdamW is built with them
+    let adam = trainer::optim::AdamWConfig::for_training(&c).to_json();
+    assert_eq!(adam["betas"], serde_json::json!([0.8, 0.95]));
+    assert_eq!(adam["eps"], serde_json::json!(1e-6));
     assert_eq!(c.train.schedule.kind, ScheduleKind::Cosine);
     assert_eq!(c.train.schedule.gamma, 0.5);
     assert_eq!(c.train.schedule.warmup_steps, 100);
@@ -375,6 +390,9 @@ fn to_yaml_prints_every_key() {
         "grad_accum:",
         "lr:",
         "weight_decay:",
+        "adam_beta1:",
+        "adam_beta2:",
+        "adam_epsilon:",
         "schedule:",
         "kind:",
         "gamma:",

@@ -11,8 +11,8 @@ use super::schema::{
     SaveAdapter, ScheduleKind, Supervise, TextOnly,
 };
 use super::values::{
-    ClipNorm, Count, Decay, Dropout, FilePath, Int, Names, NonNegative, Num, Positive, PositiveInt,
-    Ratio,
+    Beta, ClipNorm, Count, Decay, Dropout, FilePath, Int, Names, NonNegative, Num, Positive,
+    PositiveInt, Ratio,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,6 +121,9 @@ pub(crate) struct RawTrain {
     pub grad_accum: Int<PositiveInt>,
     pub lr: Num<Positive>,
     pub weight_decay: Num<NonNegative>,
+    pub adam_beta1: Num<Beta>,
+    pub adam_beta2: Num<Beta>,
+    pub adam_epsilon: Num<Positive>,
     pub schedule: RawSchedule,
     pub grad_clip: Option<Num<ClipNorm>>,
     pub max_steps: Int<Count>,
@@ -143,6 +146,10 @@ impl Default for RawTrain {
             // llama-recipes' default is 1e-4; the seed (and LLaVA-CoT) train at 1e-5.
             lr: Num::new(1e-5),
             weight_decay: Num::new(0.0),
+            // torch.optim.AdamW's (llama-recipes passes none; HF's Trainer has the same defaults)
+            adam_beta1: Num::new(0.9),
+            adam_beta2: Num::new(0.999),
+            adam_epsilon: Num::new(1e-8),
             schedule: RawSchedule::default(),
             // gradient_clipping False.
             grad_clip: None,

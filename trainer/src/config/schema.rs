@@ -175,6 +175,10 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     pub lr: f64,
     pub weight_decay: f64,
+    /// AdamW's betas and eps (HF's `adam_beta1`, `adam_beta2`, `adam_epsilon`).
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
     pub schedule: Schedule,
     /// Max global gradient norm; None: no clipping.
     pub grad_clip: Option<f64>,

@@ -177,6 +177,9 @@ fn train(raw: RawTrain) -> Result<TrainConfig, ConfigError> {
         grad_accum: raw.grad_accum.size(),
         lr: raw.lr.get(),
         weight_decay: raw.weight_decay.get(),
+        adam_beta1: raw.adam_beta1.get(),
+        adam_beta2: raw.adam_beta2.get(),
+        adam_epsilon: raw.adam_epsilon.get(),
         schedule: Schedule {
             kind: s.kind,
             gamma: s.gamma.get(),

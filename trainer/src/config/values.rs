@@ -54,6 +54,7 @@ num_rule!(NonNegative, "a number >= 0", |v| v.is_finite() && v >= 0.0);
 num_rule!(Dropout, "a number in [0, 1)", |v| (0.0..1.0).contains(&v));
 num_rule!(Decay, "a number in (0, 1]", |v| v > 0.0 && v <= 1.0);
 num_rule!(Ratio, "a number in [0, 1]", |v| (0.0..=1.0).contains(&v));
+num_rule!(Beta, "a number in [0, 1)", |v| (0.0..1.0).contains(&v));
 num_rule!(ClipNorm, "a positive number (or null: no clipping)", |v| v
     .is_finite()
     && v > 0.0);

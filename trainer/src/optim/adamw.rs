@@ -22,11 +22,15 @@ pub struct AdamWConfig {
 }
 
 impl AdamWConfig {
-    /// A training config's AdamW (`train.weight_decay`; torch's defaults otherwise).
+    /// A training config's AdamW (`train.weight_decay`, `adam_beta1`, `adam_beta2`,
+    /// `adam_epsilon`).
     pub fn for_training(config: &crate::config::Config) -> Self {
+        let t = &config.train;
         Self {
-            weight_decay: config.train.weight_decay,
-            ..Default::default()
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_epsilon,
+            weight_decay: t.weight_decay,
         }
     }
 
