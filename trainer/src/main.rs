@@ -50,6 +50,9 @@ enum Command {
     /// Score a benchmark turn by turn (greedy by default), resumable; writes predictions and reports.
     /// Example: trainer eval --model M --data b.jsonl --image-root i --turns 3 --out r/
     Eval(EvalArgs),
+    /// Compare two evaluations of the same benchmark question by question (paired exact McNemar
+    /// per turn). Example: trainer compare report-base/ report-trained/
+    Compare(CompareArgs),
     /// Export a checkpoint as a PEFT adapter, or (--format merged) as a full HF model folder.
     /// Example: trainer export --checkpoint ckpt/step-00000500 --out adapter/ --format peft
     Export(ExportArgs),
@@ -798,6 +801,18 @@ struct ExportArgs {
     naming: Option<trainer::checkpoint::AdapterNaming>,
 }
 
+/// `trainer compare`.
+#[derive(Args)]
+struct CompareArgs {
+    /// `trainer eval --out` folder of run A (e.g. the base model)
+    a: PathBuf,
+    /// `trainer eval --out` folder of run B (e.g. the trained model)
+    b: PathBuf,
+    /// Also write the comparison as JSON to this file
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum ExportFormat {
     Peft,
@@ -933,6 +948,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config::training_conflicts(&resolved)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
             println!("{}: config ok", args.config.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compare(args) => {
+            let c = trainer::eval::compare::compare(&args.a, &args.b)?;
+            print!("{}", c.markdown());
+            if let Some(path) = args.json {
+                let text = serde_json::to_string_pretty(&c)?;
+                std::fs::write(&path, text + "\n")
+                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Train(args) => {

@@ -22,6 +22,7 @@
 //! to the ranks; with sampling, each question's seed comes from `--seed` and its id. The report's verdict on self-correction is an exact McNemar
 //! test of turn 0 against the last turn, and every accuracy has a 95 % Wilson interval.
 pub mod answer;
+pub mod compare;
 mod font;
 pub mod plots;
 pub mod report;

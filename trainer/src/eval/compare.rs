@@ -1,0 +1,201 @@
+//! Two evaluations of the same benchmark set side by side, paired question by question (`trainer
+//! compare A B`): per turn, each run's accuracy, the questions only one of them answers right, and
+//! the exact McNemar p of the difference. The paired test is what says whether a trained model
+//! beats its base (or one correction prompt another) on these questions; two accuracies with
+//! their own intervals overlap long after the paired difference is clear.
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::report::Prediction;
+use super::stats::mcnemar_exact;
+use super::EvalError;
+
+/// One turn of the comparison, over the questions both runs answered at that turn.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TurnComparison {
+    pub turn: usize,
+    pub questions: usize,
+    pub accuracy_a: f64,
+    pub accuracy_b: f64,
+    /// Right in both runs.
+    pub both: usize,
+    /// Right in A only, in B only.
+    pub a_only: usize,
+    pub b_only: usize,
+    /// Exact McNemar p of `a_only` against `b_only`.
+    pub p_value: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Comparison {
+    pub a: String,
+    pub b: String,
+    /// Questions in both runs (the pairs), and in one run only (left out).
+    pub paired: usize,
+    pub only_a: usize,
+    pub only_b: usize,
+    pub turns: Vec<TurnComparison>,
+}
+
+/// Compares the predictions of two `trainer eval --out` folders.
+pub fn compare(a: &Path, b: &Path) -> Result<Comparison, EvalError> {
+    let (pa, pb) = (predictions_of(a)?, predictions_of(b)?);
+    let paired: Vec<(&Prediction, &Prediction)> = pa
+        .iter()
+        .filter_map(|(id, p)| pb.get(id).map(|q| (p, q)))
+        .collect();
+    if paired.is_empty() {
+        return Err(EvalError::Io(format!(
+            "{} and {} share no question id: they are not evaluations of the same benchmark",
+            a.display(),
+            b.display()
+        )));
+    }
+    let turns = paired
+        .iter()
+        .map(|(p, q)| p.turns.len().min(q.turns.len()))
+        .max()
+        .unwrap_or(0);
+    let turns = (0..turns)
+        .map(|t| {
+            // (a question whose run stopped before turn t is not paired at t)
+            let at: Vec<(bool, bool)> = paired
+                .iter()
+                .filter(|(p, q)| p.turns.len() > t && q.turns.len() > t)
+                .map(|(p, q)| (p.turns[t].correct, q.turns[t].correct))
+                .collect();
+            let count = |f: fn(&(bool, bool)) -> bool| at.iter().filter(|x| f(x)).count();
+            let (a_only, b_only) = (count(|x| x.0 && !x.1), count(|x| !x.0 && x.1));
+            let n = at.len().max(1) as f64;
+            TurnComparison {
+                turn: t,
+                questions: at.len(),
+                accuracy_a: count(|x| x.0) as f64 / n,
+                accuracy_b: count(|x| x.1) as f64 / n,
+                both: count(|x| x.0 && x.1),
+                a_only,
+                b_only,
+                p_value: mcnemar_exact(a_only as u64, b_only as u64),
+            }
+        })
+        .collect();
+    Ok(Comparison {
+        a: a.display().to_string(),
+        b: b.display().to_string(),
+        paired: paired.len(),
+        only_a: pa.len() - paired.len(),
+        only_b: pb.len() - paired.len(),
+        turns,
+    })
+}
+
+/// An eval folder's predictions by id.
+fn predictions_of(dir: &Path) -> Result<BTreeMap<String, Prediction>, EvalError> {
+    let path = dir.join("predictions.jsonl");
+    if !path.is_file() {
+        return Err(EvalError::Io(format!(
+            "{}: no predictions.jsonl (expected a `trainer eval --out` folder)",
+            dir.display()
+        )));
+    }
+    Ok(super::read_predictions(&path)?
+        .into_iter()
+        .map(|p| (p.id.clone(), p))
+        .collect())
+}
+
+impl Comparison {
+    /// The table `trainer compare` prints.
+    pub fn markdown(&self) -> String {
+        let mut s = format!(
+            "A: {}\nB: {}\n{} questions paired ({} in A only, {} in B only, left out)\n\n\
+             | turn | questions | accuracy A | accuracy B | right in both | A only | B only | p (exact McNemar) |\n\
+             | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            self.a, self.b, self.paired, self.only_a, self.only_b
+        );
+        for t in &self.turns {
+            s += &format!(
+                "| {} | {} | {:.1}% | {:.1}% | {} | {} | {} | {:.3} |\n",
+                t.turn,
+                t.questions,
+                100.0 * t.accuracy_a,
+                100.0 * t.accuracy_b,
+                t.both,
+                t.a_only,
+                t.b_only,
+                t.p_value
+            );
+        }
+        s +=
+            "\nA difference is more than chance on these questions when p < 0.05 (the correctness \
+              stored by each eval, as its report scored it).\n";
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, rows: &[(&str, &[bool])]) {
+        std::fs::create_dir_all(dir).unwrap();
+        let lines: Vec<String> = rows
+            .iter()
+            .map(|(id, turns)| {
+                let turns: Vec<serde_json::Value> = turns
+                    .iter()
+                    .map(|c| serde_json::json!({"text": "", "extracted": "", "correct": c}))
+                    .collect();
+                serde_json::json!({"id": id, "answer": "x", "turns": turns}).to_string()
+            })
+            .collect();
+        std::fs::write(dir.join("predictions.jsonl"), lines.join("\n") + "\n").unwrap();
+    }
+
+    #[test]
+    fn paired_counts_and_the_exact_test() {
+        let root = std::env::temp_dir().join(format!("eval-compare-{}", std::process::id()));
+        let (a, b) = (root.join("a"), root.join("b"));
+        // 10 questions B gets right and A wrong at turn 0, none the other way: p = 2 / 1024;
+        // one question only in A, one only in B
+        let mut ra: Vec<(String, Vec<bool>)> = (0..10)
+            .map(|i| (format!("q{i}"), vec![false, true]))
+            .collect();
+        let mut rb: Vec<(String, Vec<bool>)> = (0..10)
+            .map(|i| (format!("q{i}"), vec![true, true]))
+            .collect();
+        ra.push(("right".into(), vec![true, true]));
+        rb.push(("right".into(), vec![true, false]));
+        ra.push(("a-only".into(), vec![true, true]));
+        rb.push(("b-only".into(), vec![true]));
+        fn rows(r: &[(String, Vec<bool>)]) -> Vec<(&str, &[bool])> {
+            r.iter().map(|(i, t)| (i.as_str(), t.as_slice())).collect()
+        }
+        write(&a, &rows(&ra));
+        write(&b, &rows(&rb));
+        let c = compare(&a, &b).unwrap();
+        assert_eq!((c.paired, c.only_a, c.only_b), (11, 1, 1));
+        let t0 = &c.turns[0];
+        assert_eq!(
+            (t0.questions, t0.both, t0.a_only, t0.b_only),
+            (11, 1, 0, 10)
+        );
+        assert_eq!(t0.p_value, 2.0 / 1024.0);
+        assert!((t0.accuracy_b - 1.0).abs() < 1e-12);
+        let t1 = &c.turns[1];
+        assert_eq!((t1.both, t1.a_only, t1.b_only, t1.p_value), (10, 1, 0, 1.0));
+        assert!(c
+            .markdown()
+            .contains("| 0 | 11 | 9.1% | 100.0% | 1 | 0 | 10 | 0.002 |"));
+        // no shared id: an error naming both
+        let other = root.join("other");
+        write(&other, &[("z", &[true])]);
+        let err = compare(&a, &other).unwrap_err().to_string();
+        assert!(err.contains("share no question id"), "{err}");
+        let err = compare(&a, &root.join("none")).unwrap_err().to_string();
+        assert!(err.contains("no predictions.jsonl"), "{err}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
