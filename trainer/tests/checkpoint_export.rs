@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::bin;
@@ -304,16 +304,9 @@ fn adapter_tensors(dir: &Path) -> HashMap<String, Tensor> {
         .collect()
 }
 
-/// With validation, the adapter left in output_dir is the epoch with the lowest validation loss
-/// (llama-recipes saves only when `eval_epoch_loss < best_val_loss`), not the last one; a run
-/// stopped after the best epoch and resumed keeps comparing against it (the best is carried in
-/// the manifest and the checkpoint's validation.json).
-#[test]
-fn validation_keeps_the_best_epochs_adapter_across_a_resume() {
-    // answers in words the training set never has: training makes them less likely, so the
-    // validation loss rises after the first epoch
-    let whole = fresh("best-adapter-whole");
-    std::fs::create_dir_all(&whole).unwrap();
+/// Validation records whose answers are words the training set never has: training makes them
+/// less likely, so the validation loss rises after the first steps.
+fn rising_eval_set() -> PathBuf {
     let eval_file = common::ckpt::setup().join("best-adapter-eval.jsonl");
     let records: Vec<String> = (0..8)
         .map(|i| {
@@ -330,7 +323,74 @@ fn validation_keeps_the_best_epochs_adapter_across_a_resume() {
         })
         .collect();
     std::fs::write(&eval_file, records.join("\n") + "\n").unwrap();
-    let eval = format!("data.eval={}", eval_file.display());
+    eval_file
+}
+
+/// `train.eval_every_steps` validates within the epoch too (steps 2 and 4 of its 6 global batches of 8, then the
+/// epoch's end), each validated step's checkpoint carries its record, and the adapter in
+/// output_dir is the best step's.
+#[test]
+fn eval_every_steps_validates_within_the_epoch() {
+    let out = fresh("eval-every-steps");
+    let eval = format!("data.eval={}", rising_eval_set().display());
+    let sets = [
+        eval.as_str(),
+        "train.validate=true",
+        "train.eval_every_steps=2",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=0",
+        "peft.dropout=0.0",
+        "train.lr=0.01",
+    ];
+    ok(
+        run(
+            &out,
+            1,
+            "epochs: 1, batch_size: 8, grad_accum: 1",
+            &sets,
+            &[],
+        ),
+        "run",
+    );
+    let v = validations(&out);
+    assert_eq!(
+        v.iter().map(|r| r.1).collect::<Vec<_>>(),
+        [2, 4, 6],
+        "{v:?}"
+    );
+    for &(_, step, loss) in &v {
+        let ckpt = out.join(format!("ckpt/step-{step:08}"));
+        let record: Value =
+            serde_json::from_str(&std::fs::read_to_string(ckpt.join("validation.json")).unwrap())
+                .unwrap();
+        assert_eq!(record["eval_loss"].as_f64(), Some(loss), "step {step}");
+    }
+    let best = v.iter().fold(v[0], |b, &r| if r.2 < b.2 { r } else { b });
+    let exported = out.join("best-export");
+    ok(
+        export(&out.join(format!("ckpt/step-{:08}", best.1)), &exported),
+        "export",
+    );
+    let (kept, want) = (adapter_tensors(&out), adapter_tensors(&exported));
+    assert_eq!(kept.len(), want.len());
+    for (n, t) in &want {
+        assert!(
+            t.equal(&kept[n]),
+            "{n}: output_dir's adapter is not step {}'s",
+            best.1
+        );
+    }
+}
+
+/// With validation, the adapter left in output_dir is the epoch with the lowest validation loss
+/// (llama-recipes saves only when `eval_epoch_loss < best_val_loss`), not the last one; a run
+/// stopped after the best epoch and resumed keeps comparing against it (the best is carried in
+/// the manifest and the checkpoint's validation.json).
+#[test]
+fn validation_keeps_the_best_epochs_adapter_across_a_resume() {
+    let whole = fresh("best-adapter-whole");
+    std::fs::create_dir_all(&whole).unwrap();
+    let eval = format!("data.eval={}", rising_eval_set().display());
     let sets = [
         eval.as_str(),
         "train.validate=true",

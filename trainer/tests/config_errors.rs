@@ -334,6 +334,16 @@ fn rules_across_keys() {
          min_lr_ratio: 0"
     );
     assert_eq!(
+        set_error("train.eval_every_steps=100"),
+        "train.eval_every_steps: 100, but train.validate is false; set train.validate: true (with \
+         data.eval) or eval_every_steps: 0"
+    );
+    assert_eq!(
+        set_error("train={validate: true, eval_every_steps: 100}"),
+        "train.eval_every_steps: 100 must be a multiple of checkpoint.every_steps (0): each \
+         validated step needs its checkpoint; set checkpoint.every_steps to 100 or a divisor of it"
+    );
+    assert_eq!(
         set_error("train.schedule={kind: constant, min_lr_ratio: 0.1}"),
         "train.schedule.min_lr_ratio: 0.1, but kind constant does not decay; set \
          train.schedule.kind: linear or cosine, or min_lr_ratio: 0"
@@ -423,8 +433,8 @@ fn yaml_oddities() {
     assert_eq!(
         yaml_error("train: {1: 2}\n"),
         "train.1: unknown key \"1\" (valid keys: epochs, batch_size, grad_accum, lr, weight_decay, \
-         adam_beta1, adam_beta2, adam_epsilon, schedule, grad_clip, max_steps, seed, validate, log_every, output_dir, save_adapter, skip_nonfinite, \
-         peak_tflops)"
+         adam_beta1, adam_beta2, adam_epsilon, schedule, grad_clip, max_steps, seed, validate, \
+         log_every, output_dir, save_adapter, skip_nonfinite, eval_every_steps, peak_tflops)"
     );
     assert_eq!(
         yaml_error("train: {null: 1}\n"),

@@ -63,6 +63,7 @@ fn every_default() {
     assert_eq!(c.train.log_every, 1);
     assert_eq!(c.train.output_dir, PathBuf::from("./finetuned_model"));
     assert_eq!(c.train.skip_nonfinite, 0);
+    assert_eq!(c.train.eval_every_steps, 0);
 
     assert!(c.fsdp.enabled);
     assert_eq!(c.fsdp.backend, Backend::Auto);
@@ -121,6 +122,7 @@ train:
   log_every: 10
   output_dir: runs/x
   skip_nonfinite: 3
+  eval_every_steps: 500
 fsdp:
   enabled: false
   backend: nccl
@@ -188,6 +190,7 @@ fn every_key_parses() {
     assert_eq!(c.train.log_every, 10);
     assert_eq!(c.train.output_dir, PathBuf::from("runs/x"));
     assert_eq!(c.train.skip_nonfinite, 3);
+    assert_eq!(c.train.eval_every_steps, 500);
 
     assert!(!c.fsdp.enabled);
     assert_eq!(c.fsdp.backend, Backend::Nccl);
@@ -405,6 +408,7 @@ fn to_yaml_prints_every_key() {
         "log_every:",
         "output_dir:",
         "skip_nonfinite:",
+        "eval_every_steps:",
         "fsdp:",
         "enabled:",
         "backend:",

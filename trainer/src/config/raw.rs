@@ -133,6 +133,7 @@ pub(crate) struct RawTrain {
     pub output_dir: FilePath,
     pub save_adapter: SaveAdapter,
     pub skip_nonfinite: Int<Count>,
+    pub eval_every_steps: Int<Count>,
     pub peak_tflops: Option<Num<Positive>>,
 }
 
@@ -164,6 +165,8 @@ impl Default for RawTrain {
             // llama-recipes' save_model (True) with current peft's naming
             save_adapter: SaveAdapter::Hf5,
             skip_nonfinite: Int::new(0),
+            // llama-recipes validates after each epoch only
+            eval_every_steps: Int::new(0),
             // null: from the device table (GPUs), none on CPU (MFU not reported).
             peak_tflops: None,
         }

@@ -204,6 +204,8 @@ pub struct TrainConfig {
     /// How many steps with a non-finite loss or gradient norm may be skipped (update dropped,
     /// warning logged) before the run fails; 0: fail on the first.
     pub skip_nonfinite: u64,
+    /// Also validate every this many optimizer steps within an epoch (0: at epoch ends only).
+    pub eval_every_steps: u64,
     /// Peak dense TFLOP/s of one device in the compute dtype, the denominator of the MFU that
     /// metrics.jsonl reports; null: looked up from the GPU's name (H100, H200, A100, ...; see
     /// `train::flops`), and MFU is null on a CPU or an unknown GPU.

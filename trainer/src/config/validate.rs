@@ -18,6 +18,28 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         fsdp: fsdp(raw.fsdp),
         checkpoint: checkpoint(raw.checkpoint),
     };
+    let (every_eval, every_save) = (config.train.eval_every_steps, config.checkpoint.every_steps);
+    if every_eval > 0 && !config.train.validate {
+        return Err(ConfigError::Conflict {
+            path: "train.eval_every_steps".into(),
+            message: format!(
+                "{every_eval}, but train.validate is false; set train.validate: true (with \
+                 data.eval) or eval_every_steps: 0"
+            ),
+        });
+    }
+    // a validated step's checkpoint is the adapter exported when it is the best, and carries
+    // the result across a resume (HF's load_best_model_at_end asks the same of save_steps)
+    if every_eval > 0 && (every_save == 0 || every_eval % every_save != 0) {
+        return Err(ConfigError::Conflict {
+            path: "train.eval_every_steps".into(),
+            message: format!(
+                "{every_eval} must be a multiple of checkpoint.every_steps ({every_save}): each \
+                 validated step needs its checkpoint; set checkpoint.every_steps to \
+                 {every_eval} or a divisor of it"
+            ),
+        });
+    }
     if config.train.validate && config.data.eval.is_none() {
         return Err(ConfigError::Conflict {
             path: "train.validate".into(),
@@ -194,6 +216,7 @@ fn train(raw: RawTrain) -> Result<TrainConfig, ConfigError> {
         output_dir: raw.output_dir.0,
         save_adapter: raw.save_adapter,
         skip_nonfinite: raw.skip_nonfinite.get(),
+        eval_every_steps: raw.eval_every_steps.get(),
         peak_tflops: raw.peak_tflops.map(|p| p.get()),
     })
 }

@@ -331,8 +331,8 @@ impl<'a> Saver<'a> {
             log(
                 self.pg.rank(),
                 &format!(
-                    "best validation loss so far: {:.4} (epoch {})",
-                    result.eval_loss, result.epoch
+                    "best validation loss so far: {:.4} (epoch {}, step {})",
+                    result.eval_loss, result.epoch, result.step
                 ),
             );
         }

@@ -157,7 +157,9 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let unvalidated = st.saved_step.is_some() && data.eval.is_some() && !st.resumed_validated;
     if st.step > total_steps {
         meter.log(&format!("the checkpoint resumed is past the run's end (step {} of {total_steps}, train.max_steps lowered?): nothing to train, validate or export", st.step));
-    } else if unvalidated && (at_epoch_end || st.step == total_steps) {
+    } else if unvalidated
+        && (at_epoch_end || st.step == total_steps || is_eval_step(t.eval_every_steps, st.step))
+    {
         meter.log(&format!("checkpoint of step {} (epoch {}) has no validation record (stopped while validating?): validating it now", st.step, st.epoch));
         let epoch = st.epoch;
         let ctx = (&pg, config, device, &data);
@@ -235,6 +237,19 @@ pub fn train(config: &Config) -> Result<Outcome> {
             };
             meter.step(&pg, device, report)?;
             saver.after_step(&mut st, &trainable, &opt, steps_per_epoch, total_steps)?;
+            // train.eval_every_steps: validation within the epoch (its checkpoint saved above;
+            // the epoch's last step and the run's are validated after the loop)
+            if is_eval_step(t.eval_every_steps, st.step)
+                && st.epoch_batch < steps_per_epoch
+                && st.step < total_steps
+            {
+                let ctx = (&pg, config, device, &data);
+                validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?;
+                if let Some(sig) = stopped_after_validation(&pg, device, st.step, &meter)? {
+                    stopped_by = Some(sig);
+                    break 'epochs;
+                }
+            }
             // SIGTERM (SIGUSR1, SIGINT, SIGHUP): every rank stops after the same step, with a
             // checkpoint of it.
             if let Some(sig) = signal::stop_requested(&pg, device, st.step, stop_after)? {
@@ -289,6 +304,11 @@ pub fn train(config: &Config) -> Result<Outcome> {
         stopped_by,
         last_loss: st.last_loss,
     })
+}
+
+/// Whether `train.eval_every_steps` validates after optimizer step `step`.
+fn is_eval_step(every: u64, step: u64) -> bool {
+    every > 0 && step > 0 && step.is_multiple_of(every)
 }
 
 /// A SIGTERM during an epoch-end save or validation (every rank calls it): the run stops now, the

@@ -155,7 +155,7 @@ pub(super) fn validate(
     let loss = all_reduce_f64(pg, sum, device)? / tokens.max(1) as f64;
     meter.write(serde_json::json!({"validation": true, "step": step, "epoch": epoch, "eval_loss": loss, "eval_ppl": loss.exp(), "eval_tokens": tokens}))?;
     meter.log(&format!(
-        "epoch {epoch}: validation loss {loss:.4}, perplexity {:.3}",
+        "epoch {epoch}, step {step}: validation loss {loss:.4}, perplexity {:.3}",
         loss.exp()
     ));
     Ok(loss)
