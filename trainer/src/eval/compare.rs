@@ -36,6 +36,9 @@ pub struct Comparison {
     pub paired: usize,
     pub only_a: usize,
     pub only_b: usize,
+    /// Turns each run generated (the comparison covers the turns both have).
+    pub turns_a: usize,
+    pub turns_b: usize,
     pub turns: Vec<TurnComparison>,
 }
 
@@ -46,6 +49,19 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison, EvalError> {
         .iter()
         .filter_map(|(id, p)| pb.get(id).map(|q| (p, q)))
         .collect();
+    // the same id in two benchmarks (ids "0", "1", ... are common) is not the same question
+    if let Some((p, q)) = paired.iter().find(|(p, q)| {
+        p.answer != q.answer || matches!((&p.asked, &q.asked), (Some(x), Some(y)) if x != y)
+    }) {
+        return Err(EvalError::Io(format!(
+            "question {:?} differs between {} and {} (answer {:?} against {:?}, or its question): they are not evaluations of the same benchmark",
+            p.id,
+            a.display(),
+            b.display(),
+            p.answer,
+            q.answer
+        )));
+    }
     if paired.is_empty() {
         return Err(EvalError::Io(format!(
             "{} and {} share no question id: they are not evaluations of the same benchmark",
@@ -53,11 +69,11 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison, EvalError> {
             b.display()
         )));
     }
-    let turns = paired
-        .iter()
-        .map(|(p, q)| p.turns.len().min(q.turns.len()))
-        .max()
-        .unwrap_or(0);
+    let most = |side: &dyn Fn(&(&Prediction, &Prediction)) -> usize| {
+        paired.iter().map(side).max().unwrap_or(0)
+    };
+    let (turns_a, turns_b) = (most(&|x| x.0.turns.len()), most(&|x| x.1.turns.len()));
+    let turns = turns_a.min(turns_b);
     let turns = (0..turns)
         .map(|t| {
             // (a question whose run stopped before turn t is not paired at t)
@@ -87,6 +103,8 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison, EvalError> {
         paired: paired.len(),
         only_a: pa.len() - paired.len(),
         only_b: pb.len() - paired.len(),
+        turns_a,
+        turns_b,
         turns,
     })
 }
@@ -110,10 +128,10 @@ impl Comparison {
     /// The table `trainer compare` prints.
     pub fn markdown(&self) -> String {
         let mut s = format!(
-            "A: {}\nB: {}\n{} questions paired ({} in A only, {} in B only, left out)\n\n\
+            "A: {} ({} turns)\nB: {} ({} turns)\n{} questions paired ({} in A only, {} in B only, left out)\n\n\
              | turn | questions | accuracy A | accuracy B | right in both | A only | B only | p (exact McNemar) |\n\
              | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
-            self.a, self.b, self.paired, self.only_a, self.only_b
+            self.a, self.turns_a, self.b, self.turns_b, self.paired, self.only_a, self.only_b
         );
         for t in &self.turns {
             s += &format!(
@@ -129,8 +147,9 @@ impl Comparison {
             );
         }
         s +=
-            "\nA difference is more than chance on these questions when p < 0.05 (the correctness \
-              stored by each eval, as its report scored it).\n";
+            "\nA difference is more than chance on these questions when p < 0.05. Correctness is as \
+              stored in each predictions.jsonl (questions kept there from an earlier, longer run of \
+              the folder are paired too).\n";
         s
     }
 }
@@ -177,6 +196,7 @@ mod tests {
         write(&b, &rows(&rb));
         let c = compare(&a, &b).unwrap();
         assert_eq!((c.paired, c.only_a, c.only_b), (11, 1, 1));
+        assert_eq!((c.turns_a, c.turns_b, c.turns.len()), (2, 2, 2));
         let t0 = &c.turns[0];
         assert_eq!(
             (t0.questions, t0.both, t0.a_only, t0.b_only),
@@ -194,6 +214,17 @@ mod tests {
         write(&other, &[("z", &[true])]);
         let err = compare(&a, &other).unwrap_err().to_string();
         assert!(err.contains("share no question id"), "{err}");
+        // the same ids with other answers: another benchmark
+        let renamed = root.join("renamed");
+        write(&renamed, &[("q0", &[true])]);
+        let text = std::fs::read_to_string(renamed.join("predictions.jsonl")).unwrap();
+        std::fs::write(
+            renamed.join("predictions.jsonl"),
+            text.replace("\"x\"", "\"y\""),
+        )
+        .unwrap();
+        let err = compare(&a, &renamed).unwrap_err().to_string();
+        assert!(err.contains("question \"q0\" differs"), "{err}");
         let err = compare(&a, &root.join("none")).unwrap_err().to_string();
         assert!(err.contains("no predictions.jsonl"), "{err}");
         let _ = std::fs::remove_dir_all(&root);

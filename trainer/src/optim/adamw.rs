@@ -12,7 +12,8 @@
 //! and the GPU path).
 use tch::{Kind, Tensor};
 
-/// Hyper-parameters (torch defaults except `lr`/`weight_decay`, which the config sets).
+/// Hyper-parameters (`train.weight_decay`, `adam_beta1`, `adam_beta2`, `adam_epsilon`; torch's
+/// defaults otherwise; the learning rate comes per step).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
     pub beta1: f64,

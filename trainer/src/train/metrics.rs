@@ -89,7 +89,11 @@ impl Meter {
         };
         let file = if rank == 0 {
             let file = open_file(&config.train.output_dir, resumed, resumed_validated)?;
-            write_config(config)?;
+            // (informational: a failure is a warning, not an error on rank 0 alone while the
+            // other ranks go on into collectives)
+            if let Err(e) = write_config(config) {
+                tracing::warn!("{e:#}");
+            }
             Some(file)
         } else {
             None

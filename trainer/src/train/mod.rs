@@ -237,19 +237,6 @@ pub fn train(config: &Config) -> Result<Outcome> {
             };
             meter.step(&pg, device, report)?;
             saver.after_step(&mut st, &trainable, &opt, steps_per_epoch, total_steps)?;
-            // train.eval_every_steps: validation within the epoch (its checkpoint saved above;
-            // the epoch's last step and the run's are validated after the loop)
-            if is_eval_step(t.eval_every_steps, st.step)
-                && st.epoch_batch < steps_per_epoch
-                && st.step < total_steps
-            {
-                let ctx = (&pg, config, device, &data);
-                validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?;
-                if let Some(sig) = stopped_after_validation(&pg, device, st.step, &meter)? {
-                    stopped_by = Some(sig);
-                    break 'epochs;
-                }
-            }
             // SIGTERM (SIGUSR1, SIGINT, SIGHUP): every rank stops after the same step, with a
             // checkpoint of it.
             if let Some(sig) = signal::stop_requested(&pg, device, st.step, stop_after)? {
@@ -261,6 +248,20 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 meter.log(&format!("{name}: stopping after step {}", st.step));
                 stopped_by = Some(sig);
                 break 'epochs;
+            }
+            // train.eval_every_steps: validation within the epoch (its checkpoint saved above;
+            // the epoch's last step and the run's are validated after the loop; after the stop
+            // check: a stop does not wait for it, the resumed run validates the step)
+            if is_eval_step(t.eval_every_steps, st.step)
+                && st.epoch_batch < steps_per_epoch
+                && st.step < total_steps
+            {
+                let ctx = (&pg, config, device, &data);
+                validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?;
+                if let Some(sig) = stopped_after_validation(&pg, device, st.step, &meter)? {
+                    stopped_by = Some(sig);
+                    break 'epochs;
+                }
             }
         }
         drop(micro);
