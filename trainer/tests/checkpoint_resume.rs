@@ -690,3 +690,33 @@ fn signal_stops_training(sig: i32, name: &str, code: i32) -> String {
     }
     stderr
 }
+
+/// A resume with another `data.supervise` goes on, with a note that the loss now covers other
+/// turns (the manifest records the setting).
+#[test]
+fn a_resume_with_another_supervise_is_noted() {
+    let out = fresh("supervise-note");
+    let train = |steps: u32| format!("epochs: 1, batch_size: 2, grad_accum: 1, max_steps: {steps}");
+    ok(
+        run(&out, 1, &train(2), &["checkpoint.every_steps=2"], &[]),
+        "first",
+    );
+    let o = ok(
+        run(
+            &out,
+            1,
+            &train(4),
+            &["checkpoint.every_steps=2", "data.supervise=last"],
+            &[],
+        ),
+        "resumed",
+    );
+    assert!(
+        o.stderr.contains(
+            "note: the checkpoint was trained with data.supervise \"all\", this run has \"last\""
+        ),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(metrics(&out).len(), 4);
+}

@@ -33,6 +33,8 @@ pub struct Resumed {
     pub world_size: usize,
     /// `train.batch_size` when saved (None from older trainers).
     pub micro_batch: Option<usize>,
+    /// `data.supervise` when saved ("all" for older trainers, which had no other).
+    pub supervise: serde_json::Value,
     /// The learning-rate schedule the checkpoint was trained with (`LrSchedule::to_json`).
     pub scheduler: serde_json::Value,
     /// AdamW's settings it was trained with (`AdamWConfig::to_json`; null from older trainers).
@@ -256,6 +258,10 @@ fn load_resumed(
         dir,
         world_size: m.world_size,
         micro_batch: m.data.micro_batch,
+        supervise: match m.prompt.get("supervise") {
+            Some(v) => v.clone(),
+            None => serde_json::json!("all"),
+        },
         scheduler: m.scheduler.clone(),
         optimizer: m.optimizer.clone(),
         progress: Progress {

@@ -1008,6 +1008,8 @@ fn build_manifest(
         prompt: serde_json::json!({
             "double_bos": config.data.double_bos,
             "image_placeholder": config.data.image_placeholder,
+            // (the training objective's turns; a resume with another is noted)
+            "supervise": config.data.supervise,
         }),
         tensors,
         files,

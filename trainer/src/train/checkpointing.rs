@@ -122,6 +122,16 @@ impl<'a> Saver<'a> {
                 ),
             );
         }
+        let supervise = serde_json::json!(config.data.supervise);
+        if r.supervise != supervise {
+            log(
+                pg.rank(),
+                &format!(
+                    "note: the checkpoint was trained with data.supervise {}, this run has {supervise}: the loss covers other turns from here on",
+                    r.supervise
+                ),
+            );
+        }
         let now = crate::optim::AdamWConfig::for_training(config).to_json();
         if !r.optimizer.is_null() && r.optimizer != now {
             // (torch's load_state_dict would bring back the saved values; HF's Trainer, like this
