@@ -387,6 +387,10 @@ struct GenerationArgs {
     top_k: usize,
     #[arg(long, default_value_t = 0.9, value_parser = parse_top_p)]
     top_p: f64,
+    /// transformers' repetition_penalty: logits of tokens already in the sequence divided by it
+    /// (multiplied where negative); 1 = off, as the seed's generate call
+    #[arg(long, default_value_t = 1.0, value_parser = parse_repetition_penalty)]
+    repetition_penalty: f64,
     /// A turn that reaches it is cut off (eval scores it wrong unless its conclusion closed); the
     /// seed's inference used 2048
     #[arg(long, default_value_t = 2048, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
@@ -417,6 +421,7 @@ impl GenerationArgs {
             temperature,
             top_k: self.top_k,
             top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
             max_new_tokens: self.max_new_tokens,
             seed: self.seed,
             keep_image_placeholder: self.keep_image_placeholder,
@@ -642,6 +647,14 @@ fn load_for_generation(
         .check_special_ids()
         .with_context(|| format!("{}/config.json", model_dir.display()))?;
     Ok((model, text, image_config))
+}
+
+/// --repetition-penalty: a finite number > 0 (1 = off).
+fn parse_repetition_penalty(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if p.is_finite() && p > 0.0 => Ok(p),
+        _ => Err(format!("`{s}`: expected a number > 0 (1 = off)")),
+    }
 }
 
 /// --temperature: a finite number >= 0 (0 = greedy).

@@ -51,6 +51,7 @@ fn opts(turns: usize, temperature: f64, seed: u64) -> InferOptions {
         temperature,
         top_k: 50,
         top_p: 0.9,
+        repetition_penalty: 1.0,
         max_new_tokens: 12,
         seed,
         keep_image_placeholder: false,

@@ -194,7 +194,15 @@ impl Session<'_> {
             let mut keep = Vec::new(); // batch rows still generating
             let mut next = Vec::new(); // their new tokens
             for (k, &r) in live.iter().enumerate() {
-                let token = samplers[r].pick(&last_cpu.get(k as i64));
+                let logits = last_cpu.get(k as i64);
+                let token = match samplers[r].repetition_penalty == 1.0 {
+                    true => samplers[r].pick(&logits),
+                    // the sequence so far, as transformers' input_ids: prompt and generated
+                    false => {
+                        let seen = [prompts[r].ids.as_slice(), &out[r].token_ids].concat();
+                        samplers[r].pick_after(&logits, &seen)
+                    }
+                };
                 if eos.contains(&token) {
                     continue;
                 }

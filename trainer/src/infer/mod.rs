@@ -41,6 +41,10 @@ pub struct InferOptions {
     /// 0 = no top-k filter (transformers' default is 50, `sampling::DEFAULT_TOP_K`).
     pub top_k: usize,
     pub top_p: f64,
+    /// transformers' `repetition_penalty` (1 = off; recorded only when set, so settings.json of
+    /// evaluations without it stay as they were).
+    #[serde(skip_serializing_if = "is_one")]
+    pub repetition_penalty: f64,
     pub max_new_tokens: usize,
     pub seed: u64,
     /// Keep a LLaVA `<image>` marker at the question's start or end as text (a model trained with
@@ -52,6 +56,10 @@ pub struct InferOptions {
     /// eval resumed with the other setting is refused (its settings.json differs).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub double_bos: bool,
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
 }
 
 /// Llama 3's end tokens: the assistant turn ends with `<|eot_id|>`; `<|eom_id|>` (end of a
@@ -289,7 +297,11 @@ impl Session<'_> {
         let eos = stop_ids(&self.model.config.text.eos_token_ids, self.text);
         let mut samplers: Vec<Sampler> = seeds
             .iter()
-            .map(|&seed| Sampler::new(opts.temperature, opts.top_p, seed).with_top_k(opts.top_k))
+            .map(|&seed| {
+                Sampler::new(opts.temperature, opts.top_p, seed)
+                    .with_top_k(opts.top_k)
+                    .with_repetition_penalty(opts.repetition_penalty)
+            })
             .collect();
         let mut answers: Vec<Vec<String>> = vec![Vec::new(); items.len()];
         let mut outputs: Vec<Vec<TurnOutput>> = (0..items.len()).map(|_| Vec::new()).collect();

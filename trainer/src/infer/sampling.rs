@@ -15,7 +15,31 @@ pub struct Sampler {
     /// 0 = no top-k filter.
     pub top_k: usize,
     pub top_p: f64,
+    /// transformers' `repetition_penalty` (1 = off), applied before greedy or sampling.
+    pub repetition_penalty: f64,
     rng: Rng,
+}
+
+/// transformers' `RepetitionPenaltyLogitsProcessor`: the logit (V) of every token already in the
+/// sequence (`seen`: the prompt and what was generated) divided by `penalty` where positive,
+/// multiplied where negative, so a penalty above 1 makes repeats less likely. Ids past the logits
+/// (Mllama's `<|image|>` is one past the LM head's rows) are left out.
+pub fn penalize(logits: &Tensor, seen: &[i64], penalty: f64) -> Tensor {
+    let v = logits.size().first().copied().unwrap_or(0);
+    let mut ids: Vec<i64> = seen
+        .iter()
+        .copied()
+        .filter(|&i| (0..v).contains(&i))
+        .collect();
+    if penalty == 1.0 || ids.is_empty() {
+        return logits.shallow_clone();
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let idx = Tensor::from_slice(&ids).to_device(logits.device());
+    let picked = logits.index_select(0, &idx); // (K,)
+    let scaled = (&picked * penalty).where_self(&picked.lt(0.0), &(&picked / penalty));
+    logits.copy().index_copy(0, &idx, &scaled)
 }
 
 impl Sampler {
@@ -25,8 +49,20 @@ impl Sampler {
             temperature,
             top_k: DEFAULT_TOP_K,
             top_p,
+            repetition_penalty: 1.0,
             rng: Rng::new(seed),
         }
+    }
+
+    pub fn with_repetition_penalty(mut self, penalty: f64) -> Sampler {
+        self.repetition_penalty = penalty;
+        self
+    }
+
+    /// [`Sampler::pick`] after the repetition penalty over `seen` (the sequence so far).
+    pub fn pick_after(&mut self, logits: &Tensor, seen: &[i64]) -> i64 {
+        let penalized = penalize(logits, seen, self.repetition_penalty);
+        self.pick(&penalized)
     }
 
     pub fn with_top_k(mut self, top_k: usize) -> Sampler {
@@ -107,6 +143,20 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repetition_penalty_as_transformers() {
+        let logits = Tensor::from_slice(&[2.0f32, -2.0, 1.0, 0.5]);
+        // seen twice counts once; an id past the logits (the image token) is left out
+        let p = penalize(&logits, &[0, 1, 1, 99], 2.0);
+        assert_eq!(Vec::<f32>::try_from(&p).unwrap(), [1.0, -4.0, 1.0, 0.5]);
+        assert!(penalize(&logits, &[0], 1.0).equal(&logits));
+        // greedy picks the unrepeated token once the repeat's logit is halved
+        let two = Tensor::from_slice(&[3.0f32, 2.0]);
+        let mut s = Sampler::new(0.0, 1.0, 0).with_repetition_penalty(2.0);
+        assert_eq!(s.pick_after(&two, &[0]), 1);
+        assert_eq!(s.pick_after(&two, &[]), 0);
+    }
 
     #[test]
     fn same_seed_same_choices() {
