@@ -181,6 +181,8 @@ fn demo_reduced_end_to_end() {
         "demo-model table",
     );
     assert!(table.contains("training loss"), "{table}");
+    // the same folder twice: nothing differs, paired p 1
+    assert!(table.contains("| 0 / 0 (p 1.000) |"), "{table}");
     // the per-type verdict line (chance, majority answer and the binomial test feed it)
     assert!(
         table.contains("question types answered significantly above chance and the majority"),

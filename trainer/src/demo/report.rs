@@ -117,14 +117,22 @@ pub fn table(i: &TableInputs) -> Result<String> {
         after.as_ref().map(turn_acc).unwrap_or_default(),
     );
     let n = ba.len().max(aa.len());
+    // the same questions before and after: paired (exact McNemar), as `trainer compare` prints
+    let paired = crate::eval::compare::compare(i.base, i.after).ok();
     let _ = writeln!(
         s,
-        "| turn | before (base) | after (trained) |\n|---|---|---|"
+        "| turn | before (base) | after (trained) | right after only / before only (paired p) |\n|---|---|---|---|"
     );
     for t in 0..n {
+        let cmp = paired
+            .as_ref()
+            .and_then(|c| c.turns.get(t))
+            .map_or("-".to_string(), |c| {
+                format!("{} / {} (p {:.3})", c.b_only, c.a_only, c.p_value)
+            });
         let _ = writeln!(
             s,
-            "| {t} | {} | {} |",
+            "| {t} | {} | {} | {cmp} |",
             pct(ba.get(t).copied()),
             pct(aa.get(t).copied())
         );
