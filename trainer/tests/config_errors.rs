@@ -334,6 +334,11 @@ fn rules_across_keys() {
          min_lr_ratio: 0"
     );
     assert_eq!(
+        set_error("peft.freeze_llm_only=true"),
+        "peft.freeze_llm_only: is for full finetuning (peft.method: none); LoRA trains only its \
+         factors (choose them with peft.target_modules)"
+    );
+    assert_eq!(
         set_error("train.eval_every_steps=100"),
         "train.eval_every_steps: 100, but train.validate is false; set train.validate: true (with \
          data.eval) or eval_every_steps: 0"

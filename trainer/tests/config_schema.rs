@@ -377,6 +377,7 @@ fn to_yaml_prints_every_key() {
         "dropout:",
         "target_modules:",
         "init_from:",
+        "freeze_llm_only:",
         "data:",
         "train:",
         "eval:",

@@ -248,3 +248,37 @@ fn lora_world2_without_activation_checkpointing_matches_recompute() {
 fn full_world2_without_activation_checkpointing_matches_recompute() {
     keep_graphs_world2(FULL, "full-keep");
 }
+
+/// `peft.freeze_llm_only` (llama-recipes' freeze_LLM_only): full finetuning of the vision tower,
+/// the projector and the cross-attention layers (1 and 3 of the tiny model's 4) only; FSDP at world 2
+/// is the single process, and nothing of the rest of the language model is trained.
+#[test]
+fn freeze_llm_only_world2_matches_single_process() {
+    let (_, fsdp) = parity(&["peft.method=none", "peft.freeze_llm_only=true"], 2, 1);
+    let trained: Vec<&String> = fsdp.weights.keys().collect();
+    assert!(
+        trained.iter().any(|k| k.contains("vision_model")),
+        "{trained:?}"
+    );
+    assert!(
+        trained.iter().any(|k| k.contains("multi_modal_projector")),
+        "{trained:?}"
+    );
+    assert!(
+        trained.iter().any(|k| k.contains("layers.1.cross_attn")),
+        "{trained:?}"
+    );
+    assert!(
+        !trained
+            .iter()
+            .any(|k| k.contains("language_model.layers.0.")),
+        "{trained:?}"
+    );
+    for k in &trained {
+        assert!(
+            !k.contains("language_model") || k.contains("layers.1.") || k.contains("layers.3."),
+            "{k} is in the frozen language model"
+        );
+        assert!(!k.starts_with("lm_head"), "{k}");
+    }
+}

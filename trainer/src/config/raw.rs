@@ -56,6 +56,7 @@ pub(crate) struct RawPeft {
     pub dropout: Num<Dropout>,
     pub target_modules: Names,
     pub init_from: Option<FilePath>,
+    pub freeze_llm_only: bool,
 }
 
 impl Default for RawPeft {
@@ -68,6 +69,7 @@ impl Default for RawPeft {
             dropout: Num::new(0.05),
             target_modules: Names(vec!["q_proj".into(), "v_proj".into()]),
             init_from: None,
+            freeze_llm_only: false,
         }
     }
 }

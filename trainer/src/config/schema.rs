@@ -58,6 +58,9 @@ pub struct PeftConfig {
     pub target_modules: Vec<String>,
     /// A PEFT adapter folder to start from (llama-recipes `--from_peft_checkpoint`).
     pub init_from: Option<PathBuf>,
+    /// Full finetuning of the vision tower, the projector and the text model's cross-attention
+    /// layers only, the rest of the language model frozen (llama-recipes' `freeze_LLM_only`).
+    pub freeze_llm_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

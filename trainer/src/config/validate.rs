@@ -126,6 +126,14 @@ fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
             got: "[]".into(),
         });
     }
+    if lora && raw.freeze_llm_only {
+        return Err(ConfigError::Conflict {
+            path: "peft.freeze_llm_only".into(),
+            message: "is for full finetuning (peft.method: none); LoRA trains only its factors \
+                      (choose them with peft.target_modules)"
+                .into(),
+        });
+    }
     if !lora && raw.init_from.is_some() {
         return Err(ConfigError::Conflict {
             path: "peft.init_from".into(),
@@ -141,6 +149,7 @@ fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
         dropout: raw.dropout.get(),
         target_modules: raw.target_modules.0,
         init_from: raw.init_from.map(|p| p.0),
+        freeze_llm_only: raw.freeze_llm_only,
     })
 }
 

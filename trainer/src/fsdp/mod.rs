@@ -82,14 +82,18 @@ pub struct FsdpModel {
 }
 
 /// Trainable parameters of the model as (name, tensor sharing storage with the model), after
-/// marking them as requiring gradients: the LoRA factors when LoRA is applied, else every base
-/// parameter (full finetuning).
+/// marking them as requiring gradients: the LoRA factors when LoRA is applied, else the base
+/// parameters full finetuning trains (every one, or `MllamaModel::full_finetune_trains`'s).
 pub fn mark_trainable(model: &mut MllamaModel) -> Vec<(String, Tensor)> {
     let v = if model.lora.is_some() {
         model.trainable_parameters()
     } else {
         let mut v = vec![];
-        model.visit_params(&mut |n, t| v.push((n.to_string(), t.shallow_clone())));
+        model.visit_params(&mut |n, t| {
+            if model.full_finetune_trains(n) {
+                v.push((n.to_string(), t.shallow_clone()))
+            }
+        });
         v
     };
     for (_, t) in &v {

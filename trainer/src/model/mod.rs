@@ -140,6 +140,9 @@ pub struct MllamaModel {
     pub lora: Option<LoraConfig>,
     /// The dtype of LoRA factors, when not the model's (`set_lora_kind`).
     pub lora_kind: Option<Kind>,
+    /// Full finetuning trains the vision tower, the projector and the cross-attention layers
+    /// only (`peft.freeze_llm_only`, llama-recipes' `freeze_LLM_only`).
+    pub freeze_llm: bool,
 }
 
 /// transformers' `_prepare_cross_attention_mask`: (B, S, M, T) 0/1 -> additive mask (B, 1, S, M*T*P1) and
@@ -368,6 +371,7 @@ impl MllamaModel {
             lm_head,
             lora: None,
             lora_kind: None,
+            freeze_llm: false,
         })
     }
 
@@ -644,6 +648,23 @@ impl MllamaModel {
 
     /// Visits every base parameter as (canonical name, tensor); LoRA tensors are not included (see
     /// `trainable_parameters`).
+    /// Whether full finetuning trains parameter `name`: every one, or with `freeze_llm` those
+    /// outside the language model and in its cross-attention layers (llama-recipes freezes
+    /// `language_model` and unfreezes the layers in `cross_attention_layers`: embeddings, final
+    /// norm, LM head and self-attention layers stay as they are).
+    pub fn full_finetune_trains(&self, name: &str) -> bool {
+        if !self.freeze_llm {
+            return true;
+        }
+        let Some((_, rest)) = name.split_once("language_model.") else {
+            return !name.starts_with("lm_head");
+        };
+        let rest = rest.strip_prefix("model.").unwrap_or(rest);
+        rest.strip_prefix("layers.")
+            .and_then(|r| r.split('.').next()?.parse::<usize>().ok())
+            .is_some_and(|layer| self.config.text.cross_attention_layers.contains(&layer))
+    }
+
     pub fn visit_params(&self, f: &mut ParamVisitor) {
         self.vision.visit(f);
         visit_linear(&self.multi_modal_projector, f);

@@ -120,14 +120,15 @@ impl FlopCount {
                 }
             }
         };
-        m.visit_params(&mut |n, t| add(n, t.numel() as f64, !lora));
+        let trains = |n: &str| !lora && m.full_finetune_trains(n);
+        m.visit_params(&mut |n, t| add(n, t.numel() as f64, trains(n)));
         let c = &m.config.text;
         if c.tie_word_embeddings {
             // lm_head is the embedding (not visited twice) but is a matmul
             add(
                 "lm_head.weight",
                 (c.vocab_size * c.hidden_size) as f64,
-                !lora,
+                trains("lm_head.weight"),
             );
         }
         for (n, numel) in lora_params.unwrap_or_default() {
@@ -332,6 +333,23 @@ mod tests {
             2.0 * n
         );
         assert!(full.per_vision_token > 0.0 && full.per_text_token > 0.0);
+        // freeze_llm_only: the language model outside its cross-attention layers is frozen (4
+        // FLOPs per parameter and token, not 6); the vision side trains as before
+        let mut frozen_text = 0.0;
+        m.freeze_llm = true;
+        m.visit_params(&mut |name, t| {
+            if !name.contains("embed_tokens") && !m.full_finetune_trains(name) {
+                frozen_text += t.numel() as f64
+            }
+        });
+        assert!(frozen_text > 0.0);
+        let freeze = FlopCount::of(&mut m);
+        assert_eq!(freeze.per_vision_token, full.per_vision_token);
+        assert_eq!(
+            freeze.per_text_token,
+            full.per_text_token - 2.0 * frozen_text
+        );
+        m.freeze_llm = false;
         let cfg = LoraConfig {
             r: 4,
             alpha: 8.0,

@@ -43,6 +43,7 @@ pub(super) fn model(
     device: Device,
 ) -> Result<(Trainable, FlopCount)> {
     let (mut model, src) = load_model(config, device, config.fsdp.enabled)?;
+    model.freeze_llm = config.peft.freeze_llm_only;
     let flops = FlopCount::of(&mut model);
     let trainable = match src {
         Some(src) => {
