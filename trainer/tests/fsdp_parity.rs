@@ -99,7 +99,9 @@ fn sets(list: &[&str]) -> Vec<String> {
 /// FSDP at `world` with batch `b` vs plain at world 1 with batch b x world.
 fn parity(peft: &[&str], world: usize, b: usize) -> (Run, Run) {
     // (each configuration its own folders: tests run in parallel)
-    let tag = if peft.iter().any(|s| s.contains("none")) {
+    let tag = if peft.iter().any(|s| s.contains("freeze_llm_only")) {
+        "freeze-llm"
+    } else if peft.iter().any(|s| s.contains("none")) {
         "full"
     } else if peft.iter().any(|s| s.contains("cross_attn")) {
         "lora-cross"
