@@ -391,6 +391,10 @@ struct GenerationArgs {
     /// (multiplied where negative); 1 = off, as the seed's generate call
     #[arg(long, default_value_t = 1.0, value_parser = parse_repetition_penalty)]
     repetition_penalty: f64,
+    /// End a turn once its text holds this string (kept in the text; repeatable), as
+    /// transformers' stop_strings, e.g. --stop "</CONCLUSION>"
+    #[arg(long = "stop", value_name = "STRING")]
+    stop: Vec<String>,
     /// A turn that reaches it is cut off (eval scores it wrong unless its conclusion closed); the
     /// seed's inference used 2048
     #[arg(long, default_value_t = 2048, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
@@ -422,6 +426,7 @@ impl GenerationArgs {
             top_k: self.top_k,
             top_p: self.top_p,
             repetition_penalty: self.repetition_penalty,
+            stop: self.stop.clone(),
             max_new_tokens: self.max_new_tokens,
             seed: self.seed,
             keep_image_placeholder: self.keep_image_placeholder,

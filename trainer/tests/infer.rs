@@ -52,6 +52,7 @@ fn opts(turns: usize, temperature: f64, seed: u64) -> InferOptions {
         top_k: 50,
         top_p: 0.9,
         repetition_penalty: 1.0,
+        stop: vec![],
         max_new_tokens: 12,
         seed,
         keep_image_placeholder: false,
@@ -440,4 +441,49 @@ fn images_for_a_cache_holding_earlier_image_states_are_refused() {
     assert!(step(&mut cache).is_ok());
     let err = step(&mut cache).unwrap_err().to_string();
     assert!(err.contains("already holds an earlier image"), "{err}");
+}
+
+/// A stop string ends a row once its text holds it (kept), as transformers' stop_strings: the
+/// text is the free run's, cut right after the piece that completed the string.
+#[test]
+fn a_stop_string_ends_the_row() {
+    use trainer::infer::{sampling::Sampler, Prompt};
+    let model = model();
+    let procs = processors();
+    let session = session(&model, &procs);
+    let o = opts(1, 0.0, 1);
+    let image = process(&procs.1, &load_rgb(&first_image()).unwrap());
+    let ids = session.prompt_ids("How many?", true, &[], &o).unwrap();
+    let run = |stops: Vec<String>| {
+        let prompt = Prompt {
+            ids: ids.clone(),
+            image: Some(&image),
+        };
+        let mut s = [Sampler::new(0.0, 1.0, 0).with_stop_strings(stops)];
+        tch::no_grad(|| session.generate_batch(&[prompt], &[], &mut s, 24, &mut |_, _| {}))
+            .unwrap()
+            .remove(0)
+    };
+    let free = run(vec![]);
+    assert_eq!(free.token_ids.len(), 24, "no end token: {:?}", free.text);
+    // a stop string from the middle of the free text
+    let chars: Vec<char> = free.text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let stopped = run(vec![stop.clone()]);
+    assert!(
+        stopped.token_ids.len() < 24,
+        "{:?} in {:?}",
+        stop,
+        free.text
+    );
+    assert!(free.text.starts_with(&stopped.text));
+    assert!(
+        stopped.text.contains(&stop),
+        "{:?} lacks {stop:?}",
+        stopped.text
+    );
+    assert_eq!(
+        stopped.token_ids[..],
+        free.token_ids[..stopped.token_ids.len()]
+    );
 }

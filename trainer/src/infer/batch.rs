@@ -8,7 +8,7 @@
 //! cache, mask and positions are dropped, so the rest decode at the cost of the rows still live.
 use tch::{Device, Kind, Tensor};
 
-use super::sampling::Sampler;
+use super::sampling::{hits_stop, Sampler};
 use super::{InferError, Session};
 use crate::data::image::ProcessedImage;
 use crate::model::{gemv, Images, KvCache, ModelError};
@@ -210,6 +210,9 @@ impl Session<'_> {
                 if let Some(piece) = streams[r].step(token as u32).map_err(tok_err)? {
                     on_piece(r, &piece);
                     out[r].text.push_str(&piece);
+                    if hits_stop(&out[r].text, piece.len(), &samplers[r].stop_strings) {
+                        continue; // (a stop string ends the row, as its end-of-turn token would)
+                    }
                 }
                 keep.push(k as i64);
                 next.push(token);

@@ -45,6 +45,9 @@ pub struct InferOptions {
     /// evaluations without it stay as they were).
     #[serde(skip_serializing_if = "is_one")]
     pub repetition_penalty: f64,
+    /// transformers' `stop_strings`: a turn ends once its text holds one (recorded only when set).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
     pub max_new_tokens: usize,
     pub seed: u64,
     /// Keep a LLaVA `<image>` marker at the question's start or end as text (a model trained with
@@ -301,6 +304,7 @@ impl Session<'_> {
                 Sampler::new(opts.temperature, opts.top_p, seed)
                     .with_top_k(opts.top_k)
                     .with_repetition_penalty(opts.repetition_penalty)
+                    .with_stop_strings(opts.stop.clone())
             })
             .collect();
         let mut answers: Vec<Vec<String>> = vec![Vec::new(); items.len()];

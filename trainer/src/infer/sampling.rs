@@ -17,7 +17,22 @@ pub struct Sampler {
     pub top_p: f64,
     /// transformers' `repetition_penalty` (1 = off), applied before greedy or sampling.
     pub repetition_penalty: f64,
+    /// transformers' `stop_strings`: the row ends once its text holds one (kept in the text).
+    pub stop_strings: Vec<String>,
     rng: Rng,
+}
+
+/// Whether `text`, whose last `new` bytes just arrived, now holds one of `stops` that it did not
+/// hold before (a stop string may straddle pieces, and a piece may run on past it).
+pub fn hits_stop(text: &str, new: usize, stops: &[String]) -> bool {
+    stops.iter().any(|s| {
+        // (it may start up to len - 1 bytes before the new piece)
+        let mut from = text.len().saturating_sub(new + s.len().saturating_sub(1));
+        while !text.is_char_boundary(from) {
+            from -= 1;
+        }
+        !s.is_empty() && text[from..].contains(s.as_str())
+    })
 }
 
 /// transformers' `RepetitionPenaltyLogitsProcessor`: the logit (V) of every token already in the
@@ -50,8 +65,14 @@ impl Sampler {
             top_k: DEFAULT_TOP_K,
             top_p,
             repetition_penalty: 1.0,
+            stop_strings: Vec::new(),
             rng: Rng::new(seed),
         }
+    }
+
+    pub fn with_stop_strings(mut self, stops: Vec<String>) -> Sampler {
+        self.stop_strings = stops;
+        self
     }
 
     pub fn with_repetition_penalty(mut self, penalty: f64) -> Sampler {
@@ -143,6 +164,20 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stop_strings_across_pieces() {
+        let stops = vec!["</CONCLUSION>".to_string()];
+        // whole in the new piece, straddling two pieces, and a piece running on past it
+        assert!(hits_stop("ab</CONCLUSION>", 13, &stops));
+        assert!(hits_stop("ab</CONCLUSION>", 6, &stops)); // the new piece: "USION>"
+        assert!(hits_stop("x</CONCLUSION>\n", 3, &stops));
+        assert!(!hits_stop("ab</CONCL", 5, &stops));
+        // one that was already there before the new piece does not count again
+        assert!(!hits_stop("</CONCLUSION> and more text", 4, &stops));
+        assert!(!hits_stop("é</CONCLUSION>é", 2, &stops));
+        assert!(!hits_stop("anything", 3, &[]));
+    }
 
     #[test]
     fn repetition_penalty_as_transformers() {
