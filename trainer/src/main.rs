@@ -460,11 +460,12 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
         .map(|p| image::load_rgb(p))
         .transpose()
         .map_err(|e| anyhow::anyhow!("--image: {e}"))?;
-    let (mut model, text, image_config) =
-        load_for_generation(&model_dir, args.adapter.as_deref(), generation.double_bos)?;
-    if let Some(c) = &ckpt {
-        c.apply(&mut model)?;
-    }
+    let (model, text, image_config) = load_for_generation(
+        &model_dir,
+        args.adapter.as_deref(),
+        ckpt.as_ref(),
+        generation.double_bos,
+    )?;
     let opts = generation.options(args.temperature);
     let session = Session {
         model: &model,
@@ -594,10 +595,12 @@ fn checkpoint_and_base(
     Ok((ckpt, model_dir, generation))
 }
 
-/// Loads model (+ adapter), tokenizer/template and image processor of a model folder.
+/// Loads model (+ adapter, or a training checkpoint's weights), tokenizer/template and image
+/// processor of a model folder.
 fn load_for_generation(
     model_dir: &std::path::Path,
     adapter: Option<&std::path::Path>,
+    checkpoint: Option<&trainer::infer::CheckpointWeights>,
     double_bos: bool,
 ) -> Result<(
     trainer::model::MllamaModel,
@@ -651,6 +654,9 @@ fn load_for_generation(
         .config
         .check_special_ids()
         .with_context(|| format!("{}/config.json", model_dir.display()))?;
+    if let Some(c) = checkpoint {
+        c.apply(&mut model)?;
+    }
     Ok((model, text, image_config))
 }
 
@@ -701,11 +707,12 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         args.model.as_ref(),
         &args.generation,
     )?;
-    let (mut model, text, image_config) =
-        load_for_generation(&model_dir, args.adapter.as_deref(), generation.double_bos)?;
-    if let Some(c) = &ckpt {
-        c.apply(&mut model)?;
-    }
+    let (model, text, image_config) = load_for_generation(
+        &model_dir,
+        args.adapter.as_deref(),
+        ckpt.as_ref(),
+        generation.double_bos,
+    )?;
     let session = Session {
         model: &model,
         text: &text,

@@ -435,10 +435,10 @@ fn time_case(
     let d = q.size()[3];
     let scale = 1.0 / (d as f64).sqrt();
     let dout = Tensor::randn(q.size(), (Kind::BFloat16, q.device()));
-    let fwd = || {
+    let mut fwd = || {
         attention::fused_forward(q, k, v, mask, scale).expect("fused forward");
     };
-    let fwd_bwd = || {
+    let mut fwd_bwd = || {
         let fwd = attention::fused_forward(q, k, v, mask, scale).expect("fused forward");
         attention::fused_backward(&dout, q, k, v, &fwd, mask, scale).expect("fused backward");
     };
@@ -462,10 +462,9 @@ fn time_case(
     let mut ours: Vec<[f64; 2]> = Vec::new();
     for &variant in timed {
         attention::set_variant(variant);
-        let (mut f, mut fb) = (fwd, fwd_bwd);
         ours.push([
-            timing(variant.name(), &mut f)?,
-            timing(variant.name(), &mut fb)?,
+            timing(variant.name(), &mut fwd)?,
+            timing(variant.name(), &mut fwd_bwd)?,
         ]);
     }
     let sdpa_f = timing("SDPA", &mut || {

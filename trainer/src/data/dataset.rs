@@ -744,12 +744,12 @@ fn image_size(p: &Path) -> Result<(usize, usize), String> {
     Ok((w, h))
 }
 
-/// The tokenizer's ids must index the model's embedding (`text_config.vocab_size + 8` rows) and
-/// its `<|image|>` must be the model's `image_token_index`: tokenizer files of another model would
-/// otherwise fail deep in libtorch (a device-side assert on CUDA) without naming a record. The
-/// image processor's tiles must be the vision tower's (`ImageProcessorConfig::check_fits`), and
-/// a supervised token must be one the LM head predicts (`TextProcessor::label_limit`, set here). (A
-/// config.json that cannot be read is left to the model's loading, which names it.)
+/// The processors must fit the model before any record is read: the tokenizer
+/// (`check_tokenizer_fits_model`; tokenizer files of another model would otherwise fail deep in
+/// libtorch without naming a record), the image processor's tiles (`ImageProcessorConfig::
+/// check_fits`), and a supervised token must be one the LM head predicts
+/// (`TextProcessor::label_limit`, set here). (A config.json that cannot be read is left to the
+/// model's loading, which names it.)
 fn check_processors_fit_model(
     model_dir: &Path,
     text: &mut TextProcessor,

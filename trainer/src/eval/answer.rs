@@ -156,9 +156,13 @@ fn letter_of(pred: &str, n: usize) -> Option<usize> {
     letter_choice(p, n, true)
 }
 
-/// The letter a gold answer names without options, and how many letters a prediction may pick
-/// from: at least A-D, up to the gold one ("I" in "I think (C)" is then a word, not a letter).
+/// The letter a gold answer that is one capital letter names (its options are in the question's
+/// text), and how many letters a prediction may pick from: at least A-D, up to the gold one ("I"
+/// in "I think (C)" is then a word, not a letter).
 fn gold_letter(gold: &str) -> Option<(usize, usize)> {
+    if !is_capital_letter(gold) {
+        return None;
+    }
     let g = letter_of(gold, 26)?;
     Some((g, (g + 1).max(4)))
 }
@@ -527,7 +531,7 @@ pub fn canonical(pred: &str, gold: &str, choices: Option<&[String]>) -> String {
         if let Some(i) = choice_of(pred, choices) {
             return format!("choice {i}");
         }
-    } else if let Some((_, n)) = gold_letter(gold).filter(|_| is_capital_letter(gold)) {
+    } else if let Some((_, n)) = gold_letter(gold) {
         if let Some(i) = letter_of(pred, n) {
             return format!("choice {i}");
         }
@@ -549,8 +553,8 @@ pub fn is_correct(pred: &str, gold: &str, choices: Option<&[String]>) -> bool {
         return want.is_some() && choice_of(pred, choices) == want;
     }
     // a letter without the options (they are in the question's text): the letter picked
-    if is_capital_letter(gold) {
-        return gold_letter(gold).is_some_and(|(g, n)| letter_of(pred, n) == Some(g));
+    if let Some((g, n)) = gold_letter(gold) {
+        return letter_of(pred, n) == Some(g);
     }
     if let Some(g) = gold_number(gold) {
         return number_in(pred).is_some_and(|p| close(p, g));

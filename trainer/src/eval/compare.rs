@@ -3,7 +3,7 @@
 //! the exact McNemar p of the difference. The paired test is what says whether a trained model
 //! beats its base (or one correction prompt another) on these questions; two accuracies with
 //! their own intervals overlap long after the paired difference is clear.
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::Serialize;
@@ -69,12 +69,9 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison, EvalError> {
             b.display()
         )));
     }
-    let most = |side: &dyn Fn(&(&Prediction, &Prediction)) -> usize| {
-        paired.iter().map(side).max().unwrap_or(0)
-    };
-    let (turns_a, turns_b) = (most(&|x| x.0.turns.len()), most(&|x| x.1.turns.len()));
-    let turns = turns_a.min(turns_b);
-    let turns = (0..turns)
+    let turns_a = paired.iter().map(|(p, _)| p.turns.len()).max().unwrap_or(0);
+    let turns_b = paired.iter().map(|(_, q)| q.turns.len()).max().unwrap_or(0);
+    let turns = (0..turns_a.min(turns_b))
         .map(|t| {
             // (a question whose run stopped before turn t is not paired at t)
             let at: Vec<(bool, bool)> = paired
@@ -109,19 +106,15 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison, EvalError> {
     })
 }
 
-/// An eval folder's predictions by id.
-fn predictions_of(dir: &Path) -> Result<BTreeMap<String, Prediction>, EvalError> {
-    let path = dir.join("predictions.jsonl");
-    if !path.is_file() {
+/// An eval folder's predictions by id, as a resumed `trainer eval` reads them.
+fn predictions_of(dir: &Path) -> Result<HashMap<String, Prediction>, EvalError> {
+    if !dir.join("predictions.jsonl").is_file() {
         return Err(EvalError::Io(format!(
             "{}: no predictions.jsonl (expected a `trainer eval --out` folder)",
             dir.display()
         )));
     }
-    Ok(super::read_predictions(&path)?
-        .into_iter()
-        .map(|p| (p.id.clone(), p))
-        .collect())
+    super::existing_predictions(dir)
 }
 
 impl Comparison {

@@ -145,6 +145,17 @@ pub struct MllamaModel {
     pub freeze_llm: bool,
 }
 
+/// The text decoder layer a parameter name belongs to (`...language_model.[model.]layers.N....`).
+pub(crate) fn text_layer(name: &str) -> Option<usize> {
+    let (_, rest) = name.split_once("language_model.")?;
+    let rest = rest.strip_prefix("model.").unwrap_or(rest);
+    rest.strip_prefix("layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// transformers' `_prepare_cross_attention_mask`: (B, S, M, T) 0/1 -> additive mask (B, 1, S, M*T*P1) and
 /// `full_text_row_masked_out_mask` (B, 1, S, 1); rows that see no tile get a zero mask row.
 pub fn prepare_cross_attention_mask(
@@ -646,8 +657,6 @@ impl MllamaModel {
         Ok(Tensor::cat(&out, 1))
     }
 
-    /// Visits every base parameter as (canonical name, tensor); LoRA tensors are not included (see
-    /// `trainable_parameters`).
     /// Whether full finetuning trains parameter `name`: every one, or with `freeze_llm` those
     /// outside the language model and in its cross-attention layers (llama-recipes freezes
     /// `language_model` and unfreezes the layers in `cross_attention_layers`: embeddings, final
@@ -656,15 +665,15 @@ impl MllamaModel {
         if !self.freeze_llm {
             return true;
         }
-        let Some((_, rest)) = name.split_once("language_model.") else {
+        if !name.contains("language_model.") {
             return !name.starts_with("lm_head");
-        };
-        let rest = rest.strip_prefix("model.").unwrap_or(rest);
-        rest.strip_prefix("layers.")
-            .and_then(|r| r.split('.').next()?.parse::<usize>().ok())
+        }
+        text_layer(name)
             .is_some_and(|layer| self.config.text.cross_attention_layers.contains(&layer))
     }
 
+    /// Visits every base parameter as (canonical name, tensor); LoRA tensors are not included (see
+    /// `trainable_parameters`).
     pub fn visit_params(&self, f: &mut ParamVisitor) {
         self.vision.visit(f);
         visit_linear(&self.multi_modal_projector, f);

@@ -34,7 +34,7 @@
 use tch::{Device, Kind};
 
 use crate::data::dataset::MicroBatch;
-use crate::model::MllamaModel;
+use crate::model::{text_layer, MllamaModel};
 
 /// FLOPs per text token and per vision token of a forward + backward step.
 #[derive(Debug, Clone, Copy)]
@@ -56,17 +56,6 @@ pub(crate) struct FlopCount {
     self_attn_per_pair: f64,
     cross_attn_per_pair: f64,
     vision_attn_per_pair: f64,
-}
-
-/// The text decoder layer a parameter belongs to (`...language_model...layers.K.`), if any.
-fn text_layer(name: &str) -> Option<usize> {
-    let (_, rest) = name.split_once("language_model.")?;
-    let rest = rest.strip_prefix("model.").unwrap_or(rest);
-    rest.strip_prefix("layers.")?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// Whether a parameter is applied to vision tokens (else to text tokens).

@@ -6,7 +6,8 @@
 //! (supervised tokens of the global batch), tokens_per_s, step_s (from asking the loader for the
 //! step's micro-batches to the end of the optimizer step), data_s (of it, waiting for the loader:
 //! a data bottleneck shows here), mem_bytes (resident set of rank 0), gpu_mem_bytes (rank 0's
-//! device memory in use, as nvidia-smi counts it; null on CPU), param_bytes (parameter bytes resident on rank 0 between steps), tflops (achieved
+//! device memory in use, as nvidia-smi counts it; null on CPU), param_bytes (parameter bytes
+//! resident on rank 0 between steps), tflops (achieved
 //! model TFLOP/s per rank, see `flops`), hw_tflops (executed TFLOP/s per rank: with the forward
 //! recompute of activation checkpointing), mfu (tflops / the device's peak; null when unknown),
 //! flops (the step's model FLOPs summed over all ranks: `trainer eval --train-metrics` adds them

@@ -43,14 +43,7 @@ pub struct Outcome {
     pub last_loss: Option<f64>,
 }
 
-/// The exit code of a run stopped by `sig` after a step: 128 + it, as a shell reports a process
-/// that signal killed; SIGUSR1's notice (a scheduler's, before SIGTERM) counts as SIGTERM: 143.
-pub fn stop_exit_code(sig: i32) -> u8 {
-    match sig {
-        libc::SIGINT | libc::SIGHUP => 128 + sig as u8,
-        _ => 143,
-    }
-}
+pub use signal::stop_exit_code;
 
 /// Everything the loop mutates, in one place.
 #[derive(Debug, Default)]

@@ -3,7 +3,8 @@
 //! all-reduce it, so every rank stops after the same step (then a checkpoint is written and the
 //! process exits 143). SIGINT (Ctrl-C, forwarded by the launcher) and SIGHUP stop the same way
 //! (exit 130, 129); a second SIGINT kills at once, as the launcher's second Ctrl-C does. A signal
-//! ignored at start (`nohup`'s SIGHUP, SIGINT in a background job) stays ignored. `TRAINER_STOP_AFTER_STEP=N` acts as a SIGTERM received during step N, and
+//! ignored at start (`nohup`'s SIGHUP, SIGINT in a background job) stays ignored.
+//! `TRAINER_STOP_AFTER_STEP=N` acts as a SIGTERM received during step N, and
 //! `TRAINER_STOP_DURING_VALIDATION=N` as one received while validating step N's checkpoint
 //! (tests).
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -55,6 +56,15 @@ fn install(signals: &[libc::c_int]) {
             }
             libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t);
         }
+    }
+}
+
+/// The exit code of a run stopped by `sig` after a step: 128 + it, as a shell reports a process
+/// that signal killed; SIGUSR1's notice (a scheduler's, before SIGTERM) counts as SIGTERM: 143.
+pub fn stop_exit_code(sig: i32) -> u8 {
+    match sig {
+        libc::SIGINT | libc::SIGHUP => 128 + sig as u8,
+        _ => 143,
     }
 }
 
