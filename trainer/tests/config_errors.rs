@@ -1,7 +1,7 @@
 //! Config errors: each names the key path, the value and what is allowed, in full.
 use std::path::Path;
 
-use trainer::config;
+use trainer::config::{self, LoraTargets};
 
 const MINIMAL: &str = "model: {path: m}\ndata: {train: t.jsonl}\n";
 
@@ -46,7 +46,15 @@ fn wrong_types_name_key_value_and_what_is_allowed() {
         ),
         (
             "peft.target_modules=q_proj",
-            r#"peft.target_modules: expected a list of names, like [q_proj, v_proj], got "q_proj""#,
+            r#"peft.target_modules: "q_proj" is a regular expression matched against whole module paths (as PEFT does), so it matches no layer; list names as [q_proj]"#,
+        ),
+        (
+            "peft.target_modules='q_proj,v_proj'",
+            r#"peft.target_modules: "q_proj,v_proj" is a regular expression matched against whole module paths (as PEFT does), so it matches no layer; list names as [q_proj, v_proj]"#,
+        ),
+        (
+            "peft.target_modules=12",
+            "peft.target_modules: expected a list of module names like [q_proj, v_proj], all-linear, or a regular expression, got 12",
         ),
         (
             "peft.target_modules=[q_proj, {a: 1}]",
@@ -81,6 +89,38 @@ fn wrong_types_name_key_value_and_what_is_allowed() {
     for (set, message) in cases {
         assert_eq!(set_error(set), message, "--set {set}");
     }
+}
+
+/// `peft.target_modules` as PEFT takes it: a list, `all-linear` or a regular expression, which
+/// is compiled while the config is read.
+#[test]
+fn target_modules_strings_are_checked_regexes() {
+    let err = set_error(r"peft.target_modules='.*\.(q_proj'");
+    assert!(
+        err == r#"peft.target_modules: ".*\.(q_proj" is not a regular expression (unclosed group); a string is matched against whole module paths as PEFT does, names are listed as [q_proj, v_proj]"#,
+        "{err}"
+    );
+    for (set, want) in [
+        (
+            "peft.target_modules=all-linear",
+            LoraTargets::Pattern("all-linear".into()),
+        ),
+        (
+            r"peft.target_modules='.*language_model.*\.(q|v)_proj'",
+            LoraTargets::Pattern(r".*language_model.*\.(q|v)_proj".into()),
+        ),
+        (
+            "peft.target_modules=[q_proj]",
+            LoraTargets::Names(vec!["q_proj".into()]),
+        ),
+    ] {
+        let c = config::parse(MINIMAL, &[set.into()]).unwrap_or_else(|e| panic!("{set}: {e}"));
+        assert_eq!(c.peft.target_modules, want, "{set}");
+    }
+    assert_eq!(
+        set_error("peft={method: none, use_rslora: true}"),
+        "peft.use_rslora: scales a LoRA update; it needs peft.method: lora"
+    );
 }
 
 #[test]

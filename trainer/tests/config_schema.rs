@@ -2,8 +2,8 @@
 use std::path::{Path, PathBuf};
 
 use trainer::config::{
-    self, Attention, Backend, BadRecords, Config, DType, LengthPolicy, PeftMethod, Resume,
-    ScheduleKind, TextOnly,
+    self, Attention, Backend, BadRecords, Config, DType, LengthPolicy, LoraTargets, PeftMethod,
+    Resume, ScheduleKind, TextOnly,
 };
 
 /// The two keys without a default; everything else is left out.
@@ -29,7 +29,10 @@ fn every_default() {
     assert_eq!(c.peft.r, 8);
     assert_eq!(c.peft.alpha, 32.0);
     assert_eq!(c.peft.dropout, 0.05);
-    assert_eq!(c.peft.target_modules, ["q_proj", "v_proj"]);
+    assert_eq!(
+        c.peft.target_modules,
+        LoraTargets::Names(vec!["q_proj".into(), "v_proj".into()])
+    );
     assert_eq!(c.peft.init_from, None);
 
     assert_eq!(c.data.train, PathBuf::from("t.jsonl"));
@@ -151,7 +154,7 @@ fn every_key_parses() {
     assert_eq!(c.peft.dropout, 0.0);
     assert_eq!(
         c.peft.target_modules,
-        ["q_proj", "k_proj", "v_proj", "o_proj"]
+        LoraTargets::Names(["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec())
     );
     assert_eq!(c.peft.init_from, Some(PathBuf::from("adapters/start")));
 
@@ -290,6 +293,8 @@ fn derived_facts() {
     assert_eq!(c.train.global_batch(2), 32);
     assert_eq!(c.train.step_limit(), Some(9));
     assert_eq!(c.peft.lora_scaling(), 2.0);
+    let rs = config::parse(MINIMAL, &["peft={r: 16, use_rslora: true}".into()]).expect("rslora");
+    assert_eq!(rs.peft.lora_scaling(), 8.0); // alpha 32 / sqrt(16)
 }
 
 #[test]
@@ -300,7 +305,10 @@ fn llava_sco_config_reproduces_the_seed() {
     assert!(c.fsdp.enabled);
     assert_eq!(c.peft.method, PeftMethod::Lora);
     assert_eq!((c.peft.r, c.peft.alpha, c.peft.dropout), (8, 32.0, 0.05));
-    assert_eq!(c.peft.target_modules, ["q_proj", "v_proj"]);
+    assert_eq!(
+        c.peft.target_modules,
+        LoraTargets::Names(vec!["q_proj".into(), "v_proj".into()])
+    );
     assert_eq!(c.train.lr, 1e-5);
     assert_eq!(c.train.epochs, 3);
     assert_eq!(c.train.batch_size, 4);
@@ -350,6 +358,14 @@ fn to_yaml_round_trips() {
         config::parse(FULL, &[]).expect("full"),
         config::load(&configs_dir().join("llava-sco.yaml"), &[]).expect("llava-sco"),
         config::load(&configs_dir().join("demo.yaml"), &[]).expect("demo"),
+        config::parse(
+            MINIMAL,
+            &[
+                r"peft.target_modules='.*\.(q|v)_proj'".into(),
+                "peft.use_rslora=true".into(),
+            ],
+        )
+        .expect("regex targets"),
     ];
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("config_round_trip");
     std::fs::create_dir_all(&dir).expect("tmp dir");
@@ -376,6 +392,7 @@ fn to_yaml_prints_every_key() {
         "alpha:",
         "dropout:",
         "target_modules:",
+        "use_rslora:",
         "init_from:",
         "freeze_llm_only:",
         "data:",

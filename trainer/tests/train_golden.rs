@@ -13,8 +13,29 @@ fn repo() -> PathBuf {
 
 #[test]
 fn losses_match_transformers_peft_adamw() {
+    losses_match("golden_losses.json", &[]);
+}
+
+/// LoRA on every linear layer but lm_head with alpha / sqrt(r) scaling: PEFT's
+/// `target_modules="all-linear"`, `use_rslora=True` (its adapter lists the module names it
+/// resolved to, which the config's `all-linear` must choose alike).
+#[test]
+fn all_linear_rslora_losses_match_transformers_peft_adamw() {
+    losses_match(
+        "golden_losses_all_linear_rslora.json",
+        &[
+            "peft.init_from=tests/fixtures/train/adapter_all_linear_rslora",
+            "peft.target_modules=all-linear",
+            "peft.use_rslora=true",
+        ],
+    );
+}
+
+/// `trainer train` on the golden fixture config with `sets` gives the per-step losses of
+/// tests/fixtures/train/`file` within 1e-4 relative.
+fn losses_match(file: &str, sets: &[&str]) {
     let golden: Value = serde_json::from_str(
-        &std::fs::read_to_string(repo().join("tests/fixtures/train/golden_losses.json")).unwrap(),
+        &std::fs::read_to_string(repo().join("tests/fixtures/train").join(file)).unwrap(),
     )
     .unwrap();
     let want: Vec<f64> = golden["losses"]
@@ -23,11 +44,17 @@ fn losses_match_transformers_peft_adamw() {
         .iter()
         .map(|v| v.as_f64().unwrap())
         .collect();
-    let out = std::env::temp_dir().join(format!("train-golden-{}", std::process::id()));
+    let out = std::env::temp_dir().join(format!(
+        "train-{}-{}",
+        file.trim_end_matches(".json"),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&out);
     let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
         .current_dir(repo())
-        .args(["train", "tests/fixtures/train/train.yaml", "--set"])
+        .args(["train", "tests/fixtures/train/train.yaml"])
+        .args(sets.iter().flat_map(|s| ["--set", s]))
+        .arg("--set")
         .arg(format!("train.output_dir={}", out.display()))
         .args([
             "--set",
@@ -83,17 +110,27 @@ fn refused(name: &str, sets: &[&str], wants: &[&str]) {
     let _ = std::fs::remove_dir_all(&out);
 }
 
-/// An init_from adapter whose r / alpha differ from the peft config is refused before training
+/// An init_from adapter whose r / alpha / target layers / scaling differ from the peft config is
+/// refused before training
 /// (training would run with the adapter's values while checkpoints and export record the config's).
 #[test]
 fn init_from_adapter_must_match_the_peft_config() {
     refused(
         "mismatch",
-        &["peft.r=8", "peft.alpha=16"],
+        &[
+            "peft.r=8",
+            "peft.alpha=16",
+            "peft.target_modules=[q_proj, fc1]",
+            "peft.use_rslora=true",
+        ],
         &[
             "peft.init_from tests/fixtures/train/adapter",
             "peft.r: adapter 4, config 8",
             "peft.alpha: adapter lora_alpha 8, config 16",
+            "peft.target_modules: the adapter targets [\"q_proj\",\"v_proj\"]; layers only it \
+             wraps: model.vision_model.transformer.layers.0.self_attn.v_proj and 5 more; only the \
+             config's [\"q_proj\",\"fc1\"]: model.vision_model.transformer.layers.0.mlp.fc1 and 2 more",
+            "peft.use_rslora: adapter false, config true",
             "set those peft keys to the adapter's values",
         ],
     );

@@ -87,6 +87,19 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
                 })
                 .collect(),
         ),
+        // PEFT full-matches a string against module names, here transformers 4's: an expression
+        // written for this model's names may match none of them, so the modules it chose are
+        // listed instead, as PEFT saves a resolved `all-linear` (which needs no such care)
+        (AdapterNaming::Hf4, Value::String(re)) if re != crate::model::lora::ALL_LINEAR => {
+            let modules: std::collections::BTreeSet<&str> = tensors
+                .iter()
+                .filter_map(|(n, _)| {
+                    n.strip_prefix("base_model.model.")?
+                        .strip_suffix(".lora_A.weight")
+                })
+                .collect();
+            json!(modules)
+        }
         (_, other) => other,
     };
     // the adapter_config.json of `MllamaModel::save_adapter`
@@ -110,7 +123,8 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
         "target_modules": target_modules,
         "task_type": "CAUSAL_LM",
         "use_dora": false,
-        "use_rslora": false,
+        // (absent from manifests of trainers before the option: they trained without it)
+        "use_rslora": peft.get("use_rslora").cloned().unwrap_or(json!(false)),
     });
     // weights first, the config last, each written under a .partial name and renamed: a run
     // killed midway leaves no adapter_config.json beside missing or torn weights, and a failed

@@ -241,7 +241,10 @@ pub fn export_merged(
         Some("lora") => {
             let r = peft.get("r").and_then(Value::as_f64);
             let alpha = peft.get("alpha").and_then(Value::as_f64);
+            // (absent from manifests of trainers before the option: they trained without it)
+            let rslora = peft.get("use_rslora").and_then(Value::as_bool) == Some(true);
             match (r, alpha) {
+                (Some(r), Some(alpha)) if r > 0.0 && rslora => Some(alpha / r.sqrt()),
                 (Some(r), Some(alpha)) if r > 0.0 => Some(alpha / r),
                 _ => bail!(
                     "checkpoint {}: manifest peft section lacks r/alpha ({peft}); it cannot be merged",

@@ -211,9 +211,12 @@ pub fn identity(config: &Config) -> BTreeMap<String, Value> {
         let key = "peft.target_modules";
         m.insert(key.into(), identity_value(key, json!(p.target_modules)));
     }
-    // (only when set: identities of checkpoints from before the option stay as they were)
+    // (only when set: identities of checkpoints from before the options stay as they were)
     if p.freeze_llm_only {
         m.insert("peft.freeze_llm_only".into(), json!(true));
+    }
+    if p.is_lora() && p.use_rslora {
+        m.insert("peft.use_rslora".into(), json!(true));
     }
     m
 }

@@ -28,7 +28,7 @@ pub(crate) use error::suggest;
 pub use error::ConfigError;
 pub use schema::{
     Attention, Backend, BadRecords, CheckpointConfig, Config, DType, DataConfig, FsdpConfig,
-    ImagePlaceholder, LengthPolicy, ModelConfig, PeftConfig, PeftMethod, Resume, SaveAdapter,
+    ImagePlaceholder, LengthPolicy, LoraTargets, ModelConfig, PeftConfig, PeftMethod, Resume, SaveAdapter,
     Schedule, ScheduleKind, Supervise, TextOnly, TrainConfig,
 };
 

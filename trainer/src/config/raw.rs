@@ -11,8 +11,8 @@ use super::schema::{
     SaveAdapter, ScheduleKind, Supervise, TextOnly,
 };
 use super::values::{
-    Beta, ClipNorm, Count, Decay, Dropout, FilePath, Int, Names, NonNegative, Num, Positive,
-    PositiveInt, Ratio,
+    Beta, ClipNorm, Count, Decay, Dropout, FilePath, Int, NonNegative, Num, Positive,
+    PositiveInt, Ratio, Targets,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -54,7 +54,8 @@ pub(crate) struct RawPeft {
     pub r: Int<PositiveInt>,
     pub alpha: Num<Positive>,
     pub dropout: Num<Dropout>,
-    pub target_modules: Names,
+    pub target_modules: Targets,
+    pub use_rslora: bool,
     pub init_from: Option<FilePath>,
     pub freeze_llm_only: bool,
 }
@@ -67,7 +68,8 @@ impl Default for RawPeft {
             r: Int::new(8),
             alpha: Num::new(32.0),
             dropout: Num::new(0.05),
-            target_modules: Names(vec!["q_proj".into(), "v_proj".into()]),
+            target_modules: Targets::Names(vec!["q_proj".into(), "v_proj".into()]),
+            use_rslora: false,
             init_from: None,
             freeze_llm_only: false,
         }

@@ -53,14 +53,28 @@ pub struct PeftConfig {
     pub r: usize,
     pub alpha: f64,
     pub dropout: f64,
-    /// Module names matched as suffixes, as PEFT does: `q_proj` wraps the vision attention,
-    /// the text self-attention and the text cross-attention projections alike.
-    pub target_modules: Vec<String>,
+    /// Which linear layers get a LoRA branch, as PEFT's `target_modules`.
+    pub target_modules: LoraTargets,
+    /// Rank-stabilized LoRA: the update scaled by alpha / sqrt(r) instead of alpha / r (PEFT's
+    /// `use_rslora`).
+    pub use_rslora: bool,
     /// A PEFT adapter folder to start from (llama-recipes `--from_peft_checkpoint`).
     pub init_from: Option<PathBuf>,
     /// Full finetuning of the vision tower, the projector and the text model's cross-attention
     /// layers only, the rest of the language model frozen (llama-recipes' `freeze_LLM_only`).
     pub freeze_llm_only: bool,
+}
+
+/// PEFT's `target_modules`, written as the config gives it (and as checkpoints record it).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum LoraTargets {
+    /// Module names matched as suffixes, as PEFT does: `q_proj` wraps the vision attention,
+    /// the text self-attention and the text cross-attention projections alike.
+    Names(Vec<String>),
+    /// `all-linear` (every linear layer but `lm_head`), or a regular expression matched against
+    /// the whole module path (`model.language_model.layers.3.self_attn.q_proj`).
+    Pattern(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,7 +93,11 @@ impl PeftConfig {
     /// The factor on the LoRA update, `B A x * alpha / r` (PEFT's `scaling`); only LoRA
     /// reads it.
     pub fn lora_scaling(&self) -> f64 {
-        self.alpha / self.r as f64
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
     }
 }
 

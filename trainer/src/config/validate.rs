@@ -2,10 +2,10 @@
 //! (`values.rs`); this pass adds required keys and the rules that involve several keys.
 use super::raw::{RawCheckpoint, RawConfig, RawData, RawFsdp, RawModel, RawPeft, RawTrain};
 use super::schema::{
-    Attention, CheckpointConfig, Config, DType, DataConfig, FsdpConfig, ModelConfig, PeftConfig,
-    PeftMethod, Schedule, ScheduleKind, TrainConfig,
+    Attention, CheckpointConfig, Config, DType, DataConfig, FsdpConfig, LoraTargets, ModelConfig,
+    PeftConfig, PeftMethod, Schedule, ScheduleKind, TrainConfig,
 };
-use super::values::FilePath;
+use super::values::{FilePath, Targets};
 use super::ConfigError;
 
 pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
@@ -119,7 +119,7 @@ fn model(raw: RawModel) -> Result<ModelConfig, ConfigError> {
 
 fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
     let lora = raw.method == PeftMethod::Lora;
-    if lora && raw.target_modules.0.is_empty() {
+    if lora && raw.target_modules == Targets::Names(vec![]) {
         return Err(ConfigError::Invalid {
             path: "peft.target_modules".into(),
             expected: "at least one module name for LoRA, like [q_proj, v_proj]".into(),
@@ -132,6 +132,12 @@ fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
             message: "is for full finetuning (peft.method: none); LoRA trains only its factors \
                       (choose them with peft.target_modules)"
                 .into(),
+        });
+    }
+    if !lora && raw.use_rslora {
+        return Err(ConfigError::Conflict {
+            path: "peft.use_rslora".into(),
+            message: "scales a LoRA update; it needs peft.method: lora".into(),
         });
     }
     if !lora && raw.init_from.is_some() {
@@ -147,7 +153,11 @@ fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
         r: raw.r.size(),
         alpha: raw.alpha.get(),
         dropout: raw.dropout.get(),
-        target_modules: raw.target_modules.0,
+        target_modules: match raw.target_modules {
+            Targets::Names(names) => LoraTargets::Names(names),
+            Targets::Pattern(p) => LoraTargets::Pattern(p),
+        },
+        use_rslora: raw.use_rslora,
         init_from: raw.init_from.map(|p| p.0),
         freeze_llm_only: raw.freeze_llm_only,
     })

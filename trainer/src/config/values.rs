@@ -1,4 +1,4 @@
-//! Checked leaf values of the raw layer: numbers with a range, non-empty paths, lists of names.
+//! Checked leaf values of the raw layer: numbers with a range, non-empty paths, LoRA targets.
 //!
 //! Each type says in words what it allows (`EXPECTED`), and that one phrase serves both the wrong
 //! type and the out-of-range case, so `lr: fast` and `lr: -1` read `expected a positive number`.
@@ -8,6 +8,8 @@ use std::marker::PhantomData;
 use std::path::PathBuf;
 
 use serde::de::{self, Deserialize, Deserializer, SeqAccess, Unexpected, Visitor};
+
+use crate::model::lora::ALL_LINEAR;
 
 /// A rule for a floating-point value.
 pub(crate) trait NumRule {
@@ -193,34 +195,65 @@ impl<'de> Deserialize<'de> for FilePath {
     }
 }
 
-/// A list of names (LoRA target modules). A bare string is refused rather than taken as a
-/// one-element list, since `q_proj,v_proj` written without brackets would silently be one name.
+/// LoRA target modules as PEFT's `target_modules` takes them: a list of names, or one string,
+/// `all-linear` or a regular expression matched against the whole module path. The expression is
+/// compiled here, so a typo is an error at its key rather than on every rank at model load.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Names(pub(crate) Vec<String>);
+pub(crate) enum Targets {
+    Names(Vec<String>),
+    Pattern(String),
+}
 
-struct NamesVisitor;
+struct TargetsVisitor;
 
-impl<'de> Visitor<'de> for NamesVisitor {
-    type Value = Names;
+impl<'de> Visitor<'de> for TargetsVisitor {
+    type Value = Targets;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a list of names, like [q_proj, v_proj]")
+        f.write_str("a list of module names like [q_proj, v_proj], all-linear, or a regular expression")
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Names, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Targets, A::Error> {
         let mut names = Vec::new();
         while let Some(Name(name)) = seq.next_element()? {
             names.push(name);
         }
-        Ok(Names(names))
+        Ok(Targets::Names(names))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Targets, E> {
+        if v.is_empty() {
+            return Err(E::invalid_value(Unexpected::Str(v), &self));
+        }
+        // every module path but `lm_head` holds a dot: a string of bare names (`q_proj`,
+        // `q_proj,v_proj`) matches no layer, in PEFT too, and was meant as a list
+        if v != "lm_head" && v.chars().all(|c| c.is_alphanumeric() || "_, ".contains(c)) {
+            return Err(E::custom(format!(
+                "{v:?} is a regular expression matched against whole module paths (as PEFT \
+                 does), so it matches no layer; list names as [{}]",
+                v.split(',').map(str::trim).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if v != ALL_LINEAR {
+            regex::Regex::new(v).map_err(|e| {
+                // (the syntax error's last line; the ones above draw a caret under the pattern)
+                let why = e.to_string();
+                let why = why.lines().last().unwrap_or_default();
+                E::custom(format!(
+                    "\"{v}\" is not a regular expression ({}); a string is matched against \
+                     whole module paths as PEFT does, names are listed as [q_proj, v_proj]",
+                    why.trim_start_matches("error: ")
+                ))
+            })?;
+        }
+        Ok(Targets::Pattern(v.to_string()))
     }
 }
 
-impl<'de> Deserialize<'de> for Names {
+impl<'de> Deserialize<'de> for Targets {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_seq(NamesVisitor)
+        d.deserialize_any(TargetsVisitor)
     }
 }
 
-/// One non-empty name of a `Names` list.
+/// One non-empty name of a `Targets` list.
 struct Name(String);
 
 struct NameVisitor;

@@ -113,7 +113,8 @@ impl CheckpointWeights {
             alpha: num("alpha")?,
             dropout: num("dropout")?,
             target_modules,
-            use_rslora: false,
+            // (absent from manifests of trainers before the option: they trained without it)
+            use_rslora: p.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
         })
     }
 

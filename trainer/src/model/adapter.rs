@@ -141,8 +141,9 @@ impl MllamaModel {
         });
         if n == 0 {
             return Err(ModelError::Adapter(format!(
-                "target_modules {:?} match no linear layer (names are module paths like \
-                 model.language_model.layers.0.self_attn.q_proj)",
+                "target_modules {:?} match no linear layer (listed names match a module path or \
+                 its last parts, like q_proj; a string is a regular expression matched against \
+                 whole paths like model.language_model.layers.0.self_attn.q_proj)",
                 cfg.target_modules
             )));
         }

@@ -88,7 +88,12 @@ impl Linear {
     }
 }
 
-/// PEFT `target_modules`: a list (exact name or `.`-suffix match of the module path) or one regex (full match).
+/// PEFT's shorthand for every linear layer but the output one (`lm_head`), as a
+/// `target_modules` string (PEFT resolves it when it injects an adapter, saved or fresh).
+pub const ALL_LINEAR: &str = "all-linear";
+
+/// PEFT `target_modules`: a list (exact name or `.`-suffix match of the module path) or one regex
+/// (full match), or `all-linear`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TargetModules {
     Names(Vec<String>),
@@ -113,6 +118,7 @@ impl TargetModules {
     pub fn compile(&self) -> Result<TargetMatcher, ModelError> {
         Ok(match self {
             Self::Names(n) => TargetMatcher::Names(n.clone()),
+            Self::Regex(r) if r == ALL_LINEAR => TargetMatcher::AllLinear,
             Self::Regex(r) => TargetMatcher::Regex(
                 Regex::new(&format!("^(?:{r})$"))
                     .map_err(|e| ModelError::Adapter(format!("target_modules regex `{r}`: {e}")))?,
@@ -124,6 +130,7 @@ impl TargetModules {
 pub enum TargetMatcher {
     Names(Vec<String>),
     Regex(Regex),
+    AllLinear,
 }
 
 impl TargetMatcher {
@@ -138,6 +145,8 @@ impl TargetMatcher {
             Self::Regex(r) => {
                 r.is_match(path) || r.is_match(&super::weights::canonical_to_legacy(path))
             }
+            // PEFT leaves out the model's output embedding (`get_output_embeddings`)
+            Self::AllLinear => path != "lm_head",
         }
     }
 }
@@ -300,5 +309,18 @@ mod tests {
             let m = TargetModules::Regex(regex.into()).compile().unwrap();
             assert_eq!(m.matches(canonical), want, "{regex}");
         }
+    }
+
+    #[test]
+    fn all_linear_is_every_linear_but_the_output_layer() {
+        let m = TargetModules::Regex(ALL_LINEAR.into()).compile().unwrap();
+        for path in [
+            "model.language_model.layers.3.mlp.down_proj",
+            "model.vision_model.transformer.layers.0.mlp.fc1",
+            "model.multi_modal_projector",
+        ] {
+            assert!(m.matches(path), "{path}");
+        }
+        assert!(!m.matches("lm_head"));
     }
 }

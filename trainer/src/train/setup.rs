@@ -110,17 +110,12 @@ fn load_model(
                 let found = model
                     .load_adapter(dir)
                     .with_context(|| format!("loading peft.init_from {}", dir.display()))?;
-                check_init_adapter(dir, &found, p)?;
+                check_init_adapter(dir, &mut model, &found, p)?;
             }
             None => {
-                let lora = LoraConfig {
-                    r: p.r as i64,
-                    alpha: p.alpha,
-                    dropout: p.dropout,
-                    target_modules: TargetModules::Names(p.target_modules.clone()),
-                    use_rslora: false,
-                };
-                model.apply_lora(&lora, config.train.seed as i64)?;
+                model
+                    .apply_lora(&lora_config(p), config.train.seed as i64)
+                    .context("peft.target_modules")?;
                 if !config.fsdp.enabled {
                     // the plain trainer as PEFT without FSDP (autocast_adapter_dtype): fp32
                     // factors (their bf16-rounded init, as PEFT's), an fp32 branch added in fp32,
@@ -368,12 +363,27 @@ pub(super) fn skipped_note(split: &str, ds: &Dataset) -> Option<String> {
     })
 }
 
+/// The `peft` section as the model's LoRA settings.
+pub(crate) fn lora_config(p: &config::PeftConfig) -> LoraConfig {
+    LoraConfig {
+        r: p.r as i64,
+        alpha: p.alpha,
+        dropout: p.dropout,
+        target_modules: match &p.target_modules {
+            config::LoraTargets::Names(n) => TargetModules::Names(n.clone()),
+            config::LoraTargets::Pattern(re) => TargetModules::Regex(re.clone()),
+        },
+        use_rslora: p.use_rslora,
+    }
+}
+
 /// The adapter `peft.init_from` loaded must match the `peft` config: training runs with the
 /// adapter's shapes and scaling, but checkpoints, their identity check and `export` record the
 /// config's (an adapter of r 16 exported as r 8 does not load in PEFT; a different alpha merges
 /// with the wrong scaling). Differences are an error naming each key and both values.
 fn check_init_adapter(
     dir: &std::path::Path,
+    model: &mut MllamaModel,
     found: &LoraConfig,
     p: &config::PeftConfig,
 ) -> Result<()> {
@@ -393,25 +403,37 @@ fn check_init_adapter(
             found.dropout, p.dropout
         ));
     }
-    match &found.target_modules {
-        TargetModules::Names(names) => {
-            let set = |v: &[String]| v.iter().cloned().collect::<std::collections::BTreeSet<_>>();
-            if set(names) != set(&p.target_modules) {
-                diffs.push(format!(
-                    "peft.target_modules: adapter {names:?}, config {:?}",
-                    p.target_modules
-                ));
-            }
-        }
-        TargetModules::Regex(re) => diffs.push(format!(
-            "peft.target_modules: the adapter's is the regex {re:?}, which the config cannot record (list the module names)"
-        )),
+    // the same layers, however each names them (PEFT saves `all-linear` as the full paths it
+    // resolved to; a regex and a list may choose alike)
+    let matcher = lora_config(p).target_modules.compile()?;
+    let (mut only_adapter, mut only_config) = (vec![], vec![]);
+    model.visit_linears(&mut |l| match (l.lora.is_some(), matcher.matches(&l.path)) {
+        (true, false) => only_adapter.push(l.path.clone()),
+        (false, true) => only_config.push(l.path.clone()),
+        _ => {}
+    });
+    if !only_adapter.is_empty() || !only_config.is_empty() {
+        let show = |v: &[String]| match v {
+            [] => "none".to_string(),
+            [one] => one.clone(),
+            [first, rest @ ..] => format!("{first} and {} more", rest.len()),
+        };
+        let adapter_targets = match &found.target_modules {
+            TargetModules::Names(n) => serde_json::to_string(n)?,
+            TargetModules::Regex(r) => serde_json::to_string(r)?,
+        };
+        diffs.push(format!(
+            "peft.target_modules: the adapter targets {adapter_targets}; layers only it wraps: {}; only the config's {}: {}",
+            show(&only_adapter),
+            serde_json::to_string(&p.target_modules)?,
+            show(&only_config)
+        ));
     }
-    if found.use_rslora {
-        diffs.push(
-            "the adapter uses use_rslora: true, which the trainer's peft config cannot record"
-                .into(),
-        );
+    if found.use_rslora != p.use_rslora {
+        diffs.push(format!(
+            "peft.use_rslora: adapter {}, config {}",
+            found.use_rslora, p.use_rslora
+        ));
     }
     if !diffs.is_empty() {
         bail!(
