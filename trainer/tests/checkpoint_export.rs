@@ -185,6 +185,47 @@ fn hf4_exports_rename_full_target_paths() {
     m4.load_adapter(&hf4).unwrap();
 }
 
+/// A regex target is kept as written in a canonical export; an hf4 export lists the modules it
+/// chose under their transformers-4 paths instead (PEFT full-matches the string against those,
+/// which a regex written for this model's paths may not match).
+#[test]
+fn hf4_exports_list_the_modules_a_regex_chose() {
+    let out = fresh("hf4-regex");
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
+    let regex = r"model\.language_model\.layers\.0\.self_attn\.(q|v)_proj";
+    let set = format!("peft.target_modules='{regex}'");
+    ok(
+        run(
+            &out,
+            1,
+            train,
+            &[set.as_str(), "checkpoint.every_steps=1"],
+            &[],
+        ),
+        "train",
+    );
+    let ckpt = out.join("ckpt/step-00000001");
+    let read = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap()
+    };
+    let (canonical, hf4) = (out.join("adapter"), out.join("adapter-hf4"));
+    ok(export(&ckpt, &canonical), "export");
+    assert_eq!(read(&canonical)["target_modules"], serde_json::json!(regex));
+    ok(export_with(&ckpt, &hf4, &["--naming", "hf4"]), "export hf4");
+    assert_eq!(
+        read(&hf4)["target_modules"],
+        serde_json::json!([
+            "language_model.model.layers.0.self_attn.q_proj",
+            "language_model.model.layers.0.self_attn.v_proj"
+        ])
+    );
+    for dir in [&canonical, &hf4] {
+        let mut m = MllamaModel::load(&setup().join("model"), LoadOptions::default()).unwrap();
+        m.load_adapter(dir).unwrap();
+    }
+}
+
 /// `train.save_adapter`: hf4 leaves the adapter in output_dir with transformers-4 keys; none
 /// leaves none.
 #[test]

@@ -14,6 +14,7 @@ use common::ckpt::*;
 use common::{bin, copy_dir};
 use safetensors::SafeTensors;
 use tch::Tensor;
+use trainer::infer::CheckpointWeights;
 use trainer::model::{LoadOptions, MllamaModel};
 
 fn export(ckpt: &Path, out: &Path, format: &str, extra: &[&str]) -> Out {
@@ -113,6 +114,84 @@ fn merged_lora_export_gives_the_adapters_logits() {
     assert!(
         effect > 1e-4,
         "the adapter has no visible effect ({effect}): test is vacuous"
+    );
+}
+
+/// LoRA on every linear layer but lm_head with rank-stabilized scaling (PEFT's `all-linear`,
+/// `use_rslora`), trained at world 2: the exported adapter records both, and the merged weights
+/// (merged with alpha / sqrt(r)) give base + adapter's logits; lm_head stays the base's.
+#[test]
+fn all_linear_rslora_merges_with_its_scaling() {
+    let out = fresh("merged-all-linear-rslora");
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 2";
+    let sets = [
+        "checkpoint.every_steps=2",
+        "peft.target_modules=all-linear",
+        "peft.use_rslora=true",
+    ];
+    ok(run(&out, 2, train, &sets, &[]), "train");
+    let ckpt = out.join("ckpt/step-00000002");
+    let (adapter, merged) = (out.join("adapter"), out.join("merged"));
+    ok(export(&ckpt, &adapter, "peft", &[]), "export peft");
+    ok(export(&ckpt, &merged, "merged", &[]), "export merged");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (&cfg["target_modules"], &cfg["use_rslora"]),
+        (&serde_json::json!("all-linear"), &serde_json::json!(true))
+    );
+
+    let base_dir = setup().join("model");
+    let base = tensors(&base_dir.join("model.safetensors"));
+    let got = tensors(&merged.join("model.safetensors"));
+    for n in [
+        "model.language_model.layers.0.mlp.down_proj.weight",
+        "model.language_model.layers.0.self_attn.k_proj.weight",
+        "model.vision_model.transformer.layers.0.mlp.fc1.weight",
+        "model.multi_modal_projector.weight",
+    ] {
+        assert!(!base[n].equal(&got[n]), "{n}: LoRA update not merged");
+    }
+    for n in ["lm_head.weight", "model.language_model.embed_tokens.weight"] {
+        assert!(base[n].equal(&got[n]), "{n}: changed but not a LoRA target");
+    }
+
+    let mut with_adapter = MllamaModel::load(&base_dir, LoadOptions::default()).unwrap();
+    let lora = with_adapter.load_adapter(&adapter).unwrap();
+    assert!(lora.use_rslora);
+    let want = logits(&with_adapter);
+    let err = rel_err(
+        &logits(&MllamaModel::load(&merged, LoadOptions::default()).unwrap()),
+        &want,
+    );
+    let effect = rel_err(
+        &logits(&MllamaModel::load(&base_dir, LoadOptions::default()).unwrap()),
+        &want,
+    );
+    // infer/eval --checkpoint: the checkpoint's factors applied with the manifest's scaling
+    let mut applied = MllamaModel::load(&base_dir, LoadOptions::default()).unwrap();
+    CheckpointWeights::read(&ckpt)
+        .unwrap()
+        .apply(&mut applied)
+        .unwrap();
+    let err_applied = rel_err(&logits(&applied), &want);
+    println!(
+        "all-linear rslora merged vs base + adapter: rel {err:.2e}, checkpoint applied: \
+         {err_applied:.2e} (base alone: {effect:.2e})"
+    );
+    assert!(
+        err < 1e-5,
+        "merged logits differ from base + adapter: {err}"
+    );
+    assert!(
+        err_applied < 1e-5,
+        "checkpoint applied differs from base + adapter: {err_applied}"
+    );
+    assert!(
+        effect > 1e-4,
+        "the adapter has no visible effect ({effect})"
     );
 }
 

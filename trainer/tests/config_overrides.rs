@@ -49,7 +49,10 @@ fn null_clears_an_optional_key() {
 #[test]
 fn lists() {
     let c = with(&["peft.target_modules=[q_proj, k_proj, v_proj]"]);
-    assert_eq!(c.peft.target_modules, ["q_proj", "k_proj", "v_proj"]);
+    assert_eq!(
+        c.peft.target_modules,
+        config::LoraTargets::Names(["q_proj", "k_proj", "v_proj"].map(String::from).to_vec())
+    );
 }
 
 #[test]

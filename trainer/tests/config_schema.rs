@@ -154,7 +154,11 @@ fn every_key_parses() {
     assert_eq!(c.peft.dropout, 0.0);
     assert_eq!(
         c.peft.target_modules,
-        LoraTargets::Names(["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec())
+        LoraTargets::Names(
+            ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .map(String::from)
+                .to_vec()
+        )
     );
     assert_eq!(c.peft.init_from, Some(PathBuf::from("adapters/start")));
 

@@ -28,8 +28,8 @@ pub(crate) use error::suggest;
 pub use error::ConfigError;
 pub use schema::{
     Attention, Backend, BadRecords, CheckpointConfig, Config, DType, DataConfig, FsdpConfig,
-    ImagePlaceholder, LengthPolicy, LoraTargets, ModelConfig, PeftConfig, PeftMethod, Resume, SaveAdapter,
-    Schedule, ScheduleKind, Supervise, TextOnly, TrainConfig,
+    ImagePlaceholder, LengthPolicy, LoraTargets, ModelConfig, PeftConfig, PeftMethod, Resume,
+    SaveAdapter, Schedule, ScheduleKind, Supervise, TextOnly, TrainConfig,
 };
 
 pub use validate::training_conflicts;

@@ -11,8 +11,8 @@ use super::schema::{
     SaveAdapter, ScheduleKind, Supervise, TextOnly,
 };
 use super::values::{
-    Beta, ClipNorm, Count, Decay, Dropout, FilePath, Int, NonNegative, Num, Positive,
-    PositiveInt, Ratio, Targets,
+    Beta, ClipNorm, Count, Decay, Dropout, FilePath, Int, NonNegative, Num, Positive, PositiveInt,
+    Ratio, Targets,
 };
 
 #[derive(Debug, Default, Deserialize)]

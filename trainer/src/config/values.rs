@@ -209,7 +209,9 @@ struct TargetsVisitor;
 impl<'de> Visitor<'de> for TargetsVisitor {
     type Value = Targets;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a list of module names like [q_proj, v_proj], all-linear, or a regular expression")
+        f.write_str(
+            "a list of module names like [q_proj, v_proj], all-linear, or a regular expression",
+        )
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Targets, A::Error> {
         let mut names = Vec::new();

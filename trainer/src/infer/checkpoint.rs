@@ -114,7 +114,10 @@ impl CheckpointWeights {
             dropout: num("dropout")?,
             target_modules,
             // (absent from manifests of trainers before the option: they trained without it)
-            use_rslora: p.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+            use_rslora: p
+                .get("use_rslora")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
         })
     }
 

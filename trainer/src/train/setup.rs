@@ -407,11 +407,13 @@ fn check_init_adapter(
     // resolved to; a regex and a list may choose alike)
     let matcher = lora_config(p).target_modules.compile()?;
     let (mut only_adapter, mut only_config) = (vec![], vec![]);
-    model.visit_linears(&mut |l| match (l.lora.is_some(), matcher.matches(&l.path)) {
-        (true, false) => only_adapter.push(l.path.clone()),
-        (false, true) => only_config.push(l.path.clone()),
-        _ => {}
-    });
+    model.visit_linears(
+        &mut |l| match (l.lora.is_some(), matcher.matches(&l.path)) {
+            (true, false) => only_adapter.push(l.path.clone()),
+            (false, true) => only_config.push(l.path.clone()),
+            _ => {}
+        },
+    );
     if !only_adapter.is_empty() || !only_config.is_empty() {
         let show = |v: &[String]| match v {
             [] => "none".to_string(),
