@@ -804,8 +804,12 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
 #[derive(Args)]
 struct ExportArgs {
     /// A checkpoint folder (`checkpoint.dir/step-N`)
+    #[arg(long, required_unless_present = "adapter", conflicts_with = "adapter")]
+    checkpoint: Option<PathBuf>,
+    /// merged only: a PEFT LoRA adapter folder to merge into --model instead of a checkpoint
+    /// (PEFT's merge_and_unload; either key naming)
     #[arg(long)]
-    checkpoint: PathBuf,
+    adapter: Option<PathBuf>,
     /// Output folder
     #[arg(long)]
     out: PathBuf,
@@ -813,7 +817,8 @@ struct ExportArgs {
     /// (LoRA merged into the base weights, sharded safetensors + config and tokenizer files)
     #[arg(long, value_enum, default_value_t = ExportFormat::Peft)]
     format: ExportFormat,
-    /// merged only: the base model folder (default: the model.path recorded in the checkpoint)
+    /// merged only: the base model folder (default: the model.path recorded in the checkpoint,
+    /// or the adapter's base_model_name_or_path when that is a folder)
     #[arg(long)]
     model: Option<PathBuf>,
     /// merged only: largest weight file (default 5GB = 5e9 bytes; 2GiB = 2^31; HF naming above
@@ -1057,9 +1062,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         "{flag} is for --format merged; a PEFT adapter is written without it"
                     );
                 }
+                let Some(checkpoint) = args.checkpoint else {
+                    anyhow::bail!(
+                        "--adapter is for --format merged: an adapter folder is PEFT's format already"
+                    );
+                };
                 use trainer::checkpoint::AdapterNaming;
                 let naming = args.naming.unwrap_or_default();
-                let n = trainer::checkpoint::export_peft(&args.checkpoint, &args.out, naming)?;
+                let n = trainer::checkpoint::export_peft(&checkpoint, &args.out, naming)?;
                 let named = match naming {
                     AdapterNaming::Hf4 => "transformers-4 key naming",
                     AdapterNaming::Hf5 => "transformers-5 key naming; --naming hf4 for a transformers 4.45-4.51 stack such as the seed's",
@@ -1067,7 +1077,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!(
                     "wrote {} ({n} LoRA tensors, {named}) from {}",
                     args.out.display(),
-                    args.checkpoint.display()
+                    checkpoint.display()
                 );
                 Ok(ExitCode::SUCCESS)
             }
@@ -1081,8 +1091,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         .as_deref()
                         .unwrap_or(trainer::checkpoint::merged::DEFAULT_MAX_SHARD),
                 )?;
+                use trainer::checkpoint::MergeSource;
+                let (source, from) = match (&args.checkpoint, &args.adapter) {
+                    (Some(c), _) => (MergeSource::Checkpoint(c), c),
+                    (None, Some(a)) => (MergeSource::Adapter(a), a),
+                    (None, None) => unreachable!("clap requires --checkpoint or --adapter"),
+                };
                 let s = trainer::checkpoint::export_merged(
-                    &args.checkpoint,
+                    source,
                     &args.out,
                     args.model.as_deref(),
                     max,
@@ -1095,7 +1111,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     s.replaced,
                     s.total_bytes as f64 / 1e6,
                     s.files.join(", "),
-                    args.checkpoint.display()
+                    from.display()
                 );
                 Ok(ExitCode::SUCCESS)
             }

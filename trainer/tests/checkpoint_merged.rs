@@ -195,6 +195,127 @@ fn all_linear_rslora_merges_with_its_scaling() {
     );
 }
 
+/// `--adapter`: a PEFT adapter folder merged without a checkpoint (PEFT's `merge_and_unload`).
+/// One real PEFT made (all-linear, rslora) gives base + adapter's logits, its base taken from its
+/// `base_model_name_or_path`; one of ours in transformers-4 naming merges to the very bytes the
+/// checkpoint it came from merges to. `--format peft` refuses `--adapter`, and an adapter naming
+/// no base folder asks for --model.
+#[test]
+fn a_peft_adapter_folder_merges_without_a_checkpoint() {
+    let fx = common::repo().join("tests/fixtures/train");
+    let out = fresh("merge-adapter");
+    let run_export = |args: &[&std::ffi::OsStr]| -> Out {
+        // from the repository root, which the fixture's base_model_name_or_path is relative to
+        let o = Command::new(bin("trainer"))
+            .current_dir(common::repo())
+            .arg("export")
+            .args(args)
+            .output()
+            .unwrap();
+        Out {
+            code: o.status.code(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    };
+    let peft_made = fx.join("adapter_all_linear_rslora");
+    let merged = out.join("peft-made");
+    ok(
+        run_export(&[
+            "--format".as_ref(),
+            "merged".as_ref(),
+            "--adapter".as_ref(),
+            peft_made.as_os_str(),
+            "--out".as_ref(),
+            merged.as_os_str(),
+        ]),
+        "merge the PEFT-made adapter",
+    );
+    let mut with_adapter = MllamaModel::load(&fx.join("model"), LoadOptions::default()).unwrap();
+    with_adapter.load_adapter(&peft_made).unwrap();
+    let want = logits(&with_adapter);
+    let err = rel_err(
+        &logits(&MllamaModel::load(&merged, LoadOptions::default()).unwrap()),
+        &want,
+    );
+    let effect = rel_err(
+        &logits(&MllamaModel::load(&fx.join("model"), LoadOptions::default()).unwrap()),
+        &want,
+    );
+    println!(
+        "PEFT-made adapter merged vs base + adapter: rel {err:.2e} (base alone: {effect:.2e})"
+    );
+    assert!(
+        err < 1e-5,
+        "merged logits differ from base + adapter: {err}"
+    );
+    assert!(
+        effect > 1e-4,
+        "the adapter has no visible effect ({effect})"
+    );
+
+    // ours, transformers-4 naming: the bytes of the checkpoint's own merge
+    let ckpt = lora_checkpoint();
+    let (hf4, from_adapter, from_ckpt) = (
+        out.join("adapter-hf4"),
+        out.join("from-adapter"),
+        out.join("from-ckpt"),
+    );
+    ok(
+        export(ckpt, &hf4, "peft", &["--naming", "hf4"]),
+        "export hf4",
+    );
+    ok(
+        export(ckpt, &from_ckpt, "merged", &[]),
+        "merge the checkpoint",
+    );
+    let base = setup().join("model");
+    ok(
+        run_export(&[
+            "--format".as_ref(),
+            "merged".as_ref(),
+            "--adapter".as_ref(),
+            hf4.as_os_str(),
+            "--model".as_ref(),
+            base.as_os_str(),
+            "--out".as_ref(),
+            from_adapter.as_os_str(),
+        ]),
+        "merge the hf4 adapter",
+    );
+    let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(bytes(&from_adapter) == bytes(&from_ckpt), "merges differ");
+
+    // --format peft has nothing to do with an adapter; a base-less adapter needs --model
+    let o = run_export(&[
+        "--adapter".as_ref(),
+        hf4.as_os_str(),
+        "--out".as_ref(),
+        out.join("x").as_os_str(),
+    ]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("--adapter is for --format merged"),
+        "{}",
+        o.stderr
+    );
+    let o = run_export(&[
+        "--format".as_ref(),
+        "merged".as_ref(),
+        "--adapter".as_ref(),
+        fx.join("adapter").as_os_str(),
+        "--out".as_ref(),
+        out.join("y").as_os_str(),
+    ]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("pass the base model folder to merge it into with --model DIR"),
+        "{}",
+        o.stderr
+    );
+    assert!(!out.join("y").exists());
+}
+
 #[test]
 fn sharded_merged_export_has_a_valid_index() {
     let ckpt = lora_checkpoint();

@@ -1,5 +1,5 @@
-//! `trainer export --format merged`: a full Hugging Face model folder from a checkpoint and the
-//! base model it was trained on. Every base tensor is streamed from the base's memory-mapped
+//! `trainer export --format merged`: a full Hugging Face model folder from a checkpoint (or a
+//! PEFT adapter folder, as PEFT's `merge_and_unload`) and the base model it was trained on. Every base tensor is streamed from the base's memory-mapped
 //! safetensors into the output shards one at a time (host memory holds one tensor and its LoRA
 //! factors, never the model):
 //! - a LoRA-targeted linear weight W (out, in) becomes W + scaling * B (out, r) @ A (r, in),
@@ -208,58 +208,91 @@ fn dtype_name(d: Dtype) -> Value {
     serde_json::to_value(d).expect("Dtype serializes")
 }
 
-/// Writes the merged model of `checkpoint` into `out` (see the module doc). `model`: the base
-/// folder (default: the manifest's `model_path`).
+/// Where the trained weights of a merged export come from.
+#[derive(Debug, Clone, Copy)]
+pub enum MergeSource<'a> {
+    /// A checkpoint folder: LoRA factors, or full-finetuning parameters.
+    Checkpoint(&'a Path),
+    /// A PEFT LoRA adapter folder (either key naming), as `merge_and_unload` merges it.
+    Adapter(&'a Path),
+}
+
+/// The trained tensors by parameter name (this model's naming).
+enum Trained<'m> {
+    Checkpoint(TrainedParams<'m>),
+    /// An adapter's fp32 factors (small: read whole).
+    Adapter(BTreeMap<String, Tensor>),
+}
+
+impl Trained<'_> {
+    fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match self {
+            Self::Checkpoint(t) => Box::new(t.names()),
+            Self::Adapter(f) => Box::new(f.keys().map(String::as_str)),
+        }
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<i64>> {
+        match self {
+            Self::Checkpoint(t) => t.shape(name).map(<[i64]>::to_vec),
+            Self::Adapter(f) => f.get(name).map(Tensor::size),
+        }
+    }
+
+    /// The fp32 tensor `name`.
+    fn get(&mut self, name: &str) -> Result<Tensor> {
+        match self {
+            Self::Checkpoint(t) => t.get(name),
+            Self::Adapter(f) => f
+                .get(name)
+                .map(Tensor::shallow_clone)
+                .ok_or_else(|| anyhow!("the adapter has no tensor {name}")),
+        }
+    }
+}
+
+/// Writes the merged model of `source` into `out` (see the module doc). `model`: the base folder
+/// (default: a checkpoint's `model_path`, an adapter's `base_model_name_or_path` when that is a
+/// folder).
 pub fn export_merged(
-    checkpoint: &Path,
+    source: MergeSource,
     out: &Path,
     model: Option<&Path>,
     max_shard_bytes: u64,
 ) -> Result<MergedSummary> {
-    let m = read_manifest(checkpoint)?;
-    let base_dir = model.map_or_else(|| PathBuf::from(&m.model_path), Path::to_path_buf);
-    let cfg_path = base_dir.join("config.json");
-    let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| {
-        anyhow!(
-            "base model config {} cannot be read ({e}); the checkpoint was trained on model.path {:?}: pass that folder with --model DIR",
-            cfg_path.display(),
-            m.model_path
-        )
-    })?;
-    let recorded = m.config.get("model.config_sha256").and_then(Value::as_str);
-    let found = super::sha256_hex(&cfg_bytes);
-    if recorded.is_some_and(|r| r != found) {
-        bail!(
-            "{} is not the model this checkpoint was trained on: its sha256 is {found}, the manifest records {} (model.path {:?}); pass the right folder with --model DIR",
-            cfg_path.display(),
-            recorded.unwrap_or_default(),
-            m.model_path
-        );
-    }
-    let peft = &m.peft;
-    let lora = match peft.get("method").and_then(Value::as_str) {
-        Some("lora") => {
-            let r = peft.get("r").and_then(Value::as_f64);
-            let alpha = peft.get("alpha").and_then(Value::as_f64);
-            // (absent from manifests of trainers before the option: they trained without it)
-            let rslora = peft.get("use_rslora").and_then(Value::as_bool) == Some(true);
-            match (r, alpha) {
-                (Some(r), Some(alpha)) if r > 0.0 && rslora => Some(alpha / r.sqrt()),
-                (Some(r), Some(alpha)) if r > 0.0 => Some(alpha / r),
-                _ => bail!(
-                    "checkpoint {}: manifest peft section lacks r/alpha ({peft}); it cannot be merged",
-                    checkpoint.display()
-                ),
-            }
+    let manifest;
+    let (what, base_dir, lora, mut trained) = match source {
+        MergeSource::Checkpoint(dir) => {
+            manifest = read_manifest(dir)?;
+            let (base_dir, lora) = checkpoint_base(dir, &manifest, model)?;
+            let trained = Trained::Checkpoint(TrainedParams::new(dir, &manifest)?);
+            (
+                format!("checkpoint {}", dir.display()),
+                base_dir,
+                lora,
+                trained,
+            )
         }
-        Some("none") => None,
-        other => bail!(
-            "checkpoint {}: unknown peft.method {other:?} in the manifest",
-            checkpoint.display()
-        ),
+        MergeSource::Adapter(dir) => {
+            let a = crate::model::adapter::read_adapter(dir)?;
+            let base_dir = match (model, &a.base_model) {
+                (Some(m), _) => m.to_path_buf(),
+                (None, Some(b)) if Path::new(b).join("config.json").is_file() => PathBuf::from(b),
+                (None, b) => bail!(
+                    "adapter {}: pass the base model folder to merge it into with --model DIR (its \
+                     base_model_name_or_path {b:?} is not a model folder here)",
+                    dir.display()
+                ),
+            };
+            let what = format!("adapter {}", dir.display());
+            (
+                what,
+                base_dir,
+                Some(a.config.scaling()),
+                Trained::Adapter(a.factors),
+            )
+        }
     };
-
-    let mut trained = TrainedParams::new(checkpoint, &m)?;
     let (files, base) = open_base(&base_dir)?;
 
     // 1. decide every tensor's fate and check shapes before writing anything
@@ -273,13 +306,13 @@ pub fn export_merged(
                 let module = canonical.strip_suffix(".weight");
                 let a = module.map(|p| format!("base_model.model.{p}.lora_A.weight"));
                 let b = module.map(|p| format!("base_model.model.{p}.lora_B.weight"));
-                match (a, b) {
-                    (Some(a), Some(b)) if trained.shape(&a).is_some() => {
-                        let (sa, sb) = (trained.shape(&a).unwrap(), trained.shape(&b));
+                match (a.as_deref().and_then(|a| trained.shape(a)), a, b) {
+                    (Some(sa), Some(a), Some(b)) => {
+                        let sb = trained.shape(&b);
                         let ok = t.shape.len() == 2
                             && sa.len() == 2
                             && sa[1] == t.shape[1]
-                            && sb.is_some_and(|sb| {
+                            && sb.as_ref().is_some_and(|sb| {
                                 sb.len() == 2 && sb[0] == t.shape[0] && sb[1] == sa[0]
                             });
                         if !ok {
@@ -297,9 +330,9 @@ pub fn export_merged(
             }
             None => match trained.shape(&canonical) {
                 Some(s) => {
-                    if s != t.shape.as_slice() {
+                    if s != t.shape {
                         problems.push(format!(
-                            "{}: base shape {:?}, checkpoint {:?}",
+                            "{}: base shape {:?}, trained {:?}",
                             t.name, t.shape, s
                         ));
                     }
@@ -320,13 +353,12 @@ pub fn export_merged(
     let unused: Vec<&str> = trained.names().filter(|n| !used.contains(*n)).collect();
     for n in unused.iter().take(10) {
         problems.push(format!(
-            "checkpoint parameter {n} has no tensor in the base model"
+            "trained tensor {n} has no tensor in the base model"
         ));
     }
     if !problems.is_empty() {
         bail!(
-            "checkpoint {} does not fit the base model {} ({} problem(s)):\n  {}\npass the folder it was trained on with --model DIR",
-            checkpoint.display(),
+            "{what} does not fit the base model {} ({} problem(s)):\n  {}\npass the folder it was trained on with --model DIR",
             base_dir.display(),
             problems.len() + unused.len().saturating_sub(10),
             problems.join("\n  ")
@@ -479,6 +511,57 @@ pub fn export_merged(
         files: names,
         total_bytes,
     })
+}
+
+/// A checkpoint's base folder (`model`, else the manifest's `model_path`), checked against the
+/// config.json hash the manifest records, and its LoRA scaling (None: full finetuning).
+fn checkpoint_base(
+    checkpoint: &Path,
+    m: &super::manifest::Manifest,
+    model: Option<&Path>,
+) -> Result<(PathBuf, Option<f64>)> {
+    let base_dir = model.map_or_else(|| PathBuf::from(&m.model_path), Path::to_path_buf);
+    let cfg_path = base_dir.join("config.json");
+    let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| {
+        anyhow!(
+            "base model config {} cannot be read ({e}); the checkpoint was trained on model.path {:?}: pass that folder with --model DIR",
+            cfg_path.display(),
+            m.model_path
+        )
+    })?;
+    let recorded = m.config.get("model.config_sha256").and_then(Value::as_str);
+    let found = super::sha256_hex(&cfg_bytes);
+    if recorded.is_some_and(|r| r != found) {
+        bail!(
+            "{} is not the model this checkpoint was trained on: its sha256 is {found}, the manifest records {} (model.path {:?}); pass the right folder with --model DIR",
+            cfg_path.display(),
+            recorded.unwrap_or_default(),
+            m.model_path
+        );
+    }
+    let peft = &m.peft;
+    let lora = match peft.get("method").and_then(Value::as_str) {
+        Some("lora") => {
+            let r = peft.get("r").and_then(Value::as_f64);
+            let alpha = peft.get("alpha").and_then(Value::as_f64);
+            // (absent from manifests of trainers before the option: they trained without it)
+            let rslora = peft.get("use_rslora").and_then(Value::as_bool) == Some(true);
+            match (r, alpha) {
+                (Some(r), Some(alpha)) if r > 0.0 && rslora => Some(alpha / r.sqrt()),
+                (Some(r), Some(alpha)) if r > 0.0 => Some(alpha / r),
+                _ => bail!(
+                    "checkpoint {}: manifest peft section lacks r/alpha ({peft}); it cannot be merged",
+                    checkpoint.display()
+                ),
+            }
+        }
+        Some("none") => None,
+        other => bail!(
+            "checkpoint {}: unknown peft.method {other:?} in the manifest",
+            checkpoint.display()
+        ),
+    };
+    Ok((base_dir, lora))
 }
 
 /// Creates `out`; refuses a folder that already holds weights (a stale shard would mix into the

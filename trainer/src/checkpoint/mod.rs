@@ -36,7 +36,7 @@ use crate::optim::AdamW;
 pub use export::{export_peft, replace_adapter, AdapterNaming};
 pub use load::{check_resume_folder, read_full, resume, Resumed};
 pub use manifest::{Manifest, FORMAT, VERSION};
-pub use merged::{export_merged, parse_size, MergedSummary};
+pub use merged::{export_merged, parse_size, MergeSource, MergedSummary};
 pub use save::Checkpointer;
 
 /// Where the training loop stands (what a checkpoint restores besides tensors).

@@ -122,6 +122,71 @@ fn parse_config(v: &Value) -> Result<LoraConfig, ModelError> {
     })
 }
 
+/// An adapter folder's settings, and its `adapter_config.json` as written.
+fn read_config(dir: &Path) -> Result<(LoraConfig, Value), ModelError> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::Adapter(format!("{}: {e}", cfg_path.display())))?;
+    Ok((parse_config(&v)?, v))
+}
+
+/// A PEFT adapter folder read without a model (to merge it into weight files): its settings,
+/// its `base_model_name_or_path`, and its factors in fp32 by key in this model's naming
+/// (`base_model.model.<canonical module path>.lora_{A,B}.weight`), whichever naming the file
+/// uses. A tensor that is not a LoRA factor of a module `target_modules` chooses is an error.
+pub fn read_adapter(dir: &Path) -> Result<ReadAdapter, ModelError> {
+    let (config, raw) = read_config(dir)?;
+    let src = WeightSource::open_files(&[dir.join("adapter_model.safetensors")])?;
+    let matcher = config.target_modules.canonical().compile()?;
+    let (mut factors, mut problems) = (BTreeMap::new(), vec![]);
+    for (name, _) in src.names_and_shapes() {
+        match parse_adapter_key(name) {
+            Some((module, _)) if !matcher.matches(&module) => problems.push(format!(
+                "{name}: module {module} is not one target_modules {:?} chooses",
+                config.target_modules
+            )),
+            Some((module, ab)) => {
+                let t = src.get(name, Kind::Float)?;
+                factors.insert(format!("{PEFT_PREFIX}{module}.lora_{ab}.weight"), t);
+            }
+            None => problems.push(format!("{name}: not a LoRA factor")),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ModelError::Adapter(format!(
+            "{}: adapter_model.safetensors does not fit its adapter_config.json ({} problems):\n  {}",
+            dir.display(),
+            problems.len(),
+            problems.join("\n  ")
+        )));
+    }
+    if factors.is_empty() {
+        return Err(ModelError::Adapter(format!(
+            "{}: adapter_model.safetensors holds no LoRA factors",
+            dir.display()
+        )));
+    }
+    let base_model = raw
+        .get("base_model_name_or_path")
+        .and_then(Value::as_str)
+        .map(String::from);
+    Ok(ReadAdapter {
+        config,
+        base_model,
+        factors,
+    })
+}
+
+/// What [`read_adapter`] read.
+pub struct ReadAdapter {
+    pub config: LoraConfig,
+    /// `base_model_name_or_path` (a folder or a Hub id).
+    pub base_model: Option<String>,
+    /// fp32 factors by key in this model's naming.
+    pub factors: BTreeMap<String, Tensor>,
+}
+
 impl MllamaModel {
     /// Wraps every linear layer whose module path matches `cfg.target_modules` with a fresh LoRA branch (PEFT init,
     /// A drawn from a SplitMix64 of `seed`). Returns the number of wrapped layers.
@@ -193,11 +258,7 @@ impl MllamaModel {
     /// Every targeted layer must have both factors with the right shapes, and every adapter tensor
     /// must belong to a targeted layer; all problems in one error.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<LoraConfig, ModelError> {
-        let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Adapter(format!("{}: {e}", cfg_path.display())))?;
-        let cfg = parse_config(&v)?;
+        let (cfg, _) = read_config(dir)?;
         let src = WeightSource::open_files(&[dir.join("adapter_model.safetensors")])?;
         let mut tensors: BTreeMap<(String, &'static str), String> = BTreeMap::new();
         let mut problems = vec![];
