@@ -428,6 +428,7 @@ fn to_yaml_prints_every_key() {
         "seed:",
         "validate:",
         "log_every:",
+        "tensorboard:",
         "output_dir:",
         "skip_nonfinite:",
         "eval_every_steps:",

@@ -79,3 +79,98 @@ fn hw_tflops_adds_the_recompute_only_with_activation_checkpointing() {
         assert!((r - 1.0).abs() < 1e-12, "no recompute: ratio {r}");
     }
 }
+
+/// Protobuf fields of `msg` as (field number, varint or fixed value, bytes of a length-delimited
+/// one): enough to read TensorBoard's `Event`, `Summary` and `Summary.Value`.
+fn fields(mut msg: &[u8]) -> Vec<(u64, u64, &[u8])> {
+    fn varint(b: &mut &[u8]) -> u64 {
+        let (mut v, mut shift) = (0u64, 0);
+        loop {
+            let byte = b[0];
+            *b = &b[1..];
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return v;
+            }
+            shift += 7;
+        }
+    }
+    let mut out = vec![];
+    while !msg.is_empty() {
+        let key = varint(&mut msg);
+        let (field, wire) = (key >> 3, key & 7);
+        let (num, bytes): (u64, &[u8]) = match wire {
+            0 => (varint(&mut msg), &[]),
+            1 => {
+                let v = u64::from_le_bytes(msg[..8].try_into().unwrap());
+                msg = &msg[8..];
+                (v, &[])
+            }
+            2 => {
+                let n = varint(&mut msg) as usize;
+                let b = &msg[..n];
+                msg = &msg[n..];
+                (0, b)
+            }
+            5 => {
+                let v = u32::from_le_bytes(msg[..4].try_into().unwrap()) as u64;
+                msg = &msg[4..];
+                (v, &[])
+            }
+            w => panic!("wire type {w}"),
+        };
+        out.push((field, num, bytes));
+    }
+    out
+}
+
+/// `train.tensorboard`: rank 0 writes one event file whose scalars are metrics.jsonl's, tagged
+/// `train/<key>` at each step (the bytes are checked against PyTorch's SummaryWriter in the unit
+/// tests).
+#[test]
+fn tensorboard_scalars_mirror_metrics_jsonl() {
+    let out = fresh("metrics-tensorboard");
+    ok(
+        run(&out, 2, TRAIN, &["train.tensorboard=true"], &[]),
+        "tensorboard",
+    );
+    let files: Vec<_> = std::fs::read_dir(out.join("tensorboard"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with("events.out.tfevents."), "{name}");
+    let bytes = std::fs::read(&files[0]).unwrap();
+    let mut scalars = vec![]; // (step, tag, value)
+    let mut at = 0;
+    while at < bytes.len() {
+        let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        let event = &bytes[at + 12..at + 12 + len];
+        at += 16 + len;
+        let ev = fields(event);
+        let step = ev.iter().find(|f| f.0 == 2).map_or(0, |f| f.1);
+        for (_, _, summary) in ev.iter().filter(|f| f.0 == 5) {
+            for (_, _, value) in fields(summary) {
+                let v = fields(value);
+                let tag = std::str::from_utf8(v[0].2).unwrap().to_string();
+                scalars.push((step, tag, f32::from_bits(v[1].1 as u32)));
+            }
+        }
+    }
+    assert_eq!(at, bytes.len());
+    let m = metrics(&out);
+    let want: usize = m
+        .iter()
+        .map(|l| trainer::train::tensorboard::scalars_of(l).unwrap().1.len())
+        .sum();
+    assert_eq!(scalars.len(), want);
+    for l in &m {
+        let step = l["step"].as_u64().unwrap();
+        let loss = scalars
+            .iter()
+            .find(|s| s.0 == step && s.1 == "train/loss")
+            .unwrap_or_else(|| panic!("no train/loss at step {step}: {scalars:?}"));
+        assert_eq!(loss.2, l["loss"].as_f64().unwrap() as f32);
+    }
+}

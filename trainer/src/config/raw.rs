@@ -134,6 +134,7 @@ pub(crate) struct RawTrain {
     pub seed: Int<Count>,
     pub validate: bool,
     pub log_every: Int<PositiveInt>,
+    pub tensorboard: bool,
     pub output_dir: FilePath,
     pub save_adapter: SaveAdapter,
     pub skip_nonfinite: Int<Count>,
@@ -165,6 +166,8 @@ impl Default for RawTrain {
             // data.eval names one, so validation is opt-in here.
             validate: false,
             log_every: Int::new(1),
+            // llama-recipes logs to wandb only when asked (use_wandb); so TensorBoard here
+            tensorboard: false,
             output_dir: FilePath::new("./finetuned_model"),
             // llama-recipes' save_model (True) with current peft's naming
             save_adapter: SaveAdapter::Hf5,

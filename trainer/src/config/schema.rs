@@ -215,6 +215,9 @@ pub struct TrainConfig {
     /// Log a line every this many optimizer steps when no progress bar is drawn (metrics.jsonl
     /// gets every step).
     pub log_every: u64,
+    /// Also write the metrics as TensorBoard scalars under `output_dir/tensorboard/`
+    /// (`tensorboard --logdir`), as HF's `report_to: tensorboard` does.
+    pub tensorboard: bool,
     /// Where metrics.jsonl goes and, after each epoch of a LoRA run, the epoch's PEFT adapter
     /// (adapter_config.json + adapter_model.safetensors, as llama-recipes' save_model leaves it;
     /// with `validate`, the best epoch's).

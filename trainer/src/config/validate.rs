@@ -232,6 +232,7 @@ fn train(raw: RawTrain) -> Result<TrainConfig, ConfigError> {
         seed: raw.seed.get(),
         validate: raw.validate,
         log_every: raw.log_every.get(),
+        tensorboard: raw.tensorboard,
         output_dir: raw.output_dir.0,
         save_adapter: raw.save_adapter,
         skip_nonfinite: raw.skip_nonfinite.get(),

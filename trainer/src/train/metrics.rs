@@ -43,6 +43,9 @@ pub(super) struct StepReport<'a> {
 
 pub(super) struct Meter {
     file: Option<std::fs::File>,
+    /// `train.tensorboard` (rank 0): dropped, with a warning, at its first write error (the
+    /// run and metrics.jsonl go on).
+    tensorboard: Option<super::tensorboard::EventWriter>,
     flops: FlopCount,
     /// Activation checkpointing recomputes each unit's forward (counted in `hw_tflops`).
     recompute: bool,
@@ -99,6 +102,27 @@ impl Meter {
         } else {
             None
         };
+        let tensorboard = match rank == 0 && config.train.tensorboard {
+            true => {
+                let dir = config.train.output_dir.join(super::tensorboard::DIR);
+                let w = super::tensorboard::EventWriter::create(&dir).with_context(|| {
+                    format!(
+                        "train.tensorboard: creating an event file in {}",
+                        dir.display()
+                    )
+                })?;
+                log(
+                    rank,
+                    &format!(
+                        "TensorBoard scalars in {} (tensorboard --logdir {})",
+                        w.path().display(),
+                        dir.display()
+                    ),
+                );
+                Some(w)
+            }
+            false => None,
+        };
         let bar = (rank == 0 && crate::logging::progress_bars_enabled()).then(|| {
             let style = ProgressStyle::with_template(
                 "[{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
@@ -114,6 +138,7 @@ impl Meter {
         });
         Ok(Self {
             file,
+            tensorboard,
             flops,
             recompute: config.fsdp.enabled && config.fsdp.activation_checkpointing,
             peak_tflops,
@@ -184,6 +209,17 @@ impl Meter {
         if let Some(f) = &mut self.file {
             writeln!(f, "{v}")?;
             f.flush()?;
+        }
+        if let (Some(tb), Some((step, values))) =
+            (&mut self.tensorboard, super::tensorboard::scalars_of(&v))
+        {
+            if let Err(e) = tb.scalars(step, &values) {
+                tracing::warn!(
+                    "train.tensorboard: writing {} failed ({e}); no more TensorBoard scalars this run (metrics.jsonl has them all)",
+                    tb.path().display()
+                );
+                self.tensorboard = None;
+            }
         }
         Ok(())
     }

@@ -22,6 +22,7 @@ mod metrics;
 mod setup;
 mod signal;
 mod step;
+pub mod tensorboard;
 
 use std::time::Instant;
 
