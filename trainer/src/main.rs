@@ -452,6 +452,7 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
         args.checkpoint.as_deref(),
         args.model.as_ref(),
         &args.generation,
+        &|c| Ok(c.verify_part(0, 1)?),
     )?;
     // (the image too: a wrong --image must not cost a model load first)
     let img = args
@@ -550,21 +551,25 @@ struct EvalArgs {
     batch_size: u64,
 }
 
-/// `--checkpoint` (read, its base checked) and the model folder: `--model`, else the checkpoint's
-/// run's; and the generation settings with the prompt as that run trained on it (the flags can
-/// only add to that).
+/// `--checkpoint` (read, its files checked by `verify`, its base checked) and the model folder:
+/// `--model`, else the checkpoint's run's; and the generation settings with the prompt as that
+/// run trained on it (the flags can only add to that).
 fn checkpoint_and_base(
     checkpoint: Option<&std::path::Path>,
     model: Option<&PathBuf>,
     generation: &GenerationArgs,
+    verify: &dyn Fn(&trainer::infer::CheckpointWeights) -> Result<()>,
 ) -> Result<(
     Option<trainer::infer::CheckpointWeights>,
     PathBuf,
     GenerationArgs,
 )> {
     let ckpt = checkpoint
-        .map(trainer::infer::CheckpointWeights::read)
+        .map(trainer::infer::CheckpointWeights::read_unverified)
         .transpose()?;
+    if let Some(c) = &ckpt {
+        verify(c)?;
+    }
     let model_dir = match (model, &ckpt) {
         (Some(m), _) => m.clone(),
         (None, Some(c)) => c.model_path(),
@@ -702,35 +707,6 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         "--image-root {} is not a folder (the benchmark's image paths are relative to it)",
         args.image_root.display()
     );
-    let (ckpt, model_dir, generation) = checkpoint_and_base(
-        args.checkpoint.as_deref(),
-        args.model.as_ref(),
-        &args.generation,
-    )?;
-    let (model, text, image_config) = load_for_generation(
-        &model_dir,
-        args.adapter.as_deref(),
-        ckpt.as_ref(),
-        generation.double_bos,
-    )?;
-    let session = Session {
-        model: &model,
-        text: &text,
-        image_config: &image_config,
-    };
-    let opts = EvalOptions {
-        infer: generation.options(args.temperature),
-        image_root: args.image_root.clone(),
-        out: args.out.clone(),
-        limit: args.limit,
-        training_metrics: args.train_metrics.clone(),
-        batch_size: args.batch_size as usize,
-        made_with: trainer::eval::made_with(
-            &model_dir,
-            args.adapter.as_deref(),
-            args.checkpoint.as_deref(),
-        ),
-    };
     // under the launcher every rank evaluates its share; rank 0 merges and reports
     let env = launcher::env::RankEnv::from_env()?;
     let group = if env.is_single() {
@@ -756,6 +732,49 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         g.all_reduce(&t, trainer::dist::ReduceOp::Max)
             .map_err(|e| e.to_string())?;
         Ok(t.int64_value(&[0]) != 0)
+    };
+    // the ranks of a node split the checkpoint's hashing (each node checks the copy it reads)
+    let verify = |c: &trainer::infer::CheckpointWeights| -> Result<()> {
+        let mine = c.verify_part(env.local_rank, env.local_world_size);
+        let failed = any(mine.is_err()).map_err(anyhow::Error::msg)?;
+        match mine {
+            Err(e) => Err(e.into()),
+            Ok(()) if failed => anyhow::bail!(
+                "another rank found a damaged file in checkpoint {} (its error names it)",
+                c.dir.display()
+            ),
+            Ok(()) => Ok(()),
+        }
+    };
+    let (ckpt, model_dir, generation) = checkpoint_and_base(
+        args.checkpoint.as_deref(),
+        args.model.as_ref(),
+        &args.generation,
+        &verify,
+    )?;
+    let (model, text, image_config) = load_for_generation(
+        &model_dir,
+        args.adapter.as_deref(),
+        ckpt.as_ref(),
+        generation.double_bos,
+    )?;
+    let session = Session {
+        model: &model,
+        text: &text,
+        image_config: &image_config,
+    };
+    let opts = EvalOptions {
+        infer: generation.options(args.temperature),
+        image_root: args.image_root.clone(),
+        out: args.out.clone(),
+        limit: args.limit,
+        training_metrics: args.train_metrics.clone(),
+        batch_size: args.batch_size as usize,
+        made_with: trainer::eval::made_with(
+            &model_dir,
+            args.adapter.as_deref(),
+            args.checkpoint.as_deref(),
+        ),
     };
     let shard = group.as_ref().map(|g| Shard {
         rank: g.rank(),

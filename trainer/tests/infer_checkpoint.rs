@@ -211,3 +211,61 @@ fn full_finetuning_checkpoint_replaces_the_base_weights() {
     });
     assert_eq!(checked, trained.len());
 }
+
+/// `eval --checkpoint` under the launcher: the ranks of a node split the hashing of the
+/// checkpoint's files (each reads its share); a damaged file stops every rank before anything is
+/// generated, the one that found it naming the file.
+#[test]
+fn ranks_split_the_checkpoint_check_and_all_stop_on_a_damaged_file() {
+    let out = fresh("eval-ckpt-world2");
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
+    ok(
+        run(&out, 2, train, &["checkpoint.every_steps=1"], &[]),
+        "train",
+    );
+    let ckpt = out.join("ckpt/step-00000001");
+    let bench = out.join("bench.jsonl");
+    std::fs::write(
+        &bench,
+        "{\"id\": \"a\", \"image\": \"small.png\", \"question\": \"How many?\", \"answer\": \"2\"}\n\
+         {\"id\": \"b\", \"image\": \"small.png\", \"question\": \"What color?\", \"answer\": \"red\"}\n",
+    )
+    .unwrap();
+    let eval = |ckpt: &Path, name: &str| {
+        let o = common::launcher()
+            .args(["--standalone", "--nproc-per-node", "2", "--"])
+            .arg(bin("trainer"))
+            .args(["eval", "--turns", "1", "--max-new-tokens", "4"])
+            .arg("--checkpoint")
+            .arg(ckpt)
+            .arg("--data")
+            .arg(&bench)
+            .arg("--image-root")
+            .arg(repo().join("tests/fixtures/data/images"))
+            .arg("--out")
+            .arg(out.join(name))
+            .env("TMPDIR", out.join("tmp"))
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (good, err) = eval(&ckpt, "eval-good");
+    assert!(good, "{err}");
+    assert!(out.join("eval-good/predictions.jsonl").exists());
+
+    let damaged = out.join("damaged-ckpt");
+    copy_dir(&ckpt, &damaged);
+    let file = damaged.join("rank-1-of-2.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() - 5;
+    bytes[at] ^= 0x40;
+    std::fs::write(&file, bytes).unwrap();
+    let (good, err) = eval(&damaged, "eval-damaged");
+    assert!(!good, "{err}");
+    assert!(err.contains("rank-1-of-2.safetensors"), "{err}");
+    assert!(!out.join("eval-damaged/predictions.jsonl").exists());
+    assert!(!out.join("eval-damaged/predictions.rank-0.jsonl").exists());
+}

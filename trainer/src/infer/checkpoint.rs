@@ -36,14 +36,26 @@ impl CheckpointWeights {
     /// Reads the manifest and verifies every file it lists (before the base model is loaded, so
     /// a damaged checkpoint fails in seconds); the weights are read by `apply`.
     pub fn read(dir: &Path) -> Result<Self, InferError> {
+        let c = Self::read_unverified(dir)?;
+        c.verify_part(0, 1)?;
+        Ok(c)
+    }
+
+    /// The manifest only: the caller verifies the files (`verify_part`) before `apply`.
+    pub fn read_unverified(dir: &Path) -> Result<Self, InferError> {
         let manifest =
             crate::checkpoint::load::read_manifest(dir).map_err(|e| err(dir, format!("{e:#}")))?;
-        crate::checkpoint::load::verify_all(dir, &manifest)
-            .map_err(|e| err(dir, format!("{e:#}")))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             manifest,
         })
+    }
+
+    /// Verifies every `count`-th file from the `index`-th (the ranks of a node split the hashing
+    /// of a checkpoint they all read, rather than each reading it whole).
+    pub fn verify_part(&self, index: usize, count: usize) -> Result<(), InferError> {
+        crate::checkpoint::load::verify_part(&self.dir, &self.manifest, index, count)
+            .map_err(|e| err(&self.dir, format!("{e:#}")))
     }
 
     /// The base model folder the run trained on (`model.path` as configured).
