@@ -898,10 +898,71 @@ fn nodes_with_different_run_ids_are_refused_with_an_exported_token() {
     assert_ne!(run0.code(), 0, "{}", run0.stderr);
 }
 
+/// torchrun takes each option from `PET_<NAME>` when its flag is absent (Kubeflow's PyTorchJob
+/// sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR ... and runs torchrun with no flags); a flag
+/// wins over its variable. A relative --log-dir reaches the ranks as absolute paths (a rank that
+/// changes directory still finds its error file).
+#[test]
+fn pet_variables_are_options_and_log_dir_paths_are_absolute() {
+    let dir = Scratch::new("pet");
+    let mut cmd = launch_testrank(&["--standalone", "--log-dir", "logs"], dir.path(), &[]);
+    cmd.env("PET_NPROC_PER_NODE", "3")
+        .env("PET_RDZV_ID", "petrun")
+        .current_dir(dir.path());
+    let r = run(cmd, LIMIT);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let env = read_env(dir.path(), 2, 0);
+    assert_eq!(env["WORLD_SIZE"], "3");
+    assert_eq!(env["TORCHELASTIC_RUN_ID"], "petrun");
+    let file = Path::new(&env["TORCHELASTIC_ERROR_FILE"]);
+    assert!(file.is_absolute(), "{}", file.display());
+    assert!(
+        file.starts_with(dir.path().join("logs/petrun")),
+        "{}",
+        file.display()
+    );
+
+    let flag = Scratch::new("pet-flag");
+    let mut cmd = launch_testrank(&["--standalone", "--nproc-per-node", "2"], flag.path(), &[]);
+    cmd.env("PET_NPROC_PER_NODE", "3");
+    let r = run(cmd, LIMIT);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(read_env(flag.path(), 1, 0)["WORLD_SIZE"], "2");
+    // a second node's variables without its rank: refused as the flags are
+    let mut cmd = launcher(&["--", "true"]);
+    cmd.env("PET_NNODES", "2");
+    let r = run(cmd, LIMIT);
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("this node's rank is unknown"),
+        "{}",
+        r.stderr
+    );
+}
+
 #[test]
 fn usage_errors_exit_2() {
     let unknown = run(launcher(&["--no-such-flag"]), LIMIT);
     assert_eq!(unknown.code(), 2);
+    // torchrun's `torchrun train.py --lr 1`: the usage error says where programs go
+    let script = run(launcher(&["--standalone", "train.py", "--lr", "1"]), LIMIT);
+    assert_eq!(script.code(), 2);
+    assert!(
+        script
+            .stderr
+            .contains("launcher [OPTIONS] -- python train.py ARGS"),
+        "{}",
+        script.stderr
+    );
+    // torchrun's --no-python is how this launcher always runs programs
+    let no_python = run(
+        launcher(&["--standalone", "--no-python", "--", "true"]),
+        LIMIT,
+    );
+    assert_eq!(no_python.code(), 0, "{}", no_python.stderr);
+    let nodes = run(launcher(&["--nnodes", "200000", "--", "true"]), LIMIT);
+    assert_eq!(nodes.code(), 1, "{}", nodes.stderr);
+    assert!(nodes.stderr.contains("at most 65536"), "{}", nodes.stderr);
     let huge = run(
         launcher(&["--nproc-per-node", "10000000000", "--", "true"]),
         LIMIT,

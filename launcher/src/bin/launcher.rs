@@ -47,31 +47,53 @@ struct Cli {
     #[arg(
         long = "nproc-per-node",
         alias = "nproc_per_node",
+        env = "PET_NPROC_PER_NODE",
         value_name = "N|auto|gpu|cpu",
         default_value = "1"
     )]
     nproc_per_node: String,
     /// Number of nodes (`N`, or `N:N`; elastic ranges are not supported) [default: 1, or SLURM_STEP_NUM_NODES / SLURM_NNODES]
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "PET_NNODES", value_name = "N")]
     nnodes: Option<String>,
     /// This node's rank in 0..nnodes [default: 0, or SLURM_NODEID]
-    #[arg(long = "node-rank", alias = "node_rank", value_name = "R")]
+    #[arg(
+        long = "node-rank",
+        alias = "node_rank",
+        env = "PET_NODE_RANK",
+        value_name = "R"
+    )]
     node_rank: Option<usize>,
     /// Node 0's address, where the rendezvous store runs [default: 127.0.0.1, or the first SLURM node]
-    #[arg(long = "master-addr", alias = "master_addr", value_name = "HOST")]
+    #[arg(
+        long = "master-addr",
+        alias = "master_addr",
+        env = "PET_MASTER_ADDR",
+        value_name = "HOST"
+    )]
     master_addr: Option<String>,
     /// Port of the rendezvous store on node 0 [default: 29500]
-    #[arg(long = "master-port", alias = "master_port", value_name = "PORT")]
+    #[arg(
+        long = "master-port",
+        alias = "master_port",
+        env = "PET_MASTER_PORT",
+        value_name = "PORT"
+    )]
     master_port: Option<u16>,
     /// torchrun's spelling of --master-addr/--master-port (`HOST[:PORT]`)
     #[arg(
         long = "rdzv-endpoint",
         alias = "rdzv_endpoint",
+        env = "PET_RDZV_ENDPOINT",
         value_name = "HOST[:PORT]"
     )]
     rdzv_endpoint: Option<String>,
     /// Accepted for torchrun compatibility (`static` or `c10d`): the store is always node 0's
-    #[arg(long = "rdzv-backend", alias = "rdzv_backend", value_name = "NAME")]
+    #[arg(
+        long = "rdzv-backend",
+        alias = "rdzv_backend",
+        env = "PET_RDZV_BACKEND",
+        value_name = "NAME"
+    )]
     rdzv_backend: Option<String>,
     /// Single node on a free localhost port (no --master-* needed; several runs can share a machine)
     #[arg(long)]
@@ -80,6 +102,7 @@ struct Cli {
     #[arg(
         long = "max-restarts",
         alias = "max_restarts",
+        env = "PET_MAX_RESTARTS",
         value_name = "K",
         default_value_t = 0
     )]
@@ -88,6 +111,7 @@ struct Cli {
     #[arg(
         long = "monitor-interval",
         alias = "monitor_interval",
+        env = "PET_MONITOR_INTERVAL",
         value_name = "S",
         default_value_t = 0.1
     )]
@@ -118,15 +142,21 @@ struct Cli {
     rdzv_timeout: f64,
     /// Write each rank's output to DIR/RUN_ID/attempt_N/LOCAL_RANK/{stdout,stderr}.log
     /// (attempt_N/nodeG/LOCAL_RANK with several nodes)
-    #[arg(long = "log-dir", alias = "log_dir", value_name = "DIR")]
+    #[arg(
+        long = "log-dir",
+        alias = "log_dir",
+        env = "PET_LOG_DIR",
+        value_name = "DIR"
+    )]
     log_dir: Option<PathBuf>,
     /// Also show rank output on the console, prefixed `[rank r]` (`--tee=1` stdout, `=2` stderr, `=3` both)
-    #[arg(short = 't', long, value_name = "STREAMS", num_args = 0..=1, require_equals = true, default_missing_value = "3")]
+    #[arg(short = 't', long, env = "PET_TEE", value_name = "STREAMS", num_args = 0..=1, require_equals = true, default_missing_value = "3")]
     tee: Option<u8>,
     /// Only these local ranks' output reaches the console, e.g. `0` or `0,1` (log files keep all)
     #[arg(
         long = "local-ranks-filter",
         alias = "local_ranks_filter",
+        env = "PET_LOCAL_RANKS_FILTER",
         value_name = "R,..",
         value_delimiter = ','
     )]
@@ -134,7 +164,12 @@ struct Cli {
     /// Run id shared by all nodes (TORCHELASTIC_RUN_ID; for multi-node runs also the store secret
     /// unless LLAVA_SCO_STORE_TOKEN is set) [default: SLURM_JOB_ID.SLURM_STEP_ID under srun,
     /// SLURM_JOB_ID outside a step, else random]
-    #[arg(long = "run-id", aliases = ["run_id", "rdzv-id", "rdzv_id"], value_name = "ID")]
+    #[arg(
+        long = "run-id",
+        aliases = ["run_id", "rdzv-id", "rdzv_id"],
+        env = "PET_RDZV_ID",
+        value_name = "ID"
+    )]
     run_id: Option<String>,
     /// The trainer binary for CONFIG mode [default: `trainer` next to this launcher]
     #[arg(long, value_name = "PATH")]
@@ -145,6 +180,10 @@ struct Cli {
     /// Training config: every rank runs `trainer train CONFIG [--set ...]`
     #[arg(value_name = "CONFIG.yaml")]
     config: Option<PathBuf>,
+    /// Accepted for torchrun compatibility: PROGRAM always runs as given (after `--`, e.g.
+    /// `-- python train.py`), as torchrun's --no-python runs it
+    #[arg(long = "no-python", alias = "no_python")]
+    no_python: bool,
     /// Any program to run once per rank instead of the trainer (after `--`)
     #[arg(last = true, value_name = "PROGRAM [ARGS]")]
     program: Vec<OsString>,
@@ -152,7 +191,23 @@ struct Cli {
 
 fn main() -> ExitCode {
     init_logging();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = e.exit_code();
+            let _ = e.print();
+            // torchrun's `torchrun [OPTIONS] train.py --lr 1`: clap stops at `--lr`
+            if e.use_stderr() {
+                if let Some(script) = script_before_dashes(std::env::args_os().skip(1)) {
+                    eprintln!(
+                        "\nnote: programs run after `--` (the launcher's own options come before it): \
+                         launcher [OPTIONS] -- python {script} ARGS"
+                    );
+                }
+            }
+            return ExitCode::from(code as u8);
+        }
+    };
     match run(cli) {
         Ok(outcome) => ExitCode::from(outcome.exit_code()),
         Err(err) => {
@@ -174,6 +229,14 @@ fn run(cli: Cli) -> Result<Outcome> {
         Outcome::Failed(failure) => eprint!("{}", failure.summary(max_restarts, node_rank)),
     }
     Ok(outcome)
+}
+
+/// A Python or shell script named among the launcher's own arguments (before any `--`), as
+/// torchrun takes it, for the hint after a usage error.
+fn script_before_dashes(args: impl Iterator<Item = OsString>) -> Option<String> {
+    args.take_while(|a| a != "--")
+        .map(|a| a.to_string_lossy().into_owned())
+        .find(|a| !a.starts_with('-') && (a.ends_with(".py") || a.ends_with(".sh")))
 }
 
 /// Turns the command line (plus SLURM's variables) into a validated launch.
@@ -201,7 +264,8 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
         (None, Some(s)) => from_slurm(&s.nnodes)?,
         (None, None) => 1,
     };
-    let (mut master_addr, mut master_port) = (cli.master_addr.clone(), cli.master_port);
+    let (mut master_addr, mut master_port) =
+        (cli.master_addr.as_deref().map(unbracketed), cli.master_port);
     if let Some(endpoint) = &cli.rdzv_endpoint {
         if master_addr.is_some() || master_port.is_some() {
             bail!("give either --rdzv-endpoint or --master-addr/--master-port, not both");
@@ -322,7 +386,14 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
             bail!("--local-ranks-filter {bad} is not a local rank (0..{nproc})");
         }
     }
-    if let Some(dir) = &cli.log_dir {
+    // absolute: a rank that changes directory still finds its TORCHELASTIC_ERROR_FILE
+    let log_dir = match &cli.log_dir {
+        Some(dir) => {
+            Some(std::path::absolute(dir).with_context(|| format!("--log-dir {}", dir.display()))?)
+        }
+        None => None,
+    };
+    if let Some(dir) = &log_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create --log-dir {}", dir.display()))?;
         if cli.tee.is_none() {
@@ -350,7 +421,7 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
         run_id,
         token,
         output: OutputOptions {
-            log_dir: cli.log_dir.clone(),
+            log_dir,
             tee_stdout: tee & 1 != 0,
             tee_stderr: tee & 2 != 0,
             local_ranks_filter: cli.local_ranks_filter.clone(),
@@ -450,7 +521,7 @@ fn check_config(trainer: &Path, config: &Path, sets: &[OsString]) -> Result<()> 
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .output()
-        .with_context(|| format!("running {} config show", trainer.display()))?;
+        .with_context(|| format!("running {} config check", trainer.display()))?;
     if out.status.success() {
         return Ok(());
     }
@@ -513,10 +584,15 @@ fn is_executable(path: &Path) -> bool {
 }
 
 fn parse_nnodes(text: &str) -> Result<usize> {
+    // (a cap, as --nproc-per-node has: node 0 tracks every node, and a typo of 10^6 nodes would
+    // wait for them all)
+    const MAX_NODES: usize = 1 << 16;
     let parse = |s: &str| {
         s.trim()
             .parse::<usize>()
-            .map_err(|_| anyhow!("--nnodes {text:?} is not a node count"))
+            .ok()
+            .filter(|&n| n <= MAX_NODES)
+            .ok_or_else(|| anyhow!("--nnodes {text:?} is not a node count (at most {MAX_NODES})"))
     };
     match text.split_once(':') {
         None => parse(text),
@@ -639,6 +715,14 @@ fn init_logging() {
 
 /// `HOST[:PORT]` of --rdzv-endpoint; an IPv6 host is written `[ADDR]` (with or without a port)
 /// or bare (then without a port), as torchrun takes it.
+/// `[::1]`, as torchrun's --help writes an IPv6 --master-addr, is the address ::1.
+fn unbracketed(addr: &str) -> String {
+    match addr.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
+        Some(inner) => inner.to_string(),
+        None => addr.to_string(),
+    }
+}
+
 fn split_endpoint(endpoint: &str) -> Result<(String, Option<u16>)> {
     let port = |p: &str| {
         p.parse::<u16>()
@@ -679,5 +763,15 @@ mod tests {
         for bad in ["node0:port", "[::1", "[::1]29500", "node0:99999"] {
             assert!(split_endpoint(bad).is_err(), "{bad}");
         }
+        assert_eq!(unbracketed("[::1]"), "::1");
+        assert_eq!(unbracketed("node0"), "node0");
+    }
+
+    #[test]
+    fn a_script_before_the_dashes_is_found_for_the_hint() {
+        let args = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>().into_iter();
+        let found = script_before_dashes(args(&["--nproc-per-node", "2", "train.py", "--lr"]));
+        assert_eq!(found.as_deref(), Some("train.py"));
+        assert_eq!(script_before_dashes(args(&["c.yaml", "--", "x.py"])), None);
     }
 }

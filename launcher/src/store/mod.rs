@@ -88,7 +88,8 @@ pub enum StoreError {
     Protocol { endpoint: String, detail: String },
     #[error(
         "cannot serve the rendezvous store on {addr}: the port is already in use \
-         (another run on this node? pick another --master-port, or use --standalone)"
+         (another run on this node? pick another --master-port; a one-node run can use \
+         --standalone for a free one)"
     )]
     AddrInUse { addr: String },
     #[error("cannot serve the rendezvous store on {addr}: {error} (is --master-addr an address of this node?)")]

@@ -177,7 +177,10 @@ impl ErrorFiles {
                     LaunchError::Rendezvous(format!("cannot read /dev/urandom: {e}"))
                 })?;
                 ErrorFiles {
-                    root: std::env::temp_dir().join(format!("launcher-errors-{id}")),
+                    // (absolute: a rank that changes directory still finds its error file)
+                    root: std::path::absolute(std::env::temp_dir())
+                        .unwrap_or_else(|_| std::env::temp_dir())
+                        .join(format!("launcher-errors-{id}")),
                     temporary: true,
                     keep: false.into(),
                 }

@@ -74,7 +74,8 @@ pub fn launcher(args: &[&str]) -> Command {
         .stderr(Stdio::piped())
         .process_group(0);
     for (key, _) in std::env::vars() {
-        if key.starts_with("SLURM_") {
+        // (torchrun's PET_<OPTION> variables are options too)
+        if key.starts_with("SLURM_") || key.starts_with("PET_") {
             cmd.env_remove(key);
         }
     }

@@ -60,7 +60,8 @@ pub fn repo() -> PathBuf {
 /// refuse a second node, an outer restart count or error file would change what a run does.
 pub fn isolated(mut cmd: std::process::Command) -> std::process::Command {
     for (key, _) in std::env::vars() {
-        if key.starts_with("SLURM_") || key.starts_with("TORCHELASTIC_") {
+        if key.starts_with("SLURM_") || key.starts_with("TORCHELASTIC_") || key.starts_with("PET_")
+        {
             cmd.env_remove(key);
         }
     }
