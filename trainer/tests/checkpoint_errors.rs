@@ -337,3 +337,62 @@ fn a_wrong_resume_folder_or_data_file_fails_before_the_model_loads() {
     let o = ok(run(&out, 1, train, &[], &[]), "good run");
     assert!(o.stderr.contains(loaded), "{}", o.stderr);
 }
+
+/// A second run saving into a checkpoint.dir another run holds (a requeued job whose first
+/// allocation still runs) is refused before training, naming the holder: it would replace the
+/// other's in-flight checkpoint folders and retire its checkpoints. At world 2 every rank stops.
+#[test]
+fn a_checkpoint_dir_in_use_by_another_run_is_refused() {
+    let out = fresh("ckpt-dir-locked");
+    let held = common::hold_lock(&out.join("ckpt"), ".llava-sco-train.lock");
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
+    for world in [1, 2] {
+        let o = run(&out, world, train, &["checkpoint.every_steps=1"], &[]);
+        assert_ne!(o.code, Some(0), "{}", o.stderr);
+        assert!(
+            o.stderr.contains("is in use by another training run")
+                && o.stderr.contains("otherhost"),
+            "{}",
+            o.stderr
+        );
+        assert!(!out.join("ckpt/step-00000001").exists());
+    }
+    drop(held);
+    ok(
+        run(&out, 1, train, &["checkpoint.every_steps=1"], &[]),
+        "after the other run",
+    );
+    assert!(out.join("ckpt/step-00000001").exists());
+}
+
+/// A newest checkpoint whose manifest is damaged: the error names the checkpoint before it as
+/// the way on (and an edit made on purpose, how to record it); resuming that one works.
+#[test]
+fn a_damaged_manifest_names_the_checkpoint_before_it() {
+    let out = fresh("manifest-older");
+    let older = out.join("ckpt/step-00000001");
+    common::copy_dir(&base(1), &older);
+    // (its step is 2 inside; as a folder of step 1 it is an older checkpoint of the same run)
+    let newest = out.join("ckpt/step-00000002");
+    common::copy_dir(&base(1), &newest);
+    std::fs::write(newest.join("manifest.json"), "{ not json").unwrap();
+    std::fs::remove_file(newest.join("manifest.sha256")).unwrap();
+    let train = "epochs: 1, batch_size: 4, grad_accum: 1, max_steps: 3";
+    let o = run(&out, 1, train, &[], &[]);
+    assert_error(
+        &o,
+        &[
+            "is not valid JSON",
+            &format!("--set checkpoint.resume={}", older.display()),
+        ],
+    );
+    let back = format!("checkpoint.resume={}", older.display());
+    ok(run(&out, 1, train, &[&back], &[]), "from the one before");
+
+    let o = resume_damaged("manifest-edited", 1, &[], |d| {
+        let p = d.join("manifest.json");
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, text.replacen("\"model_path\"", "\"model_path\" ", 1)).unwrap();
+    });
+    assert_error(&o, &["sha256sum manifest.json > manifest.sha256"]);
+}

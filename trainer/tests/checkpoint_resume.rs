@@ -9,21 +9,7 @@
 //! a background save is published when the next step stops every rank (a loss not finite).
 mod common;
 
-use std::path::Path;
-
 use common::ckpt::*;
-
-/// The `step-N` folders (complete checkpoints) and `.partial` folders in `out/ckpt`.
-fn checkpoints(out: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(out.join("ckpt"))
-        .map(|d| {
-            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
 
 /// 48 samples, global batch 8 (6 steps per epoch): 10 steps cross the epoch boundary.
 fn bitwise(world: usize, async_save: bool, extra: &[&str]) {
@@ -719,4 +705,41 @@ fn a_resume_with_another_supervise_is_noted() {
         o.stderr
     );
     assert_eq!(metrics(&out).len(), 4);
+}
+
+/// Going back to an older checkpoint of the same run (`resume: DIR` after a loss spike) sets the
+/// run's later checkpoints aside (kept, renamed `.abandoned-at-S`): retention, which ranks by
+/// step, would otherwise delete the checkpoint resumed from while keeping the abandoned newer
+/// one, and `resume: auto` would continue the abandoned branch.
+#[test]
+fn resuming_an_older_checkpoint_sets_the_later_ones_aside() {
+    let out = fresh("resume-older");
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 6";
+    ok(
+        run(&out, 1, train, &["checkpoint.every_steps=2"], &[]),
+        "first run",
+    );
+    assert_eq!(checkpoints(&out), ["step-00000004", "step-00000006"]);
+    let first_six = std::fs::read(out.join("ckpt/step-00000006/manifest.json")).unwrap();
+    let back = format!(
+        "checkpoint.resume={}",
+        out.join("ckpt/step-00000004").display()
+    );
+    let shorter = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 5";
+    let o = ok(
+        run(&out, 1, shorter, &["checkpoint.every_steps=1", &back], &[]),
+        "resumed from step 4",
+    );
+    assert!(o.stderr.contains("kept aside"), "{}", o.stderr);
+    // step 4 (resumed from) and the new branch's step 5 kept (keep_last 2), the old step 6 aside
+    assert_eq!(
+        checkpoints(&out),
+        [
+            "step-00000004",
+            "step-00000005",
+            "step-00000006.abandoned-at-4"
+        ]
+    );
+    let aside = out.join("ckpt/step-00000006.abandoned-at-4/manifest.json");
+    assert_eq!(std::fs::read(aside).unwrap(), first_six);
 }

@@ -479,7 +479,8 @@ fn yaml_oddities() {
         yaml_error("train: {1: 2}\n"),
         "train.1: unknown key \"1\" (valid keys: epochs, batch_size, grad_accum, lr, weight_decay, \
          adam_beta1, adam_beta2, adam_epsilon, schedule, grad_clip, max_steps, seed, validate, \
-         log_every, output_dir, save_adapter, skip_nonfinite, eval_every_steps, peak_tflops)"
+         log_every, tensorboard, output_dir, save_adapter, skip_nonfinite, eval_every_steps, \
+         peak_tflops)"
     );
     assert_eq!(
         yaml_error("train: {null: 1}\n"),

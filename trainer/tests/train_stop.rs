@@ -4,21 +4,7 @@
 //! background saves between periodic ones. 48 samples, global batch 4: 12 steps per epoch.
 mod common;
 
-use std::path::Path;
-
 use common::ckpt::*;
-
-/// The `step-N` folders (and any `.partial` ones) in `out/ckpt`.
-fn checkpoints(out: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(out.join("ckpt"))
-        .map(|d| {
-            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
 
 fn train(world: usize, max_steps: u64) -> String {
     format!(

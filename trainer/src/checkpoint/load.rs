@@ -546,7 +546,8 @@ fn verify_files(dir: &Path, m: &Manifest, names: &BTreeSet<String>) -> Result<()
 /// `bytes` (the whole file at `path`) against the manifest's sha256.
 fn check_sha256(path: &Path, bytes: &[u8], expected: &str) -> Result<()> {
     let digest = super::sha256_hex(bytes);
-    if digest != expected {
+    // (hex in either case: a checksum written by another tool may be upper case)
+    if !digest.eq_ignore_ascii_case(expected) {
         bail!(
             "checkpoint file {} is corrupt: sha256 {digest}, the manifest says {expected}; resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}",
             path.display(),
@@ -573,16 +574,46 @@ fn check_manifest_checksum(dir: &Path, path: &Path, text: &[u8]) -> Result<()> {
     let digest = super::sha256_hex(text);
     if !digest.eq_ignore_ascii_case(expected) {
         bail!(
-            "checkpoint manifest {} is corrupt: sha256 {digest}, {} says {expected}; resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}",
+            "checkpoint manifest {} is corrupt: sha256 {digest}, {} says {expected} (edited on purpose? then `sha256sum manifest.json > {}` in that folder records the edit); resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}",
             path.display(),
-            sum_path.display()
+            sum_path.display(),
+            super::manifest::CHECKSUM_FILE
         );
     }
     Ok(())
 }
 
-/// Reads and checks `dir/manifest.json` (format and version).
+/// Reads and checks `dir/manifest.json` (format and version). An error names the newest other
+/// complete checkpoint beside `dir`, if there is one, as the way to go on.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    read_manifest_only(dir).map_err(|e| match other_checkpoint(dir) {
+        Some(other) => anyhow!(
+            "{e:#}; or go on from the checkpoint before it: --set checkpoint.resume={}",
+            other.display()
+        ),
+        None => e,
+    })
+}
+
+/// The newest complete checkpoint beside `dir` older than it (else the newest other one).
+fn other_checkpoint(dir: &Path) -> Option<PathBuf> {
+    let (parent, name) = (
+        dir.parent()?,
+        dir.file_name()?.to_string_lossy().into_owned(),
+    );
+    let step = name
+        .strip_prefix("step-")
+        .and_then(|s| s.parse::<u64>().ok());
+    let (complete, _) = super::list_dir(parent).ok()?;
+    let others: Vec<(u64, PathBuf)> = complete.into_iter().filter(|(_, p)| p != dir).collect();
+    let older = others
+        .iter()
+        .rev()
+        .find(|(s, _)| step.is_some_and(|n| *s < n));
+    older.or(others.last()).map(|(_, p)| p.clone())
+}
+
+fn read_manifest_only(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&path).map_err(|e| {
         anyhow!(

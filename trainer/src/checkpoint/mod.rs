@@ -37,6 +37,7 @@ pub use export::{export_peft, replace_adapter, AdapterNaming};
 pub use load::{check_resume_folder, read_full, resume, Resumed};
 pub use manifest::{Manifest, FORMAT, VERSION};
 pub use merged::{export_merged, parse_size, MergeSource, MergedSummary};
+pub(crate) use save::set_aside_later;
 pub use save::Checkpointer;
 
 /// Where the training loop stands (what a checkpoint restores besides tensors).
@@ -277,12 +278,23 @@ impl ExportLock {
 
     /// Creates `dir` if needed and takes its lock.
     pub fn acquire(dir: &Path) -> anyhow::Result<Self> {
+        Self::acquire_named(
+            dir,
+            Self::NAME,
+            "is being written by another export or eval",
+            "wait for it to finish",
+        )
+    }
+
+    /// Creates `dir` if needed and takes the lock file `name` in it; when another process holds
+    /// it, the error reads "DIR {busy} (LOCK: host pid); {fix}".
+    pub fn acquire_named(dir: &Path, name: &str, busy: &str, fix: &str) -> anyhow::Result<Self> {
         use anyhow::Context;
         use std::io::{Seek, Write};
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::MetadataExt;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join(Self::NAME);
+        let path = dir.join(name);
         loop {
             let mut file = std::fs::OpenOptions::new()
                 .create(true)
@@ -297,7 +309,7 @@ impl ExportLock {
                 if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                     let holder = std::fs::read_to_string(&path).unwrap_or_default();
                     anyhow::bail!(
-                        "{} is being written by another export or eval ({}: {}); wait for it to finish",
+                        "{} {busy} ({}: {}); {fix}",
                         dir.display(),
                         path.display(),
                         holder.trim()
@@ -310,7 +322,7 @@ impl ExportLock {
                     return Err(e).with_context(|| format!("locking {}", path.display()));
                 }
                 tracing::warn!(
-                    "{}: flock is not supported here ({e}); writing without the lock (two exports or evals into this folder at once would clash)",
+                    "{}: flock is not supported here ({e}); writing without the lock (two writers into this folder at once would clash)",
                     path.display()
                 );
                 return Ok(Self {
@@ -480,8 +492,27 @@ pub(crate) fn sync_file(path: &Path) -> anyhow::Result<()> {
 }
 
 /// fsync a directory (so that renames and new entries in it are durable).
+/// fsync of a folder (its entries: a rename into it is durable after this). A filesystem that
+/// cannot sync folders at all (EINVAL or EOPNOTSUPP, as some FUSE and SMB mounts answer) gets one
+/// warning and no error, or every save would fail there; other errors name the folder.
 pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
+    match std::fs::File::open(dir).and_then(|f| f.sync_all()) {
+        Err(e) if [libc::EINVAL, libc::EOPNOTSUPP].contains(&e.raw_os_error().unwrap_or(0)) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "{}: this filesystem cannot sync folders ({e}); checkpoints are published without that guarantee (a power loss right after a save may lose it)",
+                    dir.display()
+                )
+            });
+            Ok(())
+        }
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("syncing folder {}: {e}", dir.display()),
+        )),
+        Ok(()) => Ok(()),
+    }
 }
 
 /// Complete checkpoints (`step-<8 digits>/` with a manifest) in `dir`, oldest first; and the

@@ -536,7 +536,10 @@ impl Checkpointer {
                         format!("renaming {} to {}", partial.display(), final_dir.display())
                     })?;
                 }
-                fsync_dir(root)?;
+                // (published: a folder sync that fails now is a warning, like what follows)
+                if let Err(e) = fsync_dir(root) {
+                    tracing::warn!("checkpoint {} is published, but {e}", final_dir.display());
+                }
                 // The checkpoint is complete and durable; old ones go in the background. From
                 // here on an error is a warning (kept, reported after the next save and at the
                 // end), never a failure: the step folder is committed, and a listing that fails
@@ -657,8 +660,21 @@ impl Janitor {
                 let failed: Vec<String> = list
                     .iter()
                     .filter_map(|p| {
-                        let e = std::fs::remove_dir_all(p).err()?;
-                        Some(format!("removing {}: {e}", p.display()))
+                        // renamed first (to a `.partial` name, which later saves clean up): a
+                        // removal cut short must not leave a step folder that still has its
+                        // manifest but lacks rank files, which would list as complete
+                        let doomed = match p.to_string_lossy().ends_with(".partial") {
+                            true => p.clone(),
+                            false => {
+                                let to = PathBuf::from(format!("{}.deleting.partial", p.display()));
+                                match std::fs::rename(p, &to) {
+                                    Ok(()) => to,
+                                    Err(_) => p.clone(),
+                                }
+                            }
+                        };
+                        let e = std::fs::remove_dir_all(&doomed).err()?;
+                        Some(format!("removing {}: {e}", doomed.display()))
                     })
                     .collect();
                 tracing::debug!(
@@ -801,15 +817,44 @@ fn retention(
 
 /// A free name beside `dir` for another run's checkpoint of the same step: `step-N.of-run-L`
 /// (then `-2`, `-3`, ...), which `list_dir` neither lists nor removes.
-fn aside_name(dir: &Path, lineage: &str) -> PathBuf {
-    let base = format!("{}.of-run-{lineage}", dir.display());
+/// After a resume from step `step` of run `lineage`, that run's later checkpoints in `root` (the
+/// branch a user went back from, e.g. after a loss spike) are renamed `step-N.abandoned-at-S`,
+/// which listing and retention ignore: `resume: auto` would otherwise continue the abandoned
+/// branch, and retention, ranking by step, would delete the checkpoint resumed from first.
+/// Returns the renames made (from, to); one that fails is logged and skipped.
+pub(crate) fn set_aside_later(root: &Path, step: u64, lineage: &str) -> Vec<(PathBuf, PathBuf)> {
+    let Ok((complete, _)) = list_dir(root) else {
+        return vec![];
+    };
+    complete
+        .into_iter()
+        .filter(|(n, dir)| *n > step && run_of(dir, Some(lineage), false) == RunOf::Ours)
+        .filter_map(|(_, dir)| {
+            let to = unused_name(&format!("{}.abandoned-at-{step}", dir.display()));
+            match std::fs::rename(&dir, &to) {
+                Ok(()) => Some((dir, to)),
+                Err(e) => {
+                    tracing::warn!("could not move {} aside ({e})", dir.display());
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// `base`, or `base-2`, `base-3`, ...: the first name not taken.
+fn unused_name(base: &str) -> PathBuf {
     (1..)
         .map(|k| match k {
-            1 => PathBuf::from(&base),
+            1 => PathBuf::from(base),
             k => PathBuf::from(format!("{base}-{k}")),
         })
         .find(|p| !p.exists())
         .expect("an unused name")
+}
+
+fn aside_name(dir: &Path, lineage: &str) -> PathBuf {
+    unused_name(&format!("{}.of-run-{lineage}", dir.display()))
 }
 
 /// Bytes between writeback starts (`write_with_writeback`).
@@ -1275,6 +1320,37 @@ pub(crate) mod tests {
             std::fs::write(d.join("manifest.json"), manifest).unwrap();
         }
         root
+    }
+
+    /// A resume from step 100 of run L moves L's later checkpoints aside (kept, out of listing
+    /// and retention); another run's and earlier ones stay.
+    #[test]
+    fn a_resume_from_an_older_step_sets_the_later_ones_of_its_run_aside() {
+        let l = r#"{"lineage": "L"}"#;
+        let root = step_folders(
+            "abandon",
+            &[(100, l), (150, l), (200, l), (180, r#"{"lineage": "M"}"#)],
+        );
+        let moved = set_aside_later(&root, 100, "L");
+        let names: Vec<String> = moved
+            .iter()
+            .map(|(_, to)| to.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "step-00000150.abandoned-at-100",
+                "step-00000200.abandoned-at-100"
+            ]
+        );
+        let (complete, partial) = list_dir(&root).unwrap();
+        let steps: Vec<u64> = complete.iter().map(|(s, _)| *s).collect();
+        assert_eq!(steps, [100, 180]);
+        assert!(partial.is_empty());
+        assert!(root
+            .join("step-00000200.abandoned-at-100/manifest.json")
+            .is_file());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -31,7 +31,12 @@ pub(super) struct Saver<'a> {
     reserved: bool,
     /// The step whose adapter this process last wrote into `train.output_dir` (rank 0).
     exported: Option<u64>,
+    /// Rank 0's claim on `checkpoint.dir` for the whole run (`probe`).
+    dir_lock: Option<checkpoint::ExportLock>,
 }
+
+/// The lock file rank 0 holds in `checkpoint.dir` while training.
+const TRAIN_LOCK: &str = ".llava-sco-train.lock";
 
 /// Logs a note when the learning-rate schedule of this run differs from the one the checkpoint
 /// was trained with (HF and torch rebuild it from the run's arguments too; a longer run moves a
@@ -73,6 +78,7 @@ impl<'a> Saver<'a> {
             saves: Checkpointer::new(),
             reserved: false,
             exported: None,
+            dir_lock: None,
         }
     }
 
@@ -91,6 +97,19 @@ impl<'a> Saver<'a> {
         };
         self.saves.continue_lineage(r.lineage.clone());
         let p = r.progress;
+        if let (0, Some(lineage)) = (pg.rank(), &r.lineage) {
+            let moved = checkpoint::set_aside_later(&config.checkpoint.dir, p.step, lineage);
+            if let Some((from, to)) = moved.first() {
+                tracing::warn!(
+                    "resumed from step {}: this run's {} later checkpoint(s) are kept aside, not continued from (`checkpoint.resume: auto` would take the newest, and retention would remove the one resumed from first): {} -> {}{}",
+                    p.step,
+                    moved.len(),
+                    from.display(),
+                    to.display(),
+                    if moved.len() > 1 { ", ..." } else { "" }
+                );
+            }
+        }
         log(
             pg.rank(),
             &format!(
@@ -169,7 +188,11 @@ impl<'a> Saver<'a> {
     /// save, an epoch or more in): each rank writes `.probe-rank-R` holding a token rank 0 drew
     /// for this run (so a file left by a crashed run does not count), rank 0 looks for all of
     /// them, then each removes its own. Every rank fails when any check fails.
-    pub fn probe(&self) -> Result<()> {
+    ///
+    /// Then rank 0 takes `checkpoint.dir`'s lock for the run: a second run saving into the same
+    /// folder (a requeued job whose first allocation still runs, a command started twice) would
+    /// replace its in-flight checkpoint folders and retire its checkpoints; it is refused.
+    pub fn probe(&mut self) -> Result<()> {
         let (pg, dir) = (self.pg, &self.config.checkpoint.dir);
         let (rank, world) = (pg.rank(), pg.world_size());
         let probe = |r: usize| dir.join(format!(".probe-rank-{r}"));
@@ -210,7 +233,21 @@ impl<'a> Saver<'a> {
             checkpoint::agree(pg, self.device, seen, unseen)
         });
         let _ = std::fs::remove_file(probe(rank));
-        checked
+        checked?;
+        let locked = match rank {
+            0 => checkpoint::ExportLock::acquire_named(
+                dir,
+                TRAIN_LOCK,
+                "is in use by another training run",
+                "give this run a checkpoint.dir of its own, or stop the other run first",
+            )
+            .map(Some),
+            _ => Ok(None),
+        };
+        let elsewhere =
+            || "checkpoint.dir is in use by another training run (rank 0's error is above)".into();
+        self.dir_lock = checkpoint::agree(pg, self.device, locked, elsewhere)?;
+        Ok(())
     }
 
     /// Saves the state after `st.step` with the data continuing at `data` (epoch, batch).

@@ -227,3 +227,17 @@ pub fn assert_same_run(a: &Path, b: &Path, steps: usize) -> usize {
     }
     wa.len()
 }
+
+/// The `step-N` folders (and any `.partial` or set-aside ones) in `out/ckpt`, sorted; not hidden
+/// files such as the run's lock file, which a crashed run leaves behind (unlocked).
+pub fn checkpoints(out: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(out.join("ckpt"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}

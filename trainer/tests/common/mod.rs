@@ -41,9 +41,14 @@ pub fn copy_dir(src: &Path, dst: &Path) {
 /// Holds the export lock of `dir` as another export would (flock on `.llava-sco-export.lock`)
 /// until the returned file is dropped.
 pub fn hold_export_lock(dir: &Path) -> std::fs::File {
+    hold_lock(dir, ".llava-sco-export.lock")
+}
+
+/// Holds the lock file `name` of `dir` (flock) until the returned file is dropped.
+pub fn hold_lock(dir: &Path, name: &str) -> std::fs::File {
     use std::os::fd::AsRawFd;
     std::fs::create_dir_all(dir).unwrap();
-    let path = dir.join(".llava-sco-export.lock");
+    let path = dir.join(name);
     std::fs::write(&path, format!("otherhost {}\n", std::process::id())).unwrap();
     let f = std::fs::File::open(&path).unwrap();
     // SAFETY: flock on a descriptor this function owns.
