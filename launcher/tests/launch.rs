@@ -451,9 +451,10 @@ fn sigterm_to_the_launcher_reaches_every_rank_and_exits_143() {
 }
 
 #[test]
-fn sigint_and_sighup_are_forwarded_too() {
+fn sigint_sighup_and_sigquit_are_forwarded_too() {
     signal_launcher(libc::SIGINT, "sigint");
     signal_launcher(libc::SIGHUP, "sighup");
+    signal_launcher(libc::SIGQUIT, "sigquit");
 }
 
 /// `nohup launcher ... &`: a SIGHUP the launcher was started ignoring stays ignored (a logout
@@ -1720,4 +1721,53 @@ fn ranks_stopping_on_a_notice_are_not_restarted() {
     assert_eq!(run.code(), 143, "{}", run.stderr);
     assert!(run.stderr.contains("not restarting"), "{}", run.stderr);
     assert!(!dir.path().join("env-0-1").exists(), "no second attempt");
+}
+
+/// Two launches with one run id and --log-dir (two sruns of a job that give the layout by flags,
+/// a reused --run-id) would interleave their logs and clear each other's error files: while one
+/// holds the folder, the other is refused naming it.
+#[test]
+fn a_second_launch_into_the_same_run_log_folder_is_refused() {
+    use std::os::fd::AsRawFd;
+    let dir = Scratch::new("logdir-busy");
+    let logs = dir.path().join("logs");
+    let run_dir = logs.join("same");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let lock = std::fs::File::create(run_dir.join(".launcher-node0.lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let logs_arg = logs.to_str().unwrap();
+    let busy = run(
+        launcher(&[
+            "--standalone",
+            "--log-dir",
+            logs_arg,
+            "--run-id",
+            "same",
+            "--",
+            "true",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(busy.code(), 1, "{}", busy.stderr);
+    assert!(
+        busy.stderr
+            .contains("is in use by another launch with this run id"),
+        "{}",
+        busy.stderr
+    );
+    drop(lock);
+    let free = run(
+        launcher(&[
+            "--standalone",
+            "--log-dir",
+            logs_arg,
+            "--run-id",
+            "same",
+            "--",
+            "true",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(free.code(), 0, "{}", free.stderr);
 }

@@ -37,7 +37,7 @@ struct Args {
     /// Only this rank sleeps
     #[arg(long)]
     sleep_rank: Option<usize>,
-    /// Record SIGTERM/SIGINT/SIGHUP in `signal-RANK` and exit 128+sig
+    /// Record SIGTERM/SIGINT/SIGHUP/SIGQUIT in `signal-RANK` and exit 128+sig
     #[arg(long)]
     trap: bool,
     /// Start a `sleep 1000` child in the rank's process group (to test that none survives)
@@ -125,7 +125,13 @@ fn main() -> ExitCode {
     record.push_str(&format!("PID={pid}\nPGID={pgid}\n"));
 
     if args.trap {
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1] {
+        for sig in [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGUSR1,
+        ] {
             // SAFETY: the handler only stores an atomic.
             unsafe {
                 libc::signal(

@@ -16,6 +16,7 @@ use crate::env::{RankEnv, DEFAULT_ROLE};
 use crate::outcome::{Failure, FailureKind, Outcome};
 use crate::store::{StoreClient, StoreError, StoreServer};
 
+mod log_lock;
 pub mod output;
 pub mod peers;
 pub mod process;
@@ -67,6 +68,8 @@ pub enum LaunchError {
     Rendezvous(String),
     #[error("cannot install the launcher's signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("{0}")]
+    LogDir(String),
 }
 
 /// The any-interface address of `host`'s address family: "::" for an IPv6 master (an IPv4
@@ -140,6 +143,13 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
         Err(err) => return join_failed(spec, &host, 0, err),
     };
 
+    let _log_lock = match &spec.output.log_dir {
+        Some(dir) => Some(
+            log_lock::LogDirLock::acquire(&dir.join(&run_id), spec.node_rank)
+                .map_err(LaunchError::LogDir)?,
+        ),
+        None => None,
+    };
     let error_files = ErrorFiles::new(&spec.output)?;
     let outcome = supervise(
         spec,
