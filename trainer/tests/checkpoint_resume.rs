@@ -183,7 +183,8 @@ fn crash_before_manifest_leaves_earlier_checkpoint_usable() {
 
 /// A background write that fails (ENOSPC: the test hook writes step 4's files to /dev/full)
 /// stops the run on every rank with the writer's error, as soon as the ranks publish the save;
-/// the earlier checkpoint stays complete and the next run resumes from it.
+/// the failed save's folder is removed, the earlier checkpoint stays complete and the next run
+/// resumes from it.
 #[test]
 fn failed_background_write_stops_the_run_and_keeps_the_previous_checkpoint() {
     let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 6";
@@ -208,10 +209,8 @@ fn failed_background_write_stops_the_run_and_keeps_the_previous_checkpoint() {
             first.stderr
         );
     }
-    assert_eq!(
-        checkpoints(&out),
-        ["step-00000002", "step-00000004.partial"]
-    );
+    // (the failed save's folder is removed: the full disk may be why it failed)
+    assert_eq!(checkpoints(&out), ["step-00000002"]);
     let second = ok(run(&out, 2, train, sets, &[]), "after the failed write");
     assert!(
         second.stderr.contains("step-00000002 (step 2"),
@@ -248,10 +247,7 @@ fn failed_manifest_on_rank_0_is_reported_by_every_rank() {
         "rank 1 waited {:?}",
         started.elapsed()
     );
-    assert_eq!(
-        checkpoints(&out),
-        ["step-00000002", "step-00000004.partial"]
-    );
+    assert_eq!(checkpoints(&out), ["step-00000002"]);
 }
 
 /// The launcher's restart resumes from the last complete checkpoint: a crash inside the save of

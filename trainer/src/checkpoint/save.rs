@@ -419,11 +419,27 @@ impl Checkpointer {
     /// Waits for the writer, exchanges sizes and checksums (an all-gather, which is also the
     /// barrier after the data files), and on rank 0 writes the manifest, renames the folder and
     /// starts retention; rank 0 then broadcasts whether that worked.
-    fn publish(
+    fn publish(&mut self, p: PendingSave, pg: &ProcessGroup, device: Device) -> Result<PathBuf> {
+        let partial = p.partial.clone();
+        let mut gathered = false;
+        let published = self.publish_gathered(p, pg, device, &mut gathered);
+        // a failed save's files go (a full disk may be why it failed, and the next save at
+        // another step would need the room): once every rank's writer has finished, which the
+        // all-gather after each joined its own says
+        if published.is_err() && gathered && pg.rank() == 0 && partial.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&partial) {
+                tracing::warn!("removing the failed save {}: {e}", partial.display());
+            }
+        }
+        published
+    }
+
+    fn publish_gathered(
         &mut self,
         mut p: PendingSave,
         pg: &ProcessGroup,
         device: Device,
+        gathered: &mut bool,
     ) -> Result<PathBuf> {
         let publish_start = Instant::now();
         let (rank, world) = (pg.rank(), pg.world_size());
@@ -457,6 +473,7 @@ impl Checkpointer {
         let input = Tensor::from_slice(&mine).to_device(device); // (ROW,)
         let all = Tensor::zeros([(ROW * world) as i64], (Kind::Int64, device)); // (W*ROW,)
         pg.all_gather_into(&all, &input)?;
+        *gathered = true;
         let all: Vec<i64> = Vec::try_from(&all.to_device(Device::Cpu))?;
         written?;
         if let Some(r) = (0..world).find(|r| all[r * ROW] < 0) {
