@@ -464,6 +464,8 @@ fn decode_error_under_skip_replaces_with_the_next_sample_and_counts() {
         "sample 1 is replaced by sample 2"
     );
     assert_eq!(ds.replaced_samples(), 1);
+    // (the micro-batch says so too: the training loop reports it in metrics.jsonl)
+    assert_eq!(mbs[0].replaced, 1);
     // deterministic: the same again with another worker count
     let ds3 = open(&config(
         &train,

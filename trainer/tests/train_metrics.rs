@@ -38,6 +38,7 @@ fn mfu_is_null_on_cpu_and_tflops_over_peak_when_configured() {
         assert!(data_s >= 0.0 && data_s < step_s, "{v}");
         assert!(v["gpu_mem_bytes"].is_null(), "{v}");
         assert!(v["mem_bytes"].as_u64().unwrap() > 1 << 20, "{v}");
+        assert_eq!(v["replaced_samples"], 0, "{v}");
     }
     // plain log lines (stderr is a pipe here), one per step
     for step in ["step 1/2 loss", "step 2/2 loss"] {

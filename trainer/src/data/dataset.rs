@@ -263,6 +263,9 @@ pub struct MicroBatch {
     /// same number of forward passes, but their labels are all -100, so they add nothing to the
     /// loss sum or to `supervised_tokens`.
     pub filler_rows: usize,
+    /// Samples that failed to load (under `bad_records: skip`) and were replaced by the next one
+    /// that loads (training: that one then counts twice in the epoch).
+    pub replaced: usize,
 }
 
 /// One unit of loading work: this rank's part of one micro-step.
@@ -926,7 +929,7 @@ fn load(inner: &Inner, indices: &[usize]) -> Result<Loaded, DataError> {
 /// (B, I, T, 3, H, W) buffer and its copy (two writes of ~15 MB per 4-tile sample, most of the
 /// collate cost). With `eval`, filler rows (`MicroJob::fillers`, failed loads) are masked.
 fn load_micro(inner: &Inner, job: &MicroJob, eval: bool) -> Result<MicroBatch, DataError> {
-    let (samples, used, _) = load_samples(inner, &job.indices)?;
+    let (samples, used, replaced) = load_samples(inner, &job.indices)?;
     let (max_tiles, tile) = (inner.image.max_image_tiles, inner.image.tile);
     let mut c = collate::collate_text(
         &samples,
@@ -952,6 +955,7 @@ fn load_micro(inner: &Inner, job: &MicroJob, eval: bool) -> Result<MicroBatch, D
         batch,
         sample_indices: used,
         filler_rows: fillers,
+        replaced,
     })
 }
 

@@ -89,7 +89,8 @@ pub fn parse_jsonl(path: &Path, opts: &ParseOptions) -> Result<ParseReport, Prob
         // lines that are not UTF-8 are bad records of their own, the others parse as usual
         Err(e) => {
             let bytes = e.into_bytes();
-            let body = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+            let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
+            let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
             let lines = body
                 .split(|&b| b == b'\n')
                 .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
@@ -108,6 +109,8 @@ pub fn parse_jsonl(path: &Path, opts: &ParseOptions) -> Result<ParseReport, Prob
 
 /// `parse_jsonl` over text already in memory; `path` names the file in problems.
 pub fn parse_jsonl_str(path: &Path, text: &str, opts: &ParseOptions) -> ParseReport {
+    // (a byte-order mark, as Windows editors save UTF-8, is not part of the first record)
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     parse_lines(path, text.lines().map(Ok), opts)
 }
 
@@ -125,15 +128,10 @@ fn parse_lines<'a>(
             continue;
         }
         match line.and_then(|l| parse_line(l, opts)) {
-            Ok(mut rec) => {
+            Ok(None) => report.skipped_text_only += 1,
+            Ok(Some(mut rec)) => {
                 if rec.image.is_none() {
-                    match opts.text_only {
-                        TextOnly::Skip => {
-                            report.skipped_text_only += 1;
-                            continue;
-                        }
-                        TextOnly::Keep => report.kept_text_only += 1,
-                    }
+                    report.kept_text_only += 1;
                 }
                 rec.file = path.to_path_buf();
                 rec.line = lineno;
@@ -160,8 +158,11 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// Parse one line; the error is the reason (without the location).
-pub fn parse_line(line: &str, opts: &ParseOptions) -> Result<Record, String> {
+/// Parse one line; the error is the reason (without the location). None: a record without an
+/// image under `text_only: skip`, dropped (as the seed's loader drops it) before its
+/// conversation is looked at: text-only records of mixed data (a system turn, a ShareGPT-style
+/// shape) must not stop a run that would never train on them.
+fn parse_line(line: &str, opts: &ParseOptions) -> Result<Option<Record>, String> {
     let v: Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
     let obj = v
         .as_object()
@@ -194,6 +195,9 @@ pub fn parse_line(line: &str, opts: &ParseOptions) -> Result<Record, String> {
             ))
         }
     };
+    if image.is_none() && opts.text_only == TextOnly::Skip {
+        return Ok(None);
+    }
     let convs = match obj.get("conversations") {
         None => return Err("missing field \"conversations\"".into()),
         Some(Value::Array(a)) => a,
@@ -287,13 +291,13 @@ pub fn parse_line(line: &str, opts: &ParseOptions) -> Result<Record, String> {
             Err(e) => return Err(format!("image {} cannot be read: {e}", p.display())),
         }
     }
-    Ok(Record {
+    Ok(Some(Record {
         file: PathBuf::new(),
         line: 0,
         id,
         image,
         turns,
-    })
+    }))
 }
 
 /// Remove a leading and a trailing `<image>` placeholder, then strip whitespace (the seed
@@ -309,11 +313,11 @@ pub fn strip_placeholder(text: &str) -> String {
     t.trim().to_string()
 }
 
-/// Join `path` onto `root`, refusing absolute paths and `..` that would leave the root.
-/// Without a root, the path is used as written.
+/// Join `path` onto `root`, refusing `..` that would leave the root. An absolute path, and any
+/// path without a root, is used as written (the seed's `os.path.join(root, path)` does the same).
 pub fn resolve_image(path: &str, root: Option<&Path>) -> Result<PathBuf, String> {
     let p = Path::new(path);
-    let Some(root) = root else {
+    let Some(root) = root.filter(|_| !p.is_absolute()) else {
         return Ok(p.to_path_buf());
     };
     let mut depth = 0usize;
@@ -330,12 +334,8 @@ pub fn resolve_image(path: &str, root: Option<&Path>) -> Result<PathBuf, String>
                 }
                 depth -= 1;
             }
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(format!(
-                    "image path {path:?} is absolute but an image root is set ({}): write it relative to the root (for training data, or unset data.image_root to use paths as written)",
-                    root.display()
-                ))
-            }
+            // (not after the first component: the path is relative)
+            Component::RootDir | Component::Prefix(_) => {}
         }
     }
     Ok(root.join(p))

@@ -389,6 +389,7 @@ mod tests {
             supervised_tokens: 0,
             sample_indices: vec![],
             filler_rows: 0,
+            replaced: 0,
         };
         let self_attn = 12.0 * (t.num_hidden_layers as f64 - cross) * hd * 2.0 * 25.0;
         assert_eq!(f.attention_flops(&mb(None)), self_attn);

@@ -10,6 +10,8 @@
 //! resident on rank 0 between steps), tflops (achieved
 //! model TFLOP/s per rank, see `flops`), hw_tflops (executed TFLOP/s per rank: with the forward
 //! recompute of activation checkpointing), mfu (tflops / the device's peak; null when unknown),
+//! replaced_samples (samples of the step, all ranks, that failed to load under
+//! `data.bad_records: skip` and were replaced by the next loadable one),
 //! flops (the step's model FLOPs summed over all ranks: `trainer eval --train-metrics` adds them
 //! up), world_size.
 use std::io::Write;
@@ -55,6 +57,8 @@ pub(super) struct Meter {
     world: usize,
     total: u64,
     log_every: u64,
+    /// Samples replaced at load time (all ranks) since the last epoch summary.
+    replaced_in_epoch: u64,
 }
 
 impl Meter {
@@ -147,6 +151,7 @@ impl Meter {
             world: pg.world_size(),
             total,
             log_every: config.train.log_every.max(1),
+            replaced_in_epoch: 0,
         })
     }
 
@@ -162,8 +167,11 @@ impl Meter {
                 None => mb.batch.input_ids.numel() as f64,
             })
             .sum();
-        // one all-reduce for all three, summed over ranks, then per rank
-        let sums = all_reduce_sum(pg, [model, executed, input], device)?;
+        let replaced: usize = s.batches.iter().map(|mb| mb.replaced).sum();
+        // one all-reduce for all four, summed over ranks, then per rank
+        let sums = all_reduce_sum(pg, [model, executed, input, replaced as f64], device)?;
+        let replaced = sums[3] as u64;
+        self.replaced_in_epoch += replaced;
         let per_rank_s = self.world as f64 * s.step_s;
         let tflops = sums[0] / per_rank_s / 1e12;
         let hw_tflops = sums[1] / per_rank_s / 1e12;
@@ -180,6 +188,7 @@ impl Meter {
             "input_tokens_per_s_per_rank": input_tokens_per_s_per_rank, "step_s": s.step_s,
             "data_s": s.data_s, "mem_bytes": resident_bytes(), "gpu_mem_bytes": gpu_used_bytes(device), "tflops": tflops, "hw_tflops": hw_tflops, "mfu": mfu,
             "param_bytes": s.param_bytes, "flops": sums[0], "world_size": self.world,
+            "replaced_samples": replaced,
         }))?;
         if self.rank != 0 || !(s.step.is_multiple_of(self.log_every) || s.step == self.total) {
             return Ok(());
@@ -231,7 +240,13 @@ impl Meter {
 
     /// The one-line summary of an epoch (of the steps this process ran: after a mid-epoch resume,
     /// the ones since the resume); skipped non-finite steps are counted, not averaged.
-    pub fn epoch_summary(&self, epoch: u64, losses: &[f64], seconds: f64) {
+    pub fn epoch_summary(&mut self, epoch: u64, losses: &[f64], seconds: f64) {
+        let replaced = std::mem::take(&mut self.replaced_in_epoch);
+        if replaced > 0 {
+            self.log(&format!(
+                "epoch {epoch}: {replaced} sample(s) failed to load and were replaced by the next loadable sample, which trained twice (data.bad_records: skip; their errors are in the log above, `trainer data check CONFIG` lists unreadable images)"
+            ));
+        }
         if losses.is_empty() {
             return;
         }
