@@ -1736,19 +1736,16 @@ fn a_second_launch_into_the_same_run_log_folder_is_refused() {
     let lock = std::fs::File::create(run_dir.join(".launcher-node0.lock")).unwrap();
     // SAFETY: flock on a descriptor this test owns.
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
-    let logs_arg = logs.to_str().unwrap();
-    let busy = run(
-        launcher(&[
-            "--standalone",
-            "--log-dir",
-            logs_arg,
-            "--run-id",
-            "same",
-            "--",
-            "true",
-        ]),
-        LIMIT,
-    );
+    let args = [
+        "--standalone",
+        "--log-dir",
+        logs.to_str().unwrap(),
+        "--run-id",
+        "same",
+        "--",
+        "true",
+    ];
+    let busy = run(launcher(&args), LIMIT);
     assert_eq!(busy.code(), 1, "{}", busy.stderr);
     assert!(
         busy.stderr
@@ -1757,17 +1754,6 @@ fn a_second_launch_into_the_same_run_log_folder_is_refused() {
         busy.stderr
     );
     drop(lock);
-    let free = run(
-        launcher(&[
-            "--standalone",
-            "--log-dir",
-            logs_arg,
-            "--run-id",
-            "same",
-            "--",
-            "true",
-        ]),
-        LIMIT,
-    );
+    let free = run(launcher(&args), LIMIT);
     assert_eq!(free.code(), 0, "{}", free.stderr);
 }
