@@ -901,7 +901,7 @@ fn nodes_with_different_run_ids_are_refused_with_an_exported_token() {
 
 /// torchrun takes each option from `PET_<NAME>` when its flag is absent (Kubeflow's PyTorchJob
 /// sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR ... and runs torchrun with no flags); a flag
-/// wins over its variable. A relative --log-dir reaches the ranks as absolute paths (a rank that
+/// wins over its variable and over variables that contradict it. A relative --log-dir reaches the ranks as absolute paths (a rank that
 /// changes directory still finds its error file).
 #[test]
 fn pet_variables_are_options_and_log_dir_paths_are_absolute() {
@@ -939,6 +939,14 @@ fn pet_variables_are_options_and_log_dir_paths_are_absolute() {
         "{}",
         r.stderr
     );
+    // a flag wins over variables that would contradict it (a pod's layout, a test run in it)
+    let mut cmd = launcher(&["--standalone", "--", "true"]);
+    cmd.env("PET_NNODES", "2")
+        .env("PET_NODE_RANK", "1")
+        .env("PET_MASTER_ADDR", "nowhere.invalid")
+        .env("PET_RDZV_ENDPOINT", "nowhere.invalid:1");
+    let r = run(cmd, LIMIT);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
 }
 
 #[test]

@@ -736,6 +736,17 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
     // the ranks of a node split the checkpoint's hashing (each node checks the copy it reads)
     let verify = |c: &trainer::infer::CheckpointWeights| -> Result<()> {
         let mine = c.verify_part(env.local_rank, env.local_world_size);
+        let n = c.manifest.files.len();
+        if env.local_world_size > 1 && mine.is_ok() {
+            let k = (0..n)
+                .filter(|i| i % env.local_world_size == env.local_rank)
+                .count();
+            tracing::info!(
+                "checked {k} of the {n} files of checkpoint {} (this node's {} ranks split them)",
+                c.dir.display(),
+                env.local_world_size
+            );
+        }
         let failed = any(mine.is_err()).map_err(anyhow::Error::msg)?;
         match mine {
             Err(e) => Err(e.into()),

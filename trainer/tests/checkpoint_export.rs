@@ -185,9 +185,9 @@ fn hf4_exports_rename_full_target_paths() {
     m4.load_adapter(&hf4).unwrap();
 }
 
-/// A regex target is kept as written in a canonical export; an hf4 export lists the modules it
-/// chose under their transformers-4 paths instead (PEFT full-matches the string against those,
-/// which a regex written for this model's paths may not match).
+/// A regex target is kept as written in an export whose module paths it full-matches; otherwise
+/// (an hf4 export of an expression written for this model's paths, or the other way) the export
+/// lists the modules it chose, as PEFT full-matches the string against the paths it sees.
 #[test]
 fn hf4_exports_list_the_modules_a_regex_chose() {
     let out = fresh("hf4-regex");
@@ -224,6 +224,24 @@ fn hf4_exports_list_the_modules_a_regex_chose() {
         let mut m = MllamaModel::load(&setup().join("model"), LoadOptions::default()).unwrap();
         m.load_adapter(dir).unwrap();
     }
+
+    // written for transformers-4 paths (our matcher takes either): the hf5 export lists the
+    // modules under this model's paths, which PEFT's full match would not find with the string
+    let out = fresh("hf5-legacy-regex");
+    let set = r"peft.target_modules='language_model\.model\.layers\.0\.self_attn\.(q|v)_proj'";
+    ok(
+        run(&out, 1, train, &[set, "checkpoint.every_steps=1"], &[]),
+        "train",
+    );
+    let hf5 = out.join("adapter");
+    ok(export(&out.join("ckpt/step-00000001"), &hf5), "export");
+    assert_eq!(
+        read(&hf5)["target_modules"],
+        serde_json::json!([
+            "model.language_model.layers.0.self_attn.q_proj",
+            "model.language_model.layers.0.self_attn.v_proj"
+        ])
+    );
 }
 
 /// `train.save_adapter`: hf4 leaves the adapter in output_dir with transformers-4 keys; none

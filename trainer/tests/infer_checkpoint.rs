@@ -254,6 +254,13 @@ fn ranks_split_the_checkpoint_check_and_all_stop_on_a_damaged_file() {
     };
     let (good, err) = eval(&ckpt, "eval-good");
     assert!(good, "{err}");
+    // each rank hashed its own share (one file of two), not every file
+    assert_eq!(
+        err.matches("checked 1 of the 2 files of checkpoint")
+            .count(),
+        2,
+        "{err}"
+    );
     assert!(out.join("eval-good/predictions.jsonl").exists());
 
     let damaged = out.join("damaged-ckpt");

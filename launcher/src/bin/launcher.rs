@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -191,8 +191,14 @@ struct Cli {
 
 fn main() -> ExitCode {
     init_logging();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let cli = match parsed {
+        Ok((mut cli, matches)) => {
+            env_yields_to_flags(&mut cli, &matches);
+            cli
+        }
         Err(e) => {
             let code = e.exit_code();
             let _ = e.print();
@@ -201,7 +207,7 @@ fn main() -> ExitCode {
                 if let Some(script) = script_before_dashes(std::env::args_os().skip(1)) {
                     eprintln!(
                         "\nnote: programs run after `--` (the launcher's own options come before it): \
-                         launcher [OPTIONS] -- python {script} ARGS"
+                         launcher [OPTIONS] -- {script} ARGS"
                     );
                 }
             }
@@ -231,12 +237,55 @@ fn run(cli: Cli) -> Result<Outcome> {
     Ok(outcome)
 }
 
+/// A `PET_*` value that conflicts with a flag given on the command line gives way to it (a flag
+/// wins over its variable, as in torchrun): `--rdzv-endpoint` over `PET_MASTER_ADDR/PORT` and
+/// the other way, `--standalone` over the layout variables. Conflicts between two flags, or two
+/// variables, stay errors.
+fn env_yields_to_flags(cli: &mut Cli, m: &clap::ArgMatches) {
+    use clap::parser::ValueSource;
+    let env = |id: &str| m.value_source(id) == Some(ValueSource::EnvVariable);
+    let flag = |id: &str| m.value_source(id) == Some(ValueSource::CommandLine);
+    if flag("rdzv_endpoint") || cli.standalone {
+        if env("master_addr") {
+            cli.master_addr = None;
+        }
+        if env("master_port") {
+            cli.master_port = None;
+        }
+    }
+    if (flag("master_addr") || flag("master_port") || cli.standalone) && env("rdzv_endpoint") {
+        cli.rdzv_endpoint = None;
+    }
+    if cli.standalone {
+        if env("nnodes") {
+            cli.nnodes = None;
+        }
+        if env("node_rank") {
+            cli.node_rank = None;
+        }
+    }
+}
+
 /// A Python or shell script named among the launcher's own arguments (before any `--`), as
 /// torchrun takes it, for the hint after a usage error.
+/// Returns how to run it after `--` (`python train.py`, `./run.sh`).
 fn script_before_dashes(args: impl Iterator<Item = OsString>) -> Option<String> {
-    args.take_while(|a| a != "--")
+    let args: Vec<String> = args
+        .take_while(|a| a != "--")
         .map(|a| a.to_string_lossy().into_owned())
-        .find(|a| !a.starts_with('-') && (a.ends_with(".py") || a.ends_with(".sh")))
+        .collect();
+    // (not an option's value: `--trainer ./run.sh`)
+    let script = args.iter().enumerate().find(|(i, a)| {
+        !a.starts_with('-')
+            && (a.ends_with(".py") || a.ends_with(".sh"))
+            && (*i == 0 || args[i - 1] != "--trainer")
+    })?;
+    let a = script.1;
+    Some(match a.ends_with(".py") {
+        true => format!("python {a}"),
+        false if a.contains('/') => a.clone(),
+        false => format!("./{a}"),
+    })
 }
 
 /// Turns the command line (plus SLURM's variables) into a validated launch.
@@ -771,7 +820,9 @@ mod tests {
     fn a_script_before_the_dashes_is_found_for_the_hint() {
         let args = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>().into_iter();
         let found = script_before_dashes(args(&["--nproc-per-node", "2", "train.py", "--lr"]));
-        assert_eq!(found.as_deref(), Some("train.py"));
+        assert_eq!(found.as_deref(), Some("python train.py"));
+        let sh = script_before_dashes(args(&["--trainer", "./t.sh", "go.sh", "-x"]));
+        assert_eq!(sh.as_deref(), Some("./go.sh"));
         assert_eq!(script_before_dashes(args(&["c.yaml", "--", "x.py"])), None);
     }
 }

@@ -92,6 +92,15 @@ fn wildcard_for(host: &str, port: u16) -> &'static str {
 /// die with the thread that started them (PR_SET_PDEATHSIG).
 pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
     signals::install().map_err(LaunchError::Signals)?;
+    // before the rendezvous: a second launch with this run id must not join the first one's
+    // store before it is refused (a random run id is this launch's own folder)
+    let _log_lock = match (&spec.output.log_dir, spec.run_id_explicit) {
+        (Some(dir), true) => Some(
+            log_lock::LogDirLock::acquire(&dir.join(&spec.run_id), spec.node_rank)
+                .map_err(LaunchError::LogDir)?,
+        ),
+        _ => None,
+    };
     let host = hostname();
     // Node 0 serves the store: on every interface for a multi-node run (the master address may be
     // any of them) in the master address's family (IPv6 when it resolves to one), only on the
@@ -143,13 +152,6 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
         Err(err) => return join_failed(spec, &host, 0, err),
     };
 
-    let _log_lock = match &spec.output.log_dir {
-        Some(dir) => Some(
-            log_lock::LogDirLock::acquire(&dir.join(&run_id), spec.node_rank)
-                .map_err(LaunchError::LogDir)?,
-        ),
-        None => None,
-    };
     let error_files = ErrorFiles::new(&spec.output)?;
     let outcome = supervise(
         spec,

@@ -87,10 +87,12 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
                 })
                 .collect(),
         ),
-        // PEFT full-matches a string against module names, here transformers 4's: an expression
-        // written for this model's names may match none of them, so the modules it chose are
-        // listed instead, as PEFT saves a resolved `all-linear` (which needs no such care)
-        (AdapterNaming::Hf4, Value::String(re)) if re != crate::model::lora::ALL_LINEAR => {
+        // PEFT full-matches a string against the module names of the naming written, where our
+        // matcher also tries the other naming: an expression that does not full-match every
+        // module it chose (written for transformers-4 paths and exported as hf5, or the other
+        // way) is replaced by the list of those modules, as PEFT saves a resolved `all-linear`
+        // (which needs no such care)
+        (_, Value::String(re)) if re != crate::model::lora::ALL_LINEAR => {
             let modules: std::collections::BTreeSet<&str> = tensors
                 .iter()
                 .filter_map(|(n, _)| {
@@ -98,7 +100,11 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
                         .strip_suffix(".lora_A.weight")
                 })
                 .collect();
-            json!(modules)
+            let full = regex::Regex::new(&format!("^(?:{re})$")).ok();
+            match full.filter(|r| modules.iter().all(|m| r.is_match(m))) {
+                Some(_) => json!(re),
+                None => json!(modules),
+            }
         }
         (_, other) => other,
     };

@@ -287,7 +287,14 @@ fn load_into(
     trainable: &mut Trainable,
     opt: &mut AdamW,
 ) -> Result<Manifest> {
-    let m = read_manifest(dir)?;
+    // (a damaged manifest's error names the checkpoint before it, to resume from instead)
+    let m = read_manifest(dir).map_err(|e| match older_checkpoint(dir) {
+        Some(older) => anyhow!(
+            "{e:#}; or go on from the checkpoint before it: --set checkpoint.resume={}",
+            older.display()
+        ),
+        None => e,
+    })?;
     check_identity(dir, &m, config)?;
     let global = config.train.global_batch(world);
     if m.data.global_batch != global {
@@ -583,37 +590,21 @@ fn check_manifest_checksum(dir: &Path, path: &Path, text: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Reads and checks `dir/manifest.json` (format and version). An error names the newest other
-/// complete checkpoint beside `dir`, if there is one, as the way to go on.
-pub fn read_manifest(dir: &Path) -> Result<Manifest> {
-    read_manifest_only(dir).map_err(|e| match other_checkpoint(dir) {
-        Some(other) => anyhow!(
-            "{e:#}; or go on from the checkpoint before it: --set checkpoint.resume={}",
-            other.display()
-        ),
-        None => e,
-    })
-}
-
-/// The newest complete checkpoint beside `dir` older than it (else the newest other one).
-fn other_checkpoint(dir: &Path) -> Option<PathBuf> {
-    let (parent, name) = (
-        dir.parent()?,
-        dir.file_name()?.to_string_lossy().into_owned(),
-    );
-    let step = name
-        .strip_prefix("step-")
-        .and_then(|s| s.parse::<u64>().ok());
-    let (complete, _) = super::list_dir(parent).ok()?;
-    let others: Vec<(u64, PathBuf)> = complete.into_iter().filter(|(_, p)| p != dir).collect();
-    let older = others
-        .iter()
+/// The newest complete checkpoint beside step folder `dir` of an older step. (Its run cannot be
+/// told: `dir`'s manifest is the one that failed to read.)
+fn older_checkpoint(dir: &Path) -> Option<PathBuf> {
+    let name = dir.file_name()?.to_string_lossy().into_owned();
+    let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
+    let (complete, _) = super::list_dir(dir.parent()?).ok()?;
+    complete
+        .into_iter()
         .rev()
-        .find(|(s, _)| step.is_some_and(|n| *s < n));
-    older.or(others.last()).map(|(_, p)| p.clone())
+        .find(|(s, _)| *s < step)
+        .map(|(_, p)| p)
 }
 
-fn read_manifest_only(dir: &Path) -> Result<Manifest> {
+/// Reads and checks `dir/manifest.json` (format and version).
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&path).map_err(|e| {
         anyhow!(

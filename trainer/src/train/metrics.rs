@@ -106,24 +106,27 @@ impl Meter {
         } else {
             None
         };
+        // (informational: a failure is a warning, as for the resolved config above)
         let tensorboard = match rank == 0 && config.train.tensorboard {
             true => {
                 let dir = config.train.output_dir.join(super::tensorboard::DIR);
-                let w = super::tensorboard::EventWriter::create(&dir).with_context(|| {
-                    format!(
-                        "train.tensorboard: creating an event file in {}",
-                        dir.display()
-                    )
-                })?;
-                log(
-                    rank,
-                    &format!(
-                        "TensorBoard scalars in {} (tensorboard --logdir {})",
-                        w.path().display(),
-                        dir.display()
-                    ),
-                );
-                Some(w)
+                match super::tensorboard::EventWriter::create(&dir) {
+                    Ok(w) => {
+                        log(
+                            rank,
+                            &format!(
+                                "TensorBoard scalars in {} (tensorboard --logdir {})",
+                                w.path().display(),
+                                dir.display()
+                            ),
+                        );
+                        Some(w)
+                    }
+                    Err(e) => {
+                        tracing::warn!("train.tensorboard: cannot create an event file in {} ({e}); no TensorBoard scalars this run (metrics.jsonl has them all)", dir.display());
+                        None
+                    }
+                }
             }
             false => None,
         };
