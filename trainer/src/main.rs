@@ -393,7 +393,7 @@ struct GenerationArgs {
     repetition_penalty: f64,
     /// End a turn once its text holds this string (kept in the text; repeatable), as
     /// transformers' stop_strings, e.g. --stop "</CONCLUSION>"
-    #[arg(long = "stop", value_name = "STRING")]
+    #[arg(long = "stop", value_name = "STRING", value_parser = parse_stop)]
     stop: Vec<String>,
     /// A turn that reaches it is cut off (eval scores it wrong unless its conclusion closed); the
     /// seed's inference used 2048
@@ -674,6 +674,14 @@ fn parse_repetition_penalty(s: &str) -> Result<f64, String> {
 }
 
 /// --temperature: a finite number >= 0 (0 = greedy).
+/// --stop: a non-empty string (an empty one would end every turn at once; transformers refuses it).
+fn parse_stop(s: &str) -> Result<String, String> {
+    match s.is_empty() {
+        true => Err("an empty stop string would end every turn at once; give some text".into()),
+        false => Ok(s.to_string()),
+    }
+}
+
 fn parse_temperature(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),

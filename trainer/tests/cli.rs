@@ -104,6 +104,14 @@ fn an_unknown_bench_is_a_usage_error_listing_the_real_ones() {
     }
 }
 
+/// An empty --stop string would end every turn at once (transformers refuses it too).
+#[test]
+fn an_empty_stop_string_is_a_usage_error() {
+    let (code, _, stderr) = trainer(&["infer", "--model", "m", "--question", "q", "--stop", ""]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("an empty stop string"), "{stderr}");
+}
+
 #[test]
 fn infer_with_a_missing_model_folder_names_it() {
     let (code, _, stderr) = trainer(&["infer", "--model", "no/such/model", "--question", "q"]);

@@ -454,17 +454,19 @@ fn a_stop_string_ends_the_row() {
     let o = opts(1, 0.0, 1);
     let image = process(&procs.1, &load_rgb(&first_image()).unwrap());
     let ids = session.prompt_ids("How many?", true, &[], &o).unwrap();
-    let run = |stops: Vec<String>| {
+    let run_for = |stops: Vec<String>, max_new: usize| {
         let prompt = Prompt {
             ids: ids.clone(),
             image: Some(&image),
         };
         let mut s = [Sampler::new(0.0, 1.0, 0).with_stop_strings(stops)];
-        tch::no_grad(|| session.generate_batch(&[prompt], &[], &mut s, 24, &mut |_, _| {}))
+        tch::no_grad(|| session.generate_batch(&[prompt], &[], &mut s, max_new, &mut |_, _| {}))
             .unwrap()
             .remove(0)
     };
+    let run = |stops: Vec<String>| run_for(stops, 24);
     let free = run(vec![]);
+    assert!(!free.ended, "cut at max_new");
     assert_eq!(free.token_ids.len(), 24, "no end token: {:?}", free.text);
     // a stop string from the middle of the free text
     let chars: Vec<char> = free.text.chars().collect();
@@ -486,4 +488,10 @@ fn a_stop_string_ends_the_row() {
         stopped.token_ids[..],
         free.token_ids[..stopped.token_ids.len()]
     );
+    assert!(stopped.ended);
+    // a stop string completed by the last token allowed: ended by itself, not cut off (eval
+    // counts it finished)
+    let n = stopped.token_ids.len();
+    assert!(run_for(vec![stop.clone()], n).ended);
+    assert!(!run_for(vec![], n).ended);
 }

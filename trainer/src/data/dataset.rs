@@ -346,6 +346,8 @@ impl Dataset {
         };
         let mut text = TextProcessor::from_model_dir(model_dir, d.double_bos)
             .map_err(DataError::ModelFolder)?;
+        text.check_pad_for_training(model_dir)
+            .map_err(DataError::ModelFolder)?;
         text.last_turn_only = d.supervise == crate::config::Supervise::Last;
         let image =
             ImageProcessorConfig::from_model_dir(model_dir).map_err(DataError::ModelFolder)?;

@@ -61,7 +61,24 @@ impl Encoded {
     }
 }
 
+/// Llama 3's reserved padding token.
+const LLAMA3_PAD: &str = "<|finetune_right_pad_id|>";
+
 impl TextProcessor {
+    /// For training: the pad token must not be `<|eot_id|>`. Padding is left out of the loss, so
+    /// every `<|eot_id|>` would be too and the model would never learn to stop. (Generation does
+    /// not care: fine-tunes that set pad = eos load for infer and eval.)
+    pub fn check_pad_for_training(&self, dir: &Path) -> Result<(), String> {
+        if self.ids.pad == self.ids.eot {
+            return Err(format!(
+                "{}: the pad token is {:?}, the same id as <|eot_id|>: padding is left out of the loss, so every <|eot_id|> would be too and the model would never learn to stop; set \"pad_token\" to another token (Llama 3.x has {LLAMA3_PAD})",
+                dir.join("tokenizer_config.json").display(),
+                self.tokenizer.id_to_token(self.ids.pad as u32).unwrap_or_default()
+            ));
+        }
+        Ok(())
+    }
+
     /// Load `tokenizer.json`, the chat template and the special ids of a model folder.
     pub fn from_model_dir(dir: &Path, double_bos: bool) -> Result<Self, String> {
         let tpath = dir.join("tokenizer.json");
@@ -90,7 +107,6 @@ impl TextProcessor {
         let bos_token =
             token_string(tc.get("bos_token")).unwrap_or_else(|| "<|begin_of_text|>".into());
         // without a pad_token: Llama 3.x's reserved pad token, else eos (as llama-recipes does)
-        const LLAMA3_PAD: &str = "<|finetune_right_pad_id|>";
         let pad_token = token_string(tc.get("pad_token"))
             .or_else(|| {
                 tokenizer
@@ -115,12 +131,6 @@ impl TextProcessor {
                 .map_err(|e| e.to_string())?;
             Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
         };
-        if id(&pad_token)? == id("<|eot_id|>")? {
-            return Err(format!(
-                "{}: the pad token is {pad_token:?}, the same id as <|eot_id|>: padding is left out of the loss, so every <|eot_id|> would be too and the model would never learn to stop; set \"pad_token\" to another token (Llama 3.x has {LLAMA3_PAD})",
-                tc_path.display()
-            ));
-        }
         let ids = SpecialIds {
             bos: id(&bos_token)?,
             bos_token,

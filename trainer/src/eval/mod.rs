@@ -548,12 +548,8 @@ fn stage_map(stages: &crate::infer::Stages) -> std::collections::BTreeMap<String
         .collect()
 }
 
-/// Scores one sample's turns (`max_new_tokens`: a turn that generated that many did not finish).
-fn prediction(
-    item: &BenchItem,
-    turns: Vec<crate::infer::TurnOutput>,
-    max_new_tokens: usize,
-) -> Prediction {
+/// Scores one sample's turns.
+fn prediction(item: &BenchItem, turns: Vec<crate::infer::TurnOutput>) -> Prediction {
     let mut p = Prediction {
         id: item.id.clone(),
         answer: item.answer.clone(),
@@ -571,8 +567,8 @@ fn prediction(
                     stages,
                     prompt_tokens: t.prompt_tokens,
                     tiles: t.tiles,
-                    // the end of turn is not counted: a turn that ended by itself made fewer
-                    finished: t.tokens < max_new_tokens,
+                    // (by an end token or a stop string, even on the last token allowed)
+                    finished: t.finished,
                     tokens: t.tokens,
                     seconds: t.seconds,
                     canonical: String::new(),
@@ -705,7 +701,7 @@ pub fn run(
             .collect();
         let outputs = session.run_batch_seeded(&inputs, &seeds, &opts.infer, &mut |_, _, _| {})?;
         for ((_, item), turns) in chunk.iter().zip(outputs) {
-            let pred = prediction(item, turns, opts.infer.max_new_tokens);
+            let pred = prediction(item, turns);
             // one write per line (writeln! makes two, which another writer could split)
             let line = serde_json::to_string(&pred).unwrap_or_default() + "\n";
             file.write_all(line.as_bytes())

@@ -24,6 +24,8 @@ pub struct Prompt<'a> {
 pub struct Generated {
     pub text: String,
     pub token_ids: Vec<i64>,
+    /// Ended by itself (an end token or a stop string), not cut at `max_new`.
+    pub ended: bool,
 }
 
 /// Keeps the rows `keep` (indices into dim 0) of every cached K/V.
@@ -160,6 +162,7 @@ impl Session<'_> {
             .map(|_| Generated {
                 text: String::new(),
                 token_ids: vec![],
+                ended: false,
             })
             .collect();
         if prompts.is_empty() || max_new == 0 {
@@ -194,7 +197,9 @@ impl Session<'_> {
             let mut keep = Vec::new(); // batch rows still generating
             let mut next = Vec::new(); // their new tokens
             for (k, &r) in live.iter().enumerate() {
-                let logits = last_cpu.get(k as i64);
+                // fp32 before any processor, as transformers' generate takes the logits (a
+                // repetition penalty on bf16 logits would round them to 8 bits)
+                let logits = last_cpu.get(k as i64).to_kind(Kind::Float);
                 let token = match samplers[r].repetition_penalty == 1.0 {
                     true => samplers[r].pick(&logits),
                     // the sequence so far, as transformers' input_ids: prompt and generated
@@ -204,6 +209,7 @@ impl Session<'_> {
                     }
                 };
                 if eos.contains(&token) {
+                    out[r].ended = true;
                     continue;
                 }
                 out[r].token_ids.push(token);
@@ -211,6 +217,7 @@ impl Session<'_> {
                     on_piece(r, &piece);
                     out[r].text.push_str(&piece);
                     if hits_stop(&out[r].text, piece.len(), &samplers[r].stop_strings) {
+                        out[r].ended = true;
                         continue; // (a stop string ends the row, as its end-of-turn token would)
                     }
                 }

@@ -97,6 +97,8 @@ pub struct TurnOutput {
     /// Tiles of the image the vision tower encoded for this turn (0: none).
     pub tiles: usize,
     pub tokens: usize,
+    /// Ended by itself (end of turn or a stop string), not cut off at max_new_tokens.
+    pub finished: bool,
     pub seconds: f64,
 }
 
@@ -356,6 +358,7 @@ impl Session<'_> {
                         tiles: prompts[k].image.map_or(0, |im| im.num_tiles),
                         tokens: g.token_ids.len(),
                         token_ids: g.token_ids,
+                        finished: g.ended,
                         seconds,
                     });
                 }
@@ -391,6 +394,7 @@ impl Session<'_> {
             .unwrap_or(Generated {
                 text: String::new(),
                 token_ids: vec![],
+                ended: false,
             });
         Ok((g.text, g.token_ids))
     }
