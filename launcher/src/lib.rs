@@ -13,6 +13,7 @@
 //! - [`shm`]: the ranks' shared-memory segment files (names, leftovers).
 pub mod env;
 pub mod error_file;
+pub mod flock;
 pub mod gpus;
 pub mod outcome;
 pub mod shm;

@@ -452,7 +452,7 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
         args.checkpoint.as_deref(),
         args.model.as_ref(),
         &args.generation,
-        &|c| Ok(c.verify_part(0, 1)?),
+        &|c| Ok(c.verify_part(0, 1).map(drop)?),
     )?;
     // (the image too: a wrong --image must not cost a model load first)
     let img = args
@@ -673,7 +673,6 @@ fn parse_repetition_penalty(s: &str) -> Result<f64, String> {
     }
 }
 
-/// --temperature: a finite number >= 0 (0 = greedy).
 /// --stop: a non-empty string (an empty one would end every turn at once; transformers refuses it).
 fn parse_stop(s: &str) -> Result<String, String> {
     match s.is_empty() {
@@ -682,6 +681,7 @@ fn parse_stop(s: &str) -> Result<String, String> {
     }
 }
 
+/// --temperature: a finite number >= 0 (0 = greedy).
 fn parse_temperature(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
@@ -744,19 +744,16 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
     // the ranks of a node split the checkpoint's hashing (each node checks the copy it reads)
     let verify = |c: &trainer::infer::CheckpointWeights| -> Result<()> {
         let mine = c.verify_part(env.local_rank, env.local_world_size);
-        let n = c.manifest.files.len();
-        if env.local_world_size > 1 && mine.is_ok() {
-            let k = (0..n)
-                .filter(|i| i % env.local_world_size == env.local_rank)
-                .count();
+        if let (Ok(k), true) = (&mine, env.local_world_size > 1) {
             tracing::info!(
-                "checked {k} of the {n} files of checkpoint {} (this node's {} ranks split them)",
+                "checked {k} of the {} files of checkpoint {} (this node's {} ranks split them)",
+                c.manifest.files.len(),
                 c.dir.display(),
                 env.local_world_size
             );
         }
         let failed = any(mine.is_err()).map_err(anyhow::Error::msg)?;
-        match mine {
+        match mine.map(drop) {
             Err(e) => Err(e.into()),
             Ok(()) if failed => anyhow::bail!(
                 "another rank found a damaged file in checkpoint {} (its error names it)",

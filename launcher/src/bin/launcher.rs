@@ -267,8 +267,8 @@ fn env_yields_to_flags(cli: &mut Cli, m: &clap::ArgMatches) {
 }
 
 /// A Python or shell script named among the launcher's own arguments (before any `--`), as
-/// torchrun takes it, for the hint after a usage error.
-/// Returns how to run it after `--` (`python train.py`, `./run.sh`).
+/// torchrun takes it, for the hint after a usage error: how to run it after `--`
+/// (`python train.py`, `./run.sh`).
 fn script_before_dashes(args: impl Iterator<Item = OsString>) -> Option<String> {
     let args: Vec<String> = args
         .take_while(|a| a != "--")
@@ -762,8 +762,6 @@ fn init_logging() {
         .try_init();
 }
 
-/// `HOST[:PORT]` of --rdzv-endpoint; an IPv6 host is written `[ADDR]` (with or without a port)
-/// or bare (then without a port), as torchrun takes it.
 /// `[::1]`, as torchrun's --help writes an IPv6 --master-addr, is the address ::1.
 fn unbracketed(addr: &str) -> String {
     match addr.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
@@ -772,6 +770,8 @@ fn unbracketed(addr: &str) -> String {
     }
 }
 
+/// `HOST[:PORT]` of --rdzv-endpoint; an IPv6 host is written `[ADDR]` (with or without a port)
+/// or bare (then without a port), as torchrun takes it.
 fn split_endpoint(endpoint: &str) -> Result<(String, Option<u16>)> {
     let port = |p: &str| {
         p.parse::<u16>()

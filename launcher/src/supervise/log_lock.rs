@@ -5,8 +5,9 @@
 //! layout here is fixed by the run id, so the second launch is refused instead.
 use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::path::Path;
+
+use crate::flock::Flock;
 
 /// Held for the launch: `flock` on `RUN_DIR/.launcher-node<G>.lock` (one per node: nodes may
 /// share the folder). The kernel releases it when the launcher exits, however it ends.
@@ -28,10 +29,9 @@ impl LogDirLock {
                 .open(&path)
         });
         let mut file = opened.map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        match crate::flock::try_exclusive(&file) {
+            Ok(Flock::Held) => {}
+            Ok(Flock::Busy) => {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
                 return Err(format!(
@@ -41,11 +41,14 @@ impl LogDirLock {
                     holder.trim()
                 ));
             }
-            tracing::warn!(
-                "{}: flock is not supported here ({e}); a second launch with this run id and --log-dir would mix its logs into these",
-                path.display()
-            );
-            return Ok(Self { _file: None });
+            Ok(Flock::Unsupported(e)) => {
+                tracing::warn!(
+                    "{}: flock is not supported here ({e}); a second launch with this run id and --log-dir would mix its logs into these",
+                    path.display()
+                );
+                return Ok(Self { _file: None });
+            }
+            Err(e) => return Err(format!("locking {}: {e}", path.display())),
         }
         let me = format!("{} pid {}\n", super::hostname(), std::process::id());
         let _ = file

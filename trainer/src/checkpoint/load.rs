@@ -501,8 +501,9 @@ fn fill_range(
 }
 
 /// Checks the size and sha256 of every `count`-th file of the manifest from the `index`-th: `count`
-/// processes that read the same files check them all once between them.
-pub(crate) fn verify_part(dir: &Path, m: &Manifest, index: usize, count: usize) -> Result<()> {
+/// processes that read the same files check them all once between them. Returns how many it
+/// checked.
+pub(crate) fn verify_part(dir: &Path, m: &Manifest, index: usize, count: usize) -> Result<usize> {
     let names: BTreeSet<String> = m
         .files
         .iter()
@@ -510,7 +511,8 @@ pub(crate) fn verify_part(dir: &Path, m: &Manifest, index: usize, count: usize) 
         .filter(|(i, _)| i % count.max(1) == index)
         .map(|(_, f)| f.file.clone())
         .collect();
-    verify_files(dir, m, &names)
+    verify_files(dir, m, &names)?;
+    Ok(names.len())
 }
 
 /// Checks the sha256 of files `names` of checkpoint `dir`, several at once (up to one thread per

@@ -547,8 +547,9 @@ fn checkpoint_base(
             // (absent from manifests of trainers before the option: they trained without it)
             let rslora = peft.get("use_rslora").and_then(Value::as_bool) == Some(true);
             match (r, alpha) {
-                (Some(r), Some(alpha)) if r > 0.0 && rslora => Some(alpha / r.sqrt()),
-                (Some(r), Some(alpha)) if r > 0.0 => Some(alpha / r),
+                (Some(r), Some(alpha)) if r > 0.0 => {
+                    Some(crate::model::lora::scaling(alpha, r, rslora))
+                }
                 _ => bail!(
                     "checkpoint {}: manifest peft section lacks r/alpha ({peft}); it cannot be merged",
                     checkpoint.display()

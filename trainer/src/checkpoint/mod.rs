@@ -291,7 +291,6 @@ impl ExportLock {
     pub fn acquire_named(dir: &Path, name: &str, busy: &str, fix: &str) -> anyhow::Result<Self> {
         use anyhow::Context;
         use std::io::{Seek, Write};
-        use std::os::fd::AsRawFd;
         use std::os::unix::fs::MetadataExt;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(name);
@@ -303,10 +302,12 @@ impl ExportLock {
                 .write(true)
                 .open(&path)
                 .with_context(|| format!("opening {}", path.display()))?;
-            // SAFETY: flock on a descriptor this function owns.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            use launcher::flock::Flock;
+            match launcher::flock::try_exclusive(&file)
+                .with_context(|| format!("locking {}", path.display()))?
+            {
+                Flock::Held => {}
+                Flock::Busy => {
                     let holder = std::fs::read_to_string(&path).unwrap_or_default();
                     anyhow::bail!(
                         "{} {busy} ({}: {}); {fix}",
@@ -315,21 +316,18 @@ impl ExportLock {
                         holder.trim()
                     );
                 }
-                // a filesystem without flock (NFSv3 without lockd: ENOLCK; Lustre without the
-                // flock mount option: ENOSYS; EOPNOTSUPP, EINVAL): go on unlocked, as before locks
-                let unsupported = [libc::ENOLCK, libc::ENOSYS, libc::EOPNOTSUPP, libc::EINVAL];
-                if !e.raw_os_error().is_some_and(|c| unsupported.contains(&c)) {
-                    return Err(e).with_context(|| format!("locking {}", path.display()));
+                // go on unlocked, as before locks
+                Flock::Unsupported(e) => {
+                    tracing::warn!(
+                        "{}: flock is not supported here ({e}); writing without the lock (two writers into this folder at once would clash)",
+                        path.display()
+                    );
+                    return Ok(Self {
+                        path,
+                        _file: file,
+                        held: false,
+                    });
                 }
-                tracing::warn!(
-                    "{}: flock is not supported here ({e}); writing without the lock (two writers into this folder at once would clash)",
-                    path.display()
-                );
-                return Ok(Self {
-                    path,
-                    _file: file,
-                    held: false,
-                });
             }
             // the holder before us may have removed the file after we opened it: then our lock
             // is on a file nobody else will find; open the one at the path again
@@ -491,7 +489,6 @@ pub(crate) fn sync_file(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("syncing {}", path.display()))
 }
 
-/// fsync a directory (so that renames and new entries in it are durable).
 /// fsync of a folder (its entries: a rename into it is durable after this). A filesystem that
 /// cannot sync folders at all (EINVAL or EOPNOTSUPP, as some FUSE and SMB mounts answer) gets one
 /// warning and no error, or every save would fail there; other errors name the folder.

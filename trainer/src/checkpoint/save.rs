@@ -832,8 +832,6 @@ fn retention(
     Ok(doomed)
 }
 
-/// A free name beside `dir` for another run's checkpoint of the same step: `step-N.of-run-L`
-/// (then `-2`, `-3`, ...), which `list_dir` neither lists nor removes.
 /// After a resume from step `step` of run `lineage`, that run's later checkpoints in `root` (the
 /// branch a user went back from, e.g. after a loss spike) are renamed `step-N.abandoned-at-S`,
 /// which listing and retention ignore: `resume: auto` would otherwise continue the abandoned
@@ -870,6 +868,8 @@ fn unused_name(base: &str) -> PathBuf {
         .expect("an unused name")
 }
 
+/// A free name beside `dir` for another run's checkpoint of the same step: `step-N.of-run-L`
+/// (then `-2`, `-3`, ...), which `list_dir` neither lists nor removes.
 fn aside_name(dir: &Path, lineage: &str) -> PathBuf {
     unused_name(&format!("{}.of-run-{lineage}", dir.display()))
 }

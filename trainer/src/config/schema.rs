@@ -93,11 +93,7 @@ impl PeftConfig {
     /// The factor on the LoRA update, `B A x * alpha / r` (PEFT's `scaling`); only LoRA
     /// reads it.
     pub fn lora_scaling(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.r as f64).sqrt()
-        } else {
-            self.alpha / self.r as f64
-        }
+        crate::model::lora::scaling(self.alpha, self.r as f64, self.use_rslora)
     }
 }
 

@@ -52,8 +52,9 @@ impl CheckpointWeights {
     }
 
     /// Verifies every `count`-th file from the `index`-th (the ranks of a node split the hashing
-    /// of a checkpoint they all read, rather than each reading it whole).
-    pub fn verify_part(&self, index: usize, count: usize) -> Result<(), InferError> {
+    /// of a checkpoint they all read, rather than each reading it whole). Returns how many files
+    /// it checked.
+    pub fn verify_part(&self, index: usize, count: usize) -> Result<usize, InferError> {
         crate::checkpoint::load::verify_part(&self.dir, &self.manifest, index, count)
             .map_err(|e| err(&self.dir, format!("{e:#}")))
     }

@@ -151,6 +151,14 @@ impl TargetMatcher {
     }
 }
 
+/// PEFT's `scaling`, the factor on the update `B A x`: alpha / r, or alpha / sqrt(r) with rslora.
+pub fn scaling(alpha: f64, r: f64, use_rslora: bool) -> f64 {
+    match use_rslora {
+        true => alpha / r.sqrt(),
+        false => alpha / r,
+    }
+}
+
 /// LoRA hyper-parameters (the PEFT `LoraConfig` fields we support).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
@@ -163,11 +171,7 @@ pub struct LoraConfig {
 
 impl LoraConfig {
     pub fn scaling(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.r as f64).sqrt()
-        } else {
-            self.alpha / self.r as f64
-        }
+        scaling(self.alpha, self.r as f64, self.use_rslora)
     }
 
     /// Fresh branch as PEFT initializes it, factors of `kind` (else the weight's): A kaiming-uniform
