@@ -101,9 +101,63 @@ fn resharded_resume_with_dropout_replays_at_the_same_batch_size() {
     resharded_resume("reshard-dropout", &["peft.dropout=0.05"], train, &[1]);
 }
 
+/// `fsdp.sharding_strategy` does not change checkpoints: no_shard's at world 2 (each rank writes
+/// its half of its replica) resumes under full_shard at world 3 and shard_grad_op at world 1, and
+/// full_shard's under no_shard at world 3 (each replica read whole from two shards).
+#[test]
+fn resume_across_sharding_strategies() {
+    let train = |w: usize| {
+        format!(
+            "epochs: 1, batch_size: {}, grad_accum: 1, max_steps: 8",
+            6 / w
+        )
+    };
+    let full: &[&str] = &["fsdp.sharding_strategy=full_shard"];
+    let replicas = resharded_resume_with(
+        "strategy-no-shard",
+        &["peft.dropout=0.0", "fsdp.sharding_strategy=no_shard"],
+        train,
+        &[(3, full), (1, &["fsdp.sharding_strategy=shard_grad_op"])],
+    );
+    let shards = resharded_resume_with(
+        "strategy-full-shard",
+        &["peft.dropout=0.0"],
+        train,
+        &[(3, &["fsdp.sharding_strategy=no_shard"])],
+    );
+    // the same files and ranges: every rank wrote its part of its replica
+    let layout = |dir: &std::path::Path| -> Vec<(String, serde_json::Value)> {
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join("ckpt/step-00000004/manifest.json")).unwrap(),
+        )
+        .unwrap();
+        (m["tensors"].as_array().unwrap().iter())
+            .map(|t| (t["name"].to_string(), t["shards"].clone()))
+            .collect()
+    };
+    let (a, b) = (layout(&replicas), layout(&shards));
+    assert_eq!(a, b);
+    assert!(
+        a.iter().any(|(_, s)| s.as_array().unwrap().len() == 2),
+        "{a:?}"
+    );
+}
+
 /// Trains 8 steps at world 2, resumes its step-4 checkpoint at each of `worlds`, and compares
 /// steps 5..8 and the final weights with the world-2 run's.
 fn resharded_resume(name: &str, extra: &[&str], train: impl Fn(usize) -> String, worlds: &[usize]) {
+    let targets: Vec<(usize, &[&str])> = worlds.iter().map(|&w| (w, &[][..])).collect();
+    resharded_resume_with(name, extra, train, &targets);
+}
+
+/// `resharded_resume` where the resumed run at world w adds its own `--set`s to `extra`'s (a
+/// later one wins).
+fn resharded_resume_with(
+    name: &str,
+    extra: &[&str],
+    train: impl Fn(usize) -> String,
+    targets: &[(usize, &[&str])],
+) -> std::path::PathBuf {
     let mut sets: Vec<&str> = vec!["checkpoint.every_steps=4"];
     sets.extend_from_slice(extra);
     let w2 = fresh(&format!("{name}-w2"));
@@ -112,10 +166,11 @@ fn resharded_resume(name: &str, extra: &[&str], train: impl Fn(usize) -> String,
     assert_eq!(reference.len(), 8);
     let ckpt = w2.join("ckpt/step-00000004");
     let resume = format!("checkpoint.resume={}", ckpt.display());
-    for &w in worlds {
+    for &(w, own) in targets {
         let out = fresh(&format!("{name}-w2-to-w{w}"));
         let mut s = sets.clone();
         s.push(&resume);
+        s.extend_from_slice(own);
         let o = ok(run(&out, w, &train(w), &s, &[]), "resharded");
         assert!(o.stderr.contains("saved by 2 rank(s)"), "{}", o.stderr);
         assert!(!o.stderr.contains("dropout masks"), "{}", o.stderr);
@@ -142,6 +197,7 @@ fn resharded_resume(name: &str, extra: &[&str], train: impl Fn(usize) -> String,
             "world 2 -> {w}: weights differ (abs {worst_w})"
         );
     }
+    w2
 }
 
 /// Killed after the rank files of step 4 and before its manifest: resume uses step 2, ignores

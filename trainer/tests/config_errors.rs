@@ -281,6 +281,14 @@ fn enums_list_their_values() {
             "fsdp.enabled=on",
             r#"fsdp.enabled: expected a boolean, got "on""#,
         ),
+        (
+            "fsdp.sharding_strategy=zero3",
+            r#"fsdp.sharding_strategy: expected one of full_shard, shard_grad_op, no_shard, got "zero3""#,
+        ),
+        (
+            "fsdp.sharding_strategy=HYBRID_SHARD",
+            r#"fsdp.sharding_strategy: expected one of full_shard, shard_grad_op, no_shard, got "HYBRID_SHARD" (HSDP, sharding within a node and replicating across nodes, is not supported: the collective layer has one group of every rank; full_shard shards across every node)"#,
+        ),
     ];
     for (set, message) in cases {
         assert_eq!(set_error(set), message, "--set {set}");
@@ -581,4 +589,22 @@ fn merge_keys_are_resolved() {
     )
     .unwrap();
     assert_eq!((c.peft.r, c.peft.alpha, c.train.epochs), (16, 8.0, 2));
+}
+
+/// PyTorch's upper-case `ShardingStrategy` names are read as ours.
+#[test]
+fn sharding_strategies_take_pytorch_spellings() {
+    for (text, want) in [
+        ("full_shard", config::ShardingStrategy::FullShard),
+        ("SHARD_GRAD_OP", config::ShardingStrategy::ShardGradOp),
+        ("NO_SHARD", config::ShardingStrategy::NoShard),
+    ] {
+        let c = config::parse(MINIMAL, &[format!("fsdp.sharding_strategy={text}")]).unwrap();
+        assert_eq!(c.fsdp.sharding_strategy, want, "{text}");
+    }
+    let c = config::parse(MINIMAL, &[]).unwrap();
+    assert_eq!(
+        c.fsdp.sharding_strategy,
+        config::ShardingStrategy::FullShard
+    );
 }

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tch::{Kind, Tensor};
+use trainer::config::ShardingStrategy;
 use trainer::dist::{Backend, ProcessGroup};
 use trainer::fsdp::{FsdpModel, PlainModel, Trainable, WrapOptions};
 use trainer::model::{
@@ -95,6 +96,7 @@ fn fsdp_with(
         compute: Kind::Float,
         prefetch,
         activation_checkpointing,
+        sharding: ShardingStrategy::FullShard,
     };
     Trainable::Fsdp(Box::new(FsdpModel::wrap(model, pg, opts).unwrap()))
 }

@@ -47,6 +47,7 @@ const WRAP: WrapOptions = WrapOptions {
     compute: Kind::Float,
     prefetch: true,
     activation_checkpointing: true,
+    sharding: trainer::config::ShardingStrategy::FullShard,
 };
 
 /// Shards of rank r of `world` built both ways; returns the bytes the sharded load read.

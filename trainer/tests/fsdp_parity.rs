@@ -98,8 +98,13 @@ fn sets(list: &[&str]) -> Vec<String> {
 
 /// FSDP at `world` with batch `b` vs plain at world 1 with batch b x world.
 fn parity(peft: &[&str], world: usize, b: usize) -> (Run, Run) {
+    parity_as(peft, "full_shard", world, b)
+}
+
+/// `parity` with `fsdp.sharding_strategy: strategy`.
+fn parity_as(peft: &[&str], strategy: &str, world: usize, b: usize) -> (Run, Run) {
     // (each configuration its own folders: tests run in parallel)
-    let tag = if peft.iter().any(|s| s.contains("freeze_llm_only")) {
+    let kind = if peft.iter().any(|s| s.contains("freeze_llm_only")) {
         "freeze-llm"
     } else if peft.iter().any(|s| s.contains("none")) {
         "full"
@@ -108,11 +113,16 @@ fn parity(peft: &[&str], world: usize, b: usize) -> (Run, Run) {
     } else {
         "lora"
     };
+    let tag = match strategy {
+        "full_shard" => kind.to_string(),
+        _ => format!("{kind}-{strategy}"),
+    };
     let mut base = sets(peft);
     base.push("fsdp.enabled=false".into());
     base.push(format!("train.batch_size={}", b * world));
     let mut sharded = sets(peft);
     sharded.push(format!("train.batch_size={b}"));
+    sharded.push(format!("fsdp.sharding_strategy={strategy}"));
     let reference = train(&format!("{tag}-w1-b{}", b * world), 1, &base);
     let fsdp = train(&format!("{tag}-w{world}-b{b}"), world, &sharded);
     assert_eq!(reference.metrics.len(), 5);
@@ -249,6 +259,35 @@ fn lora_world2_without_activation_checkpointing_matches_recompute() {
 #[test]
 fn full_world2_without_activation_checkpointing_matches_recompute() {
     keep_graphs_world2(FULL, "full-keep");
+}
+
+/// `fsdp.sharding_strategy: no_shard` (DDP: whole replicas, gradients all-reduced) at world 2,
+/// LoRA: the single process's losses and weights, with the whole model on each rank.
+#[test]
+fn lora_world2_no_shard_matches_single_process_and_holds_the_whole_model() {
+    let (reference, replicas) = parity_as(LORA, "no_shard", 2, 2);
+    let whole = reference.metrics[0]["param_bytes"].as_f64().unwrap();
+    let per_rank = replicas.metrics[0]["param_bytes"].as_f64().unwrap();
+    println!("param bytes: world 1 {whole}, world 2 no_shard per rank {per_rank}");
+    assert!(
+        (per_rank - whole).abs() <= whole * 0.01,
+        "{per_rank} vs {whole}"
+    );
+}
+
+/// no_shard, full finetuning: every trainable group's fp32 master is replicated and stepped on
+/// every rank from all-reduced gradients; clipping uses the norm of the whole gradient (not summed
+/// over ranks).
+#[test]
+fn full_world2_no_shard_matches_single_process() {
+    parity_as(FULL, "no_shard", 2, 1);
+}
+
+/// `shard_grad_op`: units stay gathered from the forward to their backward, which recomputes
+/// them without a second gather.
+#[test]
+fn lora_world3_shard_grad_op_matches_single_process() {
+    parity_as(LORA, "shard_grad_op", 3, 1);
 }
 
 /// `peft.freeze_llm_only` (llama-recipes' freeze_LLM_only): full finetuning of the vision tower,

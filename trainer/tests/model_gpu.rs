@@ -217,6 +217,7 @@ fn fused_trains_like_eager(device: Device, pg: &ProcessGroup, d: i64) {
             compute: Kind::BFloat16,
             prefetch: true,
             activation_checkpointing: true,
+            sharding: trainer::config::ShardingStrategy::FullShard,
         };
         Trainable::Fsdp(Box::new(FsdpModel::wrap(m, pg, o).unwrap()))
     };

@@ -243,6 +243,7 @@ fn build(pg: &ProcessGroup, folder: &Path, mode: &str) -> Result<(Trainable, i64
             prefetch: true,
             // FSDP2's peer keeps its graphs too (no activation checkpointing)
             activation_checkpointing: false,
+            sharding: crate::config::ShardingStrategy::FullShard,
         };
         Trainable::Fsdp(Box::new(FsdpModel::wrap_from_source(
             model, &src, pg, wrap,

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use super::manifest::{FileEntry, Manifest, ParamEntry, TensorEntry, FORMAT, STATES, VERSION};
-use super::{flat_states, identity, list_dir, DataPlan, Progress};
+use super::{flat_states, identity, list_dir, DataPlan, Progress, StatesFor};
 use crate::config::{Config, Resume};
 use crate::dist::{ProcessGroup, ReduceOp};
 use crate::fsdp::Trainable;
@@ -333,7 +333,7 @@ fn load_into(
             m.data.batch
         );
     }
-    let states = flat_states(trainable, opt);
+    let states = flat_states(trainable, opt, StatesFor::Load);
     fill_states(dir, &m, &states)?;
     opt.step = m.optimizer_step;
     opt.steps = param_steps(&m, &states);

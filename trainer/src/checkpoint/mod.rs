@@ -125,9 +125,27 @@ impl FlatState {
     }
 }
 
+/// Which part of a replicated group (`fsdp.sharding_strategy: no_shard`: every rank holds it
+/// whole) a rank's flat states cover; sharded groups are this rank's shard either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StatesFor {
+    /// Rank r of W writes range r of the layout full_shard would have at world W, so that the
+    /// checkpoint is the same whatever the strategy (and every rank writes its part).
+    Save,
+    /// Every rank reads the whole group.
+    Load,
+}
+
 /// This rank's trainable state, in `master_params()` order (= `AdamW::moments` order).
-pub(crate) fn flat_states(trainable: &Trainable, opt: &AdamW) -> Vec<FlatState> {
+pub(crate) fn flat_states(
+    trainable: &Trainable,
+    opt: &AdamW,
+    purpose: StatesFor,
+) -> Vec<FlatState> {
     let mut out = vec![];
+    // per state, where its range starts in the local tensors (non-zero for a replicated group's
+    // save range)
+    let mut local_starts = vec![];
     match trainable {
         Trainable::Fsdp(m) => {
             for u in &m.units {
@@ -141,14 +159,23 @@ pub(crate) fn flat_states(trainable: &Trainable, opt: &AdamW) -> Vec<FlatState> 
                             offset: p.offset,
                         })
                         .collect();
-                    let s = g.shard_len * m.rank as i64;
+                    let (shard_len, rank) = match (g.replicated, purpose) {
+                        (false, _) => (g.shard_len, m.rank),
+                        (true, StatesFor::Load) => (g.numel, 0),
+                        (true, StatesFor::Save) => {
+                            let w = m.world as i64;
+                            ((g.numel + w - 1) / w, m.rank)
+                        }
+                    };
+                    let s = (shard_len * rank as i64).min(g.numel);
+                    local_starts.push(if g.replicated { s } else { 0 });
                     out.push(FlatState {
                         group: format!("{}/{gi}", u.name),
                         numel: g.numel,
-                        shard_len: g.shard_len,
+                        shard_len,
                         params,
-                        start: s.min(g.numel),
-                        end: (s + g.shard_len).min(g.numel),
+                        start: s,
+                        end: (s + shard_len).min(g.numel),
                         tensors: [g.shard.shallow_clone(), Tensor::new(), Tensor::new()],
                         optimizer_steps: None,
                     });
@@ -172,6 +199,7 @@ pub(crate) fn flat_states(trainable: &Trainable, opt: &AdamW) -> Vec<FlatState> 
                     tensors: [master.view([-1]), Tensor::new(), Tensor::new()],
                     optimizer_steps: None,
                 });
+                local_starts.push(0);
             }
         }
     }
@@ -180,9 +208,16 @@ pub(crate) fn flat_states(trainable: &Trainable, opt: &AdamW) -> Vec<FlatState> 
         opt.moments.len(),
         "checkpoint: one (m, v) pair per trainable flat tensor"
     );
-    for ((f, (m, v)), steps) in out.iter_mut().zip(&opt.moments).zip(&opt.steps) {
-        f.tensors[1] = m.view([-1]);
-        f.tensors[2] = v.view([-1]);
+    let from = |t: &Tensor, at: i64| t.narrow(0, at, t.size()[0] - at);
+    for (((f, (m, v)), steps), &at) in (out.iter_mut().zip(&opt.moments))
+        .zip(&opt.steps)
+        .zip(&local_starts)
+    {
+        f.tensors = [
+            from(&f.tensors[0], at),
+            from(&m.view([-1]), at),
+            from(&v.view([-1]), at),
+        ];
         assert_eq!(
             steps.len(),
             f.params.len(),

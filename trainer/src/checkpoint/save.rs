@@ -31,7 +31,7 @@ use super::manifest::{
 };
 use super::{
     flat_states, fsync_dir, identity, identity_hash, list_dir, rank_file_name, run_of,
-    write_synced, Progress, RunOf,
+    write_synced, Progress, RunOf, StatesFor,
 };
 use crate::config::Config;
 use crate::dist::ProcessGroup;
@@ -137,7 +137,7 @@ impl Checkpointer {
     /// background thread (training goes on), so that not even the first background save pays
     /// for fresh memory on the training thread. The buffers stay for the whole run.
     pub fn reserve(&mut self, trainable: &Trainable, opt: &AdamW) {
-        self.reserve_states(&flat_states(trainable, opt));
+        self.reserve_states(&flat_states(trainable, opt, StatesFor::Save));
     }
 
     /// Waits for `reserve`'s buffers (if any are coming) and puts them in the pool.
@@ -191,7 +191,7 @@ impl Checkpointer {
         progress: &Progress,
         background: bool,
     ) -> Result<Option<PathBuf>> {
-        let states = flat_states(trainable, opt);
+        let states = flat_states(trainable, opt, StatesFor::Save);
         let step = opt.step;
         self.save_states(
             pg, device, config, states, step, schedule, progress, background,

@@ -29,7 +29,7 @@ pub use error::ConfigError;
 pub use schema::{
     Attention, Backend, BadRecords, CheckpointConfig, Config, DType, DataConfig, FsdpConfig,
     ImagePlaceholder, LengthPolicy, LoraTargets, ModelConfig, PeftConfig, PeftMethod, Resume,
-    SaveAdapter, Schedule, ScheduleKind, Supervise, TextOnly, TrainConfig,
+    SaveAdapter, Schedule, ScheduleKind, ShardingStrategy, Supervise, TextOnly, TrainConfig,
 };
 
 pub use validate::training_conflicts;

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::schema::{
     Attention, Backend, BadRecords, DType, ImagePlaceholder, LengthPolicy, PeftMethod, Resume,
-    SaveAdapter, ScheduleKind, Supervise, TextOnly,
+    SaveAdapter, ScheduleKind, ShardingStrategy, Supervise, TextOnly,
 };
 use super::values::{
     Beta, ClipNorm, Count, Decay, Dropout, FilePath, Int, NonNegative, Num, Positive, PositiveInt,
@@ -209,6 +209,7 @@ pub(crate) struct RawFsdp {
     pub mixed_precision: DType,
     pub activation_checkpointing: bool,
     pub prefetch: bool,
+    pub sharding_strategy: ShardingStrategy,
 }
 
 impl Default for RawFsdp {
@@ -221,6 +222,8 @@ impl Default for RawFsdp {
             mixed_precision: DType::Bf16,
             activation_checkpointing: true,
             prefetch: true,
+            // fsdp_config.sharding_strategy: FULL_SHARD
+            sharding_strategy: ShardingStrategy::FullShard,
         }
     }
 }

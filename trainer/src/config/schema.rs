@@ -292,6 +292,64 @@ pub struct FsdpConfig {
     pub activation_checkpointing: bool,
     /// Gather the next unit's parameters while the current one computes.
     pub prefetch: bool,
+    /// What is sharded across ranks (PyTorch FSDP's `ShardingStrategy`).
+    pub sharding_strategy: ShardingStrategy,
+}
+
+/// `fsdp.sharding_strategy`, as PyTorch FSDP's `ShardingStrategy` (its upper-case spellings are
+/// accepted too; HSDP's `hybrid_shard` is refused by name). Checkpoints do not depend on it: one
+/// saved under any strategy resumes under any other, at any world size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardingStrategy {
+    /// Parameters, gradients and optimizer state sharded; each layer unit is gathered for its
+    /// forward, freed, and gathered again for its backward (ZeRO-3).
+    FullShard,
+    /// Gradients and optimizer state sharded; a layer unit gathered for the forward stays
+    /// gathered until its backward (no second all-gather, for the memory of the whole gathered
+    /// model at the peak: ZeRO-2, FSDP2's `reshard_after_forward=False`).
+    ShardGradOp,
+    /// Nothing sharded: every rank holds the whole model and optimizer state and gradients are
+    /// all-reduced, as DistributedDataParallel does (no all-gathers; W times the memory).
+    NoShard,
+}
+
+impl ShardingStrategy {
+    /// The config's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            ShardingStrategy::FullShard => "full_shard",
+            ShardingStrategy::ShardGradOp => "shard_grad_op",
+            ShardingStrategy::NoShard => "no_shard",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ShardingStrategy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ShardingStrategy;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("one of full_shard, shard_grad_op, no_shard")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ShardingStrategy, E> {
+                let got = match v.to_ascii_lowercase().as_str() {
+                    "full_shard" => return Ok(ShardingStrategy::FullShard),
+                    "shard_grad_op" => return Ok(ShardingStrategy::ShardGradOp),
+                    "no_shard" => return Ok(ShardingStrategy::NoShard),
+                    "hybrid_shard" | "_hybrid_shard_zero2" => format!(
+                        "{v:?} (HSDP, sharding within a node and replicating across nodes, is \
+                         not supported: the collective layer has one group of every rank; \
+                         full_shard shards across every node)"
+                    ),
+                    _ => format!("{v:?}"),
+                };
+                Err(E::invalid_value(serde::de::Unexpected::Other(&got), &self))
+            }
+        }
+        d.deserialize_string(V)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -248,6 +248,7 @@ fn fsdp(raw: RawFsdp) -> FsdpConfig {
         mixed_precision: raw.mixed_precision,
         activation_checkpointing: raw.activation_checkpointing,
         prefetch: raw.prefetch,
+        sharding_strategy: raw.sharding_strategy,
     }
 }
 

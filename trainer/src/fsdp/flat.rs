@@ -5,7 +5,9 @@
 //! their TensorImpl with the handles here: gathering points them (`set_data`) at views of the
 //! gathered buffer, freeing points them at an empty tensor. A group is built from materialized
 //! parameters or, for sharded loading, straight from the safetensors map: a rank then reads only
-//! the byte ranges of its slice.
+//! the byte ranges of its slice. A replicated group (`fsdp.sharding_strategy: no_shard`) is
+//! built as the one shard of a world of 1: every rank holds it whole, gathering binds views of it
+//! without a collective, and gradients are all-reduced instead of reduce-scattered.
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::{ProcessGroup, ReduceOp, Work};
@@ -41,6 +43,8 @@ pub struct FlatGroup {
     /// Per parameter: whether it got a gradient on this rank since the last `zero_grads` (else
     /// its part of `grad` holds zeros that stand for torch's None: see `AdamW::step_present`).
     pub got_grad: Vec<bool>,
+    /// Whole on every rank (built with world 1; see the module comment).
+    pub replicated: bool,
 }
 
 impl FlatGroup {
@@ -123,14 +127,22 @@ impl FlatGroup {
             shard,
             grad,
             got_grad: vec![false; n_params],
+            replicated: false,
         };
         g.free(compute);
         Ok(g)
     }
 
+    /// Marks a group built as rank 0 of world 1 as replicated over the process group.
+    pub fn replicated(mut self) -> Self {
+        self.replicated = true;
+        self
+    }
+
     /// Each parameter's elements within this rank's shard (len 0 outside it), as the optimizer
-    /// steps them.
+    /// steps them (a replicated group's: every parameter whole).
     pub fn segments(&self, rank: usize) -> Vec<Segment> {
+        let rank = if self.replicated { 0 } else { rank };
         let lo = self.shard_len * rank as i64;
         let hi = lo + self.shard_len;
         self.params
@@ -146,7 +158,12 @@ impl FlatGroup {
     }
 
     /// Starts the all-gather of the group in `compute` dtype; returns the full buffer (W*S,).
+    /// A replicated group's buffer is its shard in `compute` dtype (the shard itself when that
+    /// is its dtype), with no collective.
     fn start_gather(&self, pg: &ProcessGroup, compute: Kind) -> Result<(Tensor, Work), FsdpError> {
+        if self.replicated {
+            return Ok((self.shard.to_kind(compute), Work::ready())); // (S,)
+        }
         let src = self.shard.to_kind(compute).contiguous(); // (S,)
         let full = Tensor::empty(
             [self.shard_len * pg.world_size() as i64],
@@ -174,18 +191,19 @@ impl FlatGroup {
 
     /// Starts reduce-scattering the full-size gradients `grads` (one per parameter; undefined =
     /// zero) into this rank's gradient shard (summed over ranks, fp32); `finish_reduce` adds the
-    /// result to what accumulated.
+    /// result to what accumulated. A replicated group all-reduces them instead.
     fn start_reduce(
         &mut self,
         pg: &ProcessGroup,
         grads: &[Option<Tensor>],
     ) -> Result<(Tensor, Work), FsdpError> {
         let device = self.shard.device();
-        let padded = self.shard_len * pg.world_size() as i64;
+        let world = if self.replicated { 1 } else { pg.world_size() };
+        let padded = self.shard_len * world as i64;
         // each gradient is cast straight into its range (one fp32 buffer of the unit, not a
         // converted copy per gradient and then their concatenation: ~2.5x the unit's gradient
         // at once, ~11 GB for a fully finetuned root unit); absent gradients and padding stay 0
-        let flat = Tensor::zeros([padded], (Kind::Float, device)); // (W*S,) fp32
+        let flat = Tensor::zeros([padded], (Kind::Float, device)); // (W*S,) fp32 ((S,) replicated)
         tch::no_grad(|| {
             for ((p, g), got) in self.params.iter().zip(grads).zip(&mut self.got_grad) {
                 if let Some(g) = g.as_ref().filter(|g| g.defined()) {
@@ -194,8 +212,12 @@ impl FlatGroup {
                 }
             }
         });
+        // (the Work keeps its tensors alive until it is waited for)
+        if self.replicated {
+            let work = pg.all_reduce_async(&flat, ReduceOp::Sum)?;
+            return Ok((flat, work));
+        }
         let out = Tensor::zeros([self.shard_len], (Kind::Float, device)); // (S,)
-                                                                          // (the Work keeps `flat` and `out` alive until it is waited for)
         let work = pg.reduce_scatter_async(&out, &flat, ReduceOp::Sum)?;
         Ok((out, work))
     }

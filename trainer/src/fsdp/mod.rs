@@ -17,7 +17,7 @@ pub mod units;
 
 use tch::{Kind, Tensor};
 
-use crate::config::DType;
+use crate::config::{DType, ShardingStrategy};
 use crate::dist::{DistError, ProcessGroup};
 use crate::model::{KeyLayout, MllamaModel, ModelError, WeightSource};
 use crate::optim::Segment;
@@ -60,6 +60,8 @@ pub struct WrapOptions {
     /// `fsdp.activation_checkpointing`: recompute each unit in backward (true) or keep the
     /// forward's graphs and gathered units until backward (false).
     pub activation_checkpointing: bool,
+    /// `fsdp.sharding_strategy` (`HybridShard` is refused by the config).
+    pub sharding: ShardingStrategy,
 }
 
 /// The model sharded over the process group: every parameter lives in its unit's flat shard.
@@ -74,6 +76,11 @@ pub struct FsdpModel {
     /// No activation checkpointing: keep each stage's graph (and its unit gathered) from the
     /// forward to its backward instead of recomputing (see `schedule`).
     pub keep_graphs: bool,
+    /// `shard_grad_op`: a layer unit gathered for the forward stays gathered until its backward
+    /// (which then recomputes without gathering again).
+    pub keep_gathered: bool,
+    /// `no_shard`: every group is whole on every rank (`FlatGroup::replicated`).
+    pub replicated: bool,
     /// Supervised rows per LM-head chunk in the loss (`model::lm_loss_chunk_rows` of the vocabulary;
     /// tests set fewer to make the chunking visible on small fixtures).
     pub lm_loss_chunk: i64,
@@ -182,6 +189,8 @@ impl FsdpModel {
             }
         }
         model.options.dtype = opts.compute;
+        let replicated = opts.sharding == ShardingStrategy::NoShard;
+        let (shard_rank, shard_world) = if replicated { (0, 1) } else { (rank, world) };
         let source = src.map(|s| {
             let names = s.names_and_shapes().map(|(n, _)| n);
             (s, KeyLayout::detect(names))
@@ -191,7 +200,15 @@ impl FsdpModel {
             let groups = groups
                 .into_iter()
                 .map(|(tr, _, params)| {
-                    FlatGroup::shard_from(params, source, tr, rank, world, opts.compute)
+                    let g = FlatGroup::shard_from(
+                        params,
+                        source,
+                        tr,
+                        shard_rank,
+                        shard_world,
+                        opts.compute,
+                    )?;
+                    Ok::<_, FsdpError>(if replicated { g.replicated() } else { g })
                 })
                 .collect::<Result<_, _>>()?;
             units.push(Unit {
@@ -212,6 +229,8 @@ impl FsdpModel {
             compute: opts.compute,
             prefetch: opts.prefetch,
             keep_graphs: !opts.activation_checkpointing,
+            keep_gathered: opts.sharding == ShardingStrategy::ShardGradOp,
+            replicated,
             lm_loss_chunk,
             rank,
             world,
@@ -336,6 +355,12 @@ impl Trainable {
             Self::Fsdp(m) => m.grads(),
             Self::Plain(m) => m.grads(),
         }
+    }
+
+    /// Whether `grads` are this rank's shards of the gradients (their norm is summed over
+    /// ranks), or whole gradients every rank holds alike (`no_shard`, the plain trainer).
+    pub fn grads_are_shards(&self) -> bool {
+        matches!(self, Self::Fsdp(m) if !m.replicated)
     }
 
     /// Per gradient (`grads` order) and parameter segment in it (`optimizer_segments`): whether

@@ -20,6 +20,12 @@
 //! and no backward all-gathers, for the memory of every gathered unit and every stage's
 //! activations at once (see `FsdpConfig::activation_checkpointing`).
 //!
+//! `fsdp.sharding_strategy: shard_grad_op` ([`FsdpModel::keep_gathered`]): the forward leaves
+//! the unit of every stage the backward will run gathered, and the backward recomputes it
+//! without gathering again (one all-gather per unit and micro-batch instead of two, for the
+//! memory of the gathered model). `no_shard`: the groups are whole on every rank, so the same
+//! walk gathers without collectives and all-reduces the gradients (`flat`).
+//!
 //! The out stage with more supervised rows than `lm_loss_chunk` is differentiated by
 //! [`out_backward`]: the LM head and the cross-entropy a chunk of rows at a time, in the forward
 //! (its value) and in the backward, so the (N, vocab) fp32 logits, their softmax and their
@@ -436,13 +442,15 @@ impl FsdpModel {
     /// graph and frees every layer unit after its stage; with `keep` the units of kept stages
     /// stay gathered until their backward, the others (cross-attention without images, frozen
     /// layers) are freed at once: a stage without a graph gets no output gradient, so its
-    /// backward needs no parameters.
+    /// backward needs no parameters. `hold` (`shard_grad_op`): the unit of every stage the
+    /// backward runs stays gathered for it too.
     fn forward_values(
         &mut self,
         pg: &ProcessGroup,
         batch: &Batch,
         seed: u64,
         keep: bool,
+        hold: bool,
     ) -> Result<Forward, FsdpError> {
         let mut plan = Plan::new(self, batch)?;
         let mut values: Vec<Option<Tensor>> = nones(plan.n_values);
@@ -505,7 +513,8 @@ impl FsdpModel {
             values[output] = value;
             let no_graph = graph_kept.is_none();
             kept.push(graph_kept);
-            if unit != ROOT && (!keep || no_graph) {
+            let held = hold && plan.may_need_grad[output];
+            if unit != ROOT && !held && (!keep || no_graph) {
                 self.units[unit].free(self.compute);
             }
         }
@@ -516,7 +525,7 @@ impl FsdpModel {
     /// Loss sum of a micro-batch without gradients (validation). Frees everything after.
     pub fn forward_loss(&mut self, pg: &ProcessGroup, batch: &Batch) -> Result<f64, FsdpError> {
         self.model.set_training(false);
-        let r = self.forward_values(pg, batch, 0, false);
+        let r = self.forward_values(pg, batch, 0, false, false);
         if r.is_err() {
             self.free_all(); // a layer unit may be left gathered
         } else {
@@ -538,9 +547,9 @@ impl FsdpModel {
         loss_scale: f64,
         seed: u64,
     ) -> Result<f64, FsdpError> {
-        let keep = self.keep_graphs;
+        let (keep, hold) = (self.keep_graphs, self.keep_gathered);
         let r = self
-            .forward_values(pg, batch, seed, keep)
+            .forward_values(pg, batch, seed, keep, hold)
             .and_then(|fwd| self.backward(pg, fwd, loss_scale, seed));
         if r.is_err() {
             // (an in-flight prefetch was waited for when it was dropped: `dist::Work`)
@@ -589,11 +598,12 @@ impl FsdpModel {
                 kept[si] = None;
                 continue;
             }
-            if unit != ROOT && !keep {
+            if unit != ROOT && !keep && !self.keep_gathered {
                 li += 1;
                 let next = layer_stages.get(li).map(|&n| plan.stages[n].unit);
                 inflight = self.ensure_gathered(pg, unit, inflight.take(), next)?;
             }
+            debug_assert!(unit == ROOT || !self.keep_gathered || self.units[unit].gathered);
             let params = if unit == ROOT {
                 root_trainable.iter().map(Tensor::shallow_clone).collect()
             } else {
@@ -737,6 +747,7 @@ mod tests {
     use tch::{Kind, Tensor};
 
     use super::*;
+    use crate::config::ShardingStrategy;
     use crate::dist::{Backend, ProcessGroup};
     use crate::fsdp::WrapOptions;
     use crate::model::{Images, LoadOptions, LoraConfig, MllamaModel, TargetModules};
@@ -747,6 +758,18 @@ mod tests {
 
     /// The tiny fixture model with LoRA on `targets`, wrapped at world 1.
     fn wrapped(targets: &[&str], activation_checkpointing: bool) -> (ProcessGroup, FsdpModel) {
+        wrapped_as(
+            targets,
+            activation_checkpointing,
+            ShardingStrategy::FullShard,
+        )
+    }
+
+    fn wrapped_as(
+        targets: &[&str],
+        activation_checkpointing: bool,
+        sharding: ShardingStrategy,
+    ) -> (ProcessGroup, FsdpModel) {
         let mut m =
             MllamaModel::load(&fixtures().join("model_hf5"), LoadOptions::default()).unwrap();
         let lora = LoraConfig {
@@ -762,6 +785,7 @@ mod tests {
             compute: Kind::Float,
             prefetch: false,
             activation_checkpointing,
+            sharding,
         };
         let f = FsdpModel::wrap(m, &pg, opts).unwrap();
         (pg, f)
@@ -794,7 +818,9 @@ mod tests {
     #[test]
     fn keep_mode_frees_the_units_of_stages_without_a_graph() {
         let (pg, mut f) = wrapped(&["q_proj", "v_proj"], false);
-        let (plan, _, kept) = f.forward_values(&pg, &golden("text"), 1, true).unwrap();
+        let (plan, _, kept) = f
+            .forward_values(&pg, &golden("text"), 1, true, false)
+            .unwrap();
         let (mut freed, mut held) = (0, 0);
         for (si, st) in plan.stages.iter().enumerate() {
             if st.unit == ROOT {
@@ -815,6 +841,73 @@ mod tests {
         }
         assert!(freed > 0 && held > 0, "freed {freed}, held {held}");
         f.free_all();
+    }
+
+    /// Gradients of one micro-batch (`forward_backward` at loss scale 1), by master shard.
+    fn grads_of(f: &mut FsdpModel, pg: &ProcessGroup, batch: &Batch) -> Vec<Tensor> {
+        f.zero_grads();
+        f.forward_backward(pg, batch, 1.0, 3).unwrap();
+        f.grads().iter().map(Tensor::copy).collect()
+    }
+
+    /// `shard_grad_op`: after the forward, exactly the layer units of the stages the backward
+    /// runs are still gathered (LoRA on the cross-attention: not the vision layers nor the text
+    /// layers before the first cross-attention one); the backward recomputes them without a
+    /// second gather, frees everything, and gives full_shard's gradients.
+    #[test]
+    fn shard_grad_op_holds_the_units_the_backward_runs_and_matches_full_shard() {
+        let targets = ["cross_attn.q_proj", "cross_attn.v_proj"];
+        let (pg, mut f) = wrapped_as(&targets, true, ShardingStrategy::ShardGradOp);
+        let batch = golden("image1");
+        let (plan, _, _) = f.forward_values(&pg, &batch, 1, false, true).unwrap();
+        let (mut freed, mut held) = (0, 0);
+        for st in plan.stages.iter().filter(|st| st.unit != ROOT) {
+            let gathered = f.units[st.unit].gathered;
+            assert_eq!(gathered, plan.may_need_grad[st.output], "{:?}", st.op);
+            if gathered {
+                held += 1;
+            } else {
+                freed += 1;
+            }
+        }
+        assert!(freed > 0 && held > 0, "freed {freed}, held {held}");
+        f.free_all();
+        let got = grads_of(&mut f, &pg, &batch);
+        assert!(f.units.iter().all(|u| !u.gathered), "freed after backward");
+        let (_, mut reference) = wrapped(&targets, true);
+        let want = grads_of(&mut reference, &pg, &batch);
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                g.equal(w),
+                "shard_grad_op's gradients differ from full_shard's"
+            );
+        }
+        let total: f64 = got
+            .iter()
+            .map(|g| g.abs().sum(Kind::Double).double_value(&[]))
+            .sum();
+        assert!(
+            total > 0.0,
+            "the cross-attention LoRA factors got gradients"
+        );
+    }
+
+    /// `no_shard` at world 1: every group is replicated (whole, optimizer segments covering every
+    /// parameter), gathering binds views without a collective, and the gradients are full_shard's.
+    #[test]
+    fn no_shard_replicates_every_group_and_matches_full_shard() {
+        let targets = ["q_proj", "v_proj"];
+        let (pg, mut f) = wrapped_as(&targets, true, ShardingStrategy::NoShard);
+        let groups = || f.units.iter().flat_map(|u| u.groups.iter());
+        assert!(groups().all(|g| g.replicated && g.shard_len == g.numel));
+        let batch = golden("image1");
+        let got = grads_of(&mut f, &pg, &batch);
+        let (_, mut reference) = wrapped(&targets, true);
+        let want = grads_of(&mut reference, &pg, &batch);
+        for (g, w) in got.iter().zip(&want) {
+            assert!(g.equal(w), "no_shard's gradients differ from full_shard's");
+        }
     }
 
     /// LoRA on the text cross-attention alone: no vision value, nor any text value before the

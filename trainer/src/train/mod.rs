@@ -121,7 +121,11 @@ pub fn train(config: &Config) -> Result<Outcome> {
         st.resumed_validated,
     )?;
     let stop_after = signal::stop_after_step();
-    meter.log(&format!("training {total_steps} steps ({steps_per_epoch} per epoch) on {world} rank(s), {} backend, fsdp {}", pg.backend_name(), config.fsdp.enabled));
+    let fsdp = match config.fsdp.enabled {
+        true => config.fsdp.sharding_strategy.name(),
+        false => "off",
+    };
+    meter.log(&format!("training {total_steps} steps ({steps_per_epoch} per epoch) on {world} rank(s), {} backend, fsdp {fsdp}", pg.backend_name()));
     if let Some(limit) = t.step_limit().filter(|&l| l > total_steps) {
         // (llama-recipes' max_train_step only caps; in HF's Trainer max_steps overrides the
         // epochs: say which one this is, and that the schedule spans the shorter run)

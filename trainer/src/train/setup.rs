@@ -51,6 +51,7 @@ pub(super) fn model(
                 compute: kind_of(config.fsdp.mixed_precision),
                 prefetch: config.fsdp.prefetch,
                 activation_checkpointing: config.fsdp.activation_checkpointing,
+                sharding: config.fsdp.sharding_strategy,
             };
             let m = FsdpModel::wrap_from_source(model, &src, pg, opts)?;
             log(
@@ -261,6 +262,13 @@ pub(super) fn unused_settings_notes(config: &Config) -> Vec<String> {
         notes.push(format!(
             "fsdp.enabled is false: fsdp.mixed_precision ({:?}) is not applied; the model computes in model.dtype ({:?})",
             config.fsdp.mixed_precision, config.model.dtype
+        ));
+    }
+    if !config.fsdp.enabled && config.fsdp.sharding_strategy != config::ShardingStrategy::FullShard
+    {
+        notes.push(format!(
+            "fsdp.enabled is false: fsdp.sharding_strategy ({}) is not applied; one process holds the whole model",
+            config.fsdp.sharding_strategy.name()
         ));
     }
     if let (Some(eval), false) = (&config.data.eval, config.train.validate) {
