@@ -340,11 +340,14 @@ fn a_wrong_resume_folder_or_data_file_fails_before_the_model_loads() {
 
 /// A second run saving into a checkpoint.dir another run holds (a requeued job whose first
 /// allocation still runs) is refused before training, naming the holder: it would replace the
-/// other's in-flight checkpoint folders and retire its checkpoints. At world 2 every rank stops.
+/// other's in-flight checkpoint folders and retire its checkpoints. At world 2 every rank stops,
+/// before writing anything there: the holder's write probe (`.probe-rank-0`) is left alone.
 #[test]
 fn a_checkpoint_dir_in_use_by_another_run_is_refused() {
     let out = fresh("ckpt-dir-locked");
     let held = common::hold_lock(&out.join("ckpt"), ".llava-sco-train.lock");
+    let holders_probe = out.join("ckpt/.probe-rank-0");
+    std::fs::write(&holders_probe, "the other run's token").unwrap();
     let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
     for world in [1, 2] {
         let o = run(&out, world, train, &["checkpoint.every_steps=1"], &[]);
@@ -356,8 +359,11 @@ fn a_checkpoint_dir_in_use_by_another_run_is_refused() {
             o.stderr
         );
         assert!(!out.join("ckpt/step-00000001").exists());
+        let probe = std::fs::read_to_string(&holders_probe);
+        assert_eq!(probe.ok().as_deref(), Some("the other run's token"));
     }
     drop(held);
+    std::fs::remove_file(&holders_probe).unwrap();
     ok(
         run(&out, 1, train, &["checkpoint.every_steps=1"], &[]),
         "after the other run",

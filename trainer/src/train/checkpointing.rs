@@ -183,16 +183,39 @@ impl<'a> Saver<'a> {
         Ok((p.data_epoch, p.data_batch))
     }
 
+    /// Rank 0 takes `checkpoint.dir`'s lock for the run, then every rank checks that it can
+    /// write there (`probe_writes`). The lock comes first: a second run saving into the same
+    /// folder (a requeued job whose first allocation still runs, a command started twice) would
+    /// replace its in-flight checkpoint folders and retire its checkpoints, and its probe files
+    /// would overwrite this run's; it is refused before it writes anything.
+    pub fn probe(&mut self) -> Result<()> {
+        let (pg, dir) = (self.pg, &self.config.checkpoint.dir);
+        let locked = match pg.rank() {
+            0 => checkpoint::ExportLock::acquire_named(
+                dir,
+                TRAIN_LOCK,
+                "is in use by another training run",
+                "give this run a checkpoint.dir of its own, or stop the other run first",
+            )
+            .with_context(|| format!("rank 0: checkpoint.dir {} cannot be locked for this run (set checkpoint.dir to a folder every rank can write, shared between nodes)", dir.display()))
+            .map(Some),
+            _ => Ok(None),
+        };
+        let elsewhere = || {
+            "checkpoint.dir cannot be locked for this run: another training run holds it, or it \
+             is not writable (rank 0's error is above)"
+                .into()
+        };
+        self.dir_lock = checkpoint::agree(pg, self.device, locked, elsewhere)?;
+        self.probe_writes()
+    }
+
     /// Checks before training that every rank can write into `checkpoint.dir` and that rank 0
     /// sees what the others write there (a folder local to each node would only fail at the first
     /// save, an epoch or more in): each rank writes `.probe-rank-R` holding a token rank 0 drew
     /// for this run (so a file left by a crashed run does not count), rank 0 looks for all of
     /// them, then each removes its own. Every rank fails when any check fails.
-    ///
-    /// Then rank 0 takes `checkpoint.dir`'s lock for the run: a second run saving into the same
-    /// folder (a requeued job whose first allocation still runs, a command started twice) would
-    /// replace its in-flight checkpoint folders and retire its checkpoints; it is refused.
-    pub fn probe(&mut self) -> Result<()> {
+    fn probe_writes(&self) -> Result<()> {
         let (pg, dir) = (self.pg, &self.config.checkpoint.dir);
         let (rank, world) = (pg.rank(), pg.world_size());
         let probe = |r: usize| dir.join(format!(".probe-rank-{r}"));
@@ -233,21 +256,7 @@ impl<'a> Saver<'a> {
             checkpoint::agree(pg, self.device, seen, unseen)
         });
         let _ = std::fs::remove_file(probe(rank));
-        checked?;
-        let locked = match rank {
-            0 => checkpoint::ExportLock::acquire_named(
-                dir,
-                TRAIN_LOCK,
-                "is in use by another training run",
-                "give this run a checkpoint.dir of its own, or stop the other run first",
-            )
-            .map(Some),
-            _ => Ok(None),
-        };
-        let elsewhere =
-            || "checkpoint.dir is in use by another training run (rank 0's error is above)".into();
-        self.dir_lock = checkpoint::agree(pg, self.device, locked, elsewhere)?;
-        Ok(())
+        checked
     }
 
     /// Saves the state after `st.step` with the data continuing at `data` (epoch, batch).
