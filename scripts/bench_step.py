@@ -4,7 +4,10 @@ on the same model folder and the same batches (written by the Rust side), single
 gloo on the CPU; if fully_shard refuses the CPU, DDP over gloo, and the result says so.
 
     .venv/bin/python scripts/bench_step.py --model DIR --batches F --mode lora|full \
-        --steps N --warmup N --world W --threads T
+        --steps N --warmup N --world W --threads T [--sharding full_shard|shard_grad_op|no_shard]
+
+--sharding no_shard (our engine's DDP-like strategy) runs DistributedDataParallel over gloo instead
+of FSDP2.
 
 Prints one JSON object: {"median_s", "median_cpu_s", "steps", "engine", "loss0", "threads", "world"}
 (median_cpu_s: CPU seconds of rank 0's process per step, all threads). Every
@@ -79,8 +82,12 @@ def time_steps(args, model, batch):
     return statistics.median(times), statistics.median(cpu), loss0
 
 
-def shard(model):
-    """FSDP2 per layer + root; DDP if fully_shard refuses the CPU / gloo."""
+def shard(model, sharding):
+    """FSDP2 per layer + root (DDP for no_shard); DDP if fully_shard refuses the CPU / gloo."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sharding == "no_shard":
+        return DistributedDataParallel(model), "ddp (gloo)"
     try:
         from torch.distributed.fsdp import fully_shard
 
@@ -93,8 +100,6 @@ def shard(model):
         fully_shard(model, reshard_after_forward=False)
         return model, "fsdp2 (fully_shard, gloo)"
     except Exception as e:  # noqa: BLE001 - the reason goes into the result
-        from torch.nn.parallel import DistributedDataParallel
-
         return DistributedDataParallel(model), f"ddp (gloo; fully_shard failed: {type(e).__name__}: {e})"
 
 
@@ -102,7 +107,7 @@ def worker(rank, args, port, out):
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.world)
     model = build(args)
-    model, engine = shard(model)
+    model, engine = shard(model, args.sharding)
     batch = batch_rows(args, rank, args.world)
     try:
         median, median_cpu, loss0 = time_steps(args, model, batch)
@@ -126,6 +131,7 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--world", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sharding", choices=["full_shard", "shard_grad_op", "no_shard"], default="full_shard")
     args = p.parse_args()
     torch.manual_seed(0)
     if args.world == 1:

@@ -1292,7 +1292,8 @@ fn a_launcher_signal_while_stopping_ends_the_run_without_restart() {
         wait_for_file(&dir.path().join(format!("up-{rank}-0")), LIMIT);
     }
     std::thread::sleep(Duration::from_millis(700)); // rank 1 has failed; rank 0 ignores SIGTERM
-                                                    // SAFETY: plain syscall to our own child.
+
+    // SAFETY: plain syscall to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let run = wait(child, started, LIMIT);
     assert_eq!(run.code(), 128 + libc::SIGINT, "{}", run.stderr);

@@ -265,6 +265,10 @@ enum BenchCommand {
         /// Skip the PyTorch peer
         #[arg(long)]
         no_peer: bool,
+        /// Our engine's fsdp.sharding_strategy under the launcher; the peer is FSDP2 for
+        /// full_shard and shard_grad_op, DDP for no_shard
+        #[arg(long, default_value = "full_shard", value_parser = ["full_shard", "shard_grad_op", "no_shard"])]
+        sharding: String,
         /// One JSON object per measurement
         #[arg(long)]
         json: bool,
@@ -1324,9 +1328,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             python,
             script,
             no_peer,
+            sharding,
             json,
             out,
         }) => {
+            use trainer::config::ShardingStrategy;
+            let sharding = match sharding.as_str() {
+                "shard_grad_op" => ShardingStrategy::ShardGradOp,
+                "no_shard" => ShardingStrategy::NoShard,
+                _ => ShardingStrategy::FullShard,
+            };
             let code = bench_step(
                 trainer::bench::step::StepOptions {
                     models,
@@ -1338,6 +1349,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     threads: threads.unwrap_or_else(default_bench_threads),
                     dir: bench_scratch(&dir),
                     peer: (!no_peer).then_some((python, script)),
+                    sharding,
                 },
                 json,
                 out,

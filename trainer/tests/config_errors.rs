@@ -591,13 +591,17 @@ fn merge_keys_are_resolved() {
     assert_eq!((c.peft.r, c.peft.alpha, c.train.epochs), (16, 8.0, 2));
 }
 
-/// PyTorch's upper-case `ShardingStrategy` names are read as ours.
+/// PyTorch's upper-case `ShardingStrategy` names (also as llama-recipes prints them) are read as ours.
 #[test]
 fn sharding_strategies_take_pytorch_spellings() {
     for (text, want) in [
         ("full_shard", config::ShardingStrategy::FullShard),
         ("SHARD_GRAD_OP", config::ShardingStrategy::ShardGradOp),
         ("NO_SHARD", config::ShardingStrategy::NoShard),
+        (
+            "ShardingStrategy.NO_SHARD",
+            config::ShardingStrategy::NoShard,
+        ),
     ] {
         let c = config::parse(MINIMAL, &[format!("fsdp.sharding_strategy={text}")]).unwrap();
         assert_eq!(c.fsdp.sharding_strategy, want, "{text}");

@@ -290,6 +290,11 @@ fn lora_world3_shard_grad_op_matches_single_process() {
     parity_as(LORA, "shard_grad_op", 3, 1);
 }
 
+#[test]
+fn full_world2_shard_grad_op_matches_single_process() {
+    parity_as(FULL, "shard_grad_op", 2, 1);
+}
+
 /// `peft.freeze_llm_only` (llama-recipes' freeze_LLM_only): full finetuning of the vision tower,
 /// the projector and the cross-attention layers (1 and 3 of the tiny model's 4) only; FSDP at world 2
 /// is the single process, and nothing of the rest of the language model is trained.

@@ -23,6 +23,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
+use crate::config::ShardingStrategy;
 use crate::dist::{ProcessGroup, ReduceOp};
 use crate::fsdp::{FsdpModel, PlainModel, Trainable, WrapOptions};
 use crate::model::{
@@ -47,6 +48,9 @@ pub struct StepOptions {
     pub dir: PathBuf,
     /// Python with torch + transformers + peft, and scripts/bench_step.py; None = no peer.
     pub peer: Option<(PathBuf, PathBuf)>,
+    /// Our engine's `fsdp.sharding_strategy` at world > 1 (the peer: DDP for no_shard, FSDP2
+    /// otherwise).
+    pub sharding: ShardingStrategy,
 }
 
 pub struct Measurement {
@@ -213,7 +217,12 @@ fn lora() -> LoraConfig {
 }
 
 /// Our model at this rank: plain at world 1, FSDP (sharded loading) otherwise.
-fn build(pg: &ProcessGroup, folder: &Path, mode: &str) -> Result<(Trainable, i64, i64)> {
+fn build(
+    pg: &ProcessGroup,
+    folder: &Path,
+    mode: &str,
+    sharding: ShardingStrategy,
+) -> Result<(Trainable, i64, i64)> {
     let opts = LoadOptions::default();
     let world = pg.world_size();
     let mut model = if world == 1 {
@@ -241,9 +250,11 @@ fn build(pg: &ProcessGroup, folder: &Path, mode: &str) -> Result<(Trainable, i64
         let wrap = WrapOptions {
             compute: Kind::Float,
             prefetch: true,
-            // FSDP2's peer keeps its graphs too (no activation checkpointing)
+            // FSDP2's peer keeps its graphs too (no activation checkpointing), and each layer
+            // gathered from its forward to its backward (reshard_after_forward=False), as ours
+            // does when it keeps graphs
             activation_checkpointing: false,
-            sharding: crate::config::ShardingStrategy::FullShard,
+            sharding,
         };
         Trainable::Fsdp(Box::new(FsdpModel::wrap_from_source(
             model, &src, pg, wrap,
@@ -283,7 +294,11 @@ fn time_ours(
         trainable.zero_grads();
         let sum = trainable.forward_backward(pg, batch, 1.0 / tokens as f64, i as u64)?;
         let grads = trainable.grads();
-        clip_grad_norm(&grads, Some(1.0), Some(pg))?;
+        clip_grad_norm(
+            &grads,
+            Some(1.0),
+            trainable.grads_are_shards().then_some(pg),
+        )?;
         opt.step(&params, &grads, 1e-5);
         trainable.after_update();
         let (dt, dc) = (t0.elapsed().as_secs_f64(), process_cpu_seconds() - c0);
@@ -324,6 +339,7 @@ fn run_peer(
         .args(["--warmup", &o.warmup.to_string()])
         .args(["--world", &world.to_string()])
         .args(["--threads", &o.threads.to_string()])
+        .args(["--sharding", o.sharding.name()])
         // the peer's own rendezvous, not the launcher's
         .env_remove("RANK")
         .env_remove("WORLD_SIZE")
@@ -364,7 +380,7 @@ pub fn run(pg: &ProcessGroup, o: &StepOptions) -> Result<Vec<Measurement>> {
             if mode != "lora" && mode != "full" {
                 bail!("--modes: unknown mode `{mode}` (expected lora or full)");
             }
-            let (mut t, params, trainable) = build(pg, &o.dir.join(m), mode)?;
+            let (mut t, params, trainable) = build(pg, &o.dir.join(m), mode, o.sharding)?;
             let times = time_ours(pg, &mut t, &batch, tokens, o)?;
             drop(t);
             // the peer right after ours (rank 0 only; the other ranks wait at the barrier), so a
@@ -387,7 +403,12 @@ pub fn run(pg: &ProcessGroup, o: &StepOptions) -> Result<Vec<Measurement>> {
                 model: m.clone(),
                 mode: mode.clone(),
                 world,
-                engine: if world == 1 { "plain" } else { "fsdp" },
+                engine: match (world, o.sharding) {
+                    (1, _) => "plain",
+                    (_, ShardingStrategy::NoShard) => "fsdp no_shard",
+                    (_, ShardingStrategy::ShardGradOp) => "fsdp shard_grad_op",
+                    (_, ShardingStrategy::FullShard) => "fsdp",
+                },
                 params,
                 trainable,
                 ours_s: median(times.steps.clone()),

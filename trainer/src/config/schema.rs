@@ -334,7 +334,9 @@ impl<'de> Deserialize<'de> for ShardingStrategy {
                 f.write_str("one of full_shard, shard_grad_op, no_shard")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ShardingStrategy, E> {
-                let got = match v.to_ascii_lowercase().as_str() {
+                // (also as llama-recipes' configs print it: `ShardingStrategy.FULL_SHARD`)
+                let name = v.strip_prefix("ShardingStrategy.").unwrap_or(v);
+                let got = match name.to_ascii_lowercase().as_str() {
                     "full_shard" => return Ok(ShardingStrategy::FullShard),
                     "shard_grad_op" => return Ok(ShardingStrategy::ShardGradOp),
                     "no_shard" => return Ok(ShardingStrategy::NoShard),

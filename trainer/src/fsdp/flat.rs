@@ -222,7 +222,7 @@ impl FlatGroup {
         Ok((out, work))
     }
 
-    /// Waits for a reduce-scatter `start_reduce` began and adds it to the gradient shard.
+    /// Waits for the reduction `start_reduce` began and adds it to the gradient shard.
     fn finish_reduce(&mut self, (out, work): (Tensor, Work)) -> Result<(), FsdpError> {
         work.wait()?;
         if let Some(acc) = &mut self.grad {
@@ -251,9 +251,16 @@ impl FlatGroup {
     }
 
     fn resident_bytes(&self) -> i64 {
+        // (a replicated group's parameters may be views of the shard itself: not counted twice)
+        let aliased = |t: &Tensor| {
+            let (lo, n) = (self.shard.data_ptr() as usize, self.shard.numel());
+            let p = t.data_ptr() as usize;
+            n > 0 && p >= lo && p < lo + n * self.shard.kind().elt_size_in_bytes()
+        };
         let handles: i64 = self
             .params
             .iter()
+            .filter(|p| !(self.replicated && aliased(&p.tensor)))
             .map(|p| p.tensor.numel() as i64 * p.tensor.kind().elt_size_in_bytes() as i64)
             .sum();
         self.shard.numel() as i64 * self.shard.kind().elt_size_in_bytes() as i64 + handles

@@ -442,8 +442,9 @@ impl FsdpModel {
     /// graph and frees every layer unit after its stage; with `keep` the units of kept stages
     /// stay gathered until their backward, the others (cross-attention without images, frozen
     /// layers) are freed at once: a stage without a graph gets no output gradient, so its
-    /// backward needs no parameters. `hold` (`shard_grad_op`): the unit of every stage the
-    /// backward runs stays gathered for it too.
+    /// backward needs no parameters. `hold` (`shard_grad_op`, without `keep`): the unit of every
+    /// stage whose backward will use its parameters (active, and its output needs a gradient on
+    /// this rank) stays gathered for it too; holding is no collective, so ranks may differ.
     fn forward_values(
         &mut self,
         pg: &ProcessGroup,
@@ -513,7 +514,7 @@ impl FsdpModel {
             values[output] = value;
             let no_graph = graph_kept.is_none();
             kept.push(graph_kept);
-            let held = hold && plan.may_need_grad[output];
+            let held = hold && !keep && active && plan.needs_grad[output];
             if unit != ROOT && !held && (!keep || no_graph) {
                 self.units[unit].free(self.compute);
             }
@@ -603,7 +604,6 @@ impl FsdpModel {
                 let next = layer_stages.get(li).map(|&n| plan.stages[n].unit);
                 inflight = self.ensure_gathered(pg, unit, inflight.take(), next)?;
             }
-            debug_assert!(unit == ROOT || !self.keep_gathered || self.units[unit].gathered);
             let params = if unit == ROOT {
                 root_trainable.iter().map(Tensor::shallow_clone).collect()
             } else {
@@ -614,6 +614,7 @@ impl FsdpModel {
             let inputs = plan.stages[si].inputs.clone();
             match (active, go) {
                 (true, Some(go)) => {
+                    debug_assert!(unit == ROOT || self.units[unit].gathered);
                     let xs: Vec<Tensor> = match &kept[si] {
                         Some(k) => k.xs.iter().map(Tensor::shallow_clone).collect(),
                         None => inputs
@@ -850,10 +851,10 @@ mod tests {
         f.grads().iter().map(Tensor::copy).collect()
     }
 
-    /// `shard_grad_op`: after the forward, exactly the layer units of the stages the backward
-    /// runs are still gathered (LoRA on the cross-attention: not the vision layers nor the text
-    /// layers before the first cross-attention one); the backward recomputes them without a
-    /// second gather, frees everything, and gives full_shard's gradients.
+    /// `shard_grad_op`: after the forward, exactly the layer units of the stages whose backward
+    /// uses their parameters are still gathered (LoRA on the cross-attention: not the vision
+    /// layers nor the text layers before the first cross-attention one); the backward recomputes
+    /// them without a second gather, frees everything, and gives full_shard's gradients.
     #[test]
     fn shard_grad_op_holds_the_units_the_backward_runs_and_matches_full_shard() {
         let targets = ["cross_attn.q_proj", "cross_attn.v_proj"];
@@ -863,7 +864,8 @@ mod tests {
         let (mut freed, mut held) = (0, 0);
         for st in plan.stages.iter().filter(|st| st.unit != ROOT) {
             let gathered = f.units[st.unit].gathered;
-            assert_eq!(gathered, plan.may_need_grad[st.output], "{:?}", st.op);
+            let used = st.active && plan.needs_grad[st.output];
+            assert_eq!(gathered, used, "{:?}", st.op);
             if gathered {
                 held += 1;
             } else {

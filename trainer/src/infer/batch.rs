@@ -177,7 +177,8 @@ impl Session<'_> {
             .as_ref()
             .map(|im| im.cross_attention_mask.narrow(1, s - 1, 1)); // (B, 1, 1, T)
         let mut next_pos = pos.narrow(1, s - 1, 1) + 1; // (B, 1)
-                                                        // (B, V): left padding puts every row's last token at position S - 1
+
+        // (B, V): left padding puts every row's last token at position S - 1
         let mut last = self.forward_last(
             &ids,
             &am,

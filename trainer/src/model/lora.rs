@@ -49,10 +49,11 @@ impl Linear {
                 };
                 let xd = xd.to_kind(l.a.kind());
                 let za = xd.linear::<Tensor>(&l.a, None); // (..., r)
-                                                          // PEFT scales the (..., out) product. A power of two (16 / 8, 32 / 8) scales exactly, so it is
-                                                          // applied to the rank-r intermediate instead, one elementwise pass over r columns rather than
-                                                          // `out`, bitwise the same; any other scaling (alpha / r = 2.5, rslora's alpha / sqrt(r)) rounds
-                                                          // differently in bf16 there, so it is applied where PEFT applies it
+
+                // PEFT scales the (..., out) product. A power of two (16 / 8, 32 / 8) scales exactly, so it is
+                // applied to the rank-r intermediate instead, one elementwise pass over r columns rather than
+                // `out`, bitwise the same; any other scaling (alpha / r = 2.5, rslora's alpha / sqrt(r)) rounds
+                // differently in bf16 there, so it is applied where PEFT applies it
                 let z = if exact_scale(l.scaling) {
                     (za * l.scaling).linear::<Tensor>(&l.b, None)
                 } else {

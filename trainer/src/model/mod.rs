@@ -501,9 +501,10 @@ impl MllamaModel {
         let (cross_mask, full_text_row_mask, image_samples) = match cross_attention_mask {
             Some(cam) => {
                 let has_image = cam.ne(0).view([b, -1]).any_dim(1, false); // (B,)
-                                                                           // a mask on the CPU (training batches) is read to skip the multiply when every
-                                                                           // sample has an image; one on the GPU (decode steps) is not read (a device sync
-                                                                           // per token): the multiply is then always done, by ones where nothing is dropped
+
+                // a mask on the CPU (training batches) is read to skip the multiply when every
+                // sample has an image; one on the GPU (decode steps) is not read (a device sync
+                // per token): the multiply is then always done, by ones where nothing is dropped
                 let all_have = cam.device() == Device::Cpu && has_image.all().int64_value(&[]) != 0;
                 let image_samples = (!all_have).then(|| {
                     has_image.to_device(device).to_kind(kind).view([b, 1, 1]) // (B, 1, 1)

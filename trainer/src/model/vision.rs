@@ -331,7 +331,8 @@ impl VisionModel {
             Some(AttentionImpl::Fused) => {
                 // padded queries do not see padded keys; real queries see every key (as the dense mask says)
                 let pad = padding_positions(&arm, c.num_patches(), l); // (BM, T*L)
-                                                                       // images without one real position: every row sees no key (AttnMask::fully_masked)
+
+                // images without one real position: every row sees no key (AttnMask::fully_masked)
                 let empty = pad.all_dim(-1, false); // (BM,)
                 let fully_masked = bool::try_from(empty.any())
                     .unwrap_or(true)

@@ -54,13 +54,16 @@ pub(super) fn model(
                 sharding: config.fsdp.sharding_strategy,
             };
             let m = FsdpModel::wrap_from_source(model, &src, pg, opts)?;
+            let share = match m.replicated {
+                true => "a whole replica: fsdp.sharding_strategy no_shard".to_string(),
+                false => format!("its 1/{} shard", pg.world_size()),
+            };
             log(
                 pg.rank(),
                 &format!(
-                    "weights: this rank read {:.1} MiB of {:.1} MiB (its 1/{} shard)",
+                    "weights: this rank read {:.1} MiB of {:.1} MiB ({share})",
                     src.bytes_read() as f64 / MIB,
                     src.total_bytes() as f64 / MIB,
-                    pg.world_size()
                 ),
             );
             Trainable::Fsdp(Box::new(m))
@@ -270,6 +273,16 @@ pub(super) fn unused_settings_notes(config: &Config) -> Vec<String> {
             "fsdp.enabled is false: fsdp.sharding_strategy ({}) is not applied; one process holds the whole model",
             config.fsdp.sharding_strategy.name()
         ));
+    }
+    use config::ShardingStrategy::{NoShard, ShardGradOp};
+    match (config.fsdp.enabled, config.fsdp.sharding_strategy) {
+        (true, NoShard) if config.fsdp.prefetch => notes.push(
+            "fsdp.sharding_strategy is no_shard: fsdp.prefetch has nothing to prefetch (every rank holds the whole model)".into(),
+        ),
+        (true, ShardGradOp) if !config.fsdp.activation_checkpointing => notes.push(
+            "fsdp.sharding_strategy shard_grad_op keeps units gathered from the forward to the backward, which fsdp.activation_checkpointing: false does already: it runs as full_shard".into(),
+        ),
+        _ => {}
     }
     if let (Some(eval), false) = (&config.data.eval, config.train.validate) {
         notes.push(format!(
