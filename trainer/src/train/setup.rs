@@ -274,15 +274,14 @@ pub(super) fn unused_settings_notes(config: &Config) -> Vec<String> {
             config.fsdp.sharding_strategy.name()
         ));
     }
-    use config::ShardingStrategy::{NoShard, ShardGradOp};
-    match (config.fsdp.enabled, config.fsdp.sharding_strategy) {
-        (true, NoShard) if config.fsdp.prefetch => notes.push(
-            "fsdp.sharding_strategy is no_shard: fsdp.prefetch has nothing to prefetch (every rank holds the whole model)".into(),
-        ),
-        (true, ShardGradOp) if !config.fsdp.activation_checkpointing => notes.push(
+    // (no note for fsdp.prefetch under no_shard: it is on by default, and there is nothing to do)
+    if config.fsdp.enabled
+        && config.fsdp.sharding_strategy == config::ShardingStrategy::ShardGradOp
+        && !config.fsdp.activation_checkpointing
+    {
+        notes.push(
             "fsdp.sharding_strategy shard_grad_op keeps units gathered from the forward to the backward, which fsdp.activation_checkpointing: false does already: it runs as full_shard".into(),
-        ),
-        _ => {}
+        );
     }
     if let (Some(eval), false) = (&config.data.eval, config.train.validate) {
         notes.push(format!(
@@ -568,6 +567,37 @@ mod tests {
             fsdp.compute_dtype(),
             ("fsdp.mixed_precision", config::DType::Bf16)
         );
+    }
+
+    /// A sharding strategy that changes nothing is said so: any without FSDP, shard_grad_op
+    /// without activation checkpointing (units stay gathered then anyway).
+    #[test]
+    fn sharding_strategies_that_change_nothing_are_noted() {
+        let notes = unused_settings_notes(&parse(&[
+            "fsdp.enabled=false",
+            "model.dtype=bf16",
+            "fsdp.sharding_strategy=no_shard",
+        ]));
+        assert!(
+            notes.len() == 1 && notes[0].contains("(no_shard) is not applied"),
+            "{notes:?}"
+        );
+        let keep = [
+            "fsdp.sharding_strategy=shard_grad_op",
+            "fsdp.activation_checkpointing=false",
+        ];
+        let notes = unused_settings_notes(&parse(&keep));
+        assert!(
+            notes.len() == 1 && notes[0].contains("runs as full_shard"),
+            "{notes:?}"
+        );
+        for s in ["shard_grad_op", "no_shard"] {
+            let set = format!("fsdp.sharding_strategy={s}");
+            assert!(
+                unused_settings_notes(&parse(&[set.as_str()])).is_empty(),
+                "{s}"
+            );
+        }
     }
 
     /// data.eval without train.validate is never read: said so.
