@@ -348,7 +348,7 @@ fn required_keys_name_what_they_are() {
         config::parse("model: {path: m}\n", &[])
             .unwrap_err()
             .to_string(),
-        "data.train: required key is missing (a JSONL file of training records)"
+        "data.train: required key is missing (a JSONL file of training records, or a list of them)"
     );
     // null is "not given"; an empty file names the first missing key.
     assert_eq!(

@@ -2,8 +2,8 @@
 use std::path::{Path, PathBuf};
 
 use trainer::config::{
-    self, Attention, Backend, BadRecords, Config, DType, LengthPolicy, LoraTargets, PeftMethod,
-    Resume, ScheduleKind, TextOnly,
+    self, Attention, Backend, BadRecords, Config, DType, DataFiles, LengthPolicy, LoraTargets,
+    PeftMethod, Resume, ScheduleKind, TextOnly,
 };
 
 /// The two keys without a default; everything else is left out.
@@ -35,7 +35,7 @@ fn every_default() {
     );
     assert_eq!(c.peft.init_from, None);
 
-    assert_eq!(c.data.train, PathBuf::from("t.jsonl"));
+    assert_eq!(c.data.train, DataFiles::one("t.jsonl"));
     assert_eq!(c.data.eval, None);
     assert_eq!(c.data.image_root, None);
     assert_eq!(c.data.max_seq_len, 4096);
@@ -162,8 +162,8 @@ fn every_key_parses() {
     );
     assert_eq!(c.peft.init_from, Some(PathBuf::from("adapters/start")));
 
-    assert_eq!(c.data.train, PathBuf::from("d/train.jsonl"));
-    assert_eq!(c.data.eval, Some(PathBuf::from("d/val.jsonl")));
+    assert_eq!(c.data.train, DataFiles::one("d/train.jsonl"));
+    assert_eq!(c.data.eval, Some(DataFiles::one("d/val.jsonl")));
     assert_eq!(c.data.image_root, Some(PathBuf::from("d/images")));
     assert_eq!(c.data.max_seq_len, 2048);
     assert_eq!(c.data.max_seq_len_policy, LengthPolicy::Truncate);
@@ -323,7 +323,7 @@ fn llava_sco_config_reproduces_the_seed() {
         c.checkpoint.dir,
         PathBuf::from("./finetuned_model/fine-tuned")
     );
-    assert_eq!(c.data.train, PathBuf::from("data/llava-sco-100k.jsonl"));
+    assert_eq!(c.data.train, DataFiles::one("data/llava-sco-100k.jsonl"));
     assert!(c.data.image_root.is_some());
     // The file spells out llama-recipes' defaults: it must agree with ours.
     let mut spelled = minimal();
@@ -337,8 +337,8 @@ fn llava_sco_config_reproduces_the_seed() {
 fn demo_config_loads() {
     let c = config::load(&configs_dir().join("demo.yaml"), &[]).expect("demo.yaml");
     assert_eq!(c.model.path, PathBuf::from("data/demo/model"));
-    assert_eq!(c.data.train, PathBuf::from("data/demo/train.jsonl"));
-    assert_eq!(c.data.eval, Some(PathBuf::from("data/demo/val.jsonl")));
+    assert_eq!(c.data.train, DataFiles::one("data/demo/train.jsonl"));
+    assert_eq!(c.data.eval, Some(DataFiles::one("data/demo/val.jsonl")));
     assert_eq!(c.data.image_root, Some(PathBuf::from("data/demo/images")));
     assert_eq!(c.data.max_seq_len, 256);
     assert_eq!(c.fsdp.backend, Backend::Cpu);
@@ -370,6 +370,15 @@ fn to_yaml_round_trips() {
             ],
         )
         .expect("regex targets"),
+        config::parse(
+            MINIMAL,
+            &[
+                "data.train=[a.jsonl, b.jsonl, a.jsonl]".into(),
+                "data.eval=[e.jsonl]".into(),
+                "fsdp.sharding_strategy=no_shard".into(),
+            ],
+        )
+        .expect("several data files"),
     ];
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("config_round_trip");
     std::fs::create_dir_all(&dir).expect("tmp dir");

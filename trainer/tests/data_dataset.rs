@@ -690,3 +690,53 @@ fn processor_tiles_must_be_the_models() {
         );
     }
 }
+
+/// `data.train` as a list: the files' records in order, as one dataset (the same samples as one
+/// file holding both); problems name their own file and line, in list order.
+#[test]
+fn several_train_files_are_read_as_one_dataset_in_order() {
+    let dir = temp_dir("several-files");
+    let mut first = good_lines(3);
+    first.push("{not json".into()); // line 4 of the first file
+    let second = bad_lines(); // lines 3 and 5 of the second file are bad
+    let (a, b) = (dir.join("a.jsonl"), dir.join("b.jsonl"));
+    std::fs::write(&a, first.join("\n") + "\n").unwrap();
+    std::fs::write(&b, second.join("\n") + "\n").unwrap();
+    let list = format!("data.train=[{}, {}]", a.display(), b.display());
+    let images = fixtures().join("images");
+    let both = open(&config(&a, &images, &[&list, "data.bad_records=skip"])).unwrap();
+    let joined = write_jsonl(&dir, &[first.clone(), second.clone()].concat());
+    let one = open(&config(&joined, &images, &["data.bad_records=skip"])).unwrap();
+    assert_eq!(both.len(), 3 + 6);
+    assert_eq!(both.report().lengths, one.report().lengths);
+    assert_eq!(both.report().lines, one.report().lines);
+    let found: Vec<(PathBuf, usize)> = (both.report().problems.iter())
+        .map(|p| (p.file.clone(), p.line))
+        .collect();
+    assert_eq!(found, [(a.clone(), 4), (b.clone(), 3), (b.clone(), 5)]);
+    // under error: the first file's problem first, every file named
+    let err = open(&config(&a, &images, &[&list]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.starts_with(&format!("{}:4: malformed JSON", a.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "3 bad record(s) in {}, {}",
+            a.display(),
+            b.display()
+        )),
+        "{err}"
+    );
+    // a list must name a file
+    let e = config::parse("model: {path: m}\ndata: {train: []}\n", &[])
+        .err()
+        .unwrap();
+    assert_eq!(
+        e.to_string(),
+        "data.train: an empty list: name a JSONL file, or a list of them"
+    );
+}

@@ -27,9 +27,10 @@ mod values;
 pub(crate) use error::suggest;
 pub use error::ConfigError;
 pub use schema::{
-    Attention, Backend, BadRecords, CheckpointConfig, Config, DType, DataConfig, FsdpConfig,
-    ImagePlaceholder, LengthPolicy, LoraTargets, ModelConfig, PeftConfig, PeftMethod, Resume,
-    SaveAdapter, Schedule, ScheduleKind, ShardingStrategy, Supervise, TextOnly, TrainConfig,
+    Attention, Backend, BadRecords, CheckpointConfig, Config, DType, DataConfig, DataFiles,
+    FsdpConfig, ImagePlaceholder, LengthPolicy, LoraTargets, ModelConfig, PeftConfig, PeftMethod,
+    Resume, SaveAdapter, Schedule, ScheduleKind, ShardingStrategy, Supervise, TextOnly,
+    TrainConfig,
 };
 
 pub use validate::training_conflicts;

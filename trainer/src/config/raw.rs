@@ -11,8 +11,8 @@ use super::schema::{
     SaveAdapter, ScheduleKind, ShardingStrategy, Supervise, TextOnly,
 };
 use super::values::{
-    Beta, ClipNorm, Count, Decay, Dropout, FilePath, Int, NonNegative, Num, Positive, PositiveInt,
-    Ratio, Targets,
+    Beta, ClipNorm, Count, Decay, Dropout, FilePath, FilePaths, Int, NonNegative, Num, Positive,
+    PositiveInt, Ratio, Targets,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,8 +80,8 @@ impl Default for RawPeft {
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawData {
     /// Required.
-    pub train: Option<FilePath>,
-    pub eval: Option<FilePath>,
+    pub train: Option<FilePaths>,
+    pub eval: Option<FilePaths>,
     pub image_root: Option<FilePath>,
     pub max_seq_len: Int<PositiveInt>,
     pub max_seq_len_policy: LengthPolicy,

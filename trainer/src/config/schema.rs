@@ -97,11 +97,44 @@ impl PeftConfig {
     }
 }
 
+/// The JSONL files of one split, read in this order as one dataset (the sampler shuffles across
+/// them). YAML: one path, or a list; a file listed twice is read twice.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DataFiles(pub Vec<PathBuf>);
+
+impl DataFiles {
+    pub fn one(path: impl Into<PathBuf>) -> Self {
+        DataFiles(vec![path.into()])
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.0
+    }
+}
+
+/// The files, comma-separated.
+impl std::fmt::Display for DataFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let names: Vec<String> = self.0.iter().map(|p| p.display().to_string()).collect();
+        f.write_str(&names.join(", "))
+    }
+}
+
+/// One file as a string (as it is usually written), several as a list.
+impl Serialize for DataFiles {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DataConfig {
     /// JSONL records in the LLaVA-CoT conversation format.
-    pub train: PathBuf,
-    pub eval: Option<PathBuf>,
+    pub train: DataFiles,
+    pub eval: Option<DataFiles>,
     /// Folder that image paths in the records are relative to; null: used as written.
     pub image_root: Option<PathBuf>,
     /// Longest sample in tokens (llama-recipes `context_length`).

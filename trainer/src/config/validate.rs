@@ -2,10 +2,10 @@
 //! (`values.rs`); this pass adds required keys and the rules that involve several keys.
 use super::raw::{RawCheckpoint, RawConfig, RawData, RawFsdp, RawModel, RawPeft, RawTrain};
 use super::schema::{
-    Attention, CheckpointConfig, Config, DType, DataConfig, FsdpConfig, LoraTargets, ModelConfig,
-    PeftConfig, PeftMethod, Schedule, ScheduleKind, TrainConfig,
+    Attention, CheckpointConfig, Config, DType, DataConfig, DataFiles, FsdpConfig, LoraTargets,
+    ModelConfig, PeftConfig, PeftMethod, Schedule, ScheduleKind, TrainConfig,
 };
-use super::values::{FilePath, Targets};
+use super::values::Targets;
 use super::ConfigError;
 
 pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
@@ -98,11 +98,7 @@ pub fn training_conflicts(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn required(
-    value: Option<FilePath>,
-    path: &str,
-    what: &'static str,
-) -> Result<FilePath, ConfigError> {
+fn required<T>(value: Option<T>, path: &str, what: &'static str) -> Result<T, ConfigError> {
     value.ok_or_else(|| ConfigError::Missing {
         path: path.into(),
         what,
@@ -165,8 +161,15 @@ fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
 
 fn data(raw: RawData) -> Result<DataConfig, ConfigError> {
     Ok(DataConfig {
-        train: required(raw.train, "data.train", "a JSONL file of training records")?.0,
-        eval: raw.eval.map(|p| p.0),
+        train: DataFiles(
+            required(
+                raw.train,
+                "data.train",
+                "a JSONL file of training records, or a list of them",
+            )?
+            .0,
+        ),
+        eval: raw.eval.map(|p| DataFiles(p.0)),
         image_root: raw.image_root.map(|p| p.0),
         max_seq_len: raw.max_seq_len.size(),
         max_seq_len_policy: raw.max_seq_len_policy,

@@ -195,6 +195,41 @@ impl<'de> Deserialize<'de> for FilePath {
     }
 }
 
+/// One data file or a list of them (`data.train`, `data.eval`): a string, or a non-empty list of
+/// strings.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct FilePaths(pub(crate) Vec<PathBuf>);
+
+struct PathsVisitor;
+
+impl<'de> Visitor<'de> for PathsVisitor {
+    type Value = FilePaths;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a path or a list of paths")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<FilePaths, E> {
+        PathVisitor.visit_str(v).map(|p| FilePaths(vec![p.0]))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<FilePaths, A::Error> {
+        let mut paths = Vec::new();
+        while let Some(FilePath(p)) = seq.next_element()? {
+            paths.push(p);
+        }
+        if paths.is_empty() {
+            return Err(de::Error::custom(
+                "an empty list: name a JSONL file, or a list of them",
+            ));
+        }
+        Ok(FilePaths(paths))
+    }
+}
+
+impl<'de> Deserialize<'de> for FilePaths {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(PathsVisitor)
+    }
+}
+
 /// LoRA target modules as PEFT's `target_modules` takes them: a list of names, or one string,
 /// `all-linear` or a regular expression matched against the whole module path. The expression is
 /// compiled here, so a typo is an error at its key rather than on every rank at model load.

@@ -20,7 +20,7 @@
 //! is counted (`Dataset::replaced_samples`) and logged.
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -29,10 +29,10 @@ use tch::Tensor;
 use super::collate::{self, collate, Sample};
 use super::image::{self, ImageProcessorConfig};
 use super::loader::OrderedPool;
-use super::records::{parse_jsonl, ParseOptions, Problem, Record};
+use super::records::{parse_jsonl, ParseOptions, ParseReport, Problem, Record};
 use super::sampler::{LengthGroupedSampler, Position};
 use super::tokenize::{apply_length_policy, LengthOutcome, TextProcessor, IGNORE};
-use crate::config::{BadRecords, Config, LengthPolicy};
+use crate::config::{BadRecords, Config, DataFiles, LengthPolicy};
 use crate::model::{Batch, Images};
 
 /// Which JSONL of the config: `data.train` or `data.eval`.
@@ -67,7 +67,7 @@ pub enum DataError {
     BadRecords {
         first: Problem,
         count: usize,
-        file: PathBuf,
+        file: DataFiles,
     },
     /// Samples longer than `data.max_seq_len` under `data.max_seq_len_policy: error`.
     #[error("{first}\n{count} sample(s) longer than data.max_seq_len {max_seq_len} in {file}")]
@@ -75,14 +75,14 @@ pub enum DataError {
         first: Problem,
         count: usize,
         max_seq_len: usize,
-        file: PathBuf,
+        file: DataFiles,
     },
     /// An image that fails to decode at load time under `data.bad_records: error`.
     #[error("{0}\n(found while loading; set data.bad_records: skip to replace such samples and count them)")]
     Decode(Problem),
     /// Under `skip`, no sample of the dataset could be loaded as a replacement.
     #[error("{first}\nno sample of {file} can be loaded (every replacement failed too)")]
-    NothingLoads { first: Problem, file: PathBuf },
+    NothingLoads { first: Problem, file: DataFiles },
     /// Arguments of `epoch_iter` (or `data dump --index`) that cannot describe a batch.
     #[error("invalid batch layout: {0}")]
     Layout(String),
@@ -95,8 +95,8 @@ pub enum DataError {
 #[derive(Debug, Clone, Default)]
 pub struct ScanReport {
     pub split: String,
-    pub file: PathBuf,
-    /// Non-blank lines of the file.
+    pub file: DataFiles,
+    /// Non-blank lines of the files.
     pub lines: usize,
     /// Samples in the dataset.
     pub ok: usize,
@@ -179,7 +179,7 @@ impl ScanReport {
 
 impl fmt::Display for ScanReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{} split: {}", self.split, self.file.display())?;
+        writeln!(f, "{} split: {}", self.split, self.file)?;
         writeln!(
             f,
             "  records: {} lines, {} ok ({} text-only kept, {} truncated), {} skipped",
@@ -289,7 +289,7 @@ pub struct Loaded {
 }
 
 struct Inner {
-    file: PathBuf,
+    file: DataFiles,
     records: Vec<Record>,
     lengths: Vec<usize>,
     /// Labels the shifted loss counts (`labels[1:] != -100`), per sample.
@@ -340,7 +340,7 @@ impl Dataset {
     /// cannot be read.
     pub fn scan(config: &Config, model_dir: &Path, split: Split) -> Result<Dataset, DataError> {
         let d = &config.data;
-        let file = match split {
+        let files = match split {
             Split::Train => d.train.clone(),
             Split::Eval => d.eval.clone().ok_or(DataError::NoEvalSplit)?,
         };
@@ -358,13 +358,18 @@ impl Dataset {
             check_image_exists: true,
             keep_image_placeholder: d.image_placeholder == crate::config::ImagePlaceholder::Keep,
         };
-        let parsed = parse_jsonl(&file, &opts).map_err(|mut problem| {
-            problem.reason = format!("data.{split}: {}", problem.reason);
-            DataError::Read(problem)
-        })?;
+        // several files are one dataset: their records in order (problems name file and line)
+        let mut parsed = ParseReport::default();
+        for file in files.files() {
+            let one = parse_jsonl(file, &opts).map_err(|mut problem| {
+                problem.reason = format!("data.{split}: {}", problem.reason);
+                DataError::Read(problem)
+            })?;
+            parsed.append(one);
+        }
         let mut report = ScanReport {
             split: split.to_string(),
-            file: file.clone(),
+            file: files.clone(),
             lines: parsed.records.len() + parsed.problems.len() + parsed.skipped_text_only,
             text_only_kept: 0,
             bad_records: Some(d.bad_records),
@@ -436,7 +441,9 @@ impl Dataset {
                 Scanned::Skipped(why) => *report.skipped.entry(why.into()).or_default() += 1,
             }
         }
-        problems.sort_by_key(|p| p.line);
+        // (in file order: by the position of the problem's file in the list, then by line)
+        let order = |p: &Problem| files.files().iter().position(|f| *f == p.file);
+        problems.sort_by_key(|p| (order(p), p.line));
         if !problems.is_empty() {
             report.skipped.insert("bad record".into(), problems.len());
         }
@@ -444,7 +451,7 @@ impl Dataset {
         report.lengths = lengths.clone();
         Ok(Dataset {
             inner: Arc::new(Inner {
-                file,
+                file: files,
                 records,
                 lengths,
                 supervised: shifted,

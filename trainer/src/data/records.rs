@@ -64,6 +64,17 @@ pub struct ParseReport {
     pub blank_lines: usize,
 }
 
+impl ParseReport {
+    /// Adds the next file's report after this one's.
+    pub fn append(&mut self, next: ParseReport) {
+        self.records.extend(next.records);
+        self.problems.extend(next.problems);
+        self.skipped_text_only += next.skipped_text_only;
+        self.kept_text_only += next.kept_text_only;
+        self.blank_lines += next.blank_lines;
+    }
+}
+
 /// How to parse: where images live, what to do with text-only records, whether to check that
 /// image files exist (the pre-scan does; it never decodes).
 #[derive(Debug, Clone)]

@@ -160,7 +160,7 @@ pub(super) fn data(config: &Config, world: usize) -> Result<Data> {
     if train.is_empty() {
         bail!(
             "data.train {}: no usable sample ({}); `trainer data check CONFIG` lists each record's problem; the keys that drop records are data.max_seq_len / data.max_seq_len_policy, data.text_only and data.bad_records",
-            train.report().file.display(),
+            train.report().file,
             skip_reasons(&train)
         );
     }
@@ -168,7 +168,7 @@ pub(super) fn data(config: &Config, world: usize) -> Result<Data> {
         if eval.report().supervised_tokens == 0 {
             bail!(
                 "data.eval {}: no supervised tokens to validate on ({} usable samples; {}); fix the file, or set train.validate: false",
-                eval.report().file.display(),
+                eval.report().file,
                 eval.len(),
                 skip_reasons(eval)
             );
@@ -286,7 +286,7 @@ pub(super) fn unused_settings_notes(config: &Config) -> Vec<String> {
     if let (Some(eval), false) = (&config.data.eval, config.train.validate) {
         notes.push(format!(
             "data.eval is set ({}) but train.validate is false: no validation runs, and the best-epoch adapter is not chosen by it; set train.validate: true to validate after each epoch",
-            eval.display()
+            eval
         ));
     }
     notes
@@ -377,7 +377,7 @@ pub(super) fn skipped_note(split: &str, ds: &Dataset) -> Option<String> {
     (ds.report().skipped_total() > 0).then(|| {
         format!(
             "data.{split} {}: {}; `trainer data check CONFIG` lists them",
-            ds.report().file.display(),
+            ds.report().file,
             skip_reasons(ds)
         )
     })
