@@ -652,6 +652,39 @@ fn log_dir_keeps_per_attempt_per_rank_files_and_tee_prefixes() {
     );
     assert!(run2.stderr.contains("[rank 1] err of 1"), "{}", run2.stderr);
 
+    // torchrun's -r 2: stderr to the files only, stdout to the console too (and to its file)
+    let run_r = run(
+        launcher(&[
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--log-dir",
+            logs.to_str().unwrap(),
+            "-r",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            script,
+            &marker_dir,
+        ]),
+        LIMIT,
+    );
+    assert_eq!(run_r.code(), 3, "{}", run_r.stderr);
+    assert!(
+        run_r.stdout.contains("[rank 0] out of 0"),
+        "{}",
+        run_r.stdout
+    );
+    // (the failure report still quotes the failed rank's last stderr lines)
+    assert!(!run_r.stderr.contains("] err of"), "{}", run_r.stderr);
+    let bad = run(
+        launcher(&["--standalone", "--redirects", "0:1,1:2", "--", "true"]),
+        LIMIT,
+    );
+    assert_eq!(bad.code(), 1, "{}", bad.stderr);
+    assert!(bad.stderr.contains("per-rank maps"), "{}", bad.stderr);
+
     // the same run id again (a requeued job): the logs grow, the first run's lines stay
     let run3 = run_logged();
     assert_eq!(run3.code(), 3, "{}", run3.stderr);

@@ -152,6 +152,10 @@ struct Cli {
     /// Also show rank output on the console, prefixed `[rank r]` (`--tee=1` stdout, `=2` stderr, `=3` both)
     #[arg(short = 't', long, env = "PET_TEE", value_name = "STREAMS", num_args = 0..=1, require_equals = true, default_missing_value = "3")]
     tee: Option<u8>,
+    /// torchrun's: the streams that go to the --log-dir files only (`3` both, the default there;
+    /// `1` stdout, `2` stderr, `0` none): the others are also shown on the console, as --tee does
+    #[arg(short = 'r', long, env = "PET_REDIRECTS", value_name = "STREAMS")]
+    redirects: Option<String>,
     /// Only these local ranks' output reaches the console, e.g. `0` or `0,1` (log files keep all)
     #[arg(
         long = "local-ranks-filter",
@@ -426,9 +430,21 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
             .ok_or_else(|| anyhow!("--{name} {s} is not a number of seconds from 0 to 1e9"))
     };
     let finish = seconds("finish-timeout", cli.finish_timeout)?;
-    let tee = cli.tee.unwrap_or(0);
+    let mut tee = cli.tee.unwrap_or(0);
     if tee > 3 {
         bail!("--tee={tee}: use 1 (stdout), 2 (stderr) or 3 (both)");
+    }
+    if let Some(r) = &cli.redirects {
+        let redirected = match r.trim().parse::<u8>() {
+            Ok(n) if n <= 3 => n,
+            _ if r.contains(':') => bail!("--redirects {r}: per-rank maps (LOCAL_RANK:STREAMS) are not supported; use one value for every rank (0-3), and --local-ranks-filter to choose the ranks shown"),
+            _ => bail!("--redirects {r}: use 3 (stdout and stderr to the --log-dir files only), 1 (stdout), 2 (stderr) or 0 (none)"),
+        };
+        // (our --log-dir files get every stream; torchrun's redirection is what stays off the console)
+        match cli.log_dir {
+            Some(_) => tee |= 3 & !redirected,
+            None => tracing::info!("--redirects {redirected} without --log-dir: rank output stays on the console (there are no log files)"),
+        }
     }
     if let Some(filter) = &cli.local_ranks_filter {
         if let Some(bad) = filter.iter().find(|&&r| r >= nproc) {
@@ -445,7 +461,7 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
     if let Some(dir) = &log_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create --log-dir {}", dir.display()))?;
-        if cli.tee.is_none() {
+        if tee == 0 {
             tracing::info!(
                 "rank output goes to {}/{run_id}/attempt_N/{}<local_rank>/ (add --tee to see it here too)",
                 dir.display(),
