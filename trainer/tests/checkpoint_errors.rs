@@ -87,6 +87,31 @@ fn flipped_byte_is_corrupt() {
     assert_eq!(metrics(&setup().join("flip-fixed")).len(), 3);
 }
 
+/// Under no_shard every rank reads every file of a world-2 checkpoint and checks only its share
+/// of them: a flipped byte in either file still stops the run on every rank, naming the file.
+#[test]
+fn flipped_byte_is_corrupt_under_no_shard_whichever_rank_checks_it() {
+    for file in ["rank-0-of-2.safetensors", "rank-1-of-2.safetensors"] {
+        let o = resume_damaged(
+            &format!("flip-no-shard-{file}"),
+            2,
+            &["fsdp.sharding_strategy=no_shard"],
+            |d| {
+                let p = d.join(file);
+                let mut b = std::fs::read(&p).unwrap();
+                let i = b.len() - 3;
+                b[i] ^= 0x40;
+                std::fs::write(&p, b).unwrap();
+            },
+        );
+        assert_error(&o, &[&format!("{file} is corrupt"), "sha256"]);
+        for rank in 0..2 {
+            let share = format!("rank {rank}: checking the sha256 of 1 of the 2 checkpoint files");
+            assert!(o.stderr.contains(&share), "{}", o.stderr);
+        }
+    }
+}
+
 #[test]
 fn truncated_file_is_named() {
     let o = resume_damaged("truncate", 1, &[], |d| {

@@ -334,7 +334,13 @@ fn load_into(
         );
     }
     let states = flat_states(trainable, opt, StatesFor::Load);
-    fill_states(dir, &m, &states)?;
+    // no_shard: every rank reads every file, so each checks the sha256 of its share of them (a
+    // mismatch on any rank fails every rank: `load_resumed` agrees on the outcome)
+    let share = match trainable {
+        Trainable::Fsdp(f) if f.replicated => Some((f.rank, f.world)),
+        _ => None,
+    };
+    fill(dir, &m, &states, Fill::Direct, share)?;
     opt.step = m.optimizer_step;
     opt.steps = param_steps(&m, &states);
     Ok(m)
@@ -382,9 +388,32 @@ pub(crate) fn fill_states_with(
     states: &[super::FlatState],
     how: Fill,
 ) -> Result<()> {
+    fill(dir, m, states, how, None)
+}
+
+/// `fill_states_with`, checking only share `(index, count)` of the files read (every `count`-th
+/// of them in name order) when `count` ranks read the same files.
+fn fill(
+    dir: &Path,
+    m: &Manifest,
+    states: &[super::FlatState],
+    how: Fill,
+    share: Option<(usize, usize)>,
+) -> Result<()> {
     let mut reader = Reader::new(dir, m)?;
     check_params(dir, &reader, states)?;
-    let needed = reader.files_for(states);
+    let mut needed = reader.files_for(states);
+    if let Some((index, count)) = share {
+        let all = needed.len();
+        needed = (needed.into_iter().enumerate())
+            .filter(|(i, _)| i % count.max(1) == index)
+            .map(|(_, f)| f)
+            .collect();
+        tracing::info!(
+            "rank {index}: checking the sha256 of {} of the {all} checkpoint files it reads (the {count} ranks split the check: each reads them all)",
+            needed.len()
+        );
+    }
     // the files are verified below, concurrently with the copy
     reader.verify_on_open = false;
     std::thread::scope(|s| {
