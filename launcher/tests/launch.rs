@@ -584,25 +584,15 @@ fn log_dir_keeps_per_attempt_per_rank_files_and_tee_prefixes() {
     // rank 0 before it writes; the marker is per launcher, $PPID)
     let script = r#"echo "out of $RANK"; echo "err of $RANK" >&2; if [ "$RANK" = 1 ]; then while [ ! -e "$0/r0-$PPID" ]; do sleep 0.02; done; exit 3; fi; touch "$0/r0-$PPID"; exit 0"#;
     let marker_dir = dir.path().to_str().unwrap().to_string();
-    let run_logged = || {
-        run(
-            launcher(&[
-                "--standalone",
-                "--nproc-per-node",
-                "2",
-                "--log-dir",
-                logs.to_str().unwrap(),
-                "--run-id",
-                "logged",
-                "--",
-                "sh",
-                "-c",
-                script,
-                &marker_dir,
-            ]),
-            LIMIT,
-        )
+    // the script on 2 ranks with the log folder given as `log_flag` and the `options`
+    let run_with = |log_flag: &str, options: &[&str]| {
+        let mut args = vec!["--standalone", "--nproc-per-node", "2", log_flag];
+        args.push(logs.to_str().unwrap());
+        args.extend_from_slice(options);
+        args.extend_from_slice(&["--", "sh", "-c", script, &marker_dir]);
+        run(launcher(&args), LIMIT)
     };
+    let run_logged = || run_with("--log-dir", &["--run-id", "logged"]);
     let run1 = run_logged();
     assert_eq!(run1.code(), 3, "{}", run1.stderr);
     let attempt = logs.join("logged").join("attempt_0");
@@ -625,24 +615,7 @@ fn log_dir_keeps_per_attempt_per_rank_files_and_tee_prefixes() {
     );
     assert!(run1.stderr.contains(&log_line), "{}", run1.stderr);
 
-    let run2 = run(
-        launcher(&[
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "--log_dir",
-            logs.to_str().unwrap(),
-            "--tee",
-            "--local-ranks-filter",
-            "1",
-            "--",
-            "sh",
-            "-c",
-            script,
-            &marker_dir,
-        ]),
-        LIMIT,
-    );
+    let run2 = run_with("--log_dir", &["--tee", "--local-ranks-filter", "1"]);
     assert_eq!(run2.code(), 3);
     assert!(run2.stdout.contains("[rank 1] out of 1"), "{}", run2.stdout);
     assert!(
@@ -653,23 +626,7 @@ fn log_dir_keeps_per_attempt_per_rank_files_and_tee_prefixes() {
     assert!(run2.stderr.contains("[rank 1] err of 1"), "{}", run2.stderr);
 
     // torchrun's -r 2: stderr to the files only, stdout to the console too (and to its file)
-    let run_r = run(
-        launcher(&[
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "--log-dir",
-            logs.to_str().unwrap(),
-            "-r",
-            "2",
-            "--",
-            "sh",
-            "-c",
-            script,
-            &marker_dir,
-        ]),
-        LIMIT,
-    );
+    let run_r = run_with("--log-dir", &["-r", "2"]);
     assert_eq!(run_r.code(), 3, "{}", run_r.stderr);
     assert!(
         run_r.stdout.contains("[rank 0] out of 0"),

@@ -822,26 +822,33 @@ mod tests {
         let (plan, _, kept) = f
             .forward_values(&pg, &golden("text"), 1, true, false)
             .unwrap();
-        let (mut freed, mut held) = (0, 0);
+        assert_held(&f, &plan, |si, _| kept[si].is_some());
+        f.free_all();
+    }
+
+    /// After a forward: each layer stage's unit is gathered exactly when `held(stage index,
+    /// stage)` says, and some are while others are not.
+    fn assert_held(f: &FsdpModel, plan: &Plan, held: impl Fn(usize, &Stage) -> bool) {
+        let (mut freed, mut kept) = (0, 0);
         for (si, st) in plan.stages.iter().enumerate() {
             if st.unit == ROOT {
                 continue;
             }
             let gathered = f.units[st.unit].gathered;
+            let unit = &f.units[st.unit].name;
             assert_eq!(
                 gathered,
-                kept[si].is_some(),
-                "stage {si} (unit {})",
-                f.units[st.unit].name
+                held(si, st),
+                "stage {si} {:?} (unit {unit})",
+                st.op
             );
             if gathered {
-                held += 1;
+                kept += 1;
             } else {
                 freed += 1;
             }
         }
-        assert!(freed > 0 && held > 0, "freed {freed}, held {held}");
-        f.free_all();
+        assert!(freed > 0 && kept > 0, "freed {freed}, held {kept}");
     }
 
     /// Gradients of one micro-batch (`forward_backward` at loss scale 1), by master shard.
@@ -861,18 +868,7 @@ mod tests {
         let (pg, mut f) = wrapped_as(&targets, true, ShardingStrategy::ShardGradOp);
         let batch = golden("image1");
         let (plan, _, _) = f.forward_values(&pg, &batch, 1, false, true).unwrap();
-        let (mut freed, mut held) = (0, 0);
-        for st in plan.stages.iter().filter(|st| st.unit != ROOT) {
-            let gathered = f.units[st.unit].gathered;
-            let used = st.active && plan.needs_grad[st.output];
-            assert_eq!(gathered, used, "{:?}", st.op);
-            if gathered {
-                held += 1;
-            } else {
-                freed += 1;
-            }
-        }
-        assert!(freed > 0 && held > 0, "freed {freed}, held {held}");
+        assert_held(&f, &plan, |_, st| st.active && plan.needs_grad[st.output]);
         f.free_all();
         let got = grads_of(&mut f, &pg, &batch);
         assert!(f.units.iter().all(|u| !u.gathered), "freed after backward");
