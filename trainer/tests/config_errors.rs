@@ -578,6 +578,18 @@ fn a_fraction_where_text_belongs_asks_for_quotes() {
     assert_eq!(c.train.output_dir, std::path::PathBuf::from("2024"));
     let c = config::parse(MINIMAL, &["train.output_dir=\"2024.10\"".to_string()]).unwrap();
     assert_eq!(c.train.output_dir, std::path::PathBuf::from("2024.10"));
+    // data files, alone or listed, the same way
+    let c = config::parse(MINIMAL, &["data.train=2024".to_string()]).unwrap();
+    assert_eq!(c.data.train, config::DataFiles::one("2024"));
+    let c = config::parse(MINIMAL, &["data.train=[2024, true]".to_string()]).unwrap();
+    assert_eq!(
+        c.data.train.files(),
+        ["2024", "true"].map(std::path::PathBuf::from)
+    );
+    for set in ["data.train=2024.10", "data.train=[a, 2024.10]"] {
+        let err = set_error(set);
+        assert!(err.contains("quote it") && err.contains("2024.1"), "{err}");
+    }
 }
 
 /// YAML merge keys (`<<: *anchor`) are resolved as PyYAML resolves them.

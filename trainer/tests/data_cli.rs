@@ -123,6 +123,32 @@ fn check_lists_every_problem_and_fails_under_bad_records_error() {
     assert!(err.contains("3 problem(s) would stop training"), "{err}");
 }
 
+/// `data.train` as a list: `data check` lists every file's problems, decoding ones included,
+/// in file order and then by line.
+#[test]
+fn check_lists_the_problems_of_several_files_in_file_order() {
+    let dir = temp_dir("check-several");
+    let (_, train) = bad_setup(&dir, "");
+    let mut lines = good_lines(3);
+    lines.push(record(10, "cut.png")); // line 4: found only when decoded
+    let first = dir.join("first.jsonl");
+    std::fs::write(&first, lines.join("\n") + "\n").unwrap();
+    let list = format!("data.train=[{}, {}]", first.display(), train.display());
+    let cfg = dir.join("config.yaml");
+    let (code, out, err) = trainer(&["data", "check", cfg.to_str().unwrap(), "--set", &list]);
+    assert_eq!(code, 1, "{out}{err}");
+    let (f, t) = (first.display().to_string(), train.display().to_string());
+    let at = |what: &str| out.find(what).unwrap_or_else(|| panic!("{what} in\n{out}"));
+    let order = [
+        at(&format!("{f}:4: corrupt or truncated image")),
+        at(&format!("{t}:3: malformed JSON")),
+        at(&format!("{t}:5: unknown role")),
+        at(&format!("{t}:7: corrupt or truncated image")),
+    ];
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{out}");
+    assert!(out.contains(&format!("train split: {f}, {t}")), "{out}");
+}
+
 #[test]
 fn check_counts_problems_under_skip_and_passes() {
     let dir = temp_dir("check-skip");

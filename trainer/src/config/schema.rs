@@ -110,6 +110,11 @@ impl DataFiles {
     pub fn files(&self) -> &[PathBuf] {
         &self.0
     }
+
+    /// Where `file` is in the list (its first place), for listing problems in file order.
+    pub fn position(&self, file: &Path) -> Option<usize> {
+        self.0.iter().position(|f| f == file)
+    }
 }
 
 /// The files, comma-separated.

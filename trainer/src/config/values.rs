@@ -210,6 +210,23 @@ impl<'de> Visitor<'de> for PathsVisitor {
     fn visit_str<E: de::Error>(self, v: &str) -> Result<FilePaths, E> {
         PathVisitor.visit_str(v).map(|p| FilePaths(vec![p.0]))
     }
+    // (as a single path reads them: `--set data.train=2024` is the file `2024`; a fraction's text
+    // would not be what was written, so it asks for quotes)
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<FilePaths, E> {
+        self.visit_str(&v.to_string())
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<FilePaths, E> {
+        self.visit_str(&v.to_string())
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<FilePaths, E> {
+        self.visit_str(&v.to_string())
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<FilePaths, E> {
+        Err(E::invalid_type(
+            Unexpected::Float(v),
+            &"a path (YAML read a number here, which may not be spelled as written: quote it, e.g. \"2024.10\")",
+        ))
+    }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<FilePaths, A::Error> {
         let mut paths = Vec::new();
         while let Some(FilePath(p)) = seq.next_element()? {

@@ -442,8 +442,7 @@ impl Dataset {
             }
         }
         // (in file order: by the position of the problem's file in the list, then by line)
-        let order = |p: &Problem| files.files().iter().position(|f| *f == p.file);
-        problems.sort_by_key(|p| (order(p), p.line));
+        problems.sort_by_key(|p| (files.position(&p.file), p.line));
         if !problems.is_empty() {
             report.skipped.insert("bad record".into(), problems.len());
         }
@@ -1090,7 +1089,7 @@ pub fn check_images(ds: &Dataset) -> Vec<Problem> {
             .flat_map(|h| h.join().expect("check worker panicked"))
             .collect()
     });
-    problems.sort_by_key(|p| p.line);
+    problems.sort_by_key(|p| (ds.inner.file.position(&p.file), p.line));
     problems
 }
 

@@ -38,7 +38,10 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
             report.ok -= decode.len();
             *report.skipped.entry("bad record".into()).or_default() += decode.len();
             report.problems.extend(decode);
-            report.problems.sort_by_key(|p| p.line);
+            let files = &report.file;
+            report
+                .problems
+                .sort_by_key(|p| (files.position(&p.file), p.line));
         }
         if config.data.bad_records == BadRecords::Error {
             stopping += report.problems.len();

@@ -190,21 +190,28 @@ impl<'a> Saver<'a> {
     /// would overwrite this run's; it is refused before it writes anything.
     pub fn probe(&mut self) -> Result<()> {
         let (pg, dir) = (self.pg, &self.config.checkpoint.dir);
+        const BUSY: &str = "is in use by another training run";
         let locked = match pg.rank() {
             0 => checkpoint::ExportLock::acquire_named(
                 dir,
                 TRAIN_LOCK,
-                "is in use by another training run",
+                BUSY,
                 "give this run a checkpoint.dir of its own, or stop the other run first",
             )
-            .with_context(|| format!("rank 0: checkpoint.dir {} cannot be locked for this run (set checkpoint.dir to a folder every rank can write, shared between nodes)", dir.display()))
+            .map_err(|e| match e.to_string().contains(BUSY) {
+                true => e,
+                // (creating the folder or the lock file failed)
+                false => e.context(format!("rank 0: checkpoint.dir {} is not writable (set checkpoint.dir to a folder every rank can write, shared between nodes)", dir.display())),
+            })
             .map(Some),
             _ => Ok(None),
         };
         let elsewhere = || {
-            "checkpoint.dir cannot be locked for this run: another training run holds it, or it \
-             is not writable (rank 0's error is above)"
-                .into()
+            format!(
+                "checkpoint.dir {}: rank 0 could not take it for this run (another training run \
+                 holds it, or it is not writable; rank 0's log has the cause)",
+                dir.display()
+            )
         };
         self.dir_lock = checkpoint::agree(pg, self.device, locked, elsewhere)?;
         self.probe_writes()

@@ -215,12 +215,16 @@ pub(super) fn agree_data(pg: &ProcessGroup, device: Device, data: &Data) -> Resu
     }
 }
 
-/// A split's fingerprint: the first 8 bytes of the sha256 over each kept record's line number
-/// and token length, in order (not the file's path, which may differ between nodes' mounts).
+/// A split's fingerprint: the first 8 bytes of the sha256 over each kept record's file (its place
+/// in the list), line number and token length, in order (not the file's path, which may differ
+/// between nodes' mounts).
 fn data_fingerprint(ds: &Dataset) -> i64 {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
+    let files = &ds.report().file;
     for i in 0..ds.len() {
+        let file = files.position(&ds.record(i).file).unwrap_or(usize::MAX);
+        h.update((file as u64).to_le_bytes());
         h.update((ds.record(i).line as u64).to_le_bytes());
         h.update((ds.length(i) as u64).to_le_bytes());
     }
