@@ -540,7 +540,7 @@ struct EvalArgs {
     #[arg(long)]
     out: PathBuf,
     /// Only the first K samples
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     limit: Option<usize>,
     /// 0 = greedy (default for scoring)
     #[arg(long, default_value_t = 0.0, value_parser = parse_temperature)]
@@ -714,6 +714,9 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
     // the benchmark and the image folder before the model loads (every line is checked again,
     // with its images, before anything is generated)
     trainer::eval::read_bench(&args.data)?;
+    if let Some(metrics) = &args.train_metrics {
+        trainer::eval::training_flops(metrics)?;
+    }
     anyhow::ensure!(
         args.image_root.is_dir(),
         "--image-root {} is not a folder (the benchmark's image paths are relative to it)",

@@ -112,6 +112,24 @@ fn an_empty_stop_string_is_a_usage_error() {
     assert!(stderr.contains("an empty stop string"), "{stderr}");
 }
 
+/// `eval --limit 0` would write an empty report and succeed.
+#[test]
+fn an_eval_limit_of_zero_is_a_usage_error() {
+    let args = [
+        "eval",
+        "--model",
+        "m",
+        "--data",
+        "b.jsonl",
+        "--image-root",
+        "i",
+    ];
+    let (code, _, stderr) =
+        trainer(&[&args[..], &["--out", "o", "--turns", "1", "--limit", "0"]].concat());
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--limit"), "{stderr}");
+}
+
 #[test]
 fn infer_with_a_missing_model_folder_names_it() {
     let (code, _, stderr) = trainer(&["infer", "--model", "no/such/model", "--question", "q"]);

@@ -242,11 +242,32 @@ fn integer_ids_are_read_as_text() {
     );
 }
 
+/// A benchmark's own fields are ignored (one warning names them); a byte-order mark is not part
+/// of the first line; letters and numbers are answers without choices.
+#[test]
+fn other_fields_and_a_byte_order_mark_are_read_past() {
+    let dir = setup();
+    let p = dir.join("extra_fields.jsonl");
+    std::fs::write(
+        &p,
+        "\u{feff}{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"B\", \"source\": \"mmstar\"}\n\
+         {\"id\": \"y\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"0\", \"split\": 1}\n",
+    )
+    .unwrap();
+    let items = trainer::eval::read_bench(&p).unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!(
+        (items[0].1.id.as_str(), items[1].1.answer.as_str()),
+        ("x", "0")
+    );
+}
+
 #[test]
 fn bad_benchmarks_name_file_and_line() {
     let dir = setup();
     let cases = [
-        ("unknown.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\", \"colour\": 1}\n", "unknown.jsonl:1: unknown field `colour`"),
+        ("blank-answer.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \" ? \"}\n", "blank-answer.jsonl:1: answer \" ? \" has no letter or digit"),
+        ("no-metrics.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "--train-metrics"),
         ("missing.jsonl", "{\"id\": \"x\", \"image\": \"nope.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "missing.jsonl:1:"),
         ("empty.jsonl", "\n", "the benchmark is empty"),
         ("nochoice.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"E\", \"choices\": [\"red\", \"blue\"]}\n", "nochoice.jsonl:1: answer \"E\" is none of the 2 choices"),
@@ -282,6 +303,11 @@ fn bad_benchmarks_name_file_and_line() {
             .arg(&image_root)
             .arg("--out")
             .arg(dir.join(format!("out-{name}")))
+            // (a metrics file that does not exist: refused before the model loads)
+            .args(match name {
+                "no-metrics.jsonl" => &["--train-metrics", "/no/such/metrics.jsonl"][..],
+                _ => &[],
+            })
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&o.stderr);

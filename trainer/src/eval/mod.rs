@@ -39,9 +39,9 @@ use crate::data::records::resolve_image;
 use crate::infer::{InferOptions, Session};
 use report::{Prediction, Report, TurnPrediction};
 
-/// One benchmark line.
+/// One benchmark line. Other fields (a benchmark's own metadata: `source`, `split`, ...) are
+/// ignored, with one warning naming them.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BenchItem {
     /// A string or an integer (many benchmarks number their questions); kept as text.
     #[serde(deserialize_with = "id_text")]
@@ -119,20 +119,44 @@ pub enum EvalError {
 
 /// Reads BENCH.jsonl; every bad line is an error naming FILE:LINE.
 pub fn read_bench(path: &Path) -> Result<Vec<(usize, BenchItem)>, EvalError> {
+    const FIELDS: [&str; 6] = ["id", "image", "question", "answer", "choices", "category"];
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| EvalError::Io(format!("{file}: {e}")))?;
+    // (a byte-order mark, as Windows editors save UTF-8, is not part of the first line)
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut items = Vec::new();
     let mut seen = HashMap::new();
+    let mut ignored = std::collections::BTreeSet::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        // (a LLaVA `<image>` marker in the question is the prompt's business: `Session::prompt_ids`)
-        let item: BenchItem = serde_json::from_str(line).map_err(|e| EvalError::Bench {
+        let bad = |reason: String| EvalError::Bench {
             file: file.clone(),
             line: i + 1,
-            reason: without_line(&e),
-        })?;
+            reason,
+        };
+        // (a LLaVA `<image>` marker in the question is the prompt's business: `Session::prompt_ids`)
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| bad(without_line(&e)))?;
+        if let Some(fields) = value.as_object() {
+            ignored.extend(
+                fields
+                    .keys()
+                    .filter(|k| !FIELDS.contains(&k.as_str()))
+                    .cloned(),
+            );
+        }
+        let item: BenchItem = serde_json::from_value(value).map_err(|e| bad(without_line(&e)))?;
+        let free_text = item.choices.as_deref().is_none_or(|c| c.is_empty())
+            && answer::gold_letter(&item.answer).is_none()
+            && answer::gold_number(&item.answer).is_none();
+        if free_text && answer::normalize_text(&item.answer).is_empty() {
+            return Err(bad(format!(
+                "answer {:?} has no letter or digit to compare a prediction with (free-text answers are compared after lower-casing and dropping punctuation and articles); give the answer as a word, a number or a choice",
+                item.answer
+            )));
+        }
         if let Some(first) = seen.insert(item.id.clone(), i + 1) {
             return Err(EvalError::Bench {
                 file,
@@ -157,6 +181,14 @@ pub fn read_bench(path: &Path) -> Result<Vec<(usize, BenchItem)>, EvalError> {
     }
     if items.is_empty() {
         return Err(EvalError::Io(format!("{file}: the benchmark is empty (one JSON object per line: id, image, question, answer)")));
+    }
+    if !ignored.is_empty() {
+        let names: Vec<String> = ignored.into_iter().collect();
+        tracing::warn!(
+            "{file}: field(s) {} are not read by eval (it reads {}): ignored",
+            names.join(", "),
+            FIELDS.join(", ")
+        );
     }
     Ok(items)
 }
@@ -265,8 +297,14 @@ pub fn made_with(
 
 /// The model FLOPs of a whole training run, over all its ranks, from its metrics.jsonl: each step
 /// line's `flops`; for lines written before that field, tflops (per rank) x step_s x world_size.
-fn training_flops(path: &Path) -> Option<f64> {
-    let text = std::fs::read_to_string(path).ok()?;
+/// An error when the file cannot be read or holds no step line.
+pub fn training_flops(path: &Path) -> Result<f64, EvalError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        EvalError::Io(format!(
+            "--train-metrics {}: {e} (give the metrics.jsonl in a training run's train.output_dir)",
+            path.display()
+        ))
+    })?;
     let step_flops = |v: &serde_json::Value| -> Option<f64> {
         if let Some(f) = v.get("flops").and_then(|f| f.as_f64()) {
             return Some(f);
@@ -278,12 +316,18 @@ fn training_flops(path: &Path) -> Option<f64> {
         });
         Some(v.get("tflops")?.as_f64()? * v.get("step_s")?.as_f64()? * 1e12 * world)
     };
-    let total: f64 = text
+    let steps: Vec<f64> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| step_flops(&v))
-        .sum();
-    Some(total)
+        .collect();
+    if steps.is_empty() {
+        return Err(EvalError::Io(format!(
+            "--train-metrics {}: no step line with flops (or tflops and step_s): is it the metrics.jsonl of `trainer train`?",
+            path.display()
+        )));
+    }
+    Ok(steps.iter().sum())
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> EvalError + '_ {
@@ -761,11 +805,16 @@ pub fn run(
         &preds,
         params,
         &turn_flops,
-        opts.training_metrics.as_deref().and_then(training_flops),
+        opts.training_metrics
+            .as_deref()
+            .map(training_flops)
+            .transpose()?,
     );
+    // (whole or not at all: a crash while writing leaves the previous report)
     let write = |name: &str, text: String| {
         let path = opts.out.join(name);
-        std::fs::write(&path, text).map_err(io_err(&path))
+        crate::checkpoint::replace_synced(&path, text.as_bytes())
+            .map_err(|e| EvalError::Io(format!("{e:#}")))
     };
     write(
         "report.json",
@@ -821,7 +870,13 @@ mod tests {
             r#"{"validation": true, "step": 3, "eval_loss": 1.0}"#,
         ];
         std::fs::write(&path, lines.join("\n")).unwrap();
-        assert_eq!(training_flops(&path), Some(2e12 + 2e12 + 1e12));
+        assert_eq!(training_flops(&path).unwrap(), 2e12 + 2e12 + 1e12);
+        // no step line, no file: errors naming the flag and the file
+        std::fs::write(&path, lines[3]).unwrap();
+        let e = training_flops(&path).unwrap_err().to_string();
+        assert!(e.starts_with("--train-metrics ") && e.contains("no step line"), "{e}");
+        let e = training_flops(&dir.join("none.jsonl")).unwrap_err().to_string();
+        assert!(e.contains("none.jsonl") && e.contains("train.output_dir"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
