@@ -470,6 +470,7 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
         args.adapter.as_deref(),
         ckpt.as_ref(),
         generation.double_bos,
+        &generation.stop,
     )?;
     let opts = generation.options(args.temperature);
     let session = Session {
@@ -611,6 +612,7 @@ fn load_for_generation(
     adapter: Option<&std::path::Path>,
     checkpoint: Option<&trainer::infer::CheckpointWeights>,
     double_bos: bool,
+    stops: &[String],
 ) -> Result<(
     trainer::model::MllamaModel,
     trainer::data::tokenize::TextProcessor,
@@ -618,6 +620,23 @@ fn load_for_generation(
 )> {
     use anyhow::Context;
     use trainer::model::{AttentionImpl, LoadOptions, MllamaModel};
+    // (the config and the tokenizer first: what they refuse costs no model load)
+    trainer::model::MllamaConfig::from_file(&model_dir.join("config.json"))
+        .with_context(|| format!("loading the model from {}", model_dir.display()))?;
+    let text = trainer::data::tokenize::TextProcessor::from_model_dir(model_dir, double_bos)
+        .map_err(anyhow::Error::msg)?;
+    // the streamed text skips special tokens (as transformers' decode does), so a stop string
+    // made of them would never match: the end tokens end a turn already
+    for stop in stops {
+        let shown = text
+            .tokenize(stop)
+            .and_then(|ids| text.decode_exact(&ids))
+            .map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            shown.contains(stop.as_str()),
+            "--stop {stop:?}: special tokens are not part of the generated text, so it would never match (an end-of-turn token such as <|eot_id|> ends a turn already); give text the model writes, e.g. --stop \"</CONCLUSION>\""
+        );
+    }
     // one GPU per local rank under the launcher
     let local_rank: usize = match std::env::var("LOCAL_RANK") {
         Ok(r) => r.trim().parse().map_err(|_| {
@@ -650,8 +669,6 @@ fn load_for_generation(
             .load_adapter(dir)
             .with_context(|| format!("loading the adapter {}", dir.display()))?;
     }
-    let text = trainer::data::tokenize::TextProcessor::from_model_dir(model_dir, double_bos)
-        .map_err(anyhow::Error::msg)?;
     let image_config = trainer::data::image::ImageProcessorConfig::from_model_dir(model_dir)
         .map_err(anyhow::Error::msg)?;
     image_config
@@ -780,6 +797,7 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         args.adapter.as_deref(),
         ckpt.as_ref(),
         generation.double_bos,
+        &generation.stop,
     )?;
     let session = Session {
         model: &model,

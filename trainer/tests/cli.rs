@@ -130,6 +130,44 @@ fn an_eval_limit_of_zero_is_a_usage_error() {
     assert!(stderr.contains("--limit"), "{stderr}");
 }
 
+/// A stop string made of special tokens never shows in the generated text (they are skipped,
+/// as transformers' decode skips them): refused before the model loads.
+#[test]
+fn a_stop_string_of_special_tokens_is_refused() {
+    let dir = std::env::temp_dir().join(format!("cli-stop-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    common::tiny_model_folder(&dir, 3, |_| {});
+    let model = dir.to_str().unwrap();
+    let (code, _, stderr) = trainer(&[
+        "infer",
+        "--model",
+        model,
+        "--question",
+        "q",
+        "--stop",
+        "<|eot_id|>",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("--stop \"<|eot_id|>\": special tokens are not part of the generated text"),
+        "{stderr}"
+    );
+    // text the model writes passes the check
+    let (code, _, stderr) = trainer(&[
+        "infer",
+        "--model",
+        model,
+        "--question",
+        "q",
+        "--stop",
+        " </CONCLUSION>",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn infer_with_a_missing_model_folder_names_it() {
     let (code, _, stderr) = trainer(&["infer", "--model", "no/such/model", "--question", "q"]);

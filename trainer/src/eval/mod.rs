@@ -874,9 +874,17 @@ mod tests {
         // no step line, no file: errors naming the flag and the file
         std::fs::write(&path, lines[3]).unwrap();
         let e = training_flops(&path).unwrap_err().to_string();
-        assert!(e.starts_with("--train-metrics ") && e.contains("no step line"), "{e}");
-        let e = training_flops(&dir.join("none.jsonl")).unwrap_err().to_string();
-        assert!(e.contains("none.jsonl") && e.contains("train.output_dir"), "{e}");
+        assert!(
+            e.starts_with("--train-metrics ") && e.contains("no step line"),
+            "{e}"
+        );
+        let e = training_flops(&dir.join("none.jsonl"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("none.jsonl") && e.contains("train.output_dir"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
