@@ -602,6 +602,17 @@ fn checkpoint_and_base(
             }
         );
     }
+    // the correction turn the run trained on, unless --correction-prompt says otherwise
+    match (&generation.correction_prompt, trained.correction_prompt) {
+        (None, Some(p)) => {
+            tracing::info!("correction prompt as the checkpoint's run trained on it: {p:?} (--correction-prompt gives another)");
+            generation.correction_prompt = Some(p);
+        }
+        (Some(given), Some(p)) if *given != p => tracing::warn!(
+            "--correction-prompt differs from the one the checkpoint's run trained on ({p:?})"
+        ),
+        _ => {}
+    }
     Ok((ckpt, model_dir, generation))
 }
 

@@ -180,7 +180,8 @@ fn a_checkpoint_records_its_prompt_settings() {
         settings,
         PromptSettings {
             double_bos: true,
-            keep_image_placeholder: true
+            keep_image_placeholder: true,
+            correction_prompt: None,
         }
     );
     // and infer --checkpoint prompts that way
@@ -190,6 +191,58 @@ fn a_checkpoint_records_its_prompt_settings() {
         err.contains("prompts as the checkpoint's run trained on them: double_bos true, image placeholder kept"),
         "{err}"
     );
+}
+
+/// The data's self-correction turn (its most common second user turn) is recorded in the
+/// checkpoint, and `infer --checkpoint` asks with it unless --correction-prompt says otherwise.
+#[test]
+fn a_checkpoint_records_its_datas_correction_prompt() {
+    let out = fresh("infer-correction-prompt");
+    std::fs::create_dir_all(&out).unwrap();
+    let text = std::fs::read_to_string(setup().join("train.jsonl")).unwrap();
+    let lines: Vec<String> = (text.lines().enumerate())
+        .map(|(i, l)| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            let ask = if i == 0 {
+                "Check it."
+            } else {
+                "  Look again.\n"
+            };
+            let turns = v["conversations"].as_array_mut().unwrap();
+            turns.push(serde_json::json!({"from": "human", "value": ask}));
+            turns.push(serde_json::json!({"from": "gpt", "value": "<CONCLUSION> 3 </CONCLUSION>"}));
+            v.to_string()
+        })
+        .collect();
+    let data = out.join("two-turns.jsonl");
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let set = format!("data.train={}", data.display());
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
+    let o = ok(
+        run(&out, 1, train, &["checkpoint.every_steps=1", &set], &[]),
+        "train",
+    );
+    assert!(
+        o.stderr.contains(
+            "the data's correction turn (47 of the 48 samples with a second turn): \"Look again.\""
+        ),
+        "{}",
+        o.stderr
+    );
+    let ckpt = out.join("ckpt/step-00000001");
+    let settings = CheckpointWeights::read(&ckpt).unwrap().prompt_settings();
+    assert_eq!(settings.correction_prompt.as_deref(), Some("Look again."));
+    let (code, _, err) = trainer(&INFER, &[("--checkpoint", &ckpt)]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("correction prompt as the checkpoint's run trained on it: \"Look again.\""),
+        "{err}"
+    );
+    let mut given = INFER.to_vec();
+    given.extend(["--correction-prompt", "Again?"]);
+    let (code, _, err) = trainer(&given, &[("--checkpoint", &ckpt)]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("--correction-prompt differs"), "{err}");
 }
 
 #[test]

@@ -78,6 +78,8 @@ pub struct Checkpointer {
     /// The step of the best validated epoch: its checkpoint is kept by retention, besides the
     /// newest `keep_last` (as HF's Trainer keeps `best_model_checkpoint`).
     protected: Option<u64>,
+    /// Entries added to every manifest's `prompt` (what the run found in its data).
+    prompt_notes: serde_json::Map<String, Value>,
 }
 
 impl Default for Checkpointer {
@@ -97,7 +99,13 @@ impl Checkpointer {
             lineage: None,
             resumed_unmarked: false,
             protected: None,
+            prompt_notes: serde_json::Map::new(),
         }
+    }
+
+    /// Records `key: value` in the `prompt` section of every manifest saved from now on.
+    pub fn note_prompt(&mut self, key: &str, value: Value) {
+        self.prompt_notes.insert(key.to_string(), value);
     }
 
     /// Keeps the checkpoint of step `step` from retention from now on (the best epoch's).
@@ -334,6 +342,9 @@ impl Checkpointer {
                     vec![],
                 );
                 m.lineage = Some(self.lineage());
+                if let Value::Object(p) = &mut m.prompt {
+                    p.extend(self.prompt_notes.clone());
+                }
                 Some(m)
             }
             _ => None,

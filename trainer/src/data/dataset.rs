@@ -471,6 +471,28 @@ impl Dataset {
         self.inner.records.len()
     }
 
+    /// The self-correction prompt the data trains on: the most common second user turn (as the
+    /// template gets it, trimmed), with how many samples have it and how many have a second turn.
+    /// None without multi-turn samples.
+    pub fn correction_prompt(&self) -> Option<(String, usize, usize)> {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut multi = 0;
+        for r in &self.inner.records {
+            if let Some(t) = r.turns.get(1) {
+                multi += 1;
+                *counts.entry(t.user.trim()).or_default() += 1;
+            }
+        }
+        // (most common; ties to the first in text order, so every rank picks the same)
+        let (text, n) = counts
+            .into_iter()
+            .fold(None, |best: Option<(&str, usize)>, (t, n)| match best {
+                Some((_, m)) if m >= n => best,
+                _ => Some((t, n)),
+            })?;
+        Some((text.to_string(), n, multi))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.inner.records.is_empty()
     }

@@ -17,10 +17,12 @@ use crate::model::{LoraConfig, MllamaModel, TargetModules};
 
 /// A checkpoint whose trainable weights `apply` puts on a model.
 /// The prompt settings a run trained with, which inference from its checkpoint follows.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PromptSettings {
     pub double_bos: bool,
     pub keep_image_placeholder: bool,
+    /// The second user turn of the run's data (its most common one).
+    pub correction_prompt: Option<String>,
 }
 
 pub struct CheckpointWeights {
@@ -75,6 +77,10 @@ impl CheckpointWeights {
                 .unwrap_or(false),
             keep_image_placeholder: p.get("image_placeholder").and_then(Value::as_str)
                 == Some("keep"),
+            correction_prompt: p
+                .get("correction_prompt")
+                .and_then(Value::as_str)
+                .map(String::from),
         }
     }
 

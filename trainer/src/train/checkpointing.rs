@@ -82,6 +82,13 @@ impl<'a> Saver<'a> {
         }
     }
 
+    /// Records the data's self-correction prompt in the checkpoints, for `infer`/`eval
+    /// --checkpoint` to ask the model with the prompt it learned (rank 0 writes manifests).
+    pub fn note_correction_prompt(&mut self, prompt: &str) {
+        self.saves
+            .note_prompt("correction_prompt", serde_json::Value::from(prompt));
+    }
+
     /// Resumes per `checkpoint.resume` into `st`, `trainable` and `opt`; returns the data
     /// position (epoch, batch) to start at. The saves continue the training run (lineage) of the
     /// checkpoint resumed.

@@ -106,6 +106,14 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let mut st = State::default();
     let plan = crate::checkpoint::DataPlan::new(&data.train.report().lengths);
     let mut saver = checkpointing::Saver::new(&pg, config, &schedule, device, plan);
+    if let Some((prompt, n, multi)) = data.train.correction_prompt() {
+        let share = match n == multi {
+            true => String::new(),
+            false => format!(" ({n} of the {multi} samples with a second turn)"),
+        };
+        metrics::log(rank, &format!("the data's correction turn{share}: {prompt:?}; checkpoints record it for infer/eval --checkpoint"));
+        saver.note_correction_prompt(&prompt);
+    }
     saver.probe()?;
     let start = saver.resume(&mut st, &mut trainable, &mut opt)?;
     if let Some(saved) = st.resumed_schedule.take() {
