@@ -421,14 +421,56 @@ fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result
             out.display()
         )));
     }
-    if &before != now {
+    if what_predicts(&before) != what_predicts(now) {
+        let differ = differing_keys(&before, now, "");
         return Err(EvalError::Io(format!(
-            "{}: the predictions there were made with other settings ({before}; this run: \
+            "{}: the predictions there were made with other settings ({} differ; there: {before}; this run: \
              {now}): use another --out, or delete its predictions*.jsonl to start over",
-            out.display()
+            out.display(),
+            differ.join(", ")
         )));
     }
     Ok(false)
+}
+
+/// The settings that change predictions: greedy decoding (temperature 0) reads no seed, top-k
+/// or top-p, so those are left out of the comparison then.
+fn what_predicts(settings: &serde_json::Value) -> serde_json::Value {
+    let mut v = settings.clone();
+    if let Some(infer) = v.get_mut("infer").and_then(|i| i.as_object_mut()) {
+        if infer.get("temperature").and_then(|t| t.as_f64()) == Some(0.0) {
+            for key in ["seed", "top_k", "top_p"] {
+                infer.remove(key);
+            }
+        }
+    }
+    v
+}
+
+/// The keys (dotted paths) whose values differ between two settings objects.
+fn differing_keys(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> Vec<String> {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter()
+                .flat_map(|k| {
+                    let path = if at.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{at}.{k}")
+                    };
+                    let (u, w) = (
+                        x.get(k).unwrap_or(&Value::Null),
+                        y.get(k).unwrap_or(&Value::Null),
+                    );
+                    differing_keys(u, w, &path)
+                })
+                .collect()
+        }
+        _ if a == b => vec![],
+        _ => vec![at.to_string()],
+    }
 }
 
 /// Writes OUT/settings.json whole (through a temporary file: another rank may read it).
