@@ -323,8 +323,11 @@ fn p_text(p: f64) -> String {
 }
 
 /// report.md: the same numbers as report.json, as tables.
+/// How answers are scored (`answer`), for the reader of the report.
+const SCORING: &str = "Scoring: a turn answers with its <CONCLUSION> stage (else the last line after its last closed stage); with choices, the option it picks by letter or text; a number, by value (relative tolerance); free text must equal the gold answer after lower-casing and dropping punctuation, articles and a lead-in such as \"the answer is\" (a longer sentence around the right words counts as wrong).";
+
 pub fn markdown(r: &Report) -> String {
-    let mut s = format!("# Evaluation report\n\n{} samples, {} parameters.\n\n## Accuracy per turn\n\n| turn | correct | total | accuracy | 95% CI (Wilson) | cut off at max tokens |\n| --- | ---: | ---: | ---: | ---: | ---: |\n", r.samples, r.parameters);
+    let mut s = format!("# Evaluation report\n\n{} samples, {} parameters.\n\n## Accuracy per turn\n\n{SCORING}\n\n| turn | correct | total | accuracy | 95% CI (Wilson) | cut off at max tokens |\n| --- | ---: | ---: | ---: | ---: | ---: |\n", r.samples, r.parameters);
     for t in &r.turns {
         s += &format!(
             "| {} | {} | {} | {} | {} - {} | {} |\n",
