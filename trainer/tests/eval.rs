@@ -162,7 +162,10 @@ fn reruns_keep_earlier_predictions_and_refuse_other_settings() {
     let before = std::fs::read(out.join("predictions.jsonl")).unwrap();
     let (code, err) = eval(&out, &["--temperature", "0.5"]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("other settings (infer.temperature differ"), "{err}");
+    assert!(
+        err.contains("other settings (infer.temperature differ"),
+        "{err}"
+    );
     // greedy decoding reads no seed, top-k or top-p: changing them resumes
     let (code, err) = eval(&out, &["--seed", "9", "--top-k", "3", "--top-p", "0.5"]);
     assert_eq!(code, 0, "{err}");

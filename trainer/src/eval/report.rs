@@ -489,6 +489,10 @@ mod tests {
         assert_eq!(r.cost[0].flops, 2.0 * 100.0 * 60.0);
         let md = markdown(&r);
         assert!(
+            md.contains("## Accuracy per turn\n\nScoring: a turn answers with its <CONCLUSION>"),
+            "{md}"
+        );
+        assert!(
             md.contains("| 0 -> 1 | 1 | 1 (0) | 1 | 1 | 50.0% | 50.0% | 1.000 | 2 (50.0%) |"),
             "{md}"
         );
