@@ -616,6 +616,32 @@ fn checkpoint_and_base(
     Ok((ckpt, model_dir, generation))
 }
 
+/// After an export from a checkpoint: the infer/eval flags that prompt as its run trained (its
+/// correction prompt, double BOS, kept image placeholder), which the exported files do not carry
+/// (`--checkpoint` applies them by itself).
+fn print_prompt_flags(checkpoint: &std::path::Path) {
+    let Ok(c) = trainer::infer::CheckpointWeights::read_unverified(checkpoint) else {
+        return;
+    };
+    let p = c.prompt_settings();
+    let mut flags = vec![];
+    if let Some(prompt) = &p.correction_prompt {
+        flags.push(format!("--correction-prompt {prompt:?}"));
+    }
+    if p.double_bos {
+        flags.push("--double-bos".into());
+    }
+    if p.keep_image_placeholder {
+        flags.push("--keep-image-placeholder".into());
+    }
+    if !flags.is_empty() {
+        println!(
+            "to prompt as the run trained, give `trainer infer` / `trainer eval` with this export: {}",
+            flags.join(" ")
+        );
+    }
+}
+
 /// Loads model (+ adapter, or a training checkpoint's weights), tokenizer/template and image
 /// processor of a model folder.
 fn load_for_generation(
@@ -1150,6 +1176,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     args.out.display(),
                     checkpoint.display()
                 );
+                print_prompt_flags(&checkpoint);
                 Ok(ExitCode::SUCCESS)
             }
             ExportFormat::Merged => {
@@ -1184,6 +1211,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     s.files.join(", "),
                     from.display()
                 );
+                if let Some(c) = &args.checkpoint {
+                    print_prompt_flags(c);
+                }
                 Ok(ExitCode::SUCCESS)
             }
         },

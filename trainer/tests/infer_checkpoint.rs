@@ -243,6 +243,17 @@ fn a_checkpoint_records_its_datas_correction_prompt() {
     let (code, _, err) = trainer(&given, &[("--checkpoint", &ckpt)]);
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("--correction-prompt differs"), "{err}");
+    // an export does not carry it: it says which flags to give
+    let adapter = out.join("adapter");
+    let (code, stdout, err) = trainer(
+        &["export", "--format", "peft"],
+        &[("--checkpoint", &ckpt), ("--out", &adapter)],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        stdout.contains("give `trainer infer` / `trainer eval` with this export: --correction-prompt \"Look again.\""),
+        "{stdout}"
+    );
 }
 
 #[test]
