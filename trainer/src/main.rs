@@ -379,7 +379,8 @@ struct GenerationArgs {
     /// Total turns: 1 = the answer (no correction), 2 = answer + one self-correction, ...
     #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     turns: usize,
-    /// The user message of each correction turn (default: the one `data build-sco` trains with)
+    /// The user message of each correction turn (default: with --checkpoint, the one its run's
+    /// data used; otherwise the one `data build-sco` writes)
     #[arg(long)]
     correction_prompt: Option<String>,
     /// Where the correction turn goes: after the whole answer, or after </REASONING>
@@ -608,7 +609,7 @@ fn checkpoint_and_base(
             tracing::info!("correction prompt as the checkpoint's run trained on it: {p:?} (--correction-prompt gives another)");
             generation.correction_prompt = Some(p);
         }
-        (Some(given), Some(p)) if *given != p => tracing::warn!(
+        (Some(given), Some(p)) if given.trim() != p => tracing::warn!(
             "--correction-prompt differs from the one the checkpoint's run trained on ({p:?})"
         ),
         _ => {}
@@ -625,8 +626,13 @@ fn print_prompt_flags(checkpoint: &std::path::Path) {
     };
     let p = c.prompt_settings();
     let mut flags = vec![];
-    if let Some(prompt) = &p.correction_prompt {
-        flags.push(format!("--correction-prompt {prompt:?}"));
+    let default = trainer::data::records::DEFAULT_CORRECTION_PROMPT;
+    if let Some(prompt) = p.correction_prompt.as_deref().filter(|&t| t != default) {
+        // (single-quoted for a POSIX shell: nothing inside is expanded)
+        flags.push(format!(
+            "--correction-prompt '{}'",
+            prompt.replace('\'', "'\\''")
+        ));
     }
     if p.double_bos {
         flags.push("--double-bos".into());
@@ -768,7 +774,9 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
     // the benchmark and the image folder before the model loads (every line is checked again,
     // with its images, before anything is generated)
     trainer::eval::read_bench(&args.data)?;
-    if let Some(metrics) = &args.train_metrics {
+    // (rank 0 writes the report, the one reader of the metrics: another node may not have them)
+    let rank0 = std::env::var("RANK").map_or(true, |r| r.trim() == "0");
+    if let (Some(metrics), true) = (&args.train_metrics, rank0) {
         trainer::eval::training_flops(metrics)?;
     }
     anyhow::ensure!(

@@ -272,7 +272,8 @@ fn other_fields_and_a_byte_order_mark_are_read_past() {
 fn bad_benchmarks_name_file_and_line() {
     let dir = setup();
     let cases = [
-        ("blank-answer.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \" ? \"}\n", "blank-answer.jsonl:1: answer \" ? \" has no letter or digit"),
+        ("blank-answer.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \" ? \"}\n", "blank-answer.jsonl:1: answer \" ? \" is nothing once normalized"),
+        ("array.jsonl", "[\"x\", \"small.png\", \"q\", \"1\"]\n", "array.jsonl:1: expected a JSON object"),
         ("no-metrics.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "--train-metrics"),
         ("missing.jsonl", "{\"id\": \"x\", \"image\": \"nope.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "missing.jsonl:1:"),
         ("empty.jsonl", "\n", "the benchmark is empty"),

@@ -251,9 +251,28 @@ fn a_checkpoint_records_its_datas_correction_prompt() {
     );
     assert_eq!(code, Some(0), "{err}");
     assert!(
-        stdout.contains("give `trainer infer` / `trainer eval` with this export: --correction-prompt \"Look again.\""),
+        stdout.contains("give `trainer infer` / `trainer eval` with this export: --correction-prompt 'Look again.'"),
         "{stdout}"
     );
+    // second turns that are further questions, none shared by most samples: nothing recorded
+    let asks: Vec<String> = (lines.iter().enumerate())
+        .map(|(i, l)| l.replace("Look again.", &format!("And question {i}?")))
+        .collect();
+    std::fs::write(&data, asks.join("\n") + "\n").unwrap();
+    let other = fresh("infer-correction-prompt-none");
+    let o = ok(
+        run(&other, 1, train, &["checkpoint.every_steps=1", &set], &[]),
+        "train",
+    );
+    assert!(
+        o.stderr
+            .contains("no second user turn is shared by most of the 48 two-turn samples"),
+        "{}",
+        o.stderr
+    );
+    let ckpt = other.join("ckpt/step-00000001");
+    let settings = CheckpointWeights::read(&ckpt).unwrap().prompt_settings();
+    assert_eq!(settings.correction_prompt, None);
 }
 
 #[test]

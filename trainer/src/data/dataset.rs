@@ -471,9 +471,9 @@ impl Dataset {
         self.inner.records.len()
     }
 
-    /// The self-correction prompt the data trains on: the most common second user turn (as the
-    /// template gets it, trimmed), with how many samples have it and how many have a second turn.
-    /// None without multi-turn samples.
+    /// The most common second user turn (as the template gets it, trimmed): the self-correction
+    /// prompt in self-correction data, where most samples share it. Returns it with how many
+    /// samples have it and how many have a second turn; None without multi-turn samples.
     pub fn correction_prompt(&self) -> Option<(String, usize, usize)> {
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
         let mut multi = 0;
@@ -483,7 +483,7 @@ impl Dataset {
                 *counts.entry(t.user.trim()).or_default() += 1;
             }
         }
-        // (most common; ties to the first in text order, so every rank picks the same)
+        // (most common; a tie goes to the text that sorts first, so every rank picks the same)
         let (text, n) = counts
             .into_iter()
             .fold(None, |best: Option<(&str, usize)>, (t, n)| match best {

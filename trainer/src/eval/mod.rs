@@ -139,21 +139,29 @@ pub fn read_bench(path: &Path) -> Result<Vec<(usize, BenchItem)>, EvalError> {
         // (a LLaVA `<image>` marker in the question is the prompt's business: `Session::prompt_ids`)
         let value: serde_json::Value =
             serde_json::from_str(line).map_err(|e| bad(without_line(&e)))?;
-        if let Some(fields) = value.as_object() {
-            ignored.extend(
-                fields
-                    .keys()
-                    .filter(|k| !FIELDS.contains(&k.as_str()))
-                    .cloned(),
-            );
-        }
+        let Some(fields) = value.as_object() else {
+            return Err(bad(format!(
+                "expected a JSON object ({{\"id\", \"image\", \"question\", \"answer\"}}), got {}",
+                if value.is_array() {
+                    "an array"
+                } else {
+                    "a single value"
+                }
+            )));
+        };
+        ignored.extend(
+            fields
+                .keys()
+                .filter(|k| !FIELDS.contains(&k.as_str()))
+                .cloned(),
+        );
         let item: BenchItem = serde_json::from_value(value).map_err(|e| bad(without_line(&e)))?;
         let free_text = item.choices.as_deref().is_none_or(|c| c.is_empty())
             && answer::gold_letter(&item.answer).is_none()
             && answer::gold_number(&item.answer).is_none();
         if free_text && answer::normalize_text(&item.answer).is_empty() {
             return Err(bad(format!(
-                "answer {:?} has no letter or digit to compare a prediction with (free-text answers are compared after lower-casing and dropping punctuation and articles); give the answer as a word, a number or a choice",
+                "answer {:?} is nothing once normalized (free-text answers are compared after lower-casing and dropping punctuation and the articles a, an, the); give a letter option as a capital (\"A\"), or the answer's words or number",
                 item.answer
             )));
         }
@@ -182,13 +190,17 @@ pub fn read_bench(path: &Path) -> Result<Vec<(usize, BenchItem)>, EvalError> {
     if items.is_empty() {
         return Err(EvalError::Io(format!("{file}: the benchmark is empty (one JSON object per line: id, image, question, answer)")));
     }
+    // (once per process: the benchmark is read before the model loads and again by the run)
+    static WARNED: std::sync::Once = std::sync::Once::new();
     if !ignored.is_empty() {
         let names: Vec<String> = ignored.into_iter().collect();
-        tracing::warn!(
-            "{file}: field(s) {} are not read by eval (it reads {}): ignored",
-            names.join(", "),
-            FIELDS.join(", ")
-        );
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "{file}: field(s) {} are not read by eval (it reads {}): ignored",
+                names.join(", "),
+                FIELDS.join(", ")
+            )
+        });
     }
     Ok(items)
 }
@@ -422,7 +434,10 @@ fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result
         )));
     }
     if what_predicts(&before) != what_predicts(now) {
-        let differ = differing_keys(&before, now, "");
+        let mut differ = differing_keys(&before, now, "");
+        if differ.is_empty() {
+            differ.push("their fields".into());
+        }
         return Err(EvalError::Io(format!(
             "{}: the predictions there were made with other settings ({} differ; there: {before}; this run: \
              {now}): use another --out, or delete its predictions*.jsonl to start over",

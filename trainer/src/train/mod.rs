@@ -106,13 +106,21 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let mut st = State::default();
     let plan = crate::checkpoint::DataPlan::new(&data.train.report().lengths);
     let mut saver = checkpointing::Saver::new(&pg, config, &schedule, device, plan);
-    if let Some((prompt, n, multi)) = data.train.correction_prompt() {
-        let share = match n == multi {
-            true => String::new(),
-            false => format!(" ({n} of the {multi} samples with a second turn)"),
-        };
-        metrics::log(rank, &format!("the data's correction turn{share}: {prompt:?}; checkpoints record it for infer/eval --checkpoint"));
-        saver.note_correction_prompt(&prompt);
+    // (only a prompt most two-turn samples share is one: in other multi-turn data the second
+    // turns are further questions)
+    match data.train.correction_prompt() {
+        Some((prompt, n, multi)) if 2 * n > multi => {
+            let share = match n == multi {
+                true => String::new(),
+                false => format!(" ({n} of the {multi} samples with a second turn)"),
+            };
+            metrics::log(rank, &format!("the data's correction turn{share}: {prompt:?}; checkpoints record it for infer/eval --checkpoint"));
+            saver.note_correction_prompt(&prompt);
+        }
+        Some((_, n, multi)) if rank == 0 => tracing::warn!(
+            "no second user turn is shared by most of the {multi} two-turn samples (the most common one by {n}): no correction prompt is recorded; give infer/eval --correction-prompt"
+        ),
+        _ => {}
     }
     saver.probe()?;
     let start = saver.resume(&mut st, &mut trainable, &mut opt)?;
