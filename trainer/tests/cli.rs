@@ -137,33 +137,18 @@ fn a_stop_string_of_special_tokens_is_refused() {
     let dir = std::env::temp_dir().join(format!("cli-stop-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     common::tiny_model_folder(&dir, 3, |_| {});
-    let model = dir.to_str().unwrap();
-    let (code, _, stderr) = trainer(&[
-        "infer",
-        "--model",
-        model,
-        "--question",
-        "q",
-        "--stop",
-        "<|eot_id|>",
-    ]);
+    let ask = |more: &[&str]| {
+        let args = ["infer", "--model", dir.to_str().unwrap(), "--question", "q"];
+        trainer(&[&args[..], more].concat())
+    };
+    let (code, _, stderr) = ask(&["--stop", "<|eot_id|>"]);
     assert_eq!(code, 1, "{stderr}");
     assert!(
         stderr.contains("--stop \"<|eot_id|>\": special tokens are not part of the generated text"),
         "{stderr}"
     );
     // text the model writes passes the check
-    let (code, _, stderr) = trainer(&[
-        "infer",
-        "--model",
-        model,
-        "--question",
-        "q",
-        "--stop",
-        " </CONCLUSION>",
-        "--max-new-tokens",
-        "2",
-    ]);
+    let (code, _, stderr) = ask(&["--stop", " </CONCLUSION>", "--max-new-tokens", "2"]);
     assert_eq!(code, 0, "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -60,7 +60,7 @@ pub struct WrapOptions {
     /// `fsdp.activation_checkpointing`: recompute each unit in backward (true) or keep the
     /// forward's graphs and gathered units until backward (false).
     pub activation_checkpointing: bool,
-    /// `fsdp.sharding_strategy` (`HybridShard` is refused by the config).
+    /// `fsdp.sharding_strategy` (`hybrid_shard` is refused when the config is read).
     pub sharding: ShardingStrategy,
 }
 
