@@ -287,6 +287,17 @@ pub(super) fn unused_settings_notes(config: &Config) -> Vec<String> {
             "fsdp.sharding_strategy shard_grad_op keeps units gathered from the forward to the backward, which fsdp.activation_checkpointing: false does already: it runs as full_shard".into(),
         );
     }
+    // (a warmup or floor the kind ignores is refused by the config; gamma has a default, so only
+    // another value is noted, not refused: configs that carry one for another kind still load)
+    let s = &config.train.schedule;
+    if s.kind != config::ScheduleKind::Step && s.gamma != 0.85 {
+        let kind = serde_json::to_value(s.kind).unwrap_or_default();
+        notes.push(format!(
+            "train.schedule.gamma ({}) is read by kind step only (it multiplies the learning rate once per epoch); kind {} ignores it",
+            s.gamma,
+            kind.as_str().unwrap_or("?")
+        ));
+    }
     if let (Some(eval), false) = (&config.data.eval, config.train.validate) {
         notes.push(format!(
             "data.eval is set ({}) but train.validate is false: no validation runs, and the best-epoch adapter is not chosen by it; set train.validate: true to validate after each epoch",
@@ -602,6 +613,18 @@ mod tests {
                 "{s}"
             );
         }
+    }
+
+    /// A gamma other than the default under a kind that does not read it is noted.
+    #[test]
+    fn gamma_under_another_schedule_kind_is_noted() {
+        let notes = unused_settings_notes(&parse(&[
+            "train.schedule.kind=cosine",
+            "train.schedule.gamma=0.5",
+        ]));
+        assert_eq!(notes, ["train.schedule.gamma (0.5) is read by kind step only (it multiplies the learning rate once per epoch); kind cosine ignores it"]);
+        assert!(unused_settings_notes(&parse(&["train.schedule.kind=cosine"])).is_empty());
+        assert!(unused_settings_notes(&parse(&["train.schedule.gamma=0.5"])).is_empty());
     }
 
     /// data.eval without train.validate is never read: said so.
