@@ -267,8 +267,8 @@ enum BenchCommand {
         no_peer: bool,
         /// Our engine's fsdp.sharding_strategy under the launcher; the peer is FSDP2 for
         /// full_shard and shard_grad_op, DDP for no_shard
-        #[arg(long, default_value = "full_shard", value_parser = ["full_shard", "shard_grad_op", "no_shard"])]
-        sharding: String,
+        #[arg(long, default_value = "full_shard", value_parser = parse_sharding)]
+        sharding: trainer::config::ShardingStrategy,
         /// One JSON object per measurement
         #[arg(long)]
         json: bool,
@@ -737,6 +737,15 @@ fn parse_repetition_penalty(s: &str) -> Result<f64, String> {
     }
 }
 
+/// --sharding: a `fsdp.sharding_strategy` name.
+fn parse_sharding(s: &str) -> Result<trainer::config::ShardingStrategy, String> {
+    use trainer::config::ShardingStrategy;
+    ShardingStrategy::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = ShardingStrategy::ALL.iter().map(|(_, n)| *n).collect();
+        format!("`{s}`: expected one of {}", names.join(", "))
+    })
+}
+
 /// --stop: a non-empty string (an empty one would end every turn at once; transformers refuses it).
 fn parse_stop(s: &str) -> Result<String, String> {
     match s.is_empty() {
@@ -774,11 +783,6 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
     // the benchmark and the image folder before the model loads (every line is checked again,
     // with its images, before anything is generated)
     trainer::eval::read_bench(&args.data)?;
-    // (rank 0 writes the report, the one reader of the metrics: another node may not have them)
-    let rank0 = std::env::var("RANK").map_or(true, |r| r.trim() == "0");
-    if let (Some(metrics), true) = (&args.train_metrics, rank0) {
-        trainer::eval::training_flops(metrics)?;
-    }
     anyhow::ensure!(
         args.image_root.is_dir(),
         "--image-root {} is not a folder (the benchmark's image paths are relative to it)",
@@ -786,6 +790,10 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
     );
     // under the launcher every rank evaluates its share; rank 0 merges and reports
     let env = launcher::env::RankEnv::from_env()?;
+    // (rank 0 writes the report, the one reader of the metrics: another node may not have them)
+    if let (Some(metrics), 0) = (&args.train_metrics, env.rank) {
+        trainer::eval::training_flops(metrics)?;
+    }
     let group = if env.is_single() {
         None
     } else {
@@ -1402,12 +1410,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
             out,
         }) => {
-            use trainer::config::ShardingStrategy;
-            let sharding = match sharding.as_str() {
-                "shard_grad_op" => ShardingStrategy::ShardGradOp,
-                "no_shard" => ShardingStrategy::NoShard,
-                _ => ShardingStrategy::FullShard,
-            };
             let code = bench_step(
                 trainer::bench::step::StepOptions {
                     models,

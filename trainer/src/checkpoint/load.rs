@@ -405,10 +405,7 @@ fn fill(
     let mut needed = reader.files_for(states);
     if let Some((index, count)) = share {
         let all = needed.len();
-        needed = (needed.into_iter().enumerate())
-            .filter(|(i, _)| i % count.max(1) == index)
-            .map(|(_, f)| f)
-            .collect();
+        needed = every_nth(needed, index, count);
         tracing::info!(
             "rank {index}: checking the sha256 of {} of the {all} checkpoint files it reads (the {count} ranks split the check: each reads them all)",
             needed.len()
@@ -533,15 +530,21 @@ fn fill_range(
 /// processes that read the same files check them all once between them. Returns how many it
 /// checked.
 pub(crate) fn verify_part(dir: &Path, m: &Manifest, index: usize, count: usize) -> Result<usize> {
-    let names: BTreeSet<String> = m
-        .files
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| i % count.max(1) == index)
-        .map(|(_, f)| f.file.clone())
-        .collect();
+    let names = every_nth(m.files.iter().map(|f| f.file.clone()), index, count);
     verify_files(dir, m, &names)?;
     Ok(names.len())
+}
+
+/// Every `count`-th item from the `index`-th: `index`'s share when `count` processes split them.
+fn every_nth<T: Ord>(
+    items: impl IntoIterator<Item = T>,
+    index: usize,
+    count: usize,
+) -> BTreeSet<T> {
+    (items.into_iter().enumerate())
+        .filter(|(i, _)| i % count.max(1) == index)
+        .map(|(_, t)| t)
+        .collect()
 }
 
 /// Checks the sha256 of files `names` of checkpoint `dir`, several at once (up to one thread per

@@ -7,12 +7,12 @@
 use serde::Deserialize;
 
 use super::schema::{
-    Attention, Backend, BadRecords, DType, ImagePlaceholder, LengthPolicy, PeftMethod, Resume,
-    SaveAdapter, ScheduleKind, ShardingStrategy, Supervise, TextOnly,
+    Attention, Backend, BadRecords, DType, DataFiles, ImagePlaceholder, LengthPolicy, PeftMethod,
+    Resume, SaveAdapter, Schedule, ScheduleKind, ShardingStrategy, Supervise, TextOnly,
 };
 use super::values::{
-    Beta, ClipNorm, Count, Decay, Dropout, FilePath, FilePaths, Int, NonNegative, Num, Positive,
-    PositiveInt, Ratio, Targets,
+    Beta, ClipNorm, Count, Decay, Dropout, FilePath, Int, NonNegative, Num, Positive, PositiveInt,
+    Ratio, Targets,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,8 +80,8 @@ impl Default for RawPeft {
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawData {
     /// Required.
-    pub train: Option<FilePaths>,
-    pub eval: Option<FilePaths>,
+    pub train: Option<DataFiles>,
+    pub eval: Option<DataFiles>,
     pub image_root: Option<FilePath>,
     pub max_seq_len: Int<PositiveInt>,
     pub max_seq_len_policy: LengthPolicy,
@@ -194,7 +194,7 @@ impl Default for RawSchedule {
         // StepLR(step_size=1, gamma=0.85) stepped once per epoch.
         RawSchedule {
             kind: ScheduleKind::Step,
-            gamma: Num::new(0.85),
+            gamma: Num::new(Schedule::DEFAULT_GAMMA),
             warmup_steps: Int::new(0),
             min_lr_ratio: Num::new(0.0),
         }

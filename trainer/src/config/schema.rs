@@ -296,6 +296,11 @@ pub struct Schedule {
     pub min_lr_ratio: f64,
 }
 
+impl Schedule {
+    /// `gamma`'s default: llama-recipes' StepLR gamma.
+    pub const DEFAULT_GAMMA: f64 = 0.85;
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
@@ -353,13 +358,25 @@ pub enum ShardingStrategy {
 }
 
 impl ShardingStrategy {
+    /// Every strategy with its config spelling.
+    pub const ALL: [(ShardingStrategy, &'static str); 3] = [
+        (ShardingStrategy::FullShard, "full_shard"),
+        (ShardingStrategy::ShardGradOp, "shard_grad_op"),
+        (ShardingStrategy::NoShard, "no_shard"),
+    ];
+
     /// The config's spelling.
     pub fn name(self) -> &'static str {
-        match self {
-            ShardingStrategy::FullShard => "full_shard",
-            ShardingStrategy::ShardGradOp => "shard_grad_op",
-            ShardingStrategy::NoShard => "no_shard",
-        }
+        let named = Self::ALL.iter().find(|(s, _)| *s == self);
+        named.map_or("", |(_, n)| n)
+    }
+
+    /// The strategy a config or flag names: ours, PyTorch's upper-case names, or
+    /// `ShardingStrategy.X` as llama-recipes' configs print it.
+    pub fn from_name(text: &str) -> Option<Self> {
+        let name = text.strip_prefix("ShardingStrategy.").unwrap_or(text);
+        let name = name.to_ascii_lowercase();
+        Self::ALL.iter().find(|(_, n)| *n == name).map(|(s, _)| *s)
     }
 }
 
@@ -372,12 +389,11 @@ impl<'de> Deserialize<'de> for ShardingStrategy {
                 f.write_str("one of full_shard, shard_grad_op, no_shard")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ShardingStrategy, E> {
-                // (also as llama-recipes' configs print it: `ShardingStrategy.FULL_SHARD`)
+                if let Some(s) = ShardingStrategy::from_name(v) {
+                    return Ok(s);
+                }
                 let name = v.strip_prefix("ShardingStrategy.").unwrap_or(v);
                 let got = match name.to_ascii_lowercase().as_str() {
-                    "full_shard" => return Ok(ShardingStrategy::FullShard),
-                    "shard_grad_op" => return Ok(ShardingStrategy::ShardGradOp),
-                    "no_shard" => return Ok(ShardingStrategy::NoShard),
                     "hybrid_shard" | "_hybrid_shard_zero2" => format!(
                         "{v:?} (HSDP, sharding within a node and replicating across nodes, is \
                          not supported: the collective layer has one group of every rank; \

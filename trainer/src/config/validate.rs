@@ -2,8 +2,8 @@
 //! (`values.rs`); this pass adds required keys and the rules that involve several keys.
 use super::raw::{RawCheckpoint, RawConfig, RawData, RawFsdp, RawModel, RawPeft, RawTrain};
 use super::schema::{
-    Attention, CheckpointConfig, Config, DType, DataConfig, DataFiles, FsdpConfig, LoraTargets,
-    ModelConfig, PeftConfig, PeftMethod, Schedule, ScheduleKind, TrainConfig,
+    Attention, CheckpointConfig, Config, DType, DataConfig, FsdpConfig, LoraTargets, ModelConfig,
+    PeftConfig, PeftMethod, Schedule, ScheduleKind, TrainConfig,
 };
 use super::values::Targets;
 use super::ConfigError;
@@ -161,15 +161,12 @@ fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
 
 fn data(raw: RawData) -> Result<DataConfig, ConfigError> {
     Ok(DataConfig {
-        train: DataFiles(
-            required(
-                raw.train,
-                "data.train",
-                "a JSONL file of training records, or a list of them",
-            )?
-            .0,
-        ),
-        eval: raw.eval.map(|p| DataFiles(p.0)),
+        train: required(
+            raw.train,
+            "data.train",
+            "a JSONL file of training records, or a list of them",
+        )?,
+        eval: raw.eval,
         image_root: raw.image_root.map(|p| p.0),
         max_seq_len: raw.max_seq_len.size(),
         max_seq_len_policy: raw.max_seq_len_policy,

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use serde::de::{self, Deserialize, Deserializer, SeqAccess, Unexpected, Visitor};
 
+use super::schema::DataFiles;
 use crate::model::lora::ALL_LINEAR;
 
 /// A rule for a floating-point value.
@@ -195,39 +196,35 @@ impl<'de> Deserialize<'de> for FilePath {
     }
 }
 
-/// One data file or a list of them (`data.train`, `data.eval`): a string, or a non-empty list of
-/// strings.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct FilePaths(pub(crate) Vec<PathBuf>);
-
+/// `data.train` / `data.eval` ([`DataFiles`]): a path, or a non-empty list of paths.
 struct PathsVisitor;
 
 impl<'de> Visitor<'de> for PathsVisitor {
-    type Value = FilePaths;
+    type Value = DataFiles;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a path or a list of paths")
     }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<FilePaths, E> {
-        PathVisitor.visit_str(v).map(|p| FilePaths(vec![p.0]))
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<DataFiles, E> {
+        PathVisitor.visit_str(v).map(|p| DataFiles(vec![p.0]))
     }
     // (as a single path reads them: `--set data.train=2024` is the file `2024`; a fraction's text
     // would not be what was written, so it asks for quotes)
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<FilePaths, E> {
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<DataFiles, E> {
         self.visit_str(&v.to_string())
     }
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<FilePaths, E> {
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<DataFiles, E> {
         self.visit_str(&v.to_string())
     }
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<FilePaths, E> {
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<DataFiles, E> {
         self.visit_str(&v.to_string())
     }
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<FilePaths, E> {
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<DataFiles, E> {
         Err(E::invalid_type(
             Unexpected::Float(v),
             &"a path (YAML read a number here, which may not be spelled as written: quote it, e.g. \"2024.10\")",
         ))
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<FilePaths, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<DataFiles, A::Error> {
         let mut paths = Vec::new();
         while let Some(FilePath(p)) = seq.next_element()? {
             paths.push(p);
@@ -237,11 +234,11 @@ impl<'de> Visitor<'de> for PathsVisitor {
                 "an empty list: name a JSONL file, or a list of them",
             ));
         }
-        Ok(FilePaths(paths))
+        Ok(DataFiles(paths))
     }
 }
 
-impl<'de> Deserialize<'de> for FilePaths {
+impl<'de> Deserialize<'de> for DataFiles {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(PathsVisitor)
     }

@@ -29,7 +29,7 @@ use tch::Tensor;
 use super::collate::{self, collate, Sample};
 use super::image::{self, ImageProcessorConfig};
 use super::loader::OrderedPool;
-use super::records::{parse_jsonl, ParseOptions, ParseReport, Problem, Record};
+use super::records::{parse_jsonl, sort_in_file_order, ParseOptions, ParseReport, Problem, Record};
 use super::sampler::{LengthGroupedSampler, Position};
 use super::tokenize::{apply_length_policy, LengthOutcome, TextProcessor, IGNORE};
 use crate::config::{BadRecords, Config, DataFiles, LengthPolicy};
@@ -441,8 +441,7 @@ impl Dataset {
                 Scanned::Skipped(why) => *report.skipped.entry(why.into()).or_default() += 1,
             }
         }
-        // (in file order: by the position of the problem's file in the list, then by line)
-        problems.sort_by_key(|p| (files.position(&p.file), p.line));
+        sort_in_file_order(&mut problems, &files);
         if !problems.is_empty() {
             report.skipped.insert("bad record".into(), problems.len());
         }
@@ -486,10 +485,7 @@ impl Dataset {
         // (most common; a tie goes to the text that sorts first, so every rank picks the same)
         let (text, n) = counts
             .into_iter()
-            .fold(None, |best: Option<(&str, usize)>, (t, n)| match best {
-                Some((_, m)) if m >= n => best,
-                _ => Some((t, n)),
-            })?;
+            .max_by(|(ta, a), (tb, b)| a.cmp(b).then(tb.cmp(ta)))?;
         Some((text.to_string(), n, multi))
     }
 
@@ -1111,7 +1107,7 @@ pub fn check_images(ds: &Dataset) -> Vec<Problem> {
             .flat_map(|h| h.join().expect("check worker panicked"))
             .collect()
     });
-    problems.sort_by_key(|p| (ds.inner.file.position(&p.file), p.line));
+    sort_in_file_order(&mut problems, &ds.inner.file);
     problems
 }
 

@@ -10,7 +10,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::config::TextOnly;
+use crate::config::{DataFiles, TextOnly};
 
 /// The LLaVA placeholder that marks where the image goes in a human turn.
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
@@ -62,6 +62,12 @@ pub struct ParseReport {
     pub kept_text_only: usize,
     /// Blank lines (ignored).
     pub blank_lines: usize,
+}
+
+/// Sorts `problems` of the split read from `files` as they appear: in the order of the list,
+/// then by line.
+pub fn sort_in_file_order(problems: &mut [Problem], files: &DataFiles) {
+    problems.sort_by_key(|p| (files.position(&p.file), p.line));
 }
 
 impl ParseReport {

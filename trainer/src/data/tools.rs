@@ -38,10 +38,7 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
             report.ok -= decode.len();
             *report.skipped.entry("bad record".into()).or_default() += decode.len();
             report.problems.extend(decode);
-            let files = &report.file;
-            report
-                .problems
-                .sort_by_key(|p| (files.position(&p.file), p.line));
+            super::records::sort_in_file_order(&mut report.problems, &report.file);
         }
         if config.data.bad_records == BadRecords::Error {
             stopping += report.problems.len();

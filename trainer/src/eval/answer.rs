@@ -159,7 +159,7 @@ fn letter_of(pred: &str, n: usize) -> Option<usize> {
 /// The letter a gold answer that is one capital letter names (its options are in the question's
 /// text), and how many letters a prediction may pick from: at least A-D, up to the gold one ("I"
 /// in "I think (C)" is then a word, not a letter).
-pub(crate) fn gold_letter(gold: &str) -> Option<(usize, usize)> {
+fn gold_letter(gold: &str) -> Option<(usize, usize)> {
     if !is_capital_letter(gold) {
         return None;
     }
@@ -449,7 +449,7 @@ const GLUED_UNITS: [&str; 16] = [
 /// ".5", "1,000", "42%", "3 cm", "45°", "9.8 m/s^2", "1/2", "10^3", "2 dogs", "3."): one number at
 /// the start, not run into a word ("3D" is text), then at most three words and no other number
 /// ("inf", "NaN" and "3 apples and 2 pears" are text answers).
-pub(crate) fn gold_number(s: &str) -> Option<f64> {
+fn gold_number(s: &str) -> Option<f64> {
     let t = strip_thousands(s.trim());
     let found = numbers(&t);
     let Some(first) = found.first() else {
@@ -572,6 +572,15 @@ pub fn is_correct(pred: &str, gold: &str, choices: Option<&[String]>) -> bool {
             .any(|p| p.split_whitespace().next() == Some(g.as_str()));
     }
     !g.is_empty() && readings.contains(&g)
+}
+
+/// Whether `is_correct` can ever find a prediction right for `gold`: false for a free-text
+/// answer that normalizes to nothing (punctuation, or an article alone).
+pub fn gold_is_scorable(gold: &str, choices: Option<&[String]>) -> bool {
+    choices.is_some_and(|c| !c.is_empty())
+        || gold_letter(gold).is_some()
+        || gold_number(gold).is_some()
+        || !normalize_text(gold).is_empty()
 }
 
 #[cfg(test)]

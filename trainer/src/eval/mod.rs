@@ -156,10 +156,7 @@ pub fn read_bench(path: &Path) -> Result<Vec<(usize, BenchItem)>, EvalError> {
                 .cloned(),
         );
         let item: BenchItem = serde_json::from_value(value).map_err(|e| bad(without_line(&e)))?;
-        let free_text = item.choices.as_deref().is_none_or(|c| c.is_empty())
-            && answer::gold_letter(&item.answer).is_none()
-            && answer::gold_number(&item.answer).is_none();
-        if free_text && answer::normalize_text(&item.answer).is_empty() {
+        if !answer::gold_is_scorable(&item.answer, item.choices.as_deref()) {
             return Err(bad(format!(
                 "answer {:?} is nothing once normalized (free-text answers are compared after lower-casing and dropping punctuation and the articles a, an, the); give a letter option as a capital (\"A\"), or the answer's words or number",
                 item.answer

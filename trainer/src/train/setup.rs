@@ -290,7 +290,7 @@ pub(super) fn unused_settings_notes(config: &Config) -> Vec<String> {
     // (a warmup or floor the kind ignores is refused by the config; gamma has a default, so only
     // another value is noted, not refused: configs that carry one for another kind still load)
     let s = &config.train.schedule;
-    if s.kind != config::ScheduleKind::Step && s.gamma != 0.85 {
+    if s.kind != config::ScheduleKind::Step && s.gamma != config::Schedule::DEFAULT_GAMMA {
         let kind = serde_json::to_value(s.kind).unwrap_or_default();
         notes.push(format!(
             "train.schedule.gamma ({}) is read by kind step only (it multiplies the learning rate once per epoch); kind {} ignores it",
