@@ -377,3 +377,38 @@ fn supervise_last_covers_the_last_answer_only() {
     assert!(text(&k_last).contains("blue square") && !text(&k_last).contains("red circle"));
     assert!(text(&k_all).contains("red circle"));
 }
+
+#[test]
+fn a_stream_cut_inside_a_character_is_flushed_as_the_whole_decode_has_it() {
+    let tp = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
+    // three bytes, and in the fixture's small byte-level vocabulary more than one token
+    let ids: Vec<i64> = tp
+        .tokenizer
+        .encode("ab 日", false)
+        .unwrap()
+        .get_ids()
+        .iter()
+        .map(|&i| i as i64)
+        .collect();
+    let cut = &ids[..ids.len() - 1]; // generation stopped inside the character
+    let mut stream = tp.tokenizer.decode_stream(true);
+    let mut streamed = String::new();
+    for &id in cut {
+        if let Some(piece) = stream.step(id as u32).unwrap() {
+            streamed.push_str(&piece);
+        }
+    }
+    let whole = tp.decode_exact(cut).unwrap();
+    assert!(whole.ends_with('\u{FFFD}'), "{whole:?}");
+    assert_ne!(
+        streamed, whole,
+        "the stream holds the unfinished bytes back"
+    );
+    let rest = tp.stream_rest(cut, &streamed).unwrap().expect("held back");
+    assert_eq!(streamed + &rest, whole);
+
+    // a stream that ends on a whole character holds nothing back
+    let done = tp.decode_exact(&ids).unwrap();
+    assert_eq!(done, "ab 日");
+    assert_eq!(tp.stream_rest(&ids, &done).unwrap(), None);
+}

@@ -119,6 +119,34 @@ fn greedy_turn_equals_the_no_cache_reference_and_turns_chain() {
 }
 
 #[test]
+fn streamed_pieces_add_up_to_the_text_wherever_generation_stops() {
+    // sampled from a random model over a small byte-level vocabulary, answers often end inside a
+    // character (max_new_tokens cuts them); the stream must flush the bytes it held back
+    let model = model();
+    let procs = processors();
+    let session = session(&model, &procs);
+    let mut cut_inside = 0;
+    for seed in 0..6 {
+        for max_new in [3, 7, 12] {
+            let o = InferOptions {
+                max_new_tokens: max_new,
+                ..opts(1, 1.0, seed)
+            };
+            let mut streamed = String::new();
+            let turns = session
+                .run(None, "How many red shapes?", &o, &mut |_, p| {
+                    streamed.push_str(p)
+                })
+                .unwrap();
+            let exact = procs.0.decode_exact(&turns[0].token_ids).unwrap();
+            assert_eq!(streamed, exact, "seed {seed}, max_new_tokens {max_new}");
+            cut_inside += usize::from(exact.ends_with('\u{FFFD}'));
+        }
+    }
+    assert!(cut_inside > 0, "no answer ended inside a character");
+}
+
+#[test]
 fn decode_steps_on_the_gemv_fast_path_equal_the_no_cache_reference() {
     // large enough linears for model/gemv.rs (its own test compares it with libtorch's linear);
     // the no-cache reference multiplies whole sequences with libtorch's gemm

@@ -181,6 +181,19 @@ impl TextProcessor {
             .map_err(|e| format!("tokenizer: {e}"))
     }
 
+    /// What a stream of `ids` held back: the end of their [`TextProcessor::decode_exact`] text
+    /// past `streamed` (the pieces a `decode_stream` gave), or None when nothing is left. A stream
+    /// gives a piece only once it ends on a whole character, so bytes a generation cut off in the
+    /// middle of one stay in it until flushed, as transformers' `TextStreamer.end()` flushes its
+    /// cache (they decode as U+FFFD, as the whole text has them).
+    pub fn stream_rest(&self, ids: &[i64], streamed: &str) -> Result<Option<String>, String> {
+        let whole = self.decode_exact(ids)?;
+        Ok(match whole.strip_prefix(streamed) {
+            Some(rest) if !rest.is_empty() => Some(rest.to_string()),
+            _ => None,
+        })
+    }
+
     /// The text the seed tokenizes for these turns.
     pub fn render(&self, turns: &[Turn], has_image: bool) -> Result<String, String> {
         let text = self

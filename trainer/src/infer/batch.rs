@@ -211,6 +211,7 @@ impl Session<'_> {
                 };
                 if eos.contains(&token) {
                     out[r].ended = true;
+                    self.flush_stream(r, &mut out[r], on_piece)?;
                     continue;
                 }
                 out[r].token_ids.push(token);
@@ -251,12 +252,28 @@ impl Session<'_> {
             })?; // (B', V)
             next_pos += 1;
         }
-        // the text as transformers' decode gives it: whole, so bytes a cut-off character left in a
-        // stream are not lost, and cleaned up where the tokenizer config asks (the streamed
-        // pieces are not)
-        for o in &mut out {
+        // the text as transformers' decode gives it: whole, and cleaned up where the tokenizer
+        // config asks (the streamed pieces are not)
+        for (r, o) in out.iter_mut().enumerate() {
+            self.flush_stream(r, o, on_piece)?; // (rows cut off by max_new)
             o.text = self.text.decode(&o.token_ids).map_err(InferError::Input)?;
         }
         Ok(out)
+    }
+
+    /// Gives `on_piece` what row r's stream held back (the bytes of a character its last token
+    /// left unfinished), so the pieces add up to the row's text before clean-up.
+    fn flush_stream(
+        &self,
+        r: usize,
+        row: &mut Generated,
+        on_piece: &mut dyn FnMut(usize, &str),
+    ) -> Result<(), InferError> {
+        let rest = self.text.stream_rest(&row.token_ids, &row.text);
+        if let Some(rest) = rest.map_err(InferError::Input)? {
+            on_piece(r, &rest);
+            row.text.push_str(&rest);
+        }
+        Ok(())
     }
 }
