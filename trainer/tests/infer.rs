@@ -126,7 +126,11 @@ fn streamed_pieces_add_up_to_the_text_wherever_generation_stops() {
     let procs = processors();
     let session = session(&model, &procs);
     let mut cut_inside = 0;
-    for seed in 0..6 {
+    // (each answer ends inside a character with a chance of about 1 in 12: seeds until 3 have)
+    for seed in 0..80 {
+        if cut_inside >= 3 {
+            break;
+        }
         for max_new in [3, 7, 12] {
             let o = InferOptions {
                 max_new_tokens: max_new,
@@ -143,7 +147,10 @@ fn streamed_pieces_add_up_to_the_text_wherever_generation_stops() {
             cut_inside += usize::from(exact.ends_with('\u{FFFD}'));
         }
     }
-    assert!(cut_inside > 0, "no answer ended inside a character");
+    assert!(
+        cut_inside >= 3,
+        "only {cut_inside} answers ended inside a character"
+    );
 }
 
 #[test]

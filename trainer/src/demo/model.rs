@@ -271,13 +271,9 @@ pub fn write_model_folder(
     let text = serde_json::to_string_pretty(&config_json(vocab, sizes.tile))?;
     std::fs::write(dir.join("config.json"), &text)?;
     let config = MllamaConfig::from_json_str(&text).context("the demo config.json")?;
-    // libtorch's generator is process-global: hold it for the whole seeded initialization so
-    // two generations in one process (tests) cannot interleave their draws
-    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    // (random holds libtorch's global generator for the whole seeded initialization)
     let model = MllamaModel::random(config, LoadOptions::default(), seed)
         .context("initializing the demo model")?;
-    drop(guard);
     init_positions(&model, sizes.tile as i64 / PATCH);
     let mut params = 0usize;
     model.visit_params(&mut |_, t| params += t.numel());

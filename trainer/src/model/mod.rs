@@ -387,12 +387,16 @@ impl MllamaModel {
     }
 
     /// A randomly initialised model (see [`weights::Loader::random`]) for tests and benchmarks; `seed` seeds
-    /// libtorch's generator.
+    /// libtorch's generator, so the same seed gives the same weights.
     pub fn random(
         config: MllamaConfig,
         options: LoadOptions,
         seed: i64,
     ) -> Result<Self, ModelError> {
+        // libtorch's generator is process-global: models built at once on several threads (tests)
+        // would interleave their draws, and their weights would depend on the scheduling
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = INIT.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(seed);
         let ld = weights::Loader::random(options.dtype, options.device);
         Self::build(config, ld, options)
