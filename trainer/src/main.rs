@@ -379,8 +379,9 @@ struct GenerationArgs {
     /// Total turns: 1 = the answer (no correction), 2 = answer + one self-correction, ...
     #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     turns: usize,
-    /// The user message of each correction turn (default: with --checkpoint, the one its run's
-    /// data used; otherwise the one `data build-sco` writes)
+    /// The user message of each correction turn (default: the one the run's data used, as
+    /// --checkpoint's manifest or an export's llava_sco_prompt.json records it; otherwise the one
+    /// `data build-sco` writes)
     #[arg(long)]
     correction_prompt: Option<String>,
     /// Where the correction turn goes: after the whole answer, or after </REASONING>
@@ -407,12 +408,13 @@ struct GenerationArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Keep a LLaVA `<image>` marker at the question's start or end as text (for a model trained
-    /// with data.image_placeholder: keep; by default it is removed, as in training)
+    /// with data.image_placeholder: keep, which --checkpoint and an export's llava_sco_prompt.json
+    /// apply by themselves; by default it is removed, as in training)
     #[arg(long)]
     keep_image_placeholder: bool,
     /// Start the prompt with two <|begin_of_text|>, as a model trained with data.double_bos: true
-    /// saw it (the seed's collator); by default one, as the seed's inference (`trainer infer
-    /// --checkpoint` applies the checkpoint run's own setting)
+    /// saw it (the seed's collator); by default one, as the seed's inference (with --checkpoint
+    /// or an export's llava_sco_prompt.json, the run's own setting)
     #[arg(long)]
     double_bos: bool,
 }
@@ -456,6 +458,7 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
     let (ckpt, model_dir, generation) = checkpoint_and_base(
         args.checkpoint.as_deref(),
         args.model.as_ref(),
+        args.adapter.as_deref(),
         &args.generation,
         &|c| Ok(c.verify_part(0, 1).map(drop)?),
     )?;
@@ -558,11 +561,13 @@ struct EvalArgs {
 }
 
 /// `--checkpoint` (read, its files checked by `verify`, its base checked) and the model folder:
-/// `--model`, else the checkpoint's run's; and the generation settings with the prompt as that
-/// run trained on it (the flags can only add to that).
+/// `--model`, else the checkpoint's run's; and the generation settings with the prompt as the
+/// run trained on it (the flags can only add to that): the checkpoint's manifest says how, an
+/// exported adapter or merged folder its `llava_sco_prompt.json`.
 fn checkpoint_and_base(
     checkpoint: Option<&std::path::Path>,
     model: Option<&PathBuf>,
+    adapter: Option<&std::path::Path>,
     generation: &GenerationArgs,
     verify: &dyn Fn(&trainer::infer::CheckpointWeights) -> Result<()>,
 ) -> Result<(
@@ -585,16 +590,25 @@ fn checkpoint_and_base(
     if let Some(c) = &ckpt {
         c.check_base(&model_dir)?;
     }
-    let trained = ckpt
-        .as_ref()
-        .map(|c| c.prompt_settings())
-        .unwrap_or_default();
+    use trainer::checkpoint::{PromptSettings, PROMPT_FILE};
+    // (an adapter's before its base's: a merged folder may be the base of a later run's adapter)
+    let exported = |dir: &std::path::Path| -> Result<Option<(PromptSettings, String)>> {
+        let label = format!("the run of {}", dir.join(PROMPT_FILE).display());
+        Ok(PromptSettings::read_folder(dir)?.map(|s| (s, label)))
+    };
+    let (trained, run) = match (&ckpt, adapter) {
+        (Some(c), _) => Some((c.prompt_settings(), "the checkpoint's run".to_string())),
+        (None, Some(a)) => exported(a)?,
+        (None, None) => None,
+    }
+    .map_or_else(|| exported(&model_dir), |found| Ok(Some(found)))?
+    .unwrap_or_default();
     let mut generation = generation.clone();
     generation.double_bos |= trained.double_bos;
     generation.keep_image_placeholder |= trained.keep_image_placeholder;
     if trained.double_bos || trained.keep_image_placeholder {
         tracing::info!(
-            "prompts as the checkpoint's run trained on them: double_bos {}, image placeholder {}",
+            "prompts as {run} trained on them: double_bos {}, image placeholder {}",
             trained.double_bos,
             if trained.keep_image_placeholder {
                 "kept"
@@ -606,25 +620,24 @@ fn checkpoint_and_base(
     // the correction turn the run trained on, unless --correction-prompt says otherwise
     match (&generation.correction_prompt, trained.correction_prompt) {
         (None, Some(p)) => {
-            tracing::info!("correction prompt as the checkpoint's run trained on it: {p:?} (--correction-prompt gives another)");
+            tracing::info!("correction prompt as {run} trained on it: {p:?} (--correction-prompt gives another)");
             generation.correction_prompt = Some(p);
         }
-        (Some(given), Some(p)) if given.trim() != p => tracing::warn!(
-            "--correction-prompt differs from the one the checkpoint's run trained on ({p:?})"
-        ),
+        (Some(given), Some(p)) if given.trim() != p => {
+            tracing::warn!("--correction-prompt differs from the one {run} trained on ({p:?})")
+        }
         _ => {}
     }
     Ok((ckpt, model_dir, generation))
 }
 
-/// After an export from a checkpoint: the infer/eval flags that prompt as its run trained (its
-/// correction prompt, double BOS, kept image placeholder), which the exported files do not carry
-/// (`--checkpoint` applies them by itself).
-fn print_prompt_flags(checkpoint: &std::path::Path) {
-    let Ok(c) = trainer::infer::CheckpointWeights::read_unverified(checkpoint) else {
+/// After an export: the prompt settings its folder carries (the run's correction prompt, double
+/// BOS, kept image placeholder), which `trainer infer|eval` follow, as the flags that give them.
+fn print_prompt_settings(out: &std::path::Path) {
+    use trainer::checkpoint::{PromptSettings, PROMPT_FILE};
+    let Ok(Some(p)) = PromptSettings::read_folder(out) else {
         return;
     };
-    let p = c.prompt_settings();
     let mut flags = vec![];
     let default = trainer::data::records::DEFAULT_CORRECTION_PROMPT;
     if let Some(prompt) = p.correction_prompt.as_deref().filter(|&t| t != default) {
@@ -640,12 +653,14 @@ fn print_prompt_flags(checkpoint: &std::path::Path) {
     if p.keep_image_placeholder {
         flags.push("--keep-image-placeholder".into());
     }
-    if !flags.is_empty() {
-        println!(
-            "to prompt as the run trained, give `trainer infer` / `trainer eval` with this export: {}",
-            flags.join(" ")
-        );
-    }
+    println!(
+        "{}: the run's prompt settings, which `trainer infer` / `trainer eval` follow with this export ({})",
+        out.join(PROMPT_FILE).display(),
+        match flags.is_empty() {
+            true => "the defaults".to_string(),
+            false => format!("as {}", flags.join(" ")),
+        }
+    );
 }
 
 /// Loads model (+ adapter, or a training checkpoint's weights), tokenizer/template and image
@@ -842,6 +857,7 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
     let (ckpt, model_dir, generation) = checkpoint_and_base(
         args.checkpoint.as_deref(),
         args.model.as_ref(),
+        args.adapter.as_deref(),
         &args.generation,
         &verify,
     )?;
@@ -1192,7 +1208,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     args.out.display(),
                     checkpoint.display()
                 );
-                print_prompt_flags(&checkpoint);
+                print_prompt_settings(&args.out);
                 Ok(ExitCode::SUCCESS)
             }
             ExportFormat::Merged => {
@@ -1227,9 +1243,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     s.files.join(", "),
                     from.display()
                 );
-                if let Some(c) = &args.checkpoint {
-                    print_prompt_flags(c);
-                }
+                print_prompt_settings(&args.out);
                 Ok(ExitCode::SUCCESS)
             }
         },

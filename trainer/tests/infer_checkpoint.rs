@@ -9,6 +9,7 @@ use std::process::Command;
 use common::ckpt::*;
 use common::{bin, copy_dir, repo, tiny_model_folder};
 use serde_json::Value;
+use trainer::checkpoint::PROMPT_FILE;
 use trainer::infer::{CheckpointWeights, PromptSettings};
 use trainer::model::{LoadOptions, MllamaModel};
 
@@ -184,6 +185,9 @@ fn a_checkpoint_records_its_prompt_settings() {
             correction_prompt: None,
         }
     );
+    // the adapter the run leaves in train.output_dir carries them too
+    assert!(out.join("adapter_config.json").is_file());
+    assert_eq!(PromptSettings::read_folder(&out).unwrap(), Some(settings));
     // and infer --checkpoint prompts that way
     let (code, _, err) = trainer(&INFER, &[("--checkpoint", &ckpt)]);
     assert_eq!(code, Some(0), "{err}");
@@ -243,7 +247,7 @@ fn a_checkpoint_records_its_datas_correction_prompt() {
     let (code, _, err) = trainer(&given, &[("--checkpoint", &ckpt)]);
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("--correction-prompt differs"), "{err}");
-    // an export does not carry it: it says which flags to give
+    // an exported adapter carries it (and says so), and infer --adapter asks with it
     let adapter = out.join("adapter");
     let (code, stdout, err) = trainer(
         &["export", "--format", "peft"],
@@ -251,8 +255,46 @@ fn a_checkpoint_records_its_datas_correction_prompt() {
     );
     assert_eq!(code, Some(0), "{err}");
     assert!(
-        stdout.contains("give `trainer infer` / `trainer eval` with this export: --correction-prompt 'Look again.'"),
+        stdout.contains("the run's prompt settings, which `trainer infer` / `trainer eval` follow with this export (as --correction-prompt 'Look again.')"),
         "{stdout}"
+    );
+    assert_eq!(
+        PromptSettings::read_folder(&adapter).unwrap(),
+        Some(settings.clone())
+    );
+    let model = setup().join("model");
+    let (code, _, err) = trainer(&INFER, &[("--model", &model), ("--adapter", &adapter)]);
+    assert_eq!(code, Some(0), "{err}");
+    let from_file = format!(
+        "correction prompt as the run of {} trained on it: \"Look again.\"",
+        adapter.join(PROMPT_FILE).display()
+    );
+    assert!(err.contains(&from_file), "{err}");
+    // so does a folder merged from that adapter, for infer --model
+    let merged = out.join("merged");
+    let (code, _, err) = trainer(
+        &["export", "--format", "merged"],
+        &[
+            ("--adapter", &adapter),
+            ("--model", &model),
+            ("--out", &merged),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        PromptSettings::read_folder(&merged).unwrap(),
+        Some(settings.clone())
+    );
+    let (code, _, err) = trainer(&INFER, &[("--model", &merged)]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("correction prompt as the run of"), "{err}");
+    // a broken settings file is an error that names it, not defaults used silently
+    std::fs::write(merged.join(PROMPT_FILE), "[1, 2]").unwrap();
+    let (code, _, err) = trainer(&INFER, &[("--model", &merged)]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(PROMPT_FILE) && err.contains("export again"),
+        "{err}"
     );
     // second turns that are further questions, none shared by most samples: nothing recorded
     let asks: Vec<String> = (lines.iter().enumerate())

@@ -50,6 +50,14 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
             );
         }
     }
+    // (another export's: it would describe these weights where this run recorded no settings)
+    if out.join(super::PROMPT_FILE).exists() {
+        bail!(
+            "--out {} already holds {} (another export's prompt settings); give an empty or new folder",
+            out.display(),
+            super::PROMPT_FILE
+        );
+    }
     let (m, mut tensors) = read_full(checkpoint)?;
     if naming == AdapterNaming::Hf4 {
         for (name, _) in &mut tensors {
@@ -146,6 +154,10 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
     publish("adapter_model.safetensors", &|p| {
         super::write_synced(p, &adapter_bytes(&tensors)?)
     })?;
+    // the run's prompt settings, which `trainer infer|eval --adapter` follow
+    if let Some(bytes) = super::prompt::file_bytes(&m.prompt)? {
+        publish(super::PROMPT_FILE, &|p| super::write_synced(p, &bytes))?;
+    }
     publish("adapter_config.json", &|p| {
         super::write_synced(p, serde_json::to_string_pretty(&config)?.as_bytes())
     })?;
@@ -184,6 +196,21 @@ pub fn replace_adapter(checkpoint: &Path, dir: &Path, naming: AdapterNaming) -> 
         Ok(()) => super::fsync_dir(dir).with_context(|| format!("syncing {}", dir.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing {}", config.display())),
+    }
+    // the prompt settings with the weights (an older run's go when this one recorded none)
+    let prompt = (
+        staging.join(super::PROMPT_FILE),
+        dir.join(super::PROMPT_FILE),
+    );
+    match prompt.0.exists() {
+        true => std::fs::rename(&prompt.0, &prompt.1)
+            .with_context(|| format!("moving {} to {}", prompt.0.display(), prompt.1.display()))?,
+        false => match std::fs::remove_file(&prompt.1) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", prompt.1.display()))
+            }
+            _ => {}
+        },
     }
     for name in ["adapter_model.safetensors", "adapter_config.json"] {
         let (from, to) = (staging.join(name), dir.join(name));

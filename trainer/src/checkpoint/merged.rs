@@ -261,7 +261,8 @@ pub fn export_merged(
     max_shard_bytes: u64,
 ) -> Result<MergedSummary> {
     let manifest;
-    let (what, base_dir, lora, mut trained) = match source {
+    // (and the run's prompt settings, which the folder carries for `trainer infer|eval --model`)
+    let (what, base_dir, lora, mut trained, prompt) = match source {
         MergeSource::Checkpoint(dir) => {
             manifest = read_manifest(dir)?;
             let (base_dir, lora) = checkpoint_base(dir, &manifest, model)?;
@@ -271,6 +272,7 @@ pub fn export_merged(
                 base_dir,
                 lora,
                 trained,
+                super::prompt::file_bytes(&manifest.prompt)?,
             )
         }
         MergeSource::Adapter(dir) => {
@@ -285,11 +287,16 @@ pub fn export_merged(
                 ),
             };
             let what = format!("adapter {}", dir.display());
+            let prompt = match super::prompt::read_section(dir)? {
+                Some(p) => super::prompt::file_bytes(&p)?,
+                None => None,
+            };
             (
                 what,
                 base_dir,
                 Some(a.config.scaling()),
                 Trained::Adapter(a.factors),
+                prompt,
             )
         }
     };
@@ -479,6 +486,10 @@ pub fn export_merged(
         let p = stage("model.safetensors.index.json", &mut created);
         super::write_synced(&p, serde_json::to_string_pretty(&index)?.as_bytes())?;
     }
+    if let Some(bytes) = &prompt {
+        let p = stage(super::PROMPT_FILE, &mut created);
+        super::write_synced(&p, bytes)?;
+    }
     // (SIDE_FILES ends with config.json: renamed last, it marks the folder complete)
     for f in SIDE_FILES {
         let src = base_dir.join(f);
@@ -604,7 +615,7 @@ fn prepare_out(out: &Path) -> Result<super::ExportLock> {
                 out.display()
             );
         }
-        if SIDE_FILES.contains(&name.as_str()) {
+        if SIDE_FILES.contains(&name.as_str()) || name == super::PROMPT_FILE {
             bail!(
                 "--out {} already holds {name}, which the export writes; give an empty or new folder",
                 out.display()
@@ -626,7 +637,11 @@ fn is_staging_name(name: &str) -> bool {
     SIDE_FILES
         .iter()
         .copied()
-        .chain(["model.safetensors", "model.safetensors.index.json"])
+        .chain([
+            "model.safetensors",
+            "model.safetensors.index.json",
+            super::PROMPT_FILE,
+        ])
         .any(|f| name == staging_name(f))
         || (name.starts_with(".model-") && name.ends_with(".safetensors.partial"))
 }

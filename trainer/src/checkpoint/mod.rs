@@ -19,6 +19,7 @@ pub mod export;
 pub mod load;
 pub mod manifest;
 pub mod merged;
+pub mod prompt;
 pub mod save;
 pub mod validation;
 
@@ -37,6 +38,7 @@ pub use export::{export_peft, replace_adapter, AdapterNaming};
 pub use load::{check_resume_folder, read_full, resume, Resumed};
 pub use manifest::{Manifest, FORMAT, VERSION};
 pub use merged::{export_merged, parse_size, MergeSource, MergedSummary};
+pub use prompt::{PromptSettings, PROMPT_FILE};
 pub(crate) use save::set_aside_later;
 pub use save::Checkpointer;
 

@@ -12,19 +12,10 @@ use sha2::{Digest, Sha256};
 use tch::Tensor;
 
 use super::InferError;
-use crate::checkpoint::Manifest;
+use crate::checkpoint::{Manifest, PromptSettings};
 use crate::model::{LoraConfig, MllamaModel, TargetModules};
 
 /// A checkpoint whose trainable weights `apply` puts on a model.
-/// The prompt settings a run trained with, which inference from its checkpoint follows.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PromptSettings {
-    pub double_bos: bool,
-    pub keep_image_placeholder: bool,
-    /// The second user turn of the run's data (its most common one).
-    pub correction_prompt: Option<String>,
-}
-
 pub struct CheckpointWeights {
     pub dir: PathBuf,
     pub manifest: Manifest,
@@ -69,19 +60,7 @@ impl CheckpointWeights {
     /// How the run built its prompts (`data.double_bos`, `data.image_placeholder`); the defaults
     /// for checkpoints of trainers that did not record them.
     pub fn prompt_settings(&self) -> PromptSettings {
-        let p = &self.manifest.prompt;
-        PromptSettings {
-            double_bos: p
-                .get("double_bos")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            keep_image_placeholder: p.get("image_placeholder").and_then(Value::as_str)
-                == Some("keep"),
-            correction_prompt: p
-                .get("correction_prompt")
-                .and_then(Value::as_str)
-                .map(String::from),
-        }
+        PromptSettings::from_value(&self.manifest.prompt)
     }
 
     fn is_lora(&self) -> bool {

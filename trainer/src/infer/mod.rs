@@ -16,11 +16,12 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tch::{Device, Tensor};
 
+pub use crate::checkpoint::PromptSettings;
 use crate::data::image::{process, ImageProcessorConfig, ProcessedImage, RgbImage};
 use crate::data::tokenize::{build_string_from_input, cross_attention_token_mask, TextProcessor};
 use crate::model::{Images, MllamaModel, ModelError};
 pub use batch::{Generated, Prompt};
-pub use checkpoint::{CheckpointWeights, PromptSettings};
+pub use checkpoint::CheckpointWeights;
 use sampling::Sampler;
 pub use stages::Stages;
 

@@ -1,0 +1,69 @@
+//! The prompt settings a run trained with (the manifest's `prompt` section): how it built prompts
+//! (double BOS, the image placeholder) and its data's correction prompt. Inference follows them:
+//! `--checkpoint` reads the manifest, and exported adapter and merged folders carry the section
+//! as [`PROMPT_FILE`], which `--adapter` and `--model` read (other tools ignore the file).
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+/// The file an exported folder carries its run's prompt settings in.
+pub const PROMPT_FILE: &str = "llava_sco_prompt.json";
+
+/// The prompt settings a run trained with, which inference from its weights follows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PromptSettings {
+    pub double_bos: bool,
+    pub keep_image_placeholder: bool,
+    /// The second user turn of the run's data (its most common one).
+    pub correction_prompt: Option<String>,
+}
+
+impl PromptSettings {
+    /// A manifest's `prompt` section; the defaults for what trainers before a setting did not
+    /// record.
+    pub fn from_value(p: &Value) -> Self {
+        PromptSettings {
+            double_bos: p
+                .get("double_bos")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            keep_image_placeholder: p.get("image_placeholder").and_then(Value::as_str)
+                == Some("keep"),
+            correction_prompt: p
+                .get("correction_prompt")
+                .and_then(Value::as_str)
+                .map(String::from),
+        }
+    }
+
+    /// The settings `dir` carries in [`PROMPT_FILE`]; None when it has none.
+    pub fn read_folder(dir: &Path) -> Result<Option<Self>> {
+        Ok(read_section(dir)?.map(|p| Self::from_value(&p)))
+    }
+}
+
+/// The `prompt` section `dir` carries in [`PROMPT_FILE`]; None when it has none.
+pub(crate) fn read_section(dir: &Path) -> Result<Option<Value>> {
+    let path = dir.join(PROMPT_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        read => read.with_context(|| format!("reading {}", path.display()))?,
+    };
+    match serde_json::from_str::<Value>(&text) {
+        Ok(p) if p.is_object() => Ok(Some(p)),
+        _ => anyhow::bail!(
+            "{}: not the JSON object of prompt settings an export writes; export again, or remove the file to prompt with the defaults",
+            path.display()
+        ),
+    }
+}
+
+/// [`PROMPT_FILE`]'s bytes for a `prompt` section; None for checkpoints of trainers that recorded
+/// none.
+pub(crate) fn file_bytes(prompt: &Value) -> Result<Option<Vec<u8>>> {
+    match prompt {
+        Value::Object(m) if !m.is_empty() => Ok(Some(serde_json::to_vec_pretty(prompt)?)),
+        _ => Ok(None),
+    }
+}
