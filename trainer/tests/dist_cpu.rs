@@ -544,3 +544,114 @@ fn ranks_in_other_time_zones_render_rank_0s_date() {
     assert_eq!(agreed0, own0);
     assert_eq!(agreed1, own0, "rank 1 renders rank 0's date");
 }
+
+/// The lines of the ranks' `group ops correct` reports in launcher outputs.
+fn group_reports(outputs: &[&Output]) -> Vec<String> {
+    let mut lines: Vec<String> = outputs
+        .iter()
+        .flat_map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.contains("group ops correct"))
+                .map(|l| l.split("dist-selftest: ").last().unwrap_or(l).to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn sub_groups_on_one_host_run_every_op_over_their_members_only() {
+    let (output, dir) = selftest(4, &["--mode", "groups"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let reports = group_reports(&[&output]);
+    assert_eq!(reports.len(), 4, "{reports:?}\n{stderr}");
+    for (rank, line) in reports.iter().enumerate() {
+        // group ranks: halves [0, 1] [2, 3], strides [0, 2] [1, 3]
+        assert!(line.starts_with(&format!("rank {rank}:")), "{line}");
+        assert!(
+            line.contains(&format!("({}), strides shm-", rank % 2)),
+            "{line}"
+        );
+        assert!(line.contains(&format!("({})", rank / 2)), "{line}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn sub_groups_across_two_nodes_take_tcp_and_within_one_shared_memory() {
+    let ([node0, node1], dir) = selftest_two_nodes(4, &["--mode", "groups"]);
+    for o in [&node0, &node1] {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let reports = group_reports(&[&node0, &node1]);
+    assert_eq!(reports.len(), 4, "{reports:?}");
+    for line in &reports {
+        // a half is one node's ranks, a stride spans both nodes
+        assert!(
+            line.contains("halves shm-") && line.contains("strides tcp"),
+            "{line}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_dead_peer_in_a_sub_group_is_named_by_its_global_rank() {
+    let (output, dir) = selftest(4, &["--mode", "group-death", "--die-rank", "2"]);
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // rank 0 shares the stride group [0, 2] with the dead rank (its group rank 1)
+    let err = read(&dir, "error-0.txt");
+    assert!(
+        err.contains(
+            "rank 2 stopped answering during all_reduce in group stride-0 of global ranks [0, 2]"
+        ),
+        "{err}"
+    );
+    // [1, 3] lost no one
+    for r in [1, 3] {
+        assert_eq!(
+            read(&dir, &format!("error-{r}.txt")),
+            "no error",
+            "rank {r}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn new_group_refuses_ranks_outside_the_group_and_odd_names() {
+    use trainer::dist::{Backend, ProcessGroup, ReduceOp};
+    // world 1 (no launcher): the one rank is rank 0
+    let pg = ProcessGroup::from_env(Backend::Cpu, std::time::Duration::from_secs(5)).unwrap();
+    let solo = pg.new_group(&[0], "solo").unwrap();
+    assert_eq!((solo.rank(), solo.world_size()), (0, 1));
+    let t = tch::Tensor::from_slice(&[2.0f32]);
+    solo.all_reduce(&t, ReduceOp::Sum).unwrap();
+    assert_eq!(t.double_value(&[0]), 2.0);
+    for (ranks, name, says) in [
+        (
+            &[][..],
+            "none",
+            "must be ascending ranks of this group ([0])",
+        ),
+        (
+            &[0, 1][..],
+            "two",
+            "must be ascending ranks of this group ([0])",
+        ),
+        (&[0, 0][..], "twice", "must be ascending"),
+        (&[0][..], "a b", "letters, digits and '-'"),
+        (&[0][..], "", "letters, digits and '-'"),
+    ] {
+        let err = pg.new_group(ranks, name).err().expect(name).to_string();
+        assert!(err.contains(says), "{name}: {err}");
+    }
+}

@@ -174,6 +174,12 @@ impl StoreClient {
         self
     }
 
+    /// Appends `more` to this client's key prefix (a namespace inside its namespace).
+    pub fn scoped(mut self, more: &str) -> Self {
+        self.prefix.push_str(more);
+        self
+    }
+
     /// Sets the bound of blocking calls that take no explicit timeout.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;

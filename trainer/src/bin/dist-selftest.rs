@@ -10,6 +10,10 @@
 //! all_reduce it started, so the others lose it mid-op (while reading its memory, with
 //! cross-memory attach) or at the op's next barrier; they record the first error of that
 //! all_reduce and a barrier after it.
+//! `--mode groups` (even world): the ops of `ops` in sub-groups (`new_group`): the halves of the
+//! ranks and the strides across them, as HSDP's shard and replica groups.
+//! `--mode group-death --die-rank R`: rank R exits; the others all_reduce in a sub-group and write
+//! the error they get (global rank numbers) to `OUT/error-RANK.txt`.
 //! `--mode transport`: one all_reduce, checked, and a line naming the transport (setup tests).
 //! `--mode drop-unwaited`: an all_reduce whose Work is dropped without wait() has completed
 //! right after (the drop waits), on every rank.
@@ -252,6 +256,64 @@ fn main() -> Result<()> {
                 pg.transport()
             );
             std::fs::write(args.out.join(format!("result-{rank}.txt")), log)?;
+        }
+        "groups" => {
+            // world 2k: the halves (0..k, k..2k: on one node each with two launcher nodes) and
+            // the strides (r, r + k: across the nodes), as HSDP's shard and replica groups; every
+            // op in each against the reference of its own members, with world ops between them
+            let pg = ProcessGroup::from_env(backend, Duration::from_secs(60))?;
+            let (world, half) = (pg.world_size(), pg.world_size() / 2);
+            if world % 2 != 0 {
+                bail!("--mode groups needs an even world size");
+            }
+            let row: Vec<usize> = (0..half).map(|i| rank / half * half + i).collect();
+            let col: Vec<usize> = (0..2).map(|i| rank % half + i * half).collect();
+            let rows = pg.new_group(&row, &format!("half-{}", rank / half))?;
+            let cols = pg.new_group(&col, &format!("stride-{}", rank % half))?;
+            let mut log = run_ops(&rows, false, Device::Cpu).context("in the halves")?;
+            pg.barrier()?;
+            log += &run_ops(&cols, false, Device::Cpu).context("in the strides")?;
+            // a group reduces over its members only, and the world group still over every rank
+            let t = Tensor::from_slice(&[rank as f64]);
+            cols.all_reduce(&t, ReduceOp::Sum)?;
+            let g = Tensor::from_slice(&[rank as f64]);
+            pg.all_reduce(&g, ReduceOp::Sum)?;
+            let (want_col, want_world) = (col.iter().sum::<usize>(), world * (world - 1) / 2);
+            if t.double_value(&[0]) != want_col as f64 || g.double_value(&[0]) != want_world as f64
+            {
+                bail!("a group reduced over the wrong ranks");
+            }
+            println!(
+                "dist-selftest: rank {rank}: group ops correct; halves {} ({}), strides {} ({})",
+                rows.transport(),
+                rows.rank(),
+                cols.transport(),
+                cols.rank()
+            );
+            std::fs::write(args.out.join(format!("result-{rank}.txt")), log)?;
+        }
+        "group-death" => {
+            // rank --die-rank exits; the others all_reduce in their stride group (r, r + W/2):
+            // its member's error names the dead rank by its global number
+            // SAFETY: ignoring SIGTERM so this rank outlives the launcher's stop long enough to report.
+            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+            let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
+            let half = pg.world_size() / 2;
+            let col: Vec<usize> = (0..2).map(|i| rank % half + i * half).collect();
+            let cols = pg.new_group(&col, &format!("stride-{}", rank % half))?;
+            pg.barrier()?;
+            if rank == args.die_rank {
+                std::process::exit(3);
+            }
+            let t = Tensor::ones([1 << 16], (Kind::Float, tch::Device::Cpu));
+            let err = match cols.all_reduce(&t, ReduceOp::Sum) {
+                Ok(()) => "no error".to_string(),
+                Err(e) => e.to_string(),
+            };
+            std::fs::write(args.out.join(format!("error-{rank}.txt")), &err)?;
+            eprintln!("rank {rank}: {err}");
+            std::thread::sleep(Duration::from_millis(500));
+            std::process::exit(1);
         }
         "death" => {
             // SAFETY: ignoring SIGTERM so this rank outlives the launcher's stop long enough to report.

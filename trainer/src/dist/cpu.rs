@@ -113,6 +113,7 @@ impl CpuEngine {
         store: Option<StoreClient>,
         timeout: Duration,
         force_tcp: bool,
+        segment: &str,
     ) -> Result<CpuEngine> {
         let transport = match (env.world_size, store) {
             (1, _) => Transport::Alone,
@@ -128,7 +129,7 @@ impl CpuEngine {
                 let mode = cma::Mode::from_env()?;
                 same_host(env, &mut store, timeout)?;
                 let sizes: Vec<usize> = slot_sizes(w).iter().map(|c| 2 * (w + 1) * c).collect();
-                let mut seg = Segment::open(env, &mut store, "cpu-pg", &sizes, timeout)?;
+                let mut seg = Segment::open(env, &mut store, segment, &sizes, timeout)?;
                 let chunk = (seg.data_len() / (2 * (w + 1))) & !4095;
                 let cma = Cma::setup(&mut seg, mode)?;
                 Transport::Shm(Shm {

@@ -8,6 +8,10 @@
 //! Ops take contiguous tensors of f32, f64, bf16, f16 or i64. Every op has an async form returning
 //! a `Work` whose `wait()` returns the op's error, so FSDP can prefetch while it computes. A dead
 //! peer or a timeout is an error that names the rank, never a hang or a panic.
+//!
+//! `new_group` makes a group of some of the ranks (`torch.distributed.new_group`, the shard and
+//! replica groups of HSDP): its own backend instance, rendezvous keys and shared memory segment,
+//! shared memory when its ranks are on one node and TCP across nodes on the CPU backend.
 mod cma;
 mod cpu;
 mod elem;
@@ -20,7 +24,7 @@ pub(crate) mod thp;
 pub use cma::CMA_VAR as CPU_SHM_CMA_VAR;
 pub use cpu::TRANSPORT_VAR as CPU_TRANSPORT_VAR;
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use launcher::env::RankEnv;
@@ -126,6 +130,8 @@ pub struct Work {
     finish: Option<Finish>,
     /// `wait` ran (else `Drop` waits).
     waited: bool,
+    /// The sub-group it ran in (its errors name global ranks).
+    group: Option<Arc<Members>>,
 }
 
 /// A Work dropped without `wait` (an error unwound past an in-flight prefetch) still waits for
@@ -157,18 +163,57 @@ impl Work {
             op: "none",
             finish: None,
             waited: false,
+            group: None,
         }
     }
 
     pub fn wait(mut self) -> Result<()> {
         self.waited = true;
-        match self.done.recv() {
+        let result = match self.done.recv() {
             Ok(Ok(())) => self.finish.take().map_or(Ok(()), |f| f()),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(DistError::Invalid(format!(
                 "{}: the communication thread ended before answering",
                 self.op
             ))),
+        };
+        match &self.group {
+            Some(g) => result.map_err(|e| g.name_global_ranks(e)),
+            None => result,
+        }
+    }
+}
+
+/// A sub-group's members (see [`ProcessGroup::new_group`]).
+#[derive(Debug)]
+struct Members {
+    name: String,
+    /// Global rank of each group rank.
+    ranks: Vec<usize>,
+}
+
+impl Members {
+    /// `e` with the ranks it names (group ranks) as global ranks, and the group named in its op.
+    fn name_global_ranks(&self, e: DistError) -> DistError {
+        let global = |r: usize| self.ranks.get(r).copied().unwrap_or(r);
+        let within = |op: String| {
+            format!(
+                "{op} in group {} of global ranks {:?} (ranks in the detail count within the group)",
+                self.name, self.ranks
+            )
+        };
+        match e {
+            DistError::PeerLost { rank, op, detail } => DistError::PeerLost {
+                rank: global(rank),
+                op: within(op),
+                detail,
+            },
+            DistError::Timeout { op, secs, ranks } => DistError::Timeout {
+                op: within(op),
+                secs,
+                ranks: ranks.into_iter().map(global).collect(),
+            },
+            other => other,
         }
     }
 }
@@ -183,11 +228,17 @@ pub(crate) trait Engine: Send {
     }
 }
 
-/// The process group of all ranks of the run.
+/// The process group of all ranks of the run, or of some of them ([`ProcessGroup::new_group`]).
 pub struct ProcessGroup {
     rank: usize,
     world: usize,
     engine: Box<dyn Engine>,
+    /// The run's rank environment and the settings this group was set up with (for sub-groups).
+    env: RankEnv,
+    backend: Backend,
+    timeout: Duration,
+    /// A sub-group's members (None: every rank of the run).
+    group: Option<Arc<Members>>,
 }
 
 impl ProcessGroup {
@@ -209,7 +260,33 @@ impl ProcessGroup {
         backend: Backend,
         timeout: Duration,
     ) -> Result<ProcessGroup> {
-        let (rank, world) = (env.rank, env.world_size);
+        let engine = Self::engine(env, store, backend, timeout, "cpu-pg")?;
+        // (sub-groups use the backend this group resolved to)
+        let backend = match (backend, engine.name()) {
+            (Backend::Auto, "nccl") => Backend::Nccl,
+            (Backend::Auto, _) => Backend::Cpu,
+            (b, _) => b,
+        };
+        Ok(ProcessGroup {
+            rank: env.rank,
+            world: env.world_size,
+            engine,
+            env: env.clone(),
+            backend,
+            timeout,
+            group: None,
+        })
+    }
+
+    /// The backend of a group of `env.world_size` ranks (`env.rank` this one); `segment` names
+    /// the CPU backend's shared memory segment (one per group on a host).
+    fn engine(
+        env: &RankEnv,
+        store: Option<StoreClient>,
+        backend: Backend,
+        timeout: Duration,
+        segment: &str,
+    ) -> Result<Box<dyn Engine>> {
         // auto: NCCL wherever libtorch sees CUDA. A GPU host whose driver or libnccl cannot be
         // loaded is an error, not a silent fallback that would train on the CPU.
         let use_nccl = match backend {
@@ -217,7 +294,7 @@ impl ProcessGroup {
             Backend::Nccl => true,
             Backend::Auto => tch::Cuda::is_available(),
         };
-        let engine: Box<dyn Engine> = if use_nccl {
+        Ok(if use_nccl {
             let started = nccl::NcclEngine::start(env, store, timeout);
             Box::new(match (started, backend) {
                 (Err(DistError::Unavailable { what, .. }), Backend::Auto) => {
@@ -232,12 +309,70 @@ impl ProcessGroup {
             })
         } else {
             let force_tcp = backend == Backend::Tcp;
-            Box::new(cpu::CpuEngine::start(env, store, timeout, force_tcp)?)
+            Box::new(cpu::CpuEngine::start(
+                env, store, timeout, force_tcp, segment,
+            )?)
+        })
+    }
+
+    /// A process group of the global ranks `ranks` (ascending, this rank among them), as
+    /// `torch.distributed.new_group`: every member calls it with the same `ranks` and `name`, and
+    /// `name` differs between the groups of a run (it namespaces their rendezvous and, on the
+    /// CPU backend, their shared memory). Ranks are numbered within the group, in the order of
+    /// `ranks`; errors name global ranks. Same backend and timeout as this group.
+    pub fn new_group(&self, ranks: &[usize], name: &str) -> Result<ProcessGroup> {
+        let parent: Vec<usize> = match &self.group {
+            Some(g) => g.ranks.clone(),
+            None => (0..self.world).collect(),
         };
+        let me = parent[self.rank];
+        let ascending = ranks.windows(2).all(|w| w[0] < w[1]);
+        if ranks.is_empty() || !ascending || ranks.iter().any(|r| !parent.contains(r)) {
+            return Err(DistError::Invalid(format!(
+                "new_group {name:?}: ranks {ranks:?} must be ascending ranks of this group ({parent:?})"
+            )));
+        }
+        let Some(rank) = ranks.iter().position(|&r| r == me) else {
+            return Err(DistError::Invalid(format!(
+                "new_group {name:?}: this rank ({me}) is not among {ranks:?}"
+            )));
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(DistError::Invalid(format!(
+                "new_group {name:?}: name it with letters, digits and '-'"
+            )));
+        }
+        let mut env = self.env.clone();
+        env.rank = rank;
+        env.world_size = ranks.len();
+        // the nodes it spans (the launcher numbers ranks node by node): one node takes shared
+        // memory on the CPU backend, several TCP
+        let per_node = self.env.local_world_size.max(1);
+        let mut nodes: Vec<usize> = ranks.iter().map(|r| r / per_node).collect();
+        nodes.dedup();
+        env.group_world_size = nodes.len();
+        let store = match ranks.len() {
+            1 => None,
+            _ => Some(StoreClient::from_rank_env(&self.env)?.scoped(&format!("group/{name}/"))),
+        };
+        let engine = Self::engine(
+            &env,
+            store,
+            self.backend,
+            self.timeout,
+            &format!("cpu-pg-{name}"),
+        )?;
         Ok(ProcessGroup {
             rank,
-            world,
+            world: ranks.len(),
             engine,
+            env: self.env.clone(),
+            backend: self.backend,
+            timeout: self.timeout,
+            group: Some(Arc::new(Members {
+                name: name.to_string(),
+                ranks: ranks.to_vec(),
+            })),
         })
     }
 
@@ -265,6 +400,7 @@ impl ProcessGroup {
             op: name,
             finish,
             waited: false,
+            group: self.group.clone(),
         })
     }
 
