@@ -591,17 +591,26 @@ fn checkpoint_and_base(
         c.check_base(&model_dir)?;
     }
     use trainer::checkpoint::{PromptSettings, PROMPT_FILE};
-    // (an adapter's before its base's: a merged folder may be the base of a later run's adapter)
     let exported = |dir: &std::path::Path| -> Result<Option<(PromptSettings, String)>> {
         let label = format!("the run of {}", dir.join(PROMPT_FILE).display());
         Ok(PromptSettings::read_folder(dir)?.map(|s| (s, label)))
     };
+    // the weights' own run: an adapter's file, never its base's (that describes the base's
+    // training; an adapter peft saved has none and is prompted with the defaults)
     let (trained, run) = match (&ckpt, adapter) {
         (Some(c), _) => Some((c.prompt_settings(), "the checkpoint's run".to_string())),
-        (None, Some(a)) => exported(a)?,
-        (None, None) => None,
+        (None, Some(a)) => {
+            let found = exported(a)?;
+            if found.is_none() && model_dir.join(PROMPT_FILE).is_file() {
+                tracing::warn!(
+                    "{} describes the base model's own training, not the adapter's (which has no {PROMPT_FILE}): not applied",
+                    model_dir.join(PROMPT_FILE).display()
+                );
+            }
+            found
+        }
+        (None, None) => exported(&model_dir)?,
     }
-    .map_or_else(|| exported(&model_dir), |found| Ok(Some(found)))?
     .unwrap_or_default();
     let mut generation = generation.clone();
     generation.double_bos |= trained.double_bos;

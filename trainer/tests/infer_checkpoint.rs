@@ -185,9 +185,34 @@ fn a_checkpoint_records_its_prompt_settings() {
             correction_prompt: None,
         }
     );
-    // the adapter the run leaves in train.output_dir carries them too
+    // the adapter the run leaves in train.output_dir carries them too, and infer --adapter
+    // prompts that way
     assert!(out.join("adapter_config.json").is_file());
     assert_eq!(PromptSettings::read_folder(&out).unwrap(), Some(settings));
+    let model = setup().join("model");
+    let (code, _, err) = trainer(&INFER, &[("--model", &model), ("--adapter", &out)]);
+    assert_eq!(code, Some(0), "{err}");
+    let applied = format!(
+        "prompts as the run of {} trained on them: double_bos true, image placeholder kept",
+        out.join(PROMPT_FILE).display()
+    );
+    assert!(err.contains(&applied), "{err}");
+    // an adapter without the file (peft's) is not prompted by its base folder's file
+    let base = out.join("base-with-settings");
+    copy_dir(&model, &base);
+    std::fs::copy(out.join(PROMPT_FILE), base.join(PROMPT_FILE)).unwrap();
+    let plain = out.join("peft-adapter");
+    std::fs::create_dir_all(&plain).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(out.join(f), plain.join(f)).unwrap();
+    }
+    let (code, _, err) = trainer(&INFER, &[("--model", &base), ("--adapter", &plain)]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("prompts as the run of"), "{err}");
+    assert!(
+        err.contains("describes the base model's own training, not the adapter's"),
+        "{err}"
+    );
     // and infer --checkpoint prompts that way
     let (code, _, err) = trainer(&INFER, &[("--checkpoint", &ckpt)]);
     assert_eq!(code, Some(0), "{err}");

@@ -168,8 +168,9 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
 
 /// `checkpoint`'s adapter into `dir` (a run's `train.output_dir`), replacing the adapter there:
 /// under `dir`'s export lock, written into a staging folder of this process, then the old
-/// `adapter_config.json` removed (so no config describes other weights at any moment), the weights
-/// moved in, then the config.
+/// `adapter_config.json` removed (so no config describes other weights at any moment), the prompt
+/// settings moved in (an older run's removed when this one recorded none), the weights, then the
+/// config.
 pub fn replace_adapter(checkpoint: &Path, dir: &Path, naming: AdapterNaming) -> Result<()> {
     let lock = super::ExportLock::acquire(dir)?;
     // staging folders of runs killed here before (no other writer holds the lock now; without a

@@ -46,6 +46,10 @@ impl PromptSettings {
 /// The `prompt` section `dir` carries in [`PROMPT_FILE`]; None when it has none.
 pub(crate) fn read_section(dir: &Path) -> Result<Option<Value>> {
     let path = dir.join(PROMPT_FILE);
+    // (a file given for the folder: the weights' loader says what is wrong with it)
+    if !path.is_file() && !dir.is_dir() {
+        return Ok(None);
+    }
     let text = match std::fs::read_to_string(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         read => read.with_context(|| format!("reading {}", path.display()))?,

@@ -253,8 +253,8 @@ pub struct TrainConfig {
     /// (`tensorboard --logdir`), as HF's `report_to: tensorboard` does.
     pub tensorboard: bool,
     /// Where metrics.jsonl goes and, after each epoch of a LoRA run, the epoch's PEFT adapter
-    /// (adapter_config.json + adapter_model.safetensors, as llama-recipes' save_model leaves it;
-    /// with `validate`, the best epoch's).
+    /// (adapter_config.json + adapter_model.safetensors, as llama-recipes' save_model leaves it,
+    /// and the run's prompt settings in llava_sco_prompt.json; with `validate`, the best epoch's).
     pub output_dir: PathBuf,
     /// The key naming of that adapter, or none: `hf5` (transformers >= 4.52, current peft), `hf4`
     /// (transformers 4.45-4.51, the seed's stack), `none` (no adapter written).

@@ -188,7 +188,10 @@ impl TextProcessor {
     /// cache (they decode as U+FFFD, as the whole text has them).
     pub fn stream_rest(&self, ids: &[i64], streamed: &str) -> Result<Option<String>, String> {
         let whole = self.decode_exact(ids)?;
-        Ok(match whole.strip_prefix(streamed) {
+        // (past the streamed length, as TextStreamer.end() slices at what it printed, should the
+        // whole decode not start with the pieces)
+        let n = streamed.len();
+        Ok(match whole.get(n..) {
             Some(rest) if !rest.is_empty() => Some(rest.to_string()),
             _ => None,
         })

@@ -458,7 +458,7 @@ impl<'a> Saver<'a> {
                 log(
                     0,
                     &format!(
-                        "PEFT adapter of step {step} written to {} ({naming:?} key naming; adapter_config.json, adapter_model.safetensors): PeftModel.from_pretrained or `trainer infer --adapter` loads it",
+                        "PEFT adapter of step {step} written to {} ({naming:?} key naming; adapter_config.json, adapter_model.safetensors, and the run's prompt settings in llava_sco_prompt.json): PeftModel.from_pretrained or `trainer infer --adapter` loads it",
                         out.display()
                     ),
                 )

@@ -114,7 +114,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 true => String::new(),
                 false => format!(" ({n} of the {multi} samples with a second turn)"),
             };
-            metrics::log(rank, &format!("the data's correction turn{share}: {prompt:?}; checkpoints record it for infer/eval --checkpoint"));
+            metrics::log(rank, &format!("the data's correction turn{share}: {prompt:?}; checkpoints and exports record it for infer/eval"));
             saver.note_correction_prompt(&prompt);
         }
         Some((_, n, multi)) if rank == 0 => tracing::warn!(
