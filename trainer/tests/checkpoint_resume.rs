@@ -143,6 +143,47 @@ fn resume_across_sharding_strategies() {
     );
 }
 
+/// hybrid_shard (HSDP) checkpoints are full_shard's format: one saved at world 4 in shard groups
+/// of 2 (each rank writes half of the shard it holds) resumes under full_shard at world 2 and
+/// as a single process, and full_shard's at world 2 resumes under hybrid_shard at world 4 (each
+/// pair of ranks reading one copy, and splitting the check of its files).
+#[test]
+fn resume_to_and_from_hybrid_shard() {
+    let train = |w: usize| {
+        format!(
+            "epochs: 1, batch_size: {}, grad_accum: 1, max_steps: 8",
+            4 / w
+        )
+    };
+    let hsdp: &[&str] = &[
+        "fsdp.sharding_strategy=hybrid_shard",
+        "fsdp.sharding_group_size=2",
+    ];
+    let full: &[&str] = &["fsdp.sharding_strategy=full_shard"];
+    let saved = resharded_resume_from(
+        4,
+        "strategy-hybrid",
+        &[&["peft.dropout=0.0"], hsdp].concat(),
+        train,
+        &[(2, full), (1, full)],
+    );
+    // every rank wrote a part: the 4 files hold 4 pieces of the two-way sharded groups
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(saved.join("ckpt/step-00000004/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let most = (m["tensors"].as_array().unwrap().iter())
+        .map(|t| t["shards"].as_array().unwrap().len())
+        .max();
+    assert_eq!(most, Some(4), "{m}");
+    resharded_resume_with(
+        "strategy-to-hybrid",
+        &["peft.dropout=0.0"],
+        train,
+        &[(4, hsdp)],
+    );
+}
+
 /// Trains 8 steps at world 2, resumes its step-4 checkpoint at each of `worlds`, and compares
 /// steps 5..8 and the final weights with the world-2 run's.
 fn resharded_resume(name: &str, extra: &[&str], train: impl Fn(usize) -> String, worlds: &[usize]) {
@@ -158,21 +199,33 @@ fn resharded_resume_with(
     train: impl Fn(usize) -> String,
     targets: &[(usize, &[&str])],
 ) -> std::path::PathBuf {
+    resharded_resume_from(2, name, extra, train, targets)
+}
+
+/// `resharded_resume_with` from a run at world `from`.
+fn resharded_resume_from(
+    from: usize,
+    name: &str,
+    extra: &[&str],
+    train: impl Fn(usize) -> String,
+    targets: &[(usize, &[&str])],
+) -> std::path::PathBuf {
     let mut sets: Vec<&str> = vec!["checkpoint.every_steps=4"];
     sets.extend_from_slice(extra);
-    let w2 = fresh(&format!("{name}-w2"));
-    ok(run(&w2, 2, &train(2), &sets, &[]), "world 2");
+    let w2 = fresh(&format!("{name}-w{from}"));
+    ok(run(&w2, from, &train(from), &sets, &[]), "first run");
     let reference = metrics(&w2);
     assert_eq!(reference.len(), 8);
     let ckpt = w2.join("ckpt/step-00000004");
     let resume = format!("checkpoint.resume={}", ckpt.display());
     for &(w, own) in targets {
-        let out = fresh(&format!("{name}-w2-to-w{w}"));
+        let out = fresh(&format!("{name}-w{from}-to-w{w}"));
         let mut s = sets.clone();
         s.push(&resume);
         s.extend_from_slice(own);
         let o = ok(run(&out, w, &train(w), &s, &[]), "resharded");
-        assert!(o.stderr.contains("saved by 2 rank(s)"), "{}", o.stderr);
+        let saved_by = format!("saved by {from} rank(s)");
+        assert!(o.stderr.contains(&saved_by), "{}", o.stderr);
         assert!(!o.stderr.contains("dropout masks"), "{}", o.stderr);
         let m = metrics(&out);
         assert_eq!(m.len(), 4, "steps 5..8 only");
@@ -189,12 +242,15 @@ fn resharded_resume_with(
             worst_w = worst_w.max((t - &wb[n]).abs().max().double_value(&[]));
         }
         println!(
-            "world 2 -> {w}: max loss rel diff {worst:.2e}, max weight abs diff {worst_w:.2e}"
+            "world {from} -> {w}: max loss rel diff {worst:.2e}, max weight abs diff {worst_w:.2e}"
         );
-        assert!(worst < 1e-6, "world 2 -> {w}: losses differ (rel {worst})");
+        assert!(
+            worst < 1e-6,
+            "world {from} -> {w}: losses differ (rel {worst})"
+        );
         assert!(
             worst_w < 1e-5,
-            "world 2 -> {w}: weights differ (abs {worst_w})"
+            "world {from} -> {w}: weights differ (abs {worst_w})"
         );
     }
     w2

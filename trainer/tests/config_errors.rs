@@ -283,11 +283,15 @@ fn enums_list_their_values() {
         ),
         (
             "fsdp.sharding_strategy=zero3",
-            r#"fsdp.sharding_strategy: expected one of full_shard, shard_grad_op, no_shard, got "zero3""#,
+            r#"fsdp.sharding_strategy: expected one of full_shard, shard_grad_op, no_shard, hybrid_shard, got "zero3""#,
         ),
         (
-            "fsdp.sharding_strategy=HYBRID_SHARD",
-            r#"fsdp.sharding_strategy: expected one of full_shard, shard_grad_op, no_shard, got "HYBRID_SHARD" (HSDP, sharding within a node and replicating across nodes, is not supported: the collective layer has one group of every rank; full_shard shards across every node)"#,
+            "fsdp.sharding_strategy=_HYBRID_SHARD_ZERO2",
+            r#"fsdp.sharding_strategy: expected one of full_shard, shard_grad_op, no_shard, hybrid_shard, got "_HYBRID_SHARD_ZERO2" (HSDP with shard_grad_op within the groups is not supported; hybrid_shard is HSDP with full_shard within them)"#,
+        ),
+        (
+            "fsdp.sharding_group_size=0",
+            "fsdp.sharding_group_size: expected a positive integer, got 0",
         ),
     ];
     for (set, message) in cases {
@@ -614,6 +618,10 @@ fn sharding_strategies_take_pytorch_spellings() {
             "ShardingStrategy.NO_SHARD",
             config::ShardingStrategy::NoShard,
         ),
+        (
+            "ShardingStrategy.HYBRID_SHARD",
+            config::ShardingStrategy::HybridShard,
+        ),
     ] {
         let c = config::parse(MINIMAL, &[format!("fsdp.sharding_strategy={text}")]).unwrap();
         assert_eq!(c.fsdp.sharding_strategy, want, "{text}");
@@ -622,5 +630,48 @@ fn sharding_strategies_take_pytorch_spellings() {
     assert_eq!(
         c.fsdp.sharding_strategy,
         config::ShardingStrategy::FullShard
+    );
+}
+
+/// hybrid_shard's shard groups: `sharding_group_size`, else the world over `replica_group_size`,
+/// else a node's ranks (as PyTorch's HYBRID_SHARD); sizes that do not make up the world are
+/// errors naming the key.
+#[test]
+fn hybrid_shard_group_sizes_resolve_as_llama_recipes_names_them() {
+    let fsdp = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        config::parse(MINIMAL, &sets).unwrap().fsdp
+    };
+    let hybrid = "fsdp.sharding_strategy=hybrid_shard";
+    // 8 ranks, 4 per node
+    assert_eq!(fsdp(&[hybrid]).shard_group_size(8, 4), Ok(4));
+    let g2 = fsdp(&[hybrid, "fsdp.sharding_group_size=2"]);
+    assert_eq!(g2.shard_group_size(8, 4), Ok(2));
+    let r4 = fsdp(&[hybrid, "fsdp.replica_group_size=4"]);
+    assert_eq!(r4.shard_group_size(8, 8), Ok(2));
+    let both = fsdp(&[
+        hybrid,
+        "fsdp.sharding_group_size=2",
+        "fsdp.replica_group_size=4",
+    ]);
+    assert_eq!(both.shard_group_size(8, 4), Ok(2));
+    let err = both.shard_group_size(16, 4).unwrap_err();
+    assert!(
+        err.contains("replica_group_size 4 x sharding_group_size 2"),
+        "{err}"
+    );
+    let err = fsdp(&[hybrid, "fsdp.sharding_group_size=3"])
+        .shard_group_size(8, 4)
+        .unwrap_err();
+    assert!(
+        err.contains("fsdp.sharding_group_size 3 does not divide the 8 ranks"),
+        "{err}"
+    );
+    let err = fsdp(&[hybrid, "fsdp.replica_group_size=3"])
+        .shard_group_size(8, 4)
+        .unwrap_err();
+    assert!(
+        err.contains("fsdp.replica_group_size 3 does not divide"),
+        "{err}"
     );
 }

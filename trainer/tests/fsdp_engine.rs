@@ -97,6 +97,7 @@ fn fsdp_with(
         prefetch,
         activation_checkpointing,
         sharding: ShardingStrategy::FullShard,
+        sharding_group_size: 1, // (read by hybrid_shard only)
     };
     Trainable::Fsdp(Box::new(FsdpModel::wrap(model, pg, opts).unwrap()))
 }

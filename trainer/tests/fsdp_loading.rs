@@ -48,6 +48,7 @@ const WRAP: WrapOptions = WrapOptions {
     prefetch: true,
     activation_checkpointing: true,
     sharding: trainer::config::ShardingStrategy::FullShard,
+    sharding_group_size: 1, // (read by hybrid_shard only)
 };
 
 /// Shards of rank r of `world` built both ways; returns the bytes the sharded load read.

@@ -283,6 +283,32 @@ fn full_world2_no_shard_matches_single_process() {
     parity_as(FULL, "no_shard", 2, 1);
 }
 
+/// `hybrid_shard` (HSDP) at world 4 in shard groups of 2: each pair of ranks holds a whole copy
+/// of the model in halves; gradient shards are reduce-scattered within the pair and all-reduced
+/// across the pairs. LoRA: the single process's losses and weights, half the model per rank.
+#[test]
+fn lora_world4_hybrid_shard_matches_single_process_and_holds_half() {
+    let peft = [LORA, &["fsdp.sharding_group_size=2"]].concat();
+    let (reference, hsdp) = parity_as(&peft, "hybrid_shard", 4, 1);
+    let whole = reference.metrics[0]["param_bytes"].as_f64().unwrap();
+    let per_rank = hsdp.metrics[0]["param_bytes"].as_f64().unwrap();
+    println!(
+        "param bytes: world 1 {whole}, world 4 hybrid_shard (groups of 2) per rank {per_rank}"
+    );
+    assert!(
+        (per_rank - whole / 2.0).abs() <= whole * 0.02,
+        "{per_rank} vs half of {whole}"
+    );
+}
+
+/// hybrid_shard, full finetuning: the gradient norm for clipping adds up the shards of one
+/// copy (the shard group), not of every rank.
+#[test]
+fn full_world4_hybrid_shard_matches_single_process() {
+    let peft = [FULL, &["fsdp.replica_group_size=2"]].concat();
+    parity_as(&peft, "hybrid_shard", 4, 1);
+}
+
 /// `shard_grad_op`: units stay gathered from the forward to their backward, which recomputes
 /// them without a second gather.
 #[test]

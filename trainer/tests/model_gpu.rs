@@ -218,6 +218,7 @@ fn fused_trains_like_eager(device: Device, pg: &ProcessGroup, d: i64) {
             prefetch: true,
             activation_checkpointing: true,
             sharding: trainer::config::ShardingStrategy::FullShard,
+            sharding_group_size: 1, // (read by hybrid_shard only)
         };
         Trainable::Fsdp(Box::new(FsdpModel::wrap(m, pg, o).unwrap()))
     };

@@ -63,6 +63,8 @@ fn synthetic_states(rank: usize, world: usize, groups: usize, numel: i64) -> Vec
                 group: format!("unit{g}/0"),
                 numel,
                 shard_len,
+                shard_world: world,
+                replicas: 1,
                 params: vec![ParamEntry {
                     name: format!("unit{g}.weight"),
                     shape: vec![numel],
@@ -106,6 +108,8 @@ pub fn run(
                 group: f.group.clone(),
                 numel: f.numel,
                 shard_len: f.shard_len,
+                shard_world: f.shard_world,
+                replicas: f.replicas,
                 params: f.params.clone(),
                 start: f.start,
                 end: f.end,

@@ -255,6 +255,7 @@ fn build(
             // does when it keeps graphs
             activation_checkpointing: false,
             sharding,
+            sharding_group_size: world, // (hybrid_shard is refused above)
         };
         Trainable::Fsdp(Box::new(FsdpModel::wrap_from_source(
             model, &src, pg, wrap,
@@ -294,11 +295,7 @@ fn time_ours(
         trainable.zero_grads();
         let sum = trainable.forward_backward(pg, batch, 1.0 / tokens as f64, i as u64)?;
         let grads = trainable.grads();
-        clip_grad_norm(
-            &grads,
-            Some(1.0),
-            trainable.grads_are_shards().then_some(pg),
-        )?;
+        clip_grad_norm(&grads, Some(1.0), trainable.norm_group(pg))?;
         opt.step(&params, &grads, 1e-5);
         trainable.after_update();
         let (dt, dc) = (t0.elapsed().as_secs_f64(), process_cpu_seconds() - c0);
@@ -359,6 +356,9 @@ fn run_peer(
 /// (after running the peer), other ranks an empty list.
 pub fn run(pg: &ProcessGroup, o: &StepOptions) -> Result<Vec<Measurement>> {
     let (rank, world) = (pg.rank(), pg.world_size());
+    if o.sharding == ShardingStrategy::HybridShard {
+        bail!("--sharding hybrid_shard: bench step has no HSDP peer to measure it against; give full_shard, shard_grad_op or no_shard");
+    }
     if o.batch == 0 || !o.batch.is_multiple_of(world) {
         bail!(
             "--batch {} must be a positive multiple of the world size {world}",
@@ -407,7 +407,7 @@ pub fn run(pg: &ProcessGroup, o: &StepOptions) -> Result<Vec<Measurement>> {
                     (1, _) => "plain",
                     (_, ShardingStrategy::NoShard) => "fsdp no_shard",
                     (_, ShardingStrategy::ShardGradOp) => "fsdp shard_grad_op",
-                    (_, ShardingStrategy::FullShard) => "fsdp",
+                    (_, ShardingStrategy::FullShard | ShardingStrategy::HybridShard) => "fsdp",
                 },
                 params,
                 trainable,

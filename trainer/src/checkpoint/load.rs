@@ -334,10 +334,13 @@ fn load_into(
         );
     }
     let states = flat_states(trainable, opt, StatesFor::Load);
-    // no_shard: every rank reads every file, so each checks the sha256 of its share of them (a
-    // mismatch on any rank fails every rank: `load_resumed` agrees on the outcome)
+    // no_shard / hybrid_shard: the ranks holding the same shard (every rank / a replica group)
+    // read the same files, so each checks the sha256 of its share of them (a mismatch on any rank
+    // fails every rank: `load_resumed` agrees on the outcome)
     let share = match trainable {
-        Trainable::Fsdp(f) if f.replicated => Some((f.rank, f.world)),
+        Trainable::Fsdp(f) if f.world > f.shard_world => {
+            Some((f.rank / f.shard_world, f.world / f.shard_world))
+        }
         _ => None,
     };
     fill(dir, &m, &states, Fill::Direct, share)?;
@@ -897,7 +900,10 @@ impl<'m> Reader<'m> {
                 )
             })?;
         let mut at = from;
-        for sh in &t.shards {
+        // (in element order: under hybrid_shard rank order is not, see `FlatState::range_of`)
+        let mut shards: Vec<_> = t.shards.iter().collect();
+        shards.sort_by_key(|s| s.start);
+        for sh in shards {
             if at >= to {
                 break;
             }

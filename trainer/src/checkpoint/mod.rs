@@ -107,8 +107,13 @@ pub(crate) struct FlatState {
     pub group: String,
     /// Unpadded element count.
     pub numel: i64,
-    /// Elements per rank (the padded buffer is `world x shard_len`).
+    /// Elements per shard (the padded buffer is `shard_world x shard_len`).
     pub shard_len: i64,
+    /// The shards the tensor is cut into (the world size; 1 replicated, G under hybrid_shard)
+    /// and the ranks holding each (1; W replicated, W / G under hybrid_shard): rank q * G + g
+    /// holds shard g and writes piece q of it (see `range_of`).
+    pub shard_world: usize,
+    pub replicas: usize,
     pub params: Vec<manifest::ParamEntry>,
     /// This rank's element range [start, end) of the unpadded flat tensor.
     pub start: i64,
@@ -120,21 +125,35 @@ pub(crate) struct FlatState {
 }
 
 impl FlatState {
-    /// The range rank `r` holds.
+    /// The range rank `r` writes: of the shard it holds (g = r mod G), the piece q = r div G
+    /// of `replicas` equal pieces (the shard whole without replicas), so that the ranks holding
+    /// the same shard each write a part of it and together the whole.
     pub fn range_of(&self, r: usize) -> (i64, i64) {
-        let s = self.shard_len * r as i64;
-        (s.min(self.numel), (s + self.shard_len).min(self.numel))
+        let (g, q) = (r % self.shard_world, r / self.shard_world);
+        let lo = self.shard_len * g as i64;
+        let hi = lo + self.shard_len;
+        let piece = (self.shard_len + self.replicas as i64 - 1) / self.replicas as i64;
+        let s = (lo + piece * q as i64).min(hi);
+        let e = (s + piece).min(hi);
+        (s.min(self.numel), e.min(self.numel))
+    }
+
+    /// The range of the shard rank `r` holds.
+    fn held_by(&self, r: usize) -> (i64, i64) {
+        let lo = self.shard_len * (r % self.shard_world) as i64;
+        (lo.min(self.numel), (lo + self.shard_len).min(self.numel))
     }
 }
 
-/// Which part of a replicated group (`fsdp.sharding_strategy: no_shard`: every rank holds it
-/// whole) a rank's flat states cover; sharded groups are this rank's shard either way.
+/// Which part of its shard a rank's flat states cover, where other ranks hold the same shard
+/// (`no_shard`: every rank holds every group whole; `hybrid_shard`: the shard groups hold copies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StatesFor {
-    /// Rank r of W writes range r of the layout full_shard would have at world W, so that the
-    /// checkpoint is the same whatever the strategy (and every rank writes its part).
+    /// The rank's piece of its shard (`FlatState::range_of`). Under no_shard that is range r of
+    /// the layout full_shard would have at world W, so the checkpoint is the same whatever the
+    /// strategy, and every rank writes its part.
     Save,
-    /// Every rank reads the whole group.
+    /// The whole shard the rank holds.
     Load,
 }
 
@@ -161,26 +180,25 @@ pub(crate) fn flat_states(
                             offset: p.offset,
                         })
                         .collect();
-                    let (shard_len, rank) = match (g.replicated, purpose) {
-                        (false, _) => (g.shard_len, m.rank),
-                        (true, StatesFor::Load) => (g.numel, 0),
-                        (true, StatesFor::Save) => {
-                            let w = m.world as i64;
-                            ((g.numel + w - 1) / w, m.rank)
-                        }
-                    };
-                    let s = (shard_len * rank as i64).min(g.numel);
-                    local_starts.push(if g.replicated { s } else { 0 });
-                    out.push(FlatState {
+                    let mut f = FlatState {
                         group: format!("{}/{gi}", u.name),
                         numel: g.numel,
-                        shard_len,
+                        shard_len: g.shard_len,
+                        shard_world: m.shard_world,
+                        replicas: m.world / m.shard_world,
                         params,
-                        start: s,
-                        end: (s + shard_len).min(g.numel),
+                        start: 0,
+                        end: 0,
                         tensors: [g.shard.shallow_clone(), Tensor::new(), Tensor::new()],
                         optimizer_steps: None,
-                    });
+                    };
+                    let held = f.held_by(m.rank);
+                    (f.start, f.end) = match purpose {
+                        StatesFor::Save => f.range_of(m.rank),
+                        StatesFor::Load => held,
+                    };
+                    local_starts.push(f.start - held.0);
+                    out.push(f);
                 }
             }
         }
@@ -191,6 +209,8 @@ pub(crate) fn flat_states(
                     group: name.clone(),
                     numel,
                     shard_len: numel,
+                    shard_world: 1,
+                    replicas: 1,
                     params: vec![manifest::ParamEntry {
                         name: name.clone(),
                         shape: p.size(),

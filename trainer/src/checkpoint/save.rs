@@ -1016,7 +1016,7 @@ fn build_manifest(
 ) -> Manifest {
     let mut tensors = vec![];
     for s in states {
-        let shards: Vec<ShardEntry> = (0..world)
+        let mut shards: Vec<ShardEntry> = (0..world)
             .map(|r| (r, s.range_of(r)))
             .filter(|(_, (a, b))| b > a)
             .map(|(r, (start, end))| ShardEntry {
@@ -1025,6 +1025,8 @@ fn build_manifest(
                 end,
             })
             .collect();
+        // in element order (hybrid_shard's ranks write pieces out of rank order)
+        shards.sort_by_key(|s| s.start);
         for state in STATES {
             tensors.push(TensorEntry {
                 name: format!("{}/{state}", s.group),
@@ -1164,6 +1166,8 @@ pub(crate) mod tests {
                     group: group.to_string(),
                     numel: offset,
                     shard_len: end - start,
+                    shard_world: 1,
+                    replicas: 1,
                     params,
                     start,
                     end,

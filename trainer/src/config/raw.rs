@@ -210,6 +210,8 @@ pub(crate) struct RawFsdp {
     pub activation_checkpointing: bool,
     pub prefetch: bool,
     pub sharding_strategy: ShardingStrategy,
+    pub sharding_group_size: Option<Int<PositiveInt>>,
+    pub replica_group_size: Option<Int<PositiveInt>>,
 }
 
 impl Default for RawFsdp {
@@ -224,6 +226,9 @@ impl Default for RawFsdp {
             prefetch: true,
             // fsdp_config.sharding_strategy: FULL_SHARD
             sharding_strategy: ShardingStrategy::FullShard,
+            // (fsdp_config: sharding_group_size 0, replica_group_size 0, read only with hsdp)
+            sharding_group_size: None,
+            replica_group_size: None,
         }
     }
 }

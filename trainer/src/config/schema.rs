@@ -337,10 +337,16 @@ pub struct FsdpConfig {
     pub prefetch: bool,
     /// What is sharded across ranks (PyTorch FSDP's `ShardingStrategy`).
     pub sharding_strategy: ShardingStrategy,
+    /// `hybrid_shard`: ranks per shard group (llama-recipes' `sharding_group_size`); None: the
+    /// ranks per node (`LOCAL_WORLD_SIZE`), as PyTorch's HYBRID_SHARD shards within a node.
+    pub sharding_group_size: Option<usize>,
+    /// `hybrid_shard`: shard groups, the copies of the model (llama-recipes'
+    /// `replica_group_size`); None: the world size over the shard group's.
+    pub replica_group_size: Option<usize>,
 }
 
 /// `fsdp.sharding_strategy`, as PyTorch FSDP's `ShardingStrategy` (its upper-case spellings are
-/// accepted too; HSDP's `hybrid_shard` is refused by name). Checkpoints do not depend on it: one
+/// accepted too; `_hybrid_shard_zero2` is refused by name). Checkpoints do not depend on it: one
 /// saved under any strategy resumes under any other, at any world size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -355,14 +361,48 @@ pub enum ShardingStrategy {
     /// Nothing sharded: every rank holds the whole model and optimizer state and gradients are
     /// all-reduced, as DistributedDataParallel does (no all-gathers; W times the memory).
     NoShard,
+    /// HSDP: full_shard within groups of `fsdp.sharding_group_size` ranks (by default a node's),
+    /// each group a whole copy of the model: all-gathers and reduce-scatters stay inside a
+    /// group (a node), and only the gradient shards are all-reduced across the groups.
+    HybridShard,
+}
+
+impl FsdpConfig {
+    /// `hybrid_shard`'s ranks per shard group at `world` ranks, `ranks_per_node` on each node:
+    /// `sharding_group_size`, else the world over `replica_group_size`, else a node's ranks; it
+    /// must divide the world (and times `replica_group_size` make it, when that is given).
+    pub fn shard_group_size(&self, world: usize, ranks_per_node: usize) -> Result<usize, String> {
+        let g = match (self.sharding_group_size, self.replica_group_size) {
+            (Some(g), _) => g,
+            (None, Some(r)) if r > 0 && world.is_multiple_of(r) => world / r,
+            (None, Some(r)) => {
+                return Err(format!(
+                    "fsdp.replica_group_size {r} does not divide the {world} ranks: give a divisor, or fsdp.sharding_group_size instead"
+                ))
+            }
+            (None, None) => ranks_per_node.max(1),
+        };
+        if g == 0 || !world.is_multiple_of(g) {
+            return Err(format!(
+                "fsdp.sharding_group_size {g} does not divide the {world} ranks of this run: give a divisor of {world} (by default a node's ranks)"
+            ));
+        }
+        if let Some(r) = self.replica_group_size.filter(|&r| r * g != world) {
+            return Err(format!(
+                "fsdp.replica_group_size {r} x sharding_group_size {g} is not the {world} ranks of this run: give one of them, or two whose product is {world}"
+            ));
+        }
+        Ok(g)
+    }
 }
 
 impl ShardingStrategy {
     /// Every strategy with its config spelling.
-    pub const ALL: [(ShardingStrategy, &'static str); 3] = [
+    pub const ALL: [(ShardingStrategy, &'static str); 4] = [
         (ShardingStrategy::FullShard, "full_shard"),
         (ShardingStrategy::ShardGradOp, "shard_grad_op"),
         (ShardingStrategy::NoShard, "no_shard"),
+        (ShardingStrategy::HybridShard, "hybrid_shard"),
     ];
 
     /// The config's spelling.
@@ -386,7 +426,7 @@ impl<'de> Deserialize<'de> for ShardingStrategy {
         impl serde::de::Visitor<'_> for V {
             type Value = ShardingStrategy;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("one of full_shard, shard_grad_op, no_shard")
+                f.write_str("one of full_shard, shard_grad_op, no_shard, hybrid_shard")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ShardingStrategy, E> {
                 if let Some(s) = ShardingStrategy::from_name(v) {
@@ -394,10 +434,9 @@ impl<'de> Deserialize<'de> for ShardingStrategy {
                 }
                 let name = v.strip_prefix("ShardingStrategy.").unwrap_or(v);
                 let got = match name.to_ascii_lowercase().as_str() {
-                    "hybrid_shard" | "_hybrid_shard_zero2" => format!(
-                        "{v:?} (HSDP, sharding within a node and replicating across nodes, is \
-                         not supported: the collective layer has one group of every rank; \
-                         full_shard shards across every node)"
+                    "_hybrid_shard_zero2" => format!(
+                        "{v:?} (HSDP with shard_grad_op within the groups is not supported; \
+                         hybrid_shard is HSDP with full_shard within them)"
                     ),
                     _ => format!("{v:?}"),
                 };

@@ -249,6 +249,8 @@ fn fsdp(raw: RawFsdp) -> FsdpConfig {
         activation_checkpointing: raw.activation_checkpointing,
         prefetch: raw.prefetch,
         sharding_strategy: raw.sharding_strategy,
+        sharding_group_size: raw.sharding_group_size.map(|g| g.size()),
+        replica_group_size: raw.replica_group_size.map(|r| r.size()),
     }
 }
 

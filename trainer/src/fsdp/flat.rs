@@ -8,6 +8,8 @@
 //! the byte ranges of its slice. A replicated group (`fsdp.sharding_strategy: no_shard`) is
 //! built as the one shard of a world of 1: every rank holds it whole, gathering binds views of it
 //! without a collective, and gradients are all-reduced instead of reduce-scattered.
+use std::rc::Rc;
+
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::{ProcessGroup, ReduceOp, Work};
@@ -222,9 +224,17 @@ impl FlatGroup {
         Ok((out, work))
     }
 
-    /// Waits for the reduction `start_reduce` began and adds it to the gradient shard.
-    fn finish_reduce(&mut self, (out, work): (Tensor, Work)) -> Result<(), FsdpError> {
+    /// Waits for the reduction `start_reduce` began, sums it over the `replicas` group (HSDP:
+    /// the ranks that hold the same shard), and adds it to the gradient shard.
+    fn finish_reduce(
+        &mut self,
+        (out, work): (Tensor, Work),
+        replicas: Option<&ProcessGroup>,
+    ) -> Result<(), FsdpError> {
         work.wait()?;
+        if let Some(pg) = replicas {
+            pg.all_reduce(&out, ReduceOp::Sum)?;
+        }
         if let Some(acc) = &mut self.grad {
             *acc += out;
         }
@@ -287,6 +297,8 @@ pub struct Gathering {
 pub struct Reducing {
     /// (trainable group index within the unit, its shard's result and the collective)
     parts: Vec<(usize, (Tensor, Work))>,
+    /// HSDP's replica group, over which the results are all-reduced once reduce-scattered.
+    replicas: Option<Rc<ProcessGroup>>,
 }
 
 impl Unit {
@@ -333,10 +345,12 @@ impl Unit {
             .collect()
     }
 
-    /// Starts reduce-scattering full-size gradients given in `trainable_tensors` order.
+    /// Starts reduce-scattering full-size gradients given in `trainable_tensors` order (over
+    /// `pg`; `finish_reduce` then all-reduces the shards over `replicas`, when given).
     pub fn start_reduce(
         &mut self,
         pg: &ProcessGroup,
+        replicas: Option<Rc<ProcessGroup>>,
         grads: &[Option<Tensor>],
     ) -> Result<Reducing, FsdpError> {
         let mut at = 0;
@@ -351,13 +365,13 @@ impl Unit {
             parts.push((i, g.start_reduce(pg, &grads[at..at + n])?));
             at += n;
         }
-        Ok(Reducing { parts })
+        Ok(Reducing { parts, replicas })
     }
 
     /// Waits for this unit's reduce-scatter (`start_reduce`) and adds it to the gradient shards.
     pub fn finish_reduce(&mut self, r: Reducing) -> Result<(), FsdpError> {
         for (i, part) in r.parts {
-            self.groups[i].finish_reduce(part)?;
+            self.groups[i].finish_reduce(part, r.replicas.as_deref())?;
         }
         Ok(())
     }
@@ -366,9 +380,10 @@ impl Unit {
     pub fn reduce_grads(
         &mut self,
         pg: &ProcessGroup,
+        replicas: Option<Rc<ProcessGroup>>,
         grads: &[Option<Tensor>],
     ) -> Result<(), FsdpError> {
-        let r = self.start_reduce(pg, grads)?;
+        let r = self.start_reduce(pg, replicas, grads)?;
         self.finish_reduce(r)
     }
 

@@ -15,6 +15,8 @@ pub mod plain;
 pub mod schedule;
 pub mod units;
 
+use std::rc::Rc;
+
 use tch::{Kind, Tensor};
 
 use crate::config::{DType, ShardingStrategy};
@@ -60,8 +62,50 @@ pub struct WrapOptions {
     /// `fsdp.activation_checkpointing`: recompute each unit in backward (true) or keep the
     /// forward's graphs and gathered units until backward (false).
     pub activation_checkpointing: bool,
-    /// `fsdp.sharding_strategy` (`hybrid_shard` is refused when the config is read).
+    /// `fsdp.sharding_strategy`.
     pub sharding: ShardingStrategy,
+    /// `hybrid_shard`: the ranks each shard group holds (`fsdp.sharding_group_size`, resolved:
+    /// a divisor of the world size); the others ignore it.
+    pub sharding_group_size: usize,
+}
+
+/// `hybrid_shard` (HSDP): parameters are sharded within a shard group of G consecutive ranks
+/// (rank q * G + g holds shard g, as PyTorch's device mesh (replicate, shard) numbers them: one
+/// node's ranks when G is the ranks per node) and replicated across the R = W / G shard groups;
+/// a gradient shard is reduce-scattered within the shard group, then all-reduced across the
+/// replica group of the ranks that hold the same shard.
+#[derive(Clone)]
+pub struct Hybrid {
+    pub shard: Rc<ProcessGroup>,
+    pub replicate: Rc<ProcessGroup>,
+}
+
+impl std::fmt::Debug for Hybrid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Hybrid {{ shard: {} of {}, replicate: {} of {} }}",
+            self.shard.rank(),
+            self.shard.world_size(),
+            self.replicate.rank(),
+            self.replicate.world_size()
+        )
+    }
+}
+
+impl Hybrid {
+    /// The shard and replica groups of this rank for shard groups of `g` ranks (every rank calls
+    /// it; `g` divides the world size).
+    pub fn new(pg: &ProcessGroup, g: usize) -> Result<Self, FsdpError> {
+        let (rank, world) = (pg.rank(), pg.world_size());
+        let (q, i) = (rank / g, rank % g);
+        let shard: Vec<usize> = (q * g..(q + 1) * g).collect();
+        let replicate: Vec<usize> = (i..world).step_by(g).collect();
+        Ok(Hybrid {
+            shard: Rc::new(pg.new_group(&shard, &format!("hsdp-shard-{q}"))?),
+            replicate: Rc::new(pg.new_group(&replicate, &format!("hsdp-replicate-{i}"))?),
+        })
+    }
 }
 
 /// The model sharded over the process group: every parameter lives in its unit's flat shard.
@@ -81,6 +125,12 @@ pub struct FsdpModel {
     pub keep_gathered: bool,
     /// `no_shard`: every group is whole on every rank (`FlatGroup::replicated`).
     pub replicated: bool,
+    /// `hybrid_shard`: the shard and replica groups (set by `wrap`; `shard` leaves it None).
+    pub hybrid: Option<Hybrid>,
+    /// The shards this rank's groups are cut into and which one it holds: (W, rank), (1, 0)
+    /// replicated, (G, rank mod G) for `hybrid_shard`.
+    pub shard_world: usize,
+    pub shard_rank: usize,
     /// Supervised rows per LM-head chunk in the loss (`model::lm_loss_chunk_rows` of the vocabulary;
     /// tests set fewer to make the chunking visible on small fixtures).
     pub lm_loss_chunk: i64,
@@ -136,7 +186,15 @@ impl FsdpModel {
         pg: &ProcessGroup,
         opts: WrapOptions,
     ) -> Result<FsdpModel, FsdpError> {
-        Self::shard(model, None, pg.rank(), pg.world_size(), opts)
+        Self::shard(model, None, pg.rank(), pg.world_size(), opts)?.with_groups(pg, opts)
+    }
+
+    /// `hybrid_shard`: sets up the shard and replica groups (every rank takes part).
+    fn with_groups(mut self, pg: &ProcessGroup, opts: WrapOptions) -> Result<Self, FsdpError> {
+        if opts.sharding == ShardingStrategy::HybridShard {
+            self.hybrid = Some(Hybrid::new(pg, self.shard_world)?);
+        }
+        Ok(self)
     }
 
     /// Sharded loading: `model` is a [`MllamaModel::skeleton`] of `src` (placeholder base
@@ -148,7 +206,7 @@ impl FsdpModel {
         pg: &ProcessGroup,
         opts: WrapOptions,
     ) -> Result<FsdpModel, FsdpError> {
-        Self::shard(model, Some(src), pg.rank(), pg.world_size(), opts)
+        Self::shard(model, Some(src), pg.rank(), pg.world_size(), opts)?.with_groups(pg, opts)
     }
 
     /// Shards `model` as rank `rank` of `world` (no collective is involved, so tests can build
@@ -190,7 +248,19 @@ impl FsdpModel {
         }
         model.options.dtype = opts.compute;
         let replicated = opts.sharding == ShardingStrategy::NoShard;
-        let (shard_rank, shard_world) = if replicated { (0, 1) } else { (rank, world) };
+        let (shard_rank, shard_world) = match opts.sharding {
+            ShardingStrategy::NoShard => (0, 1),
+            ShardingStrategy::HybridShard => {
+                let g = opts.sharding_group_size;
+                if g == 0 || !world.is_multiple_of(g) {
+                    return Err(FsdpError::Invalid(format!(
+                        "hybrid_shard: shard groups of {g} ranks do not divide the {world} ranks"
+                    )));
+                }
+                (rank % g, g)
+            }
+            _ => (rank, world),
+        };
         let source = src.map(|s| {
             let names = s.names_and_shapes().map(|(n, _)| n);
             (s, KeyLayout::detect(names))
@@ -231,6 +301,9 @@ impl FsdpModel {
             keep_graphs: !opts.activation_checkpointing,
             keep_gathered: opts.sharding == ShardingStrategy::ShardGradOp,
             replicated,
+            hybrid: None,
+            shard_world,
+            shard_rank,
             lm_loss_chunk,
             rank,
             world,
@@ -267,7 +340,7 @@ impl FsdpModel {
     /// Per master shard, its parameters' elements (`AdamW::with_segments`).
     pub fn optimizer_segments(&self) -> Vec<Vec<Segment>> {
         self.trainable_groups()
-            .map(|g| g.segments(self.rank))
+            .map(|g| g.segments(self.shard_rank))
             .collect()
     }
 
@@ -294,6 +367,7 @@ impl FsdpModel {
 
     /// Full trainable parameters (fp32, CPU) by name; every rank must call it.
     pub fn gather_trainable(&self, pg: &ProcessGroup) -> Result<Vec<(String, Tensor)>, FsdpError> {
+        let pg = self.hybrid.as_ref().map_or(pg, |h| &*h.shard);
         let mut v = vec![];
         for u in &self.units {
             v.extend(u.gather_trainable_full(pg)?);
@@ -357,10 +431,15 @@ impl Trainable {
         }
     }
 
-    /// Whether `grads` are this rank's shards of the gradients (their norm is summed over
-    /// ranks), or whole gradients every rank holds alike (`no_shard`, the plain trainer).
-    pub fn grads_are_shards(&self) -> bool {
-        matches!(self, Self::Fsdp(m) if !m.replicated)
+    /// The group over which the squared norms of `grads` add up to the gradient norm: the one
+    /// whose ranks hold the shards of every gradient (all of `pg`, HSDP's shard group), or None
+    /// where each rank holds whole gradients alike (`no_shard`, the plain trainer).
+    pub fn norm_group<'a>(&'a self, pg: &'a ProcessGroup) -> Option<&'a ProcessGroup> {
+        match self {
+            Self::Fsdp(m) if m.replicated => None,
+            Self::Fsdp(m) => Some(m.hybrid.as_ref().map_or(pg, |h| &*h.shard)),
+            Self::Plain(_) => None,
+        }
     }
 
     /// Per gradient (`grads` order) and parameter segment in it (`optimizer_segments`): whether

@@ -47,16 +47,31 @@ pub(super) fn model(
     let flops = FlopCount::of(&mut model);
     let trainable = match src {
         Some(src) => {
+            let hybrid = config.fsdp.sharding_strategy == config::ShardingStrategy::HybridShard;
+            let sharding_group_size = match hybrid {
+                true => {
+                    let per_node = launcher::env::RankEnv::from_env()?.local_world_size;
+                    let g = config.fsdp.shard_group_size(pg.world_size(), per_node);
+                    g.map_err(anyhow::Error::msg)?
+                }
+                false => pg.world_size(),
+            };
             let opts = WrapOptions {
                 compute: kind_of(config.fsdp.mixed_precision),
                 prefetch: config.fsdp.prefetch,
                 activation_checkpointing: config.fsdp.activation_checkpointing,
                 sharding: config.fsdp.sharding_strategy,
+                sharding_group_size,
             };
             let m = FsdpModel::wrap_from_source(model, &src, pg, opts)?;
-            let share = match m.replicated {
-                true => "a whole replica: fsdp.sharding_strategy no_shard".to_string(),
-                false => format!("its 1/{} shard", pg.world_size()),
+            let share = match (m.replicated, hybrid) {
+                (true, _) => "a whole replica: fsdp.sharding_strategy no_shard".to_string(),
+                (false, true) => format!(
+                    "its 1/{} shard: fsdp.sharding_strategy hybrid_shard, {} copies of the model",
+                    m.shard_world,
+                    pg.world_size() / m.shard_world
+                ),
+                (false, false) => format!("its 1/{} shard", pg.world_size()),
             };
             log(
                 pg.rank(),
@@ -277,6 +292,17 @@ pub(super) fn unused_settings_notes(config: &Config) -> Vec<String> {
             "fsdp.enabled is false: fsdp.sharding_strategy ({}) is not applied; one process holds the whole model",
             config.fsdp.sharding_strategy.name()
         ));
+    }
+    let hybrid = config.fsdp.sharding_strategy == config::ShardingStrategy::HybridShard;
+    if !hybrid {
+        for (key, v) in [
+            ("sharding_group_size", config.fsdp.sharding_group_size),
+            ("replica_group_size", config.fsdp.replica_group_size),
+        ] {
+            if let Some(v) = v {
+                notes.push(format!("fsdp.{key} ({v}) is read by fsdp.sharding_strategy hybrid_shard only; {} ignores it", config.fsdp.sharding_strategy.name()));
+            }
+        }
     }
     // (no note for fsdp.prefetch under no_shard: it is on by default, and there is nothing to do)
     if config.fsdp.enabled
@@ -613,6 +639,22 @@ mod tests {
                 "{s}"
             );
         }
+    }
+
+    /// HSDP's group sizes under another strategy are noted, not applied.
+    #[test]
+    fn hsdp_group_sizes_without_hybrid_shard_are_noted() {
+        let notes = unused_settings_notes(&parse(&["fsdp.sharding_group_size=2"]));
+        assert!(
+            notes.len() == 1
+                && notes[0].contains("fsdp.sharding_group_size (2) is read by fsdp.sharding_strategy hybrid_shard only; full_shard ignores it"),
+            "{notes:?}"
+        );
+        let hybrid = [
+            "fsdp.sharding_strategy=hybrid_shard",
+            "fsdp.sharding_group_size=2",
+        ];
+        assert!(unused_settings_notes(&parse(&hybrid)).is_empty());
     }
 
     /// A gamma other than the default under a kind that does not read it is noted.

@@ -84,11 +84,7 @@ impl Stepper<'_> {
         let loss = all_reduce_f64(pg, loss_sum, device)? / tokens as f64;
         let grads = trainable.grads();
         let present = any_rank(pg, &trainable.grad_present(), device)?;
-        let grad_norm = clip_grad_norm(
-            &grads,
-            self.clip,
-            trainable.grads_are_shards().then_some(pg),
-        )?;
+        let grad_norm = clip_grad_norm(&grads, self.clip, trainable.norm_group(pg))?;
         if loss.is_finite() && grad_norm.is_finite() {
             opt.step_present(&self.params, &grads, &present, lr);
             trainable.after_update();
