@@ -357,7 +357,7 @@ fn run_peer(
 pub fn run(pg: &ProcessGroup, o: &StepOptions) -> Result<Vec<Measurement>> {
     let (rank, world) = (pg.rank(), pg.world_size());
     if o.sharding == ShardingStrategy::HybridShard {
-        bail!("--sharding hybrid_shard: bench step has no HSDP peer to measure it against; give full_shard, shard_grad_op or no_shard");
+        bail!("--sharding hybrid_shard: bench step does not run HSDP (it needs shard groups of a node's ranks, and there is no HSDP peer); give full_shard, shard_grad_op or no_shard");
     }
     if o.batch == 0 || !o.batch.is_multiple_of(world) {
         bail!(

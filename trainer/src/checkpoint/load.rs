@@ -410,7 +410,7 @@ fn fill(
         let all = needed.len();
         needed = every_nth(needed, index, count);
         tracing::info!(
-            "rank {index}: checking the sha256 of {} of the {all} checkpoint files it reads (the {count} ranks split the check: each reads them all)",
+            "checking the sha256 of {} of the {all} checkpoint files this rank reads (share {index} of {count}: the {count} ranks that read the same files split the check)",
             needed.len()
         );
     }

@@ -639,6 +639,68 @@ pub(crate) fn list_dir(dir: &Path) -> std::io::Result<Listing> {
 mod tests {
     use super::*;
 
+    /// The ranges the ranks write cover the flat tensor once, each inside the shard its rank
+    /// holds, for any element count against shard groups and replicas (fewer elements than
+    /// ranks, end padding); full_shard's and no_shard's are the ranges they always were.
+    #[test]
+    fn the_ranks_write_every_element_once_from_the_shard_they_hold() {
+        let state = |numel: i64, shard_len: i64, g: usize, r: usize| FlatState {
+            group: "g".into(),
+            numel,
+            shard_len,
+            shard_world: g,
+            replicas: r,
+            params: vec![],
+            start: 0,
+            end: 0,
+            tensors: [Tensor::new(), Tensor::new(), Tensor::new()],
+            optimizer_steps: None,
+        };
+        for numel in [0i64, 1, 3, 5, 7, 8, 16, 17, 1000] {
+            for (g, r) in [
+                (1, 1),
+                (2, 1),
+                (3, 1),
+                (1, 2),
+                (1, 3),
+                (2, 2),
+                (2, 3),
+                (3, 2),
+                (4, 2),
+            ] {
+                let shard_len = (numel + g as i64 - 1) / g as i64; // FlatGroup::shard_from's
+                let s = state(numel, shard_len, g, r);
+                let mut ranges: Vec<(i64, i64)> = (0..g * r).map(|k| s.range_of(k)).collect();
+                for (k, &(a, b)) in ranges.iter().enumerate() {
+                    let (lo, hi) = s.held_by(k);
+                    assert!(
+                        lo <= a && a <= b && b <= hi,
+                        "{numel} {g}x{r}: rank {k} {a}..{b} outside {lo}..{hi}"
+                    );
+                }
+                ranges.retain(|(a, b)| b > a);
+                ranges.sort();
+                let mut at = 0;
+                for (a, b) in ranges {
+                    assert_eq!(a, at, "{numel} {g}x{r}: a gap or an overlap at {at}");
+                    at = b;
+                }
+                assert_eq!(at, numel, "{numel} {g}x{r}");
+            }
+            // full_shard at world w: rank k its shard; no_shard: range k of full_shard's layout
+            for w in [1usize, 2, 3, 4] {
+                let n = (numel + w as i64 - 1) / w as i64;
+                let full = state(numel, n, w, 1);
+                let no_shard = state(numel, numel, 1, w);
+                for k in 0..w {
+                    let want = ((n * k as i64).min(numel), (n * (k as i64 + 1)).min(numel));
+                    assert_eq!(full.range_of(k), want);
+                    assert_eq!(no_shard.range_of(k), want);
+                }
+            }
+        }
+    }
+
     /// A crash between replace_dir's two renames (no RENAME_EXCHANGE) leaves the old step-N
     /// moved aside and the new one still `.partial`: the old one counts as step N's complete
     /// checkpoint (resume uses it, retention keeps it) until a step-N folder exists again.

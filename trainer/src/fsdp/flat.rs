@@ -1,6 +1,7 @@
 //! Flat parameters of one unit. The unit's parameters are concatenated per (trainable, dtype)
-//! group into one flat buffer padded to a multiple of the world size W; rank r keeps elements
-//! [r*S, (r+1)*S) (S = padded / W). Frozen groups keep their storage dtype; trainable groups
+//! group into one flat buffer padded to a multiple of the W ranks it is sharded over (the world,
+//! or HSDP's shard group); rank r of them keeps elements [r*S, (r+1)*S) (S = padded / W), and
+//! gathers and reduce-scatters over them. Frozen groups keep their storage dtype; trainable groups
 //! keep an fp32 master shard and an fp32 gradient shard. The model's parameter tensors share
 //! their TensorImpl with the handles here: gathering points them (`set_data`) at views of the
 //! gathered buffer, freeing points them at an empty tensor. A group is built from materialized
@@ -8,8 +9,6 @@
 //! the byte ranges of its slice. A replicated group (`fsdp.sharding_strategy: no_shard`) is
 //! built as the one shard of a world of 1: every rank holds it whole, gathering binds views of it
 //! without a collective, and gradients are all-reduced instead of reduce-scattered.
-use std::rc::Rc;
-
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::{ProcessGroup, ReduceOp, Work};
@@ -36,7 +35,7 @@ pub struct FlatGroup {
     pub params: Vec<ParamRef>,
     /// Unpadded element count.
     pub numel: i64,
-    /// Elements per rank (padded / W).
+    /// Elements per shard (padded / the ranks it is sharded over).
     pub shard_len: i64,
     /// This rank's shard (S,): storage dtype for frozen groups, fp32 master for trainable ones.
     pub shard: Tensor,
@@ -159,7 +158,7 @@ impl FlatGroup {
             .collect()
     }
 
-    /// Starts the all-gather of the group in `compute` dtype; returns the full buffer (W*S,).
+    /// Starts the all-gather of the group in `compute` dtype; returns the full buffer (W*S,) (W: the ranks of `pg`).
     /// A replicated group's buffer is its shard in `compute` dtype (the shard itself when that
     /// is its dtype), with no collective.
     fn start_gather(&self, pg: &ProcessGroup, compute: Kind) -> Result<(Tensor, Work), FsdpError> {
@@ -224,17 +223,9 @@ impl FlatGroup {
         Ok((out, work))
     }
 
-    /// Waits for the reduction `start_reduce` began, sums it over the `replicas` group (HSDP:
-    /// the ranks that hold the same shard), and adds it to the gradient shard.
-    fn finish_reduce(
-        &mut self,
-        (out, work): (Tensor, Work),
-        replicas: Option<&ProcessGroup>,
-    ) -> Result<(), FsdpError> {
+    /// Waits for the reduction `start_reduce` began and adds it to the gradient shard.
+    fn finish_reduce(&mut self, (out, work): (Tensor, Work)) -> Result<(), FsdpError> {
         work.wait()?;
-        if let Some(pg) = replicas {
-            pg.all_reduce(&out, ReduceOp::Sum)?;
-        }
         if let Some(acc) = &mut self.grad {
             *acc += out;
         }
@@ -297,8 +288,6 @@ pub struct Gathering {
 pub struct Reducing {
     /// (trainable group index within the unit, its shard's result and the collective)
     parts: Vec<(usize, (Tensor, Work))>,
-    /// HSDP's replica group, over which the results are all-reduced once reduce-scattered.
-    replicas: Option<Rc<ProcessGroup>>,
 }
 
 impl Unit {
@@ -345,12 +334,10 @@ impl Unit {
             .collect()
     }
 
-    /// Starts reduce-scattering full-size gradients given in `trainable_tensors` order (over
-    /// `pg`; `finish_reduce` then all-reduces the shards over `replicas`, when given).
+    /// Starts reduce-scattering full-size gradients given in `trainable_tensors` order.
     pub fn start_reduce(
         &mut self,
         pg: &ProcessGroup,
-        replicas: Option<Rc<ProcessGroup>>,
         grads: &[Option<Tensor>],
     ) -> Result<Reducing, FsdpError> {
         let mut at = 0;
@@ -365,13 +352,13 @@ impl Unit {
             parts.push((i, g.start_reduce(pg, &grads[at..at + n])?));
             at += n;
         }
-        Ok(Reducing { parts, replicas })
+        Ok(Reducing { parts })
     }
 
     /// Waits for this unit's reduce-scatter (`start_reduce`) and adds it to the gradient shards.
     pub fn finish_reduce(&mut self, r: Reducing) -> Result<(), FsdpError> {
         for (i, part) in r.parts {
-            self.groups[i].finish_reduce(part, r.replicas.as_deref())?;
+            self.groups[i].finish_reduce(part)?;
         }
         Ok(())
     }
@@ -380,10 +367,9 @@ impl Unit {
     pub fn reduce_grads(
         &mut self,
         pg: &ProcessGroup,
-        replicas: Option<Rc<ProcessGroup>>,
         grads: &[Option<Tensor>],
     ) -> Result<(), FsdpError> {
-        let r = self.start_reduce(pg, replicas, grads)?;
+        let r = self.start_reduce(pg, grads)?;
         self.finish_reduce(r)
     }
 

@@ -8,7 +8,7 @@
 //!
 //! State that a checkpoint must save (issue 8): per unit and group, the shard (`FlatGroup::shard`:
 //! fp32 master for trainable groups) with its layout (`FlatGroup::params`: name, shape, offset in
-//! the unpadded flat buffer; `shard_len`, world size), and the optimizer moments, which are laid out
+//! the unpadded flat buffer; `shard_len`, `shard_world`), and the optimizer moments, which are laid out
 //! exactly like `Trainable::master_params()` (see `optim::AdamW::moments`).
 pub mod flat;
 pub mod plain;
@@ -20,7 +20,7 @@ use std::rc::Rc;
 use tch::{Kind, Tensor};
 
 use crate::config::{DType, ShardingStrategy};
-use crate::dist::{DistError, ProcessGroup};
+use crate::dist::{DistError, ProcessGroup, ReduceOp};
 use crate::model::{KeyLayout, MllamaModel, ModelError, WeightSource};
 use crate::optim::Segment;
 
@@ -72,8 +72,10 @@ pub struct WrapOptions {
 /// `hybrid_shard` (HSDP): parameters are sharded within a shard group of G consecutive ranks
 /// (rank q * G + g holds shard g, as PyTorch's device mesh (replicate, shard) numbers them: one
 /// node's ranks when G is the ranks per node) and replicated across the R = W / G shard groups;
-/// a gradient shard is reduce-scattered within the shard group, then all-reduced across the
-/// replica group of the ranks that hold the same shard.
+/// gradients are reduce-scattered within the shard group in each backward, and the accumulated
+/// shards all-reduced across the replica group (the ranks holding the same shard) once per
+/// optimizer step (`FsdpModel::sync_replicas`: the sum is linear, so one all-reduce per step
+/// replaces one per micro-batch).
 #[derive(Clone)]
 pub struct Hybrid {
     pub shard: Rc<ProcessGroup>,
@@ -97,13 +99,17 @@ impl Hybrid {
     /// The shard and replica groups of this rank for shard groups of `g` ranks (every rank calls
     /// it; `g` divides the world size).
     pub fn new(pg: &ProcessGroup, g: usize) -> Result<Self, FsdpError> {
+        // (groups of a second model wrapped in this process get names of their own: every rank
+        // wraps in the same order, as torch numbers its new_group calls)
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (rank, world) = (pg.rank(), pg.world_size());
         let (q, i) = (rank / g, rank % g);
         let shard: Vec<usize> = (q * g..(q + 1) * g).collect();
         let replicate: Vec<usize> = (i..world).step_by(g).collect();
         Ok(Hybrid {
-            shard: Rc::new(pg.new_group(&shard, &format!("hsdp-shard-{q}"))?),
-            replicate: Rc::new(pg.new_group(&replicate, &format!("hsdp-replicate-{i}"))?),
+            shard: Rc::new(pg.new_group(&shard, &format!("hsdp{n}-shard-{q}"))?),
+            replicate: Rc::new(pg.new_group(&replicate, &format!("hsdp{n}-replicate-{i}"))?),
         })
     }
 }
@@ -189,12 +195,49 @@ impl FsdpModel {
         Self::shard(model, None, pg.rank(), pg.world_size(), opts)?.with_groups(pg, opts)
     }
 
-    /// `hybrid_shard`: sets up the shard and replica groups (every rank takes part).
+    /// `hybrid_shard`: sets up the shard and replica groups (every rank takes part). One shard
+    /// group of every rank is full_shard: no groups then.
     fn with_groups(mut self, pg: &ProcessGroup, opts: WrapOptions) -> Result<Self, FsdpError> {
-        if opts.sharding == ShardingStrategy::HybridShard {
+        if opts.sharding == ShardingStrategy::HybridShard && self.shard_world < self.world {
             self.hybrid = Some(Hybrid::new(pg, self.shard_world)?);
         }
         Ok(self)
+    }
+
+    /// `hybrid_shard`: sums the gradient shards over the replica group (after the backwards of
+    /// an optimizer step's micro-batches, before the gradient norm); nothing otherwise.
+    pub fn sync_replicas(&mut self) -> Result<(), FsdpError> {
+        let Some(h) = &self.hybrid else {
+            return Ok(());
+        };
+        let works = self
+            .trainable_groups()
+            .filter_map(|g| g.grad.as_ref())
+            .map(|grad| h.replicate.all_reduce_async(grad, ReduceOp::Sum))
+            .collect::<Result<Vec<_>, _>>()?;
+        for w in works {
+            w.wait()?;
+        }
+        Ok(())
+    }
+
+    /// The group the units gather and reduce-scatter over: `pg`, or HSDP's shard group. A model
+    /// sharded in fewer pieces than `pg` has ranks (`shard` with hybrid_shard, without the
+    /// groups `wrap` sets up) is an error, not gradients reduced over the wrong ranks.
+    pub(crate) fn unit_group<'a>(
+        hybrid: Option<&'a Hybrid>,
+        pg: &'a ProcessGroup,
+        shard_world: usize,
+        replicated: bool,
+    ) -> Result<&'a ProcessGroup, FsdpError> {
+        let group = hybrid.map_or(pg, |h| &*h.shard);
+        if !replicated && group.world_size() != shard_world {
+            return Err(FsdpError::Invalid(format!(
+                "the model is sharded in {shard_world} pieces but the group has {} ranks (wrap it with FsdpModel::wrap, which sets up hybrid_shard's groups)",
+                group.world_size()
+            )));
+        }
+        Ok(group)
     }
 
     /// Sharded loading: `model` is a [`MllamaModel::skeleton`] of `src` (placeholder base
@@ -367,7 +410,7 @@ impl FsdpModel {
 
     /// Full trainable parameters (fp32, CPU) by name; every rank must call it.
     pub fn gather_trainable(&self, pg: &ProcessGroup) -> Result<Vec<(String, Tensor)>, FsdpError> {
-        let pg = self.hybrid.as_ref().map_or(pg, |h| &*h.shard);
+        let pg = Self::unit_group(self.hybrid.as_ref(), pg, self.shard_world, self.replicated)?;
         let mut v = vec![];
         for u in &self.units {
             v.extend(u.gather_trainable_full(pg)?);
@@ -462,6 +505,14 @@ impl Trainable {
                 .iter()
                 .map(|t| vec![Segment::whole(t)])
                 .collect(),
+        }
+    }
+
+    /// Before the gradient norm of a step: HSDP sums the gradient shards across its copies.
+    pub fn sync_replicas(&mut self) -> Result<(), FsdpError> {
+        match self {
+            Self::Fsdp(m) => m.sync_replicas(),
+            Self::Plain(_) => Ok(()),
         }
     }
 

@@ -526,7 +526,7 @@ impl FsdpModel {
     /// Loss sum of a micro-batch without gradients (validation). Frees everything after.
     pub fn forward_loss(&mut self, pg: &ProcessGroup, batch: &Batch) -> Result<f64, FsdpError> {
         let hybrid = self.hybrid.clone();
-        let pg = hybrid.as_ref().map_or(pg, |h| &*h.shard); // (gathers only)
+        let pg = Self::unit_group(hybrid.as_ref(), pg, self.shard_world, self.replicated)?;
         self.model.set_training(false);
         let r = self.forward_values(pg, batch, 0, false, false);
         if r.is_err() {
@@ -551,10 +551,10 @@ impl FsdpModel {
         seed: u64,
     ) -> Result<f64, FsdpError> {
         let (keep, hold) = (self.keep_graphs, self.keep_gathered);
-        // hybrid_shard: units gather and reduce-scatter within the shard group (`backward` then
-        // all-reduces the gradient shards across the replica group)
+        // hybrid_shard: units gather and reduce-scatter within the shard group (the gradient
+        // shards are summed across the replica group once per step: `sync_replicas`)
         let hybrid = self.hybrid.clone();
-        let pg = hybrid.as_ref().map_or(pg, |h| &*h.shard);
+        let pg = Self::unit_group(hybrid.as_ref(), pg, self.shard_world, self.replicated)?;
         let r = self
             .forward_values(pg, batch, seed, keep, hold)
             .and_then(|fwd| self.backward(pg, fwd, loss_scale, seed));
@@ -702,8 +702,7 @@ impl FsdpModel {
                 }
             } else {
                 if self.units[unit].trains() {
-                    let replicas = self.hybrid.as_ref().map(|h| h.replicate.clone());
-                    let started = self.units[unit].start_reduce(pg, replicas, &param_grads)?;
+                    let started = self.units[unit].start_reduce(pg, &param_grads)?;
                     drop(param_grads);
                     if let Some((prev, r)) = reducing.replace((unit, started)) {
                         self.units[prev].finish_reduce(r)?;
@@ -719,8 +718,7 @@ impl FsdpModel {
             self.units[prev].finish_reduce(r)?;
         }
         if self.units[ROOT].trains() {
-            let replicas = self.hybrid.as_ref().map(|h| h.replicate.clone());
-            self.units[ROOT].reduce_grads(pg, replicas, &root_acc)?;
+            self.units[ROOT].reduce_grads(pg, &root_acc)?;
         }
         self.free_unit(ROOT);
         drop(root_trainable);

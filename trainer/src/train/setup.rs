@@ -31,9 +31,29 @@ pub(super) fn process_group(config: &Config) -> Result<(ProcessGroup, Device)> {
     if !config.fsdp.enabled && world > 1 {
         bail!("fsdp.enabled: false trains in one process, but this run has {world} ranks (launch one rank, or set fsdp.enabled: true)");
     }
+    // (hybrid_shard's group sizes before the data scan and the model load)
+    let g = shard_group_size(config, world)?;
+    if config.fsdp.enabled && g == world && hybrid(config) {
+        log(pg.rank(), &format!("fsdp.sharding_strategy hybrid_shard: one shard group of all {world} ranks (one node, or fsdp.sharding_group_size {world}) is full_shard; give fsdp.sharding_group_size to make copies"));
+    }
     crate::data::template::agree_template_clock(&pg, device)
         .context("agreeing on the chat template's date")?;
     Ok((pg, device))
+}
+
+fn hybrid(config: &Config) -> bool {
+    config.fsdp.sharding_strategy == config::ShardingStrategy::HybridShard
+}
+
+/// The ranks each shard group holds: hybrid_shard's (`FsdpConfig::shard_group_size`, a node's
+/// ranks by default), else the world.
+fn shard_group_size(config: &Config, world: usize) -> Result<usize> {
+    if !hybrid(config) || !config.fsdp.enabled {
+        return Ok(world);
+    }
+    let per_node = launcher::env::RankEnv::from_env()?.local_world_size;
+    let g = config.fsdp.shard_group_size(world, per_node);
+    g.map_err(anyhow::Error::msg)
 }
 
 /// The model (+ LoRA) ready to train: FSDP-sharded as it loads, or plain; and its FLOP count.
@@ -47,15 +67,7 @@ pub(super) fn model(
     let flops = FlopCount::of(&mut model);
     let trainable = match src {
         Some(src) => {
-            let hybrid = config.fsdp.sharding_strategy == config::ShardingStrategy::HybridShard;
-            let sharding_group_size = match hybrid {
-                true => {
-                    let per_node = launcher::env::RankEnv::from_env()?.local_world_size;
-                    let g = config.fsdp.shard_group_size(pg.world_size(), per_node);
-                    g.map_err(anyhow::Error::msg)?
-                }
-                false => pg.world_size(),
-            };
+            let sharding_group_size = shard_group_size(config, pg.world_size())?;
             let opts = WrapOptions {
                 compute: kind_of(config.fsdp.mixed_precision),
                 prefetch: config.fsdp.prefetch,
@@ -64,7 +76,7 @@ pub(super) fn model(
                 sharding_group_size,
             };
             let m = FsdpModel::wrap_from_source(model, &src, pg, opts)?;
-            let share = match (m.replicated, hybrid) {
+            let share = match (m.replicated, m.hybrid.is_some()) {
                 (true, _) => "a whole replica: fsdp.sharding_strategy no_shard".to_string(),
                 (false, true) => format!(
                     "its 1/{} shard: fsdp.sharding_strategy hybrid_shard, {} copies of the model",
@@ -293,8 +305,7 @@ pub(super) fn unused_settings_notes(config: &Config) -> Vec<String> {
             config.fsdp.sharding_strategy.name()
         ));
     }
-    let hybrid = config.fsdp.sharding_strategy == config::ShardingStrategy::HybridShard;
-    if !hybrid {
+    if !hybrid(config) {
         for (key, v) in [
             ("sharding_group_size", config.fsdp.sharding_group_size),
             ("replica_group_size", config.fsdp.replica_group_size),

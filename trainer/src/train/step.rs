@@ -82,6 +82,7 @@ impl Stepper<'_> {
             )?;
         }
         let loss = all_reduce_f64(pg, loss_sum, device)? / tokens as f64;
+        trainable.sync_replicas()?;
         let grads = trainable.grads();
         let present = any_rank(pg, &trainable.grad_present(), device)?;
         let grad_norm = clip_grad_norm(&grads, self.clip, trainable.norm_group(pg))?;
