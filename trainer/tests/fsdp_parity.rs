@@ -34,8 +34,22 @@ struct Run {
     weights: HashMap<String, Tensor>,
 }
 
+/// How the ranks are started.
+#[derive(Clone, Copy)]
+enum Launch {
+    /// `world` ranks through one launcher (the trainer alone for 1).
+    OneNode(usize),
+    /// Two launchers on this host as two nodes of `n` ranks each (the TCP transport between them).
+    TwoNodes(usize),
+}
+
 /// `trainer train` at `world` ranks (through the launcher when world > 1).
 fn train(name: &str, world: usize, sets: &[String]) -> Run {
+    train_as(name, Launch::OneNode(world), sets)
+}
+
+/// `train` started as `launch` says.
+fn train_as(name: &str, launch: Launch, sets: &[String]) -> Run {
     let dir = setup();
     let out = dir.join(name);
     let _ = std::fs::remove_dir_all(&out);
@@ -57,29 +71,71 @@ fn train(name: &str, world: usize, sets: &[String]) -> Run {
     )
     .unwrap();
     let weights_file = out.join("weights.safetensors");
-    let mut cmd = if world > 1 {
+    let launcher = |args: &[&str]| {
         let mut c = common::launcher();
-        c.args(["--standalone", "--nproc-per-node", &world.to_string(), "--"]);
-        c.arg(bin("trainer"));
+        c.args(args).arg("--").arg(bin("trainer"));
         c
-    } else {
-        Command::new(bin("trainer"))
     };
-    cmd.arg("train").arg(&cfg);
-    for s in sets {
-        cmd.args(["--set", s]);
+    let mut commands = match launch {
+        Launch::OneNode(1) => vec![Command::new(bin("trainer"))],
+        Launch::OneNode(w) => vec![launcher(&[
+            "--standalone",
+            "--nproc-per-node",
+            &w.to_string(),
+        ])],
+        Launch::TwoNodes(n) => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port()
+                .to_string();
+            let run_id = format!("fsdp-parity-{name}-{port}");
+            let node = |rank: &str| {
+                let mut c = launcher(&[
+                    "--nnodes",
+                    "2",
+                    "--node-rank",
+                    rank,
+                    "--nproc-per-node",
+                    &n.to_string(),
+                    "--master-addr",
+                    "127.0.0.1",
+                    "--master-port",
+                    &port,
+                    "--run-id",
+                    &run_id,
+                ]);
+                // both "nodes" are this host: loopback is reachable (and must be said explicitly)
+                c.env("LLAVA_SCO_CPU_TCP_ADDR", "127.0.0.1");
+                c
+            };
+            vec![node("0"), node("1")]
+        }
+    };
+    let children: Vec<_> = commands
+        .iter_mut()
+        .map(|cmd| {
+            cmd.arg("train").arg(&cfg);
+            for s in sets {
+                cmd.args(["--set", s]);
+            }
+            cmd.env("TRAINER_DUMP_TRAINABLE", &weights_file)
+                .env_remove("RANK")
+                .env_remove("WORLD_SIZE")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("run trainer")
+        })
+        .collect();
+    for child in children {
+        let output = child.wait_with_output().expect("trainer output");
+        assert!(
+            output.status.success(),
+            "{name}: trainer failed\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
-    let output = cmd
-        .env("TRAINER_DUMP_TRAINABLE", &weights_file)
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .output()
-        .expect("run trainer");
-    assert!(
-        output.status.success(),
-        "{name}: trainer failed\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -103,6 +159,15 @@ fn parity(peft: &[&str], world: usize, b: usize) -> (Run, Run) {
 
 /// `parity` with `fsdp.sharding_strategy: strategy`.
 fn parity_as(peft: &[&str], strategy: &str, world: usize, b: usize) -> (Run, Run) {
+    parity_launched(peft, strategy, Launch::OneNode(world), b)
+}
+
+/// `parity_as` with the ranks started as `launch` says.
+fn parity_launched(peft: &[&str], strategy: &str, launch: Launch, b: usize) -> (Run, Run) {
+    let (world, nodes) = match launch {
+        Launch::OneNode(w) => (w, ""),
+        Launch::TwoNodes(n) => (2 * n, "-2nodes"),
+    };
     // (each configuration its own folders: tests run in parallel)
     let kind = if peft.iter().any(|s| s.contains("freeze_llm_only")) {
         "freeze-llm"
@@ -114,8 +179,8 @@ fn parity_as(peft: &[&str], strategy: &str, world: usize, b: usize) -> (Run, Run
         "lora"
     };
     let tag = match strategy {
-        "full_shard" => kind.to_string(),
-        _ => format!("{kind}-{strategy}"),
+        "full_shard" => format!("{kind}{nodes}"),
+        _ => format!("{kind}-{strategy}{nodes}"),
     };
     let mut base = sets(peft);
     base.push("fsdp.enabled=false".into());
@@ -124,7 +189,7 @@ fn parity_as(peft: &[&str], strategy: &str, world: usize, b: usize) -> (Run, Run
     sharded.push(format!("train.batch_size={b}"));
     sharded.push(format!("fsdp.sharding_strategy={strategy}"));
     let reference = train(&format!("{tag}-w1-b{}", b * world), 1, &base);
-    let fsdp = train(&format!("{tag}-w{world}-b{b}"), world, &sharded);
+    let fsdp = train_as(&format!("{tag}-w{world}-b{b}"), launch, &sharded);
     assert_eq!(reference.metrics.len(), 5);
     assert_eq!(fsdp.metrics.len(), 5);
     let mut worst_loss = 0.0f64;
@@ -295,6 +360,20 @@ fn lora_world4_hybrid_shard_matches_single_process_and_holds_half() {
     println!(
         "param bytes: world 1 {whole}, world 4 hybrid_shard (groups of 2) per rank {per_rank}"
     );
+    assert!(
+        (per_rank - whole / 2.0).abs() <= whole * 0.02,
+        "{per_rank} vs half of {whole}"
+    );
+}
+
+/// hybrid_shard as it is meant: two nodes of two ranks, shard groups of a node's ranks (the
+/// default; shared memory within the node) and copies across the nodes (TCP).
+#[test]
+fn lora_two_nodes_hybrid_shard_by_node_matches_single_process() {
+    let (reference, hsdp) = parity_launched(LORA, "hybrid_shard", Launch::TwoNodes(2), 1);
+    // a node's two ranks hold one copy: half of it each
+    let whole = reference.metrics[0]["param_bytes"].as_f64().unwrap();
+    let per_rank = hsdp.metrics[0]["param_bytes"].as_f64().unwrap();
     assert!(
         (per_rank - whole / 2.0).abs() <= whole * 0.02,
         "{per_rank} vs half of {whole}"
