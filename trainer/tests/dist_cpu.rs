@@ -75,43 +75,24 @@ fn selftest_env(world: usize, extra: &[&str], env: &[(&str, &str)]) -> (Output, 
 /// Returns node 0's and node 1's outputs.
 fn selftest_two_nodes(world: usize, extra: &[&str]) -> ([Output; 2], PathBuf) {
     let out = scratch("tcp", world, extra);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-        .to_string();
-    let nproc = (world / 2).to_string();
+    let port = common::free_port();
     let run_id = format!("dist-tcp-{}-{port}", std::process::id());
-    let node = |rank: &str| {
+    let node = |rank: usize| {
+        let mut args = common::two_node_args(rank, world / 2, port, &run_id);
+        args.extend(["--rdzv-timeout".to_string(), "60".to_string()]);
         launch(
-            &[
-                "--nnodes",
-                "2",
-                "--node-rank",
-                rank,
-                "--nproc-per-node",
-                &nproc,
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                &port,
-                "--run-id",
-                &run_id,
-                "--rdzv-timeout",
-                "60",
-            ],
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
             &out,
             extra,
         )
-        // both "nodes" are this host: loopback is reachable (and must be said explicitly)
-        .env("LLAVA_SCO_CPU_TCP_ADDR", "127.0.0.1")
+        .env(common::LOOPBACK_NODES_ENV.0, common::LOOPBACK_NODES_ENV.1)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("run launcher")
     };
-    let node0 = node("0");
-    let node1 = node("1");
+    let node0 = node(0);
+    let node1 = node(1);
     let outputs = [node0, node1].map(|c| c.wait_with_output().expect("launcher output"));
     (outputs, out)
 }

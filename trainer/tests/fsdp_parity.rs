@@ -84,32 +84,15 @@ fn train_as(name: &str, launch: Launch, sets: &[String]) -> Run {
             &w.to_string(),
         ])],
         Launch::TwoNodes(n) => {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port()
-                .to_string();
+            let port = common::free_port();
             let run_id = format!("fsdp-parity-{name}-{port}");
-            let node = |rank: &str| {
-                let mut c = launcher(&[
-                    "--nnodes",
-                    "2",
-                    "--node-rank",
-                    rank,
-                    "--nproc-per-node",
-                    &n.to_string(),
-                    "--master-addr",
-                    "127.0.0.1",
-                    "--master-port",
-                    &port,
-                    "--run-id",
-                    &run_id,
-                ]);
-                // both "nodes" are this host: loopback is reachable (and must be said explicitly)
-                c.env("LLAVA_SCO_CPU_TCP_ADDR", "127.0.0.1");
+            let node = |rank: usize| {
+                let args = common::two_node_args(rank, n, port, &run_id);
+                let mut c = launcher(&args.iter().map(String::as_str).collect::<Vec<_>>());
+                c.env(common::LOOPBACK_NODES_ENV.0, common::LOOPBACK_NODES_ENV.1);
                 c
             };
-            vec![node("0"), node("1")]
+            vec![node(0), node(1)]
         }
     };
     let children: Vec<_> = commands

@@ -292,39 +292,26 @@ fn main() -> Result<()> {
             );
             std::fs::write(args.out.join(format!("result-{rank}.txt")), log)?;
         }
-        "group-death" => {
-            // rank --die-rank exits; the others all_reduce in their stride group (r, r + W/2):
-            // its member's error names the dead rank by its global number
+        "death" | "group-death" => {
             // SAFETY: ignoring SIGTERM so this rank outlives the launcher's stop long enough to report.
             unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
             let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
-            let half = pg.world_size() / 2;
-            let col: Vec<usize> = (0..2).map(|i| rank % half + i * half).collect();
-            let cols = pg.new_group(&col, &format!("stride-{}", rank % half))?;
-            pg.barrier()?;
-            if rank == args.die_rank {
-                std::process::exit(3);
-            }
-            let t = Tensor::ones([1 << 16], (Kind::Float, tch::Device::Cpu));
-            let err = match cols.all_reduce(&t, ReduceOp::Sum) {
-                Ok(()) => "no error".to_string(),
-                Err(e) => e.to_string(),
+            // group-death: the survivors all_reduce in their stride group (r, r + W/2), whose
+            // member's error names the dead rank by its global number
+            let group = match args.mode.as_str() {
+                "group-death" => {
+                    let half = pg.world_size() / 2;
+                    let col: Vec<usize> = (0..2).map(|i| rank % half + i * half).collect();
+                    Some(pg.new_group(&col, &format!("stride-{}", rank % half))?)
+                }
+                _ => None,
             };
-            std::fs::write(args.out.join(format!("error-{rank}.txt")), &err)?;
-            eprintln!("rank {rank}: {err}");
-            std::thread::sleep(Duration::from_millis(500));
-            std::process::exit(1);
-        }
-        "death" => {
-            // SAFETY: ignoring SIGTERM so this rank outlives the launcher's stop long enough to report.
-            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
-            let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
             pg.barrier()?;
             if rank == args.die_rank {
                 std::process::exit(3);
             }
             let t = Tensor::ones([1 << 16], (Kind::Float, tch::Device::Cpu));
-            let err = match pg.all_reduce(&t, ReduceOp::Sum) {
+            let err = match group.as_ref().unwrap_or(&pg).all_reduce(&t, ReduceOp::Sum) {
                 Ok(()) => "no error".to_string(),
                 Err(e) => e.to_string(),
             };

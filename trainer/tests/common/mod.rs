@@ -86,6 +86,40 @@ pub fn isolated(mut cmd: std::process::Command) -> std::process::Command {
 }
 
 /// The workspace's launcher, `isolated`.
+/// Launcher arguments for node `node_rank` of two nodes of `nproc` ranks each on this host, with
+/// the store at 127.0.0.1:`port` (a free one: `free_port`), and the variable that lets the two
+/// "nodes" reach each other over loopback (which a real multi-node run refuses by default).
+#[allow(dead_code)] // (not every test binary starts two nodes)
+pub fn two_node_args(node_rank: usize, nproc: usize, port: u16, run_id: &str) -> Vec<String> {
+    let args = [
+        "--nnodes",
+        "2",
+        "--node-rank",
+        &node_rank.to_string(),
+        "--nproc-per-node",
+        &nproc.to_string(),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        &port.to_string(),
+        "--run-id",
+        run_id,
+    ];
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+#[allow(dead_code)]
+pub const LOOPBACK_NODES_ENV: (&str, &str) = ("LLAVA_SCO_CPU_TCP_ADDR", "127.0.0.1");
+
+/// A TCP port free on 127.0.0.1 now.
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 pub fn launcher() -> std::process::Command {
     isolated(std::process::Command::new(bin("launcher")))
 }
