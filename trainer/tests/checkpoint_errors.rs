@@ -106,7 +106,7 @@ fn flipped_byte_is_corrupt_under_no_shard_whichever_rank_checks_it() {
         );
         assert_error(&o, &[&format!("{file} is corrupt"), "sha256"]);
         for rank in 0..2 {
-            let share = format!("rank {rank}: checking the sha256 of 1 of the 2 checkpoint files");
+            let share = format!("checking the sha256 of 1 of the 2 checkpoint files this rank reads (share {rank} of 2");
             assert!(o.stderr.contains(&share), "{}", o.stderr);
         }
     }
