@@ -213,6 +213,18 @@ fn a_checkpoint_records_its_prompt_settings() {
         err.contains("describes the base model's own training, not the adapter's"),
         "{err}"
     );
+    // other adapter weights saved over the export (a Python run into the same folder): the file
+    // describes the weights it was exported with, so it is not applied
+    std::fs::copy(out.join(PROMPT_FILE), plain.join(PROMPT_FILE)).unwrap();
+    let w = plain.join("adapter_model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01; // (the lowest bit of the last factor's last value)
+    std::fs::write(&w, bytes).unwrap();
+    let (code, _, err) = trainer(&INFER, &[("--model", &model), ("--adapter", &plain)]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("prompts as the run of"), "{err}");
+    assert!(err.contains("written for other adapter weights"), "{err}");
     // and infer --checkpoint prompts that way
     let (code, _, err) = trainer(&INFER, &[("--checkpoint", &ckpt)]);
     assert_eq!(code, Some(0), "{err}");
@@ -310,6 +322,10 @@ fn a_checkpoint_records_its_datas_correction_prompt() {
         PromptSettings::read_folder(&merged).unwrap(),
         Some(settings.clone())
     );
+    // (an adapter's file names its weights; a merged folder's, with other weights, does not)
+    let text = |dir: &Path| std::fs::read_to_string(dir.join(PROMPT_FILE)).unwrap();
+    assert!(text(&adapter).contains("adapter_sha256"));
+    assert!(!text(&merged).contains("adapter_sha256"));
     let (code, _, err) = trainer(&INFER, &[("--model", &merged)]);
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("correction prompt as the run of"), "{err}");

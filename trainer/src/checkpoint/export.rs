@@ -151,11 +151,14 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
         std::fs::rename(&tmp, &path)
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
     };
+    let weights = adapter_bytes(&tensors)?;
     publish("adapter_model.safetensors", &|p| {
-        super::write_synced(p, &adapter_bytes(&tensors)?)
+        super::write_synced(p, &weights)
     })?;
-    // the run's prompt settings, which `trainer infer|eval --adapter` follow
-    if let Some(bytes) = super::prompt::file_bytes(&m.prompt)? {
+    // the run's prompt settings, which `trainer infer|eval --adapter` follow, tied to these
+    // weights (other weights saved over them later leave the settings unused)
+    let tied = super::prompt::tied_to(&m.prompt, &weights);
+    if let Some(bytes) = super::prompt::file_bytes(&tied)? {
         publish(super::PROMPT_FILE, &|p| super::write_synced(p, &bytes))?;
     }
     publish("adapter_config.json", &|p| {

@@ -288,7 +288,7 @@ pub fn export_merged(
             };
             let what = format!("adapter {}", dir.display());
             let prompt = match super::prompt::read_section(dir)? {
-                Some(p) => super::prompt::file_bytes(&p)?,
+                Some(p) => super::prompt::file_bytes(&super::prompt::untied(p))?,
                 None => None,
             };
             (

@@ -10,6 +10,11 @@ use serde_json::Value;
 /// The file an exported folder carries its run's prompt settings in.
 pub const PROMPT_FILE: &str = "llava_sco_prompt.json";
 
+/// The key of an adapter's prompt settings that names its weights (the sha256 of
+/// `adapter_model.safetensors` as exported).
+const WEIGHTS_KEY: &str = "adapter_sha256";
+const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+
 /// The prompt settings a run trained with, which inference from its weights follows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PromptSettings {
@@ -43,8 +48,53 @@ impl PromptSettings {
     }
 }
 
-/// The `prompt` section `dir` carries in [`PROMPT_FILE`]; None when it has none.
+/// `prompt` (a manifest's section) tied to the adapter weights `weights` (the file's bytes).
+pub(crate) fn tied_to(prompt: &Value, weights: &[u8]) -> Value {
+    let mut tied = prompt.clone();
+    if let Value::Object(m) = &mut tied {
+        if !m.is_empty() {
+            m.insert(WEIGHTS_KEY.into(), super::sha256_hex(weights).into());
+        }
+    }
+    tied
+}
+
+/// `section` without the weights it was tied to (a merged folder has other weights).
+pub(crate) fn untied(mut section: Value) -> Value {
+    if let Value::Object(m) = &mut section {
+        m.remove(WEIGHTS_KEY);
+    }
+    section
+}
+
+/// The `prompt` section `dir` carries in [`PROMPT_FILE`]; None when it has none, or when it
+/// names adapter weights other than the folder's (another run saved its adapter over the export:
+/// a warning says the settings are not applied).
 pub(crate) fn read_section(dir: &Path) -> Result<Option<Value>> {
+    let Some(section) = read_section_untied(dir)? else {
+        return Ok(None);
+    };
+    let weights = dir.join(ADAPTER_WEIGHTS);
+    if let (Some(want), true) = (
+        section.get(WEIGHTS_KEY).and_then(Value::as_str),
+        weights.is_file(),
+    ) {
+        let bytes =
+            std::fs::read(&weights).with_context(|| format!("reading {}", weights.display()))?;
+        if super::sha256_hex(&bytes) != want {
+            tracing::warn!(
+                "{}: written for other adapter weights than {} (saved over the export since): its prompt settings are not applied",
+                dir.join(PROMPT_FILE).display(),
+                weights.display()
+            );
+            return Ok(None);
+        }
+    }
+    Ok(Some(section))
+}
+
+/// [`read_section`] without the check of the weights.
+fn read_section_untied(dir: &Path) -> Result<Option<Value>> {
     let path = dir.join(PROMPT_FILE);
     // (a file given for the folder: the weights' loader says what is wrong with it)
     if !path.is_file() && !dir.is_dir() {
