@@ -157,8 +157,7 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
     })?;
     // the run's prompt settings, which `trainer infer|eval --adapter` follow, tied to these
     // weights (other weights saved over them later leave the settings unused)
-    let tied = super::prompt::tied_to(&m.prompt, &weights);
-    if let Some(bytes) = super::prompt::file_bytes(&tied)? {
+    if let Some(bytes) = super::prompt::file_bytes(&m.prompt, Some(&weights))? {
         publish(super::PROMPT_FILE, &|p| super::write_synced(p, &bytes))?;
     }
     publish("adapter_config.json", &|p| {
@@ -201,23 +200,21 @@ pub fn replace_adapter(checkpoint: &Path, dir: &Path, naming: AdapterNaming) -> 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing {}", config.display())),
     }
-    // the prompt settings with the weights (an older run's go when this one recorded none)
-    let prompt = (
-        staging.join(super::PROMPT_FILE),
-        dir.join(super::PROMPT_FILE),
-    );
-    match prompt.0.exists() {
-        true => std::fs::rename(&prompt.0, &prompt.1)
-            .with_context(|| format!("moving {} to {}", prompt.0.display(), prompt.1.display()))?,
-        false => match std::fs::remove_file(&prompt.1) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| format!("removing {}", prompt.1.display()))
-            }
-            _ => {}
-        },
-    }
-    for name in ["adapter_model.safetensors", "adapter_config.json"] {
+    // the prompt settings first (an older run's go when this one recorded none), then the weights
+    for name in [
+        super::PROMPT_FILE,
+        "adapter_model.safetensors",
+        "adapter_config.json",
+    ] {
         let (from, to) = (staging.join(name), dir.join(name));
+        if name == super::PROMPT_FILE && !from.exists() {
+            match std::fs::remove_file(&to) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", to.display()))
+                }
+                _ => continue,
+            }
+        }
         std::fs::rename(&from, &to)
             .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
     }

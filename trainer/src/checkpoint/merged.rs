@@ -272,7 +272,7 @@ pub fn export_merged(
                 base_dir,
                 lora,
                 trained,
-                super::prompt::file_bytes(&manifest.prompt)?,
+                super::prompt::file_bytes(&manifest.prompt, None)?,
             )
         }
         MergeSource::Adapter(dir) => {
@@ -288,7 +288,7 @@ pub fn export_merged(
             };
             let what = format!("adapter {}", dir.display());
             let prompt = match super::prompt::read_section(dir)? {
-                Some(p) => super::prompt::file_bytes(&super::prompt::untied(p))?,
+                Some(p) => super::prompt::file_bytes(&super::prompt::untied(p), None)?,
                 None => None,
             };
             (

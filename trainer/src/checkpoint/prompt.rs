@@ -48,17 +48,6 @@ impl PromptSettings {
     }
 }
 
-/// `prompt` (a manifest's section) tied to the adapter weights `weights` (the file's bytes).
-pub(crate) fn tied_to(prompt: &Value, weights: &[u8]) -> Value {
-    let mut tied = prompt.clone();
-    if let Value::Object(m) = &mut tied {
-        if !m.is_empty() {
-            m.insert(WEIGHTS_KEY.into(), super::sha256_hex(weights).into());
-        }
-    }
-    tied
-}
-
 /// `section` without the weights it was tied to (a merged folder has other weights).
 pub(crate) fn untied(mut section: Value) -> Value {
     if let Value::Object(m) = &mut section {
@@ -113,11 +102,15 @@ fn read_section_untied(dir: &Path) -> Result<Option<Value>> {
     }
 }
 
-/// [`PROMPT_FILE`]'s bytes for a `prompt` section; None for checkpoints of trainers that recorded
-/// none.
-pub(crate) fn file_bytes(prompt: &Value) -> Result<Option<Vec<u8>>> {
-    match prompt {
-        Value::Object(m) if !m.is_empty() => Ok(Some(serde_json::to_vec_pretty(prompt)?)),
-        _ => Ok(None),
+/// [`PROMPT_FILE`]'s bytes for a `prompt` section, tied to the adapter weights `weights` (the
+/// file's bytes) when given; None for checkpoints of trainers that recorded none.
+pub(crate) fn file_bytes(prompt: &Value, weights: Option<&[u8]>) -> Result<Option<Vec<u8>>> {
+    let mut section = match prompt {
+        Value::Object(m) if !m.is_empty() => m.clone(),
+        _ => return Ok(None),
+    };
+    if let Some(w) = weights {
+        section.insert(WEIGHTS_KEY.into(), super::sha256_hex(w).into());
     }
+    Ok(Some(serde_json::to_vec_pretty(&section)?))
 }

@@ -133,10 +133,9 @@ pub struct FsdpModel {
     pub replicated: bool,
     /// `hybrid_shard`: the shard and replica groups (set by `wrap`; `shard` leaves it None).
     pub hybrid: Option<Hybrid>,
-    /// The shards this rank's groups are cut into and which one it holds: (W, rank), (1, 0)
-    /// replicated, (G, rank mod G) for `hybrid_shard`.
+    /// The shards this rank's groups are cut into: W, 1 replicated, G for `hybrid_shard` (this
+    /// rank holds shard `rank mod shard_world`).
     pub shard_world: usize,
-    pub shard_rank: usize,
     /// Supervised rows per LM-head chunk in the loss (`model::lm_loss_chunk_rows` of the vocabulary;
     /// tests set fewer to make the chunking visible on small fixtures).
     pub lm_loss_chunk: i64,
@@ -346,7 +345,6 @@ impl FsdpModel {
             replicated,
             hybrid: None,
             shard_world,
-            shard_rank,
             lm_loss_chunk,
             rank,
             world,
@@ -383,7 +381,7 @@ impl FsdpModel {
     /// Per master shard, its parameters' elements (`AdamW::with_segments`).
     pub fn optimizer_segments(&self) -> Vec<Vec<Segment>> {
         self.trainable_groups()
-            .map(|g| g.segments(self.shard_rank))
+            .map(|g| g.segments(self.rank % self.shard_world))
             .collect()
     }
 
