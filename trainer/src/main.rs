@@ -342,7 +342,7 @@ struct InferArgs {
     /// with --checkpoint it defaults to the run's model.path
     #[arg(long, required_unless_present = "checkpoint")]
     model: Option<PathBuf>,
-    /// PEFT adapter folder (ours or Python peft's, transformers 4 or 5 naming)
+    /// PEFT adapter folder (ours or Python peft's, transformers 4 or 5 naming; LoRA or DoRA)
     #[arg(long, conflicts_with = "checkpoint")]
     adapter: Option<PathBuf>,
     /// A training checkpoint folder (step-NNNNNNNN) whose trained weights to use

@@ -73,7 +73,7 @@ fn export_peft_holds_the_trained_factors_and_loads() {
     );
     let mut model = MllamaModel::load(&setup().join("model"), LoadOptions::default()).unwrap();
     let lora = model.load_adapter(&adapter).unwrap();
-    assert_eq!(lora.r, 4);
+    assert_eq!(lora.lora.r, 4);
     println!("exported {} LoRA tensors, loaded back", exported.len());
     // the run itself left the final step's adapter in train.output_dir (llama-recipes' save_model)
     let in_output_dir: HashMap<String, Tensor> =

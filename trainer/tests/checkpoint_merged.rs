@@ -160,7 +160,7 @@ fn all_linear_rslora_merges_with_its_scaling() {
 
     let mut with_adapter = MllamaModel::load(&base_dir, LoadOptions::default()).unwrap();
     let lora = with_adapter.load_adapter(&adapter).unwrap();
-    assert!(lora.use_rslora);
+    assert!(lora.lora.use_rslora);
     let want = logits(&with_adapter);
     let err = rel_err(
         &logits(&MllamaModel::load(&merged, LoadOptions::default()).unwrap()),

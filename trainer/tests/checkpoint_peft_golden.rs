@@ -33,7 +33,7 @@ fn exported_adapter_matches_python_peft() {
     let mut model = MllamaModel::load(&fx.join("train/model"), LoadOptions::default()).unwrap();
     let plain = tch::no_grad(|| model.forward(&batch)).unwrap();
     let cfg = model.load_adapter(&fx.join("peft_export/adapter")).unwrap();
-    assert_eq!((cfg.r, cfg.alpha), (4, 8.0));
+    assert_eq!((cfg.lora.r, cfg.lora.alpha), (4, 8.0));
     let logits = tch::no_grad(|| model.forward(&batch)).unwrap(); // (1, S, 711)
     let err = rel_err(&logits, &g["logits"]);
     let effect = rel_err(&plain, &g["logits"]);

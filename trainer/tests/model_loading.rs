@@ -487,9 +487,11 @@ fn hf4_adapter_on_the_projector_and_lm_head_loads() {
     assert_eq!(max_rel(&got, &want), 0.0);
 }
 
-/// adapter_config.json settings that change which layers carry LoRA or what it computes are
-/// refused by name (loaded as plain LoRA they would be wrong, or fail with a list of missing
-/// keys that does not say why); their defaults (null, false, empty) load.
+/// adapter_config.json settings that change what LoRA computes in ways not supported are refused
+/// by name (loaded as plain LoRA they would be wrong, or fail with a list of missing keys that
+/// does not say why), and so is a layers_pattern without layer indices (as peft refuses it);
+/// their defaults (null, false, empty) load. (DoRA, the patterns and the layer choices load:
+/// tests/peft_variants_golden.rs.)
 #[test]
 fn adapter_settings_plain_lora_cannot_honour_are_refused_by_name() {
     let src = fixtures().join("adapter_hf5");
@@ -497,9 +499,8 @@ fn adapter_settings_plain_lora_cannot_honour_are_refused_by_name() {
         serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
             .unwrap();
     let cases = [
-        ("layers_to_transform", serde_json::json!([0])),
         ("layers_pattern", serde_json::json!("layers")),
-        ("exclude_modules", serde_json::json!(["vision_model"])),
+        ("modules_to_save", serde_json::json!(["lm_head"])),
         ("lora_bias", serde_json::json!(true)),
         ("fan_in_fan_out", serde_json::json!(true)),
         ("trainable_token_indices", serde_json::json!([1, 2])),

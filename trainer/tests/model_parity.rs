@@ -99,7 +99,7 @@ fn parity_with_peft_adapter_both_namings() {
     ] {
         let mut m = load(layout, attn);
         let cfg = m.load_adapter(&fixtures().join(adapter)).unwrap();
-        assert_eq!((cfg.r, cfg.alpha), (4, 8.0));
+        assert_eq!((cfg.lora.r, cfg.lora.alpha), (4, 8.0));
         // q_proj and v_proj of 4 text layers (self and cross attention) and 6 vision layers
         assert_eq!(m.trainable_parameters().len(), 40);
         check(&m, "text_lora");

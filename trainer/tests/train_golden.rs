@@ -160,3 +160,18 @@ fn fp16_training_is_refused() {
         &["model.dtype: fp16 training needs loss scaling", "use bf16"],
     );
 }
+
+/// An init_from adapter with DoRA or per-layer settings (which the peft section cannot express,
+/// and checkpoints and export would drop) is refused with the way out: merge it, train anew.
+#[test]
+fn init_from_a_dora_adapter_is_refused_with_the_way_out() {
+    refused(
+        "dora",
+        &["peft.init_from=tests/fixtures/peft_variants/dora"],
+        &[
+            "peft.init_from tests/fixtures/peft_variants/dora: the adapter sets use_dora, \
+             rank_pattern, alpha_pattern, exclude_modules, layers_to_transform",
+            "trainer export --format merged --adapter tests/fixtures/peft_variants/dora",
+        ],
+    );
+}

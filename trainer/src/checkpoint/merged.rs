@@ -4,6 +4,8 @@
 //! factors, never the model):
 //! - a LoRA-targeted linear weight W (out, in) becomes W + scaling * B (out, r) @ A (r, in),
 //!   computed in fp32 and cast back to W's dtype (`Linear::merge_lora`, the model's own math);
+//!   an adapter's scaling is the module's (rank_pattern / alpha_pattern), and a DoRA adapter's
+//!   weight becomes g (W + scaling B A), g its magnitude over that matrix's row norms;
 //! - a full-finetuning checkpoint's trained parameter replaces the base tensor (cast to its dtype);
 //! - every other tensor is copied byte for byte.
 //!
@@ -25,9 +27,31 @@ use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
 use super::load::{read_manifest, TrainedParams};
+use crate::model::adapter_config::AdapterLayout;
 use crate::model::lora::LoraBranch;
 use crate::model::weights::legacy_to_canonical;
 use crate::model::Linear;
+
+/// How a LoRA source's factors merge.
+enum LoraMerge {
+    /// A checkpoint: one scaling for every module.
+    Uniform(f64),
+    /// A PEFT adapter folder: each module's scaling, DoRA magnitudes when it has them.
+    Adapter(Box<AdapterLayout>),
+}
+
+impl LoraMerge {
+    fn scaling(&self, module: &str) -> f64 {
+        match self {
+            Self::Uniform(s) => *s,
+            Self::Adapter(layout) => layout.scaling(module),
+        }
+    }
+
+    fn dora(&self) -> bool {
+        matches!(self, Self::Adapter(l) if l.use_dora)
+    }
+}
 
 /// huggingface_hub's default `max_shard_size`.
 pub const DEFAULT_MAX_SHARD: &str = "5GB";
@@ -119,8 +143,13 @@ struct BaseFile {
 /// What happens to one base tensor.
 enum Action {
     Copy,
-    /// LoRA factor names (A, B) in the checkpoint.
-    Merge(String, String),
+    /// The module path and its LoRA tensor names (A, B, DoRA magnitude) in the source.
+    Merge {
+        module: String,
+        a: String,
+        b: String,
+        magnitude: Option<String>,
+    },
     /// The checkpoint parameter's name.
     Replace(String),
 }
@@ -265,7 +294,8 @@ pub fn export_merged(
     let (what, base_dir, lora, mut trained, prompt) = match source {
         MergeSource::Checkpoint(dir) => {
             manifest = read_manifest(dir)?;
-            let (base_dir, lora) = checkpoint_base(dir, &manifest, model)?;
+            let (base_dir, scaling) = checkpoint_base(dir, &manifest, model)?;
+            let lora = scaling.map(LoraMerge::Uniform);
             let trained = Trained::Checkpoint(TrainedParams::new(dir, &manifest)?);
             (
                 format!("checkpoint {}", dir.display()),
@@ -294,7 +324,7 @@ pub fn export_merged(
             (
                 what,
                 base_dir,
-                Some(a.config.scaling()),
+                Some(LoraMerge::Adapter(Box::new(a.layout))),
                 Trained::Adapter(a.factors),
                 prompt,
             )
@@ -308,13 +338,13 @@ pub fn export_merged(
     let mut problems = vec![];
     for t in &base {
         let canonical = legacy_to_canonical(&t.name);
-        let action = match lora {
-            Some(_) => {
+        let action = match &lora {
+            Some(how) => {
                 let module = canonical.strip_suffix(".weight");
                 let a = module.map(|p| format!("base_model.model.{p}.lora_A.weight"));
-                let b = module.map(|p| format!("base_model.model.{p}.lora_B.weight"));
-                match (a.as_deref().and_then(|a| trained.shape(a)), a, b) {
-                    (Some(sa), Some(a), Some(b)) => {
+                match (module, a.as_deref().and_then(|a| trained.shape(a)), a) {
+                    (Some(module), Some(sa), Some(a)) => {
+                        let b = format!("base_model.model.{module}.lora_B.weight");
                         let sb = trained.shape(&b);
                         let ok = t.shape.len() == 2
                             && sa.len() == 2
@@ -328,9 +358,36 @@ pub fn export_merged(
                                 t.name, t.shape, sa, sb
                             ));
                         }
+                        if let LoraMerge::Adapter(layout) = how {
+                            let r = layout.rank(module);
+                            if sa.first() != Some(&r) {
+                                problems.push(format!(
+                                    "{a}: rank {:?}, but the adapter config gives {module} rank {r}",
+                                    sa.first()
+                                ));
+                            }
+                        }
+                        let magnitude = how.dora().then(|| {
+                            let m = format!("base_model.model.{module}.lora_magnitude_vector");
+                            let sm = trained.shape(&m);
+                            if sm.as_deref() != t.shape.get(..1) {
+                                problems.push(format!(
+                                    "{m}: shape {sm:?}, expected [{}] (DoRA's magnitude of each output row of {})",
+                                    t.shape.first().unwrap_or(&0),
+                                    t.name
+                                ));
+                            }
+                            used.insert(m.clone());
+                            m
+                        });
                         used.insert(a.clone());
                         used.insert(b.clone());
-                        Action::Merge(a, b)
+                        Action::Merge {
+                            module: module.to_string(),
+                            a,
+                            b,
+                            magnitude,
+                        }
                     }
                     _ => Action::Copy,
                 }
@@ -445,23 +502,27 @@ pub fn export_merged(
                     w.write_all(raw)?;
                     Ok(())
                 }
-                Action::Merge(an, bn) => {
+                Action::Merge {
+                    module,
+                    a,
+                    b,
+                    magnitude,
+                } => {
                     merged += 1;
                     let kind = kind_of(t.dtype).expect("checked");
                     let weight = Tensor::f_from_data_size(raw, &t.shape, kind)?; // (out, in)
-                    let a = trained.get(an)?; // (r, in) fp32
-                    let b = trained.get(bn)?; // (out, r) fp32
+                    let scaling = lora.as_ref().expect("lora").scaling(module);
+                    // A (r, in), B (out, r) fp32
+                    let mut branch =
+                        LoraBranch::new(trained.get(a)?, trained.get(b)?, scaling, 0.0);
+                    if let Some(m) = magnitude {
+                        branch.set_dora(&trained.get(m)?, &weight); // m (out,)
+                    }
                     let mut lin = Linear {
                         path: t.name.clone(),
                         weight,
                         bias: None,
-                        lora: Some(LoraBranch {
-                            a,
-                            b,
-                            scaling: lora.expect("lora"),
-                            dropout: 0.0,
-                            training: false,
-                        }),
+                        lora: Some(branch),
                     };
                     lin.merge_lora();
                     write_tensor(&mut w, &lin.weight, t)

@@ -8,127 +8,56 @@ use std::path::Path;
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
-use super::lora::{LoraConfig, TargetModules};
+use super::adapter_config::{AdapterConfig, AdapterLayout};
+use super::lora::{LoraBranch, LoraConfig, TargetModules};
 use super::weights::{legacy_to_canonical, WeightSource};
 use super::{MllamaModel, ModelError};
 use crate::rng::SplitMix64;
 
 const PEFT_PREFIX: &str = "base_model.model.";
 
-/// Module path of an adapter key in either naming, and which factor: ("model.language_model.layers.0.self_attn.q_proj", "A").
+/// Module path of an adapter key in either naming, and which tensor: ("model.language_model.layers.0.self_attn.q_proj", "A").
+/// "A" and "B" are the LoRA factors, "M" DoRA's magnitude (peft writes `.lora_magnitude_vector`,
+/// some versions with `.weight`).
 fn parse_adapter_key(key: &str) -> Option<(String, &'static str)> {
     let rest = key.strip_prefix(PEFT_PREFIX)?;
-    let (module, ab) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
-        (m, "A")
-    } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
-        (m, "B")
-    } else {
-        return None;
-    };
-    Some((legacy_to_canonical(module), ab))
+    let (module, which) = [
+        (".lora_A.weight", "A"),
+        (".lora_B.weight", "B"),
+        (".lora_magnitude_vector", "M"),
+        (".lora_magnitude_vector.weight", "M"),
+    ]
+    .into_iter()
+    .find_map(|(suffix, which)| rest.strip_suffix(suffix).map(|m| (m, which)))?;
+    Some((legacy_to_canonical(module), which))
 }
 
-fn parse_config(v: &Value) -> Result<LoraConfig, ModelError> {
-    let bad = |m: String| ModelError::Adapter(format!("adapter_config.json: {m}"));
-    if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
-        if t != "LORA" {
-            return Err(bad(format!("peft_type {t} is not supported (only LORA)")));
-        }
+/// Our key for an adapter tensor of `module` (this model's naming).
+fn adapter_key(module: &str, which: &str) -> String {
+    match which {
+        "M" => format!("{PEFT_PREFIX}{module}.lora_magnitude_vector"),
+        ab => format!("{PEFT_PREFIX}{module}.lora_{ab}.weight"),
     }
-    // present keys of the wrong type are errors, not defaults (a quoted "32" must not become 8)
-    let typed = |key: &str, want: &str, ok: fn(&Value) -> bool| match v.get(key) {
-        Some(x) if !x.is_null() && !ok(x) => Err(bad(format!("`{key}` must be {want}, not {x}"))),
-        x => Ok(x.filter(|x| !x.is_null())),
-    };
-    let r = typed("r", "a positive integer", |x| {
-        x.as_i64().is_some_and(|r| r >= 1)
-    })?
-    .and_then(Value::as_i64)
-    .ok_or_else(|| bad("missing `r`".into()))?;
-    let alpha = typed("lora_alpha", "a number", Value::is_number)?
-        .and_then(Value::as_f64)
-        .unwrap_or(8.0);
-    let dropout = typed("lora_dropout", "a number in [0, 1)", |x| {
-        x.as_f64().is_some_and(|d| (0.0..1.0).contains(&d))
-    })?
-    .and_then(Value::as_f64)
-    .unwrap_or(0.0);
-    let target_modules = match v.get("target_modules") {
-        Some(Value::String(s)) => TargetModules::Regex(s.clone()),
-        Some(Value::Array(a)) => TargetModules::Names(
-            a.iter()
-                .map(|x| {
-                    x.as_str().map(String::from).ok_or_else(|| {
-                        bad(format!("`target_modules` entries must be strings, not {x}"))
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-        ),
-        _ => return Err(bad("missing `target_modules`".into())),
-    };
-    if v.get("bias")
-        .and_then(Value::as_str)
-        .is_some_and(|b| b != "none")
-    {
-        return Err(bad("only bias=\"none\" is supported".into()));
-    }
-    // PEFT settings that change which layers carry LoRA or what it computes: loading such an
-    // adapter as plain LoRA would be wrong (aLoRA applies only after its invocation tokens) or
-    // fail with a list of missing keys that does not say why
-    const UNSUPPORTED: [(&str, &str); 16] = [
-        ("rank_pattern", "per-module ranks"),
-        ("alpha_pattern", "per-module alphas"),
-        ("use_dora", "DoRA"),
-        ("modules_to_save", "fully trained modules besides LoRA"),
-        ("layers_to_transform", "LoRA on some layers only"),
-        ("layers_pattern", "LoRA on some layers only"),
-        ("exclude_modules", "modules left out of target_modules"),
-        ("lora_bias", "a bias in lora_B"),
-        ("fan_in_fan_out", "transposed (Conv1D) weights"),
-        ("trainable_token_indices", "trained token embeddings"),
-        ("layer_replication", "replicated layers"),
-        ("target_parameters", "LoRA on parameters, not modules"),
-        (
-            "alora_invocation_tokens",
-            "activated LoRA (applied after its invocation tokens)",
-        ),
-        ("arrow_config", "Arrow routing between LoRA experts"),
-        ("use_bdlora", "block-diagonal LoRA"),
-        ("use_qalora", "QA-LoRA (pooled inputs to lora_A)"),
-    ];
-    for (key, what) in UNSUPPORTED {
-        let set = match v.get(key) {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-            Some(Value::Array(a)) => !a.is_empty(),
-            Some(Value::Object(o)) => !o.is_empty(),
-            Some(Value::String(s)) => !s.is_empty(),
-            Some(_) => true,
-        };
-        if set {
-            return Err(bad(format!(
-                "`{key}` ({what}) is not supported: only plain LoRA on whole modules loads"
-            )));
-        }
-    }
-    let use_rslora = typed("use_rslora", "true or false", Value::is_boolean)?
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    Ok(LoraConfig {
-        r,
-        alpha,
-        dropout,
-        target_modules,
-        use_rslora,
-    })
 }
 
-/// An adapter folder's settings, and its `adapter_config.json` as written.
-fn read_config(dir: &Path) -> Result<(LoraConfig, Value), ModelError> {
+/// An adapter folder's settings, and its `adapter_config.json` as written; errors name the file.
+fn read_config(dir: &Path) -> Result<(AdapterConfig, Value), ModelError> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| ModelError::Adapter(format!("{}: {e}", cfg_path.display())))?;
-    Ok((parse_config(&v)?, v))
+    let named = |e: ModelError| match e {
+        ModelError::Adapter(m) => ModelError::Adapter(format!(
+            "{}{}",
+            dir.display(),
+            m.strip_prefix("adapter_config.json").map_or_else(
+                || format!(": {m}"),
+                |rest| format!("/adapter_config.json{rest}")
+            )
+        )),
+        e => e,
+    };
+    let config = AdapterConfig::parse(&text).map_err(named)?;
+    let v: Value = serde_json::from_str(&text).expect("parsed above");
+    Ok((config, v))
 }
 
 /// A PEFT adapter folder read without a model (to merge it into weight files): its settings,
@@ -137,18 +66,23 @@ fn read_config(dir: &Path) -> Result<(LoraConfig, Value), ModelError> {
 /// uses. A tensor that is not a LoRA factor of a module `target_modules` chooses is an error.
 pub fn read_adapter(dir: &Path) -> Result<ReadAdapter, ModelError> {
     let (config, raw) = read_config(dir)?;
+    let layout = config.layout()?;
     let src = WeightSource::open_files(&[dir.join("adapter_model.safetensors")])?;
-    let matcher = config.target_modules.canonical().compile()?;
     let (mut factors, mut problems) = (BTreeMap::new(), vec![]);
     for (name, _) in src.names_and_shapes() {
         match parse_adapter_key(name) {
-            Some((module, _)) if !matcher.matches(&module) => problems.push(format!(
-                "{name}: module {module} is not one target_modules {:?} chooses",
-                config.target_modules
+            Some((module, _)) if !layout.wraps(&module) => problems.push(format!(
+                "{name}: module {module} is not one the adapter config chooses (target_modules \
+                 {:?}{})",
+                config.lora.target_modules,
+                chosen_by(&config)
             )),
-            Some((module, ab)) => {
+            Some((_, "M")) if !config.use_dora => {
+                problems.push(format!("{name}: a DoRA magnitude, but use_dora is false"))
+            }
+            Some((module, which)) => {
                 let t = src.get(name, Kind::Float)?;
-                factors.insert(format!("{PEFT_PREFIX}{module}.lora_{ab}.weight"), t);
+                factors.insert(adapter_key(&module, which), t);
             }
             None => problems.push(format!("{name}: not a LoRA factor")),
         }
@@ -173,17 +107,34 @@ pub fn read_adapter(dir: &Path) -> Result<ReadAdapter, ModelError> {
         .map(String::from);
     Ok(ReadAdapter {
         config,
+        layout,
         base_model,
         factors,
     })
 }
 
+/// The options besides target_modules that choose an adapter's layers, for error messages.
+fn chosen_by(config: &AdapterConfig) -> String {
+    let keys: Vec<&str> = config
+        .extras()
+        .into_iter()
+        .filter(|k| matches!(*k, "exclude_modules" | "layers_to_transform"))
+        .collect();
+    match keys[..] {
+        [] => String::new(),
+        _ => format!(", with {}", keys.join(" and ")),
+    }
+}
+
 /// What [`read_adapter`] read.
 pub struct ReadAdapter {
-    pub config: LoraConfig,
+    pub config: AdapterConfig,
+    /// Which modules it wraps, each one's rank and scaling.
+    pub layout: AdapterLayout,
     /// `base_model_name_or_path` (a folder or a Hub id).
     pub base_model: Option<String>,
-    /// fp32 factors by key in this model's naming.
+    /// fp32 factors (and DoRA magnitudes) by key in this model's naming: `base_model.model.<module
+    /// path>.lora_{A,B}.weight`, `.lora_magnitude_vector`.
     pub factors: BTreeMap<String, Tensor>,
 }
 
@@ -254,11 +205,14 @@ impl MllamaModel {
         });
     }
 
-    /// Loads a PEFT adapter folder onto the model (either naming), its factors in `lora_kind()`.
-    /// Every targeted layer must have both factors with the right shapes, and every adapter tensor
-    /// must belong to a targeted layer; all problems in one error.
-    pub fn load_adapter(&mut self, dir: &Path) -> Result<LoraConfig, ModelError> {
+    /// Loads a PEFT adapter folder onto the model (either naming), its factors in `lora_kind()`,
+    /// on the layers and with the ranks, scalings and DoRA magnitudes its config gives
+    /// (`AdapterConfig`). Every wrapped layer must have its tensors with the right shapes, and
+    /// every adapter tensor must belong to a wrapped layer; all problems in one error.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<AdapterConfig, ModelError> {
         let (cfg, _) = read_config(dir)?;
+        // (an adapter saved with transformers-4 names: its full module paths read as this model's)
+        let layout = cfg.layout()?;
         let src = WeightSource::open_files(&[dir.join("adapter_model.safetensors")])?;
         let mut tensors: BTreeMap<(String, &'static str), String> = BTreeMap::new();
         let mut problems = vec![];
@@ -270,51 +224,73 @@ impl MllamaModel {
                 None => problems.push(format!("unexpected {name}: not a LoRA factor")),
             }
         }
-        // (an adapter saved with transformers-4 names: its full module paths read as this model's)
-        let matcher = cfg.target_modules.canonical().compile()?;
         let (kind, device) = (self.lora_kind(), self.options.device);
         let mut used = BTreeSet::new();
         let mut n = 0;
         self.visit_linears(&mut |l| {
-            if !matcher.matches(&l.path) {
+            if !layout.wraps(&l.path) {
                 return;
             }
-            let mut ab = vec![];
-            for (which, shape) in [
-                ("A", [cfg.r, l.in_features()]),
-                ("B", [l.out_features(), cfg.r]),
-            ] {
+            let r = layout.rank(&l.path);
+            let mut wanted = vec![
+                ("A", vec![r, l.in_features()]),
+                ("B", vec![l.out_features(), r]),
+            ];
+            if cfg.use_dora {
+                wanted.push(("M", vec![l.out_features()]));
+            }
+            let mut found = vec![];
+            for (which, shape) in wanted {
                 match tensors.get(&(l.path.clone(), which)) {
                     None => problems.push(format!(
-                        "missing    {PEFT_PREFIX}{}.lora_{which}.weight: expected {shape:?}",
-                        l.path
+                        "missing    {}: expected {shape:?}",
+                        adapter_key(&l.path, which)
                     )),
                     Some(file) => {
                         used.insert(file.clone());
-                        let found = src.entry(file).map(|e| e.shape.clone()).unwrap_or_default();
-                        if found != shape {
+                        let got = src.entry(file).map(|e| e.shape.clone()).unwrap_or_default();
+                        if got != shape {
                             problems.push(format!(
-                                "mis-shaped {file}: expected {shape:?}, found {found:?}"
+                                "mis-shaped {file}: expected {shape:?}, found {got:?}"
                             ));
                         } else {
                             match src.get(file, kind) {
-                                Ok(t) => ab.push(t.to_device(device)),
+                                Ok(t) => found.push(t.to_device(device)),
                                 Err(e) => problems.push(e.to_string()),
                             }
                         }
                     }
                 }
             }
-            if let [a, b] = &ab[..] {
-                l.lora = Some(cfg.branch(a.shallow_clone(), b.shallow_clone()));
+            if let [a, b, dora @ ..] = &found[..] {
+                let mut br = LoraBranch::new(
+                    a.shallow_clone(),
+                    b.shallow_clone(),
+                    layout.scaling(&l.path),
+                    cfg.lora.dropout,
+                );
+                match dora {
+                    [m] => br.set_dora(m, &l.weight),
+                    [] if !cfg.use_dora => {}
+                    _ => return,
+                }
+                l.lora = Some(br);
                 n += 1;
             }
         });
-        for file in tensors.values() {
+        for ((_, which), file) in &tensors {
             if !used.contains(file) {
-                problems.push(format!(
-                    "unexpected {file}: no targeted linear layer of that name"
-                ));
+                problems.push(match *which {
+                    "M" if !cfg.use_dora => {
+                        format!("unexpected {file}: a DoRA magnitude, but use_dora is false")
+                    }
+                    _ => format!(
+                        "unexpected {file}: no linear layer the adapter config chooses has that \
+                         name (target_modules {:?}{})",
+                        cfg.lora.target_modules,
+                        chosen_by(&cfg)
+                    ),
+                });
             }
         }
         if !problems.is_empty() || n == 0 {
@@ -325,7 +301,7 @@ impl MllamaModel {
                 problems.join("\n  ")
             )));
         }
-        self.lora = Some(cfg.clone());
+        self.lora = Some(cfg.lora.clone());
         self.set_lora_requires_grad(true);
         Ok(cfg)
     }
@@ -360,6 +336,27 @@ impl MllamaModel {
             .lora
             .clone()
             .ok_or_else(|| ModelError::Adapter("no LoRA on the model to save".into()))?;
+        // one r and lora_alpha in the file: per-layer ranks, scalings or DoRA (an adapter loaded
+        // with them) would be written as something else
+        let mut varied = None;
+        self.visit_linears(&mut |l| {
+            if let Some(br) = &l.lora {
+                let plain = br.dora_scale.is_none()
+                    && br.a.size()[0] == cfg.r
+                    && br.scaling == cfg.scaling();
+                if !plain && varied.is_none() {
+                    varied = Some(l.path.clone());
+                }
+            }
+        });
+        if let Some(path) = varied {
+            return Err(ModelError::Adapter(format!(
+                "{path}: its LoRA has a rank, scaling or DoRA magnitude other than r {} and \
+                 lora_alpha {} (loaded from an adapter with rank_pattern, alpha_pattern or \
+                 use_dora); it cannot be saved as a plain LoRA adapter",
+                cfg.r, cfg.alpha
+            )));
+        }
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
         let tensors: Vec<(String, Tensor)> = self
             .trainable_parameters()
@@ -412,61 +409,5 @@ impl MllamaModel {
     pub fn merge_lora(&mut self) {
         self.visit_linears(&mut |l| l.merge_lora());
         self.lora = None;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn adapter_configs_with_wrong_types_are_errors_not_defaults() {
-        let base = serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 32,
-            "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "use_rslora": false});
-        let c = parse_config(&base).unwrap();
-        assert_eq!((c.r, c.alpha, c.use_rslora), (8, 32.0, false));
-        let with = |key: &str, value: Value| {
-            let mut v = base.clone();
-            v[key] = value;
-            parse_config(&v).map(|_| ()).map_err(|e| e.to_string())
-        };
-        assert!(
-            with("lora_alpha", Value::Null).is_ok(),
-            "null = PEFT's default"
-        );
-        for (key, value, says) in [
-            (
-                "lora_alpha",
-                serde_json::json!("32"),
-                "`lora_alpha` must be a number",
-            ),
-            ("r", serde_json::json!(0), "`r` must be a positive integer"),
-            (
-                "r",
-                serde_json::json!(8.5),
-                "`r` must be a positive integer",
-            ),
-            (
-                "use_rslora",
-                serde_json::json!("true"),
-                "`use_rslora` must be true or false",
-            ),
-            (
-                "lora_dropout",
-                serde_json::json!(1.5),
-                "`lora_dropout` must be a number in [0, 1)",
-            ),
-            (
-                "target_modules",
-                serde_json::json!(["q_proj", 3]),
-                "entries must be strings",
-            ),
-        ] {
-            let e = with(key, value).unwrap_err();
-            assert!(
-                e.contains(says) && e.contains("adapter_config.json"),
-                "{key}: {e}"
-            );
-        }
     }
 }

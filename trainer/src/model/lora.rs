@@ -1,6 +1,8 @@
 //! `Linear` (weight, optional bias) with an optional LoRA branch, PEFT semantics:
 //! y = x W^T + b + dropout(x) A^T B^T * scaling, scaling = alpha / r (alpha / sqrt(r) with rslora);
 //! A (r, in) kaiming-uniform(a = sqrt(5)), B (out, r) zeros; target_modules matched as PEFT does.
+//! DoRA (loaded adapters): y = x W^T + b + (g - 1) (x W^T) + g (x A^T B^T) scaling, with g the
+//! magnitude over the row norms of W + scaling B A (PEFT's `DoraLinearLayer`).
 use regex::Regex;
 use tch::{Kind, Tensor};
 
@@ -16,6 +18,37 @@ pub struct LoraBranch {
     pub dropout: f64,
     /// Dropout is applied only while training.
     pub training: bool,
+    /// DoRA: the learned magnitude over the norm of each row of the adapted weight,
+    /// m / ||W + scaling B A|| (out,), in the factors' dtype. PEFT detaches that norm and the
+    /// weights of a loaded adapter do not change, so it is computed once (`set_dora`).
+    pub dora_scale: Option<Tensor>,
+}
+
+impl LoraBranch {
+    /// A plain LoRA branch: A (r, in), B (out, r), inference mode.
+    pub fn new(a: Tensor, b: Tensor, scaling: f64, dropout: f64) -> Self {
+        Self {
+            a,
+            b,
+            scaling,
+            dropout,
+            training: false,
+            dora_scale: None,
+        }
+    }
+
+    /// Makes the branch DoRA with `magnitude` (out,) over base `weight` (out, in). PEFT's
+    /// `get_weight_norm`: the norm of each row of W + scaling B A, in the factors' dtype (fp32
+    /// over a bf16 model, as peft loads adapters).
+    pub fn set_dora(&mut self, magnitude: &Tensor, weight: &Tensor) {
+        let kind = self.a.kind();
+        let scale = tch::no_grad(|| {
+            let adapted = weight.to_kind(kind) + self.b.matmul(&self.a) * self.scaling; // (out, in)
+            let norm = adapted.linalg_norm(2.0, [1i64].as_slice(), false, kind); // (out,)
+            magnitude.to_kind(kind).to_device(norm.device()) / norm
+        });
+        self.dora_scale = Some(scale);
+    }
 }
 
 /// Linear layer named by its module path (transformers-5 naming, e.g. `model.language_model.layers.0.self_attn.q_proj`).
@@ -49,6 +82,9 @@ impl Linear {
                 };
                 let xd = xd.to_kind(l.a.kind());
                 let za = xd.linear::<Tensor>(&l.a, None); // (..., r)
+                if let Some(g) = &l.dora_scale {
+                    return self.dora_forward(y, &xd, za, g, l);
+                }
 
                 // PEFT scales the (..., out) product. A power of two (16 / 8, 32 / 8) scales exactly, so it is
                 // applied to the rank-r intermediate instead, one elementwise pass over r columns rather than
@@ -70,6 +106,30 @@ impl Linear {
         }
     }
 
+    /// PEFT's DoRA output: y + (g - 1) base + g (B A x) scaling, base = y less its bias (or,
+    /// with dropout on, the weight alone on the dropped input), in the factors' dtype, rounded
+    /// once to y's. `xd`: the input in the factors' dtype, `za`: A x (..., r), `g` (out,).
+    fn dora_forward(
+        &self,
+        y: Tensor,
+        xd: &Tensor,
+        za: Tensor,
+        g: &Tensor,
+        l: &LoraBranch,
+    ) -> Tensor {
+        let lora = za.linear::<Tensor>(&l.b, None); // (..., out)
+        let base = if l.training && l.dropout > 0.0 {
+            xd.linear::<Tensor>(&self.weight.to_kind(xd.kind()), None)
+        } else {
+            match &self.bias {
+                Some(b) => &y - b,
+                None => y.shallow_clone(),
+            }
+        }; // (..., out)
+        let z = (g - 1.0) * base + g * lora * l.scaling; // (..., out)
+        (y.to_kind(z.kind()) + z).to_kind(y.kind())
+    }
+
     pub fn in_features(&self) -> i64 {
         self.weight.size()[1]
     }
@@ -77,12 +137,16 @@ impl Linear {
         self.weight.size()[0]
     }
 
-    /// W += scaling * B A; removes the branch (export of merged weights).
+    /// W += scaling * B A, and with DoRA W = g (W + scaling B A) (PEFT's `merge`); removes the
+    /// branch (export of merged weights).
     pub fn merge_lora(&mut self) {
         if let Some(l) = self.lora.take() {
             tch::no_grad(|| {
                 let delta = l.b.to_kind(Kind::Float).matmul(&l.a.to_kind(Kind::Float)) * l.scaling; // (out, in)
-                let merged = self.weight.to_kind(Kind::Float) + delta;
+                let mut merged = self.weight.to_kind(Kind::Float) + delta;
+                if let Some(g) = &l.dora_scale {
+                    merged = g.to_kind(Kind::Float).unsqueeze(1) * merged;
+                }
                 self.weight = merged.to_kind(self.weight.kind());
             });
         }
@@ -121,11 +185,16 @@ impl TargetModules {
             Self::Names(n) => TargetMatcher::Names(n.clone()),
             Self::Regex(r) if r == ALL_LINEAR => TargetMatcher::AllLinear,
             Self::Regex(r) => TargetMatcher::Regex(
-                Regex::new(&format!("^(?:{r})$"))
+                full_match(r)
                     .map_err(|e| ModelError::Adapter(format!("target_modules regex `{r}`: {e}")))?,
             ),
         })
     }
+}
+
+/// `r` as Python's `re.fullmatch` uses it.
+pub fn full_match(r: &str) -> Result<Regex, regex::Error> {
+    Regex::new(&format!("^(?:{r})$"))
 }
 
 pub enum TargetMatcher {
@@ -193,13 +262,7 @@ impl LoraConfig {
 
     /// A branch with these factors: A (r, in), B (out, r).
     pub fn branch(&self, a: Tensor, b: Tensor) -> LoraBranch {
-        LoraBranch {
-            a,
-            b,
-            scaling: self.scaling(),
-            dropout: self.dropout,
-            training: false,
-        }
+        LoraBranch::new(a, b, self.scaling(), self.dropout)
     }
 }
 
@@ -224,13 +287,7 @@ mod tests {
             path: "q_proj".into(),
             weight,
             bias: None,
-            lora: Some(LoraBranch {
-                a,
-                b,
-                scaling: 2.0,
-                dropout: 0.0,
-                training: false,
-            }),
+            lora: Some(LoraBranch::new(a, b, 2.0, 0.0)),
         };
         let got = layer.forward(&x);
         assert_eq!(got.kind(), Kind::BFloat16);
@@ -255,13 +312,12 @@ mod tests {
                 path: "q_proj".into(),
                 weight: weight.shallow_clone(),
                 bias: None,
-                lora: Some(LoraBranch {
-                    a: a.shallow_clone(),
-                    b: b.shallow_clone(),
+                lora: Some(LoraBranch::new(
+                    a.shallow_clone(),
+                    b.shallow_clone(),
                     scaling,
-                    dropout: 0.0,
-                    training: false,
-                }),
+                    0.0,
+                )),
             };
             assert!(layer.forward(&x).equal(&peft), "scaling {scaling}");
             let reordered = x.linear::<Tensor>(&weight, None)

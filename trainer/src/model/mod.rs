@@ -13,6 +13,7 @@
 //! Canonical parameter names are transformers-5 module paths (`model.language_model.layers.N...`,
 //! `model.vision_model...`, `model.multi_modal_projector...`, `lm_head...`); both checkpoint key layouts load.
 pub mod adapter;
+pub mod adapter_config;
 pub mod attn_tape;
 pub mod cache;
 pub mod config;

@@ -9,6 +9,7 @@ use crate::config::{self, Config};
 use crate::data::dataset::{Dataset, Split};
 use crate::dist::{self, ProcessGroup};
 use crate::fsdp::{kind_of, FsdpModel, PlainModel, Trainable, WrapOptions};
+use crate::model::adapter_config::AdapterConfig;
 use crate::model::{
     AttentionImpl, LoadOptions, LoraConfig, MllamaConfig, MllamaModel, TargetModules, WeightSource,
 };
@@ -456,9 +457,23 @@ pub(crate) fn lora_config(p: &config::PeftConfig) -> LoraConfig {
 fn check_init_adapter(
     dir: &std::path::Path,
     model: &mut MllamaModel,
-    found: &LoraConfig,
+    found: &AdapterConfig,
     p: &config::PeftConfig,
 ) -> Result<()> {
+    let extras = found.extras();
+    if !extras.is_empty() {
+        bail!(
+            "peft.init_from {}: the adapter sets {} (infer, eval and `export --format merged` \
+             load it), but training continues only plain LoRA, with the one r, alpha and \
+             target_modules of the peft section on every layer; merge the adapter into its base \
+             (`trainer export --format merged --adapter {} --out DIR`) and train a new adapter \
+             on that model",
+            dir.display(),
+            extras.join(", "),
+            dir.display()
+        );
+    }
+    let found = &found.lora;
     let mut diffs = vec![];
     if found.r != p.r as i64 {
         diffs.push(format!("peft.r: adapter {}, config {}", found.r, p.r));

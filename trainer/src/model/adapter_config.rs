@@ -1,0 +1,578 @@
+//! A PEFT adapter folder's `adapter_config.json`: the plain LoRA settings (`LoraConfig`) and the
+//! PEFT options that choose layers or vary LoRA by layer, applied as peft applies them when it
+//! loads an adapter:
+//! - `exclude_modules` (a list: exact path or `.`-suffix; a string: a full-match regex) leaves
+//!   modules out; `layers_to_transform` (+ `layers_pattern`) keeps only layers of those indices,
+//!   for list `target_modules` that match by suffix (`check_target_module_exists`);
+//! - `rank_pattern` / `alpha_pattern` give a module the value of the first key (in file order)
+//!   that matches the end of its path at a `.` (`get_pattern_key`);
+//! - `use_dora`: DoRA, a learned magnitude per output row (`LoraBranch::dora_scale`).
+//!
+//! Options that change what LoRA computes in other ways stay refused by name.
+use regex::Regex;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::lora::{full_match, LoraConfig, TargetMatcher, TargetModules};
+use super::weights::canonical_to_legacy;
+use super::ModelError;
+
+/// An adapter's settings as `adapter_config.json` gives them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterConfig {
+    /// r, lora_alpha, lora_dropout, target_modules, use_rslora: a layer's unless a pattern says otherwise.
+    pub lora: LoraConfig,
+    /// (key, rank) in file order: peft takes the first key that matches.
+    pub rank_pattern: Vec<(String, i64)>,
+    /// (key, alpha) in file order.
+    pub alpha_pattern: Vec<(String, f64)>,
+    pub exclude_modules: Option<TargetModules>,
+    /// Layer indices LoRA is kept on (empty: every layer).
+    pub layers_to_transform: Vec<i64>,
+    /// Names of the layer lists the index follows (empty: the first numbered part of the path).
+    pub layers_pattern: Vec<String>,
+    pub use_dora: bool,
+}
+
+/// PEFT settings that change what LoRA computes or where in ways not supported here: loading
+/// such an adapter as plain LoRA would be wrong (aLoRA applies only after its invocation tokens)
+/// or fail with a list of missing keys that does not say why.
+const UNSUPPORTED: [(&str, &str); 10] = [
+    ("modules_to_save", "fully trained modules besides LoRA"),
+    ("lora_bias", "a bias in lora_B"),
+    ("fan_in_fan_out", "transposed (Conv1D) weights"),
+    ("trainable_token_indices", "trained token embeddings"),
+    ("layer_replication", "replicated layers"),
+    ("target_parameters", "LoRA on parameters, not modules"),
+    (
+        "alora_invocation_tokens",
+        "activated LoRA (applied after its invocation tokens)",
+    ),
+    ("arrow_config", "Arrow routing between LoRA experts"),
+    ("use_bdlora", "block-diagonal LoRA"),
+    ("use_qalora", "QA-LoRA (pooled inputs to lora_A)"),
+];
+
+/// A JSON object's entries in file order (serde_json's `Value` sorts them, and the order of
+/// `rank_pattern` keys decides which applies).
+struct Ordered(Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for Ordered {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Ordered;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut m: M,
+            ) -> Result<Ordered, M::Error> {
+                let mut v = vec![];
+                while let Some(entry) = m.next_entry()? {
+                    v.push(entry);
+                }
+                Ok(Ordered(v))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
+impl AdapterConfig {
+    /// Plain LoRA with `lora`'s settings on every layer it targets.
+    pub fn plain(lora: LoraConfig) -> Self {
+        Self {
+            lora,
+            rank_pattern: vec![],
+            alpha_pattern: vec![],
+            exclude_modules: None,
+            layers_to_transform: vec![],
+            layers_pattern: vec![],
+            use_dora: false,
+        }
+    }
+
+    /// Parses `adapter_config.json`'s text (errors say `adapter_config.json: ...`).
+    pub fn parse(text: &str) -> Result<Self, ModelError> {
+        let bad = |m: String| ModelError::Adapter(format!("adapter_config.json: {m}"));
+        let v: Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let mut c = Self::plain(parse_lora(&v)?);
+        for (key, what) in UNSUPPORTED {
+            if is_set(v.get(key)) {
+                return Err(bad(format!(
+                    "`{key}` ({what}) is not supported: LoRA and DoRA on linear layers load"
+                )));
+            }
+        }
+        c.use_dora = match v.get("use_dora") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(x) => return Err(bad(format!("`use_dora` must be true or false, not {x}"))),
+        };
+        // the patterns in file order: a second, ordered read of the same text
+        #[derive(Deserialize)]
+        struct Patterns {
+            rank_pattern: Option<Ordered>,
+            alpha_pattern: Option<Ordered>,
+        }
+        let p: Patterns = serde_json::from_str(text).map_err(|e| {
+            bad(format!(
+                "`rank_pattern` and `alpha_pattern` must be objects of module pattern: value ({e})"
+            ))
+        })?;
+        for (key, value) in p.rank_pattern.map(|o| o.0).unwrap_or_default() {
+            match value.as_i64().filter(|r| *r >= 1) {
+                Some(r) => c.rank_pattern.push((key, r)),
+                None => {
+                    return Err(bad(format!(
+                        "`rank_pattern` {key:?} must be a positive integer, not {value}"
+                    )))
+                }
+            }
+        }
+        for (key, value) in p.alpha_pattern.map(|o| o.0).unwrap_or_default() {
+            match value.as_f64() {
+                Some(a) => c.alpha_pattern.push((key, a)),
+                None => {
+                    return Err(bad(format!(
+                        "`alpha_pattern` {key:?} must be a number, not {value}"
+                    )))
+                }
+            }
+        }
+        c.exclude_modules = match v.get("exclude_modules") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) => Some(TargetModules::Regex(s.clone())),
+            Some(Value::Array(a)) if a.is_empty() => None,
+            Some(Value::Array(a)) => Some(TargetModules::Names(strings(a, "exclude_modules")?)),
+            Some(x) => {
+                return Err(bad(format!(
+                    "`exclude_modules` must be a list of names or a regex, not {x}"
+                )))
+            }
+        };
+        c.layers_to_transform = match v.get("layers_to_transform") {
+            None | Some(Value::Null) => vec![],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_i64().ok_or_else(|| {
+                        bad(format!(
+                            "`layers_to_transform` entries must be layer indices, not {x}"
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            Some(x) => vec![x.as_i64().ok_or_else(|| {
+                bad(format!(
+                    "`layers_to_transform` must be a layer index or a list of them, not {x}"
+                ))
+            })?],
+        };
+        c.layers_pattern = match v.get("layers_pattern") {
+            None | Some(Value::Null) => vec![],
+            Some(Value::String(s)) if s.is_empty() => vec![],
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => strings(a, "layers_pattern")?,
+            Some(x) => {
+                return Err(bad(format!(
+                    "`layers_pattern` must be a name or a list of names, not {x}"
+                )))
+            }
+        };
+        // peft's LoraConfig refuses these combinations too
+        let regex_targets = matches!(c.lora.target_modules, TargetModules::Regex(_));
+        if regex_targets && !c.layers_to_transform.is_empty() {
+            return Err(bad(
+                "`layers_to_transform` cannot be used when `target_modules` is a regex (a string)"
+                    .into(),
+            ));
+        }
+        if regex_targets && !c.layers_pattern.is_empty() {
+            return Err(bad(
+                "`layers_pattern` cannot be used when `target_modules` is a regex (a string)"
+                    .into(),
+            ));
+        }
+        let no_layers = matches!(v.get("layers_to_transform"), None | Some(Value::Null));
+        if !c.layers_pattern.is_empty() && no_layers {
+            return Err(bad(
+                "`layers_pattern` is set but `layers_to_transform` is not: give the layer indices too"
+                    .into(),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// The options beyond plain LoRA this adapter sets, by their PEFT names.
+    pub fn extras(&self) -> Vec<&'static str> {
+        [
+            ("use_dora", self.use_dora),
+            ("rank_pattern", !self.rank_pattern.is_empty()),
+            ("alpha_pattern", !self.alpha_pattern.is_empty()),
+            ("exclude_modules", self.exclude_modules.is_some()),
+            ("layers_to_transform", !self.layers_to_transform.is_empty()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    }
+
+    /// The layers this adapter wraps and each one's rank and scaling.
+    pub fn layout(&self) -> Result<AdapterLayout, ModelError> {
+        let bad_regex = |what: &str, key: &str, e: regex::Error| {
+            ModelError::Adapter(format!(
+                "adapter_config.json: {what} {key:?} is not a regex: {e}"
+            ))
+        };
+        // get_pattern_key: re.match(rf"(.*\.)?({key})$", path)
+        let pattern = |what: &str, key: &str| {
+            Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| bad_regex(what, key, e))
+        };
+        let targets = self.lora.target_modules.canonical();
+        let exact = match &targets {
+            TargetModules::Names(n) => n.clone(),
+            TargetModules::Regex(_) => vec![],
+        };
+        let layer_index = if self.layers_to_transform.is_empty() {
+            vec![]
+        } else if self.layers_pattern.is_empty() {
+            // (lazy: the first numbered part, not an expert index further on)
+            vec![Regex::new(r"^.*?\.[^.]*\.(\d+)\.").expect("regex")]
+        } else {
+            self.layers_pattern
+                .iter()
+                .map(|p| {
+                    Regex::new(&format!(r"^(?:.*?\.)??{p}\.(\d+)\."))
+                        .map_err(|e| bad_regex("layers_pattern", p, e))
+                })
+                .collect::<Result<_, _>>()?
+        };
+        Ok(AdapterLayout {
+            targets: targets.compile()?,
+            exact,
+            exclude: match &self.exclude_modules {
+                None => None,
+                Some(TargetModules::Regex(r)) => Some(TargetMatcher::Regex(
+                    full_match(r).map_err(|e| bad_regex("exclude_modules", r, e))?,
+                )),
+                Some(names) => Some(names.canonical().compile()?),
+            },
+            layers: self.layers_to_transform.clone(),
+            layer_index,
+            rank: self
+                .rank_pattern
+                .iter()
+                .map(|(k, r)| Ok((pattern("rank_pattern", k)?, *r)))
+                .collect::<Result<_, ModelError>>()?,
+            alpha: self
+                .alpha_pattern
+                .iter()
+                .map(|(k, a)| Ok((pattern("alpha_pattern", k)?, *a)))
+                .collect::<Result<_, ModelError>>()?,
+            lora: self.lora.clone(),
+            use_dora: self.use_dora,
+        })
+    }
+}
+
+/// Which linear layers an adapter wraps, and with what rank and scaling (`AdapterConfig::layout`).
+pub struct AdapterLayout {
+    targets: TargetMatcher,
+    /// List targets (canonical): a path equal to one is wrapped whatever its layer index.
+    exact: Vec<String>,
+    exclude: Option<TargetMatcher>,
+    /// layers_to_transform (empty: every layer).
+    layers: Vec<i64>,
+    /// Where a path's layer index is: the first of these that matches gives it.
+    layer_index: Vec<Regex>,
+    rank: Vec<(Regex, i64)>,
+    alpha: Vec<(Regex, f64)>,
+    lora: LoraConfig,
+    pub use_dora: bool,
+}
+
+impl AdapterLayout {
+    /// peft's `check_target_module_exists` for a module path (this model's naming; regexes also
+    /// see it in transformers-4 naming, as an adapter made then names it).
+    pub fn wraps(&self, path: &str) -> bool {
+        if self.exclude.as_ref().is_some_and(|e| e.matches(path)) || !self.targets.matches(path) {
+            return false;
+        }
+        if self.layers.is_empty() || self.exact.iter().any(|n| n == path) {
+            return true;
+        }
+        let legacy = canonical_to_legacy(path);
+        let index = [path, legacy.as_str()].into_iter().find_map(|p| {
+            self.layer_index
+                .iter()
+                .find_map(|re| re.captures(p))
+                .and_then(|c| c[1].parse::<i64>().ok())
+        });
+        index.is_some_and(|i| self.layers.contains(&i))
+    }
+
+    /// The first pattern entry that matches `path` (either naming), else `default`.
+    fn pattern<T: Copy>(entries: &[(Regex, T)], path: &str, default: T) -> T {
+        let legacy = canonical_to_legacy(path);
+        entries
+            .iter()
+            .find(|(re, _)| re.is_match(path) || re.is_match(&legacy))
+            .map_or(default, |(_, v)| *v)
+    }
+
+    /// The module's rank: `rank_pattern`'s, else `r`.
+    pub fn rank(&self, path: &str) -> i64 {
+        Self::pattern(&self.rank, path, self.lora.r)
+    }
+
+    /// The module's scaling, from its rank and alpha (`alpha_pattern`'s, else `lora_alpha`).
+    pub fn scaling(&self, path: &str) -> f64 {
+        let alpha = Self::pattern(&self.alpha, path, self.lora.alpha);
+        super::lora::scaling(alpha, self.rank(path) as f64, self.lora.use_rslora)
+    }
+}
+
+fn is_set(v: Option<&Value>) -> bool {
+    match v {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(_) => true,
+    }
+}
+
+fn strings(a: &[Value], key: &str) -> Result<Vec<String>, ModelError> {
+    a.iter()
+        .map(|x| {
+            x.as_str().map(String::from).ok_or_else(|| {
+                ModelError::Adapter(format!(
+                    "adapter_config.json: `{key}` entries must be strings, not {x}"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The plain LoRA settings (r, lora_alpha, lora_dropout, target_modules, use_rslora, bias).
+fn parse_lora(v: &Value) -> Result<LoraConfig, ModelError> {
+    let bad = |m: String| ModelError::Adapter(format!("adapter_config.json: {m}"));
+    if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
+        if t != "LORA" {
+            return Err(bad(format!("peft_type {t} is not supported (only LORA)")));
+        }
+    }
+    // present keys of the wrong type are errors, not defaults (a quoted "32" must not become 8)
+    let typed = |key: &str, want: &str, ok: fn(&Value) -> bool| match v.get(key) {
+        Some(x) if !x.is_null() && !ok(x) => Err(bad(format!("`{key}` must be {want}, not {x}"))),
+        x => Ok(x.filter(|x| !x.is_null())),
+    };
+    let r = typed("r", "a positive integer", |x| {
+        x.as_i64().is_some_and(|r| r >= 1)
+    })?
+    .and_then(Value::as_i64)
+    .ok_or_else(|| bad("missing `r`".into()))?;
+    let alpha = typed("lora_alpha", "a number", Value::is_number)?
+        .and_then(Value::as_f64)
+        .unwrap_or(8.0);
+    let dropout = typed("lora_dropout", "a number in [0, 1)", |x| {
+        x.as_f64().is_some_and(|d| (0.0..1.0).contains(&d))
+    })?
+    .and_then(Value::as_f64)
+    .unwrap_or(0.0);
+    let target_modules = match v.get("target_modules") {
+        Some(Value::String(s)) => TargetModules::Regex(s.clone()),
+        Some(Value::Array(a)) => TargetModules::Names(strings(a, "target_modules")?),
+        _ => return Err(bad("missing `target_modules`".into())),
+    };
+    if v.get("bias")
+        .and_then(Value::as_str)
+        .is_some_and(|b| b != "none")
+    {
+        return Err(bad("only bias=\"none\" is supported".into()));
+    }
+    let use_rslora = typed("use_rslora", "true or false", Value::is_boolean)?
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(LoraConfig {
+        r,
+        alpha,
+        dropout,
+        target_modules,
+        use_rslora,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: &Value) -> Result<AdapterConfig, String> {
+        AdapterConfig::parse(&v.to_string()).map_err(|e| e.to_string())
+    }
+
+    fn base() -> Value {
+        json!({"peft_type": "LORA", "r": 8, "lora_alpha": 32, "lora_dropout": 0.05,
+            "target_modules": ["q_proj", "v_proj"], "use_rslora": false})
+    }
+
+    #[test]
+    fn adapter_configs_with_wrong_types_are_errors_not_defaults() {
+        let c = parse(&base()).unwrap();
+        assert_eq!(
+            (c.lora.r, c.lora.alpha, c.lora.use_rslora),
+            (8, 32.0, false)
+        );
+        assert!(c.extras().is_empty());
+        let with = |key: &str, value: Value| {
+            let mut v = base();
+            v[key] = value;
+            parse(&v).map(|_| ())
+        };
+        assert!(
+            with("lora_alpha", Value::Null).is_ok(),
+            "null = PEFT's default"
+        );
+        for (key, value, says) in [
+            ("lora_alpha", json!("32"), "`lora_alpha` must be a number"),
+            ("r", json!(0), "`r` must be a positive integer"),
+            ("r", json!(8.5), "`r` must be a positive integer"),
+            (
+                "use_rslora",
+                json!("true"),
+                "`use_rslora` must be true or false",
+            ),
+            (
+                "lora_dropout",
+                json!(1.5),
+                "`lora_dropout` must be a number in [0, 1)",
+            ),
+            (
+                "target_modules",
+                json!(["q_proj", 3]),
+                "entries must be strings",
+            ),
+            ("use_dora", json!("yes"), "`use_dora` must be true or false"),
+            (
+                "rank_pattern",
+                json!({"q_proj": 0}),
+                "must be a positive integer",
+            ),
+            ("rank_pattern", json!(["q_proj"]), "must be objects"),
+            ("alpha_pattern", json!({"q_proj": "16"}), "must be a number"),
+            ("exclude_modules", json!(3), "`exclude_modules` must be"),
+            ("layers_to_transform", json!(["0"]), "must be layer indices"),
+            (
+                "layers_pattern",
+                json!("layers"),
+                "`layers_to_transform` is not",
+            ),
+            (
+                "modules_to_save",
+                json!(["lm_head"]),
+                "`modules_to_save` (fully trained",
+            ),
+            ("lora_bias", json!(true), "`lora_bias`"),
+        ] {
+            let e = with(key, value.clone()).unwrap_err();
+            assert!(
+                e.contains(says) && e.contains("adapter_config.json"),
+                "{key} = {value}: {e}"
+            );
+        }
+        // peft's own refusals: layers_to_transform / layers_pattern need list target_modules
+        let mut v = base();
+        v["target_modules"] = json!(".*q_proj");
+        v["layers_to_transform"] = json!([0]);
+        assert!(parse(&v)
+            .unwrap_err()
+            .contains("cannot be used when `target_modules` is a regex"));
+    }
+
+    const PATHS: [&str; 6] = [
+        "model.language_model.layers.0.self_attn.q_proj",
+        "model.language_model.layers.1.cross_attn.q_proj",
+        "model.language_model.layers.2.self_attn.q_proj",
+        "model.vision_model.transformer.layers.1.self_attn.q_proj",
+        "model.vision_model.global_transformer.layers.0.self_attn.v_proj",
+        "model.language_model.layers.12.self_attn.v_proj",
+    ];
+
+    fn layout(extra: Value) -> AdapterLayout {
+        let mut v = base();
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        parse(&v).unwrap().layout().unwrap()
+    }
+
+    fn wrapped(l: &AdapterLayout) -> Vec<&'static str> {
+        PATHS.into_iter().filter(|p| l.wraps(p)).collect()
+    }
+
+    /// PEFT's `check_target_module_exists`: exclude_modules (list: exact or suffix; string:
+    /// full match), layers_to_transform by the first numbered part or after layers_pattern.
+    #[test]
+    fn layers_are_chosen_as_peft_chooses_them() {
+        let all = layout(json!({}));
+        assert_eq!(wrapped(&all).len(), 6);
+        let l = layout(json!({"exclude_modules": ["layers.2.self_attn.q_proj",
+            "model.vision_model.transformer.layers.1.self_attn.q_proj"]}));
+        assert_eq!(wrapped(&l), [PATHS[0], PATHS[1], PATHS[4], PATHS[5]]);
+        let l = layout(json!({"exclude_modules": ".*vision_model.*"}));
+        assert_eq!(wrapped(&l), [PATHS[0], PATHS[1], PATHS[2], PATHS[5]]);
+        // (a transformers-4 path in the list reads as this model's)
+        let l =
+            layout(json!({"exclude_modules": ["language_model.model.layers.0.self_attn.q_proj"]}));
+        assert!(!l.wraps(PATHS[0]) && l.wraps(PATHS[2]));
+        // layer 1 of every stack (not 12: the index is a whole part)
+        let l = layout(json!({"layers_to_transform": 1}));
+        assert_eq!(wrapped(&l), [PATHS[1], PATHS[3]]);
+        let l = layout(json!({"layers_to_transform": [0, 12], "layers_pattern": ["layers"]}));
+        assert_eq!(wrapped(&l), [PATHS[0], PATHS[4], PATHS[5]]);
+        // a pattern that only the global stack has
+        let l = layout(
+            json!({"layers_to_transform": [0], "layers_pattern": "global_transformer.layers"}),
+        );
+        assert_eq!(wrapped(&l), [PATHS[4]]);
+        // a target named in full is wrapped whatever its layer (peft checks that first)
+        let mut v = base();
+        v["target_modules"] = json!([PATHS[2], "v_proj"]);
+        v["layers_to_transform"] = json!([0]);
+        let l = parse(&v).unwrap().layout().unwrap();
+        assert_eq!(wrapped(&l), [PATHS[2], PATHS[4]]);
+    }
+
+    /// PEFT's `get_pattern_key`: the first key (in file order, not sorted) whose regex matches
+    /// the end of the path at a `.` gives the rank or alpha; scaling follows both.
+    #[test]
+    fn rank_and_alpha_patterns_apply_in_file_order() {
+        let text = r#"{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+            "rank_pattern": {"self_attn.q_proj": 4, "q_proj": 2, "layers\\.1[0-9]\\..*": 32},
+            "alpha_pattern": {"cross_attn.q_proj": 64}}"#;
+        let c = AdapterConfig::parse(text).unwrap();
+        assert_eq!(c.extras(), ["rank_pattern", "alpha_pattern"]);
+        let l = c.layout().unwrap();
+        let rs: Vec<i64> = PATHS.iter().map(|p| l.rank(p)).collect();
+        // (sorted keys would put "q_proj" first and give every q_proj rank 2)
+        assert_eq!(rs, [4, 2, 4, 4, 8, 32]);
+        let sc: Vec<f64> = PATHS.iter().map(|p| l.scaling(p)).collect();
+        assert_eq!(sc, [4.0, 32.0, 4.0, 4.0, 2.0, 0.5]);
+        // "proj" matches no path at a `.` boundary; "_proj" neither
+        let c = AdapterConfig::parse(
+            r#"{"r": 8, "target_modules": ["q_proj"], "rank_pattern": {"proj": 2, "_proj": 3}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.layout().unwrap().rank(PATHS[0]), 8);
+        let c = AdapterConfig::parse(
+            r#"{"r": 8, "target_modules": ["q_proj"], "use_rslora": true, "rank_pattern": {"q_proj": 4}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.layout().unwrap().scaling(PATHS[0]), 4.0); // 8 / sqrt(4)
+    }
+}
