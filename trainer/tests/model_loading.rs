@@ -490,8 +490,8 @@ fn hf4_adapter_on_the_projector_and_lm_head_loads() {
 /// adapter_config.json settings that change what LoRA computes in ways not supported are refused
 /// by name (loaded as plain LoRA they would be wrong, or fail with a list of missing keys that
 /// does not say why), and so is a layers_pattern without layer indices (as peft refuses it);
-/// their defaults (null, false, empty) load. (DoRA, the patterns and the layer choices load:
-/// tests/peft_variants_golden.rs.)
+/// their defaults (null, false, empty) load. (DoRA, the patterns, the layer choices and
+/// modules_to_save load: tests/peft_variants_golden.rs.)
 #[test]
 fn adapter_settings_plain_lora_cannot_honour_are_refused_by_name() {
     let src = fixtures().join("adapter_hf5");
@@ -500,7 +500,6 @@ fn adapter_settings_plain_lora_cannot_honour_are_refused_by_name() {
             .unwrap();
     let cases = [
         ("layers_pattern", serde_json::json!("layers")),
-        ("modules_to_save", serde_json::json!(["lm_head"])),
         ("lora_bias", serde_json::json!(true)),
         ("fan_in_fan_out", serde_json::json!(true)),
         ("trainable_token_indices", serde_json::json!([1, 2])),

@@ -1,8 +1,9 @@
 //! PEFT adapters beyond plain LoRA on whole modules (tests/fixtures/peft_variants, made by Python
 //! peft with make_peft_variants_golden.py there): `dora` (DoRA on attention and a biased vision
 //! MLP layer, layers_to_transform + layers_pattern, rank_pattern, alpha_pattern, a regex
-//! exclude_modules) and `patterns` (regex target_modules, regex pattern keys, a list
-//! exclude_modules). Each loads onto our model on the layers peft wraps and gives peft's logits
+//! exclude_modules, a targeted module saved whole) and `patterns` (regex target_modules, regex
+//! pattern keys, a list exclude_modules, modules_to_save with biases and lm_head). Each loads onto
+//! our model on the layers peft wraps, with the saved modules' parameters, and gives peft's logits
 //! (fp32 within 1e-5 relative; DoRA over a bf16 base as close as the two bf16 models are to each
 //! other), and `export --format merged` writes the weights peft's merge_and_unload computes.
 mod common;
@@ -21,6 +22,8 @@ struct Golden {
     tensors: HashMap<String, Tensor>,
     /// Module paths peft wrapped.
     wrapped: BTreeSet<String>,
+    /// Parameters of modules_to_save.
+    saved: BTreeSet<String>,
 }
 
 fn fixtures() -> PathBuf {
@@ -31,13 +34,14 @@ fn golden(name: &str) -> Golden {
     let path = fixtures().join(format!("peft_variants/{name}_golden.safetensors"));
     let bytes = std::fs::read(&path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let wrapped = meta.metadata().as_ref().unwrap()["wrapped"].clone();
+    let meta = meta.metadata().as_ref().unwrap();
     Golden {
         tensors: Tensor::read_safetensors(&path)
             .unwrap()
             .into_iter()
             .collect(),
-        wrapped: serde_json::from_str(&wrapped).unwrap(),
+        wrapped: serde_json::from_str(&meta["wrapped"]).unwrap(),
+        saved: serde_json::from_str(&meta["saved"]).unwrap(),
     }
 }
 
@@ -91,6 +95,16 @@ fn loads_as_peft_loads(name: &str) {
     let dir = fixtures().join("peft_variants").join(name);
     model.load_adapter(&dir).unwrap();
     assert_eq!(wrapped_layers(&mut model), g.wrapped);
+    let mut saved = BTreeSet::new();
+    model.visit_params(&mut |n, t| {
+        if let Some(want) = g.tensors.get(&format!("merged.{n}")) {
+            if !g.wrapped.contains(n.trim_end_matches(".weight")) {
+                assert!(t.equal(want), "{n} is not the adapter's");
+                saved.insert(n.to_string());
+            }
+        }
+    });
+    assert_eq!(saved, g.saved);
     let err = rel_err(&logits(&mut model, &b), &g.tensors["logits"]);
     let effect = rel_err(&plain, &g.tensors["logits"]);
     println!("{name}: ours vs peft rel {err:.2e} (without the adapter: {effect:.2e})");
@@ -110,7 +124,7 @@ fn merges_as_peft_merges(name: &str) {
     let dir = fixtures().join("peft_variants").join(name);
     let model_dir = fixtures().join("train/model");
     let s = export_merged(MergeSource::Adapter(&dir), &out, Some(&model_dir), u64::MAX).unwrap();
-    assert_eq!(s.merged, g.wrapped.len());
+    assert_eq!((s.merged, s.replaced), (g.wrapped.len(), g.saved.len()));
     let merged: HashMap<String, Tensor> = Tensor::read_safetensors(out.join("model.safetensors"))
         .unwrap()
         .into_iter()
@@ -216,8 +230,9 @@ fn load_error(dir: &Path) -> String {
     e
 }
 
-/// A DoRA adapter without a magnitude, magnitudes without use_dora, and ranks that the
-/// rank_pattern does not give: each an error that names the tensor and says why.
+/// A DoRA adapter without a magnitude, magnitudes without use_dora, ranks that the rank_pattern
+/// does not give, a saved module's parameter missing or not asked for: each an error that names
+/// the tensor and says why.
 #[test]
 fn adapters_that_do_not_fit_their_config_name_the_tensor() {
     let q0 = "base_model.model.model.language_model.layers.0.self_attn.q_proj";
@@ -255,6 +270,33 @@ fn adapters_that_do_not_fit_their_config_name_the_tensor() {
         e.contains(&format!(
             "mis-shaped {q0}.lora_A.weight: expected [4, 64], found [7, 64]"
         )),
+        "{e}"
+    );
+    // a saved module's parameter missing from the file
+    let e = load_error(&edited(
+        "patterns",
+        "no-lm-head",
+        |_| {},
+        |n| n != "base_model.model.lm_head.weight",
+    ));
+    assert!(
+        e.contains(
+            "missing    base_model.model.lm_head.weight: expected [711, 64] (a parameter of a \
+             module in modules_to_save"
+        ),
+        "{e}"
+    );
+    // ... or present without modules_to_save
+    let e = load_error(&edited(
+        "patterns",
+        "no-modules-to-save",
+        |c| c["modules_to_save"] = serde_json::Value::Null,
+        |_| true,
+    ));
+    assert!(
+        e.contains(
+            "unexpected base_model.model.lm_head.weight: not a LoRA factor, nor a parameter"
+        ),
         "{e}"
     );
     // without exclude_modules peft would wrap layer 2's v_proj too, and finds no factors for it

@@ -170,7 +170,7 @@ fn init_from_a_dora_adapter_is_refused_with_the_way_out() {
         &["peft.init_from=tests/fixtures/peft_variants/dora"],
         &[
             "peft.init_from tests/fixtures/peft_variants/dora: the adapter sets use_dora, \
-             rank_pattern, alpha_pattern, exclude_modules, layers_to_transform",
+             rank_pattern, alpha_pattern, exclude_modules, layers_to_transform, modules_to_save",
             "trainer export --format merged --adapter tests/fixtures/peft_variants/dora",
         ],
     );

@@ -6,6 +6,7 @@
 //!   computed in fp32 and cast back to W's dtype (`Linear::merge_lora`, the model's own math);
 //!   an adapter's scaling is the module's (rank_pattern / alpha_pattern), and a DoRA adapter's
 //!   weight becomes g (W + scaling B A), g its magnitude over that matrix's row norms;
+//! - an adapter's modules_to_save parameters replace the base's (cast to their dtype);
 //! - a full-finetuning checkpoint's trained parameter replaces the base tensor (cast to its dtype);
 //! - every other tensor is copied byte for byte.
 //!
@@ -50,6 +51,11 @@ impl LoraMerge {
 
     fn dora(&self) -> bool {
         matches!(self, Self::Adapter(l) if l.use_dora)
+    }
+
+    /// Whether base parameter `name` belongs to an adapter's module to save.
+    fn saves(&self, name: &str) -> bool {
+        matches!(self, Self::Adapter(l) if l.saves(name))
     }
 }
 
@@ -338,8 +344,28 @@ pub fn export_merged(
     let mut problems = vec![];
     for t in &base {
         let canonical = legacy_to_canonical(&t.name);
-        let action = match &lora {
-            Some(how) => {
+        // a trained parameter of this name: full finetuning's, or one of an adapter's modules to
+        // save (LoRA factors go by other names)
+        let action = match (trained.shape(&canonical), &lora) {
+            (Some(s), _) => {
+                if s != t.shape {
+                    problems.push(format!(
+                        "{}: base shape {:?}, trained {:?}",
+                        t.name, t.shape, s
+                    ));
+                }
+                used.insert(canonical.clone());
+                Action::Replace(canonical)
+            }
+            (None, Some(how)) if how.saves(&canonical) => {
+                problems.push(format!(
+                    "{}: in a module of the adapter's modules_to_save, but the adapter lacks \
+                     base_model.model.{canonical}",
+                    t.name
+                ));
+                Action::Copy
+            }
+            (None, Some(how)) => {
                 let module = canonical.strip_suffix(".weight");
                 let a = module.map(|p| format!("base_model.model.{p}.lora_A.weight"));
                 match (module, a.as_deref().and_then(|a| trained.shape(a)), a) {
@@ -392,19 +418,7 @@ pub fn export_merged(
                     _ => Action::Copy,
                 }
             }
-            None => match trained.shape(&canonical) {
-                Some(s) => {
-                    if s != t.shape {
-                        problems.push(format!(
-                            "{}: base shape {:?}, trained {:?}",
-                            t.name, t.shape, s
-                        ));
-                    }
-                    used.insert(canonical.clone());
-                    Action::Replace(canonical)
-                }
-                None => Action::Copy,
-            },
+            (None, None) => Action::Copy,
         };
         if !matches!(action, Action::Copy) && kind_of(t.dtype).is_none() {
             problems.push(format!(

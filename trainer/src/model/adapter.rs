@@ -18,24 +18,30 @@ const PEFT_PREFIX: &str = "base_model.model.";
 
 /// Module path of an adapter key in either naming, and which tensor: ("model.language_model.layers.0.self_attn.q_proj", "A").
 /// "A" and "B" are the LoRA factors, "M" DoRA's magnitude (peft writes `.lora_magnitude_vector`,
-/// some versions with `.weight`).
+/// some versions with `.weight`); any other key is "P", a parameter of a module to save, whose
+/// full name it gives (`lm_head.weight`).
 fn parse_adapter_key(key: &str) -> Option<(String, &'static str)> {
     let rest = key.strip_prefix(PEFT_PREFIX)?;
-    let (module, which) = [
+    let found = [
         (".lora_A.weight", "A"),
         (".lora_B.weight", "B"),
         (".lora_magnitude_vector", "M"),
         (".lora_magnitude_vector.weight", "M"),
     ]
     .into_iter()
-    .find_map(|(suffix, which)| rest.strip_suffix(suffix).map(|m| (m, which)))?;
-    Some((legacy_to_canonical(module), which))
+    .find_map(|(suffix, which)| rest.strip_suffix(suffix).map(|m| (m, which)));
+    Some(match found {
+        Some((module, which)) => (legacy_to_canonical(module), which),
+        None => (legacy_to_canonical(rest), "P"),
+    })
 }
 
-/// Our key for an adapter tensor of `module` (this model's naming).
+/// Our key for an adapter tensor of `module` (this model's naming); a saved module's parameter
+/// goes by its own name.
 fn adapter_key(module: &str, which: &str) -> String {
     match which {
         "M" => format!("{PEFT_PREFIX}{module}.lora_magnitude_vector"),
+        "P" => module.to_string(),
         ab => format!("{PEFT_PREFIX}{module}.lora_{ab}.weight"),
     }
 }
@@ -71,7 +77,11 @@ pub fn read_adapter(dir: &Path) -> Result<ReadAdapter, ModelError> {
     let (mut factors, mut problems) = (BTreeMap::new(), vec![]);
     for (name, _) in src.names_and_shapes() {
         match parse_adapter_key(name) {
-            Some((module, _)) if !layout.wraps(&module) => problems.push(format!(
+            Some((param, "P")) if !layout.saves(&param) => problems.push(format!(
+                "{name}: not a LoRA factor, nor a parameter of a module in modules_to_save {:?}",
+                config.modules_to_save
+            )),
+            Some((module, ab)) if ab != "P" && !layout.wraps(&module) => problems.push(format!(
                 "{name}: module {module} is not one the adapter config chooses (target_modules \
                  {:?}{})",
                 config.lora.target_modules,
@@ -278,12 +288,51 @@ impl MllamaModel {
                 n += 1;
             }
         });
+        // modules_to_save: their parameters replace the model's, in its dtype (peft loads them into
+        // its copy of the module); applied only once everything fits
+        let mut saved = vec![];
+        let mut model_params = vec![];
+        self.visit_params(&mut |name, t| {
+            if layout.saves(name) {
+                model_params.push((name.to_string(), t.shallow_clone()));
+            }
+        });
+        for (name, p) in model_params {
+            match tensors.get(&(name.clone(), "P")) {
+                None => problems.push(format!(
+                    "missing    {PEFT_PREFIX}{name}: expected {:?} (a parameter of a module in \
+                     modules_to_save {:?})",
+                    p.size(),
+                    cfg.modules_to_save
+                )),
+                Some(file) => {
+                    used.insert(file.clone());
+                    let got = src.entry(file).map(|e| e.shape.clone()).unwrap_or_default();
+                    if got != p.size() {
+                        problems.push(format!(
+                            "mis-shaped {file}: expected {:?}, found {got:?}",
+                            p.size()
+                        ));
+                    } else {
+                        match src.get(file, p.kind()) {
+                            Ok(t) => saved.push((p, t)),
+                            Err(e) => problems.push(e.to_string()),
+                        }
+                    }
+                }
+            }
+        }
         for ((_, which), file) in &tensors {
             if !used.contains(file) {
                 problems.push(match *which {
                     "M" if !cfg.use_dora => {
                         format!("unexpected {file}: a DoRA magnitude, but use_dora is false")
                     }
+                    "P" => format!(
+                        "unexpected {file}: not a LoRA factor, nor a parameter of this model in a \
+                         module of modules_to_save {:?}",
+                        cfg.modules_to_save
+                    ),
                     _ => format!(
                         "unexpected {file}: no linear layer the adapter config chooses has that \
                          name (target_modules {:?}{})",
@@ -293,7 +342,7 @@ impl MllamaModel {
                 });
             }
         }
-        if !problems.is_empty() || n == 0 {
+        if !problems.is_empty() || n + saved.len() == 0 {
             return Err(ModelError::Adapter(format!(
                 "{} does not match the model ({} problems):\n  {}",
                 dir.display(),
@@ -301,6 +350,11 @@ impl MllamaModel {
                 problems.join("\n  ")
             )));
         }
+        tch::no_grad(|| {
+            for (p, t) in saved {
+                p.shallow_clone().copy_(&t.to_device(p.device()));
+            }
+        });
         self.lora = Some(cfg.lora.clone());
         self.set_lora_requires_grad(true);
         Ok(cfg)

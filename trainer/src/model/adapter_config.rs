@@ -6,7 +6,9 @@
 //!   for list `target_modules` that match by suffix (`check_target_module_exists`);
 //! - `rank_pattern` / `alpha_pattern` give a module the value of the first key (in file order)
 //!   that matches the end of its path at a `.` (`get_pattern_key`);
-//! - `use_dora`: DoRA, a learned magnitude per output row (`LoraBranch::dora_scale`).
+//! - `use_dora`: DoRA, a learned magnitude per output row (`LoraBranch::dora_scale`);
+//! - `modules_to_save`: modules trained in full, whose every parameter the adapter file holds
+//!   (a module whose path ends with one of the names; no LoRA inside them).
 //!
 //! Options that change what LoRA computes in other ways stay refused by name.
 use regex::Regex;
@@ -32,13 +34,14 @@ pub struct AdapterConfig {
     /// Names of the layer lists the index follows (empty: the first numbered part of the path).
     pub layers_pattern: Vec<String>,
     pub use_dora: bool,
+    /// Modules stored whole in the adapter (their path ends with one of these).
+    pub modules_to_save: Vec<String>,
 }
 
 /// PEFT settings that change what LoRA computes or where in ways not supported here: loading
 /// such an adapter as plain LoRA would be wrong (aLoRA applies only after its invocation tokens)
 /// or fail with a list of missing keys that does not say why.
-const UNSUPPORTED: [(&str, &str); 10] = [
-    ("modules_to_save", "fully trained modules besides LoRA"),
+const UNSUPPORTED: [(&str, &str); 9] = [
     ("lora_bias", "a bias in lora_B"),
     ("fan_in_fan_out", "transposed (Conv1D) weights"),
     ("trainable_token_indices", "trained token embeddings"),
@@ -91,6 +94,7 @@ impl AdapterConfig {
             layers_to_transform: vec![],
             layers_pattern: vec![],
             use_dora: false,
+            modules_to_save: vec![],
         }
     }
 
@@ -172,6 +176,15 @@ impl AdapterConfig {
                 ))
             })?],
         };
+        c.modules_to_save = match v.get("modules_to_save") {
+            None | Some(Value::Null) => vec![],
+            Some(Value::Array(a)) => strings(a, "modules_to_save")?,
+            Some(x) => {
+                return Err(bad(format!(
+                    "`modules_to_save` must be a list of module names, not {x}"
+                )))
+            }
+        };
         c.layers_pattern = match v.get("layers_pattern") {
             None | Some(Value::Null) => vec![],
             Some(Value::String(s)) if s.is_empty() => vec![],
@@ -215,6 +228,7 @@ impl AdapterConfig {
             ("alpha_pattern", !self.alpha_pattern.is_empty()),
             ("exclude_modules", self.exclude_modules.is_some()),
             ("layers_to_transform", !self.layers_to_transform.is_empty()),
+            ("modules_to_save", !self.modules_to_save.is_empty()),
         ]
         .into_iter()
         .filter_map(|(name, set)| set.then_some(name))
@@ -273,6 +287,16 @@ impl AdapterConfig {
                 .iter()
                 .map(|(k, a)| Ok((pattern("alpha_pattern", k)?, *a)))
                 .collect::<Result<_, ModelError>>()?,
+            // check_target_module_exists: no LoRA on or inside a module to save
+            saved_lora: self
+                .modules_to_save
+                .iter()
+                .map(|m| {
+                    Regex::new(&format!(r"^(?:|.*\.)(?:{m})(?:$|\..*)"))
+                        .map_err(|e| bad_regex("modules_to_save", m, e))
+                })
+                .collect::<Result<_, _>>()?,
+            saved: self.modules_to_save.clone(),
             lora: self.lora.clone(),
             use_dora: self.use_dora,
         })
@@ -291,6 +315,9 @@ pub struct AdapterLayout {
     layer_index: Vec<Regex>,
     rank: Vec<(Regex, i64)>,
     alpha: Vec<(Regex, f64)>,
+    /// modules_to_save, and as the regexes that keep LoRA out of them.
+    saved: Vec<String>,
+    saved_lora: Vec<Regex>,
     lora: LoraConfig,
     pub use_dora: bool,
 }
@@ -299,13 +326,17 @@ impl AdapterLayout {
     /// peft's `check_target_module_exists` for a module path (this model's naming; regexes also
     /// see it in transformers-4 naming, as an adapter made then names it).
     pub fn wraps(&self, path: &str) -> bool {
-        if self.exclude.as_ref().is_some_and(|e| e.matches(path)) || !self.targets.matches(path) {
+        let legacy = canonical_to_legacy(path);
+        let saved = |re: &Regex| re.is_match(path) || re.is_match(&legacy);
+        if self.exclude.as_ref().is_some_and(|e| e.matches(path))
+            || self.saved_lora.iter().any(saved)
+            || !self.targets.matches(path)
+        {
             return false;
         }
         if self.layers.is_empty() || self.exact.iter().any(|n| n == path) {
             return true;
         }
-        let legacy = canonical_to_legacy(path);
         let index = [path, legacy.as_str()].into_iter().find_map(|p| {
             self.layer_index
                 .iter()
@@ -313,6 +344,19 @@ impl AdapterLayout {
                 .and_then(|c| c[1].parse::<i64>().ok())
         });
         index.is_some_and(|i| self.layers.contains(&i))
+    }
+
+    /// Whether parameter `name` (e.g. `lm_head.weight`) belongs to a module to save: peft's
+    /// `_set_trainable` wraps every module whose path ends with one of the names (a plain suffix,
+    /// in either naming).
+    pub fn saves(&self, name: &str) -> bool {
+        let under_saved = |n: &str| {
+            n.match_indices('.').any(|(i, _)| {
+                let module = &n[..i];
+                self.saved.iter().any(|m| module.ends_with(m.as_str()))
+            })
+        };
+        under_saved(name) || under_saved(&canonical_to_legacy(name))
     }
 
     /// The first pattern entry that matches `path` (either naming), else `default`.
@@ -474,8 +518,8 @@ mod tests {
             ),
             (
                 "modules_to_save",
-                json!(["lm_head"]),
-                "`modules_to_save` (fully trained",
+                json!("lm_head"),
+                "`modules_to_save` must be a list",
             ),
             ("lora_bias", json!(true), "`lora_bias`"),
         ] {
