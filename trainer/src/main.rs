@@ -895,11 +895,24 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
             args.checkpoint.as_deref(),
         ),
     };
+    let gather = |x: i64| -> Result<Vec<i64>, String> {
+        let Some(g) = group.as_ref() else {
+            return Ok(vec![x]);
+        };
+        let all = tch::Tensor::zeros(
+            [g.world_size() as i64],
+            (tch::Kind::Int64, tch::Device::Cpu),
+        );
+        g.all_gather_into(&all, &tch::Tensor::from_slice(&[x]))
+            .map_err(|e| e.to_string())?;
+        Vec::<i64>::try_from(&all).map_err(|e| e.to_string())
+    };
     let shard = group.as_ref().map(|g| Shard {
         rank: g.rank(),
         world: g.world_size(),
         barrier: &barrier,
         any: &any,
+        gather: &gather,
     });
     let Some(report) = run(
         &session,

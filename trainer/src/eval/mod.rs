@@ -243,6 +243,8 @@ pub struct Shard<'a> {
     pub barrier: &'a dyn Fn() -> Result<(), String>,
     /// Whether any rank passes true (an all-reduce; every rank must call it).
     pub any: &'a dyn Fn(bool) -> Result<bool, String>,
+    /// Every rank's value, in rank order (an all-gather; every rank must call it).
+    pub gather: &'a dyn Fn(i64) -> Result<Vec<i64>, String>,
 }
 
 pub struct EvalOptions {
@@ -443,6 +445,50 @@ fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result
         )));
     }
     Ok(false)
+}
+
+/// Every rank must predict as rank 0 does: a node with its own copy of the model or the adapter,
+/// or of the `llava_sco_prompt.json` a rank reads its prompt settings from, that differs would mix
+/// two setups' predictions into one report. Compares what the settings say about the files' content
+/// and the generation (not folder paths, which may differ between nodes); a collective every rank
+/// calls.
+fn agree_on_settings(shard: &Shard, now: &serde_json::Value) -> Result<(), EvalError> {
+    let content = settings_content(now);
+    let all = (shard.gather)(fingerprint(&content))
+        .map_err(|e| EvalError::Io(format!("comparing settings with the other ranks: {e}")))?;
+    let differ: Vec<String> = (0..all.len())
+        .filter(|&r| all[r] != all[0])
+        .map(|r| r.to_string())
+        .collect();
+    if differ.is_empty() {
+        return Ok(());
+    }
+    Err(EvalError::Io(format!(
+        "rank(s) {} would predict with other settings than rank 0: the model, the adapter, their \
+         llava_sco_prompt.json or the flags differ between the ranks (a node with its own copy of \
+         a folder?); give every rank the same files and flags. Rank {} predicts with {content}",
+        differ.join(", "),
+        shard.rank
+    )))
+}
+
+/// 60 bits of the sha256 of a JSON value's text.
+fn fingerprint(v: &serde_json::Value) -> i64 {
+    let hex = crate::checkpoint::sha256_hex(v.to_string().as_bytes());
+    i64::from_str_radix(&hex[..15], 16).expect("hex digits")
+}
+
+/// What predictions depend on, without the folders' paths (their files' fingerprints stay).
+fn settings_content(settings: &serde_json::Value) -> serde_json::Value {
+    let mut v = what_predicts(settings);
+    if let Some(model) = v.get_mut("model").and_then(|m| m.as_object_mut()) {
+        model.remove("model");
+        model.remove("adapter");
+        if let Some(c) = model.get_mut("checkpoint").and_then(|c| c.as_array_mut()) {
+            c.remove(0);
+        }
+    }
+    v
 }
 
 /// The settings that change predictions: greedy decoding (temperature 0) reads no seed, top-k
@@ -732,12 +778,15 @@ pub fn run(
             opts.out.display()
         )
     })?;
+    let now = settings(opts);
+    if let Some(s) = shard {
+        agree_on_settings(s, &now)?;
+    }
     // every rank checks the stored predictions, the settings and every question left (image file,
     // prompt) before anything is generated or written; any rank's failure stops all
     let checked = (|| {
         let done = existing_predictions(&opts.out)?;
         check_asked(&items, &done, &opts.out, &bench_file)?;
-        let now = settings(opts);
         if check_settings(&opts.out, &now, !done.is_empty())? && rank == 0 {
             write_settings(&opts.out, &now)?;
         }
@@ -908,6 +957,52 @@ mod tests {
             finished,
             canonical: String::new(),
         }
+    }
+
+    /// Ranks whose settings differ in content (the adapter's fingerprint, a prompt setting) are
+    /// named, on every rank; folder paths alone (a node's mount point) do not count.
+    #[test]
+    fn ranks_must_predict_with_the_same_settings() {
+        let settings = |adapter_path: &str, adapter_sha: &str, prompt: &str| {
+            serde_json::json!({"model": {"model": "/m", "adapter": adapter_path,
+                "adapter_sha256": [adapter_sha], "checkpoint": ["/c", "abc"]},
+                "infer": {"temperature": 0.0, "seed": 1, "correction_prompt": prompt},
+                "prompt": 3, "seeds": "id"})
+        };
+        let fp = |v: &serde_json::Value| fingerprint(&settings_content(v));
+        let ours = settings("/a", "s1", "Check.");
+        let run = |others: Vec<serde_json::Value>| {
+            let all: Vec<i64> = std::iter::once(&ours).chain(&others).map(fp).collect();
+            let (barrier, any) = (|| Ok(()), |b| Ok(b));
+            let gather = move |_| Ok(all.clone());
+            let shard = Shard {
+                rank: 0,
+                world: 1 + others.len(),
+                barrier: &barrier,
+                any: &any,
+                gather: &gather,
+            };
+            agree_on_settings(&shard, &ours).map_err(|e| e.to_string())
+        };
+        // another mount point, another seed under greedy decoding: the same predictions
+        let other_path = settings("/mnt/node1/a", "s1", "Check.");
+        let mut other_seed = ours.clone();
+        other_seed["infer"]["seed"] = 2.into();
+        run(vec![other_path, other_seed]).unwrap();
+        let e = run(vec![
+            ours.clone(),
+            settings("/a", "s2", "Check."),
+            settings("/a", "s1", "Look again."),
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("rank(s) 2, 3 would predict with other settings than rank 0"),
+            "{e}"
+        );
+        assert!(
+            e.contains("Rank 0 predicts with") && e.contains("Check."),
+            "{e}"
+        );
     }
 
     /// The training compute is the run's, over all ranks: each step's `flops`, or for older
