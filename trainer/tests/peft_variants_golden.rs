@@ -313,3 +313,42 @@ fn adapters_that_do_not_fit_their_config_name_the_tensor() {
         "{e}"
     );
 }
+
+/// A folder holding an adapter only in a subfolder (peft saves an adapter not named `default`
+/// under its name), or only as adapter_model.bin (older peft's pickle): the error says where the
+/// adapter is, or how to convert it.
+#[test]
+fn adapter_folders_saved_otherwise_say_where_the_adapter_is() {
+    let src = fixtures().join("peft_variants/patterns");
+    let parent = std::env::temp_dir().join(format!("peft-variants-parent-{}", std::process::id()));
+    let named = parent.join("sco");
+    std::fs::create_dir_all(&named).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(src.join(f), named.join(f)).unwrap();
+    }
+    let e = base(Kind::Float)
+        .load_adapter(&parent)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no adapter_config.json, but its subfolders hold adapters")
+            && e.contains(&named.display().to_string()),
+        "{e}"
+    );
+    base(Kind::Float).load_adapter(&named).unwrap();
+    std::fs::rename(
+        named.join("adapter_model.safetensors"),
+        named.join("adapter_model.bin"),
+    )
+    .unwrap();
+    let e = base(Kind::Float)
+        .load_adapter(&named)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("the adapter's weights are in adapter_model.bin")
+            && e.contains("save_file(torch.load("),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&parent);
+}

@@ -46,10 +46,31 @@ fn adapter_key(module: &str, which: &str) -> String {
     }
 }
 
-/// An adapter folder's settings, and its `adapter_config.json` as written; errors name the file.
-fn read_config(dir: &Path) -> Result<(AdapterConfig, Value), ModelError> {
+/// An adapter folder's settings, its `adapter_config.json` as written, and its weights file;
+/// errors name the file, and say where the adapter is when the folder holds one only in a
+/// subfolder (peft saves an adapter not named `default` under its name) or only in the pickle
+/// format of older peft versions.
+fn open_adapter(dir: &Path) -> Result<(AdapterConfig, Value, WeightSource), ModelError> {
     let cfg_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+        let inside: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().join("adapter_config.json").is_file())
+                    .map(|e| e.path().display().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        match inside.is_empty() {
+            true => ModelError::io(&cfg_path, e),
+            false => ModelError::Adapter(format!(
+                "{}: no adapter_config.json, but its subfolders hold adapters (peft saves an \
+                 adapter under its name): pass one of {}",
+                dir.display(),
+                inside.join(", ")
+            )),
+        }
+    })?;
     let named = |e: ModelError| match e {
         ModelError::Adapter(m) => ModelError::Adapter(format!(
             "{}{}",
@@ -63,7 +84,20 @@ fn read_config(dir: &Path) -> Result<(AdapterConfig, Value), ModelError> {
     };
     let config = AdapterConfig::parse(&text).map_err(named)?;
     let v: Value = serde_json::from_str(&text).expect("parsed above");
-    Ok((config, v))
+    let weights = dir.join("adapter_model.safetensors");
+    let pickle = dir.join("adapter_model.bin");
+    if !weights.exists() && pickle.exists() {
+        return Err(ModelError::Adapter(format!(
+            "{}: the adapter's weights are in adapter_model.bin, the pickle format of older peft, \
+             which is not read here; convert it: python -c \"import torch; from \
+             safetensors.torch import save_file; save_file(torch.load('{}', map_location='cpu'), \
+             '{}')\"",
+            dir.display(),
+            pickle.display(),
+            weights.display()
+        )));
+    }
+    Ok((config, v, WeightSource::open_files(&[weights])?))
 }
 
 /// A PEFT adapter folder read without a model (to merge it into weight files): its settings,
@@ -71,9 +105,8 @@ fn read_config(dir: &Path) -> Result<(AdapterConfig, Value), ModelError> {
 /// (`base_model.model.<canonical module path>.lora_{A,B}.weight`), whichever naming the file
 /// uses. A tensor that is not a LoRA factor of a module `target_modules` chooses is an error.
 pub fn read_adapter(dir: &Path) -> Result<ReadAdapter, ModelError> {
-    let (config, raw) = read_config(dir)?;
+    let (config, raw, src) = open_adapter(dir)?;
     let layout = config.layout()?;
-    let src = WeightSource::open_files(&[dir.join("adapter_model.safetensors")])?;
     let (mut factors, mut problems) = (BTreeMap::new(), vec![]);
     for (name, _) in src.names_and_shapes() {
         match parse_adapter_key(name) {
@@ -220,10 +253,9 @@ impl MllamaModel {
     /// (`AdapterConfig`). Every wrapped layer must have its tensors with the right shapes, and
     /// every adapter tensor must belong to a wrapped layer; all problems in one error.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<AdapterConfig, ModelError> {
-        let (cfg, _) = read_config(dir)?;
+        let (cfg, _, src) = open_adapter(dir)?;
         // (an adapter saved with transformers-4 names: its full module paths read as this model's)
         let layout = cfg.layout()?;
-        let src = WeightSource::open_files(&[dir.join("adapter_model.safetensors")])?;
         let mut tensors: BTreeMap<(String, &'static str), String> = BTreeMap::new();
         let mut problems = vec![];
         for (name, _) in src.names_and_shapes() {
