@@ -15,7 +15,7 @@ use common::ckpt::{probe_pixels, rel_err};
 use common::repo;
 use tch::{Kind, Tensor};
 use trainer::checkpoint::merged::{export_merged, MergeSource};
-use trainer::model::weights::legacy_to_canonical;
+use trainer::model::weights::{canonical_to_legacy, legacy_to_canonical};
 use trainer::model::{Batch, Images, LoadOptions, MllamaModel};
 
 struct Golden {
@@ -200,12 +200,13 @@ fn dora_over_a_bf16_base_is_as_close_as_the_bases_are() {
     assert!(err < (3.0 * plain).max(1e-3), "rel {err} (bases: {plain})");
 }
 
-/// A copy of adapter `name` with its config edited by `edit` and tensors filtered by `keep`.
+/// A copy of adapter `name` with its config edited by `edit` and its tensors renamed by `rename`
+/// (None: left out).
 fn edited(
     name: &str,
     tag: &str,
     edit: impl Fn(&mut serde_json::Value),
-    keep: impl Fn(&str) -> bool,
+    rename: impl Fn(&str) -> Option<String>,
 ) -> PathBuf {
     let src = fixtures().join("peft_variants").join(name);
     let dir = std::env::temp_dir().join(format!("peft-variants-{tag}-{}", std::process::id()));
@@ -218,7 +219,7 @@ fn edited(
         Tensor::read_safetensors(src.join("adapter_model.safetensors"))
             .unwrap()
             .into_iter()
-            .filter(|(n, _)| keep(n))
+            .filter_map(|(n, t)| Some((rename(&n)?, t)))
             .collect();
     Tensor::write_safetensors(&tensors, dir.join("adapter_model.safetensors")).unwrap();
     dir
@@ -240,7 +241,7 @@ fn adapters_that_do_not_fit_their_config_name_the_tensor() {
         "dora",
         "no-magnitude",
         |_| {},
-        |n| !n.starts_with(&format!("{q0}.lora_magnitude_vector")),
+        |n| (!n.starts_with(&format!("{q0}.lora_magnitude_vector"))).then(|| n.into()),
     ));
     assert!(
         e.contains(&format!(
@@ -252,7 +253,7 @@ fn adapters_that_do_not_fit_their_config_name_the_tensor() {
         "dora",
         "no-dora",
         |c| c["use_dora"] = false.into(),
-        |_| true,
+        |n| Some(n.into()),
     ));
     assert!(
         e.contains(&format!(
@@ -264,7 +265,7 @@ fn adapters_that_do_not_fit_their_config_name_the_tensor() {
         "patterns",
         "no-rank-pattern",
         |c| c["rank_pattern"] = serde_json::json!({}),
-        |_| true,
+        |n| Some(n.into()),
     ));
     assert!(
         e.contains(&format!(
@@ -277,7 +278,7 @@ fn adapters_that_do_not_fit_their_config_name_the_tensor() {
         "patterns",
         "no-lm-head",
         |_| {},
-        |n| n != "base_model.model.lm_head.weight",
+        |n| (n != "base_model.model.lm_head.weight").then(|| n.into()),
     ));
     assert!(
         e.contains(
@@ -291,7 +292,7 @@ fn adapters_that_do_not_fit_their_config_name_the_tensor() {
         "patterns",
         "no-modules-to-save",
         |c| c["modules_to_save"] = serde_json::Value::Null,
-        |_| true,
+        |n| Some(n.into()),
     ));
     assert!(
         e.contains(
@@ -304,7 +305,7 @@ fn adapters_that_do_not_fit_their_config_name_the_tensor() {
         "patterns",
         "no-exclude",
         |c| c["exclude_modules"] = serde_json::Value::Null,
-        |_| true,
+        |n| Some(n.into()),
     ));
     assert!(
         e.contains(
@@ -351,4 +352,42 @@ fn adapter_folders_saved_otherwise_say_where_the_adapter_is() {
         "{e}"
     );
     let _ = std::fs::remove_dir_all(&parent);
+}
+
+/// The DoRA adapter with transformers-4 tensor names (as an adapter made for the seed's stack
+/// names them): the same layers, logits and merged weights.
+#[test]
+fn a_transformers4_named_adapter_loads_and_merges_the_same() {
+    let g = golden("dora");
+    let dir = edited(
+        "dora",
+        "hf4",
+        |_| {},
+        |n| {
+            let rest = n.strip_prefix("base_model.model.").unwrap();
+            Some(format!("base_model.model.{}", canonical_to_legacy(rest)))
+        },
+    );
+    let names: Vec<String> = Tensor::read_safetensors(dir.join("adapter_model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(names
+        .iter()
+        .all(|n| !n.starts_with("base_model.model.model.")));
+    let mut model = base(Kind::Float);
+    model.set_lora_kind(Kind::Float);
+    model.load_adapter(&dir).unwrap();
+    assert_eq!(wrapped_layers(&mut model), g.wrapped);
+    let err = rel_err(
+        &logits(&mut model, &batch(&g, Kind::Float)),
+        &g.tensors["logits"],
+    );
+    assert!(err < 1e-5, "rel {err}");
+    let out = dir.join("merged");
+    let model_dir = fixtures().join("train/model");
+    let s = export_merged(MergeSource::Adapter(&dir), &out, Some(&model_dir), u64::MAX).unwrap();
+    assert_eq!((s.merged, s.replaced), (g.wrapped.len(), g.saved.len()));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -174,4 +174,17 @@ fn init_from_a_dora_adapter_is_refused_with_the_way_out() {
             "trainer export --format merged --adapter tests/fixtures/peft_variants/dora",
         ],
     );
+    // under FSDP too, before the adapter loads (its saved modules would be copied into the
+    // model skeleton's placeholders)
+    refused(
+        "patterns-fsdp",
+        &[
+            "peft.init_from=tests/fixtures/peft_variants/patterns",
+            "fsdp.enabled=true",
+        ],
+        &[
+            "peft.init_from tests/fixtures/peft_variants/patterns: the adapter sets rank_pattern, \
+           alpha_pattern, exclude_modules, modules_to_save",
+        ],
+    );
 }

@@ -46,11 +46,25 @@ fn adapter_key(module: &str, which: &str) -> String {
     }
 }
 
-/// An adapter folder's settings, its `adapter_config.json` as written, and its weights file;
-/// errors name the file, and say where the adapter is when the folder holds one only in a
-/// subfolder (peft saves an adapter not named `default` under its name) or only in the pickle
-/// format of older peft versions.
-fn open_adapter(dir: &Path) -> Result<(AdapterConfig, Value, WeightSource), ModelError> {
+/// Errors about an adapter's config named by its folder (`DIR/adapter_config.json: ...`).
+fn in_folder(dir: &Path) -> impl Fn(ModelError) -> ModelError + '_ {
+    move |e| match e {
+        ModelError::Adapter(m) => ModelError::Adapter(format!(
+            "{}{}",
+            dir.display(),
+            m.strip_prefix("adapter_config.json").map_or_else(
+                || format!(": {m}"),
+                |rest| format!("/adapter_config.json{rest}")
+            )
+        )),
+        e => e,
+    }
+}
+
+/// An adapter folder's settings and its `adapter_config.json` as written; errors name the file,
+/// and say where the adapter is when the folder holds one only in a subfolder (peft saves an
+/// adapter not named `default` under its name).
+pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, Value), ModelError> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
         let inside: Vec<String> = std::fs::read_dir(dir)
@@ -71,19 +85,18 @@ fn open_adapter(dir: &Path) -> Result<(AdapterConfig, Value, WeightSource), Mode
             )),
         }
     })?;
-    let named = |e: ModelError| match e {
-        ModelError::Adapter(m) => ModelError::Adapter(format!(
-            "{}{}",
-            dir.display(),
-            m.strip_prefix("adapter_config.json").map_or_else(
-                || format!(": {m}"),
-                |rest| format!("/adapter_config.json{rest}")
-            )
-        )),
-        e => e,
-    };
-    let config = AdapterConfig::parse(&text).map_err(named)?;
+    let config = AdapterConfig::parse(&text).map_err(in_folder(dir))?;
     let v: Value = serde_json::from_str(&text).expect("parsed above");
+    Ok((config, v))
+}
+
+/// `read_adapter_config`, the layers the adapter wraps (`AdapterConfig::layout`, in the naming
+/// its tensors use) and its weights file; the pickle format of older peft versions is named with
+/// the way to convert it.
+fn open_adapter(
+    dir: &Path,
+) -> Result<(AdapterConfig, AdapterLayout, Value, WeightSource), ModelError> {
+    let (config, v) = read_adapter_config(dir)?;
     let weights = dir.join("adapter_model.safetensors");
     let pickle = dir.join("adapter_model.bin");
     if !weights.exists() && pickle.exists() {
@@ -97,7 +110,14 @@ fn open_adapter(dir: &Path) -> Result<(AdapterConfig, Value, WeightSource), Mode
             weights.display()
         )));
     }
-    Ok((config, v, WeightSource::open_files(&[weights])?))
+    let src = WeightSource::open_files(&[weights])?;
+    // transformers-4 naming (`language_model.model.layers...`) changes under legacy_to_canonical
+    let legacy = src.names_and_shapes().any(|(name, _)| {
+        name.strip_prefix(PEFT_PREFIX)
+            .is_some_and(|rest| legacy_to_canonical(rest) != rest)
+    });
+    let layout = config.layout(legacy).map_err(in_folder(dir))?;
+    Ok((config, layout, v, src))
 }
 
 /// A PEFT adapter folder read without a model (to merge it into weight files): its settings,
@@ -105,8 +125,7 @@ fn open_adapter(dir: &Path) -> Result<(AdapterConfig, Value, WeightSource), Mode
 /// (`base_model.model.<canonical module path>.lora_{A,B}.weight`), whichever naming the file
 /// uses. A tensor that is not a LoRA factor of a module `target_modules` chooses is an error.
 pub fn read_adapter(dir: &Path) -> Result<ReadAdapter, ModelError> {
-    let (config, raw, src) = open_adapter(dir)?;
-    let layout = config.layout()?;
+    let (config, layout, raw, src) = open_adapter(dir)?;
     let (mut factors, mut problems) = (BTreeMap::new(), vec![]);
     for (name, _) in src.names_and_shapes() {
         match parse_adapter_key(name) {
@@ -235,6 +254,7 @@ impl MllamaModel {
             if let Some(br) = &mut l.lora {
                 br.a = br.a.detach().to_kind(kind);
                 br.b = br.b.detach().to_kind(kind);
+                br.dora_scale = br.dora_scale.as_ref().map(|g| g.to_kind(kind));
             }
         });
     }
@@ -253,9 +273,7 @@ impl MllamaModel {
     /// (`AdapterConfig`). Every wrapped layer must have its tensors with the right shapes, and
     /// every adapter tensor must belong to a wrapped layer; all problems in one error.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<AdapterConfig, ModelError> {
-        let (cfg, _, src) = open_adapter(dir)?;
-        // (an adapter saved with transformers-4 names: its full module paths read as this model's)
-        let layout = cfg.layout()?;
+        let (cfg, layout, _, src) = open_adapter(dir)?;
         let mut tensors: BTreeMap<(String, &'static str), String> = BTreeMap::new();
         let mut problems = vec![];
         for (name, _) in src.names_and_shapes() {
@@ -268,7 +286,8 @@ impl MllamaModel {
         }
         let (kind, device) = (self.lora_kind(), self.options.device);
         let mut used = BTreeSet::new();
-        let mut n = 0;
+        // (attached only once everything fits: an error leaves the model as it was)
+        let mut branches = std::collections::HashMap::new();
         self.visit_linears(&mut |l| {
             if !layout.wraps(&l.path) {
                 return;
@@ -316,8 +335,7 @@ impl MllamaModel {
                     [] if !cfg.use_dora => {}
                     _ => return,
                 }
-                l.lora = Some(br);
-                n += 1;
+                branches.insert(l.path.clone(), br);
             }
         });
         // modules_to_save: their parameters replace the model's, in its dtype (peft loads them into
@@ -374,7 +392,7 @@ impl MllamaModel {
                 });
             }
         }
-        if !problems.is_empty() || n + saved.len() == 0 {
+        if !problems.is_empty() || branches.len() + saved.len() == 0 {
             return Err(ModelError::Adapter(format!(
                 "{} does not match the model ({} problems):\n  {}",
                 dir.display(),
@@ -383,8 +401,13 @@ impl MllamaModel {
             )));
         }
         tch::no_grad(|| {
-            for (p, t) in saved {
-                p.shallow_clone().copy_(&t.to_device(p.device()));
+            saved
+                .iter()
+                .try_for_each(|(p, t)| p.shallow_clone().f_copy_(&t.to_device(p.device())))
+        })?;
+        self.visit_linears(&mut |l| {
+            if let Some(br) = branches.remove(&l.path) {
+                l.lora = Some(br);
             }
         });
         self.lora = Some(cfg.lora.clone());

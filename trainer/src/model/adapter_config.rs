@@ -15,7 +15,7 @@ use regex::Regex;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::lora::{full_match, LoraConfig, TargetMatcher, TargetModules};
+use super::lora::{full_match, LoraConfig, TargetModules, ALL_LINEAR};
 use super::weights::canonical_to_legacy;
 use super::ModelError;
 
@@ -41,7 +41,7 @@ pub struct AdapterConfig {
 /// PEFT settings that change what LoRA computes or where in ways not supported here: loading
 /// such an adapter as plain LoRA would be wrong (aLoRA applies only after its invocation tokens)
 /// or fail with a list of missing keys that does not say why.
-const UNSUPPORTED: [(&str, &str); 9] = [
+const UNSUPPORTED: [(&str, &str); 12] = [
     ("lora_bias", "a bias in lora_B"),
     ("fan_in_fan_out", "transposed (Conv1D) weights"),
     ("trainable_token_indices", "trained token embeddings"),
@@ -54,6 +54,9 @@ const UNSUPPORTED: [(&str, &str); 9] = [
     ("arrow_config", "Arrow routing between LoRA experts"),
     ("use_bdlora", "block-diagonal LoRA"),
     ("use_qalora", "QA-LoRA (pooled inputs to lora_A)"),
+    ("velora_config", "VeLoRA"),
+    ("monteclora_config", "MonteCLoRA"),
+    ("kasa_config", "KaSA"),
 ];
 
 /// A JSON object's entries in file order (serde_json's `Value` sorts them, and the order of
@@ -235,45 +238,55 @@ impl AdapterConfig {
         .collect()
     }
 
-    /// The layers this adapter wraps and each one's rank and scaling.
-    pub fn layout(&self) -> Result<AdapterLayout, ModelError> {
+    /// The layers this adapter wraps and each one's rank and scaling. Its module names, patterns
+    /// and regexes are read in the naming its tensors use (`legacy`: transformers 4's
+    /// `language_model.model.layers...`, as an adapter made then names modules), as peft read
+    /// them on the model the adapter was made for.
+    pub fn layout(&self, legacy: bool) -> Result<AdapterLayout, ModelError> {
         let bad_regex = |what: &str, key: &str, e: regex::Error| {
             ModelError::Adapter(format!(
-                "adapter_config.json: {what} {key:?} is not a regex: {e}"
+                "adapter_config.json: {what} {key:?} is not a regex this program reads (Rust's \
+                 regex syntax, as Python's without look-around or backreferences): {e}"
             ))
         };
+        let regex = |what: &str, key: &str, re: String| {
+            Regex::new(&re).map_err(|e| bad_regex(what, key, e))
+        };
         // get_pattern_key: re.match(rf"(.*\.)?({key})$", path)
-        let pattern = |what: &str, key: &str| {
-            Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| bad_regex(what, key, e))
+        let pattern = |what: &str, key: &str| regex(what, key, format!(r"^(?:.*\.)?(?:{key})$"));
+        let choose = |what: &str, t: &TargetModules| -> Result<Choose, ModelError> {
+            Ok(match t {
+                TargetModules::Regex(r) if r == ALL_LINEAR && what == "target_modules" => {
+                    Choose::AllLinear
+                }
+                TargetModules::Regex(r) => {
+                    Choose::Regex(full_match(r).map_err(|e| bad_regex(what, r, e))?)
+                }
+                TargetModules::Names(n) => Choose::Names(n.clone()),
+            })
         };
-        let targets = self.lora.target_modules.canonical();
-        let exact = match &targets {
-            TargetModules::Names(n) => n.clone(),
-            TargetModules::Regex(_) => vec![],
-        };
+        // peft's layer index: re.match with a named group, so a pattern's own groups or `|` do
+        // not take its place (a match without it leaves the module out)
         let layer_index = if self.layers_to_transform.is_empty() {
             vec![]
         } else if self.layers_pattern.is_empty() {
             // (lazy: the first numbered part, not an expert index further on)
-            vec![Regex::new(r"^.*?\.[^.]*\.(\d+)\.").expect("regex")]
+            vec![Regex::new(r"^.*?\.[^.]*\.(?P<idx>\d+)\.").expect("regex")]
         } else {
             self.layers_pattern
                 .iter()
                 .map(|p| {
-                    Regex::new(&format!(r"^(?:.*?\.)??{p}\.(\d+)\."))
-                        .map_err(|e| bad_regex("layers_pattern", p, e))
+                    let re = format!(r"^(?:(?:.*?\.)??{p}\.(?P<idx>\d+)\.)");
+                    regex("layers_pattern", p, re)
                 })
                 .collect::<Result<_, _>>()?
         };
         Ok(AdapterLayout {
-            targets: targets.compile()?,
-            exact,
+            legacy,
+            targets: choose("target_modules", &self.lora.target_modules)?,
             exclude: match &self.exclude_modules {
                 None => None,
-                Some(TargetModules::Regex(r)) => Some(TargetMatcher::Regex(
-                    full_match(r).map_err(|e| bad_regex("exclude_modules", r, e))?,
-                )),
-                Some(names) => Some(names.canonical().compile()?),
+                Some(e) => Some(choose("exclude_modules", e)?),
             },
             layers: self.layers_to_transform.clone(),
             layer_index,
@@ -292,8 +305,8 @@ impl AdapterConfig {
                 .modules_to_save
                 .iter()
                 .map(|m| {
-                    Regex::new(&format!(r"^(?:|.*\.)(?:{m})(?:$|\..*)"))
-                        .map_err(|e| bad_regex("modules_to_save", m, e))
+                    let re = format!(r"^(?:(?:|.*\.){m}(?:$|\..*))");
+                    regex("modules_to_save", m, re)
                 })
                 .collect::<Result<_, _>>()?,
             saved: self.modules_to_save.clone(),
@@ -303,15 +316,39 @@ impl AdapterConfig {
     }
 }
 
+/// How a list or a regex of `target_modules` or `exclude_modules` chooses modules.
+enum Choose {
+    /// A path equal to a name or ending with `.` + name.
+    Names(Vec<String>),
+    /// A full match.
+    Regex(Regex),
+    /// PEFT's `all-linear`: every linear layer but the output one.
+    AllLinear,
+}
+
+impl Choose {
+    /// `name`: the module's path in the adapter's naming; `canonical`: in this model's.
+    fn matches(&self, name: &str, canonical: &str) -> bool {
+        match self {
+            Self::Names(n) => n
+                .iter()
+                .any(|n| name == n || name.ends_with(&format!(".{n}"))),
+            Self::Regex(r) => r.is_match(name),
+            Self::AllLinear => canonical != "lm_head",
+        }
+    }
+}
+
 /// Which linear layers an adapter wraps, and with what rank and scaling (`AdapterConfig::layout`).
+/// Paths are asked in this model's naming and matched in the adapter's.
 pub struct AdapterLayout {
-    targets: TargetMatcher,
-    /// List targets (canonical): a path equal to one is wrapped whatever its layer index.
-    exact: Vec<String>,
-    exclude: Option<TargetMatcher>,
+    /// The adapter names modules as transformers 4 did.
+    legacy: bool,
+    targets: Choose,
+    exclude: Option<Choose>,
     /// layers_to_transform (empty: every layer).
     layers: Vec<i64>,
-    /// Where a path's layer index is: the first of these that matches gives it.
+    /// Where a path's layer index is (group `idx`): the first of these that matches gives it.
     layer_index: Vec<Regex>,
     rank: Vec<(Regex, i64)>,
     alpha: Vec<(Regex, f64)>,
@@ -323,59 +360,66 @@ pub struct AdapterLayout {
 }
 
 impl AdapterLayout {
-    /// peft's `check_target_module_exists` for a module path (this model's naming; regexes also
-    /// see it in transformers-4 naming, as an adapter made then names it).
+    /// A path of this model in the adapter's naming.
+    fn named<'p>(&self, path: &'p str) -> std::borrow::Cow<'p, str> {
+        match self.legacy {
+            true => canonical_to_legacy(path).into(),
+            false => path.into(),
+        }
+    }
+
+    /// peft's `check_target_module_exists` for a module path (this model's naming).
     pub fn wraps(&self, path: &str) -> bool {
-        let legacy = canonical_to_legacy(path);
-        let saved = |re: &Regex| re.is_match(path) || re.is_match(&legacy);
-        if self.exclude.as_ref().is_some_and(|e| e.matches(path))
-            || self.saved_lora.iter().any(saved)
-            || !self.targets.matches(path)
+        let name = self.named(path);
+        if self
+            .exclude
+            .as_ref()
+            .is_some_and(|e| e.matches(&name, path))
+            || self.saved_lora.iter().any(|re| re.is_match(&name))
+            || !self.targets.matches(&name, path)
         {
             return false;
         }
-        if self.layers.is_empty() || self.exact.iter().any(|n| n == path) {
+        // (a list target naming the module in full skips the layer check, as in peft)
+        let exact = matches!(&self.targets, Choose::Names(n) if n.iter().any(|n| *n == name));
+        if self.layers.is_empty() || exact {
             return true;
         }
-        let index = [path, legacy.as_str()].into_iter().find_map(|p| {
-            self.layer_index
-                .iter()
-                .find_map(|re| re.captures(p))
-                .and_then(|c| c[1].parse::<i64>().ok())
-        });
+        let index = self
+            .layer_index
+            .iter()
+            .find_map(|re| re.captures(&name))
+            .and_then(|c| c.name("idx")?.as_str().parse::<i64>().ok());
         index.is_some_and(|i| self.layers.contains(&i))
     }
 
     /// Whether parameter `name` (e.g. `lm_head.weight`) belongs to a module to save: peft's
-    /// `_set_trainable` wraps every module whose path ends with one of the names (a plain suffix,
-    /// in either naming).
+    /// `_set_trainable` wraps every module whose path ends with one of the names (a plain suffix).
     pub fn saves(&self, name: &str) -> bool {
-        let under_saved = |n: &str| {
-            n.match_indices('.').any(|(i, _)| {
-                let module = &n[..i];
-                self.saved.iter().any(|m| module.ends_with(m.as_str()))
-            })
-        };
-        under_saved(name) || under_saved(&canonical_to_legacy(name))
+        let name = self.named(name);
+        name.match_indices('.').any(|(i, _)| {
+            let module = &name[..i];
+            self.saved.iter().any(|m| module.ends_with(m.as_str()))
+        })
     }
 
-    /// The first pattern entry that matches `path` (either naming), else `default`.
-    fn pattern<T: Copy>(entries: &[(Regex, T)], path: &str, default: T) -> T {
-        let legacy = canonical_to_legacy(path);
+    /// The first pattern entry that matches `path`, else `default`.
+    fn pattern<T: Copy>(&self, entries: &[(Regex, T)], path: &str, default: T) -> T {
+        let name = self.named(path);
         entries
             .iter()
-            .find(|(re, _)| re.is_match(path) || re.is_match(&legacy))
+            .find(|(re, _)| re.is_match(&name))
             .map_or(default, |(_, v)| *v)
     }
 
     /// The module's rank: `rank_pattern`'s, else `r`.
     pub fn rank(&self, path: &str) -> i64 {
-        Self::pattern(&self.rank, path, self.lora.r)
+        self.pattern(&self.rank, path, self.lora.r)
     }
 
     /// The module's scaling, from its rank and alpha (`alpha_pattern`'s, else `lora_alpha`).
     pub fn scaling(&self, path: &str) -> f64 {
-        let alpha = Self::pattern(&self.alpha, path, self.lora.alpha);
+        let alpha = self.pattern(&self.alpha, path, self.lora.alpha);
         super::lora::scaling(alpha, self.rank(path) as f64, self.lora.use_rslora)
     }
 }
@@ -552,7 +596,7 @@ mod tests {
         for (k, x) in extra.as_object().unwrap() {
             v[k] = x.clone();
         }
-        parse(&v).unwrap().layout().unwrap()
+        parse(&v).unwrap().layout(false).unwrap()
     }
 
     fn wrapped(l: &AdapterLayout) -> Vec<&'static str> {
@@ -570,9 +614,10 @@ mod tests {
         assert_eq!(wrapped(&l), [PATHS[0], PATHS[1], PATHS[4], PATHS[5]]);
         let l = layout(json!({"exclude_modules": ".*vision_model.*"}));
         assert_eq!(wrapped(&l), [PATHS[0], PATHS[1], PATHS[2], PATHS[5]]);
-        // (a transformers-4 path in the list reads as this model's)
-        let l =
-            layout(json!({"exclude_modules": ["language_model.model.layers.0.self_attn.q_proj"]}));
+        // (a transformers-4 path in a transformers-4 adapter's list reaches this model's layer)
+        let mut v = base();
+        v["exclude_modules"] = json!(["language_model.model.layers.0.self_attn.q_proj"]);
+        let l = parse(&v).unwrap().layout(true).unwrap();
         assert!(!l.wraps(PATHS[0]) && l.wraps(PATHS[2]));
         // layer 1 of every stack (not 12: the index is a whole part)
         let l = layout(json!({"layers_to_transform": 1}));
@@ -588,8 +633,41 @@ mod tests {
         let mut v = base();
         v["target_modules"] = json!([PATHS[2], "v_proj"]);
         v["layers_to_transform"] = json!([0]);
-        let l = parse(&v).unwrap().layout().unwrap();
+        let l = parse(&v).unwrap().layout(false).unwrap();
         assert_eq!(wrapped(&l), [PATHS[2], PATHS[4]]);
+    }
+
+    /// Patterns and regexes read in the adapter's own naming: a transformers-5 adapter's
+    /// `language_model.*` does not reach lm_head (whose transformers-4 name starts so), a
+    /// transformers-4 adapter's full paths do reach this model's layers. A layers_pattern with
+    /// its own group or `|` finds the index as peft does (a named group), without a panic.
+    #[test]
+    fn names_are_read_in_the_adapter_naming() {
+        let parsed = |extra: Value| {
+            let mut v = base();
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            parse(&v).unwrap()
+        };
+        let c = parsed(json!({"target_modules": ["q_proj", "lm_head"],
+            "alpha_pattern": {"language_model.*": 64}}));
+        let (new, old) = (c.layout(false).unwrap(), c.layout(true).unwrap());
+        assert_eq!((new.scaling("lm_head"), old.scaling("lm_head")), (4.0, 8.0));
+        assert_eq!((new.scaling(PATHS[0]), old.scaling(PATHS[0])), (8.0, 8.0));
+        let c = parsed(
+            json!({"target_modules": r"language_model\.model\.layers\.\d+\.self_attn\.q_proj"}),
+        );
+        assert_eq!(wrapped(&c.layout(true).unwrap()), [PATHS[0], PATHS[2]]);
+        assert!(wrapped(&c.layout(false).unwrap()).is_empty());
+        let c = parsed(json!({"exclude_modules": "language_model.*"}));
+        assert_eq!(wrapped(&c.layout(false).unwrap()).len(), 6);
+        assert_eq!(wrapped(&c.layout(true).unwrap()), [PATHS[3], PATHS[4]]);
+        // (peft: [] and [1, 3])
+        let l = layout(json!({"layers_to_transform": [0, 1], "layers_pattern": ["layers|h"]}));
+        assert!(wrapped(&l).is_empty());
+        let l = layout(json!({"layers_to_transform": [1], "layers_pattern": ["layer(s)?"]}));
+        assert_eq!(wrapped(&l), [PATHS[1], PATHS[3]]);
     }
 
     /// PEFT's `get_pattern_key`: the first key (in file order, not sorted) whose regex matches
@@ -601,7 +679,7 @@ mod tests {
             "alpha_pattern": {"cross_attn.q_proj": 64}}"#;
         let c = AdapterConfig::parse(text).unwrap();
         assert_eq!(c.extras(), ["rank_pattern", "alpha_pattern"]);
-        let l = c.layout().unwrap();
+        let l = c.layout(false).unwrap();
         let rs: Vec<i64> = PATHS.iter().map(|p| l.rank(p)).collect();
         // (sorted keys would put "q_proj" first and give every q_proj rank 2)
         assert_eq!(rs, [4, 2, 4, 4, 8, 32]);
@@ -612,11 +690,11 @@ mod tests {
             r#"{"r": 8, "target_modules": ["q_proj"], "rank_pattern": {"proj": 2, "_proj": 3}}"#,
         )
         .unwrap();
-        assert_eq!(c.layout().unwrap().rank(PATHS[0]), 8);
+        assert_eq!(c.layout(false).unwrap().rank(PATHS[0]), 8);
         let c = AdapterConfig::parse(
             r#"{"r": 8, "target_modules": ["q_proj"], "use_rslora": true, "rank_pattern": {"q_proj": 4}}"#,
         )
         .unwrap();
-        assert_eq!(c.layout().unwrap().scaling(PATHS[0]), 4.0); // 8 / sqrt(4)
+        assert_eq!(c.layout(false).unwrap().scaling(PATHS[0]), 4.0); // 8 / sqrt(4)
     }
 }

@@ -384,4 +384,72 @@ mod tests {
         }
         assert!(!m.matches("lm_head"));
     }
+
+    /// DoRA against its definition in fp64: y = b + g (x W^T + s x A^T B^T), g = m / ||W + s B A||
+    /// per output row; the merged weight g (W + s B A) gives the same; and over a bf16 layer with
+    /// fp32 factors, PEFT's order: the bf16 output, less its bias, scaled in fp32, one rounding.
+    #[test]
+    fn dora_is_the_magnitude_times_the_normalized_adapted_weight() {
+        let f64s = (Kind::Double, tch::Device::Cpu);
+        tch::manual_seed(7);
+        let x = Tensor::randn([5, 16], f64s);
+        let (w, bias) = (Tensor::randn([8, 16], f64s), Tensor::randn([8], f64s));
+        let (a, b) = (
+            Tensor::randn([4, 16], f64s) * 0.3,
+            Tensor::randn([8, 4], f64s) * 0.3,
+        );
+        let m = Tensor::rand([8], f64s) + 0.5;
+        let s = 2.5;
+        let adapted = &w + b.matmul(&a) * s; // (out, in)
+        let g = &m
+            / adapted
+                .square()
+                .sum_dim_intlist([1i64].as_slice(), false, Kind::Double)
+                .sqrt();
+        let want = x.linear(&adapted, None::<Tensor>) * &g + &bias; // (5, out)
+        let layer = |kind: Kind, lora_kind: Kind| {
+            let mut br = LoraBranch::new(a.to_kind(lora_kind), b.to_kind(lora_kind), s, 0.0);
+            br.set_dora(&m.to_kind(lora_kind), &w.to_kind(kind));
+            Linear {
+                path: "q_proj".into(),
+                weight: w.to_kind(kind),
+                bias: Some(bias.to_kind(kind)),
+                lora: Some(br),
+            }
+        };
+        let mut fp32 = layer(Kind::Float, Kind::Float);
+        let got = fp32.forward(&x.to_kind(Kind::Float)).to_kind(Kind::Double);
+        let rel = |t: &Tensor| {
+            (t - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[])
+        };
+        assert!(rel(&got) < 1e-6, "forward rel {}", rel(&got));
+        fp32.merge_lora();
+        let merged = fp32.forward(&x.to_kind(Kind::Float)).to_kind(Kind::Double);
+        assert!(rel(&merged) < 1e-6, "merged rel {}", rel(&merged));
+
+        let bf = layer(Kind::BFloat16, Kind::Float);
+        let xb = x.to_kind(Kind::BFloat16);
+        let y = xb.linear(
+            &w.to_kind(Kind::BFloat16),
+            Some(&bias.to_kind(Kind::BFloat16)),
+        ); // bf16
+        let gf = bf
+            .lora
+            .as_ref()
+            .unwrap()
+            .dora_scale
+            .as_ref()
+            .unwrap()
+            .shallow_clone();
+        let lora = xb
+            .to_kind(Kind::Float)
+            .linear::<Tensor>(&a.to_kind(Kind::Float), None)
+            .linear::<Tensor>(&b.to_kind(Kind::Float), None);
+        let base = &y - bias.to_kind(Kind::BFloat16); // (rounded in bf16, as PEFT's)
+        let peft = (y.to_kind(Kind::Float) + ((&gf - 1.0) * base + &gf * lora * s))
+            .to_kind(Kind::BFloat16);
+        assert!(bf.forward(&xb).equal(&peft));
+        let close = rel(&bf.forward(&xb).to_kind(Kind::Double));
+        assert!(close < 2e-2, "bf16 rel {close}");
+    }
 }

@@ -9,6 +9,7 @@ use crate::config::{self, Config};
 use crate::data::dataset::{Dataset, Split};
 use crate::dist::{self, ProcessGroup};
 use crate::fsdp::{kind_of, FsdpModel, PlainModel, Trainable, WrapOptions};
+use crate::model::adapter::read_adapter_config;
 use crate::model::adapter_config::AdapterConfig;
 use crate::model::{
     AttentionImpl, LoadOptions, LoraConfig, MllamaConfig, MllamaModel, TargetModules, WeightSource,
@@ -138,6 +139,9 @@ fn load_model(
                 // fp32 factors (FSDP's masters, the plain trainer's parameters) are the
                 // adapter's values, not a bf16 rounding of them. PEFT keeps adapters in fp32 over
                 // a bf16 base too (autocast_adapter_dtype).
+                let (settings, _) = read_adapter_config(dir)
+                    .with_context(|| format!("reading peft.init_from {}", dir.display()))?;
+                refuse_adapter_extras(dir, &settings)?;
                 model.set_lora_kind(Kind::Float);
                 let found = model
                     .load_adapter(dir)
@@ -450,16 +454,9 @@ pub(crate) fn lora_config(p: &config::PeftConfig) -> LoraConfig {
     }
 }
 
-/// The adapter `peft.init_from` loaded must match the `peft` config: training runs with the
-/// adapter's shapes and scaling, but checkpoints, their identity check and `export` record the
-/// config's (an adapter of r 16 exported as r 8 does not load in PEFT; a different alpha merges
-/// with the wrong scaling). Differences are an error naming each key and both values.
-fn check_init_adapter(
-    dir: &std::path::Path,
-    model: &mut MllamaModel,
-    found: &AdapterConfig,
-    p: &config::PeftConfig,
-) -> Result<()> {
+/// An adapter training starts from must be plain LoRA: checked before it loads (a module to
+/// save would be copied into an FSDP skeleton's placeholders).
+fn refuse_adapter_extras(dir: &std::path::Path, found: &AdapterConfig) -> Result<()> {
     let extras = found.extras();
     if !extras.is_empty() {
         bail!(
@@ -473,6 +470,19 @@ fn check_init_adapter(
             dir.display()
         );
     }
+    Ok(())
+}
+
+/// The adapter `peft.init_from` loaded must match the `peft` config: training runs with the
+/// adapter's shapes and scaling, but checkpoints, their identity check and `export` record the
+/// config's (an adapter of r 16 exported as r 8 does not load in PEFT; a different alpha merges
+/// with the wrong scaling). Differences are an error naming each key and both values.
+fn check_init_adapter(
+    dir: &std::path::Path,
+    model: &mut MllamaModel,
+    found: &AdapterConfig,
+    p: &config::PeftConfig,
+) -> Result<()> {
     let found = &found.lora;
     let mut diffs = vec![];
     if found.r != p.r as i64 {
