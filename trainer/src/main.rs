@@ -339,8 +339,9 @@ struct BuildScoArgs {
 #[derive(Args)]
 struct InferArgs {
     /// Hugging Face model folder (config.json, safetensors, tokenizer, preprocessor config);
-    /// with --checkpoint it defaults to the run's model.path
-    #[arg(long, required_unless_present = "checkpoint")]
+    /// with --checkpoint it defaults to the run's model.path, with --adapter to the adapter's
+    /// base_model_name_or_path when that is a folder here
+    #[arg(long, required_unless_present_any = ["checkpoint", "adapter"])]
     model: Option<PathBuf>,
     /// PEFT adapter folder (ours or Python peft's, transformers 4 or 5 naming; LoRA or DoRA)
     #[arg(long, conflicts_with = "checkpoint")]
@@ -525,8 +526,9 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
 /// `trainer eval`.
 #[derive(Args)]
 struct EvalArgs {
-    /// Hugging Face model folder; with --checkpoint it defaults to the run's model.path
-    #[arg(long, required_unless_present = "checkpoint")]
+    /// Hugging Face model folder; with --checkpoint it defaults to the run's model.path, with
+    /// --adapter to the adapter's base_model_name_or_path when that is a folder here
+    #[arg(long, required_unless_present_any = ["checkpoint", "adapter"])]
     model: Option<PathBuf>,
     /// PEFT adapter folder
     #[arg(long, conflicts_with = "checkpoint")]
@@ -581,10 +583,11 @@ fn checkpoint_and_base(
     if let Some(c) = &ckpt {
         verify(c)?;
     }
-    let model_dir = match (model, &ckpt) {
-        (Some(m), _) => m.clone(),
-        (None, Some(c)) => c.model_path(),
-        (None, None) => anyhow::bail!("--model is required (or --checkpoint)"),
+    let model_dir = match (model, &ckpt, adapter) {
+        (Some(m), _, _) => m.clone(),
+        (None, Some(c), _) => c.model_path(),
+        (None, None, Some(a)) => trainer::model::adapter::base_folder(a, None)?,
+        (None, None, None) => anyhow::bail!("--model is required (or --checkpoint or --adapter)"),
     };
     // (before the base's weights are read: a wrong --model fails in a second, not after 20 GB)
     if let Some(c) = &ckpt {

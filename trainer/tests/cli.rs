@@ -343,3 +343,52 @@ fn infer_refuses_a_tokenizer_beyond_the_model_and_a_bad_local_rank() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `infer --adapter` without --model finds the base as peft's AutoPeftModel does: the adapter's
+/// base_model_name_or_path, when that is a folder here; else it says to pass --model.
+#[test]
+fn infer_with_an_adapter_finds_its_base() {
+    let args = [
+        "infer",
+        "--adapter",
+        "tests/fixtures/peft_variants/dora",
+        "--question",
+        "What is it?",
+        "--max-new-tokens",
+        "2",
+        "--temperature",
+        "0",
+        "--turns",
+        "1",
+    ];
+    let (code, stdout, stderr) = trainer(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("turn 0:") || stderr.contains("turn 0:"),
+        "{stdout}{stderr}"
+    );
+    let dir = std::env::temp_dir().join(format!("cli-adapter-hub-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/peft_variants/dora"
+    ));
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("adapter_config.json")).unwrap()).unwrap();
+    cfg["base_model_name_or_path"] = "meta-llama/Llama-3.2-11B-Vision-Instruct".into();
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let (code, _, stderr) = trainer(&[
+        "infer",
+        "--adapter",
+        dir.to_str().unwrap(),
+        "--question",
+        "q",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("base_model_name_or_path \"meta-llama/Llama-3.2-11B-Vision-Instruct\" is not a model folder here")
+            && stderr.contains("--model DIR"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -300,6 +300,26 @@ fn adapters_that_do_not_fit_their_config_name_the_tensor() {
         ),
         "{e}"
     );
+    // ... and a merge into the base: every layer the config chooses must have its factors
+    let dir = edited(
+        "patterns",
+        "merge-missing",
+        |_| {},
+        |n| (!n.starts_with(&format!("{q0}.lora_"))).then(|| n.into()),
+    );
+    let out = dir.join("merged");
+    let model_dir = fixtures().join("train/model");
+    let e = export_merged(MergeSource::Adapter(&dir), &out, Some(&model_dir), u64::MAX)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "the adapter config chooses the base's layer of {q0}.lora_A.weight, but the adapter lacks it"
+        )),
+        "{e}"
+    );
+    assert!(!out.join("model.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&dir);
     // without exclude_modules peft would wrap layer 2's v_proj too, and finds no factors for it
     let e = load_error(&edited(
         "patterns",

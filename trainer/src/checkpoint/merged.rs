@@ -313,15 +313,7 @@ pub fn export_merged(
         }
         MergeSource::Adapter(dir) => {
             let a = crate::model::adapter::read_adapter(dir)?;
-            let base_dir = match (model, &a.base_model) {
-                (Some(m), _) => m.to_path_buf(),
-                (None, Some(b)) if Path::new(b).join("config.json").is_file() => PathBuf::from(b),
-                (None, b) => bail!(
-                    "adapter {}: pass the base model folder to merge it into with --model DIR (its \
-                     base_model_name_or_path {b:?} is not a model folder here)",
-                    dir.display()
-                ),
-            };
+            let base_dir = crate::model::adapter::base_folder(dir, model)?;
             let what = format!("adapter {}", dir.display());
             let prompt = match super::prompt::read_section(dir)? {
                 Some(p) => super::prompt::file_bytes(&super::prompt::untied(p), None)?,
@@ -427,6 +419,24 @@ pub fn export_merged(
             ));
         }
         actions.push(action);
+    }
+    // every linear layer the adapter's config chooses must have its factors, as `infer --adapter`
+    // requires (peft only warns of missing adapter keys: the merge would hold a layer untrained)
+    if let Some(LoraMerge::Adapter(layout)) = &lora {
+        let missing: Vec<String> = linear_paths(&base_dir)?
+            .into_iter()
+            .filter(|p| layout.wraps(p))
+            .map(|p| format!("base_model.model.{p}.lora_A.weight"))
+            .filter(|a| !used.contains(a))
+            .collect();
+        for a in missing.iter().take(10) {
+            problems.push(format!(
+                "the adapter config chooses the base's layer of {a}, but the adapter lacks it"
+            ));
+        }
+        if missing.len() > 10 {
+            problems.push(format!("... and {} more such layers", missing.len() - 10));
+        }
     }
     let unused: Vec<&str> = trained.names().filter(|n| !used.contains(*n)).collect();
     for n in unused.iter().take(10) {
@@ -597,6 +607,18 @@ pub fn export_merged(
         files: names,
         total_bytes,
     })
+}
+
+/// The module paths of the base's linear layers (from its config.json and weight headers; no
+/// weight is read).
+fn linear_paths(base_dir: &Path) -> Result<Vec<String>> {
+    use crate::model::{LoadOptions, MllamaConfig, MllamaModel, WeightSource};
+    let config = MllamaConfig::from_file(&base_dir.join("config.json"))?;
+    let src = WeightSource::open_dir(base_dir)?;
+    let mut model = MllamaModel::skeleton(config, &src, LoadOptions::default())?;
+    let mut paths = vec![];
+    model.visit_linears(&mut |l| paths.push(l.path.clone()));
+    Ok(paths)
 }
 
 /// A checkpoint's base folder (`model`, else the manifest's `model_path`), checked against the

@@ -120,6 +120,29 @@ fn open_adapter(
     Ok((config, layout, v, src))
 }
 
+/// The base model folder of an adapter: `model` when given, else its `base_model_name_or_path`
+/// when that is a model folder here (relative to the working directory, as transformers reads
+/// it), as peft's `AutoPeftModelForCausalLM.from_pretrained(adapter)` finds its base.
+pub fn base_folder(dir: &Path, model: Option<&Path>) -> Result<std::path::PathBuf, ModelError> {
+    if let Some(m) = model {
+        return Ok(m.to_path_buf());
+    }
+    let (_, raw) = read_adapter_config(dir)?;
+    match raw.get("base_model_name_or_path").and_then(Value::as_str) {
+        Some(b) if Path::new(b).join("config.json").is_file() => Ok(b.into()),
+        Some(b) => Err(ModelError::Adapter(format!(
+            "{}: its base_model_name_or_path {b:?} is not a model folder here (a Hub id is not \
+             downloaded); pass the base model folder with --model DIR",
+            dir.display()
+        ))),
+        None => Err(ModelError::Adapter(format!(
+            "{}: adapter_config.json names no base_model_name_or_path; pass the base model \
+             folder with --model DIR",
+            dir.display()
+        ))),
+    }
+}
+
 /// A PEFT adapter folder read without a model (to merge it into weight files): its settings,
 /// its `base_model_name_or_path`, and its factors in fp32 by key in this model's naming
 /// (`base_model.model.<canonical module path>.lora_{A,B}.weight`), whichever naming the file
