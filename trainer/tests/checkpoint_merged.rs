@@ -308,8 +308,9 @@ fn a_peft_adapter_folder_merges_without_a_checkpoint() {
     ]);
     assert_eq!(o.code, Some(1), "{}", o.stderr);
     assert!(
-        o.stderr
-            .contains("pass the base model folder to merge it into with --model DIR"),
+        o.stderr.contains(
+            "names no base_model_name_or_path; pass the base model folder with --model DIR"
+        ),
         "{}",
         o.stderr
     );
