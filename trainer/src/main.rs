@@ -1482,7 +1482,7 @@ fn main() -> ExitCode {
         Ok(Ok(code)) => code,
         Ok(Err(err)) => {
             eprintln!("error: {err:#}");
-            launcher::error_file::record(&format!("{err:#}"), &format!("{err:?}"));
+            launcher::error_file::record(&format!("{err:#}"), &error_detail(&err));
             ExitCode::FAILURE
         }
         Err(_) => {
@@ -1493,6 +1493,38 @@ fn main() -> ExitCode {
             ExitCode::from(101) // (Rust's exit code for a panic)
         }
     }
+}
+
+/// An error's detail for the error file, innermost last as a Python traceback (the launcher
+/// shows its last lines): with a captured backtrace (RUST_BACKTRACE=1), this program's frames
+/// only, then the error and its causes, each on its own lines.
+fn error_detail(err: &anyhow::Error) -> String {
+    let debug = format!("{err:?}");
+    let Some((chain, backtrace)) = debug.split_once("\n\nStack backtrace:\n") else {
+        return debug;
+    };
+    // frames are "  N: symbol" followed by "      at file:line" lines
+    let mut ours = String::new();
+    let mut keep = false;
+    for line in backtrace.lines() {
+        let t = line.trim_start();
+        if t.starts_with("at ") {
+            if keep {
+                ours.push_str(line);
+                ours.push('\n');
+            }
+            continue;
+        }
+        let symbol = t.split_once(": ").map_or(t, |(_, s)| s);
+        keep = ["trainer::", "launcher::", "kernels::"]
+            .iter()
+            .any(|c| symbol.starts_with(c) || symbol.starts_with(&format!("<{c}")));
+        if keep {
+            ours.push_str(line);
+            ours.push('\n');
+        }
+    }
+    format!("Stack backtrace (this program's frames, outermost last):\n{ours}\n{chain}")
 }
 
 /// The latest panic's (message, detail), for `main` to record if it ends the process.

@@ -392,3 +392,43 @@ fn infer_with_an_adapter_finds_its_base() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With RUST_BACKTRACE=1 the error file's traceback (which the launcher's summary ends with)
+/// holds this program's frames only, then the whole error, last: not the standard library's
+/// frames with the message cut off above them.
+#[test]
+fn the_error_file_ends_with_the_error_not_std_frames() {
+    let file = std::env::temp_dir().join(format!("cli-error-file-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["infer", "--model", "no/such/model", "--question", "q"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .env("RUST_BACKTRACE", "1")
+        .env("TORCHELASTIC_ERROR_FILE", &file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let stack = v["message"]["extraInfo"]["py_callstack"].as_str().unwrap();
+    assert!(
+        !stack.contains("std::") && !stack.contains("__libc_start"),
+        "{stack}"
+    );
+    let last = stack.trim_end().lines().last().unwrap();
+    assert!(
+        stack.contains("no/such/model") && !last.trim().is_empty(),
+        "{stack}"
+    );
+    assert!(
+        stack.trim_end().ends_with(
+            v["message"]["message"]
+                .as_str()
+                .unwrap()
+                .lines()
+                .last()
+                .unwrap()
+        ) || stack.contains("expected a Hugging Face model folder"),
+        "{stack}"
+    );
+    let _ = std::fs::remove_file(&file);
+}
