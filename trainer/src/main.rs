@@ -1223,7 +1223,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 };
                 use trainer::checkpoint::AdapterNaming;
                 let naming = args.naming.unwrap_or_default();
-                let n = trainer::checkpoint::export_peft(&checkpoint, &args.out, naming)?;
+                let n = trainer::checkpoint::export_peft(&checkpoint, &args.out, naming)
+                    .map_err(|e| trainer::checkpoint::load::for_reading(e, &checkpoint))?;
                 let named = match naming {
                     AdapterNaming::Hf4 => "transformers-4 key naming",
                     AdapterNaming::Hf5 => "transformers-5 key naming; --naming hf4 for a transformers 4.45-4.51 stack such as the seed's",
@@ -1257,7 +1258,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     &args.out,
                     args.model.as_deref(),
                     max,
-                )?;
+                )
+                .map_err(|e| match &args.checkpoint {
+                    Some(c) => trainer::checkpoint::load::for_reading(e, c),
+                    None => e,
+                })?;
                 println!(
                     "wrote {} ({} tensors, {} LoRA-merged, {} replaced by trained weights; {:.1} MB in {}) from {}",
                     args.out.display(),

@@ -432,3 +432,76 @@ fn the_error_file_ends_with_the_error_not_std_frames() {
     );
     let _ = std::fs::remove_file(&file);
 }
+
+/// A folder passed as the wrong kind is named for what it is: an adapter given as --checkpoint,
+/// a run's folder of checkpoints given as one, a checkpoint given as --adapter; and a reader of a
+/// damaged checkpoint is not told to resume with `--set` (a training run's flag).
+#[test]
+fn folders_of_the_wrong_kind_are_named_for_what_they_are() {
+    let (code, _, stderr) = trainer(&[
+        "infer",
+        "--checkpoint",
+        "tests/fixtures/peft_variants/dora",
+        "--question",
+        "q",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(
+            "is a PEFT adapter folder, not a training checkpoint: pass it with --adapter"
+        ),
+        "{stderr}"
+    );
+    let run = std::env::temp_dir().join(format!("cli-run-{}", std::process::id()));
+    let (older, newer) = (run.join("step-00000002"), run.join("step-00000004"));
+    for step in [&older, &newer] {
+        std::fs::create_dir_all(step).unwrap();
+        std::fs::write(step.join("manifest.json"), "{}").unwrap();
+    }
+    let out = run.join("out");
+    let (code, _, stderr) = trainer(&[
+        "export",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--format",
+        "peft",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("is a folder of checkpoints, not one: pass one of its step-N folders")
+            && stderr.contains("step-00000004"),
+        "{stderr}"
+    );
+    // (a manifest that is not the format's: damaged)
+    let (code, _, stderr) = trainer(&[
+        "export",
+        "--checkpoint",
+        newer.to_str().unwrap(),
+        "--format",
+        "peft",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        !stderr.contains("--set") && stderr.contains("use another step-N folder of the run"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = trainer(&[
+        "infer",
+        "--adapter",
+        newer.to_str().unwrap(),
+        "--model",
+        "tests/fixtures/train/model",
+        "--question",
+        "q",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("is a training checkpoint (a step-N folder), not a PEFT adapter: pass it with --checkpoint"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&run);
+}

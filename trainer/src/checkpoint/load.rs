@@ -627,6 +627,46 @@ fn check_manifest_checksum(dir: &Path, path: &Path, text: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// An error of reading checkpoint `dir` for `trainer infer|eval|export`, worded for them: their
+/// way out is another step folder, not a training run's `--set checkpoint.resume`; and a folder
+/// that is not a checkpoint is named for what it is (a PEFT adapter, a folder of checkpoints).
+pub fn for_reading(e: anyhow::Error, dir: &Path) -> anyhow::Error {
+    if !dir.join("manifest.json").exists() {
+        if dir.join("adapter_config.json").is_file() {
+            return anyhow!(
+                "{} is a PEFT adapter folder, not a training checkpoint: pass it with --adapter",
+                dir.display()
+            );
+        }
+        if let Ok((complete, _)) = super::list_dir(dir) {
+            if let Some((_, newest)) = complete.last() {
+                return anyhow!(
+                    "{} is a folder of checkpoints, not one: pass one of its step-N folders, \
+                     e.g. the newest complete one, {}",
+                    dir.display(),
+                    newest.display()
+                );
+            }
+        }
+        if !dir.exists() {
+            return anyhow!("checkpoint {}: no such folder", dir.display());
+        }
+    }
+    let instead = match older_checkpoint(dir) {
+        Some(o) => format!("use another step-N folder of the run, e.g. {}", o.display()),
+        None => "use another step-N folder of the run".to_string(),
+    };
+    let msg = format!("{e:#}")
+        .replace(
+            &format!(
+                "resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}"
+            ),
+            &instead,
+        )
+        .replace(FIX, &instead);
+    anyhow!(msg)
+}
+
 /// The newest complete checkpoint beside step folder `dir` of an older step. (Its run cannot be
 /// told: `dir`'s manifest is the one that failed to read.)
 fn older_checkpoint(dir: &Path) -> Option<PathBuf> {

@@ -72,7 +72,7 @@ pub(crate) fn read_section(dir: &Path) -> Result<Option<Value>> {
             std::fs::read(&weights).with_context(|| format!("reading {}", weights.display()))?;
         if super::sha256_hex(&bytes) != want {
             tracing::warn!(
-                "{}: written for other adapter weights than {} (saved over the export since): its prompt settings are not applied",
+                "{}: written for other adapter weights than {} (saved over the export since, or damaged): its prompt settings are not applied",
                 dir.join(PROMPT_FILE).display(),
                 weights.display()
             );

@@ -36,8 +36,9 @@ impl CheckpointWeights {
 
     /// The manifest only: the caller verifies the files (`verify_part`) before `apply`.
     pub fn read_unverified(dir: &Path) -> Result<Self, InferError> {
+        use crate::checkpoint::load::{for_reading, read_manifest};
         let manifest =
-            crate::checkpoint::load::read_manifest(dir).map_err(|e| err(dir, format!("{e:#}")))?;
+            read_manifest(dir).map_err(|e| err(dir, format!("{:#}", for_reading(e, dir))))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             manifest,
@@ -48,8 +49,9 @@ impl CheckpointWeights {
     /// of a checkpoint they all read, rather than each reading it whole). Returns how many files
     /// it checked.
     pub fn verify_part(&self, index: usize, count: usize) -> Result<usize, InferError> {
-        crate::checkpoint::load::verify_part(&self.dir, &self.manifest, index, count)
-            .map_err(|e| err(&self.dir, format!("{e:#}")))
+        use crate::checkpoint::load::{for_reading, verify_part};
+        verify_part(&self.dir, &self.manifest, index, count)
+            .map_err(|e| err(&self.dir, format!("{:#}", for_reading(e, &self.dir))))
     }
 
     /// The base model folder the run trained on (`model.path` as configured).
@@ -167,7 +169,10 @@ impl CheckpointWeights {
         let mut problems = vec![];
         let mut found = 0;
         let mut params = crate::checkpoint::load::TrainedParams::new(&self.dir, &self.manifest)
-            .map_err(|e| err(&self.dir, format!("{e:#}")))?;
+            .map_err(|e| {
+                let e = crate::checkpoint::load::for_reading(e, &self.dir);
+                err(&self.dir, format!("{e:#}"))
+            })?;
         let names: Vec<String> = params.names().map(str::to_string).collect();
         for name in &names {
             let shape = params.shape(name).unwrap_or_default().to_vec();

@@ -76,6 +76,13 @@ pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, Value), ModelEr
             })
             .unwrap_or_default();
         match inside.is_empty() {
+            true if dir.join("manifest.json").is_file() => ModelError::Adapter(format!(
+                "{} is a training checkpoint (a step-N folder), not a PEFT adapter: pass it with \
+                 --checkpoint, or write an adapter from it with `trainer export --checkpoint {} \
+                 --format peft --out DIR`",
+                dir.display(),
+                dir.display()
+            )),
             true => ModelError::io(&cfg_path, e),
             false => ModelError::Adapter(format!(
                 "{}: no adapter_config.json, but its subfolders hold adapters (peft saves an \
@@ -158,7 +165,7 @@ pub fn read_adapter(dir: &Path) -> Result<ReadAdapter, ModelError> {
             )),
             Some((module, ab)) if ab != "P" && !layout.wraps(&module) => problems.push(format!(
                 "{name}: module {module} is not one the adapter config chooses (target_modules \
-                 {:?}{})",
+                 {}{})",
                 config.lora.target_modules,
                 chosen_by(&config)
             )),
@@ -242,7 +249,7 @@ impl MllamaModel {
         });
         if n == 0 {
             return Err(ModelError::Adapter(format!(
-                "target_modules {:?} match no linear layer (listed names match a module path or \
+                "target_modules {} match no linear layer (listed names match a module path or \
                  its last parts, like q_proj; a string is a regular expression matched against \
                  whole paths like model.language_model.layers.0.self_attn.q_proj)",
                 cfg.target_modules
@@ -408,7 +415,7 @@ impl MllamaModel {
                     ),
                     _ => format!(
                         "unexpected {file}: no linear layer the adapter config chooses has that \
-                         name (target_modules {:?}{})",
+                         name (target_modules {}{})",
                         cfg.lora.target_modules,
                         chosen_by(&cfg)
                     ),

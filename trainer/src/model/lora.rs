@@ -165,6 +165,17 @@ pub enum TargetModules {
     Regex(String),
 }
 
+/// As adapter_config.json writes it: a JSON list of names, or the regex as a JSON string.
+impl std::fmt::Display for TargetModules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let json = match self {
+            Self::Names(n) => serde_json::json!(n),
+            Self::Regex(r) => serde_json::json!(r),
+        };
+        write!(f, "{json}")
+    }
+}
+
 impl TargetModules {
     /// The names as this model's (canonical) module paths: an adapter saved under transformers
     /// 4 may name modules in full as `language_model.model.layers.3.self_attn.q_proj`. Names

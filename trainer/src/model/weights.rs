@@ -100,7 +100,7 @@ impl WeightSource {
             // SAFETY: the checkpoint is opened read-only; a concurrent writer would be a user error, as with any mmap.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
             let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
-                ModelError::Weights(format!("{}: bad safetensors header: {e:?}", path.display()))
+                ModelError::Weights(format!("{}: {}", path.display(), unreadable_header(&e)))
             })?;
             for (name, info) in meta.tensors() {
                 let entry = TensorEntry {
@@ -284,6 +284,22 @@ impl KeyLayout {
             Self::Legacy => canonical_to_legacy(canonical),
         }
     }
+}
+
+/// What a safetensors header that cannot be read means, for an error message (the crate's own
+/// text is its variant's name).
+pub fn unreadable_header(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    let why = match e {
+        E::HeaderTooSmall | E::HeaderTooLarge | E::InvalidHeaderLength => {
+            "the file is truncated or not a safetensors file"
+        }
+        E::InvalidHeader | E::InvalidHeaderStart | E::InvalidHeaderDeserialization => {
+            "its header is not the safetensors JSON (a damaged or other kind of file)"
+        }
+        _ => "its header does not describe the file's data (damaged?)",
+    };
+    format!("not a readable safetensors file: {why} ({e:?})")
 }
 
 /// `model.language_model.X` -> `language_model.model.X`, `model.vision_model.X` -> `vision_model.X`,

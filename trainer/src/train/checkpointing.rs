@@ -458,8 +458,12 @@ impl<'a> Saver<'a> {
                 log(
                     0,
                     &format!(
-                        "PEFT adapter of step {step} written to {} ({naming:?} key naming; adapter_config.json, adapter_model.safetensors, and the run's prompt settings in llava_sco_prompt.json): PeftModel.from_pretrained or `trainer infer --adapter` loads it",
-                        out.display()
+                        "PEFT adapter of step {step} written to {} ({} key naming; adapter_config.json, adapter_model.safetensors, and the run's prompt settings in llava_sco_prompt.json): PeftModel.from_pretrained or `trainer infer --adapter` loads it",
+                        out.display(),
+                        match naming {
+                            checkpoint::AdapterNaming::Hf5 => "transformers-5",
+                            checkpoint::AdapterNaming::Hf4 => "transformers-4",
+                        }
                     ),
                 )
             }
