@@ -420,6 +420,28 @@ fn a_damaged_manifest_names_the_checkpoint_before_it() {
     let back = format!("checkpoint.resume={}", older.display());
     ok(run(&out, 1, train, &[&back], &[]), "from the one before");
 
+    // a truncated rank file names the one before it the same way
+    let out = fresh("truncated-older");
+    let older = out.join("ckpt/step-00000001");
+    common::copy_dir(&base(1), &older);
+    let newest = out.join("ckpt/step-00000002");
+    common::copy_dir(&base(1), &newest);
+    let p = newest.join("rank-0-of-1.safetensors");
+    let len = std::fs::metadata(&p).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(len / 2).unwrap();
+    let o = run(&out, 1, train, &[], &[]);
+    assert_error(
+        &o,
+        &[
+            "rank-0-of-1.safetensors is truncated",
+            &format!(
+                "resume from another `step-N` folder, e.g. the one before it: `--set checkpoint.resume={}`",
+                older.display()
+            ),
+        ],
+    );
+
     let o = resume_damaged("manifest-edited", 1, &[], |d| {
         let p = d.join("manifest.json");
         let text = std::fs::read_to_string(&p).unwrap();

@@ -25,6 +25,25 @@ use crate::optim::AdamW;
 const FIX: &str =
     "start over with `--set checkpoint.resume=never` (or point checkpoint.dir elsewhere)";
 
+/// What a damaged checkpoint's error says to do first (`name_older` names the folder).
+const ANOTHER_STEP: &str = "resume from another `step-N` folder with `--set checkpoint.resume=DIR`";
+
+/// A damaged checkpoint's error with the complete checkpoint before it named as the way on.
+fn name_older(e: anyhow::Error, dir: &Path) -> anyhow::Error {
+    let msg = format!("{e:#}");
+    match older_checkpoint(dir) {
+        Some(older) if msg.contains(ANOTHER_STEP) => anyhow!(msg.replace(
+            ANOTHER_STEP,
+            &format!(
+                "resume from another `step-N` folder, e.g. the one before it: \
+                 `--set checkpoint.resume={}`",
+                older.display()
+            )
+        )),
+        _ => e,
+    }
+}
+
 /// What `resume` restored.
 #[derive(Debug, Clone)]
 pub struct Resumed {
@@ -239,13 +258,15 @@ fn load_resumed(
     // (with the folder's validation record, added after it was published: rank 0's, as every
     // rank must then take the same branches; another node may not see the file yet)
     let rank0 = pg.rank() == 0;
-    let local = load_into(&dir, pg.world_size(), plan, config, trainable, opt).and_then(|m| {
-        let record = match rank0 {
-            true => super::validation::read_record(&dir, m.step)?,
-            false => None,
-        };
-        Ok((record, m))
-    });
+    let local = load_into(&dir, pg.world_size(), plan, config, trainable, opt)
+        .map_err(|e| name_older(e, &dir))
+        .and_then(|m| {
+            let record = match rank0 {
+                true => super::validation::read_record(&dir, m.step)?,
+                false => None,
+            };
+            Ok((record, m))
+        });
     let (record, m) = super::agree(pg, device, local, || {
         format!(
             "loading checkpoint {} failed on another rank (its error is above)",
@@ -287,13 +308,14 @@ fn load_into(
     trainable: &mut Trainable,
     opt: &mut AdamW,
 ) -> Result<Manifest> {
-    // (a damaged manifest's error names the checkpoint before it, to resume from instead)
+    // (a damaged manifest's error names the checkpoint before it, to resume from instead; one
+    // that says to resume from another step folder gets it named by `name_older`)
     let m = read_manifest(dir).map_err(|e| match older_checkpoint(dir) {
-        Some(older) => anyhow!(
+        Some(older) if !format!("{e:#}").contains(ANOTHER_STEP) => anyhow!(
             "{e:#}; or go on from the checkpoint before it: --set checkpoint.resume={}",
             older.display()
         ),
-        None => e,
+        _ => e,
     })?;
     check_identity(dir, &m, config)?;
     let global = config.train.global_batch(world);
@@ -593,7 +615,7 @@ fn check_sha256(path: &Path, bytes: &[u8], expected: &str) -> Result<()> {
     // (hex in either case: a checksum written by another tool may be upper case)
     if !digest.eq_ignore_ascii_case(expected) {
         bail!(
-            "checkpoint file {} is corrupt: sha256 {digest}, the manifest says {expected}; resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}",
+            "checkpoint file {} is corrupt: sha256 {digest}, the manifest says {expected}; {ANOTHER_STEP}, or {FIX}",
             path.display(),
         );
     }
@@ -618,7 +640,7 @@ fn check_manifest_checksum(dir: &Path, path: &Path, text: &[u8]) -> Result<()> {
     let digest = super::sha256_hex(text);
     if !digest.eq_ignore_ascii_case(expected) {
         bail!(
-            "checkpoint manifest {} is corrupt: sha256 {digest}, {} says {expected} (edited on purpose? then `sha256sum manifest.json > {}` in that folder records the edit); resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}",
+            "checkpoint manifest {} is corrupt: sha256 {digest}, {} says {expected} (edited on purpose? then `sha256sum manifest.json > {}` in that folder records the edit); {ANOTHER_STEP}, or {FIX}",
             path.display(),
             sum_path.display(),
             super::manifest::CHECKSUM_FILE
@@ -657,12 +679,7 @@ pub fn for_reading(e: anyhow::Error, dir: &Path) -> anyhow::Error {
         None => "use another step-N folder of the run".to_string(),
     };
     let msg = format!("{e:#}")
-        .replace(
-            &format!(
-                "resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}"
-            ),
-            &instead,
-        )
+        .replace(&format!("{ANOTHER_STEP}, or {FIX}"), &instead)
         .replace(FIX, &instead);
     anyhow!(msg)
 }
@@ -791,13 +808,13 @@ impl<'m> Reader<'m> {
             let path = dir.join(&f.file);
             let meta = std::fs::metadata(&path).map_err(|e| {
                 anyhow!(
-                    "checkpoint file {} is missing ({e}); the checkpoint is damaged: resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}",
+                    "checkpoint file {} is missing ({e}); the checkpoint is damaged: {ANOTHER_STEP}, or {FIX}",
                     path.display()
                 )
             })?;
             if meta.len() != f.bytes {
                 bail!(
-                    "checkpoint file {} is truncated or damaged: {} bytes, the manifest says {}; resume from another `step-N` folder with `--set checkpoint.resume=DIR`, or {FIX}",
+                    "checkpoint file {} is truncated or damaged: {} bytes, the manifest says {}; {ANOTHER_STEP}, or {FIX}",
                     path.display(),
                     meta.len(),
                     f.bytes

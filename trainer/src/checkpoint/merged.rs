@@ -191,11 +191,10 @@ fn open_base(dir: &Path) -> Result<(Vec<BaseFile>, Vec<BaseTensor>)> {
         // SAFETY: the base model is only read; a concurrent writer would be a user error, as with any mmap.
         let map =
             unsafe { Mmap::map(&f) }.with_context(|| format!("mapping {}", path.display()))?;
-        let (n, meta) = SafeTensors::read_metadata(&map)
-            .map_err(|e| {
-                let why = crate::model::weights::unreadable_header(&e);
-                anyhow!("{}: {why}", path.display())
-            })?;
+        let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
+            let why = crate::model::weights::unreadable_header(&e);
+            anyhow!("{}: {why}", path.display())
+        })?;
         let mut here: Vec<BaseTensor> = meta
             .tensors()
             .into_iter()
