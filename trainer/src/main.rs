@@ -355,7 +355,7 @@ struct InferArgs {
     #[arg(long)]
     question: String,
     /// 0 = greedy (the seed's default is 0.7)
-    #[arg(long, default_value_t = 0.7, value_parser = parse_temperature)]
+    #[arg(long, default_value_t = 0.7, value_parser = parse_temperature, allow_negative_numbers = true)]
     temperature: f64,
     #[command(flatten)]
     generation: GenerationArgs,
@@ -392,11 +392,11 @@ struct GenerationArgs {
     /// default, which the seed's `generate` call used)
     #[arg(long, default_value_t = trainer::infer::sampling::DEFAULT_TOP_K)]
     top_k: usize,
-    #[arg(long, default_value_t = 0.9, value_parser = parse_top_p)]
+    #[arg(long, default_value_t = 0.9, value_parser = parse_top_p, allow_negative_numbers = true)]
     top_p: f64,
     /// transformers' repetition_penalty: logits of tokens already in the sequence divided by it
     /// (multiplied where negative); 1 = off, as the seed's generate call
-    #[arg(long, default_value_t = 1.0, value_parser = parse_repetition_penalty)]
+    #[arg(long, default_value_t = 1.0, value_parser = parse_repetition_penalty, allow_negative_numbers = true)]
     repetition_penalty: f64,
     /// End a turn once its text holds this string (kept in the text; repeatable), as
     /// transformers' stop_strings, e.g. --stop "</CONCLUSION>"
@@ -404,7 +404,7 @@ struct GenerationArgs {
     stop: Vec<String>,
     /// A turn that reaches it is cut off (eval scores it wrong unless its conclusion closed); the
     /// seed's inference used 2048
-    #[arg(long, default_value_t = 2048, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, default_value_t = 2048, value_parser = parse_max_new_tokens, allow_negative_numbers = true)]
     max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -550,7 +550,7 @@ struct EvalArgs {
     #[arg(long, value_parser = at_least_one)]
     limit: Option<usize>,
     /// 0 = greedy (default for scoring)
-    #[arg(long, default_value_t = 0.0, value_parser = parse_temperature)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_temperature, allow_negative_numbers = true)]
     temperature: f64,
     #[command(flatten)]
     generation: GenerationArgs,
@@ -754,6 +754,16 @@ fn load_for_generation(
         c.apply(&mut model)?;
     }
     Ok((model, text, image_config))
+}
+
+/// --max-new-tokens: a whole number of 1 or more.
+fn parse_max_new_tokens(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "`{s}`: expected a whole number of 1 or more (tokens per turn)"
+        )),
+    }
 }
 
 /// --repetition-penalty: a finite number > 0 (1 = off).

@@ -505,3 +505,25 @@ fn folders_of_the_wrong_kind_are_named_for_what_they_are() {
     );
     let _ = std::fs::remove_dir_all(&run);
 }
+
+/// A negative number reaches the flag's own check (not clap's "unexpected argument '-1'"), and
+/// --max-new-tokens 0 says what is allowed; both exit 2, before any model is read.
+#[test]
+fn generation_flags_say_what_they_accept() {
+    for (flag, value, says) in [
+        ("--temperature", "-1", "expected a number >= 0 (0 = greedy)"),
+        ("--top-p", "-0.5", "`-0.5`"),
+        (
+            "--max-new-tokens",
+            "0",
+            "expected a whole number of 1 or more",
+        ),
+    ] {
+        let (code, _, stderr) = trainer(&["infer", "--model", "m", "--question", "q", flag, value]);
+        assert_eq!(code, 2, "{flag}: {stderr}");
+        assert!(
+            stderr.contains(says) && !stderr.contains("unexpected argument"),
+            "{flag}: {stderr}"
+        );
+    }
+}

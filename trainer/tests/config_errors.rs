@@ -675,3 +675,25 @@ fn hybrid_shard_group_sizes_resolve_as_llama_recipes_names_them() {
         "{err}"
     );
 }
+
+/// llama-recipes', PEFT's and transformers' names for our keys (docs/config.md's last column)
+/// are answered with our key, wherever it sits.
+#[test]
+fn other_tools_names_are_answered_with_ours() {
+    for (set, ours) in [
+        ("train.num_epochs=2", "train.epochs"),
+        ("train.gradient_accumulation_steps=4", "train.grad_accum"),
+        ("peft.lora_alpha=16", "peft.alpha"),
+        ("train.enable_fsdp=true", "fsdp.enabled"),
+    ] {
+        let e = set_error(set);
+        assert!(
+            e.contains(&format!(
+                "that is llama-recipes', PEFT's or transformers' name; here it is {ours}"
+            )),
+            "{set}: {e}"
+        );
+    }
+    // a typo of one of ours is still a typo
+    assert!(set_error("train.epoch=2").contains("did you mean \"epochs\"?"));
+}

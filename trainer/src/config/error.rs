@@ -93,10 +93,58 @@ impl ConfigError {
 
 fn hint(suggestion: Option<&str>, valid: &[String]) -> String {
     match suggestion {
+        // (another tool's name: our full key, which may sit in another section)
+        Some(s) if s.contains('.') => {
+            format!("that is llama-recipes', PEFT's or transformers' name; here it is {s}")
+        }
         Some(s) => format!("did you mean {s:?}?"),
         None if valid.is_empty() => "this section takes no keys".to_string(),
         None => format!("valid keys: {}", valid.join(", ")),
     }
+}
+
+/// llama-recipes', PEFT's and Hugging Face Trainer's names for keys of this config (docs/config.md's
+/// last column), as (their name, our full key): a user coming from those writes them.
+const OTHER_NAMES: [(&str, &str); 28] = [
+    ("model_name", "model.path"),
+    ("use_fast_kernels", "model.attention"),
+    ("use_peft", "peft.method"),
+    ("lora_alpha", "peft.alpha"),
+    ("lora_dropout", "peft.dropout"),
+    ("freeze_LLM_only", "peft.freeze_llm_only"),
+    ("from_peft_checkpoint", "peft.init_from"),
+    ("custom_dataset", "data.train"),
+    ("context_length", "data.max_seq_len"),
+    ("num_workers_dataloader", "data.num_workers"),
+    ("num_epochs", "train.epochs"),
+    ("num_train_epochs", "train.epochs"),
+    ("batch_size_training", "train.batch_size"),
+    ("per_device_train_batch_size", "train.batch_size"),
+    ("gradient_accumulation_steps", "train.grad_accum"),
+    ("learning_rate", "train.lr"),
+    ("lr_scheduler_type", "train.schedule.kind"),
+    ("gradient_clipping_threshold", "train.grad_clip"),
+    ("max_grad_norm", "train.grad_clip"),
+    ("max_train_step", "train.max_steps"),
+    ("run_validation", "train.validate"),
+    ("save_model", "train.save_adapter"),
+    ("enable_fsdp", "fsdp.enabled"),
+    ("pure_bf16", "fsdp.mixed_precision"),
+    (
+        "fsdp_activation_checkpointing",
+        "fsdp.activation_checkpointing",
+    ),
+    ("hsdp", "fsdp.sharding_strategy"),
+    ("dist_checkpoint_root_folder", "checkpoint.dir"),
+    ("dist_checkpoint_folder", "checkpoint.dir"),
+];
+
+/// Our key for another tool's name (`OTHER_NAMES`), e.g. `num_epochs` -> `train.epochs`.
+pub(crate) fn other_name(key: &str) -> Option<&'static str> {
+    OTHER_NAMES
+        .iter()
+        .find(|(n, _)| *n == key)
+        .map(|(_, ours)| *ours)
 }
 
 /// The valid key `key` was most likely meant to be: the closest by edit distance if it is close

@@ -129,7 +129,9 @@ fn user_error(e: DeError, overrides: &[Override]) -> ConfigError {
                 .unwrap_or(path);
             ConfigError::UnknownKey {
                 path,
-                suggestion: error::suggest(&key, valid).map(str::to_string),
+                suggestion: error::other_name(&key)
+                    .or_else(|| error::suggest(&key, valid))
+                    .map(str::to_string),
                 valid: valid.iter().map(|v| v.to_string()).collect(),
                 key,
             }

@@ -291,7 +291,7 @@ fn parse_line(line: &str, opts: &ParseOptions) -> Result<Option<Record>, String>
             }
             other => {
                 return Err(format!(
-                    "unknown role {other:?} in conversations[{k}].from (expected \"human\" or \"gpt\")"
+                    "unknown role {other:?} in conversations[{k}].from (expected \"human\" or \"gpt\", or their aliases \"user\" and \"assistant\")"
                 ))
             }
         }
