@@ -379,6 +379,11 @@ fn to_yaml_round_trips() {
             ],
         )
         .expect("several data files"),
+        config::parse(
+            MINIMAL,
+            &["train.weight_decay=1e20".into(), "train.lr=3.5e-7".into()],
+        )
+        .expect("exponents"),
     ];
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("config_round_trip");
     std::fs::create_dir_all(&dir).expect("tmp dir");
@@ -388,7 +393,24 @@ fn to_yaml_round_trips() {
         std::fs::write(&file, &yaml).expect("write");
         let back = config::load(&file, &[]).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
         assert_eq!(&back, c, "{yaml}");
+        // exponents as YAML 1.1 (PyYAML) reads floats: a point and a signed exponent
+        for line in yaml.lines() {
+            let value = line.rsplit(": ").next().unwrap_or("");
+            if let Some((mantissa, exp)) = value.split_once('e') {
+                if mantissa.parse::<f64>().is_ok() && exp.parse::<i32>().is_ok() {
+                    assert!(
+                        mantissa.contains('.') && (exp.starts_with('-') || exp.starts_with('+')),
+                        "{line}"
+                    );
+                }
+            }
+        }
     }
+    let yaml = sources.last().unwrap().to_yaml().unwrap();
+    assert!(
+        yaml.contains("weight_decay: 1.0e+20") && yaml.contains("lr: 3.5e-7"),
+        "{yaml}"
+    );
 }
 
 #[test]

@@ -554,8 +554,20 @@ impl Config {
     }
 
     /// The resolved config as YAML: every key, defaults filled in. Loading it back gives the
-    /// same config.
+    /// same config, here and in Python: a number in exponent form is written as YAML 1.1
+    /// (PyYAML) reads a float, with a point and a signed exponent (`1.0e-8`, not `1e-8`, which
+    /// PyYAML reads as a string).
     pub fn to_yaml(&self) -> Result<String, super::ConfigError> {
-        serde_yaml::to_string(self).map_err(|e| super::ConfigError::Serialize(e.to_string()))
+        let text = serde_yaml::to_string(self)
+            .map_err(|e| super::ConfigError::Serialize(e.to_string()))?;
+        let exponent =
+            regex::Regex::new(r"(?m)^(\s*[\w.-]+: )(-?\d+)(\.\d+)?e([+-]?)(\d+)$").expect("regex");
+        Ok(exponent
+            .replace_all(&text, |c: &regex::Captures| {
+                let point = c.get(3).map_or(".0", |m| m.as_str());
+                let sign = if &c[4] == "-" { "-" } else { "+" };
+                format!("{}{}{point}e{sign}{}", &c[1], &c[2], &c[5])
+            })
+            .into_owned())
     }
 }
