@@ -527,3 +527,41 @@ fn generation_flags_say_what_they_accept() {
         );
     }
 }
+
+/// An adapter_config.json key peft 0.21 does not know (a typo, a newer peft's option) is named
+/// in a warning, not silently ignored.
+#[test]
+fn unknown_adapter_config_keys_are_named() {
+    let dir = std::env::temp_dir().join(format!("cli-adapter-typo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/peft_variants/dora"
+    ));
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("adapter_config.json")).unwrap()).unwrap();
+    cfg["lora_alpah"] = 16.into();
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        dir.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let (code, _, stderr) = trainer(&[
+        "infer",
+        "--adapter",
+        dir.to_str().unwrap(),
+        "--question",
+        "q",
+        "--max-new-tokens",
+        "1",
+        "--turns",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("unknown keys [\"lora_alpah\"] ignored"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

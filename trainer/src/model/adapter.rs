@@ -94,6 +94,22 @@ pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, Value), ModelEr
     })?;
     let config = AdapterConfig::parse(&text).map_err(in_folder(dir))?;
     let v: Value = serde_json::from_str(&text).expect("parsed above");
+    let unknown: Vec<&String> = v
+        .as_object()
+        .map(|o| {
+            o.keys()
+                .filter(|k| !super::adapter_config::KNOWN_KEYS.contains(&k.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !unknown.is_empty() {
+        tracing::warn!(
+            "{}: unknown keys {unknown:?} ignored (not options of peft 0.21's LoraConfig: a typo, \
+             or a newer peft's option; if one changes what the adapter computes, results differ \
+             from peft's)",
+            cfg_path.display()
+        );
+    }
     Ok((config, v))
 }
 
