@@ -111,15 +111,101 @@ pub enum EvalError {
         line: usize,
         reason: String,
     },
+    /// Several bad lines, each `FILE:LINE: reason` on a line of its own (the first 20).
+    #[error("{file}: {} bad lines:\n  {}", problems.len(), show_lines(file, problems))]
+    BenchLines {
+        file: String,
+        problems: Vec<(usize, String)>,
+    },
     #[error("{0}")]
     Io(String),
     #[error(transparent)]
     Infer(#[from] crate::infer::InferError),
 }
 
-/// Reads BENCH.jsonl; every bad line is an error naming FILE:LINE.
+fn show_lines(file: &str, problems: &[(usize, String)]) -> String {
+    let mut lines: Vec<String> = problems
+        .iter()
+        .take(20)
+        .map(|(line, reason)| format!("{file}:{line}: {reason}"))
+        .collect();
+    if problems.len() > 20 {
+        lines.push(format!("... and {} more", problems.len() - 20));
+    }
+    lines.join("\n  ")
+}
+
+/// Every bad line of a benchmark in one error (one line: `FILE:LINE: reason`, as before).
+fn bench_problems(file: &str, mut problems: Vec<(usize, String)>) -> Result<(), EvalError> {
+    match problems.len() {
+        0 => Ok(()),
+        1 => {
+            let (line, reason) = problems.remove(0);
+            Err(EvalError::Bench {
+                file: file.to_string(),
+                line,
+                reason,
+            })
+        }
+        _ => Err(EvalError::BenchLines {
+            file: file.to_string(),
+            problems,
+        }),
+    }
+}
+
+/// The fields a benchmark line may have.
+const BENCH_FIELDS: [&str; 6] = ["id", "image", "question", "answer", "choices", "category"];
+/// One benchmark line as a question, or why not. `seen`: ids so far and their lines; `ignored`
+/// collects fields eval does not read.
+fn read_bench_line(
+    line: &str,
+    number: usize,
+    seen: &mut HashMap<String, usize>,
+    ignored: &mut std::collections::BTreeSet<String>,
+) -> Result<BenchItem, String> {
+    // (a LLaVA `<image>` marker in the question is the prompt's business: `Session::prompt_ids`)
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| without_line(&e))?;
+    let Some(fields) = value.as_object() else {
+        return Err(format!(
+            "expected a JSON object ({{\"id\", \"image\", \"question\", \"answer\"}}), got {}",
+            if value.is_array() {
+                "an array"
+            } else {
+                "a single value"
+            }
+        ));
+    };
+    ignored.extend(
+        fields
+            .keys()
+            .filter(|k| !BENCH_FIELDS.contains(&k.as_str()))
+            .cloned(),
+    );
+    let item: BenchItem = serde_json::from_value(value).map_err(|e| without_line(&e))?;
+    if !answer::gold_is_scorable(&item.answer, item.choices.as_deref()) {
+        return Err(format!(
+            "answer {:?} is nothing once normalized (free-text answers are compared after lower-casing and dropping punctuation and the articles a, an, the); give a letter option as a capital (\"A\"), or the answer's words or number",
+            item.answer
+        ));
+    }
+    if let Some(first) = seen.insert(item.id.clone(), number) {
+        return Err(format!("id {:?} repeats the one on line {first}", item.id));
+    }
+    if let Some(choices) = item.choices.as_deref().filter(|c| !c.is_empty()) {
+        if answer::gold_choice(&item.answer, choices).is_none() {
+            return Err(format!(
+                "answer {:?} is none of the {} choices (give its letter or its text)",
+                item.answer,
+                choices.len()
+            ));
+        }
+    }
+    Ok(item)
+}
+
+/// Reads BENCH.jsonl; every bad line is named by FILE:LINE, all in one error.
 pub fn read_bench(path: &Path) -> Result<Vec<(usize, BenchItem)>, EvalError> {
-    const FIELDS: [&str; 6] = ["id", "image", "question", "answer", "choices", "category"];
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| EvalError::Io(format!("{file}: {e}")))?;
     // (a byte-order mark, as Windows editors save UTF-8, is not part of the first line)
@@ -127,63 +213,17 @@ pub fn read_bench(path: &Path) -> Result<Vec<(usize, BenchItem)>, EvalError> {
     let mut items = Vec::new();
     let mut seen = HashMap::new();
     let mut ignored = std::collections::BTreeSet::new();
+    let mut problems = vec![];
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let bad = |reason: String| EvalError::Bench {
-            file: file.clone(),
-            line: i + 1,
-            reason,
-        };
-        // (a LLaVA `<image>` marker in the question is the prompt's business: `Session::prompt_ids`)
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| bad(without_line(&e)))?;
-        let Some(fields) = value.as_object() else {
-            return Err(bad(format!(
-                "expected a JSON object ({{\"id\", \"image\", \"question\", \"answer\"}}), got {}",
-                if value.is_array() {
-                    "an array"
-                } else {
-                    "a single value"
-                }
-            )));
-        };
-        ignored.extend(
-            fields
-                .keys()
-                .filter(|k| !FIELDS.contains(&k.as_str()))
-                .cloned(),
-        );
-        let item: BenchItem = serde_json::from_value(value).map_err(|e| bad(without_line(&e)))?;
-        if !answer::gold_is_scorable(&item.answer, item.choices.as_deref()) {
-            return Err(bad(format!(
-                "answer {:?} is nothing once normalized (free-text answers are compared after lower-casing and dropping punctuation and the articles a, an, the); give a letter option as a capital (\"A\"), or the answer's words or number",
-                item.answer
-            )));
+        match read_bench_line(line, i + 1, &mut seen, &mut ignored) {
+            Ok(item) => items.push((i + 1, item)),
+            Err(reason) => problems.push((i + 1, reason)),
         }
-        if let Some(first) = seen.insert(item.id.clone(), i + 1) {
-            return Err(EvalError::Bench {
-                file,
-                line: i + 1,
-                reason: format!("id {:?} repeats the one on line {first}", item.id),
-            });
-        }
-        if let Some(choices) = item.choices.as_deref().filter(|c| !c.is_empty()) {
-            if answer::gold_choice(&item.answer, choices).is_none() {
-                return Err(EvalError::Bench {
-                    file,
-                    line: i + 1,
-                    reason: format!(
-                        "answer {:?} is none of the {} choices (give its letter or its text)",
-                        item.answer,
-                        choices.len()
-                    ),
-                });
-            }
-        }
-        items.push((i + 1, item));
     }
+    bench_problems(&file, problems)?;
     if items.is_empty() {
         return Err(EvalError::Io(format!("{file}: the benchmark is empty (one JSON object per line: id, image, question, answer)")));
     }
@@ -195,7 +235,7 @@ pub fn read_bench(path: &Path) -> Result<Vec<(usize, BenchItem)>, EvalError> {
             tracing::warn!(
                 "{file}: field(s) {} are not read by eval (it reads {}): ignored",
                 names.join(", "),
-                FIELDS.join(", ")
+                BENCH_FIELDS.join(", ")
             )
         });
     }
@@ -550,28 +590,30 @@ fn check_items(
     bench: &str,
     mine: &dyn Fn(&str) -> bool,
 ) -> Result<(), EvalError> {
+    let mut problems = vec![];
     for (line, item) in items {
-        let bad = |reason: String| EvalError::Bench {
-            file: bench.to_string(),
-            line: *line,
-            reason,
-        };
-        let path = resolve_image(&item.image, Some(&opts.image_root)).map_err(bad)?;
-        if !path.is_file() {
-            return Err(bad(format!(
-                "image {} not found (paths are relative to --image-root {})",
-                path.display(),
-                opts.image_root.display()
-            )));
-        }
-        session
-            .prompt_ids(&item.question, true, &[], &opts.infer)
-            .map_err(|e| bad(format!("id {:?}: {e}", item.id)))?;
-        if mine(&item.id) {
-            load_rgb(&path).map_err(bad)?;
+        let checked = (|| {
+            let path = resolve_image(&item.image, Some(&opts.image_root))?;
+            if !path.is_file() {
+                return Err(format!(
+                    "image {} not found (paths are relative to --image-root {})",
+                    path.display(),
+                    opts.image_root.display()
+                ));
+            }
+            session
+                .prompt_ids(&item.question, true, &[], &opts.infer)
+                .map_err(|e| format!("id {:?}: {e}", item.id))?;
+            if mine(&item.id) {
+                load_rgb(&path)?;
+            }
+            Ok(())
+        })();
+        if let Err(reason) = checked {
+            problems.push((*line, reason));
         }
     }
-    Ok(())
+    bench_problems(bench, problems)
 }
 
 /// After every rank finished its share, a question without a prediction in `done` is in a rank
@@ -957,6 +999,35 @@ mod tests {
             finished,
             canonical: String::new(),
         }
+    }
+
+    /// Every bad line of a benchmark is named at once, each as FILE:LINE (one bad line: the
+    /// error as before).
+    #[test]
+    fn every_bad_benchmark_line_is_named_at_once() {
+        let dir = std::env::temp_dir().join(format!("bench-lines-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bench.jsonl");
+        let good = r#"{"id": "a", "image": "x.png", "question": "q?", "answer": "B", "choices": ["1", "2"]}"#;
+        let text = [
+            good,
+            "{not json",
+            good,
+            r#"{"id": "c", "image": "x.png", "question": "q?", "answer": "C", "choices": ["1", "2"]}"#,
+        ]
+        .join("\n");
+        std::fs::write(&path, text).unwrap();
+        let e = read_bench(&path).unwrap_err().to_string();
+        let f = path.display();
+        assert!(e.starts_with(&format!("{f}: 3 bad lines:")), "{e}");
+        for line in [2, 3, 4] {
+            assert!(e.contains(&format!("\n  {f}:{line}: ")), "{e}");
+        }
+        assert!(e.contains("repeats the one on line 1") && e.contains("none of the 2 choices"));
+        std::fs::write(&path, [good, "{not json"].join("\n")).unwrap();
+        let e = read_bench(&path).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{f}:2: ")), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Ranks whose settings differ in content (the adapter's fingerprint, a prompt setting) are
