@@ -472,16 +472,24 @@ fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result
             out.display()
         )));
     }
-    if what_predicts(&before) != what_predicts(now) {
-        let mut differ = differing_keys(&before, now, "");
-        if differ.is_empty() {
-            differ.push("their fields".into());
-        }
+    let (there, here) = (what_predicts(&before), what_predicts(now));
+    if there != here {
+        let differ = differing_keys(&there, &here, "");
+        let at = |v: &serde_json::Value, key: &str| {
+            let pointer = format!("/{}", key.replace('.', "/"));
+            v.pointer(&pointer)
+                .map_or("(unset)".to_string(), |x| x.to_string())
+        };
+        let values: Vec<String> = differ
+            .iter()
+            .map(|k| format!("{k} there {}, this run {}", at(&there, k), at(&here, k)))
+            .collect();
         return Err(EvalError::Io(format!(
-            "{}: the predictions there were made with other settings ({} differ; there: {before}; this run: \
-             {now}): use another --out, or delete its predictions*.jsonl to start over",
+            "{}: the predictions there were made with other settings ({} differ: {}): use \
+             another --out, or delete its predictions*.jsonl to start over",
             out.display(),
-            differ.join(", ")
+            differ.join(", "),
+            values.join("; ")
         )));
     }
     Ok(false)
