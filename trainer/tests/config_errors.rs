@@ -697,3 +697,14 @@ fn other_tools_names_are_answered_with_ours() {
     // a typo of one of ours is still a typo
     assert!(set_error("train.epoch=2").contains("did you mean \"epochs\"?"));
 }
+
+/// A section written twice is named with the lines it is on (serde_yaml gives no place for a
+/// repeated top-level key).
+#[test]
+fn a_repeated_section_names_its_lines() {
+    let e = yaml_error("train: {lr: 1.0e-5}\ntrain: {epochs: 2}\n");
+    assert!(
+        e.contains("duplicate entry with key \"train\" (lines 3, 4): merge them into one section"),
+        "{e}"
+    );
+}

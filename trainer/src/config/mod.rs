@@ -82,6 +82,32 @@ pub fn parse(yaml: &str, overrides: &[String]) -> Result<Config, ConfigError> {
     parse_named("<string>", yaml, overrides)
 }
 
+/// serde_yaml names a repeated top-level key without a place: the lines it is on.
+fn with_duplicate_lines(message: String, text: &str) -> String {
+    let key = message
+        .strip_prefix("duplicate entry with key \"")
+        .and_then(|rest| rest.strip_suffix('"'));
+    let Some(key) = key else {
+        return message;
+    };
+    let lines: Vec<String> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with(':'))
+        })
+        .map(|(i, _)| (i + 1).to_string())
+        .collect();
+    match lines.len() {
+        0 | 1 => message,
+        _ => format!(
+            "{message} (lines {}): merge them into one section",
+            lines.join(", ")
+        ),
+    }
+}
+
 fn parse_named(file: &str, text: &str, overrides: &[String]) -> Result<Config, ConfigError> {
     let overrides = overrides
         .iter()
@@ -102,7 +128,7 @@ fn parse_named(file: &str, text: &str, overrides: &[String]) -> Result<Config, C
         Err(e) => {
             return Err(ConfigError::Syntax {
                 file: file.to_string(),
-                message: e.to_string(),
+                message: with_duplicate_lines(e.to_string(), text),
             })
         }
     };
