@@ -656,7 +656,9 @@ pub fn for_reading(e: anyhow::Error, dir: &Path) -> anyhow::Error {
     if !dir.join("manifest.json").exists() {
         if dir.join("adapter_config.json").is_file() {
             return anyhow!(
-                "{} is a PEFT adapter folder, not a training checkpoint: pass it with --adapter",
+                "{} is a PEFT adapter folder, not a training checkpoint: infer, eval and \
+                 `export --format merged` take it with --adapter (it is already what \
+                 `export --format peft` writes)",
                 dir.display()
             );
         }

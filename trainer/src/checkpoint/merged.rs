@@ -424,6 +424,7 @@ pub fn export_merged(
     }
     // every linear layer the adapter's config chooses must have its factors, as `infer --adapter`
     // requires (peft only warns of missing adapter keys: the merge would hold a layer untrained)
+    let mut unlisted = 0; // (problems counted but not listed)
     if let Some(LoraMerge::Adapter(layout)) = &lora {
         let missing: Vec<String> = linear_paths(&base_dir)?
             .into_iter()
@@ -436,9 +437,7 @@ pub fn export_merged(
                 "the adapter config chooses the base's layer of {a}, but the adapter lacks it"
             ));
         }
-        if missing.len() > 10 {
-            problems.push(format!("... and {} more such layers", missing.len() - 10));
-        }
+        unlisted += missing.len().saturating_sub(10);
     }
     let unused: Vec<&str> = trained.names().filter(|n| !used.contains(*n)).collect();
     for n in unused.iter().take(10) {
@@ -446,11 +445,16 @@ pub fn export_merged(
             "trained tensor {n} has no tensor in the base model"
         ));
     }
+    unlisted += unused.len().saturating_sub(10);
     if !problems.is_empty() {
+        let more = match unlisted {
+            0 => String::new(),
+            n => format!("\n  ... and {n} more"),
+        };
         bail!(
-            "{what} does not fit the base model {} ({} problem(s)):\n  {}\npass the folder it was trained on with --model DIR",
+            "{what} does not fit the base model {} ({} problem(s)):\n  {}{more}\npass the folder it was trained on with --model DIR",
             base_dir.display(),
-            problems.len() + unused.len().saturating_sub(10),
+            problems.len() + unlisted,
             problems.join("\n  ")
         );
     }

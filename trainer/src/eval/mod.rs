@@ -183,14 +183,15 @@ fn read_bench_line(
             .cloned(),
     );
     let item: BenchItem = serde_json::from_value(value).map_err(|e| without_line(&e))?;
+    // (before the other checks: a later line that repeats a bad line's id is named too)
+    if let Some(first) = seen.insert(item.id.clone(), number) {
+        return Err(format!("id {:?} repeats the one on line {first}", item.id));
+    }
     if !answer::gold_is_scorable(&item.answer, item.choices.as_deref()) {
         return Err(format!(
             "answer {:?} is nothing once normalized (free-text answers are compared after lower-casing and dropping punctuation and the articles a, an, the); give a letter option as a capital (\"A\"), or the answer's words or number",
             item.answer
         ));
-    }
-    if let Some(first) = seen.insert(item.id.clone(), number) {
-        return Err(format!("id {:?} repeats the one on line {first}", item.id));
     }
     if let Some(choices) = item.choices.as_deref().filter(|c| !c.is_empty()) {
         if answer::gold_choice(&item.answer, choices).is_none() {
@@ -474,7 +475,10 @@ fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result
     }
     let (there, here) = (what_predicts(&before), what_predicts(now));
     if there != here {
-        let differ = differing_keys(&there, &here, "");
+        let mut differ = differing_keys(&there, &here, "");
+        if differ.is_empty() {
+            differ.push("their fields".into());
+        }
         let at = |v: &serde_json::Value, key: &str| {
             let pointer = format!("/{}", key.replace('.', "/"));
             v.pointer(&pointer)
@@ -1022,16 +1026,20 @@ mod tests {
             "{not json",
             good,
             r#"{"id": "c", "image": "x.png", "question": "q?", "answer": "C", "choices": ["1", "2"]}"#,
+            r#"{"id": "d", "image": "x.png", "question": "q?", "answer": "the"}"#,
+            r#"{"id": "d", "image": "x.png", "question": "q?", "answer": "4"}"#,
         ]
         .join("\n");
         std::fs::write(&path, text).unwrap();
         let e = read_bench(&path).unwrap_err().to_string();
         let f = path.display();
-        assert!(e.starts_with(&format!("{f}: 3 bad lines:")), "{e}");
-        for line in [2, 3, 4] {
+        assert!(e.starts_with(&format!("{f}: 5 bad lines:")), "{e}");
+        for line in [2, 3, 4, 5, 6] {
             assert!(e.contains(&format!("\n  {f}:{line}: ")), "{e}");
         }
         assert!(e.contains("repeats the one on line 1") && e.contains("none of the 2 choices"));
+        // (a repeat of a bad line's id is named too)
+        assert!(e.contains("nothing once normalized") && e.contains("repeats the one on line 5"));
         std::fs::write(&path, [good, "{not json"].join("\n")).unwrap();
         let e = read_bench(&path).unwrap_err().to_string();
         assert!(e.starts_with(&format!("{f}:2: ")), "{e}");

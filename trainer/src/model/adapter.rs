@@ -77,9 +77,10 @@ pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, Value), ModelEr
             .unwrap_or_default();
         match inside.is_empty() {
             true if dir.join("manifest.json").is_file() => ModelError::Adapter(format!(
-                "{} is a training checkpoint (a step-N folder), not a PEFT adapter: pass it with \
-                 --checkpoint, or write an adapter from it with `trainer export --checkpoint {} \
-                 --format peft --out DIR`",
+                "{} is a training checkpoint (a step-N folder), not a PEFT adapter: infer, eval \
+                 and export take it with --checkpoint (a training run continues it with \
+                 checkpoint.resume); `trainer export --checkpoint {} --format peft --out DIR` \
+                 writes an adapter from it",
                 dir.display(),
                 dir.display()
             )),
@@ -94,6 +95,16 @@ pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, Value), ModelEr
     })?;
     let config = AdapterConfig::parse(&text).map_err(in_folder(dir))?;
     let v: Value = serde_json::from_str(&text).expect("parsed above");
+    Ok((config, v))
+}
+
+/// `read_adapter_config`, the layers the adapter wraps (`AdapterConfig::layout`, in the naming
+/// its tensors use) and its weights file; the pickle format of older peft versions is named with
+/// the way to convert it.
+fn open_adapter(
+    dir: &Path,
+) -> Result<(AdapterConfig, AdapterLayout, Value, WeightSource), ModelError> {
+    let (config, v) = read_adapter_config(dir)?;
     let unknown: Vec<&String> = v
         .as_object()
         .map(|o| {
@@ -107,19 +118,9 @@ pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, Value), ModelEr
             "{}: unknown keys {unknown:?} ignored (not options of peft 0.21's LoraConfig: a typo, \
              or a newer peft's option; if one changes what the adapter computes, results differ \
              from peft's)",
-            cfg_path.display()
+            dir.join("adapter_config.json").display()
         );
     }
-    Ok((config, v))
-}
-
-/// `read_adapter_config`, the layers the adapter wraps (`AdapterConfig::layout`, in the naming
-/// its tensors use) and its weights file; the pickle format of older peft versions is named with
-/// the way to convert it.
-fn open_adapter(
-    dir: &Path,
-) -> Result<(AdapterConfig, AdapterLayout, Value, WeightSource), ModelError> {
-    let (config, v) = read_adapter_config(dir)?;
     let weights = dir.join("adapter_model.safetensors");
     let pickle = dir.join("adapter_model.bin");
     if !weights.exists() && pickle.exists() {
@@ -151,7 +152,12 @@ pub fn base_folder(dir: &Path, model: Option<&Path>) -> Result<std::path::PathBu
         return Ok(m.to_path_buf());
     }
     let (_, raw) = read_adapter_config(dir)?;
-    match raw.get("base_model_name_or_path").and_then(Value::as_str) {
+    // (peft writes "" for a model built from a config)
+    match raw
+        .get("base_model_name_or_path")
+        .and_then(Value::as_str)
+        .filter(|b| !b.is_empty())
+    {
         Some(b) if Path::new(b).join("config.json").is_file() => Ok(b.into()),
         Some(b) => Err(ModelError::Adapter(format!(
             "{}: its base_model_name_or_path {b:?} is not a model folder here (a Hub id is not \

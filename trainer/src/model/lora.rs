@@ -165,14 +165,13 @@ pub enum TargetModules {
     Regex(String),
 }
 
-/// As adapter_config.json writes it: a JSON list of names, or the regex as a JSON string.
+/// A JSON list of names, or the regex in quotes (as written, unescaped).
 impl std::fmt::Display for TargetModules {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let json = match self {
-            Self::Names(n) => serde_json::json!(n),
-            Self::Regex(r) => serde_json::json!(r),
-        };
-        write!(f, "{json}")
+        match self {
+            Self::Names(n) => write!(f, "{}", serde_json::json!(n)),
+            Self::Regex(r) => write!(f, "\"{r}\""),
+        }
     }
 }
 

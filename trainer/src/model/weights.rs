@@ -294,6 +294,10 @@ pub fn unreadable_header(e: &safetensors::SafeTensorError) -> String {
         E::HeaderTooSmall | E::HeaderTooLarge | E::InvalidHeaderLength => {
             "the file is truncated or not a safetensors file"
         }
+        E::MetadataIncompleteBuffer => {
+            "the file is shorter or longer than its header says: truncated (an interrupted copy or \
+             download) or damaged"
+        }
         E::InvalidHeader | E::InvalidHeaderStart | E::InvalidHeaderDeserialization => {
             "its header is not the safetensors JSON (a damaged or other kind of file)"
         }
