@@ -449,3 +449,27 @@ fn a_damaged_manifest_names_the_checkpoint_before_it() {
     });
     assert_error(&o, &["sha256sum manifest.json > manifest.sha256"]);
 }
+
+/// A base whose config.json was re-indented and re-saved (other bytes, the same model) resumes;
+/// one whose content differs is refused, naming the key.
+#[test]
+fn a_resaved_base_config_resumes_and_a_changed_one_is_refused() {
+    let model = setup().join("model");
+    let resaved = fresh("resaved-base").join("model");
+    common::copy_dir(&model, &resaved);
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(resaved.join("config.json")).unwrap()).unwrap();
+    cfg["transformers_version"] = "9.99.0".into();
+    std::fs::write(
+        resaved.join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
+    let path = format!("model.path={}", resaved.display());
+    let o = ok(resume_damaged("resaved", 1, &[&path], |_| {}), "resaved");
+    assert!(o.stderr.contains("resumed from"), "{}", o.stderr);
+    cfg["text_config"]["rms_norm_eps"] = 0.5.into();
+    std::fs::write(resaved.join("config.json"), cfg.to_string()).unwrap();
+    let o = resume_damaged("resaved-changed", 1, &[&path], |_| {});
+    assert_error(&o, &["different model/LoRA config", "model.config_sha256"]);
+}

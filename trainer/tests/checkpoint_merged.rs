@@ -504,6 +504,43 @@ fn merged_export_refuses_a_wrong_base_model_and_a_used_out_folder() {
         "{}",
         o.stderr
     );
+    // the run's base with its config.json re-indented and re-saved by another transformers: the
+    // same model, merged; with a value changed, refused
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("manifest.json")).unwrap()).unwrap();
+    let trained_on = std::path::PathBuf::from(manifest["model_path"].as_str().unwrap());
+    let resaved = root.join("resaved-model");
+    let _ = std::fs::remove_dir_all(&resaved);
+    common::copy_dir(&trained_on, &resaved);
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(resaved.join("config.json")).unwrap()).unwrap();
+    cfg["transformers_version"] = "9.99.0".into();
+    std::fs::write(
+        resaved.join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
+    let o = export(
+        ckpt,
+        &root.join("merged-resaved"),
+        "merged",
+        &["--model", resaved.to_str().unwrap()],
+    );
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    cfg["text_config"]["rms_norm_eps"] = 0.5.into();
+    std::fs::write(resaved.join("config.json"), cfg.to_string()).unwrap();
+    let o = export(
+        ckpt,
+        &root.join("merged-resaved-other"),
+        "merged",
+        &["--model", resaved.to_str().unwrap()],
+    );
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("and its content differs too"),
+        "{}",
+        o.stderr
+    );
     // an --out that already holds weights
     let used = root.join("merged-used");
     std::fs::create_dir_all(&used).unwrap();

@@ -147,7 +147,11 @@ fn lora_checkpoint_weights_and_generation_equal_the_exported_adapter() {
     });
     let (code, _, err) = trainer(&INFER, &[("--checkpoint", &ckpt), ("--model", &other)]);
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("pass --model the base"), "{err}");
+    assert!(
+        err.contains("is not the model this checkpoint was trained on")
+            && err.contains("pass the right folder with --model DIR"),
+        "{err}"
+    );
     // --adapter and --checkpoint together: a usage error
     let (code, _, err) = trainer(&INFER, &[("--checkpoint", &ckpt), ("--adapter", &adapter)]);
     assert_eq!(code, Some(2), "{err}");

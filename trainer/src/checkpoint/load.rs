@@ -760,9 +760,23 @@ fn check_identity(dir: &Path, m: &Manifest, config: &Config) -> Result<()> {
     let ours = identity(config);
     let keys: std::collections::BTreeSet<&String> = ours.keys().chain(m.config.keys()).collect();
     let stored = |k: &str| m.config.get(k).map(|v| super::identity_value(k, v.clone()));
+    // (a base config.json of other bytes but the same content, re-indented or re-saved, is the
+    // same model)
+    let same_base = || {
+        let path = config.model.path.join("config.json");
+        let same = super::same_model_config(&m.model_config, &path);
+        if same {
+            tracing::info!(
+                "{}: other bytes than the run's base config.json, the same model (only formatting or save-time keys differ)",
+                path.display()
+            );
+        }
+        same
+    };
     let diffs: Vec<String> = keys
         .into_iter()
         .filter(|k| ours.get(*k) != stored(k).as_ref())
+        .filter(|k| k.as_str() != "model.config_sha256" || !same_base())
         .map(|k| {
             let show = |v: Option<&Value>| v.map_or("(unset)".to_string(), Value::to_string);
             format!(

@@ -64,6 +64,11 @@ pub struct Manifest {
     pub config_hash: String,
     /// The model/LoRA settings the saved state depends on, by config key.
     pub config: BTreeMap<String, Value>,
+    /// The base model's config.json as the run read it, so that a copy whose bytes differ
+    /// (re-indented, re-saved by transformers) is still known for the same model
+    /// (`same_model_config`). Absent in checkpoints of older trainers.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub model_config: Value,
     /// The whole `peft` config section (export writes the adapter config from it).
     #[serde(default)]
     pub peft: Value,

@@ -635,24 +635,7 @@ fn checkpoint_base(
     model: Option<&Path>,
 ) -> Result<(PathBuf, Option<f64>)> {
     let base_dir = model.map_or_else(|| PathBuf::from(&m.model_path), Path::to_path_buf);
-    let cfg_path = base_dir.join("config.json");
-    let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| {
-        anyhow!(
-            "base model config {} cannot be read ({e}); the checkpoint was trained on model.path {:?}: pass that folder with --model DIR",
-            cfg_path.display(),
-            m.model_path
-        )
-    })?;
-    let recorded = m.config.get("model.config_sha256").and_then(Value::as_str);
-    let found = super::sha256_hex(&cfg_bytes);
-    if recorded.is_some_and(|r| r != found) {
-        bail!(
-            "{} is not the model this checkpoint was trained on: its sha256 is {found}, the manifest records {} (model.path {:?}); pass the right folder with --model DIR",
-            cfg_path.display(),
-            recorded.unwrap_or_default(),
-            m.model_path
-        );
-    }
+    super::check_base_config(m, &base_dir)?;
     let peft = &m.peft;
     let lora = match peft.get("method").and_then(Value::as_str) {
         Some("lora") => {

@@ -250,6 +250,75 @@ pub(crate) fn flat_states(
     out
 }
 
+/// Keys of a model's config.json that say how or when it was saved, not what the model is: a
+/// re-save changes them (`transformers_version`, the `torch_dtype` -> `dtype` rename).
+const SAVE_KEYS: [&str; 4] = [
+    "transformers_version",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+];
+
+/// Whether config.json at `path` describes the model `recorded` (a manifest's `model_config`)
+/// does: the same JSON content but for `SAVE_KEYS` at any depth, whatever its bytes.
+pub fn same_model_config(recorded: &Value, path: &Path) -> bool {
+    fn strip(v: &Value) -> Value {
+        match v {
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .filter(|(k, _)| !SAVE_KEYS.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), strip(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    let current: Option<Value> = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    !recorded.is_null() && current.is_some_and(|c| strip(&c) == strip(recorded))
+}
+
+/// Checks that `model_dir` is the base checkpoint `m` was trained on: its config.json has the
+/// bytes the run read (the sha256 the manifest records), or the same content (`same_model_config`:
+/// a copy re-indented or re-saved). The error says which file differs and where the run's base was.
+pub fn check_base_config(m: &manifest::Manifest, model_dir: &Path) -> anyhow::Result<()> {
+    let path = model_dir.join("config.json");
+    let bytes = std::fs::read(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "base model config {} cannot be read ({e}); the checkpoint was trained on model.path \
+             {:?}: pass that folder with --model DIR",
+            path.display(),
+            m.model_path
+        )
+    })?;
+    let recorded = m.config.get("model.config_sha256").and_then(Value::as_str);
+    let found = sha256_hex(&bytes);
+    match recorded {
+        Some(r) if r != found => {
+            if same_model_config(&m.model_config, &path) {
+                tracing::info!(
+                    "{}: other bytes than the run's base config.json (sha256 {found}, recorded \
+                     {r}), the same model (only formatting or save-time keys differ)",
+                    path.display()
+                );
+                return Ok(());
+            }
+            anyhow::bail!(
+                "{} is not the model this checkpoint was trained on: its sha256 is {found}, the \
+                 manifest records {r}{} (model.path {:?}); pass the right folder with --model DIR",
+                path.display(),
+                match m.model_config.is_null() {
+                    true => "",
+                    false => ", and its content differs too",
+                },
+                m.model_path
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The model/LoRA settings a checkpoint's state depends on, by config key: a resume with other
 /// values is refused (the tensors would not fit, or would mean something else).
 pub fn identity(config: &Config) -> BTreeMap<String, Value> {

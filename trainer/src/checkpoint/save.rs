@@ -1080,6 +1080,10 @@ fn build_manifest(
         config_hash: identity_hash(&id),
         config: id,
         peft: serde_json::to_value(&config.peft).unwrap_or(Value::Null),
+        model_config: std::fs::read(config.model.path.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null),
         prompt: serde_json::json!({
             "double_bos": config.data.double_bos,
             "image_placeholder": config.data.image_placeholder,

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use tch::Tensor;
 
 use super::InferError;
@@ -121,32 +120,11 @@ impl CheckpointWeights {
         })
     }
 
-    /// Checks that `model_dir` is the base the run trained on (sha256 of its config.json).
+    /// Checks that `model_dir` is the base the run trained on (its config.json's bytes or
+    /// content: `checkpoint::check_base_config`).
     pub fn check_base(&self, model_dir: &Path) -> Result<(), InferError> {
-        let want = self
-            .manifest
-            .config
-            .get("model.config_sha256")
-            .and_then(Value::as_str);
-        let path = model_dir.join("config.json");
-        let bytes = std::fs::read(&path)
-            .map_err(|e| InferError::Input(format!("{}: {e}", path.display())))?;
-        let found: String = Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        match want {
-            Some(w) if w != found => Err(err(
-                &self.dir,
-                format!(
-                    "trained on a base model whose config.json differs from {} (sha256 {w} vs {found}); \
-                     pass --model the base the run trained on (model.path was {})",
-                    path.display(),
-                    self.manifest.model_path
-                ),
-            )),
-            _ => Ok(()),
-        }
+        crate::checkpoint::check_base_config(&self.manifest, model_dir)
+            .map_err(|e| err(&self.dir, format!("{e:#}")))
     }
 
     /// Puts the trained weights on `model` (loaded from the base): every checkpoint tensor must
