@@ -456,15 +456,7 @@ fn a_damaged_manifest_names_the_checkpoint_before_it() {
 fn a_resaved_base_config_resumes_and_a_changed_one_is_refused() {
     let model = setup().join("model");
     let resaved = fresh("resaved-base").join("model");
-    common::copy_dir(&model, &resaved);
-    let mut cfg: Value =
-        serde_json::from_slice(&std::fs::read(resaved.join("config.json")).unwrap()).unwrap();
-    cfg["transformers_version"] = "9.99.0".into();
-    std::fs::write(
-        resaved.join("config.json"),
-        serde_json::to_string_pretty(&cfg).unwrap(),
-    )
-    .unwrap();
+    let mut cfg = common::resaved_model(&model, &resaved);
     let path = format!("model.path={}", resaved.display());
     let o = ok(resume_damaged("resaved", 1, &[&path], |_| {}), "resaved");
     assert!(o.stderr.contains("resumed from"), "{}", o.stderr);

@@ -510,16 +510,7 @@ fn merged_export_refuses_a_wrong_base_model_and_a_used_out_folder() {
         serde_json::from_slice(&std::fs::read(ckpt.join("manifest.json")).unwrap()).unwrap();
     let trained_on = std::path::PathBuf::from(manifest["model_path"].as_str().unwrap());
     let resaved = root.join("resaved-model");
-    let _ = std::fs::remove_dir_all(&resaved);
-    common::copy_dir(&trained_on, &resaved);
-    let mut cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(resaved.join("config.json")).unwrap()).unwrap();
-    cfg["transformers_version"] = "9.99.0".into();
-    std::fs::write(
-        resaved.join("config.json"),
-        serde_json::to_string_pretty(&cfg).unwrap(),
-    )
-    .unwrap();
+    let mut cfg = common::resaved_model(&trained_on, &resaved);
     let o = export(
         ckpt,
         &root.join("merged-resaved"),

@@ -453,15 +453,17 @@ fn folders_of_the_wrong_kind_are_named_for_what_they_are() {
         std::fs::write(step.join("manifest.json"), "{}").unwrap();
     }
     let out = run.join("out");
-    let (code, _, stderr) = trainer(&[
-        "export",
-        "--checkpoint",
-        run.to_str().unwrap(),
-        "--format",
-        "peft",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let export = |checkpoint: &std::path::Path| {
+        let args = ["export", "--checkpoint", checkpoint.to_str().unwrap()];
+        trainer(
+            &[
+                &args[..],
+                &["--format", "peft", "--out", out.to_str().unwrap()],
+            ]
+            .concat(),
+        )
+    };
+    let (code, _, stderr) = export(&run);
     assert_eq!(code, 1, "{stderr}");
     assert!(
         stderr.contains("is a folder of checkpoints, not one: pass one of its step-N folders")
@@ -469,15 +471,7 @@ fn folders_of_the_wrong_kind_are_named_for_what_they_are() {
         "{stderr}"
     );
     // (a manifest that is not the format's: damaged)
-    let (code, _, stderr) = trainer(&[
-        "export",
-        "--checkpoint",
-        newer.to_str().unwrap(),
-        "--format",
-        "peft",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (code, _, stderr) = export(&newer);
     assert_eq!(code, 1, "{stderr}");
     assert!(
         !stderr.contains("--set") && stderr.contains("use another step-N folder of the run"),

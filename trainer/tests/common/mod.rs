@@ -38,6 +38,23 @@ pub fn copy_dir(src: &Path, dst: &Path) {
     }
 }
 
+/// A copy of model folder `src` at `dst` whose config.json was re-saved (pretty-printed, another
+/// transformers_version): other bytes, the same model. Returns that config, for a test to change
+/// and write back.
+#[allow(dead_code)] // (each test binary compiles this module; not all use it)
+pub fn resaved_model(src: &Path, dst: &Path) -> serde_json::Value {
+    copy_dir(src, dst);
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dst.join("config.json")).unwrap()).unwrap();
+    cfg["transformers_version"] = "9.99.0".into();
+    std::fs::write(
+        dst.join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
+    cfg
+}
+
 /// Holds the export lock of `dir` as another export would (flock on `.llava-sco-export.lock`)
 /// until the returned file is dropped.
 pub fn hold_export_lock(dir: &Path) -> std::fs::File {
