@@ -388,16 +388,18 @@ struct GenerationArgs {
     /// Where the correction turn goes: after the whole answer, or after </REASONING>
     #[arg(long, value_enum, default_value = "after-answer")]
     position: PositionArg,
-    /// With sampling: the K most likely tokens only, before top-p (0 = off; 50 is transformers'
-    /// default, which the seed's `generate` call used)
-    #[arg(long, default_value_t = trainer::infer::sampling::DEFAULT_TOP_K)]
-    top_k: usize,
+    /// With sampling: the K most likely tokens only, before top-p (0 = off). Default: the
+    /// model's generation_config.json top_k, else 50 (transformers' default), as the seed's
+    /// `generate` call, which did not pass it, got it
+    #[arg(long)]
+    top_k: Option<usize>,
     #[arg(long, default_value_t = 0.9, value_parser = parse_top_p, allow_negative_numbers = true)]
     top_p: f64,
     /// transformers' repetition_penalty: logits of tokens already in the sequence divided by it
-    /// (multiplied where negative); 1 = off, as the seed's generate call
-    #[arg(long, default_value_t = 1.0, value_parser = parse_repetition_penalty, allow_negative_numbers = true)]
-    repetition_penalty: f64,
+    /// (multiplied where negative); 1 = off. Default: the model's generation_config.json
+    /// repetition_penalty, else 1, as the seed's generate call got it
+    #[arg(long, value_parser = parse_repetition_penalty, allow_negative_numbers = true)]
+    repetition_penalty: Option<f64>,
     /// End a turn once its text holds this string (kept in the text; repeatable), as
     /// transformers' stop_strings, e.g. --stop "</CONCLUSION>"
     #[arg(long = "stop", value_name = "STRING", value_parser = parse_stop)]
@@ -421,8 +423,36 @@ struct GenerationArgs {
 }
 
 impl GenerationArgs {
-    fn options(&self, temperature: f64) -> trainer::infer::InferOptions {
-        trainer::infer::InferOptions {
+    /// The generation options; the flags not given take `model_dir`'s generation_config.json
+    /// values, as transformers' `generate` takes what its call does not pass.
+    fn options(
+        &self,
+        temperature: f64,
+        model_dir: &std::path::Path,
+    ) -> Result<trainer::infer::InferOptions> {
+        let defaults = trainer::infer::sampling::GenerationDefaults::read(model_dir)?;
+        let top_k = self.top_k.or(defaults.top_k);
+        let repetition_penalty = self.repetition_penalty.or(defaults.repetition_penalty);
+        for (flag, given, from_file) in [
+            (
+                "top_k",
+                self.top_k.is_some(),
+                defaults.top_k.map(|k| k.to_string()),
+            ),
+            (
+                "repetition_penalty",
+                self.repetition_penalty.is_some(),
+                defaults.repetition_penalty.map(|p| p.to_string()),
+            ),
+        ] {
+            if let (false, Some(v)) = (given, from_file) {
+                tracing::info!(
+                    "{flag} {v} from {}/generation_config.json (the flag sets another)",
+                    model_dir.display()
+                );
+            }
+        }
+        Ok(trainer::infer::InferOptions {
             turns: self.turns,
             correction_prompt: self
                 .correction_prompt
@@ -431,15 +461,15 @@ impl GenerationArgs {
                 .to_string(),
             position: position_of(self.position),
             temperature,
-            top_k: self.top_k,
+            top_k: top_k.unwrap_or(trainer::infer::sampling::DEFAULT_TOP_K),
             top_p: self.top_p,
-            repetition_penalty: self.repetition_penalty,
+            repetition_penalty: repetition_penalty.unwrap_or(1.0),
             stop: self.stop.clone(),
             max_new_tokens: self.max_new_tokens,
             seed: self.seed,
             keep_image_placeholder: self.keep_image_placeholder,
             double_bos: self.double_bos,
-        }
+        })
     }
 }
 
@@ -477,7 +507,7 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
         generation.double_bos,
         &generation.stop,
     )?;
-    let opts = generation.options(args.temperature);
+    let opts = generation.options(args.temperature, &model_dir)?;
     let session = Session {
         model: &model,
         text: &text,
@@ -896,7 +926,7 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         image_config: &image_config,
     };
     let opts = EvalOptions {
-        infer: generation.options(args.temperature),
+        infer: generation.options(args.temperature, &model_dir)?,
         image_root: args.image_root.clone(),
         out: args.out.clone(),
         limit: args.limit,

@@ -553,3 +553,54 @@ fn unknown_adapter_config_keys_are_named() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A model's generation_config.json gives the sampling defaults the flags leave unset, as
+/// transformers' generate takes them (top_k 1: sampling picks what greedy picks); a flag wins;
+/// a value of the wrong type names the file and key.
+#[test]
+fn generation_config_gives_the_defaults_the_flags_leave() {
+    let src = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/train/model"
+    ));
+    let dir = std::env::temp_dir().join(format!("cli-genconfig-{}", std::process::id()));
+    common::copy_dir(src, &dir);
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("generation_config.json")).unwrap())
+            .unwrap();
+    cfg["top_k"] = 1.into();
+    std::fs::write(dir.join("generation_config.json"), cfg.to_string()).unwrap();
+    let model = dir.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let base = [
+            "infer",
+            "--model",
+            model,
+            "--question",
+            "What is it?",
+            "--turns",
+            "1",
+        ];
+        let tail = ["--max-new-tokens", "6", "--seed", "3"];
+        trainer(&[&base[..], &tail[..], extra].concat())
+    };
+    let (code, greedy, _) = run(&["--temperature", "0"]);
+    assert_eq!(code, 0);
+    let (code, sampled, stderr) = run(&["--temperature", "0.9"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("top_k 1 from"), "{stderr}");
+    assert_eq!(sampled, greedy, "top_k 1 samples the most likely token");
+    let (code, _, stderr) = run(&["--temperature", "0.9", "--top-k", "0"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("top_k 1 from"), "{stderr}");
+    cfg["top_k"] = "many".into();
+    std::fs::write(dir.join("generation_config.json"), cfg.to_string()).unwrap();
+    let (code, _, stderr) = run(&[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr
+            .contains("generation_config.json: `top_k` must be a whole number >= 0, not \"many\""),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -9,6 +9,57 @@ pub use crate::rng::SplitMix64 as Rng;
 /// generation_config.json or the call sets another (Llama 3.2 Vision's sets none).
 pub const DEFAULT_TOP_K: usize = 50;
 
+/// The sampling defaults of a model folder's generation_config.json that the flags leave unset
+/// (transformers' `generate` takes them from there when its call does not pass them; the seed's
+/// call passed temperature and top_p, not these).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationDefaults {
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f64>,
+}
+
+impl GenerationDefaults {
+    /// Reads `model_dir/generation_config.json` (none: no defaults); a value of the wrong type
+    /// is an error naming the file and key.
+    pub fn read(model_dir: &std::path::Path) -> Result<Self, super::InferError> {
+        Self::read_file(model_dir).map_err(super::InferError::Input)
+    }
+
+    fn read_file(model_dir: &std::path::Path) -> Result<Self, String> {
+        let path = model_dir.join("generation_config.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bad = |key: &str, want: &str| {
+            format!("{}: `{key}` must be {want}, not {}", path.display(), v[key])
+        };
+        let top_k = match v.get("top_k") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(x) => Some(
+                x.as_u64()
+                    .map(|k| k as usize)
+                    .ok_or_else(|| bad("top_k", "a whole number >= 0"))?,
+            ),
+        };
+        let repetition_penalty = match v.get("repetition_penalty") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(x) => Some(
+                x.as_f64()
+                    .filter(|p| p.is_finite() && *p > 0.0)
+                    .ok_or_else(|| bad("repetition_penalty", "a number > 0"))?,
+            ),
+        };
+        Ok(Self {
+            top_k,
+            repetition_penalty,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Sampler {
     pub temperature: f64,
