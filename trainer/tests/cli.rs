@@ -344,6 +344,21 @@ fn infer_refuses_a_tokenizer_beyond_the_model_and_a_bad_local_rank() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A copy of tests/fixtures/peft_variants/dora (config and weights) with its config edited.
+fn edited_dora(tag: &str, edit: impl Fn(&mut serde_json::Value)) -> std::path::PathBuf {
+    let src = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/peft_variants/dora"
+    ));
+    let dir = std::env::temp_dir().join(format!("cli-adapter-{tag}-{}", std::process::id()));
+    common::copy_dir(src, &dir);
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    dir
+}
+
 /// `infer --adapter` without --model finds the base as peft's AutoPeftModel does: the adapter's
 /// base_model_name_or_path, when that is a folder here; else it says to pass --model.
 #[test]
@@ -367,16 +382,9 @@ fn infer_with_an_adapter_finds_its_base() {
         stdout.contains("turn 0:") || stderr.contains("turn 0:"),
         "{stdout}{stderr}"
     );
-    let dir = std::env::temp_dir().join(format!("cli-adapter-hub-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let src = std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/peft_variants/dora"
-    ));
-    let mut cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(src.join("adapter_config.json")).unwrap()).unwrap();
-    cfg["base_model_name_or_path"] = "meta-llama/Llama-3.2-11B-Vision-Instruct".into();
-    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let dir = edited_dora("hub", |c| {
+        c["base_model_name_or_path"] = "meta-llama/Llama-3.2-11B-Vision-Instruct".into()
+    });
     let (code, _, stderr) = trainer(&[
         "infer",
         "--adapter",
@@ -520,21 +528,7 @@ fn generation_flags_say_what_they_accept() {
 /// in a warning, not silently ignored.
 #[test]
 fn unknown_adapter_config_keys_are_named() {
-    let dir = std::env::temp_dir().join(format!("cli-adapter-typo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let src = std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/peft_variants/dora"
-    ));
-    let mut cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(src.join("adapter_config.json")).unwrap()).unwrap();
-    cfg["lora_alpah"] = 16.into();
-    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
-    std::fs::copy(
-        src.join("adapter_model.safetensors"),
-        dir.join("adapter_model.safetensors"),
-    )
-    .unwrap();
+    let dir = edited_dora("typo", |c| c["lora_alpah"] = 16.into());
     let (code, _, stderr) = trainer(&[
         "infer",
         "--adapter",

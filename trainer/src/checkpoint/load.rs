@@ -764,7 +764,8 @@ fn check_identity(dir: &Path, m: &Manifest, config: &Config) -> Result<()> {
     // same model)
     let same_base = || {
         let path = config.model.path.join("config.json");
-        let same = super::same_model_config(&m.model_config, &path);
+        let same = std::fs::read(&path)
+            .is_ok_and(|bytes| super::same_model_config(&m.model_config, &bytes));
         if same {
             tracing::info!(
                 "{}: other bytes than the run's base config.json, the same model (only formatting or save-time keys differ)",

@@ -259,9 +259,9 @@ const SAVE_KEYS: [&str; 4] = [
     "dtype",
 ];
 
-/// Whether config.json at `path` describes the model `recorded` (a manifest's `model_config`)
-/// does: the same JSON content but for `SAVE_KEYS` at any depth, whatever its bytes.
-pub fn same_model_config(recorded: &Value, path: &Path) -> bool {
+/// Whether config.json's `bytes` describe the model `recorded` (a manifest's `model_config`)
+/// does: the same JSON content but for `SAVE_KEYS` at any depth.
+pub fn same_model_config(recorded: &Value, bytes: &[u8]) -> bool {
     fn strip(v: &Value) -> Value {
         match v {
             Value::Object(o) => Value::Object(
@@ -273,9 +273,7 @@ pub fn same_model_config(recorded: &Value, path: &Path) -> bool {
             other => other.clone(),
         }
     }
-    let current: Option<Value> = std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let current: Option<Value> = serde_json::from_slice(bytes).ok();
     !recorded.is_null() && current.is_some_and(|c| strip(&c) == strip(recorded))
 }
 
@@ -296,7 +294,7 @@ pub fn check_base_config(m: &manifest::Manifest, model_dir: &Path) -> anyhow::Re
     let found = sha256_hex(&bytes);
     match recorded {
         Some(r) if r != found => {
-            if same_model_config(&m.model_config, &path) {
+            if same_model_config(&m.model_config, &bytes) {
                 tracing::info!(
                     "{}: other bytes than the run's base config.json (sha256 {found}, recorded \
                      {r}), the same model (only formatting or save-time keys differ)",

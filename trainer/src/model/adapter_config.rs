@@ -15,7 +15,7 @@ use regex::Regex;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::lora::{full_match, LoraConfig, TargetModules, ALL_LINEAR};
+use super::lora::{full_match, LoraConfig, TargetMatcher, TargetModules, ALL_LINEAR};
 use super::weights::canonical_to_legacy;
 use super::ModelError;
 
@@ -303,15 +303,16 @@ impl AdapterConfig {
         };
         // get_pattern_key: re.match(rf"(.*\.)?({key})$", path)
         let pattern = |what: &str, key: &str| regex(what, key, format!(r"^(?:.*\.)?(?:{key})$"));
-        let choose = |what: &str, t: &TargetModules| -> Result<Choose, ModelError> {
+        // (as `TargetModules::compile`, but `all-linear` is a name only in target_modules)
+        let choose = |what: &str, t: &TargetModules| -> Result<TargetMatcher, ModelError> {
             Ok(match t {
                 TargetModules::Regex(r) if r == ALL_LINEAR && what == "target_modules" => {
-                    Choose::AllLinear
+                    TargetMatcher::AllLinear
                 }
                 TargetModules::Regex(r) => {
-                    Choose::Regex(full_match(r).map_err(|e| bad_regex(what, r, e))?)
+                    TargetMatcher::Regex(full_match(r).map_err(|e| bad_regex(what, r, e))?)
                 }
-                TargetModules::Names(n) => Choose::Names(n.clone()),
+                TargetModules::Names(n) => TargetMatcher::Names(n.clone()),
             })
         };
         // peft's layer index: re.match with a named group, so a pattern's own groups or `|` do
@@ -365,36 +366,13 @@ impl AdapterConfig {
     }
 }
 
-/// How a list or a regex of `target_modules` or `exclude_modules` chooses modules.
-enum Choose {
-    /// A path equal to a name or ending with `.` + name.
-    Names(Vec<String>),
-    /// A full match.
-    Regex(Regex),
-    /// PEFT's `all-linear`: every linear layer but the output one.
-    AllLinear,
-}
-
-impl Choose {
-    /// `name`: the module's path in the adapter's naming; `canonical`: in this model's.
-    fn matches(&self, name: &str, canonical: &str) -> bool {
-        match self {
-            Self::Names(n) => n
-                .iter()
-                .any(|n| name == n || name.ends_with(&format!(".{n}"))),
-            Self::Regex(r) => r.is_match(name),
-            Self::AllLinear => canonical != "lm_head",
-        }
-    }
-}
-
 /// Which linear layers an adapter wraps, and with what rank and scaling (`AdapterConfig::layout`).
 /// Paths are asked in this model's naming and matched in the adapter's.
 pub struct AdapterLayout {
     /// The adapter names modules as transformers 4 did.
     legacy: bool,
-    targets: Choose,
-    exclude: Option<Choose>,
+    targets: TargetMatcher,
+    exclude: Option<TargetMatcher>,
     /// layers_to_transform (empty: every layer).
     layers: Vec<i64>,
     /// Where a path's layer index is (group `idx`): the first of these that matches gives it.
@@ -423,14 +401,15 @@ impl AdapterLayout {
         if self
             .exclude
             .as_ref()
-            .is_some_and(|e| e.matches(&name, path))
+            .is_some_and(|e| e.matches_named(&name, path))
             || self.saved_lora.iter().any(|re| re.is_match(&name))
-            || !self.targets.matches(&name, path)
+            || !self.targets.matches_named(&name, path)
         {
             return false;
         }
         // (a list target naming the module in full skips the layer check, as in peft)
-        let exact = matches!(&self.targets, Choose::Names(n) if n.iter().any(|n| *n == name));
+        let exact =
+            matches!(&self.targets, TargetMatcher::Names(n) if n.iter().any(|n| *n == name));
         if self.layers.is_empty() || exact {
             return true;
         }

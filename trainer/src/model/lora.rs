@@ -215,18 +215,23 @@ pub enum TargetMatcher {
 
 impl TargetMatcher {
     /// PEFT `check_target_module_exists`: a string is `re.fullmatch`ed against the module path; a list matches
-    /// when the path equals a name or ends with `.` + name.
+    /// when the path equals a name or ends with `.` + name. A regex also sees the path in
+    /// transformers-4 naming (`language_model.model...`), as a config written for it names them.
     pub fn matches(&self, path: &str) -> bool {
+        self.matches_named(path, path)
+            || matches!(self, Self::Regex(_))
+                && self.matches_named(&super::weights::canonical_to_legacy(path), path)
+    }
+
+    /// The match in one naming: `name` is the module's path in it, `canonical` in this model's.
+    pub fn matches_named(&self, name: &str, canonical: &str) -> bool {
         match self {
             Self::Names(names) => names
                 .iter()
-                .any(|n| path == n || path.ends_with(&format!(".{n}"))),
-            // an adapter made under transformers 4 names its modules `language_model.model...`
-            Self::Regex(r) => {
-                r.is_match(path) || r.is_match(&super::weights::canonical_to_legacy(path))
-            }
+                .any(|n| name == n || name.ends_with(&format!(".{n}"))),
+            Self::Regex(r) => r.is_match(name),
             // PEFT leaves out the model's output embedding (`get_output_embeddings`)
-            Self::AllLinear => path != "lm_head",
+            Self::AllLinear => canonical != "lm_head",
         }
     }
 }
