@@ -24,8 +24,8 @@ BIN="${GPU_BIN:-.gpu-bin}"
 [ -x "$BIN/kernels-gpu-check" ] || BIN=target/release
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2>&1 || echo "nvidia-smi: not available"; date -u; } | tee "$OUT/device.txt"
 status=0
-# model_gpu runs again with the newest variant, a candidate for the default (MODEL_VARIANT=: not)
-MODEL_VARIANT="${MODEL_VARIANT-v18}"
+# model_gpu runs again with the candidate for the default (MODEL_VARIANT=: not)
+MODEL_VARIANT="${MODEL_VARIANT-v19}"
 # The device machine sends back at most 8 files from $OUT: on exit every log goes into one
 # gpu-check-logs.tar.gz (training checkpoints left out), and only the files read first stay
 # beside it.
@@ -101,17 +101,17 @@ model_newest() {
 # a table row of kernels-gpu-check's (not its header, an error line or a "libtorch SDPA runs" line)
 table_row='^attn d[0-9]+ s[0-9]+ (full|causal) fwd .*TFLOP/s$'
 if want kernels; then
-  # Without KERNELS_VARIANTS: the default and the variants prepared since, checked in this order
-  # (the ones whose new code is host-side or the block order first, so a new kernel that takes
-  # the CUDA context with it leaves their verdicts) and timed in the order that separates them:
-  # v14/v13 the padding, v15/v14 dQ from registers, v16/v15 the exp2 split, v17/v13 the block
-  # order, v18/v13 all of them. (Older variants are history; `KERNELS_VARIANTS=` checks all.)
+  # Without KERNELS_VARIANTS: the default (v15) and the candidate (v19: the same kernels with the
+  # mask cells; its tile-structured mask cases, VisionTiles and CrossTiles, are the first GPU check
+  # of its whole-tile path), so v19/v15 reads the mask cells on the masked rows (the model's vision
+  # and cross rows) and the timing noise on the others. (Older variants are history;
+  # `KERNELS_VARIANTS=` checks all; every timed variant must be checked.)
   if [ -z "${KERNELS_VARIANTS+set}" ]; then
-    KERNELS_VARIANTS=v13,v14,v17,v15,v16,v18
+    KERNELS_VARIANTS=v15,v19
     # (a KERNELS_BASELINE given instead decides the timed variants itself)
-    [ -z "${KERNELS_BASELINE:-}" ] && KERNELS_TIME="${KERNELS_TIME:-v13,v14,v15,v16,v17,v18}"
+    [ -z "${KERNELS_BASELINE:-}" ] && KERNELS_TIME="${KERNELS_TIME:-v15,v19}"
   fi
-  # ~2.5 min on an H200 expected (NVRTC compile, 6 variants x 16 correctness cases, timings of the
+  # ~2 min on an H200 expected (NVRTC compile, the variants' correctness cases, timings of the
   # timed variants and SDPA); the cap keeps a hung kernel from eating a 15-minute device budget
   # KERNELS_VARIANTS (e.g. v13,v14,v15): the variants to check. Timed: KERNELS_TIME (e.g.
   # v13,v16; each must be checked), else KERNELS_BASELINE (all variants checked: the default
@@ -133,23 +133,20 @@ if want kernels; then
     main_json="$OUT/kernels-gpu-${KERNELS_VARIANTS//,/-}.jsonl"
     [ -n "$KERNELS_VARIANTS" ] && [ -e "$main_json" ] && mv "$main_json" "$OUT/kernels-gpu.jsonl"
   fi
-  # v12 (the backward of v13 and v14) and the newest backward that passed its checks (a variant
-  # that failed is not profiled: it may hang again)
+  # the default's backward (v15, when it passed its checks: a variant that failed is not
+  # profiled, it may hang again)
   profile_variants=v12
-  for v in v16 v15; do
-    if grep -q "^attention variant $v: all correctness cases PASS" "$OUT/kernels-gpu-check.log" 2>/dev/null; then
-      profile_variants=v12,$v; break
-    fi
-  done
+  if grep -q "^attention variant v15: all correctness cases PASS" "$OUT/kernels-gpu-check.log" 2>/dev/null; then
+    profile_variants=v15
+  fi
   if [ "$check_rc" != 0 ]; then
     status=1
     # a kernel that traps (a barrier watchdog) or hangs takes the CUDA context or the process with
     # it ("CUDA context lost ..." in the log), and with them the timings and the variants after
-    # it: without the final table, check and time the default against the new variants that
-    # reuse its kernels (v17: the block order; v14: the padding), each in a process of its own, so
-    # one that breaks does not take the other
+    # it: without the final table, check and time the previous default against the default and
+    # the new variant, each in a process of its own, so one that breaks does not take the other
     if ! grep -Eq "$table_row" "$OUT/kernels-gpu-check.log" 2>/dev/null; then
-      for pair in v13,v17 v13,v14; do
+      for pair in v13,v15 v15,v19; do
         fits 75 "the $pair fallback" || break
         echo "kernels-gpu-check ended without its table: $pair alone (kernels-gpu-check-fallback.log)"
         KERNELS_BENCH=quick timeout -k 10 "$(budget_cap 150)" "$BIN/kernels-gpu-check" --variants "$pair" --out "$OUT" 2>&1 \

@@ -18,6 +18,7 @@ struct AttnParams {
     const u16* q; const u16* k; const u16* v; u16* o; float* lse;      // lse: (B, H, Sq) contiguous
     const u16* dout; u16* dq; u16* dk; u16* dv; float* dq_acc; float* delta; // backward only
     const unsigned char* key_keep; const unsigned char* q_flags; const unsigned char* block_mask;
+    const unsigned char* mask_cells;  // (B, ceil(Sq/64), ceil(Sk/32)) u8 or null: kernels/src/mask_cells.rs
     i64 q_bs, q_ss, q_hs, k_bs, k_ss, k_hs, v_bs, v_ss, v_hs, o_bs, o_ss, o_hs;  // element strides
     i64 do_bs, do_ss, do_hs;                                                     // dout strides
     int B, H, Hk, Sq, Sk;
@@ -495,9 +496,26 @@ __device__ __forceinline__ void load_rows_async(u16* dst, const u16* src, i64 ro
     }
 }
 
-// Every key of [k0, k0 + bn) visible to every query of [q0, q0 + bm): no per-element mask work.
-__device__ __forceinline__ bool tile_full(const AttnParams& p, int q0, int k0, int bn) {
-    if (p.key_keep || p.block_mask || k0 + bn > p.Sk) return false;
+// Whether the key, query and block masks allow every pair of [q0, q0 + 128) x [k0, k0 + bn):
+// the host's 64 x 32 cells (mask_cells), a few byte loads per tile instead of the per-element
+// mask loads of `allowed`. Callers with 64-row tiles are checked over 128 rows, which is only
+// stricter. No cells (variants before 19): false, every tile of a masked call is partial.
+__device__ __forceinline__ bool mask_cells_full(const AttnParams& p, int b, int q0, int k0, int bn) {
+    if (!p.mask_cells) return false;
+    const int nqc = (p.Sq + 63) >> 6, nkc = (p.Sk + 31) >> 5;
+    const unsigned char* cells = p.mask_cells + (i64)b * nqc * nkc;
+    const int qc_end = min((q0 >> 6) + 2, nqc), kc_end = min((k0 + bn + 31) >> 5, nkc);
+    unsigned char all = 1;
+    for (int qc = q0 >> 6; qc < qc_end; ++qc)
+        for (int kc = k0 >> 5; kc < kc_end; ++kc) all &= cells[(i64)qc * nkc + kc];
+    return all != 0;
+}
+
+// Every key of [k0, k0 + bn) visible to every query of [q0, q0 + bm) (bm <= 128): no per-element
+// mask work.
+__device__ __forceinline__ bool tile_full(const AttnParams& p, int b, int q0, int k0, int bn) {
+    if (k0 + bn > p.Sk) return false;
+    if ((p.key_keep || p.block_mask) && !mask_cells_full(p, b, q0, k0, bn)) return false;
     return !p.causal || k0 + bn - 1 <= q0 + (p.Sk - p.Sq);
 }
 
@@ -591,7 +609,7 @@ __device__ void attn_fwd3(const AttnParams& p) {
         if (QREG) warp_mma_frag<BF16, false, MT, NTS, QREG ? KSD : 1, LD>(s, qf, smem_addr(Ks), 0);
         else warp_mma<BF16, false, false, MT, NTS, D, LD, LD>(s, smem_addr(Qs), wrow, smem_addr(Ks), 0);
 
-        if (!tile_full(p, q0, k0, BN)) {
+        if (!tile_full(p, b, q0, k0, BN)) {
 #pragma unroll
             for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -742,7 +760,7 @@ __device__ void attn_bwd3(const AttnParams& p) {
         // 1. S^T and dP^T: keys 32 wa .. +32, queries 16 wb .. +16. On tiles that need masking the
         // mask is evaluated first, into one bit per element, while only dK/dV are live: the general
         // mask test needs ~10 registers, which next to S^T and dP^T pushed the kernel past 128.
-        const bool full = tile_full(p, q0, k0, BWD3_BN);
+        const bool full = tile_full(p, b, q0, k0, BWD3_BN);
         u32 okbits = 0xffffu;  // bit (2 i + j) * 4 + e
         if (!full) {
             okbits = 0;

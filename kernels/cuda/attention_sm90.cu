@@ -192,7 +192,7 @@ __device__ __forceinline__ void fwd4_softmax(float (&s)[FWD4_BN / 2], float (&m_
     constexpr int NTS = FWD4_BN / 8;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const float sl2 = p.scale_log2;
-    if (!tile_full(p, q0, k0, FWD4_BN)) {
+    if (!tile_full(p, b, q0, k0, FWD4_BN)) {
 #pragma unroll
         for (int j = 0; j < NTS; ++j)
 #pragma unroll
@@ -567,7 +567,7 @@ __device__ __forceinline__ void bwd4_ds(float (&dp)[32], const float (&pt)[32], 
 template <bool POLY = false>
 __device__ __forceinline__ void bwd4_p_dispatch(float (&s)[32], const float* lse_s, const AttnParams& p, int b, int q0,
                                                 int k0, int key) {
-    if (tile_full(p, q0, k0, BWD4_BN)) bwd4_p<true, POLY>(s, lse_s, p, b, q0, key);
+    if (tile_full(p, b, q0, k0, BWD4_BN)) bwd4_p<true, POLY>(s, lse_s, p, b, q0, key);
     else bwd4_p<false, POLY>(s, lse_s, p, b, q0, key);
 }
 // The query tiles one backward block visits: for each query head h in [h_begin, h_end) (the KV

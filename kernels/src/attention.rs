@@ -59,6 +59,7 @@ struct AttnParams {
     key_keep: u64,
     q_flags: u64,
     block_mask: u64,
+    mask_cells: u64,
     q_bs: i64,
     q_ss: i64,
     q_hs: i64,
@@ -99,10 +100,11 @@ const THREADS: u32 = 128;
 /// bulk reduce-adds from shared memory instead of scalar atomics. `V7` is V5 with a
 /// warp-specialized forward (TMA loads, mbarriers, ping-pong; `cuda/attention_fwd_ws.cu`). `V8`
 /// to `V10` pair V7's forward with newer backwards. `V12` is V10 with a
-/// persistent forward; `V13`, the default, pairs V7's forward with V12's backward; `V14` is V13
+/// persistent forward; `V13` pairs V7's forward with V12's backward; `V14` is V13
 /// with head dim 80 (and 64 in the backward) zero-padded to 128 on Hopper; `V15` is V14 with dQ
-/// added from registers in the backward; `V16` is V15 with a third of the backward's exp2s on the
-/// FMA pipe; `V17` is V13 with causal blocks started longest first, `V18` V16 with that order.
+/// added from registers in the backward (the default); `V16` is V15 with a third of the backward's exp2s on the
+/// FMA pipe; `V17` is V13 with causal blocks started longest first, `V18` V16 with that order;
+/// `V19` is V15 with the masks' whole tiles found from per-call cells (`mask_cells`).
 /// (There is no
 /// `V11`: that number went to an experiment that was measured and removed, see
 /// kernels/BENCHMARKS.md.)
@@ -144,31 +146,40 @@ pub enum Variant {
     V13 = 13,
     /// V13, with head dim 80 (the vision tower's) zero-padded to 128 in both passes and 64 in the
     /// backward, so they run the Hopper kernels instead of variants 3 and 2 (see
-    /// `kernel_head_dim`). Prepared without a GPU (2026-11-27); not yet measured.
+    /// `kernel_head_dim`). Measured on an H200 (2026-11-28): d80 forward+backward 1.35-2.3x V13.
     V14 = 14,
     /// V14 with its own backward: V12's with dQ added to the fp32 accumulator by vector
     /// reductions straight from the registers instead of staged in shared memory for a bulk
-    /// reduce. Prepared without a GPU (2026-11-27); not yet measured. Falls back as V14 does.
+    /// reduce. Falls back as V14 does. (H200, 2026-11-28: forward+backward 1.00-1.05x V13 at d128.)
     V15 = 15,
     /// V15 with every third exp2 of the backward's P^T computed by a polynomial on the FMA pipe
-    /// instead of the MUFU unit. Prepared without a GPU (2026-11-27); not yet measured.
+    /// instead of the MUFU unit. (H200, 2026-11-28: 0.91-1.05x V15; not kept.)
     V16 = 16,
     /// V13's kernels with causal blocks started longest first, in groups of (batch, head) pairs
     /// (`lpt_group`): in grid order the last head's longest tiles start a fraction of a wave
-    /// before the end. Prepared without a GPU (2026-11-28); not yet measured. Falls back as V13.
+    /// before the end. Falls back as V13. (H200, 2026-11-28: causal forward 0.90-0.97x V13 at
+    /// d128; not kept.)
     V17 = 17,
-    /// V16 with V17's block order: the candidate default should both measure faster than V13.
-    /// Prepared without a GPU (2026-11-28); not yet measured. Falls back as V16.
+    /// V16 with V17's block order. Falls back as V16. (H200, 2026-11-28: no faster than V15.)
     V18 = 18,
+    /// V15's kernels, told which tiles of a masked call (key padding, Mllama's vision and
+    /// cross-attention masks) need no per-element masking: the host computes the 64 x 32 cells the
+    /// masks allow completely (`mask_cells::full_cells`), where before every tile of a call with
+    /// any mask part loaded the mask per element. H200, 2026-11-28: the model's cross-attention
+    /// 2.2x V15 forward+backward, its vision attention 2.2x; unmasked calls run V15 unchanged.
+    /// Not the default yet: the correctness cases of that run had no whole masked tile (only its
+    /// partial path was checked); the tile-structured cases added since check the rest. Falls
+    /// back as V15.
+    V19 = 19,
 }
 
 /// The variant used when neither `set_variant` nor the environment chose one: the fastest that
-/// passed every GPU check (kernels/BENCHMARKS.md, H200, 2026-11-27).
-pub const DEFAULT_VARIANT: Variant = Variant::V13;
+/// passed every GPU check (kernels/BENCHMARKS.md, H200, 2026-11-28).
+pub const DEFAULT_VARIANT: Variant = Variant::V15;
 
 /// The head dims the kernels take.
 pub const HEAD_DIMS: [i64; 3] = [64, 80, 128];
-/// Environment variable read once on first use: `v2` ... `v10`, `v12` ... `v18`.
+/// Environment variable read once on first use: `v2` ... `v10`, `v12` ... `v19`.
 pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
 
 // 0 = not chosen yet, else the variant's number.
@@ -176,7 +187,7 @@ static VARIANT: AtomicU8 = AtomicU8::new(0);
 
 impl Variant {
     /// Every variant, oldest first.
-    pub const ALL: [Variant; 16] = [
+    pub const ALL: [Variant; 17] = [
         Variant::V2,
         Variant::V3,
         Variant::V4,
@@ -193,9 +204,10 @@ impl Variant {
         Variant::V16,
         Variant::V17,
         Variant::V18,
+        Variant::V19,
     ];
 
-    /// Parses `v2` ... `v10`, `v12` ... `v18` (case-insensitive); the error names the variable and the
+    /// Parses `v2` ... `v10`, `v12` ... `v19` (case-insensitive); the error names the variable and the
     /// accepted values.
     pub fn parse(s: &str) -> Result<Variant> {
         let s = s.trim().to_ascii_lowercase();
@@ -236,6 +248,7 @@ impl Variant {
             Variant::V16 => "v16",
             Variant::V17 => "v17",
             Variant::V18 => "v18",
+            Variant::V19 => "v19",
         }
     }
 }
@@ -280,9 +293,14 @@ enum Pass {
 /// no score, add zero output columns, and their gradients are dropped; the caller's scale stays.
 fn kernel_head_dim(variant: Variant, arch: &str, d: i64, pass: Pass) -> i64 {
     match (variant, arch, d, pass) {
-        (Variant::V14 | Variant::V15 | Variant::V16 | Variant::V18, "compute_90", 80, _)
+        (
+            Variant::V14 | Variant::V15 | Variant::V16 | Variant::V18 | Variant::V19,
+            "compute_90",
+            80,
+            _,
+        )
         | (
-            Variant::V14 | Variant::V15 | Variant::V16 | Variant::V18,
+            Variant::V14 | Variant::V15 | Variant::V16 | Variant::V18 | Variant::V19,
             "compute_90",
             64,
             Pass::Backward,
@@ -292,12 +310,15 @@ fn kernel_head_dim(variant: Variant, arch: &str, d: i64, pass: Pass) -> i64 {
 }
 
 /// Whether libtorch's SDPA measured faster than the kernels `variant` runs at head dim `d` on a
-/// device of `arch`: at 80 (Llama 3.2 Vision's tower, 1280 / 16), where the Hopper kernels do not
-/// apply unless padded (V14 on), variant 3's forward and variant 2's backward ran 0.57-0.60x SDPA
-/// forward and 0.34-0.39x forward+backward (H200, 2026-11-27, kernels/BENCHMARKS.md). A model may
-/// then run SDPA there instead (the vision tower does).
+/// device of `arch`, forward+backward at the model's shape and mask. At 80 (Llama 3.2 Vision's
+/// tower, 1280 / 16) unpadded (variant 3's forward, variant 2's backward: everything but Hopper,
+/// and up to V13 there) the kernels ran 0.57-0.60x SDPA forward and 0.34-0.39x
+/// forward+backward (H200, 2026-11-27); zero-padded to 128 (V14-V18) 0.52x forward+backward at
+/// the tower's shape and mask, every tile masked per element. V19, padded and told which tiles
+/// the mask leaves whole, ran 1.09x there (0.85x forward only; H200, 2026-11-28,
+/// kernels/BENCHMARKS.md). A model may run SDPA where this says so (the vision tower does).
 pub fn sdpa_faster(variant: Variant, arch: &str, d: i64) -> bool {
-    d == 80 && kernel_head_dim(variant, arch, d, Pass::Forward) == 80
+    d == 80 && !(variant == Variant::V19 && kernel_head_dim(variant, arch, d, Pass::Forward) != d)
 }
 
 /// `sdpa_faster` for the variant in use on GPU `ordinal`.
@@ -422,7 +443,8 @@ fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
         | Variant::V15
         | Variant::V16
         | Variant::V17
-        | Variant::V18 => v4_forward(Variant::V7, arch, d),
+        | Variant::V18
+        | Variant::V19 => v4_forward(Variant::V7, arch, d),
         Variant::V4 | Variant::V5 | Variant::V7 | Variant::V12
             if arch == "compute_90" && (d == 64 || d == 128) =>
         {
@@ -441,6 +463,7 @@ fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
         Variant::V8 => v4_backward(Variant::V6, arch, d),
         Variant::V13 | Variant::V14 | Variant::V17 => v4_backward(Variant::V12, arch, d),
         Variant::V18 => v4_backward(Variant::V16, arch, d),
+        Variant::V19 => v4_backward(Variant::V15, arch, d),
         Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12 | Variant::V15 | Variant::V16
             if arch == "compute_90" && d == 128 =>
         {
@@ -774,6 +797,7 @@ fn base_params(
         key_keep: kk_p,
         q_flags: qf_p,
         block_mask: bm_p,
+        mask_cells: 0,
         q_bs: qs[0],
         q_ss: qs[1],
         q_hs: qs[2],
@@ -895,6 +919,7 @@ pub fn fused_forward_into(
         return Ok(());
     }
     let name = dtype_name(q.kind())?;
+    attach_mask_cells(variant, mask, &d, q.device(), &mut p, &mut keep);
     let longest_first = longest_first(variant, mask);
     let mut variant = v4_forward(variant, &gpu.arch, d.d);
     let mut maps = None;
@@ -944,6 +969,25 @@ pub fn fused_forward_into(
     // SAFETY: the arguments match the kernel's (Fwd7Maps for V7 and V12, then AttnParams);
     // tensors kept alive in `keep`/`outputs` until the launch is queued on their stream.
     unsafe { gpu.launch(f, grid, (threads, 1, 1), smem as u32, &mut args) }
+}
+
+/// V19: the cells the masks allow completely (`mask_cells::full_cells`), kept alive in `keep`
+/// until the launch is queued, so the kernels skip per-element masking on those tiles.
+fn attach_mask_cells(
+    variant: Variant,
+    mask: &AttentionMask,
+    d: &Dims,
+    device: Device,
+    p: &mut AttnParams,
+    keep: &mut Vec<Tensor>,
+) {
+    if variant != Variant::V19 {
+        return;
+    }
+    if let Some(cells) = crate::mask_cells::full_cells(mask, d.b, d.sq, d.sk, device) {
+        p.mask_cells = cells.data_ptr() as u64;
+        keep.push(cells);
+    }
 }
 
 /// Whether `variant` starts this call's blocks longest first (V17, V18: causal calls).
@@ -1189,6 +1233,7 @@ pub fn fused_backward(
     let dq = Tensor::empty([d.b, d.sq, d.h, d.d], opts);
     let dk = Tensor::empty([d.b, d.sk, d.hk, d.d], opts);
     let dv = Tensor::empty([d.b, d.sk, d.hk, d.d], opts);
+    attach_mask_cells(variant, mask, &d, q.device(), &mut p, &mut keep);
     let longest_first = longest_first(variant, mask);
     let variant = v4_backward(variant, &gpu.arch, d.d);
     let sq_pad = (d.sq + BWD4_BLOCK_M - 1) / BWD4_BLOCK_M * BWD4_BLOCK_M;
@@ -1459,7 +1504,7 @@ mod tests {
         assert!(
             err.contains(VARIANT_ENV)
                 && err.contains(
-                    "v2, v3, v4, v5, v6, v7, v8, v9, v10, v12, v13, v14, v15, v16, v17 or v18"
+                    "v2, v3, v4, v5, v6, v7, v8, v9, v10, v12, v13, v14, v15, v16, v17, v18 or v19"
                 ),
             "{err}"
         );
@@ -1471,7 +1516,7 @@ mod tests {
         let numbers: Vec<u8> = Variant::ALL.iter().map(|v| v.number()).collect();
         assert_eq!(
             numbers,
-            [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18]
+            [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19]
         );
     }
 
@@ -1515,7 +1560,6 @@ mod tests {
             );
         }
         assert_eq!(planned(Variant::V17, "compute_90", 80).0, Variant::V3);
-        assert!(sdpa_faster(Variant::V17, "compute_90", 80));
         assert_eq!(Variant::parse("V17").unwrap(), Variant::V17);
         // v18: v16's kernels (padded) with v17's order
         for (arch, d) in [("compute_90", 128), ("compute_90", 80), ("compute_90", 64)] {
@@ -1610,7 +1654,6 @@ mod tests {
             fwd_kernel(Variant::V7, "f16", 128)
         );
         assert_eq!(Variant::parse("V13").unwrap(), Variant::V13);
-        assert_eq!(DEFAULT_VARIANT, Variant::V13);
     }
 
     #[test]
@@ -1710,6 +1753,27 @@ mod tests {
         }
     }
 
+    #[test]
+    fn v15_is_the_default_and_v19_runs_its_kernels() {
+        assert_eq!(DEFAULT_VARIANT, Variant::V15);
+        for d in [64, 80, 128] {
+            for arch in ["compute_90", "compute_80"] {
+                assert_eq!(
+                    planned(Variant::V19, arch, d),
+                    planned(Variant::V15, arch, d),
+                    "d{d} {arch}"
+                );
+                for pass in [Pass::Forward, Pass::Backward] {
+                    assert_eq!(
+                        kernel_head_dim(Variant::V19, arch, d, pass),
+                        kernel_head_dim(Variant::V15, arch, d, pass)
+                    );
+                }
+            }
+        }
+        assert_eq!(Variant::parse("v19").unwrap(), Variant::V19);
+    }
+
     /// `exp2_fma` in cuda/attention_sm90.cu, step by step in f32: its constants give 2^x within
     /// 1e-4 relative for x in [-125, 1] and a tiny positive number (never NaN, inf or a negative)
     /// below.
@@ -1740,16 +1804,15 @@ mod tests {
     }
 
     #[test]
-    fn sdpa_is_preferred_at_d80_only_where_nothing_pads_it() {
-        for v in [Variant::V3, Variant::V10, Variant::V13] {
+    fn sdpa_is_preferred_at_d80_unless_v19_pads_it() {
+        for v in [Variant::V3, Variant::V13, Variant::V15, Variant::V18] {
             assert!(sdpa_faster(v, "compute_90", 80), "{v:?}");
             assert!(sdpa_faster(v, "compute_80", 80), "{v:?}");
         }
-        for v in [Variant::V14, Variant::V15, Variant::V16] {
-            assert!(!sdpa_faster(v, "compute_90", 80), "{v:?}");
-            assert!(sdpa_faster(v, "compute_80", 80), "{v:?}");
-        }
+        assert!(!sdpa_faster(Variant::V19, "compute_90", 80));
+        assert!(sdpa_faster(Variant::V19, "compute_80", 80));
         for d in [64, 128] {
+            assert!(!sdpa_faster(Variant::V19, "compute_90", d));
             assert!(!sdpa_faster(Variant::V13, "compute_90", d));
         }
     }

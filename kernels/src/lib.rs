@@ -7,10 +7,12 @@
 //! - `runtime`:    CUDA context, modules, libtorch's current stream, kernel launch
 //! - `attention`:  FlashAttention-2 style forward/backward (`attention::fused_*`) and the fp64 reference
 //! - `rmsnorm`:    fused RMSNorm forward/backward and its reference
+//! - `mask_cells`: which tiles of a masked attention call need no per-element masking
 //! - `tma`:        TMA tensor maps for the warp-specialized attention forward (variant 7)
 pub mod attention;
 pub mod compile;
 pub mod cuda_libs;
+pub mod mask_cells;
 pub mod rmsnorm;
 pub mod runtime;
 pub mod tma;

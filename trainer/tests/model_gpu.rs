@@ -1,7 +1,7 @@
 //! GPU checks of the Mllama model (skip with a printed reason when no CUDA device is present):
 //! `attention: fused` (kernels crate, bf16, head dims 64, 80 and 128: at 128 the Hopper backward
 //! runs, at 64 variant 3's; at 80 the vision tower runs SDPA where the kernels measured slower,
-//! `kernels::attention::sdpa_faster`, so the model mixes both) against libtorch sdpa on a random model with images,
+//! `kernels::attention::sdpa_faster` (all but variant 19), so the model mixes both) against libtorch sdpa on a random model with images,
 //! tile padding and text padding; a synthetic checkpoint written to disk and loaded back on the GPU;
 //! one training step through the FSDP schedule (world 1) with `fused` against `eager`: the loss and
 //! every parameter's gradient (the explicit attention backward, `model::attn_tape`).

@@ -26,6 +26,13 @@ enum MaskKind {
     KeyPadding,
     Vision,
     CrossBlocks(i64),
+    /// Mllama's vision mask over tiles of this many positions: the last 7 of each padded, and the
+    /// first sample's second half of tiles all padding, so most 64 x 128 tiles are whole (what
+    /// variant 19's mask cells skip the per-element masking on; `Vision` has none).
+    VisionTiles(i64),
+    /// Mllama's cross-attention mask over tiles of this many image tokens: rows 0-2 see no tile
+    /// (zeros), the first sample's rows see the first half of the tiles, the second's all.
+    CrossTiles(i64),
 }
 
 struct Case {
@@ -61,6 +68,61 @@ const fn case(
         sk,
         mask,
     }
+}
+
+/// The correctness cases, each run by every variant checked.
+fn attention_cases() -> Vec<Case> {
+    use MaskKind::*;
+    vec![
+        case(Kind::BFloat16, 64, 2, 4, 4, 1, 1, Causal),
+        case(Kind::BFloat16, 128, 1, 8, 2, 17, 17, Causal),
+        case(Kind::Half, 128, 2, 4, 1, 127, 127, Causal),
+        case(Kind::BFloat16, 80, 2, 4, 4, 1000, 1000, Vision),
+        case(Kind::Half, 80, 1, 2, 2, 127, 127, None),
+        case(Kind::BFloat16, 128, 2, 8, 2, 300, 4 * 17, CrossBlocks(17)),
+        case(Kind::Half, 64, 1, 8, 2, 4097, 4097, Causal),
+        case(Kind::BFloat16, 128, 2, 8, 2, 1, 1000, Causal),
+        case(Kind::BFloat16, 64, 2, 4, 4, 1000, 1000, KeyPadding),
+        case(Kind::Half, 128, 1, 4, 4, 4097, 4097, None),
+        // whole 64-row tiles with key padding, and causal with fewer queries than keys (the
+        // diagonal offset), both through variant 10's TMA backward
+        case(Kind::BFloat16, 128, 2, 8, 2, 256, 256, KeyPadding),
+        case(Kind::BFloat16, 128, 1, 4, 4, 128, 384, Causal),
+        // causal with more queries than keys: rows 0..700 see no key (zeros, no NaN), and
+        // variant 12's first five query tiles have no key tile at all
+        case(Kind::BFloat16, 128, 4, 16, 4, 1000, 300, Causal),
+        // more work units than SMs, so variant 12's persistent blocks walk several query tiles
+        // (Q, the K/V rings and the ping-pong token carried across): causal with an odd tile count
+        // (a lone middle tile) and GQA, and without a mask
+        case(Kind::BFloat16, 128, 4, 16, 4, 640, 640, Causal),
+        case(Kind::Half, 64, 4, 16, 16, 300, 300, None),
+        // the model's cross-attention: 32/8 heads over 4 tiles of 1601 vision tokens with the
+        // per-tile block mask, long enough for variant 7's TMA forward (the case above is not)
+        case(
+            Kind::BFloat16,
+            128,
+            1,
+            32,
+            8,
+            300,
+            4 * 1601,
+            CrossBlocks(1601),
+        ),
+        // the same masks with whole tiles (variant 19's mask cells: most tiles skip per-element
+        // masking, the rest do not), at head dims 80 (padded) and 128
+        case(Kind::BFloat16, 80, 2, 4, 4, 800, 800, VisionTiles(200)),
+        case(Kind::Half, 128, 2, 4, 2, 1000, 1000, VisionTiles(250)),
+        case(
+            Kind::BFloat16,
+            128,
+            2,
+            32,
+            8,
+            300,
+            4 * 1601,
+            CrossTiles(1601),
+        ),
+    ]
 }
 
 /// ||a - ref|| / max(||ref||, 1e-3 * sqrt(n)): relative error, with an RMS floor of 1e-3 so that
@@ -108,6 +170,26 @@ impl Masks {
                 };
                 m.key_keep = Some(pad(c.sk).logical_not());
                 m.q_flags = Some(pad(c.sq));
+            }
+            MaskKind::VisionTiles(per_tile) => {
+                let pos = Tensor::arange(c.sq.max(c.sk), (Kind::Int64, dev));
+                let pad = pos
+                    .remainder(per_tile)
+                    .ge(per_tile - 7)
+                    .unsqueeze(0)
+                    .repeat([c.b, 1]);
+                let tiles = (c.sq.max(c.sk) + per_tile - 1) / per_tile;
+                let half = (tiles / 2) * per_tile;
+                let _ = pad.get(0).narrow(0, half, c.sq.max(c.sk) - half).fill_(1);
+                m.key_keep = Some(pad.narrow(1, 0, c.sk).logical_not());
+                m.q_flags = Some(pad.narrow(1, 0, c.sq));
+            }
+            MaskKind::CrossTiles(kb) => {
+                let nblk = (c.sk + kb - 1) / kb;
+                let bm = Tensor::ones([c.b, c.sq, nblk], (Kind::Bool, dev));
+                let _ = bm.get(0).narrow(1, nblk / 2, nblk - nblk / 2).fill_(0);
+                let _ = bm.narrow(1, 0, c.sq.min(3)).fill_(0);
+                m.block = Some((bm, kb));
             }
             MaskKind::CrossBlocks(kb) => {
                 let nblk = (c.sk + kb - 1) / kb;
@@ -224,12 +306,24 @@ fn check_attention(c: &Case, tol: f64) -> Result<([f64; 4], Vec<String>), String
         ("dv", &grads.dv, &g[2]),
     ];
     let errs = pairs.map(|(_, got, want)| rel_err(got, want));
-    let notes = pairs
+    let mut notes: Vec<String> = pairs
         .iter()
         .zip(errs)
         .filter(|(_, e)| e.is_nan() || *e >= tol)
         .map(|((what, got, want), _)| format!("{what}: {}", mismatch_summary(got, want)))
         .collect();
+    // how much of the case variant 19's whole-tile path covers (none: only its partial path ran)
+    let v19 = attention::variant().is_ok_and(|v| v == Variant::V19);
+    if let Some(cells) = v19
+        .then(|| kernels::mask_cells::full_cells(&mask, c.b, c.sq, c.sk, dev))
+        .flatten()
+    {
+        let whole = cells.sum(Kind::Int64).int64_value(&[]);
+        notes.push(format!(
+            "mask cells (64 x 32): {whole} of {} whole",
+            cells.numel()
+        ));
+    }
     Ok((errs, notes))
 }
 
@@ -885,43 +979,7 @@ fn main() -> std::process::ExitCode {
         };
         std::fs::File::create(std::path::Path::new(dir).join(file)).ok()
     }));
-    use MaskKind::*;
-    let cases = [
-        case(Kind::BFloat16, 64, 2, 4, 4, 1, 1, Causal),
-        case(Kind::BFloat16, 128, 1, 8, 2, 17, 17, Causal),
-        case(Kind::Half, 128, 2, 4, 1, 127, 127, Causal),
-        case(Kind::BFloat16, 80, 2, 4, 4, 1000, 1000, Vision),
-        case(Kind::Half, 80, 1, 2, 2, 127, 127, None),
-        case(Kind::BFloat16, 128, 2, 8, 2, 300, 4 * 17, CrossBlocks(17)),
-        case(Kind::Half, 64, 1, 8, 2, 4097, 4097, Causal),
-        case(Kind::BFloat16, 128, 2, 8, 2, 1, 1000, Causal),
-        case(Kind::BFloat16, 64, 2, 4, 4, 1000, 1000, KeyPadding),
-        case(Kind::Half, 128, 1, 4, 4, 4097, 4097, None),
-        // whole 64-row tiles with key padding, and causal with fewer queries than keys (the
-        // diagonal offset), both through variant 10's TMA backward
-        case(Kind::BFloat16, 128, 2, 8, 2, 256, 256, KeyPadding),
-        case(Kind::BFloat16, 128, 1, 4, 4, 128, 384, Causal),
-        // causal with more queries than keys: rows 0..700 see no key (zeros, no NaN), and
-        // variant 12's first five query tiles have no key tile at all
-        case(Kind::BFloat16, 128, 4, 16, 4, 1000, 300, Causal),
-        // more work units than SMs, so variant 12's persistent blocks walk several query tiles
-        // (Q, the K/V rings and the ping-pong token carried across): causal with an odd tile count
-        // (a lone middle tile) and GQA, and without a mask
-        case(Kind::BFloat16, 128, 4, 16, 4, 640, 640, Causal),
-        case(Kind::Half, 64, 4, 16, 16, 300, 300, None),
-        // the model's cross-attention: 32/8 heads over 4 tiles of 1601 vision tokens with the
-        // per-tile block mask, long enough for variant 7's TMA forward (the case above is not)
-        case(
-            Kind::BFloat16,
-            128,
-            1,
-            32,
-            8,
-            300,
-            4 * 1601,
-            CrossBlocks(1601),
-        ),
-    ];
+    let cases = attention_cases();
     println!(
         "{:<49} {:>9} {:>9} {:>9} {:>9}  result",
         "attention case", "out", "dq", "dk", "dv"
@@ -1019,7 +1077,7 @@ fn main() -> std::process::ExitCode {
         if !matches!(variant, Variant::V17 | Variant::V18) {
             continue;
         }
-        for c in cases.iter().filter(|c| matches!(c.mask, Causal)) {
+        for c in cases.iter().filter(|c| matches!(c.mask, MaskKind::Causal)) {
             if !check(variant, c, " groups3") {
                 failures += 1;
                 variant_failures[vi] += 1;
@@ -1116,6 +1174,39 @@ mod tests {
     use super::*;
 
     use Variant::*;
+
+    /// The tile-structured mask cases give variant 19 whole tiles (its fast path) and partial
+    /// ones, at the 128 x 128 tiles of the Hopper kernels (the cells decided as the kernels do).
+    #[test]
+    fn the_tiled_mask_cases_cover_whole_and_partial_tiles() {
+        let mut tiled = 0;
+        for c in attention_cases() {
+            if !matches!(c.mask, MaskKind::VisionTiles(_) | MaskKind::CrossTiles(_)) {
+                continue;
+            }
+            tiled += 1;
+            let masks = Masks::new(&c, Device::Cpu);
+            let full = kernels::mask_cells::full_cells(&masks.view(), c.b, c.sq, c.sk, Device::Cpu)
+                .expect("a masked case");
+            let (mut whole, mut partial) = (0, 0);
+            for b in 0..c.b {
+                for q0 in (0..c.sq).step_by(128) {
+                    for k0 in (0..c.sk).step_by(128) {
+                        match kernels::mask_cells::tile_whole(&full, b, q0, k0, 128, c.sk) {
+                            true => whole += 1,
+                            false => partial += 1,
+                        }
+                    }
+                }
+            }
+            assert!(
+                whole > 10 && partial > 5,
+                "{:?}: {whole} whole, {partial} partial",
+                c.mask
+            );
+        }
+        assert_eq!(tiled, 3);
+    }
 
     #[test]
     fn the_newest_passing_variant_is_timed_against_the_passing_one_before_it() {

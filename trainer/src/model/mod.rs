@@ -290,8 +290,9 @@ fn check_fused_device(options: &LoadOptions) -> Result<(), ModelError> {
 
 /// The vision tower's attention: `options.attention`, except that `fused` on a GPU runs libtorch's
 /// SDPA there when it measured faster than the kernels at the tower's head dim
-/// (`kernels::attention::sdpa_faster`: at 80, Llama 3.2 Vision's, the kernels that apply ran
-/// 0.34-0.39x SDPA forward+backward; the text model's 128 keeps the kernels). Logged once.
+/// (`kernels::attention::sdpa_faster`: at 80, Llama 3.2 Vision's, the kernels of variants before
+/// 19, the default included, ran 0.34-0.52x SDPA forward+backward; 19 ran 1.09x, so it keeps
+/// them, as the text model's 128 does). Logged once.
 fn vision_attention(config: &MllamaConfig, options: &LoadOptions) -> AttentionImpl {
     let (AttentionImpl::Fused, Device::Cuda(ordinal)) = (options.attention, options.device) else {
         return options.attention;
