@@ -24,12 +24,12 @@ BIN="${GPU_BIN:-.gpu-bin}"
 [ -x "$BIN/kernels-gpu-check" ] || BIN=target/release
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2>&1 || echo "nvidia-smi: not available"; date -u; } | tee "$OUT/device.txt"
 status=0
-# model_gpu runs again with the candidate for the default (MODEL_VARIANT=: not)
-MODEL_VARIANT="${MODEL_VARIANT-v19}"
+# model_gpu runs again with each candidate for the default (MODEL_VARIANTS=: none)
+MODEL_VARIANTS="${MODEL_VARIANTS-v19,v20}"
 # The device machine sends back at most 8 files from $OUT: on exit every log goes into one
 # gpu-check-logs.tar.gz (training checkpoints left out), and only the files read first stay
 # beside it.
-KEEP="device.txt kernels-gpu-check.log kernels-gpu.jsonl kernels-bwd-profile.log model-gpu.log model-gpu-$MODEL_VARIANT.log kernels-gpu-check-fallback.log"
+KEEP="device.txt kernels-gpu-check.log kernels-gpu.jsonl model-gpu.log $(for v in ${MODEL_VARIANTS//,/ }; do printf 'model-gpu-%s.log ' "$v"; done)kernels-gpu-check-fallback.log"
 # (an earlier run's copies in the same $OUT, inside its bundle, must not pass for this run's)
 for k in $KEEP; do [ "$k" = device.txt ] || rm -f "$OUT/$k"; done
 bundle() {
@@ -95,21 +95,24 @@ want model && [ -x "$BIN/model_gpu" ] && step model-gpu timeout 200 "$BIN/model_
 # (model_gpu with the newest variant runs after the kernels' checks and timings: a new kernel that
 # hangs there must not take their time)
 model_newest() {
-  want model && [ -x "$BIN/model_gpu" ] && [ -n "$MODEL_VARIANT" ] && LLAVA_SCO_ATTN_VARIANT="$MODEL_VARIANT" \
-    step "model-gpu-$MODEL_VARIANT" timeout 150 "$BIN/model_gpu" --nocapture --test-threads 1
+  want model && [ -x "$BIN/model_gpu" ] || return 0
+  for v in ${MODEL_VARIANTS//,/ }; do
+    LLAVA_SCO_ATTN_VARIANT="$v" step "model-gpu-$v" timeout 150 "$BIN/model_gpu" --nocapture --test-threads 1
+  done
 }
 # a table row of kernels-gpu-check's (not its header, an error line or a "libtorch SDPA runs" line)
 table_row='^attn d[0-9]+ s[0-9]+ (full|causal) fwd .*TFLOP/s$'
 if want kernels; then
-  # Without KERNELS_VARIANTS: the default (v15) and the candidate (v19: the same kernels with the
-  # mask cells; its tile-structured mask cases, VisionTiles and CrossTiles, are the first GPU check
-  # of its whole-tile path), so v19/v15 reads the mask cells on the masked rows (the model's vision
-  # and cross rows) and the timing noise on the others. (Older variants are history;
+  # Without KERNELS_VARIANTS: the default (v15) and the candidates v19 (the same kernels with the
+  # whole-tile mask cells; the tile-structured mask cases, VisionTiles and CrossTiles, are the
+  # first GPU check of that path) and v20 (v19 with empty tiles), so v19/v15 reads the whole
+  # tiles and v20/v19 the empty ones on the masked rows (the model's vision and cross rows), and
+  # both the timing noise on the others. (Older variants are history;
   # `KERNELS_VARIANTS=` checks all; every timed variant must be checked.)
   if [ -z "${KERNELS_VARIANTS+set}" ]; then
-    KERNELS_VARIANTS=v15,v19
+    KERNELS_VARIANTS=v15,v19,v20
     # (a KERNELS_BASELINE given instead decides the timed variants itself)
-    [ -z "${KERNELS_BASELINE:-}" ] && KERNELS_TIME="${KERNELS_TIME:-v15,v19}"
+    [ -z "${KERNELS_BASELINE:-}" ] && KERNELS_TIME="${KERNELS_TIME:-v15,v19,v20}"
   fi
   # ~2 min on an H200 expected (NVRTC compile, the variants' correctness cases, timings of the
   # timed variants and SDPA); the cap keeps a hung kernel from eating a 15-minute device budget
@@ -146,7 +149,7 @@ if want kernels; then
     # it: without the final table, check and time the previous default against the default and
     # the new variant, each in a process of its own, so one that breaks does not take the other
     if ! grep -Eq "$table_row" "$OUT/kernels-gpu-check.log" 2>/dev/null; then
-      for pair in v13,v15 v15,v19; do
+      for pair in v15,v19 v19,v20; do
         fits 75 "the $pair fallback" || break
         echo "kernels-gpu-check ended without its table: $pair alone (kernels-gpu-check-fallback.log)"
         KERNELS_BENCH=quick timeout -k 10 "$(budget_cap 150)" "$BIN/kernels-gpu-check" --variants "$pair" --out "$OUT" 2>&1 \

@@ -496,26 +496,30 @@ __device__ __forceinline__ void load_rows_async(u16* dst, const u16* src, i64 ro
     }
 }
 
-// Whether the key, query and block masks allow every pair of [q0, q0 + 128) x [k0, k0 + bn):
-// the host's 64 x 32 cells (mask_cells), a few byte loads per tile instead of the per-element
-// mask loads of `allowed`. Callers with 64-row tiles are checked over 128 rows, which is only
-// stricter. No cells (variants before 19): false, every tile of a masked call is partial.
-__device__ __forceinline__ bool mask_cells_full(const AttnParams& p, int b, int q0, int k0, int bn) {
-    if (!p.mask_cells) return false;
+// The host's mask tile states (kernels/src/mask_cells.rs), one byte per 64-query x 32-key cell,
+// each for the 128 x 128 window starting there (so one load decides any tile of at most 128 rows
+// and 128 keys starting at the cell): 1 = the key, query and block masks allow every pair of the
+// window, 2 = none (variant 20's states only), 0 = some. No states (variants before 19): 0, every
+// tile of a masked call is partial.
+#define CELL_WHOLE 1
+#define CELL_EMPTY 2
+__device__ __forceinline__ int mask_tile_state(const AttnParams& p, int b, int q0, int k0) {
+    if (!p.mask_cells || !(p.key_keep || p.block_mask)) return 0;
     const int nqc = (p.Sq + 63) >> 6, nkc = (p.Sk + 31) >> 5;
-    const unsigned char* cells = p.mask_cells + (i64)b * nqc * nkc;
-    const int qc_end = min((q0 >> 6) + 2, nqc), kc_end = min((k0 + bn + 31) >> 5, nkc);
-    unsigned char all = 1;
-    for (int qc = q0 >> 6; qc < qc_end; ++qc)
-        for (int kc = k0 >> 5; kc < kc_end; ++kc) all &= cells[(i64)qc * nkc + kc];
-    return all != 0;
+    return p.mask_cells[((i64)b * nqc + (q0 >> 6)) * nkc + (k0 >> 5)];
 }
 
-// Every key of [k0, k0 + bn) visible to every query of [q0, q0 + bm) (bm <= 128): no per-element
-// mask work.
+// Whether the masks allow no pair of the tile at (q0, k0): the caller masks it whole, without
+// per-element loads.
+__device__ __forceinline__ bool tile_empty(const AttnParams& p, int b, int q0, int k0) {
+    return mask_tile_state(p, b, q0, k0) == CELL_EMPTY;
+}
+
+// Every key of [k0, k0 + bn) visible to every query of [q0, q0 + bm) (bm, bn <= 128): no
+// per-element mask work.
 __device__ __forceinline__ bool tile_full(const AttnParams& p, int b, int q0, int k0, int bn) {
     if (k0 + bn > p.Sk) return false;
-    if ((p.key_keep || p.block_mask) && !mask_cells_full(p, b, q0, k0, bn)) return false;
+    if ((p.key_keep || p.block_mask) && mask_tile_state(p, b, q0, k0) != CELL_WHOLE) return false;
     return !p.causal || k0 + bn - 1 <= q0 + (p.Sk - p.Sq);
 }
 

@@ -193,13 +193,16 @@ __device__ __forceinline__ void fwd4_softmax(float (&s)[FWD4_BN / 2], float (&m_
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const float sl2 = p.scale_log2;
     if (!tile_full(p, b, q0, k0, FWD4_BN)) {
+        // (variant 20: a tile the masks allow no pair of is masked without the mask loads; a
+        // separate all -inf loop made ptxas spill ~100 bytes here)
+        const bool none = tile_empty(p, b, q0, k0);
 #pragma unroll
         for (int j = 0; j < NTS; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int row = row0 + g + (e >> 1) * 8;
                 const int col = k0 + j * 8 + 2 * t + (e & 1);
-                if (!allowed3(p, b, row, col)) s[4 * j + e] = NEG_INF;
+                if (none || !allowed3(p, b, row, col)) s[4 * j + e] = NEG_INF;
             }
     }
 #pragma unroll
@@ -541,7 +544,8 @@ __device__ __forceinline__ float exp2_fma(float x) {
 // Both warpgroups compute their P^T at the same time: 8192 exp2s per tile, ~512 cycles of the
 // SM's 16 MUFU results per cycle, while only dP^T (~512 cycles of tensor work) runs.
 template <bool FULL, bool POLY = false>
-__device__ __forceinline__ void bwd4_p(float (&s)[32], const float* lse_s, const AttnParams& p, int b, int q0, int key) {
+__device__ __forceinline__ void bwd4_p(float (&s)[32], const float* lse_s, const AttnParams& p, int b, int q0, int key,
+                                       bool none = false) {
     const int t = threadIdx.x & 3;
     const float sl2 = p.scale_log2;
 #pragma unroll
@@ -550,7 +554,7 @@ __device__ __forceinline__ void bwd4_p(float (&s)[32], const float* lse_s, const
         for (int e = 0; e < 4; ++e) {
             const int qi = 8 * j + 2 * t + (e & 1);
             const float lse = lse_s[qi];
-            const bool ok = FULL || (lse != NEG_INF && allowed3(p, b, q0 + qi, key + 8 * (e >> 1)));
+            const bool ok = FULL || (!none && lse != NEG_INF && allowed3(p, b, q0 + qi, key + 8 * (e >> 1)));
             const float x = fmaf(s[4 * j + e], sl2, -lse);
             // (4 j + e is a constant once unrolled: no branch)
             const float pv = POLY && (4 * j + e) % 3 == 2 ? exp2_fma(x) : fast_exp2(x);
@@ -568,7 +572,8 @@ template <bool POLY = false>
 __device__ __forceinline__ void bwd4_p_dispatch(float (&s)[32], const float* lse_s, const AttnParams& p, int b, int q0,
                                                 int k0, int key) {
     if (tile_full(p, b, q0, k0, BWD4_BN)) bwd4_p<true, POLY>(s, lse_s, p, b, q0, key);
-    else bwd4_p<false, POLY>(s, lse_s, p, b, q0, key);
+    // (variant 20: a tile the masks allow no pair of gets P^T = 0 without the mask loads)
+    else bwd4_p<false, POLY>(s, lse_s, p, b, q0, key, tile_empty(p, b, q0, k0));
 }
 // The query tiles one backward block visits: for each query head h in [h_begin, h_end) (the KV
 // head's group; empty when no query tile sees these keys), tiles qt_start .. qt_end - 1.

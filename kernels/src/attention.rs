@@ -104,7 +104,8 @@ const THREADS: u32 = 128;
 /// with head dim 80 (and 64 in the backward) zero-padded to 128 on Hopper; `V15` is V14 with dQ
 /// added from registers in the backward (the default); `V16` is V15 with a third of the backward's exp2s on the
 /// FMA pipe; `V17` is V13 with causal blocks started longest first, `V18` V16 with that order;
-/// `V19` is V15 with the masks' whole tiles found from per-call cells (`mask_cells`).
+/// `V19` is V15 with the masks' whole tiles found from per-call cells (`mask_cells`), `V20` V19
+/// with their empty tiles too.
 /// (There is no
 /// `V11`: that number went to an experiment that was measured and removed, see
 /// kernels/BENCHMARKS.md.)
@@ -171,6 +172,12 @@ pub enum Variant {
     /// partial path was checked); the tile-structured cases added since check the rest. Falls
     /// back as V15.
     V19 = 19,
+    /// V19 with the cells the masks allow no pair of marked too (`mask_cells::EMPTY`): such tiles
+    /// are masked whole (scores -inf, P 0) without per-element loads. From V19's cross row, if its
+    /// whole tiles ran at V15's unmasked rate, its per-element tiles ran ~9x slower; a quarter of
+    /// that row's tiles are empty (its first sample sees 2 of 4 image tiles). Prepared without a
+    /// GPU (session 22). Falls back as V15.
+    V20 = 20,
 }
 
 /// The variant used when neither `set_variant` nor the environment chose one: the fastest that
@@ -179,7 +186,7 @@ pub const DEFAULT_VARIANT: Variant = Variant::V15;
 
 /// The head dims the kernels take.
 pub const HEAD_DIMS: [i64; 3] = [64, 80, 128];
-/// Environment variable read once on first use: `v2` ... `v10`, `v12` ... `v19`.
+/// Environment variable read once on first use: `v2` ... `v10`, `v12` ... `v20`.
 pub const VARIANT_ENV: &str = "LLAVA_SCO_ATTN_VARIANT";
 
 // 0 = not chosen yet, else the variant's number.
@@ -187,7 +194,7 @@ static VARIANT: AtomicU8 = AtomicU8::new(0);
 
 impl Variant {
     /// Every variant, oldest first.
-    pub const ALL: [Variant; 17] = [
+    pub const ALL: [Variant; 18] = [
         Variant::V2,
         Variant::V3,
         Variant::V4,
@@ -205,9 +212,10 @@ impl Variant {
         Variant::V17,
         Variant::V18,
         Variant::V19,
+        Variant::V20,
     ];
 
-    /// Parses `v2` ... `v10`, `v12` ... `v19` (case-insensitive); the error names the variable and the
+    /// Parses `v2` ... `v10`, `v12` ... `v20` (case-insensitive); the error names the variable and the
     /// accepted values.
     pub fn parse(s: &str) -> Result<Variant> {
         let s = s.trim().to_ascii_lowercase();
@@ -249,6 +257,7 @@ impl Variant {
             Variant::V17 => "v17",
             Variant::V18 => "v18",
             Variant::V19 => "v19",
+            Variant::V20 => "v20",
         }
     }
 }
@@ -294,13 +303,13 @@ enum Pass {
 fn kernel_head_dim(variant: Variant, arch: &str, d: i64, pass: Pass) -> i64 {
     match (variant, arch, d, pass) {
         (
-            Variant::V14 | Variant::V15 | Variant::V16 | Variant::V18 | Variant::V19,
+            Variant::V14 | Variant::V15 | Variant::V16 | Variant::V18 | Variant::V19 | Variant::V20,
             "compute_90",
             80,
             _,
         )
         | (
-            Variant::V14 | Variant::V15 | Variant::V16 | Variant::V18 | Variant::V19,
+            Variant::V14 | Variant::V15 | Variant::V16 | Variant::V18 | Variant::V19 | Variant::V20,
             "compute_90",
             64,
             Pass::Backward,
@@ -316,9 +325,11 @@ fn kernel_head_dim(variant: Variant, arch: &str, d: i64, pass: Pass) -> i64 {
 /// forward+backward (H200, 2026-11-27); zero-padded to 128 (V14-V18) 0.52x forward+backward at
 /// the tower's shape and mask, every tile masked per element. V19, padded and told which tiles
 /// the mask leaves whole, ran 1.09x there (0.85x forward only; H200, 2026-11-28,
-/// kernels/BENCHMARKS.md). A model may run SDPA where this says so (the vision tower does).
+/// kernels/BENCHMARKS.md); V20 is V19 with more. A model may run SDPA where this says so (the
+/// vision tower does).
 pub fn sdpa_faster(variant: Variant, arch: &str, d: i64) -> bool {
-    d == 80 && !(variant == Variant::V19 && kernel_head_dim(variant, arch, d, Pass::Forward) != d)
+    let cells = matches!(variant, Variant::V19 | Variant::V20);
+    d == 80 && !(cells && kernel_head_dim(variant, arch, d, Pass::Forward) != d)
 }
 
 /// `sdpa_faster` for the variant in use on GPU `ordinal`.
@@ -444,7 +455,8 @@ fn v4_forward(variant: Variant, arch: &str, d: i64) -> Variant {
         | Variant::V16
         | Variant::V17
         | Variant::V18
-        | Variant::V19 => v4_forward(Variant::V7, arch, d),
+        | Variant::V19
+        | Variant::V20 => v4_forward(Variant::V7, arch, d),
         Variant::V4 | Variant::V5 | Variant::V7 | Variant::V12
             if arch == "compute_90" && (d == 64 || d == 128) =>
         {
@@ -463,7 +475,7 @@ fn v4_backward(variant: Variant, arch: &str, d: i64) -> Variant {
         Variant::V8 => v4_backward(Variant::V6, arch, d),
         Variant::V13 | Variant::V14 | Variant::V17 => v4_backward(Variant::V12, arch, d),
         Variant::V18 => v4_backward(Variant::V16, arch, d),
-        Variant::V19 => v4_backward(Variant::V15, arch, d),
+        Variant::V19 | Variant::V20 => v4_backward(Variant::V15, arch, d),
         Variant::V6 | Variant::V9 | Variant::V10 | Variant::V12 | Variant::V15 | Variant::V16
             if arch == "compute_90" && d == 128 =>
         {
@@ -971,8 +983,9 @@ pub fn fused_forward_into(
     unsafe { gpu.launch(f, grid, (threads, 1, 1), smem as u32, &mut args) }
 }
 
-/// V19: the cells the masks allow completely (`mask_cells::full_cells`), kept alive in `keep`
-/// until the launch is queued, so the kernels skip per-element masking on those tiles.
+/// V19: the tiles the masks allow completely, V20 also those they allow not at all
+/// (`mask_cells::tile_states`), kept alive in `keep` until the launch is queued, so the kernels
+/// skip per-element masking on those tiles.
 fn attach_mask_cells(
     variant: Variant,
     mask: &AttentionMask,
@@ -981,10 +994,11 @@ fn attach_mask_cells(
     p: &mut AttnParams,
     keep: &mut Vec<Tensor>,
 ) {
-    if variant != Variant::V19 {
+    if !matches!(variant, Variant::V19 | Variant::V20) {
         return;
     }
-    if let Some(cells) = crate::mask_cells::full_cells(mask, d.b, d.sq, d.sk, device) {
+    let mark_empty = variant == Variant::V20;
+    if let Some(cells) = crate::mask_cells::tile_states(mask, d.b, d.sq, d.sk, device, mark_empty) {
         p.mask_cells = cells.data_ptr() as u64;
         keep.push(cells);
     }
@@ -1504,7 +1518,7 @@ mod tests {
         assert!(
             err.contains(VARIANT_ENV)
                 && err.contains(
-                    "v2, v3, v4, v5, v6, v7, v8, v9, v10, v12, v13, v14, v15, v16, v17, v18 or v19"
+                    "v2, v3, v4, v5, v6, v7, v8, v9, v10, v12, v13, v14, v15, v16, v17, v18, v19 or v20"
                 ),
             "{err}"
         );
@@ -1516,7 +1530,7 @@ mod tests {
         let numbers: Vec<u8> = Variant::ALL.iter().map(|v| v.number()).collect();
         assert_eq!(
             numbers,
-            [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19]
+            [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20]
         );
     }
 
@@ -1758,20 +1772,23 @@ mod tests {
         assert_eq!(DEFAULT_VARIANT, Variant::V15);
         for d in [64, 80, 128] {
             for arch in ["compute_90", "compute_80"] {
-                assert_eq!(
-                    planned(Variant::V19, arch, d),
-                    planned(Variant::V15, arch, d),
-                    "d{d} {arch}"
-                );
-                for pass in [Pass::Forward, Pass::Backward] {
+                for v in [Variant::V19, Variant::V20] {
                     assert_eq!(
-                        kernel_head_dim(Variant::V19, arch, d, pass),
-                        kernel_head_dim(Variant::V15, arch, d, pass)
+                        planned(v, arch, d),
+                        planned(Variant::V15, arch, d),
+                        "d{d} {arch}"
                     );
+                    for pass in [Pass::Forward, Pass::Backward] {
+                        assert_eq!(
+                            kernel_head_dim(v, arch, d, pass),
+                            kernel_head_dim(Variant::V15, arch, d, pass)
+                        );
+                    }
                 }
             }
         }
         assert_eq!(Variant::parse("v19").unwrap(), Variant::V19);
+        assert_eq!(Variant::parse("v20").unwrap(), Variant::V20);
     }
 
     /// `exp2_fma` in cuda/attention_sm90.cu, step by step in f32: its constants give 2^x within
@@ -1809,8 +1826,10 @@ mod tests {
             assert!(sdpa_faster(v, "compute_90", 80), "{v:?}");
             assert!(sdpa_faster(v, "compute_80", 80), "{v:?}");
         }
-        assert!(!sdpa_faster(Variant::V19, "compute_90", 80));
-        assert!(sdpa_faster(Variant::V19, "compute_80", 80));
+        for v in [Variant::V19, Variant::V20] {
+            assert!(!sdpa_faster(v, "compute_90", 80), "{v:?}");
+            assert!(sdpa_faster(v, "compute_80", 80), "{v:?}");
+        }
         for d in [64, 128] {
             assert!(!sdpa_faster(Variant::V19, "compute_90", d));
             assert!(!sdpa_faster(Variant::V13, "compute_90", d));

@@ -1,7 +1,8 @@
 //! Mask cells: which 64-query x 32-key cells of an attention call the key, query and block masks
-//! allow completely. Computed once per call with a few libtorch ops, so a kernel decides whether a
-//! tile needs per-element masking from a few byte loads (`mask_cells_full` in cuda/attention.cu)
-//! instead of treating every tile of a masked call as partial: with any mask part set, every
+//! allow completely (WHOLE) or not at all (EMPTY), and from them the state of the 128 x 128 tile
+//! window starting at each cell. Computed once per call with a few libtorch ops, so a kernel
+//! decides from one byte load per tile (`mask_tile_state` in cuda/attention.cu) whether the tile
+//! needs per-element masking: without them, with any mask part set, every
 //! element of every tile loaded its `key_keep` / `query_flags` / `block_mask` bytes, and the
 //! model's cross-attention ran at 0.29x SDPA forward (H200, 2026-11-28, kernels/BENCHMARKS.md).
 use tch::{Device, Kind, Tensor};
@@ -12,83 +13,148 @@ use crate::attention::AttentionMask;
 pub const CELL_ROWS: i64 = 64;
 /// Keys per cell (every kernel's key tile starts at a multiple of 32).
 pub const CELL_KEYS: i64 = 32;
+/// A cell whose every (query, key) pair the masks allow (`CELL_WHOLE` in attention.cu).
+pub const WHOLE: u8 = 1;
+/// A cell none of whose pairs the masks allow (`CELL_EMPTY`).
+pub const EMPTY: u8 = 2;
 
-/// (B, ceil(Sq / 64), ceil(Sk / 32)) u8, contiguous on `device`: 1 where `key_keep`,
-/// `query_flags` and `block_mask` allow every (query, key) pair of the cell, else 0. Rows past Sq
-/// and keys past Sk count as allowed (the kernels never store those rows and check the key tail
-/// themselves), and so does the causal mask, which the kernels compare per tile. None when the
-/// mask has none of those three parts.
-pub fn full_cells(
+/// (B, ceil(Sq / 64), ceil(Sk / 32)) u8, contiguous on `device`: `WHOLE` where `key_keep`,
+/// `query_flags` and `block_mask` allow every (query, key) pair of the cell; with `mark_empty`,
+/// `EMPTY` where they allow none (found per mask part: a cell only the two parts together empty
+/// stays 0); else 0. Rows past Sq and keys past Sk count as allowed (the kernels never store
+/// those rows and check the key tail themselves), and so does the causal mask, which the kernels
+/// compare per tile. None when the mask has none of those three parts.
+pub fn classify(
     mask: &AttentionMask,
     b: i64,
     sq: i64,
     sk: i64,
     device: Device,
+    mark_empty: bool,
 ) -> Option<Tensor> {
     if mask.key_keep.is_none() && mask.block_mask.is_none() {
         return None;
     }
     let (nqc, nkc) = (cells(sq, CELL_ROWS), cells(sk, CELL_KEYS));
-    let (pad_q, pad_k) = (nqc * CELL_ROWS - sq, nkc * CELL_KEYS - sk);
-    // 1 where some pair of the cell is masked, built from "masked" tensors padded with 0
-    let mut masked = Tensor::zeros([b, nqc, nkc], (Kind::Uint8, device));
+    // 1 where some pair of the cell is masked; 1 where every pair is
+    let mut some_masked = Tensor::zeros([b, nqc, nkc], (Kind::Uint8, device));
+    let mut all_masked = Tensor::zeros([b, nqc, nkc], (Kind::Uint8, device));
     if let Some(keep) = mask.key_keep {
-        // (B, nkc): some key of the cell dropped
-        let dropped = is_zero(keep, device)
-            .constant_pad_nd([0, pad_k])
-            .view([b, nkc, CELL_KEYS])
-            .amax([2], false);
-        // (B, nqc): some row of the cell to which key_keep applies
+        let dropped = is_zero(keep, device); // (B, Sk)
+                                             // (B, Sq): the rows key_keep applies to
         let applies = match mask.query_flags {
-            Some(flags) => is_zero(flags, device)
-                .eq(0)
-                .to_kind(Kind::Uint8)
-                .constant_pad_nd([0, pad_q])
-                .view([b, nqc, CELL_ROWS])
-                .amax([2], false),
-            None => Tensor::ones([b, nqc], (Kind::Uint8, device)),
+            Some(flags) => is_zero(flags, device).eq(0).to_kind(Kind::Uint8),
+            None => Tensor::ones([b, sq], (Kind::Uint8, device)),
         };
-        masked = masked.maximum(&(applies.unsqueeze(2) * dropped.unsqueeze(1)));
+        // a pair is masked when key_keep applies to its row and drops its key
+        let pairs = |rows: Tensor, keys: Tensor| rows.unsqueeze(2) * keys.unsqueeze(1);
+        some_masked = some_masked.maximum(&pairs(
+            per_cell(&applies, 1, CELL_ROWS, false),
+            per_cell(&dropped, 1, CELL_KEYS, false),
+        ));
+        all_masked = all_masked.maximum(&pairs(
+            per_cell(&applies, 1, CELL_ROWS, true),
+            per_cell(&dropped, 1, CELL_KEYS, true),
+        ));
     }
     if let Some((blocks, kblock)) = mask.block_mask {
-        let nblk = blocks.size()[2];
-        // (B, nqc, nblk): some row of the cell does not see the block
-        let unseen = is_zero(blocks, device)
-            .constant_pad_nd([0, 0, 0, pad_q])
-            .view([b, nqc, CELL_ROWS, nblk])
-            .amax([2], false);
-        // each key's block, then (B, nqc, nkc): some key of the cell in an unseen block
+        let unseen = is_zero(blocks, device); // (B, Sq, nblk)
         let key_block =
             Tensor::arange(sk, (Kind::Int64, device)).divide_scalar_mode(kblock, "floor");
-        let unseen = unseen
-            .index_select(2, &key_block)
-            .constant_pad_nd([0, pad_k])
-            .view([b, nqc, nkc, CELL_KEYS])
-            .amax([3], false);
-        masked = masked.maximum(&unseen);
+        // (B, nqc, nblk): some / every row of the cell does not see the block; then per key
+        // (its block's), then per cell of keys
+        let keys_cells = |all: bool| {
+            let rows = per_cell(&unseen, 1, CELL_ROWS, all).index_select(2, &key_block);
+            per_cell(&rows, 2, CELL_KEYS, all)
+        };
+        some_masked = some_masked.maximum(&keys_cells(false));
+        all_masked = all_masked.maximum(&keys_cells(true));
     }
-    Some(masked.eq(0).to_kind(Kind::Uint8).contiguous())
+    let mut states = some_masked.eq(0).to_kind(Kind::Uint8) * WHOLE as i64;
+    if mark_empty {
+        // (disjoint from WHOLE: an empty cell has a masked pair)
+        states += all_masked * EMPTY as i64;
+    }
+    Some(states.contiguous())
 }
 
-/// The kernels' decision, spelled out on the host (`mask_cells_full` and the key-tail test of
-/// `tile_full` in cuda/attention.cu, for tests and tools): whether the tile of queries
-/// [q0, q0 + 128) (64-row tiles are checked over 128 rows too) and keys [k0, k0 + bn) of batch
-/// `b` skips per-element masking as far as the masks go. `full` from `full_cells`, on the CPU.
-pub fn tile_whole(full: &Tensor, b: i64, q0: i64, k0: i64, bn: i64, sk: i64) -> bool {
-    let (nqc, nkc) = (full.size()[1], full.size()[2]);
-    if k0 + bn > sk {
-        return false;
+/// Cells per tile window: 2 x 4 cells, 128 queries x 128 keys, the largest tile of any kernel.
+const WINDOW: (i64, i64) = (2, 4);
+
+/// What the kernels read (`mask_params` in attention.rs): `classify`'s cells turned into the
+/// states of the 128 x 128 windows starting at each cell, WHOLE (EMPTY) where every cell of the
+/// window is; cells past the last row or key cell count as either (rows past Sq are never
+/// stored, keys past Sk are masked by the kernels' own tail tests).
+pub fn tile_states(
+    mask: &AttentionMask,
+    b: i64,
+    sq: i64,
+    sk: i64,
+    device: Device,
+    mark_empty: bool,
+) -> Option<Tensor> {
+    let cells = classify(mask, b, sq, sk, device, mark_empty)?;
+    let every = |state: u8| window_any(&cells.ne(state as i64).to_kind(Kind::Uint8)).eq(0);
+    let states = every(WHOLE).to_kind(Kind::Uint8) * WHOLE as i64
+        + every(EMPTY).to_kind(Kind::Uint8) * EMPTY as i64;
+    Some(states.contiguous())
+}
+
+/// (B, nqc, nkc) u8 0/1: 1 where some cell of the window starting there is 1 (cells past the
+/// edges count as 0).
+fn window_any(t: &Tensor) -> Tensor {
+    let (nqc, nkc) = (t.size()[1], t.size()[2]);
+    let padded = t.constant_pad_nd([0, WINDOW.1 - 1, 0, WINDOW.0 - 1]);
+    let mut any = t.zeros_like();
+    for dq in 0..WINDOW.0 {
+        for dk in 0..WINDOW.1 {
+            any = any.maximum(&padded.narrow(1, dq, nqc).narrow(2, dk, nkc));
+        }
     }
-    let (qc_end, kc_end) = (
-        (q0 / CELL_ROWS + 2).min(nqc),
-        cells(k0 + bn, CELL_KEYS).min(nkc),
-    );
-    (q0 / CELL_ROWS..qc_end)
-        .all(|qc| (k0 / CELL_KEYS..kc_end).all(|kc| full.int64_value(&[b, qc, kc]) != 0))
+    any
+}
+
+/// The kernels' decision, spelled out on the host (`tile_full`'s mask and key-tail tests in
+/// cuda/attention.cu, for tests and tools): whether the tile of at most 128 queries from q0 and
+/// keys [k0, k0 + bn) (bn <= 128) of batch `b` skips per-element masking as far as the masks
+/// go. `states` from `tile_states`, on the CPU.
+pub fn tile_whole(states: &Tensor, b: i64, q0: i64, k0: i64, bn: i64, sk: i64) -> bool {
+    k0 + bn <= sk && tile_state(states, b, q0, k0) == WHOLE
+}
+
+/// `tile_empty` in cuda/attention.cu: whether the masks allow no pair of the tile.
+pub fn tile_empty(states: &Tensor, b: i64, q0: i64, k0: i64) -> bool {
+    tile_state(states, b, q0, k0) == EMPTY
+}
+
+/// `mask_tile_state` in cuda/attention.cu: the one byte a tile's decision reads.
+fn tile_state(states: &Tensor, b: i64, q0: i64, k0: i64) -> u8 {
+    states.int64_value(&[b, q0 / CELL_ROWS, k0 / CELL_KEYS]) as u8
 }
 
 fn cells(n: i64, per_cell: i64) -> i64 {
     (n + per_cell - 1) / per_cell
+}
+
+/// `t` (u8 0/1) reduced over groups of `per_cell` along `dim`, padded with 0 to whole groups:
+/// each group's maximum (`all` false: any) or minimum (`all` true: every).
+fn per_cell(t: &Tensor, dim: usize, per_cell: i64, all: bool) -> Tensor {
+    let mut size = t.size();
+    let n = size[dim];
+    let groups = cells(n, per_cell);
+    // (constant_pad_nd's pairs run from the last dim back)
+    let mut pad = vec![0i64; 2 * (size.len() - dim)];
+    if let Some(last) = pad.last_mut() {
+        *last = groups * per_cell - n;
+    }
+    size[dim] = per_cell;
+    size.insert(dim, groups);
+    let grouped = t.constant_pad_nd(pad).view(size.as_slice());
+    let within = [dim as i64 + 1];
+    match all {
+        true => grouped.amin(within, false),
+        false => grouped.amax(within, false),
+    }
 }
 
 /// 1 (u8) where a bool/u8 mask tensor is 0, on `device`.
@@ -104,9 +170,9 @@ mod tests {
     use super::*;
     use crate::attention::dense_mask;
 
-    /// The cells computed the slow way: the dense mask (causal off), padded with "allowed", all()
-    /// over each cell.
-    fn slow(mask: &AttentionMask, b: i64, sq: i64, sk: i64) -> Tensor {
+    /// The cells the slow way, from the dense mask (causal off) padded with "allowed": (every
+    /// pair allowed, no pair allowed), u8 each.
+    fn slow(mask: &AttentionMask, b: i64, sq: i64, sk: i64) -> (Tensor, Tensor) {
         let no_causal = AttentionMask {
             causal: false,
             ..*mask
@@ -118,10 +184,12 @@ mod tests {
             (Kind::Bool, Device::Cpu),
         );
         padded.narrow(1, 0, sq).narrow(2, 0, sk).copy_(&allowed);
-        padded
+        let grouped = padded
             .view([b, nqc, CELL_ROWS, nkc, CELL_KEYS])
-            .to_kind(Kind::Uint8)
-            .amin([2, 4], false)
+            .to_kind(Kind::Uint8);
+        let whole = grouped.amin([2, 4], false);
+        let none = grouped.amax([2, 4], false).eq(0).to_kind(Kind::Uint8);
+        (whole, none)
     }
 
     fn random_bool(shape: &[i64], p_true: f64, seed: i64) -> Tensor {
@@ -129,10 +197,11 @@ mod tests {
         Tensor::rand(shape, (Kind::Float, Device::Cpu)).lt(p_true)
     }
 
+    /// WHOLE exactly where the dense mask allows every pair; EMPTY only where it allows none, and
+    /// exactly there for a mask of one part; no EMPTY without `mark_empty`.
     #[test]
-    fn full_cells_match_the_dense_mask() {
-        let mut checked_full = 0;
-        let mut checked_partial = 0;
+    fn cells_match_the_dense_mask() {
+        let (mut whole, mut empty, mut mixed) = (0, 0, 0);
         for (seed, &(b, sq, sk, kblock)) in [
             (2i64, 1i64, 1i64, 1i64),
             (2, 100, 70, 17),
@@ -140,64 +209,94 @@ mod tests {
             (1, 64, 64, 64),
             (3, 130, 1000, 33),
             (2, 17, 4097, 5),
+            (2, 256, 512, 128),
         ]
         .iter()
         .enumerate()
         {
             let seed = seed as i64 * 10;
-            // mostly-true masks, so full cells exist; whole blocks and key runs dropped
+            // mostly-true masks, so whole cells exist; whole key runs and blocks dropped, so empty
+            // ones do
             let keep = random_bool(&[b, sk], 0.999, seed);
             let _ = keep.narrow(1, sk / 2, sk / 4).fill_(0);
             let flags = random_bool(&[b, sq], 0.3, seed + 1);
+            let _ = flags.narrow(1, 0, sq / 2).fill_(1);
             let nblk = cells(sk, kblock);
             let blocks = random_bool(&[b, sq, nblk], 0.9, seed + 2);
             let _ = blocks.get(0).narrow(1, nblk / 2, nblk - nblk / 2).fill_(0);
             let masks = [
-                AttentionMask {
-                    key_keep: Some(&keep),
-                    ..Default::default()
-                },
-                AttentionMask {
-                    key_keep: Some(&keep),
-                    query_flags: Some(&flags),
-                    ..Default::default()
-                },
-                AttentionMask {
-                    block_mask: Some((&blocks, kblock)),
-                    ..Default::default()
-                },
-                AttentionMask {
-                    causal: true,
-                    key_keep: Some(&keep),
-                    query_flags: Some(&flags),
-                    block_mask: Some((&blocks, kblock)),
-                },
+                (
+                    AttentionMask {
+                        key_keep: Some(&keep),
+                        ..Default::default()
+                    },
+                    true,
+                ),
+                (
+                    AttentionMask {
+                        key_keep: Some(&keep),
+                        query_flags: Some(&flags),
+                        ..Default::default()
+                    },
+                    true,
+                ),
+                (
+                    AttentionMask {
+                        block_mask: Some((&blocks, kblock)),
+                        ..Default::default()
+                    },
+                    true,
+                ),
+                (
+                    AttentionMask {
+                        causal: true,
+                        key_keep: Some(&keep),
+                        query_flags: Some(&flags),
+                        block_mask: Some((&blocks, kblock)),
+                    },
+                    false,
+                ),
             ];
-            for mask in &masks {
-                let got = full_cells(mask, b, sq, sk, Device::Cpu).expect("a mask part is set");
-                let want = slow(mask, b, sq, sk);
-                assert_eq!(got.size(), want.size(), "b {b} sq {sq} sk {sk}");
-                assert!(
-                    got.equal(&want),
-                    "b {b} sq {sq} sk {sk} kblock {kblock}: {got:?} vs {want:?}"
+            for (mask, one_part) in &masks {
+                let what = format!("b {b} sq {sq} sk {sk} kblock {kblock}");
+                let (want_whole, want_none) = slow(mask, b, sq, sk);
+                let got = classify(mask, b, sq, sk, Device::Cpu, true).expect("a mask part");
+                assert_eq!(got.size(), want_whole.size(), "{what}");
+                let got_whole = got.eq(WHOLE as i64).to_kind(Kind::Uint8);
+                let got_empty = got.eq(EMPTY as i64).to_kind(Kind::Uint8);
+                assert!(got_whole.equal(&want_whole), "{what}: whole cells differ");
+                // EMPTY is never wrong: no cell marked EMPTY allows a pair
+                let wrong = (&got_empty * want_none.eq(0).to_kind(Kind::Uint8)).sum(Kind::Int64);
+                assert_eq!(
+                    wrong.int64_value(&[]),
+                    0,
+                    "{what}: a cell with a pair called empty"
                 );
-                let full = got.sum(Kind::Int64).int64_value(&[]);
-                checked_full += full;
-                checked_partial += got.numel() as i64 - full;
+                if *one_part {
+                    assert!(got_empty.equal(&want_none), "{what}: empty cells differ");
+                }
+                let plain = classify(mask, b, sq, sk, Device::Cpu, false).unwrap();
+                assert!(plain.equal(&got_whole), "{what}: EMPTY without mark_empty");
+                let n_whole = got_whole.sum(Kind::Int64).int64_value(&[]);
+                let n_empty = got_empty.sum(Kind::Int64).int64_value(&[]);
+                whole += n_whole;
+                empty += n_empty;
+                mixed += got.numel() as i64 - n_whole - n_empty;
             }
         }
-        // the cases hold both kinds of cells (else the comparison says little)
+        // the cases hold every kind of cell (else the comparisons say little)
         assert!(
-            checked_full > 100 && checked_partial > 100,
-            "{checked_full} / {checked_partial}"
+            whole > 100 && empty > 100 && mixed > 100,
+            "{whole} whole, {empty} empty, {mixed} mixed"
         );
     }
 
     /// Every tile the kernels' lookup calls whole has no masked pair in its rows (64 or 128 of
-    /// them, the last tile cut at Sq) and keys, for every tile shape the kernels use; and
-    /// Mllama-shaped masks give whole tiles as well as partial ones.
+    /// them, the last tile cut at Sq) and keys, every tile it calls empty no allowed pair, for
+    /// every tile shape the kernels use; and Mllama-shaped masks give whole, empty and partial
+    /// tiles.
     #[test]
-    fn the_kernels_lookup_never_calls_a_masked_tile_whole() {
+    fn the_kernels_lookup_never_misjudges_a_tile() {
         let (b, sq, sk) = (2i64, 700i64, 900i64);
         let pos = Tensor::arange(sk.max(sq), (Kind::Int64, Device::Cpu));
         // vision: tiles of 200, the last 7 padded, the first sample's last tiles all padding
@@ -205,7 +304,7 @@ mod tests {
         let _ = pad.get(0).narrow(0, 400, sk.max(sq) - 400).fill_(1);
         let keep = pad.narrow(1, 0, sk).logical_not();
         let flags = pad.narrow(1, 0, sq);
-        // cross-attention: blocks of 300 keys, rows 0-2 see none, the first sample half of them
+        // cross-attention: blocks of 300 keys, rows 0-2 see none, the first sample 2 of 3
         let blocks = Tensor::ones([b, sq, 3], (Kind::Bool, Device::Cpu));
         let _ = blocks.get(0).narrow(1, 2, 1).fill_(0);
         let _ = blocks.narrow(1, 0, 3).fill_(0);
@@ -221,31 +320,36 @@ mod tests {
             },
         ];
         for mask in &masks {
-            let cells = full_cells(mask, b, sq, sk, Device::Cpu).unwrap();
+            let states = tile_states(mask, b, sq, sk, Device::Cpu, true).unwrap();
             let allowed = dense_mask(mask, b, sq, sk, Device::Cpu).view([b, sq, sk]);
-            let (mut whole, mut partial) = (0, 0);
+            let (mut whole, mut empty, mut partial) = (0, 0, 0);
             for (bm, bn) in [(128, 128), (128, 64), (128, 32), (64, 128), (64, 64)] {
                 for bi in 0..b {
                     for q0 in (0..sq).step_by(bm as usize) {
                         for k0 in (0..sk).step_by(bn as usize) {
-                            if !tile_whole(&cells, bi, q0, k0, bn, sk) {
-                                partial += 1;
-                                continue;
-                            }
-                            whole += 1;
                             let rows = bm.min(sq - q0);
-                            let tile = allowed.get(bi).narrow(0, q0, rows).narrow(1, k0, bn);
-                            assert!(
-                                tile.all().int64_value(&[]) != 0,
-                                "b{bi} q0 {q0} k0 {k0} {bm}x{bn} called whole"
-                            );
+                            let tile =
+                                allowed
+                                    .get(bi)
+                                    .narrow(0, q0, rows)
+                                    .narrow(1, k0, bn.min(sk - k0));
+                            let at = format!("b{bi} q0 {q0} k0 {k0} {bm}x{bn}");
+                            if tile_whole(&states, bi, q0, k0, bn, sk) {
+                                whole += 1;
+                                assert!(tile.all().int64_value(&[]) != 0, "{at} called whole");
+                            } else if tile_empty(&states, bi, q0, k0) {
+                                empty += 1;
+                                assert!(tile.any().int64_value(&[]) == 0, "{at} called empty");
+                            } else {
+                                partial += 1;
+                            }
                         }
                     }
                 }
             }
             assert!(
-                whole > 50 && partial > 50,
-                "{whole} whole, {partial} partial"
+                whole > 50 && empty > 20 && partial > 50,
+                "{whole} whole, {empty} empty, {partial} partial"
             );
         }
     }
@@ -257,13 +361,13 @@ mod tests {
             key_keep: Some(&keep),
             ..Default::default()
         };
-        let got = full_cells(&mask, 1, 3, 4, Device::Cpu).unwrap();
+        let got = classify(&mask, 1, 3, 4, Device::Cpu, true).unwrap();
         assert_eq!(got.size(), [1, 1, 1]);
         assert_eq!(got.int64_value(&[0, 0, 0]), 0);
         let causal_only = AttentionMask {
             causal: true,
             ..Default::default()
         };
-        assert!(full_cells(&causal_only, 1, 3, 4, Device::Cpu).is_none());
+        assert!(classify(&causal_only, 1, 3, 4, Device::Cpu, true).is_none());
     }
 }

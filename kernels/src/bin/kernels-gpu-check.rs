@@ -312,15 +312,21 @@ fn check_attention(c: &Case, tol: f64) -> Result<([f64; 4], Vec<String>), String
         .filter(|(_, e)| e.is_nan() || *e >= tol)
         .map(|((what, got, want), _)| format!("{what}: {}", mismatch_summary(got, want)))
         .collect();
-    // how much of the case variant 19's whole-tile path covers (none: only its partial path ran)
-    let v19 = attention::variant().is_ok_and(|v| v == Variant::V19);
-    if let Some(cells) = v19
-        .then(|| kernels::mask_cells::full_cells(&mask, c.b, c.sq, c.sk, dev))
-        .flatten()
-    {
-        let whole = cells.sum(Kind::Int64).int64_value(&[]);
+    // how much of the case the whole (v19, v20) and empty (v20) tile paths cover (none: only
+    // the per-element path ran)
+    let variant = attention::variant().ok();
+    let cells = matches!(variant, Some(Variant::V19 | Variant::V20))
+        .then(|| {
+            let mark_empty = variant == Some(Variant::V20);
+            kernels::mask_cells::classify(&mask, c.b, c.sq, c.sk, dev, mark_empty)
+        })
+        .flatten();
+    if let Some(cells) = cells {
+        let count = |state: u8| cells.eq(state as i64).sum(Kind::Int64).int64_value(&[]);
         notes.push(format!(
-            "mask cells (64 x 32): {whole} of {} whole",
+            "mask cells (64 x 32): {} whole, {} empty of {}",
+            count(kernels::mask_cells::WHOLE),
+            count(kernels::mask_cells::EMPTY),
             cells.numel()
         ));
     }
@@ -1175,10 +1181,10 @@ mod tests {
 
     use Variant::*;
 
-    /// The tile-structured mask cases give variant 19 whole tiles (its fast path) and partial
-    /// ones, at the 128 x 128 tiles of the Hopper kernels (the cells decided as the kernels do).
+    /// The tile-structured mask cases give variants 19 and 20 whole tiles, empty ones (v20) and
+    /// partial ones, at the 128 x 128 tiles of the Hopper kernels (decided as the kernels do).
     #[test]
-    fn the_tiled_mask_cases_cover_whole_and_partial_tiles() {
+    fn the_tiled_mask_cases_cover_whole_empty_and_partial_tiles() {
         let mut tiled = 0;
         for c in attention_cases() {
             if !matches!(c.mask, MaskKind::VisionTiles(_) | MaskKind::CrossTiles(_)) {
@@ -1186,22 +1192,26 @@ mod tests {
             }
             tiled += 1;
             let masks = Masks::new(&c, Device::Cpu);
-            let full = kernels::mask_cells::full_cells(&masks.view(), c.b, c.sq, c.sk, Device::Cpu)
-                .expect("a masked case");
-            let (mut whole, mut partial) = (0, 0);
+            let states =
+                kernels::mask_cells::tile_states(&masks.view(), c.b, c.sq, c.sk, Device::Cpu, true)
+                    .expect("a masked case");
+            let (mut whole, mut empty, mut partial) = (0, 0, 0);
             for b in 0..c.b {
                 for q0 in (0..c.sq).step_by(128) {
                     for k0 in (0..c.sk).step_by(128) {
-                        match kernels::mask_cells::tile_whole(&full, b, q0, k0, 128, c.sk) {
-                            true => whole += 1,
-                            false => partial += 1,
+                        if kernels::mask_cells::tile_whole(&states, b, q0, k0, 128, c.sk) {
+                            whole += 1;
+                        } else if kernels::mask_cells::tile_empty(&states, b, q0, k0) {
+                            empty += 1;
+                        } else {
+                            partial += 1;
                         }
                     }
                 }
             }
             assert!(
-                whole > 10 && partial > 5,
-                "{:?}: {whole} whole, {partial} partial",
+                whole > 10 && empty > 5 && partial > 5,
+                "{:?}: {whole} whole, {empty} empty, {partial} partial",
                 c.mask
             );
         }
