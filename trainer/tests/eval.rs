@@ -34,11 +34,14 @@ fn eval(out: &Path, extra: &[&str]) -> (i32, String) {
 }
 
 fn eval_bench(out: &Path, bench: &Path, extra: &[&str]) -> (i32, String) {
-    let dir = setup();
+    eval_model(&setup().join("model"), out, bench, extra)
+}
+
+fn eval_model(model: &Path, out: &Path, bench: &Path, extra: &[&str]) -> (i32, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
         .args(["eval", "--turns", "2", "--max-new-tokens", "6"])
         .arg("--model")
-        .arg(dir.join("model"))
+        .arg(model)
         .arg("--data")
         .arg(bench)
         .arg("--image-root")
@@ -219,6 +222,59 @@ fn reruns_keep_earlier_predictions_and_refuse_other_settings() {
     assert_eq!(
         std::fs::read(out.join("predictions.jsonl")).unwrap(),
         before
+    );
+}
+
+/// The base model's config.json re-saved between runs (other bytes, the same content) resumes,
+/// as a training run's resume does; a changed content is refused, naming the key; settings.json
+/// of a trainer that recorded only the bytes' sha256 is compared by that.
+#[test]
+fn a_resaved_base_config_resumes_and_a_changed_one_is_refused() {
+    let dir = setup();
+    // (an own copy: this test rewrites its config.json)
+    let model = dir.join("model-resaved");
+    let mut cfg = common::resaved_model(&dir.join("model"), &model);
+    let first = std::fs::read(model.join("config.json")).unwrap();
+    let (out, bench) = (dir.join("out-resaved"), dir.join("bench.jsonl"));
+    let (code, err) = eval_model(&model, &out, &bench, &[]);
+    assert_eq!(code, 0, "{err}");
+    let predictions = std::fs::read(out.join("predictions.jsonl")).unwrap();
+    // re-saved: compact, another transformers_version, torch_dtype renamed
+    cfg["transformers_version"] = "5.0.0".into();
+    if let Some(dtype) = cfg.as_object_mut().unwrap().remove("torch_dtype") {
+        cfg["dtype"] = dtype;
+    }
+    std::fs::write(model.join("config.json"), cfg.to_string()).unwrap();
+    let (code, err) = eval_model(&model, &out, &bench, &[]);
+    assert_eq!(code, 0, "{err}");
+    let now = std::fs::read(out.join("predictions.jsonl")).unwrap();
+    assert_eq!(now, predictions, "nothing regenerated");
+    // settings of an older trainer (the bytes' sha256 only): other bytes are refused ...
+    let settings = out.join("settings.json");
+    let kept = std::fs::read(&settings).unwrap();
+    let mut old: Value = serde_json::from_slice(&kept).unwrap();
+    old["model"].as_object_mut().unwrap().remove("model_config");
+    std::fs::write(&settings, old.to_string()).unwrap();
+    let (code, err) = eval_model(&model, &out, &bench, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("model.model_config_sha256 there"), "{err}");
+    // ... and the same bytes resume
+    std::fs::write(model.join("config.json"), &first).unwrap();
+    let (code, err) = eval_model(&model, &out, &bench, &[]);
+    assert_eq!(code, 0, "{err}");
+    // a changed model: refused, naming what changed
+    std::fs::write(&settings, &kept).unwrap();
+    cfg["text_config"]["rope_parameters"]["rope_theta"] = 1234.0.into();
+    std::fs::write(model.join("config.json"), cfg.to_string()).unwrap();
+    let (code, err) = eval_model(&model, &out, &bench, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("model.model_config.text_config.rope_parameters.rope_theta there 500000.0"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("predictions.jsonl")).unwrap(),
+        predictions
     );
 }
 

@@ -262,19 +262,28 @@ const SAVE_KEYS: [&str; 4] = [
 /// Whether config.json's `bytes` describe the model `recorded` (a manifest's `model_config`)
 /// does: the same JSON content but for `SAVE_KEYS` at any depth.
 pub fn same_model_config(recorded: &Value, bytes: &[u8]) -> bool {
-    fn strip(v: &Value) -> Value {
-        match v {
-            Value::Object(o) => Value::Object(
-                o.iter()
-                    .filter(|(k, _)| !SAVE_KEYS.contains(&k.as_str()))
-                    .map(|(k, v)| (k.clone(), strip(v)))
-                    .collect(),
-            ),
-            other => other.clone(),
-        }
+    !recorded.is_null()
+        && model_config_content(bytes).is_some_and(|c| c == without_save_keys(recorded))
+}
+
+/// What config.json's `bytes` say the model is: their JSON without `SAVE_KEYS` at any depth (None
+/// when they are not JSON).
+pub fn model_config_content(bytes: &[u8]) -> Option<Value> {
+    serde_json::from_slice(bytes)
+        .ok()
+        .map(|v: Value| without_save_keys(&v))
+}
+
+fn without_save_keys(v: &Value) -> Value {
+    match v {
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .filter(|(k, _)| !SAVE_KEYS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), without_save_keys(v)))
+                .collect(),
+        ),
+        other => other.clone(),
     }
-    let current: Option<Value> = serde_json::from_slice(bytes).ok();
-    !recorded.is_null() && current.is_some_and(|c| strip(&c) == strip(recorded))
 }
 
 /// Checks that `model_dir` is the base checkpoint `m` was trained on: its config.json has the

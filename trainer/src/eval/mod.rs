@@ -301,10 +301,12 @@ pub struct EvalOptions {
 }
 
 /// What predictions are made with, for `EvalOptions::made_with`: the model and adapter folders
-/// (canonical paths) and their contents' fingerprints: sha256 of the adapter's files, of the
-/// model's config.json, and the names and sizes of its weight files (hashing 20 GB would take
-/// minutes; modification times differ between per-node copies). A resume with a retrained
-/// adapter in the same folder is then refused.
+/// (canonical paths) and their contents' fingerprints: sha256 of the adapter's files, the model's
+/// config.json content (compared as a resumed training run compares it: a copy re-indented or
+/// re-saved by another transformers is the same model, `checkpoint::same_model_config`) and the
+/// sha256 of its bytes (what older settings recorded), and the names and sizes of its weight
+/// files (hashing 20 GB would take minutes; modification times differ between per-node copies).
+/// A resume with a retrained adapter in the same folder is then refused.
 pub fn made_with(
     model: &Path,
     adapter: Option<&Path>,
@@ -335,6 +337,9 @@ pub fn made_with(
     let mut v = serde_json::json!({
         "model": canonical(model),
         "model_config_sha256": sha(&model.join("config.json")),
+        "model_config": std::fs::read(model.join("config.json"))
+            .ok()
+            .and_then(|b| crate::checkpoint::model_config_content(&b)),
         "model_weights": weights,
         "adapter": adapter.map(canonical),
         "adapter_sha256": adapter.map(|a| [sha(&a.join("adapter_config.json")), sha(&a.join("adapter_model.safetensors"))]),
@@ -473,7 +478,8 @@ fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result
             out.display()
         )));
     }
-    let (there, here) = (what_predicts(&before), what_predicts(now));
+    let (mut there, mut here) = (what_predicts(&before), what_predicts(now));
+    config_compared(&mut there, &mut here);
     if there != here {
         let mut differ = differing_keys(&there, &here, "");
         if differ.is_empty() {
@@ -530,9 +536,37 @@ fn fingerprint(v: &serde_json::Value) -> i64 {
     i64::from_str_radix(&hex[..15], 16).expect("hex digits")
 }
 
+/// The base model's config as two settings are compared: by content when the earlier one
+/// recorded it (so a re-saved copy is the same model), else by the sha256 of its bytes (settings
+/// written before the content was recorded); the other fingerprint is dropped from both.
+fn config_compared(there: &mut serde_json::Value, here: &mut serde_json::Value) {
+    let by_content = config_content_recorded(there);
+    keep_one_config_fingerprint(there, by_content);
+    keep_one_config_fingerprint(here, by_content);
+}
+
+fn config_content_recorded(settings: &serde_json::Value) -> bool {
+    settings
+        .pointer("/model/model_config")
+        .is_some_and(|c| !c.is_null())
+}
+
+/// Drops the config fingerprint not compared: the bytes' sha256 when `by_content`, else the
+/// content.
+fn keep_one_config_fingerprint(settings: &mut serde_json::Value, by_content: bool) {
+    if let Some(model) = settings.get_mut("model").and_then(|m| m.as_object_mut()) {
+        model.remove(match by_content {
+            true => "model_config_sha256",
+            false => "model_config",
+        });
+    }
+}
+
 /// What predictions depend on, without the folders' paths (their files' fingerprints stay).
 fn settings_content(settings: &serde_json::Value) -> serde_json::Value {
     let mut v = what_predicts(settings);
+    let by_content = config_content_recorded(&v);
+    keep_one_config_fingerprint(&mut v, by_content);
     if let Some(model) = v.get_mut("model").and_then(|m| m.as_object_mut()) {
         model.remove("model");
         model.remove("adapter");
