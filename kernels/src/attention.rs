@@ -102,8 +102,8 @@ const THREADS: u32 = 128;
 /// to `V10` pair V7's forward with newer backwards. `V12` is V10 with a
 /// persistent forward; `V13` pairs V7's forward with V12's backward; `V14` is V13
 /// with head dim 80 (and 64 in the backward) zero-padded to 128 on Hopper; `V15` is V14 with dQ
-/// added from registers in the backward (the default); `V16` is V15 with a third of the backward's exp2s on the
-/// FMA pipe; `V17` is V13 with causal blocks started longest first, `V18` V16 with that order;
+/// added from registers in the backward (the default); `V16` is V15 with a third of the
+/// backward's exp2s on the FMA pipe; `V17` is V13 with causal blocks started longest first, `V18` V16 with that order;
 /// `V19` is V15 with the masks' whole tiles found from per-call cells (`mask_cells`), `V20` V19
 /// with their empty tiles too.
 /// (There is no
@@ -147,7 +147,7 @@ pub enum Variant {
     V13 = 13,
     /// V13, with head dim 80 (the vision tower's) zero-padded to 128 in both passes and 64 in the
     /// backward, so they run the Hopper kernels instead of variants 3 and 2 (see
-    /// `kernel_head_dim`). Measured on an H200 (2026-11-28): d80 forward+backward 1.35-2.3x V13.
+    /// `kernel_head_dim`). Measured on an H200 (2026-11-28): d80 forward+backward 1.35-2.24x V13.
     V14 = 14,
     /// V14 with its own backward: V12's with dQ added to the fp32 accumulator by vector
     /// reductions straight from the registers instead of staged in shared memory for a bulk
@@ -158,14 +158,14 @@ pub enum Variant {
     V16 = 16,
     /// V13's kernels with causal blocks started longest first, in groups of (batch, head) pairs
     /// (`lpt_group`): in grid order the last head's longest tiles start a fraction of a wave
-    /// before the end. Falls back as V13. (H200, 2026-11-28: causal forward 0.90-0.97x V13 at
+    /// before the end. Falls back as V13. (H200, 2026-11-28: causal forward 0.90-1.01x V13 at
     /// d128; not kept.)
     V17 = 17,
     /// V16 with V17's block order. Falls back as V16. (H200, 2026-11-28: no faster than V15.)
     V18 = 18,
     /// V15's kernels, told which tiles of a masked call (key padding, Mllama's vision and
     /// cross-attention masks) need no per-element masking: the host computes the 64 x 32 cells the
-    /// masks allow completely (`mask_cells::full_cells`), where before every tile of a call with
+    /// masks allow completely (`mask_cells::tile_states`), where before every tile of a call with
     /// any mask part loaded the mask per element. H200, 2026-11-28: the model's cross-attention
     /// 2.2x V15 forward+backward, its vision attention 2.2x; unmasked calls run V15 unchanged.
     /// Not the default yet: the correctness cases of that run had no whole masked tile (only its
