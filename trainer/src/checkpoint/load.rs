@@ -25,23 +25,45 @@ use crate::optim::AdamW;
 const FIX: &str =
     "start over with `--set checkpoint.resume=never` (or point checkpoint.dir elsewhere)";
 
-/// What a damaged checkpoint's error says to do first (`name_older` names the folder).
-const ANOTHER_STEP: &str = "resume from another `step-N` folder with `--set checkpoint.resume=DIR`";
+/// A checkpoint folder whose files are missing, truncated, corrupt or not what its manifest says,
+/// in words that fit every reader: each caller adds its own way on (`resume_advice` for a
+/// training run's resume, `for_reading` for infer, eval and export).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Damaged(pub String);
 
-/// A damaged checkpoint's error with the complete checkpoint before it named as the way on.
-fn name_older(e: anyhow::Error, dir: &Path) -> anyhow::Error {
-    let msg = format!("{e:#}");
-    match older_checkpoint(dir) {
-        Some(older) if msg.contains(ANOTHER_STEP) => anyhow!(msg.replace(
-            ANOTHER_STEP,
-            &format!(
-                "resume from another `step-N` folder, e.g. the one before it: \
-                 `--set checkpoint.resume={}`",
-                older.display()
-            )
-        )),
-        _ => e,
+/// A checkpoint of another format version (every step folder of its run has it): the message
+/// names the trainer to use; a resume adds starting over.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct OtherVersion(pub String);
+
+fn damaged(what: String) -> anyhow::Error {
+    anyhow::Error::new(Damaged(what))
+}
+
+fn is_damaged(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Damaged>())
+}
+
+/// A resume's error with its ways on when the checkpoint is damaged: another step folder (the
+/// complete one before it, named) or starting over.
+fn resume_advice(e: anyhow::Error, dir: &Path) -> anyhow::Error {
+    if e.chain().any(|c| c.is::<OtherVersion>()) {
+        return anyhow!("{e:#}, or {FIX}");
     }
+    if !is_damaged(&e) {
+        return e;
+    }
+    let another = match older_checkpoint(dir) {
+        Some(older) => format!(
+            "resume from another `step-N` folder, e.g. the one before it: \
+             `--set checkpoint.resume={}`",
+            older.display()
+        ),
+        None => "resume from another `step-N` folder with `--set checkpoint.resume=DIR`".into(),
+    };
+    anyhow!("{e:#}; {another}, or {FIX}")
 }
 
 /// What `resume` restored.
@@ -259,7 +281,7 @@ fn load_resumed(
     // rank must then take the same branches; another node may not see the file yet)
     let rank0 = pg.rank() == 0;
     let local = load_into(&dir, pg.world_size(), plan, config, trainable, opt)
-        .map_err(|e| name_older(e, &dir))
+        .map_err(|e| resume_advice(e, &dir))
         .and_then(|m| {
             let record = match rank0 {
                 true => super::validation::read_record(&dir, m.step)?,
@@ -308,15 +330,8 @@ fn load_into(
     trainable: &mut Trainable,
     opt: &mut AdamW,
 ) -> Result<Manifest> {
-    // (a damaged manifest's error names the checkpoint before it, to resume from instead; one
-    // that says to resume from another step folder gets it named by `name_older`)
-    let m = read_manifest(dir).map_err(|e| match older_checkpoint(dir) {
-        Some(older) if !format!("{e:#}").contains(ANOTHER_STEP) => anyhow!(
-            "{e:#}; or go on from the checkpoint before it: --set checkpoint.resume={}",
-            older.display()
-        ),
-        _ => e,
-    })?;
+    // (a damaged manifest's error gets its ways on from the caller, `resume_advice`)
+    let m = read_manifest(dir)?;
     check_identity(dir, &m, config)?;
     let global = config.train.global_batch(world);
     if m.data.global_batch != global {
@@ -614,10 +629,10 @@ fn check_sha256(path: &Path, bytes: &[u8], expected: &str) -> Result<()> {
     let digest = super::sha256_hex(bytes);
     // (hex in either case: a checksum written by another tool may be upper case)
     if !digest.eq_ignore_ascii_case(expected) {
-        bail!(
-            "checkpoint file {} is corrupt: sha256 {digest}, the manifest says {expected}; {ANOTHER_STEP}, or {FIX}",
+        return Err(damaged(format!(
+            "checkpoint file {} is corrupt: sha256 {digest}, the manifest says {expected}",
             path.display(),
-        );
+        )));
     }
     Ok(())
 }
@@ -629,22 +644,27 @@ fn check_manifest_checksum(dir: &Path, path: &Path, text: &[u8]) -> Result<()> {
     let line = match std::fs::read_to_string(&sum_path) {
         Ok(line) => line,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => bail!("{} cannot be read ({e}): {FIX}", sum_path.display()),
+        Err(e) => {
+            return Err(damaged(format!(
+                "{} cannot be read ({e})",
+                sum_path.display()
+            )))
+        }
     };
     let Some(expected) = super::manifest::parse_checksum_line(&line) else {
-        bail!(
-            "{} is damaged (expected `<sha256>  manifest.json`): {FIX}",
+        return Err(damaged(format!(
+            "{} is damaged (expected `<sha256>  manifest.json`)",
             sum_path.display()
-        );
+        )));
     };
     let digest = super::sha256_hex(text);
     if !digest.eq_ignore_ascii_case(expected) {
-        bail!(
-            "checkpoint manifest {} is corrupt: sha256 {digest}, {} says {expected} (edited on purpose? then `sha256sum manifest.json > {}` in that folder records the edit); {ANOTHER_STEP}, or {FIX}",
+        return Err(damaged(format!(
+            "checkpoint manifest {} is corrupt: sha256 {digest}, {} says {expected} (edited on purpose? then `sha256sum manifest.json > {}` in that folder records the edit)",
             path.display(),
             sum_path.display(),
             super::manifest::CHECKSUM_FILE
-        );
+        )));
     }
     Ok(())
 }
@@ -676,14 +696,16 @@ pub fn for_reading(e: anyhow::Error, dir: &Path) -> anyhow::Error {
             return anyhow!("checkpoint {}: no such folder", dir.display());
         }
     }
-    let instead = match older_checkpoint(dir) {
-        Some(o) => format!("use another step-N folder of the run, e.g. {}", o.display()),
-        None => "use another step-N folder of the run".to_string(),
-    };
-    let msg = format!("{e:#}")
-        .replace(&format!("{ANOTHER_STEP}, or {FIX}"), &instead)
-        .replace(FIX, &instead);
-    anyhow!(msg)
+    if !is_damaged(&e) {
+        return e;
+    }
+    match older_checkpoint(dir) {
+        Some(o) => anyhow!(
+            "{e:#}; use another step-N folder of the run, e.g. {}",
+            o.display()
+        ),
+        None => anyhow!("{e:#}; use another step-N folder of the run"),
+    }
 }
 
 /// The newest complete checkpoint beside step folder `dir` of an older step. (Its run cannot be
@@ -703,38 +725,39 @@ fn older_checkpoint(dir: &Path) -> Option<PathBuf> {
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&path).map_err(|e| {
-        anyhow!(
-            "checkpoint manifest {} cannot be read ({e}); the checkpoint is incomplete: {FIX}",
+        damaged(format!(
+            "checkpoint manifest {} cannot be read ({e}); the checkpoint is incomplete",
             path.display()
-        )
+        ))
     })?;
     check_manifest_checksum(dir, &path, text.as_bytes())?;
     let v: Value = serde_json::from_str(&text).map_err(|e| {
-        anyhow!(
-            "checkpoint manifest {} is not valid JSON ({e}): {FIX}",
+        damaged(format!(
+            "checkpoint manifest {} is not valid JSON ({e})",
             path.display()
-        )
+        ))
     })?;
     if v.get("format").and_then(Value::as_str) != Some(FORMAT) {
-        bail!(
-            "{} is not a {FORMAT} manifest (format {}): {FIX}",
+        return Err(damaged(format!(
+            "{} is not a {FORMAT} manifest (format {})",
             path.display(),
             v.get("format").unwrap_or(&Value::Null)
-        );
+        )));
     }
     let version = v.get("version").and_then(Value::as_u64);
     if version != Some(VERSION) {
-        bail!(
-            "checkpoint manifest {} has format version {}, this trainer reads version {VERSION}; use a trainer of that version (or `trainer export` with it), or {FIX}",
+        // (not damaged: the other step folders of its run have that version too)
+        return Err(anyhow::Error::new(OtherVersion(format!(
+            "checkpoint manifest {} has format version {}, this trainer reads version {VERSION}; use a trainer of that version (or `trainer export` with it)",
             path.display(),
             v.get("version").unwrap_or(&Value::Null)
-        );
+        ))));
     }
     let m: Manifest = serde_json::from_value(v).map_err(|e| {
-        anyhow!(
-            "checkpoint manifest {} is malformed ({e}): {FIX}",
+        damaged(format!(
+            "checkpoint manifest {} is malformed ({e})",
             path.display()
-        )
+        ))
     })?;
     // plain names inside the folder: a damaged or crafted manifest must not make the trainer map
     // (and export copy out) files elsewhere
@@ -745,12 +768,12 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
         .enumerate()
         .find(|(r, f)| f.file != super::rank_file_name(*r, world))
     {
-        bail!(
-            "checkpoint manifest {} names the file {:?} where rank file {:?} belongs: {FIX}",
+        return Err(damaged(format!(
+            "checkpoint manifest {} names the file {:?} where rank file {:?} belongs",
             path.display(),
             f.1.file,
             super::rank_file_name(f.0, world)
-        );
+        )));
     }
     Ok(m)
 }
@@ -824,18 +847,18 @@ impl<'m> Reader<'m> {
         for f in &m.files {
             let path = dir.join(&f.file);
             let meta = std::fs::metadata(&path).map_err(|e| {
-                anyhow!(
-                    "checkpoint file {} is missing ({e}); the checkpoint is damaged: {ANOTHER_STEP}, or {FIX}",
+                damaged(format!(
+                    "checkpoint file {} is missing ({e}); the checkpoint is damaged",
                     path.display()
-                )
+                ))
             })?;
             if meta.len() != f.bytes {
-                bail!(
-                    "checkpoint file {} is truncated or damaged: {} bytes, the manifest says {}; {ANOTHER_STEP}, or {FIX}",
+                return Err(damaged(format!(
+                    "checkpoint file {} is truncated or damaged: {} bytes, the manifest says {}",
                     path.display(),
                     meta.len(),
                     f.bytes
-                );
+                )));
             }
         }
         let mut params = HashMap::new();
@@ -913,10 +936,10 @@ impl<'m> Reader<'m> {
                 check_sha256(&path, &map, &entry.sha256)?;
             }
             let bad = || {
-                anyhow!(
-                    "checkpoint file {} has a malformed safetensors header; {FIX}",
+                damaged(format!(
+                    "checkpoint file {} has a malformed safetensors header",
                     path.display()
-                )
+                ))
             };
             if map.len() < 8 {
                 return Err(bad());
@@ -1073,10 +1096,10 @@ impl<'m> TrainedParams<'m> {
                     .is_some_and(|end| end <= self.file_elems)
         };
         let Some(numel) = checked_numel(&shape).filter(fits) else {
-            bail!(
-                "checkpoint {}: parameter {name} has shape {shape:?} at offset {offset}, outside the checkpoint's data (a damaged manifest?); {FIX}",
+            return Err(damaged(format!(
+                "checkpoint {}: parameter {name} has shape {shape:?} at offset {offset}, outside the checkpoint's data (a damaged manifest?)",
                 self.reader.dir.display()
-            );
+            )));
         };
         let mut buf = vec![0f32; numel as usize];
         self.reader
@@ -1092,7 +1115,7 @@ pub fn read_full(dir: &Path) -> Result<(Manifest, Vec<(String, Tensor)>)> {
     let mut out = vec![];
     // sizes come from the manifest: checked against the files before anything is allocated
     let file_elems = file_elems(&m);
-    let damaged = |what: String| anyhow!("checkpoint {}: {what}; {FIX}", dir.display());
+    let damaged = |what: String| damaged(format!("checkpoint {}: {what}", dir.display()));
     for t in m.tensors.iter().filter(|t| t.state == "param") {
         let len = match t.shape[..] {
             [n] if (0..=file_elems).contains(&n) => n,
