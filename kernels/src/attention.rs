@@ -165,7 +165,7 @@ pub enum Variant {
     V18 = 18,
     /// V15's kernels, told which tiles of a masked call (key padding, Mllama's vision and
     /// cross-attention masks) need no per-element masking: the host computes the 64 x 32 cells the
-    /// masks allow completely (`mask_cells::tile_states`), where before every tile of a call with
+    /// masks allow completely (`mask_cells::classify`), where before every tile of a call with
     /// any mask part loaded the mask per element. H200, 2026-11-28: the model's cross-attention
     /// 2.2x V15 forward+backward, its vision attention 2.2x; unmasked calls run V15 unchanged.
     /// Not the default yet: the correctness cases of that run had no whole masked tile (only its
@@ -998,9 +998,10 @@ fn attach_mask_cells(
         return;
     }
     let mark_empty = variant == Variant::V20;
-    if let Some(cells) = crate::mask_cells::tile_states(mask, d.b, d.sq, d.sk, device, mark_empty) {
-        p.mask_cells = cells.data_ptr() as u64;
-        keep.push(cells);
+    if let Some(cells) = crate::mask_cells::classify(mask, d.b, d.sq, d.sk, device, mark_empty) {
+        let states = crate::mask_cells::tile_states(&cells);
+        p.mask_cells = states.data_ptr() as u64;
+        keep.push(states);
     }
 }
 

@@ -81,23 +81,15 @@ pub fn classify(
 /// Cells per tile window: 2 x 4 cells, 128 queries x 128 keys, the largest tile of any kernel.
 const WINDOW: (i64, i64) = (2, 4);
 
-/// What the kernels read (`mask_params` in attention.rs): `classify`'s cells turned into the
-/// states of the 128 x 128 windows starting at each cell, WHOLE (EMPTY) where every cell of the
-/// window is; cells past the last row or key cell count as either (rows past Sq are never
+/// What the kernels read (`attach_mask_cells` in attention.rs): `classify`'s cells turned into
+/// the states of the 128 x 128 windows starting at each cell, WHOLE (EMPTY) where every cell of
+/// the window is; cells past the last row or key cell count as either (rows past Sq are never
 /// stored, keys past Sk are masked by the kernels' own tail tests).
-pub fn tile_states(
-    mask: &AttentionMask,
-    b: i64,
-    sq: i64,
-    sk: i64,
-    device: Device,
-    mark_empty: bool,
-) -> Option<Tensor> {
-    let cells = classify(mask, b, sq, sk, device, mark_empty)?;
+pub fn tile_states(cells: &Tensor) -> Tensor {
     let every = |state: u8| window_any(&cells.ne(state as i64).to_kind(Kind::Uint8)).eq(0);
     let states = every(WHOLE).to_kind(Kind::Uint8) * WHOLE as i64
         + every(EMPTY).to_kind(Kind::Uint8) * EMPTY as i64;
-    Some(states.contiguous())
+    states.contiguous()
 }
 
 /// (B, nqc, nkc) u8 0/1: 1 where some cell of the window starting there is 1 (cells past the
@@ -320,7 +312,7 @@ mod tests {
             },
         ];
         for mask in &masks {
-            let states = tile_states(mask, b, sq, sk, Device::Cpu, true).unwrap();
+            let states = tile_states(&classify(mask, b, sq, sk, Device::Cpu, true).unwrap());
             let allowed = dense_mask(mask, b, sq, sk, Device::Cpu).view([b, sq, sk]);
             let (mut whole, mut empty, mut partial) = (0, 0, 0);
             for (bm, bn) in [(128, 128), (128, 64), (128, 32), (64, 128), (64, 64)] {
