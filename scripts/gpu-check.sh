@@ -24,7 +24,8 @@ BIN="${GPU_BIN:-.gpu-bin}"
 [ -x "$BIN/kernels-gpu-check" ] || BIN=target/release
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2>&1 || echo "nvidia-smi: not available"; date -u; } | tee "$OUT/device.txt"
 status=0
-# model_gpu runs again with each candidate for the default (MODEL_VARIANTS=: none)
+# model_gpu runs again with each candidate for the default (MODEL_VARIANTS=: none; at most two,
+# each keeps a log beside the bundle and the device machine returns 8 files)
 MODEL_VARIANTS="${MODEL_VARIANTS-v19,v20}"
 # The device machine sends back at most 8 files from $OUT: on exit every log goes into one
 # gpu-check-logs.tar.gz (training checkpoints left out), and only the files read first stay
