@@ -626,6 +626,11 @@ pub(crate) fn sync_file(path: &Path) -> anyhow::Result<()> {
 /// cannot sync folders at all (EINVAL or EOPNOTSUPP, as some FUSE and SMB mounts answer) gets one
 /// warning and no error, or every save would fail there; other errors name the folder.
 pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    // (the parent of a bare file name, `--out sco.jsonl`, is the empty path: the working folder)
+    let dir = match dir.as_os_str().is_empty() {
+        true => Path::new("."),
+        false => dir,
+    };
     match std::fs::File::open(dir).and_then(|f| f.sync_all()) {
         Err(e) if [libc::EINVAL, libc::EOPNOTSUPP].contains(&e.raw_os_error().unwrap_or(0)) => {
             static WARNED: std::sync::Once = std::sync::Once::new();
@@ -714,6 +719,15 @@ pub(crate) fn list_dir(dir: &Path) -> std::io::Result<Listing> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bare file name's parent is the empty path: its folder is the working one (`--out
+    /// sco.jsonl` wrote the file, then failed syncing "").
+    #[test]
+    fn the_folder_of_a_bare_file_name_syncs() {
+        let bare = Path::new("sco.jsonl").parent().unwrap();
+        assert!(bare.as_os_str().is_empty());
+        fsync_dir(bare).unwrap();
+    }
 
     /// The ranges the ranks write cover the flat tensor once, each inside the shard its rank
     /// holds, for any element count against shard groups and replicas (fewer elements than
