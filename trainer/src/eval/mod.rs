@@ -334,12 +334,12 @@ pub fn made_with(
         })
         .unwrap_or_default();
     weights.sort_by_key(|v| v.to_string());
+    // (read once: its bytes' sha256 and its content are both recorded)
+    let config = std::fs::read(model.join("config.json")).ok();
     let mut v = serde_json::json!({
         "model": canonical(model),
-        "model_config_sha256": sha(&model.join("config.json")),
-        "model_config": std::fs::read(model.join("config.json"))
-            .ok()
-            .and_then(|b| crate::checkpoint::model_config_content(&b)),
+        "model_config_sha256": config.as_deref().map(crate::checkpoint::sha256_hex).unwrap_or_default(),
+        "model_config": config.as_deref().and_then(crate::checkpoint::model_config_content),
         "model_weights": weights,
         "adapter": adapter.map(canonical),
         "adapter_sha256": adapter.map(|a| [sha(&a.join("adapter_config.json")), sha(&a.join("adapter_model.safetensors"))]),
