@@ -396,6 +396,92 @@ fn a_checkpoint_dir_in_use_by_another_run_is_refused() {
     assert!(out.join("ckpt/step-00000001").exists());
 }
 
+/// A second run writing into a train.output_dir another run holds is refused before the model
+/// loads, at world 1 and 2, naming the holder: its metrics.jsonl lines would interleave with the
+/// other run's and its adapter replace the other's. The holder's metrics.jsonl stays as it was.
+/// Once the holder is gone, a fresh run there moves the earlier run's files aside, not over them.
+#[test]
+fn an_output_dir_in_use_by_another_run_is_refused_before_the_model_loads() {
+    let out = fresh("out-dir-locked");
+    let held = common::hold_lock(&out, ".llava-sco-train.lock");
+    let earlier = "{\"step\": 1, \"loss\": 9.0}\n";
+    std::fs::write(out.join("metrics.jsonl"), earlier).unwrap();
+    std::fs::write(out.join("adapter_config.json"), "{}").unwrap();
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
+    for world in [1, 2] {
+        let o = run(&out, world, train, &["checkpoint.every_steps=1"], &[]);
+        assert_ne!(o.code, Some(0), "{}", o.stderr);
+        assert!(
+            o.stderr.contains("train.output_dir")
+                && o.stderr.contains("is in use by another training run")
+                && o.stderr.contains("otherhost"),
+            "{}",
+            o.stderr
+        );
+        assert!(
+            !o.stderr.contains("weights: this rank read"),
+            "{}",
+            o.stderr
+        );
+        assert!(!out.join("ckpt/step-00000001").exists());
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        assert_eq!(metrics, earlier);
+    }
+    drop(held);
+    let o = ok(run(&out, 1, train, &[], &[]), "after the other run");
+    assert!(o.stderr.contains("moved into"), "{}", o.stderr);
+    assert_eq!(metrics(&out).len(), 1);
+    let aside: Vec<PathBuf> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("previous-run-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let kept = std::fs::read_to_string(aside[0].join("metrics.jsonl")).unwrap();
+    assert_eq!(kept, earlier);
+    assert_eq!(
+        std::fs::read_to_string(aside[0].join("adapter_config.json")).unwrap(),
+        "{}"
+    );
+    // this run's adapter is the one in the folder now
+    assert!(std::fs::read_to_string(out.join("adapter_config.json"))
+        .unwrap()
+        .contains("lora"));
+}
+
+/// A train.output_dir rank 0 cannot create fails the run before the model loads (not at the end,
+/// with the adapter), naming the key and the folder.
+#[test]
+fn unwritable_output_dir_fails_before_the_model_loads() {
+    let out = fresh("unwritable-out");
+    std::fs::create_dir_all(&out).unwrap();
+    let file = out.join("a-file");
+    std::fs::write(&file, "not a folder").unwrap();
+    let set = format!("train.output_dir={}", file.join("out").display());
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
+    for world in [1, 2] {
+        let o = run(&out, world, train, &[&set], &[]);
+        assert_eq!(o.code, Some(1), "{}", o.stderr);
+        assert!(
+            o.stderr.contains("train.output_dir") && o.stderr.contains("is not writable"),
+            "{}",
+            o.stderr
+        );
+        assert!(o.stderr.contains("a-file/out"), "{}", o.stderr);
+        assert!(
+            !o.stderr.contains("weights: this rank read"),
+            "{}",
+            o.stderr
+        );
+    }
+}
+
 /// A newest checkpoint whose manifest is damaged: the error names the checkpoint before it as
 /// the way on (and an edit made on purpose, how to record it); resuming that one works.
 #[test]

@@ -31,12 +31,33 @@ pub(super) struct Saver<'a> {
     reserved: bool,
     /// The step whose adapter this process last wrote into `train.output_dir` (rank 0).
     exported: Option<u64>,
-    /// Rank 0's claim on `checkpoint.dir` for the whole run (`probe`).
-    dir_lock: Option<checkpoint::ExportLock>,
+    /// Rank 0's claims on `checkpoint.dir` and `train.output_dir` for the whole run (`probe`;
+    /// one lock when they are the same folder).
+    dir_locks: Option<[Option<checkpoint::ExportLock>; 2]>,
 }
 
-/// The lock file rank 0 holds in `checkpoint.dir` while training.
+/// The lock file rank 0 holds in `checkpoint.dir` and in `train.output_dir` while training.
 const TRAIN_LOCK: &str = ".llava-sco-train.lock";
+
+/// Rank 0's lock on the folder of config key `key` for this run (created if needed): refused when
+/// another training run holds it, or when the folder or its lock file cannot be written.
+fn claim(dir: &std::path::Path, key: &str) -> Result<checkpoint::ExportLock> {
+    const BUSY: &str = "is in use by another training run";
+    checkpoint::ExportLock::acquire_named(
+        dir,
+        TRAIN_LOCK,
+        BUSY,
+        &format!("give this run a {key} of its own, or stop the other run first"),
+    )
+    .map_err(|e| match e.to_string().contains(BUSY) {
+        true => e.context(format!("rank 0: {key}")),
+        // (creating the folder or the lock file failed)
+        false => e.context(match key {
+            "checkpoint.dir" => format!("rank 0: checkpoint.dir {} is not writable (set checkpoint.dir to a folder every rank can write, shared between nodes)", dir.display()),
+            _ => format!("rank 0: {key} {} is not writable (set {key} to a folder this node can write)", dir.display()),
+        }),
+    })
+}
 
 /// Logs a note when the learning-rate schedule of this run differs from the one the checkpoint
 /// was trained with (HF and torch rebuild it from the run's arguments too; a longer run moves a
@@ -78,7 +99,7 @@ impl<'a> Saver<'a> {
             saves: Checkpointer::new(),
             reserved: false,
             exported: None,
-            dir_lock: None,
+            dir_locks: None,
         }
     }
 
@@ -190,37 +211,40 @@ impl<'a> Saver<'a> {
         Ok((p.data_epoch, p.data_batch))
     }
 
-    /// Rank 0 takes `checkpoint.dir`'s lock for the run, then every rank checks that it can
-    /// write there (`probe_writes`). The lock comes first: a second run saving into the same
-    /// folder (a requeued job whose first allocation still runs, a command started twice) would
-    /// replace its in-flight checkpoint folders and retire its checkpoints, and its probe files
-    /// would overwrite this run's; it is refused before it writes anything.
+    /// Rank 0 takes the locks of `checkpoint.dir` and `train.output_dir` for the run, then every
+    /// rank checks that it can write into `checkpoint.dir` (`probe_writes`). The locks come first:
+    /// a second run saving into the same checkpoint folder (a requeued job whose first allocation
+    /// still runs, a command started twice) would replace its in-flight checkpoint folders and
+    /// retire its checkpoints, and its probe files would overwrite this run's; one writing into
+    /// the same output folder would interleave its metrics.jsonl lines with this run's and replace
+    /// its adapter. It is refused before it writes anything. (Taking the output folder's lock also
+    /// shows that rank 0, which alone writes there, can write there: before the model loads.)
     pub fn probe(&mut self) -> Result<()> {
-        let (pg, dir) = (self.pg, &self.config.checkpoint.dir);
-        const BUSY: &str = "is in use by another training run";
+        let (pg, config) = (self.pg, self.config);
+        let (ckpt, out) = (&config.checkpoint.dir, &config.train.output_dir);
         let locked = match pg.rank() {
-            0 => checkpoint::ExportLock::acquire_named(
-                dir,
-                TRAIN_LOCK,
-                BUSY,
-                "give this run a checkpoint.dir of its own, or stop the other run first",
-            )
-            .map_err(|e| match e.to_string().contains(BUSY) {
-                true => e,
-                // (creating the folder or the lock file failed)
-                false => e.context(format!("rank 0: checkpoint.dir {} is not writable (set checkpoint.dir to a folder every rank can write, shared between nodes)", dir.display())),
-            })
-            .map(Some),
+            0 => claim(ckpt, "checkpoint.dir").and_then(|ckpt_lock| {
+                // (one folder for both: its one lock covers both; a second flock on the same file
+                // from this process would be refused)
+                let same = std::fs::create_dir_all(out).is_ok()
+                    && std::fs::canonicalize(ckpt).ok() == std::fs::canonicalize(out).ok();
+                let out_lock = match same {
+                    true => None,
+                    false => Some(claim(out, "train.output_dir")?),
+                };
+                Ok(Some([Some(ckpt_lock), out_lock]))
+            }),
             _ => Ok(None),
         };
         let elsewhere = || {
             format!(
-                "checkpoint.dir {}: rank 0 could not take it for this run (another training run \
-                 holds it, or it is not writable; rank 0's log has the cause)",
-                dir.display()
+                "checkpoint.dir {} or train.output_dir {}: rank 0 could not take them for this run \
+                 (another training run holds one, or it is not writable; rank 0's log has the cause)",
+                ckpt.display(),
+                out.display()
             )
         };
-        self.dir_lock = checkpoint::agree(pg, self.device, locked, elsewhere)?;
+        self.dir_locks = checkpoint::agree(pg, self.device, locked, elsewhere)?;
         self.probe_writes()
     }
 

@@ -306,9 +306,60 @@ fn write_config(config: &Config) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// The files a training run writes into `train.output_dir` (TensorBoard's event files are named
+/// per run and stay where they are).
+const RUN_FILES: [&str; 5] = [
+    "metrics.jsonl",
+    RESOLVED_CONFIG,
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    crate::checkpoint::PROMPT_FILE,
+];
+
+/// A fresh run (not resumed) into a `train.output_dir` that holds an earlier run's results (its
+/// metrics lines or its adapter) moves that run's files into `previous-run-<UTC time>/` there,
+/// and says so: a reused output folder must not lose them. (llama-recipes overwrites them; HF's
+/// example scripts refuse a folder that is not empty.) Returns the folder they went to.
+fn set_aside_previous_run(dir: &Path) -> Result<Option<std::path::PathBuf>> {
+    let metrics = std::fs::metadata(dir.join(RUN_FILES[0])).map_or(0, |m| m.len());
+    if metrics == 0 && !dir.join("adapter_config.json").exists() {
+        return Ok(None);
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let stamp = crate::data::template::strftime("%Y%m%d-%H%M%S", secs);
+    let aside = (1..)
+        .map(|n| match n {
+            1 => dir.join(format!("previous-run-{stamp}")),
+            _ => dir.join(format!("previous-run-{stamp}-{n}")),
+        })
+        .find(|p| !p.exists())
+        .expect("an unused name");
+    std::fs::create_dir(&aside).with_context(|| format!("creating {}", aside.display()))?;
+    for name in RUN_FILES {
+        let from = dir.join(name);
+        if from.exists() {
+            std::fs::rename(&from, aside.join(name))
+                .with_context(|| format!("moving {} into {}", from.display(), aside.display()))?;
+        }
+    }
+    crate::checkpoint::fsync_dir(dir).with_context(|| format!("syncing {}", dir.display()))?;
+    Ok(Some(aside))
+}
+
 fn open_file(dir: &Path, resumed: Option<u64>, resumed_validated: bool) -> Result<std::fs::File> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating train.output_dir {}", dir.display()))?;
+    if resumed.is_none() {
+        if let Some(aside) = set_aside_previous_run(dir)? {
+            tracing::warn!(
+                "train.output_dir {} held an earlier run's metrics.jsonl or adapter, and this run is not resumed from a checkpoint: that run's files are moved into {} (nothing is deleted; give each run its own train.output_dir to keep them apart)",
+                dir.display(),
+                aside.display()
+            );
+        }
+    }
     let path = dir.join("metrics.jsonl");
     let kept: Vec<String> = match resumed {
         Some(step) => std::fs::read_to_string(&path)

@@ -80,28 +80,9 @@ pub fn train(config: &Config) -> Result<Outcome> {
     crate::checkpoint::check_resume_folder(&pg, device, config)?;
     let data = setup::data(config, world)?;
     setup::agree_data(&pg, device, &data)?;
-    // 3. Model (+ LoRA), seeded; with FSDP each rank reads only its shards.
-    let (mut trainable, flops) = setup::model(config, &pg, device)?;
-    for note in setup::unused_settings_notes(config) {
-        metrics::log(rank, &note);
-    }
-    let splits = [("train", Some(&data.train)), ("eval", data.eval.as_ref())];
-    for (split, ds) in splits {
-        if let Some(note) = ds.and_then(|ds| setup::skipped_note(split, ds)) {
-            metrics::log(rank, &note);
-        }
-    }
     let (steps_per_epoch, total_steps) = (data.steps_per_epoch, data.total_steps);
-    // 4. Optimizer and schedule over this rank's shards; resume; checkpoints and metrics.
-    let params = trainable.master_params();
-    let adamw = AdamWConfig::for_training(config);
-    let mut opt = AdamW::with_segments(adamw, &params, trainable.optimizer_segments());
-    let stepper = step::Stepper {
-        pg: &pg,
-        params,
-        clip: t.grad_clip,
-        device,
-    };
+    // The checkpoint and output folders are claimed (and checked writable) before the model
+    // loads too: a second run into the same folders is refused before it costs a model load.
     let schedule = LrSchedule::new(t.lr, &t.schedule, total_steps);
     let mut st = State::default();
     let plan = crate::checkpoint::DataPlan::new(&data.train.report().lengths);
@@ -123,6 +104,27 @@ pub fn train(config: &Config) -> Result<Outcome> {
         _ => {}
     }
     saver.probe()?;
+    // 3. Model (+ LoRA), seeded; with FSDP each rank reads only its shards.
+    let (mut trainable, flops) = setup::model(config, &pg, device)?;
+    for note in setup::unused_settings_notes(config) {
+        metrics::log(rank, &note);
+    }
+    let splits = [("train", Some(&data.train)), ("eval", data.eval.as_ref())];
+    for (split, ds) in splits {
+        if let Some(note) = ds.and_then(|ds| setup::skipped_note(split, ds)) {
+            metrics::log(rank, &note);
+        }
+    }
+    // 4. Optimizer and schedule over this rank's shards; resume; checkpoints and metrics.
+    let params = trainable.master_params();
+    let adamw = AdamWConfig::for_training(config);
+    let mut opt = AdamW::with_segments(adamw, &params, trainable.optimizer_segments());
+    let stepper = step::Stepper {
+        pg: &pg,
+        params,
+        clip: t.grad_clip,
+        device,
+    };
     let start = saver.resume(&mut st, &mut trainable, &mut opt)?;
     if let Some(saved) = st.resumed_schedule.take() {
         checkpointing::note_schedule_change(rank, &saved, &schedule, st.step);
