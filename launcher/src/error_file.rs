@@ -32,6 +32,11 @@ pub struct RankError {
     pub message: String,
     /// The traceback's last [`TRACEBACK_LINES`] lines (empty when the file has none).
     pub traceback: Vec<String>,
+    /// The rank failed because another rank did (it says so in `extraInfo`'s
+    /// `caused_by_another_rank`, which our binaries write): not the root cause.
+    pub elsewhere: bool,
+    /// The global rank that failed first-hand, when the rank knew it (`failed_rank`).
+    pub failed_rank: Option<usize>,
 }
 
 /// Reads the error file a rank left at `path`; `None` when it wrote none. A file that is not
@@ -47,17 +52,21 @@ pub fn read(path: &Path) -> Option<RankError> {
         Ok(json) => json,
         Err(err) => return Some(unreadable(path, &format!("not JSON: {err}"))),
     };
-    let (message, traceback) = match json.get("message") {
+    let (message, traceback, elsewhere, failed_rank) = match json.get("message") {
         // {"message": {"message": "...", "extraInfo": {"py_callstack": "..."}}}
-        Some(serde_json::Value::Object(m)) => (
-            m.get("message").and_then(|v| v.as_str()).unwrap_or(""),
-            m.get("extraInfo")
-                .and_then(|e| e.get("py_callstack"))
-                .and_then(|v| v.as_str())
-                .unwrap_or(""),
-        ),
+        Some(serde_json::Value::Object(m)) => {
+            let extra = |key: &str| m.get("extraInfo").and_then(|e| e.get(key));
+            (
+                m.get("message").and_then(|v| v.as_str()).unwrap_or(""),
+                extra("py_callstack").and_then(|v| v.as_str()).unwrap_or(""),
+                extra(CAUSED_ELSEWHERE).and_then(|v| v.as_bool()) == Some(true),
+                extra(FAILED_RANK)
+                    .and_then(|v| v.as_u64())
+                    .map(|r| r as usize),
+            )
+        }
         // {"message": "...", "timestamp": ...}
-        Some(serde_json::Value::String(s)) => (s.as_str(), ""),
+        Some(serde_json::Value::String(s)) => (s.as_str(), "", false, None),
         _ => return Some(unreadable(path, "no \"message\" field")),
     };
     let lines: Vec<&str> = traceback.lines().collect();
@@ -73,6 +82,8 @@ pub fn read(path: &Path) -> Option<RankError> {
             .iter()
             .map(|l| clip_line(l))
             .collect(),
+        elsewhere: elsewhere || failed_rank.is_some(),
+        failed_rank,
     })
 }
 
@@ -91,6 +102,8 @@ fn unreadable(path: &Path, why: &str) -> RankError {
         file: path.to_path_buf(),
         message: format!("(the error file could not be read: {why})"),
         traceback: Vec::new(),
+        elsewhere: false,
+        failed_rank: None,
     }
 }
 
@@ -106,25 +119,49 @@ pub fn prepare(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// The `extraInfo` key that marks an error caused by another rank's failure (torchelastic's
+/// readers ignore keys they do not know).
+const CAUSED_ELSEWHERE: &str = "caused_by_another_rank";
+/// The `extraInfo` key naming the rank that failed first-hand (when the reporting rank knows it).
+const FAILED_RANK: &str = "failed_rank";
+
+/// Whether the error being recorded is the rank's own or one it reports because another rank
+/// failed (an agreed check: "the data file is missing on another rank").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    ThisRank,
+    /// Another rank failed: which one (its global rank), when this rank knows.
+    AnotherRank(Option<usize>),
+}
+
 /// For a program run by the launcher (or torchrun): records `message` (one line) and `detail`
 /// (e.g. the error's cause chain) in `TORCHELASTIC_ERROR_FILE`, when that is set. Written through
 /// a temporary name, so the launcher never reads half a file. Best effort: the program is failing
-/// already, and its stderr says the same.
-pub fn record(message: &str, detail: &str) {
+/// already, and its stderr says the same. An error of [`Cause::AnotherRank`] is marked: the
+/// launcher names the rank that failed first-hand as the root cause, whichever exited first.
+pub fn record(message: &str, detail: &str, cause: Cause) {
     let Some(path) = std::env::var_os(ERROR_FILE_VAR).filter(|p| !p.is_empty()) else {
         return;
     };
-    let _ = write(Path::new(&path), message, detail);
+    let _ = write(Path::new(&path), message, detail, cause);
 }
 
-fn write(path: &Path, message: &str, detail: &str) -> std::io::Result<()> {
+fn write(path: &Path, message: &str, detail: &str, cause: Cause) -> std::io::Result<()> {
     let timestamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let json = serde_json::json!({
         "message": {
             "message": message,
-            "extraInfo": {"py_callstack": detail, "timestamp": timestamp.to_string()},
+            "extraInfo": {
+                "py_callstack": detail,
+                "timestamp": timestamp.to_string(),
+                CAUSED_ELSEWHERE: cause != Cause::ThisRank,
+                FAILED_RANK: match cause {
+                    Cause::AnotherRank(rank) => rank,
+                    Cause::ThisRank => None,
+                },
+            },
         }
     });
     // unique per writer (process, call): two threads failing at once never share a file
@@ -172,6 +209,7 @@ mod tests {
         assert_eq!(err.traceback.len(), 4);
         assert_eq!(err.traceback[0], "Traceback (most recent call last):");
         assert_eq!(err.traceback[3], "ValueError: bad lr");
+        assert!(!err.elsewhere);
         // the older form: a plain string
         std::fs::write(&path, r#"{"message": "RuntimeError: x", "timestamp": 1}"#).unwrap();
         let err = read(&path).unwrap();
@@ -184,7 +222,7 @@ mod tests {
     #[test]
     fn long_lines_are_clipped() {
         let (_dir, path) = scratch("long");
-        write(&path, &"x".repeat(5000), "short\n").unwrap();
+        write(&path, &"x".repeat(5000), "short\n", Cause::ThisRank).unwrap();
         let err = read(&path).unwrap();
         assert_eq!(err.message.len(), 400 + 4);
         assert!(err.message.ends_with(" ..."));
@@ -212,12 +250,27 @@ mod tests {
             &path,
             "loading the config failed: bad key",
             &detail.join("\n"),
+            Cause::ThisRank,
         )
         .unwrap();
         let err = read(&path).unwrap();
         assert_eq!(err.message, "loading the config failed: bad key");
         assert_eq!(err.traceback.len(), TRACEBACK_LINES);
         assert_eq!(err.traceback.last().unwrap(), "frame 99");
+        assert_eq!((err.elsewhere, err.failed_rank), (false, None));
+        // an error reported because another rank failed is marked as such
+        write(
+            &path,
+            "failed on another rank",
+            "",
+            Cause::AnotherRank(None),
+        )
+        .unwrap();
+        let err = read(&path).unwrap();
+        assert_eq!((err.elsewhere, err.failed_rank), (true, None));
+        write(&path, "failed on rank 3", "", Cause::AnotherRank(Some(3))).unwrap();
+        let err = read(&path).unwrap();
+        assert_eq!((err.elsewhere, err.failed_rank), (true, Some(3)));
         // prepare removes a stale file and keeps the folder
         prepare(&path).unwrap();
         assert_eq!(read(&path), None);

@@ -100,6 +100,9 @@ pub struct Failure {
     pub stderr_tail: Vec<String>,
     /// What the rank recorded in its `TORCHELASTIC_ERROR_FILE`, if anything.
     pub error: Option<Box<RankError>>,
+    /// The other ranks of this node that recorded an error, one line each (torchrun's "Other
+    /// Failures"): "rank 1 (local rank 1): exit code 1: message".
+    pub others: Vec<String>,
 }
 
 impl Failure {
@@ -115,6 +118,7 @@ impl Failure {
             log: None,
             stderr_tail: Vec::new(),
             error: None,
+            others: Vec::new(),
         }
     }
 
@@ -190,6 +194,12 @@ impl Failure {
                 let _ = writeln!(s, "      | {line}");
             }
         }
+        if !self.others.is_empty() {
+            let _ = writeln!(s, "  other failures:");
+            for line in &self.others {
+                let _ = writeln!(s, "    {line}");
+            }
+        }
         s
     }
 
@@ -227,6 +237,12 @@ impl Failure {
             for line in &error.traceback {
                 let _ = writeln!(s, "trace={}", one_line(line));
             }
+            if error.elsewhere {
+                let _ = writeln!(s, "elsewhere={}", opt(error.failed_rank));
+            }
+        }
+        for line in &self.others {
+            let _ = writeln!(s, "other={}", one_line(line));
         }
         s.into_bytes()
     }
@@ -259,20 +275,27 @@ impl Failure {
                 "attempt" => f.attempt = value.parse().ok()?,
                 "log" => f.log = Some(value.into()),
                 "tail" => f.stderr_tail.push(value.into()),
-                "error_file" | "message" | "trace" => {
+                "error_file" | "message" | "trace" | "elsewhere" => {
                     let error = f.error.get_or_insert_with(|| {
                         Box::new(RankError {
                             file: PathBuf::new(),
                             message: String::new(),
                             traceback: Vec::new(),
+                            elsewhere: false,
+                            failed_rank: None,
                         })
                     });
                     match key {
                         "error_file" => error.file = value.into(),
                         "message" => error.message = value.into(),
+                        "elsewhere" => {
+                            error.elsewhere = true;
+                            error.failed_rank = value.parse().ok();
+                        }
                         _ => error.traceback.push(value.into()),
                     }
                 }
+                "other" => f.others.push(value.into()),
                 _ => {}
             }
         }
@@ -351,6 +374,7 @@ mod tests {
             log: Some("/logs/r/attempt_2/1/stderr.log".into()),
             stderr_tail: vec!["Traceback".into(), "boom=1".into()],
             error: None,
+            others: Vec::new(),
         };
         assert_eq!(Failure::decode(&f.encode()), Some(f.clone()));
         let text = f.summary(2, 0);
@@ -373,7 +397,12 @@ mod tests {
                     "Traceback (most recent call last):".into(),
                     "ValueError: bad lr".into(),
                 ],
+                elsewhere: false,
+                failed_rank: None,
             })),
+            others: vec![
+                "rank 0 (local rank 0): exit code 1: data.train is missing on rank 3".into(),
+            ],
             ..f
         };
         assert_eq!(
@@ -386,8 +415,16 @@ mod tests {
                 && text.contains("error file : /logs/r/attempt_2/1/error.json")
                 && text
                     .contains("traceback (from the error file):\n      | Traceback (most recent")
-                && !text.contains("| boom=1"),
+                && !text.contains("| boom=1")
+                && text.contains("other failures:\n    rank 0 (local rank 0): exit code 1"),
             "{text}"
         );
+        // an error caused by another rank's failure keeps its mark (and the rank it names)
+        for failed_rank in [None, Some(5)] {
+            let mut marked = with_file.clone();
+            let error = marked.error.as_mut().unwrap();
+            (error.elsewhere, error.failed_rank) = (true, failed_rank);
+            assert_eq!(Failure::decode(&marked.encode()), Some(marked.clone()));
+        }
     }
 }

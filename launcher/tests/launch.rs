@@ -314,6 +314,41 @@ fn a_failing_ranks_error_file_is_in_the_summary() {
     );
 }
 
+/// The rank with the real error is the root cause, not a peer that only reported it and exited
+/// first (the trainer's ranks agree on a check: rank 1's data file is missing, rank 0 says "the
+/// data file is missing on another rank"). The messenger is listed under the other failures.
+#[test]
+fn the_rank_with_the_real_error_is_the_root_cause_not_its_messenger() {
+    let dir = Scratch::new("messenger");
+    let rank_args = [
+        "--rank",
+        "1",
+        "--exit-code",
+        "3",
+        "--record-error",
+        "data.train: cannot read the data file",
+        "--messengers",
+        "--fail-delay",
+        "1.5",
+    ];
+    let failed = run(
+        launch_testrank(
+            &["--standalone", "--nproc-per-node", "2", "--run-id", "ms"],
+            dir.path(),
+            &rank_args,
+        ),
+        LIMIT,
+    );
+    assert_eq!(failed.code(), 3, "{}", failed.stderr);
+    for expected in [
+        "rank       : 1 (local rank 1 on node 0)",
+        "message    : data.train: cannot read the data file",
+        "other failures:\n    rank 0 (local rank 0): exited with code 1: the data file is missing on another rank (rank 1's error says why)",
+    ] {
+        assert!(failed.stderr.contains(expected), "{expected}\n{}", failed.stderr);
+    }
+}
+
 #[test]
 fn a_rank_ignoring_sigterm_is_killed_after_the_grace_period() {
     let dir = Scratch::new("grace");

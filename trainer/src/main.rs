@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use launcher::error_file::Cause;
 
 use trainer::config;
 
@@ -899,10 +900,14 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         let failed = any(mine.is_err()).map_err(anyhow::Error::msg)?;
         match mine.map(drop) {
             Err(e) => Err(e.into()),
-            Ok(()) if failed => anyhow::bail!(
-                "another rank found a damaged file in checkpoint {} (its error names it)",
-                c.dir.display()
-            ),
+            Ok(()) if failed => Err(trainer::dist::FailedElsewhere {
+                what: format!(
+                    "another rank found a damaged file in checkpoint {}",
+                    c.dir.display()
+                ),
+                rank: None,
+            }
+            .into()),
             Ok(()) => Ok(()),
         }
     };
@@ -1527,17 +1532,31 @@ fn main() -> ExitCode {
         Ok(Ok(code)) => code,
         Ok(Err(err)) => {
             eprintln!("error: {err:#}");
-            launcher::error_file::record(&format!("{err:#}"), &error_detail(&err));
+            launcher::error_file::record(&format!("{err:#}"), &error_detail(&err), cause(&err));
             ExitCode::FAILURE
         }
         Err(_) => {
             let last = LAST_PANIC.lock().ok().and_then(|mut p| p.take());
             if let Some((message, detail)) = last {
-                launcher::error_file::record(&message, &detail);
+                launcher::error_file::record(&message, &detail, Cause::ThisRank);
             }
             ExitCode::from(101) // (Rust's exit code for a panic)
         }
     }
+}
+
+/// Whether `err` is this rank's own or one it reports because another rank failed an agreed
+/// check (the launcher then names that rank as the root cause).
+fn cause(err: &anyhow::Error) -> Cause {
+    use trainer::dist::FailedElsewhere;
+    use trainer::eval::EvalError;
+    let elsewhere = err
+        .chain()
+        .find_map(|c| match c.downcast_ref::<EvalError>() {
+            Some(EvalError::Elsewhere(f)) => Some(f.rank),
+            _ => c.downcast_ref::<FailedElsewhere>().map(|f| f.rank),
+        });
+    elsewhere.map_or(Cause::ThisRank, Cause::AnotherRank)
 }
 
 /// An error's detail for the error file, innermost last as a Python traceback (the launcher

@@ -424,6 +424,18 @@ fn an_output_dir_in_use_by_another_run_is_refused_before_the_model_loads() {
             o.stderr
         );
         assert!(!out.join("ckpt/step-00000001").exists());
+        if world == 2 {
+            // the launcher's summary names rank 0, which holds the error, not rank 1, which only
+            // reports it (whichever exited first), and lists rank 1's report after it
+            let root = "rank       : 0 (local rank 0 on node 0)";
+            let other = "rank 1 (local rank 1): exited with code 1: checkpoint.dir";
+            assert!(o.stderr.contains(root), "{}", o.stderr);
+            assert!(
+                o.stderr.contains(other) && o.stderr.contains("(rank 0's error says why)"),
+                "{}",
+                o.stderr
+            );
+        }
         let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         assert_eq!(metrics, earlier);
     }

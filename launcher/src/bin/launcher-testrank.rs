@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use launcher::env::RankEnv;
+use launcher::error_file::Cause;
 use launcher::store::StoreClient;
 
 #[derive(Parser)]
@@ -55,6 +56,14 @@ struct Args {
     /// The exit code on SIGUSR1 (with --trap): 0, or e.g. 143 as the trainer (a stop on a notice)
     #[arg(long, default_value_t = 0)]
     notice_exit: u8,
+    /// The other ranks report the --rank's failure at once (an error file marked as caused by
+    /// that rank, exit 1), as the trainer's ranks do after an agreed check fails on one rank
+    #[arg(long)]
+    messengers: bool,
+    /// The failing --rank ignores SIGTERM and fails this many seconds late (it was on its way
+    /// out when its messengers exited)
+    #[arg(long, default_value_t = 0.0)]
+    fail_delay: f64,
 }
 
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
@@ -182,9 +191,14 @@ fn main() -> ExitCode {
         if let Some(line) = &args.stderr {
             eprintln!("{line}");
         }
+        if args.fail_delay > 0.0 {
+            // SAFETY: plain syscall.
+            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+            std::thread::sleep(Duration::from_secs_f64(args.fail_delay));
+        }
         if let Some(message) = &args.record_error {
             let traceback = format!("Traceback (most recent call last):\n{message}");
-            launcher::error_file::record(message, &traceback);
+            launcher::error_file::record(message, &traceback, Cause::ThisRank);
         }
         if args.kill_self {
             // SAFETY: plain syscall.
@@ -193,6 +207,14 @@ fn main() -> ExitCode {
             }
         }
         return ExitCode::from(args.exit_code.unwrap_or(0));
+    }
+
+    if let (true, Some(failing)) = (args.messengers, args.rank) {
+        wait_for_peers(&args.out, env.world_size, env.restart_count);
+        let message =
+            format!("the data file is missing on another rank (rank {failing}'s error says why)");
+        launcher::error_file::record(&message, &message, Cause::AnotherRank(Some(failing)));
+        return ExitCode::from(1);
     }
 
     if args.sleep_rank.is_none_or(|r| r == env.rank) && args.sleep > 0.0 {

@@ -460,6 +460,7 @@ impl Attempt<'_> {
                 .and_then(|r| r.error_file.as_deref())
                 .and_then(crate::error_file::read)
                 .map(Box::new),
+            others: Vec::new(),
         }
     }
 
@@ -673,10 +674,28 @@ impl Attempt<'_> {
         }
 
         if let Some(mut failure) = root {
-            if let Some(i) = root_local {
-                if failure.rank == Some(ranks[i].env.rank) && failure.node_rank == spec.node_rank {
-                    failure.stderr_tail = ranks[i].output.tail();
-                }
+            let here = root_local.filter(|&i| {
+                failure.rank == Some(ranks[i].env.rank) && failure.node_rank == spec.node_rank
+            });
+            if let Some(i) = here {
+                // a root cause that only reports another rank's failure ("the data file is
+                // missing on another rank") gives way to that rank when it is here: the two
+                // exit within moments, and the messenger may have been seen first
+                let blamed = failure.error.as_ref().and_then(|e| e.failed_rank);
+                let failed = |r: &RankProcess| r.exit.filter(|e| !e.success());
+                let named = ranks
+                    .iter()
+                    .position(|r| Some(r.env.rank) == blamed && failed(r).is_some());
+                let i = match named {
+                    Some(j) if j != i => {
+                        let exit = failed(&ranks[j]).expect("a failed rank");
+                        failure = self.failure(exit.failure_kind(), Some(&ranks[j]));
+                        j
+                    }
+                    _ => i,
+                };
+                failure.stderr_tail = ranks[i].output.tail();
+                failure.others = other_failures(&ranks, i);
             }
             return Err(Box::new(failure));
         }
@@ -743,11 +762,12 @@ impl Attempt<'_> {
 /// disconnected" on the others) failed first, so: a rank killed by a crash signal without an
 /// error file (out of memory, a segfault: it could write none, while its peers write theirs about
 /// it), then the one whose error file was written first (`written`: its modification time;
-/// torchrun's rule, finer than the file's own timestamp in seconds), then the others (an exit
-/// before the handler was installed) in local-rank order.
+/// torchrun's rule, finer than the file's own timestamp in seconds, and whether the file says the
+/// error was caused by another rank), then the others (an exit before the handler was installed)
+/// in local-rank order, and last the ranks whose error files say another rank failed.
 fn first_failed(
     failed: Vec<(usize, RankExit)>,
-    written: impl Fn(usize) -> Option<std::time::SystemTime>,
+    written: impl Fn(usize) -> Option<(std::time::SystemTime, bool)>,
 ) -> Option<(usize, RankExit)> {
     const CRASHES: [i32; 6] = [
         libc::SIGKILL,
@@ -761,19 +781,43 @@ fn first_failed(
         let at = written(i);
         let class = match (at, exit) {
             (None, RankExit::Signal(s)) if CRASHES.contains(&s) => 0,
-            (Some(_), _) => 1,
+            (Some((_, false)), _) => 1,
             (None, _) => 2,
+            (Some((_, true)), _) => 3,
         };
-        (class, at, i)
+        (class, at.map(|(t, _)| t), i)
     })
 }
 
-/// When `rank`'s error file was last written, if it was.
-fn error_file_written(rank: &RankProcess) -> Option<std::time::SystemTime> {
-    std::fs::metadata(rank.error_file.as_deref()?)
-        .ok()?
-        .modified()
-        .ok()
+/// When `rank`'s error file was last written, if it was, and whether it says another rank's
+/// failure caused the error.
+fn error_file_written(rank: &RankProcess) -> Option<(std::time::SystemTime, bool)> {
+    let file = rank.error_file.as_deref()?;
+    let at = std::fs::metadata(file).ok()?.modified().ok()?;
+    let elsewhere = crate::error_file::read(file).is_some_and(|e| e.elsewhere);
+    Some((at, elsewhere))
+}
+
+/// One line for each rank of this node but `root` that failed and recorded an error (torchrun's
+/// "Other Failures"), in local-rank order.
+fn other_failures(ranks: &[RankProcess], root: usize) -> Vec<String> {
+    let recorded =
+        |r: &RankProcess| Some((r.exit?, crate::error_file::read(r.error_file.as_deref()?)?));
+    ranks
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != root)
+        .filter_map(|(_, r)| {
+            let (exit, error) = recorded(r).filter(|(exit, _)| !exit.success())?;
+            Some(format!(
+                "rank {} (local rank {}): {}: {}",
+                r.env.rank,
+                r.env.local_rank,
+                exit.failure_kind().describe(),
+                error.message
+            ))
+        })
+        .collect()
 }
 
 fn kill_running(ranks: &[RankProcess]) {
@@ -812,7 +856,7 @@ mod tests {
     #[test]
     fn the_first_error_file_written_names_the_root_cause() {
         use std::time::{Duration, SystemTime};
-        let t = |ms: u64| Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+        let t = |ms: u64| Some((SystemTime::UNIX_EPOCH + Duration::from_millis(ms), false));
         let exits = vec![
             (0, RankExit::Code(1)),
             (1, RankExit::Code(3)),
@@ -846,5 +890,16 @@ mod tests {
             Some((2, RankExit::Signal(libc::SIGKILL)))
         );
         assert_eq!(first_failed(vec![], |_| None), None);
+        // rank 0 wrote first, but its file says another rank's failure caused its error: the
+        // rank with an error of its own is the root cause, even one that wrote no file
+        let elsewhere = |ms: u64| t(ms).map(|(at, _)| (at, true));
+        let exits = vec![(0, RankExit::Code(1)), (1, RankExit::Code(1))];
+        let written = |i: usize| [elsewhere(1000), t(1004)][i];
+        assert_eq!(
+            first_failed(exits.clone(), written),
+            Some((1, RankExit::Code(1)))
+        );
+        let written = |i: usize| [elsewhere(1000), None][i];
+        assert_eq!(first_failed(exits, written), Some((1, RankExit::Code(1))));
     }
 }

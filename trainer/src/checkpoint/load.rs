@@ -126,7 +126,11 @@ fn latest_on_rank0(
     pg.all_reduce(&t, ReduceOp::Max)?;
     mine?;
     match t.to_device(Device::Cpu).int64_value(&[0]) {
-        -2 => bail!("rank 0 could not list checkpoint.dir (its error is above)"),
+        -2 => Err(crate::dist::FailedElsewhere {
+            what: "rank 0 could not list checkpoint.dir".into(),
+            rank: Some(0),
+        }
+        .into()),
         -1 => Ok(None),
         step => Ok(Some(dir.join(super::step_dir_name(step as u64)))),
     }
@@ -244,7 +248,7 @@ fn check_folder(pg: &ProcessGroup, device: Device, p: &Path) -> Result<()> {
     };
     super::agree(pg, device, found, || {
         format!(
-            "checkpoint.resume: another rank finds no checkpoint at {} (its error is above)",
+            "checkpoint.resume: another rank finds no checkpoint at {}",
             p.display()
         )
     })
@@ -291,7 +295,7 @@ fn load_resumed(
         });
     let (record, m) = super::agree(pg, device, local, || {
         format!(
-            "loading checkpoint {} failed on another rank (its error is above)",
+            "loading checkpoint {} failed on another rank",
             dir.display()
         )
     })?;

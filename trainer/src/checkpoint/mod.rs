@@ -498,21 +498,31 @@ impl Drop for ExportLock {
 }
 
 /// `local` on this rank, made an error on every rank when it is one on any rank (the others get
-/// `elsewhere`, which says where the real error is): a rank that failed alone would leave the
-/// others waiting in their next collective until the timeout, reporting a dead peer.
+/// `elsewhere`, what failed, as a [`crate::dist::FailedElsewhere`] naming the failed rank, the
+/// highest one when several failed): a rank that failed alone would leave the others waiting in
+/// their next collective until the timeout, reporting a dead peer.
 pub(crate) fn agree<T>(
     pg: &crate::dist::ProcessGroup,
     device: tch::Device,
     local: anyhow::Result<T>,
     elsewhere: impl FnOnce() -> String,
 ) -> anyhow::Result<T> {
-    let flag = Tensor::from_slice(&[local.is_err() as i64]).to_device(device);
+    // (rank + 1 where this rank failed, else 0)
+    let mark = match local.is_err() {
+        true => pg.rank() as i64 + 1,
+        false => 0,
+    };
+    let flag = Tensor::from_slice(&[mark]).to_device(device);
     pg.all_reduce(&flag, crate::dist::ReduceOp::Max)?;
     let value = local?;
-    if flag.to_device(tch::Device::Cpu).int64_value(&[0]) != 0 {
-        anyhow::bail!("{}", elsewhere());
+    match flag.to_device(tch::Device::Cpu).int64_value(&[0]) {
+        0 => Ok(value),
+        failed => Err(crate::dist::FailedElsewhere {
+            what: elsewhere(),
+            rank: Some(failed as usize - 1),
+        }
+        .into()),
     }
-    Ok(value)
 }
 
 /// Whose checkpoint a step folder is, by its manifest's `lineage` ([`run_of`]).

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
@@ -315,16 +315,13 @@ impl Checkpointer {
         // (also the barrier: no rank writes into the folder before it exists; a failure on one
         // rank, here or in the snapshot, stops every rank now, not at a collective timeout)
         super::agree(pg, device, made, || {
-            format!(
-                "rank 0 could not create {} (its error is above)",
-                partial.display()
-            )
+            format!("rank 0 could not create {}", partial.display())
         })?;
         let snapshot_start = Instant::now();
         let snapshot = self.snapshot(states, background);
         let snapshot = super::agree(pg, device, snapshot, || {
             format!(
-                "another rank could not copy its state for checkpoint step {} (its error is above)",
+                "another rank could not copy its state for checkpoint step {}",
                 progress.step
             )
         })?;
@@ -488,10 +485,14 @@ impl Checkpointer {
         let all: Vec<i64> = Vec::try_from(&all.to_device(Device::Cpu))?;
         written?;
         if let Some(r) = (0..world).find(|r| all[r * ROW] < 0) {
-            bail!(
-                "rank {r} could not write its file of checkpoint step {} (its error is above)",
-                p.step
-            );
+            return Err(crate::dist::FailedElsewhere {
+                what: format!(
+                    "rank {r} could not write its file of checkpoint step {}",
+                    p.step
+                ),
+                rank: Some(r),
+            }
+            .into());
         }
         // an old checkpoint that could not be removed (e.g. busy on NFS) stays on disk; this
         // save goes on (failing it would lose its progress for a cleanup)

@@ -17,7 +17,8 @@ pub struct CheckOutcome {
     /// The reports of the splits, with every problem as `FILE:LINE: reason`.
     pub text: String,
     /// Problems that would stop training (bad records under `bad_records: error`, too-long
-    /// samples under `max_seq_len_policy: error`).
+    /// samples under `max_seq_len_policy: error`, a train split with no usable sample, an eval
+    /// split with nothing to validate on under `train.validate`).
     pub failed: bool,
     pub summary: String,
 }
@@ -26,6 +27,8 @@ pub struct CheckOutcome {
 pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
     let mut text = String::new();
     let mut stopping = 0usize;
+    // (what `trainer train` refuses beyond single records, as it words it)
+    let mut refused = Vec::new();
     let mut splits = vec![Split::Train];
     if config.data.eval.is_some() {
         splits.push(Split::Eval);
@@ -46,16 +49,36 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
         if config.data.max_seq_len_policy == LengthPolicy::Error {
             stopping += report.too_long.len();
         }
+        match split {
+            Split::Train if report.ok == 0 => refused.push(format!(
+                "data.train {}: no usable sample: training would stop here (the keys that drop records are data.max_seq_len / data.max_seq_len_policy, data.text_only and data.bad_records)",
+                report.file
+            )),
+            Split::Eval if config.train.validate && (report.ok == 0 || report.supervised_tokens == 0) => refused.push(format!(
+                "data.eval {}: no supervised tokens to validate on: training with train.validate would stop here (fix the file, or set train.validate: false)",
+                report.file
+            )),
+            _ => {}
+        }
         text.push_str(&report.to_string());
     }
-    let summary = if stopping > 0 {
-        format!("{stopping} problem(s) would stop training (data.bad_records: error / data.max_seq_len_policy: error); fix them or set the policy to skip")
-    } else {
-        "data check passed".to_string()
+    let mut summary = match stopping {
+        0 => String::new(),
+        _ => format!("{stopping} problem(s) would stop training (data.bad_records: error / data.max_seq_len_policy: error); fix them or set the policy to skip"),
     };
+    for why in &refused {
+        if !summary.is_empty() {
+            summary.push('\n');
+        }
+        summary.push_str(why);
+    }
+    let failed = !summary.is_empty();
+    if !failed {
+        summary = "data check passed".to_string();
+    }
     Ok(CheckOutcome {
         text,
-        failed: stopping > 0,
+        failed,
         summary,
     })
 }

@@ -55,6 +55,20 @@ pub enum Backend {
     Tcp,
 }
 
+/// The error a rank reports because another rank failed an agreed check (every rank stops when
+/// one fails, rather than leave the others waiting in their next collective): `what` failed,
+/// and `rank`'s own error (when known) says why. `trainer` marks it in its error file, so the
+/// launcher's summary names the rank that failed first-hand, whichever exited first.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} ({})", match rank {
+    Some(r) => format!("rank {r}'s error says why"),
+    None => "that rank's own error says why".to_string(),
+})]
+pub struct FailedElsewhere {
+    pub what: String,
+    pub rank: Option<usize>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DistError {
     #[error("rank environment: {0}")]

@@ -121,6 +121,9 @@ pub enum EvalError {
     Io(String),
     #[error(transparent)]
     Infer(#[from] crate::infer::InferError),
+    /// Another rank's check failed (its own error says why).
+    #[error(transparent)]
+    Elsewhere(#[from] crate::dist::FailedElsewhere),
 }
 
 fn show_lines(file: &str, problems: &[(usize, String)]) -> String {
@@ -825,7 +828,8 @@ fn agree<T>(
         let any = (s.any)(local.is_err())
             .map_err(|e| EvalError::Io(format!("agreeing with the other ranks: {e}")))?;
         if any && local.is_ok() {
-            return Err(EvalError::Io(elsewhere()));
+            let what = elsewhere();
+            return Err(crate::dist::FailedElsewhere { what, rank: None }.into());
         }
     }
     local
@@ -862,7 +866,7 @@ pub fn run(
     })();
     let (items, _lock) = agree(shard, started, || {
         format!(
-            "another rank could not start evaluating into {} (its error is above)",
+            "another rank could not start evaluating into {}",
             opts.out.display()
         )
     })?;
@@ -890,7 +894,7 @@ pub fn run(
         Ok(done)
     })();
     let mut done = agree(shard, checked, || {
-        "another rank's checks failed (its error is above)".to_string()
+        "another rank's checks failed".to_string()
     })?;
     // fixed batches over the whole benchmark, dealt to the ranks in turn: a question's batch mates
     // (and so its greedy result on a GPU, see the module doc) do not depend on the world size; a

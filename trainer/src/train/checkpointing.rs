@@ -238,8 +238,8 @@ impl<'a> Saver<'a> {
         };
         let elsewhere = || {
             format!(
-                "checkpoint.dir {} or train.output_dir {}: rank 0 could not take them for this run \
-                 (another training run holds one, or it is not writable; rank 0's log has the cause)",
+                "checkpoint.dir {} or train.output_dir {}: rank 0 could not take them for this run: \
+                 another training run holds one, or one is not writable",
                 ckpt.display(),
                 out.display()
             )
@@ -269,8 +269,7 @@ impl<'a> Saver<'a> {
         let wrote = std::fs::create_dir_all(dir)
             .and_then(|_| std::fs::write(probe(rank), &token))
             .with_context(|| format!("rank {rank}: checkpoint.dir {} is not writable (set checkpoint.dir to a folder every rank can write, shared between nodes)", dir.display()));
-        let not_writable =
-            || "checkpoint.dir is not writable on another rank (its error is above)".into();
+        let not_writable = || "checkpoint.dir is not writable on another rank".into();
         // (both checks' outcomes are agreed on, so every rank takes the same branch)
         let checked = checkpoint::agree(pg, self.device, wrote, not_writable).and_then(|()| {
             let missing: Vec<usize> = if rank == 0 {
@@ -290,7 +289,7 @@ impl<'a> Saver<'a> {
                     dir.display()
                 ))
             };
-            let unseen = || "rank 0 could not see every rank's file in checkpoint.dir (its error is above)".into();
+            let unseen = || "rank 0 could not see every rank's file in checkpoint.dir".into();
             checkpoint::agree(pg, self.device, seen, unseen)
         });
         let _ = std::fs::remove_file(probe(rank));
