@@ -394,3 +394,23 @@ fn build_sco_writes_two_turn_records_and_counts() {
     assert!(err.contains("is the input file"), "{err}");
     assert_eq!(std::fs::read(&refined).unwrap(), input);
 }
+
+/// A train split whose every record is dropped (here by the length policy `skip`) fails the check,
+/// as `trainer train` refuses it: a passing check must mean the data trains.
+#[test]
+fn check_fails_a_train_split_with_no_usable_sample() {
+    let dir = temp_dir("check-empty");
+    let cfg = setup(
+        &dir,
+        &good_lines(4),
+        ", max_seq_len: 20, max_seq_len_policy: skip",
+    );
+    let (code, out, err) = trainer(&["data", "check", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    let all = format!("{out}{err}");
+    assert!(
+        all.contains("no usable sample: training would stop here"),
+        "{all}"
+    );
+    assert!(!all.contains("data check passed"), "{all}");
+}
