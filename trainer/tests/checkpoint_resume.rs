@@ -851,3 +851,48 @@ fn resuming_an_older_checkpoint_sets_the_later_ones_aside() {
     let aside = out.join("ckpt/step-00000006.abandoned-at-4/manifest.json");
     assert_eq!(std::fs::read(aside).unwrap(), first_six);
 }
+
+/// `keep_last: 1` with validation leaves one checkpoint when the last validated step is the best
+/// (it is the newest), and two (the best and the newest) when an earlier step was better: HF's
+/// Trainer's rule. The old best goes when a validation finds a new one, not at the next save
+/// (after the last save there is none).
+#[test]
+fn keep_last_1_with_validation_keeps_the_best_and_the_newest_only() {
+    let out = fresh("keep-last-best");
+    let eval = format!("data.eval={}", setup().join("train.jsonl").display());
+    let sets = [
+        eval.as_str(),
+        "train.validate=true",
+        "checkpoint.keep_last=1",
+    ];
+    let o = run(
+        &out,
+        1,
+        "epochs: 3, batch_size: 4, grad_accum: 1",
+        &sets,
+        &[],
+    );
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let validations: Vec<(u64, f64)> = metrics(&out)
+        .iter()
+        .filter(|r| r["validation"] == true)
+        .map(|r| {
+            (
+                r["step"].as_u64().unwrap(),
+                r["eval_loss"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(validations.len(), 3, "{}", o.stderr);
+    let best = validations
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap()
+        .0;
+    let newest = validations[2].0;
+    let mut want = vec![format!("step-{best:08}")];
+    if best != newest {
+        want.push(format!("step-{newest:08}"));
+    }
+    assert_eq!(checkpoints(&out), want, "{validations:?}\n{}", o.stderr);
+}

@@ -113,6 +113,29 @@ impl Checkpointer {
         self.protected = step;
     }
 
+    /// Rank 0, after a validation moved the protection to a new best step: retention again over
+    /// this run's complete checkpoints in `root` (on the retention thread). It ran when the new
+    /// best was saved, before its validation, and kept the old best then; without this pass that
+    /// one would stay until the next save, and after the last save for good (`keep_last: 1`
+    /// leaving two checkpoints where the best is the newest).
+    pub fn retire_unprotected(&mut self, root: &Path, keep_last: usize) {
+        let (lineage, claim) = (self.lineage.as_deref(), self.resumed_unmarked);
+        let ours: Vec<(u64, PathBuf)> = match super::list_dir(root) {
+            Ok((complete, _)) => complete
+                .into_iter()
+                .filter(|(_, p)| run_of(p, lineage, claim) == RunOf::Ours)
+                .collect(),
+            // (a listing that fails leaves them to the next save's retention)
+            Err(_) => return,
+        };
+        let protected = self.protected.map(|s| root.join(super::step_dir_name(s)));
+        let doomed = beyond_keep(&ours, keep_last, protected.as_deref());
+        if let Err(e) = self.janitor.start(doomed) {
+            let e = e.context("starting the checkpoint retention thread");
+            self.janitor.failed.get_or_insert(e);
+        }
+    }
+
     /// Saves continue the training run of a resumed checkpoint (`None`: one of an older trainer:
     /// the saves start a lineage, and retention may remove that trainer's unmarked checkpoints).
     pub fn continue_lineage(&mut self, lineage: Option<String>) {
@@ -811,28 +834,20 @@ fn retention(
     claim_unmarked: bool,
 ) -> Result<Vec<PathBuf>> {
     let (all, partial) = list_dir(root).with_context(|| format!("listing {}", root.display()))?;
-    let ours = |dir: &Path| run_of(dir, lineage, claim_unmarked) == RunOf::Ours;
-    // (the protected one, the best epoch's, is kept besides the newest `keep`)
-    let complete: Vec<(u64, PathBuf)> = match keep {
-        0 => vec![],
-        _ => (all.iter())
-            .filter(|(_, p)| ours(p) && Some(p.as_path()) != protected)
-            .cloned()
-            .collect(),
-    };
+    let ours: Vec<(u64, PathBuf)> = (all.iter())
+        .filter(|(_, p)| run_of(p, lineage, claim_unmarked) == RunOf::Ours)
+        .cloned()
+        .collect();
     // (the folder just published is complete: should it look otherwise now, keep it anyway)
     let mut doomed: Vec<PathBuf> = partial.into_iter().filter(|p| p != just_saved).collect();
     for p in &doomed {
         tracing::info!("removing incomplete checkpoint {}", p.display());
     }
-    if keep > 0 && complete.len() > keep {
-        doomed.extend(
-            complete[..complete.len() - keep]
-                .iter()
-                .map(|(_, p)| p.clone())
-                .filter(|p| p != just_saved),
-        );
-    }
+    doomed.extend(
+        beyond_keep(&ours, keep, protected)
+            .into_iter()
+            .filter(|p| p != just_saved),
+    );
     if let Some((step, newer)) = all.last().filter(|(_, p)| p != just_saved) {
         tracing::warn!(
             "{} (step {step}) is newer than the checkpoint just saved ({}): `checkpoint.resume: \
@@ -842,6 +857,20 @@ fn retention(
         );
     }
     Ok(doomed)
+}
+
+/// Of a run's complete checkpoints `ours` (by step), the ones retention removes: all but the
+/// newest `keep` (0: none removed) and the `protected` one, the best validated step's, kept
+/// besides them when it is not among them (HF's Trainer's rule for `best_model_checkpoint`).
+fn beyond_keep(ours: &[(u64, PathBuf)], keep: usize, protected: Option<&Path>) -> Vec<PathBuf> {
+    match keep {
+        0 => vec![],
+        _ => ours[..ours.len().saturating_sub(keep)]
+            .iter()
+            .map(|(_, p)| p.clone())
+            .filter(|p| Some(p.as_path()) != protected)
+            .collect(),
+    }
 }
 
 /// After a resume from step `step` of run `lineage`, that run's later checkpoints in `root` (the
@@ -1397,6 +1426,36 @@ pub(crate) mod tests {
         let just_saved = root.join("step-00000150");
         let doomed = retention(&root, (1, None), &just_saved, None, true).unwrap();
         assert_eq!(doomed, [root.join("step-00000100")]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// When a validation moves the protection to a newer best, the old best goes unless it is
+    /// among the newest `keep_last` of the run (another run's is never touched).
+    #[test]
+    fn the_old_best_goes_once_a_newer_best_is_protected() {
+        for (keep, gone) in [(1, true), (2, false)] {
+            let root = step_folders(&format!("retire-{keep}"), &[(100, "{}"), (200, "{}")]);
+            let mut saves = Checkpointer::new();
+            saves.continue_lineage(None); // (unmarked folders count as this run's)
+            saves.protect(Some(200));
+            saves.retire_unprotected(&root, keep);
+            saves.janitor.wait();
+            assert_eq!(
+                !root.join("step-00000100").exists(),
+                gone,
+                "keep_last {keep}"
+            );
+            assert!(root.join("step-00000200").exists());
+            std::fs::remove_dir_all(&root).unwrap();
+        }
+        let other = r#"{"lineage": "M"}"#;
+        let root = step_folders("retire-other", &[(100, other), (200, "{}")]);
+        let mut saves = Checkpointer::new();
+        saves.continue_lineage(None);
+        saves.protect(Some(200));
+        saves.retire_unprotected(&root, 1);
+        saves.janitor.wait();
+        assert!(root.join("step-00000100").exists(), "another run's");
         std::fs::remove_dir_all(&root).unwrap();
     }
 

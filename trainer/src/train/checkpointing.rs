@@ -419,8 +419,13 @@ impl<'a> Saver<'a> {
         };
         if improved {
             st.best_eval = Some(result);
-            // (kept by retention from now on, as HF keeps best_model_checkpoint)
+            // (kept by retention from now on, as HF keeps best_model_checkpoint; the one kept
+            // before goes unless it is among the newest)
             self.saves.protect(Some(result.step));
+            if self.pg.rank() == 0 {
+                let c = &self.config.checkpoint;
+                self.saves.retire_unprotected(&c.dir, c.keep_last);
+            }
             log(
                 self.pg.rank(),
                 &format!(
