@@ -529,6 +529,32 @@ fn validation_keeps_the_best_epochs_adapter_across_a_resume() {
     );
 }
 
+/// Without validation, a run stopped by SIGTERM at an epoch's last step (not the run's) saved the
+/// epoch's checkpoint but ended before the epoch's end, where its adapter goes into
+/// train.output_dir: the resumed run writes it first, as the uninterrupted run did then.
+#[test]
+fn a_stop_at_an_epochs_last_step_leaves_its_adapter_when_resumed() {
+    let out = fresh("adapter-after-epoch-stop");
+    let sets = ["peft.dropout=0.0"];
+    let train = "epochs: 2, batch_size: 8, grad_accum: 1";
+    let first = run(&out, 1, train, &sets, &[("TRAINER_STOP_AFTER_STEP", "6")]);
+    assert_ne!(first.code, Some(0), "{}", first.stderr);
+    assert!(
+        first.stderr.contains("stopping after step 6"),
+        "{}",
+        first.stderr
+    );
+    assert!(!out.join("adapter_model.safetensors").exists());
+    let second = run(&out, 1, train, &sets, &[("TRAINER_STOP_AFTER_STEP", "7")]);
+    assert_ne!(second.code, Some(0), "{}", second.stderr);
+    assert!(
+        second.stderr.contains("PEFT adapter of step 6 written"),
+        "{}",
+        second.stderr
+    );
+    assert!(out.join("adapter_model.safetensors").exists());
+}
+
 /// With validation, a run stopped by SIGTERM at its very last step (before that epoch's
 /// validation) is validated when launched again, "nothing left to train", and leaves its adapter
 /// then; a third launch validates nothing again.

@@ -181,6 +181,11 @@ pub fn train(config: &Config) -> Result<Outcome> {
         let ctx = (&pg, config, device, &data);
         validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?;
         stopped_by = stopped_after_validation(&pg, device, st.step, &meter)?;
+    } else if at_epoch_end && data.eval.is_none() && st.step < total_steps {
+        // (a stop at an epoch's last step saved its checkpoint but ended before the epoch's end,
+        // where its adapter goes into train.output_dir: written now, as it would have been; the
+        // same adapter again when the run got past the epoch's end before)
+        saver.export_adapter(st.step);
     }
     meter.start_steps();
     signal::install_interrupt_handlers();
