@@ -34,6 +34,19 @@ struct ConfigArgs {
     overrides: Vec<String>,
 }
 
+#[derive(Args)]
+struct ConfigCheckArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Also check the config for a run of this many ranks (fsdp.enabled: false trains one;
+    /// hybrid_shard's groups must divide them)
+    #[arg(long, value_name = "N")]
+    world: Option<usize>,
+    /// Ranks per node, with --world (hybrid_shard's default shard group) [default: --world]
+    #[arg(long, value_name = "N", requires = "world")]
+    nproc_per_node: Option<usize>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train one rank (reads torchrun's RANK/WORLD_SIZE; world size 1 without a launcher).
@@ -284,8 +297,8 @@ enum ConfigCommand {
     /// Print the resolved config (defaults filled in, overrides applied, validated) as YAML.
     Show(ConfigArgs),
     /// Check that the config can train (what `trainer train` refuses before loading anything;
-    /// the launcher runs this once before starting ranks). Example: trainer config check configs/llava-sco.yaml
-    Check(ConfigArgs),
+    /// the launcher runs this once before starting ranks, with its layout). Example: trainer config check configs/llava-sco.yaml --world 8 --nproc-per-node 8
+    Check(ConfigCheckArgs),
 }
 
 #[derive(Subcommand)]
@@ -1173,10 +1186,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Check(args)) => {
-            let resolved = config::load(&args.config, &args.overrides)?;
+            let file = &args.config.config;
+            let resolved = config::load(file, &args.config.overrides)?;
             config::training_conflicts(&resolved)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
-            println!("{}: config ok", args.config.display());
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            if let Some(world) = args.world {
+                let per_node = args.nproc_per_node.unwrap_or(world);
+                config::world_conflicts(&resolved, world, per_node)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            }
+            trainer::checkpoint::check_resume_setting(&resolved)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            println!("{}: config ok", file.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Compare(args) => {

@@ -293,6 +293,37 @@ fn a_config_that_cannot_train_is_refused_before_ranks_start() {
     assert!(!stderr.contains("starting 2 rank"), "{stderr}");
 }
 
+/// What a config cannot train on the launch's layout (fsdp.enabled: false on 2 ranks) or a
+/// `checkpoint.resume` folder that is not a checkpoint is refused by `trainer config check` (with
+/// `--world` for the layout), and so by the launcher before any rank starts.
+#[test]
+fn a_layout_or_resume_folder_the_config_cannot_train_is_refused_before_ranks_start() {
+    let no_fsdp = ["--set", "fsdp.enabled=false"];
+    let mut check = vec!["config", "check", "configs/demo.yaml"];
+    check.extend(no_fsdp);
+    let (code, stdout, stderr) = trainer(&check);
+    assert_eq!(code, 0, "one rank trains without FSDP: {stderr}");
+    assert!(stdout.contains("config ok"), "{stdout}");
+    check.extend(["--world", "2"]);
+    let (code, _, stderr) = trainer(&check);
+    assert_eq!(code, 1);
+    let refused = "fsdp.enabled: false trains in one process, but this run has 2 ranks";
+    assert!(stderr.contains(refused), "{stderr}");
+    let out = launch_demo_config(&no_fsdp);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.matches(refused).count(), 1, "{stderr}");
+    assert!(!stderr.contains("starting 2 rank"), "{stderr}");
+    let resume = ["--set", "checkpoint.resume=/no/such/step-00000010"];
+    let (code, _, stderr) =
+        trainer(&["config", "check", "configs/demo.yaml", resume[0], resume[1]]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("/no/such/step-00000010 is not a checkpoint folder"),
+        "{stderr}"
+    );
+}
+
 /// `infer` checks the tokenizer against the model as training does (its ids within the
 /// embedding, whose overrun was a panic at the first token on the CPU and a device-side assert on
 /// a GPU; its <|image|> the model's image token), and LOCAL_RANK.

@@ -395,6 +395,15 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
     }
 
     let nproc = nproc_per_node(&cli.nproc_per_node)?;
+    if let Some(config) = &cli.config {
+        // (after `train CONFIG`: the --set pairs)
+        check_config(
+            &command.program,
+            config,
+            &command.args[2..],
+            (nnodes * nproc, nproc),
+        )?;
+    }
     // (`JOBID.STEPID` only when the step gave the layout: nodes started by separate sruns with
     // explicit --nnodes/--node-rank share the job id)
     let explicit_run_id = cli
@@ -562,7 +571,6 @@ fn rank_command(cli: &Cli) -> Result<RankCommand> {
                 sets.push("--set".into());
                 sets.push(o.into());
             }
-            check_config(&trainer, config, &sets)?;
             let mut args: Vec<OsString> = vec!["train".into(), config.clone().into()];
             args.extend(sets);
             Ok(RankCommand {
@@ -574,14 +582,22 @@ fn rank_command(cli: &Cli) -> Result<RankCommand> {
     }
 }
 
-/// CONFIG mode: the config (with its `--set`s) is checked once, by `trainer config check`, before
-/// any rank starts: a bad key is then one error, not one per rank, and is not restarted
-/// `--max-restarts` times (no restart can fix it).
-fn check_config(trainer: &Path, config: &Path, sets: &[OsString]) -> Result<()> {
+/// CONFIG mode: the config (with its `--set`s) is checked once, by `trainer config check`, for
+/// the launch's layout (`world` ranks, `per_node` on each node), before any rank starts: a bad
+/// key is then one error, not one per rank, and is not restarted `--max-restarts` times (no
+/// restart can fix it).
+fn check_config(
+    trainer: &Path,
+    config: &Path,
+    sets: &[OsString],
+    (world, per_node): (usize, usize),
+) -> Result<()> {
     let out = std::process::Command::new(trainer)
         .args(["config", "check"])
         .arg(config)
         .args(sets)
+        .args(["--world", &world.to_string()])
+        .args(["--nproc-per-node", &per_node.to_string()])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -228,24 +228,36 @@ fn restart_attempt() -> Option<u64> {
         .filter(|&c| c > 0)
 }
 
+/// `checkpoint.resume: FOLDER` checked by `trainer config check` (the launcher runs it before
+/// starting any rank): an error when the folder is not a checkpoint.
+pub fn check_resume_setting(config: &Config) -> Result<()> {
+    match &config.checkpoint.resume {
+        Resume::From(p) => is_checkpoint_folder(p),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `p` is a checkpoint folder (has its manifest.json).
+fn is_checkpoint_folder(p: &Path) -> Result<()> {
+    if p.join("manifest.json").exists() {
+        return Ok(());
+    }
+    // "auot", "nevr": a keyword misspelt, most likely
+    let text = p.to_string_lossy();
+    let hint = match crate::config::suggest(&text, &["auto", "never"]) {
+        Some(word) if !text.contains('/') => format!(" (did you mean {word}?)"),
+        _ => String::new(),
+    };
+    Err(anyhow::anyhow!(
+        "checkpoint.resume: {} is not a checkpoint folder (no manifest.json){hint}; give a `step-N` folder (on storage every node sees), or {FIX}",
+        p.display()
+    ))
+}
+
 /// Whether `p` is a checkpoint folder on every rank (agreed: a folder only one node sees must stop
 /// every rank, not leave the others waiting in the load's collectives).
 fn check_folder(pg: &ProcessGroup, device: Device, p: &Path) -> Result<()> {
-    let found = match p.join("manifest.json").exists() {
-        true => Ok(()),
-        false => {
-            // "auot", "nevr": a keyword misspelt, most likely
-            let text = p.to_string_lossy();
-            let hint = match crate::config::suggest(&text, &["auto", "never"]) {
-                Some(word) if !text.contains('/') => format!(" (did you mean {word}?)"),
-                _ => String::new(),
-            };
-            Err(anyhow::anyhow!(
-                "checkpoint.resume: {} is not a checkpoint folder (no manifest.json){hint}; give a `step-N` folder (on storage every node sees), or {FIX}",
-                p.display()
-            ))
-        }
-    };
+    let found = is_checkpoint_folder(p);
     super::agree(pg, device, found, || {
         format!(
             "checkpoint.resume: another rank finds no checkpoint at {}",

@@ -33,7 +33,7 @@ pub use schema::{
     TrainConfig,
 };
 
-pub use validate::training_conflicts;
+pub use validate::{training_conflicts, world_conflicts};
 
 use de::{DeError, DeErrorKind};
 use overrides::Override;

@@ -51,6 +51,30 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
+/// What `trainer train` refuses for a run of `world` ranks, `per_node` of them on each node:
+/// checked by every rank as it starts, and once for the launch's layout by `config check --world
+/// N --nproc-per-node P` (which the launcher runs before starting any rank). Returns the ranks
+/// of a shard group (hybrid_shard's, else the world).
+pub fn world_conflicts(
+    config: &Config,
+    world: usize,
+    per_node: usize,
+) -> Result<usize, ConfigError> {
+    let conflict = |path: &str, message: String| ConfigError::Conflict {
+        path: path.into(),
+        message,
+    };
+    if !config.fsdp.enabled && world > 1 {
+        return Err(conflict("fsdp.enabled", format!("false trains in one process, but this run has {world} ranks (launch one rank, or set fsdp.enabled: true)")));
+    }
+    let hybrid = config.fsdp.sharding_strategy == super::ShardingStrategy::HybridShard;
+    if !hybrid || !config.fsdp.enabled {
+        return Ok(world);
+    }
+    let g = config.fsdp.shard_group_size(world, per_node);
+    g.map_err(|e| conflict("fsdp.sharding_strategy", format!("hybrid_shard: {e}")))
+}
+
 /// What `trainer train` refuses in a config that parses: settings that cannot train, checked
 /// before anything loads (and by `trainer config check`, which the launcher runs once before
 /// starting ranks, so they are one error, not one per rank and restart).

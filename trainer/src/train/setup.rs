@@ -30,9 +30,6 @@ pub(super) fn process_group(config: &Config) -> Result<(ProcessGroup, Device)> {
     } else {
         Device::Cpu
     };
-    if !config.fsdp.enabled && world > 1 {
-        bail!("fsdp.enabled: false trains in one process, but this run has {world} ranks (launch one rank, or set fsdp.enabled: true)");
-    }
     // (hybrid_shard's group sizes before the data scan and the model load)
     let g = shard_group_size(config, world)?;
     if config.fsdp.enabled && g == world && hybrid(config) {
@@ -48,14 +45,11 @@ fn hybrid(config: &Config) -> bool {
 }
 
 /// The ranks each shard group holds: hybrid_shard's (`FsdpConfig::shard_group_size`, a node's
-/// ranks by default), else the world.
+/// ranks by default), else the world; an error for a layout the config cannot train
+/// (`config::world_conflicts`).
 fn shard_group_size(config: &Config, world: usize) -> Result<usize> {
-    if !hybrid(config) || !config.fsdp.enabled {
-        return Ok(world);
-    }
     let per_node = launcher::env::RankEnv::from_env()?.local_world_size;
-    let g = config.fsdp.shard_group_size(world, per_node);
-    g.map_err(anyhow::Error::msg)
+    Ok(config::world_conflicts(config, world, per_node)?)
 }
 
 /// The model (+ LoRA) ready to train: FSDP-sharded as it loads, or plain; and its FLOP count.
