@@ -280,6 +280,19 @@ fn dump_at_a_world_size_writes_each_ranks_part() {
     );
     let (code, _, err) = dump(&cfg, &["--index", "0", "--world", "0", "--out", "x"]);
     assert_eq!(code, 2, "{err}");
+    // --text tells the ranks' samples apart
+    let out = out_file.to_str().unwrap();
+    let (code, text, err) = dump(
+        &cfg,
+        &["--index", "0", "--world", "2", "--out", out, "--text"],
+    );
+    assert_eq!(code, 0, "{text}{err}");
+    for rank in 0..2 {
+        for sample in 0..2 {
+            let label = format!("--- rank {rank}, sample {sample}: dataset index");
+            assert_eq!(text.matches(&label).count(), 1, "{label}\n{text}");
+        }
+    }
 }
 
 #[test]

@@ -609,10 +609,18 @@ pub(crate) fn replace_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use anyhow::Context;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
     let tmp = path.with_file_name(format!(".{}.tmp", name.unwrap_or_default()));
+    let dir = path.parent().unwrap_or(Path::new("."));
+    // (named as the file's folder, not as the temporary file's creation failing)
+    if !dir.as_os_str().is_empty() && !dir.is_dir() {
+        anyhow::bail!(
+            "writing {}: the folder {} does not exist (create it first, or give a path in an existing folder)",
+            path.display(),
+            dir.display()
+        );
+    }
     write_synced(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
     fsync_dir(dir).with_context(|| format!("syncing {}", dir.display()))
 }
 
@@ -737,6 +745,16 @@ mod tests {
         let bare = Path::new("sco.jsonl").parent().unwrap();
         assert!(bare.as_os_str().is_empty());
         fsync_dir(bare).unwrap();
+    }
+
+    /// A file in a folder that does not exist: the error names the folder, not the temporary
+    /// file whose creation failed.
+    #[test]
+    fn a_file_in_a_missing_folder_names_the_folder() {
+        let path = std::env::temp_dir().join(format!("no-such-{}/sub/x.jsonl", std::process::id()));
+        let e = format!("{:#}", replace_synced(&path, b"x").unwrap_err());
+        assert!(e.contains("/sub does not exist"), "{e}");
+        assert!(!e.contains(".x.jsonl.tmp"), "{e}");
     }
 
     /// The ranges the ranks write cover the flat tensor once, each inside the shard its rank

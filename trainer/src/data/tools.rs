@@ -185,16 +185,19 @@ pub fn dump(
     let mut shown = String::new();
     for (rank, job) in &jobs {
         let loaded = ds.load(&job.indices)?;
-        let mut prefix = String::new();
+        // (tensor name prefixes, and the same in words for the text)
+        let (mut prefix, mut label) = (String::new(), String::new());
         if world > 1 {
             prefix.push_str(&format!("rank{rank}."));
+            label.push_str(&format!("rank {rank}, "));
         }
         if accum > 1 {
             prefix.push_str(&format!("micro{}.", job.micro_step));
+            label.push_str(&format!("micro-batch {}, ", job.micro_step));
         }
         tensors.extend(batch_tensors(&loaded.collated, &prefix));
         if text {
-            shown.push_str(&render_marked(&ds, &loaded.collated)?);
+            shown.push_str(&render_marked(&ds, &loaded.collated, &label)?);
         }
         used.extend(loaded.indices);
     }
@@ -235,8 +238,9 @@ pub fn dump(
     Ok(msg)
 }
 
-/// Each sample of a collated batch as text, supervised spans in `[[` `]]`.
-fn render_marked(ds: &Dataset, c: &collate::Batch) -> Result<String, DataError> {
+/// Each sample of a collated batch as text, supervised spans in `[[` `]]`; `label` ("rank 1, ")
+/// tells the batches of a global batch apart.
+fn render_marked(ds: &Dataset, c: &collate::Batch, label: &str) -> Result<String, DataError> {
     let tok = &ds.text_processor().tokenizer;
     let mut out = String::new();
     for i in 0..c.batch {
@@ -251,7 +255,7 @@ fn render_marked(ds: &Dataset, c: &collate::Batch) -> Result<String, DataError> 
         let r = ds.record(idx);
         let sup = labels.iter().filter(|&&l| l != IGNORE).count();
         out.push_str(&format!(
-            "--- sample {i}: dataset index {idx}, {}:{} (id {:?}), {n} tokens, {sup} supervised ---\n",
+            "--- {label}sample {i}: dataset index {idx}, {}:{} (id {:?}), {n} tokens, {sup} supervised ---\n",
             r.file.display(),
             r.line,
             r.id

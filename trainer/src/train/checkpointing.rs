@@ -112,19 +112,25 @@ impl<'a> Saver<'a> {
 
     /// Resumes per `checkpoint.resume` into `st`, `trainable` and `opt`; returns the data
     /// position (epoch, batch) to start at. The saves continue the training run (lineage) of the
-    /// checkpoint resumed.
+    /// checkpoint resumed. (A checkpoint of an epoch's last step saved by a stop, at (e,
+    /// `steps_per_epoch`), resumes as the epoch-end checkpoint it is, at (e + 1, 0): its
+    /// validation done first if missing, not by entering epoch e for no step.)
     pub fn resume(
         &mut self,
         st: &mut State,
         trainable: &mut Trainable,
         opt: &mut AdamW,
+        steps_per_epoch: u64,
     ) -> Result<(u64, u64)> {
         let (pg, device, config, plan) = (self.pg, self.device, self.config, self.plan);
         let Some(r) = checkpoint::resume(pg, device, config, plan, trainable, opt)? else {
             return Ok((0, 0));
         };
         self.saves.continue_lineage(r.lineage.clone());
-        let p = r.progress;
+        let mut p = r.progress;
+        if p.data_batch >= steps_per_epoch {
+            (p.data_epoch, p.data_batch) = (p.data_epoch + 1, 0);
+        }
         if let (0, Some(lineage)) = (pg.rank(), &r.lineage) {
             let moved = checkpoint::set_aside_later(&config.checkpoint.dir, p.step, lineage);
             if let Some((from, to)) = moved.first() {

@@ -125,7 +125,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
         clip: t.grad_clip,
         device,
     };
-    let start = saver.resume(&mut st, &mut trainable, &mut opt)?;
+    let start = saver.resume(&mut st, &mut trainable, &mut opt, steps_per_epoch)?;
     if let Some(saved) = st.resumed_schedule.take() {
         checkpointing::note_schedule_change(rank, &saved, &schedule, st.step);
     }
@@ -162,13 +162,6 @@ pub fn train(config: &Config) -> Result<Outcome> {
     // been: its result counts towards the best adapter.
     let mut stopped_by: Option<i32> = None;
     let start_step = st.step;
-    // (a checkpoint of an epoch's last step saved by SIGTERM, at (e, steps_per_epoch), resumes as
-    // the epoch-end checkpoint it is: at (e + 1, 0), its validation done here if missing, not by
-    // entering epoch e for no step)
-    let start = match start.1 >= steps_per_epoch && st.saved_step.is_some() {
-        true => (start.0 + 1, 0),
-        false => start,
-    };
     let at_epoch_end = start.1 == 0 && start.0 == st.epoch + 1;
     let unvalidated = st.saved_step.is_some() && data.eval.is_some() && !st.resumed_validated;
     if st.step > total_steps {
