@@ -371,6 +371,17 @@ fn full_world4_hybrid_shard_matches_single_process() {
     parity_as(&peft, "hybrid_shard", 4, 1);
 }
 
+/// `hybrid_shard_zero2` (PyTorch's `_HYBRID_SHARD_ZERO2`): HSDP whose units stay gathered from
+/// the forward to their backward; LoRA and full finetuning at world 4 in shard groups of 2 train
+/// as the single process.
+#[test]
+fn world4_hybrid_shard_zero2_matches_single_process() {
+    let peft = [LORA, &["fsdp.sharding_group_size=2"]].concat();
+    parity_as(&peft, "hybrid_shard_zero2", 4, 1);
+    let full = [FULL, &["fsdp.replica_group_size=2"]].concat();
+    parity_as(&full, "hybrid_shard_zero2", 4, 1);
+}
+
 /// `shard_grad_op`: units stay gathered from the forward to their backward, which recomputes
 /// them without a second gather.
 #[test]

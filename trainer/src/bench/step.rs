@@ -356,8 +356,8 @@ fn run_peer(
 /// (after running the peer), other ranks an empty list.
 pub fn run(pg: &ProcessGroup, o: &StepOptions) -> Result<Vec<Measurement>> {
     let (rank, world) = (pg.rank(), pg.world_size());
-    if o.sharding == ShardingStrategy::HybridShard {
-        bail!("--sharding hybrid_shard: bench step does not run HSDP (it needs shard groups of a node's ranks, and there is no HSDP peer); give full_shard, shard_grad_op or no_shard");
+    if o.sharding.is_hybrid() {
+        bail!("--sharding {}: bench step does not run HSDP (it needs shard groups of a node's ranks, and there is no HSDP peer); give full_shard, shard_grad_op or no_shard", o.sharding.name());
     }
     if o.batch == 0 || !o.batch.is_multiple_of(world) {
         bail!(
@@ -406,7 +406,9 @@ pub fn run(pg: &ProcessGroup, o: &StepOptions) -> Result<Vec<Measurement>> {
                 engine: match (world, o.sharding) {
                     (1, _) => "plain",
                     (_, ShardingStrategy::NoShard) => "fsdp no_shard",
-                    (_, ShardingStrategy::ShardGradOp) => "fsdp shard_grad_op",
+                    (_, ShardingStrategy::ShardGradOp | ShardingStrategy::HybridShardZero2) => {
+                        "fsdp shard_grad_op"
+                    }
                     (_, ShardingStrategy::FullShard | ShardingStrategy::HybridShard) => "fsdp",
                 },
                 params,

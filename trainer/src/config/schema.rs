@@ -346,8 +346,8 @@ pub struct FsdpConfig {
 }
 
 /// `fsdp.sharding_strategy`, as PyTorch FSDP's `ShardingStrategy` (its upper-case spellings are
-/// accepted too; `_hybrid_shard_zero2` is refused by name). Checkpoints do not depend on it: one
-/// saved under any strategy resumes under any other, at any world size.
+/// accepted too, and `_hybrid_shard_zero2` with its underscore). Checkpoints do not depend on it:
+/// one saved under any strategy resumes under any other, at any world size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ShardingStrategy {
@@ -365,6 +365,9 @@ pub enum ShardingStrategy {
     /// each group a whole copy of the model: all-gathers and reduce-scatters stay inside a
     /// group (a node), and only the gradient shards are all-reduced across the groups.
     HybridShard,
+    /// HSDP with shard_grad_op within the groups (PyTorch's `_HYBRID_SHARD_ZERO2`): a unit
+    /// gathered for the forward stays gathered until its backward.
+    HybridShardZero2,
 }
 
 impl FsdpConfig {
@@ -398,12 +401,23 @@ impl FsdpConfig {
 
 impl ShardingStrategy {
     /// Every strategy with its config spelling.
-    pub const ALL: [(ShardingStrategy, &'static str); 4] = [
+    pub const ALL: [(ShardingStrategy, &'static str); 5] = [
         (ShardingStrategy::FullShard, "full_shard"),
         (ShardingStrategy::ShardGradOp, "shard_grad_op"),
         (ShardingStrategy::NoShard, "no_shard"),
         (ShardingStrategy::HybridShard, "hybrid_shard"),
+        (ShardingStrategy::HybridShardZero2, "hybrid_shard_zero2"),
     ];
+
+    /// HSDP: sharded within groups (`fsdp.sharding_group_size`), copies across them.
+    pub fn is_hybrid(self) -> bool {
+        matches!(self, Self::HybridShard | Self::HybridShardZero2)
+    }
+
+    /// A unit gathered for the forward stays gathered until its backward (ZeRO-2).
+    pub fn keeps_gathered(self) -> bool {
+        matches!(self, Self::ShardGradOp | Self::HybridShardZero2)
+    }
 
     /// The config's spelling.
     pub fn name(self) -> &'static str {
@@ -411,11 +425,12 @@ impl ShardingStrategy {
         named.map_or("", |(_, n)| n)
     }
 
-    /// The strategy a config or flag names: ours, PyTorch's upper-case names, or
-    /// `ShardingStrategy.X` as llama-recipes' configs print it.
+    /// The strategy a config or flag names: ours, PyTorch's upper-case names (the private
+    /// `_HYBRID_SHARD_ZERO2` with its underscore), or `ShardingStrategy.X` as llama-recipes'
+    /// configs print it.
     pub fn from_name(text: &str) -> Option<Self> {
         let name = text.strip_prefix("ShardingStrategy.").unwrap_or(text);
-        let name = name.to_ascii_lowercase();
+        let name = name.strip_prefix('_').unwrap_or(name).to_ascii_lowercase();
         Self::ALL.iter().find(|(_, n)| *n == name).map(|(s, _)| *s)
     }
 }
@@ -426,20 +441,15 @@ impl<'de> Deserialize<'de> for ShardingStrategy {
         impl serde::de::Visitor<'_> for V {
             type Value = ShardingStrategy;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("one of full_shard, shard_grad_op, no_shard, hybrid_shard")
+                f.write_str(
+                    "one of full_shard, shard_grad_op, no_shard, hybrid_shard, hybrid_shard_zero2",
+                )
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ShardingStrategy, E> {
                 if let Some(s) = ShardingStrategy::from_name(v) {
                     return Ok(s);
                 }
-                let name = v.strip_prefix("ShardingStrategy.").unwrap_or(v);
-                let got = match name.to_ascii_lowercase().as_str() {
-                    "_hybrid_shard_zero2" => format!(
-                        "{v:?} (HSDP with shard_grad_op within the groups is not supported; \
-                         hybrid_shard is HSDP with full_shard within them)"
-                    ),
-                    _ => format!("{v:?}"),
-                };
+                let got = format!("{v:?}");
                 Err(E::invalid_value(serde::de::Unexpected::Other(&got), &self))
             }
         }

@@ -67,8 +67,7 @@ pub fn world_conflicts(
     if !config.fsdp.enabled && world > 1 {
         return Err(conflict("fsdp.enabled", format!("false trains in one process, but this run has {world} ranks (launch one rank, or set fsdp.enabled: true)")));
     }
-    let hybrid = config.fsdp.sharding_strategy == super::ShardingStrategy::HybridShard;
-    if !hybrid || !config.fsdp.enabled {
+    if !config.fsdp.sharding_strategy.is_hybrid() || !config.fsdp.enabled {
         return Ok(world);
     }
     let g = config.fsdp.shard_group_size(world, per_node);

@@ -197,7 +197,7 @@ impl FsdpModel {
     /// `hybrid_shard`: sets up the shard and replica groups (every rank takes part). One shard
     /// group of every rank is full_shard: no groups then.
     fn with_groups(mut self, pg: &ProcessGroup, opts: WrapOptions) -> Result<Self, FsdpError> {
-        if opts.sharding == ShardingStrategy::HybridShard && self.shard_world < self.world {
+        if opts.sharding.is_hybrid() && self.shard_world < self.world {
             self.hybrid = Some(Hybrid::new(pg, self.shard_world)?);
         }
         Ok(self)
@@ -292,7 +292,7 @@ impl FsdpModel {
         let replicated = opts.sharding == ShardingStrategy::NoShard;
         let (shard_rank, shard_world) = match opts.sharding {
             ShardingStrategy::NoShard => (0, 1),
-            ShardingStrategy::HybridShard => {
+            ShardingStrategy::HybridShard | ShardingStrategy::HybridShardZero2 => {
                 let g = opts.sharding_group_size;
                 if g == 0 || !world.is_multiple_of(g) {
                     return Err(FsdpError::Invalid(format!(
@@ -341,7 +341,7 @@ impl FsdpModel {
             compute: opts.compute,
             prefetch: opts.prefetch,
             keep_graphs: !opts.activation_checkpointing,
-            keep_gathered: opts.sharding == ShardingStrategy::ShardGradOp,
+            keep_gathered: opts.sharding.keeps_gathered(),
             replicated,
             hybrid: None,
             shard_world,

@@ -865,14 +865,24 @@ mod tests {
         f.grads().iter().map(Tensor::copy).collect()
     }
 
-    /// `shard_grad_op`: after the forward, exactly the layer units of the stages whose backward
+    /// `shard_grad_op` (and `hybrid_shard_zero2`, here in one group of the one rank): after the
+    /// forward, exactly the layer units of the stages whose backward
     /// uses their parameters are still gathered (LoRA on the cross-attention: not the vision
     /// layers nor the text layers before the first cross-attention one); the backward recomputes
     /// them without a second gather, frees everything, and gives full_shard's gradients.
     #[test]
     fn shard_grad_op_holds_the_units_the_backward_runs_and_matches_full_shard() {
+        for strategy in [
+            ShardingStrategy::ShardGradOp,
+            ShardingStrategy::HybridShardZero2,
+        ] {
+            shard_grad_op_holds_as(strategy);
+        }
+    }
+
+    fn shard_grad_op_holds_as(strategy: ShardingStrategy) {
         let targets = ["cross_attn.q_proj", "cross_attn.v_proj"];
-        let (pg, mut f) = wrapped_as(&targets, true, ShardingStrategy::ShardGradOp);
+        let (pg, mut f) = wrapped_as(&targets, true, strategy);
         let batch = golden("image1");
         let (plan, _, _) = f.forward_values(&pg, &batch, 1, false, true).unwrap();
         assert_held(&f, &plan, |_, st| st.active && plan.needs_grad[st.output]);

@@ -41,7 +41,7 @@ pub(super) fn process_group(config: &Config) -> Result<(ProcessGroup, Device)> {
 }
 
 fn hybrid(config: &Config) -> bool {
-    config.fsdp.sharding_strategy == config::ShardingStrategy::HybridShard
+    config.fsdp.sharding_strategy.is_hybrid()
 }
 
 /// The ranks each shard group holds: hybrid_shard's (`FsdpConfig::shard_group_size`, a node's
@@ -310,18 +310,21 @@ pub(super) fn unused_settings_notes(config: &Config) -> Vec<String> {
             ("replica_group_size", config.fsdp.replica_group_size),
         ] {
             if let Some(v) = v {
-                notes.push(format!("fsdp.{key} ({v}) is read by fsdp.sharding_strategy hybrid_shard only; {} ignores it", config.fsdp.sharding_strategy.name()));
+                notes.push(format!("fsdp.{key} ({v}) is read by fsdp.sharding_strategy hybrid_shard and hybrid_shard_zero2 only; {} ignores it", config.fsdp.sharding_strategy.name()));
             }
         }
     }
     // (no note for fsdp.prefetch under no_shard: it is on by default, and there is nothing to do)
-    if config.fsdp.enabled
-        && config.fsdp.sharding_strategy == config::ShardingStrategy::ShardGradOp
-        && !config.fsdp.activation_checkpointing
-    {
-        notes.push(
-            "fsdp.sharding_strategy shard_grad_op keeps units gathered from the forward to the backward, which fsdp.activation_checkpointing: false does already: it runs as full_shard".into(),
-        );
+    let strategy = config.fsdp.sharding_strategy;
+    if config.fsdp.enabled && strategy.keeps_gathered() && !config.fsdp.activation_checkpointing {
+        let as_ = match strategy.is_hybrid() {
+            true => "hybrid_shard",
+            false => "full_shard",
+        };
+        notes.push(format!(
+            "fsdp.sharding_strategy {} keeps units gathered from the forward to the backward, which fsdp.activation_checkpointing: false does already: it runs as {as_}",
+            strategy.name()
+        ));
     }
     // (a warmup or floor the kind ignores is refused by the config; gamma has a default, so only
     // another value is noted, not refused: configs that carry one for another kind still load)
