@@ -866,10 +866,10 @@ mod tests {
     }
 
     /// `shard_grad_op` (and `hybrid_shard_zero2`, here in one group of the one rank): after the
-    /// forward, exactly the layer units of the stages whose backward
-    /// uses their parameters are still gathered (LoRA on the cross-attention: not the vision
-    /// layers nor the text layers before the first cross-attention one); the backward recomputes
-    /// them without a second gather, frees everything, and gives full_shard's gradients.
+    /// forward, exactly the layer units of the stages whose backward uses their parameters are
+    /// still gathered (LoRA on the cross-attention: not the vision layers nor the text layers
+    /// before the first cross-attention one); the backward recomputes them without a second
+    /// gather, frees everything, and gives full_shard's gradients.
     #[test]
     fn shard_grad_op_holds_the_units_the_backward_runs_and_matches_full_shard() {
         for strategy in [
