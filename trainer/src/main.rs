@@ -1201,6 +1201,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Compare(args) => {
+            // (every question agrees with itself: a table of no differences, as if it said
+            // something)
+            let (a, b) = (
+                std::fs::canonicalize(&args.a),
+                std::fs::canonicalize(&args.b),
+            );
+            if let (Ok(a), Ok(b)) = (a, b) {
+                anyhow::ensure!(
+                    a != b,
+                    "{} and {} are the same evaluation ({}): give two evaluation folders, e.g. the base model's and the trained one's",
+                    args.a.display(),
+                    args.b.display(),
+                    a.display()
+                );
+            }
             let c = trainer::eval::compare::compare(&args.a, &args.b)?;
             print!("{}", c.markdown());
             if let Some(path) = args.json {

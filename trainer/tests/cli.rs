@@ -629,3 +629,19 @@ fn generation_config_gives_the_defaults_the_flags_leave() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `trainer compare A A` (here through another path to the same folder) is refused: every
+/// question agrees with itself, and a table of no differences would look like a finding.
+#[test]
+fn compare_refuses_an_evaluation_against_itself() {
+    let dir = std::env::temp_dir().join(format!("trainer-cli-compare-{}", std::process::id()));
+    let eval = dir.join("eval");
+    std::fs::create_dir_all(&eval).unwrap();
+    let line = r#"{"id": "q0", "answer": "x", "turns": [{"text": "", "extracted": "x", "correct": true}]}"#;
+    std::fs::write(eval.join("predictions.jsonl"), format!("{line}\n")).unwrap();
+    let again = dir.join("eval/../eval");
+    let (code, _, stderr) = trainer(&["compare", eval.to_str().unwrap(), again.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("are the same evaluation"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -680,7 +680,7 @@ mod tests {
         let notes = unused_settings_notes(&parse(&["fsdp.sharding_group_size=2"]));
         assert!(
             notes.len() == 1
-                && notes[0].contains("fsdp.sharding_group_size (2) is read by fsdp.sharding_strategy hybrid_shard only; full_shard ignores it"),
+                && notes[0].contains("fsdp.sharding_group_size (2) is read by fsdp.sharding_strategy hybrid_shard and hybrid_shard_zero2 only; full_shard ignores it"),
             "{notes:?}"
         );
         let hybrid = [
