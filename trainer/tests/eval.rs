@@ -278,6 +278,55 @@ fn a_resaved_base_config_resumes_and_a_changed_one_is_refused() {
     );
 }
 
+/// A resume refuses a model whose weights changed at the same file names and sizes (another
+/// merged export, an edit in place) and one whose chat template changed, naming what changed;
+/// settings.json of a trainer that recorded neither fingerprint resumes as before.
+#[test]
+fn a_resume_refuses_other_weights_of_the_same_size_and_another_chat_template() {
+    let dir = setup();
+    let model = dir.join("model-edited");
+    common::copy_dir(&dir.join("model"), &model);
+    let (out, bench) = (dir.join("out-edited"), dir.join("bench.jsonl"));
+    let (code, err) = eval_model(&model, &out, &bench, &[]);
+    assert_eq!(code, 0, "{err}");
+    let settings = out.join("settings.json");
+    let kept = std::fs::read(&settings).unwrap();
+    // one byte of the weights' data, the file's size unchanged (its last byte is tensor data)
+    let weights = model.join("model.safetensors");
+    let original = std::fs::read(&weights).unwrap();
+    let mut edited = original.clone();
+    *edited.last_mut().unwrap() ^= 0x40;
+    std::fs::write(&weights, &edited).unwrap();
+    let (code, err) = eval_model(&model, &out, &bench, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("model.model_weights_sampled there"), "{err}");
+    // an older trainer's settings (neither fingerprint) resume as they did
+    let mut old: Value = serde_json::from_slice(&kept).unwrap();
+    let m = old["model"].as_object_mut().unwrap();
+    m.remove("model_weights_sampled");
+    m.remove("model_prompt_files");
+    std::fs::write(&settings, old.to_string()).unwrap();
+    let (code, err) = eval_model(&model, &out, &bench, &[]);
+    assert_eq!(code, 0, "{err}");
+    // the chat template changed
+    std::fs::write(&settings, &kept).unwrap();
+    std::fs::write(&weights, &original).unwrap();
+    let tok = model.join("tokenizer_config.json");
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(&tok).unwrap()).unwrap();
+    cfg["chat_template"] = format!(
+        "SYSTEM: be brief.\n{}",
+        cfg["chat_template"].as_str().unwrap_or("")
+    )
+    .into();
+    std::fs::write(&tok, cfg.to_string()).unwrap();
+    let (code, err) = eval_model(&model, &out, &bench, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("model.model_prompt_files.tokenizer_config_json there \""),
+        "{err}"
+    );
+}
+
 #[test]
 fn integer_ids_are_read_as_text() {
     let dir = setup();

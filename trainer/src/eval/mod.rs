@@ -23,6 +23,7 @@
 //! test of turn 0 against the last turn, and every accuracy has a 95 % Wilson interval.
 pub mod answer;
 pub mod compare;
+mod fingerprint;
 mod font;
 pub mod plots;
 pub mod report;
@@ -307,9 +308,12 @@ pub struct EvalOptions {
 /// (canonical paths) and their contents' fingerprints: sha256 of the adapter's files, the model's
 /// config.json content (compared as a resumed training run compares it: a copy re-indented or
 /// re-saved by another transformers is the same model, `checkpoint::same_model_config`) and the
-/// sha256 of its bytes (what older settings recorded), and the names and sizes of its weight
-/// files (hashing 20 GB would take minutes; modification times differ between per-node copies).
-/// A resume with a retrained adapter in the same folder is then refused.
+/// sha256 of its bytes (what older settings recorded), the names and sizes of its weight files
+/// and a fingerprint of their content by samples of every tensor (hashing 20 GB would take
+/// minutes; modification times differ between per-node copies), and the sha256 of its tokenizer,
+/// chat template and image processor files ([`fingerprint`]). A resume with a retrained adapter in
+/// the same folder, another merged export or an edited chat template in the model's is then
+/// refused.
 pub fn made_with(
     model: &Path,
     adapter: Option<&Path>,
@@ -344,6 +348,8 @@ pub fn made_with(
         "model_config_sha256": config.as_deref().map(crate::checkpoint::sha256_hex).unwrap_or_default(),
         "model_config": config.as_deref().and_then(crate::checkpoint::model_config_content),
         "model_weights": weights,
+        "model_weights_sampled": fingerprint::sampled_weights(model),
+        "model_prompt_files": fingerprint::prompt_files(model),
         "adapter": adapter.map(canonical),
         "adapter_sha256": adapter.map(|a| [sha(&a.join("adapter_config.json")), sha(&a.join("adapter_model.safetensors"))]),
     });
@@ -546,6 +552,13 @@ fn config_compared(there: &mut serde_json::Value, here: &mut serde_json::Value) 
     let by_content = config_content_recorded(there);
     keep_one_config_fingerprint(there, by_content);
     keep_one_config_fingerprint(here, by_content);
+    // (fingerprints older settings do not record: compared from the next evaluation on)
+    for key in ["model_weights_sampled", "model_prompt_files"] {
+        let recorded = there.pointer(&format!("/model/{key}")).is_some();
+        if let (false, Some(model)) = (recorded, here.get_mut("model")) {
+            model.as_object_mut().map(|m| m.remove(key));
+        }
+    }
 }
 
 fn config_content_recorded(settings: &serde_json::Value) -> bool {

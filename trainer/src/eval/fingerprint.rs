@@ -1,0 +1,135 @@
+//! Content fingerprints of a model folder for an evaluation's settings (what a resume compares):
+//! the tokenizer and processor files whole, and the weights by samples of every tensor. Hashing
+//! 20 GB of weights would take minutes at every start; a retrained, merged or edited model
+//! changes whole tensors (a merged LoRA delta, an edit in place), which the first, middle and last
+//! bytes of each tensor show, at a few bytes per tensor read.
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+/// Bytes read at each of a tensor's three places.
+const SAMPLE: u64 = 4096;
+
+/// The files besides the weights that decide the prompt's tokens and the images' pixels: the
+/// tokenizer, its config with the chat template (or the template in a file of its own, as newer
+/// transformers save it) and the image processor's config.
+pub const PROMPT_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+];
+
+/// sha256 of each of `PROMPT_FILES` that `model` holds, by name with `_` for `.`
+/// ("tokenizer_config_json": the settings' differences are named by dotted key paths).
+pub fn prompt_files(model: &Path) -> serde_json::Map<String, serde_json::Value> {
+    PROMPT_FILES
+        .iter()
+        .filter_map(|name| {
+            let bytes = std::fs::read(model.join(name)).ok()?;
+            let hex = crate::checkpoint::sha256_hex(&bytes);
+            Some((name.replace('.', "_"), serde_json::Value::from(hex)))
+        })
+        .collect()
+}
+
+/// One sha256 over every `*.safetensors` file of `model` (by name): each file's name, its header
+/// (tensor names, dtypes, shapes, offsets) and the first, middle and last [`SAMPLE`] bytes of each
+/// tensor's data. A file that cannot be read adds its error, so it differs from a readable one.
+pub fn sampled_weights(model: &Path) -> String {
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(model)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|e| e == "safetensors"));
+    files.sort();
+    let mut h = Sha256::new();
+    for path in files {
+        h.update(path.file_name().unwrap_or_default().as_encoded_bytes());
+        if let Err(e) = sample_file(&path, &mut h) {
+            h.update(format!("unreadable: {e}").as_bytes());
+        }
+    }
+    crate::checkpoint::hex(&h.finalize())
+}
+
+fn sample_file(path: &Path, h: &mut Sha256) -> std::io::Result<()> {
+    let mut f = std::fs::File::open(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let header_len = u64::from_le_bytes(len);
+    let file_len = f.metadata()?.len();
+    if header_len > file_len.saturating_sub(8) {
+        return Err(std::io::Error::other("not a safetensors file"));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header)?;
+    h.update(&header);
+    let parsed: serde_json::Value =
+        serde_json::from_slice(&header).map_err(std::io::Error::other)?;
+    let data_start = 8 + header_len;
+    // (each tensor's [begin, end) in the data section, in name order)
+    let mut spans: Vec<(&String, u64, u64)> = parsed
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(name, t)| {
+            let o = t.get("data_offsets")?.as_array()?;
+            Some((name, o.first()?.as_u64()?, o.get(1)?.as_u64()?))
+        })
+        .collect();
+    spans.sort();
+    let mut buf = vec![0u8; SAMPLE as usize];
+    for (_, begin, end) in spans {
+        let n = (end.saturating_sub(begin)).min(SAMPLE);
+        let middle = begin + (end.saturating_sub(begin) / 2).saturating_sub(n / 2);
+        for at in [begin, middle, end.saturating_sub(n)] {
+            f.seek(SeekFrom::Start(data_start + at))?;
+            f.read_exact(&mut buf[..n as usize])?;
+            h.update(&buf[..n as usize]);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file of one f32 tensor "w" with `values`.
+    fn write(dir: &Path, values: &[f32]) {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            vec![values.len()],
+            &bytes,
+        )
+        .unwrap();
+        let data = safetensors::tensor::serialize([("w", view)], &None).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("model.safetensors"), data).unwrap();
+    }
+
+    /// The same weights in two folders give one fingerprint; weights of the same names, shapes
+    /// and file size that differ at the start, the middle or the end of a tensor give others.
+    #[test]
+    fn sampled_weights_tell_other_weights_of_the_same_size_apart() {
+        let root = std::env::temp_dir().join(format!("fingerprint-{}", std::process::id()));
+        let base: Vec<f32> = (0..10_000).map(|i| i as f32).collect();
+        write(&root.join("a"), &base);
+        write(&root.join("b"), &base);
+        let a = sampled_weights(&root.join("a"));
+        assert_eq!(a, sampled_weights(&root.join("b")));
+        for at in [0, 5_000, 9_999] {
+            let mut other = base.clone();
+            other[at] = -1.0;
+            write(&root.join("b"), &other);
+            assert_ne!(a, sampled_weights(&root.join("b")), "changed at {at}");
+        }
+        std::fs::write(root.join("b/model.safetensors"), b"broken").unwrap();
+        assert_ne!(a, sampled_weights(&root.join("b")));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
