@@ -366,6 +366,7 @@ struct InferArgs {
     /// Image file (JPEG, PNG, WebP, GIF, BMP); without it the question is text-only
     #[arg(long)]
     image: Option<PathBuf>,
+    /// The question (the first user turn's text)
     #[arg(long)]
     question: String,
     /// 0 = greedy (the seed's default is 0.7)
@@ -407,6 +408,8 @@ struct GenerationArgs {
     /// `generate` call, which did not pass it, got it
     #[arg(long)]
     top_k: Option<usize>,
+    /// With sampling: the smallest set of most likely tokens whose probabilities add up to this
+    /// (nucleus sampling, after top-k); 1 = off
     #[arg(long, default_value_t = 0.9, value_parser = parse_top_p, allow_negative_numbers = true)]
     top_p: f64,
     /// transformers' repetition_penalty: logits of tokens already in the sequence divided by it
@@ -422,6 +425,7 @@ struct GenerationArgs {
     /// seed's inference used 2048
     #[arg(long, default_value_t = 2048, value_parser = parse_max_new_tokens, allow_negative_numbers = true)]
     max_new_tokens: usize,
+    /// With sampling: the seed of the token draws (the same seed, the same text)
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Keep a LLaVA `<image>` marker at the question's start or end as text (for a model trained
@@ -1055,6 +1059,45 @@ struct CompareArgs {
     json: Option<PathBuf>,
 }
 
+/// `trainer compare A B [--json FILE]`.
+fn compare(args: CompareArgs) -> Result<ExitCode> {
+    // (every question agrees with itself: a table of no differences, as if it said something)
+    let (a, b) = (
+        std::fs::canonicalize(&args.a),
+        std::fs::canonicalize(&args.b),
+    );
+    if let (Ok(a), Ok(b)) = (a, b) {
+        anyhow::ensure!(
+            a != b,
+            "{} and {} are the same evaluation ({}): give two evaluation folders, e.g. the base model's and the trained one's",
+            args.a.display(),
+            args.b.display(),
+            a.display()
+        );
+    }
+    // an existing file is replaced only when it is an earlier comparison: not an evaluation's
+    // predictions.jsonl or report.json, nor a benchmark
+    if let Some(path) = args.json.as_deref().filter(|p| p.exists()) {
+        let earlier = std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v.get("paired").is_some() && v.get("turns").is_some());
+        anyhow::ensure!(
+            earlier,
+            "--json {}: the file exists and is not an earlier comparison; it is left as it is: give another path",
+            path.display()
+        );
+    }
+    let c = trainer::eval::compare::compare(&args.a, &args.b)?;
+    print!("{}", c.markdown());
+    if let Some(path) = args.json {
+        let text = serde_json::to_string_pretty(&c)? + "\n";
+        trainer::checkpoint::replace_synced(&path, text.as_bytes())
+            .map_err(|e| anyhow::anyhow!("writing {}: {e:#}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum ExportFormat {
     Peft,
@@ -1200,31 +1243,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}: config ok", file.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Compare(args) => {
-            // (every question agrees with itself: a table of no differences, as if it said
-            // something)
-            let (a, b) = (
-                std::fs::canonicalize(&args.a),
-                std::fs::canonicalize(&args.b),
-            );
-            if let (Ok(a), Ok(b)) = (a, b) {
-                anyhow::ensure!(
-                    a != b,
-                    "{} and {} are the same evaluation ({}): give two evaluation folders, e.g. the base model's and the trained one's",
-                    args.a.display(),
-                    args.b.display(),
-                    a.display()
-                );
-            }
-            let c = trainer::eval::compare::compare(&args.a, &args.b)?;
-            print!("{}", c.markdown());
-            if let Some(path) = args.json {
-                let text = serde_json::to_string_pretty(&c)?;
-                std::fs::write(&path, text + "\n")
-                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Compare(args) => compare(args),
         Command::Train(args) => {
             let resolved = config::load(&args.config, &args.overrides)?;
             let outcome = trainer::train::train(&resolved)?;

@@ -643,5 +643,34 @@ fn compare_refuses_an_evaluation_against_itself() {
     let (code, _, stderr) = trainer(&["compare", eval.to_str().unwrap(), again.to_str().unwrap()]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("are the same evaluation"), "{stderr}");
+    // --json replaces an earlier comparison, never an evaluation's files
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("predictions.jsonl"), format!("{line}\n")).unwrap();
+    let predictions = other.join("predictions.jsonl");
+    let compare = |json: &std::path::Path| {
+        trainer(&[
+            "compare",
+            eval.to_str().unwrap(),
+            other.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ])
+    };
+    let (code, _, stderr) = compare(&predictions);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("is not an earlier comparison"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&predictions).unwrap(),
+        format!("{line}\n")
+    );
+    let json = other.join("compare.json");
+    for run in ["first", "again"] {
+        let (code, _, stderr) = compare(&json);
+        assert_eq!(code, 0, "{run}: {stderr}");
+    }
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(written["paired"], 1);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -327,6 +327,18 @@ fn a_resume_refuses_other_weights_of_the_same_size_and_another_chat_template() {
     );
 }
 
+/// `--out` naming an existing file is refused as not a folder (it was "File exists").
+#[test]
+fn an_out_that_is_a_file_is_refused() {
+    let dir = setup();
+    let file = dir.join("out-is-a-file.jsonl");
+    std::fs::write(&file, "mine\n").unwrap();
+    let (code, err) = eval_model(&dir.join("model"), &file, &dir.join("bench.jsonl"), &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("a file, not a folder"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine\n");
+}
+
 #[test]
 fn integer_ids_are_read_as_text() {
     let dir = setup();

@@ -605,7 +605,7 @@ pub(crate) fn safetensors_bytes(
 
 /// Replaces `path` with `bytes` whole: written and fsynced under a temporary name beside it, then
 /// renamed over it and the folder fsynced (a reader or a crash sees the old file or the new one).
-pub(crate) fn replace_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub fn replace_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use anyhow::Context;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
     let tmp = path.with_file_name(format!(".{}.tmp", name.unwrap_or_default()));

@@ -867,6 +867,12 @@ pub fn run(
             .into_iter()
             .take(opts.limit.unwrap_or(usize::MAX))
             .collect();
+        if opts.out.exists() && !opts.out.is_dir() {
+            return Err(EvalError::Io(format!(
+                "--out {}: a file, not a folder: give the folder predictions.jsonl, report.json and report.md go into",
+                opts.out.display()
+            )));
+        }
         std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
         let lock = match rank {
             0 => Some(
