@@ -487,6 +487,7 @@ impl GenerationArgs {
             seed: self.seed,
             keep_image_placeholder: self.keep_image_placeholder,
             double_bos: self.double_bos,
+            eos_token_ids: defaults.eos_token_ids,
         })
     }
 }

@@ -627,6 +627,15 @@ fn generation_config_gives_the_defaults_the_flags_leave() {
             .contains("generation_config.json: `top_k` must be a whole number >= 0, not \"many\""),
         "{stderr}"
     );
+    cfg["top_k"] = 1.into();
+    cfg["eos_token_id"] = serde_json::json!([456, "end"]);
+    std::fs::write(dir.join("generation_config.json"), cfg.to_string()).unwrap();
+    let (code, _, stderr) = run(&[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("`eos_token_id` must be a token id or a list of them"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -304,7 +304,7 @@ fn a_resume_refuses_other_weights_of_the_same_size_and_another_chat_template() {
     let mut old: Value = serde_json::from_slice(&kept).unwrap();
     let m = old["model"].as_object_mut().unwrap();
     m.remove("model_weights_sampled");
-    m.remove("model_prompt_files");
+    m.remove("model_files");
     std::fs::write(&settings, old.to_string()).unwrap();
     let (code, err) = eval_model(&model, &out, &bench, &[]);
     assert_eq!(code, 0, "{err}");
@@ -322,7 +322,7 @@ fn a_resume_refuses_other_weights_of_the_same_size_and_another_chat_template() {
     let (code, err) = eval_model(&model, &out, &bench, &[]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("model.model_prompt_files.tokenizer_config_json there \""),
+        err.contains("model.model_files.tokenizer_config_json there \""),
         "{err}"
     );
 }

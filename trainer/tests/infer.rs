@@ -57,6 +57,7 @@ fn opts(turns: usize, temperature: f64, seed: u64) -> InferOptions {
         seed,
         keep_image_placeholder: false,
         double_bos: false,
+        eos_token_ids: vec![],
     }
 }
 
@@ -116,6 +117,34 @@ fn greedy_turn_equals_the_no_cache_reference_and_turns_chain() {
         .unwrap();
     assert!(rendered.contains(DEFAULT_CORRECTION_PROMPT), "{rendered}");
     assert!(next.len() > ids.len() + turns[0].token_ids.len());
+}
+
+/// generation_config.json's eos ids end a turn besides the model config's, as transformers'
+/// `generate` stops at them: with the first greedy token among them, the turn is empty.
+#[test]
+fn generation_config_eos_ids_end_a_turn() {
+    let model = model();
+    let procs = processors();
+    let session = session(&model, &procs);
+    let image = load_rgb(&first_image()).unwrap();
+    let mut o = opts(1, 0.0, 1);
+    let run = |o: &InferOptions| {
+        session
+            .run(Some(&image), "How many red shapes?", o, &mut |_, _| {})
+            .unwrap()
+    };
+    let free = run(&o);
+    assert!(free[0].token_ids.len() > 1, "{:?}", free[0].token_ids);
+    o.eos_token_ids = vec![free[0].token_ids[0]];
+    let stopped = run(&o);
+    assert!(
+        stopped[0].token_ids.is_empty(),
+        "{:?}",
+        stopped[0].token_ids
+    );
+    // (the second token instead: one token, then the stop)
+    o.eos_token_ids = vec![free[0].token_ids[1]];
+    assert_eq!(run(&o)[0].token_ids, free[0].token_ids[..1]);
 }
 
 #[test]

@@ -11,22 +11,24 @@ use sha2::{Digest, Sha256};
 /// Bytes read at each of a tensor's three places.
 const SAMPLE: u64 = 4096;
 
-/// The files besides the weights that decide the prompt's tokens and the images' pixels: the
-/// tokenizer, its config with the chat template (or the template in a file of its own, as newer
-/// transformers save it) and the image processor's config.
-pub const PROMPT_FILES: [&str; 6] = [
+/// The files besides the weights and config.json that decide the prompt's tokens, the images'
+/// pixels and the generation's defaults: the tokenizer, its config with the chat template (or the
+/// template in a file of its own, as newer transformers save it), the image processor's config
+/// and generation_config.json (its eos ids, top_k, repetition_penalty).
+pub const MODEL_FILES: [&str; 7] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
     "chat_template.json",
     "preprocessor_config.json",
+    "generation_config.json",
 ];
 
-/// sha256 of each of `PROMPT_FILES` that `model` holds, by name with `_` for `.`
+/// sha256 of each of `MODEL_FILES` that `model` holds, by name with `_` for `.`
 /// ("tokenizer_config_json": the settings' differences are named by dotted key paths).
-pub fn prompt_files(model: &Path) -> serde_json::Map<String, serde_json::Value> {
-    PROMPT_FILES
+pub fn model_files(model: &Path) -> serde_json::Map<String, serde_json::Value> {
+    MODEL_FILES
         .iter()
         .filter_map(|name| {
             let bytes = std::fs::read(model.join(name)).ok()?;

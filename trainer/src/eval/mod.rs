@@ -349,7 +349,7 @@ pub fn made_with(
         "model_config": config.as_deref().and_then(crate::checkpoint::model_config_content),
         "model_weights": weights,
         "model_weights_sampled": fingerprint::sampled_weights(model),
-        "model_prompt_files": fingerprint::prompt_files(model),
+        "model_files": fingerprint::model_files(model),
         "adapter": adapter.map(canonical),
         "adapter_sha256": adapter.map(|a| [sha(&a.join("adapter_config.json")), sha(&a.join("adapter_model.safetensors"))]),
     });
@@ -553,7 +553,7 @@ fn config_compared(there: &mut serde_json::Value, here: &mut serde_json::Value) 
     keep_one_config_fingerprint(there, by_content);
     keep_one_config_fingerprint(here, by_content);
     // (fingerprints older settings do not record: compared from the next evaluation on)
-    for key in ["model_weights_sampled", "model_prompt_files"] {
+    for key in ["model_weights_sampled", "model_files"] {
         let recorded = there.pointer(&format!("/model/{key}")).is_some();
         if let (false, Some(model)) = (recorded, here.get_mut("model")) {
             model.as_object_mut().map(|m| m.remove(key));

@@ -60,6 +60,11 @@ pub struct InferOptions {
     /// eval resumed with the other setting is refused (its settings.json differs).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub double_bos: bool,
+    /// generation_config.json's `eos_token_id`, which ends a turn besides the model config's and
+    /// the Llama 3 stop tokens (transformers' `generate` stops at it). Not recorded: an eval
+    /// compares that file's sha256 (`eval::made_with`).
+    #[serde(skip)]
+    pub eos_token_ids: Vec<i64>,
 }
 
 fn is_one(x: &f64) -> bool {
@@ -300,7 +305,11 @@ impl Session<'_> {
             .iter()
             .map(|(im, _)| im.map(|im| process(self.image_config, im)))
             .collect();
-        let eos = stop_ids(&self.model.config.text.eos_token_ids, self.text);
+        let eos = [
+            &self.model.config.text.eos_token_ids[..],
+            &opts.eos_token_ids,
+        ];
+        let eos = stop_ids(&eos.concat(), self.text);
         let mut samplers: Vec<Sampler> = seeds
             .iter()
             .map(|&seed| {

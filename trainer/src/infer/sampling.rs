@@ -16,6 +16,8 @@ pub const DEFAULT_TOP_K: usize = 50;
 pub struct GenerationDefaults {
     pub top_k: Option<usize>,
     pub repetition_penalty: Option<f64>,
+    /// `eos_token_id`: one id or a list (none: empty).
+    pub eos_token_ids: Vec<i64>,
 }
 
 impl GenerationDefaults {
@@ -53,9 +55,22 @@ impl GenerationDefaults {
                     .ok_or_else(|| bad("repetition_penalty", "a number > 0"))?,
             ),
         };
+        let eos_token_ids = match v.get("eos_token_id") {
+            None | Some(serde_json::Value::Null) => vec![],
+            Some(serde_json::Value::Array(ids)) => ids
+                .iter()
+                .map(|i| i.as_i64().filter(|&i| i >= 0))
+                .collect::<Option<Vec<i64>>>()
+                .ok_or_else(|| bad("eos_token_id", "a token id or a list of them"))?,
+            Some(x) => vec![x
+                .as_i64()
+                .filter(|&i| i >= 0)
+                .ok_or_else(|| bad("eos_token_id", "a token id or a list of them"))?],
+        };
         Ok(Self {
             top_k,
             repetition_penalty,
+            eos_token_ids,
         })
     }
 }
