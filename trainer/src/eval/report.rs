@@ -165,8 +165,10 @@ pub struct Report {
     /// Turn 0 against the last turn (with 2+ turns).
     pub correction: Option<Correction>,
     pub by_category: BTreeMap<String, Breakdown>,
-    /// Where turn 0 and turn 1 first differ: "summary", "caption", "reasoning", "conclusion", or
-    /// "none" when every stage is the same (only with 2+ turns).
+    /// Where turn 0 and turn 1 first differ: "summary", "caption", "reasoning", "conclusion",
+    /// "outside the stages" when every stage is the same but the texts are not (answers without
+    /// the stage tags, or text outside them), or "none" when the texts are the same (only with 2+
+    /// turns).
     pub first_differing_stage: BTreeMap<String, usize>,
     pub cost: Vec<TurnCost>,
     /// Training FLOPs from a metrics.jsonl (sum of tflops x step seconds), when given.
@@ -254,6 +256,8 @@ fn ratio(a: usize, b: usize) -> f64 {
 }
 
 const STAGE_ORDER: [&str; 4] = ["summary", "caption", "reasoning", "conclusion"];
+/// `first_differing_stage`'s key for two turns whose stages are the same and texts are not.
+const OUTSIDE_STAGES: &str = "outside the stages";
 
 /// Builds the report from predictions in bench order.
 /// `turn_flops`: the forward FLOPs of one turn (from its prompt, new tokens and tiles).
@@ -279,7 +283,10 @@ pub fn build(
             .iter()
             .find(|s| a.get(**s) != b.get(**s))
             .copied()
-            .unwrap_or("none");
+            .unwrap_or(match p.turns[0].text == p.turns[1].text {
+                true => "none",
+                false => OUTSIDE_STAGES,
+            });
         *first_differing_stage.entry(stage.to_string()).or_insert(0) += 1;
     }
     let n_turns = overall.turns.len();
@@ -341,7 +348,7 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     s += &format!("\n![Accuracy per turn]({})\n", super::plots::ACCURACY);
-    s += "\n## Transitions between consecutive turns\n\nFix rate: wrong->right among the answers wrong before; break rate: right->wrong among the right ones (cut off: of those, the ones whose later turn hit --max-new-tokens); p: exact McNemar of the two turns.\n\n| from -> to | right->right | right->wrong (cut off) | wrong->right | wrong->wrong | fix rate | break rate | p | answer changed |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    s += "\n## Transitions between consecutive turns\n\nFix rate: wrong->right among the answers wrong before; break rate: right->wrong among the right ones (cut off: of those, the ones whose later turn hit --max-new-tokens); p: exact McNemar of the two turns; answer changed: the answers as scoring reads them differ (a turn cut off before its conclusion has the answer \"cut off\", so two such turns count as the same answer).\n\n| from -> to | right->right | right->wrong (cut off) | wrong->right | wrong->wrong | fix rate | break rate | p | answer changed |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
     for t in &r.transitions {
         s += &format!(
             "| {} -> {} | {} | {} ({}) | {} | {} | {} | {} | {} | {} ({}) |\n",
@@ -397,12 +404,11 @@ pub fn markdown(r: &Report) -> String {
     }
     if !r.first_differing_stage.is_empty() {
         s += "\n## First stage where turn 1 departs from turn 0\n\n| stage | samples |\n| --- | ---: |\n";
-        // in the stages' order, "none" last (not alphabetical)
-        let rank = |s: &str| {
-            STAGE_ORDER
-                .iter()
-                .position(|x| *x == s)
-                .unwrap_or(STAGE_ORDER.len())
+        // in the stages' order, then "outside the stages", "none" last (not alphabetical)
+        let rank = |s: &str| match STAGE_ORDER.iter().position(|x| *x == s) {
+            Some(i) => i,
+            None if s == OUTSIDE_STAGES => STAGE_ORDER.len(),
+            None => STAGE_ORDER.len() + 1,
         };
         let mut stages: Vec<(&String, &usize)> = r.first_differing_stage.iter().collect();
         stages.sort_by_key(|(s, _)| rank(s));
@@ -483,6 +489,15 @@ mod tests {
         assert_eq!(r.by_category["color"].transitions[0].right_wrong, 1);
         assert_eq!(r.first_differing_stage["reasoning"], 2);
         assert_eq!(r.first_differing_stage["none"], 2);
+        // the same stages (none at all: untagged answers) and other texts: not "none"
+        let mut untagged = pred("5", "count", [(false, "4", "r"), (false, "5", "r")]);
+        for (t, text) in untagged.turns.iter_mut().zip(["4 shapes", "5 shapes"]) {
+            t.stages.clear();
+            t.text = text.into();
+        }
+        let r = build(&[untagged], 100, &two_n_tokens, None);
+        assert_eq!(r.first_differing_stage["outside the stages"], 1);
+        assert!(!r.first_differing_stage.contains_key("none"));
         // (fix: 1 of the 2 wrong at turn 0; break: 1 of the 2 right)
         assert_eq!((t.fix_rate, t.break_rate, t.p_value), (0.5, 0.5, 1.0));
         // 4 samples x (10 + 5) tokens x 2 x 100 parameters
