@@ -495,9 +495,9 @@ mod tests {
             t.stages.clear();
             t.text = text.into();
         }
-        let r = build(&[untagged], 100, &two_n_tokens, None);
-        assert_eq!(r.first_differing_stage["outside the stages"], 1);
-        assert!(!r.first_differing_stage.contains_key("none"));
+        let u = build(&[untagged], 100, &two_n_tokens, None);
+        assert_eq!(u.first_differing_stage["outside the stages"], 1);
+        assert!(!u.first_differing_stage.contains_key("none"));
         // (fix: 1 of the 2 wrong at turn 0; break: 1 of the 2 right)
         assert_eq!((t.fix_rate, t.break_rate, t.p_value), (0.5, 0.5, 1.0));
         // 4 samples x (10 + 5) tokens x 2 x 100 parameters
