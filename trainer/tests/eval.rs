@@ -327,7 +327,8 @@ fn a_resume_refuses_other_weights_of_the_same_size_and_another_chat_template() {
     );
 }
 
-/// `--out` naming an existing file is refused as not a folder (it was "File exists").
+/// `--out` naming an existing file is refused as not a folder (it was "File exists"), and a
+/// folder holding a report.md that no evaluation wrote is left alone.
 #[test]
 fn an_out_that_is_a_file_is_refused() {
     let dir = setup();
@@ -337,6 +338,17 @@ fn an_out_that_is_a_file_is_refused() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("a file, not a folder"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine\n");
+    // a folder with someone's report.md, not an evaluation's: left as it is
+    let theirs = dir.join("out-theirs");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join("report.md"), "my notes\n").unwrap();
+    let (code, err) = eval_model(&dir.join("model"), &theirs, &dir.join("bench.jsonl"), &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is not an evaluation's folder"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(theirs.join("report.md")).unwrap(),
+        "my notes\n"
+    );
 }
 
 #[test]

@@ -873,6 +873,20 @@ pub fn run(
                 opts.out.display()
             )));
         }
+        // report.md or report.json without the settings and predictions an evaluation writes
+        // first: someone's own files, which the report would replace
+        let ours = ["settings.json", "predictions.jsonl"].map(|f| opts.out.join(f).exists());
+        if let (false, Some(theirs)) = (
+            ours.contains(&true),
+            ["report.md", "report.json"]
+                .into_iter()
+                .find(|f| opts.out.join(f).exists()),
+        ) {
+            return Err(EvalError::Io(format!(
+                "--out {}: holds {theirs} but is not an evaluation's folder (no settings.json or predictions.jsonl): it is left as it is; give another --out",
+                opts.out.display()
+            )));
+        }
         std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
         let lock = match rank {
             0 => Some(
