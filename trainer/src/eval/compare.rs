@@ -141,8 +141,9 @@ impl Comparison {
         }
         s +=
             "\nA difference is more than chance on these questions when p < 0.05. Correctness is as \
-              stored in each predictions.jsonl (questions kept there from an earlier, longer run of \
-              the folder are paired too).\n";
+              stored in each predictions.jsonl: questions kept there from an earlier run into the \
+              folder (a longer one, or one of another benchmark) are paired too, while its report.md \
+              covers only its last run's.\n";
         s
     }
 }
