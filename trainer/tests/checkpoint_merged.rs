@@ -536,10 +536,13 @@ fn merged_export_refuses_a_wrong_base_model_and_a_used_out_folder() {
     let used = root.join("merged-used");
     std::fs::create_dir_all(&used).unwrap();
     std::fs::write(used.join("model-00001-of-00002.safetensors"), b"old").unwrap();
+    // (a model's folder holds the side files too: the weights are named, in any listing order)
+    std::fs::write(used.join("tokenizer.json"), b"{}").unwrap();
     let o = export(ckpt, &used, "merged", &[]);
     assert_eq!(o.code, Some(1), "{}", o.stderr);
     assert!(
-        o.stderr.contains("already holds model weights"),
+        o.stderr
+            .contains("already holds model weights (model-00001-of-00002.safetensors)"),
         "{}",
         o.stderr
     );

@@ -686,6 +686,7 @@ fn prepare_out(out: &Path) -> Result<super::ExportLock> {
         std::fs::remove_file(&renaming)
             .with_context(|| format!("removing {}", renaming.display()))?;
     }
+    let mut names = Vec::new();
     for e in std::fs::read_dir(out).with_context(|| format!("listing {}", out.display()))? {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
@@ -695,18 +696,23 @@ fn prepare_out(out: &Path) -> Result<super::ExportLock> {
                 .with_context(|| format!("removing {}", e.path().display()))?;
             continue;
         }
-        if name.ends_with(".safetensors") || name == "model.safetensors.index.json" {
-            bail!(
-                "--out {} already holds model weights ({name}); give an empty or new folder",
-                out.display()
-            );
-        }
-        if SIDE_FILES.contains(&name.as_str()) || name == super::PROMPT_FILE {
-            bail!(
-                "--out {} already holds {name}, which the export writes; give an empty or new folder",
-                out.display()
-            );
-        }
+        names.push(name);
+    }
+    // (weights named first: a model's folder is refused as one, whatever order the listing has)
+    names.sort();
+    let weights = |n: &&String| n.ends_with(".safetensors") || *n == "model.safetensors.index.json";
+    if let Some(name) = names.iter().find(weights) {
+        bail!(
+            "--out {} already holds model weights ({name}); give an empty or new folder",
+            out.display()
+        );
+    }
+    let written = |n: &&String| SIDE_FILES.contains(&n.as_str()) || *n == super::PROMPT_FILE;
+    if let Some(name) = names.iter().find(written) {
+        bail!(
+            "--out {} already holds {name}, which the export writes; give an empty or new folder",
+            out.display()
+        );
     }
     Ok(lock)
 }
