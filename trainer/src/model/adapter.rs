@@ -445,8 +445,18 @@ impl MllamaModel {
             }
         }
         if !problems.is_empty() || branches.len() + saved.len() == 0 {
+            // (an adapter of a deeper model names layers this one lacks: say how deep this is)
+            let layers = match problems.iter().any(|p| p.starts_with("unexpected")) {
+                true => format!(
+                    "\n  (this model has {} text layers and {} + {} vision layers: an adapter trained on another model names layers or modules it lacks)",
+                    self.config.text.num_hidden_layers,
+                    self.config.vision.num_hidden_layers,
+                    self.config.vision.num_global_layers
+                ),
+                false => String::new(),
+            };
             return Err(ModelError::Adapter(format!(
-                "{} does not match the model ({} problems):\n  {}",
+                "{} does not match the model ({} problems):\n  {}{layers}",
                 dir.display(),
                 problems.len(),
                 problems.join("\n  ")
