@@ -459,44 +459,33 @@ fn bad_benchmarks_name_file_and_line() {
 #[test]
 fn adapter_for_another_base_model_is_a_clear_error() {
     let dir = setup();
-    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args([
-            "infer",
-            "--question",
-            "q",
-            "--turns",
-            "1",
-            "--max-new-tokens",
-            "4",
-        ])
-        .arg("--model")
-        .arg(dir.join("model"))
-        .arg("--adapter")
-        .arg(repo().join("tests/fixtures/mllama_tiny/adapter_hf5"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    // `infer --model MODEL --adapter` with the fixtures' adapter: the exit code and stderr
+    let infer = |model: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args([
+                "infer",
+                "--question",
+                "q",
+                "--turns",
+                "1",
+                "--max-new-tokens",
+                "2",
+            ])
+            .arg("--model")
+            .arg(model)
+            .arg("--adapter")
+            .arg(repo().join("tests/fixtures/mllama_tiny/adapter_hf5"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        (o.status.code(), stderr)
+    };
+    let (code, stderr) = infer(&dir.join("model"));
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("adapter"), "{stderr}");
     // an adapter of a deeper model: its extra layers are named, and how deep this model is
-    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args([
-            "infer",
-            "--question",
-            "q",
-            "--turns",
-            "1",
-            "--max-new-tokens",
-            "2",
-        ])
-        .arg("--model")
-        .arg(repo().join("tests/fixtures/train/model"))
-        .arg("--adapter")
-        .arg(repo().join("tests/fixtures/mllama_tiny/adapter_hf5"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = infer(&repo().join("tests/fixtures/train/model"));
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("unexpected base_model.model.model.vision_model.transformer.layers.3.")
             && stderr.contains("(this model has 3 text layers and 2 + 1 vision layers"),
