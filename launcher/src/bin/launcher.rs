@@ -395,14 +395,9 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
     }
 
     let nproc = nproc_per_node(&cli.nproc_per_node)?;
-    if let Some(config) = &cli.config {
-        // (after `train CONFIG`: the --set pairs)
-        check_config(
-            &command.program,
-            config,
-            &command.args[2..],
-            (nnodes * nproc, nproc),
-        )?;
+    // (CONFIG mode: the ranks run `trainer train CONFIG`)
+    if cli.config.is_some() {
+        check_config(&command, (nnodes * nproc, nproc))?;
     }
     // (`JOBID.STEPID` only when the step gave the layout: nodes started by separate sruns with
     // explicit --nnodes/--node-rank share the job id)
@@ -566,13 +561,10 @@ fn rank_command(cli: &Cli) -> Result<RankCommand> {
                     if release { " --release" } else { "" }
                 );
             }
-            let mut sets: Vec<OsString> = Vec::new();
-            for o in &cli.overrides {
-                sets.push("--set".into());
-                sets.push(o.into());
-            }
             let mut args: Vec<OsString> = vec!["train".into(), config.clone().into()];
-            args.extend(sets);
+            for o in &cli.overrides {
+                args.extend(["--set".into(), o.into()]);
+            }
             Ok(RankCommand {
                 program: trainer,
                 args,
@@ -586,16 +578,12 @@ fn rank_command(cli: &Cli) -> Result<RankCommand> {
 /// the launch's layout (`world` ranks, `per_node` on each node), before any rank starts: a bad
 /// key is then one error, not one per rank, and is not restarted `--max-restarts` times (no
 /// restart can fix it).
-fn check_config(
-    trainer: &Path,
-    config: &Path,
-    sets: &[OsString],
-    (world, per_node): (usize, usize),
-) -> Result<()> {
+fn check_config(command: &RankCommand, (world, per_node): (usize, usize)) -> Result<()> {
+    let trainer = &command.program;
+    // (the ranks run `train CONFIG [--set K=V ...]`: the check takes the same arguments)
     let out = std::process::Command::new(trainer)
         .args(["config", "check"])
-        .arg(config)
-        .args(sets)
+        .args(&command.args[1..])
         .args(["--world", &world.to_string()])
         .args(["--nproc-per-node", &per_node.to_string()])
         .stdin(std::process::Stdio::null())

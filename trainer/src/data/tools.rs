@@ -62,20 +62,14 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
         }
         text.push_str(&report.to_string());
     }
-    let mut summary = match stopping {
-        0 => String::new(),
-        _ => format!("{stopping} problem(s) would stop training (data.bad_records: error / data.max_seq_len_policy: error); fix them or set the policy to skip"),
+    if stopping > 0 {
+        refused.insert(0, format!("{stopping} problem(s) would stop training (data.bad_records: error / data.max_seq_len_policy: error); fix them or set the policy to skip"));
+    }
+    let failed = !refused.is_empty();
+    let summary = match failed {
+        true => refused.join("\n"),
+        false => "data check passed".to_string(),
     };
-    for why in &refused {
-        if !summary.is_empty() {
-            summary.push('\n');
-        }
-        summary.push_str(why);
-    }
-    let failed = !summary.is_empty();
-    if !failed {
-        summary = "data check passed".to_string();
-    }
     Ok(CheckOutcome {
         text,
         failed,

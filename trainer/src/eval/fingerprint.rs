@@ -3,13 +3,12 @@
 //! 20 GB of weights would take minutes at every start; a retrained, merged or edited model
 //! changes whole tensors (a merged LoRA delta, an edit in place), which the first, middle and last
 //! bytes of each tensor show, at a few bytes per tensor read.
-use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
 /// Bytes read at each of a tensor's three places.
-const SAMPLE: u64 = 4096;
+const SAMPLE: usize = 4096;
 
 /// The files besides the weights and config.json that decide the prompt's tokens, the images'
 /// pixels and the generation's defaults: the tokenizer, its config with the chat template (or the
@@ -38,59 +37,52 @@ pub fn model_files(model: &Path) -> serde_json::Map<String, serde_json::Value> {
         .collect()
 }
 
-/// One sha256 over every `*.safetensors` file of `model` (by name): each file's name, its header
-/// (tensor names, dtypes, shapes, offsets) and the first, middle and last [`SAMPLE`] bytes of each
-/// tensor's data. A file that cannot be read adds its error, so it differs from a readable one.
-pub fn sampled_weights(model: &Path) -> String {
-    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(model)
+/// The `*.safetensors` files of `model`, by name.
+pub fn weight_files(model: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(model)
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    files.retain(|p| p.extension().is_some_and(|e| e == "safetensors"));
+    files.retain(|p| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().ends_with(".safetensors"))
+    });
     files.sort();
+    files
+}
+
+/// One sha256 over the weight `files` ([`weight_files`]): each file's name, its header (tensor
+/// names, dtypes, shapes, offsets) and the first, middle and last [`SAMPLE`] bytes of each
+/// tensor's data. A file that cannot be read adds its error, so it differs from a readable one.
+pub fn sampled_weights(files: &[PathBuf]) -> String {
     let mut h = Sha256::new();
     for path in files {
         h.update(path.file_name().unwrap_or_default().as_encoded_bytes());
-        if let Err(e) = sample_file(&path, &mut h) {
+        if let Err(e) = sample_file(path, &mut h) {
             h.update(format!("unreadable: {e}").as_bytes());
         }
     }
     crate::checkpoint::hex(&h.finalize())
 }
 
-fn sample_file(path: &Path, h: &mut Sha256) -> std::io::Result<()> {
-    let mut f = std::fs::File::open(path)?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)?;
-    let header_len = u64::from_le_bytes(len);
-    let file_len = f.metadata()?.len();
-    if header_len > file_len.saturating_sub(8) {
-        return Err(std::io::Error::other("not a safetensors file"));
-    }
-    let mut header = vec![0u8; header_len as usize];
-    f.read_exact(&mut header)?;
-    h.update(&header);
-    let parsed: serde_json::Value =
-        serde_json::from_slice(&header).map_err(std::io::Error::other)?;
-    let data_start = 8 + header_len;
+fn sample_file(path: &Path, h: &mut Sha256) -> Result<(), String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    // SAFETY: opened read-only, as the model loader maps it (weights.rs).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| e.to_string())?;
+    let (n, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| format!("{e:?}"))?;
+    h.update(&map[8..8 + n]);
+    let data = &map[8 + n..];
     // (each tensor's [begin, end) in the data section, in name order)
-    let mut spans: Vec<(&String, u64, u64)> = parsed
-        .as_object()
+    let mut spans: Vec<(String, (usize, usize))> = meta
+        .tensors()
         .into_iter()
-        .flatten()
-        .filter_map(|(name, t)| {
-            let o = t.get("data_offsets")?.as_array()?;
-            Some((name, o.first()?.as_u64()?, o.get(1)?.as_u64()?))
-        })
+        .map(|(name, info)| (name, info.data_offsets))
         .collect();
     spans.sort();
-    let mut buf = vec![0u8; SAMPLE as usize];
-    for (_, begin, end) in spans {
-        let n = (end.saturating_sub(begin)).min(SAMPLE);
-        let middle = begin + (end.saturating_sub(begin) / 2).saturating_sub(n / 2);
-        for at in [begin, middle, end.saturating_sub(n)] {
-            f.seek(SeekFrom::Start(data_start + at))?;
-            f.read_exact(&mut buf[..n as usize])?;
-            h.update(&buf[..n as usize]);
+    for (_, (begin, end)) in spans {
+        let n = (end - begin).min(SAMPLE);
+        let middle = begin + ((end - begin) / 2).saturating_sub(n / 2);
+        for at in [begin, middle, end - n] {
+            h.update(&data[at..at + n]);
         }
     }
     Ok(())
@@ -122,16 +114,17 @@ mod tests {
         let base: Vec<f32> = (0..10_000).map(|i| i as f32).collect();
         write(&root.join("a"), &base);
         write(&root.join("b"), &base);
-        let a = sampled_weights(&root.join("a"));
-        assert_eq!(a, sampled_weights(&root.join("b")));
+        let sampled = |dir: &str| sampled_weights(&weight_files(&root.join(dir)));
+        let a = sampled("a");
+        assert_eq!(a, sampled("b"));
         for at in [0, 5_000, 9_999] {
             let mut other = base.clone();
             other[at] = -1.0;
             write(&root.join("b"), &other);
-            assert_ne!(a, sampled_weights(&root.join("b")), "changed at {at}");
+            assert_ne!(a, sampled("b"), "changed at {at}");
         }
         std::fs::write(root.join("b/model.safetensors"), b"broken").unwrap();
-        assert_ne!(a, sampled_weights(&root.join("b")));
+        assert_ne!(a, sampled("b"));
         let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -325,22 +325,16 @@ pub fn made_with(
             .map(|b| crate::checkpoint::sha256_hex(&b))
             .unwrap_or_default()
     };
-    let mut weights: Vec<serde_json::Value> = std::fs::read_dir(model)
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
-                .filter_map(|e| {
-                    // (through symlinks: a Hugging Face cache snapshot links its blobs)
-                    let m = std::fs::metadata(e.path()).ok()?;
-                    Some(serde_json::json!([
-                        e.file_name().to_string_lossy(),
-                        m.len()
-                    ]))
-                })
-                .collect()
+    let files = fingerprint::weight_files(model);
+    let weights: Vec<serde_json::Value> = files
+        .iter()
+        .filter_map(|p| {
+            // (through symlinks: a Hugging Face cache snapshot links its blobs)
+            let m = std::fs::metadata(p).ok()?;
+            let name = p.file_name()?.to_string_lossy();
+            Some(serde_json::json!([name, m.len()]))
         })
-        .unwrap_or_default();
-    weights.sort_by_key(|v| v.to_string());
+        .collect();
     // (read once: its bytes' sha256 and its content are both recorded)
     let config = std::fs::read(model.join("config.json")).ok();
     let mut v = serde_json::json!({
@@ -348,7 +342,7 @@ pub fn made_with(
         "model_config_sha256": config.as_deref().map(crate::checkpoint::sha256_hex).unwrap_or_default(),
         "model_config": config.as_deref().and_then(crate::checkpoint::model_config_content),
         "model_weights": weights,
-        "model_weights_sampled": fingerprint::sampled_weights(model),
+        "model_weights_sampled": fingerprint::sampled_weights(&files),
         "model_files": fingerprint::model_files(model),
         "adapter": adapter.map(canonical),
         "adapter_sha256": adapter.map(|a| [sha(&a.join("adapter_config.json")), sha(&a.join("adapter_model.safetensors"))]),
