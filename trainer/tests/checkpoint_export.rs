@@ -385,6 +385,45 @@ fn rising_eval_set() -> PathBuf {
     eval_file
 }
 
+/// `train.max_eval_samples` validates on the eval split's first records: the loss and token count
+/// of a file holding only those, in micro-batches of `train.val_batch_size` (world 2).
+#[test]
+fn max_eval_samples_validates_on_the_first_records() {
+    let full = common::ckpt::setup().join("train.jsonl");
+    let first = common::ckpt::setup().join("first-7.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(&full)
+        .unwrap()
+        .lines()
+        .take(7)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&first, lines.concat()).unwrap();
+    let train = "epochs: 1, batch_size: 4, grad_accum: 1, max_steps: 1";
+    let validated = |name: &str, eval: &Path, limit: &str| -> Value {
+        let out = fresh(name);
+        let eval = format!("data.eval={}", eval.display());
+        let sets = [
+            eval.as_str(),
+            "train.validate=true",
+            "train.val_batch_size=3",
+            limit,
+            "peft.dropout=0.0",
+        ];
+        let o = ok(run(&out, 2, train, &sets, &[]), name);
+        assert!(o.stderr.contains("(7 samples)"), "{}", o.stderr);
+        let m = metrics(&out);
+        let v: Vec<&Value> = m.iter().filter(|r| r["validation"] == true).collect();
+        assert_eq!(v.len(), 1, "{m:?}");
+        v[0].clone()
+    };
+    let limited = validated("max-eval-samples", &full, "train.max_eval_samples=7");
+    let file = validated("max-eval-samples-file", &first, "train.max_eval_samples=0");
+    assert_eq!(limited["eval_samples"], 7);
+    for key in ["eval_samples", "eval_tokens", "eval_loss"] {
+        assert_eq!(limited[key], file[key], "{key}: {limited} vs {file}");
+    }
+}
+
 /// `train.eval_every_steps` validates within the epoch too (steps 2 and 4 of its 6 global batches of 8, then the
 /// epoch's end), each validated step's checkpoint carries its record, and the adapter in
 /// output_dir is the best step's.

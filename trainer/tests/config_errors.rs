@@ -488,7 +488,7 @@ fn yaml_oddities() {
         "train.1: unknown key \"1\" (valid keys: epochs, batch_size, grad_accum, lr, weight_decay, \
          adam_beta1, adam_beta2, adam_epsilon, schedule, grad_clip, max_steps, seed, validate, \
          log_every, tensorboard, output_dir, save_adapter, skip_nonfinite, eval_every_steps, \
-         peak_tflops)"
+         val_batch_size, max_eval_samples, peak_tflops)"
     );
     assert_eq!(
         yaml_error("train: {null: 1}\n"),

@@ -520,7 +520,7 @@ fn eval_counts_every_sample_once_for_any_batch_and_world() {
     assert!(total_tokens > 0);
     for (world, batch) in [(1, 4), (2, 2), (3, 2), (4, 3), (2, 8), (16, 1)] {
         let per_rank: Vec<Vec<MicroBatch>> = (0..world)
-            .map(|r| collect(ds.eval_iter(r, world, batch)))
+            .map(|r| collect(ds.eval_iter(r, world, batch, None)))
             .collect();
         let steps = per_rank[0].len();
         assert_eq!(
@@ -559,20 +559,54 @@ fn eval_counts_every_sample_once_for_any_batch_and_world() {
         assert_eq!(fillers, want_fillers, "world {world} batch {batch}");
     }
     // deterministic and independent of the worker count
-    let a: Vec<Vec<usize>> = collect(ds.eval_iter(1, 3, 2))
+    let a: Vec<Vec<usize>> = collect(ds.eval_iter(1, 3, 2, None))
         .into_iter()
         .map(|m| m.sample_indices)
         .collect();
     let ds1 = good_dataset("eval-all-1w", 11, &["data.num_workers=1"]);
-    let b: Vec<Vec<usize>> = collect(ds1.eval_iter(1, 3, 2))
+    let b: Vec<Vec<usize>> = collect(ds1.eval_iter(1, 3, 2, None))
         .into_iter()
         .map(|m| m.sample_indices)
         .collect();
     assert_eq!(a, b);
     assert!(matches!(
-        ds.eval_iter(3, 3, 2).next().unwrap(),
+        ds.eval_iter(3, 3, 2, None).next().unwrap(),
         Err(DataError::Layout(_))
     ));
+}
+
+/// `train.max_eval_samples`: evaluation reads the split's first N samples in file order, each
+/// once, whatever the world and batch sizes (not the N shortest, which the length ordering would
+/// give if the limit were applied after it); a limit past the split's end reads it all.
+#[test]
+fn an_eval_sample_limit_reads_the_first_samples_at_any_layout() {
+    let ds = good_dataset("eval-limit", 11, &[]);
+    let mut shortest: Vec<usize> = (0..11).collect();
+    shortest.sort_by_key(|&i| ds.length(i));
+    shortest.truncate(5);
+    shortest.sort();
+    assert_ne!(
+        shortest,
+        [0, 1, 2, 3, 4],
+        "the fixture's 5 shortest are not its first 5"
+    );
+    for (world, batch) in [(1, 4), (2, 2), (3, 2), (4, 3), (16, 1)] {
+        for (limit, want) in [(5, 5), (11, 11), (40, 11)] {
+            let mut seen: Vec<usize> = (0..world)
+                .flat_map(|r| collect(ds.eval_iter(r, world, batch, Some(limit))))
+                .flat_map(|mb| {
+                    let n = mb.sample_indices.len() - mb.filler_rows;
+                    mb.sample_indices[..n].to_vec()
+                })
+                .collect();
+            seen.sort();
+            assert_eq!(
+                seen,
+                (0..want).collect::<Vec<_>>(),
+                "world {world} batch {batch} limit {limit}"
+            );
+        }
+    }
 }
 
 /// Under `bad_records: skip` a sample that fails to load during evaluation becomes a masked
@@ -581,7 +615,7 @@ fn eval_counts_every_sample_once_for_any_batch_and_world() {
 fn eval_under_skip_masks_failed_samples_instead_of_double_counting() {
     let (train, images) = truncated_image_setup("eval-skip");
     let ds = open(&config(&train, &images, &["data.bad_records=skip"])).unwrap();
-    let mbs = collect(ds.eval_iter(0, 1, 3));
+    let mbs = collect(ds.eval_iter(0, 1, 3, None));
     let tokens: i64 = mbs.iter().map(|m| m.supervised_tokens).sum();
     let want: i64 = (0..8)
         .filter(|&i| i != 1)

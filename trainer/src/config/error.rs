@@ -105,7 +105,7 @@ fn hint(suggestion: Option<&str>, valid: &[String]) -> String {
 
 /// llama-recipes', PEFT's and Hugging Face Trainer's names for keys of this config (docs/config.md's
 /// last column), as (their name, our full key): a user coming from those writes them.
-const OTHER_NAMES: [(&str, &str); 28] = [
+const OTHER_NAMES: [(&str, &str); 31] = [
     ("model_name", "model.path"),
     ("use_fast_kernels", "model.attention"),
     ("use_peft", "peft.method"),
@@ -127,6 +127,9 @@ const OTHER_NAMES: [(&str, &str); 28] = [
     ("max_grad_norm", "train.grad_clip"),
     ("max_train_step", "train.max_steps"),
     ("run_validation", "train.validate"),
+    ("per_device_eval_batch_size", "train.val_batch_size"),
+    ("eval_batch_size", "train.val_batch_size"),
+    ("max_eval_step", "train.max_eval_samples"),
     ("save_model", "train.save_adapter"),
     ("enable_fsdp", "fsdp.enabled"),
     ("pure_bf16", "fsdp.mixed_precision"),

@@ -139,6 +139,8 @@ pub(crate) struct RawTrain {
     pub save_adapter: SaveAdapter,
     pub skip_nonfinite: Int<Count>,
     pub eval_every_steps: Int<Count>,
+    pub val_batch_size: Option<Int<PositiveInt>>,
+    pub max_eval_samples: Int<Count>,
     pub peak_tflops: Option<Num<Positive>>,
 }
 
@@ -174,6 +176,11 @@ impl Default for RawTrain {
             skip_nonfinite: Int::new(0),
             // llama-recipes validates after each epoch only
             eval_every_steps: Int::new(0),
+            // val_batch_size 1 in llama-recipes; the loss is a mean over tokens, so the batch
+            // size changes only speed and memory: train.batch_size's by default
+            val_batch_size: None,
+            // max_eval_step 0: the whole eval split
+            max_eval_samples: Int::new(0),
             // null: from the device table (GPUs), none on CPU (MFU not reported).
             peak_tflops: None,
         }

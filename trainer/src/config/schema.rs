@@ -264,6 +264,10 @@ pub struct TrainConfig {
     pub skip_nonfinite: u64,
     /// Also validate every this many optimizer steps within an epoch (0: at epoch ends only).
     pub eval_every_steps: u64,
+    /// Samples per rank per validation micro-batch; None: `batch_size`.
+    pub val_batch_size: Option<usize>,
+    /// Validate on the eval split's first this many samples (file order); 0: all of them.
+    pub max_eval_samples: u64,
     /// Peak dense TFLOP/s of one device in the compute dtype, the denominator of the MFU that
     /// metrics.jsonl reports; null: looked up from the GPU's name (H100, H200, A100, ...; see
     /// `train::flops`), and MFU is null on a CPU or an unknown GPU.
@@ -280,6 +284,17 @@ impl TrainConfig {
     /// The optimizer-step limit, if any.
     pub fn step_limit(&self) -> Option<u64> {
         (self.max_steps > 0).then_some(self.max_steps)
+    }
+
+    /// Samples per rank per validation micro-batch.
+    pub fn eval_batch_size(&self) -> usize {
+        self.val_batch_size.unwrap_or(self.batch_size)
+    }
+
+    /// How many of the eval split's first samples validation reads; None: all.
+    pub fn eval_sample_limit(&self) -> Option<usize> {
+        (self.max_eval_samples > 0)
+            .then(|| usize::try_from(self.max_eval_samples).unwrap_or(usize::MAX))
     }
 }
 

@@ -260,6 +260,8 @@ fn train(raw: RawTrain) -> Result<TrainConfig, ConfigError> {
         save_adapter: raw.save_adapter,
         skip_nonfinite: raw.skip_nonfinite.get(),
         eval_every_steps: raw.eval_every_steps.get(),
+        val_batch_size: raw.val_batch_size.map(|b| b.size()),
+        max_eval_samples: raw.max_eval_samples.get(),
         peak_tflops: raw.peak_tflops.map(|p| p.get()),
     })
 }

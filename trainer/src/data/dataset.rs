@@ -582,7 +582,9 @@ impl Dataset {
     }
 
     /// This rank's evaluation micro-batches: every sample of the split exactly once (no
-    /// drop_last, no shuffle). Samples are ordered by token length (less padding) and cut into
+    /// drop_last, no shuffle), or with `limit` the split's first `limit` samples in file order
+    /// (`train.max_eval_samples`: the same samples at any world size and batch size, as HF's
+    /// `max_eval_samples` selects them). Samples are ordered by token length (less padding) and cut into
     /// global batches of `batch_size * world`, split rank-contiguously; the last, partial global
     /// batch of r samples is split into `world` contiguous parts as evenly as possible (the first
     /// `r % world` ranks take one more). A rank whose part is empty gets one filler row (the
@@ -593,13 +595,15 @@ impl Dataset {
         rank: usize,
         world: usize,
         batch_size: usize,
+        limit: Option<usize>,
     ) -> Result<Vec<MicroJob>, DataError> {
         if world == 0 || batch_size == 0 || rank >= world {
             return Err(DataError::Layout(format!(
                 "rank {rank}, world {world}, batch_size {batch_size}: all must be positive and rank < world"
             )));
         }
-        let mut order: Vec<usize> = (0..self.len()).collect();
+        let n = limit.map_or(self.len(), |l| l.min(self.len()));
+        let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&i| self.inner.lengths[i]);
         let global = batch_size * world;
         let mut jobs = Vec::new();
@@ -637,8 +641,9 @@ impl Dataset {
         rank: usize,
         world: usize,
         batch_size: usize,
+        limit: Option<usize>,
     ) -> impl Iterator<Item = Result<MicroBatch, DataError>> + '_ {
-        let (jobs, err) = match self.eval_plan(rank, world, batch_size) {
+        let (jobs, err) = match self.eval_plan(rank, world, batch_size, limit) {
             Ok(j) => (j, None),
             Err(e) => (vec![], Some(e)),
         };

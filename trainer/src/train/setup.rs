@@ -343,6 +343,23 @@ pub(super) fn unused_settings_notes(config: &Config) -> Vec<String> {
             eval
         ));
     }
+    let t = &config.train;
+    if !t.validate {
+        let set = [
+            ("val_batch_size", t.val_batch_size.map(|b| b as u64)),
+            (
+                "max_eval_samples",
+                (t.max_eval_samples > 0).then_some(t.max_eval_samples),
+            ),
+        ];
+        for (key, v) in set {
+            if let Some(v) = v {
+                notes.push(format!(
+                    "train.{key} ({v}) is read by validation only, and train.validate is false"
+                ));
+            }
+        }
+    }
     notes
 }
 
@@ -712,6 +729,29 @@ mod tests {
         );
         let validating = parse(&["data.eval=e.jsonl", "train.validate=true"]);
         assert!(unused_settings_notes(&validating).is_empty());
+        // validation's own settings, likewise
+        let notes = unused_settings_notes(&parse(&[
+            "train.val_batch_size=8",
+            "train.max_eval_samples=100",
+        ]));
+        assert_eq!(
+            notes,
+            [
+                "train.val_batch_size (8) is read by validation only, and train.validate is false",
+                "train.max_eval_samples (100) is read by validation only, and train.validate is false"
+            ]
+        );
+        let validating = parse(&[
+            "data.eval=e.jsonl",
+            "train.validate=true",
+            "train.val_batch_size=8",
+            "train.max_eval_samples=100",
+        ]);
+        assert!(unused_settings_notes(&validating).is_empty());
+        let t = &validating.train;
+        assert_eq!((t.eval_batch_size(), t.eval_sample_limit()), (8, Some(100)));
+        let t = parse(&["train.batch_size=3"]).train;
+        assert_eq!((t.eval_batch_size(), t.eval_sample_limit()), (3, None));
     }
 
     /// Under FSDP an init_from adapter's factors are read in fp32 over a bf16 model, so the fp32

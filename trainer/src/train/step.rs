@@ -135,8 +135,10 @@ pub(super) fn dump_trainable(pg: &ProcessGroup, trainable: &Trainable) -> Result
     Ok(())
 }
 
-/// Mean token loss and perplexity over the eval split after `epoch` (every rank takes its part;
-/// sums are all-reduced), written to metrics.jsonl and logged; returns the loss.
+/// Mean token loss and perplexity over the eval split (its first `train.max_eval_samples`) after
+/// `epoch` (every rank takes its part, in micro-batches of `train.val_batch_size`; sums are
+/// all-reduced), written to metrics.jsonl with the samples and tokens it covered, and logged;
+/// returns the loss.
 pub(super) fn validate(
     pg: &ProcessGroup,
     trainable: &mut Trainable,
@@ -146,17 +148,26 @@ pub(super) fn validate(
     (step, epoch): (u64, u64),
     meter: &mut Meter,
 ) -> Result<f64> {
-    let (mut sum, mut count) = (0.0, 0i64);
-    for mb in ds.eval_iter(pg.rank(), pg.world_size(), config.train.batch_size) {
+    let (mut sum, mut count, mut samples) = (0.0, 0i64, 0i64);
+    let t = &config.train;
+    let batches = ds.eval_iter(
+        pg.rank(),
+        pg.world_size(),
+        t.eval_batch_size(),
+        t.eval_sample_limit(),
+    );
+    for mb in batches {
         let mb = mb?;
         sum += trainable.forward_loss(pg, &to_device(&mb.batch, device))?;
         count += mb.supervised_tokens;
+        samples += (mb.sample_indices.len() - mb.filler_rows) as i64;
     }
     let tokens = all_reduce_i64(pg, count, device)?;
+    let samples = all_reduce_i64(pg, samples, device)?;
     let loss = all_reduce_f64(pg, sum, device)? / tokens.max(1) as f64;
-    meter.write(serde_json::json!({"validation": true, "step": step, "epoch": epoch, "eval_loss": loss, "eval_ppl": loss.exp(), "eval_tokens": tokens}))?;
+    meter.write(serde_json::json!({"validation": true, "step": step, "epoch": epoch, "eval_loss": loss, "eval_ppl": loss.exp(), "eval_samples": samples, "eval_tokens": tokens}))?;
     meter.log(&format!(
-        "epoch {epoch}, step {step}: validation loss {loss:.4}, perplexity {:.3}",
+        "epoch {epoch}, step {step}: validation loss {loss:.4}, perplexity {:.3} ({samples} samples)",
         loss.exp()
     ));
     Ok(loss)
