@@ -887,7 +887,7 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
             trainer::dist::Backend::Cpu,
             std::time::Duration::from_secs(24 * 3600),
         )?;
-        trainer::data::template::agree_template_clock(&g, tch::Device::Cpu)?;
+        trainer::data::template::agree_template_clock(&g, tch::Device::Cpu, None)?;
         Some(g)
     };
     let barrier = || {

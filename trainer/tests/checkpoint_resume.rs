@@ -896,3 +896,58 @@ fn keep_last_1_with_validation_keeps_the_best_and_the_newest_only() {
     }
     assert_eq!(checkpoints(&out), want, "{validations:?}\n{}", o.stderr);
 }
+
+/// `data.text_only: keep`: a text-only sample's system turn holds the chat template's "Today
+/// Date". A run resumed on another day (time zones 26 hours apart) renders its first start's date
+/// again, so the resumed run equals the uninterrupted one bitwise (before, its text-only samples
+/// were tokenized with the new date).
+#[test]
+fn a_resume_on_another_day_keeps_the_text_only_samples_date() {
+    let records = std::fs::read_to_string(setup().join("train.jsonl")).unwrap();
+    let lines: Vec<String> = records
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut r: serde_json::Value = serde_json::from_str(l).unwrap();
+            if i % 3 == 0 {
+                // (the question without its <image> marker, the record without its image)
+                r.as_object_mut().unwrap().remove("image");
+                let q = r["conversations"][0]["value"].as_str().unwrap();
+                r["conversations"][0]["value"] = q.trim_start_matches("<image>\n").into();
+            }
+            r.to_string()
+        })
+        .collect();
+    let data = setup().join("text-only-mixed.jsonl");
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let data = format!("data.train={}", data.display());
+    let sets = [
+        data.as_str(),
+        "data.text_only=keep",
+        "checkpoint.every_steps=4",
+    ];
+    let train = "epochs: 1, batch_size: 4, grad_accum: 1, max_steps: 8";
+    let (west, east) = (("TZ", "WWW+12"), ("TZ", "EEE-14"));
+    let straight = fresh("text-only-date-straight");
+    ok(run(&straight, 1, train, &sets, &[west]), "straight");
+    let resumed = fresh("text-only-date-resumed");
+    let stop = ("TRAINER_STOP_AFTER_STEP", "3");
+    let first = run(&resumed, 1, train, &sets, &[west, stop]);
+    assert!(
+        first.stderr.contains("SIGTERM: stopping after step 3"),
+        "{}",
+        first.stderr
+    );
+    let second = ok(
+        run(&resumed, 1, train, &sets, &[east]),
+        "resumed a day later",
+    );
+    assert!(
+        second
+            .stderr
+            .contains("the system turn of the 16 text-only samples keeps the run's date"),
+        "{}",
+        second.stderr
+    );
+    assert_same_run(&straight, &resumed, 8);
+}

@@ -359,7 +359,7 @@ fn main() -> Result<()> {
             let pg = ProcessGroup::from_env(backend, Duration::from_secs(20))?;
             let fmt = "%d %b %Y %H";
             let own = trainer::data::template::strftime(fmt, trainer::data::template::local_now());
-            trainer::data::template::agree_template_clock(&pg, tch::Device::Cpu)?;
+            trainer::data::template::agree_template_clock(&pg, tch::Device::Cpu, None)?;
             let agreed = trainer::data::template::strftime_now(fmt);
             std::fs::write(
                 args.out.join(format!("clock-{rank}.txt")),

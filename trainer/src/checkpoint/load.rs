@@ -82,6 +82,8 @@ pub struct Resumed {
     pub optimizer: serde_json::Value,
     /// Its training run (`Manifest::lineage`), which this run's saves continue.
     pub lineage: Option<String>,
+    /// The chat template's clock it was trained with (`Manifest::template_clock`).
+    pub template_clock: Option<i64>,
     /// Whether the folder holds the validation record of its own step (`validation.json`).
     pub validated: bool,
 }
@@ -96,23 +98,15 @@ fn latest_on_rank0(
     dir: &Path,
     launch_id: Option<&str>,
 ) -> Result<Option<PathBuf>> {
-    let saved_by_run = |path: &Path| match launch_id {
-        None => true,
-        Some(id) => super::manifest_field(path, "launch_id").is_ok_and(|v| v.as_str() == Some(id)),
-    };
     // rank 0's answer as one number (the step, -1: none, -2: an error), the others' below any
     let mine = if pg.rank() == 0 {
-        list_dir(dir)
-            .with_context(|| format!("listing checkpoint.dir {}", dir.display()))
-            .and_then(
-                |(complete, _)| match complete.iter().rev().find(|(_, p)| saved_by_run(p)) {
-                    Some((step, path)) => {
-                        put_back(dir, *step, path)?;
-                        Ok(Some(*step))
-                    }
-                    None => Ok(None),
-                },
-            )
+        newest_complete(dir, launch_id).and_then(|newest| match newest {
+            Some((step, path)) => {
+                put_back(dir, step, &path)?;
+                Ok(Some(step))
+            }
+            None => Ok(None),
+        })
     } else {
         Ok(None)
     };
@@ -134,6 +128,42 @@ fn latest_on_rank0(
         -1 => Ok(None),
         step => Ok(Some(dir.join(super::step_dir_name(step as u64)))),
     }
+}
+
+/// The newest complete checkpoint in `dir` (with `launch_id`, the newest that launcher invocation
+/// saved): its step and the folder it is in now (`put_back` gives a moved-aside one its name).
+fn newest_complete(dir: &Path, launch_id: Option<&str>) -> Result<Option<(u64, PathBuf)>> {
+    let saved_by_run = |path: &Path| match launch_id {
+        None => true,
+        Some(id) => super::manifest_field(path, "launch_id").is_ok_and(|v| v.as_str() == Some(id)),
+    };
+    let (complete, _) =
+        list_dir(dir).with_context(|| format!("listing checkpoint.dir {}", dir.display()))?;
+    Ok(complete.into_iter().rev().find(|(_, p)| saved_by_run(p)))
+}
+
+/// The chat template's clock (`Manifest::template_clock`) of the checkpoint `resume` is going to
+/// load, as this process finds the folders now, before the data is read: rank 0's is every
+/// rank's (`data::template::agree_template_clock`), so only rank 0 needs to call it, and nothing
+/// is agreed or repaired here (`resume` picks the folder again, with every rank). None when the
+/// run starts over, or the checkpoint has no clock (older trainers).
+pub fn resumed_template_clock(config: &Config) -> Option<i64> {
+    let dir = &config.checkpoint.dir;
+    let newest = |launch: Option<&str>| newest_complete(dir, launch).ok().flatten().map(|(_, p)| p);
+    // (as `resume`: a restart of a run that was not `auto` continues from its own launch's saves)
+    let restarted =
+        restart_attempt().is_some() && !matches!(config.checkpoint.resume, Resume::Auto);
+    let own = super::save::launch_id()
+        .filter(|_| restarted)
+        .and_then(|id| newest(Some(&id)));
+    let folder = own.or_else(|| match &config.checkpoint.resume {
+        Resume::Never => None,
+        Resume::From(p) => Some(p.clone()),
+        Resume::Auto => newest(None),
+    })?;
+    super::manifest_field(&folder, "template_clock")
+        .ok()?
+        .as_i64()
 }
 
 /// A step's checkpoint that `list_dir` found moved aside (`step-N.replaced.partial`: a crash in
@@ -334,6 +364,7 @@ fn load_resumed(
             best_eval: super::validation::best_of(m.best_eval, validated),
         },
         lineage: m.lineage.clone(),
+        template_clock: m.template_clock,
         validated: validated.is_some(),
     })
 }

@@ -94,6 +94,12 @@ pub struct Manifest {
     /// Absent when nothing was validated yet, and from older trainers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_eval: Option<super::validation::EvalResult>,
+    /// The time the chat template's `strftime_now` rendered for this run (local seconds since the
+    /// epoch, fixed at its start: `data::template::template_clock`): the "Today Date" of a
+    /// text-only sample's system turn. A resume renders it again, so such samples keep their
+    /// tokens on another day. Absent from older trainers' checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_clock: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -35,7 +35,9 @@ use crate::fsdp::Trainable;
 use crate::optim::AdamW;
 
 pub use export::{export_peft, replace_adapter, AdapterNaming};
-pub use load::{check_resume_folder, check_resume_setting, read_full, resume, Resumed};
+pub use load::{
+    check_resume_folder, check_resume_setting, read_full, resume, resumed_template_clock, Resumed,
+};
 pub use manifest::{Manifest, FORMAT, VERSION};
 pub use merged::{export_merged, parse_size, MergeSource, MergedSummary};
 pub use prompt::{PromptSettings, PROMPT_FILE};

@@ -1125,6 +1125,7 @@ fn build_manifest(
         launch_id: launch_id(),
         lineage: None,
         best_eval: p.best_eval,
+        template_clock: Some(crate::data::template::template_clock()),
     }
 }
 

@@ -229,12 +229,17 @@ pub fn local_now() -> i64 {
 /// Every rank renders rank 0's date (call before any template is rendered): ranks on nodes in
 /// other time zones, or starting on either side of midnight, would otherwise tokenize a
 /// text-only record to other lengths, and the epoch plan, sorted by length, would differ
-/// between ranks.
+/// between ranks. `resumed`: rank 0's clock instead of now (a resumed run's first start,
+/// `Manifest::template_clock`; read on rank 0 only).
 pub fn agree_template_clock(
     pg: &crate::dist::ProcessGroup,
     device: tch::Device,
+    resumed: Option<i64>,
 ) -> crate::dist::Result<()> {
-    let mine = if pg.rank() == 0 { template_clock() } else { 0 };
+    let mine = match pg.rank() {
+        0 => resumed.unwrap_or_else(template_clock),
+        _ => 0,
+    };
     let t = tch::Tensor::from_slice(&[mine]).to_device(device);
     pg.broadcast(&t, 0)?;
     let agreed = t.to_device(tch::Device::Cpu).int64_value(&[0]);

@@ -204,6 +204,7 @@ impl<'a> Saver<'a> {
         st.saved_step = Some(p.step);
         st.best_eval = p.best_eval;
         st.resumed_validated = r.validated;
+        st.resumed_template_clock = r.template_clock;
         self.saves.protect(p.best_eval.map(|b| b.step));
         if let Some(b) = p.best_eval {
             log(

@@ -63,6 +63,8 @@ struct State {
     best_eval: Option<EvalResult>,
     /// Whether the checkpoint resumed from was validated at its step (its validation.json).
     resumed_validated: bool,
+    /// The chat template's clock the resumed checkpoint was trained with (noted, then dropped).
+    resumed_template_clock: Option<i64>,
 }
 
 pub fn train(config: &Config) -> Result<Outcome> {
@@ -128,6 +130,10 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let start = saver.resume(&mut st, &mut trainable, &mut opt, steps_per_epoch)?;
     if let Some(saved) = st.resumed_schedule.take() {
         checkpointing::note_schedule_change(rank, &saved, &schedule, st.step);
+    }
+    let text_only = data.train.report().text_only_kept;
+    if let Some(note) = setup::template_date_note(st.resumed_template_clock.take(), text_only) {
+        metrics::log(rank, &note);
     }
     let mut meter = Meter::open(
         config,

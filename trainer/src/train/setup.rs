@@ -35,7 +35,12 @@ pub(super) fn process_group(config: &Config) -> Result<(ProcessGroup, Device)> {
     if config.fsdp.enabled && g == world && hybrid(config) {
         log(pg.rank(), &format!("fsdp.sharding_strategy hybrid_shard: one shard group of all {world} ranks (one node, or fsdp.sharding_group_size {world}) is full_shard; give fsdp.sharding_group_size to make copies"));
     }
-    crate::data::template::agree_template_clock(&pg, device)
+    // (a resumed run renders the date its first start rendered: `Manifest::template_clock`)
+    let resumed = match pg.rank() {
+        0 => crate::checkpoint::resumed_template_clock(config),
+        _ => None,
+    };
+    crate::data::template::agree_template_clock(&pg, device, resumed)
         .context("agreeing on the chat template's date")?;
     Ok((pg, device))
 }
@@ -361,6 +366,34 @@ pub(super) fn unused_settings_notes(config: &Config) -> Vec<String> {
         }
     }
     notes
+}
+
+/// After a resume, what the chat template's date means for the run's `text_only` samples (their
+/// system turn says "Today Date"): it is the run's first day's, not today's, so they keep their
+/// tokens (`Manifest::template_clock`); or, where the checkpoint resumed holds another date than
+/// the one agreed before the data was read (not the checkpoint found then), that they changed.
+pub(super) fn template_date_note(saved: Option<i64>, text_only: usize) -> Option<String> {
+    use crate::data::template::{local_now, strftime, template_clock};
+    let day = |t: i64| strftime("%d %b %Y", t);
+    let (saved, rendered) = (saved?, template_clock());
+    if text_only == 0 {
+        return None;
+    }
+    if day(saved) != day(rendered) {
+        return Some(format!(
+            "note: the checkpoint resumed was trained with the chat template dated {}, this run renders {} (it is not the checkpoint found before the data was read): the system turn of its {text_only} text-only samples changed",
+            day(saved),
+            day(rendered)
+        ));
+    }
+    let today = local_now();
+    (day(rendered) != day(today)).then(|| {
+        format!(
+            "the system turn of the {text_only} text-only samples keeps the run's date, {} (its checkpoint's), not today's ({}): they are the tokens the run trained on before",
+            day(rendered),
+            day(today)
+        )
+    })
 }
 
 /// The log line naming the attention kernels `model.attention: fused` runs on a GPU, so a run's
