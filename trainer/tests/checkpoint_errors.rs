@@ -353,7 +353,7 @@ fn a_wrong_resume_folder_or_data_file_fails_before_the_model_loads() {
     assert_ne!(o.code, Some(0), "{}", o.stderr);
     assert!(
         o.stderr
-            .contains("/no/such/train.jsonl: data.train: cannot read the data file"),
+            .contains("data.train: /no/such/train.jsonl: no such file"),
         "{}",
         o.stderr
     );

@@ -262,6 +262,84 @@ fn the_launcher_refuses_a_bad_config_once_without_restarts() {
     assert!(!stderr.contains("restarting"), "{stderr}");
 }
 
+/// configs/demo.yaml's paths, which `make demo` creates, pointed at the fixtures for `config
+/// check` (which refuses paths that are not there).
+const FIXTURE_PATHS: [&str; 8] = [
+    "--set",
+    "model.path=tests/fixtures/train/model",
+    "--set",
+    "data.train=tests/fixtures/train/train.jsonl",
+    "--set",
+    "data.eval=tests/fixtures/train/train.jsonl",
+    "--set",
+    "data.image_root=tests/fixtures/data/images",
+];
+
+/// A path the run reads that is not there (a typo in model.path, data.train) is refused by
+/// `trainer config check` naming its key and the `--set` that gave it, and so by the launcher
+/// once, before any rank starts or restarts (each would load the model first).
+#[test]
+fn a_missing_model_or_data_path_is_refused_before_ranks_start() {
+    let mut check = vec!["config", "check", "configs/demo.yaml"];
+    check.extend(FIXTURE_PATHS);
+    let (code, stdout, stderr) = trainer(&check);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("config ok"), "{stdout}");
+    for (set, want) in [
+        (
+            "model.path=/no/such/model",
+            "configs/demo.yaml: model.path: /no/such/model: no such folder",
+        ),
+        (
+            "model.path=meta-llama/Llama-3.2-11B-Vision",
+            "a Hub id is not downloaded",
+        ),
+        (
+            "model.path=tests/fixtures/train",
+            "model.path: tests/fixtures/train has no config.json",
+        ),
+        (
+            "data.train=/no/such/train.jsonl",
+            "data.train: /no/such/train.jsonl: no such file (from --set data.train=/no/such/train.jsonl)",
+        ),
+        (
+            "data.eval=[tests/fixtures/train/train.jsonl, tests/fixtures]",
+            "data.eval: tests/fixtures: a folder, not a JSONL file",
+        ),
+        (
+            "data.image_root=/no/such/images",
+            "data.image_root: /no/such/images: no such folder",
+        ),
+    ] {
+        let mut args = check.clone();
+        args.extend(["--set", set]);
+        let (code, _, stderr) = trainer(&args);
+        assert_eq!(code, 1, "{set}: {stderr}");
+        assert!(stderr.contains(want), "{set}: {stderr}");
+    }
+    // an eval file is read only with train.validate
+    let mut args = check.clone();
+    args.extend([
+        "--set",
+        "data.eval=/no/such",
+        "--set",
+        "train.validate=false",
+    ]);
+    assert_eq!(trainer(&args).0, 0);
+    // demo.yaml as it is, before `make demo` made its data: through the launcher
+    let out = launch_demo_config(&["--set", "model.path=/no/such/model"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr
+            .matches("model.path: /no/such/model: no such folder")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    assert!(!stderr.contains("starting 2 rank"), "{stderr}");
+}
+
 /// A config that parses but cannot train (fp16 compute: no loss scaling here) is refused by
 /// `trainer config check`, and so by the launcher once before any rank starts, not once per rank
 /// and restart; `config show` still prints it.
@@ -269,6 +347,7 @@ fn the_launcher_refuses_a_bad_config_once_without_restarts() {
 fn a_config_that_cannot_train_is_refused_before_ranks_start() {
     let fp16 = ["--set", "fsdp.mixed_precision=fp16"];
     let mut check = vec!["config", "check", "configs/demo.yaml"];
+    check.extend(FIXTURE_PATHS);
     let (code, stdout, _) = trainer(&check);
     assert_eq!(code, 0);
     assert!(stdout.contains("configs/demo.yaml: config ok"), "{stdout}");
@@ -277,7 +356,8 @@ fn a_config_that_cannot_train_is_refused_before_ranks_start() {
     assert_eq!(code, 1);
     assert!(
         stderr
-            .contains("configs/demo.yaml: fsdp.mixed_precision: fp16 training needs loss scaling"),
+            .contains("configs/demo.yaml: fsdp.mixed_precision: fp16 training needs loss scaling")
+            && stderr.contains("(from --set fsdp.mixed_precision=fp16)"),
         "{stderr}"
     );
     let (code, _, _) = trainer(&["config", "show", "configs/demo.yaml", fp16[0], fp16[1]]);
@@ -300,6 +380,7 @@ fn a_config_that_cannot_train_is_refused_before_ranks_start() {
 fn a_layout_or_resume_folder_the_config_cannot_train_is_refused_before_ranks_start() {
     let no_fsdp = ["--set", "fsdp.enabled=false"];
     let mut check = vec!["config", "check", "configs/demo.yaml"];
+    check.extend(FIXTURE_PATHS);
     check.extend(no_fsdp);
     let (code, stdout, stderr) = trainer(&check);
     assert_eq!(code, 0, "one rank trains without FSDP: {stderr}");
@@ -528,6 +609,23 @@ fn folders_of_the_wrong_kind_are_named_for_what_they_are() {
     assert_eq!(code, 1, "{stderr}");
     assert!(
         stderr.contains("is a training checkpoint (a step-N folder), not a PEFT adapter: infer, eval and export take it with --checkpoint"),
+        "{stderr}"
+    );
+    // the run's checkpoint.dir given as an adapter: its newest step named
+    let (code, _, stderr) = trainer(&[
+        "infer",
+        "--adapter",
+        run.to_str().unwrap(),
+        "--model",
+        "tests/fixtures/train/model",
+        "--question",
+        "q",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    let newest = format!("e.g. the newest: --checkpoint {}", newer.display());
+    assert!(
+        stderr.contains("holds training checkpoints (step-N folders), not a PEFT adapter")
+            && stderr.contains(&newest),
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&run);

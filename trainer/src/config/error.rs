@@ -9,10 +9,12 @@ pub enum ConfigError {
     #[error("{}: config file does not exist", path.display())]
     NotFound { path: PathBuf },
 
-    #[error("{}: cannot read config file: {source}", path.display())]
+    // (`reason`, not `source`: the message holds it, and a chain printed with `{:#}` would say it
+    // twice)
+    #[error("{}: cannot read config file: {reason}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
 
     /// `file` is a path, or `<string>` for text parsed directly; the parser's message says
@@ -60,6 +62,10 @@ pub enum ConfigError {
     #[error("{path}: {message}")]
     Conflict { path: String, message: String },
 
+    /// A file or folder the run reads that is not there (`validate::missing_paths`).
+    #[error("{path}: {message}")]
+    NoSuchPath { path: String, message: String },
+
     /// Anything else serde reports, with its key path.
     #[error("{path}: {message}")]
     Malformed { path: String, message: String },
@@ -85,6 +91,7 @@ impl ConfigError {
             | ConfigError::Invalid { path, .. }
             | ConfigError::Missing { path, .. }
             | ConfigError::Conflict { path, .. }
+            | ConfigError::NoSuchPath { path, .. }
             | ConfigError::Malformed { path, .. } => Some(path),
             _ => None,
         }

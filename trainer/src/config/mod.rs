@@ -33,48 +33,53 @@ pub use schema::{
     TrainConfig,
 };
 
-pub use validate::{training_conflicts, world_conflicts};
+pub use validate::{missing_paths, training_conflicts, world_conflicts};
 
 use de::{DeError, DeErrorKind};
 use overrides::Override;
 
 /// Read the config file at `path`, apply `--set KEY=VALUE` overrides in order, and validate.
 pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
+    let text = std::fs::read_to_string(path).map_err(|reason| {
+        if reason.kind() == std::io::ErrorKind::NotFound {
             ConfigError::NotFound {
                 path: path.to_path_buf(),
             }
         } else {
             ConfigError::Read {
                 path: path.to_path_buf(),
-                source,
+                reason,
             }
         }
     })?;
-    let file = path.display().to_string();
-    parse_named(&file, &text, overrides).map_err(|e| {
-        let Some(key) = e.key_path() else {
-            return e;
-        };
-        // the last --set of that key, of a section above it, or of a key below it
-        let set = overrides
-            .iter()
-            .filter_map(|arg| Some((arg, Override::parse(arg).ok()?.key_path())))
-            .rev()
-            .find(|(_, k)| {
-                k == key
-                    || key.starts_with(&format!("{k}."))
-                    || key.starts_with(&format!("{k}["))
-                    || k.starts_with(&format!("{key}."))
-            })
-            .map(|(arg, _)| arg.clone());
-        ConfigError::InFile {
-            file,
-            set,
-            inner: Box::new(e),
-        }
-    })
+    parse_named(&path.display().to_string(), &text, overrides)
+        .map_err(|e| in_file(path, overrides, e))
+}
+
+/// An error about a key of the config file at `path`, named with the file and the `--set` that
+/// gave the key its value, if one did (`ConfigError::InFile`); other errors as they are. For the
+/// checks after `load` too (`training_conflicts`, `world_conflicts`, `missing_paths`).
+pub fn in_file(path: &Path, overrides: &[String], e: ConfigError) -> ConfigError {
+    let Some(key) = e.key_path() else {
+        return e;
+    };
+    // the last --set of that key, of a section above it, or of a key below it
+    let set = overrides
+        .iter()
+        .filter_map(|arg| Some((arg, Override::parse(arg).ok()?.key_path())))
+        .rev()
+        .find(|(_, k)| {
+            k == key
+                || key.starts_with(&format!("{k}."))
+                || key.starts_with(&format!("{k}["))
+                || k.starts_with(&format!("{key}."))
+        })
+        .map(|(arg, _)| arg.clone());
+    ConfigError::InFile {
+        file: path.display().to_string(),
+        set,
+        inner: Box::new(e),
+    }
 }
 
 /// `load` for YAML text already in memory; errors name the file as `<string>`.

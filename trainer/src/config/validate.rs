@@ -121,6 +121,67 @@ pub fn training_conflicts(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The files and folders a run reads that are not there: `model.path` (a folder with
+/// config.json), `data.train` (and `data.eval` under `train.validate`), `data.image_root`,
+/// `peft.init_from`. Checked by `trainer config check`, which the launcher runs once before
+/// starting any rank (a typo in a path is one error naming its key, not a failure on every rank
+/// and restart after a model load), and by `train` before anything loads. Relative paths are
+/// read from the working folder, as the ranks read them.
+pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
+    let missing = |path: &str, message: String| {
+        Err(ConfigError::NoSuchPath {
+            path: path.into(),
+            message,
+        })
+    };
+    let model = &config.model.path;
+    if !model.is_dir() {
+        // ("meta-llama/Llama-3.2-11B-Vision" is a Hub id: nothing is downloaded here)
+        let hub = match model.is_relative() && model.components().count() == 2 {
+            true => "; a Hub id is not downloaded: give the folder it was downloaded to (`huggingface-cli download ID --local-dir DIR`)",
+            false => "",
+        };
+        return missing(
+            "model.path",
+            format!("{}: no such folder (a Hugging Face model folder: config.json, *.safetensors, tokenizer files){hub}", model.display()),
+        );
+    }
+    if !model.join("config.json").is_file() {
+        return missing(
+            "model.path",
+            format!(
+                "{} has no config.json: not a Hugging Face model folder",
+                model.display()
+            ),
+        );
+    }
+    let eval = config.data.eval.as_ref().filter(|_| config.train.validate);
+    for (key, files) in [
+        ("data.train", Some(&config.data.train)),
+        ("data.eval", eval),
+    ] {
+        for f in files.map_or(&[][..], |f| f.files()) {
+            if !f.is_file() {
+                let what = match f.is_dir() {
+                    true => "a folder, not a JSONL file",
+                    false => "no such file",
+                };
+                return missing(key, format!("{}: {what}", f.display()));
+            }
+        }
+    }
+    let folders = [
+        ("data.image_root", config.data.image_root.as_ref()),
+        ("peft.init_from", config.peft.init_from.as_ref()),
+    ];
+    for (key, dir) in folders {
+        if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+            return missing(key, format!("{}: no such folder", dir.display()));
+        }
+    }
+    Ok(())
+}
+
 fn required<T>(value: Option<T>, path: &str, what: &'static str) -> Result<T, ConfigError> {
     value.ok_or_else(|| ConfigError::Missing {
         path: path.into(),

@@ -70,6 +70,7 @@ struct State {
 pub fn train(config: &Config) -> Result<Outcome> {
     let t = &config.train;
     crate::config::training_conflicts(config)?;
+    crate::config::missing_paths(config)?;
     // 1. Ranks and collectives.
     let (pg, device) = setup::process_group(config)?;
     let (rank, world) = (pg.rank(), pg.world_size());

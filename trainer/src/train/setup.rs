@@ -298,7 +298,7 @@ pub(super) fn unused_settings_notes(config: &Config) -> Vec<String> {
     let mut notes = Vec::new();
     if !config.fsdp.enabled && config.fsdp.mixed_precision != config.model.dtype {
         notes.push(format!(
-            "fsdp.enabled is false: fsdp.mixed_precision ({:?}) is not applied; the model computes in model.dtype ({:?})",
+            "fsdp.enabled is false: fsdp.mixed_precision ({}) is not applied; the model computes in model.dtype ({})",
             config.fsdp.mixed_precision, config.model.dtype
         ));
     }
