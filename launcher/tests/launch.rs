@@ -16,7 +16,8 @@ fn every_rank_gets_torchruns_environment_for_world_1_to_4() {
         let dir = Scratch::new("env");
         let port = free_port();
         let nproc = n.to_string();
-        // World 3 uses a fixed --master-port, the others --standalone (a free port).
+        // World 3 uses a fixed --master-port, the others --standalone (a free port); world 3
+        // also torchrun's --role, --rdzv-conf and --start-method
         let args: Vec<&str> = if n == 3 {
             vec![
                 "--nproc-per-node",
@@ -25,6 +26,12 @@ fn every_rank_gets_torchruns_environment_for_world_1_to_4() {
                 "envtest",
                 "--master-port",
                 "PORT",
+                "--role",
+                "trainer",
+                "--rdzv-conf",
+                "join_timeout=60,read_timeout=5",
+                "--start-method",
+                "spawn",
             ]
         } else {
             vec![
@@ -63,7 +70,7 @@ fn every_rank_gets_torchruns_environment_for_world_1_to_4() {
                 ("GROUP_WORLD_SIZE", "1"),
                 ("ROLE_RANK", &r),
                 ("ROLE_WORLD_SIZE", &nproc),
-                ("ROLE_NAME", "default"),
+                ("ROLE_NAME", if n == 3 { "trainer" } else { "default" }),
                 ("MASTER_ADDR", "127.0.0.1"),
                 ("MASTER_PORT", &master_port.to_string()),
                 ("TORCHELASTIC_RESTART_COUNT", "0"),
@@ -659,6 +666,17 @@ fn log_dir_keeps_per_attempt_per_rank_files_and_tee_prefixes() {
         run2.stdout
     );
     assert!(run2.stderr.contains("[rank 1] err of 1"), "{}", run2.stderr);
+    // torchrun's spellings: `--tee 1` (a separate value) and `-t2` (attached)
+    for (tee, shown, not_shown) in [
+        (&["--tee", "1"][..], "[rank 0] out of 0", "] err of"),
+        (&["-t2"][..], "[rank 0] err of 0", "] out of"),
+    ] {
+        let r = run_with("--log-dir", tee);
+        assert_eq!(r.code(), 3, "{tee:?}: {}", r.stderr);
+        let console = format!("{}{}", r.stdout, r.stderr);
+        assert!(console.contains(shown), "{tee:?}: {console}");
+        assert!(!console.contains(not_shown), "{tee:?}: {console}");
+    }
 
     // torchrun's -r 2: stderr to the files only, stdout to the console too (and to its file)
     let run_r = run_with("--log-dir", &["-r", "2"]);

@@ -34,16 +34,25 @@ struct ConfigArgs {
     overrides: Vec<String>,
 }
 
+/// A count of at least 1 (a `usize` flag's parser).
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[derive(Args)]
 struct ConfigCheckArgs {
     #[command(flatten)]
     config: ConfigArgs,
     /// Also check the config for a run of this many ranks (fsdp.enabled: false trains one;
     /// hybrid_shard's groups must divide them)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = positive)]
     world: Option<usize>,
     /// Ranks per node, with --world (hybrid_shard's default shard group) [default: --world]
-    #[arg(long, value_name = "N", requires = "world")]
+    #[arg(long, value_name = "N", requires = "world", value_parser = positive)]
     nproc_per_node: Option<usize>,
 }
 
@@ -344,9 +353,9 @@ struct BuildScoArgs {
     /// Output JSONL of two-turn self-correction records
     #[arg(long)]
     out: PathBuf,
-    /// Second-turn prompt (default: trainer::data::records::DEFAULT_CORRECTION_PROMPT)
-    #[arg(long)]
-    correction_prompt: Option<String>,
+    /// The second user turn of every record (what infer and eval ask the trained model with)
+    #[arg(long, default_value = trainer::data::records::DEFAULT_CORRECTION_PROMPT)]
+    correction_prompt: String,
 }
 
 /// `trainer infer`.
@@ -1230,17 +1239,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Check(args)) => {
-            let file = &args.config.config;
-            let resolved = config::load(file, &args.config.overrides)?;
-            config::training_conflicts(&resolved)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let (file, sets) = (&args.config.config, &args.config.overrides);
+            let resolved = config::load(file, sets)?;
+            let in_file = |e| config::in_file(file, sets, e);
+            config::training_conflicts(&resolved).map_err(in_file)?;
             if let Some(world) = args.world {
                 let per_node = args.nproc_per_node.unwrap_or(world);
-                config::world_conflicts(&resolved, world, per_node)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+                config::world_conflicts(&resolved, world, per_node).map_err(in_file)?;
             }
             trainer::checkpoint::check_resume_setting(&resolved)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            config::missing_paths(&resolved).map_err(in_file)?;
             println!("{}: config ok", file.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -1284,7 +1293,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let o = trainer::data::tools::build_sco_file(
                 &args.refined,
                 &args.out,
-                args.correction_prompt.as_deref(),
+                Some(&args.correction_prompt),
             )?;
             println!(
                 "wrote {} record(s) to {}; skipped {} entr(y/ies) with an empty refined_answer; {} malformed",

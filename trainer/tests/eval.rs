@@ -405,6 +405,7 @@ fn bad_benchmarks_name_file_and_line() {
     let cases = [
         ("blank-answer.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \" ? \"}\n", "blank-answer.jsonl:1: answer \" ? \" is nothing once normalized"),
         ("array.jsonl", "[\"x\", \"small.png\", \"q\", \"1\"]\n", "array.jsonl:1: expected a JSON object"),
+        ("not-json.jsonl", "not json\n", "not-json.jsonl:1: malformed JSON: expected ident (column 2)"),
         ("no-metrics.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "--train-metrics"),
         ("missing.jsonl", "{\"id\": \"x\", \"image\": \"nope.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "missing.jsonl:1:"),
         ("empty.jsonl", "\n", "the benchmark is empty"),

@@ -132,14 +132,32 @@ struct Cli {
         default_value_t = 900.0
     )]
     finish_timeout: f64,
-    /// Seconds to reach node 0's store and for all nodes to join
+    /// Seconds to reach node 0's store and for all nodes to join [default: 600, or --rdzv-conf's
+    /// join_timeout]
+    #[arg(long = "rdzv-timeout", alias = "rdzv_timeout", value_name = "S")]
+    rdzv_timeout: Option<f64>,
+    /// torchrun's rendezvous settings, KEY=VALUE,...: join_timeout (seconds) is --rdzv-timeout;
+    /// its other keys are accepted and change nothing here
     #[arg(
-        long = "rdzv-timeout",
-        alias = "rdzv_timeout",
-        value_name = "S",
-        default_value_t = 600.0
+        long = "rdzv-conf",
+        alias = "rdzv_conf",
+        env = "PET_RDZV_CONF",
+        value_name = "K=V,.."
     )]
-    rdzv_timeout: f64,
+    rdzv_conf: Option<String>,
+    /// The ranks' ROLE_NAME (torchrun's --role)
+    #[arg(long, env = "PET_ROLE", value_name = "NAME", default_value = launcher::env::DEFAULT_ROLE)]
+    role: String,
+    /// Accepted for torchrun compatibility (spawn, fork, forkserver): every rank is a process of
+    /// its own, started from the program's file
+    #[arg(
+        long = "start-method",
+        alias = "start_method",
+        env = "PET_START_METHOD",
+        value_name = "METHOD",
+        value_parser = ["spawn", "fork", "forkserver"]
+    )]
+    start_method: Option<String>,
     /// Write each rank's output to DIR/RUN_ID/attempt_N/LOCAL_RANK/{stdout,stderr}.log
     /// (attempt_N/nodeG/LOCAL_RANK with several nodes)
     #[arg(
@@ -149,8 +167,9 @@ struct Cli {
         value_name = "DIR"
     )]
     log_dir: Option<PathBuf>,
-    /// Also show rank output on the console, prefixed `[rank r]` (`--tee=1` stdout, `=2` stderr, `=3` both)
-    #[arg(short = 't', long, env = "PET_TEE", value_name = "STREAMS", num_args = 0..=1, require_equals = true, default_missing_value = "3")]
+    /// Also show rank output on the console, prefixed `[rank r]` (`--tee 1` stdout, `2` stderr, `3`
+    /// both; a bare --tee before another flag: 3)
+    #[arg(short = 't', long, env = "PET_TEE", value_name = "STREAMS", num_args = 0..=1, default_missing_value = "3", value_parser = tee_streams)]
     tee: Option<u8>,
     /// torchrun's: the streams that go to the --log-dir files only (`3` both, the default there;
     /// `1` stdout, `2` stderr, `0` none): the others are also shown on the console, as --tee does
@@ -278,6 +297,11 @@ fn script_before_dashes(args: impl Iterator<Item = OsString>) -> Option<String> 
         .take_while(|a| a != "--")
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
+    // torchrun's `-m MODULE ARGS`
+    if let Some(i) = args.iter().position(|a| a == "-m" || a == "--module") {
+        let module = args.get(i + 1).map_or("MODULE", String::as_str);
+        return Some(format!("python -m {module}"));
+    }
     // (not an option's value: `--trainer ./run.sh`)
     let script = args.iter().enumerate().find(|(i, a)| {
         !a.starts_with('-')
@@ -434,10 +458,20 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
             .ok_or_else(|| anyhow!("--{name} {s} is not a number of seconds from 0 to 1e9"))
     };
     let finish = seconds("finish-timeout", cli.finish_timeout)?;
-    let mut tee = cli.tee.unwrap_or(0);
-    if tee > 3 {
-        bail!("--tee={tee}: use 1 (stdout), 2 (stderr) or 3 (both)");
+    // (a flag wins over --rdzv-conf's join_timeout, as over a PET_ variable)
+    let joined = cli
+        .rdzv_conf
+        .as_deref()
+        .map(rdzv_conf_timeout)
+        .transpose()?;
+    let rdzv_timeout = cli.rdzv_timeout.or(joined.flatten()).unwrap_or(600.0);
+    if cli.role.is_empty() {
+        bail!(
+            "--role: give a name (torchrun's default: {})",
+            launcher::env::DEFAULT_ROLE
+        );
     }
+    let mut tee = cli.tee.unwrap_or(0);
     if let Some(r) = &cli.redirects {
         let redirected = match r.trim().parse::<u8>() {
             Ok(n) if n <= 3 => n,
@@ -485,7 +519,8 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
             .max(Duration::from_millis(5)),
         grace_period: seconds("grace-period", cli.grace_period)?,
         finish_timeout: (!finish.is_zero()).then_some(finish),
-        rdzv_timeout: seconds("rdzv-timeout", cli.rdzv_timeout)?,
+        rdzv_timeout: seconds("rdzv-timeout", rdzv_timeout)?,
+        role: cli.role.clone(),
         run_id_explicit: explicit_run_id.is_some(),
         run_id,
         token,
@@ -498,14 +533,59 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
     })
 }
 
-/// What each rank runs: `trainer train CONFIG --set ...`, or `PROGRAM ARGS` after `--`.
-fn rank_command(cli: &Cli) -> Result<RankCommand> {
-    // torchrun's `--tee 3` (with a space) would leave `3` as the CONFIG positional.
-    if let (Some(_), Some(config)) = (cli.tee, cli.config.as_deref().and_then(|c| c.to_str())) {
-        if matches!(config, "0" | "1" | "2" | "3") {
-            bail!("write --tee={config} (with '='): a bare --tee takes no separate value");
+/// `--rdzv-conf`'s rendezvous timeout (`join_timeout`, seconds), if it gives one; its other keys
+/// (those of torchrun's c10d and etcd rendezvous) change nothing here; an unknown key is an error.
+fn rdzv_conf_timeout(conf: &str) -> Result<Option<f64>> {
+    // torchrun's RendezvousParameters keys that have no counterpart here
+    const IGNORED: [&str; 9] = [
+        "timeout",
+        "read_timeout",
+        "last_call_timeout",
+        "close_timeout",
+        "heartbeat",
+        "keep_alive_interval",
+        "keep_alive_max_attempt",
+        "is_host",
+        "use_libuv",
+    ];
+    let mut timeout = None;
+    for pair in conf.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((key, value)) = pair.split_once('=') else {
+            bail!("--rdzv-conf {conf}: {pair} is not KEY=VALUE");
+        };
+        match key.trim() {
+            "join_timeout" => {
+                let s = value.trim().parse::<f64>().map_err(|_| {
+                    anyhow!("--rdzv-conf {conf}: join_timeout={value} is not a number of seconds")
+                })?;
+                timeout = Some(s);
+            }
+            k if IGNORED.contains(&k) => tracing::info!(
+                "--rdzv-conf {k}: accepted for torchrun compatibility; it changes nothing here (the store is node 0's launcher's)"
+            ),
+            k => bail!(
+                "--rdzv-conf {conf}: unknown key {k:?} (join_timeout sets the rendezvous timeout; torchrun's {} are accepted and ignored)",
+                IGNORED.join(", ")
+            ),
         }
     }
+    Ok(timeout)
+}
+
+/// `--tee`'s value, as torchrun takes it (`--tee 3`, `-t 3`, `-t3`, `--tee=3`). A bare `--tee`
+/// (ours: both streams) right before CONFIG would take CONFIG for its value: said so.
+fn tee_streams(s: &str) -> Result<u8, String> {
+    match s.parse::<u8>() {
+        Ok(t) if t <= 3 => Ok(t),
+        Ok(_) => Err("use 1 (stdout), 2 (stderr) or 3 (both)".into()),
+        Err(_) => Err(format!(
+            "--tee takes 0-3 (torchrun's `--tee 3`); a bare --tee (both streams) right before {s} takes it for its value: write --tee 3 {s}"
+        )),
+    }
+}
+
+/// What each rank runs: `trainer train CONFIG --set ...`, or `PROGRAM ARGS` after `--`.
+fn rank_command(cli: &Cli) -> Result<RankCommand> {
     match (&cli.config, cli.program.split_first()) {
         (Some(_), Some(_)) => bail!("give either CONFIG.yaml or `-- PROGRAM ARGS`, not both"),
         (None, None) => {
@@ -844,5 +924,30 @@ mod tests {
         let sh = script_before_dashes(args(&["--trainer", "./t.sh", "go.sh", "-x"]));
         assert_eq!(sh.as_deref(), Some("./go.sh"));
         assert_eq!(script_before_dashes(args(&["c.yaml", "--", "x.py"])), None);
+        // torchrun's module mode
+        let m = script_before_dashes(args(&["--nproc-per-node", "2", "-m", "pkg.train", "--lr"]));
+        assert_eq!(m.as_deref(), Some("python -m pkg.train"));
+    }
+
+    /// `--rdzv-conf`: join_timeout is the rendezvous timeout, torchrun's other keys pass, an
+    /// unknown key or a value that is not a number is refused.
+    #[test]
+    fn rdzv_conf_reads_join_timeout_and_refuses_unknown_keys() {
+        assert_eq!(rdzv_conf_timeout("join_timeout=900").unwrap(), Some(900.0));
+        assert_eq!(
+            rdzv_conf_timeout("read_timeout=60, join_timeout=30,is_host=1").unwrap(),
+            Some(30.0)
+        );
+        assert_eq!(rdzv_conf_timeout("timeout=5").unwrap(), None);
+        let e = rdzv_conf_timeout("join_timout=5").unwrap_err().to_string();
+        assert!(e.contains("unknown key \"join_timout\""), "{e}");
+        let e = rdzv_conf_timeout("join_timeout=soon")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("join_timeout=soon is not a number of seconds"),
+            "{e}"
+        );
+        assert!(rdzv_conf_timeout("join_timeout").is_err());
     }
 }

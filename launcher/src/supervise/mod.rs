@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::env::{RankEnv, DEFAULT_ROLE};
+use crate::env::RankEnv;
 use crate::outcome::{Failure, FailureKind, Outcome};
 use crate::store::{StoreClient, StoreError, StoreServer};
 
@@ -51,6 +51,8 @@ pub struct LaunchSpec {
     pub finish_timeout: Option<Duration>,
     /// Bound on reaching the store and on all nodes joining.
     pub rdzv_timeout: Duration,
+    /// The ranks' `ROLE_NAME` (`--role`).
+    pub role: String,
     /// Whether `run_id` was given (--run-id, SLURM's job id) rather than drawn at random: a
     /// node with an explicit one that differs from node 0's is refused, not renamed.
     pub run_id_explicit: bool,
@@ -435,7 +437,7 @@ impl Attempt<'_> {
             group_world_size: spec.nnodes,
             role_rank: rank,
             role_world_size: self.layout.world_size,
-            role_name: DEFAULT_ROLE.to_string(),
+            role_name: spec.role.clone(),
             master_addr: spec.master_addr.clone(),
             master_port: self.port,
             restart_count: self.attempt,

@@ -169,7 +169,8 @@ fn read_bench_line(
     ignored: &mut std::collections::BTreeSet<String>,
 ) -> Result<BenchItem, String> {
     // (a LLaVA `<image>` marker in the question is the prompt's business: `Session::prompt_ids`)
-    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| without_line(&e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("malformed JSON: {}", without_line(&e)))?;
     let Some(fields) = value.as_object() else {
         return Err(format!(
             "expected a JSON object ({{\"id\", \"image\", \"question\", \"answer\"}}), got {}",
@@ -1040,7 +1041,7 @@ pub fn run(
     };
     write(
         "report.json",
-        serde_json::to_string_pretty(&report).unwrap_or_default(),
+        serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
     )?;
     write("report.md", report::markdown(&report))?;
     plots::write_all(&report, &opts.out).map_err(EvalError::Io)?;
