@@ -597,30 +597,27 @@ fn folders_of_the_wrong_kind_are_named_for_what_they_are() {
         !stderr.contains("--set") && stderr.contains("use another step-N folder of the run"),
         "{stderr}"
     );
-    let (code, _, stderr) = trainer(&[
-        "infer",
-        "--adapter",
-        newer.to_str().unwrap(),
-        "--model",
-        "tests/fixtures/train/model",
-        "--question",
-        "q",
-    ]);
+    let infer_adapter = |adapter: &std::path::Path| {
+        let model = "tests/fixtures/train/model";
+        let adapter = adapter.to_str().unwrap();
+        trainer(&[
+            "infer",
+            "--adapter",
+            adapter,
+            "--model",
+            model,
+            "--question",
+            "q",
+        ])
+    };
+    let (code, _, stderr) = infer_adapter(&newer);
     assert_eq!(code, 1, "{stderr}");
     assert!(
         stderr.contains("is a training checkpoint (a step-N folder), not a PEFT adapter: infer, eval and export take it with --checkpoint"),
         "{stderr}"
     );
     // the run's checkpoint.dir given as an adapter: its newest step named
-    let (code, _, stderr) = trainer(&[
-        "infer",
-        "--adapter",
-        run.to_str().unwrap(),
-        "--model",
-        "tests/fixtures/train/model",
-        "--question",
-        "q",
-    ]);
+    let (code, _, stderr) = infer_adapter(&run);
     assert_eq!(code, 1, "{stderr}");
     let newest = format!("e.g. the newest: --checkpoint {}", newer.display());
     assert!(
