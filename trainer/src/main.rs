@@ -1243,19 +1243,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let resolved = config::load(file, sets)?;
             let in_file = |e| config::in_file(file, sets, e);
             config::training_conflicts(&resolved).map_err(in_file)?;
+            let mut multi_node = false;
             if let Some(world) = args.world {
                 let per_node = args.nproc_per_node.unwrap_or(world);
                 config::world_conflicts(&resolved, world, per_node).map_err(in_file)?;
+                multi_node = world > per_node;
             }
             trainer::checkpoint::check_resume_setting(&resolved)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            config::missing_paths(&resolved).map_err(in_file)?;
+            // (across nodes the paths are each node's: one node's launcher stopping before the
+            // rendezvous would leave the others waiting for it; its ranks check them instead,
+            // after the group formed, and the group fails together)
+            if !multi_node {
+                config::missing_paths(&resolved).map_err(in_file)?;
+            }
             println!("{}: config ok", file.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Compare(args) => compare(args),
         Command::Train(args) => {
             let resolved = config::load(&args.config, &args.overrides)?;
+            // (here too, for the file and --set in the message; `train` checks them as well)
+            config::missing_paths(&resolved)
+                .map_err(|e| config::in_file(&args.config, &args.overrides, e))?;
             let outcome = trainer::train::train(&resolved)?;
             // 128 + the signal that stopped it cleanly after a step (143 for SIGTERM and for
             // SIGUSR1's notice, 130 for Ctrl-C)

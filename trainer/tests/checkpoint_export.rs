@@ -386,7 +386,8 @@ fn rising_eval_set() -> PathBuf {
 }
 
 /// `train.max_eval_samples` validates on the eval split's first records: the loss and token count
-/// of a file holding only those, in micro-batches of `train.val_batch_size` (world 2).
+/// of a file holding only those, in micro-batches of `train.val_batch_size` (world 2); another
+/// `val_batch_size` changes only the batching (the loss is a token mean).
 #[test]
 fn max_eval_samples_validates_on_the_first_records() {
     let full = common::ckpt::setup().join("train.jsonl");
@@ -399,13 +400,13 @@ fn max_eval_samples_validates_on_the_first_records() {
         .collect();
     std::fs::write(&first, lines.concat()).unwrap();
     let train = "epochs: 1, batch_size: 4, grad_accum: 1, max_steps: 1";
-    let validated = |name: &str, eval: &Path, limit: &str| -> Value {
+    let validated_with = |name: &str, eval: &Path, limit: &str, batch: &str| -> Value {
         let out = fresh(name);
         let eval = format!("data.eval={}", eval.display());
         let sets = [
             eval.as_str(),
             "train.validate=true",
-            "train.val_batch_size=3",
+            batch,
             limit,
             "peft.dropout=0.0",
         ];
@@ -416,11 +417,84 @@ fn max_eval_samples_validates_on_the_first_records() {
         assert_eq!(v.len(), 1, "{m:?}");
         v[0].clone()
     };
+    let validated = |name: &str, eval: &Path, limit: &str| -> Value {
+        validated_with(name, eval, limit, "train.val_batch_size=3")
+    };
     let limited = validated("max-eval-samples", &full, "train.max_eval_samples=7");
     let file = validated("max-eval-samples-file", &first, "train.max_eval_samples=0");
     assert_eq!(limited["eval_samples"], 7);
     for key in ["eval_samples", "eval_tokens", "eval_loss"] {
         assert_eq!(limited[key], file[key], "{key}: {limited} vs {file}");
+    }
+    // train.batch_size's 4 per rank instead of 3: other batches, the same loss up to rounding
+    let four = validated_with(
+        "max-eval-samples-b4",
+        &full,
+        "train.max_eval_samples=7",
+        "train.val_batch_size=4",
+    );
+    assert_eq!(four["eval_tokens"], limited["eval_tokens"]);
+    let (a, b) = (
+        four["eval_loss"].as_f64().unwrap(),
+        limited["eval_loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} vs {b}");
+}
+
+/// A resume that validates on another set (here: another `train.max_eval_samples`) does not
+/// compare its losses with the best loss of the old one: the best is chosen anew, with a note;
+/// on the same set the best carries over.
+#[test]
+fn a_resume_on_another_validation_set_chooses_the_best_anew() {
+    let eval = format!(
+        "data.eval={}",
+        common::ckpt::setup().join("train.jsonl").display()
+    );
+    let train = "epochs: 2, batch_size: 8, grad_accum: 1";
+    let sets = |limit: &'static str| -> Vec<String> {
+        vec![
+            eval.clone(),
+            "train.validate=true".into(),
+            "peft.dropout=0.0".into(),
+            limit.into(),
+        ]
+    };
+    let run_with = |out: &Path, limit: &'static str, env: &[(&str, &str)]| {
+        let s = sets(limit);
+        let s: Vec<&str> = s.iter().map(String::as_str).collect();
+        run(out, 1, train, &s, env)
+    };
+    let note = "was measured on another validation set";
+    for (name, resumed_limit, noted) in [
+        ("eval-set-same", "train.max_eval_samples=7", false),
+        ("eval-set-other", "train.max_eval_samples=5", true),
+    ] {
+        let out = fresh(name);
+        let first = run_with(
+            &out,
+            "train.max_eval_samples=7",
+            &[("TRAINER_STOP_AFTER_STEP", "7")],
+        );
+        assert!(
+            first.stderr.contains("SIGTERM: stopping after step 7"),
+            "{}",
+            first.stderr
+        );
+        let second = ok(run_with(&out, resumed_limit, &[]), name);
+        assert_eq!(
+            second.stderr.contains(note),
+            noted,
+            "{name}: {}",
+            second.stderr
+        );
+        assert_eq!(
+            second.stderr.contains(
+                "a later epoch replaces the adapter in train.output_dir only with a lower one"
+            ),
+            !noted,
+            "{name}: {}",
+            second.stderr
+        );
     }
 }
 

@@ -215,7 +215,7 @@ struct Cli {
 fn main() -> ExitCode {
     init_logging();
     let parsed = Cli::command()
-        .try_get_matches()
+        .try_get_matches_from(with_tee_value(std::env::args_os().collect()))
         .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
     let cli = match parsed {
         Ok((mut cli, matches)) => {
@@ -533,12 +533,12 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
     })
 }
 
-/// `--rdzv-conf`'s rendezvous timeout (`join_timeout`, seconds), if it gives one; its other keys
-/// (those of torchrun's c10d and etcd rendezvous) change nothing here; an unknown key is an error.
+/// `--rdzv-conf`'s rendezvous timeout in seconds, if it gives one: `join_timeout` (c10d's), else
+/// `timeout` (static's); its other keys (torchrun's c10d and static rendezvous') change nothing
+/// here; an unknown key is an error.
 fn rdzv_conf_timeout(conf: &str) -> Result<Option<f64>> {
     // torchrun's RendezvousParameters keys that have no counterpart here
-    const IGNORED: [&str; 9] = [
-        "timeout",
+    const IGNORED: [&str; 8] = [
         "read_timeout",
         "last_call_timeout",
         "close_timeout",
@@ -548,40 +548,68 @@ fn rdzv_conf_timeout(conf: &str) -> Result<Option<f64>> {
         "is_host",
         "use_libuv",
     ];
-    let mut timeout = None;
+    let (mut join, mut timeout) = (None, None);
     for pair in conf.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let Some((key, value)) = pair.split_once('=') else {
             bail!("--rdzv-conf {conf}: {pair} is not KEY=VALUE");
         };
+        let seconds = || {
+            value
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|s| (0.0..=1e9).contains(s))
+                .ok_or_else(|| {
+                    anyhow!("--rdzv-conf {conf}: {pair} is not a number of seconds from 0 to 1e9")
+                })
+        };
         match key.trim() {
-            "join_timeout" => {
-                let s = value.trim().parse::<f64>().map_err(|_| {
-                    anyhow!("--rdzv-conf {conf}: join_timeout={value} is not a number of seconds")
-                })?;
-                timeout = Some(s);
-            }
-            k if IGNORED.contains(&k) => tracing::info!(
+            "join_timeout" => join = Some(seconds()?),
+            "timeout" => timeout = Some(seconds()?),
+            k if IGNORED.contains(&k) => tracing::warn!(
                 "--rdzv-conf {k}: accepted for torchrun compatibility; it changes nothing here (the store is node 0's launcher's)"
             ),
             k => bail!(
-                "--rdzv-conf {conf}: unknown key {k:?} (join_timeout sets the rendezvous timeout; torchrun's {} are accepted and ignored)",
+                "--rdzv-conf {conf}: unknown key {k:?} (join_timeout or timeout sets the rendezvous timeout; torchrun's {} are accepted and ignored)",
                 IGNORED.join(", ")
             ),
         }
     }
-    Ok(timeout)
+    Ok(join.or(timeout))
 }
 
-/// `--tee`'s value, as torchrun takes it (`--tee 3`, `-t 3`, `-t3`, `--tee=3`). A bare `--tee`
-/// (ours: both streams) right before CONFIG would take CONFIG for its value: said so.
+/// `--tee`'s value, as torchrun takes it (`--tee 3`, `-t 3`, `-t3`, `--tee=3`); an empty
+/// `PET_TEE` is none.
 fn tee_streams(s: &str) -> Result<u8, String> {
-    match s.parse::<u8>() {
-        Ok(t) if t <= 3 => Ok(t),
-        Ok(_) => Err("use 1 (stdout), 2 (stderr) or 3 (both)".into()),
-        Err(_) => Err(format!(
-            "--tee takes 0-3 (torchrun's `--tee 3`); a bare --tee (both streams) right before {s} takes it for its value: write --tee 3 {s}"
-        )),
+    match s.trim() {
+        "" => Ok(0),
+        s => match s.parse::<u8>() {
+            Ok(t) if t <= 3 => Ok(t),
+            _ => Err("use 1 (stdout), 2 (stderr), 3 (both) or 0 (none)".into()),
+        },
     }
+}
+
+/// The command line with a bare `--tee` / `-t` (ours: both streams) given its value `3` when
+/// the next word is not one (`--tee train.yaml`, where clap would take the config for the
+/// value); before `--` only.
+fn with_tee_value(args: Vec<OsString>) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(args.len() + 1);
+    let mut words = args.into_iter().peekable();
+    let mut after_dashes = false;
+    while let Some(word) = words.next() {
+        let bare_tee = !after_dashes && (word == "--tee" || word == "-t");
+        after_dashes |= word == "--";
+        out.push(word);
+        let takes_next = |next: &OsString| {
+            next.to_str()
+                .is_some_and(|n| n.starts_with('-') || n.parse::<u8>().is_ok())
+        };
+        if bare_tee && words.peek().is_some_and(|next| !takes_next(next)) {
+            out.push("3".into());
+        }
+    }
+    out
 }
 
 /// What each rank runs: `trainer train CONFIG --set ...`, or `PROGRAM ARGS` after `--`.
@@ -929,6 +957,33 @@ mod tests {
         assert_eq!(m.as_deref(), Some("python -m pkg.train"));
     }
 
+    /// A bare --tee before CONFIG is both streams (clap would take CONFIG for its value);
+    /// torchrun's `--tee 1` keeps its value; nothing after `--` changes.
+    #[test]
+    fn a_bare_tee_before_a_word_gets_its_value() {
+        let words = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let fixed = |v: &[&str]| with_tee_value(words(v));
+        let l = "launcher";
+        assert_eq!(
+            fixed(&[l, "--tee", "c.yaml"]),
+            words(&[l, "--tee", "3", "c.yaml"])
+        );
+        assert_eq!(
+            fixed(&[l, "-t", "c.yaml"]),
+            words(&[l, "-t", "3", "c.yaml"])
+        );
+        for same in [
+            &[l, "--tee", "1", "c.yaml"][..],
+            &[l, "--tee", "--", "prog"],
+            &[l, "--tee"],
+            &[l, "--", "prog", "--tee", "x"],
+        ] {
+            assert_eq!(fixed(same), words(same));
+        }
+        assert_eq!(tee_streams(""), Ok(0));
+        assert!(tee_streams("7").is_err() && tee_streams("x").is_err());
+    }
+
     /// `--rdzv-conf`: join_timeout is the rendezvous timeout, torchrun's other keys pass, an
     /// unknown key or a value that is not a number is refused.
     #[test]
@@ -938,7 +993,19 @@ mod tests {
             rdzv_conf_timeout("read_timeout=60, join_timeout=30,is_host=1").unwrap(),
             Some(30.0)
         );
-        assert_eq!(rdzv_conf_timeout("timeout=5").unwrap(), None);
+        assert_eq!(rdzv_conf_timeout("timeout=5").unwrap(), Some(5.0));
+        assert_eq!(
+            rdzv_conf_timeout("timeout=5,join_timeout=7").unwrap(),
+            Some(7.0)
+        );
+        assert_eq!(rdzv_conf_timeout("read_timeout=5").unwrap(), None);
+        let e = rdzv_conf_timeout("join_timeout=-5")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("join_timeout=-5 is not a number of seconds"),
+            "{e}"
+        );
         let e = rdzv_conf_timeout("join_timout=5").unwrap_err().to_string();
         assert!(e.contains("unknown key \"join_timout\""), "{e}");
         let e = rdzv_conf_timeout("join_timeout=soon")

@@ -23,6 +23,11 @@ pub struct EvalResult {
     /// A non-finite loss (a diverged run) is written as null (JSON has no NaN) and read as NaN.
     #[serde(with = "finite_or_null")]
     pub eval_loss: f64,
+    /// The samples it was measured on (`train::setup::eval_set_fingerprint`: the validated
+    /// records and their token lengths): a resume on another validation set does not compare its
+    /// losses with this one. Absent from older trainers' records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_set: Option<u64>,
 }
 
 mod finite_or_null {
@@ -82,14 +87,16 @@ pub fn from_rank0(
     device: tch::Device,
     record: Option<EvalResult>,
 ) -> Result<Option<EvalResult>> {
-    let mine: [i64; 4] = match record {
+    let mine: [i64; 6] = match record {
         Some(r) => [
             1,
             r.step as i64,
             r.epoch as i64,
             r.eval_loss.to_bits() as i64,
+            r.eval_set.is_some() as i64,
+            r.eval_set.unwrap_or(0) as i64,
         ],
-        None => [0; 4],
+        None => [0; 6],
     };
     let t = tch::Tensor::from_slice(&mine).to_device(device);
     pg.broadcast(&t, 0)?;
@@ -98,6 +105,7 @@ pub fn from_rank0(
         step: v[1] as u64,
         epoch: v[2] as u64,
         eval_loss: f64::from_bits(v[3] as u64),
+        eval_set: (v[4] == 1).then_some(v[5] as u64),
     }))
 }
 
@@ -118,6 +126,7 @@ mod tests {
             step,
             epoch: step / 10,
             eval_loss,
+            eval_set: None,
         }
     }
 

@@ -136,7 +136,10 @@ const OTHER_NAMES: [(&str, &str); 31] = [
     ("run_validation", "train.validate"),
     ("per_device_eval_batch_size", "train.val_batch_size"),
     ("eval_batch_size", "train.val_batch_size"),
-    ("max_eval_step", "train.max_eval_samples"),
+    (
+        "max_eval_step",
+        "train.max_eval_samples, which counts samples, not batches per rank (max_eval_step x val_batch_size x world size)",
+    ),
     ("save_model", "train.save_adapter"),
     ("enable_fsdp", "fsdp.enabled"),
     ("pure_bf16", "fsdp.mixed_precision"),

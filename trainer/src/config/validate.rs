@@ -122,11 +122,12 @@ pub fn training_conflicts(config: &Config) -> Result<(), ConfigError> {
 }
 
 /// The files and folders a run reads that are not there: `model.path` (a folder with
-/// config.json), `data.train` (and `data.eval` under `train.validate`), `data.image_root`,
-/// `peft.init_from`. Checked by `trainer config check`, which the launcher runs once before
-/// starting any rank (a typo in a path is one error naming its key, not a failure on every rank
-/// and restart after a model load), and by `train` before anything loads. Relative paths are
-/// read from the working folder, as the ranks read them.
+/// config.json), `data.train` (and `data.eval` under `train.validate`), `peft.init_from`.
+/// Checked by `trainer config check`, which the launcher runs once before starting any rank of a
+/// single-node run (a typo in a path is one error naming its key, not a failure on every rank and
+/// restart after a model load; across nodes the paths are each node's, so the ranks check them),
+/// and by `train` before anything loads. Relative paths are read from the working folder, as the
+/// ranks read them.
 pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
     let missing = |path: &str, message: String| {
         Err(ConfigError::NoSuchPath {
@@ -136,8 +137,12 @@ pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
     };
     let model = &config.model.path;
     if !model.is_dir() {
-        // ("meta-llama/Llama-3.2-11B-Vision" is a Hub id: nothing is downloaded here)
-        let hub = match model.is_relative() && model.components().count() == 2 {
+        // ("meta-llama/Llama-3.2-11B-Vision" is a Hub id: nothing is downloaded here; not
+        // "./model")
+        let named = model
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        let hub = match named && model.components().count() == 2 {
             true => "; a Hub id is not downloaded: give the folder it was downloaded to (`huggingface-cli download ID --local-dir DIR`)",
             false => "",
         };
@@ -170,14 +175,13 @@ pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
             }
         }
     }
-    let folders = [
-        ("data.image_root", config.data.image_root.as_ref()),
-        ("peft.init_from", config.peft.init_from.as_ref()),
-    ];
-    for (key, dir) in folders {
-        if let Some(dir) = dir.filter(|d| !d.is_dir()) {
-            return missing(key, format!("{}: no such folder", dir.display()));
-        }
+    // (not data.image_root: records with absolute image paths do not read it, and the data scan
+    // names each record whose image is missing)
+    if let Some(dir) = config.peft.init_from.as_ref().filter(|d| !d.is_dir()) {
+        return missing(
+            "peft.init_from",
+            format!("{}: no such folder", dir.display()),
+        );
     }
     Ok(())
 }

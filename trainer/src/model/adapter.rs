@@ -81,7 +81,17 @@ pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, Value), ModelEr
             v
         };
         let inside = holding("adapter_config.json");
-        let steps = holding("manifest.json");
+        // (complete checkpoints only: not a `step-N.partial` a crash left)
+        let is_step = |p: &String| {
+            Path::new(p)
+                .file_name()
+                .and_then(|n| n.to_str()?.strip_prefix("step-"))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        };
+        let steps: Vec<String> = holding("manifest.json")
+            .into_iter()
+            .filter(is_step)
+            .collect();
         match inside.is_empty() {
             // (a run's checkpoint.dir: its step-N folders are the checkpoints)
             true if !steps.is_empty() => ModelError::Adapter(format!(

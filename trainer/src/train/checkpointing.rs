@@ -34,6 +34,8 @@ pub(super) struct Saver<'a> {
     /// Rank 0's claims on `checkpoint.dir` and `train.output_dir` for the whole run (`probe`;
     /// one lock when they are the same folder).
     dir_locks: Option<[Option<checkpoint::ExportLock>; 2]>,
+    /// The validation set this run validates on (`setup::eval_set_fingerprint`), if any.
+    eval_set: Option<u64>,
 }
 
 /// The lock file rank 0 holds in `checkpoint.dir` and in `train.output_dir` while training.
@@ -100,7 +102,14 @@ impl<'a> Saver<'a> {
             reserved: false,
             exported: None,
             dir_locks: None,
+            eval_set: None,
         }
+    }
+
+    /// The validation set this run validates on: a best validation loss a resumed checkpoint
+    /// measured on another one is not compared with its losses (`resume`).
+    pub fn note_eval_set(&mut self, eval_set: Option<u64>) {
+        self.eval_set = eval_set;
     }
 
     /// Records the data's self-correction prompt in the checkpoints, for `infer`/`eval
@@ -202,6 +211,20 @@ impl<'a> Saver<'a> {
         st.epoch = p.epoch;
         st.skipped_nonfinite = p.skipped_nonfinite;
         st.saved_step = Some(p.step);
+        // (a best loss of another validation set, e.g. another data.eval or
+        // train.max_eval_samples, says nothing about this one's: the best is chosen anew, as a
+        // fresh run would, from the next validation on)
+        let other_set = |b: &EvalResult| b.eval_set.is_some_and(|s| Some(s) != self.eval_set);
+        if let Some(b) = p.best_eval.filter(other_set) {
+            log(
+                pg.rank(),
+                &format!(
+                    "note: the best validation loss so far ({:.4}, step {}) was measured on another validation set (data.eval or train.max_eval_samples changed): it is not compared with this run's; the next validation's adapter replaces the one in train.output_dir",
+                    b.eval_loss, b.step
+                ),
+            );
+            p.best_eval = None;
+        }
         st.best_eval = p.best_eval;
         st.resumed_validated = r.validated;
         st.resumed_template_clock = r.template_clock;

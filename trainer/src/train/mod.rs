@@ -106,6 +106,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
         ),
         _ => {}
     }
+    saver.note_eval_set(data.eval_set);
     saver.probe()?;
     // 3. Model (+ LoRA), seeded; with FSDP each rank reads only its shards.
     let (mut trainable, flops) = setup::model(config, &pg, device)?;
@@ -377,6 +378,7 @@ fn validate_epoch(
                 step: st.step,
                 epoch,
                 eval_loss,
+                eval_set: data.eval_set,
             })
         }
         None => None,

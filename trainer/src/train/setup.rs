@@ -176,6 +176,8 @@ fn backend(b: config::Backend) -> dist::Backend {
 pub(super) struct Data {
     pub train: Dataset,
     pub eval: Option<Dataset>,
+    /// The samples validation reads (`eval_set_fingerprint`), with `eval`.
+    pub eval_set: Option<u64>,
     pub steps_per_epoch: u64,
     /// All epochs' steps, capped by `train.max_steps`.
     pub total_steps: u64,
@@ -213,9 +215,11 @@ pub(super) fn data(config: &Config, world: usize) -> Result<Data> {
         .step_limit()
         .unwrap_or(u64::MAX)
         .min(steps_per_epoch * t.epochs as u64);
+    let eval_set = eval.as_ref().map(|ds| eval_set_fingerprint(ds, config));
     Ok(Data {
         train,
         eval,
+        eval_set,
         steps_per_epoch,
         total_steps,
     })
@@ -250,10 +254,25 @@ pub(super) fn agree_data(pg: &ProcessGroup, device: Device, data: &Data) -> Resu
 /// in the list), line number and token length, in order (not the file's path, which may differ
 /// between nodes' mounts).
 fn data_fingerprint(ds: &Dataset) -> i64 {
+    fingerprint_of_first(ds, ds.len())
+}
+
+/// The validation set: the fingerprint of the eval split's first `train.max_eval_samples` (all
+/// without a limit), the samples validation reads (`Dataset::eval_plan`).
+pub(super) fn eval_set_fingerprint(ds: &Dataset, config: &Config) -> u64 {
+    let n = config
+        .train
+        .eval_sample_limit()
+        .map_or(ds.len(), |l| l.min(ds.len()));
+    fingerprint_of_first(ds, n) as u64
+}
+
+/// `data_fingerprint` of the split's first `n` samples.
+fn fingerprint_of_first(ds: &Dataset, n: usize) -> i64 {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     let files = &ds.report().file;
-    for i in 0..ds.len() {
+    for i in 0..n {
         let file = files.position(&ds.record(i).file).unwrap_or(usize::MAX);
         h.update((file as u64).to_le_bytes());
         h.update((ds.record(i).line as u64).to_le_bytes());
