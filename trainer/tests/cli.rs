@@ -313,6 +313,27 @@ fn a_missing_model_or_data_path_is_refused_before_ranks_start() {
         assert_eq!(code, 1, "{set}: {stderr}");
         assert!(stderr.contains(want), "{set}: {stderr}");
     }
+    // across nodes (--world above --nproc-per-node) the paths are each node's: left to the ranks
+    let mut args = check.clone();
+    args.extend([
+        "--set",
+        "model.path=/no/such/model",
+        "--world",
+        "4",
+        "--nproc-per-node",
+        "2",
+    ]);
+    assert_eq!(trainer(&args).0, 0, "{args:?}");
+    let mut one_node = check.clone();
+    one_node.extend([
+        "--set",
+        "model.path=/no/such/model",
+        "--world",
+        "4",
+        "--nproc-per-node",
+        "4",
+    ]);
+    assert_eq!(trainer(&one_node).0, 1, "{one_node:?}");
     // an eval file is read only with train.validate
     let mut args = check.clone();
     args.extend([
