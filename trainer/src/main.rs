@@ -1288,6 +1288,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Data(DataCommand::Dump(args)) => {
             let resolved = config::load(&args.config.config, &args.config.overrides)?;
+            // the batches of the run the config resumes render its chat-template date (what its
+            // text-only samples trained on), not today's
+            if let Some(clock) = trainer::checkpoint::resumed_template_clock(&resolved) {
+                trainer::data::template::use_template_clock(clock);
+            }
             let msg = trainer::data::tools::dump(
                 &resolved,
                 args.epoch,

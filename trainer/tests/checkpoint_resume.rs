@@ -950,4 +950,33 @@ fn a_resume_on_another_day_keeps_the_text_only_samples_date() {
         second.stderr
     );
     assert_same_run(&straight, &resumed, 8);
+    // `data dump` of that run renders its date too (the batches it trained on), on any day;
+    // without a checkpoint to read it from, today's
+    let dump = |tz: &'static str, extra: &[&str]| -> String {
+        let mut text = String::new();
+        for index in 0..4 {
+            let o = std::process::Command::new(common::bin("trainer"))
+                .args(["data", "dump"])
+                .arg(resumed.join("config.yaml"))
+                .args(["--index", &index.to_string(), "--text", "--out"])
+                .arg(resumed.join(format!("dump-{index}.safetensors")))
+                .args(sets.iter().flat_map(|s| ["--set", s]))
+                .args(extra.iter().flat_map(|s| ["--set", s]))
+                .env("TZ", tz)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            text += &String::from_utf8_lossy(&o.stdout);
+        }
+        text
+    };
+    let run_date = dump(west.1, &[]);
+    assert!(run_date.contains("Today Date: "), "{run_date}");
+    assert_eq!(dump(east.1, &[]), run_date, "the run's date on another day");
+    let never = ["checkpoint.resume=never"];
+    assert_ne!(
+        dump(east.1, &never),
+        dump(west.1, &never),
+        "today's, two days"
+    );
 }

@@ -217,6 +217,15 @@ pub fn template_clock() -> i64 {
     *NOW.get_or_init(local_now)
 }
 
+/// Renders `clock` (local seconds since the epoch) instead of now, when nothing was rendered yet
+/// (a run's recorded date: `Manifest::template_clock`); single-process tools only (ranks agree on
+/// theirs with [`agree_template_clock`]).
+pub fn use_template_clock(clock: i64) {
+    if NOW.set(clock).is_err() && template_clock() != clock {
+        tracing::warn!("the chat template's date was rendered before the run's date was read");
+    }
+}
+
 /// The local time now, in seconds since the epoch (TZ and /etc/localtime decide).
 pub fn local_now() -> i64 {
     let utc = std::time::SystemTime::now()
