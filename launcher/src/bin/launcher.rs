@@ -133,11 +133,11 @@ struct Cli {
     )]
     finish_timeout: f64,
     /// Seconds to reach node 0's store and for all nodes to join [default: 600, or --rdzv-conf's
-    /// join_timeout]
+    /// join_timeout / timeout]
     #[arg(long = "rdzv-timeout", alias = "rdzv_timeout", value_name = "S")]
     rdzv_timeout: Option<f64>,
-    /// torchrun's rendezvous settings, KEY=VALUE,...: join_timeout (seconds) is --rdzv-timeout;
-    /// its other keys are accepted and change nothing here
+    /// torchrun's rendezvous settings, KEY=VALUE,...: join_timeout (or static's timeout), in
+    /// seconds, is --rdzv-timeout; its other keys are accepted and change nothing here
     #[arg(
         long = "rdzv-conf",
         alias = "rdzv_conf",
@@ -458,7 +458,7 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
             .ok_or_else(|| anyhow!("--{name} {s} is not a number of seconds from 0 to 1e9"))
     };
     let finish = seconds("finish-timeout", cli.finish_timeout)?;
-    // (a flag wins over --rdzv-conf's join_timeout, as over a PET_ variable)
+    // (the flag wins over --rdzv-conf's timeout)
     let joined = cli
         .rdzv_conf
         .as_deref()
