@@ -356,6 +356,37 @@ fn the_rank_with_the_real_error_is_the_root_cause_not_its_messenger() {
     }
 }
 
+/// Across nodes too: rank 3 on node 1 has the real error, the messengers on both nodes (ranks
+/// 0-2) exit first, so node 0's report reaches the store first; both nodes name rank 3.
+#[test]
+fn across_nodes_the_rank_with_the_real_error_is_the_root_cause() {
+    let dir = Scratch::new("messenger-nodes");
+    let rank_args = [
+        "--rank",
+        "3",
+        "--exit-code",
+        "3",
+        "--record-error",
+        "data.train: cannot read the data file",
+        "--messengers",
+        "--fail-delay",
+        "1.5",
+    ];
+    let (run0, run1, _) = two_nodes(dir.path(), "msn", &[], &rank_args, false);
+    for (node, run) in [(0, &run0), (1, &run1)] {
+        for expected in [
+            "rank       : 3 (local rank 1 on node 1)",
+            "message    : data.train: cannot read the data file",
+        ] {
+            assert!(
+                run.stderr.contains(expected),
+                "node {node}: {expected}\n{}",
+                run.stderr
+            );
+        }
+    }
+}
+
 #[test]
 fn a_rank_ignoring_sigterm_is_killed_after_the_grace_period() {
     let dir = Scratch::new("grace");

@@ -420,6 +420,12 @@ struct Stop {
 /// network round trip) are polled every `--monitor-interval`.
 const TICK: Duration = Duration::from_millis(10);
 
+/// How long a node whose root cause is a rank reporting another node's rank's failure waits for
+/// that node to record the failure itself (`Peers::corrected_failure`): that node's attempt
+/// ends once its ranks are gone, within the grace period (plus this slack), and at most this.
+const CORRECTION_WAIT: Duration = Duration::from_secs(10);
+const CORRECTION_SLACK: Duration = Duration::from_secs(2);
+
 /// How long to wait for SIGKILLed ranks to be reaped before giving up on them (a process stuck in
 /// uninterruptible I/O cannot die until the I/O ends; the launcher must still end).
 const REAP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -679,23 +685,33 @@ impl Attempt<'_> {
             let here = root_local.filter(|&i| {
                 failure.rank == Some(ranks[i].env.rank) && failure.node_rank == spec.node_rank
             });
-            if let Some(i) = here {
-                // a root cause that only reports another rank's failure ("the data file is
-                // missing on another rank") gives way to that rank when it is here: the two
-                // exit within moments, and the messenger may have been seen first
-                let blamed = failure.error.as_ref().and_then(|e| e.failed_rank);
-                let failed = |r: &RankProcess| r.exit.filter(|e| !e.success());
-                let named = ranks
-                    .iter()
-                    .position(|r| Some(r.env.rank) == blamed && failed(r).is_some());
-                let i = match named {
-                    Some(j) if j != i => {
-                        let exit = failed(&ranks[j]).expect("a failed rank");
-                        failure = self.failure(exit.failure_kind(), Some(&ranks[j]));
-                        j
-                    }
-                    _ => i,
-                };
+            // A root cause that only reports another rank's failure ("the data file is missing
+            // on another rank") gives way to that rank: the two exit within moments, and the
+            // messenger may have been seen first, here or on another node. The node of the
+            // rank it names records that rank's failure for every node instead; the others
+            // wait a moment for that correction.
+            let blamed = failure.error.as_ref().and_then(|e| e.failed_rank);
+            let failed = |r: &RankProcess| r.exit.filter(|e| !e.success());
+            let named = ranks
+                .iter()
+                .position(|r| Some(r.env.rank) == blamed && failed(r).is_some());
+            let shown = match named {
+                Some(j) if Some(j) != here => {
+                    let exit = failed(&ranks[j]).expect("a failed rank");
+                    let real = self.failure(exit.failure_kind(), Some(&ranks[j]));
+                    failure = peers.correct_failure(self.attempt, real);
+                    Some(j)
+                }
+                Some(_) => here,
+                None if blamed.is_some() => {
+                    let before = failure.rank;
+                    let wait = (spec.grace_period + CORRECTION_SLACK).min(CORRECTION_WAIT);
+                    failure = peers.corrected_failure(self.attempt, failure, wait);
+                    here.filter(|_| failure.rank == before)
+                }
+                None => here,
+            };
+            if let Some(i) = shown {
                 failure.stderr_tail = ranks[i].output.tail();
                 failure.others = other_failures(&ranks, i);
             }

@@ -321,6 +321,60 @@ impl Peers {
         winner
     }
 
+    /// Records `real`, the failure of a rank that another rank's report named as the one that
+    /// failed (`RankError::failed_rank`), as the attempt's root cause in place of that report
+    /// when the report is what the store holds (another node's messenger may have been first);
+    /// returns `real`.
+    pub fn correct_failure(&mut self, attempt: u32, real: Failure) -> Failure {
+        let Peers::Multi(m) = self else {
+            return real;
+        };
+        let key = format!("launcher/a{attempt}/failed");
+        let recorded = m.client.try_get(&key).ok().flatten();
+        let names_real = |bytes: &[u8]| {
+            Failure::decode(bytes)
+                .and_then(|f| f.error)
+                .is_some_and(|e| e.failed_rank.is_some() && e.failed_rank == real.rank)
+        };
+        let swapped = match &recorded {
+            Some(bytes) if names_real(bytes) => {
+                m.client.compare_set(&key, Some(bytes), &real.encode())
+            }
+            Some(_) => return real,
+            None => m.client.compare_set(&key, None, &real.encode()),
+        };
+        if let Err(err) = swapped {
+            tracing::warn!("cannot tell the other nodes which rank failed first-hand: {err}");
+        }
+        real
+    }
+
+    /// `root`, a rank's report of another rank's failure, or that rank's own failure once its
+    /// node records it (`correct_failure`), waiting at most `wait` for it.
+    pub fn corrected_failure(&mut self, attempt: u32, root: Failure, wait: Duration) -> Failure {
+        let Peers::Multi(m) = self else {
+            return root;
+        };
+        let Some(blamed) = root.error.as_ref().and_then(|e| e.failed_rank) else {
+            return root;
+        };
+        let key = format!("launcher/a{attempt}/failed");
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            let recorded = m.client.try_get(&key).ok().flatten();
+            let corrected = recorded
+                .and_then(|bytes| Failure::decode(&bytes))
+                .filter(|f| {
+                    f.rank == Some(blamed) && f.error.as_ref().is_none_or(|e| !e.elsewhere)
+                });
+            if let Some(f) = corrected {
+                return f;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        root
+    }
+
     /// Checks for a failure reported by another node, keeps the heartbeat going, and (node 0)
     /// watches the other nodes' heartbeats. A lost store is itself a failure.
     pub fn poll_failure(&mut self, attempt: u32) -> Option<Failure> {
