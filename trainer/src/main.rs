@@ -1258,6 +1258,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 config::missing_paths(&resolved).map_err(in_file)?;
             }
             println!("{}: config ok", file.display());
+            for note in trainer::train::config_notes(&resolved) {
+                println!("note: {note}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Compare(args) => compare(args),

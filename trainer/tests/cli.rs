@@ -334,7 +334,7 @@ fn a_missing_model_or_data_path_is_refused_before_ranks_start() {
         "4",
     ]);
     assert_eq!(trainer(&one_node).0, 1, "{one_node:?}");
-    // an eval file is read only with train.validate
+    // an eval file is read only with train.validate (and config check says so, as the run would)
     let mut args = check.clone();
     args.extend([
         "--set",
@@ -342,7 +342,12 @@ fn a_missing_model_or_data_path_is_refused_before_ranks_start() {
         "--set",
         "train.validate=false",
     ]);
-    assert_eq!(trainer(&args).0, 0);
+    let (code, stdout, _) = trainer(&args);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("config ok\nnote: data.eval is set (/no/such) but train.validate is false"),
+        "{stdout}"
+    );
     // demo.yaml as it is, before `make demo` made its data: through the launcher
     let out = launch_demo_config(&["--set", "model.path=/no/such/model"]);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -46,6 +46,12 @@ pub struct Outcome {
 
 pub use signal::stop_exit_code;
 
+/// Settings that do nothing in `config` (notes, not errors), as a run logs them: for `trainer
+/// config check` to say before the run.
+pub fn config_notes(config: &Config) -> Vec<String> {
+    setup::unused_settings_notes(config)
+}
+
 /// Everything the loop mutates, in one place.
 #[derive(Debug, Default)]
 struct State {
