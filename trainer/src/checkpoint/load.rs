@@ -148,14 +148,24 @@ fn newest_complete(dir: &Path, launch_id: Option<&str>) -> Result<Option<(u64, P
 /// is agreed or repaired here (`resume` picks the folder again, with every rank). None when the
 /// run starts over, or the checkpoint has no clock (older trainers).
 pub fn resumed_template_clock(config: &Config) -> Option<i64> {
+    let launch = super::save::launch_id();
+    template_clock_to_resume(config, restart_attempt().is_some(), launch.as_deref())
+}
+
+/// `resumed_template_clock` for a process that is a launcher's restart (`restarted`) of launch
+/// `launch_id`, or not.
+fn template_clock_to_resume(
+    config: &Config,
+    restarted: bool,
+    launch_id: Option<&str>,
+) -> Option<i64> {
     let dir = &config.checkpoint.dir;
     let newest = |launch: Option<&str>| newest_complete(dir, launch).ok().flatten().map(|(_, p)| p);
     // (as `resume`: a restart of a run that was not `auto` continues from its own launch's saves)
-    let restarted =
-        restart_attempt().is_some() && !matches!(config.checkpoint.resume, Resume::Auto);
-    let own = super::save::launch_id()
-        .filter(|_| restarted)
-        .and_then(|id| newest(Some(&id)));
+    let own_saves = restarted && !matches!(config.checkpoint.resume, Resume::Auto);
+    let own = launch_id
+        .filter(|_| own_saves)
+        .and_then(|id| newest(Some(id)));
     let folder = own.or_else(|| match &config.checkpoint.resume {
         Resume::Never => None,
         Resume::From(p) => Some(p.clone()),
@@ -1191,4 +1201,53 @@ pub fn read_full(dir: &Path) -> Result<(Manifest, Vec<(String, Tensor)>)> {
         }
     }
     Ok((m, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The clock a resume renders comes from the checkpoint `resume` loads: the newest under
+    /// `auto`, the given folder, none under `never`; and on a launcher restart of a run that was
+    /// not `auto`, the newest its own launch saved (not a newer one of another launch).
+    #[test]
+    fn the_template_clock_is_the_checkpoint_resume_loads() {
+        let dir = std::env::temp_dir().join(format!("clock-to-resume-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for (step, launch, clock) in [(2, "ours", 200), (4, "theirs", 400)] {
+            let folder = dir.join(crate::checkpoint::step_dir_name(step));
+            std::fs::create_dir_all(&folder).unwrap();
+            let manifest = serde_json::json!({"launch_id": launch, "template_clock": clock});
+            std::fs::write(folder.join("manifest.json"), manifest.to_string()).unwrap();
+        }
+        let config = |resume: &str| {
+            let sets = [
+                "model.path=m".to_string(),
+                "data.train=t.jsonl".to_string(),
+                format!("checkpoint.dir={}", dir.display()),
+                format!("checkpoint.resume={resume}"),
+            ];
+            crate::config::parse("", &sets).unwrap()
+        };
+        let from = dir.join(crate::checkpoint::step_dir_name(4));
+        let from = from.display().to_string();
+        let clock = |resume: &str, restarted: bool| {
+            template_clock_to_resume(&config(resume), restarted, Some("ours"))
+        };
+        assert_eq!(clock("auto", false), Some(400));
+        assert_eq!(
+            clock("auto", true),
+            Some(400),
+            "auto: the newest, any launch's"
+        );
+        assert_eq!(clock("never", false), None);
+        assert_eq!(
+            clock("never", true),
+            Some(200),
+            "a restart: its own launch's"
+        );
+        assert_eq!(clock(&from, false), Some(400));
+        assert_eq!(clock(&from, true), Some(200), "a restart: its own launch's");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
