@@ -327,17 +327,7 @@ fn a_failing_ranks_error_file_is_in_the_summary() {
 #[test]
 fn the_rank_with_the_real_error_is_the_root_cause_not_its_messenger() {
     let dir = Scratch::new("messenger");
-    let rank_args = [
-        "--rank",
-        "1",
-        "--exit-code",
-        "3",
-        "--record-error",
-        "data.train: cannot read the data file",
-        "--messengers",
-        "--fail-delay",
-        "1.5",
-    ];
+    let rank_args = messengers_of("1");
     let failed = run(
         launch_testrank(
             &["--standalone", "--nproc-per-node", "2", "--run-id", "ms"],
@@ -356,14 +346,12 @@ fn the_rank_with_the_real_error_is_the_root_cause_not_its_messenger() {
     }
 }
 
-/// Across nodes too: rank 3 on node 1 has the real error, the messengers on both nodes (ranks
-/// 0-2) exit first, so node 0's report reaches the store first; both nodes name rank 3.
-#[test]
-fn across_nodes_the_rank_with_the_real_error_is_the_root_cause() {
-    let dir = Scratch::new("messenger-nodes");
-    let rank_args = [
+/// Test-rank arguments: `rank` fails 1.5 s late with a recorded error (exit 3), every other rank
+/// exits 1 at once, saying in its error file that `rank` failed (a messenger).
+fn messengers_of(rank: &str) -> [&str; 9] {
+    [
         "--rank",
-        "3",
+        rank,
         "--exit-code",
         "3",
         "--record-error",
@@ -371,7 +359,15 @@ fn across_nodes_the_rank_with_the_real_error_is_the_root_cause() {
         "--messengers",
         "--fail-delay",
         "1.5",
-    ];
+    ]
+}
+
+/// Across nodes too: rank 3 on node 1 has the real error, the messengers on both nodes (ranks
+/// 0-2) exit first, so node 0's report reaches the store first; both nodes name rank 3.
+#[test]
+fn across_nodes_the_rank_with_the_real_error_is_the_root_cause() {
+    let dir = Scratch::new("messenger-nodes");
+    let rank_args = messengers_of("3");
     let (run0, run1, _) = two_nodes(dir.path(), "msn", &[], &rank_args, false);
     for (node, run) in [(0, &run0), (1, &run1)] {
         for expected in [

@@ -314,26 +314,14 @@ fn a_missing_model_or_data_path_is_refused_before_ranks_start() {
         assert!(stderr.contains(want), "{set}: {stderr}");
     }
     // across nodes (--world above --nproc-per-node) the paths are each node's: left to the ranks
-    let mut args = check.clone();
-    args.extend([
-        "--set",
-        "model.path=/no/such/model",
-        "--world",
-        "4",
-        "--nproc-per-node",
-        "2",
-    ]);
-    assert_eq!(trainer(&args).0, 0, "{args:?}");
-    let mut one_node = check.clone();
-    one_node.extend([
-        "--set",
-        "model.path=/no/such/model",
-        "--world",
-        "4",
-        "--nproc-per-node",
-        "4",
-    ]);
-    assert_eq!(trainer(&one_node).0, 1, "{one_node:?}");
+    let on_nodes_of = |per_node: &'static str| {
+        let mut args = check.clone();
+        args.extend(["--set", "model.path=/no/such/model", "--world", "4"]);
+        args.extend(["--nproc-per-node", per_node]);
+        trainer(&args).0
+    };
+    assert_eq!(on_nodes_of("2"), 0, "two nodes");
+    assert_eq!(on_nodes_of("4"), 1, "one node");
     // an eval file is read only with train.validate (and config check says so, as the run would)
     let mut args = check.clone();
     args.extend([
