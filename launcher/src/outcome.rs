@@ -126,6 +126,17 @@ impl Failure {
         self.kind.exit_code()
     }
 
+    /// The rank whose failure this one reports, when it is a messenger's ("the data file is
+    /// missing on another rank": `RankError::failed_rank`).
+    pub fn blamed_rank(&self) -> Option<usize> {
+        self.error.as_ref().and_then(|e| e.failed_rank)
+    }
+
+    /// Whether the failed rank said it failed because another one did (`RankError::elsewhere`).
+    pub fn reports_another_rank(&self) -> bool {
+        self.error.as_ref().is_some_and(|e| e.elsewhere)
+    }
+
     /// The multi-line report printed when the run gives up, modelled on torchrun's
     /// "Root Cause (first observed failure)" table.
     /// `local_node` is the node printing it (a remote rank's log lives on its own node).

@@ -1266,10 +1266,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Compare(args) => compare(args),
         Command::Train(args) => {
             let resolved = config::load(&args.config, &args.overrides)?;
-            // (here too, for the file and --set in the message; `train` checks them as well)
-            config::missing_paths(&resolved)
-                .map_err(|e| config::in_file(&args.config, &args.overrides, e))?;
-            let outcome = trainer::train::train(&resolved)?;
+            // (a config error found by `train`, a missing path or a conflict, named with the
+            // file and its --set as `load` names its own)
+            let outcome = trainer::train::train(&resolved).map_err(|e| match e
+                .downcast::<config::ConfigError>()
+            {
+                Ok(c) => config::in_file(&args.config, &args.overrides, c).into(),
+                Err(e) => e,
+            })?;
             // 128 + the signal that stopped it cleanly after a step (143 for SIGTERM and for
             // SIGUSR1's notice, 130 for Ctrl-C)
             Ok(match outcome.stopped_by {

@@ -727,24 +727,21 @@ fn generation_config_gives_the_defaults_the_flags_leave() {
     let (code, _, stderr) = run(&["--temperature", "0.9", "--top-k", "0"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(!stderr.contains("top_k 1 from"), "{stderr}");
+    // a generation_config.json with `cfg` refused with `want`
+    let refused = |cfg: &serde_json::Value, want: &str| {
+        std::fs::write(dir.join("generation_config.json"), cfg.to_string()).unwrap();
+        let (code, _, stderr) = run(&[]);
+        assert_eq!(code, 1, "{stderr}");
+        assert!(stderr.contains(want), "{stderr}");
+    };
     cfg["top_k"] = "many".into();
-    std::fs::write(dir.join("generation_config.json"), cfg.to_string()).unwrap();
-    let (code, _, stderr) = run(&[]);
-    assert_eq!(code, 1, "{stderr}");
-    assert!(
-        stderr
-            .contains("generation_config.json: `top_k` must be a whole number >= 0, not \"many\""),
-        "{stderr}"
+    refused(
+        &cfg,
+        "generation_config.json: `top_k` must be a whole number >= 0, not \"many\"",
     );
     cfg["top_k"] = 1.into();
     cfg["eos_token_id"] = serde_json::json!([456, "end"]);
-    std::fs::write(dir.join("generation_config.json"), cfg.to_string()).unwrap();
-    let (code, _, stderr) = run(&[]);
-    assert_eq!(code, 1, "{stderr}");
-    assert!(
-        stderr.contains("`eos_token_id` must be a token id or a list of them"),
-        "{stderr}"
-    );
+    refused(&cfg, "`eos_token_id` must be a token id or a list of them");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

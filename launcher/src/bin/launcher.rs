@@ -597,15 +597,16 @@ fn with_tee_value(args: Vec<OsString>) -> Vec<OsString> {
     let mut out = Vec::with_capacity(args.len() + 1);
     let mut words = args.into_iter().peekable();
     let mut after_dashes = false;
+    // (a flag, or the value clap reads)
+    let tee_reads = |next: &OsString| {
+        next.to_str()
+            .is_some_and(|n| n.starts_with('-') || n.parse::<u8>().is_ok())
+    };
     while let Some(word) = words.next() {
         let bare_tee = !after_dashes && (word == "--tee" || word == "-t");
         after_dashes |= word == "--";
         out.push(word);
-        let takes_next = |next: &OsString| {
-            next.to_str()
-                .is_some_and(|n| n.starts_with('-') || n.parse::<u8>().is_ok())
-        };
-        if bare_tee && words.peek().is_some_and(|next| !takes_next(next)) {
+        if bare_tee && words.peek().is_some_and(|next| !tee_reads(next)) {
             out.push("3".into());
         }
     }

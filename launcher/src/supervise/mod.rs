@@ -690,7 +690,7 @@ impl Attempt<'_> {
             // messenger may have been seen first, here or on another node. The node of the
             // rank it names records that rank's failure for every node instead; the others
             // wait a moment for that correction.
-            let blamed = failure.error.as_ref().and_then(|e| e.failed_rank);
+            let blamed = failure.blamed_rank();
             let failed = |r: &RankProcess| r.exit.filter(|e| !e.success());
             let named = ranks
                 .iter()

@@ -308,7 +308,7 @@ impl Peers {
         let Peers::Multi(m) = self else {
             return failure;
         };
-        let key = format!("launcher/a{attempt}/failed");
+        let key = failed_key(attempt);
         let winner = match m.client.compare_set(&key, None, &failure.encode()) {
             Ok(CompareSet::Mismatch(Some(first))) => Failure::decode(&first).unwrap_or(failure),
             Ok(_) => failure,
@@ -329,12 +329,12 @@ impl Peers {
         let Peers::Multi(m) = self else {
             return real;
         };
-        let key = format!("launcher/a{attempt}/failed");
+        let key = failed_key(attempt);
         let recorded = m.client.try_get(&key).ok().flatten();
         let names_real = |bytes: &[u8]| {
             Failure::decode(bytes)
-                .and_then(|f| f.error)
-                .is_some_and(|e| e.failed_rank.is_some() && e.failed_rank == real.rank)
+                .and_then(|f| f.blamed_rank())
+                .is_some_and(|r| Some(r) == real.rank)
         };
         let swapped = match &recorded {
             Some(bytes) if names_real(bytes) => {
@@ -355,18 +355,16 @@ impl Peers {
         let Peers::Multi(m) = self else {
             return root;
         };
-        let Some(blamed) = root.error.as_ref().and_then(|e| e.failed_rank) else {
+        let Some(blamed) = root.blamed_rank() else {
             return root;
         };
-        let key = format!("launcher/a{attempt}/failed");
+        let key = failed_key(attempt);
         let deadline = Instant::now() + wait;
         while Instant::now() < deadline {
             let recorded = m.client.try_get(&key).ok().flatten();
             let corrected = recorded
                 .and_then(|bytes| Failure::decode(&bytes))
-                .filter(|f| {
-                    f.rank == Some(blamed) && f.error.as_ref().is_none_or(|e| !e.elsewhere)
-                });
+                .filter(|f| f.rank == Some(blamed) && !f.reports_another_rank());
             if let Some(f) = corrected {
                 return f;
             }
@@ -533,10 +531,7 @@ impl MultiNode {
     }
 
     fn poll(&mut self, attempt: u32) -> Result<Option<Failure>, StoreError> {
-        if let Some(first) = self
-            .client
-            .try_get(&format!("launcher/a{attempt}/failed"))?
-        {
+        if let Some(first) = self.client.try_get(&failed_key(attempt))? {
             self.ack(attempt);
             return Ok(Some(Failure::decode(&first).unwrap_or_else(|| {
                 let why = FailureKind::PeerLost("another node failed (unreadable report)".into());
@@ -569,11 +564,9 @@ impl MultiNode {
                     self.heartbeat_timeout.as_secs()
                 );
                 let failure = self.lost(attempt, reason);
-                let _ = self.client.compare_set(
-                    &format!("launcher/a{attempt}/failed"),
-                    None,
-                    &failure.encode(),
-                );
+                let _ = self
+                    .client
+                    .compare_set(&failed_key(attempt), None, &failure.encode());
                 return Ok(Some(failure));
             }
         }
@@ -611,6 +604,11 @@ fn check_signal_and_deadline(
         )));
     }
     Ok(())
+}
+
+/// The store key of attempt `attempt`'s root cause (the first failure any node recorded).
+fn failed_key(attempt: u32) -> String {
+    format!("launcher/a{attempt}/failed")
 }
 
 #[cfg(test)]

@@ -160,20 +160,58 @@ fn template_clock_to_resume(
     launch_id: Option<&str>,
 ) -> Option<i64> {
     let dir = &config.checkpoint.dir;
-    let newest = |launch: Option<&str>| newest_complete(dir, launch).ok().flatten().map(|(_, p)| p);
-    // (as `resume`: a restart of a run that was not `auto` continues from its own launch's saves)
-    let own_saves = restarted && !matches!(config.checkpoint.resume, Resume::Auto);
-    let own = launch_id
-        .filter(|_| own_saves)
-        .and_then(|id| newest(Some(id)));
-    let folder = own.or_else(|| match &config.checkpoint.resume {
-        Resume::Never => None,
-        Resume::From(p) => Some(p.clone()),
-        Resume::Auto => newest(None),
-    })?;
+    let newest = |launch: Option<&str>| Ok(newest_complete(dir, launch)?.map(|(_, p)| p));
+    let folder = resume_from(config, restarted, launch_id, newest)
+        .ok()?
+        .folder()?;
     super::manifest_field(&folder, "template_clock")
         .ok()?
         .as_i64()
+}
+
+/// The checkpoint a start resumes from (`resume_from`).
+enum ResumeFrom {
+    /// A launcher restart of a run that was not `auto`: the newest checkpoint its own launch
+    /// saved (torchrun's convention: a restarted script resumes from its own latest checkpoint).
+    OwnLaunch(PathBuf),
+    /// `checkpoint.resume: FOLDER`.
+    Given(PathBuf),
+    /// `auto`: the newest complete checkpoint in `checkpoint.dir`.
+    Newest(PathBuf),
+    /// `never`, or `auto` with nothing saved.
+    Fresh,
+}
+
+impl ResumeFrom {
+    fn folder(self) -> Option<PathBuf> {
+        match self {
+            Self::OwnLaunch(p) | Self::Given(p) | Self::Newest(p) => Some(p),
+            Self::Fresh => None,
+        }
+    }
+}
+
+/// Where a start resumes from, by `checkpoint.resume` and, for a launcher's restart
+/// (`restarted`) of launch `launch_id`, what that launch saved: the rule `resume` follows and
+/// `resumed_template_clock` looks ahead with. `newest(launch)`: the newest complete checkpoint in
+/// `checkpoint.dir` (that launch's, when given).
+fn resume_from(
+    config: &Config,
+    restarted: bool,
+    launch_id: Option<&str>,
+    mut newest: impl FnMut(Option<&str>) -> Result<Option<PathBuf>>,
+) -> Result<ResumeFrom> {
+    let resume = &config.checkpoint.resume;
+    if let (true, false, Some(id)) = (restarted, matches!(resume, Resume::Auto), launch_id) {
+        if let Some(p) = newest(Some(id))? {
+            return Ok(ResumeFrom::OwnLaunch(p));
+        }
+    }
+    Ok(match resume {
+        Resume::Never => ResumeFrom::Fresh,
+        Resume::From(p) => ResumeFrom::Given(p.clone()),
+        Resume::Auto => newest(None)?.map_or(ResumeFrom::Fresh, ResumeFrom::Newest),
+    })
 }
 
 /// A step's checkpoint that `list_dir` found moved aside (`step-N.replaced.partial`: a crash in
@@ -204,50 +242,44 @@ pub fn resume(
     trainable: &mut Trainable,
     opt: &mut AdamW,
 ) -> Result<Option<Resumed>> {
-    // A launcher restart of a run that started over (`never`) or from a given checkpoint goes on
-    // from what this launch saved before it failed, not from the start again (torchrun's
-    // convention: a restarted script resumes from its own latest checkpoint).
-    if let (Some(attempt), false) = (
-        restart_attempt(),
-        matches!(config.checkpoint.resume, Resume::Auto),
-    ) {
-        match super::save::launch_id() {
-            Some(id) => {
-                if let Some(p) = latest_on_rank0(pg, device, &config.checkpoint.dir, Some(&id))? {
-                    if pg.rank() == 0 {
-                        tracing::info!(
-                            "restart {attempt} of launch {id}: continuing from {}, which this launch saved before the restart (checkpoint.resume: {} applies to its first start)",
-                            p.display(),
-                            match &config.checkpoint.resume {
-                                Resume::From(f) => f.display().to_string(),
-                                _ => "never".into(),
-                            }
-                        );
-                    }
-                    return load_resumed(pg, device, config, plan, trainable, opt, p).map(Some);
-                }
-            }
-            None if pg.rank() == 0 => tracing::warn!(
-                "restart {attempt}: without a launch id (this launcher's LLAVA_SCO_LAUNCH_ID, or torchrun's --rdzv-id other than 'none') this restart cannot tell its own checkpoints from others', so checkpoint.resume applies as on the first start; use checkpoint.resume: auto to continue"
-            ),
-            None => {}
-        }
+    let (attempt, launch) = (restart_attempt(), super::save::launch_id());
+    let auto = matches!(config.checkpoint.resume, Resume::Auto);
+    if let (Some(attempt), false, None, 0) = (attempt, auto, &launch, pg.rank()) {
+        tracing::warn!(
+            "restart {attempt}: without a launch id (this launcher's LLAVA_SCO_LAUNCH_ID, or torchrun's --rdzv-id other than 'none') this restart cannot tell its own checkpoints from others', so checkpoint.resume applies as on the first start; use checkpoint.resume: auto to continue"
+        );
     }
-    let dir = match &config.checkpoint.resume {
-        Resume::Never => {
-            warn_if_not_empty(pg, &config.checkpoint.dir);
+    let dir = &config.checkpoint.dir;
+    let newest = |launch: Option<&str>| latest_on_rank0(pg, device, dir, launch);
+    let folder = match resume_from(config, attempt.is_some(), launch.as_deref(), newest)? {
+        ResumeFrom::OwnLaunch(p) => {
+            if pg.rank() == 0 {
+                tracing::info!(
+                    "restart {} of launch {}: continuing from {}, which this launch saved before the restart (checkpoint.resume: {} applies to its first start)",
+                    attempt.unwrap_or_default(),
+                    launch.as_deref().unwrap_or_default(),
+                    p.display(),
+                    match &config.checkpoint.resume {
+                        Resume::From(f) => f.display().to_string(),
+                        _ => "never".into(),
+                    }
+                );
+            }
+            p
+        }
+        ResumeFrom::Given(p) => {
+            check_folder(pg, device, &p)?;
+            p
+        }
+        ResumeFrom::Newest(p) => p,
+        ResumeFrom::Fresh => {
+            if !auto {
+                warn_if_not_empty(pg, dir);
+            }
             return Ok(None);
         }
-        Resume::From(p) => {
-            check_folder(pg, device, p)?;
-            p.clone()
-        }
-        Resume::Auto => match latest_on_rank0(pg, device, &config.checkpoint.dir, None)? {
-            Some(p) => p,
-            None => return Ok(None),
-        },
     };
-    load_resumed(pg, device, config, plan, trainable, opt, dir).map(Some)
+    load_resumed(pg, device, config, plan, trainable, opt, folder).map(Some)
 }
 
 /// `checkpoint.resume: FOLDER` on a first start, checked before the model loads (a typo would

@@ -218,11 +218,10 @@ pub fn template_clock() -> i64 {
 }
 
 /// Renders `clock` (local seconds since the epoch) instead of now, when nothing was rendered yet
-/// (a run's recorded date: `Manifest::template_clock`); single-process tools only (ranks agree on
-/// theirs with [`agree_template_clock`]).
+/// (a run's recorded date: `Manifest::template_clock`, or the ranks' [`agree_template_clock`]).
 pub fn use_template_clock(clock: i64) {
     if NOW.set(clock).is_err() && template_clock() != clock {
-        tracing::warn!("the chat template's date was rendered before the run's date was read");
+        tracing::warn!("the chat template's date was rendered before the run's date was fixed");
     }
 }
 
@@ -251,10 +250,7 @@ pub fn agree_template_clock(
     };
     let t = tch::Tensor::from_slice(&[mine]).to_device(device);
     pg.broadcast(&t, 0)?;
-    let agreed = t.to_device(tch::Device::Cpu).int64_value(&[0]);
-    if NOW.set(agreed).is_err() && template_clock() != agreed {
-        tracing::warn!("the chat template's date was rendered before the ranks agreed on it");
-    }
+    use_template_clock(t.to_device(tch::Device::Cpu).int64_value(&[0]));
     Ok(())
 }
 

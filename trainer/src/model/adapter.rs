@@ -67,38 +67,23 @@ fn in_folder(dir: &Path) -> impl Fn(ModelError) -> ModelError + '_ {
 pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, Value), ModelError> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
-        // the subfolders holding `file`, sorted
-        let holding = |file: &str| -> Vec<String> {
-            let mut v: Vec<String> = std::fs::read_dir(dir)
-                .map(|d| {
-                    d.flatten()
-                        .filter(|e| e.path().join(file).is_file())
-                        .map(|e| e.path().display().to_string())
-                        .collect()
-                })
-                .unwrap_or_default();
-            v.sort();
-            v
-        };
-        let inside = holding("adapter_config.json");
-        // (complete checkpoints only: not a `step-N.partial` a crash left)
-        let is_step = |p: &String| {
-            Path::new(p)
-                .file_name()
-                .and_then(|n| n.to_str()?.strip_prefix("step-"))
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        };
-        let steps: Vec<String> = holding("manifest.json")
-            .into_iter()
-            .filter(is_step)
-            .collect();
+        let mut inside: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().join("adapter_config.json").is_file())
+                    .map(|e| e.path().display().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        inside.sort();
+        // (a run's checkpoint.dir: its complete step-N folders, oldest first)
+        let steps = crate::checkpoint::list_dir(dir).map_or(vec![], |(complete, _)| complete);
         match inside.is_empty() {
-            // (a run's checkpoint.dir: its step-N folders are the checkpoints)
             true if !steps.is_empty() => ModelError::Adapter(format!(
                 "{} holds training checkpoints (step-N folders), not a PEFT adapter: infer, eval \
                  and export take one of them with --checkpoint, e.g. the newest: --checkpoint {}",
                 dir.display(),
-                steps[steps.len() - 1]
+                steps[steps.len() - 1].1.display()
             )),
             true if dir.join("manifest.json").is_file() => ModelError::Adapter(format!(
                 "{} is a training checkpoint (a step-N folder), not a PEFT adapter: infer, eval \

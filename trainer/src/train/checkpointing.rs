@@ -34,8 +34,6 @@ pub(super) struct Saver<'a> {
     /// Rank 0's claims on `checkpoint.dir` and `train.output_dir` for the whole run (`probe`;
     /// one lock when they are the same folder).
     dir_locks: Option<[Option<checkpoint::ExportLock>; 2]>,
-    /// The validation set this run validates on (`setup::eval_set_fingerprint`), if any.
-    eval_set: Option<u64>,
 }
 
 /// The lock file rank 0 holds in `checkpoint.dir` and in `train.output_dir` while training.
@@ -102,14 +100,7 @@ impl<'a> Saver<'a> {
             reserved: false,
             exported: None,
             dir_locks: None,
-            eval_set: None,
         }
-    }
-
-    /// The validation set this run validates on: a best validation loss a resumed checkpoint
-    /// measured on another one is not compared with its losses (`resume`).
-    pub fn note_eval_set(&mut self, eval_set: Option<u64>) {
-        self.eval_set = eval_set;
     }
 
     /// Records the data's self-correction prompt in the checkpoints, for `infer`/`eval
@@ -123,13 +114,16 @@ impl<'a> Saver<'a> {
     /// position (epoch, batch) to start at. The saves continue the training run (lineage) of the
     /// checkpoint resumed. (A checkpoint of an epoch's last step saved by a stop, at (e,
     /// `steps_per_epoch`), resumes as the epoch-end checkpoint it is, at (e + 1, 0): its
-    /// validation done first if missing, not by entering epoch e for no step.)
+    /// validation done first if missing, not by entering epoch e for no step.) `eval_set`: the
+    /// validation set this run validates on (`setup::eval_set_fingerprint`): a best loss the
+    /// checkpoint's run measured on another one is not compared with this run's.
     pub fn resume(
         &mut self,
         st: &mut State,
         trainable: &mut Trainable,
         opt: &mut AdamW,
         steps_per_epoch: u64,
+        eval_set: Option<u64>,
     ) -> Result<(u64, u64)> {
         let (pg, device, config, plan) = (self.pg, self.device, self.config, self.plan);
         let Some(r) = checkpoint::resume(pg, device, config, plan, trainable, opt)? else {
@@ -214,7 +208,7 @@ impl<'a> Saver<'a> {
         // (a best loss of another validation set, e.g. another data.eval or
         // train.max_eval_samples, says nothing about this one's: the best is chosen anew, as a
         // fresh run would, from the next validation on)
-        let other_set = |b: &EvalResult| b.eval_set.is_some_and(|s| Some(s) != self.eval_set);
+        let other_set = |b: &EvalResult| b.eval_set.is_some_and(|s| Some(s) != eval_set);
         if let Some(b) = p.best_eval.filter(other_set) {
             log(
                 pg.rank(),

@@ -112,7 +112,6 @@ pub fn train(config: &Config) -> Result<Outcome> {
         ),
         _ => {}
     }
-    saver.note_eval_set(data.eval_set);
     saver.probe()?;
     // 3. Model (+ LoRA), seeded; with FSDP each rank reads only its shards.
     let (mut trainable, flops) = setup::model(config, &pg, device)?;
@@ -135,7 +134,13 @@ pub fn train(config: &Config) -> Result<Outcome> {
         clip: t.grad_clip,
         device,
     };
-    let start = saver.resume(&mut st, &mut trainable, &mut opt, steps_per_epoch)?;
+    let start = saver.resume(
+        &mut st,
+        &mut trainable,
+        &mut opt,
+        steps_per_epoch,
+        data.eval_set,
+    )?;
     if let Some(saved) = st.resumed_schedule.take() {
         checkpointing::note_schedule_change(rank, &saved, &schedule, st.step);
     }
