@@ -713,3 +713,107 @@ fn a_repeated_section_names_its_lines() {
         "{e}"
     );
 }
+
+/// PEFT's per-layer options: each bad value or combination names its key (and, for the
+/// combinations PEFT's LoraConfig refuses, refuses them too); the patterns keep their order.
+#[test]
+fn per_layer_lora_options_name_their_key() {
+    let cases = [
+        (
+            "peft={method: none, rank_pattern: {q_proj: 2}}",
+            "peft.rank_pattern: chooses or varies LoRA by layer; it needs peft.method: lora",
+        ),
+        (
+            "peft={target_modules: '.*q_proj', layers_to_transform: 0}",
+            "peft.layers_to_transform: picks layers by index within the modules a list of \
+             target_modules names; with a regular expression (\".*q_proj\") as target_modules, \
+             write the layers into it (PEFT refuses this too)",
+        ),
+        (
+            "peft.layers_pattern=layers",
+            "peft.layers_pattern: names the layer lists peft.layers_to_transform indexes, which \
+             is not set: give the layer indices too",
+        ),
+        (
+            "peft.rank_pattern={q_proj: 0}",
+            "peft.rank_pattern.q_proj: expected a positive integer, got 0",
+        ),
+        (
+            "peft.alpha_pattern={q_proj: fast}",
+            "peft.alpha_pattern.q_proj: expected a positive number, got \"fast\"",
+        ),
+        (
+            "peft.rank_pattern={'(q_proj': 2}",
+            "peft.rank_pattern: the key \"(q_proj\" is not a regular expression",
+        ),
+        (
+            "peft.rank_pattern=[q_proj]",
+            "peft.rank_pattern: expected a mapping of module patterns to values, like \
+             {gate_proj: 4}, got a list",
+        ),
+        (
+            "peft.layers_to_transform=-1",
+            "peft.layers_to_transform: expected a layer index (an integer >= 0) or a list of \
+             them, got -1",
+        ),
+        (
+            "peft.layers_to_transform=[0, -1]",
+            "peft.layers_to_transform[1]: expected an integer >= 0, got -1",
+        ),
+        (
+            "peft.exclude_modules=all-linear",
+            "peft.exclude_modules: expected a list of module names or a regular expression \
+             (all-linear is a target_modules value), got all-linear",
+        ),
+        (
+            "peft={layers_to_transform: [0], layers_pattern: '(layers'}",
+            "peft.layers_pattern: \"(layers\" is not a regular expression; name the layer list, \
+             like layers",
+        ),
+    ];
+    for (set, want) in cases {
+        let e = set_error(set);
+        assert!(
+            e.starts_with(want),
+            "--set {set}:\n  got  {e}\n  want {want}"
+        );
+    }
+    let c = config::parse(
+        MINIMAL,
+        &[
+            "peft.rank_pattern={v_proj: 2, q_proj: 16, gate_proj: 4}".into(),
+            "peft.alpha_pattern={q_proj: 8}".into(),
+            "peft.layers_to_transform=3".into(),
+            "peft.layers_pattern=[layers, global_layers]".into(),
+            "peft.exclude_modules='.*vision.*'".into(),
+        ],
+    )
+    .unwrap();
+    let p = &c.peft;
+    let ranks: Vec<(&str, usize)> = p
+        .rank_pattern
+        .iter()
+        .map(|(k, r)| (k.as_str(), *r))
+        .collect();
+    assert_eq!(ranks, [("v_proj", 2), ("q_proj", 16), ("gate_proj", 4)]);
+    assert_eq!(p.alpha_pattern, [("q_proj".to_string(), 8.0)]);
+    assert_eq!(p.layers_to_transform, [3]);
+    assert_eq!(p.layers_pattern, ["layers", "global_layers"]);
+    assert_eq!(
+        p.exclude_modules,
+        Some(LoraTargets::Pattern(".*vision.*".into()))
+    );
+    // `config show` prints the keys, and what it prints reads back the same
+    let yaml = c.to_yaml().unwrap();
+    let again = config::parse(&yaml, &[]).unwrap();
+    assert_eq!(again.peft, c.peft);
+    let defaults = config::parse(MINIMAL, &[]).unwrap().to_yaml().unwrap();
+    for key in [
+        "rank_pattern:",
+        "alpha_pattern:",
+        "exclude_modules:",
+        "layers_to_transform:",
+    ] {
+        assert!(defaults.contains(key), "{key} missing from\n{defaults}");
+    }
+}

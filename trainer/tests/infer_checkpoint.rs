@@ -3,6 +3,7 @@
 //! checkpoint of another base model is a clear error.
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
@@ -166,6 +167,138 @@ fn lora_checkpoint_weights_and_generation_equal_the_exported_adapter() {
     let (code, _, err) = trainer(&INFER, &[("--checkpoint", &damaged)]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("rank-0-of-1.safetensors"), "{err}");
+}
+
+/// Each wrapped layer of a model: (rank, scaling).
+fn lora_layout(model: &mut MllamaModel) -> BTreeMap<String, (i64, f64)> {
+    let mut layout = BTreeMap::new();
+    model.visit_linears(&mut |l| {
+        if let Some(br) = &l.lora {
+            layout.insert(l.path.clone(), (br.a.size()[0], br.scaling));
+        }
+    });
+    layout
+}
+
+/// LoRA that varies by layer (rank_pattern, alpha_pattern, exclude_modules), trained on two FSDP
+/// ranks: `infer --checkpoint` applies the factors the run ended with on the layers, ranks and
+/// scalings it trained; its PEFT exports in either naming load (peft's reading of the config
+/// written) as that same adapter; the merged export of the checkpoint equals the adapter's; a
+/// resume with other patterns is refused.
+#[test]
+fn per_layer_lora_checkpoints_load_export_and_merge_as_trained() {
+    let out = fresh("infer-patterns");
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 2";
+    let sets = [
+        "checkpoint.every_steps=2",
+        "peft.target_modules=[q_proj, v_proj, fc1]",
+        // a partial path of this naming: peft would not match it in transformers-4 naming
+        "peft.rank_pattern={'language_model\\.layers\\.0\\..*': 2, fc1: 6}",
+        "peft.alpha_pattern={v_proj: 8}",
+        "peft.exclude_modules=.*global_transformer.*",
+    ];
+    ok(run(&out, 2, train, &sets, &[]), "train");
+    let ckpt = out.join("ckpt/step-00000002");
+    let base = setup().join("model");
+    let load = || MllamaModel::load(&base, LoadOptions::default()).unwrap();
+
+    let mut model = load();
+    CheckpointWeights::read(&ckpt)
+        .unwrap()
+        .apply(&mut model)
+        .unwrap();
+    let trained = weights(&out);
+    let applied = model.trainable_parameters();
+    assert_eq!(applied.len(), trained.len());
+    for (name, t) in &applied {
+        assert!(
+            t.equal(&trained[name]),
+            "{name} differs from the trained value"
+        );
+    }
+    let layout = lora_layout(&mut model);
+    let (q0, v1) = (
+        "model.language_model.layers.0.self_attn.q_proj",
+        "model.vision_model.transformer.layers.1.self_attn.v_proj",
+    );
+    assert_eq!(layout[q0], (2, 16.0 / 2.0));
+    assert_eq!(
+        layout["model.vision_model.transformer.layers.0.mlp.fc1"],
+        (6, 16.0 / 6.0)
+    );
+    assert_eq!(layout[v1], (4, 8.0 / 4.0));
+    assert!(!layout.keys().any(|p| p.contains("global_transformer")));
+    assert!(layout.keys().any(|p| p.contains("cross_attn")));
+
+    for naming in ["hf5", "hf4"] {
+        let adapter = out.join(format!("adapter-{naming}"));
+        let (code, _, err) = trainer(
+            &["export", "--format", "peft", "--naming", naming],
+            &[("--checkpoint", &ckpt), ("--out", &adapter)],
+        );
+        assert_eq!(code, Some(0), "{err}");
+        let mut from_adapter = load();
+        from_adapter.load_adapter(&adapter).unwrap();
+        assert_eq!(lora_layout(&mut from_adapter), layout, "{naming}");
+        for ((n, a), (m, b)) in from_adapter.trainable_parameters().iter().zip(&applied) {
+            assert_eq!(n, m);
+            assert!(a.equal(b), "{naming}: {n}");
+        }
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        // exclude_modules narrowed the targets: listed, in the naming written
+        assert_eq!(
+            cfg["target_modules"].as_array().unwrap().len(),
+            layout.len()
+        );
+        assert!(cfg.get("exclude_modules").is_none(), "{cfg}");
+        let patterns = cfg["rank_pattern"].as_object().unwrap();
+        match naming {
+            "hf5" => assert_eq!(patterns.len(), 2, "{cfg}"),
+            // the partial path became one full-path key per module that differs from r
+            _ => {
+                assert!(
+                    patterns
+                        .contains_key("language_model\\.model\\.layers\\.0\\.self_attn\\.q_proj"),
+                    "{cfg}"
+                );
+                assert_eq!(
+                    patterns.len(),
+                    layout.values().filter(|(r, _)| *r != 4).count(),
+                    "{cfg}"
+                );
+            }
+        }
+    }
+
+    // the merged model of the checkpoint = that of its exported adapter
+    let merged = |name: &str, source: (&str, &Path)| {
+        let dir = out.join(name);
+        let (code, _, err) = trainer(
+            &["export", "--format", "merged"],
+            &[source, ("--model", &base), ("--out", &dir)],
+        );
+        assert_eq!(code, Some(0), "{err}");
+        let mut t: Vec<(String, tch::Tensor)> =
+            tch::Tensor::read_safetensors(dir.join("model.safetensors")).unwrap();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t
+    };
+    let from_ckpt = merged("merged-ckpt", ("--checkpoint", &ckpt));
+    let from_adapter = merged("merged-adapter", ("--adapter", &out.join("adapter-hf5")));
+    assert_eq!(from_ckpt.len(), from_adapter.len());
+    for ((n, a), (_, b)) in from_ckpt.iter().zip(&from_adapter) {
+        assert!(a.equal(b), "merged {n} differs");
+    }
+
+    // a resume with other patterns would load factors of other shapes: refused by key
+    let mut other = sets.to_vec();
+    other[2] = "peft.rank_pattern={fc1: 6}";
+    let o = run(&out, 1, train, &other, &[]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(o.stderr.contains("peft.rank_pattern"), "{}", o.stderr);
 }
 
 /// A checkpoint records how its run built prompts; `infer --checkpoint` follows it.

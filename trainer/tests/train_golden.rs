@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use serde_json::Value;
+use serde_json::{json, Value};
+use trainer::model::{LoadOptions, MllamaModel};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -31,9 +32,75 @@ fn all_linear_rslora_losses_match_transformers_peft_adamw() {
     );
 }
 
+/// LoRA that varies by layer (tests/fixtures/train/make_patterns_golden.py): per-module ranks and
+/// alphas (`rank_pattern`, `alpha_pattern`), a module left out (`exclude_modules`), layers 0 and 1
+/// of every stack only (`layers_to_transform` + `layers_pattern`). The peft section must choose
+/// the layers, ranks and scalings of PEFT's adapter (init_from refuses any difference), the
+/// losses must match, and the adapter the run exports must load as PEFT's layout again.
+#[test]
+fn per_layer_lora_losses_match_transformers_peft_adamw() {
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/fixtures/train/golden_losses_patterns.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let check = |out: &std::path::Path| {
+        // the adapter the run wrote to output_dir, loaded with PEFT's reading of its config
+        let mut model = MllamaModel::load(
+            &repo().join("tests/fixtures/train/model"),
+            LoadOptions::default(),
+        )
+        .unwrap();
+        model.load_adapter(out).unwrap();
+        let mut layers = serde_json::Map::new();
+        model.visit_linears(&mut |l| {
+            if let Some(br) = &l.lora {
+                let (rank, scaling) = (br.a.size()[0], br.scaling);
+                layers.insert(l.path.clone(), json!({"rank": rank, "scaling": scaling}));
+            }
+        });
+        assert_eq!(Value::Object(layers), golden["layers"]);
+        // the patterns as written; the layers narrowed by exclude_modules and
+        // layers_to_transform listed (what peft then wraps needs no base model to check)
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg["rank_pattern"],
+            json!({"gate_proj": 2, "layers\\.1\\.self_attn\\.q_proj": 6})
+        );
+        assert_eq!(
+            cfg["alpha_pattern"],
+            json!({"v_proj": 16.0, "cross_attn.q_proj": 4.0})
+        );
+        assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 14);
+        assert_eq!(cfg["layers_to_transform"], Value::Null);
+        assert!(cfg.get("exclude_modules").is_none(), "{cfg}");
+    };
+    losses_match_then(
+        "golden_losses_patterns.json",
+        &[
+            "peft.init_from=tests/fixtures/train/adapter_patterns",
+            "peft.target_modules=[q_proj, v_proj, gate_proj, fc1]",
+            "peft.rank_pattern={gate_proj: 2, 'layers\\.1\\.self_attn\\.q_proj': 6}",
+            "peft.alpha_pattern={v_proj: 16, cross_attn.q_proj: 4}",
+            "peft.exclude_modules=[global_transformer.layers.0.mlp.fc1]",
+            "peft.layers_to_transform=[0, 1]",
+            "peft.layers_pattern=layers",
+        ],
+        &check,
+    );
+}
+
 /// `trainer train` on the golden fixture config with `sets` gives the per-step losses of
 /// tests/fixtures/train/`file` within 1e-4 relative.
 fn losses_match(file: &str, sets: &[&str]) {
+    losses_match_then(file, sets, &|_| {});
+}
+
+/// `losses_match`, then `check` on the run's output_dir.
+fn losses_match_then(file: &str, sets: &[&str], check: &dyn Fn(&std::path::Path)) {
     let golden: Value = serde_json::from_str(
         &std::fs::read_to_string(repo().join("tests/fixtures/train").join(file)).unwrap(),
     )
@@ -81,6 +148,7 @@ fn losses_match(file: &str, sets: &[&str]) {
             i + 1
         );
     }
+    check(&out);
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -161,7 +229,7 @@ fn fp16_training_is_refused() {
     );
 }
 
-/// An init_from adapter with DoRA or per-layer settings (which the peft section cannot express,
+/// An init_from adapter with DoRA or modules to save (which the peft section cannot express,
 /// and checkpoints and export would drop) is refused with the way out: merge it, train anew.
 #[test]
 fn init_from_a_dora_adapter_is_refused_with_the_way_out() {
@@ -170,7 +238,7 @@ fn init_from_a_dora_adapter_is_refused_with_the_way_out() {
         &["peft.init_from=tests/fixtures/peft_variants/dora"],
         &[
             "peft.init_from tests/fixtures/peft_variants/dora: the adapter sets use_dora, \
-             rank_pattern, alpha_pattern, exclude_modules, layers_to_transform, modules_to_save",
+             modules_to_save",
             "trainer export --format merged --adapter tests/fixtures/peft_variants/dora",
         ],
     );
@@ -183,8 +251,8 @@ fn init_from_a_dora_adapter_is_refused_with_the_way_out() {
             "fsdp.enabled=true",
         ],
         &[
-            "peft.init_from tests/fixtures/peft_variants/patterns: the adapter sets rank_pattern, \
-           alpha_pattern, exclude_modules, modules_to_save",
+            "peft.init_from tests/fixtures/peft_variants/patterns: the adapter sets \
+             modules_to_save",
         ],
     );
 }

@@ -2,6 +2,7 @@
 //! PEFT adapter folder (adapter_config.json + adapter_model.safetensors, fp32), the layout
 //! `MllamaModel::save_adapter` writes and `load_adapter` / Python peft read. The factors are read
 //! from the rank files flat tensor by flat tensor (the base model is not loaded).
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -9,6 +10,7 @@ use serde_json::{json, Value};
 use tch::Tensor;
 
 use super::load::read_full;
+use crate::model::adapter_config::AdapterConfig;
 
 /// Module naming of an exported adapter's keys (`--naming`, `train.save_adapter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -59,6 +61,16 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
         );
     }
     let (m, mut tensors) = read_full(checkpoint)?;
+    // the trained modules (this model's naming) and each one's rank, from its A factor (r, in)
+    let modules: BTreeMap<String, i64> = (tensors.iter())
+        .filter_map(|(n, t)| {
+            let module = n
+                .strip_prefix("base_model.model.")?
+                .strip_suffix(".lora_A.weight")?;
+            Some((module.to_string(), t.size().first().copied()?))
+        })
+        .collect();
+    let config = adapter_config(checkpoint, &m, &modules, naming)?;
     if naming == AdapterNaming::Hf4 {
         for (name, _) in &mut tensors {
             if let Some(module) = name.strip_prefix("base_model.model.") {
@@ -69,77 +81,6 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
             }
         }
     }
-    let peft = &m.peft;
-    let field = |k: &str| peft.get(k).cloned().unwrap_or(Value::Null);
-    // module paths named in full (`model.language_model.layers.3.cross_attn.q_proj`) are renamed
-    // as the keys are: transformers 4.4x has no module of the canonical path (only full canonical
-    // paths: a bare or partial name keeps the modules it matches)
-    let full_path = |m: &str| {
-        [
-            "model.language_model.",
-            "model.vision_model.",
-            "model.multi_modal_projector.",
-        ]
-        .iter()
-        .any(|p| m.starts_with(p))
-            || m == "lm_head"
-    };
-    let target_modules = match (naming, field("target_modules")) {
-        (AdapterNaming::Hf4, Value::Array(list)) => Value::Array(
-            list.into_iter()
-                .map(|t| match t.as_str() {
-                    Some(m) if full_path(m) => {
-                        json!(crate::model::weights::canonical_to_legacy(m))
-                    }
-                    _ => t,
-                })
-                .collect(),
-        ),
-        // PEFT full-matches a string against the module names of the naming written, where our
-        // matcher also tries the other naming: an expression that does not full-match every
-        // module it chose (written for transformers-4 paths and exported as hf5, or the other
-        // way) is replaced by the list of those modules, as PEFT saves a resolved `all-linear`
-        // (which needs no such care)
-        (_, Value::String(re)) if re != crate::model::lora::ALL_LINEAR => {
-            let modules: std::collections::BTreeSet<&str> = tensors
-                .iter()
-                .filter_map(|(n, _)| {
-                    n.strip_prefix("base_model.model.")?
-                        .strip_suffix(".lora_A.weight")
-                })
-                .collect();
-            let full = regex::Regex::new(&format!("^(?:{re})$")).ok();
-            match full.filter(|r| modules.iter().all(|m| r.is_match(m))) {
-                Some(_) => json!(re),
-                None => json!(modules),
-            }
-        }
-        (_, other) => other,
-    };
-    // the adapter_config.json of `MllamaModel::save_adapter`
-    let config = json!({
-        "alpha_pattern": {},
-        "auto_mapping": null,
-        "base_model_name_or_path": m.model_path,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "inference_mode": true,
-        "init_lora_weights": true,
-        "layers_pattern": null,
-        "layers_to_transform": null,
-        "lora_alpha": field("alpha"),
-        "lora_dropout": field("dropout"),
-        "modules_to_save": null,
-        "peft_type": "LORA",
-        "r": field("r"),
-        "rank_pattern": {},
-        "revision": null,
-        "target_modules": target_modules,
-        "task_type": "CAUSAL_LM",
-        "use_dora": false,
-        // (absent from manifests of trainers before the option: they trained without it)
-        "use_rslora": peft.get("use_rslora").cloned().unwrap_or(json!(false)),
-    });
     // weights first, the config last, each written under a .partial name and renamed: a run
     // killed midway leaves no adapter_config.json beside missing or torn weights, and a failed
     // run removes what it wrote (`Created`), so a retry into the same --out is not refused
@@ -220,6 +161,106 @@ pub fn replace_adapter(checkpoint: &Path, dir: &Path, naming: AdapterNaming) -> 
     }
     std::fs::remove_dir(&staging).with_context(|| format!("removing {}", staging.display()))?;
     super::fsync_dir(dir).with_context(|| format!("syncing {}", dir.display()))
+}
+
+/// The adapter_config.json of the export: the run's peft section (`Manifest::adapter_config_json`),
+/// written so that peft, reading it in the naming written, wraps exactly the trained `modules`
+/// (module -> rank) with their ranks and scalings:
+/// - a list of targets names full paths in the naming written (bare names match in both);
+/// - an expression PEFT would not full-match against every trained module in that naming (one
+///   written for the other naming: ours tries both) becomes the list of those modules, as PEFT
+///   saves a resolved `all-linear`; so does any target when `exclude_modules` or
+///   `layers_to_transform` narrowed it (the modules left out are not in the checkpoint to check
+///   an expression against);
+/// - `rank_pattern` / `alpha_pattern` are kept where peft gives every module the rank its
+///   factors have and the alpha the run used, else written as one full-path key per module that
+///   differs from `r` / `lora_alpha`.
+fn adapter_config(
+    checkpoint: &Path,
+    m: &super::manifest::Manifest,
+    modules: &BTreeMap<String, i64>,
+    naming: AdapterNaming,
+) -> Result<Value> {
+    let legacy = naming == AdapterNaming::Hf4;
+    let written = |module: &str| match legacy {
+        true => crate::model::weights::canonical_to_legacy(module),
+        false => module.to_string(),
+    };
+    let mut config = m.adapter_config_json();
+    let trained = m
+        .adapter_config()
+        .map_err(|e| anyhow::anyhow!("checkpoint {}: {e}", checkpoint.display()))?;
+    let layout = trained.training_layout()?;
+    // (a checkpoint whose factors do not fit its own manifest is damaged: nothing is written)
+    if let Some((module, r)) = modules.iter().find(|(p, r)| layout.rank(p) != **r) {
+        bail!(
+            "checkpoint {}: the factors of {module} have rank {r}, its manifest's peft section \
+             gives {}",
+            checkpoint.display(),
+            layout.rank(module)
+        );
+    }
+    let narrowed = trained.exclude_modules.is_some() || !trained.layers_to_transform.is_empty();
+    let listed = || json!(modules.keys().map(|p| written(p)).collect::<Vec<_>>());
+    // module paths named in full (`model.language_model.layers.3.cross_attn.q_proj`) are renamed
+    // as the keys are: transformers 4.4x has no module of the canonical path (only full canonical
+    // paths: a bare or partial name keeps the modules it matches)
+    let full_path = |m: &str| {
+        [
+            "model.language_model.",
+            "model.vision_model.",
+            "model.multi_modal_projector.",
+        ]
+        .iter()
+        .any(|p| m.starts_with(p))
+            || m == "lm_head"
+    };
+    config["target_modules"] = match config["target_modules"].take() {
+        _ if narrowed => listed(),
+        Value::Array(list) if legacy => Value::Array(
+            list.into_iter()
+                .map(|t| match t.as_str() {
+                    Some(m) if full_path(m) => json!(written(m)),
+                    _ => t,
+                })
+                .collect(),
+        ),
+        Value::String(re) if re != crate::model::lora::ALL_LINEAR => {
+            let full = regex::Regex::new(&format!("^(?:{re})$")).ok();
+            match full.filter(|r| modules.keys().all(|m| r.is_match(&written(m)))) {
+                Some(_) => json!(re),
+                None => listed(),
+            }
+        }
+        other => other,
+    };
+    if narrowed {
+        if let Some(o) = config.as_object_mut() {
+            o.remove("exclude_modules");
+        }
+        config["layers_to_transform"] = Value::Null;
+        config["layers_pattern"] = Value::Null;
+    }
+    if !trained.rank_pattern.is_empty() || !trained.alpha_pattern.is_empty() {
+        // what peft reads from the patterns as written, in the naming written
+        let as_written = AdapterConfig::parse(&config.to_string())?.layout(legacy)?;
+        let kept = modules.keys().all(|p| {
+            as_written.rank(p) == layout.rank(p) && as_written.alpha(p) == layout.alpha(p)
+        });
+        if !kept {
+            let (r, alpha) = (trained.lora.r, trained.lora.alpha);
+            let per_module = |value: &dyn Fn(&str) -> Option<Value>| {
+                let entries =
+                    (modules.keys()).filter_map(|p| Some((regex::escape(&written(p)), value(p)?)));
+                Value::Object(entries.collect())
+            };
+            config["rank_pattern"] =
+                per_module(&|p| (layout.rank(p) != r).then(|| json!(layout.rank(p))));
+            config["alpha_pattern"] =
+                per_module(&|p| (layout.alpha(p) != alpha).then(|| json!(layout.alpha(p))));
+        }
+    }
+    Ok(config)
 }
 
 /// `tensors` as a safetensors file with torch's `{"format": "pt"}` metadata, as peft's

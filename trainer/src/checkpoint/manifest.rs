@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
+
+use crate::model::adapter_config::AdapterConfig;
 
 /// The `format` field of every manifest.
 pub const FORMAT: &str = "llava-sco-checkpoint";
@@ -172,6 +174,74 @@ pub struct FileEntry {
     pub file: String,
     pub bytes: u64,
     pub sha256: String,
+}
+
+impl Manifest {
+    /// Whether the run trained LoRA factors over a frozen base (its `peft.method`).
+    pub fn is_lora(&self) -> bool {
+        self.peft.get("method").and_then(Value::as_str) == Some("lora")
+    }
+
+    /// The PEFT `adapter_config.json` of the run's `peft` section, in this model's module naming:
+    /// what `trainer export --format peft` writes (before it renames modules for another naming
+    /// or resolves patterns), and what infer, eval and the merged export read a checkpoint's LoRA
+    /// layout from (`adapter_config`). Options not set are left out or empty, as peft writes
+    /// them (older peft does not know `exclude_modules`).
+    pub fn adapter_config_json(&self) -> Value {
+        let peft = &self.peft;
+        let field = |k: &str| peft.get(k).cloned().unwrap_or(Value::Null);
+        // (an empty list of layers is not "every layer" to peft but none: unset is null)
+        let optional = |k: &str| {
+            (peft.get(k).cloned())
+                .filter(crate::checkpoint::is_set)
+                .unwrap_or(Value::Null)
+        };
+        let or_empty = |k: &str| {
+            peft.get(k)
+                .cloned()
+                .filter(Value::is_object)
+                .unwrap_or(json!({}))
+        };
+        let mut config = json!({
+            "alpha_pattern": or_empty("alpha_pattern"),
+            "auto_mapping": null,
+            "base_model_name_or_path": self.model_path,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "layers_pattern": optional("layers_pattern"),
+            "layers_to_transform": optional("layers_to_transform"),
+            "lora_alpha": field("alpha"),
+            "lora_dropout": field("dropout"),
+            "modules_to_save": null,
+            "peft_type": "LORA",
+            "r": field("r"),
+            "rank_pattern": or_empty("rank_pattern"),
+            "revision": null,
+            "target_modules": field("target_modules"),
+            "task_type": "CAUSAL_LM",
+            "use_dora": false,
+            // (absent from manifests of trainers before the option: they trained without it)
+            "use_rslora": peft.get("use_rslora").cloned().unwrap_or(json!(false)),
+        });
+        if let exclude @ (Value::String(_) | Value::Array(_)) = optional("exclude_modules") {
+            config["exclude_modules"] = exclude;
+        }
+        config
+    }
+
+    /// The run's LoRA settings (layers, ranks, alphas) as an adapter's (`adapter_config_json`).
+    pub fn adapter_config(&self) -> Result<AdapterConfig, String> {
+        let text = self.adapter_config_json().to_string();
+        AdapterConfig::parse(&text).map_err(|e| {
+            let e = e.to_string();
+            let why = e.strip_prefix("adapter_config.json: ").unwrap_or(&e);
+            format!(
+                "manifest.json: its peft section is not LoRA settings this program reads: {why}"
+            )
+        })
+    }
 }
 
 #[cfg(test)]

@@ -33,32 +33,6 @@ use crate::model::lora::LoraBranch;
 use crate::model::weights::legacy_to_canonical;
 use crate::model::Linear;
 
-/// How a LoRA source's factors merge.
-enum LoraMerge {
-    /// A checkpoint: one scaling for every module.
-    Uniform(f64),
-    /// A PEFT adapter folder: each module's scaling, DoRA magnitudes when it has them.
-    Adapter(Box<AdapterLayout>),
-}
-
-impl LoraMerge {
-    fn scaling(&self, module: &str) -> f64 {
-        match self {
-            Self::Uniform(s) => *s,
-            Self::Adapter(layout) => layout.scaling(module),
-        }
-    }
-
-    fn dora(&self) -> bool {
-        matches!(self, Self::Adapter(l) if l.use_dora)
-    }
-
-    /// Whether base parameter `name` belongs to an adapter's module to save.
-    fn saves(&self, name: &str) -> bool {
-        matches!(self, Self::Adapter(l) if l.saves(name))
-    }
-}
-
 /// huggingface_hub's default `max_shard_size`.
 pub const DEFAULT_MAX_SHARD: &str = "5GB";
 
@@ -302,8 +276,8 @@ pub fn export_merged(
     let (what, base_dir, lora, mut trained, prompt) = match source {
         MergeSource::Checkpoint(dir) => {
             manifest = read_manifest(dir)?;
-            let (base_dir, scaling) = checkpoint_base(dir, &manifest, model)?;
-            let lora = scaling.map(LoraMerge::Uniform);
+            // (each module's rank and scaling: the run's, as its manifest records them)
+            let (base_dir, lora) = checkpoint_base(dir, &manifest, model)?;
             let trained = Trained::Checkpoint(TrainedParams::new(dir, &manifest)?);
             (
                 format!("checkpoint {}", dir.display()),
@@ -324,7 +298,7 @@ pub fn export_merged(
             (
                 what,
                 base_dir,
-                Some(LoraMerge::Adapter(Box::new(a.layout))),
+                Some(Box::new(a.layout)),
                 Trained::Adapter(a.factors),
                 prompt,
             )
@@ -378,16 +352,14 @@ pub fn export_merged(
                                 t.name, t.shape, sa, sb
                             ));
                         }
-                        if let LoraMerge::Adapter(layout) = how {
-                            let r = layout.rank(module);
-                            if sa.first() != Some(&r) {
-                                problems.push(format!(
-                                    "{a}: rank {:?}, but the adapter config gives {module} rank {r}",
-                                    sa.first()
-                                ));
-                            }
+                        let r = how.rank(module);
+                        if sa.first() != Some(&r) {
+                            problems.push(format!(
+                                "{a}: rank {:?}, but the {what}'s LoRA config gives {module} rank {r}",
+                                sa.first()
+                            ));
                         }
-                        let magnitude = how.dora().then(|| {
+                        let magnitude = how.use_dora.then(|| {
                             let m = format!("base_model.model.{module}.lora_magnitude_vector");
                             let sm = trained.shape(&m);
                             if sm.as_deref() != t.shape.get(..1) {
@@ -425,7 +397,7 @@ pub fn export_merged(
     // every linear layer the adapter's config chooses must have its factors, as `infer --adapter`
     // requires (peft only warns of missing adapter keys: the merge would hold a layer untrained)
     let mut unlisted = 0; // (problems counted but not listed)
-    if let Some(LoraMerge::Adapter(layout)) = &lora {
+    if let Some(layout) = &lora {
         let missing: Vec<String> = linear_paths(&base_dir)?
             .into_iter()
             .filter(|p| layout.wraps(p))
@@ -628,30 +600,23 @@ fn linear_paths(base_dir: &Path) -> Result<Vec<String>> {
 }
 
 /// A checkpoint's base folder (`model`, else the manifest's `model_path`), checked against the
-/// config.json hash the manifest records, and its LoRA scaling (None: full finetuning).
+/// config.json hash the manifest records, and its LoRA layout (None: full finetuning).
 fn checkpoint_base(
     checkpoint: &Path,
     m: &super::manifest::Manifest,
     model: Option<&Path>,
-) -> Result<(PathBuf, Option<f64>)> {
+) -> Result<(PathBuf, Option<Box<AdapterLayout>>)> {
     let base_dir = model.map_or_else(|| PathBuf::from(&m.model_path), Path::to_path_buf);
     super::check_base_config(m, &base_dir)?;
-    let peft = &m.peft;
-    let lora = match peft.get("method").and_then(Value::as_str) {
+    let lora = match m.peft.get("method").and_then(Value::as_str) {
         Some("lora") => {
-            let r = peft.get("r").and_then(Value::as_f64);
-            let alpha = peft.get("alpha").and_then(Value::as_f64);
-            // (absent from manifests of trainers before the option: they trained without it)
-            let rslora = peft.get("use_rslora").and_then(Value::as_bool) == Some(true);
-            match (r, alpha) {
-                (Some(r), Some(alpha)) if r > 0.0 => {
-                    Some(crate::model::lora::scaling(alpha, r, rslora))
-                }
-                _ => bail!(
-                    "checkpoint {}: manifest peft section lacks r/alpha ({peft}); it cannot be merged",
+            let adapter = m.adapter_config().map_err(|e| {
+                anyhow!(
+                    "checkpoint {}: {e}; it cannot be merged",
                     checkpoint.display()
-                ),
-            }
+                )
+            })?;
+            Some(Box::new(adapter.training_layout()?))
         }
         Some("none") => None,
         other => bail!(

@@ -354,15 +354,48 @@ pub fn identity(config: &Config) -> BTreeMap<String, Value> {
     if p.is_lora() && p.use_rslora {
         m.insert("peft.use_rslora".into(), json!(true));
     }
+    // the per-layer options, only when set (identities of checkpoints from before them stay)
+    if let (true, Ok(Value::Object(section))) = (p.is_lora(), serde_json::to_value(p)) {
+        for key in [
+            "rank_pattern",
+            "alpha_pattern",
+            "exclude_modules",
+            "layers_to_transform",
+            "layers_pattern",
+        ] {
+            if let Some(v) = section.get(key).filter(|v| is_set(v)) {
+                let key = format!("peft.{key}");
+                let v = identity_value(&key, v.clone());
+                m.insert(key, v);
+            }
+        }
+    }
     m
 }
 
-/// An identity value as compared: `peft.target_modules` sorted and without repeats (the same
+/// Whether an optional setting's JSON value sets something (not null, `[]` or `{}`).
+pub(crate) fn is_set(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        _ => true,
+    }
+}
+
+/// An identity value as compared: `peft.target_modules` (and the other lists of modules or
+/// layers) sorted and without repeats (the same
 /// modules in another order wrap the same layers with the same parameters; `[v_proj, q_proj]`
 /// resumes a `[q_proj, v_proj]` checkpoint, also one saved before the list was sorted).
 pub(crate) fn identity_value(key: &str, v: Value) -> Value {
     match (key, v) {
-        ("peft.target_modules", Value::Array(mut list)) => {
+        (
+            "peft.target_modules"
+            | "peft.exclude_modules"
+            | "peft.layers_to_transform"
+            | "peft.layers_pattern",
+            Value::Array(mut list),
+        ) => {
             list.sort_by_key(|m| m.to_string());
             list.dedup();
             Value::Array(list)

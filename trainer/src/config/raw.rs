@@ -11,8 +11,8 @@ use super::schema::{
     Resume, SaveAdapter, Schedule, ScheduleKind, ShardingStrategy, Supervise, TextOnly,
 };
 use super::values::{
-    Beta, ClipNorm, Count, Decay, Dropout, FilePath, Int, NonNegative, Num, Positive, PositiveInt,
-    Ratio, Targets,
+    Beta, ClipNorm, Count, Decay, Dropout, FilePath, Int, LayerIndices, LayerLists, NonNegative,
+    Num, Patterns, Positive, PositiveInt, Ratio, Targets,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -56,6 +56,11 @@ pub(crate) struct RawPeft {
     pub dropout: Num<Dropout>,
     pub target_modules: Targets,
     pub use_rslora: bool,
+    pub rank_pattern: Patterns<Int<PositiveInt>>,
+    pub alpha_pattern: Patterns<Num<Positive>>,
+    pub exclude_modules: Option<Targets>,
+    pub layers_to_transform: LayerIndices,
+    pub layers_pattern: LayerLists,
     pub init_from: Option<FilePath>,
     pub freeze_llm_only: bool,
 }
@@ -70,6 +75,11 @@ impl Default for RawPeft {
             dropout: Num::new(0.05),
             target_modules: Targets::Names(vec!["q_proj".into(), "v_proj".into()]),
             use_rslora: false,
+            rank_pattern: Patterns::default(),
+            alpha_pattern: Patterns::default(),
+            exclude_modules: None,
+            layers_to_transform: LayerIndices::default(),
+            layers_pattern: LayerLists::default(),
             init_from: None,
             freeze_llm_only: false,
         }

@@ -69,11 +69,40 @@ pub struct PeftConfig {
     /// Rank-stabilized LoRA: the update scaled by alpha / sqrt(r) instead of alpha / r (PEFT's
     /// `use_rslora`).
     pub use_rslora: bool,
+    /// PEFT's `rank_pattern`: (module pattern, rank) in the order written; a module takes the
+    /// rank of the pattern that matches the end of its path at a `.`, else `r`. Patterns that
+    /// give one module different values are refused when the model is built.
+    #[serde(serialize_with = "as_map")]
+    pub rank_pattern: Vec<(String, usize)>,
+    /// PEFT's `alpha_pattern`: (module pattern, alpha), as `rank_pattern`.
+    #[serde(serialize_with = "as_map")]
+    pub alpha_pattern: Vec<(String, f64)>,
+    /// PEFT's `exclude_modules`: modules `target_modules` chooses that get no LoRA (a list of
+    /// names matched as suffixes, or a regular expression matched against whole paths).
+    pub exclude_modules: Option<LoraTargets>,
+    /// PEFT's `layers_to_transform`: LoRA only on layers of these indices (empty: every layer).
+    pub layers_to_transform: Vec<usize>,
+    /// PEFT's `layers_pattern`: the layer lists whose index `layers_to_transform` reads (empty:
+    /// the first numbered part of a module path).
+    pub layers_pattern: Vec<String>,
     /// A PEFT adapter folder to start from (llama-recipes `--from_peft_checkpoint`).
     pub init_from: Option<PathBuf>,
     /// Full finetuning of the vision tower, the projector and the text model's cross-attention
     /// layers only, the rest of the language model frozen (llama-recipes' `freeze_LLM_only`).
     pub freeze_llm_only: bool,
+}
+
+/// (pattern, value) pairs as a mapping, as PEFT writes its patterns.
+fn as_map<V: Serialize, S: serde::Serializer>(
+    entries: &[(String, V)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(entries.len()))?;
+    for (k, v) in entries {
+        map.serialize_entry(k, v)?;
+    }
+    map.end()
 }
 
 /// PEFT's `target_modules`, written as the config gives it (and as checkpoints record it).

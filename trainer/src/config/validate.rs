@@ -7,6 +7,7 @@ use super::schema::{
 };
 use super::values::Targets;
 use super::ConfigError;
+use crate::model::lora::ALL_LINEAR;
 
 pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     // Sections in file order, so that the first error reported is the first one in the file.
@@ -224,6 +225,54 @@ fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
             message: "scales a LoRA update; it needs peft.method: lora".into(),
         });
     }
+    // the options that choose LoRA's layers or vary it by layer
+    let layer_options = [
+        ("peft.rank_pattern", !raw.rank_pattern.0.is_empty()),
+        ("peft.alpha_pattern", !raw.alpha_pattern.0.is_empty()),
+        ("peft.exclude_modules", raw.exclude_modules.is_some()),
+        (
+            "peft.layers_to_transform",
+            !raw.layers_to_transform.0.is_empty(),
+        ),
+        ("peft.layers_pattern", !raw.layers_pattern.0.is_empty()),
+    ];
+    if let Some((key, _)) = layer_options.iter().find(|(_, set)| *set && !lora) {
+        return Err(ConfigError::Conflict {
+            path: key.to_string(),
+            message: "chooses or varies LoRA by layer; it needs peft.method: lora".into(),
+        });
+    }
+    // (as PEFT's LoraConfig refuses them)
+    if let Targets::Pattern(re) = &raw.target_modules {
+        let by_index = layer_options[3..].iter().find(|(_, set)| *set);
+        if let Some((key, _)) = by_index {
+            return Err(ConfigError::Conflict {
+                path: key.to_string(),
+                message: format!(
+                    "picks layers by index within the modules a list of target_modules names; \
+                     with a regular expression ({re:?}) as target_modules, write the layers \
+                     into it (PEFT refuses this too)"
+                ),
+            });
+        }
+    }
+    if !raw.layers_pattern.0.is_empty() && raw.layers_to_transform.0.is_empty() {
+        return Err(ConfigError::Conflict {
+            path: "peft.layers_pattern".into(),
+            message: "names the layer lists peft.layers_to_transform indexes, which is not set: \
+                      give the layer indices too"
+                .into(),
+        });
+    }
+    if raw.exclude_modules == Some(Targets::Pattern(ALL_LINEAR.into())) {
+        return Err(ConfigError::Invalid {
+            path: "peft.exclude_modules".into(),
+            expected: "a list of module names or a regular expression (all-linear is a \
+                       target_modules value)"
+                .into(),
+            got: ALL_LINEAR.into(),
+        });
+    }
     if !lora && raw.init_from.is_some() {
         return Err(ConfigError::Conflict {
             path: "peft.init_from".into(),
@@ -237,14 +286,27 @@ fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
         r: raw.r.size(),
         alpha: raw.alpha.get(),
         dropout: raw.dropout.get(),
-        target_modules: match raw.target_modules {
-            Targets::Names(names) => LoraTargets::Names(names),
-            Targets::Pattern(p) => LoraTargets::Pattern(p),
-        },
+        target_modules: lora_targets(raw.target_modules),
         use_rslora: raw.use_rslora,
+        rank_pattern: (raw.rank_pattern.0.into_iter())
+            .map(|(k, r)| (k, r.size()))
+            .collect(),
+        alpha_pattern: (raw.alpha_pattern.0.into_iter())
+            .map(|(k, a)| (k, a.get()))
+            .collect(),
+        exclude_modules: raw.exclude_modules.map(lora_targets),
+        layers_to_transform: raw.layers_to_transform.0,
+        layers_pattern: raw.layers_pattern.0,
         init_from: raw.init_from.map(|p| p.0),
         freeze_llm_only: raw.freeze_llm_only,
     })
+}
+
+fn lora_targets(t: Targets) -> LoraTargets {
+    match t {
+        Targets::Names(names) => LoraTargets::Names(names),
+        Targets::Pattern(p) => LoraTargets::Pattern(p),
+    }
 }
 
 fn data(raw: RawData) -> Result<DataConfig, ConfigError> {

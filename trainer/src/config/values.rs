@@ -328,3 +328,139 @@ impl<'de> Deserialize<'de> for Name {
         d.deserialize_string(NameVisitor)
     }
 }
+
+/// PEFT's `rank_pattern` / `alpha_pattern`: module pattern -> value (`V`: a checked number), in
+/// the order written. A key is a regular expression that must match the end of a module path at a
+/// `.` (PEFT's `get_pattern_key`: `gate_proj`, `layers\.0\.self_attn\.q_proj`); it is compiled
+/// here, so a typo is an error at its key.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Patterns<V>(pub(crate) Vec<(String, V)>);
+
+impl<V> Default for Patterns<V> {
+    fn default() -> Self {
+        Patterns(vec![])
+    }
+}
+
+struct PatternsVisitor<V>(PhantomData<V>);
+
+impl<'de, V: Deserialize<'de>> Visitor<'de> for PatternsVisitor<V> {
+    type Value = Patterns<V>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a mapping of module patterns to values, like {gate_proj: 4}")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Patterns::default())
+    }
+    fn visit_map<M: de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        let mut entries = vec![];
+        while let Some(key) = map.next_key::<String>()? {
+            // (the value first: its errors are at the key's path)
+            let value = map.next_value::<V>()?;
+            if key.is_empty() {
+                return Err(de::Error::custom("an empty module pattern"));
+            }
+            if let Err(e) = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")) {
+                let why = e.to_string();
+                let why = why.lines().last().unwrap_or_default().to_string();
+                return Err(de::Error::custom(format!(
+                    "the key \"{key}\" is not a regular expression ({}); a key matches the end \
+                     of a module path at a `.`, as PEFT reads it",
+                    why.trim_start_matches("error: ")
+                )));
+            }
+            entries.push((key, value));
+        }
+        Ok(Patterns(entries))
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Patterns<V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(PatternsVisitor(PhantomData))
+    }
+}
+
+/// PEFT's `layers_to_transform`: one layer index or a list of them (empty: every layer).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(crate) struct LayerIndices(pub(crate) Vec<usize>);
+
+struct LayerIndicesVisitor;
+
+impl<'de> Visitor<'de> for LayerIndicesVisitor {
+    type Value = LayerIndices;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a layer index (an integer >= 0) or a list of them")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<LayerIndices, E> {
+        Ok(LayerIndices::default())
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<LayerIndices, E> {
+        let i = usize::try_from(v).map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))?;
+        Ok(LayerIndices(vec![i]))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<LayerIndices, E> {
+        match u64::try_from(v) {
+            Ok(u) => self.visit_u64(u),
+            Err(_) => Err(E::invalid_value(Unexpected::Signed(v), &self)),
+        }
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<LayerIndices, A::Error> {
+        let mut v = vec![];
+        while let Some(i) = seq.next_element::<Int<Count>>()? {
+            v.push(i.size());
+        }
+        Ok(LayerIndices(v))
+    }
+}
+
+impl<'de> Deserialize<'de> for LayerIndices {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(LayerIndicesVisitor)
+    }
+}
+
+/// PEFT's `layers_pattern`: the name of the layer list the index of `layers_to_transform` follows
+/// (`layers`), or a list of such names.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(crate) struct LayerLists(pub(crate) Vec<String>);
+
+struct LayerListsVisitor;
+
+impl<'de> Visitor<'de> for LayerListsVisitor {
+    type Value = LayerLists;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a layer list name like layers, or a list of them")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<LayerLists, E> {
+        Ok(LayerLists::default())
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<LayerLists, E> {
+        Ok(LayerLists(vec![layer_list::<E>(
+            NameVisitor.visit_str::<E>(v)?.0,
+        )?]))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<LayerLists, A::Error> {
+        let mut v = vec![];
+        while let Some(Name(n)) = seq.next_element()? {
+            v.push(layer_list::<A::Error>(n)?);
+        }
+        Ok(LayerLists(v))
+    }
+}
+
+/// A `layers_pattern` name, which PEFT puts into a regular expression (`layers\.(\d+)\.`).
+fn layer_list<E: de::Error>(name: String) -> Result<String, E> {
+    match regex::Regex::new(&format!(r"(?:{name})\.(\d+)\.")) {
+        Ok(_) => Ok(name),
+        Err(_) => Err(E::custom(format!(
+            "\"{name}\" is not a regular expression; name the layer list, like layers"
+        ))),
+    }
+}
+
+impl<'de> Deserialize<'de> for LayerLists {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(LayerListsVisitor)
+    }
+}

@@ -7,12 +7,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
 use tch::Tensor;
 
 use super::InferError;
 use crate::checkpoint::{Manifest, PromptSettings};
-use crate::model::{LoraConfig, MllamaModel, TargetModules};
+use crate::model::MllamaModel;
 
 /// A checkpoint whose trainable weights `apply` puts on a model.
 pub struct CheckpointWeights {
@@ -65,59 +64,7 @@ impl CheckpointWeights {
     }
 
     fn is_lora(&self) -> bool {
-        self.manifest.peft.get("method").and_then(Value::as_str) == Some("lora")
-    }
-
-    /// The LoRA settings of the run (its `peft` section).
-    fn lora_config(&self) -> Result<LoraConfig, InferError> {
-        let p = &self.manifest.peft;
-        let num = |k: &str| {
-            p.get(k).and_then(Value::as_f64).ok_or_else(|| {
-                err(
-                    &self.dir,
-                    format!("manifest.json: peft.{k} is missing or not a number"),
-                )
-            })
-        };
-        let target_modules = match p.get("target_modules") {
-            Some(Value::String(re)) => TargetModules::Regex(re.clone()),
-            Some(Value::Array(names)) => TargetModules::Names(
-                names
-                    .iter()
-                    .map(|n| n.as_str().map(str::to_string))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| {
-                        err(
-                            &self.dir,
-                            "manifest.json: peft.target_modules holds a non-string",
-                        )
-                    })?,
-            ),
-            _ => {
-                return Err(err(
-                    &self.dir,
-                    "manifest.json: peft.target_modules is missing",
-                ))
-            }
-        };
-        let r = num("r")?;
-        if !(r >= 1.0 && r.fract() == 0.0 && r <= (1u64 << 24) as f64) {
-            return Err(err(
-                &self.dir,
-                format!("manifest.json: peft.r {r} is not a LoRA rank (a whole number >= 1)"),
-            ));
-        }
-        Ok(LoraConfig {
-            r: r as i64,
-            alpha: num("alpha")?,
-            dropout: num("dropout")?,
-            target_modules,
-            // (absent from manifests of trainers before the option: they trained without it)
-            use_rslora: p
-                .get("use_rslora")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-        })
+        self.manifest.is_lora()
     }
 
     /// Checks that `model_dir` is the base the run trained on (its config.json's bytes or
@@ -134,7 +81,8 @@ impl CheckpointWeights {
         let targets: BTreeMap<String, Tensor> = if self.is_lora() {
             // the trained fp32 factors as they are, as `infer --adapter` loads an adapter
             model.set_lora_kind(tch::Kind::Float);
-            model.apply_lora(&self.lora_config()?, 0)?;
+            let adapter = (self.manifest.adapter_config()).map_err(|e| err(&self.dir, e))?;
+            model.apply_adapter(&adapter, 0)?;
             model.set_training(false);
             model.trainable_parameters().into_iter().collect()
         } else {

@@ -265,28 +265,73 @@ impl MllamaModel {
     /// Wraps every linear layer whose module path matches `cfg.target_modules` with a fresh LoRA branch (PEFT init,
     /// A drawn from a SplitMix64 of `seed`). Returns the number of wrapped layers.
     pub fn apply_lora(&mut self, cfg: &LoraConfig, seed: i64) -> Result<usize, ModelError> {
+        self.apply_adapter(&AdapterConfig::plain(cfg.clone()), seed)
+    }
+
+    /// Wraps the linear layers a run's adapter settings choose (`AdapterConfig::training_layout`:
+    /// target_modules less exclude_modules, on layers_to_transform) with fresh LoRA branches of
+    /// their rank and scaling (rank_pattern, alpha_pattern), PEFT init, A drawn in module order
+    /// from a SplitMix64 of `seed`. Returns the number of wrapped layers. Options a fresh adapter
+    /// cannot have here (DoRA, modules_to_save) are refused.
+    pub fn apply_adapter(&mut self, cfg: &AdapterConfig, seed: i64) -> Result<usize, ModelError> {
+        if let Some(extra) = ["use_dora", "modules_to_save"]
+            .into_iter()
+            .find(|e| cfg.extras().contains(e))
+        {
+            return Err(ModelError::Adapter(format!(
+                "{extra}: a new adapter is plain LoRA (with per-layer ranks, alphas and layer \
+                 choice); {extra} loads from an adapter folder only"
+            )));
+        }
+        let layout = cfg.training_layout()?;
         // its own SplitMix64, not libtorch's global generator: another thread drawing at the same
         // time (tests, a program wrapping two models) cannot shift the values
         let mut rng = SplitMix64::new(seed as u64);
         let kind = self.lora_kind;
-        let matcher = cfg.target_modules.compile()?;
-        let mut n = 0;
+        let mut branches = vec![];
+        let mut overlaps = vec![];
         self.visit_linears(&mut |l| {
-            if matcher.matches(&l.path) {
-                let br = cfg.new_branch(l, kind, &mut rng);
-                l.lora = Some(br);
-                n += 1;
+            if !layout.wraps(&l.path) {
+                return;
             }
+            if let Some(o) = layout.overlap(&l.path) {
+                overlaps.push(o);
+            }
+            let (r, scaling) = (layout.rank(&l.path), layout.scaling(&l.path));
+            let br = LoraBranch::init(l, r, scaling, cfg.lora.dropout, kind, &mut rng);
+            branches.push((l.path.clone(), br));
         });
-        if n == 0 {
+        if let Some(first) = overlaps.first() {
             return Err(ModelError::Adapter(format!(
-                "target_modules {} match no linear layer (listed names match a module path or \
-                 its last parts, like q_proj; a string is a regular expression matched against \
-                 whole paths like model.language_model.layers.0.self_attn.q_proj)",
-                cfg.target_modules
+                "{first}{}: patterns that give a module different values must not overlap \
+                 (peft takes the first in order, which a checkpoint does not record); narrow the \
+                 keys",
+                match overlaps.len() {
+                    1 => String::new(),
+                    n => format!(" (and {} more modules)", n - 1),
+                }
             )));
         }
-        self.lora = Some(cfg.clone());
+        let n = branches.len();
+        if n == 0 {
+            let narrowed = match cfg.extras().is_empty() {
+                true => String::new(),
+                false => format!(", narrowed by {}", cfg.extras().join(" and ")),
+            };
+            return Err(ModelError::Adapter(format!(
+                "target_modules {}{narrowed} match no linear layer (listed names match a module \
+                 path or its last parts, like q_proj; a string is a regular expression matched \
+                 against whole paths like model.language_model.layers.0.self_attn.q_proj)",
+                cfg.lora.target_modules
+            )));
+        }
+        let mut branches = branches.into_iter();
+        self.visit_linears(&mut |l| {
+            if layout.wraps(&l.path) {
+                l.lora = branches.next().map(|(_, br)| br);
+            }
+        });
+        self.lora = Some(cfg.lora.clone());
         self.set_lora_requires_grad(true);
         Ok(n)
     }

@@ -292,6 +292,18 @@ impl AdapterConfig {
     /// `language_model.model.layers...`, as an adapter made then names modules), as peft read
     /// them on the model the adapter was made for.
     pub fn layout(&self, legacy: bool) -> Result<AdapterLayout, ModelError> {
+        self.layout_in(legacy, false)
+    }
+
+    /// The layout of a run's `peft` section (as a run's checkpoint records it): paths in this
+    /// model's naming, and a regular expression (target_modules, exclude_modules, a pattern key)
+    /// matches a path in transformers-4 naming too, as `TargetMatcher::matches` reads a
+    /// target_modules expression written for those paths.
+    pub fn training_layout(&self) -> Result<AdapterLayout, ModelError> {
+        self.layout_in(false, true)
+    }
+
+    fn layout_in(&self, legacy: bool, either_naming: bool) -> Result<AdapterLayout, ModelError> {
         let bad_regex = |what: &str, key: &str, e: regex::Error| {
             ModelError::Adapter(format!(
                 "adapter_config.json: {what} {key:?} is not a regex this program reads (Rust's \
@@ -333,6 +345,7 @@ impl AdapterConfig {
         };
         Ok(AdapterLayout {
             legacy,
+            either_naming,
             targets: choose("target_modules", &self.lora.target_modules)?,
             exclude: match &self.exclude_modules {
                 None => None,
@@ -371,6 +384,8 @@ impl AdapterConfig {
 pub struct AdapterLayout {
     /// The adapter names modules as transformers 4 did.
     legacy: bool,
+    /// Expressions match a path in either naming (`AdapterConfig::training_layout`).
+    either_naming: bool,
     targets: TargetMatcher,
     exclude: Option<TargetMatcher>,
     /// layers_to_transform (empty: every layer).
@@ -395,15 +410,20 @@ impl AdapterLayout {
         }
     }
 
+    /// Whether `m` chooses `path` (this model's naming).
+    fn chooses(&self, m: &TargetMatcher, path: &str) -> bool {
+        match self.either_naming {
+            true => m.matches(path),
+            false => m.matches_named(&self.named(path), path),
+        }
+    }
+
     /// peft's `check_target_module_exists` for a module path (this model's naming).
     pub fn wraps(&self, path: &str) -> bool {
         let name = self.named(path);
-        if self
-            .exclude
-            .as_ref()
-            .is_some_and(|e| e.matches_named(&name, path))
+        if self.exclude.as_ref().is_some_and(|e| self.chooses(e, path))
             || self.saved_lora.iter().any(|re| re.is_match(&name))
-            || !self.targets.matches_named(&name, path)
+            || !self.chooses(&self.targets, path)
         {
             return false;
         }
@@ -431,12 +451,17 @@ impl AdapterLayout {
         })
     }
 
+    /// Whether pattern `re` matches `path` (this model's naming).
+    fn pattern_matches(&self, re: &Regex, path: &str) -> bool {
+        re.is_match(&self.named(path))
+            || self.either_naming && re.is_match(&canonical_to_legacy(path))
+    }
+
     /// The first pattern entry that matches `path`, else `default`.
     fn pattern<T: Copy>(&self, entries: &[(Regex, T)], path: &str, default: T) -> T {
-        let name = self.named(path);
         entries
             .iter()
-            .find(|(re, _)| re.is_match(&name))
+            .find(|(re, _)| self.pattern_matches(re, path))
             .map_or(default, |(_, v)| *v)
     }
 
@@ -445,11 +470,51 @@ impl AdapterLayout {
         self.pattern(&self.rank, path, self.lora.r)
     }
 
-    /// The module's scaling, from its rank and alpha (`alpha_pattern`'s, else `lora_alpha`).
-    pub fn scaling(&self, path: &str) -> f64 {
-        let alpha = self.pattern(&self.alpha, path, self.lora.alpha);
-        super::lora::scaling(alpha, self.rank(path) as f64, self.lora.use_rslora)
+    /// The module's alpha: `alpha_pattern`'s, else `lora_alpha`.
+    pub fn alpha(&self, path: &str) -> f64 {
+        self.pattern(&self.alpha, path, self.lora.alpha)
     }
+
+    /// The module's scaling, from its rank and alpha.
+    pub fn scaling(&self, path: &str) -> f64 {
+        super::lora::scaling(
+            self.alpha(path),
+            self.rank(path) as f64,
+            self.lora.use_rslora,
+        )
+    }
+
+    /// Two pattern keys that give module `path` different values, in words: peft takes the first
+    /// in its file's order, which a checkpoint's manifest (a JSON object) does not keep, so a
+    /// run's patterns may not overlap so.
+    pub fn overlap(&self, path: &str) -> Option<String> {
+        fn first_two<T: Copy + PartialEq + std::fmt::Display>(
+            layout: &AdapterLayout,
+            entries: &[(Regex, T)],
+            path: &str,
+        ) -> Option<String> {
+            let mut matching = entries
+                .iter()
+                .filter(|(re, _)| layout.pattern_matches(re, path));
+            let (first_re, first) = matching.next()?;
+            let (re, v) = matching.find(|(_, v)| v != first)?;
+            Some(format!(
+                "{:?} gives {path} {first}, {:?} gives it {v}",
+                pattern_key(first_re),
+                pattern_key(re)
+            ))
+        }
+        let rank = first_two(self, &self.rank, path).map(|m| format!("rank_pattern: {m}"));
+        rank.or_else(|| first_two(self, &self.alpha, path).map(|m| format!("alpha_pattern: {m}")))
+    }
+}
+
+/// A pattern key as written, from its compiled regex (`^(?:.*\.)?(?:KEY)$`).
+fn pattern_key(re: &Regex) -> &str {
+    let s = re.as_str();
+    s.strip_prefix(r"^(?:.*\.)?(?:")
+        .and_then(|k| k.strip_suffix(")$"))
+        .unwrap_or(s)
 }
 
 fn is_set(v: Option<&Value>) -> bool {

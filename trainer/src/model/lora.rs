@@ -25,6 +25,30 @@ pub struct LoraBranch {
 }
 
 impl LoraBranch {
+    /// A fresh branch of rank `r` on `lin` as PEFT initializes it, factors of `kind` (else the
+    /// weight's): A (r, in) kaiming-uniform with a = sqrt(5), i.e. uniform in
+    /// (-1/sqrt(in), 1/sqrt(in)), drawn from `rng`; B (out, r) zeros.
+    pub fn init(
+        lin: &Linear,
+        r: i64,
+        scaling: f64,
+        dropout: f64,
+        kind: Option<Kind>,
+        rng: &mut SplitMix64,
+    ) -> Self {
+        let (out, inp) = (lin.out_features(), lin.in_features());
+        let opts = (kind.unwrap_or(lin.weight.kind()), lin.weight.device());
+        let bound = 1.0 / (inp as f64).sqrt();
+        let v: Vec<f32> = (0..r * inp)
+            .map(|_| (bound * (2.0 * rng.next_f64() - 1.0)) as f32)
+            .collect();
+        let a = Tensor::from_slice(&v)
+            .view([r, inp])
+            .to_kind(opts.0)
+            .to_device(opts.1);
+        Self::new(a, Tensor::zeros([out, r], opts), scaling, dropout)
+    }
+
     /// A plain LoRA branch: A (r, in), B (out, r), inference mode.
     pub fn new(a: Tensor, b: Tensor, scaling: f64, dropout: f64) -> Self {
         Self {
@@ -258,29 +282,7 @@ impl LoraConfig {
     pub fn scaling(&self) -> f64 {
         scaling(self.alpha, self.r as f64, self.use_rslora)
     }
-
-    /// Fresh branch as PEFT initializes it, factors of `kind` (else the weight's): A kaiming-uniform
-    /// with a = sqrt(5), i.e. uniform in (-1/sqrt(in), 1/sqrt(in)), drawn from `rng`; B zeros.
-    pub fn new_branch(&self, lin: &Linear, kind: Option<Kind>, rng: &mut SplitMix64) -> LoraBranch {
-        let (out, inp) = (lin.out_features(), lin.in_features());
-        let opts = (kind.unwrap_or(lin.weight.kind()), lin.weight.device());
-        let bound = 1.0 / (inp as f64).sqrt();
-        let v: Vec<f32> = (0..self.r * inp)
-            .map(|_| (bound * (2.0 * rng.next_f64() - 1.0)) as f32)
-            .collect();
-        let a = Tensor::from_slice(&v)
-            .view([self.r, inp])
-            .to_kind(opts.0)
-            .to_device(opts.1);
-        self.branch(a, Tensor::zeros([out, self.r], opts))
-    }
-
-    /// A branch with these factors: A (r, in), B (out, r).
-    pub fn branch(&self, a: Tensor, b: Tensor) -> LoraBranch {
-        LoraBranch::new(a, b, self.scaling(), self.dropout)
-    }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

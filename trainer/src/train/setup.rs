@@ -149,8 +149,8 @@ fn load_model(
             }
             None => {
                 model
-                    .apply_lora(&lora_config(p), config.train.seed as i64)
-                    .context("peft.target_modules")?;
+                    .apply_adapter(&adapter_config(p), config.train.seed as i64)
+                    .context("peft")?;
                 if !config.fsdp.enabled {
                     // the plain trainer as PEFT without FSDP (autocast_adapter_dtype): fp32
                     // factors (their bf16-rounded init, as PEFT's), an fp32 branch added in fp32,
@@ -512,23 +512,43 @@ pub(crate) fn lora_config(p: &config::PeftConfig) -> LoraConfig {
         r: p.r as i64,
         alpha: p.alpha,
         dropout: p.dropout,
-        target_modules: match &p.target_modules {
-            config::LoraTargets::Names(n) => TargetModules::Names(n.clone()),
-            config::LoraTargets::Pattern(re) => TargetModules::Regex(re.clone()),
-        },
+        target_modules: target_modules(&p.target_modules),
         use_rslora: p.use_rslora,
     }
 }
 
-/// An adapter training starts from must be plain LoRA: checked before it loads (a module to
-/// save would be copied into an FSDP skeleton's placeholders).
+/// The `peft` section as PEFT adapter settings (the layers, ranks and alphas of its LoRA).
+pub(crate) fn adapter_config(p: &config::PeftConfig) -> AdapterConfig {
+    let mut a = AdapterConfig::plain(lora_config(p));
+    a.rank_pattern = (p.rank_pattern.iter())
+        .map(|(k, r)| (k.clone(), *r as i64))
+        .collect();
+    a.alpha_pattern = p.alpha_pattern.clone();
+    a.exclude_modules = p.exclude_modules.as_ref().map(target_modules);
+    a.layers_to_transform = p.layers_to_transform.iter().map(|i| *i as i64).collect();
+    a.layers_pattern = p.layers_pattern.clone();
+    a
+}
+
+fn target_modules(t: &config::LoraTargets) -> TargetModules {
+    match t {
+        config::LoraTargets::Names(n) => TargetModules::Names(n.clone()),
+        config::LoraTargets::Pattern(re) => TargetModules::Regex(re.clone()),
+    }
+}
+
+/// An adapter training starts from must be LoRA the peft section can describe (no DoRA, no
+/// modules to save): checked before it loads (a module to save would be copied into an FSDP
+/// skeleton's placeholders).
 fn refuse_adapter_extras(dir: &std::path::Path, found: &AdapterConfig) -> Result<()> {
-    let extras = found.extras();
+    let extras: Vec<&str> = (found.extras().into_iter())
+        .filter(|e| ["use_dora", "modules_to_save"].contains(e))
+        .collect();
     if !extras.is_empty() {
         bail!(
             "peft.init_from {}: the adapter sets {} (infer, eval and `export --format merged` \
-             load it), but training continues only plain LoRA, with the one r, alpha and \
-             target_modules of the peft section on every layer; merge the adapter into its base \
+             load it), but training continues LoRA only (its per-layer ranks, alphas and layer \
+             choice included); merge the adapter into its base \
              (`trainer export --format merged --adapter {} --out DIR`) and train a new adapter \
              on that model",
             dir.display(),
@@ -549,7 +569,7 @@ fn check_init_adapter(
     found: &AdapterConfig,
     p: &config::PeftConfig,
 ) -> Result<()> {
-    let found = &found.lora;
+    let (adapter, found) = (found, &found.lora);
     let mut diffs = vec![];
     if found.r != p.r as i64 {
         diffs.push(format!("peft.r: adapter {}, config {}", found.r, p.r));
@@ -566,17 +586,35 @@ fn check_init_adapter(
             found.dropout, p.dropout
         ));
     }
-    // the same layers, however each names them (PEFT saves `all-linear` as the full paths it
-    // resolved to; a regex and a list may choose alike)
-    let matcher = lora_config(p).target_modules.compile()?;
-    let (mut only_adapter, mut only_config) = (vec![], vec![]);
-    model.visit_linears(
-        &mut |l| match (l.lora.is_some(), matcher.matches(&l.path)) {
-            (true, false) => only_adapter.push(l.path.clone()),
-            (false, true) => only_config.push(l.path.clone()),
-            _ => {}
-        },
-    );
+    // the same layers with the same ranks and scalings, however each names them (PEFT saves
+    // `all-linear` as the full paths it resolved to; a regex and a list may choose alike)
+    let layout = adapter_config(p).training_layout()?;
+    let (mut only_adapter, mut only_config, mut other_lora) = (vec![], vec![], vec![]);
+    model.visit_linears(&mut |l| match (&l.lora, layout.wraps(&l.path)) {
+        (Some(_), false) => only_adapter.push(l.path.clone()),
+        (None, true) => only_config.push(l.path.clone()),
+        (Some(br), true) => {
+            let (r, scaling) = (layout.rank(&l.path), layout.scaling(&l.path));
+            if br.a.size()[0] != r || br.scaling != scaling {
+                other_lora.push(format!(
+                    "{}: the adapter's rank {} and scaling {}, the config's {r} and {scaling}",
+                    l.path,
+                    br.a.size()[0],
+                    br.scaling
+                ));
+            }
+        }
+        _ => {}
+    });
+    if let [first, rest @ ..] = &other_lora[..] {
+        diffs.push(format!(
+            "peft.rank_pattern / peft.alpha_pattern: {first}{}",
+            match rest.len() {
+                0 => String::new(),
+                n => format!(" (and {n} more layers)"),
+            }
+        ));
+    }
     if !only_adapter.is_empty() || !only_config.is_empty() {
         let show = |v: &[String]| match v {
             [] => "none".to_string(),
@@ -587,8 +625,17 @@ fn check_init_adapter(
             TargetModules::Names(n) => serde_json::to_string(n)?,
             TargetModules::Regex(r) => serde_json::to_string(r)?,
         };
+        // (exclude_modules and layers_to_transform narrow the choice, when either sets them)
+        let keys = match p.exclude_modules.is_some()
+            || !p.layers_to_transform.is_empty()
+            || adapter.exclude_modules.is_some()
+            || !adapter.layers_to_transform.is_empty()
+        {
+            true => "peft.target_modules / exclude_modules / layers_to_transform",
+            false => "peft.target_modules",
+        };
         diffs.push(format!(
-            "peft.target_modules: the adapter targets {adapter_targets}; layers only it wraps: {}; only the config's {}: {}",
+            "{keys}: the adapter targets {adapter_targets}; layers only it wraps: {}; only the config's {}: {}",
             show(&only_adapter),
             serde_json::to_string(&p.target_modules)?,
             show(&only_config)
@@ -804,6 +851,63 @@ mod tests {
         assert_eq!((t.eval_batch_size(), t.eval_sample_limit()), (8, Some(100)));
         let t = parse(&["train.batch_size=3"]).train;
         assert_eq!((t.eval_batch_size(), t.eval_sample_limit()), (3, None));
+    }
+
+    /// A fresh adapter from a peft section with per-layer options wraps the layers PEFT's
+    /// get_peft_model wraps with the same LoraConfig, each with PEFT's rank and scaling
+    /// (tests/fixtures/train/make_patterns_golden.py records them), under FSDP's skeleton too.
+    #[test]
+    fn per_layer_options_wrap_what_peft_wraps() {
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/train");
+        let golden: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures.join("golden_losses_patterns.json")).unwrap(),
+        )
+        .unwrap();
+        let model_path = format!("model.path={}", fixtures.join("model").display());
+        let sets = [
+            model_path.as_str(),
+            "peft={r: 4, alpha: 8, target_modules: [q_proj, v_proj, gate_proj, fc1]}",
+            r"peft.rank_pattern={gate_proj: 2, 'layers\.1\.self_attn\.q_proj': 6}",
+            "peft.alpha_pattern={v_proj: 16, cross_attn.q_proj: 4}",
+            "peft.exclude_modules=[global_transformer.layers.0.mlp.fc1]",
+            "peft.layers_to_transform=[0, 1]",
+            "peft.layers_pattern=layers",
+        ];
+        for sharded in [false, true] {
+            let (mut model, _) = load_model(&parse(&sets), Device::Cpu, sharded).unwrap();
+            let mut layers = serde_json::Map::new();
+            model.visit_linears(&mut |l| {
+                if let Some(br) = &l.lora {
+                    let (rank, scaling) = (br.a.size()[0], br.scaling);
+                    layers.insert(
+                        l.path.clone(),
+                        serde_json::json!({"rank": rank, "scaling": scaling}),
+                    );
+                }
+            });
+            assert_eq!(serde_json::Value::Object(layers), golden["layers"]);
+        }
+        // patterns that give one module two values: refused, naming both (a checkpoint's
+        // manifest does not keep their order, which peft would go by)
+        let mut overlapping = sets.to_vec();
+        overlapping[2] = "peft.rank_pattern={q_proj: 2, self_attn.q_proj: 6}";
+        let e = load_model(&parse(&overlapping), Device::Cpu, false)
+            .err()
+            .expect("overlapping patterns accepted");
+        let e = format!("{e:#}");
+        assert!(
+            e.contains(
+                "peft: adapter: rank_pattern: \"q_proj\" gives \
+                 model.vision_model.transformer.layers.0.self_attn.q_proj 2, \"self_attn.q_proj\" \
+                 gives it 6 (and 3 more modules): patterns that give a module different values \
+                 must not overlap"
+            ),
+            "{e}"
+        );
+        // the same value twice is no conflict
+        overlapping[2] = "peft.rank_pattern={q_proj: 6, self_attn.q_proj: 6}";
+        assert!(load_model(&parse(&overlapping), Device::Cpu, false).is_ok());
     }
 
     /// Under FSDP an init_from adapter's factors are read in fp32 over a bf16 model, so the fp32
