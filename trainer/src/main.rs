@@ -796,6 +796,8 @@ fn load_for_generation(
         model
             .load_adapter(dir)
             .with_context(|| format!("loading the adapter {}", dir.display()))?;
+        // (DoRA's g once, not in every decoding step)
+        model.fix_dora();
     }
     let image_config = trainer::data::image::ImageProcessorConfig::from_model_dir(model_dir)
         .map_err(anyhow::Error::msg)?;

@@ -721,7 +721,7 @@ fn per_layer_lora_options_name_their_key() {
     let cases = [
         (
             "peft={method: none, rank_pattern: {q_proj: 2}}",
-            "peft.rank_pattern: chooses or varies LoRA by layer; it needs peft.method: lora",
+            "peft.rank_pattern: shapes a LoRA adapter; it needs peft.method: lora",
         ),
         (
             "peft={target_modules: '.*q_proj', layers_to_transform: 0}",

@@ -180,11 +180,12 @@ fn lora_layout(model: &mut MllamaModel) -> BTreeMap<String, (i64, f64)> {
     layout
 }
 
-/// LoRA that varies by layer (rank_pattern, alpha_pattern, exclude_modules), trained on two FSDP
-/// ranks: `infer --checkpoint` applies the factors the run ended with on the layers, ranks and
-/// scalings it trained; its PEFT exports in either naming load (peft's reading of the config
-/// written) as that same adapter; the merged export of the checkpoint equals the adapter's; a
-/// resume with other patterns is refused.
+/// DoRA that varies by layer (rank_pattern, alpha_pattern, exclude_modules), trained on two FSDP
+/// ranks: `infer --checkpoint` applies the factors and magnitudes the run ended with on the
+/// layers, ranks and scalings it trained, and generates what its exported adapter generates; its
+/// PEFT exports in either naming load (peft's reading of the config written) as that same
+/// adapter; the merged export of the checkpoint equals the adapter's; a resume with other
+/// patterns is refused.
 #[test]
 fn per_layer_lora_checkpoints_load_export_and_merge_as_trained() {
     let out = fresh("infer-patterns");
@@ -196,6 +197,7 @@ fn per_layer_lora_checkpoints_load_export_and_merge_as_trained() {
         "peft.rank_pattern={'language_model\\.layers\\.0\\..*': 2, fc1: 6}",
         "peft.alpha_pattern={v_proj: 8}",
         "peft.exclude_modules=.*global_transformer.*",
+        "peft.use_dora=true",
     ];
     ok(run(&out, 2, train, &sets, &[]), "train");
     let ckpt = out.join("ckpt/step-00000002");
@@ -229,6 +231,10 @@ fn per_layer_lora_checkpoints_load_export_and_merge_as_trained() {
     assert_eq!(layout[v1], (4, 8.0 / 4.0));
     assert!(!layout.keys().any(|p| p.contains("global_transformer")));
     assert!(layout.keys().any(|p| p.contains("cross_attn")));
+    let magnitudes = applied
+        .iter()
+        .filter(|(n, _)| n.ends_with(".lora_magnitude_vector"));
+    assert_eq!(magnitudes.count(), layout.len());
 
     for naming in ["hf5", "hf4"] {
         let adapter = out.join(format!("adapter-{naming}"));
@@ -254,6 +260,7 @@ fn per_layer_lora_checkpoints_load_export_and_merge_as_trained() {
             layout.len()
         );
         assert!(cfg.get("exclude_modules").is_none(), "{cfg}");
+        assert_eq!(cfg["use_dora"], Value::Bool(true));
         let patterns = cfg["rank_pattern"].as_object().unwrap();
         match naming {
             "hf5" => assert_eq!(patterns.len(), 2, "{cfg}"),
@@ -272,6 +279,21 @@ fn per_layer_lora_checkpoints_load_export_and_merge_as_trained() {
             }
         }
     }
+
+    // generation: --checkpoint = --model + the exported adapter
+    let image = repo().join("tests/fixtures/data/images/small.png");
+    let (code, from_ckpt, err) = trainer(&INFER, &[("--checkpoint", &ckpt), ("--image", &image)]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, from_adapter, err) = trainer(
+        &INFER,
+        &[
+            ("--model", &base),
+            ("--adapter", &out.join("adapter-hf5")),
+            ("--image", &image),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(texts(&from_ckpt), texts(&from_adapter));
 
     // the merged model of the checkpoint = that of its exported adapter
     let merged = |name: &str, source: (&str, &Path)| {

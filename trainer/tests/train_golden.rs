@@ -93,6 +93,41 @@ fn per_layer_lora_losses_match_transformers_peft_adamw() {
     );
 }
 
+/// DoRA (tests/fixtures/train/make_dora_golden.py): the learned magnitudes train with A and B
+/// (peft detaches the norm of W + scaling B A), fc1's bias is left out of the base output it
+/// scales; the losses must match PEFT's, and the adapter the run exports must load as DoRA again.
+#[test]
+fn dora_losses_match_transformers_peft_adamw() {
+    let check = |out: &std::path::Path| {
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["use_dora"], json!(true));
+        let mut model = MllamaModel::load(
+            &repo().join("tests/fixtures/train/model"),
+            LoadOptions::default(),
+        )
+        .unwrap();
+        model.load_adapter(out).unwrap();
+        let magnitudes = model
+            .trainable_parameters()
+            .into_iter()
+            .filter(|(n, _)| n.ends_with(".lora_magnitude_vector"))
+            .count();
+        assert_eq!(magnitudes, 15);
+    };
+    losses_match_then(
+        "golden_losses_dora.json",
+        &[
+            "peft.init_from=tests/fixtures/train/adapter_dora",
+            "peft.target_modules=[q_proj, v_proj, fc1]",
+            "peft.use_dora=true",
+        ],
+        &check,
+    );
+}
+
 /// `trainer train` on the golden fixture config with `sets` gives the per-step losses of
 /// tests/fixtures/train/`file` within 1e-4 relative.
 fn losses_match(file: &str, sets: &[&str]) {
@@ -229,15 +264,15 @@ fn fp16_training_is_refused() {
     );
 }
 
-/// An init_from adapter with DoRA or modules to save (which the peft section cannot express,
-/// and checkpoints and export would drop) is refused with the way out: merge it, train anew.
+/// An init_from adapter with modules to save (which the peft section cannot express, and
+/// checkpoints and export would drop) is refused with the way out: merge it, train anew.
 #[test]
-fn init_from_a_dora_adapter_is_refused_with_the_way_out() {
+fn init_from_an_adapter_with_modules_to_save_is_refused_with_the_way_out() {
     refused(
         "dora",
         &["peft.init_from=tests/fixtures/peft_variants/dora"],
         &[
-            "peft.init_from tests/fixtures/peft_variants/dora: the adapter sets use_dora, \
+            "peft.init_from tests/fixtures/peft_variants/dora: the adapter sets \
              modules_to_save",
             "trainer export --format merged --adapter tests/fixtures/peft_variants/dora",
         ],

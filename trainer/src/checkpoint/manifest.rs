@@ -221,7 +221,8 @@ impl Manifest {
             "revision": null,
             "target_modules": field("target_modules"),
             "task_type": "CAUSAL_LM",
-            "use_dora": false,
+            // (absent from manifests of trainers before the option)
+            "use_dora": peft.get("use_dora").cloned().unwrap_or(json!(false)),
             // (absent from manifests of trainers before the option: they trained without it)
             "use_rslora": peft.get("use_rslora").cloned().unwrap_or(json!(false)),
         });

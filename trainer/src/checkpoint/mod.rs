@@ -354,6 +354,9 @@ pub fn identity(config: &Config) -> BTreeMap<String, Value> {
     if p.is_lora() && p.use_rslora {
         m.insert("peft.use_rslora".into(), json!(true));
     }
+    if p.is_lora() && p.use_dora {
+        m.insert("peft.use_dora".into(), json!(true));
+    }
     // the per-layer options, only when set (identities of checkpoints from before them stay)
     if let (true, Ok(Value::Object(section))) = (p.is_lora(), serde_json::to_value(p)) {
         for key in [

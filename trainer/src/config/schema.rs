@@ -69,6 +69,9 @@ pub struct PeftConfig {
     /// Rank-stabilized LoRA: the update scaled by alpha / sqrt(r) instead of alpha / r (PEFT's
     /// `use_rslora`).
     pub use_rslora: bool,
+    /// DoRA (PEFT's `use_dora`): each wrapped layer also learns the magnitude of each row of its
+    /// adapted weight.
+    pub use_dora: bool,
     /// PEFT's `rank_pattern`: (module pattern, rank) in the order written; a module takes the
     /// rank of the pattern that matches the end of its path at a `.`, else `r`. Patterns that
     /// give one module different values are refused when the model is built.

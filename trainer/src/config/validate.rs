@@ -227,6 +227,7 @@ fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
     }
     // the options that choose LoRA's layers or vary it by layer
     let layer_options = [
+        ("peft.use_dora", raw.use_dora),
         ("peft.rank_pattern", !raw.rank_pattern.0.is_empty()),
         ("peft.alpha_pattern", !raw.alpha_pattern.0.is_empty()),
         ("peft.exclude_modules", raw.exclude_modules.is_some()),
@@ -239,12 +240,12 @@ fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
     if let Some((key, _)) = layer_options.iter().find(|(_, set)| *set && !lora) {
         return Err(ConfigError::Conflict {
             path: key.to_string(),
-            message: "chooses or varies LoRA by layer; it needs peft.method: lora".into(),
+            message: "shapes a LoRA adapter; it needs peft.method: lora".into(),
         });
     }
     // (as PEFT's LoraConfig refuses them)
     if let Targets::Pattern(re) = &raw.target_modules {
-        let by_index = layer_options[3..].iter().find(|(_, set)| *set);
+        let by_index = layer_options[4..].iter().find(|(_, set)| *set);
         if let Some((key, _)) = by_index {
             return Err(ConfigError::Conflict {
                 path: key.to_string(),
@@ -288,6 +289,7 @@ fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
         dropout: raw.dropout.get(),
         target_modules: lora_targets(raw.target_modules),
         use_rslora: raw.use_rslora,
+        use_dora: raw.use_dora,
         rank_pattern: (raw.rank_pattern.0.into_iter())
             .map(|(k, r)| (k, r.size()))
             .collect(),

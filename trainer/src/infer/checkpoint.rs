@@ -82,7 +82,7 @@ impl CheckpointWeights {
             // the trained fp32 factors as they are, as `infer --adapter` loads an adapter
             model.set_lora_kind(tch::Kind::Float);
             let adapter = (self.manifest.adapter_config()).map_err(|e| err(&self.dir, e))?;
-            model.apply_adapter(&adapter, 0)?;
+            model.apply_adapter(&adapter, 0, None)?;
             model.set_training(false);
             model.trainable_parameters().into_iter().collect()
         } else {
@@ -132,6 +132,8 @@ impl CheckpointWeights {
                 ),
             ));
         }
+        // (DoRA's g once, not in every decoding step)
+        model.fix_dora();
         Ok(found)
     }
 }

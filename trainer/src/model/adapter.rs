@@ -10,7 +10,7 @@ use tch::{Kind, Tensor};
 
 use super::adapter_config::{AdapterConfig, AdapterLayout};
 use super::lora::{LoraBranch, LoraConfig, TargetModules};
-use super::weights::{legacy_to_canonical, WeightSource};
+use super::weights::{legacy_to_canonical, KeyLayout, WeightSource};
 use super::{MllamaModel, ModelError};
 use crate::rng::SplitMix64;
 
@@ -44,6 +44,26 @@ fn adapter_key(module: &str, which: &str) -> String {
         "P" => module.to_string(),
         ab => format!("{PEFT_PREFIX}{module}.lora_{ab}.weight"),
     }
+}
+
+/// The base weight of `l` (out, in): the model's, or where that is a placeholder (one element
+/// broadcast: an FSDP skeleton) read from `base` in `dtype`, the dtype the model loads it in.
+fn base_weight(
+    l: &super::lora::Linear,
+    base: Option<&WeightSource>,
+    dtype: Kind,
+) -> Result<Tensor, ModelError> {
+    if l.weight.stride().iter().any(|s| *s != 0) || l.weight.numel() <= 1 {
+        return Ok(l.weight.shallow_clone());
+    }
+    let src = base.ok_or_else(|| {
+        ModelError::Adapter(format!(
+            "{}: the model holds no weights (a skeleton) and no weight source was given",
+            l.path
+        ))
+    })?;
+    let layout = KeyLayout::detect(src.names_and_shapes().map(|(n, _)| n));
+    src.get(&layout.file_name(&format!("{}.weight", l.path)), dtype)
 }
 
 /// Errors about an adapter's config named by its folder (`DIR/adapter_config.json: ...`).
@@ -265,23 +285,28 @@ impl MllamaModel {
     /// Wraps every linear layer whose module path matches `cfg.target_modules` with a fresh LoRA branch (PEFT init,
     /// A drawn from a SplitMix64 of `seed`). Returns the number of wrapped layers.
     pub fn apply_lora(&mut self, cfg: &LoraConfig, seed: i64) -> Result<usize, ModelError> {
-        self.apply_adapter(&AdapterConfig::plain(cfg.clone()), seed)
+        self.apply_adapter(&AdapterConfig::plain(cfg.clone()), seed, None)
     }
 
     /// Wraps the linear layers a run's adapter settings choose (`AdapterConfig::training_layout`:
     /// target_modules less exclude_modules, on layers_to_transform) with fresh LoRA branches of
     /// their rank and scaling (rank_pattern, alpha_pattern), PEFT init, A drawn in module order
-    /// from a SplitMix64 of `seed`. Returns the number of wrapped layers. Options a fresh adapter
-    /// cannot have here (DoRA, modules_to_save) are refused.
-    pub fn apply_adapter(&mut self, cfg: &AdapterConfig, seed: i64) -> Result<usize, ModelError> {
-        if let Some(extra) = ["use_dora", "modules_to_save"]
-            .into_iter()
-            .find(|e| cfg.extras().contains(e))
-        {
-            return Err(ModelError::Adapter(format!(
-                "{extra}: a new adapter is plain LoRA (with per-layer ranks, alphas and layer \
-                 choice); {extra} loads from an adapter folder only"
-            )));
+    /// from a SplitMix64 of `seed`; with `use_dora`, each with PEFT's initial magnitude, the row
+    /// norms of its base weight (read from `base` where the model holds placeholders: an FSDP
+    /// skeleton). Returns the number of wrapped layers. modules_to_save is refused (it loads
+    /// from an adapter folder only).
+    pub fn apply_adapter(
+        &mut self,
+        cfg: &AdapterConfig,
+        seed: i64,
+        base: Option<&WeightSource>,
+    ) -> Result<usize, ModelError> {
+        if !cfg.modules_to_save.is_empty() {
+            return Err(ModelError::Adapter(
+                "modules_to_save: a new adapter trains LoRA (and DoRA) factors only; modules to \
+                 save load from an adapter folder"
+                    .into(),
+            ));
         }
         let layout = cfg.training_layout()?;
         // its own SplitMix64, not libtorch's global generator: another thread drawing at the same
@@ -289,7 +314,8 @@ impl MllamaModel {
         let mut rng = SplitMix64::new(seed as u64);
         let kind = self.lora_kind;
         let mut branches = vec![];
-        let mut overlaps = vec![];
+        let (mut overlaps, mut problems) = (vec![], vec![]);
+        let dtype = self.options.dtype;
         self.visit_linears(&mut |l| {
             if !layout.wraps(&l.path) {
                 return;
@@ -298,9 +324,20 @@ impl MllamaModel {
                 overlaps.push(o);
             }
             let (r, scaling) = (layout.rank(&l.path), layout.scaling(&l.path));
-            let br = LoraBranch::init(l, r, scaling, cfg.lora.dropout, kind, &mut rng);
+            let mut br = LoraBranch::init(l, r, scaling, cfg.lora.dropout, kind, &mut rng);
+            if cfg.use_dora {
+                match base_weight(l, base, dtype) {
+                    Ok(w) => br.init_dora(&w),
+                    Err(e) => problems.push(e.to_string()),
+                }
+            }
             branches.push((l.path.clone(), br));
         });
+        if let Some(first) = problems.first() {
+            return Err(ModelError::Adapter(format!(
+                "use_dora: reading the base weights for DoRA's magnitudes: {first}"
+            )));
+        }
         if let Some(first) = overlaps.first() {
             return Err(ModelError::Adapter(format!(
                 "{first}{}: patterns that give a module different values must not overlap \
@@ -341,6 +378,10 @@ impl MllamaModel {
             if let Some(br) = &mut l.lora {
                 br.a = br.a.detach().set_requires_grad(on);
                 br.b = br.b.detach().set_requires_grad(on);
+                br.magnitude = br
+                    .magnitude
+                    .as_ref()
+                    .map(|m| m.detach().set_requires_grad(on));
             }
         });
     }
@@ -360,7 +401,20 @@ impl MllamaModel {
             if let Some(br) = &mut l.lora {
                 br.a = br.a.detach().to_kind(kind);
                 br.b = br.b.detach().to_kind(kind);
+                br.magnitude = br.magnitude.as_ref().map(|m| m.detach().to_kind(kind));
                 br.dora_scale = br.dora_scale.as_ref().map(|g| g.to_kind(kind));
+            }
+        });
+    }
+
+    /// Computes each DoRA branch's g once (`LoraBranch::fix_dora`), for weights that no longer
+    /// change (inference): a forward then does not recompute the norm of W + scaling B A.
+    pub fn fix_dora(&mut self) {
+        self.visit_linears(&mut |l| {
+            if let Some(br) = &mut l.lora {
+                if br.magnitude.is_some() {
+                    br.fix_dora(&l.weight);
+                }
             }
         });
     }
@@ -437,7 +491,9 @@ impl MllamaModel {
                     cfg.lora.dropout,
                 );
                 match dora {
-                    [m] => br.set_dora(m, &l.weight),
+                    // (g is computed in each forward, or once by `fix_dora`: under FSDP the
+                    // weight here may be a placeholder)
+                    [m] => br.magnitude = Some(m.shallow_clone()),
                     [] if !cfg.use_dora => {}
                     _ => return,
                 }
@@ -545,6 +601,9 @@ impl MllamaModel {
                     format!("{PEFT_PREFIX}{}.lora_B.weight", l.path),
                     br.b.shallow_clone(),
                 ));
+                if let Some(m) = &br.magnitude {
+                    v.push((adapter_key(&l.path, "M"), m.shallow_clone()));
+                }
             }
         });
         v
@@ -566,7 +625,7 @@ impl MllamaModel {
         let mut varied = None;
         self.visit_linears(&mut |l| {
             if let Some(br) = &l.lora {
-                let plain = br.dora_scale.is_none()
+                let plain = br.magnitude.is_none()
                     && br.a.size()[0] == cfg.r
                     && br.scaling == cfg.scaling();
                 if !plain && varied.is_none() {

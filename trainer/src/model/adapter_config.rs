@@ -6,7 +6,7 @@
 //!   for list `target_modules` that match by suffix (`check_target_module_exists`);
 //! - `rank_pattern` / `alpha_pattern` give a module the value of the first key (in file order)
 //!   that matches the end of its path at a `.` (`get_pattern_key`);
-//! - `use_dora`: DoRA, a learned magnitude per output row (`LoraBranch::dora_scale`);
+//! - `use_dora`: DoRA, a learned magnitude per output row (`LoraBranch::magnitude`);
 //! - `modules_to_save`: modules trained in full, whose every parameter the adapter file holds
 //!   (a module whose path ends with one of the names; no LoRA inside them).
 //!

@@ -1,8 +1,8 @@
 //! `Linear` (weight, optional bias) with an optional LoRA branch, PEFT semantics:
 //! y = x W^T + b + dropout(x) A^T B^T * scaling, scaling = alpha / r (alpha / sqrt(r) with rslora);
 //! A (r, in) kaiming-uniform(a = sqrt(5)), B (out, r) zeros; target_modules matched as PEFT does.
-//! DoRA (loaded adapters): y = x W^T + b + (g - 1) (x W^T) + g (x A^T B^T) scaling, with g the
-//! magnitude over the row norms of W + scaling B A (PEFT's `DoraLinearLayer`).
+//! DoRA: y = x W^T + b + (g - 1) (x W^T) + g (x A^T B^T) scaling, with g the learned magnitude m
+//! over the row norms of W + scaling B A, that norm detached (PEFT's `DoraLinearLayer`).
 use regex::Regex;
 use tch::{Kind, Tensor};
 
@@ -18,9 +18,11 @@ pub struct LoraBranch {
     pub dropout: f64,
     /// Dropout is applied only while training.
     pub training: bool,
-    /// DoRA: the learned magnitude over the norm of each row of the adapted weight,
-    /// m / ||W + scaling B A|| (out,), in the factors' dtype. PEFT detaches that norm and the
-    /// weights of a loaded adapter do not change, so it is computed once (`set_dora`).
+    /// DoRA: the learned magnitude m of each row of the adapted weight (out,), in the factors'
+    /// dtype: a trainable parameter like A and B.
+    pub magnitude: Option<Tensor>,
+    /// DoRA's g = m / ||W + scaling B A|| (out,) computed once for weights that no longer change
+    /// (`fix_dora`: inference, merging); None computes it in every forward, as training must.
     pub dora_scale: Option<Tensor>,
 }
 
@@ -57,21 +59,51 @@ impl LoraBranch {
             scaling,
             dropout,
             training: false,
+            magnitude: None,
             dora_scale: None,
         }
     }
 
-    /// Makes the branch DoRA with `magnitude` (out,) over base `weight` (out, in). PEFT's
-    /// `get_weight_norm`: the norm of each row of W + scaling B A, in the factors' dtype (fp32
-    /// over a bf16 model, as peft loads adapters).
+    /// Makes the branch DoRA with `magnitude` (out,) over base `weight` (out, in), its g fixed
+    /// (`fix_dora`): the weights do not change from here (inference, merging).
     pub fn set_dora(&mut self, magnitude: &Tensor, weight: &Tensor) {
+        self.magnitude = Some(magnitude.to_kind(self.a.kind()));
+        self.fix_dora(weight);
+    }
+
+    /// Computes DoRA's g once, for factors, magnitude and `weight` that no longer change.
+    pub fn fix_dora(&mut self, weight: &Tensor) {
+        self.dora_scale = None;
+        self.dora_scale = tch::no_grad(|| self.dora_factor(weight));
+    }
+
+    /// DoRA's g = m / ||W + scaling B A|| (out,) in the factors' dtype (fp32 over a bf16 model,
+    /// as peft loads adapters), None without DoRA. PEFT's `get_weight_norm`, the norm of each
+    /// row, detached (B A too): the gradient reaches m through the division only.
+    pub fn dora_factor(&self, weight: &Tensor) -> Option<Tensor> {
+        if let Some(g) = &self.dora_scale {
+            return Some(g.shallow_clone());
+        }
+        let m = self.magnitude.as_ref()?;
         let kind = self.a.kind();
-        let scale = tch::no_grad(|| {
-            let adapted = weight.to_kind(kind) + self.b.matmul(&self.a) * self.scaling; // (out, in)
-            let norm = adapted.linalg_norm(2.0, [1i64].as_slice(), false, kind); // (out,)
-            magnitude.to_kind(kind).to_device(norm.device()) / norm
+        let norm = tch::no_grad(|| {
+            let delta = self.b.detach().matmul(&self.a.detach()) * self.scaling; // (out, in)
+            let adapted = weight.detach().to_kind(kind) + delta;
+            adapted.linalg_norm(2.0, [1i64].as_slice(), false, kind) // (out,)
         });
-        self.dora_scale = Some(scale);
+        Some(m.to_kind(kind).to_device(norm.device()) / norm)
+    }
+
+    /// PEFT's initial magnitude of a fresh branch (B zero): the norm of each row of `weight`
+    /// (out, in) in its own dtype, as `get_weight_norm` computes it, then in the factors'.
+    pub fn init_dora(&mut self, weight: &Tensor) {
+        let m = tch::no_grad(|| {
+            let w = weight.detach();
+            w.linalg_norm(2.0, [1i64].as_slice(), false, w.kind()) // (out,)
+        });
+        let m = m.to_kind(self.a.kind()).to_device(self.a.device());
+        self.magnitude = Some(m);
+        self.dora_scale = None;
     }
 }
 
@@ -106,8 +138,8 @@ impl Linear {
                 };
                 let xd = xd.to_kind(l.a.kind());
                 let za = xd.linear::<Tensor>(&l.a, None); // (..., r)
-                if let Some(g) = &l.dora_scale {
-                    return self.dora_forward(y, &xd, za, g, l);
+                if let Some(g) = l.dora_factor(&self.weight) {
+                    return self.dora_forward(y, &xd, za, &g, l);
                 }
 
                 // PEFT scales the (..., out) product. A power of two (16 / 8, 32 / 8) scales exactly, so it is
@@ -168,7 +200,7 @@ impl Linear {
             tch::no_grad(|| {
                 let delta = l.b.to_kind(Kind::Float).matmul(&l.a.to_kind(Kind::Float)) * l.scaling; // (out, in)
                 let mut merged = self.weight.to_kind(Kind::Float) + delta;
-                if let Some(g) = &l.dora_scale {
+                if let Some(g) = l.dora_factor(&self.weight) {
                     merged = g.to_kind(Kind::Float).unsqueeze(1) * merged;
                 }
                 self.weight = merged.to_kind(self.weight.kind());
@@ -468,5 +500,61 @@ mod tests {
         assert!(bf.forward(&xb).equal(&peft));
         let close = rel(&bf.forward(&xb).to_kind(Kind::Double));
         assert!(close < 2e-2, "bf16 rel {close}");
+    }
+
+    /// Training DoRA: the gradients of A, B and m are those of PEFT's forward, whose norm of
+    /// W + scaling B A is detached (fp64 reference written out); with the norm differentiated
+    /// they would differ.
+    #[test]
+    fn dora_gradients_treat_the_weight_norm_as_a_constant() {
+        let f64s = (Kind::Double, tch::Device::Cpu);
+        tch::manual_seed(11);
+        let x = Tensor::randn([6, 12], f64s);
+        let w = Tensor::randn([10, 12], f64s);
+        let bias = Tensor::randn([10], f64s);
+        let (a0, b0) = (Tensor::randn([3, 12], f64s), Tensor::randn([10, 3], f64s));
+        let m0 = Tensor::rand([10], f64s) + 0.5;
+        let upstream = Tensor::randn([6, 10], f64s); // d loss / d y
+        let s = 1.5;
+        let leaf = |t: &Tensor| t.detach().copy().set_requires_grad(true);
+        let grads = |detached: bool| {
+            let (a, b, m) = (leaf(&a0), leaf(&b0), leaf(&m0));
+            let adapted = &w + b.matmul(&a) * s; // (out, in)
+            let norm = adapted
+                .square()
+                .sum_dim_intlist([1i64].as_slice(), false, Kind::Double)
+                .sqrt();
+            let norm = if detached { norm.detach() } else { norm };
+            let g = &m / norm;
+            let base = x.linear::<Tensor>(&w, None);
+            let lora = x.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None);
+            let y = &base + &bias + (&g - 1.0) * &base + &g * lora * s;
+            (y * &upstream).sum(Kind::Double).backward();
+            [a.grad(), b.grad(), m.grad()]
+        };
+        let (peft, through_norm) = (grads(true), grads(false));
+        let (a, b, m) = (leaf(&a0), leaf(&b0), leaf(&m0));
+        let mut br = LoraBranch::new(a.shallow_clone(), b.shallow_clone(), s, 0.0);
+        br.training = true;
+        br.magnitude = Some(m.shallow_clone());
+        let layer = Linear {
+            path: "fc1".into(),
+            weight: w.shallow_clone(),
+            bias: Some(bias.shallow_clone()),
+            lora: Some(br),
+        };
+        (layer.forward(&x) * &upstream).sum(Kind::Double).backward();
+        let mut differs = false;
+        for (i, (ours, (want, other))) in [a.grad(), b.grad(), m.grad()]
+            .iter()
+            .zip(peft.iter().zip(&through_norm))
+            .enumerate()
+        {
+            let rel =
+                (ours - want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+            assert!(rel < 1e-12, "gradient {i}: relative {rel}");
+            differs |= !other.allclose(want, 1e-6, 1e-9, false);
+        }
+        assert!(differs, "the reference does not tell a detached norm apart");
     }
 }

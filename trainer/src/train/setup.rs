@@ -149,7 +149,7 @@ fn load_model(
             }
             None => {
                 model
-                    .apply_adapter(&adapter_config(p), config.train.seed as i64)
+                    .apply_adapter(&adapter_config(p), config.train.seed as i64, src.as_ref())
                     .context("peft")?;
                 if !config.fsdp.enabled {
                     // the plain trainer as PEFT without FSDP (autocast_adapter_dtype): fp32
@@ -527,6 +527,7 @@ pub(crate) fn adapter_config(p: &config::PeftConfig) -> AdapterConfig {
     a.exclude_modules = p.exclude_modules.as_ref().map(target_modules);
     a.layers_to_transform = p.layers_to_transform.iter().map(|i| *i as i64).collect();
     a.layers_pattern = p.layers_pattern.clone();
+    a.use_dora = p.use_dora;
     a
 }
 
@@ -537,18 +538,18 @@ fn target_modules(t: &config::LoraTargets) -> TargetModules {
     }
 }
 
-/// An adapter training starts from must be LoRA the peft section can describe (no DoRA, no
-/// modules to save): checked before it loads (a module to save would be copied into an FSDP
-/// skeleton's placeholders).
+/// An adapter training starts from must be LoRA the peft section can describe (no modules to
+/// save): checked before it loads (a module to save would be copied into an FSDP skeleton's
+/// placeholders).
 fn refuse_adapter_extras(dir: &std::path::Path, found: &AdapterConfig) -> Result<()> {
     let extras: Vec<&str> = (found.extras().into_iter())
-        .filter(|e| ["use_dora", "modules_to_save"].contains(e))
+        .filter(|e| *e == "modules_to_save")
         .collect();
     if !extras.is_empty() {
         bail!(
             "peft.init_from {}: the adapter sets {} (infer, eval and `export --format merged` \
-             load it), but training continues LoRA only (its per-layer ranks, alphas and layer \
-             choice included); merge the adapter into its base \
+             load it), but training continues LoRA and DoRA factors only (per-layer ranks, \
+             alphas and layer choice included); merge the adapter into its base \
              (`trainer export --format merged --adapter {} --out DIR`) and train a new adapter \
              on that model",
             dir.display(),
@@ -639,6 +640,12 @@ fn check_init_adapter(
             show(&only_adapter),
             serde_json::to_string(&p.target_modules)?,
             show(&only_config)
+        ));
+    }
+    if adapter.use_dora != p.use_dora {
+        diffs.push(format!(
+            "peft.use_dora: adapter {}, config {}",
+            adapter.use_dora, p.use_dora
         ));
     }
     if found.use_rslora != p.use_rslora {
@@ -851,6 +858,51 @@ mod tests {
         assert_eq!((t.eval_batch_size(), t.eval_sample_limit()), (8, Some(100)));
         let t = parse(&["train.batch_size=3"]).train;
         assert_eq!((t.eval_batch_size(), t.eval_sample_limit()), (3, None));
+    }
+
+    /// A fresh DoRA adapter starts where PEFT's does: B zero and each magnitude the norm of a row
+    /// of its base weight, so the model computes what the base does; FSDP's skeleton (which holds
+    /// no weights) reads them from the weight files, to the same values.
+    #[test]
+    fn dora_magnitudes_start_at_the_base_weights_row_norms() {
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/train");
+        let model_path = format!("model.path={}", fixtures.join("model").display());
+        let sets = [
+            model_path.as_str(),
+            "model.dtype=fp32",
+            "peft={target_modules: [q_proj, fc1], use_dora: true}",
+        ];
+        let base = crate::model::MllamaModel::load(
+            &fixtures.join("model"),
+            crate::model::LoadOptions::default(),
+        )
+        .unwrap();
+        let mut norms = std::collections::BTreeMap::new();
+        base.visit_params(&mut |n, t| {
+            if let Some(path) = n.strip_suffix(".weight").filter(|_| t.dim() == 2) {
+                let norm = t.linalg_norm(2.0, [1i64].as_slice(), false, Kind::Float);
+                norms.insert(path.to_string(), norm);
+            }
+        });
+        for sharded in [false, true] {
+            let (mut model, _) = load_model(&parse(&sets), Device::Cpu, sharded).unwrap();
+            let mut n = 0;
+            model.visit_linears(&mut |l| {
+                if let Some(br) = &l.lora {
+                    let m = br.magnitude.as_ref().expect("a DoRA magnitude");
+                    assert!(m.equal(&norms[&l.path]), "{} (sharded {sharded})", l.path);
+                    assert_eq!(br.b.abs().sum(Kind::Float).double_value(&[]), 0.0);
+                    n += 1;
+                }
+            });
+            // q_proj in 3 vision and 3 text layers, fc1 in the 3 vision layers
+            assert_eq!(n, 9);
+            let magnitudes = (model.trainable_parameters().into_iter())
+                .filter(|(k, _)| k.ends_with(".lora_magnitude_vector"))
+                .count();
+            assert_eq!(magnitudes, n);
+        }
     }
 
     /// A fresh adapter from a peft section with per-layer options wraps the layers PEFT's
