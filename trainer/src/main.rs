@@ -1256,12 +1256,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // (across nodes the paths are each node's: one node's launcher stopping before the
             // rendezvous would leave the others waiting for it; its ranks check them instead,
             // after the group formed, and the group fails together)
+            // (and the model's structure with the adapter's layout: the same on every node)
+            let mut summary = None;
             if !multi_node {
                 config::missing_paths(&resolved).map_err(in_file)?;
+                summary = Some(anyhow::Context::with_context(
+                    trainer::train::check_model(&resolved),
+                    || format!("{}: the model and its adapter layout", file.display()),
+                )?);
             }
             println!("{}: config ok", file.display());
             for note in trainer::train::config_notes(&resolved) {
                 println!("note: {note}");
+            }
+            if let Some(summary) = summary {
+                println!("{summary}");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -275,6 +275,63 @@ const FIXTURE_PATHS: [&str; 8] = [
     "data.image_root=tests/fixtures/data/images",
 ];
 
+/// `trainer config check` builds the model's structure with the adapter's layout (weights left
+/// unread) and prints peft's trainable-parameter line, the numbers peft's
+/// `print_trainable_parameters` printed for the same LoraConfig on this model (peft 0.21.2,
+/// 2026-11-29); a layout that wraps nothing or patterns that overlap stop there.
+#[test]
+fn config_check_prints_what_trains_and_refuses_a_bad_adapter_layout() {
+    let mut check = vec!["config", "check", "configs/demo.yaml"];
+    check.extend(FIXTURE_PATHS);
+    check.extend([
+        "--set",
+        "peft={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
+    ]);
+    for (set, want) in [
+        (
+            "peft.use_rslora=false",
+            "LoRA on 12 linear layers (rank 4): trainable params: 4,224 || all params: 277,639 \
+             || trainable%: 1.5214",
+        ),
+        (
+            "peft={target_modules: [q_proj, v_proj, fc1], use_dora: true, r: 4}",
+            "DoRA on 15 linear layers (rank 4): trainable params: 6,048 || all params: 279,463 \
+             || trainable%: 2.1642",
+        ),
+        (
+            "peft.rank_pattern={fc1: 2, v_proj: 6}",
+            "LoRA on 12 linear layers (ranks 4-6): trainable params:",
+        ),
+    ] {
+        let mut args = check.clone();
+        args.extend(["--set", set]);
+        let (code, stdout, stderr) = trainer(&args);
+        assert_eq!(code, 0, "{set}: {stderr}");
+        assert!(stdout.contains(want), "{set}: {stdout}");
+    }
+    for (set, want) in [
+        (
+            "peft.target_modules=[nothing]",
+            "peft: adapter: target_modules [\"nothing\"] match no linear layer",
+        ),
+        (
+            "peft.rank_pattern={q_proj: 2, self_attn.q_proj: 3}",
+            "\"self_attn.q_proj\" gives it 3 (and 4 more modules): patterns that give a module \
+             different values must not overlap",
+        ),
+    ] {
+        let mut args = check.clone();
+        args.extend(["--set", set]);
+        let (code, _, stderr) = trainer(&args);
+        assert_eq!(code, 1, "{set}: {stderr}");
+        assert!(stderr.contains(want), "{set}: {stderr}");
+        assert!(
+            stderr.contains("configs/demo.yaml: the model and its adapter layout"),
+            "{stderr}"
+        );
+    }
+}
+
 /// A path the run reads that is not there (a typo in model.path, data.train) is refused by
 /// `trainer config check` naming its key and the `--set` that gave it, and so by the launcher
 /// once, before any rank starts or restarts (each would load the model first).

@@ -6,6 +6,7 @@
 //! - `checkpointing`: resume, periodic / max_steps / epoch-end / SIGTERM saves (`crate::checkpoint`)
 //! - `metrics`:       metrics.jsonl, the progress bar or log lines
 //! - `flops`:         model FLOPs per step, TFLOP/s and MFU
+//! - `params`:        what trains, as peft's trainable-parameter line (and `config check`'s model)
 //! - `signal`:        SIGTERM (all ranks stop after the same step)
 //!
 //! Loss normalization: every optimizer step sees `batch_size x world x grad_accum` samples; the
@@ -19,6 +20,7 @@
 mod checkpointing;
 pub(crate) mod flops;
 mod metrics;
+mod params;
 mod setup;
 mod signal;
 mod step;
@@ -44,6 +46,7 @@ pub struct Outcome {
     pub last_loss: Option<f64>,
 }
 
+pub use params::check_model;
 pub use signal::stop_exit_code;
 
 /// Settings that do nothing in `config` (notes, not errors), as a run logs them: for `trainer

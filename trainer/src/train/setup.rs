@@ -65,6 +65,10 @@ pub(super) fn model(
 ) -> Result<(Trainable, FlopCount)> {
     let (mut model, src) = load_model(config, device, config.fsdp.enabled)?;
     model.freeze_llm = config.peft.freeze_llm_only;
+    log(
+        pg.rank(),
+        &super::params::trainable_summary(&mut model, false),
+    );
     let flops = FlopCount::of(&mut model);
     let trainable = match src {
         Some(src) => {
