@@ -302,6 +302,12 @@ fn config_check_prints_what_trains_and_refuses_a_bad_adapter_layout() {
             "peft.rank_pattern={fc1: 2, v_proj: 6}",
             "LoRA on 12 linear layers (ranks 4-6): trainable params:",
         ),
+        (
+            "peft.modules_to_save=[multi_modal_projector]",
+            "LoRA on 12 linear layers (rank 4) and modules_to_save \
+             [\"model.multi_modal_projector\"]: trainable params: 8,384 || all params: 281,799 \
+             || trainable%: 2.9752",
+        ),
     ] {
         let mut args = check.clone();
         args.extend(["--set", set]);
@@ -313,6 +319,11 @@ fn config_check_prints_what_trains_and_refuses_a_bad_adapter_layout() {
         (
             "peft.target_modules=[nothing]",
             "peft: adapter: target_modules [\"nothing\"] match no linear layer",
+        ),
+        (
+            "peft.modules_to_save=[mlp_projector]",
+            "peft: adapter: modules_to_save \"mlp_projector\": no module of this model has a path \
+             that ends with it",
         ),
         (
             "peft.rank_pattern={q_proj: 2, self_attn.q_proj: 3}",

@@ -766,6 +766,15 @@ fn per_layer_lora_options_name_their_key() {
              (all-linear is a target_modules value), got all-linear",
         ),
         (
+            "peft={method: none, modules_to_save: [lm_head]}",
+            "peft.modules_to_save: shapes a LoRA adapter; it needs peft.method: lora",
+        ),
+        (
+            "peft.modules_to_save=lm_head",
+            "peft.modules_to_save: expected a list of module names like [multi_modal_projector], \
+             got \"lm_head\"",
+        ),
+        (
             "peft={layers_to_transform: [0], layers_pattern: '(layers'}",
             "peft.layers_pattern: \"(layers\" is not a regular expression; name the layer list, \
              like layers",

@@ -180,9 +180,10 @@ fn lora_layout(model: &mut MllamaModel) -> BTreeMap<String, (i64, f64)> {
     layout
 }
 
-/// DoRA that varies by layer (rank_pattern, alpha_pattern, exclude_modules), trained on two FSDP
-/// ranks: `infer --checkpoint` applies the factors and magnitudes the run ended with on the
-/// layers, ranks and scalings it trained, and generates what its exported adapter generates; its
+/// DoRA that varies by layer (rank_pattern, alpha_pattern, exclude_modules) beside a module
+/// trained in full (modules_to_save), trained on two FSDP ranks: `infer --checkpoint` applies the
+/// factors, magnitudes and module the run ended with on the layers, ranks and scalings it
+/// trained, and generates what its exported adapter generates; its
 /// PEFT exports in either naming load (peft's reading of the config written) as that same
 /// adapter; the merged export of the checkpoint equals the adapter's; a resume with other
 /// patterns is refused.
@@ -198,6 +199,7 @@ fn per_layer_lora_checkpoints_load_export_and_merge_as_trained() {
         "peft.alpha_pattern={v_proj: 8}",
         "peft.exclude_modules=.*global_transformer.*",
         "peft.use_dora=true",
+        "peft.modules_to_save=[multi_modal_projector]",
     ];
     ok(run(&out, 2, train, &sets, &[]), "train");
     let ckpt = out.join("ckpt/step-00000002");
@@ -235,6 +237,17 @@ fn per_layer_lora_checkpoints_load_export_and_merge_as_trained() {
         .iter()
         .filter(|(n, _)| n.ends_with(".lora_magnitude_vector"));
     assert_eq!(magnitudes.count(), layout.len());
+    let saved: Vec<&str> = (applied.iter())
+        .filter(|(n, _)| !n.starts_with("base_model.model."))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(
+        saved,
+        [
+            "model.multi_modal_projector.weight",
+            "model.multi_modal_projector.bias"
+        ]
+    );
 
     for naming in ["hf5", "hf4"] {
         let adapter = out.join(format!("adapter-{naming}"));
@@ -261,6 +274,10 @@ fn per_layer_lora_checkpoints_load_export_and_merge_as_trained() {
         );
         assert!(cfg.get("exclude_modules").is_none(), "{cfg}");
         assert_eq!(cfg["use_dora"], Value::Bool(true));
+        assert_eq!(
+            cfg["modules_to_save"],
+            serde_json::json!(["multi_modal_projector"])
+        );
         let patterns = cfg["rank_pattern"].as_object().unwrap();
         match naming {
             "hf5" => assert_eq!(patterns.len(), 2, "{cfg}"),

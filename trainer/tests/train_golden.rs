@@ -128,6 +128,51 @@ fn dora_losses_match_transformers_peft_adamw() {
     );
 }
 
+/// LoRA beside a module trained in full (tests/fixtures/train/make_saved_golden.py: peft's
+/// `modules_to_save`, the projector's weight and bias): the losses must match PEFT's, and the
+/// adapter the run exports must hold the trained projector under peft's names, which load again.
+#[test]
+fn modules_to_save_losses_match_transformers_peft_adamw() {
+    let check = |out: &std::path::Path| {
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["modules_to_save"], json!(["multi_modal_projector"]));
+        let exported: std::collections::HashMap<String, tch::Tensor> =
+            tch::Tensor::read_safetensors(out.join("adapter_model.safetensors"))
+                .unwrap()
+                .into_iter()
+                .collect();
+        let start: std::collections::HashMap<String, tch::Tensor> = tch::Tensor::read_safetensors(
+            repo().join("tests/fixtures/train/adapter_saved/adapter_model.safetensors"),
+        )
+        .unwrap()
+        .into_iter()
+        .collect();
+        let key = "base_model.model.model.multi_modal_projector.weight";
+        assert!(
+            !exported[key].equal(&start[key]),
+            "the projector did not train"
+        );
+        let mut model = MllamaModel::load(
+            &repo().join("tests/fixtures/train/model"),
+            LoadOptions::default(),
+        )
+        .unwrap();
+        model.load_adapter(out).unwrap();
+        assert!(model.multi_modal_projector.weight.equal(&exported[key]));
+    };
+    losses_match_then(
+        "golden_losses_saved.json",
+        &[
+            "peft.init_from=tests/fixtures/train/adapter_saved",
+            "peft.modules_to_save=[multi_modal_projector]",
+        ],
+        &check,
+    );
+}
+
 /// `trainer train` on the golden fixture config with `sets` gives the per-step losses of
 /// tests/fixtures/train/`file` within 1e-4 relative.
 fn losses_match(file: &str, sets: &[&str]) {
@@ -200,6 +245,8 @@ fn refused(name: &str, sets: &[&str], wants: &[&str]) {
     let o = cmd
         .arg("--set")
         .arg(format!("train.output_dir={}", out.display()))
+        .arg("--set")
+        .arg(format!("checkpoint.dir={}", out.join("ckpt").display()))
         .env_remove("RANK")
         .env_remove("WORLD_SIZE")
         .output()
@@ -264,21 +311,23 @@ fn fp16_training_is_refused() {
     );
 }
 
-/// An init_from adapter with modules to save (which the peft section cannot express, and
-/// checkpoints and export would drop) is refused with the way out: merge it, train anew.
+/// An init_from adapter whose DoRA, patterns and modules to save the peft section does not
+/// give is refused naming each key; under FSDP one with modules to save is refused before it
+/// loads (its saved modules would be copied into the model skeleton's placeholders) with the
+/// ways out.
 #[test]
-fn init_from_an_adapter_with_modules_to_save_is_refused_with_the_way_out() {
+fn init_from_adapter_options_must_match_and_saved_modules_need_plain_training() {
     refused(
         "dora",
         &["peft.init_from=tests/fixtures/peft_variants/dora"],
         &[
-            "peft.init_from tests/fixtures/peft_variants/dora: the adapter sets \
-             modules_to_save",
-            "trainer export --format merged --adapter tests/fixtures/peft_variants/dora",
+            "peft.init_from tests/fixtures/peft_variants/dora: its adapter_config.json differs \
+             from the peft config",
+            "peft.modules_to_save: adapter [\"transformer.layers.1.self_attn.o_proj\"], config []",
+            "peft.use_dora: adapter true, config false",
+            "peft.rank_pattern / peft.alpha_pattern:",
         ],
     );
-    // under FSDP too, before the adapter loads (its saved modules would be copied into the
-    // model skeleton's placeholders)
     refused(
         "patterns-fsdp",
         &[
@@ -286,8 +335,11 @@ fn init_from_an_adapter_with_modules_to_save_is_refused_with_the_way_out() {
             "fsdp.enabled=true",
         ],
         &[
-            "peft.init_from tests/fixtures/peft_variants/patterns: the adapter sets \
-             modules_to_save",
+            "peft.init_from tests/fixtures/peft_variants/patterns: the adapter holds \
+             modules_to_save [\"multi_modal_projector\", \"fc2\", \"lm_head\"], which an FSDP run \
+             does not start from",
+            "fsdp.enabled: false",
+            "trainer export --format merged --adapter tests/fixtures/peft_variants/patterns",
         ],
     );
 }

@@ -71,6 +71,13 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
         })
         .collect();
     let config = adapter_config(checkpoint, &m, &modules, naming)?;
+    // the parameters of modules to save go by their own names in the checkpoint, by
+    // `base_model.model.<name>` in an adapter
+    for (name, _) in &mut tensors {
+        if !name.starts_with("base_model.model.") {
+            *name = format!("base_model.model.{name}");
+        }
+    }
     if naming == AdapterNaming::Hf4 {
         for (name, _) in &mut tensors {
             if let Some(module) = name.strip_prefix("base_model.model.") {
@@ -234,6 +241,13 @@ fn adapter_config(
         }
         other => other,
     };
+    if let (true, Value::Array(saved)) = (legacy, &mut config["modules_to_save"]) {
+        for m in saved.iter_mut() {
+            if let Some(path) = m.as_str().filter(|p| full_path(p)) {
+                *m = json!(written(path));
+            }
+        }
+    }
     if narrowed {
         if let Some(o) = config.as_object_mut() {
             o.remove("exclude_modules");

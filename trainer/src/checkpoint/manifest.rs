@@ -214,7 +214,7 @@ impl Manifest {
             "layers_to_transform": optional("layers_to_transform"),
             "lora_alpha": field("alpha"),
             "lora_dropout": field("dropout"),
-            "modules_to_save": null,
+            "modules_to_save": optional("modules_to_save"),
             "peft_type": "LORA",
             "r": field("r"),
             "rank_pattern": or_empty("rank_pattern"),

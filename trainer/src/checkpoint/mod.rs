@@ -365,6 +365,7 @@ pub fn identity(config: &Config) -> BTreeMap<String, Value> {
             "exclude_modules",
             "layers_to_transform",
             "layers_pattern",
+            "modules_to_save",
         ] {
             if let Some(v) = section.get(key).filter(|v| is_set(v)) {
                 let key = format!("peft.{key}");
@@ -396,7 +397,8 @@ pub(crate) fn identity_value(key: &str, v: Value) -> Value {
             "peft.target_modules"
             | "peft.exclude_modules"
             | "peft.layers_to_transform"
-            | "peft.layers_pattern",
+            | "peft.layers_pattern"
+            | "peft.modules_to_save",
             Value::Array(mut list),
         ) => {
             list.sort_by_key(|m| m.to_string());

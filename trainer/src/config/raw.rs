@@ -11,8 +11,8 @@ use super::schema::{
     Resume, SaveAdapter, Schedule, ScheduleKind, ShardingStrategy, Supervise, TextOnly,
 };
 use super::values::{
-    Beta, ClipNorm, Count, Decay, Dropout, FilePath, Int, LayerIndices, LayerLists, NonNegative,
-    Num, Patterns, Positive, PositiveInt, Ratio, Targets,
+    Beta, ClipNorm, Count, Decay, Dropout, FilePath, Int, LayerIndices, LayerLists, ModuleNames,
+    NonNegative, Num, Patterns, Positive, PositiveInt, Ratio, Targets,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -62,6 +62,7 @@ pub(crate) struct RawPeft {
     pub exclude_modules: Option<Targets>,
     pub layers_to_transform: LayerIndices,
     pub layers_pattern: LayerLists,
+    pub modules_to_save: ModuleNames,
     pub init_from: Option<FilePath>,
     pub freeze_llm_only: bool,
 }
@@ -82,6 +83,7 @@ impl Default for RawPeft {
             exclude_modules: None,
             layers_to_transform: LayerIndices::default(),
             layers_pattern: LayerLists::default(),
+            modules_to_save: ModuleNames::default(),
             init_from: None,
             freeze_llm_only: false,
         }

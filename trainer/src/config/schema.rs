@@ -88,6 +88,9 @@ pub struct PeftConfig {
     /// PEFT's `layers_pattern`: the layer lists whose index `layers_to_transform` reads (empty:
     /// the first numbered part of a module path).
     pub layers_pattern: Vec<String>,
+    /// PEFT's `modules_to_save`: modules (a path ending with a name) whose every parameter trains
+    /// in full beside the LoRA factors, and is saved in the adapter.
+    pub modules_to_save: Vec<String>,
     /// A PEFT adapter folder to start from (llama-recipes `--from_peft_checkpoint`).
     pub init_from: Option<PathBuf>,
     /// Full finetuning of the vision tower, the projector and the text model's cross-attention

@@ -236,6 +236,7 @@ fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
             !raw.layers_to_transform.0.is_empty(),
         ),
         ("peft.layers_pattern", !raw.layers_pattern.0.is_empty()),
+        ("peft.modules_to_save", !raw.modules_to_save.0.is_empty()),
     ];
     if let Some((key, _)) = layer_options.iter().find(|(_, set)| *set && !lora) {
         return Err(ConfigError::Conflict {
@@ -245,7 +246,8 @@ fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
     }
     // (as PEFT's LoraConfig refuses them)
     if let Targets::Pattern(re) = &raw.target_modules {
-        let by_index = layer_options[4..].iter().find(|(_, set)| *set);
+        let by_index =
+            (layer_options.iter()).find(|(key, set)| *set && key.starts_with("peft.layers_"));
         if let Some((key, _)) = by_index {
             return Err(ConfigError::Conflict {
                 path: key.to_string(),
@@ -299,6 +301,7 @@ fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
         exclude_modules: raw.exclude_modules.map(lora_targets),
         layers_to_transform: raw.layers_to_transform.0,
         layers_pattern: raw.layers_pattern.0,
+        modules_to_save: raw.modules_to_save.0,
         init_from: raw.init_from.map(|p| p.0),
         freeze_llm_only: raw.freeze_llm_only,
     })

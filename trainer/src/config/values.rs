@@ -464,3 +464,33 @@ impl<'de> Deserialize<'de> for LayerLists {
         d.deserialize_any(LayerListsVisitor)
     }
 }
+
+/// PEFT's `modules_to_save`: a list of module names (a module whose path ends with one trains in
+/// full).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(crate) struct ModuleNames(pub(crate) Vec<String>);
+
+struct ModuleNamesVisitor;
+
+impl<'de> Visitor<'de> for ModuleNamesVisitor {
+    type Value = ModuleNames;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of module names like [multi_modal_projector]")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<ModuleNames, E> {
+        Ok(ModuleNames::default())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ModuleNames, A::Error> {
+        let mut v = vec![];
+        while let Some(Name(n)) = seq.next_element()? {
+            v.push(n);
+        }
+        Ok(ModuleNames(v))
+    }
+}
+
+impl<'de> Deserialize<'de> for ModuleNames {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ModuleNamesVisitor)
+    }
+}

@@ -275,7 +275,11 @@ impl FsdpModel {
             ))
         });
         if model.lora.is_some() {
-            all.extend(trainable.into_iter().map(|(n, t)| (n, t, true)));
+            // (the factors: parameters of modules to save are base parameters, listed above)
+            let factors = trainable
+                .into_iter()
+                .filter(|(n, _)| !model.saved_params.contains(n));
+            all.extend(factors.map(|(n, t)| (n, t, true)));
         }
         // group per unit, then per (trainable, kind), keeping first-seen order
         let mut per_unit: Vec<Vec<GroupParams>> = (0..layout.count()).map(|_| vec![]).collect();

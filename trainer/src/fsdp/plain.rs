@@ -164,8 +164,11 @@ impl PlainModel {
             total += t.numel() as i64 * t.kind().elt_size_in_bytes() as i64
         });
         if self.model.lora.is_some() {
-            for (_, p) in &self.params {
-                total += p.numel() as i64 * p.kind().elt_size_in_bytes() as i64;
+            // (the factors: parameters of modules to save were counted above)
+            for (n, p) in &self.params {
+                if !self.model.saved_params.contains(n) {
+                    total += p.numel() as i64 * p.kind().elt_size_in_bytes() as i64;
+                }
             }
         }
         total

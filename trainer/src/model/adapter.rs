@@ -289,26 +289,20 @@ impl MllamaModel {
     }
 
     /// Wraps the linear layers a run's adapter settings choose (`AdapterConfig::training_layout`:
-    /// target_modules less exclude_modules, on layers_to_transform) with fresh LoRA branches of
-    /// their rank and scaling (rank_pattern, alpha_pattern), PEFT init, A drawn in module order
-    /// from a SplitMix64 of `seed`; with `use_dora`, each with PEFT's initial magnitude, the row
-    /// norms of its base weight (read from `base` where the model holds placeholders: an FSDP
-    /// skeleton). Returns the number of wrapped layers. modules_to_save is refused (it loads
-    /// from an adapter folder only).
+    /// target_modules less exclude_modules, on layers_to_transform, outside modules to save) with
+    /// fresh LoRA branches of their rank and scaling (rank_pattern, alpha_pattern), PEFT init, A
+    /// drawn in module order from a SplitMix64 of `seed`; with `use_dora`, each with PEFT's
+    /// initial magnitude, the row norms of its base weight (read from `base` where the model
+    /// holds placeholders: an FSDP skeleton). The parameters of modules_to_save train in full
+    /// (`saved_params`). Returns the number of wrapped layers.
     pub fn apply_adapter(
         &mut self,
         cfg: &AdapterConfig,
         seed: i64,
         base: Option<&WeightSource>,
     ) -> Result<usize, ModelError> {
-        if !cfg.modules_to_save.is_empty() {
-            return Err(ModelError::Adapter(
-                "modules_to_save: a new adapter trains LoRA (and DoRA) factors only; modules to \
-                 save load from an adapter folder"
-                    .into(),
-            ));
-        }
         let layout = cfg.training_layout()?;
+        let saved = self.saved_by(cfg, &layout)?;
         // its own SplitMix64, not libtorch's global generator: another thread drawing at the same
         // time (tests, a program wrapping two models) cannot shift the values
         let mut rng = SplitMix64::new(seed as u64);
@@ -369,8 +363,47 @@ impl MllamaModel {
             }
         });
         self.lora = Some(cfg.lora.clone());
+        self.saved_params = saved;
         self.set_lora_requires_grad(true);
         Ok(n)
+    }
+
+    /// The base parameters of the modules `cfg.modules_to_save` names (a module whose path ends
+    /// with the name, as peft's `_set_trainable`); a name that matches no module is an error.
+    fn saved_by(
+        &self,
+        cfg: &AdapterConfig,
+        layout: &AdapterLayout,
+    ) -> Result<Vec<String>, ModelError> {
+        let mut saved = vec![];
+        self.visit_params(&mut |name, _| {
+            if layout.saves(name) {
+                saved.push(name.to_string());
+            }
+        });
+        let one = AdapterConfig::plain(cfg.lora.clone());
+        for m in &cfg.modules_to_save {
+            let layout = AdapterConfig {
+                modules_to_save: vec![m.clone()],
+                ..one.clone()
+            }
+            .training_layout()?;
+            if !saved.iter().any(|n| layout.saves(n)) {
+                let tied = m == "lm_head" && self.config.text.tie_word_embeddings;
+                return Err(ModelError::Adapter(format!(
+                    "modules_to_save {m:?}: {}",
+                    match tied {
+                        true => "lm_head shares its weight with embed_tokens here \
+                                 (tie_word_embeddings): save embed_tokens"
+                            .to_string(),
+                        false => "no module of this model has a path that ends with it (names \
+                                  like multi_modal_projector, lm_head)"
+                            .to_string(),
+                    }
+                )));
+            }
+        }
+        Ok(saved)
     }
 
     fn set_lora_requires_grad(&mut self, on: bool) {
@@ -509,6 +542,7 @@ impl MllamaModel {
                 model_params.push((name.to_string(), t.shallow_clone()));
             }
         });
+        let saved_names: Vec<String> = model_params.iter().map(|(n, _)| n.clone()).collect();
         for (name, p) in model_params {
             match tensors.get(&(name.clone(), "P")) {
                 None => problems.push(format!(
@@ -583,12 +617,14 @@ impl MllamaModel {
             }
         });
         self.lora = Some(cfg.lora.clone());
+        self.saved_params = saved_names;
         self.set_lora_requires_grad(true);
         Ok(cfg)
     }
 
-    /// LoRA factors as (PEFT key, tensor) in module order: the trainable parameters. The tensors share storage with
-    /// the model (an optimizer updating them in place updates the model).
+    /// LoRA factors (and DoRA magnitudes) as (PEFT key, tensor) in module order, then the
+    /// parameters of modules to save by name: the trainable parameters. The tensors share
+    /// storage with the model (an optimizer updating them in place updates the model).
     pub fn trainable_parameters(&mut self) -> Vec<(String, Tensor)> {
         let mut v = vec![];
         self.visit_linears(&mut |l| {
@@ -604,6 +640,12 @@ impl MllamaModel {
                 if let Some(m) = &br.magnitude {
                     v.push((adapter_key(&l.path, "M"), m.shallow_clone()));
                 }
+            }
+        });
+        // the parameters of modules to save, by their own names
+        self.visit_params(&mut |name, t| {
+            if self.saved_params.iter().any(|s| s == name) {
+                v.push((name.to_string(), t.shallow_clone()));
             }
         });
         v

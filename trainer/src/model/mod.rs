@@ -144,6 +144,9 @@ pub struct MllamaModel {
     /// Full finetuning trains the vision tower, the projector and the cross-attention layers
     /// only (`peft.freeze_llm_only`, llama-recipes' `freeze_LLM_only`).
     pub freeze_llm: bool,
+    /// Base parameters a LoRA adapter trains in full, by name (peft's `modules_to_save`): listed
+    /// by `trainable_parameters` after the factors.
+    pub saved_params: Vec<String>,
 }
 
 /// The text decoder layer a parameter name belongs to (`...language_model.[model.]layers.N....`).
@@ -385,6 +388,7 @@ impl MllamaModel {
             lora: None,
             lora_kind: None,
             freeze_llm: false,
+            saved_params: vec![],
         })
     }
 

@@ -109,7 +109,11 @@ impl FlopCount {
                 }
             }
         };
-        let trains = |n: &str| !lora && m.full_finetune_trains(n);
+        // (LoRA: only the parameters of modules to save, beside the factors)
+        let trains = |n: &str| match lora {
+            true => m.saved_params.iter().any(|s| s == n),
+            false => m.full_finetune_trains(n),
+        };
         m.visit_params(&mut |n, t| add(n, t.numel() as f64, trains(n)));
         let c = &m.config.text;
         if c.tie_word_embeddings {
@@ -121,7 +125,9 @@ impl FlopCount {
             );
         }
         for (n, numel) in lora_params.unwrap_or_default() {
-            add(n, *numel as f64, true);
+            if !m.saved_params.contains(n) {
+                add(n, *numel as f64, true);
+            }
         }
         let (t, v) = (&m.config.text, &m.config.vision);
         let text_hd = (t.num_attention_heads * t.head_dim()) as f64;

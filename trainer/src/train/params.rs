@@ -23,6 +23,13 @@ pub fn trainable_summary(model: &mut MllamaModel, count_dora: bool) -> String {
             full += n;
         }
     });
+    // (peft counts a module to save twice in all params: the base module and its trained copy)
+    let mut saved = 0i64;
+    model.visit_params(&mut |name, t| {
+        if model.saved_params.iter().any(|s| s == name) {
+            saved += t.numel() as i64;
+        }
+    });
     let (what, trainable) = if model.lora.is_some() {
         let (mut layers, mut lora, mut ranks, mut dora) = (0, 0i64, BTreeSet::new(), false);
         model.visit_linears(&mut |l| {
@@ -37,16 +44,20 @@ pub fn trainable_summary(model: &mut MllamaModel, count_dora: bool) -> String {
                 ranks.insert(br.a.size()[0]);
             }
         });
-        all += lora;
+        all += lora + saved;
         let ranks = match (ranks.first(), ranks.last()) {
             (Some(lo), Some(hi)) if lo != hi => format!("ranks {lo}-{hi}"),
             (Some(r), _) => format!("rank {r}"),
             _ => "no layer".into(),
         };
         let method = if dora { "DoRA" } else { "LoRA" };
+        let modules = match saved {
+            0 => String::new(),
+            _ => format!(" and modules_to_save {:?}", model_modules_to_save(model)),
+        };
         (
-            format!("{method} on {layers} linear layers ({ranks})"),
-            lora,
+            format!("{method} on {layers} linear layers ({ranks}){modules}"),
+            lora + saved,
         )
     } else if model.freeze_llm {
         (
@@ -63,6 +74,15 @@ pub fn trainable_summary(model: &mut MllamaModel, count_dora: bool) -> String {
         thousands(all),
         100.0 * trainable as f64 / all.max(1) as f64
     )
+}
+
+/// The modules whose parameters train in full (`saved_params` less their last part).
+fn model_modules_to_save(model: &MllamaModel) -> Vec<&str> {
+    let mut modules: Vec<&str> = (model.saved_params.iter())
+        .filter_map(|n| n.rsplit_once('.').map(|(m, _)| m))
+        .collect();
+    modules.dedup();
+    modules
 }
 
 /// `n` as Python's `{:,d}` writes it.

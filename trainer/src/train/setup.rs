@@ -144,7 +144,7 @@ fn load_model(
                 // a bf16 base too (autocast_adapter_dtype).
                 let (settings, _) = read_adapter_config(dir)
                     .with_context(|| format!("reading peft.init_from {}", dir.display()))?;
-                refuse_adapter_extras(dir, &settings)?;
+                refuse_adapter_extras(dir, &settings, sharded)?;
                 model.set_lora_kind(Kind::Float);
                 let found = model
                     .load_adapter(dir)
@@ -532,6 +532,7 @@ pub(crate) fn adapter_config(p: &config::PeftConfig) -> AdapterConfig {
     a.layers_to_transform = p.layers_to_transform.iter().map(|i| *i as i64).collect();
     a.layers_pattern = p.layers_pattern.clone();
     a.use_dora = p.use_dora;
+    a.modules_to_save = p.modules_to_save.clone();
     a
 }
 
@@ -542,22 +543,23 @@ fn target_modules(t: &config::LoraTargets) -> TargetModules {
     }
 }
 
-/// An adapter training starts from must be LoRA the peft section can describe (no modules to
-/// save): checked before it loads (a module to save would be copied into an FSDP skeleton's
-/// placeholders).
-fn refuse_adapter_extras(dir: &std::path::Path, found: &AdapterConfig) -> Result<()> {
-    let extras: Vec<&str> = (found.extras().into_iter())
-        .filter(|e| *e == "modules_to_save")
-        .collect();
-    if !extras.is_empty() {
+/// Under FSDP (`sharded`) an adapter training starts from may not hold modules to save: checked
+/// before it loads (their parameters would be copied into the model skeleton's placeholders,
+/// while FSDP reads every base parameter from the weight files).
+fn refuse_adapter_extras(
+    dir: &std::path::Path,
+    found: &AdapterConfig,
+    sharded: bool,
+) -> Result<()> {
+    if sharded && !found.modules_to_save.is_empty() {
         bail!(
-            "peft.init_from {}: the adapter sets {} (infer, eval and `export --format merged` \
-             load it), but training continues LoRA and DoRA factors only (per-layer ranks, \
-             alphas and layer choice included); merge the adapter into its base \
+            "peft.init_from {}: the adapter holds modules_to_save {:?}, which an FSDP run does \
+             not start from (its ranks read the base weights from model.path); continue it with \
+             fsdp.enabled: false, or merge the adapter into its base \
              (`trainer export --format merged --adapter {} --out DIR`) and train a new adapter \
              on that model",
             dir.display(),
-            extras.join(", "),
+            found.modules_to_save,
             dir.display()
         );
     }
@@ -644,6 +646,18 @@ fn check_init_adapter(
             show(&only_adapter),
             serde_json::to_string(&p.target_modules)?,
             show(&only_config)
+        ));
+    }
+    let sorted = |v: &[String]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v.dedup();
+        v
+    };
+    if sorted(&adapter.modules_to_save) != sorted(&p.modules_to_save) {
+        diffs.push(format!(
+            "peft.modules_to_save: adapter {:?}, config {:?}",
+            adapter.modules_to_save, p.modules_to_save
         ));
     }
     if adapter.use_dora != p.use_dora {
