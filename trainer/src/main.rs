@@ -1269,8 +1269,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for note in trainer::train::config_notes(&resolved) {
                 println!("note: {note}");
             }
-            if let Some(summary) = summary {
+            if let Some((summary, warnings)) = summary {
                 println!("{summary}");
+                for w in warnings {
+                    println!("warning: {w}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -303,6 +303,12 @@ fn config_check_prints_what_trains_and_refuses_a_bad_adapter_layout() {
             "LoRA on 12 linear layers (ranks 4-6): trainable params:",
         ),
         (
+            "peft={rank_pattern: {qproj: 2}, exclude_modules: [nothing_here]}",
+            "warning: peft.rank_pattern key \"qproj\" matches no layer LoRA wraps: check its \
+             spelling\nwarning: peft.exclude_modules \"nothing_here\" matches no layer \
+             target_modules chooses: check its spelling",
+        ),
+        (
             "peft.modules_to_save=[multi_modal_projector]",
             "LoRA on 12 linear layers (rank 4) and modules_to_save \
              [\"model.multi_modal_projector\"]: trainable params: 8,384 || all params: 281,799 \

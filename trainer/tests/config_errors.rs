@@ -725,9 +725,9 @@ fn per_layer_lora_options_name_their_key() {
         ),
         (
             "peft={target_modules: '.*q_proj', layers_to_transform: 0}",
-            "peft.layers_to_transform: picks layers by index within the modules a list of \
-             target_modules names; with a regular expression (\".*q_proj\") as target_modules, \
-             write the layers into it (PEFT refuses this too)",
+            "peft.layers_to_transform: selects layers by index, which PEFT does only for a list \
+             of target_modules names; with the regular expression \".*q_proj\" as \
+             target_modules, write the layer numbers into it (PEFT refuses this too)",
         ),
         (
             "peft.layers_pattern=layers",

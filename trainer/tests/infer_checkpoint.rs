@@ -340,6 +340,51 @@ fn per_layer_lora_checkpoints_load_export_and_merge_as_trained() {
     assert!(o.stderr.contains("peft.rank_pattern"), "{}", o.stderr);
 }
 
+/// Targets and pattern keys written as partial transformers-5 paths match nothing in
+/// transformers-4 naming: the hf4 export writes them out by module, so the adapter still loads
+/// as trained (the hf5 export keeps them as written).
+#[test]
+fn an_hf4_export_spells_out_partial_paths() {
+    let out = fresh("infer-partial-paths");
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
+    let sets = [
+        "checkpoint.every_steps=1",
+        "peft.target_modules=[language_model.layers.0.self_attn.q_proj, v_proj]",
+        "peft.rank_pattern={language_model.layers.1.cross_attn.v_proj: 2}",
+    ];
+    ok(run(&out, 1, train, &sets, &[]), "train");
+    let ckpt = out.join("ckpt/step-00000001");
+    let base = setup().join("model");
+    let load = || MllamaModel::load(&base, LoadOptions::default()).unwrap();
+    let mut model = load();
+    CheckpointWeights::read(&ckpt)
+        .unwrap()
+        .apply(&mut model)
+        .unwrap();
+    let layout = lora_layout(&mut model);
+    assert_eq!(
+        layout["model.language_model.layers.1.cross_attn.v_proj"].0,
+        2
+    );
+    for (naming, spelled_out) in [("hf5", false), ("hf4", true)] {
+        let adapter = out.join(format!("adapter-{naming}"));
+        let (code, _, err) = trainer(
+            &["export", "--format", "peft", "--naming", naming],
+            &[("--checkpoint", &ckpt), ("--out", &adapter)],
+        );
+        assert_eq!(code, Some(0), "{err}");
+        let mut from_adapter = load();
+        from_adapter.load_adapter(&adapter).unwrap();
+        assert_eq!(lora_layout(&mut from_adapter), layout, "{naming}");
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let listed = cfg["target_modules"].as_array().unwrap().len() == layout.len();
+        assert_eq!(listed, spelled_out, "{naming}: {cfg}");
+    }
+}
+
 /// A checkpoint records how its run built prompts; `infer --checkpoint` follows it.
 #[test]
 fn a_checkpoint_records_its_prompt_settings() {

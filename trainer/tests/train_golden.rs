@@ -311,6 +311,29 @@ fn fp16_training_is_refused() {
     );
 }
 
+/// Patterns that give one module two ranks are refused when training starts from an adapter too
+/// (peft would take the first in order, which the checkpoint's manifest does not keep).
+#[test]
+fn init_from_with_overlapping_patterns_is_refused() {
+    refused(
+        "overlap",
+        &[
+            "peft.init_from=tests/fixtures/train/adapter_patterns",
+            "peft.target_modules=[q_proj, v_proj, gate_proj, fc1]",
+            "peft.rank_pattern={gate_proj: 2, 'layers\\.1\\.self_attn\\.q_proj': 6, self_attn.q_proj: 4}",
+            "peft.alpha_pattern={v_proj: 16, cross_attn.q_proj: 4}",
+            "peft.exclude_modules=[global_transformer.layers.0.mlp.fc1]",
+            "peft.layers_to_transform=[0, 1]",
+            "peft.layers_pattern=layers",
+        ],
+        &[
+            "peft: rank_pattern: \"layers\\\\.1\\\\.self_attn\\\\.q_proj\" gives \
+             model.vision_model.transformer.layers.1.self_attn.q_proj 6, \"self_attn.q_proj\" \
+             gives it 4: patterns that give a module different values must not overlap",
+        ],
+    );
+}
+
 /// An init_from adapter whose DoRA, patterns and modules to save the peft section does not
 /// give is refused naming each key; under FSDP one with modules to save is refused before it
 /// loads (its saved modules would be copied into the model skeleton's placeholders) with the

@@ -70,7 +70,12 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
             Some((module.to_string(), t.size().first().copied()?))
         })
         .collect();
-    let config = adapter_config(checkpoint, &m, &modules, naming)?;
+    // (the parameters of modules to save: by their own names in the checkpoint)
+    let saved: Vec<String> = (tensors.iter())
+        .filter(|(n, _)| !n.starts_with("base_model.model."))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let config = adapter_config(checkpoint, &m, &modules, &saved, naming)?;
     // the parameters of modules to save go by their own names in the checkpoint, by
     // `base_model.model.<name>` in an adapter
     for (name, _) in &mut tensors {
@@ -179,13 +184,18 @@ pub fn replace_adapter(checkpoint: &Path, dir: &Path, naming: AdapterNaming) -> 
 ///   saves a resolved `all-linear`; so does any target when `exclude_modules` or
 ///   `layers_to_transform` narrowed it (the modules left out are not in the checkpoint to check
 ///   an expression against);
-/// - `rank_pattern` / `alpha_pattern` are kept where peft gives every module the rank its
-///   factors have and the alpha the run used, else written as one full-path key per module that
-///   differs from `r` / `lora_alpha`.
+/// - the result is then read as peft reads it in that naming: unless it wraps every trained
+///   module with the rank its factors have and the alpha the run used, and saves every saved
+///   parameter (a partial path, pattern key or module name written for the other naming misses
+///   some), every choice is written out by module: the list of trained modules, one full-path
+///   `rank_pattern` / `alpha_pattern` key per module that differs from `r` / `lora_alpha`, the
+///   full paths of the modules to save. (A module peft would wrap beyond the trained ones gets a
+///   fresh branch with B zero: it computes what the base does.)
 fn adapter_config(
     checkpoint: &Path,
     m: &super::manifest::Manifest,
     modules: &BTreeMap<String, i64>,
+    saved: &[String],
     naming: AdapterNaming,
 ) -> Result<Value> {
     let legacy = naming == AdapterNaming::Hf4;
@@ -255,23 +265,46 @@ fn adapter_config(
         config["layers_to_transform"] = Value::Null;
         config["layers_pattern"] = Value::Null;
     }
-    if !trained.rank_pattern.is_empty() || !trained.alpha_pattern.is_empty() {
-        // what peft reads from the patterns as written, in the naming written
-        let as_written = AdapterConfig::parse(&config.to_string())?.layout(legacy)?;
-        let kept = modules.keys().all(|p| {
-            as_written.rank(p) == layout.rank(p) && as_written.alpha(p) == layout.alpha(p)
-        });
-        if !kept {
-            let (r, alpha) = (trained.lora.r, trained.lora.alpha);
-            let per_module = |value: &dyn Fn(&str) -> Option<Value>| {
-                let entries =
-                    (modules.keys()).filter_map(|p| Some((regex::escape(&written(p)), value(p)?)));
-                Value::Object(entries.collect())
-            };
-            config["rank_pattern"] =
-                per_module(&|p| (layout.rank(p) != r).then(|| json!(layout.rank(p))));
-            config["alpha_pattern"] =
-                per_module(&|p| (layout.alpha(p) != alpha).then(|| json!(layout.alpha(p))));
+    // the config as peft reads it in the naming written must wrap every trained module with
+    // the rank its factors have and the alpha the run used, and save every saved parameter
+    // (a partial path or a pattern key written for the other naming would miss some: peft would
+    // then leave trained layers out); otherwise every choice is written out module by module
+    let reads_as_trained = |config: &Value| -> Result<bool> {
+        let peft = AdapterConfig::parse(&config.to_string())?.layout(legacy)?;
+        Ok(modules.keys().all(|p| {
+            peft.wraps(p) && peft.rank(p) == layout.rank(p) && peft.alpha(p) == layout.alpha(p)
+        }) && saved.iter().all(|n| peft.saves(n)))
+    };
+    if !reads_as_trained(&config)? {
+        let (r, alpha) = (trained.lora.r, trained.lora.alpha);
+        let per_module = |value: &dyn Fn(&str) -> Option<Value>| {
+            let entries =
+                (modules.keys()).filter_map(|p| Some((regex::escape(&written(p)), value(p)?)));
+            Value::Object(entries.collect())
+        };
+        config["target_modules"] = listed();
+        if let Some(o) = config.as_object_mut() {
+            o.remove("exclude_modules");
+        }
+        config["layers_to_transform"] = Value::Null;
+        config["layers_pattern"] = Value::Null;
+        config["rank_pattern"] =
+            per_module(&|p| (layout.rank(p) != r).then(|| json!(layout.rank(p))));
+        config["alpha_pattern"] =
+            per_module(&|p| (layout.alpha(p) != alpha).then(|| json!(layout.alpha(p))));
+        if !saved.is_empty() {
+            let mut full: Vec<String> = (saved.iter())
+                .filter_map(|n| n.rsplit_once('.').map(|(module, _)| written(module)))
+                .collect();
+            full.dedup();
+            config["modules_to_save"] = json!(full);
+        }
+        if !reads_as_trained(&config)? {
+            bail!(
+                "checkpoint {}: no adapter_config.json this export can write makes peft wrap \
+                 the trained modules as trained (please report this)",
+                checkpoint.display()
+            );
         }
     }
     Ok(config)

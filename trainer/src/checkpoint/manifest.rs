@@ -234,6 +234,15 @@ impl Manifest {
 
     /// The run's LoRA settings (layers, ranks, alphas) as an adapter's (`adapter_config_json`).
     pub fn adapter_config(&self) -> Result<AdapterConfig, String> {
+        // (peft's defaults would stand in for a missing rank or alpha: the run had its own)
+        for key in ["r", "alpha"] {
+            if !self.peft.get(key).is_some_and(Value::is_number) {
+                return Err(format!(
+                    "manifest.json: its peft section lacks {key} ({})",
+                    self.peft
+                ));
+            }
+        }
         let text = self.adapter_config_json().to_string();
         AdapterConfig::parse(&text).map_err(|e| {
             let e = e.to_string();

@@ -252,9 +252,9 @@ fn peft(raw: RawPeft) -> Result<PeftConfig, ConfigError> {
             return Err(ConfigError::Conflict {
                 path: key.to_string(),
                 message: format!(
-                    "picks layers by index within the modules a list of target_modules names; \
-                     with a regular expression ({re:?}) as target_modules, write the layers \
-                     into it (PEFT refuses this too)"
+                    "selects layers by index, which PEFT does only for a list of target_modules \
+                     names; with the regular expression {re:?} as target_modules, write the \
+                     layer numbers into it (PEFT refuses this too)"
                 ),
             });
         }

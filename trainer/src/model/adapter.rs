@@ -50,19 +50,18 @@ fn adapter_key(module: &str, which: &str) -> String {
 /// broadcast: an FSDP skeleton) read from `base` in `dtype`, the dtype the model loads it in.
 fn base_weight(
     l: &super::lora::Linear,
-    base: Option<&WeightSource>,
+    base: Option<(&WeightSource, KeyLayout)>,
     dtype: Kind,
 ) -> Result<Tensor, ModelError> {
     if l.weight.stride().iter().any(|s| *s != 0) || l.weight.numel() <= 1 {
         return Ok(l.weight.shallow_clone());
     }
-    let src = base.ok_or_else(|| {
+    let (src, layout) = base.ok_or_else(|| {
         ModelError::Adapter(format!(
             "{}: the model holds no weights (a skeleton) and no weight source was given",
             l.path
         ))
     })?;
-    let layout = KeyLayout::detect(src.names_and_shapes().map(|(n, _)| n));
     src.get(&layout.file_name(&format!("{}.weight", l.path)), dtype)
 }
 
@@ -310,6 +309,7 @@ impl MllamaModel {
         let mut branches = vec![];
         let (mut overlaps, mut problems) = (vec![], vec![]);
         let dtype = self.options.dtype;
+        let names = base.map(|src| KeyLayout::detect(src.names_and_shapes().map(|(n, _)| n)));
         self.visit_linears(&mut |l| {
             if !layout.wraps(&l.path) {
                 return;
@@ -320,7 +320,7 @@ impl MllamaModel {
             let (r, scaling) = (layout.rank(&l.path), layout.scaling(&l.path));
             let mut br = LoraBranch::init(l, r, scaling, cfg.lora.dropout, kind, &mut rng);
             if cfg.use_dora {
-                match base_weight(l, base, dtype) {
+                match base_weight(l, base.zip(names), dtype) {
                     Ok(w) => br.init_dora(&w),
                     Err(e) => problems.push(e.to_string()),
                 }

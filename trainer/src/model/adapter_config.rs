@@ -484,6 +484,57 @@ impl AdapterLayout {
         )
     }
 
+    /// What in these settings chooses nothing among the linear layers at `paths` (this model's
+    /// naming), in words, as peft warns of it: a `rank_pattern` / `alpha_pattern` key no wrapped
+    /// layer matches, an `exclude_modules` entry (each of a list, or the expression) no targeted
+    /// layer matches. A typo there silently trains the default otherwise.
+    pub fn unmatched(&self, paths: &[String]) -> Vec<String> {
+        let wrapped: Vec<&String> = paths.iter().filter(|p| self.wraps(p)).collect();
+        let mut unmatched = vec![];
+        for (what, keys) in [
+            (
+                "rank_pattern",
+                self.rank.iter().map(|(re, _)| re).collect::<Vec<_>>(),
+            ),
+            (
+                "alpha_pattern",
+                self.alpha.iter().map(|(re, _)| re).collect(),
+            ),
+        ] {
+            for re in keys {
+                if !wrapped.iter().any(|p| self.pattern_matches(re, p)) {
+                    unmatched.push(format!(
+                        "{what} key {:?} matches no layer LoRA wraps",
+                        pattern_key(re)
+                    ));
+                }
+            }
+        }
+        let targeted: Vec<&String> = (paths.iter())
+            .filter(|p| self.chooses(&self.targets, p))
+            .collect();
+        let entries: Vec<(String, TargetMatcher)> = match &self.exclude {
+            None | Some(TargetMatcher::AllLinear) => vec![],
+            Some(TargetMatcher::Names(names)) => (names.iter())
+                .map(|n| (format!("{n:?}"), TargetMatcher::Names(vec![n.clone()])))
+                .collect(),
+            Some(TargetMatcher::Regex(re)) => {
+                let written = (re.as_str().strip_prefix("^(?:"))
+                    .and_then(|r| r.strip_suffix(")$"))
+                    .unwrap_or(re.as_str());
+                vec![(format!("{written:?}"), TargetMatcher::Regex(re.clone()))]
+            }
+        };
+        for (entry, m) in entries {
+            if !targeted.iter().any(|p| self.chooses(&m, p)) {
+                unmatched.push(format!(
+                    "exclude_modules {entry} matches no layer target_modules chooses"
+                ));
+            }
+        }
+        unmatched
+    }
+
     /// Two pattern keys that give module `path` different values, in words: peft takes the first
     /// in its file's order, which a checkpoint's manifest (a JSON object) does not keep, so a
     /// run's patterns may not overlap so.

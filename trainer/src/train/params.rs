@@ -85,6 +85,20 @@ fn model_modules_to_save(model: &MllamaModel) -> Vec<&str> {
     modules
 }
 
+/// What the `peft` section's per-layer options choose nothing of in `model` (a pattern key, an
+/// `exclude_modules` entry: `AdapterLayout::unmatched`), as peft warns of it; empty without LoRA.
+pub fn layout_warnings(model: &mut MllamaModel, config: &Config) -> Result<Vec<String>> {
+    if !config.peft.is_lora() {
+        return Ok(vec![]);
+    }
+    let layout = super::setup::adapter_config(&config.peft).training_layout()?;
+    let mut paths = vec![];
+    model.visit_linears(&mut |l| paths.push(l.path.clone()));
+    Ok((layout.unmatched(&paths).into_iter())
+        .map(|w| format!("peft.{w}: check its spelling"))
+        .collect())
+}
+
 /// `n` as Python's `{:,d}` writes it.
 fn thousands(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
@@ -104,8 +118,8 @@ fn thousands(n: i64) -> String {
 /// `config check`'s look at the model: `model.path`'s skeleton (config.json and the weight files'
 /// headers: names and shapes checked, nothing read) with the config's LoRA layout applied, so a
 /// `target_modules` that matches nothing or overlapping patterns stop here rather than on every
-/// rank; returns `trainable_summary`'s line.
-pub fn check_model(config: &Config) -> Result<String> {
+/// rank; returns `trainable_summary`'s line and `layout_warnings`.
+pub fn check_model(config: &Config) -> Result<(String, Vec<String>)> {
     let dir = &config.model.path;
     let what = || format!("loading model.path {}", dir.display());
     let mc = MllamaConfig::from_file(&dir.join("config.json")).with_context(what)?;
@@ -125,7 +139,11 @@ pub fn check_model(config: &Config) -> Result<String> {
         adapter.use_dora = false;
         model.apply_adapter(&adapter, 0, None).context("peft")?;
     }
-    Ok(trainable_summary(&mut model, p.is_lora() && p.use_dora))
+    let warnings = layout_warnings(&mut model, config)?;
+    Ok((
+        trainable_summary(&mut model, p.is_lora() && p.use_dora),
+        warnings,
+    ))
 }
 
 #[cfg(test)]

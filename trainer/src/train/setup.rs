@@ -69,6 +69,11 @@ pub(super) fn model(
         pg.rank(),
         &super::params::trainable_summary(&mut model, false),
     );
+    if pg.rank() == 0 {
+        for w in super::params::layout_warnings(&mut model, config)? {
+            tracing::warn!("{w}");
+        }
+    }
     let flops = FlopCount::of(&mut model);
     let trainable = match src {
         Some(src) => {
@@ -578,6 +583,26 @@ fn check_init_adapter(
 ) -> Result<()> {
     let (adapter, found) = (found, &found.lora);
     let mut diffs = vec![];
+    // (the config's patterns may not overlap: checkpoints record them without their order, and
+    // a fresh adapter refuses them in `apply_adapter`)
+    let layout = adapter_config(p).training_layout()?;
+    let mut overlaps = vec![];
+    model.visit_linears(&mut |l| {
+        if let Some(o) = layout
+            .wraps(&l.path)
+            .then(|| layout.overlap(&l.path))
+            .flatten()
+        {
+            overlaps.push(o);
+        }
+    });
+    if let Some(first) = overlaps.first() {
+        bail!(
+            "peft: {first}: patterns that give a module different values must not overlap \
+             (peft takes the first in order, which a checkpoint does not record); narrow the \
+             keys"
+        );
+    }
     if found.r != p.r as i64 {
         diffs.push(format!("peft.r: adapter {}, config {}", found.r, p.r));
     }
@@ -595,7 +620,6 @@ fn check_init_adapter(
     }
     // the same layers with the same ranks and scalings, however each names them (PEFT saves
     // `all-linear` as the full paths it resolved to; a regex and a list may choose alike)
-    let layout = adapter_config(p).training_layout()?;
     let (mut only_adapter, mut only_config, mut other_lora) = (vec![], vec![], vec![]);
     model.visit_linears(&mut |l| match (&l.lora, layout.wraps(&l.path)) {
         (Some(_), false) => only_adapter.push(l.path.clone()),
