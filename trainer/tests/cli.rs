@@ -309,6 +309,10 @@ fn config_check_prints_what_trains_and_refuses_a_bad_adapter_layout() {
              target_modules chooses: check its spelling",
         ),
         (
+            "peft={r: 4, alpha: 8, dropout: 0.0, init_from: tests/fixtures/train/adapter}",
+            "LoRA on 12 linear layers (rank 4): trainable params: 4,224",
+        ),
+        (
             "peft.modules_to_save=[multi_modal_projector]",
             "LoRA on 12 linear layers (rank 4) and modules_to_save \
              [\"model.multi_modal_projector\"]: trainable params: 8,384 || all params: 281,799 \
@@ -325,6 +329,13 @@ fn config_check_prints_what_trains_and_refuses_a_bad_adapter_layout() {
         (
             "peft.target_modules=[nothing]",
             "peft: adapter: target_modules [\"nothing\"] match no linear layer",
+        ),
+        (
+            // (an adapter to start from is checked against the section as the run checks it)
+            "peft={r: 8, alpha: 8, dropout: 0.0, init_from: tests/fixtures/train/adapter}",
+            "peft.init_from tests/fixtures/train/adapter: its adapter_config.json differs from \
+             the peft config, which checkpoints and `trainer export` record (peft.r: adapter 4, \
+             config 8;",
         ),
         (
             "peft.modules_to_save=[mlp_projector]",

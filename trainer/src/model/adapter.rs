@@ -268,6 +268,13 @@ fn chosen_by(config: &AdapterConfig) -> String {
     }
 }
 
+/// An adapter folder's settings and the layers it wraps (each one's rank and scaling), as peft
+/// reads its config in the naming its tensors use; only the weights file's header is read.
+pub fn adapter_layout(dir: &Path) -> Result<(AdapterConfig, AdapterLayout), ModelError> {
+    let (config, layout, _, _) = open_adapter(dir)?;
+    Ok((config, layout))
+}
+
 /// What [`read_adapter`] read.
 pub struct ReadAdapter {
     pub config: AdapterConfig,

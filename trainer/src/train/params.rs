@@ -138,6 +138,10 @@ pub fn check_model(config: &Config) -> Result<(String, Vec<String>)> {
         let mut adapter = super::setup::adapter_config(p);
         adapter.use_dora = false;
         model.apply_adapter(&adapter, 0, None).context("peft")?;
+        // (an adapter to start from: its config against the section, as the run checks it)
+        if let Some(dir) = &p.init_from {
+            super::setup::check_init_from(dir, &mut model, p, config.fsdp.enabled)?;
+        }
     }
     let warnings = layout_warnings(&mut model, config)?;
     Ok((

@@ -9,8 +9,7 @@ use crate::config::{self, Config};
 use crate::data::dataset::{Dataset, Split};
 use crate::dist::{self, ProcessGroup};
 use crate::fsdp::{kind_of, FsdpModel, PlainModel, Trainable, WrapOptions};
-use crate::model::adapter::read_adapter_config;
-use crate::model::adapter_config::AdapterConfig;
+use crate::model::adapter_config::{AdapterConfig, AdapterLayout};
 use crate::model::{
     AttentionImpl, LoadOptions, LoraConfig, MllamaConfig, MllamaModel, TargetModules, WeightSource,
 };
@@ -147,14 +146,11 @@ fn load_model(
                 // fp32 factors (FSDP's masters, the plain trainer's parameters) are the
                 // adapter's values, not a bf16 rounding of them. PEFT keeps adapters in fp32 over
                 // a bf16 base too (autocast_adapter_dtype).
-                let (settings, _) = read_adapter_config(dir)
-                    .with_context(|| format!("reading peft.init_from {}", dir.display()))?;
-                refuse_adapter_extras(dir, &settings, sharded)?;
+                check_init_from(dir, &mut model, p, sharded)?;
                 model.set_lora_kind(Kind::Float);
-                let found = model
+                model
                     .load_adapter(dir)
                     .with_context(|| format!("loading peft.init_from {}", dir.display()))?;
-                check_init_adapter(dir, &mut model, &found, p)?;
             }
             None => {
                 model
@@ -548,6 +544,23 @@ fn target_modules(t: &config::LoraTargets) -> TargetModules {
     }
 }
 
+/// The adapter `peft.init_from` names fits the `peft` section and `model` (a skeleton will do:
+/// only its module paths are read), before anything of it loads: `refuse_adapter_extras`, then
+/// `check_init_adapter` on what its config chooses (peft's reading, in its tensors' naming).
+pub(crate) fn check_init_from(
+    dir: &std::path::Path,
+    model: &mut MllamaModel,
+    p: &config::PeftConfig,
+    sharded: bool,
+) -> Result<()> {
+    let (settings, layout) = crate::model::adapter::adapter_layout(dir)
+        .with_context(|| format!("reading peft.init_from {}", dir.display()))?;
+    refuse_adapter_extras(dir, &settings, sharded)?;
+    let mut paths = vec![];
+    model.visit_linears(&mut |l| paths.push(l.path.clone()));
+    check_init_adapter(dir, &paths, &settings, &layout, p)
+}
+
 /// Under FSDP (`sharded`) an adapter training starts from may not hold modules to save: checked
 /// before it loads (their parameters would be copied into the model skeleton's placeholders,
 /// while FSDP reads every base parameter from the weight files).
@@ -577,8 +590,9 @@ fn refuse_adapter_extras(
 /// with the wrong scaling). Differences are an error naming each key and both values.
 fn check_init_adapter(
     dir: &std::path::Path,
-    model: &mut MllamaModel,
+    paths: &[String],
     found: &AdapterConfig,
+    found_layout: &AdapterLayout,
     p: &config::PeftConfig,
 ) -> Result<()> {
     let (adapter, found) = (found, &found.lora);
@@ -586,16 +600,10 @@ fn check_init_adapter(
     // (the config's patterns may not overlap: checkpoints record them without their order, and
     // a fresh adapter refuses them in `apply_adapter`)
     let layout = adapter_config(p).training_layout()?;
-    let mut overlaps = vec![];
-    model.visit_linears(&mut |l| {
-        if let Some(o) = layout
-            .wraps(&l.path)
-            .then(|| layout.overlap(&l.path))
-            .flatten()
-        {
-            overlaps.push(o);
-        }
-    });
+    let overlaps: Vec<String> = (paths.iter())
+        .filter(|path| layout.wraps(path))
+        .filter_map(|path| layout.overlap(path))
+        .collect();
     if let Some(first) = overlaps.first() {
         bail!(
             "peft: {first}: patterns that give a module different values must not overlap \
@@ -621,22 +629,23 @@ fn check_init_adapter(
     // the same layers with the same ranks and scalings, however each names them (PEFT saves
     // `all-linear` as the full paths it resolved to; a regex and a list may choose alike)
     let (mut only_adapter, mut only_config, mut other_lora) = (vec![], vec![], vec![]);
-    model.visit_linears(&mut |l| match (&l.lora, layout.wraps(&l.path)) {
-        (Some(_), false) => only_adapter.push(l.path.clone()),
-        (None, true) => only_config.push(l.path.clone()),
-        (Some(br), true) => {
-            let (r, scaling) = (layout.rank(&l.path), layout.scaling(&l.path));
-            if br.a.size()[0] != r || br.scaling != scaling {
-                other_lora.push(format!(
-                    "{}: the adapter's rank {} and scaling {}, the config's {r} and {scaling}",
-                    l.path,
-                    br.a.size()[0],
-                    br.scaling
-                ));
+    for path in paths {
+        match (found_layout.wraps(path), layout.wraps(path)) {
+            (true, false) => only_adapter.push(path.clone()),
+            (false, true) => only_config.push(path.clone()),
+            (true, true) => {
+                let (r, scaling) = (layout.rank(path), layout.scaling(path));
+                let (ar, ascaling) = (found_layout.rank(path), found_layout.scaling(path));
+                if ar != r || ascaling != scaling {
+                    other_lora.push(format!(
+                        "{path}: the adapter's rank {ar} and scaling {ascaling}, the config's \
+                         {r} and {scaling}"
+                    ));
+                }
             }
+            (false, false) => {}
         }
-        _ => {}
-    });
+    }
     if let [first, rest @ ..] = &other_lora[..] {
         diffs.push(format!(
             "peft.rank_pattern / peft.alpha_pattern: {first}{}",
