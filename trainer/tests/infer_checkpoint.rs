@@ -169,6 +169,31 @@ fn lora_checkpoint_weights_and_generation_equal_the_exported_adapter() {
     assert!(err.contains("rank-0-of-1.safetensors"), "{err}");
 }
 
+/// The base with `ckpt`'s weights applied, as `infer --checkpoint` applies them.
+fn checkpoint_model(ckpt: &Path) -> MllamaModel {
+    let mut model = MllamaModel::load(&setup().join("model"), LoadOptions::default()).unwrap();
+    CheckpointWeights::read(ckpt)
+        .unwrap()
+        .apply(&mut model)
+        .unwrap();
+    model
+}
+
+/// `trainer export --format peft --naming NAMING` of `ckpt` into `out/adapter-NAMING`, loaded
+/// onto the base as `infer --adapter` loads it; and the adapter_config.json it wrote.
+fn exported_adapter(out: &Path, ckpt: &Path, naming: &str) -> (MllamaModel, Value) {
+    let adapter = out.join(format!("adapter-{naming}"));
+    let (code, _, err) = trainer(
+        &["export", "--format", "peft", "--naming", naming],
+        &[("--checkpoint", ckpt), ("--out", &adapter)],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let mut model = MllamaModel::load(&setup().join("model"), LoadOptions::default()).unwrap();
+    model.load_adapter(&adapter).unwrap();
+    let cfg = std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap();
+    (model, serde_json::from_str(&cfg).unwrap())
+}
+
 /// Each wrapped layer of a model: (rank, scaling).
 fn lora_layout(model: &mut MllamaModel) -> BTreeMap<String, (i64, f64)> {
     let mut layout = BTreeMap::new();
@@ -204,13 +229,7 @@ fn per_layer_lora_checkpoints_load_export_and_merge_as_trained() {
     ok(run(&out, 2, train, &sets, &[]), "train");
     let ckpt = out.join("ckpt/step-00000002");
     let base = setup().join("model");
-    let load = || MllamaModel::load(&base, LoadOptions::default()).unwrap();
-
-    let mut model = load();
-    CheckpointWeights::read(&ckpt)
-        .unwrap()
-        .apply(&mut model)
-        .unwrap();
+    let mut model = checkpoint_model(&ckpt);
     let trained = weights(&out);
     let applied = model.trainable_parameters();
     assert_eq!(applied.len(), trained.len());
@@ -250,23 +269,12 @@ fn per_layer_lora_checkpoints_load_export_and_merge_as_trained() {
     );
 
     for naming in ["hf5", "hf4"] {
-        let adapter = out.join(format!("adapter-{naming}"));
-        let (code, _, err) = trainer(
-            &["export", "--format", "peft", "--naming", naming],
-            &[("--checkpoint", &ckpt), ("--out", &adapter)],
-        );
-        assert_eq!(code, Some(0), "{err}");
-        let mut from_adapter = load();
-        from_adapter.load_adapter(&adapter).unwrap();
+        let (mut from_adapter, cfg) = exported_adapter(&out, &ckpt, naming);
         assert_eq!(lora_layout(&mut from_adapter), layout, "{naming}");
         for ((n, a), (m, b)) in from_adapter.trainable_parameters().iter().zip(&applied) {
             assert_eq!(n, m);
             assert!(a.equal(b), "{naming}: {n}");
         }
-        let cfg: Value = serde_json::from_str(
-            &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
-        )
-        .unwrap();
         // exclude_modules narrowed the targets: listed, in the naming written
         assert_eq!(
             cfg["target_modules"].as_array().unwrap().len(),
@@ -354,32 +362,14 @@ fn an_hf4_export_spells_out_partial_paths() {
     ];
     ok(run(&out, 1, train, &sets, &[]), "train");
     let ckpt = out.join("ckpt/step-00000001");
-    let base = setup().join("model");
-    let load = || MllamaModel::load(&base, LoadOptions::default()).unwrap();
-    let mut model = load();
-    CheckpointWeights::read(&ckpt)
-        .unwrap()
-        .apply(&mut model)
-        .unwrap();
-    let layout = lora_layout(&mut model);
+    let layout = lora_layout(&mut checkpoint_model(&ckpt));
     assert_eq!(
         layout["model.language_model.layers.1.cross_attn.v_proj"].0,
         2
     );
     for (naming, spelled_out) in [("hf5", false), ("hf4", true)] {
-        let adapter = out.join(format!("adapter-{naming}"));
-        let (code, _, err) = trainer(
-            &["export", "--format", "peft", "--naming", naming],
-            &[("--checkpoint", &ckpt), ("--out", &adapter)],
-        );
-        assert_eq!(code, Some(0), "{err}");
-        let mut from_adapter = load();
-        from_adapter.load_adapter(&adapter).unwrap();
+        let (mut from_adapter, cfg) = exported_adapter(&out, &ckpt, naming);
         assert_eq!(lora_layout(&mut from_adapter), layout, "{naming}");
-        let cfg: Value = serde_json::from_str(
-            &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
-        )
-        .unwrap();
         let listed = cfg["target_modules"].as_array().unwrap().len() == layout.len();
         assert_eq!(listed, spelled_out, "{naming}: {cfg}");
     }

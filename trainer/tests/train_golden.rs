@@ -32,7 +32,7 @@ fn all_linear_rslora_losses_match_transformers_peft_adamw() {
     );
 }
 
-/// LoRA that varies by layer (tests/fixtures/train/make_patterns_golden.py): per-module ranks and
+/// LoRA that varies by layer (tests/fixtures/train/make_peft_options_goldens.py, case patterns): per-module ranks and
 /// alphas (`rank_pattern`, `alpha_pattern`), a module left out (`exclude_modules`), layers 0 and 1
 /// of every stack only (`layers_to_transform` + `layers_pattern`). The peft section must choose
 /// the layers, ranks and scalings of PEFT's adapter (init_from refuses any difference), the
@@ -93,7 +93,7 @@ fn per_layer_lora_losses_match_transformers_peft_adamw() {
     );
 }
 
-/// DoRA (tests/fixtures/train/make_dora_golden.py): the learned magnitudes train with A and B
+/// DoRA (tests/fixtures/train/make_peft_options_goldens.py, case dora): the learned magnitudes train with A and B
 /// (peft detaches the norm of W + scaling B A), fc1's bias is left out of the base output it
 /// scales; the losses must match PEFT's, and the adapter the run exports must load as DoRA again.
 #[test]
@@ -128,7 +128,7 @@ fn dora_losses_match_transformers_peft_adamw() {
     );
 }
 
-/// LoRA beside a module trained in full (tests/fixtures/train/make_saved_golden.py: peft's
+/// LoRA beside a module trained in full (tests/fixtures/train/make_peft_options_goldens.py, case saved: peft's
 /// `modules_to_save`, the projector's weight and bias): the losses must match PEFT's, and the
 /// adapter the run exports must hold the trained projector under peft's names, which load again.
 #[test]

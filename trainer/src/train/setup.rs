@@ -958,7 +958,7 @@ mod tests {
 
     /// A fresh adapter from a peft section with per-layer options wraps the layers PEFT's
     /// get_peft_model wraps with the same LoraConfig, each with PEFT's rank and scaling
-    /// (tests/fixtures/train/make_patterns_golden.py records them), under FSDP's skeleton too.
+    /// (tests/fixtures/train/make_peft_options_goldens.py, case patterns records them), under FSDP's skeleton too.
     #[test]
     fn per_layer_options_wrap_what_peft_wraps() {
         let fixtures =
