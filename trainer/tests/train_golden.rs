@@ -32,9 +32,10 @@ fn all_linear_rslora_losses_match_transformers_peft_adamw() {
     );
 }
 
-/// LoRA that varies by layer (tests/fixtures/train/make_peft_options_goldens.py, case patterns): per-module ranks and
-/// alphas (`rank_pattern`, `alpha_pattern`), a module left out (`exclude_modules`), layers 0 and 1
-/// of every stack only (`layers_to_transform` + `layers_pattern`). The peft section must choose
+/// LoRA that varies by layer (tests/fixtures/train/make_peft_options_goldens.py, case patterns):
+/// per-module ranks and alphas (`rank_pattern`, `alpha_pattern`), a module left out
+/// (`exclude_modules`), layers 0 and 1 of every stack only (`layers_to_transform` +
+/// `layers_pattern`). The peft section must choose
 /// the layers, ranks and scalings of PEFT's adapter (init_from refuses any difference), the
 /// losses must match, and the adapter the run exports must load as PEFT's layout again.
 #[test]
@@ -93,9 +94,9 @@ fn per_layer_lora_losses_match_transformers_peft_adamw() {
     );
 }
 
-/// DoRA (tests/fixtures/train/make_peft_options_goldens.py, case dora): the learned magnitudes train with A and B
-/// (peft detaches the norm of W + scaling B A), fc1's bias is left out of the base output it
-/// scales; the losses must match PEFT's, and the adapter the run exports must load as DoRA again.
+/// DoRA (tests/fixtures/train/make_peft_options_goldens.py, case dora): the learned magnitudes
+/// train with A and B (peft detaches the norm of W + scaling B A), fc1's bias is left out of the
+/// base output it scales; the losses must match PEFT's, and the adapter the run exports must load as DoRA again.
 #[test]
 fn dora_losses_match_transformers_peft_adamw() {
     let check = |out: &std::path::Path| {
@@ -128,8 +129,8 @@ fn dora_losses_match_transformers_peft_adamw() {
     );
 }
 
-/// LoRA beside a module trained in full (tests/fixtures/train/make_peft_options_goldens.py, case saved: peft's
-/// `modules_to_save`, the projector's weight and bias): the losses must match PEFT's, and the
+/// LoRA beside a module trained in full (tests/fixtures/train/make_peft_options_goldens.py, case
+/// saved: peft's `modules_to_save`, the projector's weight and bias): the losses must match PEFT's, and the
 /// adapter the run exports must hold the trained projector under peft's names, which load again.
 #[test]
 fn modules_to_save_losses_match_transformers_peft_adamw() {

@@ -957,8 +957,9 @@ mod tests {
     }
 
     /// A fresh adapter from a peft section with per-layer options wraps the layers PEFT's
-    /// get_peft_model wraps with the same LoraConfig, each with PEFT's rank and scaling
-    /// (tests/fixtures/train/make_peft_options_goldens.py, case patterns records them), under FSDP's skeleton too.
+    /// get_peft_model wraps with the same LoraConfig, each with PEFT's rank and scaling (recorded
+    /// by tests/fixtures/train/make_peft_options_goldens.py, case patterns), under FSDP's
+    /// skeleton too.
     #[test]
     fn per_layer_options_wrap_what_peft_wraps() {
         let fixtures =
