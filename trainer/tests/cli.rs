@@ -305,8 +305,8 @@ fn config_check_prints_what_trains_and_refuses_a_bad_adapter_layout() {
         (
             "peft={rank_pattern: {qproj: 2}, exclude_modules: [nothing_here]}",
             "warning: peft.rank_pattern key \"qproj\" matches no layer LoRA wraps: check its \
-             spelling\nwarning: peft.exclude_modules \"nothing_here\" matches no layer \
-             target_modules chooses: check its spelling",
+             spelling\nwarning: peft.exclude_modules \"nothing_here\" matches no linear layer: \
+             check its spelling",
         ),
         (
             "peft={r: 4, alpha: 8, dropout: 0.0, init_from: tests/fixtures/train/adapter}",
@@ -336,6 +336,11 @@ fn config_check_prints_what_trains_and_refuses_a_bad_adapter_layout() {
             "peft.init_from tests/fixtures/train/adapter: its adapter_config.json differs from \
              the peft config, which checkpoints and `trainer export` record (peft.r: adapter 4, \
              config 8;",
+        ),
+        (
+            "peft={target_modules: all-linear, modules_to_save: [projector]}",
+            "saves model.multi_modal_projector, which target_modules also gives LoRA: peft \
+             refuses that",
         ),
         (
             "peft.modules_to_save=[mlp_projector]",

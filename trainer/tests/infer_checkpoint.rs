@@ -375,6 +375,44 @@ fn an_hf4_export_spells_out_partial_paths() {
     }
 }
 
+/// A module to save named by a path that means another module in transformers-4 naming
+/// (`model.language_model`, whose transformers-4 `language_model` also holds lm_head): the hf4
+/// export names the module the run saved, in that naming, and both exports load as trained.
+#[test]
+fn exports_name_the_modules_the_run_saved() {
+    let out = fresh("infer-saved-modules");
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
+    let sets = [
+        "checkpoint.every_steps=1",
+        "peft.modules_to_save=[model.language_model]",
+    ];
+    ok(run(&out, 1, train, &sets, &[]), "train");
+    let ckpt = out.join("ckpt/step-00000001");
+    let mut model = checkpoint_model(&ckpt);
+    let trained = model.trainable_parameters();
+    assert!(trained
+        .iter()
+        .any(|(n, _)| n == "model.language_model.norm.weight"));
+    assert!(!trained.iter().any(|(n, _)| n.starts_with("lm_head")));
+    for (naming, saves) in [
+        ("hf5", "model.language_model"),
+        ("hf4", "language_model.model"),
+    ] {
+        let (mut from_adapter, cfg) = exported_adapter(&out, &ckpt, naming);
+        assert_eq!(
+            cfg["modules_to_save"],
+            serde_json::json!([saves]),
+            "{naming}"
+        );
+        let loaded = from_adapter.trainable_parameters();
+        assert_eq!(loaded.len(), trained.len(), "{naming}");
+        for ((n, a), (m, b)) in loaded.iter().zip(&trained) {
+            assert_eq!(n, m);
+            assert!(a.equal(b), "{naming}: {n}");
+        }
+    }
+}
+
 /// A checkpoint records how its run built prompts; `infer --checkpoint` follows it.
 #[test]
 fn a_checkpoint_records_its_prompt_settings() {

@@ -130,8 +130,10 @@ fn dora_losses_match_transformers_peft_adamw() {
 }
 
 /// LoRA beside a module trained in full (tests/fixtures/train/make_peft_options_goldens.py, case
-/// saved: peft's `modules_to_save`, the projector's weight and bias): the losses must match PEFT's, and the
-/// adapter the run exports must hold the trained projector under peft's names, which load again.
+/// saved: peft's `modules_to_save`, the projector's weight and bias; the config names it by its
+/// full path, the adapter by its last part: the same module): the losses must match PEFT's, and
+/// the adapter the run exports must hold the trained projector under peft's names, which load
+/// again.
 #[test]
 fn modules_to_save_losses_match_transformers_peft_adamw() {
     let check = |out: &std::path::Path| {
@@ -139,7 +141,10 @@ fn modules_to_save_losses_match_transformers_peft_adamw() {
             &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
         )
         .unwrap();
-        assert_eq!(cfg["modules_to_save"], json!(["multi_modal_projector"]));
+        assert_eq!(
+            cfg["modules_to_save"],
+            json!(["model.multi_modal_projector"])
+        );
         let exported: std::collections::HashMap<String, tch::Tensor> =
             tch::Tensor::read_safetensors(out.join("adapter_model.safetensors"))
                 .unwrap()
@@ -168,7 +173,7 @@ fn modules_to_save_losses_match_transformers_peft_adamw() {
         "golden_losses_saved.json",
         &[
             "peft.init_from=tests/fixtures/train/adapter_saved",
-            "peft.modules_to_save=[multi_modal_projector]",
+            "peft.modules_to_save=[model.multi_modal_projector]",
         ],
         &check,
     );
@@ -347,7 +352,8 @@ fn init_from_adapter_options_must_match_and_saved_modules_need_plain_training() 
         &[
             "peft.init_from tests/fixtures/peft_variants/dora: its adapter_config.json differs \
              from the peft config",
-            "peft.modules_to_save: adapter [\"transformer.layers.1.self_attn.o_proj\"], config []",
+            "peft.modules_to_save: the adapter's [\"transformer.layers.1.self_attn.o_proj\"] save \
+             [\"model.vision_model.transformer.layers.1.self_attn.o_proj\"], the config's [] save []",
             "peft.use_dora: adapter true, config false",
             "peft.rank_pattern / peft.alpha_pattern:",
         ],

@@ -199,8 +199,13 @@ fn adapter_config(
     naming: AdapterNaming,
 ) -> Result<Value> {
     let legacy = naming == AdapterNaming::Hf4;
+    // (a module path renamed as its parameters are: `model.language_model` is
+    // `language_model.model` there)
     let written = |module: &str| match legacy {
-        true => crate::model::weights::canonical_to_legacy(module),
+        true => {
+            let name = crate::model::weights::canonical_to_legacy(&format!("{module}.x"));
+            name.strip_suffix(".x").unwrap_or(&name).to_string()
+        }
         false => module.to_string(),
     };
     let mut config = m.adapter_config_json();
@@ -251,12 +256,17 @@ fn adapter_config(
         }
         other => other,
     };
-    if let (true, Value::Array(saved)) = (legacy, &mut config["modules_to_save"]) {
-        for m in saved.iter_mut() {
-            if let Some(path) = m.as_str().filter(|p| full_path(p)) {
-                *m = json!(written(path));
-            }
-        }
+    // the modules to save, in the other naming: the ones the names chose, by path (a name
+    // may choose other modules there: `language_model` holds lm_head in transformers 4)
+    let saved_modules = || {
+        json!(layout
+            .saved_modules(saved)
+            .iter()
+            .map(|m| written(m))
+            .collect::<Vec<_>>())
+    };
+    if legacy && !saved.is_empty() {
+        config["modules_to_save"] = saved_modules();
     }
     if narrowed {
         if let Some(o) = config.as_object_mut() {
@@ -293,11 +303,7 @@ fn adapter_config(
         config["alpha_pattern"] =
             per_module(&|p| (layout.alpha(p) != alpha).then(|| json!(layout.alpha(p))));
         if !saved.is_empty() {
-            let mut full: Vec<String> = (saved.iter())
-                .filter_map(|n| n.rsplit_once('.').map(|(module, _)| written(module)))
-                .collect();
-            full.dedup();
-            config["modules_to_save"] = json!(full);
+            config["modules_to_save"] = saved_modules();
         }
         if !reads_as_trained(&config)? {
             bail!(

@@ -309,6 +309,26 @@ impl MllamaModel {
     ) -> Result<usize, ModelError> {
         let layout = cfg.training_layout()?;
         let saved = self.saved_by(cfg, &layout)?;
+        // (peft refuses a module to save that is itself a LoRA layer: a name matching the end of
+        // its path, not a whole part of it, saves it and leaves it to target_modules)
+        let mut lora_saved = None;
+        self.visit_linears(&mut |l| {
+            if lora_saved.is_none()
+                && layout.wraps(&l.path)
+                && layout.saves(&format!("{}.weight", l.path))
+            {
+                lora_saved = Some(l.path.clone());
+            }
+        });
+        if let Some(path) = lora_saved {
+            return Err(ModelError::Adapter(format!(
+                "modules_to_save {:?} saves {path}, which target_modules also gives LoRA: peft \
+                 refuses that (\"modules_to_save cannot be applied to modules of type \
+                 lora.layer.Linear\"); name the module to save by whole path parts (a name that \
+                 ends at a `.` keeps LoRA out of it), or leave it out of target_modules",
+                cfg.modules_to_save
+            )));
+        }
         // its own SplitMix64, not libtorch's global generator: another thread drawing at the same
         // time (tests, a program wrapping two models) cannot shift the values
         let mut rng = SplitMix64::new(seed as u64);
@@ -352,9 +372,14 @@ impl MllamaModel {
         }
         let n = branches.len();
         if n == 0 {
-            let narrowed = match cfg.extras().is_empty() {
+            let narrowing: Vec<&str> = (cfg.extras().into_iter())
+                .filter(|e| {
+                    ["exclude_modules", "layers_to_transform", "modules_to_save"].contains(e)
+                })
+                .collect();
+            let narrowed = match narrowing.is_empty() {
                 true => String::new(),
-                false => format!(", narrowed by {}", cfg.extras().join(" and ")),
+                false => format!(", narrowed by {}", narrowing.join(" and ")),
             };
             return Err(ModelError::Adapter(format!(
                 "target_modules {}{narrowed} match no linear layer (listed names match a module \
@@ -370,6 +395,7 @@ impl MllamaModel {
             }
         });
         self.lora = Some(cfg.lora.clone());
+        self.saved_modules = layout.saved_modules(&saved);
         self.saved_params = saved;
         self.set_lora_requires_grad(true);
         Ok(n)
@@ -377,7 +403,7 @@ impl MllamaModel {
 
     /// The base parameters of the modules `cfg.modules_to_save` names (a module whose path ends
     /// with the name, as peft's `_set_trainable`); a name that matches no module is an error.
-    fn saved_by(
+    pub(crate) fn saved_by(
         &self,
         cfg: &AdapterConfig,
         layout: &AdapterLayout,
@@ -624,6 +650,7 @@ impl MllamaModel {
             }
         });
         self.lora = Some(cfg.lora.clone());
+        self.saved_modules = layout.saved_modules(&saved_names);
         self.saved_params = saved_names;
         self.set_lora_requires_grad(true);
         Ok(cfg)

@@ -457,6 +457,30 @@ impl AdapterLayout {
             || self.either_naming && re.is_match(&canonical_to_legacy(path))
     }
 
+    /// The modules peft's `_set_trainable` wraps for `modules_to_save` (this model's naming), from
+    /// the parameter names `params` (this model's naming): each saved parameter's outermost
+    /// module whose path ends with a name, in first-seen order, none inside another.
+    pub fn saved_modules(&self, params: &[String]) -> Vec<String> {
+        let mut modules: Vec<String> = vec![];
+        for param in params {
+            let name = self.named(param);
+            let outermost = (name.match_indices('.').map(|(i, _)| &name[..i]))
+                .find(|m| self.saved.iter().any(|s| m.ends_with(s.as_str())));
+            if let Some(m) = outermost {
+                let m = match self.legacy {
+                    true => super::weights::legacy_to_canonical(m),
+                    false => m.to_string(),
+                };
+                if !modules.contains(&m) {
+                    modules.push(m);
+                }
+            }
+        }
+        let all = modules.clone();
+        modules.retain(|m| !all.iter().any(|o| m.starts_with(&format!("{o}."))));
+        modules
+    }
+
     /// The first pattern entry that matches `path`, else `default`.
     fn pattern<T: Copy>(&self, entries: &[(Regex, T)], path: &str, default: T) -> T {
         entries
@@ -510,9 +534,6 @@ impl AdapterLayout {
                 }
             }
         }
-        let targeted: Vec<&String> = (paths.iter())
-            .filter(|p| self.chooses(&self.targets, p))
-            .collect();
         let entries: Vec<(String, TargetMatcher)> = match &self.exclude {
             None | Some(TargetMatcher::AllLinear) => vec![],
             Some(TargetMatcher::Names(names)) => (names.iter())
@@ -526,10 +547,8 @@ impl AdapterLayout {
             }
         };
         for (entry, m) in entries {
-            if !targeted.iter().any(|p| self.chooses(&m, p)) {
-                unmatched.push(format!(
-                    "exclude_modules {entry} matches no layer target_modules chooses"
-                ));
+            if !paths.iter().any(|p| self.chooses(&m, p)) {
+                unmatched.push(format!("exclude_modules {entry} matches no linear layer"));
             }
         }
         unmatched

@@ -147,6 +147,8 @@ pub struct MllamaModel {
     /// Base parameters a LoRA adapter trains in full, by name (peft's `modules_to_save`): listed
     /// by `trainable_parameters` after the factors.
     pub saved_params: Vec<String>,
+    /// The modules those parameters belong to (`AdapterLayout::saved_modules`).
+    pub saved_modules: Vec<String>,
 }
 
 /// The text decoder layer a parameter name belongs to (`...language_model.[model.]layers.N....`).
@@ -389,6 +391,7 @@ impl MllamaModel {
             lora_kind: None,
             freeze_llm: false,
             saved_params: vec![],
+            saved_modules: vec![],
         })
     }
 

@@ -53,7 +53,7 @@ pub fn trainable_summary(model: &mut MllamaModel, count_dora: bool) -> String {
         let method = if dora { "DoRA" } else { "LoRA" };
         let modules = match saved {
             0 => String::new(),
-            _ => format!(" and modules_to_save {:?}", model_modules_to_save(model)),
+            _ => format!(" and modules_to_save {:?}", model.saved_modules),
         };
         (
             format!("{method} on {layers} linear layers ({ranks}){modules}"),
@@ -74,15 +74,6 @@ pub fn trainable_summary(model: &mut MllamaModel, count_dora: bool) -> String {
         thousands(all),
         100.0 * trainable as f64 / all.max(1) as f64
     )
-}
-
-/// The modules whose parameters train in full (`saved_params` less their last part).
-fn model_modules_to_save(model: &MllamaModel) -> Vec<&str> {
-    let mut modules: Vec<&str> = (model.saved_params.iter())
-        .filter_map(|n| n.rsplit_once('.').map(|(m, _)| m))
-        .collect();
-    modules.dedup();
-    modules
 }
 
 /// What the `peft` section's per-layer options choose nothing of in `model` (a pattern key, an

@@ -556,9 +556,13 @@ pub(crate) fn check_init_from(
     let (settings, layout) = crate::model::adapter::adapter_layout(dir)
         .with_context(|| format!("reading peft.init_from {}", dir.display()))?;
     refuse_adapter_extras(dir, &settings, sharded)?;
-    let mut paths = vec![];
+    let (mut paths, mut params) = (vec![], vec![]);
     model.visit_linears(&mut |l| paths.push(l.path.clone()));
-    check_init_adapter(dir, &paths, &settings, &layout, p)
+    model.visit_params(&mut |n, _| params.push(n.to_string()));
+    // (the section's modules_to_save must each name a module, as for a fresh adapter)
+    let section = adapter_config(p);
+    model.saved_by(&section, &section.training_layout()?)?;
+    check_init_adapter(dir, &paths, &params, &settings, &layout, p)
 }
 
 /// Under FSDP (`sharded`) an adapter training starts from may not hold modules to save: checked
@@ -591,6 +595,7 @@ fn refuse_adapter_extras(
 fn check_init_adapter(
     dir: &std::path::Path,
     paths: &[String],
+    params: &[String],
     found: &AdapterConfig,
     found_layout: &AdapterLayout,
     p: &config::PeftConfig,
@@ -681,15 +686,16 @@ fn check_init_adapter(
             show(&only_config)
         ));
     }
-    let sorted = |v: &[String]| {
-        let mut v = v.to_vec();
-        v.sort();
-        v.dedup();
-        v
+    // the same modules saved, however each names them
+    let saved_by = |l: &AdapterLayout| -> Vec<String> {
+        let saved: Vec<String> = params.iter().filter(|n| l.saves(n)).cloned().collect();
+        l.saved_modules(&saved)
     };
-    if sorted(&adapter.modules_to_save) != sorted(&p.modules_to_save) {
+    let (adapter_saves, config_saves) = (saved_by(found_layout), saved_by(&layout));
+    if adapter_saves != config_saves {
         diffs.push(format!(
-            "peft.modules_to_save: adapter {:?}, config {:?}",
+            "peft.modules_to_save: the adapter's {:?} save {adapter_saves:?}, the config's {:?} \
+             save {config_saves:?}",
             adapter.modules_to_save, p.modules_to_save
         ));
     }
