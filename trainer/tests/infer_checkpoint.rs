@@ -194,6 +194,18 @@ fn exported_adapter(out: &Path, ckpt: &Path, naming: &str) -> (MllamaModel, Valu
     (model, serde_json::from_str(&cfg).unwrap())
 }
 
+/// One training step (world 1) with `sets` and a checkpoint after it: the run's folder and the
+/// checkpoint.
+fn one_step_checkpoint(name: &str, sets: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+    let out = fresh(name);
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
+    let mut sets = sets.to_vec();
+    sets.push("checkpoint.every_steps=1");
+    ok(run(&out, 1, train, &sets, &[]), "train");
+    let ckpt = out.join("ckpt/step-00000001");
+    (out, ckpt)
+}
+
 /// Each wrapped layer of a model: (rank, scaling).
 fn lora_layout(model: &mut MllamaModel) -> BTreeMap<String, (i64, f64)> {
     let mut layout = BTreeMap::new();
@@ -353,15 +365,13 @@ fn per_layer_lora_checkpoints_load_export_and_merge_as_trained() {
 /// as trained (the hf5 export keeps them as written).
 #[test]
 fn an_hf4_export_spells_out_partial_paths() {
-    let out = fresh("infer-partial-paths");
-    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
-    let sets = [
-        "checkpoint.every_steps=1",
-        "peft.target_modules=[language_model.layers.0.self_attn.q_proj, v_proj]",
-        "peft.rank_pattern={language_model.layers.1.cross_attn.v_proj: 2}",
-    ];
-    ok(run(&out, 1, train, &sets, &[]), "train");
-    let ckpt = out.join("ckpt/step-00000001");
+    let (out, ckpt) = one_step_checkpoint(
+        "infer-partial-paths",
+        &[
+            "peft.target_modules=[language_model.layers.0.self_attn.q_proj, v_proj]",
+            "peft.rank_pattern={language_model.layers.1.cross_attn.v_proj: 2}",
+        ],
+    );
     let layout = lora_layout(&mut checkpoint_model(&ckpt));
     assert_eq!(
         layout["model.language_model.layers.1.cross_attn.v_proj"].0,
@@ -380,14 +390,10 @@ fn an_hf4_export_spells_out_partial_paths() {
 /// export names the module the run saved, in that naming, and both exports load as trained.
 #[test]
 fn exports_name_the_modules_the_run_saved() {
-    let out = fresh("infer-saved-modules");
-    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
-    let sets = [
-        "checkpoint.every_steps=1",
-        "peft.modules_to_save=[model.language_model]",
-    ];
-    ok(run(&out, 1, train, &sets, &[]), "train");
-    let ckpt = out.join("ckpt/step-00000001");
+    let (out, ckpt) = one_step_checkpoint(
+        "infer-saved-modules",
+        &["peft.modules_to_save=[model.language_model]"],
+    );
     let mut model = checkpoint_model(&ckpt);
     let trained = model.trainable_parameters();
     assert!(trained
@@ -416,15 +422,10 @@ fn exports_name_the_modules_the_run_saved() {
 /// A checkpoint records how its run built prompts; `infer --checkpoint` follows it.
 #[test]
 fn a_checkpoint_records_its_prompt_settings() {
-    let out = fresh("infer-prompt-settings");
-    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 1";
-    let sets = [
-        "checkpoint.every_steps=1",
-        "data.double_bos=true",
-        "data.image_placeholder=keep",
-    ];
-    ok(run(&out, 1, train, &sets, &[]), "train");
-    let ckpt = out.join("ckpt/step-00000001");
+    let (out, ckpt) = one_step_checkpoint(
+        "infer-prompt-settings",
+        &["data.double_bos=true", "data.image_placeholder=keep"],
+    );
     let settings = CheckpointWeights::read(&ckpt).unwrap().prompt_settings();
     assert_eq!(
         settings,
