@@ -68,16 +68,8 @@ fn lora_checkpoint_weights_and_generation_equal_the_exported_adapter() {
     assert_eq!(weights_ckpt.model_path(), setup().join("model"));
     assert_eq!(weights_ckpt.prompt_settings(), PromptSettings::default());
     let n = weights_ckpt.apply(&mut model).unwrap();
-    let trained = weights(&out);
-    assert_eq!(n, trained.len());
-    let applied = model.trainable_parameters();
-    assert_eq!(applied.len(), trained.len());
-    for (name, t) in &applied {
-        assert!(
-            t.equal(&trained[name]),
-            "{name} differs from the trained value"
-        );
-    }
+    assert_eq!(n, weights(&out).len());
+    let applied = applied_as_trained(&mut model, &out);
     assert!(
         applied
             .iter()
@@ -206,6 +198,21 @@ fn one_step_checkpoint(name: &str, sets: &[&str]) -> (std::path::PathBuf, std::p
     (out, ckpt)
 }
 
+/// The model's trainable parameters, each asserted bitwise equal to the value the run in `out`
+/// ended with (its TRAINER_DUMP_TRAINABLE file), and no more of them.
+fn applied_as_trained(model: &mut MllamaModel, out: &Path) -> Vec<(String, tch::Tensor)> {
+    let trained = weights(out);
+    let applied = model.trainable_parameters();
+    assert_eq!(applied.len(), trained.len());
+    for (name, t) in &applied {
+        assert!(
+            t.equal(&trained[name]),
+            "{name} differs from the trained value"
+        );
+    }
+    applied
+}
+
 /// Each wrapped layer of a model: (rank, scaling).
 fn lora_layout(model: &mut MllamaModel) -> BTreeMap<String, (i64, f64)> {
     let mut layout = BTreeMap::new();
@@ -242,15 +249,7 @@ fn per_layer_lora_checkpoints_load_export_and_merge_as_trained() {
     let ckpt = out.join("ckpt/step-00000002");
     let base = setup().join("model");
     let mut model = checkpoint_model(&ckpt);
-    let trained = weights(&out);
-    let applied = model.trainable_parameters();
-    assert_eq!(applied.len(), trained.len());
-    for (name, t) in &applied {
-        assert!(
-            t.equal(&trained[name]),
-            "{name} differs from the trained value"
-        );
-    }
+    let applied = applied_as_trained(&mut model, &out);
     let layout = lora_layout(&mut model);
     let (q0, v1) = (
         "model.language_model.layers.0.self_attn.q_proj",

@@ -199,13 +199,8 @@ fn adapter_config(
     naming: AdapterNaming,
 ) -> Result<Value> {
     let legacy = naming == AdapterNaming::Hf4;
-    // (a module path renamed as its parameters are: `model.language_model` is
-    // `language_model.model` there)
     let written = |module: &str| match legacy {
-        true => {
-            let name = crate::model::weights::canonical_to_legacy(&format!("{module}.x"));
-            name.strip_suffix(".x").unwrap_or(&name).to_string()
-        }
+        true => crate::model::weights::canonical_to_legacy(module),
         false => module.to_string(),
     };
     let mut config = m.adapter_config_json();

@@ -193,7 +193,7 @@ impl Manifest {
         // (an empty list of layers is not "every layer" to peft but none: unset is null)
         let optional = |k: &str| {
             (peft.get(k).cloned())
-                .filter(crate::checkpoint::is_set)
+                .filter(|v| crate::model::adapter_config::is_set(Some(v)))
                 .unwrap_or(Value::Null)
         };
         let or_empty = |k: &str| {

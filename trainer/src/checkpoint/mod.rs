@@ -32,6 +32,7 @@ use tch::Tensor;
 
 use crate::config::Config;
 use crate::fsdp::Trainable;
+use crate::model::adapter_config::is_set;
 use crate::optim::AdamW;
 
 pub use export::{export_peft, replace_adapter, AdapterNaming};
@@ -367,7 +368,7 @@ pub fn identity(config: &Config) -> BTreeMap<String, Value> {
             "layers_pattern",
             "modules_to_save",
         ] {
-            if let Some(v) = section.get(key).filter(|v| is_set(v)) {
+            if let Some(v) = section.get(key).filter(|v| is_set(Some(v))) {
                 let key = format!("peft.{key}");
                 let v = identity_value(&key, v.clone());
                 m.insert(key, v);
@@ -375,16 +376,6 @@ pub fn identity(config: &Config) -> BTreeMap<String, Value> {
         }
     }
     m
-}
-
-/// Whether an optional setting's JSON value sets something (not null, `[]` or `{}`).
-pub(crate) fn is_set(v: &Value) -> bool {
-    match v {
-        Value::Null => false,
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-        _ => true,
-    }
 }
 
 /// An identity value as compared: `peft.target_modules` (and the other lists of modules or

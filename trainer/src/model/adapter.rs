@@ -309,37 +309,22 @@ impl MllamaModel {
     ) -> Result<usize, ModelError> {
         let layout = cfg.training_layout()?;
         let saved = self.saved_by(cfg, &layout)?;
-        // (peft refuses a module to save that is itself a LoRA layer: a name matching the end of
-        // its path, not a whole part of it, saves it and leaves it to target_modules)
-        let mut lora_saved = None;
-        self.visit_linears(&mut |l| {
-            if lora_saved.is_none()
-                && layout.wraps(&l.path)
-                && layout.saves(&format!("{}.weight", l.path))
-            {
-                lora_saved = Some(l.path.clone());
-            }
-        });
-        if let Some(path) = lora_saved {
-            return Err(ModelError::Adapter(format!(
-                "modules_to_save {:?} saves {path}, which target_modules also gives LoRA: peft \
-                 refuses that (\"modules_to_save cannot be applied to modules of type \
-                 lora.layer.Linear\"); name the module to save by whole path parts (a name that \
-                 ends at a `.` keeps LoRA out of it), or leave it out of target_modules",
-                cfg.modules_to_save
-            )));
-        }
         // its own SplitMix64, not libtorch's global generator: another thread drawing at the same
         // time (tests, a program wrapping two models) cannot shift the values
         let mut rng = SplitMix64::new(seed as u64);
         let kind = self.lora_kind;
         let mut branches = vec![];
-        let (mut overlaps, mut problems) = (vec![], vec![]);
+        let (mut overlaps, mut problems, mut lora_saved) = (vec![], vec![], None);
         let dtype = self.options.dtype;
         let names = base.map(|src| KeyLayout::detect(src.names_and_shapes().map(|(n, _)| n)));
         self.visit_linears(&mut |l| {
             if !layout.wraps(&l.path) {
                 return;
+            }
+            // (peft refuses a module to save that is itself a LoRA layer: a name matching the
+            // end of its path, not a whole part of it, saves it and leaves it to target_modules)
+            if lora_saved.is_none() && layout.saves(&format!("{}.weight", l.path)) {
+                lora_saved = Some(l.path.clone());
             }
             if let Some(o) = layout.overlap(&l.path) {
                 overlaps.push(o);
@@ -354,6 +339,15 @@ impl MllamaModel {
             }
             branches.push((l.path.clone(), br));
         });
+        if let Some(path) = lora_saved {
+            return Err(ModelError::Adapter(format!(
+                "modules_to_save {:?} saves {path}, which target_modules also gives LoRA: peft \
+                 refuses that (\"modules_to_save cannot be applied to modules of type \
+                 lora.layer.Linear\"); name the module to save by whole path parts (a name that \
+                 ends at a `.` keeps LoRA out of it), or leave it out of target_modules",
+                cfg.modules_to_save
+            )));
+        }
         if let Some(first) = problems.first() {
             return Err(ModelError::Adapter(format!(
                 "use_dora: reading the base weights for DoRA's magnitudes: {first}"

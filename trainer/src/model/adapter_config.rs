@@ -587,7 +587,9 @@ fn pattern_key(re: &Regex) -> &str {
         .unwrap_or(s)
 }
 
-fn is_set(v: Option<&Value>) -> bool {
+/// Whether an optional setting's JSON value sets something (not absent, null, false, `""`, `[]`
+/// or `{}`).
+pub fn is_set(v: Option<&Value>) -> bool {
     match v {
         None | Some(Value::Null) | Some(Value::Bool(false)) => false,
         Some(Value::Array(a)) => !a.is_empty(),

@@ -308,9 +308,12 @@ pub fn unreadable_header(e: &safetensors::SafeTensorError) -> String {
 
 /// `model.language_model.X` -> `language_model.model.X`, `model.vision_model.X` -> `vision_model.X`,
 /// `model.multi_modal_projector.X` -> `multi_modal_projector.X`, `lm_head.X` -> `language_model.lm_head.X`.
-/// Module paths too (no `.X`: `lm_head` -> `language_model.lm_head`, as PEFT names LoRA keys).
+/// Module paths too (no `.X`: `lm_head` -> `language_model.lm_head`, as PEFT names LoRA keys;
+/// `model.language_model` -> `language_model.model`, a module to save).
 pub fn canonical_to_legacy(name: &str) -> String {
-    if let Some(r) = name.strip_prefix("model.language_model.") {
+    if name == "model.language_model" {
+        "language_model.model".to_string()
+    } else if let Some(r) = name.strip_prefix("model.language_model.") {
         format!("language_model.model.{r}")
     } else if let Some(r) = name.strip_prefix("model.") {
         r.to_string()
@@ -327,6 +330,8 @@ pub fn legacy_to_canonical(name: &str) -> String {
     let under = |prefix: &str| name == prefix || name.starts_with(&format!("{prefix}."));
     if name.starts_with("model.") || under("lm_head") {
         name.to_string()
+    } else if name == "language_model.model" {
+        "model.language_model".to_string()
     } else if let Some(r) = name.strip_prefix("language_model.model.") {
         format!("model.language_model.{r}")
     } else if under("language_model.lm_head") {
@@ -503,6 +508,7 @@ mod tests {
                 "multi_modal_projector.weight",
             ),
             ("model.multi_modal_projector", "multi_modal_projector"),
+            ("model.language_model", "language_model.model"),
             ("lm_head.weight", "language_model.lm_head.weight"),
             ("lm_head", "language_model.lm_head"),
         ];

@@ -15,19 +15,16 @@ use crate::model::{AttentionImpl, LoadOptions, MllamaConfig, MllamaModel, Weight
 /// and their ranks; `count_dora`: count a DoRA magnitude (out,) per wrapped layer even where the
 /// model holds none (the config check's layout, built without reading weights).
 pub fn trainable_summary(model: &mut MllamaModel, count_dora: bool) -> String {
-    let (mut all, mut full) = (0i64, 0i64);
+    // (peft counts a module to save twice in all params: the base module and its trained copy)
+    let (mut all, mut full, mut saved) = (0i64, 0i64, 0i64);
     model.visit_params(&mut |name, t| {
         let n = t.numel() as i64;
         all += n;
         if model.full_finetune_trains(name) {
             full += n;
         }
-    });
-    // (peft counts a module to save twice in all params: the base module and its trained copy)
-    let mut saved = 0i64;
-    model.visit_params(&mut |name, t| {
         if model.saved_params.iter().any(|s| s == name) {
-            saved += t.numel() as i64;
+            saved += n;
         }
     });
     let (what, trainable) = if model.lora.is_some() {

@@ -561,8 +561,9 @@ pub(crate) fn check_init_from(
     model.visit_params(&mut |n, _| params.push(n.to_string()));
     // (the section's modules_to_save must each name a module, as for a fresh adapter)
     let section = adapter_config(p);
-    model.saved_by(&section, &section.training_layout()?)?;
-    check_init_adapter(dir, &paths, &params, &settings, &layout, p)
+    let section_layout = section.training_layout()?;
+    model.saved_by(&section, &section_layout)?;
+    check_init_adapter(dir, &paths, &params, &settings, &layout, &section_layout, p)
 }
 
 /// Under FSDP (`sharded`) an adapter training starts from may not hold modules to save: checked
@@ -598,13 +599,13 @@ fn check_init_adapter(
     params: &[String],
     found: &AdapterConfig,
     found_layout: &AdapterLayout,
+    layout: &AdapterLayout,
     p: &config::PeftConfig,
 ) -> Result<()> {
     let (adapter, found) = (found, &found.lora);
     let mut diffs = vec![];
-    // (the config's patterns may not overlap: checkpoints record them without their order, and
-    // a fresh adapter refuses them in `apply_adapter`)
-    let layout = adapter_config(p).training_layout()?;
+    // (the config's patterns (`layout`) may not overlap: checkpoints record them without their
+    // order, and a fresh adapter refuses them in `apply_adapter`)
     let overlaps: Vec<String> = (paths.iter())
         .filter(|path| layout.wraps(path))
         .filter_map(|path| layout.overlap(path))
@@ -691,7 +692,7 @@ fn check_init_adapter(
         let saved: Vec<String> = params.iter().filter(|n| l.saves(n)).cloned().collect();
         l.saved_modules(&saved)
     };
-    let (adapter_saves, config_saves) = (saved_by(found_layout), saved_by(&layout));
+    let (adapter_saves, config_saves) = (saved_by(found_layout), saved_by(layout));
     if adapter_saves != config_saves {
         diffs.push(format!(
             "peft.modules_to_save: the adapter's {:?} save {adapter_saves:?}, the config's {:?} \
