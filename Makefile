@@ -3,9 +3,11 @@ SHELL := /bin/bash
 CARGO ?= cargo
 VENV := .venv
 SETUP_STAMP := $(VENV)/libtorch
+# the benchmarks' Python peers (transformers, peft, Pillow), pinned in scripts/setup.sh
+PEERS_STAMP := $(VENV)/peers.txt
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: setup build release test lint unit kernels-check demo bench bench-collectives bench-checkpoint bench-decode bench-step bench-data gpu-check gpu-bin clean
+.PHONY: setup bench-peers build release test lint unit kernels-check demo bench bench-collectives bench-checkpoint bench-decode bench-step bench-data gpu-check gpu-bin clean
 
 setup:
 	@./scripts/setup.sh
@@ -13,6 +15,13 @@ setup:
 # Runs setup only when the venv is missing; `make setup` re-checks the torch version.
 $(SETUP_STAMP):
 	@./scripts/setup.sh
+
+bench-peers:
+	@./scripts/setup.sh --peers
+
+# again when setup.sh (its pins) changes
+$(PEERS_STAMP): scripts/setup.sh
+	@./scripts/setup.sh --peers
 
 build: $(SETUP_STAMP)
 	$(CARGO) build
@@ -42,28 +51,28 @@ demo: $(SETUP_STAMP)
 
 bench: bench-collectives bench-checkpoint bench-decode bench-step bench-data
 
-bench-collectives: $(SETUP_STAMP)
+bench-collectives: $(PEERS_STAMP)
 	@./scripts/bench-collectives.sh
 
-bench-checkpoint: $(SETUP_STAMP)
+bench-checkpoint: $(PEERS_STAMP)
 	@./scripts/bench-checkpoint.sh
 
 # Decode speed of `trainer infer`'s engine next to transformers' generate (scripts/bench_decode.py), tiny and ~100M models.
-bench-decode: $(SETUP_STAMP)
+bench-decode: $(PEERS_STAMP)
 	$(CARGO) build --release --quiet --bin trainer
 	@mkdir -p bench-results
 	$(TARGET_DIR)/release/trainer bench decode --out bench-results/decode.jsonl
 
 # Optimizer-step time (LoRA and full, tiny and ~100M models) next to transformers + peft (scripts/bench_step.py)
 # at 1 rank, and our FSDP engine next to PyTorch FSDP2 over gloo at 2 ranks.
-bench-step: $(SETUP_STAMP)
+bench-step: $(PEERS_STAMP)
 	$(CARGO) build --release --quiet --bin trainer --bin launcher
 	@mkdir -p bench-results
 	$(TARGET_DIR)/release/trainer bench step --out bench-results/step-w1.jsonl
 	$(TARGET_DIR)/release/launcher --standalone --nproc-per-node 2 -- $(TARGET_DIR)/release/trainer bench step --dir bench-results/step-tmp-w2 --out bench-results/step-w2.jsonl
 
 # Data pipeline samples/s per core (1 and 2 workers) next to transformers' MllamaProcessor + the seed's masking (scripts/bench_data.py).
-bench-data: $(SETUP_STAMP)
+bench-data: $(PEERS_STAMP)
 	$(CARGO) build --release --quiet --bin trainer
 	@mkdir -p bench-results
 	$(TARGET_DIR)/release/trainer bench data --out bench-results/data.jsonl

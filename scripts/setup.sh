@@ -2,8 +2,12 @@
 # make setup: a .venv/ with PyPI torch==2.11.0 (the libtorch tch 0.24 is built for), and the
 # stable links the build uses (.venv/libtorch -> site-packages/torch, .venv/nccl/libnccl.so).
 # Idempotent: when the right torch is already there it only checks, in about a second.
+# `setup.sh --peers` (make bench-peers; every bench target runs it) also installs the Python peers
+# the benchmarks compare against and the golden scripts in tests/fixtures run: PEERS below, the
+# versions the recorded figures and fixtures were made with.
 set -euo pipefail
 TORCH_VERSION=2.11.0
+PEERS=(transformers==5.24.0 peft==0.21.2 pillow==13.0.0)
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="${PYTHON:-python3}"
@@ -56,3 +60,23 @@ fi
   [ -d "$VENV/nccl" ] && echo "$VENV/nccl"
 } | sort -u > "$VENV/cuda-lib-dirs.txt"
 echo "setup: ok (torch $TORCH_VERSION in $VENV)"
+
+if [ "${1:-}" = "--peers" ]; then
+  # pip would check in seconds what the metadata answers at once
+  if ! "$VENV/bin/python" - "${PEERS[@]}" <<'PY'
+import importlib.metadata as m, sys
+def has(pin):
+    name, version = pin.split("==")
+    try:
+        return m.version(name) == version
+    except m.PackageNotFoundError:
+        return False
+sys.exit(0 if all(has(p) for p in sys.argv[1:]) else 1)
+PY
+  then
+    echo "setup: installing the benchmarks' peers into $VENV: ${PEERS[*]}"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PEERS[@]}" "torch==$TORCH_VERSION"
+  fi
+  printf '%s\n' "${PEERS[@]}" > "$VENV/peers.txt"
+  echo "setup: ok (peers ${PEERS[*]})"
+fi

@@ -86,6 +86,24 @@ fn check_prints_counts_percentiles_tiles_and_supervision() {
     assert!(out.contains("data check passed"), "{out}");
 }
 
+/// JPEG decoding without libjpeg-turbo's SIMD code (a build made before nasm was installed) is
+/// said once, with the fix; with SIMD, nothing is said.
+#[test]
+fn check_says_once_whether_jpeg_decoding_runs_without_simd() {
+    let dir = temp_dir("check-simd");
+    let lines: Vec<String> = (0..3).map(|i| record(i, "photo.jpg")).collect();
+    let cfg = setup(&dir, &lines, ", num_workers: 2");
+    let (code, out, err) = trainer(&["data", "check", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let said = err.matches("without libjpeg-turbo's SIMD").count();
+    if trainer::data::jpeg::simd_in_use() {
+        assert_eq!(said, 0, "{err}");
+    } else {
+        assert_eq!(said, 1, "{err}");
+        assert!(err.contains("cargo clean -p mozjpeg-sys"), "{err}");
+    }
+}
+
 /// Good records plus a malformed line (3), an unknown role (5), and a truncated image (7)
 /// that only decoding finds.
 fn bad_setup(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {

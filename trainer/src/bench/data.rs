@@ -140,6 +140,8 @@ pub struct Stages {
     /// Padding collate, then pad + rescale + normalize + tiles from the u8 images straight into
     /// the batch's pixel tensor (`dataset::to_model_batch_fused`), as the loader does.
     pub batch_ms: f64,
+    /// Whether the JPEG decoder ran its SIMD code (`jpeg::simd_in_use`).
+    pub jpeg_simd: bool,
 }
 
 impl Stages {
@@ -149,13 +151,17 @@ impl Stages {
             "unit": "CPU ms/sample", "peer": null, "ratio": null,
             "samples": self.samples, "decode_ms": self.decode_ms,
             "resize_ms": self.resize_ms, "template_tokenize_mask_ms": self.text_ms,
-            "collate_normalize_tile_ms": self.batch_ms})
+            "collate_normalize_tile_ms": self.batch_ms, "jpeg_simd": self.jpeg_simd})
     }
 
     pub fn line(&self) -> String {
         format!(
-            "per sample, one thread (CPU ms): decode {:.1}, resize {:.1}, template+tokenize+mask {:.2}, collate+pad+normalize+tiles into the tensor {:.1}\n",
-            self.decode_ms, self.resize_ms, self.text_ms, self.batch_ms
+            "per sample, one thread (CPU ms): decode {:.1}{}, resize {:.1}, template+tokenize+mask {:.2}, collate+pad+normalize+tiles into the tensor {:.1}\n",
+            self.decode_ms,
+            if self.jpeg_simd { "" } else { " (libjpeg-turbo without SIMD)" },
+            self.resize_ms,
+            self.text_ms,
+            self.batch_ms
         )
     }
 }
@@ -178,6 +184,7 @@ pub fn stages(model: &Path, jsonl: &Path, images: &Path, batch: usize) -> Result
     let text = ds.text_processor();
     let mut st = Stages {
         samples: ds.len(),
+        jpeg_simd: crate::data::jpeg::simd_in_use(),
         ..Stages::default()
     };
     let mut pending = Vec::new();

@@ -19,11 +19,14 @@ pub(crate) fn peer_json(mut cmd: Command, script: &Path) -> Result<Value> {
         .output()
         .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {
-        bail!(
-            "{} failed:\n{}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let hint = if stderr.contains("ModuleNotFoundError") {
+            "\nthe peer's packages are missing: `make bench-peers` installs the pinned transformers, \
+             peft and Pillow into .venv (or pass --no-peer, or --python for another interpreter)"
+        } else {
+            ""
+        };
+        bail!("{} failed:\n{stderr}{hint}", script.display());
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     stdout
@@ -36,6 +39,26 @@ pub(crate) fn peer_json(mut cmd: Command, script: &Path) -> Result<Value> {
 #[cfg(test)]
 mod tests {
     use serde_json::Value;
+
+    /// A peer that fails names its script and its stderr; a missing Python package also gets
+    /// the command that installs the pinned ones.
+    #[test]
+    fn a_failed_peer_says_why_and_how_to_install_its_packages() {
+        let run = |stderr: &str| {
+            let mut cmd = std::process::Command::new("sh");
+            cmd.args(["-c", &format!("echo '{stderr}' >&2; exit 1")]);
+            super::peer_json(cmd, std::path::Path::new("scripts/peer.py"))
+                .unwrap_err()
+                .to_string()
+        };
+        let missing = run("ModuleNotFoundError: No module named PIL");
+        assert!(missing.contains("scripts/peer.py failed"), "{missing}");
+        assert!(missing.contains("No module named PIL"), "{missing}");
+        assert!(missing.contains("make bench-peers"), "{missing}");
+        let other = run("ValueError: bad size");
+        assert!(other.contains("ValueError: bad size"), "{other}");
+        assert!(!other.contains("bench-peers"), "{other}");
+    }
 
     /// Every bench's `--json` objects carry DESIGN's fields: name, figure and unit, the peer
     /// (null where it runs in a process of its own) and the ratio.

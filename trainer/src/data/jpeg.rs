@@ -26,8 +26,40 @@ pub fn is_jpeg(bytes: &[u8]) -> bool {
 
 /// Decode a JPEG file's bytes to 8-bit RGB, as Pillow's `Image.open(...).convert("RGB")`.
 pub fn decode(bytes: &[u8]) -> Result<RgbImage, String> {
+    warn_once_without_simd();
     unwinding_to_err(|| decode_unwinding(bytes))
 }
+
+extern "C" {
+    /// libjpeg-turbo's own question to its SIMD layer (jsimd.c, or jsimd_none.c's 0 when the
+    /// library was built without SIMD; mozjpeg-sys builds it with NO_GETENV, so the JSIMD_*
+    /// variables change nothing).
+    fn jsimd_can_idct_islow() -> c_int;
+}
+
+/// Whether libjpeg-turbo decodes with its SIMD code (same pixels; about twice as fast here:
+/// 5.3 against 11.2 CPU ms per bench image, BENCHMARKS.md).
+pub fn simd_in_use() -> bool {
+    // SAFETY: no arguments; reads the CPU's features and the environment once, then a flag
+    unsafe { jsimd_can_idct_islow() != 0 }
+}
+
+/// The SIMD code is built only when nasm is on PATH while cargo builds mozjpeg-sys, and cargo
+/// does not rebuild it when nasm arrives later: say so once, with the fix, instead of decoding at
+/// half speed in silence.
+fn warn_once_without_simd() {
+    static CHECKED: std::sync::Once = std::sync::Once::new();
+    CHECKED.call_once(|| {
+        if !simd_in_use() {
+            tracing::warn!("{NO_SIMD}");
+        }
+    });
+}
+
+const NO_SIMD: &str = "JPEG decoding runs without libjpeg-turbo's SIMD code (about 2x slower, \
+    same pixels): nasm was not on PATH when cargo built mozjpeg-sys, and cargo does not rebuild it \
+    by itself. Install nasm (Debian: apt-get install nasm), then `cargo clean -p mozjpeg-sys \
+    --release` (without --release for debug builds) and rebuild";
 
 /// Runs libjpeg work whose fatal errors unwind out of `error_exit`, as an `Err` with libjpeg's
 /// message.
@@ -164,5 +196,25 @@ extern "C-unwind" fn emit_message(cinfo: &mut ffi::jpeg_common_struct, level: c_
             "truncated JPEG: the file ends before the image data does (re-download or re-encode it)"
                 .to_string(),
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The SIMD code is built exactly when nasm is installed (CI installs it before building), so
+    /// this fails on a build made before nasm arrived, with the fix in the message.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn simd_is_built_when_nasm_is_installed() {
+        let nasm = std::process::Command::new("nasm")
+            .arg("-v")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        let why = if nasm {
+            super::NO_SIMD
+        } else {
+            "SIMD without nasm installed"
+        };
+        assert_eq!(super::simd_in_use(), nasm, "{why}");
     }
 }
