@@ -8,6 +8,8 @@ use std::process::Command;
 use serde_json::{json, Value};
 use trainer::model::{LoadOptions, MllamaModel};
 
+mod common;
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -136,7 +138,38 @@ fn dora_losses_match_transformers_peft_adamw() {
 /// again.
 #[test]
 fn modules_to_save_losses_match_transformers_peft_adamw() {
-    let check = |out: &std::path::Path| {
+    losses_match_then(
+        SAVED_GOLDEN,
+        SAVED_SETS,
+        &saved_projector_trained_and_exported,
+    );
+}
+
+/// The same from a 2-rank FSDP run (batch 1 per rank: the same global batch): each rank's model
+/// skeleton takes the projector from the adapter, not from model.path, and slices it into its
+/// fp32 shards as it slices the factors.
+#[test]
+fn modules_to_save_under_fsdp_losses_match_transformers_peft_adamw() {
+    let mut sets = SAVED_SETS.to_vec();
+    sets.extend(["fsdp.enabled=true", "train.batch_size=1"]);
+    losses_match_at(
+        2,
+        SAVED_GOLDEN,
+        &sets,
+        &saved_projector_trained_and_exported,
+    );
+}
+
+const SAVED_GOLDEN: &str = "golden_losses_saved.json";
+const SAVED_SETS: &[&str] = &[
+    "peft.init_from=tests/fixtures/train/adapter_saved",
+    "peft.modules_to_save=[model.multi_modal_projector]",
+];
+
+/// The adapter a `SAVED_SETS` run exports names its module to save as the config does and holds
+/// the trained projector, which loads again.
+fn saved_projector_trained_and_exported(out: &std::path::Path) {
+    {
         let cfg: Value = serde_json::from_str(
             &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
         )
@@ -168,15 +201,7 @@ fn modules_to_save_losses_match_transformers_peft_adamw() {
         .unwrap();
         model.load_adapter(out).unwrap();
         assert!(model.multi_modal_projector.weight.equal(&exported[key]));
-    };
-    losses_match_then(
-        "golden_losses_saved.json",
-        &[
-            "peft.init_from=tests/fixtures/train/adapter_saved",
-            "peft.modules_to_save=[model.multi_modal_projector]",
-        ],
-        &check,
-    );
+    }
 }
 
 /// `trainer train` on the golden fixture config with `sets` gives the per-step losses of
@@ -187,6 +212,11 @@ fn losses_match(file: &str, sets: &[&str]) {
 
 /// `losses_match`, then `check` on the run's output_dir.
 fn losses_match_then(file: &str, sets: &[&str], check: &dyn Fn(&std::path::Path)) {
+    losses_match_at(1, file, sets, check);
+}
+
+/// `losses_match_then` from `world` ranks (through the launcher when more than one).
+fn losses_match_at(world: usize, file: &str, sets: &[&str], check: &dyn Fn(&std::path::Path)) {
     let golden: Value = serde_json::from_str(
         &std::fs::read_to_string(repo().join("tests/fixtures/train").join(file)).unwrap(),
     )
@@ -198,12 +228,21 @@ fn losses_match_then(file: &str, sets: &[&str], check: &dyn Fn(&std::path::Path)
         .map(|v| v.as_f64().unwrap())
         .collect();
     let out = std::env::temp_dir().join(format!(
-        "train-{}-{}",
+        "train-{}-w{world}-{}",
         file.trim_end_matches(".json"),
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&out);
-    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+    let mut cmd = match world {
+        1 => Command::new(env!("CARGO_BIN_EXE_trainer")),
+        w => {
+            let mut c = common::launcher();
+            c.args(["--standalone", "--nproc-per-node", &w.to_string(), "--"]);
+            c.arg(env!("CARGO_BIN_EXE_trainer"));
+            c
+        }
+    };
+    let o = cmd
         .current_dir(repo())
         .args(["train", "tests/fixtures/train/train.yaml"])
         .args(sets.iter().flat_map(|s| ["--set", s]))
@@ -341,11 +380,9 @@ fn init_from_with_overlapping_patterns_is_refused() {
 }
 
 /// An init_from adapter whose DoRA, patterns and modules to save the peft section does not
-/// give is refused naming each key; under FSDP one with modules to save is refused before it
-/// loads (its saved modules would be copied into the model skeleton's placeholders) with the
-/// ways out.
+/// give is refused naming each key.
 #[test]
-fn init_from_adapter_options_must_match_and_saved_modules_need_plain_training() {
+fn init_from_adapter_options_must_match() {
     refused(
         "dora",
         &["peft.init_from=tests/fixtures/peft_variants/dora"],
@@ -356,20 +393,6 @@ fn init_from_adapter_options_must_match_and_saved_modules_need_plain_training() 
              [\"model.vision_model.transformer.layers.1.self_attn.o_proj\"], the config's [] save []",
             "peft.use_dora: adapter true, config false",
             "peft.rank_pattern / peft.alpha_pattern:",
-        ],
-    );
-    refused(
-        "patterns-fsdp",
-        &[
-            "peft.init_from=tests/fixtures/peft_variants/patterns",
-            "fsdp.enabled=true",
-        ],
-        &[
-            "peft.init_from tests/fixtures/peft_variants/patterns: the adapter holds \
-             modules_to_save [\"multi_modal_projector\", \"fc2\", \"lm_head\"], which an FSDP run \
-             does not start from",
-            "fsdp.enabled: false",
-            "trainer export --format merged --adapter tests/fixtures/peft_variants/patterns",
         ],
     );
 }

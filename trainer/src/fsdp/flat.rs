@@ -12,6 +12,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::{ProcessGroup, ReduceOp, Work};
+use crate::model::weights::is_placeholder;
 use crate::model::{KeyLayout, WeightSource};
 use crate::optim::Segment;
 
@@ -63,9 +64,9 @@ impl FlatGroup {
     }
 
     /// Builds the group and keeps this rank's slice [r*S, (r+1)*S) of the flat buffer, reading
-    /// only that slice: a parameter found in `source` (by its file name) is read from the
-    /// safetensors map with `get_flat_range` (its tensor may be a placeholder), any other one
-    /// (LoRA factors) is sliced from its materialized tensor. Values go through the parameter's
+    /// only that slice: a placeholder parameter (`weights::is_placeholder`) found in `source` (by
+    /// its file name) is read from the safetensors map with `get_flat_range`, any other one (LoRA
+    /// factors, a module to save loaded from an adapter) is sliced from its materialized tensor. Values go through the parameter's
     /// dtype first (as a full load would convert them), then to the group's. The parameters are
     /// left empty (freed).
     pub fn shard_from(
@@ -94,10 +95,14 @@ impl FlatGroup {
             // this parameter's elements inside [lo, hi), relative to its start
             let (a, b) = (lo.max(offset) - offset, hi.min(offset + numel) - offset);
             if a < b {
-                let file = source.and_then(|(src, layout)| {
-                    let f = layout.file_name(&name);
-                    src.entry(&f).map(|_| (src, f))
-                });
+                // (a skeleton's parameter that holds data, a module to save loaded from an
+                // adapter, is sliced: its values are not the base's)
+                let file = source
+                    .filter(|_| is_placeholder(&t))
+                    .and_then(|(src, layout)| {
+                        let f = layout.file_name(&name);
+                        src.entry(&f).map(|_| (src, f))
+                    });
                 let piece = match file {
                     Some((src, f)) => src
                         .get_flat_range(&f, a, b - a, t.kind())?

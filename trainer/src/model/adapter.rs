@@ -10,7 +10,7 @@ use tch::{Kind, Tensor};
 
 use super::adapter_config::{AdapterConfig, AdapterLayout};
 use super::lora::{LoraBranch, LoraConfig, TargetModules};
-use super::weights::{legacy_to_canonical, KeyLayout, WeightSource};
+use super::weights::{is_placeholder, legacy_to_canonical, KeyLayout, WeightSource};
 use super::{MllamaModel, ModelError};
 use crate::rng::SplitMix64;
 
@@ -53,7 +53,7 @@ fn base_weight(
     base: Option<(&WeightSource, KeyLayout)>,
     dtype: Kind,
 ) -> Result<Tensor, ModelError> {
-    if l.weight.stride().iter().any(|s| *s != 0) || l.weight.numel() <= 1 {
+    if !is_placeholder(&l.weight) {
         return Ok(l.weight.shallow_clone());
     }
     let (src, layout) = base.ok_or_else(|| {
@@ -634,9 +634,19 @@ impl MllamaModel {
             )));
         }
         tch::no_grad(|| {
-            saved
-                .iter()
-                .try_for_each(|(p, t)| p.shallow_clone().f_copy_(&t.to_device(p.device())))
+            saved.iter().try_for_each(|(p, t)| {
+                let t = t.to_device(p.device());
+                let mut p = p.shallow_clone();
+                if is_placeholder(&p) {
+                    // an FSDP skeleton's: the module's parameter becomes the adapter's tensor
+                    // (one TensorImpl with every handle), which FSDP then slices instead of
+                    // reading the base's from model.path
+                    p.set_data(&t);
+                    Ok(())
+                } else {
+                    p.f_copy_(&t).map(|_| ())
+                }
+            })
         })?;
         self.visit_linears(&mut |l| {
             if let Some(br) = branches.remove(&l.path) {

@@ -343,6 +343,13 @@ pub fn legacy_to_canonical(name: &str) -> String {
     }
 }
 
+/// Whether `t` is a [`Loader`] placeholder (a skeleton's stand-in for a weight it has not read):
+/// a zero-dimensional zero broadcast to the shape, so every stride is 0, one-element shapes
+/// included (a real `(1,)` tensor has stride 1).
+pub fn is_placeholder(t: &Tensor) -> bool {
+    t.dim() > 0 && t.stride().iter().all(|s| *s == 0)
+}
+
 /// Hands tensors to the constructors by canonical name and collects problems.
 pub struct Loader<'a> {
     /// None: random initialisation (synthetic models for tests and benchmarks).
@@ -428,7 +435,8 @@ impl<'a> Loader<'a> {
         // Stands in for a tensor with a problem (finish() fails) or a skeleton's: one element
         // broadcast, so a folder of wrongly shaped (e.g. quantized) weights does not allocate
         // the model in zeros before the error is reported.
-        let placeholder = |device| Tensor::zeros([1], (self.kind, device)).expand(shape, false);
+        let placeholder =
+            |device| Tensor::zeros([0i64; 0], (self.kind, device)).expand(shape, false);
         match src.entry(&file) {
             None => {
                 self.problems

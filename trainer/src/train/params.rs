@@ -128,7 +128,7 @@ pub fn check_model(config: &Config) -> Result<(String, Vec<String>)> {
         model.apply_adapter(&adapter, 0, None).context("peft")?;
         // (an adapter to start from: its config against the section, as the run checks it)
         if let Some(dir) = &p.init_from {
-            super::setup::check_init_from(dir, &mut model, p, config.fsdp.enabled)?;
+            super::setup::check_init_from(dir, &mut model, p)?;
         }
     }
     let warnings = layout_warnings(&mut model, config)?;

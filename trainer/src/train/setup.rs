@@ -146,7 +146,7 @@ fn load_model(
                 // fp32 factors (FSDP's masters, the plain trainer's parameters) are the
                 // adapter's values, not a bf16 rounding of them. PEFT keeps adapters in fp32 over
                 // a bf16 base too (autocast_adapter_dtype).
-                check_init_from(dir, &mut model, p, sharded)?;
+                check_init_from(dir, &mut model, p)?;
                 model.set_lora_kind(Kind::Float);
                 model
                     .load_adapter(dir)
@@ -545,17 +545,15 @@ fn target_modules(t: &config::LoraTargets) -> TargetModules {
 }
 
 /// The adapter `peft.init_from` names fits the `peft` section and `model` (a skeleton will do:
-/// only its module paths are read), before anything of it loads: `refuse_adapter_extras`, then
-/// `check_init_adapter` on what its config chooses (peft's reading, in its tensors' naming).
+/// only its module paths are read), before anything of it loads: `check_init_adapter` on what
+/// its config chooses (peft's reading, in its tensors' naming).
 pub(crate) fn check_init_from(
     dir: &std::path::Path,
     model: &mut MllamaModel,
     p: &config::PeftConfig,
-    sharded: bool,
 ) -> Result<()> {
     let (settings, layout) = crate::model::adapter::adapter_layout(dir)
         .with_context(|| format!("reading peft.init_from {}", dir.display()))?;
-    refuse_adapter_extras(dir, &settings, sharded)?;
     let (mut paths, mut params) = (vec![], vec![]);
     model.visit_linears(&mut |l| paths.push(l.path.clone()));
     model.visit_params(&mut |n, _| params.push(n.to_string()));
@@ -564,29 +562,6 @@ pub(crate) fn check_init_from(
     let section_layout = section.training_layout()?;
     model.saved_by(&section, &section_layout)?;
     check_init_adapter(dir, &paths, &params, &settings, &layout, &section_layout, p)
-}
-
-/// Under FSDP (`sharded`) an adapter training starts from may not hold modules to save: checked
-/// before it loads (their parameters would be copied into the model skeleton's placeholders,
-/// while FSDP reads every base parameter from the weight files).
-fn refuse_adapter_extras(
-    dir: &std::path::Path,
-    found: &AdapterConfig,
-    sharded: bool,
-) -> Result<()> {
-    if sharded && !found.modules_to_save.is_empty() {
-        bail!(
-            "peft.init_from {}: the adapter holds modules_to_save {:?}, which an FSDP run does \
-             not start from (its ranks read the base weights from model.path); continue it with \
-             fsdp.enabled: false, or merge the adapter into its base \
-             (`trainer export --format merged --adapter {} --out DIR`) and train a new adapter \
-             on that model",
-            dir.display(),
-            found.modules_to_save,
-            dir.display()
-        );
-    }
-    Ok(())
 }
 
 /// The adapter `peft.init_from` loaded must match the `peft` config: training runs with the
