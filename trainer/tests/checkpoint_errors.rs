@@ -344,10 +344,19 @@ fn a_wrong_resume_folder_or_data_file_fails_before_the_model_loads() {
     assert_ne!(o.code, Some(0), "{}", o.stderr);
     assert!(
         o.stderr
-            .contains("auot is not a checkpoint folder (no manifest.json) (did you mean auto?)"),
+            .contains("auot does not exist (did you mean auto?)"),
         "{}",
         o.stderr
     );
+    assert!(!o.stderr.contains(loaded), "{}", o.stderr);
+    let folder = format!("checkpoint.resume={}", out.display());
+    let o = run(&out, 1, train, &[&folder], &[]);
+    assert_ne!(o.code, Some(0), "{}", o.stderr);
+    let want = format!(
+        "{} is not a checkpoint folder (no manifest.json)",
+        out.display()
+    );
+    assert!(o.stderr.contains(&want), "{}", o.stderr);
     assert!(!o.stderr.contains(loaded), "{}", o.stderr);
     let o = run(&out, 1, train, &["data.train=/no/such/train.jsonl"], &[]);
     assert_ne!(o.code, Some(0), "{}", o.stderr);

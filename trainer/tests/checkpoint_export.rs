@@ -132,6 +132,23 @@ fn export_peft_holds_the_trained_factors_and_loads() {
         before
     );
     assert!(!adapter.join(LOCK).exists(), "the lock outlived the export");
+    // a model folder (transformers would take it for the adapter from then on) and a pickled
+    // adapter are refused too, nothing written
+    for (name, why) in [
+        ("config.json", "holds a model (config.json)"),
+        (
+            "adapter_model.bin",
+            "already holds an adapter (adapter_model.bin)",
+        ),
+    ] {
+        let used = out.join(format!("used-{name}"));
+        std::fs::create_dir_all(&used).unwrap();
+        std::fs::write(used.join(name), b"{}").unwrap();
+        let o = export(&out.join("ckpt/step-00000002"), &used);
+        assert_eq!(o.code, Some(1), "{}", o.stderr);
+        assert!(o.stderr.contains(why), "{}", o.stderr);
+        assert!(!used.join("adapter_config.json").exists());
+    }
     // a folder another export is writing (it holds the lock) is refused
     let busy = out.join("busy");
     let held = common::hold_export_lock(&busy);

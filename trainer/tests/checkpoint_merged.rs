@@ -546,6 +546,25 @@ fn merged_export_refuses_a_wrong_base_model_and_a_used_out_folder() {
         "{}",
         o.stderr
     );
+    // pickled weights, and a PEFT adapter (transformers would load the folder as the adapter)
+    for (name, why) in [
+        (
+            "pytorch_model.bin",
+            "already holds model weights (pytorch_model.bin)",
+        ),
+        (
+            "adapter_config.json",
+            "already holds a PEFT adapter's file (adapter_config.json)",
+        ),
+    ] {
+        let used = root.join(format!("merged-used-{name}"));
+        std::fs::create_dir_all(&used).unwrap();
+        std::fs::write(used.join(name), b"{}").unwrap();
+        let o = export(ckpt, &used, "merged", &[]);
+        assert_eq!(o.code, Some(1), "{}", o.stderr);
+        assert!(o.stderr.contains(why), "{}", o.stderr);
+        assert!(!used.join("config.json").exists());
+    }
     // a folder another export is writing (a live process's lock) is refused before any file is written
     let busy = root.join("merged-busy");
     let _held = common::hold_export_lock(&busy);

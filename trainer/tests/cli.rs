@@ -365,9 +365,10 @@ fn config_check_prints_what_trains_and_refuses_a_bad_adapter_layout() {
     }
 }
 
-/// A path the run reads that is not there (a typo in model.path, data.train) is refused by
-/// `trainer config check` naming its key and the `--set` that gave it, and so by the launcher
-/// once, before any rank starts or restarts (each would load the model first).
+/// A path the run reads that is not there (a typo in model.path, data.train, data.image_root),
+/// or an output folder that is the base model's, is refused by `trainer config check` naming its
+/// key and the `--set` that gave it, and so by the launcher once, before any rank starts or
+/// restarts (each would load the model first).
 #[test]
 fn a_missing_model_or_data_path_is_refused_before_ranks_start() {
     let mut check = vec!["config", "check", "configs/demo.yaml"];
@@ -395,6 +396,18 @@ fn a_missing_model_or_data_path_is_refused_before_ranks_start() {
         (
             "data.eval=[tests/fixtures/train/train.jsonl, tests/fixtures]",
             "data.eval: tests/fixtures: a folder, not a JSONL file",
+        ),
+        (
+            "data.image_root=/no/such/images",
+            "data.image_root: /no/such/images: no such folder",
+        ),
+        (
+            "train.output_dir=tests/fixtures/train/../train/model",
+            "train.output_dir: tests/fixtures/train/../train/model is model.path",
+        ),
+        (
+            "checkpoint.dir=tests/fixtures/train/model/",
+            "checkpoint.dir: tests/fixtures/train/model/ is model.path",
         ),
     ] {
         let mut args = check.clone();
@@ -500,7 +513,7 @@ fn a_layout_or_resume_folder_the_config_cannot_train_is_refused_before_ranks_sta
         trainer(&["config", "check", "configs/demo.yaml", resume[0], resume[1]]);
     assert_eq!(code, 1);
     assert!(
-        stderr.contains("/no/such/step-00000010 is not a checkpoint folder"),
+        stderr.contains("/no/such/step-00000010 does not exist"),
         "{stderr}"
     );
 }

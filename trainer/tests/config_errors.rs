@@ -149,7 +149,13 @@ fn ranges_name_key_value_and_what_is_allowed() {
         ),
         (
             "data.num_workers=-1",
-            "data.num_workers: expected an integer >= 0, got -1",
+            "data.num_workers: expected an integer from 0 to 256 (loader threads per rank; more \
+             only contend for the cores), got -1",
+        ),
+        (
+            "data.num_workers=100000",
+            "data.num_workers: expected an integer from 0 to 256 (loader threads per rank; more \
+             only contend for the cores), got 100000",
         ),
         (
             "train.epochs=0",

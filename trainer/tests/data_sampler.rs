@@ -72,11 +72,12 @@ fn ordered_pool_output_does_not_depend_on_worker_count() {
             std::thread::sleep(std::time::Duration::from_micros((x * 7919) % 300));
             x * x
         })
+        .unwrap()
         .collect();
         assert_eq!(got, want, "workers {workers}");
     }
     // dropping early does not hang
-    let mut p = OrderedPool::new((0..1000u64).collect(), 2, 1, |&x: &u64| x);
+    let mut p = OrderedPool::new((0..1000u64).collect(), 2, 1, |&x: &u64| x).unwrap();
     assert_eq!(p.next(), Some(0));
     drop(p);
 }

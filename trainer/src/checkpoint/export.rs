@@ -44,13 +44,26 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
     // held until the adapter is complete (or removed again): a second export into --out waits out
     let _lock = super::ExportLock::acquire(out)?;
     // an adapter already there is not overwritten (it may be the only copy of another run's)
-    for name in ["adapter_model.safetensors", "adapter_config.json"] {
+    for name in [
+        "adapter_model.safetensors",
+        "adapter_model.bin",
+        "adapter_config.json",
+    ] {
         if out.join(name).exists() {
             bail!(
                 "--out {} already holds an adapter ({name}); give an empty or new folder",
                 out.display()
             );
         }
+    }
+    // nor is a model folder made into an adapter's: transformers' from_pretrained would take it
+    // for a PEFT adapter from then on
+    if out.join("config.json").exists() {
+        bail!(
+            "--out {} holds a model (config.json): an adapter written there would make \
+             transformers load the folder as the adapter; give an empty or new folder",
+            out.display()
+        );
     }
     // (another export's: it would describe these weights where this run recorded no settings)
     if out.join(super::PROMPT_FILE).exists() {

@@ -320,8 +320,12 @@ fn is_checkpoint_folder(p: &Path) -> Result<()> {
         Some(word) if !text.contains('/') => format!(" (did you mean {word}?)"),
         _ => String::new(),
     };
+    let what = match p.exists() {
+        true => "is not a checkpoint folder (no manifest.json)",
+        false => "does not exist",
+    };
     Err(anyhow::anyhow!(
-        "checkpoint.resume: {} is not a checkpoint folder (no manifest.json){hint}; give a `step-N` folder (on storage every node sees), or {FIX}",
+        "checkpoint.resume: {} {what}{hint}; give a `step-N` folder (on storage every node sees), or {FIX}",
         p.display()
     ))
 }

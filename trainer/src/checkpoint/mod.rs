@@ -735,25 +735,23 @@ pub(crate) fn list_dir(dir: &Path) -> std::io::Result<Listing> {
         } else if rest.ends_with(".partial") {
             partial.push(e.path());
         } else if rest.len() >= 8 && rest.bytes().all(|b| b.is_ascii_digit()) {
-            // the manifest is written before the folder gets its final name: a step folder
-            // without one was damaged after it was published (e.g. a removal cut short). Only a
-            // manifest known to be missing says so: a folder whose manifest cannot be looked at
-            // now (EIO, a stale NFS handle) is neither, and left alone.
+            // the manifest is written before the folder gets its final name, and retention
+            // renames a folder to a `.partial` name before deleting it: a step folder without a
+            // manifest was damaged by something else (a hand edit, a copy cut short). It is not
+            // a checkpoint to resume from, nor ours to delete: left alone, said once. So is one
+            // whose manifest cannot be looked at now (EIO, a stale NFS handle).
             let manifest = e.path().join("manifest.json");
-            match std::fs::metadata(&manifest) {
-                Ok(m) if m.is_file() => {}
-                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                    tracing::warn!(
-                        "{}: {err}; leaving {} alone (neither complete nor removed)",
-                        manifest.display(),
-                        e.path().display()
-                    );
-                    continue;
+            let problem = match std::fs::metadata(&manifest) {
+                Ok(m) if m.is_file() => None,
+                Ok(_) => Some("is not a file".to_string()),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    Some("is missing".to_string())
                 }
-                _ => {
-                    partial.push(e.path());
-                    continue;
-                }
+                Err(err) => Some(err.to_string()),
+            };
+            if let Some(problem) = problem {
+                warn_once_left_alone(&e.path(), &manifest, &problem);
+                continue;
             }
             if let Ok(step) = rest.parse::<u64>() {
                 complete.push((step, e.path()));
@@ -763,6 +761,21 @@ pub(crate) fn list_dir(dir: &Path) -> std::io::Result<Listing> {
     complete.sort();
     partial.sort();
     Ok((complete, partial))
+}
+
+/// Says once per process that the step folder `dir` is neither resumed from nor removed.
+fn warn_once_left_alone(dir: &Path, manifest: &Path, problem: &str) {
+    static SAID: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
+    if !said.iter().any(|p| p == dir) {
+        said.push(dir.to_path_buf());
+        tracing::warn!(
+            "{} {problem}: {} is not a complete checkpoint; it is neither resumed from nor \
+             removed (move it away, or delete it if it is of no use)",
+            manifest.display(),
+            dir.display()
+        );
+    }
 }
 
 #[cfg(test)]
@@ -912,11 +925,9 @@ mod tests {
         let (complete, partial) = list_dir(&dir).unwrap();
         let steps: Vec<u64> = complete.iter().map(|(s, _)| *s).collect();
         assert_eq!(steps, [2, 10]);
-        // a step folder without its manifest (damaged after publishing) counts as incomplete
-        assert_eq!(
-            partial,
-            [dir.join("step-00000011.partial"), dir.join("step-00000012")]
-        );
+        // a step folder without its manifest (damaged after publishing) is neither: not
+        // resumed from, and not for retention to remove
+        assert_eq!(partial, [dir.join("step-00000011.partial")]);
         assert_eq!(complete.last().unwrap().1, dir.join("step-00000010"));
         assert_eq!(list_dir(&dir.join("missing")).unwrap().0.len(), 0);
         std::fs::remove_dir_all(&dir).unwrap();

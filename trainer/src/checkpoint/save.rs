@@ -1499,9 +1499,10 @@ pub(crate) mod tests {
         std::fs::remove_dir_all(&root).unwrap();
     }
 
-    /// Only a manifest known to be missing makes a step folder incomplete: the folder just saved
-    /// is kept whatever it looks like, and one whose manifest cannot be looked at (here ENOTDIR,
-    /// standing for EIO or a stale NFS handle) is left alone.
+    /// Retention removes `.partial` folders and this run's old checkpoints only: a step folder
+    /// without a manifest (damaged by something else; its rank files may be all that is left of
+    /// a step), the folder just saved whatever it looks like, and one whose manifest cannot be
+    /// looked at (here ENOTDIR, standing for EIO or a stale NFS handle) are left alone.
     #[test]
     fn retention_removes_only_folders_known_to_be_incomplete() {
         let root = std::env::temp_dir().join(format!("ckpt-uncertain-{}", std::process::id()));
@@ -1513,8 +1514,9 @@ pub(crate) mod tests {
             "a file: its manifest cannot be stat'ed",
         )
         .unwrap();
+        std::fs::create_dir_all(root.join("step-00000400.partial")).unwrap();
         let doomed = retention(&root, (1, None), &root.join("step-00000200"), None, true).unwrap();
-        assert_eq!(doomed, [root.join("step-00000100")]);
+        assert_eq!(doomed, [root.join("step-00000400.partial")]);
         std::fs::remove_dir_all(&root).unwrap();
     }
 

@@ -12,7 +12,7 @@ use super::schema::{
 };
 use super::values::{
     Beta, ClipNorm, Count, Decay, Dropout, FilePath, Int, LayerIndices, LayerLists, ModuleNames,
-    NonNegative, Num, Patterns, Positive, PositiveInt, Ratio, Targets,
+    NonNegative, Num, Patterns, Positive, PositiveInt, Ratio, Targets, Workers,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,7 +99,7 @@ pub(crate) struct RawData {
     pub image_root: Option<FilePath>,
     pub max_seq_len: Int<PositiveInt>,
     pub max_seq_len_policy: LengthPolicy,
-    pub num_workers: Int<Count>,
+    pub num_workers: Int<Workers>,
     pub bad_records: BadRecords,
     pub text_only: TextOnly,
     pub image_placeholder: ImagePlaceholder,

@@ -176,8 +176,40 @@ pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
             }
         }
     }
-    // (not data.image_root: records with absolute image paths do not read it, and the data scan
-    // names each record whose image is missing)
+    // (a folder named that is not there; records with absolute image paths do not read it, but
+    // one of them each named as missing by the data scan says less)
+    if let Some(dir) = config.data.image_root.as_ref().filter(|d| !d.is_dir()) {
+        let what = match dir.exists() {
+            true => "not a folder",
+            false => "no such folder",
+        };
+        return missing(
+            "data.image_root",
+            format!(
+                "{}: {what} (the folder the records' relative image paths are joined to; unset, \
+                 they are used as written)",
+                dir.display()
+            ),
+        );
+    }
+    // the run's outputs in the base model's folder: the adapter's adapter_config.json there
+    // would make transformers load the base as that adapter from then on
+    let same = |a: &std::path::Path| matches!((a.canonicalize(), model.canonicalize()), (Ok(a), Ok(m)) if a == m);
+    for (key, dir) in [
+        ("train.output_dir", &config.train.output_dir),
+        ("checkpoint.dir", &config.checkpoint.dir),
+    ] {
+        if same(dir) {
+            return Err(ConfigError::Conflict {
+                path: key.into(),
+                message: format!(
+                    "{} is model.path: the run's files (an adapter_config.json, checkpoints) \
+                     do not go into the base model's folder; give a folder of their own",
+                    dir.display()
+                ),
+            });
+        }
+    }
     if let Some(dir) = config.peft.init_from.as_ref().filter(|d| !d.is_dir()) {
         return missing(
             "peft.init_from",

@@ -64,6 +64,11 @@ num_rule!(ClipNorm, "a positive number (or null: no clipping)", |v| v
 
 int_rule!(PositiveInt, "a positive integer", |v| v >= 1);
 int_rule!(Count, "an integer >= 0", |_v| true);
+int_rule!(
+    Workers,
+    "an integer from 0 to 256 (loader threads per rank; more only contend for the cores)",
+    |v| v <= 256
+);
 
 /// A float checked by rule `R`.
 #[derive(Debug, Clone, Copy, PartialEq)]

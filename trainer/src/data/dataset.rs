@@ -89,6 +89,9 @@ pub enum DataError {
     /// Reading or writing a tool's file (`data dump`, `data build-sco`).
     #[error("{0}")]
     Output(String),
+    /// The loader's worker threads cannot start.
+    #[error("{0}")]
+    Loader(String),
 }
 
 /// What the pre-scan found; `Display` prints it as `trainer data check` shows it.
@@ -648,13 +651,14 @@ impl Dataset {
             Err(e) => (vec![], Some(e)),
         };
         let inner = Arc::clone(&self.inner);
-        let pool = OrderedPool::new(
-            jobs,
-            self.inner.num_workers,
-            PREFETCH,
-            move |job: &MicroJob| load_micro(&inner, job, true),
-        );
-        err.map(Err).into_iter().chain(pool)
+        let workers = self.inner.num_workers;
+        let pool = OrderedPool::new(jobs, workers, PREFETCH, move |job: &MicroJob| {
+            load_micro(&inner, job, true)
+        });
+        start_error(err, &pool, workers)
+            .map(Err)
+            .into_iter()
+            .chain(pool.into_iter().flatten())
     }
 
     /// Load and collate the samples `indices` (in this order), replacing samples that fail to
@@ -682,14 +686,31 @@ impl Dataset {
                 Err(e) => (vec![], Some(e)),
             };
         let inner = Arc::clone(&self.inner);
-        let pool = OrderedPool::new(
-            jobs,
-            self.inner.num_workers,
-            PREFETCH,
-            move |job: &MicroJob| load_micro(&inner, job, false),
-        );
-        err.map(Err).into_iter().chain(pool)
+        let workers = self.inner.num_workers;
+        let pool = OrderedPool::new(jobs, workers, PREFETCH, move |job: &MicroJob| {
+            load_micro(&inner, job, false)
+        });
+        start_error(err, &pool, workers)
+            .map(Err)
+            .into_iter()
+            .chain(pool.into_iter().flatten())
     }
+}
+
+/// The first error of a loader: its plan's, else a worker thread that did not start.
+fn start_error<T>(
+    plan: Option<DataError>,
+    pool: &std::io::Result<T>,
+    workers: usize,
+) -> Option<DataError> {
+    plan.or_else(|| {
+        pool.as_ref().err().map(|e| {
+            DataError::Loader(format!(
+                "data.num_workers {workers}: cannot start a loader thread ({e}); lower \
+                 data.num_workers (or raise the process's thread and memory limits)"
+            ))
+        })
+    })
 }
 
 fn scan_record(

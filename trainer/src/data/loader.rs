@@ -18,7 +18,9 @@ pub struct OrderedPool<T: Send + 'static> {
 }
 
 impl<T: Send + 'static> OrderedPool<T> {
-    pub fn new<J, F>(jobs: Vec<J>, workers: usize, prefetch: usize, f: F) -> Self
+    /// Err when a worker thread cannot be started (the OS's thread or memory limits); the
+    /// workers already started stop at their first send.
+    pub fn new<J, F>(jobs: Vec<J>, workers: usize, prefetch: usize, f: F) -> std::io::Result<Self>
     where
         J: Send + Sync + 'static,
         F: Fn(&J) -> T + Send + Sync + 'static,
@@ -33,7 +35,7 @@ impl<T: Send + 'static> OrderedPool<T> {
             let (tx, rx) = sync_channel(prefetch.max(1));
             let jobs = Arc::clone(&jobs);
             let f = Arc::clone(&f);
-            handles.push(Some(std::thread::spawn(move || {
+            let worker = std::thread::Builder::new().spawn(move || {
                 let mut i = w;
                 while i < jobs.len() {
                     if tx.send(f(&jobs[i])).is_err() {
@@ -41,15 +43,16 @@ impl<T: Send + 'static> OrderedPool<T> {
                     }
                     i += workers;
                 }
-            })));
+            })?;
+            handles.push(Some(worker));
             receivers.push(rx);
         }
-        Self {
+        Ok(Self {
             receivers,
             handles,
             next: 0,
             total,
-        }
+        })
     }
 }
 
@@ -96,7 +99,8 @@ mod tests {
                 let pool = OrderedPool::new((0..10).collect(), workers, 2, |&i: &i32| {
                     assert!(i != 3, "job 3 failed");
                     i
-                });
+                })
+                .unwrap();
                 pool.collect::<Vec<_>>()
             });
             let panic = result.expect_err("the sequence must not just end early");
