@@ -280,7 +280,8 @@ fn a_resaved_base_config_resumes_and_a_changed_one_is_refused() {
 
 /// A resume refuses a model whose weights changed at the same file names and sizes (another
 /// merged export, an edit in place) and one whose chat template changed, naming what changed;
-/// settings.json of a trainer that recorded neither fingerprint resumes as before.
+/// settings.json of a trainer that recorded neither fingerprint resumes as before. A copy of the
+/// model in another folder (moved to local disk) resumes: the fingerprints are the model.
 #[test]
 fn a_resume_refuses_other_weights_of_the_same_size_and_another_chat_template() {
     let dir = setup();
@@ -291,6 +292,17 @@ fn a_resume_refuses_other_weights_of_the_same_size_and_another_chat_template() {
     assert_eq!(code, 0, "{err}");
     let settings = out.join("settings.json");
     let kept = std::fs::read(&settings).unwrap();
+    let predictions = std::fs::read(out.join("predictions.jsonl")).unwrap();
+    let moved = dir.join("model-moved");
+    common::copy_dir(&model, &moved);
+    let (code, err) = eval_model(&moved, &out, &bench, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read(out.join("predictions.jsonl")).unwrap(),
+        predictions,
+        "nothing regenerated"
+    );
+    std::fs::write(&settings, &kept).unwrap();
     // one byte of the weights' data, the file's size unchanged (its last byte is tensor data)
     let weights = model.join("model.safetensors");
     let original = std::fs::read(&weights).unwrap();

@@ -484,6 +484,12 @@ fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result
     }
     let (mut there, mut here) = (what_predicts(&before), what_predicts(now));
     config_compared(&mut there, &mut here);
+    // the folders by their files' fingerprints alone where the earlier run recorded them all: a
+    // copy of the model moved to local disk, another job's mount point, is the same model
+    if fingerprinted(&there) {
+        drop_paths(&mut there);
+        drop_paths(&mut here);
+    }
     if there != here {
         let mut differ = differing_keys(&there, &here, "");
         if differ.is_empty() {
@@ -578,14 +584,28 @@ fn settings_content(settings: &serde_json::Value) -> serde_json::Value {
     let mut v = what_predicts(settings);
     let by_content = config_content_recorded(&v);
     keep_one_config_fingerprint(&mut v, by_content);
-    if let Some(model) = v.get_mut("model").and_then(|m| m.as_object_mut()) {
+    drop_paths(&mut v);
+    v
+}
+
+/// Whether settings record every fingerprint of the model's files (weights sampled, tokenizer
+/// and processor files; older trainers recorded sizes only), so its path need not stand for it.
+fn fingerprinted(settings: &serde_json::Value) -> bool {
+    ["model_weights_sampled", "model_files"]
+        .iter()
+        .all(|key| settings.pointer(&format!("/model/{key}")).is_some())
+}
+
+/// Drops the folders' paths from settings (the model's, the adapter's, the checkpoint's),
+/// keeping their files' fingerprints.
+fn drop_paths(settings: &mut serde_json::Value) {
+    if let Some(model) = settings.get_mut("model").and_then(|m| m.as_object_mut()) {
         model.remove("model");
         model.remove("adapter");
         if let Some(c) = model.get_mut("checkpoint").and_then(|c| c.as_array_mut()) {
             c.remove(0);
         }
     }
-    v
 }
 
 /// The settings that change predictions: greedy decoding (temperature 0) reads no seed, top-k
