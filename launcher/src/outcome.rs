@@ -144,6 +144,12 @@ impl Failure {
         let mut s = String::new();
         let restarts = match max_restarts {
             0 => "no restarts allowed with --max-restarts 0".to_string(),
+            // (the one failure with restarts left that is not restarted: the supervisor's rule)
+            n if self.kind.restartable() && self.attempt < n => format!(
+                "{} of {n} restarts left, not used after a SIGUSR1/SIGUSR2 notice: the end of \
+                 the allocation",
+                n - self.attempt
+            ),
             n if self.kind.restartable() => format!("all {n} restarts used"),
             _ => "not restartable".to_string(),
         };
@@ -389,6 +395,12 @@ mod tests {
         };
         assert_eq!(Failure::decode(&f.encode()), Some(f.clone()));
         let text = f.summary(2, 0);
+        assert!(text.contains("(all 2 restarts used)"), "{text}");
+        let noticed = f.summary(4, 0);
+        assert!(
+            noticed.contains("(2 of 4 restarts left, not used after a SIGUSR1/SIGUSR2 notice"),
+            "{noticed}"
+        );
         assert!(
             text.contains("rank       : 3")
                 && text.contains("SIGKILL")

@@ -1800,6 +1800,13 @@ fn ranks_stopping_on_a_notice_are_not_restarted() {
     assert_eq!(run.code(), 143, "{}", run.stderr);
     assert!(run.stderr.contains("not restarting"), "{}", run.stderr);
     assert!(!dir.path().join("env-0-1").exists(), "no second attempt");
+    // (the summary said "all 2 restarts used")
+    assert!(
+        run.stderr
+            .contains("(2 of 2 restarts left, not used after a SIGUSR1/SIGUSR2 notice"),
+        "{}",
+        run.stderr
+    );
 }
 
 /// Two launches with one run id and --log-dir (two sruns of a job that give the layout by flags,

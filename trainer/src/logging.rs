@@ -175,13 +175,18 @@ impl Write for LogWriter {
     }
 }
 
+/// `[rank r]` under a launcher (WORLD_SIZE set), unless it prefixes this rank's lines itself
+/// (--tee): what log lines, and the final error's, start with.
+pub fn rank_prefix() -> Option<String> {
+    let prefixed = std::env::var_os(launcher::env::PREFIXED_STDERR_VAR).is_some();
+    std::env::var_os("WORLD_SIZE")
+        .filter(|_| !prefixed)
+        .map(|_| format!("[rank {}]", env_rank()))
+}
+
 /// Installs the global subscriber (stderr). Safe to call twice: the second call does nothing.
 pub fn init() {
-    // under the launcher, unless it already prefixes this rank's lines (--tee)
-    let prefixed = std::env::var_os(launcher::env::PREFIXED_STDERR_VAR).is_some();
-    let prefix = std::env::var_os("WORLD_SIZE")
-        .filter(|_| !prefixed)
-        .map(|_| format!("[rank {}]", env_rank()));
+    let prefix = rank_prefix();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let format = RankPrefix {
         prefix,

@@ -1632,7 +1632,12 @@ fn main() -> ExitCode {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
         Ok(Ok(code)) => code,
         Ok(Err(err)) => {
-            eprintln!("error: {err:#}");
+            // (each line with the rank's prefix, as its log lines: ranks' errors interleave)
+            let text = format!("error: {err:#}");
+            match trainer::logging::rank_prefix() {
+                Some(p) => text.lines().for_each(|line| eprintln!("{p} {line}")),
+                None => eprintln!("{text}"),
+            }
             launcher::error_file::record(&format!("{err:#}"), &error_detail(&err), cause(&err));
             ExitCode::FAILURE
         }
@@ -1664,9 +1669,13 @@ fn cause(err: &anyhow::Error) -> Cause {
 /// shows its last lines): with a captured backtrace (RUST_BACKTRACE=1), this program's frames
 /// only, then the error and its causes, each on its own lines.
 fn error_detail(err: &anyhow::Error) -> String {
-    let debug = format!("{err:?}");
+    detail_of(&format!("{err:?}"))
+}
+
+/// `error_detail` of an error's `{:?}` text (the chain, then anyhow's "Stack backtrace:").
+fn detail_of(debug: &str) -> String {
     let Some((chain, backtrace)) = debug.split_once("\n\nStack backtrace:\n") else {
-        return debug;
+        return debug.to_string();
     };
     // frames are "  N: symbol" followed by "      at file:line" lines
     let mut ours = String::new();
@@ -1689,7 +1698,13 @@ fn error_detail(err: &anyhow::Error) -> String {
             ours.push('\n');
         }
     }
-    format!("Stack backtrace (this program's frames, outermost last):\n{ours}\n{chain}")
+    // (none of this program's frames resolved: the chain alone, not an empty heading)
+    match ours.is_empty() {
+        true => chain.to_string(),
+        false => {
+            format!("Stack backtrace (this program's frames, outermost last):\n{ours}\n{chain}")
+        }
+    }
 }
 
 /// The latest panic's (message, detail), for `main` to record if it ends the process.
@@ -1732,4 +1747,26 @@ fn bench_scratch(dir: &std::path::Path) -> PathBuf {
 fn drop_if_empty(dir: &std::path::Path) {
     let _ = std::fs::remove_dir(bench_scratch(dir));
     let _ = std::fs::remove_dir(dir);
+}
+
+#[cfg(test)]
+mod tests {
+    /// The error file's detail keeps this program's frames under a heading, and is the error's
+    /// chain alone when none of them resolved (a heading over nothing, from a release build).
+    #[test]
+    fn error_detail_keeps_this_programs_frames_or_no_heading() {
+        let chain = "loading x\n\nCaused by:\n    no such file";
+        let frames = "   0: std::backtrace::Backtrace::capture\n             at /rustc/x/backtrace.rs:1:1\n   \
+            1: trainer::train::train\n             at ./src/train/mod.rs:82:5\n   2: <unknown>\n";
+        let ours = super::detail_of(&format!("{chain}\n\nStack backtrace:\n{frames}"));
+        assert!(
+            ours.starts_with("Stack backtrace (this program's frames, outermost last):\n   1: trainer::train::train\n             at ./src/train/mod.rs:82:5\n"),
+            "{ours}"
+        );
+        assert!(ours.ends_with(chain), "{ours}");
+        let unresolved = "   0: <unknown>\n   1: <unknown>\n";
+        let none = super::detail_of(&format!("{chain}\n\nStack backtrace:\n{unresolved}"));
+        assert_eq!(none, chain);
+        assert_eq!(super::detail_of(chain), chain);
+    }
 }

@@ -892,3 +892,37 @@ fn compare_refuses_an_evaluation_against_itself() {
     assert_eq!(written["paired"], 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Under a launcher (WORLD_SIZE set) every line of a rank's final error carries its `[rank r]`
+/// prefix, as its log lines do (two ranks' identical errors were told apart by nothing); the
+/// error file gets the error.
+#[test]
+fn a_ranks_final_error_carries_its_rank_prefix() {
+    let dir = std::env::temp_dir().join(format!("cli-rank-error-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let error_file = dir.join("error.json");
+    let out = common::isolated(Command::new(env!("CARGO_BIN_EXE_trainer")))
+        .args(["train", "/no/such/run.yaml"])
+        .env("WORLD_SIZE", "2")
+        .env("RANK", "1")
+        .env("TORCHELASTIC_ERROR_FILE", &error_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("[rank 1] error: /no/such/run.yaml: config file does not exist"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.lines().all(|l| l.starts_with("[rank 1] ")),
+        "{stderr}"
+    );
+    let recorded = std::fs::read_to_string(&error_file).unwrap();
+    assert!(
+        recorded.contains("config file does not exist"),
+        "{recorded}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

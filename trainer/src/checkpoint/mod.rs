@@ -649,6 +649,13 @@ pub fn replace_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
             dir.display()
         );
     }
+    // (before the temporary file is written: the rename would fail and leave it behind)
+    if path.is_dir() {
+        anyhow::bail!(
+            "{} is a folder: give a file path (a file in it, say)",
+            path.display()
+        );
+    }
     write_synced(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
@@ -799,6 +806,24 @@ mod tests {
         let e = format!("{:#}", replace_synced(&path, b"x").unwrap_err());
         assert!(e.contains("/sub does not exist"), "{e}");
         assert!(!e.contains(".x.jsonl.tmp"), "{e}");
+    }
+
+    /// A folder at the path (`--out DIR`): said so, no temporary file left beside it.
+    #[test]
+    fn a_folder_at_the_path_is_refused_before_anything_is_written() {
+        let dir = std::env::temp_dir().join(format!("out-is-a-folder-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("out.jsonl")).unwrap();
+        let e = format!(
+            "{:#}",
+            replace_synced(&dir.join("out.jsonl"), b"x").unwrap_err()
+        );
+        assert!(e.contains("out.jsonl is a folder: give a file path"), "{e}");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "only the folder"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// The ranges the ranks write cover the flat tensor once, each inside the shard its rank
