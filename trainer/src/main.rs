@@ -1331,11 +1331,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &args.out,
                 Some(&args.correction_prompt),
             )?;
+            let entries = |n: usize| format!("{n} {}", if n == 1 { "entry" } else { "entries" });
             println!(
-                "wrote {} record(s) to {}; skipped {} entr(y/ies) with an empty refined_answer; {} malformed",
+                "wrote {} record(s) to {}; skipped {} with an empty refined_answer; {} malformed",
                 o.written,
                 args.out.display(),
-                o.skipped_empty_refined,
+                entries(o.skipped_empty_refined),
                 o.problems.len()
             );
             for p in &o.problems {
@@ -1344,7 +1345,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if o.problems.is_empty() {
                 Ok(ExitCode::SUCCESS)
             } else {
-                eprintln!("error: {} malformed entr(y/ies) in {} (listed above); the output holds the others", o.problems.len(), args.refined.display());
+                eprintln!(
+                    "error: {} malformed in {} (listed above); the output holds the others",
+                    entries(o.problems.len()),
+                    args.refined.display()
+                );
                 Ok(ExitCode::FAILURE)
             }
         }

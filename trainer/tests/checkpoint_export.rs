@@ -132,6 +132,19 @@ fn export_peft_holds_the_trained_factors_and_loads() {
         before
     );
     assert!(!adapter.join(LOCK).exists(), "the lock outlived the export");
+    // a checkpoint whose rank file is damaged: refused, and the new --out it made is gone again
+    let damaged = out.join("damaged-step");
+    common::copy_dir(&out.join("ckpt/step-00000002"), &damaged);
+    let rank_file = (std::fs::read_dir(&damaged).unwrap())
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .unwrap();
+    let mut bytes = std::fs::read(&rank_file).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&rank_file, bytes).unwrap();
+    let o = export(&damaged, &out.join("new-out"));
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(!out.join("new-out").exists(), "an empty --out left behind");
     // a model folder (transformers would take it for the adapter from then on) and a pickled
     // adapter are refused too, nothing written
     for (name, why) in [

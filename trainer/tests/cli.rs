@@ -926,3 +926,30 @@ fn a_ranks_final_error_carries_its_rank_prefix() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A layout error is blamed on the --set that gave the value at fault (it named the strategy's).
+#[test]
+fn a_hybrid_layout_error_names_the_set_at_fault() {
+    let mut args = vec!["config", "check", "configs/demo.yaml"];
+    args.extend(FIXTURE_PATHS);
+    args.extend([
+        "--set",
+        "fsdp.sharding_strategy=hybrid_shard",
+        "--set",
+        "fsdp.sharding_group_size=3",
+        "--world",
+        "4",
+        "--nproc-per-node",
+        "4",
+    ]);
+    let (code, _, stderr) = trainer(&args);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("fsdp.sharding_group_size: 3 does not divide the 4 ranks"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("(from --set fsdp.sharding_group_size=3)"),
+        "{stderr}"
+    );
+}

@@ -666,25 +666,20 @@ fn hybrid_shard_group_sizes_resolve_as_llama_recipes_names_them() {
         "fsdp.replica_group_size=4",
     ]);
     assert_eq!(both.shard_group_size(8, 4), Ok(2));
-    let err = both.shard_group_size(16, 4).unwrap_err();
-    assert!(
-        err.contains("replica_group_size 4 x sharding_group_size 2"),
-        "{err}"
-    );
-    let err = fsdp(&[hybrid, "fsdp.sharding_group_size=3"])
+    // each error names the key at fault (`config::in_file` blames its --set)
+    let (key, err) = both.shard_group_size(16, 4).unwrap_err();
+    assert_eq!(key, "fsdp.replica_group_size");
+    assert!(err.contains("4 x sharding_group_size 2"), "{err}");
+    let (key, err) = fsdp(&[hybrid, "fsdp.sharding_group_size=3"])
         .shard_group_size(8, 4)
         .unwrap_err();
-    assert!(
-        err.contains("fsdp.sharding_group_size 3 does not divide the 8 ranks"),
-        "{err}"
-    );
-    let err = fsdp(&[hybrid, "fsdp.replica_group_size=3"])
+    assert_eq!(key, "fsdp.sharding_group_size");
+    assert!(err.contains("3 does not divide the 8 ranks"), "{err}");
+    let (key, err) = fsdp(&[hybrid, "fsdp.replica_group_size=3"])
         .shard_group_size(8, 4)
         .unwrap_err();
-    assert!(
-        err.contains("fsdp.replica_group_size 3 does not divide"),
-        "{err}"
-    );
+    assert_eq!(key, "fsdp.replica_group_size");
+    assert!(err.contains("3 does not divide"), "{err}");
 }
 
 /// llama-recipes', PEFT's and transformers' names for our keys (docs/config.md's last column)

@@ -486,7 +486,10 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
     }
     if let Some(filter) = &cli.local_ranks_filter {
         if let Some(bad) = filter.iter().find(|&&r| r >= nproc) {
-            bail!("--local-ranks-filter {bad} is not a local rank (0..{nproc})");
+            bail!(
+                "--local-ranks-filter {bad} is not a local rank (0 to {})",
+                nproc - 1
+            );
         }
     }
     // absolute: a rank that changes directory still finds its TORCHELASTIC_ERROR_FILE

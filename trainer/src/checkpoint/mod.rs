@@ -435,6 +435,9 @@ pub(crate) struct ExportLock {
     _file: std::fs::File,
     /// False where the filesystem has no flock and the folder is not locked.
     pub held: bool,
+    /// The folder, when taking the lock created it: removed again if it is still empty when
+    /// the lock goes (a refused or failed export leaves no empty `--out` behind).
+    created: Option<PathBuf>,
 }
 
 impl ExportLock {
@@ -456,6 +459,7 @@ impl ExportLock {
         use anyhow::Context;
         use std::io::{Seek, Write};
         use std::os::unix::fs::MetadataExt;
+        let created = (!dir.exists()).then(|| dir.to_path_buf());
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(name);
         loop {
@@ -490,6 +494,7 @@ impl ExportLock {
                         path,
                         _file: file,
                         held: false,
+                        created,
                     });
                 }
             }
@@ -515,6 +520,7 @@ impl ExportLock {
                 path,
                 _file: file,
                 held: true,
+                created,
             });
         }
     }
@@ -525,6 +531,10 @@ impl Drop for ExportLock {
         // removed before the descriptor (and with it the lock) goes: a waiter that opened this
         // file finds it gone and opens a new one
         let _ = std::fs::remove_file(&self.path);
+        // (remove_dir removes only an empty folder)
+        if let Some(dir) = &self.created {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 

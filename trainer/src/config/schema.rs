@@ -434,27 +434,33 @@ pub enum ShardingStrategy {
 impl FsdpConfig {
     /// `hybrid_shard`'s ranks per shard group at `world` ranks, `ranks_per_node` on each node:
     /// `sharding_group_size`, else the world over `replica_group_size`, else a node's ranks; it
-    /// must divide the world (and times `replica_group_size` make it, when that is given).
-    pub fn shard_group_size(&self, world: usize, ranks_per_node: usize) -> Result<usize, String> {
+    /// must divide the world (and times `replica_group_size` make it, when that is given). An
+    /// error names the key at fault with its message.
+    pub fn shard_group_size(
+        &self,
+        world: usize,
+        ranks_per_node: usize,
+    ) -> Result<usize, (&'static str, String)> {
+        let (sharding, replica) = ("fsdp.sharding_group_size", "fsdp.replica_group_size");
         let g = match (self.sharding_group_size, self.replica_group_size) {
             (Some(g), _) => g,
             (None, Some(r)) if r > 0 && world.is_multiple_of(r) => world / r,
             (None, Some(r)) => {
-                return Err(format!(
-                    "fsdp.replica_group_size {r} does not divide the {world} ranks: give a divisor, or fsdp.sharding_group_size instead"
-                ))
+                return Err((replica, format!(
+                    "{r} does not divide the {world} ranks: give a divisor, or fsdp.sharding_group_size instead"
+                )))
             }
             (None, None) => ranks_per_node.max(1),
         };
         if g == 0 || !world.is_multiple_of(g) {
-            return Err(format!(
-                "fsdp.sharding_group_size {g} does not divide the {world} ranks of this run: give a divisor of {world} (by default a node's ranks)"
-            ));
+            return Err((sharding, format!(
+                "{g} does not divide the {world} ranks of this run: give a divisor of {world} (by default a node's ranks)"
+            )));
         }
         if let Some(r) = self.replica_group_size.filter(|&r| r * g != world) {
-            return Err(format!(
-                "fsdp.replica_group_size {r} x sharding_group_size {g} is not the {world} ranks of this run: give one of them, or two whose product is {world}"
-            ));
+            return Err((replica, format!(
+                "{r} x sharding_group_size {g} is not the {world} ranks of this run: give one of them, or two whose product is {world}"
+            )));
         }
         Ok(g)
     }

@@ -72,7 +72,7 @@ pub fn world_conflicts(
         return Ok(world);
     }
     let g = config.fsdp.shard_group_size(world, per_node);
-    g.map_err(|e| conflict("fsdp.sharding_strategy", format!("hybrid_shard: {e}")))
+    g.map_err(|(key, e)| conflict(key, format!("{e} (fsdp.sharding_strategy: hybrid_shard)")))
 }
 
 /// What `trainer train` refuses in a config that parses: settings that cannot train, checked

@@ -29,6 +29,8 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
     let mut stopping = 0usize;
     // (what `trainer train` refuses beyond single records, as it words it)
     let mut refused = Vec::new();
+    // (the policies that make those problems stop training, as set)
+    let mut policies = std::collections::BTreeSet::new();
     let mut splits = vec![Split::Train];
     if config.data.eval.is_some() {
         splits.push(Split::Eval);
@@ -43,11 +45,13 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
             report.problems.extend(decode);
             super::records::sort_in_file_order(&mut report.problems, &report.file);
         }
-        if config.data.bad_records == BadRecords::Error {
+        if config.data.bad_records == BadRecords::Error && !report.problems.is_empty() {
             stopping += report.problems.len();
+            policies.insert("data.bad_records: error");
         }
-        if config.data.max_seq_len_policy == LengthPolicy::Error {
+        if config.data.max_seq_len_policy == LengthPolicy::Error && !report.too_long.is_empty() {
             stopping += report.too_long.len();
+            policies.insert("data.max_seq_len_policy: error");
         }
         match split {
             Split::Train if report.ok == 0 => refused.push(format!(
@@ -63,7 +67,8 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
         text.push_str(&report.to_string());
     }
     if stopping > 0 {
-        refused.insert(0, format!("{stopping} problem(s) would stop training (data.bad_records: error / data.max_seq_len_policy: error); fix them or set the policy to skip"));
+        let policies: Vec<&str> = policies.into_iter().collect();
+        refused.insert(0, format!("{stopping} problem(s) would stop training ({}); fix them or set the policy to skip", policies.join(", ")));
     }
     let failed = !refused.is_empty();
     let summary = match failed {
