@@ -626,8 +626,8 @@ fn merged_export_of_a_manifest_with_negative_shapes_is_an_error() {
 }
 
 /// An export that fails midway (here: the base folder's tokenizer.json cannot be copied, after
-/// every shard was written) removes what it wrote, so the folder neither looks like a model nor
-/// refuses the retry; a file of the user's that the export would write is not overwritten.
+/// every shard was written) removes what it wrote, and the folder it made, so nothing looks like
+/// a model nor refuses the retry; a file of the user's that the export would write is not overwritten.
 #[test]
 fn a_failed_merged_export_leaves_nothing_behind_and_user_files_are_kept() {
     let ckpt = lora_checkpoint();
@@ -651,11 +651,13 @@ fn a_failed_merged_export_leaves_nothing_behind_and_user_files_are_kept() {
         ],
     );
     assert_eq!(o.code, Some(1), "{}", o.stderr);
+    // (the folder too: the export made it)
     let left: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()))
+        .into_iter()
+        .flatten()
         .collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(left.is_empty() && !out.exists(), "left behind: {left:?}");
     let o = export(ckpt, &out, "merged", &["--model", base.to_str().unwrap()]);
     assert_eq!(o.code, Some(0), "the retry: {}", o.stderr);
     // a folder holding a file of the user's that the export writes is refused, the file kept

@@ -514,6 +514,27 @@ fn a_run_started_over_keeps_another_runs_checkpoint_of_the_same_step() {
             "step-00000004"
         ]
     );
+    // a step folder that lost its manifest is not resumed from, nor deleted when the step is
+    // saved again: moved aside, its rank files intact
+    let fourth = fresh("same-step-damaged");
+    let damaged = fourth.join("ckpt/step-00000002");
+    common::copy_dir(&first.join("ckpt/step-00000002"), &damaged);
+    std::fs::remove_file(damaged.join("manifest.json")).unwrap();
+    let sets: &[&str] = &["checkpoint.every_steps=2"];
+    let o = ok(run(&fourth, 1, train, sets, &[]), "fourth run");
+    assert!(
+        o.stderr.contains("is not a complete checkpoint"),
+        "{}",
+        o.stderr
+    );
+    assert!(!o.stderr.contains("resumed from"), "{}", o.stderr);
+    assert_eq!(
+        checkpoints(&fourth),
+        ["step-00000002", "step-00000002.damaged", "step-00000004"]
+    );
+    assert!(fourth
+        .join("ckpt/step-00000002.damaged/rank-0-of-2.safetensors")
+        .exists());
 }
 
 /// Trains 3 steps with `sets`, then resumes the same run lengthened to 4 steps; the resumed

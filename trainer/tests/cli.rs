@@ -409,6 +409,7 @@ fn a_missing_model_or_data_path_is_refused_before_ranks_start() {
             "checkpoint.dir=tests/fixtures/train/model/",
             "checkpoint.dir: tests/fixtures/train/model/ is model.path",
         ),
+
     ] {
         let mut args = check.clone();
         args.extend(["--set", set]);
@@ -416,6 +417,18 @@ fn a_missing_model_or_data_path_is_refused_before_ranks_start() {
         assert_eq!(code, 1, "{set}: {stderr}");
         assert!(stderr.contains(want), "{set}: {stderr}");
     }
+    // another model's folder as a LoRA run's output_dir (its adapter would land beside the model)
+    let mut args = check.clone();
+    args.extend(["--set", "peft.method=lora", "--set"]);
+    args.push("train.output_dir=tests/fixtures/mllama_tiny/model_hf5");
+    let (code, _, stderr) = trainer(&args);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(
+            "train.output_dir: tests/fixtures/mllama_tiny/model_hf5 holds a model (config.json)"
+        ),
+        "{stderr}"
+    );
     // across nodes (--world above --nproc-per-node) the paths are each node's: left to the ranks
     let on_nodes_of = |per_node: &'static str| {
         let mut args = check.clone();

@@ -787,8 +787,9 @@ fn warn_once_left_alone(dir: &Path, manifest: &Path, problem: &str) {
     if !said.iter().any(|p| p == dir) {
         said.push(dir.to_path_buf());
         tracing::warn!(
-            "{} {problem}: {} is not a complete checkpoint; it is neither resumed from nor \
-             removed (move it away, or delete it if it is of no use)",
+            "{} {problem}: {} is not a complete checkpoint; training does not continue from \
+             it, and retention does not remove it (move it away, or delete it if it is of no \
+             use)",
             manifest.display(),
             dir.display()
         );

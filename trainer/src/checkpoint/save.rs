@@ -580,6 +580,22 @@ impl Checkpointer {
                     std::fs::rename(partial, final_dir).with_context(|| {
                         format!("renaming {} to {}", partial.display(), final_dir.display())
                     })?;
+                } else if final_dir.exists() && !final_dir.join("manifest.json").exists() {
+                    // a step folder damaged after it was saved (no manifest; `list_dir` leaves
+                    // it alone): kept under another name, not replaced into a `.partial` name
+                    // that retention would delete
+                    let aside = unused_name(&format!("{}.damaged", final_dir.display()));
+                    tracing::warn!(
+                        "{} has no manifest.json: moved to {} before this step is saved again",
+                        final_dir.display(),
+                        aside.display()
+                    );
+                    std::fs::rename(final_dir, &aside).with_context(|| {
+                        format!("renaming {} to {}", final_dir.display(), aside.display())
+                    })?;
+                    std::fs::rename(partial, final_dir).with_context(|| {
+                        format!("renaming {} to {}", partial.display(), final_dir.display())
+                    })?;
                 } else if final_dir.exists() {
                     // the same step saved again: never a moment without a complete step folder
                     replace_dir(partial, final_dir)?;

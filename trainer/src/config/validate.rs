@@ -210,6 +210,18 @@ pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
             });
         }
     }
+    // nor into another model's (a merged export): the same, found by its config.json
+    let out = &config.train.output_dir;
+    if config.peft.is_lora() && out.join("config.json").is_file() {
+        return Err(ConfigError::Conflict {
+            path: "train.output_dir".into(),
+            message: format!(
+                "{} holds a model (config.json): the run's adapter_config.json beside it would \
+                 make transformers load the folder as the adapter; give a folder of its own",
+                out.display()
+            ),
+        });
+    }
     if let Some(dir) = config.peft.init_from.as_ref().filter(|d| !d.is_dir()) {
         return missing(
             "peft.init_from",

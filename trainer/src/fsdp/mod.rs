@@ -319,6 +319,7 @@ impl FsdpModel {
                     let g = FlatGroup::shard_from(
                         params,
                         source,
+                        &model.saved_params,
                         tr,
                         shard_rank,
                         shard_world,
