@@ -574,12 +574,7 @@ impl Checkpointer {
                         final_dir.display(),
                         aside.display()
                     );
-                    std::fs::rename(final_dir, &aside).with_context(|| {
-                        format!("renaming {} to {}", final_dir.display(), aside.display())
-                    })?;
-                    std::fs::rename(partial, final_dir).with_context(|| {
-                        format!("renaming {} to {}", partial.display(), final_dir.display())
-                    })?;
+                    move_aside_and_publish(final_dir, &aside, partial)?;
                 } else if final_dir.exists() && !final_dir.join("manifest.json").exists() {
                     // a step folder damaged after it was saved (no manifest; `list_dir` leaves
                     // it alone): kept under another name, not replaced into a `.partial` name
@@ -590,12 +585,7 @@ impl Checkpointer {
                         final_dir.display(),
                         aside.display()
                     );
-                    std::fs::rename(final_dir, &aside).with_context(|| {
-                        format!("renaming {} to {}", final_dir.display(), aside.display())
-                    })?;
-                    std::fs::rename(partial, final_dir).with_context(|| {
-                        format!("renaming {} to {}", partial.display(), final_dir.display())
-                    })?;
+                    move_aside_and_publish(final_dir, &aside, partial)?;
                 } else if final_dir.exists() {
                     // the same step saved again: never a moment without a complete step folder
                     replace_dir(partial, final_dir)?;
@@ -923,6 +913,14 @@ fn unused_name(base: &str) -> PathBuf {
         })
         .find(|p| !p.exists())
         .expect("an unused name")
+}
+
+/// Renames the step folder `final_dir` to `aside`, then the finished `partial` to `final_dir`.
+fn move_aside_and_publish(final_dir: &Path, aside: &Path, partial: &Path) -> Result<()> {
+    std::fs::rename(final_dir, aside)
+        .with_context(|| format!("renaming {} to {}", final_dir.display(), aside.display()))?;
+    std::fs::rename(partial, final_dir)
+        .with_context(|| format!("renaming {} to {}", partial.display(), final_dir.display()))
 }
 
 /// A free name beside `dir` for another run's checkpoint of the same step: `step-N.of-run-L`

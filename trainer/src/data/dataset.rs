@@ -646,14 +646,25 @@ impl Dataset {
         batch_size: usize,
         limit: Option<usize>,
     ) -> impl Iterator<Item = Result<MicroBatch, DataError>> + '_ {
-        let (jobs, err) = match self.eval_plan(rank, world, batch_size, limit) {
+        self.loaded(self.eval_plan(rank, world, batch_size, limit), true)
+    }
+
+    /// The micro-batches of `plan` loaded by `data.num_workers` threads in order (`eval`: with
+    /// filler rows for samples that fail under `skip`); the plan's error, or a thread's that did
+    /// not start, first.
+    fn loaded(
+        &self,
+        plan: Result<Vec<MicroJob>, DataError>,
+        eval: bool,
+    ) -> impl Iterator<Item = Result<MicroBatch, DataError>> + '_ {
+        let (jobs, err) = match plan {
             Ok(j) => (j, None),
             Err(e) => (vec![], Some(e)),
         };
         let inner = Arc::clone(&self.inner);
         let workers = self.inner.num_workers;
         let pool = OrderedPool::new(jobs, workers, PREFETCH, move |job: &MicroJob| {
-            load_micro(&inner, job, true)
+            load_micro(&inner, job, eval)
         });
         start_error(err, &pool, workers)
             .map(Err)
@@ -680,20 +691,8 @@ impl Dataset {
         batch_size: usize,
         grad_accum: usize,
     ) -> impl Iterator<Item = Result<MicroBatch, DataError>> + '_ {
-        let (jobs, err) =
-            match self.epoch_plan(epoch, start_batch, rank, world, batch_size, grad_accum) {
-                Ok(j) => (j, None),
-                Err(e) => (vec![], Some(e)),
-            };
-        let inner = Arc::clone(&self.inner);
-        let workers = self.inner.num_workers;
-        let pool = OrderedPool::new(jobs, workers, PREFETCH, move |job: &MicroJob| {
-            load_micro(&inner, job, false)
-        });
-        start_error(err, &pool, workers)
-            .map(Err)
-            .into_iter()
-            .chain(pool.into_iter().flatten())
+        let plan = self.epoch_plan(epoch, start_batch, rank, world, batch_size, grad_accum);
+        self.loaded(plan, false)
     }
 }
 
