@@ -556,6 +556,10 @@ fn merged_export_refuses_a_wrong_base_model_and_a_used_out_folder() {
             "adapter_config.json",
             "already holds a PEFT adapter's file (adapter_config.json)",
         ),
+        (
+            "adapter_model.bin",
+            "already holds a PEFT adapter's file (adapter_model.bin)",
+        ),
     ] {
         let used = root.join(format!("merged-used-{name}"));
         std::fs::create_dir_all(&used).unwrap();
@@ -565,6 +569,17 @@ fn merged_export_refuses_a_wrong_base_model_and_a_used_out_folder() {
         assert!(o.stderr.contains(why), "{}", o.stderr);
         assert!(!used.join("config.json").exists());
     }
+    // a Trainer's state beside where the model goes is not weights: the export goes ahead
+    let state = root.join("merged-beside-state");
+    let _ = std::fs::remove_dir_all(&state);
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("training_args.bin"), b"state").unwrap();
+    let o = export(ckpt, &state, "merged", &[]);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert_eq!(
+        std::fs::read(state.join("training_args.bin")).unwrap(),
+        b"state"
+    );
     // a folder another export is writing (a live process's lock) is refused before any file is written
     let busy = root.join("merged-busy");
     let _held = common::hold_export_lock(&busy);

@@ -665,18 +665,18 @@ fn prepare_out(out: &Path) -> Result<super::ExportLock> {
     }
     // (weights named first: a model's folder is refused as one, whatever order the listing has)
     names.sort();
-    if let Some(name) = names.iter().find(|n| is_weights_file(n)) {
-        bail!(
-            "--out {} already holds model weights ({name}); give an empty or new folder",
-            out.display()
-        );
-    }
     // (transformers' from_pretrained takes a folder with an adapter config for a PEFT adapter,
     // and would not load the merged model beside it)
     if let Some(name) = names.iter().find(|n| n.starts_with("adapter_")) {
         bail!(
             "--out {} already holds a PEFT adapter's file ({name}), which transformers would load \
              instead of the merged model; give an empty or new folder",
+            out.display()
+        );
+    }
+    if let Some(name) = names.iter().find(|n| is_weights_file(n)) {
+        bail!(
+            "--out {} already holds model weights ({name}); give an empty or new folder",
             out.display()
         );
     }
@@ -690,19 +690,15 @@ fn prepare_out(out: &Path) -> Result<super::ExportLock> {
     Ok(lock)
 }
 
-/// A file of model weights in any of the formats transformers reads from a folder (safetensors,
-/// PyTorch pickles, their index files), which a merged export must not mix with.
+/// A file of model weights as transformers (or Meta's release) names them in a folder
+/// (safetensors, PyTorch pickles, their index files), which a merged export must not mix with;
+/// a Trainer's state beside them (training_args.bin, optimizer.pt) is not.
 pub(crate) fn is_weights_file(name: &str) -> bool {
-    [
-        ".safetensors",
-        ".bin",
-        ".pt",
-        ".pth",
-        ".ckpt",
-        ".index.json",
-    ]
-    .iter()
-    .any(|ext| name.ends_with(ext))
+    let pickle = |prefix: &str, ext: &str| name.starts_with(prefix) && name.ends_with(ext);
+    name.ends_with(".safetensors")
+        || name.ends_with(".index.json")
+        || pickle("pytorch_model", ".bin")
+        || pickle("consolidated", ".pth")
 }
 
 /// The list of files an export is renaming into place (present only while it does).

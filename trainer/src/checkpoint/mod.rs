@@ -460,9 +460,10 @@ impl ExportLock {
         use std::io::{Seek, Write};
         use std::os::unix::fs::MetadataExt;
         let created = (!dir.exists()).then(|| dir.to_path_buf());
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(name);
         loop {
+            // (again on a retry: a holder that failed may have removed the folder it made)
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             let mut file = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)
