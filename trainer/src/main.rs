@@ -1297,6 +1297,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Data(DataCommand::Check(args)) => {
             let resolved = config::load(&args.config, &args.overrides)?;
+            // (text-only samples' lengths as the run the config resumes renders them: its date)
+            use_resumed_template_clock(&resolved);
             let outcome = trainer::data::tools::check(&resolved)?;
             print!("{}", outcome.text);
             if outcome.failed {
@@ -1309,11 +1311,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Data(DataCommand::Dump(args)) => {
             let resolved = config::load(&args.config.config, &args.config.overrides)?;
-            // the batches of the run the config resumes render its chat-template date (what its
-            // text-only samples trained on), not today's
-            if let Some(clock) = trainer::checkpoint::resumed_template_clock(&resolved) {
-                trainer::data::template::use_template_clock(clock);
-            }
+            use_resumed_template_clock(&resolved);
             let msg = trainer::data::tools::dump(
                 &resolved,
                 args.epoch,
@@ -1653,6 +1651,14 @@ fn main() -> ExitCode {
             }
             ExitCode::from(101) // (Rust's exit code for a panic)
         }
+    }
+}
+
+/// The data of the run the config resumes renders that run's chat-template date (what its
+/// text-only samples trained on), not today's: `data check` and `data dump` show what it trains.
+fn use_resumed_template_clock(resolved: &config::Config) {
+    if let Some(clock) = trainer::checkpoint::resumed_template_clock(resolved) {
+        trainer::data::template::use_template_clock(clock);
     }
 }
 
