@@ -24,6 +24,10 @@
 //! cross-attention layer, and each image's vision tokens for each vision layer (tiles attend
 //! jointly). They are not optional for LoRA: the backward through frozen attention still runs.
 //!
+//! DoRA adds, in every forward, work that does not scale with the tokens: each wrapped weight
+//! W + s B A and its row norms, (2 r + 3) FLOPs per weight element (no backward: the norm is
+//! detached); per micro-batch, and again in the recompute.
+//!
 //! Executed FLOPs add what the engine really runs on top: with activation checkpointing each unit's
 //! forward runs twice, so `+ 2 x N x tokens` (every parameter, trainable or not). They give
 //! `hw_tflops` (hardware FLOP/s, PaLM's HFU numerator) next to the model `tflops`.
@@ -34,6 +38,7 @@
 use tch::{Device, Kind};
 
 use crate::data::dataset::MicroBatch;
+use crate::model::lora::LoraBranch;
 use crate::model::{text_layer, MllamaModel};
 
 /// FLOPs per text token and per vision token of a forward + backward step.
@@ -56,6 +61,10 @@ pub(crate) struct FlopCount {
     self_attn_per_pair: f64,
     cross_attn_per_pair: f64,
     vision_attn_per_pair: f64,
+    /// DoRA's work in every forward that does not scale with the tokens: each wrapped weight
+    /// W + s B A (2 r + 1 FLOPs per element) and its row norms (2 per element); no backward (the
+    /// norm is detached, as in peft).
+    dora_per_forward: f64,
 }
 
 /// Whether a parameter is applied to vision tokens (else to text tokens).
@@ -75,7 +84,19 @@ impl FlopCount {
                 .map(|(n, t)| (n, t.numel() as i64))
                 .collect()
         });
-        Self::count(m, lora.as_deref())
+        let mut dora = 0.0;
+        m.visit_linears(&mut |l| {
+            let computes_norm = |b: &&LoraBranch| b.magnitude.is_some() && b.dora_scale.is_none();
+            if let Some(b) = l.lora.as_ref().filter(computes_norm) {
+                // (the factors' shapes: A (r, in), B (out, r))
+                let (a, out) = (b.a.size(), b.b.size()[0]);
+                dora += (out * a[1]) as f64 * (2.0 * a[0] as f64 + 3.0);
+            }
+        });
+        Self {
+            dora_per_forward: dora,
+            ..Self::count(m, lora.as_deref())
+        }
     }
 
     /// For inference: the base model's parameters (an adapter's LoRA factors, r x (in + out) per
@@ -145,6 +166,7 @@ impl FlopCount {
             self_attn_per_pair: 12.0 * n_self * text_hd,
             cross_attn_per_pair: 12.0 * n_cross * text_hd,
             vision_attn_per_pair: 12.0 * n_vision * v.hidden_size as f64,
+            dora_per_forward: 0.0,
         }
     }
 
@@ -202,14 +224,16 @@ impl FlopCount {
             let attention = self.attention_flops(mb);
             let m = self.per_text_token * text_tokens
                 + self.per_vision_token * vision_tokens
-                + attention;
+                + attention
+                + self.dora_per_forward;
             model += m;
             executed += m;
             if recompute {
                 // (the forward's share of attention: 4 of its 12)
                 executed += self.forward_per_text_token * text_tokens
                     + self.forward_per_vision_token * vision_tokens
-                    + attention / 3.0;
+                    + attention / 3.0
+                    + self.dora_per_forward;
             }
         }
         (model, executed)
@@ -363,6 +387,38 @@ mod tests {
             lora.per_text_token + lora.per_vision_token,
             4.0 * n + 6.0 * n_lora
         );
+        assert_eq!(lora.dora_per_forward, 0.0);
+    }
+
+    /// DoRA adds, per forward, W + s B A and the row norms of every wrapped weight: (2 r + 3)
+    /// FLOPs per weight element, whatever the tokens; none once the norms are fixed (inference).
+    #[test]
+    fn dora_adds_its_per_forward_weight_work() {
+        use crate::model::adapter_config::AdapterConfig;
+        use crate::model::{LoadOptions, LoraConfig, TargetModules};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/mllama_tiny/model_hf5");
+        let mut m = MllamaModel::load(&dir, LoadOptions::default()).unwrap();
+        let mut cfg = AdapterConfig::plain(LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+            use_rslora: false,
+        });
+        cfg.use_dora = true;
+        m.apply_adapter(&cfg, 1, None).unwrap();
+        let mut elements = 0.0;
+        m.visit_linears(&mut |l| {
+            if l.lora.is_some() {
+                elements += (l.weight.size()[0] * l.weight.size()[1]) as f64;
+            }
+        });
+        assert!(elements > 0.0);
+        let f = FlopCount::of(&mut m);
+        assert_eq!(f.dora_per_forward, elements * (2.0 * 4.0 + 3.0));
+        m.fix_dora();
+        assert_eq!(FlopCount::of(&mut m).dora_per_forward, 0.0);
     }
 
     /// Attention adds 12 x H x D FLOPs per (query, key) pair and layer: text self-attention over
