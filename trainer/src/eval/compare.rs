@@ -45,21 +45,25 @@ pub struct Comparison {
 /// Compares the predictions of two `trainer eval --out` folders.
 pub fn compare(a: &Path, b: &Path) -> Result<Comparison, EvalError> {
     let (pa, pb) = (predictions_of(a)?, predictions_of(b)?);
-    let paired: Vec<(&Prediction, &Prediction)> = pa
+    let mut paired: Vec<(&Prediction, &Prediction)> = pa
         .iter()
         .filter_map(|(id, p)| pb.get(id).map(|q| (p, q)))
         .collect();
+    // (by id, shorter first, so "q2" before "q10": one question named, the same every time)
+    paired.sort_by(|(p, _), (q, _)| (p.id.len(), &p.id).cmp(&(q.id.len(), &q.id)));
     // the same id in two benchmarks (ids "0", "1", ... are common) is not the same question
     if let Some((p, q)) = paired.iter().find(|(p, q)| {
         p.answer != q.answer || matches!((&p.asked, &q.asked), (Some(x), Some(y)) if x != y)
     }) {
+        let what = match p.answer != q.answer {
+            true => format!("answer {:?} against {:?}", p.answer, q.answer),
+            false => "the question asked".to_string(),
+        };
         return Err(EvalError::Io(format!(
-            "question {:?} differs between {} and {} (answer {:?} against {:?}, or its question): they are not evaluations of the same benchmark",
+            "question {:?} differs between {} and {} ({what}): they are not evaluations of the same benchmark",
             p.id,
             a.display(),
             b.display(),
-            p.answer,
-            q.answer
         )));
     }
     if paired.is_empty() {
@@ -219,6 +223,21 @@ mod tests {
         .unwrap();
         let err = compare(&a, &renamed).unwrap_err().to_string();
         assert!(err.contains("question \"q0\" differs"), "{err}");
+        assert!(err.contains("(answer \"x\" against \"y\")"), "{err}");
+        // every question reworded, the answers the same: the first id is named, and what differs
+        let reworded = root.join("reworded");
+        write(&reworded, &rows(&ra));
+        let text = std::fs::read_to_string(reworded.join("predictions.jsonl")).unwrap();
+        let asked =
+            |t: &str, q: &str| t.replace("\"answer\"", &format!("\"asked\": \"{q}\", \"answer\""));
+        std::fs::write(reworded.join("predictions.jsonl"), asked(&text, "new?")).unwrap();
+        let original = std::fs::read_to_string(a.join("predictions.jsonl")).unwrap();
+        std::fs::write(a.join("predictions.jsonl"), asked(&original, "old?")).unwrap();
+        let err = compare(&a, &reworded).unwrap_err().to_string();
+        assert!(
+            err.contains("question \"q0\" differs") && err.contains("(the question asked)"),
+            "{err}"
+        );
         let err = compare(&a, &root.join("none")).unwrap_err().to_string();
         assert!(err.contains("no predictions.jsonl"), "{err}");
 
