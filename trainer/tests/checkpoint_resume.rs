@@ -522,6 +522,13 @@ fn a_run_started_over_keeps_another_runs_checkpoint_of_the_same_step() {
     std::fs::remove_file(damaged.join("manifest.json")).unwrap();
     let sets: &[&str] = &["checkpoint.every_steps=2"];
     let o = ok(run(&fourth, 1, train, sets, &[]), "fourth run");
+    // (the start line says where the run writes)
+    let at = format!(
+        "metrics and adapter in {}, checkpoints in {}",
+        fourth.display(),
+        fourth.join("ckpt").display()
+    );
+    assert!(o.stderr.contains(&at), "{}", o.stderr);
     assert!(
         o.stderr.contains("is not a complete checkpoint"),
         "{}",

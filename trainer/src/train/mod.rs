@@ -165,7 +165,15 @@ pub fn train(config: &Config) -> Result<Outcome> {
         true => config.fsdp.sharding_strategy.name(),
         false => "off",
     };
-    meter.log(&format!("training {total_steps} steps ({steps_per_epoch} per epoch) on {world} rank(s), {} backend, fsdp {fsdp}", pg.backend_name()));
+    // (where the run writes: checkpoint.dir's default is relative to the working directory,
+    // apart from train.output_dir, as llama-recipes' dist_checkpoint_root_folder is)
+    meter.log(&format!(
+        "training {total_steps} steps ({steps_per_epoch} per epoch) on {world} rank(s), {} backend, fsdp {fsdp}; metrics{} in {}, checkpoints in {}",
+        pg.backend_name(),
+        if config.peft.is_lora() { " and adapter" } else { "" },
+        config.train.output_dir.display(),
+        config.checkpoint.dir.display()
+    ));
     if let Some(limit) = t.step_limit().filter(|&l| l > total_steps) {
         // (llama-recipes' max_train_step only caps; in HF's Trainer max_steps overrides the
         // epochs: say which one this is, and that the schedule spans the shorter run)
