@@ -194,7 +194,8 @@ pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
     }
     // the run's outputs in the base model's folder: the adapter's adapter_config.json there
     // would make transformers load the base as that adapter from then on
-    let same = |a: &std::path::Path| matches!((a.canonicalize(), model.canonicalize()), (Ok(a), Ok(m)) if a == m);
+    let model_real = model.canonicalize().ok();
+    let same = |a: &std::path::Path| a.canonicalize().ok().is_some_and(|a| Some(a) == model_real);
     for (key, dir) in [
         ("train.output_dir", &config.train.output_dir),
         ("checkpoint.dir", &config.checkpoint.dir),
