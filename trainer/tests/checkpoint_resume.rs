@@ -1007,4 +1007,40 @@ fn a_resume_on_another_day_keeps_the_text_only_samples_date() {
         dump(west.1, &never),
         "today's, two days"
     );
+    // `data check` of that run counts the text-only samples' tokens with its date: a run whose
+    // checkpoints say it started on 2 Jul 2024 (11 tokens with the fixture tokenizer, a date
+    // today's 12-15 never are) counts fewer than today's date gives
+    for step in checkpoints(&resumed) {
+        let manifest = resumed.join("ckpt").join(step).join("manifest.json");
+        let mut m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+        m["template_clock"] = 1_719_921_600i64.into(); // 2024-07-02 12:00
+        std::fs::write(&manifest, m.to_string()).unwrap();
+    }
+    let total_tokens = |extra: &[&str]| -> u64 {
+        let o = std::process::Command::new(common::bin("trainer"))
+            .args(["data", "check"])
+            .arg(resumed.join("config.yaml"))
+            .args(sets.iter().chain(extra).flat_map(|s| ["--set", s]))
+            .env("TZ", west.1)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let line = text.lines().find(|l| l.contains("supervised tokens: "));
+        let total = line.and_then(|l| l.split(" of ").nth(1)?.split(' ').next());
+        total
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("{text}"))
+    };
+    let (july, today) = (total_tokens(&[]), total_tokens(&never));
+    // (16 text-only samples, each 1 to 4 tokens shorter)
+    assert!(
+        july < today && (today - july) % 16 == 0 && today - july <= 64,
+        "{july} vs {today}"
+    );
 }

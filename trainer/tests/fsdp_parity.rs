@@ -158,6 +158,8 @@ fn parity_launched(peft: &[&str], strategy: &str, launch: Launch, b: usize) -> (
         "full"
     } else if peft.iter().any(|s| s.contains("cross_attn")) {
         "lora-cross"
+    } else if peft.iter().any(|s| s.contains("use_dora")) {
+        "dora"
     } else {
         "lora"
     };
@@ -224,6 +226,15 @@ fn lora_world2_matches_single_process() {
 #[test]
 fn lora_world3_matches_single_process() {
     parity(LORA, 3, 1);
+}
+
+/// A fresh DoRA adapter: each of the 3 ranks reads a third of the wrapped base weights for the
+/// initial magnitudes (row norms) and the ranks add them up; the single process's losses and
+/// weights.
+#[test]
+fn dora_world3_matches_single_process() {
+    let dora: Vec<&str> = LORA.iter().copied().chain(["peft.use_dora=true"]).collect();
+    parity(&dora, 3, 1);
 }
 
 #[test]

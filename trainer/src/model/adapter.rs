@@ -287,7 +287,50 @@ pub struct ReadAdapter {
     pub factors: BTreeMap<String, Tensor>,
 }
 
+/// Where an FSDP skeleton's fresh DoRA magnitudes come from: the base weights in `src`, of
+/// which this rank reads every `world`-th wrapped layer's, from the `rank`-th on in module order
+/// (reading them all on every rank would read the whole model per rank with every linear layer
+/// wrapped). The others start at zero until [`MllamaModel::sum_dora_magnitudes`] adds up the
+/// ranks' magnitudes.
+#[derive(Clone, Copy)]
+pub struct DoraBase<'a> {
+    pub src: &'a WeightSource,
+    pub rank: usize,
+    pub world: usize,
+}
+
 impl MllamaModel {
+    /// After `apply_adapter` with a [`DoraBase`] share on every rank: each DoRA magnitude becomes
+    /// the sum over the ranks (`sum`, an all-reduce of the tensor it is given, on `device`), so
+    /// every rank holds every magnitude, exactly (one rank's norms plus zeros). Nothing to do
+    /// without DoRA.
+    pub fn sum_dora_magnitudes<E>(
+        &mut self,
+        device: tch::Device,
+        sum: impl FnOnce(&Tensor) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut magnitudes = vec![];
+        self.visit_linears(&mut |l| {
+            if let Some(m) = l.lora.as_ref().and_then(|br| br.magnitude.as_ref()) {
+                magnitudes.push(m.shallow_clone());
+            }
+        });
+        if magnitudes.is_empty() {
+            return Ok(());
+        }
+        let flat = Tensor::cat(&magnitudes, 0).to_device(device); // (sum of out,)
+        sum(&flat)?;
+        let mut offset = 0;
+        tch::no_grad(|| {
+            for m in &mut magnitudes {
+                let n = m.size()[0];
+                m.copy_(&flat.narrow(0, offset, n));
+                offset += n;
+            }
+        });
+        Ok(())
+    }
+
     /// Wraps every linear layer whose module path matches `cfg.target_modules` with a fresh LoRA branch (PEFT init,
     /// A drawn from a SplitMix64 of `seed`). Returns the number of wrapped layers.
     pub fn apply_lora(&mut self, cfg: &LoraConfig, seed: i64) -> Result<usize, ModelError> {
@@ -299,13 +342,14 @@ impl MllamaModel {
     /// fresh LoRA branches of their rank and scaling (rank_pattern, alpha_pattern), PEFT init, A
     /// drawn in module order from a SplitMix64 of `seed`; with `use_dora`, each with PEFT's
     /// initial magnitude, the row norms of its base weight (read from `base` where the model
-    /// holds placeholders: an FSDP skeleton). The parameters of modules_to_save train in full
-    /// (`saved_params`). Returns the number of wrapped layers.
+    /// holds placeholders: an FSDP skeleton, whose ranks each read a share of them, see
+    /// [`DoraBase`]). The parameters of modules_to_save train in full (`saved_params`). Returns
+    /// the number of wrapped layers.
     pub fn apply_adapter(
         &mut self,
         cfg: &AdapterConfig,
         seed: i64,
-        base: Option<&WeightSource>,
+        base: Option<DoraBase>,
     ) -> Result<usize, ModelError> {
         let layout = cfg.training_layout()?;
         let saved = self.saved_by(cfg, &layout)?;
@@ -316,7 +360,7 @@ impl MllamaModel {
         let mut branches = vec![];
         let (mut overlaps, mut problems, mut lora_saved) = (vec![], vec![], None);
         let dtype = self.options.dtype;
-        let names = base.map(|src| KeyLayout::detect(src.names_and_shapes().map(|(n, _)| n)));
+        let names = base.map(|b| KeyLayout::detect(b.src.names_and_shapes().map(|(n, _)| n)));
         self.visit_linears(&mut |l| {
             if !layout.wraps(&l.path) {
                 return;
@@ -331,11 +375,14 @@ impl MllamaModel {
             }
             let (r, scaling) = (layout.rank(&l.path), layout.scaling(&l.path));
             let mut br = LoraBranch::init(l, r, scaling, cfg.lora.dropout, kind, &mut rng);
-            if cfg.use_dora {
-                match base_weight(l, base.zip(names), dtype) {
+            match base {
+                _ if !cfg.use_dora => {}
+                // another rank reads this one's base weight (`sum_dora_magnitudes` adds it in)
+                Some(b) if branches.len() % b.world != b.rank => br.init_dora_elsewhere(),
+                _ => match base_weight(l, base.map(|b| b.src).zip(names), dtype) {
                     Ok(w) => br.init_dora(&w),
                     Err(e) => problems.push(e.to_string()),
-                }
+                },
             }
             branches.push((l.path.clone(), br));
         });

@@ -105,6 +105,14 @@ impl LoraBranch {
         self.magnitude = Some(m);
         self.dora_scale = None;
     }
+
+    /// A fresh DoRA branch whose magnitude another rank computes (`DoraBase`): zeros (out,) for
+    /// now, which the ranks' sum replaces.
+    pub fn init_dora_elsewhere(&mut self) {
+        let out = self.b.size()[0];
+        self.magnitude = Some(Tensor::zeros([out], (self.a.kind(), self.a.device())));
+        self.dora_scale = None;
+    }
 }
 
 /// Linear layer named by its module path (transformers-5 naming, e.g. `model.language_model.layers.0.self_attn.q_proj`).

@@ -9,6 +9,7 @@ use crate::config::{self, Config};
 use crate::data::dataset::{Dataset, Split};
 use crate::dist::{self, ProcessGroup};
 use crate::fsdp::{kind_of, FsdpModel, PlainModel, Trainable, WrapOptions};
+use crate::model::adapter::DoraBase;
 use crate::model::adapter_config::{AdapterConfig, AdapterLayout};
 use crate::model::{
     AttentionImpl, LoadOptions, LoraConfig, MllamaConfig, MllamaModel, TargetModules, WeightSource,
@@ -62,7 +63,14 @@ pub(super) fn model(
     pg: &ProcessGroup,
     device: Device,
 ) -> Result<(Trainable, FlopCount)> {
-    let (mut model, src) = load_model(config, device, config.fsdp.enabled)?;
+    let share = config.fsdp.enabled.then(|| (pg.rank(), pg.world_size()));
+    let (mut model, src) = load_model(config, device, share)?;
+    if src.is_some() && pg.world_size() > 1 {
+        // each rank read a share of the base weights for fresh DoRA magnitudes
+        model
+            .sum_dora_magnitudes(device, |flat| pg.all_reduce(flat, dist::ReduceOp::Sum))
+            .context("peft.use_dora: adding up the ranks' DoRA magnitudes")?;
+    }
     model.freeze_llm = config.peft.freeze_llm_only;
     log(
         pg.rank(),
@@ -112,12 +120,13 @@ pub(super) fn model(
     Ok((trainable, flops))
 }
 
-/// The model (+ LoRA). With `sharded`, a skeleton (placeholder base weights) and its weight
-/// source, from which FSDP reads each rank's slices; otherwise fully loaded.
+/// The model (+ LoRA). With `shard` (this rank, world size), a skeleton (placeholder base
+/// weights) and its weight source, from which FSDP reads each rank's slices (and a fresh DoRA
+/// adapter this rank's share of its magnitudes, `DoraBase`); otherwise fully loaded.
 fn load_model(
     config: &Config,
     device: Device,
-    sharded: bool,
+    shard: Option<(usize, usize)>,
 ) -> Result<(MllamaModel, Option<WeightSource>)> {
     let attention = match config.model.attention {
         config::Attention::Eager => AttentionImpl::Eager,
@@ -131,7 +140,7 @@ fn load_model(
     };
     let dir = &config.model.path;
     let what = || format!("loading model.path {}", dir.display());
-    let (mut model, src) = if sharded {
+    let (mut model, src) = if shard.is_some() {
         let mc = MllamaConfig::from_file(&dir.join("config.json")).with_context(what)?;
         let src = WeightSource::open_dir(dir).with_context(what)?;
         let model = MllamaModel::skeleton(mc, &src, opts).with_context(what)?;
@@ -154,7 +163,13 @@ fn load_model(
             }
             None => {
                 model
-                    .apply_adapter(&adapter_config(p), config.train.seed as i64, src.as_ref())
+                    .apply_adapter(
+                        &adapter_config(p),
+                        config.train.seed as i64,
+                        src.as_ref()
+                            .zip(shard)
+                            .map(|(src, (rank, world))| DoraBase { src, rank, world }),
+                    )
                     .context("peft")?;
                 if !config.fsdp.enabled {
                     // the plain trainer as PEFT without FSDP (autocast_adapter_dtype): fp32
@@ -737,7 +752,7 @@ mod tests {
             "fsdp.enabled=false",
             "peft.method=lora",
         ]);
-        let (mut m, _) = load_model(&c, Device::Cpu, false).unwrap();
+        let (mut m, _) = load_model(&c, Device::Cpu, None).unwrap();
         let kinds: Vec<Kind> = m
             .trainable_parameters()
             .iter()
@@ -919,7 +934,8 @@ mod tests {
             }
         });
         for sharded in [false, true] {
-            let (mut model, _) = load_model(&parse(&sets), Device::Cpu, sharded).unwrap();
+            let (mut model, _) =
+                load_model(&parse(&sets), Device::Cpu, sharded.then_some((0, 1))).unwrap();
             let mut n = 0;
             model.visit_linears(&mut |l| {
                 if let Some(br) = &l.lora {
@@ -935,6 +951,47 @@ mod tests {
                 .filter(|(k, _)| k.ends_with(".lora_magnitude_vector"))
                 .count();
             assert_eq!(magnitudes, n);
+        }
+        // FSDP's skeleton on two ranks: each reads every other wrapped layer's base weight (the
+        // second rank layers 1, 3, ..., its others zero), and their sum is every magnitude
+        let load = |rank| load_model(&parse(&sets), Device::Cpu, Some((rank, 2))).unwrap();
+        let magnitudes = |model: &mut MllamaModel| {
+            let mut all = vec![];
+            model.visit_linears(&mut |l| {
+                if let Some(br) = &l.lora {
+                    all.push((l.path.clone(), br.magnitude.as_ref().unwrap().copy()));
+                }
+            });
+            assert_eq!(all.len(), 9);
+            all
+        };
+        let ((mut first, first_src), (mut second, second_src)) = (load(0), load(1));
+        let (_, whole_src) = load_model(&parse(&sets), Device::Cpu, Some((0, 1))).unwrap();
+        for (i, (path, m)) in magnitudes(&mut second).into_iter().enumerate() {
+            match i % 2 {
+                1 => assert!(m.equal(&norms[&path]), "{path}"),
+                _ => assert_eq!(m.abs().sum(Kind::Float).double_value(&[]), 0.0, "{path}"),
+            }
+        }
+        let read = |src: Option<WeightSource>| src.unwrap().bytes_read();
+        let (first_read, second_read) = (read(first_src), read(second_src));
+        assert!(first_read > 0 && second_read > 0);
+        assert_eq!(first_read + second_read, read(whole_src), "the whole, once");
+        let mut theirs = None;
+        second
+            .sum_dora_magnitudes(Device::Cpu, |flat| {
+                theirs = Some(flat.copy());
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+        first
+            .sum_dora_magnitudes(Device::Cpu, |flat| {
+                let _ = flat.shallow_clone().g_add_(theirs.as_ref().unwrap());
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+        for (path, m) in magnitudes(&mut first) {
+            assert!(m.equal(&norms[&path]), "{path} (summed)");
         }
     }
 
@@ -961,7 +1018,8 @@ mod tests {
             "peft.layers_pattern=layers",
         ];
         for sharded in [false, true] {
-            let (mut model, _) = load_model(&parse(&sets), Device::Cpu, sharded).unwrap();
+            let (mut model, _) =
+                load_model(&parse(&sets), Device::Cpu, sharded.then_some((0, 1))).unwrap();
             let mut layers = serde_json::Map::new();
             model.visit_linears(&mut |l| {
                 if let Some(br) = &l.lora {
@@ -978,7 +1036,7 @@ mod tests {
         // manifest does not keep their order, which peft would go by)
         let mut overlapping = sets.to_vec();
         overlapping[2] = "peft.rank_pattern={q_proj: 2, self_attn.q_proj: 6}";
-        let e = load_model(&parse(&overlapping), Device::Cpu, false)
+        let e = load_model(&parse(&overlapping), Device::Cpu, None)
             .err()
             .expect("overlapping patterns accepted");
         let e = format!("{e:#}");
@@ -993,7 +1051,7 @@ mod tests {
         );
         // the same value twice is no conflict
         overlapping[2] = "peft.rank_pattern={q_proj: 6, self_attn.q_proj: 6}";
-        assert!(load_model(&parse(&overlapping), Device::Cpu, false).is_ok());
+        assert!(load_model(&parse(&overlapping), Device::Cpu, None).is_ok());
     }
 
     /// Under FSDP an init_from adapter's factors are read in fp32 over a bf16 model, so the fp32
@@ -1017,7 +1075,7 @@ mod tests {
                 .unwrap()
                 .into_iter()
                 .collect();
-        let (mut model, _) = load_model(&parse(&sets), Device::Cpu, false).unwrap();
+        let (mut model, _) = load_model(&parse(&sets), Device::Cpu, None).unwrap();
         let factors = model.trainable_parameters();
         assert!(!factors.is_empty());
         let mut rounded = 0;
