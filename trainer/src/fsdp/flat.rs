@@ -12,7 +12,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::dist::{ProcessGroup, ReduceOp, Work};
-use crate::model::weights::is_placeholder;
+use crate::model::adapter::SavedInAdapter;
 use crate::model::{KeyLayout, WeightSource};
 use crate::optim::Segment;
 
@@ -59,21 +59,20 @@ impl FlatGroup {
         world: usize,
         compute: Kind,
     ) -> Self {
-        Self::shard_from(params, None, &[], trainable, rank, world, compute)
+        Self::shard_from(params, None, None, trainable, rank, world, compute)
             .expect("slicing materialized tensors does not fail")
     }
 
     /// Builds the group and keeps this rank's slice [r*S, (r+1)*S) of the flat buffer, reading
-    /// only that slice: a parameter found in `source` (by its file name) is read from the
-    /// safetensors map with `get_flat_range`, unless it is one of `loaded` (a module to save,
-    /// loaded from an adapter) and holds data (not a `weights::is_placeholder`); any other one
-    /// (LoRA factors) is sliced from its materialized tensor. Values go through the parameter's
-    /// dtype first (as a full load would convert them), then to the group's. The parameters are
-    /// left empty (freed).
+    /// only that slice: a parameter of a module to save that `adapter` holds is read from the
+    /// adapter's file, another found in `source` (by its file name) from the base's, both with
+    /// `get_flat_range`; any other one (LoRA factors) is sliced from its materialized tensor.
+    /// Values go through the parameter's dtype first (as a full load would convert them), then
+    /// to the group's. The parameters are left empty (freed).
     pub fn shard_from(
         params: Vec<(String, Tensor)>,
         source: Option<(&WeightSource, KeyLayout)>,
-        loaded: &[String],
+        adapter: Option<&SavedInAdapter>,
         trainable: bool,
         rank: usize,
         world: usize,
@@ -97,10 +96,9 @@ impl FlatGroup {
             // this parameter's elements inside [lo, hi), relative to its start
             let (a, b) = (lo.max(offset) - offset, hi.min(offset + numel) - offset);
             if a < b {
-                // (a module to save loaded from an adapter is sliced: its values are not the
-                // base's; nothing else of a skeleton is taken from its tensor)
-                let adapters = loaded.contains(&name) && !is_placeholder(&t);
-                let file = source.filter(|_| !adapters).and_then(|(src, layout)| {
+                let in_adapter = adapter.and_then(|s| Some((&s.src, s.keys.get(&name)?.clone())));
+                let file = in_adapter.or_else(|| {
+                    let (src, layout) = source?;
                     let f = layout.file_name(&name);
                     src.entry(&f).map(|_| (src, f))
                 });

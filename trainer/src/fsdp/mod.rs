@@ -319,7 +319,7 @@ impl FsdpModel {
                     let g = FlatGroup::shard_from(
                         params,
                         source,
-                        &model.saved_params,
+                        model.saved_in_adapter.as_ref(),
                         tr,
                         shard_rank,
                         shard_world,

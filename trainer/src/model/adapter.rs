@@ -287,6 +287,23 @@ pub struct ReadAdapter {
     pub factors: BTreeMap<String, Tensor>,
 }
 
+/// The parameters of modules to save that an adapter holds for an FSDP skeleton: their values
+/// stay in the adapter's file (the model's parameters stay placeholders) and FSDP reads each
+/// rank's slice from it, so no rank holds a whole one (an lm_head is 1-2 GB). `keys`: model
+/// parameter name -> the adapter's key.
+pub struct SavedInAdapter {
+    pub src: WeightSource,
+    pub keys: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for SavedInAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SavedInAdapter")
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Where an FSDP skeleton's fresh DoRA magnitudes come from: the base weights in `src`, of
 /// which this rank reads every `world`-th wrapped layer's, from the `rank`-th on in module order
 /// (reading them all on every rank would read the whole model per rank with every linear layer
@@ -609,7 +626,7 @@ impl MllamaModel {
         });
         // modules_to_save: their parameters replace the model's, in its dtype (peft loads them into
         // its copy of the module); applied only once everything fits
-        let mut saved = vec![];
+        let (mut saved, mut saved_keys) = (vec![], BTreeMap::new());
         let mut model_params = vec![];
         self.visit_params(&mut |name, t| {
             if layout.saves(name) {
@@ -633,6 +650,9 @@ impl MllamaModel {
                             "mis-shaped {file}: expected {:?}, found {got:?}",
                             p.size()
                         ));
+                    } else if is_placeholder(&p) {
+                        // an FSDP skeleton's: FSDP reads its slices from the adapter
+                        saved_keys.insert(name, file.clone());
                     } else {
                         match src.get(file, p.kind()) {
                             Ok(t) => saved.push((p, t)),
@@ -683,16 +703,7 @@ impl MllamaModel {
         tch::no_grad(|| {
             saved.iter().try_for_each(|(p, t)| {
                 let t = t.to_device(p.device());
-                let mut p = p.shallow_clone();
-                if is_placeholder(&p) {
-                    // an FSDP skeleton's: the module's parameter becomes the adapter's tensor
-                    // (one TensorImpl with every handle), which FSDP then slices instead of
-                    // reading the base's from model.path
-                    p.set_data(&t);
-                    Ok(())
-                } else {
-                    p.f_copy_(&t).map(|_| ())
-                }
+                p.shallow_clone().f_copy_(&t).map(|_| ())
             })
         })?;
         self.visit_linears(&mut |l| {
@@ -703,6 +714,10 @@ impl MllamaModel {
         self.lora = Some(cfg.lora.clone());
         self.saved_modules = layout.saved_modules(&saved_names);
         self.saved_params = saved_names;
+        self.saved_in_adapter = (!saved_keys.is_empty()).then(|| SavedInAdapter {
+            src,
+            keys: saved_keys,
+        });
         self.set_lora_requires_grad(true);
         Ok(cfg)
     }

@@ -149,6 +149,9 @@ pub struct MllamaModel {
     pub saved_params: Vec<String>,
     /// The modules those parameters belong to (`AdapterLayout::saved_modules`).
     pub saved_modules: Vec<String>,
+    /// An FSDP skeleton's saved parameters that an adapter brings, left in its file for FSDP to
+    /// read each rank's slice of (`load_adapter`).
+    pub saved_in_adapter: Option<adapter::SavedInAdapter>,
 }
 
 /// The text decoder layer a parameter name belongs to (`...language_model.[model.]layers.N....`).
@@ -392,6 +395,7 @@ impl MllamaModel {
             freeze_llm: false,
             saved_params: vec![],
             saved_modules: vec![],
+            saved_in_adapter: None,
         })
     }
 

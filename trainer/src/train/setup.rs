@@ -995,6 +995,46 @@ mod tests {
         }
     }
 
+    /// peft.init_from an adapter with modules_to_save, on FSDP's skeleton: the module's
+    /// parameters stay placeholders and FSDP reads each rank's slices from the adapter's file, so
+    /// no rank holds the whole module (the values: train_golden's
+    /// `modules_to_save_under_fsdp_losses_match_transformers_peft_adamw`).
+    #[test]
+    fn saved_modules_from_init_from_stay_in_the_adapter_file_on_a_skeleton() {
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/train");
+        let model_path = format!("model.path={}", fixtures.join("model").display());
+        let init_from = format!(
+            "peft.init_from={}",
+            fixtures.join("adapter_saved").display()
+        );
+        let sets = [
+            model_path.as_str(),
+            "peft={method: lora, r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}",
+            "peft.modules_to_save=[model.multi_modal_projector]",
+            init_from.as_str(),
+        ];
+        let (model, _) = load_model(&parse(&sets), Device::Cpu, Some((0, 2))).unwrap();
+        let saved = model
+            .saved_in_adapter
+            .as_ref()
+            .expect("saved in the adapter");
+        let names: Vec<&String> = saved.keys.keys().collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.iter().all(|n| model.saved_params.contains(n)));
+        let mut placeholders = 0;
+        model.visit_params(&mut |n, t| {
+            if names.iter().any(|s| *s == n) {
+                assert!(crate::model::weights::is_placeholder(t), "{n}");
+                placeholders += 1;
+            }
+        });
+        assert_eq!(placeholders, 2);
+        // a whole model loads the values into its parameters, as before
+        let (whole, _) = load_model(&parse(&sets), Device::Cpu, None).unwrap();
+        assert!(whole.saved_in_adapter.is_none());
+    }
+
     /// A fresh adapter from a peft section with per-layer options wraps the layers PEFT's
     /// get_peft_model wraps with the same LoraConfig, each with PEFT's rank and scaling (recorded
     /// by tests/fixtures/train/make_peft_options_goldens.py, case patterns), under FSDP's
