@@ -186,6 +186,50 @@ fn manifest_naming_a_file_outside_the_folder_is_refused() {
     );
 }
 
+/// A step folder whose name is not its manifest's step (a copy of step 2 named step 9, taken for
+/// the newest; a manifest edited to another step) is refused, naming both and the fix, and the
+/// real checkpoints are left where they are.
+#[test]
+fn a_step_folder_named_for_another_step_is_refused() {
+    let o = resume_damaged("misnamed-copy", 1, &[], |d| {
+        common::copy_dir(d, &d.parent().unwrap().join("step-00000009"))
+    });
+    assert_error(
+        &o,
+        &[
+            "step-00000009 is named for step 9, but its manifest records step 2",
+            "rename it to step-00000002",
+        ],
+    );
+    assert_eq!(
+        checkpoints(&setup().join("misnamed-copy")),
+        ["step-00000002", "step-00000009"]
+    );
+    let o = resume_damaged("misnamed-manifest", 1, &[], |d| {
+        edit_manifest_without_checksum(d, |m| m["step"] = 5.into())
+    });
+    assert_error(
+        &o,
+        &["is named for step 2, but its manifest records step 5"],
+    );
+}
+
+/// A manifest whose shard range does not fit the rank file's tensor names the file by its path,
+/// and gives the ways on (another step, or starting over).
+#[test]
+fn a_shard_range_the_file_does_not_hold_names_the_file() {
+    let o = resume_damaged("shard-range", 2, &[], |d| {
+        edit_manifest_without_checksum(d, |m| {
+            let end = m["tensors"][0]["shards"][1]["end"].as_i64().unwrap();
+            m["tensors"][0]["shards"][1]["end"] = (end + 4).into();
+        })
+    });
+    assert_error(
+        &o,
+        &["step-00000002/rank-1-of-2.safetensors: tensor vision.local.0/1/param has"],
+    );
+}
+
 #[test]
 fn other_manifest_version_is_refused() {
     let o = resume_damaged("version", 1, &[], |d| {
@@ -370,6 +414,22 @@ fn a_wrong_resume_folder_or_data_file_fails_before_the_model_loads() {
     // (the line the checks look for is there when the run gets that far)
     let o = ok(run(&out, 1, train, &[], &[]), "good run");
     assert!(o.stderr.contains(loaded), "{}", o.stderr);
+    // the folder of the step folders, and a step folder's bare name (read from the working
+    // directory): each error says which folder was meant
+    let (ckpt, step) = (out.join("ckpt"), "step-00000001");
+    let parent = format!("checkpoint.resume={}", ckpt.display());
+    let o = run(&out, 1, train, &[&parent], &[]);
+    let newest = format!(
+        "(it holds step-N folders: give one, e.g. the newest, {} of step 1",
+        ckpt.join(step).display()
+    );
+    assert!(o.stderr.contains(&newest), "{}", o.stderr);
+    let o = run(&out, 1, train, &[&format!("checkpoint.resume={step}")], &[]);
+    let meant = format!(
+        "{step} does not exist (relative paths are read from the working directory: did you mean {}?)",
+        ckpt.join(step).display()
+    );
+    assert!(o.stderr.contains(&meant), "{}", o.stderr);
 }
 
 /// A second run saving into a checkpoint.dir another run holds (a requeued job whose first

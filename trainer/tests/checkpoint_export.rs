@@ -162,6 +162,27 @@ fn export_peft_holds_the_trained_factors_and_loads() {
         assert!(o.stderr.contains(why), "{}", o.stderr);
         assert!(!used.join("adapter_config.json").exists());
     }
+    // the checkpoint folder itself or a folder inside it (retention would delete the export with
+    // the checkpoint), and a file: refused, nothing written
+    let step = out.join("ckpt/step-00000002");
+    for (inside, why) in [
+        (step.clone(), "is inside checkpoint"),
+        (step.join("adapter"), "is inside checkpoint"),
+        (step.join("manifest.json"), "is a file, not a folder"),
+    ] {
+        let listed = || {
+            let mut names: Vec<_> = (std::fs::read_dir(&step).unwrap())
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            names
+        };
+        let before = listed();
+        let o = export(&step, &inside);
+        assert_eq!(o.code, Some(1), "{}", o.stderr);
+        assert!(o.stderr.contains(why), "{}", o.stderr);
+        assert_eq!(listed(), before, "{}", inside.display());
+    }
     // a folder another export is writing (it holds the lock) is refused
     let busy = out.join("busy");
     let held = common::hold_export_lock(&busy);

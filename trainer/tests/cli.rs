@@ -429,6 +429,38 @@ fn a_missing_model_or_data_path_is_refused_before_ranks_start() {
         ),
         "{stderr}"
     );
+    // a checkpoint folder (a copied step-N given as checkpoint.dir to resume from) as the run's
+    // checkpoint.dir or output_dir, or a folder inside one: retention would delete it all
+    let ckpt = std::env::temp_dir().join(format!("cli-in-checkpoint-{}", std::process::id()));
+    let step = ckpt.join("step-00000003");
+    std::fs::create_dir_all(&step).unwrap();
+    std::fs::write(step.join("manifest.json"), "{}").unwrap();
+    let refused = |set: String, want: &str| {
+        let mut args = check.clone();
+        args.extend(["--set", &set]);
+        let (code, _, stderr) = trainer(&args);
+        assert_eq!(code, 1, "{set}: {stderr}");
+        assert!(stderr.contains(want), "{set}: {stderr}");
+    };
+    let s = step.display();
+    refused(
+        format!("checkpoint.dir={s}"),
+        &format!("checkpoint.dir: {s} is the checkpoint folder (it holds manifest.json)"),
+    );
+    refused(
+        format!("checkpoint.dir={s}"),
+        &format!("set checkpoint.resume={s} and checkpoint.dir to a folder of this run's"),
+    );
+    refused(
+        format!("train.output_dir={s}/out"),
+        &format!("train.output_dir: {s}/out is inside the checkpoint folder {s}"),
+    );
+    // (its parent, the folder of step-N folders, is what checkpoint.dir is for)
+    let mut args = check.clone();
+    let parent = format!("checkpoint.dir={}", ckpt.display());
+    args.extend(["--set", &parent]);
+    assert_eq!(trainer(&args).0, 0);
+    std::fs::remove_dir_all(&ckpt).unwrap();
     // across nodes (--world above --nproc-per-node) the paths are each node's: left to the ranks
     let on_nodes_of = |per_node: &'static str| {
         let mut args = check.clone();

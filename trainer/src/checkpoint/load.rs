@@ -78,6 +78,8 @@ pub struct Resumed {
     pub supervise: serde_json::Value,
     /// The learning-rate schedule the checkpoint was trained with (`LrSchedule::to_json`).
     pub scheduler: serde_json::Value,
+    /// Its peft section as written (`Manifest::peft`).
+    pub peft: serde_json::Value,
     /// AdamW's settings it was trained with (`AdamWConfig::to_json`; null from older trainers).
     pub optimizer: serde_json::Value,
     /// Its training run (`Manifest::lineage`), which this run's saves continue.
@@ -268,10 +270,16 @@ pub fn resume(
             p
         }
         ResumeFrom::Given(p) => {
-            check_folder(pg, device, &p)?;
+            check_folder(pg, device, &p, dir)?;
             p
         }
-        ResumeFrom::Newest(p) => p,
+        ResumeFrom::Newest(p) => {
+            let named = named_for_its_step(&p).map_err(|e| resume_advice(e, &p));
+            super::agree(pg, device, named, || {
+                format!("checkpoint {}: another rank refused it", p.display())
+            })?;
+            p
+        }
         ResumeFrom::Fresh => {
             if !auto {
                 warn_if_not_empty(pg, dir);
@@ -287,7 +295,9 @@ pub fn resume(
 /// what its launch saved instead: `resume` checks the folder then, if it is still the one used.)
 pub fn check_resume_folder(pg: &ProcessGroup, device: Device, config: &Config) -> Result<()> {
     match &config.checkpoint.resume {
-        Resume::From(p) if restart_attempt().is_none() => check_folder(pg, device, p),
+        Resume::From(p) if restart_attempt().is_none() => {
+            check_folder(pg, device, p, &config.checkpoint.dir)
+        }
         _ => Ok(()),
     }
 }
@@ -304,20 +314,37 @@ fn restart_attempt() -> Option<u64> {
 /// starting any rank): an error when the folder is not a checkpoint.
 pub fn check_resume_setting(config: &Config) -> Result<()> {
     match &config.checkpoint.resume {
-        Resume::From(p) => is_checkpoint_folder(p),
+        Resume::From(p) => is_checkpoint_folder(p, &config.checkpoint.dir),
         _ => Ok(()),
     }
 }
 
-/// Whether `p` is a checkpoint folder (has its manifest.json).
-fn is_checkpoint_folder(p: &Path) -> Result<()> {
+/// Whether `p` is a checkpoint folder (has its manifest.json); the error's hint looks at
+/// `checkpoint.dir` (`dir`) too.
+fn is_checkpoint_folder(p: &Path, dir: &Path) -> Result<()> {
     if p.join("manifest.json").exists() {
         return Ok(());
     }
-    // "auot", "nevr": a keyword misspelt, most likely
     let text = p.to_string_lossy();
-    let hint = match crate::config::suggest(&text, &["auto", "never"]) {
-        Some(word) if !text.contains('/') => format!(" (did you mean {word}?)"),
+    let newest = |d: &Path| {
+        list_dir(d)
+            .ok()
+            .and_then(|(complete, _)| complete.last().cloned())
+    };
+    let hint = match (crate::config::suggest(&text, &["auto", "never"]), newest(p)) {
+        // "auot", "nevr": a keyword misspelt, most likely
+        (Some(word), _) if !text.contains('/') => format!(" (did you mean {word}?)"),
+        // the folder of a run's checkpoints, not one of them
+        (_, Some((step, newest))) => format!(
+            " (it holds step-N folders: give one, e.g. the newest, {} of step {step}, or `auto` with checkpoint.dir {})",
+            newest.display(),
+            p.display()
+        ),
+        // a step folder's name, read against the working directory, not checkpoint.dir
+        _ if p.is_relative() && dir.join(p).join("manifest.json").is_file() => format!(
+            " (relative paths are read from the working directory: did you mean {}?)",
+            dir.join(p).display()
+        ),
         _ => String::new(),
     };
     let what = match p.exists() {
@@ -332,8 +359,8 @@ fn is_checkpoint_folder(p: &Path) -> Result<()> {
 
 /// Whether `p` is a checkpoint folder on every rank (agreed: a folder only one node sees must stop
 /// every rank, not leave the others waiting in the load's collectives).
-fn check_folder(pg: &ProcessGroup, device: Device, p: &Path) -> Result<()> {
-    let found = is_checkpoint_folder(p);
+fn check_folder(pg: &ProcessGroup, device: Device, p: &Path, dir: &Path) -> Result<()> {
+    let found = is_checkpoint_folder(p, dir);
     super::agree(pg, device, found, || {
         format!(
             "checkpoint.resume: another rank finds no checkpoint at {}",
@@ -398,6 +425,7 @@ fn load_resumed(
             None => serde_json::json!("all"),
         },
         scheduler: m.scheduler.clone(),
+        peft: m.peft.clone(),
         optimizer: m.optimizer.clone(),
         progress: Progress {
             step: m.step,
@@ -871,6 +899,29 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     Ok(m)
 }
 
+/// A step folder chosen by its name (the newest in checkpoint.dir) must hold that step: a copy or
+/// rename of another step's folder would be taken for the newest, and the run's real newest
+/// checkpoints set aside as later than the step it resumes. (One given as checkpoint.resume is
+/// the user's choice, whatever its name.) A manifest that cannot be read is left to the load to
+/// report.
+fn named_for_its_step(dir: &Path) -> Result<()> {
+    let named = (dir.file_name().and_then(|n| n.to_str()))
+        .and_then(|n| n.strip_prefix("step-")?.parse::<u64>().ok());
+    let recorded = super::manifest_field(dir, "step")
+        .ok()
+        .and_then(|v| v.as_u64());
+    match (named, recorded) {
+        (Some(n), Some(step)) if n != step => Err(damaged(format!(
+            "checkpoint {} is named for step {n}, but its manifest records step {step}: a copy or \
+             rename of another step's folder, taken for the newest by its name; rename it to {} \
+             (or move it out of checkpoint.dir)",
+            dir.display(),
+            super::step_dir_name(step)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The config keys whose values differ between the checkpoint and `config`.
 fn check_identity(dir: &Path, m: &Manifest, config: &Config) -> Result<()> {
     let ours = identity(config);
@@ -1104,19 +1155,23 @@ impl<'m> Reader<'m> {
                 break;
             }
             let end = sh.end.min(to);
+            let path = self.dir.join(&sh.file);
             let f = self.file(&sh.file)?;
-            let (a, b) = *f
-                .offsets
-                .get(&t.name)
-                .ok_or_else(|| anyhow!("checkpoint file {} has no tensor {}", sh.file, t.name))?;
+            let (a, b) = *f.offsets.get(&t.name).ok_or_else(|| {
+                damaged(format!(
+                    "checkpoint file {} has no tensor {}",
+                    path.display(),
+                    t.name
+                ))
+            })?;
             if (b - a) as i64 != (sh.end - sh.start) * 4 {
-                bail!(
+                return Err(damaged(format!(
                     "checkpoint file {}: tensor {} has {} bytes, the manifest says {} elements",
-                    sh.file,
+                    path.display(),
                     t.name,
                     b - a,
                     sh.end - sh.start
-                );
+                )));
             }
             let base = f.data_start + a + ((at - sh.start) * 4) as usize;
             let bytes = &f.map[base..base + ((end - at) * 4) as usize];
@@ -1126,11 +1181,11 @@ impl<'m> Reader<'m> {
             at = end;
         }
         if at < to {
-            bail!(
+            return Err(damaged(format!(
                 "checkpoint {}: elements [{at}, {to}) of {} are in no file of the manifest",
                 self.dir.display(),
                 t.name
-            );
+            )));
         }
         Ok(())
     }

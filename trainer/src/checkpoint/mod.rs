@@ -100,6 +100,24 @@ pub fn step_dir_name(step: u64) -> String {
 }
 
 /// The file rank `rank` of `world` writes.
+/// The checkpoint folder `p` is or is inside, as an absolute path: `p` itself when it holds a
+/// manifest.json, else the nearest folder above it named `step-...` that holds one (a folder of
+/// another name above, with a manifest.json of someone else's, is not one). Whatever is put
+/// there goes when retention removes that checkpoint.
+pub fn enclosing_checkpoint(p: &Path) -> Option<PathBuf> {
+    let p = std::path::absolute(p).ok()?;
+    if p.join("manifest.json").is_file() {
+        return Some(p);
+    }
+    let step_folder = |a: &Path| {
+        a.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+    };
+    (p.ancestors().skip(1))
+        .find(|a| step_folder(a) && a.join("manifest.json").is_file())
+        .map(Path::to_path_buf)
+}
+
 pub fn rank_file_name(rank: usize, world: usize) -> String {
     format!("rank-{rank}-of-{world}.safetensors")
 }
@@ -459,6 +477,22 @@ impl ExportLock {
         use anyhow::Context;
         use std::io::{Seek, Write};
         use std::os::unix::fs::MetadataExt;
+        if dir.exists() && !dir.is_dir() {
+            anyhow::bail!(
+                "{} is a file, not a folder; give a new or empty folder",
+                dir.display()
+            );
+        }
+        // (not checkpoint.dir and train.output_dir: the config check refuses those first)
+        if let Some(ckpt) = enclosing_checkpoint(dir).filter(|_| name == Self::NAME) {
+            anyhow::bail!(
+                "{} is inside checkpoint {}: what is written there goes when checkpoint \
+                 retention removes that checkpoint (checkpoint.keep_last); give a folder outside \
+                 it",
+                dir.display(),
+                ckpt.display()
+            );
+        }
         let created = (!dir.exists()).then(|| dir.to_path_buf());
         let path = dir.join(name);
         loop {

@@ -211,6 +211,43 @@ pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
             });
         }
     }
+    // nor into a checkpoint (a copied `step-N` folder given to resume from, most likely): a run
+    // there starts over inside it, and retention deletes that checkpoint with what it holds
+    for (key, dir) in [
+        ("checkpoint.dir", &config.checkpoint.dir),
+        ("train.output_dir", &config.train.output_dir),
+    ] {
+        let Some(ckpt) = crate::checkpoint::enclosing_checkpoint(dir) else {
+            continue;
+        };
+        let (what, fix) = match key {
+            "checkpoint.dir" => (
+                "the folder that holds the run's step-N folders",
+                format!(
+                    "to resume from that checkpoint, set checkpoint.resume={} and checkpoint.dir \
+                     to a folder of this run's (its parent, {}, to go on beside it)",
+                    ckpt.display(),
+                    ckpt.parent().unwrap_or(&ckpt).display()
+                ),
+            ),
+            _ => (
+                "the run's metrics and adapter",
+                "give a folder outside it".to_string(),
+            ),
+        };
+        let place = match ckpt == std::path::absolute(dir).unwrap_or_default() {
+            true => "is the checkpoint folder".to_string(),
+            false => format!("is inside the checkpoint folder {}", ckpt.display()),
+        };
+        return Err(ConfigError::Conflict {
+            path: key.into(),
+            message: format!(
+                "{} {place} (it holds manifest.json): {key} is {what}, and retention \
+                 (checkpoint.keep_last) deletes a checkpoint with whatever is put in it; {fix}",
+                dir.display()
+            ),
+        });
+    }
     // nor into another model's (a merged export): the same, found by its config.json
     let out = &config.train.output_dir;
     if config.peft.is_lora() && out.join("config.json").is_file() {

@@ -10,7 +10,7 @@ use tch::Device;
 
 use crate::checkpoint::validation::{self, EvalResult};
 use crate::checkpoint::{self, Checkpointer, DataPlan, Progress};
-use crate::config::{Config, SaveAdapter};
+use crate::config::{Config, PeftConfig, SaveAdapter};
 use crate::dist::ProcessGroup;
 use crate::fsdp::Trainable;
 use crate::optim::{AdamW, LrSchedule};
@@ -77,6 +77,34 @@ pub(super) fn note_schedule_change(
             ),
         );
     }
+}
+
+/// Notes on the peft settings a resume may change from its checkpoint's `saved` section (what
+/// must match is compared by `checkpoint::identity`): the dropout rate, a training setting like
+/// the lr, and `init_from`, which only a fresh run reads.
+fn peft_setting_changes(saved: &serde_json::Value, now: &PeftConfig) -> Vec<String> {
+    let mut notes = vec![];
+    if !now.is_lora() {
+        return notes;
+    }
+    if let Some(was) = saved.get("dropout").and_then(|d| d.as_f64()) {
+        if was != now.dropout {
+            notes.push(format!(
+                "note: the checkpoint was trained with peft.dropout {was}, this run has {}: LoRA dropout uses {} from here on, and the adapters of its later steps record lora_dropout {}",
+                now.dropout, now.dropout, now.dropout
+            ));
+        }
+    }
+    let init_from = serde_json::json!(now.init_from);
+    if let Some(dir) = now.init_from.as_ref() {
+        if saved.get("init_from").unwrap_or(&serde_json::Value::Null) != &init_from {
+            notes.push(format!(
+                "note: peft.init_from {} is not read: a resumed run continues the checkpoint's factors (init_from starts a fresh run only; set checkpoint.resume=never to start from it)",
+                dir.display()
+            ));
+        }
+    }
+    notes
 }
 
 impl<'a> Saver<'a> {
@@ -187,6 +215,9 @@ impl<'a> Saver<'a> {
                     r.supervise
                 ),
             );
+        }
+        for note in peft_setting_changes(&r.peft, &config.peft) {
+            log(pg.rank(), &note);
         }
         let now = crate::optim::AdamWConfig::for_training(config).to_json();
         if !r.optimizer.is_null() && r.optimizer != now {
@@ -526,5 +557,43 @@ impl<'a> Saver<'a> {
                 ckpt.display()
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peft(sets: &[&str]) -> PeftConfig {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let yaml = "model: {path: m}\ndata: {train: t.jsonl}\n";
+        crate::config::parse(yaml, &sets).expect("config").peft
+    }
+
+    /// A resume may change peft.dropout (noted: the masks and the later adapters' lora_dropout
+    /// follow the run's) and gives an init_from that is not the checkpoint's a note that it is
+    /// not read; the same settings give no note.
+    #[test]
+    fn a_resume_notes_a_changed_dropout_and_an_unread_init_from() {
+        let saved = serde_json::to_value(peft(&["peft.dropout=0.0"])).unwrap();
+        assert!(peft_setting_changes(&saved, &peft(&["peft.dropout=0.0"])).is_empty());
+        let notes = peft_setting_changes(&saved, &peft(&["peft.dropout=0.1"]));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains("trained with peft.dropout 0, this run has 0.1"),
+            "{notes:?}"
+        );
+        let from_a = ["peft.dropout=0.0", "peft.init_from=a"];
+        let notes = peft_setting_changes(&saved, &peft(&from_a));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains("peft.init_from a is not read"),
+            "{notes:?}"
+        );
+        let saved_from_a = serde_json::to_value(peft(&from_a)).unwrap();
+        assert!(peft_setting_changes(&saved_from_a, &peft(&from_a)).is_empty());
+        // full finetuning has neither
+        let full = serde_json::to_value(peft(&["peft.method=none"])).unwrap();
+        assert!(peft_setting_changes(&full, &peft(&["peft.method=none"])).is_empty());
     }
 }
