@@ -50,6 +50,12 @@ fn train(name: &str, world: usize, sets: &[String]) -> Run {
 
 /// `train` started as `launch` says.
 fn train_as(name: &str, launch: Launch, sets: &[String]) -> Run {
+    let (out, cfg) = run_folder(name);
+    train_in(out, cfg, launch, sets)
+}
+
+/// A fresh folder `name` with the run's config.yaml: (folder, config).
+fn run_folder(name: &str) -> (PathBuf, PathBuf) {
     let dir = setup();
     let out = dir.join(name);
     let _ = std::fs::remove_dir_all(&out);
@@ -70,12 +76,18 @@ fn train_as(name: &str, launch: Launch, sets: &[String]) -> Run {
         ),
     )
     .unwrap();
+    (out, cfg)
+}
+
+/// `train_as` in `out` with config `cfg`.
+fn train_in(out: PathBuf, cfg: PathBuf, launch: Launch, sets: &[String]) -> Run {
     let weights_file = out.join("weights.safetensors");
     let launcher = |args: &[&str]| {
         let mut c = common::launcher();
         c.args(args).arg("--").arg(bin("trainer"));
         c
     };
+    let name = out.file_name().unwrap().to_string_lossy().into_owned();
     let mut commands = match launch {
         Launch::OneNode(1) => vec![Command::new(bin("trainer"))],
         Launch::OneNode(w) => vec![launcher(&[
@@ -372,6 +384,56 @@ fn lora_two_nodes_hybrid_shard_by_node_matches_single_process() {
         (per_rank - whole / 2.0).abs() <= whole * 0.02,
         "{per_rank} vs half of {whole}"
     );
+}
+
+/// Each node reads its own config and --set arguments: a node whose peft.dropout and train.lr
+/// differ from rank 0's stops the run before training, its rank's error naming both keys and
+/// values; another node's paths (its own output folder here) are no difference.
+#[test]
+fn a_node_with_other_settings_stops_the_run_before_training() {
+    let (out, cfg) = run_folder("other-settings");
+    let port = common::free_port();
+    let run_id = format!("other-settings-{port}");
+    let nodes: Vec<_> = [
+        vec![format!("train.output_dir={}", out.join("node0").display())],
+        vec![
+            format!("train.output_dir={}", out.join("node1").display()),
+            "train.lr=0.5".into(),
+            "peft.dropout=0.1".into(),
+        ],
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(node, sets)| {
+        let mut c = common::launcher();
+        c.args(common::two_node_args(node, 1, port, &run_id))
+            .arg("--")
+            .arg(bin("trainer"))
+            .arg("train")
+            .arg(&cfg)
+            .args(sets.iter().flat_map(|s| ["--set", s]))
+            .env(common::LOOPBACK_NODES_ENV.0, common::LOOPBACK_NODES_ENV.1)
+            .env_remove("RANK")
+            .env_remove("WORLD_SIZE")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("launcher")
+    })
+    .collect();
+    let outputs: Vec<_> = (nodes.into_iter())
+        .map(|c| c.wait_with_output().expect("launcher output"))
+        .collect();
+    let stderr: Vec<String> = (outputs.iter())
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect();
+    assert!(outputs.iter().all(|o| !o.status.success()), "{stderr:?}");
+    let all = stderr.join("\n");
+    assert!(
+        all.contains("this rank's training settings differ from rank 0's: peft.dropout: rank 0 has 0.05, this rank 0.1, train.lr: rank 0 has 0.001, this rank 0.5"),
+        "{all}"
+    );
+    assert!(!out.join("node0/metrics.jsonl").exists(), "{all}");
 }
 
 /// hybrid_shard, full finetuning: the gradient norm for clipping adds up the shards of one

@@ -21,6 +21,7 @@ mod checkpointing;
 pub(crate) mod flops;
 mod metrics;
 mod params;
+mod same_settings;
 mod setup;
 mod signal;
 mod step;
@@ -84,6 +85,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let (pg, device) = setup::process_group(config)?;
     let (rank, world) = (pg.rank(), pg.world_size());
     signal::install_stop_handlers();
+    same_settings::agree_settings(&pg, device, config)?;
     if let Some(note) = setup::fused_attention_note(config, device)? {
         metrics::log(rank, &note);
     }
