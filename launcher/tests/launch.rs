@@ -112,6 +112,33 @@ fn ranks_meet_through_the_store() {
     }
 }
 
+/// --rdzv-endpoint beside --master-addr/--master-port is used, the master flags ignored with a
+/// warning (torchrun's rule); under --standalone all three are ignored with its warning.
+#[test]
+fn rdzv_endpoint_wins_over_the_master_flags() {
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    let run_with = |extra: &[&str]| {
+        let mut args = vec!["--nproc-per-node", "1", "--master-port", "1"];
+        args.extend(extra);
+        args.extend(["--", "true"]);
+        run(launcher(&args), LIMIT)
+    };
+    let both = run_with(&["--rdzv-endpoint", &endpoint]);
+    assert_eq!(both.code(), 0, "{}", both.stderr);
+    let want =
+        format!("--rdzv-endpoint {endpoint} is used; --master-addr/--master-port are ignored");
+    assert!(both.stderr.contains(&want), "{}", both.stderr);
+    let standalone = run_with(&["--standalone", "--rdzv-endpoint", "nowhere:1"]);
+    assert_eq!(standalone.code(), 0, "{}", standalone.stderr);
+    assert!(
+        standalone
+            .stderr
+            .contains("--master-addr, --master-port and --rdzv-endpoint are ignored"),
+        "{}",
+        standalone.stderr
+    );
+}
+
 #[test]
 fn two_launchers_form_one_world_of_four() {
     let dir = Scratch::new("twonodes");
@@ -137,6 +164,55 @@ fn two_launchers_form_one_world_of_four() {
         groups.push(env["PGID"].parse().unwrap());
     }
     assert_no_survivors(&groups);
+}
+
+/// A node whose launcher dies (SIGKILL: no word to the others) is found by node 0 after the
+/// heartbeat timeout (30 s); the summary names that node, and node 0 does not then wait for it to
+/// acknowledge the end (it waited 10 s more for the lost node).
+#[test]
+fn a_lost_node_is_named_and_not_waited_for() {
+    let dir = Scratch::new("lost-node");
+    let port = free_port().to_string();
+    let node = |rank: &str| {
+        let flags = [
+            "--nnodes",
+            "2",
+            "--node-rank",
+            rank,
+            "--nproc-per-node",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            &port,
+            "--run-id",
+            "lost-node",
+            "--grace-period",
+            "2",
+        ];
+        launch_testrank(&flags, dir.path(), &["--sleep", "120"])
+            .spawn()
+            .unwrap()
+    };
+    let started = Instant::now();
+    let (node0, mut node1) = (node("0"), node("1"));
+    wait_for_file(&dir.path().join("env-1-0"), LIMIT);
+    node1.kill().unwrap();
+    node1.wait().unwrap();
+    let run0 = wait(node0, started, Duration::from_secs(90));
+    assert_ne!(run0.code(), 0, "{}", run0.stderr);
+    assert!(
+        run0.stderr
+            .contains(") it stopped sending heartbeats for 30 s"),
+        "{}",
+        run0.stderr
+    );
+    assert!(run0.stderr.contains("node       : 1\n"), "{}", run0.stderr);
+    assert!(
+        !run0.stderr.contains("not every node acknowledged the end"),
+        "{}",
+        run0.stderr
+    );
 }
 
 #[test]
@@ -779,17 +855,102 @@ fn config_mode_runs_trainer_train_with_overrides() {
     }
 }
 
+/// A launcher stopped while `trainer config check` runs (a job cancelled right after it started)
+/// takes the check with it: nothing of the job is left running.
+#[test]
+fn a_launcher_stopped_during_the_config_check_leaves_nothing_running() {
+    let dir = Scratch::new("config-check-stopped");
+    let config = dir.path().join("run.yaml");
+    std::fs::write(&config, "train: {}\n").unwrap();
+    let trainer = dir.path().join("slow-trainer");
+    let pid_file = dir.path().join("check.pid");
+    std::fs::write(
+        &trainer,
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 30\n",
+            pid_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &trainer,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut child = launcher(&[
+        "--standalone",
+        "--nproc-per-node",
+        "1",
+        "--trainer",
+        trainer.to_str().unwrap(),
+        config.to_str().unwrap(),
+    ])
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let started = std::time::Instant::now();
+    let pid = loop {
+        match std::fs::read_to_string(&pid_file).map(|t| t.trim().parse::<i32>()) {
+            Ok(Ok(pid)) => break pid,
+            _ if started.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(20)),
+            _ => panic!("the config check never started"),
+        }
+    };
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    let gone = |pid: i32| unsafe { libc::kill(pid, 0) } != 0;
+    let waited = std::time::Instant::now();
+    while !gone(pid) && waited.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        gone(pid),
+        "the config check (pid {pid}) outlived the launcher"
+    );
+}
+
 #[test]
 fn setup_errors_are_one_clear_line() {
     let dir = Scratch::new("errors");
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_port = busy.local_addr().unwrap().port().to_string();
     let missing_cfg = dir.path().join("missing.yaml");
+    let a_file = dir.path().join("a-file");
+    std::fs::write(&a_file, "").unwrap();
+    let a_file_arg = a_file.to_str().unwrap();
     let free = free_port().to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["--master-port", &busy_port, "--", "true"],
             "already in use",
+        ),
+        // (node 1 of a store port where something else listens and never answers)
+        (
+            vec![
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                &busy_port,
+                "--run-id",
+                "x",
+                "--rdzv-timeout",
+                "3",
+                "--",
+                "true",
+            ],
+            "is another program listening on that port, not a launcher's store?",
+        ),
+        (
+            vec!["--nproc-per-node", "-1", "--", "true"],
+            "--nproc-per-node \"-1\": give a number",
+        ),
+        (
+            vec!["--log-dir", a_file_arg, "--", "true"],
+            "is a file, not a folder",
         ),
         (
             vec![

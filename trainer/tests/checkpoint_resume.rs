@@ -447,6 +447,10 @@ fn launcher_restart_of_a_run_started_over_continues_its_own_checkpoint() {
         "{}",
         o.stderr
     );
+    // the other run's newer checkpoint is named once per process (the first attempt saved step
+    // 2, the restart steps 4 and 6), not at every save
+    let newer = "step-00000100 (step 100) is newer than the checkpoint just saved";
+    assert_eq!(o.stderr.matches(newer).count(), 2, "{}", o.stderr);
     let (a, b) = (metrics(&straight), metrics(&out));
     assert_eq!(b.len(), 6);
     for (x, y) in a.iter().zip(&b) {

@@ -49,7 +49,9 @@ struct Cli {
         alias = "nproc_per_node",
         env = "PET_NPROC_PER_NODE",
         value_name = "N|auto|gpu|cpu",
-        default_value = "1"
+        default_value = "1",
+        // (`-1` is a bad count, not an unknown flag)
+        allow_negative_numbers = true
     )]
     nproc_per_node: String,
     /// Number of nodes (`N`, or `N:N`; elastic ranges are not supported) [default: 1, or SLURM_STEP_NUM_NODES / SLURM_NNODES]
@@ -344,8 +346,12 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
     let (mut master_addr, mut master_port) =
         (cli.master_addr.as_deref().map(unbracketed), cli.master_port);
     if let Some(endpoint) = &cli.rdzv_endpoint {
-        if master_addr.is_some() || master_port.is_some() {
-            bail!("give either --rdzv-endpoint or --master-addr/--master-port, not both");
+        // (torchrun's rule: the endpoint when given, the master flags otherwise; --standalone
+        // ignores both, said below)
+        if (master_addr.is_some() || master_port.is_some()) && !cli.standalone {
+            tracing::warn!(
+                "--rdzv-endpoint {endpoint} is used; --master-addr/--master-port are ignored (as torchrun does)"
+            );
         }
         let (host, port) = split_endpoint(endpoint)?;
         master_addr = Some(host);
@@ -500,6 +506,9 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
         None => None,
     };
     if let Some(dir) = &log_dir {
+        if dir.exists() && !dir.is_dir() {
+            bail!("--log-dir {} is a file, not a folder", dir.display());
+        }
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create --log-dir {}", dir.display()))?;
         if tee == 0 {
@@ -693,7 +702,10 @@ fn rank_command(cli: &Cli) -> Result<RankCommand> {
 fn check_config(command: &RankCommand, (world, per_node): (usize, usize)) -> Result<()> {
     let trainer = &command.program;
     // (the ranks run `train CONFIG [--set K=V ...]`: the check takes the same arguments)
-    let out = std::process::Command::new(trainer)
+    let mut check = std::process::Command::new(trainer);
+    // (a launcher stopped now, before its ranks start, takes the check with it)
+    launcher::supervise::process::dies_with_launcher(&mut check);
+    let out = check
         .args(["config", "check"])
         .args(&command.args[1..])
         .args(["--world", &world.to_string()])

@@ -154,8 +154,22 @@ impl StoreClient {
             token: token.as_bytes().to_vec(),
         };
         write_frame(&mut stream, &hello.encode()).map_err(io_err)?;
-        let body = read_frame(&mut stream)
-            .map_err(|e| Attempt::Retry(format!("handshake failed: {e}")))?;
+        let silent = |e: &ProtocolError| {
+            let kind = match e {
+                ProtocolError::Io(io) => io.kind(),
+                _ => io::ErrorKind::Other,
+            };
+            matches!(kind, io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+        };
+        let body = read_frame(&mut stream).map_err(|e| match silent(&e) {
+            // (something listens there but says nothing: not a store)
+            true => Attempt::Retry(format!(
+                "handshake failed: no answer within {} ms (is another program listening on that \
+                 port, not a launcher's store?)",
+                reply_within.as_millis()
+            )),
+            false => Attempt::Retry(format!("handshake failed: {e}")),
+        })?;
         match Response::decode(&body) {
             Ok(Response::Ok) => Ok(stream),
             Ok(Response::Error(reason)) => Err(Attempt::Refused(reason)),

@@ -86,6 +86,9 @@ pub struct MultiNode {
     acked: Option<u32>,
     /// [`ack_wait`] of the run's monitor interval.
     ack_wait: Duration,
+    /// (attempt, node) of the nodes node 0 found without heartbeats in an attempt: not waited
+    /// for at its end.
+    lost: Vec<(u32, usize)>,
 }
 
 impl Peers {
@@ -105,6 +108,7 @@ impl Peers {
             heartbeats: vec![(-1, now); nnodes],
             acked: None,
             ack_wait: ack_wait(monitor_interval),
+            lost: vec![],
         }))
     }
 
@@ -445,7 +449,7 @@ impl Peers {
             let _ = m.client.add(&ended, 1);
             return;
         }
-        let others = m.nnodes as i64 - 1;
+        let others = (m.nnodes - 1 - m.lost_in(attempt)) as i64;
         m.wait_count(&ended, others);
     }
 
@@ -458,7 +462,7 @@ impl Peers {
             return;
         }
         let acks = format!("launcher/a{attempt}/acks");
-        let all = m.nnodes as i64;
+        let all = (m.nnodes - m.lost_in(attempt)) as i64;
         if m.wait_count(&acks, all) {
             return;
         }
@@ -560,10 +564,25 @@ impl MultiNode {
                 *since = now;
             } else if now.duration_since(*since) > self.heartbeat_timeout {
                 let reason = format!(
-                    "node {node} stopped sending heartbeats for {} s (its launcher was killed, or the network is down)",
+                    "it stopped sending heartbeats for {} s (its launcher was killed, or the network is down)",
                     self.heartbeat_timeout.as_secs()
                 );
-                let failure = self.lost(attempt, reason);
+                // (the lost node's failure, on its host as it registered: node 0 only reports it)
+                let host = (self
+                    .client
+                    .try_get(&format!("launcher/a{attempt}/node/{node}")))
+                .ok()
+                .flatten()
+                .map(|v| {
+                    String::from_utf8_lossy(&v)
+                        .split(' ')
+                        .next()
+                        .unwrap_or("?")
+                        .to_string()
+                })
+                .unwrap_or_else(|| "?".into());
+                let failure = Failure::of_node(FailureKind::PeerLost(reason), node, &host, attempt);
+                self.lost.push((attempt, node));
                 let _ = self
                     .client
                     .compare_set(&failed_key(attempt), None, &failure.encode());
@@ -571,6 +590,11 @@ impl MultiNode {
             }
         }
         Ok(None)
+    }
+
+    /// How many nodes were lost in `attempt`.
+    fn lost_in(&self, attempt: u32) -> usize {
+        self.lost.iter().filter(|(a, _)| *a == attempt).count()
     }
 
     fn lost(&self, attempt: u32, reason: String) -> Failure {

@@ -104,28 +104,7 @@ impl RankProcess {
             // logger not to add its own
             cmd.env(crate::env::PREFIXED_STDERR_VAR, "1");
         }
-        let launcher_pid = std::process::id() as libc::pid_t;
-        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-        // (prctl, getppid, _exit).
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                // The launcher may have died before prctl took effect: then no signal will come.
-                if libc::getppid() != launcher_pid {
-                    libc::_exit(137);
-                }
-                Ok(())
-            });
-        }
+        dies_with_launcher(&mut cmd);
         let mut child = cmd.spawn()?;
         let pgid = child.id() as i32;
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
@@ -204,5 +183,33 @@ pub fn signal_group(pgid: i32, sig: i32) {
         unsafe {
             libc::killpg(pgid, sig);
         }
+    }
+}
+
+/// Makes the process `cmd` starts die (SIGKILL) when the thread of the launcher that starts it
+/// exits, a SIGKILLed launcher included (`PR_SET_PDEATHSIG`): no rank, nor the config check,
+/// outlives it.
+pub fn dies_with_launcher(cmd: &mut Command) {
+    let launcher_pid = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
+    // (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // The launcher may have died before prctl took effect: then no signal will come.
+            if libc::getppid() != launcher_pid {
+                libc::_exit(137);
+            }
+            Ok(())
+        });
     }
 }

@@ -16,8 +16,10 @@
 //!   failed (retention) is a warning after the next save and again there, never a failure.
 //!
 //! A crash at any point leaves earlier checkpoints intact.
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -854,7 +856,16 @@ fn retention(
             .into_iter()
             .filter(|p| p != just_saved),
     );
-    if let Some((step, newer)) = all.last().filter(|(_, p)| p != just_saved) {
+    // (once per folder: it stays newer for many saves)
+    static WARNED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+    let newer = all.last().filter(|(_, p)| p != just_saved);
+    let first_time = |p: &PathBuf| {
+        WARNED
+            .lock()
+            .map(|mut w| w.insert(p.clone()))
+            .unwrap_or(true)
+    };
+    if let Some((step, newer)) = newer.filter(|(_, p)| first_time(p)) {
         tracing::warn!(
             "{} (step {step}) is newer than the checkpoint just saved ({}): `checkpoint.resume: \
              auto` would continue from it; move it away if this run replaces it",
