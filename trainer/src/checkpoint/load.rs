@@ -303,7 +303,7 @@ pub fn check_resume_folder(pg: &ProcessGroup, device: Device, config: &Config) -
 }
 
 /// This process's attempt when a launcher restarted the group (`TORCHELASTIC_RESTART_COUNT` > 0).
-fn restart_attempt() -> Option<u64> {
+pub(crate) fn restart_attempt() -> Option<u64> {
     std::env::var("TORCHELASTIC_RESTART_COUNT")
         .ok()
         .and_then(|c| c.parse::<u64>().ok())

@@ -352,9 +352,15 @@ fn open_file(dir: &Path, resumed: Option<u64>, resumed_validated: bool) -> Resul
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating train.output_dir {}", dir.display()))?;
     if resumed.is_none() {
+        // (a launcher's restart with no checkpoint of its launch starts over: the files are
+        // most likely the failed attempt's)
+        let earlier = match crate::checkpoint::load::restart_attempt() {
+            Some(n) => format!("an earlier run's, or the attempt before restart {n}'s,"),
+            None => "an earlier run's".to_string(),
+        };
         if let Some(aside) = set_aside_previous_run(dir)? {
             tracing::warn!(
-                "train.output_dir {} held an earlier run's metrics.jsonl or adapter, and this run is not resumed from a checkpoint: that run's files are moved into {} (nothing is deleted; give each run its own train.output_dir to keep them apart)",
+                "train.output_dir {} held {earlier} metrics.jsonl or adapter, and this run is not resumed from a checkpoint: those files are moved into {} (nothing is deleted; give each run its own train.output_dir to keep them apart)",
                 dir.display(),
                 aside.display()
             );
