@@ -101,34 +101,43 @@ fn per_layer_lora_losses_match_transformers_peft_adamw() {
 /// base output it scales; the losses must match PEFT's, and the adapter the run exports must load as DoRA again.
 #[test]
 fn dora_losses_match_transformers_peft_adamw() {
-    let check = |out: &std::path::Path| {
-        let cfg: Value = serde_json::from_str(
-            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(cfg["use_dora"], json!(true));
-        let mut model = MllamaModel::load(
-            &repo().join("tests/fixtures/train/model"),
-            LoadOptions::default(),
-        )
-        .unwrap();
-        model.load_adapter(out).unwrap();
-        let magnitudes = model
-            .trainable_parameters()
-            .into_iter()
-            .filter(|(n, _)| n.ends_with(".lora_magnitude_vector"))
-            .count();
-        assert_eq!(magnitudes, 15);
-    };
-    losses_match_then(
-        "golden_losses_dora.json",
-        &[
-            "peft.init_from=tests/fixtures/train/adapter_dora",
-            "peft.target_modules=[q_proj, v_proj, fc1]",
-            "peft.use_dora=true",
-        ],
-        &check,
-    );
+    losses_match_then(DORA_GOLDEN, DORA_SETS, &dora_exported);
+}
+
+/// The same from a 2-rank FSDP run (batch 1 per rank): every rank takes the adapter's magnitudes
+/// whole (they were once summed over the ranks as a fresh adapter's are: doubled).
+#[test]
+fn dora_under_fsdp_losses_match_transformers_peft_adamw() {
+    let mut sets = DORA_SETS.to_vec();
+    sets.extend(["fsdp.enabled=true", "train.batch_size=1"]);
+    losses_match_at(2, DORA_GOLDEN, &sets, &dora_exported);
+}
+
+const DORA_GOLDEN: &str = "golden_losses_dora.json";
+const DORA_SETS: &[&str] = &[
+    "peft.init_from=tests/fixtures/train/adapter_dora",
+    "peft.target_modules=[q_proj, v_proj, fc1]",
+    "peft.use_dora=true",
+];
+
+/// The adapter a `DORA_SETS` run exports is DoRA and loads again, a magnitude per wrapped layer.
+fn dora_exported(out: &std::path::Path) {
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["use_dora"], json!(true));
+    let mut model = MllamaModel::load(
+        &repo().join("tests/fixtures/train/model"),
+        LoadOptions::default(),
+    )
+    .unwrap();
+    model.load_adapter(out).unwrap();
+    let magnitudes = model
+        .trainable_parameters()
+        .into_iter()
+        .filter(|(n, _)| n.ends_with(".lora_magnitude_vector"))
+        .count();
+    assert_eq!(magnitudes, 15);
 }
 
 /// LoRA beside a module trained in full (tests/fixtures/train/make_peft_options_goldens.py, case

@@ -264,8 +264,9 @@ fn run(cli: Cli) -> Result<Outcome> {
 
 /// A `PET_*` value that conflicts with a flag given on the command line gives way to it (a flag
 /// wins over its variable, as in torchrun): `--rdzv-endpoint` over `PET_MASTER_ADDR/PORT` and
-/// the other way, `--standalone` over the layout variables. Conflicts between two flags, or two
-/// variables, stay errors.
+/// the other way, `--standalone` over the layout variables. Other conflicts between two flags, or
+/// two variables, stay errors (`--rdzv-endpoint` beside the master flags is used, they are
+/// ignored with a warning: torchrun's rule).
 fn env_yields_to_flags(cli: &mut Cli, m: &clap::ArgMatches) {
     use clap::parser::ValueSource;
     let env = |id: &str| m.value_source(id) == Some(ValueSource::EnvVariable);

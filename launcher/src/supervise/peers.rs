@@ -427,9 +427,10 @@ impl Peers {
             return;
         };
         let next = format!("launcher/a{}", attempt + 1);
+        // (the failed node's: a lost node's failure is reported by node 0)
         let why = format!(
             "node {} ({}): {}",
-            m.node_rank,
+            failure.node_rank,
             failure.host,
             failure.kind.describe()
         );
@@ -552,6 +553,7 @@ impl MultiNode {
             return Ok(None);
         }
         let now = Instant::now();
+        let mut silent = vec![];
         for node in 1..self.nnodes {
             let beat = self
                 .client
@@ -563,33 +565,44 @@ impl MultiNode {
                 *last = beat;
                 *since = now;
             } else if now.duration_since(*since) > self.heartbeat_timeout {
-                let reason = format!(
-                    "it stopped sending heartbeats for {} s (its launcher was killed, or the network is down)",
-                    self.heartbeat_timeout.as_secs()
-                );
-                // (the lost node's failure, on its host as it registered: node 0 only reports it)
-                let host = (self
-                    .client
-                    .try_get(&format!("launcher/a{attempt}/node/{node}")))
-                .ok()
-                .flatten()
-                .map(|v| {
-                    String::from_utf8_lossy(&v)
-                        .split(' ')
-                        .next()
-                        .unwrap_or("?")
-                        .to_string()
-                })
-                .unwrap_or_else(|| "?".into());
-                let failure = Failure::of_node(FailureKind::PeerLost(reason), node, &host, attempt);
-                self.lost.push((attempt, node));
-                let _ = self
-                    .client
-                    .compare_set(&failed_key(attempt), None, &failure.encode());
-                return Ok(Some(failure));
+                silent.push(node);
             }
         }
-        Ok(None)
+        let Some(&node) = silent.first() else {
+            return Ok(None);
+        };
+        let others = match &silent[1..] {
+            [] => String::new(),
+            more => format!(
+                "; so did node(s) {}",
+                more.iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let reason = format!(
+            "it stopped sending heartbeats for {} s (its launcher was killed, or the network is down){others}",
+            self.heartbeat_timeout.as_secs()
+        );
+        // (the lost node's failure, on its host as it registered: node 0 only reports it)
+        let registered = self
+            .client
+            .try_get(&format!("launcher/a{attempt}/node/{node}"));
+        let host = match registered {
+            Ok(Some(v)) => String::from_utf8_lossy(&v)
+                .split(' ')
+                .next()
+                .unwrap_or("?")
+                .to_string(),
+            _ => "?".into(),
+        };
+        let failure = Failure::of_node(FailureKind::PeerLost(reason), node, &host, attempt);
+        self.lost.extend(silent.iter().map(|n| (attempt, *n)));
+        let _ = self
+            .client
+            .compare_set(&failed_key(attempt), None, &failure.encode());
+        Ok(Some(failure))
     }
 
     /// How many nodes were lost in `attempt`.

@@ -99,13 +99,13 @@ pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-/// The file rank `rank` of `world` writes.
-/// The checkpoint folder `p` is or is inside, as an absolute path: `p` itself when it holds a
-/// manifest.json, else the nearest folder above it named `step-...` that holds one (a folder of
-/// another name above, with a manifest.json of someone else's, is not one). Whatever is put
-/// there goes when retention removes that checkpoint.
+/// The checkpoint folder `p` is or is inside, as a real path (symlinks and `..` resolved as far
+/// as the path exists): `p` itself when it holds a manifest.json, else the nearest folder above
+/// it named `step-...` that holds one (a folder of another name above, with a manifest.json of
+/// someone else's, is not one). Whatever is put there goes when retention removes that
+/// checkpoint.
 pub fn enclosing_checkpoint(p: &Path) -> Option<PathBuf> {
-    let p = std::path::absolute(p).ok()?;
+    let p = real_path(p)?;
     if p.join("manifest.json").is_file() {
         return Some(p);
     }
@@ -118,6 +118,20 @@ pub fn enclosing_checkpoint(p: &Path) -> Option<PathBuf> {
         .map(Path::to_path_buf)
 }
 
+/// `p` made absolute with its longest existing part canonicalized (the rest, not there yet, as
+/// written).
+fn real_path(p: &Path) -> Option<PathBuf> {
+    let p = std::path::absolute(p).ok()?;
+    let existing = p.ancestors().find(|a| a.exists())?;
+    let real = existing.canonicalize().ok()?;
+    // (joining an empty rest would add a trailing `/`)
+    match p.strip_prefix(existing).ok()? {
+        rest if rest.as_os_str().is_empty() => Some(real),
+        rest => Some(real.join(rest)),
+    }
+}
+
+/// The file rank `rank` of `world` writes.
 pub fn rank_file_name(rank: usize, world: usize) -> String {
     format!("rank-{rank}-of-{world}.safetensors")
 }
@@ -834,6 +848,28 @@ fn warn_once_left_alone(dir: &Path, manifest: &Path, problem: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A checkpoint folder, a folder inside it, a symlink into it: found; its parent through
+    /// `step-N/..`, or a folder beside it: not.
+    #[test]
+    fn enclosing_checkpoint_follows_the_real_path() {
+        let root = std::env::temp_dir().join(format!("enclosing-{}", std::process::id()));
+        let step = root.join("ckpt/step-00000010");
+        std::fs::create_dir_all(&step).unwrap();
+        std::fs::write(step.join("manifest.json"), "{}").unwrap();
+        let real = step.canonicalize().unwrap();
+        assert_eq!(enclosing_checkpoint(&step), Some(real.clone()));
+        assert_eq!(
+            enclosing_checkpoint(&step.join("out/more")),
+            Some(real.clone())
+        );
+        std::os::unix::fs::symlink(&step, root.join("link")).unwrap();
+        assert_eq!(enclosing_checkpoint(&root.join("link/out")), Some(real));
+        assert_eq!(enclosing_checkpoint(&step.join("..")), None);
+        assert_eq!(enclosing_checkpoint(&step.join("../step-00000011")), None);
+        assert_eq!(enclosing_checkpoint(&root.join("ckpt")), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     /// A bare file name's parent is the empty path: its folder is the working one (`--out
     /// sco.jsonl` wrote the file, then failed syncing "").

@@ -235,7 +235,7 @@ pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
                 "give a folder outside it".to_string(),
             ),
         };
-        let place = match ckpt == std::path::absolute(dir).unwrap_or_default() {
+        let place = match dir.join("manifest.json").is_file() {
             true => "is the checkpoint folder".to_string(),
             false => format!("is inside the checkpoint folder {}", ckpt.display()),
         };

@@ -682,7 +682,7 @@ impl MllamaModel {
                 });
             }
         }
-        if !problems.is_empty() || branches.len() + saved.len() == 0 {
+        if !problems.is_empty() || branches.len() + saved.len() + saved_keys.len() == 0 {
             // (an adapter of a deeper model names layers this one lacks: say how deep this is)
             let layers = match problems.iter().any(|p| p.starts_with("unexpected")) {
                 true => format!(

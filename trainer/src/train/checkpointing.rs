@@ -81,7 +81,7 @@ pub(super) fn note_schedule_change(
 
 /// Notes on the peft settings a resume may change from its checkpoint's `saved` section (what
 /// must match is compared by `checkpoint::identity`): the dropout rate, a training setting like
-/// the lr, and `init_from`, which only a fresh run reads.
+/// the lr, and `init_from`, whose values only a fresh run starts from.
 fn peft_setting_changes(saved: &serde_json::Value, now: &PeftConfig) -> Vec<String> {
     let mut notes = vec![];
     if !now.is_lora() {
@@ -95,12 +95,18 @@ fn peft_setting_changes(saved: &serde_json::Value, now: &PeftConfig) -> Vec<Stri
             ));
         }
     }
-    let init_from = serde_json::json!(now.init_from);
+    // (the same folder, spelt otherwise, is no change)
+    let real = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let was = saved
+        .get("init_from")
+        .and_then(|v| v.as_str())
+        .map(std::path::Path::new);
     if let Some(dir) = now.init_from.as_ref() {
-        if saved.get("init_from").unwrap_or(&serde_json::Value::Null) != &init_from {
+        if was.map(real) != Some(real(dir)) {
             notes.push(format!(
-                "note: peft.init_from {} is not read: a resumed run continues the checkpoint's factors (init_from starts a fresh run only; set checkpoint.resume=never to start from it)",
-                dir.display()
+                "note: peft.init_from {} is not what the checkpoint started from ({}): the resumed run continues the checkpoint's factors, which replace the adapter's (its values start a fresh run only; set checkpoint.resume=never to start from it)",
+                dir.display(),
+                was.map_or("a fresh adapter".into(), |p| p.display().to_string())
             ));
         }
     }
@@ -587,7 +593,9 @@ mod tests {
         let notes = peft_setting_changes(&saved, &peft(&from_a));
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(
-            notes[0].contains("peft.init_from a is not read"),
+            notes[0].contains(
+                "peft.init_from a is not what the checkpoint started from (a fresh adapter)"
+            ),
             "{notes:?}"
         );
         let saved_from_a = serde_json::to_value(peft(&from_a)).unwrap();

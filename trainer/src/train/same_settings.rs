@@ -2,7 +2,7 @@
 //! `--set` arguments (the launcher checks the config on each node, not across them), and a node
 //! given another `train.lr` or `peft.dropout` would train silently apart while the run records
 //! rank 0's (torchrun leaves this to the script). Paths may differ between nodes (each node's
-//! mounts), and so may settings of a node's own (`data.num_workers`).
+//! mounts: whether one is set may not), and so may settings of a node's own (`data.num_workers`).
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Result};
@@ -12,20 +12,21 @@ use tch::{Device, Kind, Tensor};
 use crate::config::Config;
 use crate::dist::ProcessGroup;
 
-/// Keys that may differ between ranks: paths, and what only shapes a node's own work.
-const PER_NODE: &[&str] = &[
+/// Keys whose values are paths: compared as set or not (and `checkpoint.resume` as auto, never or
+/// a folder), not by the path.
+const PATHS: &[&str] = &[
     "model.path",
     "peft.init_from",
     "data.train",
     "data.eval",
     "data.image_root",
-    "data.num_workers",
     "train.output_dir",
-    "train.tensorboard",
-    "train.peak_tflops",
     "checkpoint.dir",
     "checkpoint.resume",
 ];
+
+/// Keys that only shape a node's own work (or rank 0's), not compared.
+const PER_NODE: &[&str] = &["data.num_workers", "train.tensorboard", "train.peak_tflops"];
 
 /// Stops every rank when one's settings differ from rank 0's: that rank's error names the keys
 /// and both values, the others say another rank's differ.
@@ -33,18 +34,15 @@ pub(super) fn agree_settings(pg: &ProcessGroup, device: Device, config: &Config)
     if pg.world_size() == 1 {
         return Ok(());
     }
-    let mine = settings(config);
-    let text = serde_json::to_string(&mine)?;
+    let text = serde_json::to_string(&settings(config))?;
     let rank0 = broadcast_text(pg, device, &text)?;
-    let local = match serde_json::from_str::<BTreeMap<String, Value>>(&rank0) {
-        Ok(theirs) => match differences(&theirs, &mine) {
-            d if d.is_empty() => Ok(()),
-            d => Err(anyhow!(
-                "this rank's training settings differ from rank 0's: {}; each node reads its own \
-                 config file and --set arguments: give every node the same (paths may differ)",
-                d.join(", ")
-            )),
-        },
+    let local = match differences_in_text(&rank0, &text) {
+        Ok(d) if d.is_empty() => Ok(()),
+        Ok(d) => Err(anyhow!(
+            "this rank's training settings differ from rank 0's: {}; each node reads its own \
+             config file and --set arguments: give every node the same (paths may differ)",
+            d.join(", ")
+        )),
         Err(e) => Err(anyhow!("rank 0's settings did not arrive whole ({e})")),
     };
     crate::checkpoint::agree(pg, device, local, || {
@@ -52,19 +50,25 @@ pub(super) fn agree_settings(pg: &ProcessGroup, device: Device, config: &Config)
     })
 }
 
-/// The config as dotted keys and values, less the keys that may differ between ranks.
+/// The config as dotted keys and values, less a node's own settings, paths as set or not.
 fn settings(config: &Config) -> BTreeMap<String, Value> {
     let mut flat = BTreeMap::new();
-    flatten(
-        "",
-        &serde_json::to_value(config).unwrap_or(Value::Null),
-        &mut flat,
-    );
-    flat.retain(|k, _| {
-        !PER_NODE
-            .iter()
-            .any(|p| k == p || k.starts_with(&format!("{p}.")))
-    });
+    let whole = serde_json::to_value(config).unwrap_or(Value::Null);
+    flatten("", &whole, &mut flat);
+    let under = |k: &str, keys: &[&str]| {
+        keys.iter()
+            .any(|p| k == *p || k.starts_with(&format!("{p}.")))
+    };
+    flat.retain(|k, _| !under(k, PER_NODE));
+    for (k, v) in flat.iter_mut().filter(|(k, _)| under(k, PATHS)) {
+        *v = match v {
+            Value::Null => Value::Null,
+            Value::String(s) if k == "checkpoint.resume" && (s == "auto" || s == "never") => {
+                Value::String(s.clone())
+            }
+            _ => Value::String("(a path)".into()),
+        };
+    }
     flat
 }
 
@@ -83,6 +87,13 @@ fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
             out.insert(prefix.to_string(), v.clone());
         }
     }
+}
+
+/// `differences` of two `settings` as JSON text, both parsed (a float parsed from text does not
+/// always come back to the bits it was written from).
+fn differences_in_text(rank0: &str, mine: &str) -> serde_json::Result<Vec<String>> {
+    let parse = serde_json::from_str::<BTreeMap<String, Value>>;
+    Ok(differences(&parse(rank0)?, &parse(mine)?))
 }
 
 /// "key: rank 0 has X, this rank Y" for each key whose values differ (at most 5 named).
@@ -150,6 +161,26 @@ mod tests {
             "train.output_dir=/other/out",
         ]));
         assert!(differences(&rank0, &paths).is_empty());
+        // whether a path is set is a difference (another node would start from an adapter, or
+        // not resume), which path is not
+        for (a, b) in [
+            ("checkpoint.resume=auto", "checkpoint.resume=never"),
+            (
+                "checkpoint.resume=never",
+                "checkpoint.resume=/a/step-00000002",
+            ),
+            ("data.eval=e.jsonl", "data.eval=null"),
+            ("peft.init_from=/a/adapter", "peft.init_from=null"),
+        ] {
+            let d = differences(&settings(&parse(&[a])), &settings(&parse(&[b])));
+            assert_eq!(d.len(), 1, "{a} vs {b}: {d:?}");
+        }
+        let (a, b) = (
+            "checkpoint.resume=/a/step-00000002",
+            "checkpoint.resume=/b/step-00000002",
+        );
+        let d = differences(&settings(&parse(&[a])), &settings(&parse(&[b])));
+        assert!(d.is_empty(), "{d:?}");
         let other = settings(&parse(&["train.lr=0.5", "peft.dropout=0.1"]));
         let d = differences(&rank0, &other);
         assert_eq!(d.len(), 2, "{d:?}");
@@ -159,6 +190,21 @@ mod tests {
         );
         assert!(d[1].starts_with("train.lr: rank 0 has "), "{d:?}");
         assert!(d[1].ends_with("this rank 0.5"), "{d:?}");
-        assert!(rank0.contains_key("train.lr") && !rank0.contains_key("model.path"));
+        assert!(rank0.contains_key("train.lr") && rank0.contains_key("model.path"));
+        assert!(!rank0.contains_key("data.num_workers"));
+    }
+
+    /// The same settings compare equal through the text they travel as, a learning rate whose
+    /// parse does not give back its bits included.
+    #[test]
+    fn the_same_settings_agree_through_their_text() {
+        let lr = settings(&parse(&["train.lr=1.0477944722643715e-05"]));
+        let text = serde_json::to_string(&lr).unwrap();
+        let parsed: BTreeMap<String, Value> = serde_json::from_str(&text).unwrap();
+        println!(
+            "lr parsed back equal: {}",
+            parsed["train.lr"] == lr["train.lr"]
+        );
+        assert!(differences_in_text(&text, &text).unwrap().is_empty());
     }
 }

@@ -64,9 +64,17 @@ pub(super) fn model(
     device: Device,
 ) -> Result<(Trainable, FlopCount)> {
     let share = config.fsdp.enabled.then(|| (pg.rank(), pg.world_size()));
-    let (mut model, src) = load_model(config, device, share)?;
-    if src.is_some() && pg.world_size() > 1 {
-        // each rank read a share of the base weights for fresh DoRA magnitudes
+    // (agreed: a rank that failed to read its share of DoRA's base weights must not leave the
+    // others in the sum below)
+    let (mut model, src) =
+        crate::checkpoint::agree(pg, device, load_model(config, device, share), || {
+            "loading the model failed on another rank".into()
+        })?;
+    let p = &config.peft;
+    let fresh_dora = p.is_lora() && p.use_dora && p.init_from.is_none();
+    if src.is_some() && fresh_dora && pg.world_size() > 1 {
+        // each rank read a share of the base weights for the fresh magnitudes (an init_from
+        // adapter brings them whole to every rank)
         model
             .sum_dora_magnitudes(device, |flat| pg.all_reduce(flat, dist::ReduceOp::Sum))
             .context("peft.use_dora: adding up the ranks' DoRA magnitudes")?;
