@@ -173,26 +173,16 @@ fn two_launchers_form_one_world_of_four() {
 fn a_lost_node_is_named_and_not_waited_for() {
     let dir = Scratch::new("lost-node");
     let port = free_port().to_string();
-    let node = |rank: &str| {
-        let flags = [
-            "--nnodes",
-            "2",
-            "--node-rank",
-            rank,
-            "--nproc-per-node",
-            "1",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
+    let node = |rank| {
+        let (extra, rank_args) = (["--grace-period", "2"], ["--sleep", "120"]);
+        spawn_node(
+            dir.path(),
             &port,
-            "--run-id",
             "lost-node",
-            "--grace-period",
-            "2",
-        ];
-        launch_testrank(&flags, dir.path(), &["--sleep", "120"])
-            .spawn()
-            .unwrap()
+            ("2", rank),
+            &extra,
+            &rank_args,
+        )
     };
     let started = Instant::now();
     let (node0, mut node1) = (node("0"), node("1"));
