@@ -1288,6 +1288,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(c) => config::in_file(&args.config, &args.overrides, c).into(),
                 Err(e) => e,
             })?;
+            // (under the launcher: which rank the signal was sent to, the others its messengers)
+            if let Some((message, elsewhere)) = &outcome.stop_note {
+                let cause = elsewhere.map_or(Cause::ThisRank, |r| Cause::AnotherRank(Some(r)));
+                launcher::error_file::record(message, "", cause);
+            }
             // 128 + the signal that stopped it cleanly after a step (143 for SIGTERM and for
             // SIGUSR1's notice, 130 for Ctrl-C)
             Ok(match outcome.stopped_by {

@@ -757,6 +757,22 @@ fn sigusr1_to_the_launcher_stops_training_with_a_checkpoint() {
     assert!(stderr.contains("not restarting"), "{stderr}");
 }
 
+/// SIGTERM sent to one rank (not through the launcher): every rank stops after the same step
+/// with a checkpoint, and the launcher's summary names the rank the signal was sent to (the
+/// others, which exit 143 with it, wrote that they stopped because of it), whichever exits first.
+#[test]
+fn sigterm_to_one_rank_stops_every_rank_and_names_that_rank() {
+    let stderr = signal_to_stop(Some(1), libc::SIGTERM, "SIGTERM", 143);
+    assert!(
+        stderr.contains("rank       : 1 (local rank 1 on node 0)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("message    : SIGTERM received by this rank: stopped after step"),
+        "{stderr}"
+    );
+}
+
 /// Ctrl-C (SIGINT to the launcher, forwarded to the ranks) stops after a step with a checkpoint
 /// of it, as SIGTERM does, instead of killing the ranks mid-epoch: exit 130.
 #[test]
@@ -767,15 +783,45 @@ fn ctrl_c_to_the_launcher_stops_training_with_a_checkpoint() {
 /// Sends `sig` to a 2-rank launcher once a step is done; checks the exit code and that the ranks
 /// stopped after the same step with a checkpoint of it. Returns the run's stderr.
 fn signal_stops_training(sig: i32, name: &str, code: i32) -> String {
+    signal_to_stop(None, sig, name, code)
+}
+
+/// The rank `rank` of the launcher `launcher`'s children (its `RANK` in /proc/PID/environ).
+fn rank_pid(launcher: u32, rank: usize) -> Option<i32> {
+    let want = format!("RANK={rank}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        // (pid (comm) state ppid ...: comm may hold spaces)
+        let ppid: u32 = stat
+            .rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let environ = std::fs::read(e.path().join("environ")).ok()?;
+        let ours = environ.split(|b| *b == 0).any(|v| v == want.as_bytes());
+        (ppid == launcher && ours).then_some(pid)
+    })
+}
+
+/// `signal_stops_training` with the signal sent to rank `rank` alone (None: to the launcher).
+fn signal_to_stop(rank: Option<usize>, sig: i32, name: &str, code: i32) -> String {
     use std::process::Stdio;
     use std::time::{Duration, Instant};
-    let out = fresh(&name.to_lowercase());
+    let tag = rank.map_or(String::new(), |r| format!("-rank{r}"));
+    let out = fresh(&format!("{}{tag}", name.to_lowercase()));
     std::fs::create_dir_all(&out).unwrap();
     // (a file, not a pipe: a pipe nobody reads until the end would fill and block the launcher)
     let log = out.join("stderr.log");
     let sets = ["checkpoint.every_steps=1000", "checkpoint.async=false"];
     let train = "epochs: 50, batch_size: 2, grad_accum: 1";
-    let mut child = command(&out, 2, train, &sets, &[], &["--max-restarts", "1"])
+    let restarts: &[&str] = match rank {
+        None => &["--max-restarts", "1"],
+        Some(_) => &[],
+    };
+    let mut child = command(&out, 2, train, &sets, &[], restarts)
         .stderr(std::fs::File::create(&log).unwrap())
         .stdout(Stdio::null())
         .spawn()
@@ -786,8 +832,12 @@ fn signal_stops_training(sig: i32, name: &str, code: i32) -> String {
         assert!(started.elapsed() < Duration::from_secs(120), "no step done");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // SAFETY: plain syscall to our own child (the launcher).
-    unsafe { libc::kill(child.id() as i32, sig) };
+    let target = match rank {
+        None => child.id() as i32,
+        Some(r) => rank_pid(child.id(), r).expect("the rank's process"),
+    };
+    // SAFETY: plain syscall to our own child (the launcher) or its child.
+    unsafe { libc::kill(target, sig) };
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -44,6 +44,8 @@ pub struct Outcome {
     /// Stopped early by this signal (SIGTERM, SIGUSR1, SIGINT, SIGHUP) after a step and its
     /// checkpoint: the caller exits 128 + it (143 for SIGUSR1, a scheduler's notice).
     pub stopped_by: Option<i32>,
+    /// With `stopped_by`: what the stop was, for the launcher's error file (`signal::stop_note`).
+    pub stop_note: Option<(String, Option<usize>)>,
     pub last_loss: Option<f64>,
 }
 
@@ -349,6 +351,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
     Ok(Outcome {
         steps: st.step,
         stopped_by,
+        stop_note: stopped_by.map(|sig| signal::stop_note(sig, st.step, rank)),
         last_loss: st.last_loss,
     })
 }

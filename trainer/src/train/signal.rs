@@ -7,7 +7,7 @@
 //! `TRAINER_STOP_AFTER_STEP=N` acts as a SIGTERM received during step N, and
 //! `TRAINER_STOP_DURING_VALIDATION=N` as one received while validating step N's checkpoint
 //! (tests).
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 
 use anyhow::Result;
 use tch::{Device, Tensor};
@@ -16,6 +16,10 @@ use crate::dist::{ProcessGroup, ReduceOp};
 
 /// The stop signal received (0: none).
 static STOP: AtomicI32 = AtomicI32::new(0);
+/// The lowest rank that received the stop signal the ranks agreed on (usize::MAX: none yet).
+static SIGNALLED_RANK: AtomicUsize = AtomicUsize::new(usize::MAX);
+/// Ranks below 2^20 fit beside the signal number in one all-reduced value.
+const RANK_BITS: u32 = 20;
 
 extern "C" fn on_stop_signal(sig: libc::c_int) {
     // async-signal-safe: one atomic operation (the first signal is kept), and for a second
@@ -94,6 +98,7 @@ fn step_hook(var: &str) -> Option<u64> {
 
 /// The stop signal any rank received (or SIGTERM where the hook fired at `step`; the highest
 /// number where ranks received different ones), the same on every rank; every rank must call it.
+/// The lowest rank that received it is kept for [`stop_note`].
 pub(super) fn stop_requested(
     pg: &ProcessGroup,
     device: Device,
@@ -103,10 +108,37 @@ pub(super) fn stop_requested(
     if stop_after == Some(step) {
         let _ = STOP.compare_exchange(0, libc::SIGTERM, Ordering::SeqCst, Ordering::SeqCst);
     }
-    let t = Tensor::from_slice(&[STOP.load(Ordering::SeqCst) as i64]).to_device(device);
+    // (signal << RANK_BITS | (mask - rank): the max is the highest signal's lowest rank)
+    let mask = (1i64 << RANK_BITS) - 1;
+    let mine = match STOP.load(Ordering::SeqCst) as i64 {
+        0 => 0,
+        sig => (sig << RANK_BITS) | (mask - (pg.rank() as i64).min(mask)),
+    };
+    let t = Tensor::from_slice(&[mine]).to_device(device);
     pg.all_reduce(&t, ReduceOp::Max)?;
     Ok(match t.int64_value(&[0]) {
         0 => None,
-        sig => Some(sig as i32),
+        v => {
+            SIGNALLED_RANK.store((mask - (v & mask)) as usize, Ordering::SeqCst);
+            Some((v >> RANK_BITS) as i32)
+        }
     })
+}
+
+/// What this rank's stop by `sig` was, for the launcher's error file: (message, the rank that
+/// received the signal when it is another one). Under a launcher that forwards its own signal
+/// every rank received it (rank 0 is named); a signal sent to one rank names that rank, and the
+/// others, which stopped with it, are its messengers.
+pub(super) fn stop_note(sig: i32, step: u64, rank: usize) -> (String, Option<usize>) {
+    let name = name(sig);
+    match SIGNALLED_RANK.load(Ordering::SeqCst) {
+        r if r == rank || r == usize::MAX => (
+            format!("{name} received by this rank: stopped after step {step}, with its checkpoint"),
+            None,
+        ),
+        r => (
+            format!("stopped after step {step}, with its checkpoint: rank {r} received {name}"),
+            Some(r),
+        ),
+    }
 }
