@@ -1014,6 +1014,13 @@ fn setup_errors_are_one_clear_line() {
             .collect();
         assert_eq!(errors.len(), 1, "{args:?}: one error line:\n{}", run.stderr);
     }
+    // a bad flag is the only line (no notice about OMP_NUM_THREADS before it)
+    let run = run(launcher(&["--grace-period", "nan", "--", "true"]), LIMIT);
+    assert_eq!(run.code(), 1, "{}", run.stderr);
+    assert_eq!(
+        run.stderr.trim(),
+        "launcher: error: --grace-period NaN is not a number of seconds from 0 to 1e9"
+    );
     drop(busy);
 }
 

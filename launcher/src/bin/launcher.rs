@@ -449,14 +449,6 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
     };
     let token = store_token(nnodes, explicit_run_id.as_deref())?;
 
-    let mut command = command;
-    default_omp_threads(&mut command, nproc);
-    // torchrun's too: PyTorch ranks abort a failed NCCL collective instead of hanging on it
-    if std::env::var_os("TORCH_NCCL_ASYNC_ERROR_HANDLING").is_none() {
-        let var = ("TORCH_NCCL_ASYNC_ERROR_HANDLING".into(), "1".into());
-        command.extra_env.push(var);
-    }
-
     // (the cap keeps `Instant::now() + d` from overflowing: 1e9 s is 31 years)
     let seconds = |name: &str, s: f64| -> Result<Duration> {
         Duration::try_from_secs_f64(s)
@@ -472,11 +464,23 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
         .map(rdzv_conf_timeout)
         .transpose()?;
     let rdzv_timeout = cli.rdzv_timeout.or(joined.flatten()).unwrap_or(600.0);
+    let rdzv_timeout = seconds("rdzv-timeout", rdzv_timeout)?;
+    let monitor_interval =
+        seconds("monitor-interval", cli.monitor_interval)?.max(Duration::from_millis(5));
+    let grace_period = seconds("grace-period", cli.grace_period)?;
     if cli.role.is_empty() {
         bail!(
             "--role: give a name (torchrun's default: {})",
             launcher::env::DEFAULT_ROLE
         );
+    }
+    // (after the argument checks: a bad flag is the only line)
+    let mut command = command;
+    default_omp_threads(&mut command, nproc);
+    // torchrun's too: PyTorch ranks abort a failed NCCL collective instead of hanging on it
+    if std::env::var_os("TORCH_NCCL_ASYNC_ERROR_HANDLING").is_none() {
+        let var = ("TORCH_NCCL_ASYNC_ERROR_HANDLING".into(), "1".into());
+        command.extra_env.push(var);
     }
     let mut tee = cli.tee.unwrap_or(0);
     if let Some(r) = &cli.redirects {
@@ -528,11 +532,10 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
         master_addr,
         master_port,
         max_restarts: cli.max_restarts,
-        monitor_interval: seconds("monitor-interval", cli.monitor_interval)?
-            .max(Duration::from_millis(5)),
-        grace_period: seconds("grace-period", cli.grace_period)?,
+        monitor_interval,
+        grace_period,
         finish_timeout: (!finish.is_zero()).then_some(finish),
-        rdzv_timeout: seconds("rdzv-timeout", rdzv_timeout)?,
+        rdzv_timeout,
         role: cli.role.clone(),
         run_id_explicit: explicit_run_id.is_some(),
         run_id,
