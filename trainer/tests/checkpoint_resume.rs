@@ -867,6 +867,49 @@ fn signal_to_stop(rank: Option<usize>, sig: i32, name: &str, code: i32) -> Strin
     stderr
 }
 
+/// An image whose header is whole but whose data is cut (the scan reads headers only) fails to
+/// load mid-epoch: every rank stops (the failing one's error names the record), after a
+/// checkpoint of the last step done; with the file mended, the next run resumes from it and
+/// ends as the uninterrupted run does.
+#[test]
+fn a_record_that_fails_to_load_mid_epoch_leaves_a_checkpoint_of_the_last_step() {
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 10";
+    let straight = fresh("load-fail-straight");
+    ok(run(&straight, 2, train, &[], &[]), "straight");
+    let out = fresh("load-fail");
+    let images = out.join("images");
+    common::copy_dir(&common::repo().join("tests/fixtures/data/images"), &images);
+    let photo = images.join("photo.jpg");
+    let whole = std::fs::read(&photo).unwrap();
+    std::fs::write(&photo, &whole[..2000]).unwrap();
+    let root = format!("data.image_root={}", images.display());
+    let o = run(&out, 2, train, &[&root], &[]);
+    assert_ne!(o.code, Some(0), "{}", o.stderr);
+    let done = metrics(&out).len();
+    assert!(
+        done >= 1,
+        "the cut image came in the first batch\n{}",
+        o.stderr
+    );
+    let want = format!("the batch after step {done} could not be loaded (its checkpoint is saved");
+    assert!(o.stderr.contains(&want), "{}", o.stderr);
+    assert!(o.stderr.contains("photo.jpg"), "{}", o.stderr);
+    assert_eq!(
+        checkpoints(&out).last(),
+        Some(&format!("step-{done:08}")),
+        "{}",
+        o.stderr
+    );
+    std::fs::write(&photo, &whole).unwrap();
+    let o = ok(run(&out, 2, train, &[&root], &[]), "mended");
+    assert!(
+        o.stderr.contains(&format!("step-{done:08} (step {done}")),
+        "{}",
+        o.stderr
+    );
+    assert_same_run(&straight, &out, 10);
+}
+
 /// A resume with another `data.supervise` goes on, with a note that the loss now covers other
 /// turns (the manifest records the setting).
 #[test]

@@ -445,7 +445,9 @@ impl<'a> Saver<'a> {
     /// old one is left half deleted. A failure there is logged; `e` is returned either way. (After
     /// another error, a peer may be gone: nothing is attempted that would wait for it.)
     pub fn publish_before_stop(&mut self, e: anyhow::Error) -> anyhow::Error {
-        if e.chain().any(|c| c.is::<AgreedStop>()) {
+        // (a context of `e`, too: anyhow's chain does not downcast to it)
+        let agreed = e.downcast_ref::<AgreedStop>().is_some();
+        if agreed || e.chain().any(|c| c.is::<AgreedStop>()) {
             if let Err(p) = self.finish() {
                 tracing::warn!("the checkpoint being saved could not be published: {p:#}");
             }

@@ -241,10 +241,35 @@ pub fn train(config: &Config) -> Result<Outcome> {
         let (epoch_start, mut epoch_loss) = (Instant::now(), vec![]);
         while st.step < total_steps {
             let started = Instant::now();
-            let batches: Vec<MicroBatch> = micro
-                .by_ref()
-                .take(t.grad_accum)
-                .collect::<Result<_, _>>()?;
+            let fetched: Result<Vec<MicroBatch>> = (micro.by_ref().take(t.grad_accum))
+                .collect::<Result<_, _>>()
+                .map_err(anyhow::Error::from);
+            // (agreed: a record the scan let through that fails to load, a truncated image whose
+            // header was whole, stops every rank, after a checkpoint of the last step, instead of
+            // one rank exiting and the others waiting in the step's collectives)
+            let fetched = crate::checkpoint::agree(&pg, device, fetched, || {
+                format!(
+                    "step {}: another rank could not load its batch",
+                    st.step + 1
+                )
+            });
+            let batches = match fetched {
+                Ok(batches) => batches,
+                Err(e) => {
+                    let saved = st.saved_step == Some(st.step) || st.step == start_step;
+                    if !saved {
+                        let at = (epoch, st.epoch_batch);
+                        saver.save(&mut st, &trainable, &opt, at)?;
+                    }
+                    let why = step::AgreedStop(match st.step {
+                        0 => "the first batch could not be loaded".to_string(),
+                        s => format!(
+                            "the batch after step {s} could not be loaded (its checkpoint is saved: fix the record, or set data.bad_records: skip, then run again to resume)"
+                        ),
+                    });
+                    return Err(saver.publish_before_stop(e.context(why)));
+                }
+            };
             if batches.len() < t.grad_accum {
                 // the plan gives every rank the same whole global batches: anything else is a
                 // bug, and a rank leaving the epoch early would leave the others waiting

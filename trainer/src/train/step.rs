@@ -19,7 +19,7 @@ use super::State;
 /// (`Saver::publish_before_stop`).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub(super) struct AgreedStop(String);
+pub(super) struct AgreedStop(pub String);
 
 /// What one optimizer step measured (all values global over ranks).
 pub(super) struct StepResult {
