@@ -1302,6 +1302,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Data(DataCommand::Check(args)) => {
             let resolved = config::load(&args.config, &args.overrides)?;
+            // (the paths `trainer train` checks first: one error, not one per record)
+            config::missing_data_paths(&resolved)
+                .map_err(|c| config::in_file(&args.config, &args.overrides, c))?;
             // (text-only samples' lengths as the run the config resumes renders them: its date)
             use_resumed_template_clock(&resolved);
             let outcome = trainer::data::tools::check(&resolved)?;

@@ -86,6 +86,44 @@ fn check_prints_counts_percentiles_tiles_and_supervision() {
     assert!(out.contains("data check passed"), "{out}");
 }
 
+/// What `trainer train` refuses before reading a record, data check refuses too: fewer samples
+/// than one global batch, a missing data.image_root (one error, not one per record); and
+/// data.eval, which training reads only to validate, is checked only with train.validate.
+#[test]
+fn check_refuses_what_training_refuses_first() {
+    let dir = temp_dir("check-as-train");
+    let cfg = setup(&dir, &good_lines(3), "");
+    let check = |sets: &[&str]| {
+        let mut args = vec!["data", "check", cfg.to_str().unwrap()];
+        args.extend(sets.iter().flat_map(|s| ["--set", *s]));
+        trainer(&args)
+    };
+    let (code, out, err) = check(&["train.batch_size=4"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("3 samples do not fill one global batch of 4"),
+        "{out}{err}"
+    );
+    let (code, out, err) = check(&["data.image_root=/no/such/images"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("data.image_root: /no/such/images: no such folder"),
+        "{err}"
+    );
+    assert!(!out.contains("cannot read"), "{out}");
+    let eval = dir.join("eval.jsonl");
+    std::fs::write(&eval, "not json\n").unwrap();
+    let eval = format!("data.eval={}", eval.display());
+    let (code, out, err) = check(&[&eval]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("not checked (train.validate is false: training does not read it)"),
+        "{out}"
+    );
+    let (code, out, err) = check(&[&eval, "train.validate=true"]);
+    assert_eq!(code, 1, "{out}{err}");
+}
+
 /// JPEG decoding without libjpeg-turbo's SIMD code (a build made before nasm was installed) is
 /// said once, with the fix; with SIMD, nothing is said.
 #[test]

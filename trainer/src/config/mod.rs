@@ -33,7 +33,7 @@ pub use schema::{
     TrainConfig,
 };
 
-pub use validate::{missing_paths, training_conflicts, world_conflicts};
+pub use validate::{missing_data_paths, missing_paths, training_conflicts, world_conflicts};
 
 use de::{DeError, DeErrorKind};
 use overrides::Override;

@@ -161,6 +161,21 @@ pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
             ),
         );
     }
+    missing_data_paths(config)?;
+    // the run's outputs in the base model's folder: the adapter's adapter_config.json there
+    // would make transformers load the base as that adapter from then on
+    output_folders(config, model)
+}
+
+/// The data's paths of `missing_paths` (what `trainer data check` reads too): data.train,
+/// data.eval under train.validate, data.image_root.
+pub fn missing_data_paths(config: &Config) -> Result<(), ConfigError> {
+    let missing = |path: &str, message: String| {
+        Err(ConfigError::NoSuchPath {
+            path: path.into(),
+            message,
+        })
+    };
     let eval = config.data.eval.as_ref().filter(|_| config.train.validate);
     for (key, files) in [
         ("data.train", Some(&config.data.train)),
@@ -192,8 +207,17 @@ pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
             ),
         );
     }
-    // the run's outputs in the base model's folder: the adapter's adapter_config.json there
-    // would make transformers load the base as that adapter from then on
+    Ok(())
+}
+
+/// The run's output folders: not model.path (`model`), not a checkpoint, not another model's.
+fn output_folders(config: &Config, model: &std::path::Path) -> Result<(), ConfigError> {
+    let missing = |path: &str, message: String| {
+        Err(ConfigError::NoSuchPath {
+            path: path.into(),
+            message,
+        })
+    };
     let model_real = model.canonicalize().ok();
     let same = |a: &std::path::Path| a.canonicalize().ok().is_some_and(|a| Some(a) == model_real);
     for (key, dir) in [

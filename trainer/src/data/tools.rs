@@ -32,8 +32,14 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
     // (the policies that make those problems stop training, as set)
     let mut policies = std::collections::BTreeSet::new();
     let mut splits = vec![Split::Train];
-    if config.data.eval.is_some() {
-        splits.push(Split::Eval);
+    match (&config.data.eval, config.train.validate) {
+        (Some(_), true) => splits.push(Split::Eval),
+        // (training reads it only to validate)
+        (Some(eval), false) => text.push_str(&format!(
+            "eval split: {}: not checked (train.validate is false: training does not read it)\n",
+            eval
+        )),
+        (None, _) => {}
     }
     for split in splits {
         let ds = Dataset::scan(config, &config.model.path, split)?;
@@ -57,6 +63,15 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
             Split::Train if report.ok == 0 => refused.push(format!(
                 "data.train {}: no usable sample: training would stop here (the keys that drop records are data.max_seq_len / data.max_seq_len_policy, data.text_only and data.bad_records)",
                 report.file
+            )),
+            // (at one rank: more ranks need more)
+            Split::Train if report.ok < config.train.global_batch(1) => refused.push(format!(
+                "data.train {}: {} samples do not fill one global batch of {} (batch_size {} x grad_accum {}, at one rank; each rank more needs more): training would stop here; lower train.batch_size",
+                report.file,
+                report.ok,
+                config.train.global_batch(1),
+                config.train.batch_size,
+                config.train.grad_accum
             )),
             Split::Eval if config.train.validate && (report.ok == 0 || report.supervised_tokens == 0) => refused.push(format!(
                 "data.eval {}: no supervised tokens to validate on: training with train.validate would stop here (fix the file, or set train.validate: false)",
