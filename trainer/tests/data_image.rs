@@ -21,6 +21,20 @@ fn golden() -> Value {
         .unwrap()
 }
 
+/// A TIFF (Pillow reads it, this build does not) is said to be one, with the formats read; bytes
+/// of no image format are "unknown".
+#[test]
+fn an_unread_format_is_named() {
+    let tiff = b"II*\0\x08\0\0\0\0\0";
+    let e = image::decode_rgb(tiff).unwrap_err();
+    assert!(
+        e.contains("TIFF images are not read (supported: JPEG, PNG, WebP, GIF, BMP)"),
+        "{e}"
+    );
+    let e = image::decode_rgb(b"hello, not an image").unwrap_err();
+    assert!(e.contains("unknown image format"), "{e}");
+}
+
 #[test]
 fn supported_aspect_ratios_match_transformers_docstring() {
     assert_eq!(

@@ -38,6 +38,36 @@ fn good_multi_turn_record() {
     assert_eq!(r.records[0].turns[0].user, "<image>\n Q1");
 }
 
+/// LLaVA's `.json` layout (one list of records) is one problem saying how to convert it, not one
+/// per line; LLaMA-Factory's `images` key is a problem, not a text-only record.
+#[test]
+fn a_json_list_file_and_an_images_key_say_what_to_write() {
+    let list = "[\n  {\"image\": \"a.jpg\", \"conversations\": []},\n  {\"image\": \"b.jpg\"}\n]\n";
+    let r = parse_jsonl_str(Path::new("d.json"), list, &opts(TextOnly::Skip));
+    assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+    assert_eq!(r.problems[0].line, 1);
+    assert!(
+        r.problems[0]
+            .reason
+            .contains("one JSON list of records (LLaVA's .json layout), not JSON Lines"),
+        "{}",
+        r.problems[0].reason
+    );
+    assert!(r.records.is_empty());
+    let images = r#"{"images": ["a.jpg"], "conversations": [{"from":"human","value":"<image>q"},{"from":"gpt","value":"a"}]}"#;
+    for text_only in [TextOnly::Skip, TextOnly::Keep] {
+        let r = parse_jsonl_str(Path::new("d.jsonl"), images, &opts(text_only));
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        assert!(
+            r.problems[0]
+                .reason
+                .contains("field \"images\" is not read"),
+            "{}",
+            r.problems[0].reason
+        );
+    }
+}
+
 #[test]
 fn every_bad_case_is_file_line_reason() {
     let cases = [

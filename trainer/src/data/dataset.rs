@@ -871,12 +871,8 @@ fn other_image_size_unguarded(p: &Path) -> Result<(usize, usize), String> {
     let reader = ::image::ImageReader::open(p)
         .and_then(|r| r.with_guessed_format())
         .map_err(|e| format!("image {} cannot be read: {e}", p.display()))?;
-    if reader.format().is_none() {
-        return Err(format!(
-            "image {}: unknown image format (supported: JPEG, PNG, WebP, GIF, BMP)",
-            p.display()
-        ));
-    }
+    super::image::readable_format(reader.format())
+        .map_err(|e| format!("image {}: {e}", p.display()))?;
     let (w, h) = reader
         .into_dimensions()
         .map_err(|e| format!("image {}: corrupt image header: {e}", p.display()))?;

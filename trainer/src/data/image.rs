@@ -221,15 +221,31 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
     })
 }
 
-/// PNG, WebP, GIF, BMP (and anything else the image crate reads) to RGB as PIL.
+/// The formats this build decodes (JPEG by libjpeg-turbo, the others by the image crate): an
+/// error for a file of another, or of none, saying which.
+pub(crate) fn readable_format(format: Option<image::ImageFormat>) -> Result<(), String> {
+    use image::ImageFormat as F;
+    const SUPPORTED: &str = "supported: JPEG, PNG, WebP, GIF, BMP";
+    match format {
+        Some(F::Jpeg | F::Png | F::WebP | F::Gif | F::Bmp) => Ok(()),
+        // (TIFF, PPM, TGA, ICO...: Pillow reads them, this build does not)
+        Some(f) => Err(format!(
+            "{} images are not read ({SUPPORTED}): convert the file, to PNG for example",
+            f.extensions_str()
+                .first()
+                .map_or("these".into(), |e| e.to_uppercase())
+        )),
+        None => Err(format!("unknown image format ({SUPPORTED})")),
+    }
+}
+
+/// PNG, WebP, GIF, BMP to RGB as PIL.
 fn decode_with_image_crate(bytes: &[u8]) -> Result<RgbImage, String> {
     use image::DynamicImage as D;
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| format!("cannot read image: {e}"))?;
-    if reader.format().is_none() {
-        return Err("unknown image format (supported: JPEG, PNG, WebP, GIF, BMP)".into());
-    }
+    readable_format(reader.format())?;
     // the header only: refuse decompression bombs before the decoder allocates
     let (w, h) = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()

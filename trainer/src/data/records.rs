@@ -128,6 +128,25 @@ pub fn parse_jsonl(path: &Path, opts: &ParseOptions) -> Result<ParseReport, Prob
 pub fn parse_jsonl_str(path: &Path, text: &str, opts: &ParseOptions) -> ParseReport {
     // (a byte-order mark, as Windows editors save UTF-8, is not part of the first record)
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // (LLaVA's `.json` layout, one list of records: one problem that says how to convert it,
+    // not one per line of it)
+    if text.trim_start().starts_with('[')
+        && serde_json::from_str::<Vec<serde_json::Map<String, Value>>>(text).is_ok()
+    {
+        let mut report = ParseReport::default();
+        report.problems.push(Problem {
+            file: path.to_path_buf(),
+            line: 1,
+            reason: format!(
+                "the file is one JSON list of records (LLaVA's .json layout), not JSON Lines (one \
+                 record per line): convert it with `python3 -c \"import json,sys; \
+                 [print(json.dumps(r)) for r in json.load(open(sys.argv[1]))]\" {} > \
+                 data.jsonl` (or `jq -c '.[]'`)",
+                path.display()
+            ),
+        });
+        return report;
+    }
     parse_lines(path, text.lines().map(Ok), opts)
 }
 
@@ -196,6 +215,15 @@ fn parse_line(line: &str, opts: &ParseOptions) -> Result<Option<Record>, String>
         }
     };
     let image = match obj.get("image") {
+        // (LLaMA-Factory's and ShareGPT's key: read as no image, the record would be dropped
+        // as text-only, or trained without its image)
+        None | Some(Value::Null) if obj.get("images").is_some_and(|v| !v.is_null()) => {
+            return Err(
+                "field \"images\" is not read: give the record's image as \"image\": \
+                 \"path\" (one image per record, as in the seed)"
+                    .into(),
+            )
+        }
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.trim().is_empty() => {
             return Err("field \"image\" is an empty string".into())
