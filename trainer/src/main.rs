@@ -1348,6 +1348,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for p in &o.problems {
                 eprintln!("{}: {p}", args.refined.display());
             }
+            if o.without_image > 0 {
+                eprintln!(
+                    "warning: {} without an image_path, written as text-only records (training drops them unless data.text_only: keep)",
+                    entries(o.without_image)
+                );
+            }
             if o.problems.is_empty() {
                 Ok(ExitCode::SUCCESS)
             } else {

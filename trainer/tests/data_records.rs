@@ -241,6 +241,24 @@ fn build_sco_makes_two_turn_records_and_counts_failures() {
         "{}",
         rep.lines[0]
     );
+    // an entry's own id is kept; one without an image_path is a text-only record, counted, its
+    // question without the placeholder; an empty correction prompt is refused
+    let ids = r#"[{"id": "keepme", "question": "Q?", "original_answer": "A", "refined_answer": "B", "image_path": "i/1.jpg"},
+        {"question": "<image>\nWhat color?", "original_answer": "A", "refined_answer": "B", "image_path": null}]"#;
+    let rep = build_sco(ids, DEFAULT_CORRECTION_PROMPT).unwrap();
+    assert_eq!((rep.lines.len(), rep.without_image), (2, 1));
+    assert!(
+        rep.lines[0].contains(r#""id":"keepme""#),
+        "{}",
+        rep.lines[0]
+    );
+    assert!(rep.lines[1].contains(r#""id":"sco-1""#), "{}", rep.lines[1]);
+    assert!(!rep.lines[1].contains("<image>"), "{}", rep.lines[1]);
+    let r = parse_jsonl_str(Path::new("sco.jsonl"), &rep.lines[1], &opts(TextOnly::Keep));
+    assert_eq!(r.records[0].turns[0].user, "What color?");
+    assert!(build_sco(ids, " ")
+        .unwrap_err()
+        .contains("correction prompt is empty"));
 }
 
 #[test]

@@ -398,6 +398,8 @@ pub struct ScoReport {
     pub lines: Vec<String>,
     /// Entries whose `refined_answer` is empty (the refinement failed).
     pub skipped_empty_refined: usize,
+    /// Entries without an `image_path`, written as text-only records.
+    pub without_image: usize,
     /// Entries that are not objects with string fields; `index: reason`.
     pub problems: Vec<String>,
 }
@@ -407,6 +409,9 @@ pub struct ScoReport {
 /// human question -> gpt original answer -> human `correction_prompt` -> gpt refined answer.
 /// The question gets the `<image>` placeholder in front, as LLaVA-CoT's records have it.
 pub fn build_sco(refined_json: &str, correction_prompt: &str) -> Result<ScoReport, String> {
+    if correction_prompt.trim().is_empty() {
+        return Err("the correction prompt is empty: the second turn would ask nothing".into());
+    }
     let v: Value =
         serde_json::from_str(refined_json).map_err(|e| format!("malformed JSON: {e}"))?;
     let list = v.as_array().ok_or_else(|| {
@@ -471,19 +476,30 @@ pub fn build_sco(refined_json: &str, correction_prompt: &str) -> Result<ScoRepor
             continue;
         }
         let mut rec = serde_json::Map::new();
-        rec.insert("id".into(), Value::String(format!("sco-{i}")));
-        if !image.is_empty() {
+        // (the entry's own id, when it has one)
+        let id = match e.get("id") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => format!("sco-{i}"),
+        };
+        rec.insert("id".into(), Value::String(id));
+        let has_image = !image.trim().is_empty();
+        if has_image {
             rec.insert("image".into(), Value::String(image));
+        } else {
+            report.without_image += 1;
         }
+        // (a question that already carries the placeholder gets it once; one without an image
+        // none)
+        let question = match has_image {
+            true => format!("{IMAGE_PLACEHOLDER}\n{}", strip_placeholder(&q)),
+            false => strip_placeholder(&q).to_string(),
+        };
         let turn = |from: &str, value: String| serde_json::json!({"from": from, "value": value});
         rec.insert(
             "conversations".into(),
             Value::Array(vec![
-                // (a question that already carries the placeholder gets it once)
-                turn(
-                    "human",
-                    format!("{IMAGE_PLACEHOLDER}\n{}", strip_placeholder(&q)),
-                ),
+                turn("human", question),
                 turn("gpt", orig.trim().to_string()),
                 turn("human", correction_prompt.to_string()),
                 turn("gpt", refined.trim().to_string()),

@@ -299,6 +299,8 @@ fn render_marked(ds: &Dataset, c: &collate::Batch, label: &str) -> Result<String
 pub struct BuildScoOutcome {
     pub written: usize,
     pub skipped_empty_refined: usize,
+    /// Entries without an image_path, written as text-only records.
+    pub without_image: usize,
     /// Malformed entries, `entry I: reason`.
     pub problems: Vec<String>,
 }
@@ -351,6 +353,7 @@ pub fn build_sco_file(
     Ok(BuildScoOutcome {
         written: rep.lines.len(),
         skipped_empty_refined: rep.skipped_empty_refined,
+        without_image: rep.without_image,
         problems: rep.problems,
     })
 }
