@@ -124,6 +124,39 @@ fn check_refuses_what_training_refuses_first() {
     assert_eq!(code, 1, "{out}{err}");
 }
 
+/// A sample whose image does not decode (its header whole: the scan let it through) is a bad
+/// record in the report, and its length, tiles and tokens leave the statistics: the check of the
+/// good records with it prints the statistics of the good records alone.
+#[test]
+fn check_statistics_leave_out_samples_whose_images_do_not_decode() {
+    let dir = temp_dir("check-stats");
+    let good: Vec<String> = (0..2).map(|i| record(i, "small.png")).collect();
+    let cfg = setup(&dir, &good, ", bad_records: skip");
+    let stats = |text: &str| -> Vec<String> {
+        (text.lines())
+            .filter(|l| {
+                ["token lengths:", "tiles per image:", "supervised tokens:"]
+                    .iter()
+                    .any(|k| l.contains(k))
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let (code, alone, err) = trainer(&["data", "check", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{alone}{err}");
+    let photo = std::fs::read(dir.join("images/photo.jpg")).unwrap();
+    std::fs::write(dir.join("images/cut.jpg"), &photo[..2000]).unwrap();
+    let mut lines = good.clone();
+    lines.push(record(7, "cut.jpg"));
+    std::fs::write(dir.join("train.jsonl"), lines.join("\n") + "\n").unwrap();
+    let (code, with, err) = trainer(&["data", "check", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{with}{err}");
+    assert!(with.contains("3 lines, 2 ok"), "{with}");
+    assert!(with.contains("train.jsonl:3: truncated JPEG"), "{with}");
+    assert_eq!(stats(&with), stats(&alone), "{with}");
+    assert_eq!(stats(&alone).len(), 3, "{alone}");
+}
+
 /// JPEG decoding without libjpeg-turbo's SIMD code (a build made before nasm was installed) is
 /// said once, with the fix; with SIMD, nothing is said.
 #[test]

@@ -297,6 +297,9 @@ struct Inner {
     lengths: Vec<usize>,
     /// Labels the shifted loss counts (`labels[1:] != -100`), per sample.
     supervised: Vec<usize>,
+    /// What the scan counted of each sample into its report (`checked_report` takes out the
+    /// samples whose images do not decode).
+    counted: Vec<Counted>,
     text: TextProcessor,
     image: ImageProcessorConfig,
     max_seq_len: usize,
@@ -305,6 +308,14 @@ struct Inner {
     num_workers: usize,
     seed: u64,
     replaced: AtomicU64,
+}
+
+/// One sample's share of its split's `ScanReport` statistics.
+#[derive(Debug, Clone, Copy)]
+struct Counted {
+    supervised: usize,
+    tiles: usize,
+    truncated: bool,
 }
 
 /// A pre-scanned split. Cheap to share: `Send + Sync`.
@@ -412,6 +423,7 @@ impl Dataset {
         let mut records = Vec::new();
         let mut lengths = Vec::new();
         let mut shifted = Vec::new();
+        let mut counted = Vec::new();
         for (r, sc) in parsed.records.into_iter().zip(scanned) {
             let problem = |reason: String| Problem {
                 file: r.file.clone(),
@@ -434,6 +446,11 @@ impl Dataset {
                     report.total_tokens += len as u64;
                     lengths.push(len);
                     shifted.push(shifted_supervised);
+                    counted.push(Counted {
+                        supervised,
+                        tiles,
+                        truncated,
+                    });
                     records.push(r);
                 }
                 Scanned::Bad(reason) => problems.push(problem(reason)),
@@ -456,6 +473,7 @@ impl Dataset {
                 records,
                 lengths,
                 supervised: shifted,
+                counted,
                 text,
                 image,
                 max_seq_len: d.max_seq_len,
@@ -1095,16 +1113,18 @@ fn mask_rows(c: &mut collate::Batch, filler: &[bool]) -> usize {
     filler.iter().filter(|&&f| f).count()
 }
 
-/// Decode every image of the dataset (what training would do), with `data.num_workers`
-/// threads; the problems come back in file order. Used by `trainer data check`.
-pub fn check_images(ds: &Dataset) -> Vec<Problem> {
+/// The split's report after decoding every image of the dataset (what training would do), with
+/// `data.num_workers` threads: a sample whose image does not decode is a bad record (in file
+/// order among the others), and its length, tiles and tokens leave the statistics. Used by
+/// `trainer data check`.
+pub fn checked_report(ds: &Dataset) -> ScanReport {
     let inner = &ds.inner;
     let workers = inner.num_workers.max(1);
     let idx: Vec<usize> = (0..inner.records.len())
         .filter(|&i| inner.records[i].image.is_some())
         .collect();
     let chunk = idx.len().div_ceil(workers).max(1);
-    let mut problems: Vec<Problem> = std::thread::scope(|s| {
+    let failed: Vec<(usize, Problem)> = std::thread::scope(|s| {
         let handles: Vec<_> = idx
             .chunks(chunk)
             .map(|c| {
@@ -1113,11 +1133,12 @@ pub fn check_images(ds: &Dataset) -> Vec<Problem> {
                         .filter_map(|&i| {
                             let r = &inner.records[i];
                             let p = r.image.as_ref()?;
-                            image::load_rgb(p).err().map(|reason| Problem {
+                            let problem = |reason| Problem {
                                 file: r.file.clone(),
                                 line: r.line,
                                 reason,
-                            })
+                            };
+                            image::load_rgb(p).err().map(|reason| (i, problem(reason)))
                         })
                         .collect::<Vec<_>>()
                 })
@@ -1128,8 +1149,32 @@ pub fn check_images(ds: &Dataset) -> Vec<Problem> {
             .flat_map(|h| h.join().expect("check worker panicked"))
             .collect()
     });
-    sort_in_file_order(&mut problems, &ds.inner.file);
-    problems
+    let mut report = ds.report.clone();
+    if failed.is_empty() {
+        return report;
+    }
+    let gone: std::collections::BTreeSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+    for &i in &gone {
+        let c = inner.counted[i];
+        report.ok -= 1;
+        report.truncated -= usize::from(c.truncated);
+        report.supervised_tokens -= c.supervised as u64;
+        report.total_tokens -= inner.lengths[i] as u64;
+        if let Some(n) = report.tiles.get_mut(&c.tiles) {
+            *n -= 1;
+            if *n == 0 {
+                report.tiles.remove(&c.tiles);
+            }
+        }
+    }
+    report.lengths = (inner.lengths.iter().enumerate())
+        .filter(|(i, _)| !gone.contains(i))
+        .map(|(_, &n)| n)
+        .collect();
+    *report.skipped.entry("bad record".into()).or_default() += failed.len();
+    report.problems.extend(failed.into_iter().map(|(_, p)| p));
+    sort_in_file_order(&mut report.problems, &inner.file);
+    report
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::path::Path;
 use safetensors::tensor::Dtype;
 
 use super::collate;
-use super::dataset::{check_images, DataError, Dataset, Split};
+use super::dataset::{checked_report, DataError, Dataset, Split};
 use super::records::{build_sco, DEFAULT_CORRECTION_PROMPT};
 use super::tokenize::IGNORE;
 use crate::config::{BadRecords, Config, LengthPolicy};
@@ -43,14 +43,7 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
     }
     for split in splits {
         let ds = Dataset::scan(config, &config.model.path, split)?;
-        let mut report = ds.report().clone();
-        let decode = check_images(&ds);
-        if !decode.is_empty() {
-            report.ok -= decode.len();
-            *report.skipped.entry("bad record".into()).or_default() += decode.len();
-            report.problems.extend(decode);
-            super::records::sort_in_file_order(&mut report.problems, &report.file);
-        }
+        let report = checked_report(&ds);
         if config.data.bad_records == BadRecords::Error && !report.problems.is_empty() {
             stopping += report.problems.len();
             policies.insert("data.bad_records: error");
