@@ -387,6 +387,10 @@ fn length_policy_skip_truncate_error() {
     let ds = open(&config(&train, &images, &[&set])).unwrap();
     assert_eq!(ds.len(), 8 - longer);
     assert_eq!(ds.report().skipped["too long"], longer);
+    // each named, with its length (`data check` lists them)
+    assert_eq!(ds.report().too_long.len(), longer);
+    let why = &ds.report().too_long[0].reason;
+    assert!(why.contains(&format!("> data.max_seq_len {cut}")), "{why}");
 
     let ds = open(&config(
         &train,

@@ -111,7 +111,8 @@ pub struct ScanReport {
     pub skipped: BTreeMap<String, usize>,
     /// Bad records (parse, image path or header, tokenization), in file order.
     pub problems: Vec<Problem>,
-    /// Records longer than max_seq_len under `max_seq_len_policy: error`.
+    /// Records longer than max_seq_len under `max_seq_len_policy: error` (refused) or `skip`
+    /// (dropped), named.
     pub too_long: Vec<Problem>,
     /// Token counts of the samples (after the length policy), in dataset order.
     pub lengths: Vec<usize>,
@@ -335,6 +336,8 @@ enum Scanned {
     },
     Bad(String),
     TooLong(String),
+    /// Longer than max_seq_len under `skip`: dropped, named in the report.
+    TooLongDropped(String),
     Skipped(&'static str),
 }
 
@@ -455,6 +458,11 @@ impl Dataset {
                 }
                 Scanned::Bad(reason) => problems.push(problem(reason)),
                 Scanned::TooLong(reason) => {
+                    let key = "too long, refused (data.max_seq_len_policy: error)";
+                    *report.skipped.entry(key.into()).or_default() += 1;
+                    report.too_long.push(problem(reason));
+                }
+                Scanned::TooLongDropped(reason) => {
                     *report.skipped.entry("too long".into()).or_default() += 1;
                     report.too_long.push(problem(reason));
                 }
@@ -757,7 +765,7 @@ fn scan_record(
             if reason.starts_with("no supervised") {
                 Scanned::Skipped("nothing supervised after truncation")
             } else {
-                Scanned::Skipped("too long")
+                Scanned::TooLongDropped(reason)
             }
         }
         Ok(outcome) => {
