@@ -33,6 +33,8 @@ fn an_unread_format_is_named() {
     );
     let e = image::decode_rgb(b"hello, not an image").unwrap_err();
     assert!(e.contains("unknown image format"), "{e}");
+    let e = image::decode_rgb(b"").unwrap_err();
+    assert!(e.contains("empty image file (0 bytes)"), "{e}");
 }
 
 #[test]

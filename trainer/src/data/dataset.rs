@@ -797,6 +797,12 @@ fn image_size(p: &Path) -> Result<(usize, usize), String> {
         .take(3)
         .read_to_end(&mut bytes)
         .map_err(unreadable)?;
+    if bytes.is_empty() {
+        return Err(format!(
+            "image {}: empty file (0 bytes): an interrupted download or copy?",
+            p.display()
+        ));
+    }
     let (w, h) = if super::jpeg::is_jpeg(&bytes) {
         // libjpeg parses from memory: the first 64 KiB hold the frame header of almost every
         // file (every rank scans every image at startup, often over a network filesystem); a
@@ -969,7 +975,13 @@ fn load_samples(
                         file: inner.file.clone(),
                     });
                 };
-                tracing::warn!("{p} (skipped: replaced by sample {j})");
+                // (named by its line, as the record that failed is)
+                let r = &inner.records[j];
+                tracing::warn!(
+                    "{p} (skipped: replaced by the record at {}:{})",
+                    r.file.display(),
+                    r.line
+                );
                 inner.replaced.fetch_add(1, Ordering::Relaxed);
                 replaced += 1;
                 used.push(j);

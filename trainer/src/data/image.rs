@@ -212,6 +212,9 @@ pub(crate) fn check_pixel_count(w: usize, h: usize) -> Result<(), String> {
 
 /// `load_rgb` over bytes in memory.
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
+    if bytes.is_empty() {
+        return Err("empty image file (0 bytes): an interrupted download or copy?".into());
+    }
     if super::jpeg::is_jpeg(bytes) {
         return super::jpeg::decode(bytes);
     }
