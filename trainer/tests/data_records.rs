@@ -284,4 +284,16 @@ fn a_line_that_is_not_utf8_is_a_bad_record_of_its_own() {
         rep.problems
     );
     assert_eq!(rep.blank_lines, 0);
+    // a UTF-16 file (Windows' "Unicode") is one problem saying so
+    let utf16 = dir.join("utf16.jsonl");
+    let mut bytes = vec![0xff, 0xfe];
+    bytes.extend(good.encode_utf16().flat_map(|u| u.to_le_bytes()));
+    std::fs::write(&utf16, &bytes).unwrap();
+    let rep = trainer::data::records::parse_jsonl(&utf16, &opts(TextOnly::Skip)).unwrap();
+    assert_eq!((rep.records.len(), rep.problems.len()), (0, 1));
+    assert!(
+        rep.problems[0].reason.contains("UTF-16"),
+        "{:?}",
+        rep.problems
+    );
 }

@@ -101,6 +101,17 @@ pub fn parse_jsonl(path: &Path, opts: &ParseOptions) -> Result<ParseReport, Prob
         line: 0,
         reason: format!("cannot read the data file: {e}"),
     })?;
+    // (Windows' "Unicode" saves UTF-16 with a byte-order mark: one problem, not one per line)
+    if bytes.starts_with(b"\xff\xfe") || bytes.starts_with(b"\xfe\xff") {
+        let mut report = ParseReport::default();
+        report.problems.push(Problem {
+            file: path.to_path_buf(),
+            line: 1,
+            reason: "the file is UTF-16 text: save it as UTF-8 (e.g. `iconv -f UTF-16 -t UTF-8`)"
+                .into(),
+        });
+        return Ok(report);
+    }
     Ok(match String::from_utf8(bytes) {
         Ok(text) => parse_jsonl_str(path, &text, opts),
         // lines that are not UTF-8 are bad records of their own, the others parse as usual
