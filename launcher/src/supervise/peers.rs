@@ -192,8 +192,7 @@ impl Peers {
             m.client
                 .compare_set(&format!("{a}/node/{}", m.node_rank), None, me.as_bytes())?
         {
-            let other = String::from_utf8_lossy(&other);
-            let other_host = other.split(' ').next().unwrap_or("?");
+            let other_host = registered_host(&other);
             let why = format!(
                 "node rank {} is already taken by a launcher on {other_host} (give every node a distinct --node-rank)",
                 m.node_rank
@@ -590,11 +589,7 @@ impl MultiNode {
             .client
             .try_get(&format!("launcher/a{attempt}/node/{node}"));
         let host = match registered {
-            Ok(Some(v)) => String::from_utf8_lossy(&v)
-                .split(' ')
-                .next()
-                .unwrap_or("?")
-                .to_string(),
+            Ok(Some(v)) => registered_host(&v),
             _ => "?".into(),
         };
         let failure = Failure::of_node(FailureKind::PeerLost(reason), node, &host, attempt);
@@ -624,6 +619,12 @@ impl MultiNode {
             .filter(|n| !matches!(self.client.try_get(&format!("{a}/node/{n}")), Ok(Some(_))))
             .collect()
     }
+}
+
+/// The host of a node's rendezvous entry (`{a}/node/{n}`: "HOST PID NPROC").
+fn registered_host(entry: &[u8]) -> String {
+    let text = String::from_utf8_lossy(entry);
+    text.split(' ').next().unwrap_or("?").to_string()
 }
 
 /// Interrupts a wait on a signal (the launcher should react to Ctrl-C at once) or at the deadline.

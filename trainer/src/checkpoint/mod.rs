@@ -498,7 +498,8 @@ impl ExportLock {
             );
         }
         // (not checkpoint.dir and train.output_dir: the config check refuses those first)
-        if let Some(ckpt) = enclosing_checkpoint(dir).filter(|_| name == Self::NAME) {
+        let export = name == Self::NAME;
+        if let Some(ckpt) = export.then(|| enclosing_checkpoint(dir)).flatten() {
             anyhow::bail!(
                 "{} is inside checkpoint {}: what is written there goes when checkpoint \
                  retention removes that checkpoint (checkpoint.keep_last); give a folder outside \

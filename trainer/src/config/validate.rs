@@ -130,12 +130,6 @@ pub fn training_conflicts(config: &Config) -> Result<(), ConfigError> {
 /// and by `train` before anything loads. Relative paths are read from the working folder, as the
 /// ranks read them.
 pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
-    let missing = |path: &str, message: String| {
-        Err(ConfigError::NoSuchPath {
-            path: path.into(),
-            message,
-        })
-    };
     let model = &config.model.path;
     if !model.is_dir() {
         // ("meta-llama/Llama-3.2-11B-Vision" is a Hub id: nothing is downloaded here; not
@@ -167,15 +161,17 @@ pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
     output_folders(config, model)
 }
 
+/// The error for a path of config key `path` that is not there (or not what it must be).
+fn missing(path: &str, message: String) -> Result<(), ConfigError> {
+    Err(ConfigError::NoSuchPath {
+        path: path.into(),
+        message,
+    })
+}
+
 /// The data's paths of `missing_paths` (what `trainer data check` reads too): data.train,
 /// data.eval under train.validate, data.image_root.
 pub fn missing_data_paths(config: &Config) -> Result<(), ConfigError> {
-    let missing = |path: &str, message: String| {
-        Err(ConfigError::NoSuchPath {
-            path: path.into(),
-            message,
-        })
-    };
     let eval = config.data.eval.as_ref().filter(|_| config.train.validate);
     for (key, files) in [
         ("data.train", Some(&config.data.train)),
@@ -212,12 +208,6 @@ pub fn missing_data_paths(config: &Config) -> Result<(), ConfigError> {
 
 /// The run's output folders: not model.path (`model`), not a checkpoint, not another model's.
 fn output_folders(config: &Config, model: &std::path::Path) -> Result<(), ConfigError> {
-    let missing = |path: &str, message: String| {
-        Err(ConfigError::NoSuchPath {
-            path: path.into(),
-            message,
-        })
-    };
     let model_real = model.canonicalize().ok();
     let same = |a: &std::path::Path| a.canonicalize().ok().is_some_and(|a| Some(a) == model_real);
     for (key, dir) in [

@@ -358,6 +358,22 @@ impl<'a> Saver<'a> {
     }
 
     /// Saves the state after `st.step` with the data continuing at `data` (epoch, batch).
+    /// A checkpoint of the step just done in epoch `epoch` (data at its next batch), unless it
+    /// has one (saved by `after_step`, or the one resumed from) or no step was done.
+    pub fn save_step_done(
+        &mut self,
+        st: &mut State,
+        trainable: &Trainable,
+        opt: &AdamW,
+        epoch: u64,
+    ) -> Result<()> {
+        if st.step == 0 || st.saved_step == Some(st.step) {
+            return Ok(());
+        }
+        let at = (epoch, st.epoch_batch);
+        self.save(st, trainable, opt, at)
+    }
+
     pub fn save(
         &mut self,
         st: &mut State,
@@ -445,9 +461,8 @@ impl<'a> Saver<'a> {
     /// old one is left half deleted. A failure there is logged; `e` is returned either way. (After
     /// another error, a peer may be gone: nothing is attempted that would wait for it.)
     pub fn publish_before_stop(&mut self, e: anyhow::Error) -> anyhow::Error {
-        // (a context of `e`, too: anyhow's chain does not downcast to it)
-        let agreed = e.downcast_ref::<AgreedStop>().is_some();
-        if agreed || e.chain().any(|c| c.is::<AgreedStop>()) {
+        // (anyhow's downcast finds it as the error or as any context over it)
+        if e.downcast_ref::<AgreedStop>().is_some() {
             if let Err(p) = self.finish() {
                 tracing::warn!("the checkpoint being saved could not be published: {p:#}");
             }

@@ -256,11 +256,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
             let batches = match fetched {
                 Ok(batches) => batches,
                 Err(e) => {
-                    let saved = st.saved_step == Some(st.step) || st.step == start_step;
-                    if !saved {
-                        let at = (epoch, st.epoch_batch);
-                        saver.save(&mut st, &trainable, &opt, at)?;
-                    }
+                    saver.save_step_done(&mut st, &trainable, &opt, epoch)?;
                     let why = step::AgreedStop(match st.step {
                         0 => "the first batch could not be loaded".to_string(),
                         s => format!(
@@ -313,10 +309,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
             // SIGTERM (SIGUSR1, SIGINT, SIGHUP): every rank stops after the same step, with a
             // checkpoint of it.
             if let Some(sig) = signal::stop_requested(&pg, device, st.step, stop_after)? {
-                if st.saved_step != Some(st.step) {
-                    let at = (epoch, st.epoch_batch);
-                    saver.save(&mut st, &trainable, &opt, at)?;
-                }
+                saver.save_step_done(&mut st, &trainable, &opt, epoch)?;
                 let name = signal::name(sig);
                 meter.log(&format!("{name}: stopping after step {}", st.step));
                 stopped_by = Some(sig);
