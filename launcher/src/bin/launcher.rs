@@ -226,14 +226,23 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             let code = e.exit_code();
-            let _ = e.print();
             // torchrun's `torchrun [OPTIONS] train.py --lr 1`: clap stops at `--lr`
-            if e.use_stderr() {
-                if let Some(script) = script_before_dashes(std::env::args_os().skip(1)) {
+            let script = e
+                .use_stderr()
+                .then(|| script_before_dashes(std::env::args_os().skip(1)))
+                .flatten();
+            match script {
+                Some(script) => {
+                    // (clap's own tip there, "to pass '-m' as a value, use '-- -m'", would run
+                    // `-m` as the program)
+                    eprint!("{}", without_tips(&e.render().to_string()));
                     eprintln!(
                         "\nnote: programs run after `--` (the launcher's own options come before it): \
                          launcher [OPTIONS] -- {script} ARGS"
                     );
+                }
+                None => {
+                    let _ = e.print();
                 }
             }
             return ExitCode::from(code as u8);
@@ -317,6 +326,21 @@ fn script_before_dashes(args: impl Iterator<Item = OsString>) -> Option<String> 
         false if a.contains('/') => a.clone(),
         false => format!("./{a}"),
     })
+}
+
+/// clap's message without its `tip:` lines (and the blank line before each).
+fn without_tips(message: &str) -> String {
+    let mut kept: Vec<&str> = Vec::new();
+    for line in message.lines() {
+        if line.trim_start().starts_with("tip:") {
+            if kept.last().is_some_and(|l| l.trim().is_empty()) {
+                kept.pop();
+            }
+            continue;
+        }
+        kept.push(line);
+    }
+    kept.iter().map(|l| format!("{l}\n")).collect()
 }
 
 /// Turns the command line (plus SLURM's variables) into a validated launch.
@@ -965,6 +989,27 @@ mod tests {
         }
         assert_eq!(unbracketed("[::1]"), "::1");
         assert_eq!(unbracketed("node0"), "node0");
+    }
+
+    #[test]
+    fn the_hint_replaces_claps_tip_to_pass_dashes_m() {
+        let argv = ["launcher", "--nproc-per-node", "1", "-m", "pkg.train"];
+        let err = Cli::command().try_get_matches_from(argv).unwrap_err();
+        let full = err.render().to_string();
+        assert!(full.contains("use '-- -m'"), "{full}");
+        let shown = without_tips(&full);
+        assert!(
+            !shown.contains("tip:") && !shown.contains("'-- -m'"),
+            "{shown}"
+        );
+        assert!(
+            shown.starts_with("error: unexpected argument '-m' found\n\nUsage:"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("For more information, try '--help'."),
+            "{shown}"
+        );
     }
 
     #[test]
