@@ -80,11 +80,14 @@ bench-data: $(PEERS_STAMP)
 # GPU: build the check binaries here (make gpu-bin), then run scripts/gpu-check.sh on the GPU host.
 gpu-bin: $(SETUP_STAMP)
 	$(CARGO) build --bins
-	$(CARGO) test --no-run -p trainer --test model_gpu
 	rm -rf .gpu-bin && mkdir -p .gpu-bin
 	cp $(TARGET_DIR)/debug/kernels-gpu-check $(TARGET_DIR)/debug/dist-selftest $(TARGET_DIR)/debug/launcher $(TARGET_DIR)/debug/trainer .gpu-bin/
-	cp "$$(ls -t $(TARGET_DIR)/debug/deps/model_gpu-* | grep -v '\.d$$' | head -n1)" .gpu-bin/model_gpu
+	# (the test binary cargo names for this build, not the newest model_gpu-* file, which may be stale)
+	$(CARGO) test --no-run -p trainer --test model_gpu --message-format=json \
+	  | python3 -c 'import json, sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "model_gpu" and m.get("executable")][-1])' \
+	  | xargs -I{} cp {} .gpu-bin/model_gpu
 	strip .gpu-bin/*
+	@du -sh .gpu-bin; echo "carry: [\".gpu-bin\"]; run: OUT=\$$OUT bash scripts/gpu-check.sh all (timeout_s 480)"
 
 gpu-check:
 	@./scripts/gpu-check.sh

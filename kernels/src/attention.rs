@@ -1507,6 +1507,22 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale
     probs.matmul(&v)
 }
 
+/// The log2-domain logsumexp the forward saves (`Forward::lse`), from the same dense mask as
+/// [`reference`]: (B, H, Sq) in q's kind, log2(sum over allowed keys of exp(scale * q.k)), -inf
+/// for rows that see no key.
+pub fn reference_lse(q: &Tensor, k: &Tensor, mask: &AttentionMask, scale: f64) -> Tensor {
+    let (b, h, sq) = (q.size()[0], q.size()[1], q.size()[2]);
+    let (hk, sk) = (k.size()[1], k.size()[2]);
+    let k = k.repeat_interleave_self_int(h / hk, 1, None);
+    let scores = q.matmul(&k.transpose(-2, -1)) * scale; // (B, H, Sq, Sk)
+    let allowed = dense_mask(mask, b, sq, sk, q.device());
+    // (logsumexp over only -inf is -inf)
+    let lse = scores
+        .masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
+        .logsumexp([-1i64].as_slice(), false); // (B, H, Sq)
+    lse / std::f64::consts::LN_2
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

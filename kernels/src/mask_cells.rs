@@ -162,6 +162,27 @@ mod tests {
     use super::*;
     use crate::attention::dense_mask;
 
+    /// The kernels read the cells with their own copies of the states and the cell shape
+    /// (attention.cu); a drift would misjudge tiles on the GPU only, so the text is compared.
+    #[test]
+    fn the_cuda_side_reads_cells_as_they_are_made() {
+        let src = include_str!("../cuda/attention.cu");
+        assert!(src.contains(&format!("#define CELL_WHOLE {WHOLE}\n")));
+        assert!(src.contains(&format!("#define CELL_EMPTY {EMPTY}\n")));
+        // nqc = ceil(Sq / 64), nkc = ceil(Sk / 32), cell (q0 / 64, k0 / 32), row-major (B, nqc, nkc)
+        let shift = |n: i64| n.trailing_zeros();
+        let (r, k) = (shift(CELL_ROWS), shift(CELL_KEYS));
+        assert_eq!((1 << r, 1 << k), (CELL_ROWS, CELL_KEYS));
+        assert!(src.contains(&format!(
+            "const int nqc = (p.Sq + {}) >> {r}, nkc = (p.Sk + {}) >> {k};",
+            CELL_ROWS - 1,
+            CELL_KEYS - 1
+        )));
+        assert!(src.contains(&format!(
+            "p.mask_cells[((i64)b * nqc + (q0 >> {r})) * nkc + (k0 >> {k})]"
+        )));
+    }
+
     /// The cells the slow way, from the dense mask (causal off) padded with "allowed": (every
     /// pair allowed, no pair allowed), u8 each.
     fn slow(mask: &AttentionMask, b: i64, sq: i64, sk: i64) -> (Tensor, Tensor) {

@@ -130,6 +130,45 @@ fn fully_masked_rows_give_zero_output_and_finite_gradients() {
     );
 }
 
+/// The lse the checks hold the forward's to is the log2 of the reference's softmax denominator:
+/// 2^(scale * q.k * log2(e) - lse) over the allowed keys are the reference's probabilities (they
+/// give its output), and a row that sees no key has -inf.
+#[test]
+fn reference_lse_is_the_log2_softmax_denominator() {
+    tch::manual_seed(3);
+    let (b, h, hk, sq, sk, d) = (2, 4, 2, 5, 8, 16);
+    let q = Tensor::randn([b, h, sq, d], F64);
+    let k = Tensor::randn([b, hk, sk, d], F64);
+    let v = Tensor::randn([b, hk, sk, d], F64);
+    let blocks = Tensor::ones([b, sq, 2], (Kind::Uint8, Device::Cpu));
+    let _ = blocks.get(1).narrow(1, 1, 1).fill_(0);
+    let _ = blocks.narrow(1, 0, 1).fill_(0); // row 0 sees no key
+    let mask = AttentionMask {
+        causal: true,
+        block_mask: Some((&blocks, 4)),
+        ..Default::default()
+    };
+    let scale = 0.3;
+    let lse = attention::reference_lse(&q, &k, &mask, scale); // (B, H, Sq)
+    assert_eq!(lse.size(), [b, h, sq]);
+    let no_key = lse.narrow(2, 0, 1);
+    assert_eq!(no_key.isneginf().all().int64_value(&[]), 1);
+    let rest = lse.narrow(2, 1, sq - 1);
+    assert_eq!(rest.isfinite().all().int64_value(&[]), 1);
+    let kr = k.repeat_interleave_self_int(h / hk, 1, None);
+    let vr = v.repeat_interleave_self_int(h / hk, 1, None);
+    let scores = q.matmul(&kr.transpose(-2, -1)) * scale; // (B, H, Sq, Sk)
+    let allowed = attention::dense_mask(&mask, b, sq, sk, Device::Cpu);
+    let probs = (scores - lse.unsqueeze(-1) * std::f64::consts::LN_2)
+        .exp()
+        .masked_fill(&allowed.logical_not(), 0.0);
+    let sums = probs.sum_dim_intlist([-1i64].as_slice(), false, Kind::Double);
+    let ones = sums.narrow(2, 1, sq - 1);
+    assert!(max_abs_diff(&ones, &ones.ones_like()) < 1e-12);
+    let out = attention::reference(&q, &k, &v, &mask, scale);
+    assert!(max_abs_diff(&probs.matmul(&vr), &out) < 1e-12);
+}
+
 #[test]
 fn rmsnorm_reference_matches_libtorch() {
     let x = Tensor::randn([5, 24], F64);
