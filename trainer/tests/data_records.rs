@@ -100,7 +100,7 @@ fn every_bad_case_is_file_line_reason() {
         ),
         (
             r#"{"image": "x.jpg", "conversations": [{"from":"system","value":"s"},{"from":"human","value":"q"},{"from":"gpt","value":"a"}]}"#,
-            "conversations[0] is a \"system\" turn, which this format does not have",
+            "conversations[0] is a \"system\" turn in a record with an image",
         ),
         (
             r#"{"image": "x.jpg", "conversations": [{"from":"gpt","value":"a"},{"from":"human","value":"q"}]}"#,
@@ -204,6 +204,40 @@ fn text_only_records_are_skipped_before_their_shape_is_checked() {
     assert_eq!((r.records.len(), r.skipped_text_only), (1, 2));
     assert_eq!(r.records[0].id, "i");
     assert_eq!(r.records[0].line, 3);
+}
+
+/// A text-only record kept under `text_only: keep` may open with a system turn (the chat
+/// template takes one without an image); a later one, or one alone, is refused.
+#[test]
+fn a_text_only_record_takes_a_leading_system_turn() {
+    let text = "{\"id\": \"s\", \"conversations\": [{\"from\": \"system\", \"value\": \" Be brief. \"}, {\"from\": \"human\", \"value\": \"q\"}, {\"from\": \"gpt\", \"value\": \"a\"}]}\n\
+        {\"id\": \"late\", \"conversations\": [{\"from\": \"human\", \"value\": \"q\"}, {\"from\": \"system\", \"value\": \"s\"}, {\"from\": \"gpt\", \"value\": \"a\"}]}\n\
+        {\"id\": \"alone\", \"conversations\": [{\"from\": \"system\", \"value\": \"s\"}]}\n\
+        {\"id\": \"plain\", \"conversations\": [{\"from\": \"human\", \"value\": \"q\"}, {\"from\": \"gpt\", \"value\": \"a\"}]}\n";
+    let opts = ParseOptions {
+        image_root: None,
+        text_only: TextOnly::Keep,
+        check_image_exists: false,
+        keep_image_placeholder: false,
+    };
+    let r = parse_jsonl_str(Path::new("mixed.jsonl"), text, &opts);
+    let ids: Vec<&str> = r.records.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["s", "plain"]);
+    assert_eq!(r.records[0].system.as_deref(), Some("Be brief."));
+    assert_eq!(r.records[0].turns.len(), 1);
+    assert_eq!(r.records[1].system, None);
+    let reasons: Vec<(usize, &str)> = r
+        .problems
+        .iter()
+        .map(|p| (p.line, p.reason.as_str()))
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert_eq!(reasons[0].0, 2);
+    assert!(reasons[0]
+        .1
+        .contains("conversations[1] is a \"system\" turn after the first"));
+    assert_eq!(reasons[1].0, 3);
+    assert!(reasons[1].1.contains("no \"human\" / \"gpt\" turns"));
 }
 
 #[test]

@@ -105,6 +105,51 @@ fn text_only_render_with_system_block_and_generation_prompt() {
     assert_eq!(t.render(&msgs, false, None).unwrap(), today);
 }
 
+/// A text-only record's system turn renders as transformers renders it (the template's system
+/// block, after its dates), and only the assistant's answer is supervised.
+#[test]
+fn a_system_turn_renders_as_transformers_and_is_not_supervised() {
+    let tp = TextProcessor::from_model_dir(&fixtures().join("tok"), false).unwrap();
+    let turns = [trainer::data::records::Turn {
+        user: "Hi there".into(),
+        assistant: "Hello".into(),
+    }];
+    let got = tp
+        .render_dialog(Some("Answer in one word."), &turns, false)
+        .unwrap();
+    // (the template's date is today's here; the golden's is fixed)
+    let today = got
+        .split("Today Date: ")
+        .nth(1)
+        .and_then(|rest| rest.split('\n').next())
+        .unwrap()
+        .to_string();
+    let want = golden()["text_only_system_render"]
+        .as_str()
+        .unwrap()
+        .replace("26 Jul 2024", &today);
+    assert_eq!(got, want);
+    let enc = tp
+        .encode_dialog(Some("Answer in one word."), &turns, false)
+        .unwrap();
+    let supervised: Vec<i64> = enc
+        .labels
+        .iter()
+        .copied()
+        .filter(|&l| l != IGNORE)
+        .collect();
+    let plain = tp.encode(&turns, false).unwrap();
+    let plain_supervised: Vec<i64> = plain
+        .labels
+        .iter()
+        .copied()
+        .filter(|&l| l != IGNORE)
+        .collect();
+    assert!(!supervised.is_empty());
+    assert_eq!(supervised, plain_supervised);
+    assert!(enc.input_ids.len() > plain.input_ids.len());
+}
+
 #[test]
 fn raise_exception_in_template_is_an_error() {
     let t = ChatTemplate::from_model_dir(&fixtures().join("tok")).unwrap();

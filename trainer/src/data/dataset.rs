@@ -755,7 +755,7 @@ fn scan_record(
             Err(e) => return Scanned::Bad(e),
         },
     };
-    let mut enc = match text.encode(&r.turns, r.image.is_some()) {
+    let mut enc = match text.encode_dialog(r.system.as_deref(), &r.turns, r.image.is_some()) {
         Ok(e) => e,
         Err(e) => return Scanned::Bad(e),
     };
@@ -921,7 +921,7 @@ fn load_sample(inner: &Inner, i: usize) -> Result<Sample, Problem> {
     };
     let mut enc = inner
         .text
-        .encode(&r.turns, r.image.is_some())
+        .encode_dialog(r.system.as_deref(), &r.turns, r.image.is_some())
         .map_err(problem)?;
     // The scan kept this record; a different outcome now (a template that renders today's date
     // crossed midnight, an edited file) must not train an over-long sample.

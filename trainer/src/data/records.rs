@@ -31,6 +31,9 @@ pub struct Record {
     pub id: String,
     /// None: a text-only record kept under `data.text_only: keep`.
     pub image: Option<PathBuf>,
+    /// A leading "system" turn's text (text-only records only: the chat template refuses a
+    /// system message beside an image).
+    pub system: Option<String>,
     pub turns: Vec<Turn>,
 }
 
@@ -268,6 +271,7 @@ fn parse_line(line: &str, opts: &ParseOptions) -> Result<Option<Record>, String>
         return Err("empty conversation".into());
     }
     let mut turns = Vec::new();
+    let mut system = None;
     let mut pending_user: Option<String> = None;
     for (k, c) in convs.iter().enumerate() {
         let c = c.as_object().ok_or_else(|| {
@@ -319,15 +323,22 @@ fn parse_line(line: &str, opts: &ParseOptions) -> Result<Option<Record>, String>
                     ))
                 }
             },
-            // (the seed's format has none; Llama 3.2 Vision's chat template raises on a system
-            // message in a conversation with an image)
-            "system" => {
+            // (the seed's records have none; Llama 3.2 Vision's chat template raises on a system
+            // message in a conversation with an image, and takes one without)
+            "system" if image.is_some() => {
                 return Err(format!(
-                    "conversations[{k}] is a \"system\" turn, which this format does not have (only \"human\" and \"gpt\"; \
-                     Llama 3.2 Vision's chat template refuses a system message beside an image): fold its text into \
-                     the first \"human\" turn or remove it"
+                    "conversations[{k}] is a \"system\" turn in a record with an image: Llama 3.2 Vision's chat \
+                     template refuses a system message beside an image (\"Prompting with images is incompatible \
+                     with system messages\"): fold its text into the first \"human\" turn or remove it"
                 ))
             }
+            "system" if k > 0 => {
+                return Err(format!(
+                    "conversations[{k}] is a \"system\" turn after the first: the chat template takes one \
+                     system message, as the conversation's first turn"
+                ))
+            }
+            "system" => system = Some(value.trim().to_string()),
             other => {
                 return Err(format!(
                     "unknown role {other:?} in conversations[{k}].from (expected \"human\" or \"gpt\", or their aliases \"user\" and \"assistant\")"
@@ -338,6 +349,11 @@ fn parse_line(line: &str, opts: &ParseOptions) -> Result<Option<Record>, String>
     if pending_user.is_some() {
         return Err(
             "the conversation ends with a \"human\" turn that has no \"gpt\" answer".to_string(),
+        );
+    }
+    if turns.is_empty() {
+        return Err(
+            "the conversation has a \"system\" turn but no \"human\" / \"gpt\" turns".into(),
         );
     }
     if let (Some(p), true) = (&image, opts.check_image_exists) {
@@ -352,6 +368,7 @@ fn parse_line(line: &str, opts: &ParseOptions) -> Result<Option<Record>, String>
         line: 0,
         id,
         image,
+        system,
         turns,
     }))
 }

@@ -139,9 +139,13 @@ pub fn token_string(v: Option<&Value>) -> Option<String> {
 }
 
 /// The HF messages for one record, as the seed's collator builds them: the image on the first
-/// user turn, text contents.
-pub fn dialog_messages(turns: &[Turn], has_image: bool) -> Value {
+/// user turn, text contents; a system message first, its content a string (the template trims
+/// it as one).
+pub fn dialog_messages(system: Option<&str>, turns: &[Turn], has_image: bool) -> Value {
     let mut msgs = Vec::new();
+    if let Some(text) = system {
+        msgs.push(serde_json::json!({"role": "system", "content": text}));
+    }
     for (i, t) in turns.iter().enumerate() {
         let mut user = Vec::new();
         if i == 0 && has_image {

@@ -199,9 +199,19 @@ impl TextProcessor {
 
     /// The text the seed tokenizes for these turns.
     pub fn render(&self, turns: &[Turn], has_image: bool) -> Result<String, String> {
+        self.render_dialog(None, turns, has_image)
+    }
+
+    /// [`Self::render`] after a system message (a record's leading "system" turn).
+    pub fn render_dialog(
+        &self,
+        system: Option<&str>,
+        turns: &[Turn],
+        has_image: bool,
+    ) -> Result<String, String> {
         let text = self
             .template
-            .render(&dialog_messages(turns, has_image), false, None)?;
+            .render(&dialog_messages(system, turns, has_image), false, None)?;
         Ok(build_string_from_input(
             &text,
             &self.ids.bos_token,
@@ -220,7 +230,18 @@ impl TextProcessor {
 
     /// Render, tokenize and mask one record's turns.
     pub fn encode(&self, turns: &[Turn], has_image: bool) -> Result<Encoded, String> {
-        let text = self.render(turns, has_image)?;
+        self.encode_dialog(None, turns, has_image)
+    }
+
+    /// [`Self::encode`] after a system message (masked from the labels, as the system block
+    /// every text-only record has).
+    pub fn encode_dialog(
+        &self,
+        system: Option<&str>,
+        turns: &[Turn],
+        has_image: bool,
+    ) -> Result<Encoded, String> {
+        let text = self.render_dialog(system, turns, has_image)?;
         let input_ids = self.tokenize(&text)?;
         // a literal image token in the text would be a second image slot (MllamaProcessor refuses
         // the mismatch; the cross-attention mask would end the real image's span there)
