@@ -378,9 +378,11 @@ struct InferArgs {
     /// The question (the first user turn's text)
     #[arg(long)]
     question: String,
-    /// 0 = greedy (the seed's default is 0.7)
-    #[arg(long, default_value_t = 0.7, value_parser = parse_temperature, allow_negative_numbers = true)]
-    temperature: f64,
+    /// 0 = greedy. Default: 0.7, the seed's inference.py value, when the model's
+    /// generation_config.json sets do_sample: true (Llama 3.2 Vision's and LLaVA-CoT's do); else
+    /// greedy, as transformers' generate decodes such a model even when passed a temperature
+    #[arg(long, value_parser = parse_temperature, allow_negative_numbers = true)]
+    temperature: Option<f64>,
     #[command(flatten)]
     generation: GenerationArgs,
     /// Print one JSON object with every turn instead of streaming text
@@ -418,9 +420,9 @@ struct GenerationArgs {
     #[arg(long)]
     top_k: Option<usize>,
     /// With sampling: the smallest set of most likely tokens whose probabilities add up to this
-    /// (nucleus sampling, after top-k); 1 = off
-    #[arg(long, default_value_t = 0.9, value_parser = parse_top_p, allow_negative_numbers = true)]
-    top_p: f64,
+    /// (nucleus sampling, after top-k); 1 = off [default: 0.9, the seed's]
+    #[arg(long, value_parser = parse_top_p, allow_negative_numbers = true)]
+    top_p: Option<f64>,
     /// transformers' repetition_penalty: logits of tokens already in the sequence divided by it
     /// (multiplied where negative); 1 = off. Default: the model's generation_config.json
     /// repetition_penalty, else 1, as the seed's generate call got it
@@ -447,23 +449,76 @@ struct GenerationArgs {
     /// or an export's llava_sco_prompt.json, the run's own setting)
     #[arg(long)]
     double_bos: bool,
+    /// The chat template's "Today Date" for text-only prompts, as YYYY-MM-DD (Llama 3.2's
+    /// template writes one into a prompt without an image; default: today in local time, as
+    /// transformers' strftime_now, so such an answer changes with the day and the time zone)
+    #[arg(long, value_name = "YYYY-MM-DD", value_parser = parse_date_flag)]
+    date: Option<String>,
+}
+
+/// --date: a calendar day as YYYY-MM-DD.
+fn parse_date_flag(s: &str) -> Result<String, String> {
+    trainer::data::template::parse_date(s).map(|_| s.trim().to_string())
 }
 
 impl GenerationArgs {
+    /// Pins the chat template's date to --date (call before anything renders a prompt).
+    fn pin_date(&self) {
+        if let Some(clock) = self
+            .date
+            .as_deref()
+            .and_then(|d| trainer::data::template::parse_date(d).ok())
+        {
+            trainer::data::template::use_template_clock(clock);
+        }
+    }
+
     /// The generation options; the flags not given take `model_dir`'s generation_config.json
-    /// values, as transformers' `generate` takes what its call does not pass.
+    /// values, as transformers' `generate` takes what its call does not pass. `temperature`:
+    /// the flag's, else (None) the seed's 0.7 where generation_config.json sets do_sample: true
+    /// and greedy where it does not (transformers' generate, passed the seed's temperature=0.7,
+    /// decodes greedily unless do_sample is set).
     fn options(
         &self,
-        temperature: f64,
+        temperature: Option<f64>,
         model_dir: &std::path::Path,
     ) -> Result<trainer::infer::InferOptions> {
         let defaults = trainer::infer::sampling::GenerationDefaults::read(model_dir)?;
+        let gen_config = model_dir.join("generation_config.json");
+        let temperature = match temperature {
+            Some(t) => t,
+            None if defaults.do_sample == Some(true) => {
+                tracing::info!(
+                    "sampling at temperature {SEED_TEMPERATURE} (the seed's; {} sets do_sample: true); --temperature 0 decodes greedily",
+                    gen_config.display()
+                );
+                SEED_TEMPERATURE
+            }
+            None => {
+                tracing::info!(
+                    "greedy decoding: {} {} (transformers' generate then decodes greedily, also when passed the seed's temperature 0.7); --temperature T samples",
+                    gen_config.display(),
+                    match gen_config.exists() {
+                        true => "does not set do_sample: true",
+                        false => "is not there",
+                    }
+                );
+                0.0
+            }
+        };
+        let sampling = temperature > 0.0;
+        if !sampling && (self.top_k.is_some() || self.top_p.is_some()) {
+            tracing::warn!(
+                "--top-k and --top-p apply to sampling only: greedy decoding (temperature 0) ignores them"
+            );
+        }
         let top_k = self.top_k.or(defaults.top_k);
         let repetition_penalty = self.repetition_penalty.or(defaults.repetition_penalty);
+        // (top_k matters only when sampling; the repetition penalty also applies when greedy)
         for (flag, given, from_file) in [
             (
                 "top_k",
-                self.top_k.is_some(),
+                self.top_k.is_some() || !sampling,
                 defaults.top_k.map(|k| k.to_string()),
             ),
             (
@@ -474,8 +529,9 @@ impl GenerationArgs {
         ] {
             if let (false, Some(v)) = (given, from_file) {
                 tracing::info!(
-                    "{flag} {v} from {}/generation_config.json (the flag sets another)",
-                    model_dir.display()
+                    "{flag} {v} from {} (--{} sets another)",
+                    gen_config.display(),
+                    flag.replace('_', "-")
                 );
             }
         }
@@ -489,17 +545,22 @@ impl GenerationArgs {
             position: position_of(self.position),
             temperature,
             top_k: top_k.unwrap_or(trainer::infer::sampling::DEFAULT_TOP_K),
-            top_p: self.top_p,
+            top_p: self.top_p.unwrap_or(SEED_TOP_P),
             repetition_penalty: repetition_penalty.unwrap_or(1.0),
             stop: self.stop.clone(),
             max_new_tokens: self.max_new_tokens,
             seed: self.seed,
             keep_image_placeholder: self.keep_image_placeholder,
             double_bos: self.double_bos,
+            date: self.date.clone(),
             eos_token_ids: defaults.eos_token_ids,
         })
     }
 }
+
+/// The seed's inference.py sampling values (passed to its `generate` call).
+const SEED_TEMPERATURE: f64 = 0.7;
+const SEED_TOP_P: f64 = 0.9;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum PositionArg {
@@ -514,6 +575,7 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
     use trainer::data::image;
     use trainer::infer::Session;
 
+    args.generation.pin_date();
     let (ckpt, model_dir, generation) = checkpoint_and_base(
         args.checkpoint.as_deref(),
         args.model.as_ref(),
@@ -565,6 +627,8 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
             "adapter": args.adapter,
             "checkpoint": args.checkpoint,
             "settings": opts,
+            // (the "Today Date" a text-only prompt renders: --date, else this process's day)
+            "template_date": trainer::data::template::strftime_now("%Y-%m-%d"),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -877,6 +941,7 @@ fn position_of(p: PositionArg) -> trainer::infer::Position {
 fn eval(args: EvalArgs) -> Result<ExitCode> {
     use trainer::eval::{run, EvalOptions, Shard};
     use trainer::infer::Session;
+    args.generation.pin_date();
     // the benchmark and the image folder before the model loads (every line is checked again,
     // with its images, before anything is generated)
     trainer::eval::read_bench(&args.data)?;
@@ -960,7 +1025,7 @@ fn eval(args: EvalArgs) -> Result<ExitCode> {
         image_config: &image_config,
     };
     let opts = EvalOptions {
-        infer: generation.options(args.temperature, &model_dir)?,
+        infer: generation.options(Some(args.temperature), &model_dir)?,
         image_root: args.image_root.clone(),
         out: args.out.clone(),
         limit: args.limit,

@@ -724,6 +724,20 @@ fn folders_of_the_wrong_kind_are_named_for_what_they_are() {
         ),
         "{stderr}"
     );
+    // a folder that is not there is named once
+    let (code, _, stderr) = trainer(&[
+        "infer",
+        "--checkpoint",
+        "/no/such/step-1",
+        "--question",
+        "q",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(stderr.matches("/no/such/step-1").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("checkpoint /no/such/step-1: no such folder"),
+        "{stderr}"
+    );
     let run = std::env::temp_dir().join(format!("cli-run-{}", std::process::id()));
     let (older, newer) = (run.join("step-00000002"), run.join("step-00000004"));
     for step in [&older, &newer] {
@@ -875,6 +889,36 @@ fn generation_config_gives_the_defaults_the_flags_leave() {
     let (code, _, stderr) = run(&["--temperature", "0.9", "--top-k", "0"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(!stderr.contains("top_k 1 from"), "{stderr}");
+    // no --temperature: greedy unless do_sample is true (transformers' generate, passed the
+    // seed's temperature 0.7, is greedy then), where the seed's 0.7 samples
+    let (code, default, stderr) = run(&[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(default, greedy);
+    assert!(stderr.contains("greedy decoding: "), "{stderr}");
+    assert!(stderr.contains("does not set do_sample: true"), "{stderr}");
+    assert!(!stderr.contains("top_k 1 from"), "{stderr}");
+    let (code, _, stderr) = run(&["--top-p", "0.5"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("greedy decoding (temperature 0) ignores them"),
+        "{stderr}"
+    );
+    cfg["do_sample"] = true.into();
+    cfg["top_k"] = 0.into();
+    std::fs::write(dir.join("generation_config.json"), cfg.to_string()).unwrap();
+    let (code, sampled_default, stderr) = run(&[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("sampling at temperature 0.7"), "{stderr}");
+    let (_, sampled_07, _) = run(&["--temperature", "0.7"]);
+    assert_eq!(sampled_default, sampled_07);
+    assert_ne!(
+        sampled_default, greedy,
+        "the tiny model's draws at 0.7 leave greedy's path"
+    );
+    cfg["top_k"] = 1.into();
+    cfg["do_sample"] = "yes".into();
+    let refused_do_sample = cfg.clone();
+    cfg["do_sample"] = serde_json::Value::Null;
     // a generation_config.json with `cfg` refused with `want`
     let refused = |cfg: &serde_json::Value, want: &str| {
         std::fs::write(dir.join("generation_config.json"), cfg.to_string()).unwrap();
@@ -882,6 +926,10 @@ fn generation_config_gives_the_defaults_the_flags_leave() {
         assert_eq!(code, 1, "{stderr}");
         assert!(stderr.contains(want), "{stderr}");
     };
+    refused(
+        &refused_do_sample,
+        "generation_config.json: `do_sample` must be true or false, not \"yes\"",
+    );
     cfg["top_k"] = "many".into();
     refused(
         &cfg,
@@ -891,6 +939,66 @@ fn generation_config_gives_the_defaults_the_flags_leave() {
     cfg["eos_token_id"] = serde_json::json!([456, "end"]);
     refused(&cfg, "`eos_token_id` must be a token id or a list of them");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A text-only prompt's "Today Date" is the day and time zone it runs in (as transformers'
+/// strftime_now), unless --date pins it: then two time zones a day apart give the same prompt.
+#[test]
+fn date_pins_the_template_date_across_time_zones() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/train/model");
+    let run = |tz: &str, extra: &[&str]| {
+        let base = [
+            "infer",
+            "--model",
+            model,
+            "--question",
+            "What is it?",
+            "--turns",
+            "1",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--json",
+        ];
+        let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args([&base[..], extra].concat())
+            .env("TZ", tz)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            v["template_date"].clone(),
+            v["turns"][0]["prompt_tokens"].clone(),
+            v["turns"][0]["text"].clone(),
+        )
+    };
+    // 26 hours apart: always two calendar days (POSIX TZ strings: no zoneinfo files needed)
+    let (west, east) = (run("WST+12", &[]), run("EST-14", &[]));
+    assert_ne!(west.0, east.0);
+    let pinned = ["--date", "2024-07-26"];
+    let (west, east) = (run("WST+12", &pinned), run("EST-14", &pinned));
+    assert_eq!(west.0, "2024-07-26");
+    assert_eq!(west, east);
+    let (code, _, stderr) = trainer(&[
+        "infer",
+        "--model",
+        model,
+        "--question",
+        "q",
+        "--date",
+        "2024-02-30",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("\"2024-02-30\" is not a day of the calendar"),
+        "{stderr}"
+    );
 }
 
 /// `trainer compare A A` (here through another path to the same folder) is refused: every

@@ -161,6 +161,33 @@ fn raise_exception_in_template_is_an_error() {
     assert!(e.contains("incompatible with system messages"), "{e}");
 }
 
+/// `--date YYYY-MM-DD` renders that day whatever the time zone offset (noon of it).
+#[test]
+fn a_date_flag_gives_the_template_that_day() {
+    use trainer::data::template::parse_date;
+    let clock = parse_date("2024-07-26").unwrap();
+    assert_eq!(strftime("%d %b %Y", clock), "26 Jul 2024");
+    assert_eq!(strftime("%H:%M", clock), "12:00");
+    assert_eq!(
+        strftime("%d %b %Y", parse_date("2000-02-29").unwrap()),
+        "29 Feb 2000"
+    );
+    assert_eq!(
+        strftime("%d %b %Y", parse_date("1969-12-31").unwrap()),
+        "31 Dec 1969"
+    );
+    for bad in [
+        "2024-02-30",
+        "2023-02-29",
+        "26 Jul 2024",
+        "2024-13-01",
+        "2024-07",
+        "x",
+    ] {
+        assert!(parse_date(bad).is_err(), "{bad}");
+    }
+}
+
 #[test]
 fn strftime_formats_like_python() {
     // 2024-07-26 00:00:00 UTC

@@ -411,6 +411,128 @@ fn other_fields_and_a_byte_order_mark_are_read_past() {
     );
 }
 
+/// A question without an image (`image` null or left out) is asked as text, in a batch of its
+/// own beside the image questions, as `trainer infer` without --image asks it.
+#[test]
+fn text_only_questions_are_asked_without_an_image() {
+    let dir = setup();
+    let bench = dir.join("mixed.jsonl");
+    std::fs::write(
+        &bench,
+        "{\"id\": \"t1\", \"image\": null, \"question\": \"What is red?\", \"answer\": \"a color\"}\n\
+         {\"id\": \"i1\", \"image\": \"small.png\", \"question\": \"How many?\", \"answer\": \"3\"}\n\
+         {\"id\": \"t2\", \"question\": \"Name a shape.\", \"answer\": \"circle\"}\n",
+    )
+    .unwrap();
+    let out = dir.join("out-mixed");
+    let (code, err) = eval_bench(&out, &bench, &["--batch-size", "3"]);
+    assert_eq!(code, 0, "{err}");
+    let preds: Vec<Value> = std::fs::read_to_string(out.join("predictions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let by_id = |id: &str| preds.iter().find(|p| p["id"] == id).unwrap().clone();
+    for (id, tiles) in [("t1", 0), ("t2", 0)] {
+        assert_eq!(by_id(id)["turns"][0]["tiles"], tiles, "{id}");
+    }
+    assert!(by_id("i1")["turns"][0]["tiles"].as_u64().unwrap() > 0);
+    // the same text as infer's for the question alone (greedy, same date: this process's day)
+    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args([
+            "infer",
+            "--turns",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--json",
+        ])
+        .arg("--model")
+        .arg(dir.join("model"))
+        .args(["--question", "Name a shape."])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let alone: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for t in 0..2 {
+        assert_eq!(
+            by_id("t2")["turns"][t]["text"],
+            alone["turns"][t]["text"],
+            "turn {t}"
+        );
+    }
+}
+
+/// Ctrl-C mid-run: the process ends as SIGINT ends it, saying where the predictions made so far
+/// are and that a rerun resumes; the rerun says how many it found and finishes the rest.
+#[test]
+fn an_interrupted_eval_says_what_it_kept_and_the_rerun_resumes() {
+    let dir = setup();
+    let bench = dir.join("long.jsonl");
+    let lines: Vec<String> = (0..200)
+        .map(|i| format!("{{\"id\": \"q{i}\", \"image\": \"small.png\", \"question\": \"How many? {i}\", \"answer\": \"3\"}}"))
+        .collect();
+    std::fs::write(&bench, lines.join("\n") + "\n").unwrap();
+    let out = dir.join("out-interrupted");
+    let child = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args([
+            "eval",
+            "--turns",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "1",
+        ])
+        .arg("--model")
+        .arg(dir.join("model"))
+        .arg("--data")
+        .arg(&bench)
+        .arg("--image-root")
+        .arg(repo().join("tests/fixtures/data/images"))
+        .arg("--out")
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rank_file = out.join("predictions.rank-0.jsonl");
+    let answered = || {
+        std::fs::read_to_string(&rank_file)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let start = std::time::Instant::now();
+    while answered() < 2 && start.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: a plain kill(2) of our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(o.status.signal(), Some(libc::SIGINT), "{stderr}");
+    assert!(
+        stderr.contains("eval: interrupted; the predictions made so far are kept in")
+            && stderr.contains("predictions.rank-0.jsonl")
+            && stderr.contains("run the same command again to resume"),
+        "{stderr}"
+    );
+    let kept = answered();
+    assert!((2..200).contains(&kept), "{kept} kept");
+    let (code, err) = eval_bench(&out, &bench, &["--batch-size", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!(
+            "resuming: {kept} of this rank's 200 questions already answered"
+        )),
+        "{err}"
+    );
+    let merged = std::fs::read_to_string(out.join("predictions.jsonl")).unwrap();
+    assert_eq!(merged.lines().count(), 200);
+}
+
 #[test]
 fn bad_benchmarks_name_file_and_line() {
     let dir = setup();
@@ -426,6 +548,7 @@ fn bad_benchmarks_name_file_and_line() {
         // found before the first question is generated, not when its turn comes
         ("literal.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n{\"id\": \"y\", \"image\": \"small.png\", \"question\": \"see <|image|> here\", \"answer\": \"1\"}\n", "literal.jsonl:2: id \"y\": the question holds a literal <|image|>"),
         ("late-missing.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n{\"id\": \"y\", \"image\": \"nope.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "late-missing.jsonl:2: image"),
+        ("empty-image.jsonl", "{\"id\": \"x\", \"image\": \" \", \"question\": \"q\", \"answer\": \"1\"}\n", "empty-image.jsonl:1: `image` is an empty string: give the image's path, or null"),
     ];
     // a truncated image (its header reads, its pixels do not), found before anything runs
     let whole = std::fs::read(repo().join("tests/fixtures/data/images/large.png")).unwrap();

@@ -57,6 +57,7 @@ fn opts(turns: usize, temperature: f64, seed: u64) -> InferOptions {
         seed,
         keep_image_placeholder: false,
         double_bos: false,
+        date: None,
         eos_token_ids: vec![],
     }
 }

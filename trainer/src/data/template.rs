@@ -229,6 +229,35 @@ pub fn use_template_clock(clock: i64) {
     }
 }
 
+/// `YYYY-MM-DD` as the template clock of that day (noon, local seconds since the epoch), for
+/// [`use_template_clock`]: `--date`, where a text-only prompt's "Today Date" must not depend on
+/// the day or the time zone it runs in.
+pub fn parse_date(text: &str) -> Result<i64, String> {
+    let bad = || format!("expected a date as YYYY-MM-DD (e.g. 2024-07-26), got {text:?}");
+    let parts: Vec<&str> = text.trim().split('-').collect();
+    let [y, m, d] = parts[..] else {
+        return Err(bad());
+    };
+    let (y, m, d): (i64, i64, i64) = match (y.parse(), m.parse(), d.parse()) {
+        (Ok(y), Ok(m), Ok(d)) if (1..=9999).contains(&y) && (1..=12).contains(&m) && d >= 1 => {
+            (y, m, d)
+        }
+        _ => return Err(bad()),
+    };
+    // days_from_civil (Howard Hinnant), the inverse of `strftime`'s civil_from_days
+    let yy = if m <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let clock = (era * 146_097 + doe - 719_468) * 86_400 + 12 * 3600;
+    // (30 February and the like come back as another day)
+    match strftime("%Y-%m-%d", clock) == format!("{y}-{m:02}-{d:02}") {
+        true => Ok(clock),
+        false => Err(format!("{text:?} is not a day of the calendar")),
+    }
+}
+
 /// The local time now, in seconds since the epoch (TZ and /etc/localtime decide).
 pub fn local_now() -> i64 {
     let utc = std::time::SystemTime::now()

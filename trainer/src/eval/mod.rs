@@ -25,6 +25,7 @@ pub mod answer;
 pub mod compare;
 mod fingerprint;
 mod font;
+mod interrupt;
 pub mod plots;
 pub mod report;
 pub mod stats;
@@ -47,7 +48,9 @@ pub struct BenchItem {
     /// A string or an integer (many benchmarks number their questions); kept as text.
     #[serde(deserialize_with = "id_text")]
     pub id: String,
-    pub image: String,
+    /// None (null or left out): a text-only question.
+    #[serde(default)]
+    pub image: Option<String>,
     pub question: String,
     /// Text, or a number (kept as written).
     #[serde(deserialize_with = "answer_text")]
@@ -83,7 +86,9 @@ impl BenchItem {
     /// corrected later and is re-scored on resume).
     pub fn asked(&self) -> String {
         let choices = self.choices.as_deref().unwrap_or(&[]).join("\u{1f}");
-        let text = format!("{}\u{1e}{}\u{1e}{choices}", self.image, self.question);
+        // (a text-only question's image is "", which no image path is)
+        let image = self.image.as_deref().unwrap_or_default();
+        let text = format!("{image}\u{1e}{}\u{1e}{choices}", self.question);
         format!("{:016x}", launcher::token::fnv1a(text.as_bytes()))
     }
 
@@ -191,6 +196,12 @@ fn read_bench_line(
     // (before the other checks: a later line that repeats a bad line's id is named too)
     if let Some(first) = seen.insert(item.id.clone(), number) {
         return Err(format!("id {:?} repeats the one on line {first}", item.id));
+    }
+    if item.image.as_deref().is_some_and(|p| p.trim().is_empty()) {
+        return Err(
+            "`image` is an empty string: give the image's path, or null (or no `image`) for a text-only question"
+                .into(),
+        );
     }
     if !answer::gold_is_scorable(&item.answer, item.choices.as_deref()) {
         return Err(format!(
@@ -670,8 +681,12 @@ fn check_items(
     let mut problems = vec![];
     for (line, item) in items {
         let checked = (|| {
-            let path = resolve_image(&item.image, Some(&opts.image_root))?;
-            if !path.is_file() {
+            let path = item
+                .image
+                .as_deref()
+                .map(|p| resolve_image(p, Some(&opts.image_root)))
+                .transpose()?;
+            if let Some(path) = path.as_ref().filter(|p| !p.is_file()) {
                 return Err(format!(
                     "image {} not found (paths are relative to --image-root {})",
                     path.display(),
@@ -679,9 +694,9 @@ fn check_items(
                 ));
             }
             session
-                .prompt_ids(&item.question, true, &[], &opts.infer)
+                .prompt_ids(&item.question, path.is_some(), &[], &opts.infer)
                 .map_err(|e| format!("id {:?}: {e}", item.id))?;
-            if mine(&item.id) {
+            if let Some(path) = path.filter(|_| mine(&item.id)) {
                 load_rgb(&path)?;
             }
             Ok(())
@@ -968,19 +983,30 @@ pub fn run(
         .filter(|c: &Vec<_>| !c.is_empty())
         .collect();
     let mut finished = mine_total - todo.iter().map(Vec::len).sum::<usize>();
+    if finished > 0 {
+        tracing::info!(
+            "resuming: {finished} of this rank's {mine_total} questions already answered in {}, {} to go",
+            opts.out.display(),
+            mine_total - finished
+        );
+    }
+    let _interrupt_note = interrupt::install(interrupt::note(&rank_path));
     for chunk in &todo {
+        // (a text-only question: None)
         let images = chunk
             .iter()
             .map(|(line, item)| {
-                let path =
-                    resolve_image(&item.image, Some(&opts.image_root)).map_err(bad(*line))?;
-                load_rgb(&path).map_err(bad(*line))
+                let Some(image) = item.image.as_deref() else {
+                    return Ok(None);
+                };
+                let path = resolve_image(image, Some(&opts.image_root)).map_err(bad(*line))?;
+                load_rgb(&path).map(Some).map_err(bad(*line))
             })
             .collect::<Result<Vec<_>, EvalError>>()?;
         let inputs: Vec<_> = chunk
             .iter()
             .zip(&images)
-            .map(|((_, item), image)| (Some(image), item.question.as_str()))
+            .map(|((_, item), image)| (image.as_ref(), item.question.as_str()))
             .collect();
         let seeds: Vec<u64> = chunk
             .iter()
@@ -1075,7 +1101,7 @@ mod tests {
     fn item(answer: &str) -> BenchItem {
         BenchItem {
             id: "x".into(),
-            image: "i.png".into(),
+            image: Some("i.png".into()),
             question: "How many?".into(),
             answer: answer.into(),
             choices: None,

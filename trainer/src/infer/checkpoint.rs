@@ -19,8 +19,13 @@ pub struct CheckpointWeights {
     pub manifest: Manifest,
 }
 
+/// `what` about the checkpoint `dir`, which it names unless it does already.
 fn err(dir: &Path, what: impl std::fmt::Display) -> InferError {
-    InferError::Input(format!("checkpoint {}: {what}", dir.display()))
+    let what = what.to_string();
+    match what.contains(&dir.display().to_string()) {
+        true => InferError::Input(what),
+        false => InferError::Input(format!("checkpoint {}: {what}", dir.display())),
+    }
 }
 
 impl CheckpointWeights {

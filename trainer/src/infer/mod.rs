@@ -60,6 +60,11 @@ pub struct InferOptions {
     /// eval resumed with the other setting is refused (its settings.json differs).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub double_bos: bool,
+    /// `--date` (YYYY-MM-DD): the chat template's "Today Date" of text-only prompts, pinned
+    /// (`data::template::use_template_clock`) before anything is rendered; recorded only when
+    /// given (unset: today's, as transformers' strftime_now).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub date: Option<String>,
     /// generation_config.json's `eos_token_id`, which ends a turn besides the model config's and
     /// the Llama 3 stop tokens (transformers' `generate` stops at it). Not recorded: an eval
     /// compares that file's sha256 (`eval::made_with`).

@@ -14,6 +14,8 @@ pub const DEFAULT_TOP_K: usize = 50;
 /// call passed temperature and top_p, not these).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerationDefaults {
+    /// `do_sample` (transformers' default: false, greedy).
+    pub do_sample: Option<bool>,
     pub top_k: Option<usize>,
     pub repetition_penalty: Option<f64>,
     /// `eos_token_id`: one id or a list (none: empty).
@@ -38,6 +40,13 @@ impl GenerationDefaults {
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let bad = |key: &str, want: &str| {
             format!("{}: `{key}` must be {want}, not {}", path.display(), v[key])
+        };
+        let do_sample = match v.get("do_sample") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(x) => Some(
+                x.as_bool()
+                    .ok_or_else(|| bad("do_sample", "true or false"))?,
+            ),
         };
         let top_k = match v.get("top_k") {
             None | Some(serde_json::Value::Null) => None,
@@ -68,6 +77,7 @@ impl GenerationDefaults {
                 .ok_or_else(|| bad("eos_token_id", "a token id or a list of them"))?],
         };
         Ok(Self {
+            do_sample,
             top_k,
             repetition_penalty,
             eos_token_ids,
