@@ -51,7 +51,7 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
     ] {
         if out.join(name).exists() {
             bail!(
-                "--out {} already holds an adapter ({name}); give an empty or new folder",
+                "--out {} already holds an adapter ({name}); give a new folder, or one without an export in it (files of other kinds are left as they are, as save_pretrained leaves them)",
                 out.display()
             );
         }
@@ -61,14 +61,14 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
     if out.join("config.json").exists() {
         bail!(
             "--out {} holds a model (config.json): an adapter written there would make \
-             transformers load the folder as the adapter; give an empty or new folder",
+             transformers load the folder as the adapter; give a new folder, or one without an export in it (files of other kinds are left as they are, as save_pretrained leaves them)",
             out.display()
         );
     }
     // (another export's: it would describe these weights where this run recorded no settings)
     if out.join(super::PROMPT_FILE).exists() {
         bail!(
-            "--out {} already holds {} (another export's prompt settings); give an empty or new folder",
+            "--out {} already holds {} (another export's prompt settings); give a new folder, or one without an export in it (files of other kinds are left as they are, as save_pretrained leaves them)",
             out.display(),
             super::PROMPT_FILE
         );

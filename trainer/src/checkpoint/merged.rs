@@ -670,20 +670,20 @@ fn prepare_out(out: &Path) -> Result<super::ExportLock> {
     if let Some(name) = names.iter().find(|n| n.starts_with("adapter_")) {
         bail!(
             "--out {} already holds a PEFT adapter's file ({name}), which transformers would load \
-             instead of the merged model; give an empty or new folder",
+             instead of the merged model; give a new folder, or one without an export in it (files of other kinds are left as they are, as save_pretrained leaves them)",
             out.display()
         );
     }
     if let Some(name) = names.iter().find(|n| is_weights_file(n)) {
         bail!(
-            "--out {} already holds model weights ({name}); give an empty or new folder",
+            "--out {} already holds model weights ({name}); give a new folder, or one without an export in it (files of other kinds are left as they are, as save_pretrained leaves them)",
             out.display()
         );
     }
     let written = |n: &&String| SIDE_FILES.contains(&n.as_str()) || *n == super::PROMPT_FILE;
     if let Some(name) = names.iter().find(written) {
         bail!(
-            "--out {} already holds {name}, which the export writes; give an empty or new folder",
+            "--out {} already holds {name}, which the export writes; give a new folder, or one without an export in it (files of other kinds are left as they are, as save_pretrained leaves them)",
             out.display()
         );
     }
