@@ -376,8 +376,22 @@ struct InferArgs {
     #[arg(long)]
     image: Option<PathBuf>,
     /// The question (the first user turn's text)
-    #[arg(long)]
-    question: String,
+    #[arg(long, required_unless_present = "questions")]
+    question: Option<String>,
+    /// Many questions instead of one: JSONL with "question" and optional "id" and "image" (null
+    /// or left out: text-only) per line, generated in batches into --out, one JSON line per
+    /// question (no scoring: `trainer eval` scores); a rerun resumes
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["question", "image", "json"], requires = "out")]
+    questions: Option<PathBuf>,
+    /// With --questions: the JSONL the generations are appended to
+    #[arg(long, value_name = "FILE.jsonl", requires = "questions")]
+    out: Option<PathBuf>,
+    /// With --questions: the folder its image paths are relative to (default: the file's own)
+    #[arg(long, requires = "questions")]
+    image_root: Option<PathBuf>,
+    /// With --questions: questions generated together (left-padded)
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    batch_size: usize,
     /// 0 = greedy. Default: 0.7, the seed's inference.py value, when the model's
     /// generation_config.json sets do_sample: true (Llama 3.2 Vision's and LLaVA-CoT's do); else
     /// greedy, as transformers' generate decodes such a model even when passed a temperature
@@ -583,6 +597,9 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
         &args.generation,
         &|c| Ok(c.verify_part(0, 1).map(drop)?),
     )?;
+    if let Some(file) = &args.questions {
+        return infer_questions(&args, file, ckpt, &model_dir, &generation);
+    }
     // (the image too: a wrong --image must not cost a model load first)
     let img = args
         .image
@@ -605,7 +622,8 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
     };
     let mut current = usize::MAX;
     let mut stdout = std::io::stdout();
-    let turns = session.run(img.as_ref(), &args.question, &opts, &mut |turn, piece| {
+    let question = args.question.as_deref().unwrap_or_default();
+    let turns = session.run(img.as_ref(), question, &opts, &mut |turn, piece| {
         if args.json {
             return;
         }
@@ -643,6 +661,147 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `infer --questions FILE --out OUT`: every question of FILE not yet in OUT, in batches of
+/// --batch-size, each answered as `infer` alone answers it (its sampler seeded from --seed and
+/// its id), a JSON line per question appended to OUT.
+fn infer_questions(
+    args: &InferArgs,
+    file: &std::path::Path,
+    ckpt: Option<trainer::infer::checkpoint::CheckpointWeights>,
+    model_dir: &std::path::Path,
+    generation: &GenerationArgs,
+) -> Result<ExitCode> {
+    use anyhow::Context;
+    use std::io::Write;
+    use trainer::infer::questions;
+    let out = args.out.as_deref().context("--questions needs --out")?;
+    let image_root = match &args.image_root {
+        Some(root) => root.clone(),
+        None => file
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default(),
+    };
+    anyhow::ensure!(
+        !out.is_dir(),
+        "--out {}: a folder; give the JSONL file the generations go into",
+        out.display()
+    );
+    anyhow::ensure!(
+        !same_file(out, file),
+        "--out {} is the questions file: give another file for the generations",
+        out.display()
+    );
+    let all = questions::read(file, &image_root)?;
+    let opts = generation.options(args.temperature, model_dir)?;
+    let settings = serde_json::json!({
+        "model": model_dir,
+        "adapter": args.adapter,
+        "checkpoint": args.checkpoint,
+        "infer": opts,
+    });
+    let done = questions::done(out, &settings)?;
+    let todo: Vec<&questions::Question> = all.iter().filter(|q| !done.contains(&q.id)).collect();
+    if !done.is_empty() {
+        tracing::info!(
+            "resuming: {} of {} questions already in {}, {} to go",
+            all.len() - todo.len(),
+            all.len(),
+            out.display(),
+            todo.len()
+        );
+    }
+    if todo.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // every image there before the model loads (decoded batch by batch)
+    for q in &todo {
+        if let Some(p) = q.image.as_ref().filter(|p| !p.is_file()) {
+            anyhow::bail!(
+                "{}:{}: image {} not found (paths are relative to --image-root {})",
+                file.display(),
+                q.line,
+                p.display(),
+                image_root.display()
+            );
+        }
+    }
+    let (model, text, image_config) = load_for_generation(
+        model_dir,
+        args.adapter.as_deref(),
+        ckpt.as_ref(),
+        generation.double_bos,
+        &generation.stop,
+    )?;
+    let session = trainer::infer::Session {
+        model: &model,
+        text: &text,
+        image_config: &image_config,
+    };
+    for q in &todo {
+        session
+            .prompt_ids(&q.question, q.image.is_some(), &[], &opts)
+            .with_context(|| format!("{}:{}: id {:?}", file.display(), q.line, q.id))?;
+    }
+    let mut sink = trainer::eval::open_lines_for_append(out, &|l| {
+        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v.get("id").is_some())
+    })
+    .with_context(|| format!("--out {}", out.display()))?;
+    let _note = trainer::eval::interrupt::install(trainer::eval::interrupt::note(
+        "infer",
+        "generations",
+        out,
+    ));
+    let mut answered = all.len() - todo.len();
+    for batch in todo.chunks(args.batch_size) {
+        let images = batch
+            .iter()
+            .map(|q| {
+                q.image
+                    .as_ref()
+                    .map(|p| trainer::data::image::load_rgb(p))
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("{}:{}: {e}", file.display(), q.line))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let inputs: Vec<_> = batch
+            .iter()
+            .zip(&images)
+            .map(|(q, image)| (image.as_ref(), q.question.as_str()))
+            .collect();
+        let seeds: Vec<u64> = batch
+            .iter()
+            .map(|q| questions::seed_of(opts.seed, &q.id))
+            .collect();
+        let outputs = session.run_batch_seeded(&inputs, &seeds, &opts, &mut |_, _, _| {})?;
+        for (q, turns) in batch.iter().zip(outputs) {
+            let line = serde_json::json!({
+                "id": q.id,
+                "image": q.image,
+                "question": q.question,
+                "turns": turns,
+                "settings": settings,
+            });
+            // (one write per line: a signal between two writes would tear it)
+            sink.write_all(format!("{line}\n").as_bytes())
+                .and_then(|_| sink.flush())
+                .with_context(|| format!("--out {}", out.display()))?;
+        }
+        answered += batch.len();
+        tracing::info!("infer: {answered}/{} questions", all.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether two paths name one file (both exist and share a device and inode).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
 
 /// `trainer eval`.

@@ -533,6 +533,138 @@ fn an_interrupted_eval_says_what_it_kept_and_the_rerun_resumes() {
     assert_eq!(merged.lines().count(), 200);
 }
 
+/// `infer --questions`: a file of questions (ids given or not, images or none) answered in
+/// batches, each as `infer` answers it alone; a torn output resumes to the same lines; other
+/// settings are refused; a bad line is named.
+#[test]
+fn infer_questions_batches_resumes_and_matches_single_infer() {
+    let dir = setup();
+    let images = repo().join("tests/fixtures/data/images");
+    let questions = dir.join("questions.jsonl");
+    std::fs::write(
+        &questions,
+        "{\"id\": \"a\", \"image\": \"small.png\", \"question\": \"How many?\", \"answer\": \"3\"}\n\
+         {\"id\": 7, \"image\": null, \"question\": \"Name a shape.\"}\n\
+         {\"question\": \"What is red?\"}\n\
+         {\"id\": \"d\", \"image\": \"gray.png\", \"question\": \"What is it?\"}\n\
+         {\"id\": \"e\", \"question\": \"Count to three.\"}\n",
+    )
+    .unwrap();
+    let infer = |extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args([
+                "infer",
+                "--turns",
+                "2",
+                "--max-new-tokens",
+                "6",
+                "--temperature",
+                "0",
+            ])
+            .arg("--model")
+            .arg(dir.join("model"))
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let out = dir.join("generations.jsonl");
+    let _ = std::fs::remove_file(&out);
+    let batch = |out: &Path, extra: &[&str]| {
+        let base = [
+            "--questions",
+            questions.to_str().unwrap(),
+            "--image-root",
+            images.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch-size",
+            "2",
+        ];
+        infer(&[&base[..], extra].concat())
+    };
+    let (code, _, err) = batch(&out, &[]);
+    assert_eq!(code, 0, "{err}");
+    let full = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<Value> = full
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["a", "7", "line-3", "d", "e"]);
+    // each as infer answers it alone (greedy)
+    for (i, extra) in [
+        (0, vec!["--question", "How many?", "--image"]),
+        (1, vec!["--question", "Name a shape."]),
+    ] {
+        let image = images.join("small.png");
+        let mut args = extra.clone();
+        if i == 0 {
+            args.push(image.to_str().unwrap());
+        }
+        args.push("--json");
+        let (code, stdout, err) = infer(&args);
+        assert_eq!(code, 0, "{err}");
+        let alone: Value = serde_json::from_str(&stdout).unwrap();
+        for t in 0..2 {
+            assert_eq!(
+                lines[i]["turns"][t]["text"], alone["turns"][t]["text"],
+                "{i} turn {t}"
+            );
+        }
+    }
+    // interrupted after two lines, mid-way through the third: resumed to the same file
+    let cut: String = full
+        .lines()
+        .take(2)
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        + &full.lines().nth(2).unwrap()[..20];
+    std::fs::write(&out, cut).unwrap();
+    let (code, _, err) = batch(&out, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("resuming: 2 of 5 questions already in"),
+        "{err}"
+    );
+    // (the same lines but their timings)
+    let untimed = |text: &str| -> Vec<Value> {
+        text.lines()
+            .map(|l| {
+                let mut v: Value = serde_json::from_str(l).unwrap();
+                for t in v["turns"].as_array_mut().unwrap() {
+                    t.as_object_mut().unwrap().remove("seconds");
+                }
+                v
+            })
+            .collect()
+    };
+    let resumed = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(untimed(&resumed), untimed(&full));
+    assert!(resumed.starts_with(&full.lines().take(2).collect::<Vec<_>>().join("\n")));
+    // other settings: refused, the file kept
+    let (code, _, err) = batch(&out, &["--correction-prompt", "Check again."]);
+    assert_ne!(code, 0);
+    assert!(err.contains("generated with other settings"), "{err}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), resumed);
+    // a bad line is named, before the model loads
+    std::fs::write(
+        &questions,
+        "{\"id\": \"x\", \"question\": \"q\"}\n{\"id\": \"y\"}\n",
+    )
+    .unwrap();
+    let (code, _, err) = batch(&dir.join("other.jsonl"), &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("questions.jsonl:2: missing `question`"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_benchmarks_name_file_and_line() {
     let dir = setup();

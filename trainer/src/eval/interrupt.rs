@@ -1,5 +1,5 @@
-//! Ctrl-C (SIGINT) or SIGTERM during an evaluation: every prediction is on disk once its line is
-//! written, so what was answered is kept and a rerun of the same command resumes from it. The
+//! Ctrl-C (SIGINT) or SIGTERM during an evaluation (or `infer --questions`): every prediction is
+//! on disk once its line is written, so what was answered is kept and a rerun of the same command resumes from it. The
 //! process still ends as the signal ends it (exit 130 / 143, at once: a batch may take minutes),
 //! after one line on stderr saying so, written by the handler itself (`write(2)` is
 //! async-signal-safe; the text is made before the handler is installed).
@@ -21,11 +21,12 @@ extern "C" fn on_interrupt(sig: libc::c_int) {
     }
 }
 
-/// The line printed when interrupted (`rank_file`: this rank's predictions file).
-pub fn note(rank_file: &std::path::Path) -> String {
+/// The line printed when `command` is interrupted: what it made so far (`kept`, e.g.
+/// "predictions") is in `file`, a line each.
+pub fn note(command: &str, kept: &str, file: &std::path::Path) -> String {
     format!(
-        "\neval: interrupted; the predictions made so far are kept in {} (a line each): run the same command again to resume from them\n",
-        rank_file.display()
+        "\n{command}: interrupted; the {kept} made so far are kept in {} (a line each): run the same command again to resume from them\n",
+        file.display()
     )
 }
 

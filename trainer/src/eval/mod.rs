@@ -25,7 +25,7 @@ pub mod answer;
 pub mod compare;
 mod fingerprint;
 mod font;
-mod interrupt;
+pub mod interrupt;
 pub mod plots;
 pub mod report;
 pub mod stats;
@@ -756,6 +756,15 @@ fn shares(
 /// interrupted mid-line) so the next line starts clean; a whole last line that only lacks its
 /// newline (counted as done by `read_predictions`) gets one instead.
 fn open_for_append(path: &Path) -> std::io::Result<std::fs::File> {
+    open_lines_for_append(path, &|l| serde_json::from_str::<Prediction>(l).is_ok())
+}
+
+/// [`open_for_append`] for any file of JSON lines, `is_whole` telling a last line that lacks
+/// only its newline from one an interrupted write cut.
+pub fn open_lines_for_append(
+    path: &Path,
+    is_whole: &dyn Fn(&str) -> bool,
+) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::FileExt;
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -773,7 +782,7 @@ fn open_for_append(path: &Path) -> std::io::Result<std::fs::File> {
         let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         let whole = std::str::from_utf8(&bytes[keep..])
             .ok()
-            .is_some_and(|l| serde_json::from_str::<Prediction>(l).is_ok());
+            .is_some_and(is_whole);
         match whole {
             true => file.write_all(b"\n")?,
             false => file.set_len(keep as u64)?,
@@ -990,7 +999,7 @@ pub fn run(
             mine_total - finished
         );
     }
-    let _interrupt_note = interrupt::install(interrupt::note(&rank_path));
+    let _interrupt_note = interrupt::install(interrupt::note("eval", "predictions", &rank_path));
     for chunk in &todo {
         // (a text-only question: None)
         let images = chunk

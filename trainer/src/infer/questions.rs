@@ -1,0 +1,149 @@
+//! `trainer infer --questions Q.jsonl --out G.jsonl`: many questions at once, in batches, one
+//! JSON line of generations per question (`trainer eval` scores; this only generates), as a list
+//! of prompts goes through transformers' `generate`. The output is appended a line at a time, so
+//! an interrupted run keeps what it generated and the same command resumes from it, asking only
+//! the questions whose ids are not in it yet (with the settings the file's lines were made with;
+//! other settings are refused, as they would mix two runs' generations in one file).
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::InferError;
+
+/// One question of a questions file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Question {
+    /// 1-based line in the file.
+    pub line: usize,
+    /// The line's `id` (a string or an integer), else `line-N`.
+    pub id: String,
+    /// Resolved against the image root; None: a text-only question.
+    pub image: Option<PathBuf>,
+    pub question: String,
+}
+
+/// The sampling seed of question `id`: `seed` mixed with it, so a sampled answer does not depend
+/// on its batch (as `trainer eval` seeds each question).
+pub fn seed_of(seed: u64, id: &str) -> u64 {
+    seed ^ launcher::token::fnv1a(id.as_bytes())
+}
+
+/// Reads a questions file: a JSON object per line with `question`, optional `id` and `image`
+/// (other fields, e.g. a benchmark's `answer`, are ignored); every bad line is named FILE:LINE,
+/// all in one error.
+pub fn read(path: &Path, image_root: &Path) -> Result<Vec<Question>, InferError> {
+    let file = path.display().to_string();
+    let text =
+        std::fs::read_to_string(path).map_err(|e| InferError::Input(format!("{file}: {e}")))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let (mut questions, mut problems) = (Vec::new(), Vec::new());
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse_line(line, i + 1, image_root) {
+            Ok(q) => match seen.insert(q.id.clone(), q.line) {
+                Some(first) => problems.push(format!(
+                    "{file}:{}: id {:?} repeats the one on line {first}",
+                    q.line, q.id
+                )),
+                None => questions.push(q),
+            },
+            Err(reason) => problems.push(format!("{file}:{}: {reason}", i + 1)),
+        }
+    }
+    if let Some(first) = problems.first() {
+        let more = match problems.len() {
+            1 => String::new(),
+            n => format!(
+                " (and {} more bad lines: {})",
+                n - 1,
+                problems[1..].join("; ")
+            ),
+        };
+        return Err(InferError::Input(format!("{first}{more}")));
+    }
+    if questions.is_empty() {
+        return Err(InferError::Input(format!(
+            "{file}: no questions (one JSON object per line: {{\"id\", \"image\", \"question\"}})"
+        )));
+    }
+    Ok(questions)
+}
+
+fn parse_line(line: &str, number: usize, image_root: &Path) -> Result<Question, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
+    let obj = v
+        .as_object()
+        .ok_or("expected a JSON object ({\"id\", \"image\", \"question\"})")?;
+    let id = match obj.get("id") {
+        None | Some(Value::Null) => format!("line-{number}"),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+        Some(other) => return Err(format!("`id` must be a string or an integer, not {other}")),
+    };
+    let question = match obj.get("question") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(Value::String(_)) => return Err("`question` is empty".into()),
+        Some(other) => return Err(format!("`question` must be a string, not {other}")),
+        None => return Err("missing `question`".into()),
+    };
+    let image = match obj.get("image") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.trim().is_empty() => return Err(
+            "`image` is an empty string: give the image's path, or null for a text-only question"
+                .into(),
+        ),
+        Some(Value::String(s)) => Some(crate::data::records::resolve_image(s, Some(image_root))?),
+        Some(other) => return Err(format!("`image` must be a path (a string), not {other}")),
+    };
+    Ok(Question {
+        line: number,
+        id,
+        image,
+        question,
+    })
+}
+
+/// The ids `out` already holds generations for, made with `settings`; a torn last line (an
+/// interrupted write) does not count (it is redone). None when `out` does not exist.
+pub fn done(out: &Path, settings: &Value) -> Result<HashSet<String>, InferError> {
+    let text = match std::fs::read(out) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
+        Err(e) => return Err(InferError::Input(format!("{}: {e}", out.display()))),
+    };
+    let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+    let mut ids = HashSet::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let parsed: Option<Value> = std::str::from_utf8(line)
+            .ok()
+            .and_then(|l| serde_json::from_str(l).ok());
+        let (id, made_with) = match parsed.as_ref().map(|v| (v.get("id"), v.get("settings"))) {
+            Some((Some(Value::String(id)), Some(s))) => (id.clone(), s),
+            _ if i + 1 == lines.len() => continue,
+            _ => {
+                return Err(InferError::Input(format!(
+                    "{}:{}: not a line of `infer --questions` (id, settings, turns); give another --out",
+                    out.display(),
+                    i + 1
+                )))
+            }
+        };
+        if made_with != settings {
+            return Err(InferError::Input(format!(
+                "{}:{}: generated with other settings ({made_with}) than this run's ({settings}); \
+                 rerun with the same model, adapter and flags to resume, or give another --out",
+                out.display(),
+                i + 1
+            )));
+        }
+        ids.insert(id);
+    }
+    Ok(ids)
+}
