@@ -38,16 +38,7 @@ pub fn install(note: String) -> Installed {
     NOTE_LEN.store(bytes.len(), Ordering::SeqCst);
     NOTE.store(bytes.as_mut_ptr(), Ordering::SeqCst);
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the query passes a null new action; the handler is async-signal-safe.
-        unsafe {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
-                && old.sa_sigaction == libc::SIG_IGN
-            {
-                continue;
-            }
-            libc::signal(sig, on_interrupt as *const () as libc::sighandler_t);
-        }
+        crate::train::signal::install_unless_ignored(sig, on_interrupt);
     }
     Installed
 }

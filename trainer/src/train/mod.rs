@@ -23,7 +23,7 @@ mod metrics;
 mod params;
 mod same_settings;
 mod setup;
-mod signal;
+pub(crate) mod signal;
 mod step;
 pub mod tensorboard;
 

@@ -49,17 +49,22 @@ pub(super) fn install_interrupt_handlers() {
 
 fn install(signals: &[libc::c_int]) {
     for &sig in signals {
-        // SAFETY: the query passes a null new action; the handler only performs async-signal-safe
-        // operations.
-        unsafe {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
-                && old.sa_sigaction == libc::SIG_IGN
-            {
-                continue;
-            }
-            libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t);
+        install_unless_ignored(sig, on_stop_signal);
+    }
+}
+
+/// Makes `handler` (which must do only async-signal-safe work) handle `sig`, unless `sig` was
+/// ignored when the process started (`nohup`'s SIGHUP, SIGINT in a background job): that stays.
+pub(crate) fn install_unless_ignored(sig: libc::c_int, handler: extern "C" fn(libc::c_int)) {
+    // SAFETY: the query passes a null new action; the caller's handler is async-signal-safe.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+        {
+            return;
         }
+        libc::signal(sig, handler as *const () as libc::sighandler_t);
     }
 }
 
