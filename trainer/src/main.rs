@@ -393,7 +393,7 @@ struct InferArgs {
     #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     batch_size: usize,
     /// 0 = greedy. Default: 0.7, the seed's inference.py value, when the model's
-    /// generation_config.json sets do_sample: true (Llama 3.2 Vision's and LLaVA-CoT's do); else
+    /// generation_config.json sets do_sample: true (Llama 3.2 Vision Instruct's does); else
     /// greedy, as transformers' generate decodes such a model even when passed a temperature
     #[arg(long, value_parser = parse_temperature, allow_negative_numbers = true)]
     temperature: Option<f64>,
