@@ -83,9 +83,10 @@ gpu-bin: $(SETUP_STAMP)
 	rm -rf .gpu-bin && mkdir -p .gpu-bin
 	cp $(TARGET_DIR)/debug/kernels-gpu-check $(TARGET_DIR)/debug/dist-selftest $(TARGET_DIR)/debug/launcher $(TARGET_DIR)/debug/trainer .gpu-bin/
 	# (the test binary cargo names for this build, not the newest model_gpu-* file, which may be stale)
-	$(CARGO) test --no-run -p trainer --test model_gpu --message-format=json \
+	set -o pipefail; $(CARGO) test --no-run -p trainer --test model_gpu --message-format=json-render-diagnostics \
 	  | python3 -c 'import json, sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "model_gpu" and m.get("executable")][-1])' \
 	  | xargs -I{} cp {} .gpu-bin/model_gpu
+	test -x .gpu-bin/model_gpu
 	strip .gpu-bin/*
 	@du -sh .gpu-bin; echo "carry: [\".gpu-bin\"]; run: OUT=\$$OUT bash scripts/gpu-check.sh all (timeout_s 480)"
 

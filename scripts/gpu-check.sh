@@ -51,7 +51,8 @@ bundle() {
   rm -rf "$tmp"
 }
 trap bundle EXIT
-trap 'exit 143' TERM INT
+trap 'exit 143' TERM
+trap 'exit 130' INT
 # The seconds this script may take (the device call's timeout less a margin): a step that would
 # not fit is skipped, so the script always ends, and bundles its logs, inside the call.
 # (420 with a device call of timeout_s 480 leaves a warm machine time for a second call)
@@ -68,7 +69,7 @@ budget_cap() { # seconds: at most that many, and no more than the budget leaves 
 step() { # name, command...: runs one check (within the budget), logs it, remembers failures
   local name="$1"; shift
   echo "== $name"
-  fits 30 "$name" || return 0
+  fits 30 "$name" || return 1
   # (a shell function, with_stacks, keeps its own limit: `timeout` runs programs only)
   local limit=(timeout -k 5 "$(budget_cap 100000)")
   [ "$(type -t "$1")" = function ] && limit=()
@@ -84,8 +85,13 @@ mkdir -p "$OUT/dist"
 # no longer fits the budget is skipped, so a slow or hung step costs only what comes after it.
 # a table row of kernels-gpu-check's (not its header, an error line or a "libtorch SDPA runs" line)
 table_row='^attn d[0-9]+ s[0-9]+ (full|causal) fwd .*TFLOP/s$'
-# whether variant $1 passed every case (and agreed with v15) in the main or the fallback log
-passed() { grep -qh "^attention variant $1: all correctness cases PASS" "$OUT/kernels-gpu-check.log" "$OUT/kernels-gpu-check-fallback.log" 2>/dev/null; }
+# whether variant $1 passed every case (and, v19/v20, agreed with v15) in the main or the
+# fallback log, and failed in neither
+logs=("$OUT/kernels-gpu-check.log" "$OUT/kernels-gpu-check-fallback.log")
+passed() {
+  grep -qh "^attention variant $1: all correctness cases PASS" "${logs[@]}" 2>/dev/null \
+    && ! grep -qh "^attention variant $1: .* FAILED" "${logs[@]}" 2>/dev/null
+}
 if want kernels; then
   # Without KERNELS_VARIANTS: the default (v15) and the candidates v19 (the same kernels with the
   # whole-tile mask cells; the tile-structured mask cases, VisionTiles, CrossTiles,
@@ -138,6 +144,9 @@ if want kernels; then
 fi
 # model_gpu (the whole model's loss and gradients, fused against sdpa) with each candidate that
 # passed the kernels' checks (one that failed may hang: not run), then with the default
+if want model && [ ! -x "$BIN/model_gpu" ]; then
+  echo "SKIP model-gpu: no $BIN/model_gpu (make gpu-bin builds it)"; status=1
+fi
 for v in ${MODEL_VARIANTS//,/ }; do
   want model && [ -x "$BIN/model_gpu" ] || break
   if want kernels && ! passed "$v"; then
@@ -178,7 +187,8 @@ with_stacks() { # seconds, command...
   fi
   wait "$pid"
 }
-want nccl && step nccl-timeout with_stacks 60 "$BIN/dist-selftest" --mode nccl-timeout --out "$OUT/dist"
+# (a shell function keeps no `timeout`: it runs only with room for its 60 s, cuda-gdb's 60 and the kill)
+want nccl && fits 130 nccl-timeout && step nccl-timeout with_stacks 60 "$BIN/dist-selftest" --mode nccl-timeout --out "$OUT/dist"
 # training on the GPU through FSDP over NCCL (world 1): fp32 against the PyTorch golden losses, and bf16
 for mp in fp32 bf16; do
   want train && [ -x "$BIN/trainer" ] && step "train-nccl-$mp" timeout 150 "$BIN/launcher" --standalone --nproc-per-node 1 -- \
@@ -192,7 +202,7 @@ if want kernels; then
     | awk '{k = $1 " " $2 " " $3 " " $4 " " $5; last[k] = $0} END {for (k in last) print last[k]}' | sort
   # the verdicts and the table again, last in the output (the call returns its tail)
   for log in kernels-gpu-check.log kernels-gpu-check-fallback.log; do
-    grep -E '^v(19|20)=v15 .* FAIL' "$OUT/$log" 2>/dev/null || true
+    grep -E '^v(19|20)=v15 .* (FAIL|ERROR)|^v(19|20) against v15: not compared' "$OUT/$log" 2>/dev/null || true
     sed -n '/^benchmark /,$p' "$OUT/$log" 2>/dev/null | grep -E '^(benchmark|attn|model|rmsnorm|attention variant)' | grep -v 'libtorch SDPA runs' || true
   done
 fi

@@ -470,9 +470,10 @@ struct GenerationArgs {
     date: Option<String>,
 }
 
-/// --date: a calendar day as YYYY-MM-DD.
+/// --date: a calendar day as YYYY-MM-DD (kept as the template renders it: 2024-7-1 is 2024-07-01).
 fn parse_date_flag(s: &str) -> Result<String, String> {
-    trainer::data::template::parse_date(s).map(|_| s.trim().to_string())
+    use trainer::data::template::{parse_date, strftime};
+    parse_date(s).map(|clock| strftime("%Y-%m-%d", clock))
 }
 
 impl GenerationArgs {
@@ -696,12 +697,25 @@ fn infer_questions(
     );
     let all = questions::read(file, &image_root)?;
     let opts = generation.options(args.temperature, model_dir)?;
-    let settings = serde_json::json!({
+    let mut settings = serde_json::json!({
         "model": model_dir,
         "adapter": args.adapter,
         "checkpoint": args.checkpoint,
         "infer": opts,
     });
+    // the day text-only prompts carry ("Today Date"): --date, else the day the lines already in
+    // --out were made with (a resume on another day asks as the first run asked), else today
+    if all.iter().any(|q| q.image.is_none()) {
+        use trainer::data::template::{parse_date, strftime, template_clock, use_template_clock};
+        if generation.date.is_none() {
+            if let Some(clock) =
+                questions::stored_template_date(out).and_then(|d| parse_date(&d).ok())
+            {
+                use_template_clock(clock);
+            }
+        }
+        settings["template_date"] = strftime("%Y-%m-%d", template_clock()).into();
+    }
     let done = questions::done(out, &settings)?;
     let todo: Vec<&questions::Question> = all.iter().filter(|q| !done.contains(&q.id)).collect();
     if !done.is_empty() {

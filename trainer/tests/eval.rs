@@ -425,8 +425,10 @@ fn text_only_questions_are_asked_without_an_image() {
     )
     .unwrap();
     let out = dir.join("out-mixed");
-    let (code, err) = eval_bench(&out, &bench, &["--batch-size", "3"]);
+    let (code, err) = eval_bench(&out, &bench, &["--batch-size", "3", "--date", "2024-07-26"]);
     assert_eq!(code, 0, "{err}");
+    let settings = json(&out.join("settings.json"));
+    assert_eq!(settings["template_date"], "2024-07-26");
     let preds: Vec<Value> = std::fs::read_to_string(out.join("predictions.jsonl"))
         .unwrap()
         .lines()
@@ -451,7 +453,7 @@ fn text_only_questions_are_asked_without_an_image() {
         ])
         .arg("--model")
         .arg(dir.join("model"))
-        .args(["--question", "Name a shape."])
+        .args(["--question", "Name a shape.", "--date", "2024-07-26"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -463,6 +465,21 @@ fn text_only_questions_are_asked_without_an_image() {
             "turn {t}"
         );
     }
+    // a rerun without --date (another day, say) asks with the recorded day, so it resumes; with
+    // another --date it is refused
+    std::fs::remove_file(out.join("report.json")).unwrap();
+    let (code, err) = eval_bench(&out, &bench, &["--batch-size", "3"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        json(&out.join("settings.json"))["template_date"],
+        "2024-07-26"
+    );
+    let (code, err) = eval_bench(&out, &bench, &["--date", "2024-7-27"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("template_date") && err.contains("2024-07-27"),
+        "{err}"
+    );
 }
 
 /// Ctrl-C mid-run: the process ends as SIGINT ends it, saying where the predictions made so far
@@ -587,7 +604,7 @@ fn infer_questions_batches_resumes_and_matches_single_infer() {
         ];
         infer(&[&base[..], extra].concat())
     };
-    let (code, _, err) = batch(&out, &[]);
+    let (code, _, err) = batch(&out, &["--date", "2024-07-26"]);
     assert_eq!(code, 0, "{err}");
     let full = std::fs::read_to_string(&out).unwrap();
     let lines: Vec<Value> = full
@@ -606,7 +623,7 @@ fn infer_questions_batches_resumes_and_matches_single_infer() {
         if i == 0 {
             args.push(image.to_str().unwrap());
         }
-        args.push("--json");
+        args.extend(["--json", "--date", "2024-07-26"]);
         let (code, stdout, err) = infer(&args);
         assert_eq!(code, 0, "{err}");
         let alone: Value = serde_json::from_str(&stdout).unwrap();
@@ -617,7 +634,8 @@ fn infer_questions_batches_resumes_and_matches_single_infer() {
             );
         }
     }
-    // interrupted after two lines, mid-way through the third: resumed to the same file
+    // interrupted after two lines, mid-way through the third: resumed to the same file (without
+    // --date: the day the lines were made with)
     let cut: String = full
         .lines()
         .take(2)

@@ -459,12 +459,53 @@ fn check_asked(
     Ok(())
 }
 
-/// What the predictions depend on (not --limit, --batch-size or the world size).
-fn settings(opts: &EvalOptions) -> serde_json::Value {
+/// What the predictions depend on (not --limit, --batch-size or the world size);
+/// `template_date`: the day text-only questions' prompts carry, when there are any.
+fn settings(opts: &EvalOptions, template_date: Option<&str>) -> serde_json::Value {
     // prompt 2: questions lose a LLaVA `<image>` marker and surrounding whitespace; 3: so do
     // earlier answers and the correction prompt in later turns' prompts; seeds "id": each
     // question's sampler is seeded from its id (`BenchItem::seed`)
-    serde_json::json!({"model": opts.made_with, "infer": opts.infer, "prompt": 3, "seeds": "id"})
+    let mut s = serde_json::json!({"model": opts.made_with, "infer": opts.infer, "prompt": 3, "seeds": "id"});
+    if let Some(date) = template_date {
+        s["template_date"] = date.into();
+    }
+    s
+}
+
+/// The day of text-only questions' prompts (Llama 3.2's chat template writes "Today Date" into a
+/// prompt without an image), fixed before any prompt renders and the same on every rank (rank
+/// 0's): --date, else the day an earlier run into `out` recorded (so a resumed run asks as it
+/// asked, on another day or in another time zone), else today. None without text-only questions.
+fn fix_template_date(
+    items: &[(usize, BenchItem)],
+    opts: &EvalOptions,
+    shard: Option<&Shard>,
+) -> Result<Option<String>, EvalError> {
+    use crate::data::template::{
+        local_now, parse_date, strftime, template_clock, use_template_clock,
+    };
+    if items.iter().all(|(_, it)| it.image.is_some()) {
+        return Ok(None);
+    }
+    let stored = || {
+        std::fs::read_to_string(opts.out.join("settings.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| parse_date(v.get("template_date")?.as_str()?).ok())
+    };
+    // (the clock is fixed once, by the agreed value: nothing has rendered a prompt yet)
+    let mine = match opts.infer.date {
+        Some(_) => template_clock(), // pinned by --date
+        None => stored().unwrap_or_else(local_now),
+    };
+    // (every rank gathers: whether to is decided by the benchmark alone, which all ranks read)
+    let agreed = match shard {
+        Some(s) => (s.gather)(mine)
+            .map_err(|e| EvalError::Io(format!("agreeing on the prompts' date: {e}")))?[0],
+        None => mine,
+    };
+    use_template_clock(agreed);
+    Ok(Some(strftime("%Y-%m-%d", template_clock())))
 }
 
 /// A resumed run must make its predictions as the stored ones were made: OUT/settings.json
@@ -942,7 +983,8 @@ pub fn run(
             opts.out.display()
         )
     })?;
-    let now = settings(opts);
+    let template_date = fix_template_date(&items, opts, shard)?;
+    let now = settings(opts, template_date.as_deref());
     if let Some(s) = shard {
         agree_on_settings(s, &now)?;
     }
@@ -999,7 +1041,7 @@ pub fn run(
             mine_total - finished
         );
     }
-    let _interrupt_note = interrupt::install(interrupt::note("eval", "predictions", &rank_path));
+    let interrupt_note = interrupt::install(interrupt::note("eval", "predictions", &rank_path));
     for chunk in &todo {
         // (a text-only question: None)
         let images = chunk
@@ -1035,6 +1077,8 @@ pub fn run(
         progress(finished, mine_total);
     }
     drop(file);
+    // (rank 0's merge below removes the rank files the note names)
+    drop(interrupt_note);
     if let Some(s) = shard {
         (s.barrier)().map_err(|e| EvalError::Io(format!("waiting for the other ranks: {e}")))?;
     }

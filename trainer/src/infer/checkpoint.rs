@@ -19,12 +19,14 @@ pub struct CheckpointWeights {
     pub manifest: Manifest,
 }
 
-/// `what` about the checkpoint `dir`, which it names unless it does already.
+/// `what` about the checkpoint `dir`, which it names unless it starts by naming it already
+/// ("checkpoint DIR: ..." or "DIR is ...").
 fn err(dir: &Path, what: impl std::fmt::Display) -> InferError {
-    let what = what.to_string();
-    match what.contains(&dir.display().to_string()) {
+    let (what, named) = (what.to_string(), dir.display().to_string());
+    let prefix = format!("checkpoint {named}: ");
+    match what.starts_with(&prefix) || what.starts_with(&format!("{named} ")) {
         true => InferError::Input(what),
-        false => InferError::Input(format!("checkpoint {}: {what}", dir.display())),
+        false => InferError::Input(format!("{prefix}{what}")),
     }
 }
 

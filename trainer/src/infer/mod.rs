@@ -62,9 +62,10 @@ pub struct InferOptions {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub double_bos: bool,
     /// `--date` (YYYY-MM-DD): the chat template's "Today Date" of text-only prompts, pinned
-    /// (`data::template::use_template_clock`) before anything is rendered; recorded only when
-    /// given (unset: today's, as transformers' strftime_now).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// (`data::template::use_template_clock`) before anything is rendered (unset: today's, as
+    /// transformers' strftime_now). Not recorded here: the date a run's text-only prompts
+    /// carried is (`template_date` in eval's settings.json and `infer --questions` lines).
+    #[serde(skip)]
     pub date: Option<String>,
     /// generation_config.json's `eos_token_id`, which ends a turn besides the model config's and
     /// the Llama 3 stop tokens (transformers' `generate` stops at it). Not recorded: an eval

@@ -107,6 +107,21 @@ fn parse_line(line: &str, number: usize, image_root: &Path) -> Result<Question, 
     })
 }
 
+/// The `template_date` the lines already in `out` were made with (the first whole line's).
+pub fn stored_template_date(out: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(out).ok()?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| {
+            Some(
+                v.get("settings")?
+                    .get("template_date")?
+                    .as_str()?
+                    .to_string(),
+            )
+        })
+}
+
 /// The ids `out` already holds generations for, made with `settings`; a torn last line (an
 /// interrupted write) does not count (it is redone). None when `out` does not exist.
 pub fn done(out: &Path, settings: &Value) -> Result<HashSet<String>, InferError> {
