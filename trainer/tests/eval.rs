@@ -779,6 +779,59 @@ fn adapter_for_another_base_model_is_a_clear_error() {
     );
 }
 
+/// Text-only questions on two ranks a day apart (time zones 26 hours apart): every rank asks
+/// with rank 0's day (gathered), recorded in settings.json; without that the ranks' settings
+/// differ and the run is refused.
+#[test]
+fn ranks_in_two_time_zones_date_text_only_prompts_alike() {
+    let dir = setup();
+    let bench = dir.join("text-ranks.jsonl");
+    std::fs::write(
+        &bench,
+        "{\"id\": \"t1\", \"question\": \"What is red?\", \"answer\": \"a color\"}\n\
+         {\"id\": \"t2\", \"question\": \"Name a shape.\", \"answer\": \"circle\"}\n",
+    )
+    .unwrap();
+    let out = dir.join("out-text-ranks");
+    let trainer = env!("CARGO_BIN_EXE_trainer");
+    let script = format!(
+        "if [ \"$RANK\" = 1 ]; then export TZ=EST-14; else export TZ=WST+12; fi; exec {trainer} eval --turns 1 --max-new-tokens 4 --model {} --data {} --image-root {} --out {}",
+        dir.join("model").display(),
+        bench.display(),
+        repo().join("tests/fixtures/data/images").display(),
+        out.display()
+    );
+    // rank 0's day: UTC-12's (read before and after the run, which may cross its midnight)
+    let west = || {
+        let o = Command::new("date")
+            .args(["+%Y-%m-%d"])
+            .env("TZ", "WST+12")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let before = west();
+    let o = common::launcher()
+        .args([
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .env("TMPDIR", dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let recorded = json(&out.join("settings.json"))["template_date"].clone();
+    assert!(
+        recorded == before.as_str() || recorded == west().as_str(),
+        "{recorded}"
+    );
+}
+
 #[test]
 fn two_ranks_under_the_launcher_give_the_same_report_as_one() {
     let dir = setup();
