@@ -439,25 +439,16 @@ fn text_only_questions_are_asked_without_an_image() {
         assert_eq!(by_id(id)["turns"][0]["tiles"], tiles, "{id}");
     }
     assert!(by_id("i1")["turns"][0]["tiles"].as_u64().unwrap() > 0);
-    // the same text as infer's for the question alone (greedy, same date: this process's day)
-    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args([
-            "infer",
-            "--turns",
-            "2",
-            "--max-new-tokens",
-            "6",
-            "--temperature",
-            "0",
-            "--json",
-        ])
-        .arg("--model")
-        .arg(dir.join("model"))
-        .args(["--question", "Name a shape.", "--date", "2024-07-26"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let alone: Value = serde_json::from_slice(&o.stdout).unwrap();
+    // the same text as infer's for the question alone (greedy, the same day)
+    let (code, stdout, err) = greedy_infer(&[
+        "--question",
+        "Name a shape.",
+        "--date",
+        "2024-07-26",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let alone: Value = serde_json::from_str(&stdout).unwrap();
     for t in 0..2 {
         assert_eq!(
             by_id("t2")["turns"][t]["text"],
@@ -480,6 +471,31 @@ fn text_only_questions_are_asked_without_an_image() {
         err.contains("template_date") && err.contains("2024-07-27"),
         "{err}"
     );
+}
+
+/// `trainer infer` on the test model, greedy, two turns of at most 6 tokens, with `extra`:
+/// (exit code, stdout, stderr).
+fn greedy_infer(extra: &[&str]) -> (i32, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args([
+            "infer",
+            "--turns",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0",
+        ])
+        .arg("--model")
+        .arg(setup().join("model"))
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 /// Ctrl-C mid-run: the process ends as SIGINT ends it, saying where the predictions made so far
@@ -567,28 +583,7 @@ fn infer_questions_batches_resumes_and_matches_single_infer() {
          {\"id\": \"e\", \"question\": \"Count to three.\"}\n",
     )
     .unwrap();
-    let infer = |extra: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
-            .args([
-                "infer",
-                "--turns",
-                "2",
-                "--max-new-tokens",
-                "6",
-                "--temperature",
-                "0",
-            ])
-            .arg("--model")
-            .arg(dir.join("model"))
-            .args(extra)
-            .output()
-            .unwrap();
-        (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
+    let infer = greedy_infer;
     let out = dir.join("generations.jsonl");
     let _ = std::fs::remove_file(&out);
     let batch = |out: &Path, extra: &[&str]| {
