@@ -678,6 +678,14 @@ fn infer_questions(
     use std::io::Write;
     use trainer::infer::questions;
     let out = args.out.as_deref().context("--questions needs --out")?;
+    // (every rank would answer every question into the one file)
+    let env = launcher::env::RankEnv::from_env()?;
+    anyhow::ensure!(
+        env.is_single(),
+        "infer --questions runs as one process (this is rank {} of {}): run it without the launcher, or use `trainer eval`, which shares the questions out among ranks",
+        env.rank,
+        env.world_size
+    );
     let image_root = match &args.image_root {
         Some(root) => root.clone(),
         None => file

@@ -1001,6 +1001,45 @@ fn date_pins_the_template_date_across_time_zones() {
     );
 }
 
+/// `infer --questions` under a launcher with several ranks is refused (each would answer every
+/// question into the one file), before the model loads.
+#[test]
+fn infer_questions_refuses_several_ranks() {
+    let dir = std::env::temp_dir().join(format!("cli-questions-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let questions = dir.join("q.jsonl");
+    std::fs::write(&questions, "{\"question\": \"q\"}\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args([
+            "infer",
+            "--model",
+            "tests/fixtures/train/model",
+            "--questions",
+        ])
+        .arg(&questions)
+        .arg("--out")
+        .arg(dir.join("g.jsonl"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .envs([
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29511"),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("infer --questions runs as one process (this is rank 1 of 2)"),
+        "{stderr}"
+    );
+    assert!(!dir.join("g.jsonl").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `trainer compare A A` (here through another path to the same folder) is refused: every
 /// question agrees with itself, and a table of no differences would look like a finding.
 #[test]
