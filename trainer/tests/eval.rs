@@ -659,6 +659,14 @@ fn infer_questions_batches_resumes_and_matches_single_infer() {
     let resumed = std::fs::read_to_string(&out).unwrap();
     assert_eq!(untimed(&resumed), untimed(&full));
     assert!(resumed.starts_with(&full.lines().take(2).collect::<Vec<_>>().join("\n")));
+    // a greedy rerun with another seed changes no text: accepted (nothing left to ask)
+    let (code, _, err) = batch(&out, &["--seed", "5"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("resuming: 5 of 5 questions already in"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), resumed);
     // other settings: refused, the file kept
     let (code, _, err) = batch(&out, &["--correction-prompt", "Check again."]);
     assert_ne!(code, 0);

@@ -662,7 +662,7 @@ fn drop_paths(settings: &mut serde_json::Value) {
 
 /// The settings that change predictions: greedy decoding (temperature 0) reads no seed, top-k
 /// or top-p, so those are left out of the comparison then.
-fn what_predicts(settings: &serde_json::Value) -> serde_json::Value {
+pub(crate) fn what_predicts(settings: &serde_json::Value) -> serde_json::Value {
     let mut v = settings.clone();
     if let Some(infer) = v.get_mut("infer").and_then(|i| i.as_object_mut()) {
         if infer.get("temperature").and_then(|t| t.as_f64()) == Some(0.0) {

@@ -122,8 +122,9 @@ pub fn stored_template_date(out: &Path) -> Option<String> {
         })
 }
 
-/// The ids `out` already holds generations for, made with `settings`; a torn last line (an
-/// interrupted write) does not count (it is redone). None when `out` does not exist.
+/// The ids `out` already holds generations for, made with `settings` (as far as they change the
+/// text: a greedy run's seed, top-k and top-p do not); a torn last line (an interrupted write)
+/// does not count (it is redone). Empty when `out` does not exist.
 pub fn done(out: &Path, settings: &Value) -> Result<HashSet<String>, InferError> {
     let text = match std::fs::read(out) {
         Ok(b) => b,
@@ -150,7 +151,9 @@ pub fn done(out: &Path, settings: &Value) -> Result<HashSet<String>, InferError>
                 )))
             }
         };
-        if made_with != settings {
+        // (greedy decoding reads no seed, top-k or top-p: those may differ)
+        let predicts = crate::eval::what_predicts;
+        if predicts(made_with) != predicts(settings) {
             return Err(InferError::Input(format!(
                 "{}:{}: generated with other settings ({made_with}) than this run's ({settings}); \
                  rerun with the same model, adapter and flags to resume, or give another --out",
