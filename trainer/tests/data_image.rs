@@ -318,11 +318,42 @@ fn damaged_images_decode_or_fail_cleanly() {
         for _ in 0..60 {
             check(&good[..next() % good.len()]);
         }
-        // JPEG decodes most flipped bytes (damaged pixels); PNG's checksums refuse every one
+        // JPEG decodes most flipped bytes (damaged pixels); PNG's checksums refuse nearly every
+        // one (a flip in an IDAT CRC alone is read, as Pillow reads it)
         assert!(failed > 0, "{name}: {ok} decoded, {failed} failed");
         // and the intact file still decodes the same (no state left behind by the failures)
         assert!(image::decode_rgb(&good).unwrap() == want, "{name}");
     }
+}
+
+/// A PNG whose IDAT chunk carries a wrong CRC decodes to the intact file's pixels, as Pillow
+/// reads it (it never checks IDAT's CRCs; checked with Pillow 13.0.0); a wrong CRC of another
+/// chunk (IHDR) is refused, as Pillow refuses it.
+#[test]
+fn a_wrong_idat_crc_is_read_as_pillow_reads_it() {
+    let good = std::fs::read(fixtures().join("images/large.png")).unwrap();
+    let want = image::decode_rgb(&good).unwrap();
+    // the offset of the CRC field of the first chunk of `kind`
+    let crc_at = |kind: &[u8]| {
+        let mut at = 8;
+        loop {
+            let len = u32::from_be_bytes(good[at..at + 4].try_into().unwrap()) as usize;
+            if &good[at + 4..at + 8] == kind {
+                return at + 8 + len;
+            }
+            at += 12 + len;
+        }
+    };
+    let mut bad_idat = good.clone();
+    bad_idat[crc_at(b"IDAT")] ^= 0x5a;
+    assert!(image::decode_rgb(&bad_idat).unwrap() == want);
+    let mut bad_ihdr = good.clone();
+    bad_ihdr[crc_at(b"IHDR")] ^= 0x5a;
+    let e = image::decode_rgb(&bad_ihdr).unwrap_err();
+    assert!(
+        e.contains("corrupt") || e.contains("CRC") || e.contains("cannot"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -210,6 +210,38 @@ pub(crate) fn check_pixel_count(w: usize, h: usize) -> Result<(), String> {
     }
 }
 
+/// Pillow reads a PNG whose IDAT chunks carry wrong CRCs (it never checks theirs) and refuses
+/// one with a wrong CRC anywhere else; the png crate refuses both. The bytes with the IDAT CRCs
+/// recomputed, when those are the only wrong ones (None otherwise, or for no PNG).
+fn png_with_idat_crcs_mended(bytes: &[u8]) -> Option<Vec<u8>> {
+    const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+    if !bytes.starts_with(SIGNATURE) {
+        return None;
+    }
+    let mut out = bytes.to_vec();
+    let (mut at, mut mended) = (SIGNATURE.len(), false);
+    // chunks: length (4, big-endian), type (4), data (length), CRC of type and data (4)
+    while at + 12 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().ok()?) as usize;
+        let end = (at + 8).checked_add(len)?;
+        let stored = u32::from_be_bytes(bytes.get(end..end + 4)?.try_into().ok()?);
+        let kind = &bytes[at + 4..at + 8];
+        let crc = crc32fast::hash(&bytes[at + 4..end]);
+        if crc != stored {
+            if kind != b"IDAT" {
+                return None;
+            }
+            out[end..end + 4].copy_from_slice(&crc.to_be_bytes());
+            mended = true;
+        }
+        if kind == b"IEND" {
+            break;
+        }
+        at = end + 4;
+    }
+    mended.then_some(out)
+}
+
 /// `load_rgb` over bytes in memory.
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
     if bytes.is_empty() {
@@ -258,9 +290,17 @@ fn decode_with_image_crate(bytes: &[u8]) -> Result<RgbImage, String> {
     let mut reader = reader;
     reader.no_limits();
     let is_gif = reader.format() == Some(image::ImageFormat::Gif);
-    let img = reader
-        .decode()
-        .map_err(|e| format!("corrupt or truncated image: {e}"))?;
+    let is_png = reader.format() == Some(image::ImageFormat::Png);
+    let img = match reader.decode() {
+        Ok(img) => img,
+        Err(e) => {
+            if let Some(mended) = is_png.then(|| png_with_idat_crcs_mended(bytes)).flatten() {
+                tracing::debug!("a PNG with wrong IDAT CRCs read as Pillow reads it ({e})");
+                return decode_with_image_crate(&mended);
+            }
+            return Err(format!("corrupt or truncated image: {e}"));
+        }
+    };
     let info = super::transparency::source_info(bytes);
     // GIF pixels of the transparent index are the key colour in Pillow (then white)
     let gif_clear_is_key = is_gif && info.key.is_some();
