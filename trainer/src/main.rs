@@ -642,9 +642,9 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
     if args.json {
         let out = serde_json::json!({
             "turns": turns,
-            "model": model_dir,
-            "adapter": args.adapter,
-            "checkpoint": args.checkpoint,
+            "model": model_dir.display().to_string(),
+            "adapter": args.adapter.as_ref().map(|p| p.display().to_string()),
+            "checkpoint": args.checkpoint.as_ref().map(|p| p.display().to_string()),
             "settings": opts,
             // (the "Today Date" a text-only prompt renders: --date, else this process's day)
             "template_date": trainer::data::template::strftime_now("%Y-%m-%d"),
@@ -706,9 +706,10 @@ fn infer_questions(
     let all = questions::read(file, &image_root)?;
     let opts = generation.options(args.temperature, model_dir)?;
     let mut settings = serde_json::json!({
-        "model": model_dir,
-        "adapter": args.adapter,
-        "checkpoint": args.checkpoint,
+        // (paths as text: one that is not UTF-8 would not serialize)
+        "model": model_dir.display().to_string(),
+        "adapter": args.adapter.as_ref().map(|p| p.display().to_string()),
+        "checkpoint": args.checkpoint.as_ref().map(|p| p.display().to_string()),
         "infer": opts,
     });
     // the day text-only prompts carry ("Today Date"): --date, else the day the lines already in
@@ -724,7 +725,7 @@ fn infer_questions(
         }
         settings["template_date"] = strftime("%Y-%m-%d", template_clock()).into();
     }
-    let done = questions::done(out, &settings)?;
+    let done = questions::done(out, &settings, &all)?;
     let todo: Vec<&questions::Question> = all.iter().filter(|q| !done.contains(&q.id)).collect();
     if !done.is_empty() {
         tracing::info!(
@@ -801,7 +802,8 @@ fn infer_questions(
         for (q, turns) in batch.iter().zip(outputs) {
             let line = serde_json::json!({
                 "id": q.id,
-                "image": q.image,
+                // (as text: a path that is not UTF-8 would not serialize)
+                "image": q.image.as_ref().map(|p| p.display().to_string()),
                 "question": q.question,
                 "turns": turns,
                 "settings": settings,

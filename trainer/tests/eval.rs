@@ -672,6 +672,19 @@ fn infer_questions_batches_resumes_and_matches_single_infer() {
     assert_ne!(code, 0);
     assert!(err.contains("generated with other settings"), "{err}");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), resumed);
+    // an edited question under an id already answered: refused (it answers another question)
+    let edited = std::fs::read_to_string(&questions)
+        .unwrap()
+        .replace("Count to three.", "Count to four.");
+    std::fs::write(&questions, edited).unwrap();
+    let (code, _, err) = batch(&out, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "the generation for id \"e\" was made for another question or image than line 5"
+        ),
+        "{err}"
+    );
     // a bad line is named, before the model loads
     std::fs::write(
         &questions,

@@ -125,7 +125,15 @@ pub fn stored_template_date(out: &Path) -> Option<String> {
 /// The ids `out` already holds generations for, made with `settings` (as far as they change the
 /// text: a greedy run's seed, top-k and top-p do not); a torn last line (an interrupted write)
 /// does not count (it is redone). Empty when `out` does not exist.
-pub fn done(out: &Path, settings: &Value) -> Result<HashSet<String>, InferError> {
+///
+/// A stored line whose id is a question of `asked` with another text or image (an edited
+/// questions file, another file numbered the same way) is refused: it answers another question.
+pub fn done(
+    out: &Path,
+    settings: &Value,
+    asked: &[Question],
+) -> Result<HashSet<String>, InferError> {
+    let by_id: HashMap<&str, &Question> = asked.iter().map(|q| (q.id.as_str(), q)).collect();
     let text = match std::fs::read(out) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
@@ -160,6 +168,20 @@ pub fn done(out: &Path, settings: &Value) -> Result<HashSet<String>, InferError>
                 out.display(),
                 i + 1
             )));
+        }
+        if let (Some(q), Some(v)) = (by_id.get(id.as_str()), parsed.as_ref()) {
+            let image = q.image.as_ref().map(|p| p.display().to_string());
+            let same = v.get("question").and_then(Value::as_str) == Some(q.question.as_str())
+                && v.get("image").and_then(Value::as_str) == image.as_deref();
+            if !same {
+                return Err(InferError::Input(format!(
+                    "{}:{}: the generation for id {id:?} was made for another question or image than line {} of the questions file asks; \
+                     give another --out, or delete that line to ask it again",
+                    out.display(),
+                    i + 1,
+                    q.line
+                )));
+            }
         }
         ids.insert(id);
     }
