@@ -390,7 +390,7 @@ struct InferArgs {
     #[arg(long, requires = "questions")]
     image_root: Option<PathBuf>,
     /// With --questions: questions generated together (left-padded)
-    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one, requires = "questions")]
     batch_size: usize,
     /// 0 = greedy. Default: 0.7, the seed's inference.py value, when the model's
     /// generation_config.json sets do_sample: true (Llama 3.2 Vision Instruct's does); else
@@ -464,8 +464,9 @@ struct GenerationArgs {
     #[arg(long)]
     double_bos: bool,
     /// The chat template's "Today Date" for text-only prompts, as YYYY-MM-DD (Llama 3.2's
-    /// template writes one into a prompt without an image; default: today in local time, as
-    /// transformers' strftime_now, so such an answer changes with the day and the time zone)
+    /// template writes one into a prompt without an image; default: the day an eval's --out or
+    /// infer --questions' --out recorded, else today in local time, as transformers'
+    /// strftime_now, so such an answer changes with the day and the time zone)
     #[arg(long, value_name = "YYYY-MM-DD", value_parser = parse_date_flag)]
     date: Option<String>,
 }
@@ -725,6 +726,24 @@ fn infer_questions(
         }
         settings["template_date"] = strftime("%Y-%m-%d", template_clock()).into();
     }
+    // one run at a time into --out (a second would answer every question again, interleaved)
+    let out_lock = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)
+        .with_context(|| format!("--out {}", out.display()))?;
+    match launcher::flock::try_exclusive(&out_lock) {
+        Ok(launcher::flock::Flock::Held) => {}
+        Ok(launcher::flock::Flock::Busy) => anyhow::bail!(
+            "--out {} is being written by another `infer --questions`: wait for it, or give another --out",
+            out.display()
+        ),
+        Ok(launcher::flock::Flock::Unsupported(e)) => tracing::warn!(
+            "--out {}: this filesystem has no file locks ({e}): two runs into it would mix their lines",
+            out.display()
+        ),
+        Err(e) => anyhow::bail!("--out {}: {e}", out.display()),
+    }
     let done = questions::done(out, &settings, &all)?;
     let todo: Vec<&questions::Question> = all.iter().filter(|q| !done.contains(&q.id)).collect();
     if !done.is_empty() {
@@ -802,8 +821,8 @@ fn infer_questions(
         for (q, turns) in batch.iter().zip(outputs) {
             let line = serde_json::json!({
                 "id": q.id,
-                // (as text: a path that is not UTF-8 would not serialize)
-                "image": q.image.as_ref().map(|p| p.display().to_string()),
+                // (as the questions file writes it)
+                "image": q.image_text,
                 "question": q.question,
                 "turns": turns,
                 "settings": settings,

@@ -326,9 +326,9 @@ fn damaged_images_decode_or_fail_cleanly() {
     }
 }
 
-/// A PNG whose IDAT chunk carries a wrong CRC decodes to the intact file's pixels, as Pillow
-/// reads it (it never checks IDAT's CRCs; checked with Pillow 13.0.0); a wrong CRC of another
-/// chunk (IHDR) is refused, as Pillow refuses it.
+/// A PNG whose IDAT chunk (or IEND) carries a wrong CRC decodes to the intact file's pixels, as
+/// Pillow reads it (it checks the chunks before the image data only; checked with Pillow
+/// 13.0.0); a wrong CRC of IHDR is refused, as Pillow refuses it.
 #[test]
 fn a_wrong_idat_crc_is_read_as_pillow_reads_it() {
     let good = std::fs::read(fixtures().join("images/large.png")).unwrap();
@@ -346,6 +346,9 @@ fn a_wrong_idat_crc_is_read_as_pillow_reads_it() {
     };
     let mut bad_idat = good.clone();
     bad_idat[crc_at(b"IDAT")] ^= 0x5a;
+    assert!(image::decode_rgb(&bad_idat).unwrap() == want);
+    // and one after the image data (Pillow checks none there)
+    bad_idat[crc_at(b"IEND")] ^= 0x5a;
     assert!(image::decode_rgb(&bad_idat).unwrap() == want);
     let mut bad_ihdr = good.clone();
     bad_ihdr[crc_at(b"IHDR")] ^= 0x5a;

@@ -498,6 +498,33 @@ fn greedy_infer(extra: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A folder whose questions so far all had images (no date recorded) takes text-only ones
+/// later: they are asked and the day recorded from then on, not refused as other settings.
+#[test]
+fn text_only_questions_added_to_an_image_only_folder_resume() {
+    let dir = setup();
+    let bench = dir.join("image-then-text.jsonl");
+    std::fs::write(
+        &bench,
+        "{\"id\": \"i1\", \"image\": \"small.png\", \"question\": \"How many?\", \"answer\": \"3\"}\n\
+         {\"id\": \"t1\", \"question\": \"What is red?\", \"answer\": \"a color\"}\n",
+    )
+    .unwrap();
+    let out = dir.join("out-image-then-text");
+    let (code, err) = eval_bench(&out, &bench, &["--limit", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(json(&out.join("settings.json"))
+        .get("template_date")
+        .is_none());
+    let (code, err) = eval_bench(&out, &bench, &["--date", "2024-07-26"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        json(&out.join("settings.json"))["template_date"],
+        "2024-07-26"
+    );
+    assert_eq!(json(&out.join("report.json"))["turns"][0]["total"], 2);
+}
+
 /// Ctrl-C mid-run: the process ends as SIGINT ends it, saying where the predictions made so far
 /// are and that a rerun resumes; the rerun says how many it found and finishes the rest.
 #[test]
@@ -672,6 +699,26 @@ fn infer_questions_batches_resumes_and_matches_single_infer() {
     assert_ne!(code, 0);
     assert!(err.contains("generated with other settings"), "{err}");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), resumed);
+    // a run already writing --out: refused; two lines for one id: refused
+    {
+        let held = std::fs::OpenOptions::new().append(true).open(&out).unwrap();
+        assert!(matches!(
+            launcher::flock::try_exclusive(&held).unwrap(),
+            launcher::flock::Flock::Held
+        ));
+        let (code, _, err) = batch(&out, &[]);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains("is being written by another `infer --questions`"),
+            "{err}"
+        );
+    }
+    let twice = dir.join("generations-twice.jsonl");
+    let first = resumed.lines().next().unwrap();
+    std::fs::write(&twice, format!("{resumed}{first}\n")).unwrap();
+    let (code, _, err) = batch(&twice, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("a second generation for id \"a\""), "{err}");
     // an edited question under an id already answered: refused (it answers another question)
     let edited = std::fs::read_to_string(&questions)
         .unwrap()

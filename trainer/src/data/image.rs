@@ -210,32 +210,31 @@ pub(crate) fn check_pixel_count(w: usize, h: usize) -> Result<(), String> {
     }
 }
 
-/// Pillow reads a PNG whose IDAT chunks carry wrong CRCs (it never checks theirs) and refuses
-/// one with a wrong CRC anywhere else; the png crate refuses both. The bytes with the IDAT CRCs
-/// recomputed, when those are the only wrong ones (None otherwise, or for no PNG).
+/// Pillow checks the CRCs of the chunks before the image data only: it reads a PNG whose IDAT
+/// chunks, or chunks after them, carry wrong CRCs, where the png crate refuses a wrong IDAT CRC.
+/// The bytes with the CRCs from the first IDAT on recomputed, when the chunks before it are
+/// intact (None otherwise, or for no PNG). (The png crate skips an ancillary chunk with a wrong CRC
+/// before the image data, where Pillow refuses the file: not mirrored.)
 fn png_with_idat_crcs_mended(bytes: &[u8]) -> Option<Vec<u8>> {
     const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
     if !bytes.starts_with(SIGNATURE) {
         return None;
     }
     let mut out = bytes.to_vec();
-    let (mut at, mut mended) = (SIGNATURE.len(), false);
+    let (mut at, mut mended, mut data_seen) = (SIGNATURE.len(), false, false);
     // chunks: length (4, big-endian), type (4), data (length), CRC of type and data (4)
     while at + 12 <= bytes.len() {
         let len = u32::from_be_bytes(bytes[at..at + 4].try_into().ok()?) as usize;
         let end = (at + 8).checked_add(len)?;
-        let stored = u32::from_be_bytes(bytes.get(end..end + 4)?.try_into().ok()?);
-        let kind = &bytes[at + 4..at + 8];
+        let stored = u32::from_be_bytes(bytes.get(end..end.checked_add(4)?)?.try_into().ok()?);
+        data_seen |= &bytes[at + 4..at + 8] == b"IDAT";
         let crc = crc32fast::hash(&bytes[at + 4..end]);
         if crc != stored {
-            if kind != b"IDAT" {
+            if !data_seen {
                 return None;
             }
             out[end..end + 4].copy_from_slice(&crc.to_be_bytes());
             mended = true;
-        }
-        if kind == b"IEND" {
-            break;
         }
         at = end + 4;
     }

@@ -535,6 +535,12 @@ fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result
         )));
     }
     let (mut there, mut here) = (what_predicts(&before), what_predicts(now));
+    // a folder whose questions so far all had an image recorded no date (their prompts have
+    // none): text-only questions added since take this run's, recorded from now on
+    let record_date = there.get("template_date").is_none() && here.get("template_date").is_some();
+    if record_date {
+        here.as_object_mut().map(|o| o.remove("template_date"));
+    }
     config_compared(&mut there, &mut here);
     // the folders by their files' fingerprints alone where the earlier run recorded them all: a
     // copy of the model moved to local disk, another job's mount point, is the same model
@@ -564,7 +570,7 @@ fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result
             values.join("; ")
         )));
     }
-    Ok(false)
+    Ok(record_date)
 }
 
 /// Every rank must predict as rank 0 does: a node with its own copy of the model or the adapter,

@@ -20,6 +20,8 @@ pub struct Question {
     pub id: String,
     /// Resolved against the image root; None: a text-only question.
     pub image: Option<PathBuf>,
+    /// The image as the line writes it (what a stored answer is compared with on resume).
+    pub image_text: Option<String>,
     pub question: String,
 }
 
@@ -96,22 +98,28 @@ fn parse_line(line: &str, number: usize, image_root: &Path) -> Result<Question, 
             "`image` is an empty string: give the image's path, or null for a text-only question"
                 .into(),
         ),
-        Some(Value::String(s)) => Some(crate::data::records::resolve_image(s, Some(image_root))?),
+        Some(Value::String(s)) => Some(s.clone()),
         Some(other) => return Err(format!("`image` must be a path (a string), not {other}")),
     };
     Ok(Question {
         line: number,
         id,
-        image,
+        image: image
+            .as_deref()
+            .map(|s| crate::data::records::resolve_image(s, Some(image_root)))
+            .transpose()?,
+        image_text: image,
         question,
     })
 }
 
 /// The `template_date` the lines already in `out` were made with (the first whole line's).
 pub fn stored_template_date(out: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(out).ok()?;
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    // (line by line: a torn last line may end inside a character)
+    let bytes = std::fs::read(out).ok()?;
+    bytes
+        .split(|&b| b == b'\n')
+        .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
         .find_map(|v| {
             Some(
                 v.get("settings")?
@@ -159,8 +167,18 @@ pub fn done(
                 )))
             }
         };
-        // (greedy decoding reads no seed, top-k or top-p: those may differ)
-        let predicts = crate::eval::what_predicts;
+        // (greedy decoding reads no seed, top-k or top-p: those may differ; the prompts' date
+        // matters to text-only questions only)
+        let text_only = parsed
+            .as_ref()
+            .is_some_and(|v| v.get("image").is_some_and(Value::is_null));
+        let predicts = |s: &Value| {
+            let mut s = crate::eval::what_predicts(s);
+            if !text_only {
+                s.as_object_mut().map(|o| o.remove("template_date"));
+            }
+            s
+        };
         if predicts(made_with) != predicts(settings) {
             return Err(InferError::Input(format!(
                 "{}:{}: generated with other settings ({made_with}) than this run's ({settings}); \
@@ -170,9 +188,8 @@ pub fn done(
             )));
         }
         if let (Some(q), Some(v)) = (by_id.get(id.as_str()), parsed.as_ref()) {
-            let image = q.image.as_ref().map(|p| p.display().to_string());
             let same = v.get("question").and_then(Value::as_str) == Some(q.question.as_str())
-                && v.get("image").and_then(Value::as_str) == image.as_deref();
+                && v.get("image").and_then(Value::as_str) == q.image_text.as_deref();
             if !same {
                 return Err(InferError::Input(format!(
                     "{}:{}: the generation for id {id:?} was made for another question or image than line {} of the questions file asks; \
@@ -183,7 +200,13 @@ pub fn done(
                 )));
             }
         }
-        ids.insert(id);
+        if !ids.insert(id.clone()) {
+            return Err(InferError::Input(format!(
+                "{}:{}: a second generation for id {id:?} (two runs into one --out?); give another --out, or delete one of them",
+                out.display(),
+                i + 1
+            )));
+        }
     }
     Ok(ids)
 }
