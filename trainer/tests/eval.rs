@@ -523,6 +523,13 @@ fn text_only_questions_added_to_an_image_only_folder_resume() {
         "2024-07-26"
     );
     assert_eq!(json(&out.join("report.json"))["turns"][0]["total"], 2);
+    // a --limit that leaves the text-only question out again: resumed, the day kept
+    let (code, err) = eval_bench(&out, &bench, &["--limit", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        json(&out.join("settings.json"))["template_date"],
+        "2024-07-26"
+    );
 }
 
 /// Ctrl-C mid-run: the process ends as SIGINT ends it, saying where the predictions made so far

@@ -538,8 +538,11 @@ fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result
     // a folder whose questions so far all had an image recorded no date (their prompts have
     // none): text-only questions added since take this run's, recorded from now on
     let record_date = there.get("template_date").is_none() && here.get("template_date").is_some();
-    if record_date {
-        here.as_object_mut().map(|o| o.remove("template_date"));
+    // (and a run that asks none, a --limit that leaves them out, keeps the recorded day)
+    if there.get("template_date").is_none() || here.get("template_date").is_none() {
+        for v in [&mut there, &mut here] {
+            v.as_object_mut().map(|o| o.remove("template_date"));
+        }
     }
     config_compared(&mut there, &mut here);
     // the folders by their files' fingerprints alone where the earlier run recorded them all: a
