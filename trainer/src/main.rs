@@ -713,19 +713,6 @@ fn infer_questions(
         "checkpoint": args.checkpoint.as_ref().map(|p| p.display().to_string()),
         "infer": opts,
     });
-    // the day text-only prompts carry ("Today Date"): --date, else the day the lines already in
-    // --out were made with (a resume on another day asks as the first run asked), else today
-    if all.iter().any(|q| q.image.is_none()) {
-        use trainer::data::template::{parse_date, strftime, template_clock, use_template_clock};
-        if generation.date.is_none() {
-            if let Some(clock) =
-                questions::stored_template_date(out).and_then(|d| parse_date(&d).ok())
-            {
-                use_template_clock(clock);
-            }
-        }
-        settings["template_date"] = strftime("%Y-%m-%d", template_clock()).into();
-    }
     // one run at a time into --out (a second would answer every question again, interleaved)
     let out_lock = std::fs::OpenOptions::new()
         .create(true)
@@ -744,7 +731,16 @@ fn infer_questions(
         ),
         Err(e) => anyhow::bail!("--out {}: {e}", out.display()),
     }
-    let done = questions::done(out, &settings, &all)?;
+    // the day text-only prompts carry ("Today Date"): --date, else the day the lines already in
+    // --out were made with (a resume on another day asks as the first run asked), else today
+    let stored = questions::stored(out)?;
+    if all.iter().any(|q| q.image.is_none()) {
+        use trainer::data::template::{fix_day, run_clock};
+        let recorded = questions::stored_template_date(&stored);
+        settings["template_date"] =
+            fix_day(run_clock(generation.date.is_some(), recorded.as_deref())).into();
+    }
+    let done = questions::done(out, &stored, &settings, &all)?;
     let todo: Vec<&questions::Question> = all.iter().filter(|q| !done.contains(&q.id)).collect();
     if !done.is_empty() {
         tracing::info!(

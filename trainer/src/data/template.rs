@@ -258,6 +258,24 @@ pub fn parse_date(text: &str) -> Result<i64, String> {
     }
 }
 
+/// The clock a run's text-only prompts take, before ranks agree on it: --date's (`pinned`, set
+/// already), else the day the run being resumed `recorded` (YYYY-MM-DD), else now.
+pub fn run_clock(pinned: bool, recorded: Option<&str>) -> i64 {
+    match pinned {
+        true => template_clock(),
+        false => recorded
+            .and_then(|d| parse_date(d).ok())
+            .unwrap_or_else(local_now),
+    }
+}
+
+/// Fixes the template clock at `clock` (nothing rendered yet) and returns its day as a run
+/// records it (YYYY-MM-DD).
+pub fn fix_day(clock: i64) -> String {
+    use_template_clock(clock);
+    strftime("%Y-%m-%d", template_clock())
+}
+
 /// The local time now, in seconds since the epoch (TZ and /etc/localtime decide).
 pub fn local_now() -> i64 {
     let utc = std::time::SystemTime::now()

@@ -95,7 +95,7 @@ impl BenchItem {
     /// The sampling seed of this question: `seed` mixed with its id, so sampled runs draw
     /// independently per question, whatever its batch or rank.
     pub fn seed(&self, seed: u64) -> u64 {
-        seed ^ launcher::token::fnv1a(self.id.as_bytes())
+        crate::infer::questions::seed_of(seed, &self.id)
     }
 }
 
@@ -145,7 +145,10 @@ fn show_lines(file: &str, problems: &[(usize, String)]) -> String {
 }
 
 /// Every bad line of a benchmark in one error (one line: `FILE:LINE: reason`, as before).
-fn bench_problems(file: &str, mut problems: Vec<(usize, String)>) -> Result<(), EvalError> {
+pub(crate) fn bench_problems(
+    file: &str,
+    mut problems: Vec<(usize, String)>,
+) -> Result<(), EvalError> {
     match problems.len() {
         0 => Ok(()),
         1 => {
@@ -481,31 +484,23 @@ fn fix_template_date(
     opts: &EvalOptions,
     shard: Option<&Shard>,
 ) -> Result<Option<String>, EvalError> {
-    use crate::data::template::{
-        local_now, parse_date, strftime, template_clock, use_template_clock,
-    };
+    use crate::data::template::{fix_day, run_clock};
     if items.iter().all(|(_, it)| it.image.is_some()) {
         return Ok(None);
     }
-    let stored = || {
-        std::fs::read_to_string(opts.out.join("settings.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| parse_date(v.get("template_date")?.as_str()?).ok())
-    };
+    let recorded = std::fs::read_to_string(opts.out.join("settings.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| Some(v.get("template_date")?.as_str()?.to_string()));
     // (the clock is fixed once, by the agreed value: nothing has rendered a prompt yet)
-    let mine = match opts.infer.date {
-        Some(_) => template_clock(), // pinned by --date
-        None => stored().unwrap_or_else(local_now),
-    };
+    let mine = run_clock(opts.infer.date.is_some(), recorded.as_deref());
     // (every rank gathers: whether to is decided by the benchmark alone, which all ranks read)
     let agreed = match shard {
         Some(s) => (s.gather)(mine)
             .map_err(|e| EvalError::Io(format!("agreeing on the prompts' date: {e}")))?[0],
         None => mine,
     };
-    use_template_clock(agreed);
-    Ok(Some(strftime("%Y-%m-%d", template_clock())))
+    Ok(Some(fix_day(agreed)))
 }
 
 /// A resumed run must make its predictions as the stored ones were made: OUT/settings.json

@@ -47,26 +47,17 @@ pub fn read(path: &Path, image_root: &Path) -> Result<Vec<Question>, InferError>
         }
         match parse_line(line, i + 1, image_root) {
             Ok(q) => match seen.insert(q.id.clone(), q.line) {
-                Some(first) => problems.push(format!(
-                    "{file}:{}: id {:?} repeats the one on line {first}",
-                    q.line, q.id
+                Some(first) => problems.push((
+                    q.line,
+                    format!("id {:?} repeats the one on line {first}", q.id),
                 )),
                 None => questions.push(q),
             },
-            Err(reason) => problems.push(format!("{file}:{}: {reason}", i + 1)),
+            Err(reason) => problems.push((i + 1, reason)),
         }
     }
-    if let Some(first) = problems.first() {
-        let more = match problems.len() {
-            1 => String::new(),
-            n => format!(
-                " (and {} more bad lines: {})",
-                n - 1,
-                problems[1..].join("; ")
-            ),
-        };
-        return Err(InferError::Input(format!("{first}{more}")));
-    }
+    // (FILE:LINE: reason, one line each, as eval names a benchmark's)
+    crate::eval::bench_problems(&file, problems).map_err(|e| InferError::Input(e.to_string()))?;
     if questions.is_empty() {
         return Err(InferError::Input(format!(
             "{file}: no questions (one JSON object per line: {{\"id\", \"image\", \"question\"}})"
@@ -113,65 +104,62 @@ fn parse_line(line: &str, number: usize, image_root: &Path) -> Result<Question, 
     })
 }
 
-/// The `template_date` the lines already in `out` were made with (the first whole line's).
-pub fn stored_template_date(out: &Path) -> Option<String> {
-    // (line by line: a torn last line may end inside a character)
-    let bytes = std::fs::read(out).ok()?;
-    bytes
-        .split(|&b| b == b'\n')
-        .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
-        .find_map(|v| {
-            Some(
-                v.get("settings")?
-                    .get("template_date")?
-                    .as_str()?
-                    .to_string(),
-            )
-        })
-}
-
-/// The ids `out` already holds generations for, made with `settings` (as far as they change the
-/// text: a greedy run's seed, top-k and top-p do not); a torn last line (an interrupted write)
-/// does not count (it is redone). Empty when `out` does not exist.
-///
-/// A stored line whose id is a question of `asked` with another text or image (an edited
-/// questions file, another file numbered the same way) is refused: it answers another question.
-pub fn done(
-    out: &Path,
-    settings: &Value,
-    asked: &[Question],
-) -> Result<HashSet<String>, InferError> {
-    let by_id: HashMap<&str, &Question> = asked.iter().map(|q| (q.id.as_str(), q)).collect();
+/// The lines already in `out` (JSON values with their 1-based line numbers), read once; a torn
+/// last line (an interrupted write, which may end inside a character) is left out, to be redone.
+/// Empty when `out` does not exist.
+pub fn stored(out: &Path) -> Result<Vec<(usize, Value)>, InferError> {
     let text = match std::fs::read(out) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
         Err(e) => return Err(InferError::Input(format!("{}: {e}", out.display()))),
     };
     let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
-    let mut ids = HashSet::new();
+    let mut kept = Vec::new();
     for (i, line) in lines.iter().enumerate() {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let parsed: Option<Value> = std::str::from_utf8(line)
-            .ok()
-            .and_then(|l| serde_json::from_str(l).ok());
-        let (id, made_with) = match parsed.as_ref().map(|v| (v.get("id"), v.get("settings"))) {
-            Some((Some(Value::String(id)), Some(s))) => (id.clone(), s),
-            _ if i + 1 == lines.len() => continue,
-            _ => {
+        let parsed: Option<Value> = serde_json::from_slice(line).ok();
+        match parsed.filter(|v| v.get("id").is_some_and(Value::is_string) && v.get("settings").is_some()) {
+            Some(v) => kept.push((i + 1, v)),
+            None if i + 1 == lines.len() => {}
+            None => {
                 return Err(InferError::Input(format!(
                     "{}:{}: not a line of `infer --questions` (id, settings, turns); give another --out",
                     out.display(),
                     i + 1
                 )))
             }
-        };
+        }
+    }
+    Ok(kept)
+}
+
+/// The `template_date` the `stored` lines were made with (the first line's that has one).
+pub fn stored_template_date(stored: &[(usize, Value)]) -> Option<String> {
+    stored.iter().find_map(|(_, v)| {
+        Some(
+            v.get("settings")?
+                .get("template_date")?
+                .as_str()?
+                .to_string(),
+        )
+    })
+}
+
+pub fn done(
+    out: &Path,
+    stored: &[(usize, Value)],
+    settings: &Value,
+    asked: &[Question],
+) -> Result<HashSet<String>, InferError> {
+    let by_id: HashMap<&str, &Question> = asked.iter().map(|q| (q.id.as_str(), q)).collect();
+    let mut ids = HashSet::new();
+    for (line, v) in stored {
+        let (id, made_with) = (v["id"].as_str().unwrap_or_default(), &v["settings"]);
         // (greedy decoding reads no seed, top-k or top-p: those may differ; the prompts' date
         // matters to text-only questions only)
-        let text_only = parsed
-            .as_ref()
-            .is_some_and(|v| v.get("image").is_some_and(Value::is_null));
+        let text_only = v.get("image").is_some_and(Value::is_null);
         let predicts = |s: &Value| {
             let mut s = crate::eval::what_predicts(s);
             if !text_only {
@@ -184,10 +172,10 @@ pub fn done(
                 "{}:{}: generated with other settings ({made_with}) than this run's ({settings}); \
                  rerun with the same model, adapter and flags to resume, or give another --out",
                 out.display(),
-                i + 1
+                line
             )));
         }
-        if let (Some(q), Some(v)) = (by_id.get(id.as_str()), parsed.as_ref()) {
+        if let Some(q) = by_id.get(id) {
             let same = v.get("question").and_then(Value::as_str) == Some(q.question.as_str())
                 && v.get("image").and_then(Value::as_str) == q.image_text.as_deref();
             if !same {
@@ -195,16 +183,16 @@ pub fn done(
                     "{}:{}: the generation for id {id:?} was made for another question or image than line {} of the questions file asks; \
                      give another --out, or delete that line to ask it again",
                     out.display(),
-                    i + 1,
+                    line,
                     q.line
                 )));
             }
         }
-        if !ids.insert(id.clone()) {
+        if !ids.insert(id.to_string()) {
             return Err(InferError::Input(format!(
                 "{}:{}: a second generation for id {id:?} (two runs into one --out?); give another --out, or delete one of them",
                 out.display(),
-                i + 1
+                line
             )));
         }
     }
