@@ -706,11 +706,18 @@ fn infer_questions(
     );
     let all = questions::read(file, &image_root)?;
     let opts = generation.options(args.temperature, model_dir)?;
+    let made_with = trainer::eval::made_with(
+        model_dir,
+        args.adapter.as_deref(),
+        args.checkpoint.as_deref(),
+    );
     let mut settings = serde_json::json!({
         // (paths as text: one that is not UTF-8 would not serialize)
         "model": model_dir.display().to_string(),
         "adapter": args.adapter.as_ref().map(|p| p.display().to_string()),
         "checkpoint": args.checkpoint.as_ref().map(|p| p.display().to_string()),
+        // the folders' content (a resume compares it, not their paths)
+        "files_sha256": trainer::eval::content_sha256(&made_with),
         "infer": opts,
     });
     // one run at a time into --out (a second would answer every question again, interleaved)

@@ -476,6 +476,10 @@ fn text_only_questions_are_asked_without_an_image() {
 /// `trainer infer` on the test model, greedy, two turns of at most 6 tokens, with `extra`:
 /// (exit code, stdout, stderr).
 fn greedy_infer(extra: &[&str]) -> (i32, String, String) {
+    greedy_infer_with(&setup().join("model"), extra)
+}
+
+fn greedy_infer_with(model: &Path, extra: &[&str]) -> (i32, String, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
         .args([
             "infer",
@@ -487,7 +491,7 @@ fn greedy_infer(extra: &[&str]) -> (i32, String, String) {
             "0",
         ])
         .arg("--model")
-        .arg(setup().join("model"))
+        .arg(model)
         .args(extra)
         .output()
         .unwrap();
@@ -620,7 +624,7 @@ fn infer_questions_batches_resumes_and_matches_single_infer() {
     let infer = greedy_infer;
     let out = dir.join("generations.jsonl");
     let _ = std::fs::remove_file(&out);
-    let batch = |out: &Path, extra: &[&str]| {
+    let batch_with = |model: &Path, out: &Path, extra: &[&str]| {
         let base = [
             "--questions",
             questions.to_str().unwrap(),
@@ -631,8 +635,9 @@ fn infer_questions_batches_resumes_and_matches_single_infer() {
             "--batch-size",
             "2",
         ];
-        infer(&[&base[..], extra].concat())
+        greedy_infer_with(model, &[&base[..], extra].concat())
     };
+    let batch = |out: &Path, extra: &[&str]| batch_with(&dir.join("model"), out, extra);
     let (code, _, err) = batch(&out, &["--date", "2024-07-26"]);
     assert_eq!(code, 0, "{err}");
     let full = std::fs::read_to_string(&out).unwrap();
@@ -704,7 +709,28 @@ fn infer_questions_batches_resumes_and_matches_single_infer() {
     // other settings: refused, the file kept
     let (code, _, err) = batch(&out, &["--correction-prompt", "Check again."]);
     assert_ne!(code, 0);
-    assert!(err.contains("generated with other settings"), "{err}");
+    assert!(
+        err.contains("generated with other settings (infer.correction_prompt differ"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), resumed);
+    // the model by its files' content: a copy in another folder resumes, other weights of the
+    // same size at that path are refused
+    let copy = dir.join("model-questions");
+    common::copy_dir(&dir.join("model"), &copy);
+    let (code, _, err) = batch_with(&copy, &out, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("resuming: 5 of 5 questions already in"),
+        "{err}"
+    );
+    let weights = copy.join("model.safetensors");
+    let mut edited = std::fs::read(&weights).unwrap();
+    *edited.last_mut().unwrap() ^= 0x40;
+    std::fs::write(&weights, &edited).unwrap();
+    let (code, _, err) = batch_with(&copy, &out, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("files_sha256 differ"), "{err}");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), resumed);
     // a run already writing --out: refused; two lines for one id: refused
     {

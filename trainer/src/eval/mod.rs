@@ -546,29 +546,40 @@ fn check_settings(out: &Path, now: &serde_json::Value, resuming: bool) -> Result
         drop_paths(&mut there);
         drop_paths(&mut here);
     }
-    if there != here {
-        let mut differ = differing_keys(&there, &here, "");
-        if differ.is_empty() {
-            differ.push("their fields".into());
-        }
-        let at = |v: &serde_json::Value, key: &str| {
-            let pointer = format!("/{}", key.replace('.', "/"));
-            v.pointer(&pointer)
-                .map_or("(unset)".to_string(), |x| x.to_string())
-        };
-        let values: Vec<String> = differ
-            .iter()
-            .map(|k| format!("{k} there {}, this run {}", at(&there, k), at(&here, k)))
-            .collect();
+    if let Some(differ) = differences(&there, &here) {
         return Err(EvalError::Io(format!(
-            "{}: the predictions there were made with other settings ({} differ: {}): use \
+            "{}: the predictions there were made with other settings ({differ}): use \
              another --out, or delete its predictions*.jsonl to start over",
             out.display(),
-            differ.join(", "),
-            values.join("; ")
         )));
     }
     Ok(record_date)
+}
+
+/// Where two settings differ, for a message ("infer.turns differ: infer.turns there 2, this
+/// run 3"); None when they are equal.
+pub(crate) fn differences(there: &serde_json::Value, here: &serde_json::Value) -> Option<String> {
+    if there == here {
+        return None;
+    }
+    let mut differ = differing_keys(there, here, "");
+    if differ.is_empty() {
+        differ.push("their fields".into());
+    }
+    let at = |v: &serde_json::Value, key: &str| {
+        let pointer = format!("/{}", key.replace('.', "/"));
+        v.pointer(&pointer)
+            .map_or("(unset)".to_string(), |x| x.to_string())
+    };
+    let values: Vec<String> = differ
+        .iter()
+        .map(|k| format!("{k} there {}, this run {}", at(there, k), at(here, k)))
+        .collect();
+    Some(format!(
+        "{} differ: {}",
+        differ.join(", "),
+        values.join("; ")
+    ))
 }
 
 /// Every rank must predict as rank 0 does: a node with its own copy of the model or the adapter,
@@ -642,6 +653,14 @@ fn settings_content(settings: &serde_json::Value) -> serde_json::Value {
     keep_one_config_fingerprint(&mut v, by_content);
     drop_paths(&mut v);
     v
+}
+
+/// The sha256 of what [`made_with`] says about the files' content, without the folders' paths:
+/// the same for a copy of the model, adapter or checkpoint in another folder, another for other
+/// weights, tokenizer or config at the same path (what `infer --questions` records per line).
+pub fn content_sha256(made_with: &serde_json::Value) -> String {
+    let content = settings_content(&serde_json::json!({ "model": made_with }));
+    crate::checkpoint::sha256_hex(content.to_string().as_bytes())
 }
 
 /// Whether settings record every fingerprint of the model's files (weights sampled, tokenizer

@@ -158,19 +158,31 @@ pub fn done(
     for (line, v) in stored {
         let (id, made_with) = (v["id"].as_str().unwrap_or_default(), &v["settings"]);
         // (greedy decoding reads no seed, top-k or top-p: those may differ; the prompts' date
-        // matters to text-only questions only)
+        // matters to text-only questions only; the folders compare by their files' content
+        // where the line records it, so a copy of the model elsewhere resumes)
         let text_only = v.get("image").is_some_and(Value::is_null);
+        let by_content = made_with.get("files_sha256").is_some();
         let predicts = |s: &Value| {
             let mut s = crate::eval::what_predicts(s);
-            if !text_only {
-                s.as_object_mut().map(|o| o.remove("template_date"));
+            if let Some(o) = s.as_object_mut() {
+                if !text_only {
+                    o.remove("template_date");
+                }
+                if by_content {
+                    for path in ["model", "adapter", "checkpoint"] {
+                        o.remove(path);
+                    }
+                } else {
+                    // (a line of an earlier trainer, which recorded the paths only)
+                    o.remove("files_sha256");
+                }
             }
             s
         };
-        if predicts(made_with) != predicts(settings) {
+        if let Some(differ) = crate::eval::differences(&predicts(made_with), &predicts(settings)) {
             return Err(InferError::Input(format!(
-                "{}:{}: generated with other settings ({made_with}) than this run's ({settings}); \
-                 rerun with the same model, adapter and flags to resume, or give another --out",
+                "{}:{}: generated with other settings ({differ}); rerun with the same model, \
+                 adapter and flags to resume, or give another --out",
                 out.display(),
                 line
             )));
