@@ -632,3 +632,33 @@ fn a_resaved_base_config_resumes_and_a_changed_one_is_refused() {
     let o = resume_damaged("resaved-changed", 1, &[&path], |_| {});
     assert_error(&o, &["different model/LoRA config", "model.config_sha256"]);
 }
+
+/// A base of the same config.json but other weights (another checkpoint of the architecture, a
+/// merged export of the run) is refused, naming model.path and the ways on; nothing is trained.
+#[test]
+fn a_base_with_other_weights_is_refused() {
+    let other = fresh("other-weights-base").join("model");
+    common::copy_dir(&setup().join("model"), &other);
+    let weights = std::fs::read_dir(&other)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .unwrap();
+    let mut bytes = std::fs::read(&weights).unwrap();
+    *bytes.last_mut().unwrap() ^= 0x40;
+    std::fs::write(&weights, bytes).unwrap();
+    let path = format!("model.path={}", other.display());
+    let o = resume_damaged("other-weights", 1, &[&path], |_| {});
+    assert_error(
+        &o,
+        &[
+            &format!("model.path {} is not the base checkpoint", other.display()),
+            "samples of its tensors differ",
+            "set model.path to that base",
+            "peft.init_from",
+        ],
+    );
+    let trained = std::fs::read_to_string(setup().join("other-weights/metrics.jsonl"));
+    assert!(!trained.unwrap_or_default().contains("\"loss\""));
+}

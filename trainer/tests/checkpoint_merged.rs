@@ -518,6 +518,21 @@ fn merged_export_refuses_a_wrong_base_model_and_a_used_out_folder() {
         &["--model", resaved.to_str().unwrap()],
     );
     assert_eq!(o.code, Some(0), "{}", o.stderr);
+    // this run's merged export as the base (the same config.json, the LoRA delta in its
+    // weights): refused, as it would merge the delta twice
+    let o = export(
+        ckpt,
+        &root.join("merged-twice"),
+        "merged",
+        &["--model", root.join("merged-resaved").to_str().unwrap()],
+    );
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("samples of its tensors differ") && o.stderr.contains("--model DIR"),
+        "{}",
+        o.stderr
+    );
+    assert!(!root.join("merged-twice").exists());
     cfg["text_config"]["rms_norm_eps"] = 0.5.into();
     std::fs::write(resaved.join("config.json"), cfg.to_string()).unwrap();
     let o = export(

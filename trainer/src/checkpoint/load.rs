@@ -454,6 +454,16 @@ fn load_into(
     // (a damaged manifest's error gets its ways on from the caller, `resume_advice`)
     let m = read_manifest(dir)?;
     check_identity(dir, &m, config)?;
+    super::check_base_tensors(&m, &config.model.path).map_err(|e| {
+        anyhow::anyhow!(
+            "model.path {} is not the base checkpoint {} was trained on: {e}; set model.path to \
+             that base (or a copy of it); to go on from these weights on another base, export the \
+             checkpoint (`trainer export`) and start a new run from the export (a LoRA adapter \
+             with peft.init_from), or {FIX}",
+            config.model.path.display(),
+            dir.display()
+        )
+    })?;
     let global = config.train.global_batch(world);
     if m.data.global_batch != global {
         bail!(

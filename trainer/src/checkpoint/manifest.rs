@@ -71,6 +71,12 @@ pub struct Manifest {
     /// (`same_model_config`). Absent in checkpoints of older trainers.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub model_config: Value,
+    /// The base model's tensors as the run read them, by samples (`fingerprint::sampled_tensors`),
+    /// so that a base of the same config.json but other weights (another checkpoint of the
+    /// architecture, a merged export of this run) is refused by a resume, an export and `infer
+    /// --checkpoint` (`check_base_tensors`). Absent in checkpoints of older trainers.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model_tensors_sampled: String,
     /// The whole `peft` config section (export writes the adapter config from it).
     #[serde(default)]
     pub peft: Value,

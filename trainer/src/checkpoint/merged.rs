@@ -607,7 +607,7 @@ fn checkpoint_base(
     model: Option<&Path>,
 ) -> Result<(PathBuf, Option<Box<AdapterLayout>>)> {
     let base_dir = model.map_or_else(|| PathBuf::from(&m.model_path), Path::to_path_buf);
-    super::check_base_config(m, &base_dir)?;
+    super::check_base(m, &base_dir)?;
     let lora = match m.peft.get("method").and_then(Value::as_str) {
         Some("lora") => {
             let adapter = m.adapter_config().map_err(|e| {

@@ -16,6 +16,7 @@
 //! Loading maps every parameter by name and offset, so any world size (or the plain trainer)
 //! reads a checkpoint of any other.
 pub mod export;
+pub mod fingerprint;
 pub mod load;
 pub mod manifest;
 pub mod merged;
@@ -321,10 +322,43 @@ fn without_save_keys(v: &Value) -> Value {
     }
 }
 
-/// Checks that `model_dir` is the base checkpoint `m` was trained on: its config.json has the
-/// bytes the run read (the sha256 the manifest records), or the same content (`same_model_config`:
-/// a copy re-indented or re-saved). The error says which file differs and where the run's base was.
-pub fn check_base_config(m: &manifest::Manifest, model_dir: &Path) -> anyhow::Result<()> {
+/// Checks that `model_dir` is the base checkpoint `m` was trained on (for `infer`, `eval` and
+/// `export` with `--model`): its config.json has the bytes the run read (the sha256 the manifest
+/// records), or the same content (`same_model_config`: a copy re-indented or re-saved), and its
+/// tensors are the run's base's (`check_base_tensors`). The error says what differs and where the
+/// run's base was.
+pub fn check_base(m: &manifest::Manifest, model_dir: &Path) -> anyhow::Result<()> {
+    check_base_config(m, model_dir)?;
+    check_base_tensors(m, model_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not the model this checkpoint was trained on: {e}; pass the right folder with --model DIR",
+            model_dir.display()
+        )
+    })
+}
+
+/// Whether `model_dir`'s tensors are those of the base the checkpoint `m` was trained on, by
+/// samples of every tensor (`fingerprint::sampled_tensors`; the same weights in other shard
+/// files pass). Ok when `m` recorded none (an older trainer's checkpoint). The error says what
+/// differs, for the caller to add the way on.
+pub fn check_base_tensors(m: &manifest::Manifest, model_dir: &Path) -> Result<(), String> {
+    if m.model_tensors_sampled.is_empty() {
+        return Ok(());
+    }
+    let found = fingerprint::base_tensors(model_dir)?;
+    if found == m.model_tensors_sampled {
+        return Ok(());
+    }
+    Err(format!(
+        "its config.json describes the same model as the run's base ({}), but samples of its \
+         tensors differ from those the run read (another checkpoint of this architecture, or a \
+         merged export of this run?)",
+        m.model_path
+    ))
+}
+
+/// `check_base`'s config.json part.
+fn check_base_config(m: &manifest::Manifest, model_dir: &Path) -> anyhow::Result<()> {
     let path = model_dir.join("config.json");
     let bytes = std::fs::read(&path).map_err(|e| {
         anyhow::anyhow!(

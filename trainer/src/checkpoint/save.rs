@@ -1139,6 +1139,9 @@ fn build_manifest(
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or(Value::Null),
+        // (computed once per run: the base does not change under it)
+        model_tensors_sampled: super::fingerprint::base_tensors(&config.model.path)
+            .unwrap_or_default(),
         prompt: serde_json::json!({
             "double_bos": config.data.double_bos,
             "image_placeholder": config.data.image_placeholder,

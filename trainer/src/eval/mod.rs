@@ -23,7 +23,6 @@
 //! test of turn 0 against the last turn, and every accuracy has a 95 % Wilson interval.
 pub mod answer;
 pub mod compare;
-mod fingerprint;
 mod font;
 pub mod interrupt;
 pub mod plots;

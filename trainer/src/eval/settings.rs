@@ -3,7 +3,8 @@
 //! a resume and the other ranks compare them, and how a difference is named.
 use std::path::Path;
 
-use super::{fingerprint, EvalError, EvalOptions, Shard};
+use super::{EvalError, EvalOptions, Shard};
+use crate::checkpoint::fingerprint;
 
 /// What predictions are made with, for `EvalOptions::made_with`: the model and adapter folders
 /// (canonical paths) and their contents' fingerprints: sha256 of the adapter's files, the model's
@@ -268,11 +269,7 @@ pub(crate) fn what_predicts(settings: &serde_json::Value) -> serde_json::Value {
 }
 
 /// The keys (dotted paths) whose values differ between two settings objects.
-fn differing_keys(
-    a: &serde_json::Value,
-    b: &serde_json::Value,
-    at: &str,
-) -> Vec<String> {
+fn differing_keys(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> Vec<String> {
     use serde_json::Value;
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {

@@ -75,9 +75,9 @@ impl CheckpointWeights {
     }
 
     /// Checks that `model_dir` is the base the run trained on (its config.json's bytes or
-    /// content: `checkpoint::check_base_config`).
+    /// content, and its tensors: `checkpoint::check_base`).
     pub fn check_base(&self, model_dir: &Path) -> Result<(), InferError> {
-        crate::checkpoint::check_base_config(&self.manifest, model_dir)
+        crate::checkpoint::check_base(&self.manifest, model_dir)
             .map_err(|e| err(&self.dir, format!("{e:#}")))
     }
 
