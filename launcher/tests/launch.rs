@@ -112,6 +112,44 @@ fn ranks_meet_through_the_store() {
     }
 }
 
+/// Port 0 on one node (torchrun's `--rdzv-backend c10d --rdzv-endpoint localhost:0`, what its
+/// --standalone passes): a free port, which the ranks meet at; on several nodes: refused.
+#[test]
+fn port_0_on_one_node_is_a_free_port() {
+    let dir = Scratch::new("port-0");
+    let flags = [
+        "--nnodes=1",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",
+        "--nproc-per-node",
+        "2",
+    ];
+    let one = run(launch_testrank(&flags, dir.path(), &["--store"]), LIMIT);
+    assert_eq!(one.code(), 0, "{}", one.stderr);
+    for rank in 0..2 {
+        let total = std::fs::read_to_string(dir.path().join(format!("store-{rank}-0"))).unwrap();
+        assert_eq!(total, "2", "rank {rank} saw the counter after the barrier");
+    }
+    let args = [
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "0",
+        "--master-port",
+        "0",
+        "--",
+        "true",
+    ];
+    let two = run(launcher(&args), LIMIT);
+    assert_eq!(two.code(), 1, "{}", two.stderr);
+    assert!(
+        two.stderr
+            .contains("port 0 (--master-port or --rdzv-endpoint) is picked freely by node 0"),
+        "{}",
+        two.stderr
+    );
+}
+
 /// --rdzv-endpoint beside --master-addr/--master-port is used, the master flags ignored with a
 /// warning (torchrun's rule); under --standalone all three are ignored with its warning.
 #[test]

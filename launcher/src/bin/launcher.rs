@@ -439,8 +439,10 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
             nnodes - 1
         );
     }
-    if master_port == 0 && !cli.standalone {
-        bail!("--master-port 0 is not a port other processes can reach; use --standalone to pick a free one");
+    // (one node serves its store on a free port and tells its ranks, as torchrun does for
+    // `--rdzv-endpoint localhost:0`, what its --standalone passes; other nodes could not find it)
+    if master_port == 0 && nnodes > 1 {
+        bail!("port 0 (--master-port or --rdzv-endpoint) is picked freely by node 0, and the other nodes could not find it: give every node the same fixed port");
     }
     if let Some(s) = &slurm {
         tracing::info!(

@@ -59,7 +59,7 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
             )),
             // (at one rank: more ranks need more)
             Split::Train if report.ok < config.train.global_batch(1) => refused.push(format!(
-                "data.train {}: {} samples do not fill one global batch of {} (batch_size {} x grad_accum {}, at one rank; each rank more needs more): training would stop here; lower train.batch_size",
+                "data.train {}: {} samples do not fill one global batch of {} (batch_size {} x grad_accum {} on one rank; more ranks need more): training would stop here; lower train.batch_size or train.grad_accum",
                 report.file,
                 report.ok,
                 config.train.global_batch(1),

@@ -237,7 +237,22 @@ pub(super) fn data(config: &Config, world: usize) -> Result<Data> {
     }
     let steps_per_epoch = train.batches_per_epoch(t.global_batch(world));
     if steps_per_epoch == 0 {
-        bail!("{} samples do not fill one global batch of {} (batch_size {} x world {world} x grad_accum {}); lower train.batch_size", train.len(), t.global_batch(world), t.batch_size, t.grad_accum);
+        // (records the data keys dropped are the likelier cause: say how many, and which keys)
+        let dropped = match train.report().skipped_total() {
+            0 => String::new(),
+            _ => format!(
+                " ({}; the keys that drop records are data.max_seq_len / data.max_seq_len_policy, data.text_only and data.bad_records)",
+                skip_reasons(&train)
+            ),
+        };
+        bail!(
+            "data.train {}: {} usable samples{dropped} do not fill one global batch of {} (batch_size {} x world {world} x grad_accum {}); lower train.batch_size or train.grad_accum",
+            train.report().file,
+            train.len(),
+            t.global_batch(world),
+            t.batch_size,
+            t.grad_accum
+        );
     }
     let total_steps = t
         .step_limit()
@@ -723,6 +738,37 @@ fn check_init_adapter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Too few samples for one global batch: where records were dropped (too long here: 11 of
+    /// the fixture's 12 at 30 tokens), the error says how many and which keys drop them.
+    #[test]
+    fn too_few_samples_for_a_global_batch_name_the_records_dropped() {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+        let sets = [
+            format!("model.path={fixtures}/train/model"),
+            format!("data.train={fixtures}/train/train.jsonl"),
+            format!("data.image_root={fixtures}/data/images"),
+        ];
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let mut large = sets.clone();
+        large.push("train.batch_size=8");
+        let e = data(&parse(&large), 2).err().unwrap().to_string();
+        assert!(
+            e.contains("12 usable samples do not fill one global batch of 16 (batch_size 8 x world 2 x grad_accum 1); lower train.batch_size"),
+            "{e}"
+        );
+        let mut short = sets.clone();
+        short.extend(["train.batch_size=2", "data.max_seq_len=30"]);
+        let e = data(&parse(&short), 2).err().unwrap().to_string();
+        assert!(
+            e.contains("1 usable samples (11 of 12 records skipped (too long: 11)")
+                && e.contains("data.max_seq_len / data.max_seq_len_policy")
+                && e.contains(
+                    "do not fill one global batch of 4 (batch_size 2 x world 2 x grad_accum 1)"
+                ),
+            "{e}"
+        );
+    }
 
     #[test]
     fn ranks_that_kept_other_samples_are_named() {
