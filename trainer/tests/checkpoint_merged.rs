@@ -450,6 +450,19 @@ sys.exit(0 if err < 1e-4 else 1)
 fn merged_export_of_full_finetuning_holds_the_trained_weights() {
     let out = full_finetuned_one_step("merged-full", 2);
     let merged = out.join("merged");
+    // (--format peft, the default, cannot hold it: the message names the format that can)
+    let o = export(
+        &out.join("ckpt/step-00000001"),
+        &out.join("peft"),
+        "peft",
+        &[],
+    );
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("--format peft needs a LoRA checkpoint; export its weights as a full model folder with --format merged"),
+        "{}",
+        o.stderr
+    );
     ok(
         export(&out.join("ckpt/step-00000001"), &merged, "merged", &[]),
         "export merged",

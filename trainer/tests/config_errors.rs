@@ -399,7 +399,17 @@ fn rules_across_keys() {
     );
     assert_eq!(
         set_error("train={validate: true, eval_every_steps: 100}"),
-        "train.eval_every_steps: 100 must be a multiple of checkpoint.every_steps (0): each \
+        "train.eval_every_steps: 100 needs periodic checkpoints (checkpoint.every_steps is 0): \
+         each validated step needs its checkpoint; set checkpoint.every_steps to 100 or a divisor \
+         of it"
+    );
+    let sets = [
+        "train={validate: true, eval_every_steps: 100}".to_string(),
+        "checkpoint.every_steps=30".to_string(),
+    ];
+    assert_eq!(
+        config::parse(MINIMAL, &sets).unwrap_err().to_string(),
+        "train.eval_every_steps: 100 must be a multiple of checkpoint.every_steps (30): each \
          validated step needs its checkpoint; set checkpoint.every_steps to 100 or a divisor of it"
     );
     assert_eq!(
@@ -691,6 +701,11 @@ fn other_tools_names_are_answered_with_ours() {
         ("train.gradient_accumulation_steps=4", "train.grad_accum"),
         ("peft.lora_alpha=16", "peft.alpha"),
         ("train.enable_fsdp=true", "fsdp.enabled"),
+        ("train.warmup_steps=10", "train.schedule.warmup_steps"),
+        (
+            "train.max_train_step=3",
+            "train.max_steps, which counts optimizer steps, not micro-batches",
+        ),
     ] {
         let e = set_error(set);
         assert!(

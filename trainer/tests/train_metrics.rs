@@ -44,8 +44,12 @@ fn mfu_is_null_on_cpu_and_tflops_over_peak_when_configured() {
     for step in ["step 1/2 loss", "step 2/2 loss"] {
         assert!(o.stderr.contains(step), "{step:?} missing:\n{}", o.stderr);
     }
-    assert!(o.stderr.contains("FLOP/s"), "{}", o.stderr);
-    assert!(o.stderr.contains("tok/s/rank"), "{}", o.stderr);
+    assert!(o.stderr.contains("FLOP/s/rank"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("tok/s/rank, ") && o.stderr.contains(" supervised tok/s in all, "),
+        "{}",
+        o.stderr
+    );
     assert!(!o.stderr.contains("MFU"), "{}", o.stderr);
 
     let peak = fresh("metrics-peak");

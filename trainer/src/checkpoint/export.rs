@@ -36,7 +36,7 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
         .cloned();
     if method.as_ref().and_then(Value::as_str) != Some("lora") {
         bail!(
-            "checkpoint {} was not trained with LoRA (peft.method {}): --format peft needs a LoRA checkpoint",
+            "checkpoint {} was not trained with LoRA (peft.method {}): --format peft needs a LoRA checkpoint; export its weights as a full model folder with --format merged",
             checkpoint.display(),
             method.unwrap_or(Value::Null)
         );

@@ -112,7 +112,7 @@ fn hint(suggestion: Option<&str>, valid: &[String]) -> String {
 
 /// llama-recipes', PEFT's and Hugging Face Trainer's names for keys of this config (docs/config.md's
 /// last column), as (their name, our full key): a user coming from those writes them.
-const OTHER_NAMES: [(&str, &str); 31] = [
+const OTHER_NAMES: [(&str, &str); 32] = [
     ("model_name", "model.path"),
     ("use_fast_kernels", "model.attention"),
     ("use_peft", "peft.method"),
@@ -132,7 +132,11 @@ const OTHER_NAMES: [(&str, &str); 31] = [
     ("lr_scheduler_type", "train.schedule.kind"),
     ("gradient_clipping_threshold", "train.grad_clip"),
     ("max_grad_norm", "train.grad_clip"),
-    ("max_train_step", "train.max_steps"),
+    (
+        "max_train_step",
+        "train.max_steps, which counts optimizer steps, not micro-batches (max_train_step / grad_accum)",
+    ),
+    ("warmup_steps", "train.schedule.warmup_steps"),
     ("run_validation", "train.validate"),
     ("per_device_eval_batch_size", "train.val_batch_size"),
     ("eval_batch_size", "train.val_batch_size"),

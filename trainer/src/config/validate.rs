@@ -31,7 +31,17 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     // a validated step's checkpoint is the adapter exported when it is the best, and carries
     // the result across a resume (HF's load_best_model_at_end asks the same of save_steps)
-    if every_eval > 0 && (every_save == 0 || every_eval % every_save != 0) {
+    if every_eval > 0 && every_save == 0 {
+        return Err(ConfigError::Conflict {
+            path: "train.eval_every_steps".into(),
+            message: format!(
+                "{every_eval} needs periodic checkpoints (checkpoint.every_steps is 0): each \
+                 validated step needs its checkpoint; set checkpoint.every_steps to \
+                 {every_eval} or a divisor of it"
+            ),
+        });
+    }
+    if every_eval > 0 && every_eval % every_save != 0 {
         return Err(ConfigError::Conflict {
             path: "train.eval_every_steps".into(),
             message: format!(

@@ -59,6 +59,22 @@ impl LrSchedule {
         }
     }
 
+    /// A warning when the warmup outlasts the run (its last step's lr is below `base_lr`, which
+    /// it never reaches); transformers says nothing, but a run that knows its length can.
+    pub fn warmup_note(&self) -> Option<String> {
+        let w = self.schedule.warmup_steps;
+        if self.schedule.kind == ScheduleKind::Step || w < self.total_steps.max(1) {
+            return None;
+        }
+        let last = self.lr(self.total_steps.saturating_sub(1), 0);
+        Some(format!(
+            "train.schedule.warmup_steps ({w}) is not shorter than the run ({} optimizer steps): \
+             the learning rate rises to {last:.3e} at the last step and never reaches train.lr \
+             ({:.3e}); lower warmup_steps",
+            self.total_steps, self.base_lr
+        ))
+    }
+
     /// The lr of optimizer step `step` (0-based, counted over the whole run) in epoch `epoch` (0-based).
     pub fn lr(&self, step: u64, epoch: u64) -> f64 {
         let s = &self.schedule;
@@ -104,6 +120,25 @@ mod tests {
         assert_eq!(s.lr(0, 0), 1e-5);
         assert_eq!(s.lr(57, 0), 1e-5);
         assert!((s.lr(3, 2) - 1e-5 * 0.85 * 0.85).abs() < 1e-20);
+    }
+
+    /// A warmup as long as the run or longer is warned about (the lr never reaches its value);
+    /// one step shorter, or a step schedule (no warmup), is not.
+    #[test]
+    fn a_warmup_that_outlasts_the_run_is_warned_about() {
+        let mut c = sched(ScheduleKind::Cosine);
+        c.warmup_steps = 50;
+        let note = LrSchedule::new(1e-3, &c, 3).warmup_note().unwrap();
+        assert!(
+            note.contains("warmup_steps (50) is not shorter than the run (3 optimizer steps)")
+                && note.contains("rises to 4.000e-5 at the last step")
+                && note.contains("train.lr (1.000e-3)"),
+            "{note}"
+        );
+        assert!(LrSchedule::new(1e-3, &c, 50).warmup_note().is_some());
+        assert_eq!(LrSchedule::new(1e-3, &c, 51).warmup_note(), None);
+        c.kind = ScheduleKind::Step;
+        assert_eq!(LrSchedule::new(1e-3, &c, 3).warmup_note(), None);
     }
 
     #[test]

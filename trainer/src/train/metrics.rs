@@ -198,12 +198,14 @@ impl Meter {
         }
         let mfu_text = mfu.map_or(String::new(), |m| format!(" MFU {:.1}%", m * 100.0));
         let rate = if tflops < 0.1 {
-            format!("{:.2} GFLOP/s", tflops * 1e3)
+            format!("{:.2} GFLOP/s/rank", tflops * 1e3)
         } else {
-            format!("{tflops:.2} TFLOP/s")
+            format!("{tflops:.2} TFLOP/s/rank")
         };
+        // (input tokens and FLOPs per rank, as torchtitan logs them; supervised tokens are the
+        // global batch's, as metrics.jsonl's tokens_per_s)
         let line = format!(
-            "loss {:.4} {input_tokens_per_s_per_rank:.0} tok/s/rank ({tokens_per_s:.0} supervised tok/s) {rate}{mfu_text}",
+            "loss {:.4} {input_tokens_per_s_per_rank:.0} tok/s/rank, {tokens_per_s:.0} supervised tok/s in all, {rate}{mfu_text}",
             r.loss
         );
         match &self.bar {

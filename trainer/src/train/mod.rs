@@ -100,6 +100,9 @@ pub fn train(config: &Config) -> Result<Outcome> {
     // The checkpoint and output folders are claimed (and checked writable) before the model
     // loads too: a second run into the same folders is refused before it costs a model load.
     let schedule = LrSchedule::new(t.lr, &t.schedule, total_steps);
+    if let (Some(note), 0) = (schedule.warmup_note(), rank) {
+        tracing::warn!("{note}");
+    }
     let mut st = State::default();
     let plan = crate::checkpoint::DataPlan::new(&data.train.report().lengths);
     let mut saver = checkpointing::Saver::new(&pg, config, &schedule, device, plan);
