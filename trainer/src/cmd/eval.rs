@@ -7,22 +7,14 @@ use clap::Args;
 
 use super::infer::{
     at_least_one, checkpoint_and_base, load_for_generation, parse_temperature, GenerationArgs,
+    WeightsArgs,
 };
 
 /// `trainer eval`.
 #[derive(Args)]
 pub(crate) struct EvalArgs {
-    /// Hugging Face model folder; with --checkpoint it defaults to the run's model.path, with
-    /// --adapter to the adapter's base_model_name_or_path when that is a folder here
-    #[arg(long, required_unless_present_any = ["checkpoint", "adapter"])]
-    model: Option<PathBuf>,
-    /// PEFT adapter folder
-    #[arg(long, conflicts_with = "checkpoint")]
-    adapter: Option<PathBuf>,
-    /// A training checkpoint folder (step-NNNNNNNN) whose trained weights to evaluate (LoRA or
-    /// full finetuning; no export needed)
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    weights: WeightsArgs,
     /// Benchmark JSONL: {"id", "image", "question", "answer", "choices"?, "category"?} per line
     #[arg(long)]
     data: PathBuf,
@@ -115,16 +107,11 @@ pub(crate) fn eval(args: EvalArgs) -> Result<ExitCode> {
             Ok(()) => Ok(()),
         }
     };
-    let (ckpt, model_dir, generation) = checkpoint_and_base(
-        args.checkpoint.as_deref(),
-        args.model.as_ref(),
-        args.adapter.as_deref(),
-        &args.generation,
-        &verify,
-    )?;
+    let (ckpt, model_dir, generation) =
+        checkpoint_and_base(&args.weights, &args.generation, &verify)?;
     let (model, text, image_config) = load_for_generation(
         &model_dir,
-        args.adapter.as_deref(),
+        args.weights.adapter.as_deref(),
         ckpt.as_ref(),
         generation.double_bos,
         &generation.stop,
@@ -143,8 +130,8 @@ pub(crate) fn eval(args: EvalArgs) -> Result<ExitCode> {
         batch_size: args.batch_size as usize,
         made_with: trainer::eval::made_with(
             &model_dir,
-            args.adapter.as_deref(),
-            args.checkpoint.as_deref(),
+            args.weights.adapter.as_deref(),
+            args.weights.checkpoint.as_deref(),
         ),
     };
     let gather = |x: i64| -> Result<Vec<i64>, String> {

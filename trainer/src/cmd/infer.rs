@@ -6,20 +6,29 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Args;
 
-/// `trainer infer`.
+/// The weights `infer` and `eval` answer with: a model folder, with a PEFT adapter or the trained
+/// weights of a checkpoint.
 #[derive(Args)]
-pub(crate) struct InferArgs {
+pub(crate) struct WeightsArgs {
     /// Hugging Face model folder (config.json, safetensors, tokenizer, preprocessor config);
     /// with --checkpoint it defaults to the run's model.path, with --adapter to the adapter's
     /// base_model_name_or_path when that is a folder here
     #[arg(long, required_unless_present_any = ["checkpoint", "adapter"])]
-    model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     /// PEFT adapter folder (ours or Python peft's, transformers 4 or 5 naming; LoRA or DoRA)
     #[arg(long, conflicts_with = "checkpoint")]
-    adapter: Option<PathBuf>,
-    /// A training checkpoint folder (step-NNNNNNNN) whose trained weights to use
+    pub(crate) adapter: Option<PathBuf>,
+    /// A training checkpoint folder (step-NNNNNNNN) whose trained weights to use (LoRA or full
+    /// finetuning; no export needed)
     #[arg(long)]
-    checkpoint: Option<PathBuf>,
+    pub(crate) checkpoint: Option<PathBuf>,
+}
+
+/// `trainer infer`.
+#[derive(Args)]
+pub(crate) struct InferArgs {
+    #[command(flatten)]
+    weights: WeightsArgs,
     /// Image file (JPEG, PNG, WebP, GIF, BMP); without it the question is text-only
     #[arg(long)]
     image: Option<PathBuf>,
@@ -241,13 +250,10 @@ pub(crate) fn infer(args: InferArgs) -> Result<ExitCode> {
     use trainer::infer::Session;
 
     args.generation.pin_date();
-    let (ckpt, model_dir, generation) = checkpoint_and_base(
-        args.checkpoint.as_deref(),
-        args.model.as_ref(),
-        args.adapter.as_deref(),
-        &args.generation,
-        &|c| Ok(c.verify_part(0, 1).map(drop)?),
-    )?;
+    let (ckpt, model_dir, generation) =
+        checkpoint_and_base(&args.weights, &args.generation, &|c| {
+            Ok(c.verify_part(0, 1).map(drop)?)
+        })?;
     if let Some(file) = &args.questions {
         return infer_questions(&args, file, ckpt, &model_dir, &generation);
     }
@@ -260,7 +266,7 @@ pub(crate) fn infer(args: InferArgs) -> Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("--image: {e}"))?;
     let (model, text, image_config) = load_for_generation(
         &model_dir,
-        args.adapter.as_deref(),
+        args.weights.adapter.as_deref(),
         ckpt.as_ref(),
         generation.double_bos,
         &generation.stop,
@@ -293,8 +299,8 @@ pub(crate) fn infer(args: InferArgs) -> Result<ExitCode> {
         let out = serde_json::json!({
             "turns": turns,
             "model": model_dir.display().to_string(),
-            "adapter": args.adapter.as_ref().map(|p| p.display().to_string()),
-            "checkpoint": args.checkpoint.as_ref().map(|p| p.display().to_string()),
+            "adapter": args.weights.adapter.as_ref().map(|p| p.display().to_string()),
+            "checkpoint": args.weights.checkpoint.as_ref().map(|p| p.display().to_string()),
             "settings": opts,
             // (the "Today Date" a text-only prompt renders: --date, else this process's day)
             "template_date": trainer::data::template::strftime_now("%Y-%m-%d"),
@@ -357,14 +363,14 @@ fn infer_questions(
     let opts = generation.options(args.temperature, model_dir)?;
     let made_with = trainer::eval::made_with(
         model_dir,
-        args.adapter.as_deref(),
-        args.checkpoint.as_deref(),
+        args.weights.adapter.as_deref(),
+        args.weights.checkpoint.as_deref(),
     );
     let mut settings = serde_json::json!({
         // (paths as text: one that is not UTF-8 would not serialize)
         "model": model_dir.display().to_string(),
-        "adapter": args.adapter.as_ref().map(|p| p.display().to_string()),
-        "checkpoint": args.checkpoint.as_ref().map(|p| p.display().to_string()),
+        "adapter": args.weights.adapter.as_ref().map(|p| p.display().to_string()),
+        "checkpoint": args.weights.checkpoint.as_ref().map(|p| p.display().to_string()),
         // the folders' content (a resume compares it, not their paths)
         "files_sha256": trainer::eval::content_sha256(&made_with),
         "infer": opts,
@@ -424,7 +430,7 @@ fn infer_questions(
     }
     let (model, text, image_config) = load_for_generation(
         model_dir,
-        args.adapter.as_deref(),
+        args.weights.adapter.as_deref(),
         ckpt.as_ref(),
         generation.double_bos,
         &generation.stop,
@@ -504,9 +510,7 @@ fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
 /// run trained on it (the flags can only add to that): the checkpoint's manifest says how, an
 /// exported adapter or merged folder its `llava_sco_prompt.json`.
 pub(crate) fn checkpoint_and_base(
-    checkpoint: Option<&std::path::Path>,
-    model: Option<&PathBuf>,
-    adapter: Option<&std::path::Path>,
+    weights: &WeightsArgs,
     generation: &GenerationArgs,
     verify: &dyn Fn(&trainer::infer::CheckpointWeights) -> Result<()>,
 ) -> Result<(
@@ -514,7 +518,10 @@ pub(crate) fn checkpoint_and_base(
     PathBuf,
     GenerationArgs,
 )> {
-    let ckpt = checkpoint
+    let (model, adapter) = (weights.model.as_ref(), weights.adapter.as_deref());
+    let ckpt = weights
+        .checkpoint
+        .as_deref()
         .map(trainer::infer::CheckpointWeights::read_unverified)
         .transpose()?;
     if let Some(c) = &ckpt {
