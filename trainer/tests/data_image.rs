@@ -328,7 +328,8 @@ fn damaged_images_decode_or_fail_cleanly() {
 
 /// A PNG whose IDAT chunk (or IEND) carries a wrong CRC decodes to the intact file's pixels, as
 /// Pillow reads it (it checks the chunks before the image data only; checked with Pillow
-/// 13.0.0); a wrong CRC of IHDR is refused, as Pillow refuses it.
+/// 13.0.0); a wrong CRC of IHDR, or of an ancillary chunk before the image data (which the png
+/// crate would skip), is refused, as Pillow refuses it ("broken PNG file").
 #[test]
 fn a_wrong_idat_crc_is_read_as_pillow_reads_it() {
     let good = std::fs::read(fixtures().join("images/large.png")).unwrap();
@@ -354,7 +355,25 @@ fn a_wrong_idat_crc_is_read_as_pillow_reads_it() {
     bad_ihdr[crc_at(b"IHDR")] ^= 0x5a;
     let e = image::decode_rgb(&bad_ihdr).unwrap_err();
     assert!(
-        e.contains("corrupt") || e.contains("CRC") || e.contains("cannot"),
+        e.contains("corrupt PNG: the CRC of its \"IHDR\" chunk"),
+        "{e}"
+    );
+    // a tEXt chunk after IHDR (13 bytes of data): read with its right CRC, refused with a wrong one
+    let text = b"tEXtComment\0hello";
+    let crc = crc32fast::hash(text);
+    let with_text = |crc: u32| {
+        let ihdr_end = 8 + 12 + 13;
+        let mut b = good[..ihdr_end].to_vec();
+        b.extend_from_slice(&((text.len() - 4) as u32).to_be_bytes());
+        b.extend_from_slice(text);
+        b.extend_from_slice(&crc.to_be_bytes());
+        b.extend_from_slice(&good[ihdr_end..]);
+        b
+    };
+    assert!(image::decode_rgb(&with_text(crc)).unwrap() == want);
+    let e = image::decode_rgb(&with_text(crc ^ 1)).unwrap_err();
+    assert!(
+        e.contains("corrupt PNG: the CRC of its \"tEXt\" chunk, before the image data, is wrong"),
         "{e}"
     );
 }

@@ -210,35 +210,69 @@ pub(crate) fn check_pixel_count(w: usize, h: usize) -> Result<(), String> {
     }
 }
 
-/// Pillow checks the CRCs of the chunks before the image data only: it reads a PNG whose IDAT
-/// chunks, or chunks after them, carry wrong CRCs, where the png crate refuses a wrong IDAT CRC.
-/// The bytes with the CRCs from the first IDAT on recomputed, when the chunks before it are
-/// intact (None otherwise, or for no PNG). (The png crate skips an ancillary chunk with a wrong CRC
-/// before the image data, where Pillow refuses the file: not mirrored.)
-fn png_with_idat_crcs_mended(bytes: &[u8]) -> Option<Vec<u8>> {
+/// One chunk of a PNG file: its type, where its type field and its CRC field are (the CRC is
+/// over `bytes[type_at..crc_at]`), and whether the CRC is right.
+struct PngChunk {
+    kind: [u8; 4],
+    type_at: usize,
+    crc_at: usize,
+    crc_ok: bool,
+}
+
+/// The chunks of a PNG file in order, as far as they are whole (None for no PNG), each CRC
+/// computed as the chunk is reached. Each chunk is its length (4 bytes, big-endian), type (4),
+/// data (length) and the CRC of type and data (4).
+fn png_chunks(bytes: &[u8]) -> Option<impl Iterator<Item = PngChunk> + '_> {
     const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
     if !bytes.starts_with(SIGNATURE) {
         return None;
     }
-    let mut out = bytes.to_vec();
-    let (mut at, mut mended, mut data_seen) = (SIGNATURE.len(), false, false);
-    // chunks: length (4, big-endian), type (4), data (length), CRC of type and data (4)
-    while at + 12 <= bytes.len() {
-        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().ok()?) as usize;
+    let mut at = SIGNATURE.len();
+    Some(std::iter::from_fn(move || {
+        let len = u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
         let end = (at + 8).checked_add(len)?;
         let stored = u32::from_be_bytes(bytes.get(end..end.checked_add(4)?)?.try_into().ok()?);
-        data_seen |= &bytes[at + 4..at + 8] == b"IDAT";
-        let crc = crc32fast::hash(&bytes[at + 4..end]);
-        if crc != stored {
-            if !data_seen {
-                return None;
-            }
-            out[end..end + 4].copy_from_slice(&crc.to_be_bytes());
-            mended = true;
-        }
+        let chunk = PngChunk {
+            kind: bytes[at + 4..at + 8].try_into().ok()?,
+            type_at: at + 4,
+            crc_at: end,
+            crc_ok: crc32fast::hash(&bytes[at + 4..end]) == stored,
+        };
         at = end + 4;
+        Some(chunk)
+    }))
+}
+
+/// Pillow checks the CRC of every chunk before the image data and refuses the file at a wrong
+/// one ("broken PNG file"), ancillary chunks included, where the png crate skips an ancillary
+/// chunk with a wrong CRC: the type of the first such chunk, refused as Pillow refuses it.
+fn png_bad_chunk_before_data(bytes: &[u8]) -> Option<String> {
+    png_chunks(bytes)?
+        .take_while(|c| &c.kind != b"IDAT")
+        .find(|c| !c.crc_ok)
+        .map(|c| String::from_utf8_lossy(&c.kind).into_owned())
+}
+
+/// Pillow checks the CRCs of the chunks before the image data only: it reads a PNG whose IDAT
+/// chunks, or chunks after them, carry wrong CRCs, where the png crate refuses a wrong IDAT CRC.
+/// The bytes with the CRCs from the first IDAT on recomputed, when the chunks before it are
+/// intact (None otherwise, or for no PNG).
+fn png_with_idat_crcs_mended(bytes: &[u8]) -> Option<Vec<u8>> {
+    let chunks: Vec<PngChunk> = png_chunks(bytes)?.collect();
+    let first_data = chunks.iter().position(|c| &c.kind == b"IDAT")?;
+    if chunks[..first_data].iter().any(|c| !c.crc_ok) {
+        return None;
     }
-    mended.then_some(out)
+    let wrong: Vec<&PngChunk> = chunks[first_data..].iter().filter(|c| !c.crc_ok).collect();
+    if wrong.is_empty() {
+        return None;
+    }
+    let mut out = bytes.to_vec();
+    for c in wrong {
+        let crc = crc32fast::hash(&bytes[c.type_at..c.crc_at]);
+        out[c.crc_at..c.crc_at + 4].copy_from_slice(&crc.to_be_bytes());
+    }
+    Some(out)
 }
 
 /// `load_rgb` over bytes in memory.
@@ -280,6 +314,12 @@ fn decode_with_image_crate(bytes: &[u8]) -> Result<RgbImage, String> {
         .with_guessed_format()
         .map_err(|e| format!("cannot read image: {e}"))?;
     readable_format(reader.format())?;
+    if let Some(kind) = png_bad_chunk_before_data(bytes) {
+        return Err(format!(
+            "corrupt PNG: the CRC of its {kind:?} chunk, before the image data, is wrong \
+             (Pillow refuses the file too: \"broken PNG file\"); re-encode it"
+        ));
+    }
     // the header only: refuse decompression bombs before the decoder allocates
     let (w, h) = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
