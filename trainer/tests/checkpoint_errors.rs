@@ -653,9 +653,12 @@ fn a_base_with_other_weights_is_refused() {
     assert_error(
         &o,
         &[
-            &format!("model.path {} is not the base checkpoint", other.display()),
+            &format!(
+                "model.path {} is not the model this checkpoint was trained on",
+                other.display()
+            ),
             "samples of its tensors differ",
-            "set model.path to that base",
+            "set model.path to the run's base",
             "peft.init_from",
         ],
     );

@@ -730,7 +730,10 @@ fn infer_questions_batches_resumes_and_matches_single_infer() {
     std::fs::write(&weights, &edited).unwrap();
     let (code, _, err) = batch_with(&copy, &out, &[]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("files_sha256 differ"), "{err}");
+    assert!(
+        err.contains("files.model_weights_sampled differ: files.model_weights_sampled there"),
+        "{err}"
+    );
     assert_eq!(std::fs::read_to_string(&out).unwrap(), resumed);
     // a run already writing --out: refused; two lines for one id: refused
     {

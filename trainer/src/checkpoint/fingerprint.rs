@@ -101,35 +101,25 @@ fn update_with_samples(h: &mut Sha256, data: &[u8], (begin, end): (usize, usize)
     }
 }
 
-/// One sha256 over the tensors of `model`'s `*.safetensors` files, in name order whatever file
-/// holds them: each tensor's name, dtype, shape and the first, middle and last [`SAMPLE`] bytes
-/// of its data. The same weights saved in other shards give the same fingerprint; other weights
-/// (another checkpoint of the same architecture, a merged export) another. An error names a file
-/// that cannot be read.
+/// One sha256 over the tensors of the model folder `model`, read as the model loader reads it
+/// (`WeightSource::open_dir`: the shards model.safetensors.index.json names, else
+/// model.safetensors; a tensor stored twice refused), in name order whatever file holds them:
+/// each tensor's name, dtype, shape and the first, middle and last [`SAMPLE`] bytes of its data.
+/// The same weights saved in other shards give the same fingerprint; other weights (another
+/// checkpoint of the same architecture, a merged export) another.
 pub fn sampled_tensors(model: &Path) -> Result<String, String> {
-    let files = weight_files(model);
-    if files.is_empty() {
-        return Err(format!("no *.safetensors file in {}", model.display()));
-    }
-    let maps = files
-        .iter()
-        .map(|p| map_file(p).map_err(|e| format!("{}: {e}", p.display())))
-        .collect::<Result<Vec<_>, _>>()?;
-    // name -> (file index, data start, dtype and shape as text, byte span in the data section)
-    let mut tensors = BTreeMap::new();
-    for (i, (map, path)) in maps.iter().zip(&files).enumerate() {
-        let (n, meta) = safetensors::SafeTensors::read_metadata(map)
-            .map_err(|e| format!("{}: {e:?}", path.display()))?;
-        for (name, info) in meta.tensors() {
-            let kind = format!("{:?} {:?}", info.dtype, info.shape);
-            tensors.insert(name, (i, 8 + n, kind, info.data_offsets));
-        }
-    }
+    let src = crate::model::weights::WeightSource::open_dir(model).map_err(|e| e.to_string())?;
     let mut h = Sha256::new();
-    for (name, (i, start, kind, span)) in &tensors {
+    for (name, shape) in src.names_and_shapes() {
+        let (Some(entry), Some(data)) = (src.entry(name), src.raw_bytes(name)) else {
+            return Err(format!(
+                "{}: tensor {name} lies outside its file",
+                model.display()
+            ));
+        };
         h.update(name.as_bytes());
-        h.update(kind.as_bytes());
-        update_with_samples(&mut h, &maps[*i][*start..], *span);
+        h.update(format!("{:?} {shape:?}", entry.dtype).as_bytes());
+        update_with_samples(&mut h, data, (0, data.len()));
     }
     Ok(crate::checkpoint::hex(&h.finalize()))
 }
@@ -191,7 +181,13 @@ mod tests {
             &root.join("two/model-00002-of-00002.safetensors"),
             &[("a", &a)],
         );
+        let index = r#"{"weight_map": {"a": "model-00002-of-00002.safetensors",
+            "b": "model-00001-of-00002.safetensors"}}"#;
+        std::fs::write(root.join("two/model.safetensors.index.json"), index).unwrap();
         let one = sampled_tensors(&root.join("one")).unwrap();
+        assert_eq!(one, sampled_tensors(&root.join("two")).unwrap());
+        // a stray file the loader does not read (the index names the shards) changes nothing
+        write_file(&root.join("two/model.safetensors"), &[("a", &b), ("b", &a)]);
         assert_eq!(one, sampled_tensors(&root.join("two")).unwrap());
         for at in [0, 5_000, 9_999] {
             let mut other = a.clone();
@@ -214,7 +210,7 @@ mod tests {
         write_file(&root.join("x/model.safetensors"), &[("a", &a)]);
         assert_ne!(one, sampled_tensors(&root.join("x")).unwrap());
         let e = sampled_tensors(&root.join("none")).unwrap_err();
-        assert!(e.contains("no *.safetensors file in"), "{e}");
+        assert!(e.contains("neither model.safetensors nor"), "{e}");
         let _ = std::fs::remove_dir_all(&root);
     }
 

@@ -456,11 +456,9 @@ fn load_into(
     check_identity(dir, &m, config)?;
     super::check_base_tensors(&m, &config.model.path).map_err(|e| {
         anyhow::anyhow!(
-            "model.path {} is not the base checkpoint {} was trained on: {e}; set model.path to \
-             that base (or a copy of it); to go on from these weights on another base, export the \
-             checkpoint (`trainer export`) and start a new run from the export (a LoRA adapter \
-             with peft.init_from), or {FIX}",
-            config.model.path.display(),
+            "checkpoint {}: model.path {e}; set model.path to the run's base (or a copy of it); to \
+             go on from these weights on another base, export the checkpoint (`trainer export`) \
+             and start a new run from the export (a LoRA adapter with peft.init_from), or {FIX}",
             dir.display()
         )
     })?;

@@ -329,30 +329,28 @@ fn without_save_keys(v: &Value) -> Value {
 /// run's base was.
 pub fn check_base(m: &manifest::Manifest, model_dir: &Path) -> anyhow::Result<()> {
     check_base_config(m, model_dir)?;
-    check_base_tensors(m, model_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "{} is not the model this checkpoint was trained on: {e}; pass the right folder with --model DIR",
-            model_dir.display()
-        )
-    })
+    check_base_tensors(m, model_dir)
+        .map_err(|e| anyhow::anyhow!("{e}; pass the right folder with --model DIR"))
 }
 
 /// Whether `model_dir`'s tensors are those of the base the checkpoint `m` was trained on, by
 /// samples of every tensor (`fingerprint::sampled_tensors`; the same weights in other shard
-/// files pass). Ok when `m` recorded none (an older trainer's checkpoint). The error says what
-/// differs, for the caller to add the way on.
+/// files pass). Ok when `m` recorded none (an older trainer's checkpoint). The error names the
+/// folder and says what differs, for the caller to add the way on.
 pub fn check_base_tensors(m: &manifest::Manifest, model_dir: &Path) -> Result<(), String> {
     if m.model_tensors_sampled.is_empty() {
         return Ok(());
     }
-    let found = fingerprint::base_tensors(model_dir)?;
+    let found = fingerprint::base_tensors(model_dir)
+        .map_err(|e| format!("the tensors of {} cannot be read: {e}", model_dir.display()))?;
     if found == m.model_tensors_sampled {
         return Ok(());
     }
     Err(format!(
-        "its config.json describes the same model as the run's base ({}), but samples of its \
-         tensors differ from those the run read (another checkpoint of this architecture, or a \
-         merged export of this run?)",
+        "{} is not the model this checkpoint was trained on: its config.json describes the same \
+         model as the run's base ({}), but samples of its tensors differ from those the run read \
+         (another checkpoint of this architecture, or a merged export of this run?)",
+        model_dir.display(),
         m.model_path
     ))
 }

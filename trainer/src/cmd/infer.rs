@@ -372,7 +372,7 @@ fn infer_questions(
         "adapter": args.weights.adapter.as_ref().map(|p| p.display().to_string()),
         "checkpoint": args.weights.checkpoint.as_ref().map(|p| p.display().to_string()),
         // the folders' content (a resume compares it, not their paths)
-        "files_sha256": trainer::eval::content_sha256(&made_with),
+        "files": trainer::eval::content_fingerprints(&made_with),
         "infer": opts,
     });
     // one run at a time into --out (a second would answer every question again, interleaved)

@@ -41,7 +41,7 @@ use crate::data::records::resolve_image;
 use crate::infer::{InferOptions, Session};
 use report::{Prediction, Report, TurnPrediction};
 use settings::{agree_on_settings, check_settings, settings, write_settings};
-pub use settings::{content_sha256, made_with};
+pub use settings::{content_fingerprints, made_with};
 pub(crate) use settings::{differences, what_predicts};
 
 /// One benchmark line. Other fields (a benchmark's own metadata: `source`, `split`, ...) are

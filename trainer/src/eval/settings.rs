@@ -226,12 +226,22 @@ fn settings_content(settings: &serde_json::Value) -> serde_json::Value {
     v
 }
 
-/// The sha256 of what [`made_with`] says about the files' content, without the folders' paths:
-/// the same for a copy of the model, adapter or checkpoint in another folder, another for other
-/// weights, tokenizer or config at the same path (what `infer --questions` records per line).
-pub fn content_sha256(made_with: &serde_json::Value) -> String {
+/// What [`made_with`] says about the files' content, without the folders' paths, each part as
+/// the sha256 of its JSON (`{"model_config": ..., "model_weights_sampled": ..., "model_files":
+/// ..., "adapter_sha256": ..., "checkpoint": ...}`): the same for a copy of the model, adapter or
+/// checkpoint in another folder, and a difference names the part (other weights, tokenizer or
+/// config at the same path). What `infer --questions` records per line, short.
+pub fn content_fingerprints(made_with: &serde_json::Value) -> serde_json::Value {
     let content = settings_content(&serde_json::json!({ "model": made_with }));
-    crate::checkpoint::sha256_hex(content.to_string().as_bytes())
+    let parts = content["model"].as_object().cloned().unwrap_or_default();
+    parts
+        .into_iter()
+        .map(|(k, v)| {
+            let sha = crate::checkpoint::sha256_hex(v.to_string().as_bytes());
+            (k, serde_json::Value::from(sha))
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// Whether settings record every fingerprint of the model's files (weights sampled, tokenizer

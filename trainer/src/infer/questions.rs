@@ -161,20 +161,26 @@ pub fn done(
         // matters to text-only questions only; the folders compare by their files' content
         // where the line records it, so a copy of the model elsewhere resumes)
         let text_only = v.get("image").is_some_and(Value::is_null);
-        let by_content = made_with.get("files_sha256").is_some();
+        let recorded_files = made_with.get("files").and_then(Value::as_object);
         let predicts = |s: &Value| {
             let mut s = crate::eval::what_predicts(s);
             if let Some(o) = s.as_object_mut() {
                 if !text_only {
                     o.remove("template_date");
                 }
-                if by_content {
-                    for path in ["model", "adapter", "checkpoint"] {
-                        o.remove(path);
+                match recorded_files {
+                    Some(recorded) => {
+                        for path in ["model", "adapter", "checkpoint"] {
+                            o.remove(path);
+                        }
+                        // (a part the line did not record, which a later trainer adds, is
+                        // compared from the next run on)
+                        if let Some(files) = o.get_mut("files").and_then(Value::as_object_mut) {
+                            files.retain(|k, _| recorded.contains_key(k));
+                        }
                     }
-                } else {
                     // (a line of an earlier trainer, which recorded the paths only)
-                    o.remove("files_sha256");
+                    None => drop(o.remove("files")),
                 }
             }
             s

@@ -143,6 +143,16 @@ impl WeightSource {
         self.entries.get(name)
     }
 
+    /// The stored bytes of one tensor (file name), borrowed from the map: nothing is copied, and
+    /// `bytes_read` does not count them (a fingerprint's samples touch a few pages).
+    pub fn raw_bytes(&self, name: &str) -> Option<&[u8]> {
+        let e = self.entries.get(name)?;
+        let shard = &self.shards[e.shard];
+        shard
+            .map
+            .get(shard.data_start + e.offsets.0..shard.data_start + e.offsets.1)
+    }
+
     /// Bytes materialized so far by `get` and `get_flat_range` (what a rank actually read).
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read.load(Ordering::Relaxed)

@@ -124,6 +124,13 @@ impl<'a> Saver<'a> {
         if config.checkpoint.async_save {
             log(pg.rank(), "checkpoint.async: checkpoint files are written by a background thread; a checkpoint is published once every rank has written its file (at the latest before the next save and at the end)");
         }
+        // the base's tensors as the run reads them, which every manifest records (rank 0 writes
+        // them): sampled now, not at the first save (hours in, maybe in a SIGTERM's grace period)
+        if pg.rank() == 0 {
+            if let Err(e) = crate::checkpoint::fingerprint::base_tensors(&config.model.path) {
+                tracing::warn!("the tensors of model.path cannot be sampled ({e}): checkpoints will not record them, so a resume cannot tell this base from another of the same config.json");
+            }
+        }
         Self {
             pg,
             config,
