@@ -132,6 +132,11 @@ fn standalone_letter(p: &str, n_choices: usize) -> Option<usize> {
         if !c.is_ascii_uppercase() || ((c as u8 - b'A') as usize) >= n_choices {
             continue;
         }
+        // ("I think", "I'm": the pronoun, with nine or more options)
+        let next = words.get(k + 1).map(|w| w.to_ascii_lowercase());
+        if c == 'I' && next.as_deref().is_some_and(|n| PRONOUN_VERBS.contains(&n)) {
+            continue;
+        }
         let i = (c as u8 - b'A') as usize;
         match found {
             Some((j, _)) if j != i => return None,
@@ -139,13 +144,27 @@ fn standalone_letter(p: &str, n_choices: usize) -> Option<usize> {
         }
     }
     let (i, k) = found?;
+    // a cue word before it ("the answer is A", "should be A", "I'd say A") or "is" after it ("A
+    // is correct": an article is not followed by "is")
     let cued = k > 0
         && matches!(
             words[k - 1].to_ascii_lowercase().as_str(),
-            "is" | "answer" | "option" | "choice" | "select" | "choose" | "pick"
+            "is" | "be" | "say" | "answer" | "option" | "choice" | "select" | "choose" | "pick"
         );
+    let cued = cued
+        || words
+            .get(k + 1)
+            .is_some_and(|w| w.eq_ignore_ascii_case("is"));
     (i != 0 || words.len() <= 3 || cued).then_some(i)
 }
+
+/// Words after the pronoun "I" ("I think B"), lowercased; "m", "d", "ll", "ve" are what is left of
+/// "I'm", "I'd", "I'll", "I've" once the apostrophe is split off.
+const PRONOUN_VERBS: [&str; 27] = [
+    "think", "would", "am", "believe", "guess", "can", "see", "will", "chose", "choose", "pick",
+    "select", "say", "need", "have", "know", "feel", "conclude", "must", "should", "might",
+    "could", "count", "m", "d", "ll", "ve",
+];
 
 /// The letter a prediction picks where the options are not given (a question with its options in
 /// its text, a gold answer "B"): a bare letter, a leading one after lead-ins, or one standing
@@ -239,13 +258,22 @@ fn pick(pred: &str, choices: &[String], loose: bool) -> Option<usize> {
             }
         }
     }
-    let np = normalize_text(p);
-    let inside: Vec<usize> = (0..choices.len())
-        .filter(|&i| {
-            let c = normalize_text(&choices[i]);
-            !c.is_empty() && format!(" {np} ").contains(&format!(" {c} "))
-        })
+    // one option's text inside it, longer options first, each found blanked out of the text:
+    // "It is dark red" picks "dark red" over "red", "red, not dark red" neither
+    let mut rest = format!(" {} ", normalize_text(p));
+    let mut texts: Vec<(usize, String)> = (0..choices.len())
+        .map(|i| (i, normalize_text(&choices[i])))
+        .filter(|(_, c)| !c.is_empty())
         .collect();
+    texts.sort_by_key(|(_, c)| std::cmp::Reverse(c.len()));
+    let mut inside = vec![];
+    for (i, c) in texts {
+        let words = format!(" {c} ");
+        if rest.contains(&words) {
+            inside.push(i);
+            rest = rest.replace(&words, " | ");
+        }
+    }
     (inside.len() == 1).then(|| inside[0])
 }
 
@@ -282,7 +310,7 @@ struct Found {
 /// where a word does not touch it ("-2", not "step-2"), exponents ("1e-5", "1.5 x 10^3",
 /// "1.5 × 10^3"), fractions of integers ("1/2"); a unit's power ("m/s^2", "cm²") is not a number.
 fn numbers(s: &str) -> Vec<Found> {
-    let b: Vec<char> = s.chars().collect();
+    let b: Vec<char> = s.chars().map(ascii_number_char).collect();
     let (mut out, mut i, mut depth) = (Vec::new(), 0usize, 0i32);
     let digits = |from: usize| {
         let mut j = from;
@@ -390,7 +418,18 @@ fn numbers(s: &str) -> Vec<Found> {
     out
 }
 
-/// Numbers written as words ("three", "Twelve"), zero to twenty and the tens: counting answers.
+/// A character of a number written outside ASCII as its ASCII counterpart (one for one, so
+/// positions keep): the minus sign and the dashes models write for "-" (U+2212, U+2012, U+2013,
+/// U+FE63, U+FF0D), fullwidth digits.
+fn ascii_number_char(c: char) -> char {
+    match c {
+        '\u{2212}' | '\u{2012}' | '\u{2013}' | '\u{FE63}' | '\u{FF0D}' => '-',
+        '\u{FF10}'..='\u{FF19}' => char::from(b'0' + (c as u32 - 0xFF10) as u8),
+        _ => c,
+    }
+}
+
+/// One number word ("three", "Twelve", "ninety"): zero to nineteen and the tens.
 fn word_number(word: &str) -> Option<f64> {
     const WORDS: [&str; 21] = [
         "zero",
@@ -427,12 +466,59 @@ fn word_number(word: &str) -> Option<f64> {
         .map(|i| 30.0 + 10.0 * i as f64)
 }
 
-/// The last number word among `s`'s words ("There are three circles" -> 3), for text without
+/// A number below a hundred at the start of `words` ("seven", "twenty one" from "twenty-one"),
+/// and how many words it took.
+fn below_hundred(words: &[&str]) -> Option<(f64, usize)> {
+    let v = word_number(words.first()?)?;
+    match words.get(1).and_then(|w| word_number(w)) {
+        Some(u) if v >= 20.0 && v % 10.0 == 0.0 && (1.0..10.0).contains(&u) => Some((v + u, 2)),
+        _ => Some((v, 1)),
+    }
+}
+
+/// The number `words` spell, all of them ("twenty one", "one hundred and five", "hundred"), or
+/// None when they spell none or more than one ("one two").
+fn words_value(words: &[&str]) -> Option<f64> {
+    // ("hundred" alone, as in "a hundred": one hundred)
+    let (mut value, mut k) = below_hundred(words).unwrap_or((1.0, 0));
+    if words
+        .get(k)
+        .is_some_and(|w| w.eq_ignore_ascii_case("hundred"))
+    {
+        value *= 100.0;
+        k += 1;
+        if words.get(k).is_some_and(|w| w.eq_ignore_ascii_case("and")) {
+            k += 1;
+        }
+        if let Some((rest, n)) = below_hundred(&words[k..]) {
+            value += rest;
+            k += n;
+        }
+    } else if k == 0 {
+        return None;
+    }
+    (k == words.len()).then_some(value)
+}
+
+fn is_number_word(w: &str) -> bool {
+    word_number(w).is_some() || w.eq_ignore_ascii_case("hundred")
+}
+
+/// The last number written in words in `s` ("There are three circles" -> 3, "twenty-one" -> 21,
+/// "one hundred" -> 100: a compound is read whole, not as its last word), for text without
 /// digits.
 fn last_word_number(s: &str) -> Option<f64> {
-    s.split(|c: char| !c.is_alphanumeric())
-        .rev()
-        .find_map(word_number)
+    let words: Vec<&str> = s
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let last = words.iter().rposition(|w| is_number_word(w))?;
+    let mut first = last;
+    while first > 0 && (is_number_word(words[first - 1]) || words[first - 1] == "and") {
+        first -= 1;
+    }
+    // the longest run of words before it that spells one number ("one two three" -> three)
+    (first..=last).find_map(|start| words_value(&words[start..=last]))
 }
 
 /// Whether a predicted number answers a gold one (relative 1e-4, absolute 1e-6).
@@ -453,8 +539,13 @@ fn gold_number(s: &str) -> Option<f64> {
     let t = strip_thousands(s.trim());
     let found = numbers(&t);
     let Some(first) = found.first() else {
-        // a gold answer that is one number word ("three", "Three.")
-        return word_number(t.trim_end_matches(['.', '!']));
+        // a gold answer that is a number in words ("three", "Three.", "twenty-one")
+        let words: Vec<&str> = t
+            .trim_end_matches(['.', '!'])
+            .split(['-', ' '])
+            .filter(|w| !w.is_empty())
+            .collect();
+        return words_value(&words);
     };
     let rest: String = t.chars().skip(first.end).collect();
     // "3D" is a word, "5cm" a number and its unit
@@ -831,5 +922,51 @@ mod tests {
         assert!(is_correct("There are 2.", "B", Some(&n)));
         assert!(!is_correct("4", "3", Some(&n)));
         assert_eq!(gold_choice("3.0", &n), Some(2));
+    }
+
+    /// Cases a review scored wrongly: a Unicode minus or dash is a sign, fullwidth digits are
+    /// digits; a number in words is read whole ("twenty-one" is 21, not 1); an option whose text
+    /// holds another's ("dark red" and "red") is picked by the longer; "A" cued after it ("A is
+    /// correct") or by "be"/"say"; "I" before a verb is the pronoun, with nine options.
+    #[test]
+    fn signs_compound_number_words_nested_options_and_letter_cues() {
+        for (pred, gold, want) in [
+            ("\u{2212}2", "2", false),
+            ("The answer is \u{2013}2", "2", false),
+            ("\u{2212}2", "-2", true),
+            ("\u{2013}2", "-2", true),
+            ("\u{FF13}", "3", true),
+            ("twenty-one", "1", false),
+            ("twenty-one", "21", true),
+            ("There are seventy five", "75", true),
+            ("one hundred", "1", false),
+            ("one hundred", "100", true),
+            ("one hundred and five", "105", true),
+            ("I count one two three", "3", true),
+            ("21", "twenty-one", true),
+            ("step-2", "-2", false),
+        ] {
+            assert_eq!(is_correct(pred, gold, None), want, "{pred:?} vs {gold:?}");
+        }
+        let reds = opts(&["red", "dark red"]);
+        assert!(is_correct("It is dark red", "B", Some(&reds)));
+        assert!(is_correct("It is red", "A", Some(&reds)));
+        assert!(!is_correct("red, not dark red", "A", Some(&reds)));
+        assert!(!is_correct("red, not dark red", "B", Some(&reds)));
+        let cats = opts(&["cat", "black cat"]);
+        assert!(is_correct("It is a black cat.", "B", Some(&cats)));
+        for pred in [
+            "A is the answer",
+            "The answer should be A",
+            "I would say A here",
+            "A is the correct option",
+        ] {
+            assert!(is_correct(pred, "A", None), "{pred:?}");
+        }
+        assert!(!is_correct("A red circle is left of the square", "A", None));
+        let nine = opts(&["a", "b", "c", "d", "e", "f", "g", "h", "i"]);
+        assert!(is_correct("I think B", "B", Some(&nine)));
+        assert!(is_correct("I'm sure it is B", "B", Some(&nine)));
+        assert!(is_correct("(I)", "I", Some(&nine)));
     }
 }

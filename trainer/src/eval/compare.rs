@@ -132,7 +132,7 @@ impl Comparison {
         );
         for t in &self.turns {
             s += &format!(
-                "| {} | {} | {:.1}% | {:.1}% | {} | {} | {} | {:.3} |\n",
+                "| {} | {} | {:.1}% | {:.1}% | {} | {} | {} | {} |\n",
                 t.turn,
                 t.questions,
                 100.0 * t.accuracy_a,
@@ -140,7 +140,7 @@ impl Comparison {
                 t.both,
                 t.a_only,
                 t.b_only,
-                t.p_value
+                super::report::p_text(t.p_value)
             );
         }
         s +=

@@ -321,7 +321,8 @@ fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
 }
 
-fn p_text(p: f64) -> String {
+/// A p-value as the reports print it: three decimals, or two significant digits below 0.001.
+pub(crate) fn p_text(p: f64) -> String {
     if p < 1e-3 {
         format!("{p:.1e}")
     } else {
