@@ -748,6 +748,42 @@ fn a_background_save_is_published_when_the_next_step_stops_the_run() {
     assert_eq!(checkpoints(&out), ["step-00000001"], "{}", o.stderr);
 }
 
+/// Steps skipped under `train.skip_nonfinite` (their update not applied) do not move the learning
+/// rate schedule on: lr 1e30 with a 4-step warmup blows the weights up in step 2, steps 3 and 4
+/// are skipped and both run at step 3's rate (transformers' Trainer steps no scheduler after a
+/// skipped optimizer step).
+#[test]
+fn skipped_steps_do_not_move_the_schedule_on() {
+    let out = fresh("nonfinite-skipped");
+    let sets = [
+        "train.lr=1e30",
+        "train.schedule={kind: linear, warmup_steps: 4}",
+        "train.skip_nonfinite=5",
+    ];
+    let o = run(
+        &out,
+        1,
+        "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 4",
+        &sets,
+        &[],
+    );
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let lines = metrics(&out);
+    let lr: Vec<f64> = lines.iter().map(|l| l["lr"].as_f64().unwrap()).collect();
+    // (relative: serde_json reads floats back to within a unit in the last place)
+    let near = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs();
+    for (got, want) in lr.iter().zip([0.0, 2.5e29, 5e29]) {
+        assert!(near(*got, want), "{lr:?}\n{}", o.stderr);
+    }
+    assert!(
+        o.stderr
+            .contains("step 3: non-finite loss or gradient norm, update skipped"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(lr[3], lr[2], "{}", o.stderr);
+}
+
 /// SLURM's `--signal=USR1@90` notice before the time limit, sent to the launcher: passed on to
 /// the ranks, which stop after the same step with a checkpoint of it (exit 143, as for SIGTERM),
 /// and the launcher does not restart them.
@@ -908,6 +944,48 @@ fn a_record_that_fails_to_load_mid_epoch_leaves_a_checkpoint_of_the_last_step() 
         o.stderr
     );
     assert_same_run(&straight, &out, 10);
+}
+
+/// A validation record whose image fails to load (its header whole, its data cut) stops every
+/// rank together, after the epoch's checkpoint, naming the record on the rank that read it (the
+/// others no longer wait in the forward's collectives until the launcher stops them).
+#[test]
+fn a_validation_record_that_fails_to_load_stops_every_rank_after_the_checkpoint() {
+    let out = fresh("eval-load-fail");
+    let images = out.join("images");
+    common::copy_dir(&common::repo().join("tests/fixtures/data/images"), &images);
+    let whole = std::fs::read(images.join("photo.jpg")).unwrap();
+    std::fs::write(images.join("cut.jpg"), &whole[..2000]).unwrap();
+    let train_lines = std::fs::read_to_string(setup().join("train.jsonl")).unwrap();
+    let first = train_lines.lines().next().unwrap();
+    let eval_lines: String = (0..4)
+        .map(|i| {
+            let image = if i == 3 { "cut.jpg" } else { "small.png" };
+            let line = first
+                .replacen("\"small.png\"", &format!("\"{image}\""), 1)
+                .replacen("\"g0\"", &format!("\"e{i}\""), 1);
+            format!("{line}\n")
+        })
+        .collect();
+    let eval = out.join("eval.jsonl");
+    std::fs::write(&eval, eval_lines).unwrap();
+    let sets = [
+        format!("data.image_root={}", images.display()),
+        format!("data.eval={}", eval.display()),
+        "train.validate=true".to_string(),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 2";
+    let o = run(&out, 2, train, &sets, &[]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr.contains(
+            "validation at step 2 could not load a batch (the step's checkpoint is saved"
+        ) && o.stderr.contains("cut.jpg"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(checkpoints(&out).last(), Some(&"step-00000002".to_string()));
 }
 
 /// A resume with another `data.supervise` goes on, with a note that the loss now covers other

@@ -218,12 +218,9 @@ impl Meter {
         Ok(())
     }
 
-    /// Writes one JSON line (rank 0).
+    /// Writes one JSON line (rank 0; [`append_line`]).
     pub fn write(&mut self, v: Value) -> Result<()> {
-        if let Some(f) = &mut self.file {
-            writeln!(f, "{v}")?;
-            f.flush()?;
-        }
+        append_line(&mut self.file, &v);
         if let (Some(tb), Some((step, values))) =
             (&mut self.tensorboard, super::tensorboard::scalars_of(&v))
         {
@@ -350,6 +347,23 @@ fn set_aside_previous_run(dir: &Path) -> Result<Option<std::path::PathBuf>> {
     Ok(Some(aside))
 }
 
+/// Appends `v` to metrics.jsonl as one line. A write that fails (a full disk) is logged and ends
+/// the file's lines (`file` becomes None), not the run: rank 0 stopping alone would leave the
+/// other ranks waiting in the next step's collectives, while the checkpoints, which every rank
+/// saves together, stop the run as one where the disk is really full.
+fn append_line(file: &mut Option<std::fs::File>, v: &Value) {
+    let Some(f) = file else {
+        return;
+    };
+    if let Err(e) = writeln!(f, "{v}").and_then(|()| f.flush()) {
+        let step = v.get("step").map_or("?".to_string(), |s| s.to_string());
+        tracing::error!(
+            "metrics.jsonl: writing failed ({e}): no more lines there this run (from step {step}); free space, then a resume from the next checkpoint records again"
+        );
+        *file = None;
+    }
+}
+
 fn open_file(dir: &Path, resumed: Option<u64>, resumed_validated: bool) -> Result<std::fs::File> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating train.output_dir {}", dir.display()))?;
@@ -434,4 +448,31 @@ fn all_reduce_sum<const N: usize>(
     let t = tch::Tensor::from_slice(&v).to_device(device);
     pg.all_reduce(&t, crate::dist::ReduceOp::Sum)?;
     Ok(std::array::from_fn(|i| t.double_value(&[i as i64])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A line that cannot be written (a full disk: /dev/full) ends the file's lines, not the
+    /// run; lines written before it stay.
+    #[test]
+    fn a_failed_metrics_write_ends_the_file_not_the_run() {
+        let path = std::env::temp_dir().join(format!("metrics-{}.jsonl", std::process::id()));
+        let mut file = Some(std::fs::File::create(&path).unwrap());
+        append_line(&mut file, &json!({"step": 1}));
+        assert!(file.is_some());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"step\":1}\n");
+        let _ = std::fs::remove_file(&path);
+        let mut full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .ok();
+        if full.is_none() {
+            return; // (no /dev/full here)
+        }
+        append_line(&mut full, &json!({"step": 2}));
+        assert!(full.is_none());
+        append_line(&mut full, &json!({"step": 3}));
+    }
 }

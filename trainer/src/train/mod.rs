@@ -278,7 +278,10 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 break;
             }
             let data_s = started.elapsed().as_secs_f64();
-            let lr = schedule.lr(st.step, epoch);
+            // (a skipped step, its update not applied, does not move the schedule on either, as
+            // transformers' Trainer does not step its scheduler when the optimizer step was
+            // skipped)
+            let lr = schedule.lr(st.step - st.skipped_nonfinite, epoch);
             let seed = t.seed ^ st.step.wrapping_mul(0x2545_F491_4F6C_DD1D);
             let stepped = stepper
                 .step(&mut trainable, &mut opt, &batches, lr, seed)

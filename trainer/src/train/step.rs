@@ -157,7 +157,17 @@ pub(super) fn validate(
         t.eval_sample_limit(),
     );
     for mb in batches {
-        let mb = mb?;
+        // (agreed, as the training loop's batches are: a record that fails to load stops every
+        // rank here, the step's checkpoint published before validation began, not one rank
+        // alone with the others waiting in the forward's collectives)
+        let mb = crate::checkpoint::agree(pg, device, mb.map_err(anyhow::Error::from), || {
+            format!("validation at step {step}: another rank could not load its batch")
+        })
+        .map_err(|e| {
+            e.context(AgreedStop(format!(
+                "validation at step {step} could not load a batch (the step's checkpoint is saved: fix the record, or set data.bad_records: skip, then run again to resume)"
+            )))
+        })?;
         sum += trainable.forward_loss(pg, &to_device(&mb.batch, device))?;
         count += mb.supervised_tokens;
         samples += (mb.sample_indices.len() - mb.filler_rows) as i64;
