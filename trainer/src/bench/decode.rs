@@ -180,8 +180,12 @@ fn time_side(
     Ok(Speed {
         ttft_s: ttft,
         // the tokens it generated (an EOS before new_tokens stops ours; the peer is held to
-        // new_tokens, and "same tokens" compares them)
-        decode_tok_s: ids.len().saturating_sub(1) as f64 / (total - ttft).max(1e-9),
+        // new_tokens, and "same tokens" compares them); NaN (JSON null) where the decode was too
+        // short to time apart from the first token (it read 3e9 tokens/s)
+        decode_tok_s: match total - ttft {
+            span if span > 0.0 => ids.len().saturating_sub(1) as f64 / span,
+            _ => f64::NAN,
+        },
         ids,
         threads: tch::get_num_threads() as i64,
     })

@@ -62,11 +62,7 @@ pub(crate) fn run(command: BenchCommand) -> Result<ExitCode> {
             if !json {
                 print!("{}", decode::table(&all));
             }
-            if let Some(path) = out {
-                let lines: String = all.iter().map(|m| format!("{}\n", m.json())).collect();
-                std::fs::write(&path, lines)
-                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-            }
+            write_out(out, all.iter().map(|m| m.json().to_string()))?;
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Data {
@@ -102,10 +98,7 @@ pub(crate) fn run(command: BenchCommand) -> Result<ExitCode> {
             } else {
                 print!("{}{}", data::table(&ms), stages.line());
             }
-            if let Some(path) = out {
-                std::fs::write(&path, lines)
-                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-            }
+            write_out(out, lines.lines().map(str::to_string))?;
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Step {
@@ -309,6 +302,15 @@ fn parse_sharding(s: &str) -> Result<trainer::config::ShardingStrategy, String> 
     })
 }
 
+/// `--out FILE`: the measurements' JSON lines, when given.
+fn write_out(out: Option<PathBuf>, lines: impl Iterator<Item = String>) -> Result<()> {
+    let Some(path) = out else {
+        return Ok(());
+    };
+    let text: String = lines.map(|l| format!("{l}\n")).collect();
+    std::fs::write(&path, text).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+}
+
 /// The Python peer of a benchmark (`.venv`'s python + its script), or None with `--no-peer`.
 fn python_peer(
     no_peer: bool,
@@ -368,11 +370,7 @@ fn bench_step(
     } else {
         print!("{}", step::table(&all));
     }
-    if let Some(path) = out {
-        let lines: String = all.iter().map(|m| format!("{}\n", m.json())).collect();
-        std::fs::write(&path, lines)
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-    }
+    write_out(out, all.iter().map(|m| m.json().to_string()))?;
     Ok(ExitCode::SUCCESS)
 }
 
