@@ -341,7 +341,8 @@ fn numbers(s: &str) -> Vec<Found> {
             i = digits(i);
             continue;
         }
-        let signed = b[i] == '-' && digit_at(i + 1) && (i == 0 || !b[i - 1].is_alphanumeric());
+        let signed =
+            matches!(b[i], '-' | '+') && digit_at(i + 1) && (i == 0 || !b[i - 1].is_alphanumeric());
         if !(digit_at(i) || signed) {
             i += 1;
             continue;
@@ -532,11 +533,17 @@ const GLUED_UNITS: [&str; 16] = [
 ];
 
 /// A gold answer that is a number, optionally followed by a unit or a counted noun ("3", "-2.5",
-/// ".5", "1,000", "42%", "3 cm", "45°", "9.8 m/s^2", "1/2", "10^3", "2 dogs", "3."): one number at
-/// the start, not run into a word ("3D" is text), then at most three words and no other number
-/// ("inf", "NaN" and "3 apples and 2 pears" are text answers).
+/// ".5", "1,000", "42%", "3 cm", "45°", "9.8 m/s^2", "1/2", "10^3", "2 dogs", "3.", "+3", "$12",
+/// "(3)"): one number at the start (after a currency sign, inside parentheses), not run into a
+/// word ("3D" is text), then at most three words and no other number ("inf", "NaN" and "3 apples
+/// and 2 pears" are text answers).
 fn gold_number(s: &str) -> Option<f64> {
-    let t = strip_thousands(s.trim());
+    let t = s.trim();
+    let t = match t.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
+        Some(inner) => inner.trim(),
+        None => t,
+    };
+    let t = strip_thousands(t.trim_start_matches(['$', '€', '£', '¥']));
     let found = numbers(&t);
     let Some(first) = found.first() else {
         // a gold answer that is a number in words ("three", "Three.", "twenty-one")
@@ -945,6 +952,11 @@ mod tests {
             ("I count one two three", "3", true),
             ("21", "twenty-one", true),
             ("step-2", "-2", false),
+            ("3", "+3", true),
+            ("$12.00", "$12", true),
+            ("12 dollars", "$12", true),
+            ("3.0", "(3)", true),
+            ("4", "(3)", false),
         ] {
             assert_eq!(is_correct(pred, gold, None), want, "{pred:?} vs {gold:?}");
         }
