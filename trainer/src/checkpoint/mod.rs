@@ -21,6 +21,7 @@ pub mod load;
 pub mod manifest;
 pub mod merged;
 pub mod prompt;
+mod retention;
 pub mod save;
 pub mod validation;
 
@@ -43,7 +44,7 @@ pub use load::{
 pub use manifest::{Manifest, FORMAT, VERSION};
 pub use merged::{export_merged, parse_size, MergeSource, MergedSummary};
 pub use prompt::{PromptSettings, PROMPT_FILE};
-pub(crate) use save::set_aside_later;
+pub(crate) use retention::set_aside_later;
 pub use save::Checkpointer;
 
 /// Where the training loop stands (what a checkpoint restores besides tensors).
