@@ -26,6 +26,10 @@ pub struct TurnComparison {
     pub b_only: usize,
     /// Exact McNemar p of `a_only` against `b_only`.
     pub p_value: f64,
+    /// Of these questions, the ones each run's turn was cut off at --max-new-tokens (no answer,
+    /// scored wrong): a difference they make is the token budget's.
+    pub cut_off_a: usize,
+    pub cut_off_b: usize,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -40,6 +44,10 @@ pub struct Comparison {
     pub turns_a: usize,
     pub turns_b: usize,
     pub turns: Vec<TurnComparison>,
+    /// The settings the two runs differ in (settings.json: generation flags, the weights' files
+    /// by fingerprint, the prompts' day), as "key: A value, B value"; what the comparison tests
+    /// besides what was meant to differ.
+    pub settings_differ: Vec<String>,
 }
 
 /// Compares the predictions of two `trainer eval --out` folders.
@@ -78,11 +86,21 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison, EvalError> {
     let turns = (0..turns_a.min(turns_b))
         .map(|t| {
             // (a question whose run stopped before turn t is not paired at t)
-            let at: Vec<(bool, bool)> = paired
+            let both_at: Vec<(&Prediction, &Prediction)> = paired
                 .iter()
                 .filter(|(p, q)| p.turns.len() > t && q.turns.len() > t)
+                .copied()
+                .collect();
+            let at: Vec<(bool, bool)> = both_at
+                .iter()
                 .map(|(p, q)| (p.turns[t].correct, q.turns[t].correct))
                 .collect();
+            let cut = |in_b: bool| {
+                both_at
+                    .iter()
+                    .filter(|(p, q)| super::report::cut_off(&if in_b { q } else { p }.turns[t]))
+                    .count()
+            };
             let count = |f: fn(&(bool, bool)) -> bool| at.iter().filter(|x| f(x)).count();
             let (a_only, b_only) = (count(|x| x.0 && !x.1), count(|x| !x.0 && x.1));
             let n = at.len().max(1) as f64;
@@ -95,6 +113,8 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison, EvalError> {
                 a_only,
                 b_only,
                 p_value: mcnemar_exact(a_only as u64, b_only as u64),
+                cut_off_a: cut(false),
+                cut_off_b: cut(true),
             }
         })
         .collect();
@@ -107,14 +127,64 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison, EvalError> {
         turns_a,
         turns_b,
         turns,
+        settings_differ: settings_differ(a, b),
     })
+}
+
+/// The settings two eval folders' settings.json differ in (what predictions depend on; the
+/// folders' paths left out where their files' fingerprints are recorded), "key: A x, B y" (a long
+/// value, a fingerprint, is named only); a folder without one is named.
+fn settings_differ(a: &Path, b: &Path) -> Vec<String> {
+    let read = |dir: &Path| -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(dir.join("settings.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    };
+    let (sa, sb) = match (read(a), read(b)) {
+        (Some(x), Some(y)) => (x, y),
+        (x, _) => {
+            let missing = if x.is_none() { a } else { b };
+            return vec![format!(
+                "{}: no readable settings.json (its settings cannot be compared)",
+                missing.display()
+            )];
+        }
+    };
+    let (ca, cb) = (
+        super::settings::settings_content(&sa),
+        super::settings::settings_content(&sb),
+    );
+    super::settings::differing_keys(&ca, &cb, "")
+        .into_iter()
+        .map(|key| {
+            let at = |v: &serde_json::Value| {
+                v.pointer(&format!("/{}", key.replace('.', "/")))
+                    .map_or("(unset)".to_string(), |x| x.to_string())
+            };
+            let (x, y) = (at(&ca), at(&cb));
+            match x.len() + y.len() <= 120 {
+                true => format!("{key}: A {x}, B {y}"),
+                false => format!("{key} (a fingerprint of the files)"),
+            }
+        })
+        .collect()
 }
 
 /// An eval folder's predictions by id, as a resumed `trainer eval` reads them.
 fn predictions_of(dir: &Path) -> Result<HashMap<String, Prediction>, EvalError> {
     if !dir.join("predictions.jsonl").is_file() {
+        let interrupted = std::fs::read_dir(dir).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with("predictions.rank-"))
+            })
+        });
+        let hint = match interrupted {
+            true => "an interrupted evaluation: run its `trainer eval` command again to finish it (it resumes), then compare",
+            false => "expected a `trainer eval --out` folder",
+        };
         return Err(EvalError::Io(format!(
-            "{}: no predictions.jsonl (expected a `trainer eval --out` folder)",
+            "{}: no predictions.jsonl ({hint})",
             dir.display()
         )));
     }
@@ -125,14 +195,23 @@ impl Comparison {
     /// The table `trainer compare` prints.
     pub fn markdown(&self) -> String {
         let mut s = format!(
-            "A: {} ({} turns)\nB: {} ({} turns)\n{} questions paired ({} in A only, {} in B only, left out)\n\n\
-             | turn | questions | accuracy A | accuracy B | right in both | A only | B only | p (exact McNemar) |\n\
-             | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            "A: {} ({} turns)\nB: {} ({} turns)\n{} questions paired ({} in A only, {} in B only, left out)\n",
             self.a, self.turns_a, self.b, self.turns_b, self.paired, self.only_a, self.only_b
         );
+        match self.settings_differ.is_empty() {
+            true => s += "The two runs' settings are the same (weights, generation, prompts).\n",
+            false => {
+                s += "The two runs differ in (the comparison tests all of these at once):\n";
+                for d in &self.settings_differ {
+                    s += &format!("- {d}\n");
+                }
+            }
+        }
+        s += "\n| turn | questions | accuracy A | accuracy B | right in both | A only | B only | p (exact McNemar) | cut off A / B |\n\
+             | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
         for t in &self.turns {
             s += &format!(
-                "| {} | {} | {:.1}% | {:.1}% | {} | {} | {} | {} |\n",
+                "| {} | {} | {:.1}% | {:.1}% | {} | {} | {} | {} | {} / {} |\n",
                 t.turn,
                 t.questions,
                 100.0 * t.accuracy_a,
@@ -140,8 +219,13 @@ impl Comparison {
                 t.both,
                 t.a_only,
                 t.b_only,
-                super::report::p_text(t.p_value)
+                super::report::p_text(t.p_value),
+                t.cut_off_a,
+                t.cut_off_b
             );
+        }
+        if self.turns.iter().any(|t| t.cut_off_a + t.cut_off_b > 0) {
+            s += "\nAnswers cut off at --max-new-tokens have none and are scored wrong: where the runs' cut-offs differ, so does what the test measures (the token budget as well as the answers).\n";
         }
         s +=
             "\nA difference is more than chance on these questions when p < 0.05. Correctness is as \
@@ -169,6 +253,62 @@ mod tests {
             })
             .collect();
         std::fs::write(dir.join("predictions.jsonl"), lines.join("\n") + "\n").unwrap();
+    }
+
+    /// The settings the two runs differ in are listed (a position ablation says which side is
+    /// which), turns cut off at --max-new-tokens are counted per side, and a folder holding only
+    /// an interrupted run's rank files is named as such.
+    #[test]
+    fn settings_that_differ_and_cut_off_turns_are_shown() {
+        let root = std::env::temp_dir().join(format!("eval-compare-s-{}", std::process::id()));
+        let (a, b) = (root.join("a"), root.join("b"));
+        write(&a, &[("q0", &[true, true]), ("q1", &[false, true])]);
+        write(&b, &[("q0", &[true, false]), ("q1", &[false, false])]);
+        let text = std::fs::read_to_string(b.join("predictions.jsonl")).unwrap();
+        let cut = text.replacen(
+            "\"correct\":false,\"extracted\":\"\"",
+            "\"correct\":false,\"extracted\":\"\",\"finished\":false",
+            1,
+        );
+        assert_ne!(cut, text);
+        std::fs::write(b.join("predictions.jsonl"), cut).unwrap();
+        let settings = |position: &str| {
+            serde_json::json!({"model": {"model": "/m", "model_files": {}, "model_weights_sampled": "w"},
+                "infer": {"turns": 2, "position": position, "max_new_tokens": 80, "temperature": 0.0},
+                "prompt": 3, "seeds": "id"})
+            .to_string()
+        };
+        std::fs::write(a.join("settings.json"), settings("after_answer")).unwrap();
+        std::fs::write(b.join("settings.json"), settings("after_reasoning")).unwrap();
+        let c = compare(&a, &b).unwrap();
+        assert_eq!(
+            c.settings_differ,
+            ["infer.position: A \"after_answer\", B \"after_reasoning\""]
+        );
+        assert_eq!((c.turns[1].cut_off_a, c.turns[1].cut_off_b), (0, 1));
+        let md = c.markdown();
+        assert!(md.contains("- infer.position: A \"after_answer\""), "{md}");
+        assert!(
+            md.contains("| 0 / 0 |\n| 1 |") && md.contains("| 0 / 1 |"),
+            "{md}"
+        );
+        assert!(md.contains("Answers cut off at --max-new-tokens"), "{md}");
+        // the same settings: said so
+        std::fs::write(b.join("settings.json"), settings("after_answer")).unwrap();
+        assert!(compare(&a, &b)
+            .unwrap()
+            .markdown()
+            .contains("The two runs' settings are the same"));
+        // an interrupted run: its rank files only
+        let cut_short = root.join("interrupted");
+        std::fs::create_dir_all(&cut_short).unwrap();
+        std::fs::write(cut_short.join("predictions.rank-0.jsonl"), "").unwrap();
+        let e = compare(&a, &cut_short).unwrap_err().to_string();
+        assert!(
+            e.contains("an interrupted evaluation: run its `trainer eval` command again"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

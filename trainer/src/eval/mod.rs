@@ -336,12 +336,14 @@ pub fn training_flops(path: &Path) -> Result<f64, EvalError> {
         if let Some(f) = v.get("flops").and_then(|f| f.as_f64()) {
             return Some(f);
         }
+        // (a validation line has neither: no FLOPs, and no warning about its world size)
+        let per_rank = v.get("tflops")?.as_f64()? * v.get("step_s")?.as_f64()? * 1e12;
         let world = v.get("world_size").and_then(|w| w.as_f64()).unwrap_or_else(|| {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| tracing::warn!("{}: step lines without world_size (an older trainer's): their training FLOPs are counted for one rank; multiply by the run's world size", path.display()));
             1.0
         });
-        Some(v.get("tflops")?.as_f64()? * v.get("step_s")?.as_f64()? * 1e12 * world)
+        Some(per_rank * world)
     };
     let steps: Vec<f64> = text
         .lines()
@@ -662,6 +664,29 @@ fn agree<T>(
     local
 }
 
+/// What ran, for the report: the benchmark, the weights' folders, the generation settings.
+fn setup_of(bench: &str, opts: &EvalOptions) -> report::Setup {
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Null => None,
+        other => Some(other.to_string()),
+    };
+    let m = &opts.made_with;
+    report::Setup {
+        benchmark: bench.to_string(),
+        limit: opts.limit,
+        model: text(&m["model"]).unwrap_or_default(),
+        adapter: text(&m["adapter"]),
+        // (recorded as [folder, manifest sha256])
+        checkpoint: text(&m["checkpoint"][0]),
+        turns: opts.infer.turns,
+        position: opts.infer.position,
+        max_new_tokens: opts.infer.max_new_tokens,
+        temperature: opts.infer.temperature,
+        correction_prompt: opts.infer.correction_prompt.clone(),
+    }
+}
+
 /// Runs (or resumes) the evaluation and, on rank 0, writes predictions.jsonl, report.json and
 /// report.md and returns the report. `progress(done, total)` is called after each sample.
 pub fn run(
@@ -857,7 +882,7 @@ pub fn run(
         .sum();
     let flops = crate::train::flops::FlopCount::of_base(session.model);
     let turn_flops = |t: &TurnPrediction| flops.inference_flops(t.prompt_tokens, t.tokens, t.tiles);
-    let report = report::build(
+    let mut report = report::build(
         &preds,
         params,
         &turn_flops,
@@ -866,6 +891,7 @@ pub fn run(
             .map(training_flops)
             .transpose()?,
     );
+    report.setup = Some(setup_of(&bench_file, opts));
     // (whole or not at all: a crash while writing leaves the previous report)
     let write = |name: &str, text: String| {
         let path = opts.out.join(name);

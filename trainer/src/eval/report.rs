@@ -127,6 +127,9 @@ pub struct Transition {
     /// Of right_wrong, the ones whose later turn was cut off at --max-new-tokens (no answer, not
     /// a changed one).
     pub right_cut_off: usize,
+    /// Of wrong_right, the ones whose earlier turn was cut off (an answer finished late, not an
+    /// error corrected).
+    pub wrong_right_from_cut_off: usize,
     /// Samples whose extracted answer changed between the two turns.
     pub changed: usize,
     pub change_rate: f64,
@@ -147,6 +150,14 @@ pub struct Breakdown {
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StageDepartures {
+    pub from: usize,
+    pub to: usize,
+    /// By stage: [questions, of them wrong->right, of them right->wrong].
+    pub stages: BTreeMap<String, [usize; 3]>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct TurnCost {
     pub turn: usize,
     pub mean_prompt_tokens: f64,
@@ -157,8 +168,27 @@ pub struct TurnCost {
     pub flops: f64,
 }
 
+/// What an evaluation ran (its settings.json holds them all, with the files' fingerprints): the
+/// report says it too, since its numbers are a setting's (an ablation's side).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Setup {
+    pub benchmark: String,
+    pub limit: Option<usize>,
+    pub model: String,
+    pub adapter: Option<String>,
+    pub checkpoint: Option<String>,
+    pub turns: usize,
+    pub position: crate::infer::Position,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub correction_prompt: String,
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Report {
+    /// What ran (set by `eval::run`; None for a report built from predictions alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub setup: Option<Setup>,
     pub samples: usize,
     pub turns: Vec<TurnScore>,
     pub transitions: Vec<Transition>,
@@ -170,6 +200,10 @@ pub struct Report {
     /// the stage tags, or text outside them), or "none" when the texts are the same (only with 2+
     /// turns).
     pub first_differing_stage: BTreeMap<String, usize>,
+    /// For each pair of consecutive turns, where the later one first departs (the stages of
+    /// `first_differing_stage`), with how many of those questions it fixed and broke: which
+    /// stage a correction rewrites when it helps, and when it hurts.
+    pub stage_departures: Vec<StageDepartures>,
     pub cost: Vec<TurnCost>,
     /// Training FLOPs from a metrics.jsonl (sum of tflops x step seconds), when given.
     pub training_flops: Option<f64>,
@@ -201,6 +235,7 @@ fn breakdown(preds: &[&Prediction]) -> Breakdown {
                 wrong_right: 0,
                 wrong_wrong: 0,
                 right_cut_off: 0,
+                wrong_right_from_cut_off: 0,
                 changed: 0,
                 change_rate: 0.0,
                 fix_rate: 0.0,
@@ -213,12 +248,12 @@ fn breakdown(preds: &[&Prediction]) -> Breakdown {
                     (true, true) => tr.right_right += 1,
                     (true, false) => {
                         tr.right_wrong += 1;
-                        // (as scoring decides it: no answer unless its conclusion closed)
-                        let cut =
-                            b.canonical == "cut off" || (b.canonical.is_empty() && !b.finished);
-                        tr.right_cut_off += usize::from(cut);
+                        tr.right_cut_off += usize::from(cut_off(b));
                     }
-                    (false, true) => tr.wrong_right += 1,
+                    (false, true) => {
+                        tr.wrong_right += 1;
+                        tr.wrong_right_from_cut_off += usize::from(cut_off(a));
+                    }
                     (false, false) => tr.wrong_wrong += 1,
                 }
                 tr.changed += usize::from(a.answer_key() != b.answer_key());
@@ -245,6 +280,25 @@ fn breakdown(preds: &[&Prediction]) -> Breakdown {
         transitions,
         correction,
     }
+}
+
+/// The first stage whose text differs between turns `a` and `b`; "outside the stages" when every
+/// stage is the same but the texts are not, "none" when the texts are the same.
+fn first_departure(a: &TurnPrediction, b: &TurnPrediction) -> &'static str {
+    STAGE_ORDER
+        .iter()
+        .find(|s| a.stages.get(**s) != b.stages.get(**s))
+        .copied()
+        .unwrap_or(match a.text == b.text {
+            true => "none",
+            false => OUTSIDE_STAGES,
+        })
+}
+
+/// Whether a turn has no answer for being cut off at --max-new-tokens, as scoring decides it (no
+/// answer unless its conclusion closed).
+pub(super) fn cut_off(t: &TurnPrediction) -> bool {
+    t.canonical == "cut off" || (t.canonical.is_empty() && !t.finished)
 }
 
 fn ratio(a: usize, b: usize) -> f64 {
@@ -278,18 +332,27 @@ pub fn build(
     let by_category = cats.into_iter().map(|(k, v)| (k, breakdown(&v))).collect();
     let mut first_differing_stage: BTreeMap<String, usize> = BTreeMap::new();
     for p in preds.iter().filter(|p| p.turns.len() >= 2) {
-        let (a, b) = (&p.turns[0].stages, &p.turns[1].stages);
-        let stage = STAGE_ORDER
-            .iter()
-            .find(|s| a.get(**s) != b.get(**s))
-            .copied()
-            .unwrap_or(match p.turns[0].text == p.turns[1].text {
-                true => "none",
-                false => OUTSIDE_STAGES,
-            });
+        let stage = first_departure(&p.turns[0], &p.turns[1]);
         *first_differing_stage.entry(stage.to_string()).or_insert(0) += 1;
     }
     let n_turns = overall.turns.len();
+    let stage_departures = (1..n_turns)
+        .map(|t| {
+            let mut stages: BTreeMap<String, [usize; 3]> = BTreeMap::new();
+            for p in preds {
+                let (a, b) = (&p.turns[t - 1], &p.turns[t]);
+                let row = stages.entry(first_departure(a, b).to_string()).or_default();
+                row[0] += 1;
+                row[1] += usize::from(!a.correct && b.correct);
+                row[2] += usize::from(a.correct && !b.correct);
+            }
+            StageDepartures {
+                from: t - 1,
+                to: t,
+                stages,
+            }
+        })
+        .collect();
     let cost = (0..n_turns)
         .map(|t| {
             let n = preds.len().max(1) as f64;
@@ -305,12 +368,14 @@ pub fn build(
         })
         .collect();
     Report {
+        setup: None,
         samples: preds.len(),
         turns: overall.turns,
         transitions: overall.transitions,
         correction: overall.correction,
         by_category,
         first_differing_stage,
+        stage_departures,
         cost,
         training_flops,
         parameters,
@@ -335,7 +400,35 @@ pub(crate) fn p_text(p: f64) -> String {
 const SCORING: &str = "Scoring: a turn answers with its <CONCLUSION> stage (else the last line after its last closed stage); with choices, the option it picks by letter or text; a number, by value (relative tolerance); free text must equal the gold answer after lower-casing and dropping punctuation, articles and a lead-in such as \"the answer is\" (a longer sentence around the right words counts as wrong).";
 
 pub fn markdown(r: &Report) -> String {
-    let mut s = format!("# Evaluation report\n\n{} samples, {} parameters.\n\n## Accuracy per turn\n\n{SCORING}\n\n| turn | correct | total | accuracy | 95% CI (Wilson) | cut off at max tokens |\n| --- | ---: | ---: | ---: | ---: | ---: |\n", r.samples, r.parameters);
+    let mut s = format!(
+        "# Evaluation report\n\n{} samples, {} parameters.\n",
+        r.samples, r.parameters
+    );
+    if let Some(u) = &r.setup {
+        let limit = u
+            .limit
+            .map_or(String::new(), |l| format!(" (the first {l} questions)"));
+        let mut weights = format!("model `{}`", u.model);
+        if let Some(a) = &u.adapter {
+            weights += &format!(", adapter `{a}`");
+        }
+        if let Some(c) = &u.checkpoint {
+            weights += &format!(", checkpoint `{c}`");
+        }
+        let position = match u.position {
+            crate::infer::Position::AfterAnswer => "after the answer",
+            crate::infer::Position::AfterReasoning => "after the reasoning",
+        };
+        let decoding = match u.temperature {
+            0.0 => "greedy".to_string(),
+            t => format!("temperature {t}"),
+        };
+        s += &format!(
+            "\n## Setup\n\n- benchmark `{}`{limit}\n- {weights}\n- {} turn(s), the correction turn {position}, at most {} new tokens per turn, {decoding}\n- correction prompt: {:?}\n",
+            u.benchmark, u.turns, u.max_new_tokens, u.correction_prompt
+        );
+    }
+    s += &format!("\n## Accuracy per turn\n\n{SCORING}\n\n| turn | correct | total | accuracy | 95% CI (Wilson) | cut off at max tokens |\n| --- | ---: | ---: | ---: | ---: | ---: |\n");
     for t in &r.turns {
         s += &format!(
             "| {} | {} | {} | {} | {} - {} | {} |\n",
@@ -349,16 +442,19 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     s += &format!("\n![Accuracy per turn]({})\n", super::plots::ACCURACY);
-    s += "\n## Transitions between consecutive turns\n\nFix rate: wrong->right among the answers wrong before; break rate: right->wrong among the right ones (cut off: of those, the ones whose later turn hit --max-new-tokens); p: exact McNemar of the two turns; answer changed: the answers as scoring reads them differ (a turn cut off before its conclusion has the answer \"cut off\", so two such turns count as the same answer).\n\n| from -> to | right->right | right->wrong (cut off) | wrong->right | wrong->wrong | fix rate | break rate | p | answer changed |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    if !r.transitions.is_empty() {
+        s += "\n## Transitions between consecutive turns\n\nFix rate: wrong->right among the answers wrong before (from cut off: of those, the ones whose earlier turn hit --max-new-tokens, an answer finished late rather than an error corrected); break rate: right->wrong among the right ones (cut off: of those, the ones whose later turn hit --max-new-tokens); p: exact McNemar of the two turns; answer changed: the answers as scoring reads them differ (a turn cut off before its conclusion has the answer \"cut off\", so two such turns count as the same answer).\n\n| from -> to | right->right | right->wrong (cut off) | wrong->right (from cut off) | wrong->wrong | fix rate | break rate | p | answer changed |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    }
     for t in &r.transitions {
         s += &format!(
-            "| {} -> {} | {} | {} ({}) | {} | {} | {} | {} | {} | {} ({}) |\n",
+            "| {} -> {} | {} | {} ({}) | {} ({}) | {} | {} | {} | {} | {} ({}) |\n",
             t.from,
             t.to,
             t.right_right,
             t.right_wrong,
             t.right_cut_off,
             t.wrong_right,
+            t.wrong_right_from_cut_off,
             t.wrong_wrong,
             pct(t.fix_rate),
             pct(t.break_rate),
@@ -367,10 +463,12 @@ pub fn markdown(r: &Report) -> String {
             pct(t.change_rate)
         );
     }
-    s += &format!(
-        "\n![Transitions per turn pair]({})\n",
-        super::plots::TRANSITIONS
-    );
+    if !r.transitions.is_empty() {
+        s += &format!(
+            "\n![Transitions per turn pair]({})\n",
+            super::plots::TRANSITIONS
+        );
+    }
     if let (Some(c), Some(first), Some(last)) = (&r.correction, r.turns.first(), r.turns.last()) {
         let verdict = c.verdict();
         s += &format!(
@@ -381,6 +479,13 @@ pub fn markdown(r: &Report) -> String {
             c.right_wrong,
             p_text(c.p_value)
         );
+        // (a turn cut off has no answer: a difference in cut-offs is the token budget's)
+        if first.cut_off + last.cut_off > 0 {
+            s += &format!(
+                "Of these answers, {} at turn 0 and {} at the last turn were cut off at --max-new-tokens (scored wrong): the difference they make is the token budget's, not the correction's; a larger --max-new-tokens tells them apart.\n",
+                first.cut_off, last.cut_off
+            );
+        }
     }
     s += "\n## By category\n\n| category | samples | accuracy per turn | wrong->right (turn 0 vs last) | right->wrong | p |\n| --- | ---: | --- | ---: | ---: | ---: |\n";
     for (cat, b) in &r.by_category {
@@ -403,29 +508,48 @@ pub fn markdown(r: &Report) -> String {
             accs.join(" / ")
         );
     }
-    if !r.first_differing_stage.is_empty() {
-        s += "\n## First stage where turn 1 departs from turn 0\n\n| stage | samples |\n| --- | ---: |\n";
+    if !r.stage_departures.is_empty() {
+        s += "\n## Where each turn departs from the one before\n\nThe first stage whose text differs between the two turns, with the questions the later turn fixed (wrong->right) and broke (right->wrong) among them: which stage a correction rewrites when it helps and when it hurts. \"outside the stages\": every stage the same but the texts not (answers without the stage tags, or text outside them); \"none\": the same text.\n";
         // in the stages' order, then "outside the stages", "none" last (not alphabetical)
         let rank = |s: &str| match STAGE_ORDER.iter().position(|x| *x == s) {
             Some(i) => i,
             None if s == OUTSIDE_STAGES => STAGE_ORDER.len(),
             None => STAGE_ORDER.len() + 1,
         };
-        let mut stages: Vec<(&String, &usize)> = r.first_differing_stage.iter().collect();
-        stages.sort_by_key(|(s, _)| rank(s));
-        for (stage, n) in stages {
-            s += &format!("| {stage} | {n} |\n");
+        for d in &r.stage_departures {
+            s += &format!(
+                "\n| turn {} departs from turn {} at | questions | wrong->right | right->wrong |\n| --- | ---: | ---: | ---: |\n",
+                d.to, d.from
+            );
+            let mut stages: Vec<(&String, &[usize; 3])> = d.stages.iter().collect();
+            stages.sort_by_key(|(s, _)| rank(s));
+            for (stage, [n, fixed, broke]) in stages {
+                s += &format!("| {stage} | {n} | {fixed} | {broke} |\n");
+            }
         }
     }
-    s += "\n## Compute per turn\n\n| turn | mean prompt tokens | mean new tokens | mean seconds | forward FLOPs (weights, attention, vision tower) |\n| --- | ---: | ---: | ---: | ---: |\n";
+    s += "\n## Compute per turn\n\nForward FLOPs count the weights, attention over the cache and the vision tower.\n\n| turn | mean prompt tokens | mean new tokens | mean seconds | forward FLOPs per question | forward FLOPs, all questions |\n| --- | ---: | ---: | ---: | ---: | ---: |\n";
     for c in &r.cost {
         s += &format!(
-            "| {} | {:.1} | {:.1} | {:.2} | {:.3e} |\n",
-            c.turn, c.mean_prompt_tokens, c.mean_new_tokens, c.mean_seconds, c.flops
+            "| {} | {:.1} | {:.1} | {:.2} | {:.3e} | {:.3e} |\n",
+            c.turn,
+            c.mean_prompt_tokens,
+            c.mean_new_tokens,
+            c.mean_seconds,
+            c.flops / r.samples.max(1) as f64,
+            c.flops
         );
     }
     if let Some(f) = r.training_flops {
-        s += &format!("\nTraining compute (from metrics.jsonl): {f:.3e} FLOPs; set it against an RL run's rollouts + updates for the cost question.\n");
+        let inference: f64 = r.cost.iter().map(|c| c.flops).sum();
+        let times = match inference > 0.0 {
+            true => format!(
+                " ({:.3e} times this evaluation's {inference:.3e})",
+                f / inference
+            ),
+            false => String::new(),
+        };
+        s += &format!("\nTraining compute (from metrics.jsonl, all ranks): {f:.3e} FLOPs{times}; set it against an RL run's rollouts + updates for the cost question.\n");
     }
     s
 }
@@ -509,7 +633,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("| 0 -> 1 | 1 | 1 (0) | 1 | 1 | 50.0% | 50.0% | 1.000 | 2 (50.0%) |"),
+            md.contains("| 0 -> 1 | 1 | 1 (0) | 1 (0) | 1 | 50.0% | 50.0% | 1.000 | 2 (50.0%) |"),
             "{md}"
         );
         assert!(
@@ -580,6 +704,66 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| a\\|b | 2 |"), "{md}");
+    }
+
+    /// A review's cases: fixes from a cut-off turn are counted apart, the verdict says how many
+    /// answers were cut off, each turn pair has its stage table with fixes and breaks, the setup
+    /// heads the report, FLOPs are given per question too, and one turn has no transitions.
+    #[test]
+    fn cut_offs_stage_tables_setup_and_one_turn() {
+        let mut preds: Vec<Prediction> = (0..3)
+            .map(|i| {
+                pred(
+                    &format!("w{i}"),
+                    "c",
+                    [(false, "a", "r"), (true, "b", "r2")],
+                )
+            })
+            .collect();
+        preds[0].turns[0].finished = false;
+        let mut third = preds[1].clone();
+        third.id = "x".into();
+        third.turns.push(turn(false, "a", "r3"));
+        let mut r = build(&preds, 100, &two_n_tokens, Some(1e6));
+        let t = &r.transitions[0];
+        assert_eq!((t.wrong_right, t.wrong_right_from_cut_off), (3, 1));
+        let d = &r.stage_departures[0];
+        assert_eq!((d.from, d.to, d.stages["reasoning"]), (0, 1, [3, 3, 0]));
+        r.setup = Some(Setup {
+            benchmark: "b.jsonl".into(),
+            limit: Some(3),
+            model: "/m".into(),
+            adapter: None,
+            checkpoint: Some("/c/step-00000002".into()),
+            turns: 2,
+            position: crate::infer::Position::AfterReasoning,
+            max_new_tokens: 40,
+            temperature: 0.0,
+            correction_prompt: "Check.".into(),
+        });
+        let md = markdown(&r);
+        for want in [
+            "## Setup\n\n- benchmark `b.jsonl` (the first 3 questions)\n- model `/m`, checkpoint `/c/step-00000002`\n- 2 turn(s), the correction turn after the reasoning, at most 40 new tokens per turn, greedy\n",
+            "| 0 -> 1 | 0 | 0 (0) | 3 (1) | 0 |",
+            "Of these answers, 1 at turn 0 and 0 at the last turn were cut off at --max-new-tokens",
+            "| turn 1 departs from turn 0 at | questions | wrong->right | right->wrong |",
+            "| reasoning | 3 | 3 | 0 |",
+            // 3 questions x (10 + 5) tokens x 2 x 100: 9000, 3000 each
+            "| 3.000e3 | 9.000e3 |",
+            "(5.556e1 times this evaluation's 1.800e4)",
+        ] {
+            assert!(md.contains(want), "{want:?} in\n{md}");
+        }
+        // three turns: a stage table per pair
+        let r3 = build(&[third], 1, &two_n_tokens, None);
+        assert_eq!(r3.stage_departures.len(), 2);
+        assert_eq!(r3.stage_departures[1].stages["reasoning"], [1, 0, 1]);
+        // one turn: no transitions section
+        let mut one = preds[1].clone();
+        one.turns.truncate(1);
+        let md = markdown(&build(&[one], 1, &two_n_tokens, None));
+        assert!(!md.contains("## Transitions"), "{md}");
+        assert!(!md.contains("departs"), "{md}");
     }
 
     /// "Answer changed" compares the canonical answers: "B" and "(B)" are one answer.

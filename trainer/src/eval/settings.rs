@@ -218,7 +218,7 @@ fn keep_one_config_fingerprint(settings: &mut serde_json::Value, by_content: boo
 }
 
 /// What predictions depend on, without the folders' paths (their files' fingerprints stay).
-fn settings_content(settings: &serde_json::Value) -> serde_json::Value {
+pub(super) fn settings_content(settings: &serde_json::Value) -> serde_json::Value {
     let mut v = what_predicts(settings);
     let by_content = config_content_recorded(&v);
     keep_one_config_fingerprint(&mut v, by_content);
@@ -279,7 +279,11 @@ pub(crate) fn what_predicts(settings: &serde_json::Value) -> serde_json::Value {
 }
 
 /// The keys (dotted paths) whose values differ between two settings objects.
-fn differing_keys(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> Vec<String> {
+pub(super) fn differing_keys(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    at: &str,
+) -> Vec<String> {
     use serde_json::Value;
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {

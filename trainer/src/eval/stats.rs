@@ -50,7 +50,18 @@ pub fn wilson95(k: u64, n: u64) -> [f64; 2] {
     let denom = 1.0 + z * z / nf;
     let center = (p + z * z / (2.0 * nf)) / denom;
     let half = z * (p * (1.0 - p) / nf + z * z / (4.0 * nf * nf)).sqrt() / denom;
-    [(center - half).max(0.0), (center + half).min(1.0)]
+    // (exactly 0 and 1 at the ends: rounding leaves 5.6e-17 for 0 of 3)
+    let lower = if k == 0 {
+        0.0
+    } else {
+        (center - half).max(0.0)
+    };
+    let upper = if k == n {
+        1.0
+    } else {
+        (center + half).min(1.0)
+    };
+    [lower, upper]
 }
 
 #[cfg(test)]
@@ -77,6 +88,8 @@ mod tests {
         );
         let [lo, hi] = wilson95(0, 20);
         assert!(lo == 0.0 && (hi - 0.161_125).abs() < 1e-6, "{hi}");
+        // exactly 0 and 1 at the ends (rounding left 5.6e-17 for 0 of 3)
+        assert_eq!((wilson95(0, 3)[0], wilson95(3, 3)[1]), (0.0, 1.0));
         // large n stays finite and O(n)
         let p = mcnemar_exact(5200, 4800);
         assert!(p > 0.0 && p < 1e-4, "{p}");
