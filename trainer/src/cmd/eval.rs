@@ -168,8 +168,12 @@ pub(crate) fn eval(args: EvalArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     for t in &report.turns {
+        let cut = match t.cut_off {
+            0 => String::new(),
+            n => format!(", {n} cut off at --max-new-tokens"),
+        };
         println!(
-            "turn {}: {}/{} correct ({:.1}%)",
+            "turn {}: {}/{} correct ({:.1}%){cut}",
             t.turn,
             t.correct,
             t.total,
@@ -178,11 +182,13 @@ pub(crate) fn eval(args: EvalArgs) -> Result<ExitCode> {
     }
     for t in &report.transitions {
         println!(
-            "turn {} -> {}: wrong->right {}, right->wrong {}, answer changed {:.1}%",
+            "turn {} -> {}: wrong->right {} ({} from cut off), right->wrong {} ({} cut off), answer changed {:.1}%",
             t.from,
             t.to,
             t.wrong_right,
+            t.wrong_right_from_cut_off,
             t.right_wrong,
+            t.right_cut_off,
             100.0 * t.change_rate
         );
     }
