@@ -981,7 +981,9 @@ fn a_validation_record_that_fails_to_load_stops_every_rank_after_the_checkpoint(
     assert!(
         o.stderr.contains(
             "validation at step 2 could not load a batch (the step's checkpoint is saved"
-        ) && o.stderr.contains("cut.jpg"),
+        ) && o.stderr.contains("cut.jpg")
+            && o.stderr
+                .contains("validation at step 2: another rank could not load its batch"),
         "{}",
         o.stderr
     );

@@ -102,9 +102,12 @@ impl Speed {
     }
 }
 
+/// The median of the finite values (a round too short to time is NaN and left out); NaN when
+/// none is.
 fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The config.json of a bench model.

@@ -128,7 +128,12 @@ pub fn table(i: &TableInputs) -> Result<String> {
             .as_ref()
             .and_then(|c| c.turns.get(t))
             .map_or("-".to_string(), |c| {
-                format!("{} / {} (p {:.3})", c.b_only, c.a_only, c.p_value)
+                format!(
+                    "{} / {} (p {})",
+                    c.b_only,
+                    c.a_only,
+                    crate::eval::report::p_text(c.p_value)
+                )
             });
         let _ = writeln!(
             s,

@@ -146,16 +146,27 @@ fn standalone_letter(p: &str, n_choices: usize) -> Option<usize> {
     let (i, k) = found?;
     // a cue word before it ("the answer is A", "should be A", "I'd say A") or "is" after it ("A
     // is correct": an article is not followed by "is")
-    let cued = k > 0
+    // (not where a negation turns it down: "it cannot be A", "A is incorrect")
+    let lower = |j: usize| words.get(j).map(|w| w.to_ascii_lowercase());
+    let negation = |w: Option<String>| {
+        w.is_some_and(|w| {
+            matches!(
+                w.as_str(),
+                "not" | "cannot" | "never" | "t" | "incorrect" | "wrong" | "false"
+            )
+        })
+    };
+    let cue_before = k > 0
         && matches!(
             words[k - 1].to_ascii_lowercase().as_str(),
             "is" | "be" | "say" | "answer" | "option" | "choice" | "select" | "choose" | "pick"
         );
-    let cued = cued
-        || words
-            .get(k + 1)
-            .is_some_and(|w| w.eq_ignore_ascii_case("is"));
-    (i != 0 || words.len() <= 3 || cued).then_some(i)
+    let is_after = lower(k + 1).as_deref() == Some("is");
+    // a letter said to be wrong is not the one picked, whichever it is
+    let turned_down =
+        (cue_before && k >= 2 && negation(lower(k - 2))) || (is_after && negation(lower(k + 2)));
+    let cued = cue_before || is_after;
+    (!turned_down && (i != 0 || words.len() <= 3 || cued)).then_some(i)
 }
 
 /// Words after the pronoun "I" ("I think B"), lowercased; "m", "d", "ll", "ve" are what is left of
@@ -247,7 +258,16 @@ fn pick(pred: &str, choices: &[String], loose: bool) -> Option<usize> {
     }
     // numeric options: the one whose value the prediction's number equals ("3.0" for "3",
     // "1000" for "1,000")
-    let values: Vec<Option<f64>> = choices.iter().map(|c| gold_number(c)).collect();
+    // (an option written "(2)" is not read as a number: predictions cite such options in
+    // parentheses, which number_in reads last)
+    let values: Vec<Option<f64>> = choices
+        .iter()
+        .map(|c| {
+            (!c.trim_start().starts_with('('))
+                .then(|| gold_number(c))
+                .flatten()
+        })
+        .collect();
     if values.iter().all(Option::is_some) {
         if let Some(x) = number_in(p) {
             let hits: Vec<usize> = (0..choices.len())
@@ -258,22 +278,28 @@ fn pick(pred: &str, choices: &[String], loose: bool) -> Option<usize> {
             }
         }
     }
-    // one option's text inside it, longer options first, each found blanked out of the text:
-    // "It is dark red" picks "dark red" over "red", "red, not dark red" neither
-    let mut rest = format!(" {} ", normalize_text(p));
-    let mut texts: Vec<(usize, String)> = (0..choices.len())
+    // one option's text inside it; an option found only inside another found option that holds
+    // it ("red" in "dark red") does not count: "It is dark red" picks "dark red", "red, not dark
+    // red" neither, "a big red ball" with "big red" and "red ball" neither
+    let words = |t: &str| format!(" {t} ");
+    let text = words(&normalize_text(p));
+    let found: Vec<(usize, String)> = (0..choices.len())
         .map(|i| (i, normalize_text(&choices[i])))
-        .filter(|(_, c)| !c.is_empty())
+        .filter(|(_, c)| !c.is_empty() && text.contains(&words(c)))
         .collect();
-    texts.sort_by_key(|(_, c)| std::cmp::Reverse(c.len()));
-    let mut inside = vec![];
-    for (i, c) in texts {
-        let words = format!(" {c} ");
-        if rest.contains(&words) {
-            inside.push(i);
-            rest = rest.replace(&words, " | ");
-        }
-    }
+    let inside: Vec<usize> = found
+        .iter()
+        .filter(|(_, c)| {
+            let mut rest = text.clone();
+            for (_, holder) in &found {
+                if holder.len() > c.len() && words(holder).contains(&words(c)) {
+                    rest = rest.replace(&words(holder), " | ");
+                }
+            }
+            rest.contains(&words(c))
+        })
+        .map(|(i, _)| *i)
+        .collect();
     (inside.len() == 1).then(|| inside[0])
 }
 
@@ -976,6 +1002,26 @@ mod tests {
             assert!(is_correct(pred, "A", None), "{pred:?}");
         }
         assert!(!is_correct("A red circle is left of the square", "A", None));
+        for pred in [
+            "A is incorrect.",
+            "It cannot be A.",
+            "It is not A, but I am unsure",
+        ] {
+            assert!(!is_correct(pred, "A", None), "{pred:?}");
+        }
+        assert!(!is_correct("B is wrong here", "B", None));
+        // overlapping options, neither inside the other, and equal texts: no pick
+        let balls = opts(&["big red", "red ball"]);
+        assert_eq!(choice_of("a big red ball", &balls), None);
+        let cats2 = opts(&["The cat", "cat"]);
+        assert_eq!(choice_of("a cat", &cats2), None);
+        // options written "(1)".."(4)": cited in parentheses, read by letter or text as before
+        let paren = opts(&["(1)", "(2)", "(3)", "(4)"]);
+        assert!(is_correct(
+            "The answer is (2), not the 3rd",
+            "B",
+            Some(&paren)
+        ));
         let nine = opts(&["a", "b", "c", "d", "e", "f", "g", "h", "i"]);
         assert!(is_correct("I think B", "B", Some(&nine)));
         assert!(is_correct("I'm sure it is B", "B", Some(&nine)));

@@ -149,21 +149,27 @@ fn settings_differ(a: &Path, b: &Path) -> Vec<String> {
             )];
         }
     };
-    let (ca, cb) = (
-        super::settings::settings_content(&sa),
-        super::settings::settings_content(&sb),
-    );
+    let [ca, cb] = super::settings::comparable(&sa, &sb);
     super::settings::differing_keys(&ca, &cb, "")
         .into_iter()
         .map(|key| {
             let at = |v: &serde_json::Value| {
-                v.pointer(&format!("/{}", key.replace('.', "/")))
-                    .map_or("(unset)".to_string(), |x| x.to_string())
+                let text = v
+                    .pointer(&format!("/{}", key.replace('.', "/")))
+                    .map_or("(unset)".to_string(), |x| x.to_string());
+                // (a long value, a correction prompt, shortened)
+                match text.chars().count() > 80 {
+                    true => text.chars().take(77).collect::<String>() + "...",
+                    false => text,
+                }
             };
-            let (x, y) = (at(&ca), at(&cb));
-            match x.len() + y.len() <= 120 {
-                true => format!("{key}: A {x}, B {y}"),
-                false => format!("{key} (a fingerprint of the files)"),
+            // (the files' fingerprints say only that they differ)
+            let fingerprint = key.starts_with("model.model_")
+                || key.starts_with("model.adapter_sha256")
+                || key.starts_with("model.checkpoint");
+            match fingerprint {
+                true => format!("{key} (the files differ)"),
+                false => format!("{key}: A {}, B {}", at(&ca), at(&cb)),
             }
         })
         .collect()
@@ -299,6 +305,35 @@ mod tests {
             .unwrap()
             .markdown()
             .contains("The two runs' settings are the same"));
+        // an older trainer's folder (no weight samples, no file hashes, the config by its bytes'
+        // sha256 only) against a newer one of the same model: no difference made up
+        let mut new: serde_json::Value = serde_json::from_str(&settings("after_answer")).unwrap();
+        new["model"]["model_config"] = serde_json::json!({"model_type": "mllama"});
+        new["model"]["model_config_sha256"] = "s".into();
+        let mut old = new.clone();
+        let m = old["model"].as_object_mut().unwrap();
+        for key in ["model_files", "model_weights_sampled", "model_config"] {
+            m.remove(key);
+        }
+        std::fs::write(a.join("settings.json"), new.to_string()).unwrap();
+        std::fs::write(b.join("settings.json"), old.to_string()).unwrap();
+        assert_eq!(
+            compare(&a, &b).unwrap().settings_differ,
+            Vec::<String>::new()
+        );
+        // other weights are named, a long correction prompt is shortened
+        let mut other = new.clone();
+        other["model"]["model_weights_sampled"] = "w2".into();
+        other["infer"]["correction_prompt"] = "x".repeat(200).into();
+        std::fs::write(b.join("settings.json"), other.to_string()).unwrap();
+        let differ = compare(&a, &b).unwrap().settings_differ;
+        assert_eq!(differ.len(), 2, "{differ:?}");
+        assert!(
+            differ[0].starts_with("infer.correction_prompt: A (unset), B \"xxx")
+                && differ[0].ends_with("..."),
+            "{differ:?}"
+        );
+        assert_eq!(differ[1], "model.model_weights_sampled (the files differ)");
         // an interrupted run: its rank files only
         let cut_short = root.join("interrupted");
         std::fs::create_dir_all(&cut_short).unwrap();

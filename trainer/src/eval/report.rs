@@ -4,8 +4,8 @@
 //! right->wrong among the right; right->wrong by being cut off; the answer-change rate; each pair's
 //! exact McNemar p, so "does turn 2 help over turn 1" has its own answer), turn 0 against the
 //! last turn with the same test (is the difference more than chance on these questions?), the same
-//! per category, the stage where turn 0 and turn 1 first differ (an error-type proxy), and compute per
-//! turn.
+//! per category, for each pair of consecutive turns the stage where the later first departs, with
+//! the fixes and breaks among them (an error-type proxy), and compute per turn.
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -482,7 +482,7 @@ pub fn markdown(r: &Report) -> String {
         // (a turn cut off has no answer: a difference in cut-offs is the token budget's)
         if first.cut_off + last.cut_off > 0 {
             s += &format!(
-                "Of these answers, {} at turn 0 and {} at the last turn were cut off at --max-new-tokens (scored wrong): the difference they make is the token budget's, not the correction's; a larger --max-new-tokens tells them apart.\n",
+                "Of these answers, {} at turn 0 and {} at the last turn were cut off at --max-new-tokens (wrong unless their conclusion had closed): the difference they make is the token budget's, not the correction's; a larger --max-new-tokens tells them apart.\n",
                 first.cut_off, last.cut_off
             );
         }

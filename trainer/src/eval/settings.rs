@@ -244,6 +244,33 @@ pub fn content_fingerprints(made_with: &serde_json::Value) -> serde_json::Value 
         .into()
 }
 
+/// Two evaluations' settings reduced to what both can be compared by (`trainer compare`): what
+/// predicts, the config by content only where both recorded it, the fingerprints one of them
+/// did not record (an older trainer's) left out of both, the folders' paths left out where both
+/// recorded their files' fingerprints.
+pub(super) fn comparable(a: &serde_json::Value, b: &serde_json::Value) -> [serde_json::Value; 2] {
+    let (mut x, mut y) = (what_predicts(a), what_predicts(b));
+    let by_content = config_content_recorded(&x) && config_content_recorded(&y);
+    for v in [&mut x, &mut y] {
+        keep_one_config_fingerprint(v, by_content);
+    }
+    for key in ["model_weights_sampled", "model_files"] {
+        let pointer = format!("/model/{key}");
+        if x.pointer(&pointer).is_none() || y.pointer(&pointer).is_none() {
+            for v in [&mut x, &mut y] {
+                if let Some(m) = v.get_mut("model").and_then(|m| m.as_object_mut()) {
+                    m.remove(key);
+                }
+            }
+        }
+    }
+    if fingerprinted(&x) && fingerprinted(&y) {
+        drop_paths(&mut x);
+        drop_paths(&mut y);
+    }
+    [x, y]
+}
+
 /// Whether settings record every fingerprint of the model's files (weights sampled, tokenizer
 /// and processor files; older trainers recorded sizes only), so its path need not stand for it.
 fn fingerprinted(settings: &serde_json::Value) -> bool {
