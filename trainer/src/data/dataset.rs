@@ -319,6 +319,10 @@ struct Counted {
     truncated: bool,
 }
 
+/// What an error about too few usable records says of the keys that drop them.
+pub const DROPPING_KEYS: &str =
+    "the keys that drop records are data.max_seq_len / data.max_seq_len_policy, data.text_only and data.bad_records";
+
 /// A pre-scanned split. Cheap to share: `Send + Sync`.
 pub struct Dataset {
     inner: Arc<Inner>,

@@ -210,18 +210,27 @@ pub(crate) fn check_pixel_count(w: usize, h: usize) -> Result<(), String> {
     }
 }
 
-/// One chunk of a PNG file: its type, where its type field and its CRC field are (the CRC is
-/// over `bytes[type_at..crc_at]`), and whether the CRC is right.
+/// One chunk of a PNG file: its type, and where its type field and its CRC field are (the CRC is
+/// over `bytes[type_at..crc_at]`).
 struct PngChunk {
     kind: [u8; 4],
     type_at: usize,
     crc_at: usize,
-    crc_ok: bool,
 }
 
-/// The chunks of a PNG file in order, as far as they are whole (None for no PNG), each CRC
-/// computed as the chunk is reached. Each chunk is its length (4 bytes, big-endian), type (4),
-/// data (length) and the CRC of type and data (4).
+impl PngChunk {
+    /// The CRC of its type and data (computed when asked: an image's IDAT is most of the file).
+    fn crc(&self, bytes: &[u8]) -> u32 {
+        crc32fast::hash(&bytes[self.type_at..self.crc_at])
+    }
+
+    fn crc_ok(&self, bytes: &[u8]) -> bool {
+        bytes[self.crc_at..self.crc_at + 4] == self.crc(bytes).to_be_bytes()
+    }
+}
+
+/// The chunks of a PNG file in order, as far as they are whole (None for no PNG). Each chunk is
+/// its length (4 bytes, big-endian), type (4), data (length) and the CRC of type and data (4).
 fn png_chunks(bytes: &[u8]) -> Option<impl Iterator<Item = PngChunk> + '_> {
     const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
     if !bytes.starts_with(SIGNATURE) {
@@ -231,12 +240,11 @@ fn png_chunks(bytes: &[u8]) -> Option<impl Iterator<Item = PngChunk> + '_> {
     Some(std::iter::from_fn(move || {
         let len = u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
         let end = (at + 8).checked_add(len)?;
-        let stored = u32::from_be_bytes(bytes.get(end..end.checked_add(4)?)?.try_into().ok()?);
+        bytes.get(end..end.checked_add(4)?)?; // (whole, its CRC field included)
         let chunk = PngChunk {
             kind: bytes[at + 4..at + 8].try_into().ok()?,
             type_at: at + 4,
             crc_at: end,
-            crc_ok: crc32fast::hash(&bytes[at + 4..end]) == stored,
         };
         at = end + 4;
         Some(chunk)
@@ -249,28 +257,25 @@ fn png_chunks(bytes: &[u8]) -> Option<impl Iterator<Item = PngChunk> + '_> {
 fn png_bad_chunk_before_data(bytes: &[u8]) -> Option<String> {
     png_chunks(bytes)?
         .take_while(|c| &c.kind != b"IDAT")
-        .find(|c| !c.crc_ok)
+        .find(|c| !c.crc_ok(bytes))
         .map(|c| String::from_utf8_lossy(&c.kind).into_owned())
 }
 
 /// Pillow checks the CRCs of the chunks before the image data only: it reads a PNG whose IDAT
 /// chunks, or chunks after them, carry wrong CRCs, where the png crate refuses a wrong IDAT CRC.
-/// The bytes with the CRCs from the first IDAT on recomputed, when the chunks before it are
-/// intact (None otherwise, or for no PNG).
+/// The bytes with the CRCs from the first IDAT on recomputed (None when none is wrong, or for
+/// no PNG); the chunks before it are checked first (`png_bad_chunk_before_data`).
 fn png_with_idat_crcs_mended(bytes: &[u8]) -> Option<Vec<u8>> {
-    let chunks: Vec<PngChunk> = png_chunks(bytes)?.collect();
-    let first_data = chunks.iter().position(|c| &c.kind == b"IDAT")?;
-    if chunks[..first_data].iter().any(|c| !c.crc_ok) {
-        return None;
-    }
-    let wrong: Vec<&PngChunk> = chunks[first_data..].iter().filter(|c| !c.crc_ok).collect();
+    let wrong: Vec<PngChunk> = png_chunks(bytes)?
+        .skip_while(|c| &c.kind != b"IDAT")
+        .filter(|c| !c.crc_ok(bytes))
+        .collect();
     if wrong.is_empty() {
         return None;
     }
     let mut out = bytes.to_vec();
     for c in wrong {
-        let crc = crc32fast::hash(&bytes[c.type_at..c.crc_at]);
-        out[c.crc_at..c.crc_at + 4].copy_from_slice(&crc.to_be_bytes());
+        out[c.crc_at..c.crc_at + 4].copy_from_slice(&c.crc(bytes).to_be_bytes());
     }
     Some(out)
 }

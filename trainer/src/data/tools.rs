@@ -54,8 +54,9 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
         }
         match split {
             Split::Train if report.ok == 0 => refused.push(format!(
-                "data.train {}: no usable sample: training would stop here (the keys that drop records are data.max_seq_len / data.max_seq_len_policy, data.text_only and data.bad_records)",
-                report.file
+                "data.train {}: no usable sample: training would stop here ({})",
+                report.file,
+                crate::data::dataset::DROPPING_KEYS
             )),
             // (at one rank: more ranks need more)
             Split::Train if report.ok < config.train.global_batch(1) => refused.push(format!(

@@ -100,7 +100,10 @@ pub(super) fn check_settings(
             out.display()
         )));
     }
-    let (mut there, mut here) = (what_predicts(&before), what_predicts(now));
+    // (the config by content, fingerprints an older run did not record compared from the next
+    // run on, the folders by their files' fingerprints where it recorded them all: a copy of the
+    // model moved to local disk, another job's mount point, is the same model)
+    let [mut there, mut here] = comparable(&before, now);
     // a folder whose questions so far all had an image recorded no date (their prompts have
     // none): text-only questions added since take this run's, recorded from now on
     let record_date = there.get("template_date").is_none() && here.get("template_date").is_some();
@@ -109,13 +112,6 @@ pub(super) fn check_settings(
         for v in [&mut there, &mut here] {
             v.as_object_mut().map(|o| o.remove("template_date"));
         }
-    }
-    config_compared(&mut there, &mut here);
-    // the folders by their files' fingerprints alone where the earlier run recorded them all: a
-    // copy of the model moved to local disk, another job's mount point, is the same model
-    if fingerprinted(&there) {
-        drop_paths(&mut there);
-        drop_paths(&mut here);
     }
     if let Some(differ) = differences(&there, &here) {
         return Err(EvalError::Io(format!(
@@ -184,22 +180,6 @@ fn settings_hash(v: &serde_json::Value) -> i64 {
     i64::from_str_radix(&hex[..15], 16).expect("hex digits")
 }
 
-/// The base model's config as two settings are compared: by content when the earlier one
-/// recorded it (so a re-saved copy is the same model), else by the sha256 of its bytes (settings
-/// written before the content was recorded); the other fingerprint is dropped from both.
-fn config_compared(there: &mut serde_json::Value, here: &mut serde_json::Value) {
-    let by_content = config_content_recorded(there);
-    keep_one_config_fingerprint(there, by_content);
-    keep_one_config_fingerprint(here, by_content);
-    // (fingerprints older settings do not record: compared from the next evaluation on)
-    for key in ["model_weights_sampled", "model_files"] {
-        let recorded = there.pointer(&format!("/model/{key}")).is_some();
-        if let (false, Some(model)) = (recorded, here.get_mut("model")) {
-            model.as_object_mut().map(|m| m.remove(key));
-        }
-    }
-}
-
 fn config_content_recorded(settings: &serde_json::Value) -> bool {
     settings
         .pointer("/model/model_config")
@@ -244,10 +224,11 @@ pub fn content_fingerprints(made_with: &serde_json::Value) -> serde_json::Value 
         .into()
 }
 
-/// Two evaluations' settings reduced to what both can be compared by (`trainer compare`): what
-/// predicts, the config by content only where both recorded it, the fingerprints one of them
-/// did not record (an older trainer's) left out of both, the folders' paths left out where both
-/// recorded their files' fingerprints.
+/// Two evaluations' settings reduced to what both can be compared by (a resume's check, `trainer
+/// compare`): what predicts, the base's config by content where both recorded it (a re-saved copy
+/// is the same model), else by its bytes' sha256, the fingerprints one of them did not record (an
+/// older trainer's) left out of both, the folders' paths left out where both recorded their
+/// files' fingerprints.
 pub(super) fn comparable(a: &serde_json::Value, b: &serde_json::Value) -> [serde_json::Value; 2] {
     let (mut x, mut y) = (what_predicts(a), what_predicts(b));
     let by_content = config_content_recorded(&x) && config_content_recorded(&y);

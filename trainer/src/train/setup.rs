@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{self, Config};
-use crate::data::dataset::{Dataset, Split};
+use crate::data::dataset::{Dataset, Split, DROPPING_KEYS};
 use crate::dist::{self, ProcessGroup};
 use crate::fsdp::{kind_of, FsdpModel, PlainModel, Trainable, WrapOptions};
 use crate::model::adapter::DoraBase;
@@ -220,7 +220,7 @@ pub(super) fn data(config: &Config, world: usize) -> Result<Data> {
         .transpose()?;
     if train.is_empty() {
         bail!(
-            "data.train {}: no usable sample ({}); `trainer data check CONFIG` lists each record's problem; the keys that drop records are data.max_seq_len / data.max_seq_len_policy, data.text_only and data.bad_records",
+            "data.train {}: no usable sample ({}); `trainer data check CONFIG` lists each record's problem; {DROPPING_KEYS}",
             train.report().file,
             skip_reasons(&train)
         );
@@ -240,10 +240,7 @@ pub(super) fn data(config: &Config, world: usize) -> Result<Data> {
         // (records the data keys dropped are the likelier cause: say how many, and which keys)
         let dropped = match train.report().skipped_total() {
             0 => String::new(),
-            _ => format!(
-                " ({}; the keys that drop records are data.max_seq_len / data.max_seq_len_policy, data.text_only and data.bad_records)",
-                skip_reasons(&train)
-            ),
+            _ => format!(" ({}; {DROPPING_KEYS})", skip_reasons(&train)),
         };
         bail!(
             "data.train {}: {} usable samples{dropped} do not fill one global batch of {} (batch_size {} x world {world} x grad_accum {}); lower train.batch_size or train.grad_accum",
