@@ -224,7 +224,11 @@ fn run_peer(
     };
     Ok(Speed {
         ttft_s: f("ttft_s")?,
-        decode_tok_s: f("decode_tok_s")?,
+        // null where the peer's decode was too short to time apart from its first token
+        decode_tok_s: match v.get("decode_tok_s") {
+            Some(Value::Null) => f64::NAN,
+            _ => f("decode_tok_s")?,
+        },
         ids: v["ids"]
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_i64).collect())
@@ -410,5 +414,33 @@ mod tests {
             .sum();
         assert!((80_000_000..130_000_000).contains(&n), "{n}");
         assert!(model_config("huge").is_err());
+    }
+
+    /// A peer whose decode was too short to time says null, read as NaN (no made-up rate).
+    #[test]
+    fn a_peer_decode_too_short_to_time_reads_as_nan() {
+        let dir = std::env::temp_dir().join(format!("decode-peer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("peer.sh");
+        let line = r#"{"ttft_s": 0.5, "decode_tok_s": null, "ids": [1, 2], "threads": 2}"#;
+        std::fs::write(&script, format!("echo '{line}'\n")).unwrap();
+        let o = DecodeOptions {
+            models: vec![],
+            prompt_tokens: 4,
+            new_tokens: 2,
+            reps: 1,
+            dir: dir.clone(),
+            peer: None,
+            threads: 1,
+        };
+        let sh = Path::new("/bin/sh");
+        let s = run_peer(sh, &script, &dir, &dir, &o).unwrap();
+        assert!(s.decode_tok_s.is_nan());
+        assert_eq!((s.ttft_s, s.ids, s.threads), (0.5, vec![1, 2], 2));
+        let line = line.replace("null", "12.5");
+        std::fs::write(&script, format!("echo '{line}'\n")).unwrap();
+        let s = run_peer(sh, &script, &dir, &dir, &o).unwrap();
+        assert_eq!(s.decode_tok_s, 12.5);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

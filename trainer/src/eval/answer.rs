@@ -304,7 +304,7 @@ fn pick(pred: &str, choices: &[String], loose: bool) -> Option<usize> {
 }
 
 /// `s` without thousands separators: commas between a digit and exactly three digits ("1,000",
-/// "12,345,678"; not "(1,2)" or "3,14").
+/// "12,345,678"; not "(1,2)" or "3,14", a decimal comma `numbers` reads).
 fn strip_thousands(s: &str) -> String {
     let c: Vec<char> = s.chars().collect();
     let digit = |i: usize| c.get(i).is_some_and(char::is_ascii_digit);
@@ -333,7 +333,7 @@ struct Found {
 }
 
 /// Every number in `s` (thousands separators removed first): integers, decimals, a sign only
-/// where a word does not touch it ("-2", not "step-2"), exponents ("1e-5", "1.5 x 10^3",
+/// where a word does not touch it ("-2", not "step-2"), a decimal comma ("2,5"), exponents ("1e-5", "1.5 x 10^3",
 /// "1.5 × 10^3"), fractions of integers ("1/2"); a unit's power ("m/s^2", "cm²") is not a number.
 fn numbers(s: &str) -> Vec<Found> {
     let b: Vec<char> = s.chars().map(ascii_number_char).collect();
@@ -378,7 +378,24 @@ fn numbers(s: &str) -> Vec<Found> {
         if j + 1 < b.len() && b[j] == '.' && b[j + 1].is_ascii_digit() {
             j = digits(j + 1);
         }
+        // a decimal comma ("2,5", "-0,75"): thousands groups of three were removed before, and
+        // coordinates "(1,2)" and lists "1,2,3" stay numbers apart
+        let mut decimal_comma = false;
+        if b.get(j) == Some(&',') && !b[start..j].contains(&'.') && depth == 0 {
+            let end = digits(j + 1);
+            let in_list = (start > 0 && b[start - 1] == ',')
+                || (b.get(end) == Some(&',') && b.get(end + 1).is_some_and(char::is_ascii_digit));
+            if end > j + 1 && end - (j + 1) != 3 && !in_list {
+                decimal_comma = true;
+                j = end;
+            }
+        }
         let text: String = b[start..j].iter().collect();
+        let text = if decimal_comma {
+            text.replacen(',', ".", 1)
+        } else {
+            text
+        };
         let text = text.replacen("-.", "-0.", 1);
         let text = if text.starts_with('.') {
             format!("0{text}")
@@ -810,6 +827,15 @@ mod tests {
             ("1000", "1,000", true),
             ("about 1,000 apples", "1,000", true),
             ("(1,2)", "12", false),
+            // a decimal comma; coordinates and lists are numbers apart
+            ("2,5", "2.5", true),
+            ("The answer is -0,75 m", "-0.75", true),
+            ("2.5", "2,5", true),
+            ("2,5", "5", false),
+            ("(1,2)", "1.2", false),
+            ("1,2,3", "1.2", false),
+            ("1,2,3", "3", true),
+            ("12,345", "12345", true),
             ("infinite", "inf", false),
             ("inf", "inf", true),
             ("nan", "NaN", true),

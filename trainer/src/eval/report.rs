@@ -324,8 +324,16 @@ pub fn build(
     let all: Vec<&Prediction> = preds.iter().collect();
     let overall = breakdown(&all);
     let mut cats: BTreeMap<String, Vec<&Prediction>> = BTreeMap::new();
+    // questions without a category, under a name no benchmark category has
+    let mut uncategorized = String::from("(none)");
+    while preds
+        .iter()
+        .any(|p| p.category.as_deref() == Some(uncategorized.as_str()))
+    {
+        uncategorized = format!("({uncategorized})");
+    }
     for p in preds {
-        cats.entry(p.category.clone().unwrap_or_else(|| "(none)".into()))
+        cats.entry(p.category.clone().unwrap_or_else(|| uncategorized.clone()))
             .or_default()
             .push(p);
     }
@@ -687,6 +695,22 @@ mod tests {
             md.contains("| count | 1 | 0.0% / 100.0% / 0.0% | 0 | 0 | 1.000 |"),
             "{md}"
         );
+    }
+
+    /// Questions without a category are not counted with a category literally named "(none)".
+    #[test]
+    fn uncategorized_questions_keep_apart_from_a_category_named_none() {
+        let mut plain = pred("2", "x", [(true, "3", "r"), (true, "3", "r")]);
+        plain.category = None;
+        let named = pred("1", "(none)", [(true, "3", "r"), (true, "3", "r")]);
+        let preds = [named.clone(), named, plain];
+        let r = build(&preds, 1, &two_n_tokens, None);
+        let sizes: Vec<(&str, usize)> = r
+            .by_category
+            .iter()
+            .map(|(k, b)| (k.as_str(), b.turns[0].total))
+            .collect();
+        assert_eq!(sizes, [("((none))", 1), ("(none)", 2)]);
     }
 
     /// The first differing stage is listed in the stages' order, "none" last; a "|" in a
