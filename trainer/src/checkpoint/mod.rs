@@ -21,6 +21,7 @@ pub mod load;
 pub mod manifest;
 pub mod merged;
 pub mod prompt;
+mod reader;
 mod retention;
 pub mod save;
 pub mod validation;
