@@ -378,7 +378,8 @@ fn tcp_dead_peer_is_an_error_naming_the_rank_on_every_survivor() {
 }
 
 /// Ranks that disagree on a collective's size (4097 against 4096 f32, or an empty tensor against
-/// one element) all get an error, on every transport: none returns with wrong data.
+/// one element), its root, or on the collective itself (a barrier against an all_reduce) all get
+/// an error, on every transport: none returns with wrong data or passes a barrier alone.
 fn mismatch(mode: &str, transport: &str) {
     let out_err = |dir: &Path, world: usize| -> Vec<String> {
         (0..world)
@@ -409,6 +410,7 @@ fn mismatched_sizes_are_errors_on_every_rank_segment_copy() {
     mismatch("mismatch", "0");
     mismatch("mismatch-empty", "0");
     mismatch("mismatch-root", "0");
+    mismatch("mismatch-barrier", "0");
 }
 
 #[test]
@@ -416,6 +418,7 @@ fn mismatched_sizes_are_errors_on_every_rank_single_copy() {
     mismatch("mismatch", "1");
     mismatch("mismatch-empty", "1");
     mismatch("mismatch-root", "1");
+    mismatch("mismatch-barrier", "1");
 }
 
 #[test]
@@ -426,6 +429,7 @@ fn mismatched_sizes_are_errors_on_every_rank_tcp() {
     mismatch("mismatch-dtype", "tcp");
     // every rank broadcasting from itself: each would only send (the header carries the root)
     mismatch("mismatch-root", "tcp");
+    mismatch("mismatch-barrier", "tcp");
 }
 
 /// An all_gather whose input is the rank's own slot of the output (torch allows it) and a

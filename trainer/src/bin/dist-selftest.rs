@@ -19,6 +19,8 @@
 //! right after (the drop waits), on every rank.
 //! `--mode mismatch` / `mismatch-empty`: rank 0 all_reduces 4097 (0) f32 and the others 4096
 //! (1); each rank writes the error it gets to `OUT/error-RANK.txt` ("no error" if none).
+//! `mismatch-dtype`: 2048 f64 against 4096 f32; `mismatch-root`: every rank broadcasts from
+//! itself; `mismatch-barrier`: rank 0 waits at a barrier while the others all_reduce.
 //! `--mode nccl-timeout` (GPU, world 1): the NCCL dead-peer path. NCCL refuses two ranks of one
 //! communicator on one GPU, so with one GPU a peer that never answers is simulated: libtorch's
 //! stream is blocked on a host word nobody writes (cuStreamWaitValue32), so the next all_reduce can
@@ -322,7 +324,7 @@ fn main() -> Result<()> {
             std::thread::sleep(Duration::from_millis(500));
             std::process::exit(1);
         }
-        "mismatch" | "mismatch-empty" | "mismatch-dtype" | "mismatch-root" => {
+        "mismatch" | "mismatch-empty" | "mismatch-dtype" | "mismatch-root" | "mismatch-barrier" => {
             // rank 0 all_reduces 4097 f32 and the others 4096, or rank 0 an empty tensor and the
             // others one element, or rank 0 2048 f64 and the others 4096 f32 (the same bytes),
             // or every rank broadcasts 4096 f32 from itself: every rank must get an error, not
@@ -344,6 +346,7 @@ fn main() -> Result<()> {
             let t = Tensor::ones([n], (kind, tch::Device::Cpu));
             let result = match args.mode.as_str() {
                 "mismatch-root" => pg.broadcast(&t, rank),
+                "mismatch-barrier" if rank == 0 => pg.barrier(),
                 _ => pg.all_reduce(&t, ReduceOp::Sum),
             };
             let first = match result {

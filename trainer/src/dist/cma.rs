@@ -27,6 +27,7 @@
 //!   (`process_vm_writev`). Only rank r reads or writes piece r of any tensor, and it reads each
 //!   block before writing it, so no second phase or extra barrier is needed.
 //! - broadcast: non-roots read the root's tensor.
+//! - barrier: the tag alone (checked like every op's), then the closing barrier.
 //!
 //! Every op ends with a barrier: a rank must not return (and let its caller free or change the
 //! tensor) while a peer may still read it. The header words an op publishes are reused by the
@@ -221,6 +222,7 @@ fn op_name(tag: u64) -> &'static str {
         2 => "reduce_scatter",
         3 => "all_reduce",
         4 => "broadcast",
+        5 => "barrier",
         _ => "an unknown collective",
     }
 }
@@ -435,6 +437,16 @@ impl Cma {
             off += c;
         }
         Ok(())
+    }
+
+    /// A barrier that checks, as every op does, that every rank called it: a rank that meets
+    /// the others while they are in another collective gets the same error they do, instead of
+    /// passing a barrier its peers never entered.
+    pub fn barrier(&mut self, seg: &mut Segment) -> Result<()> {
+        let name = "barrier";
+        self.exchange(seg, name, 5 << 4, std::ptr::null(), 0)?;
+        // (peers may still compare the words just published: the next op waits for them)
+        seg.barrier(name)
     }
 
     /// out (W * n bytes) = every rank's input (n bytes), in rank order.

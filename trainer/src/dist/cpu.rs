@@ -278,7 +278,7 @@ fn pieces(n: usize, elem: Elem, world: usize) -> Vec<(usize, usize)> {
 /// The single-copy shared memory transport (see `cma`).
 fn run_cma(cma: &mut Cma, seg: &mut Segment, op: &Op) -> Result<()> {
     match op {
-        Op::Barrier => seg.barrier(op.name()),
+        Op::Barrier => cma.barrier(seg),
         Op::AllGather { out, input } => {
             let (dst, _, _) = bytes_of(out)?;
             let (src, n, elem) = bytes_of(input)?;
