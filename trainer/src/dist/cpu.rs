@@ -201,6 +201,7 @@ fn worker(mut transport: Transport, jobs: mpsc::Receiver<Job>) {
     // After a failed collective the ranks are out of step: every later op fails with the first error.
     let mut broken: Option<String> = None;
     while let Ok((op, done)) = jobs.recv() {
+        let mut peers_may_touch_op = false;
         let result = match (&broken, &mut transport) {
             (Some(first), _) => Err(DistError::Invalid(format!(
                 "{} after an earlier collective failed: {first}",
@@ -210,14 +211,7 @@ fn worker(mut transport: Transport, jobs: mpsc::Receiver<Job>) {
             (None, Transport::Shm(shm)) => match &mut shm.cma {
                 Some(cma) => {
                     let r = run_cma(cma, &mut shm.seg, &op);
-                    if matches!(r, Err(DistError::PeerLost { .. })) {
-                        // A live peer may be writing its last reduced block (<= 256 KiB,
-                        // microseconds) into this rank's tensor (process_vm_writev): its own next
-                        // read of the dead rank fails and it stops. The tensor must outlive that
-                        // write, so the error waits a moment before it reaches the caller, who
-                        // frees the tensor.
-                        std::thread::sleep(std::time::Duration::from_millis(200));
-                    }
+                    peers_may_touch_op = r.is_err();
                     r
                 }
                 None => run_copy(shm, &op),
@@ -226,6 +220,15 @@ fn worker(mut transport: Transport, jobs: mpsc::Receiver<Job>) {
         };
         if let Err(e) = &result {
             broken.get_or_insert_with(|| e.to_string());
+            if peers_may_touch_op {
+                // Peers read this rank's tensors and write into them (all_reduce's
+                // process_vm_writev) until they pass the op's closing barrier, which a failed op
+                // may not have waited for (a timeout there, a dead third rank): the caller frees
+                // its tensors once the error reaches it, and a live peer's late write would land
+                // in reused memory. The op's references keep the memory alive for good (a leak,
+                // on the way out of a failed run), as the NCCL path keeps a failed op's tensors.
+                std::mem::forget(op);
+            }
         }
         let _ = done.send(result);
     }

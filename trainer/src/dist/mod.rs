@@ -227,6 +227,12 @@ impl Members {
                 secs,
                 ranks: ranks.into_iter().map(global).collect(),
             },
+            // messages written by the backends, which know only group ranks
+            DistError::Invalid(what) => DistError::Invalid(within(what)),
+            DistError::Unavailable { backend, what } => DistError::Unavailable {
+                backend,
+                what: within(what),
+            },
             other => other,
         }
     }
@@ -542,5 +548,42 @@ pub(crate) fn expect_device(t: &Tensor, expected: Device, what: &str) -> Result<
             "{what}: the {} backend of this rank takes tensors on {expected:?}, got one on {d:?}",
             if expected.is_cuda() { "nccl" } else { "cpu" },
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sub-group's errors say which group they come from and which global ranks it holds, the
+    /// backends' own messages (which count ranks within the group) included.
+    #[test]
+    fn sub_group_errors_name_the_group_and_its_global_ranks() {
+        let m = Members {
+            name: "hsdp0-replicate-1".into(),
+            ranks: vec![1, 3],
+        };
+        let group = "in group hsdp0-replicate-1 of global ranks [1, 3] (ranks in the detail count within the group)";
+        let e = m.name_global_ranks(DistError::Invalid(
+            "all_reduce: rank 1 passed a tensor of 8 bytes".into(),
+        ));
+        assert_eq!(
+            e.to_string(),
+            format!("all_reduce: rank 1 passed a tensor of 8 bytes {group}")
+        );
+        let e = m.name_global_ranks(DistError::Unavailable {
+            backend: "cpu",
+            what: "rank 1 runs on host b".into(),
+        });
+        assert!(e.to_string().ends_with(group), "{e}");
+        let e = m.name_global_ranks(DistError::PeerLost {
+            rank: 1,
+            op: "all_reduce".into(),
+            detail: "gone".into(),
+        });
+        assert_eq!(
+            e.to_string(),
+            format!("rank 3 stopped answering during all_reduce {group}: gone")
+        );
     }
 }

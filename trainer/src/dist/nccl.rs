@@ -31,7 +31,7 @@ use cudarc::driver::sys as dsys;
 use cudarc::nccl::sys as nsys;
 use launcher::env::RankEnv;
 use launcher::store::StoreClient;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::elem::Elem;
 use super::nccl_lib::{self, check};
@@ -563,15 +563,40 @@ impl Engine for NcclEngine {
         let gpu = kernels::runtime::gpu(self.device).map_err(|e| DistError::Nccl(e.to_string()))?;
         gpu.make_current()
             .map_err(|e| DistError::Nccl(e.to_string()))?;
-        let flags = dsys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
-        let ready = drv::event::create(flags).map_err(drv_err("cuEventCreate"))?;
-        let done_event = drv::event::create(flags).map_err(drv_err("cuEventCreate"))?;
-        // SAFETY: fresh event, recorded on the caller's current stream of this device.
-        unsafe { drv::event::record(ready, kernels::runtime::torch_current_stream(self.device)) }
-            .map_err(drv_err("cuEventRecord"))?;
         // Avg runs as Sum, then a division on the caller's stream: with ncclAvg, one element of an
         // odd-sized (4097) f32 reduce_scatter came back wrong on one rank (NCCL 2.28, H200, 2026-11-26).
+        // float16 is divided before the sum instead, as ncclAvg does for floats (PreMulSum): W
+        // values near its 65504 limit would overflow the sum (the CPU backend sums in f32). Ops on
+        // the caller's stream, before `ready` is recorded behind them.
+        let nccl = |e: tch::TchError| DistError::Nccl(e.to_string());
+        let premul = 1.0 / self.world as f64;
         let (op, average) = match op {
+            Op::AllReduce {
+                mut tensor,
+                op: ReduceOp::Avg,
+            } if tensor.kind() == Kind::Half => {
+                let _ = tensor.f_mul_scalar_(premul).map_err(nccl)?;
+                (
+                    Op::AllReduce {
+                        tensor,
+                        op: ReduceOp::Sum,
+                    },
+                    None,
+                )
+            }
+            Op::ReduceScatter {
+                out,
+                input,
+                op: ReduceOp::Avg,
+            } if input.kind() == Kind::Half => (
+                Op::ReduceScatter {
+                    out,
+                    // (a scaled copy: the caller's input stays as it was)
+                    input: input.f_mul_scalar(premul).map_err(nccl)?,
+                    op: ReduceOp::Sum,
+                },
+                None,
+            ),
             Op::AllReduce {
                 tensor,
                 op: ReduceOp::Avg,
@@ -596,6 +621,12 @@ impl Engine for NcclEngine {
             ),
             other => (other, None),
         };
+        let flags = dsys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+        let ready = drv::event::create(flags).map_err(drv_err("cuEventCreate"))?;
+        let done_event = drv::event::create(flags).map_err(drv_err("cuEventCreate"))?;
+        // SAFETY: fresh event, recorded on the caller's current stream of this device.
+        unsafe { drv::event::record(ready, kernels::runtime::torch_current_stream(self.device)) }
+            .map_err(drv_err("cuEventRecord"))?;
         let world = self.world as f64;
         let keep = op_tensors(&op);
         let seq = self.submitted.fetch_add(1, Ordering::Relaxed) + 1;
