@@ -29,6 +29,14 @@ pub mod exit {
     }
 }
 
+/// Writes `text` to stderr, ignoring a failed write: `eprint!` panics when stderr is closed or
+/// broken (`2>&1 | head`, a full disk, a hung-up terminal), and the panic's 101 would replace the
+/// exit code decided here.
+pub fn to_stderr(text: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
 /// What went wrong first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FailureKind {

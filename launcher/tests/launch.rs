@@ -79,6 +79,7 @@ fn every_rank_gets_torchruns_environment_for_world_1_to_4() {
                 ("LLAVA_SCO_STORE_TOKEN", &token),
                 ("OMP_NUM_THREADS", &(cores / n).max(1).to_string()),
                 ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+                ("PYTHONUNBUFFERED", "1"),
             ];
             for (var, value) in expect {
                 assert_eq!(env[var], value, "world {n} rank {rank}: {var}");
@@ -241,6 +242,80 @@ fn a_lost_node_is_named_and_not_waited_for() {
         "{}",
         run0.stderr
     );
+}
+
+/// When node 0's launcher dies, the node that notices names node 0 (whose store it lost) as the
+/// root cause, not itself.
+#[test]
+fn a_lost_node_0_is_named_by_the_node_that_notices() {
+    let dir = Scratch::new("lost-node-0");
+    let port = free_port().to_string();
+    let node = |rank| {
+        let (extra, rank_args) = (["--grace-period", "2"], ["--sleep", "120"]);
+        spawn_node(
+            dir.path(),
+            &port,
+            "lost-node-0",
+            ("2", rank),
+            &extra,
+            &rank_args,
+        )
+    };
+    let started = Instant::now();
+    let (mut node0, node1) = (node("0"), node("1"));
+    wait_for_file(&dir.path().join("env-1-0"), LIMIT);
+    node0.kill().unwrap();
+    node0.wait().unwrap();
+    let run1 = wait(node1, started, Duration::from_secs(90));
+    assert_ne!(run1.code(), 0, "{}", run1.stderr);
+    assert!(
+        run1.stderr.contains("lost contact with the other nodes"),
+        "{}",
+        run1.stderr
+    );
+    assert!(run1.stderr.contains("node       : 0\n"), "{}", run1.stderr);
+    assert!(
+        run1.stderr.contains("host       : 127.0.0.1"),
+        "{}",
+        run1.stderr
+    );
+}
+
+/// Rank output still in the pipes when the ranks exit reaches a console that reads slowly (`|
+/// less`, a slow ssh) whole: the relays drain it however long the console takes (a 2 s limit
+/// dropped what a console had not read by then).
+#[test]
+fn output_reaches_a_slow_console_whole() {
+    let child = launcher(&["--", "sh", "-c", "seq 1 20000"])
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    // the console reads nothing for 4 s (the pipes hold ~130 KiB, seq writes 109 KiB and exits)
+    std::thread::sleep(Duration::from_secs(4));
+    let run = wait(child, started, LIMIT);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert_eq!(run.stdout.lines().count(), 20000, "{}", run.stderr);
+}
+
+/// A launcher whose stderr cannot be written (a full disk, `2>&1 | head` once head has gone)
+/// still exits with the code it decided (eprint! panicked: 101).
+#[test]
+fn a_broken_stderr_keeps_the_exit_code() {
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let mut cmd = launcher(&["--", "sh", "-c", "exit 3"]);
+    cmd.stderr(full());
+    assert_eq!(run(cmd, LIMIT).code(), 3);
+    let mut cmd = launcher(&["--nproc-per-node", "x", "--", "true"]);
+    cmd.stderr(full());
+    assert_eq!(run(cmd, LIMIT).code(), 1);
+    let mut cmd = launcher(&["--no-such-flag", "--", "true"]);
+    cmd.stderr(full());
+    assert_eq!(run(cmd, LIMIT).code(), 2);
 }
 
 #[test]

@@ -197,6 +197,9 @@ pub fn init() {
         .with_writer(|| LogWriter)
         .with_ansi(std::io::stderr().is_terminal())
         .fmt_fields(DefaultFields::new())
+        // (its report of a failed write is an eprintln!, which panics on a broken stderr; set
+        // before event_format, which keeps it)
+        .log_internal_errors(false)
         .event_format(format)
         .try_init();
 }

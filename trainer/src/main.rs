@@ -531,10 +531,12 @@ fn main() -> ExitCode {
         Ok(Err(err)) => {
             // (each line with the rank's prefix, as its log lines: ranks' errors interleave)
             let text = format!("error: {err:#}");
-            match trainer::logging::rank_prefix() {
-                Some(p) => text.lines().for_each(|line| eprintln!("{p} {line}")),
-                None => eprintln!("{text}"),
-            }
+            // (not eprintln!: it panics on a broken stderr, and the error file would be lost)
+            let text = match trainer::logging::rank_prefix() {
+                Some(p) => text.lines().map(|line| format!("{p} {line}\n")).collect(),
+                None => format!("{text}\n"),
+            };
+            launcher::outcome::to_stderr(&text);
             launcher::error_file::record(&format!("{err:#}"), &error_detail(&err), cause(&err));
             ExitCode::FAILURE
         }

@@ -124,6 +124,7 @@ fn main() -> ExitCode {
         "LLAVA_SCO_LAUNCH_ID",
         "OMP_NUM_THREADS",
         "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+        "PYTHONUNBUFFERED",
         "TORCHELASTIC_ERROR_FILE",
     ] {
         record.push_str(&format!(

@@ -16,7 +16,7 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
 use launcher::env::{DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, STORE_TOKEN_VAR};
-use launcher::outcome::{exit, Outcome};
+use launcher::outcome::{exit, to_stderr, Outcome};
 use launcher::supervise::{self, LaunchSpec, OutputOptions, RankCommand};
 use launcher::{gpus, slurm, token};
 
@@ -235,11 +235,11 @@ fn main() -> ExitCode {
                 Some(script) => {
                     // (clap's own tip there, "to pass '-m' as a value, use '-- -m'", would run
                     // `-m` as the program)
-                    eprint!("{}", without_tips(&e.render().to_string()));
-                    eprintln!(
+                    to_stderr(&without_tips(&e.render().to_string()));
+                    to_stderr(&format!(
                         "\nnote: programs run after `--` (the launcher's own options come before it): \
-                         launcher [OPTIONS] -- {script} ARGS"
-                    );
+                         launcher [OPTIONS] -- {script} ARGS\n"
+                    ));
                 }
                 None => {
                     let _ = e.print();
@@ -251,7 +251,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(outcome) => ExitCode::from(outcome.exit_code()),
         Err(err) => {
-            eprintln!("launcher: error: {err:#}");
+            to_stderr(&format!("launcher: error: {err:#}\n"));
             ExitCode::from(exit::LAUNCH_ERROR)
         }
     }
@@ -266,7 +266,7 @@ fn run(cli: Cli) -> Result<Outcome> {
         Outcome::Success { restarts } => {
             tracing::info!("all ranks finished successfully after {restarts} restart(s)")
         }
-        Outcome::Failed(failure) => eprint!("{}", failure.summary(max_restarts, node_rank)),
+        Outcome::Failed(failure) => to_stderr(&failure.summary(max_restarts, node_rank)),
     }
     Ok(outcome)
 }
@@ -506,6 +506,13 @@ fn resolve(cli: Cli) -> Result<LaunchSpec> {
     // torchrun's too: PyTorch ranks abort a failed NCCL collective instead of hanging on it
     if std::env::var_os("TORCH_NCCL_ASYNC_ERROR_HANDLING").is_none() {
         let var = ("TORCH_NCCL_ASYNC_ERROR_HANDLING".into(), "1".into());
+        command.extra_env.push(var);
+    }
+    // Ranks write into pipes (the relays prefix, tee and log them), where Python buffers whole
+    // blocks: a rank's prints would show late, and never when it is stopped by a signal (on a
+    // terminal, torchrun's ranks inherit it and print line by line)
+    if std::env::var_os("PYTHONUNBUFFERED").is_none() {
+        let var = ("PYTHONUNBUFFERED".into(), "1".into());
         command.extra_env.push(var);
     }
     let mut tee = cli.tee.unwrap_or(0);
@@ -935,6 +942,9 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // (its report of a failed write is an eprintln!, which panics on a broken stderr; set
+        // before event_format, which keeps it)
+        .log_internal_errors(false)
         .event_format(LauncherFormat)
         .try_init();
 }

@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -127,9 +128,29 @@ enum Console {
     Stderr,
 }
 
+/// What a relay thread is doing, for `RankOutput::finish`.
+#[derive(Default)]
+struct Activity {
+    /// Pieces relayed so far.
+    pieces: AtomicU64,
+    /// Writing a piece out (to a console that may read slowly).
+    writing: AtomicBool,
+}
+
+/// A relay thread and what it is doing.
+struct Relay {
+    thread: JoinHandle<()>,
+    activity: Arc<Activity>,
+}
+
+/// How long past its deadline `finish` keeps waiting for relays that still move output.
+const DRAIN_MORE: Duration = Duration::from_secs(60);
+/// A relay that moved nothing for this long past the deadline is waiting on a pipe held open.
+const QUIET: Duration = Duration::from_millis(100);
+
 /// The relay threads of one rank.
 pub struct RankOutput {
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<Relay>,
     pub stderr_tail: Arc<Mutex<Tail>>,
     pub stderr_log: Option<PathBuf>,
 }
@@ -181,15 +202,43 @@ impl RankOutput {
         })
     }
 
-    /// Waits for the relays to drain, at most until `deadline`: a grandchild that escaped the
+    /// Waits for the relays to drain. Until `deadline` whatever they do; after it, only while
+    /// they still move output (writing to a console that reads slowly, `| less`, or reading what
+    /// a rank left in its pipe), up to [`DRAIN_MORE`] longer: a grandchild that escaped the
     /// process group may hold the pipe open forever, and must not hang the launcher.
     pub fn finish(&mut self, deadline: Instant) {
-        while self.threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+        let moved = |relays: &[Relay]| -> u64 {
+            relays
+                .iter()
+                .map(|r| r.activity.pieces.load(Ordering::Relaxed))
+                .sum()
+        };
+        let (mut last, mut last_move) = (moved(&self.threads), Instant::now());
+        loop {
+            let running: Vec<&Relay> = self
+                .threads
+                .iter()
+                .filter(|r| !r.thread.is_finished())
+                .collect();
+            let now = Instant::now();
+            if running.is_empty() || now >= deadline + DRAIN_MORE {
+                break;
+            }
+            let pieces = moved(&self.threads);
+            if pieces != last {
+                (last, last_move) = (pieces, now);
+            }
+            let writing = running
+                .iter()
+                .any(|r| r.activity.writing.load(Ordering::Relaxed));
+            if now >= deadline && !writing && now - last_move >= QUIET {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
-        for t in std::mem::take(&mut self.threads) {
-            if t.is_finished() {
-                let _ = t.join();
+        for r in std::mem::take(&mut self.threads) {
+            if r.thread.is_finished() {
+                let _ = r.thread.join();
             }
         }
     }
@@ -198,7 +247,9 @@ impl RankOutput {
     /// failure report carries its last words (a child still holding the pipe can delay EOF).
     pub fn settle_stderr(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while self.threads.get(1).is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
+        while self.threads.get(1).is_some_and(|r| !r.thread.is_finished())
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -216,8 +267,10 @@ fn spawn_relay(
     mut file: Option<File>,
     console: Option<(Console, Option<String>)>,
     tail: Option<Arc<Mutex<Tail>>>,
-) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
+) -> io::Result<Relay> {
+    let activity = Arc::new(Activity::default());
+    let seen = activity.clone();
+    let thread = std::thread::Builder::new()
         .name("rank-output".into())
         .spawn(move || {
             let mut reader = BufReader::new(source);
@@ -228,6 +281,7 @@ fn spawn_relay(
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
+                seen.writing.store(true, Ordering::Relaxed);
                 if let Some(f) = file.as_mut() {
                     // A full disk must not stop the rank: drop the file, keep relaying.
                     if f.write_all(&line).is_err() {
@@ -258,6 +312,8 @@ fn spawn_relay(
                         Console::Stderr => io::stderr().lock().write_all(&buf),
                     };
                 }
+                seen.writing.store(false, Ordering::Relaxed);
+                seen.pieces.fetch_add(1, Ordering::Relaxed);
                 // (redraws would push the last real lines out of the failure report's tail)
                 if let Some(t) = tail.as_ref().filter(|_| !line.ends_with(b"\r")) {
                     if let Ok(mut t) = t.lock() {
@@ -265,7 +321,8 @@ fn spawn_relay(
                     }
                 }
             }
-        })
+        })?;
+    Ok(Relay { thread, activity })
 }
 
 /// The longest piece of rank output relayed at once (a line without an end is cut there).

@@ -605,13 +605,14 @@ impl MultiNode {
         self.lost.iter().filter(|(a, _)| *a == attempt).count()
     }
 
+    /// The store (node 0's) stopped answering: the failure is node 0's, the root cause the
+    /// summary names, not this node's, which only noticed.
     fn lost(&self, attempt: u32, reason: String) -> Failure {
-        Failure::of_node(
-            FailureKind::PeerLost(reason),
-            self.node_rank,
-            &super::hostname(),
-            attempt,
-        )
+        let host = match self.node_rank {
+            0 => super::hostname(),
+            _ => store_host(self.client.endpoint()),
+        };
+        Failure::of_node(FailureKind::PeerLost(reason), 0, &host, attempt)
     }
 
     fn missing_nodes(&mut self, a: &str) -> Vec<usize> {
@@ -619,6 +620,14 @@ impl MultiNode {
             .filter(|n| !matches!(self.client.try_get(&format!("{a}/node/{n}")), Ok(Some(_))))
             .collect()
     }
+}
+
+/// The host of a store endpoint "HOST:PORT" ("[::1]:29500" too).
+fn store_host(endpoint: &str) -> String {
+    let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }
 
 /// The host of a node's rendezvous entry (`{a}/node/{n}`: "HOST PID NPROC").
@@ -661,6 +670,14 @@ mod tests {
             Duration::from_secs(60)
         );
         assert_eq!(heartbeat_timeout(Duration::MAX), Duration::MAX);
+    }
+
+    #[test]
+    fn store_hosts_of_endpoints() {
+        assert_eq!(store_host("10.0.0.1:29500"), "10.0.0.1");
+        assert_eq!(store_host("node-a.cluster:29500"), "node-a.cluster");
+        assert_eq!(store_host("::1:29500"), "::1");
+        assert_eq!(store_host("[::1]:29500"), "::1");
     }
 
     fn node(port: u16, rank: usize) -> MultiNode {

@@ -69,6 +69,7 @@ pub fn launcher(args: &[&str]) -> Command {
         .env_remove("OMP_NUM_THREADS")
         .env_remove("LLAVA_SCO_STORE_TOKEN")
         .env_remove("CUDA_VISIBLE_DEVICES")
+        .env_remove("PYTHONUNBUFFERED")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
