@@ -24,7 +24,8 @@ const EXAMPLES: &str = "\
 Examples:
   launcher --nproc-per-node 2 configs/llava-sco.yaml             # `trainer train` on 2 ranks
   launcher --nproc-per-node auto configs/llava-sco.yaml --set train.lr=2e-5
-  launcher --standalone --nproc-per-node 4 -- python train.py    # any program (torchrun --no-python)
+  launcher --standalone --nproc-per-node 4 -- python run.py      # any program (torchrun --no-python)
+      # that reads the rank variables; init_process_group(\"env://\") needs torchrun's TCPStore
   launcher --nnodes 2 --node-rank 0 --master-addr gpu01 --run-id exp1 configs/llava-sco.yaml   # on gpu01
   launcher --nnodes 2 --node-rank 1 --master-addr gpu01 --run-id exp1 configs/llava-sco.yaml   # on gpu02
   srun launcher --nproc-per-node 8 configs/llava-sco.yaml        # SLURM: layout from SLURM_* (configs/slurm.sbatch)
