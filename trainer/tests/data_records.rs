@@ -38,6 +38,17 @@ fn good_multi_turn_record() {
     assert_eq!(r.records[0].turns[0].user, "<image>\n Q1");
 }
 
+/// Values are stripped as Python's `str.strip()` strips them (the seed's), the ASCII separators
+/// U+001C..U+001F included, which Rust's `trim` keeps (they became supervised tokens).
+#[test]
+fn values_are_stripped_as_python_strips_them() {
+    let line = r#"{"id": 1, "image": "a.jpg", "conversations": [{"from": "human", "value": "\u001c Q \u001f"}, {"from": "gpt", "value": "A \u001d\u00a0"}]}"#;
+    let r = parse_jsonl_str(Path::new("d.jsonl"), line, &opts(TextOnly::Skip));
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    let t = &r.records[0].turns[0];
+    assert_eq!((t.user.as_str(), t.assistant.as_str()), ("Q", "A"));
+}
+
 /// LLaVA's `.json` layout (one list of records) is one problem saying how to convert it, not one
 /// per line; LLaMA-Factory's `images` key is a problem, not a text-only record.
 #[test]

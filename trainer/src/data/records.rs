@@ -308,14 +308,14 @@ fn parse_line(line: &str, opts: &ParseOptions) -> Result<Option<Record>, String>
                     ));
                 }
                 pending_user = Some(match opts.keep_image_placeholder {
-                    true => value.trim().to_string(),
+                    true => py_strip(value).to_string(),
                     false => strip_placeholder(value),
                 });
             }
             "gpt" | "assistant" => match pending_user.take() {
                 Some(user) => turns.push(Turn {
                     user,
-                    assistant: value.trim().to_string(),
+                    assistant: py_strip(value).to_string(),
                 }),
                 None => {
                     return Err(format!(
@@ -338,7 +338,7 @@ fn parse_line(line: &str, opts: &ParseOptions) -> Result<Option<Record>, String>
                      system message, as the conversation's first turn"
                 ))
             }
-            "system" => system = Some(value.trim().to_string()),
+            "system" => system = Some(py_strip(value).to_string()),
             other => {
                 return Err(format!(
                     "unknown role {other:?} in conversations[{k}].from (expected \"human\" or \"gpt\", or their aliases \"user\" and \"assistant\")"
@@ -373,17 +373,24 @@ fn parse_line(line: &str, opts: &ParseOptions) -> Result<Option<Record>, String>
     }))
 }
 
+/// `s` without leading and trailing whitespace as Python's `str.strip()` sees it: Unicode
+/// whitespace and the ASCII separators U+001C..U+001F, which Rust's `trim` keeps (the seed strips
+/// every value).
+pub fn py_strip(s: &str) -> &str {
+    s.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+}
+
 /// Remove a leading and a trailing `<image>` placeholder, then strip whitespace (the seed
 /// strips every value). A placeholder in the middle of the text is left as text.
 pub fn strip_placeholder(text: &str) -> String {
-    let mut t = text.trim();
+    let mut t = py_strip(text);
     if let Some(rest) = t.strip_prefix(IMAGE_PLACEHOLDER) {
         t = rest;
     }
     if let Some(rest) = t.strip_suffix(IMAGE_PLACEHOLDER) {
         t = rest;
     }
-    t.trim().to_string()
+    py_strip(t).to_string()
 }
 
 /// Join `path` onto `root`, refusing `..` that would leave the root. An absolute path, and any
@@ -528,9 +535,9 @@ pub fn build_sco(refined_json: &str, correction_prompt: &str) -> Result<ScoRepor
             "conversations".into(),
             Value::Array(vec![
                 turn("human", question),
-                turn("gpt", orig.trim().to_string()),
+                turn("gpt", py_strip(&orig).to_string()),
                 turn("human", correction_prompt.to_string()),
-                turn("gpt", refined.trim().to_string()),
+                turn("gpt", py_strip(&refined).to_string()),
             ]),
         );
         report.lines.push(Value::Object(rec).to_string());
