@@ -346,8 +346,13 @@ fn decode_with_image_crate(bytes: &[u8]) -> Result<RgbImage, String> {
         }
     };
     let info = super::transparency::source_info(bytes);
-    // GIF pixels of the transparent index are the key colour in Pillow (then white)
-    let gif_clear_is_key = is_gif && info.key.is_some();
+    // GIF pixels of the transparent index, and the screen outside the first frame, are the key
+    // colour in Pillow (then white); without a key, the screen outside is palette entry 0
+    let gif_clear = match (is_gif, info.key, info.gif_fill) {
+        (false, _, _) => None,
+        (true, Some(_), _) => Some([255, 255, 255]),
+        (true, None, fill) => fill,
+    };
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
         return Err(format!("zero-sized image ({w}x{h})"));
@@ -358,8 +363,8 @@ fn decode_with_image_crate(bytes: &[u8]) -> Result<RgbImage, String> {
         D::ImageRgb8(b) => data = b.into_raw(),
         D::ImageRgba8(b) => {
             for p in b.as_raw().chunks_exact(4) {
-                if gif_clear_is_key && p[3] == 0 {
-                    data.extend_from_slice(&[255, 255, 255]);
+                if let Some(clear) = gif_clear.filter(|_| p[3] == 0) {
+                    data.extend_from_slice(&clear);
                 } else {
                     data.extend_from_slice(&p[..3]);
                 }
@@ -404,6 +409,9 @@ fn decode_with_image_crate(bytes: &[u8]) -> Result<RgbImage, String> {
                 other.color()
             ))
         }
+    }
+    if let Some(bits) = super::bmp16::pillow_layout(bytes) {
+        super::bmp16::to_pillow_levels(&mut data, bits);
     }
     if let Some(key) = info.key {
         super::transparency::apply_key(&mut data, key);

@@ -15,7 +15,9 @@
 //! - `loader`:   ordered parallel workers with a bounded queue, deterministic order
 //! - `dataset`:  the split the training loop reads: pre-scan + report, epoch plan, micro-batches
 //! - `transparency`: PNG `tRNS` / GIF colour keys that the seed's loading turns white
+//! - `bmp16`:    16-bit BMP channel levels as Pillow widens them
 //! - `tools`:    `trainer data check|dump|build-sco`
+mod bmp16;
 pub mod collate;
 pub mod dataset;
 pub mod image;

@@ -19,6 +19,8 @@
 //! - RGB 8/16-bit: the low byte of each raw `tRNS` sample (Pillow packs the tuple into 8-bit
 //!   channels).
 //! - GIF: the first frame's transparency index looked up in its local, else global, colour table.
+//!   Pixels of the screen outside the first frame are that index too (Pillow fills the frame's
+//!   canvas with it), or, without one, index 0 (a zero-filled canvas): `SourceInfo::gif_fill`.
 
 /// The colour key (if any) and whether 16-bit gray samples clip (`I;16`) rather than keep the
 /// high byte: the image crate decodes gray + `tRNS` to LumaA16 just like true gray + alpha.
@@ -26,6 +28,9 @@
 pub struct SourceInfo {
     pub key: Option<[u8; 3]>,
     pub gray16_clips: bool,
+    /// GIF without a transparency index: the colour of the screen outside the first frame
+    /// (entry 0 of the frame's colour table).
+    pub gif_fill: Option<[u8; 3]>,
 }
 
 /// Inspect the file header (no pixel decoding). Unknown formats and malformed headers give the
@@ -34,9 +39,15 @@ pub fn source_info(bytes: &[u8]) -> SourceInfo {
     if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
         png_info(bytes).unwrap_or_default()
     } else if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+        let (key, gif_fill) = match gif_first_frame(bytes) {
+            Some((table, Some(i))) => (colour(table, i), None),
+            Some((table, None)) => (None, colour(table, 0)),
+            None => (None, None),
+        };
         SourceInfo {
-            key: gif_key(bytes),
-            gray16_clips: false,
+            key,
+            gif_fill,
+            ..SourceInfo::default()
         }
     } else {
         SourceInfo::default()
@@ -78,8 +89,8 @@ fn png_info(b: &[u8]) -> Option<SourceInfo> {
         pos += 12 + len;
     }
     Some(SourceInfo {
-        key: None,
         gray16_clips: color_type == 0 && bit_depth == 16,
+        ..SourceInfo::default()
     })
 }
 
@@ -111,7 +122,11 @@ fn png_trns(color_type: u8, bit_depth: u8, plte: &[u8], t: &[u8]) -> SourceInfo 
         },
         _ => None,
     };
-    SourceInfo { key, gray16_clips }
+    SourceInfo {
+        key,
+        gray16_clips,
+        gif_fill: None,
+    }
 }
 
 /// Skip GIF data sub-blocks starting at `pos`; returns the position after the terminator.
@@ -125,7 +140,13 @@ fn skip_sub_blocks(b: &[u8], mut pos: usize) -> Option<usize> {
     }
 }
 
-fn gif_key(b: &[u8]) -> Option<[u8; 3]> {
+/// Entry `i` of a GIF colour table.
+fn colour(table: &[u8], i: usize) -> Option<[u8; 3]> {
+    table.get(i * 3..i * 3 + 3).map(|c| [c[0], c[1], c[2]])
+}
+
+/// The first frame's colour table (local, else global) and transparency index.
+fn gif_first_frame(b: &[u8]) -> Option<(&[u8], Option<usize>)> {
     let table_len = |packed: u8| 3usize << ((packed & 7) + 1);
     let screen_packed = *b.get(10)?;
     let mut pos = 13;
@@ -153,8 +174,7 @@ fn gif_key(b: &[u8]) -> Option<[u8; 3]> {
                 } else {
                     global
                 };
-                let i = index?;
-                return table.get(i * 3..i * 3 + 3).map(|c| [c[0], c[1], c[2]]);
+                return Some((table, index));
             }
             _ => return None,
         }
