@@ -14,6 +14,8 @@
 //! - `sampler`:  length-grouped global batches split rank-contiguously, per-epoch shuffle, position
 //! - `loader`:   ordered parallel workers with a bounded queue, deterministic order
 //! - `dataset`:  the split the training loop reads: pre-scan + report, epoch plan, micro-batches
+//! - `scan`:     the pre-scan of one record (image header, tokens, length policy), processor checks
+//! - `scan_report`: `DataError` and the split's `ScanReport`
 //! - `transparency`: PNG `tRNS` / GIF colour keys that the seed's loading turns white
 //! - `bmp16`:    16-bit BMP channel levels as Pillow widens them
 //! - `tools`:    `trainer data check|dump|build-sco`
@@ -28,6 +30,8 @@ pub mod resize;
 #[cfg(target_arch = "x86_64")]
 mod resize_avx2;
 pub mod sampler;
+mod scan;
+mod scan_report;
 pub mod scratch;
 pub mod template;
 pub mod tokenize;
