@@ -143,15 +143,24 @@ fn temp_cache_dir() -> PathBuf {
         .join("kernels")
 }
 
-/// Whether cached PTX under `dir` may be read and written: always, except in the temp-dir
-/// fallback, whose user folder must exist as this user's with no write access for others (it
-/// is created so when missing).
+/// Whether cached PTX under `dir` may be read and written. PTX found there runs as this user's
+/// device code, so the folder must be this user's and not writable by everyone (a cache under a
+/// shared `HOME=/tmp` or `XDG_CACHE_HOME` could be another user's); in the temp-dir fallback,
+/// its user folder must also be closed to the group (it is created so when missing).
 fn trusted(dir: &Path) -> bool {
-    let Some(user_dir) = dir.parent().filter(|_| dir == temp_cache_dir()) else {
-        return true;
-    };
     // SAFETY: geteuid has no preconditions.
-    private_folder(user_dir, unsafe { libc::geteuid() })
+    let uid = unsafe { libc::geteuid() };
+    match dir.parent().filter(|_| dir == temp_cache_dir()) {
+        Some(user_dir) => private_folder(user_dir, uid),
+        None => owned_and_not_world_writable(dir, uid),
+    }
+}
+
+/// Whether `dir` is a folder of `uid` that not everyone can write (group-writable folders of a
+/// `umask 002` pass: the group is the user's own there).
+fn owned_and_not_world_writable(dir: &Path, uid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o002 == 0)
 }
 
 /// Creates `dir` (mode 0700) when missing; whether it is a real folder (not a link) of `uid`
@@ -185,8 +194,9 @@ pub fn cached_ptx(src: &KernelSource, arch: &str) -> Result<String> {
         static WARNED: std::sync::Once = std::sync::Once::new();
         WARNED.call_once(|| {
             tracing::warn!(
-                "kernel cache {} is not this user's private folder (another user could plant PTX \
-             there): compiling without it; set LLAVA_SCO_KERNEL_CACHE or HOME",
+                "kernel cache {} is not this user's own folder, or everyone can write it \
+                 (another user could plant PTX there): compiling without it; set \
+                 LLAVA_SCO_KERNEL_CACHE to a folder of yours",
                 dir.display()
             )
         });
@@ -314,5 +324,25 @@ mod tests {
         assert!(!private_folder(&link, uid), "a symlink");
         assert_eq!(temp_cache_dir().file_name().unwrap(), "kernels");
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Any other cache folder must be this user's and not writable by everyone.
+    #[test]
+    fn a_cache_folder_everyone_can_write_is_not_used() {
+        let dir = std::env::temp_dir().join(format!("kcache-any-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(trusted(&dir), "ours, group-writable (umask 002)");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(!trusted(&dir), "writable by everyone");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(
+            !owned_and_not_world_writable(&dir, uid.wrapping_add(1)),
+            "another user's"
+        );
+        assert!(!trusted(&dir.join("missing")));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -168,6 +168,32 @@ fn nvrtc_verdict(
     }
 }
 
+/// The NVRTC in use: its version and the file it was loaded from (`ensure_nvrtc` first).
+pub fn nvrtc_in_use() -> Option<((i32, i32), String)> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: plain out-parameters; only called once NVRTC is loaded.
+    let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    status.result().ok()?;
+    Some(((major, minor), loaded_nvrtc_path()?))
+}
+
+/// Why the driver refused the kernels' PTX as too new (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`): an
+/// NVRTC newer than the driver (a CUDA toolkit's, found before the torch wheel's) wrote it.
+/// `driver`: `cuDriverGetVersion`'s 1000 * major + 10 * minor.
+pub fn ptx_too_new(nvrtc: Option<((i32, i32), String)>, driver: Option<i32>) -> String {
+    let made_by = match nvrtc {
+        Some(((major, minor), path)) => format!("NVRTC {major}.{minor} ({path})"),
+        None => "the NVRTC in use".into(),
+    };
+    let reads = match driver {
+        Some(v) => format!("the driver's CUDA {}.{}", v / 1000, v % 1000 / 10),
+        None => "the driver".into(),
+    };
+    format!(
+        "the fused kernels' PTX, compiled by {made_by}, is newer than {reads} reads: use an NVRTC no newer than the driver (remove a CUDA toolkit's lib folder from LD_LIBRARY_PATH so that the torch wheel's is used), update the NVIDIA driver, or set model.attention: sdpa"
+    )
+}
+
 /// The file the NVRTC that cudarc uses was loaded from (`dladdr` on its `nvrtcVersion`).
 fn loaded_nvrtc_path() -> Option<String> {
     // SAFETY: the library is loaded (`ensure_loaded` above) and the symbol has this signature;
@@ -224,6 +250,25 @@ mod tests {
             err.contains("too old") && err.contains("attention: sdpa"),
             "{err}"
         );
+    }
+
+    /// PTX the driver finds too new names the NVRTC that wrote it, the driver's version and the fixes.
+    #[test]
+    fn ptx_too_new_names_both_versions_and_the_fix() {
+        let nvrtc = Some((
+            (13, 1),
+            "/usr/local/cuda-13.1/lib64/libnvrtc.so".to_string(),
+        ));
+        let m = ptx_too_new(nvrtc, Some(13000));
+        assert!(
+            m.contains("NVRTC 13.1 (/usr/local/cuda-13.1/lib64/libnvrtc.so)")
+                && m.contains("the driver's CUDA 13.0 reads")
+                && m.contains("LD_LIBRARY_PATH")
+                && m.contains("attention: sdpa"),
+            "{m}"
+        );
+        assert!(ptx_too_new(None, Some(12080)).contains("CUDA 12.8"));
+        assert!(ptx_too_new(None, None).contains("the NVRTC in use"));
     }
 
     #[test]

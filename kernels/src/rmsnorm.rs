@@ -135,16 +135,21 @@ pub fn fused_backward(
             ptr(&mut rpb),
         ];
         let blocks = ((n + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK) as u32;
+        // the weight gradient's partial sums: C floats of shared memory per block
+        let shared = u32::try_from(c * 4)
+            .ok()
+            .filter(|&b| i64::from(b) <= gpu.max_shared_optin)
+            .ok_or_else(|| {
+                KernelError::Unsupported(format!(
+                    "fused RMSNorm backward over {c} columns needs {} bytes of shared memory per block; GPU {} allows {} (at most {} columns): use the unfused norm",
+                    c * 4,
+                    gpu.ordinal,
+                    gpu.max_shared_optin,
+                    gpu.max_shared_optin / 4
+                ))
+            })?;
         // SAFETY: arguments match rmsnorm_bwd_*; dynamic shared memory holds C floats.
-        unsafe {
-            gpu.launch(
-                f,
-                (blocks, 1, 1),
-                (THREADS, 1, 1),
-                (c * 4) as u32,
-                &mut args,
-            )?
-        };
+        unsafe { gpu.launch(f, (blocks, 1, 1), (THREADS, 1, 1), shared, &mut args)? };
     }
     Ok((dx, dw.to_kind(x.kind())))
 }

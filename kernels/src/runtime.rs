@@ -37,6 +37,8 @@ pub struct Gpu {
     pub multiprocessors: i32,
     /// L2 cache bytes.
     pub l2_bytes: i64,
+    /// Shared memory one block may use when its kernel opts in, bytes.
+    pub max_shared_optin: i64,
     ctx: usize, // sys::CUcontext as an integer, so the struct is Send + Sync
     functions: Mutex<HashMap<(String, String), Function>>,
     modules: Mutex<HashMap<String, usize>>,
@@ -56,7 +58,7 @@ pub fn gpu(ordinal: i32) -> Result<&'static Gpu> {
     drv::init().map_err(driver_err("cuInit"))?;
     let dev = drv::device::get(ordinal).map_err(driver_err("cuDeviceGet"))?;
     // SAFETY: valid device handle; the retained primary context lives for the process.
-    let (ctx, major, minor, sms, l2) = unsafe {
+    let (ctx, major, minor, sms, l2, shared) = unsafe {
         let ctx = drv::primary_ctx::retain(dev).map_err(driver_err("cuDevicePrimaryCtxRetain"))?;
         let attr =
             |a| drv::device::get_attribute(dev, a).map_err(driver_err("cuDeviceGetAttribute"));
@@ -66,6 +68,7 @@ pub fn gpu(ordinal: i32) -> Result<&'static Gpu> {
             attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
             attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
             attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?,
+            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
         )
     };
     let name = drv::device::get_name(dev).unwrap_or_else(|_| "unknown GPU".into());
@@ -75,6 +78,7 @@ pub fn gpu(ordinal: i32) -> Result<&'static Gpu> {
         name,
         multiprocessors: sms,
         l2_bytes: l2 as i64,
+        max_shared_optin: shared as i64,
         ctx: ctx as usize,
         functions: Mutex::new(HashMap::new()),
         modules: Mutex::new(HashMap::new()),
@@ -123,6 +127,16 @@ impl Gpu {
                     // not the file's and is reported as it is
                     Err(e) if ptx_unreadable(&e) => load_ptx(compile::recompile_ptx(&src, &arch)?)
                         .map_err(driver_err("cuModuleLoadData"))?,
+                    Err(e) if e.0 == sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => {
+                        let mut driver = 0;
+                        // SAFETY: a plain out-parameter.
+                        let known = unsafe { sys::cuDriverGetVersion(&mut driver) }.result();
+                        let why = cuda_libs::ptx_too_new(
+                            cuda_libs::nvrtc_in_use(),
+                            known.ok().map(|()| driver),
+                        );
+                        return Err(KernelError::Unsupported(why));
+                    }
                     Err(e) => return Err(driver_err("cuModuleLoadData")(e)),
                 };
                 modules.insert(source.to_string(), m as usize);
@@ -209,6 +223,12 @@ impl Gpu {
         params: &mut [*mut c_void],
     ) -> Result<()> {
         self.make_current()?;
+        if i64::from(shared_bytes) > self.max_shared_optin {
+            return Err(KernelError::Unsupported(format!(
+                "a launch needs {shared_bytes} bytes of shared memory per block; GPU {} ({}) allows {}",
+                self.ordinal, self.name, self.max_shared_optin
+            )));
+        }
         if shared_bytes > 48 * 1024 {
             drv::function::set_function_attribute(
                 f.0,
