@@ -358,7 +358,7 @@ fn tied_embeddings_train_like_autograd_and_release_the_root_buffer() {
     let pg = ProcessGroup::from_env(Backend::Cpu, Duration::from_secs(30)).unwrap();
     let dir = tied_fixture();
     let load_tied = || MllamaModel::load(&dir, LoadOptions::default()).unwrap();
-    assert!(load_tied().config.text.tie_word_embeddings);
+    assert!(load_tied().config.text.tie_word_embeddings && load_tied().lm_head_tied);
     let plain = Trainable::Plain(Box::new(PlainModel::new(load_tied())));
     let mut fsdp = fsdp_with(&pg, load_tied(), false, true);
     if let Trainable::Fsdp(m) = &fsdp {

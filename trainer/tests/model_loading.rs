@@ -202,6 +202,34 @@ fn both_key_layouts_load_identical_parameters() {
     println!("tiny fixture: {params} parameters");
 }
 
+/// A config that says `tie_word_embeddings: true` over weights that hold `lm_head.weight` (what
+/// transformers 5.24 saves: it never ties Mllama): the file's LM head is used, as 5.24 does, not
+/// refused as unexpected or replaced by the embedding.
+#[test]
+fn a_tied_flag_over_a_saved_lm_head_uses_the_saved_head() {
+    let src = fixtures().join("model_hf5");
+    let dir = tmpdir("tied_flag");
+    for f in std::fs::read_dir(&src).unwrap().flatten() {
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["text_config"]["tie_word_embeddings"] = true.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let flagged = MllamaModel::load(&dir, LoadOptions::default()).unwrap();
+    let plain = load("hf5");
+    assert!(flagged.config.text.tie_word_embeddings && !flagged.lm_head_tied);
+    assert!(flagged.lm_head.weight.equal(&plain.lm_head.weight));
+    assert_eq!(flagged.parameter_shapes(), plain.parameter_shapes());
+    let batch = golden_batch("text");
+    let (a, b) = (
+        flagged.forward(&batch).unwrap(),
+        plain.forward(&batch).unwrap(),
+    );
+    assert!(a.equal(&b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn weight_problems_are_listed_in_one_error() {
     let src: Vec<(String, Tensor)> =
@@ -364,6 +392,25 @@ fn lora_gradients_flow_only_to_the_factors() {
     assert!(gb > 0.0);
 }
 
+/// A model that trains modules in full beside its LoRA is not written by `save_adapter` (their
+/// tensors would go unnamed and unlisted, and the adapter would not load back): the checkpoint's
+/// PEFT export writes them.
+#[test]
+fn save_adapter_refuses_modules_trained_in_full() {
+    let mut m = load("hf5");
+    m.apply_lora(&lora_cfg(TargetModules::Names(vec!["q_proj".into()])), 0)
+        .unwrap();
+    m.saved_params = vec!["lm_head.weight".into()];
+    m.saved_modules = vec!["lm_head".into()];
+    let d = tmpdir("save_saved_modules");
+    let err = m.save_adapter(&d, None).unwrap_err().to_string();
+    assert!(
+        err.contains("modules_to_save [\"lm_head\"]") && err.contains("export --format peft"),
+        "{err}"
+    );
+    assert!(!d.join("adapter_model.safetensors").exists());
+}
+
 fn adapter_roundtrip(dir: &Path) {
     let b = golden_batch("batch2");
     let mut m = load("legacy");
@@ -501,7 +548,6 @@ fn adapter_settings_plain_lora_cannot_honour_are_refused_by_name() {
     let cases = [
         ("layers_pattern", serde_json::json!("layers")),
         ("lora_bias", serde_json::json!(true)),
-        ("fan_in_fan_out", serde_json::json!(true)),
         ("trainable_token_indices", serde_json::json!([1, 2])),
         ("layer_replication", serde_json::json!([[0, 1]])),
         (
@@ -530,6 +576,58 @@ fn adapter_settings_plain_lora_cannot_honour_are_refused_by_name() {
         std::fs::write(d.join("adapter_config.json"), c.to_string()).unwrap();
         load("hf5").load_adapter(&d).unwrap();
     }
+}
+
+/// Settings PEFT loads as plain LoRA on these layers load alike: `fan_in_fan_out` (PEFT sets it
+/// back to false for Linear layers), `bias: lora_only` / `all` without bias tensors in the file
+/// (the targeted projections have no bias); a bias tensor in the file is refused. The same
+/// logits as the plain adapter.
+#[test]
+fn adapter_settings_peft_reads_as_plain_lora_load_alike() {
+    let src = fixtures().join("adapter_hf5");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let batch = golden_batch("text");
+    let logits = |dir: &Path| {
+        let mut m = load("hf5");
+        m.load_adapter(dir).map(|_| m.forward(&batch).unwrap())
+    };
+    let plain = logits(&src).unwrap();
+    for (key, value) in [
+        ("fan_in_fan_out", serde_json::json!(true)),
+        ("bias", serde_json::json!("lora_only")),
+        ("bias", serde_json::json!("all")),
+    ] {
+        let d = tmpdir(&format!("adapter_alike_{key}"));
+        std::fs::copy(
+            src.join("adapter_model.safetensors"),
+            d.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut c = config.clone();
+        c[key] = value.clone();
+        std::fs::write(d.join("adapter_config.json"), c.to_string()).unwrap();
+        match logits(&d) {
+            Ok(l) => assert!(l.equal(&plain), "{key} = {value}"),
+            Err(e) => panic!("{key} = {value}: {e}"),
+        }
+    }
+    // a bias PEFT trained is in the file: refused, naming it
+    let d = tmpdir("adapter_alike_bias_tensor");
+    let mut tensors = Tensor::read_safetensors(src.join("adapter_model.safetensors")).unwrap();
+    let bias = "base_model.model.model.multi_modal_projector.bias";
+    tensors.push((
+        bias.into(),
+        Tensor::zeros([4], (Kind::Float, tch::Device::Cpu)),
+    ));
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::write_safetensors(&refs, d.join("adapter_model.safetensors")).unwrap();
+    let mut c = config.clone();
+    c["bias"] = serde_json::json!("all");
+    std::fs::write(d.join("adapter_config.json"), c.to_string()).unwrap();
+    let err = logits(&d).unwrap_err().to_string();
+    assert!(err.contains(bias), "{err}");
 }
 
 /// A tensor stored in two shards of a model folder is an error naming both files (which copy

@@ -168,7 +168,7 @@ pub fn mark_trainable(model: &mut MllamaModel) -> Vec<(String, Tensor)> {
 /// With tied embeddings, lm_head's weight is a view of the embedding: rebuild it after the
 /// embedding's data changed (FSDP gather) or started requiring grad.
 pub fn retie(model: &mut MllamaModel) {
-    if model.config.text.tie_word_embeddings {
+    if model.lm_head_tied {
         let v = model.config.text.vocab_size;
         model.lm_head.weight = model.text.embed_tokens.narrow(0, 0, v);
     }
@@ -177,7 +177,7 @@ pub fn retie(model: &mut MllamaModel) {
 /// Drops the tied lm_head view of the embedding (after the embedding's gathered buffer is freed);
 /// `retie` rebuilds it after the next gather.
 pub fn untie(model: &mut MllamaModel) {
-    if model.config.text.tie_word_embeddings {
+    if model.lm_head_tied {
         let w = &model.lm_head.weight;
         model.lm_head.weight = Tensor::empty([0], (w.kind(), w.device()));
     }

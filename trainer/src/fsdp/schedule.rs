@@ -76,7 +76,7 @@ struct Stage {
 /// (every root stage trains, as the unit does) for a trainable parameter of no known stage, and
 /// for tied embeddings (the LM head's gradient reaches the embedding).
 fn root_ops_training(fm: &FsdpModel) -> Option<Vec<Op>> {
-    if fm.model.config.text.tie_word_embeddings {
+    if fm.model.lm_head_tied {
         return None;
     }
     let mut ops = vec![];

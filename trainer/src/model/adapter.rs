@@ -480,7 +480,7 @@ impl MllamaModel {
             }
             .training_layout()?;
             if !saved.iter().any(|n| layout.saves(n)) {
-                let tied = m == "lm_head" && self.config.text.tie_word_embeddings;
+                let tied = m == "lm_head" && self.lm_head_tied;
                 return Err(ModelError::Adapter(format!(
                     "modules_to_save {m:?}: {}",
                     match tied {
@@ -781,6 +781,15 @@ impl MllamaModel {
                  lora_alpha {} (loaded from an adapter with rank_pattern, alpha_pattern or \
                  use_dora); it cannot be saved as a plain LoRA adapter",
                 cfg.r, cfg.alpha
+            )));
+        }
+        // modules trained in full are written by a checkpoint's `export --format peft`, with
+        // PEFT's names and modules_to_save; here they would be unnamed and unlisted
+        if !self.saved_params.is_empty() {
+            return Err(ModelError::Adapter(format!(
+                "the model trains modules in full (modules_to_save {:?}): save it through a \
+                 checkpoint and `trainer export --format peft`",
+                self.saved_modules
             )));
         }
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;

@@ -41,9 +41,8 @@ pub struct AdapterConfig {
 /// PEFT settings that change what LoRA computes or where in ways not supported here: loading
 /// such an adapter as plain LoRA would be wrong (aLoRA applies only after its invocation tokens)
 /// or fail with a list of missing keys that does not say why.
-const UNSUPPORTED: [(&str, &str); 12] = [
+const UNSUPPORTED: [(&str, &str); 11] = [
     ("lora_bias", "a bias in lora_B"),
-    ("fan_in_fan_out", "transposed (Conv1D) weights"),
     ("trainable_token_indices", "trained token embeddings"),
     ("layer_replication", "replicated layers"),
     ("target_parameters", "LoRA on parameters, not modules"),
@@ -161,6 +160,13 @@ impl AdapterConfig {
                     "`{key}` ({what}) is not supported: LoRA and DoRA on linear layers load"
                 )));
             }
+        }
+        if is_set(v.get("fan_in_fan_out")) {
+            // (PEFT's dispatch_default sets it back to False for nn.Linear, with this warning)
+            tracing::warn!(
+                "adapter_config.json: fan_in_fan_out is true, but every layer LoRA targets here \
+                 is a Linear layer (not a transposed Conv1D): read as false, as PEFT does"
+            );
         }
         c.use_dora = match v.get("use_dora") {
             None | Some(Value::Null) => false,
@@ -318,7 +324,9 @@ impl AdapterConfig {
         // (as `TargetModules::compile`, but `all-linear` is a name only in target_modules)
         let choose = |what: &str, t: &TargetModules| -> Result<TargetMatcher, ModelError> {
             Ok(match t {
-                TargetModules::Regex(r) if r == ALL_LINEAR && what == "target_modules" => {
+                TargetModules::Regex(r)
+                    if r.eq_ignore_ascii_case(ALL_LINEAR) && what == "target_modules" =>
+                {
                     TargetMatcher::AllLinear
                 }
                 TargetModules::Regex(r) => {
@@ -642,11 +650,17 @@ fn parse_lora(v: &Value) -> Result<LoraConfig, ModelError> {
         Some(Value::Array(a)) => TargetModules::Names(strings(a, "target_modules")?),
         _ => return Err(bad("missing `target_modules`".into())),
     };
-    if v.get("bias")
-        .and_then(Value::as_str)
-        .is_some_and(|b| b != "none")
-    {
-        return Err(bad("only bias=\"none\" is supported".into()));
+    // "lora_only" and "all" save the biases PEFT trained beside the factors: a file that holds
+    // one is refused when its tensors are read (a targeted layer without a bias, as every
+    // attention projection here, saves none: plain LoRA)
+    match v.get("bias") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(b)) if ["none", "lora_only", "all"].contains(&b.as_str()) => {}
+        Some(x) => {
+            return Err(bad(format!(
+                "`bias` must be \"none\", \"lora_only\" or \"all\", not {x}"
+            )))
+        }
     }
     let use_rslora = typed("use_rslora", "true or false", Value::is_boolean)?
         .and_then(Value::as_bool)

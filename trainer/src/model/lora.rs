@@ -257,7 +257,8 @@ impl TargetModules {
     pub fn compile(&self) -> Result<TargetMatcher, ModelError> {
         Ok(match self {
             Self::Names(n) => TargetMatcher::Names(n.clone()),
-            Self::Regex(r) if r == ALL_LINEAR => TargetMatcher::AllLinear,
+            // (PEFT lowercases it first: "ALL-LINEAR" too)
+            Self::Regex(r) if r.eq_ignore_ascii_case(ALL_LINEAR) => TargetMatcher::AllLinear,
             Self::Regex(r) => TargetMatcher::Regex(
                 full_match(r)
                     .map_err(|e| ModelError::Adapter(format!("target_modules regex `{r}`: {e}")))?,
@@ -431,6 +432,9 @@ mod tests {
 
     #[test]
     fn all_linear_is_every_linear_but_the_output_layer() {
+        // (in any case, as PEFT lowercases it)
+        let upper = TargetModules::Regex("ALL-Linear".into()).compile().unwrap();
+        assert!(matches!(upper, TargetMatcher::AllLinear));
         let m = TargetModules::Regex(ALL_LINEAR.into()).compile().unwrap();
         for path in [
             "model.language_model.layers.3.mlp.down_proj",

@@ -137,6 +137,10 @@ pub struct MllamaModel {
     pub multi_modal_projector: Linear,
     pub text: TextModel,
     pub lm_head: Linear,
+    /// The LM head is the embedding's first `vocab_size` rows: `tie_word_embeddings` and no
+    /// `lm_head.weight` in the weights (transformers 5.24 never ties Mllama and loads the file's
+    /// `lm_head` whatever the flag says; a file without one has nothing else to use).
+    pub lm_head_tied: bool,
     /// Set once LoRA is applied or loaded.
     pub lora: Option<LoraConfig>,
     /// The dtype of LoRA factors, when not the model's (`set_lora_kind`).
@@ -365,7 +369,8 @@ impl MllamaModel {
             true,
         );
         let text = TextModel::load(&mut ld, &config.text, options.attention);
-        let lm_head = if config.text.tie_word_embeddings {
+        let lm_head_tied = config.text.tie_word_embeddings && !ld.has("lm_head.weight");
+        let lm_head = if lm_head_tied {
             let w = text.embed_tokens.narrow(0, 0, config.text.vocab_size);
             Linear {
                 path: "lm_head".into(),
@@ -390,6 +395,7 @@ impl MllamaModel {
             multi_modal_projector,
             text,
             lm_head,
+            lm_head_tied,
             lora: None,
             lora_kind: None,
             freeze_llm: false,
@@ -696,7 +702,7 @@ impl MllamaModel {
         self.vision.visit(f);
         visit_linear(&self.multi_modal_projector, f);
         self.text.visit(f);
-        if !self.config.text.tie_word_embeddings {
+        if !self.lm_head_tied {
             visit_linear(&self.lm_head, f);
         }
     }

@@ -424,6 +424,12 @@ impl<'a> Loader<'a> {
         self.device
     }
 
+    /// Whether the weights hold `canonical` (false for random initialisation).
+    pub fn has(&self, canonical: &str) -> bool {
+        self.src
+            .is_some_and(|src| src.entry(&self.layout.file_name(canonical)).is_some())
+    }
+
     /// The tensor `canonical` with the expected `shape`, or a placeholder while a problem is recorded.
     pub fn get(&mut self, canonical: &str, shape: &[i64]) -> Tensor {
         let Some(src) = self.src else {

@@ -137,7 +137,7 @@ impl FlopCount {
         };
         m.visit_params(&mut |n, t| add(n, t.numel() as f64, trains(n)));
         let c = &m.config.text;
-        if c.tie_word_embeddings {
+        if m.lm_head_tied {
             // lm_head is the embedding (not visited twice) but is a matmul
             add(
                 "lm_head.weight",
@@ -505,7 +505,7 @@ mod tests {
             }
         });
         let head_n = (t.vocab_size * t.hidden_size) as f64;
-        if !t.tie_word_embeddings {
+        if !m.lm_head_tied {
             text_n -= head_n; // visited as lm_head.weight
         }
         let hd = (t.num_attention_heads * t.head_dim()) as f64;
