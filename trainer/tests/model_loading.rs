@@ -276,6 +276,20 @@ fn weight_problems_are_listed_in_one_error() {
     );
 }
 
+/// Pixel values whose tiles are not the vision config's image_size are an input error saying
+/// so, not a panic deep in a reshape.
+#[test]
+fn pixel_tiles_of_another_size_are_an_input_error() {
+    let m = load("hf5");
+    let mut b = golden_batch("image2");
+    let images = b.images.as_mut().unwrap();
+    let s = images.pixel_values.size();
+    images.pixel_values = images.pixel_values.narrow(5, 0, s[5] - 1);
+    let err = m.forward(&b).unwrap_err();
+    assert!(matches!(err, ModelError::Input(_)), "{err}");
+    assert!(err.to_string().contains("image_size"), "{err}");
+}
+
 #[test]
 fn loads_in_bf16_converting_on_load() {
     let opts = LoadOptions {

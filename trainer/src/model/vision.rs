@@ -311,10 +311,16 @@ impl VisionModel {
     ) -> Result<VisionPrep, ModelError> {
         let c = &self.config;
         let s = pixel_values.size();
-        if s.len() != 6 || s[2] != c.max_num_tiles || s[3] != c.num_channels {
+        if s.len() != 6
+            || s[2] != c.max_num_tiles
+            || s[3] != c.num_channels
+            || s[4] != c.image_size
+            || s[5] != c.image_size
+        {
             return Err(ModelError::Input(format!(
-                "pixel_values: expected (B, images, {}, {}, H, W), found {s:?}",
-                c.max_num_tiles, c.num_channels
+                "pixel_values: expected (B, images, {}, {}, {}, {}), found {s:?} (tiles of the \
+                 vision config's image_size)",
+                c.max_num_tiles, c.num_channels, c.image_size, c.image_size
             )));
         }
         let (b, m, t) = (s[0], s[1], s[2]);
