@@ -609,6 +609,45 @@ fn resuming_with_another_weight_decay_notes_it() {
     );
 }
 
+/// A new run that changed only `train.output_dir`, in the same checkpoint.dir, is refused by
+/// `resume: auto` instead of silently continuing the last run's checkpoints; naming the
+/// checkpoint continues that run into the new output folder.
+#[test]
+fn auto_resume_into_another_output_dir_is_refused_unless_the_checkpoint_is_named() {
+    let train = |steps: u32| format!("epochs: 1, batch_size: 2, grad_accum: 1, max_steps: {steps}");
+    let out = fresh("other-output-dir");
+    ok(run(&out, 1, &train(2), &[], &[]), "first");
+    let other = out.join("experiment-b");
+    let set_other = format!("train.output_dir={}", other.display());
+    let refused = run(&out, 1, &train(3), &[&set_other], &[]);
+    assert_ne!(refused.code, Some(0), "{}", refused.stderr);
+    let named = out.join("ckpt/step-00000002");
+    for says in [
+        "saved by a run whose train.output_dir was".to_string(),
+        "(from checkpoint.dir: ..); this run writes to".to_string(),
+        format!("checkpoint.dir={}/checkpoints", other.display()),
+        format!("checkpoint.resume={}", named.display()),
+    ] {
+        assert!(refused.stderr.contains(&says), "{says}: {}", refused.stderr);
+    }
+    assert!(!other.join("metrics.jsonl").exists());
+    let set_named = format!("checkpoint.resume={}", named.display());
+    let continued = ok(
+        run(&out, 1, &train(3), &[&set_other, &set_named], &[]),
+        "named",
+    );
+    assert!(
+        continued.stderr.contains("resumed from"),
+        "{}",
+        continued.stderr
+    );
+    let steps: Vec<u64> = metrics(&other)
+        .iter()
+        .filter_map(|m| m["step"].as_u64())
+        .collect();
+    assert_eq!(steps, [3]);
+}
+
 /// A finished run launched again (`resume: auto`) has no step left: it says so and neither
 /// validates nor saves again (its metrics and checkpoints stay as they were).
 #[test]
@@ -944,6 +983,29 @@ fn a_record_that_fails_to_load_mid_epoch_leaves_a_checkpoint_of_the_last_step() 
         o.stderr
     );
     assert_same_run(&straight, &out, 10);
+}
+
+/// A panic in one rank's loader (a failed allocation, a broken invariant) takes the way out a
+/// record that fails to load takes: every rank stops together after a checkpoint of the last
+/// step, the error naming the panic (re-raised on the training thread, it skipped the agreement
+/// and the checkpoint, and the other ranks waited in the step's collectives).
+#[test]
+fn a_panic_in_a_ranks_loader_stops_every_rank_after_a_checkpoint() {
+    let train = "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 10";
+    let out = fresh("loader-panic");
+    let o = run(&out, 2, train, &[], &[("TRAINER_LOADER_PANIC_AT", "1:3")]);
+    assert_ne!(o.code, Some(0), "{}", o.stderr);
+    for says in [
+        "the batch after step 3 could not be loaded (its checkpoint is saved",
+        "TRAINER_LOADER_PANIC_AT fired at global batch 3",
+    ] {
+        assert!(o.stderr.contains(says), "{says}: {}", o.stderr);
+    }
+    assert_eq!(metrics(&out).len(), 3, "{}", o.stderr);
+    assert_eq!(
+        checkpoints(&out).last().map(String::as_str),
+        Some("step-00000003")
+    );
 }
 
 /// A validation record whose image fails to load (its header whole, its data cut) stops every

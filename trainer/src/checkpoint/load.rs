@@ -276,7 +276,13 @@ pub fn resume(
             p
         }
         ResumeFrom::Newest(p) => {
-            let named = named_for_its_step(&p).map_err(|e| resume_advice(e, &p));
+            // (output_dir is rank 0's folder: it alone checks, the others learn its verdict)
+            let named = named_for_its_step(&p)
+                .map_err(|e| resume_advice(e, &p))
+                .and_then(|()| match pg.rank() {
+                    0 => same_output_dir(&p, config),
+                    _ => Ok(()),
+                });
             super::agree(pg, device, named, || {
                 format!("checkpoint {}: another rank refused it", p.display())
             })?;
@@ -930,6 +936,35 @@ fn named_for_its_step(dir: &Path) -> Result<()> {
         ))),
         _ => Ok(()),
     }
+}
+
+/// `checkpoint.resume: auto` found `dir`, the newest checkpoint: it must be of a run that wrote
+/// to this run's `train.output_dir`, as seen from `checkpoint.dir` (checkpoints of older
+/// trainers, which did not record it, pass). A new experiment that changed only output_dir, in
+/// the default checkpoint.dir, would otherwise continue the last experiment's run, silently.
+fn same_output_dir(dir: &Path, config: &Config) -> Result<()> {
+    let Some(theirs) = super::manifest_field(dir, "output_dir_from_checkpoint_dir")
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+    else {
+        return Ok(());
+    };
+    let ours = super::output_dir_from_checkpoint_dir(config);
+    if theirs == ours {
+        return Ok(());
+    }
+    let out = config.train.output_dir.display();
+    bail!(
+        "checkpoint.resume: auto found {}, the newest checkpoint in checkpoint.dir {}, saved by a \
+         run whose train.output_dir was {} (from checkpoint.dir: {theirs}); this run writes to \
+         {out} ({ours}). To start a new run, give it its own checkpoint.dir (e.g. `--set \
+         checkpoint.dir={out}/checkpoints`); to continue that run into this output_dir, name the \
+         checkpoint: `--set checkpoint.resume={}`",
+        dir.display(),
+        config.checkpoint.dir.display(),
+        config.checkpoint.dir.join(&theirs).display(),
+        dir.display()
+    )
 }
 
 /// The config keys whose values differ between the checkpoint and `config`.

@@ -92,6 +92,12 @@ pub struct Manifest {
     /// `checkpoint.resume` says. Absent outside the launcher and from older trainers'.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launch_id: Option<String>,
+    /// The run's `train.output_dir` as a path from its `checkpoint.dir` (`..` for the defaults;
+    /// relative, so a run moved whole keeps it): `checkpoint.resume: auto` does not continue a
+    /// run into another run's output folder (a new experiment that changed only output_dir would
+    /// silently continue the last one's checkpoints). Absent from older trainers'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_dir_from_checkpoint_dir: Option<String>,
     /// The training run across resumes: drawn at a fresh start, kept by each resume. Retention
     /// (`checkpoint.keep_last`) removes checkpoints of its own run only (and older trainers'),
     /// never another run's in the same `checkpoint.dir`.

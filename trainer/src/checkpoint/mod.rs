@@ -626,6 +626,35 @@ impl Drop for ExportLock {
 /// `elsewhere`, what failed, as a [`crate::dist::FailedElsewhere`] naming the failed rank, the
 /// highest one when several failed): a rank that failed alone would leave the others waiting in
 /// their next collective until the timeout, reporting a dead peer.
+/// `dir` as an absolute path, symlinks resolved where it exists.
+fn absolute(dir: &Path) -> PathBuf {
+    std::fs::canonicalize(dir)
+        .or_else(|_| std::path::absolute(dir))
+        .unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// `path` as a path from `base` (both absolute): `..` for each of base's components past their
+/// common start, then the rest of `path`.
+fn path_from(base: &Path, path: &Path) -> PathBuf {
+    let (b, p): (Vec<_>, Vec<_>) = (base.components().collect(), path.components().collect());
+    let common = b.iter().zip(&p).take_while(|(x, y)| x == y).count();
+    let mut out: PathBuf = b[common..].iter().map(|_| "..").collect();
+    out.extend(&p[common..]);
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
+/// `train.output_dir` as a path from `checkpoint.dir`, as manifests record it
+/// (`Manifest::output_dir_from_checkpoint_dir`).
+pub(crate) fn output_dir_from_checkpoint_dir(config: &Config) -> String {
+    let ckpt = absolute(&config.checkpoint.dir);
+    path_from(&ckpt, &absolute(&config.train.output_dir))
+        .display()
+        .to_string()
+}
+
 pub(crate) fn agree<T>(
     pg: &crate::dist::ProcessGroup,
     device: tch::Device,
@@ -883,6 +912,23 @@ fn warn_once_left_alone(dir: &Path, manifest: &Path, problem: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A path from a folder to another: up to their common start, then down.
+    #[test]
+    fn paths_from_one_folder_to_another() {
+        let from = |a: &str, b: &str| path_from(Path::new(a), Path::new(b)).display().to_string();
+        assert_eq!(
+            from("/w/finetuned_model/fine-tuned", "/w/finetuned_model"),
+            ".."
+        );
+        assert_eq!(
+            from("/w/finetuned_model/fine-tuned", "/w/runB"),
+            "../../runB"
+        );
+        assert_eq!(from("/w/out", "/w/out/ckpt"), "ckpt");
+        assert_eq!(from("/w/out", "/w/out"), ".");
+        assert_eq!(from("/scratch/c", "/home/u/out"), "../../home/u/out");
+    }
 
     /// A checkpoint folder, a folder inside it, a symlink into it: found; its parent through
     /// `step-N/..`, or a folder beside it: not.

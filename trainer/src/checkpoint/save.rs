@@ -895,6 +895,7 @@ fn build_manifest(
         tensors,
         files,
         launch_id: launch_id(),
+        output_dir_from_checkpoint_dir: Some(super::output_dir_from_checkpoint_dir(config)),
         lineage: None,
         best_eval: p.best_eval,
         template_clock: Some(crate::data::template::template_clock()),

@@ -135,6 +135,18 @@ pub struct Dataset {
 
 const PREFETCH: usize = 2;
 
+/// Test hook: `TRAINER_LOADER_PANIC_AT=RANK:BATCH` makes that rank's loader panic while loading
+/// global batch BATCH (0-based, within its epoch).
+pub const LOADER_PANIC_ENV: &str = "TRAINER_LOADER_PANIC_AT";
+
+/// The global batch this rank's loader panics at (`LOADER_PANIC_ENV`; RANK 0 without a launcher).
+fn loader_panic_hook() -> Option<u64> {
+    let v = std::env::var(LOADER_PANIC_ENV).ok()?;
+    let (rank, batch) = v.split_once(':')?;
+    let ours = std::env::var("RANK").unwrap_or_else(|_| "0".into());
+    (rank == ours).then(|| batch.parse().ok()).flatten()
+}
+
 impl Dataset {
     /// Parse and pre-scan the split, then apply `data.bad_records` and the length policy: the
     /// first problem stops with `FILE:LINE: reason` and a count of all problems under `error`.
@@ -481,8 +493,30 @@ impl Dataset {
         };
         let inner = Arc::clone(&self.inner);
         let workers = self.inner.num_workers;
+        // a panic while loading (a failed allocation in libtorch, a broken invariant) is this
+        // micro-batch's error, so it takes the agreed way out every other load error takes (the
+        // training loop agrees on it with the other ranks and publishes the last checkpoint);
+        // re-raised on the training thread it skipped that and left the other ranks waiting
+        let panic_at = loader_panic_hook();
         let pool = OrderedPool::new(jobs, workers, PREFETCH, move |job: &MicroJob| {
-            load_micro(&inner, job, eval)
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if panic_at == Some(job.position.batch) {
+                    panic!(
+                        "{LOADER_PANIC_ENV} fired at global batch {}",
+                        job.position.batch
+                    );
+                }
+                load_micro(&inner, job, eval)
+            }))
+            .unwrap_or_else(|panic| {
+                let why = (panic.downcast_ref::<String>().cloned())
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic without a message".into());
+                Err(DataError::Loader(format!(
+                    "loading a micro-batch of samples {:?} failed: {why}",
+                    job.indices
+                )))
+            })
         });
         start_error(err, &pool, workers)
             .map(Err)
