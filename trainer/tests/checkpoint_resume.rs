@@ -648,6 +648,28 @@ fn auto_resume_into_another_output_dir_is_refused_unless_the_checkpoint_is_named
     assert_eq!(steps, [3]);
 }
 
+/// metrics.jsonl that rank 0 cannot reopen on a resume (here a folder stands in its place)
+/// stops every rank together, the others saying why, and the folder is left as it was.
+#[test]
+fn a_metrics_file_rank_0_cannot_open_stops_every_rank() {
+    let train = |steps: u32| format!("epochs: 1, batch_size: 2, grad_accum: 1, max_steps: {steps}");
+    let out = fresh("metrics-unopenable");
+    ok(run(&out, 2, &train(2), &[], &[]), "first");
+    let metrics_path = out.join("metrics.jsonl");
+    std::fs::remove_file(&metrics_path).unwrap();
+    std::fs::create_dir(&metrics_path).unwrap();
+    std::fs::write(metrics_path.join("keep"), "x").unwrap();
+    let o = run(&out, 2, &train(3), &[], &[]);
+    assert_ne!(o.code, Some(0), "{}", o.stderr);
+    for says in [
+        "rank 0 could not open metrics.jsonl in train.output_dir",
+        "metrics.jsonl",
+    ] {
+        assert!(o.stderr.contains(says), "{says}: {}", o.stderr);
+    }
+    assert!(metrics_path.join("keep").exists());
+}
+
 /// A finished run launched again (`resume: auto`) has no step left: it says so and neither
 /// validates nor saves again (its metrics and checkpoints stay as they were).
 #[test]
@@ -832,6 +854,13 @@ fn sigusr1_to_the_launcher_stops_training_with_a_checkpoint() {
     assert!(stderr.contains("not restarting"), "{stderr}");
 }
 
+/// SLURM's `--signal=USR2@90` stops the same way (it killed the ranks, its default action).
+#[test]
+fn sigusr2_to_the_launcher_stops_training_with_a_checkpoint() {
+    let stderr = signal_stops_training(libc::SIGUSR2, "SIGUSR2", 143);
+    assert!(stderr.contains("not restarting"), "{stderr}");
+}
+
 /// SIGTERM sent to one rank (not through the launcher): every rank stops after the same step
 /// with a checkpoint, and the launcher's summary names the rank the signal was sent to (the
 /// others, which exit 143 with it, wrote that they stopped because of it), whichever exits first.
@@ -940,6 +969,39 @@ fn signal_to_stop(rank: Option<usize>, sig: i32, name: &str, code: i32) -> Strin
         assert!(n.is_multiple_of(12) && n < step, "{kept:?}\n{stderr}");
     }
     stderr
+}
+
+/// A standalone `trainer train` that got a scheduler's notice (SIGUSR1) and is stopping still
+/// dies at a second Ctrl-C (the notice, kept as the stop signal, hid the first SIGINT).
+#[test]
+fn a_second_ctrl_c_after_a_notice_kills_at_once() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::time::{Duration, Instant};
+    let out = fresh("notice-then-ctrl-c");
+    let sets = ["checkpoint.every_steps=1000", "checkpoint.async=false"];
+    let mut child = command(
+        &out,
+        1,
+        "epochs: 50, batch_size: 2, grad_accum: 1",
+        &sets,
+        &[],
+        &[],
+    )
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let started = Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(true, |t| t.is_empty()) {
+        assert!(started.elapsed() < Duration::from_secs(120), "no step done");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for sig in [libc::SIGUSR1, libc::SIGINT, libc::SIGINT] {
+        // SAFETY: plain syscall to our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}");
 }
 
 /// An image whose header is whole but whose data is cut (the scan reads headers only) fails to

@@ -96,16 +96,22 @@ impl Meter {
             }),
         };
         let file = if rank == 0 {
-            let file = open_file(&config.train.output_dir, resumed, resumed_validated)?;
-            // (informational: a failure is a warning, not an error on rank 0 alone while the
-            // other ranks go on into collectives)
-            if let Err(e) = write_config(config) {
-                tracing::warn!("{e:#}");
-            }
-            Some(file)
+            open_file(&config.train.output_dir, resumed, resumed_validated).map(|file| {
+                // (informational: a failure is a warning, not an error on rank 0 alone while
+                // the other ranks go on into collectives)
+                if let Err(e) = write_config(config) {
+                    tracing::warn!("{e:#}");
+                }
+                Some(file)
+            })
         } else {
-            None
+            Ok(None)
         };
+        // (agreed: metrics.jsonl that cannot be opened or set aside stops every rank, not rank
+        // 0 alone with the others waiting in the first step's collectives)
+        let file = crate::checkpoint::agree(pg, device, file, || {
+            "rank 0 could not open metrics.jsonl in train.output_dir".to_string()
+        })?;
         // (informational: a failure is a warning, as for the resolved config above)
         let tensorboard = match rank == 0 && config.train.tensorboard {
             true => {
@@ -400,11 +406,18 @@ fn open_file(dir: &Path, resumed: Option<u64>, resumed_validated: bool) -> Resul
             .collect(),
         None => vec![],
     };
+    // the kept lines go into a new file that then replaces the old one: a kill while rewriting
+    // (truncating it in place) would lose the run's history
+    let fresh = dir.join("metrics.jsonl.partial");
     let mut file =
-        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        std::fs::File::create(&fresh).with_context(|| format!("creating {}", fresh.display()))?;
     for l in kept {
-        writeln!(file, "{l}")?;
+        writeln!(file, "{l}").with_context(|| format!("writing {}", fresh.display()))?;
     }
+    file.sync_all()
+        .with_context(|| format!("writing {}", fresh.display()))?;
+    std::fs::rename(&fresh, &path)
+        .with_context(|| format!("replacing {} with {}", path.display(), fresh.display()))?;
     Ok(file)
 }
 

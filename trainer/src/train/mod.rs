@@ -41,8 +41,8 @@ use metrics::{Meter, StepReport};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub steps: u64,
-    /// Stopped early by this signal (SIGTERM, SIGUSR1, SIGINT, SIGHUP) after a step and its
-    /// checkpoint: the caller exits 128 + it (143 for SIGUSR1, a scheduler's notice).
+    /// Stopped early by this signal (SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP) after a step and
+    /// its checkpoint: the caller exits 128 + it (143 for SIGUSR1/SIGUSR2, a scheduler's notice).
     pub stopped_by: Option<i32>,
     /// With `stopped_by`: what the stop was, for the launcher's error file (`signal::stop_note`).
     pub stop_note: Option<(String, Option<usize>)>,
@@ -83,10 +83,12 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let t = &config.train;
     crate::config::training_conflicts(config)?;
     crate::config::missing_paths(config)?;
+    // (before the rendezvous, which may wait minutes for the other ranks: a scheduler's notice
+    // then must not kill the rank)
+    signal::install_stop_handlers();
     // 1. Ranks and collectives.
     let (pg, device) = setup::process_group(config)?;
     let (rank, world) = (pg.rank(), pg.world_size());
-    signal::install_stop_handlers();
     same_settings::agree_settings(&pg, device, config)?;
     if let Some(note) = setup::fused_attention_note(config, device)? {
         metrics::log(rank, &note);

@@ -1,13 +1,14 @@
-//! Preemption: SIGTERM, or SIGUSR1 (a scheduler's notice before the time limit, SLURM's
-//! `--signal=USR1@90`, which the launcher passes on), records its number; after each step the ranks
-//! all-reduce it, so every rank stops after the same step (then a checkpoint is written and the
-//! process exits 143). SIGINT (Ctrl-C, forwarded by the launcher) and SIGHUP stop the same way
-//! (exit 130, 129); a second SIGINT kills at once, as the launcher's second Ctrl-C does. A signal
-//! ignored at start (`nohup`'s SIGHUP, SIGINT in a background job) stays ignored.
+//! Preemption: SIGTERM, or SIGUSR1 / SIGUSR2 (a scheduler's notice before the time limit,
+//! SLURM's `--signal=USR1@90`, which the launcher passes on), records its number; after each step
+//! the ranks all-reduce it, so every rank stops after the same step (then a checkpoint is written
+//! and the process exits 143). SIGINT (Ctrl-C, forwarded by the launcher) and SIGHUP stop the
+//! same way (exit 130, 129); a second SIGINT kills at once, as the launcher's second Ctrl-C does,
+//! also after another signal came first. A signal ignored at start (`nohup`'s SIGHUP, SIGINT in a
+//! background job) stays ignored.
 //! `TRAINER_STOP_AFTER_STEP=N` acts as a SIGTERM received during step N, and
 //! `TRAINER_STOP_DURING_VALIDATION=N` as one received while validating step N's checkpoint
 //! (tests).
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 
 use anyhow::Result;
 use tch::{Device, Tensor};
@@ -21,24 +22,26 @@ static SIGNALLED_RANK: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// Ranks below 2^20 fit beside the signal number in one all-reduced value.
 const RANK_BITS: u32 = 20;
 
+/// A SIGINT came (the next one kills at once, whatever signal stopped the run first).
+static SAW_SIGINT: AtomicBool = AtomicBool::new(false);
+
 extern "C" fn on_stop_signal(sig: libc::c_int) {
-    // async-signal-safe: one atomic operation (the first signal is kept), and for a second
-    // SIGINT signal() and raise() (a Ctrl-C after a scheduler's notice is a first one)
-    if STOP.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst) == Err(libc::SIGINT)
-        && sig == libc::SIGINT
-    {
+    // async-signal-safe: lock-free atomics (the first signal is kept), and for a second SIGINT
+    // signal() and raise() (a Ctrl-C after a scheduler's notice is a first one)
+    if sig == libc::SIGINT && SAW_SIGINT.swap(true, Ordering::SeqCst) {
         // SAFETY: both are async-signal-safe; the default action ends the process.
         unsafe {
             libc::signal(libc::SIGINT, libc::SIG_DFL);
             libc::raise(libc::SIGINT);
         }
     }
+    let _ = STOP.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
 }
 
-/// SIGTERM and SIGUSR1, from the start: a scheduler's stop during set-up stops after the first
-/// step, with its checkpoint.
+/// SIGTERM, SIGUSR1 and SIGUSR2, from the start: a scheduler's stop or notice during set-up
+/// (rendezvous included) stops after the first step, with its checkpoint.
 pub(super) fn install_stop_handlers() {
-    install(&[libc::SIGTERM, libc::SIGUSR1]);
+    install(&[libc::SIGTERM, libc::SIGUSR1, libc::SIGUSR2]);
 }
 
 /// SIGINT and SIGHUP, once the steps begin: during set-up (minutes of loading for an 11B model)
@@ -69,7 +72,8 @@ pub(crate) fn install_unless_ignored(sig: libc::c_int, handler: extern "C" fn(li
 }
 
 /// The exit code of a run stopped by `sig` after a step: 128 + it, as a shell reports a process
-/// that signal killed; SIGUSR1's notice (a scheduler's, before SIGTERM) counts as SIGTERM: 143.
+/// that signal killed; SIGUSR1's and SIGUSR2's notice (a scheduler's, before SIGTERM) counts as
+/// SIGTERM: 143.
 pub fn stop_exit_code(sig: i32) -> u8 {
     match sig {
         libc::SIGINT | libc::SIGHUP => 128 + sig as u8,
@@ -81,6 +85,7 @@ pub fn stop_exit_code(sig: i32) -> u8 {
 pub(super) fn name(sig: i32) -> &'static str {
     match sig {
         libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
         libc::SIGINT => "SIGINT",
         libc::SIGHUP => "SIGHUP",
         _ => "SIGTERM",
