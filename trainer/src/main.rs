@@ -540,11 +540,13 @@ fn main() -> ExitCode {
             launcher::error_file::record(&format!("{err:#}"), &error_detail(&err), cause(&err));
             ExitCode::FAILURE
         }
-        Err(_) => {
+        Err(payload) => {
+            // the panic that ended `run` is the payload's; the hook's record of it (with its
+            // place and backtrace) only when it is that one: a panic caught on another thread
+            // since (a decoder's on a malformed image, under bad_records: skip) is not the cause
             let last = LAST_PANIC.lock().ok().and_then(|mut p| p.take());
-            if let Some((message, detail)) = last {
-                launcher::error_file::record(&message, &detail, Cause::ThisRank);
-            }
+            let (message, detail) = panic_record(&panic_message(payload.as_ref()), last);
+            launcher::error_file::record(&message, &detail, Cause::ThisRank);
             ExitCode::from(101) // (Rust's exit code for a panic)
         }
     }
@@ -614,6 +616,25 @@ fn detail_of(debug: &str) -> String {
     }
 }
 
+/// The error file's (message, detail) for the panic whose message is `message`: the hook's
+/// record of the latest panic (`last`, with its place and backtrace) when it is that one, else
+/// the message alone.
+fn panic_record(message: &str, last: Option<(String, String)>) -> (String, String) {
+    match last {
+        Some((m, d)) if m.ends_with(&format!(": {message}")) => (m, d),
+        _ => (format!("panic: {message}"), message.to_string()),
+    }
+}
+
+/// A panic's message (its payload as text).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
+}
+
 /// The latest panic's (message, detail), for `main` to record if it ends the process.
 static LAST_PANIC: std::sync::Mutex<Option<(String, String)>> = std::sync::Mutex::new(None);
 
@@ -623,12 +644,7 @@ fn remember_panics() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
-        let payload = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".to_string());
+        let payload = panic_message(info.payload());
         let place = info
             .location()
             .map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
@@ -646,6 +662,28 @@ fn remember_panics() {
 
 #[cfg(test)]
 mod tests {
+    /// The error file names the panic that ended the run, not a later one caught elsewhere.
+    #[test]
+    fn the_recorded_panic_is_the_one_that_ended_the_run() {
+        let hooked = |m: &str| Some((format!("panic at src/x.rs:3: {m}"), format!("trace of {m}")));
+        assert_eq!(
+            super::panic_record("index out of bounds", hooked("index out of bounds")),
+            (
+                "panic at src/x.rs:3: index out of bounds".to_string(),
+                "trace of index out of bounds".to_string()
+            )
+        );
+        // a decoder's panic caught on a worker thread came last: not this one's record
+        assert_eq!(
+            super::panic_record("index out of bounds", hooked("bad huffman code")),
+            (
+                "panic: index out of bounds".to_string(),
+                "index out of bounds".to_string()
+            )
+        );
+        assert_eq!(super::panic_record("x", None).0, "panic: x");
+    }
+
     /// The error file's detail keeps this program's frames under a heading, and is the error's
     /// chain alone when none of them resolved (a heading over nothing, from a release build).
     #[test]
