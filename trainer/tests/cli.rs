@@ -394,6 +394,11 @@ fn a_missing_model_or_data_path_is_refused_before_ranks_start() {
             "data.train: /no/such/train.jsonl: no such file (from --set data.train=/no/such/train.jsonl)",
         ),
         (
+            "data.train=scripts/bench_decode.py",
+            "data.train: scripts/bench_decode.py is a Python file (llama-recipes' \
+             custom_dataset.file, a dataset loader): give the JSONL records it reads",
+        ),
+        (
             "data.eval=[tests/fixtures/train/train.jsonl, tests/fixtures]",
             "data.eval: tests/fixtures: a folder, not a JSONL file",
         ),

@@ -717,6 +717,48 @@ fn other_tools_names_are_answered_with_ours() {
     }
     // a typo of one of ours is still a typo
     assert!(set_error("train.epoch=2").contains("did you mean \"epochs\"?"));
+    // llama-recipes' names of what has no key here say so
+    for (set, says) in [
+        (
+            "batching_strategy=packing",
+            "no key: batches are always padded",
+        ),
+        (
+            "quantization=true",
+            "no key: quantized (4-bit or 8-bit) training",
+        ),
+        (
+            "fsdp_cpu_offload=true",
+            "no key: parameters and optimizer state stay",
+        ),
+        (
+            "pure_bf16=true",
+            "here it is fsdp.mixed_precision: bf16, the nearest",
+        ),
+    ] {
+        let e = set_error(set);
+        assert!(e.contains(says), "{set}: {e}");
+    }
+}
+
+/// One of our keys written in the wrong section, or at the top as llama-recipes' flat flags are
+/// (`--lr`), is answered with its section: an exact name elsewhere beats a typo here.
+#[test]
+fn a_key_of_another_section_is_named_with_its_section() {
+    for (set, ours) in [
+        ("lr=1e-5", "train.lr"),
+        ("seed=3", "train.seed"),
+        ("output_dir=out", "train.output_dir"),
+        ("dropout=0.1", "peft.dropout"),
+        ("peft.lr=1e-5", "train.lr"),
+        ("train.kind=cosine", "train.schedule.kind"),
+    ] {
+        let e = set_error(set);
+        assert!(
+            e.contains(&format!("(it is a key of another section: {ours})")),
+            "{set}: {e}"
+        );
+    }
 }
 
 /// A section written twice is named with the lines it is on (serde_yaml gives no place for a

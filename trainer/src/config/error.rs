@@ -39,11 +39,11 @@ pub enum ConfigError {
     },
 
     /// `path` names where the key sits (for a `--set`, the whole overridden key).
-    #[error("{path}: unknown key {key:?} ({})", hint(suggestion.as_deref(), valid))]
+    #[error("{path}: unknown key {key:?} ({})", hint(suggestion.as_ref(), valid))]
     UnknownKey {
         path: String,
         key: String,
-        suggestion: Option<String>,
+        suggestion: Option<Suggestion>,
         valid: Vec<String>,
     },
 
@@ -98,13 +98,31 @@ impl ConfigError {
     }
 }
 
-fn hint(suggestion: Option<&str>, valid: &[String]) -> String {
+/// What an unknown key most likely meant.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Suggestion {
+    /// A valid key of the same section, a typo away (or one it abbreviates or extends).
+    Typo(String),
+    /// Another tool's name for a key of this config (`OTHER_NAMES`): our full key, or, where
+    /// there is none, what to do instead (starting "no key").
+    OtherTool(String),
+    /// The same key name in other sections (`lr` at the top: `train.lr`).
+    OtherSection(Vec<String>),
+}
+
+fn hint(suggestion: Option<&Suggestion>, valid: &[String]) -> String {
     match suggestion {
-        // (another tool's name: our full key, which may sit in another section)
-        Some(s) if s.contains('.') => {
+        Some(Suggestion::OtherTool(s)) if s.starts_with("no key") => {
+            format!("that is llama-recipes', PEFT's or transformers' name; {s}")
+        }
+        Some(Suggestion::OtherTool(s)) => {
             format!("that is llama-recipes', PEFT's or transformers' name; here it is {s}")
         }
-        Some(s) => format!("did you mean {s:?}?"),
+        Some(Suggestion::OtherSection(keys)) => match &keys[..] {
+            [one] => format!("it is a key of another section: {one}"),
+            many => format!("it is a key of other sections: {}", many.join(", ")),
+        },
+        Some(Suggestion::Typo(s)) => format!("did you mean {s:?}?"),
         None if valid.is_empty() => "this section takes no keys".to_string(),
         None => format!("valid keys: {}", valid.join(", ")),
     }
@@ -112,15 +130,22 @@ fn hint(suggestion: Option<&str>, valid: &[String]) -> String {
 
 /// llama-recipes', PEFT's and Hugging Face Trainer's names for keys of this config (docs/config.md's
 /// last column), as (their name, our full key): a user coming from those writes them.
-const OTHER_NAMES: [(&str, &str); 32] = [
+const OTHER_NAMES: [(&str, &str); 42] = [
     ("model_name", "model.path"),
     ("use_fast_kernels", "model.attention"),
     ("use_peft", "peft.method"),
+    ("peft_method", "peft.method"),
+    ("fsdp_config", "fsdp"),
+    ("lora_r", "peft.r"),
     ("lora_alpha", "peft.alpha"),
     ("lora_dropout", "peft.dropout"),
     ("freeze_LLM_only", "peft.freeze_llm_only"),
     ("from_peft_checkpoint", "peft.init_from"),
-    ("custom_dataset", "data.train"),
+    (
+        "custom_dataset",
+        "data.train (the JSONL records its dataset file reads; their image folder is \
+         data.image_root)",
+    ),
     ("context_length", "data.max_seq_len"),
     ("num_workers_dataloader", "data.num_workers"),
     ("num_epochs", "train.epochs"),
@@ -146,7 +171,34 @@ const OTHER_NAMES: [(&str, &str); 32] = [
     ),
     ("save_model", "train.save_adapter"),
     ("enable_fsdp", "fsdp.enabled"),
-    ("pure_bf16", "fsdp.mixed_precision"),
+    (
+        "pure_bf16",
+        "fsdp.mixed_precision: bf16, the nearest (parameters gathered in bf16; fp32 master weights \
+         are kept, where pure_bf16 keeps none)",
+    ),
+    ("use_fp16", "fsdp.mixed_precision"),
+    ("gamma", "train.schedule.gamma"),
+    (
+        "gradient_clipping",
+        "train.grad_clip (a threshold; null: no clipping)",
+    ),
+    (
+        "use_wandb",
+        "train.tensorboard (TensorBoard event files; wandb is not built in)",
+    ),
+    (
+        "batching_strategy",
+        "no key: batches are always padded to their longest sample (llama-recipes' \"padding\"; \
+         \"packing\" is not offered)",
+    ),
+    (
+        "quantization",
+        "no key: quantized (4-bit or 8-bit) training is not offered",
+    ),
+    (
+        "fsdp_cpu_offload",
+        "no key: parameters and optimizer state stay on the GPU (no CPU offload)",
+    ),
     (
         "fsdp_activation_checkpointing",
         "fsdp.activation_checkpointing",

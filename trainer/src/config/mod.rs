@@ -25,7 +25,7 @@ mod validate;
 mod values;
 
 pub(crate) use error::suggest;
-pub use error::ConfigError;
+pub use error::{ConfigError, Suggestion};
 pub use schema::{
     Attention, Backend, BadRecords, CheckpointConfig, Config, DType, DataConfig, DataFiles,
     FsdpConfig, ImagePlaceholder, LengthPolicy, LoraTargets, ModelConfig, PeftConfig, PeftMethod,
@@ -145,6 +145,39 @@ fn parse_named(file: &str, text: &str, overrides: &[String]) -> Result<Config, C
     validate::validate(raw)
 }
 
+/// Every key of the config as its full path (`train.lr`, `train.schedule.kind`), read off the
+/// defaults of a minimal config.
+fn key_paths() -> &'static [String] {
+    fn walk(prefix: &str, v: &Value, out: &mut Vec<String>) {
+        match v {
+            // (an empty mapping, peft.rank_pattern's default, is a key's value)
+            Value::Mapping(m) if !m.is_empty() => {
+                for (k, v) in m {
+                    let k = k.as_str().unwrap_or_default();
+                    let path = match prefix {
+                        "" => k.to_string(),
+                        p => format!("{p}.{k}"),
+                    };
+                    walk(&path, v, out);
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+    static PATHS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    PATHS.get_or_init(|| {
+        let mut out = vec![];
+        let minimal = "model: {path: m}\ndata: {train: t.jsonl}\n";
+        if let Some(v) = parse(minimal, &[])
+            .ok()
+            .and_then(|c| serde_yaml::to_value(c).ok())
+        {
+            walk("", &v, &mut out);
+        }
+        out
+    })
+}
+
 /// Word a deserialization error for the user: suggestions for unknown keys, and the full key
 /// of the `--set` that introduced an unknown section (`--set pef.r=8` -> `pef.r: ...`).
 fn user_error(e: DeError, overrides: &[Override]) -> ConfigError {
@@ -158,11 +191,21 @@ fn user_error(e: DeError, overrides: &[Override]) -> ConfigError {
                 .map(Override::key_path)
                 .find(|k| *k == path || k.starts_with(&below))
                 .unwrap_or(path);
+            // another tool's name, then the same name in other sections (exact, so above a
+            // typo of this section's keys), then a typo
+            let elsewhere: Vec<String> = key_paths()
+                .iter()
+                .filter(|p| p.rsplit('.').next() == Some(key.as_str()) && **p != path)
+                .cloned()
+                .collect();
+            let suggestion = match error::other_name(&key) {
+                Some(ours) => Some(Suggestion::OtherTool(ours.to_string())),
+                None if !elsewhere.is_empty() => Some(Suggestion::OtherSection(elsewhere)),
+                None => error::suggest(&key, valid).map(|s| Suggestion::Typo(s.to_string())),
+            };
             ConfigError::UnknownKey {
                 path,
-                suggestion: error::other_name(&key)
-                    .or_else(|| error::suggest(&key, valid))
-                    .map(str::to_string),
+                suggestion,
                 valid: valid.iter().map(|v| v.to_string()).collect(),
                 key,
             }

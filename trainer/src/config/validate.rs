@@ -195,6 +195,18 @@ pub fn missing_data_paths(config: &Config) -> Result<(), ConfigError> {
                 };
                 return missing(key, format!("{}: {what}", f.display()));
             }
+            // llama-recipes' custom_dataset.file is a Python loader: the records are what it reads
+            if f.extension().is_some_and(|e| e == "py") {
+                return Err(ConfigError::Conflict {
+                    path: key.into(),
+                    message: format!(
+                        "{} is a Python file (llama-recipes' custom_dataset.file, a dataset \
+                         loader): give the JSONL records it reads (its data_path) as {key}, and \
+                         their images' folder (its image_base_path) as data.image_root",
+                        f.display()
+                    ),
+                });
+            }
         }
     }
     // (a folder named that is not there; records with absolute image paths do not read it, but
