@@ -11,6 +11,8 @@
 //! - [`gpus`]: `--nproc-per-node auto`.
 //! - [`token`]: random run ids and tokens.
 //! - [`shm`]: the ranks' shared-memory segment files (names, leftovers).
+//! - [`cli_note`]: a note for config settings given as flags (llama-recipes' habit).
+pub mod cli_note;
 pub mod env;
 pub mod error_file;
 pub mod flock;

@@ -1076,7 +1076,13 @@ fn setup_errors_are_one_clear_line() {
             vec!["--standalone", missing_cfg.to_str().unwrap()],
             "not found",
         ),
-        (vec!["--standalone", "train.py"], "is not a YAML config"),
+        (
+            vec!["--standalone", "train.py"],
+            "is not a YAML config (the trainer's, e.g. configs/llava-sco.yaml); to run a program \
+             on every rank use `launcher [OPTIONS] -- python train.py ARGS` (for programs that \
+             read the rank variables: one that calls torch.distributed's \
+             init_process_group(\"env://\") needs torchrun",
+        ),
         (
             vec!["--nnodes", "2", "--node-rank", "0", "--", "true"],
             "pass the same --run-id",
@@ -1299,6 +1305,17 @@ fn usage_errors_exit_2() {
             .contains("launcher [OPTIONS] -- python train.py ARGS"),
         "{}",
         script.stderr
+    );
+    // llama-recipes' flags after a config: the --set that gives them, not clap's `-- --lr`
+    let flag = run(
+        launcher(&["--standalone", "cfg.yaml", "--lr", "1e-5"]),
+        LIMIT,
+    );
+    assert_eq!(flag.code(), 2);
+    assert!(
+        flag.stderr.contains("`--set lr=1e-5`") && !flag.stderr.contains("tip:"),
+        "{}",
+        flag.stderr
     );
     // torchrun's --no-python is how this launcher always runs programs
     let no_python = run(

@@ -522,7 +522,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn main() -> ExitCode {
     trainer::logging::init();
     remember_panics();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // a config's settings given as flags (`train CONFIG.yaml --use_peft`): the --set
+            // that sets them, instead of clap's tip to pass the flag as a value
+            let invalid = match e.get(clap::error::ContextKind::InvalidArg) {
+                Some(clap::error::ContextValue::String(a)) => Some(a.clone()),
+                _ => None,
+            };
+            let args: Vec<String> = (std::env::args_os().skip(1))
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            match invalid.and_then(|a| launcher::cli_note::config_flag_note(&args, &a)) {
+                Some(note) => {
+                    let kept = launcher::cli_note::without_tips(&e.render().to_string());
+                    launcher::outcome::to_stderr(&format!("{kept}\n{note}\n"));
+                    return ExitCode::from(e.exit_code() as u8);
+                }
+                None => e.exit(),
+            }
+        }
+    };
     // for the launcher's (or torchrun's) summary, `TORCHELASTIC_ERROR_FILE` gets the error that
     // ends the process: its whole chain and each cause, or the panic that unwound out of `run`
     // (panics caught on the way, e.g. a decoder's on a malformed image, are not recorded)

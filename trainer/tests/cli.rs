@@ -104,6 +104,18 @@ fn an_unknown_bench_is_a_usage_error_listing_the_real_ones() {
     }
 }
 
+/// llama-recipes' habit, a setting given as a flag after the config, is answered with its
+/// `--set` (clap's tip, `-- --use_peft`, led to another error).
+#[test]
+fn a_setting_given_as_a_flag_is_answered_with_set() {
+    let (code, _, stderr) = trainer(&["train", "configs/demo.yaml", "--use_peft"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("`--set use_peft=true`") && !stderr.contains("tip:"),
+        "{stderr}"
+    );
+}
+
 /// An empty --stop string would end every turn at once (transformers refuses it too).
 #[test]
 fn an_empty_stop_string_is_a_usage_error() {

@@ -232,17 +232,29 @@ fn main() -> ExitCode {
                 .use_stderr()
                 .then(|| script_before_dashes(std::env::args_os().skip(1)))
                 .flatten();
-            match script {
-                Some(script) => {
+            let invalid = match e.get(clap::error::ContextKind::InvalidArg) {
+                Some(clap::error::ContextValue::String(a)) => Some(a.clone()),
+                _ => None,
+            };
+            let args: Vec<String> = (std::env::args_os().skip(1))
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let config_note = invalid.and_then(|a| launcher::cli_note::config_flag_note(&args, &a));
+            match (config_note, script) {
+                (Some(note), _) => {
+                    to_stderr(&launcher::cli_note::without_tips(&e.render().to_string()));
+                    to_stderr(&format!("\n{note}\n"));
+                }
+                (None, Some(script)) => {
                     // (clap's own tip there, "to pass '-m' as a value, use '-- -m'", would run
                     // `-m` as the program)
-                    to_stderr(&without_tips(&e.render().to_string()));
+                    to_stderr(&launcher::cli_note::without_tips(&e.render().to_string()));
                     to_stderr(&format!(
                         "\nnote: programs run after `--` (the launcher's own options come before it): \
                          launcher [OPTIONS] -- {script} ARGS\n"
                     ));
                 }
-                None => {
+                (None, None) => {
                     let _ = e.print();
                 }
             }
@@ -327,21 +339,6 @@ fn script_before_dashes(args: impl Iterator<Item = OsString>) -> Option<String> 
         false if a.contains('/') => a.clone(),
         false => format!("./{a}"),
     })
-}
-
-/// clap's message without its `tip:` lines (and the blank line before each).
-fn without_tips(message: &str) -> String {
-    let mut kept: Vec<&str> = Vec::new();
-    for line in message.lines() {
-        if line.trim_start().starts_with("tip:") {
-            if kept.last().is_some_and(|l| l.trim().is_empty()) {
-                kept.pop();
-            }
-            continue;
-        }
-        kept.push(line);
-    }
-    kept.iter().map(|l| format!("{l}\n")).collect()
 }
 
 /// Turns the command line (plus SLURM's variables) into a validated launch.
@@ -693,7 +690,7 @@ fn rank_command(cli: &Cli) -> Result<RankCommand> {
                     _ => "PROGRAM".to_string(),
                 };
                 bail!(
-                    "{} is not a YAML config; to run a program on every rank use `launcher [OPTIONS] -- {program} ARGS`",
+                    "{} is not a YAML config (the trainer's, e.g. configs/llava-sco.yaml); to run a program on every rank use `launcher [OPTIONS] -- {program} ARGS` (for programs that read the rank variables: one that calls torch.distributed's init_process_group(\"env://\") needs torchrun, as MASTER_PORT is this launcher's own store)",
                     config.display()
                 );
             }
@@ -1010,7 +1007,7 @@ mod tests {
         let err = Cli::command().try_get_matches_from(argv).unwrap_err();
         let full = err.render().to_string();
         assert!(full.contains("use '-- -m'"), "{full}");
-        let shown = without_tips(&full);
+        let shown = launcher::cli_note::without_tips(&full);
         assert!(
             !shown.contains("tip:") && !shown.contains("'-- -m'"),
             "{shown}"

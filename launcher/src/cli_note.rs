@@ -1,0 +1,75 @@
+//! A note for a command line that gives a config's keys as flags, as llama-recipes' scripts take
+//! them (`launcher CONFIG.yaml --lr 1e-5`, `trainer train CONFIG.yaml --use_peft`): clap's own
+//! tips there (`to pass '--lr' as a value, use '-- --lr'`) lead to another error.
+
+/// The note for `args` (the command line after the program's name) when clap refused the flag
+/// `invalid` after a YAML config: the same setting as `--set`. None when no config comes before it.
+pub fn config_flag_note(args: &[String], invalid: &str) -> Option<String> {
+    let args: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .take_while(|a| *a != "--")
+        .collect();
+    let config = args
+        .iter()
+        .position(|a| !a.starts_with('-') && (a.ends_with(".yaml") || a.ends_with(".yml")))?;
+    let at = config
+        + 1
+        + args[config + 1..]
+            .iter()
+            .position(|a| *a == invalid || a.starts_with(&format!("{invalid}=")))?;
+    let key = invalid.trim_start_matches('-');
+    let value = match args[at].split_once('=') {
+        Some((_, v)) => v,
+        None => match args.get(at + 1) {
+            Some(v) if !v.starts_with("--") => v,
+            _ => "true",
+        },
+    };
+    Some(format!(
+        "note: a config's settings are given after it with --set KEY=VALUE, not as flags: \
+         `--set {key}={value}` (the config check then names the key: llama-recipes' names are \
+         answered with ours, e.g. lr -> train.lr)"
+    ))
+}
+
+/// clap's message without its `tip:` lines (and the blank line before each).
+pub fn without_tips(message: &str) -> String {
+    let mut kept: Vec<&str> = Vec::new();
+    for line in message.lines() {
+        if line.trim_start().starts_with("tip:") {
+            if kept.last().is_some_and(|l| l.trim().is_empty()) {
+                kept.pop();
+            }
+            continue;
+        }
+        kept.push(line);
+    }
+    kept.iter().map(|l| format!("{l}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn flags_after_a_config_are_shown_as_set() {
+        let note = |a: &str, invalid: &str| config_flag_note(&args(a), invalid);
+        assert!(note("--nproc_per_node 2 cfg.yaml --lr 1e-5", "--lr")
+            .unwrap()
+            .contains("`--set lr=1e-5`"));
+        assert!(note("train cfg.yml --use_peft", "--use_peft")
+            .unwrap()
+            .contains("`--set use_peft=true`"));
+        assert!(note("cfg.yaml --num_epochs=3", "--num_epochs")
+            .unwrap()
+            .contains("`--set num_epochs=3`"));
+        // no config before it, or the flag only after `--`: not this case
+        assert_eq!(note("--lr 1e-5 cfg.yaml", "--lr"), None);
+        assert_eq!(note("--standalone -- python x.py --lr 1", "--lr"), None);
+    }
+}
