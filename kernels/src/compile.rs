@@ -152,7 +152,11 @@ fn trusted(dir: &Path) -> bool {
     let uid = unsafe { libc::geteuid() };
     match dir.parent().filter(|_| dir == temp_cache_dir()) {
         Some(user_dir) => private_folder(user_dir, uid),
-        None => owned_and_not_world_writable(dir, uid),
+        None => {
+            // (a folder named by LLAVA_SCO_KERNEL_CACHE that is not there yet is made, ours)
+            let _ = std::fs::create_dir_all(dir);
+            owned_and_not_world_writable(dir, uid)
+        }
     }
 }
 
@@ -342,7 +346,8 @@ mod tests {
             !owned_and_not_world_writable(&dir, uid.wrapping_add(1)),
             "another user's"
         );
-        assert!(!trusted(&dir.join("missing")));
+        // a folder not there yet is made, and is ours
+        assert!(trusted(&dir.join("new/cache")) && dir.join("new/cache").is_dir());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

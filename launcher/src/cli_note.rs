@@ -2,6 +2,35 @@
 //! them (`launcher CONFIG.yaml --lr 1e-5`, `trainer train CONFIG.yaml --use_peft`): clap's own
 //! tips there (`to pass '--lr' as a value, use '-- --lr'`) lead to another error.
 
+/// The note for clap's error `e` on this process's command line: only for a flag clap does not
+/// know and that is not a typo of one it does (`--max-restart` keeps clap's `--max-restarts`;
+/// `--lr` gets the note, not clap's `--local_ranks_filter`).
+pub fn for_clap_error(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(invalid)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    if let Some(ContextValue::String(near)) = e.get(ContextKind::SuggestedArg) {
+        if is_typo(invalid, near) {
+            return None;
+        }
+    }
+    let args: Vec<String> = (std::env::args_os().skip(1))
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    config_flag_note(&args, invalid)
+}
+
+/// Whether flag `typed` is a typo of flag `meant`: at most two edits, and fewer than a third of
+/// the longer one.
+fn is_typo(typed: &str, meant: &str) -> bool {
+    let d = strsim::osa_distance(typed, meant);
+    d <= 2 && 3 * d < typed.len().max(meant.len())
+}
+
 /// The note for `args` (the command line after the program's name) when clap refused the flag
 /// `invalid` after a YAML config: the same setting as `--set`. None when no config comes before it.
 pub fn config_flag_note(args: &[String], invalid: &str) -> Option<String> {
@@ -54,6 +83,14 @@ mod tests {
 
     fn args(s: &str) -> Vec<String> {
         s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn typos_of_real_flags_are_told_apart() {
+        assert!(is_typo("--max-restart", "--max-restarts"));
+        assert!(is_typo("--sett", "--set"));
+        assert!(!is_typo("--lr", "--local_ranks_filter"));
+        assert!(!is_typo("--use_peft", "--set"));
     }
 
     #[test]

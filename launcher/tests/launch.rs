@@ -1317,6 +1317,17 @@ fn usage_errors_exit_2() {
         "{}",
         flag.stderr
     );
+    // a typo of a real flag keeps clap's suggestion, not the config note
+    let typo = run(
+        launcher(&["--standalone", "cfg.yaml", "--max-restart", "3"]),
+        LIMIT,
+    );
+    assert_eq!(typo.code(), 2);
+    assert!(
+        typo.stderr.contains("'--max-restarts'") && !typo.stderr.contains("--set"),
+        "{}",
+        typo.stderr
+    );
     // torchrun's --no-python is how this launcher always runs programs
     let no_python = run(
         launcher(&["--standalone", "--no-python", "--", "true"]),

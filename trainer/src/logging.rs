@@ -184,6 +184,15 @@ pub fn rank_prefix() -> Option<String> {
         .map(|_| format!("[rank {}]", env_rank()))
 }
 
+/// A panic's message (its payload as text), for errors and the error file.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
+}
+
 /// Installs the global subscriber (stderr). Safe to call twice: the second call does nothing.
 pub fn init() {
     let prefix = rank_prefix();

@@ -527,14 +527,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // a config's settings given as flags (`train CONFIG.yaml --use_peft`): the --set
             // that sets them, instead of clap's tip to pass the flag as a value
-            let invalid = match e.get(clap::error::ContextKind::InvalidArg) {
-                Some(clap::error::ContextValue::String(a)) => Some(a.clone()),
-                _ => None,
-            };
-            let args: Vec<String> = (std::env::args_os().skip(1))
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect();
-            match invalid.and_then(|a| launcher::cli_note::config_flag_note(&args, &a)) {
+            match launcher::cli_note::for_clap_error(&e) {
                 Some(note) => {
                     let kept = launcher::cli_note::without_tips(&e.render().to_string());
                     launcher::outcome::to_stderr(&format!("{kept}\n{note}\n"));
@@ -566,7 +559,8 @@ fn main() -> ExitCode {
             // place and backtrace) only when it is that one: a panic caught on another thread
             // since (a decoder's on a malformed image, under bad_records: skip) is not the cause
             let last = LAST_PANIC.lock().ok().and_then(|mut p| p.take());
-            let (message, detail) = panic_record(&panic_message(payload.as_ref()), last);
+            let (message, detail) =
+                panic_record(&trainer::logging::panic_message(payload.as_ref()), last);
             launcher::error_file::record(&message, &detail, Cause::ThisRank);
             ExitCode::from(101) // (Rust's exit code for a panic)
         }
@@ -647,15 +641,6 @@ fn panic_record(message: &str, last: Option<(String, String)>) -> (String, Strin
     }
 }
 
-/// A panic's message (its payload as text).
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_string())
-}
-
 /// The latest panic's (message, detail), for `main` to record if it ends the process.
 static LAST_PANIC: std::sync::Mutex<Option<(String, String)>> = std::sync::Mutex::new(None);
 
@@ -665,7 +650,7 @@ fn remember_panics() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
-        let payload = panic_message(info.payload());
+        let payload = trainer::logging::panic_message(info.payload());
         let place = info
             .location()
             .map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));

@@ -648,6 +648,28 @@ fn auto_resume_into_another_output_dir_is_refused_unless_the_checkpoint_is_named
     assert_eq!(steps, [3]);
 }
 
+/// A metrics.jsonl line a kill cut mid-character is dropped on resume, not the whole history.
+#[test]
+fn a_cut_metrics_line_does_not_lose_the_history() {
+    use std::io::Write;
+    let train = |steps: u32| format!("epochs: 1, batch_size: 2, grad_accum: 1, max_steps: {steps}");
+    let out = fresh("metrics-cut-line");
+    let sets = ["checkpoint.every_steps=1"];
+    ok(run(&out, 1, &train(2), &sets, &[]), "first");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(out.join("metrics.jsonl"))
+        .unwrap();
+    f.write_all(b"{\"step\": 3, \"note\": \"caf\xc3").unwrap();
+    drop(f);
+    ok(run(&out, 1, &train(3), &sets, &[]), "resumed");
+    let steps: Vec<u64> = metrics(&out)
+        .iter()
+        .filter_map(|m| m["step"].as_u64())
+        .collect();
+    assert_eq!(steps, [1, 2, 3]);
+}
+
 /// metrics.jsonl that rank 0 cannot reopen on a resume (here a folder stands in its place)
 /// stops every rank together, the others saying why, and the folder is left as it was.
 #[test]
@@ -998,7 +1020,9 @@ fn a_second_ctrl_c_after_a_notice_kills_at_once() {
     for sig in [libc::SIGUSR1, libc::SIGINT, libc::SIGINT] {
         // SAFETY: plain syscall to our own child.
         unsafe { libc::kill(child.id() as i32, sig) };
-        std::thread::sleep(Duration::from_millis(20));
+        // (long enough for the handler to run, so the two SIGINTs do not merge into one; short
+        // beside the step and checkpoint the stop waits for)
+        std::thread::sleep(Duration::from_millis(5));
     }
     let status = child.wait().unwrap();
     assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}");

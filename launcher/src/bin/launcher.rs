@@ -232,15 +232,7 @@ fn main() -> ExitCode {
                 .use_stderr()
                 .then(|| script_before_dashes(std::env::args_os().skip(1)))
                 .flatten();
-            let invalid = match e.get(clap::error::ContextKind::InvalidArg) {
-                Some(clap::error::ContextValue::String(a)) => Some(a.clone()),
-                _ => None,
-            };
-            let args: Vec<String> = (std::env::args_os().skip(1))
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect();
-            let config_note = invalid.and_then(|a| launcher::cli_note::config_flag_note(&args, &a));
-            match (config_note, script) {
+            match (launcher::cli_note::for_clap_error(&e), script) {
                 (Some(note), _) => {
                     to_stderr(&launcher::cli_note::without_tips(&e.render().to_string()));
                     to_stderr(&format!("\n{note}\n"));

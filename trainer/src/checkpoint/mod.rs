@@ -622,15 +622,25 @@ impl Drop for ExportLock {
     }
 }
 
-/// `local` on this rank, made an error on every rank when it is one on any rank (the others get
-/// `elsewhere`, what failed, as a [`crate::dist::FailedElsewhere`] naming the failed rank, the
-/// highest one when several failed): a rank that failed alone would leave the others waiting in
-/// their next collective until the timeout, reporting a dead peer.
-/// `dir` as an absolute path, symlinks resolved where it exists.
+/// `dir` as an absolute path with its symlinks resolved: those of its deepest folder that exists
+/// (a folder not there yet, e.g. an output_dir removed since, is written under its real parent,
+/// as it would be once made).
 fn absolute(dir: &Path) -> PathBuf {
-    std::fs::canonicalize(dir)
-        .or_else(|_| std::path::absolute(dir))
-        .unwrap_or_else(|_| dir.to_path_buf())
+    let full = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let mut missing = vec![];
+    let mut at = full.as_path();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(at) {
+            return missing.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                at = parent;
+            }
+            _ => return full,
+        }
+    }
 }
 
 /// `path` as a path from `base` (both absolute): `..` for each of base's components past their
@@ -655,6 +665,10 @@ pub(crate) fn output_dir_from_checkpoint_dir(config: &Config) -> String {
         .to_string()
 }
 
+/// `local` on this rank, made an error on every rank when it is one on any rank (the others get
+/// `elsewhere`, what failed, as a [`crate::dist::FailedElsewhere`] naming the failed rank, the
+/// highest one when several failed): a rank that failed alone would leave the others waiting in
+/// their next collective until the timeout, reporting a dead peer.
 pub(crate) fn agree<T>(
     pg: &crate::dist::ProcessGroup,
     device: tch::Device,
@@ -912,6 +926,21 @@ fn warn_once_left_alone(dir: &Path, manifest: &Path, problem: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A folder that is not there is resolved through its real parent (a symlink on its path
+    /// resolved as for the folder that exists).
+    #[test]
+    fn a_missing_folder_is_resolved_through_its_real_parent() {
+        let root = std::env::temp_dir().join(format!("abs-test-{}", std::process::id()));
+        let real = root.join("real");
+        std::fs::create_dir_all(&real).unwrap();
+        std::os::unix::fs::symlink(&real, root.join("link")).unwrap();
+        let real = std::fs::canonicalize(&real).unwrap();
+        assert_eq!(absolute(&root.join("link/out/run")), real.join("out/run"));
+        std::fs::create_dir_all(real.join("out/run")).unwrap();
+        assert_eq!(absolute(&root.join("link/out/run")), real.join("out/run"));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     /// A path from a folder to another: up to their common start, then down.
     #[test]

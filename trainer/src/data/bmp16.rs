@@ -14,9 +14,14 @@ pub fn pillow_layout(b: &[u8]) -> Option<[u32; 3]> {
     if !b.starts_with(b"BM") || u32_at(14)? < 40 || u16_at(28)? != 16 {
         return None;
     }
-    match (u32_at(30)?, [u32_at(54)?, u32_at(58)?, u32_at(62)?]) {
-        (0, _) | (3, [0x7C00, 0x03E0, 0x001F]) => Some([5, 5, 5]),
-        (3, [0xF800, 0x07E0, 0x001F]) => Some([5, 6, 5]),
+    // (the masks only where they are given: a BI_RGB file of a few pixels ends before byte 66)
+    match u32_at(30)? {
+        0 => Some([5, 5, 5]),
+        3 => match [u32_at(54)?, u32_at(58)?, u32_at(62)?] {
+            [0x7C00, 0x03E0, 0x001F] => Some([5, 5, 5]),
+            [0xF800, 0x07E0, 0x001F] => Some([5, 6, 5]),
+            _ => None,
+        },
         _ => None,
     }
 }
@@ -88,6 +93,8 @@ mod tests {
         assert_eq!(pillow_layout(&bmp(3, [0xF00, 0xF0, 0xF])), None);
         assert_eq!(pillow_layout(&bmp(1, [0; 3])), None);
         assert_eq!(pillow_layout(b"BM\0\0"), None);
+        // a 1x1 BI_RGB file: its pixel ends at byte 58, before where masks would sit
+        assert_eq!(pillow_layout(&bmp(0, [0; 3])[..58]), Some([5, 5, 5]));
         let mut bits24 = bmp(0, [0; 3]);
         bits24[28] = 24;
         assert_eq!(pillow_layout(&bits24), None);

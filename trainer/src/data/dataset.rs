@@ -509,9 +509,7 @@ impl Dataset {
                 load_micro(&inner, job, eval)
             }))
             .unwrap_or_else(|panic| {
-                let why = (panic.downcast_ref::<String>().cloned())
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "a panic without a message".into());
+                let why = crate::logging::panic_message(panic.as_ref());
                 Err(DataError::Loader(format!(
                     "loading a micro-batch of samples {:?} failed: {why}",
                     job.indices

@@ -333,9 +333,10 @@ struct Found {
 }
 
 /// Every number in `s` (thousands separators removed first): integers, decimals, a sign only
-/// where a word does not touch it ("-2", not "step-2"), a decimal comma ("2,5"), exponents ("1e-5", "1.5 x 10^3",
+/// where a word does not touch it ("-2", not "step-2"), with `decimal_comma` a decimal comma
+/// ("2,5": a prediction's; a gold "1,5" is a list, the text it reads), exponents ("1e-5", "1.5 x 10^3",
 /// "1.5 × 10^3"), fractions of integers ("1/2"); a unit's power ("m/s^2", "cm²") is not a number.
-fn numbers(s: &str) -> Vec<Found> {
+fn numbers(s: &str, decimal_comma: bool) -> Vec<Found> {
     let b: Vec<char> = s.chars().map(ascii_number_char).collect();
     let (mut out, mut i, mut depth) = (Vec::new(), 0usize, 0i32);
     let digits = |from: usize| {
@@ -380,18 +381,18 @@ fn numbers(s: &str) -> Vec<Found> {
         }
         // a decimal comma ("2,5", "-0,75"): thousands groups of three were removed before, and
         // coordinates "(1,2)" and lists "1,2,3" stay numbers apart
-        let mut decimal_comma = false;
-        if b.get(j) == Some(&',') && !b[start..j].contains(&'.') && depth == 0 {
+        let mut comma_read = false;
+        if decimal_comma && b.get(j) == Some(&',') && !b[start..j].contains(&'.') && depth == 0 {
             let end = digits(j + 1);
             let in_list = (start > 0 && b[start - 1] == ',')
                 || (b.get(end) == Some(&',') && b.get(end + 1).is_some_and(char::is_ascii_digit));
             if end > j + 1 && end - (j + 1) != 3 && !in_list {
-                decimal_comma = true;
+                comma_read = true;
                 j = end;
             }
         }
         let text: String = b[start..j].iter().collect();
-        let text = if decimal_comma {
+        let text = if comma_read {
             text.replacen(',', ".", 1)
         } else {
             text
@@ -587,7 +588,7 @@ fn gold_number(s: &str) -> Option<f64> {
         None => t,
     };
     let t = strip_thousands(t.trim_start_matches(['$', '€', '£', '¥']));
-    let found = numbers(&t);
+    let found = numbers(&t, false);
     let Some(first) = found.first() else {
         // a gold answer that is a number in words ("three", "Three.", "twenty-one")
         let words: Vec<&str> = t
@@ -620,7 +621,7 @@ pub fn number_in(s: &str) -> Option<f64> {
     let cleaned = strip_thousands(&unwrapped);
     let chars: Vec<char> = cleaned.chars().collect();
     let lower: Vec<char> = chars.iter().map(char::to_ascii_lowercase).collect();
-    let found = numbers(&cleaned);
+    let found = numbers(&cleaned, true);
     let at = |k: usize, cue: &str| {
         cue.chars()
             .enumerate()
@@ -830,8 +831,10 @@ mod tests {
             // a decimal comma; coordinates and lists are numbers apart
             ("2,5", "2.5", true),
             ("The answer is -0,75 m", "-0.75", true),
-            ("2.5", "2,5", true),
             ("2,5", "5", false),
+            // (a gold "1,5" is a list of two, read as text)
+            ("1, 5", "1,5", true),
+            ("1.5", "1,5", false),
             ("(1,2)", "1.2", false),
             ("1,2,3", "1.2", false),
             ("1,2,3", "3", true),

@@ -389,9 +389,17 @@ fn open_file(dir: &Path, resumed: Option<u64>, resumed_validated: bool) -> Resul
         }
     }
     let path = dir.join("metrics.jsonl");
+    // (bytes, read lossily: a line a kill cut mid-character is dropped, not the whole history)
+    let earlier = match (resumed, std::fs::read(&path)) {
+        (None, _) => vec![],
+        (Some(_), Ok(bytes)) => bytes,
+        (Some(_), Err(e)) if e.kind() == std::io::ErrorKind::NotFound => vec![],
+        (Some(_), Err(e)) => {
+            return Err(anyhow::Error::new(e).context(format!("reading {}", path.display())))
+        }
+    };
     let kept: Vec<String> = match resumed {
-        Some(step) => std::fs::read_to_string(&path)
-            .unwrap_or_default()
+        Some(step) => String::from_utf8_lossy(&earlier)
             .lines()
             .filter(|l| {
                 let Ok(v) = serde_json::from_str::<Value>(l) else {

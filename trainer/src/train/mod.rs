@@ -83,12 +83,11 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let t = &config.train;
     crate::config::training_conflicts(config)?;
     crate::config::missing_paths(config)?;
-    // (before the rendezvous, which may wait minutes for the other ranks: a scheduler's notice
-    // then must not kill the rank)
-    signal::install_stop_handlers();
+    signal::install_notice_handlers();
     // 1. Ranks and collectives.
     let (pg, device) = setup::process_group(config)?;
     let (rank, world) = (pg.rank(), pg.world_size());
+    signal::install_stop_handlers();
     same_settings::agree_settings(&pg, device, config)?;
     if let Some(note) = setup::fused_attention_note(config, device)? {
         metrics::log(rank, &note);

@@ -38,10 +38,17 @@ extern "C" fn on_stop_signal(sig: libc::c_int) {
     let _ = STOP.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
 }
 
-/// SIGTERM, SIGUSR1 and SIGUSR2, from the start: a scheduler's stop or notice during set-up
-/// (rendezvous included) stops after the first step, with its checkpoint.
+/// SIGUSR1 and SIGUSR2, from the very start: a scheduler's notice during the rendezvous (which
+/// may wait minutes for the other ranks) must not kill the rank; it stops after the first step.
+pub(super) fn install_notice_handlers() {
+    install(&[libc::SIGUSR1, libc::SIGUSR2]);
+}
+
+/// SIGTERM, once the ranks have met: a stop during set-up stops after the first step, with its
+/// checkpoint (during the rendezvous, the launcher's SIGTERM for a peer that failed to start
+/// still ends the rank at once).
 pub(super) fn install_stop_handlers() {
-    install(&[libc::SIGTERM, libc::SIGUSR1, libc::SIGUSR2]);
+    install(&[libc::SIGTERM]);
 }
 
 /// SIGINT and SIGHUP, once the steps begin: during set-up (minutes of loading for an 11B model)
