@@ -1306,28 +1306,23 @@ fn usage_errors_exit_2() {
         "{}",
         script.stderr
     );
-    // llama-recipes' flags after a config: the --set that gives them, not clap's `-- --lr`
-    let flag = run(
-        launcher(&["--standalone", "cfg.yaml", "--lr", "1e-5"]),
-        LIMIT,
-    );
-    assert_eq!(flag.code(), 2);
-    assert!(
-        flag.stderr.contains("`--set lr=1e-5`") && !flag.stderr.contains("tip:"),
-        "{}",
-        flag.stderr
-    );
+    // llama-recipes' flags after a config: the --set that gives them, not clap's `-- --lr`;
     // a typo of a real flag keeps clap's suggestion, not the config note
-    let typo = run(
-        launcher(&["--standalone", "cfg.yaml", "--max-restart", "3"]),
-        LIMIT,
-    );
-    assert_eq!(typo.code(), 2);
-    assert!(
-        typo.stderr.contains("'--max-restarts'") && !typo.stderr.contains("--set"),
-        "{}",
-        typo.stderr
-    );
+    for (flag, says, not) in [
+        (["--lr", "1e-5"], "`--set lr=1e-5`", "tip:"),
+        (["--max-restart", "3"], "'--max-restarts'", "--set"),
+    ] {
+        let o = run(
+            launcher(&[&["--standalone", "cfg.yaml"][..], &flag].concat()),
+            LIMIT,
+        );
+        assert_eq!(o.code(), 2);
+        assert!(
+            o.stderr.contains(says) && !o.stderr.contains(not),
+            "{}",
+            o.stderr
+        );
+    }
     // torchrun's --no-python is how this launcher always runs programs
     let no_python = run(
         launcher(&["--standalone", "--no-python", "--", "true"]),

@@ -553,7 +553,7 @@ fn a_run_started_over_keeps_another_runs_checkpoint_of_the_same_step() {
 fn resume_longer(name: &str, sets: &[&str]) -> String {
     let out = fresh(name);
     let train = |steps: u32| format!("epochs: 2, batch_size: 4, grad_accum: 2, max_steps: {steps}");
-    ok(run(&out, 1, &train(3), sets, &[]), "first");
+    ok(run(&out, 1, &one_epoch_steps(3), sets, &[]), "first");
     let second = ok(run(&out, 1, &train(4), sets, &[]), "longer");
     assert!(second.stderr.contains("resumed from"), "{}", second.stderr);
     second.stderr
@@ -589,7 +589,7 @@ fn resuming_with_another_weight_decay_notes_it() {
     let out = fresh("weight-decay-change");
     let train = |steps: u32| format!("epochs: 2, batch_size: 4, grad_accum: 2, max_steps: {steps}");
     let sets = ["checkpoint.every_steps=3"];
-    ok(run(&out, 1, &train(3), &sets, &[]), "first");
+    ok(run(&out, 1, &one_epoch_steps(3), &sets, &[]), "first");
     let second = ok(
         run(
             &out,
@@ -609,17 +609,21 @@ fn resuming_with_another_weight_decay_notes_it() {
     );
 }
 
+/// `train` of a one-epoch run of `steps` steps of 2 samples.
+fn one_epoch_steps(steps: u32) -> String {
+    format!("epochs: 1, batch_size: 2, grad_accum: 1, max_steps: {steps}")
+}
+
 /// A new run that changed only `train.output_dir`, in the same checkpoint.dir, is refused by
 /// `resume: auto` instead of silently continuing the last run's checkpoints; naming the
 /// checkpoint continues that run into the new output folder.
 #[test]
 fn auto_resume_into_another_output_dir_is_refused_unless_the_checkpoint_is_named() {
-    let train = |steps: u32| format!("epochs: 1, batch_size: 2, grad_accum: 1, max_steps: {steps}");
     let out = fresh("other-output-dir");
-    ok(run(&out, 1, &train(2), &[], &[]), "first");
+    ok(run(&out, 1, &one_epoch_steps(2), &[], &[]), "first");
     let other = out.join("experiment-b");
     let set_other = format!("train.output_dir={}", other.display());
-    let refused = run(&out, 1, &train(3), &[&set_other], &[]);
+    let refused = run(&out, 1, &one_epoch_steps(3), &[&set_other], &[]);
     assert_ne!(refused.code, Some(0), "{}", refused.stderr);
     let named = out.join("ckpt/step-00000002");
     for says in [
@@ -633,7 +637,7 @@ fn auto_resume_into_another_output_dir_is_refused_unless_the_checkpoint_is_named
     assert!(!other.join("metrics.jsonl").exists());
     let set_named = format!("checkpoint.resume={}", named.display());
     let continued = ok(
-        run(&out, 1, &train(3), &[&set_other, &set_named], &[]),
+        run(&out, 1, &one_epoch_steps(3), &[&set_other, &set_named], &[]),
         "named",
     );
     assert!(
@@ -652,17 +656,16 @@ fn auto_resume_into_another_output_dir_is_refused_unless_the_checkpoint_is_named
 #[test]
 fn a_cut_metrics_line_does_not_lose_the_history() {
     use std::io::Write;
-    let train = |steps: u32| format!("epochs: 1, batch_size: 2, grad_accum: 1, max_steps: {steps}");
     let out = fresh("metrics-cut-line");
     let sets = ["checkpoint.every_steps=1"];
-    ok(run(&out, 1, &train(2), &sets, &[]), "first");
+    ok(run(&out, 1, &one_epoch_steps(2), &sets, &[]), "first");
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(out.join("metrics.jsonl"))
         .unwrap();
     f.write_all(b"{\"step\": 3, \"note\": \"caf\xc3").unwrap();
     drop(f);
-    ok(run(&out, 1, &train(3), &sets, &[]), "resumed");
+    ok(run(&out, 1, &one_epoch_steps(3), &sets, &[]), "resumed");
     let steps: Vec<u64> = metrics(&out)
         .iter()
         .filter_map(|m| m["step"].as_u64())
@@ -674,14 +677,13 @@ fn a_cut_metrics_line_does_not_lose_the_history() {
 /// stops every rank together, the others saying why, and the folder is left as it was.
 #[test]
 fn a_metrics_file_rank_0_cannot_open_stops_every_rank() {
-    let train = |steps: u32| format!("epochs: 1, batch_size: 2, grad_accum: 1, max_steps: {steps}");
     let out = fresh("metrics-unopenable");
-    ok(run(&out, 2, &train(2), &[], &[]), "first");
+    ok(run(&out, 2, &one_epoch_steps(2), &[], &[]), "first");
     let metrics_path = out.join("metrics.jsonl");
     std::fs::remove_file(&metrics_path).unwrap();
     std::fs::create_dir(&metrics_path).unwrap();
     std::fs::write(metrics_path.join("keep"), "x").unwrap();
-    let o = run(&out, 2, &train(3), &[], &[]);
+    let o = run(&out, 2, &one_epoch_steps(3), &[], &[]);
     assert_ne!(o.code, Some(0), "{}", o.stderr);
     for says in [
         "rank 0 could not open metrics.jsonl in train.output_dir",
@@ -1143,16 +1145,21 @@ fn a_validation_record_that_fails_to_load_stops_every_rank_after_the_checkpoint(
 #[test]
 fn a_resume_with_another_supervise_is_noted() {
     let out = fresh("supervise-note");
-    let train = |steps: u32| format!("epochs: 1, batch_size: 2, grad_accum: 1, max_steps: {steps}");
     ok(
-        run(&out, 1, &train(2), &["checkpoint.every_steps=2"], &[]),
+        run(
+            &out,
+            1,
+            &one_epoch_steps(2),
+            &["checkpoint.every_steps=2"],
+            &[],
+        ),
         "first",
     );
     let o = ok(
         run(
             &out,
             1,
-            &train(4),
+            &one_epoch_steps(4),
             &["checkpoint.every_steps=2", "data.supervise=last"],
             &[],
         ),
