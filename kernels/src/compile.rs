@@ -198,8 +198,8 @@ pub fn cached_ptx(src: &KernelSource, arch: &str) -> Result<String> {
         static WARNED: std::sync::Once = std::sync::Once::new();
         WARNED.call_once(|| {
             tracing::warn!(
-                "kernel cache {} is not this user's own folder, or everyone can write it \
-                 (another user could plant PTX there): compiling without it; set \
+                "kernel cache {} could not be made, is not this user's own folder, or everyone \
+                 can write it (another user could plant PTX there): compiling without it; set \
                  LLAVA_SCO_KERNEL_CACHE to a folder of yours",
                 dir.display()
             )
