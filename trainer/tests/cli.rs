@@ -116,6 +116,31 @@ fn a_setting_given_as_a_flag_is_answered_with_set() {
     );
 }
 
+/// The seed's inference.py and transformers' names of the generation flags are read as ours:
+/// --finetuning_path (the adapter), --max_new_tokens, --top_p.
+#[test]
+fn the_seeds_inference_flag_names_are_read() {
+    let (code, _, stderr) = trainer(&[
+        "infer",
+        "--finetuning_path",
+        "/no/such/lora",
+        "--question",
+        "q",
+        "--max_new_tokens",
+        "3",
+        "--top_p",
+        "0.5",
+    ]);
+    assert_eq!(
+        code, 1,
+        "read, then the missing adapter is the error: {stderr}"
+    );
+    assert!(
+        stderr.contains("/no/such/lora/adapter_config.json"),
+        "{stderr}"
+    );
+}
+
 /// An empty --stop string would end every turn at once (transformers refuses it too).
 #[test]
 fn an_empty_stop_string_is_a_usage_error() {

@@ -13,10 +13,11 @@ pub(crate) struct WeightsArgs {
     /// Hugging Face model folder (config.json, safetensors, tokenizer, preprocessor config);
     /// with --checkpoint it defaults to the run's model.path, with --adapter to the adapter's
     /// base_model_name_or_path when that is a folder here
-    #[arg(long, required_unless_present_any = ["checkpoint", "adapter"])]
+    #[arg(long, alias = "model_name", required_unless_present_any = ["checkpoint", "adapter"])]
     pub(crate) model: Option<PathBuf>,
-    /// PEFT adapter folder (ours or Python peft's, transformers 4 or 5 naming; LoRA or DoRA)
-    #[arg(long, conflicts_with = "checkpoint")]
+    /// PEFT adapter folder (ours or Python peft's, transformers 4 or 5 naming; LoRA or DoRA);
+    /// the seed's inference.py took it as --finetuning_path, which is read as this
+    #[arg(long, alias = "finetuning_path", conflicts_with = "checkpoint")]
     pub(crate) adapter: Option<PathBuf>,
     /// A training checkpoint folder (step-NNNNNNNN) whose trained weights to use (LoRA or full
     /// finetuning; no export needed)
@@ -88,16 +89,21 @@ pub(crate) struct GenerationArgs {
     /// With sampling: the K most likely tokens only, before top-p (0 = off). Default: the
     /// model's generation_config.json top_k, else 50 (transformers' default), as the seed's
     /// `generate` call, which did not pass it, got it
-    #[arg(long)]
+    #[arg(long, alias = "top_k")]
     top_k: Option<usize>,
     /// With sampling: the smallest set of most likely tokens whose probabilities add up to this
     /// (nucleus sampling, after top-k); 1 = off [default: 0.9, the seed's]
-    #[arg(long, value_parser = parse_top_p, allow_negative_numbers = true)]
+    #[arg(long, alias = "top_p", value_parser = parse_top_p, allow_negative_numbers = true)]
     top_p: Option<f64>,
     /// transformers' repetition_penalty: logits of tokens already in the sequence divided by it
     /// (multiplied where negative); 1 = off. Default: the model's generation_config.json
     /// repetition_penalty, else 1, as the seed's generate call got it
-    #[arg(long, value_parser = parse_repetition_penalty, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        alias = "repetition_penalty",
+        value_parser = parse_repetition_penalty,
+        allow_negative_numbers = true
+    )]
     repetition_penalty: Option<f64>,
     /// End a turn once its text holds this string (kept in the text; repeatable), as
     /// transformers' stop_strings, e.g. --stop "</CONCLUSION>"
@@ -105,7 +111,7 @@ pub(crate) struct GenerationArgs {
     pub(crate) stop: Vec<String>,
     /// A turn that reaches it is cut off (eval scores it wrong unless its conclusion closed); the
     /// seed's inference used 2048
-    #[arg(long, default_value_t = 2048, value_parser = parse_max_new_tokens, allow_negative_numbers = true)]
+    #[arg(long, alias = "max_new_tokens", default_value_t = 2048, value_parser = parse_max_new_tokens, allow_negative_numbers = true)]
     max_new_tokens: usize,
     /// With sampling: the seed of the token draws (the same seed, the same text)
     #[arg(long, default_value_t = 0)]
