@@ -198,7 +198,13 @@ fn read_bench_line(
             .filter(|k| !BENCH_FIELDS.contains(&k.as_str()))
             .cloned(),
     );
-    let item: BenchItem = serde_json::from_value(value).map_err(|e| without_line(&e))?;
+    let item: BenchItem = serde_json::from_value(value.clone()).map_err(|e| {
+        let why = without_line(&e);
+        match field_named_otherwise(&why, fields) {
+            Some(note) => format!("{why} ({note})"),
+            None => why,
+        }
+    })?;
     // (before the other checks: a later line that repeats a bad line's id is named too)
     if let Some(first) = seen.insert(item.id.clone(), number) {
         return Err(format!("id {:?} repeats the one on line {first}", item.id));
@@ -227,10 +233,48 @@ fn read_bench_line(
     Ok(item)
 }
 
+/// Other benchmarks' names for the fields a line must have (MathVista's `query`, `pid`, ...).
+const FIELD_SYNONYMS: [(&str, &[&str]); 4] = [
+    (
+        "id",
+        &["pid", "question_id", "qid", "index", "idx", "sample_id"],
+    ),
+    (
+        "question",
+        &["query", "prompt", "problem", "text", "instruction"],
+    ),
+    (
+        "answer",
+        &["gt", "ground_truth", "label", "target", "solution"],
+    ),
+    (
+        "image",
+        &["image_path", "img", "image_file", "decoded_image"],
+    ),
+];
+
+/// For serde's "missing field `question`" on a line that has `query`: the rename that fixes it.
+fn field_named_otherwise(
+    error: &str,
+    fields: &serde_json::Map<String, serde_json::Value>,
+) -> Option<String> {
+    let missing = error.strip_prefix("missing field `")?.split('`').next()?;
+    let (_, others) = FIELD_SYNONYMS.iter().find(|(f, _)| *f == missing)?;
+    let found = others.iter().find(|o| fields.contains_key(**o))?;
+    Some(format!("this line has `{found}`: rename it to `{missing}`"))
+}
+
 /// Reads BENCH.jsonl; every bad line is named by FILE:LINE, all in one error.
 pub fn read_bench(path: &Path) -> Result<Vec<(usize, BenchItem)>, EvalError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| EvalError::Io(format!("{file}: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let local = match e.kind() {
+            // (a Hub dataset id, `AI4Math/MathVista`, is not downloaded)
+            std::io::ErrorKind::NotFound => " (--data is a local JSONL file, one {\"id\", \"image\", \"question\", \"answer\"} object per line; a Hub dataset is not downloaded: write its questions to such a file first)",
+            _ => "",
+        };
+        EvalError::Io(format!("{file}: {e}{local}"))
+    })?;
     // (a byte-order mark, as Windows editors save UTF-8, is not part of the first line)
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut items = Vec::new();
@@ -968,6 +1012,18 @@ mod tests {
         std::fs::write(&path, [good, "{not json"].join("\n")).unwrap();
         let e = read_bench(&path).unwrap_err().to_string();
         assert!(e.starts_with(&format!("{f}:2: ")), "{e}");
+        // another benchmark's field names (MathVista's query): the rename is named
+        let mathvista = r#"{"pid": "1", "image": "x.png", "query": "q?", "answer": "4"}"#;
+        std::fs::write(&path, mathvista).unwrap();
+        let e = read_bench(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("missing field `id` (this line has `pid`: rename it to `id`)"),
+            "{e}"
+        );
+        let e = read_bench(&dir.join("AI4Math/MathVista"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--data is a local JSONL file"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
