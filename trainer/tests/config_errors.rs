@@ -741,6 +741,24 @@ fn other_tools_names_are_answered_with_ours() {
     }
 }
 
+/// llama-recipes' booleans given to what is a choice here say which choice they mean.
+#[test]
+fn llama_recipes_booleans_name_the_choice() {
+    for (set, says) in [
+        (
+            "fsdp.mixed_precision=true",
+            "(llama-recipes' mixed_precision: true is bf16 here, false fp32), got true",
+        ),
+        (
+            "train.save_adapter=false",
+            "(llama-recipes' save_model: true is hf5 here, false none), got false",
+        ),
+    ] {
+        let e = set_error(set);
+        assert!(e.contains(says), "{set}: {e}");
+    }
+}
+
 /// One of our keys written in the wrong section, or at the top as llama-recipes' flat flags are
 /// (`--lr`), is answered with its section: an exact name elsewhere beats a typo here.
 #[test]

@@ -627,6 +627,20 @@ impl Drop for ExportLock {
 /// as it would be once made).
 fn absolute(dir: &Path) -> PathBuf {
     let full = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    if let Ok(real) = std::fs::canonicalize(&full) {
+        return real;
+    }
+    // (not there: its `..` taken by their text, `missing/..` having no folder to resolve)
+    let full: PathBuf = full.components().fold(PathBuf::new(), |mut p, c| {
+        match c {
+            std::path::Component::ParentDir => {
+                p.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => p.push(c),
+        }
+        p
+    });
     let mut missing = vec![];
     let mut at = full.as_path();
     loop {
@@ -937,6 +951,7 @@ mod tests {
         std::os::unix::fs::symlink(&real, root.join("link")).unwrap();
         let real = std::fs::canonicalize(&real).unwrap();
         assert_eq!(absolute(&root.join("link/out/run")), real.join("out/run"));
+        assert_eq!(absolute(&root.join("link/gone/../out")), real.join("out"));
         std::fs::create_dir_all(real.join("out/run")).unwrap();
         assert_eq!(absolute(&root.join("link/out/run")), real.join("out/run"));
         std::fs::remove_dir_all(&root).unwrap();
