@@ -168,15 +168,6 @@ fn nvrtc_verdict(
     }
 }
 
-/// The NVRTC in use: its version and the file it was loaded from (`ensure_nvrtc` first).
-pub fn nvrtc_in_use() -> Option<((i32, i32), String)> {
-    let (mut major, mut minor) = (0, 0);
-    // SAFETY: plain out-parameters; only called once NVRTC is loaded.
-    let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
-    status.result().ok()?;
-    Some(((major, minor), loaded_nvrtc_path()?))
-}
-
 /// Why the driver refused the kernels' PTX as too new (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`): an
 /// NVRTC newer than the driver (a CUDA toolkit's, found before the torch wheel's) wrote it.
 /// `driver`: `cuDriverGetVersion`'s 1000 * major + 10 * minor.
@@ -195,7 +186,7 @@ pub fn ptx_too_new(nvrtc: Option<((i32, i32), String)>, driver: Option<i32>) -> 
 }
 
 /// The file the NVRTC that cudarc uses was loaded from (`dladdr` on its `nvrtcVersion`).
-fn loaded_nvrtc_path() -> Option<String> {
+pub(crate) fn loaded_nvrtc_path() -> Option<String> {
     // SAFETY: the library is loaded (`ensure_loaded` above) and the symbol has this signature;
     // dladdr only reads the loader's tables for the address.
     unsafe {

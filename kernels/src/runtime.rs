@@ -131,10 +131,13 @@ impl Gpu {
                         let mut driver = 0;
                         // SAFETY: a plain out-parameter.
                         let known = unsafe { sys::cuDriverGetVersion(&mut driver) }.result();
-                        let why = cuda_libs::ptx_too_new(
-                            cuda_libs::nvrtc_in_use(),
-                            known.ok().map(|()| driver),
-                        );
+                        let nvrtc = compile::nvrtc_version().ok().map(|v| {
+                            (
+                                v,
+                                cuda_libs::loaded_nvrtc_path().unwrap_or("libnvrtc".into()),
+                            )
+                        });
+                        let why = cuda_libs::ptx_too_new(nvrtc, known.ok().map(|()| driver));
                         return Err(KernelError::Unsupported(why));
                     }
                     Err(e) => return Err(driver_err("cuModuleLoadData")(e)),

@@ -62,6 +62,11 @@ pub fn config_flag_note(args: &[String], invalid: &str) -> Option<String> {
     ))
 }
 
+/// clap's message for `e` with `note` in place of its `tip:` lines.
+pub fn with_note(e: &clap::Error, note: &str) -> String {
+    format!("{}\n{note}\n", without_tips(&e.render().to_string()))
+}
+
 /// clap's message without its `tip:` lines (and the blank line before each).
 pub fn without_tips(message: &str) -> String {
     let mut kept: Vec<&str> = Vec::new();

@@ -205,30 +205,31 @@ fn two_launchers_form_one_world_of_four() {
     assert_no_survivors(&groups);
 }
 
+/// Two nodes of one rank each (sleeping 120 s); once both run, node `killed`'s launcher is
+/// SIGKILLed (no word to the other): the other node's run.
+fn one_of_two_nodes_killed(name: &str, killed: usize) -> Run {
+    let dir = Scratch::new(name);
+    let port = free_port().to_string();
+    let node = |rank| {
+        let (extra, rank_args) = (["--grace-period", "2"], ["--sleep", "120"]);
+        spawn_node(dir.path(), &port, name, ("2", rank), &extra, &rank_args)
+    };
+    let started = Instant::now();
+    let mut nodes = [node("0"), node("1")];
+    wait_for_file(&dir.path().join("env-1-0"), LIMIT);
+    nodes[killed].kill().unwrap();
+    nodes[killed].wait().unwrap();
+    let [node0, node1] = nodes;
+    let survivor = if killed == 0 { node1 } else { node0 };
+    wait(survivor, started, Duration::from_secs(90))
+}
+
 /// A node whose launcher dies (SIGKILL: no word to the others) is found by node 0 after the
 /// heartbeat timeout (30 s); the summary names that node, and node 0 does not then wait for it to
 /// acknowledge the end (it waited 10 s more for the lost node).
 #[test]
 fn a_lost_node_is_named_and_not_waited_for() {
-    let dir = Scratch::new("lost-node");
-    let port = free_port().to_string();
-    let node = |rank| {
-        let (extra, rank_args) = (["--grace-period", "2"], ["--sleep", "120"]);
-        spawn_node(
-            dir.path(),
-            &port,
-            "lost-node",
-            ("2", rank),
-            &extra,
-            &rank_args,
-        )
-    };
-    let started = Instant::now();
-    let (node0, mut node1) = (node("0"), node("1"));
-    wait_for_file(&dir.path().join("env-1-0"), LIMIT);
-    node1.kill().unwrap();
-    node1.wait().unwrap();
-    let run0 = wait(node0, started, Duration::from_secs(90));
+    let run0 = one_of_two_nodes_killed("lost-node", 1);
     assert_ne!(run0.code(), 0, "{}", run0.stderr);
     assert!(
         run0.stderr
@@ -248,25 +249,7 @@ fn a_lost_node_is_named_and_not_waited_for() {
 /// root cause, not itself.
 #[test]
 fn a_lost_node_0_is_named_by_the_node_that_notices() {
-    let dir = Scratch::new("lost-node-0");
-    let port = free_port().to_string();
-    let node = |rank| {
-        let (extra, rank_args) = (["--grace-period", "2"], ["--sleep", "120"]);
-        spawn_node(
-            dir.path(),
-            &port,
-            "lost-node-0",
-            ("2", rank),
-            &extra,
-            &rank_args,
-        )
-    };
-    let started = Instant::now();
-    let (mut node0, node1) = (node("0"), node("1"));
-    wait_for_file(&dir.path().join("env-1-0"), LIMIT);
-    node0.kill().unwrap();
-    node0.wait().unwrap();
-    let run1 = wait(node1, started, Duration::from_secs(90));
+    let run1 = one_of_two_nodes_killed("lost-node-0", 0);
     assert_ne!(run1.code(), 0, "{}", run1.stderr);
     for says in [
         "lost contact with the other nodes",

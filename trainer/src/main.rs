@@ -529,8 +529,7 @@ fn main() -> ExitCode {
             // that sets them, instead of clap's tip to pass the flag as a value
             match launcher::cli_note::for_clap_error(&e) {
                 Some(note) => {
-                    let kept = launcher::cli_note::without_tips(&e.render().to_string());
-                    launcher::outcome::to_stderr(&format!("{kept}\n{note}\n"));
+                    launcher::outcome::to_stderr(&launcher::cli_note::with_note(&e, &note));
                     return ExitCode::from(e.exit_code() as u8);
                 }
                 None => e.exit(),

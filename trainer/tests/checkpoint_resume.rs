@@ -934,6 +934,16 @@ fn rank_pid(launcher: u32, rank: usize) -> Option<i32> {
     })
 }
 
+/// Waits until the run writing into `out` has done a step (metrics.jsonl has a line).
+fn wait_for_a_step(out: &std::path::Path) {
+    use std::time::{Duration, Instant};
+    let started = Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(true, |t| t.is_empty()) {
+        assert!(started.elapsed() < Duration::from_secs(120), "no step done");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `signal_stops_training` with the signal sent to rank `rank` alone (None: to the launcher).
 fn signal_to_stop(rank: Option<usize>, sig: i32, name: &str, code: i32) -> String {
     use std::process::Stdio;
@@ -954,12 +964,8 @@ fn signal_to_stop(rank: Option<usize>, sig: i32, name: &str, code: i32) -> Strin
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    // once a step is done (metrics.jsonl has a line), the notice
-    let started = Instant::now();
-    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(true, |t| t.is_empty()) {
-        assert!(started.elapsed() < Duration::from_secs(120), "no step done");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // once a step is done, the notice
+    wait_for_a_step(&out);
     let target = match rank {
         None => child.id() as i32,
         Some(r) => rank_pid(child.id(), r).expect("the rank's process"),
@@ -1014,11 +1020,7 @@ fn a_second_ctrl_c_after_a_notice_kills_at_once() {
     .stderr(std::process::Stdio::null())
     .spawn()
     .unwrap();
-    let started = Instant::now();
-    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(true, |t| t.is_empty()) {
-        assert!(started.elapsed() < Duration::from_secs(120), "no step done");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_a_step(&out);
     let pid = child.id() as i32;
     // SAFETY: plain syscalls to our own child.
     unsafe { libc::kill(pid, libc::SIGUSR1) };

@@ -718,7 +718,7 @@ fn other_tools_names_are_answered_with_ours() {
     // a typo of one of ours is still a typo
     assert!(set_error("train.epoch=2").contains("did you mean \"epochs\"?"));
     // llama-recipes' names of what has no key here say so
-    for (set, says) in [
+    set_errors_say([
         (
             "batching_strategy=packing",
             "no key: batches are always padded",
@@ -735,16 +735,21 @@ fn other_tools_names_are_answered_with_ours() {
             "pure_bf16=true",
             "here it is fsdp.mixed_precision: bf16, the nearest",
         ),
-    ] {
+    ]);
+}
+
+/// Each `--set` fails with an error that says its text.
+fn set_errors_say<S: AsRef<str>>(cases: impl IntoIterator<Item = (&'static str, S)>) {
+    for (set, says) in cases {
         let e = set_error(set);
-        assert!(e.contains(says), "{set}: {e}");
+        assert!(e.contains(says.as_ref()), "{set}: {e}");
     }
 }
 
 /// llama-recipes' booleans given to what is a choice here say which choice they mean.
 #[test]
 fn llama_recipes_booleans_name_the_choice() {
-    for (set, says) in [
+    set_errors_say([
         (
             "fsdp.mixed_precision=true",
             "(llama-recipes' mixed_precision: true is bf16 here, false fp32), got true",
@@ -753,30 +758,24 @@ fn llama_recipes_booleans_name_the_choice() {
             "train.save_adapter=false",
             "(llama-recipes' save_model: true is hf5 here, false none), got false",
         ),
-    ] {
-        let e = set_error(set);
-        assert!(e.contains(says), "{set}: {e}");
-    }
+    ]);
 }
 
 /// One of our keys written in the wrong section, or at the top as llama-recipes' flat flags are
 /// (`--lr`), is answered with its section: an exact name elsewhere beats a typo here.
 #[test]
 fn a_key_of_another_section_is_named_with_its_section() {
-    for (set, ours) in [
-        ("lr=1e-5", "train.lr"),
-        ("seed=3", "train.seed"),
-        ("output_dir=out", "train.output_dir"),
-        ("dropout=0.1", "peft.dropout"),
-        ("peft.lr=1e-5", "train.lr"),
-        ("train.kind=cosine", "train.schedule.kind"),
-    ] {
-        let e = set_error(set);
-        assert!(
-            e.contains(&format!("(it is a key of another section: {ours})")),
-            "{set}: {e}"
-        );
-    }
+    set_errors_say(
+        [
+            ("lr=1e-5", "train.lr"),
+            ("seed=3", "train.seed"),
+            ("output_dir=out", "train.output_dir"),
+            ("dropout=0.1", "peft.dropout"),
+            ("peft.lr=1e-5", "train.lr"),
+            ("train.kind=cosine", "train.schedule.kind"),
+        ]
+        .map(|(set, ours)| (set, format!("(it is a key of another section: {ours})"))),
+    );
 }
 
 /// A section written twice is named with the lines it is on (serde_yaml gives no place for a

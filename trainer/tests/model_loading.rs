@@ -555,10 +555,6 @@ fn hf4_adapter_on_the_projector_and_lm_head_loads() {
 /// modules_to_save load: tests/peft_variants_golden.rs.)
 #[test]
 fn adapter_settings_plain_lora_cannot_honour_are_refused_by_name() {
-    let src = fixtures().join("adapter_hf5");
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
-            .unwrap();
     let cases = [
         ("layers_pattern", serde_json::json!("layers")),
         ("lora_bias", serde_json::json!(true)),
@@ -574,22 +570,35 @@ fn adapter_settings_plain_lora_cannot_honour_are_refused_by_name() {
         ("use_qalora", serde_json::json!(true)),
     ];
     for (key, value) in cases {
-        let d = tmpdir(&format!("adapter_setting_{key}"));
-        std::fs::copy(
-            src.join("adapter_model.safetensors"),
-            d.join("adapter_model.safetensors"),
-        )
-        .unwrap();
-        let mut c = config.clone();
-        c[key] = value;
-        std::fs::write(d.join("adapter_config.json"), c.to_string()).unwrap();
+        let d = fixture_adapter_copy(&format!("adapter_setting_{key}"));
+        fixture_adapter_config_with(&d, key, value);
         let err = load("hf5").load_adapter(&d).unwrap_err().to_string();
         assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
         // the default of the same key loads
-        c[key] = serde_json::Value::Null;
-        std::fs::write(d.join("adapter_config.json"), c.to_string()).unwrap();
+        fixture_adapter_config_with(&d, key, serde_json::Value::Null);
         load("hf5").load_adapter(&d).unwrap();
     }
+}
+
+/// A fresh folder `name` holding the fixture adapter's weights (its config written apart).
+fn fixture_adapter_copy(name: &str) -> PathBuf {
+    let d = tmpdir(name);
+    let weights = "adapter_model.safetensors";
+    std::fs::copy(
+        fixtures().join("adapter_hf5").join(weights),
+        d.join(weights),
+    )
+    .unwrap();
+    d
+}
+
+/// Writes the fixture adapter's adapter_config.json into `dir` with `key` set to `value`.
+fn fixture_adapter_config_with(dir: &Path, key: &str, value: serde_json::Value) {
+    let src = fixtures().join("adapter_hf5/adapter_config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    c[key] = value;
+    std::fs::write(dir.join("adapter_config.json"), c.to_string()).unwrap();
 }
 
 /// Settings PEFT loads as plain LoRA on these layers load alike: `fan_in_fan_out` (PEFT sets it
@@ -599,9 +608,6 @@ fn adapter_settings_plain_lora_cannot_honour_are_refused_by_name() {
 #[test]
 fn adapter_settings_peft_reads_as_plain_lora_load_alike() {
     let src = fixtures().join("adapter_hf5");
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
-            .unwrap();
     let batch = golden_batch("text");
     let logits = |dir: &Path| {
         let mut m = load("hf5");
@@ -613,15 +619,8 @@ fn adapter_settings_peft_reads_as_plain_lora_load_alike() {
         ("bias", serde_json::json!("lora_only")),
         ("bias", serde_json::json!("all")),
     ] {
-        let d = tmpdir(&format!("adapter_alike_{key}"));
-        std::fs::copy(
-            src.join("adapter_model.safetensors"),
-            d.join("adapter_model.safetensors"),
-        )
-        .unwrap();
-        let mut c = config.clone();
-        c[key] = value.clone();
-        std::fs::write(d.join("adapter_config.json"), c.to_string()).unwrap();
+        let d = fixture_adapter_copy(&format!("adapter_alike_{key}"));
+        fixture_adapter_config_with(&d, key, value.clone());
         match logits(&d) {
             Ok(l) => assert!(l.equal(&plain), "{key} = {value}"),
             Err(e) => panic!("{key} = {value}: {e}"),
@@ -637,9 +636,7 @@ fn adapter_settings_peft_reads_as_plain_lora_load_alike() {
     ));
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     Tensor::write_safetensors(&refs, d.join("adapter_model.safetensors")).unwrap();
-    let mut c = config.clone();
-    c["bias"] = serde_json::json!("all");
-    std::fs::write(d.join("adapter_config.json"), c.to_string()).unwrap();
+    fixture_adapter_config_with(&d, "bias", serde_json::json!("all"));
     let err = logits(&d).unwrap_err().to_string();
     assert!(err.contains(bias), "{err}");
 }

@@ -232,21 +232,19 @@ fn main() -> ExitCode {
                 .use_stderr()
                 .then(|| script_before_dashes(std::env::args_os().skip(1)))
                 .flatten();
-            match (launcher::cli_note::for_clap_error(&e), script) {
-                (Some(note), _) => {
-                    to_stderr(&launcher::cli_note::without_tips(&e.render().to_string()));
-                    to_stderr(&format!("\n{note}\n"));
-                }
-                (None, Some(script)) => {
-                    // (clap's own tip there, "to pass '-m' as a value, use '-- -m'", would run
-                    // `-m` as the program)
-                    to_stderr(&launcher::cli_note::without_tips(&e.render().to_string()));
-                    to_stderr(&format!(
-                        "\nnote: programs run after `--` (the launcher's own options come before it): \
-                         launcher [OPTIONS] -- {script} ARGS\n"
-                    ));
-                }
-                (None, None) => {
+            // (clap's own tip for a program's flag, "to pass '-m' as a value, use '-- -m'",
+            // would run `-m` as the program)
+            let note = launcher::cli_note::for_clap_error(&e).or_else(|| {
+                script.map(|script| {
+                    format!(
+                        "note: programs run after `--` (the launcher's own options come before it): \
+                         launcher [OPTIONS] -- {script} ARGS"
+                    )
+                })
+            });
+            match note {
+                Some(note) => to_stderr(&launcher::cli_note::with_note(&e, &note)),
+                None => {
                     let _ = e.print();
                 }
             }

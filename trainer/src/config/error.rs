@@ -208,6 +208,27 @@ const OTHER_NAMES: [(&str, &str); 42] = [
     ("dist_checkpoint_folder", "checkpoint.dir"),
 ];
 
+/// llama-recipes' booleans for keys that are a choice here: (key, what they mean).
+const OTHER_VALUES: [(&str, &str); 2] = [
+    (
+        "fsdp.mixed_precision",
+        "llama-recipes' mixed_precision: true is bf16 here, false fp32",
+    ),
+    (
+        "train.save_adapter",
+        "llama-recipes' save_model: true is hf5 here, false none",
+    ),
+];
+
+/// What another tool's value `got` for `key` means here (`OTHER_VALUES`), e.g. a boolean
+/// `fsdp.mixed_precision`.
+pub(crate) fn other_value(key: &str, got: &str) -> Option<&'static str> {
+    let boolean = got == "true" || got == "false";
+    (OTHER_VALUES.iter())
+        .find(|(k, _)| boolean && *k == key)
+        .map(|(_, meant)| *meant)
+}
+
 /// Our key for another tool's name (`OTHER_NAMES`), e.g. `num_epochs` -> `train.epochs`.
 pub(crate) fn other_name(key: &str) -> Option<&'static str> {
     OTHER_NAMES

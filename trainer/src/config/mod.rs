@@ -210,23 +210,14 @@ fn user_error(e: DeError, overrides: &[Override]) -> ConfigError {
                 key,
             }
         }
-        DeErrorKind::Invalid { expected, got } => {
-            // llama-recipes' booleans for what is a choice here
-            let expected = match (path.as_str(), got.as_str()) {
-                ("fsdp.mixed_precision", "true" | "false") => format!(
-                    "{expected} (llama-recipes' mixed_precision: true is bf16 here, false fp32)"
-                ),
-                ("train.save_adapter", "true" | "false") => {
-                    format!("{expected} (llama-recipes' save_model: true is hf5 here, false none)")
-                }
-                _ => expected,
-            };
-            ConfigError::Invalid {
-                path,
-                expected,
-                got,
-            }
-        }
+        DeErrorKind::Invalid { expected, got } => ConfigError::Invalid {
+            expected: match error::other_value(&path, &got) {
+                Some(meant) => format!("{expected} ({meant})"),
+                None => expected,
+            },
+            path,
+            got,
+        },
         DeErrorKind::Other(message) => ConfigError::Malformed { path, message },
     }
 }

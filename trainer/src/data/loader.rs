@@ -104,11 +104,7 @@ mod tests {
                 pool.collect::<Vec<_>>()
             });
             let panic = result.expect_err("the sequence must not just end early");
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let msg = crate::logging::panic_message(panic.as_ref());
             assert!(msg.contains("job 3 failed"), "{msg}");
         }
     }

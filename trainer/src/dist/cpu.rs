@@ -201,7 +201,9 @@ fn worker(mut transport: Transport, jobs: mpsc::Receiver<Job>) {
     // After a failed collective the ranks are out of step: every later op fails with the first error.
     let mut broken: Option<String> = None;
     while let Ok((op, done)) = jobs.recv() {
-        let mut peers_may_touch_op = false;
+        // (peers reach into this rank's tensors only in an op that ran on the single-copy path)
+        let peers_reach_in =
+            broken.is_none() && matches!(&transport, Transport::Shm(Shm { cma: Some(_), .. }));
         let result = match (&broken, &mut transport) {
             (Some(first), _) => Err(DistError::Invalid(format!(
                 "{} after an earlier collective failed: {first}",
@@ -209,18 +211,14 @@ fn worker(mut transport: Transport, jobs: mpsc::Receiver<Job>) {
             ))),
             (None, Transport::Alone) => run_single(&op),
             (None, Transport::Shm(shm)) => match &mut shm.cma {
-                Some(cma) => {
-                    let r = run_cma(cma, &mut shm.seg, &op);
-                    peers_may_touch_op = r.is_err();
-                    r
-                }
+                Some(cma) => run_cma(cma, &mut shm.seg, &op),
                 None => run_copy(shm, &op),
             },
             (None, Transport::Tcp(mesh)) => run_tcp(mesh, &op),
         };
         if let Err(e) = &result {
             broken.get_or_insert_with(|| e.to_string());
-            if peers_may_touch_op {
+            if peers_reach_in {
                 // Peers read this rank's tensors and write into them (all_reduce's
                 // process_vm_writev) until they pass the op's closing barrier, which a failed op
                 // may not have waited for (a timeout there, a dead third rank): the caller frees

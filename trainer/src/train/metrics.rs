@@ -389,17 +389,8 @@ fn open_file(dir: &Path, resumed: Option<u64>, resumed_validated: bool) -> Resul
         }
     }
     let path = dir.join("metrics.jsonl");
-    // (bytes, read lossily: a line a kill cut mid-character is dropped, not the whole history)
-    let earlier = match (resumed, std::fs::read(&path)) {
-        (None, _) => vec![],
-        (Some(_), Ok(bytes)) => bytes,
-        (Some(_), Err(e)) if e.kind() == std::io::ErrorKind::NotFound => vec![],
-        (Some(_), Err(e)) => {
-            return Err(anyhow::Error::new(e).context(format!("reading {}", path.display())))
-        }
-    };
     let kept: Vec<String> = match resumed {
-        Some(step) => String::from_utf8_lossy(&earlier)
+        Some(step) => String::from_utf8_lossy(&earlier_lines(&path)?)
             .lines()
             .filter(|l| {
                 let Ok(v) = serde_json::from_str::<Value>(l) else {
@@ -427,6 +418,15 @@ fn open_file(dir: &Path, resumed: Option<u64>, resumed_validated: bool) -> Resul
     std::fs::rename(&fresh, &path)
         .with_context(|| format!("replacing {} with {}", path.display(), fresh.display()))?;
     Ok(file)
+}
+
+/// The bytes of an earlier run's metrics.jsonl (none when it is not there), read lossily by the
+/// caller: a line a kill cut mid-character is dropped, not the whole history.
+fn earlier_lines(path: &Path) -> Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+        read => read.with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 /// Resident set size of this process in bytes (Linux), else 0.
