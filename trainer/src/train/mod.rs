@@ -210,8 +210,11 @@ pub fn train(config: &Config) -> Result<Outcome> {
         meter.log(&format!("checkpoint of step {} (epoch {}) has no validation record (stopped while validating?): validating it now", st.step, st.epoch));
         let epoch = st.epoch;
         let ctx = (&pg, config, device, &data);
-        validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?;
-        stopped_by = stopped_after_validation(&pg, device, st.step, &meter)?;
+        stopped_by =
+            match validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)? {
+                Some(sig) => Some(sig),
+                None => stopped_after_validation(&pg, device, st.step, &meter)?,
+            };
     } else if at_epoch_end && data.eval.is_none() && st.step < total_steps {
         // (a stop at an epoch's last step saved its checkpoint but ended before the epoch's end,
         // where its adapter goes into train.output_dir: written now, as it would have been; the
@@ -330,8 +333,18 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 && st.step < total_steps
             {
                 let ctx = (&pg, config, device, &data);
-                validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?;
-                if let Some(sig) = stopped_after_validation(&pg, device, st.step, &meter)? {
+                let stop = match validate_epoch(
+                    ctx,
+                    &mut saver,
+                    &mut st,
+                    &mut trainable,
+                    epoch,
+                    &mut meter,
+                )? {
+                    Some(sig) => Some(sig),
+                    None => stopped_after_validation(&pg, device, st.step, &meter)?,
+                };
+                if let Some(sig) = stop {
                     stopped_by = Some(sig);
                     break 'epochs;
                 }
@@ -348,7 +361,12 @@ pub fn train(config: &Config) -> Result<Outcome> {
             saver.save(&mut st, &trainable, &opt, (epoch + 1, 0))?;
         }
         let ctx = (&pg, config, device, &data);
-        validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?;
+        if let Some(sig) =
+            validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?
+        {
+            stopped_by = Some(sig);
+            break;
+        }
         if st.step >= total_steps {
             break;
         }
@@ -386,9 +404,9 @@ fn is_eval_step(every: u64, step: u64) -> bool {
     every > 0 && step > 0 && step.is_multiple_of(every)
 }
 
-/// A SIGTERM during an epoch-end save or validation (every rank calls it): the run stops now, the
-/// epoch's checkpoint being there, not after one more step and save, past a scheduler's grace
-/// period.
+/// A SIGTERM during an epoch-end save or the last micro-batch of its validation (every rank calls
+/// it): the run stops now, the epoch's checkpoint being there, not after one more step and save,
+/// past a scheduler's grace period.
 fn stopped_after_validation(
     pg: &crate::dist::ProcessGroup,
     device: tch::Device,
@@ -407,6 +425,8 @@ fn stopped_after_validation(
 
 /// After an epoch (its checkpoint saved): validation on `data.eval` if there is one, then the
 /// adapter in train.output_dir (this epoch's, unless validation found a better one earlier).
+/// Returns the stop signal that left the validation unfinished: then neither the adapter nor a
+/// validation record is written (the resumed run validates the checkpoint, "validating it now").
 fn validate_epoch(
     (pg, config, device, data): (
         &crate::dist::ProcessGroup,
@@ -419,13 +439,16 @@ fn validate_epoch(
     trainable: &mut crate::fsdp::Trainable,
     epoch: u64,
     meter: &mut Meter,
-) -> Result<()> {
+) -> Result<Option<i32>> {
     let validated = match &data.eval {
         Some(ds) => {
             // (a background save is only a checkpoint once published)
             saver.publish_pending()?;
             let at = (st.step, epoch);
-            let eval_loss = step::validate(pg, trainable, ds, config, device, at, meter)?;
+            let eval_loss = match step::validate(pg, trainable, ds, config, device, at, meter)? {
+                step::Validation::Loss(loss) => loss,
+                step::Validation::Stopped(sig) => return Ok(Some(sig)),
+            };
             Some(EvalResult {
                 step: st.step,
                 epoch,
@@ -435,5 +458,6 @@ fn validate_epoch(
         }
         None => None,
     };
-    saver.epoch_end(st, validated)
+    saver.epoch_end(st, validated)?;
+    Ok(None)
 }

@@ -1,13 +1,13 @@
 //! Preemption: SIGTERM, or SIGUSR1 / SIGUSR2 (a scheduler's notice before the time limit,
 //! SLURM's `--signal=USR1@90`, which the launcher passes on), records its number; after each step
-//! the ranks all-reduce it, so every rank stops after the same step (then a checkpoint is written
-//! and the process exits 143). SIGINT (Ctrl-C, forwarded by the launcher) and SIGHUP stop the
+//! (and each validation micro-batch) the ranks all-reduce it, so every rank stops after the same
+//! step (then a checkpoint is written and the process exits 143). SIGINT (Ctrl-C, forwarded by the launcher) and SIGHUP stop the
 //! same way (exit 130, 129); a second SIGINT kills at once, as the launcher's second Ctrl-C does,
 //! also after another signal came first. A signal ignored at start (`nohup`'s SIGHUP, SIGINT in a
 //! background job) stays ignored.
 //! `TRAINER_STOP_AFTER_STEP=N` acts as a SIGTERM received during step N, and
-//! `TRAINER_STOP_DURING_VALIDATION=N` as one received while validating step N's checkpoint
-//! (tests).
+//! `TRAINER_STOP_DURING_VALIDATION=N` as one received during the first eval micro-batch of step
+//! N's validation (tests).
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 
 use anyhow::Result;

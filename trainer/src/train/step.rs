@@ -135,10 +135,20 @@ pub(super) fn dump_trainable(pg: &ProcessGroup, trainable: &Trainable) -> Result
     Ok(())
 }
 
+/// How a validation ended.
+pub(super) enum Validation {
+    /// Mean token loss over the eval samples.
+    Loss(f64),
+    /// A stop signal came (the agreed one): the validation was left unfinished.
+    Stopped(i32),
+}
+
 /// Mean token loss and perplexity over the eval split (its first `train.max_eval_samples`) after
 /// `epoch` (every rank takes its part, in micro-batches of `train.val_batch_size`; sums are
 /// all-reduced), written to metrics.jsonl with the samples and tokens it covered, and logged;
-/// returns the loss.
+/// returns the loss. A stop signal (SIGTERM, a scheduler's notice, Ctrl-C) is checked after
+/// every micro-batch, all ranks agreeing: a long validation does not outlast a scheduler's grace
+/// period (the step's checkpoint is saved; the resumed run validates it again).
 pub(super) fn validate(
     pg: &ProcessGroup,
     trainable: &mut Trainable,
@@ -147,8 +157,9 @@ pub(super) fn validate(
     device: Device,
     (step, epoch): (u64, u64),
     meter: &mut Meter,
-) -> Result<f64> {
+) -> Result<Validation> {
     let (mut sum, mut count, mut samples) = (0.0, 0i64, 0i64);
+    let stop_hook = super::signal::stop_during_validation();
     let t = &config.train;
     let batches = ds.eval_iter(
         pg.rank(),
@@ -171,6 +182,13 @@ pub(super) fn validate(
         sum += trainable.forward_loss(pg, &to_device(&mb.batch, device))?;
         count += mb.supervised_tokens;
         samples += (mb.sample_indices.len() - mb.filler_rows) as i64;
+        if let Some(sig) = super::signal::stop_requested(pg, device, step, stop_hook)? {
+            meter.log(&format!(
+                "{}: validation of step {step} stopped unfinished; stopping after step {step} (its checkpoint is saved: the resumed run validates it)",
+                super::signal::name(sig)
+            ));
+            return Ok(Validation::Stopped(sig));
+        }
     }
     let tokens = all_reduce_i64(pg, count, device)?;
     let samples = all_reduce_i64(pg, samples, device)?;
@@ -180,7 +198,7 @@ pub(super) fn validate(
         "epoch {epoch}, step {step}: validation loss {loss:.4}, perplexity {:.3} ({samples} samples)",
         loss.exp()
     ));
-    Ok(loss)
+    Ok(Validation::Loss(loss))
 }
 
 fn to_device(b: &Batch, device: Device) -> Batch {
