@@ -501,7 +501,7 @@ fn yaml_oddities() {
     );
     assert_eq!(
         yaml_error("train: {1: 2}\n"),
-        "train.1: unknown key \"1\" (valid keys: epochs, batch_size, grad_accum, lr, weight_decay, \
+        "train.1: unknown key \"1\" (valid keys: epochs, batch_size, grad_accum, drop_last, lr, weight_decay, \
          adam_beta1, adam_beta2, adam_epsilon, schedule, grad_clip, max_steps, seed, validate, \
          log_every, tensorboard, output_dir, save_adapter, skip_nonfinite, eval_every_steps, \
          val_batch_size, max_eval_samples, peak_tflops)"

@@ -98,12 +98,15 @@ fn check_refuses_what_training_refuses_first() {
         args.extend(sets.iter().flat_map(|s| ["--set", *s]));
         trainer(&args)
     };
-    let (code, out, err) = check(&["train.batch_size=4"]);
+    let (code, out, err) = check(&["train.batch_size=4", "train.drop_last=true"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
-        err.contains("3 samples do not fill one global batch of 4"),
+        err.contains("3 samples do not fill one global batch of 4 (batch_size 4 x grad_accum 1 on one rank; more ranks need more) and train.drop_last is true"),
         "{out}{err}"
     );
+    // (without drop_last they are one partial step)
+    let (code, out, err) = check(&["train.batch_size=4"]);
+    assert_eq!(code, 0, "{out}{err}");
     let (code, out, err) = check(&["data.image_root=/no/such/images"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
@@ -360,11 +363,19 @@ fn dump_at_a_world_size_writes_each_ranks_part() {
         assert_eq!(ids.data(), &want[..], "rank {rank}");
     }
     assert!(st.tensor("input_ids").is_err());
-    // 6 samples fill one global batch of 4 at world 2
-    let (code, _, err) = at_world_2("1");
+    // 6 samples: one global batch of 4 at world 2, and a partial one of 2, one per rank
+    let (code, out, err) = at_world_2("1");
+    assert_eq!(code, 0, "{out}{err}");
+    let bytes = std::fs::read(&out_file).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    for rank in 0..2 {
+        let rows = st.tensor(&format!("rank{rank}.input_ids")).unwrap().shape()[0];
+        assert_eq!(rows, 1, "rank {rank}");
+    }
+    let (code, _, err) = at_world_2("2");
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("epoch 0 has 1 global batch(es) of 4 samples (train.batch_size 2 x world 2"),
+        err.contains("epoch 0 has 2 global batch(es) of 4 samples, the last one of 2 (train.batch_size 2 x world 2"),
         "{err}"
     );
     let (code, _, err) = dump(&cfg, &["--index", "0", "--world", "0", "--out", "x"]);

@@ -132,7 +132,8 @@ fn open_reports_counts_lengths_tiles_and_supervision() {
     assert!(shown.contains("16 ok"), "{shown}");
     assert!(shown.contains("supervised tokens"), "{shown}");
     assert_eq!(ds.batches_per_epoch(4), 4);
-    assert_eq!(ds.batches_per_epoch(5), 3);
+    // (16 = 3 x 5 + a partial global batch of 1)
+    assert_eq!((ds.batches_per_epoch(5), ds.partial_batch_len(5)), (4, 1));
 }
 
 #[test]
@@ -259,6 +260,58 @@ fn resume_from_a_position_gives_the_same_remaining_batches() {
     assert_eq!(tail_w2, want);
     // past the end: nothing
     assert_eq!(ds.epoch_iter(2, 5, 0, 1, 2, 2).count(), 0);
+}
+
+/// The last, partial global batch (train.drop_last false, the default): its samples are the same
+/// at any world size and grad_accum, in fewer micro-steps (`micro_steps`), and a rank left without
+/// a sample in its last micro-step runs a filler row that counts no token.
+#[test]
+fn the_partial_last_batch_holds_the_same_samples_at_any_layout() {
+    let ds = good_dataset("partial", 11, &[]);
+    // global batch 4: two whole ones and a partial one of 3
+    assert_eq!((ds.batches_per_epoch(4), ds.partial_batch_len(4)), (3, 3));
+    let step_samples = |world: usize, bs: usize, ga: usize| -> (Vec<usize>, i64, usize) {
+        let mut samples = Vec::new();
+        let (mut tokens, mut fillers) = (0, 0);
+        for rank in 0..world {
+            let mbs = collect(ds.epoch_iter(1, 2, rank, world, bs, ga));
+            assert_eq!(mbs.len(), ds.micro_steps(2, bs, world, ga), "world {world}");
+            for mb in &mbs {
+                assert_eq!(mb.position.batch, 2);
+                let real = mb.sample_indices.len() - mb.filler_rows;
+                samples.extend(&mb.sample_indices[..real]);
+                tokens += mb.supervised_tokens;
+                fillers += mb.filler_rows;
+            }
+        }
+        samples.sort();
+        (samples, tokens, fillers)
+    };
+    let (want, tokens, fillers) = step_samples(1, 4, 1);
+    assert_eq!((want.len(), fillers), (3, 0));
+    let planned: usize = want.iter().map(|&i| ds.supervised_tokens(i)).sum();
+    assert_eq!(planned as i64, tokens);
+    // (world, batch_size, grad_accum) -> filler rows: world 2 x 1 x 2 cuts it into [2] + [1], the
+    // second rank's part of the last micro-step empty; world 4 x 1 x 1: one rank empty
+    for (layout, fill) in [
+        ((1, 2, 2), 0),
+        ((2, 1, 2), 1),
+        ((2, 2, 1), 0),
+        ((4, 1, 1), 1),
+    ] {
+        let (w, b, g) = layout;
+        assert_eq!(
+            step_samples(w, b, g),
+            (want.clone(), tokens, fill),
+            "{layout:?}"
+        );
+    }
+    assert_eq!(ds.micro_steps(2, 1, 2, 2), 2);
+    assert_eq!(ds.micro_steps(1, 1, 2, 2), 2);
+    // with drop_last they sit out
+    let dropped = good_dataset("partial-dropped", 11, &["train.drop_last=true"]);
+    assert_eq!(dropped.batches_per_epoch(4), 2);
+    assert_eq!(dropped.epoch_iter(1, 2, 0, 1, 4, 1).count(), 0);
 }
 
 #[test]
@@ -636,8 +689,9 @@ fn eval_under_skip_masks_failed_samples_instead_of_double_counting() {
 fn fused_loader_tensors_equal_the_collate_reference() {
     use trainer::data::dataset::to_model_batch;
     let ds = good_dataset("fused", 10, &[]);
+    // (3 x 3 and a partial batch of 1)
     let mbs = collect(ds.epoch_iter(0, 0, 0, 1, 3, 1));
-    assert_eq!(mbs.len(), 3);
+    assert_eq!(mbs.len(), 4);
     for mb in &mbs {
         let reference = to_model_batch(&ds.load(&mb.sample_indices).unwrap().collated);
         let (a, b) = (&mb.batch, &reference);

@@ -9,7 +9,7 @@ fn lengths() -> Vec<usize> {
 
 #[test]
 fn steps_see_the_same_samples_at_any_world_size() {
-    let s = LengthGroupedSampler::new(lengths(), 8, 42);
+    let s = LengthGroupedSampler::new(lengths(), 8, 42, true);
     assert_eq!(s.batches_per_epoch(), 12);
     let e0 = s.epoch_batches(0);
     for world in [1, 2, 4, 8] {
@@ -42,7 +42,7 @@ fn steps_see_the_same_samples_at_any_world_size() {
 fn the_samples_left_out_change_per_epoch() {
     // 103 samples, global batch 8: 7 left out per epoch, a random subset (not the 7 longest)
     let l = lengths();
-    let s = LengthGroupedSampler::new(l.clone(), 8, 42);
+    let s = LengthGroupedSampler::new(l.clone(), 8, 42, true);
     let mut seen = vec![false; l.len()];
     let mut longest_always_out = true;
     for epoch in 0..12 {
@@ -60,6 +60,59 @@ fn the_samples_left_out_change_per_epoch() {
     assert!(
         seen.iter().all(|&b| b),
         "some sample never came up in 12 epochs"
+    );
+}
+
+/// Without drop_last the samples that do not fill a global batch are the epoch's last, partial
+/// one: every sample once per epoch, the whole batches the same as with drop_last, and the
+/// partial one spread over any world size with filler rows only where a rank has no sample.
+#[test]
+fn without_drop_last_every_sample_is_trained_once_per_epoch() {
+    let l = lengths();
+    let (kept, dropped) = (
+        LengthGroupedSampler::new(l.clone(), 8, 42, false),
+        LengthGroupedSampler::new(l.clone(), 8, 42, true),
+    );
+    assert_eq!(
+        (kept.batches_per_epoch(), kept.partial_batch_len()),
+        (13, 7)
+    );
+    for epoch in 0..3 {
+        let (all, whole) = (kept.epoch_batches(epoch), dropped.epoch_batches(epoch));
+        assert_eq!(&all[..12], &whole[..], "the whole batches do not change");
+        let last = &all[12];
+        assert_eq!(last.len(), 7);
+        assert!(
+            last.windows(2).all(|w| l[w[0]] <= l[w[1]]),
+            "sorted by length"
+        );
+        let mut every: Vec<usize> = all.concat();
+        every.sort();
+        assert_eq!(every, (0..103).collect::<Vec<_>>(), "epoch {epoch}");
+        // the partial batch is the same samples at any world size: even parts, fillers only
+        // where a rank is left without one
+        for world in [1, 2, 3, 7, 8, 16] {
+            let parts: Vec<(Vec<usize>, usize)> = (0..world)
+                .map(|r| LengthGroupedSampler::even_part(last, r, world))
+                .collect();
+            let real: Vec<usize> = parts
+                .iter()
+                .flat_map(|(p, f)| p[..p.len() - f].to_vec())
+                .collect();
+            assert_eq!(&real, last, "world {world}");
+            let sizes: Vec<usize> = parts.iter().map(|(p, _)| p.len()).collect();
+            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
+            let fillers: usize = parts.iter().map(|p| p.1).sum();
+            assert_eq!(fillers, world.saturating_sub(7), "world {world}");
+        }
+    }
+    // a data set smaller than one global batch is one partial step
+    let small = LengthGroupedSampler::new(vec![3, 1, 2], 8, 42, false);
+    assert_eq!(small.batches_per_epoch(), 1);
+    assert_eq!(small.epoch_batches(0), [vec![1, 2, 0]]);
+    assert_eq!(
+        LengthGroupedSampler::new(vec![3, 1, 2], 8, 42, true).batches_per_epoch(),
+        0
     );
 }
 

@@ -130,7 +130,7 @@ fn hint(suggestion: Option<&Suggestion>, valid: &[String]) -> String {
 
 /// llama-recipes', PEFT's and Hugging Face Trainer's names for keys of this config (docs/config.md's
 /// last column), as (their name, our full key): a user coming from those writes them.
-const OTHER_NAMES: [(&str, &str); 42] = [
+const OTHER_NAMES: [(&str, &str); 43] = [
     ("model_name", "model.path"),
     ("use_fast_kernels", "model.attention"),
     ("use_peft", "peft.method"),
@@ -153,6 +153,7 @@ const OTHER_NAMES: [(&str, &str); 42] = [
     ("batch_size_training", "train.batch_size"),
     ("per_device_train_batch_size", "train.batch_size"),
     ("gradient_accumulation_steps", "train.grad_accum"),
+    ("dataloader_drop_last", "train.drop_last"),
     ("learning_rate", "train.lr"),
     ("lr_scheduler_type", "train.schedule.kind"),
     ("gradient_clipping_threshold", "train.grad_clip"),

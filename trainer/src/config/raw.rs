@@ -137,6 +137,7 @@ pub(crate) struct RawTrain {
     pub epochs: Int<PositiveInt>,
     pub batch_size: Int<PositiveInt>,
     pub grad_accum: Int<PositiveInt>,
+    pub drop_last: bool,
     pub lr: Num<Positive>,
     pub weight_decay: Num<NonNegative>,
     pub adam_beta1: Num<Beta>,
@@ -165,6 +166,9 @@ impl Default for RawTrain {
             epochs: Int::new(3),
             batch_size: Int::new(4),
             grad_accum: Int::new(1),
+            // the last, incomplete accumulation window is trained, as llama-recipes' train loop
+            // and HF's Trainer (dataloader_drop_last False) train it
+            drop_last: false,
             // llama-recipes' default is 1e-4; the seed (and LLaVA-CoT) train at 1e-5.
             lr: Num::new(1e-5),
             weight_decay: Num::new(0.0),

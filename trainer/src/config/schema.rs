@@ -274,6 +274,9 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// The samples of an epoch that do not fill a global batch sit out the epoch (a random
+    /// subset, another each epoch) instead of being its last step, a partial one (false).
+    pub drop_last: bool,
     pub lr: f64,
     pub weight_decay: f64,
     /// AdamW's betas and eps (HF's `adam_beta1`, `adam_beta2`, `adam_epsilon`).

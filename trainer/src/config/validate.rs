@@ -504,6 +504,7 @@ fn train(raw: RawTrain) -> Result<TrainConfig, ConfigError> {
         max_steps: raw.max_steps.get(),
         seed: raw.seed.get(),
         validate: raw.validate,
+        drop_last: raw.drop_last,
         log_every: raw.log_every.get(),
         tensorboard: raw.tensorboard,
         output_dir: raw.output_dir.0,

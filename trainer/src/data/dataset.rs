@@ -66,10 +66,10 @@ pub struct MicroBatch {
     pub supervised_tokens: i64,
     /// Dataset indices of the samples, in batch order (after any replacement).
     pub sample_indices: Vec<usize>,
-    /// Rows that are fillers (evaluation only: a rank with no sample left in the last batch, or
-    /// a sample that failed to load under `skip`): run through the model so every rank does the
-    /// same number of forward passes, but their labels are all -100, so they add nothing to the
-    /// loss sum or to `supervised_tokens`.
+    /// Rows that are fillers (a rank with no sample left in the last, partial micro-step of an
+    /// epoch or of evaluation, or in evaluation a sample that failed to load under `skip`): run
+    /// through the model so every rank does the same number of forward passes, but their labels
+    /// are all -100, so they add nothing to the loss sum or to `supervised_tokens`.
     pub filler_rows: usize,
     /// Samples that failed to load (under `bad_records: skip`) and were replaced by the next one
     /// that loads (training: that one then counts twice in the epoch).
@@ -82,7 +82,8 @@ pub struct MicroJob {
     pub position: Position,
     pub micro_step: usize,
     pub indices: Vec<usize>,
-    /// Trailing entries of `indices` that are fillers (evaluation plans only; 0 for training).
+    /// Trailing entries of `indices` that are fillers (a rank left without a sample in a partial
+    /// last micro-step).
     pub fillers: usize,
 }
 
@@ -112,6 +113,8 @@ struct Inner {
     bad_records: BadRecords,
     num_workers: usize,
     seed: u64,
+    /// `train.drop_last`.
+    drop_last: bool,
     replaced: AtomicU64,
 }
 
@@ -293,6 +296,7 @@ impl Dataset {
                 bad_records: d.bad_records,
                 num_workers: d.num_workers.max(1),
                 seed: config.train.seed,
+                drop_last: config.train.drop_last,
                 replaced: AtomicU64::new(0),
             }),
             report,
@@ -357,22 +361,56 @@ impl Dataset {
         self.inner.replaced.load(Ordering::Relaxed)
     }
 
-    /// Optimizer steps per epoch for a global batch of `global_batch` samples (drop_last),
-    /// independent of world size.
+    /// Optimizer steps per epoch for a global batch of `global_batch` samples (with the last,
+    /// partial one unless `train.drop_last`), independent of world size.
     pub fn batches_per_epoch(&self, global_batch: usize) -> u64 {
-        if global_batch == 0 {
-            return 0;
+        match global_batch {
+            0 => 0,
+            g => self.sampler(g).batches_per_epoch() as u64,
         }
-        (self.len() / global_batch) as u64
     }
 
-    /// The global batches of an epoch (dataset indices), `global_batch` samples each.
-    pub fn epoch_batches(&self, epoch: u64, global_batch: usize) -> Vec<Vec<usize>> {
-        if global_batch == 0 {
-            return vec![];
+    /// The samples of an epoch that do not fill a global batch of `global_batch`: its last step's
+    /// (fewer samples than the others), or, with `train.drop_last`, those that sit out.
+    pub fn partial_batch_len(&self, global_batch: usize) -> usize {
+        match global_batch {
+            0 => 0,
+            g => self.sampler(g).partial_batch_len(),
         }
-        LengthGroupedSampler::new(self.inner.lengths.clone(), global_batch, self.inner.seed)
-            .epoch_batches(epoch)
+    }
+
+    /// The global batches of an epoch (dataset indices), `global_batch` samples each but the
+    /// last, partial one (see [`LengthGroupedSampler`]).
+    pub fn epoch_batches(&self, epoch: u64, global_batch: usize) -> Vec<Vec<usize>> {
+        match global_batch {
+            0 => vec![],
+            g => self.sampler(g).epoch_batches(epoch),
+        }
+    }
+
+    fn sampler(&self, global_batch: usize) -> LengthGroupedSampler {
+        let i = &self.inner;
+        LengthGroupedSampler::new(i.lengths.clone(), global_batch, i.seed, i.drop_last)
+    }
+
+    /// Micro-batches (per rank) of the optimizer step at `position` in an epoch of global batches
+    /// of `batch_size * world * grad_accum`: `grad_accum`, but fewer for the last, partial one
+    /// (its samples cut into micro-steps of `batch_size * world`, the last of them spread over
+    /// the ranks as evenly as possible, with filler rows).
+    pub fn micro_steps(
+        &self,
+        position: u64,
+        batch_size: usize,
+        world: usize,
+        grad_accum: usize,
+    ) -> usize {
+        let micro = batch_size * world;
+        let global = micro * grad_accum;
+        let whole = (self.len() / global.max(1)) as u64;
+        match self.partial_batch_len(global) {
+            r if position == whole && r > 0 && !self.inner.drop_last => r.div_ceil(micro),
+            _ => grad_accum,
+        }
     }
 
     /// This rank's loading jobs for one epoch from global batch `start_batch` on, in order.
@@ -399,15 +437,23 @@ impl Dataset {
             .enumerate()
             .skip(start_batch as usize)
         {
-            for (m, step) in gb.chunks_exact(micro).enumerate() {
+            // (a partial global batch: whole micro-steps, then one spread over the ranks)
+            for (m, step) in gb.chunks(micro).enumerate() {
+                let (indices, fillers) = match step.len() == micro {
+                    true => (
+                        LengthGroupedSampler::rank_part(step, rank, world).to_vec(),
+                        0,
+                    ),
+                    false => LengthGroupedSampler::even_part(step, rank, world),
+                };
                 jobs.push(MicroJob {
                     position: Position {
                         epoch,
                         batch: g as u64,
                     },
                     micro_step: m,
-                    indices: LengthGroupedSampler::rank_part(step, rank, world).to_vec(),
-                    fillers: 0,
+                    indices,
+                    fillers,
                 });
             }
         }
@@ -419,10 +465,8 @@ impl Dataset {
     /// (`train.max_eval_samples`: the same samples at any world size and batch size, as HF's
     /// `max_eval_samples` selects them). Samples are ordered by token length (less padding) and cut into
     /// global batches of `batch_size * world`, split rank-contiguously; the last, partial global
-    /// batch of r samples is split into `world` contiguous parts as evenly as possible (the first
-    /// `r % world` ranks take one more). A rank whose part is empty gets one filler row (the
-    /// batch's first sample, labels masked), so all ranks run the same number of forward passes
-    /// (FSDP's collectives) and nothing is counted twice. Position = (0, global batch index).
+    /// batch is spread over the ranks by `LengthGroupedSampler::even_part` (filler rows for
+    /// ranks left without a sample). Position = (0, global batch index).
     pub fn eval_plan(
         &self,
         rank: usize,
@@ -444,14 +488,7 @@ impl Dataset {
             let (indices, fillers) = if gb.len() == global {
                 (LengthGroupedSampler::rank_part(gb, rank, world).to_vec(), 0)
             } else {
-                let (per, extra) = (gb.len() / world, gb.len() % world);
-                let start = rank * per + rank.min(extra);
-                let part = &gb[start..start + per + usize::from(rank < extra)];
-                if part.is_empty() {
-                    (vec![gb[0]], 1)
-                } else {
-                    (part.to_vec(), 0)
-                }
+                LengthGroupedSampler::even_part(gb, rank, world)
             };
             jobs.push(MicroJob {
                 position: Position {
@@ -674,14 +711,13 @@ fn load_micro(inner: &Inner, job: &MicroJob, eval: bool) -> Result<MicroBatch, D
         max_tiles,
         tile,
     );
-    let mut fillers = 0;
-    if eval {
-        let real = job.indices.len() - job.fillers;
-        let filler: Vec<bool> = (0..job.indices.len())
-            .map(|i| i >= real || used[i] != job.indices[i])
-            .collect();
-        fillers = mask_rows(&mut c, &filler);
-    }
+    // filler rows of the plan (a rank without a sample in a partial last micro-step), and under
+    // evaluation samples that failed to load (training replaces them with the next sample)
+    let real = job.indices.len() - job.fillers;
+    let filler: Vec<bool> = (0..job.indices.len())
+        .map(|i| i >= real || (eval && used[i] != job.indices[i]))
+        .collect();
+    let fillers = mask_rows(&mut c, &filler);
     let batch = to_model_batch_fused(&samples, &c);
     recycle(samples);
     Ok(MicroBatch {

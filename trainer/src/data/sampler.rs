@@ -1,11 +1,15 @@
 //! Length-grouped distributed batch sampler (llama-recipes' DistributedLengthBasedBatchSampler,
-//! fixed): per epoch, indices are shuffled from (seed, epoch), the last `len % global_batch` of
-//! that shuffle left out for the epoch (llama-recipes drops the incomplete last batch after the
-//! sort: always the longest samples, never trained on), the rest stably sorted by length, cut
-//! into global batches of `batch_size * world_size`, and the global batches are shuffled. Rank r
+//! fixed): per epoch, indices are shuffled from (seed, epoch); the first `len - len % global_batch`
+//! of that shuffle are stably sorted by length, cut into global batches of
+//! `batch_size * world_size * grad_accum`, and the global batches are shuffled. The last
+//! `len % global_batch` of the shuffle, a random subset, are the epoch's last, partial global
+//! batch (sorted by length), as llama-recipes and HF's Trainer train the last, incomplete
+//! accumulation window; with `drop_last` they sit out the epoch instead (llama-recipes drops its
+//! incomplete last batch after the sort: always the longest samples, never trained on). Rank r
 //! takes the contiguous part `[r*batch_size, (r+1)*batch_size)` of each global batch, so the samples
 //! of a step do not depend on the world size, and a `Position` (epoch, batch index) resumes
-//! exactly, at any world size with the same global batch.
+//! exactly, at any world size with the same global batch. (The whole global batches are the same
+//! with and without `drop_last`.)
 use serde::{Deserialize, Serialize};
 
 use crate::rng::SplitMix64;
@@ -23,6 +27,7 @@ pub struct LengthGroupedSampler {
     lengths: Vec<usize>,
     global_batch: usize,
     seed: u64,
+    drop_last: bool,
 }
 
 fn shuffle<T>(v: &mut [T], rng: &mut SplitMix64) {
@@ -35,18 +40,27 @@ fn shuffle<T>(v: &mut [T], rng: &mut SplitMix64) {
 impl LengthGroupedSampler {
     /// `global_batch`: samples per optimizer step over all ranks (`Dataset` uses
     /// batch_size x world_size x grad_accum and cuts each global batch into micro-steps).
-    pub fn new(lengths: Vec<usize>, global_batch: usize, seed: u64) -> Self {
+    /// `drop_last`: the samples that do not fill a global batch sit out the epoch instead of
+    /// being its last, partial global batch.
+    pub fn new(lengths: Vec<usize>, global_batch: usize, seed: u64, drop_last: bool) -> Self {
         assert!(global_batch > 0, "global batch must be positive");
         Self {
             lengths,
             global_batch,
             seed,
+            drop_last,
         }
     }
 
-    /// Global batches per epoch (drop_last).
+    /// Global batches per epoch (the partial one included unless `drop_last`).
     pub fn batches_per_epoch(&self) -> usize {
-        self.lengths.len() / self.global_batch
+        let whole = self.lengths.len() / self.global_batch;
+        whole + usize::from(!self.drop_last && self.partial_batch_len() > 0)
+    }
+
+    /// Samples of the epoch's last, partial global batch, or that sit out with `drop_last`.
+    pub fn partial_batch_len(&self) -> usize {
+        self.lengths.len() % self.global_batch
     }
 
     /// All global batches of an epoch, in order.
@@ -54,13 +68,18 @@ impl LengthGroupedSampler {
         let mut rng = SplitMix64::new(self.seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
         let mut idx: Vec<usize> = (0..self.lengths.len()).collect();
         shuffle(&mut idx, &mut rng);
-        idx.truncate(self.batches_per_epoch() * self.global_batch); // a random subset left out
+        // (a random subset: the partial batch, or left out)
+        let mut partial = idx.split_off(idx.len() - self.partial_batch_len());
         idx.sort_by_key(|&i| self.lengths[i]);
         let mut batches: Vec<Vec<usize>> = idx
             .chunks_exact(self.global_batch)
             .map(|c| c.to_vec())
             .collect();
         shuffle(&mut batches, &mut rng);
+        if !self.drop_last && !partial.is_empty() {
+            partial.sort_by_key(|&i| self.lengths[i]);
+            batches.push(partial);
+        }
         batches
     }
 
@@ -68,5 +87,20 @@ impl LengthGroupedSampler {
     pub fn rank_part(global: &[usize], rank: usize, world: usize) -> &[usize] {
         let per = global.len() / world;
         &global[rank * per..(rank + 1) * per]
+    }
+
+    /// Rank `rank`'s part of the samples `batch` of any length (a partial last micro-step):
+    /// `world` contiguous parts as even as possible (the first `len % world` ranks take one
+    /// more), and the number of filler rows. A rank whose part is empty gets one filler row (the
+    /// batch's first sample, its labels to be masked), so all ranks run the same number of
+    /// forward passes (FSDP's collectives) and nothing is counted twice.
+    pub fn even_part(batch: &[usize], rank: usize, world: usize) -> (Vec<usize>, usize) {
+        let (per, extra) = (batch.len() / world, batch.len() % world);
+        let start = rank * per + rank.min(extra);
+        let part = &batch[start..start + per + usize::from(rank < extra)];
+        match (part.is_empty(), batch.first()) {
+            (true, Some(&first)) => (vec![first], 1),
+            _ => (part.to_vec(), 0),
+        }
     }
 }

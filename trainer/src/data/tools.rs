@@ -59,8 +59,8 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
                 crate::data::dataset::DROPPING_KEYS
             )),
             // (at one rank: more ranks need more)
-            Split::Train if report.ok < config.train.global_batch(1) => refused.push(format!(
-                "data.train {}: {} samples do not fill one global batch of {} (batch_size {} x grad_accum {} on one rank; more ranks need more): training would stop here; lower train.batch_size or train.grad_accum",
+            Split::Train if config.train.drop_last && report.ok < config.train.global_batch(1) => refused.push(format!(
+                "data.train {}: {} samples do not fill one global batch of {} (batch_size {} x grad_accum {} on one rank; more ranks need more) and train.drop_last is true: training would stop here; lower train.batch_size or train.grad_accum, or set train.drop_last: false",
                 report.file,
                 report.ok,
                 config.train.global_batch(1),
@@ -175,8 +175,12 @@ pub fn dump(
     let global = bs * world * accum;
     let n = ds.batches_per_epoch(global);
     if index >= n {
+        let last = match ds.partial_batch_len(global) {
+            r if r > 0 && !config.train.drop_last => format!(", the last one of {r}"),
+            _ => String::new(),
+        };
         return Err(DataError::Layout(format!(
-            "--index {index} is past the end: epoch {epoch} has {n} global batch(es) of {global} samples (train.batch_size {bs} x world {world} x train.grad_accum {accum}) over {} samples",
+            "--index {index} is past the end: epoch {epoch} has {n} global batch(es) of {global} samples{last} (train.batch_size {bs} x world {world} x train.grad_accum {accum}) over {} samples",
             ds.len()
         )));
     }
@@ -192,6 +196,17 @@ pub fn dump(
     let mut used = Vec::new();
     let mut shown = String::new();
     for (rank, job) in &jobs {
+        // (a rank left without a sample in a partial last micro-step runs a masked copy of
+        // another rank's sample: not a sample of the batch)
+        if job.fillers == job.indices.len() {
+            if text {
+                shown.push_str(&format!(
+                    "--- rank {rank}, micro-batch {}: no sample (a masked filler row)\n",
+                    job.micro_step
+                ));
+            }
+            continue;
+        }
         let loaded = ds.load(&job.indices)?;
         // (tensor name prefixes, and the same in words for the text)
         let (mut prefix, mut label) = (String::new(), String::new());

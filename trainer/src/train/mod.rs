@@ -187,10 +187,11 @@ pub fn train(config: &Config) -> Result<Outcome> {
         // epochs: say which one this is, and that the schedule spans the shorter run)
         meter.log(&format!("note: train.max_steps {limit} is more than train.epochs {} x {steps_per_epoch} steps: the run (and its learning-rate schedule) ends after {total_steps}; raise train.epochs for more", t.epochs));
     }
-    let global = t.global_batch(world) as u64;
-    let left_out = plan.samples % global;
-    if left_out > 0 {
-        meter.log(&format!("{left_out} of {} training samples sit out each epoch (not a multiple of the global batch of {global}): a random subset, another one each epoch", plan.samples));
+    let global = t.global_batch(world);
+    match data.train.partial_batch_len(global) {
+        0 => {}
+        r if t.drop_last => meter.log(&format!("{r} of {} training samples sit out each epoch (not a multiple of the global batch of {global}; train.drop_last): a random subset, another one each epoch", plan.samples)),
+        r => meter.log(&format!("the last step of each epoch trains {r} samples (the {} training samples are not a multiple of the global batch of {global}): a random subset, another one each epoch", plan.samples)),
     }
 
     // 5. The loop: epochs of optimizer steps of grad_accum micro-batches. (A run resumed at its
@@ -248,7 +249,11 @@ pub fn train(config: &Config) -> Result<Outcome> {
         let (epoch_start, mut epoch_loss) = (Instant::now(), vec![]);
         while st.step < total_steps {
             let started = Instant::now();
-            let fetched: Result<Vec<MicroBatch>> = (micro.by_ref().take(t.grad_accum))
+            // (grad_accum micro-batches, fewer for an epoch's last, partial global batch)
+            let want = data
+                .train
+                .micro_steps(st.epoch_batch, t.batch_size, world, t.grad_accum);
+            let fetched: Result<Vec<MicroBatch>> = (micro.by_ref().take(want))
                 .collect::<Result<_, _>>()
                 .map_err(anyhow::Error::from);
             // (agreed: a record the scan let through that fails to load, a truncated image whose
@@ -273,7 +278,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
                     return Err(saver.publish_before_stop(e.context(why)));
                 }
             };
-            if batches.len() < t.grad_accum {
+            if batches.len() < want {
                 // the plan gives every rank the same whole global batches: anything else is a
                 // bug, and a rank leaving the epoch early would leave the others waiting
                 if !batches.is_empty() || st.epoch_batch < steps_per_epoch {

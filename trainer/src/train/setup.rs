@@ -235,6 +235,7 @@ pub(super) fn data(config: &Config, world: usize) -> Result<Data> {
             );
         }
     }
+    // (0 only with train.drop_last: otherwise the samples are one partial step)
     let steps_per_epoch = train.batches_per_epoch(t.global_batch(world));
     if steps_per_epoch == 0 {
         // (records the data keys dropped are the likelier cause: say how many, and which keys)
@@ -243,7 +244,7 @@ pub(super) fn data(config: &Config, world: usize) -> Result<Data> {
             _ => format!(" ({}; {DROPPING_KEYS})", skip_reasons(&train)),
         };
         bail!(
-            "data.train {}: {} usable samples{dropped} do not fill one global batch of {} (batch_size {} x world {world} x grad_accum {}); lower train.batch_size or train.grad_accum",
+            "data.train {}: {} usable samples{dropped} do not fill one global batch of {} (batch_size {} x world {world} x grad_accum {}) and train.drop_last is true; lower train.batch_size or train.grad_accum, or set train.drop_last: false (they are then one step, a partial one)",
             train.report().file,
             train.len(),
             t.global_batch(world),
@@ -748,14 +749,22 @@ mod tests {
         ];
         let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
         let mut large = sets.clone();
-        large.push("train.batch_size=8");
+        large.extend(["train.batch_size=8", "train.drop_last=true"]);
         let e = data(&parse(&large), 2).err().unwrap().to_string();
         assert!(
-            e.contains("12 usable samples do not fill one global batch of 16 (batch_size 8 x world 2 x grad_accum 1); lower train.batch_size"),
+            e.contains("12 usable samples do not fill one global batch of 16 (batch_size 8 x world 2 x grad_accum 1) and train.drop_last is true; lower train.batch_size or train.grad_accum, or set train.drop_last: false"),
             "{e}"
         );
+        // without drop_last they are one partial step per epoch
+        large.pop();
+        let d = data(&parse(&large), 2).unwrap();
+        assert_eq!((d.steps_per_epoch, d.total_steps), (1, 3));
         let mut short = sets.clone();
-        short.extend(["train.batch_size=2", "data.max_seq_len=30"]);
+        short.extend([
+            "train.batch_size=2",
+            "data.max_seq_len=30",
+            "train.drop_last=true",
+        ]);
         let e = data(&parse(&short), 2).err().unwrap().to_string();
         assert!(
             e.contains("1 usable samples (11 of 12 records skipped (too long: 11)")
