@@ -80,7 +80,7 @@ enum Command {
     /// Example: trainer eval --model M --data b.jsonl --image-root i --turns 3 --out r/
     Eval(EvalArgs),
     /// Compare two evaluations of the same benchmark question by question (paired exact McNemar
-    /// per turn). Example: trainer compare report-base/ report-trained/
+    /// per turn, and each one's last turn). Example: trainer compare report-base/ report-trained/
     Compare(CompareArgs),
     /// Export a checkpoint as a PEFT adapter, or (--format merged) as a full HF model folder.
     /// Example: trainer export --checkpoint ckpt/step-00000500 --out adapter/ --format peft

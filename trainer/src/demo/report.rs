@@ -118,7 +118,13 @@ pub fn table(i: &TableInputs) -> Result<String> {
     );
     let n = ba.len().max(aa.len());
     // the same questions before and after: paired (exact McNemar), as `trainer compare` prints
-    let paired = crate::eval::compare::compare(i.base, i.after).ok();
+    let paired = match crate::eval::compare::compare(i.base, i.after) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            let _ = writeln!(s, "(no paired comparison: {e})\n");
+            None
+        }
+    };
     let _ = writeln!(
         s,
         "| turn | before (base) | after (trained) | right after only / before only (paired p) |\n|---|---|---|---|"
@@ -127,6 +133,7 @@ pub fn table(i: &TableInputs) -> Result<String> {
         let cmp = paired
             .as_ref()
             .and_then(|c| c.turns.get(t))
+            .map(|c| &c.paired)
             .map_or("-".to_string(), |c| {
                 format!(
                     "{} / {} (p {})",

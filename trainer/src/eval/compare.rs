@@ -1,14 +1,16 @@
 //! Two evaluations of the same benchmark set side by side, paired question by question (`trainer
 //! compare A B`): per turn, each run's accuracy, the questions only one of them answers right, and
-//! the exact McNemar p of the difference. The paired test is what says whether a trained model
-//! beats its base (or one correction prompt another) on these questions; two accuracies with
-//! their own intervals overlap long after the paired difference is clear.
+//! the exact McNemar p of the difference; and each question's last turn in A against its last
+//! turn in B (a base model's one answer against a self-correcting model's final one). The paired
+//! test is what says whether a trained model beats its base (or one correction prompt another) on
+//! these questions; two accuracies with their own intervals overlap long after the paired
+//! difference is clear.
 use std::collections::HashMap;
 use std::path::Path;
 
 use serde::Serialize;
 
-use super::report::Prediction;
+use super::report::{Prediction, TurnPrediction};
 use super::stats::mcnemar_exact;
 use super::EvalError;
 
@@ -16,6 +18,13 @@ use super::EvalError;
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct TurnComparison {
     pub turn: usize,
+    #[serde(flatten)]
+    pub paired: Paired,
+}
+
+/// A and B's answers to the same questions, paired.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Paired {
     pub questions: usize,
     pub accuracy_a: f64,
     pub accuracy_b: f64,
@@ -44,10 +53,16 @@ pub struct Comparison {
     pub turns_a: usize,
     pub turns_b: usize,
     pub turns: Vec<TurnComparison>,
+    /// Each question's last turn in A against its last turn in B (when a run has more than one
+    /// turn): the final answers, whatever turn each run ended at.
+    pub last: Option<Paired>,
     /// The settings the two runs differ in (settings.json: generation flags, the weights' files
     /// by fingerprint, the prompts' day), as "key: A value, B value"; what the comparison tests
     /// besides what was meant to differ.
     pub settings_differ: Vec<String>,
+    /// The folders that also hold an unfinished run's `predictions.rank-*.jsonl` (read over
+    /// predictions.jsonl, as a resumed `trainer eval` reads them, but not scored into a report).
+    pub unfinished: Vec<String>,
 }
 
 /// Compares the predictions of two `trainer eval --out` folders.
@@ -83,41 +98,14 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison, EvalError> {
     }
     let turns_a = paired.iter().map(|(p, _)| p.turns.len()).max().unwrap_or(0);
     let turns_b = paired.iter().map(|(_, q)| q.turns.len()).max().unwrap_or(0);
+    // (a question whose run stopped before turn t is not paired at t)
     let turns = (0..turns_a.min(turns_b))
-        .map(|t| {
-            // (a question whose run stopped before turn t is not paired at t)
-            let both_at: Vec<(&Prediction, &Prediction)> = paired
-                .iter()
-                .filter(|(p, q)| p.turns.len() > t && q.turns.len() > t)
-                .copied()
-                .collect();
-            let at: Vec<(bool, bool)> = both_at
-                .iter()
-                .map(|(p, q)| (p.turns[t].correct, q.turns[t].correct))
-                .collect();
-            let cut = |in_b: bool| {
-                both_at
-                    .iter()
-                    .filter(|(p, q)| super::report::cut_off(&if in_b { q } else { p }.turns[t]))
-                    .count()
-            };
-            let count = |f: fn(&(bool, bool)) -> bool| at.iter().filter(|x| f(x)).count();
-            let (a_only, b_only) = (count(|x| x.0 && !x.1), count(|x| !x.0 && x.1));
-            let n = at.len().max(1) as f64;
-            TurnComparison {
-                turn: t,
-                questions: at.len(),
-                accuracy_a: count(|x| x.0) as f64 / n,
-                accuracy_b: count(|x| x.1) as f64 / n,
-                both: count(|x| x.0 && x.1),
-                a_only,
-                b_only,
-                p_value: mcnemar_exact(a_only as u64, b_only as u64),
-                cut_off_a: cut(false),
-                cut_off_b: cut(true),
-            }
+        .map(|t| TurnComparison {
+            turn: t,
+            paired: pair(&paired, |p| p.turns.get(t)),
         })
         .collect();
+    let last = (turns_a.max(turns_b) > 1).then(|| pair(&paired, |p| p.turns.last()));
     Ok(Comparison {
         a: a.display().to_string(),
         b: b.display().to_string(),
@@ -127,8 +115,80 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison, EvalError> {
         turns_a,
         turns_b,
         turns,
-        settings_differ: settings_differ(a, b),
+        last,
+        settings_differ: scoring_differs(&paired)
+            .into_iter()
+            .chain(settings_differ(a, b))
+            .collect(),
+        unfinished: [a, b]
+            .iter()
+            .filter(|d| has_rank_files(d))
+            .map(|d| d.display().to_string())
+            .collect(),
     })
+}
+
+/// The questions both runs have a turn `pick` for, paired: accuracies, discordant counts, the
+/// exact McNemar p, cut-off turns.
+fn pair(
+    paired: &[(&Prediction, &Prediction)],
+    pick: impl Fn(&Prediction) -> Option<&TurnPrediction>,
+) -> Paired {
+    let at: Vec<(&TurnPrediction, &TurnPrediction)> = paired
+        .iter()
+        .filter_map(|(p, q)| Some((pick(p)?, pick(q)?)))
+        .collect();
+    let count =
+        |f: &dyn Fn(bool, bool) -> bool| at.iter().filter(|(x, y)| f(x.correct, y.correct)).count();
+    let (a_only, b_only) = (count(&|x, y| x && !y), count(&|x, y| !x && y));
+    let n = at.len().max(1) as f64;
+    let cut = |in_b: bool| {
+        at.iter()
+            .filter(|(x, y)| super::report::cut_off(if in_b { y } else { x }))
+            .count()
+    };
+    Paired {
+        questions: at.len(),
+        accuracy_a: count(&|x, _| x) as f64 / n,
+        accuracy_b: count(&|_, y| y) as f64 / n,
+        both: count(&|x, y| x && y),
+        a_only,
+        b_only,
+        p_value: mcnemar_exact(a_only as u64, b_only as u64),
+        cut_off_a: cut(false),
+        cut_off_b: cut(true),
+    }
+}
+
+/// Whether the paired predictions were scored by different rules (`answer::SCORING_RULES`: a
+/// folder evaluated by an older trainer, rescored by neither run since): "scoring rules: A .., B
+/// .." with how to rescore; None when every prediction was scored by the same rules.
+fn scoring_differs(paired: &[(&Prediction, &Prediction)]) -> Option<String> {
+    let rules = |side: usize| -> std::collections::BTreeSet<u32> {
+        (paired.iter())
+            .map(|pq| [pq.0, pq.1][side].scoring)
+            .collect()
+    };
+    let (ra, rb) = (rules(0), rules(1));
+    if ra == rb && ra.len() == 1 {
+        return None;
+    }
+    let named = |r: &std::collections::BTreeSet<u32>| -> String {
+        let v: Vec<String> = r
+            .iter()
+            .map(|&v| match v {
+                0 => "an older trainer's (unrecorded)".to_string(),
+                v => format!("v{v}"),
+            })
+            .collect();
+        v.join(" and ")
+    };
+    Some(format!(
+        "scoring rules: A {}, B {} (this trainer's: v{}); run a folder's `trainer eval` command again to rescore its stored predictions by this trainer's rules (nothing is generated again)",
+        named(&ra),
+        named(&rb),
+        super::answer::SCORING_RULES
+    ))
 }
 
 /// The settings two eval folders' settings.json differ in (what predictions depend on; the
@@ -141,12 +201,16 @@ fn settings_differ(a: &Path, b: &Path) -> Vec<String> {
     };
     let (sa, sb) = match (read(a), read(b)) {
         (Some(x), Some(y)) => (x, y),
-        (x, _) => {
-            let missing = if x.is_none() { a } else { b };
-            return vec![format!(
-                "{}: no readable settings.json (its settings cannot be compared)",
-                missing.display()
-            )];
+        (x, y) => {
+            let missing = [(a, x.is_none()), (b, y.is_none())];
+            return (missing.iter().filter(|m| m.1))
+                .map(|(dir, _)| {
+                    format!(
+                        "{}: no readable settings.json (its settings cannot be compared)",
+                        dir.display()
+                    )
+                })
+                .collect();
         }
     };
     let [ca, cb] = super::settings::comparable(&sa, &sb);
@@ -178,14 +242,7 @@ fn settings_differ(a: &Path, b: &Path) -> Vec<String> {
 /// An eval folder's predictions by id, as a resumed `trainer eval` reads them.
 fn predictions_of(dir: &Path) -> Result<HashMap<String, Prediction>, EvalError> {
     if !dir.join("predictions.jsonl").is_file() {
-        let interrupted = std::fs::read_dir(dir).is_ok_and(|d| {
-            d.flatten().any(|e| {
-                e.file_name()
-                    .to_str()
-                    .is_some_and(|n| n.starts_with("predictions.rank-"))
-            })
-        });
-        let hint = match interrupted {
+        let hint = match has_rank_files(dir) {
             true => "an interrupted evaluation: run its `trainer eval` command again to finish it (it resumes), then compare",
             false => "expected a `trainer eval --out` folder",
         };
@@ -197,6 +254,17 @@ fn predictions_of(dir: &Path) -> Result<HashMap<String, Prediction>, EvalError> 
     super::existing_predictions(dir)
 }
 
+/// Whether `dir` holds an interrupted `trainer eval`'s per-rank prediction files.
+fn has_rank_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|d| {
+        d.flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("predictions.rank-"))
+        })
+    })
+}
+
 impl Comparison {
     /// The table `trainer compare` prints.
     pub fn markdown(&self) -> String {
@@ -204,6 +272,9 @@ impl Comparison {
             "A: {} ({} turns)\nB: {} ({} turns)\n{} questions paired ({} in A only, {} in B only, left out)\n",
             self.a, self.turns_a, self.b, self.turns_b, self.paired, self.only_a, self.only_b
         );
+        for dir in &self.unfinished {
+            s += &format!("Note: {dir} holds an unfinished evaluation's predictions.rank-*.jsonl (compared as they are, not rescored): run its `trainer eval` command again to finish it.\n");
+        }
         match self.settings_differ.is_empty() {
             true => s += "The two runs' settings are the same (weights, generation, prompts).\n",
             false => {
@@ -213,12 +284,13 @@ impl Comparison {
                 }
             }
         }
-        s += "\n| turn | questions | accuracy A | accuracy B | right in both | A only | B only | p (exact McNemar) | cut off A / B |\n\
+        s += "\n| turn | questions | accuracy A | accuracy B | right in both | A only | B only | p (exact McNemar) | cut off, no answer A / B |\n\
              | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
-        for t in &self.turns {
+        let last = self.last.iter().map(|p| ("last".to_string(), p));
+        let rows = (self.turns.iter().map(|t| (t.turn.to_string(), &t.paired))).chain(last);
+        for (turn, t) in rows.clone() {
             s += &format!(
-                "| {} | {} | {:.1}% | {:.1}% | {} | {} | {} | {} | {} / {} |\n",
-                t.turn,
+                "| {turn} | {} | {:.1}% | {:.1}% | {} | {} | {} | {} | {} / {} |\n",
                 t.questions,
                 100.0 * t.accuracy_a,
                 100.0 * t.accuracy_b,
@@ -230,7 +302,13 @@ impl Comparison {
                 t.cut_off_b
             );
         }
-        if self.turns.iter().any(|t| t.cut_off_a + t.cut_off_b > 0) {
+        if self.last.is_some() {
+            s += &format!(
+                "\n\"last\": each question's last turn in A (of up to {}) against its last turn in B (of up to {}), the final answers.\n",
+                self.turns_a, self.turns_b
+            );
+        }
+        if rows.into_iter().any(|(_, t)| t.cut_off_a + t.cut_off_b > 0) {
             s += "\nAnswers cut off at --max-new-tokens have none and are scored wrong: where the runs' cut-offs differ, so does what the test measures (the token budget as well as the answers).\n";
         }
         s +=
@@ -291,7 +369,8 @@ mod tests {
             c.settings_differ,
             ["infer.position: A \"after_answer\", B \"after_reasoning\""]
         );
-        assert_eq!((c.turns[1].cut_off_a, c.turns[1].cut_off_b), (0, 1));
+        let t1 = &c.turns[1].paired;
+        assert_eq!((t1.cut_off_a, t1.cut_off_b), (0, 1));
         let md = c.markdown();
         assert!(md.contains("- infer.position: A \"after_answer\""), "{md}");
         assert!(
@@ -334,6 +413,11 @@ mod tests {
             "{differ:?}"
         );
         assert_eq!(differ[1], "model.model_weights_sampled (the files differ)");
+        // rank files beside predictions.jsonl: compared, and said to be unfinished
+        std::fs::write(a.join("predictions.rank-0.jsonl"), "").unwrap();
+        let c = compare(&a, &b).unwrap();
+        assert_eq!(c.unfinished, [a.display().to_string()]);
+        assert!(c.markdown().contains("holds an unfinished evaluation's"));
         // an interrupted run: its rank files only
         let cut_short = root.join("interrupted");
         std::fs::create_dir_all(&cut_short).unwrap();
@@ -342,6 +426,82 @@ mod tests {
         assert!(
             e.contains("an interrupted evaluation: run its `trainer eval` command again"),
             "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A base run of one turn against a self-correcting run of three: turn 0 is paired, and the
+    /// "last" row pairs the base's answer with the final one (the comparison the with/without
+    /// self-correction claim needs), in the table and the JSON; a folder pair without
+    /// settings.json names both.
+    #[test]
+    fn one_turn_against_three_pairs_the_final_answers() {
+        let root = std::env::temp_dir().join(format!("eval-compare-last-{}", std::process::id()));
+        let (a, b) = (root.join("base"), root.join("sco"));
+        // 6 questions: base right on q0, q1; sco right at turn 0 on q0, and at its last turn on
+        // q0..q4 (q5 stops after turn 1, wrong)
+        write(
+            &a,
+            &[
+                ("q0", &[true]),
+                ("q1", &[true]),
+                ("q2", &[false]),
+                ("q3", &[false]),
+                ("q4", &[false]),
+                ("q5", &[false]),
+            ],
+        );
+        write(
+            &b,
+            &[
+                ("q0", &[true, true, true]),
+                ("q1", &[false, true, true]),
+                ("q2", &[false, false, true]),
+                ("q3", &[false, true, true]),
+                ("q4", &[false, false, true]),
+                ("q5", &[false, false]),
+            ],
+        );
+        let c = compare(&a, &b).unwrap();
+        assert_eq!((c.turns_a, c.turns_b, c.turns.len()), (1, 3, 1));
+        let t0 = &c.turns[0].paired;
+        assert_eq!((t0.both, t0.a_only, t0.b_only), (1, 1, 0));
+        let last = c.last.as_ref().unwrap();
+        assert_eq!(
+            (last.questions, last.both, last.a_only, last.b_only),
+            (6, 2, 0, 3)
+        );
+        assert!((last.p_value - 0.25).abs() < 1e-12);
+        let md = c.markdown();
+        assert!(
+            md.contains("| last | 6 | 33.3% | 83.3% | 2 | 0 | 3 | 0.250 | 0 / 0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("each question's last turn in A (of up to 1)"),
+            "{md}"
+        );
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["last"]["b_only"], 3);
+        assert_eq!(json["turns"][0]["turn"], 0);
+        assert_eq!(json["turns"][0]["a_only"], 1, "flattened as before");
+        assert_eq!(c.settings_differ.len(), 2, "{:?}", c.settings_differ);
+        // one turn each: no "last" row
+        assert!(compare(&a, &a).unwrap().last.is_none());
+        // B rescored by this trainer's rules, A not: said, with how to rescore
+        let text = std::fs::read_to_string(b.join("predictions.jsonl")).unwrap();
+        let rescored: String = (text.lines())
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["scoring"] = 1.into();
+                v.to_string() + "\n"
+            })
+            .collect();
+        std::fs::write(b.join("predictions.jsonl"), rescored).unwrap();
+        let differ = compare(&a, &b).unwrap().settings_differ;
+        assert!(
+            differ[0].starts_with("scoring rules: A an older trainer's (unrecorded), B v1 (this trainer's: v1); run a folder's `trainer eval` command again"),
+            "{differ:?}"
         );
         let _ = std::fs::remove_dir_all(&root);
     }
@@ -370,18 +530,21 @@ mod tests {
         let c = compare(&a, &b).unwrap();
         assert_eq!((c.paired, c.only_a, c.only_b), (11, 1, 1));
         assert_eq!((c.turns_a, c.turns_b, c.turns.len()), (2, 2, 2));
-        let t0 = &c.turns[0];
+        let t0 = &c.turns[0].paired;
         assert_eq!(
             (t0.questions, t0.both, t0.a_only, t0.b_only),
             (11, 1, 0, 10)
         );
         assert_eq!(t0.p_value, 2.0 / 1024.0);
         assert!((t0.accuracy_b - 1.0).abs() < 1e-12);
-        let t1 = &c.turns[1];
+        let t1 = &c.turns[1].paired;
         assert_eq!((t1.both, t1.a_only, t1.b_only, t1.p_value), (10, 1, 0, 1.0));
+        // the last turns are turn 1 here: as turn 1's row
+        let last = c.last.as_ref().unwrap();
+        assert_eq!((last.both, last.a_only, last.b_only), (10, 1, 0));
         assert!(c
             .markdown()
-            .contains("| 0 | 11 | 9.1% | 100.0% | 1 | 0 | 10 | 0.002 |"));
+            .contains("| 0 | 11 | 9.1% | 100.0% | 1 | 0 | 10 | 0.00195 |"));
         // no shared id: an error naming both
         let other = root.join("other");
         write(&other, &[("z", &[true])]);

@@ -624,6 +624,7 @@ fn rescored(mut p: Prediction, item: &BenchItem) -> Prediction {
     }
     p.answer = item.answer.clone();
     p.category = item.category.clone();
+    p.scoring = answer::SCORING_RULES;
     p
 }
 
@@ -663,6 +664,7 @@ fn prediction(item: &BenchItem, turns: Vec<crate::infer::TurnOutput>) -> Predict
         answer: item.answer.clone(),
         category: item.category.clone(),
         asked: Some(item.asked()),
+        scoring: answer::SCORING_RULES,
         turns: turns
             .into_iter()
             .map(|t| {
@@ -1065,6 +1067,7 @@ mod tests {
             answer: "3".into(),
             category: None,
             asked: None,
+            scoring: 0,
             turns: vec![turn("<CONCLUSION> 3 </CONCLUSION>", true)],
         }
     }

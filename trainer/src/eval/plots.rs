@@ -88,21 +88,29 @@ fn legend_slot(k: usize) -> (i32, i32) {
     )
 }
 
-/// accuracy.png: accuracy (%) per turn, overall (thick) and per category.
+/// accuracy.png: accuracy (%) per turn, overall (thick, drawn over the others) and per category
+/// (the largest first), each named with its number of questions.
 pub fn accuracy(report: &Report, path: &Path) -> Result<(), String> {
     let (w, h) = SIZE;
     let mut buf = vec![255u8; (w * h * 3) as usize];
     let mut labels = vec![Label::new((w as i32 / 2, 20), "Accuracy per turn", 1)];
     let n = report.turns.len().max(1);
-    let mut series: Vec<(String, Vec<f64>)> = vec![(
-        "all".into(),
-        report.turns.iter().map(|t| 100.0 * t.accuracy).collect(),
-    )];
-    for (cat, b) in &report.by_category {
-        series.push((
-            cat.clone(),
-            b.turns.iter().map(|t| 100.0 * t.accuracy).collect(),
-        ));
+    let line = |name: &str, turns: &[super::report::TurnScore]| {
+        let questions = turns.first().map_or(0, |t| t.total);
+        let name: String = name.chars().take(10).collect();
+        let ys = turns
+            .iter()
+            .map(|t| 100.0 * t.accuracy)
+            .collect::<Vec<f64>>();
+        (format!("{name} ({questions})"), ys, questions)
+    };
+    let mut categories: Vec<(String, Vec<f64>, usize)> = (report.by_category.iter())
+        .map(|(cat, b)| line(cat, &b.turns))
+        .collect();
+    categories.sort_by_key(|c| std::cmp::Reverse(c.2));
+    let mut series: Vec<(String, Vec<f64>)> = vec![];
+    for (name, ys, _) in std::iter::once(line("all", &report.turns)).chain(categories) {
+        series.push((name, ys));
     }
     // one colour per series; with more categories than colours, the last legend slot says how
     // many are left out (report.md's table has them all)
@@ -136,7 +144,8 @@ pub fn accuracy(report: &Report, path: &Path) -> Result<(), String> {
             let (x, _) = chart.backend_coord(&(t as f64, 0.0));
             labels.push(Label::new((x, y1 + 14), format!("turn {t}"), 1));
         }
-        for (k, (name, ys)) in series.iter().enumerate() {
+        // (drawn last to first: the overall line on top)
+        for (k, (name, ys)) in series.iter().enumerate().rev() {
             let color = PALETTE[k];
             let width = if k == 0 { 3 } else { 1 };
             let pts: Vec<(f64, f64)> = ys.iter().enumerate().map(|(t, &y)| (t as f64, y)).collect();
@@ -156,7 +165,7 @@ pub fn accuracy(report: &Report, path: &Path) -> Result<(), String> {
                 color.filled(),
             ))
             .map_err(plot_err)?;
-            let mut l = Label::new((lx + 18, ly), name.chars().take(16).collect::<String>(), 0);
+            let mut l = Label::new((lx + 18, ly), name.clone(), 0);
             l.rgb = rgb(&color);
             labels.push(l);
         }

@@ -66,6 +66,10 @@ pub struct Prediction {
     /// question of this id differs is refused. Absent in predictions of older trainers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asked: Option<String>,
+    /// The scoring rules `correct` was decided by (`answer::SCORING_RULES`; 0: not recorded, an
+    /// older trainer's).
+    #[serde(default)]
+    pub scoring: u32,
     pub turns: Vec<TurnPrediction>,
 }
 
@@ -395,11 +399,20 @@ fn pct(x: f64) -> String {
 }
 
 /// A p-value as the reports print it: three decimals, or two significant digits below 0.001.
+/// A p-value as text: three significant digits, at least three decimals (scientific below
+/// 0.001), more where rounding
+/// would carry a p below 0.05 up to "0.0500" (the verdict next to it says significant).
 pub(crate) fn p_text(p: f64) -> String {
     if p < 1e-3 {
-        format!("{p:.1e}")
-    } else {
-        format!("{p:.3}")
+        return format!("{p:.1e}");
+    }
+    let mut decimals = (2 - p.log10().floor() as i32).max(3) as usize;
+    loop {
+        let text = format!("{p:.decimals$}");
+        match p < 0.05 && text.parse::<f64>().is_ok_and(|shown| shown >= 0.05) && decimals < 12 {
+            true => decimals += 1,
+            false => return text,
+        }
     }
 }
 
@@ -595,6 +608,7 @@ mod tests {
             answer: "x".into(),
             category: Some(cat.into()),
             asked: None,
+            scoring: 1,
             turns: t.iter().map(|&(c, e, r)| turn(c, e, r)).collect(),
         }
     }
@@ -733,6 +747,27 @@ mod tests {
     /// A review's cases: fixes from a cut-off turn are counted apart, the verdict says how many
     /// answers were cut off, each turn pair has its stage table with fixes and breaks, the setup
     /// heads the report, FLOPs are given per question too, and one turn has no transitions.
+    /// Three significant digits, never a p below 0.05 shown as 0.05 (25 against 42 discordant
+    /// questions gives p = 0.0498; 117 against 150, 0.04998), and no exact zero.
+    #[test]
+    fn p_values_below_the_threshold_never_read_as_it() {
+        use crate::eval::stats::mcnemar_exact;
+        for (p, text) in [
+            (0.25, "0.250"),
+            (1.0, "1.000"),
+            (0.0498, "0.0498"),
+            (0.049_98, "0.04998"),
+            (0.05, "0.0500"),
+            (0.002, "0.00200"),
+            (4e-4, "4.0e-4"),
+        ] {
+            assert_eq!(p_text(p), text, "{p}");
+        }
+        let p = mcnemar_exact(117, 150);
+        assert!(p < 0.05 && p_text(p).parse::<f64>().unwrap() < 0.05, "{p}");
+        assert!(mcnemar_exact(0, 2000) > 0.0);
+    }
+
     #[test]
     fn cut_offs_stage_tables_setup_and_one_turn() {
         let mut preds: Vec<Prediction> = (0..3)

@@ -37,7 +37,8 @@ pub fn mcnemar_exact(b: u64, c: u64) -> f64 {
     if n == 0 {
         return 1.0;
     }
-    (2.0 * binomial_tail(n, b.max(c), 0.5)).min(1.0)
+    // (a p below f64's range, 0 vs >= 1075, is its smallest normal value, not an exact 0)
+    (2.0 * binomial_tail(n, b.max(c), 0.5)).clamp(f64::MIN_POSITIVE, 1.0)
 }
 
 /// The Wilson score interval of `k` successes in `n` at 95 % (z = 1.96); (0, 1) when n is 0.
