@@ -799,7 +799,7 @@ fn a_sigterm_during_validation_stops_it() {
     assert!(
         first
             .stderr
-            .contains("SIGTERM: validation of step 6 stopped unfinished; stopping after step 6"),
+            .contains("SIGTERM: validation of step 6 stopped unfinished (1 eval micro-batch(es) done); stopping after step 6"),
         "{}",
         first.stderr
     );

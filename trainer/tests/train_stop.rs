@@ -51,3 +51,57 @@ fn max_steps_mid_epoch_saves_world2_async_between_periodic() {
         &["step-00000002", "step-00000003"],
     );
 }
+
+/// A stop signal while the ranks start (the model load: minutes at 11B) stops the run before its
+/// first step, exit 143, with no checkpoint and no step trained (it used to train and save one
+/// step first, past a scheduler's grace period); launched again, the run starts from the start.
+#[test]
+fn a_stop_during_start_up_stops_before_the_first_step() {
+    let out = fresh("stop-at-start-up");
+    let o = run(
+        &out,
+        1,
+        &train(1, 3),
+        &[],
+        &[("TRAINER_STOP_AFTER_STEP", "0")],
+    );
+    assert_eq!(o.code, Some(143), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("SIGTERM: stopping before training (at step 0; nothing new to save)"),
+        "{}",
+        o.stderr
+    );
+    assert!(checkpoints(&out).is_empty(), "{:?}", checkpoints(&out));
+    let again = ok(run(&out, 1, &train(1, 3), &[], &[]), "again");
+    assert!(!again.stderr.contains("resumed from"), "{}", again.stderr);
+    assert_eq!(metrics(&out).len(), 3);
+}
+
+/// A checkpoint saved with train.drop_last resumed without it (48 samples, global batch 5: 3 left
+/// over each epoch): the resume says the epochs now end with a partial step, and the run trains
+/// 10 steps per epoch from there instead of 9.
+#[test]
+fn a_resume_that_changes_drop_last_says_so() {
+    let out = fresh("drop-last-changed");
+    let train =
+        |max_steps: u64| format!("epochs: 2, batch_size: 5, grad_accum: 1, max_steps: {max_steps}");
+    let first = ok(
+        run(&out, 1, &train(3), &["train.drop_last=true"], &[]),
+        "first",
+    );
+    assert!(
+        first
+            .stderr
+            .contains("3 of 48 training samples sit out each epoch"),
+        "{}",
+        first.stderr
+    );
+    let o = ok(run(&out, 1, &train(0), &[], &[]), "resumed");
+    assert!(
+        o.stderr.contains("note: the checkpoint's run left them out (the 3 samples each epoch leaves over, train.drop_last true); with train.drop_last false the epochs from here end with a partial step of them"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(metrics(&out).len(), 20);
+}

@@ -76,6 +76,8 @@ pub struct Resumed {
     pub world_size: usize,
     /// `train.batch_size` when saved (None from older trainers).
     pub micro_batch: Option<usize>,
+    /// `train.drop_last` when saved (None from older trainers, which left the samples out).
+    pub drop_last: Option<bool>,
     /// `data.supervise` when saved ("all" for older trainers, which had no other).
     pub supervise: serde_json::Value,
     /// The learning-rate schedule the checkpoint was trained with (`LrSchedule::to_json`).
@@ -428,6 +430,7 @@ fn load_resumed(
         dir,
         world_size: m.world_size,
         micro_batch: m.data.micro_batch,
+        drop_last: m.data.drop_last,
         supervise: match m.prompt.get("supervise") {
             Some(v) => v.clone(),
             None => serde_json::json!("all"),

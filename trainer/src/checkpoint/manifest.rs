@@ -129,6 +129,11 @@ pub struct DataPosition {
     /// older trainers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub micro_batch: Option<usize>,
+    /// `train.drop_last` when saved: whether each epoch ended with a partial step of the samples
+    /// left over (false) or left them out. Absent in checkpoints of older trainers, which left
+    /// them out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_last: Option<bool>,
     /// Training samples in the epoch plan (after skipped records) when saved: a resume on other
     /// data (the batch position would point into another permutation) is refused. Absent in
     /// checkpoints of older trainers.

@@ -861,6 +861,7 @@ fn build_manifest(
             batch: p.data_batch,
             global_batch: t.global_batch(world),
             micro_batch: Some(t.batch_size),
+            drop_last: Some(t.drop_last),
             samples: p.samples,
             lengths_hash: p.lengths_hash,
         },

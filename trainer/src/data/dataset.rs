@@ -9,8 +9,10 @@
 //! under `skip` they are counted in the `ScanReport`.
 //!
 //! `Dataset::epoch_iter` cuts an epoch into global batches of `batch_size * world * grad_accum`
-//! samples (`LengthGroupedSampler`, seeded by `train.seed` and the epoch), each global batch into
-//! `grad_accum` micro-steps and each micro-step rank-contiguously into `world` parts. This rank's
+//! samples (`LengthGroupedSampler`, seeded by `train.seed` and the epoch; the last one the samples
+//! left over, unless `train.drop_last`), each global batch into `grad_accum` micro-steps (fewer
+//! for the last) and each micro-step rank-contiguously into `world` parts (the last micro-step of
+//! a partial batch as evenly as it goes, with filler rows). This rank's
 //! parts are built by `data.num_workers` threads (`OrderedPool`) in a fixed order.
 //!
 //! Decode errors at load time (a truncated or corrupt image that the pre-scan cannot see): under
@@ -567,7 +569,8 @@ impl Dataset {
 
     /// This rank's micro-batches of one epoch starting at global batch `start_batch`: global
     /// batch g (`batch_size * world * grad_accum` samples) is split into `grad_accum` micro-steps,
-    /// each split rank-contiguously into `world` parts of `batch_size`. Built by
+    /// each split rank-contiguously into `world` parts of `batch_size` (an epoch's last, partial
+    /// batch into `micro_steps` of them, the last spread evenly). Built by
     /// `data.num_workers` threads with a bounded prefetch queue, in a deterministic order.
     pub fn epoch_iter(
         &self,
@@ -638,15 +641,19 @@ fn load_sample(inner: &Inner, i: usize) -> Result<Sample, Problem> {
 
 /// The samples of `indices`, the indices used (replacements included) and how many were
 /// replaced.
+/// The samples `indices`; the entries from `real` on are filler rows (masked copies of a sample
+/// another rank trains): one that fails to load is replaced without a warning or a count, its
+/// sample's own rank reporting it.
 fn load_samples(
     inner: &Inner,
     indices: &[usize],
+    real: usize,
 ) -> Result<(Vec<Sample>, Vec<usize>, usize), DataError> {
     let n = inner.records.len();
     let mut samples = Vec::with_capacity(indices.len());
     let mut used = Vec::with_capacity(indices.len());
     let mut replaced = 0;
-    for &i in indices {
+    for (row, &i) in indices.iter().enumerate() {
         match load_sample(inner, i) {
             Ok(s) => {
                 used.push(i);
@@ -663,15 +670,17 @@ fn load_samples(
                         file: inner.file.clone(),
                     });
                 };
-                // (named by its line, as the record that failed is)
-                let r = &inner.records[j];
-                tracing::warn!(
-                    "{p} (skipped: replaced by the record at {}:{})",
-                    r.file.display(),
-                    r.line
-                );
-                inner.replaced.fetch_add(1, Ordering::Relaxed);
-                replaced += 1;
+                if row < real {
+                    // (named by its line, as the record that failed is)
+                    let r = &inner.records[j];
+                    tracing::warn!(
+                        "{p} (skipped: replaced by the record at {}:{})",
+                        r.file.display(),
+                        r.line
+                    );
+                    inner.replaced.fetch_add(1, Ordering::Relaxed);
+                    replaced += 1;
+                }
                 used.push(j);
                 samples.push(s);
             }
@@ -682,7 +691,7 @@ fn load_samples(
 
 /// The reference path: samples -> `collate` (all buffers) -> `Loaded`.
 fn load(inner: &Inner, indices: &[usize]) -> Result<Loaded, DataError> {
-    let (samples, used, replaced) = load_samples(inner, indices)?;
+    let (samples, used, replaced) = load_samples(inner, indices, indices.len())?;
     let collated = collate(
         &samples,
         inner.text.ids.pad,
@@ -702,7 +711,8 @@ fn load(inner: &Inner, indices: &[usize]) -> Result<Loaded, DataError> {
 /// (B, I, T, 3, H, W) buffer and its copy (two writes of ~15 MB per 4-tile sample, most of the
 /// collate cost). With `eval`, filler rows (`MicroJob::fillers`, failed loads) are masked.
 fn load_micro(inner: &Inner, job: &MicroJob, eval: bool) -> Result<MicroBatch, DataError> {
-    let (samples, used, replaced) = load_samples(inner, &job.indices)?;
+    let real = job.indices.len() - job.fillers;
+    let (samples, used, replaced) = load_samples(inner, &job.indices, real)?;
     let (max_tiles, tile) = (inner.image.max_image_tiles, inner.image.tile);
     let mut c = collate::collate_text(
         &samples,
@@ -713,7 +723,6 @@ fn load_micro(inner: &Inner, job: &MicroJob, eval: bool) -> Result<MicroBatch, D
     );
     // filler rows of the plan (a rank without a sample in a partial last micro-step), and under
     // evaluation samples that failed to load (training replaces them with the next sample)
-    let real = job.indices.len() - job.fillers;
     let filler: Vec<bool> = (0..job.indices.len())
         .map(|i| i >= real || (eval && used[i] != job.indices[i]))
         .collect();

@@ -151,7 +151,8 @@ fn batch_tensors(c: &collate::Batch, prefix: &str) -> Vec<(String, Dtype, Vec<us
 }
 
 /// Write the exact tensors of global batch `index` of `epoch` of a run at `world` ranks to `out`
-/// (safetensors): `train.batch_size x world x train.grad_accum` samples, as that run's step
+/// (safetensors): `train.batch_size x world x train.grad_accum` samples (an epoch's last batch
+/// the fewer left over, unless `train.drop_last`; filler rows left out), as that run's step
 /// `index + 1` of the epoch sees them (the sampler depends on the global batch). At world 1 with
 /// `train.grad_accum` 1 the names are `input_ids`, `attention_mask`, `labels`, `pixel_values`,
 /// `aspect_ratio_ids`, `aspect_ratio_mask`, `cross_attention_mask`; with more micro-steps each

@@ -646,6 +646,7 @@ fn score(t: &mut TurnPrediction, item: &BenchItem) {
         true => answer::canonical(&t.extracted, &item.answer, choices),
         false => "cut off".into(),
     };
+    t.no_answer = answered && answer::unreadable(&t.extracted, &item.answer, choices);
 }
 
 /// A turn's stages as predictions.jsonl stores them (stage name -> text, if present).
@@ -682,6 +683,7 @@ fn prediction(item: &BenchItem, turns: Vec<crate::infer::TurnOutput>) -> Predict
                     tokens: t.tokens,
                     seconds: t.seconds,
                     canonical: String::new(),
+                    no_answer: false,
                 }
             })
             .collect(),
@@ -981,6 +983,7 @@ mod tests {
             seconds: 0.0,
             finished,
             canonical: String::new(),
+            no_answer: false,
         }
     }
 
@@ -1150,6 +1153,52 @@ mod tests {
         a.question = "other".into();
         assert_eq!(a.seed(5), item("2").seed(5), "the id alone decides");
         assert_ne!(a.asked(), item("1").asked(), "what is asked differs");
+    }
+
+    /// A finished turn without an answer scoring can read (no number for a numeric question, no
+    /// option of a multiple-choice one, an empty conclusion) is marked no_answer, apart from a
+    /// wrong answer; a cut-off turn is counted as cut off, not as this; report.md shows both.
+    #[test]
+    fn a_turn_without_a_readable_answer_is_told_from_a_wrong_one() {
+        let no_answer = |text: &str, item: &BenchItem| {
+            let mut t = turn(text, true);
+            score(&mut t, item);
+            assert!(!t.correct, "{text}");
+            t.no_answer
+        };
+        let three = item("3");
+        assert!(no_answer(
+            "<CONCLUSION> several circles </CONCLUSION>",
+            &three
+        ));
+        assert!(
+            !no_answer("<CONCLUSION> 4 </CONCLUSION>", &three),
+            "a wrong number"
+        );
+        let mut choice = item("B");
+        choice.choices = Some(vec!["red".into(), "blue".into()]);
+        assert!(no_answer("<CONCLUSION> purple </CONCLUSION>", &choice));
+        assert!(!no_answer("<CONCLUSION> red </CONCLUSION>", &choice));
+        let text = item("a cat");
+        assert!(no_answer(
+            "<SUMMARY> s </SUMMARY><CONCLUSION></CONCLUSION>",
+            &text
+        ));
+        assert!(!no_answer("<CONCLUSION> a dog </CONCLUSION>", &text));
+        let mut cut = turn("<REASONING> there are", false);
+        score(&mut cut, &three);
+        assert!(!cut.no_answer, "cut off, not unreadable");
+        // counted per turn in the report, and shown
+        let mut p = saved("a");
+        p.turns[0] = turn("<CONCLUSION> several </CONCLUSION>", true);
+        let p = rescored(p, &three);
+        let r = report::build(&[p], 1, &|_| 0.0, None);
+        assert_eq!((r.turns[0].no_answer, r.turns[0].cut_off), (1, 0));
+        assert!(
+            report::markdown(&r).contains("| cut off at max tokens | no readable answer |"),
+            "{}",
+            report::markdown(&r)
+        );
     }
 
     /// A turn cut off at --max-new-tokens in its reasoning gave no answer, whatever number its

@@ -42,6 +42,10 @@ pub struct TurnPrediction {
     /// "answer changed" compares, so "B" and "(B)" or "3" and "3.0" are one answer.
     #[serde(default)]
     pub canonical: String,
+    /// Finished (or concluded) without an answer scoring can read (`answer::unreadable`: no
+    /// option, no number, nothing): scored wrong, a broken format rather than a wrong answer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_answer: bool,
 }
 
 impl TurnPrediction {
@@ -83,6 +87,9 @@ pub struct TurnScore {
     pub ci95: [f64; 2],
     /// Answers cut off at --max-new-tokens (scored wrong unless they reached a conclusion).
     pub cut_off: usize,
+    /// Turns that ended without an answer scoring can read (no option, no number, nothing),
+    /// scored wrong: a broken format, which a correction turn can cause as well as fix.
+    pub no_answer: usize,
 }
 
 /// Turn 0 against the last turn, paired on the same samples: the discordant counts and the
@@ -226,6 +233,7 @@ fn breakdown(preds: &[&Prediction]) -> Breakdown {
                 accuracy: ratio(correct, preds.len()),
                 ci95: wilson95(correct as u64, preds.len() as u64),
                 cut_off: preds.iter().filter(|p| !p.turns[t].finished).count(),
+                no_answer: preds.iter().filter(|p| p.turns[t].no_answer).count(),
             }
         })
         .collect();
@@ -398,10 +406,9 @@ fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
 }
 
-/// A p-value as the reports print it: three decimals, or two significant digits below 0.001.
-/// A p-value as text: three significant digits, at least three decimals (scientific below
-/// 0.001), more where rounding
-/// would carry a p below 0.05 up to "0.0500" (the verdict next to it says significant).
+/// A p-value as the reports print it: three significant digits, at least three decimals
+/// (scientific below 0.001), more where rounding would carry a p below 0.05 up to "0.0500" (the
+/// verdict next to it says significant).
 pub(crate) fn p_text(p: f64) -> String {
     if p < 1e-3 {
         return format!("{p:.1e}");
@@ -449,17 +456,18 @@ pub fn markdown(r: &Report) -> String {
             u.benchmark, u.turns, u.max_new_tokens, u.correction_prompt
         );
     }
-    s += &format!("\n## Accuracy per turn\n\n{SCORING}\n\n| turn | correct | total | accuracy | 95% CI (Wilson) | cut off at max tokens |\n| --- | ---: | ---: | ---: | ---: | ---: |\n");
+    s += &format!("\n## Accuracy per turn\n\n{SCORING}\n\n| turn | correct | total | accuracy | 95% CI (Wilson) | cut off at max tokens | no readable answer |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for t in &r.turns {
         s += &format!(
-            "| {} | {} | {} | {} | {} - {} | {} |\n",
+            "| {} | {} | {} | {} | {} - {} | {} | {} |\n",
             t.turn,
             t.correct,
             t.total,
             pct(t.accuracy),
             pct(t.ci95[0]),
             pct(t.ci95[1]),
-            t.cut_off
+            t.cut_off,
+            t.no_answer
         );
     }
     s += &format!("\n![Accuracy per turn]({})\n", super::plots::ACCURACY);
@@ -594,6 +602,7 @@ mod tests {
             seconds: 1.0,
             finished: true,
             canonical: String::new(),
+            no_answer: false,
         }
     }
 
@@ -744,9 +753,6 @@ mod tests {
         assert!(md.contains("| a\\|b | 2 |"), "{md}");
     }
 
-    /// A review's cases: fixes from a cut-off turn are counted apart, the verdict says how many
-    /// answers were cut off, each turn pair has its stage table with fixes and breaks, the setup
-    /// heads the report, FLOPs are given per question too, and one turn has no transitions.
     /// Three significant digits, never a p below 0.05 shown as 0.05 (25 against 42 discordant
     /// questions gives p = 0.0498; 117 against 150, 0.04998), and no exact zero.
     #[test]
@@ -768,6 +774,9 @@ mod tests {
         assert!(mcnemar_exact(0, 2000) > 0.0);
     }
 
+    /// A review's cases: fixes from a cut-off turn are counted apart, the verdict says how many
+    /// answers were cut off, each turn pair has its stage table with fixes and breaks, the setup
+    /// heads the report, FLOPs are given per question too, and one turn has no transitions.
     #[test]
     fn cut_offs_stage_tables_setup_and_one_turn() {
         let mut preds: Vec<Prediction> = (0..3)

@@ -9,8 +9,8 @@
 //! - `params`:        what trains, as peft's trainable-parameter line (and `config check`'s model)
 //! - `signal`:        SIGTERM (all ranks stop after the same step)
 //!
-//! Loss normalization: every optimizer step sees `batch_size x world x grad_accum` samples; the
-//! loss is the sum of token losses over all of them divided by the global count of supervised
+//! Loss normalization: every optimizer step sees `batch_size x world x grad_accum` samples (an
+//! epoch's last one the fewer left over, unless `train.drop_last`); the loss is the sum of token losses over all of them divided by the global count of supervised
 //! tokens (all-reduced before the first backward), so the logged loss is the true mean and
 //! world 2 x batch 2 trains exactly like world 1 x batch 4.
 //!
@@ -199,11 +199,21 @@ pub fn train(config: &Config) -> Result<Outcome> {
     // resumed at an epoch's end, or at the run's last step, whose validation never finished (the
     // process died or was stopped while validating) is validated first, as that epoch would have
     // been: its result counts towards the best adapter.
-    let mut stopped_by: Option<i32> = None;
+    // A stop signal that came while the ranks started (the model load takes minutes at 11B) stops
+    // the run here, before a step it would then train and save past a scheduler's grace period.
+    let mut stopped_by = signal::stop_requested(&pg, device, st.step, stop_after)?;
+    // (Ctrl-C from here on stops after a step, or an eval micro-batch, as SIGTERM does)
+    signal::install_interrupt_handlers();
     let start_step = st.step;
     let at_epoch_end = start.1 == 0 && start.0 == st.epoch + 1;
     let unvalidated = st.saved_step.is_some() && data.eval.is_some() && !st.resumed_validated;
-    if st.step > total_steps {
+    if let Some(sig) = stopped_by {
+        meter.log(&format!(
+            "{}: stopping before training (at step {}; nothing new to save)",
+            signal::name(sig),
+            st.step
+        ));
+    } else if st.step > total_steps {
         meter.log(&format!("the checkpoint resumed is past the run's end (step {} of {total_steps}, train.max_steps lowered?): nothing to train, validate or export", st.step));
     } else if unvalidated
         && (at_epoch_end || st.step == total_steps || is_eval_step(t.eval_every_steps, st.step))
@@ -223,12 +233,21 @@ pub fn train(config: &Config) -> Result<Outcome> {
         saver.export_adapter(st.step);
     }
     meter.start_steps();
-    signal::install_interrupt_handlers();
     let epochs = match st.step >= total_steps || stopped_by.is_some() {
         true if stopped_by.is_some() => 0..0,
         true => {
             meter.log(&format!(
                 "nothing left to train: the run is at step {} of {total_steps}",
+                st.step
+            ));
+            0..0
+        }
+        false if start.0 >= t.epochs as u64 => {
+            // (a checkpoint whose run had fewer steps per epoch: train.drop_last changed)
+            meter.log(&format!(
+                "nothing left to train: the checkpoint resumed ends epoch {} of {}, at step {} (this run's plan counts {total_steps} steps: other steps per epoch than the checkpoint's run, train.drop_last?)",
+                start.0,
+                t.epochs,
                 st.step
             ));
             0..0
@@ -399,7 +418,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
     Ok(Outcome {
         steps: st.step,
         stopped_by,
-        stop_note: stopped_by.map(|sig| signal::stop_note(sig, st.step, rank)),
+        stop_note: stopped_by.map(|sig| signal::stop_note(sig, (start_step, st.step), rank)),
         last_loss: st.last_loss,
     })
 }

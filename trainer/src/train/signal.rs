@@ -5,9 +5,9 @@
 //! same way (exit 130, 129); a second SIGINT kills at once, as the launcher's second Ctrl-C does,
 //! also after another signal came first. A signal ignored at start (`nohup`'s SIGHUP, SIGINT in a
 //! background job) stays ignored.
-//! `TRAINER_STOP_AFTER_STEP=N` acts as a SIGTERM received during step N, and
+//! `TRAINER_STOP_AFTER_STEP=N` acts as a SIGTERM received during step N (0: during start-up), and
 //! `TRAINER_STOP_DURING_VALIDATION=N` as one received during the first eval micro-batch of step
-//! N's validation (tests).
+//! N's validation (tests; with one micro-batch, during the validation's last).
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 
 use anyhow::Result;
@@ -146,16 +146,22 @@ pub(super) fn stop_requested(
 /// received the signal when it is another one). Under a launcher that forwards its own signal
 /// every rank received it (rank 0 is named); a signal sent to one rank names that rank, and the
 /// others, which stopped with it, are its messengers.
-pub(super) fn stop_note(sig: i32, step: u64, rank: usize) -> (String, Option<usize>) {
+/// `(start, step)`: the step the run started at and the one it stopped after (the same when
+/// it stopped before training).
+pub(super) fn stop_note(
+    sig: i32,
+    (start, step): (u64, u64),
+    rank: usize,
+) -> (String, Option<usize>) {
     let name = name(sig);
+    let stopped = match start == step {
+        true => format!("stopped before training (at step {step}; nothing new to save)"),
+        false => format!("stopped after step {step}, with its checkpoint"),
+    };
     match SIGNALLED_RANK.load(Ordering::SeqCst) {
-        r if r == rank || r == usize::MAX => (
-            format!("{name} received by this rank: stopped after step {step}, with its checkpoint"),
-            None,
-        ),
-        r => (
-            format!("stopped after step {step}, with its checkpoint: rank {r} received {name}"),
-            Some(r),
-        ),
+        r if r == rank || r == usize::MAX => {
+            (format!("{name} received by this rank: {stopped}"), None)
+        }
+        r => (format!("{stopped}: rank {r} received {name}"), Some(r)),
     }
 }

@@ -147,9 +147,11 @@ pub(super) enum Validation {
 /// Mean token loss and perplexity over the eval split (its first `train.max_eval_samples`) after
 /// `epoch` (every rank takes its part, in micro-batches of `train.val_batch_size`; sums are
 /// all-reduced), written to metrics.jsonl with the samples and tokens it covered, and logged;
-/// returns the loss. A stop signal (SIGTERM, a scheduler's notice, Ctrl-C) is checked after
-/// every micro-batch, all ranks agreeing: a long validation does not outlast a scheduler's grace
-/// period (the step's checkpoint is saved; the resumed run validates it again).
+/// returns the loss. A stop signal (SIGTERM, a scheduler's notice, Ctrl-C) is checked between
+/// micro-batches, all ranks agreeing: a long validation does not outlast a scheduler's grace
+/// period (the step's checkpoint is saved; the resumed run validates it again). One that comes
+/// during the last micro-batch lets the validation finish (the caller's check after it stops
+/// the run).
 pub(super) fn validate(
     pg: &ProcessGroup,
     trainable: &mut Trainable,
@@ -168,7 +170,16 @@ pub(super) fn validate(
         t.eval_batch_size(),
         t.eval_sample_limit(),
     );
-    for mb in batches {
+    for (k, mb) in batches.enumerate() {
+        if k > 0 {
+            if let Some(sig) = super::signal::stop_requested(pg, device, step, stop_hook)? {
+                meter.log(&format!(
+                    "{}: validation of step {step} stopped unfinished ({k} eval micro-batch(es) done); stopping after step {step} (its checkpoint is saved: the resumed run validates it)",
+                    super::signal::name(sig)
+                ));
+                return Ok(Validation::Stopped(sig));
+            }
+        }
         // (agreed, as the training loop's batches are: a record that fails to load stops every
         // rank here, the step's checkpoint published before validation began, not one rank
         // alone with the others waiting in the forward's collectives)
@@ -183,13 +194,6 @@ pub(super) fn validate(
         sum += trainable.forward_loss(pg, &to_device(&mb.batch, device))?;
         count += mb.supervised_tokens;
         samples += (mb.sample_indices.len() - mb.filler_rows) as i64;
-        if let Some(sig) = super::signal::stop_requested(pg, device, step, stop_hook)? {
-            meter.log(&format!(
-                "{}: validation of step {step} stopped unfinished; stopping after step {step} (its checkpoint is saved: the resumed run validates it)",
-                super::signal::name(sig)
-            ));
-            return Ok(Validation::Stopped(sig));
-        }
     }
     let tokens = all_reduce_i64(pg, count, device)?;
     let samples = all_reduce_i64(pg, samples, device)?;
