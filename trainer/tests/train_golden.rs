@@ -113,6 +113,38 @@ fn dora_under_fsdp_losses_match_transformers_peft_adamw() {
     losses_match_at(2, DORA_GOLDEN, &sets, &dora_exported);
 }
 
+/// The optimizer path beyond plain steps, against torch (make_optim_golden.py): gradient
+/// accumulation over 5 micro-batches of one sample (the loss the step's token mean), each epoch's
+/// last, partial step of 2 (12 samples), clipping that clips every step, weight decay and StepLR
+/// (gamma 0.5 per epoch) over 2 epochs: the per-step losses and the pre-clip gradient norms.
+#[test]
+fn accumulation_partial_steps_clipping_and_step_lr_match_torch() {
+    const FILE: &str = "golden_losses_optim.json";
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/fixtures/train").join(FILE)).unwrap(),
+    )
+    .unwrap();
+    let sets: Vec<&str> = (golden["sets"].as_array().unwrap().iter())
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let want: Vec<f64> = (golden["grad_norms"].as_array().unwrap().iter())
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    losses_match_then(FILE, &sets, &|out| {
+        let got: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|m| m.get("grad_norm")?.as_f64())
+            .collect();
+        assert_eq!(got.len(), want.len(), "{got:?}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let rel = (g - w).abs() / w.abs();
+            assert!(rel < 1e-4, "step {}: grad norm {g} vs torch {w}", i + 1);
+        }
+    });
+}
+
 const DORA_GOLDEN: &str = "golden_losses_dora.json";
 const DORA_SETS: &[&str] = &[
     "peft.init_from=tests/fixtures/train/adapter_dora",
