@@ -731,6 +731,9 @@ fn setup_of(bench: &str, opts: &EvalOptions) -> report::Setup {
         position: opts.infer.position,
         max_new_tokens: opts.infer.max_new_tokens,
         temperature: opts.infer.temperature,
+        top_k: opts.infer.top_k,
+        top_p: opts.infer.top_p,
+        seed: opts.infer.seed,
         correction_prompt: opts.infer.correction_prompt.clone(),
     }
 }

@@ -192,6 +192,10 @@ pub struct Setup {
     pub position: crate::infer::Position,
     pub max_new_tokens: usize,
     pub temperature: f64,
+    /// Sampling's filters and seed (read with temperature > 0): top-k 0 is off.
+    pub top_k: usize,
+    pub top_p: f64,
+    pub seed: u64,
     pub correction_prompt: String,
 }
 
@@ -449,7 +453,15 @@ pub fn markdown(r: &Report) -> String {
         };
         let decoding = match u.temperature {
             0.0 => "greedy".to_string(),
-            t => format!("temperature {t}"),
+            t => format!(
+                "sampled at temperature {t}, top-k {}, top-p {}, seed {} (each question's sampler seeded from it and the question's id)",
+                match u.top_k {
+                    0 => "off".to_string(),
+                    k => k.to_string(),
+                },
+                u.top_p,
+                u.seed
+            ),
         };
         s += &format!(
             "\n## Setup\n\n- benchmark `{}`{limit}\n- {weights}\n- {} turn(s), the correction turn {position}, at most {} new tokens per turn, {decoding}\n- correction prompt: {:?}\n",
@@ -807,8 +819,18 @@ mod tests {
             position: crate::infer::Position::AfterReasoning,
             max_new_tokens: 40,
             temperature: 0.0,
+            top_k: 50,
+            top_p: 0.9,
+            seed: 7,
             correction_prompt: "Check.".into(),
         });
+        if let Some(u) = r.setup.as_mut() {
+            u.temperature = 0.7;
+        }
+        assert!(markdown(&r).contains("per turn, sampled at temperature 0.7, top-k 50, top-p 0.9, seed 7 (each question's sampler"));
+        if let Some(u) = r.setup.as_mut() {
+            u.temperature = 0.0;
+        }
         let md = markdown(&r);
         for want in [
             "## Setup\n\n- benchmark `b.jsonl` (the first 3 questions)\n- model `/m`, checkpoint `/c/step-00000002`\n- 2 turn(s), the correction turn after the reasoning, at most 40 new tokens per turn, greedy\n",
