@@ -677,8 +677,10 @@ impl Attempt<'_> {
             w.clear();
         }
         let drain_deadline = Instant::now() + Duration::from_secs(2);
+        let attempt = self.attempt;
         for rank in &mut ranks {
-            rank.output.finish(drain_deadline);
+            rank.output
+                .finish(drain_deadline, &mut || peers.keep_alive(attempt));
         }
 
         if let Some(mut failure) = root {

@@ -206,7 +206,9 @@ impl RankOutput {
     /// they still move output (writing to a console that reads slowly, `| less`, or reading what
     /// a rank left in its pipe), up to [`DRAIN_MORE`] longer: a grandchild that escaped the
     /// process group may hold the pipe open forever, and must not hang the launcher.
-    pub fn finish(&mut self, deadline: Instant) {
+    /// `keep_alive` is called while it waits (the node's heartbeat: a drain of a minute must not
+    /// get a node that succeeded declared lost by node 0).
+    pub fn finish(&mut self, deadline: Instant, keep_alive: &mut dyn FnMut()) {
         let moved = |relays: &[Relay]| -> u64 {
             relays
                 .iter()
@@ -234,6 +236,7 @@ impl RankOutput {
             if now >= deadline && !writing && now - last_move >= QUIET {
                 break;
             }
+            keep_alive();
             std::thread::sleep(Duration::from_millis(5));
         }
         for r in std::mem::take(&mut self.threads) {
@@ -437,6 +440,36 @@ mod tests {
         assert_eq!(lines[0], "line 10");
         t.push("x".repeat(1000).as_bytes());
         assert!(t.lines().last().unwrap().len() < 500);
+    }
+
+    /// A rank's output that keeps coming after its deadline is drained while it moves, and the
+    /// node's heartbeat goes on meanwhile.
+    #[test]
+    fn a_long_drain_keeps_the_node_alive() {
+        struct Slow(u32);
+        impl Read for Slow {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Ok(0);
+                }
+                self.0 -= 1;
+                std::thread::sleep(Duration::from_millis(30));
+                buf[0] = b'\n';
+                Ok(1)
+            }
+        }
+        let options = OutputOptions {
+            local_ranks_filter: Some(vec![]),
+            ..OutputOptions::default()
+        };
+        let mut out = RankOutput::start(&options, None, 0, 0, Slow(20), io::empty()).unwrap();
+        let (started, mut beats) = (Instant::now(), 0);
+        out.finish(Instant::now(), &mut || beats += 1);
+        assert!(
+            started.elapsed() >= Duration::from_millis(500),
+            "drained whole"
+        );
+        assert!(beats > 10, "{beats}");
     }
 
     #[test]

@@ -388,6 +388,14 @@ impl Peers {
         }
     }
 
+    /// This node's heartbeat (at most one a second; an error is left to the next poll): while it
+    /// drains its ranks' output it polls nothing else.
+    pub fn keep_alive(&mut self, attempt: u32) {
+        if let Peers::Multi(m) = self {
+            let _ = m.beat(attempt);
+        }
+    }
+
     /// Marks this node's ranks as all successful.
     pub fn report_done(&mut self, attempt: u32) -> Result<(), StoreError> {
         match self {
@@ -522,6 +530,16 @@ impl MultiNode {
         false
     }
 
+    /// Bumps this node's heartbeat unless it did less than `HEARTBEAT_EVERY` ago; whether it did.
+    fn beat(&mut self, attempt: u32) -> Result<bool, StoreError> {
+        if self.last_heartbeat.elapsed() < HEARTBEAT_EVERY {
+            return Ok(false);
+        }
+        self.last_heartbeat = Instant::now();
+        let key = format!("launcher/a{attempt}/hb/{}", self.node_rank);
+        self.client.add(&key, 1).map(|_| true)
+    }
+
     /// Counts this node once per attempt in `a<k>/acks`.
     fn ack(&mut self, attempt: u32) {
         if self.acked != Some(attempt)
@@ -542,12 +560,9 @@ impl MultiNode {
                 Failure::of_node(why, 0, "?", attempt)
             })));
         }
-        if self.last_heartbeat.elapsed() < HEARTBEAT_EVERY {
+        if !self.beat(attempt)? {
             return Ok(None);
         }
-        self.last_heartbeat = Instant::now();
-        self.client
-            .add(&format!("launcher/a{attempt}/hb/{}", self.node_rank), 1)?;
         if self.node_rank != 0 {
             return Ok(None);
         }
