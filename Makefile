@@ -50,6 +50,8 @@ demo: $(SETUP_STAMP)
 	@./scripts/demo.sh
 
 bench: bench-collectives bench-checkpoint bench-decode bench-step bench-data
+# one benchmark at a time, also under `make -j`: each measures against a peer on the same cores
+.NOTPARALLEL: bench
 
 bench-collectives: $(PEERS_STAMP)
 	@./scripts/bench-collectives.sh

@@ -27,7 +27,7 @@ bench tcp tcp
 OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node 2 scripts/bench_gloo.py --sizes "$SIZES" --reps "$REPS" 2>>"$OUT/collectives-stderr.log" > "$OUT/collectives-gloo.jsonl"
 .venv/bin/python - "$OUT" "$REPS" <<'PY'
 import json, sys, time, statistics
-from multiprocessing import Process, Queue
+import multiprocessing
 import numpy as np
 out, reps = sys.argv[1], int(sys.argv[2])
 def load(name):
@@ -50,11 +50,17 @@ def memcpy(q):
             times.append(time.perf_counter() - t)
     q.put(src.nbytes / statistics.median(times) / 1e9)
 def run(k):
-    q = Queue()
-    ps = [Process(target=memcpy, args=(q,)) for _ in range(k)]
+    # (fork: the worker is defined in this stdin script, which spawn/forkserver cannot re-import;
+    # a timeout and the exit codes: a worker that dies must not hang `make bench`)
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    ps = [ctx.Process(target=memcpy, args=(q,)) for _ in range(k)]
     [p.start() for p in ps]
+    got = [q.get(timeout=300) for _ in ps]
     [p.join() for p in ps]
-    return [q.get() for _ in ps]
+    if any(p.exitcode for p in ps):
+        sys.exit(f"a memcpy worker failed: exit codes {[p.exitcode for p in ps]}")
+    return got
 one, two = run(1), run(2)
 print(f"memcpy 64 MiB: {one[0]:.2f} GB/s alone, {min(two):.2f}-{max(two):.2f} GB/s each with both cores copying")
 with open(f"{out}/collectives-memcpy.json", "w") as f:

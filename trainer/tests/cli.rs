@@ -263,6 +263,52 @@ fn bench_checkpoint_keeps_what_its_dir_already_held() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A benchmark's `--out` holds each measurement with when and where it was made (unix time,
+/// cores, load, commit), and a run that fails leaves no earlier results behind that would pass
+/// for its own.
+#[test]
+fn bench_out_records_provenance_and_a_failed_run_leaves_no_stale_results() {
+    let out = std::env::temp_dir().join(format!("bench-out-{}.jsonl", std::process::id()));
+    std::fs::write(&out, "{\"stale\": true}\n").unwrap();
+    let o = out.to_str().unwrap();
+    let args = [
+        "bench",
+        "data",
+        "--images",
+        "2",
+        "--reps",
+        "1",
+        "--workers",
+        "1",
+        "--batch-size",
+        "1",
+    ];
+    let mut failing = args.to_vec();
+    failing.extend(["--python", "/no/such/python", "--out", o]);
+    let (code, _, stderr) = trainer(&failing);
+    assert_ne!(code, 0, "{stderr}");
+    assert!(!out.exists(), "the earlier results are gone");
+    let mut passing = args.to_vec();
+    passing.extend(["--no-peer", "--out", o]);
+    let (code, _, stderr) = trainer(&passing);
+    assert_eq!(code, 0, "{stderr}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.lines().count() >= 2, "{text}");
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let p = &v["provenance"];
+        assert!(
+            p["unix_time"].as_u64().unwrap() > 1_700_000_000 && p["cores"].as_u64().unwrap() >= 1,
+            "{line}"
+        );
+        assert!(
+            p.get("commit").is_some() && p.get("loadavg_1m").is_some(),
+            "{line}"
+        );
+    }
+    std::fs::remove_file(&out).unwrap();
+}
+
 /// `launcher --standalone --nproc-per-node 2 --max-restarts 2 configs/demo.yaml SETS...` to its end.
 fn launch_demo_config(sets: &[&str]) -> std::process::Output {
     common::launcher()

@@ -684,35 +684,44 @@ fn time_case(
             }
         }
     };
-    // [forward, forward+backward] seconds per timed variant
-    let mut ours: Vec<[f64; 2]> = vec![[0.0; 2]; timed.len()];
-    let rounds = if timed.len() > 1 { 2.0 } else { 1.0 };
-    let forth = (0..timed.len()).collect::<Vec<_>>();
-    let back = forth.iter().rev().copied().collect::<Vec<_>>();
-    for order in [forth, back].iter().take(rounds as usize) {
-        for &i in order {
-            let variant = timed[i];
-            attention::set_variant(variant);
-            ours[i][0] += timing(variant.name(), &mut fwd)? / rounds;
-            ours[i][1] += timing(variant.name(), &mut fwd_bwd)? / rounds;
-        }
-    }
-    let sdpa_f = timing("SDPA", &mut || {
-        let _ = c.sdpa.run(q, k, v, scale);
-    })?;
     let (qg, kg, vg) = (
         q.detach().set_requires_grad(true),
         k.detach().set_requires_grad(true),
         v.detach().set_requires_grad(true),
     );
+    let mut sdpa_fwd = || {
+        let _ = c.sdpa.run(q, k, v, scale);
+    };
     // The backward from `o` itself: autograd seeds it with ones_like(o) (one fill kernel), where
     // a scalar loss such as (o * dout).sum() would add three elementwise passes over (B, H, S, D)
     // that are not SDPA's cost (~5 % of its forward+backward at s2048; the tables measured before
     // session 10 include them).
-    let sdpa_fb = timing("SDPA", &mut || {
+    let mut sdpa_fwd_bwd = || {
         let o = c.sdpa.run(&qg, &kg, &vg, scale);
         let _ = Tensor::run_backward(&[o], &[&qg, &kg, &vg], false, false);
-    })?;
+    };
+    // [forward, forward+backward] seconds per timed variant, and SDPA's last: each timed in the
+    // order variants-then-SDPA and again in reverse, the mean of the two (a later slot reads a
+    // few per cent slower on identical kernels, so no side keeps the last one)
+    let n = timed.len();
+    let mut times: Vec<[f64; 2]> = vec![[0.0; 2]; n + 1];
+    let forth = (0..=n).collect::<Vec<_>>();
+    let back = forth.iter().rev().copied().collect::<Vec<_>>();
+    for order in [forth, back] {
+        for i in order {
+            let (what, f, fb): (&str, &mut dyn FnMut(), &mut dyn FnMut()) = match timed.get(i) {
+                Some(&variant) => {
+                    attention::set_variant(variant);
+                    (variant.name(), &mut fwd, &mut fwd_bwd)
+                }
+                None => ("SDPA", &mut sdpa_fwd, &mut sdpa_fwd_bwd),
+            };
+            times[i][0] += timing(what, f)? / 2.0;
+            times[i][1] += timing(what, fb)? / 2.0;
+        }
+    }
+    let [sdpa_f, sdpa_fb] = times[n];
+    let ours = &times[..n];
     // (its checks depend on requires_grad: asked with the tensors each timing used)
     let backends = [
         c.sdpa.backend(q, k, v, scale),

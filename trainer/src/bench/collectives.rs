@@ -66,11 +66,13 @@ pub fn run(
 }
 
 /// One JSON line per measurement (the format `make bench-collectives` merges with gloo's; gloo,
-/// the peer, runs in its own process there, so `peer` and `ratio` are null here).
-pub fn json_line(m: &Measurement, backend: &str, world: usize) -> String {
+/// the peer, runs in its own process there, so `peer` and `ratio` are null here). `transport`:
+/// what the backend ran on (`ProcessGroup::transport`: the CPU backend's single-copy `shm-cma`,
+/// or `shm-copy` where cross-memory attach was refused, or `tcp`), which the figures depend on.
+pub fn json_line(m: &Measurement, backend: &str, transport: &str, world: usize) -> String {
     serde_json::json!({
         "name": format!("collectives/{}/{backend}/world{world}/{}", m.op, m.bytes),
-        "op": m.op, "backend": backend, "world": world, "bytes": m.bytes,
+        "op": m.op, "backend": backend, "transport": transport, "world": world, "bytes": m.bytes,
         "seconds": m.seconds, "busbw_gbps": (m.busbw_gbps * 1000.0).round() / 1000.0,
         "figure": m.busbw_gbps, "unit": "GB/s (bus bandwidth)", "peer": null, "ratio": null,
     })

@@ -392,7 +392,10 @@ fn time_peer(
             &reps.to_string(),
         ])
         .env("OMP_NUM_THREADS", "1")
-        .env("MKL_NUM_THREADS", "1");
+        .env("MKL_NUM_THREADS", "1")
+        // (the fast tokenizer's own thread pool: the peer is one core, as the ratio counts it)
+        .env("TOKENIZERS_PARALLELISM", "false")
+        .env("RAYON_NUM_THREADS", "1");
     let v = super::peer_json(cmd, script)?;
     let f = |k: &str| {
         v.get(k)

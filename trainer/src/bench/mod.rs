@@ -84,7 +84,7 @@ mod tests {
             peer_cpu_seconds: Some(2.0),
         };
         let lines: Vec<Value> = [
-            super::collectives::json_line(&collectives, "cpu", 2),
+            super::collectives::json_line(&collectives, "cpu", "shm-cma", 2),
             checkpoint.json_line(1, 3),
         ]
         .iter()

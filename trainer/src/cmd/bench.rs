@@ -40,6 +40,7 @@ pub(crate) fn run(command: BenchCommand) -> Result<ExitCode> {
             threads,
         } => {
             use trainer::bench::decode;
+            clear_out(&out)?;
             let peer = python_peer(no_peer, python, script)?;
             let opts = decode::DecodeOptions {
                 models: models.clone(),
@@ -78,6 +79,7 @@ pub(crate) fn run(command: BenchCommand) -> Result<ExitCode> {
             out,
         } => {
             use trainer::bench::data;
+            clear_out(&out)?;
             let peer = python_peer(no_peer, python, script)?;
             let opts = data::DataBenchOptions {
                 images,
@@ -302,13 +304,55 @@ fn parse_sharding(s: &str) -> Result<trainer::config::ShardingStrategy, String> 
     })
 }
 
-/// `--out FILE`: the measurements' JSON lines, when given.
+/// `--out FILE`: the measurements' JSON lines, when given, each with where and when it was
+/// measured (`provenance`).
 fn write_out(out: Option<PathBuf>, lines: impl Iterator<Item = String>) -> Result<()> {
     let Some(path) = out else {
         return Ok(());
     };
-    let text: String = lines.map(|l| format!("{l}\n")).collect();
+    let provenance = provenance();
+    let text: String = lines
+        .map(|l| match serde_json::from_str::<serde_json::Value>(&l) {
+            Ok(serde_json::Value::Object(mut m)) => {
+                m.insert("provenance".into(), provenance.clone());
+                serde_json::Value::Object(m).to_string()
+            }
+            _ => l,
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
     std::fs::write(&path, text).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+}
+
+/// `--out FILE` removed before measuring: a run that fails leaves no earlier run's results that
+/// look like this one's.
+fn clear_out(out: &Option<PathBuf>) -> Result<()> {
+    match out.as_deref().map(std::fs::remove_file) {
+        Some(Err(e)) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow::anyhow!(
+            "{}: cannot remove the earlier results: {e}",
+            out.as_deref().unwrap_or(std::path::Path::new("")).display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// When and on what a measurement was made: unix time, this machine's cores and 1-minute load
+/// average, the git commit of the working directory (null outside a checkout).
+fn provenance() -> serde_json::Value {
+    let unix_time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let loadavg = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok());
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    serde_json::json!({"unix_time": unix_time, "cores": cores, "loadavg_1m": loadavg, "commit": commit})
 }
 
 /// The Python peer of a benchmark (`.venv`'s python + its script), or None with `--no-peer`.
@@ -345,6 +389,7 @@ fn bench_step(
     out: Option<PathBuf>,
 ) -> Result<ExitCode> {
     use trainer::bench::step;
+    clear_out(&out)?;
     if let Some((python, script)) = &o.peer {
         anyhow::ensure!(
             python.exists() && script.exists(),
@@ -408,7 +453,12 @@ fn bench_collectives(backend: &str, sizes: &[usize], reps: usize, json: bool) ->
             if json {
                 println!(
                     "{}",
-                    trainer::bench::collectives::json_line(m, pg.backend_name(), pg.world_size())
+                    trainer::bench::collectives::json_line(
+                        m,
+                        pg.backend_name(),
+                        pg.transport(),
+                        pg.world_size()
+                    )
                 );
             } else {
                 println!(
