@@ -368,31 +368,27 @@ impl Dataset {
     pub fn batches_per_epoch(&self, global_batch: usize) -> u64 {
         match global_batch {
             0 => 0,
-            g => self.sampler(g).batches_per_epoch() as u64,
+            g => {
+                crate::data::sampler::batches_per_epoch(self.len(), g, self.inner.drop_last) as u64
+            }
         }
     }
 
     /// The samples of an epoch that do not fill a global batch of `global_batch`: its last step's
     /// (fewer samples than the others), or, with `train.drop_last`, those that sit out.
     pub fn partial_batch_len(&self, global_batch: usize) -> usize {
-        match global_batch {
-            0 => 0,
-            g => self.sampler(g).partial_batch_len(),
-        }
+        self.len().checked_rem(global_batch).unwrap_or(0)
     }
 
     /// The global batches of an epoch (dataset indices), `global_batch` samples each but the
     /// last, partial one (see [`LengthGroupedSampler`]).
     pub fn epoch_batches(&self, epoch: u64, global_batch: usize) -> Vec<Vec<usize>> {
+        let i = &self.inner;
         match global_batch {
             0 => vec![],
-            g => self.sampler(g).epoch_batches(epoch),
+            g => LengthGroupedSampler::new(i.lengths.clone(), g, i.seed, i.drop_last)
+                .epoch_batches(epoch),
         }
-    }
-
-    fn sampler(&self, global_batch: usize) -> LengthGroupedSampler {
-        let i = &self.inner;
-        LengthGroupedSampler::new(i.lengths.clone(), global_batch, i.seed, i.drop_last)
     }
 
     /// Micro-batches (per rank) of the optimizer step at `position` in an epoch of global batches

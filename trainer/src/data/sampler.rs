@@ -30,6 +30,12 @@ pub struct LengthGroupedSampler {
     drop_last: bool,
 }
 
+/// Global batches per epoch of `samples` in global batches of `global_batch` (> 0): the whole
+/// ones, and the partial one unless `drop_last`.
+pub fn batches_per_epoch(samples: usize, global_batch: usize, drop_last: bool) -> usize {
+    samples / global_batch + usize::from(!drop_last && !samples.is_multiple_of(global_batch))
+}
+
 fn shuffle<T>(v: &mut [T], rng: &mut SplitMix64) {
     for i in (1..v.len()).rev() {
         let j = rng.below(i + 1);
@@ -54,8 +60,7 @@ impl LengthGroupedSampler {
 
     /// Global batches per epoch (the partial one included unless `drop_last`).
     pub fn batches_per_epoch(&self) -> usize {
-        let whole = self.lengths.len() / self.global_batch;
-        whole + usize::from(!self.drop_last && self.partial_batch_len() > 0)
+        batches_per_epoch(self.lengths.len(), self.global_batch, self.drop_last)
     }
 
     /// Samples of the epoch's last, partial global batch, or that sit out with `drop_last`.

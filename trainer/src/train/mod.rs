@@ -10,9 +10,10 @@
 //! - `signal`:        SIGTERM (all ranks stop after the same step)
 //!
 //! Loss normalization: every optimizer step sees `batch_size x world x grad_accum` samples (an
-//! epoch's last one the fewer left over, unless `train.drop_last`); the loss is the sum of token losses over all of them divided by the global count of supervised
-//! tokens (all-reduced before the first backward), so the logged loss is the true mean and
-//! world 2 x batch 2 trains exactly like world 1 x batch 4.
+//! epoch's last one the fewer left over, unless `train.drop_last`); the loss is the sum of token
+//! losses over all of them divided by the global count of supervised tokens (all-reduced before
+//! the first backward), so the logged loss is the true mean and world 2 x batch 2 trains exactly
+//! like world 1 x batch 4.
 //!
 //! Hooks: `TRAINER_DUMP_TRAINABLE=FILE` makes rank 0 write the final trainable weights (fp32,
 //! by name) to FILE as safetensors (tests and debugging). `TRAINER_STOP_AFTER_STEP=N` acts as a
@@ -222,10 +223,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
         let epoch = st.epoch;
         let ctx = (&pg, config, device, &data);
         stopped_by =
-            match validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)? {
-                Some(sig) => Some(sig),
-                None => stopped_after_validation(&pg, device, st.step, &meter)?,
-            };
+            validate_then_check(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?;
     } else if at_epoch_end && data.eval.is_none() && st.step < total_steps {
         // (a stop at an epoch's last step saved its checkpoint but ended before the epoch's end,
         // where its adapter goes into train.output_dir: written now, as it would have been; the
@@ -357,17 +355,14 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 && st.step < total_steps
             {
                 let ctx = (&pg, config, device, &data);
-                let stop = match validate_epoch(
+                let stop = validate_then_check(
                     ctx,
                     &mut saver,
                     &mut st,
                     &mut trainable,
                     epoch,
                     &mut meter,
-                )? {
-                    Some(sig) => Some(sig),
-                    None => stopped_after_validation(&pg, device, st.step, &meter)?,
-                };
+                )?;
                 if let Some(sig) = stop {
                     stopped_by = Some(sig);
                     break 'epochs;
@@ -445,6 +440,27 @@ fn stopped_after_validation(
         ));
     }
     Ok(stop)
+}
+
+/// `validate_epoch`, then `stopped_after_validation` unless the validation was stopped: the stop
+/// signal, if any.
+fn validate_then_check(
+    ctx: (
+        &crate::dist::ProcessGroup,
+        &Config,
+        tch::Device,
+        &setup::Data,
+    ),
+    saver: &mut checkpointing::Saver,
+    st: &mut State,
+    trainable: &mut crate::fsdp::Trainable,
+    epoch: u64,
+    meter: &mut Meter,
+) -> Result<Option<i32>> {
+    match validate_epoch(ctx, saver, st, trainable, epoch, meter)? {
+        Some(sig) => Ok(Some(sig)),
+        None => stopped_after_validation(ctx.0, ctx.2, st.step, meter),
+    }
 }
 
 /// After an epoch (its checkpoint saved): validation on `data.eval` if there is one, then the
