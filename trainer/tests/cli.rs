@@ -305,6 +305,8 @@ fn bench_out_records_provenance_and_a_failed_run_leaves_no_stale_results() {
             p.get("commit").is_some() && p.get("loadavg_1m").is_some(),
             "{line}"
         );
+        assert_eq!(p["profile"], "debug", "{line}");
+        assert!(p.get("dirty").is_some(), "{line}");
     }
     std::fs::remove_file(&out).unwrap();
 }

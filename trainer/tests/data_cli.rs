@@ -393,6 +393,34 @@ fn dump_at_a_world_size_writes_each_ranks_part() {
             assert_eq!(text.matches(&label).count(), 1, "{label}\n{text}");
         }
     }
+    // 5 samples: the partial batch of 1 is rank 0's; rank 1 runs a masked filler row, in the
+    // file as it trains it, and not among the batch's samples
+    let five = temp_dir("dump-world-filler");
+    let cfg = setup(&five, &good_lines(5), "");
+    let (code, text, err) = dump(
+        &cfg,
+        &["--index", "1", "--world", "2", "--out", out, "--text"],
+    );
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(text.contains("--- rank 1, a masked filler row"), "{text}");
+    let bytes = std::fs::read(&out_file).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let labels = |rank: usize| -> Vec<i64> {
+        let t = st.tensor(&format!("rank{rank}.labels")).unwrap();
+        t.data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    assert!(labels(0).iter().any(|&l| l != -100));
+    assert!(
+        labels(1).iter().all(|&l| l == -100),
+        "the filler row is masked"
+    );
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let used: Vec<usize> =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["sample_indices"]).unwrap();
+    assert_eq!(used.len(), 1, "{used:?}");
 }
 
 #[test]

@@ -154,6 +154,32 @@ fn reruns_keep_earlier_predictions_and_refuse_other_settings() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(json(&out.join("report.json"))["turns"][0]["total"], 1);
     assert_eq!(lines(&out), 4, "earlier predictions kept");
+    // a stored score another trainer's rules decided (flipped here): rescored, and said so
+    let path = out.join("predictions.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut rows: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let was = rows[0]["turns"][0]["correct"].as_bool().unwrap();
+    rows[0]["turns"][0]["correct"] = (!was).into();
+    let flipped: String = rows.iter().map(|r| r.to_string() + "\n").collect();
+    std::fs::write(&path, flipped).unwrap();
+    let (code, err) = eval(&out, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("1 stored prediction(s) score differently now"),
+        "{err}"
+    );
+    let again: Value = serde_json::from_str(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(again["turns"][0]["correct"], was);
     // a write cut inside a multi-byte character: that line is dropped, the others are kept
     let mut torn = std::fs::read(out.join("predictions.jsonl")).unwrap();
     torn.extend_from_slice(b"{\"id\": \"zz\", \"answer\": \"caf\xc3");

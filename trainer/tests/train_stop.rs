@@ -79,10 +79,11 @@ fn a_stop_during_start_up_stops_before_the_first_step() {
 }
 
 /// A checkpoint saved with train.drop_last resumed without it (48 samples, global batch 5: 3 left
-/// over each epoch): the resume says the epochs now end with a partial step, and the run trains
-/// 10 steps per epoch from there instead of 9.
+/// over each epoch) is refused before training, naming the setting to resume with (the epochs'
+/// step count would change: a resumed run counted the epochs done by the new count, cut the
+/// last epoch short and ended its schedule early); with it, the run resumes, 9 steps per epoch.
 #[test]
-fn a_resume_that_changes_drop_last_says_so() {
+fn a_resume_that_changes_drop_last_is_refused() {
     let out = fresh("drop-last-changed");
     let train =
         |max_steps: u64| format!("epochs: 2, batch_size: 5, grad_accum: 1, max_steps: {max_steps}");
@@ -97,11 +98,16 @@ fn a_resume_that_changes_drop_last_says_so() {
         "{}",
         first.stderr
     );
-    let o = ok(run(&out, 1, &train(0), &[], &[]), "resumed");
+    let refused = run(&out, 1, &train(0), &[], &[]);
+    assert_eq!(refused.code, Some(1), "{}", refused.stderr);
     assert!(
-        o.stderr.contains("note: the checkpoint's run left them out (the 3 samples each epoch leaves over, train.drop_last true); with train.drop_last false the epochs from here end with a partial step of them"),
+        refused.stderr.contains("was trained with train.drop_last true: its epochs left out the 3 samples that do not fill a global batch, this run's would end with a partial step of them, so the run's step count and learning-rate schedule would not continue the checkpoint's; set train.drop_last=true to resume"),
         "{}",
-        o.stderr
+        refused.stderr
     );
-    assert_eq!(metrics(&out).len(), 20);
+    ok(
+        run(&out, 1, &train(0), &["train.drop_last=true"], &[]),
+        "resumed",
+    );
+    assert_eq!(metrics(&out).len(), 18);
 }

@@ -76,8 +76,6 @@ pub struct Resumed {
     pub world_size: usize,
     /// `train.batch_size` when saved (None from older trainers).
     pub micro_batch: Option<usize>,
-    /// `train.drop_last` when saved (None from older trainers, which left the samples out).
-    pub drop_last: Option<bool>,
     /// `data.supervise` when saved ("all" for older trainers, which had no other).
     pub supervise: serde_json::Value,
     /// The learning-rate schedule the checkpoint was trained with (`LrSchedule::to_json`).
@@ -430,7 +428,6 @@ fn load_resumed(
         dir,
         world_size: m.world_size,
         micro_batch: m.data.micro_batch,
-        drop_last: m.data.drop_last,
         supervise: match m.prompt.get("supervise") {
             Some(v) => v.clone(),
             None => serde_json::json!("all"),
@@ -508,6 +505,20 @@ fn load_into(
             dir.display(),
             m.data.epoch,
             m.data.batch
+        );
+    }
+    // (an older trainer's checkpoint records none: those left the samples out)
+    let saved_drop_last = m.data.drop_last.unwrap_or(true);
+    let left_over = samples % global.max(1) as u64;
+    if saved_drop_last != config.train.drop_last && left_over > 0 {
+        let (then, now) = match saved_drop_last {
+            true => ("left out", "end with a partial step of them"),
+            false => ("trained in a last, partial step", "leave them out"),
+        };
+        bail!(
+            "checkpoint {} was trained with train.drop_last {saved_drop_last}{}: its epochs {then} the {left_over} samples that do not fill a global batch, this run's would {now}, so the run's step count and learning-rate schedule would not continue the checkpoint's; set train.drop_last={saved_drop_last} to resume, or {FIX}",
+            dir.display(),
+            if m.data.drop_last.is_none() { " (an older trainer's checkpoint, which records none)" } else { "" },
         );
     }
     let states = flat_states(trainable, opt, StatesFor::Load);

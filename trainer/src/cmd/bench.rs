@@ -337,7 +337,9 @@ fn clear_out(out: &Option<PathBuf>) -> Result<()> {
 }
 
 /// When and on what a measurement was made: unix time, this machine's cores and 1-minute load
-/// average, the git commit of the working directory (null outside a checkout).
+/// average, this binary's build profile, and the git commit of the working directory (null
+/// outside a checkout) with whether its tracked files had changes (the binary is built from the
+/// checkout by `make bench`, not necessarily otherwise).
 fn provenance() -> serde_json::Value {
     let unix_time = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -346,13 +348,26 @@ fn provenance() -> serde_json::Value {
     let loadavg = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok());
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    serde_json::json!({"unix_time": unix_time, "cores": cores, "loadavg_1m": loadavg, "commit": commit})
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"]);
+    let dirty = commit
+        .as_ref()
+        .and(git(&["status", "--porcelain", "--untracked-files=no"]))
+        .map(|s| !s.is_empty());
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    serde_json::json!({"unix_time": unix_time, "cores": cores, "loadavg_1m": loadavg,
+        "profile": profile, "commit": commit, "dirty": dirty})
 }
 
 /// The Python peer of a benchmark (`.venv`'s python + its script), or None with `--no-peer`.

@@ -560,7 +560,18 @@ impl Dataset {
     /// Load and collate the samples `indices` (in this order), replacing samples that fail to
     /// load under `skip` (see the module docs).
     pub fn load(&self, indices: &[usize]) -> Result<Loaded, DataError> {
-        load(&self.inner, indices)
+        load(&self.inner, indices, indices.len())
+    }
+
+    /// `load` of one loading job, its filler rows masked (labels all -100) as training masks
+    /// them; `Loaded::indices` then holds only the job's real samples.
+    pub fn load_job(&self, job: &MicroJob) -> Result<Loaded, DataError> {
+        let real = job.indices.len() - job.fillers;
+        let mut loaded = load(&self.inner, &job.indices, real)?;
+        let filler: Vec<bool> = (0..job.indices.len()).map(|i| i >= real).collect();
+        mask_rows(&mut loaded.collated, &filler);
+        loaded.indices.truncate(real);
+        Ok(loaded)
     }
 
     /// This rank's micro-batches of one epoch starting at global batch `start_batch`: global
@@ -685,9 +696,10 @@ fn load_samples(
     Ok((samples, used, replaced))
 }
 
-/// The reference path: samples -> `collate` (all buffers) -> `Loaded`.
-fn load(inner: &Inner, indices: &[usize]) -> Result<Loaded, DataError> {
-    let (samples, used, replaced) = load_samples(inner, indices, indices.len())?;
+/// The reference path: samples -> `collate` (all buffers) -> `Loaded` (`real`: as in
+/// `load_samples`).
+fn load(inner: &Inner, indices: &[usize], real: usize) -> Result<Loaded, DataError> {
+    let (samples, used, replaced) = load_samples(inner, indices, real)?;
     let collated = collate(
         &samples,
         inner.text.ids.pad,

@@ -152,7 +152,8 @@ fn batch_tensors(c: &collate::Batch, prefix: &str) -> Vec<(String, Dtype, Vec<us
 
 /// Write the exact tensors of global batch `index` of `epoch` of a run at `world` ranks to `out`
 /// (safetensors): `train.batch_size x world x train.grad_accum` samples (an epoch's last batch
-/// the fewer left over, unless `train.drop_last`; filler rows left out), as that run's step
+/// the fewer left over, unless `train.drop_last`, with a masked filler row for a rank left
+/// without a sample, as training runs it), as that run's step
 /// `index + 1` of the epoch sees them (the sampler depends on the global batch). At world 1 with
 /// `train.grad_accum` 1 the names are `input_ids`, `attention_mask`, `labels`, `pixel_values`,
 /// `aspect_ratio_ids`, `aspect_ratio_mask`, `cross_attention_mask`; with more micro-steps each
@@ -198,17 +199,8 @@ pub fn dump(
     let mut shown = String::new();
     for (rank, job) in &jobs {
         // (a rank left without a sample in a partial last micro-step runs a masked copy of
-        // another rank's sample: not a sample of the batch)
-        if job.fillers == job.indices.len() {
-            if text {
-                shown.push_str(&format!(
-                    "--- rank {rank}, micro-batch {}: no sample (a masked filler row)\n",
-                    job.micro_step
-                ));
-            }
-            continue;
-        }
-        let loaded = ds.load(&job.indices)?;
+        // another rank's sample: in the file as it trains it, not a sample of the batch)
+        let loaded = ds.load_job(job)?;
         // (tensor name prefixes, and the same in words for the text)
         let (mut prefix, mut label) = (String::new(), String::new());
         if world > 1 {
@@ -220,7 +212,11 @@ pub fn dump(
             label.push_str(&format!("micro-batch {}, ", job.micro_step));
         }
         tensors.extend(batch_tensors(&loaded.collated, &prefix));
-        if text {
+        if text && job.fillers == job.indices.len() {
+            shown.push_str(&format!(
+                "--- {label}a masked filler row (no sample of its own: the batch left it none)\n"
+            ));
+        } else if text {
             shown.push_str(&render_marked(&ds, &loaded.collated, &label)?);
         }
         used.extend(loaded.indices);

@@ -39,6 +39,10 @@ pub struct Paired {
     /// scored wrong): a difference they make is the token budget's.
     pub cut_off_a: usize,
     pub cut_off_b: usize,
+    /// Of these questions, the ones each run's turn finished without an answer scoring can read
+    /// (no option, no number, nothing: `TurnPrediction::no_answer`), scored wrong.
+    pub no_answer_a: usize,
+    pub no_answer_b: usize,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -147,6 +151,11 @@ fn pair(
             .filter(|(x, y)| super::report::cut_off(if in_b { y } else { x }))
             .count()
     };
+    let unreadable = |in_b: bool| {
+        (at.iter())
+            .filter(|(x, y)| if in_b { y.no_answer } else { x.no_answer })
+            .count()
+    };
     Paired {
         questions: at.len(),
         accuracy_a: count(&|x, _| x) as f64 / n,
@@ -157,6 +166,8 @@ fn pair(
         p_value: mcnemar_exact(a_only as u64, b_only as u64),
         cut_off_a: cut(false),
         cut_off_b: cut(true),
+        no_answer_a: unreadable(false),
+        no_answer_b: unreadable(true),
     }
 }
 
@@ -269,11 +280,11 @@ impl Comparison {
     /// The table `trainer compare` prints.
     pub fn markdown(&self) -> String {
         let mut s = format!(
-            "A: {} ({} turns)\nB: {} ({} turns)\n{} questions paired ({} in A only, {} in B only, left out)\n",
+            "A: {} ({} turn(s))\nB: {} ({} turn(s))\n{} questions paired ({} in A only, {} in B only, left out)\n",
             self.a, self.turns_a, self.b, self.turns_b, self.paired, self.only_a, self.only_b
         );
         for dir in &self.unfinished {
-            s += &format!("Note: {dir} holds an unfinished evaluation's predictions.rank-*.jsonl (compared as they are, not rescored): run its `trainer eval` command again to finish it.\n");
+            s += &format!("Note: {dir} holds an unfinished evaluation's predictions.rank-*.jsonl, whose predictions replace predictions.jsonl's of the same questions here (as a resumed `trainer eval` reads them), not rescored: run its `trainer eval` command again to finish it.\n");
         }
         match self.settings_differ.is_empty() {
             true => s += "The two runs' settings are the same (weights, generation, prompts).\n",
@@ -284,13 +295,13 @@ impl Comparison {
                 }
             }
         }
-        s += "\n| turn | questions | accuracy A | accuracy B | right in both | A only | B only | p (exact McNemar) | cut off, no answer A / B |\n\
-             | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+        s += "\n| turn | questions | accuracy A | accuracy B | right in both | A only | B only | p (exact McNemar) | cut off A / B | no readable answer A / B |\n\
+             | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
         let last = self.last.iter().map(|p| ("last".to_string(), p));
         let rows = (self.turns.iter().map(|t| (t.turn.to_string(), &t.paired))).chain(last);
         for (turn, t) in rows.clone() {
             s += &format!(
-                "| {turn} | {} | {:.1}% | {:.1}% | {} | {} | {} | {} | {} / {} |\n",
+                "| {turn} | {} | {:.1}% | {:.1}% | {} | {} | {} | {} | {} / {} | {} / {} |\n",
                 t.questions,
                 100.0 * t.accuracy_a,
                 100.0 * t.accuracy_b,
@@ -299,7 +310,9 @@ impl Comparison {
                 t.b_only,
                 super::report::p_text(t.p_value),
                 t.cut_off_a,
-                t.cut_off_b
+                t.cut_off_b,
+                t.no_answer_a,
+                t.no_answer_b
             );
         }
         if self.last.is_some() {
@@ -374,7 +387,7 @@ mod tests {
         let md = c.markdown();
         assert!(md.contains("- infer.position: A \"after_answer\""), "{md}");
         assert!(
-            md.contains("| 0 / 0 |\n| 1 |") && md.contains("| 0 / 1 |"),
+            md.contains("| 0 / 0 | 0 / 0 |\n| 1 |") && md.contains("| 0 / 1 | 0 / 0 |"),
             "{md}"
         );
         assert!(md.contains("Answers cut off at --max-new-tokens"), "{md}");
@@ -474,7 +487,7 @@ mod tests {
         assert!((last.p_value - 0.25).abs() < 1e-12);
         let md = c.markdown();
         assert!(
-            md.contains("| last | 6 | 33.3% | 83.3% | 2 | 0 | 3 | 0.250 | 0 / 0 |"),
+            md.contains("| last | 6 | 33.3% | 83.3% | 2 | 0 | 3 | 0.250 | 0 / 0 | 0 / 0 |"),
             "{md}"
         );
         assert!(

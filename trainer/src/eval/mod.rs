@@ -899,10 +899,25 @@ pub fn run(
     // of samples outside this run (an earlier full run, before this --limit) are kept after them
     let mut done = existing_predictions(&opts.out)?;
     let complete = check_all_predicted(&items, &done, &opts.out);
+    let mut rescored_differently = 0;
     let preds: Vec<Prediction> = items
         .iter()
-        .filter_map(|(_, it)| done.remove(&it.id).map(|p| rescored(p, it)))
+        .filter_map(|(_, it)| {
+            done.remove(&it.id).map(|p| {
+                let before: Vec<bool> = p.turns.iter().map(|t| t.correct).collect();
+                let p = rescored(p, it);
+                rescored_differently += usize::from(p.turns.iter().map(|t| t.correct).ne(before));
+                p
+            })
+        })
         .collect();
+    if rescored_differently > 0 {
+        // (a stored prediction scored by other rules, or against a gold answer fixed since)
+        tracing::warn!(
+            "{rescored_differently} stored prediction(s) score differently now than when they were stored (this trainer's scoring rules, v{}, and the benchmark's current answers): the report counts the new scores",
+            answer::SCORING_RULES
+        );
+    }
     let mut others: Vec<Prediction> = done.into_values().collect();
     others.sort_by(|a, b| a.id.cmp(&b.id));
     let merged = opts.out.join("predictions.jsonl");
@@ -1197,6 +1212,23 @@ mod tests {
         let p = rescored(p, &three);
         let r = report::build(&[p], 1, &|_| 0.0, None);
         assert_eq!((r.turns[0].no_answer, r.turns[0].cut_off), (1, 0));
+        // two unreadable turns are the same answer for "answer changed", whatever their text
+        let mut p = saved("b");
+        p.turns = vec![
+            turn("<CONCLUSION> several </CONCLUSION>", true),
+            turn(
+                "<REASONING> r </REASONING><CONCLUSION></CONCLUSION> many",
+                true,
+            ),
+        ];
+        let p = rescored(p, &three);
+        assert!(p
+            .turns
+            .iter()
+            .all(|t| t.no_answer && t.canonical.starts_with("text")));
+        assert_ne!(p.turns[0].canonical, p.turns[1].canonical);
+        let r = report::build(&[p], 1, &|_| 0.0, None);
+        assert_eq!(r.transitions[0].changed, 0);
         assert!(
             report::markdown(&r).contains("| cut off at max tokens | no readable answer |"),
             "{}",

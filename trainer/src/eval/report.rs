@@ -49,9 +49,12 @@ pub struct TurnPrediction {
 }
 
 impl TurnPrediction {
-    /// The answer to compare between turns (`canonical`, or the extracted text before it existed).
+    /// The answer to compare between turns (`canonical`, or the extracted text before it existed;
+    /// turns without a readable answer all have the same one, as cut-off turns do).
     fn answer_key(&self) -> &str {
-        if self.canonical.is_empty() {
+        if self.no_answer {
+            "no answer"
+        } else if self.canonical.is_empty() {
             self.extracted.trim()
         } else {
             &self.canonical

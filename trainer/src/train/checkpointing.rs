@@ -219,23 +219,6 @@ impl<'a> Saver<'a> {
                 ),
             );
         }
-        let left_over = plan.samples % config.train.global_batch(pg.world_size()).max(1) as u64;
-        let saved_drop_last = r.drop_last.unwrap_or(true);
-        if saved_drop_last != config.train.drop_last && left_over > 0 {
-            let (now, then) = match config.train.drop_last {
-                true => ("leave them out", "trained them in a last, partial step"),
-                false => ("end with a partial step of them", "left them out"),
-            };
-            log(
-                pg.rank(),
-                &format!(
-                    "note: the checkpoint's run {then} (the {left_over} samples each epoch leaves over, train.drop_last {}{}); with train.drop_last {} the epochs from here {now}: the run's step count changes (and so does the horizon of a step-count learning-rate schedule)",
-                    saved_drop_last,
-                    if r.drop_last.is_none() { ", an older trainer's" } else { "" },
-                    config.train.drop_last
-                ),
-            );
-        }
         let supervise = serde_json::json!(config.data.supervise);
         if r.supervise != supervise {
             log(

@@ -192,7 +192,8 @@ pub fn train(config: &Config) -> Result<Outcome> {
     match data.train.partial_batch_len(global) {
         0 => {}
         r if t.drop_last => meter.log(&format!("{r} of {} training samples sit out each epoch (not a multiple of the global batch of {global}; train.drop_last): a random subset, another one each epoch", plan.samples)),
-        r => meter.log(&format!("the last step of each epoch trains {r} samples (the {} training samples are not a multiple of the global batch of {global}): a random subset, another one each epoch", plan.samples)),
+        r if steps_per_epoch == 1 => meter.log(&format!("each epoch is one step of all {r} training sample(s), fewer than the global batch of {global}")),
+        r => meter.log(&format!("the last step of each epoch trains {r} sample(s) (the {} training samples are not a multiple of the global batch of {global}): a random subset, another one each epoch", plan.samples)),
     }
 
     // 5. The loop: epochs of optimizer steps of grad_accum micro-batches. (A run resumed at its
@@ -236,16 +237,6 @@ pub fn train(config: &Config) -> Result<Outcome> {
         true => {
             meter.log(&format!(
                 "nothing left to train: the run is at step {} of {total_steps}",
-                st.step
-            ));
-            0..0
-        }
-        false if start.0 >= t.epochs as u64 => {
-            // (a checkpoint whose run had fewer steps per epoch: train.drop_last changed)
-            meter.log(&format!(
-                "nothing left to train: the checkpoint resumed ends epoch {} of {}, at step {} (this run's plan counts {total_steps} steps: other steps per epoch than the checkpoint's run, train.drop_last?)",
-                start.0,
-                t.epochs,
                 st.step
             ));
             0..0
