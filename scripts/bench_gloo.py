@@ -25,7 +25,8 @@ def main():
         small = torch.ones(n)
         for op in ["all_gather", "reduce_scatter", "all_reduce"]:
             times = []
-            for i in range(args.reps + 1):
+            # (as many untimed runs as ours takes, trainer/src/bench/collectives.rs WARMUPS)
+            for i in range(args.reps + 3):
                 dist.barrier()
                 t = time.perf_counter()
                 if op == "all_gather":
@@ -38,7 +39,7 @@ def main():
                     small.copy_(big[rank * n:(rank + 1) * n])
                 else:
                     dist.all_reduce(big)
-                if i > 0:
+                if i >= 3:
                     times.append(time.perf_counter() - t)
             sec = statistics.median(times)
             nbytes = n * w * 4

@@ -20,6 +20,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Untimed runs of each op and size first: the CPU backend backs a buffer with huge pages from its
+/// third use in a collective (`dist::thp`), whose one-off cost (~160 ms at 64 MiB) would land in
+/// a timed run.
+const WARMUPS: usize = 3;
+
 /// Runs every op at every size on `device` (f32 buffers) and returns rank 0's view.
 pub fn run(
     pg: &ProcessGroup,
@@ -36,7 +41,7 @@ pub fn run(
         let small = Tensor::ones([n], (Kind::Float, device));
         for op in ["all_gather", "reduce_scatter", "all_reduce"] {
             let mut times = Vec::with_capacity(reps);
-            for i in 0..reps + 1 {
+            for i in 0..reps + WARMUPS {
                 pg.barrier()?;
                 let t = Instant::now();
                 match op {
@@ -47,8 +52,8 @@ pub fn run(
                 if let Device::Cuda(d) = device {
                     tch::Cuda::synchronize(d as i64);
                 }
-                if i > 0 {
-                    times.push(t.elapsed().as_secs_f64()); // the first run is a warm-up
+                if i >= WARMUPS {
+                    times.push(t.elapsed().as_secs_f64());
                 }
             }
             let seconds = median(times);
