@@ -305,7 +305,12 @@ fn bench_out_records_provenance_and_a_failed_run_leaves_no_stale_results() {
             p.get("commit").is_some() && p.get("loadavg_1m").is_some(),
             "{line}"
         );
-        assert_eq!(p["profile"], "debug", "{line}");
+        let profile = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
+        assert_eq!(p["profile"], profile, "{line}");
         assert!(p.get("dirty").is_some(), "{line}");
     }
     std::fs::remove_file(&out).unwrap();

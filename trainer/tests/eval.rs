@@ -152,6 +152,7 @@ fn reruns_keep_earlier_predictions_and_refuse_other_settings() {
     // a quick --limit run into the same folder reports on its share and keeps the rest
     let (code, err) = eval(&out, &["--limit", "1"]);
     assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("score differently"), "{err}");
     assert_eq!(json(&out.join("report.json"))["turns"][0]["total"], 1);
     assert_eq!(lines(&out), 4, "earlier predictions kept");
     // a stored score another trainer's rules decided (flipped here): rescored, and said so

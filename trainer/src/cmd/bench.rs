@@ -357,9 +357,17 @@ fn provenance() -> serde_json::Value {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
     let commit = git(&["rev-parse", "--short", "HEAD"]);
+    // (--no-optional-locks: no index.lock taken beside a git command running in the checkout)
     let dirty = commit
         .as_ref()
-        .and(git(&["status", "--porcelain", "--untracked-files=no"]))
+        .and_then(|_| {
+            git(&[
+                "--no-optional-locks",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+            ])
+        })
         .map(|s| !s.is_empty());
     let profile = if cfg!(debug_assertions) {
         "debug"

@@ -6,8 +6,8 @@ use crate::infer::Stages;
 /// The version of the scoring rules (extraction and matching, `score` in `eval`), stored with
 /// each prediction: bump it with every change that can change a stored prediction's `correct`,
 /// so `trainer compare` can tell two folders scored by different rules apart (0: a prediction
-/// of a trainer that recorded none).
-pub const SCORING_RULES: u32 = 1;
+/// of a trainer that recorded none). 2: turns without a readable answer marked (`no_answer`).
+pub const SCORING_RULES: u32 = 2;
 
 /// The text a turn answered with: its conclusion, else the last non-empty line after the last
 /// closed stage (a turn whose conclusion is empty or missing does not answer with its reasoning:

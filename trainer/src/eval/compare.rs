@@ -501,19 +501,41 @@ mod tests {
         assert_eq!(c.settings_differ.len(), 2, "{:?}", c.settings_differ);
         // one turn each: no "last" row
         assert!(compare(&a, &a).unwrap().last.is_none());
+        // turns without a readable answer, counted per side (A: 2, B: 1)
+        let (x, y) = (root.join("x"), root.join("y"));
+        let lines = |unreadable: &[bool]| -> String {
+            (unreadable.iter().enumerate())
+                .map(|(i, &u)| {
+                    let turn = serde_json::json!({"text": "", "extracted": "", "correct": false, "no_answer": u});
+                    serde_json::json!({"id": format!("q{i}"), "answer": "x", "turns": [turn]})
+                        .to_string()
+                        + "\n"
+                })
+                .collect()
+        };
+        for (dir, u) in [(&x, [true, true, false]), (&y, [false, true, false])] {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(dir.join("predictions.jsonl"), lines(&u)).unwrap();
+        }
+        let t0 = compare(&x, &y).unwrap().turns[0].paired.clone();
+        assert_eq!((t0.no_answer_a, t0.no_answer_b), (2, 1));
+        assert!(compare(&x, &y)
+            .unwrap()
+            .markdown()
+            .contains("| 0 / 0 | 2 / 1 |"));
         // B rescored by this trainer's rules, A not: said, with how to rescore
         let text = std::fs::read_to_string(b.join("predictions.jsonl")).unwrap();
         let rescored: String = (text.lines())
             .map(|l| {
                 let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v["scoring"] = 1.into();
+                v["scoring"] = 2.into();
                 v.to_string() + "\n"
             })
             .collect();
         std::fs::write(b.join("predictions.jsonl"), rescored).unwrap();
         let differ = compare(&a, &b).unwrap().settings_differ;
         assert!(
-            differ[0].starts_with("scoring rules: A an older trainer's (unrecorded), B v1 (this trainer's: v1); run a folder's `trainer eval` command again"),
+            differ[0].starts_with("scoring rules: A an older trainer's (unrecorded), B v2 (this trainer's: v2); run a folder's `trainer eval` command again"),
             "{differ:?}"
         );
         let _ = std::fs::remove_dir_all(&root);

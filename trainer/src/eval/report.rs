@@ -487,7 +487,7 @@ pub fn markdown(r: &Report) -> String {
     }
     s += &format!("\n![Accuracy per turn]({})\n", super::plots::ACCURACY);
     if !r.transitions.is_empty() {
-        s += "\n## Transitions between consecutive turns\n\nFix rate: wrong->right among the answers wrong before (from cut off: of those, the ones whose earlier turn hit --max-new-tokens, an answer finished late rather than an error corrected); break rate: right->wrong among the right ones (cut off: of those, the ones whose later turn hit --max-new-tokens); p: exact McNemar of the two turns; answer changed: the answers as scoring reads them differ (a turn cut off before its conclusion has the answer \"cut off\", so two such turns count as the same answer).\n\n| from -> to | right->right | right->wrong (cut off) | wrong->right (from cut off) | wrong->wrong | fix rate | break rate | p | answer changed |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+        s += "\n## Transitions between consecutive turns\n\nFix rate: wrong->right among the answers wrong before (from cut off: of those, the ones whose earlier turn hit --max-new-tokens, an answer finished late rather than an error corrected); break rate: right->wrong among the right ones (cut off: of those, the ones whose later turn hit --max-new-tokens); p: exact McNemar of the two turns; answer changed: the answers as scoring reads them differ (a turn cut off before its conclusion has the answer \"cut off\", and one without a readable answer the answer \"no answer\", so two such turns count as the same answer).\n\n| from -> to | right->right | right->wrong (cut off) | wrong->right (from cut off) | wrong->wrong | fix rate | break rate | p | answer changed |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
     }
     for t in &r.transitions {
         s += &format!(
@@ -632,7 +632,7 @@ mod tests {
             answer: "x".into(),
             category: Some(cat.into()),
             asked: None,
-            scoring: 1,
+            scoring: crate::eval::answer::SCORING_RULES,
             turns: t.iter().map(|&(c, e, r)| turn(c, e, r)).collect(),
         }
     }
