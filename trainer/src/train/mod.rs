@@ -433,15 +433,18 @@ fn stopped_after_validation(
     Ok(stop)
 }
 
+/// What validation reads of the loop: the process group, the config, the device, the data.
+type LoopCtx<'a> = (
+    &'a crate::dist::ProcessGroup,
+    &'a Config,
+    tch::Device,
+    &'a setup::Data,
+);
+
 /// `validate_epoch`, then `stopped_after_validation` unless the validation was stopped: the stop
 /// signal, if any.
 fn validate_then_check(
-    ctx: (
-        &crate::dist::ProcessGroup,
-        &Config,
-        tch::Device,
-        &setup::Data,
-    ),
+    ctx: LoopCtx,
     saver: &mut checkpointing::Saver,
     st: &mut State,
     trainable: &mut crate::fsdp::Trainable,
@@ -459,12 +462,7 @@ fn validate_then_check(
 /// Returns the stop signal that left the validation unfinished: then neither the adapter nor a
 /// validation record is written (the resumed run validates the checkpoint, "validating it now").
 fn validate_epoch(
-    (pg, config, device, data): (
-        &crate::dist::ProcessGroup,
-        &Config,
-        tch::Device,
-        &setup::Data,
-    ),
+    (pg, config, device, data): LoopCtx,
     saver: &mut checkpointing::Saver,
     st: &mut State,
     trainable: &mut crate::fsdp::Trainable,
