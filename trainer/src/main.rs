@@ -166,11 +166,22 @@ enum ConfigCommand {
 enum DataCommand {
     /// Validate every record and image and print statistics; exit 1 when a problem would stop
     /// training. Example: trainer data check configs/demo.yaml
-    Check(ConfigArgs),
+    Check(DataCheckArgs),
     /// Write the exact tensors of one global batch (of a run at --world ranks). Example: trainer data dump CONFIG --index 0 --out b.safetensors
     Dump(DumpArgs),
     /// Convert the seed's refinement JSON into SCo records. Example: trainer data build-sco r.json --out sco.jsonl
     BuildSco(BuildScoArgs),
+}
+
+/// `trainer data check`.
+#[derive(Args)]
+struct DataCheckArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// World size of the run to check for (the global batch, the steps per epoch and the samples
+    /// left over depend on it)
+    #[arg(long, default_value_t = 1, value_parser = positive)]
+    world: usize,
 }
 
 /// `trainer data dump`.
@@ -314,14 +325,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None => ExitCode::SUCCESS,
             })
         }
-        Command::Data(DataCommand::Check(args)) => {
+        Command::Data(DataCommand::Check(DataCheckArgs {
+            config: args,
+            world,
+        })) => {
             let resolved = config::load(&args.config, &args.overrides)?;
             // (the paths `trainer train` checks first: one error, not one per record)
             config::missing_data_paths(&resolved)
                 .map_err(|c| config::in_file(&args.config, &args.overrides, c))?;
             // (text-only samples' lengths as the run the config resumes renders them: its date)
             use_resumed_template_clock(&resolved);
-            let outcome = trainer::data::tools::check(&resolved)?;
+            let outcome = trainer::data::tools::check(&resolved, world)?;
             print!("{}", outcome.text);
             if outcome.failed {
                 eprintln!("error: {}", outcome.summary);

@@ -101,12 +101,38 @@ fn check_refuses_what_training_refuses_first() {
     let (code, out, err) = check(&["train.batch_size=4", "train.drop_last=true"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
-        err.contains("3 samples do not fill one global batch of 4 (batch_size 4 x grad_accum 1 on one rank; more ranks need more) and train.drop_last is true"),
+        err.contains("3 samples do not fill one global batch of 4 (batch_size 4 x world 1 x grad_accum 1) and train.drop_last is true"),
         "{out}{err}"
     );
     // (without drop_last they are one partial step)
     let (code, out, err) = check(&["train.batch_size=4"]);
     assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("at 1 rank(s): a global batch of 4 (batch_size 4 x world 1 x grad_accum 1), 1 step(s) per epoch, the last of them 3 sample(s)"),
+        "{out}"
+    );
+    // --world: the global batch of a run at that many ranks
+    let mut args = vec!["data", "check", cfg.to_str().unwrap(), "--world", "2"];
+    args.extend([
+        "--set",
+        "train.batch_size=1",
+        "--set",
+        "train.drop_last=true",
+    ]);
+    let (code, out, err) = trainer(&args);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("at 2 rank(s): a global batch of 2 (batch_size 1 x world 2 x grad_accum 1), 1 step(s) per epoch; 1 sample(s) sit out each epoch (train.drop_last)"),
+        "{out}"
+    );
+    args[4] = "3";
+    args[6] = "train.batch_size=2";
+    let (code, out, err) = trainer(&args);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("3 samples do not fill one global batch of 6 (batch_size 2 x world 3"),
+        "{err}"
+    );
     let (code, out, err) = check(&["data.image_root=/no/such/images"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(

@@ -23,8 +23,9 @@ pub struct CheckOutcome {
     pub summary: String,
 }
 
-/// Pre-scan every split of `config`, decode every image, and report.
-pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
+/// Pre-scan every split of `config`, decode every image, and report (with the epoch plan of a
+/// run at `world` ranks).
+pub fn check(config: &Config, world: usize) -> Result<CheckOutcome, DataError> {
     let mut text = String::new();
     let mut stopping = 0usize;
     // (what `trainer train` refuses beyond single records, as it words it)
@@ -58,12 +59,11 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
                 report.file,
                 crate::data::dataset::DROPPING_KEYS
             )),
-            // (at one rank: more ranks need more)
-            Split::Train if config.train.drop_last && report.ok < config.train.global_batch(1) => refused.push(format!(
-                "data.train {}: {} samples do not fill one global batch of {} (batch_size {} x grad_accum {} on one rank; more ranks need more) and train.drop_last is true: training would stop here; lower train.batch_size or train.grad_accum, or set train.drop_last: false",
+            Split::Train if config.train.drop_last && report.ok < config.train.global_batch(world) => refused.push(format!(
+                "data.train {}: {} samples do not fill one global batch of {} (batch_size {} x world {world} x grad_accum {}) and train.drop_last is true: training would stop here; lower train.batch_size or train.grad_accum, or set train.drop_last: false",
                 report.file,
                 report.ok,
-                config.train.global_batch(1),
+                config.train.global_batch(world),
                 config.train.batch_size,
                 config.train.grad_accum
             )),
@@ -74,6 +74,9 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
             _ => {}
         }
         text.push_str(&report.to_string());
+        if split == Split::Train && report.ok > 0 {
+            text.push_str(&epoch_line(config, report.ok, world));
+        }
     }
     if stopping > 0 {
         let policies: Vec<&str> = policies.into_iter().collect();
@@ -89,6 +92,24 @@ pub fn check(config: &Config) -> Result<CheckOutcome, DataError> {
         failed,
         summary,
     })
+}
+
+/// The epoch plan of `samples` usable samples at `world` ranks: steps per epoch and what the
+/// samples left over do.
+fn epoch_line(config: &Config, samples: usize, world: usize) -> String {
+    let t = &config.train;
+    let global = t.global_batch(world);
+    let steps = crate::data::sampler::batches_per_epoch(samples, global, t.drop_last);
+    let left = samples % global;
+    let last = match (left, t.drop_last) {
+        (0, _) => String::new(),
+        (r, true) => format!("; {r} sample(s) sit out each epoch (train.drop_last)"),
+        (r, false) => format!(", the last of them {r} sample(s)"),
+    };
+    format!(
+        "at {world} rank(s): a global batch of {global} (batch_size {} x world {world} x grad_accum {}), {steps} step(s) per epoch{last}\n",
+        t.batch_size, t.grad_accum
+    )
 }
 
 fn le_bytes_i64(v: &[i64]) -> Vec<u8> {
