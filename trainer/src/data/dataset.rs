@@ -437,13 +437,8 @@ impl Dataset {
         {
             // (a partial global batch: whole micro-steps, then one spread over the ranks)
             for (m, step) in gb.chunks(micro).enumerate() {
-                let (indices, fillers) = match step.len() == micro {
-                    true => (
-                        LengthGroupedSampler::rank_part(step, rank, world).to_vec(),
-                        0,
-                    ),
-                    false => LengthGroupedSampler::even_part(step, rank, world),
-                };
+                // (a whole micro-step's even parts are its rank-contiguous ones of batch_size)
+                let (indices, fillers) = LengthGroupedSampler::even_part(step, rank, world);
                 jobs.push(MicroJob {
                     position: Position {
                         epoch,
@@ -483,11 +478,7 @@ impl Dataset {
         let global = batch_size * world;
         let mut jobs = Vec::new();
         for (g, gb) in order.chunks(global).enumerate() {
-            let (indices, fillers) = if gb.len() == global {
-                (LengthGroupedSampler::rank_part(gb, rank, world).to_vec(), 0)
-            } else {
-                LengthGroupedSampler::even_part(gb, rank, world)
-            };
+            let (indices, fillers) = LengthGroupedSampler::even_part(gb, rank, world);
             jobs.push(MicroJob {
                 position: Position {
                     epoch: 0,
@@ -568,8 +559,10 @@ impl Dataset {
     pub fn load_job(&self, job: &MicroJob) -> Result<Loaded, DataError> {
         let real = job.indices.len() - job.fillers;
         let mut loaded = load(&self.inner, &job.indices, real)?;
-        let filler: Vec<bool> = (0..job.indices.len()).map(|i| i >= real).collect();
-        mask_rows(&mut loaded.collated, &filler);
+        mask_rows(
+            &mut loaded.collated,
+            &filler_rows(job, &loaded.indices, false),
+        );
         loaded.indices.truncate(real);
         Ok(loaded)
     }
@@ -696,6 +689,16 @@ fn load_samples(
     Ok((samples, used, replaced))
 }
 
+/// Which rows of `job`, loaded as `used`, are masked: the plan's filler rows (a rank without a
+/// sample in a partial last micro-step), and with `eval` samples that failed to load (training
+/// replaces them with the next sample).
+fn filler_rows(job: &MicroJob, used: &[usize], eval: bool) -> Vec<bool> {
+    let real = job.indices.len() - job.fillers;
+    (0..job.indices.len())
+        .map(|i| i >= real || (eval && used[i] != job.indices[i]))
+        .collect()
+}
+
 /// The reference path: samples -> `collate` (all buffers) -> `Loaded` (`real`: as in
 /// `load_samples`).
 fn load(inner: &Inner, indices: &[usize], real: usize) -> Result<Loaded, DataError> {
@@ -729,12 +732,7 @@ fn load_micro(inner: &Inner, job: &MicroJob, eval: bool) -> Result<MicroBatch, D
         max_tiles,
         tile,
     );
-    // filler rows of the plan (a rank without a sample in a partial last micro-step), and under
-    // evaluation samples that failed to load (training replaces them with the next sample)
-    let filler: Vec<bool> = (0..job.indices.len())
-        .map(|i| i >= real || (eval && used[i] != job.indices[i]))
-        .collect();
-    let fillers = mask_rows(&mut c, &filler);
+    let fillers = mask_rows(&mut c, &filler_rows(job, &used, eval));
     let batch = to_model_batch_fused(&samples, &c);
     recycle(samples);
     Ok(MicroBatch {

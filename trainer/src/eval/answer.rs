@@ -694,20 +694,15 @@ pub fn canonical(pred: &str, gold: &str, choices: Option<&[String]>) -> String {
     format!("text {}", normalize_text(strip_lead_ins(pred.trim())))
 }
 
-/// Whether `pred` (already extracted) holds no answer scoring can read for `gold`: no option of a
-/// multiple-choice question, no number where the answer is one, nothing at all for free text. A
-/// turn like that is wrong for its format, not for its answer.
-pub fn unreadable(pred: &str, gold: &str, choices: Option<&[String]>) -> bool {
-    if let Some(choices) = choices.filter(|c| !c.is_empty()) {
-        return choice_of(pred, choices).is_none();
-    }
-    if let Some((_, n)) = gold_letter(gold) {
-        return letter_of(pred, n).is_none();
-    }
-    if gold_number(gold).is_some() {
-        return number_in(pred).is_none();
-    }
-    normalize_text(strip_lead_ins(pred.trim())).is_empty()
+/// Whether a turn whose answer scoring read as `canonical` (`canonical` of `gold`, `choices`)
+/// holds no answer: no option of a multiple-choice question, no number where the answer is one
+/// (`canonical` fell back to text), nothing at all otherwise. A turn like that is wrong for its
+/// format, not for its answer.
+pub fn unreadable(canonical: &str, gold: &str, choices: Option<&[String]>) -> bool {
+    let structured = choices.is_some_and(|c| !c.is_empty())
+        || gold_letter(gold).is_some()
+        || gold_number(gold).is_some();
+    canonical == "text " || (structured && canonical.starts_with("text "))
 }
 
 /// Whether `pred` (already extracted) answers `gold`.

@@ -267,13 +267,7 @@ fn predictions_of(dir: &Path) -> Result<HashMap<String, Prediction>, EvalError> 
 
 /// Whether `dir` holds an interrupted `trainer eval`'s per-rank prediction files.
 fn has_rank_files(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|d| {
-        d.flatten().any(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with("predictions.rank-"))
-        })
-    })
+    !super::rank_files(dir).is_empty()
 }
 
 impl Comparison {

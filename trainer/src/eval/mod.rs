@@ -407,23 +407,29 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> EvalError + '_ {
     move |e| EvalError::Io(format!("{}: {e}", path.display()))
 }
 
+/// The per-rank prediction files (`predictions.rank-R.jsonl`) in `out`, sorted: an unfinished
+/// run's (a finished one's are merged and removed).
+pub(super) fn rank_files(out: &Path) -> Vec<PathBuf> {
+    let mut ranks: Vec<PathBuf> = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("predictions.rank-"))
+        })
+        .collect();
+    ranks.sort();
+    ranks
+}
+
 /// Every prediction already made: the merged file and any rank files of an interrupted run.
 fn existing_predictions(out: &Path) -> Result<HashMap<String, Prediction>, EvalError> {
     let mut done = HashMap::new();
     let mut files = vec![out.join("predictions.jsonl")];
-    if let Ok(entries) = std::fs::read_dir(out) {
-        let mut ranks: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("predictions.rank-"))
-            })
-            .collect();
-        ranks.sort();
-        files.extend(ranks);
-    }
+    files.extend(rank_files(out));
     for f in files {
         for p in read_predictions(&f)? {
             done.insert(p.id.clone(), p);
@@ -646,7 +652,7 @@ fn score(t: &mut TurnPrediction, item: &BenchItem) {
         true => answer::canonical(&t.extracted, &item.answer, choices),
         false => "cut off".into(),
     };
-    t.no_answer = answered && answer::unreadable(&t.extracted, &item.answer, choices);
+    t.no_answer = answered && answer::unreadable(&t.canonical, &item.answer, choices);
 }
 
 /// A turn's stages as predictions.jsonl stores them (stage name -> text, if present).
@@ -929,15 +935,8 @@ pub fn run(
     // durable before the rank files it replaces go
     crate::checkpoint::replace_synced(&merged, text.as_bytes())
         .map_err(|e| EvalError::Io(format!("{}: {e:#}", merged.display())))?;
-    if let Ok(entries) = std::fs::read_dir(&opts.out) {
-        for e in entries.flatten() {
-            if e.file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with("predictions.rank-"))
-            {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
+    for path in rank_files(&opts.out) {
+        let _ = std::fs::remove_file(path);
     }
     complete?;
     let params: usize = session

@@ -223,8 +223,8 @@ pub fn train(config: &Config) -> Result<Outcome> {
         meter.log(&format!("checkpoint of step {} (epoch {}) has no validation record (stopped while validating?): validating it now", st.step, st.epoch));
         let epoch = st.epoch;
         let ctx = (&pg, config, device, &data);
-        stopped_by =
-            validate_then_check(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?;
+        let at = (epoch, true);
+        stopped_by = validate_epoch(ctx, &mut saver, &mut st, &mut trainable, at, &mut meter)?;
     } else if at_epoch_end && data.eval.is_none() && st.step < total_steps {
         // (a stop at an epoch's last step saved its checkpoint but ended before the epoch's end,
         // where its adapter goes into train.output_dir: written now, as it would have been; the
@@ -346,14 +346,9 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 && st.step < total_steps
             {
                 let ctx = (&pg, config, device, &data);
-                let stop = validate_then_check(
-                    ctx,
-                    &mut saver,
-                    &mut st,
-                    &mut trainable,
-                    epoch,
-                    &mut meter,
-                )?;
+                let at = (epoch, true);
+                let stop =
+                    validate_epoch(ctx, &mut saver, &mut st, &mut trainable, at, &mut meter)?;
                 if let Some(sig) = stop {
                     stopped_by = Some(sig);
                     break 'epochs;
@@ -370,18 +365,15 @@ pub fn train(config: &Config) -> Result<Outcome> {
         if st.epoch_batch >= steps_per_epoch && st.saved_step != Some(st.step) {
             saver.save(&mut st, &trainable, &opt, (epoch + 1, 0))?;
         }
+        // (at the run's end a stop after the validation changes nothing)
         let ctx = (&pg, config, device, &data);
-        if let Some(sig) =
-            validate_epoch(ctx, &mut saver, &mut st, &mut trainable, epoch, &mut meter)?
+        let at = (epoch, st.step < total_steps);
+        if let Some(sig) = validate_epoch(ctx, &mut saver, &mut st, &mut trainable, at, &mut meter)?
         {
             stopped_by = Some(sig);
             break;
         }
         if st.step >= total_steps {
-            break;
-        }
-        if let Some(sig) = stopped_after_validation(&pg, device, st.step, &meter)? {
-            stopped_by = Some(sig);
             break;
         }
     }
@@ -441,32 +433,17 @@ type LoopCtx<'a> = (
     &'a setup::Data,
 );
 
-/// `validate_epoch`, then `stopped_after_validation` unless the validation was stopped: the stop
-/// signal, if any.
-fn validate_then_check(
-    ctx: LoopCtx,
-    saver: &mut checkpointing::Saver,
-    st: &mut State,
-    trainable: &mut crate::fsdp::Trainable,
-    epoch: u64,
-    meter: &mut Meter,
-) -> Result<Option<i32>> {
-    match validate_epoch(ctx, saver, st, trainable, epoch, meter)? {
-        Some(sig) => Ok(Some(sig)),
-        None => stopped_after_validation(ctx.0, ctx.2, st.step, meter),
-    }
-}
-
 /// After an epoch (its checkpoint saved): validation on `data.eval` if there is one, then the
 /// adapter in train.output_dir (this epoch's, unless validation found a better one earlier).
-/// Returns the stop signal that left the validation unfinished: then neither the adapter nor a
-/// validation record is written (the resumed run validates the checkpoint, "validating it now").
+/// Returns the stop signal that left the validation unfinished (then neither the adapter nor a
+/// validation record is written: the resumed run validates the checkpoint, "validating it now"),
+/// or with `check_after` one that came after it (`stopped_after_validation`).
 fn validate_epoch(
     (pg, config, device, data): LoopCtx,
     saver: &mut checkpointing::Saver,
     st: &mut State,
     trainable: &mut crate::fsdp::Trainable,
-    epoch: u64,
+    (epoch, check_after): (u64, bool),
     meter: &mut Meter,
 ) -> Result<Option<i32>> {
     let validated = match &data.eval {
@@ -488,5 +465,8 @@ fn validate_epoch(
         None => None,
     };
     saver.epoch_end(st, validated)?;
-    Ok(None)
+    match check_after {
+        true => stopped_after_validation(pg, device, st.step, meter),
+        false => Ok(None),
+    }
 }
