@@ -9,7 +9,7 @@
 //! seed's case). Checked by the `exif_rot.jpg` fixture.
 //!
 //! Parity (tests/data_image.rs): every fixture format (JPEG incl. gray and CMYK, PNG, BMP, GIF,
-//! WebP lossless) is bit-exact with Pillow 13 + transformers 5.24's PIL backend, pixel_values
+//! WebP lossless and lossy) is bit-exact with Pillow 13 + transformers 5.24's PIL backend, pixel_values
 //! included: decode (JPEG: libjpeg-turbo's decoder, the `jpeg` module; colour keys: the
 //! `transparency` module), resize (Pillow 13's pass order) and normalization. (The image crate's
 //! own JPEG decoder, zune-jpeg, rounds its IDCT and chroma upsampling differently: up to 4 levels,
