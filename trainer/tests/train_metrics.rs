@@ -179,3 +179,165 @@ fn tensorboard_scalars_mirror_metrics_jsonl() {
         assert_eq!(loss.2, l["loss"].as_f64().unwrap() as f32);
     }
 }
+
+/// The scalars of the event files in `dir` as TensorBoard shows them: the files in name order,
+/// a `session_log { status: START }` at step S dropping the points read so far from S on
+/// (PyTorch's purge_step); (step, value) per tag.
+fn tensorboard_curves(
+    dir: &std::path::Path,
+) -> std::collections::BTreeMap<String, Vec<(u64, f32)>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let mut curves = std::collections::BTreeMap::<String, Vec<(u64, f32)>>::new();
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        let mut at = 0;
+        while at < bytes.len() {
+            let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+            let ev = fields(&bytes[at + 12..at + 12 + len]);
+            at += 16 + len;
+            let step = ev.iter().find(|f| f.0 == 2).map_or(0, |f| f.1);
+            if ev.iter().any(|f| f.0 == 7 && f.2 == [0x08, 0x01]) {
+                for points in curves.values_mut() {
+                    points.retain(|p| p.0 < step);
+                }
+            }
+            for (_, _, summary) in ev.iter().filter(|f| f.0 == 5) {
+                for (_, _, value) in fields(summary) {
+                    let v = fields(value);
+                    let tag = std::str::from_utf8(v[0].2).unwrap().to_string();
+                    curves
+                        .entry(tag)
+                        .or_default()
+                        .push((step, f32::from_bits(v[1].1 as u32)));
+                }
+            }
+        }
+    }
+    curves
+}
+
+/// Each step's perplexity and, on an epoch's last step, the epoch's mean loss and perplexity
+/// (llama-recipes' train_step_perplexity, train_epoch_loss, train_epoch_perplexity), the same
+/// after a stop and resume mid-epoch (the epoch mean covers the steps before it); TensorBoard's
+/// curves of a resumed run hold each step once, with the resumed run's values, once its purge
+/// event drops a run that went on past the checkpoint; a new run into the same output folder moves
+/// the event files aside with the other run files.
+#[test]
+fn epoch_means_perplexity_and_tensorboard_across_a_resume() {
+    const EPOCHS: &str = "epochs: 2, batch_size: 8, grad_accum: 1"; // 48 samples: 6 steps per epoch
+    let tb = ["train.tensorboard=true", "checkpoint.every_steps=2"];
+    let straight = fresh("metrics-epochs-straight");
+    ok(run(&straight, 1, EPOCHS, &tb, &[]), "straight");
+    let want = metrics(&straight);
+    assert_eq!(want.len(), 12);
+    for (i, m) in want.iter().enumerate() {
+        let loss = m["loss"].as_f64().unwrap();
+        assert!(
+            (m["ppl"].as_f64().unwrap() - loss.exp()).abs() < 1e-9 * loss.exp(),
+            "{m}"
+        );
+        let step = i + 1;
+        match step % 6 {
+            0 => {
+                let epoch: Vec<f64> = want[step - 6..step]
+                    .iter()
+                    .map(|m| m["loss"].as_f64().unwrap())
+                    .collect();
+                let mean = epoch.iter().sum::<f64>() / 6.0;
+                assert!(
+                    (m["epoch_loss"].as_f64().unwrap() - mean).abs() < 1e-12,
+                    "{m}"
+                );
+                assert!(
+                    (m["epoch_ppl"].as_f64().unwrap() - mean.exp()).abs() < 1e-9 * mean.exp(),
+                    "{m}"
+                );
+            }
+            _ => assert!(
+                m.get("epoch_loss").is_none() && m.get("epoch_ppl").is_none(),
+                "{m}"
+            ),
+        }
+    }
+
+    // a run that went on to step 5 (its checkpoints at 2 and 4), resumed from step 4 with another
+    // learning rate: the points of its step 5 must go, step 4's stay
+    let resumed = fresh("metrics-epochs-resumed");
+    let o = run(
+        &resumed,
+        1,
+        EPOCHS,
+        &tb,
+        &[("TRAINER_STOP_AFTER_STEP", "5")],
+    );
+    assert_eq!(o.code, Some(143), "{}", o.stderr);
+    let step5 = resumed.join("ckpt/step-00000005");
+    std::fs::remove_dir_all(&step5).unwrap();
+    ok(run(&resumed, 1, EPOCHS, &tb, &[]), "resumed");
+    let got = metrics(&resumed);
+    assert_eq!(got.len(), 12);
+    for (g, w) in got.iter().zip(&want) {
+        for key in ["step", "loss", "ppl", "epoch_loss", "epoch_ppl"] {
+            match (
+                g.get(key).and_then(|v| v.as_f64()),
+                w.get(key).and_then(|v| v.as_f64()),
+            ) {
+                (Some(a), Some(b)) => assert!((a - b).abs() <= 1e-6 * b.abs(), "{key}: {g} vs {w}"),
+                (a, b) => assert_eq!(a, b, "{key}: {g} vs {w}"),
+            }
+        }
+    }
+    let curves = tensorboard_curves(&resumed.join("tensorboard"));
+    for (tag, key) in [
+        ("train/loss", "loss"),
+        ("train/ppl", "ppl"),
+        ("train/epoch_loss", "epoch_loss"),
+    ] {
+        let expected: Vec<(u64, f32)> = got
+            .iter()
+            .filter_map(|m| Some((m["step"].as_u64()?, m.get(key)?.as_f64()? as f32)))
+            .collect();
+        assert_eq!(curves[tag], expected, "{tag}");
+    }
+
+    // a new run into the same folder: the earlier run's event files go aside with its metrics
+    ok(
+        run(
+            &resumed,
+            1,
+            EPOCHS,
+            &[
+                "train.tensorboard=true",
+                "train.max_steps=1",
+                "checkpoint.resume=never",
+            ],
+            &[],
+        ),
+        "new run",
+    );
+    let aside: Vec<_> = std::fs::read_dir(&resumed)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("previous-run-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(
+        std::fs::read_dir(aside[0].join("tensorboard"))
+            .unwrap()
+            .count(),
+        2
+    );
+    assert_eq!(
+        tensorboard_curves(&resumed.join("tensorboard"))["train/loss"].len(),
+        1
+    );
+}

@@ -2,7 +2,8 @@
 //! optimizer step and per validation), and progress on rank 0: an indicatif bar (step, loss,
 //! tokens/s, TFLOP/s, MFU, ETA) when stderr is a terminal, plain log lines otherwise.
 //!
-//! Step fields: step, epoch, loss (true mean over the global batch), lr, grad_norm, tokens
+//! Step fields: step, epoch, loss (true mean over the global batch), ppl (exp(loss), null when
+//! not finite: llama-recipes' train_step_perplexity), lr, grad_norm, tokens
 //! (supervised tokens of the global batch), tokens_per_s, step_s (from asking the loader for the
 //! step's micro-batches to the end of the optimizer step), data_s (of it, waiting for the loader:
 //! a data bottleneck shows here), mem_bytes (resident set of rank 0), gpu_mem_bytes (rank 0's
@@ -13,7 +14,9 @@
 //! replaced_samples (samples of the step, all ranks, that failed to load under
 //! `data.bad_records: skip` and were replaced by the next loadable one),
 //! flops (the step's model FLOPs summed over all ranks: `trainer eval --train-metrics` adds them
-//! up), world_size.
+//! up), world_size; the last step of an epoch also epoch_loss (the mean of the epoch's finite step
+//! losses, steps before a resume included: llama-recipes' train_epoch_loss) and epoch_ppl
+//! (exp(epoch_loss): its train_epoch_perplexity).
 use std::io::Write;
 use std::path::Path;
 
@@ -41,6 +44,8 @@ pub(super) struct StepReport<'a> {
     /// This rank's micro-batches (their token counts give the FLOPs).
     pub batches: &'a [MicroBatch],
     pub param_bytes: i64,
+    /// The epoch's last step.
+    pub epoch_end: bool,
 }
 
 pub(super) struct Meter {
@@ -59,6 +64,9 @@ pub(super) struct Meter {
     log_every: u64,
     /// Samples replaced at load time (all ranks) since the last epoch summary.
     replaced_in_epoch: u64,
+    /// (epoch, loss) of every step in metrics.jsonl (rank 0: a resumed run's kept lines too; a
+    /// non-finite loss as NaN), for the epoch means.
+    losses: Vec<(u64, f64)>,
 }
 
 impl Meter {
@@ -95,28 +103,42 @@ impl Meter {
                 p
             }),
         };
-        let file = if rank == 0 {
-            open_file(&config.train.output_dir, resumed, resumed_validated).map(|file| {
+        let opened = if rank == 0 {
+            open_file(&config.train.output_dir, resumed, resumed_validated).map(|opened| {
                 // (informational: a failure is a warning, not an error on rank 0 alone while
                 // the other ranks go on into collectives)
                 if let Err(e) = write_config(config) {
                     tracing::warn!("{e:#}");
                 }
-                Some(file)
+                Some(opened)
             })
         } else {
             Ok(None)
         };
         // (agreed: metrics.jsonl that cannot be opened or set aside stops every rank, not rank
         // 0 alone with the others waiting in the first step's collectives)
-        let file = crate::checkpoint::agree(pg, device, file, || {
+        let opened = crate::checkpoint::agree(pg, device, opened, || {
             "rank 0 could not open metrics.jsonl in train.output_dir".to_string()
         })?;
+        let (file, kept) = match opened {
+            Some((file, kept)) => (Some(file), kept),
+            None => (None, vec![]),
+        };
+        let losses = kept
+            .iter()
+            .filter(|v| v["validation"].as_bool() != Some(true) && v.get("loss").is_some())
+            .filter_map(|v| Some((v["epoch"].as_u64()?, v["loss"].as_f64().unwrap_or(f64::NAN))))
+            .collect();
         // (informational: a failure is a warning, as for the resolved config above)
         let tensorboard = match rank == 0 && config.train.tensorboard {
             true => {
                 let dir = config.train.output_dir.join(super::tensorboard::DIR);
-                match super::tensorboard::EventWriter::create(&dir) {
+                // a resumed run replaces the points of the resumed step on: those of the run
+                // that went on past its checkpoint, and the resumed step's own, written again
+                // from the lines kept
+                match super::tensorboard::EventWriter::create(&dir, resumed)
+                    .and_then(|w| replay(w, &kept, resumed))
+                {
                     Ok(w) => {
                         log(
                             rank,
@@ -161,6 +183,7 @@ impl Meter {
             total,
             log_every: config.train.log_every.max(1),
             replaced_in_epoch: 0,
+            losses,
         })
     }
 
@@ -190,15 +213,22 @@ impl Meter {
         // second per rank (torchtitan's and torchtune's tok/s/GPU)
         let tokens_per_s = r.tokens as f64 / s.step_s;
         let input_tokens_per_s_per_rank = sums[2] / per_rank_s;
+        self.losses.push((s.epoch, r.loss));
         // metrics.jsonl has every step; the console every train.log_every steps and the last
-        self.write(json!({
-            "step": s.step, "epoch": s.epoch, "loss": r.loss, "lr": s.lr, "grad_norm": r.grad_norm,
+        let mut line = json!({
+            "step": s.step, "epoch": s.epoch, "loss": r.loss, "ppl": perplexity(r.loss), "lr": s.lr, "grad_norm": r.grad_norm,
             "tokens": r.tokens, "tokens_per_s": tokens_per_s,
             "input_tokens_per_s_per_rank": input_tokens_per_s_per_rank, "step_s": s.step_s,
             "data_s": s.data_s, "mem_bytes": resident_bytes(), "gpu_mem_bytes": gpu_used_bytes(device), "tflops": tflops, "hw_tflops": hw_tflops, "mfu": mfu,
             "param_bytes": s.param_bytes, "flops": sums[0], "world_size": self.world,
             "replaced_samples": replaced,
-        }))?;
+        });
+        if s.epoch_end {
+            let mean = self.epoch_mean(s.epoch).0;
+            line["epoch_loss"] = json!(mean);
+            line["epoch_ppl"] = json!(mean.and_then(perplexity));
+        }
+        self.write(line)?;
         if self.rank != 0 || !(s.step.is_multiple_of(self.log_every) || s.step == self.total) {
             return Ok(());
         }
@@ -246,31 +276,41 @@ impl Meter {
         log(self.rank, msg)
     }
 
-    /// The one-line summary of an epoch (of the steps this process ran: after a mid-epoch resume,
-    /// the ones since the resume); skipped non-finite steps are counted, not averaged.
-    pub fn epoch_summary(&mut self, epoch: u64, losses: &[f64], seconds: f64) {
+    /// The mean of `epoch`'s finite step losses (None when none is finite), and its number of
+    /// steps and of non-finite ones.
+    fn epoch_mean(&self, epoch: u64) -> (Option<f64>, usize, usize) {
+        let losses: Vec<f64> = self
+            .losses
+            .iter()
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, l)| *l)
+            .collect();
+        let finite: Vec<f64> = losses.iter().copied().filter(|l| l.is_finite()).collect();
+        let mean = (!finite.is_empty()).then(|| finite.iter().sum::<f64>() / finite.len() as f64);
+        (mean, losses.len(), losses.len() - finite.len())
+    }
+
+    /// The one-line summary of an epoch: of all its steps, those before a mid-epoch resume too
+    /// (from metrics.jsonl); skipped non-finite steps are counted, not averaged. `seconds`: of
+    /// this process's part.
+    pub fn epoch_summary(&mut self, epoch: u64, seconds: f64) {
         let replaced = std::mem::take(&mut self.replaced_in_epoch);
         if replaced > 0 {
             self.log(&format!(
                 "epoch {epoch}: {replaced} sample(s) failed to load and were replaced by the next loadable sample, which trained twice (data.bad_records: skip; their errors are in the log above, `trainer data check CONFIG` lists unreadable images)"
             ));
         }
-        if losses.is_empty() {
+        let (mean, steps, nonfinite) = self.epoch_mean(epoch);
+        if steps == 0 {
             return;
         }
-        let finite: Vec<f64> = losses.iter().copied().filter(|l| l.is_finite()).collect();
-        let mean = if finite.is_empty() {
-            "none finite".to_string()
-        } else {
-            format!("{:.4}", finite.iter().sum::<f64>() / finite.len() as f64)
-        };
-        let skipped = match losses.len() - finite.len() {
+        let mean = mean.map_or("none finite".to_string(), |m| format!("{m:.4}"));
+        let skipped = match nonfinite {
             0 => String::new(),
             n => format!(" ({n} non-finite, not averaged)"),
         };
         self.log(&format!(
-            "epoch {epoch}: {} steps, mean loss {mean}{skipped}, {seconds:.1} s",
-            losses.len()
+            "epoch {epoch}: {steps} steps, mean loss {mean}{skipped}, {seconds:.1} s"
         ));
     }
 
@@ -311,14 +351,15 @@ fn write_config(config: &Config) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// The files a training run writes into `train.output_dir` (TensorBoard's event files are named
-/// per run and stay where they are).
-const RUN_FILES: [&str; 5] = [
+/// The files a training run writes into `train.output_dir`, and its TensorBoard folder (one
+/// folder is one run to TensorBoard: a new run's curves must not continue the last one's).
+const RUN_FILES: [&str; 6] = [
     "metrics.jsonl",
     RESOLVED_CONFIG,
     "adapter_config.json",
     "adapter_model.safetensors",
     crate::checkpoint::PROMPT_FILE,
+    super::tensorboard::DIR,
 ];
 
 /// A fresh run (not resumed) into a `train.output_dir` that holds an earlier run's results (its
@@ -327,7 +368,9 @@ const RUN_FILES: [&str; 5] = [
 /// example scripts refuse a folder that is not empty.) Returns the folder they went to.
 fn set_aside_previous_run(dir: &Path) -> Result<Option<std::path::PathBuf>> {
     let metrics = std::fs::metadata(dir.join(RUN_FILES[0])).map_or(0, |m| m.len());
-    if metrics == 0 && !dir.join("adapter_config.json").exists() {
+    let events = std::fs::read_dir(dir.join(super::tensorboard::DIR))
+        .is_ok_and(|mut entries| entries.next().is_some());
+    if metrics == 0 && !events && !dir.join("adapter_config.json").exists() {
         return Ok(None);
     }
     let secs = std::time::SystemTime::now()
@@ -370,7 +413,12 @@ fn append_line(file: &mut Option<std::fs::File>, v: &Value) {
     }
 }
 
-fn open_file(dir: &Path, resumed: Option<u64>, resumed_validated: bool) -> Result<std::fs::File> {
+/// metrics.jsonl, opened for appending, and the lines kept from an earlier launch (a resumed run's).
+fn open_file(
+    dir: &Path,
+    resumed: Option<u64>,
+    resumed_validated: bool,
+) -> Result<(std::fs::File, Vec<Value>)> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating train.output_dir {}", dir.display()))?;
     if resumed.is_none() {
@@ -389,19 +437,16 @@ fn open_file(dir: &Path, resumed: Option<u64>, resumed_validated: bool) -> Resul
         }
     }
     let path = dir.join("metrics.jsonl");
-    let kept: Vec<String> = match resumed {
+    let kept: Vec<Value> = match resumed {
         Some(step) => String::from_utf8_lossy(&earlier_lines(&path)?)
             .lines()
-            .filter(|l| {
-                let Ok(v) = serde_json::from_str::<Value>(l) else {
-                    return false;
-                };
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| {
                 let validation = v["validation"].as_bool() == Some(true);
                 v["step"]
                     .as_u64()
                     .is_some_and(|s| s < step || (s == step && (resumed_validated || !validation)))
             })
-            .map(str::to_string)
             .collect(),
         None => vec![],
     };
@@ -410,14 +455,37 @@ fn open_file(dir: &Path, resumed: Option<u64>, resumed_validated: bool) -> Resul
     let fresh = dir.join("metrics.jsonl.partial");
     let mut file =
         std::fs::File::create(&fresh).with_context(|| format!("creating {}", fresh.display()))?;
-    for l in kept {
+    for l in &kept {
         writeln!(file, "{l}").with_context(|| format!("writing {}", fresh.display()))?;
     }
     file.sync_all()
         .with_context(|| format!("writing {}", fresh.display()))?;
     std::fs::rename(&fresh, &path)
         .with_context(|| format!("replacing {} with {}", path.display(), fresh.display()))?;
-    Ok(file)
+    Ok((file, kept))
+}
+
+/// exp(loss) when finite (llama-recipes' perplexity).
+fn perplexity(loss: f64) -> Option<f64> {
+    Some(loss.exp()).filter(|p| p.is_finite())
+}
+
+/// Writes the scalars of the kept metrics lines of steps from `from` on (a resumed run's step,
+/// whose points the file's purge event drops from the earlier files) into a new event file.
+fn replay(
+    mut w: super::tensorboard::EventWriter,
+    kept: &[Value],
+    from: Option<u64>,
+) -> std::io::Result<super::tensorboard::EventWriter> {
+    let Some(from) = from else {
+        return Ok(w);
+    };
+    for (step, values) in kept.iter().filter_map(super::tensorboard::scalars_of) {
+        if step >= from {
+            w.scalars(step, &values)?;
+        }
+    }
+    Ok(w)
 }
 
 /// The bytes of an earlier run's metrics.jsonl (none when it is not there), read lossily by the

@@ -254,7 +254,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
             t.batch_size,
             t.grad_accum,
         );
-        let (epoch_start, mut epoch_loss) = (Instant::now(), vec![]);
+        let epoch_start = Instant::now();
         while st.step < total_steps {
             let started = Instant::now();
             // (grad_accum micro-batches, fewer for an epoch's last, partial global batch)
@@ -315,7 +315,6 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 Ok(r) => r,
                 Err(e) => return Err(saver.publish_before_stop(e)),
             };
-            epoch_loss.push(r.loss);
             let param_bytes = trainable.resident_param_bytes();
             let report = StepReport {
                 step: st.step,
@@ -326,6 +325,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
                 data_s,
                 batches: &batches,
                 param_bytes,
+                epoch_end: st.epoch_batch >= steps_per_epoch,
             };
             meter.step(&pg, device, report)?;
             saver.after_step(&mut st, &trainable, &opt, steps_per_epoch, total_steps)?;
@@ -356,7 +356,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
             }
         }
         drop(micro);
-        meter.epoch_summary(epoch, &epoch_loss, epoch_start.elapsed().as_secs_f64());
+        meter.epoch_summary(epoch, epoch_start.elapsed().as_secs_f64());
         // Epoch end: the data continues with the next epoch. Saved before validating (in the
         // background with checkpoint.async), so a validation that fails (an eval image that does
         // not decode, out of memory) or is stopped does not lose the epoch. (A step saved already,

@@ -6,6 +6,10 @@
 //! (tests/fixtures/tensorboard): TFRecord framing (length, masked CRC-32C of the length, an
 //! `Event` protobuf, its masked CRC-32C), first an event with `file_version: "brain.Event:2"`,
 //! then one event per scalar (`wall_time`, `step`, `summary { value { tag, simple_value } }`).
+//! A resumed run's file starts as `SummaryWriter(purge_step=N)`'s: after the file version, the
+//! version again at step N and a `session_log { status: START }` at step N, on which TensorBoard
+//! drops the points of earlier files from step N on (the abandoned run's steps after the
+//! checkpoint it resumed from), so the curves hold one trajectory.
 //! The three messages are encoded here by hand: they are five fields, not worth a protobuf
 //! code generator.
 use std::fs::File;
@@ -24,21 +28,31 @@ pub struct EventWriter {
 
 impl EventWriter {
     /// A new event file in `dir` (created), named as TensorBoard expects
-    /// (`events.out.tfevents.<seconds>.<host>.<pid>.0`): each launch writes its own, and
-    /// TensorBoard reads them all as one run.
-    pub fn create(dir: &Path) -> std::io::Result<Self> {
+    /// (`events.out.tfevents.<seconds>.<host>.<pid>.0`): each launch of a run writes its own, and
+    /// TensorBoard reads them all as one run. `purge_from`: the step a resumed run continues from
+    /// (its points from there on replace the earlier files').
+    pub fn create(dir: &Path, purge_from: Option<u64>) -> std::io::Result<Self> {
         let now = wall_time();
+        // TensorBoard reads a folder's files in name order: a launch in the same second as the
+        // last one (whose pid may sort first) still comes after it
+        let secs = match latest_file_seconds(dir) {
+            Some(latest) if latest >= now as u64 => latest + 1,
+            _ => now as u64,
+        };
         let name = format!(
-            "events.out.tfevents.{}.{}.{}.0",
-            now as u64,
+            "events.out.tfevents.{secs}.{}.{}.0",
             hostname(),
             std::process::id()
         );
-        Self::create_at(&dir.join(name), now)
+        Self::create_at(&dir.join(name), now, purge_from)
     }
 
-    /// The file at `path`, its first event stamped `wall_time`.
-    pub(crate) fn create_at(path: &Path, wall_time: f64) -> std::io::Result<Self> {
+    /// The file at `path`, its first events stamped `wall_time`.
+    pub(crate) fn create_at(
+        path: &Path,
+        wall_time: f64,
+        purge_from: Option<u64>,
+    ) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -53,6 +67,19 @@ impl EventWriter {
         put_bytes(&mut source, 1, b"llava-sco trainer");
         put_bytes(&mut event, 10, &source); // source_metadata { writer }
         w.record(&event)?;
+        if let Some(step) = purge_from {
+            // (PyTorch's purge_step events: the file version again, then SessionLog START)
+            let mut version = Vec::new();
+            put_f64(&mut version, 1, wall_time);
+            put_step(&mut version, step);
+            put_bytes(&mut version, 3, b"brain.Event:2");
+            w.record(&version)?;
+            let mut start = Vec::new();
+            put_f64(&mut start, 1, wall_time);
+            put_step(&mut start, step);
+            put_bytes(&mut start, 7, &[0x08, 0x01]); // session_log { status: START (1) }
+            w.record(&start)?;
+        }
         Ok(w)
     }
 
@@ -82,11 +109,7 @@ impl EventWriter {
             put_bytes(&mut summary, 1, &value);
             let mut event = Vec::new();
             put_f64(&mut event, 1, wall_time);
-            if step != 0 {
-                // (proto3: a zero step is not written)
-                put_tag(&mut event, 2, 0);
-                put_varint(&mut event, step);
-            }
+            put_step(&mut event, step);
             put_bytes(&mut event, 5, &summary);
             self.record(&event)?;
         }
@@ -109,6 +132,14 @@ impl EventWriter {
 pub(crate) fn masked_crc(data: &[u8]) -> u32 {
     let crc = crc32c::crc32c(data);
     crc.rotate_right(15).wrapping_add(0xa282_ead8)
+}
+
+/// An `Event`'s step (field 2; proto3 leaves a zero step out).
+fn put_step(buf: &mut Vec<u8>, step: u64) {
+    if step != 0 {
+        put_tag(buf, 2, 0);
+        put_varint(buf, step);
+    }
 }
 
 fn put_tag(buf: &mut Vec<u8>, field: u64, wire: u64) {
@@ -138,6 +169,21 @@ fn wall_time() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The largest `<seconds>` of the event files named `events.out.tfevents.<seconds>....` in `dir`.
+fn latest_file_seconds(dir: &Path) -> Option<u64> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_prefix("events.out.tfevents.")?
+                .split('.')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
 }
 
 /// This machine's name for the file name (TensorBoard only needs it to tell writers apart).
@@ -213,7 +259,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tb-golden-{}", std::process::id()));
         let path = dir.join("events.out.tfevents.test");
         let first_wall = spec["file_version_wall_time"].as_f64().unwrap();
-        let mut w = EventWriter::create_at(&path, first_wall).unwrap();
+        let mut w = EventWriter::create_at(&path, first_wall, None).unwrap();
         for s in spec["scalars"].as_array().unwrap() {
             let value = (
                 s["tag"].as_str().unwrap().to_string(),
@@ -234,6 +280,34 @@ mod tests {
         let head = |r: &[u8]| r[..24].to_vec(); // tag + 8-byte double, tag + len + 13 bytes
         assert_eq!(head(ours[0]), head(theirs[0]));
         assert!(theirs[0][..24].ends_with(b"brain.Event:2"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A resumed run's file starts as the one PyTorch's `SummaryWriter(purge_step=300)` writes
+    /// (tests/fixtures/tensorboard/events_purge.golden): its purge events are the golden's but for
+    /// their wall times (the time the writer opened), and its scalar the golden's.
+    #[test]
+    fn a_resumed_runs_file_purges_as_pytorchs_purge_step() {
+        let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tensorboard");
+        let golden = std::fs::read(fx.join("events_purge.golden")).unwrap();
+        let dir = std::env::temp_dir().join(format!("tb-purge-{}", std::process::id()));
+        let path = dir.join("events.out.tfevents.test");
+        let mut w = EventWriter::create_at(&path, 1.5, Some(300)).unwrap();
+        w.scalars_at(300, &[("train/loss".into(), 2.0)], 1700000004.0)
+            .unwrap();
+        let ours = std::fs::read(&path).unwrap();
+        let (ours, theirs) = (records(&ours), records(&golden));
+        assert_eq!(ours.len(), 4);
+        // (a wall time is its first 9 bytes: tag and double)
+        for i in [1, 2] {
+            assert_eq!(ours[i][..1], theirs[i][..1]);
+            assert_eq!(ours[i][9..], theirs[i][9..], "event {i}");
+        }
+        assert_eq!(ours[3], theirs[3]);
+        // and no purge events without a step to purge from
+        let fresh = dir.join("events.out.tfevents.fresh");
+        EventWriter::create_at(&fresh, 1.5, None).unwrap();
+        assert_eq!(records(&std::fs::read(&fresh).unwrap()).len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
