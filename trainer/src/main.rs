@@ -572,8 +572,17 @@ fn main() -> ExitCode {
             // place and backtrace) only when it is that one: a panic caught on another thread
             // since (a decoder's on a malformed image, under bad_records: skip) is not the cause
             let last = LAST_PANIC.lock().ok().and_then(|mut p| p.take());
-            let (message, detail) =
+            let (mut message, detail) =
                 panic_record(&trainer::logging::panic_message(payload.as_ref()), last);
+            // (libtorch's allocation failures reach us as panics of tch's ops)
+            if let Some(hint) = out_of_memory_hint(&message) {
+                let text = match trainer::logging::rank_prefix() {
+                    Some(p) => format!("{p} error: {hint}\n"),
+                    None => format!("error: {hint}\n"),
+                };
+                launcher::outcome::to_stderr(&text);
+                message = format!("{hint}: {message}");
+            }
             launcher::error_file::record(&message, &detail, Cause::ThisRank);
             ExitCode::from(101) // (Rust's exit code for a panic)
         }
@@ -654,6 +663,17 @@ fn panic_record(message: &str, last: Option<(String, String)>) -> (String, Strin
     }
 }
 
+/// What to do about a panic that is libtorch failing to allocate (CUDA's "out of memory", the
+/// CPU allocator's "can't allocate memory"); None for other panics.
+fn out_of_memory_hint(message: &str) -> Option<&'static str> {
+    let m = message.to_ascii_lowercase();
+    (m.contains("out of memory") || m.contains("can't allocate memory")).then_some(
+        "the device ran out of memory: training: lower train.batch_size (raise train.grad_accum to \
+         keep the global batch), keep fsdp.activation_checkpointing true, or use more ranks; \
+         infer and eval: lower --batch-size or --max-new-tokens",
+    )
+}
+
 /// The latest panic's (message, detail), for `main` to record if it ends the process.
 static LAST_PANIC: std::sync::Mutex<Option<(String, String)>> = std::sync::Mutex::new(None);
 
@@ -681,6 +701,21 @@ fn remember_panics() {
 
 #[cfg(test)]
 mod tests {
+    /// libtorch's allocation failures (tch panics with its error) get the fixes; other panics not.
+    #[test]
+    fn out_of_memory_panics_get_a_hint() {
+        let cuda = "panic at src/x.rs:3: called `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)\")";
+        let cpu = "panic: Torch(\"[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes.\")";
+        for m in [cuda, cpu] {
+            let hint = super::out_of_memory_hint(m).unwrap();
+            assert!(
+                hint.contains("train.batch_size") && hint.contains("--batch-size"),
+                "{hint}"
+            );
+        }
+        assert!(super::out_of_memory_hint("panic: index out of bounds").is_none());
+    }
+
     /// The error file names the panic that ended the run, not a later one caught elsewhere.
     #[test]
     fn the_recorded_panic_is_the_one_that_ended_the_run() {

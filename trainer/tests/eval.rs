@@ -807,6 +807,77 @@ fn infer_questions_batches_resumes_and_matches_single_infer() {
         err.contains("questions.jsonl:2: missing `question`"),
         "{err}"
     );
+    // an --out that is not this command's output, one line without its newline (a minified
+    // JSON file): refused and kept, not cut as a torn line
+    std::fs::write(&questions, "{\"id\": \"x\", \"question\": \"q\"}\n").unwrap();
+    let foreign = dir.join("results.json");
+    let text = "[{\"id\": \"x\", \"score\": 1}]";
+    std::fs::write(&foreign, text).unwrap();
+    let (code, _, err) = batch(&foreign, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("results.json:1: not a line of `infer --questions`"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&foreign).unwrap(), text);
+    // unreadable images, whatever their place in the file, named before anything is generated:
+    // not an image or not there (from the header, before the model loads), then a truncated one
+    // (its header reads, its pixels do not)
+    let whole = std::fs::read(images.join("large.png")).unwrap();
+    let bad_root = dir.join("bad-images");
+    std::fs::create_dir_all(&bad_root).unwrap();
+    std::fs::write(bad_root.join("cut.png"), &whole[..whole.len() / 2]).unwrap();
+    std::fs::write(bad_root.join("text.png"), "not an image").unwrap();
+    std::fs::copy(images.join("small.png"), bad_root.join("small.png")).unwrap();
+    std::fs::write(
+        &questions,
+        "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\"}\n\
+         {\"id\": \"y\", \"image\": \"text.png\", \"question\": \"q\"}\n\
+         {\"id\": \"z\", \"image\": \"none.png\", \"question\": \"q\"}\n",
+    )
+    .unwrap();
+    let bad_out = dir.join("bad-images.jsonl");
+    let with_root = |out: &Path| {
+        greedy_infer_with(
+            &dir.join("model"),
+            &[
+                "--questions",
+                questions.to_str().unwrap(),
+                "--image-root",
+                bad_root.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        )
+    };
+    let (code, _, err) = with_root(&bad_out);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("questions.jsonl: 2 bad lines:")
+            && err.contains("questions.jsonl:2: corrupt or truncated image")
+            && err.contains("text.png")
+            && err.contains("questions.jsonl:3: image")
+            && err.contains("none.png not found"),
+        "{err}"
+    );
+    // (then, the model loaded, the truncated one)
+    std::fs::write(
+        &questions,
+        "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\"}\n\
+         {\"id\": \"y\", \"image\": \"cut.png\", \"question\": \"q\"}\n",
+    )
+    .unwrap();
+    let (code, _, err) = with_root(&bad_out);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("questions.jsonl:2: corrupt or truncated image"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&bad_out).unwrap_or_default(),
+        "",
+        "nothing generated"
+    );
 }
 
 #[test]

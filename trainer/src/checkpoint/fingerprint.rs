@@ -17,14 +17,17 @@ const SAMPLE: usize = 4096;
 /// The files besides the weights and config.json that decide the prompt's tokens, the images'
 /// pixels and the generation's defaults: the tokenizer, its config with the chat template (or the
 /// template in a file of its own, as newer transformers save it), the image processor's config
-/// and generation_config.json (its eos ids, top_k, repetition_penalty).
-pub const MODEL_FILES: [&str; 7] = [
+/// (`preprocessor_config.json`, or transformers 5's `processor_config.json`, which
+/// `data::image` reads when the other is not there) and generation_config.json (its eos ids,
+/// top_k, repetition_penalty).
+pub const MODEL_FILES: [&str; 8] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
     "chat_template.json",
     "preprocessor_config.json",
+    "processor_config.json",
     "generation_config.json",
 ];
 

@@ -270,6 +270,8 @@ pub(crate) fn infer(args: InferArgs) -> Result<ExitCode> {
         .map(|p| image::load_rgb(p))
         .transpose()
         .map_err(|e| anyhow::anyhow!("--image: {e}"))?;
+    // (generation_config.json too, before the model loads)
+    let opts = generation.options(args.temperature, &model_dir)?;
     let (model, text, image_config) = load_for_generation(
         &model_dir,
         args.weights.adapter.as_deref(),
@@ -277,7 +279,6 @@ pub(crate) fn infer(args: InferArgs) -> Result<ExitCode> {
         generation.double_bos,
         &generation.stop,
     )?;
-    let opts = generation.options(args.temperature, &model_dir)?;
     let session = Session {
         model: &model,
         text: &text,
@@ -311,9 +312,10 @@ pub(crate) fn infer(args: InferArgs) -> Result<ExitCode> {
             // (the "Today Date" a text-only prompt renders: --date, else this process's day)
             "template_date": trainer::data::template::strftime_now("%Y-%m-%d"),
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        // (a reader that closed stdout, `| head`, is not an error: println! would panic)
+        let _ = writeln!(stdout, "{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!();
+        let _ = writeln!(stdout);
         for (i, t) in turns.iter().enumerate() {
             eprintln!(
                 "turn {i}: {} tokens in {:.2} s, conclusion: {}",
@@ -422,18 +424,26 @@ fn infer_questions(
     if todo.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
-    // every image there before the model loads (decoded batch by batch)
+    // every image there and readable as far as its header tells before the model loads, every
+    // question's image decoded and prompt built before the first is generated (a bad one would
+    // stop the run when its batch comes, hours in, and every rerun there): all named at once
+    let named = file.display().to_string();
+    let mut problems = vec![];
     for q in &todo {
-        if let Some(p) = q.image.as_ref().filter(|p| !p.is_file()) {
-            anyhow::bail!(
-                "{}:{}: image {} not found (paths are relative to --image-root {})",
-                file.display(),
-                q.line,
+        let Some(p) = q.image.as_ref() else { continue };
+        let checked = match p.is_file() {
+            true => trainer::data::image::check_header(p),
+            false => Err(format!(
+                "image {} not found (paths are relative to --image-root {})",
                 p.display(),
                 image_root.display()
-            );
+            )),
+        };
+        if let Err(e) = checked {
+            problems.push((q.line, e));
         }
     }
+    trainer::eval::bench_problems(&named, problems)?;
     let (model, text, image_config) = load_for_generation(
         model_dir,
         args.weights.adapter.as_deref(),
@@ -446,11 +456,22 @@ fn infer_questions(
         text: &text,
         image_config: &image_config,
     };
+    let mut problems = vec![];
     for q in &todo {
-        session
+        let checked = session
             .prompt_ids(&q.question, q.image.is_some(), &[], &opts)
-            .with_context(|| format!("{}:{}: id {:?}", file.display(), q.line, q.id))?;
+            .map(drop)
+            .map_err(|e| format!("id {:?}: {e}", q.id))
+            .and_then(|()| {
+                q.image
+                    .as_deref()
+                    .map_or(Ok(()), |p| trainer::data::image::load_rgb(p).map(drop))
+            });
+        if let Err(e) = checked {
+            problems.push((q.line, e));
+        }
     }
+    trainer::eval::bench_problems(&named, problems)?;
     let mut sink = trainer::eval::open_lines_for_append(out, &|l| {
         serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v.get("id").is_some())
     })
@@ -481,7 +502,17 @@ fn infer_questions(
             .iter()
             .map(|q| questions::seed_of(opts.seed, &q.id))
             .collect();
-        let outputs = session.run_batch_seeded(&inputs, &seeds, &opts, &mut |_, _, _| {})?;
+        let outputs = session
+            .run_batch_seeded(&inputs, &seeds, &opts, &mut |_, _, _| {})
+            .with_context(|| {
+                let at: Vec<String> = batch.iter().map(|q| format!("{named}:{} (id {:?})", q.line, q.id)).collect();
+                format!(
+                    "generating for {} ({} answered questions are kept in --out {}: a rerun continues after them)",
+                    at.join(", "),
+                    answered,
+                    out.display()
+                )
+            })?;
         for (q, turns) in batch.iter().zip(outputs) {
             let line = serde_json::json!({
                 "id": q.id,

@@ -148,10 +148,7 @@ fn show_lines(file: &str, problems: &[(usize, String)]) -> String {
 }
 
 /// Every bad line of a benchmark in one error (one line: `FILE:LINE: reason`, as before).
-pub(crate) fn bench_problems(
-    file: &str,
-    mut problems: Vec<(usize, String)>,
-) -> Result<(), EvalError> {
+pub fn bench_problems(file: &str, mut problems: Vec<(usize, String)>) -> Result<(), EvalError> {
     match problems.len() {
         0 => Ok(()),
         1 => {

@@ -105,7 +105,9 @@ fn parse_line(line: &str, number: usize, image_root: &Path) -> Result<Question, 
 }
 
 /// The lines already in `out` (JSON values with their 1-based line numbers), read once; a torn
-/// last line (an interrupted write, which may end inside a character) is left out, to be redone.
+/// last line (an interrupted write, which may end inside a character: the start of a line as
+/// this command writes them, `{"id":...`) is left out, to be redone. Any other line, the last one
+/// included, is refused (a file that is not this command's output must not be cut).
 /// Empty when `out` does not exist.
 pub fn stored(out: &Path) -> Result<Vec<(usize, Value)>, InferError> {
     let text = match std::fs::read(out) {
@@ -122,7 +124,7 @@ pub fn stored(out: &Path) -> Result<Vec<(usize, Value)>, InferError> {
         let parsed: Option<Value> = serde_json::from_slice(line).ok();
         match parsed.filter(|v| v.get("id").is_some_and(Value::is_string) && v.get("settings").is_some()) {
             Some(v) => kept.push((i + 1, v)),
-            None if i + 1 == lines.len() => {}
+            None if i + 1 == lines.len() && is_torn_line(line) => {}
             None => {
                 return Err(InferError::Input(format!(
                     "{}:{}: not a line of `infer --questions` (id, settings, turns); give another --out",
@@ -133,6 +135,13 @@ pub fn stored(out: &Path) -> Result<Vec<(usize, Value)>, InferError> {
         }
     }
     Ok(kept)
+}
+
+/// Whether `line`, the last of a file without a newline, is a line of ours an interrupted write
+/// cut: the lines are JSON objects with sorted keys, `id` first.
+fn is_torn_line(line: &[u8]) -> bool {
+    const START: &[u8] = b"{\"id\":";
+    line.starts_with(START) || START.starts_with(line)
 }
 
 /// The `template_date` the `stored` lines were made with (the first line's that has one).
