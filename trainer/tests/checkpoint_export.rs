@@ -205,6 +205,39 @@ fn export_peft_holds_the_trained_factors_and_loads() {
         before
     );
     assert!(!busy.join(LOCK).exists());
+    // an export killed among its renames (the weights in place, the config not, its list of
+    // renames left): the next export into the folder removes what it renamed and completes
+    let killed = out.join("killed");
+    std::fs::create_dir_all(&killed).unwrap();
+    std::fs::write(killed.join("adapter_model.safetensors"), b"half").unwrap();
+    std::fs::write(killed.join("adapter_model.safetensors.partial"), b"torn").unwrap();
+    std::fs::write(killed.join("notes.txt"), b"the user's").unwrap();
+    std::fs::write(
+        killed.join(".adapter-export-renaming.json"),
+        r#"["adapter_model.safetensors", "adapter_config.json"]"#,
+    )
+    .unwrap();
+    ok(
+        export(&out.join("ckpt/step-00000002"), &killed),
+        "after a killed export",
+    );
+    assert_eq!(
+        std::fs::read(killed.join("adapter_model.safetensors")).unwrap(),
+        before
+    );
+    let mut names: Vec<String> = (std::fs::read_dir(&killed).unwrap())
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "llava_sco_prompt.json",
+            "notes.txt"
+        ]
+    );
 }
 
 const LOCK: &str = ".llava-sco-export.lock";

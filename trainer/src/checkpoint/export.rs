@@ -43,6 +43,8 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
     }
     // held until the adapter is complete (or removed again): a second export into --out waits out
     let _lock = super::ExportLock::acquire(out)?;
+    // an export killed while renaming its files into place: what it renamed goes
+    super::clear_killed_export(out, RENAMING)?;
     // an adapter already there is not overwritten (it may be the only copy of another run's)
     for name in [
         "adapter_model.safetensors",
@@ -106,16 +108,18 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
             }
         }
     }
-    // weights first, the config last, each written under a .partial name and renamed: a run
-    // killed midway leaves no adapter_config.json beside missing or torn weights, and a failed
-    // run removes what it wrote (`Created`), so a retry into the same --out is not refused
+    // each file written under a .partial name, then all renamed, the config last: a run killed
+    // midway leaves no adapter_config.json beside missing or torn weights; a failed run removes
+    // what it wrote (`Created`), and the next export what a killed one renamed (the renaming
+    // list), so a retry into the same --out is not refused
     let mut created = super::Created::default();
+    let mut staged = vec![];
     let mut publish = |name: &str, write: &dyn Fn(&Path) -> Result<()>| -> Result<()> {
         let (tmp, path) = (out.join(format!("{name}.partial")), out.join(name));
         created.paths.extend([tmp.clone(), path.clone()]);
         write(&tmp)?;
-        std::fs::rename(&tmp, &path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        staged.push((tmp, path));
+        Ok(())
     };
     let weights = adapter_bytes(&tensors)?;
     publish("adapter_model.safetensors", &|p| {
@@ -129,10 +133,14 @@ pub fn export_peft(checkpoint: &Path, out: &Path, naming: AdapterNaming) -> Resu
     publish("adapter_config.json", &|p| {
         super::write_synced(p, serde_json::to_string_pretty(&config)?.as_bytes())
     })?;
-    super::fsync_dir(out).with_context(|| format!("syncing {}", out.display()))?;
+    super::rename_into_place(out, RENAMING, &staged)
+        .with_context(|| format!("writing the adapter into {}", out.display()))?;
     created.done = true;
     Ok(tensors.len())
 }
+
+/// The list of files a PEFT export is renaming into place (present only while it does).
+const RENAMING: &str = ".adapter-export-renaming.json";
 
 /// `checkpoint`'s adapter into `dir` (a run's `train.output_dir`), replacing the adapter there:
 /// under `dir`'s export lock, written into a staging folder of this process, then the old

@@ -561,22 +561,7 @@ pub fn export_merged(
             super::copy_synced(&src, &p)?;
         }
     }
-    // the names about to be renamed into place, recorded first: an export killed among the renames
-    // leaves this list, and the next export into the folder removes what it names
-    let renaming = out.join(RENAMING);
-    let names_json = json!(staged
-        .iter()
-        .filter_map(|(_, fin)| fin.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .collect::<Vec<_>>());
-    super::write_synced(&renaming, names_json.to_string().as_bytes())?;
-    super::fsync_dir(out)?;
-    for (tmp, fin) in &staged {
-        std::fs::rename(tmp, fin)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), fin.display()))?;
-    }
-    super::fsync_dir(out)?;
-    std::fs::remove_file(&renaming).with_context(|| format!("removing {}", renaming.display()))?;
-    super::fsync_dir(out)?;
+    super::rename_into_place(out, RENAMING, &staged)?;
     created.done = true;
     Ok(MergedSummary {
         tensors: base.len(),
@@ -634,23 +619,7 @@ fn prepare_out(out: &Path) -> Result<super::ExportLock> {
     let lock = super::ExportLock::acquire(out)?;
     // an export killed while renaming its files into place: what it renamed goes (this folder is
     // locked, and the list names only that export's files), then the list
-    let renaming = out.join(RENAMING);
-    if let Ok(text) = std::fs::read_to_string(&renaming) {
-        let names: Vec<String> = serde_json::from_str(&text).unwrap_or_default();
-        for name in names
-            .iter()
-            .filter(|n| !n.contains('/') && *n != "." && *n != "..")
-        {
-            match std::fs::remove_file(out.join(name)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(e).with_context(|| format!("removing {}", out.join(name).display()))
-                }
-                _ => {}
-            }
-        }
-        std::fs::remove_file(&renaming)
-            .with_context(|| format!("removing {}", renaming.display()))?;
-    }
+    super::clear_killed_export(out, RENAMING)?;
     let mut names = Vec::new();
     for e in std::fs::read_dir(out).with_context(|| format!("listing {}", out.display()))? {
         let e = e?;

@@ -490,6 +490,55 @@ impl Drop for Created {
     }
 }
 
+/// Renames an export's `staged` files, (staging path, final path) in `out`, into place in order,
+/// the final names recorded first in `out/list`: an export killed among the renames leaves the
+/// list, and [`clear_killed_export`] (the next export into the folder, under its lock) removes
+/// what it names, so a half-renamed export neither stays nor makes every retry refused.
+pub(crate) fn rename_into_place(
+    out: &Path,
+    list: &str,
+    staged: &[(PathBuf, PathBuf)],
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let list = out.join(list);
+    let names: Vec<String> = staged
+        .iter()
+        .filter_map(|(_, fin)| fin.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    write_synced(&list, serde_json::Value::from(names).to_string().as_bytes())?;
+    fsync_dir(out)?;
+    for (tmp, fin) in staged {
+        std::fs::rename(tmp, fin)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), fin.display()))?;
+    }
+    fsync_dir(out)?;
+    std::fs::remove_file(&list).with_context(|| format!("removing {}", list.display()))?;
+    Ok(fsync_dir(out)?)
+}
+
+/// The files a killed export had renamed into `out` (named by its `out/list`, see
+/// [`rename_into_place`]) removed, then the list; the caller holds the folder's lock.
+pub(crate) fn clear_killed_export(out: &Path, list: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let list = out.join(list);
+    let Ok(text) = std::fs::read_to_string(&list) else {
+        return Ok(());
+    };
+    let names: Vec<String> = serde_json::from_str(&text).unwrap_or_default();
+    for name in names
+        .iter()
+        .filter(|n| !n.contains('/') && *n != "." && *n != "..")
+    {
+        match std::fs::remove_file(out.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", out.join(name).display()))
+            }
+            _ => {}
+        }
+    }
+    std::fs::remove_file(&list).with_context(|| format!("removing {}", list.display()))
+}
+
 /// A writer's claim on a folder (`trainer export --out`, `train.output_dir`'s adapter):
 /// `.llava-sco-export.lock` in it, held with `flock` (the kernel releases it when the process dies,
 /// so a killed export leaves nothing to judge stale) and holding `host pid` for the message.
