@@ -389,15 +389,21 @@ fn dump_at_a_world_size_writes_each_ranks_part() {
         assert_eq!(ids.data(), &want[..], "rank {rank}");
     }
     assert!(st.tensor("input_ids").is_err());
-    // 6 samples: one global batch of 4 at world 2, and a partial one of 2, one per rank
+    // 6 samples: one global batch of 4 at world 2, and a partial one of 2: rank 0's slice of
+    // batch_size 2, rank 1 a filler row (its labels all masked)
     let (code, out, err) = at_world_2("1");
     assert_eq!(code, 0, "{out}{err}");
     let bytes = std::fs::read(&out_file).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    for rank in 0..2 {
+    for (rank, want) in [(0, 2), (1, 1)] {
         let rows = st.tensor(&format!("rank{rank}.input_ids")).unwrap().shape()[0];
-        assert_eq!(rows, 1, "rank {rank}");
+        assert_eq!(rows, want, "rank {rank}");
     }
+    let labels = st.tensor("rank1.labels").unwrap();
+    assert!(labels
+        .data()
+        .chunks_exact(8)
+        .all(|b| i64::from_le_bytes(b.try_into().unwrap()) == -100));
     let (code, _, err) = at_world_2("2");
     assert_eq!(code, 1, "{err}");
     assert!(

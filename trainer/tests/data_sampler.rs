@@ -106,6 +106,34 @@ fn without_drop_last_every_sample_is_trained_once_per_epoch() {
             assert_eq!(fillers, world.saturating_sub(7), "world {world}");
         }
     }
+    // training's partial micro-step: slices of batch_size, the same at any world size (whole
+    // micro-steps' slices are their even parts)
+    let step: Vec<usize> = (10..15).collect();
+    for (world, want) in [
+        (1, vec![(vec![10, 11], 0)]),
+        (3, vec![(vec![10, 11], 0), (vec![12, 13], 0), (vec![14], 0)]),
+        (
+            4,
+            vec![
+                (vec![10, 11], 0),
+                (vec![12, 13], 0),
+                (vec![14], 0),
+                (vec![10], 1),
+            ],
+        ),
+    ] {
+        let parts: Vec<_> = (0..world)
+            .map(|r| LengthGroupedSampler::slice_part(&step, r, 2))
+            .collect();
+        assert_eq!(parts, want, "world {world}");
+    }
+    let whole: Vec<usize> = (0..6).collect();
+    for r in 0..3 {
+        assert_eq!(
+            LengthGroupedSampler::slice_part(&whole, r, 2),
+            LengthGroupedSampler::even_part(&whole, r, 3)
+        );
+    }
     // a data set smaller than one global batch is one partial step
     let small = LengthGroupedSampler::new(vec![3, 1, 2], 8, 42, false);
     assert_eq!(small.batches_per_epoch(), 1);

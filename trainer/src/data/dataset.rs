@@ -11,8 +11,8 @@
 //! `Dataset::epoch_iter` cuts an epoch into global batches of `batch_size * world * grad_accum`
 //! samples (`LengthGroupedSampler`, seeded by `train.seed` and the epoch; the last one the samples
 //! left over, unless `train.drop_last`), each global batch into `grad_accum` micro-steps (fewer
-//! for the last) and each micro-step rank-contiguously into `world` parts (the last micro-step of
-//! a partial batch as evenly as it goes, with filler rows). This rank's
+//! for the last) and each micro-step rank-contiguously into `world` parts of `batch_size` (the last
+//! micro-step of a partial batch into fewer, filler rows for the ranks left without one). This rank's
 //! parts are built by `data.num_workers` threads (`OrderedPool`) in a fixed order.
 //!
 //! Decode errors at load time (a truncated or corrupt image that the pre-scan cannot see): under
@@ -393,8 +393,8 @@ impl Dataset {
 
     /// Micro-batches (per rank) of the optimizer step at `position` in an epoch of global batches
     /// of `batch_size * world * grad_accum`: `grad_accum`, but fewer for the last, partial one
-    /// (its samples cut into micro-steps of `batch_size * world`, the last of them spread over
-    /// the ranks as evenly as possible, with filler rows).
+    /// (its samples cut into micro-steps of `batch_size * world`, the last of them into fewer
+    /// parts of `batch_size`, with filler rows).
     pub fn micro_steps(
         &self,
         position: u64,
@@ -435,10 +435,9 @@ impl Dataset {
             .enumerate()
             .skip(start_batch as usize)
         {
-            // (a partial global batch: whole micro-steps, then one spread over the ranks)
+            // (a partial global batch: whole micro-steps, then one of fewer slices)
             for (m, step) in gb.chunks(micro).enumerate() {
-                // (a whole micro-step's even parts are its rank-contiguous ones of batch_size)
-                let (indices, fillers) = LengthGroupedSampler::even_part(step, rank, world);
+                let (indices, fillers) = LengthGroupedSampler::slice_part(step, rank, batch_size);
                 jobs.push(MicroJob {
                     position: Position {
                         epoch,
@@ -570,7 +569,7 @@ impl Dataset {
     /// This rank's micro-batches of one epoch starting at global batch `start_batch`: global
     /// batch g (`batch_size * world * grad_accum` samples) is split into `grad_accum` micro-steps,
     /// each split rank-contiguously into `world` parts of `batch_size` (an epoch's last, partial
-    /// batch into `micro_steps` of them, the last spread evenly). Built by
+    /// batch into `micro_steps` of them, the last with fewer parts). Built by
     /// `data.num_workers` threads with a bounded prefetch queue, in a deterministic order.
     pub fn epoch_iter(
         &self,

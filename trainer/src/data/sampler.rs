@@ -94,18 +94,35 @@ impl LengthGroupedSampler {
         &global[rank * per..(rank + 1) * per]
     }
 
-    /// Rank `rank`'s part of the samples `batch` of any length (a partial last micro-step):
-    /// `world` contiguous parts as even as possible (the first `len % world` ranks take one
-    /// more), and the number of filler rows. A rank whose part is empty gets one filler row (the
-    /// batch's first sample, its labels to be masked), so all ranks run the same number of
-    /// forward passes (FSDP's collectives) and nothing is counted twice.
+    /// Rank `rank`'s part of the samples `batch` of any length (an evaluation's last, partial
+    /// global batch): `world` contiguous parts as even as possible (the first `len % world` ranks
+    /// take one more), and the number of filler rows ([`with_filler`]).
     pub fn even_part(batch: &[usize], rank: usize, world: usize) -> (Vec<usize>, usize) {
         let (per, extra) = (batch.len() / world, batch.len() % world);
         let start = rank * per + rank.min(extra);
-        let part = &batch[start..start + per + usize::from(rank < extra)];
-        match (part.is_empty(), batch.first()) {
-            (true, Some(&first)) => (vec![first], 1),
-            _ => (part.to_vec(), 0),
-        }
+        with_filler(
+            batch,
+            &batch[start..start + per + usize::from(rank < extra)],
+        )
+    }
+
+    /// Rank `rank`'s part of a training micro-step `batch` (at most `batch_size` x world samples):
+    /// its `rank`-th slice of `batch_size` (shorter or empty in an epoch's last, partial
+    /// micro-step), and the number of filler rows ([`with_filler`]). Slice k of a step holds the
+    /// same samples at any world size that keeps `batch_size`, where LoRA dropout seeds its masks
+    /// by the slice, so a resume on another world size replays them in the partial step too.
+    pub fn slice_part(batch: &[usize], rank: usize, batch_size: usize) -> (Vec<usize>, usize) {
+        let start = (rank * batch_size).min(batch.len());
+        with_filler(batch, &batch[start..(start + batch_size).min(batch.len())])
+    }
+}
+
+/// `part` of `batch`, or for an empty part one filler row (the batch's first sample, its labels
+/// to be masked), so all ranks run the same number of forward passes (FSDP's collectives) and
+/// nothing is counted twice; and the number of filler rows.
+fn with_filler(batch: &[usize], part: &[usize]) -> (Vec<usize>, usize) {
+    match (part.is_empty(), batch.first()) {
+        (true, Some(&first)) => (vec![first], 1),
+        _ => (part.to_vec(), 0),
     }
 }

@@ -77,8 +77,8 @@ impl Stepper<'_> {
                 // by the micro-batch's slice of the global batch (micro-batch i of rank r holds
                 // slice i * world + r, of train.batch_size samples), not by (rank, i): runs that
                 // split the same global batch into the same batch_size draw the same masks at
-                // any world size, so a resume on another world size replays them (but in an
-                // epoch's last micro-step of fewer samples, spread over the ranks evenly)
+                // any world size, so a resume on another world size replays them (an epoch's
+                // last, partial micro-step too: its slices are cut the same way, `slice_part`)
                 seed ^ ((i * pg.world_size() + pg.rank()) as u64 + 1),
             )?;
         }
