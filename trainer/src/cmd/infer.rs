@@ -329,8 +329,10 @@ pub(crate) fn infer(args: InferArgs) -> Result<ExitCode> {
 }
 
 /// `infer --questions FILE --out OUT`: every question of FILE not yet in OUT, in batches of
-/// --batch-size, each answered as `infer` alone answers it (its sampler seeded from --seed and
-/// its id), a JSON line per question appended to OUT.
+/// --batch-size, each answered as `infer` alone answers it greedily (up to the rounding of
+/// batched kernels); a sampling run seeds each question from --seed and its id (`seed_of`: not
+/// `infer --seed S` alone, which uses S itself), so its answer does not depend on its batch; a JSON
+/// line per question appended to OUT.
 fn infer_questions(
     args: &InferArgs,
     file: &std::path::Path,

@@ -135,7 +135,10 @@ impl Session<'_> {
 
     /// Generates for every prompt at once (at most `max_new` tokens each, stopping a row at any of
     /// `eos`); `samplers[r]` picks row r's tokens and `on_piece(r, text)` receives its text as it
-    /// is decoded. Greedy rows give the same tokens as generating each prompt alone. Runs without
+    /// is decoded. Greedy rows give the same tokens as generating each prompt alone up to
+    /// rounding: the batched matmuls and attention (a padded batch's mask, the gemv's row blocks)
+    /// may sum in another order, so a near-tie between two tokens can go the other way, as in
+    /// transformers' batched `generate`. Runs without
     /// autograd (as HF's `generate`), whatever the caller's mode: trainable LoRA factors would
     /// otherwise keep every step's activations alive through the cache.
     pub fn generate_batch(

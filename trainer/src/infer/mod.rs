@@ -275,7 +275,8 @@ impl Session<'_> {
 
     /// Runs `opts.turns` turns for several questions at once (one batch per turn; questions with
     /// and without an image go in separate batches). Each question has its own sampler seeded with
-    /// `opts.seed`, so its turns are those [`Session::run`] gives it alone. `on_piece(item, turn,
+    /// `opts.seed`, so its turns are those [`Session::run`] gives it alone (up to the rounding of
+    /// batched kernels, see `generate_batch`). `on_piece(item, turn,
     /// text)` receives the text as it is generated. A turn's `seconds` is its batch's wall time
     /// divided by the batch size.
     pub fn run_batch(
