@@ -9,7 +9,12 @@
 //! "timestamp": "1700000000"}}}`; an older form has `"message"` as a plain string.
 use std::path::{Path, PathBuf};
 
-use crate::supervise::output::clip_line;
+use crate::supervise::output::{clip_line, clip_to};
+
+/// Longest error message kept for the summary: the trainer's errors end with their fix (which
+/// setting to change, which folder to resume from), often past the 400 characters a log line is
+/// cut to.
+const MESSAGE_CHARS: usize = 2000;
 
 /// The variable naming the rank's error file (torchrun's name).
 pub const ERROR_FILE_VAR: &str = "TORCHELASTIC_ERROR_FILE";
@@ -76,7 +81,7 @@ pub fn read(path: &Path) -> Option<RankError> {
         message: if first_message_line.is_empty() {
             "(empty message)".to_string()
         } else {
-            clip_line(first_message_line)
+            clip_to(first_message_line, MESSAGE_CHARS)
         },
         traceback: lines[lines.len().saturating_sub(TRACEBACK_LINES)..]
             .iter()
@@ -222,9 +227,15 @@ mod tests {
     #[test]
     fn long_lines_are_clipped() {
         let (_dir, path) = scratch("long");
+        // (a message to 2000 characters: an error's fix comes last; traceback lines to 400)
+        let long = "x".repeat(1500);
+        write(&path, &long, &"y".repeat(900), Cause::ThisRank).unwrap();
+        let err = read(&path).unwrap();
+        assert_eq!(err.message, long);
+        assert_eq!(err.traceback[0].len(), 400 + 4);
         write(&path, &"x".repeat(5000), "short\n", Cause::ThisRank).unwrap();
         let err = read(&path).unwrap();
-        assert_eq!(err.message.len(), 400 + 4);
+        assert_eq!(err.message.len(), 2000 + 4);
         assert!(err.message.ends_with(" ..."));
     }
 

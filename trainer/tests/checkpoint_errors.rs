@@ -171,6 +171,9 @@ fn checkpoint_without_manifest_checksum_still_resumes() {
         "no manifest.sha256",
     );
     assert!(o.stderr.contains("resumed from"), "{}", o.stderr);
+    // (this trainer's checkpoints have one: its absence is said, once)
+    let warning = "manifest.sha256 is missing (the trainer that saved it writes one";
+    assert_eq!(o.stderr.matches(warning).count(), 1, "{}", o.stderr);
 }
 
 #[test]

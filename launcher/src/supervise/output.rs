@@ -18,7 +18,12 @@ const REPORT_LINE_CHARS: usize = 400;
 /// `line` cut to [`REPORT_LINE_CHARS`] characters for a report (the stderr tail, an error file's
 /// lines).
 pub(crate) fn clip_line(line: &str) -> String {
-    match line.char_indices().nth(REPORT_LINE_CHARS) {
+    clip_to(line, REPORT_LINE_CHARS)
+}
+
+/// `line` cut to `max` characters, marked ` ...` when cut.
+pub(crate) fn clip_to(line: &str, max: usize) -> String {
+    match line.char_indices().nth(max) {
         Some((cut, _)) => format!("{} ...", &line[..cut]),
         None => line.to_string(),
     }

@@ -789,12 +789,12 @@ pub(super) fn check_sha256(path: &Path, bytes: &[u8], expected: &str) -> Result<
 }
 
 /// Checks manifest.json's bytes against `manifest.sha256` when the folder has one (trainers before
-/// it wrote none).
-fn check_manifest_checksum(dir: &Path, path: &Path, text: &[u8]) -> Result<()> {
+/// it wrote none); whether it had one.
+fn check_manifest_checksum(dir: &Path, path: &Path, text: &[u8]) -> Result<bool> {
     let sum_path = dir.join(super::manifest::CHECKSUM_FILE);
     let line = match std::fs::read_to_string(&sum_path) {
         Ok(line) => line,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => {
             return Err(damaged(format!(
                 "{} cannot be read ({e})",
@@ -817,7 +817,7 @@ fn check_manifest_checksum(dir: &Path, path: &Path, text: &[u8]) -> Result<()> {
             super::manifest::CHECKSUM_FILE
         )));
     }
-    Ok(())
+    Ok(true)
 }
 
 /// An error of reading checkpoint `dir` for `trainer infer|eval|export`, worded for them: their
@@ -881,13 +881,24 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
             path.display()
         ))
     })?;
-    check_manifest_checksum(dir, &path, text.as_bytes())?;
+    let checked = check_manifest_checksum(dir, &path, text.as_bytes())?;
     let v: Value = serde_json::from_str(&text).map_err(|e| {
         damaged(format!(
             "checkpoint manifest {} is not valid JSON ({e})",
             path.display()
         ))
     })?;
+    // (a manifest with a template_clock is of a trainer that writes manifest.sha256 beside it)
+    if !checked && v.get("template_clock").is_some_and(|c| !c.is_null()) {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "{}: {} is missing (the trainer that saved it writes one; deleted or not copied?): the manifest is read unchecked",
+                dir.display(),
+                super::manifest::CHECKSUM_FILE
+            )
+        });
+    }
     if v.get("format").and_then(Value::as_str) != Some(FORMAT) {
         return Err(damaged(format!(
             "{} is not a {FORMAT} manifest (format {})",
