@@ -1385,3 +1385,54 @@ fn a_resume_on_another_day_keeps_the_text_only_samples_date() {
         "{july} vs {today}"
     );
 }
+
+/// A run (A) stopped at step 5, another (B) started over into the same folders with other
+/// settings and stopped at step 2, then `resume: auto`, which continues A's newer step 5: the
+/// metrics.jsonl there was B's, so it goes aside with B's files and A's lines come back from the
+/// `previous-run-*` folder they were moved into: the history equals A's uninterrupted run's (it
+/// held B's steps 1-2, then A's 6-8), each step's loss identified by the checkpoint's.
+#[test]
+fn a_resume_continues_the_resumed_runs_own_metrics_history() {
+    let train = "epochs: 1, batch_size: 4, grad_accum: 1, max_steps: 8";
+    let every = ["checkpoint.every_steps=1"];
+    let straight = fresh("history-straight");
+    ok(run(&straight, 1, train, &every, &[]), "straight");
+    let out = fresh("history-mixed");
+    let a = run(&out, 1, train, &every, &[("TRAINER_STOP_AFTER_STEP", "5")]);
+    assert_eq!(a.code, Some(143), "{}", a.stderr);
+    let b_sets = [
+        "checkpoint.every_steps=1",
+        "checkpoint.resume=never",
+        "train.lr=5.0e-4",
+    ];
+    let b = run(&out, 1, train, &b_sets, &[("TRAINER_STOP_AFTER_STEP", "2")]);
+    assert_eq!(b.code, Some(143), "{}", b.stderr);
+    let c = ok(run(&out, 1, train, &every, &[]), "resume: auto");
+    assert!(
+        c.stderr.contains("resumed from") && c.stderr.contains("step-00000005"),
+        "{}",
+        c.stderr
+    );
+    assert!(
+        c.stderr
+            .contains("metrics.jsonl is not the history of the run resumed from step 5")
+            && c.stderr.contains("its lines are continued from"),
+        "{}",
+        c.stderr
+    );
+    let losses = |m: Vec<serde_json::Value>| -> Vec<(u64, f64)> {
+        m.iter()
+            .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+            .collect()
+    };
+    assert_eq!(losses(metrics(&out)), losses(metrics(&straight)));
+    // B's lines are kept aside, not lost
+    let b_lines: usize = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("previous-run-"))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("metrics.jsonl")).ok())
+        .filter(|t| t.lines().count() == 2)
+        .count();
+    assert_eq!(b_lines, 1);
+}

@@ -341,3 +341,26 @@ fn epoch_means_perplexity_and_tensorboard_across_a_resume() {
         1
     );
 }
+
+/// A resume from a checkpoint before an epoch end the run had gone past: the adapter in
+/// train.output_dir is that later epoch end's, which the resume trains again, and it says so.
+#[test]
+fn a_resume_before_an_exported_epoch_end_names_the_adapters_step() {
+    const EPOCHS: &str = "epochs: 2, batch_size: 8, grad_accum: 1"; // 6 steps per epoch
+    let out = fresh("metrics-adapter-later");
+    let sets = ["checkpoint.every_steps=2", "checkpoint.keep_last=0"];
+    ok(run(&out, 1, EPOCHS, &sets, &[]), "run to its end");
+    let step4 = out.join("ckpt/step-00000004");
+    let resume = format!("checkpoint.resume={}", step4.display());
+    let o = ok(
+        run(&out, 1, EPOCHS, &[sets[0], sets[1], &resume], &[]),
+        "resumed at 4",
+    );
+    assert!(
+        o.stderr.contains(
+            "its adapter may be the one written at step 12, one of the steps after step 4"
+        ),
+        "{}",
+        o.stderr
+    );
+}

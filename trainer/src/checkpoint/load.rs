@@ -441,6 +441,7 @@ fn load_resumed(
             data_epoch: m.data.epoch,
             data_batch: m.data.batch,
             skipped_nonfinite: m.skipped_nonfinite,
+            loss: m.loss,
             samples: m.data.samples,
             lengths_hash: m.data.lengths_hash,
             best_eval: super::validation::best_of(m.best_eval, validated),

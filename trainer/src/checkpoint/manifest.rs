@@ -52,6 +52,11 @@ pub struct Manifest {
     pub seed: u64,
     /// Non-finite steps skipped so far (counted against `train.skip_nonfinite`).
     pub skipped_nonfinite: u64,
+    /// The loss of step `step`, as its metrics.jsonl line has it: a resume tells the run's own
+    /// metrics history from another run's in `train.output_dir`. Absent in checkpoints of older
+    /// trainers (and where the loss was not finite).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
     /// The lr schedule (a pure function of step and epoch: its parameters are its state).
     pub scheduler: Value,
     /// AdamW's settings (`AdamWConfig::to_json`); a resume with others notes it. Absent in

@@ -60,6 +60,8 @@ pub struct Progress {
     /// Next global batch index within `data_epoch`.
     pub data_batch: u64,
     pub skipped_nonfinite: u64,
+    /// The loss of step `step` as metrics.jsonl has it (`Manifest::loss`).
+    pub loss: Option<f64>,
     /// Training samples in the epoch plan (`DataPosition::samples`).
     pub samples: Option<u64>,
     /// `lengths_hash` of their token lengths (`DataPosition::lengths_hash`).

@@ -868,6 +868,7 @@ fn build_manifest(
         world_size: world,
         seed: t.seed,
         skipped_nonfinite: p.skipped_nonfinite,
+        loss: p.loss.filter(|l| l.is_finite()),
         scheduler: schedule.to_json(),
         optimizer: crate::optim::AdamWConfig::for_training(config).to_json(),
         rng: "dropout is reseeded from train.seed and the step number each step; no other random state".into(),

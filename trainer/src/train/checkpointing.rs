@@ -249,6 +249,7 @@ impl<'a> Saver<'a> {
         st.epoch = p.epoch;
         st.skipped_nonfinite = p.skipped_nonfinite;
         st.saved_step = Some(p.step);
+        st.last_loss = p.loss;
         // (a best loss of another validation set, e.g. another data.eval or
         // train.max_eval_samples, says nothing about this one's: the best is chosen anew, as a
         // fresh run would, from the next validation on)
@@ -394,6 +395,7 @@ impl<'a> Saver<'a> {
             data_epoch: data.0,
             data_batch: data.1,
             skipped_nonfinite: st.skipped_nonfinite,
+            loss: st.last_loss,
             samples: Some(self.plan.samples),
             lengths_hash: Some(self.plan.lengths_hash),
             best_eval: st.best_eval,

@@ -80,10 +80,13 @@ impl Meter {
         }
     }
 
-    /// A fresh metrics file, or, when resuming from step `resumed`, the existing one without the
-    /// lines of later steps (those are trained again), nor the resumed step's validation line
-    /// unless `resumed_validated`: a checkpoint whose validation never finished (a crash after
-    /// the line, before validation.json) is validated again, and writes its line again.
+    /// A fresh metrics file, or, when resuming from step `resumed` (whose loss the checkpoint
+    /// recorded: `resumed_loss`), the existing one without the lines of later steps (those are
+    /// trained again), nor the resumed step's validation line unless `resumed_validated`: a
+    /// checkpoint whose validation never finished (a crash after the line, before
+    /// validation.json) is validated again, and writes its line again. (`open_file` on another
+    /// run's history there.)
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         config: &Config,
         pg: &ProcessGroup,
@@ -91,6 +94,7 @@ impl Meter {
         flops: FlopCount,
         total: u64,
         resumed: Option<u64>,
+        resumed_loss: Option<f64>,
         resumed_validated: bool,
     ) -> Result<Self> {
         let rank = pg.rank();
@@ -104,7 +108,8 @@ impl Meter {
             }),
         };
         let opened = if rank == 0 {
-            open_file(&config.train.output_dir, resumed, resumed_validated).map(|opened| {
+            let at = resumed.map(|step| (step, resumed_loss));
+            open_file(&config.train.output_dir, at, resumed_validated).map(|opened| {
                 // (informational: a failure is a warning, not an error on rank 0 alone while
                 // the other ranks go on into collectives)
                 if let Err(e) = write_config(config) {
@@ -414,9 +419,14 @@ fn append_line(file: &mut Option<std::fs::File>, v: &Value) {
 }
 
 /// metrics.jsonl, opened for appending, and the lines kept from an earlier launch (a resumed run's).
+/// `resumed`: the step resumed from and its loss as the checkpoint recorded it. A metrics.jsonl
+/// whose line of that step has another loss, or none, is another run's history (a run started
+/// over into this folder since, whose checkpoints `resume: auto` passed over): it is set aside
+/// with the other run files, and the resumed run's history taken from the `previous-run-*`
+/// folder that holds it, when one does.
 fn open_file(
     dir: &Path,
-    resumed: Option<u64>,
+    resumed: Option<(u64, Option<f64>)>,
     resumed_validated: bool,
 ) -> Result<(std::fs::File, Vec<Value>)> {
     std::fs::create_dir_all(dir)
@@ -438,16 +448,18 @@ fn open_file(
     }
     let path = dir.join("metrics.jsonl");
     let kept: Vec<Value> = match resumed {
-        Some(step) => String::from_utf8_lossy(&earlier_lines(&path)?)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| {
-                let validation = v["validation"].as_bool() == Some(true);
-                v["step"]
-                    .as_u64()
-                    .is_some_and(|s| s < step || (s == step && (resumed_validated || !validation)))
-            })
-            .collect(),
+        Some((step, loss)) => {
+            let (kept, dropped): (Vec<Value>, Vec<Value>) = resumed_history(dir, step, loss)?
+                .into_iter()
+                .partition(|v| {
+                    let validation = v["validation"].as_bool() == Some(true);
+                    v["step"].as_u64().is_some_and(|s| {
+                        s < step || (s == step && (resumed_validated || !validation))
+                    })
+                });
+            warn_if_adapter_from_later(dir, step, &dropped);
+            kept
+        }
         None => vec![],
     };
     // the kept lines go into a new file that then replaces the old one: a kill while rewriting
@@ -463,6 +475,85 @@ fn open_file(
     std::fs::rename(&fresh, &path)
         .with_context(|| format!("replacing {} with {}", path.display(), fresh.display()))?;
     Ok((file, kept))
+}
+
+/// The adapter in `dir` may be of a step after `step` (the one resumed from) when the lines of
+/// the steps after it, trained again now, include an epoch end or a validation (where the adapter
+/// is written): said, with how to get the resumed step's. (It stays until this run writes its
+/// own: a checkpoint before the epoch end does not hold the adapter of the epoch before.)
+fn warn_if_adapter_from_later(dir: &Path, step: u64, dropped: &[Value]) {
+    let written = dropped.iter().rfind(|v| {
+        v["step"].as_u64().is_some_and(|s| s > step)
+            && (v["validation"].as_bool() == Some(true) || v.get("epoch_loss").is_some())
+    });
+    if let (Some(v), true) = (written, dir.join("adapter_config.json").exists()) {
+        tracing::warn!(
+            "train.output_dir {}: its adapter may be the one written at step {}, one of the steps after step {step} that this resume trains again; it stays until this run writes its own (the next epoch end, or a better validation); `trainer export --checkpoint` of the checkpoint resumed gives that step's weights",
+            dir.display(),
+            v["step"]
+        );
+    }
+}
+
+/// The lines of `path` that parse (a line a kill cut mid-character is dropped, not the whole
+/// history).
+fn parsed_lines(path: &Path) -> Result<Vec<Value>> {
+    Ok(String::from_utf8_lossy(&earlier_lines(path)?)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect())
+}
+
+/// Whether `lines` hold step `step`'s line with loss `loss`, bit for bit (JSON keeps an f64 exact).
+fn holds_step(lines: &[Value], step: u64, loss: f64) -> bool {
+    lines.iter().any(|v| {
+        v["validation"].as_bool() != Some(true)
+            && v["step"].as_u64() == Some(step)
+            && v["loss"].as_f64() == Some(loss)
+    })
+}
+
+/// The metrics lines of the run resumed at `step` (see `open_file`).
+fn resumed_history(dir: &Path, step: u64, loss: Option<f64>) -> Result<Vec<Value>> {
+    let lines = parsed_lines(&dir.join("metrics.jsonl"))?;
+    let Some(loss) = loss else {
+        return Ok(lines); // (an older trainer's checkpoint: no loss to tell runs apart by)
+    };
+    if lines.is_empty() || holds_step(&lines, step, loss) {
+        return Ok(lines);
+    }
+    let mut earlier: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("previous-run-"))
+        .map(|e| e.path().join("metrics.jsonl"))
+        .collect();
+    earlier.sort(); // (by time, the newest last)
+    let mut found = None;
+    for path in earlier.iter().rev() {
+        let lines = parsed_lines(path)?;
+        if holds_step(&lines, step, loss) {
+            found = Some((path.clone(), lines));
+            break;
+        }
+    }
+    let aside = set_aside_previous_run(dir)?;
+    let aside = aside.map_or("(nothing to move)".to_string(), |a| a.display().to_string());
+    let (from, lines) = match found {
+        Some((path, lines)) => (
+            format!("its lines are continued from {}", path.display()),
+            lines,
+        ),
+        None => (
+            format!("its own lines were not found there (metrics.jsonl starts after step {step})"),
+            vec![],
+        ),
+    };
+    tracing::warn!(
+        "train.output_dir {}: metrics.jsonl is not the history of the run resumed from step {step} (its line of that step has another loss or is missing: another run wrote into this folder since, e.g. one started with checkpoint.resume: never); that run's files are moved into {aside}, and {from}",
+        dir.display()
+    );
+    Ok(lines)
 }
 
 /// exp(loss) when finite (llama-recipes' perplexity).

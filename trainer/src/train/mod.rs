@@ -167,6 +167,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
         flops,
         total_steps,
         st.saved_step,
+        st.last_loss,
         st.resumed_validated,
     )?;
     let stop_after = signal::stop_after_step();
