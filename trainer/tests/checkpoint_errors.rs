@@ -515,17 +515,7 @@ fn an_output_dir_in_use_by_another_run_is_refused_before_the_model_loads() {
     let o = ok(run(&out, 1, train, &[], &[]), "after the other run");
     assert!(o.stderr.contains("moved into"), "{}", o.stderr);
     assert_eq!(metrics(&out).len(), 1);
-    let aside: Vec<PathBuf> = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("previous-run-")
-        })
-        .collect();
+    let aside = previous_runs(&out);
     assert_eq!(aside.len(), 1, "{aside:?}");
     let kept = std::fs::read_to_string(aside[0].join("metrics.jsonl")).unwrap();
     assert_eq!(kept, earlier);

@@ -1416,7 +1416,8 @@ fn a_resume_continues_the_resumed_runs_own_metrics_history() {
     assert!(
         c.stderr
             .contains("metrics.jsonl is not the history of the run resumed from step 5")
-            && c.stderr.contains("its lines are continued from"),
+            && c.stderr
+                .contains("the resumed run's lines are continued from"),
         "{}",
         c.stderr
     );
@@ -1427,11 +1428,9 @@ fn a_resume_continues_the_resumed_runs_own_metrics_history() {
     };
     assert_eq!(losses(metrics(&out)), losses(metrics(&straight)));
     // B's lines are kept aside, not lost
-    let b_lines: usize = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("previous-run-"))
-        .filter_map(|e| std::fs::read_to_string(e.path().join("metrics.jsonl")).ok())
+    let b_lines = previous_runs(&out)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p.join("metrics.jsonl")).ok())
         .filter(|t| t.lines().count() == 2)
         .count();
     assert_eq!(b_lines, 1);

@@ -810,16 +810,21 @@ fn infer_questions_batches_resumes_and_matches_single_infer() {
     // an --out that is not this command's output, one line without its newline (a minified
     // JSON file): refused and kept, not cut as a torn line
     std::fs::write(&questions, "{\"id\": \"x\", \"question\": \"q\"}\n").unwrap();
+    // (also a whole line that starts as ours, e.g. a questions file's)
     let foreign = dir.join("results.json");
-    let text = "[{\"id\": \"x\", \"score\": 1}]";
-    std::fs::write(&foreign, text).unwrap();
-    let (code, _, err) = batch(&foreign, &[]);
-    assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains("results.json:1: not a line of `infer --questions`"),
-        "{err}"
-    );
-    assert_eq!(std::fs::read_to_string(&foreign).unwrap(), text);
+    for text in [
+        "[{\"id\": \"x\", \"score\": 1}]",
+        "{\"id\": \"x\", \"question\": \"q\"}",
+    ] {
+        std::fs::write(&foreign, text).unwrap();
+        let (code, _, err) = batch(&foreign, &[]);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains("results.json:1: not a line of `infer --questions`"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&foreign).unwrap(), text);
+    }
     // unreadable images, whatever their place in the file, named before anything is generated:
     // not an image or not there (from the header, before the model loads), then a truncated one
     // (its header reads, its pixels do not)
@@ -854,8 +859,8 @@ fn infer_questions_batches_resumes_and_matches_single_infer() {
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("questions.jsonl: 2 bad lines:")
-            && err.contains("questions.jsonl:2: corrupt or truncated image")
-            && err.contains("text.png")
+            && err.contains("questions.jsonl:2: image")
+            && err.contains("text.png: corrupt image header")
             && err.contains("questions.jsonl:3: image")
             && err.contains("none.png not found"),
         "{err}"

@@ -264,8 +264,8 @@ fn epoch_means_perplexity_and_tensorboard_across_a_resume() {
         }
     }
 
-    // a run that went on to step 5 (its checkpoints at 2 and 4), resumed from step 4 with another
-    // learning rate: the points of its step 5 must go, step 4's stay
+    // a run that went on to step 5 (its checkpoints at 2 and 4), resumed from step 4: the points
+    // of its step 5 go (written again by the resumed run), step 4's stay, each step once
     let resumed = fresh("metrics-epochs-resumed");
     let o = run(
         &resumed,
@@ -319,16 +319,7 @@ fn epoch_means_perplexity_and_tensorboard_across_a_resume() {
         ),
         "new run",
     );
-    let aside: Vec<_> = std::fs::read_dir(&resumed)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("previous-run-")
-        })
-        .collect();
+    let aside = previous_runs(&resumed);
     assert_eq!(aside.len(), 1, "{aside:?}");
     assert_eq!(
         std::fs::read_dir(aside[0].join("tensorboard"))
@@ -363,4 +354,70 @@ fn a_resume_before_an_exported_epoch_end_names_the_adapters_step() {
         "{}",
         o.stderr
     );
+}
+
+/// The resumed run's own history, whatever happened to metrics.jsonl in between: lines lost (a
+/// failed write, a crash) are not taken for another run's (the file is continued, with a note);
+/// a run started over into the folder that died before its first step left an empty file and
+/// moved the resumed run's files aside: its lines, and its TensorBoard curves, come back.
+#[test]
+fn a_resume_finds_its_own_history_after_lost_lines_or_a_run_that_died_at_once() {
+    let train = "epochs: 1, batch_size: 4, grad_accum: 1, max_steps: 8";
+    let sets = ["checkpoint.every_steps=1", "train.tensorboard=true"];
+    let straight = fresh("history-lost-straight");
+    ok(run(&straight, 1, train, &sets, &[]), "straight");
+    let steps = |m: &[serde_json::Value]| -> Vec<u64> {
+        m.iter().map(|v| v["step"].as_u64().unwrap()).collect()
+    };
+    // lines 4 and 5 lost
+    let lost = fresh("history-lost-lines");
+    let a = run(&lost, 1, train, &sets, &[("TRAINER_STOP_AFTER_STEP", "5")]);
+    assert_eq!(a.code, Some(143), "{}", a.stderr);
+    let path = lost.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let first3: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&path, first3).unwrap();
+    let o = ok(run(&lost, 1, train, &sets, &[]), "resumed after lost lines");
+    assert!(
+        o.stderr.contains("metrics.jsonl has no line of step 5"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(steps(&metrics(&lost)), [1, 2, 3, 6, 7, 8]);
+    assert!(previous_runs(&lost).is_empty());
+    // a run started over that stopped during its start-up: an empty metrics.jsonl, the resumed
+    // run's files aside
+    let died = fresh("history-died-at-once");
+    let a = run(&died, 1, train, &sets, &[("TRAINER_STOP_AFTER_STEP", "5")]);
+    assert_eq!(a.code, Some(143), "{}", a.stderr);
+    let never = [sets[0], sets[1], "checkpoint.resume=never"];
+    let b = run(&died, 1, train, &never, &[("TRAINER_STOP_AFTER_STEP", "0")]);
+    assert_eq!(b.code, Some(143), "{}", b.stderr);
+    assert_eq!(previous_runs(&died).len(), 1);
+    let o = ok(
+        run(&died, 1, train, &sets, &[]),
+        "resumed after the run that died",
+    );
+    assert!(
+        o.stderr
+            .contains("the resumed run's lines are continued from"),
+        "{}",
+        o.stderr
+    );
+    let (got, want) = (metrics(&died), metrics(&straight));
+    assert_eq!(steps(&got), steps(&want));
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g["loss"], w["loss"], "{g} vs {w}");
+    }
+    let curves = tensorboard_curves(&died.join("tensorboard"));
+    let expected: Vec<(u64, f32)> = got
+        .iter()
+        .map(|m| {
+            (
+                m["step"].as_u64().unwrap(),
+                m["loss"].as_f64().unwrap() as f32,
+            )
+        })
+        .collect();
+    assert_eq!(curves["train/loss"], expected);
 }

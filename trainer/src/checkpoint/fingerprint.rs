@@ -17,19 +17,28 @@ const SAMPLE: usize = 4096;
 /// The files besides the weights and config.json that decide the prompt's tokens, the images'
 /// pixels and the generation's defaults: the tokenizer, its config with the chat template (or the
 /// template in a file of its own, as newer transformers save it), the image processor's config
-/// (`preprocessor_config.json`, or transformers 5's `processor_config.json`, which
-/// `data::image` reads when the other is not there) and generation_config.json (its eos ids,
-/// top_k, repetition_penalty).
-pub const MODEL_FILES: [&str; 8] = [
+/// and generation_config.json (its eos ids, top_k, repetition_penalty). (transformers 5's
+/// `processor_config.json` is fingerprinted apart, [`processor_config`]: settings recorded before
+/// it was would otherwise all differ.)
+pub const MODEL_FILES: [&str; 7] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
     "chat_template.json",
     "preprocessor_config.json",
-    "processor_config.json",
     "generation_config.json",
 ];
+
+/// sha256 of `model`'s `processor_config.json` (transformers 5's layout, whose `image_processor`
+/// section `data::image` reads when there is no preprocessor_config.json), null without one.
+pub fn processor_config(model: &Path) -> serde_json::Value {
+    std::fs::read(model.join("processor_config.json"))
+        .ok()
+        .map_or(serde_json::Value::Null, |b| {
+            crate::checkpoint::sha256_hex(&b).into()
+        })
+}
 
 /// sha256 of each of `MODEL_FILES` that `model` holds, by name with `_` for `.`
 /// ("tokenizer_config_json": the settings' differences are named by dotted key paths).

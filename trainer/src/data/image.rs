@@ -195,18 +195,10 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, String> {
 }
 
 /// What can be told of an image file from its header alone (its format and size), without
-/// decoding it: a list of questions checks every image before a model loads. Errors as
-/// [`load_rgb`]'s, naming the file.
+/// decoding it, as the training data's scan tells it (JPEGs by libjpeg-turbo, the decoder that
+/// loads them): a list of questions checks every image before a model loads. Errors name the file.
 pub fn check_header(path: &Path) -> Result<(), String> {
-    let reader = image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| format!("cannot read image {}: {e}", path.display()))?;
-    let named = |e: String| format!("{e} ({})", path.display());
-    readable_format(reader.format()).map_err(named)?;
-    let (w, h) = reader
-        .into_dimensions()
-        .map_err(|e| named(format!("corrupt or truncated image: {e}")))?;
-    check_pixel_count(w as usize, h as usize).map_err(named)
+    super::scan::image_size(path).map(drop)
 }
 
 /// Pillow refuses to open images of more pixels than this (`Image.MAX_IMAGE_PIXELS` x 2: its

@@ -74,7 +74,7 @@ pub(super) fn scan_record(
 /// load applies (so an oversized file is a bad record at the scan, not an error mid-run). JPEGs
 /// by libjpeg-turbo, the decoder that loads them (the image crate's refuses arithmetic-coded and
 /// lossless ones).
-fn image_size(p: &Path) -> Result<(usize, usize), String> {
+pub(super) fn image_size(p: &Path) -> Result<(usize, usize), String> {
     use std::io::Read;
     let unreadable = |e: std::io::Error| format!("image {} cannot be read: {e}", p.display());
     let mut file = std::fs::File::open(p).map_err(unreadable)?;

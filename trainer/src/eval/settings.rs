@@ -46,6 +46,7 @@ pub fn made_with(
         "model_weights": weights,
         "model_weights_sampled": fingerprint::sampled_weights(&files),
         "model_files": fingerprint::model_files(model),
+        "model_processor_config": fingerprint::processor_config(model),
         "adapter": adapter.map(canonical),
         "adapter_sha256": adapter.map(|a| [sha(&a.join("adapter_config.json")), sha(&a.join("adapter_model.safetensors"))]),
     });
@@ -235,7 +236,11 @@ pub(super) fn comparable(a: &serde_json::Value, b: &serde_json::Value) -> [serde
     for v in [&mut x, &mut y] {
         keep_one_config_fingerprint(v, by_content);
     }
-    for key in ["model_weights_sampled", "model_files"] {
+    for key in [
+        "model_weights_sampled",
+        "model_files",
+        "model_processor_config",
+    ] {
         let pointer = format!("/model/{key}");
         if x.pointer(&pointer).is_none() || y.pointer(&pointer).is_none() {
             for v in [&mut x, &mut y] {

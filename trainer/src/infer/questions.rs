@@ -122,9 +122,11 @@ pub fn stored(out: &Path) -> Result<Vec<(usize, Value)>, InferError> {
             continue;
         }
         let parsed: Option<Value> = serde_json::from_slice(line).ok();
+        // (a torn line does not parse; one that does, but is not ours, is another file's)
+        let torn = parsed.is_none() && is_torn_line(line);
         match parsed.filter(|v| v.get("id").is_some_and(Value::is_string) && v.get("settings").is_some()) {
             Some(v) => kept.push((i + 1, v)),
-            None if i + 1 == lines.len() && is_torn_line(line) => {}
+            None if i + 1 == lines.len() && torn => {}
             None => {
                 return Err(InferError::Input(format!(
                     "{}:{}: not a line of `infer --questions` (id, settings, turns); give another --out",

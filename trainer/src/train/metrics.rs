@@ -125,9 +125,9 @@ impl Meter {
         let opened = crate::checkpoint::agree(pg, device, opened, || {
             "rank 0 could not open metrics.jsonl in train.output_dir".to_string()
         })?;
-        let (file, kept) = match opened {
-            Some((file, kept)) => (Some(file), kept),
-            None => (None, vec![]),
+        let (file, kept, restored) = match opened {
+            Some(o) => (Some(o.file), o.kept, o.restored),
+            None => (None, vec![], false),
         };
         let losses = kept
             .iter()
@@ -140,9 +140,10 @@ impl Meter {
                 let dir = config.train.output_dir.join(super::tensorboard::DIR);
                 // a resumed run replaces the points of the resumed step on: those of the run
                 // that went on past its checkpoint, and the resumed step's own, written again
-                // from the lines kept
+                // from the lines kept (all of them when they came from another folder)
+                let replayed = if restored { Some(0) } else { resumed };
                 match super::tensorboard::EventWriter::create(&dir, resumed)
-                    .and_then(|w| replay(w, &kept, resumed))
+                    .and_then(|w| replay(w, &kept, replayed))
                 {
                     Ok(w) => {
                         log(
@@ -418,17 +419,16 @@ fn append_line(file: &mut Option<std::fs::File>, v: &Value) {
     }
 }
 
-/// metrics.jsonl, opened for appending, and the lines kept from an earlier launch (a resumed run's).
-/// `resumed`: the step resumed from and its loss as the checkpoint recorded it. A metrics.jsonl
-/// whose line of that step has another loss, or none, is another run's history (a run started
-/// over into this folder since, whose checkpoints `resume: auto` passed over): it is set aside
-/// with the other run files, and the resumed run's history taken from the `previous-run-*`
-/// folder that holds it, when one does.
+/// metrics.jsonl for appending ([`Opened`]). `resumed`: the step resumed from and its loss as the
+/// checkpoint recorded it. A metrics.jsonl whose line of that step has another loss is another
+/// run's history (a run started over into this folder since, whose checkpoints `resume: auto`
+/// passed over), and so is one without that line where a `previous-run-*` folder holds it: it is
+/// set aside with the other run files, and the resumed run's history taken from that folder.
 fn open_file(
     dir: &Path,
     resumed: Option<(u64, Option<f64>)>,
     resumed_validated: bool,
-) -> Result<(std::fs::File, Vec<Value>)> {
+) -> Result<Opened> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating train.output_dir {}", dir.display()))?;
     if resumed.is_none() {
@@ -447,20 +447,22 @@ fn open_file(
         }
     }
     let path = dir.join("metrics.jsonl");
-    let kept: Vec<Value> = match resumed {
+    let (kept, restored) = match resumed {
         Some((step, loss)) => {
-            let (kept, dropped): (Vec<Value>, Vec<Value>) = resumed_history(dir, step, loss)?
+            let (lines, restored) = resumed_history(dir, step, loss)?;
+            warn_if_adapter_from_later(dir, step, &lines);
+            let kept = lines
                 .into_iter()
-                .partition(|v| {
+                .filter(|v| {
                     let validation = v["validation"].as_bool() == Some(true);
                     v["step"].as_u64().is_some_and(|s| {
                         s < step || (s == step && (resumed_validated || !validation))
                     })
-                });
-            warn_if_adapter_from_later(dir, step, &dropped);
-            kept
+                })
+                .collect();
+            (kept, restored)
         }
-        None => vec![],
+        None => (vec![], false),
     };
     // the kept lines go into a new file that then replaces the old one: a kill while rewriting
     // (truncating it in place) would lose the run's history
@@ -474,23 +476,48 @@ fn open_file(
         .with_context(|| format!("writing {}", fresh.display()))?;
     std::fs::rename(&fresh, &path)
         .with_context(|| format!("replacing {} with {}", path.display(), fresh.display()))?;
-    Ok((file, kept))
+    Ok(Opened {
+        file,
+        kept,
+        restored,
+    })
 }
 
-/// The adapter in `dir` may be of a step after `step` (the one resumed from) when the lines of
-/// the steps after it, trained again now, include an epoch end or a validation (where the adapter
-/// is written): said, with how to get the resumed step's. (It stays until this run writes its
-/// own: a checkpoint before the epoch end does not hold the adapter of the epoch before.)
-fn warn_if_adapter_from_later(dir: &Path, step: u64, dropped: &[Value]) {
-    let written = dropped.iter().rfind(|v| {
-        v["step"].as_u64().is_some_and(|s| s > step)
-            && (v["validation"].as_bool() == Some(true) || v.get("epoch_loss").is_some())
-    });
-    if let (Some(v), true) = (written, dir.join("adapter_config.json").exists()) {
+/// metrics.jsonl opened for appending, the lines kept from an earlier launch (a resumed run's),
+/// and whether those came from a `previous-run-*` folder (the event files there stay: all of them
+/// go to this folder's TensorBoard again).
+struct Opened {
+    file: std::fs::File,
+    kept: Vec<Value>,
+    restored: bool,
+}
+
+/// The adapter in `dir` may be of a step after `step` (the one resumed from), which this resume
+/// trains again: with validation lines the best validated step's (when that is after `step`),
+/// else the last epoch end's after it (where the adapter is written). Said, with how to get the
+/// resumed step's: it stays until this run writes its own.
+fn warn_if_adapter_from_later(dir: &Path, step: u64, lines: &[Value]) {
+    let validation = |v: &&Value| v["validation"].as_bool() == Some(true);
+    let best = lines
+        .iter()
+        .filter(validation)
+        .filter_map(|v| Some((v["eval_loss"].as_f64()?, v["step"].as_u64()?)))
+        .min_by(|a, b| a.0.total_cmp(&b.0));
+    let written = match best {
+        Some((_, s)) => Some(s),
+        None => lines
+            .iter()
+            .filter(|v| v.get("epoch_loss").is_some())
+            .filter_map(|v| v["step"].as_u64())
+            .max(),
+    };
+    if let (Some(s), true) = (
+        written.filter(|&s| s > step),
+        dir.join("adapter_config.json").exists(),
+    ) {
         tracing::warn!(
-            "train.output_dir {}: its adapter may be the one written at step {}, one of the steps after step {step} that this resume trains again; it stays until this run writes its own (the next epoch end, or a better validation); `trainer export --checkpoint` of the checkpoint resumed gives that step's weights",
-            dir.display(),
-            v["step"]
+            "train.output_dir {}: its adapter may be the one written at step {s}, one of the steps after step {step} that this resume trains again; it stays until this run writes its own (the next epoch end, or a better validation); `trainer export --checkpoint` of the checkpoint resumed gives that step's weights",
+            dir.display()
         );
     }
 }
@@ -513,47 +540,76 @@ fn holds_step(lines: &[Value], step: u64, loss: f64) -> bool {
     })
 }
 
-/// The metrics lines of the run resumed at `step` (see `open_file`).
-fn resumed_history(dir: &Path, step: u64, loss: Option<f64>) -> Result<Vec<Value>> {
+/// The metrics lines of the run resumed at `step`, and whether they came from a
+/// `previous-run-*` folder (see `open_file`). Without the step's line (lines lost to a failed
+/// write or a crash, or an empty file of a run that died at once) the file stays this run's
+/// unless a `previous-run-*` folder holds the line.
+fn resumed_history(dir: &Path, step: u64, loss: Option<f64>) -> Result<(Vec<Value>, bool)> {
     let lines = parsed_lines(&dir.join("metrics.jsonl"))?;
     let Some(loss) = loss else {
-        return Ok(lines); // (an older trainer's checkpoint: no loss to tell runs apart by)
+        return Ok((lines, false)); // (an older trainer's checkpoint: no loss to tell runs by)
     };
-    if lines.is_empty() || holds_step(&lines, step, loss) {
-        return Ok(lines);
+    if holds_step(&lines, step, loss) {
+        return Ok((lines, false));
     }
-    let mut earlier: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("listing {}", dir.display()))?
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("previous-run-"))
-        .map(|e| e.path().join("metrics.jsonl"))
-        .collect();
-    earlier.sort(); // (by time, the newest last)
-    let mut found = None;
-    for path in earlier.iter().rev() {
-        let lines = parsed_lines(path)?;
-        if holds_step(&lines, step, loss) {
-            found = Some((path.clone(), lines));
-            break;
+    let other_run = lines
+        .iter()
+        .any(|v| v["validation"].as_bool() != Some(true) && v["step"].as_u64() == Some(step));
+    let found = earlier_history(dir, step, loss);
+    if found.is_none() && !other_run {
+        if !lines.is_empty() {
+            tracing::warn!(
+                "train.output_dir {}: metrics.jsonl has no line of step {step}, the step resumed from (lines lost to a failed write or a crash?): it is continued as it is",
+                dir.display()
+            );
         }
+        return Ok((lines, false));
     }
     let aside = set_aside_previous_run(dir)?;
-    let aside = aside.map_or("(nothing to move)".to_string(), |a| a.display().to_string());
-    let (from, lines) = match found {
+    let aside = match aside {
+        Some(a) => format!("its files are moved into {}", a.display()),
+        None => "it held no lines".to_string(),
+    };
+    let (from, lines, restored) = match found {
         Some((path, lines)) => (
-            format!("its lines are continued from {}", path.display()),
+            format!("the resumed run's lines are continued from {}", path.display()),
             lines,
+            true,
         ),
         None => (
-            format!("its own lines were not found there (metrics.jsonl starts after step {step})"),
+            format!("the resumed run's own lines were not found (metrics.jsonl starts after step {step})"),
             vec![],
+            false,
         ),
     };
     tracing::warn!(
-        "train.output_dir {}: metrics.jsonl is not the history of the run resumed from step {step} (its line of that step has another loss or is missing: another run wrote into this folder since, e.g. one started with checkpoint.resume: never); that run's files are moved into {aside}, and {from}",
+        "train.output_dir {}: metrics.jsonl is not the history of the run resumed from step {step} (another run wrote into this folder since, e.g. one started with checkpoint.resume: never); {aside}, and {from}",
         dir.display()
     );
-    Ok(lines)
+    Ok((lines, restored))
+}
+
+/// The newest `previous-run-*/metrics.jsonl` in `dir` that holds step `step` with loss `loss`, and
+/// its lines (a folder that cannot be read is passed over, with a warning).
+fn earlier_history(dir: &Path, step: u64, loss: f64) -> Option<(std::path::PathBuf, Vec<Value>)> {
+    let mut earlier: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("previous-run-"))
+        .map(|e| e.path().join("metrics.jsonl"))
+        .filter(|p| p.exists())
+        .collect();
+    earlier.sort(); // (by time, the newest last)
+    earlier
+        .into_iter()
+        .rev()
+        .find_map(|path| match parsed_lines(&path) {
+            Ok(lines) => holds_step(&lines, step, loss).then_some((path, lines)),
+            Err(e) => {
+                tracing::warn!("{e:#} (passed over)");
+                None
+            }
+        })
 }
 
 /// exp(loss) when finite (llama-recipes' perplexity).

@@ -119,6 +119,23 @@ pub fn metrics(out: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The `previous-run-*` folders a fresh run moved an earlier run's files into, in `out`.
+pub fn previous_runs(out: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("previous-run-")
+        })
+        .collect();
+    found.sort();
+    found
+}
+
 pub fn weights(out: &Path) -> HashMap<String, Tensor> {
     Tensor::read_safetensors(out.join("weights.safetensors"))
         .unwrap()
