@@ -572,8 +572,19 @@ fn main() -> ExitCode {
             // place and backtrace) only when it is that one: a panic caught on another thread
             // since (a decoder's on a malformed image, under bad_records: skip) is not the cause
             let last = LAST_PANIC.lock().ok().and_then(|mut p| p.take());
-            let (mut message, detail) =
-                panic_record(&trainer::logging::panic_message(payload.as_ref()), last);
+            let payload = trainer::logging::panic_message(payload.as_ref());
+            // print!/println! to a stdout that cannot be written: a reader that closed the pipe
+            // (`| head`) ends the output quietly, another failure (a full disk) is an error
+            if let Some(why) = payload.strip_prefix(STDOUT_FAILED) {
+                if why.contains("Broken pipe") {
+                    return ExitCode::SUCCESS;
+                }
+                let message = format!("writing to stdout failed{why} (a full disk, or an output that cannot be written?)");
+                launcher::outcome::to_stderr(&format!("error: {message}\n"));
+                launcher::error_file::record(&message, &message, Cause::ThisRank);
+                return ExitCode::FAILURE;
+            }
+            let (mut message, detail) = panic_record(&payload, last);
             // (libtorch's allocation failures reach us as panics of tch's ops)
             if let Some(hint) = out_of_memory_hint(&message) {
                 let text = match trainer::logging::rank_prefix() {
@@ -674,6 +685,9 @@ fn out_of_memory_hint(message: &str) -> Option<&'static str> {
     )
 }
 
+/// How std's print!/println! panic when stdout cannot be written ("...: <the io error>").
+const STDOUT_FAILED: &str = "failed printing to stdout";
+
 /// The latest panic's (message, detail), for `main` to record if it ends the process.
 static LAST_PANIC: std::sync::Mutex<Option<(String, String)>> = std::sync::Mutex::new(None);
 
@@ -682,8 +696,12 @@ static LAST_PANIC: std::sync::Mutex<Option<(String, String)>> = std::sync::Mutex
 fn remember_panics() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        default_hook(info);
         let payload = trainer::logging::panic_message(info.payload());
+        // (not a bug: `main` says what failed, without a backtrace)
+        if payload.starts_with(STDOUT_FAILED) {
+            return;
+        }
+        default_hook(info);
         let place = info
             .location()
             .map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));

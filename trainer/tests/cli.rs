@@ -17,6 +17,44 @@ fn trainer(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Output to a stdout that cannot be written: a full disk is an error that says so (it panicked
+/// with a backtrace, exit 101), a reader that closed the pipe (`| head`) ends it quietly.
+#[test]
+fn an_unwritable_stdout_is_an_error_and_a_closed_pipe_is_not() {
+    let show = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_trainer"));
+        c.args(["config", "show", "configs/llava-sco.yaml"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        c
+    };
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = show()
+        .stdout(full)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: writing to stdout failed: No space left on device")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    let mut child = show()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // (the reader closes its end before anything is written)
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
 #[test]
 fn config_show_prints_the_resolved_config_with_overrides() {
     let (code, stdout, _) = trainer(&[

@@ -183,6 +183,9 @@ fn a_date_flag_gives_the_template_that_day() {
         "2024-13-01",
         "2024-07",
         "x",
+        // (a year of four digits: not 26 for 2026)
+        "26-1-1",
+        "0026-01-01",
     ] {
         assert!(parse_date(bad).is_err(), "{bad}");
     }

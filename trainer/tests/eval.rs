@@ -810,6 +810,11 @@ fn infer_questions_batches_resumes_and_matches_single_infer() {
     // an --out that is not this command's output, one line without its newline (a minified
     // JSON file): refused and kept, not cut as a torn line
     std::fs::write(&questions, "{\"id\": \"x\", \"question\": \"q\"}\n").unwrap();
+    // --out without --questions: refused (one answer is printed)
+    let single = dir.join("single.jsonl");
+    let (code, _, err) = greedy_infer(&["--question", "q", "--out", single.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is for --questions FILE"), "{err}");
     // (also a whole line that starts as ours, e.g. a questions file's)
     let foreign = dir.join("results.json");
     for text in [

@@ -255,6 +255,13 @@ pub(crate) fn infer(args: InferArgs) -> Result<ExitCode> {
     use trainer::data::image;
     use trainer::infer::Session;
 
+    // (clap's `requires` does not hold --out to --questions, which requires it in turn)
+    if let (Some(out), None) = (&args.out, &args.questions) {
+        anyhow::bail!(
+            "--out {} is for --questions FILE (many questions, a JSON line each); one --question prints its answer (--json: as JSON), redirect it to keep it",
+            out.display()
+        );
+    }
     args.generation.pin_date();
     let (ckpt, model_dir, generation) =
         checkpoint_and_base(&args.weights, &args.generation, &|c| {
@@ -312,10 +319,11 @@ pub(crate) fn infer(args: InferArgs) -> Result<ExitCode> {
             // (the "Today Date" a text-only prompt renders: --date, else this process's day)
             "template_date": trainer::data::template::strftime_now("%Y-%m-%d"),
         });
-        // (a reader that closed stdout, `| head`, is not an error: println! would panic)
-        let _ = writeln!(stdout, "{}", serde_json::to_string_pretty(&out)?);
+        let text = serde_json::to_string_pretty(&out)?;
+        written(writeln!(stdout, "{text}").and_then(|()| stdout.flush()))?;
     } else {
-        let _ = writeln!(stdout);
+        // (the streamed text's write errors were passed over: seen here, at its end)
+        written(writeln!(stdout).and_then(|()| stdout.flush()))?;
         for (i, t) in turns.iter().enumerate() {
             eprintln!(
                 "turn {i}: {} tokens in {:.2} s, conclusion: {}",
@@ -326,6 +334,16 @@ pub(crate) fn infer(args: InferArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A write to stdout: a reader that closed it (`| head`) is not an error, another failure (a full
+/// disk) is.
+fn written(r: std::io::Result<()>) -> Result<()> {
+    match r {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(anyhow::Error::new(e)
+            .context("writing to stdout (a full disk, or an output that cannot be written?)")),
+        _ => Ok(()),
+    }
 }
 
 /// `infer --questions FILE --out OUT`: every question of FILE not yet in OUT, in batches of

@@ -239,7 +239,8 @@ pub fn parse_date(text: &str) -> Result<i64, String> {
         return Err(bad());
     };
     let (y, m, d): (i64, i64, i64) = match (y.parse(), m.parse(), d.parse()) {
-        (Ok(y), Ok(m), Ok(d)) if (1..=9999).contains(&y) && (1..=12).contains(&m) && d >= 1 => {
+        // (a four-digit year: 26-1-1 is not 2026's, and strftime would write year 26 as "26")
+        (Ok(y), Ok(m), Ok(d)) if (1000..=9999).contains(&y) && (1..=12).contains(&m) && d >= 1 => {
             (y, m, d)
         }
         _ => return Err(bad()),
