@@ -905,6 +905,9 @@ fn bad_benchmarks_name_file_and_line() {
         // found before the first question is generated, not when its turn comes
         ("literal.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n{\"id\": \"y\", \"image\": \"small.png\", \"question\": \"see <|image|> here\", \"answer\": \"1\"}\n", "literal.jsonl:2: id \"y\": the question holds a literal <|image|>"),
         ("late-missing.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n{\"id\": \"y\", \"image\": \"nope.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "late-missing.jsonl:2: image"),
+        ("question-type.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": 5, \"answer\": \"1\"}\n", "question-type.jsonl:1: `question` is a number: expected a string"),
+        ("choices-type.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\", \"choices\": [1, 2]}\n", "choices-type.jsonl:1: `choices` item 1 is a number"),
+        ("dup-choices.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"red\", \"choices\": [\"red\", \"red\"]}\n", "dup-choices.jsonl:1: choices hold \"red\" twice"),
         ("empty-image.jsonl", "{\"id\": \"x\", \"image\": \" \", \"question\": \"q\", \"answer\": \"1\"}\n", "empty-image.jsonl:1: `image` is an empty string: give the image's path, or null"),
     ];
     // a truncated image (its header reads, its pixels do not), found before anything runs
@@ -1101,5 +1104,63 @@ fn two_ranks_under_the_launcher_give_the_same_report_as_one() {
     assert!(
         !dist.join("predictions.rank-1.jsonl").exists(),
         "rank files are merged away"
+    );
+}
+
+/// A folder given where another kind is meant is named for what it is, with the flag that
+/// takes it: a Hub id for --model, a model folder for --adapter, a folder for --data, a run's
+/// output folder for --checkpoint, a folder for compare's --json.
+#[test]
+fn misplaced_folders_are_named_for_what_they_are() {
+    let dir = setup();
+    let model = dir.join("model");
+    let (code, _, err) = greedy_infer_with(
+        Path::new("meta-llama/Llama-3.2-11B-Vision-Instruct"),
+        &["--question", "q"],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no such folder (a Hub id is not downloaded"),
+        "{err}"
+    );
+    let (code, _, err) = greedy_infer(&["--adapter", model.to_str().unwrap(), "--question", "q"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("is a model folder (config.json), not a PEFT adapter: give it with --model"),
+        "{err}"
+    );
+    let (code, err) = eval_bench(&dir.join("out-data-dir"), dir, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--data is the benchmark's JSONL file, not its folder"),
+        "{err}"
+    );
+    // a run's train.output_dir (its resolved_config.yaml names checkpoint.dir)
+    let run_dir = dir.join("a-run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let ckpt_dir = dir.join("a-run-checkpoints");
+    std::fs::write(
+        run_dir.join("resolved_config.yaml"),
+        format!("checkpoint:\n  dir: {}\n", ckpt_dir.display()),
+    )
+    .unwrap();
+    let (code, _, err) =
+        greedy_infer(&["--checkpoint", run_dir.to_str().unwrap(), "--question", "q"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("is a training run's train.output_dir, not a checkpoint: pass one of the step-N folders in its checkpoint.dir")
+            && err.contains("a-run-checkpoints"),
+        "{err}"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["compare", "/a", "/b", "--json"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("a folder; give the file the comparison is written to"),
+        "{err}"
     );
 }

@@ -844,6 +844,12 @@ pub fn for_reading(e: anyhow::Error, dir: &Path) -> anyhow::Error {
                 );
             }
         }
+        if let Some(hint) = run_output_dir_hint(dir) {
+            return anyhow!(
+                "{} is a training run's train.output_dir, not a checkpoint: {hint}",
+                dir.display()
+            );
+        }
         if !dir.exists() {
             return anyhow!("checkpoint {}: no such folder", dir.display());
         }
@@ -858,6 +864,33 @@ pub fn for_reading(e: anyhow::Error, dir: &Path) -> anyhow::Error {
         ),
         None => anyhow!("{e:#}; use another step-N folder of the run"),
     }
+}
+
+/// For a run's `train.output_dir` (it holds the run's `resolved_config.yaml`): where its
+/// checkpoints are, the newest complete one named when its `checkpoint.dir` is found from here.
+fn run_output_dir_hint(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(crate::train::RESOLVED_CONFIG)).ok()?;
+    let config: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
+    let ckpt_dir = config
+        .get("checkpoint")?
+        .get("dir")?
+        .as_str()
+        .map(PathBuf::from);
+    let newest = ckpt_dir
+        .as_deref()
+        .and_then(|d| super::list_dir(d).ok())
+        .and_then(|(complete, _)| complete.last().map(|(_, p)| p.clone()));
+    Some(match (newest, ckpt_dir) {
+        (Some(n), _) => format!(
+            "pass one of its checkpoints, e.g. the newest complete one, {}",
+            n.display()
+        ),
+        (None, Some(d)) => format!(
+            "pass one of the step-N folders in its checkpoint.dir, {}",
+            d.display()
+        ),
+        (None, None) => "pass one of the step-N folders in its checkpoint.dir".into(),
+    })
 }
 
 /// The newest complete checkpoint beside step folder `dir` of an older step. (Its run cannot be

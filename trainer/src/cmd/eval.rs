@@ -227,6 +227,12 @@ pub(crate) fn compare(args: CompareArgs) -> Result<ExitCode> {
     // an existing file is replaced only when it is an earlier comparison: not an evaluation's
     // predictions.jsonl or report.json, nor a benchmark
     if let Some(path) = args.json.as_deref().filter(|p| p.exists()) {
+        anyhow::ensure!(
+            !path.is_dir(),
+            "--json {}: a folder; give the file the comparison is written to, e.g. {}",
+            path.display(),
+            path.join("compare.json").display()
+        );
         let earlier = std::fs::read(path)
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -242,7 +248,7 @@ pub(crate) fn compare(args: CompareArgs) -> Result<ExitCode> {
     if let Some(path) = args.json {
         let text = serde_json::to_string_pretty(&c)? + "\n";
         trainer::checkpoint::replace_synced(&path, text.as_bytes())
-            .map_err(|e| anyhow::anyhow!("writing {}: {e:#}", path.display()))?;
+            .map_err(|e| anyhow::anyhow!("--json: {e:#}"))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -372,10 +372,14 @@ fn infer_questions(
     );
     let image_root = match &args.image_root {
         Some(root) => root.clone(),
+        // (the questions file's folder; "." for a file named without one)
         None => file
             .parent()
-            .map(std::path::Path::to_path_buf)
-            .unwrap_or_default(),
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(
+                || std::path::PathBuf::from("."),
+                std::path::Path::to_path_buf,
+            ),
     };
     anyhow::ensure!(
         !out.is_dir(),
@@ -590,6 +594,13 @@ pub(crate) fn checkpoint_and_base(
         (None, None, Some(a)) => trainer::model::adapter::base_folder(a, None)?,
         (None, None, None) => anyhow::bail!("--model is required (or --checkpoint or --adapter)"),
     };
+    if let (Some(m), false) = (model, model_dir.is_dir()) {
+        // ("meta-llama/Llama-3.2-11B-Vision-Instruct" is a Hub id: nothing is downloaded here)
+        anyhow::bail!(
+            "--model {}: no such folder (a Hub id is not downloaded: give the folder it was downloaded to, `huggingface-cli download ID --local-dir DIR`)",
+            m.display()
+        );
+    }
     // (before the base's weights are read: a wrong --model fails in a second, not after 20 GB)
     if let Some(c) = &ckpt {
         c.check_base(&model_dir)?;

@@ -195,6 +195,7 @@ fn read_bench_line(
             .filter(|k| !BENCH_FIELDS.contains(&k.as_str()))
             .cloned(),
     );
+    check_field_types(fields)?;
     let item: BenchItem = serde_json::from_value(value.clone()).map_err(|e| {
         let why = without_line(&e);
         match field_named_otherwise(&why, fields) {
@@ -219,6 +220,15 @@ fn read_bench_line(
         ));
     }
     if let Some(choices) = item.choices.as_deref().filter(|c| !c.is_empty()) {
+        if let Some(twice) = choices
+            .iter()
+            .enumerate()
+            .find_map(|(i, c)| choices[..i].contains(c).then_some(c))
+        {
+            return Err(format!(
+                "choices hold {twice:?} twice: give each option once (an answer is scored by which option it picks)"
+            ));
+        }
         if answer::gold_choice(&item.answer, choices).is_none() {
             return Err(format!(
                 "answer {:?} is none of the {} choices (give its letter or its text)",
@@ -228,6 +238,50 @@ fn read_bench_line(
         }
     }
     Ok(item)
+}
+
+/// The text fields' JSON types, each named when wrong (serde's "invalid type: integer 5, expected
+/// a string" does not say which field): `question` a string, `image` and `category` a string or
+/// null, `choices` a list of strings or null. (`id` and `answer` take numbers too.)
+fn check_field_types(fields: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
+    use serde_json::Value as V;
+    let kind = |v: &V| match v {
+        V::Null => "null",
+        V::Bool(_) => "a boolean",
+        V::Number(_) => "a number",
+        V::String(_) => "a string",
+        V::Array(_) => "a list",
+        V::Object(_) => "an object",
+    };
+    for (key, nullable) in [("question", false), ("image", true), ("category", true)] {
+        match fields.get(key) {
+            Some(V::String(_)) | None => {}
+            Some(V::Null) if nullable => {}
+            Some(v) => {
+                let expected = if nullable {
+                    "a string or null"
+                } else {
+                    "a string"
+                };
+                return Err(format!("`{key}` is {}: expected {expected}", kind(v)));
+            }
+        }
+    }
+    match fields.get("choices") {
+        Some(V::Array(options)) => match options.iter().position(|o| !o.is_string()) {
+            Some(i) => Err(format!(
+                "`choices` item {} is {}: expected the options as strings ([\"red\", \"blue\"])",
+                i + 1,
+                kind(&options[i])
+            )),
+            None => Ok(()),
+        },
+        Some(V::Null) | None => Ok(()),
+        Some(v) => Err(format!(
+            "`choices` is {}: expected a list of strings, or null",
+            kind(v)
+        )),
+    }
 }
 
 /// Other benchmarks' names for the fields a line must have (MathVista's `query`, `pid`, ...).
@@ -268,9 +322,10 @@ pub fn read_bench(path: &Path) -> Result<Vec<(usize, BenchItem)>, EvalError> {
         let local = match e.kind() {
             // (a Hub dataset id, `AI4Math/MathVista`, is not downloaded)
             std::io::ErrorKind::NotFound => " (--data is a local JSONL file, one {\"id\", \"image\", \"question\", \"answer\"} object per line; a Hub dataset is not downloaded: write its questions to such a file first)",
+            _ if path.is_dir() => " (--data is the benchmark's JSONL file, not its folder; its images' folder is --image-root)",
             _ => "",
         };
-        EvalError::Io(format!("{file}: {e}{local}"))
+        EvalError::Io(format!("--data {file}: {e}{local}"))
     })?;
     // (a byte-order mark, as Windows editors save UTF-8, is not part of the first line)
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);

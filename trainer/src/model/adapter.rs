@@ -112,6 +112,11 @@ pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, Value), ModelEr
                 dir.display(),
                 dir.display()
             )),
+            true if dir.join("config.json").is_file() => ModelError::Adapter(format!(
+                "{} is a model folder (config.json), not a PEFT adapter: give it with --model (a \
+                 merged export is one too), and an adapter trained on it with --adapter",
+                dir.display()
+            )),
             true => ModelError::io(&cfg_path, e),
             false => ModelError::Adapter(format!(
                 "{}: no adapter_config.json, but its subfolders hold adapters (peft saves an \

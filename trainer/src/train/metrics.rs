@@ -349,7 +349,7 @@ impl Drop for Meter {
 /// arguments: `trainer train OUTPUT_DIR/resolved_config.yaml` runs it again. Replaced whole by
 /// each launch (a resume with other settings records those). (Not `config.yaml`: a user's own
 /// config kept there, comments and all, must not be overwritten.)
-pub(super) const RESOLVED_CONFIG: &str = "resolved_config.yaml";
+pub const RESOLVED_CONFIG: &str = "resolved_config.yaml";
 fn write_config(config: &Config) -> Result<()> {
     let path = config.train.output_dir.join(RESOLVED_CONFIG);
     let yaml = config.to_yaml()?;

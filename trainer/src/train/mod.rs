@@ -50,6 +50,7 @@ pub struct Outcome {
     pub last_loss: Option<f64>,
 }
 
+pub use metrics::RESOLVED_CONFIG;
 pub use params::check_model;
 pub use signal::stop_exit_code;
 
