@@ -7,7 +7,8 @@ use crate::infer::Stages;
 /// each prediction: bump it with every change that can change a stored prediction's `correct`,
 /// so `trainer compare` can tell two folders scored by different rules apart (0: a prediction
 /// of a trainer that recorded none). 2: turns without a readable answer marked (`no_answer`).
-pub const SCORING_RULES: u32 = 2;
+/// 3: text compared after Unicode NFKC normalization.
+pub const SCORING_RULES: u32 = 3;
 
 /// The text a turn answered with: its conclusion, else the last non-empty line after the last
 /// closed stage (a turn whose conclusion is empty or missing does not answer with its reasoning:
@@ -32,9 +33,13 @@ pub fn extract(text: &str) -> String {
     }
 }
 
-/// Lowercase, punctuation to spaces, articles dropped, whitespace collapsed.
+/// NFKC (a composed accent and its decomposed spelling, fullwidth and ligature forms: one text),
+/// lowercase, punctuation to spaces, articles dropped, whitespace collapsed.
 pub fn normalize_text(s: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
     let lowered: String = s
+        .nfkc()
+        .collect::<String>()
         .to_lowercase()
         .chars()
         .map(|c| {
@@ -748,6 +753,17 @@ mod tests {
 
     fn opts(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// An accent written composed or decomposed, and fullwidth letters, are the same answer (the
+    /// decomposed accent was dropped as punctuation: "café" NFD matched "cafe", not "café").
+    #[test]
+    fn text_is_compared_after_nfkc() {
+        let (composed, decomposed) = ("caf\u{e9}", "cafe\u{301}");
+        assert!(is_correct(decomposed, composed, None));
+        assert!(is_correct(composed, decomposed, None));
+        assert!(!is_correct(decomposed, "cafe", None));
+        assert!(is_correct("\u{ff21}\u{ff22}\u{ff23}", "abc", None));
     }
 
     #[test]

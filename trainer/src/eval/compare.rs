@@ -522,14 +522,15 @@ mod tests {
         let rescored: String = (text.lines())
             .map(|l| {
                 let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v["scoring"] = 2.into();
+                v["scoring"] = crate::eval::answer::SCORING_RULES.into();
                 v.to_string() + "\n"
             })
             .collect();
         std::fs::write(b.join("predictions.jsonl"), rescored).unwrap();
         let differ = compare(&a, &b).unwrap().settings_differ;
+        let v = crate::eval::answer::SCORING_RULES;
         assert!(
-            differ[0].starts_with("scoring rules: A an older trainer's (unrecorded), B v2 (this trainer's: v2); run a folder's `trainer eval` command again"),
+            differ[0].starts_with(&format!("scoring rules: A an older trainer's (unrecorded), B v{v} (this trainer's: v{v}); run a folder's `trainer eval` command again")),
             "{differ:?}"
         );
         let _ = std::fs::remove_dir_all(&root);
