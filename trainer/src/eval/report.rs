@@ -436,8 +436,10 @@ const SCORING: &str = "Scoring: a turn answers with its <CONCLUSION> stage (else
 
 pub fn markdown(r: &Report) -> String {
     let mut s = format!(
-        "# Evaluation report\n\n{} samples, {} parameters.\n",
-        r.samples, r.parameters
+        "# Evaluation report\n\n{} sample{}, {} parameters.\n",
+        r.samples,
+        if r.samples == 1 { "" } else { "s" },
+        r.parameters
     );
     if let Some(u) = &r.setup {
         let limit = u
@@ -466,9 +468,13 @@ pub fn markdown(r: &Report) -> String {
                 u.seed
             ),
         };
+        let turns = match u.turns {
+            1 => "1 turn (no correction turn)".to_string(),
+            n => format!("{n} turns, the correction turn {position}"),
+        };
         s += &format!(
-            "\n## Setup\n\n- benchmark `{}`{limit}\n- {weights}\n- {} turn(s), the correction turn {position}, at most {} new tokens per turn, {decoding}\n- correction prompt: {:?}\n",
-            u.benchmark, u.turns, u.max_new_tokens, u.correction_prompt
+            "\n## Setup\n\n- benchmark `{}`{limit}\n- {weights}\n- {turns}, at most {} new tokens per turn, {decoding}\n- correction prompt: {:?}\n",
+            u.benchmark, u.max_new_tokens, u.correction_prompt
         );
     }
     s += &format!("\n## Accuracy per turn\n\n{SCORING}\n\n| turn | correct | total | accuracy | 95% CI (Wilson) | cut off at max tokens | no readable answer |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
@@ -544,8 +550,8 @@ pub fn markdown(r: &Report) -> String {
             ),
             None => ("-".into(), "-".into(), "-".into()),
         };
-        // (a "|" in a category name would end its table cell)
-        let cat = cat.replace('|', "\\|");
+        // (a "|" in a category name would end its table cell, a line break its row)
+        let cat = cat.replace('|', "\\|").replace(['\n', '\r'], " ");
         s += &format!(
             "| {cat} | {} | {} | {wr} | {rw} | {p} |\n",
             b.turns.first().map_or(0, |t| t.total),
@@ -587,10 +593,13 @@ pub fn markdown(r: &Report) -> String {
     if let Some(f) = r.training_flops {
         let inference: f64 = r.cost.iter().map(|c| c.flops).sum();
         let times = match inference > 0.0 {
-            true => format!(
-                " ({:.3e} times this evaluation's {inference:.3e})",
-                f / inference
-            ),
+            true => {
+                let ratio = f / inference;
+                match (0.1..1e6).contains(&ratio) {
+                    true => format!(" ({ratio:.1} times this evaluation's {inference:.3e})"),
+                    false => format!(" ({ratio:.3e} times this evaluation's {inference:.3e})"),
+                }
+            }
             false => String::new(),
         };
         s += &format!("\nTraining compute (from metrics.jsonl, all ranks): {f:.3e} FLOPs{times}; set it against an RL run's rollouts + updates for the cost question.\n");
@@ -751,21 +760,23 @@ mod tests {
         assert_eq!(sizes, [("((none))", 1), ("(none)", 2)]);
     }
 
-    /// The first differing stage is listed in the stages' order, "none" last; a "|" in a
-    /// category name does not break its table row.
+    /// The first differing stage is listed in the stages' order, "none" last; a "|" or a line
+    /// break in a category name does not break its table row.
     #[test]
     fn stages_in_order_and_categories_escaped() {
         let preds = [
             pred("1", "a|b", [(true, "3", "r"), (true, "3", "r")]),
             pred("2", "a|b", [(true, "3", "r"), (true, "3", "r2")]),
+            pred("3", "two\nlines", [(true, "3", "r"), (true, "3", "r")]),
         ];
         let md = markdown(&build(&preds, 1, &two_n_tokens, None));
-        let (reasoning, none) = (md.find("| reasoning | 1 |"), md.find("| none | 1 |"));
+        let (reasoning, none) = (md.find("| reasoning | 1 |"), md.find("| none | 2 |"));
         assert!(
             reasoning.is_some() && none.is_some() && reasoning < none,
             "{md}"
         );
         assert!(md.contains("| a\\|b | 2 |"), "{md}");
+        assert!(md.contains("| two lines | 1 |"), "{md}");
     }
 
     /// Three significant digits, never a p below 0.05 shown as 0.05 (25 against 42 discordant
@@ -836,14 +847,14 @@ mod tests {
         }
         let md = markdown(&r);
         for want in [
-            "## Setup\n\n- benchmark `b.jsonl` (the first 3 questions)\n- model `/m`, checkpoint `/c/step-00000002`\n- 2 turn(s), the correction turn after the reasoning, at most 40 new tokens per turn, greedy\n",
+            "## Setup\n\n- benchmark `b.jsonl` (the first 3 questions)\n- model `/m`, checkpoint `/c/step-00000002`\n- 2 turns, the correction turn after the reasoning, at most 40 new tokens per turn, greedy\n",
             "| 0 -> 1 | 0 | 0 (0) | 3 (1) | 0 |",
             "Of these answers, 1 at turn 0 and 0 at the last turn were cut off at --max-new-tokens",
             "| turn 1 departs from turn 0 at | questions | wrong->right | right->wrong |",
             "| reasoning | 3 | 3 | 0 |",
             // 3 questions x (10 + 5) tokens x 2 x 100: 9000, 3000 each
             "| 3.000e3 | 9.000e3 |",
-            "(5.556e1 times this evaluation's 1.800e4)",
+            "(55.6 times this evaluation's 1.800e4)",
         ] {
             assert!(md.contains(want), "{want:?} in\n{md}");
         }
