@@ -574,13 +574,19 @@ fn main() -> ExitCode {
             let last = LAST_PANIC.lock().ok().and_then(|mut p| p.take());
             let payload = trainer::logging::panic_message(payload.as_ref());
             // print!/println! to a stdout that cannot be written: a reader that closed the pipe
-            // (`| head`) ends the output quietly, another failure (a full disk) is an error
+            // (`| head`) ends the output quietly with a shell's status for SIGPIPE (a failed
+            // command does not pass for a success under pipefail), another failure (a full
+            // disk) is an error
             if let Some(why) = payload.strip_prefix(STDOUT_FAILED) {
-                if why.contains("Broken pipe") {
-                    return ExitCode::SUCCESS;
+                if why.contains(&format!("(os error {})", libc::EPIPE)) {
+                    return ExitCode::from(BROKEN_PIPE_STATUS);
                 }
                 let message = format!("writing to stdout failed{why} (a full disk, or an output that cannot be written?)");
-                launcher::outcome::to_stderr(&format!("error: {message}\n"));
+                let text = match trainer::logging::rank_prefix() {
+                    Some(p) => format!("{p} error: {message}\n"),
+                    None => format!("error: {message}\n"),
+                };
+                launcher::outcome::to_stderr(&text);
                 launcher::error_file::record(&message, &message, Cause::ThisRank);
                 return ExitCode::FAILURE;
             }
@@ -687,6 +693,9 @@ fn out_of_memory_hint(message: &str) -> Option<&'static str> {
 
 /// How std's print!/println! panic when stdout cannot be written ("...: <the io error>").
 const STDOUT_FAILED: &str = "failed printing to stdout";
+/// The exit status of a program whose reader closed its output (128 + SIGPIPE, as a shell reports
+/// `yes | head`'s `yes`).
+const BROKEN_PIPE_STATUS: u8 = 141;
 
 /// The latest panic's (message, detail), for `main` to record if it ends the process.
 static LAST_PANIC: std::sync::Mutex<Option<(String, String)>> = std::sync::Mutex::new(None);

@@ -18,7 +18,8 @@ fn trainer(args: &[&str]) -> (i32, String, String) {
 }
 
 /// Output to a stdout that cannot be written: a full disk is an error that says so (it panicked
-/// with a backtrace, exit 101), a reader that closed the pipe (`| head`) ends it quietly.
+/// with a backtrace, exit 101), a reader that closed the pipe (`| head`) ends it quietly, with a
+/// shell's status for SIGPIPE (a failed command does not pass for a success under pipefail).
 #[test]
 fn an_unwritable_stdout_is_an_error_and_a_closed_pipe_is_not() {
     let show = || {
@@ -43,15 +44,20 @@ fn an_unwritable_stdout_is_an_error_and_a_closed_pipe_is_not() {
             && !stderr.contains("panicked"),
         "{stderr}"
     );
-    let mut child = show()
-        .stdout(std::process::Stdio::piped())
+    // (the pipe's reading end closed before the program starts: its first write fails)
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = show()
+        .stdout(writer)
         .stderr(std::process::Stdio::piped())
-        .spawn()
+        .output()
         .unwrap();
-    drop(child.stdout.take()); // (the reader closes its end before anything is written)
-    let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(141),
+        "128 + SIGPIPE, as a shell's: {stderr}"
+    );
     assert!(stderr.is_empty(), "{stderr}");
 }
 

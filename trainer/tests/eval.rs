@@ -907,7 +907,7 @@ fn bad_benchmarks_name_file_and_line() {
         ("late-missing.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\"}\n{\"id\": \"y\", \"image\": \"nope.png\", \"question\": \"q\", \"answer\": \"1\"}\n", "late-missing.jsonl:2: image"),
         ("question-type.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": 5, \"answer\": \"1\"}\n", "question-type.jsonl:1: `question` is a number: expected a string"),
         ("choices-type.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\", \"choices\": [1, 2]}\n", "choices-type.jsonl:1: `choices` item 1 is a number"),
-        ("dup-choices.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"red\", \"choices\": [\"red\", \"red\"]}\n", "dup-choices.jsonl:1: choices hold \"red\" twice"),
+        ("dup-choices.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"red\", \"choices\": [\"red\", \"red\"]}\n", "dup-choices.jsonl:1: answer \"red\" is the text of more than one of the choices"),
         ("empty-image.jsonl", "{\"id\": \"x\", \"image\": \" \", \"question\": \"q\", \"answer\": \"1\"}\n", "empty-image.jsonl:1: `image` is an empty string: give the image's path, or null"),
     ];
     // a truncated image (its header reads, its pixels do not), found before anything runs
@@ -1148,10 +1148,25 @@ fn misplaced_folders_are_named_for_what_they_are() {
         greedy_infer(&["--checkpoint", run_dir.to_str().unwrap(), "--question", "q"]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("is a training run's train.output_dir, not a checkpoint: pass one of the step-N folders in its checkpoint.dir")
-            && err.contains("a-run-checkpoints"),
+        err.contains("is a training run's train.output_dir, not a checkpoint: its checkpoint.dir")
+            && err.contains("a-run-checkpoints holds no complete checkpoint"),
         "{err}"
     );
+    // its checkpoint.dir relative to the folder the run started in, which the output_dir (given
+    // relative too) is under
+    std::fs::write(
+        run_dir.join("resolved_config.yaml"),
+        "train:\n  output_dir: ./a-run\ncheckpoint:\n  dir: a-run-checkpoints\n",
+    )
+    .unwrap();
+    let (code, _, err) =
+        greedy_infer(&["--checkpoint", run_dir.to_str().unwrap(), "--question", "q"]);
+    assert_eq!(code, 1, "{err}");
+    let want = format!(
+        "its checkpoint.dir {} holds no complete",
+        ckpt_dir.display()
+    );
+    assert!(err.contains(&want), "{err}");
     let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
         .args(["compare", "/a", "/b", "--json"])
         .arg(dir)

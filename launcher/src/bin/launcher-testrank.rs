@@ -180,10 +180,17 @@ fn main() -> ExitCode {
             }
         }
     }
-    write(&args.out, &format!("ready-{tag}"), "");
-
     let chosen = args.rank.is_none_or(|r| r == env.rank)
         && args.attempt.is_none_or(|a| a == env.restart_count);
+    let late = chosen && (args.kill_self || args.exit_code.is_some()) && args.fail_delay > 0.0;
+    if late {
+        // before this rank is ready: a messenger peer fails as soon as every rank is, and the
+        // launcher's SIGTERM may come before this rank would get past waiting for its peers
+        // SAFETY: plain syscall.
+        unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+    }
+    write(&args.out, &format!("ready-{tag}"), "");
+
     if chosen && (args.kill_self || args.exit_code.is_some()) {
         // Fail only once every peer of this attempt is ready (its signal handlers are
         // installed): otherwise, on a loaded machine, the launcher's SIGTERM can reach a
@@ -192,9 +199,7 @@ fn main() -> ExitCode {
         if let Some(line) = &args.stderr {
             eprintln!("{line}");
         }
-        if args.fail_delay > 0.0 {
-            // SAFETY: plain syscall.
-            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+        if late {
             std::thread::sleep(Duration::from_secs_f64(args.fail_delay));
         }
         if let Some(message) = &args.record_error {

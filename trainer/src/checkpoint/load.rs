@@ -867,29 +867,56 @@ pub fn for_reading(e: anyhow::Error, dir: &Path) -> anyhow::Error {
 }
 
 /// For a run's `train.output_dir` (it holds the run's `resolved_config.yaml`): where its
-/// checkpoints are, the newest complete one named when its `checkpoint.dir` is found from here.
+/// checkpoints are, the newest complete one named when its `checkpoint.dir` is found from here (a
+/// relative one is relative to the folder the run started in, which `dir` ends with its relative
+/// `train.output_dir` from).
 fn run_output_dir_hint(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join(crate::train::RESOLVED_CONFIG)).ok()?;
     let config: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
-    let ckpt_dir = config
-        .get("checkpoint")?
-        .get("dir")?
-        .as_str()
-        .map(PathBuf::from);
-    let newest = ckpt_dir
+    let path_at = |section: &str, key: &str| -> Option<PathBuf> {
+        config.get(section)?.get(key)?.as_str().map(PathBuf::from)
+    };
+    let Some(ckpt) = path_at("checkpoint", "dir") else {
+        return Some("pass one of the step-N folders in its checkpoint.dir".into());
+    };
+    let started_in = path_at("train", "output_dir")
+        .filter(|out| out.is_relative())
+        .and_then(|out| {
+            let parts = out.components().filter(|c| c.as_os_str() != ".").count();
+            let ends_with = dir.components().rev().take(parts).collect::<Vec<_>>()
+                == out
+                    .components()
+                    .filter(|c| c.as_os_str() != ".")
+                    .rev()
+                    .collect::<Vec<_>>();
+            ends_with.then(|| {
+                dir.ancestors()
+                    .nth(parts)
+                    .map_or_else(PathBuf::new, Path::to_path_buf)
+            })
+        });
+    let found = match (ckpt.is_relative(), started_in) {
+        (false, _) => Some(ckpt.clone()),
+        (true, Some(base)) => Some(base.join(&ckpt)),
+        (true, None) => None,
+    };
+    let newest = found
         .as_deref()
         .and_then(|d| super::list_dir(d).ok())
         .and_then(|(complete, _)| complete.last().map(|(_, p)| p.clone()));
-    Some(match (newest, ckpt_dir) {
+    Some(match (newest, found) {
         (Some(n), _) => format!(
             "pass one of its checkpoints, e.g. the newest complete one, {}",
             n.display()
         ),
         (None, Some(d)) => format!(
-            "pass one of the step-N folders in its checkpoint.dir, {}",
+            "its checkpoint.dir {} holds no complete checkpoint (pass a step-N folder with a manifest.json)",
             d.display()
         ),
-        (None, None) => "pass one of the step-N folders in its checkpoint.dir".into(),
+        (None, None) => format!(
+            "pass one of the step-N folders in its checkpoint.dir, {} (relative to the folder the run was started in)",
+            ckpt.display()
+        ),
     })
 }
 

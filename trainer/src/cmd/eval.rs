@@ -244,11 +244,12 @@ pub(crate) fn compare(args: CompareArgs) -> Result<ExitCode> {
         );
     }
     let c = trainer::eval::compare::compare(&args.a, &args.b)?;
-    print!("{}", c.markdown());
+    // (the file first: a reader of stdout that goes away early does not cost it)
     if let Some(path) = args.json {
         let text = serde_json::to_string_pretty(&c)? + "\n";
         trainer::checkpoint::replace_synced(&path, text.as_bytes())
             .map_err(|e| anyhow::anyhow!("--json: {e:#}"))?;
     }
+    print!("{}", c.markdown());
     Ok(ExitCode::SUCCESS)
 }

@@ -336,13 +336,14 @@ pub(crate) fn infer(args: InferArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A write to stdout: a reader that closed it (`| head`) is not an error, another failure (a full
-/// disk) is.
+/// A write to stdout: a reader that closed it (`| head`) ends the process quietly with a shell's
+/// status for SIGPIPE, 141 (nothing is left to write); another failure (a full disk) is an error.
 fn written(r: std::io::Result<()>) -> Result<()> {
     match r {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(anyhow::Error::new(e)
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(141),
+        Err(e) => Err(anyhow::Error::new(e)
             .context("writing to stdout (a full disk, or an output that cannot be written?)")),
-        _ => Ok(()),
+        Ok(()) => Ok(()),
     }
 }
 
@@ -594,8 +595,14 @@ pub(crate) fn checkpoint_and_base(
         (None, None, Some(a)) => trainer::model::adapter::base_folder(a, None)?,
         (None, None, None) => anyhow::bail!("--model is required (or --checkpoint or --adapter)"),
     };
-    if let (Some(m), false) = (model, model_dir.is_dir()) {
-        // ("meta-llama/Llama-3.2-11B-Vision-Instruct" is a Hub id: nothing is downloaded here)
+    // ("meta-llama/Llama-3.2-11B-Vision-Instruct" is a Hub id: nothing is downloaded here; another
+    // missing folder is named by the model load, with what the folder should hold)
+    let hub_id = |m: &std::path::Path| {
+        m.components().count() == 2
+            && m.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+    };
+    if let (Some(m), false) = (model.filter(|m| hub_id(m)), model_dir.is_dir()) {
         anyhow::bail!(
             "--model {}: no such folder (a Hub id is not downloaded: give the folder it was downloaded to, `huggingface-cli download ID --local-dir DIR`)",
             m.display()

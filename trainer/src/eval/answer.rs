@@ -7,7 +7,7 @@ use crate::infer::Stages;
 /// each prediction: bump it with every change that can change a stored prediction's `correct`,
 /// so `trainer compare` can tell two folders scored by different rules apart (0: a prediction
 /// of a trainer that recorded none). 2: turns without a readable answer marked (`no_answer`).
-/// 3: text compared after Unicode NFKC normalization.
+/// 3: accents compared composed (NFC) and fullwidth forms as ASCII (`fold`).
 pub const SCORING_RULES: u32 = 3;
 
 /// The text a turn answered with: its conclusion, else the last non-empty line after the last
@@ -33,13 +33,24 @@ pub fn extract(text: &str) -> String {
     }
 }
 
-/// NFKC (a composed accent and its decomposed spelling, fullwidth and ligature forms: one text),
-/// lowercase, punctuation to spaces, articles dropped, whitespace collapsed.
-pub fn normalize_text(s: &str) -> String {
+/// `s` with accents composed (NFC: "e" + U+0301 is "é", which is a letter where the combining
+/// accent alone was dropped as punctuation) and fullwidth ASCII forms (U+FF01-FF5E, "Ａ", "５")
+/// as ASCII. Not NFKC: it would turn options written as Ⅲ or ③ into "iii" and "3", "1½" into
+/// "11⁄2" and "2²" into "22".
+pub fn fold(s: &str) -> String {
     use unicode_normalization::UnicodeNormalization;
-    let lowered: String = s
-        .nfkc()
-        .collect::<String>()
+    s.nfc()
+        .map(|c| match c {
+            '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFF01 + 0x21).unwrap_or(c),
+            '\u{3000}' => ' ',
+            _ => c,
+        })
+        .collect()
+}
+
+/// [`fold`]ed, lowercase, punctuation to spaces, articles dropped, whitespace collapsed.
+pub fn normalize_text(s: &str) -> String {
+    let lowered: String = fold(s)
         .to_lowercase()
         .chars()
         .map(|c| {
@@ -232,7 +243,7 @@ fn letter_choice(p: &str, n: usize, loose: bool) -> Option<usize> {
 /// Option B", "So the answer is B, not red"), one letter standing alone in the text ("I think
 /// it's (C)"), or one option's text inside it.
 pub fn choice_of(pred: &str, choices: &[String]) -> Option<usize> {
-    pick(pred, choices, true)
+    pick(&fold(pred), choices, true)
 }
 
 /// [`choice_of`]; `loose`: also a letter standing alone in the text (not for reading a gold
@@ -673,13 +684,14 @@ pub fn number_in(s: &str) -> Option<f64> {
 /// first, then a letter), so a lowercase "a" among options ["d", "c", "b", "a"] is the option "a"
 /// on both sides.
 pub fn gold_choice(gold: &str, choices: &[String]) -> Option<usize> {
-    pick(gold, choices, false)
+    pick(&fold(gold), choices, false)
 }
 
 /// `pred` (already extracted) as scoring reads it against `gold`: the option it picks, the
 /// number it ends with (for a numeric gold), else its normalized text; two turns with the same
 /// canonical answer gave the same answer ("B" and "(B)", "3" and "3.0").
 pub fn canonical(pred: &str, gold: &str, choices: Option<&[String]>) -> String {
+    let (pred, gold) = (&fold(pred), &fold(gold));
     if let Some(choices) = choices.filter(|c| !c.is_empty()) {
         if let Some(i) = choice_of(pred, choices) {
             return format!("choice {i}");
@@ -704,6 +716,7 @@ pub fn canonical(pred: &str, gold: &str, choices: Option<&[String]>) -> String {
 /// (`canonical` fell back to text), nothing at all otherwise. A turn like that is wrong for its
 /// format, not for its answer.
 pub fn unreadable(canonical: &str, gold: &str, choices: Option<&[String]>) -> bool {
+    let gold = &fold(gold);
     let structured = choices.is_some_and(|c| !c.is_empty())
         || gold_letter(gold).is_some()
         || gold_number(gold).is_some();
@@ -712,6 +725,7 @@ pub fn unreadable(canonical: &str, gold: &str, choices: Option<&[String]>) -> bo
 
 /// Whether `pred` (already extracted) answers `gold`.
 pub fn is_correct(pred: &str, gold: &str, choices: Option<&[String]>) -> bool {
+    let (pred, gold) = (&fold(pred), &fold(gold));
     if let Some(choices) = choices.filter(|c| !c.is_empty()) {
         let want = gold_choice(gold, choices);
         return want.is_some() && choice_of(pred, choices) == want;
@@ -741,6 +755,7 @@ pub fn is_correct(pred: &str, gold: &str, choices: Option<&[String]>) -> bool {
 /// Whether `is_correct` can ever find a prediction right for `gold`: false for a free-text
 /// answer that normalizes to nothing (punctuation, or an article alone).
 pub fn gold_is_scorable(gold: &str, choices: Option<&[String]>) -> bool {
+    let gold = &fold(gold);
     choices.is_some_and(|c| !c.is_empty())
         || gold_letter(gold).is_some()
         || gold_number(gold).is_some()
@@ -755,15 +770,29 @@ mod tests {
         v.iter().map(|s| s.to_string()).collect()
     }
 
-    /// An accent written composed or decomposed, and fullwidth letters, are the same answer (the
-    /// decomposed accent was dropped as punctuation: "café" NFD matched "cafe", not "café").
+    /// An accent written composed or decomposed, and fullwidth forms, are the same answer (the
+    /// decomposed accent was dropped as punctuation: "café" NFD matched "cafe", not "café"); a
+    /// fullwidth capital is a letter answer. Roman numerals, circled digits, fractions and
+    /// superscripts keep their own forms (NFKC would make "2²" match "22").
     #[test]
-    fn text_is_compared_after_nfkc() {
+    fn accents_composed_and_fullwidth_folded() {
         let (composed, decomposed) = ("caf\u{e9}", "cafe\u{301}");
         assert!(is_correct(decomposed, composed, None));
         assert!(is_correct(composed, decomposed, None));
         assert!(!is_correct(decomposed, "cafe", None));
         assert!(is_correct("\u{ff21}\u{ff22}\u{ff23}", "abc", None));
+        // "Ｂ" is the letter B, a fullwidth gold "Ａ" is scorable (not the article "a")
+        assert!(is_correct("\u{ff22}", "B", Some(&opts(&["x", "y"]))));
+        assert!(gold_is_scorable("\u{ff21}", None));
+        assert!(is_correct("(B)", "\u{ff22}", None));
+        // options as Roman numerals and circled digits: the one named is picked
+        let roman = opts(&["\u{2160}", "\u{2161}", "\u{2162}"]);
+        assert_eq!(choice_of("I think \u{2162}", &roman), Some(2));
+        let circled = opts(&["\u{2460}", "\u{2461}", "\u{2462}", "\u{2463}"]);
+        assert_eq!(choice_of("\u{2462}, since 2 of them", &circled), Some(2));
+        for (pred, gold) in [("22", "2\u{b2}"), ("11/2", "1\u{bd}")] {
+            assert!(!is_correct(pred, gold, None), "{pred} vs {gold}");
+        }
     }
 
     #[test]

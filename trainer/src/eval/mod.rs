@@ -220,13 +220,14 @@ fn read_bench_line(
         ));
     }
     if let Some(choices) = item.choices.as_deref().filter(|c| !c.is_empty()) {
-        if let Some(twice) = choices
-            .iter()
-            .enumerate()
-            .find_map(|(i, c)| choices[..i].contains(c).then_some(c))
-        {
+        // (options repeated as padding, "" or "nan" for a question with fewer, are no matter
+        // while the answer names another option or a letter)
+        let named = answer::normalize_text(&item.answer);
+        let same = |c: &String| !named.is_empty() && answer::normalize_text(c) == named;
+        if choices.iter().filter(|c| same(c)).count() > 1 {
             return Err(format!(
-                "choices hold {twice:?} twice: give each option once (an answer is scored by which option it picks)"
+                "answer {:?} is the text of more than one of the choices: give its letter, or each option once",
+                item.answer
             ));
         }
         if answer::gold_choice(&item.answer, choices).is_none() {
@@ -1099,6 +1100,25 @@ mod tests {
             .to_string();
         assert!(e.contains("--data is a local JSONL file"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Choices repeated as padding ("" or "nan" for a question with fewer options) are read when
+    /// the answer is a letter or another option; an answer whose text is two options is refused.
+    #[test]
+    fn padded_choices_read_and_an_ambiguous_answer_does_not() {
+        let line = |answer: &str, choices: &str| {
+            let text = format!(
+                r#"{{"id": "x", "question": "q", "answer": "{answer}", "choices": {choices}}}"#
+            );
+            read_bench_line(&text, 1, &mut HashMap::new(), &mut Default::default())
+        };
+        assert!(line("B", r#"["red", "blue", "", ""]"#).is_ok());
+        assert!(line("blue", r#"["red", "blue", "nan", "nan"]"#).is_ok());
+        let e = line("Red", r#"["red", "red "]"#).unwrap_err();
+        assert!(
+            e.contains("is the text of more than one of the choices"),
+            "{e}"
+        );
     }
 
     /// The training compute is the run's, over all ranks: each step's `flops`, or for older

@@ -595,7 +595,7 @@ pub fn markdown(r: &Report) -> String {
         let times = match inference > 0.0 {
             true => {
                 let ratio = f / inference;
-                match (0.1..1e6).contains(&ratio) {
+                match (1.0..1e6).contains(&ratio) {
                     true => format!(" ({ratio:.1} times this evaluation's {inference:.3e})"),
                     false => format!(" ({ratio:.3e} times this evaluation's {inference:.3e})"),
                 }

@@ -97,7 +97,9 @@ pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, Value), ModelEr
         inside.sort();
         // (a run's checkpoint.dir: its complete step-N folders, oldest first)
         let steps = crate::checkpoint::list_dir(dir).map_or(vec![], |(complete, _)| complete);
-        match inside.is_empty() {
+        // (another failure to read it, permission denied, is said as it is)
+        let missing = e.kind() == std::io::ErrorKind::NotFound;
+        match inside.is_empty() && missing {
             true if !steps.is_empty() => ModelError::Adapter(format!(
                 "{} holds training checkpoints (step-N folders), not a PEFT adapter: infer, eval \
                  and export take one of them with --checkpoint, e.g. the newest: --checkpoint {}",
@@ -118,6 +120,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<(AdapterConfig, Value), ModelEr
                 dir.display()
             )),
             true => ModelError::io(&cfg_path, e),
+            false if !missing => ModelError::io(&cfg_path, e),
             false => ModelError::Adapter(format!(
                 "{}: no adapter_config.json, but its subfolders hold adapters (peft saves an \
                  adapter under its name): pass one of {}",
