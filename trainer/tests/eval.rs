@@ -1179,3 +1179,35 @@ fn misplaced_folders_are_named_for_what_they_are() {
         "{err}"
     );
 }
+
+/// `infer` without --json streams each turn under its header, a turn that wrote no text too;
+/// --position with one turn (no correction turn) is said to change nothing.
+#[test]
+fn streamed_turns_each_have_a_header() {
+    let (code, stdout, err) = greedy_infer(&["--question", "How many?"]);
+    assert_eq!(code, 0, "{err}");
+    let turn0 = stdout.find("--- turn 0 ---");
+    let turn1 = stdout.find("--- turn 1 ---");
+    assert!(turn0.is_some() && turn1 > turn0, "{stdout}");
+    assert_eq!(stdout.matches("--- turn ").count(), 2, "{stdout}");
+    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["infer", "--turns", "1", "--position", "after-reasoning"])
+        .args([
+            "--max-new-tokens",
+            "2",
+            "--temperature",
+            "0",
+            "--question",
+            "q",
+        ])
+        .arg("--model")
+        .arg(setup().join("model"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("--position applies to correction turns, and --turns 1 asks none"),
+        "{err}"
+    );
+}

@@ -214,6 +214,9 @@ impl GenerationArgs {
                 );
             }
         }
+        if self.turns == 1 && !matches!(self.position, PositionArg::AfterAnswer) {
+            tracing::warn!("--position applies to correction turns, and --turns 1 asks none");
+        }
         Ok(trainer::infer::InferOptions {
             turns: self.turns,
             correction_prompt: self
@@ -291,24 +294,30 @@ pub(crate) fn infer(args: InferArgs) -> Result<ExitCode> {
         text: &text,
         image_config: &image_config,
     };
-    let mut current = usize::MAX;
+    // the turns headed so far (a turn that wrote no text gets its header too, before the next)
+    let mut headed = 0;
     let mut stdout = std::io::stdout();
+    let head = |out: &mut std::io::Stdout, upto: usize, headed: &mut usize| {
+        for turn in *headed..=upto {
+            let gap = if turn > 0 { "\n" } else { "" };
+            let _ = writeln!(out, "{gap}--- turn {turn} ---");
+        }
+        *headed = (*headed).max(upto + 1);
+    };
     let question = args.question.as_deref().unwrap_or_default();
     let turns = session.run(img.as_ref(), question, &opts, &mut |turn, piece| {
         if args.json {
             return;
         }
-        if turn != current {
-            current = turn;
-            let _ = writeln!(
-                stdout,
-                "{}--- turn {turn} ---",
-                if turn > 0 { "\n" } else { "" }
-            );
+        if turn >= headed {
+            head(&mut stdout, turn, &mut headed);
         }
         let _ = write!(stdout, "{piece}");
         let _ = stdout.flush();
     })?;
+    if !args.json && turns.len() > headed {
+        head(&mut stdout, turns.len() - 1, &mut headed);
+    }
     if args.json {
         let out = serde_json::json!({
             "turns": turns,
