@@ -72,6 +72,8 @@ bench-step: $(PEERS_STAMP)
 	@mkdir -p bench-results
 	$(TARGET_DIR)/release/trainer bench step --out bench-results/step-w1.jsonl
 	$(TARGET_DIR)/release/launcher --standalone --nproc-per-node 2 -- $(TARGET_DIR)/release/trainer bench step --dir bench-results/step-tmp-w2 --out bench-results/step-w2.jsonl
+	# the same over our TCP transport, as the peer's gloo: the engine alone against FSDP2's
+	LLAVA_SCO_CPU_TRANSPORT=tcp $(TARGET_DIR)/release/launcher --standalone --nproc-per-node 2 -- $(TARGET_DIR)/release/trainer bench step --models 100m --dir bench-results/step-tmp-w2-tcp --out bench-results/step-w2-tcp.jsonl
 
 # Data pipeline samples/s per core (1 and 2 workers) next to transformers' MllamaProcessor + the seed's masking (scripts/bench_data.py).
 bench-data: $(PEERS_STAMP)

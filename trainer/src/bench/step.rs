@@ -58,6 +58,10 @@ pub struct Measurement {
     pub mode: String,
     pub world: usize,
     pub engine: &'static str,
+    /// What our collectives ran on (`ProcessGroup::transport`: `shm-cma`, `tcp`, ...; `single`
+    /// at world 1): the peer runs over gloo's TCP, so the world-2 ratios measure engine and
+    /// transport together unless this is `tcp` (`LLAVA_SCO_CPU_TRANSPORT=tcp`).
+    pub transport: &'static str,
     pub params: i64,
     pub trainable: i64,
     pub ours_s: f64,
@@ -98,6 +102,7 @@ impl Measurement {
         json!({
             "name": format!("step/{}/{}/world{}", self.model, self.mode, self.world),
             "model": self.model, "mode": self.mode, "world": self.world, "engine": self.engine,
+            "transport": self.transport,
             "params": self.params, "trainable_params": self.trainable,
             "batch": self.batch, "seq": self.seq, "threads": self.threads,
             "seconds": self.ours_s, "figure": self.ours_s, "unit": "s/step",
@@ -411,6 +416,7 @@ pub fn run(pg: &ProcessGroup, o: &StepOptions) -> Result<Vec<Measurement>> {
                     }
                     (_, ShardingStrategy::FullShard | ShardingStrategy::HybridShard) => "fsdp",
                 },
+                transport: pg.transport(),
                 params,
                 trainable,
                 ours_s: median(times.steps.clone()),
