@@ -695,7 +695,7 @@ fn out_of_memory_hint(message: &str) -> Option<&'static str> {
 const STDOUT_FAILED: &str = "failed printing to stdout";
 /// The exit status of a program whose reader closed its output (128 + SIGPIPE, as a shell reports
 /// `yes | head`'s `yes`).
-const BROKEN_PIPE_STATUS: u8 = 141;
+pub(crate) const BROKEN_PIPE_STATUS: u8 = 141;
 
 /// The latest panic's (message, detail), for `main` to record if it ends the process.
 static LAST_PANIC: std::sync::Mutex<Option<(String, String)>> = std::sync::Mutex::new(None);

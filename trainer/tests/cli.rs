@@ -22,23 +22,26 @@ fn trainer(args: &[&str]) -> (i32, String, String) {
 /// shell's status for SIGPIPE (a failed command does not pass for a success under pipefail).
 #[test]
 fn an_unwritable_stdout_is_an_error_and_a_closed_pipe_is_not() {
-    let show = || {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_trainer"));
-        c.args(["config", "show", "configs/llava-sco.yaml"])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-        c
+    // `config show` printing to `stdout`: exit code and stderr
+    let show_to = |stdout: std::process::Stdio| {
+        let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args(["config", "show", "configs/llava-sco.yaml"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .stdout(stdout)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let full = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/full")
         .unwrap();
-    let out = show()
-        .stdout(full)
-        .stderr(std::process::Stdio::piped())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = show_to(full.into());
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("error: writing to stdout failed: No space left on device")
             && !stderr.contains("panicked"),
@@ -47,17 +50,8 @@ fn an_unwritable_stdout_is_an_error_and_a_closed_pipe_is_not() {
     // (the pipe's reading end closed before the program starts: its first write fails)
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let out = show()
-        .stdout(writer)
-        .stderr(std::process::Stdio::piped())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(141),
-        "128 + SIGPIPE, as a shell's: {stderr}"
-    );
+    let (code, stderr) = show_to(writer.into());
+    assert_eq!(code, Some(141), "128 + SIGPIPE, as a shell's: {stderr}");
     assert!(stderr.is_empty(), "{stderr}");
 }
 

@@ -507,19 +507,23 @@ fn greedy_infer(extra: &[&str]) -> (i32, String, String) {
 }
 
 fn greedy_infer_with(model: &Path, extra: &[&str]) -> (i32, String, String) {
+    let base = [
+        "infer",
+        "--turns",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+    ];
+    let model = ["--model", model.to_str().unwrap()];
+    trainer_with(&[&base[..], &model, extra].concat())
+}
+
+/// `trainer ARGS`: exit code, stdout, stderr.
+fn trainer_with(args: &[&str]) -> (i32, String, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args([
-            "infer",
-            "--turns",
-            "2",
-            "--max-new-tokens",
-            "6",
-            "--temperature",
-            "0",
-        ])
-        .arg("--model")
-        .arg(model)
-        .args(extra)
+        .args(args)
         .output()
         .unwrap();
     (
@@ -1167,13 +1171,8 @@ fn misplaced_folders_are_named_for_what_they_are() {
         ckpt_dir.display()
     );
     assert!(err.contains(&want), "{err}");
-    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args(["compare", "/a", "/b", "--json"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    let (code, _, err) = trainer_with(&["compare", "/a", "/b", "--json", dir.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("a folder; give the file the comparison is written to"),
         "{err}"
@@ -1190,22 +1189,23 @@ fn streamed_turns_each_have_a_header() {
     let turn1 = stdout.find("--- turn 1 ---");
     assert!(turn0.is_some() && turn1 > turn0, "{stdout}");
     assert_eq!(stdout.matches("--- turn ").count(), 2, "{stdout}");
-    let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args(["infer", "--turns", "1", "--position", "after-reasoning"])
-        .args([
-            "--max-new-tokens",
-            "2",
-            "--temperature",
-            "0",
-            "--question",
-            "q",
-        ])
-        .arg("--model")
-        .arg(setup().join("model"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "{err}");
+    let model = setup().join("model");
+    let (code, _, err) = trainer_with(&[
+        "infer",
+        "--turns",
+        "1",
+        "--position",
+        "after-reasoning",
+        "--max-new-tokens",
+        "2",
+        "--temperature",
+        "0",
+        "--question",
+        "q",
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
     assert!(
         err.contains("--position applies to correction turns, and --turns 1 asks none"),
         "{err}"

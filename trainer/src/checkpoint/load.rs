@@ -879,21 +879,19 @@ fn run_output_dir_hint(dir: &Path) -> Option<String> {
     let Some(ckpt) = path_at("checkpoint", "dir") else {
         return Some("pass one of the step-N folders in its checkpoint.dir".into());
     };
+    // (`./a-run` as `a-run`: Path::ends_with compares whole components)
     let started_in = path_at("train", "output_dir")
         .filter(|out| out.is_relative())
-        .and_then(|out| {
-            let parts = out.components().filter(|c| c.as_os_str() != ".").count();
-            let ends_with = dir.components().rev().take(parts).collect::<Vec<_>>()
-                == out
-                    .components()
-                    .filter(|c| c.as_os_str() != ".")
-                    .rev()
-                    .collect::<Vec<_>>();
-            ends_with.then(|| {
-                dir.ancestors()
-                    .nth(parts)
-                    .map_or_else(PathBuf::new, Path::to_path_buf)
-            })
+        .map(|out| {
+            out.components()
+                .filter(|c| c.as_os_str() != ".")
+                .collect::<PathBuf>()
+        })
+        .filter(|out| dir.ends_with(out))
+        .map(|out| {
+            dir.ancestors()
+                .nth(out.components().count())
+                .map_or_else(PathBuf::new, Path::to_path_buf)
         });
     let found = match (ckpt.is_relative(), started_in) {
         (false, _) => Some(ckpt.clone()),

@@ -346,10 +346,12 @@ pub(crate) fn infer(args: InferArgs) -> Result<ExitCode> {
 }
 
 /// A write to stdout: a reader that closed it (`| head`) ends the process quietly with a shell's
-/// status for SIGPIPE, 141 (nothing is left to write); another failure (a full disk) is an error.
+/// status for SIGPIPE (nothing is left to write); another failure (a full disk) is an error.
 fn written(r: std::io::Result<()>) -> Result<()> {
     match r {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(141),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            std::process::exit(crate::BROKEN_PIPE_STATUS.into())
+        }
         Err(e) => Err(anyhow::Error::new(e)
             .context("writing to stdout (a full disk, or an output that cannot be written?)")),
         Ok(()) => Ok(()),
@@ -604,17 +606,13 @@ pub(crate) fn checkpoint_and_base(
         (None, None, Some(a)) => trainer::model::adapter::base_folder(a, None)?,
         (None, None, None) => anyhow::bail!("--model is required (or --checkpoint or --adapter)"),
     };
-    // ("meta-llama/Llama-3.2-11B-Vision-Instruct" is a Hub id: nothing is downloaded here; another
-    // missing folder is named by the model load, with what the folder should hold)
-    let hub_id = |m: &std::path::Path| {
-        m.components().count() == 2
-            && m.components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)))
-    };
-    if let (Some(m), false) = (model.filter(|m| hub_id(m)), model_dir.is_dir()) {
+    // (another missing folder is named by the model load, with what the folder should hold)
+    let hub_id = model.filter(|m| trainer::config::is_hub_id(m) && !model_dir.is_dir());
+    if let Some(m) = hub_id {
         anyhow::bail!(
-            "--model {}: no such folder (a Hub id is not downloaded: give the folder it was downloaded to, `huggingface-cli download ID --local-dir DIR`)",
-            m.display()
+            "--model {}: no such folder ({})",
+            m.display(),
+            trainer::config::HUB_ID_NOTE
         );
     }
     // (before the base's weights are read: a wrong --model fails in a second, not after 20 GB)

@@ -33,7 +33,9 @@ pub use schema::{
     TrainConfig,
 };
 
-pub use validate::{missing_data_paths, missing_paths, training_conflicts, world_conflicts};
+pub use validate::{
+    is_hub_id, missing_data_paths, missing_paths, training_conflicts, world_conflicts, HUB_ID_NOTE,
+};
 
 use de::{DeError, DeErrorKind};
 use overrides::Override;

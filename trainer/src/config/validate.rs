@@ -132,6 +132,18 @@ pub fn training_conflicts(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// What to do with a Hugging Face Hub id given as a folder.
+pub const HUB_ID_NOTE: &str = "a Hub id is not downloaded: give the folder it was downloaded to (`huggingface-cli download ID --local-dir DIR`)";
+
+/// Whether a path that is not there reads as a Hub id ("meta-llama/Llama-3.2-11B-Vision": two
+/// plain names; not "./model" nor "a/b/c").
+pub fn is_hub_id(path: &std::path::Path) -> bool {
+    path.components().count() == 2
+        && path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
 /// The files and folders a run reads that are not there: `model.path` (a folder with
 /// config.json), `data.train` (and `data.eval` under `train.validate`), `peft.init_from`.
 /// Checked by `trainer config check`, which the launcher runs once before starting any rank of a
@@ -142,14 +154,9 @@ pub fn training_conflicts(config: &Config) -> Result<(), ConfigError> {
 pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
     let model = &config.model.path;
     if !model.is_dir() {
-        // ("meta-llama/Llama-3.2-11B-Vision" is a Hub id: nothing is downloaded here; not
-        // "./model")
-        let named = model
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
-        let hub = match named && model.components().count() == 2 {
-            true => "; a Hub id is not downloaded: give the folder it was downloaded to (`huggingface-cli download ID --local-dir DIR`)",
-            false => "",
+        let hub = match is_hub_id(model) {
+            true => format!("; {HUB_ID_NOTE}"),
+            false => String::new(),
         };
         return missing(
             "model.path",

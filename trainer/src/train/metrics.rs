@@ -48,6 +48,16 @@ pub(super) struct StepReport<'a> {
     pub epoch_end: bool,
 }
 
+/// The step a run resumes from, as the checkpoint records it.
+pub(super) struct ResumedAt {
+    pub step: u64,
+    /// Its loss (None from older trainers' checkpoints): tells the run's own metrics history
+    /// from another run's.
+    pub loss: Option<f64>,
+    /// Whether its validation finished (else it is validated again and writes its line again).
+    pub validated: bool,
+}
+
 pub(super) struct Meter {
     file: Option<std::fs::File>,
     /// `train.tensorboard` (rank 0): dropped, with a warning, at its first write error (the
@@ -80,22 +90,18 @@ impl Meter {
         }
     }
 
-    /// A fresh metrics file, or, when resuming from step `resumed` (whose loss the checkpoint
-    /// recorded: `resumed_loss`), the existing one without the lines of later steps (those are
-    /// trained again), nor the resumed step's validation line unless `resumed_validated`: a
-    /// checkpoint whose validation never finished (a crash after the line, before
+    /// A fresh metrics file, or, when resuming, the existing one without the lines of later
+    /// steps (those are trained again), nor the resumed step's validation line unless it was
+    /// validated: a checkpoint whose validation never finished (a crash after the line, before
     /// validation.json) is validated again, and writes its line again. (`open_file` on another
     /// run's history there.)
-    #[allow(clippy::too_many_arguments)]
     pub fn open(
         config: &Config,
         pg: &ProcessGroup,
         device: Device,
         flops: FlopCount,
         total: u64,
-        resumed: Option<u64>,
-        resumed_loss: Option<f64>,
-        resumed_validated: bool,
+        resumed: Option<ResumedAt>,
     ) -> Result<Self> {
         let rank = pg.rank();
         // the peak of the dtype the matmuls run in (model.dtype without FSDP)
@@ -108,8 +114,7 @@ impl Meter {
             }),
         };
         let opened = if rank == 0 {
-            let at = resumed.map(|step| (step, resumed_loss));
-            open_file(&config.train.output_dir, at, resumed_validated).map(|opened| {
+            open_file(&config.train.output_dir, resumed.as_ref()).map(|opened| {
                 // (informational: a failure is a warning, not an error on rank 0 alone while
                 // the other ranks go on into collectives)
                 if let Err(e) = write_config(config) {
@@ -141,8 +146,9 @@ impl Meter {
                 // a resumed run replaces the points of the resumed step on: those of the run
                 // that went on past its checkpoint, and the resumed step's own, written again
                 // from the lines kept (all of them when they came from another folder)
-                let replayed = if restored { Some(0) } else { resumed };
-                match super::tensorboard::EventWriter::create(&dir, resumed)
+                let from = resumed.as_ref().map(|r| r.step);
+                let replayed = if restored { Some(0) } else { from };
+                match super::tensorboard::EventWriter::create(&dir, from)
                     .and_then(|w| replay(w, &kept, replayed))
                 {
                     Ok(w) => {
@@ -172,7 +178,7 @@ impl Meter {
             let bar =
                 ProgressBar::with_draw_target(Some(total), crate::logging::progress_draw_target())
                     .with_style(style)
-                    .with_position(resumed.unwrap_or(0));
+                    .with_position(resumed.as_ref().map_or(0, |r| r.step));
             // every log line (any thread) now clears the bar, prints, and redraws it
             crate::logging::set_active_bar(Some(bar.clone()));
             bar
@@ -419,16 +425,11 @@ fn append_line(file: &mut Option<std::fs::File>, v: &Value) {
     }
 }
 
-/// metrics.jsonl for appending ([`Opened`]). `resumed`: the step resumed from and its loss as the
-/// checkpoint recorded it. A metrics.jsonl whose line of that step has another loss is another
+/// metrics.jsonl for appending ([`Opened`]). A metrics.jsonl whose line of that step has another loss is another
 /// run's history (a run started over into this folder since, whose checkpoints `resume: auto`
 /// passed over), and so is one without that line where a `previous-run-*` folder holds it: it is
 /// set aside with the other run files, and the resumed run's history taken from that folder.
-fn open_file(
-    dir: &Path,
-    resumed: Option<(u64, Option<f64>)>,
-    resumed_validated: bool,
-) -> Result<Opened> {
+fn open_file(dir: &Path, resumed: Option<&ResumedAt>) -> Result<Opened> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating train.output_dir {}", dir.display()))?;
     if resumed.is_none() {
@@ -448,15 +449,15 @@ fn open_file(
     }
     let path = dir.join("metrics.jsonl");
     let (kept, restored) = match resumed {
-        Some((step, loss)) => {
-            let (lines, restored) = resumed_history(dir, step, loss)?;
-            warn_if_adapter_from_later(dir, step, &lines);
+        Some(r) => {
+            let (lines, restored) = resumed_history(dir, r.step, r.loss)?;
+            warn_if_adapter_from_later(dir, r.step, &lines);
             let kept = lines
                 .into_iter()
                 .filter(|v| {
                     let validation = v["validation"].as_bool() == Some(true);
                     v["step"].as_u64().is_some_and(|s| {
-                        s < step || (s == step && (resumed_validated || !validation))
+                        s < r.step || (s == r.step && (r.validated || !validation))
                     })
                 })
                 .collect();

@@ -161,16 +161,12 @@ pub fn train(config: &Config) -> Result<Outcome> {
     if let Some(note) = setup::template_date_note(st.resumed_template_clock.take(), text_only) {
         metrics::log(rank, &note);
     }
-    let mut meter = Meter::open(
-        config,
-        &pg,
-        device,
-        flops,
-        total_steps,
-        st.saved_step,
-        st.last_loss,
-        st.resumed_validated,
-    )?;
+    let resumed = st.saved_step.map(|step| metrics::ResumedAt {
+        step,
+        loss: st.last_loss,
+        validated: st.resumed_validated,
+    });
+    let mut meter = Meter::open(config, &pg, device, flops, total_steps, resumed)?;
     let stop_after = signal::stop_after_step();
     let fsdp = match config.fsdp.enabled {
         true => config.fsdp.sharding_strategy.name(),
