@@ -1134,6 +1134,50 @@ fn date_pins_the_template_date_across_time_zones() {
     );
 }
 
+/// A generation that runs past the model's max_position_embeddings is said (once), as
+/// transformers' generate says it, and goes on; within them, nothing is said.
+#[test]
+fn generating_past_max_position_embeddings_warns() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/train/model");
+    let short = std::env::temp_dir().join(format!("cli-max-pos-{}", std::process::id()));
+    std::fs::create_dir_all(&short).unwrap();
+    for file in std::fs::read_dir(&fixture).unwrap() {
+        let file = file.unwrap().path();
+        std::fs::copy(&file, short.join(file.file_name().unwrap())).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(short.join("config.json")).unwrap()).unwrap();
+    config["text_config"]["max_position_embeddings"] = 16.into();
+    std::fs::write(short.join("config.json"), config.to_string()).unwrap();
+    let run = |model: &std::path::Path| {
+        let model = model.to_str().unwrap();
+        let args = ["infer", "--model", model, "--question", "What?"];
+        trainer(
+            &[
+                &args[..],
+                &[
+                    "--turns",
+                    "2",
+                    "--max-new-tokens",
+                    "3",
+                    "--temperature",
+                    "0",
+                ],
+            ]
+            .concat(),
+        )
+    };
+    let (code, _, stderr) = run(&short);
+    assert_eq!(code, 0, "{stderr}");
+    let warning = "past the model's max_position_embeddings (16): the text past it may degrade";
+    assert_eq!(stderr.matches(warning).count(), 1, "{stderr}");
+    let (code, _, stderr) = run(&fixture);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("max_position_embeddings"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&short);
+}
+
 /// `infer --questions` under a launcher with several ranks is refused (each would answer every
 /// question into the one file), before the model loads.
 #[test]

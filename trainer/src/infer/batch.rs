@@ -28,6 +28,14 @@ pub struct Generated {
     pub ended: bool,
 }
 
+/// A decode step's last logits as the host reads them.
+enum StepLogits {
+    /// Every live row greedy: the argmax per row (B').
+    Greedy(Vec<i64>),
+    /// Some row samples or penalizes repeats: the logits (B', V).
+    Host(Tensor),
+}
+
 /// Keeps the rows `keep` (indices into dim 0) of every cached K/V.
 fn keep_cache_rows(cache: &mut KvCache, keep: &Tensor) {
     for layer in &mut cache.layers {
@@ -171,6 +179,14 @@ impl Session<'_> {
         if prompts.is_empty() || max_new == 0 {
             return Ok(out);
         }
+        let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0) + max_new;
+        let max_positions = self.model.config.text.max_position_embeddings;
+        if longest as i64 > max_positions {
+            // transformers' generate says the same and goes on (RoPE extrapolates; the model
+            // was not trained there)
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| tracing::warn!("a prompt plus --max-new-tokens reaches {longest} positions, past the model's max_position_embeddings ({max_positions}): the text past it may degrade; lower --max-new-tokens or --turns"));
+        }
         let device = self.model.options.device;
         let (ids, mut am, pos, images) = self.pad_batch(prompts, device)?;
         let s = ids.size()[1];
@@ -197,19 +213,33 @@ impl Session<'_> {
             .collect();
         let mut live: Vec<usize> = (0..prompts.len()).collect(); // batch row -> prompt index
         for step in 0..max_new {
-            let last_cpu = last.to_device(Device::Cpu); // (B', V)
+            // greedy rows alone: their argmax on the logits' device, so a step copies B' ids to
+            // the host, not (B', V) logits (the argmax of bf16 logits is that of their exact fp32
+            // values, first index on ties, as `Sampler::pick` takes it)
+            let picked = match live.iter().all(|&r| samplers[r].is_greedy()) {
+                true => StepLogits::Greedy(
+                    Vec::try_from(last.argmax(-1, false).to_device(Device::Cpu))
+                        .map_err(ModelError::from)?, // (B',)
+                ),
+                false => StepLogits::Host(last.to_device(Device::Cpu)), // (B', V)
+            };
             let mut keep = Vec::new(); // batch rows still generating
             let mut next = Vec::new(); // their new tokens
             for (k, &r) in live.iter().enumerate() {
-                // fp32 before any processor, as transformers' generate takes the logits (a
-                // repetition penalty on bf16 logits would round them to 8 bits)
-                let logits = last_cpu.get(k as i64).to_kind(Kind::Float);
-                let token = match samplers[r].repetition_penalty == 1.0 {
-                    true => samplers[r].pick(&logits),
-                    // the sequence so far, as transformers' input_ids: prompt and generated
-                    false => {
-                        let seen = [prompts[r].ids.as_slice(), &out[r].token_ids].concat();
-                        samplers[r].pick_after(&logits, &seen)
+                let token = match &picked {
+                    StepLogits::Greedy(ids) => ids[k],
+                    StepLogits::Host(last_cpu) => {
+                        // fp32 before any processor, as transformers' generate takes the logits
+                        // (a repetition penalty on bf16 logits would round them to 8 bits)
+                        let logits = last_cpu.get(k as i64).to_kind(Kind::Float);
+                        match samplers[r].repetition_penalty == 1.0 {
+                            true => samplers[r].pick(&logits),
+                            // the sequence so far, as transformers' input_ids: prompt and generated
+                            false => {
+                                let seen = [prompts[r].ids.as_slice(), &out[r].token_ids].concat();
+                                samplers[r].pick_after(&logits, &seen)
+                            }
+                        }
                     }
                 };
                 if eos.contains(&token) {

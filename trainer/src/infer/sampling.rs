@@ -156,6 +156,11 @@ impl Sampler {
         self
     }
 
+    /// Picks the argmax of the raw logits: temperature 0 and no repetition penalty.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0 && self.repetition_penalty == 1.0
+    }
+
     /// [`Sampler::pick`] after the repetition penalty over `seen` (the sequence so far).
     pub fn pick_after(&mut self, logits: &Tensor, seen: &[i64]) -> i64 {
         let penalized = penalize(logits, seen, self.repetition_penalty);
@@ -317,6 +322,30 @@ mod tests {
         // no top-k: the 55 small logits are drawn too
         assert!(draws(0, 1.0).len() > 5);
         assert_eq!(Sampler::new(1.0, 0.9, 0).top_k, DEFAULT_TOP_K);
+    }
+
+    /// The decode loop's greedy rows take the argmax of the (B, V) bf16 logits where they are;
+    /// the same ids as `pick` on each row's fp32 values, ties (first index) included.
+    #[test]
+    fn batched_bf16_argmax_is_the_greedy_pick() {
+        tch::manual_seed(3);
+        let logits =
+            Tensor::randn([4, 1000], (Kind::Float, tch::Device::Cpu)).to_kind(Kind::BFloat16);
+        // row 1: the max at ids 10 and 900 (bf16 rounding makes near-ties exact ties too)
+        let _ = logits.get(1).get(10).fill_(9.0);
+        let _ = logits.get(1).get(900).fill_(9.0);
+        let batched = Vec::<i64>::try_from(logits.argmax(-1, false)).unwrap();
+        let mut greedy = Sampler::new(0.0, 0.9, 0);
+        assert!(greedy.is_greedy());
+        let one_by_one: Vec<i64> = (0..4)
+            .map(|r| greedy.pick(&logits.get(r).to_kind(Kind::Float)))
+            .collect();
+        assert_eq!(batched, one_by_one);
+        assert_eq!(batched[1], 10);
+        assert!(!Sampler::new(0.0, 0.9, 0)
+            .with_repetition_penalty(1.1)
+            .is_greedy());
+        assert!(!Sampler::new(0.7, 0.9, 0).is_greedy());
     }
 
     #[test]
