@@ -187,6 +187,17 @@ fn an_empty_stop_string_is_a_usage_error() {
     assert!(stderr.contains("an empty stop string"), "{stderr}");
 }
 
+/// A blank --question is refused before the model loads, as a blank question line of
+/// --questions or of a benchmark is.
+#[test]
+fn a_blank_question_is_a_usage_error() {
+    for blank in ["", " \n"] {
+        let (code, _, stderr) = trainer(&["infer", "--model", "m", "--question", blank]);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains("the question is empty"), "{stderr}");
+    }
+}
+
 /// `eval --limit 0` would write an empty report and succeed.
 #[test]
 fn an_eval_limit_of_zero_is_a_usage_error() {

@@ -913,6 +913,7 @@ fn bad_benchmarks_name_file_and_line() {
         ("choices-type.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"1\", \"choices\": [1, 2]}\n", "choices-type.jsonl:1: `choices` item 1 is a number"),
         ("dup-choices.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \"q\", \"answer\": \"red\", \"choices\": [\"red\", \"red\"]}\n", "dup-choices.jsonl:1: answer \"red\" is the text of more than one of the choices"),
         ("empty-image.jsonl", "{\"id\": \"x\", \"image\": \" \", \"question\": \"q\", \"answer\": \"1\"}\n", "empty-image.jsonl:1: `image` is an empty string: give the image's path, or null"),
+        ("blank-question.jsonl", "{\"id\": \"x\", \"image\": \"small.png\", \"question\": \" \\n\", \"answer\": \"1\"}\n", "blank-question.jsonl:1: `question` is empty: give the text to ask"),
     ];
     // a truncated image (its header reads, its pixels do not), found before anything runs
     let whole = std::fs::read(repo().join("tests/fixtures/data/images/large.png")).unwrap();

@@ -34,7 +34,7 @@ pub(crate) struct InferArgs {
     #[arg(long)]
     image: Option<PathBuf>,
     /// The question (the first user turn's text)
-    #[arg(long, required_unless_present = "questions")]
+    #[arg(long, required_unless_present = "questions", value_parser = parse_question)]
     question: Option<String>,
     /// Many questions instead of one: JSONL with "question" and optional "id" and "image" (null
     /// or left out: text-only) per line, generated in batches into --out, one JSON line per
@@ -63,6 +63,16 @@ pub(crate) struct InferArgs {
 }
 
 /// A count of 1 or more (checked when the flags are read, not after the model loads).
+/// The question text: not blank (--questions and eval refuse a blank one too).
+fn parse_question(text: &str) -> Result<String, String> {
+    match text.trim().is_empty() {
+        true => Err(
+            "the question is empty: give the text to ask (about the image, with --image)".into(),
+        ),
+        false => Ok(text.to_string()),
+    }
+}
+
 pub(crate) fn at_least_one(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(n) if n >= 1 => Ok(n),

@@ -207,6 +207,9 @@ fn read_bench_line(
     if let Some(first) = seen.insert(item.id.clone(), number) {
         return Err(format!("id {:?} repeats the one on line {first}", item.id));
     }
+    if item.question.trim().is_empty() {
+        return Err("`question` is empty: give the text to ask".into());
+    }
     if item.image.as_deref().is_some_and(|p| p.trim().is_empty()) {
         return Err(
             "`image` is an empty string: give the image's path, or null (or no `image`) for a text-only question"
