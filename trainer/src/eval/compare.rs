@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::report::{Prediction, TurnPrediction};
 use super::stats::mcnemar_exact;
 use super::EvalError;
+use crate::infer::item_id::ItemId;
 
 /// One turn of the comparison, over the questions both runs answered at that turn.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -251,7 +252,7 @@ fn settings_differ(a: &Path, b: &Path) -> Vec<String> {
 }
 
 /// An eval folder's predictions by id, as a resumed `trainer eval` reads them.
-fn predictions_of(dir: &Path) -> Result<HashMap<String, Prediction>, EvalError> {
+fn predictions_of(dir: &Path) -> Result<HashMap<ItemId, Prediction>, EvalError> {
     if !dir.join("predictions.jsonl").is_file() {
         let hint = match has_rank_files(dir) {
             true => "an interrupted evaluation: run its `trainer eval` command again to finish it (it resumes), then compare",

@@ -38,6 +38,7 @@ use serde::Deserialize;
 
 use crate::data::image::load_rgb;
 use crate::data::records::resolve_image;
+use crate::infer::item_id::ItemId;
 use crate::infer::{InferOptions, Session};
 use report::{Prediction, Report, TurnPrediction};
 use settings::{agree_on_settings, check_settings, settings, write_settings};
@@ -48,9 +49,8 @@ pub(crate) use settings::{differences, what_predicts};
 /// ignored, with one warning naming them.
 #[derive(Debug, Clone, Deserialize)]
 pub struct BenchItem {
-    /// A string or an integer (many benchmarks number their questions); kept as text.
-    #[serde(deserialize_with = "id_text")]
-    pub id: String,
+    /// A string or an integer (many benchmarks number their questions), written back as read.
+    pub id: ItemId,
     /// None (null or left out): a text-only question.
     #[serde(default)]
     pub image: Option<String>,
@@ -62,16 +62,6 @@ pub struct BenchItem {
     pub choices: Option<Vec<String>>,
     #[serde(default)]
     pub category: Option<String>,
-}
-
-fn id_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    match serde_json::Value::deserialize(d)? {
-        serde_json::Value::String(s) => Ok(s),
-        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
-        other => Err(serde::de::Error::custom(format!(
-            "`id` must be a string or an integer, not {other}"
-        ))),
-    }
 }
 
 fn answer_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -173,7 +163,7 @@ const BENCH_FIELDS: [&str; 6] = ["id", "image", "question", "answer", "choices",
 fn read_bench_line(
     line: &str,
     number: usize,
-    seen: &mut HashMap<String, usize>,
+    seen: &mut HashMap<ItemId, usize>,
     ignored: &mut std::collections::BTreeSet<String>,
 ) -> Result<BenchItem, String> {
     // (a LLaVA `<image>` marker in the question is the prompt's business: `Session::prompt_ids`)
@@ -482,7 +472,7 @@ pub(super) fn rank_files(out: &Path) -> Vec<PathBuf> {
 }
 
 /// Every prediction already made: the merged file and any rank files of an interrupted run.
-fn existing_predictions(out: &Path) -> Result<HashMap<String, Prediction>, EvalError> {
+fn existing_predictions(out: &Path) -> Result<HashMap<ItemId, Prediction>, EvalError> {
     let mut done = HashMap::new();
     let mut files = vec![out.join("predictions.jsonl")];
     files.extend(rank_files(out));
@@ -499,7 +489,7 @@ fn existing_predictions(out: &Path) -> Result<HashMap<String, Prediction>, EvalE
 /// line) is refused, as its predictions would be scored against the wrong answer.
 fn check_asked(
     items: &[(usize, BenchItem)],
-    done: &HashMap<String, Prediction>,
+    done: &HashMap<ItemId, Prediction>,
     out: &Path,
     bench: &str,
 ) -> Result<(), EvalError> {
@@ -596,7 +586,7 @@ fn check_items(
 /// merge, which keeps what is there).
 fn check_all_predicted(
     items: &[(usize, BenchItem)],
-    done: &HashMap<String, Prediction>,
+    done: &HashMap<ItemId, Prediction>,
     out: &Path,
 ) -> Result<(), EvalError> {
     let missing: Vec<&str> = items
@@ -1179,12 +1169,12 @@ mod tests {
         std::fs::write(&path, format!("{}\n{}", line("a"), line("b"))).unwrap();
         let mut f = open_for_append(&path).unwrap();
         f.write_all(format!("{}\n", line("c")).as_bytes()).unwrap();
-        let ids: Vec<String> = read_predictions(&path)
+        let ids: Vec<ItemId> = read_predictions(&path)
             .unwrap()
             .into_iter()
             .map(|p| p.id)
             .collect();
-        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(ids, ["a".into(), "b".into(), "c".into()]);
         let torn = &line("d")[..20];
         std::fs::write(&path, format!("{}\n{torn}", line("a"))).unwrap();
         drop(open_for_append(&path).unwrap());
@@ -1221,7 +1211,7 @@ mod tests {
         b.id = "b".into();
         let items = vec![(1, a), (2, b)];
         let mut done = HashMap::new();
-        done.insert("a".to_string(), saved("a"));
+        done.insert("a".into(), saved("a"));
         let err = check_all_predicted(&items, &done, Path::new("/out"))
             .unwrap_err()
             .to_string();
@@ -1231,7 +1221,7 @@ mod tests {
                 && err.contains("shared --out"),
             "{err}"
         );
-        done.insert("b".to_string(), saved("b"));
+        done.insert("b".into(), saved("b"));
         assert!(check_all_predicted(&items, &done, Path::new("/out")).is_ok());
     }
 

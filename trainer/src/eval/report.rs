@@ -65,7 +65,8 @@ impl TurnPrediction {
 /// One line of predictions.jsonl.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Prediction {
-    pub id: String,
+    /// As the benchmark wrote it (a string or an integer).
+    pub id: crate::infer::item_id::ItemId,
     pub answer: String,
     #[serde(default)]
     pub category: Option<String>,

@@ -7,6 +7,7 @@
 //! for the correction (the seed's open question of where the stage belongs).
 pub mod batch;
 pub mod checkpoint;
+pub mod item_id;
 pub mod questions;
 pub mod sampling;
 pub mod stages;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::item_id::ItemId;
 use super::InferError;
 
 /// One question of a questions file.
@@ -17,7 +18,7 @@ pub struct Question {
     /// 1-based line in the file.
     pub line: usize,
     /// The line's `id` (a string or an integer), else `line-N`.
-    pub id: String,
+    pub id: ItemId,
     /// Resolved against the image root; None: a text-only question.
     pub image: Option<PathBuf>,
     /// The image as the line writes it (what a stored answer is compared with on resume).
@@ -40,7 +41,7 @@ pub fn read(path: &Path, image_root: &Path) -> Result<Vec<Question>, InferError>
         std::fs::read_to_string(path).map_err(|e| InferError::Input(format!("{file}: {e}")))?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let (mut questions, mut problems) = (Vec::new(), Vec::new());
-    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut seen: HashMap<ItemId, usize> = HashMap::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -72,10 +73,8 @@ fn parse_line(line: &str, number: usize, image_root: &Path) -> Result<Question, 
         .as_object()
         .ok_or("expected a JSON object ({\"id\", \"image\", \"question\"})")?;
     let id = match obj.get("id") {
-        None | Some(Value::Null) => format!("line-{number}"),
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
-        Some(other) => return Err(format!("`id` must be a string or an integer, not {other}")),
+        None | Some(Value::Null) => ItemId::text(format!("line-{number}")),
+        Some(v) => ItemId::from_json(v)?,
     };
     let question = match obj.get("question") {
         Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
@@ -124,7 +123,11 @@ pub fn stored(out: &Path) -> Result<Vec<(usize, Value)>, InferError> {
         let parsed: Option<Value> = serde_json::from_slice(line).ok();
         // (a torn line does not parse; one that does, but is not ours, is another file's)
         let torn = parsed.is_none() && is_torn_line(line);
-        match parsed.filter(|v| v.get("id").is_some_and(Value::is_string) && v.get("settings").is_some()) {
+        let ours = |v: &Value| {
+            v.get("id").is_some_and(|id| ItemId::from_json(id).is_ok())
+                && v.get("settings").is_some()
+        };
+        match parsed.filter(ours) {
             Some(v) => kept.push((i + 1, v)),
             None if i + 1 == lines.len() && torn => {}
             None => {
@@ -163,11 +166,13 @@ pub fn done(
     stored: &[(usize, Value)],
     settings: &Value,
     asked: &[Question],
-) -> Result<HashSet<String>, InferError> {
+) -> Result<HashSet<ItemId>, InferError> {
     let by_id: HashMap<&str, &Question> = asked.iter().map(|q| (q.id.as_str(), q)).collect();
     let mut ids = HashSet::new();
     for (line, v) in stored {
-        let (id, made_with) = (v["id"].as_str().unwrap_or_default(), &v["settings"]);
+        // (`stored` kept lines with an id only)
+        let id = ItemId::from_json(&v["id"]).map_err(InferError::Input)?;
+        let made_with = &v["settings"];
         // (greedy decoding reads no seed, top-k or top-p: those may differ; the prompts' date
         // matters to text-only questions only; the folders compare by their files' content
         // where the line records it, so a copy of the model elsewhere resumes)
@@ -204,7 +209,7 @@ pub fn done(
                 line
             )));
         }
-        if let Some(q) = by_id.get(id) {
+        if let Some(q) = by_id.get(id.as_str()) {
             let same = v.get("question").and_then(Value::as_str) == Some(q.question.as_str())
                 && v.get("image").and_then(Value::as_str) == q.image_text.as_deref();
             if !same {
@@ -217,7 +222,7 @@ pub fn done(
                 )));
             }
         }
-        if !ids.insert(id.to_string()) {
+        if !ids.insert(id.clone()) {
             return Err(InferError::Input(format!(
                 "{}:{}: a second generation for id {id:?} (two runs into one --out?); give another --out, or delete one of them",
                 out.display(),
