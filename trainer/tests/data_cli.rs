@@ -364,6 +364,35 @@ fn dump_writes_the_exact_tensors_of_a_global_batch() {
     );
 }
 
+/// `--out` replaces an earlier dump only: the data file, the config, an image or a folder given
+/// as --out is refused and left as it was (the dump wrote over each).
+#[test]
+fn dump_refuses_to_overwrite_what_is_not_a_dump() {
+    let dir = temp_dir("dump-overwrite");
+    let cfg = setup(&dir, &good_lines(4), "");
+    let image = dir.join("images").join(IMAGES[0]);
+    for target in [
+        dir.join("train.jsonl"),
+        cfg.clone(),
+        image,
+        dir.join("images"),
+    ] {
+        let before = std::fs::read(&target).ok();
+        let (code, out, err) = dump(&cfg, &["--index", "0", "--out", target.to_str().unwrap()]);
+        assert_eq!(code, 1, "{}: {out}{err}", target.display());
+        assert!(
+            err.contains("give another path (a dump replaces only an earlier dump)"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&target).ok(), before, "{}", target.display());
+    }
+    let again = dir.join("b.safetensors");
+    for index in ["0", "1"] {
+        let (code, out, err) = dump(&cfg, &["--index", index, "--out", again.to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+}
+
 /// `--world 2`: the global batch of a 2-rank run (the sampler depends on it), each rank's part
 /// under `rank{r}.`, equal to what that rank loads.
 #[test]

@@ -192,6 +192,7 @@ pub fn dump(
     out: &Path,
     text: bool,
 ) -> Result<String, DataError> {
+    refuse_to_overwrite(out)?;
     let ds = Dataset::open(config, &config.model.path, Split::Train)?;
     let (bs, accum) = (config.train.batch_size, config.train.grad_accum);
     let world = world.max(1);
@@ -277,6 +278,44 @@ pub fn dump(
     }
     msg.push_str(&shown);
     Ok(msg)
+}
+
+/// `data dump --out` replaces only an earlier dump: any other file there (the config, a data
+/// file, an image, a model's weights) is refused before anything is read.
+fn refuse_to_overwrite(out: &Path) -> Result<(), DataError> {
+    let refuse = |what: &str| {
+        Err(DataError::Output(format!(
+            "--out {} {what}: give another path (a dump replaces only an earlier dump)",
+            out.display()
+        )))
+    };
+    match std::fs::metadata(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DataError::Output(format!("--out {}: {e}", out.display()))),
+        Ok(m) if m.is_dir() => refuse("is a folder"),
+        Ok(_) if is_dump(out) => Ok(()),
+        Ok(_) => refuse("exists and is not a `trainer data dump` file; it would be overwritten"),
+    }
+}
+
+/// Whether `path` is a safetensors file whose metadata is a dump's (`sample_indices`, `records`).
+fn is_dump(path: &Path) -> bool {
+    use std::io::Read;
+    let header = || -> std::io::Result<serde_json::Value> {
+        let mut f = std::fs::File::open(path)?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len)?;
+        let len = u64::from_le_bytes(len);
+        let mut json = Vec::new();
+        // (a dump's header is small: the tensors' names and the records; a length past this is
+        // another file's bytes)
+        f.take(len.min(64 << 20)).read_to_end(&mut json)?;
+        Ok(serde_json::from_slice(&json)?)
+    };
+    header().is_ok_and(|h| {
+        let meta = &h["__metadata__"];
+        meta.get("sample_indices").is_some() && meta.get("records").is_some()
+    })
 }
 
 /// Each sample of a collated batch as text, supervised spans in `[[` `]]`; `label` ("rank 1, ")
