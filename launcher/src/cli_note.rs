@@ -48,6 +48,10 @@ pub fn config_flag_note(args: &[String], invalid: &str) -> Option<String> {
             .iter()
             .position(|a| *a == invalid || a.starts_with(&format!("{invalid}=")))?;
     let key = invalid.trim_start_matches('-');
+    // (a negative number, `--index -1`, is a value, not a setting's name)
+    if !key.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return None;
+    }
     let value = match args[at].split_once('=') {
         Some((_, v)) => v,
         None => match args.get(at + 1) {
@@ -113,5 +117,7 @@ mod tests {
         // no config before it, or the flag only after `--`: not this case
         assert_eq!(note("--lr 1e-5 cfg.yaml", "--lr"), None);
         assert_eq!(note("--standalone -- python x.py --lr 1", "--lr"), None);
+        // a negative number is a value (`data dump CFG --index -1` was told `--set 1=true`)
+        assert_eq!(note("data dump cfg.yaml --index -1", "-1"), None);
     }
 }

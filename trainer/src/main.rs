@@ -191,7 +191,7 @@ struct DumpArgs {
     config: ConfigArgs,
     /// Global batch index within the epoch (train.batch_size x world x train.grad_accum samples):
     /// what step index + 1 of the epoch trains on
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     index: u64,
     /// World size of the run to reproduce (the sampler depends on the global batch); each rank's
     /// part is named rank{r}.input_ids etc. when above 1

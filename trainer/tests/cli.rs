@@ -545,6 +545,15 @@ fn a_missing_model_or_data_path_is_refused_before_ranks_start() {
             "data.image_root=/no/such/images",
             "data.image_root: /no/such/images: no such folder",
         ),
+        // where a relative path was looked for, and a ~ no shell expanded
+        (
+            "data.train=no/such/train.jsonl",
+            "data.train: no/such/train.jsonl: no such file (relative paths are read from the working folder, ",
+        ),
+        (
+            "data.image_root=~/images",
+            "data.image_root: ~/images: no such folder (a leading ~ is not expanded in a config: write the full path)",
+        ),
         (
             "train.output_dir=tests/fixtures/train/../train/model",
             "train.output_dir: tests/fixtures/train/../train/model is model.path",

@@ -267,6 +267,80 @@ fn check_lists_the_problems_of_several_files_in_file_order() {
     assert!(out.contains(&format!("train split: {f}, {t}")), "{out}");
 }
 
+/// A record left out with nothing supervised (here its answer lies past max_seq_len under
+/// `truncate`) is named by data check, as training's log says it is; the log names no
+/// text-only records (they are not listed).
+#[test]
+fn check_names_records_left_out_with_nothing_supervised() {
+    let dir = temp_dir("check-unsupervised");
+    let mut lines = good_lines(4);
+    let long = serde_json::json!({"id": "long", "image": IMAGES[0], "conversations": [
+        {"from": "human", "value": format!("<image>\n{}", "why? ".repeat(200))},
+        {"from": "gpt", "value": "<CONCLUSION> yes </CONCLUSION>"}
+    ]});
+    lines.push(long.to_string());
+    let cfg = setup(
+        &dir,
+        &lines,
+        ", max_seq_len: 120, max_seq_len_policy: truncate",
+    );
+    let (code, out, err) = trainer(&["data", "check", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("nothing supervised after truncation: 1"),
+        "{out}"
+    );
+    let train = dir.join("train.jsonl");
+    assert!(
+        out.contains("  left out: 1\n")
+            && out.contains(&format!(
+                "{}:5: skipped: nothing supervised after truncation",
+                train.display()
+            )),
+        "{out}"
+    );
+}
+
+/// Records that repeat an earlier record's id are counted, the first named (they passed
+/// without a word; `data dump` names samples by id).
+#[test]
+fn check_names_repeated_ids() {
+    let dir = temp_dir("check-repeated-ids");
+    let mut lines = good_lines(4);
+    lines.push(lines[1].clone());
+    lines.push(lines[1].clone());
+    let cfg = setup(&dir, &lines, "");
+    let (code, out, err) = trainer(&["data", "check", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let train = dir.join("train.jsonl").display().to_string();
+    let want = format!("repeated ids: 2 record(s) have the id of an earlier one, first \"r1\" at {train}:5 (first at {train}:2)");
+    assert!(out.contains(&want), "{out}");
+    let cfg = setup(&temp_dir("check-unique-ids"), &good_lines(4), "");
+    let (_, out, _) = trainer(&["data", "check", cfg.to_str().unwrap()]);
+    assert!(!out.contains("repeated ids"), "{out}");
+}
+
+/// An empty file in a data.train list is named (it added no record without a word).
+#[test]
+fn check_names_an_empty_file_of_a_list() {
+    let dir = temp_dir("check-empty-of-list");
+    let cfg = setup(&dir, &good_lines(4), "");
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let list = format!(
+        "data.train=[{}, {}]",
+        dir.join("train.jsonl").display(),
+        empty.display()
+    );
+    let (code, out, err) = trainer(&["data", "check", cfg.to_str().unwrap(), "--set", &list]);
+    assert_eq!(code, 0, "{out}{err}");
+    let want = format!(
+        "{} holds no record: it adds nothing to the split",
+        empty.display()
+    );
+    assert!(out.contains(&want), "{out}");
+}
+
 #[test]
 fn check_counts_problems_under_skip_and_passes() {
     let dir = temp_dir("check-skip");

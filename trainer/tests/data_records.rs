@@ -79,6 +79,66 @@ fn a_json_list_file_and_an_images_key_say_what_to_write() {
     }
 }
 
+/// A record whose human turn holds `<image>` but which has no `image` (a misspelt key, or
+/// build-sco's input's `image_path`) is a bad record naming its fields, under either text_only
+/// policy: it was skipped as text-only, or trained as text, without a word. A text-only record
+/// without the marker stays one.
+#[test]
+fn an_image_marker_without_an_image_names_the_fields() {
+    let turns =
+        r#""conversations": [{"from":"human","value":"<image>\nq"},{"from":"gpt","value":"a"}]"#;
+    for key in ["imgae", "image_path"] {
+        let line = format!(r#"{{"id": "x", "{key}": "a.jpg", {turns}}}"#);
+        for text_only in [TextOnly::Skip, TextOnly::Keep] {
+            let r = parse_jsonl_str(Path::new("d.jsonl"), &line, &opts(text_only));
+            assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+            let want = format!("a human turn has an <image> marker but the record has no \"image\" (its fields: conversations, id, {key})");
+            assert!(
+                r.problems[0].reason.contains(&want),
+                "{}",
+                r.problems[0].reason
+            );
+        }
+    }
+    let text = r#"{"id": "t", "conversations": [{"from":"human","value":"q"},{"from":"gpt","value":"a"}]}"#;
+    let r = parse_jsonl_str(Path::new("d.jsonl"), text, &opts(TextOnly::Skip));
+    assert!(
+        r.problems.is_empty() && r.records.is_empty(),
+        "{:?}",
+        r.problems
+    );
+    assert_eq!(r.skipped_text_only, 1);
+}
+
+/// A missing image's message says where a relative path was looked for when data.image_root is
+/// unset, and shows spaces around a path (printed bare, they could not be seen).
+#[test]
+fn a_missing_image_says_where_it_was_looked_for() {
+    let turns = r#""conversations": [{"from":"human","value":"q"},{"from":"gpt","value":"a"}]"#;
+    let reason = |image: &str, root: Option<&str>| {
+        let line = format!(r#"{{"image": "{image}", {turns}}}"#);
+        let o = ParseOptions {
+            image_root: root.map(PathBuf::from),
+            check_image_exists: true,
+            ..opts(TextOnly::Skip)
+        };
+        let r = parse_jsonl_str(Path::new("d.jsonl"), &line, &o);
+        r.problems[0].reason.clone()
+    };
+    let cwd = std::env::current_dir().unwrap();
+    let unset = reason("no-such.png", None);
+    assert!(
+        unset.contains(&format!("data.image_root is not set, so relative image paths are read from the working folder, {}", cwd.display())),
+        "{unset}"
+    );
+    assert!(!reason("no-such.png", Some("/no/such/root")).contains("image_root is not set"));
+    let spaced = reason("no-such.png ", Some("/no/such/root"));
+    assert!(
+        spaced.contains("(the record's path, \"no-such.png \", has spaces around it)"),
+        "{spaced}"
+    );
+}
+
 #[test]
 fn every_bad_case_is_file_line_reason() {
     let cases = [
@@ -304,6 +364,37 @@ fn build_sco_makes_two_turn_records_and_counts_failures() {
     assert!(build_sco(ids, " ")
         .unwrap_err()
         .contains("correction prompt is empty"));
+    // ids stay one per record: an entry without one is not named as another entry's own id
+    // (both were sco-1), a repeated own id is a malformed entry; a byte-order mark is read past
+    let entry = |id: &str| {
+        format!(
+            r#"{{{id}"question": "Q", "original_answer": "A", "refined_answer": "B", "image_path": "i.jpg"}}"#
+        )
+    };
+    let clash = format!(
+        "\u{feff}[{}, {}, {}]",
+        entry(r#""id": "sco-1", "#),
+        entry(""),
+        entry(r#""id": "sco-1", "#)
+    );
+    let rep = build_sco(&clash, DEFAULT_CORRECTION_PROMPT).unwrap();
+    assert_eq!(rep.lines.len(), 2);
+    assert!(
+        rep.lines[1].contains(r#""id":"sco-1-1""#),
+        "{}",
+        rep.lines[1]
+    );
+    assert_eq!(
+        rep.problems,
+        ["entry 2: id \"sco-1\" repeats entry 0's (records are named by id)"]
+    );
+    // JSON Lines given for the JSON list: said so
+    let jsonl = format!("{}\n{}\n", entry(""), entry(""));
+    let e = build_sco(&jsonl, DEFAULT_CORRECTION_PROMPT).unwrap_err();
+    assert!(
+        e.contains("the file is JSON Lines (one object per line), not one JSON list"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -338,6 +429,18 @@ fn a_line_that_is_not_utf8_is_a_bad_record_of_its_own() {
     assert_eq!((rep.records.len(), rep.problems.len()), (0, 1));
     assert!(
         rep.problems[0].reason.contains("UTF-16"),
+        "{:?}",
+        rep.problems
+    );
+    // a gzipped file too (it was "not UTF-8" on each of its lines, with a fix that did not fit)
+    let gz = dir.join("train.jsonl.gz");
+    std::fs::write(&gz, [0x1f, 0x8b, 0x08, 0x00, 0xff, 0x0a, 0x9c, 0x0a, 0xe9]).unwrap();
+    let rep = trainer::data::records::parse_jsonl(&gz, &opts(TextOnly::Skip)).unwrap();
+    assert_eq!((rep.records.len(), rep.problems.len()), (0, 1));
+    assert!(
+        rep.problems[0]
+            .reason
+            .contains("gzip-compressed: decompress it first"),
         "{:?}",
         rep.problems
     );

@@ -160,7 +160,7 @@ pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
         };
         return missing(
             "model.path",
-            format!("{}: no such folder (a Hugging Face model folder: config.json, *.safetensors, tokenizer files){hub}", model.display()),
+            format!("{}: no such folder{} (a Hugging Face model folder: config.json, *.safetensors, tokenizer files){hub}", model.display(), read_from(model)),
         );
     }
     if !model.join("config.json").is_file() {
@@ -176,6 +176,21 @@ pub fn missing_paths(config: &Config) -> Result<(), ConfigError> {
     // the run's outputs in the base model's folder: the adapter's adapter_config.json there
     // would make transformers load the base as that adapter from then on
     output_folders(config, model)
+}
+
+/// Where a path that is not there was looked for, when that may be the surprise: a relative
+/// path's working folder (a job started from another folder), a `~` the shell did not expand.
+fn read_from(path: &std::path::Path) -> String {
+    if path.starts_with("~") {
+        return " (a leading ~ is not expanded in a config: write the full path)".into();
+    }
+    match (path.is_relative(), std::env::current_dir()) {
+        (true, Ok(cwd)) => format!(
+            " (relative paths are read from the working folder, {})",
+            cwd.display()
+        ),
+        _ => String::new(),
+    }
 }
 
 /// The error for a path of config key `path` that is not there (or not what it must be).
@@ -197,8 +212,8 @@ pub fn missing_data_paths(config: &Config) -> Result<(), ConfigError> {
         for f in files.map_or(&[][..], |f| f.files()) {
             if !f.is_file() {
                 let what = match f.is_dir() {
-                    true => "a folder, not a JSONL file",
-                    false => "no such file",
+                    true => "a folder, not a JSONL file".to_string(),
+                    false => format!("no such file{}", read_from(f)),
                 };
                 return missing(key, format!("{}: {what}", f.display()));
             }
@@ -220,8 +235,8 @@ pub fn missing_data_paths(config: &Config) -> Result<(), ConfigError> {
     // one of them each named as missing by the data scan says less)
     if let Some(dir) = config.data.image_root.as_ref().filter(|d| !d.is_dir()) {
         let what = match dir.exists() {
-            true => "not a folder",
-            false => "no such folder",
+            true => "not a folder".to_string(),
+            false => format!("no such folder{}", read_from(dir)),
         };
         return missing(
             "data.image_root",

@@ -20,7 +20,7 @@
 //! replaced by the next sample in dataset order (index + 1, + 2, ..., wrapping) that loads, so
 //! the replacement depends only on the data, never on timing or worker count; each replacement
 //! is counted (`Dataset::replaced_samples`) and logged.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -186,11 +186,18 @@ impl Dataset {
         };
         // several files are one dataset: their records in order (problems name file and line)
         let mut parsed = ParseReport::default();
+        let mut empty_files = Vec::new();
         for file in files.files() {
             let one = parse_jsonl(file, &opts).map_err(|mut problem| {
                 problem.reason = format!("data.{split}: {}", problem.reason);
                 DataError::Read(problem)
             })?;
+            let lines = one.records.len() + one.problems.len() + one.skipped_text_only;
+            // (one file of several that adds nothing: a failed export, the wrong file listed)
+            if lines == 0 && files.files().len() > 1 {
+                tracing::warn!("data.{split}: {} holds no record (empty or blank lines only): it adds nothing to the split", file.display());
+                empty_files.push(file.clone());
+            }
             parsed.append(one);
         }
         let mut report = ScanReport {
@@ -200,6 +207,7 @@ impl Dataset {
             text_only_kept: 0,
             bad_records: Some(d.bad_records),
             max_seq_len: d.max_seq_len,
+            empty_files,
             ..Default::default()
         };
         if parsed.skipped_text_only > 0 {
@@ -275,7 +283,10 @@ impl Dataset {
                     *report.skipped.entry("too long".into()).or_default() += 1;
                     report.too_long.push(problem(reason));
                 }
-                Scanned::Skipped(why) => *report.skipped.entry(why.into()).or_default() += 1,
+                Scanned::Skipped(why) => {
+                    *report.skipped.entry(why.into()).or_default() += 1;
+                    report.dropped.push(problem(format!("skipped: {why}")));
+                }
             }
         }
         sort_in_file_order(&mut problems, &files);
@@ -284,6 +295,7 @@ impl Dataset {
         }
         report.problems = problems;
         report.lengths = lengths.clone();
+        report.repeated_ids = repeated_ids(&records);
         Ok(Dataset {
             inner: Arc::new(Inner {
                 file: files,
@@ -896,6 +908,33 @@ pub fn checked_report(ds: &Dataset) -> ScanReport {
     report.problems.extend(failed.into_iter().map(|(_, p)| p));
     sort_in_file_order(&mut report.problems, &inner.file);
     report
+}
+
+/// Records whose id an earlier record of the split has (ids name samples in `data dump` and the
+/// logs; training itself does not read them): how many, and the first as "ID at FILE:LINE
+/// (first at FILE:LINE)". Records without an id are left out.
+fn repeated_ids(records: &[Record]) -> (usize, Option<String>) {
+    let mut first: HashMap<&str, &Record> = HashMap::new();
+    let (mut count, mut example) = (0, None);
+    for r in records.iter().filter(|r| !r.id.is_empty()) {
+        match first.get(r.id.as_str()) {
+            Some(f) => {
+                count += 1;
+                example.get_or_insert_with(|| {
+                    format!(
+                        "{:?} at {}:{} (first at {}:{})",
+                        r.id,
+                        r.file.display(),
+                        r.line,
+                        f.file.display(),
+                        f.line
+                    )
+                });
+            }
+            None => drop(first.insert(&r.id, r)),
+        }
+    }
+    (count, example)
 }
 
 #[cfg(test)]

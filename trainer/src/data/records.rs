@@ -5,6 +5,7 @@
 //! image belongs to the first user turn. A leading or trailing `<image>` placeholder in a human
 //! value is removed (the chat template places `<|image|>`), and every value is `.strip()`ped as
 //! the seed's collator does. Every problem is reported as `FILE:LINE: reason`.
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
@@ -104,14 +105,26 @@ pub fn parse_jsonl(path: &Path, opts: &ParseOptions) -> Result<ParseReport, Prob
         line: 0,
         reason: format!("cannot read the data file: {e}"),
     })?;
-    // (Windows' "Unicode" saves UTF-16 with a byte-order mark: one problem, not one per line)
-    if bytes.starts_with(b"\xff\xfe") || bytes.starts_with(b"\xfe\xff") {
+    // (Windows' "Unicode" saves UTF-16 with a byte-order mark, and a compressed file is no
+    // text at all: one problem, not one per line)
+    let whole_file = match bytes.as_slice() {
+        [0xff, 0xfe, ..] | [0xfe, 0xff, ..] => {
+            Some("the file is UTF-16 text: save it as UTF-8 (e.g. `iconv -f UTF-16 -t UTF-8`)")
+        }
+        [0x1f, 0x8b, ..] => {
+            Some("the file is gzip-compressed: decompress it first (`gunzip -k FILE`)")
+        }
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => {
+            Some("the file is zstd-compressed: decompress it first (`zstd -d FILE`)")
+        }
+        _ => None,
+    };
+    if let Some(reason) = whole_file {
         let mut report = ParseReport::default();
         report.problems.push(Problem {
             file: path.to_path_buf(),
             line: 1,
-            reason: "the file is UTF-16 text: save it as UTF-8 (e.g. `iconv -f UTF-16 -t UTF-8`)"
-                .into(),
+            reason: reason.into(),
         });
         return Ok(report);
     }
@@ -208,6 +221,15 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
+/// Whether a human turn of the record's conversations holds LLaVA's `<image>` marker.
+fn has_image_marker(obj: &serde_json::Map<String, Value>) -> bool {
+    let turns = obj.get("conversations").and_then(Value::as_array);
+    turns.into_iter().flatten().any(|c| {
+        matches!(c["from"].as_str(), Some("human" | "user"))
+            && c["value"].as_str().is_some_and(|v| v.contains("<image>"))
+    })
+}
+
 /// Parse one line; the error is the reason (without the location). None: a record without an
 /// image under `text_only: skip`, dropped (as the seed's loader drops it) before its
 /// conversation is looked at: text-only records of mixed data (a system turn, a ShareGPT-style
@@ -254,6 +276,15 @@ fn parse_line(line: &str, opts: &ParseOptions) -> Result<Option<Record>, String>
             ))
         }
     };
+    if image.is_none() && has_image_marker(obj) {
+        // (an image under another key, "imgae" or build-sco's input's "image_path": skipped
+        // or trained as text without a word)
+        let fields: Vec<&str> = obj.keys().map(String::as_str).collect();
+        return Err(format!(
+            "a human turn has an <image> marker but the record has no \"image\" (its fields: {}): give the image's path as \"image\"",
+            fields.join(", ")
+        ));
+    }
     if image.is_none() && opts.text_only == TextOnly::Skip {
         return Ok(None);
     }
@@ -360,7 +391,14 @@ fn parse_line(line: &str, opts: &ParseOptions) -> Result<Option<Record>, String>
         match std::fs::metadata(p) {
             Ok(m) if m.is_file() => {}
             Ok(_) => return Err(format!("image {} is not a file", p.display())),
-            Err(e) => return Err(format!("image {} cannot be read: {e}", p.display())),
+            Err(e) => {
+                let written = obj.get("image").and_then(Value::as_str).unwrap_or_default();
+                return Err(format!(
+                    "image {} cannot be read: {e}{}",
+                    p.display(),
+                    missing_image_hint(written, opts.image_root.as_deref())
+                ));
+            }
         }
     }
     Ok(Some(Record {
@@ -371,6 +409,21 @@ fn parse_line(line: &str, opts: &ParseOptions) -> Result<Option<Record>, String>
         system,
         turns,
     }))
+}
+
+/// Why an image path `written` in a record may not be found: spaces around it (invisible in
+/// the message), or a relative path with no data.image_root (read from the working folder).
+fn missing_image_hint(written: &str, image_root: Option<&Path>) -> String {
+    if written.trim() != written {
+        return format!(" (the record's path, {written:?}, has spaces around it)");
+    }
+    match (image_root, Path::new(written).is_relative(), std::env::current_dir()) {
+        (None, true, Ok(cwd)) => format!(
+            " (data.image_root is not set, so relative image paths are read from the working folder, {}: set data.image_root to the images' folder)",
+            cwd.display()
+        ),
+        _ => String::new(),
+    }
 }
 
 /// `s` without leading and trailing whitespace as Python's `str.strip()` sees it: Unicode
@@ -447,8 +500,16 @@ pub fn build_sco(refined_json: &str, correction_prompt: &str) -> Result<ScoRepor
     if correction_prompt.trim().is_empty() {
         return Err("the correction prompt is empty: the second turn would ask nothing".into());
     }
-    let v: Value =
-        serde_json::from_str(refined_json).map_err(|e| format!("malformed JSON: {e}"))?;
+    let refined_json = refined_json
+        .strip_prefix('\u{feff}')
+        .unwrap_or(refined_json);
+    let v: Value = serde_json::from_str(refined_json).map_err(|e| {
+        let lines = refined_json.lines().filter(|l| !l.trim().is_empty());
+        match lines.clone().count() > 1 && lines.clone().all(|l| serde_json::from_str::<serde_json::Map<String, Value>>(l).is_ok()) {
+            true => "the file is JSON Lines (one object per line), not one JSON list: make it a list first (`jq -s . FILE > refined.json`)".to_string(),
+            false => format!("malformed JSON: {e}"),
+        }
+    })?;
     let list = v.as_array().ok_or_else(|| {
         format!(
             "expected a JSON list of {{question, original_answer, refined_answer, image_path}}, got {}",
@@ -456,6 +517,15 @@ pub fn build_sco(refined_json: &str, correction_prompt: &str) -> Result<ScoRepor
         )
     })?;
     let mut report = ScoReport::default();
+    // the entries' own ids (an entry without one is named `sco-N` where no entry's own id is
+    // that) and the first entry of each
+    let own_id = |e: &Value| match e.get("id") {
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    let taken: HashSet<String> = list.iter().filter_map(own_id).collect();
+    let mut first_of: HashMap<String, usize> = HashMap::new();
     for (i, e) in list.iter().enumerate() {
         // (null is an empty field: a failed refinement, an image-less question; an absent key
         // is a malformed entry, e.g. a file from another tool whose fields are named otherwise)
@@ -512,11 +582,23 @@ pub fn build_sco(refined_json: &str, correction_prompt: &str) -> Result<ScoRepor
         }
         let mut rec = serde_json::Map::new();
         // (the entry's own id, when it has one)
-        let id = match e.get("id") {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => format!("sco-{i}"),
-        };
+        let id = own_id(e).unwrap_or_else(|| {
+            let free = |n: usize| match n {
+                0 => format!("sco-{i}"),
+                n => format!("sco-{i}-{n}"),
+            };
+            (0..)
+                .map(free)
+                .find(|id| !taken.contains(id))
+                .unwrap_or_default()
+        });
+        if let Some(&first) = first_of.get(&id) {
+            report.problems.push(format!(
+                "entry {i}: id {id:?} repeats entry {first}'s (records are named by id)"
+            ));
+            continue;
+        }
+        first_of.insert(id.clone(), i);
         rec.insert("id".into(), Value::String(id));
         let has_image = !image.trim().is_empty();
         if has_image {

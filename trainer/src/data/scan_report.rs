@@ -69,6 +69,12 @@ pub struct ScanReport {
     /// Records longer than max_seq_len under `max_seq_len_policy: error` (refused) or `skip`
     /// (dropped), named.
     pub too_long: Vec<Problem>,
+    /// Well-formed records left out with nothing to train on (no supervised token), named.
+    pub dropped: Vec<Problem>,
+    /// Records whose id an earlier one has, and the first of them as text.
+    pub repeated_ids: (usize, Option<String>),
+    /// Files of a list of several that hold no record.
+    pub empty_files: Vec<std::path::PathBuf>,
     /// Token counts of the samples (after the length policy), in dataset order.
     pub lengths: Vec<usize>,
     /// Tiles per image -> samples; text-only samples are under 0.
@@ -194,10 +200,26 @@ impl fmt::Display for ScanReport {
             self.total_tokens,
             100.0 * self.supervised_share()
         )?;
+        for file in &self.empty_files {
+            writeln!(
+                f,
+                "  {} holds no record: it adds nothing to the split",
+                file.display()
+            )?;
+        }
+        if let (n @ 1.., Some(first)) = &self.repeated_ids {
+            writeln!(f, "  repeated ids: {n} record(s) have the id of an earlier one, first {first}: they train as separate samples, but `data dump` and the logs name samples by id")?;
+        }
         let n = self.problems.len() + self.too_long.len();
         if n > 0 {
             writeln!(f, "  problems: {n}")?;
             for p in self.problems.iter().chain(&self.too_long) {
+                writeln!(f, "{p}")?;
+            }
+        }
+        if !self.dropped.is_empty() {
+            writeln!(f, "  left out: {}", self.dropped.len())?;
+            for p in &self.dropped {
                 writeln!(f, "{p}")?;
             }
         }

@@ -538,13 +538,15 @@ fn skip_reasons(ds: &Dataset) -> String {
 
 /// The log line about the records a split left out, when it left any out.
 pub(super) fn skipped_note(split: &str, ds: &Dataset) -> Option<String> {
-    (ds.report().skipped_total() > 0).then(|| {
-        format!(
-            "data.{split} {}: {}; `trainer data check CONFIG` lists them",
-            ds.report().file,
-            skip_reasons(ds)
-        )
-    })
+    let r = ds.report();
+    // (text-only records are left out as the seed's loader leaves them, not named one by one)
+    let text_only = r.skipped.get("text-only").copied().unwrap_or(0);
+    let named = match (r.skipped_total() - text_only, text_only) {
+        (0, _) => "",
+        (_, 0) => "; `trainer data check CONFIG` names them",
+        _ => "; `trainer data check CONFIG` names those not text-only",
+    };
+    (r.skipped_total() > 0).then(|| format!("data.{split} {}: {}{named}", r.file, skip_reasons(ds)))
 }
 
 /// The `peft` section as the model's LoRA settings.
