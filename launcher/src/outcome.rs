@@ -140,6 +140,17 @@ impl Failure {
         self.error.as_ref().and_then(|e| e.failed_rank)
     }
 
+    /// Whether a group restart may help: a rank that crashed, or a node other than node 0 that
+    /// node 0 lost (as torchrun's agents re-rendezvous: the next attempt waits, up to
+    /// --rdzv-timeout, for that node's launcher started again); not node 0's loss (its store
+    /// went with it).
+    pub fn restartable(&self) -> bool {
+        match &self.kind {
+            FailureKind::PeerLost(_) => self.node_rank != 0 && self.rank.is_none(),
+            kind => kind.restartable(),
+        }
+    }
+
     /// Whether the failed rank said it failed because another one did (`RankError::elsewhere`).
     pub fn reports_another_rank(&self) -> bool {
         self.error.as_ref().is_some_and(|e| e.elsewhere)
@@ -153,12 +164,12 @@ impl Failure {
         let restarts = match max_restarts {
             0 => "no restarts allowed with --max-restarts 0".to_string(),
             // (the one failure with restarts left that is not restarted: the supervisor's rule)
-            n if self.kind.restartable() && self.attempt < n => format!(
+            n if self.restartable() && self.attempt < n => format!(
                 "{} of {n} restarts left, not used after a SIGUSR1/SIGUSR2 notice: the end of \
                  the allocation",
                 n - self.attempt
             ),
-            n if self.kind.restartable() => format!("all {n} restarts used"),
+            n if self.restartable() => format!("all {n} restarts used"),
             _ => "not restartable".to_string(),
         };
         let _ = writeln!(

@@ -245,6 +245,89 @@ fn a_lost_node_is_named_and_not_waited_for() {
     );
 }
 
+/// A node whose launcher dies in a rendezvous still open (node 2 not there yet) is started
+/// again with the same flags: the new launcher takes the node rank its dead predecessor
+/// registered (it was refused as "already taken", and that ended the run for the other nodes).
+#[test]
+fn a_node_started_again_takes_its_place_in_an_open_rendezvous() {
+    let dir = Scratch::new("rejoin-rdzv");
+    let port = free_port().to_string();
+    let node = |rank| spawn_node(dir.path(), &port, "rejoin-rdzv", ("3", rank), &[], &[]);
+    let started = Instant::now();
+    let (node0, mut node1) = (node("0"), node("1"));
+    // (registered in a few ms; nothing of node 1 runs until node 2 joins)
+    std::thread::sleep(Duration::from_millis(1500));
+    node1.kill().unwrap();
+    node1.wait().unwrap();
+    let node1 = node("1");
+    std::thread::sleep(Duration::from_millis(500));
+    let node2 = node("2");
+    let runs = [node0, node1, node2].map(|n| wait(n, started, LIMIT));
+    for (rank, run) in runs.iter().enumerate() {
+        assert_eq!(run.code(), 0, "node {rank}: {}", run.stderr);
+        assert_eq!(read_env(dir.path(), rank, 0)["WORLD_SIZE"], "3");
+    }
+    assert!(
+        runs[1]
+            .stderr
+            .contains("node rank 1's earlier launcher (pid ")
+            && runs[1]
+                .stderr
+                .contains("is gone: this launcher takes its place in the rendezvous of attempt 0"),
+        "{}",
+        runs[1].stderr
+    );
+}
+
+/// A node whose launcher dies while its attempt runs, started again at once: node 0 finds the
+/// node lost (heartbeat timeout, 30 s), the nodes restart (--max-restarts), and the new launcher
+/// joins the restarted attempt, which succeeds. (A lost node ended the run whatever the
+/// restarts left, and the launcher started again was refused.)
+#[test]
+fn a_lost_node_started_again_joins_the_restarted_run() {
+    let dir = Scratch::new("rejoin-run");
+    let port = free_port().to_string();
+    let node = |rank| {
+        let (extra, rank_args) = (
+            ["--grace-period", "2", "--max-restarts", "1"],
+            ["--sleep", "120", "--sleep-attempt", "0"],
+        );
+        spawn_node(
+            dir.path(),
+            &port,
+            "rejoin-run",
+            ("2", rank),
+            &extra,
+            &rank_args,
+        )
+    };
+    let started = Instant::now();
+    let (node0, mut node1) = (node("0"), node("1"));
+    wait_for_file(&dir.path().join("env-1-0"), LIMIT);
+    node1.kill().unwrap();
+    node1.wait().unwrap();
+    let node1 = node("1");
+    let (run0, run1) = (
+        wait(node0, started, Duration::from_secs(120)),
+        wait(node1, started, Duration::from_secs(120)),
+    );
+    assert_eq!(run0.code(), 0, "node 0: {}", run0.stderr);
+    assert_eq!(run1.code(), 0, "node 1: {}", run1.stderr);
+    assert!(
+        run0.stderr.contains(
+            "attempt 1 waits up to --rdzv-timeout (60 s) for node 1: start its launcher again"
+        ),
+        "{}",
+        run0.stderr
+    );
+    for rank in 0..2 {
+        assert_eq!(
+            read_env(dir.path(), rank, 1)["TORCHELASTIC_RESTART_COUNT"],
+            "1"
+        );
+    }
+}
+
 /// When node 0's launcher dies, the node that notices names node 0 (whose store it lost) as the
 /// root cause, not itself.
 #[test]

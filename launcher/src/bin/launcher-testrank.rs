@@ -38,6 +38,9 @@ struct Args {
     /// Only this rank sleeps
     #[arg(long)]
     sleep_rank: Option<usize>,
+    /// Only this attempt (TORCHELASTIC_RESTART_COUNT) sleeps
+    #[arg(long)]
+    sleep_attempt: Option<u32>,
     /// Record SIGTERM/SIGINT/SIGHUP/SIGQUIT in `signal-RANK` and exit 128+sig
     #[arg(long)]
     trap: bool,
@@ -223,7 +226,9 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
 
-    if args.sleep_rank.is_none_or(|r| r == env.rank) && args.sleep > 0.0 {
+    let sleeps = args.sleep_rank.is_none_or(|r| r == env.rank)
+        && args.sleep_attempt.is_none_or(|a| a == env.restart_count);
+    if sleeps && args.sleep > 0.0 {
         let until = Instant::now() + Duration::from_secs_f64(args.sleep);
         while Instant::now() < until {
             let sig = SIGNAL.load(Ordering::SeqCst);

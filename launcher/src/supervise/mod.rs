@@ -248,6 +248,11 @@ fn supervise(
     loop {
         let layout = match peers.join(attempt, spec.nproc, host, spec.rdzv_timeout) {
             Ok(layout) => layout,
+            // (a launcher started again in place of a lost one: the attempt the others run next)
+            Err(JoinError::Later(next)) => {
+                attempt = next;
+                continue;
+            }
             Err(err) => return join_failed(spec, host, attempt, err),
         };
         if attempt == 0 {
@@ -289,7 +294,7 @@ fn supervise(
             }
             Err(mut failure) => {
                 error_files.keep_for(&failure);
-                let mut restart = failure.kind.restartable() && attempt < spec.max_restarts;
+                let mut restart = failure.restartable() && attempt < spec.max_restarts;
                 if restart && noticed {
                     tracing::warn!(
                         "{} {} after a SIGUSR1/SIGUSR2 notice was passed on to the ranks: not restarting (such a notice announces the end of the allocation)",
@@ -320,8 +325,18 @@ fn supervise(
                     let recorded = failure.error.as_ref().map_or(String::new(), |e| {
                         format!(": {} (error file {})", e.message, e.file.display())
                     });
+                    // (a lost node comes back as its launcher started again, same flags)
+                    let lost = match &failure.kind {
+                        FailureKind::PeerLost(_) => format!(
+                            "; attempt {} waits up to --rdzv-timeout ({} s) for node {}: start its launcher again",
+                            attempt + 1,
+                            spec.rdzv_timeout.as_secs(),
+                            failure.node_rank
+                        ),
+                        _ => String::new(),
+                    };
                     tracing::warn!(
-                        "{} {} on attempt {attempt}{recorded}; restarting every rank (restart {} of {})",
+                        "{} {} on attempt {attempt}{recorded}; restarting every rank (restart {} of {}){lost}",
                         who(&failure),
                         failure.kind.describe(),
                         attempt + 1,
@@ -394,6 +409,9 @@ fn join_failed(
         JoinError::Interrupted(sig) => Ok(interrupted(spec, host, attempt, sig)),
         JoinError::Store(e) => Err(e.into()),
         JoinError::Rendezvous(msg) => Err(LaunchError::Rendezvous(msg)),
+        JoinError::Later(next) => Err(LaunchError::Rendezvous(format!(
+            "attempt {attempt} was over before this node joined, and attempt {next} is not joined by the caller"
+        ))),
     }
 }
 

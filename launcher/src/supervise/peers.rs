@@ -58,6 +58,9 @@ pub enum JoinError {
     Interrupted(i32),
     Store(StoreError),
     Rendezvous(String),
+    /// This node's launcher was started again in place of a lost one after the attempt began:
+    /// it joins the attempt the others restart into (the number given).
+    Later(u32),
 }
 
 impl From<StoreError> for JoinError {
@@ -188,21 +191,50 @@ impl Peers {
         };
         let a = format!("launcher/a{attempt}");
         let me = format!("{host} {} {nproc}", std::process::id());
+        let entry = format!("{a}/node/{}", m.node_rank);
+        let mut replaced = false;
         if let CompareSet::Mismatch(Some(other)) =
-            m.client
-                .compare_set(&format!("{a}/node/{}", m.node_rank), None, me.as_bytes())?
+            m.client.compare_set(&entry, None, me.as_bytes())?
         {
-            let other_host = registered_host(&other);
-            let why = format!(
-                "node rank {} is already taken by a launcher on {other_host} (give every node a distinct --node-rank)",
-                m.node_rank
-            );
-            // the other nodes stop now, told why, instead of waiting out --rdzv-timeout for the
-            // node rank this launcher leaves missing (a gate already open keeps the run going)
-            let _ = m.abandon_gate(&a, &format!("a second launcher on {host}: {why}"));
-            return Err(JoinError::Rendezvous(why));
+            // a launcher started again in place of this node's lost one: it takes its place in
+            // a rendezvous still open, or joins the attempt the others restart into
+            match m.in_place_of(attempt, &other, host, timeout)? {
+                InPlaceOf::Later(next) => return Err(JoinError::Later(next)),
+                InPlaceOf::Rendezvous
+                    if m.client.compare_set(&entry, Some(&other), me.as_bytes())?
+                        == CompareSet::Swapped =>
+                {
+                    tracing::warn!(
+                        "node rank {}'s earlier launcher (pid {}) on this host is gone: this launcher takes its place in the rendezvous of attempt {attempt}",
+                        m.node_rank,
+                        registered_pid(&other).unwrap_or(0)
+                    );
+                    replaced = true;
+                }
+                _ => {
+                    let other_host = registered_host(&other);
+                    let why = format!(
+                        "node rank {} is already taken by a launcher on {other_host} (give every node a distinct --node-rank; if that launcher is gone, node 0 finds it lost within {} s, and this node started again then joins the restarted run, with --max-restarts)",
+                        m.node_rank,
+                        m.heartbeat_timeout.as_secs()
+                    );
+                    // the other nodes stop now, told why, instead of waiting out --rdzv-timeout
+                    // for the node rank this launcher leaves missing (a gate already open keeps
+                    // the run going)
+                    let _ = m.abandon_gate(&a, &format!("a second launcher on {host}: {why}"));
+                    return Err(JoinError::Rendezvous(why));
+                }
+            }
         }
-        let joined = m.client.add(&format!("{a}/joined"), 1)?;
+        // (the launcher this one replaced was counted)
+        let joined = match replaced {
+            true => m
+                .client
+                .try_get(&format!("{a}/joined"))?
+                .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+                .unwrap_or(0),
+            false => m.client.add(&format!("{a}/joined"), 1)?,
+        };
         tracing::info!(
             "node {} joined the rendezvous of attempt {attempt} ({joined} of {} nodes so far)",
             m.node_rank,
@@ -248,6 +280,7 @@ impl Peers {
                     JoinError::Interrupted(sig) => format!("node {} ({host}) was stopped by signal {sig} while waiting for the other nodes", m.node_rank),
                     JoinError::Rendezvous(msg) => format!("node {} ({host}) gave up waiting: {msg}", m.node_rank),
                     JoinError::Store(e) => format!("node {} ({host}): {e}", m.node_rank),
+                    JoinError::Later(next) => format!("node {} ({host}) went on to attempt {next}", m.node_rank),
                 };
                 if !m.abandon_gate(&a, &why) {
                     return Err(err);
@@ -615,6 +648,44 @@ impl MultiNode {
         Ok(Some(failure))
     }
 
+    /// What a launcher whose node rank attempt `attempt` holds for `other` ("HOST PID NPROC")
+    /// may do: join a later attempt (this one is over, or runs without `other`, a launcher of
+    /// this host that is gone: node 0 finds it lost and the nodes restart), take its place (the
+    /// rendezvous is open and `other` is gone), or neither (a second launcher for one node rank,
+    /// or one on another host this launcher cannot look at).
+    fn in_place_of(
+        &mut self,
+        attempt: u32,
+        other: &[u8],
+        host: &str,
+        timeout: Duration,
+    ) -> Result<InPlaceOf, JoinError> {
+        let gate = self.client.try_get(&format!("launcher/a{attempt}/gate"))?;
+        let over = self.client.try_get(&failed_key(attempt))?.is_some();
+        let gone = registered_host(other) == host
+            && registered_pid(other).is_some_and(|pid| pid != std::process::id() && !alive(pid));
+        match (gate.as_deref(), over, gone) {
+            (Some(g), true, _) if g == GATE_OPEN.as_bytes() => Ok(InPlaceOf::Later(attempt + 1)),
+            (Some(g), false, true) if g == GATE_OPEN.as_bytes() => {
+                tracing::warn!(
+                    "attempt {attempt} runs with node {}'s earlier launcher, which is gone: waiting for node 0 to find it lost (within {} s) and the nodes to restart",
+                    self.node_rank,
+                    self.heartbeat_timeout.as_secs()
+                );
+                let deadline = Instant::now() + self.heartbeat_timeout + timeout;
+                loop {
+                    if self.client.try_get(&failed_key(attempt))?.is_some() {
+                        return Ok(InPlaceOf::Later(attempt + 1));
+                    }
+                    check_signal_and_deadline(deadline, || format!("attempt {attempt} to end"))?;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+            (None, _, true) => Ok(InPlaceOf::Rendezvous),
+            _ => Ok(InPlaceOf::Neither),
+        }
+    }
+
     /// How many nodes were lost in `attempt`.
     fn lost_in(&self, attempt: u32) -> usize {
         self.lost.iter().filter(|(a, _)| *a == attempt).count()
@@ -643,6 +714,32 @@ fn store_host(endpoint: &str) -> String {
     host.trim_start_matches('[')
         .trim_end_matches(']')
         .to_string()
+}
+
+/// What a launcher finding its node rank taken may do (`MultiNode::in_place_of`).
+enum InPlaceOf {
+    Later(u32),
+    Rendezvous,
+    Neither,
+}
+
+/// The launcher pid of a node's rendezvous entry ("HOST PID NPROC").
+fn registered_pid(entry: &[u8]) -> Option<u32> {
+    String::from_utf8_lossy(entry)
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Whether process `pid` of this host is running (one of another user counts).
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists and may be signalled
+    let sent = unsafe { libc::kill(pid, 0) } == 0;
+    sent || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// The host of a node's rendezvous entry (`{a}/node/{n}`: "HOST PID NPROC").
