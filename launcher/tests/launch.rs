@@ -1179,6 +1179,25 @@ fn setup_errors_are_one_clear_line() {
             ],
             "cannot reach rendezvous store at 127.0.0.1:",
         ),
+        // node 0 given another host's address (TEST-NET-1: no host answers): said in 3 s, not
+        // after --rdzv-timeout as "is node 0 running?"
+        (
+            vec![
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "0",
+                "--master-addr",
+                "192.0.2.1",
+                "--master-port",
+                &free,
+                "--run-id",
+                "x",
+                "--",
+                "true",
+            ],
+            "--master-addr 192.0.2.1 is not an address of this host (",
+        ),
     ];
     for (args, expected) in cases {
         let run = run(launcher(&args), LIMIT);
@@ -1407,6 +1426,78 @@ fn usage_errors_exit_2() {
         huge.stderr.contains("at most 4096 ranks per node"),
         "{}",
         huge.stderr
+    );
+}
+
+/// --finish-timeout across nodes names the node still running, not the node that finished and
+/// waited (both nodes blamed node 0, whose ranks had all exited 0). One rank per node, so node 1
+/// has no finished rank of its own to time out against.
+#[test]
+fn a_finish_timeout_across_nodes_names_the_node_still_running() {
+    let dir = Scratch::new("finishnodes");
+    let port = free_port().to_string();
+    let node = |rank| {
+        let extra = ["--finish-timeout", "3", "--grace-period", "1"];
+        let rank_args = ["--sleep", "60", "--sleep-rank", "1"];
+        spawn_node(
+            dir.path(),
+            &port,
+            "finishnodes",
+            ("2", rank),
+            &extra,
+            &rank_args,
+        )
+    };
+    let started = Instant::now();
+    let (node0, node1) = (node("0"), node("1"));
+    for run in [wait(node0, started, LIMIT), wait(node1, started, LIMIT)] {
+        assert_eq!(run.code(), 124, "{}", run.stderr);
+        assert!(
+            run.stderr
+                .contains("node(s) [1] still running 3 s after node 0's ranks finished")
+                && run.stderr.contains("node       : 1\n"),
+            "{}",
+            run.stderr
+        );
+    }
+}
+
+/// Ranks failing on both nodes at once: one node's failure is the root cause on both, and the
+/// other node's own failure is listed first among the others in its summary (it was dropped).
+#[test]
+fn a_nodes_own_failure_that_lost_the_race_is_listed() {
+    let dir = Scratch::new("racefail");
+    // (a long monitor interval: each node records its own ranks' failure before it looks at
+    // the store)
+    let (run0, run1, _) = two_nodes(
+        dir.path(),
+        "racefail",
+        &["--monitor-interval", "2", "--grace-period", "1"],
+        &["--exit-code", "5", "--stderr", "it broke here"],
+        false,
+    );
+    let runs = [run0, run1];
+    let root = |run: &Run| run.stderr.contains(" on node 1)\n    host") as usize;
+    let winner = root(&runs[0]);
+    assert_eq!(
+        root(&runs[1]),
+        winner,
+        "one root cause: {}\n{}",
+        runs[0].stderr,
+        runs[1].stderr
+    );
+    let loser = &runs[1 - winner];
+    let own = format!(" on node {}, ", 1 - winner);
+    let listed = loser
+        .stderr
+        .lines()
+        .skip_while(|l| !l.contains("other failures:"))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        listed.contains(&own) && listed.ends_with("exited with code 5: it broke here"),
+        "{}",
+        loser.stderr
     );
 }
 

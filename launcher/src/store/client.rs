@@ -168,7 +168,16 @@ impl StoreClient {
                  port, not a launcher's store?)",
                 reply_within.as_millis()
             )),
-            false => Attempt::Retry(format!("handshake failed: {e}")),
+            false => match e {
+                // (read_exact's "failed to fill whole buffer")
+                ProtocolError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof => {
+                    Attempt::Retry(
+                        "handshake failed: the other end closed the connection without an answer (a store shutting down, or another program on that port)"
+                            .into(),
+                    )
+                }
+                e => Attempt::Retry(format!("handshake failed: {e}")),
+            },
         })?;
         match Response::decode(&body) {
             Ok(Response::Ok) => Ok(stream),

@@ -90,6 +90,22 @@ fn wildcard_for(host: &str, port: u16) -> &'static str {
     }
 }
 
+/// Whether `addr` reaches this host's store on `port`: one of its addresses is this host's (it
+/// can be bound), or a connection gets through within 3 s (an address forwarded here, as a
+/// container's published port).
+fn reaches_this_host(addr: &str, port: u16) -> bool {
+    use std::net::ToSocketAddrs;
+    let Ok(resolved) = (addr, port).to_socket_addrs() else {
+        return true; // (an unresolvable name is the connection's error to report)
+    };
+    let resolved: Vec<_> = resolved.collect();
+    let local = |a: &std::net::SocketAddr| std::net::UdpSocket::bind((a.ip(), 0)).is_ok();
+    resolved.iter().any(local)
+        || resolved
+            .iter()
+            .any(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(3)).is_ok())
+}
+
 /// Runs the job on this node until it succeeds or gives up. Call it from the main thread: ranks
 /// die with the thread that started them (PR_SET_PDEATHSIG).
 pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
@@ -123,6 +139,14 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
     let port = server
         .as_ref()
         .map_or(spec.master_port, |s| s.local_addr().port());
+    // node 0 given another host's address (or the node ranks swapped) would wait out
+    // --rdzv-timeout for its own store, then suggest checking node 0
+    if spec.node_rank == 0 && spec.nnodes > 1 && !reaches_this_host(&spec.master_addr, port) {
+        return Err(LaunchError::Rendezvous(format!(
+            "--master-addr {} is not an address of this host ({host}), but this is node 0 (--node-rank 0), which serves the rendezvous store: every node (and this node's ranks) connects to --master-addr, so give node 0's own address on every node, or run node rank 0 on {}",
+            spec.master_addr, spec.master_addr
+        )));
+    }
     let mut peers = if spec.nnodes > 1 {
         if spec.node_rank != 0 {
             tracing::info!(
@@ -734,6 +758,30 @@ impl Attempt<'_> {
             if let Some(i) = shown {
                 failure.stderr_tail = ranks[i].output.tail();
                 failure.others = other_failures(&ranks, i);
+            } else if let Some(i) = root_local {
+                // this node's failure lost the race to another node's (both failed within a
+                // poll): listed first among the others, not dropped
+                let own = self.failure(
+                    ranks[i]
+                        .exit
+                        .map_or(FailureKind::Exited(1), |e| e.failure_kind()),
+                    Some(&ranks[i]),
+                );
+                let why = own
+                    .error
+                    .as_ref()
+                    .map(|e| e.message.clone())
+                    .or_else(|| own.stderr_tail.last().cloned());
+                let line = format!(
+                    "rank {} (local rank {} on node {}, {}): {}{}",
+                    ranks[i].env.rank,
+                    ranks[i].env.local_rank,
+                    spec.node_rank,
+                    self.host,
+                    own.kind.describe(),
+                    why.map_or(String::new(), |w| format!(": {w}"))
+                );
+                failure.others = [vec![line], other_failures(&ranks, i)].concat();
             }
             return Err(Box::new(failure));
         }
@@ -778,12 +826,20 @@ impl Attempt<'_> {
             }
             if let Some(t) = self.spec.finish_timeout {
                 if since.elapsed() >= t {
+                    // (the failure is the first node still running: the hung one, not this one)
+                    let running = peers.running_nodes(self.attempt);
+                    let nodes: Vec<usize> = running.iter().map(|(n, _)| *n).collect();
                     let what = format!(
-                        "other nodes still running {} s after this node's ranks finished \
+                        "node(s) {nodes:?} still running {} s after node {}'s ranks finished \
                          (hung? raise --finish-timeout, or 0 to wait forever)",
-                        t.as_secs()
+                        t.as_secs(),
+                        self.spec.node_rank
                     );
-                    let failure = self.failure(FailureKind::FinishTimeout(what), None);
+                    let kind = FailureKind::FinishTimeout(what);
+                    let failure = match running.first() {
+                        Some((node, host)) => Failure::of_node(kind, *node, host, self.attempt),
+                        None => self.failure(kind, None),
+                    };
                     return Err(Box::new(peers.report_failure(self.attempt, failure)));
                 }
             }

@@ -7,7 +7,7 @@
 //! - `a<k>/gate`              compare-set once: `open` by the last node to join, or `abandoned WHY`
 //!   by a node that stopped waiting (or ended the run); whichever came first holds for every node
 //! - `a<k>/failed`            the first failure of the attempt (compare-set: exactly one root cause)
-//! - `a<k>/done`              nodes whose ranks all exited 0
+//! - `a<k>/done`              nodes whose ranks all exited 0 (and `a<k>/done/<r>` for each)
 //! - `a<k>/acks`              nodes that learned the attempt's outcome (node 0 waits for them before
 //!   its store goes away)
 //! - `a<k>/hb/<r>`            heartbeat counter of node r (node 0 notices a node that vanished)
@@ -433,11 +433,32 @@ impl Peers {
     pub fn report_done(&mut self, attempt: u32) -> Result<(), StoreError> {
         match self {
             Peers::Single => Ok(()),
-            Peers::Multi(m) => m
-                .client
-                .add(&format!("launcher/a{attempt}/done"), 1)
-                .map(|_| ()),
+            Peers::Multi(m) => {
+                let done = format!("launcher/a{attempt}/done");
+                m.client.set(&format!("{done}/{}", m.node_rank), b"1")?;
+                m.client.add(&done, 1).map(|_| ())
+            }
         }
+    }
+
+    /// The nodes whose ranks have not all finished in `attempt`, with their hosts.
+    pub fn running_nodes(&mut self, attempt: u32) -> Vec<(usize, String)> {
+        let Peers::Multi(m) = self else {
+            return vec![];
+        };
+        let a = format!("launcher/a{attempt}");
+        let mut running = vec![];
+        for n in 0..m.nnodes {
+            if matches!(m.client.try_get(&format!("{a}/done/{n}")), Ok(Some(_))) {
+                continue;
+            }
+            let host = match m.client.try_get(&format!("{a}/node/{n}")) {
+                Ok(Some(v)) => registered_host(&v),
+                _ => "?".into(),
+            };
+            running.push((n, host));
+        }
+        running
     }
 
     /// Whether every node reported done.
