@@ -1287,6 +1287,12 @@ fn nodes_with_different_run_ids_are_refused() {
         "{}",
         run0.stderr
     );
+    // (node 0 says whom its store turned away)
+    assert!(
+        run0.stderr.contains("; meanwhile the store rejected 1 connection(s) (the warnings above say why: a node started with another --run-id or LLAVA_SCO_STORE_TOKEN?)"),
+        "{}",
+        run0.stderr
+    );
 }
 
 /// With the store token exported (as docs/launcher.md and slurm.sbatch advise), the token no
@@ -1876,11 +1882,25 @@ fn restarts_alone(restarting_node: usize) {
     };
     assert_eq!(stopper.code(), 4, "{}", stopper.stderr);
     assert_ne!(restarter.code(), 0, "{}", restarter.stderr);
+    // (why the other node stopped: its --max-restarts, which its own console warned of)
+    let other = 1 - restarting_node;
     assert!(
-        restarter.stderr.contains("another node ended the run"),
+        restarter.stderr.contains("another node ended the run")
+            && restarter.stderr.contains(&format!(
+                "node {other} stopped after attempt 0 with --max-restarts 0"
+            )),
         "{}",
         restarter.stderr
     );
+    if restarting_node == 0 {
+        assert!(
+            stopper
+                .stderr
+                .contains("node 1's --max-restarts 0 differs from node 0's 1"),
+            "{}",
+            stopper.stderr
+        );
+    }
     assert!(
         restarter.elapsed < Duration::from_secs(20),
         "took {:?}",

@@ -172,6 +172,7 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
         &spec.run_id,
         &launch_id,
         spec.run_id_explicit,
+        spec.max_restarts,
         spec.rdzv_timeout,
     ) {
         Ok(ids) => ids,
@@ -189,7 +190,14 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
         &error_files,
     );
     // (every failure that recorded an error file passed `keep_for` in `supervise`)
-    outcome
+    match (outcome, server.map(|s| s.stats().rejected)) {
+        // a node that never joined may be the one the store turned away
+        (Err(LaunchError::Rendezvous(msg)), Some(rejected @ 1..)) => Err(LaunchError::Rendezvous(format!(
+            "{msg}; meanwhile the store rejected {rejected} connection(s) (the warnings above say why: a node started with another --run-id or {}?)",
+            crate::env::STORE_TOKEN_VAR
+        ))),
+        (outcome, _) => outcome,
+    }
 }
 
 /// Where the ranks' error files go (`TORCHELASTIC_ERROR_FILE`): beside their logs with

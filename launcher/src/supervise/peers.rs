@@ -92,6 +92,8 @@ pub struct MultiNode {
     /// (attempt, node) of the nodes node 0 found without heartbeats in an attempt: not waited
     /// for at its end.
     lost: Vec<(u32, usize)>,
+    /// This node's --max-restarts (`agree_run_id`), named when it ends the run.
+    max_restarts: u32,
 }
 
 impl Peers {
@@ -112,6 +114,7 @@ impl Peers {
             acked: None,
             ack_wait: ack_wait(monitor_interval),
             lost: vec![],
+            max_restarts: 0,
         }))
     }
 
@@ -119,21 +122,26 @@ impl Peers {
     /// and LLAVA_SCO_LAUNCH_ID agree everywhere), unless their run id was given (`explicit`) and
     /// differs: then two runs met at one store (a shared exported token lets them in), which is an
     /// error. Node 0's `--nnodes` is checked too: nodes that disagree would each wait for a node
-    /// count the others never reach, until the rendezvous timeout. Returns (run id, launch id).
+    /// count the others never reach, until the rendezvous timeout; and its `--max-restarts`: a
+    /// node with fewer would end the run where the others restart it. Returns (run id, launch id).
     pub fn agree_run_id(
         &mut self,
         run_id: &str,
         launch_id: &str,
         explicit: bool,
+        max_restarts: u32,
         timeout: Duration,
     ) -> Result<(String, String), JoinError> {
         let Peers::Multi(m) = self else {
             return Ok((run_id.to_string(), launch_id.to_string()));
         };
+        m.max_restarts = max_restarts;
         if m.node_rank == 0 {
             // (the launch id and node count first: a node that reads the run id finds them)
             m.client
                 .set("launcher/nnodes", m.nnodes.to_string().as_bytes())?;
+            m.client
+                .set("launcher/max_restarts", max_restarts.to_string().as_bytes())?;
             m.client.set("launcher/launch_id", launch_id.as_bytes())?;
             m.client.set("launcher/run_id", run_id.as_bytes())?;
             return Ok((run_id.to_string(), launch_id.to_string()));
@@ -151,8 +159,21 @@ impl Peers {
                             "this node's run id {run_id:?} differs from node 0's {theirs:?}: two runs met at one store; pass the same --run-id to every node of a run (and another --master-port per run)"
                         )));
                     }
-                    let nnodes = m.client.get("launcher/nnodes")?;
-                    let nnodes = String::from_utf8_lossy(&nnodes).into_owned();
+                    let mut node0s = |key: &str| -> Result<String, StoreError> {
+                        Ok(
+                            String::from_utf8_lossy(&m.client.get(&format!("launcher/{key}"))?)
+                                .into_owned(),
+                        )
+                    };
+                    let (nnodes, restarts) = (node0s("nnodes")?, node0s("max_restarts")?);
+                    // (each node decides its restarts, as torchrun's agents do: one with fewer
+                    // ends the run where the others would restart it)
+                    if restarts != max_restarts.to_string() {
+                        tracing::warn!(
+                            "node {}'s --max-restarts {max_restarts} differs from node 0's {restarts}: the node with fewer ends the run when its restarts run out; give every node the same --max-restarts",
+                            m.node_rank
+                        );
+                    }
                     if nnodes != m.nnodes.to_string() {
                         let why = format!(
                             "node {}'s --nnodes {} differs from node 0's {nnodes}: give every node the same --nnodes",
@@ -488,12 +509,15 @@ impl Peers {
             return;
         };
         let next = format!("launcher/a{}", attempt + 1);
-        // (the failed node's: a lost node's failure is reported by node 0)
+        // (the failed node's: a lost node's failure is reported by node 0; and why this node
+        // does not restart it, when the others may)
         let why = format!(
-            "node {} ({}): {}",
+            "node {} ({}): {}; node {} stopped after attempt {attempt} with --max-restarts {}",
             failure.node_rank,
             failure.host,
-            failure.kind.describe()
+            failure.kind.describe(),
+            m.node_rank,
+            m.max_restarts
         );
         // (the first node's cause is kept; the gate of the attempt this node never joins cannot
         // be open)
@@ -568,7 +592,18 @@ impl MultiNode {
     /// Waits (at most `ack_wait`) until the counter `key` reaches `want`; whether it did.
     fn wait_count(&mut self, key: &str, want: i64) -> bool {
         let deadline = Instant::now() + self.ack_wait;
+        let mut said = false;
         while Instant::now() < deadline {
+            // (a wait the user sees: node 0 stays until the others read the outcome)
+            if !said
+                && deadline - Instant::now() < self.ack_wait.saturating_sub(Duration::from_secs(1))
+            {
+                tracing::info!(
+                    "keeping the rendezvous store up (at most {} s more) until the other nodes have read the outcome",
+                    deadline.saturating_duration_since(Instant::now()).as_secs()
+                );
+                said = true;
+            }
             let count = self
                 .client
                 .try_get(key)
