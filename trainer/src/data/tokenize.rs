@@ -228,6 +228,17 @@ impl TextProcessor {
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
+    /// The first `<|...|>` in `text` that the tokenizer reads as one token (Llama 3's
+    /// `<|eot_id|>`, `<|start_header_id|>`, ...), the image token aside (counted by `encode`).
+    fn special_token_in<'t>(&self, text: &'t str) -> Option<&'t str> {
+        text.match_indices("<|").find_map(|(at, _)| {
+            let end = text[at..].find("|>").filter(|&e| e <= 64)? + at + 2;
+            let token = &text[at..end];
+            (token != self.ids.image_token && self.tokenizer.token_to_id(token).is_some())
+                .then_some(token)
+        })
+    }
+
     /// Render, tokenize and mask one record's turns.
     pub fn encode(&self, turns: &[Turn], has_image: bool) -> Result<Encoded, String> {
         self.encode_dialog(None, turns, has_image)
@@ -241,6 +252,18 @@ impl TextProcessor {
         turns: &[Turn],
         has_image: bool,
     ) -> Result<Encoded, String> {
+        let texts = turns
+            .iter()
+            .flat_map(|t| [t.user.as_str(), t.assistant.as_str()]);
+        if let Some(token) = system
+            .into_iter()
+            .chain(texts)
+            .find_map(|t| self.special_token_in(t))
+        {
+            return Err(format!(
+                "the record's text holds {token}, a special token of the tokenizer: it would be read as that token, not as text (a turn boundary of its own; is the text already formatted with a chat template?): give each turn's plain text"
+            ));
+        }
         let text = self.render_dialog(system, turns, has_image)?;
         let input_ids = self.tokenize(&text)?;
         // a literal image token in the text would be a second image slot (MllamaProcessor refuses
