@@ -320,6 +320,25 @@ fn check_names_repeated_ids() {
     assert!(!out.contains("repeated ids"), "{out}");
 }
 
+/// Fields the trainer does not read are named (a dataset's own metadata, or an image under a
+/// key of another format whose record is then text-only and skipped without a word).
+#[test]
+fn check_names_the_fields_it_does_not_read() {
+    let dir = temp_dir("check-unread-fields");
+    let mut lines = good_lines(4);
+    let mut extra: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    extra["source"] = "coco".into();
+    extra["image_path"] = "x.jpg".into();
+    lines[0] = extra.to_string();
+    let cfg = setup(&dir, &lines, "");
+    let (code, out, err) = trainer(&["data", "check", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("fields not read: image_path, source (id, image and conversations are)"),
+        "{out}"
+    );
+}
+
 /// An empty file in a data.train list is named (it added no record without a word).
 #[test]
 fn check_names_an_empty_file_of_a_list() {

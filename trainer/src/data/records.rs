@@ -66,6 +66,8 @@ pub struct ParseReport {
     pub kept_text_only: usize,
     /// Blank lines (ignored).
     pub blank_lines: usize,
+    /// Fields of the records that are not read (a dataset's own metadata, or a misspelt key).
+    pub unread_fields: std::collections::BTreeSet<String>,
 }
 
 /// Sorts `problems` of the split read from `files` as they appear: in the order of the list,
@@ -82,6 +84,7 @@ impl ParseReport {
         self.skipped_text_only += next.skipped_text_only;
         self.kept_text_only += next.kept_text_only;
         self.blank_lines += next.blank_lines;
+        self.unread_fields.extend(next.unread_fields);
     }
 }
 
@@ -190,7 +193,7 @@ fn parse_lines<'a>(
             report.blank_lines += 1;
             continue;
         }
-        match line.and_then(|l| parse_line(l, opts)) {
+        match line.and_then(|l| parse_line(l, opts, &mut report.unread_fields)) {
             Ok(None) => report.skipped_text_only += 1,
             Ok(Some(mut rec)) => {
                 if rec.image.is_none() {
@@ -234,11 +237,17 @@ fn has_image_marker(obj: &serde_json::Map<String, Value>) -> bool {
 /// image under `text_only: skip`, dropped (as the seed's loader drops it) before its
 /// conversation is looked at: text-only records of mixed data (a system turn, a ShareGPT-style
 /// shape) must not stop a run that would never train on them.
-fn parse_line(line: &str, opts: &ParseOptions) -> Result<Option<Record>, String> {
+fn parse_line(
+    line: &str,
+    opts: &ParseOptions,
+    unread: &mut std::collections::BTreeSet<String>,
+) -> Result<Option<Record>, String> {
     let v: Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
     let obj = v
         .as_object()
         .ok_or_else(|| format!("a record must be a JSON object, got {}", type_name(&v)))?;
+    const READ: [&str; 4] = ["id", "image", "images", "conversations"];
+    unread.extend(obj.keys().filter(|k| !READ.contains(&k.as_str())).cloned());
     let id = match obj.get("id") {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s.clone(),

@@ -75,6 +75,8 @@ pub struct ScanReport {
     pub repeated_ids: (usize, Option<String>),
     /// Files of a list of several that hold no record.
     pub empty_files: Vec<std::path::PathBuf>,
+    /// Fields of the records that are not read, sorted.
+    pub unread_fields: Vec<String>,
     /// Token counts of the samples (after the length policy), in dataset order.
     pub lengths: Vec<usize>,
     /// Tiles per image -> samples; text-only samples are under 0.
@@ -200,6 +202,13 @@ impl fmt::Display for ScanReport {
             self.total_tokens,
             100.0 * self.supervised_share()
         )?;
+        if !self.unread_fields.is_empty() {
+            writeln!(
+                f,
+                "  fields not read: {} (id, image and conversations are)",
+                self.unread_fields.join(", ")
+            )?;
+        }
         for file in &self.empty_files {
             writeln!(
                 f,
