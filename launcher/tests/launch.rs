@@ -328,6 +328,47 @@ fn a_lost_node_started_again_joins_the_restarted_run() {
     }
 }
 
+/// Node 0's launcher dying while node 1, its ranks done, waits for node 0's: node 1 names node
+/// 0 as the root cause and does not restart, restarts left or not (it named itself, a lost node
+/// to wait for, and restarted into a store that was gone).
+#[test]
+fn node_0_lost_while_waiting_for_it_is_named_and_not_restarted() {
+    let dir = Scratch::new("lost-node-0-done");
+    let port = free_port().to_string();
+    let node = |rank| {
+        let extra = ["--grace-period", "2", "--max-restarts", "1"];
+        let rank_args = ["--sleep", "120", "--sleep-rank", "0"];
+        spawn_node(
+            dir.path(),
+            &port,
+            "lost-node-0-done",
+            ("2", rank),
+            &extra,
+            &rank_args,
+        )
+    };
+    let started = Instant::now();
+    let (mut node0, node1) = (node("0"), node("1"));
+    wait_for_file(&dir.path().join("env-1-0"), LIMIT);
+    std::thread::sleep(Duration::from_millis(500));
+    node0.kill().unwrap();
+    node0.wait().unwrap();
+    let run1 = wait(node1, started, Duration::from_secs(90));
+    assert_ne!(run1.code(), 0, "{}", run1.stderr);
+    for says in [
+        "lost contact with node 0",
+        "node       : 0\n",
+        "host       : 127.0.0.1",
+    ] {
+        assert!(run1.stderr.contains(says), "{says}: {}", run1.stderr);
+    }
+    assert!(
+        !run1.stderr.contains("restarting every rank"),
+        "{}",
+        run1.stderr
+    );
+}
+
 /// When node 0's launcher dies, the node that notices names node 0 (whose store it lost) as the
 /// root cause, not itself.
 #[test]
@@ -1179,8 +1220,8 @@ fn setup_errors_are_one_clear_line() {
             ],
             "cannot reach rendezvous store at 127.0.0.1:",
         ),
-        // node 0 given another host's address (TEST-NET-1: no host answers): said in 3 s, not
-        // after --rdzv-timeout as "is node 0 running?"
+        // node 0 given another host's address (TEST-NET-1: no host answers): said at the
+        // start, not only after --rdzv-timeout as "is node 0 running?"
         (
             vec![
                 "--nnodes",
@@ -1193,6 +1234,8 @@ fn setup_errors_are_one_clear_line() {
                 &free,
                 "--run-id",
                 "x",
+                "--rdzv-timeout",
+                "2",
                 "--",
                 "true",
             ],

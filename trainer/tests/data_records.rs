@@ -100,14 +100,19 @@ fn an_image_marker_without_an_image_names_the_fields() {
             );
         }
     }
-    let text = r#"{"id": "t", "conversations": [{"from":"human","value":"q"},{"from":"gpt","value":"a"}]}"#;
-    let r = parse_jsonl_str(Path::new("d.jsonl"), text, &opts(TextOnly::Skip));
-    assert!(
-        r.problems.is_empty() && r.records.is_empty(),
-        "{:?}",
-        r.problems
-    );
-    assert_eq!(r.skipped_text_only, 1);
+    // text-only records, one that mentions the marker inside its text too (it is text there)
+    for value in ["q", "what does <image> mean in LLaVA data?"] {
+        let text = format!(
+            r#"{{"id": "t", "conversations": [{{"from":"human","value":"{value}"}},{{"from":"gpt","value":"a"}}]}}"#
+        );
+        let r = parse_jsonl_str(Path::new("d.jsonl"), &text, &opts(TextOnly::Skip));
+        assert!(
+            r.problems.is_empty() && r.records.is_empty(),
+            "{:?}",
+            r.problems
+        );
+        assert_eq!(r.skipped_text_only, 1);
+    }
 }
 
 /// A missing image's message says where a relative path was looked for when data.image_root is

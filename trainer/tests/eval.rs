@@ -439,6 +439,11 @@ fn integer_ids_are_read_and_written_back_as_integers() {
     std::fs::write(older.join("predictions.jsonl"), as_text).unwrap();
     let compared = trainer::eval::compare::compare(&out, &older).unwrap();
     assert_eq!(compared.paired, 1);
+    // a resume of the older folder writes the id back as the benchmark writes it
+    let (code, err) = eval_bench(&older, &p, &[]);
+    assert_eq!(code, 0, "{err}");
+    let resumed = std::fs::read_to_string(older.join("predictions.jsonl")).unwrap();
+    assert!(resumed.starts_with("{\"id\":7,"), "{resumed}");
 }
 
 /// A benchmark's own fields are ignored (one warning names them); a byte-order mark is not part

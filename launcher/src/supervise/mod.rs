@@ -141,11 +141,12 @@ pub fn run(spec: &LaunchSpec) -> Result<Outcome, LaunchError> {
         .map_or(spec.master_port, |s| s.local_addr().port());
     // node 0 given another host's address (or the node ranks swapped) would wait out
     // --rdzv-timeout for its own store, then suggest checking node 0
+    // (a warning: an address forwarded here may only work later, as a service's)
     if spec.node_rank == 0 && spec.nnodes > 1 && !reaches_this_host(&spec.master_addr, port) {
-        return Err(LaunchError::Rendezvous(format!(
-            "--master-addr {} is not an address of this host ({host}), but this is node 0 (--node-rank 0), which serves the rendezvous store: every node (and this node's ranks) connects to --master-addr, so give node 0's own address on every node, or run node rank 0 on {}",
+        tracing::warn!(
+            "--master-addr {} is not an address of this host ({host}) and does not lead here yet, but this is node 0 (--node-rank 0), which serves the rendezvous store: every node (and this node's ranks) connects to --master-addr, so unless it comes to lead here the rendezvous times out; give node 0's own address on every node, or run node rank 0 on {}",
             spec.master_addr, spec.master_addr
-        )));
+        );
     }
     let mut peers = if spec.nnodes > 1 {
         if spec.node_rank != 0 {
@@ -807,9 +808,12 @@ impl Attempt<'_> {
         }
     }
 
+    /// Node 0's loss (its store is gone): the failure is node 0's, as `MultiNode::lost` names
+    /// it, not this node's, which only noticed (and not a lost node a restart would wait for).
     fn lost_node0(&self, err: StoreError) -> Box<Failure> {
         let kind = FailureKind::PeerLost(format!("lost contact with node 0: {err}"));
-        Box::new(self.failure(kind, None))
+        let host = &self.spec.master_addr;
+        Box::new(Failure::of_node(kind, 0, host, self.attempt))
     }
 
     /// After this node's ranks all succeeded: wait until every node's did, or a failure appears.

@@ -511,14 +511,18 @@ impl Peers {
         let next = format!("launcher/a{}", attempt + 1);
         // (the failed node's: a lost node's failure is reported by node 0; and why this node
         // does not restart it, when the others may)
-        let why = format!(
-            "node {} ({}): {}; node {} stopped after attempt {attempt} with --max-restarts {}",
+        let mut why = format!(
+            "node {} ({}): {}",
             failure.node_rank,
             failure.host,
-            failure.kind.describe(),
-            m.node_rank,
-            m.max_restarts
+            failure.kind.describe()
         );
+        if failure.restartable() {
+            why.push_str(&format!(
+                "; node {} stopped after attempt {attempt} with --max-restarts {}",
+                m.node_rank, m.max_restarts
+            ));
+        }
         // (the first node's cause is kept; the gate of the attempt this node never joins cannot
         // be open)
         let abandon = format!("{GATE_ABANDONED}{why}");
@@ -719,7 +723,9 @@ impl MultiNode {
         let gate = self.client.try_get(&format!("launcher/a{attempt}/gate"))?;
         let over = self.client.try_get(&failed_key(attempt))?.is_some();
         let gone = registered_host(other) == host
-            && registered_pid(other).is_some_and(|pid| pid != std::process::id() && !alive(pid));
+            // (an entry with this launcher's own pid is a predecessor's in another pid namespace:
+            // a container started again, whose pids repeat)
+            && registered_pid(other).is_some_and(|pid| pid == std::process::id() || !alive(pid));
         match (gate.as_deref(), over, gone) {
             (Some(g), true, _) if g == GATE_OPEN.as_bytes() => Ok(InPlaceOf::Later(attempt + 1)),
             (Some(g), false, true) if g == GATE_OPEN.as_bytes() => {

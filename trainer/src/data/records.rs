@@ -224,19 +224,23 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// Whether a human turn of the record's conversations holds LLaVA's `<image>` marker.
+/// Whether a human turn of the record's conversations starts or ends with LLaVA's `<image>`
+/// marker (where `strip_placeholder` takes it for the image's place; elsewhere it is text).
 fn has_image_marker(obj: &serde_json::Map<String, Value>) -> bool {
     let turns = obj.get("conversations").and_then(Value::as_array);
     turns.into_iter().flatten().any(|c| {
+        let value = c["value"].as_str().map(py_strip).unwrap_or_default();
         matches!(c["from"].as_str(), Some("human" | "user"))
-            && c["value"].as_str().is_some_and(|v| v.contains("<image>"))
+            && (value.starts_with(IMAGE_PLACEHOLDER) || value.ends_with(IMAGE_PLACEHOLDER))
     })
 }
 
 /// Parse one line; the error is the reason (without the location). None: a record without an
 /// image under `text_only: skip`, dropped (as the seed's loader drops it) before its
-/// conversation is looked at: text-only records of mixed data (a system turn, a ShareGPT-style
-/// shape) must not stop a run that would never train on them.
+/// conversation is checked: text-only records of mixed data (a system turn, a ShareGPT-style
+/// shape) must not stop a run that would never train on them. Only a human turn that starts or
+/// ends with the `<image>` marker is looked at first: its image is missing (a misspelt key), the
+/// record is not text-only.
 fn parse_line(
     line: &str,
     opts: &ParseOptions,

@@ -293,7 +293,8 @@ fn refuse_to_overwrite(out: &Path) -> Result<(), DataError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(DataError::Output(format!("--out {}: {e}", out.display()))),
         Ok(m) if m.is_dir() => refuse("is a folder"),
-        Ok(_) if is_dump(out) => Ok(()),
+        // (an empty file holds nothing to lose: `mktemp`'s)
+        Ok(m) if m.len() == 0 || is_dump(out) => Ok(()),
         Ok(_) => refuse("exists and is not a `trainer data dump` file; it would be overwritten"),
     }
 }

@@ -676,6 +676,8 @@ fn rescored(mut p: Prediction, item: &BenchItem) -> Prediction {
     }
     p.answer = item.answer.clone();
     p.category = item.category.clone();
+    // (an older trainer's string for an integer id: written back as the benchmark writes it)
+    p.id = item.id.clone();
     p.scoring = answer::SCORING_RULES;
     p
 }
