@@ -201,6 +201,16 @@ impl Failure {
             let _ = writeln!(s, "    message    : {}", error.message);
             let _ = writeln!(s, "    error file : {}", error.file.display());
         }
+        // (a messenger left as the root cause: the rank it names recorded nothing, in time)
+        if self.reports_another_rank() {
+            let named = self
+                .blamed_rank()
+                .map_or("another rank".to_string(), |r| format!("rank {r}"));
+            let _ = writeln!(
+                s,
+                "    note       : this rank stopped because {named} failed, which recorded no error of its own in time (its node lost? its launcher's log says more)"
+            );
+        }
         let _ = writeln!(s, "    exit code  : {} (the launcher's)", self.exit_code());
         match &self.log {
             Some(path) => {
@@ -467,6 +477,14 @@ mod tests {
             let error = marked.error.as_mut().unwrap();
             (error.elsewhere, error.failed_rank) = (true, failed_rank);
             assert_eq!(Failure::decode(&marked.encode()), Some(marked.clone()));
+            // left as the root cause (the rank it names recorded nothing): said so
+            let named = failed_rank.map_or("another rank".into(), |r| format!("rank {r}"));
+            let text = marked.summary(0, 0);
+            assert!(
+                text.contains(&format!("note       : this rank stopped because {named} failed, which recorded no error of its own in time")),
+                "{text}"
+            );
         }
+        assert!(!with_file.summary(0, 0).contains("note       :"));
     }
 }

@@ -389,7 +389,7 @@ fn a_lost_node_0_is_named_by_the_node_that_notices() {
 /// dropped what a console had not read by then).
 #[test]
 fn output_reaches_a_slow_console_whole() {
-    let child = launcher(&["--", "sh", "-c", "seq 1 20000"])
+    let child = launcher(&["--standalone", "--", "sh", "-c", "seq 1 20000"])
         .spawn()
         .unwrap();
     let started = Instant::now();
@@ -410,7 +410,8 @@ fn a_broken_stderr_keeps_the_exit_code() {
             .open("/dev/full")
             .unwrap()
     };
-    let mut cmd = launcher(&["--", "sh", "-c", "exit 3"]);
+    // (--standalone: a free port; the default 29500 clashed with other tests running at once)
+    let mut cmd = launcher(&["--standalone", "--", "sh", "-c", "exit 3"]);
     cmd.stderr(full());
     assert_eq!(run(cmd, LIMIT).code(), 3);
     let mut cmd = launcher(&["--nproc-per-node", "x", "--", "true"]);
