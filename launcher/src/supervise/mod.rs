@@ -278,6 +278,8 @@ fn supervise(
         }
     };
     let mut attempt = 0u32;
+    // (this launcher's first attempt: 0, or a later one for a launcher started again)
+    let mut first = true;
     loop {
         let layout = match peers.join(attempt, spec.nproc, host, spec.rdzv_timeout) {
             Ok(layout) => layout,
@@ -288,7 +290,7 @@ fn supervise(
             }
             Err(err) => return join_failed(spec, host, attempt, err),
         };
-        if attempt == 0 {
+        if std::mem::take(&mut first) {
             tracing::info!(
                 "starting {} rank(s) on {host} (ranks {}..{} of world size {}), run id {run_id}, store {}:{port}",
                 spec.nproc,

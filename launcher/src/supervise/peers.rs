@@ -122,8 +122,9 @@ impl Peers {
     /// and LLAVA_SCO_LAUNCH_ID agree everywhere), unless their run id was given (`explicit`) and
     /// differs: then two runs met at one store (a shared exported token lets them in), which is an
     /// error. Node 0's `--nnodes` is checked too: nodes that disagree would each wait for a node
-    /// count the others never reach, until the rendezvous timeout; and its `--max-restarts`: a
-    /// node with fewer would end the run where the others restart it. Returns (run id, launch id).
+    /// count the others never reach, until the rendezvous timeout; and its `--max-restarts`, with a
+    /// warning: a node with fewer ends the run where the others would restart it. Returns (run
+    /// id, launch id).
     pub fn agree_run_id(
         &mut self,
         run_id: &str,
@@ -232,12 +233,20 @@ impl Peers {
                     );
                     replaced = true;
                 }
-                _ => {
+                place => {
                     let other_host = registered_host(&other);
+                    // (a running attempt goes on without this launcher: if the one registered
+                    // is gone, a launcher started again once node 0 found it lost joins)
+                    let hint = match place {
+                        InPlaceOf::Neither { running: true } => format!(
+                            "; if that launcher is gone, node 0 finds it lost within {} s and, with --max-restarts, the nodes restart: start this node again then",
+                            m.heartbeat_timeout.as_secs()
+                        ),
+                        _ => String::new(),
+                    };
                     let why = format!(
-                        "node rank {} is already taken by a launcher on {other_host} (give every node a distinct --node-rank; if that launcher is gone, node 0 finds it lost within {} s, and this node started again then joins the restarted run, with --max-restarts)",
-                        m.node_rank,
-                        m.heartbeat_timeout.as_secs()
+                        "node rank {} is already taken by a launcher on {other_host} (give every node a distinct --node-rank{hint})",
+                        m.node_rank
                     );
                     // the other nodes stop now, told why, instead of waiting out --rdzv-timeout
                     // for the node rank this launcher leaves missing (a gate already open keeps
@@ -744,7 +753,9 @@ impl MultiNode {
                 }
             }
             (None, _, true) => Ok(InPlaceOf::Rendezvous),
-            _ => Ok(InPlaceOf::Neither),
+            (gate, ..) => Ok(InPlaceOf::Neither {
+                running: gate == Some(GATE_OPEN.as_bytes()),
+            }),
         }
     }
 
@@ -782,7 +793,10 @@ fn store_host(endpoint: &str) -> String {
 enum InPlaceOf {
     Later(u32),
     Rendezvous,
-    Neither,
+    /// `running`: the attempt's ranks started (its gate is open).
+    Neither {
+        running: bool,
+    },
 }
 
 /// The launcher pid of a node's rendezvous entry ("HOST PID NPROC").
