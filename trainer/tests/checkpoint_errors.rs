@@ -294,6 +294,70 @@ fn damage_seen_by_one_rank_fails_both() {
     assert!(o.stderr.contains("failed on another rank"), "{}", o.stderr);
 }
 
+/// Another global batch is refused with a fix that exists: the per-rank product to set, or,
+/// where the world size does not divide the checkpoint's global batch, the world sizes that
+/// resume it (3 ranks were told to make the product 4).
+#[test]
+fn another_global_batch_is_refused_with_a_fix_that_exists() {
+    let o = resume_damaged("global-batch", 1, &["train.batch_size=3"], |_| {});
+    assert_error(
+        &o,
+        &[
+            "global batch of 4 samples, this run has 3",
+            "so that batch_size x grad_accum is 4",
+        ],
+    );
+    // the world-1 checkpoint (global batch 4) at 3 ranks
+    let out = fresh("global-batch-w3");
+    common::copy_dir(&base(1), &out.join("ckpt/step-00000002"));
+    let train = "epochs: 1, batch_size: 1, grad_accum: 1, max_steps: 3";
+    let o = run(&out, 3, train, &[], &[]);
+    assert_error(
+        &o,
+        &["4 samples do not split over 3 ranks: resume it at 1, 2, 4 rank(s)"],
+    );
+}
+
+/// A checkpoint's manifest.json given where its folder is expected (export, resume) is said to
+/// be a file, not a damaged checkpoint to replace by another step.
+#[test]
+fn a_checkpoints_file_given_for_its_folder_is_named() {
+    let manifest = base(1).join("manifest.json");
+    let out = fresh("file-for-folder");
+    let export = std::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["export", "--format", "peft", "--checkpoint"])
+        .arg(&manifest)
+        .arg("--out")
+        .arg(out.join("adapter"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&export.stderr);
+    assert_eq!(export.status.code(), Some(1), "{stderr}");
+    let want = format!(
+        "{} is a file, not a checkpoint folder: give the step-N folder ({} holds it)",
+        manifest.display(),
+        base(1).display()
+    );
+    assert!(
+        stderr.contains(&want) && !stderr.contains("incomplete"),
+        "{stderr}"
+    );
+    let resume = format!("checkpoint.resume={}", manifest.display());
+    let o = run(
+        &out,
+        1,
+        "epochs: 1, batch_size: 4, grad_accum: 1, max_steps: 3",
+        &[&resume],
+        &[],
+    );
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr.contains(&format!("checkpoint.resume: {want}")),
+        "{}",
+        o.stderr
+    );
+}
+
 #[test]
 fn changed_seed_is_refused() {
     let o = resume_damaged("seed", 1, &["train.seed=12345"], |_| {});

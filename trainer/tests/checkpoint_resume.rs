@@ -21,7 +21,16 @@ fn bitwise(world: usize, async_save: bool, extra: &[&str]) {
     let every = every.as_slice();
     let tag = if extra.is_empty() { "" } else { "-plain" };
     let straight = fresh(&format!("bitwise-w{world}{tag}-straight"));
-    ok(run(&straight, world, &train, every, &[]), "straight");
+    let first_run = ok(run(&straight, world, &train, every, &[]), "straight");
+    // (each removal said, as HF's Trainer says it)
+    assert!(
+        first_run.stderr.contains("deleting older checkpoint ")
+            && first_run
+                .stderr
+                .contains("step-00000004 (checkpoint.keep_last 2)"),
+        "{}",
+        first_run.stderr
+    );
     let resumed = fresh(&format!("bitwise-w{world}{tag}-resumed"));
     let first = run(
         &resumed,
@@ -867,6 +876,27 @@ fn skipped_steps_do_not_move_the_schedule_on() {
         o.stderr
     );
     assert_eq!(lr[3], lr[2], "{}", o.stderr);
+}
+
+/// Once the skips `train.skip_nonfinite` allows are used up, the error says so (it told to set
+/// the key that was set).
+#[test]
+fn used_up_nonfinite_skips_say_so() {
+    let out = fresh("nonfinite-used-up");
+    let sets = ["train.lr=1e30", "train.skip_nonfinite=1"];
+    let o = run(
+        &out,
+        1,
+        "epochs: 1, batch_size: 2, grad_accum: 1, max_steps: 4",
+        &sets,
+        &[],
+    );
+    assert_ne!(o.code, Some(0), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("the 1 skips allowed by train.skip_nonfinite are used up: lower train.lr, or allow more"),
+        "{}",
+        o.stderr
+    );
 }
 
 /// SLURM's `--signal=USR1@90` notice before the time limit, sent to the launcher: passed on to

@@ -321,8 +321,8 @@ fn unknown_keys_suggest_the_closest_valid_key() {
     );
     // Nothing close: list what is valid at that level.
     assert_eq!(
-        yaml_error("optimizer: {name: adamw}\n"),
-        r#"optimizer: unknown key "optimizer" (valid keys: model, peft, data, train, fsdp, checkpoint)"#
+        yaml_error("scheduler_zoo: {name: adamw}\n"),
+        r#"scheduler_zoo: unknown key "scheduler_zoo" (valid keys: model, peft, data, train, fsdp, checkpoint)"#
     );
 }
 
@@ -734,6 +734,41 @@ fn other_tools_names_are_answered_with_ours() {
         (
             "pure_bf16=true",
             "here it is fsdp.mixed_precision: bf16, the nearest",
+        ),
+        // (these got only the list of valid keys, or "did you mean checkpoint?")
+        (
+            "lora_config.r=8",
+            "here it is peft (lora_config's r, lora_alpha",
+        ),
+        (
+            "checkpoint_type=FULL_STATE_DICT",
+            "no key: checkpoints are always sharded",
+        ),
+        (
+            "save_optimizer=true",
+            "no key: checkpoints always hold the optimizer state",
+        ),
+        ("optimizer=AdamW", "no key: the optimizer is AdamW"),
+        (
+            "num_freeze_layers=2",
+            "no key: freezing a number of layers is not offered",
+        ),
+        (
+            "one_gpu=true",
+            "no key: the launcher's --nproc-per-node sets the ranks",
+        ),
+        (
+            "low_cpu_fsdp=true",
+            "no key: every rank always reads only its own shard",
+        ),
+        ("use_profiler=true", "no key: no profiler is built in"),
+        (
+            "flop_counter=true",
+            "no key: the log and metrics.jsonl report TFLOP/s and MFU",
+        ),
+        (
+            "save_metrics=true",
+            "no key: metrics.jsonl in train.output_dir is always written",
         ),
     ]);
 }

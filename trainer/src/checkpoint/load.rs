@@ -355,9 +355,10 @@ fn is_checkpoint_folder(p: &Path, dir: &Path) -> Result<()> {
         ),
         _ => String::new(),
     };
-    let what = match p.exists() {
-        true => "is not a checkpoint folder (no manifest.json)",
-        false => "does not exist",
+    let what = match (p.is_file(), p.exists()) {
+        (true, _) => return Err(anyhow::anyhow!("checkpoint.resume: {}", file_not_folder(p))),
+        (_, true) => "is not a checkpoint folder (no manifest.json)",
+        _ => "does not exist",
     };
     Err(anyhow::anyhow!(
         "checkpoint.resume: {} {what}{hint}; give a `step-N` folder (on storage every node sees), or {FIX}",
@@ -473,13 +474,31 @@ fn load_into(
     })?;
     let global = config.train.global_batch(world);
     if m.data.global_batch != global {
+        // (batch_size x world x grad_accum = the checkpoint's global batch only where the world
+        // size divides it)
+        let fix = match m.data.global_batch % world {
+            0 => format!(
+                "set train.batch_size / grad_accum so that batch_size x grad_accum is {}",
+                m.data.global_batch / world
+            ),
+            _ => {
+                let worlds: Vec<String> = (1..=m.data.global_batch)
+                    .filter(|w| m.data.global_batch % w == 0)
+                    .map(|w| w.to_string())
+                    .collect();
+                format!(
+                    "{} samples do not split over {world} ranks: resume it at {} rank(s)",
+                    m.data.global_batch,
+                    worlds.join(", ")
+                )
+            }
+        };
         bail!(
-            "checkpoint {} was trained with a global batch of {} samples, this run has {global} (train.batch_size {} x world {world} x grad_accum {}); set train.batch_size / grad_accum so that the product is {}, or {FIX}",
+            "checkpoint {} was trained with a global batch of {} samples, this run has {global} (train.batch_size {} x world {world} x grad_accum {}); {fix}, or {FIX}",
             dir.display(),
             m.data.global_batch,
             config.train.batch_size,
             config.train.grad_accum,
-            m.data.global_batch
         );
     }
     if m.seed != config.train.seed {
@@ -931,8 +950,25 @@ fn older_checkpoint(dir: &Path) -> Option<PathBuf> {
         .map(|(_, p)| p)
 }
 
+/// The error for a checkpoint's file given where its folder is expected.
+fn file_not_folder(file: &Path) -> String {
+    let folder = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    format!(
+        "{} is a file, not a checkpoint folder: give the step-N folder ({} holds it)",
+        file.display(),
+        folder.display()
+    )
+}
+
 /// Reads and checks `dir/manifest.json` (format and version).
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    // (a file of the checkpoint, its manifest.json, given for the folder: not a damaged one)
+    if dir.is_file() {
+        bail!("{}", file_not_folder(dir));
+    }
     let path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&path).map_err(|e| {
         damaged(format!(

@@ -180,11 +180,17 @@ pub(super) fn retention(
     for p in &doomed {
         tracing::info!("removing incomplete checkpoint {}", p.display());
     }
-    doomed.extend(
-        beyond_keep(&ours, keep, protected)
-            .into_iter()
-            .filter(|p| p != just_saved),
-    );
+    let older: Vec<PathBuf> = (beyond_keep(&ours, keep, protected).into_iter())
+        .filter(|p| p != just_saved)
+        .collect();
+    // (as HF's Trainer says "Deleting older checkpoint [...] due to args.save_total_limit")
+    for p in &older {
+        tracing::info!(
+            "deleting older checkpoint {} (checkpoint.keep_last {keep})",
+            p.display()
+        );
+    }
+    doomed.extend(older);
     // (once per folder: it stays newer for many saves)
     static WARNED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
     let newer = all.last().filter(|(_, p)| p != just_saved);

@@ -130,7 +130,7 @@ fn hint(suggestion: Option<&Suggestion>, valid: &[String]) -> String {
 
 /// llama-recipes', PEFT's and Hugging Face Trainer's names for keys of this config (docs/config.md's
 /// last column), as (their name, our full key): a user coming from those writes them.
-const OTHER_NAMES: [(&str, &str); 43] = [
+const OTHER_NAMES: [(&str, &str); 54] = [
     ("model_name", "model.path"),
     ("use_fast_kernels", "model.attention"),
     ("use_peft", "peft.method"),
@@ -207,6 +207,56 @@ const OTHER_NAMES: [(&str, &str); 43] = [
     ("hsdp", "fsdp.sharding_strategy"),
     ("dist_checkpoint_root_folder", "checkpoint.dir"),
     ("dist_checkpoint_folder", "checkpoint.dir"),
+    (
+        "lora_config",
+        "peft (lora_config's r, lora_alpha, lora_dropout and target_modules are peft.r, \
+         peft.alpha, peft.dropout and peft.target_modules)",
+    ),
+    (
+        "checkpoint_type",
+        "no key: checkpoints are always sharded, one file per rank, and resume at any world \
+         size (`trainer export` writes a whole model: a PEFT adapter or a merged folder)",
+    ),
+    (
+        "save_optimizer",
+        "no key: checkpoints always hold the optimizer state (an export holds none)",
+    ),
+    (
+        "optimizer",
+        "no key: the optimizer is AdamW (train.lr, train.weight_decay)",
+    ),
+    (
+        "save_metrics",
+        "no key: metrics.jsonl in train.output_dir is always written (train.tensorboard adds \
+         event files)",
+    ),
+    (
+        "freeze_layers",
+        "no key: freezing a number of layers is not offered (LoRA trains adapters only; \
+         peft.freeze_llm_only freezes the language model in full fine-tuning)",
+    ),
+    (
+        "num_freeze_layers",
+        "no key: freezing a number of layers is not offered (LoRA trains adapters only; \
+         peft.freeze_llm_only freezes the language model in full fine-tuning)",
+    ),
+    (
+        "one_gpu",
+        "no key: the launcher's --nproc-per-node sets the ranks (`trainer train CONFIG` alone \
+         is one rank)",
+    ),
+    (
+        "low_cpu_fsdp",
+        "no key: every rank always reads only its own shard of the weights",
+    ),
+    (
+        "use_profiler",
+        "no key: no profiler is built in; the log reports FLOP/s and MFU per step",
+    ),
+    (
+        "flop_counter",
+        "no key: the log and metrics.jsonl report TFLOP/s and MFU per step",
+    ),
 ];
 
 /// llama-recipes' booleans for keys that are a choice here: (key, what they mean).

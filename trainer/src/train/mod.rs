@@ -214,7 +214,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
             st.step
         ));
     } else if st.step > total_steps {
-        meter.log(&format!("the checkpoint resumed is past the run's end (step {} of {total_steps}, train.max_steps lowered?): nothing to train, validate or export", st.step));
+        meter.log(&format!("the checkpoint resumed is past the run's end (step {} of {total_steps}: train.epochs or train.max_steps lowered?): nothing to train, validate or export", st.step));
     } else if unvalidated
         && (at_epoch_end || st.step == total_steps || is_eval_step(t.eval_every_steps, st.step))
     {

@@ -112,7 +112,15 @@ impl State {
         if !r.is_finite() {
             self.skipped_nonfinite += 1;
             if self.skipped_nonfinite > skip_limit {
-                return Err(AgreedStop(format!("step {}: loss {} / gradient norm {} is not finite (update not applied; set train.skip_nonfinite to skip up to N such steps)", self.step, r.loss, r.grad_norm)).into());
+                let fix = match skip_limit {
+                    0 => "set train.skip_nonfinite to skip up to N such steps".to_string(),
+                    n => format!("the {n} skips allowed by train.skip_nonfinite are used up: lower train.lr, or allow more"),
+                };
+                return Err(AgreedStop(format!(
+                    "step {}: loss {} / gradient norm {} is not finite (update not applied; {fix})",
+                    self.step, r.loss, r.grad_norm
+                ))
+                .into());
             }
             meter.log(&format!(
                 "step {}: non-finite loss or gradient norm, update skipped ({} of {skip_limit} allowed)",
