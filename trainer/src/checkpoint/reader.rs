@@ -216,11 +216,12 @@ impl<'m> Reader<'m> {
             })?;
             if (b - a) as i64 != (sh.end - sh.start) * 4 {
                 return Err(damaged(format!(
-                    "checkpoint file {}: tensor {} has {} bytes, the manifest says {} elements",
+                    "checkpoint file {}: tensor {} has {} bytes, the manifest says {} elements ({} bytes of fp32)",
                     path.display(),
                     t.name,
                     b - a,
-                    sh.end - sh.start
+                    sh.end - sh.start,
+                    (sh.end - sh.start) * 4
                 )));
             }
             let base = f.data_start + a + ((at - sh.start) * 4) as usize;
