@@ -446,6 +446,57 @@ fn integer_ids_are_read_and_written_back_as_integers() {
     assert!(resumed.starts_with("{\"id\":7,"), "{resumed}");
 }
 
+/// A resume into --out whose image under the same path now holds other bytes (a benchmark
+/// folder replaced in place) is refused: its prediction was made for another image. (It was
+/// only known by its path.)
+#[test]
+fn a_resume_refuses_an_image_replaced_under_the_same_name() {
+    let dir = setup();
+    let images = dir.join("replaced-images");
+    std::fs::create_dir_all(&images).unwrap();
+    let fixtures = repo().join("tests/fixtures/data/images");
+    std::fs::copy(fixtures.join("small.png"), images.join("q.png")).unwrap();
+    let bench = dir.join("replaced.jsonl");
+    // (an absolute path: the helper's --image-root is the fixtures')
+    let line = serde_json::json!({"id": "a", "image": images.join("q.png"), "question": "How many?", "answer": "3"});
+    std::fs::write(&bench, format!("{line}\n")).unwrap();
+    let out = dir.join("out-replaced");
+    let _ = std::fs::remove_dir_all(&out);
+    let root: [&str; 0] = [];
+    let (code, err) = eval_bench(&out, &bench, &root);
+    assert_eq!(code, 0, "{err}");
+    // the same bytes again (a copy): resumed
+    std::fs::copy(fixtures.join("small.png"), images.join("q.png")).unwrap();
+    let (code, err) = eval_bench(&out, &bench, &root);
+    assert_eq!(code, 0, "{err}");
+    // infer --questions over the same line, then the image replaced: its rerun is refused too
+    std::fs::copy(fixtures.join("small.png"), images.join("q.png")).unwrap();
+    let generations = dir.join("replaced-generations.jsonl");
+    let _ = std::fs::remove_file(&generations);
+    let infer = || {
+        let (q, g) = (bench.to_str().unwrap(), generations.to_str().unwrap());
+        greedy_infer(&["--questions", q, "--out", g, "--date", "2024-07-26"])
+    };
+    let (code, _, err) = infer();
+    assert_eq!(code, 0, "{err}");
+    std::fs::copy(fixtures.join("large.png"), images.join("q.png")).unwrap();
+    let (code, _, err) = infer();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("the generation for id \"a\" was made for another image: ")
+            && err.contains("q.png holds other bytes now"),
+        "{err}"
+    );
+    let (code, err) = eval_bench(&out, &bench, &root);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("id \"a\": the prediction for it in")
+            && err.contains("was made for another image: ")
+            && err.contains("q.png holds other bytes now"),
+        "{err}"
+    );
+}
+
 /// A benchmark's own fields are ignored (one warning names them); a byte-order mark is not part
 /// of the first line; letters and numbers are answers without choices.
 #[test]

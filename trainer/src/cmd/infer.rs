@@ -564,6 +564,8 @@ fn infer_questions(
                 "id": q.id,
                 // (as the questions file writes it)
                 "image": q.image_text,
+                // (what a resume compares: the path may hold another image by then)
+                "image_sha256": q.image.as_deref().and_then(questions::image_sha256),
                 "question": q.question,
                 "turns": turns,
                 "settings": settings,

@@ -491,25 +491,45 @@ fn check_asked(
     items: &[(usize, BenchItem)],
     done: &HashMap<ItemId, Prediction>,
     out: &Path,
-    bench: &str,
+    (bench, image_root): (&str, &Path),
 ) -> Result<(), EvalError> {
     for (line, item) in items {
-        let Some(stored) = done.get(&item.id).and_then(|p| p.asked.as_deref()) else {
+        let Some(stored) = done.get(&item.id) else {
             continue;
         };
-        if stored != item.asked() {
-            return Err(EvalError::Bench {
-                file: bench.to_string(),
-                line: *line,
-                reason: format!(
-                    "id {:?}: the prediction for it in {} was made for another question (image, question or choices differ); use another --out, or delete its predictions*.jsonl to start over",
-                    item.id,
-                    out.display()
-                ),
-            });
+        let refuse = |what: String| {
+            EvalError::Bench {
+            file: bench.to_string(),
+            line: *line,
+            reason: format!(
+                "id {:?}: the prediction for it in {} was made for {what}; use another --out, or delete its predictions*.jsonl to start over",
+                item.id,
+                out.display()
+            ),
+        }
+        };
+        if stored.asked.as_deref().is_some_and(|a| a != item.asked()) {
+            return Err(refuse(
+                "another question (image, question or choices differ)".into(),
+            ));
+        }
+        // (the same path may hold another image now: a benchmark folder replaced in place)
+        if let Some(digest) = &stored.image_sha256 {
+            if image_sha256(item, image_root).as_ref() != Some(digest) {
+                return Err(refuse(format!(
+                    "another image: {} holds other bytes now",
+                    item.image.as_deref().unwrap_or_default()
+                )));
+            }
         }
     }
     Ok(())
+}
+
+/// sha256 of `item`'s image file (None: text-only, or it does not read).
+fn image_sha256(item: &BenchItem, image_root: &Path) -> Option<String> {
+    let path = resolve_image(item.image.as_deref()?, Some(image_root)).ok()?;
+    crate::infer::questions::image_sha256(&path)
 }
 
 /// The day of text-only questions' prompts (Llama 3.2's chat template writes "Today Date" into a
@@ -719,6 +739,7 @@ fn prediction(item: &BenchItem, turns: Vec<crate::infer::TurnOutput>) -> Predict
         answer: item.answer.clone(),
         category: item.category.clone(),
         asked: Some(item.asked()),
+        image_sha256: None,
         scoring: answer::SCORING_RULES,
         turns: turns
             .into_iter()
@@ -856,7 +877,7 @@ pub fn run(
     // prompt) before anything is generated or written; any rank's failure stops all
     let checked = (|| {
         let done = existing_predictions(&opts.out)?;
-        check_asked(&items, &done, &opts.out, &bench_file)?;
+        check_asked(&items, &done, &opts.out, (&bench_file, &opts.image_root))?;
         if check_settings(&opts.out, &now, !done.is_empty())? && rank == 0 {
             write_settings(&opts.out, &now)?;
         }
@@ -929,7 +950,8 @@ pub fn run(
             .collect();
         let outputs = session.run_batch_seeded(&inputs, &seeds, &opts.infer, &mut |_, _, _| {})?;
         for ((_, item), turns) in chunk.iter().zip(outputs) {
-            let pred = prediction(item, turns);
+            let mut pred = prediction(item, turns);
+            pred.image_sha256 = image_sha256(item, &opts.image_root);
             // one write per line (writeln! makes two, which another writer could split)
             let line = serde_json::to_string(&pred).unwrap_or_default() + "\n";
             file.write_all(line.as_bytes())
@@ -1154,6 +1176,7 @@ mod tests {
             answer: "3".into(),
             category: None,
             asked: None,
+            image_sha256: None,
             scoring: 0,
             turns: vec![turn("<CONCLUSION> 3 </CONCLUSION>", true)],
         }

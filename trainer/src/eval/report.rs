@@ -74,6 +74,10 @@ pub struct Prediction {
     /// question of this id differs is refused. Absent in predictions of older trainers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asked: Option<String>,
+    /// sha256 of the image file it was asked about: a resume whose image under the same path
+    /// holds other bytes is refused. Absent for text-only questions and older trainers'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_sha256: Option<String>,
     /// The scoring rules `correct` was decided by (`answer::SCORING_RULES`; 0: not recorded, an
     /// older trainer's).
     #[serde(default)]
@@ -642,6 +646,7 @@ mod tests {
             answer: "x".into(),
             category: Some(cat.into()),
             asked: None,
+            image_sha256: None,
             scoring: crate::eval::answer::SCORING_RULES,
             turns: t.iter().map(|&(c, e, r)| turn(c, e, r)).collect(),
         }

@@ -26,6 +26,12 @@ pub struct Question {
     pub question: String,
 }
 
+/// sha256 of an image file (None: it does not read), which a resume compares: a path may hold
+/// another image by then (a benchmark folder replaced in place).
+pub fn image_sha256(path: &Path) -> Option<String> {
+    Some(crate::checkpoint::sha256_hex(&std::fs::read(path).ok()?))
+}
+
 /// The sampling seed of question `id`: `seed` mixed with it, so a sampled answer does not depend
 /// on its batch (as `trainer eval` seeds each question).
 pub fn seed_of(seed: u64, id: &str) -> u64 {
@@ -212,6 +218,18 @@ pub fn done(
         if let Some(q) = by_id.get(id.as_str()) {
             let same = v.get("question").and_then(Value::as_str) == Some(q.question.as_str())
                 && v.get("image").and_then(Value::as_str) == q.image_text.as_deref();
+            // (a line of an earlier trainer has no image_sha256: known by its path only)
+            let stored_image = v.get("image_sha256").and_then(Value::as_str);
+            let image_now = || q.image.as_deref().and_then(image_sha256);
+            if same && stored_image.is_some_and(|d| image_now().as_deref() != Some(d)) {
+                return Err(InferError::Input(format!(
+                    "{}:{}: the generation for id {id:?} was made for another image: {} holds other bytes now; \
+                     give another --out, or delete that line to ask it again",
+                    out.display(),
+                    line,
+                    q.image_text.as_deref().unwrap_or_default()
+                )));
+            }
             if !same {
                 return Err(InferError::Input(format!(
                     "{}:{}: the generation for id {id:?} was made for another question or image than line {} of the questions file asks; \
