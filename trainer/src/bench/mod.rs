@@ -7,17 +7,80 @@ pub mod decode;
 pub mod step;
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+/// How long a peer may run: `LLAVA_SCO_PEER_TIMEOUT` seconds, else an hour (the slowest peer,
+/// FSDP2 at world 2 on a 2-core machine, takes minutes).
+fn peer_timeout() -> Duration {
+    let seconds = std::env::var("LLAVA_SCO_PEER_TIMEOUT").ok();
+    Duration::from_secs(seconds.and_then(|s| s.parse().ok()).unwrap_or(3600))
+}
+
 /// Runs a Python peer benchmark (`cmd`, running `script`) and returns the last JSON line it
-/// printed; a failed run or no JSON is an error carrying the peer's stderr or stdout.
-pub(crate) fn peer_json(mut cmd: Command, script: &Path) -> Result<Value> {
-    let out = cmd
-        .output()
+/// printed; a failed run or no JSON is an error carrying the peer's stderr or stdout, and so is a
+/// peer still running after [`peer_timeout`] (killed with its process group: a hung rendezvous
+/// of a world-2 peer must not hang the benchmark).
+pub(crate) fn peer_json(cmd: Command, script: &Path) -> Result<Value> {
+    peer_json_within(cmd, script, peer_timeout())
+}
+
+fn peer_json_within(mut cmd: Command, script: &Path, limit: Duration) -> Result<Value> {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
         .with_context(|| format!("running {}", script.display()))?;
+    // (read while it runs: a full pipe would block it)
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            // SAFETY: a plain syscall on the group the peer leads (process_group(0))
+            unsafe { libc::killpg(child.id() as libc::pid_t, libc::SIGKILL) };
+            let _ = child.wait();
+            bail!(
+                "{} did not finish within {} s and was killed (hung? set LLAVA_SCO_PEER_TIMEOUT=SECONDS to allow longer, or pass --no-peer)",
+                script.display(),
+                limit.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let hint = if stderr.contains("ModuleNotFoundError") {
@@ -58,6 +121,30 @@ mod tests {
         let other = run("ValueError: bad size");
         assert!(other.contains("ValueError: bad size"), "{other}");
         assert!(!other.contains("bench-peers"), "{other}");
+    }
+
+    /// A peer that hangs is killed at the limit, with what to do, and the bench goes on (it
+    /// waited forever).
+    #[test]
+    fn a_hung_peer_is_killed_at_the_limit() {
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", "sleep 30 & wait"]);
+        let started = std::time::Instant::now();
+        let limit = std::time::Duration::from_millis(500);
+        let e = super::peer_json_within(cmd, std::path::Path::new("scripts/peer.py"), limit)
+            .unwrap_err()
+            .to_string();
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        assert!(
+            e.contains("scripts/peer.py did not finish within 0 s and was killed")
+                && e.contains("LLAVA_SCO_PEER_TIMEOUT"),
+            "{e}"
+        );
+        // a peer that finishes in time is read as before
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", "echo '{\"x\": 1}'"]);
+        let v = super::peer_json_within(cmd, std::path::Path::new("p.py"), limit * 20).unwrap();
+        assert_eq!(v["x"], 1);
     }
 
     /// Every bench's `--json` objects carry DESIGN's fields: name, figure and unit, the peer
