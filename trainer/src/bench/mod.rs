@@ -22,7 +22,7 @@ fn peer_timeout() -> Duration {
 
 /// Runs a Python peer benchmark (`cmd`, running `script`) and returns the last JSON line it
 /// printed; a failed run or no JSON is an error carrying the peer's stderr or stdout, and so is a
-/// peer still running after [`peer_timeout`] (killed with its process group: a hung rendezvous
+/// peer still running after [`peer_timeout`] (killed with its child processes: a hung rendezvous
 /// of a world-2 peer must not hang the benchmark).
 pub(crate) fn peer_json(cmd: Command, script: &Path) -> Result<Value> {
     peer_json_within(cmd, script, peer_timeout())
@@ -30,10 +30,8 @@ pub(crate) fn peer_json(cmd: Command, script: &Path) -> Result<Value> {
 
 fn peer_json_within(mut cmd: Command, script: &Path, limit: Duration) -> Result<Value> {
     use std::io::Read;
-    use std::os::unix::process::CommandExt;
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    // (in the terminal's process group: a Ctrl-C reaches the peer as it reaches this process)
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
         .with_context(|| format!("running {}", script.display()))?;
@@ -65,8 +63,7 @@ fn peer_json_within(mut cmd: Command, script: &Path, limit: Duration) -> Result<
             break status;
         }
         if Instant::now() >= deadline {
-            // SAFETY: a plain syscall on the group the peer leads (process_group(0))
-            unsafe { libc::killpg(child.id() as libc::pid_t, libc::SIGKILL) };
+            kill_tree(child.id());
             let _ = child.wait();
             bail!(
                 "{} did not finish within {} s and was killed (hung? set LLAVA_SCO_PEER_TIMEOUT=SECONDS to allow longer, or pass --no-peer)",
@@ -99,6 +96,33 @@ fn peer_json_within(mut cmd: Command, script: &Path, limit: Duration) -> Result<
         .with_context(|| format!("{} printed no JSON line:\n{stdout}", script.display()))
 }
 
+/// SIGKILLs process `pid` and its descendants (a peer's `torch.multiprocessing` ranks), the
+/// children first found through /proc.
+fn kill_tree(pid: u32) {
+    let children: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // "PID (COMM) STATE PPID ...": the fields after the last ')'
+            let ppid: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (ppid == pid).then(|| e.file_name().to_str()?.parse().ok())?
+        })
+        .collect();
+    // SAFETY: a plain syscall; the pid is this process's child (or one of its descendants)
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    for child in children {
+        kill_tree(child);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::Value;
@@ -127,8 +151,12 @@ mod tests {
     /// waited forever).
     #[test]
     fn a_hung_peer_is_killed_at_the_limit() {
+        let dir = std::env::temp_dir().join(format!("hung-peer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pid_file = dir.join("child.pid");
         let mut cmd = std::process::Command::new("sh");
-        cmd.args(["-c", "sleep 30 & wait"]);
+        let script = format!("sleep 30 & echo $! > {}; wait", pid_file.display());
+        cmd.args(["-c", &script]);
         let started = std::time::Instant::now();
         let limit = std::time::Duration::from_millis(500);
         let e = super::peer_json_within(cmd, std::path::Path::new("scripts/peer.py"), limit)
@@ -140,6 +168,21 @@ mod tests {
                 && e.contains("LLAVA_SCO_PEER_TIMEOUT"),
             "{e}"
         );
+        // its child went too
+        let child: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // SAFETY: signal 0 only asks whether the process exists
+        let alive = unsafe { libc::kill(child, 0) } == 0;
+        let zombie = std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        });
+        assert!(!alive || zombie, "the peer's child {child} still runs");
+        let _ = std::fs::remove_dir_all(&dir);
         // a peer that finishes in time is read as before
         let mut cmd = std::process::Command::new("sh");
         cmd.args(["-c", "echo '{\"x\": 1}'"]);
