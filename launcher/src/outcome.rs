@@ -208,7 +208,7 @@ impl Failure {
                 .map_or("another rank".to_string(), |r| format!("rank {r}"));
             let _ = writeln!(
                 s,
-                "    note       : this rank stopped because {named} failed, which recorded no error of its own in time (its node lost? its launcher's log says more)"
+                "    note       : this rank stopped because {named} failed, which recorded no error of its own in time (on another node: that node may have been lost, its launcher's log says more)"
             );
         }
         let _ = writeln!(s, "    exit code  : {} (the launcher's)", self.exit_code());

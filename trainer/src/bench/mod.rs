@@ -15,9 +15,16 @@ use serde_json::Value;
 
 /// How long a peer may run: `LLAVA_SCO_PEER_TIMEOUT` seconds, else an hour (the slowest peer,
 /// FSDP2 at world 2 on a 2-core machine, takes minutes).
-fn peer_timeout() -> Duration {
-    let seconds = std::env::var("LLAVA_SCO_PEER_TIMEOUT").ok();
-    Duration::from_secs(seconds.and_then(|s| s.parse().ok()).unwrap_or(3600))
+fn peer_timeout() -> Result<Duration> {
+    match std::env::var("LLAVA_SCO_PEER_TIMEOUT") {
+        Err(_) => Ok(Duration::from_secs(3600)),
+        Ok(s) => match s.trim().parse::<u64>() {
+            Ok(seconds) => Ok(Duration::from_secs(seconds)),
+            Err(_) => {
+                bail!("LLAVA_SCO_PEER_TIMEOUT={s:?}: expected whole seconds (3600 is an hour)")
+            }
+        },
+    }
 }
 
 /// Runs a Python peer benchmark (`cmd`, running `script`) and returns the last JSON line it
@@ -25,25 +32,32 @@ fn peer_timeout() -> Duration {
 /// peer still running after [`peer_timeout`] (killed with its child processes: a hung rendezvous
 /// of a world-2 peer must not hang the benchmark).
 pub(crate) fn peer_json(cmd: Command, script: &Path) -> Result<Value> {
-    peer_json_within(cmd, script, peer_timeout())
+    peer_json_within(cmd, script, peer_timeout()?)
 }
 
 fn peer_json_within(mut cmd: Command, script: &Path, limit: Duration) -> Result<Value> {
     use std::io::Read;
-    // (in the terminal's process group: a Ctrl-C reaches the peer as it reaches this process)
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    // (in the terminal's process group: a Ctrl-C reaches the peer as it reaches this process;
+    // no stdin, as `output()` gave it: a peer that asks must not wait on the terminal)
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
         .with_context(|| format!("running {}", script.display()))?;
     // (read while it runs: a full pipe would block it)
+    // (each pipe's bytes come through a channel: a process the peer left behind may hold the
+    // pipe open after the peer exits, and the wait for them has the same deadline)
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut bytes = Vec::new();
             if let Some(mut p) = pipe {
                 let _ = p.read_to_end(&mut bytes);
             }
-            bytes
-        })
+            let _ = tx.send(bytes);
+        });
+        rx
     };
     let stdout = drain(
         child
@@ -73,10 +87,20 @@ fn peer_json_within(mut cmd: Command, script: &Path, limit: Duration) -> Result<
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    let read = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
+        let left = deadline.saturating_duration_since(Instant::now());
+        rx.recv_timeout(left.max(Duration::from_secs(1)))
+            .with_context(|| {
+                format!(
+                    "{} exited, but a process it left behind still holds its output open",
+                    script.display()
+                )
+            })
+    };
     let out = std::process::Output {
         status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
+        stdout: read(stdout)?,
+        stderr: read(stderr)?,
     };
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -96,9 +120,12 @@ fn peer_json_within(mut cmd: Command, script: &Path, limit: Duration) -> Result<
         .with_context(|| format!("{} printed no JSON line:\n{stdout}", script.display()))
 }
 
-/// SIGKILLs process `pid` and its descendants (a peer's `torch.multiprocessing` ranks), the
-/// children first found through /proc.
+/// SIGKILLs process `pid` and its descendants (a peer's `torch.multiprocessing` ranks), found
+/// through /proc: each is stopped first, so it forks no child between the listing and its end
+/// (and, not yet dead, its children are not handed to init, whose pids could be reused).
 fn kill_tree(pid: u32) {
+    // SAFETY: a plain syscall; the pid is this process's child (or one of its descendants)
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
     let children: Vec<u32> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()

@@ -473,6 +473,12 @@ fn load_into(
         )
     })?;
     let global = config.train.global_batch(world);
+    if m.data.global_batch == 0 {
+        return Err(damaged(format!(
+            "checkpoint manifest {}: data.global_batch is 0",
+            dir.join("manifest.json").display()
+        )));
+    }
     if m.data.global_batch != global {
         // (batch_size x world x grad_accum = the checkpoint's global batch only where the world
         // size divides it)
@@ -482,10 +488,17 @@ fn load_into(
                 m.data.global_batch / world
             ),
             _ => {
-                let worlds: Vec<String> = (1..=m.data.global_batch)
-                    .filter(|w| m.data.global_batch % w == 0)
-                    .map(|w| w.to_string())
+                // (its divisors, found up to the square root: a damaged manifest's huge number
+                // must not keep every rank counting)
+                let g = m.data.global_batch;
+                let small: Vec<usize> = (1..)
+                    .take_while(|w| w * w <= g)
+                    .filter(|w| g % w == 0)
                     .collect();
+                let mut worlds: Vec<usize> = small.iter().flat_map(|&w| [w, g / w]).collect();
+                worlds.sort_unstable();
+                worlds.dedup();
+                let worlds: Vec<String> = worlds.iter().map(|w| w.to_string()).collect();
                 format!(
                     "{} samples do not split over {world} ranks: resume it at {} rank(s)",
                     m.data.global_batch,
@@ -956,11 +969,18 @@ fn file_not_folder(file: &Path) -> String {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    format!(
-        "{} is a file, not a checkpoint folder: give the step-N folder ({} holds it)",
-        file.display(),
-        folder.display()
-    )
+    // (the folder named only when it is a checkpoint: a config file given is no checkpoint's)
+    match folder.join("manifest.json").is_file() {
+        true => format!(
+            "{} is a file, not a checkpoint folder: give the step-N folder ({} holds it)",
+            file.display(),
+            folder.display()
+        ),
+        false => format!(
+            "{} is a file, not a checkpoint folder: give a step-N folder",
+            file.display()
+        ),
+    }
 }
 
 /// Reads and checks `dir/manifest.json` (format and version).

@@ -215,7 +215,8 @@ const OTHER_NAMES: [(&str, &str); 54] = [
     (
         "checkpoint_type",
         "no key: checkpoints are always sharded, one file per rank, and resume at any world \
-         size (`trainer export` writes a whole model: a PEFT adapter or a merged folder)",
+         size that divides their global batch (`trainer export` writes a whole model: a PEFT \
+         adapter or a merged folder)",
     ),
     (
         "save_optimizer",

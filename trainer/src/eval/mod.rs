@@ -487,11 +487,14 @@ fn existing_predictions(out: &Path) -> Result<HashMap<ItemId, Prediction>, EvalE
 /// Every stored prediction of a question of this benchmark was made for that question: an id
 /// whose image, question or choices differ (another benchmark numbered the same way, an edited
 /// line) is refused, as its predictions would be scored against the wrong answer.
+/// Each rank reads the images of its own share (`mine`) only; an image that does not read now
+/// is not compared (its answer needs none; a question left to ask says so when checked).
 fn check_asked(
     items: &[(usize, BenchItem)],
     done: &HashMap<ItemId, Prediction>,
     out: &Path,
-    (bench, image_root): (&str, &Path),
+    bench: &str,
+    (image_root, mine): (&Path, &dyn Fn(&str) -> bool),
 ) -> Result<(), EvalError> {
     for (line, item) in items {
         let Some(stored) = done.get(&item.id) else {
@@ -514,8 +517,8 @@ fn check_asked(
             ));
         }
         // (the same path may hold another image now: a benchmark folder replaced in place)
-        if let Some(digest) = &stored.image_sha256 {
-            if image_sha256(item, image_root).as_ref() != Some(digest) {
+        if let Some(digest) = stored.image_sha256.as_ref().filter(|_| mine(&item.id)) {
+            if image_sha256(item, image_root).is_some_and(|now| &now != digest) {
                 return Err(refuse(format!(
                     "another image: {} holds other bytes now",
                     item.image.as_deref().unwrap_or_default()
@@ -877,17 +880,19 @@ pub fn run(
     // prompt) before anything is generated or written; any rank's failure stops all
     let checked = (|| {
         let done = existing_predictions(&opts.out)?;
-        check_asked(&items, &done, &opts.out, (&bench_file, &opts.image_root))?;
+        let mine: std::collections::HashSet<&str> = shares(&items, opts.batch_size, world, rank)
+            .flatten()
+            .map(|(_, item)| item.id.as_str())
+            .collect();
+        let is_mine = |id: &str| mine.contains(id);
+        let images: (&Path, &dyn Fn(&str) -> bool) = (&opts.image_root, &is_mine);
+        check_asked(&items, &done, &opts.out, &bench_file, images)?;
         if check_settings(&opts.out, &now, !done.is_empty())? && rank == 0 {
             write_settings(&opts.out, &now)?;
         }
         let left: Vec<&(usize, BenchItem)> = items
             .iter()
             .filter(|(_, item)| !done.contains_key(&item.id))
-            .collect();
-        let mine: std::collections::HashSet<&str> = shares(&items, opts.batch_size, world, rank)
-            .flatten()
-            .map(|(_, item)| item.id.as_str())
             .collect();
         check_items(session, &left, opts, &bench_file, &|id| mine.contains(id))?;
         Ok(done)

@@ -221,7 +221,9 @@ pub fn done(
             // (a line of an earlier trainer has no image_sha256: known by its path only)
             let stored_image = v.get("image_sha256").and_then(Value::as_str);
             let image_now = || q.image.as_deref().and_then(image_sha256);
-            if same && stored_image.is_some_and(|d| image_now().as_deref() != Some(d)) {
+            // (one that does not read now is not compared: its answer needs no image)
+            let changed = |d: &str| image_now().is_some_and(|now| now != d);
+            if same && stored_image.is_some_and(changed) {
                 return Err(InferError::Input(format!(
                     "{}:{}: the generation for id {id:?} was made for another image: {} holds other bytes now; \
                      give another --out, or delete that line to ask it again",
