@@ -258,11 +258,7 @@ impl Peers {
         }
         // (the launcher this one replaced was counted)
         let joined = match replaced {
-            true => m
-                .client
-                .try_get(&format!("{a}/joined"))?
-                .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
-                .unwrap_or(0),
+            true => m.count(&format!("{a}/joined"))?,
             false => m.client.add(&format!("{a}/joined"), 1)?,
         };
         tracing::info!(
@@ -482,11 +478,7 @@ impl Peers {
             if matches!(m.client.try_get(&format!("{a}/done/{n}")), Ok(Some(_))) {
                 continue;
             }
-            let host = match m.client.try_get(&format!("{a}/node/{n}")) {
-                Ok(Some(v)) => registered_host(&v),
-                _ => "?".into(),
-            };
-            running.push((n, host));
+            running.push((n, m.node_host(attempt, n)));
         }
         running
     }
@@ -496,11 +488,7 @@ impl Peers {
         match self {
             Peers::Single => Ok(true),
             Peers::Multi(m) => {
-                let done = m.client.try_get(&format!("launcher/a{attempt}/done"))?;
-                let done: i64 = done
-                    .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
-                    .unwrap_or(0);
-                Ok(done >= m.nnodes as i64)
+                Ok(m.count(&format!("launcher/a{attempt}/done"))? >= m.nnodes as i64)
             }
         }
     }
@@ -602,6 +590,25 @@ impl MultiNode {
         )
     }
 
+    /// The counter `key` (0 before its first `add`).
+    fn count(&mut self, key: &str) -> Result<i64, StoreError> {
+        let value = self.client.try_get(key)?;
+        Ok(value
+            .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// The host node `node` registered for attempt `attempt` ("?" when it cannot be read).
+    fn node_host(&mut self, attempt: u32, node: usize) -> String {
+        match self
+            .client
+            .try_get(&format!("launcher/a{attempt}/node/{node}"))
+        {
+            Ok(Some(v)) => registered_host(&v),
+            _ => "?".into(),
+        }
+    }
+
     /// Waits (at most `ack_wait`) until the counter `key` reaches `want`; whether it did.
     fn wait_count(&mut self, key: &str, want: i64) -> bool {
         let deadline = Instant::now() + self.ack_wait;
@@ -617,14 +624,7 @@ impl MultiNode {
                 );
                 said = true;
             }
-            let count = self
-                .client
-                .try_get(key)
-                .ok()
-                .flatten()
-                .and_then(|v| String::from_utf8(v).ok()?.parse::<i64>().ok())
-                .unwrap_or(0);
-            if count >= want {
+            if self.count(key).unwrap_or(0) >= want {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -671,11 +671,7 @@ impl MultiNode {
         let now = Instant::now();
         let mut silent = vec![];
         for node in 1..self.nnodes {
-            let beat = self
-                .client
-                .try_get(&format!("launcher/a{attempt}/hb/{node}"))?
-                .and_then(|v| String::from_utf8(v).ok()?.parse::<i64>().ok())
-                .unwrap_or(0);
+            let beat = self.count(&format!("launcher/a{attempt}/hb/{node}"))?;
             let (last, since) = &mut self.heartbeats[node];
             if beat != *last {
                 *last = beat;
@@ -702,13 +698,7 @@ impl MultiNode {
             self.heartbeat_timeout.as_secs()
         );
         // (the lost node's failure, on its host as it registered: node 0 only reports it)
-        let registered = self
-            .client
-            .try_get(&format!("launcher/a{attempt}/node/{node}"));
-        let host = match registered {
-            Ok(Some(v)) => registered_host(&v),
-            _ => "?".into(),
-        };
+        let host = self.node_host(attempt, node);
         let failure = Failure::of_node(FailureKind::PeerLost(reason), node, &host, attempt);
         self.lost.extend(silent.iter().map(|n| (attempt, *n)));
         let _ = self

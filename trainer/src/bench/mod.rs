@@ -35,8 +35,22 @@ pub(crate) fn peer_json(cmd: Command, script: &Path) -> Result<Value> {
     peer_json_within(cmd, script, peer_timeout()?)
 }
 
+/// Reads `pipe` to its end on a thread of its own (a full pipe would block the peer); the bytes
+/// come through the channel returned, so a wait for them can have a deadline (a process the peer
+/// left behind may hold the pipe open after the peer exits).
+fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut bytes);
+        }
+        let _ = tx.send(bytes);
+    });
+    rx
+}
+
 fn peer_json_within(mut cmd: Command, script: &Path, limit: Duration) -> Result<Value> {
-    use std::io::Read;
     // (in the terminal's process group: a Ctrl-C reaches the peer as it reaches this process;
     // no stdin, as `output()` gave it: a peer that asks must not wait on the terminal)
     cmd.stdin(Stdio::null())
@@ -45,32 +59,7 @@ fn peer_json_within(mut cmd: Command, script: &Path, limit: Duration) -> Result<
     let mut child = cmd
         .spawn()
         .with_context(|| format!("running {}", script.display()))?;
-    // (read while it runs: a full pipe would block it)
-    // (each pipe's bytes come through a channel: a process the peer left behind may hold the
-    // pipe open after the peer exits, and the wait for them has the same deadline)
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut bytes);
-            }
-            let _ = tx.send(bytes);
-        });
-        rx
-    };
-    let stdout = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
+    let (stdout, stderr) = (drain(child.stdout.take()), drain(child.stderr.take()));
     let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(status) = child.try_wait()? {

@@ -33,13 +33,8 @@ pub const MODEL_FILES: [&str; 7] = [
 /// sha256 of `model`'s `processor_config.json` (transformers 5's layout, whose `image_processor`
 /// section `data::image` reads when there is no preprocessor_config.json), null without one.
 pub fn processor_config(model: &Path) -> serde_json::Value {
-    file_sha256(model, "processor_config.json").map_or(serde_json::Value::Null, Into::into)
-}
-
-/// sha256 of `model`'s file `name`, if it reads.
-fn file_sha256(model: &Path, name: &str) -> Option<String> {
-    let bytes = std::fs::read(model.join(name)).ok()?;
-    Some(crate::checkpoint::sha256_hex(&bytes))
+    let sha = super::file_sha256(&model.join("processor_config.json"));
+    sha.map_or(serde_json::Value::Null, Into::into)
 }
 
 /// sha256 of each of `MODEL_FILES` that `model` holds, by name with `_` for `.`
@@ -48,7 +43,7 @@ pub fn model_files(model: &Path) -> serde_json::Map<String, serde_json::Value> {
     MODEL_FILES
         .iter()
         .filter_map(|name| {
-            let hex = file_sha256(model, name)?;
+            let hex = super::file_sha256(&model.join(name))?;
             Some((name.replace('.', "_"), serde_json::Value::from(hex)))
         })
         .collect()

@@ -794,6 +794,11 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
+/// sha256 of the file at `path`, if it reads (the model's files' fingerprints, a question's image).
+pub fn file_sha256(path: &Path) -> Option<String> {
+    Some(sha256_hex(&std::fs::read(path).ok()?))
+}
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -62,7 +62,6 @@ pub(crate) struct InferArgs {
     json: bool,
 }
 
-/// A count of 1 or more (checked when the flags are read, not after the model loads).
 /// The question text: not blank (--questions and eval refuse a blank one too).
 fn parse_question(text: &str) -> Result<String, String> {
     match text.trim().is_empty() {
@@ -73,6 +72,7 @@ fn parse_question(text: &str) -> Result<String, String> {
     }
 }
 
+/// A count of 1 or more (checked when the flags are read, not after the model loads).
 pub(crate) fn at_least_one(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(n) if n >= 1 => Ok(n),
@@ -565,7 +565,7 @@ fn infer_questions(
                 // (as the questions file writes it)
                 "image": q.image_text,
                 // (what a resume compares: the path may hold another image by then)
-                "image_sha256": q.image.as_deref().and_then(questions::image_sha256),
+                "image_sha256": q.image.as_deref().and_then(trainer::checkpoint::file_sha256),
                 "question": q.question,
                 "turns": turns,
                 "settings": settings,

@@ -208,11 +208,11 @@ impl Dataset {
             bad_records: Some(d.bad_records),
             max_seq_len: d.max_seq_len,
             empty_files,
-            unread_fields: parsed.unread_fields.iter().cloned().collect(),
+            unread_fields: std::mem::take(&mut parsed.unread_fields),
             ..Default::default()
         };
-        if !parsed.unread_fields.is_empty() {
-            let fields: Vec<&str> = parsed.unread_fields.iter().map(String::as_str).collect();
+        if !report.unread_fields.is_empty() {
+            let fields: Vec<&str> = report.unread_fields.iter().map(String::as_str).collect();
             tracing::warn!("data.{split}: the records' fields {} are not read (id, image and conversations are)", fields.join(", "));
         }
         if parsed.skipped_text_only > 0 {

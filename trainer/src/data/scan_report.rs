@@ -75,8 +75,8 @@ pub struct ScanReport {
     pub repeated_ids: (usize, Option<String>),
     /// Files of a list of several that hold no record.
     pub empty_files: Vec<std::path::PathBuf>,
-    /// Fields of the records that are not read, sorted.
-    pub unread_fields: Vec<String>,
+    /// Fields of the records that are not read.
+    pub unread_fields: std::collections::BTreeSet<String>,
     /// Token counts of the samples (after the length policy), in dataset order.
     pub lengths: Vec<usize>,
     /// Tiles per image -> samples; text-only samples are under 0.
@@ -206,7 +206,7 @@ impl fmt::Display for ScanReport {
             writeln!(
                 f,
                 "  fields not read: {} (id, image and conversations are)",
-                self.unread_fields.join(", ")
+                Vec::from_iter(self.unread_fields.iter().map(String::as_str)).join(", ")
             )?;
         }
         for file in &self.empty_files {

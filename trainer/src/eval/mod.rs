@@ -492,9 +492,9 @@ fn existing_predictions(out: &Path) -> Result<HashMap<ItemId, Prediction>, EvalE
 fn check_asked(
     items: &[(usize, BenchItem)],
     done: &HashMap<ItemId, Prediction>,
-    out: &Path,
-    bench: &str,
-    (image_root, mine): (&Path, &dyn Fn(&str) -> bool),
+    (out, bench): (&Path, &str),
+    image_root: &Path,
+    mine: &dyn Fn(&str) -> bool,
 ) -> Result<(), EvalError> {
     for (line, item) in items {
         let Some(stored) = done.get(&item.id) else {
@@ -532,7 +532,7 @@ fn check_asked(
 /// sha256 of `item`'s image file (None: text-only, or it does not read).
 fn image_sha256(item: &BenchItem, image_root: &Path) -> Option<String> {
     let path = resolve_image(item.image.as_deref()?, Some(image_root)).ok()?;
-    crate::infer::questions::image_sha256(&path)
+    crate::checkpoint::file_sha256(&path)
 }
 
 /// The day of text-only questions' prompts (Llama 3.2's chat template writes "Today Date" into a
@@ -885,8 +885,13 @@ pub fn run(
             .map(|(_, item)| item.id.as_str())
             .collect();
         let is_mine = |id: &str| mine.contains(id);
-        let images: (&Path, &dyn Fn(&str) -> bool) = (&opts.image_root, &is_mine);
-        check_asked(&items, &done, &opts.out, &bench_file, images)?;
+        check_asked(
+            &items,
+            &done,
+            (&opts.out, &bench_file),
+            &opts.image_root,
+            &is_mine,
+        )?;
         if check_settings(&opts.out, &now, !done.is_empty())? && rank == 0 {
             write_settings(&opts.out, &now)?;
         }

@@ -26,12 +26,6 @@ pub struct Question {
     pub question: String,
 }
 
-/// sha256 of an image file (None: it does not read), which a resume compares: a path may hold
-/// another image by then (a benchmark folder replaced in place).
-pub fn image_sha256(path: &Path) -> Option<String> {
-    Some(crate::checkpoint::sha256_hex(&std::fs::read(path).ok()?))
-}
-
 /// The sampling seed of question `id`: `seed` mixed with it, so a sampled answer does not depend
 /// on its batch (as `trainer eval` seeds each question).
 pub fn seed_of(seed: u64, id: &str) -> u64 {
@@ -220,7 +214,7 @@ pub fn done(
                 && v.get("image").and_then(Value::as_str) == q.image_text.as_deref();
             // (a line of an earlier trainer has no image_sha256: known by its path only)
             let stored_image = v.get("image_sha256").and_then(Value::as_str);
-            let image_now = || q.image.as_deref().and_then(image_sha256);
+            let image_now = || q.image.as_deref().and_then(crate::checkpoint::file_sha256);
             // (one that does not read now is not compared: its answer needs no image)
             let changed = |d: &str| image_now().is_some_and(|now| now != d);
             if same && stored_image.is_some_and(changed) {

@@ -425,8 +425,8 @@ fn append_line(file: &mut Option<std::fs::File>, v: &Value) {
     }
 }
 
-/// metrics.jsonl for appending ([`Opened`]). A metrics.jsonl whose line of that step has another loss is another
-/// run's history (a run started over into this folder since, whose checkpoints `resume: auto`
+/// metrics.jsonl for appending ([`Opened`]). When resuming, a metrics.jsonl whose line of the
+/// resumed step has another loss than the checkpoint recorded is another run's history (a run started over into this folder since, whose checkpoints `resume: auto`
 /// passed over), and so is one without that line where a `previous-run-*` folder holds it: it is
 /// set aside with the other run files, and the resumed run's history taken from that folder.
 fn open_file(dir: &Path, resumed: Option<&ResumedAt>) -> Result<Opened> {
